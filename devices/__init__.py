@@ -1,0 +1,1 @@
+"""Device profiles (YAML) and the benchmark harness (local and remote)."""

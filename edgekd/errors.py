@@ -1,0 +1,52 @@
+"""One small error hierarchy. Every message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class EdgeKDError(Exception):
+    """Base class of every error edgekd raises on purpose."""
+
+
+class RecipeError(EdgeKDError):
+    """The recipe (YAML or CLI overrides) is invalid. Lists every problem at once."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        body = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"Invalid recipe{where}:\n{body}")
+
+
+class AssetError(EdgeKDError):
+    """A model or dataset could not be found, fetched or verified."""
+
+
+class ChecksumError(AssetError):
+    """A fetched file does not match its pinned sha256."""
+
+
+class DataError(EdgeKDError):
+    """A dataset is malformed: missing columns, empty texts, unknown labels."""
+
+
+class MissingBackendError(EdgeKDError):
+    """An optional dependency is not installed. The message carries the pip install hint."""
+
+    def __init__(self, what: str, package: str, extra: str | None = None, why: str | None = None):
+        hint = f"pip install 'edgekd[{extra}]'" if extra else f"pip install {package}"
+        reason = f" ({why})" if why else ""
+        super().__init__(f"{what} needs the '{package}' package, which is not installed{reason}. Install it with: {hint}")
+        self.package = package
+        self.hint = hint
+
+
+class UnsupportedTargetError(EdgeKDError):
+    """An export target is unknown, unavailable here, or cannot convert an operator of the model."""
+
+
+class ParityError(EdgeKDError):
+    """An exported artifact disagrees with its source model beyond the recipe's threshold."""
+
+
+class StageError(EdgeKDError):
+    """A stage cannot run: its inputs are missing from the run folder, or a prerequisite failed."""

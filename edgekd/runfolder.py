@@ -1,0 +1,208 @@
+"""The run folder: the only state shared between stages.
+
+``runs/<name>/manifest.json`` records, per stage, its settings fingerprint, metrics, timings and
+the sha256 of every artifact it wrote. Every write is atomic (temporary path, then rename), so an
+interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+RECIPE = "recipe.yaml"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: Path) -> dict[str, str]:
+    """sha256 of each file under ``path`` (a file or a folder), keyed by path relative to ``path``'s parent."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    return {
+        str(p.relative_to(path.parent)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of JSON-able settings, used to decide whether a stage must run again."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts recorded with every run, so figures can be reproduced or questioned."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in (
+        "edgekd", "torch", "transformers", "accelerate", "numpy", "onnx", "onnxruntime",
+        "optimum", "executorch", "coremltools", "torch-pruning", "torchao", "fastapi",
+    ):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+    }
+
+
+class RunFolder:
+    """``runs/<name>/``: paths of each stage's outputs and the manifest that records them."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # --- paths -----------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / RECIPE
+
+    # --- manifest --------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        if self.manifest_path.is_file():
+            return json.loads(self.manifest_path.read_text())
+        return {"stages": {}}
+
+    def _write_manifest(self, data: dict[str, Any]) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(data, indent=2, sort_keys=False, default=str))
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        return self.manifest().get("stages", {}).get(stage)
+
+    def is_done(self, stage: str, fp: str) -> bool:
+        """True when ``stage`` finished with the same settings fingerprint and its artifacts are intact."""
+        rec = self.stage_record(stage)
+        if not rec or rec.get("status") != "done" or rec.get("fingerprint") != fp:
+            return False
+        for rel, digest in rec.get("artifacts", {}).items():
+            p = self.root / rel
+            if not p.is_file() or sha256_file(p) != digest:
+                return False
+        return True
+
+    def record(
+        self,
+        stage: str,
+        fp: str,
+        metrics: dict[str, Any],
+        artifacts: list[Path] | None = None,
+        seconds: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record a finished stage: fingerprint, metrics, timing and sha256 of every artifact file."""
+        hashes: dict[str, str] = {}
+        for a in artifacts or []:
+            a = Path(a)
+            files = [a] if a.is_file() else sorted(p for p in a.rglob("*") if p.is_file())
+            for f in files:
+                hashes[str(f.relative_to(self.root))] = sha256_file(f)
+        rec = {
+            "status": "done",
+            "fingerprint": fp,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 2) if seconds is not None else None,
+            "metrics": metrics,
+            "artifacts": hashes,
+        }
+        if extra:
+            rec.update(extra)
+        data = self.manifest()
+        data.setdefault("stages", {})[stage] = rec
+        data["updated"] = rec["finished"]
+        self._write_manifest(data)
+        return rec
+
+    def update_top(self, **fields: Any) -> None:
+        data = self.manifest()
+        data.update(fields)
+        self._write_manifest(data)
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,1 @@
+"""Task families behind one interface (see base.py)."""

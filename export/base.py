@@ -1,0 +1,157 @@
+"""The contracts every export target follows: an Exporter writes an artifact, a Runner runs it.
+
+The benchmark harness, the parity check and the server all go through ``Runner.run`` so that
+what is measured is what is served. Targets register themselves by name with ``@register``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from edgekd.errors import MissingBackendError, UnsupportedTargetError
+
+ARTIFACT_META = "artifact.json"
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """One artifact on one runtime. Inputs and outputs are named numpy arrays."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """What a task's export module takes and returns, declared once for every target.
+
+    ``dynamic_axes`` maps each input/output name to {axis index: axis name}, as torch.onnx does.
+    ``dtypes`` maps input names to numpy dtype strings (e.g. "int64").
+    """
+
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    dtypes: dict[str, str]
+
+
+@dataclass
+class ExportResult:
+    """What an exporter wrote. ``path`` is the artifact a Runner loads; ``built`` is False when the
+    target wrote only what can be built elsewhere (e.g. TensorRT without TensorRT) and ``reason`` says why."""
+
+    target: str
+    path: Path
+    files: list[Path]
+    built: bool = True
+    reason: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["files"] = [str(f) for f in self.files]
+        return d
+
+
+class Exporter(ABC):
+    """One export target. Subclasses set the class attributes and implement export/load."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]
+    # Python modules the target needs, and the pip extra that installs them.
+    requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str | None] = None
+    needs_gpu: ClassVar[bool] = False
+    # Options this target accepts in the recipe's export section (name -> description).
+    options: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def available(cls) -> tuple[bool, str | None]:
+        """(True, None) when this target can export and run here; otherwise (False, why)."""
+        for mod in cls.requires:
+            if importlib.util.find_spec(mod) is None:
+                hint = f"pip install 'edgekd[{cls.extra}]'" if cls.extra else f"pip install {mod}"
+                return False, f"'{mod}' is not installed ({hint})"
+        return True, None
+
+    @classmethod
+    def require(cls) -> None:
+        ok, why = cls.available()
+        if not ok:
+            missing = next((m for m in cls.requires if importlib.util.find_spec(m) is None), cls.name)
+            raise MissingBackendError(f"The '{cls.name}' export target", missing, cls.extra, why)
+
+    @classmethod
+    def check_options(cls, opts: dict[str, Any]) -> None:
+        unknown = sorted(set(opts) - set(cls.options))
+        if unknown:
+            allowed = ", ".join(sorted(cls.options)) or "none"
+            raise UnsupportedTargetError(
+                f"Export target '{cls.name}' does not accept option(s) {', '.join(unknown)}; allowed: {allowed}."
+            )
+
+    @abstractmethod
+    def export(
+        self,
+        module: Any,
+        example_inputs: dict[str, np.ndarray],
+        io: ModelIO,
+        out_dir: Path,
+        **opts: Any,
+    ) -> ExportResult:
+        """Write the artifact for ``module`` (a torch.nn.Module taking the inputs of ``io`` as
+        keyword tensors and returning a tuple in the order of ``io.output_names``) under ``out_dir``."""
+
+    @abstractmethod
+    def load(self, path: Path, **runtime_opts: Any) -> Runner:
+        """Load an artifact written by ``export`` into a Runner."""
+
+
+_REGISTRY: dict[str, type[Exporter]] = {}
+
+
+def register(cls: type[Exporter]) -> type[Exporter]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"export target '{cls.name}' registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Exporter]]:
+    return dict(_REGISTRY)
+
+
+def get_exporter(name: str) -> Exporter:
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnsupportedTargetError(f"Unknown export target '{name}'. Known targets: {known}.")
+    return _REGISTRY[name]()
+
+
+def write_artifact_meta(out_dir: Path, meta: dict[str, Any]) -> Path:
+    """Write ``artifact.json`` beside an artifact (atomically): target, precision, io, labels, sha256."""
+    from edgekd.runfolder import atomic_write_text
+
+    path = Path(out_dir) / ARTIFACT_META
+    atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def read_artifact_meta(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / ARTIFACT_META
+    if not path.is_file():
+        raise UnsupportedTargetError(
+            f"{out_dir} holds no {ARTIFACT_META}: it is not an edgekd export folder. "
+            "Run `edgekd export RUN_DIR --to TARGET` first."
+        )
+    return json.loads(path.read_text())

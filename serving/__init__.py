@@ -1,0 +1,1 @@
+"""The FastAPI inference server and the runtime backends it serves from."""
