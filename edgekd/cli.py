@@ -1,0 +1,111 @@
+"""The `edgekd` command line: the whole pipeline (`edgekd run`) and every stage alone."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgekd.errors import EdgeKDError
+from edgekd.progress import console
+
+app = typer.Typer(
+    name="edgekd",
+    help="Take a big accurate model and ship a small fast one to the edge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = Annotated[
+    Optional[str],  # noqa: UP045 - typer needs Optional here on py3.10
+    typer.Argument(help="Recipe YAML file or built-in name (default: the built-in default recipe)."),
+]
+SetOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set distill.temperature=4 (repeatable)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run stages again even when unchanged.")]
+
+
+def _setup_runtime(recipe) -> None:
+    """Process-level runtime settings belong to the command, not to library code."""
+    import torch
+
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+
+
+def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] | None, force: bool) -> None:
+    from edgekd.pipeline import run_stages
+    from edgekd.recipe import load_recipe
+    from edgekd.report import print_summary
+
+    recipe = load_recipe(recipe_src, overrides)
+    _setup_runtime(recipe)
+    ctx = run_stages(recipe, stages, force=force)
+    print_summary(ctx.run)
+
+
+@app.command()
+def run(recipe: RecipeArg = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Run the whole pipeline of a recipe; finished stages whose inputs are unchanged are skipped."""
+    _run(recipe, set_, None, force)
+
+
+def _stage_command(stage: str, doc: str) -> None:
+    def command(recipe: RecipeArg = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+        _run(recipe, set_, [stage], force)
+
+    command.__doc__ = doc
+    app.command(name=stage)(command)
+
+
+_stage_command("teacher", "Fine-tune the teacher if it has no task head; cache its outputs on the training split.")
+_stage_command("distill", "Distill the teacher into the student (needs the teacher stage).")
+_stage_command("baseline", "Train the same student on hard labels only, to measure what distillation adds.")
+_stage_command("eval", "Evaluate teacher, student and baseline on the held-out test split.")
+
+
+@recipe_app.command("show")
+def recipe_show(name: Annotated[str, typer.Argument(help="Built-in recipe name or YAML file.")] = "default") -> None:
+    """Print a recipe as YAML (every key, with defaults filled in) to copy and edit."""
+    from edgekd.recipe import load_recipe
+
+    sys.stdout.write(load_recipe(name).to_yaml())
+
+
+@recipe_app.command("check")
+def recipe_check(path: Annotated[Path, typer.Argument(help="Recipe YAML file to validate.")]) -> None:
+    """Validate a recipe and report every problem at once."""
+    from edgekd.recipe import load_recipe
+
+    r = load_recipe(path)
+    console.print(f"[green]ok[/]: {path} is a valid recipe (run folder {r.run_dir()})")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/default.")]) -> None:
+    """Print the summary of a run folder."""
+    from edgekd.report import print_summary
+    from edgekd.runfolder import RunFolder
+
+    if not (run_dir / "manifest.json").is_file():
+        raise EdgeKDError(f"{run_dir} has no manifest.json: it is not a run folder (runs/<name>/).")
+    print_summary(RunFolder(run_dir))
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgeKDError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished epochs are checkpointed; run the same command to resume.")
+        sys.exit(130)
+

@@ -1,0 +1,87 @@
+"""What every stage of one invocation shares: the recipe, the run folder, the task and the data.
+
+Built once per command (data loaded, split and tokenised once), never cached across commands:
+the run folder is the only state that outlives a process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.progress import console
+from edgekd.recipe import Recipe
+from edgekd.runfolder import RunFolder, fingerprint
+from edgekd.tasks.text import TextClassificationTask, TokenizedSplit
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run: RunFolder
+
+    @classmethod
+    def create(cls, recipe: Recipe) -> RunContext:
+        return cls(recipe=recipe, run=RunFolder(recipe.run_dir()))
+
+    # --- data ---------------------------------------------------------------------------------
+    @cached_property
+    def examples(self):
+        from edgekd.data import load_examples
+
+        return load_examples(self.recipe.data)
+
+    @cached_property
+    def splits(self):
+        from edgekd.data import split_examples
+
+        return split_examples(self.examples, self.recipe.data.split, self.recipe.data.max_train_examples)
+
+    @cached_property
+    def data_summary(self) -> dict[str, Any]:
+        return self.splits.summary()
+
+    @cached_property
+    def data_fingerprint(self) -> str:
+        return fingerprint({"data": self.recipe.data.model_dump(mode="json"), "split": self.data_summary})
+
+    @cached_property
+    def task(self) -> TextClassificationTask:
+        return TextClassificationTask(self.examples.label_names, self.recipe.data.max_length)
+
+    @cached_property
+    def tokenizer(self):
+        """The teacher's tokenizer (the student shares it unless it is loaded from its own id)."""
+        return self.task.load_tokenizer(self.recipe.teacher.model)
+
+    def tokenized(self, split: str, tokenizer=None) -> TokenizedSplit:
+        tok = tokenizer or self.tokenizer
+        key = (split, id(tok))
+        cache = self.__dict__.setdefault("_tokenized", {})
+        if key not in cache:
+            idx = getattr(self.splits, split)
+            texts = [self.examples.texts[i] for i in idx]
+            labels = self.examples.labels[idx]
+            cache[key] = TokenizedSplit(self.task.tokenize(tok, texts), labels, tok.pad_token_id or 0)
+        return cache[key]
+
+    def parity_data(self, n: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Real test examples, padded to one shape, for export parity and artifact accuracy."""
+        test = self.tokenized("test")
+        idx = np.arange(len(test) if n is None else min(n, len(test)))
+        batch = test.collate(idx)
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
+
+    # --- run folder paths ---------------------------------------------------------------------
+    def model_dir(self, stage: str) -> Path:
+        return self.run.stage_dir(stage) / "model"
+
+    def checkpoint_dir(self, stage: str, fp: str) -> Path:
+        return self.run.root / "checkpoints" / f"{stage}-{fp}"
+
+    def say(self, msg: str) -> None:
+        console.print(msg)

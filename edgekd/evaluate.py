@@ -1,0 +1,65 @@
+"""The eval stage: teacher, distilled student and hard-label baseline on the held-out test split.
+
+Reports accuracy, macro-F1 and top-1 agreement with the teacher, how much of the teacher's
+accuracy the student keeps, and the measured gain of distillation over the hard-label baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.context import RunContext
+from edgekd.distill import load_student, stage_fingerprint
+from edgekd.runfolder import fingerprint
+from edgekd.teacher import teacher_fingerprint
+from edgekd.train import predict
+
+
+def _size_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def eval_fingerprint(ctx: RunContext) -> str:
+    r = ctx.recipe
+    parts = {"teacher": teacher_fingerprint(ctx), "distill": stage_fingerprint(ctx, "distill")}
+    if r.baseline.enabled:
+        parts["baseline"] = stage_fingerprint(ctx, "baseline")
+    return fingerprint(parts)
+
+
+def run_eval(ctx: RunContext) -> dict[str, Any]:
+    r, task = ctx.recipe, ctx.task
+    t0 = time.perf_counter()
+    from edgekd.teacher import load_teacher_outputs
+
+    teacher, _ = load_teacher_outputs(ctx)
+    models = {"teacher": (teacher, ctx.model_dir("teacher")),
+              "student": (load_student(ctx, "distill"), ctx.model_dir("distill"))}
+    if r.baseline.enabled:
+        models["baseline"] = (load_student(ctx, "baseline"), ctx.model_dir("baseline"))
+    test = ctx.tokenized("test")
+    logits: dict[str, np.ndarray] = {}
+    results: dict[str, Any] = {}
+    for name, (model, folder) in models.items():
+        logits[name] = predict(model, test, r.eval.batch_size, f"eval {name} (test)")
+        m = task.metrics({"logits": logits[name]}, test.labels)
+        m["agreement_with_teacher"] = float((logits[name].argmax(-1) == logits["teacher"].argmax(-1)).mean())
+        m["params"] = sum(p.numel() for p in model.parameters())
+        m["size_bytes"] = _size_bytes(folder)
+        m["layers"] = model.config.num_hidden_layers
+        results[name] = m
+    t_acc, s_acc = results["teacher"]["accuracy"], results["student"]["accuracy"]
+    summary = {
+        "test_examples": len(test),
+        "student_keeps_teacher_accuracy": s_acc / t_acc if t_acc else None,
+        "student_params_ratio": results["student"]["params"] / results["teacher"]["params"],
+    }
+    if "baseline" in results:
+        summary["distill_gain_over_baseline"] = s_acc - results["baseline"]["accuracy"]
+    metrics = {**results, "summary": summary}
+    ctx.run.record("eval", eval_fingerprint(ctx), metrics, seconds=time.perf_counter() - t0)
+    return metrics

@@ -1,0 +1,65 @@
+"""`edgekd run`: the stages in a straight line, each skipped when its inputs and settings are unchanged."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edgekd import __version__
+from edgekd.context import RunContext
+from edgekd.distill import run_student_stage, stage_fingerprint
+from edgekd.evaluate import eval_fingerprint, run_eval
+from edgekd.recipe import Recipe
+from edgekd.runfolder import atomic_write_text, environment
+from edgekd.teacher import run_teacher, teacher_fingerprint
+
+StageFn = Callable[[RunContext], dict[str, Any]]
+
+# name -> (run, fingerprint). A fingerprint covers the stage's settings and its inputs' fingerprints.
+STAGES: dict[str, tuple[StageFn, Callable[[RunContext], str]]] = {
+    "teacher": (run_teacher, teacher_fingerprint),
+    "distill": (lambda c: run_student_stage(c, "distill"), lambda c: stage_fingerprint(c, "distill")),
+    "baseline": (lambda c: run_student_stage(c, "baseline"), lambda c: stage_fingerprint(c, "baseline")),
+    "eval": (run_eval, eval_fingerprint),
+}
+
+
+def planned_stages(recipe: Recipe) -> list[str]:
+    stages = ["teacher", "distill"]
+    if recipe.baseline.enabled:
+        stages.append("baseline")
+    stages.append("eval")
+    return [s for s in stages if s in STAGES]
+
+
+def prepare_run(ctx: RunContext) -> None:
+    """Write the resolved recipe and the run-level facts (versions, data split) into the run folder."""
+    ctx.run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ctx.run.recipe_path, ctx.recipe.to_yaml())
+    ctx.run.update_top(
+        name=ctx.recipe.name,
+        edgekd_version=__version__,
+        task=ctx.recipe.task,
+        environment=environment(),
+        data=ctx.data_summary,
+        labels=ctx.examples.label_names,
+    )
+
+
+def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = False) -> RunContext:
+    """Run ``stages`` (default: the recipe's full plan) in order; return the context for reporting."""
+    ctx = RunContext.create(recipe)
+    prepare_run(ctx)
+    todo = stages or planned_stages(recipe)
+    t0 = time.perf_counter()
+    for name in todo:
+        fn, fp_fn = STAGES[name]
+        if not force and ctx.run.is_done(name, fp_fn(ctx)):
+            ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
+            continue
+        s0 = time.perf_counter()
+        fn(ctx)
+        ctx.say(f"[green]{name}[/]: done in {time.perf_counter() - s0:.1f} s")
+    ctx.run.update_top(last_invocation={"stages": todo, "seconds": round(time.perf_counter() - t0, 2)})
+    return ctx
