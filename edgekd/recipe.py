@@ -37,6 +37,11 @@ class DataConfig(Section):
         description="A named asset (rotten-tomatoes), a Hugging Face dataset id, or a local "
         ".csv/.tsv/.jsonl file with text and label columns.",
     )
+    source: Literal["auto", "hub", "mirror"] = Field(
+        "auto",
+        description="Where a named dataset asset comes from: auto (the hub when it answers, else the "
+        "pinned mirror), hub, or mirror. Pin 'mirror' to get the same examples on every machine.",
+    )
     hub_config: str | None = Field(None, description="Configuration name of a hub dataset.")
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the label (name or integer id).")
@@ -115,11 +120,150 @@ class RuntimeConfig(Section):
 
 
 class PruneConfig(Section):
+    """Structured or unstructured pruning, in ``steps`` rounds each followed by recovery training.
+
+    Give exactly one target: ``keep_params``, ``remove_heads``/``remove_neurons``,
+    ``target_latency_ms`` or ``sparsity`` (the last for method ``unstructured`` only).
+    """
+
     enabled: bool = Field(False, description="Run the prune stage.")
+    method: Literal["heads-ffn", "channels", "unstructured"] = Field(
+        "heads-ffn",
+        description="heads-ffn: remove attention heads and FFN neurons of a transformer encoder (physically "
+        "smaller and faster); channels: remove conv/linear channels of a CNN through torch-pruning's "
+        "dependency graph; unstructured: zero the smallest weights globally (a smaller compressed file, "
+        "not a faster dense model).",
+    )
+    importance: Literal["taylor", "magnitude"] = Field(
+        "taylor",
+        description="taylor: |activation x gradient| through head/neuron masks over a few labelled batches "
+        "(Michel et al. 2019); magnitude: L2 norm of the weights that belong to each head/neuron/channel.",
+    )
+    scope: Literal["per_layer", "global"] = Field(
+        "per_layer",
+        description="per_layer: every layer loses the same share (equal FFN widths, so the saved model "
+        "reloads with plain from_pretrained); global: rank across layers (scores normalised per layer), "
+        "so layers end up with different widths (reload with edgekd.pruning.load_pruned_model).",
+    )
+    prune_heads: bool = Field(True, description="heads-ffn: remove attention heads.")
+    prune_neurons: bool = Field(True, description="heads-ffn: remove FFN neurons.")
+    keep_params: float | None = Field(
+        None, gt=0, lt=1,
+        description="Target: fraction of the prunable parameters to keep (heads-ffn: the encoder layers; "
+        "channels: the whole model), e.g. 0.6.",
+    )
+    remove_heads: int | None = Field(None, ge=1, description="Target (heads-ffn): attention heads to remove in all.")
+    remove_neurons: int | None = Field(None, ge=1, description="Target (heads-ffn): FFN neurons to remove in all.")
+    target_latency_ms: float | None = Field(
+        None, gt=0,
+        description="Target: prune step by step until the measured latency (the caller's latency "
+        "function, e.g. ONNX Runtime p50 at batch 1) is at most this many milliseconds.",
+    )
+    sparsity: float | None = Field(
+        None, gt=0, lt=1, description="Target (unstructured): fraction of weights set to zero, e.g. 0.5."
+    )
+    steps: int = Field(
+        1, ge=1, le=100,
+        description="Pruning rounds; each removes its share and is followed by recovery (distillation "
+        "from the teacher when the pipeline provides it). With target_latency_ms: the most rounds tried.",
+    )
+    latency_step: float = Field(
+        0.1, gt=0, lt=1, description="With target_latency_ms: share of the remaining heads/neurons/channels removed per round."
+    )
+    score_batches: int = Field(8, ge=1, description="Labelled batches used to score importance (taylor).")
+    min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps at least.")
+    min_neurons_fraction: float = Field(
+        0.1, gt=0, le=1, description="Share of its original FFN neurons every layer keeps at least."
+    )
+    max_channel_ratio: float = Field(
+        0.9, gt=0, lt=1, description="channels: the largest share of a layer's channels that may be removed."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        problems = []
+        counts = self.remove_heads is not None or self.remove_neurons is not None
+        given = [name for name, on in (
+            ("keep_params", self.keep_params is not None),
+            ("remove_heads/remove_neurons", counts),
+            ("target_latency_ms", self.target_latency_ms is not None),
+            ("sparsity", self.sparsity is not None),
+        ) if on]
+        if len(given) > 1:
+            problems.append(f"give one pruning target, not {' and '.join(given)}")
+        if self.enabled and not given:
+            problems.append(
+                "prune.enabled is true but no target is set: set one of prune.keep_params, "
+                "prune.remove_heads/prune.remove_neurons, prune.target_latency_ms, prune.sparsity"
+            )
+        if self.method == "unstructured" and given and self.sparsity is None:
+            problems.append("method 'unstructured' takes the target prune.sparsity (a fraction of zero weights)")
+        if self.method != "unstructured" and self.sparsity is not None:
+            problems.append(f"prune.sparsity is the target of method 'unstructured', not '{self.method}'")
+        if self.method != "heads-ffn" and counts:
+            problems.append("prune.remove_heads/remove_neurons need method 'heads-ffn'")
+        if self.method == "heads-ffn" and not (self.prune_heads or self.prune_neurons):
+            problems.append("method 'heads-ffn' needs prune.prune_heads or prune.prune_neurons (or both)")
+        if self.remove_heads is not None and not self.prune_heads:
+            problems.append("prune.remove_heads is set but prune.prune_heads is false")
+        if self.remove_neurons is not None and not self.prune_neurons:
+            problems.append("prune.remove_neurons is set but prune.prune_neurons is false")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class QuantizeConfig(Section):
+    """Post-training quantization of the exported model, guarded by accuracy and speed checks.
+
+    Every quantized model is evaluated on validation examples; when the metric drops by more than
+    ``max_accuracy_drop`` the most sensitive operators are kept in float and it is tried again.
+    The quantized and float models are timed side by side and the faster one is recommended.
+    """
+
     enabled: bool = Field(False, description="Run the quantize stage.")
+    method: Literal["dynamic", "static", "fp16"] = Field(
+        "dynamic",
+        description="ONNX: dynamic (int8 weights, activations quantized at run time; no calibration), "
+        "static (int8 QDQ weights and activations, calibrated on real samples), fp16 (half-precision "
+        "weights and compute; pays off on GPUs, rarely on CPUs).",
+    )
+    weight_type: Literal["qint8", "quint8"] = Field("qint8", description="int8 weight type (signed is ONNX Runtime's CPU default).")
+    activation_type: Literal["quint8", "qint8"] = Field(
+        "quint8", description="static: activation type (x86 with VNNI: quint8; ARM: qint8). dynamic always uses quint8."
+    )
+    per_channel: bool = Field(False, description="One scale per output channel of each weight (more accurate, sometimes slower).")
+    reduce_range: bool = Field(False, description="7-bit weights, for x86 CPUs without VNNI (avoids saturation).")
+    op_types: list[str] | None = Field(
+        None, description="Operator types to quantize (e.g. [MatMul, Gemm]). Default: dynamic, ONNX "
+        "Runtime's own list (MatMul, Conv, Attention, Gather for embeddings, ...); static, MatMul, Gemm, Conv."
+    )
+    preprocess: bool = Field(
+        True, description="Run onnxruntime.quantization.quant_pre_process (shape inference, graph cleanup) first."
+    )
+    calibration_samples: int = Field(128, ge=1, description="static: validation examples used to calibrate activation ranges.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="static: how activation ranges are chosen from the calibration samples."
+    )
+    percentile: float = Field(99.999, gt=90, le=100, description="static, percentile: the percentile kept.")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="Largest allowed drop of guard_metric (absolute, e.g. 0.01 = one point)."
+    )
+    guard_metric: str = Field("accuracy", description="Metric the accuracy guard compares (a key of the task's metrics).")
+    max_attempts: int = Field(4, ge=1, description="Quantization attempts, each keeping more sensitive operators in float.")
+    max_float_nodes: int = Field(16, ge=0, description="Most operators the guard may keep in float.")
+    sensitivity_examples: int = Field(128, ge=1, description="Validation examples used to rank operator sensitivity.")
+    speed_runs: int = Field(50, ge=5, description="Timed runs (batch 1) of each model in the speed comparison.")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads for evaluation and timing.")
+    torch_method: Literal["int8-dynamic", "int8-weight-only", "pt2e-xnnpack"] = Field(
+        "int8-dynamic",
+        description="PyTorch/ExecuTorch targets: torchao int8 dynamic activations + int8 weights, torchao "
+        "int8 weight-only, or the pt2e XNNPACK quantizer (static int8, for ExecuTorch).",
+    )
+    coreml_mode: Literal["linear8", "palettize"] = Field(
+        "linear8", description="Core ML: 8-bit linear weight quantization, or k-means palettization."
+    )
+    palette_bits: int = Field(6, ge=1, le=8, description="Core ML palettization: bits per weight (2^bits clusters).")
 
 
 class ExportConfig(Section):
@@ -135,13 +279,65 @@ class ExportConfig(Section):
 
 
 class BenchConfig(Section):
+    """Latency, memory and accuracy of every exported artifact on one device profile."""
+
     enabled: bool = Field(False, description="Run the bench stage.")
+    profile: str = Field("local", description="Device profile: a shipped name (see `edgekd devices`) or a YAML path.")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
+    seq_lengths: list[int] | None = Field(
+        None, min_length=1, description="Sequence lengths timed (default: the artifact's max_length)."
+    )
+    warmup: int = Field(10, ge=0, description="Untimed runs before each (batch, sequence) case.")
+    runs: int = Field(50, ge=1, description="Timed runs per case (the cap when time_budget_s is set).")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Time each case for this many seconds instead (at least min_runs runs)."
+    )
+    min_runs: int = Field(5, ge=1, description="Fewest timed runs a time budget may stop at.")
+    threads: int | None = Field(None, ge=1, description="Threads (default: the profile's, else all cores).")
+    isolate: bool = Field(
+        True, description="Measure each artifact in a fresh child process (clean memory figures, pinned threads)."
+    )
+    inputs: Literal["real", "synthetic"] = Field(
+        "real", description="Time real preprocessed test examples, or synthetic int64 ids."
+    )
+    synthetic_vocab_size: int = Field(100, ge=2, description="Synthetic ids are drawn from [0, this).")
+    eval_examples: int | None = Field(
+        None, ge=1, description="Test examples scored per artifact (default: the whole test split)."
+    )
+    eval_batch_size: int = Field(32, ge=1)
+    targets: list[str] | None = Field(None, description="Export folders to measure (default: all under export/).")
+    torch_models: bool = Field(True, description="Also measure the fp32 teacher and student in eager PyTorch.")
+    timeout_s: float = Field(1800, gt=0, description="Give up on one artifact after this many seconds.")
+
+    @model_validator(mode="after")
+    def _positive_shapes(self) -> BenchConfig:
+        bad = [b for b in self.batch_sizes if b < 1] + [s for s in self.seq_lengths or [] if s < 1]
+        if bad:
+            raise ValueError(f"batch_sizes and seq_lengths must be >= 1, got {bad}")
+        return self
 
 
 class ServeConfig(Section):
+    """`edgekd serve` defaults; every key is also a server setting (EDGEKD_SERVE_<KEY> overrides it).
+    The API key is deliberately not a recipe key: pass it through EDGEKD_SERVE_API_KEY."""
+
     target: str | None = Field(None, description="Export folder to serve (e.g. onnx, onnx-int8).")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=1, le=65535)
+    model_name: str | None = Field(None, description="Name in responses and on the v2 routes (default: run name).")
+    threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime (default: its own).")
+    batching: bool = Field(False, description="Group concurrent requests into one runner call.")
+    max_batch_size: int = Field(32, ge=1, description="Most texts in one runner call when batching.")
+    max_wait_ms: float = Field(2.0, ge=0, description="Longest a text waits for others to join its batch (ms).")
+    max_items: int = Field(64, ge=1, description="Most texts in one request.")
+    max_length: int | None = Field(
+        None, ge=2, description="Tokens kept per text (default and upper bound: the artifact's max_length)."
+    )
+    overflow: Literal["truncate", "reject"] = Field(
+        "truncate", description="A text over max_length tokens: truncate it (and say so) or reject it (422)."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted, in bytes.")
+    request_timeout_s: float = Field(30, gt=0, description="A request waiting longer for the model gets 504.")
 
 
 STAGES = ("teacher", "distill", "baseline", "eval", "prune", "quantize", "export", "bench")

