@@ -1,0 +1,202 @@
+"""The bench stage: every export folder of a run (and optionally the eager fp32 teacher and student)
+measured on one device profile, written to ``runs/<name>/bench/<profile>/``.
+
+    results.json  every figure, the environment, the profile and the settings
+    results.csv   one row per model and (batch, sequence) case
+    table.md      target x precision: size, p50/p99, throughput, accuracy, change vs teacher
+    pareto.png    accuracy against p50 latency, Pareto front marked
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.devices import measure, remote_runner, tables
+from edgekd.devices.profiles import DeviceProfile, load_profile
+from edgekd.errors import StageError
+from edgekd.recipe import BenchConfig
+
+RESULTS_SCHEMA = 1
+
+
+def artifact_size(folder: Path, meta: dict[str, Any]) -> int | None:
+    """Bytes on disk of the artifact: its file or package folder plus any external-data files."""
+    if meta.get("size_bytes") is not None:
+        return int(meta["size_bytes"])
+    path = folder / meta.get("file", "")
+    if not meta.get("file") or not path.exists():
+        return None
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    files += [p for p in folder.glob(f"{path.name}.data*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+def discover(run_dir: Path, only: list[str] | None = None) -> list[dict[str, Any]]:
+    """One entry per folder under ``run_dir/export/``: its artifact.json, or why it cannot be measured."""
+    export_dir = Path(run_dir) / "export"
+    if not export_dir.is_dir():
+        return []
+    found = []
+    for folder in sorted(p for p in export_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if only is not None and folder.name not in only:
+            continue
+        entry: dict[str, Any] = {"name": folder.name, "kind": "artifact", "folder": str(folder)}
+        meta_path = folder / "artifact.json"
+        if not meta_path.is_file():
+            entry.update(status="skipped", reason="no artifact.json: not a finished export folder")
+        else:
+            meta = json.loads(meta_path.read_text())
+            entry.update(
+                meta=meta, target=meta.get("target", folder.name), precision=meta.get("precision", "fp32"),
+                file=meta.get("file"), sha256=meta.get("sha256"), size_bytes=artifact_size(folder, meta),
+            )
+            if meta.get("built") is False:
+                why = meta.get("reason") or "no reason recorded"
+                entry.update(status="skipped", reason=why if why.startswith("not built") else f"not built here: {why}")
+        found.append(entry)
+    if only:
+        missing = sorted(set(only) - {e["name"] for e in found})
+        if missing:
+            known = ", ".join(p.name for p in sorted(export_dir.iterdir()) if p.is_dir()) or "none"
+            raise StageError(f"bench.targets names export folder(s) {missing} that do not exist; present: {known}.")
+    return found
+
+
+def _torch_entries(torch_models: dict[str, tuple[Any, Any]] | None, workdir: Path) -> list[dict[str, Any]]:
+    """Save each eager module so a child process can load it; its file size is the fp32 size."""
+    entries = []
+    for name, (module, io) in (torch_models or {}).items():
+        import torch
+
+        fname = f"torch-{name}.pt"
+        torch.save(module, workdir / fname)
+        first = next(module.parameters(), None)
+        entries.append({
+            "name": f"pytorch-{name}", "kind": "torch", "target": "pytorch", "precision": "fp32",
+            "module_file": fname, "io": io.to_dict(), "file": fname,
+            "preload": sorted({type(m).__module__ for m in module.modules()}),
+            "device": str(first.device) if first is not None else "cpu",  # measured where the caller keeps it
+            "size_bytes": (workdir / fname).stat().st_size,
+        })
+    return entries
+
+
+def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConfig, inputs: measure.Inputs,
+                   workdir: Path) -> None:
+    files = inputs.write(workdir)
+    threads = cfg.threads or prof.bench_threads()
+    default_len = inputs.width()
+    for e in entries:
+        if e.get("status"):
+            continue
+        if e["kind"] == "artifact" and not prof.runs_target(e["target"]):
+            e.update(status="skipped", reason=f"profile '{prof.name}' does not run target '{e['target']}'")
+            continue
+        max_len = (e.get("meta") or {}).get("max_length") or default_len
+        job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
+                               measure.cases(cfg, max_len))
+        if e["kind"] == "torch":
+            job.update(kind="torch", module_file=e["module_file"], io=e["io"], preload=e.pop("preload"),
+                       device=e["device"])
+        else:
+            job.update(kind="artifact", folder=e["folder"])
+        result, outputs = measure.run_job(job, workdir, cfg.isolate, cfg.timeout_s)
+        e.update(measure.result_fields(result))
+        e["_outputs"] = outputs
+
+
+def bench_run(
+    run_dir: Path,
+    profile: str | None = None,
+    cfg: BenchConfig | None = None,
+    eval_inputs: dict[str, np.ndarray] | None = None,
+    eval_labels: np.ndarray | None = None,
+    metric_fn: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]] | None = None,
+    torch_models: dict[str, tuple[Any, Any]] | None = None,
+    reference: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Measure every export folder of ``run_dir`` (and the eager ``torch_models``, name -> (export
+    module, ModelIO)) on ``profile`` (a shipped name or a YAML path; default ``cfg.profile``, i.e.
+    local); write ``run_dir/bench/<profile>/`` and return its summary.
+
+    ``eval_inputs``/``eval_labels``/``metric_fn`` give each model's accuracy on the test split;
+    ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures.
+    """
+    cfg = cfg or BenchConfig()
+    run_dir = Path(run_dir)
+    prof = load_profile(profile or cfg.profile)
+    inputs = measure.Inputs.from_config(cfg, eval_inputs)
+    entries = discover(run_dir, cfg.targets)
+    with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
+        workdir = Path(tmp)
+        kind = prof.connection.kind
+        if torch_models and cfg.torch_models:
+            if kind == "local":
+                entries += _torch_entries(torch_models, workdir)
+            else:
+                reason = f"eager PyTorch models are measured on the local profile only, not over '{kind}'"
+                entries += [{"name": f"pytorch-{n}", "kind": "torch", "target": "pytorch", "precision": "fp32",
+                             "status": "skipped", "reason": reason} for n in torch_models]
+        if not entries:
+            raise StageError(
+                f"Nothing to benchmark in {run_dir}: no export folders under {run_dir / 'export'} and no "
+                "eager models given. Run `edgekd export` first."
+            )
+        extra_files: dict[str, bytes] = {}
+        if kind == "local":
+            _measure_local(entries, prof, cfg, inputs, workdir)
+            env = remote_runner.environment(cfg.threads or prof.bench_threads())
+        elif kind == "ssh":
+            from edgekd.devices.remote import bench_ssh
+
+            env = bench_ssh(entries, prof, cfg, inputs, workdir, run_dir)
+        else:
+            from edgekd.devices.ondevice import prepare_on_device
+
+            extra_files = prepare_on_device(entries, prof, cfg, inputs, run_dir)
+            env = None
+    ref = measure.reference_accuracies(run_dir, reference)
+    for e in entries:
+        metrics = measure.score(e.pop("_outputs", None), eval_labels, metric_fn)
+        e["metrics"] = metrics
+        e["accuracy"] = metrics.get("accuracy") if metrics else None
+        e.update(measure.deltas(e["accuracy"], ref))
+        e["max_length"] = (e.pop("meta", None) or {}).get("max_length")
+    data = {
+        "schema": RESULTS_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": run_dir.name,
+        "profile": prof.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"),
+        "headline": tables.headline_case(cfg),
+        "reference": ref,
+        "environment": env,
+        "results": entries,
+    }
+    out = run_dir / "bench" / prof.name
+    tables.write_bench_dir(out, data, extra_files)
+    return summary(data, out)
+
+
+def summary(data: dict[str, Any], out: Path) -> dict[str, Any]:
+    """What the pipeline records in the manifest: the headline figures per model and the files."""
+    per_model = {}
+    for e in data["results"]:
+        row = tables.headline_row(e, data["headline"])
+        per_model[e["name"]] = {k: row.get(k) for k in ("status", "p50_ms", "p99_ms", "throughput", "accuracy",
+                                                         "delta_vs_teacher", "size_bytes")}
+    return {
+        "profile": data["profile"]["name"],
+        "dir": str(out),
+        "files": sorted(str(p) for p in out.iterdir() if p.is_file()),
+        "headline": data["headline"],
+        "reference": data["reference"],
+        "models": per_model,
+    }

@@ -1,0 +1,183 @@
+"""Measure one model on this machine: latency per (batch, sequence) case, load and first-inference
+time, memory, and the outputs on the test split from which accuracy is computed.
+
+Each model runs in a fresh child process (``edgekd.devices.worker``) by default, so its memory
+figures are its own and its threads are pinned through the child's environment; the timing
+protocol itself is ``remote_runner.measure``, shared with remote devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.devices import remote_runner
+from edgekd.errors import DataError, StageError
+from edgekd.recipe import BenchConfig
+
+MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]]
+
+
+@dataclass
+class Inputs:
+    """What every model in one bench is fed: real examples for timing (or None: synthetic ids)
+    and the evaluation inputs whose outputs give accuracy."""
+
+    examples: dict[str, np.ndarray] | None = None
+    eval_inputs: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: BenchConfig, eval_inputs: dict[str, np.ndarray] | None) -> Inputs:
+        if eval_inputs is not None:
+            lengths = {len(v) for v in eval_inputs.values()}
+            if len(lengths) != 1 or 0 in lengths:
+                raise DataError(f"eval_inputs must hold equally long, non-empty arrays; got lengths {sorted(lengths)}")
+            if cfg.eval_examples:
+                eval_inputs = {k: v[: cfg.eval_examples] for k, v in eval_inputs.items()}
+        examples = None
+        if cfg.inputs == "real" and eval_inputs is not None:
+            rows = max(cfg.batch_sizes)
+            examples = {k: v[:rows] for k, v in eval_inputs.items()}
+        return cls(examples, eval_inputs)
+
+    def width(self) -> int | None:
+        src = self.eval_inputs or self.examples
+        if not src:
+            return None
+        a = next(iter(src.values()))
+        return int(a.shape[1]) if a.ndim >= 2 else None
+
+    def write(self, workdir: Path) -> dict[str, str | None]:
+        """Save as .npz beside the jobs; returns the file names a job refers to."""
+        names: dict[str, str | None] = {"examples": None, "eval_inputs": None}
+        for key in names:
+            data = getattr(self, key)
+            if data is not None:
+                np.savez(workdir / f"{key}.npz", **data)
+                names[key] = f"{key}.npz"
+        return names
+
+
+def cases(cfg: BenchConfig, max_length: int | None) -> list[list[int]]:
+    seqs = cfg.seq_lengths or ([max_length] if max_length else None)
+    if not seqs:
+        raise StageError(
+            "no sequence length to time: set bench.seq_lengths in the recipe, or pass eval inputs "
+            "(their width is used), or bench artifacts whose artifact.json records max_length"
+        )
+    return [[b, s] for s in seqs for b in cfg.batch_sizes]
+
+
+def base_job(cfg: BenchConfig, name: str, threads: int, providers: list[str], cpus: list[int] | None,
+             files: dict[str, str | None], case_list: list[list[int]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "cases": case_list,
+        "warmup": cfg.warmup,
+        "runs": cfg.runs,
+        "min_runs": cfg.min_runs,
+        "time_budget_s": cfg.time_budget_s,
+        "threads": threads,
+        "providers": providers or None,
+        "cpus": cpus,
+        "synthetic_vocab_size": cfg.synthetic_vocab_size,
+        "eval_batch_size": cfg.eval_batch_size,
+        **files,
+    }
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """The parent's environment with thread counts pinned: for the child only."""
+    env = dict(os.environ)
+    if threads:
+        for var in remote_runner.THREAD_ENV:
+            env[var] = str(threads)
+    return env
+
+
+def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float) -> tuple[dict, dict | None]:
+    """Run one job; returns (result, eval outputs). Failures come back as status 'error'."""
+    job_path = workdir / f"job-{job['name']}.json"
+    result_path = workdir / f"result-{job['name']}.json"
+    if isolate:
+        job_path.write_text(json.dumps(job, indent=2))
+        cmd = [sys.executable, "-m", "edgekd.devices.worker", str(job_path), str(result_path)]
+        try:
+            proc = subprocess.run(cmd, env=child_env(job.get("threads")), capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"name": job["name"], "status": "error", "error": f"timed out after {timeout_s:.0f} s"}, None
+        if not result_path.is_file():
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+            return {"name": job["name"], "status": "error",
+                    "error": f"the measuring process exited with code {proc.returncode}: " + "\n".join(tail)}, None
+    else:
+        from edgekd.devices import worker
+
+        # In this process, threads and CPU affinity are not pinned: that would change the caller.
+        job = {**job, "cpus": None, "in_process": True,
+               "threads": job.get("threads") if job.get("kind") != "torch" else None}
+        job_path.write_text(json.dumps(job, indent=2))
+        remote_runner.run_job(job_path, result_path, load_factory=worker.load_factory)
+    return read_result(result_path)
+
+
+def read_result(result_path: Path) -> tuple[dict, dict | None]:
+    result = json.loads(result_path.read_text())
+    outputs = None
+    if result.get("eval_outputs"):
+        with np.load(result_path.parent / result["eval_outputs"]) as z:
+            outputs = {k: z[k] for k in z.files}
+    return result, outputs
+
+
+def result_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a runner's result that go into a bench entry."""
+    keep = ("status", "error", "load_s", "first_inference_s", "first_inference_case", "cases", "memory",
+            "runtime", "environment", "eval_seconds", "eval_examples")
+    return {k: result[k] for k in keep if k in result}
+
+
+def score(outputs: dict[str, np.ndarray] | None, labels: np.ndarray | None,
+          metric_fn: MetricFn | None) -> dict[str, float] | None:
+    """The task metrics of one model's outputs on the evaluation inputs (None when not given)."""
+    if outputs is None or labels is None or metric_fn is None:
+        return None
+    n = len(next(iter(outputs.values())))
+    return {k: float(v) for k, v in metric_fn(outputs, np.asarray(labels)[:n]).items()}
+
+
+def reference_accuracies(run_dir: Path, given: dict[str, float] | None = None) -> dict[str, Any]:
+    """Teacher and fp32-student accuracy to compare against: ``given`` when passed, else the run
+    manifest's eval stage (``stages.eval.metrics``: ``teacher.accuracy``, ``student.accuracy``)."""
+    if given:
+        return {"teacher": given.get("teacher"), "student": given.get("student"), "source": "caller"}
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return {"teacher": None, "student": None, "source": None}
+    metrics = json.loads(path.read_text()).get("stages", {}).get("eval", {}).get("metrics", {}) or {}
+
+    def pick(who: str) -> float | None:
+        v = metrics.get(f"{who}.accuracy")
+        if v is None and isinstance(metrics.get(who), dict):
+            v = metrics[who].get("accuracy")
+        return float(v) if v is not None else None
+
+    teacher, student = pick("teacher"), pick("student")
+    source = "manifest:stages.eval.metrics" if teacher is not None or student is not None else None
+    return {"teacher": teacher, "student": student, "source": source}
+
+
+def deltas(accuracy: float | None, ref: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        f"delta_vs_{who}": (accuracy - ref[who]) if accuracy is not None and ref.get(who) is not None else None
+        for who in ("teacher", "student")
+    }

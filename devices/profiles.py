@@ -1,0 +1,187 @@
+"""Device profiles: what a device is, what it runs, and how to reach it.
+
+A profile is a YAML file validated by :class:`DeviceProfile` (unknown keys are errors). The
+shipped profiles live in ``devices/profiles/``; a user's own profile is any YAML path. The
+``local`` profile describes this machine and fills in its processor, cores and ISA features at
+load time from ``/proc/cpuinfo`` (or py-cpuinfo where there is no ``/proc``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import platform
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgekd.devices import remote_runner
+from edgekd.errors import EdgeKDError
+
+# The export targets and runtimes a profile may name; kept here, not read from the exporter
+# registry, so a profile validates even where an exporter's dependency is not installed.
+TARGETS = ("onnx", "tensorrt", "coreml", "executorch", "torchscript-lite")
+RUNTIMES = ("onnxruntime", "tensorrt", "executorch", "coreml", "pytorch")
+
+
+class ProfileError(EdgeKDError):
+    """A device profile is unknown or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalConnection(_Strict):
+    """Benchmark on this machine, each artifact in a fresh child process."""
+
+    kind: Literal["local"] = "local"
+
+
+class SSHConnection(_Strict):
+    """Benchmark on a machine reached with the system ``ssh``/``scp`` (key auth only, no prompts)."""
+
+    kind: Literal["ssh"] = "ssh"
+    host: str = Field(description="Host name or address of the device.")
+    port: int = Field(22, ge=1, le=65535)
+    user: str | None = Field(None, description="Login user (default: ssh's own default).")
+    key_file: str | None = Field(None, description="Private key file (passed as ssh -i).")
+    python: str = Field("python3", description="Python on the device; needs numpy and the target's runtime.")
+    work_dir: str = Field("edgekd-bench", description="Folder on the device (relative paths are under $HOME).")
+    strict_host_key_checking: Literal["yes", "accept-new", "no"] = Field(
+        "accept-new", description="ssh StrictHostKeyChecking: 'yes' needs the host key already known."
+    )
+    known_hosts_file: str | None = Field(None, description="UserKnownHostsFile (default: ~/.ssh/known_hosts).")
+    connect_timeout_s: int = Field(10, ge=1, description="ssh ConnectTimeout.")
+    command_timeout_s: int = Field(1800, ge=1, description="Upper bound of one remote command, in seconds.")
+    transfer: Literal["scp", "rsync"] = Field("scp", description="How files are copied (rsync must exist on both ends).")
+
+
+class ManualConnection(_Strict):
+    """A device benchmarked with its own tool (phones): edgekd writes the exact commands into
+    ``bench/<profile>/ON_DEVICE.md`` and imports the result file the tool produces."""
+
+    kind: Literal["manual"] = "manual"
+    tool: Literal["adb", "xcode"] = Field(description="adb: ExecuTorch on Android; xcode: Core ML on iPhone.")
+    serial: str | None = Field(None, description="adb device serial (adb -s), when several are attached.")
+
+
+Connection = Annotated[LocalConnection | SSHConnection | ManualConnection, Field(discriminator="kind")]
+
+
+class DeviceProfile(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str
+    processor: str = Field(description="CPU (and SoC) in words; 'auto' on the local profile.")
+    arch: str | None = Field(None, description="Machine architecture: x86_64, aarch64, arm64.")
+    cores: int | None = Field(None, ge=1, description="Logical CPU cores.")
+    memory_gb: float | None = Field(None, gt=0)
+    accelerators: list[str] = Field(default_factory=list, description="GPUs, NPUs, DSPs in words.")
+    isa: list[str] = Field(default_factory=list, description="ISA features that matter for inference kernels.")
+    targets: list[str] = Field(description=f"Export targets it runs: {', '.join(TARGETS)}.")
+    runtimes: list[str] = Field(description=f"Runtimes it has: {', '.join(RUNTIMES)}.")
+    onnx_providers: list[str] = Field(
+        default_factory=list, description="ONNX Runtime execution providers, in order (empty: runtime default)."
+    )
+    threads: int | None = Field(None, ge=1, description="Threads to benchmark with (default: all cores).")
+    cpus: list[int] | None = Field(None, description="CPU ids the benchmark process is pinned to (Linux).")
+    auto_detect: bool = Field(False, description="Fill processor, arch, cores and isa from this machine.")
+    connection: Connection = Field(default_factory=LocalConnection)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TARGETS]
+        if bad:
+            raise ValueError(f"unknown target(s) {bad}; known: {', '.join(TARGETS)}")
+        return v
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, v: list[str]) -> list[str]:
+        bad = [r for r in v if r not in RUNTIMES]
+        if bad:
+            raise ValueError(f"unknown runtime(s) {bad}; known: {', '.join(RUNTIMES)}")
+        return v
+
+    def runs_target(self, target: str) -> bool:
+        return target in self.targets
+
+    def bench_threads(self) -> int:
+        return self.threads or self.cores or os.cpu_count() or 1
+
+
+def _profiles_dir():
+    return resources.files("edgekd.devices").joinpath("profiles")
+
+
+def list_profiles() -> list[str]:
+    """Names of the shipped profiles."""
+    return sorted(p.name[: -len(".yaml")] for p in _profiles_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {err['msg']}"
+
+
+def parse_profile(data: object, source: str) -> DeviceProfile:
+    if not isinstance(data, dict):
+        raise ProfileError(f"Device profile {source} must be a mapping, got {type(data).__name__}.")
+    try:
+        return DeviceProfile.model_validate(data)
+    except ValidationError as e:
+        lines = "\n".join(f"  - {_describe(err)}" for err in e.errors())
+        raise ProfileError(f"Invalid device profile {source}:\n{lines}") from None
+
+
+def load_profile(name_or_path: str | Path, detect: bool = True) -> DeviceProfile:
+    """Load a shipped profile by name or a YAML file by path. ``detect=False`` keeps the local
+    profile's placeholders (used to validate the file itself)."""
+    path = Path(str(name_or_path))
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ProfileError(f"Device profile file {path} does not exist.")
+        text, source = path.read_text(), str(path)
+    else:
+        name = str(name_or_path)
+        known = list_profiles()
+        if name not in known:
+            guess = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean '{guess[0]}'?" if guess else ""
+            raise ProfileError(
+                f"Unknown device profile '{name}'.{hint} Known profiles: {', '.join(known)}; "
+                "or pass the path of a profile YAML file."
+            )
+        text, source = _profiles_dir().joinpath(f"{name}.yaml").read_text(), f"profile '{name}'"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProfileError(f"Device profile {source} is not valid YAML: {e}") from None
+    profile = parse_profile(data, source)
+    if detect and profile.auto_detect:
+        profile = detect_local(profile)
+    return profile
+
+
+def detect_local(base: DeviceProfile) -> DeviceProfile:
+    """``base`` with processor, arch, cores, memory and ISA features read from this machine."""
+    facts = remote_runner.cpu_facts()
+    update = {
+        "processor": facts.get("model") or platform.processor() or "unknown",
+        "arch": facts.get("arch") or platform.machine(),
+        "cores": facts.get("logical_cores") or os.cpu_count(),
+        "isa": remote_runner.isa_features(facts.get("flags", [])),
+    }
+    mem = remote_runner.memory_total_bytes()
+    if mem:
+        update["memory_gb"] = round(mem / 2**30, 1)
+    gpus = remote_runner.gpus()
+    if gpus:
+        update["accelerators"] = [g["name"] for g in gpus]
+    return base.model_copy(update=update)

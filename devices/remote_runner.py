@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Benchmark one exported artifact on this machine with stdlib, numpy and the artifact's runtime.
+
+This file is copied next to an export folder on a device and run there, so it imports nothing
+from edgekd. edgekd's local harness imports the same timing, statistics, input and environment
+code from here, so a figure measured over SSH and one measured locally come from one
+implementation.
+
+    python3 remote_runner.py JOB.json RESULT.json
+
+JOB.json names the export folder (``artifact.json`` inside), the (batch, sequence) cases,
+warm-up and timed runs or a time budget, threads, ONNX Runtime providers, and optional
+``.npz`` files of real inputs and of evaluation inputs whose outputs are written back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+RESULT_SCHEMA = 1
+
+# The ISA features that decide which inference kernels a runtime can use.
+ISA_OF_INTEREST = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+    "neon", "asimd", "asimdhp", "asimddp", "fphp", "i8mm", "bf16", "sve", "sve2", "sme",
+)
+LIBRARIES = (
+    "numpy", "onnxruntime", "onnxruntime-gpu", "torch", "executorch", "tensorrt", "coremltools", "edgekd",
+)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+# --- the machine ------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_facts() -> dict:
+    """CPU model, cores and flags from /proc/cpuinfo, else py-cpuinfo, else platform."""
+    facts: dict = {"arch": platform.machine(), "logical_cores": os.cpu_count(), "model": None, "flags": []}
+    text = _read("/proc/cpuinfo")
+    if text:
+        physical = set()
+        phys_id = core_id = None
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key in ("model name", "Model", "Hardware", "cpu model") and not facts["model"]:
+                facts["model"] = value
+            elif key in ("flags", "Features") and not facts["flags"]:
+                facts["flags"] = value.split()
+            elif key == "physical id":
+                phys_id = value
+            elif key == "core id":
+                core_id = value
+                physical.add((phys_id, core_id))
+        if physical:
+            facts["physical_cores"] = len(physical)
+    if not facts["model"] or not facts["flags"]:
+        try:
+            import cpuinfo  # py-cpuinfo, where installed
+
+            info = cpuinfo.get_cpu_info()
+            facts["model"] = facts["model"] or info.get("brand_raw")
+            facts["flags"] = facts["flags"] or list(info.get("flags", []))
+        except Exception:  # absent or unsupported here: platform's answer below still holds
+            pass
+    facts["model"] = facts["model"] or platform.processor() or None
+    cpufreq = "/sys/devices/system/cpu/cpu0/cpufreq"
+    facts["governor"] = _read(f"{cpufreq}/scaling_governor")
+    for key, name in (("cur_mhz", "scaling_cur_freq"), ("max_mhz", "cpuinfo_max_freq")):
+        khz = _read(f"{cpufreq}/{name}")
+        facts[key] = round(int(khz) / 1000) if khz and khz.isdigit() else None
+    return facts
+
+
+def isa_features(flags: list[str]) -> list[str]:
+    have = set(flags)
+    return [f for f in ISA_OF_INTEREST if f in have]
+
+
+def memory_total_bytes() -> int | None:
+    text = _read("/proc/meminfo")
+    for line in (text or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def gpus() -> list[dict]:
+    """NVIDIA GPUs as nvidia-smi reports them (empty where there is none)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            rows.append(dict(zip(("name", "driver", "memory", "sm_clock"), parts, strict=True)))
+    return rows
+
+
+def thread_record(requested: int | None) -> dict:
+    rec = {"requested": requested, "env": {k: os.environ.get(k) for k in THREAD_ENV}}
+    if hasattr(os, "sched_getaffinity"):
+        rec["affinity"] = sorted(os.sched_getaffinity(0))
+    if "torch" in sys.modules:
+        rec["torch"] = sys.modules["torch"].get_num_threads()
+    return rec
+
+
+def environment(threads: int | None = None) -> dict:
+    """Everything a timing depends on, recorded with every result."""
+    cpu = cpu_facts()
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            continue
+    env = {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpu": {k: v for k, v in cpu.items() if k != "flags"},
+        "isa": isa_features(cpu["flags"]),
+        "memory_bytes": memory_total_bytes(),
+        "gpus": gpus(),
+        "libraries": versions,
+        "threads": thread_record(threads),
+    }
+    if "onnxruntime" in sys.modules:
+        env["onnxruntime_providers"] = sys.modules["onnxruntime"].get_available_providers()
+    return env
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int | None:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so the peak seen later is this phase's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+    except ImportError:
+        return None
+
+
+# --- timing and statistics --------------------------------------------------------------------
+
+
+def summarize(times_s: list[float], batch: int) -> dict:
+    """Latency percentiles (ms) and throughput (items/s) of timed runs of one batch size."""
+    if not times_s:
+        raise ValueError("no timed runs to summarize")
+    t = np.asarray(times_s, dtype=np.float64) * 1000.0
+    mean = float(t.mean())
+    return {
+        "runs": int(t.size),
+        "p50_ms": float(np.percentile(t, 50)),
+        "p90_ms": float(np.percentile(t, 90)),
+        "p99_ms": float(np.percentile(t, 99)),
+        "mean_ms": mean,
+        "std_ms": float(t.std(ddof=1)) if t.size > 1 else 0.0,
+        "min_ms": float(t.min()),
+        "max_ms": float(t.max()),
+        "throughput": batch * 1000.0 / mean if mean > 0 else float("inf"),
+    }
+
+
+def time_calls(fn, warmup: int, runs: int, time_budget_s: float | None = None, min_runs: int = 5) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times timed; with a time budget, keep
+    going until the budget is spent (at least ``min_runs``, at most ``runs``)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time_budget_s is not None and len(times) >= min_runs and time.perf_counter() - start >= time_budget_s:
+            break
+    return times
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def case_inputs(io: dict, batch: int, seq: int, examples: dict | None = None,
+                vocab_size: int = 100, seed: int = 0) -> dict:
+    """Inputs of shape [batch, seq]: real preprocessed examples when given (cycled to fill the
+    batch, truncated or padded to ``seq``), synthetic int64 ids otherwise."""
+    names, dtypes = io["input_names"], io.get("dtypes", {})
+    out = {}
+    if examples:
+        n = len(next(iter(examples.values())))
+        rows = np.arange(batch) % n
+        for name in names:
+            a = np.asarray(examples[name])[rows]
+            if a.ndim >= 2 and a.shape[1] != seq:
+                if a.shape[1] > seq:
+                    a = a[:, :seq]
+                else:
+                    pad = np.zeros((a.shape[0], seq - a.shape[1], *a.shape[2:]), dtype=a.dtype)
+                    a = np.concatenate([a, pad], axis=1)
+            out[name] = np.ascontiguousarray(a.astype(dtypes.get(name, a.dtype), copy=False))
+        return out
+    rng = np.random.default_rng(seed)
+    for name in names:
+        dtype = np.dtype(dtypes.get(name, "int64"))
+        if "mask" in name:
+            out[name] = np.ones((batch, seq), dtype=dtype)
+        elif "type" in name:
+            out[name] = np.zeros((batch, seq), dtype=dtype)
+        elif dtype.kind in "iu":
+            out[name] = rng.integers(0, vocab_size, size=(batch, seq), dtype=dtype)
+        else:
+            raise ValueError(f"cannot make synthetic data for input '{name}' of dtype {dtype}: pass real examples")
+    return out
+
+
+def static_shape_reason(meta: dict, batch: int, seq: int) -> str | None:
+    """Why an artifact with static axes cannot run [batch, seq] (None when it can)."""
+    io = meta["io"]
+    dynamic = io.get("dynamic_axes", {})
+    fixed_seq = meta.get("max_length")
+    for name in io["input_names"]:
+        axes = {int(k) for k in dynamic.get(name, {})}
+        if 0 not in axes and batch != 1:
+            return f"input '{name}' has a static batch size"
+        if 1 not in axes and fixed_seq and seq != fixed_seq:
+            return f"input '{name}' has a static sequence length of {fixed_seq}"
+    # Targets that plan memory ahead (ExecuTorch, Core ML, TensorRT) record the bounds they accept.
+    bounds = (meta.get("notes") or {}).get("bounds") or {}
+    for axis, size in (("batch", batch), ("sequence", seq)):
+        lo_hi = bounds.get(axis)
+        if lo_hi and not lo_hi[0] <= size <= lo_hi[1]:
+            return f"{axis} {size} is outside the artifact's bounds {lo_hi[0]}..{lo_hi[1]}"
+    return None
+
+
+def slice_rows(inputs: dict, start: int, stop: int) -> dict:
+    return {k: np.ascontiguousarray(v[start:stop]) for k, v in inputs.items()}
+
+
+def run_dataset(runner, inputs: dict, batch_size: int) -> dict:
+    """Outputs of ``runner`` over every row of ``inputs``, batch by batch, concatenated."""
+    n = len(next(iter(inputs.values())))
+    parts: dict[str, list] = {}
+    for start in range(0, n, batch_size):
+        for k, v in runner.run(slice_rows(inputs, start, start + batch_size)).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+
+
+def load_npz(path: str | None, base: Path) -> dict | None:
+    if not path:
+        return None
+    with np.load(base / path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# --- runners without edgekd ----------------------------------------------------------------------
+
+
+class OrtRunner:
+    def __init__(self, path: Path, io: dict, threads: int | None, providers: list[str] | None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), so, providers=providers or None)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.runtime = {"runtime": "onnxruntime", "providers": self.session.get_providers()}
+
+    def run(self, inputs: dict) -> dict:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
+
+
+class _TorchInputs:
+    """Shared by the runtimes that take torch tensors in ``io.input_names`` order."""
+
+    def _tensors(self, inputs: dict) -> list:
+        torch = self.torch
+        return [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names]
+
+    def _outputs(self, out) -> dict:
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return {n: o.detach().cpu().numpy() for n, o in zip(self.output_names, out, strict=True)}
+
+
+class ExecuTorchRunner(_TorchInputs):
+    def __init__(self, path: Path, io: dict, threads: int | None):
+        import torch
+        from executorch.runtime import Runtime
+
+        self.torch = torch
+        self.method = Runtime.get().load_program(path).load_method("forward")
+        self.input_names, self.output_names = list(io["input_names"]), list(io["output_names"])
+        self.runtime = {"runtime": "executorch"}
+
+    def run(self, inputs: dict) -> dict:
+        return self._outputs(self.method.execute(self._tensors(inputs)))
+
+
+class TorchScriptRunner(_TorchInputs):
+    def __init__(self, path: Path, io: dict, threads: int | None):
+        import torch
+
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)  # this process exists only to benchmark this artifact
+        if path.suffix == ".ptl":
+            from torch.jit.mobile import _load_for_lite_interpreter
+
+            self.module, kind = _load_for_lite_interpreter(str(path)), "torchscript-lite"
+        else:
+            self.module, kind = torch.jit.load(str(path)), "torchscript"
+        self.input_names, self.output_names = list(io["input_names"]), list(io["output_names"])
+        self.runtime = {"runtime": kind}
+
+    def run(self, inputs: dict) -> dict:
+        with self.torch.inference_mode():
+            return self._outputs(self.module(*self._tensors(inputs)))
+
+
+# The runtime each artifact file needs, imported before the load clock starts: a device's app has
+# its runtime linked in already, so load time is the model's, not the library's.
+RUNTIME_MODULES = {
+    ".onnx": ("onnxruntime",), ".pte": ("torch", "executorch.runtime"), ".ptl": ("torch",), ".pt": ("torch",),
+    ".engine": ("tensorrt",), ".plan": ("tensorrt",), ".mlpackage": ("coremltools",),
+}
+
+
+def preload(modules) -> dict:
+    """Import ``modules`` (those missing are left to the loader's own error); returns the time taken."""
+    t0 = time.perf_counter()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+    return {"runtime_import_s": time.perf_counter() - t0, "preloaded": list(modules)}
+
+
+def load_standalone(folder: Path, meta: dict, threads: int | None, providers: list[str] | None):
+    """A runner for the artifact in ``folder``, chosen by its file suffix."""
+    path = folder / meta["file"]
+    io = meta["io"]
+    suffix = path.suffix
+    if suffix == ".onnx":
+        return OrtRunner(path, io, threads, providers)
+    if suffix == ".pte":
+        return ExecuTorchRunner(path, io, threads)
+    if suffix in (".pt", ".ptl"):
+        return TorchScriptRunner(path, io, threads)
+    if suffix in (".engine", ".plan"):
+        raise ValueError(
+            f"'{meta['file']}' is a TensorRT engine, which only runs on the GPU model and TensorRT version "
+            "it was built with: benchmark the onnx artifact with TensorrtExecutionProvider on the device, "
+            "or build the engine there with trtexec."
+        )
+    raise ValueError(
+        f"remote_runner cannot run '{meta['file']}' (target {meta.get('target')}): supported files are "
+        ".onnx, .pte, .pt and .ptl. Core ML packages are measured with Xcode on the device."
+    )
+
+
+# --- the whole protocol for one artifact ----------------------------------------------------
+
+
+def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]:
+    """Load with ``load()``, then time every case and run the evaluation inputs.
+
+    Returns (result, eval_outputs). Memory is this process's RSS: the child or remote process
+    exists only for this artifact, so nothing else pollutes it.
+    """
+    threads = job.get("threads")
+    examples = load_npz(job.get("examples"), base)
+    evals = load_npz(job.get("eval_inputs"), base)
+    io = meta["io"]
+    res: dict = {"schema": RESULT_SCHEMA, "name": job["name"], "status": "ok", "error": None}
+
+    # In the caller's own process (bench.isolate: false) its memory is not the model's alone, and
+    # resetting its peak-RSS mark would change what the caller later reads: measure nothing there.
+    own_process = not job.get("in_process")
+    rss0 = rss_bytes() if own_process else None
+    if own_process:
+        reset_peak_rss()
+    t0 = time.perf_counter()
+    runner = load()
+    res["load_s"] = time.perf_counter() - t0
+    rss_loaded = rss_bytes() if own_process else None
+    res["runtime"] = runtime_info(runner)
+    if meta.get("preload"):
+        res["runtime"].update(meta["preload"])  # imported before the clock started, timed apart
+
+    cases = []
+    first = True
+    for batch, seq in job["cases"]:
+        case = {"batch": batch, "seq": seq, "input": "real" if examples else "synthetic"}
+        why = static_shape_reason(meta, batch, seq)
+        if why:
+            case["skipped"] = why
+            cases.append(case)
+            continue
+        try:
+            inputs = case_inputs(io, batch, seq, examples, job.get("synthetic_vocab_size", 100), job.get("seed", 0))
+            if first:
+                t1 = time.perf_counter()
+                runner.run(inputs)
+                res["first_inference_s"] = time.perf_counter() - t1
+                res["first_inference_case"] = [batch, seq]
+                first = False
+            times = time_calls(lambda inputs=inputs: runner.run(inputs), job.get("warmup", 10),
+                               job.get("runs", 50), job.get("time_budget_s"), job.get("min_runs", 5))
+            case.update(summarize(times, batch))
+        except Exception as e:  # one shape failing (e.g. longer than the model's positions) is recorded
+            case["error"] = f"{type(e).__name__}: {e}"
+        cases.append(case)
+    res["cases"] = cases
+    failed = [c["error"] for c in cases if "error" in c]
+    if failed and not any("p50_ms" in c for c in cases):
+        res.update(status="error", error=f"every case failed; the first: {failed[0]}")
+
+    outputs = None
+    if evals:
+        t2 = time.perf_counter()
+        fixed_batch = static_shape_reason(meta, 2, meta.get("max_length") or 0) is not None
+        outputs = run_dataset(runner, evals, 1 if fixed_batch else job.get("eval_batch_size", 32))
+        res["eval_seconds"] = time.perf_counter() - t2
+        res["eval_examples"] = len(next(iter(evals.values())))
+    peak = peak_rss_bytes() if own_process else None
+    res["memory"] = {
+        "rss_before_load_mb": _mb(rss0),
+        "load_delta_mb": _mb(rss_loaded - rss0) if rss0 is not None and rss_loaded is not None else None,
+        "peak_delta_mb": _mb(peak - rss0) if rss0 is not None and peak is not None else None,
+        "peak_rss_mb": _mb(peak),
+    }
+    if not own_process:
+        res["memory"]["note"] = "not measured: the model ran inside the caller's process"
+    res["environment"] = environment(threads)
+    return res, outputs
+
+
+def runtime_info(runner) -> dict:
+    """What the runner says about itself: runtime, providers, device, threads."""
+    info = dict(getattr(runner, "runtime", None) or {})
+    info.setdefault("runner", type(runner).__name__)
+    for attr in ("providers", "device", "threads"):
+        value = getattr(runner, attr, None)
+        if isinstance(value, (str, int, list, tuple)):
+            info.setdefault(attr, list(value) if isinstance(value, tuple) else value)
+    return info
+
+
+def _mb(b: int | None) -> float | None:
+    return None if b is None else round(b / 2**20, 2)
+
+
+def write_result(path: Path, result: dict, outputs: dict | None, outputs_path: Path | None) -> None:
+    """Write outputs then the result, each to a temporary name renamed into place."""
+    if outputs is not None and outputs_path is not None:
+        tmp = outputs_path.with_name(outputs_path.name + ".tmp.npz")
+        np.savez(tmp, **outputs)
+        os.replace(tmp, outputs_path)
+        result["eval_outputs"] = outputs_path.name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_job(job_path: Path, result_path: Path, load_factory=None) -> int:
+    """Read a job, measure, write the result; failures become a result with status 'error'."""
+    job = json.loads(job_path.read_text())
+    base = job_path.parent
+    if job.get("cpus") and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, job["cpus"])
+    result: dict = {"schema": RESULT_SCHEMA, "name": job.get("name"), "status": "error"}
+    outputs = None
+    try:
+        if load_factory is None:
+            folder = base / job["folder"]
+            meta = json.loads((folder / "artifact.json").read_text())
+            meta["preload"] = preload(RUNTIME_MODULES.get((folder / meta["file"]).suffix, ()))
+            load = lambda: load_standalone(folder, meta, job.get("threads"), job.get("providers"))  # noqa: E731
+        else:
+            load, meta = load_factory(job, base)
+        result, outputs = measure(load, job, base, meta)
+    except Exception as e:  # reported in the result file: the caller decides what a failure means
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc(limit=8)
+        result["environment"] = environment(job.get("threads"))
+    out_npz = result_path.with_name(result_path.stem + ".outputs.npz")
+    write_result(result_path, result, outputs, out_npz)
+    return 0 if result["status"] == "ok" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--env"]:
+        print(json.dumps(environment(), default=str))
+        return 0
+    if len(argv) != 2:
+        print("usage: remote_runner.py JOB.json RESULT.json  |  remote_runner.py --env", file=sys.stderr)
+        return 2
+    return run_job(Path(argv[0]), Path(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

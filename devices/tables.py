@@ -1,0 +1,262 @@
+"""Bench results as files people read: the markdown table, the CSV, the Pareto plot, and the side by
+side report of two runs or two devices."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import StageError
+from edgekd.runfolder import atomic_dir
+
+CSV_FIELDS = (
+    "name", "kind", "target", "precision", "status", "batch", "seq", "input", "runs", "p50_ms", "p90_ms",
+    "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput", "size_bytes", "load_s",
+    "first_inference_s", "load_delta_mb", "peak_delta_mb", "accuracy", "delta_vs_teacher", "delta_vs_student",
+    "note",
+)
+
+
+def headline_case(cfg: Any) -> dict[str, Any]:
+    """The case the table shows: the first batch size at the first sequence length (None: each
+    model's own default length, its artifact's max_length)."""
+    return {"batch": cfg.batch_sizes[0], "seq": cfg.seq_lengths[0] if cfg.seq_lengths else None}
+
+
+def pick_case(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any] | None:
+    cases = entry.get("cases") or []
+    for case in cases:
+        if case.get("batch") == headline["batch"] and headline.get("seq") in (None, case.get("seq")):
+            return case
+    if entry.get("imported_from") and len(cases) == 1:
+        return cases[0]  # a phone tool measures one shape; the case table shows which
+    return None
+
+
+def note(entry: dict[str, Any], case: dict[str, Any] | None = None) -> str:
+    for source in (case or {}, entry):
+        for key in ("skipped", "reason", "error", "note"):
+            if source.get(key):
+                return str(source[key]).splitlines()[0]
+    return ""
+
+
+def headline_row(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any]:
+    case = pick_case(entry, headline) or {}
+    mem = entry.get("memory") or {}
+    return {
+        **{k: entry.get(k) for k in ("name", "kind", "target", "precision", "status", "size_bytes", "load_s",
+                                      "first_inference_s", "accuracy", "delta_vs_teacher", "delta_vs_student")},
+        **{k: case.get(k) for k in ("batch", "seq", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput")},
+        "peak_delta_mb": mem.get("peak_delta_mb"),
+        "note": note(entry, case),
+    }
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    return (row.get("kind") != "torch", str(row.get("target")), str(row.get("precision")), str(row.get("name")))
+
+
+def _num(v: Any, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return format(v, fmt)
+
+
+def _pp(v: float | None) -> str:
+    return "—" if v is None else f"{v * 100:+.1f} pp"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    prof, head = data["profile"], data["headline"]
+    rows = sorted((headline_row(e, head) for e in data["results"]), key=_sort_key)
+    seq = head["seq"] if head.get("seq") is not None else "max_length"
+    env = data.get("environment") or {}
+    cpu = (env.get("cpu") or {}).get("model") or prof.get("processor")
+    ref = data.get("reference") or {}
+    lines = [
+        f"# Bench: {data.get('run')} on {prof['name']}",
+        "",
+        f"{prof.get('description', '')}  ",
+        f"CPU: {cpu}; threads: {(env.get('threads') or {}).get('requested', prof.get('threads'))}; "
+        f"batch {head['batch']}, sequence {seq}; created {data.get('created')}.  ",
+        f"Reference accuracy: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
+        f" ({ref.get('source') or 'not available'}).",
+        "",
+        "| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | accuracy | Δ vs teacher "
+        "| Δ vs student | load ms | peak MB | note |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in rows:
+        size = r["size_bytes"] / 2**20 if r.get("size_bytes") is not None else None
+        load = r["load_s"] * 1000 if r.get("load_s") is not None else None
+        lines.append(
+            f"| {r['name']} | {r['target']} | {r['precision']} | {_num(size, '.2f')} | {_num(r['p50_ms'], '.3f')} "
+            f"| {_num(r['p99_ms'], '.3f')} | {_num(r['mean_ms'], '.3f')} | {_num(r['throughput'], '.1f')} "
+            f"| {_num(r['accuracy'], '.4f')} "
+            f"| {_pp(r['delta_vs_teacher'])} | {_pp(r['delta_vs_student'])} | {_num(load, '.1f')} "
+            f"| {_num(r['peak_delta_mb'], '.1f')} | {r['note']} |"
+        )
+    all_cases = [(e, c) for e in data["results"] for c in e.get("cases") or []]
+    if all_cases:
+        lines += ["", "## Every case", "", "| model | batch | seq | runs | p50 ms | p90 ms | p99 ms | items/s |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for e, c in all_cases:
+            lines.append(
+                f"| {e['name']} | {c.get('batch')} | {c.get('seq')} | {c.get('runs', '—')} | {_num(c.get('p50_ms'), '.3f')} "
+                f"| {_num(c.get('p90_ms'), '.3f')} | {_num(c.get('p99_ms'), '.3f')} | {_num(c.get('throughput'), '.1f')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(data: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for e in data["results"]:
+        base = {k: e.get(k) for k in CSV_FIELDS}
+        base.update({k: (e.get("memory") or {}).get(k) for k in ("load_delta_mb", "peak_delta_mb")})
+        for case in e.get("cases") or [{}]:
+            w.writerow({**base, **{k: v for k, v in case.items() if k in CSV_FIELDS}, "note": note(e, case)})
+    return buf.getvalue()
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both latency (lower) and accuracy (higher)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """(png bytes, None), or (None, why no plot). Uses a bare Figure: no pyplot global state."""
+    rows = [headline_row(e, data["headline"]) for e in data["results"]]
+    rows = [r for r in rows if r.get("p50_ms") is not None and r.get("accuracy") is not None]
+    if not rows:
+        return None, "no model has both a p50 latency and an accuracy (pass eval inputs, labels and metric_fn)"
+    from matplotlib.figure import Figure
+
+    pts = [(r["p50_ms"], r["accuracy"]) for r in rows]
+    front = pareto_front(pts)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:gray", label="measured")
+    fx = [pts[i][0] for i in front]
+    fy = [pts[i][1] for i in front]
+    ax.plot(fx, fy, "o-", color="tab:red", drawstyle="steps-post", label="Pareto front")
+    for r, (x, y) in zip(rows, pts, strict=True):
+        ax.annotate(f"{r['name']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ref = data.get("reference") or {}
+    if ref.get("teacher") is not None:
+        ax.axhline(ref["teacher"], color="tab:blue", linestyle="--", linewidth=1, label="teacher accuracy")
+    ax.set_xlabel(f"p50 latency (ms), batch {data['headline']['batch']}")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{data.get('run')} on {data['profile']['name']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue(), None
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_bench_dir(out: Path, data: dict[str, Any], extra: dict[str, bytes] | None = None,
+                    keep_existing: bool = False) -> None:
+    """Write results.json/csv, table.md, pareto.png (and ``extra`` files) as one atomic folder swap."""
+    png, why = pareto_png(data)
+    data["pareto"] = "pareto.png" if png else f"not drawn: {why}"
+    with atomic_dir(out) as tmp:
+        if keep_existing and out.is_dir():
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            (tmp / "pareto.png").unlink(missing_ok=True)
+        for rel, blob in (extra or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(blob)
+        (tmp / "results.json").write_text(json.dumps(_finite(data), indent=2, default=str))
+        (tmp / "results.csv").write_text(csv_text(data))
+        (tmp / "table.md").write_text(markdown(data))
+        if png:
+            (tmp / "pareto.png").write_bytes(png)
+
+
+# --- reading back and comparing ---------------------------------------------------------------------
+
+
+def load_results(where: str | Path, profile: str | None = None) -> dict[str, Any]:
+    """results.json from a results file, a bench/<profile> folder, or a run folder (+ profile).
+    ``_label`` names it as "<run folder>/<profile>" for side-by-side reports."""
+    p = Path(where)
+    if p.is_file():
+        data, run = json.loads(p.read_text()), p.resolve().parent.parent.parent
+    elif (p / "results.json").is_file():
+        data, run = json.loads((p / "results.json").read_text()), p.resolve().parent.parent
+    else:
+        bench = p / "bench"
+        have = sorted(d.name for d in bench.iterdir() if (d / "results.json").is_file()) if bench.is_dir() else []
+        if profile is None:
+            if len(have) == 1:
+                profile = have[0]
+            elif "local" in have:
+                profile = "local"
+            else:
+                raise StageError(f"{p} holds bench results for {have or 'no profile'}; name one with --profile.")
+        if profile not in have:
+            raise StageError(
+                f"No bench results for profile '{profile}' in {p} (found: {', '.join(have) or 'none'}). "
+                f"Run `edgekd bench {p} --profile {profile}` first."
+            )
+        data, run = json.loads((bench / profile / "results.json").read_text()), p.resolve()
+    data["_label"] = f"{run.name or data.get('run')}/{data['profile']['name']}"
+    return data
+
+
+def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile: str | None = None) -> str:
+    """The bench table of ``run_dir``; with ``compare`` (other run folders, bench folders, or profile
+    names measured on the same run), the p50 latency and accuracy of each side by side."""
+    base = load_results(run_dir, profile)
+    if not compare:
+        return markdown(base)
+    sides = [base]
+    for other in compare:
+        if Path(other).exists():
+            sides.append(load_results(other, profile))
+        else:
+            sides.append(load_results(run_dir, str(other)))
+    labels = [s["_label"] for s in sides]
+    labels = [lab if labels.count(lab) == 1 else f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
+    rows_by_side = [{e["name"]: headline_row(e, s["headline"]) for e in s["results"]} for s in sides]
+    names = sorted({n for rows in rows_by_side for n in rows},
+                   key=lambda n: _sort_key(next(r[n] for r in rows_by_side if n in r)))
+    head = "| model | " + " | ".join(f"{lab} p50 ms | {lab} acc" for lab in labels)
+    head += " | " + " | ".join(f"p50 × vs {labels[0]} ({lab})" for lab in labels[1:]) + " |"
+    sep = "|---|" + "--:|--:|" * len(labels) + "--:|" * (len(labels) - 1)
+    lines = [f"# Bench comparison: {' vs '.join(labels)}", "", head, sep]
+    for n in names:
+        cells, p50s = [], []
+        for rows in rows_by_side:
+            r = rows.get(n, {})
+            p50s.append(r.get("p50_ms"))
+            cells += [_num(r.get("p50_ms"), ".3f"), _num(r.get("accuracy"), ".4f")]
+        ratios = [_num(p / p50s[0], ".2f") + "×" if p and p50s[0] else "—" for p in p50s[1:]]
+        lines.append(f"| {n} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines) + "\n"

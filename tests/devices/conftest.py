@@ -1,0 +1,67 @@
+"""A tiny run folder shared by the device tests: a 2-layer random BERT exported by the export stage
+to ONNX (plus a dynamic-int8 copy) and TensorRT (not built without TensorRT), and real tokenized
+test examples with labels."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+MAX_LEN = 16
+
+
+@dataclass
+class TinyRun:
+    run_dir: Path
+    eval_inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+    module: Any
+    io: Any
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torch")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    from edgekd.export.base import write_artifact_meta
+    from edgekd.export.stage import export_all
+    from edgekd.recipe import ExportConfig
+    from edgekd.runfolder import sha256_file
+    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport, classification_metrics
+    from edgekd.testing import sentiment_rows, tiny_bert
+
+    root = tmp_path_factory.mktemp("devices")
+    model_dir = tiny_bert(root / "model", num_labels=2)
+    tok = BertTokenizerFast.from_pretrained(model_dir)
+    rows = sentiment_rows(48, seed=3)
+    enc = tok([t for t, _ in rows], padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="np")
+    eval_inputs = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    labels = np.array([y for _, y in rows])
+
+    module = SequenceClassifierExport(BertForSequenceClassification.from_pretrained(model_dir)).eval()
+    run_dir = root / "runs" / "tiny"
+    # The export stage itself writes onnx/ and tensorrt/ (not built here: no TensorRT on this machine).
+    records = export_all(module, TEXT_IO, ["onnx", "tensorrt"], run_dir / "export", ExportConfig(),
+                         eval_inputs, labels, classification_metrics,
+                         {"labels": ["negative", "positive"], "max_length": MAX_LEN}, [])
+    assert records["onnx"]["built"], records
+    # A second precision of the same target, as the quantize stage makes.
+    fp32, int8 = run_dir / "export" / "onnx", run_dir / "export" / "onnx-int8"
+    int8.mkdir()
+    quantize_dynamic(str(fp32 / "model.onnx"), str(int8 / "model.onnx"), weight_type=QuantType.QInt8)
+    meta = json.loads((fp32 / "artifact.json").read_text())
+    meta.update(precision="int8", sha256=sha256_file(int8 / "model.onnx"), size_bytes=(int8 / "model.onnx").stat().st_size,
+                files={}, parity=None)
+    write_artifact_meta(int8, meta)
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"stages": {"eval": {"metrics": {"teacher.accuracy": 0.75, "student.accuracy": 0.5}}}}
+    ))
+    return TinyRun(run_dir, eval_inputs, labels, module, TEXT_IO)

@@ -1,0 +1,170 @@
+"""The bench stage on a tiny ONNX run: files written, figures consistent, reports side by side."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from edgekd.devices.bench import bench_run, discover
+from edgekd.devices.measure import reference_accuracies
+from edgekd.devices.tables import load_results, pareto_front, report
+from edgekd.errors import DataError, StageError
+from edgekd.recipe import BenchConfig
+from edgekd.tasks.text import classification_metrics
+
+FAST = dict(warmup=1, runs=5, batch_sizes=[1, 4])
+
+
+@pytest.fixture(scope="module")
+def local_bench(tiny_run):
+    """One isolated bench on the local profile, eager student included (each model in a child process)."""
+    cfg = BenchConfig(**FAST)
+    summary = bench_run(tiny_run.run_dir, "local", cfg, tiny_run.eval_inputs, tiny_run.labels,
+                        classification_metrics, torch_models={"student": (tiny_run.module, tiny_run.io)})
+    return summary, json.loads((tiny_run.run_dir / "bench" / "local" / "results.json").read_text())
+
+
+def test_pareto_front():
+    # (latency, accuracy): b is beaten by a (faster and as accurate); d is slowest but most accurate.
+    pts = [(1.0, 0.80), (2.0, 0.80), (1.5, 0.85), (3.0, 0.90), (0.5, 0.60)]
+    assert sorted(pareto_front(pts)) == [0, 2, 3, 4]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 0.5), (1.0, 0.7)]) == [1]  # same latency: the more accurate one
+
+
+@pytest.mark.slow  # the shared tiny run takes ~10 s to export
+def test_discover_records_why(tiny_run):
+    entries = {e["name"]: e for e in discover(tiny_run.run_dir)}
+    assert set(entries) == {"onnx", "onnx-int8", "tensorrt"}
+    assert entries["tensorrt"]["status"] == "skipped" and "not built" in entries["tensorrt"]["reason"]
+    assert entries["onnx-int8"]["precision"] == "int8" and entries["onnx"]["size_bytes"] > 0
+    with pytest.raises(StageError, match="onnx-fp16"):
+        discover(tiny_run.run_dir, ["onnx-fp16"])
+
+
+@pytest.mark.slow
+def test_local_bench_writes_every_file(local_bench, tiny_run):
+    summary, data = local_bench
+    out = tiny_run.run_dir / "bench" / "local"
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.csv", "table.md", "pareto.png"}
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    res = {e["name"]: e for e in data["results"]}
+    assert set(res) == {"onnx", "onnx-int8", "tensorrt", "pytorch-student"}
+    assert res["tensorrt"]["status"] == "skipped"
+    for name in ("onnx", "onnx-int8", "pytorch-student"):
+        e = res[name]
+        assert e["status"] == "ok", e.get("error")
+        assert [(c["batch"], c["seq"], c["runs"]) for c in e["cases"]] == [(1, 16, 5), (4, 16, 5)]
+        for c in e["cases"]:
+            assert 0 < c["min_ms"] <= c["p50_ms"] <= c["p90_ms"] <= c["p99_ms"] <= c["max_ms"]
+            assert c["throughput"] == pytest.approx(c["batch"] * 1000 / c["mean_ms"])
+        assert e["load_s"] > 0 and e["first_inference_s"] > 0 and e["size_bytes"] > 0
+        assert e["memory"]["peak_delta_mb"] is not None
+        # Threads pinned in the child and recorded with the figures.
+        threads = e["environment"]["threads"]
+        assert threads["requested"] == data["profile"]["cores"]
+        assert threads["env"]["OMP_NUM_THREADS"] == str(threads["requested"])
+    assert res["onnx"]["runtime"]["providers"] == ["CPUExecutionProvider"]
+    assert res["pytorch-student"]["runtime"]["runtime"] == "pytorch"
+
+    # Accuracy is the task metric of the model's outputs on the evaluation inputs.
+    import torch
+
+    with torch.inference_mode():
+        logits = tiny_run.module(**{k: torch.from_numpy(v) for k, v in tiny_run.eval_inputs.items()})[0].numpy()
+    expected = classification_metrics({"logits": logits}, tiny_run.labels)["accuracy"]
+    assert res["onnx"]["accuracy"] == pytest.approx(expected)
+    assert res["pytorch-student"]["accuracy"] == pytest.approx(expected)
+    assert res["onnx"]["delta_vs_teacher"] == pytest.approx(expected - 0.75)  # teacher 0.75 in the manifest
+    assert res["onnx"]["delta_vs_student"] == pytest.approx(expected - 0.5)
+    assert data["reference"]["source"] == "manifest:stages.eval.metrics"
+
+    env = data["environment"]
+    assert env["cpu"]["model"] and env["python"] and "onnxruntime" in env["libraries"]
+    assert summary["models"]["onnx"]["p50_ms"] == res["onnx"]["cases"][0]["p50_ms"]
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 + 2 + 2 + 1  # two cases per measured model, one row for the skipped one
+    assert {r["name"] for r in rows if r["status"] == "skipped"} == {"tensorrt"}
+
+    table = (out / "table.md").read_text()
+    trt_reason = json.loads((tiny_run.run_dir / "export" / "tensorrt" / "artifact.json").read_text())["reason"]
+    assert "| onnx-int8 | onnx | int8 |" in table and trt_reason in table
+    assert f"{(expected - 0.75) * 100:+.1f} pp" in table
+
+
+@pytest.mark.slow  # the shared tiny run takes ~10 s to export
+def test_in_process_bench_and_caller_reference(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir / "export", run / "export")
+    cfg = BenchConfig(**FAST, isolate=False, targets=["onnx"], inputs="synthetic", synthetic_vocab_size=30)
+    summary = bench_run(run, "local", cfg, tiny_run.eval_inputs, tiny_run.labels, classification_metrics,
+                        reference={"teacher": 0.9, "student": 0.8})
+    data = load_results(run)
+    (e,) = data["results"]
+    assert e["name"] == "onnx" and e["status"] == "ok"
+    assert {c["input"] for c in e["cases"]} == {"synthetic"}
+    assert e["memory"]["peak_delta_mb"] is None and "caller's process" in e["memory"]["note"]
+    assert data["reference"] == {"teacher": 0.9, "student": 0.8, "source": "caller"}
+    assert summary["models"]["onnx"]["delta_vs_teacher"] == pytest.approx(e["accuracy"] - 0.9)
+
+
+@pytest.mark.slow  # the shared tiny run takes ~10 s to export
+def test_bench_without_accuracy_says_why_no_plot(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir / "export" / "onnx", run / "export" / "onnx")
+    bench_run(run, cfg=BenchConfig(**FAST, isolate=False, seq_lengths=[8]))  # profile from the config: local
+    data = load_results(run)
+    assert data["results"][0]["accuracy"] is None
+    assert data["pareto"].startswith("not drawn: no model has both")
+    assert not (run / "bench" / "local" / "pareto.png").exists()
+    assert data["results"][0]["cases"][0]["seq"] == 8
+
+
+def test_reference_accuracies_from_manifest(tmp_path):
+    assert reference_accuracies(tmp_path) == {"teacher": None, "student": None, "source": None}
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"stages": {"eval": {"metrics": {"teacher": {"accuracy": 0.8}, "student.accuracy": 0.7}}}}))
+    assert reference_accuracies(tmp_path) == {"teacher": 0.8, "student": 0.7, "source": "manifest:stages.eval.metrics"}
+
+
+def test_nothing_to_bench_is_a_clear_error(tmp_path):
+    with pytest.raises(StageError, match="Nothing to benchmark"):
+        bench_run(tmp_path, "local", BenchConfig())
+
+
+@pytest.mark.slow
+def test_report_compares_two_profiles_and_two_runs(local_bench, tiny_run, tmp_path):
+    one_thread = tmp_path / "local-1t.yaml"
+    one_thread.write_text(yaml.safe_dump({
+        "name": "local-1t", "description": "This machine, one thread.", "processor": "auto", "auto_detect": True,
+        "threads": 1, "targets": ["onnx"], "runtimes": ["onnxruntime"], "connection": {"kind": "local"},
+    }))
+    bench_run(tiny_run.run_dir, str(one_thread), BenchConfig(**FAST, isolate=False), tiny_run.eval_inputs,
+              tiny_run.labels, classification_metrics)
+    text = report(tiny_run.run_dir, compare=["local-1t"], profile="local")
+    assert "tiny/local p50 ms" in text and "tiny/local-1t p50 ms" in text
+    onnx_row = next(ln for ln in text.splitlines() if ln.startswith("| onnx |"))
+    assert onnx_row.count("×") == 1
+    # Another run folder (a copy here) side by side with this one.
+    other = tmp_path / "other-run"
+    shutil.copytree(tiny_run.run_dir, other)
+    text = report(tiny_run.run_dir, compare=[other], profile="local")
+    assert "other-run/local" in text and "1.00×" in text
+    # Without comparison: the table itself; an ambiguous run folder asks for a profile.
+    assert report(tiny_run.run_dir, profile="local").startswith("# Bench: tiny on local")
+    with pytest.raises(StageError, match="No bench results for profile 'pi'"):
+        report(tiny_run.run_dir, profile="pi")
+
+
+def test_bad_eval_inputs_are_rejected(tmp_path):
+    bad = {"input_ids": np.zeros((3, 16), np.int64), "attention_mask": np.zeros((2, 16), np.int64)}
+    with pytest.raises(DataError, match="equally long"):
+        bench_run(tmp_path, "local", BenchConfig(), bad)

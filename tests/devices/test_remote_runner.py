@@ -1,0 +1,143 @@
+"""The standalone runner copied to devices: statistics, inputs, memory, and one real ONNX job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edgekd.devices import remote_runner as rr
+
+
+def test_summarize_matches_numpy():
+    times = [0.010, 0.012, 0.011, 0.030, 0.009]
+    s = rr.summarize(times, batch=4)
+    ms = np.array(times) * 1000
+    assert s["runs"] == 5
+    assert s["p50_ms"] == pytest.approx(11.0)
+    assert s["p90_ms"] == pytest.approx(22.8)  # sorted 9,10,11,12,30: rank 3.6 -> 12 + 0.6 * 18
+    assert s["p99_ms"] == pytest.approx(29.28)  # rank 3.96 -> 12 + 0.96 * 18
+    assert s["mean_ms"] == pytest.approx(14.4)
+    assert s["std_ms"] == pytest.approx(np.std(ms, ddof=1))
+    assert (s["min_ms"], s["max_ms"]) == pytest.approx((9.0, 30.0))
+    assert s["throughput"] == pytest.approx(4 / 0.0144)
+    assert rr.summarize([0.002], 1)["std_ms"] == 0.0
+    with pytest.raises(ValueError):
+        rr.summarize([], 1)
+
+
+def test_time_calls_counts_and_budget():
+    calls = []
+    times = rr.time_calls(lambda: calls.append(1), warmup=3, runs=7)
+    assert len(times) == 7 and len(calls) == 10
+    # With a budget the loop stops once the budget is spent, not at the run cap.
+    times = rr.time_calls(lambda: time.sleep(0.01), warmup=0, runs=10_000, time_budget_s=0.05, min_runs=2)
+    assert 2 <= len(times) < 20
+    # ...but never before min_runs.
+    assert len(rr.time_calls(lambda: time.sleep(0.02), 0, 100, time_budget_s=0.001, min_runs=4)) == 4
+
+
+IO = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"],
+      "dtypes": {"input_ids": "int64", "attention_mask": "int64"}}
+
+
+def test_case_inputs_real_and_synthetic():
+    ex = {"input_ids": np.arange(12).reshape(3, 4), "attention_mask": np.ones((3, 4), dtype=np.int64)}
+    out = rr.case_inputs(IO, batch=5, seq=6, examples=ex)
+    assert out["input_ids"].shape == (5, 6) and out["input_ids"].dtype == np.int64
+    np.testing.assert_array_equal(out["input_ids"][3, :4], ex["input_ids"][0])  # rows cycle
+    np.testing.assert_array_equal(out["attention_mask"][:, 4:], 0)  # padding is masked
+    assert rr.case_inputs(IO, 2, 2, ex)["input_ids"].tolist() == [[0, 1], [4, 5]]
+    syn = rr.case_inputs(IO, 3, 8, vocab_size=50)
+    assert syn["input_ids"].max() < 50 and syn["attention_mask"].all()
+
+
+def test_static_shapes_are_reported():
+    meta = {"io": {**IO, "dynamic_axes": {}}, "max_length": 16}
+    assert "static batch" in rr.static_shape_reason(meta, 8, 16)
+    assert "static sequence length of 16" in rr.static_shape_reason(meta, 1, 32)
+    assert rr.static_shape_reason(meta, 1, 16) is None
+    bounded = {"io": {**IO, "dynamic_axes": {n: {"0": "batch", "1": "sequence"} for n in IO["input_names"]}},
+               "notes": {"bounds": {"batch": [1, 32], "sequence": [1, 16]}}}
+    assert rr.static_shape_reason(bounded, 8, 16) is None
+    assert rr.static_shape_reason(bounded, 64, 16) == "batch 64 is outside the artifact's bounds 1..32"
+    assert "sequence 32" in rr.static_shape_reason(bounded, 1, 32)
+
+
+def test_cpu_facts_and_environment():
+    facts = rr.cpu_facts()
+    assert facts["logical_cores"] >= 1 and facts["arch"]
+    if sys.platform.startswith("linux"):
+        assert facts["model"] and facts["flags"]
+    assert set(rr.isa_features(["avx2", "amx_int8", "bogus"])) == {"avx2", "amx_int8"}
+    env = rr.environment(threads=2)
+    assert env["threads"]["requested"] == 2 and env["python"] and "numpy" in env["libraries"]
+
+
+def test_peak_rss_sees_an_allocation():
+    if not rr.reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    before = rr.rss_bytes()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    peak = rr.peak_rss_bytes()
+    del block
+    assert peak - before >= 60 * 2**20
+
+
+@pytest.mark.slow  # the shared tiny run takes ~10 s to export
+def test_standalone_job_on_onnx(tiny_run, tmp_path):
+    """The script as a device runs it: a separate python, only the copied folder and the job."""
+    work = tmp_path / "device"
+    shutil.copytree(tiny_run.run_dir / "export" / "onnx", work / "onnx")
+    shutil.copy(rr.__file__, work / "remote_runner.py")
+    np.savez(work / "eval.npz", **tiny_run.eval_inputs)
+    job = {"name": "onnx", "folder": "onnx", "cases": [[1, 16], [4, 8]], "warmup": 2, "runs": 5, "threads": 1,
+           "examples": "eval.npz", "eval_inputs": "eval.npz", "eval_batch_size": 16}
+    (work / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "remote_runner.py", "job.json", "result.json"], cwd=work,
+                          capture_output=True, text=True, timeout=120)
+    result = json.loads((work / "result.json").read_text())
+    assert proc.returncode == 0, result.get("traceback") or proc.stderr
+    assert result["status"] == "ok" and result["runtime"]["runtime"] == "onnxruntime"
+    assert [c["runs"] for c in result["cases"]] == [5, 5]
+    assert [(c["batch"], c["seq"]) for c in result["cases"]] == [(1, 16), (4, 8)]
+    assert result["load_s"] > 0 and result["first_inference_s"] > 0
+    assert result["memory"]["peak_delta_mb"] > 0
+    with np.load(work / result["eval_outputs"]) as z:
+        logits = z["logits"]
+    assert logits.shape == (len(tiny_run.labels), 2)
+    # The same outputs as the model the artifact came from.
+    import torch
+
+    with torch.inference_mode():
+        ref = tiny_run.module(**{k: torch.from_numpy(v) for k, v in tiny_run.eval_inputs.items()})[0].numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+
+
+def test_failure_is_a_result_not_a_crash(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "artifact.json").write_text(json.dumps({"file": "model.xyz", "io": IO}))
+    (tmp_path / "job.json").write_text(json.dumps({"name": "bad", "folder": "bad", "cases": [[1, 8]]}))
+    assert rr.run_job(tmp_path / "job.json", tmp_path / "result.json") == 1
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "error" and "cannot run 'model.xyz'" in result["error"]
+
+
+class _Broken:
+    input_names, output_names = IO["input_names"], IO["output_names"]
+
+    def run(self, inputs):
+        raise RuntimeError("kernel missing for this shape")
+
+
+def test_every_case_failing_makes_the_result_an_error(tmp_path):
+    meta = {"io": {**IO, "dynamic_axes": {}}, "max_length": 8}
+    job = {"name": "broken", "cases": [[1, 8]], "warmup": 0, "runs": 2, "in_process": True}
+    res, _ = rr.measure(_Broken, job, tmp_path, meta)
+    assert res["status"] == "error" and "kernel missing" in res["error"]
+    assert res["cases"][0]["error"] == "RuntimeError: kernel missing for this shape"
