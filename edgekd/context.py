@@ -83,5 +83,18 @@ class RunContext:
     def checkpoint_dir(self, stage: str, fp: str) -> Path:
         return self.run.root / "checkpoints" / f"{stage}-{fp}"
 
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes to the run folder under `accelerate launch`."""
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+
+    def sync(self) -> None:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
     def say(self, msg: str) -> None:
-        console.print(msg)
+        if self.is_main:
+            console.print(msg)

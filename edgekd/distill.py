@@ -131,13 +131,13 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
     res = train(student, train_data, d.train, loss_fn, seed=r.seed, precision=r.runtime.precision,
                 ckpt_root=ctx.checkpoint_dir(stage, fp), description=label,
                 extra_params=list(projections.parameters()) or None)
-    student = getattr(student, "module", student)
     if use_att:
         # Export and serving use the fast attention kernels again.
         if hasattr(student, "set_attn_implementation"):
             student.set_attn_implementation("sdpa")
     out_dir = ctx.model_dir(stage)
-    task.save_model(student, student_tok, out_dir)
+    if ctx.is_main:
+        task.save_model(student, student_tok, out_dir)
     val_data = ctx.tokenized("validation", student_tok)
     val_logits = predict(student, val_data, r.eval.batch_size, f"{stage} validation")
     metrics = {
@@ -150,8 +150,10 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
         "params": sum(p.numel() for p in student.parameters()),
         "teacher_forward_per_step": bool(use_hidden or use_att),
     }
-    shutil.rmtree(ctx.checkpoint_dir(stage, fp), ignore_errors=True)
-    ctx.run.record(stage, fp, metrics, [out_dir], seconds=time.perf_counter() - t0)
+    if ctx.is_main:
+        shutil.rmtree(ctx.checkpoint_dir(stage, fp), ignore_errors=True)
+        ctx.run.record(stage, fp, metrics, [out_dir], seconds=time.perf_counter() - t0)
+    ctx.sync()
     return metrics
 
 

@@ -61,5 +61,7 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
     if "baseline" in results:
         summary["distill_gain_over_baseline"] = s_acc - results["baseline"]["accuracy"]
     metrics = {**results, "summary": summary}
-    ctx.run.record("eval", eval_fingerprint(ctx), metrics, seconds=time.perf_counter() - t0)
+    if ctx.is_main:
+        ctx.run.record("eval", eval_fingerprint(ctx), metrics, seconds=time.perf_counter() - t0)
+    ctx.sync()
     return metrics

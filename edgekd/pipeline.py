@@ -50,7 +50,9 @@ def prepare_run(ctx: RunContext) -> None:
 def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = False) -> RunContext:
     """Run ``stages`` (default: the recipe's full plan) in order; return the context for reporting."""
     ctx = RunContext.create(recipe)
-    prepare_run(ctx)
+    if ctx.is_main:
+        prepare_run(ctx)
+    ctx.sync()
     todo = stages or planned_stages(recipe)
     t0 = time.perf_counter()
     for name in todo:
@@ -61,5 +63,6 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
         s0 = time.perf_counter()
         fn(ctx)
         ctx.say(f"[green]{name}[/]: done in {time.perf_counter() - s0:.1f} s")
-    ctx.run.update_top(last_invocation={"stages": todo, "seconds": round(time.perf_counter() - t0, 2)})
+    if ctx.is_main:
+        ctx.run.update_top(last_invocation={"stages": todo, "seconds": round(time.perf_counter() - t0, 2)})
     return ctx

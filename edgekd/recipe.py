@@ -272,10 +272,49 @@ class ExportConfig(Section):
         description="Export targets: onnx, tensorrt, coreml, executorch, torchscript-lite.",
     )
     parity_examples: int = Field(256, ge=1, description="Test examples compared against the source model.")
+    parity_batch_size: int = Field(32, ge=1, description="Batch size of the parity runs (capped by an artifact's max_batch).")
     min_top1_agreement: float | None = Field(
-        None, ge=0, le=1, description="Fail the stage when an artifact agrees with its source on fewer examples."
+        None, ge=0, le=1,
+        description="Fail the stage (ParityError) when an artifact's top-1 agrees with its source on a smaller "
+        "fraction of the parity examples.",
     )
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-target options.")
+    max_abs_diff: float | None = Field(
+        None, gt=0, description="Fail the stage (ParityError) when an artifact's outputs differ from its source's by more."
+    )
+    strict: bool = Field(
+        False,
+        description="Raise when a target cannot be exported here (missing dependency, unconvertible operator) "
+        "instead of recording it with built: false and its reason.",
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-target options, e.g. {onnx: {optimize: true}, tensorrt: {precision: int8}}; "
+        "each target lists the options it accepts.",
+    )
+
+    @model_validator(mode="after")
+    def _known_targets_and_options(self) -> ExportConfig:
+        from edgekd.export import registered
+
+        known = registered()
+        names = ", ".join(sorted(known))
+        problems = []
+        unknown = [t for t in self.targets if t not in known]
+        if unknown:
+            problems.append(f"targets: unknown export target(s) {unknown}; known targets: {names}")
+        if len(set(self.targets)) != len(self.targets):
+            problems.append(f"targets: a target is listed twice: {self.targets}")
+        for target, opts in self.options.items():
+            if target not in known:
+                problems.append(f"options: '{target}' is not an export target (known: {names})")
+                continue
+            bad = sorted(set(opts or {}) - set(known[target].options))
+            if bad:
+                allowed = ", ".join(sorted(known[target].options)) or "none"
+                problems.append(f"options.{target}: {target} does not accept {', '.join(bad)} (allowed: {allowed})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class BenchConfig(Section):
@@ -328,7 +367,9 @@ class ServeConfig(Section):
     threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime (default: its own).")
     batching: bool = Field(False, description="Group concurrent requests into one runner call.")
     max_batch_size: int = Field(32, ge=1, description="Most texts in one runner call when batching.")
-    max_wait_ms: float = Field(2.0, ge=0, description="Longest a text waits for others to join its batch (ms).")
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="Longest a text waits for requests already arriving to join its batch (ms)."
+    )
     max_items: int = Field(64, ge=1, description="Most texts in one request.")
     max_length: int | None = Field(
         None, ge=2, description="Tokens kept per text (default and upper bound: the artifact's max_length)."
@@ -450,3 +491,27 @@ def load_recipe(source: str | Path | None = None, overrides: list[str] | None = 
     if problems:
         raise RecipeError(problems, where)
     return parse_recipe(data, where)
+
+
+def reference_markdown() -> str:
+    """The recipe reference (every key, its default and its description) as Markdown tables."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows, subs = [], []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                subs.append((f"{prefix}{name}", ann))
+                continue
+            default = f.get_default(call_default_factory=True)
+            desc = (f.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | `{default!r}` | {desc} |")
+        if rows:
+            title = prefix.rstrip(".") or "top level"
+            lines.extend([f"**{title}**", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
+        for sub_prefix, sub in subs:
+            walk(sub, sub_prefix + ".")
+
+    walk(Recipe, "")
+    return "\n".join(lines)

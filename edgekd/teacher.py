@@ -60,9 +60,9 @@ def run_teacher(ctx: RunContext) -> dict[str, Any]:
         res = train(model, ctx.tokenized("train"), r.teacher.finetune, loss_fn, seed=r.seed,
                     precision=r.runtime.precision, ckpt_root=ckpt, description="teacher fine-tune")
         history, train_seconds = res.history, res.seconds
-        model = getattr(model, "module", model)
     out_dir = ctx.model_dir(STAGE)
-    task.save_model(model, ctx.tokenizer, out_dir)
+    if ctx.is_main:
+        task.save_model(model, ctx.tokenizer, out_dir)
 
     # Soft targets for the whole training split, once.
     c0 = time.perf_counter()
@@ -70,7 +70,8 @@ def run_teacher(ctx: RunContext) -> dict[str, Any]:
                            precision=r.runtime.precision)
     cache_seconds = time.perf_counter() - c0
     logits_path = ctx.run.stage_dir(STAGE) / LOGITS
-    _save_npy(logits_path, train_logits)
+    if ctx.is_main:
+        _save_npy(logits_path, train_logits)
     val_logits = predict(model, ctx.tokenized("validation"), r.eval.batch_size, "teacher validation")
     val = task.metrics({"logits": val_logits}, ctx.tokenized("validation").labels)
     if finetuned:
@@ -84,8 +85,10 @@ def run_teacher(ctx: RunContext) -> dict[str, Any]:
         "cached_examples": int(len(train_logits)),
         "params": sum(p.numel() for p in model.parameters()),
     }
-    ctx.run.record(STAGE, fp, metrics, [out_dir, logits_path], seconds=time.perf_counter() - t0,
-                   extra={"source": r.teacher.model})
+    if ctx.is_main:
+        ctx.run.record(STAGE, fp, metrics, [out_dir, logits_path], seconds=time.perf_counter() - t0,
+                       extra={"source": r.teacher.model})
+    ctx.sync()
     return metrics
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from edgekd.progress import progress_bar
 from edgekd.recipe import TrainConfig
-from edgekd.runfolder import atomic_dir, atomic_write_text
+from edgekd.runfolder import atomic_write_text
 from edgekd.tasks.text import TokenizedSplit, to_torch
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -138,8 +138,10 @@ def train(
             order = data.train_batches(cfg.batch_size, seed=seed * 1000 + epoch)
             remaining = total_batches - done_batches
             order = order[:remaining]
+            # Each process takes its share of the epoch's batches (data parallel under `accelerate launch`).
+            mine = order[accelerator.process_index :: accelerator.num_processes]
             sums: dict[str, float] = {}
-            for i, idx in enumerate(order):
+            for i, idx in enumerate(mine):
                 batch = to_torch(data.collate(idx), accelerator.device)
                 with accelerator.accumulate(model):
                     loss, logs = loss_fn(model, batch)
@@ -152,27 +154,39 @@ def train(
                 logs = {"loss": float(loss.detach()), **logs}
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
-                done_batches += 1
-                bar.advance(1, loss=sums["loss"] / (i + 1))
+                bar.advance(accelerator.num_processes, loss=sums["loss"] / (i + 1))
+            done_batches += len(order)
             result.epochs_run.append(epoch + 1)
-            result.history.append({"epoch": epoch + 1, **{k: v / max(1, len(order)) for k, v in sums.items()}})
+            result.history.append({"epoch": epoch + 1, **{k: v / max(1, len(mine)) for k, v in sums.items()}})
             _save_checkpoint(accelerator, ckpt_root, epoch + 1, result.history)
             if stop_after_epochs is not None and len(result.epochs_run) >= stop_after_epochs:
                 break
     result.steps = done_batches
     result.seconds = time.perf_counter() - t0
-    model.eval()
+    # Drop the mixed-precision forward wrapper, so the trained model behaves like a loaded one.
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     return result
 
 
 def _save_checkpoint(accelerator, root: Path, epoch: int, history: list[dict[str, float]]) -> None:
-    """Write epoch-N atomically, then drop older epochs (only the latest is needed to resume)."""
-    with atomic_dir(root / f"epoch-{epoch}") as tmp:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+    """Write epoch-N atomically (a temporary folder renamed once every process has written its part),
+    then drop older epochs: only the latest is needed to resume."""
+    tmp = root / f".epoch-{epoch}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         atomic_write_text(tmp / "edgekd_state.json", json.dumps({"epoch": epoch, "history": history}))
-    for p in root.glob("epoch-*"):
-        if p.name != f"epoch-{epoch}":
-            shutil.rmtree(p, ignore_errors=True)
+        final = root / f"epoch-{epoch}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for p in root.glob("epoch-*"):
+            if p.name != final.name:
+                shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 @torch.inference_mode()

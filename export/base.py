@@ -43,6 +43,20 @@ class ModelIO:
     dynamic_axes: dict[str, dict[int, str]]
     dtypes: dict[str, str]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (as written into artifact.json; axis indices become strings there)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelIO:
+        """Inverse of ``to_dict``, also after a JSON round trip (string axis indices)."""
+        return cls(
+            input_names=list(d["input_names"]),
+            output_names=list(d["output_names"]),
+            dynamic_axes={k: {int(a): str(n) for a, n in v.items()} for k, v in d.get("dynamic_axes", {}).items()},
+            dtypes={k: str(v) for k, v in d.get("dtypes", {}).items()},
+        )
+
 
 @dataclass
 class ExportResult:
@@ -55,6 +69,10 @@ class ExportResult:
     built: bool = True
     reason: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # Numeric precision of the artifact's weights/compute (fp32, fp16, int8, ...).
+    precision: str = "fp32"
+    # The artifact's own io when it differs from the requested one (e.g. an axis made static).
+    io: ModelIO | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

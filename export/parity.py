@@ -1,0 +1,158 @@
+"""Parity: an exported artifact against its source model, on real examples, through the same Runner
+the server and the benchmark use.
+
+Figures: max and mean absolute difference over every output element, top-1 agreement of the first
+output (argmax over its last axis), and the task metric of both. Thresholds turn a miss into a
+``ParityError`` that names the target and the figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import DataError, ParityError
+from edgekd.export.base import Runner
+
+MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]]
+
+
+@dataclass
+class ParityReport:
+    target: str
+    examples: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float | None
+    artifact_metric: dict[str, float] | None
+    source_metric: dict[str, float] | None
+    batch_size: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def failures(self, min_top1_agreement: float | None, max_abs_diff: float | None) -> list[str]:
+        """What misses the thresholds (NaN always misses)."""
+        out = []
+        if min_top1_agreement is not None and not (
+            self.top1_agreement is not None and self.top1_agreement >= min_top1_agreement
+        ):
+            out.append(f"top-1 agreement {_fmt(self.top1_agreement)} < required {min_top1_agreement}")
+        if max_abs_diff is not None and not self.max_abs_diff <= max_abs_diff:
+            out.append(f"max abs diff {_fmt(self.max_abs_diff)} > allowed {max_abs_diff}")
+        return out
+
+    def summary(self) -> str:
+        metric = ""
+        if self.artifact_metric and self.source_metric:
+            metric = "; metric " + ", ".join(
+                f"{k} {_fmt(self.artifact_metric.get(k))} vs source {_fmt(v)}" for k, v in self.source_metric.items()
+            )
+        return (f"{self.examples} examples: top-1 agreement {_fmt(self.top1_agreement)}, max abs diff "
+                f"{_fmt(self.max_abs_diff)}, mean abs diff {_fmt(self.mean_abs_diff)}{metric}")
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int:
+    sizes = {len(np.asarray(v)) for v in inputs.values()}
+    if len(sizes) != 1:
+        raise DataError(f"parity inputs disagree on the number of examples: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _source_outputs(module: Any, batch: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        out = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    if len(out) != len(names):
+        raise ParityError(f"the source model returns {len(out)} output(s), the artifact {len(names)} ({names}).")
+    return {n: o.detach().float().cpu().numpy() for n, o in zip(names, out, strict=True)}
+
+
+def run_batched(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: dict[str, np.ndarray],
+                batch_size: int) -> dict[str, np.ndarray]:
+    n = _rows(inputs)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, batch_size):
+        batch = {k: np.asarray(v)[start:start + batch_size] for k, v in inputs.items()}
+        for k, v in fn(batch).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+
+
+def check_parity(
+    runner: Runner,
+    source_module: Any,
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    metric_fn: MetricFn | None,
+    batch_size: int,
+    *,
+    target: str = "artifact",
+    min_top1_agreement: float | None = None,
+    max_abs_diff: float | None = None,
+) -> ParityReport:
+    """Run ``runner`` and ``source_module`` (a torch module taking the inputs as keyword tensors and
+    returning outputs in ``runner.output_names`` order) on ``inputs`` in batches and compare them.
+
+    The batch is capped at the runner's ``max_batch`` when it has one (runtimes that plan memory
+    ahead); fixed-shape runners pad their inputs themselves."""
+    n = _rows(inputs)
+    if n == 0:
+        raise DataError("parity needs at least one example")
+    cap = getattr(runner, "max_batch", None)
+    bs = max(1, min(batch_size, cap) if cap else batch_size)
+    names = list(runner.output_names)
+    feed = {k: inputs[k] for k in runner.input_names}
+    t0 = time.perf_counter()
+    got = run_batched(runner.run, feed, bs)
+    want = run_batched(lambda b: _source_outputs(source_module, b, names), feed, bs)
+    seconds = time.perf_counter() - t0
+
+    diffs = []
+    for name in names:
+        a, b = np.asarray(got[name], dtype=np.float64), np.asarray(want[name], dtype=np.float64)
+        if a.shape != b.shape:
+            raise ParityError(f"Export target '{target}': output '{name}' has shape {list(a.shape)}, "
+                              f"the source model's has {list(b.shape)}.")
+        diffs.append(np.abs(a - b).ravel())
+    diff = np.concatenate(diffs) if diffs else np.zeros(0)
+    first = names[0]
+    top1 = None
+    if np.asarray(want[first]).ndim >= 2:
+        top1 = float(np.mean(np.argmax(got[first], axis=-1) == np.argmax(want[first], axis=-1)))
+    art_metric = src_metric = None
+    if labels is not None and metric_fn is not None:
+        art_metric = {k: float(v) for k, v in metric_fn(got, np.asarray(labels)[:n]).items()}
+        src_metric = {k: float(v) for k, v in metric_fn(want, np.asarray(labels)[:n]).items()}
+    report = ParityReport(
+        target=target, examples=n,
+        max_abs_diff=float(diff.max()) if diff.size else 0.0,
+        mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
+        top1_agreement=top1, artifact_metric=art_metric, source_metric=src_metric,
+        batch_size=bs, seconds=round(seconds, 3),
+    )
+    enforce(report, min_top1_agreement, max_abs_diff)
+    return report
+
+
+def enforce(report: ParityReport, min_top1_agreement: float | None, max_abs_diff: float | None) -> None:
+    misses = report.failures(min_top1_agreement, max_abs_diff)
+    if misses:
+        err = ParityError(f"Export target '{report.target}' fails parity: {'; '.join(misses)} "
+                          f"({report.summary()}). Check the export options (precision, opset) or relax "
+                          "export.min_top1_agreement / export.max_abs_diff.")
+        err.report = report  # type: ignore[attr-defined]
+        raise err

@@ -1,0 +1,271 @@
+"""The export stage: every requested target into ``out_root/<target>/``, each checked for parity.
+
+Policy (``ExportConfig.strict``):
+- A target that cannot run here (a dependency missing) or whose conversion fails (an operator it
+  cannot convert) becomes a record with ``built: false`` and the reason, and the other targets go
+  on; with ``strict: true`` it raises instead. Wrong option names or values always raise.
+- A target that writes what must be built elsewhere (TensorRT without TensorRT) is recorded with
+  ``built: false`` and its reason; its folder holds everything needed to build it there.
+- Parity runs through ``load_artifact`` (the server's and the benchmark's path) where the artifact
+  can run here; otherwise the record says why. A threshold miss raises ``ParityError`` after every
+  target has been exported and its figures written, with the records on the error (``.records``).
+
+Each folder is written atomically and is self-contained: the artifact, its ``artifact.json`` and the
+tokenizer files, ready to serve or to copy to a device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekd.errors import (
+    ChecksumError,
+    EdgeKDError,
+    MissingBackendError,
+    ParityError,
+    RecipeError,
+    UnsupportedTargetError,
+)
+from edgekd.export import get_exporter
+from edgekd.export.base import Exporter, ExportResult, ModelIO, read_artifact_meta, write_artifact_meta
+from edgekd.export.parity import check_parity
+from edgekd.runfolder import atomic_dir, sha256_file, sha256_tree
+
+if TYPE_CHECKING:
+    from edgekd.export.base import Runner
+    from edgekd.recipe import ExportConfig
+
+log = logging.getLogger("edgekd.export")
+
+# Keys artifact.json sets itself; the caller's ``meta`` may not override them.
+RESERVED = ("target", "exporter", "file", "files", "sha256", "size_bytes", "precision", "io", "built",
+            "reason", "notes", "created", "versions", "parity")
+_VERSIONED = ("edgekd", "torch", "onnx", "onnxruntime", "onnxscript", "coremltools", "executorch", "tensorrt",
+              "transformers")
+
+
+def artifact_digest(path: Path) -> str:
+    """sha256 of a file; for a folder artifact (a Core ML package) the sha256 of its files' hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    return hashlib.sha256(json.dumps(sha256_tree(path), sort_keys=True).encode()).hexdigest()
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in _VERSIONED:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _slice(inputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[:n] for k, v in inputs.items()}
+
+
+def _copy_extra(files: list[Path], folder: Path, taken: set[str]) -> list[str]:
+    copied = []
+    for src in files:
+        src = Path(src)
+        if not src.exists():
+            raise EdgeKDError(f"extra file {src} does not exist (tokenizer files are copied beside each artifact).")
+        if src.name in taken:
+            raise EdgeKDError(f"extra file {src.name} would overwrite the exported artifact's own file.")
+        dest = folder / src.name
+        if src.is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copy2(src, dest)
+        copied.append(src.name)
+    return copied
+
+
+def _artifact_meta(name: str, result: ExportResult, io: ModelIO, meta: dict[str, Any],
+                   extra: list[str]) -> dict[str, Any]:
+    model = result.path
+    # Weights kept beside the graph (model.onnx.data) belong to the artifact's size.
+    sidecars = [f for f in result.files if f.name.startswith(f"{model.name}.") and f.exists()]
+    own = {
+        "target": name,
+        "exporter": name,
+        "file": model.name,
+        "sha256": artifact_digest(model) if model.exists() else None,
+        "size_bytes": (_size(model) + sum(_size(f) for f in sidecars)) if model.exists() else None,
+        "files": {f.name: artifact_digest(f) for f in result.files if f.exists()},
+        "extra_files": extra,
+        "precision": result.precision,
+        "io": (result.io or io).to_dict(),
+        "built": result.built,
+        "reason": result.reason,
+        "notes": result.notes,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    return {**meta, **own}
+
+
+def _drop_stale(folder: Path) -> None:
+    """An earlier run's export of a target this run could not export must not be served as if current."""
+    if folder.exists():
+        log.warning("removing %s: it holds an earlier export that this run did not reproduce", folder)
+        shutil.rmtree(folder)
+
+
+def _record(name: str, status: str, reason: str | None = None, **fields: Any) -> dict[str, Any]:
+    """One target's manifest record. status: ok, not_built (written, to be built elsewhere),
+    unavailable (a dependency is missing here) or failed (the conversion failed)."""
+    rec = {"target": name, "status": status, "built": status == "ok", "reason": reason, "folder": None,
+           "path": None, "size_bytes": None, "sha256": None, "parity": None}
+    rec.update(fields)
+    return rec
+
+
+def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cfg: ExportConfig,
+                examples: dict[str, np.ndarray], labels: np.ndarray | None, metric_fn: Callable | None,
+                meta: dict[str, Any], extra_files: list[Path]) -> dict[str, Any]:
+    name = exporter.name
+    opts = dict(cfg.options.get(name, {}))
+    exporter.check_options(opts)
+    if "max_sequence" in exporter.options and "max_sequence" not in opts and meta.get("max_length"):
+        opts["max_sequence"] = int(meta["max_length"])  # the longest input the task will send
+    folder = Path(out_root) / name
+    ok, why = exporter.available()
+    if not ok:
+        if cfg.strict:
+            exporter.require()
+        log.warning("export target '%s' skipped: %s", name, why)
+        _drop_stale(folder)
+        return _record(name, "unavailable", why)
+
+    t0 = time.perf_counter()
+    try:
+        with atomic_dir(folder) as tmp:
+            result = exporter.export(module, examples, io, tmp, **opts)
+            extra = _copy_extra(extra_files, tmp, {f.name for f in result.files})
+            art = _artifact_meta(name, result, io, meta, extra)
+            write_artifact_meta(tmp, art)
+    except RecipeError:
+        raise
+    except (UnsupportedTargetError, MissingBackendError, ParityError) as e:
+        if cfg.strict:
+            raise
+        log.warning("export target '%s' failed: %s", name, e)
+        _drop_stale(folder)
+        return _record(name, "failed", str(e), seconds=round(time.perf_counter() - t0, 2))
+    export_s = time.perf_counter() - t0
+
+    rec = _record(
+        name, "ok" if result.built else "not_built", result.reason,
+        folder=str(folder), path=str(folder / art["file"]), size_bytes=art["size_bytes"], sha256=art["sha256"],
+        precision=art["precision"], export_seconds=round(export_s, 2),
+    )
+    t1 = time.perf_counter()
+    try:
+        runner, _ = load_artifact(folder)
+    except (UnsupportedTargetError, MissingBackendError) as e:
+        rec["parity"] = {"ran": False, "reason": str(e)}
+    else:
+        report = check_parity(runner, module, examples, labels, metric_fn, cfg.parity_batch_size, target=name)
+        misses = report.failures(cfg.min_top1_agreement, cfg.max_abs_diff)
+        rec["parity"] = {"ran": True, **report.to_dict(), "passed": not misses}
+        if misses:
+            rec["parity_misses"] = f"'{name}': {'; '.join(misses)} ({report.summary()})"
+    rec["parity_seconds"] = round(time.perf_counter() - t1, 2)
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    art["parity"] = rec["parity"]
+    write_artifact_meta(folder, art)
+    return rec
+
+
+def export_all(
+    module: Any,
+    io: ModelIO,
+    targets: list[str],
+    out_root: Path,
+    cfg: ExportConfig,
+    parity_inputs: dict[str, np.ndarray],
+    parity_labels: np.ndarray | None,
+    metric_fn: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]] | None,
+    meta: dict[str, Any],
+    extra_files: list[Path],
+) -> dict[str, dict[str, Any]]:
+    """Export ``module`` to every target in ``targets``; return one manifest record per target.
+
+    ``parity_inputs`` are real preprocessed examples (the first ``cfg.parity_examples`` are used for
+    parity, and as example/calibration inputs); ``meta`` (labels, max_length, source model, task)
+    goes into every artifact.json; ``extra_files`` (the tokenizer files) are copied beside each
+    artifact."""
+    clash = sorted(set(meta) & set(RESERVED))
+    if clash:
+        raise EdgeKDError(f"artifact meta keys {clash} are reserved for artifact.json's own fields.")
+    if len(set(targets)) != len(targets):
+        raise RecipeError([f"export.targets lists a target twice: {targets}"])
+    exporters = [get_exporter(t) for t in targets]  # unknown names fail before anything is written
+    problems = []
+    for ex in exporters:
+        try:
+            ex.check_options(dict(cfg.options.get(ex.name, {})))
+        except UnsupportedTargetError as e:
+            problems.append(str(e))
+    if problems:
+        raise RecipeError(problems)
+    missing = [n for n in io.input_names if n not in parity_inputs]
+    if missing:
+        raise EdgeKDError(f"parity inputs lack {missing}; the task's parity_data() must give {io.input_names}.")
+    n = min(cfg.parity_examples, len(np.asarray(parity_inputs[io.input_names[0]])))
+    examples = _slice(parity_inputs, n)
+    labels = None if parity_labels is None else np.asarray(parity_labels)[:n]
+
+    records: dict[str, dict[str, Any]] = {}
+    misses = []
+    for ex in exporters:
+        rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files)
+        if "parity_misses" in rec:
+            misses.append(rec.pop("parity_misses"))
+        records[ex.name] = rec
+    if misses:
+        err = ParityError("Exported artifacts fail parity: " + " | ".join(misses)
+                          + ". Check the export options (precision, opset) or relax export.min_top1_agreement"
+                          " / export.max_abs_diff.")
+        err.records = records  # type: ignore[attr-defined]
+        raise err
+    return records
+
+
+def load_artifact(folder: Path, *, verify: bool = True, **runtime_opts: Any) -> tuple[Runner, dict[str, Any]]:
+    """The Runner for the export folder ``folder`` (its artifact.json names target and file) and the
+    folder's metadata. With ``verify``, the artifact's sha256 must match artifact.json.
+
+    Imports only what the artifact's runtime needs (an ONNX artifact loads without torch)."""
+    folder = Path(folder)
+    meta = read_artifact_meta(folder)
+    name = meta.get("exporter") or meta.get("target")
+    if not name or not meta.get("file"):
+        raise UnsupportedTargetError(f"{folder}/artifact.json names no exporter or file: re-export this target.")
+    exporter = get_exporter(str(name))
+    path = folder / meta["file"]
+    if verify and path.exists() and meta.get("sha256") and artifact_digest(path) != meta["sha256"]:
+        raise ChecksumError(
+            f"{path} does not match the sha256 in {folder}/artifact.json: it changed after export. Re-export it."
+        )
+    return exporter.load(path, **runtime_opts), meta

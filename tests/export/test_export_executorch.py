@@ -1,0 +1,72 @@
+"""ExecuTorch target: XNNPACK-lowered program with bounded dynamic axes, run by the ExecuTorch runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from export_helpers import MAX_LENGTH, TOLERANCE, eigh_inputs, eigh_io, eigh_module, shorter, source_logits
+
+from edgekd.errors import RecipeError, UnsupportedTargetError
+from edgekd.export import get_exporter
+from edgekd.export.parity import check_parity
+from edgekd.tasks.text import TEXT_IO, classification_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def et_export(text_module, text_data, tmp_path_factory):
+    inputs, _ = text_data
+    return get_exporter("executorch").export(text_module, inputs, TEXT_IO, tmp_path_factory.mktemp("et"), max_batch=8)
+
+
+def test_dynamic_program_matches_source(et_export, text_module, text_data):
+    inputs, labels = text_data
+    result = et_export
+    assert result.notes["dynamic"] is True and result.io is None
+    assert result.notes["bounds"] == {"batch": [1, 8], "sequence": [1, MAX_LENGTH]}
+    assert result.notes["delegation"]["delegated_nodes"] > 0  # XNNPACK took the linear layers
+    runner = get_exporter("executorch").load(result.path)
+    assert runner.max_batch == 8
+    report = check_parity(runner, text_module, inputs, labels, classification_metrics, batch_size=32)
+    assert report.batch_size == 8  # capped at what the program planned memory for
+    assert report.top1_agreement == 1.0 and report.max_abs_diff < TOLERANCE
+    assert report.artifact_metric == pytest.approx(report.source_metric)
+    for rows, length in ((1, 7), (3, 15)):
+        small = shorter(inputs, rows, length)
+        np.testing.assert_allclose(runner.run(small)["logits"], source_logits(text_module, small), atol=TOLERANCE)
+
+
+def test_input_beyond_planned_bounds_is_a_clear_error(et_export, text_data):
+    inputs, _ = text_data
+    runner = get_exporter("executorch").load(et_export.path)
+    with pytest.raises(UnsupportedTargetError, match="exceeds the program's planned maximum"):
+        runner.run({k: v[:9] for k, v in inputs.items()})
+
+
+def test_fixed_shape_program_pads_inputs(text_module, text_data, tmp_path):
+    inputs, labels = text_data
+    ex = get_exporter("executorch")
+    result = ex.export(text_module, inputs, TEXT_IO, tmp_path, dynamic=False)
+    assert result.notes["dynamic"] is False
+    assert result.notes["static_shapes"] == {"input_ids": [1, MAX_LENGTH], "attention_mask": [1, MAX_LENGTH]}
+    assert result.io is not None and result.io.dynamic_axes == {}
+    runner = ex.load(result.path)
+    assert runner.static
+    small = shorter(inputs, 3, 11)  # padded to MAX_LENGTH with masked zeros inside the runner
+    np.testing.assert_allclose(runner.run(small)["logits"], source_logits(text_module, small), atol=TOLERANCE)
+    report = check_parity(runner, text_module, {k: v[:12] for k, v in inputs.items()}, labels[:12], None, 4)
+    assert report.top1_agreement == 1.0 and report.max_abs_diff < TOLERANCE
+
+
+def test_bound_above_what_the_model_accepts_names_the_option(text_module, text_data, tmp_path):
+    # The tiny BERT has 128 position embeddings; torch.export proves the sequence cannot exceed them.
+    with pytest.raises(RecipeError, match=r"executorch.max_sequence: the model accepts at most 128"):
+        get_exporter("executorch").export(text_module, text_data[0], TEXT_IO, tmp_path, max_sequence=512)
+
+
+def test_unsupported_operator_is_named(tmp_path):
+    with pytest.raises(UnsupportedTargetError) as info:
+        get_exporter("executorch").export(eigh_module(), eigh_inputs(), eigh_io(), tmp_path)
+    assert "'executorch'" in str(info.value)
+    assert info.value.operator == "aten._linalg_eigh.default"

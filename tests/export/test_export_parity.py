@@ -1,0 +1,108 @@
+"""Parity: figures from real runs, and thresholds that turn a disagreement into ParityError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from export_helpers import TOLERANCE
+
+from edgekd.errors import ParityError
+from edgekd.export import get_exporter
+from edgekd.export.parity import check_parity
+from edgekd.tasks.text import TEXT_IO, classification_metrics
+
+
+class SourceRunner:
+    """The source module behind the Runner interface, optionally distorted."""
+
+    input_names = ["input_ids", "attention_mask"]
+    output_names = ["logits"]
+
+    def __init__(self, module, shift=0.0, flip=False, max_batch=None, nan=False):
+        self.module, self.shift, self.flip, self.max_batch, self.nan = module, shift, flip, max_batch, nan
+        self.batches: list[int] = []
+
+    def run(self, inputs):
+        import torch
+
+        self.batches.append(len(inputs["input_ids"]))
+        with torch.inference_mode():
+            logits = self.module(**{k: torch.from_numpy(v) for k, v in inputs.items()})[0].numpy().copy()
+        logits = logits + self.shift
+        if self.flip:
+            logits = logits[:, ::-1]
+        if self.nan:
+            logits[0, 0] = np.nan
+        return {"logits": logits}
+
+
+def test_identical_runner_has_zero_difference(text_module, text_data):
+    inputs, labels = text_data
+    report = check_parity(SourceRunner(text_module), text_module, inputs, labels, classification_metrics, 16,
+                          min_top1_agreement=1.0, max_abs_diff=0.0)
+    assert report.max_abs_diff == 0.0 and report.top1_agreement == 1.0
+    assert report.artifact_metric == report.source_metric
+    assert set(report.source_metric) == {"accuracy", "macro_f1"}
+
+
+def test_batches_respect_the_runners_max_batch(text_module, text_data):
+    inputs, labels = text_data
+    runner = SourceRunner(text_module, max_batch=5)
+    report = check_parity(runner, text_module, inputs, labels, None, 16)
+    assert max(runner.batches) == 5 and sum(runner.batches) == len(labels)
+    assert report.batch_size == 5 and report.artifact_metric is None
+
+
+def test_offset_outputs_fail_the_abs_diff_threshold(text_module, text_data):
+    inputs, labels = text_data
+    runner = SourceRunner(text_module, shift=0.01)
+    report = check_parity(runner, text_module, inputs, labels, None, 16, min_top1_agreement=1.0)
+    assert report.max_abs_diff == pytest.approx(0.01, rel=1e-3) and report.top1_agreement == 1.0
+    with pytest.raises(ParityError, match=r"'shifted' fails parity: max abs diff 0.01 > allowed 0.001") as info:
+        check_parity(runner, text_module, inputs, labels, None, 16, target="shifted", max_abs_diff=1e-3)
+    assert info.value.report.examples == len(labels)
+
+
+def test_nan_output_fails_any_abs_diff_threshold(text_module, text_data):
+    inputs, labels = text_data
+    with pytest.raises(ParityError, match="max abs diff nan"):
+        check_parity(SourceRunner(text_module, nan=True), text_module, inputs, labels, None, 16, max_abs_diff=1.0)
+
+
+@pytest.mark.slow
+def test_perturbed_onnx_artifact_raises_parity_error(text_module, text_data, tmp_path):
+    """Overwrite the exported classifier weights with noise: the figures must show it."""
+    import onnx
+    from onnx import numpy_helper
+
+    inputs, labels = text_data
+    ex = get_exporter("onnx")
+    result = ex.export(text_module, inputs, TEXT_IO, tmp_path)
+    baseline = check_parity(ex.load(result.path), text_module, inputs, labels, None, 16)
+    assert baseline.top1_agreement == 1.0 and baseline.max_abs_diff < TOLERANCE
+
+    model = onnx.load(str(result.path))
+    weight = next(t for t in model.graph.initializer if "classifier" in t.name and "weight" in t.name)
+    values = numpy_helper.to_array(weight)
+    noise = np.random.default_rng(0).standard_normal(values.shape).astype(values.dtype) * 10 * values.std()
+    weight.CopyFrom(numpy_helper.from_array(values + noise, weight.name))
+    onnx.save(model, str(result.path))
+
+    with pytest.raises(ParityError) as info:
+        check_parity(ex.load(result.path), text_module, inputs, labels, classification_metrics, 16,
+                     target="onnx", min_top1_agreement=0.99)
+    msg = str(info.value)
+    assert "Export target 'onnx' fails parity: top-1 agreement" in msg and "< required 0.99" in msg
+    assert "max abs diff" in msg and "accuracy" in msg
+    assert info.value.report.top1_agreement < 0.99
+
+
+def test_output_shape_mismatch_is_a_parity_error(text_module, text_data):
+    inputs, labels = text_data
+
+    class Wrong(SourceRunner):
+        def run(self, inputs):
+            return {"logits": super().run(inputs)["logits"][:, :1]}
+
+    with pytest.raises(ParityError, match="output 'logits' has shape"):
+        check_parity(Wrong(text_module), text_module, inputs, labels, None, 16)

@@ -1,0 +1,184 @@
+"""The export stage: self-contained folders, artifact.json, parity records, and what happens when a
+target cannot be exported or fails parity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from export_helpers import MAX_LENGTH, TOLERANCE, eigh_inputs, eigh_io, eigh_module
+
+from edgekd.errors import (
+    ChecksumError,
+    EdgeKDError,
+    MissingBackendError,
+    ParityError,
+    RecipeError,
+    UnsupportedTargetError,
+)
+from edgekd.export.stage import artifact_digest, export_all, load_artifact
+from edgekd.export.torchscript_lite import TorchScriptLiteExporter
+from edgekd.recipe import ExportConfig
+from edgekd.tasks.text import TEXT_IO, classification_metrics
+
+META = {"labels": ["negative", "positive"], "max_length": MAX_LENGTH, "source_model": "tiny-bert", "task": "text-classification"}
+FAST_TARGETS = ["onnx", "torchscript-lite", "tensorrt"]
+
+
+def run_stage(module, data, out, tokenizer_files, targets=FAST_TARGETS, **cfg):
+    inputs, labels = data
+    config = ExportConfig(targets=targets, **cfg)
+    return export_all(module, TEXT_IO, targets, out, config, inputs, labels, classification_metrics, META, tokenizer_files)
+
+
+@pytest.fixture(scope="module")
+def stage_run(text_module, text_data, tokenizer_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    return out, run_stage(text_module, text_data, out, tokenizer_files, min_top1_agreement=1.0, max_abs_diff=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_each_target_gets_a_self_contained_folder(stage_run, tokenizer_files):
+    out, records = stage_run
+    assert sorted(p.name for p in out.iterdir()) == sorted(FAST_TARGETS)  # nothing half-written beside them
+    for target in FAST_TARGETS:
+        folder = out / target
+        meta = json.loads((folder / "artifact.json").read_text())
+        assert meta["target"] == meta["exporter"] == target
+        for key, value in META.items():
+            assert meta[key] == value
+        assert meta["io"]["input_names"] == TEXT_IO.input_names
+        for f in tokenizer_files:
+            assert (folder / f.name).read_bytes() == f.read_bytes()
+        assert records[target]["folder"] == str(folder)
+
+
+@pytest.mark.slow
+def test_built_targets_record_sha256_size_and_parity(stage_run, text_data):
+    out, records = stage_run
+    for target in ("onnx", "torchscript-lite"):
+        rec = records[target]
+        meta = json.loads((out / target / "artifact.json").read_text())
+        artifact = out / target / meta["file"]
+        assert rec["status"] == "ok" and rec["built"] is True
+        assert rec["sha256"] == meta["sha256"] == artifact_digest(artifact)
+        assert rec["size_bytes"] == meta["size_bytes"] == artifact.stat().st_size
+        parity = rec["parity"]
+        assert parity == meta["parity"]
+        assert parity["ran"] and parity["passed"] and parity["examples"] == len(text_data[1])
+        assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < TOLERANCE
+        assert parity["artifact_metric"]["accuracy"] == pytest.approx(parity["source_metric"]["accuracy"])
+        assert rec["export_seconds"] > 0 and rec["seconds"] >= rec["export_seconds"]
+
+
+@pytest.mark.slow
+def test_tensorrt_without_tensorrt_is_recorded_not_built(stage_run):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    out, records = stage_run
+    rec = records["tensorrt"]
+    assert rec["status"] == "not_built" and rec["built"] is False
+    assert rec["reason"] == "not built: TensorRT not installed"
+    assert rec["parity"]["ran"] is False and "trtexec.sh" in rec["parity"]["reason"]
+    meta = json.loads((out / "tensorrt" / "artifact.json").read_text())
+    assert meta["file"] == "model.plan" and meta["sha256"] is None
+    assert set(meta["files"]) == {"model.onnx", "trtexec.sh", "trtexec.txt"}
+    # TensorRT's profile goes up to the task's max_length, which the stage passes as max_sequence.
+    assert meta["notes"]["profile"]["input_ids"]["max"] == [32, MAX_LENGTH]
+
+
+@pytest.mark.slow
+def test_load_artifact_verifies_the_checksum(stage_run, text_data, tmp_path):
+    import shutil
+
+    out, _ = stage_run
+    runner, meta = load_artifact(out / "onnx", threads=1)
+    assert meta["target"] == "onnx" and runner.run({k: v[:2] for k, v in text_data[0].items()})["logits"].shape == (2, 2)
+    copy = tmp_path / "onnx"
+    shutil.copytree(out / "onnx", copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ChecksumError, match="changed after export"):
+        load_artifact(copy)
+
+
+@pytest.mark.slow
+def test_onnx_artifact_loads_and_runs_without_torch(stage_run):
+    out, _ = stage_run
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+        "import numpy as np\n"
+        "from edgekd.export.stage import load_artifact\n"
+        f"runner, meta = load_artifact({str(out / 'onnx')!r})\n"
+        "ids = np.array([[2, 10, 11, 3]]); out = runner.run({'input_ids': ids, 'attention_mask': np.ones_like(ids)})\n"
+        "print(out['logits'].shape)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "(1, 2)"
+
+
+@pytest.mark.slow
+def test_serving_accepts_the_recorded_digest(stage_run):
+    serving = pytest.importorskip("edgekd.serving.model")
+    out, _ = stage_run
+    for target in ("onnx", "torchscript-lite"):
+        meta = json.loads((out / target / "artifact.json").read_text())
+        artifact, _ = serving.verify_artifact(out / target, meta)
+        assert artifact == out / target / meta["file"]
+
+
+def test_unavailable_target_is_recorded_unless_strict(text_module, text_data, tokenizer_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(TorchScriptLiteExporter, "requires", ("edgekd_no_such_backend",))
+    records = run_stage(text_module, text_data, tmp_path, tokenizer_files, targets=["torchscript-lite"])
+    rec = records["torchscript-lite"]
+    assert rec["status"] == "unavailable" and rec["built"] is False
+    assert "'edgekd_no_such_backend' is not installed" in rec["reason"]
+    assert not (tmp_path / "torchscript-lite").exists()
+    with pytest.raises(MissingBackendError, match="edgekd_no_such_backend"):
+        run_stage(text_module, text_data, tmp_path, tokenizer_files, targets=["torchscript-lite"], strict=True)
+
+
+def test_failed_conversion_is_recorded_unless_strict(tmp_path):
+    inputs = {"x": np.repeat(eigh_inputs()["x"], 3, axis=0)}
+
+    def stage(**cfg):
+        return export_all(eigh_module(), eigh_io(), ["onnx"], tmp_path, ExportConfig(targets=["onnx"], **cfg),
+                          inputs, None, None, {}, [])
+
+    rec = stage()["onnx"]
+    assert rec["status"] == "failed" and "aten._linalg_eigh" in rec["reason"]
+    assert list(tmp_path.iterdir()) == []  # the atomic folder was discarded
+    with pytest.raises(UnsupportedTargetError, match="aten._linalg_eigh"):
+        stage(strict=True)
+
+
+@pytest.mark.slow
+def test_threshold_miss_raises_after_writing_the_figures(text_module, text_data, tokenizer_files, tmp_path):
+    with pytest.raises(ParityError, match="'onnx': max abs diff .* > allowed 1e-30") as info:
+        run_stage(text_module, text_data, tmp_path, tokenizer_files, targets=["onnx", "torchscript-lite"],
+                  max_abs_diff=1e-30)
+    records = info.value.records
+    assert records["onnx"]["parity"]["passed"] is False
+    assert records["torchscript-lite"]["parity"]["passed"] is True  # bit-exact, so even 1e-30 holds
+    meta = json.loads((tmp_path / "onnx" / "artifact.json").read_text())
+    assert meta["parity"]["passed"] is False
+
+
+def test_bad_requests_fail_before_anything_is_written(text_module, text_data, tokenizer_files, tmp_path):
+    inputs, labels = text_data
+    cfg = ExportConfig(targets=["onnx"])
+    with pytest.raises(UnsupportedTargetError, match="Unknown export target 'tflite'"):
+        export_all(text_module, TEXT_IO, ["onnx", "tflite"], tmp_path, cfg, inputs, labels, None, META, [])
+    with pytest.raises(EdgeKDError, match="reserved"):
+        export_all(text_module, TEXT_IO, ["onnx"], tmp_path, cfg, inputs, labels, None, {"sha256": "x"}, [])
+    cfg.options = {"onnx": {"optimize": True}}
+    bad = cfg.model_copy(update={"options": {"onnx": {"fuse": True}}})  # bypasses validation, as code could
+    with pytest.raises(RecipeError, match="does not accept option\\(s\\) fuse"):
+        export_all(text_module, TEXT_IO, ["onnx"], tmp_path, bad, inputs, labels, None, META, [])
+    assert list(tmp_path.iterdir()) == []
