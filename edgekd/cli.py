@@ -26,7 +26,7 @@ app.add_typer(assets_app, name="assets")
 
 RecipeArg = Annotated[
     Optional[str],  # noqa: UP045 - typer needs Optional here on py3.10
-    typer.Argument(help="Recipe YAML file or built-in name (default: the built-in default recipe)."),
+    typer.Argument(help="Recipe YAML file, built-in name, or run folder (default: the built-in default recipe)."),
 ]
 SetOpt = Annotated[
     Optional[list[str]],  # noqa: UP045
@@ -43,12 +43,24 @@ def _setup_runtime(recipe) -> None:
         torch.set_num_threads(recipe.runtime.threads)
 
 
+def load_recipe_or_run(source: str | None, overrides: list[str] | None):
+    """A recipe file, a built-in name, or a run folder (its saved recipe.yaml, pointed at that folder)."""
+    from edgekd.recipe import load_recipe
+
+    if source and Path(source).is_dir():
+        run_dir = Path(source)
+        if not (run_dir / "recipe.yaml").is_file():
+            raise EdgeKDError(f"{run_dir} is a folder without recipe.yaml: give a recipe file or a run folder (runs/<name>).")
+        extra = [f"output_dir={run_dir.resolve().parent}", f"name={run_dir.name}"]
+        return load_recipe(run_dir / "recipe.yaml", extra + list(overrides or []))
+    return load_recipe(source, overrides)
+
+
 def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] | None, force: bool) -> None:
     from edgekd.pipeline import run_stages
-    from edgekd.recipe import load_recipe
     from edgekd.report import print_summary
 
-    recipe = load_recipe(recipe_src, overrides)
+    recipe = load_recipe_or_run(recipe_src, overrides)
     _setup_runtime(recipe)
     ctx = run_stages(recipe, stages, force=force)
     print_summary(ctx.run)
@@ -72,6 +84,40 @@ _stage_command("teacher", "Fine-tune the teacher if it has no task head; cache i
 _stage_command("distill", "Distill the teacher into the student (needs the teacher stage).")
 _stage_command("baseline", "Train the same student on hard labels only, to measure what distillation adds.")
 _stage_command("eval", "Evaluate teacher, student and baseline on the held-out test split.")
+_stage_command("prune", "Prune the distilled student (heads, FFN neurons, channels or weights), recovering by distillation.")
+_stage_command("quantize", "Quantize the ONNX export (dynamic/static int8, fp16) under an accuracy and a speed guard.")
+
+
+@app.command()
+def export(
+    recipe: RecipeArg = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="Comma-separated targets, e.g. onnx,executorch.")] = None,  # noqa: UP045
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Export the shipped student to each target and check it against the source model."""
+    overrides = list(set_ or [])
+    if to:
+        overrides.append("export.targets=[" + ",".join(t.strip() for t in to.split(",") if t.strip()) + "]")
+    _run(recipe, overrides, ["export"], force)
+
+
+@app.command()
+def bench(
+    recipe: RecipeArg = None,
+    device: Annotated[Optional[str], typer.Option("--device", "--profile", help="Device profile name or YAML.")] = None,  # noqa: UP045
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Measure every exported artifact of a run (latency, memory, accuracy) on a device profile."""
+    overrides = list(set_ or [])
+    if device:
+        overrides.append(f"bench.profile={device}")
+    _run(recipe, overrides, ["bench"], force)
+    from edgekd.devices.tables import report as bench_report
+
+    src = load_recipe_or_run(recipe, overrides)
+    sys.stdout.write(bench_report(src.run_dir(), profile=src.bench.profile) + "\n")
 
 
 @recipe_app.command("show")

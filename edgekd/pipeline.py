@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from edgekd import __version__
+from edgekd.compress import prune_fingerprint, quantize_fingerprint, run_prune, run_quantize
 from edgekd.context import RunContext
+from edgekd.deploy import bench_fingerprint, export_fingerprint, run_bench, run_export
 from edgekd.distill import run_student_stage, stage_fingerprint
 from edgekd.evaluate import eval_fingerprint, run_eval
 from edgekd.recipe import Recipe
@@ -22,6 +24,10 @@ STAGES: dict[str, tuple[StageFn, Callable[[RunContext], str]]] = {
     "distill": (lambda c: run_student_stage(c, "distill"), lambda c: stage_fingerprint(c, "distill")),
     "baseline": (lambda c: run_student_stage(c, "baseline"), lambda c: stage_fingerprint(c, "baseline")),
     "eval": (run_eval, eval_fingerprint),
+    "prune": (run_prune, prune_fingerprint),
+    "export": (run_export, export_fingerprint),
+    "quantize": (run_quantize, quantize_fingerprint),
+    "bench": (run_bench, bench_fingerprint),
 }
 
 
@@ -30,6 +36,14 @@ def planned_stages(recipe: Recipe) -> list[str]:
     if recipe.baseline.enabled:
         stages.append("baseline")
     stages.append("eval")
+    if recipe.prune.enabled:
+        stages.append("prune")
+    if recipe.export.targets:
+        stages.append("export")
+    if recipe.quantize.enabled:
+        stages.append("quantize")
+    if recipe.bench.enabled:
+        stages.append("bench")
     return [s for s in stages if s in STAGES]
 
 

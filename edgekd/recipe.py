@@ -171,6 +171,10 @@ class PruneConfig(Section):
         0.1, gt=0, lt=1, description="With target_latency_ms: share of the remaining heads/neurons/channels removed per round."
     )
     score_batches: int = Field(8, ge=1, description="Labelled batches used to score importance (taylor).")
+    recover_epochs: float = Field(
+        1.0, ge=0, description="Epochs of distillation from the teacher after each pruning round (0 = none); "
+        "uses the distill section's loss settings and learning rate.",
+    )
     min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps at least.")
     min_neurons_fraction: float = Field(
         0.1, gt=0, le=1, description="Share of its original FFN neurons every layer keeps at least."
@@ -379,9 +383,6 @@ class ServeConfig(Section):
     )
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted, in bytes.")
     request_timeout_s: float = Field(30, gt=0, description="A request waiting longer for the model gets 504.")
-
-
-STAGES = ("teacher", "distill", "baseline", "eval", "prune", "quantize", "export", "bench")
 
 
 class Recipe(Section):

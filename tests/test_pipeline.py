@@ -76,6 +76,26 @@ def test_tiny_end_to_end_run_writes_a_complete_run_folder(tmp_path, tiny_teacher
     assert after["baseline"]["finished"] == before["baseline"]
     assert after["distill"]["fingerprint"] != manifest["stages"]["distill"]["fingerprint"]
 
+    # Export the shipped student from the run folder alone, then benchmark what was exported.
+    res = runner.invoke(app, ["export", str(run), "--to", "onnx,torchscript-lite"])
+    assert res.exit_code == 0, res.output
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    for target in ("onnx", "torchscript-lite"):
+        rec = stages["export"]["metrics"]["targets"][target]
+        assert rec["built"] is True
+        assert rec["parity"]["top1_agreement"] == 1.0 and rec["parity"]["max_abs_diff"] < 1e-4
+        assert (run / "export" / target / "artifact.json").is_file()
+        assert (run / "export" / target / "tokenizer.json").is_file()
+    res = runner.invoke(app, ["bench", str(run), "--set", "bench.runs=3", "--set", "bench.warmup=1",
+                              "--set", "bench.batch_sizes=[1]"])
+    assert res.exit_code == 0, res.output
+    bench_dir = run / "bench" / "local"
+    for name in ("results.json", "results.csv", "table.md", "pareto.png"):
+        assert (bench_dir / name).is_file(), name
+    table = (bench_dir / "table.md").read_text()
+    for name in ("onnx", "torchscript-lite", "pytorch-teacher", "pytorch-student"):
+        assert name in table
+
 
 @pytest.mark.slow
 def test_hidden_state_and_attention_matching_run(tmp_path, tiny_teacher_dir, tiny_csv):

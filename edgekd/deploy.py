@@ -1,0 +1,107 @@
+"""The deployment stages of the pipeline: export (and its parity checks) and bench.
+
+Thin adapters from the run context to ``edgekd.export.stage.export_all`` and
+``edgekd.devices.bench.bench_run``: which model is the source, which examples are real, which
+figures go into the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgekd.context import RunContext
+from edgekd.distill import load_student, stage_fingerprint
+from edgekd.errors import StageError
+from edgekd.evaluate import eval_fingerprint
+from edgekd.runfolder import fingerprint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def source_stage(ctx: RunContext) -> str:
+    """The model that ships: the pruned student when the recipe prunes, else the distilled one."""
+    return "prune" if ctx.recipe.prune.enabled else "distill"
+
+
+def _source_fingerprint(ctx: RunContext) -> str:
+    stage = source_stage(ctx)
+    if stage == "prune":
+        from edgekd.compress import prune_fingerprint
+
+        return prune_fingerprint(ctx)
+    return stage_fingerprint(ctx, "distill")
+
+
+def load_source(ctx: RunContext):
+    stage = source_stage(ctx)
+    if stage == "prune":
+        from edgekd.compress import load_pruned
+
+        return load_pruned(ctx)
+    return load_student(ctx, "distill")
+
+
+def export_fingerprint(ctx: RunContext) -> str:
+    return fingerprint({"export": ctx.recipe.export.model_dump(mode="json"), "source": _source_fingerprint(ctx),
+                        "data": ctx.data_fingerprint})
+
+
+def run_export(ctx: RunContext) -> dict[str, Any]:
+    from edgekd.export.stage import export_all
+
+    r, task = ctx.recipe, ctx.task
+    if not r.export.targets:
+        raise StageError("export.targets is empty: name at least one target (e.g. --set 'export.targets=[onnx]').")
+    t0 = time.perf_counter()
+    src = source_stage(ctx)
+    model = load_source(ctx)
+    model_dir = ctx.model_dir(src)
+    inputs, labels = ctx.parity_data(r.export.parity_examples)
+    meta = {
+        "task": task.name,
+        "labels": task.label_names,
+        "max_length": r.data.max_length,
+        "source_model": str(model_dir),
+        "source_stage": src,
+        "run": r.name,
+    }
+    extra = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    records = export_all(task.export_module(model), task.model_io(), r.export.targets,
+                         ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra)
+    folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
+    ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,
+                   seconds=time.perf_counter() - t0)
+    return records
+
+
+def bench_fingerprint(ctx: RunContext) -> str:
+    parts = {"bench": ctx.recipe.bench.model_dump(mode="json"), "export": export_fingerprint(ctx),
+             "eval": eval_fingerprint(ctx)}
+    if ctx.recipe.quantize.enabled:
+        from edgekd.compress import quantize_fingerprint
+
+        parts["quantize"] = quantize_fingerprint(ctx)
+    return fingerprint(parts)
+
+
+def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
+    from edgekd.devices.bench import bench_run
+    from edgekd.teacher import load_teacher_outputs
+
+    r, task = ctx.recipe, ctx.task
+    t0 = time.perf_counter()
+    inputs, labels = ctx.parity_data(r.bench.eval_examples)
+    torch_models = None
+    if r.bench.torch_models:
+        teacher, _ = load_teacher_outputs(ctx)
+        torch_models = {
+            "teacher": (task.export_module(teacher), task.model_io()),
+            "student": (task.export_module(load_source(ctx)), task.model_io()),
+        }
+    result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
+                       torch_models)
+    ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)
+    return result

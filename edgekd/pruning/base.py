@@ -1,0 +1,97 @@
+"""What the prune stage is given (a context) and what a pruning method implements.
+
+A method is registered under the name the recipe uses (``prune.method``); ``prune_model`` looks
+it up there and runs the schedule (steps, targets, recovery) the same way for every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from edgekd.errors import RecipeError
+from edgekd.recipe import PruneConfig
+
+
+@dataclass
+class PruneContext:
+    """What the caller supplies. Everything is optional except what the chosen method needs.
+
+    score_batches: labelled batches (dicts of tensors with ``labels``) for taylor importance.
+    evaluate: model -> metrics, called before pruning and after every step.
+    recover: (model, step) -> model, called after every step (e.g. distillation from the teacher).
+    latency_fn: model -> milliseconds; required by ``target_latency_ms``, else measured before/after.
+    loss_fn: (model, batch) -> scalar loss for taylor scores; default: the model's own loss.
+    example_inputs: channels: what torch-pruning traces the dependency graph with.
+    ignored_layers: channels: modules whose output width must not change (default: the last Linear).
+    """
+
+    score_batches: Iterable[Mapping[str, Any]] | None = None
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    recover: Callable[[nn.Module, int], nn.Module] | None = None
+    latency_fn: Callable[[nn.Module], float] | None = None
+    loss_fn: Callable[[nn.Module, Mapping[str, Any]], Any] | None = None
+    example_inputs: Any = None
+    ignored_layers: list[nn.Module] | None = None
+
+
+@dataclass(frozen=True)
+class StepGoal:
+    """What one step must remove. Exactly one field is set."""
+
+    param_budget: int | None = None  # prunable parameters left after the step
+    heads: int | None = None  # heads to remove in this step
+    neurons: int | None = None  # FFN neurons to remove in this step
+    fraction: float | None = None  # share of the remaining units to remove
+    sparsity: float | None = None  # share of prunable weights that are zero after the step
+
+
+class PruneMethod(Protocol):
+    """One pruning method. Constructed once per ``prune_model`` call, on the unpruned model, so it
+    can remember floors (what every layer must keep)."""
+
+    def __init__(self, model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> None: ...
+
+    def prunable_params(self, model: nn.Module) -> int:
+        """Parameters the method can remove from, the base of ``keep_params``."""
+
+    def min_prunable_params(self, model: nn.Module) -> int:
+        """The fewest prunable parameters the floors allow, to reject unreachable targets up front."""
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Structure figures for the metrics (heads/neurons per layer, channels, sparsity)."""
+
+    def step(self, model: nn.Module, goal: StepGoal) -> tuple[nn.Module, dict[str, Any]]:
+        """Remove what ``goal`` asks; the info dict has ``removed`` (units removed, 0 when stuck)."""
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """Make the result plain (e.g. fold unstructured masks into the weights)."""
+
+
+_METHODS: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"pruning method '{name}' registered twice")
+        _METHODS[name] = cls
+        return cls
+    return deco
+
+
+def registered_methods() -> dict[str, type]:
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> type:
+    if name not in _METHODS:
+        raise RecipeError([f"prune.method: unknown method '{name}'; known: {', '.join(sorted(_METHODS))}"])
+    return _METHODS[name]
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

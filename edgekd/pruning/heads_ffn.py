@@ -1,0 +1,112 @@
+"""Method ``heads-ffn``: remove attention heads and FFN neurons of a BERT-family encoder."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgekd.errors import StageError
+from edgekd.pruning import selection
+from edgekd.pruning.base import PruneContext, StepGoal, register
+from edgekd.pruning.encoder import Encoder
+from edgekd.pruning.scoring import magnitude_scores, normalise_per_layer, taylor_scores
+from edgekd.recipe import PruneConfig
+
+
+@register("heads-ffn")
+class HeadsFFN:
+    def __init__(self, model: nn.Module, cfg: PruneConfig, ctx: PruneContext):
+        enc = Encoder(model)
+        self.cfg, self.ctx = cfg, ctx
+        self.head_floor = [min(cfg.min_heads_per_layer, h) for h in enc.heads()]
+        self.neuron_floor = [min(n, max(1, math.ceil(cfg.min_neurons_fraction * n))) for n in enc.neurons()]
+        self.batches: list[Any] | None = None
+        if cfg.importance == "taylor":
+            if ctx.score_batches is None:
+                raise StageError(
+                    "prune.importance 'taylor' needs labelled batches (PruneContext.score_batches); "
+                    "give them or set prune.importance: magnitude"
+                )
+            # Kept as a list: a generator would be spent after the first step.
+            self.batches = list(itertools.islice(ctx.score_batches, cfg.score_batches))
+
+    # --- figures ------------------------------------------------------------------------------
+    def prunable_params(self, model: nn.Module) -> int:
+        return Encoder(model).layer_params()
+
+    def min_prunable_params(self, model: nn.Module) -> int:
+        enc = Encoder(model)
+        removable = 0
+        for i, (h, n) in enumerate(zip(enc.heads(), enc.neurons(), strict=True)):
+            if self.cfg.prune_heads:
+                removable += (h - self.head_floor[i]) * enc.head_cost(i)
+            if self.cfg.prune_neurons:
+                removable += (n - self.neuron_floor[i]) * enc.neuron_cost(i)
+        return enc.layer_params() - removable
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        enc = Encoder(model)
+        return {"heads_per_layer": enc.heads(), "neurons_per_layer": enc.neurons(),
+                "encoder_params": enc.layer_params()}
+
+    # --- one step -----------------------------------------------------------------------------
+    def _scores(self, enc: Encoder) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.cfg.importance == "taylor":
+            return taylor_scores(enc, self.batches or [], self.ctx.loss_fn)
+        return magnitude_scores(enc)
+
+    def _fraction_for_budget(self, enc: Encoder, budget: int) -> float:
+        excess = enc.layer_params() - budget
+        if excess <= 0:
+            return 0.0
+        pool = 0
+        for i, (h, n) in enumerate(zip(enc.heads(), enc.neurons(), strict=True)):
+            pool += h * enc.head_cost(i) if self.cfg.prune_heads else 0
+            pool += n * enc.neuron_cost(i) if self.cfg.prune_neurons else 0
+        return min(1.0, excess / pool) if pool else 0.0
+
+    def _choose(self, scores: list[torch.Tensor], sizes: list[int], floor: list[int],
+                count: int | None, fraction: float | None) -> dict[int, list[int]]:
+        capacity = [max(0, n - f) for n, f in zip(sizes, floor, strict=True)]
+        if self.cfg.scope == "global":
+            total = count if count is not None else round((fraction or 0.0) * sum(sizes))
+            return selection.lowest_global(normalise_per_layer(scores), total, capacity)
+        if count is not None:
+            counts = selection.spread(count, capacity)
+        else:
+            counts = selection.counts_for_fraction(fraction or 0.0, sizes, capacity)
+        return selection.lowest_per_layer(scores, counts)
+
+    def step(self, model: nn.Module, goal: StepGoal) -> tuple[nn.Module, dict[str, Any]]:
+        enc = Encoder(model)
+        heads, neurons = enc.heads(), enc.neurons()
+        fraction = goal.fraction
+        if goal.param_budget is not None:
+            fraction = self._fraction_for_budget(enc, goal.param_budget)
+        head_scores, neuron_scores = self._scores(enc)
+        drop_heads: dict[int, list[int]] = {}
+        drop_neurons: dict[int, list[int]] = {}
+        if self.cfg.prune_heads and (goal.heads or fraction):
+            drop_heads = self._choose(head_scores, heads, self.head_floor, goal.heads, fraction)
+        if self.cfg.prune_neurons and (goal.neurons or fraction):
+            drop_neurons = self._choose(neuron_scores, neurons, self.neuron_floor, goal.neurons, fraction)
+        # Neurons first: removing heads rebuilds the attention linears but leaves the FFN alone,
+        # and the indices of both were computed on the model as it is now.
+        enc.remove_neurons(drop_neurons)
+        removed_heads = enc.remove_heads(drop_heads)
+        n_heads = sum(len(v) for v in drop_heads.values())
+        n_neurons = sum(len(v) for v in drop_neurons.values())
+        return model, {
+            "removed": n_heads + n_neurons,
+            "removed_heads": n_heads,
+            "removed_neurons": n_neurons,
+            "removed_head_ids": {str(k): v for k, v in removed_heads.items()},
+            "removed_neurons_per_layer": [len(drop_neurons.get(i, [])) for i in range(len(neurons))],
+        }
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        return model

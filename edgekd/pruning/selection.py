@@ -1,0 +1,59 @@
+"""Which units to remove, given their scores: the lowest per layer, or the lowest across layers.
+
+Every layer keeps at least its floor (``capacity`` = how many it may still lose).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def spread(total: int, capacity: list[int]) -> list[int]:
+    """Split ``total`` removals over layers as evenly as their capacities allow (water-filling);
+    a remainder goes to the layers with the most capacity left, then the lowest index."""
+    counts = [0] * len(capacity)
+    left = min(total, sum(capacity))
+    while left > 0:
+        open_layers = [i for i, c in enumerate(capacity) if counts[i] < c]
+        share = left // len(open_layers)
+        if share == 0:
+            order = sorted(open_layers, key=lambda i: (-(capacity[i] - counts[i]), i))
+            for i in order[:left]:
+                counts[i] += 1
+            break
+        for i in open_layers:
+            take = min(share, capacity[i] - counts[i])
+            counts[i] += take
+            left -= take
+    return counts
+
+
+def lowest_per_layer(scores: list[torch.Tensor], counts: list[int]) -> dict[int, list[int]]:
+    """The ``counts[i]`` lowest-scoring units of each layer ``i`` (current indices, sorted)."""
+    chosen = {}
+    for i, (s, k) in enumerate(zip(scores, counts, strict=True)):
+        if k > 0:
+            chosen[i] = sorted(torch.argsort(s.float().cpu(), stable=True)[:k].tolist())
+    return chosen
+
+
+def lowest_global(scores: list[torch.Tensor], total: int, capacity: list[int]) -> dict[int, list[int]]:
+    """The ``total`` lowest-scoring units across layers, skipping a layer once it reaches its floor.
+    ``scores`` must already be comparable across layers (see ``normalise_per_layer``)."""
+    flat = [(float(v), layer, idx) for layer, s in enumerate(scores) for idx, v in enumerate(s.float().cpu().tolist())]
+    flat.sort()
+    taken = [0] * len(scores)
+    chosen: dict[int, list[int]] = {}
+    for _, layer, idx in flat:
+        if total <= 0:
+            break
+        if taken[layer] < capacity[layer]:
+            chosen.setdefault(layer, []).append(idx)
+            taken[layer] += 1
+            total -= 1
+    return {k: sorted(v) for k, v in chosen.items()}
+
+
+def counts_for_fraction(fraction: float, sizes: list[int], capacity: list[int]) -> list[int]:
+    """Per layer: ``fraction`` of its current units, rounded, within its capacity."""
+    return [min(round(fraction * n), c) for n, c in zip(sizes, capacity, strict=True)]

@@ -1,0 +1,128 @@
+"""The prune stage: a schedule of steps, each removing a share and followed by recovery.
+
+``prune_model`` never trains by itself: recovery is the caller's ``recover(model, step)`` (the
+pipeline passes distillation from the teacher), so this module does not import the training loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import nn
+
+from edgekd.errors import StageError
+from edgekd.pruning.base import PruneContext, StepGoal, count_params, get_method
+from edgekd.recipe import PruneConfig
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _fixed_goals(cfg: PruneConfig, prunable0: int) -> list[StepGoal]:
+    """One goal per step for the targets known in advance (not latency)."""
+    n = cfg.steps
+    if cfg.keep_params is not None:
+        # Linear in parameters: step i ends at 1 - (1 - keep) * i / n of the original.
+        return [StepGoal(param_budget=round(prunable0 * (1 - (1 - cfg.keep_params) * (i + 1) / n))) for i in range(n)]
+    if cfg.sparsity is not None:
+        return [StepGoal(sparsity=cfg.sparsity * (i + 1) / n) for i in range(n)]
+    heads = _split(cfg.remove_heads or 0, n)
+    neurons = _split(cfg.remove_neurons or 0, n)
+    return [StepGoal(heads=h or None, neurons=m or None) for h, m in zip(heads, neurons, strict=True)]
+
+
+def _evaluate(ctx: PruneContext, model: nn.Module) -> dict[str, float] | None:
+    return dict(ctx.evaluate(model)) if ctx.evaluate is not None else None
+
+
+def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune ``model`` (in place; the returned model is the one to use) towards ``cfg``'s target.
+
+    Returns the model and metrics: parameters, structure before/after (heads and neurons per
+    layer, channels, or sparsity and gzip size), the metric and parameters after every step,
+    latency before/after when ``ctx.latency_fn`` is given, and whether the target was reached.
+    """
+    targets = [cfg.keep_params, cfg.remove_heads, cfg.remove_neurons, cfg.target_latency_ms, cfg.sparsity]
+    if all(t is None for t in targets):
+        raise StageError(
+            "no pruning target: set one of prune.keep_params, prune.remove_heads/remove_neurons, "
+            "prune.target_latency_ms, prune.sparsity"
+        )
+    if cfg.target_latency_ms is not None and ctx.latency_fn is None:
+        raise StageError("prune.target_latency_ms needs a latency function (PruneContext.latency_fn)")
+    method = get_method(cfg.method)(model, cfg, ctx)
+    prunable0 = method.prunable_params(model)
+    if cfg.keep_params is not None:
+        floor = method.min_prunable_params(model)
+        if floor > cfg.keep_params * prunable0:
+            raise StageError(
+                f"prune.keep_params={cfg.keep_params} cannot be reached: what every layer must keep "
+                f"(prune.min_heads_per_layer, prune.min_neurons_fraction) is {floor / prunable0:.3f} of "
+                f"the prunable parameters. Raise keep_params or lower the floors."
+            )
+    metrics: dict[str, Any] = {
+        "method": cfg.method, "importance": cfg.importance, "scope": cfg.scope,
+        "params_before": count_params(model), "prunable_params_before": prunable0,
+        "before": method.describe(model), "steps": [],
+    }
+    metrics["metric_before"] = _evaluate(ctx, model)
+    latency = ctx.latency_fn(model) if ctx.latency_fn is not None else None
+    metrics["latency_ms_before"] = latency
+
+    if cfg.target_latency_ms is not None:
+        goals: list[StepGoal] = [StepGoal(fraction=cfg.latency_step)] * cfg.steps
+    else:
+        goals = _fixed_goals(cfg, prunable0)
+    reached = cfg.target_latency_ms is not None and latency is not None and latency <= cfg.target_latency_ms
+    for i, goal in enumerate(goals, start=1):
+        if reached:
+            break
+        t0 = time.perf_counter()
+        model, info = method.step(model, goal)
+        record = {"step": i, **info, "params": count_params(model),
+                  "prunable_params": method.prunable_params(model)}
+        if ctx.recover is not None:
+            model = ctx.recover(model, i)
+            record["recovered"] = True
+        record["metric"] = _evaluate(ctx, model)
+        if cfg.target_latency_ms is not None:
+            latency = ctx.latency_fn(model)
+            record["latency_ms"] = latency
+            reached = latency <= cfg.target_latency_ms
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        metrics["steps"].append(record)
+        if info.get("removed", 0) == 0 and cfg.target_latency_ms is not None:
+            break  # nothing left to remove within the floors
+
+    model = method.finish(model)
+    prunable = method.prunable_params(model)
+    metrics.update({
+        "params_after": count_params(model), "prunable_params_after": prunable,
+        "kept_prunable_fraction": round(prunable / prunable0, 6) if prunable0 else None,
+        "after": method.describe(model),
+    })
+    # Share of the prunable weights gone: zeros for unstructured, removed parameters otherwise.
+    metrics["sparsity"] = (metrics["after"]["sparsity"] if "sparsity" in metrics["after"]
+                           else round(1 - prunable / prunable0, 6) if prunable0 else 0.0)
+    if cfg.target_latency_ms is None and ctx.latency_fn is not None:
+        latency = ctx.latency_fn(model)
+    metrics["latency_ms_after"] = latency
+    metrics["metric_after"] = metrics["steps"][-1]["metric"] if metrics["steps"] else metrics["metric_before"]
+    metrics["target"], metrics["target_reached"] = _target_report(cfg, metrics, latency)
+    return model, metrics
+
+
+def _target_report(cfg: PruneConfig, m: dict[str, Any], latency: float | None) -> tuple[dict[str, Any], bool]:
+    if cfg.target_latency_ms is not None:
+        return {"latency_ms": cfg.target_latency_ms}, latency is not None and latency <= cfg.target_latency_ms
+    if cfg.keep_params is not None:
+        # Heads and neurons come in whole units: within one unit's worth of the budget counts as met.
+        return {"keep_params": cfg.keep_params}, m["kept_prunable_fraction"] <= cfg.keep_params + 0.01
+    if cfg.sparsity is not None:
+        return {"sparsity": cfg.sparsity}, m["after"]["sparsity"] >= cfg.sparsity - 1e-3
+    removed_h = sum(s.get("removed_heads", 0) for s in m["steps"])
+    removed_n = sum(s.get("removed_neurons", 0) for s in m["steps"])
+    ok = removed_h >= (cfg.remove_heads or 0) and removed_n >= (cfg.remove_neurons or 0)
+    return {"remove_heads": cfg.remove_heads, "remove_neurons": cfg.remove_neurons}, ok

@@ -1,0 +1,74 @@
+"""Feeding real examples to ONNX Runtime's calibrators, and slicing example sets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from edgekd.errors import DataError
+
+
+def n_rows(inputs: Mapping[str, np.ndarray]) -> int:
+    sizes = {name: len(a) for name, a in inputs.items()}
+    if not sizes:
+        raise DataError("no inputs given: pass a dict of input name -> array with one row per example")
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"inputs disagree on the number of examples: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def take(inputs: Mapping[str, np.ndarray], n: int, start: int = 0) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v[start:start + n]) for k, v in inputs.items()}
+
+
+def batches(inputs: Mapping[str, np.ndarray], size: int):
+    total = n_rows(inputs)
+    for start in range(0, total, size):
+        yield take(inputs, size, start)
+
+
+def cast_to(inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+    """Inputs in the dtypes the graph declares (tokenizers give int32 or int64 alike)."""
+    return {k: np.asarray(v).astype(dtypes[k], copy=False) if k in dtypes else np.asarray(v) for k, v in inputs.items()}
+
+
+def make_reader(inputs: Mapping[str, np.ndarray], samples: int, input_names: list[str],
+                dtypes: Mapping[str, np.dtype] | None = None):
+    """A ``CalibrationDataReader`` yielding the first ``samples`` examples one at a time.
+
+    ``served`` counts the examples handed to the calibrator (what the report records).
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    missing = [n for n in input_names if n not in inputs]
+    if missing:
+        raise DataError(f"calibration inputs lack {missing}; the model takes {input_names}")
+    total = n_rows(inputs)
+    if total < samples:
+        raise DataError(
+            f"quantize.calibration_samples={samples} but only {total} calibration examples were given; "
+            "lower calibration_samples or pass more examples"
+        )
+    data = cast_to({n: inputs[n][:samples] for n in input_names}, dtypes or {})
+
+    class ArrayReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.served = 0
+            self._next = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._next >= samples:
+                return None
+            i = self._next
+            self._next += 1
+            self.served += 1
+            return {n: data[n][i:i + 1] for n in input_names}
+
+        def rewind(self) -> None:
+            self._next = 0
+
+        def __len__(self) -> int:
+            return samples
+
+    return ArrayReader()

@@ -1,0 +1,134 @@
+"""Measuring a quantized ONNX model against its float source: accuracy, output error, speed.
+
+Accuracy is measured through the ONNX export target's own runner, so what is evaluated is what
+is served. Timing opens its own sessions, both with the same threads and with thread-pool
+spinning off: two spinning pools in one process steal each other's cores when their runs
+alternate, which on a small machine makes the second model look several times slower.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import DataError, MissingBackendError
+from edgekd.quantization.calibration import batches, cast_to, take
+
+MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], Mapping[str, float]]
+EVAL_BATCH = 64
+
+
+def load_runner(path: Path, threads: int | None = None) -> Any:
+    from edgekd.export import get_exporter
+    from edgekd.export import onnx as _onnx  # noqa: F401  (registers the target)
+
+    return get_exporter("onnx").load(Path(path), threads=threads)
+
+
+def run_all(runner: Any, inputs: Mapping[str, np.ndarray], batch: int = EVAL_BATCH) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for chunk in batches(inputs, batch):
+        for name, arr in runner.run(chunk).items():
+            parts.setdefault(name, []).append(np.asarray(arr))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def metric_of(metrics: Mapping[str, float], key: str) -> float:
+    if key not in metrics:
+        raise DataError(
+            f"quantize.guard_metric is '{key}' but the task's metrics are {sorted(metrics)}; "
+            "set quantize.guard_metric to one of them"
+        )
+    return float(metrics[key])
+
+
+def relative_error(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> float:
+    """Sum of squared differences over the sum of squares of the reference, over all outputs."""
+    num = den = 0.0
+    for name, r in ref.items():
+        r64 = np.asarray(r, dtype=np.float64)
+        num += float(np.sum((np.asarray(out[name], dtype=np.float64) - r64) ** 2))
+        den += float(np.sum(r64 ** 2))
+    return num / den if den else num
+
+
+def agreement(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Max abs difference and top-1 agreement of the first output, as the parity check reports them."""
+    name = next(iter(ref))
+    r, o = np.asarray(ref[name], dtype=np.float64), np.asarray(out[name], dtype=np.float64)
+    top1 = float(np.mean(r.argmax(-1) == o.argmax(-1))) if r.ndim >= 2 else float("nan")
+    return {"max_abs_diff": float(np.max(np.abs(r - o))) if r.size else 0.0, "top1_agreement": top1}
+
+
+class Evaluator:
+    """Runs models on the validation examples and scores them against the float model."""
+
+    def __init__(self, val_inputs: Mapping[str, np.ndarray], val_labels: np.ndarray, metric_fn: MetricFn,
+                 metric_key: str, sensitivity_examples: int, threads: int | None):
+        self.inputs, self.labels = dict(val_inputs), np.asarray(val_labels)
+        self.metric_fn, self.key, self.threads = metric_fn, metric_key, threads
+        n = len(self.labels)
+        self.sens_n = min(sensitivity_examples, n)
+        self.reference: dict[str, np.ndarray] | None = None
+
+    def score(self, path: Path, subset: bool = False) -> dict[str, Any]:
+        runner = load_runner(path, self.threads)
+        n = self.sens_n if subset else len(self.labels)
+        outputs = run_all(runner, take(self.inputs, n))
+        metrics = {k: float(v) for k, v in self.metric_fn(outputs, self.labels[:n]).items()}
+        result = {"metrics": metrics, "metric": metric_of(metrics, self.key), "outputs": outputs}
+        if self.reference is not None:
+            ref = {k: v[:n] for k, v in self.reference.items()}
+            result["relative_error"] = relative_error(ref, outputs)
+            result.update(agreement(ref, outputs))
+        return result
+
+
+def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray], runs: int,
+                      threads: int | None, warmup: int = 5) -> dict[str, dict[str, float]]:
+    """Median latency of each model on the same inputs, runs alternating between the models."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise MissingBackendError("Timing ONNX models", "onnxruntime", "onnx") from e
+    from edgekd.export.onnx import select_providers
+
+    sessions = {}
+    for name, path in paths.items():
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(str(path), so, providers=select_providers())
+        declared = {i.name: _np_type(i.type) for i in sess.get_inputs()}
+        feed = cast_to({k: inputs[k] for k in declared}, {k: v for k, v in declared.items() if v is not None})
+        sessions[name] = (sess, feed)
+    for sess, feed in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, (sess, feed) in sessions.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            sess.run(None, feed)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    # cpu_p50_ms (CPU time of the whole process per run) is the steadier figure on a shared
+    # machine, where wall time includes waiting for a core; decisions use wall time.
+    return {
+        name: {"p50_ms": round(statistics.median(t), 4), "p90_ms": round(float(np.percentile(t, 90)), 4),
+               "cpu_p50_ms": round(statistics.median(cpu[name]), 4), "runs": len(t)}
+        for name, t in times.items()
+    }
+
+
+def _np_type(ort_type: str) -> Any:
+    return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+            "tensor(float16)": np.float16, "tensor(bool)": np.bool_}.get(ort_type)

@@ -1,0 +1,282 @@
+"""The ONNX quantize stage: quantize, guard accuracy (keeping sensitive operators in float), time
+against the float model, and write an export folder that serves like any other.
+
+Accuracy guard: the quantized model is scored on the validation examples. When ``guard_metric``
+drops by more than ``max_accuracy_drop``, each candidate operator is in turn left in float while
+everything else is quantized; the drop in output error (against the float model, on
+``sensitivity_examples`` examples) ranks the operators. The worst 1, 2, 4, ... are kept in float
+until the budget is met, ``max_attempts`` is used up or ``max_float_nodes`` is reached. If the
+budget cannot be met, the report says so and recommends the float model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import StageError
+from edgekd.export.base import ARTIFACT_META, read_artifact_meta, write_artifact_meta
+from edgekd.quantization.calibration import n_rows, take
+from edgekd.quantization.guard import Evaluator, MetricFn, time_side_by_side
+from edgekd.quantization.onnx_methods import make_method
+from edgekd.recipe import QuantizeConfig
+from edgekd.runfolder import atomic_dir, sha256_file
+
+DEFAULT_FILE = "model.onnx"
+
+
+def prepare(src: Path, dst: Path, preprocess: bool, external: bool = False) -> dict[str, Any]:
+    """Write the model to quantize at ``dst``: pre-processed as ONNX Runtime recommends (symbolic
+    shape inference, graph cleanup), every node named (exclusion goes by name)."""
+    import onnx
+
+    notes: dict[str, Any] = {"preprocess": None}
+    staged = src
+    if preprocess:
+        pre = dst.with_name("pre.onnx")
+        notes["preprocess"] = _pre_process(src, pre, external)
+        if notes["preprocess"]["options"] is not None:
+            staged = pre
+    model = onnx.load(str(staged))
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+    onnx.save(model, str(dst), save_as_external_data=external)
+    return notes
+
+
+def _pre_process(src: Path, dst: Path, external: bool) -> dict[str, Any]:
+    """ONNX Runtime's pre-processing, run as its command-line tool in the working folder: when
+    symbolic shape inference does not finish, ONNX Runtime dumps the partial model (with all its
+    weights) into the current directory, which must not be the user's. ``auto_merge`` lets it
+    finish on torch.export graphs; without symbolic inference, ONNX shape inference still runs."""
+    errors = []
+    for flags in (["--auto_merge"], ["--skip_symbolic_shape"]):
+        extra = ["--save_as_external_data", "--skip_optimization"] if external else []
+        cmd = [sys.executable, "-m", "onnxruntime.quantization.preprocess", "--input", str(src.resolve()),
+               "--output", str(dst.resolve()), *flags, *extra]
+        proc = subprocess.run(cmd, cwd=dst.parent, capture_output=True, text=True, check=False)
+        if proc.returncode == 0 and dst.is_file():
+            return {"options": flags + extra, "retries": errors}
+        last = (proc.stderr.strip().splitlines() or ["no output written"])[-1]
+        errors.append(f"{' '.join(flags)}: {last[:300]}")
+    return {"options": None, "failed": errors}
+
+
+def _nodes(path: Path, op_types: frozenset[str]) -> list[tuple[str, str]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [(n.name, n.op_type) for n in model.graph.node if n.op_type in op_types]
+
+
+def _graph_inputs(path: Path) -> tuple[list[str], dict[str, Any]]:
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    return [i.name for i in inputs], {
+        i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in inputs
+    }
+
+
+def _copy_model(model: Path, dst: Path, external: bool) -> None:
+    if not external:
+        shutil.copy2(model, dst)
+        return
+    import onnx
+
+    # Re-save so the weights file is named after the destination, as the float folder's was.
+    onnx.save(onnx.load(str(model)), str(dst), save_as_external_data=True, location=dst.name + ".data",
+              size_threshold=0)
+
+
+def _attempt_record(exclude: list[str], score: dict[str, Any], float_metric: float, budget: float) -> dict[str, Any]:
+    drop = float_metric - score["metric"]
+    return {"float_nodes": list(exclude), "metric": score["metric"], "drop": round(drop, 6),
+            "relative_error": score.get("relative_error"), "passed": drop <= budget + 1e-12}
+
+
+def quantize_onnx(
+    fp32_dir: Path,
+    out_dir: Path,
+    cfg: QuantizeConfig,
+    calib_inputs: Mapping[str, np.ndarray] | None,
+    val_inputs: Mapping[str, np.ndarray],
+    val_labels: np.ndarray,
+    metric_fn: MetricFn,
+) -> dict[str, Any]:
+    """Quantize the ONNX export in ``fp32_dir`` into the export folder ``out_dir``.
+
+    Returns the metrics and the guard report: float and quantized metrics, every attempt, the
+    operators kept in float and why, the side-by-side latency, and which model is recommended.
+    """
+    fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
+    meta = read_artifact_meta(fp32_dir)
+    src = fp32_dir / meta.get("file", DEFAULT_FILE)
+    if not src.is_file():
+        raise StageError(f"{src} does not exist: {fp32_dir} is not a complete ONNX export folder")
+    if n_rows(val_inputs) != len(val_labels):
+        raise StageError(f"{n_rows(val_inputs)} validation examples but {len(val_labels)} labels")
+    external = any(p.name.startswith(src.name) and p != src for p in fp32_dir.iterdir())
+
+    with tempfile.TemporaryDirectory(prefix="edgekd-quant-") as work_str:
+        work = Path(work_str)
+        ev = Evaluator(val_inputs, val_labels, metric_fn, cfg.guard_metric, cfg.sensitivity_examples, cfg.threads)
+        base = ev.score(src)  # first: a wrong guard_metric or input fails before any work
+        ev.reference = base["outputs"]
+        prepared = work / "float.onnx"
+        report: dict[str, Any] = {"method": cfg.method, **prepare(src, prepared, cfg.preprocess, external)}
+        names, dtypes = _graph_inputs(src)
+        method = make_method(cfg, calib_inputs, names, dtypes, work, external)
+        report["precision"] = method.precision
+
+        guard, model, final = _accuracy_guard(method, prepared, work, ev, base, cfg)
+        report["settings"] = method.settings()
+        report["accuracy_guard"] = guard
+        report["speed_guard"] = _speed_guard(src, model, val_inputs, cfg, method.precision)
+        report["float"] = {"metrics": base["metrics"], "size_bytes": _model_bytes(src), "sha256": meta.get("sha256")}
+        report["quantized"] = {"metrics": final["metrics"], "size_bytes": _model_bytes(model),
+                               "max_abs_diff": final["max_abs_diff"], "top1_agreement": final["top1_agreement"]}
+        use_quantized = guard["passed"] and report["speed_guard"]["quantized_faster"]
+        reasons = [] if use_quantized else [
+            n for n in (guard.get("note"), report["speed_guard"].get("note")) if n
+        ]
+        report.update(recommended="quantized" if use_quantized else "float",
+                      recommended_dir=str(out_dir if use_quantized else fp32_dir), reasons=reasons)
+        _write_folder(fp32_dir, out_dir, src, model, meta, report, method.precision, external)
+    report["quantized"]["sha256"] = sha256_file(out_dir / src.name)
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def _model_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def _accuracy_guard(method: Any, prepared: Path, work: Path, ev: Evaluator, base: dict[str, Any],
+                    cfg: QuantizeConfig) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """Quantize; while the metric drops too far, keep the 1, 2, 4, ... most sensitive operators in
+    float. Returns the guard report, the chosen model and its score."""
+    attempts: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    scores: list[dict[str, Any]] = []
+
+    def attempt(exclude: list[str]) -> None:
+        path = work / f"attempt{len(paths) + 1}.onnx"
+        method.quantize(prepared, path, exclude)
+        scores.append(ev.score(path))
+        attempts.append(_attempt_record(exclude, scores[-1], base["metric"], cfg.max_accuracy_drop))
+        paths.append(path)
+
+    attempt([])
+    ranking: list[dict[str, Any]] = []
+    if not attempts[0]["passed"] and cfg.max_attempts > 1 and cfg.max_float_nodes > 0:
+        ranking = _sensitivity(method, prepared, work, ev)
+        useful = [r["node"] for r in ranking if r["error_removed"] > 0][: cfg.max_float_nodes]
+        k = 1
+        while not attempts[-1]["passed"] and len(attempts) < cfg.max_attempts and useful:
+            exclude = useful[:k]
+            if exclude != attempts[-1]["float_nodes"]:
+                attempt(exclude)
+            if k >= len(useful):
+                break
+            k *= 2
+
+    best = next((i for i, a in enumerate(attempts) if a["passed"]), None)
+    passed = best is not None
+    if best is None:  # report the least bad attempt; the float model is recommended
+        best = min(range(len(attempts)), key=lambda i: (attempts[i]["drop"], len(attempts[i]["float_nodes"])))
+    by_node = {r["node"]: r for r in ranking}
+    guard = {
+        "metric": cfg.guard_metric, "budget": cfg.max_accuracy_drop, "passed": passed,
+        "float_metric": base["metric"], "quantized_metric": scores[best]["metric"],
+        "drop": round(base["metric"] - scores[best]["metric"], 6), "attempts": attempts,
+        "float_nodes": [by_node.get(n, {"node": n}) for n in attempts[best]["float_nodes"]],
+        "sensitivity_candidates": len(ranking), "sensitivity": ranking[:20],
+    }
+    if not passed:
+        guard["note"] = (
+            f"the {cfg.guard_metric} drop stays above {cfg.max_accuracy_drop} after {len(attempts)} "
+            f"attempt(s) keeping up to {max(len(a['float_nodes']) for a in attempts)} operator(s) in float; "
+            "the float model is recommended"
+        )
+    return guard, paths[best], scores[best]
+
+
+def _speed_guard(src: Path, model: Path, val_inputs: Mapping[str, np.ndarray], cfg: QuantizeConfig,
+                 precision: str) -> dict[str, Any]:
+    speed = time_side_by_side({"float": src, "quantized": model}, take(val_inputs, 1), cfg.speed_runs, cfg.threads)
+    faster = speed["quantized"]["p50_ms"] < speed["float"]["p50_ms"]
+    report = {"batch": 1, "threads": cfg.threads, "thread_spinning": False, **speed,
+              "speedup": round(speed["float"]["p50_ms"] / speed["quantized"]["p50_ms"], 3),
+              "quantized_faster": faster}
+    if not faster:
+        report["note"] = (f"{precision} is not faster than float here ({speed['quantized']['p50_ms']:.3f} ms "
+                          f"vs {speed['float']['p50_ms']:.3f} ms p50 at batch 1)")
+    return report
+
+
+def _sensitivity(method: Any, prepared: Path, work: Path, ev: Evaluator) -> list[dict[str, Any]]:
+    """For each candidate operator: quantize everything else and measure how much output error
+    (and metric) that removes, on the sensitivity subset. Sorted, most sensitive first."""
+    full = work / "sens-all.onnx"
+    method.quantize(prepared, full, [])
+    everything = ev.score(full, subset=True)
+    ranking = []
+    for node, op in _nodes(prepared, method.candidate_ops):
+        path = work / "sens-one.onnx"
+        method.quantize(prepared, path, [node])
+        s = ev.score(path, subset=True)
+        ranking.append({
+            "node": node, "op_type": op,
+            "error_removed": round(everything["relative_error"] - s["relative_error"], 9),
+            "relative_error_without": s["relative_error"],
+            "metric_recovered": round(s["metric"] - everything["metric"], 6),
+        })
+    ranking.sort(key=lambda r: (-r["error_removed"], r["node"]))
+    return ranking
+
+
+def _write_folder(fp32_dir: Path, out_dir: Path, src: Path, model: Path, meta: dict[str, Any],
+                  report: dict[str, Any], precision: str, external: bool) -> None:
+    """The float folder's other files (tokenizer, labels) plus the quantized model and its artifact.json."""
+    with atomic_dir(out_dir) as tmp:
+        for item in fp32_dir.iterdir():
+            if item.name == ARTIFACT_META or item.name.startswith(src.name) or item.name.startswith("."):
+                continue  # the float model (and its external data) is replaced below
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        _copy_model(model, tmp / src.name, external)
+        new = dict(meta)
+        new.update(
+            exporter="onnx", file=src.name, precision=precision,
+            sha256=sha256_file(tmp / src.name), size_bytes=(tmp / src.name).stat().st_size,
+            source={"folder": str(fp32_dir), "sha256": meta.get("sha256"), "precision": meta.get("precision")},
+            parity={"reference": "float ONNX model", "max_abs_diff": report["quantized"]["max_abs_diff"],
+                    "top1_agreement": report["quantized"]["top1_agreement"]},
+            quantization={
+                "method": report["method"], "settings": report["settings"],
+                "float_nodes": [n["node"] for n in report["accuracy_guard"]["float_nodes"]],
+                "accuracy_guard": {k: report["accuracy_guard"][k] for k in ("metric", "budget", "passed", "float_metric", "quantized_metric", "drop")},
+                "speedup_batch1": report["speed_guard"]["speedup"], "recommended": report["recommended"],
+            },
+        )
+        write_artifact_meta(tmp, new)

@@ -1,0 +1,371 @@
+"""Quantization: ONNX dynamic/static/fp16 export folders, calibration on the recipe's samples,
+the accuracy guard (fails, finds the sensitive operator, recovers), the speed guard, torchao and
+pt2e int8, Core ML weight compression."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekd.errors import DataError
+from edgekd.export.base import read_artifact_meta, write_artifact_meta
+from edgekd.quantization import make_reader, onnx_stage, quantize_onnx, registered_methods
+from edgekd.recipe import QuantizeConfig
+from edgekd.runfolder import sha256_file
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+    return {"accuracy": float((outputs["logits"].argmax(-1) == labels).mean())}
+
+
+def write_meta(folder: Path, **extra) -> None:
+    model = folder / "model.onnx"
+    write_artifact_meta(folder, {"target": "onnx", "exporter": "onnx", "file": "model.onnx",
+                                 "sha256": sha256_file(model), "size_bytes": model.stat().st_size,
+                                 "precision": "fp32", "labels": ["negative", "positive"], **extra})
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_export(tmp_path_factory) -> Path:
+    """A tiny BERT classifier exported by the project's ONNX target, with tokenizer and artifact.json."""
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekd.export import get_exporter
+    from edgekd.export import onnx as _onnx  # noqa: F401  (registers the target)
+    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport
+    from edgekd.testing import tiny_bert
+
+    src = tiny_bert(tmp_path_factory.mktemp("q-bert"), num_layers=2, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(src).eval()
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    ids = np.random.default_rng(0).integers(5, 40, size=(2, 12))
+    get_exporter("onnx").export(SequenceClassifierExport(model), {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                                TEXT_IO, out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, out / name)
+    write_meta(out, io={"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]})
+    return out
+
+
+def text_inputs(n: int, seed: int = 1) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(5, 40, size=(n, 12)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def fragile_model(folder: Path, seed: int = 0) -> Path:
+    """x[N,16] -> MatMul 'mm_hidden' -> Relu -> MatMul 'mm_out' -> logits[N,2].
+
+    mm_out's weight has one outlier row (±1000) on a hidden unit that is always zero, so it never
+    matters in float; per-tensor int8 scales every other weight of mm_out to zero, and the int8
+    model predicts one class for everything.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(16, 16)).astype(np.float32)
+    w1[:, 0] = 0  # hidden unit 0 is always zero
+    w2 = rng.normal(size=(16, 2)).astype(np.float32)
+    w2[0] = [1000.0, -1000.0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm_hidden"),
+         helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+         helper.make_node("MatMul", ["hr", "w2"], ["logits"], name="mm_out")],
+        "fragile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "labels.json").write_text('["a", "b"]')
+    write_meta(folder)
+    return folder
+
+
+def fragile_data(folder: Path, n: int = 200) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(3).normal(size=(n, 16)).astype(np.float32)
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    labels = sess.run(None, {"x": x})[0].argmax(-1)  # the float model is right by construction
+    return {"x": x}, labels
+
+
+@pytest.fixture
+def fragile(tmp_path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    folder = fragile_model(tmp_path / "export" / "onnx")
+    inputs, labels = fragile_data(folder)
+    return folder, inputs, labels
+
+
+def qcfg(**kw) -> QuantizeConfig:
+    kw.setdefault("speed_runs", 5)
+    return QuantizeConfig(enabled=True, **kw)
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+def test_every_recipe_method_is_registered():
+    values = typing.get_args(QuantizeConfig.model_fields["method"].annotation)
+    assert set(values) == set(registered_methods())
+
+
+@pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
+def test_dynamic_int8_writes_a_servable_export_folder(bert_export, tmp_path):
+    from edgekd.export import get_exporter
+
+    val = text_inputs(32)
+    labels = np.zeros(32, dtype=np.int64)
+    out = tmp_path / "export" / "onnx-int8"
+    report = quantize_onnx(bert_export, out, qcfg(max_accuracy_drop=1.0), None, val, labels, accuracy)
+
+    meta = read_artifact_meta(out)
+    assert meta["precision"] == "int8-dynamic" and meta["exporter"] == "onnx" and meta["file"] == "model.onnx"
+    assert meta["sha256"] == sha256_file(out / "model.onnx") != read_artifact_meta(bert_export)["sha256"]
+    assert meta["size_bytes"] == (out / "model.onnx").stat().st_size < (bert_export / "model.onnx").stat().st_size
+    assert meta["source"]["sha256"] == read_artifact_meta(bert_export)["sha256"]
+    assert meta["quantization"]["method"] == "dynamic" and meta["labels"] == ["negative", "positive"]
+    for name in TOKENIZER_FILES:
+        assert (out / name).read_bytes() == (bert_export / name).read_bytes()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    runner = get_exporter("onnx").load(out / "model.onnx")
+    logits = runner.run(val)["logits"]
+    assert logits.shape == (32, 2) and np.isfinite(logits).all()
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops
+    assert report["accuracy_guard"]["passed"] and report["accuracy_guard"]["attempts"][0]["float_nodes"] == []
+    assert report["quantized"]["top1_agreement"] >= 0.5 and report["quantized"]["max_abs_diff"] < 0.5
+    assert report["preprocess"]["options"] is not None  # ORT's recommended pre-processing ran
+
+
+@pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
+def test_static_calibrates_on_the_recipe_sample_count(bert_export, tmp_path):
+    calib = text_inputs(50, seed=2)
+    val = text_inputs(16)
+    report = quantize_onnx(bert_export, tmp_path / "onnx-int8-static",
+                           qcfg(method="static", calibration_samples=20, max_accuracy_drop=1.0),
+                           calib, val, np.zeros(16, dtype=np.int64), accuracy)
+    assert report["settings"]["calibration_samples"] == 20
+    assert report["precision"] == "int8-static"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx-int8-static" / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_calibration_reader_counts_and_checks_samples():
+    reader = make_reader(text_inputs(10), 4, ["input_ids", "attention_mask"], {"input_ids": np.int64})
+    rows = list(reader)
+    assert len(rows) == 4 == reader.served and rows[0]["input_ids"].shape == (1, 12)
+    with pytest.raises(DataError, match="only 10 calibration examples"):
+        make_reader(text_inputs(10), 11, ["input_ids", "attention_mask"])
+    with pytest.raises(DataError, match="lack"):
+        make_reader({"input_ids": np.zeros((4, 3))}, 2, ["input_ids", "attention_mask"])
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_accuracy_guard_finds_and_keeps_the_sensitive_node_in_float(fragile, tmp_path, method):
+    folder, inputs, labels = fragile
+    out = tmp_path / "export" / "onnx-int8"
+    report = quantize_onnx(folder, out, qcfg(method=method, calibration_samples=50), inputs, inputs, labels, accuracy)
+
+    guard = report["accuracy_guard"]
+    first, last = guard["attempts"][0], guard["attempts"][-1]
+    assert guard["float_metric"] == 1.0
+    assert not first["passed"] and first["drop"] > 0.2  # all-int8 breaks the model
+    assert guard["sensitivity"][0]["node"] == "mm_out"  # the outlier MatMul is ranked first
+    assert guard["sensitivity"][0]["metric_recovered"] > 0.2
+    assert last["passed"] and last["float_nodes"] == ["mm_out"] and guard["passed"]
+    assert [n["node"] for n in guard["float_nodes"]] == ["mm_out"]
+    assert guard["drop"] <= 0.01
+    meta = read_artifact_meta(out)
+    assert meta["quantization"]["float_nodes"] == ["mm_out"] and meta["quantization"]["accuracy_guard"]["passed"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+    assert nodes["mm_out"].op_type == "MatMul" and "w2" in nodes["mm_out"].input  # float weights
+    if method == "dynamic":  # mm_hidden became an integer MatMul
+        assert "mm_hidden" not in nodes or nodes["mm_hidden"].op_type != "MatMul"
+    else:  # QDQ keeps the MatMul, fed by dequantized int8 tensors
+        assert {made_by.get(i) for i in nodes["mm_hidden"].input} == {"DequantizeLinear"}
+    if method == "static":  # retries reuse the calibration: the samples were read once
+        assert report["settings"]["calibration_samples"] == 50
+
+
+def test_guard_that_cannot_meet_the_budget_recommends_float(fragile, tmp_path):
+    folder, inputs, labels = fragile
+    report = quantize_onnx(folder, tmp_path / "q", qcfg(max_attempts=1), None, inputs, labels, accuracy)
+    guard = report["accuracy_guard"]
+    assert not guard["passed"] and "float model is recommended" in guard["note"]
+    assert report["recommended"] == "float" and report["recommended_dir"] == str(folder)
+    assert guard["note"] in report["reasons"]
+    assert read_artifact_meta(tmp_path / "q")["quantization"]["recommended"] == "float"
+
+
+def test_guard_metric_must_exist(fragile, tmp_path):
+    folder, inputs, labels = fragile
+    with pytest.raises(DataError, match="guard_metric"):
+        quantize_onnx(folder, tmp_path / "q", qcfg(guard_metric="f1"), None, inputs, labels, accuracy)
+
+
+def test_speed_guard_reports_side_by_side_timings(fragile, tmp_path):
+    folder, inputs, labels = fragile
+    report = quantize_onnx(folder, tmp_path / "q", qcfg(max_accuracy_drop=1.0, speed_runs=7), None,
+                           inputs, labels, accuracy)
+    speed = report["speed_guard"]
+    assert speed["batch"] == 1 and speed["float"]["runs"] == speed["quantized"]["runs"] == 7
+    assert speed["quantized_faster"] == (speed["quantized"]["p50_ms"] < speed["float"]["p50_ms"])
+    assert speed["speedup"] == pytest.approx(speed["float"]["p50_ms"] / speed["quantized"]["p50_ms"], rel=1e-2)
+    assert ("note" in speed) == (not speed["quantized_faster"])
+    assert report["recommended"] == ("quantized" if speed["quantized_faster"] else "float")
+
+
+def test_slower_int8_is_reported_and_float_recommended(fragile, tmp_path, monkeypatch):
+    folder, inputs, labels = fragile
+
+    def slower_int8(paths, inputs, runs, threads):
+        return {"float": {"p50_ms": 1.0, "p90_ms": 1.1, "runs": runs},
+                "quantized": {"p50_ms": 1.5, "p90_ms": 1.6, "runs": runs}}
+
+    monkeypatch.setattr(onnx_stage, "time_side_by_side", slower_int8)
+    report = quantize_onnx(folder, tmp_path / "q", qcfg(), None, inputs, labels, accuracy)
+    assert report["accuracy_guard"]["passed"]
+    assert not report["speed_guard"]["quantized_faster"]
+    assert "int8-dynamic is not faster than float" in report["speed_guard"]["note"]
+    assert report["recommended"] == "float" and report["reasons"] == [report["speed_guard"]["note"]]
+
+
+@pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
+def test_fp16_keeps_float_io(bert_export, tmp_path):
+    val = text_inputs(8)
+    report = quantize_onnx(bert_export, tmp_path / "onnx-fp16", qcfg(method="fp16", max_accuracy_drop=1.0),
+                           None, val, np.zeros(8, dtype=np.int64), accuracy)
+    assert read_artifact_meta(tmp_path / "onnx-fp16")["precision"] == "fp16"
+    assert report["quantized"]["max_abs_diff"] < 0.05
+    graph = onnx.load(str(tmp_path / "onnx-fp16" / "model.onnx")).graph
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+
+
+def test_weights_kept_beside_the_graph_stay_beside_it(fragile, tmp_path):
+    folder, inputs, labels = fragile
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    write_meta(folder)
+    out = tmp_path / "q"
+    quantize_onnx(folder, out, qcfg(), None, inputs, labels, accuracy)
+    assert sorted(p.name for p in out.iterdir()) == ["artifact.json", "labels.json", "model.onnx", "model.onnx.data"]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert (sess.run(None, inputs)[0].argmax(-1) == labels).mean() > 0.99
+
+
+def test_missing_artifact_json_is_a_clear_error(tmp_path):
+    from edgekd.errors import UnsupportedTargetError
+
+    with pytest.raises(UnsupportedTargetError, match="not an edgekd export folder"):
+        quantize_onnx(tmp_path, tmp_path / "q", qcfg(), None, {"x": np.zeros((1, 16))}, np.zeros(1), accuracy)
+
+
+# --- PyTorch / ExecuTorch ----------------------------------------------------------------------
+
+def mlp():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4)).eval()
+
+
+def keyword_mlp():
+    """torch.export and the timing call models with keyword inputs: this one takes ``x``."""
+    import torch
+
+    class KeywordMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+    return KeywordMLP().eval()
+
+
+def _snr_db(ref, out) -> float:
+    ref, out = ref.detach().double(), out.detach().double()
+    return float(10 * np.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
+
+
+def test_torchao_int8_dynamic():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchao")
+    from edgekd.quantization import quantize_torch
+
+    model = keyword_mlp()
+    x = {"x": torch.randn(8, 64)}
+    q, report = quantize_torch(model, qcfg(torch_method="int8-dynamic"), x,
+                               evaluate=lambda m: {"accuracy": 1.0})
+    assert report["quantized_linears"] == 2
+    assert type(model.net[0].weight).__name__ == "Parameter"  # the float model is left alone
+    assert _snr_db(model(**x), q(**x)) > 20
+    assert report["accuracy_guard"]["passed"]
+    speed = report["speed_guard"]
+    assert speed["quantized_faster"] == (speed["quantized_p50_ms"] < speed["float_p50_ms"])
+    assert report["recommended"] == ("quantized" if speed["quantized_faster"] else "float")
+
+
+@pytest.mark.slow  # torch.export + pt2e prepare/convert
+def test_pt2e_xnnpack_calibrates_on_the_recipe_sample_count():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("executorch")
+    from edgekd.quantization import quantize_torch
+
+    model = keyword_mlp()
+    x = {"x": torch.randn(2, 64)}
+    batches = [{"x": torch.randn(4, 64)} for _ in range(10)]
+    q, report = quantize_torch(model, qcfg(torch_method="pt2e-xnnpack", calibration_samples=12), x, batches)
+    assert report["calibration_samples"] == 12 and report["quantize_nodes"] > 0
+    assert _snr_db(model(**x), q(**x)) > 15
+    assert "skipped" in report["speed_guard"]
+
+
+# --- Core ML -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["linear8", "palettize"])
+def test_coreml_weight_compression(tmp_path, mode):
+    torch = pytest.importorskip("torch")
+    ct = pytest.importorskip("coremltools")
+    from edgekd.quantization import quantize_coreml
+
+    model = mlp()
+    traced = torch.jit.trace(model, torch.randn(1, 64))
+    ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 64))], convert_to="mlprogram",
+                    compute_precision=ct.precision.FLOAT32, minimum_deployment_target=ct.target.iOS16)
+    src = tmp_path / "model.mlpackage"
+    ml.save(str(src))
+    out = tmp_path / "q" / "model.mlpackage"
+    report = quantize_coreml(src, out, qcfg(coreml_mode=mode, palette_bits=4))
+    assert (out / "Manifest.json").is_file()
+    assert report["size_bytes_after"] < report["size_bytes_before"] / 2
+    expected = "constexpr_affine_dequantize" if mode == "linear8" else "constexpr_lut_to_dense"
+    assert report["constexpr_ops"].get(expected, 0) >= 1
+    err = report["weight_error"]
+    assert err["weights_compared"] >= 1 and err["max_relative_error"] < (0.02 if mode == "linear8" else 0.3)
+    assert "skipped" in report["accuracy_guard"]
+    assert json.loads((out / "Manifest.json").read_text())
