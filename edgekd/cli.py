@@ -120,6 +120,28 @@ def bench(
     sys.stdout.write(bench_report(src.run_dir(), profile=src.bench.profile) + "\n")
 
 
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>) or one export folder.")],
+    target: Annotated[Optional[str], typer.Option(help="Export folder to serve, e.g. onnx or onnx-int8.")] = None,  # noqa: UP045
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,  # noqa: UP045
+    batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching", help="Dynamic micro-batching.")] = None,  # noqa: UP045
+    threads: Annotated[Optional[int], typer.Option(help="Runtime intra-op threads.")] = None,  # noqa: UP045
+) -> None:
+    """Serve an exported artifact: POST /predict, the v2 inference protocol, /health, /metadata, /metrics."""
+    from edgekd.recipe import ServeConfig
+    from edgekd.serving import ServeSettings
+    from edgekd.serving import serve as start
+
+    cfg = ServeConfig()
+    if (run_dir / "recipe.yaml").is_file():
+        cfg = load_recipe_or_run(str(run_dir), None).serve
+    overrides = {k: v for k, v in {"host": host, "port": port, "batching": batching, "threads": threads}.items()
+                 if v is not None}
+    start(run_dir, target or cfg.target, ServeSettings.from_config(cfg, **overrides))
+
+
 @recipe_app.command("show")
 def recipe_show(name: Annotated[str, typer.Argument(help="Built-in recipe name or YAML file.")] = "default") -> None:
     """Print a recipe as YAML (every key, with defaults filled in) to copy and edit."""

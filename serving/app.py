@@ -1,0 +1,116 @@
+"""The application factory and the ``serve`` entry point.
+
+``create_app(settings)`` builds a FastAPI app whose ``lifespan`` verifies and loads the artifact
+into ``app.state`` (model, engine, metrics) and, on shutdown, drains the batcher so that every
+accepted request gets its answer. Nothing lives at module level: two apps in one process share
+no model, no queue and no metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+import edgekd
+from edgekd.errors import EdgeKDError
+from edgekd.export.base import read_artifact_meta
+from edgekd.serving import api_ops, api_predict, api_v2
+from edgekd.serving.batching import InferenceEngine
+from edgekd.serving.context import Serving
+from edgekd.serving.http import ServingMiddleware, install_error_handlers
+from edgekd.serving.metrics import Metrics
+from edgekd.serving.model import Loader, load_served_model, resolve_export_dir, verify_artifact
+from edgekd.serving.settings import ServeSettings
+
+log = logging.getLogger("edgekd.serving")
+
+DESCRIPTION = """Classify texts with an edgekd export (ONNX Runtime, TensorRT, ExecuTorch, PyTorch).
+
+* `POST /predict` — `{"text": "..."}` or `{"texts": [...]}`.
+* `POST /v2/models/{name}/infer` — the Open Inference Protocol (KServe v2 / Triton).
+* `GET /health`, `GET /metadata`, `GET /metrics` (Prometheus).
+
+Errors are JSON objects `{"error": "..."}` saying what to fix.
+"""
+
+
+def create_app(settings: ServeSettings | None = None, loader: Loader | None = None) -> FastAPI:
+    """A FastAPI app serving ``settings.export_dir``.
+
+    ``loader(folder, **runtime_opts) -> (runner, artifact_meta)`` defaults to
+    ``edgekd.export.stage.load_artifact``; pass another to serve a runner built elsewhere.
+    """
+    settings = settings or ServeSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            model = load_served_model(settings, loader)
+        except Exception as e:
+            app.state.startup_error = e  # serve() re-raises it after uvicorn gives up
+            raise
+        metrics: Metrics = app.state.metrics
+        engine = InferenceEngine(
+            model.runner, model.codec, workers=settings.inference_workers, batching=settings.batching,
+            max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue, on_batch=metrics.observe_batch, arrivals=metrics.in_flight,
+        )
+        await engine.start()
+        app.state.serving = Serving(settings=settings, model=model, engine=engine, metrics=metrics)
+        app.state.ready = True
+        log.info("serving %s (%s) from %s, batching %s", model.name, model.target, model.folder,
+                 "on" if settings.batching else "off")
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await engine.stop()
+            log.info("stopped serving %s: in-flight work finished", model.name)
+
+    app = FastAPI(title="edgekd inference server", version=edgekd.__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.serving = None
+    app.state.ready = False
+    app.state.startup_error = None
+    install_error_handlers(app)
+    app.add_middleware(ServingMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
+    app.include_router(api_predict.router)
+    app.include_router(api_v2.health)
+    app.include_router(api_v2.router)
+    app.include_router(api_ops.router)
+    return app
+
+
+def serve(run_dir: str | Path, target: str | None = None, settings: ServeSettings | None = None,
+          loader: Loader | None = None) -> None:
+    """Serve ``RUN_DIR/export/<target>/`` (or an export folder given directly) until SIGINT/SIGTERM.
+
+    On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish (up to
+    ``graceful_timeout_s``), then the lifespan drains the batcher. Raises the load error (e.g. a
+    sha256 mismatch) instead of serving a wrong or unverified artifact.
+    """
+    import uvicorn
+
+    folder = resolve_export_dir(run_dir, target)
+    # Checked here as well as at load, so that a refusal is one clear error, not a server log.
+    verify_artifact(folder, read_artifact_meta(folder))
+    settings = (settings or ServeSettings()).model_copy(update={"export_dir": folder})
+    app = create_app(settings, loader)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, round(settings.graceful_timeout_s)), lifespan="on",
+    )
+    try:
+        uvicorn.Server(config).run()
+    except SystemExit:  # uvicorn exits with status 3 when the lifespan startup fails
+        if app.state.startup_error is None:
+            raise
+    error = app.state.startup_error
+    if error is not None:
+        raise error if isinstance(error, EdgeKDError) else EdgeKDError(f"the server could not start: {error}")

@@ -1,0 +1,269 @@
+"""Runs the runner off the event loop, one request per call or micro-batched across requests.
+
+The runner is blocking native code, so every call goes to a small thread pool: the event loop keeps
+accepting and parsing requests while the model works. With batching on, texts of concurrent
+requests run as one padded batch of at most ``max_batch_size`` texts and are split back per
+request. While every worker is busy, texts pile up in the queue, so batches grow exactly when load
+does. When a worker is free, the batcher waits (at most ``max_wait_ms``, counted from the oldest
+waiting text) only while other requests have arrived and are still being read or tokenised: a lone
+request runs at once, so batching costs no latency at low load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgekd.errors import StageError
+from edgekd.export.base import Runner
+from edgekd.serving.codec import Encoded, TextCodec
+from edgekd.serving.errors import OverloadedError, ShuttingDownError
+
+BatchObserver = Callable[[int, float], None]
+
+
+@dataclass
+class _Job:
+    items: Sequence[Encoded]
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    """Groups submitted jobs into runner calls of at most ``max_batch_size`` texts."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Encoded]], np.ndarray],
+        executor: ThreadPoolExecutor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        slots: int,
+        arrivals: Callable[[], int] | None = None,
+    ):
+        """``arrivals()`` counts requests in progress server-wide (submitted or not); without it the
+        batcher always waits the full ``max_wait_s`` for a batch to fill."""
+        self._run_batch = run_batch
+        self._arrivals = arrivals
+        self._running_jobs = 0
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._slots_n = slots
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._slots_n)
+        self._task = asyncio.create_task(self._dispatch(), name="edgekd-batcher")
+
+    def submit(self, items: Sequence[Encoded]) -> asyncio.Future[np.ndarray]:
+        """Queue ``items``; the future resolves to their output rows, in order."""
+        if self._closing or self._task is None:
+            raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another replica.")
+        job = _Job(items, self._loop.create_future())
+        self._queue.append(job)
+        self._wakeup.set()
+        return job.future
+
+    async def drain(self) -> None:
+        """Stop taking jobs, finish every queued and running one, then return."""
+        self._closing = True
+        if self._task is None:
+            return
+        self._wakeup.set()
+        await self._task
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._task = None
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._slots.acquire()
+            while not self._queue:
+                if self._closing:
+                    self._slots.release()
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            jobs = await self._collect()
+            if not jobs:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(jobs))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _collect(self) -> list[_Job]:
+        jobs: list[_Job] = []
+        n = 0
+        # The wait is counted from the oldest job, which may already have waited for a free worker.
+        deadline = self._queue[0].enqueued + self.max_wait_s
+        while True:
+            while self._queue and (n == 0 or n + len(self._queue[0].items) <= self.max_batch_size):
+                job = self._queue.popleft()
+                if job.future.done():  # its request timed out or its client went away
+                    continue
+                jobs.append(job)
+                n += len(job.items)
+            full = n >= self.max_batch_size or bool(self._queue)
+            remaining = deadline - time.monotonic()
+            if full or remaining <= 0 or self._closing or not self._more_coming(len(jobs)):
+                return jobs
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def _more_coming(self, collected: int) -> bool:
+        """True while some request in progress has not reached the batcher yet."""
+        if self._arrivals is None:
+            return True
+        return self._arrivals() > collected + self._running_jobs + len(self._queue)
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        self._running_jobs += len(jobs)
+        try:
+            items = [it for job in jobs for it in job.items]
+            out = await self._loop.run_in_executor(self._executor, self._run_batch, items)
+            start = 0
+            for job in jobs:
+                stop = start + len(job.items)
+                if not job.future.done():
+                    job.future.set_result(out[start:stop])
+                start = stop
+        except Exception as e:  # the runner failed: every request of the batch gets the error
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
+        finally:
+            self._running_jobs -= len(jobs)
+            self._slots.release()
+
+
+class InferenceEngine:
+    """The served runner and codec, with the thread pool and (optionally) the micro-batcher."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        codec: TextCodec,
+        *,
+        workers: int = 1,
+        batching: bool = False,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 4096,
+        on_batch: BatchObserver | None = None,
+        arrivals: Callable[[], int] | None = None,
+    ):
+        self.runner = runner
+        self.codec = codec
+        self.output_name = "logits" if "logits" in runner.output_names else runner.output_names[0]
+        self.workers = workers
+        self.batching = batching
+        # Artifacts that plan memory ahead (ExecuTorch, Core ML, TensorRT profiles) take at most
+        # ``runner.max_batch`` rows per call; larger requests are run in slices of that size.
+        self.runner_max_batch: int | None = getattr(runner, "max_batch", None)
+        if self.runner_max_batch:
+            max_batch_size = min(max_batch_size, self.runner_max_batch)
+        self.max_batch_size = max_batch_size
+        self.max_wait_ms = max_wait_ms
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._arrivals = arrivals
+        self._executor: ThreadPoolExecutor | None = None
+        self._batcher: MicroBatcher | None = None
+        self._pending = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="edgekd-runner")
+        if self.batching:
+            self._batcher = MicroBatcher(
+                self.run_items, self._executor, max_batch_size=self.max_batch_size,
+                max_wait_s=self.max_wait_ms / 1000.0, slots=self.workers, arrivals=self._arrivals,
+            )
+            self._batcher.start()
+
+    async def stop(self) -> None:
+        """Finish queued and running work, then release the threads (graceful shutdown)."""
+        if self._batcher is not None:
+            await self._batcher.drain()
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+
+    # --- blocking calls, run in the pool -----------------------------------------------------------
+    def run_items(self, items: list[Encoded]) -> np.ndarray:
+        return self.run_arrays_blocking(self.codec.pad(items))[self.output_name]
+
+    def run_arrays_blocking(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(next(iter(inputs.values())))
+        step = self.runner_max_batch or rows
+        parts = [self._call({k: v[i:i + step] for k, v in inputs.items()}) for i in range(0, rows, step)]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(next(iter(inputs.values())))
+        start = time.perf_counter()
+        out = self.runner.run(inputs)
+        seconds = time.perf_counter() - start
+        got = len(out[self.output_name])
+        if got != rows:
+            raise StageError(f"the runner returned {got} rows of '{self.output_name}' for {rows} inputs: "
+                             "the artifact does not keep the batch axis; re-export it.")
+        if self._on_batch is not None:
+            self._on_batch(rows, seconds)
+        return out
+
+    # --- async API for the routes ------------------------------------------------------------------
+    async def logits(self, items: Sequence[Encoded]) -> np.ndarray:
+        """Logits of ``items`` (one row each), batched with other requests when batching is on."""
+        self._admit(len(items))
+        self._pending += len(items)
+        try:
+            if self._batcher is not None:
+                return await self._batcher.submit(items)
+            return await asyncio.get_running_loop().run_in_executor(self._require_executor(), self.run_items, list(items))
+        finally:
+            self._pending -= len(items)
+
+    async def run_arrays(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw tensors straight to the runner (one call, no batching across requests)."""
+        n = len(next(iter(inputs.values())))
+        self._admit(n)
+        self._pending += n
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._require_executor(), self.run_arrays_blocking, inputs
+            )
+        finally:
+            self._pending -= n
+
+    def _admit(self, n: int) -> None:
+        if self._executor is None:
+            raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another replica.")
+        if self._pending + n > self.max_queue:
+            raise OverloadedError(
+                f"the server is overloaded ({self._pending} texts waiting, limit {self.max_queue}); retry shortly."
+            )
+
+    def _require_executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another replica.")
+        return self._executor

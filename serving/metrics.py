@@ -1,0 +1,63 @@
+"""Prometheus metrics, kept in a registry per app (never the process-wide default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Request counts by route and status, latency, runner batch sizes and errors by kind."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "edgekd_http_requests", "HTTP requests by route template, method and status code.",
+            ["route", "method", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "edgekd_http_request_duration_seconds", "Time from request start to response end, by route.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "edgekd_inference_batch_size", "Texts (rows) per runner call.",
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "edgekd_inference_duration_seconds", "Time of one runner call.",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.errors = Counter(
+            "edgekd_errors", "Requests that failed, by kind (bad_request, unauthorized, too_large, "
+            "timeout, overloaded, internal).", ["kind"], registry=self.registry,
+        )
+        self._in_flight = 0
+        Gauge("edgekd_http_inference_requests_in_flight", "POST requests being read, run or answered.",
+              registry=self.registry).set_function(self.in_flight)
+        self.texts = Counter("edgekd_texts", "Texts classified.", registry=self.registry)
+        self.truncated = Counter(
+            "edgekd_texts_truncated", "Texts cut to max_length tokens.", registry=self.registry
+        )
+
+    def request_started(self) -> None:
+        self._in_flight += 1
+
+    def request_finished(self) -> None:
+        self._in_flight -= 1
+
+    def in_flight(self) -> int:
+        """Inference requests (POSTs) in progress, from the first byte read to the last byte sent."""
+        return self._in_flight
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        """Called from runner threads (prometheus_client metrics are thread-safe)."""
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

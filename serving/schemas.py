@@ -1,0 +1,190 @@
+"""Request and response bodies: /predict, the Open Inference Protocol v2, and the service routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictStr, model_validator
+
+# Parameters are name -> string | number | boolean in the protocol.
+Parameters = dict[str, StrictStr | float | int | bool]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What was wrong and what to do.")
+
+
+# --- /predict -------------------------------------------------------------------------------------------
+class PredictRequest(BaseModel):
+    """One text (``text``) or a list of texts (``texts``), not both."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"text": "a warm, funny and moving film"},
+                {"texts": ["a warm, funny and moving film", "dull, flat and far too long"]},
+            ]
+        },
+    )
+    text: StrictStr | None = Field(None, description="A single text to classify.")
+    texts: list[StrictStr] | None = Field(None, description="Several texts, classified in one call.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PredictRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give either 'text' (a string) or 'texts' (a list of strings), not both nor neither")
+        return self
+
+    def items(self) -> list[str]:
+        return [self.text] if self.text is not None else list(self.texts or [])
+
+
+class PredictionOut(BaseModel):
+    label: str = Field(description="The most probable label.")
+    score: float = Field(description="Its probability.")
+    probabilities: dict[str, float] = Field(description="Probability of every label (softmax of the logits).")
+    truncated: bool = Field(description="True when the text was cut to the server's max_length tokens.")
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "default",
+                    "target": "onnx-int8",
+                    "predictions": [
+                        {
+                            "label": "positive",
+                            "score": 0.97,
+                            "probabilities": {"negative": 0.03, "positive": 0.97},
+                            "truncated": False,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    model: str
+    target: str
+    predictions: list[PredictionOut] = Field(description="One per input text, in input order.")
+
+
+# --- Open Inference Protocol v2 ---------------------------------------------------------------------------
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a variable-size dimension.")
+
+
+class ServerMetadataResponse(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadataResponse(BaseModel):
+    name: str
+    versions: list[str] | None = None
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    parameters: Parameters | None = None
+
+
+class RequestInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shape: list[NonNegativeInt]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[Any] = Field(description="Row-major contents, nested or flat.")
+
+
+class RequestOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferenceRequest(BaseModel):
+    """``$inference_request`` of the Open Inference Protocol (KServe v2, Triton)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "inputs": [
+                        {"name": "text", "shape": [2], "datatype": "BYTES",
+                         "data": ["a warm, funny and moving film", "dull and flat"]}
+                    ],
+                    "outputs": [{"name": "probabilities"}],
+                },
+                {
+                    "inputs": [
+                        {"name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [2, 5, 27, 3]},
+                        {"name": "attention_mask", "shape": [1, 4], "datatype": "INT64", "data": [1, 1, 1, 1]},
+                    ]
+                },
+            ]
+        },
+    )
+    id: str | None = None
+    parameters: Parameters | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[Any]
+
+
+class InferenceResponse(BaseModel):
+    """``$inference_response``: outputs flattened row-major; ``id`` echoes the request's."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "default",
+                    "id": "42",
+                    "outputs": [
+                        {"name": "probabilities", "shape": [2, 2], "datatype": "FP32",
+                         "data": [0.03, 0.97, 0.91, 0.09]}
+                    ],
+                }
+            ]
+        }
+    )
+    model_name: str
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[ResponseOutput]
+
+
+# --- service routes ----------------------------------------------------------------------------------
+class HealthResponse(BaseModel):
+    status: str = Field(description="'ok' when the model is loaded and serving.")
+    model: str
+    target: str
+
+
+class MetadataResponse(BaseModel):
+    model: str
+    target: str
+    platform: str
+    runtime: dict[str, Any] = Field(description="Runner class and its runtime facts (providers, threads).")
+    labels: list[str]
+    max_length: int
+    overflow: str
+    batching: dict[str, Any]
+    artifact: dict[str, Any] = Field(description="artifact.json: file, sha256, size, precision, io, parity.")
+    run: dict[str, Any] = Field(description="Figures the run's manifest recorded, by stage (accuracy, parity).")
+    versions: dict[str, str]

@@ -1,0 +1,85 @@
+"""Server settings: one pydantic settings class, read from arguments or ``EDGEKD_SERVE_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    """How the inference server loads its artifact and guards its routes.
+
+    Every field can also be set from the environment, e.g. ``EDGEKD_SERVE_BATCHING=true`` or
+    ``EDGEKD_SERVE_API_KEY=...`` (the key is never logged nor echoed back).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EDGEKD_SERVE_", extra="forbid", validate_assignment=True)
+
+    # --- what to serve --------------------------------------------------------------------------
+    export_dir: Path | None = Field(
+        None, description="Export folder holding the artifact, artifact.json and tokenizer files."
+    )
+    model_name: str | None = Field(
+        None, description="Name on the v2 routes and in responses. Default: the run folder's name."
+    )
+    threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime (default: its own).")
+    runtime_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra options for the runner loader (e.g. providers for ONNX Runtime)."
+    )
+
+    # --- network ---------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    graceful_timeout_s: float = Field(
+        30, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+
+    # --- batching --------------------------------------------------------------------------------
+    batching: bool = Field(
+        False, description="Group concurrent requests into one runner call (off: lowest batch-1 latency)."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most texts in one runner call when batching.")
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="Longest a text waits, in milliseconds, for requests that have already arrived "
+        "to join its batch (a lone request runs at once)."
+    )
+    max_queue: int = Field(
+        4096, ge=1, description="Texts waiting for the runner beyond which requests get 503 (overloaded)."
+    )
+    inference_workers: int = Field(
+        1, ge=1, description="Runner calls that may run at once (threads); each call uses `threads` cores."
+    )
+
+    # --- request limits --------------------------------------------------------------------------
+    max_items: int = Field(64, ge=1, description="Most texts in one request.")
+    max_text_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
+    max_length: int | None = Field(
+        None, ge=2, description="Tokens kept per text (default and upper bound: the artifact's max_length)."
+    )
+    overflow: Literal["truncate", "reject"] = Field(
+        "truncate", description="A text longer than max_length tokens: truncate it (and say so) or reject it."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted, in bytes.")
+    request_timeout_s: float = Field(
+        30, gt=0, description="A request still waiting for the runner after this long gets 504."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="When set, inference and metadata routes need `Authorization: Bearer KEY` or `X-API-Key: KEY`."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if self.api_key is not None and not self.api_key.get_secret_value():
+            raise ValueError("api_key is empty: leave it unset to disable authentication, or give a key")
+        return self
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> ServeSettings:
+        """Settings from a recipe's ``serve`` section (``edgekd.recipe.ServeConfig``) plus overrides."""
+        data = config.model_dump(exclude={"target"}, exclude_none=True)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
