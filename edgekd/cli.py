@@ -37,6 +37,13 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Run stages again even w
 
 def _setup_runtime(recipe) -> None:
     """Process-level runtime settings belong to the command, not to library code."""
+    import importlib.util
+
+    from edgekd.errors import MissingBackendError
+
+    for module in ("torch", "transformers", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingBackendError("The pipeline's stages", module, "train")
     import torch
 
     if recipe.runtime.threads:
@@ -57,11 +64,11 @@ def load_recipe_or_run(source: str | None, overrides: list[str] | None):
 
 
 def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] | None, force: bool) -> None:
+    recipe = load_recipe_or_run(recipe_src, overrides)
+    _setup_runtime(recipe)
     from edgekd.pipeline import run_stages
     from edgekd.report import print_summary
 
-    recipe = load_recipe_or_run(recipe_src, overrides)
-    _setup_runtime(recipe)
     ctx = run_stages(recipe, stages, force=force)
     print_summary(ctx.run)
 
