@@ -197,14 +197,22 @@ def assets_fetch(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/default.")]) -> None:
-    """Print the summary of a run folder."""
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/default.")],
+    compare: Annotated[Optional[list[str]], typer.Option(help="Another run folder, bench folder or device profile to put side by side (repeatable).")] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option("--device", "--profile", help="Device profile of the bench table.")] = None,  # noqa: UP045
+) -> None:
+    """Print a run's summary and, when it was benchmarked, its bench table (side by side with --compare)."""
     from edgekd.report import print_summary
     from edgekd.runfolder import RunFolder
 
     if not (run_dir / "manifest.json").is_file():
         raise EdgeKDError(f"{run_dir} has no manifest.json: it is not a run folder (runs/<name>/).")
     print_summary(RunFolder(run_dir))
+    if (run_dir / "bench").is_dir():
+        from edgekd.devices.tables import report as bench_report
+
+        sys.stdout.write(bench_report(run_dir, compare=compare, profile=device) + "\n")
 
 
 def _quiet_third_party_logs() -> None:
