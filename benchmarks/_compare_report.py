@@ -1,0 +1,282 @@
+"""What ``compare_tools.py`` concludes and writes: ratios, the best edgekd artifact, the verdict
+against the Optimum path, the pipeline's time, the Markdown table and the plot.
+
+Pure functions over plain dicts (the rows of compare.json), so every figure in the table can be
+recomputed from the JSON and checked.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+TEACHER, OPTIMUM_INT8 = "teacher-fp32", "optimum-onnx-int8"
+GROUP_MARKERS = {"teacher": "s", "student": "o", "optimum": "^", "torchao": "D", "edgekd": "P"}
+
+
+def p50(row: dict[str, Any] | None, batch: int) -> float | None:
+    case = ((row or {}).get("cases") or {}).get(str(batch)) or {}
+    return case.get("p50_ms")
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def ratios(rows: list[dict[str, Any]], ref_name: str, batch_sizes: list[int]) -> dict[str, dict[str, Any]]:
+    """Every row against the row ``ref_name``: p50 speed-up (ref p50 / row p50, > 1 is faster),
+    throughput ratio (row / ref), size and peak-memory ratios (row / ref, < 1 is smaller) and the
+    accuracy difference (row - ref). Missing figures give None, never a made-up number."""
+    ref = next((r for r in rows if r["name"] == ref_name), None)
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        speed, tput = {}, {}
+        for b in batch_sizes:
+            rc, fc = (r.get("cases") or {}).get(str(b)) or {}, ((ref or {}).get("cases") or {}).get(str(b)) or {}
+            speed[str(b)] = _div(fc.get("p50_ms"), rc.get("p50_ms"))
+            tput[str(b)] = _div(rc.get("throughput"), fc.get("throughput"))
+        acc, ref_acc = r.get("accuracy"), (ref or {}).get("accuracy")
+        out[r["name"]] = {
+            "p50_speedup": speed,
+            "throughput_ratio": tput,
+            "size_ratio": _div(r.get("size_bytes"), (ref or {}).get("size_bytes")),
+            "peak_memory_ratio": _div((r.get("memory") or {}).get("peak_delta_mb"),
+                                      ((ref or {}).get("memory") or {}).get("peak_delta_mb")),
+            "accuracy_delta": acc - ref_acc if acc is not None and ref_acc is not None else None,
+        }
+    return out
+
+
+def select_best(rows: list[dict[str, Any]], student_accuracy: float | None, budget: float, batch: int,
+                forced: str | None = None) -> tuple[str | None, str]:
+    """The edgekd artifact to compare: ``forced`` when given, else the fastest at p50 (``batch``)
+    among those whose test accuracy is at most ``budget`` below the fp32 student's. Marks every
+    edgekd row's ``within_budget``. Returns (row name or None, why)."""
+    edge = [r for r in rows if r.get("group") == "edgekd"]
+    for r in edge:
+        acc = r.get("accuracy")
+        r["within_budget"] = (acc is not None and student_accuracy is not None
+                              and acc >= student_accuracy - budget - 1e-12)
+    if forced:
+        name = f"edgekd-{forced}"
+        return (name, f"chosen with --artifact {forced}") if any(r["name"] == name for r in edge) else (
+            None, f"--artifact {forced} did not run")
+    usable = [r for r in edge if r["within_budget"] and p50(r, batch) is not None]
+    if not usable:
+        return None, (f"no edgekd export folder ran with a test accuracy within {budget * 100:.1f} points of the "
+                      f"fp32 student's ({_fmt(student_accuracy, '.4f')})")
+    best = min(usable, key=lambda r: p50(r, batch))
+    return best["name"], (f"the fastest at p50 (batch {batch}) of {len(usable)} export folder(s) whose test accuracy "
+                          f"is within {budget * 100:.1f} points of the fp32 student's")
+
+
+def verdict(best: dict[str, Any] | None, optimum: dict[str, Any] | None, batch_sizes: list[int],
+            target: float = 1.2) -> dict[str, Any]:
+    """Is edgekd's best artifact at least ``target`` times faster at p50 than the Optimum dynamic
+    int8 path, with equal or better accuracy, at every batch size? Each miss is spelled out."""
+    checks, lines = [], []
+    if best is None or optimum is None or optimum.get("status") != "ok" or best.get("status") != "ok":
+        missing = ("edgekd's best artifact" if best is None or best.get("status") != "ok"
+                   else f"the Optimum dynamic-int8 path ({(optimum or {}).get('error') or 'did not run'})")
+        msg = (f"NOT SHOWN: {missing} could not be measured, so edgekd is not shown to be {target:g}x faster "
+               "than the Optimum dynamic-int8 path.")
+        return {"met": False, "target_speedup": target, "checks": [], "summary": msg, "lines": [msg]}
+    acc_e, acc_o = best.get("accuracy"), optimum.get("accuracy")
+    acc_ok = acc_e is not None and acc_o is not None and acc_e >= acc_o
+    for b in batch_sizes:
+        pe, po = p50(best, b), p50(optimum, b)
+        speed = _div(po, pe)
+        met = bool(speed is not None and speed >= target and acc_ok)
+        head = f"batch {b}: {best['label']} p50 {_fmt(pe, '.3f')} ms vs Optimum dynamic int8 {_fmt(po, '.3f')} ms"
+        if speed is None:
+            why = "a p50 is missing, so the speed-up is unknown"
+        elif speed < 1:
+            why = f"edgekd is SLOWER ({speed:.2f}x, target {target:g}x)"
+        elif speed < target:
+            why = f"edgekd is only {speed:.2f}x faster (target {target:g}x)"
+        else:
+            why = f"edgekd is {speed:.2f}x faster (target {target:g}x)"
+        acc_txt = f"accuracy {_fmt(acc_e, '.4f')} vs {_fmt(acc_o, '.4f')}"
+        if not acc_ok:
+            acc_txt += " (edgekd is LESS accurate)"
+        lines.append(f"{'MET' if met else 'NOT MET'} at {head}: {why}; {acc_txt}.")
+        checks.append({"batch": b, "edgekd_p50_ms": pe, "optimum_p50_ms": po, "speedup": speed,
+                       "edgekd_accuracy": acc_e, "optimum_accuracy": acc_o, "accuracy_ok": acc_ok, "met": met})
+    met_all = all(c["met"] for c in checks)
+    failed = [str(c["batch"]) for c in checks if not c["met"]]
+    summary = (f"MET: {best['label']} is at least {target:g}x faster at p50 than the Optimum dynamic-int8 path "
+               "at every batch size, with equal or better accuracy." if met_all else
+               f"NOT MET: {best['label']} is not at least {target:g}x faster at p50 than the Optimum dynamic-int8 "
+               f"path with equal or better accuracy at batch {', '.join(failed)}.")
+    return {"met": met_all, "target_speedup": target, "checks": checks, "summary": summary, "lines": lines}
+
+
+def pipeline_time(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's recorded time per stage, the teacher's share, and whether distillation ran the
+    teacher again (``stages.distill.metrics.teacher_forward_per_step``)."""
+    stages = manifest.get("stages") or {}
+    seconds = {name: rec.get("seconds") for name, rec in stages.items()}
+    total = sum(s for s in seconds.values() if isinstance(s, (int, float)))
+    teacher = (stages.get("teacher") or {}).get("metrics") or {}
+    distill = (stages.get("distill") or {}).get("metrics") or {}
+    forward = distill.get("teacher_forward_per_step")
+    t_train, t_cache = teacher.get("train_seconds"), teacher.get("cache_seconds")
+    lines = [f"Pipeline time recorded in the manifest: {_fmt(total, '.1f')} s over {len(seconds)} stage(s)."]
+    if "teacher" in stages:
+        lines.append(f"Teacher: fine-tune {_fmt(t_train, '.1f')} s, output caching once {_fmt(t_cache, '.1f')} s "
+                     f"({teacher.get('cached_examples', '?')} training examples); teacher stage "
+                     f"{_fmt(seconds.get('teacher'), '.1f')} s, {_fmt(_pct(seconds.get('teacher'), total), '.0f')}% "
+                     "of the pipeline.")
+    if forward is False:
+        lines.append("Distillation did not run the teacher again: it read the cached logits "
+                     "(distill teacher_forward_per_step: false).")
+    elif forward is True:
+        lines.append("Distillation ran the teacher on every step (teacher_forward_per_step: true: hidden-state or "
+                     "attention matching is on).")
+    else:
+        lines.append("Whether distillation re-ran the teacher is not recorded (no distill stage in the manifest).")
+    last = manifest.get("last_invocation") or {}
+    if last.get("seconds") is not None:
+        lines.append(f"The last `edgekd run` took {_fmt(last['seconds'], '.1f')} s of wall time for stages "
+                     f"{', '.join(last.get('stages') or [])} (a stage unchanged since an earlier run is skipped).")
+    return {"stage_seconds": seconds, "total_seconds": round(total, 2), "teacher_train_seconds": t_train,
+            "teacher_cache_seconds": t_cache, "teacher_stage_seconds": seconds.get("teacher"),
+            "teacher_share": _pct(seconds.get("teacher"), total), "teacher_forward_per_step": forward,
+            "last_invocation_seconds": last.get("seconds"), "lines": lines}
+
+
+def _pct(part: float | None, total: float | None) -> float | None:
+    return part / total * 100 if part is not None and total else None
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return format(v, spec)
+
+
+def _x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def _pp(v: float | None) -> str:
+    return "—" if v is None else f"{v * 100:+.2f} pp"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    rows, bs = data["rows"], data["settings"]["batch_sizes"]
+    env, s = data["environment"], data["settings"]
+    vt, vo = data["ratios"]["vs_teacher"], data["ratios"]["vs_optimum_int8"]
+    cpu = env.get("cpu") or {}
+    lines = [
+        f"# edgekd against the usual tools: run {data['run']}",
+        "",
+        f"**Verdict.** {data['verdict']['summary']}",
+        "",
+        *[f"- {line}" for line in data["verdict"]["lines"]],
+        "",
+        f"Best edgekd artifact: `{data['best']['name'] or 'none'}` ({data['best']['why']}).",
+        "",
+        f"CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; ISA {', '.join(env.get('isa') or [])}); "
+        f"threads {s['threads']} for every runtime; {s['runs']} timed runs per batch size after {s['warmup']} "
+        f"warm-up runs, real test examples (batches padded to their longest member); accuracy on "
+        f"{s['eval_examples']} test examples; Optimum config `{s['optimum_isa']}`; the comparison took "
+        f"{_fmt(data.get('compare_seconds'), '.0f')} s.",
+        "",
+        "## Size, memory, accuracy",
+        "",
+        "| model | runtime | precision | size MB | × size vs teacher | load ΔMB | peak ΔMB | accuracy "
+        "| Δ vs teacher | Δ vs Optimum int8 | note |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in rows:
+        mem = r.get("memory") or {}
+        size = r["size_bytes"] / 2**20 if r.get("size_bytes") is not None else None
+        mark = " **(best)**" if r.get("best") else ""
+        lines.append(
+            f"| {r['label']}{mark} | {r['runtime']} | {r['precision']} | {_fmt(size, '.2f')} "
+            f"| {_x(vt[r['name']]['size_ratio'])} | {_fmt(mem.get('load_delta_mb'), '.1f')} "
+            f"| {_fmt(mem.get('peak_delta_mb'), '.1f')} | {_fmt(r.get('accuracy'), '.4f')} "
+            f"| {_pp(vt[r['name']]['accuracy_delta'])} | {_pp(vo[r['name']]['accuracy_delta'])} | {note(r)} |")
+    lines += ["", "## Latency and throughput", "",
+              "| model | batch | p50 ms | p99 ms | items/s | CPU p50 ms | p50 speed-up vs teacher "
+              "| p50 speed-up vs Optimum int8 |",
+              "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        for b in bs:
+            c = (r.get("cases") or {}).get(str(b)) or {}
+            lines.append(
+                f"| {r['label']} | {b} | {_fmt(c.get('p50_ms'), '.3f')} | {_fmt(c.get('p99_ms'), '.3f')} "
+                f"| {_fmt(c.get('throughput'), '.1f')} | {_fmt(c.get('cpu_p50_ms'), '.3f')} "
+                f"| {_x(vt[r['name']]['p50_speedup'][str(b)])} | {_x(vo[r['name']]['p50_speedup'][str(b)])} |")
+    p = data["pipeline"]
+    lines += ["", "## Pipeline time", "", *[f"- {line}" for line in p["lines"]], "",
+              "| stage | seconds |", "|---|--:|",
+              *[f"| {k} | {_fmt(v, '.1f')} |" for k, v in p["stage_seconds"].items()], "",
+              "## How the other paths were made", ""]
+    o = data["optimum"]
+    lines.append(f"- Optimum export: `{o['export'].get('command')}` ({o['export'].get('status')}, "
+                 f"{_fmt(o['export'].get('seconds'), '.1f')} s)")
+    if o.get("quantize"):
+        lines.append(f"- Optimum int8: `{o['quantize'].get('api')}` ({o['quantize'].get('status')}, "
+                     f"{_fmt(o['quantize'].get('seconds'), '.1f')} s)")
+    lines.append("- torchao: `quantize_(student, Int8DynamicActivationInt8WeightConfig())`, eager PyTorch.")
+    lines.append("- Both ONNX paths run in the same ONNX Runtime session settings (edgekd's OnnxRunner, CPU provider): "
+                 "the difference between them is the graph.")
+    return "\n".join(lines) + "\n"
+
+
+def note(row: dict[str, Any]) -> str:
+    parts = []
+    if row.get("error"):
+        parts.append(str(row["error"]).splitlines()[0][:160])
+    for b, c in sorted((row.get("cases") or {}).items()):
+        if c.get("error"):
+            parts.append(f"batch {b}: {str(c['error']).splitlines()[0][:120]}")
+    if row.get("group") == "edgekd" and row.get("within_budget") is False:
+        parts.append("outside the accuracy budget")
+    parts += row.get("notes") or []
+    return "; ".join(parts).replace("|", "/")
+
+
+def plot_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """Accuracy against p50 latency, one panel per batch size; (png, None) or (None, why not).
+    A bare Figure with an Agg canvas: no pyplot, no global backend switch."""
+    rows, bs = data["rows"], data["settings"]["batch_sizes"]
+    if not any(r.get("accuracy") is not None and p50(r, b) is not None for r in rows for b in bs):
+        return None, "no model has both an accuracy and a p50 latency"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5 * len(bs), 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    teacher = next((r for r in rows if r["name"] == TEACHER), None)
+    colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(rows)}
+    handles: dict[str, Any] = {}
+    for i, b in enumerate(bs):
+        ax = fig.add_subplot(1, len(bs), i + 1)
+        for r in rows:
+            x, y = p50(r, b), r.get("accuracy")
+            if x is None or y is None:
+                continue
+            marker = "*" if r.get("best") else GROUP_MARKERS.get(r.get("group"), "o")
+            label = r["label"] + (" (best)" if r.get("best") else "")
+            handles[label] = ax.scatter([x], [y], color=colors[r["name"]], marker=marker,
+                                        s=180 if r.get("best") else 50, zorder=3, edgecolors="black", linewidths=0.4)
+        if teacher and teacher.get("accuracy") is not None:
+            ax.axhline(teacher["accuracy"], color="tab:blue", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"p50 latency, ms (batch {b}, log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"batch {b}")
+        ax.grid(True, alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"run {data['run']}: latency vs accuracy (star: best edgekd artifact; dashed: teacher accuracy)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue(), None

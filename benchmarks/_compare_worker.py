@@ -1,0 +1,230 @@
+"""Child processes of ``compare_tools.py``; the parent never runs a model itself.
+
+    python benchmarks/_compare_worker.py timing JOB.json RESULT.json
+    python benchmarks/_compare_worker.py memory JOB.json RESULT.json
+
+``timing`` loads every model into this one process, pins torch's and ONNX Runtime's threads to the
+same count, and times them on the same real test examples, in blocks that rotate through the
+models so that drift on a shared machine touches all of them alike; then it scores every model on
+the evaluation rows. ``memory`` loads one model in a fresh process and reports how much its RSS
+grew (after load, and at the peak of load plus inference).
+
+Thread counts come from the parent through the environment (OMP/MKL) and ``threads`` in the job;
+this process exists only for the measurement, so setting torch's thread count here changes no
+caller.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _compare_models import Batches, feed, load, preload, runtime_info, timed_call
+
+from edgekd.devices import remote_runner
+
+# Untimed calls after switching to another model: the previous runtime's worker threads stop
+# spinning, and the new one's caches are warm, before its clock starts.
+SWITCH_WARMUP = 2
+MAX_BLOCKS = 10
+
+
+def _pin_torch_threads(threads: int | None, specs: list[dict[str, Any]]) -> None:
+    needs_torch = any(s["kind"] in ("hf", "torchao") or Path(s.get("file") or "").suffix in (".pte", ".ptl")
+                      for s in specs)
+    if threads and needs_torch:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        torch.set_num_interop_threads(1)
+
+
+def blocks(runs: int) -> list[tuple[int, int]]:
+    """Split ``runs`` timed calls into up to MAX_BLOCKS contiguous blocks of near-equal size."""
+    n = max(1, min(MAX_BLOCKS, runs // 10))
+    edges = [round(i * runs / n) for i in range(n + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def _load_all(specs: list[dict[str, Any]], threads: int | None) -> dict[str, dict[str, Any]]:
+    models = {}
+    for spec in specs:
+        rec: dict[str, Any] = {"status": "ok", "error": None}
+        try:
+            preload(spec)
+            t0 = time.perf_counter()
+            runner, info = load(spec, threads)
+            rec.update(load_s=time.perf_counter() - t0, runtime=runtime_info(runner), info=info, runner=runner)
+        except Exception as e:  # one model failing to load is a row with its reason, not a failed run
+            rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
+        models[spec["name"]] = rec
+    return models
+
+
+def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.ndarray, batch: int,
+               warmup: int, runs: int) -> None:
+    """Time every loaded model at one batch size; results go into each model's ``cases``."""
+    base = [batches.batch(r) for r in rows]
+    prepared: dict[str, list[dict[str, np.ndarray]]] = {}
+    for name, m in models.items():
+        case = {"batch": batch}
+        m.setdefault("cases", []).append(case)
+        if m["status"] != "ok":
+            continue
+        try:
+            prepared[name] = [feed(m["runner"], x) for x in base]
+            for i in range(warmup):
+                m["runner"].run(prepared[name][i])
+        except Exception as e:  # e.g. a batch size the artifact was not built for
+            case["error"] = f"{type(e).__name__}: {e}"
+            prepared.pop(name, None)
+    wall: dict[str, list[float]] = {n: [] for n in prepared}
+    cpu: dict[str, list[float]] = {n: [] for n in prepared}
+    names = list(prepared)
+    for k, (start, stop) in enumerate(blocks(runs)):
+        order = names[k % len(names):] + names[: k % len(names)] if names else []
+        for name in order:
+            if name not in prepared:
+                continue
+            runner, xs = models[name]["runner"], prepared[name]
+            try:
+                for j in range(SWITCH_WARMUP):
+                    runner.run(xs[j % max(warmup, 1)])
+                for i in range(start, stop):
+                    w, c = timed_call(runner, xs[warmup + i])
+                    wall[name].append(w)
+                    cpu[name].append(c)
+            except Exception as e:
+                models[name]["cases"][-1]["error"] = f"{type(e).__name__}: {e}"
+                prepared.pop(name)
+    for name in names:
+        case = models[name]["cases"][-1]
+        if name in prepared and wall[name]:
+            case.update(remote_runner.summarize(wall[name], batch))
+            case["cpu_p50_ms"] = float(np.percentile(np.asarray(cpu[name]) * 1000.0, 50))
+
+
+def _evaluate(runner: Any, batches: Batches, eval_rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits for ``eval_rows`` in their order; batches of similar lengths (less padding)."""
+    order = np.argsort(batches.lengths[eval_rows], kind="stable")
+    out: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        pos = order[start : start + batch_size]
+        res = runner.run(feed(runner, batches.batch(eval_rows[pos])))
+        logits = np.asarray(res["logits"] if "logits" in res else next(iter(res.values())))
+        if out is None:
+            out = np.empty((len(eval_rows), *logits.shape[1:]), dtype=np.float32)
+        out[pos] = logits
+    return out if out is not None else np.empty((0,), dtype=np.float32)
+
+
+def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    threads = job.get("threads")
+    _pin_torch_threads(threads, job["models"])
+    with np.load(base / job["inputs"]) as z:
+        data = {k: z[k] for k in z.files}
+    batches = Batches.from_npz(data)
+    models = _load_all(job["models"], threads)
+    t0 = time.perf_counter()
+    for b in job["batch_sizes"]:
+        _time_case(models, batches, data[f"rows_b{b}"], b, job["warmup"], job["runs"])
+    timing_s = time.perf_counter() - t0
+    outputs = {}
+    for name, m in models.items():
+        if m["status"] != "ok":
+            continue
+        e0 = time.perf_counter()
+        try:
+            outputs[name] = _evaluate(m["runner"], batches, data["eval_rows"], job["eval_batch_size"])
+            m["eval_seconds"] = time.perf_counter() - e0
+        except Exception as e:
+            m["eval_error"] = f"{type(e).__name__}: {e}"
+    result = {
+        "models": {n: {k: v for k, v in m.items() if k != "runner"} for n, m in models.items()},
+        "timing_seconds": timing_s,
+        "blocks": blocks(job["runs"]),
+        "switch_warmup": SWITCH_WARMUP,
+        "environment": remote_runner.environment(threads),
+    }
+    return result, outputs
+
+
+def _state_dict_bytes(runner: Any) -> int:
+    """Bytes of ``torch.save(state_dict)``: the checkpoint a torchao user would ship."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(runner.module.state_dict(), buf)
+    return len(buf.getvalue())
+
+
+def memory(job: dict[str, Any], base: Path) -> dict[str, Any]:
+    spec, threads = job["spec"], job.get("threads")
+    _pin_torch_threads(threads, [spec])
+    with np.load(base / job["inputs"]) as z:
+        data = {k: z[k] for k in z.files}
+    batches = Batches.from_npz(data)
+    preloaded = preload(spec)
+    gc.collect()
+    rss0 = remote_runner.rss_bytes()
+    peak_reset = remote_runner.reset_peak_rss()
+    t0 = time.perf_counter()
+    runner, _ = load(spec, threads)
+    load_s = time.perf_counter() - t0
+    gc.collect()
+    rss_loaded = remote_runner.rss_bytes()
+    calls = 0
+    for b in job["batch_sizes"]:
+        for rows in data[f"rows_b{b}"][: job["rounds"]]:
+            runner.run(feed(runner, batches.batch(rows)))
+            calls += 1
+    peak = remote_runner.peak_rss_bytes()
+    res: dict[str, Any] = {
+        "status": "ok",
+        "load_s": load_s,
+        "calls": calls,
+        "preloaded": preloaded,
+        "rss_before_load_mb": _mb(rss0),
+        "load_delta_mb": _mb(rss_loaded - rss0) if rss0 is not None and rss_loaded is not None else None,
+        "peak_delta_mb": _mb(peak - rss0) if rss0 is not None and peak is not None and peak_reset else None,
+        "peak_rss_mb": _mb(peak),
+    }
+    if not peak_reset:
+        res["note"] = "this kernel cannot reset the peak-RSS mark: peak delta not measured"
+    if spec["kind"] == "torchao":
+        res["size_bytes"] = _state_dict_bytes(runner)
+    return res
+
+
+def _mb(b: int | None) -> float | None:
+    return None if b is None else round(b / 2**20, 2)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("timing", "memory"):
+        print("usage: _compare_worker.py {timing|memory} JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    mode, job_path, result_path = argv[0], Path(argv[1]), Path(argv[2])
+    job = json.loads(job_path.read_text())
+    outputs = None
+    try:
+        if mode == "timing":
+            result, outputs = timing(job, job_path.parent)
+        else:
+            result = memory(job, job_path.parent)
+    except Exception as e:  # reported in the result file; the parent decides what it means
+        result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+    out_npz = result_path.with_name(result_path.stem + ".outputs.npz")
+    remote_runner.write_result(result_path, result, outputs, out_npz)
+    return 0 if result.get("status", "ok") == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

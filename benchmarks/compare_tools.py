@@ -1,0 +1,345 @@
+"""Is edgekd better than what I would do with the usual tools? One run, one machine, one student.
+
+    python benchmarks/compare_tools.py runs/default [--runs N] [--threads T] [--out DIR] [--artifact NAME]
+
+Measures side by side, on the run's own test split, at batch 1 and batch 8:
+  - the teacher and the student in PyTorch fp32 eager;
+  - the usual Hugging Face path: ``optimum-cli export onnx`` of the same student, then Optimum's
+    ``ORTQuantizer`` dynamic int8 with the ``AutoQuantizationConfig`` of this CPU's instruction set;
+  - PyTorch's own dynamic int8: torchao ``quantize_`` with ``Int8DynamicActivationInt8WeightConfig``;
+  - edgekd's export folders, the best being the fastest whose test accuracy is within the run's
+    budget (``quantize.max_accuracy_drop`` below the fp32 student), or ``--artifact NAME``.
+
+For each: p50/p99 latency, throughput, CPU time, file size, RSS growth (load and peak, one fresh
+process per model), test accuracy, and ratios against the teacher and the Optimum int8 path; plus
+the pipeline's time and the teacher's share of it, from the manifest. Every model is timed in one
+child process with the same thread count, in rotating blocks, on the same inputs.
+
+Writes ``compare.md``, ``compare.png`` and ``compare.json`` (with the environment) to ``--out``
+(default ``runs/<name>/compare/``) and prints the table. When edgekd's best artifact is not at
+least 1.2x faster at p50 than the Optimum path with equal or better accuracy, it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import _compare_report as report
+import _optimum_path as optimum
+import numpy as np
+
+from edgekd.errors import EdgeKDError, StageError
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_compare_worker.py"
+VERSIONED = ("edgekd", "torch", "torchao", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
+             "onnxscript", "executorch", "numpy", "matplotlib")
+RUNTIMES = {"onnx": "ONNX Runtime", "executorch": "ExecuTorch", "torchscript-lite": "TorchScript lite",
+            "coreml": "Core ML", "tensorrt": "TensorRT"}
+MEMORY_ROUNDS = 5
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _folder_bytes(folder: Path) -> int | None:
+    files = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
+    return sum(p.stat().st_size for p in files) if files else None
+
+
+def _student_dir(run: Path, prune_enabled: bool, entries: list[dict[str, Any]]) -> tuple[Path, str]:
+    """The model the export folders were made from: the pruned student when the run pruned."""
+    sources = {(e.get("meta") or {}).get("source_stage") for e in entries}
+    stage = "prune" if "prune" in sources or (prune_enabled and (run / "prune" / "model").is_dir()) else "distill"
+    folder = run / stage / "model"
+    if not (folder / "config.json").is_file():
+        raise StageError(f"{folder} holds no model: run the {stage} stage first (`edgekd run` or `edgekd {stage}`).")
+    return folder, stage
+
+
+def _check_run(run: Path) -> None:
+    missing = [str(p) for p in (run / "recipe.yaml", run / "teacher" / "model" / "config.json") if not p.is_file()]
+    if not run.is_dir() or missing:
+        raise StageError(f"{run} is not a finished run folder (missing: {', '.join(missing) or run}). "
+                         "Run `edgekd run RECIPE` first, then compare its run folder.")
+
+
+def _export_entries(run: Path, artifact: str | None) -> list[dict[str, Any]]:
+    from edgekd.devices.bench import discover
+
+    entries = discover(run)
+    names = [e["name"] for e in entries]
+    if artifact is not None:
+        if artifact not in names:
+            raise StageError(f"--artifact {artifact}: no export folder {run / 'export' / artifact}; "
+                             f"present: {', '.join(names) or 'none'}.")
+        entries = [e for e in entries if e["name"] == artifact]
+    if not entries:
+        raise StageError(f"{run / 'export'} holds no export folders: add export targets to the recipe "
+                         "(e.g. --set 'export.targets=[onnx]' and quantize.enabled=true) and run the pipeline first.")
+    return entries
+
+
+def _timing_rows(n: int, batch: int, count: int, seed: int) -> np.ndarray:
+    """``count`` batches of ``batch`` test rows, each example used once before any repeats."""
+    rng = np.random.default_rng(seed)
+    need = count * batch
+    seq = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
+    return seq.reshape(count, batch)
+
+
+def _specs(run: Path, student: Path, entries: list[dict[str, Any]], opt: dict[str, Any]) -> tuple[list, list]:
+    """(specs to measure, rows that cannot be measured here), in table order."""
+    teacher = run / "teacher" / "model"
+    specs = [
+        {"name": "teacher-fp32", "label": "teacher · PyTorch fp32", "group": "teacher", "kind": "hf",
+         "path": str(teacher), "runtime": "PyTorch eager", "precision": "fp32", "size_bytes": _folder_bytes(teacher)},
+        {"name": "student-fp32", "label": "student · PyTorch fp32", "group": "student", "kind": "hf",
+         "path": str(student), "runtime": "PyTorch eager", "precision": "fp32", "size_bytes": _folder_bytes(student)},
+    ]
+    skipped = []
+    for name, label, step, precision in (("optimum-onnx-fp32", "student · Optimum ONNX fp32", "export", "fp32"),
+                                         ("optimum-onnx-int8", "student · Optimum ONNX dynamic int8", "quantize",
+                                          "int8")):
+        rec = opt.get(step) or {"status": "error", "error": "the Optimum export before it failed"}
+        row = {"name": name, "label": label, "group": "optimum", "kind": "onnx", "path": rec.get("path"),
+               "runtime": "ONNX Runtime", "precision": precision, "size_bytes": rec.get("size_bytes")}
+        if rec.get("status") == "ok":
+            specs.append(row)
+        else:
+            skipped.append({**row, "status": "error", "error": rec.get("error")})
+    specs.append({"name": "torchao-int8", "label": "student · torchao int8 dynamic", "group": "torchao",
+                  "kind": "torchao", "path": str(student), "runtime": "PyTorch eager (torchao)", "precision": "int8",
+                  "size_bytes": None, "notes": ["quantized at load: peak memory includes the fp32 weights"]})
+    for e in entries:
+        target = e.get("target", e["name"])
+        row = {"name": f"edgekd-{e['name']}", "label": f"edgekd · export/{e['name']}", "group": "edgekd",
+               "kind": "artifact", "path": e["folder"], "file": e.get("file"),
+               "runtime": RUNTIMES.get(str(target), str(target)), "precision": e.get("precision", "fp32"),
+               "size_bytes": e.get("size_bytes")}
+        if target == "executorch":
+            row["notes"] = ["ExecuTorch's Python bindings do not expose XNNPACK's thread count: it runs with its "
+                            "own default"]
+        if e.get("status") == "skipped":
+            skipped.append({**row, "status": "skipped", "error": e.get("reason")})
+        else:
+            specs.append(row)
+    return specs, skipped
+
+
+def _child(mode: str, job: dict[str, Any], workdir: Path, tag: str, threads: int,
+           timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    from edgekd.devices.measure import child_env, read_result
+
+    job_path, result_path = workdir / f"{mode}-{tag}.json", workdir / f"{mode}-{tag}.result.json"
+    job_path.write_text(json.dumps(job, indent=2, default=str))
+    cmd = [sys.executable, str(WORKER), mode, str(job_path), str(result_path)]
+    try:
+        proc = subprocess.run(cmd, env=child_env(threads), cwd=workdir, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "error": f"the {mode} process timed out after {timeout_s:.0f} s"}, None
+    if not result_path.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-12:])
+        return {"status": "error", "error": f"the {mode} process exited with {proc.returncode}: {tail}"}, None
+    return read_result(result_path)
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    from edgekd.devices import remote_runner
+
+    env = remote_runner.environment(threads)
+    env["cpu_flags"] = remote_runner.cpu_facts()["flags"]
+    versions = {}
+    for pkg in VERSIONED:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    env["versions"] = versions
+    return env
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    return obj
+
+
+def _assemble(specs: list, skipped: list, timing: dict[str, Any], outputs: dict | None, memory: dict,
+              labels: np.ndarray, metric_fn: Any) -> list[dict[str, Any]]:
+    rows = []
+    measured = (timing or {}).get("models") or {}
+    for spec in specs:
+        m = measured.get(spec["name"]) or {"status": "error", "error": timing.get("error") or "not measured"}
+        row = {k: v for k, v in spec.items() if k not in ("kind", "path", "file")}
+        row.update(status=m.get("status"), error=m.get("error"), load_s=m.get("load_s"),
+                   runtime_info=m.get("runtime"), info=m.get("info"), notes=list(spec.get("notes") or []))
+        row["cases"] = {str(c["batch"]): {k: v for k, v in c.items() if k != "batch"} for c in m.get("cases") or []}
+        logits = (outputs or {}).get(spec["name"])
+        row["metrics"] = metric_fn({"logits": logits}, labels) if logits is not None else None
+        row["accuracy"] = (row["metrics"] or {}).get("accuracy")
+        if m.get("eval_error"):
+            row["notes"].append(f"evaluation failed: {m['eval_error']}")
+        mem = memory.get(spec["name"]) or {}
+        row["memory"] = {k: mem.get(k) for k in ("load_delta_mb", "peak_delta_mb", "rss_before_load_mb",
+                                                 "peak_rss_mb", "load_s", "error", "note") if k in mem}
+        if mem.get("size_bytes") is not None:
+            row["size_bytes"] = mem["size_bytes"]
+        rows.append(row)
+    for s in skipped:
+        rows.append({**{k: v for k, v in s.items() if k not in ("kind", "path", "file")},
+                     "cases": {}, "accuracy": None, "metrics": None, "memory": {}, "notes": []})
+    order = {g: i for i, g in enumerate(("teacher", "student", "optimum", "torchao", "edgekd"))}
+    return sorted(rows, key=lambda r: order.get(r["group"], 9))
+
+
+def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 200, warmup: int = 20,
+            threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
+            eval_limit: int | None = None, target_speedup: float = 1.2, timeout_s: float = 3600,
+            seed: int = 0) -> dict[str, Any]:
+    """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data."""
+    from edgekd.context import RunContext
+    from edgekd.recipe import load_recipe
+    from edgekd.runfolder import atomic_write_bytes, atomic_write_text
+
+    started = time.perf_counter()
+    run = Path(run_dir)
+    _check_run(run)
+    if runs < 1 or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes or min(batch_sizes) < 1:
+        raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")
+    threads = threads or default_threads()
+    out = Path(out_dir) if out_dir else run / "compare"
+    recipe = load_recipe(run / "recipe.yaml")
+    entries = _export_entries(run, artifact)
+    student, stage = _student_dir(run, recipe.prune.enabled, entries)
+    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
+
+    ctx = RunContext.create(recipe)
+    test = ctx.tokenized("test", ctx.task.load_tokenizer(student))
+    n = len(test)
+    if n == 0:
+        raise StageError(f"the test split of {run} is empty: nothing to measure on.")
+    full = test.collate(np.arange(n))
+    eval_rows = np.arange(min(n, eval_limit) if eval_limit else n)
+    env = _environment(threads)
+    isa, isa_why = optimum.choose_isa(env["cpu_flags"])
+
+    with tempfile.TemporaryDirectory(prefix="edgekd-compare-") as tmp:
+        work = Path(tmp)
+        arrays = {"ids": full["input_ids"], "mask": full["attention_mask"], "lengths": test.lengths,
+                  "eval_rows": eval_rows}
+        for b in batch_sizes:
+            arrays[f"rows_b{b}"] = _timing_rows(n, b, warmup + runs, seed + b)
+        np.savez(work / "inputs.npz", **arrays)
+
+        opt: dict[str, Any] = {"isa": isa, "isa_why": isa_why,
+                               "export": optimum.export_onnx(student, work / "optimum-onnx", timeout_s)}
+        if opt["export"]["status"] == "ok":
+            opt["quantize"] = optimum.quantize_onnx(work / "optimum-onnx", work / "optimum-int8", isa, timeout_s)
+        specs, skipped = _specs(run, student, entries, opt)
+
+        job = {"models": specs, "threads": threads, "warmup": warmup, "runs": runs, "batch_sizes": list(batch_sizes),
+               "inputs": "inputs.npz", "eval_batch_size": 32}
+        timing, outputs = _child("timing", job, work, "all", threads, timeout_s)
+        memory = {}
+        for spec in specs:
+            if ((timing.get("models") or {}).get(spec["name"]) or {}).get("status") != "ok":
+                continue
+            mjob = {"spec": spec, "threads": threads, "inputs": "inputs.npz", "batch_sizes": list(batch_sizes),
+                    "rounds": min(MEMORY_ROUNDS, warmup + runs)}
+            memory[spec["name"]], _ = _child("memory", mjob, work, spec["name"], threads, timeout_s)
+    rows = _assemble(specs, skipped, timing, outputs, memory, test.labels[eval_rows], ctx.task.metrics)
+
+    student_acc = next((r["accuracy"] for r in rows if r["name"] == "student-fp32"), None)
+    budget = recipe.quantize.max_accuracy_drop
+    best_name, why = report.select_best(rows, student_acc, budget, batch_sizes[0], artifact)
+    for r in rows:
+        r["best"] = r["name"] == best_name
+    by_name = {r["name"]: r for r in rows}
+    data: dict[str, Any] = {
+        "schema": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": run.name,
+        "run_dir": str(run),
+        "student": {"stage": stage, "folder": str(student)},
+        "settings": {"runs": runs, "warmup": warmup, "threads": threads, "batch_sizes": list(batch_sizes),
+                     "test_examples": n, "eval_examples": len(eval_rows), "accuracy_budget": budget,
+                     "target_speedup": target_speedup, "artifact": artifact, "optimum_isa": isa, "seed": seed},
+        "environment": {**env, "timing_process": (timing or {}).get("environment")},
+        "timing": {k: (timing or {}).get(k) for k in ("timing_seconds", "blocks", "switch_warmup", "error")},
+        "optimum": opt,
+        "rows": rows,
+        "ratios": {"vs_teacher": report.ratios(rows, report.TEACHER, list(batch_sizes)),
+                   "vs_optimum_int8": report.ratios(rows, report.OPTIMUM_INT8, list(batch_sizes))},
+        "best": {"name": best_name, "why": why, "student_accuracy": student_acc, "budget": budget},
+        "verdict": report.verdict(by_name.get(best_name) if best_name else None, by_name.get(report.OPTIMUM_INT8),
+                                  list(batch_sizes), target_speedup),
+        "pipeline": report.pipeline_time(manifest),
+    }
+    png, no_plot = report.plot_png(data)
+    data["plot"] = "compare.png" if png else f"not drawn: {no_plot}"
+    data["compare_seconds"] = round(time.perf_counter() - started, 2)
+    text = report.markdown(data)
+    out.mkdir(parents=True, exist_ok=True)
+    if png:
+        atomic_write_bytes(out / "compare.png", png)
+    atomic_write_text(out / "compare.md", text)
+    atomic_write_text(out / "compare.json", json.dumps(_finite(data), indent=2, default=str))
+    data["markdown"] = text
+    data["out_dir"] = str(out)
+    return data
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a finished run folder, e.g. runs/default")
+    p.add_argument("--runs", type=int, default=200, help="timed runs per model and batch size (default 200)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed runs per model and batch size first (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: this process's CPUs)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compare)")
+    p.add_argument("--artifact", default=None, help="compare this export folder instead of the best one (e.g. onnx-int8)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes timed (default 1 8)")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test examples (default: all)")
+    p.add_argument("--target-speedup", type=float, default=1.2, help="p50 speed-up over Optimum int8 required (1.2)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each child process (3600)")
+    p.add_argument("--check", action="store_true", help="exit with status 1 when the speed-up target is not met")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        data = compare(args.run_dir, args.out, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                       batch_sizes=tuple(args.batch_sizes), artifact=args.artifact, eval_limit=args.eval_limit,
+                       target_speedup=args.target_speedup, timeout_s=args.timeout)
+    except EdgeKDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(data["markdown"])
+    print(f"{data['verdict']['summary']}\nWritten to {data['out_dir']}: compare.md, compare.json"
+          + (", compare.png" if data["plot"] == "compare.png" else f" (plot {data['plot']})"))
+    return 1 if args.check and not data["verdict"]["met"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

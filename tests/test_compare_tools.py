@@ -1,0 +1,291 @@
+"""benchmarks/compare_tools.py on a tiny run folder built here: every row measured, the Optimum path
+made offline from the local student, ratios and the verdict computed from the figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+MAX_LEN = 16
+EXPECTED_ROWS = {"teacher-fp32", "student-fp32", "optimum-onnx-fp32", "optimum-onnx-int8", "torchao-int8",
+                 "edgekd-onnx", "edgekd-onnx-int8"}
+
+
+@pytest.fixture
+def tools(monkeypatch):
+    """The script's modules, imported the way the script imports them (its folder first on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _compare_report
+    import _optimum_path
+    import compare_tools
+
+    return compare_tools, _compare_report, _optimum_path
+
+
+def _row(name, group="edgekd", acc=0.8, size=100, peak=10.0, p50s=None, tputs=None, label=None, status="ok"):
+    p50s = p50s or {1: 2.0, 8: 8.0}
+    tputs = tputs or {b: b * 1000 / v for b, v in p50s.items()}
+    return {"name": name, "label": label or name, "group": group, "status": status, "accuracy": acc,
+            "size_bytes": size, "memory": {"peak_delta_mb": peak},
+            "cases": {str(b): {"p50_ms": p50s[b], "throughput": tputs[b]} for b in p50s}}
+
+
+def test_ratios_against_a_reference(tools):
+    _, rep, _ = tools
+    rows = [_row("teacher-fp32", "teacher", acc=0.90, size=400, peak=40.0, p50s={1: 10.0, 8: 40.0}),
+            _row("edgekd-onnx-int8", acc=0.88, size=100, peak=10.0, p50s={1: 2.0, 8: 16.0}),
+            _row("broken", acc=None, size=None, peak=None, p50s={1: 5.0})]
+    r = rep.ratios(rows, "teacher-fp32", [1, 8])
+    e = r["edgekd-onnx-int8"]
+    assert e["p50_speedup"] == {"1": pytest.approx(5.0), "8": pytest.approx(2.5)}
+    assert e["throughput_ratio"]["8"] == pytest.approx((8000 / 16) / (8000 / 40))
+    assert e["size_ratio"] == pytest.approx(0.25) and e["peak_memory_ratio"] == pytest.approx(0.25)
+    assert e["accuracy_delta"] == pytest.approx(-0.02)
+    assert r["teacher-fp32"]["p50_speedup"]["1"] == pytest.approx(1.0)
+    b = r["broken"]
+    assert b["p50_speedup"] == {"1": pytest.approx(2.0), "8": None}  # no figure: no ratio, not zero
+    assert b["size_ratio"] is None and b["accuracy_delta"] is None and b["peak_memory_ratio"] is None
+    assert rep.ratios(rows, "absent", [1])["edgekd-onnx-int8"]["p50_speedup"] == {"1": None}
+
+
+def test_best_artifact_is_the_fastest_within_budget(tools):
+    _, rep, _ = tools
+    rows = [_row("student-fp32", "student", acc=0.80),
+            _row("edgekd-onnx", acc=0.80, p50s={1: 3.0}),
+            _row("edgekd-onnx-int8", acc=0.795, p50s={1: 2.0}),
+            _row("edgekd-executorch", acc=0.70, p50s={1: 1.0})]  # fastest, but 10 points worse
+    name, why = rep.select_best(rows, 0.80, 0.01, 1)
+    assert name == "edgekd-onnx-int8" and "within 1.0 points" in why
+    assert [r.get("within_budget") for r in rows] == [None, True, True, False]
+    assert rep.select_best(rows, 0.80, 0.001, 1)[0] == "edgekd-onnx"
+    assert rep.select_best(rows, 0.80, 0.01, 1, forced="executorch")[0] == "edgekd-executorch"
+    assert rep.select_best(rows, 0.99, 0.01, 1)[0] is None
+
+
+def test_verdict_says_plainly_when_the_target_is_missed(tools):
+    _, rep, _ = tools
+    opt = _row("optimum-onnx-int8", "optimum", acc=0.80, p50s={1: 3.0, 8: 12.0}, label="Optimum")
+    fast = _row("edgekd-onnx-int8", acc=0.80, p50s={1: 2.0, 8: 9.0}, label="edgekd int8")
+    v = rep.verdict(fast, opt, [1, 8])
+    assert [c["speedup"] for c in v["checks"]] == [pytest.approx(1.5), pytest.approx(12 / 9)]
+    assert v["met"] and v["summary"].startswith("MET")
+
+    slow8 = _row("edgekd-onnx-int8", acc=0.80, p50s={1: 2.0, 8: 11.0}, label="edgekd int8")
+    v = rep.verdict(slow8, opt, [1, 8])
+    assert not v["met"] and v["summary"].startswith("NOT MET") and "batch 8" in v["summary"]
+    assert "only 1.09x faster" in v["lines"][1]
+
+    less_accurate = _row("edgekd-onnx-int8", acc=0.79, p50s={1: 1.0, 8: 4.0}, label="edgekd int8")
+    v = rep.verdict(less_accurate, opt, [1, 8])
+    assert not v["met"] and all("LESS accurate" in line for line in v["lines"])
+
+    slower = _row("edgekd-onnx-int8", acc=0.81, p50s={1: 4.0, 8: 13.0}, label="edgekd int8")
+    assert "SLOWER" in rep.verdict(slower, opt, [1])["lines"][0]
+
+    broken = {**opt, "status": "error", "error": "optimum-cli export exited with 1"}
+    v = rep.verdict(fast, broken, [1, 8])
+    assert not v["met"] and "NOT SHOWN" in v["summary"] and "exited with 1" in v["summary"]
+    assert not rep.verdict(None, opt, [1])["met"]
+
+
+def test_pipeline_time_from_the_manifest(tools):
+    _, rep, _ = tools
+    manifest = {"stages": {"teacher": {"seconds": 60.0, "metrics": {"train_seconds": 50.0, "cache_seconds": 5.0}},
+                           "distill": {"seconds": 30.0, "metrics": {"teacher_forward_per_step": False}},
+                           "export": {"seconds": 10.0}}}
+    p = rep.pipeline_time(manifest)
+    assert p["total_seconds"] == 100.0 and p["teacher_share"] == pytest.approx(60.0)
+    assert p["teacher_forward_per_step"] is False
+    assert any("did not run the teacher again" in line for line in p["lines"])
+    manifest["stages"]["distill"]["metrics"]["teacher_forward_per_step"] = True
+    assert any("ran the teacher on every step" in line for line in rep.pipeline_time(manifest)["lines"])
+
+
+def test_optimum_config_follows_the_cpu_flags(tools):
+    _, _, opt = tools
+    assert opt.choose_isa(["avx2", "avx512f", "avx512_vnni"], "x86_64")[0] == "avx512_vnni"
+    assert opt.choose_isa(["avx2", "avx512f"], "x86_64")[0] == "avx512"
+    assert opt.choose_isa(["sse4_2", "avx2"], "x86_64")[0] == "avx2"
+    assert opt.choose_isa(["asimd"], "aarch64")[0] == "arm64"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """runs/tiny: tiny teacher and student, the export stage's onnx folder plus a dynamic-int8 copy, a
+    manifest with the stages' timings and a recipe whose test split is rebuilt from a CSV."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("optimum.onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekd.context import RunContext
+    from edgekd.export.base import write_artifact_meta
+    from edgekd.export.stage import export_all
+    from edgekd.recipe import ExportConfig, parse_recipe
+    from edgekd.runfolder import sha256_file
+    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport, classification_metrics
+    from edgekd.testing import tiny_bert, write_sentiment_csv
+
+    root = tmp_path_factory.mktemp("compare")
+    csv = write_sentiment_csv(root / "reviews.csv", n=240, seed=1)
+    run = root / "runs" / "tiny"
+    tiny_bert(run / "teacher" / "model", num_layers=2, num_labels=2, seed=0)
+    student_dir = tiny_bert(run / "distill" / "model", num_layers=1, num_labels=2, seed=1)
+    recipe = parse_recipe({"name": "tiny", "output_dir": str(root / "runs"),
+                           "data": {"dataset": str(csv), "max_length": MAX_LEN},
+                           "teacher": {"model": str(run / "teacher" / "model")}})
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    inputs, labels = RunContext.create(recipe).parity_data()
+    module = SequenceClassifierExport(AutoModelForSequenceClassification.from_pretrained(student_dir)).eval()
+    tok_files = [student_dir / f for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                           "special_tokens_map.json")]
+    records = export_all(module, TEXT_IO, ["onnx"], run / "export", ExportConfig(), inputs, labels,
+                         classification_metrics, {"max_length": MAX_LEN, "source_stage": "distill"}, tok_files)
+    assert records["onnx"]["built"], records
+    fp32, int8 = run / "export" / "onnx", run / "export" / "onnx-int8"
+    int8.mkdir()
+    quantize_dynamic(str(fp32 / "model.onnx"), str(int8 / "model.onnx"), weight_type=QuantType.QInt8)
+    meta = json.loads((fp32 / "artifact.json").read_text())
+    meta.update(precision="int8", sha256=sha256_file(int8 / "model.onnx"),
+                size_bytes=(int8 / "model.onnx").stat().st_size, files={}, parity=None)
+    write_artifact_meta(int8, meta)
+    (run / "manifest.json").write_text(json.dumps({"stages": {
+        "teacher": {"status": "done", "seconds": 12.0,
+                    "metrics": {"train_seconds": 10.0, "cache_seconds": 1.5, "cached_examples": 192}},
+        "distill": {"status": "done", "seconds": 8.0, "metrics": {"teacher_forward_per_step": False}},
+        "export": {"status": "done", "seconds": 4.0},
+    }}))
+    return run, labels
+
+
+@pytest.mark.slow  # optimum-cli export, a quantizer and eight measuring processes: about a minute
+def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
+    compare_tools, rep, _ = tools
+    run, labels = tiny_run
+    out = tmp_path / "compare"
+    code = compare_tools.main([str(run), "--runs", "6", "--warmup", "2", "--threads", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png"}
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    data = json.loads((out / "compare.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == EXPECTED_ROWS
+    assert data["optimum"]["export"]["status"] == "ok", data["optimum"]["export"]
+    assert data["optimum"]["quantize"]["status"] == "ok", data["optimum"]["quantize"]
+    assert data["settings"]["eval_examples"] == data["settings"]["test_examples"] == len(labels)
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r.get("error"))
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["size_bytes"] > 0, name
+        assert r["memory"]["load_delta_mb"] is not None and r["memory"]["peak_delta_mb"] is not None, name
+        for b in ("1", "8"):
+            c = r["cases"][b]
+            assert c["runs"] == 6 and 0 < c["min_ms"] <= c["p50_ms"] <= c["p99_ms"] <= c["max_ms"], (name, c)
+            assert c["throughput"] == pytest.approx(int(b) * 1000 / c["mean_ms"])
+    # The two exports of the same student score (almost) alike; the int8 ones are smaller.
+    assert abs(rows["edgekd-onnx"]["accuracy"] - rows["student-fp32"]["accuracy"]) <= 1 / len(labels) + 1e-9
+    assert rows["optimum-onnx-int8"]["size_bytes"] < rows["optimum-onnx-fp32"]["size_bytes"]
+    assert data["environment"]["threads"]["requested"] == 1 and data["environment"]["cpu_flags"]
+    assert data["environment"]["timing_process"]["threads"]["torch"] == 1
+    assert data["environment"]["versions"]["optimum"]
+
+    # Every ratio in the JSON is the ratio of the JSON's own figures.
+    for ref, key in (("teacher-fp32", "vs_teacher"), ("optimum-onnx-int8", "vs_optimum_int8")):
+        for name, r in rows.items():
+            got = data["ratios"][key][name]
+            for b in ("1", "8"):
+                assert got["p50_speedup"][b] == pytest.approx(rows[ref]["cases"][b]["p50_ms"] / r["cases"][b]["p50_ms"])
+            assert got["size_ratio"] == pytest.approx(r["size_bytes"] / rows[ref]["size_bytes"])
+            assert got["accuracy_delta"] == pytest.approx(r["accuracy"] - rows[ref]["accuracy"])
+
+    best = data["best"]["name"]
+    assert best in ("edgekd-onnx", "edgekd-onnx-int8") and rows[best]["best"]
+    v = data["verdict"]
+    assert len(v["checks"]) == 2
+    for c in v["checks"]:
+        speed = rows["optimum-onnx-int8"]["cases"][str(c["batch"])]["p50_ms"] / rows[best]["cases"][str(c["batch"])]["p50_ms"]
+        assert c["speedup"] == pytest.approx(speed)
+        assert c["met"] == (speed >= 1.2 and rows[best]["accuracy"] >= rows["optimum-onnx-int8"]["accuracy"])
+    assert v["summary"].startswith("MET" if v["met"] else "NOT MET")
+    assert data["pipeline"]["teacher_forward_per_step"] is False and data["pipeline"]["total_seconds"] == 24.0
+
+    md = (out / "compare.md").read_text()
+    assert v["summary"] in md and v["summary"] in printed
+    for r in rows.values():
+        assert md.count(f"| {r['label']}") >= 3, r["label"]  # size table + one latency row per batch size
+    assert "—" not in md.split("## Pipeline time")[0].split("## Size, memory, accuracy")[1]  # every cell a number
+
+
+def test_errors_name_what_to_do(tools, tmp_path, capsys):
+    from edgekd.recipe import Recipe
+
+    compare_tools, _, _ = tools
+    assert compare_tools.main([str(tmp_path / "nowhere")]) == 2
+    assert "not a finished run folder" in capsys.readouterr().err
+
+    run = tmp_path / "runs" / "bare"
+    (run / "teacher" / "model").mkdir(parents=True)
+    (run / "teacher" / "model" / "config.json").write_text("{}")
+    (run / "recipe.yaml").write_text(Recipe(name="bare").to_yaml())
+    assert compare_tools.main([str(run), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no export folders" in capsys.readouterr().err
+
+    (run / "export" / "onnx-int8").mkdir(parents=True)
+    (run / "export" / "onnx-int8" / "artifact.json").write_text(json.dumps({"target": "onnx", "file": "model.onnx"}))
+    assert compare_tools.main([str(run), "--artifact", "tensorrt", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--artifact tensorrt" in err and "present: onnx-int8" in err
+    assert compare_tools.main([str(run), "--runs", "0"]) == 2
+    assert "--runs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_student_and_optimum_rows(tools, tmp_path):
+    from edgekd.errors import StageError
+
+    compare_tools, _, _ = tools
+    run = tmp_path / "run"
+    for stage in ("teacher", "distill", "prune"):
+        (run / stage / "model").mkdir(parents=True)
+        (run / stage / "model" / "config.json").write_text("{}")
+    exports = [{"name": "onnx", "folder": str(run / "export" / "onnx"), "target": "onnx", "precision": "fp32",
+                "meta": {"source_stage": "prune"}}]
+    assert compare_tools._student_dir(run, False, exports) == (run / "prune" / "model", "prune")
+    assert compare_tools._student_dir(run, False, [])[1] == "distill"
+    assert compare_tools._student_dir(run, True, [])[1] == "prune"
+    (run / "distill" / "model" / "config.json").unlink()
+    with pytest.raises(StageError, match="run the distill stage"):
+        compare_tools._student_dir(run, False, [])
+
+    failed = {"export": {"status": "error", "error": "optimum-cli export exited with 1: boom"}}
+    specs, skipped = compare_tools._specs(run, run / "prune" / "model", exports, failed)
+    assert [s["name"] for s in specs] == ["teacher-fp32", "student-fp32", "torchao-int8", "edgekd-onnx"]
+    assert {s["name"]: s["error"] for s in skipped} == {
+        "optimum-onnx-fp32": "optimum-cli export exited with 1: boom",
+        "optimum-onnx-int8": "the Optimum export before it failed"}
+
+
+def test_worker_blocks_and_load_failures(tools, tmp_path):
+    import _compare_worker as worker
+
+    assert worker.blocks(6) == [(0, 6)]
+    assert worker.blocks(200) == [(i * 20, (i + 1) * 20) for i in range(10)]
+    spans = worker.blocks(37)
+    assert spans[0][0] == 0 and spans[-1][1] == 37 and all(a < b for a, b in spans)
+    models = worker._load_all([{"name": "gone", "kind": "artifact", "path": str(tmp_path / "gone")}], 1)
+    assert models["gone"]["status"] == "error" and "artifact.json" in models["gone"]["error"]
+
+
+def test_timing_rows_use_every_example_before_repeating(tools):
+    compare_tools, _, _ = tools
+    rows = compare_tools._timing_rows(10, 4, 5, seed=0)
+    assert rows.shape == (5, 4)
+    flat = rows.ravel()
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert np.array_equal(rows, compare_tools._timing_rows(10, 4, 5, seed=0))
+
