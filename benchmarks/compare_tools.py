@@ -59,14 +59,13 @@ def _folder_bytes(folder: Path) -> int | None:
     return sum(p.stat().st_size for p in files) if files else None
 
 
-def _student_dir(run: Path, prune_enabled: bool, entries: list[dict[str, Any]]) -> tuple[Path, str]:
-    """The model the export folders were made from: the pruned student when the run pruned."""
-    sources = {(e.get("meta") or {}).get("source_stage") for e in entries}
-    stage = "prune" if "prune" in sources or (prune_enabled and (run / "prune" / "model").is_dir()) else "distill"
-    folder = run / stage / "model"
+def _student_dir(run: Path) -> tuple[Path, str]:
+    """The distilled student before pruning: the model a user would take to the usual tools. The
+    PyTorch student row, the Optimum path and torchao all start from it; edgekd's artifact adds pruning."""
+    folder = run / "distill" / "model"
     if not (folder / "config.json").is_file():
-        raise StageError(f"{folder} holds no model: run the {stage} stage first (`edgekd run` or `edgekd {stage}`).")
-    return folder, stage
+        raise StageError(f"{folder} holds no model: run the distill stage first (`edgekd run` or `edgekd distill`).")
+    return folder, "distill"
 
 
 def _check_run(run: Path) -> None:
@@ -230,7 +229,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     out = Path(out_dir) if out_dir else run / "compare"
     recipe = load_recipe(run / "recipe.yaml")
     entries = _export_entries(run, artifact)
-    student, stage = _student_dir(run, recipe.prune.enabled, entries)
+    student, stage = _student_dir(run)
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
 
     ctx = RunContext.create(recipe)

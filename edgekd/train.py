@@ -55,6 +55,15 @@ def make_accelerator(precision: str):
     return Accelerator(mixed_precision=resolve_precision(precision))
 
 
+def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where this torch build has it for the parameters' device: one
+    kernel per step instead of a loop over tensors (the optimizer step was a quarter of a CPU step)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -116,7 +125,7 @@ def train(
     ]
     if extra_params:
         groups.append({"params": list(extra_params), "weight_decay": cfg.weight_decay})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = _adamw(groups, cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
