@@ -130,7 +130,7 @@ def bench_run(
     ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures.
     """
     cfg = cfg or BenchConfig()
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
     prof = load_profile(profile or cfg.profile)
     inputs = measure.Inputs.from_config(cfg, eval_inputs)
     entries = discover(run_dir, cfg.targets)
