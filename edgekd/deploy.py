@@ -97,10 +97,12 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
     torch_models = None
     if r.bench.torch_models:
         teacher, _ = load_teacher_outputs(ctx)
-        torch_models = {
-            "teacher": (task.export_module(teacher), task.model_io()),
-            "student": (task.export_module(load_source(ctx)), task.model_io()),
-        }
+        # the fp32 distilled student is the reference the compressed artifacts are judged against
+        torch_models = {"student": (task.export_module(load_student(ctx, "distill")), task.model_io())}
+        if source_stage(ctx) == "prune":
+            torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
+        if teacher is not None:  # a black-box teacher has no weights here to time
+            torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
                        torch_models)
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)

@@ -4,17 +4,22 @@ Loss = α·T²·KL(teacher ‖ student at T) + (1−α)·CE(labels)
        + hidden_weight · hidden-state loss (learned projection when widths differ)
        + attention_weight · attention-map loss.
 Soft targets come from the teacher's cached logits; the teacher itself runs only when
-hidden-state or attention matching needs its intermediate states.
+hidden-state or attention matching needs its intermediate states. A labels-only teacher gives hard
+targets: α·CE(teacher's labels) + (1−α)·CE(labels). With ``distill.rounds`` > 1 (born-again
+networks, Furlanello et al. 2018) each later round trains a fresh student from the previous one.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import set_seed
 
 from edgekd.context import RunContext
 from edgekd.errors import RecipeError
@@ -40,7 +45,8 @@ def stage_fingerprint(ctx: RunContext, stage: str) -> str:
     r = ctx.recipe
     settings = {"student": r.student.model_dump(mode="json"), "train": r.distill.train.model_dump(mode="json")}
     if stage == "distill":
-        settings["distill"] = r.distill.model_dump(mode="json")
+        # rounds is left out at its default, so runs recorded before it existed stay valid
+        settings["distill"] = r.distill.model_dump(mode="json", exclude={"rounds"} if r.distill.rounds == 1 else None)
     return fingerprint({**settings, "teacher": teacher_fingerprint(ctx), "seed": r.seed,
                         "precision": r.runtime.precision, "stage": stage})
 
@@ -61,27 +67,37 @@ def _use_eager_attention(model: nn.Module) -> None:
         model.config._attn_implementation = "eager"
 
 
-def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
-    """``stage`` is 'distill' (soft targets + optional matching) or 'baseline' (hard labels only)."""
-    r, task = ctx.recipe, ctx.task
-    d = r.distill
-    fp = stage_fingerprint(ctx, stage)
-    t0 = time.perf_counter()
-    teacher, cached_logits = load_teacher_outputs(ctx)
-    student, copied = build_student(ctx, teacher)
-    student_tok = ctx.tokenizer if not r.student.model else task.load_tokenizer(r.student.model)
-    train_data = ctx.tokenized("train", student_tok)
-    same_tokens = student_tok.get_vocab() == ctx.tokenizer.get_vocab()
+@dataclass
+class Teaching:
+    """What one round learns from: targets per training row, and the model whose states are matched."""
 
+    logits: torch.Tensor | None  # soft targets (None: hard labels only)
+    hard_labels: torch.Tensor | None  # the teacher's labels, when it gave labels only
+    model: nn.Module | None  # for hidden-state / attention matching
+    student_copied_from_it: bool  # the student's layers were copied from this model (layer map follows them)
+
+
+def _train_student(ctx: RunContext, stage: str, init: nn.Module, teach: Teaching, train_data, student_tok,
+                   ckpt: Path, label: str) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Build a fresh student from ``init`` and train it on ``teach``; returns it, its TrainResult and facts."""
+    r, task, d = ctx.recipe, ctx.task, ctx.recipe.distill
+    student, copied = build_student(ctx, init)
     distilling = stage == "distill"
+    teacher = teach.model
     use_hidden = distilling and d.hidden_weight > 0
     use_att = distilling and d.attention_weight > 0
-    if (use_hidden or use_att) and not same_tokens:
+    if (use_hidden or use_att) and teacher is None:
+        raise RecipeError([
+            "distill.hidden_weight / distill.attention_weight: a black-box teacher has no hidden states or "
+            "attention maps to match; set them to 0, or use a local teacher (teacher.kind: model)"
+        ])
+    if (use_hidden or use_att) and student_tok.get_vocab() != ctx.tokenizer.get_vocab():
         raise RecipeError([
             "distill.hidden_weight / distill.attention_weight: hidden-state and attention matching need the "
             "student to share the teacher's tokenizer; set them to 0 or use a student with the same vocabulary"
         ])
-    mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied)
+    n_teacher = (teacher or init).config.num_hidden_layers
+    mapping = layer_map(student.config.num_hidden_layers, n_teacher, copied if teach.student_copied_from_it else None)
     projections = nn.ModuleList()
     if use_hidden and student.config.hidden_size != teacher.config.hidden_size:
         projections = nn.ModuleList(
@@ -90,7 +106,6 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
     if use_att:
         _use_eager_attention(student)
         _use_eager_attention(teacher)
-    teacher_logits = torch.from_numpy(cached_logits)
     teacher_dev = None
 
     def loss_fn(m, batch):
@@ -98,9 +113,17 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
         want_states = use_hidden or use_att
         out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 output_hidden_states=use_hidden, output_attentions=use_att)
-        t_logits = teacher_logits[batch["index"].cpu()].to(out.logits.device) if distilling else None
-        loss, logs = soft_hard_loss(out.logits, t_logits, batch["labels"], d.alpha if distilling else 0.0,
-                                    d.temperature, d.kl)
+        idx = batch["index"].cpu()
+        if distilling and teach.hard_labels is not None:
+            # A labels-only teacher: alpha weights cross-entropy on its labels, 1-alpha on the data's.
+            t_ce, _ = soft_hard_loss(out.logits, None, teach.hard_labels[idx].to(out.logits.device), 0.0, 1.0)
+            ce, logs = soft_hard_loss(out.logits, None, batch["labels"], 0.0, 1.0)
+            loss = d.alpha * t_ce + (1 - d.alpha) * ce
+            logs["teacher_ce"] = float(t_ce.detach())
+        else:
+            t_logits = teach.logits[idx].to(out.logits.device) if distilling else None
+            loss, logs = soft_hard_loss(out.logits, t_logits, batch["labels"], d.alpha if distilling else 0.0,
+                                        d.temperature, d.kl)
         if want_states:
             if teacher_dev is None:
                 teacher_dev = teacher.to(out.logits.device)
@@ -125,33 +148,90 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
                 logs["attention"] = float(al.detach())
         return loss, logs
 
-    label = "distill" if distilling else "baseline (hard labels)"
     ctx.say(f"[bold]{stage}[/]: {student.config.num_hidden_layers}-layer student"
             + (f" from teacher layers {copied}" if copied else f" from {r.student.model}"))
     res = train(student, train_data, d.train, loss_fn, seed=r.seed, precision=r.runtime.precision,
-                ckpt_root=ctx.checkpoint_dir(stage, fp), description=label,
-                extra_params=list(projections.parameters()) or None)
+                ckpt_root=ckpt, description=label, extra_params=list(projections.parameters()) or None)
     if use_att:
         # Export and serving use the fast attention kernels again.
-        if hasattr(student, "set_attn_implementation"):
-            student.set_attn_implementation("sdpa")
-    out_dir = ctx.model_dir(stage)
-    if ctx.is_main:
-        task.save_model(student, student_tok, out_dir)
+        for m in (student, teacher):
+            if hasattr(m, "set_attn_implementation"):
+                m.set_attn_implementation("sdpa")
     val_data = ctx.tokenized("validation", student_tok)
     val_logits = predict(student, val_data, r.eval.batch_size, f"{stage} validation")
-    metrics = {
+    facts = {
         "validation": task.metrics({"logits": val_logits}, val_data.labels),
         "layers_from_teacher": copied,
         "layer_map": mapping,
-        "train_history": res.history,
-        "train_seconds": round(res.seconds, 2),
-        "resumed_from_epoch": res.resumed_from_epoch,
-        "params": sum(p.numel() for p in student.parameters()),
         "teacher_forward_per_step": bool(use_hidden or use_att),
     }
+    return student, res, facts
+
+
+def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
+    """``stage`` is 'distill' (soft targets + optional matching, ``distill.rounds`` born-again rounds)
+    or 'baseline' (hard labels only)."""
+    from edgekd.teachers.stage import load_targets, training_split
+
+    r, task = ctx.recipe, ctx.task
+    d = r.distill
+    fp = stage_fingerprint(ctx, stage)
+    t0 = time.perf_counter()
+    teacher, cached_logits = load_teacher_outputs(ctx)
+    if teacher is not None:
+        init = teacher
+    else:
+        # A black-box teacher has no weights: the student is built from the local model in teacher.model
+        # (its fresh task head seeded like the rest of the run).
+        set_seed(r.seed)
+        init = task.load_model(r.teacher.model)
+    student_tok = ctx.tokenizer if not r.student.model else task.load_tokenizer(r.student.model)
+    distilling = stage == "distill"
+    if distilling:
+        targets = load_targets(ctx, cached_logits)
+        train_data = training_split(ctx, student_tok, targets)
+        teach = Teaching(None if targets.hard else torch.from_numpy(targets.logits),
+                         torch.from_numpy(targets.teacher_labels()) if targets.hard else None, teacher, True)
+    else:
+        train_data = ctx.tokenized("train", student_tok)
+        teach = Teaching(None, None, None, True)
+
+    rounds = d.rounds if distilling else 1
+    ckpt = ctx.checkpoint_dir(stage, fp)
+    label = "distill" if distilling else "baseline (hard labels)"
+    history: list[dict[str, Any]] = []
+    for k in range(1, rounds + 1):
+        if rounds > 1:
+            ctx.say(f"[bold]{stage}[/]: born-again round {k} of {rounds}, taught by "
+                    + ("the teacher" if k == 1 else f"the round {k - 1} student"))
+        student, res, facts = _train_student(ctx, stage, init, teach, train_data, student_tok,
+                                             ckpt if rounds == 1 else ckpt / f"round-{k}",
+                                             label if rounds == 1 else f"{label} round {k}/{rounds}")
+        history.append({"round": k, "teacher": "teacher" if k == 1 else f"round {k - 1} student",
+                        "validation": facts["validation"], "train_seconds": round(res.seconds, 2),
+                        "train_history": res.history})
+        if k < rounds:
+            # The next round learns from this student's soft targets on the same rows (and may match its states).
+            soft = predict(student, train_data, r.eval.batch_size, f"round {k} student outputs",
+                           precision=r.runtime.precision)
+            teach = Teaching(torch.from_numpy(soft), None, student, False)
+    out_dir = ctx.model_dir(stage)
     if ctx.is_main:
-        shutil.rmtree(ctx.checkpoint_dir(stage, fp), ignore_errors=True)
+        task.save_model(student, student_tok, out_dir)
+    metrics = {
+        **facts,
+        "train_history": res.history,
+        "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
+        "resumed_from_epoch": res.resumed_from_epoch,
+        "params": sum(p.numel() for p in student.parameters()),
+        "train_examples": len(train_data),
+    }
+    if distilling:
+        metrics["hard_teacher_targets"] = targets.hard
+    if rounds > 1:
+        metrics["rounds"] = history
+    if ctx.is_main:
+        shutil.rmtree(ckpt, ignore_errors=True)
         ctx.run.record(stage, fp, metrics, [out_dir], seconds=time.perf_counter() - t0)
     ctx.sync()
     return metrics

@@ -35,15 +35,23 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
     r, task = ctx.recipe, ctx.task
     t0 = time.perf_counter()
     from edgekd.teacher import load_teacher_outputs
+    from edgekd.teachers.stage import cached_split_logits
 
     teacher, _ = load_teacher_outputs(ctx)
-    models = {"teacher": (teacher, ctx.model_dir("teacher")),
-              "student": (load_student(ctx, "distill"), ctx.model_dir("distill"))}
-    if r.baseline.enabled:
-        models["baseline"] = (load_student(ctx, "baseline"), ctx.model_dir("baseline"))
     test = ctx.tokenized("test")
     logits: dict[str, np.ndarray] = {}
     results: dict[str, Any] = {}
+    models = {"teacher": (teacher, ctx.model_dir("teacher"))}
+    teacher_test = cached_split_logits(ctx, "test")
+    if teacher_test is not None:
+        # A black-box or combined teacher is scored from its answers on the test split, cached by its stage.
+        logits["teacher"] = teacher_test
+        results["teacher"] = {**task.metrics({"logits": teacher_test}, test.labels), "agreement_with_teacher": 1.0,
+                              "params": None, "size_bytes": None, "layers": None}
+        models = {}
+    models["student"] = (load_student(ctx, "distill"), ctx.model_dir("distill"))
+    if r.baseline.enabled:
+        models["baseline"] = (load_student(ctx, "baseline"), ctx.model_dir("baseline"))
     for name, (model, folder) in models.items():
         logits[name] = predict(model, test, r.eval.batch_size, f"eval {name} (test)")
         m = task.metrics({"logits": logits[name]}, test.labels)
@@ -56,7 +64,8 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
     summary = {
         "test_examples": len(test),
         "student_keeps_teacher_accuracy": s_acc / t_acc if t_acc else None,
-        "student_params_ratio": results["student"]["params"] / results["teacher"]["params"],
+        "student_params_ratio": (results["student"]["params"] / results["teacher"]["params"]
+                                 if results["teacher"]["params"] else None),
     }
     if "baseline" in results:
         summary["distill_gain_over_baseline"] = s_acc - results["baseline"]["accuracy"]

@@ -64,15 +64,165 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
-class TeacherConfig(Section):
+class TeacherEndpoint(Section):
+    """Where one teacher's answers come from; shared by ``teacher`` and each ``teacher.ensemble`` entry."""
+
+    model: str | None = Field(None, description="kind model: a model id or folder.")
+    kind: Literal["model", "onnx", "edgekd", "v2"] = Field(
+        "model",
+        description="model: a local model (weights available: white box); onnx: an exported folder run with "
+        "ONNX Runtime; edgekd: a running edgekd server (POST /predict); v2: any Open Inference Protocol v2 "
+        "endpoint (POST /v2/models/<model_name>/infer). onnx, edgekd and v2 are black boxes: only their "
+        "outputs are used.",
+    )
+    path: str | None = Field(None, description="kind onnx: an export folder (artifact.json, tokenizer) or its model file.")
+    url: str | None = Field(None, description="kind edgekd / v2: the server's base URL, e.g. http://10.0.0.5:8000.")
+    model_name: str | None = Field(None, description="kind v2: the model's name on the server.")
+    api_key_env: str | None = Field(
+        None,
+        description="kind edgekd / v2: name of the environment variable that holds the API key (the key "
+        "itself never goes in the recipe).",
+    )
+    api_key_header: str = Field(
+        "Authorization",
+        description="Header that carries the key: Authorization (sent as 'Bearer KEY') or another header name "
+        "(e.g. X-API-Key, sent as the bare key).",
+    )
+    targets: Literal["probs", "logits", "labels"] = Field(
+        "probs",
+        description="What the teacher gives: probs (probabilities: soft targets), logits (kind v2 or onnx), or "
+        "labels only (hard targets: the student learns the teacher's labels with cross-entropy).",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="kind v2 / onnx: the data's label names in the order of the endpoint's output vector, when "
+        "it does not publish them.",
+    )
+    input_name: str = Field("text", description="kind v2: name of the BYTES input tensor that takes the texts.")
+    output_name: str | None = Field(
+        None, description="kind v2: output tensor to read (default: probabilities, logits or label, after targets)."
+    )
+    version: str | None = Field(
+        None,
+        description="A tag for the remote model's version: answers cached in the run folder are reused only "
+        "for the same tag, so change it when the model behind the URL changes.",
+    )
+    weight: float = Field(1.0, gt=0, description="Weight of this teacher when soft targets are averaged.")
+
+    def endpoint_problems(self) -> list[str]:
+        """Keys that this kind needs or does not take, each naming the recipe key."""
+        needs = {"onnx": ["path"], "edgekd": ["url"], "v2": ["url", "model_name"]}.get(self.kind, [])
+        takes = set(needs) | ({"api_key_env"} if self.kind in ("edgekd", "v2") else set())
+        takes |= {"labels"} if self.kind in ("onnx", "v2") else set()
+        takes |= {"input_name", "output_name"} if self.kind == "v2" else set()
+        takes |= {"version"} if self.kind != "model" else set()
+        problems = [f"{k}: kind '{self.kind}' needs it" for k in needs if getattr(self, k) is None]
+        for k in ("path", "url", "model_name", "api_key_env", "labels", "output_name", "version"):
+            if k not in takes and getattr(self, k) is not None:
+                problems.append(f"{k}: kind '{self.kind}' does not take it")
+        if self.kind != "v2" and self.input_name != "text":
+            problems.append("input_name: only kind 'v2' takes it")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            problems.append(f"url: must start with http:// or https:// (got {self.url!r})")
+        if self.targets == "logits" and self.kind == "edgekd":
+            problems.append("targets: an edgekd server's /predict gives probs or labels; use kind 'v2' "
+                            "(its v2 route also returns logits) for logits")
+        return problems
+
+
+class TeacherSourceConfig(TeacherEndpoint):
+    """One more teacher of an ensemble (``teacher.ensemble``)."""
+
+    model: str | None = Field(
+        None, description="kind model: a fine-tuned classifier (model id or folder with a task head)."
+    )
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> TeacherSourceConfig:
+        problems = self.endpoint_problems()
+        if self.kind == "model" and not self.model:
+            problems.append("model: kind 'model' needs it")
+        if self.kind != "model" and self.model:
+            problems.append(f"model: kind '{self.kind}' does not take it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class TeacherClientConfig(Section):
+    """How black-box teachers are asked: batched requests, bounded retries, a rate limit."""
+
+    batch_size: int = Field(32, ge=1, description="Texts per request.")
+    requests_per_second: float | None = Field(
+        None, gt=0, description="Most requests started per second (retries included); default: no limit."
+    )
+    max_attempts: int = Field(
+        5, ge=1, description="Tries per request; connection errors, timeouts, 429 and 5xx answers are retried."
+    )
+    backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry; doubled after every retry.")
+    max_backoff_s: float = Field(30.0, ge=0, description="Longest wait between tries (also caps Retry-After).")
+    timeout_s: float = Field(60.0, gt=0, description="Time limit of one request.")
+
+
+class UnlabelledConfig(Section):
+    """Extra unlabelled texts the teacher labels to enlarge the distillation set."""
+
+    dataset: str | None = Field(
+        None,
+        description="A named dataset asset (e.g. movie-snippets: its labels are ignored) or a local "
+        ".csv/.tsv/.jsonl/.json file with a text column, or a .txt file with one text per line.",
+    )
+    text_column: str = Field("text", description="Column holding the text (csv/tsv/jsonl/json).")
+    max_examples: int | None = Field(None, ge=1, description="Keep only the first N texts (after de-duplication).")
+
+
+class TeacherConfig(TeacherEndpoint):
     model: str = Field(
         "minilm-l6",
-        description="A named asset (minilm-l6), a Hugging Face model id, or a local model folder.",
+        description="A named asset (minilm-l6), a Hugging Face model id, or a local model folder. With kind "
+        "model it is the teacher; with a black-box kind it supplies the tokenizer and the layers the "
+        "student is built from (the black box itself is never loaded).",
     )
     finetune: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2, lr=5e-5, batch_size=32),
         description="Used when the teacher has no task head yet (it is fine-tuned first).",
     )
+    ensemble: list[TeacherSourceConfig] = Field(
+        default_factory=list,
+        description="More teachers (local fine-tuned models or black boxes) whose targets are combined with "
+        "this one's.",
+    )
+    combine: Literal["average", "most_confident"] = Field(
+        "average",
+        description="average: weighted mean of the teachers' probabilities (then log); most_confident: per "
+        "example, the targets of the teacher whose top probability is highest.",
+    )
+    client: TeacherClientConfig = Field(default_factory=TeacherClientConfig)
+    unlabelled: UnlabelledConfig = Field(default_factory=UnlabelledConfig)
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> TeacherConfig:
+        problems = self.endpoint_problems()
+        members = [self, *self.ensemble]
+        if self.combine == "most_confident":
+            if any(m.weight != 1.0 for m in members):
+                problems.append("teacher weights apply to combine 'average' only: remove them or use average")
+            if any(m.targets == "labels" for m in members):
+                problems.append("combine 'most_confident' needs probabilities from every teacher, and a "
+                                "labels-only teacher has none: use combine 'average' (a vote)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def is_black_box(self) -> bool:
+        return self.kind != "model"
+
+    def is_plain(self) -> bool:
+        """One local teacher giving soft targets on the training split only (the original pipeline)."""
+        return self.kind == "model" and self.targets != "labels" and not self.ensemble and not self.unlabelled.dataset
+
+    def members(self) -> list[TeacherEndpoint]:
+        return [self, *self.ensemble]
 
 
 class StudentConfig(Section):
@@ -100,6 +250,12 @@ class DistillConfig(Section):
     hidden_loss: Literal["mse", "cosine"] = Field("cosine", description="Hidden-state loss.")
     attention_weight: float = Field(0.0, ge=0, description="Weight of the attention-map loss (0 = off).")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=1e-4, batch_size=32))
+    rounds: int = Field(
+        1, ge=1, le=20,
+        description="Born-again self-distillation: round 1 learns from the teacher, each later round trains "
+        "a fresh student (same shape, same initialisation) from the previous round's student. Every "
+        "round's validation metrics are recorded; the last round's student is the result.",
+    )
 
 
 class BaselineConfig(Section):

@@ -28,7 +28,9 @@ def summary_table(run: RunFolder) -> Table | None:
             continue
         secs = stages.get(train_stage[name], {}).get("metrics", {}).get("train_seconds")
         label = {"student": "student (distilled)", "baseline": "student (hard labels)"}.get(name, name)
-        table.add_row(label, str(m["layers"]), f"{m['params'] / 1e6:.1f}M", f"{m['size_bytes'] / 1e6:.1f}",
+        unknown = m["params"] is None  # a black-box or combined teacher: no weights here
+        table.add_row(label, "—" if unknown else str(m["layers"]), "—" if unknown else f"{m['params'] / 1e6:.1f}M",
+                      "—" if unknown else f"{m['size_bytes'] / 1e6:.1f}",
                       _pct(m["accuracy"]), _pct(m["macro_f1"]), _pct(m["agreement_with_teacher"]),
                       "—" if secs is None else f"{secs:.0f}")
     return table

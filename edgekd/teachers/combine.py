@@ -1,0 +1,74 @@
+"""Teacher outputs → soft targets: every teacher's answer as probabilities, then one target per example.
+
+A soft target is stored as log-probabilities: softmax(log p / T) is p tempered by T, so the
+distillation loss treats it exactly like the logits of a white-box teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+# Smallest probability kept before the log: a zero would become -inf and the KL term NaN.
+PROB_FLOOR = 1e-12
+
+Targets = Literal["probs", "logits", "labels"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def as_probabilities(outputs: np.ndarray, targets: Targets, num_labels: int) -> np.ndarray:
+    """One teacher's answers as an (n, num_labels) probability matrix (labels become one-hot rows)."""
+    out = np.asarray(outputs)
+    if targets == "labels":
+        labels = out.astype(np.int64).reshape(-1)
+        probs = np.zeros((len(labels), num_labels), dtype=np.float64)
+        probs[np.arange(len(labels)), labels] = 1.0
+        return probs
+    if out.ndim != 2 or out.shape[1] != num_labels:
+        raise ValueError(f"expected teacher outputs of shape (n, {num_labels}), got {list(out.shape)}")
+    if targets == "logits":
+        return softmax(out)
+    probs = np.clip(out.astype(np.float64), 0.0, None)
+    total = probs.sum(axis=1, keepdims=True)
+    if (total <= 0).any():
+        raise ValueError("a teacher returned a probability row that sums to 0")
+    return probs / total  # JSON rounding leaves rows a hair off 1
+
+
+def combine(
+    probabilities: Sequence[np.ndarray],
+    weights: Sequence[float] | None = None,
+    how: Literal["average", "most_confident"] = "average",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Combine the teachers' (n, K) probability matrices into one.
+
+    average: the weighted mean of the probabilities; most_confident: per example, the row of the
+    teacher whose top probability is highest (the first such teacher on a tie). Returns the
+    combined probabilities and, per example, the index of the teacher chosen (-1 for average).
+    """
+    if not probabilities:
+        raise ValueError("no teacher outputs to combine")
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])  # (teachers, n, K)
+    n = stack.shape[1]
+    if how == "average":
+        w = np.ones(len(stack)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(w) != len(stack) or (w <= 0).any():
+            raise ValueError(f"need one positive weight per teacher, got {list(w)}")
+        return np.tensordot(w / w.sum(), stack, axes=1), np.full(n, -1, dtype=np.int64)
+    if how == "most_confident":
+        chosen = stack.max(axis=2).argmax(axis=0)
+        return stack[chosen, np.arange(n)], chosen
+    raise ValueError(f"how must be 'average' or 'most_confident', got {how!r}")
+
+
+def log_targets(probabilities: np.ndarray) -> np.ndarray:
+    """Probabilities → float32 log-probabilities (the cached teacher logits)."""
+    return np.log(np.clip(probabilities, PROB_FLOOR, None)).astype(np.float32)

@@ -1,0 +1,43 @@
+"""Export a fine-tuned classifier folder to ONNX, ready for `edgekd serve` (to use it as a black box)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import StageError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def export_classifier(model_dir: str | Path, out_root: str | Path, texts: list[str], labels: list[int] | None = None,
+                      max_length: int = 64, name: str = "teacher") -> dict[str, Any]:
+    """Export the sequence classifier in ``model_dir`` to ``out_root/onnx/`` with the project's ONNX
+    exporter, its parity checked on ``texts``. Returns the export record (``folder``, ``parity``)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgekd.export.stage import export_all
+    from edgekd.recipe import ExportConfig
+    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport, classification_metrics
+
+    model_dir = Path(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
+    inputs = {n: enc[n].astype(np.int64) for n in TEXT_IO.input_names}
+    id2label = model.config.id2label
+    meta = {"labels": [id2label[i] for i in range(len(id2label))], "max_length": max_length,
+            "task": "text-classification", "source_model": str(model_dir), "run": name}
+    extra = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    with torch.no_grad():
+        records = export_all(SequenceClassifierExport(model), TEXT_IO, ["onnx"], Path(out_root),
+                             ExportConfig(targets=["onnx"], parity_examples=len(texts)), inputs,
+                             None if labels is None else np.asarray(labels), classification_metrics, meta, extra)
+    rec = records["onnx"]
+    if rec.get("status") != "ok":
+        raise StageError(f"exporting {model_dir} to ONNX failed: {rec.get('reason') or rec}")
+    return rec

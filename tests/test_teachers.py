@@ -1,0 +1,278 @@
+"""Teachers beyond one local model: the combination math, the answer cache, the rate limiter, the
+recipe schema, unlabelled texts, multi-teacher targets and born-again rounds (no HTTP here; see
+test_blackbox.py for the servers)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgekd.errors import DataError, RecipeError
+from edgekd.recipe import UnlabelledConfig, parse_recipe
+from edgekd.teachers.cache import AnswerCache
+from edgekd.teachers.client import RateLimiter
+from edgekd.teachers.combine import PROB_FLOOR, as_probabilities, combine, log_targets, softmax
+from edgekd.teachers.unlabelled import load_unlabelled
+
+
+# --- combination math -------------------------------------------------------------------------------------------
+def test_weighted_average_of_probabilities_then_log():
+    a = np.array([[0.9, 0.1], [0.2, 0.8]])
+    b = np.array([[0.5, 0.5], [0.6, 0.4]])
+    p, chosen = combine([a, b], [1.0, 3.0], "average")
+    np.testing.assert_allclose(p, (1 * a + 3 * b) / 4)
+    assert (chosen == -1).all()
+    # softmax(log p / T) is p tempered by T: at T=1 the targets are the probabilities themselves
+    np.testing.assert_allclose(softmax(log_targets(p)), p, atol=1e-6)
+    t = 2.0
+    tempered = p ** (1 / t) / (p ** (1 / t)).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(softmax(log_targets(p) / t), tempered, atol=1e-6)
+
+
+def test_most_confident_picks_per_example_the_teacher_with_the_highest_top_probability():
+    a = np.array([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7]])
+    b = np.array([[0.2, 0.8], [0.1, 0.9], [0.3, 0.7]])
+    p, chosen = combine([a, b], None, "most_confident")
+    assert chosen.tolist() == [0, 1, 0]  # a tie goes to the first teacher
+    np.testing.assert_allclose(p, [a[0], b[1], a[2]])
+
+
+def test_outputs_become_probabilities_labels_one_hot_and_zeros_stay_finite():
+    np.testing.assert_allclose(as_probabilities(np.array([1, 0]), "labels", 3), [[0, 1, 0], [1, 0, 0]])
+    logits = np.array([[2.0, 0.0]])
+    np.testing.assert_allclose(as_probabilities(logits, "logits", 2), softmax(logits))
+    # JSON-rounded probabilities are renormalised; a zero is floored before the log, never -inf
+    p = as_probabilities(np.array([[1.0, 0.0], [0.3, 0.69999]]), "probs", 2)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    logs = log_targets(p)
+    assert np.isfinite(logs).all() and logs[0, 1] == pytest.approx(np.log(PROB_FLOOR), rel=1e-5)
+    # two labels-only teachers that disagree average to a vote share
+    vote, _ = combine([as_probabilities(np.array([0]), "labels", 2), as_probabilities(np.array([1]), "labels", 2)])
+    np.testing.assert_allclose(vote, [[0.5, 0.5]])
+    with pytest.raises(ValueError, match="shape"):
+        as_probabilities(np.zeros((2, 3)), "probs", 2)
+
+
+# --- the answer cache -------------------------------------------------------------------------------------------
+def test_cache_survives_a_new_process_and_a_partial_last_line(tmp_path):
+    ident = {"kind": "edgekd", "url": "http://x"}
+    cache = AnswerCache(tmp_path, ident)
+    cache.add(["good", "bad"], [[0.1, 0.9], [0.8, 0.2]])
+    cache.add(["dull"], [[0.7, 0.3]])
+    # a crash in the middle of a write leaves a partial line: it is dropped, the rest kept
+    with open(cache.path, "ab") as f:
+        f.write(b'{"k":"abc","v":[0.')
+    again = AnswerCache(tmp_path, ident)
+    assert again.dropped_partial_line and len(again) == 3
+    assert again.get("bad") == [0.8, 0.2] and "fine" not in again
+    again.add(["fine"], [[0.5, 0.5]])
+    lines = cache.path.read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["k"] for line in lines)
+    # another teacher identity never sees these answers
+    other = AnswerCache(tmp_path, {**ident, "version": "2"})
+    assert "good" not in other and other.path != cache.path
+    # the key is sha256 of (identity, text): the text itself is not stored
+    assert "good" not in cache.path.read_text()
+
+
+# --- the rate limiter -------------------------------------------------------------------------------------------
+def test_rate_limiter_spaces_request_starts():
+    now = [0.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    lim = RateLimiter(4.0, clock=lambda: now[0], sleep=sleep)
+    starts = []
+    for _ in range(5):
+        lim.wait()
+        starts.append(now[0])
+    assert np.allclose(np.diff(starts), 0.25)
+    unlimited = RateLimiter(None, clock=lambda: now[0], sleep=sleep)
+    before = len(slept)
+    unlimited.wait()
+    unlimited.wait()
+    assert len(slept) == before
+
+
+# --- the recipe schema ------------------------------------------------------------------------------------------
+def test_black_box_recipe_keys_are_checked_per_kind():
+    r = parse_recipe({"teacher": {"kind": "v2", "url": "http://h:8000", "model_name": "m", "api_key_env": "KEY",
+                                  "targets": "logits", "client": {"batch_size": 8, "requests_per_second": 5}}})
+    assert r.teacher.is_black_box() and not r.teacher.is_plain() and r.teacher.model == "minilm-l6"
+    assert parse_recipe({}).teacher.is_plain()
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"teacher": {"kind": "v2", "url": "h:8000", "path": "x"}})
+    msg = str(e.value)
+    assert "model_name: kind 'v2' needs it" in msg and "url: must start with http" in msg
+    assert "path: kind 'v2' does not take it" in msg
+    with pytest.raises(RecipeError, match="api_key_env"):  # the key itself is not a recipe key
+        parse_recipe({"teacher": {"kind": "edgekd", "url": "http://h", "api_key": "secret"}})
+    with pytest.raises(RecipeError, match="use kind 'v2'"):
+        parse_recipe({"teacher": {"kind": "edgekd", "url": "http://h", "targets": "logits"}})
+    with pytest.raises(RecipeError, match="needs probabilities from every teacher"):
+        parse_recipe({"teacher": {"combine": "most_confident",
+                                  "ensemble": [{"kind": "edgekd", "url": "http://h", "targets": "labels"}]}})
+    with pytest.raises(RecipeError, match="weights apply to combine 'average'"):
+        parse_recipe({"teacher": {"combine": "most_confident", "ensemble": [{"kind": "onnx", "path": "x", "weight": 2}]}})
+    with pytest.raises(RecipeError, match="model: kind 'model' needs it"):
+        parse_recipe({"teacher": {"ensemble": [{"kind": "model"}]}})
+
+
+def test_the_documented_recipe_examples_are_valid():
+    import textwrap
+
+    import yaml
+
+    import edgekd.teachers
+
+    examples = edgekd.teachers.__doc__.split("Recipe examples::", 1)[1]
+    blocks = [textwrap.dedent(b) for b in examples.strip("\n").split("\n\n") if b.strip()]
+    assert len(blocks) == 3
+    for block in blocks:
+        parse_recipe(yaml.safe_load(block))
+
+
+def test_default_recipe_fingerprints_do_not_change_with_the_new_keys(tmp_path):
+    """Runs recorded before black-box teachers existed stay valid: the teacher and distill fingerprints of
+    a recipe that uses none of the new keys are computed from the same settings as before."""
+    from edgekd.distill import stage_fingerprint
+    from edgekd.runfolder import fingerprint
+    from edgekd.teacher import teacher_fingerprint
+
+    class Ctx:
+        recipe = parse_recipe({"output_dir": str(tmp_path)})
+        data_fingerprint = "d"
+
+    r = Ctx.recipe
+    legacy_teacher = fingerprint({"teacher": {"model": r.teacher.model, "finetune": r.teacher.finetune.model_dump(mode="json")},
+                                  "data": "d", "seed": r.seed, "precision": r.runtime.precision})
+    assert teacher_fingerprint(Ctx) == legacy_teacher
+    distill = r.distill.model_dump(mode="json")
+    del distill["rounds"]
+    legacy_distill = fingerprint({"student": r.student.model_dump(mode="json"),
+                                  "train": r.distill.train.model_dump(mode="json"), "distill": distill,
+                                  "teacher": legacy_teacher, "seed": r.seed, "precision": r.runtime.precision,
+                                  "stage": "distill"})
+    assert stage_fingerprint(Ctx, "distill") == legacy_distill
+    # the client's retry and rate settings do not change the targets, so they do not rerun the stage
+    Ctx.recipe = parse_recipe({"output_dir": str(tmp_path), "teacher": {"client": {"max_attempts": 9}}})
+    assert teacher_fingerprint(Ctx) == legacy_teacher
+    Ctx.recipe = parse_recipe({"output_dir": str(tmp_path), "distill": {"rounds": 2}})
+    assert stage_fingerprint(Ctx, "distill") != legacy_distill
+
+
+# --- unlabelled texts -------------------------------------------------------------------------------------------
+def test_unlabelled_texts_drop_labelled_and_repeated_ones(tmp_path):
+    path = tmp_path / "more.csv"
+    path.write_text("id,text\n1,A good film\n2,  a GOOD   film \n3,brand new text\n4,brand new text\n5,\n6,another\n")
+    got = load_unlabelled(UnlabelledConfig(dataset=str(path)), ["a good film", "test text"])
+    assert got.texts == ["brand new text", "another"]
+    assert got.counts == {"read": 6, "dropped_in_labelled_data": 2, "dropped_duplicates": 1, "dropped_empty": 1}
+    txt = tmp_path / "more.txt"
+    txt.write_text("one\n\ntwo\nthree\n")
+    assert load_unlabelled(UnlabelledConfig(dataset=str(txt), max_examples=2), []).texts == ["one", "two"]
+    jl = tmp_path / "more.jsonl"
+    jl.write_text('{"review": "x y"}\n{"review": "z"}\n')
+    assert load_unlabelled(UnlabelledConfig(dataset=str(jl), text_column="review"), []).texts == ["x y", "z"]
+    with pytest.raises(DataError, match="no column 'text'"):
+        load_unlabelled(UnlabelledConfig(dataset=str(jl)), [])
+    with pytest.raises(DataError, match="no texts left"):
+        load_unlabelled(UnlabelledConfig(dataset=str(txt)), ["one", "two", "three"])
+    with pytest.raises(DataError, match="does not exist"):
+        load_unlabelled(UnlabelledConfig(dataset=str(tmp_path / "missing.csv")), [])
+    # the same review quoted and punctuated differently (two corpora built from the same reviews) is not new
+    quoted = tmp_path / "quoted.txt"
+    quoted.write_text("The ''Conan'' of our time -- superb!\nsomething else\n")
+    assert load_unlabelled(UnlabelledConfig(dataset=str(quoted)), ['the "Conan" of our time, superb']).texts == [
+        "something else"]
+
+
+# --- pipelines on tiny models -----------------------------------------------------------------------------------
+def tiny_recipe(tmp_path, teacher_dir, csv_path, **sections) -> dict:
+    recipe = {
+        "name": "tiny",
+        "seed": 3,
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": str(csv_path), "max_length": 16, "split": {"validation": 0.15, "test": 0.15, "seed": 1}},
+        "teacher": {"model": str(teacher_dir), "finetune": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0}},
+        "distill": {"alpha": 0.7, "temperature": 2.0, "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3}},
+        "baseline": {"enabled": False},
+        "runtime": {"precision": "fp32"},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+@pytest.mark.slow
+def test_born_again_rounds_record_each_round(tmp_path, tiny_teacher_dir, tiny_csv):
+    from edgekd.pipeline import run_stages
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, distill={"rounds": 3, "hidden_weight": 0.5}))
+    ctx = run_stages(recipe, ["teacher", "distill", "eval"])
+    m = ctx.run.stage_record("distill")["metrics"]
+    rounds = m["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["teacher"] for r in rounds] == ["teacher", "round 1 student", "round 2 student"]
+    for r in rounds:
+        assert 0.0 <= r["validation"]["accuracy"] <= 1.0 and r["train_history"][0]["kd"] >= 0.0
+        assert r["train_history"][0]["hidden"] >= 0.0  # states matched against each round's teacher
+    assert m["layer_map"] == [0, 1]  # the last round's teacher is a student of the same depth
+    # the recorded result is the last round's student
+    assert m["validation"] == rounds[-1]["validation"]
+    assert m["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in rounds), abs=0.05)
+    assert (ctx.model_dir("distill") / "model.safetensors").is_file()
+    assert not any((ctx.run.root / "checkpoints").glob("distill-*"))
+    # later rounds learn from a different teacher than round 1, so their students differ
+    assert len({json.dumps(r["train_history"]) for r in rounds}) == 3
+    assert ctx.run.stage_record("eval")["metrics"]["student"]["accuracy"] >= 0.0
+
+
+@pytest.mark.slow
+def test_two_local_teachers_averaged_with_weights(tmp_path, tiny_classifier_dir, tiny_csv):
+    """A local fine-tuned classifier plus a second one, weighted 1:3: the cached targets are the log of the
+    weighted mean of their softmax outputs, on the training split and the held-out splits."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgekd.pipeline import run_stages
+    from edgekd.testing import tiny_bert
+
+    second = tiny_bert(tmp_path / "second", num_layers=2, num_labels=2, seed=7)
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={
+        "ensemble": [{"kind": "model", "model": str(second), "weight": 3.0}]}))
+    ctx = run_stages(recipe, ["teacher", "distill", "eval"])
+
+    def probs(folder, texts):
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            enc = tok(texts, return_tensors="pt", truncation=True, max_length=16, padding=True)
+            return softmax(model(**enc).logits.numpy())
+
+    for split, file in (("train", "train_logits.npy"), ("test", "test_logits.npy")):
+        texts = ctx.splits.texts(split)
+        want = np.log((probs(tiny_classifier_dir, texts) + 3 * probs(second, texts)) / 4)
+        got = np.load(ctx.run.stage_dir("teacher") / file)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    teacher = ctx.run.stage_record("teacher")["metrics"]
+    assert [t["name"] for t in teacher["teachers"]] == ["teacher", "teacher.ensemble[0]"]
+    ev = ctx.run.stage_record("eval")["metrics"]
+    assert ev["teacher"]["params"] is None  # the combined teacher is scored from its cached test answers
+    want_acc = float((np.load(ctx.run.stage_dir("teacher") / "test_logits.npy").argmax(1)
+                      == ctx.splits.labels("test")).mean())
+    assert ev["teacher"]["accuracy"] == pytest.approx(want_acc)
+
+
+def test_an_ensemble_member_without_a_task_head_is_refused(tmp_path, tiny_classifier_dir, tiny_teacher_dir, tiny_csv):
+    from edgekd.pipeline import run_stages
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={
+        "ensemble": [{"kind": "model", "model": str(tiny_teacher_dir)}]}))
+    with pytest.raises(RecipeError, match=r"teacher.ensemble\[0\].model: .* has no text-classification head"):
+        run_stages(recipe, ["teacher"])
