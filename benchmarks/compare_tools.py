@@ -221,7 +221,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     from edgekd.runfolder import atomic_write_bytes, atomic_write_text
 
     started = time.perf_counter()
-    run = Path(run_dir)
+    run = Path(run_dir).resolve()  # the measuring children run in other directories
     _check_run(run)
     if runs < 1 or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes or min(batch_sizes) < 1:
         raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")

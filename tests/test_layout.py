@@ -2,10 +2,10 @@
 edgekd.export, edgekd.serving, edgekd.devices; a base install without heavy target backends."""
 
 import importlib
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).parents[1]
 

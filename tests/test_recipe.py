@@ -69,3 +69,11 @@ def test_student_model_and_layers_are_exclusive():
 def test_defaults_match_the_embedded_default():
     r = Recipe()
     assert r.teacher.model == "minilm-l6" and r.data.dataset == "rotten-tomatoes"
+
+
+def test_readme_recipe_reference_is_current():
+    """The README's reference is `edgekd recipe reference`; regenerate it when a key changes."""
+    from edgekd.recipe import reference_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert reference_markdown().strip() in readme
