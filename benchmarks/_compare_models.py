@@ -125,16 +125,6 @@ def feed(runner: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def runtime_info(runner: Any) -> dict[str, Any]:
-    info = dict(getattr(runner, "runtime", None) or {})
-    info.setdefault("runner", type(runner).__name__)
-    for attr in ("providers", "threads", "device"):
-        value = getattr(runner, attr, None)
-        if isinstance(value, (str, int, list, tuple)):
-            info.setdefault(attr, list(value) if isinstance(value, tuple) else value)
-    return info
-
-
 class Batches:
     """Real test examples, unpadded in storage; a batch is padded to its longest member, as the
     pipeline's collate does. Built once per case, before any clock starts."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _compare_models import Batches, feed, load, preload, runtime_info, timed_call
+from _compare_models import Batches, feed, load, preload, timed_call
 
 from edgekd.devices import remote_runner
 
@@ -61,7 +61,7 @@ def _load_all(specs: list[dict[str, Any]], threads: int | None) -> dict[str, dic
             preload(spec)
             t0 = time.perf_counter()
             runner, info = load(spec, threads)
-            rec.update(load_s=time.perf_counter() - t0, runtime=runtime_info(runner), info=info, runner=runner)
+            rec.update(load_s=time.perf_counter() - t0, runtime=remote_runner.runtime_info(runner), info=info, runner=runner)
         except Exception as e:  # one model failing to load is a row with its reason, not a failed run
             rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
         models[spec["name"]] = rec
