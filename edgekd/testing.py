@@ -87,3 +87,20 @@ def write_sentiment_csv(path: str | Path, n: int = 200, seed: int = 0, sep: str 
         for text, label in sentiment_rows(n, seed):
             w.writerow([text, "positive" if label else "negative"])
     return path
+
+
+def tiny_recipe(tmp_path: str | Path, teacher_dir: str | Path, csv_path: str | Path, **sections: dict) -> dict:
+    """A quick recipe over a tiny teacher and a small CSV (fp32, short epochs); ``sections`` update
+    the recipe's sections key by key, e.g. ``distill={"temperature": 4}``."""
+    recipe = {
+        "name": "tiny",
+        "seed": 3,
+        "output_dir": str(Path(tmp_path) / "runs"),
+        "data": {"dataset": str(csv_path), "max_length": 16, "split": {"validation": 0.15, "test": 0.15, "seed": 1}},
+        "teacher": {"model": str(teacher_dir), "finetune": {"epochs": 6, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0}},
+        "distill": {"alpha": 0.7, "temperature": 2.0, "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3}},
+        "runtime": {"precision": "fp32"},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe

@@ -11,21 +11,7 @@ from typer.testing import CliRunner
 from edgekd.cli import app
 from edgekd.recipe import load_recipe
 from edgekd.runfolder import sha256_file
-
-
-def tiny_recipe(tmp_path, teacher_dir, csv_path, **extra) -> dict:
-    recipe = {
-        "name": "tiny",
-        "seed": 3,
-        "output_dir": str(tmp_path / "runs"),
-        "data": {"dataset": str(csv_path), "max_length": 16, "split": {"validation": 0.15, "test": 0.15, "seed": 1}},
-        "teacher": {"model": str(teacher_dir), "finetune": {"epochs": 6, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0}},
-        "distill": {"alpha": 0.7, "temperature": 2.0, "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3}},
-        "runtime": {"precision": "fp32"},
-    }
-    for key, value in extra.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    return recipe
+from edgekd.testing import tiny_recipe
 
 
 def write_recipe(tmp_path, recipe: dict):

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from edgekd import testing
 from edgekd.errors import DataError, RecipeError
 from edgekd.recipe import UnlabelledConfig, parse_recipe
 from edgekd.teachers.cache import AnswerCache
@@ -194,16 +195,10 @@ def test_unlabelled_texts_drop_labelled_and_repeated_ones(tmp_path):
 
 # --- pipelines on tiny models -----------------------------------------------------------------------------------
 def tiny_recipe(tmp_path, teacher_dir, csv_path, **sections) -> dict:
-    recipe = {
-        "name": "tiny",
-        "seed": 3,
-        "output_dir": str(tmp_path / "runs"),
-        "data": {"dataset": str(csv_path), "max_length": 16, "split": {"validation": 0.15, "test": 0.15, "seed": 1}},
-        "teacher": {"model": str(teacher_dir), "finetune": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0}},
-        "distill": {"alpha": 0.7, "temperature": 2.0, "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3}},
-        "baseline": {"enabled": False},
-        "runtime": {"precision": "fp32"},
-    }
+    """The shared tiny recipe, shorter and without the baseline."""
+    recipe = testing.tiny_recipe(tmp_path, teacher_dir, csv_path, baseline={"enabled": False})
+    recipe["teacher"]["finetune"]["epochs"] = 4
+    recipe["distill"]["train"]["epochs"] = 1
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe

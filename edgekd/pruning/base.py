@@ -6,13 +6,14 @@ it up there and runs the schedule (steps, targets, recovery) the same way for ev
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import nn
 
-from edgekd.errors import RecipeError
+from edgekd.errors import RecipeError, StageError
 from edgekd.recipe import PruneConfig
 
 
@@ -95,3 +96,17 @@ def get_method(name: str) -> type:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def taylor_batches(cfg: PruneConfig, ctx: PruneContext) -> list[Mapping[str, Any]] | None:
+    """The labelled batches Taylor importance scores on (None for magnitude importance).
+
+    Kept as a list: a generator would be spent after the first pruning step."""
+    if cfg.importance != "taylor":
+        return None
+    if ctx.score_batches is None:
+        raise StageError(
+            "prune.importance 'taylor' needs labelled batches (PruneContext.score_batches); "
+            "give them or set prune.importance: magnitude"
+        )
+    return list(itertools.islice(ctx.score_batches, cfg.score_batches))

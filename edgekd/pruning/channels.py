@@ -8,15 +8,13 @@ changes between steps (recovery training in between).
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from edgekd.errors import MissingBackendError, StageError
-from edgekd.pruning.base import PruneContext, StepGoal, count_params, register
+from edgekd.pruning.base import PruneContext, StepGoal, count_params, register, taylor_batches
 from edgekd.pruning.scoring import _to, default_loss
 from edgekd.recipe import PruneConfig
 
@@ -48,14 +46,7 @@ class Channels:
         if ctx.example_inputs is None:
             raise StageError("channel pruning traces the model: pass PruneContext.example_inputs")
         self.cfg, self.ctx = cfg, ctx
-        self.batches: list[Mapping[str, Any]] | None = None
-        if cfg.importance == "taylor":
-            if ctx.score_batches is None:
-                raise StageError(
-                    "prune.importance 'taylor' needs labelled batches (PruneContext.score_batches); "
-                    "give them or set prune.importance: magnitude"
-                )
-            self.batches = list(itertools.islice(ctx.score_batches, cfg.score_batches))
+        self.batches = taylor_batches(cfg, ctx)
 
     def prunable_params(self, model: nn.Module) -> int:
         return count_params(model)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgekd.errors import StageError
 from edgekd.pruning import selection
-from edgekd.pruning.base import PruneContext, StepGoal, register
+from edgekd.pruning.base import PruneContext, StepGoal, register, taylor_batches
 from edgekd.pruning.encoder import Encoder
 from edgekd.pruning.scoring import magnitude_scores, normalise_per_layer, taylor_scores
 from edgekd.recipe import PruneConfig
@@ -24,15 +22,7 @@ class HeadsFFN:
         self.cfg, self.ctx = cfg, ctx
         self.head_floor = [min(cfg.min_heads_per_layer, h) for h in enc.heads()]
         self.neuron_floor = [min(n, max(1, math.ceil(cfg.min_neurons_fraction * n))) for n in enc.neurons()]
-        self.batches: list[Any] | None = None
-        if cfg.importance == "taylor":
-            if ctx.score_batches is None:
-                raise StageError(
-                    "prune.importance 'taylor' needs labelled batches (PruneContext.score_batches); "
-                    "give them or set prune.importance: magnitude"
-                )
-            # Kept as a list: a generator would be spent after the first step.
-            self.batches = list(itertools.islice(ctx.score_batches, cfg.score_batches))
+        self.batches = taylor_batches(cfg, ctx)
 
     # --- figures ------------------------------------------------------------------------------
     def prunable_params(self, model: nn.Module) -> int:
