@@ -101,7 +101,7 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
             continue
         max_len = (e.get("meta") or {}).get("max_length") or default_len
         job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
-                               measure.cases(cfg, max_len))
+                               measure.cases(cfg, max_len, inputs.fixed_shape()))
         if e["kind"] == "torch":
             job.update(kind="torch", module_file=e["module_file"], io=e["io"], preload=e.pop("preload"),
                        device=e["device"])
@@ -121,13 +121,17 @@ def bench_run(
     metric_fn: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]] | None = None,
     torch_models: dict[str, tuple[Any, Any]] | None = None,
     reference: dict[str, float] | None = None,
+    metric: str = "accuracy",
+    input_desc: str | None = None,
 ) -> dict[str, Any]:
     """Measure every export folder of ``run_dir`` (and the eager ``torch_models``, name -> (export
     module, ModelIO)) on ``profile`` (a shipped name or a YAML path; default ``cfg.profile``, i.e.
     local); write ``run_dir/bench/<profile>/`` and return its summary.
 
     ``eval_inputs``/``eval_labels``/``metric_fn`` give each model's accuracy on the test split;
-    ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures.
+    ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures;
+    ``metric`` is the key of ``metric_fn``'s result that fills the accuracy column (map50_95 for
+    detectors).
     """
     cfg = cfg or BenchConfig()
     run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
@@ -162,11 +166,11 @@ def bench_run(
 
             extra_files = prepare_on_device(entries, prof, cfg, inputs, run_dir)
             env = None
-    ref = measure.reference_accuracies(run_dir, reference)
+    ref = measure.reference_accuracies(run_dir, reference, metric)
     for e in entries:
         metrics = measure.score(e.pop("_outputs", None), eval_labels, metric_fn)
         e["metrics"] = metrics
-        e["accuracy"] = metrics.get("accuracy") if metrics else None
+        e["accuracy"] = metrics.get(metric) if metrics else None
         e.update(measure.deltas(e["accuracy"], ref))
         e["max_length"] = (e.pop("meta", None) or {}).get("max_length")
     data = {
@@ -176,6 +180,8 @@ def bench_run(
         "profile": prof.model_dump(mode="json"),
         "config": cfg.model_dump(mode="json"),
         "headline": tables.headline_case(cfg),
+        "metric": metric,
+        "input": input_desc,  # e.g. "image 128x128" where inputs have no sequence axis
         "reference": ref,
         "environment": env,
         "results": entries,

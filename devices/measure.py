@@ -49,11 +49,17 @@ class Inputs:
         return cls(examples, eval_inputs)
 
     def width(self) -> int | None:
+        """The sequence length of token inputs ([batch, seq]); None for images and other fixed shapes."""
         src = self.eval_inputs or self.examples
         if not src:
             return None
         a = next(iter(src.values()))
-        return int(a.shape[1]) if a.ndim >= 2 else None
+        return int(a.shape[1]) if a.ndim == 2 else None
+
+    def fixed_shape(self) -> bool:
+        """Inputs with no sequence axis (images [B,3,H,W]): timed per batch size only."""
+        src = self.eval_inputs or self.examples
+        return bool(src) and next(iter(src.values())).ndim > 2
 
     def write(self, workdir: Path) -> dict[str, str | None]:
         """Save as .npz beside the jobs; returns the file names a job refers to."""
@@ -66,7 +72,10 @@ class Inputs:
         return names
 
 
-def cases(cfg: BenchConfig, max_length: int | None) -> list[list[int]]:
+def cases(cfg: BenchConfig, max_length: int | None, fixed_shape: bool = False) -> list[list[int | None]]:
+    """(batch, sequence) pairs to time; sequence None for fixed-shape inputs such as images."""
+    if fixed_shape:
+        return [[b, None] for b in cfg.batch_sizes]
     seqs = cfg.seq_lengths or ([max_length] if max_length else None)
     if not seqs:
         raise StageError(
@@ -155,9 +164,10 @@ def score(outputs: dict[str, np.ndarray] | None, labels: np.ndarray | None,
     return {k: float(v) for k, v in metric_fn(outputs, np.asarray(labels)[:n]).items()}
 
 
-def reference_accuracies(run_dir: Path, given: dict[str, float] | None = None) -> dict[str, Any]:
-    """Teacher and fp32-student accuracy to compare against: ``given`` when passed, else the run
-    manifest's eval stage (``stages.eval.metrics``: ``teacher.accuracy``, ``student.accuracy``)."""
+def reference_accuracies(run_dir: Path, given: dict[str, float] | None = None,
+                         metric: str = "accuracy") -> dict[str, Any]:
+    """Teacher and fp32-student ``metric`` to compare against: ``given`` when passed, else the run
+    manifest's eval stage (``stages.eval.metrics``: ``teacher.<metric>``, ``student.<metric>``)."""
     if given:
         return {"teacher": given.get("teacher"), "student": given.get("student"), "source": "caller"}
     path = Path(run_dir) / "manifest.json"
@@ -166,9 +176,9 @@ def reference_accuracies(run_dir: Path, given: dict[str, float] | None = None) -
     metrics = json.loads(path.read_text()).get("stages", {}).get("eval", {}).get("metrics", {}) or {}
 
     def pick(who: str) -> float | None:
-        v = metrics.get(f"{who}.accuracy")
+        v = metrics.get(f"{who}.{metric}")
         if v is None and isinstance(metrics.get(who), dict):
-            v = metrics[who].get("accuracy")
+            v = metrics[who].get(metric)
         return float(v) if v is not None else None
 
     teacher, student = pick("teacher"), pick("student")

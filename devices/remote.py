@@ -150,7 +150,7 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
     for e in todo:
         max_len = (e.get("meta") or {}).get("max_length") or default_len
         job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
-                               measure.cases(cfg, max_len))
+                               measure.cases(cfg, max_len, inputs.fixed_shape()))
         job["folder"] = f"export/{e['name']}"
         (stage / f"job-{e['name']}.json").write_text(json.dumps(job, indent=2))
     q = shlex.quote

@@ -249,7 +249,7 @@ def case_inputs(io: dict, batch: int, seq: int, examples: dict | None = None,
         rows = np.arange(batch) % n
         for name in names:
             a = np.asarray(examples[name])[rows]
-            if a.ndim >= 2 and a.shape[1] != seq:
+            if seq is not None and a.ndim == 2 and a.shape[1] != seq:
                 if a.shape[1] > seq:
                     a = a[:, :seq]
                 else:

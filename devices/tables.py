@@ -14,6 +14,9 @@ from typing import Any
 from edgekd.errors import StageError
 from edgekd.runfolder import atomic_dir
 
+# Column and axis names of the task metrics that fill the accuracy column.
+METRIC_LABELS = {"accuracy": "accuracy", "map50_95": "mAP@0.5:0.95", "map50": "mAP@0.5"}
+
 CSV_FIELDS = (
     "name", "kind", "target", "precision", "status", "batch", "seq", "input", "runs", "p50_ms", "p90_ms",
     "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput", "size_bytes", "load_s",
@@ -79,16 +82,17 @@ def markdown(data: dict[str, Any]) -> str:
     env = data.get("environment") or {}
     cpu = (env.get("cpu") or {}).get("model") or prof.get("processor")
     ref = data.get("reference") or {}
+    metric = METRIC_LABELS.get(data.get("metric", "accuracy"), data.get("metric", "accuracy"))
     lines = [
         f"# Bench: {data.get('run')} on {prof['name']}",
         "",
         f"{prof.get('description', '')}  ",
         f"CPU: {cpu}; threads: {(env.get('threads') or {}).get('requested', prof.get('threads'))}; "
-        f"batch {head['batch']}, sequence {seq}; created {data.get('created')}.  ",
-        f"Reference accuracy: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
+        f"batch {head['batch']}, {data.get('input') or f'sequence {seq}'}; created {data.get('created')}.  ",
+        f"Reference {metric}: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
         f" ({ref.get('source') or 'not available'}).",
         "",
-        "| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | accuracy | Δ vs teacher "
+        f"| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | {metric} | Δ vs teacher "
         "| Δ vs student | load ms | peak MB | note |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
@@ -146,6 +150,7 @@ def pareto_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
     from matplotlib.figure import Figure
 
     pts = [(r["p50_ms"], r["accuracy"]) for r in rows]
+    metric = METRIC_LABELS.get(data.get("metric", "accuracy"), data.get("metric", "accuracy"))
     front = pareto_front(pts)
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.add_subplot()
@@ -157,9 +162,9 @@ def pareto_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
         ax.annotate(f"{r['name']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ref = data.get("reference") or {}
     if ref.get("teacher") is not None:
-        ax.axhline(ref["teacher"], color="tab:blue", linestyle="--", linewidth=1, label="teacher accuracy")
+        ax.axhline(ref["teacher"], color="tab:blue", linestyle="--", linewidth=1, label=f"teacher {metric}")
     ax.set_xlabel(f"p50 latency (ms), batch {data['headline']['batch']}")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     ax.set_title(f"{data.get('run')} on {data['profile']['name']}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

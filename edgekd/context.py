@@ -26,6 +26,10 @@ class RunContext:
 
     @classmethod
     def create(cls, recipe: Recipe) -> RunContext:
+        if recipe.task == "detection":
+            from edgekd.tasks.detection.context import DetectionRunContext
+
+            return DetectionRunContext(recipe=recipe, run=RunFolder(recipe.run_dir()))
         return cls(recipe=recipe, run=RunFolder(recipe.run_dir()))
 
     # --- data ---------------------------------------------------------------------------------
@@ -75,6 +79,33 @@ class RunContext:
         idx = np.arange(len(test) if n is None else min(n, len(test)))
         batch = test.collate(idx)
         return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
+
+    def input_desc(self) -> str | None:
+        """How the bench table names the timed input shape (None: sequence length)."""
+        return None
+
+    # --- stages ---------------------------------------------------------------------------------
+    def stage_fp(self, stage: str) -> str:
+        """The settings fingerprint of ``stage`` for this recipe (the task's stage table)."""
+        from edgekd.pipeline import stage_table
+
+        return stage_table(self.recipe.task)[stage][1](self)
+
+    def load_stage_model(self, stage: str):
+        """The model a finished stage saved (distill, baseline, prune), checked against the recipe."""
+        if stage == "prune":
+            from edgekd.compress import load_pruned
+
+            return load_pruned(self)
+        from edgekd.distill import load_student
+
+        return load_student(self, stage)
+
+    def teacher_model(self):
+        """The local teacher (None for a black box)."""
+        from edgekd.teacher import load_teacher_outputs
+
+        return load_teacher_outputs(self)[0]
 
     # --- run folder paths ---------------------------------------------------------------------
     def model_dir(self, stage: str) -> Path:

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.context import RunContext
-from edgekd.distill import load_student, stage_fingerprint
 from edgekd.errors import StageError
-from edgekd.evaluate import eval_fingerprint
 from edgekd.runfolder import fingerprint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
@@ -27,21 +25,11 @@ def source_stage(ctx: RunContext) -> str:
 
 
 def _source_fingerprint(ctx: RunContext) -> str:
-    stage = source_stage(ctx)
-    if stage == "prune":
-        from edgekd.compress import prune_fingerprint
-
-        return prune_fingerprint(ctx)
-    return stage_fingerprint(ctx, "distill")
+    return ctx.stage_fp(source_stage(ctx))
 
 
 def load_source(ctx: RunContext):
-    stage = source_stage(ctx)
-    if stage == "prune":
-        from edgekd.compress import load_pruned
-
-        return load_pruned(ctx)
-    return load_student(ctx, "distill")
+    return ctx.load_stage_model(source_stage(ctx))
 
 
 def export_fingerprint(ctx: RunContext) -> str:
@@ -63,14 +51,15 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     meta = {
         "task": task.name,
         "labels": task.label_names,
-        "max_length": r.data.max_length,
+        **task.export_meta(),
         "source_model": str(model_dir),
         "source_stage": src,
         "run": r.name,
     }
     extra = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
     records = export_all(task.export_module(model), task.model_io(), r.export.targets,
-                         ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra)
+                         ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
+                         task.agreement)
     folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
     ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,
                    seconds=time.perf_counter() - t0)
@@ -79,31 +68,28 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
 
 def bench_fingerprint(ctx: RunContext) -> str:
     parts = {"bench": ctx.recipe.bench.model_dump(mode="json"), "export": export_fingerprint(ctx),
-             "eval": eval_fingerprint(ctx)}
+             "eval": ctx.stage_fp("eval")}
     if ctx.recipe.quantize.enabled:
-        from edgekd.compress import quantize_fingerprint
-
-        parts["quantize"] = quantize_fingerprint(ctx)
+        parts["quantize"] = ctx.stage_fp("quantize")
     return fingerprint(parts)
 
 
 def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
     from edgekd.devices.bench import bench_run
-    from edgekd.teacher import load_teacher_outputs
 
     r, task = ctx.recipe, ctx.task
     t0 = time.perf_counter()
     inputs, labels = ctx.parity_data(r.bench.eval_examples)
     torch_models = None
     if r.bench.torch_models:
-        teacher, _ = load_teacher_outputs(ctx)
+        teacher = ctx.teacher_model()
         # the fp32 distilled student is the reference the compressed artifacts are judged against
-        torch_models = {"student": (task.export_module(load_student(ctx, "distill")), task.model_io())}
+        torch_models = {"student": (task.export_module(ctx.load_stage_model("distill")), task.model_io())}
         if source_stage(ctx) == "prune":
             torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
-                       torch_models)
+                       torch_models, metric=task.primary_metric, input_desc=ctx.input_desc())
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)
     return result

@@ -31,6 +31,15 @@ STAGES: dict[str, tuple[StageFn, Callable[[RunContext], str]]] = {
 }
 
 
+def stage_table(task: str) -> dict[str, tuple[StageFn, Callable[[RunContext], str]]]:
+    """The stage functions of a task family: the same names, in the same order, for every task."""
+    if task == "detection":
+        from edgekd.tasks.detection.stages import STAGES as DETECTION_STAGES
+
+        return DETECTION_STAGES
+    return STAGES
+
+
 def planned_stages(recipe: Recipe) -> list[str]:
     stages = ["teacher", "distill"]
     if recipe.baseline.enabled:
@@ -44,7 +53,7 @@ def planned_stages(recipe: Recipe) -> list[str]:
         stages.append("quantize")
     if recipe.bench.enabled:
         stages.append("bench")
-    return [s for s in stages if s in STAGES]
+    return [s for s in stages if s in stage_table(recipe.task)]
 
 
 def prepare_run(ctx: RunContext) -> None:
@@ -57,20 +66,21 @@ def prepare_run(ctx: RunContext) -> None:
         task=ctx.recipe.task,
         environment=environment(),
         data=ctx.data_summary,
-        labels=ctx.examples.label_names,
+        labels=ctx.task.label_names,
     )
 
 
 def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = False) -> RunContext:
     """Run ``stages`` (default: the recipe's full plan) in order; return the context for reporting."""
     ctx = RunContext.create(recipe)
+    table = stage_table(recipe.task)
     if ctx.is_main:
         prepare_run(ctx)
     ctx.sync()
     todo = stages or planned_stages(recipe)
     t0 = time.perf_counter()
     for name in todo:
-        fn, fp_fn = STAGES[name]
+        fn, fp_fn = table[name]
         if not force and ctx.run.is_done(name, fp_fn(ctx)):
             ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
             continue

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgekd.errors import RecipeError
 
-BUILTIN_RECIPES = ("default",)
+BUILTIN_RECIPES = ("default", "detect-default")
 
 
 class Section(BaseModel):
@@ -531,19 +531,62 @@ class ServeConfig(Section):
         2.0, ge=0, description="Longest a text waits for requests already arriving to join its batch (ms)."
     )
     max_items: int = Field(64, ge=1, description="Most texts in one request.")
+    max_images: int = Field(16, ge=1, description="Most images in one request (detection models).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image accepted, in pixels (checked "
+                                  "from the header before decoding: no decompression bombs).")
     max_length: int | None = Field(
         None, ge=2, description="Tokens kept per text (default and upper bound: the artifact's max_length)."
     )
     overflow: Literal["truncate", "reject"] = Field(
         "truncate", description="A text over max_length tokens: truncate it (and say so) or reject it (422)."
     )
-    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted, in bytes.")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted, in bytes (raise it "
+                                "for photos: e.g. 20000000).")
     request_timeout_s: float = Field(30, gt=0, description="A request waiting longer for the model gets 504.")
+
+
+class SyntheticConfig(Section):
+    """The built-in synthetic detection set (data.dataset: synthetic-shapes): seeded shapes of several
+    classes, sizes and overlaps on textured backgrounds, written once in YOLO format and reused."""
+
+    train: int = Field(1600, ge=1, description="Training images.")
+    validation: int = Field(200, ge=1, description="Validation images.")
+    test: int = Field(300, ge=1, description="Test images.")
+    max_objects: int = Field(6, ge=1, le=50, description="Most objects in one image.")
+    seed: int = Field(0, description="Seed of the generator; the same seed gives byte-identical images.")
+
+
+class DetectionConfig(Section):
+    """Object detection (task: detection): image size, the synthetic set, and the weights of the
+    detector distillation terms (the student's own detection loss always has weight 1)."""
+
+    image_size: int = Field(128, ge=32, le=2048, multiple_of=32,
+                            description="Square input size (images are letterboxed to it); a multiple of 32.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    cls_weight: float = Field(1.0, ge=0, description="Class-score KD per location (temperature distill.temperature).")
+    box_weight: float = Field(1.0, ge=0, description="KD on the box distributions (DFL bins), per location.")
+    feature_weight: float = Field(1.0, ge=0, description="Feature imitation on the neck outputs (0 = off).")
+    feature_method: Literal["cwd", "mgd", "mse"] = Field(
+        "cwd",
+        description="cwd: channel-wise distillation (spatial softmax per channel, KL); mgd: masked generative "
+        "distillation (a generator rebuilds the teacher's feature from the masked student's); mse: plain MSE. "
+        "Each through a learned 1x1 projector.",
+    )
+    conf_threshold: float = Field(0.25, gt=0, lt=1, description="Score below which a box is dropped (serving, parity).")
+    iou_threshold: float = Field(0.6, gt=0, lt=1, description="NMS IoU threshold.")
+    max_det: int = Field(100, ge=1, description="Most boxes kept per image.")
+    nms_in_graph: bool = Field(
+        False, description="Also export ONNX with NMS inside the graph (fixed-size detections output)."
+    )
 
 
 class Recipe(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/.")
-    task: Literal["text-classification"] = "text-classification"
+    task: Literal["text-classification", "detection"] = Field(
+        "text-classification",
+        description="text-classification (BERT-family teachers) or detection (YOLO-style detectors; see the "
+        "detection section).",
+    )
     seed: int = Field(42, description="Seed of model initialisation and data order.")
     output_dir: str = Field("runs", description="Folder that holds run folders.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -558,6 +601,7 @@ class Recipe(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

@@ -2,7 +2,8 @@
 the server and the benchmark use.
 
 Figures: max and mean absolute difference over every output element, top-1 agreement of the first
-output (argmax over its last axis), and the task metric of both. Thresholds turn a miss into a
+output (argmax over its last axis) or, when the task gives one, its own agreement (detection: boxes
+matched one-to-one after NMS), and the task metric of both. Thresholds turn a miss into a
 ``ParityError`` that names the target and the figures.
 """
 
@@ -19,6 +20,7 @@ from edgekd.errors import DataError, ParityError
 from edgekd.export.base import Runner
 
 MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]]
+AgreementFn = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], float]
 
 
 @dataclass
@@ -32,6 +34,12 @@ class ParityReport:
     source_metric: dict[str, float] | None
     batch_size: int
     seconds: float
+    box_agreement: float | None = None
+
+    @property
+    def agreement(self) -> float | None:
+        """The agreement the threshold applies to: top-1 for classifiers, boxes for detectors."""
+        return self.top1_agreement if self.box_agreement is None else self.box_agreement
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,9 +48,10 @@ class ParityReport:
         """What misses the thresholds (NaN always misses)."""
         out = []
         if min_top1_agreement is not None and not (
-            self.top1_agreement is not None and self.top1_agreement >= min_top1_agreement
+            self.agreement is not None and self.agreement >= min_top1_agreement
         ):
-            out.append(f"top-1 agreement {_fmt(self.top1_agreement)} < required {min_top1_agreement}")
+            what = "top-1" if self.box_agreement is None else "box"
+            out.append(f"{what} agreement {_fmt(self.agreement)} < required {min_top1_agreement}")
         if max_abs_diff is not None and not self.max_abs_diff <= max_abs_diff:
             out.append(f"max abs diff {_fmt(self.max_abs_diff)} > allowed {max_abs_diff}")
         return out
@@ -53,7 +62,8 @@ class ParityReport:
             metric = "; metric " + ", ".join(
                 f"{k} {_fmt(self.artifact_metric.get(k))} vs source {_fmt(v)}" for k, v in self.source_metric.items()
             )
-        return (f"{self.examples} examples: top-1 agreement {_fmt(self.top1_agreement)}, max abs diff "
+        what = "top-1" if self.box_agreement is None else "box"
+        return (f"{self.examples} examples: {what} agreement {_fmt(self.agreement)}, max abs diff "
                 f"{_fmt(self.max_abs_diff)}, mean abs diff {_fmt(self.mean_abs_diff)}{metric}")
 
 
@@ -103,6 +113,7 @@ def check_parity(
     target: str = "artifact",
     min_top1_agreement: float | None = None,
     max_abs_diff: float | None = None,
+    agreement_fn: AgreementFn | None = None,
 ) -> ParityReport:
     """Run ``runner`` and ``source_module`` (a torch module taking the inputs as keyword tensors and
     returning outputs in ``runner.output_names`` order) on ``inputs`` in batches and compare them.
@@ -130,8 +141,10 @@ def check_parity(
         diffs.append(np.abs(a - b).ravel())
     diff = np.concatenate(diffs) if diffs else np.zeros(0)
     first = names[0]
-    top1 = None
-    if np.asarray(want[first]).ndim >= 2:
+    top1 = box = None
+    if agreement_fn is not None:
+        box = float(agreement_fn(got, want))
+    elif np.asarray(want[first]).ndim >= 2:
         top1 = float(np.mean(np.argmax(got[first], axis=-1) == np.argmax(want[first], axis=-1)))
     art_metric = src_metric = None
     if labels is not None and metric_fn is not None:
@@ -142,7 +155,7 @@ def check_parity(
         max_abs_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
         top1_agreement=top1, artifact_metric=art_metric, source_metric=src_metric,
-        batch_size=bs, seconds=round(seconds, 3),
+        batch_size=bs, seconds=round(seconds, 3), box_agreement=box,
     )
     enforce(report, min_top1_agreement, max_abs_diff)
     return report

@@ -142,7 +142,8 @@ def _record(name: str, status: str, reason: str | None = None, **fields: Any) ->
 
 def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cfg: ExportConfig,
                 examples: dict[str, np.ndarray], labels: np.ndarray | None, metric_fn: Callable | None,
-                meta: dict[str, Any], extra_files: list[Path]) -> dict[str, Any]:
+                meta: dict[str, Any], extra_files: list[Path],
+                agreement_fn: Callable | None = None) -> dict[str, Any]:
     name = exporter.name
     opts = dict(cfg.options.get(name, {}))
     exporter.check_options(opts)
@@ -185,7 +186,8 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
     except (UnsupportedTargetError, MissingBackendError) as e:
         rec["parity"] = {"ran": False, "reason": str(e)}
     else:
-        report = check_parity(runner, module, examples, labels, metric_fn, cfg.parity_batch_size, target=name)
+        report = check_parity(runner, module, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
+                              agreement_fn=agreement_fn)
         misses = report.failures(cfg.min_top1_agreement, cfg.max_abs_diff)
         rec["parity"] = {"ran": True, **report.to_dict(), "passed": not misses}
         if misses:
@@ -208,13 +210,14 @@ def export_all(
     metric_fn: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]] | None,
     meta: dict[str, Any],
     extra_files: list[Path],
+    agreement_fn: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Export ``module`` to every target in ``targets``; return one manifest record per target.
 
     ``parity_inputs`` are real preprocessed examples (the first ``cfg.parity_examples`` are used for
     parity, and as example/calibration inputs); ``meta`` (labels, max_length, source model, task)
     goes into every artifact.json; ``extra_files`` (the tokenizer files) are copied beside each
-    artifact."""
+    artifact; ``agreement_fn(got, want)`` replaces top-1 agreement in parity (detection: boxes)."""
     clash = sorted(set(meta) & set(RESERVED))
     if clash:
         raise EdgeKDError(f"artifact meta keys {clash} are reserved for artifact.json's own fields.")
@@ -239,7 +242,8 @@ def export_all(
     records: dict[str, dict[str, Any]] = {}
     misses = []
     for ex in exporters:
-        rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files)
+        rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files,
+                          agreement_fn)
         if "parity_misses" in rec:
             misses.append(rec.pop("parity_misses"))
         records[ex.name] = rec

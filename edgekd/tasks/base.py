@@ -18,6 +18,8 @@ class Task(Protocol):
     """
 
     name: str
+    label_names: list[str]
+    primary_metric: str  # the metrics key that heads tables and guards (accuracy, map50_95)
 
     # --- models -------------------------------------------------------------------------------
     def load_model(self, source: str | Path, num_labels: int | None = None) -> Any:
@@ -48,3 +50,10 @@ class Task(Protocol):
 
     def metrics(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
         """The task metric(s) from raw model outputs (e.g. accuracy, macro_f1 from logits)."""
+
+    def agreement(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+        """Optional (None on the class: parity uses top-1 agreement): how far two models' outputs
+        agree on the same inputs, 0..1 (detection: boxes matched after NMS)."""
+
+    def export_meta(self) -> dict[str, Any]:
+        """Task facts written into every artifact.json (max_length; image_size)."""

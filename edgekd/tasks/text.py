@@ -217,3 +217,11 @@ class TextClassificationTask:
 
     def metrics(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
         return classification_metrics(outputs, labels)
+
+    # Parity compares argmax of the logits (no task-specific agreement); accuracy heads the tables.
+    agreement = None
+    primary_metric = "accuracy"
+
+    def export_meta(self) -> dict:
+        """Task facts every artifact.json carries (the server and the benchmark read them)."""
+        return {"max_length": self.max_length}

@@ -1,0 +1,136 @@
+"""The run context of a detection recipe: the same run folder and stage contracts as text, with
+images instead of tokens.
+
+Data: ``data.dataset`` is ``synthetic-shapes`` (generated once from ``detection.synthetic`` into the
+edgekd cache, seeded), a YOLO ``data.yaml`` (train/val/test folders; a set without ``test`` is
+scored on ``val`` and the manifest says so) or a COCO ``instances.json`` (cut into train/validation/
+test by ``data.split``, seeded).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.context import RunContext
+from edgekd.errors import DataError, StageError
+from edgekd.runfolder import fingerprint
+from edgekd.tasks.detection.task import DetectionTask
+
+SYNTHETIC = "synthetic-shapes"
+YOLO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+
+
+class DetectionRunContext(RunContext):
+    # --- data ---------------------------------------------------------------------------------
+    @cached_property
+    def dataset_path(self) -> Path:
+        d, det = self.recipe.data, self.recipe.detection
+        if d.dataset == SYNTHETIC:
+            from edgekd.assets import cache_dir
+            from edgekd.tasks.detection.synthetic import generate
+
+            s = det.synthetic
+            key = fingerprint({"synthetic": s.model_dump(mode="json"), "size": det.image_size})[:12]
+            return generate(cache_dir() / SYNTHETIC / key, n_train=s.train, n_val=s.validation, n_test=s.test,
+                            image_size=det.image_size, seed=s.seed, max_objects=s.max_objects)
+        path = Path(d.dataset)
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+            raise DataError(f"data.dataset '{d.dataset}' is not a detection dataset: use '{SYNTHETIC}', a YOLO "
+                            "data.yaml, or a COCO annotations .json.")
+        if not path.is_file():
+            raise DataError(f"data.dataset {path} does not exist: give the path of a YOLO data.yaml or a COCO "
+                            "annotations .json (relative to the folder you run edgekd from).")
+        return path
+
+    def _yolo_has(self, split: str) -> bool:
+        import yaml
+
+        return bool((yaml.safe_load(self.dataset_path.read_text()) or {}).get(split))
+
+    def split(self, name: str):
+        """``train``, ``validation`` or ``test`` as a DetectionSplit (images in memory, loaded once)."""
+        cache = self.__dict__.setdefault("_splits", {})
+        if name not in cache:
+            from edgekd.tasks.detection.data import load_coco, load_yolo
+
+            size = self.recipe.detection.image_size
+            path = self.dataset_path
+            if path.suffix.lower() == ".json":
+                whole = cache.get("_coco") or load_coco(path, None, size)
+                cache["_coco"] = whole
+                cache[name] = _subset(whole, self._coco_indices(len(whole))[name])
+            else:
+                key = YOLO_SPLITS[name]
+                if name == "test" and not self._yolo_has("test"):
+                    key = "val"  # scored on val; data_summary records it
+                cache[name] = load_yolo(path, key, size)
+            if len(cache[name]) == 0:
+                raise DataError(f"the {name} split of {path} holds no images: check the dataset's folders.")
+        return cache[name]
+
+    def _coco_indices(self, n: int) -> dict[str, np.ndarray]:
+        sp = self.recipe.data.split
+        order = np.random.default_rng(sp.seed).permutation(n)
+        n_val, n_test = max(1, round(n * sp.validation)), max(1, round(n * sp.test))
+        if n - n_val - n_test < 1:
+            raise DataError(f"{self.dataset_path} has {n} images: too few to cut train/validation/test.")
+        return {"validation": np.sort(order[:n_val]), "test": np.sort(order[n_val:n_val + n_test]),
+                "train": np.sort(order[n_val + n_test:])}
+
+    @cached_property
+    def data_summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dataset": self.recipe.data.dataset, "path": str(self.dataset_path),
+                               "image_size": self.recipe.detection.image_size, "classes": self.task.label_names}
+        for name in ("train", "validation", "test"):
+            sp = self.split(name)
+            out[name] = {"images": len(sp), "boxes": int(sum(len(b) for b in sp.boxes))}
+        if self.dataset_path.suffix.lower() != ".json" and not self._yolo_has("test"):
+            out["note"] = "the dataset has no test split: test figures are on its val split"
+        return out
+
+    @cached_property
+    def data_fingerprint(self) -> str:
+        return fingerprint({"data": self.recipe.data.model_dump(mode="json"),
+                            "detection_data": self.recipe.detection.synthetic.model_dump(mode="json")
+                            if self.recipe.data.dataset == SYNTHETIC else None,
+                            "summary": self.data_summary})
+
+    @cached_property
+    def task(self) -> DetectionTask:
+        return DetectionTask(self.split("train").names, self.recipe.detection.image_size)
+
+    @property
+    def tokenizer(self):  # the text stages' tokenizer has no meaning here
+        raise StageError("a detection run has no tokenizer")
+
+    def parity_data(self, n: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Real test images (letterboxed, 0..1) and their ground truth boxes."""
+        test = self.split("test")
+        idx = np.arange(len(test) if n is None else min(n, len(test)))
+        return {"images": test.collate(idx)["images"]}, test.ground_truth(idx)
+
+    def input_desc(self) -> str | None:
+        s = self.recipe.detection.image_size
+        return f"image {s}x{s}"
+
+    # --- stages ---------------------------------------------------------------------------------
+    def load_stage_model(self, stage: str):
+        if not self.run.is_done(stage, self.stage_fp(stage)):
+            raise StageError(f"The {stage} stage of run '{self.recipe.name}' is missing or out of date with the "
+                             f"recipe. Run `edgekd {stage}` (or `edgekd run`) first.")
+        return self.task.load_model(self.model_dir(stage)).eval()
+
+    def teacher_model(self):
+        return self.load_stage_model("teacher")
+
+
+def _subset(split, idx: np.ndarray):
+    from edgekd.tasks.detection.data import DetectionSplit
+
+    return DetectionSplit(images=split.images[idx], boxes=[split.boxes[i] for i in idx],
+                          classes=[split.classes[i] for i in idx], names=split.names,
+                          files=[split.files[i] for i in idx], image_size=split.image_size)

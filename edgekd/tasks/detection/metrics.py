@@ -1,0 +1,147 @@
+"""Detection metrics: COCO mAP (by pycocotools itself, so figures compare with published ones) and
+box agreement between two models' outputs (parity of an exported artifact with its source)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import DataError, MissingBackendError
+from edgekd.tasks.detection.boxes_np import box_iou, postprocess
+
+
+def coco_map(
+    predictions: list[np.ndarray],
+    ground_truth: list[np.ndarray] | np.ndarray,
+    num_classes: int,
+    *,
+    max_det: int = 100,
+) -> dict[str, float]:
+    """``map50_95`` (COCO's AP over IoU 0.50:0.95) and ``map50`` over all images, area range "all".
+
+    ``predictions``: per image [k,6] rows (x1, y1, x2, y2, score, class); ``ground_truth``: per image
+    [m,5] rows (class, x1, y1, x2, y2), in the same pixels. As in COCO, a class without ground truth
+    is left out of the mean (its false positives cost nothing), and at most ``max_det`` detections
+    per image are scored. No predictions at all score 0.0.
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as e:
+        raise MissingBackendError("COCO mAP", "pycocotools", "detect", str(e)) from None
+    if len(predictions) != len(ground_truth):
+        raise DataError(
+            f"coco_map got predictions for {len(predictions)} images but ground truth for {len(ground_truth)}; "
+            "pass one entry per image, in the same order."
+        )
+    images, annotations = [], []
+    for i, gt in enumerate(ground_truth):
+        images.append({"id": i + 1})
+        for cls, x1, y1, x2, y2 in np.asarray(gt, dtype=np.float64).reshape(-1, 5).tolist():
+            w, h = x2 - x1, y2 - y1
+            annotations.append(  # ids from 1: COCOeval treats a matched gt id of 0 as "unmatched"
+                {"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(cls) + 1,
+                 "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0}
+            )
+    if not annotations:
+        raise DataError(
+            f"No ground-truth boxes in {len(images)} image(s), so mAP is undefined; check that the labels were "
+            "found (YOLO: labels/ beside images/; COCO: 'annotations' in the json)."
+        )
+    results = [
+        {"image_id": i + 1, "category_id": int(c) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
+        for i, det in enumerate(predictions)
+        for x1, y1, x2, y2, s, c in np.asarray(det, dtype=np.float64).reshape(-1, 6).tolist()
+    ]
+    if not results:
+        return {"map50_95": 0.0, "map50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
+        gt_coco = COCO()
+        gt_coco.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)],
+        }
+        gt_coco.createIndex()
+        evaluator = COCOeval(gt_coco, gt_coco.loadRes(results), "bbox")
+        evaluator.params.maxDets = [1, 10, max_det]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    # precision [iou thresholds, recall points, classes, area ranges, max dets]; -1 = class without gt.
+    # Read directly instead of summarize(), which prints and assumes maxDets == 100.
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    at50 = precision[np.isclose(evaluator.params.iouThrs, 0.5)]
+    return {"map50_95": _mean_valid(precision), "map50": _mean_valid(at50)}
+
+
+def _mean_valid(p: np.ndarray) -> float:
+    valid = p[p > -1]
+    return float(valid.mean()) if valid.size else 0.0
+
+
+def detection_metrics(
+    outputs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    conf_threshold: float = 0.001,
+    iou_threshold: float = 0.6,
+    max_det: int = 100,
+) -> dict[str, float]:
+    """mAP from raw model outputs (``boxes`` [B,N,4], ``scores`` [B,N,C]) and ``labels`` (one [m,5]
+    array per image, see ``DetectionSplit.ground_truth``). The low default confidence threshold is
+    the one mAP is conventionally measured at: it keeps the tail of the precision-recall curve."""
+    boxes, scores = _raw(outputs, "outputs")
+    labels = np.asarray(labels, dtype=object) if not isinstance(labels, np.ndarray) else labels
+    if len(labels) != len(boxes):
+        raise DataError(f"detection_metrics got outputs for {len(boxes)} images but labels for {len(labels)}.")
+    dets = postprocess(boxes, scores, conf_threshold=conf_threshold, iou_threshold=iou_threshold, max_det=max_det)
+    return coco_map(dets, list(labels), num_classes=scores.shape[-1], max_det=max_det)
+
+
+def box_agreement(
+    got: dict[str, np.ndarray],
+    want: dict[str, np.ndarray],
+    conf_threshold: float = 0.25,
+    iou_threshold: float = 0.6,
+    match_iou: float = 0.9,
+) -> float:
+    """How far two models' raw outputs on the same images give the same detections: both are
+    postprocessed, and detections are matched one to one (same class, IoU >= ``match_iou``, best IoU
+    first). Returns 2 * matched / (detections of both), i.e. the share of all detections that found a
+    twin; 1.0 when neither side detects anything."""
+    got_boxes, got_scores = _raw(got, "got")
+    want_boxes, want_scores = _raw(want, "want")
+    if got_boxes.shape[0] != want_boxes.shape[0]:
+        raise DataError(f"box_agreement got outputs for {got_boxes.shape[0]} and {want_boxes.shape[0]} images.")
+    a = postprocess(got_boxes, got_scores, conf_threshold, iou_threshold)
+    b = postprocess(want_boxes, want_scores, conf_threshold, iou_threshold)
+    total = sum(len(x) for x in a) + sum(len(x) for x in b)
+    if total == 0:
+        return 1.0
+    matched = 0
+    for da, db in zip(a, b, strict=True):
+        if not len(da) or not len(db):
+            continue
+        iou = box_iou(da[:, :4], db[:, :4])
+        iou[da[:, 5][:, None] != db[:, 5][None, :]] = 0
+        pairs = np.argwhere(iou >= match_iou)
+        used_a, used_b = set(), set()
+        for i, j in pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")].tolist():
+            if i not in used_a and j not in used_b:
+                used_a.add(i)
+                used_b.add(j)
+        matched += len(used_a)
+    return 2 * matched / total
+
+
+def _raw(outputs: dict[str, Any], what: str) -> tuple[np.ndarray, np.ndarray]:
+    missing = [k for k in ("boxes", "scores") if k not in outputs]
+    if missing:
+        raise DataError(
+            f"{what} lacks {', '.join(missing)}: detection outputs are 'boxes' [B,N,4] and 'scores' [B,N,C] "
+            f"(got keys {sorted(outputs)})."
+        )
+    return np.asarray(outputs["boxes"], dtype=np.float32), np.asarray(outputs["scores"], dtype=np.float32)

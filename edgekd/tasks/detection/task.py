@@ -1,0 +1,142 @@
+"""Object detection: the task object the stages, exporters, benchmark and server talk to.
+
+Models are the built-in YOLO-style detectors (``edgekd-det-l``, ``edgekd-det-s``) or a detector
+folder saved by edgekd (also after channel pruning, when its layers are narrower than the preset).
+Export modules take ``images`` float32 [B,3,S,S] in 0..1 and return ``boxes`` [B,N,4] (xyxy, input
+pixels) and ``scores`` [B,N,C] (class probabilities); NMS runs on the host (``boxes_np``), or in the
+graph for the ``nms_in_graph`` ONNX variant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import StageError
+from edgekd.export.base import ModelIO
+
+DETECTION_IO = ModelIO(
+    input_names=["images"],
+    output_names=["boxes", "scores"],
+    dynamic_axes={"images": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}},
+    dtypes={"images": "float32"},
+)
+
+
+def _resize_to_state(model, state: dict[str, Any]) -> None:
+    """Narrow the Conv2d/BatchNorm2d layers of a freshly built detector to the widths stored in
+    ``state`` (a channel-pruned model keeps its preset's structure with fewer channels per layer)."""
+    from torch import nn
+
+    for name, module in list(model.named_modules()):
+        w = state.get(f"{name}.weight")
+        if w is None:
+            continue
+        if isinstance(module, nn.Conv2d) and tuple(w.shape) != tuple(module.weight.shape):
+            groups = module.groups if module.groups == 1 else int(w.shape[0])  # depthwise stays depthwise
+            new = nn.Conv2d(w.shape[1] * groups, w.shape[0], module.kernel_size, module.stride, module.padding,
+                            module.dilation, groups, bias=module.bias is not None)
+        elif isinstance(module, nn.BatchNorm2d) and w.shape[0] != module.num_features:
+            new = nn.BatchNorm2d(w.shape[0], module.eps, module.momentum)
+        else:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+
+
+class DetectionTask:
+    name = "detection"
+    primary_metric = "map50_95"
+
+    def __init__(self, label_names: list[str], image_size: int = 128):
+        self.label_names = list(label_names)
+        self.image_size = int(image_size)
+
+    # --- models -------------------------------------------------------------------------------
+    @staticmethod
+    def is_preset(source: str | Path) -> bool:
+        from edgekd.tasks.detection.models import PRESETS
+
+        return str(source) in PRESETS
+
+    def has_task_head(self, source: str | Path) -> bool:
+        """A saved detector folder is trained; a preset name is a fresh model to train."""
+        return not self.is_preset(source)
+
+    def load_model(self, source: str | Path, num_labels: int | None = None):
+        from edgekd.tasks.detection.models import PRESETS, build_detector, is_detector_dir
+
+        if self.is_preset(source):
+            return build_detector(str(source), len(self.label_names), self.image_size)
+        path = Path(source)
+        if path.is_dir() and is_detector_dir(path):
+            model = load_detector_any(path)
+            if model.num_classes != len(self.label_names):
+                raise StageError(f"{path} detects {model.num_classes} classes, the dataset has "
+                                 f"{len(self.label_names)} ({', '.join(self.label_names)}): use a detector "
+                                 "trained on this dataset, or a preset name to train one.")
+            return model
+        if str(source).endswith((".yaml", ".yml", ".pt")) and "edgekd-det" not in str(source):
+            raise StageError(
+                f"'{source}' looks like an Ultralytics YOLO model: the pipeline's detection stages run the "
+                f"built-in detectors ({', '.join(PRESETS)}) or an edgekd detector folder; YOLO teachers and "
+                "students are distilled with edgekd.tasks.detection.yolo.distill_yolo (pip install "
+                "'edgekd[yolo]'), see the README's detection section.")
+        raise StageError(f"no detector at '{source}': give a preset ({', '.join(PRESETS)}) or a folder "
+                         "saved by edgekd (config.json + model.safetensors).")
+
+    def save_model(self, model, out_dir: Path) -> None:
+        from edgekd.tasks.detection.models import save_detector
+
+        save_detector(model, out_dir)
+
+    # --- export / parity / serving --------------------------------------------------------------
+    def model_io(self) -> ModelIO:
+        return DETECTION_IO
+
+    def export_module(self, model):
+        from edgekd.tasks.detection.models import DetectionExport
+
+        return DetectionExport(model.eval())
+
+    def metrics(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+        """COCO mAP@0.5:0.95 and mAP@0.5 (pycocotools) from raw outputs."""
+        from edgekd.tasks.detection.metrics import detection_metrics
+
+        return detection_metrics(outputs, labels)
+
+    def agreement(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+        """Parity: the share of detections (after NMS) matched one-to-one, same class, IoU >= 0.9."""
+        from edgekd.tasks.detection.metrics import box_agreement
+
+        return box_agreement(got, want)
+
+    def export_meta(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "input": "image"}
+
+
+def load_detector_any(path: Path):
+    """A saved detector, preset-shaped or channel-pruned (narrower layers rebuilt from the weights)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from edgekd.tasks.detection.models import (
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        Detector,
+        DetectorConfig,
+        load_detector,
+    )
+
+    try:
+        return load_detector(path)
+    except RuntimeError:
+        pass  # the weights are narrower than the preset: a channel-pruned detector
+    model = Detector(DetectorConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["config"]))
+    state = load_file(str(path / WEIGHTS_FILE))
+    _resize_to_state(model, state)
+    model.load_state_dict(state)
+    return model.eval()

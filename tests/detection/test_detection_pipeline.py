@@ -1,0 +1,85 @@
+"""The detection recipe end to end through the CLI, on a tiny synthetic set: the same stages, run
+folder, manifest, exporters and benchmark as text, with mAP where text has accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.recipe import load_recipe
+
+
+def tiny_detection_recipe(tmp_path, **changes) -> dict:
+    recipe = load_recipe("detect-default").model_dump(mode="json")
+    recipe.update(name="tiny-det", output_dir=str(tmp_path / "runs"))
+    recipe["detection"].update(image_size=64, synthetic={"train": 48, "validation": 12, "test": 12, "max_objects": 3,
+                                                         "seed": 1})
+    recipe["teacher"]["finetune"].update(epochs=1, batch_size=16)
+    recipe["distill"]["train"].update(epochs=1, batch_size=16)
+    recipe["runtime"]["precision"] = "fp32"
+    recipe["prune"].update(enabled=True, keep_params=0.7, recover_epochs=1)
+    recipe["export"].update(targets=["onnx", "tensorrt"], parity_examples=12, min_top1_agreement=None,
+                            max_abs_diff=1e-3)
+    recipe["quantize"].update(calibration_samples=8, sensitivity_examples=12, speed_runs=5)
+    recipe["bench"].update(batch_sizes=[1], runs=3, warmup=1, torch_models=True)
+    for key, value in changes.items():
+        recipe[key] = {**recipe[key], **value}
+    return recipe
+
+
+@pytest.mark.slow
+def test_detection_run_writes_every_stage_with_map(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_detection_recipe(tmp_path)))
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "tiny-det"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["teacher", "distill", "baseline", "eval", "prune", "export", "quantize",
+                                        "bench"]
+    assert manifest["task"] == "detection" and manifest["labels"] == ["circle", "square", "triangle", "cross"]
+    assert manifest["data"]["train"]["images"] == 48 and manifest["data"]["image_size"] == 64
+
+    ev = manifest["stages"]["eval"]["metrics"]
+    for who in ("teacher", "student", "baseline"):
+        assert 0.0 <= ev[who]["map50_95"] <= ev[who]["map50"] <= 1.0
+    assert ev["student"]["params"] < ev["teacher"]["params"] / 3
+    assert "distill_gain_over_baseline_map50_95" in ev["summary"]
+    distill_logs = manifest["stages"]["distill"]["metrics"]["train_history"][0]
+    assert {"kd_cls", "kd_box", "kd_feat"} <= set(distill_logs)  # every KD term trained
+    assert "kd_cls" not in manifest["stages"]["baseline"]["metrics"]["train_history"][0]
+
+    pruned = manifest["stages"]["prune"]["metrics"]
+    assert pruned["params_after"] < pruned["params_before"]
+
+    onnx = manifest["stages"]["export"]["metrics"]["targets"]["onnx"]
+    assert onnx["status"] == "ok" and onnx["parity"]["passed"]
+    assert onnx["parity"]["box_agreement"] is not None and onnx["parity"]["max_abs_diff"] < 1e-3
+    meta = json.loads((run / "export" / "onnx" / "artifact.json").read_text())
+    assert meta["task"] == "detection" and meta["image_size"] == 64
+    assert meta["io"]["input_names"] == ["images"] and meta["io"]["output_names"] == ["boxes", "scores"]
+    trt = manifest["stages"]["export"]["metrics"]["targets"]["tensorrt"]
+    assert trt["status"] in ("not_built", "ok")  # the TensorRT-ready ONNX and trtexec command, or an engine
+
+    assert "map50_95" in manifest["stages"]["quantize"]["metrics"]["test"]["quantized"]
+    table = (run / "bench" / "local" / "table.md").read_text()
+    assert "mAP@0.5:0.95" in table and "image 64x64" in table
+    models = manifest["stages"]["bench"]["metrics"]["models"]
+    assert {"pytorch-teacher", "pytorch-student", "pytorch-student-pruned", "onnx"} <= set(models)
+
+    # Nothing changed: every stage is skipped; a KD weight changed: distill and what follows rerun.
+    before = {s: r["finished"] for s, r in manifest["stages"].items()}
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    after = json.loads((run / "manifest.json").read_text())["stages"]
+    assert {s: r["finished"] for s, r in after.items()} == before
+    res = runner.invoke(app, ["distill", str(path), "--set", "detection.cls_weight=0.5"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((run / "manifest.json").read_text())["stages"]
+    assert again["teacher"]["finished"] == before["teacher"]
+    assert again["distill"]["finished"] != before["distill"]
