@@ -109,6 +109,33 @@ def export(
     _run(recipe, overrides, ["export"], force)
 
 
+@app.command("distill-yolo")
+def distill_yolo(
+    teacher: Annotated[str, typer.Argument(help="Teacher: a local .pt checkpoint or a model YAML (yolov8s.yaml).")],
+    student: Annotated[str, typer.Argument(help="Student: a model YAML (yolov8n.yaml) or a local .pt.")],
+    data: Annotated[Path, typer.Argument(help="YOLO-format data.yaml.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (student.pt, student.onnx, distill.json).")] = Path("runs/yolo-distill"),
+    epochs: Annotated[int, typer.Option(help="Passes over the training set.")] = 10,
+    imgsz: Annotated[int, typer.Option(help="Square training/export image size.")] = 640,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    temperature: Annotated[float, typer.Option(help="Class-score KD temperature.")] = 2.0,
+    cls_weight: Annotated[float, typer.Option(help="Weight of the class-score KD term.")] = 1.0,
+    feature_weight: Annotated[float, typer.Option(help="Weight of neck-feature imitation (0 = off).")] = 0.0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Distill an Ultralytics YOLO teacher into a YOLO student and export it to ONNX (pip install 'edgekd[yolo]')."""
+    import json
+
+    from edgekd.tasks.detection.yolo import distill_yolo as run_distill
+    from edgekd.tasks.detection.yolo import export_yolo_onnx, require_ultralytics
+
+    require_ultralytics()
+    result = run_distill(teacher, student, data, out_dir=out, epochs=epochs, imgsz=imgsz, batch=batch,
+                         temperature=temperature, cls_weight=cls_weight, feature_weight=feature_weight, device=device)
+    result["onnx"] = export_yolo_onnx(result["weights"], out / "student.onnx", imgsz)
+    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+
+
 @app.command()
 def bench(
     recipe: RecipeArg = None,
@@ -229,7 +256,10 @@ def main() -> None:
     try:
         app()
     except EdgeKDError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}")  # messages hold brackets: 'edgekd[yolo]'
+
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished epochs are checkpointed; run the same command to resume.")

@@ -101,6 +101,10 @@ class RunContext:
 
         return load_student(self, stage)
 
+    def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
+        """Task-specific artifacts beside export.targets (detection: ONNX with NMS in the graph)."""
+        return {}
+
     def teacher_model(self):
         """The local teacher (None for a black box)."""
         from edgekd.teacher import load_teacher_outputs

@@ -60,6 +60,7 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     records = export_all(task.export_module(model), task.model_io(), r.export.targets,
                          ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
                          task.agreement)
+    records.update(ctx.extra_exports(model, inputs, labels, meta))
     folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
     ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,
                    seconds=time.perf_counter() - t0)

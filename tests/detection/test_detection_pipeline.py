@@ -16,7 +16,7 @@ from edgekd.recipe import load_recipe
 def tiny_detection_recipe(tmp_path, **changes) -> dict:
     recipe = load_recipe("detect-default").model_dump(mode="json")
     recipe.update(name="tiny-det", output_dir=str(tmp_path / "runs"))
-    recipe["detection"].update(image_size=64, synthetic={"train": 48, "validation": 12, "test": 12, "max_objects": 3,
+    recipe["detection"].update(image_size=64, nms_in_graph=True, synthetic={"train": 48, "validation": 12, "test": 12, "max_objects": 3,
                                                          "seed": 1})
     recipe["teacher"]["finetune"].update(epochs=1, batch_size=16)
     recipe["distill"]["train"].update(epochs=1, batch_size=16)
@@ -63,6 +63,10 @@ def test_detection_run_writes_every_stage_with_map(tmp_path):
     meta = json.loads((run / "export" / "onnx" / "artifact.json").read_text())
     assert meta["task"] == "detection" and meta["image_size"] == 64
     assert meta["io"]["input_names"] == ["images"] and meta["io"]["output_names"] == ["boxes", "scores"]
+    nms = manifest["stages"]["export"]["metrics"]["targets"]["onnx-nms"]
+    assert nms["status"] == "ok" and nms["parity"]["passed"] and nms["parity"]["box_agreement"] is not None
+    nms_meta = json.loads((run / "export" / "onnx-nms" / "artifact.json").read_text())
+    assert nms_meta["io"]["output_names"] == ["detections"] and nms_meta["nms_in_graph"] is True
     trt = manifest["stages"]["export"]["metrics"]["targets"]["tensorrt"]
     assert trt["status"] in ("not_built", "ok")  # the TensorRT-ready ONNX and trtexec command, or an engine
 
@@ -83,3 +87,45 @@ def test_detection_run_writes_every_stage_with_map(tmp_path):
     again = json.loads((run / "manifest.json").read_text())["stages"]
     assert again["teacher"]["finished"] == before["teacher"]
     assert again["distill"]["finished"] != before["distill"]
+
+
+def test_served_detection_export_answers_with_boxes(tmp_path):
+    """The exported detector behind POST /predict: an image in, boxes in its own pixels out (host NMS and
+    NMS in the graph)."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from edgekd.serving import ServeSettings, create_app
+
+    recipe = tiny_detection_recipe(tmp_path)
+    recipe["detection"]["nms_in_graph"] = True
+    recipe["export"]["targets"] = ["onnx"]
+    for stage in ("prune", "quantize", "bench"):
+        recipe[stage]["enabled"] = False
+    recipe["baseline"]["enabled"] = False
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    buf = io.BytesIO()
+    Image.new("RGB", (160, 90), (200, 30, 30)).save(buf, format="PNG")
+    for target in ("onnx", "onnx-nms"):
+        folder = tmp_path / "runs" / "tiny-det" / "export" / target
+        with TestClient(create_app(ServeSettings(export_dir=folder))) as client:
+            r = client.post("/predict?conf_threshold=0.001", files={"file": ("x.png", buf.getvalue(), "image/png")})
+            assert r.status_code == 200, r.text
+            pred = r.json()["predictions"][0]
+            assert (pred["width"], pred["height"]) == (160, 90)
+            for d in pred["detections"]:
+                x1, y1, x2, y2 = d["box"]
+                assert 0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 90 and d["label"] in recipe_labels()
+            meta = client.get("/metadata").json()
+            assert meta["task"] == "detection" and meta["image_size"] == 64
+
+
+def recipe_labels() -> list[str]:
+    from edgekd.tasks.detection.synthetic import CLASS_NAMES
+
+    return list(CLASS_NAMES)

@@ -207,3 +207,18 @@ def test_student_exports_to_onnx_and_runs(distilled, data_yaml, tmp_path):
     assert list(out.shape) == expected and np.isfinite(out).all()
     scores = out[0, 4:]
     assert (scores >= 0).all() and (scores <= 1).all()  # class probabilities after the sigmoid
+
+
+def test_cli_distill_yolo_without_ultralytics_says_how_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    from edgekd.tasks.detection.yolo import ultralytics_available
+
+    if ultralytics_available()[0]:
+        pytest.skip("Ultralytics runs here: the refusal path is not reachable")
+    res = subprocess.run([sys.executable, "-m", "edgekd", "distill-yolo", "yolov8s.yaml", "yolov8n.yaml",
+                          str(tmp_path / "data.yaml")], capture_output=True, text=True, timeout=120)
+    out = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode != 0 and out.startswith("error:"), out
+    assert "edgekd[yolo]" in out  # the extra survives the console's markup

@@ -127,6 +127,36 @@ class DetectionRunContext(RunContext):
     def teacher_model(self):
         return self.load_stage_model("teacher")
 
+    def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
+        """``detection.nms_in_graph``: ONNX whose graph ends in NMS (Cluster-NMS, fixed-size
+        ``detections`` output) in export/onnx-nms, with the same parity checks. Its score threshold
+        is mAP's (0.001): servers and apps filter by their own confidence."""
+        det, r = self.recipe.detection, self.recipe
+        if not det.nms_in_graph:
+            return {}
+        if "onnx" not in r.export.targets:
+            raise StageError("detection.nms_in_graph exports ONNX: add onnx to export.targets.")
+        import os
+        import shutil
+        import tempfile
+
+        from edgekd.export.stage import export_all
+        from edgekd.tasks.detection.models import DetectionExportNMS
+        from edgekd.tasks.detection.task import NMS_IO
+
+        module = DetectionExportNMS(model, max_det=det.max_det, iou_threshold=det.iou_threshold,
+                                    score_threshold=0.001)
+        root = self.run.stage_dir("export")
+        final = root / "onnx-nms"
+        with tempfile.TemporaryDirectory(dir=root, prefix=".onnx-nms-") as tmp:
+            rec = export_all(module, NMS_IO, ["onnx"], Path(tmp), r.export, inputs, labels, self.task.metrics,
+                             {**meta, "nms_in_graph": True}, [], self.task.agreement)["onnx"]
+            if rec.get("folder"):
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(Path(tmp) / "onnx", final)
+                rec.update(folder=str(final), path=str(final / Path(rec["path"]).name))
+        return {"onnx-nms": {**rec, "target": "onnx-nms"}}
+
 
 def _subset(split, idx: np.ndarray):
     from edgekd.tasks.detection.data import DetectionSplit

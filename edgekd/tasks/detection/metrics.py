@@ -93,12 +93,27 @@ def detection_metrics(
     """mAP from raw model outputs (``boxes`` [B,N,4], ``scores`` [B,N,C]) and ``labels`` (one [m,5]
     array per image, see ``DetectionSplit.ground_truth``). The low default confidence threshold is
     the one mAP is conventionally measured at: it keeps the tail of the precision-recall curve."""
-    boxes, scores = _raw(outputs, "outputs")
+    dets, num_classes = detections_of(outputs, "outputs", conf_threshold, iou_threshold, max_det)
     labels = np.asarray(labels, dtype=object) if not isinstance(labels, np.ndarray) else labels
-    if len(labels) != len(boxes):
-        raise DataError(f"detection_metrics got outputs for {len(boxes)} images but labels for {len(labels)}.")
-    dets = postprocess(boxes, scores, conf_threshold=conf_threshold, iou_threshold=iou_threshold, max_det=max_det)
-    return coco_map(dets, list(labels), num_classes=scores.shape[-1], max_det=max_det)
+    if len(labels) != len(dets):
+        raise DataError(f"detection_metrics got outputs for {len(dets)} images but labels for {len(labels)}.")
+    if num_classes is None:  # NMS in the graph: the classes are the labels'
+        num_classes = 1 + max([int(g[:, 0].max()) for g in labels if len(g)] + [0])
+    return coco_map(dets, list(labels), num_classes=num_classes, max_det=max_det)
+
+
+def detections_of(outputs: dict[str, np.ndarray], what: str, conf_threshold: float, iou_threshold: float,
+                  max_det: int = 100) -> tuple[list[np.ndarray], int | None]:
+    """Per image [k,6] rows (x1,y1,x2,y2,score,class) from raw outputs (host NMS) or from an
+    NMS-in-graph ``detections`` output (rows over ``conf_threshold``; padding has score 0); and the
+    number of classes when the outputs tell it."""
+    if "detections" in outputs:
+        det = np.asarray(outputs["detections"], dtype=np.float32)
+        rows = [d[d[:, 4] > conf_threshold][:max_det] for d in det]
+        return [r[np.argsort(-r[:, 4], kind="stable")] for r in rows], None
+    boxes, scores = _raw(outputs, what)
+    return postprocess(boxes, scores, conf_threshold=conf_threshold, iou_threshold=iou_threshold,
+                       max_det=max_det), scores.shape[-1]
 
 
 def box_agreement(
@@ -112,12 +127,10 @@ def box_agreement(
     postprocessed, and detections are matched one to one (same class, IoU >= ``match_iou``, best IoU
     first). Returns 2 * matched / (detections of both), i.e. the share of all detections that found a
     twin; 1.0 when neither side detects anything."""
-    got_boxes, got_scores = _raw(got, "got")
-    want_boxes, want_scores = _raw(want, "want")
-    if got_boxes.shape[0] != want_boxes.shape[0]:
-        raise DataError(f"box_agreement got outputs for {got_boxes.shape[0]} and {want_boxes.shape[0]} images.")
-    a = postprocess(got_boxes, got_scores, conf_threshold, iou_threshold)
-    b = postprocess(want_boxes, want_scores, conf_threshold, iou_threshold)
+    a, _ = detections_of(got, "got", conf_threshold, iou_threshold)
+    b, _ = detections_of(want, "want", conf_threshold, iou_threshold)
+    if len(a) != len(b):
+        raise DataError(f"box_agreement got outputs for {len(a)} and {len(b)} images.")
     total = sum(len(x) for x in a) + sum(len(x) for x in b)
     if total == 0:
         return 1.0

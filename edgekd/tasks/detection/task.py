@@ -24,6 +24,14 @@ DETECTION_IO = ModelIO(
     dtypes={"images": "float32"},
 )
 
+# NMS in the graph: one fixed-size output of rows (x1, y1, x2, y2, score, class), padding score 0.
+NMS_IO = ModelIO(
+    input_names=["images"],
+    output_names=["detections"],
+    dynamic_axes={"images": {0: "batch"}, "detections": {0: "batch"}},
+    dtypes={"images": "float32"},
+)
+
 
 def _resize_to_state(model, state: dict[str, Any]) -> None:
     """Narrow the Conv2d/BatchNorm2d layers of a freshly built detector to the widths stored in
