@@ -86,9 +86,27 @@ def test_box_agreement():
     assert box_agreement(a, a) == 1.0
     disjoint = raw_outputs([[((100, 100, 120, 120), 0, 0.9)], [((0, 0, 30, 20), 1, 0.8)]])  # far, other class
     assert box_agreement(a, disjoint) == 0.0
-    # one of the got boxes moved a little (IoU 0.95 >= 0.9) and one gone: 2 matched of 3 + 2 detections
-    b = raw_outputs([[((10, 10, 50, 48), 0, 0.7)], [((0, 0, 30, 20), 2, 0.5)]])
-    assert box_agreement(a, b) == pytest.approx(2 * 2 / 5)
+    # location by location over the 3 live ones: a box moved a little (IoU 0.95 >= 0.9, score within
+    # 0.1) agrees; one gone disagrees; one with the same box but a score 0.3 lower disagrees
+    b = raw_outputs([[((10, 10, 50, 48), 0, 0.85)], [((0, 0, 30, 20), 2, 0.5)]])
+    assert box_agreement(a, b) == pytest.approx(1 / 3)
+    # a score either side of the threshold is not a disagreement (both under NMS would differ)
+    c = raw_outputs([[((10, 10, 50, 50), 0, 0.251)], []])
+    d = raw_outputs([[((10, 10, 50, 50), 0, 0.249)], []])
+    assert box_agreement(c, d) == 1.0
     empty = raw_outputs([[], []])
     assert box_agreement(empty, empty) == 1.0
     assert box_agreement(a, empty) == 0.0
+
+
+def test_box_agreement_after_nms_in_the_graph():
+    def dets(rows):
+        out = np.zeros((1, 4, 6), np.float32)
+        for k, r in enumerate(rows):
+            out[0, k] = r
+        return {"detections": out}
+
+    a = dets([(10, 10, 50, 50, 0.9, 0), (60, 60, 90, 90, 0.8, 1)])
+    assert box_agreement(a, a) == 1.0
+    b = dets([(10, 10, 50, 49, 0.9, 0)])  # one matched of 2 + 1 detections
+    assert box_agreement(a, b) == pytest.approx(2 / 3)

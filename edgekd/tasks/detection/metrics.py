@@ -122,11 +122,34 @@ def box_agreement(
     conf_threshold: float = 0.25,
     iou_threshold: float = 0.6,
     match_iou: float = 0.9,
+    score_tolerance: float = 0.1,
 ) -> float:
-    """How far two models' raw outputs on the same images give the same detections: both are
-    postprocessed, and detections are matched one to one (same class, IoU >= ``match_iou``, best IoU
-    first). Returns 2 * matched / (detections of both), i.e. the share of all detections that found a
-    twin; 1.0 when neither side detects anything."""
+    """How far two models' outputs on the same images give the same detections (export parity).
+
+    Raw outputs (``boxes``/``scores``, the same locations on both sides) are compared location by
+    location: over every location where either side scores at least ``conf_threshold``, the share
+    where both pick the same class, with best scores within ``score_tolerance`` and boxes of IoU
+    >= ``match_iou``. Comparing before NMS keeps the figure stable: a score a hair either side of the
+    threshold, or two near-equal boxes that NMS keeps in a different order, are not disagreements.
+    An NMS-in-graph ``detections`` output is compared after NMS: detections matched one to one (same
+    class, IoU >= ``match_iou``), 2 * matched / (detections of both). 1.0 when neither side detects
+    anything."""
+    if "detections" not in got and "detections" not in want:
+        gb, gs = _raw(got, "got")
+        wb, ws = _raw(want, "want")
+        if gb.shape != wb.shape or gs.shape != ws.shape:
+            raise DataError(f"box_agreement got outputs of shapes {gb.shape}/{gs.shape} and {wb.shape}/{ws.shape}.")
+        g_best, w_best = gs.max(-1), ws.max(-1)
+        live = (g_best >= conf_threshold) | (w_best >= conf_threshold)
+        if not live.any():
+            return 1.0
+        lt, rb = np.maximum(gb[..., :2], wb[..., :2]), np.minimum(gb[..., 2:], wb[..., 2:])
+        inter = np.clip(rb - lt, 0, None).prod(-1)
+        area = lambda b: np.clip(b[..., 2:] - b[..., :2], 0, None).prod(-1)  # noqa: E731
+        iou = inter / np.maximum(area(gb) + area(wb) - inter, 1e-9)
+        same = ((gs.argmax(-1) == ws.argmax(-1)) & (np.abs(g_best - w_best) <= score_tolerance)
+                & (iou >= match_iou))
+        return float(same[live].mean())
     a, _ = detections_of(got, "got", conf_threshold, iou_threshold)
     b, _ = detections_of(want, "want", conf_threshold, iou_threshold)
     if len(a) != len(b):

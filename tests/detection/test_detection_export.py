@@ -1,0 +1,62 @@
+"""Every export target on a tiny detector, through the same export_all the pipeline uses: each
+artifact is loaded by its Runner and compared with the source on real synthetic images (box
+agreement after NMS, max abs diff, mAP of both)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.export.stage import export_all
+from edgekd.recipe import ExportConfig
+from edgekd.tasks.detection.data import load_yolo
+from edgekd.tasks.detection.models import DetectorConfig, build_detector
+from edgekd.tasks.detection.synthetic import CLASS_NAMES, generate
+from edgekd.tasks.detection.task import DetectionTask
+
+TINY = DetectorConfig(channels=(4, 8, 16, 16, 32), depths=(1, 1, 1, 1), box_channels=16, cls_channels=16, reg_max=8)
+TARGETS = ["onnx", "executorch", "torchscript-lite", "coreml", "tensorrt"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    data = generate(root / "set", n_train=1, n_val=1, n_test=6, image_size=64, seed=3)
+    test = load_yolo(data, "test", 64)
+    return test.collate(np.arange(len(test)))["images"], test.ground_truth()
+
+
+@pytest.mark.slow
+def test_every_exporter_runs_on_the_tiny_detector(tmp_path, images):
+    torch.manual_seed(0)
+    model = build_detector(TINY, len(CLASS_NAMES), 64).eval()
+    with torch.no_grad():  # untrained heads give tied scores; spread them so NMS order is defined
+        for branch in model.head.cls:
+            branch[-1].bias.uniform_(-3, 3)
+    task = DetectionTask(list(CLASS_NAMES), 64)
+    inputs, labels = images
+    cfg = ExportConfig(targets=TARGETS, parity_examples=6, parity_batch_size=2)
+    meta = {"task": task.name, "labels": task.label_names, **task.export_meta()}
+    records = export_all(task.export_module(model), task.model_io(), TARGETS, tmp_path, cfg, {"images": inputs},
+                         labels, task.metrics, meta, [], task.agreement)
+
+    for target in ("onnx", "executorch", "torchscript-lite"):
+        rec = records[target]
+        assert rec["status"] == "ok", rec
+        parity = rec["parity"]
+        assert parity["ran"] and parity["box_agreement"] >= 0.95, (target, parity)
+        assert parity["max_abs_diff"] < 1e-2, (target, parity)  # boxes are in pixels
+        assert abs(parity["artifact_metric"]["map50_95"] - parity["source_metric"]["map50_95"]) < 0.02
+        meta = json.loads((tmp_path / target / "artifact.json").read_text())
+        assert meta["task"] == "detection" and meta["image_size"] == 64 and meta["labels"] == list(CLASS_NAMES)
+    # Core ML converts here and predicts only on macOS; TensorRT builds where it is installed.
+    assert records["coreml"]["status"] in ("ok", "unavailable"), records["coreml"]
+    if records["coreml"]["status"] == "ok":
+        assert records["coreml"]["parity"]["ran"] is False and "macOS" in records["coreml"]["parity"]["reason"]
+    trt = records["tensorrt"]
+    assert trt["status"] in ("not_built", "ok"), trt
+    if trt["status"] == "not_built":
+        assert (tmp_path / "tensorrt" / "model.onnx").is_file() and "trtexec" in (tmp_path / "tensorrt" / "trtexec.sh").read_text()
