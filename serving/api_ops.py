@@ -20,7 +20,7 @@ async def health(request: Request, serving: Serving = Depends(get_serving)) -> H
 
 
 @router.get("/metadata", response_model=MetadataResponse, dependencies=[Depends(require_api_key)],
-            summary="What is served: model, target, runtime, labels, accuracy and parity figures")
+            summary="What is served: model, task, target, runtime, labels, accuracy and parity figures")
 async def metadata(serving: Serving = Depends(get_serving)) -> MetadataResponse:
     model, engine = serving.model, serving.engine
     return MetadataResponse(
@@ -29,8 +29,7 @@ async def metadata(serving: Serving = Depends(get_serving)) -> MetadataResponse:
         platform=model.platform,
         runtime=model.runtime,
         labels=model.codec.labels,
-        max_length=model.codec.max_length,
-        overflow=model.codec.overflow,
+        **model.codec.facts(),
         batching={
             "enabled": engine.batching,
             "max_batch_size": engine.max_batch_size,

@@ -1,21 +1,26 @@
 """The Open Inference Protocol v2 (KServe v2 / Triton HTTP): health, metadata and inference.
 
-Texts go in as a BYTES tensor named ``text``; probabilities come out as FP32. Clients that
-tokenise themselves send the model's own INT64 tensors (``input_ids``, ``attention_mask``).
-Errors are ``{"error": "..."}`` with status 400 (404 for an unknown model), as the protocol says.
+Text models: texts go in as a BYTES tensor named ``text``; probabilities come out as FP32. Clients
+that tokenise themselves send the model's own INT64 tensors (``input_ids``, ``attention_mask``).
+Detection models: the raw FP32 ``images`` tensor [B,3,S,S] (RGB in 0..1, letterboxed) goes in and
+the raw outputs come out (``boxes`` and ``scores``, or ``detections``), as Triton serves them: the
+client letterboxes and runs NMS. Errors are ``{"error": "..."}`` with status 400 (404 for an
+unknown model), as the protocol says.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 import edgekd
-from edgekd.serving.api_predict import ERRORS, check_texts, classify, within_deadline
-from edgekd.serving.context import Serving, get_serving
+from edgekd.serving.api_predict import ERRORS, check_texts, classify
+from edgekd.serving.codec import TextCodec
+from edgekd.serving.context import Serving, get_serving, within_deadline
 from edgekd.serving.errors import RequestError
 from edgekd.serving.http import require_api_key, require_json
 from edgekd.serving.model import ServedModel
@@ -25,14 +30,17 @@ from edgekd.serving.schemas import (
     InferenceResponse,
     MetadataTensor,
     ModelMetadataResponse,
+    Parameters,
     RequestInput,
     ResponseOutput,
     ServerMetadataResponse,
 )
 from edgekd.serving.settings import ServeSettings
+from edgekd.serving.vision import PAD_VALUE, DetectionCodec
 
 TEXT_INPUT = "text"
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+FLOAT_TYPES = {"FP16", "FP32", "FP64"}
 
 health = APIRouter(prefix="/v2", tags=["v2 health"])
 router = APIRouter(prefix="/v2", tags=["v2 inference"], dependencies=[Depends(require_api_key)])
@@ -65,31 +73,49 @@ async def server_metadata() -> ServerMetadataResponse:
     return ServerMetadataResponse(name="edgekd", version=edgekd.__version__, extensions=[])
 
 
-def _output_tensors(model: ServedModel) -> list[MetadataTensor]:
-    n = len(model.codec.labels)
-    return [
+Tensors = tuple[list[MetadataTensor], list[MetadataTensor], Parameters]
+
+
+def _text_tensors(codec: TextCodec) -> Tensors:
+    n = len(codec.labels)
+    inputs = [MetadataTensor(name=TEXT_INPUT, datatype="BYTES", shape=[-1])]
+    inputs += [MetadataTensor(name=name, datatype="INT64", shape=[-1, -1]) for name in codec.input_names]
+    outputs = [
         MetadataTensor(name="probabilities", datatype="FP32", shape=[-1, n]),
         MetadataTensor(name="logits", datatype="FP32", shape=[-1, n]),
         MetadataTensor(name="label", datatype="BYTES", shape=[-1]),
         MetadataTensor(name="truncated", datatype="BOOL", shape=[-1]),
     ]
+    return inputs, outputs, {
+        "max_length": codec.max_length,
+        "inputs": f"either '{TEXT_INPUT}' (BYTES [batch]) or the INT64 token tensors "
+                  f"({', '.join(codec.input_names)}) [batch, sequence]",
+    }
+
+
+def _image_tensors(codec: DetectionCodec) -> Tensors:
+    s = codec.image_size
+    inputs = [MetadataTensor(name=codec.input_name, datatype="FP32", shape=[-1, 3, s, s])]
+    outputs = [MetadataTensor(name=n, datatype="FP32", shape=[-1, *codec.output_shapes[n]]) for n in codec.outputs]
+    return inputs, outputs, {
+        "task": codec.task,
+        "image_size": s,
+        "nms_in_graph": codec.nms_in_graph,
+        "inputs": f"'{codec.input_name}' FP32 [batch, 3, {s}, {s}]: RGB in 0..1, letterboxed (aspect kept, padded "
+                  f"with {PAD_VALUE}/255); outputs are raw (xyxy in input pixels): for boxes in image pixels "
+                  "after NMS, POST the image files to /predict",
+    }
 
 
 @router.get("/models/{name}", response_model=ModelMetadataResponse, response_model_exclude_none=True,
             responses={404: {"model": ErrorBody, "description": "Unknown model."}}, summary="Model metadata")
 async def model_metadata(serving: Serving = Depends(named_model)) -> ModelMetadataResponse:
     model = serving.model
-    inputs = [MetadataTensor(name=TEXT_INPUT, datatype="BYTES", shape=[-1])]
-    inputs += [MetadataTensor(name=n, datatype="INT64", shape=[-1, -1]) for n in model.codec.input_names]
+    codec = model.codec
+    inputs, outputs, params = METADATA[codec.accepts](codec)
     return ModelMetadataResponse(
-        name=model.name, platform=model.platform, inputs=inputs, outputs=_output_tensors(model),
-        parameters={
-            "target": model.target,
-            "labels": ",".join(model.codec.labels),
-            "max_length": model.codec.max_length,
-            "inputs": f"either '{TEXT_INPUT}' (BYTES [batch]) or the INT64 token tensors "
-                      f"({', '.join(model.codec.input_names)}) [batch, sequence]",
-        },
+        name=model.name, platform=model.platform, inputs=inputs, outputs=outputs,
+        parameters={"target": model.target, "labels": ",".join(codec.labels), **params},
     )
 
 
@@ -174,14 +200,10 @@ def _select(outputs: dict[str, ResponseOutput], body: InferenceRequest) -> list[
     return [outputs[o.name] for o in body.outputs]
 
 
-@router.post("/models/{name}/infer", response_model=InferenceResponse, response_model_exclude_none=True,
-             responses={**ERRORS, 404: {"model": ErrorBody, "description": "Unknown model."}}, dependencies=[Depends(require_json)],
-             summary="Inference (Open Inference Protocol v2)")
-async def infer(body: InferenceRequest, serving: Serving = Depends(named_model)) -> InferenceResponse:
+async def _infer_texts(tensors: dict[str, RequestInput], serving: Serving) -> dict[str, ResponseOutput]:
     model, settings = serving.model, serving.settings
-    tensors = {t.name: t for t in body.inputs}
-    if len(tensors) != len(body.inputs):
-        raise RequestError("an input name appears more than once: send each input once.")
+    codec = model.codec
+    assert isinstance(codec, TextCodec)
     truncated: list[bool] | None = None
     if TEXT_INPUT in tensors:
         if len(tensors) > 1:
@@ -192,15 +214,72 @@ async def infer(body: InferenceRequest, serving: Serving = Depends(named_model))
         arrays = _token_arrays(tensors, model, settings)
         logits = (await within_deadline(serving.engine.run_arrays(arrays), settings))[serving.engine.output_name]
     logits = np.asarray(logits, dtype=np.float32)
-    probs = model.codec.probabilities(logits).astype(np.float32)
+    probs = codec.probabilities(logits).astype(np.float32)
     n, c = probs.shape
     outputs = {
         "probabilities": ResponseOutput(name="probabilities", shape=[n, c], datatype="FP32",
                                         data=probs.reshape(-1).tolist()),
         "logits": ResponseOutput(name="logits", shape=[n, c], datatype="FP32", data=logits.reshape(-1).tolist()),
         "label": ResponseOutput(name="label", shape=[n], datatype="BYTES",
-                                data=[model.codec.labels[k] for k in probs.argmax(axis=1)]),
+                                data=[codec.labels[k] for k in probs.argmax(axis=1)]),
     }
     if truncated is not None:
         outputs["truncated"] = ResponseOutput(name="truncated", shape=[n], datatype="BOOL", data=truncated)
-    return InferenceResponse(model_name=model.name, id=body.id, outputs=_select(outputs, body))
+    return outputs
+
+
+def _image_array(tensors: dict[str, RequestInput], codec: DetectionCodec, settings: ServeSettings) -> np.ndarray:
+    name, s = codec.input_name, codec.image_size
+    if set(tensors) != {name}:
+        raise RequestError(f"this model detects objects: send one input '{name}' (FP32 [batch, 3, {s}, {s}], RGB in "
+                           f"0..1, letterboxed), got {sorted(tensors)}; or POST image files to /predict.")
+    t = tensors[name]
+    if t.datatype not in FLOAT_TYPES:
+        raise RequestError(f"input '{name}' must be a float tensor (FP32), got {t.datatype}.")
+    if len(t.shape) != 4 or t.shape[1:] != [3, s, s] or t.shape[0] == 0:
+        raise RequestError(f"input '{name}' must have shape [batch, 3, {s}, {s}] with batch > 0 (got {t.shape}): "
+                           f"letterbox images to {s}x{s}, channels first.")
+    if t.shape[0] > settings.max_images:
+        raise RequestError(f"batch of {t.shape[0]}; this server takes at most {settings.max_images} images per "
+                           "request (max_images).")
+    flat = _flat_data(t)
+    if not all(type(v) in (int, float) for v in flat):
+        raise RequestError(f"input '{name}' holds non-numeric values: send numbers (RGB in 0..1).")
+    arr = np.asarray(flat, dtype=np.float32).reshape(t.shape)
+    if not np.isfinite(arr).all():
+        raise RequestError(f"input '{name}' holds NaN or infinite values: send RGB values in 0..1.")
+    return arr
+
+
+async def _infer_images(tensors: dict[str, RequestInput], serving: Serving) -> dict[str, ResponseOutput]:
+    codec = serving.model.codec
+    assert isinstance(codec, DetectionCodec)
+    arr = _image_array(tensors, codec, serving.settings)
+    out = await within_deadline(serving.engine.run_arrays({codec.input_name: arr}), serving.settings)
+    serving.metrics.images.inc(len(arr))
+    outputs = {}
+    for name in codec.outputs:
+        value = np.asarray(out[name], dtype=np.float32)
+        outputs[name] = ResponseOutput(name=name, shape=list(value.shape), datatype="FP32",
+                                       data=value.reshape(-1).tolist())
+    return outputs
+
+
+# What each codec accepts -> its v2 metadata and inference: the one place v2 depends on the task.
+METADATA: dict[str, Callable[[Any], Tensors]] = {
+    TextCodec.accepts: _text_tensors, DetectionCodec.accepts: _image_tensors,
+}
+INFER: dict[str, Callable[[dict[str, RequestInput], Serving], Awaitable[dict[str, ResponseOutput]]]] = {
+    TextCodec.accepts: _infer_texts, DetectionCodec.accepts: _infer_images,
+}
+
+
+@router.post("/models/{name}/infer", response_model=InferenceResponse, response_model_exclude_none=True,
+             responses={**ERRORS, 404: {"model": ErrorBody, "description": "Unknown model."}}, dependencies=[Depends(require_json)],
+             summary="Inference (Open Inference Protocol v2)")
+async def infer(body: InferenceRequest, serving: Serving = Depends(named_model)) -> InferenceResponse:
+    tensors = {t.name: t for t in body.inputs}
+    if len(tensors) != len(body.inputs):
+        raise RequestError("an input name appears more than once: send each input once.")
+    outputs = await INFER[serving.model.codec.accepts](tensors, serving)
+    return InferenceResponse(model_name=serving.model.name, id=body.id, outputs=_select(outputs, body))

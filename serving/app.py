@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -28,9 +29,12 @@ from edgekd.serving.settings import ServeSettings
 
 log = logging.getLogger("edgekd.serving")
 
-DESCRIPTION = """Classify texts with an edgekd export (ONNX Runtime, TensorRT, ExecuTorch, PyTorch).
+DESCRIPTION = """Classify texts, or detect objects in images, with an edgekd export (ONNX Runtime,
+TensorRT, ExecuTorch, PyTorch): whichever task the served artifact was exported for.
 
-* `POST /predict` — `{"text": "..."}` or `{"texts": [...]}`.
+* `POST /predict` — text models: `{"text": "..."}` or `{"texts": [...]}`. Detection models: image
+  files as multipart/form-data (`file`, or several `files`) or JSON `{"image": "<base64>"}` /
+  `{"images": [...]}`; options `conf_threshold`, `iou_threshold`, `max_det`.
 * `POST /v2/models/{name}/infer` — the Open Inference Protocol (KServe v2 / Triton).
 * `GET /health`, `GET /metadata`, `GET /metrics` (Prometheus).
 
@@ -79,12 +83,26 @@ def create_app(settings: ServeSettings | None = None, loader: Loader | None = No
     app.state.ready = False
     app.state.startup_error = None
     install_error_handlers(app)
-    app.add_middleware(ServingMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ServingMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes,
+                       fast={("POST", "/predict"): api_predict.fast_predict})
     app.include_router(api_predict.router)
     app.include_router(api_v2.health)
     app.include_router(api_v2.router)
     app.include_router(api_ops.router)
+    _document_predict_bodies(app)
     return app
+
+
+def _document_predict_bodies(app: FastAPI) -> None:
+    """Add the schemas of the bodies /predict parses itself to the OpenAPI document's components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # build() caches the document it returns in app.openapi_schema
+            build().setdefault("components", {}).setdefault("schemas", {}).update(api_predict.openapi_components())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def serve(run_dir: str | Path, target: str | None = None, settings: ServeSettings | None = None,
@@ -105,6 +123,7 @@ def serve(run_dir: str | Path, target: str | None = None, settings: ServeSetting
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, round(settings.graceful_timeout_s)), lifespan="on",
+        access_log=settings.access_log, server_header=False,
     )
     try:
         uvicorn.Server(config).run()

@@ -1,46 +1,61 @@
 """Runs the runner off the event loop, one request per call or micro-batched across requests.
 
-The runner is blocking native code, so every call goes to a small thread pool: the event loop keeps
-accepting and parsing requests while the model works. With batching on, texts of concurrent
-requests run as one padded batch of at most ``max_batch_size`` texts and are split back per
-request. While every worker is busy, texts pile up in the queue, so batches grow exactly when load
-does. When a worker is free, the batcher waits (at most ``max_wait_ms``, counted from the oldest
-waiting text) only while other requests have arrived and are still being read or tokenised: a lone
-request runs at once, so batching costs no latency at low load.
+The runner is blocking native code, so calls go to a small thread pool: the event loop keeps
+accepting and parsing requests while the model works. With batching on, the inputs (texts or
+images: whatever the codec encodes) of concurrent requests run as one batch of at most
+``max_batch_size`` rows, stacked by the codec's ``pad``, and every output is split back per request.
+While every worker is busy, inputs pile up in the queue, so batches grow exactly when load does.
+When a worker is free, the batcher waits (at most ``max_wait_ms``, counted from the oldest waiting
+input) only while other requests have arrived and are still being read, decoded or tokenised: a
+lone request runs at once, so batching costs no latency at low load.
+
+The one exception to the thread pool, batching on or off: a request that is the only one in
+progress, with no runner call under way, and whose call is measured to be short (the recent time
+per input row times its rows, at most ``INLINE_MAX_S``) runs on the event loop itself. The loop has
+nothing else to do meanwhile, and the hand-off to a thread and back costs about as much as a small
+model's call (a tenth of a millisecond or more, more still on a loaded machine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from edgekd.errors import StageError
 from edgekd.export.base import Runner
-from edgekd.serving.codec import Encoded, TextCodec
+from edgekd.serving.codec import Codec
 from edgekd.serving.errors import OverloadedError, ShuttingDownError
 
+# Longest runner call (estimated) that may run on the event loop, when no other request is in
+# progress. Any request arriving meanwhile waits at most this long to be read: about the batcher's
+# default wait window. Slower models (or long inputs) always run in the thread pool.
+INLINE_MAX_S = 0.002
+
 BatchObserver = Callable[[int, float], None]
+Outputs = dict[str, np.ndarray]  # runner outputs by name, one row per input
 
 
 @dataclass
 class _Job:
-    items: Sequence[Encoded]
-    future: asyncio.Future[np.ndarray]
+    items: Sequence[Any]
+    future: asyncio.Future[Outputs]
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher:
-    """Groups submitted jobs into runner calls of at most ``max_batch_size`` texts."""
+    """Groups submitted jobs into runner calls of at most ``max_batch_size`` inputs."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[Encoded]], np.ndarray],
+        run_batch: Callable[[list[Any]], Outputs],
         executor: ThreadPoolExecutor,
         *,
         max_batch_size: int,
@@ -68,8 +83,8 @@ class MicroBatcher:
         self._slots = asyncio.Semaphore(self._slots_n)
         self._task = asyncio.create_task(self._dispatch(), name="edgekd-batcher")
 
-    def submit(self, items: Sequence[Encoded]) -> asyncio.Future[np.ndarray]:
-        """Queue ``items``; the future resolves to their output rows, in order."""
+    def submit(self, items: Sequence[Any]) -> asyncio.Future[Outputs]:
+        """Queue ``items``; the future resolves to their output rows (every output), in order."""
         if self._closing or self._task is None:
             raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another replica.")
         job = _Job(items, self._loop.create_future())
@@ -142,7 +157,7 @@ class MicroBatcher:
             for job in jobs:
                 stop = start + len(job.items)
                 if not job.future.done():
-                    job.future.set_result(out[start:stop])
+                    job.future.set_result({name: value[start:stop] for name, value in out.items()})
                 start = stop
         except Exception as e:  # the runner failed: every request of the batch gets the error
             for job in jobs:
@@ -159,7 +174,7 @@ class InferenceEngine:
     def __init__(
         self,
         runner: Runner,
-        codec: TextCodec,
+        codec: Codec,
         *,
         workers: int = 1,
         batching: bool = False,
@@ -171,7 +186,9 @@ class InferenceEngine:
     ):
         self.runner = runner
         self.codec = codec
-        self.output_name = "logits" if "logits" in runner.output_names else runner.output_names[0]
+        # The outputs the codec reads: only these are kept, sliced per request and checked for rows.
+        self.outputs = tuple(codec.select_outputs(list(runner.output_names)))
+        self.output_name = self.outputs[0]
         self.workers = workers
         self.batching = batching
         # Artifacts that plan memory ahead (ExecuTorch, Core ML, TensorRT profiles) take at most
@@ -187,6 +204,11 @@ class InferenceEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: MicroBatcher | None = None
         self._pending = 0
+        self._running = 0  # runner calls in progress (pool threads or inline), under _running_lock
+        self._running_lock = threading.Lock()
+        # Recent runner time per input row (exponential moving average), None until measured: what
+        # decides whether a lone request's call is short enough to run on the event loop.
+        self.seconds_per_row: float | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -207,8 +229,9 @@ class InferenceEngine:
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
 
     # --- blocking calls, run in the pool -----------------------------------------------------------
-    def run_items(self, items: list[Encoded]) -> np.ndarray:
-        return self.run_arrays_blocking(self.codec.pad(items))[self.output_name]
+    def run_items(self, items: list[Any]) -> Outputs:
+        out = self.run_arrays_blocking(self.codec.pad(items))
+        return {name: out[name] for name in self.outputs}
 
     def run_arrays_blocking(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = len(next(iter(inputs.values())))
@@ -220,21 +243,39 @@ class InferenceEngine:
 
     def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = len(next(iter(inputs.values())))
+        with self._running_lock:
+            self._running += 1
         start = time.perf_counter()
-        out = self.runner.run(inputs)
+        try:
+            out = self.runner.run(inputs)
+        finally:
+            with self._running_lock:
+                self._running -= 1
         seconds = time.perf_counter() - start
-        got = len(out[self.output_name])
-        if got != rows:
-            raise StageError(f"the runner returned {got} rows of '{self.output_name}' for {rows} inputs: "
-                             "the artifact does not keep the batch axis; re-export it.")
+        per_row = seconds / max(rows, 1)
+        last = self.seconds_per_row
+        self.seconds_per_row = per_row if last is None else 0.8 * last + 0.2 * per_row
+        for name in self.outputs:
+            got = len(out[name])
+            if got != rows:
+                raise StageError(f"the runner returned {got} rows of '{name}' for {rows} inputs: "
+                                 "the artifact does not keep the batch axis; re-export it.")
         if self._on_batch is not None:
             self._on_batch(rows, seconds)
         return out
 
     # --- async API for the routes ------------------------------------------------------------------
-    async def logits(self, items: Sequence[Encoded]) -> np.ndarray:
-        """Logits of ``items`` (one row each), batched with other requests when batching is on."""
+    async def infer(self, items: Sequence[Any]) -> Outputs:
+        """The codec's outputs for encoded ``items`` (row i for item i), batched with other requests
+        when batching is on."""
         self._admit(len(items))
+        if self._inline(len(items)):
+            # Requests already read in this turn of the event loop have not started yet: let them
+            # reach this point (one turn), then run inline only if this one is still alone.
+            await asyncio.sleep(0)
+            if self._inline(len(items)):
+                self._admit(len(items))
+                return self.run_items(list(items))
         self._pending += len(items)
         try:
             if self._batcher is not None:
@@ -242,6 +283,21 @@ class InferenceEngine:
             return await asyncio.get_running_loop().run_in_executor(self._require_executor(), self.run_items, list(items))
         finally:
             self._pending -= len(items)
+
+    def _inline(self, rows: int) -> bool:
+        """Run on the event loop: this is the only request in progress (server-wide, as counted by
+        ``arrivals``), no runner call or batch is under way or queued, and the call is measured to
+        be short."""
+        per_row = self.seconds_per_row
+        return (
+            per_row is not None and per_row * rows <= INLINE_MAX_S
+            and self._arrivals is not None and self._arrivals() <= 1
+            and self._pending == 0 and self._running == 0
+        )
+
+    async def logits(self, items: Sequence[Any]) -> np.ndarray:
+        """A classifier's logits of ``items``, one row each."""
+        return (await self.infer(items))[self.output_name]
 
     async def run_arrays(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raw tensors straight to the runner (one call, no batching across requests)."""
@@ -260,7 +316,7 @@ class InferenceEngine:
             raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another replica.")
         if self._pending + n > self.max_queue:
             raise OverloadedError(
-                f"the server is overloaded ({self._pending} texts waiting, limit {self.max_queue}); retry shortly."
+                f"the server is overloaded ({self._pending} inputs waiting, limit {self.max_queue}); retry shortly."
             )
 
     def _require_executor(self) -> ThreadPoolExecutor:

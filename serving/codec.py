@@ -1,4 +1,9 @@
-"""Text in, model inputs out; logits in, labels and probabilities out. No torch anywhere.
+"""Request inputs in, model inputs out; model outputs in, answers out. No torch anywhere.
+
+One codec per task family, picked by the model loader from artifact.json's ``task`` (see
+``edgekd.serving.model.CODECS``): ``TextCodec`` here, ``DetectionCodec`` in ``vision.py``. Each says
+which inputs it takes (``accepts``), stacks items into the runner's arrays (``pad``, which is all
+the micro-batcher needs) and names the outputs it reads, so routes and batcher stay task-agnostic.
 
 Tokenisation uses the ``tokenizers`` library on the export folder's ``tokenizer.json`` (the file a
 fast Hugging Face tokenizer saves). Only a folder without one falls back to
@@ -11,14 +16,40 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
 from edgekd.errors import StageError
+from edgekd.export.base import ARTIFACT_META
 from edgekd.serving.errors import TextTooLongError
 
+if TYPE_CHECKING:
+    from edgekd.export.base import Runner
+    from edgekd.serving.settings import ServeSettings
+
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class Codec(Protocol):
+    """What the loader, the batcher and the task-agnostic routes need from a task's codec."""
+
+    task: ClassVar[str]  # artifact.json's ``task``
+    accepts: ClassVar[str]  # "texts" | "images": picks the request handlers, names the input in errors
+    labels: list[str]
+    input_names: tuple[str, ...]
+
+    def pad(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Stack encoded items (one per row) into the runner's inputs."""
+        ...
+
+    def select_outputs(self, output_names: Sequence[str]) -> tuple[str, ...]:
+        """The runner outputs this codec reads (each keeps the batch axis)."""
+        ...
+
+    def facts(self) -> dict[str, Any]:
+        """Task facts for /metadata (task, inputs, max_length or image_size...)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +80,10 @@ class _FastTokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[tuple[list[int], bool]]:
         # ``overflowing`` holds the cut-off pieces, so a non-empty list means the text was truncated.
-        return [(enc.ids, bool(enc.overflowing)) for enc in self._tok.encode_batch(list(texts))]
+        # One text: ``encode``, not ``encode_batch``, whose thread pool hand-off costs more than
+        # the text itself, the more so when the runner keeps the other cores busy.
+        encs = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(list(texts))
+        return [(enc.ids, bool(enc.overflowing)) for enc in encs]
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -116,6 +150,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class TextCodec:
     """Tokenise texts into the runner's int64 inputs and turn logits into predictions."""
 
+    task: ClassVar[str] = "text-classification"
+    accepts: ClassVar[str] = "texts"
+
     def __init__(
         self,
         tokenizer: _FastTokenizer | _AutoTokenizer,
@@ -156,6 +193,45 @@ class TextCodec:
         return cls(tok, max_length=max_length, overflow=overflow, pad_id=_pad_id(folder, tok),
                    input_names=input_names, labels=labels)
 
+    @classmethod
+    def for_artifact(cls, folder: Path, meta: dict[str, Any], runner: Runner, settings: ServeSettings) -> TextCodec:
+        """The codec of a served text export: max_length from the settings, bounded by the artifact's;
+        one text is run through the runner so that outputs not fitting the metadata fail at load."""
+        artifact_max = meta.get("max_length")
+        max_length = settings.max_length or artifact_max
+        if max_length is None:
+            raise StageError(
+                f"{folder / ARTIFACT_META} records no max_length (the longest input the model takes): "
+                "set max_length in the server settings, or re-export with the task's max_length."
+            )
+        if artifact_max and max_length > int(artifact_max):
+            raise StageError(
+                f"max_length={max_length} exceeds the artifact's max_length={artifact_max} (the longest input it "
+                f"was exported and checked for): set max_length to at most {artifact_max}."
+            )
+        codec = cls.from_folder(folder, max_length=int(max_length), overflow=settings.overflow,
+                                input_names=list(runner.input_names), labels=label_names(meta))
+        codec.warm_up(runner)
+        return codec
+
+    def warm_up(self, runner: Runner) -> None:
+        """One real call: catches an artifact whose outputs do not fit its metadata before serving."""
+        out = runner.run(self.pad(self.encode(["warm up"])))
+        name = self.select_outputs(list(out))[0]
+        logits = np.asarray(out[name])
+        if not self.labels:
+            if logits.ndim != 2:
+                raise StageError(f"the model returned {name} of shape {list(logits.shape)}; a classifier returns "
+                                 "[batch, labels].")
+            self.labels = [f"LABEL_{i}" for i in range(logits.shape[1])]
+        self.probabilities(logits)
+
+    def select_outputs(self, output_names: Sequence[str]) -> tuple[str, ...]:
+        return ("logits",) if "logits" in output_names else (output_names[0],)
+
+    def facts(self) -> dict[str, Any]:
+        return {"task": self.task, "inputs": self.accepts, "max_length": self.max_length, "overflow": self.overflow}
+
     # --- text -> arrays ----------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         items = [Encoded(tuple(ids), cut) for ids, cut in self.tokenizer.encode(texts)]
@@ -190,12 +266,9 @@ class TextCodec:
 
     def predictions(self, logits: np.ndarray) -> list[Prediction]:
         probs = self.probabilities(logits)
-        top = probs.argmax(axis=-1)
+        top = probs.argmax(axis=-1).tolist()
+        labels = self.labels
         return [
-            Prediction(
-                label=self.labels[k],
-                score=float(p[k]),
-                probabilities={name: float(v) for name, v in zip(self.labels, p, strict=True)},
-            )
-            for p, k in zip(probs, top, strict=True)
+            Prediction(label=labels[k], score=p[k], probabilities=dict(zip(labels, p, strict=True)))
+            for p, k in zip(probs.tolist(), top, strict=True)  # Python floats, converted in one call
         ]

@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by the routers: errors as JSON, the body limit, metrics, auth, content type.
+"""HTTP plumbing shared by the routers: errors as JSON, the body limit, metrics, auth, content type,
+and reading a JSON body by hand (for routes that also take other media types).
 
 Every error body is ``{"error": "<what was wrong and what to do>"}`` (the Open Inference
 Protocol's error shape), so clients of every route parse failures the same way.
@@ -10,11 +11,13 @@ import hmac
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +27,9 @@ from edgekd.serving.metrics import Metrics
 log = logging.getLogger("edgekd.serving")
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+MULTIPART = "multipart/form-data"
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -83,51 +89,102 @@ def install_error_handlers(app: FastAPI) -> None:
 # --- dependencies ------------------------------------------------------------------------------------
 async def require_api_key(request: Request) -> None:
     """Accept ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` when the server has a key."""
-    key = request.app.state.settings.api_key
+    error = api_key_error(request.app.state.settings.api_key, request.headers.get("x-api-key"),
+                          request.headers.get("authorization", ""))
+    if error is not None:
+        raise error
+
+
+def api_key_error(key: SecretStr | None, x_api_key: str | None, authorization: str) -> RequestError | None:
+    """The refusal of a request carrying these headers, or None when it may pass (or no key is set)."""
     if key is None:
-        return
-    supplied = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if supplied is None and auth[:7].lower() == "bearer ":
-        supplied = auth[7:].strip()
+        return None
+    supplied = x_api_key
+    if supplied is None and authorization[:7].lower() == "bearer ":
+        supplied = authorization[7:].strip()
     if not supplied:
-        raise RequestError("this server needs an API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`.",
-                           401, "unauthorized", {"WWW-Authenticate": "Bearer"})
+        return RequestError("this server needs an API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`.",
+                            401, "unauthorized", {"WWW-Authenticate": "Bearer"})
     if not hmac.compare_digest(supplied.encode(), key.get_secret_value().encode()):
-        raise RequestError("the API key is not valid.", 401, "unauthorized", {"WWW-Authenticate": "Bearer"})
+        return RequestError("the API key is not valid.", 401, "unauthorized", {"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters ("" when there is no Content-Type)."""
+    return parse_media_type(request.headers.get("content-type", ""))
+
+
+def parse_media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def require_json(request: Request) -> None:
-    ctype = request.headers.get("content-type", "")
-    media = ctype.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+    media = media_type(request)
+    if not is_json(media):
         shown = media or "none"
         raise RequestError(f"the body must be JSON: send `Content-Type: application/json` (got {shown}).", 415)
 
 
+async def read_json(request: Request) -> Any:
+    """The body parsed as JSON (400 when it is not), for routes that parse their body themselves."""
+    try:
+        return json.loads(await request.body())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        raise RequestError(f"the request body is not valid JSON ({e}): send a JSON object.", 400) from None
+
+
+def validate_body(model: type[M], data: Any, loc: str = "body") -> M:
+    """``model`` from parsed data; errors reported exactly as FastAPI reports a declared body's."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = [{**err, "loc": (loc, *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
 # --- ASGI middleware ---------------------------------------------------------------------------------
+# A handler of one hot route that answers without FastAPI's routing, dependencies and response
+# validation: given the scope and the body read, the JSON body of a 200 answer, or None to hand the
+# request on to the app (for every case it does not cover, so that errors stay those of the route).
+# A ServingError it raises is answered as the app's handler answers it.
+FastHandler = Callable[[Scope, bytes], Awaitable[bytes | None]]
+
+_JSON_200_HEADERS = [(b"content-type", b"application/json")]
+
+
 class ServingMiddleware:
     """Counts and times every request by route template, and refuses bodies over the limit (413)
-    before the app reads them. Plain ASGI, not BaseHTTPMiddleware, to keep per-request cost low."""
+    before the app reads them. Plain ASGI, not BaseHTTPMiddleware, to keep per-request cost low;
+    ``fast`` maps (method, path) to a ``FastHandler`` tried before the app."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
+                 fast: dict[tuple[str, str], FastHandler] | None = None):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.fast = dict(fast or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = {"code": 500}
+        status = 500
+        template = None
 
         async def send_wrapper(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status = message["status"]
             await send(message)
 
-        counted = scope["method"] in BODY_METHODS
+        method = scope["method"]
+        counted = method in BODY_METHODS
         if counted:
             self.metrics.request_started()
         try:
@@ -136,20 +193,38 @@ class ServingMiddleware:
                 if body is None:
                     self.metrics.errors.labels("too_large").inc()
                     response = error_response(
-                        413, f"the request body is over the {self.max_body_bytes}-byte limit: send fewer or shorter texts.",
+                        413, f"the request body is over the {self.max_body_bytes}-byte limit (max_body_bytes): send "
+                        "fewer or shorter texts, or fewer or smaller images.",
                         {"Connection": "close"},
                     )
                     await response(scope, receive, send_wrapper)
                     return
+                handler = self.fast.get((method, scope["path"]))
+                if handler is not None:
+                    template = scope["path"]  # also when it raises: a 500 is counted under its route
+                    try:
+                        answer = await handler(scope, body)
+                    except ServingError as exc:  # as the app's ServingError handler answers it
+                        self.metrics.errors.labels(exc.kind).inc()
+                        await error_response(exc.status, str(exc), exc.headers)(scope, receive, send_wrapper)
+                        return
+                    if answer is None:
+                        template = None
+                    else:
+                        status = 200
+                        await send({"type": "http.response.start", "status": 200, "headers": [
+                            (b"content-length", str(len(answer)).encode()), *_JSON_200_HEADERS]})
+                        await send({"type": "http.response.body", "body": answer})
+                        return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_wrapper)
         finally:
             if counted:
                 self.metrics.request_finished()
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
-            self.metrics.latency.labels(template).observe(time.perf_counter() - start)
+            if template is None:
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(template, method, status, time.perf_counter() - start)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         for name, value in scope.get("headers", ()):

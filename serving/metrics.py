@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -10,7 +12,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """Request counts by route and status, latency, runner batch sizes and errors by kind."""
+    """Request counts by route and status, latency, runner batch sizes, errors by kind, and inputs
+    (texts, images) served."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -25,7 +28,7 @@ class Metrics:
             ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
-            "edgekd_inference_batch_size", "Texts (rows) per runner call.",
+            "edgekd_inference_batch_size", "Inputs (texts or images: rows) per runner call.",
             buckets=BATCH_BUCKETS, registry=self.registry,
         )
         self.inference_seconds = Histogram(
@@ -37,12 +40,26 @@ class Metrics:
             "timeout, overloaded, internal).", ["kind"], registry=self.registry,
         )
         self._in_flight = 0
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         Gauge("edgekd_http_inference_requests_in_flight", "POST requests being read, run or answered.",
               registry=self.registry).set_function(self.in_flight)
         self.texts = Counter("edgekd_texts", "Texts classified.", registry=self.registry)
+        self.images = Counter("edgekd_images", "Images run through a detection model.", registry=self.registry)
+        self.detections = Counter("edgekd_detections", "Detections returned (after NMS and thresholds).",
+                                  registry=self.registry)
         self.truncated = Counter(
             "edgekd_texts_truncated", "Texts cut to max_length tokens.", registry=self.registry
         )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one finished request and its duration (label lookups cached: once per route/status)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.requests.labels(route, method, str(status)),
+                                                      self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def request_started(self) -> None:
         self._in_flight += 1

@@ -1,4 +1,8 @@
-"""Find, verify and load the served artifact: export folder -> runner + codec + facts for /metadata."""
+"""Find, verify and load the served artifact: export folder -> runner + codec + facts for /metadata.
+
+The codec is picked once, here, from artifact.json's ``task`` (``CODECS``); everything after the
+load (routes, batcher, metrics) works through the codec and asks no more what the task is.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,27 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgekd.errors import ChecksumError, StageError
 from edgekd.export.base import ARTIFACT_META, Runner, read_artifact_meta
 from edgekd.export.stage import artifact_digest, load_artifact
 from edgekd.runfolder import MANIFEST, sha256_file
-from edgekd.serving.codec import TextCodec, label_names
+from edgekd.serving.codec import TextCodec
 from edgekd.serving.settings import ServeSettings
+from edgekd.serving.vision import DetectionCodec
 
 log = logging.getLogger("edgekd.serving")
 
 Loader = Callable[..., tuple[Runner, dict[str, Any]]]
+AnyCodec = TextCodec | DetectionCodec
+CodecFactory = Callable[[Path, dict[str, Any], Runner, ServeSettings], AnyCodec]
+
+# artifact.json's ``task`` -> the codec that serves it. Exports written before tasks were recorded
+# are text classifiers.
+DEFAULT_TASK = TextCodec.task
+CODECS: dict[str, CodecFactory] = {
+    TextCodec.task: TextCodec.for_artifact,
+    DetectionCodec.task: DetectionCodec.for_artifact,
+}
 
 # Platform names of the Open Inference Protocol ("<project>_<format>"), by export target family.
 PLATFORMS = {
@@ -150,7 +163,7 @@ class ServedModel:
     artifact: Path
     meta: dict[str, Any]
     runner: Runner
-    codec: TextCodec
+    codec: AnyCodec
     manifest_figures: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -176,12 +189,22 @@ def default_loader(folder: Path, **runtime_opts: Any) -> tuple[Runner, dict[str,
     return load_artifact(folder, **runtime_opts)
 
 
+def codec_factory(folder: Path, meta: dict[str, Any]) -> CodecFactory:
+    """The codec for artifact.json's ``task``; refused before the (possibly slow) runner load."""
+    task = meta.get("task") or DEFAULT_TASK
+    if task not in CODECS:
+        raise StageError(f"{folder / ARTIFACT_META} records task '{task}', which this server cannot serve; "
+                         f"it serves {', '.join(CODECS)}.")
+    return CODECS[task]
+
+
 def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> ServedModel:
-    """Verify and load ``settings.export_dir``; run one text through it so the first request is warm."""
+    """Verify and load ``settings.export_dir``; run one input through it so the first request is warm."""
     if settings.export_dir is None:
         raise StageError("no export folder to serve: set export_dir (e.g. runs/<name>/export/onnx).")
     folder = resolve_export_dir(settings.export_dir)
     meta = read_artifact_meta(folder)
+    make_codec = codec_factory(folder, meta)
     artifact, manifest = verify_artifact(folder, meta)
 
     opts = dict(settings.runtime_options)
@@ -190,23 +213,7 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
     runner, loaded_meta = (loader or default_loader)(folder, **opts)
     meta = {**meta, **(loaded_meta or {})}
 
-    artifact_max = meta.get("max_length")
-    max_length = settings.max_length or artifact_max
-    if max_length is None:
-        raise StageError(
-            f"{folder / ARTIFACT_META} records no max_length (the longest input the model takes): "
-            "set max_length in the server settings, or re-export with the task's max_length."
-        )
-    if artifact_max and max_length > int(artifact_max):
-        raise StageError(
-            f"max_length={max_length} exceeds the artifact's max_length={artifact_max} (the longest input it "
-            f"was exported and checked for): set max_length to at most {artifact_max}."
-        )
-    codec = TextCodec.from_folder(
-        folder, max_length=int(max_length), overflow=settings.overflow,
-        input_names=list(runner.input_names), labels=label_names(meta),
-    )
-    _warm_up(runner, codec)
+    codec = make_codec(folder, meta, runner, settings)
 
     target = str(meta.get("target") or folder.name)
     resolved = folder.resolve()
@@ -217,14 +224,3 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
         manifest_figures=_manifest_figures(manifest, target), versions=_versions(),
     )
 
-
-def _warm_up(runner: Runner, codec: TextCodec) -> None:
-    """One real call: catches an artifact whose outputs do not fit its metadata before serving."""
-    out = runner.run(codec.pad(codec.encode(["warm up"])))
-    name = "logits" if "logits" in out else next(iter(out))
-    logits = np.asarray(out[name])
-    if not codec.labels:
-        if logits.ndim != 2:
-            raise StageError(f"the model returned {name} of shape {list(logits.shape)}; a classifier returns [batch, labels].")
-        codec.labels = [f"LABEL_{i}" for i in range(logits.shape[1])]
-    codec.probabilities(logits)

@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictStr, model_validator
 
+# Upper bound of ``max_det``: more boxes than this per image is a bug in the client, not a use.
+MAX_DET_LIMIT = 1000
+
 # Parameters are name -> string | number | boolean in the protocol.
 Parameters = dict[str, StrictStr | float | int | bool]
 
@@ -69,6 +72,85 @@ class PredictResponse(BaseModel):
     model: str
     target: str
     predictions: list[PredictionOut] = Field(description="One per input text, in input order.")
+
+
+# --- /predict for detection models -------------------------------------------------------------------
+class DetectOptions(BaseModel):
+    """Post-processing options of a detection request (query parameters, form fields or JSON keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+    conf_threshold: float = Field(0.25, ge=0, le=1, description="Keep boxes whose class score is above this.")
+    iou_threshold: float = Field(
+        0.6, ge=0, le=1, description="NMS: drop a box overlapping a better one of its class by more than this IoU."
+    )
+    max_det: int = Field(100, ge=1, le=MAX_DET_LIMIT, description="Most detections returned per image.")
+
+
+class DetectRequest(BaseModel):
+    """One base64 image (``image``) or several (``images``), not both, with optional options. (Files
+    can instead be sent as multipart/form-data parts named ``file`` or ``files``.)"""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"image": "iVBORw0KGgoAAAANSUhEUgAA...", "conf_threshold": 0.4},
+                {"images": ["data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ...", "iVBORw0KGgoAAAANSUhEUgAA..."]},
+            ]
+        },
+    )
+    image: StrictStr | None = Field(None, description="An image file, base64 (optionally a data: URL).")
+    images: list[StrictStr] | None = Field(None, description="Several image files, base64, detected in one call.")
+    conf_threshold: float | None = Field(None, ge=0, le=1, description="Default 0.25.")
+    iou_threshold: float | None = Field(None, ge=0, le=1, description="Default 0.6.")
+    max_det: int | None = Field(None, ge=1, le=MAX_DET_LIMIT, description="Default 100.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DetectRequest:
+        if (self.image is None) == (self.images is None):
+            raise ValueError("give either 'image' (a base64 string) or 'images' (a list of them), not both nor neither")
+        return self
+
+    def items(self) -> list[str]:
+        return [self.image] if self.image is not None else list(self.images or [])
+
+    def options(self) -> dict[str, float | int]:
+        return {k: v for k in DetectOptions.model_fields if (v := getattr(self, k)) is not None}
+
+
+class DetectionOut(BaseModel):
+    label: str
+    class_id: int = Field(description="Index of the label in the model's labels.")
+    score: float = Field(description="Class probability of the box.")
+    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the image as sent (EXIF orientation "
+                                         "applied), origin top left.", min_length=4, max_length=4)
+
+
+class ImageDetections(BaseModel):
+    width: int = Field(description="Width of the image as sent (after EXIF orientation), in pixels.")
+    height: int
+    detections: list[DetectionOut] = Field(description="Best score first.")
+
+
+class DetectResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "shapes",
+                    "target": "onnx",
+                    "predictions": [
+                        {"width": 640, "height": 480, "detections": [
+                            {"label": "circle", "class_id": 0, "score": 0.91, "box": [12.5, 40.0, 118.25, 150.0]}
+                        ]}
+                    ],
+                }
+            ]
+        }
+    )
+    model: str
+    target: str
+    predictions: list[ImageDetections] = Field(description="One per input image, in input order.")
 
 
 # --- Open Inference Protocol v2 ---------------------------------------------------------------------------
@@ -179,11 +261,15 @@ class HealthResponse(BaseModel):
 class MetadataResponse(BaseModel):
     model: str
     target: str
+    task: str = Field(description="text-classification or detection.")
+    inputs: str = Field(description="What POST /predict takes: 'texts' or 'images'.")
     platform: str
     runtime: dict[str, Any] = Field(description="Runner class and its runtime facts (providers, threads).")
     labels: list[str]
-    max_length: int
-    overflow: str
+    max_length: int | None = Field(None, description="Text models: tokens kept per text.")
+    overflow: str | None = Field(None, description="Text models: what happens to longer texts.")
+    image_size: int | None = Field(None, description="Detection models: the square input images are letterboxed to.")
+    nms_in_graph: bool | None = Field(None, description="Detection models: NMS runs inside the artifact.")
     batching: dict[str, Any]
     artifact: dict[str, Any] = Field(description="artifact.json: file, sha256, size, precision, io, parity.")
     run: dict[str, Any] = Field(description="Figures the run's manifest recorded, by stage (accuracy, parity).")

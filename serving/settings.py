@@ -20,7 +20,7 @@ class ServeSettings(BaseSettings):
 
     # --- what to serve --------------------------------------------------------------------------
     export_dir: Path | None = Field(
-        None, description="Export folder holding the artifact, artifact.json and tokenizer files."
+        None, description="Export folder holding the artifact, artifact.json (and a text model's tokenizer files)."
     )
     model_name: str | None = Field(
         None, description="Name on the v2 routes and in responses. Default: the run folder's name."
@@ -34,6 +34,10 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(
+        False, description="Log one line per request (uvicorn's access log, at info level). Off by default: "
+        "it costs about as much per request as a small model's call; /metrics counts requests by route and status."
+    )
     graceful_timeout_s: float = Field(
         30, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -42,13 +46,13 @@ class ServeSettings(BaseSettings):
     batching: bool = Field(
         False, description="Group concurrent requests into one runner call (off: lowest batch-1 latency)."
     )
-    max_batch_size: int = Field(32, ge=1, description="Most texts in one runner call when batching.")
+    max_batch_size: int = Field(32, ge=1, description="Most texts or images in one runner call when batching.")
     max_wait_ms: float = Field(
-        2.0, ge=0, description="Longest a text waits, in milliseconds, for requests that have already arrived "
+        2.0, ge=0, description="Longest an input waits, in milliseconds, for requests that have already arrived "
         "to join its batch (a lone request runs at once)."
     )
     max_queue: int = Field(
-        4096, ge=1, description="Texts waiting for the runner beyond which requests get 503 (overloaded)."
+        4096, ge=1, description="Inputs (texts or images) waiting for the runner beyond which requests get 503 (overloaded)."
     )
     inference_workers: int = Field(
         1, ge=1, description="Runner calls that may run at once (threads); each call uses `threads` cores."
@@ -57,6 +61,11 @@ class ServeSettings(BaseSettings):
     # --- request limits --------------------------------------------------------------------------
     max_items: int = Field(64, ge=1, description="Most texts in one request.")
     max_text_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
+    max_images: int = Field(16, ge=1, description="Most images in one request (detection models).")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image accepted, in pixels (width x height), checked from the "
+        "image header before decoding, so a small file cannot expand into gigabytes (decompression bomb)."
+    )
     max_length: int | None = Field(
         None, ge=2, description="Tokens kept per text (default and upper bound: the artifact's max_length)."
     )
