@@ -142,6 +142,9 @@ def test_dynamic_int8_writes_a_servable_export_folder(bert_export, tmp_path):
     for name in TOKENIZER_FILES:
         assert (out / name).read_bytes() == (bert_export / name).read_bytes()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+    from edgekd.serving.model import verify_artifact
+
+    verify_artifact(out, meta)  # every file listed in artifact.json matches: the server will load it
 
     runner = get_exporter("onnx").load(out / "model.onnx")
     logits = runner.run(val)["logits"]
