@@ -411,3 +411,58 @@ def test_pipeline_with_a_labels_only_teacher_trains_on_its_labels(tmp_path, flak
                                        distill={"hidden_weight": 1.0}, baseline={"enabled": False}))
     with pytest.raises(RecipeError, match="black-box teacher has no hidden states"):
         run_stages(bad, ["distill"])
+
+
+# --- benchmarks/blackbox_vs_whitebox.py: its bookkeeping, without distilling ------------------------------------
+@pytest.fixture
+def bvw(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import blackbox_vs_whitebox
+
+    return blackbox_vs_whitebox
+
+
+def test_benchmark_shares_one_answer_cache_between_run_folders(bvw, tmp_path):
+    identity = {"kind": "edgekd", "url": "http://127.0.0.1:1"}
+    shared, run_a, run_b = tmp_path / "shared", tmp_path / "a", tmp_path / "b"
+    AnswerCache(run_a, identity).add(["x", "y"], [[0.1, 0.9], [0.8, 0.2]])
+    assert bvw.merge_cache(run_a, shared) == 2
+    assert bvw.merge_cache(shared, run_b) == 2 and bvw.merge_cache(shared, run_b) == 0  # nothing twice
+    b = AnswerCache(run_b, identity)
+    assert "x" in b and b.get("y") == [0.8, 0.2]
+    b.add(["z"], [[0.5, 0.5]])
+    with open(b.path, "ab") as f:
+        f.write(b'{"k":"cut sho')  # a crash mid-line: dropped, the rest merged
+    assert bvw.merge_cache(run_b, shared) == 1 and bvw.cache_size(shared) == 3
+    assert AnswerCache(shared, identity).get("z") == [0.5, 0.5]
+
+
+def test_benchmark_augmentation_only_drops_or_reorders_words(bvw):
+    import random
+
+    text = "a charming , witty and often hilarious romp through the seventies"
+    rng1, rng2 = random.Random(0), random.Random(0)
+    copies = [bvw.augment(text, rng1) for _ in range(50)]
+    assert copies == [bvw.augment(text, rng2) for _ in range(50)]  # deterministic for a seed
+    assert all(set(c.split()) <= set(text.split()) and 3 <= len(c.split()) < len(text.split()) + 1 for c in copies)
+    assert len(set(copies)) > 10 and bvw.augment("too short", rng1) == "too short"
+
+
+def test_benchmark_summary_pairs_the_differences_by_seed(bvw):
+    def res(acc):
+        return {"student_test_accuracy": acc, "student_agreement_with_teacher": 0.9, "teacher_test_accuracy": 0.84,
+                "epochs": 3.0, "train_rows": 100}
+
+    report = {"test_examples": 1000, "run_white_box": {"seed": 1, "teacher_test_accuracy": 0.84,
+                                                       "student_test_accuracy": 0.83, "baseline_test_accuracy": None},
+              "runs": {"whitebox": {"1": res(0.84), "2": res(0.82), "3": res(0.83)},
+                       "blackbox-augmented@5ep": {"1": res(0.835), "2": res(0.81)}}}
+    table = bvw.summarise(report)
+    s = report["summary"]
+    assert s["whitebox"]["student_test_accuracy_pct"]["mean"] == pytest.approx(83.0)
+    assert s["whitebox"]["student_test_accuracy_pct"]["sd"] == pytest.approx(1.0)
+    d = s["blackbox-augmented@5ep"]["difference_vs_whitebox_points"]
+    assert d["per_seed"] == {1: -0.5, 2: -1.0} and d["mean"] == pytest.approx(-0.75) and d["within_1_point"] is True
+    assert "5ep" in table and "-0.75 ± 0.35" in table
+    assert report["teacher_traffic"]["texts_sent"] == 0  # no black-box figures of traffic in this report
+    assert bvw.parse_variant("blackbox-augmented@5") == ("blackbox-augmented", 5.0)
