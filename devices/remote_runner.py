@@ -298,6 +298,8 @@ def slice_rows(inputs: dict, start: int, stop: int) -> dict:
 def run_dataset(runner, inputs: dict, batch_size: int) -> dict:
     """Outputs of ``runner`` over every row of ``inputs``, batch by batch, concatenated."""
     n = len(next(iter(inputs.values())))
+    cap = getattr(runner, "max_batch", None)  # runtimes that plan memory ahead take no bigger batch
+    batch_size = min(batch_size, cap) if cap else batch_size
     parts: dict[str, list] = {}
     for start in range(0, n, batch_size):
         for k, v in runner.run(slice_rows(inputs, start, start + batch_size)).items():
@@ -455,6 +457,9 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
     for batch, seq in job["cases"]:
         case = {"batch": batch, "seq": seq, "input": "real" if examples else "synthetic"}
         why = static_shape_reason(meta, batch, seq)
+        cap = getattr(runner, "max_batch", None)
+        if not why and cap and batch > cap:
+            why = f"batch {batch} is over the program's planned maximum batch {cap}"
         if why:
             case["skipped"] = why
             cases.append(case)

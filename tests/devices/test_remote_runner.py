@@ -141,3 +141,34 @@ def test_every_case_failing_makes_the_result_an_error(tmp_path):
     res, _ = rr.measure(_Broken, job, tmp_path, meta)
     assert res["status"] == "error" and "kernel missing" in res["error"]
     assert res["cases"][0]["error"] == "RuntimeError: kernel missing for this shape"
+
+
+def test_runtimes_that_plan_memory_get_batches_they_accept(tmp_path):
+    """A runner with max_batch (ExecuTorch plans memory ahead) is scored in batches it accepts, and a
+    timing case above it is skipped with the reason instead of failing the whole artifact."""
+
+    class Planned:
+        max_batch = 2
+        input_names, output_names = ["images"], ["scores"]
+
+        def __init__(self):
+            self.seen = []
+
+        def run(self, inputs):
+            n = len(inputs["images"])
+            assert n <= self.max_batch, n
+            self.seen.append(n)
+            return {"scores": inputs["images"].reshape(n, -1).sum(1, keepdims=True)}
+
+    runner = Planned()
+    images = np.arange(5 * 3, dtype=np.float32).reshape(5, 3, 1, 1)
+    out = rr.run_dataset(runner, {"images": images}, 32)
+    assert runner.seen == [2, 2, 1] and out["scores"].ravel().tolist() == images.reshape(5, -1).sum(1).tolist()
+
+    meta = {"io": {"input_names": ["images"], "output_names": ["scores"], "dynamic_axes": {"images": {"0": "batch"}}}}
+    np.savez(tmp_path / "examples.npz", images=images)
+    job = {"name": "planned", "cases": [[1, None], [8, None]], "warmup": 0, "runs": 2, "min_runs": 1,
+           "in_process": True, "examples": "examples.npz"}
+    result, _ = rr.measure(Planned, job, tmp_path, meta)
+    cases = {c["batch"]: c for c in result["cases"]}
+    assert "p50_ms" in cases[1] and "planned maximum batch 2" in cases[8]["skipped"]
