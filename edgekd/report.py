@@ -34,20 +34,23 @@ def detection_table(run: RunFolder) -> Table | None:
     return table
 
 
-def print_detection_summary(run: RunFolder) -> None:
-    table = detection_table(run)
-    if table is None:
-        console.print(f"{run.root}: no evaluation yet (run `edgekd eval`).")
-        return
-    console.print(table)
-    s = run.manifest()["stages"]["eval"]["metrics"]["summary"]
-    console.print(f"student keeps [bold]{_pct(s['student_keeps_teacher_map'])}%[/] of the teacher's mAP@0.5:0.95 "
-                  f"with {_pct(s['student_params_ratio'])}% of its parameters")
+def _detection_lines(s: dict) -> list[str]:
+    lines = [f"student keeps [bold]{_pct(s['student_keeps_teacher_map'])}%[/] of the teacher's mAP@0.5:0.95 "
+             f"with {_pct(s['student_params_ratio'])}% of its parameters"]
     if "distill_gain_over_baseline_map50_95" in s:
-        console.print(f"distillation vs no teacher: [bold]{100 * s['distill_gain_over_baseline_map50_95']:+.2f}[/] "
-                      f"mAP@0.5:0.95 points, {100 * s['distill_gain_over_baseline_map50']:+.2f} mAP@0.5 points "
-                      "(same student, same data, same seed)")
-    console.print(f"run folder: {run.root}  (manifest: {run.manifest_path})")
+        lines.append(f"distillation vs no teacher: [bold]{100 * s['distill_gain_over_baseline_map50_95']:+.2f}[/] "
+                     f"mAP@0.5:0.95 points, {100 * s['distill_gain_over_baseline_map50']:+.2f} mAP@0.5 points "
+                     "(same student, same data, same seed)")
+    return lines
+
+
+def _text_lines(s: dict) -> list[str]:
+    lines = [f"student keeps [bold]{_pct(s['student_keeps_teacher_accuracy'])}%[/] of the teacher's accuracy "
+             f"with {_pct(s['student_params_ratio'])}% of its parameters"]
+    if "distill_gain_over_baseline" in s:
+        lines.append(f"distillation vs hard labels: [bold]{100 * s['distill_gain_over_baseline']:+.2f}[/] accuracy "
+                     "points (same student, same data)")
+    return lines
 
 
 def summary_table(run: RunFolder) -> Table | None:
@@ -74,18 +77,13 @@ def summary_table(run: RunFolder) -> Table | None:
 
 
 def print_summary(run: RunFolder) -> None:
-    if run.manifest().get("task") == "detection":
-        print_detection_summary(run)
-        return
-    table = summary_table(run)
+    detection = run.manifest().get("task") == "detection"
+    table = detection_table(run) if detection else summary_table(run)
     if table is None:
         console.print(f"{run.root}: no evaluation yet (run `edgekd eval`).")
         return
     console.print(table)
     s = run.manifest()["stages"]["eval"]["metrics"]["summary"]
-    console.print(f"student keeps [bold]{_pct(s['student_keeps_teacher_accuracy'])}%[/] of the teacher's accuracy "
-                  f"with {_pct(s['student_params_ratio'])}% of its parameters")
-    if "distill_gain_over_baseline" in s:
-        gain = 100 * s["distill_gain_over_baseline"]
-        console.print(f"distillation vs hard labels: [bold]{gain:+.2f}[/] accuracy points (same student, same data)")
+    for line in _detection_lines(s) if detection else _text_lines(s):
+        console.print(line)
     console.print(f"run folder: {run.root}  (manifest: {run.manifest_path})")

@@ -104,3 +104,11 @@ def tiny_recipe(tmp_path: str | Path, teacher_dir: str | Path, csv_path: str | P
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
+
+
+def tiny_detector_config():
+    """A detector config small enough for tests (a few thousand parameters, 64 px in milliseconds)."""
+    from edgekd.tasks.detection.models import DetectorConfig
+
+    return DetectorConfig(channels=(4, 8, 16, 16, 32), depths=(1, 1, 1, 1), box_channels=16, cls_channels=16,
+                          reg_max=8)

@@ -13,11 +13,12 @@ import torch
 from edgekd.export.stage import export_all
 from edgekd.recipe import ExportConfig
 from edgekd.tasks.detection.data import load_yolo
-from edgekd.tasks.detection.models import DetectorConfig, build_detector
+from edgekd.tasks.detection.models import build_detector
 from edgekd.tasks.detection.synthetic import CLASS_NAMES, generate
 from edgekd.tasks.detection.task import DetectionTask
+from edgekd.testing import tiny_detector_config
 
-TINY = DetectorConfig(channels=(4, 8, 16, 16, 32), depths=(1, 1, 1, 1), box_channels=16, cls_channels=16, reg_max=8)
+TINY = tiny_detector_config()
 TARGETS = ["onnx", "executorch", "torchscript-lite", "coreml", "tensorrt"]
 
 

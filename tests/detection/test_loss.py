@@ -9,19 +9,10 @@ import torch
 
 from edgekd.errors import DataError, EdgeKDError
 from edgekd.tasks.detection.loss import DetectionKD, DetectionLoss, bbox_ciou, task_aligned_assign
-from edgekd.tasks.detection.models import DetectorConfig, build_detector
+from edgekd.tasks.detection.models import build_detector
+from edgekd.testing import tiny_detector_config
 
-TINY = DetectorConfig(channels=(4, 8, 16, 16, 32), depths=(1, 1, 1, 1), box_channels=16, cls_channels=16, reg_max=8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning
-    threads make them several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TINY = tiny_detector_config()
 
 
 def _batch(size: int = 64) -> dict[str, torch.Tensor]:

@@ -19,18 +19,9 @@ from edgekd.tasks.detection.models import (
     save_detector,
     select_detections,
 )
+from edgekd.testing import tiny_detector_config
 
-TINY = DetectorConfig(channels=(4, 8, 16, 16, 32), depths=(1, 1, 1, 1), box_channels=16, cls_channels=16, reg_max=8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning
-    threads make them several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TINY = tiny_detector_config()
 
 
 def _tiny(num_classes: int = 3, size: int = 64, seed: int = 0, config: DetectorConfig = TINY):
