@@ -53,7 +53,7 @@ class Task(Protocol):
 
     def agreement(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
         """Optional (None on the class: parity uses top-1 agreement): how far two models' outputs
-        agree on the same inputs, 0..1 (detection: boxes matched after NMS)."""
+        agree on the same inputs, 0..1 (detection: class, score and box location by location)."""
 
     def export_meta(self) -> dict[str, Any]:
         """Task facts written into every artifact.json (max_length; image_size)."""

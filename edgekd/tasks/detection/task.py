@@ -116,7 +116,7 @@ class DetectionTask:
         return detection_metrics(outputs, labels)
 
     def agreement(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-        """Parity: the share of detections (after NMS) matched one-to-one, same class, IoU >= 0.9."""
+        """Parity: the share of live locations where both give the same class, score and box (IoU >= 0.9)."""
         from edgekd.tasks.detection.metrics import box_agreement
 
         return box_agreement(got, want)
