@@ -82,7 +82,16 @@ class ExecuTorchExporter(Exporter):
                 _raise_if_bound_too_large(e, bounds)
                 notes["dynamic_failed"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
         artifact_io = io
-        if program is None:
+        buffer = None
+        if program is not None:
+            buffer = self._lower(program, io, notes)
+            planned = _planned_batch(buffer)
+            if planned is not None and "batch" in bounds and planned < bounds["batch"][1]:
+                # XNNPACK kept some subgraphs at the traced batch: such a program runs that batch only.
+                notes["dynamic_failed"] = (f"the lowered program was planned for batch {planned} only, not up to "
+                                           f"{bounds['batch'][1]}: exported with fixed shapes instead")
+                buffer = None
+        if buffer is None:
             artifact_io = static_io(io)
             fixed = _fixed_examples(examples, io, bounds)
             try:
@@ -91,7 +100,18 @@ class ExecuTorchExporter(Exporter):
             except Exception as e:
                 raise unsupported(self.name, e, _OP_PATTERNS, _ADVICE) from e
             notes["static_shapes"] = {n: list(a.shape) for n, a in fixed.items()}
+            buffer = self._lower(program, artifact_io, notes)
         notes["dynamic"] = artifact_io is io
+        out_dir = Path(out_dir)
+        with staged(out_dir) as tmp:
+            (tmp / PROGRAM).write_bytes(buffer)
+        path = out_dir / PROGRAM
+        return ExportResult(self.name, path, [path], notes=notes,
+                            io=None if artifact_io is io else artifact_io)
+
+    @staticmethod
+    def _lower(program: Any, artifact_io: ModelIO, notes: dict[str, Any]) -> bytes:
+        """XNNPACK-delegated ExecuTorch program bytes, the IO description stored as a constant method."""
         try:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
@@ -101,15 +121,9 @@ class ExecuTorchExporter(Exporter):
                 constant_methods={IO_METHOD: json.dumps(artifact_io.to_dict())},
             )
             notes["delegation"] = _delegation(edge)
-            buffer = edge.to_executorch().buffer
+            return edge.to_executorch().buffer
         except Exception as e:  # the backend's failure becomes one that names the operator
-            raise unsupported(self.name, e, _OP_PATTERNS, _ADVICE) from e
-        out_dir = Path(out_dir)
-        with staged(out_dir) as tmp:
-            (tmp / PROGRAM).write_bytes(buffer)
-        path = out_dir / PROGRAM
-        return ExportResult(self.name, path, [path], notes=notes,
-                            io=None if artifact_io is io else artifact_io)
+            raise unsupported(ExecuTorchExporter.name, e, _OP_PATTERNS, _ADVICE) from e
 
     def load(self, path: Path, **runtime_opts: Any) -> ExecuTorchRunner:
         unknown = sorted(set(runtime_opts) - {"threads"})
@@ -130,6 +144,18 @@ def _raise_if_bound_too_large(exc: Exception, bounds: dict[str, tuple[int, int]]
                             f"'{axis}', got {bounds[axis][1]}; set it to {limit} or less")
     if problems:
         raise RecipeError(problems) from exc
+
+
+def _planned_batch(buffer: bytes) -> int | None:
+    """The batch the program's memory is planned for (its first input's leading size), or None
+    when the runtime cannot tell here."""
+    try:
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(buffer).load_method("forward")
+        return int(method.metadata.input_tensor_meta(0).sizes()[0])
+    except Exception:  # no runtime here, or a program without inputs: nothing to check
+        return None
 
 
 def _fixed_examples(examples: dict[str, np.ndarray], io: ModelIO, bounds: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:

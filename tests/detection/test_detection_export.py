@@ -53,6 +53,15 @@ def test_every_exporter_runs_on_the_tiny_detector(tmp_path, images):
         assert abs(parity["artifact_metric"]["map50_95"] - parity["source_metric"]["map50_95"]) < 0.02
         meta = json.loads((tmp_path / target / "artifact.json").read_text())
         assert meta["task"] == "detection" and meta["image_size"] == 64 and meta["labels"] == list(CLASS_NAMES)
+    # Every artifact answers any batch size (ExecuTorch: a program whose XNNPACK subgraphs kept the traced
+    # batch is re-exported with fixed shapes, and its runner feeds it row by row).
+    from edgekd.export.stage import load_artifact
+
+    for target in ("onnx", "executorch", "torchscript-lite"):
+        runner, _ = load_artifact(tmp_path / target)
+        for n in (1, 3):
+            out = runner.run({"images": inputs[:n]})
+            assert out["boxes"].shape[0] == n and out["scores"].shape[:2] == out["boxes"].shape[:2], target
     # Core ML converts here and predicts only on macOS; TensorRT builds where it is installed.
     assert records["coreml"]["status"] in ("ok", "unavailable"), records["coreml"]
     if records["coreml"]["status"] == "ok":
