@@ -131,21 +131,17 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
     src = ctx.run.stage_dir("export") / "onnx"
     if not (src / "artifact.json").is_file():
         raise StageError("quantize needs the ONNX export: add onnx to export.targets and run `edgekd export` first.")
-    val = ctx.tokenized("validation")
-    idx = np.arange(len(val))
-    batch = val.collate(idx)
-    val_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    val_inputs, val_labels = ctx.validation_data()
     calib = {k: v[: cfg.calibration_samples] for k, v in val_inputs.items()}
     out_dir = ctx.run.stage_dir("export") / f"onnx-{QUANT_SUFFIX[cfg.method]}"
-    report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, batch["labels"], task.metrics)
-    # Accuracy of the quantized artifact on the test split, next to the float one (same runner as serving).
+    report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val_labels, task.metrics)
+    # The metric of the quantized artifact on the test split, next to the float one (same runner as serving).
+    from edgekd.export.parity import run_batched
     from edgekd.export.stage import load_artifact
 
     test_inputs, test_labels = ctx.parity_data()
     for name, folder in (("float", src), ("quantized", out_dir)):
         runner, _ = load_artifact(folder)
-        outs = [runner.run({k: v[i : i + 64] for k, v in test_inputs.items()})["logits"]
-                for i in range(0, len(test_labels), 64)]
-        report.setdefault("test", {})[name] = task.metrics({"logits": np.concatenate(outs)}, test_labels)
+        report.setdefault("test", {})[name] = task.metrics(run_batched(runner.run, test_inputs, 64), test_labels)
     ctx.run.record("quantize", quantize_fingerprint(ctx), report, [out_dir], seconds=time.perf_counter() - t0)
     return report

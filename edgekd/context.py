@@ -80,6 +80,12 @@ class RunContext:
         batch = test.collate(idx)
         return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
 
+    def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The validation split as model inputs and labels (quantization calibration and guard)."""
+        val = self.tokenized("validation")
+        batch = val.collate(np.arange(len(val)))
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
+
     def input_desc(self) -> str | None:
         """How the bench table names the timed input shape (None: sequence length)."""
         return None

@@ -46,10 +46,14 @@ class DetectionRunContext(RunContext):
                             "annotations .json (relative to the folder you run edgekd from).")
         return path
 
-    def _yolo_has(self, split: str) -> bool:
+    @cached_property
+    def _yolo_spec(self) -> dict[str, Any]:
         import yaml
 
-        return bool((yaml.safe_load(self.dataset_path.read_text()) or {}).get(split))
+        return yaml.safe_load(self.dataset_path.read_text()) or {}
+
+    def _yolo_has(self, split: str) -> bool:
+        return bool(self._yolo_spec.get(split))
 
     def split(self, name: str):
         """``train``, ``validation`` or ``test`` as a DetectionSplit (images in memory, loaded once)."""
@@ -112,6 +116,10 @@ class DetectionRunContext(RunContext):
         test = self.split("test")
         idx = np.arange(len(test) if n is None else min(n, len(test)))
         return {"images": test.collate(idx)["images"]}, test.ground_truth(idx)
+
+    def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        val = self.split("validation")
+        return {"images": val.collate(np.arange(len(val)))["images"]}, val.ground_truth()
 
     def input_desc(self) -> str | None:
         s = self.recipe.detection.image_size

@@ -1,5 +1,5 @@
 """The pipeline's stages for object detection: the same names, run folder, manifest records and
-fingerprints as the text stages; export and bench are shared with them outright.
+fingerprints as the text stages.
 
 teacher   train the teacher detector on the training split (a preset name is trained from scratch;
           a saved detector folder is used as it is)
@@ -10,7 +10,7 @@ baseline  the same student, same seed and schedule, without the teacher
 eval      COCO mAP@0.5:0.95 and mAP@0.5 (pycocotools) of teacher, student and baseline on the test split
 prune     channel pruning with torch-pruning's dependency graph (the head's output convs keep their
           widths), then KD recovery from the teacher
-quantize  ONNX int8 (static QDQ with calibration images, or dynamic), with the mAP guard
+export, quantize and bench are the text stages' own functions, fed by the task and the context.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgekd.compress import quantize_fingerprint, run_quantize
 from edgekd.deploy import bench_fingerprint, export_fingerprint, run_bench, run_export
 from edgekd.errors import StageError
 from edgekd.progress import progress_bar
@@ -284,42 +285,6 @@ def run_prune(ctx) -> dict[str, Any]:
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------
-# quantize
-
-
-def quantize_fingerprint(ctx) -> str:
-    return fingerprint({"quantize": ctx.recipe.quantize.model_dump(mode="json"), "export": export_fingerprint(ctx)})
-
-
-def run_quantize(ctx) -> dict[str, Any]:
-    from edgekd.compress import QUANT_SUFFIX
-    from edgekd.export.parity import run_batched
-    from edgekd.export.stage import load_artifact
-    from edgekd.quantization import quantize_onnx
-
-    task, cfg = ctx.task, ctx.recipe.quantize
-    t0 = time.perf_counter()
-    src = ctx.run.stage_dir("export") / "onnx"
-    if not (src / "artifact.json").is_file():
-        raise StageError("quantize needs the ONNX export: add onnx to export.targets and run `edgekd export` first.")
-    if cfg.guard_metric not in ("map50_95", "map50"):
-        raise StageError(f"quantize.guard_metric '{cfg.guard_metric}' is not a detection metric: use map50_95 "
-                         "or map50.")
-    val = ctx.split("validation")
-    idx = np.arange(len(val))
-    val_inputs = {"images": val.collate(idx)["images"]}
-    calib = {"images": val_inputs["images"][: cfg.calibration_samples]}
-    out_dir = ctx.run.stage_dir("export") / f"onnx-{QUANT_SUFFIX[cfg.method]}"
-    report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val.ground_truth(), task.metrics)
-    test_inputs, test_labels = ctx.parity_data()
-    for name, folder in (("float", src), ("quantized", out_dir)):
-        runner, _ = load_artifact(folder)
-        report.setdefault("test", {})[name] = task.metrics(run_batched(runner.run, test_inputs, 32), test_labels)
-    ctx.run.record("quantize", quantize_fingerprint(ctx), report, [out_dir], seconds=time.perf_counter() - t0)
-    return report
-
-
 STAGES = {
     "teacher": (run_teacher, teacher_fingerprint),
     "distill": (lambda c: run_student_stage(c, "distill"), lambda c: student_fingerprint(c, "distill")),
@@ -327,6 +292,6 @@ STAGES = {
     "eval": (run_eval, eval_fingerprint),
     "prune": (run_prune, prune_fingerprint),
     "export": (run_export, export_fingerprint),
-    "quantize": (run_quantize, quantize_fingerprint),
+    "quantize": (run_quantize, quantize_fingerprint),  # the text stage's own: nothing task-specific
     "bench": (run_bench, bench_fingerprint),
 }
