@@ -126,23 +126,14 @@ class DetectionTask:
 
 
 def load_detector_any(path: Path):
-    """A saved detector, preset-shaped or channel-pruned (narrower layers rebuilt from the weights)."""
+    """A saved detector, preset-shaped or channel-pruned: layers narrower than the config's are rebuilt
+    to the widths stored in the weights (a no-op for an unpruned detector)."""
     import json
 
     from safetensors.torch import load_file
 
-    from edgekd.tasks.detection.models import (
-        CONFIG_FILE,
-        WEIGHTS_FILE,
-        Detector,
-        DetectorConfig,
-        load_detector,
-    )
+    from edgekd.tasks.detection.models import CONFIG_FILE, WEIGHTS_FILE, Detector, DetectorConfig
 
-    try:
-        return load_detector(path)
-    except RuntimeError:
-        pass  # the weights are narrower than the preset: a channel-pruned detector
     model = Detector(DetectorConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["config"]))
     state = load_file(str(path / WEIGHTS_FILE))
     _resize_to_state(model, state)
