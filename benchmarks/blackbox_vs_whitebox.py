@@ -95,17 +95,13 @@ def white_box(run_dir: Path) -> tuple[Any, dict[str, Any]]:
     return load_recipe_or_run(str(run_dir), None), stages["eval"]["metrics"]
 
 
-def export_teacher(recipe, run_dir: Path, out: Path) -> tuple[Path, dict[str, Any] | None]:
-    from edgekd.context import RunContext
-    from edgekd.teachers import export_classifier
+def export_teacher(recipe, out: Path) -> tuple[Path, dict[str, Any] | None]:
+    from edgekd.teachers import export_run_teacher
 
     folder = out / "served-teacher" / "onnx"
     if (folder / "artifact.json").is_file():
         return folder, None
-    ctx = RunContext.create(recipe)
-    texts, labels = ctx.splits.texts("test")[:256], ctx.splits.labels("test")[:256]
-    rec = export_classifier(run_dir / "teacher" / "model", out / "served-teacher", texts, labels.tolist(),
-                            max_length=recipe.data.max_length, name=f"{recipe.name}-teacher")
+    rec = export_run_teacher(recipe, out / "served-teacher")
     print(f"teacher exported to ONNX: {folder} (parity top-1 {rec['parity']['top1_agreement']:.4f}, "
           f"max |diff| {rec['parity']['max_abs_diff']:.2e})", flush=True)
     return folder, rec.get("parity")
@@ -384,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if any(n != "whitebox" for n, _ in specs):
-            folder, parity = export_teacher(recipe, args.run_dir, out)
+            folder, parity = export_teacher(recipe, out)
             if parity:
                 report["served_teacher_onnx_parity"] = parity
             port = args.port or (DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port())

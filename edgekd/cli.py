@@ -109,6 +109,22 @@ def export(
     _run(recipe, overrides, ["export"], force)
 
 
+@app.command("export-teacher")
+def export_teacher(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>) whose teacher stage has finished.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/<name>/served-teacher); the model goes to its onnx/.")] = None,  # noqa: UP045
+) -> None:
+    """Export the run's fine-tuned teacher to ONNX (parity checked), ready for `edgekd serve`."""
+    from edgekd.teachers.export import export_run_teacher
+
+    rec = export_run_teacher(load_recipe_or_run(str(run_dir), None), out)
+    parity = rec.get("parity") or {}
+    sys.stdout.write(f"teacher exported to {rec['folder']} (parity on {parity.get('examples', '?')} test texts: "
+                     f"top-1 agreement {parity.get('top1_agreement', float('nan')):.4f}, "
+                     f"max |diff| {parity.get('max_abs_diff', float('nan')):.2e})\n"
+                     f"serve it: edgekd serve {rec['folder']}\n")
+
+
 @app.command("distill-yolo")
 def distill_yolo(
     teacher: Annotated[str, typer.Argument(help="Teacher: a local .pt checkpoint or a model YAML (yolov8s.yaml).")],

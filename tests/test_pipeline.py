@@ -72,6 +72,14 @@ def test_tiny_end_to_end_run_writes_a_complete_run_folder(tmp_path, tiny_teacher
         assert rec["parity"]["top1_agreement"] == 1.0 and rec["parity"]["max_abs_diff"] < 1e-4
         assert (run / "export" / target / "artifact.json").is_file()
         assert (run / "export" / target / "tokenizer.json").is_file()
+    # The fine-tuned teacher, exported for `edgekd serve` from the run folder alone.
+    res = runner.invoke(app, ["export-teacher", str(run)])
+    assert res.exit_code == 0, res.output
+    served = run / "served-teacher" / "onnx"
+    meta = json.loads((served / "artifact.json").read_text())
+    assert meta["parity"]["top1_agreement"] == 1.0 and meta["parity"]["max_abs_diff"] < 1e-4
+    assert meta["sha256"] == sha256_file(served / "model.onnx") and (served / "tokenizer.json").is_file()
+    assert f"serve it: edgekd serve {served.resolve()}" in res.output
     res = runner.invoke(app, ["bench", str(run), "--set", "bench.runs=3", "--set", "bench.warmup=1",
                               "--set", "bench.batch_sizes=[1]"])
     assert res.exit_code == 0, res.output
@@ -104,6 +112,15 @@ def test_a_stage_alone_without_its_inputs_says_what_to_run(tmp_path, tiny_teache
     res = CliRunner().invoke(app, ["distill", str(path)])
     assert res.exit_code != 0
     assert "Run `edgekd teacher`" in str(res.exception) or "Run `edgekd teacher`" in res.output
+
+
+def test_export_teacher_without_a_teacher_stage_says_what_to_run(tmp_path, tiny_teacher_dir, tiny_csv):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv))
+    res = CliRunner().invoke(app, ["export-teacher", str(path)])
+    assert res.exit_code != 0
+    message = str(res.exception)  # the command line (main) prints it as "error: ..."
+    assert "no finished teacher stage" in message and "run `edgekd teacher" in message, message
+    assert not (tmp_path / "runs" / "tiny" / "served-teacher").exists()
 
 
 def test_recipe_show_prints_the_default_as_yaml():

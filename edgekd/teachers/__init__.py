@@ -27,7 +27,7 @@ Recipe examples::
 from edgekd.teachers.cache import AnswerCache
 from edgekd.teachers.client import RateLimiter, TeacherClient, TeacherRequestError
 from edgekd.teachers.combine import as_probabilities, combine, log_targets
-from edgekd.teachers.export import export_classifier
+from edgekd.teachers.export import export_classifier, export_run_teacher
 from edgekd.teachers.sources import EdgeKDTeacher, OnnxTeacher, V2Teacher, ask_all, open_black_box
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "ask_all",
     "combine",
     "export_classifier",
+    "export_run_teacher",
     "log_targets",
     "open_black_box",
 ]

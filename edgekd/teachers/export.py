@@ -1,4 +1,5 @@
-"""Export a fine-tuned classifier folder to ONNX, ready for `edgekd serve` (to use it as a black box)."""
+"""Export a fine-tuned classifier folder (or a run's fine-tuned teacher) to ONNX, ready for
+`edgekd serve`: to use it as a black-box teacher, or to serve the large model beside the small one."""
 
 from __future__ import annotations
 
@@ -41,3 +42,30 @@ def export_classifier(model_dir: str | Path, out_root: str | Path, texts: list[s
     if rec.get("status") != "ok":
         raise StageError(f"exporting {model_dir} to ONNX failed: {rec.get('reason') or rec}")
     return rec
+
+
+SERVED_TEACHER = "served-teacher"  # runs/<name>/served-teacher/onnx: where `edgekd export-teacher` writes
+
+
+def export_run_teacher(recipe: Any, out_root: str | Path | None = None, examples: int = 256) -> dict[str, Any]:
+    """Export the fine-tuned teacher of ``recipe``'s run (``runs/<name>/teacher/model``) to
+    ``out_root/onnx/`` (default ``runs/<name>/served-teacher/onnx``), its parity checked on the first
+    ``examples`` texts of the test split. Returns the export record (``folder``, ``parity``)."""
+    from edgekd.context import RunContext
+    from edgekd.teacher import STAGE, teacher_fingerprint
+
+    if recipe.task != "text-classification":
+        raise StageError(f"export-teacher exports text classifiers; run '{recipe.name}' is a {recipe.task} run: "
+                         "give the folder of a text-classification run.")
+    if recipe.teacher.kind != "model":
+        raise StageError(f"run '{recipe.name}' has a black-box teacher (teacher.kind: {recipe.teacher.kind}): "
+                         "there are no weights here to export; serve or call the endpoint the recipe names.")
+    ctx = RunContext.create(recipe)
+    model_dir = ctx.model_dir(STAGE)
+    if not ctx.run.is_done(STAGE, teacher_fingerprint(ctx)) or not (model_dir / "config.json").is_file():
+        raise StageError(f"run '{recipe.name}' has no finished teacher stage matching its recipe in {ctx.run.root}: "
+                         f"run `edgekd teacher {ctx.run.root}` (or `edgekd run`) first.")
+    texts, labels = ctx.splits.texts("test")[:examples], ctx.splits.labels("test")[:examples]
+    out = Path(out_root) if out_root is not None else ctx.run.root / SERVED_TEACHER
+    return export_classifier(model_dir, out, texts, labels.tolist(), max_length=recipe.data.max_length,
+                             name=f"{recipe.name}-teacher")
