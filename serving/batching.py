@@ -116,9 +116,7 @@ class MicroBatcher:
             if not jobs:
                 self._slots.release()
                 continue
-            task = asyncio.create_task(self._run(jobs))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self._start(jobs)
 
     async def _collect(self) -> list[_Job]:
         jobs: list[_Job] = []
@@ -148,24 +146,44 @@ class MicroBatcher:
             return True
         return self._arrivals() > collected + self._running_jobs + len(self._queue)
 
-    async def _run(self, jobs: list[_Job]) -> None:
+    def _start(self, jobs: list[_Job]) -> None:
+        """Hand the batch to the pool now (not from a task that would first wait its turn on the loop)."""
         self._running_jobs += len(jobs)
         try:
             items = [it for job in jobs for it in job.items]
-            out = await self._loop.run_in_executor(self._executor, self._run_batch, items)
-            start = 0
-            for job in jobs:
-                stop = start + len(job.items)
-                if not job.future.done():
-                    job.future.set_result({name: value[start:stop] for name, value in out.items()})
-                start = stop
-        except Exception as e:  # the runner failed: every request of the batch gets the error
+            call = self._loop.run_in_executor(self._executor, self._run_batch, items)
+        except Exception as e:  # the pool is shut down
+            self._running_jobs -= len(jobs)
+            self._slots.release()
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(e)
-        finally:
-            self._running_jobs -= len(jobs)
-            self._slots.release()
+            return
+        task = asyncio.create_task(self._finish(jobs, call))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _finish(self, jobs: list[_Job], call: asyncio.Future[Outputs]) -> None:
+        try:
+            out = await call
+        except Exception as e:  # the runner failed: every request of the batch gets the error
+            out, error = None, e
+        else:
+            error = None
+        # Free the worker before answering: the dispatcher (woken first) hands the next batch to the
+        # pool before this batch's requests write their responses, so the runner does not sit idle
+        # while the event loop answers them.
+        self._running_jobs -= len(jobs)
+        self._slots.release()
+        start = 0
+        for job in jobs:
+            stop = start + len(job.items)
+            if not job.future.done():
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result({name: value[start:stop] for name, value in out.items()})
+            start = stop
 
 
 class InferenceEngine:

@@ -180,3 +180,47 @@ def test_sigterm_finishes_in_flight_requests_then_exits(export_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_next_batch_is_handed_to_the_pool_before_the_last_one_is_answered():
+    """With one worker, the batch waiting in the queue goes to the pool as soon as the running one
+    returns, before that batch's requests resume to write their answers (no idle runner meanwhile)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgekd.serving.batching import MicroBatcher
+
+    events: list[str] = []
+    release_first = threading.Event()
+
+    class RecordingPool(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            events.append(f"submit {len(args[0])}")
+            return super().submit(fn, *args, **kwargs)
+
+    def run_batch(items):
+        if items[0] == "a0":
+            release_first.wait(10)
+        return {"y": np.arange(len(items))}
+
+    async def main():
+        pool = RecordingPool(1)
+        batcher = MicroBatcher(run_batch, pool, max_batch_size=8, max_wait_s=0.0, slots=1)
+        batcher.start()
+
+        async def request(item):
+            out = await batcher.submit([item])
+            events.append(f"answered {item}")
+            return out
+
+        first = asyncio.create_task(request("a0"))
+        await asyncio.sleep(0.05)  # batch [a0] is running; the next three queue behind it
+        rest = [asyncio.create_task(request(f"b{i}")) for i in range(3)]
+        await asyncio.sleep(0.05)
+        release_first.set()
+        await asyncio.gather(first, *rest)
+        await batcher.drain()
+        pool.shutdown()
+
+    asyncio.run(main())
+    assert events[:3] == ["submit 1", "submit 3", "answered a0"], events
+    assert sorted(events[3:]) == ["answered b0", "answered b1", "answered b2"], events
