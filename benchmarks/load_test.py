@@ -68,6 +68,7 @@ PREDICT = ("POST", "/predict")
 FLOOR = ("GET", "/v2/health/live")
 WRK_SCRIPT = Path(__file__).resolve().with_name("_wrk_post.lua")
 CLIENT_TIMEOUT_S = 30.0
+PAYS = 1.1  # batched over unbatched throughput from which batching is worth turning on
 
 SERVER = """
 import sys
@@ -495,11 +496,21 @@ def table(result: dict[str, Any]) -> str:
         f"(target >= 2x: {'met' if r['batching_speedup_32'] >= 2 else 'NOT met'}; round by round: "
         f"{', '.join(f'{x:.2f}' for x in r['batching_speedup_32_per_round'])}); the raw runner's own "
         f"batch-32 over batch-1 throughput: {r['runner_batch32_gain']:.2f}x",
+        f"- {batching_advice(r['batching_speedup_32'])}",
         f"- 5xx: {r['total_5xx']}, lost: {r['total_lost']} (target 0 and 0); 4xx: {r['total_4xx']}; other non-200: "
         f"{r['total_other_status']}; requests "
         f"abandoned in flight at the client's bound (answered by the server, per its metrics): {r['total_abandoned']}",
     ]
     return "\n".join(lines)
+
+
+def batching_advice(speedup: float) -> str:
+    """What the measured gain says about ``serve.batching`` for this artifact on this machine."""
+    if speedup >= PAYS:
+        return (f"batching pays for this artifact here ({speedup:.2f}x at 32 clients): turn `serve.batching` on "
+                "where concurrent load is expected; keep it off where one client's latency matters most.")
+    return (f"batching does not pay for this artifact here ({speedup:.2f}x at 32 clients): the runner is "
+            "already busy at batch 1, so keep `serve.batching` off.")
 
 
 def run_one(folder: Path, args: argparse.Namespace, client_kind: str) -> dict[str, Any]:
@@ -581,12 +592,13 @@ def run_one(folder: Path, args: argparse.Namespace, client_kind: str) -> dict[st
 
 
 def summary(results: list[dict[str, Any]]) -> str:
-    lines = ["| artifact | overhead p50 ms | batched/unbatched at 32 | runner batch-32 gain | 5xx | lost |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| artifact | overhead p50 ms | batched/unbatched at 32 | runner batch-32 gain | batching | 5xx | lost |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for res in results:
         r = res["ratios"]
         lines.append(f"| {res['export_dir']} | {r['http_overhead_p50_ms']:.3f} | {r['batching_speedup_32']:.2f}x "
-                     f"| {r['runner_batch32_gain']:.2f}x | {r['total_5xx']} | {r['total_lost']} |")
+                     f"| {r['runner_batch32_gain']:.2f}x | {'on' if r['batching_speedup_32'] >= PAYS else 'off'} "
+                     f"| {r['total_5xx']} | {r['total_lost']} |")
     return "\n".join(lines)
 
 
