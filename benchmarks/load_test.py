@@ -1,7 +1,8 @@
 """Load test of the inference server against its own runner, on loopback only.
 
-    python benchmarks/load_test.py runs/default/export/onnx-int8 runs/default/export/onnx \\
-        --requests 20000 --duration 10 --threads 1 --out load.json
+    edgekd export-teacher runs/default      # the teacher-sized model, beside the students
+    python benchmarks/load_test.py runs/default/served-teacher/onnx runs/default/export/onnx-int8 \\
+        runs/default/export/onnx --requests 20000 --duration 8 --rounds 4 --out load.json
 
 Measures, in one run and side by side:
   1. the raw runner in this process (batch 1 and batch 32, pre-tokenised; and tokenise + run at

@@ -164,12 +164,12 @@ class MicroBatcher:
         task.add_done_callback(self._inflight.discard)
 
     async def _finish(self, jobs: list[_Job], call: asyncio.Future[Outputs]) -> None:
+        out: Outputs | None = None
+        error: BaseException | None = None
         try:
             out = await call
-        except Exception as e:  # the runner failed: every request of the batch gets the error
-            out, error = None, e
-        else:
-            error = None
+        except BaseException as e:  # the runner failed (or this task was cancelled): the batch gets it
+            error = e
         # Free the worker before answering: the dispatcher (woken first) hands the next batch to the
         # pool before this batch's requests write their responses, so the runner does not sit idle
         # while the event loop answers them.
@@ -179,11 +179,15 @@ class MicroBatcher:
         for job in jobs:
             stop = start + len(job.items)
             if not job.future.done():
-                if error is not None:
+                if out is not None:
+                    job.future.set_result({name: value[start:stop] for name, value in out.items()})
+                elif isinstance(error, Exception):
                     job.future.set_exception(error)
                 else:
-                    job.future.set_result({name: value[start:stop] for name, value in out.items()})
+                    job.future.cancel()
             start = stop
+        if error is not None and not isinstance(error, Exception):
+            raise error
 
 
 class InferenceEngine:

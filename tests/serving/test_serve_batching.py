@@ -224,3 +224,35 @@ def test_next_batch_is_handed_to_the_pool_before_the_last_one_is_answered():
     asyncio.run(main())
     assert events[:3] == ["submit 1", "submit 3", "answered a0"], events
     assert sorted(events[3:]) == ["answered b0", "answered b1", "answered b2"], events
+
+
+def test_a_failed_batch_fails_each_of_its_requests_and_the_next_batch_still_runs():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgekd.serving.batching import MicroBatcher
+
+    gate = threading.Event()
+
+    def run_batch(items):
+        if items[0] == "bad":
+            gate.wait(10)
+            raise ValueError("the runtime refused the batch")
+        return {"y": np.array([len(it) for it in items])}
+
+    async def main():
+        pool = ThreadPoolExecutor(1)
+        batcher = MicroBatcher(run_batch, pool, max_batch_size=8, max_wait_s=0.0, slots=1)
+        batcher.start()
+        bad = batcher.submit(["bad"])
+        await asyncio.sleep(0.05)  # ["bad"] is running; the next two queue behind it as one batch
+        first, second = batcher.submit(["b"]), batcher.submit(["b", "b" * 3])
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.gather(bad, first, second, return_exceptions=True)
+        await batcher.drain()
+        pool.shutdown()
+        return results
+
+    bad, first, second = asyncio.run(main())
+    assert isinstance(bad, ValueError) and "refused" in str(bad)
+    assert first["y"].tolist() == [1] and second["y"].tolist() == [1, 3]
