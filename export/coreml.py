@@ -37,6 +37,17 @@ _OP_PATTERNS = (r"convert function for op '([^']+)' not implemented", r"[Uu]nsup
 _ADVICE = "Replace the operator in the model, register a coremltools op converter for it, or export to another target."
 
 
+def _forget_stale_symbols() -> None:
+    """coremltools keeps the shape-symbol names of a conversion (``batch``, ``sequence``) until that
+    conversion succeeds; after a failed one in the same process, naming the same symbol again raises
+    "Symbol `batch` is used already". No conversion is under way here, so the leftovers are cleared."""
+    try:
+        from coremltools.converters.mil.mil.types.symbolic import k_used_symbols
+    except ImportError:  # moved in another coremltools version: nothing to clear there
+        return
+    k_used_symbols.clear()
+
+
 @register
 class CoreMLExporter(Exporter):
     name = "coreml"
@@ -63,6 +74,7 @@ class CoreMLExporter(Exporter):
 
         module = prepare_module(module)
         examples = export_examples(example_inputs, io)
+        _forget_stale_symbols()
         bounds = axis_bounds(io, {k: np.asarray(v) for k, v in example_inputs.items()}, max_batch, max_seq)
         sizes = {axis_name: int(examples[name].shape[axis])
                  for name in io.input_names for axis, axis_name in io.dynamic_axes.get(name, {}).items()}
