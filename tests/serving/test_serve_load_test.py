@@ -37,6 +37,8 @@ def test_load_test_smoke(export_dir, tmp_path, client):
     assert f"Client: {client}." in proc.stdout
     assert "| batched | 32 |" in proc.stdout and "HTTP overhead at p50" in proc.stdout
     result = json.loads(out.read_text())
+    pays = result["ratios"]["batching_speedup_32"] >= 1.1
+    assert ("batching pays for this artifact here" if pays else "batching does not pay for this artifact here") in proc.stdout
     assert result["client"] == client
     assert sorted((r["mode"], r["clients"]) for r in result["http"]) == sorted([
         ("floor: GET /v2/health/live", 1), ("floor: GET /v2/health/live", 32),
