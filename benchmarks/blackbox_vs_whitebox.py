@@ -96,14 +96,13 @@ def white_box(run_dir: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def export_teacher(recipe, out: Path) -> tuple[Path, dict[str, Any] | None]:
-    from edgekd.teachers import export_run_teacher
+    from edgekd.teachers.export import export_run_teacher, parity_summary
 
     folder = out / "served-teacher" / "onnx"
     if (folder / "artifact.json").is_file():
         return folder, None
     rec = export_run_teacher(recipe, out / "served-teacher")
-    print(f"teacher exported to ONNX: {folder} (parity top-1 {rec['parity']['top1_agreement']:.4f}, "
-          f"max |diff| {rec['parity']['max_abs_diff']:.2e})", flush=True)
+    print(f"teacher exported to ONNX: {folder} ({parity_summary(rec)})", flush=True)
     return folder, rec.get("parity")
 
 

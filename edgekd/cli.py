@@ -115,13 +115,10 @@ def export_teacher(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/<name>/served-teacher); the model goes to its onnx/.")] = None,  # noqa: UP045
 ) -> None:
     """Export the run's fine-tuned teacher to ONNX (parity checked), ready for `edgekd serve`."""
-    from edgekd.teachers.export import export_run_teacher
+    from edgekd.teachers.export import export_run_teacher, parity_summary
 
     rec = export_run_teacher(load_recipe_or_run(str(run_dir), None), out)
-    parity = rec.get("parity") or {}
-    sys.stdout.write(f"teacher exported to {rec['folder']} (parity on {parity.get('examples', '?')} test texts: "
-                     f"top-1 agreement {parity.get('top1_agreement', float('nan')):.4f}, "
-                     f"max |diff| {parity.get('max_abs_diff', float('nan')):.2e})\n"
+    sys.stdout.write(f"teacher exported to {rec['folder']} ({parity_summary(rec)})\n"
                      f"serve it: edgekd serve {rec['folder']}\n")
 
 

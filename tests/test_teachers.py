@@ -271,3 +271,12 @@ def test_an_ensemble_member_without_a_task_head_is_refused(tmp_path, tiny_classi
         "ensemble": [{"kind": "model", "model": str(tiny_teacher_dir)}]}))
     with pytest.raises(RecipeError, match=r"teacher.ensemble\[0\].model: .* has no text-classification head"):
         run_stages(recipe, ["teacher"])
+
+
+def test_parity_summary_says_the_figures_or_why_parity_did_not_run():
+    from edgekd.teachers.export import parity_summary
+
+    ran = {"parity": {"ran": True, "examples": 12, "top1_agreement": 1.0, "max_abs_diff": 3e-6}}
+    assert parity_summary(ran) == "parity on 12 test texts: top-1 agreement 1.0000, max |diff| 3.00e-06"
+    assert parity_summary({"parity": {"ran": False, "reason": "onnxruntime missing"}}) == \
+        "parity not checked: onnxruntime missing"

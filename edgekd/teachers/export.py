@@ -44,6 +44,15 @@ def export_classifier(model_dir: str | Path, out_root: str | Path, texts: list[s
     return rec
 
 
+def parity_summary(rec: dict[str, Any]) -> str:
+    """One line on an export record's parity check, or why it did not run."""
+    parity = rec.get("parity") or {}
+    if not parity.get("ran"):
+        return f"parity not checked: {parity.get('reason', 'no examples')}"
+    return (f"parity on {parity['examples']} test texts: top-1 agreement {parity['top1_agreement']:.4f}, "
+            f"max |diff| {parity['max_abs_diff']:.2e}")
+
+
 SERVED_TEACHER = "served-teacher"  # runs/<name>/served-teacher/onnx: where `edgekd export-teacher` writes
 
 
