@@ -49,10 +49,12 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "no"
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, grad_accum: int = 1):
+    """Accelerate does the accumulation: ``accelerator.accumulate`` skips the all-reduce and the
+    optimizer/scheduler steps until ``grad_accum`` batches (or the end of the data loader) are in."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=resolve_precision(precision))
+    return Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum)
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -66,11 +68,50 @@ def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # batches trained on, over all processes
     epochs_run: list[int]
     resumed_from_epoch: int | None
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    optimizer_steps: int = 0  # optimizer updates made in this call (one per grad_accum batches per process)
+    lrs: list[float] = field(default_factory=list)  # the learning rate of each of those updates
+
+
+class EpochBatches:
+    """One epoch's batches (lists of example indices) as a batch sampler.
+
+    The order comes from ``data.train_batches`` seeded by the epoch alone, so a resumed run replays
+    the same epochs. ``accelerator.prepare`` wraps it in Accelerate's batch shard: under several
+    processes each takes every n-th batch and, with ``even_batches``, the last round is filled
+    with batches from the start, so every process runs the same number of backward passes (an
+    uneven count would leave one process waiting in an all-reduce the others never join).
+    """
+
+    def __init__(self, data: Any, batch_size: int, seed: int, total_batches: int):
+        self.data, self.batch_size_, self.seed, self.total = data, batch_size, seed, total_batches
+        self.per_epoch = math.ceil(len(data) / batch_size)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return max(0, min(self.per_epoch, self.total - self.epoch * self.per_epoch))
+
+    def __iter__(self):
+        order = self.data.train_batches(self.batch_size_, seed=self.seed * 1000 + self.epoch)
+        for idx in order[: len(self)]:
+            yield [int(i) for i in idx]
+
+
+def optimizer_steps_planned(sampler: EpochBatches, n_epochs: int, grad_accum: int, num_processes: int) -> int:
+    """Scheduler steps the whole run makes: Accelerate syncs every ``grad_accum`` batches and at
+    the end of each epoch's loader, and steps a prepared scheduler ``num_processes`` times per
+    optimizer step (its convention: the schedule is written for one process)."""
+    total, epoch = 0, sampler.epoch
+    for e in range(n_epochs):
+        sampler.epoch = e
+        per_process = math.ceil(len(sampler) / num_processes)
+        total += math.ceil(per_process / grad_accum) * num_processes
+    sampler.epoch = epoch
+    return max(1, total)
 
 
 def _latest_checkpoint(ckpt_root: Path) -> tuple[int, Path] | None:
@@ -101,19 +142,23 @@ def train(
 
     ``loss_fn(model, batch)`` returns (loss, logs). ``extra_params`` (e.g. hidden-state
     projections) are optimised alongside. ``stop_after_epochs`` ends early after that many epochs
-    (used by tests to simulate an interruption).
+    (used by tests to simulate an interruption). ``cfg.batch_size`` is per process and per
+    backward pass; one update sees ``batch_size x grad_accum x processes`` examples, and the
+    learning-rate schedule is counted in those updates.
     """
     import time
 
     from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
     set_seed(seed)
-    accelerator = make_accelerator(precision)
+    accelerator = make_accelerator(precision, cfg.grad_accum)
     batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
     n_epochs = math.ceil(cfg.epochs)
     total_batches = max(1, round(cfg.epochs * batches_per_epoch))
-    total_steps = math.ceil(total_batches / cfg.grad_accum)
+    sampler = EpochBatches(data, cfg.batch_size, seed, total_batches)
+    total_steps = optimizer_steps_planned(sampler, n_epochs, cfg.grad_accum, accelerator.num_processes)
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -127,7 +172,10 @@ def train(
         groups.append({"params": list(extra_params), "weight_decay": cfg.weight_decay})
     optimizer = _adamw(groups, cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The data set is just the example indices: the sampler picks them, data.collate builds the batch.
+    loader = DataLoader(range(len(data)), batch_sampler=sampler,
+                        collate_fn=lambda idx: to_torch(data.collate(np.asarray(idx, dtype=np.int64))))
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
 
     ckpt_root = Path(ckpt_root)
     start_epoch, resumed = 0, None
@@ -144,29 +192,29 @@ def train(
     model.train()
     with progress_bar(description, total=total_batches, completed=done_batches) as bar:
         for epoch in range(start_epoch, n_epochs):
-            order = data.train_batches(cfg.batch_size, seed=seed * 1000 + epoch)
-            remaining = total_batches - done_batches
-            order = order[:remaining]
-            # Each process takes its share of the epoch's batches (data parallel under `accelerate launch`).
-            mine = order[accelerator.process_index :: accelerator.num_processes]
+            sampler.epoch = epoch
             sums: dict[str, float] = {}
-            for i, idx in enumerate(mine):
-                batch = to_torch(data.collate(idx), accelerator.device)
+            seen = 0
+            for batch in loader:
                 with accelerator.accumulate(model):
                     loss, logs = loss_fn(model, batch)
-                    accelerator.backward(loss)
+                    accelerator.backward(loss)  # divides by grad_accum itself
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        result.optimizer_steps += 1
+                        result.lrs.append(float(optimizer.param_groups[0]["lr"]))
+                    # Prepared optimizer and scheduler step only when gradients were synchronised.
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                seen += 1
                 logs = {"loss": float(loss.detach()), **logs}
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
-                bar.advance(accelerator.num_processes, loss=sums["loss"] / (i + 1))
-            done_batches += len(order)
+                bar.advance(accelerator.num_processes, loss=sums["loss"] / seen)
+            done_batches += len(sampler)
             result.epochs_run.append(epoch + 1)
-            result.history.append({"epoch": epoch + 1, **{k: v / max(1, len(mine)) for k, v in sums.items()}})
+            result.history.append({"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in sums.items()}})
             _save_checkpoint(accelerator, ckpt_root, epoch + 1, result.history)
             if stop_after_epochs is not None and len(result.epochs_run) >= stop_after_epochs:
                 break
@@ -174,6 +222,8 @@ def train(
     result.seconds = time.perf_counter() - t0
     # Drop the mixed-precision forward wrapper, so the trained model behaves like a loaded one.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+    # Hand the loader back: Accelerate keeps a reference to every prepared loader otherwise.
+    accelerator.free_memory()
     return result
 
 

@@ -61,3 +61,47 @@ def test_training_reduces_loss_and_predict_keeps_order(tiny_teacher_dir, tmp_pat
         direct = model(input_ids=torch.from_numpy(b["input_ids"]),
                        attention_mask=torch.from_numpy(b["attention_mask"])).logits.numpy()
     np.testing.assert_allclose(logits[:5], direct, atol=1e-4)
+
+
+class _InOrder(TokenizedSplit):
+    """Batches taken in file order, so two consecutive half batches are exactly one full batch."""
+
+    def train_batches(self, batch_size, seed, group=50):
+        return [np.arange(i, min(i + batch_size, len(self))) for i in range(0, len(self), batch_size)]
+
+
+def _same_length_data(model_dir, n=64, length=12):
+    """Texts of one length: no padding, so a half batch computes exactly what half a full batch does."""
+    task = TextClassificationTask(["negative", "positive"], max_length=16)
+    rng = np.random.default_rng(5)
+    ids = [[2, *rng.integers(5, 40, length - 2).tolist(), 3] for _ in range(n)]
+    return task, _InOrder(ids, rng.integers(0, 2, n), 0)
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout_prob"):  # the SDPA attention keeps its own float
+            m.dropout_prob = 0.0
+    return model
+
+
+def test_grad_accum_with_half_the_batch_makes_the_same_updates_as_the_full_batch(tiny_teacher_dir, tmp_path):
+    task, data = _same_length_data(tiny_teacher_dir)
+    runs = {}
+    for name, bs, accum in (("full", 16, 1), ("accum", 8, 2), ("half", 8, 1)):
+        model = _no_dropout(_model(task, tiny_teacher_dir))
+        cfg = TrainConfig(epochs=1, batch_size=bs, grad_accum=accum, lr=1e-3, warmup_ratio=0.0)
+        res = train(model, data, cfg, _loss, seed=4, precision="fp32", ckpt_root=tmp_path / name, description="t")
+        runs[name] = (model.state_dict(), res)
+    full, accum, half = (runs[k] for k in ("full", "accum", "half"))
+    # 64 examples: 4 updates of 16 either way; the schedule is counted in updates, so its linear decay
+    # spans the whole run (lr 1, 3/4, 1/2, 1/4 of the peak), never reaching zero early.
+    assert full[1].optimizer_steps == accum[1].optimizer_steps == 4 and half[1].optimizer_steps == 8
+    assert np.allclose(accum[1].lrs, [1e-3, 7.5e-4, 5e-4, 2.5e-4]) and accum[1].lrs == full[1].lrs
+    # Only float summation order differs (a mean of 16 vs the mean of two means of 8).
+    worst_accum = max((a - b).abs().max().item() for a, b in zip(full[0].values(), accum[0].values(), strict=True))
+    worst_half = max((a - b).abs().max().item() for a, b in zip(full[0].values(), half[0].values(), strict=True))
+    assert worst_accum < 1e-5, worst_accum
+    assert worst_half > 100 * 1e-5, worst_half  # without accumulation the updates really differ
