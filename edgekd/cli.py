@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -46,8 +48,11 @@ def _setup_runtime(recipe) -> None:
             raise MissingBackendError("The pipeline's stages", module, "train")
     import torch
 
+    from edgekd.train import init_process_state
+
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
+    init_process_state()  # before the first question to Accelerate (which process writes the run folder)
 
 
 def load_recipe_or_run(source: str | None, overrides: list[str] | None):
@@ -63,14 +68,91 @@ def load_recipe_or_run(source: str | None, overrides: list[str] | None):
     return load_recipe(source, overrides)
 
 
-def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] | None, force: bool) -> None:
-    recipe = load_recipe_or_run(recipe_src, overrides)
-    _setup_runtime(recipe)
-    from edgekd.pipeline import run_stages
-    from edgekd.report import print_summary
+_ARGV: list[str] | None = None  # the real command line, set by main() (None under a test runner)
 
-    ctx = run_stages(recipe, stages, force=force)
-    print_summary(ctx.run)
+
+def _is_run_folder(source: str | None) -> bool:
+    return bool(source) and Path(source).is_dir()
+
+
+def _invocation_record(stages: list[str] | None, source: str | None, overrides: list[str],
+                       one_off: list[str]) -> dict:
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return {
+        "argv": _ARGV if _ARGV is not None else [*(ctx.command_path.split()[1:] if ctx else []), *(
+            [source] if source else [])],
+        "source": source,
+        "overrides": overrides,
+        "one_off": one_off,
+        "stages": stages,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] | None, force: bool,
+         one_off: list[str] | None = None):
+    """Run ``stages`` and record the invocation in ``runs/<name>/invocations.jsonl``.
+
+    ``overrides`` (--set) on a recipe file define the run and are saved with it; on a run folder,
+    like ``one_off`` (--device, --to), they apply to this command only and never touch its
+    recipe.yaml. Returns the recipe used and the run context."""
+    from edgekd.runfolder import RunFolder
+
+    overrides, one_off = list(overrides or []), list(one_off or [])
+    from_folder = _is_run_folder(recipe_src)
+    record = _invocation_record(stages, recipe_src, overrides, one_off if not from_folder else overrides + one_off)
+    run_folder = RunFolder(Path(recipe_src)) if from_folder else None
+    t0 = time.perf_counter()
+    status, error = "error", None
+    try:
+        recipe = load_recipe_or_run(recipe_src, overrides + one_off)
+        run_folder = RunFolder(recipe.run_dir())
+        _setup_runtime(recipe)
+        if not from_folder:
+            saved = load_recipe_or_run(recipe_src, overrides) if one_off else recipe
+        else:
+            saved = None  # everything given on a run folder is one-off
+        _check_up_front(recipe)
+        from edgekd.pipeline import planned_stages, run_stages
+        from edgekd.report import print_summary
+
+        record["stages"] = stages or planned_stages(recipe)
+        record["recipe_saved"] = saved is not None
+        ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
+        print_summary(ctx.run)
+        status = "ok"
+        return recipe, ctx
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if run_folder is not None and run_folder.root.is_dir() and _is_main_process():
+            record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          seconds=round(time.perf_counter() - t0, 2), status=status, error=error)
+            if status != "ok":
+                record["recipe_saved"] = False
+            run_folder.append_invocation(record)
+
+
+def _is_main_process() -> bool:
+    from edgekd.train import init_process_state
+
+    return init_process_state().is_main_process
+
+
+def _check_up_front(recipe) -> None:
+    """What the recipe points at (data files, columns, labels, device profile), before any stage runs."""
+    from edgekd.errors import RecipeError
+    from edgekd.recipe_check import check_inputs
+
+    problems = check_inputs(recipe)
+    if problems:
+        raise RecipeError(problems)
 
 
 @app.command()
@@ -103,10 +185,10 @@ def export(
     force: ForceOpt = False,
 ) -> None:
     """Export the shipped student to each target and check it against the source model."""
-    overrides = list(set_ or [])
+    one_off = []
     if to:
-        overrides.append("export.targets=[" + ",".join(t.strip() for t in to.split(",") if t.strip()) + "]")
-    _run(recipe, overrides, ["export"], force)
+        one_off.append("export.targets=[" + ",".join(t.strip() for t in to.split(",") if t.strip()) + "]")
+    _run(recipe, set_, ["export"], force, one_off)
 
 
 @app.command("export-teacher")
@@ -157,14 +239,14 @@ def bench(
     force: ForceOpt = False,
 ) -> None:
     """Measure every exported artifact of a run (latency, memory, accuracy) on a device profile."""
-    overrides = list(set_ or [])
-    if device:
-        overrides.append(f"bench.profile={device}")
-    _run(recipe, overrides, ["bench"], force)
+    one_off = [f"bench.profile={device}"] if device else []
+    used, ctx = _run(recipe, set_, ["bench"], force, one_off)
     from edgekd.devices.tables import report as bench_report
 
-    src = load_recipe_or_run(recipe, overrides)
-    sys.stdout.write(bench_report(src.run_dir(), profile=src.bench.profile) + "\n")
+    # Results live under bench/<the profile's own name>, which for a YAML path is not the path.
+    rec = ctx.run.stage_record("bench") or {}
+    profile = (rec.get("metrics") or {}).get("profile") or used.bench.profile
+    sys.stdout.write(bench_report(used.run_dir(), profile=profile) + "\n")
 
 
 @app.command()
@@ -210,7 +292,8 @@ def recipe_check(path: Annotated[Path, typer.Argument(help="Recipe YAML file to 
     """Validate a recipe and report every problem at once."""
     from edgekd.recipe import load_recipe
 
-    r = load_recipe(path)
+    r = load_recipe(path)  # the recipe's own shape: every problem at once
+    _check_up_front(r)  # what it points at: data files, columns, labels, device profile
     console.print(f"[green]ok[/]: {path} is a valid recipe (run folder {r.run_dir()})")
 
 
@@ -265,6 +348,8 @@ def _quiet_third_party_logs() -> None:
 
 
 def main() -> None:
+    global _ARGV
+    _ARGV = sys.argv[1:]
     _quiet_third_party_logs()
     try:
         app()

@@ -57,9 +57,9 @@ def planned_stages(recipe: Recipe) -> list[str]:
 
 
 def prepare_run(ctx: RunContext) -> None:
-    """Write the resolved recipe and the run-level facts (versions, data split) into the run folder."""
+    """Write the run-level facts (versions, data split) into the run folder. The recipe is saved
+    only once the command has succeeded (see :func:`run_stages`)."""
     ctx.run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(ctx.run.recipe_path, ctx.recipe.to_yaml())
     ctx.run.update_top(
         name=ctx.recipe.name,
         edgekd_version=__version__,
@@ -70,8 +70,15 @@ def prepare_run(ctx: RunContext) -> None:
     )
 
 
-def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = False) -> RunContext:
-    """Run ``stages`` (default: the recipe's full plan) in order; return the context for reporting."""
+def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
+               save_recipe: Recipe | None = None) -> RunContext:
+    """Run ``stages`` (default: the recipe's full plan) in order; return the context for reporting.
+
+    ``recipe.yaml`` is what produced the run's artifacts: ``save_recipe`` (the recipe without the
+    command's one-off overrides; None when the command is all one-off) is written only when every
+    stage succeeded. A failed command leaves it as it was, except that a run folder that has none
+    yet gets one as soon as a stage finished, so the folder always names its recipe.
+    """
     ctx = RunContext.create(recipe)
     table = stage_table(recipe.task)
     if ctx.is_main:
@@ -79,14 +86,37 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     ctx.sync()
     todo = stages or planned_stages(recipe)
     t0 = time.perf_counter()
-    for name in todo:
-        fn, fp_fn = table[name]
-        if not force and ctx.run.is_done(name, fp_fn(ctx)):
-            ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
-            continue
-        s0 = time.perf_counter()
-        fn(ctx)
-        ctx.say(f"[green]{name}[/]: done in {time.perf_counter() - s0:.1f} s")
+    finished = False
+    try:
+        for name in todo:
+            fn, fp_fn = table[name]
+            if not force and ctx.run.is_done(name, fp_fn(ctx)):
+                ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
+                continue
+            s0 = time.perf_counter()
+            fn(ctx)
+            finished = True
+            ctx.say(f"[green]{name}[/]: done in {time.perf_counter() - s0:.1f} s")
+        if ctx.is_main and save_recipe is not None:
+            atomic_write_text(ctx.run.recipe_path, save_recipe.to_yaml())
+    except BaseException:
+        if ctx.is_main and finished and save_recipe is not None and not ctx.run.recipe_path.is_file():
+            atomic_write_text(ctx.run.recipe_path, save_recipe.to_yaml())
+        raise
+    finally:
+        if ctx.is_main:
+            _drop_empty_checkpoints(ctx)
     if ctx.is_main:
-        ctx.run.update_top(last_invocation={"stages": todo, "seconds": round(time.perf_counter() - t0, 2)})
+        from accelerate import PartialState
+
+        ctx.run.update_top(last_invocation={"stages": todo, "seconds": round(time.perf_counter() - t0, 2),
+                                            "processes": PartialState().num_processes})
     return ctx
+
+
+def _drop_empty_checkpoints(ctx: RunContext) -> None:
+    """Stages delete their own checkpoints when they finish; the folder that held them goes too once
+    it is empty (a failed stage's checkpoints stay, to resume from)."""
+    root = ctx.run.root / "checkpoints"
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()

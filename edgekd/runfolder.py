@@ -22,6 +22,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
+INVOCATIONS = "invocations.jsonl"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -191,6 +192,21 @@ class RunFolder:
         data["updated"] = rec["finished"]
         self._write_manifest(data)
         return rec
+
+    @property
+    def invocations_path(self) -> Path:
+        return self.root / INVOCATIONS
+
+    def append_invocation(self, record: dict[str, Any]) -> None:
+        """One JSON line per command run on this folder (rewritten whole, atomically: a crash never
+        leaves a torn line)."""
+        old = self.invocations_path.read_text() if self.invocations_path.is_file() else ""
+        atomic_write_text(self.invocations_path, old + json.dumps(record, default=str) + "\n")
+
+    def invocations(self) -> list[dict[str, Any]]:
+        if not self.invocations_path.is_file():
+            return []
+        return [json.loads(line) for line in self.invocations_path.read_text().splitlines() if line.strip()]
 
     def update_top(self, **fields: Any) -> None:
         data = self.manifest()

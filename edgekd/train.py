@@ -49,11 +49,31 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "no"
 
 
+def init_process_state():
+    """Start Accelerate's process state the way this machine needs, before anything else asks for it.
+
+    Accelerate joins the processes of a launch (``LOCAL_RANK`` set by ``accelerate launch`` /
+    torchrun) over gloo only when told to use the CPU; otherwise, on a machine without a GPU, each
+    process believes it is alone and trains on the whole data. ``accelerate launch --cpu`` starts a
+    single process unless mpirun is configured, so on a CPU-only machine the launch is
+    ``accelerate launch --multi_gpu --num_processes N``, and this makes it the CPU data-parallel run.
+    """
+    import os
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not has_accelerator))
+
+
 def make_accelerator(precision: str, grad_accum: int = 1):
     """Accelerate does the accumulation: ``accelerator.accumulate`` skips the all-reduce and the
     optimizer/scheduler steps until ``grad_accum`` batches (or the end of the data loader) are in."""
     from accelerate import Accelerator
 
+    init_process_state()
     return Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum)
 
 

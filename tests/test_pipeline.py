@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -44,7 +45,7 @@ def test_tiny_end_to_end_run_writes_a_complete_run_folder(tmp_path, tiny_teacher
     assert ev["teacher"]["accuracy"] > 0.6  # learnable synthetic data: the fine-tune really trained
     assert "distill_gain_over_baseline" in ev["summary"]
     assert manifest["data"]["seed"] == 1 and manifest["environment"]["packages"]["torch"]
-    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert not (run / "checkpoints").exists()  # each stage removed its checkpoints, then the folder went
     assert "student keeps" in res.output
 
     # Re-running with nothing changed skips every stage.
@@ -128,3 +129,118 @@ def test_recipe_show_prints_the_default_as_yaml():
     assert res.exit_code == 0
     data = yaml.safe_load(res.output)
     assert data["teacher"]["model"] == "minilm-l6" and data["student"]["layers"] == [0, 2, 4]
+
+
+# --- run folders: recipe.yaml is what produced the artifacts; every invocation is recorded ------------
+
+
+def _quick_run_recipe(tmp_path, tiny_teacher_dir, tiny_csv):
+    return tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv,
+                       teacher={"finetune": {"epochs": 1, "batch_size": 32, "lr": 3e-3}},
+                       distill={"train": {"epochs": 1, "batch_size": 32, "lr": 2e-3}},
+                       baseline={"enabled": False}, export={"targets": ["onnx"]},
+                       bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False})
+
+
+@pytest.mark.slow
+def test_one_off_overrides_and_failed_commands_leave_recipe_yaml_alone(tmp_path, tiny_teacher_dir, tiny_csv):
+    path = write_recipe(tmp_path, _quick_run_recipe(tmp_path, tiny_teacher_dir, tiny_csv))
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "tiny"
+    saved = (run / "recipe.yaml").read_bytes()
+    assert load_recipe(run / "recipe.yaml") == load_recipe(path)
+    assert not (run / "checkpoints").exists()
+
+    # A failed command: an unknown device profile, caught before anything is measured.
+    res = runner.invoke(app, ["bench", str(run), "--device", "nope"])
+    assert res.exit_code != 0 and "bench.profile" in str(res.exception)
+    assert (run / "recipe.yaml").read_bytes() == saved
+    # ... so the next plain command still works.
+    res = runner.invoke(app, ["bench", str(run)])
+    assert res.exit_code == 0, res.output
+
+    # A device profile given as a YAML file, end to end: measured, written, reported.
+    profile = yaml.safe_load((Path(__file__).parents[1] / "devices" / "profiles" / "local.yaml").read_text())
+    profile["name"] = "my-box"
+    my = tmp_path / "my.yaml"
+    my.write_text(yaml.safe_dump(profile))
+    res = runner.invoke(app, ["bench", str(run), "--device", str(my)])
+    assert res.exit_code == 0, res.output
+    results = json.loads((run / "bench" / "my-box" / "results.json").read_text())
+    assert results["profile"]["name"] == "my-box" and results["results"]
+    assert "onnx" in res.output
+    assert (run / "recipe.yaml").read_bytes() == saved  # --device is one-off
+
+    # --set on a run folder is one-off too.
+    res = runner.invoke(app, ["bench", str(run), "--set", "bench.runs=3"])
+    assert res.exit_code == 0, res.output
+    assert (run / "recipe.yaml").read_bytes() == saved
+
+    lines = [json.loads(x) for x in (run / "invocations.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["ok", "error", "ok", "ok", "ok"]
+    assert lines[0]["recipe_saved"] is True and not any(x["recipe_saved"] for x in lines[1:])
+    assert "bench.profile" in lines[1]["error"] and lines[1]["one_off"] == ["bench.profile=nope"]
+    assert lines[3]["one_off"] == [f"bench.profile={my}"] and lines[4]["one_off"] == ["bench.runs=3"]
+    assert all(x["started"] <= x["ended"] for x in lines)
+    assert lines[0]["stages"] == ["teacher", "distill", "eval", "export", "bench"]
+
+
+def test_a_failed_first_command_writes_no_recipe_and_records_the_error(tmp_path, tiny_teacher_dir, tiny_csv):
+    """The run folder exists (manifest) but no stage finished: nothing claims a recipe produced it."""
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv)
+    path = write_recipe(tmp_path, recipe)
+    res = CliRunner().invoke(app, ["distill", str(path)])  # needs the teacher stage: fails
+    assert res.exit_code != 0
+    run = tmp_path / "runs" / "tiny"
+    assert not (run / "recipe.yaml").exists()
+    (line,) = [json.loads(x) for x in (run / "invocations.jsonl").read_text().splitlines()]
+    assert line["status"] == "error" and "edgekd teacher" in line["error"] and line["stages"] == ["distill"]
+
+
+# --- recipe check: what the recipe points at ------------------------------------------------------------
+
+
+def _check(tmp_path, recipe):
+    res = CliRunner().invoke(app, ["recipe", "check", str(write_recipe(tmp_path, recipe))])
+    return res.exit_code, str(res.exception) if res.exception else res.output
+
+
+def test_recipe_check_passes_a_good_recipe_with_a_profile_file(tmp_path, tiny_teacher_dir, tiny_csv):
+    profile = tmp_path / "box.yaml"
+    profile.write_text((Path(__file__).parents[1] / "devices" / "profiles" / "local.yaml").read_text())
+    code, out = _check(tmp_path, tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, bench={"profile": str(profile)}))
+    assert code == 0 and "ok" in out, out
+
+
+def test_recipe_check_reports_every_bad_input_at_once_by_key(tmp_path, tiny_teacher_dir, tiny_csv):
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, data={"dataset": str(tmp_path / "missing.csv")},
+                         bench={"profile": "nope"})
+    code, out = _check(tmp_path, recipe)
+    assert code != 0
+    assert f"data.dataset: the file {tmp_path / 'missing.csv'} does not exist" in out
+    assert "bench.profile: Unknown device profile 'nope'" in out
+
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, data={"text_column": "review", "label_column": "y"},
+                         bench={"profile": str(tmp_path / "no-such-profile.yaml")})
+    code, out = _check(tmp_path, recipe)
+    assert code != 0
+    assert "data.text_column" in out and "no column 'review'" in out
+    assert "data.label_column" in out and "no column 'y'" in out and "columns: text, label" in out
+    assert "bench.profile" in out and "no-such-profile.yaml does not exist" in out
+
+
+def test_recipe_check_catches_unreadable_labels(tmp_path, tiny_teacher_dir, tiny_csv):
+    lines = tiny_csv.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ","  # one row without a label
+    tiny_csv.write_text("\n".join(lines) + "\n")
+    code, out = _check(tmp_path, tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv))
+    assert code != 0 and "data.label_column" in out and "missing labels in column 'label'" in out, out
+
+
+def test_a_stage_command_checks_inputs_before_any_stage_runs(tmp_path, tiny_teacher_dir, tiny_csv):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, bench={"profile": "nope"}))
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code != 0 and "bench.profile" in str(res.exception)
+    assert not (tmp_path / "runs" / "tiny" / "teacher").exists()  # nothing trained before the error

@@ -1,6 +1,10 @@
 """The training loop: it learns, checkpoints each epoch, and resumes where it stopped."""
 
+import json
+import shutil
+
 import numpy as np
+import pytest
 import torch
 
 from edgekd.losses import soft_hard_loss
@@ -105,3 +109,84 @@ def test_grad_accum_with_half_the_batch_makes_the_same_updates_as_the_full_batch
     worst_half = max((a - b).abs().max().item() for a, b in zip(full[0].values(), half[0].values(), strict=True))
     assert worst_accum < 1e-5, worst_accum
     assert worst_half > 100 * 1e-5, worst_half  # without accumulation the updates really differ
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _weights(run_dir):
+    return _weights_file(run_dir / "teacher" / "model" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_finishes_and_matches_one_process(tmp_path, tiny_teacher_dir, tiny_csv):
+    """Two processes over gloo on a tiny recipe whose 168 training examples make 11 batches of 16:
+    an odd count, which used to leave one rank waiting in an all-reduce the other never joined.
+
+    `accelerate launch --cpu --num_processes 2` starts one process in Accelerate 1.x unless mpirun
+    is set up, so the launch is torchrun's (`--multi_gpu`) with CUDA hidden: edgekd then asks
+    Accelerate for the CPU and it joins the processes over gloo."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.testing import tiny_recipe
+
+    # No dropout: each process draws its own masks, so only a deterministic forward can be compared.
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (teacher / "config.json").write_text(json.dumps(config))
+
+    def write(folder, grad_accum):
+        finetune = {"epochs": 1, "batch_size": 16, "grad_accum": grad_accum, "lr": 3e-3, "warmup_ratio": 0.0}
+        recipe = tiny_recipe(folder, teacher, tiny_csv, teacher={"finetune": finetune})
+        folder.mkdir()
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        return folder / "recipe.yaml"
+
+    two = write(tmp_path / "two", grad_accum=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "edgekd", "teacher", str(two)]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"two processes did not finish in {e.timeout} s (a hang at the uneven last batch?)")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_two = tmp_path / "two" / "runs" / "tiny"
+    manifest = json.loads((run_two / "manifest.json").read_text())
+    assert manifest["data"]["splits"]["train"]["size"] == 168  # 11 batches of 16
+    assert manifest["last_invocation"]["processes"] == 2
+
+    # One process accumulating two batches per update sees what the two processes see together:
+    # updates 1-5 take batches (1,2) ... (9,10) in both runs. Only update 6 differs: Accelerate's even
+    # batches give the second process a repeat of batch 1, where one process takes batch 11 alone.
+    one = write(tmp_path / "one", grad_accum=2)
+    res = CliRunner().invoke(app, ["teacher", str(one)])
+    assert res.exit_code == 0, res.output
+    a, b = _weights(run_two), _weights(tmp_path / "one" / "runs" / "tiny")
+    start = {f"bert.{k}": v for k, v in _weights_file(teacher / "model.safetensors").items()}
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - start[k]).abs().max().item() for k in a if k in start)
+    # Tolerance: the last update's learning rate is 3e-3 / 6 = 5e-4 (linear decay over 6 updates) and an
+    # AdamW step moves a weight by at most lr * (1 - b1) / sqrt(1 - b2) ~ 3.2 lr, so two different last
+    # steps differ by at most ~3.2e-3; training itself moves weights several times that.
+    assert worst < 3.2e-3, worst
+    assert moved > 3 * worst, (moved, worst)
