@@ -104,11 +104,13 @@ def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] 
     from_folder = _is_run_folder(recipe_src)
     record = _invocation_record(stages, recipe_src, overrides, one_off if not from_folder else overrides + one_off)
     run_folder = RunFolder(Path(recipe_src)) if from_folder else None
+    had_recipe = from_folder  # a run folder always has one (load_recipe_or_run insists)
     t0 = time.perf_counter()
-    status, error = "error", None
+    status, error, code = "error", None, 1
     try:
         recipe = load_recipe_or_run(recipe_src, overrides + one_off)
         run_folder = RunFolder(recipe.run_dir())
+        had_recipe = run_folder.recipe_path.is_file()
         _setup_runtime(recipe)
         if not from_folder:
             saved = load_recipe_or_run(recipe_src, overrides) if one_off else recipe
@@ -122,20 +124,20 @@ def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] 
         record["recipe_saved"] = saved is not None
         ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
         print_summary(ctx.run)
-        status = "ok"
+        status, code = "ok", 0
         return recipe, ctx
     except KeyboardInterrupt:
-        status = "interrupted"
+        status, code = "interrupted", 130
         raise
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
+        error, code = f"{type(e).__name__}: {e}", 2 if isinstance(e, EdgeKDError) else 1
         raise
     finally:
         if run_folder is not None and run_folder.root.is_dir() and _is_main_process():
             record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          seconds=round(time.perf_counter() - t0, 2), status=status, error=error)
-            if status != "ok":
-                record["recipe_saved"] = False
+                          seconds=round(time.perf_counter() - t0, 2), status=status, exit_code=code, error=error)
+            if status != "ok":  # run_stages saves a first recipe once a stage has finished, even on failure
+                record["recipe_saved"] = not had_recipe and run_folder.recipe_path.is_file()
             run_folder.append_invocation(record)
 
 
