@@ -117,3 +117,34 @@ def test_unsupported_operator_is_named(tmp_path):
         get_exporter("coreml").export(eigh_module(), eigh_inputs(), eigh_io(), tmp_path)
     assert "'coreml'" in str(info.value) and "'linalg_eigh'" in str(info.value)
     assert info.value.operator == "linalg_eigh"
+
+
+def test_quantize_stage_core_ml_path_writes_a_servable_export_folder(coreml_export, text_data, tmp_path):
+    import shutil
+
+    from edgekd.export.base import read_artifact_meta, write_artifact_meta
+    from edgekd.export.stage import artifact_digest
+    from edgekd.quantization.coreml import quantize_coreml_folder
+    from edgekd.recipe import QuantizeConfig
+
+    src = tmp_path / "coreml"
+    shutil.copytree(coreml_export.path, src / "model.mlpackage")
+    (src / "tokenizer.json").write_text("{}")
+    write_artifact_meta(src, {"target": "coreml", "exporter": "coreml", "file": "model.mlpackage", "precision": "fp16",
+                              "sha256": artifact_digest(src / "model.mlpackage"), "io": TEXT_IO.to_dict()})
+    cfg = QuantizeConfig(coreml_mode="palettize", palette_bits=4)
+    report = quantize_coreml_folder(src, tmp_path / "coreml-palettize4", cfg, text_data[0])
+    out = tmp_path / "coreml-palettize4"
+    meta = read_artifact_meta(out)
+    assert meta["precision"] == "palettized-4bit" == report["precision"]
+    assert meta["sha256"] == artifact_digest(out / "model.mlpackage") != read_artifact_meta(src)["sha256"]
+    assert report["size_bytes_after"] < report["size_bytes_before"]
+    assert any(k.startswith("constexpr") for k in report["constexpr_ops"])
+    assert (out / "tokenizer.json").is_file()
+    verify_spec(out / "model.mlpackage", TEXT_IO)  # still the same inputs and enumerated shapes
+    if sys.platform != "darwin":
+        assert meta["parity"]["ran"] is False and "macOS" in meta["parity"]["reason"]
+        with pytest.raises(UnsupportedTargetError, match="Core ML predicts only on macOS"):
+            from edgekd.export.stage import load_artifact
+
+            load_artifact(out)
