@@ -133,7 +133,8 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
     if not (src / "artifact.json").is_file():
         if others:
             ctx.run.record("quantize", quantize_fingerprint(ctx), {"targets": others}, [
-                ctx.run.stage_dir("export") / name for name in others], seconds=time.perf_counter() - t0)
+                ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
+                seconds=time.perf_counter() - t0)
             return {"targets": others}
         raise StageError("quantize needs the ONNX (or Core ML) export: add onnx to export.targets and run "
                          "`edgekd export` first.")
@@ -152,7 +153,8 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
     if others:
         report["targets"] = others
     ctx.run.record("quantize", quantize_fingerprint(ctx), report,
-                   [out_dir] + [ctx.run.stage_dir("export") / name for name in others], seconds=time.perf_counter() - t0)
+                   [out_dir] + [ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
+                   seconds=time.perf_counter() - t0)
     return report
 
 
@@ -165,6 +167,9 @@ def _quantize_other_targets(ctx: RunContext) -> dict[str, Any]:
     if "coreml" in ctx.recipe.export.targets and (export / "coreml" / "artifact.json").is_file():
         suffix = "linear8" if cfg.coreml_mode == "linear8" else f"palettize{cfg.palette_bits}"
         test_inputs, _ = ctx.parity_data()
-        done[f"coreml-{suffix}"] = quantize_coreml_folder(export / "coreml", export / f"coreml-{suffix}", cfg,
-                                                          test_inputs)
+        try:
+            done[f"coreml-{suffix}"] = quantize_coreml_folder(export / "coreml", export / f"coreml-{suffix}", cfg,
+                                                              test_inputs)
+        except StageError as e:  # recorded in the stage's report, not fatal to the ONNX path
+            done[f"coreml-{suffix}"] = {"written": False, "reason": str(e)}
     return done

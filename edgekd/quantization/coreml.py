@@ -123,6 +123,13 @@ def quantize_coreml_folder(src: Path, out: Path, cfg: QuantizeConfig, test_input
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         report = quantize_coreml(package, tmp / package.name, cfg)
+        if not report["constexpr_ops"] or not report["weight_error"]["max_relative_error"]:
+            # A folder labelled int8/palettized whose weights are the float ones would be silently wrong.
+            raise StageError(
+                f"Core ML compression (quantize.coreml_mode: {cfg.coreml_mode}) left every weight of {package} "
+                f"unchanged (no constexpr op, weight error {report['weight_error']}): no {out.name} was written. "
+                "Compress with coremltools yourself, or drop coreml from export.targets for the quantize stage."
+            )
         parity: dict[str, Any]
         if sys.platform == "darwin" and test_inputs is not None:
             from edgekd.export.coreml import CoreMLRunner
