@@ -122,7 +122,7 @@ def test_unsupported_operator_is_named(tmp_path):
 def test_quantize_stage_core_ml_path_refuses_a_compression_that_changed_nothing(coreml_export, text_data, tmp_path):
     import shutil
 
-    from edgekd.export.base import read_artifact_meta, write_artifact_meta
+    from edgekd.export.base import write_artifact_meta
     from edgekd.export.stage import artifact_digest
     from edgekd.quantization.coreml import quantize_coreml_folder
     from edgekd.recipe import QuantizeConfig

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 from export_helpers import MAX_LENGTH, TOLERANCE, eigh_inputs, eigh_io, eigh_module
-from trt_standins import tensorrt_10, tensorrt_11
 
 from edgekd.errors import RecipeError, UnsupportedTargetError
 from edgekd.export import get_exporter

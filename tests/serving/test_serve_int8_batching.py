@@ -42,7 +42,13 @@ def _padded(rows: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 def _quantized_folder(export_dir, dst, precision: str):
     """A copy of the tiny float export, quantized with ONNX Runtime as the quantize stage does."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     shutil.copytree(export_dir, dst)
     model = dst / "model.onnx"
