@@ -9,8 +9,8 @@ typing, precision builder flags and the int8 calibrator are gone) expect:
   kept (NVIDIA ModelOpt AutoCast when installed, TensorRT 11's documented route; else ONNX
   Runtime's float16 converter, the one the quantize stage's ``fp16`` method uses).
 * ``int8``: explicit quantization from a Q/DQ graph, ``model_int8.onnx``: the quantize stage's
-  static int8 model (``quantize.method: static``), passed as the ``qdq_onnx`` option. The quantize
-  stage does this itself and writes ``export/tensorrt-int8``; int8 is never calibrated here.
+  static int8 model (``quantize.method: static``, symmetric int8), passed as the ``qdq_onnx`` option
+  (``export.options.tensorrt.qdq_onnx``); int8 is never calibrated here.
 
 Beside it go ``trtexec.sh`` and ``trtexec.txt`` with the exact ``trtexec`` command (min/opt/max
 shapes of the optimisation profile), so the engine can be built on the device that will run it: an
@@ -80,9 +80,9 @@ class TensorRTExporter(Exporter):
         workspace_mb = option(self.name, opts, "workspace_mb", int, 4096, minimum=64)
         if precision == "int8" and qdq is None:
             raise RecipeError([
-                "export.options.tensorrt.precision: int8 engines are built from the quantize stage's Q/DQ model "
-                "(explicit quantization; TensorRT 11 has no calibrator): keep tensorrt at fp16/fp32 here and set "
-                "quantize.enabled: true with quantize.method: static, which writes export/tensorrt-int8"])
+                "export.options.tensorrt.precision: int8 engines are built from a Q/DQ model (explicit quantization; "
+                "TensorRT 11 has no calibrator): run the quantize stage with quantize.method: static (symmetric "
+                "int8), then set export.options.tensorrt.qdq_onnx to its export/onnx-int8-static/model.onnx"])
         if qdq is not None and precision != "int8":
             raise RecipeError([f"export.options.tensorrt.qdq_onnx is for precision int8, not {precision}"])
         check_inputs(example_inputs, io, self.name)

@@ -78,7 +78,7 @@ def test_profile_shapes_follow_options():
 
 
 def test_int8_without_the_quantize_stage_model_is_a_recipe_error(text_module, text_data, tmp_path):
-    with pytest.raises(RecipeError, match="quantize.method: static, which writes export/tensorrt-int8"):
+    with pytest.raises(RecipeError, match="quantize.method: static .*export.options.tensorrt.qdq_onnx"):
         get_exporter("tensorrt").export(text_module, text_data[0], TEXT_IO, tmp_path, precision="int8")
 
 
