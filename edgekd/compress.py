@@ -129,8 +129,15 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
     task, cfg = ctx.task, ctx.recipe.quantize
     t0 = time.perf_counter()
     src = ctx.run.stage_dir("export") / "onnx"
+    others = _quantize_other_targets(ctx)  # Core ML (quantize.coreml_mode) beside the ONNX path
     if not (src / "artifact.json").is_file():
-        raise StageError("quantize needs the ONNX export: add onnx to export.targets and run `edgekd export` first.")
+        if others:
+            ctx.run.record("quantize", quantize_fingerprint(ctx), {"targets": others}, [
+                ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
+                seconds=time.perf_counter() - t0)
+            return {"targets": others}
+        raise StageError("quantize needs the ONNX (or Core ML) export: add onnx to export.targets and run "
+                         "`edgekd export` first.")
     val_inputs, val_labels = ctx.validation_data()
     calib = {k: v[: cfg.calibration_samples] for k, v in val_inputs.items()}
     out_dir = ctx.run.stage_dir("export") / f"onnx-{QUANT_SUFFIX[cfg.method]}"
@@ -143,5 +150,26 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
     for name, folder in (("float", src), ("quantized", out_dir)):
         runner, _ = load_artifact(folder)
         report.setdefault("test", {})[name] = task.metrics(run_batched(runner.run, test_inputs, 64), test_labels)
-    ctx.run.record("quantize", quantize_fingerprint(ctx), report, [out_dir], seconds=time.perf_counter() - t0)
+    if others:
+        report["targets"] = others
+    ctx.run.record("quantize", quantize_fingerprint(ctx), report,
+                   [out_dir] + [ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
+                   seconds=time.perf_counter() - t0)
     return report
+
+
+def _quantize_other_targets(ctx: RunContext) -> dict[str, Any]:
+    """Core ML weight compression of export/coreml into export/coreml-<mode>, when that export exists."""
+    from edgekd.quantization.coreml import quantize_coreml_folder
+
+    cfg, export = ctx.recipe.quantize, ctx.run.stage_dir("export")
+    done: dict[str, Any] = {}
+    if "coreml" in ctx.recipe.export.targets and (export / "coreml" / "artifact.json").is_file():
+        suffix = "linear8" if cfg.coreml_mode == "linear8" else f"palettize{cfg.palette_bits}"
+        test_inputs, _ = ctx.parity_data()
+        try:
+            done[f"coreml-{suffix}"] = quantize_coreml_folder(export / "coreml", export / f"coreml-{suffix}", cfg,
+                                                              test_inputs)
+        except StageError as e:  # recorded in the stage's report, not fatal to the ONNX path
+            done[f"coreml-{suffix}"] = {"written": False, "reason": str(e)}
+    return done

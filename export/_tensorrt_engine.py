@@ -1,4 +1,9 @@
-"""TensorRT engine building and running with the TensorRT Python API (10.x; 8.6 where it differs).
+"""TensorRT engine building and running with the TensorRT Python API, 10.x and 11.x.
+
+Networks are strongly typed: every tensor keeps the type the ONNX graph gives it, so precision is a
+property of the graph, not of builder flags (TensorRT 11 removed the weakly typed flags, the int8
+calibrator and the platform fp16 query). fp16 engines are built from an ONNX converted to fp16, int8
+engines from a Q/DQ ONNX (explicit quantization). What differs between 10 and 11 lives in ``TrtApi``.
 
 Imported only when ``tensorrt`` imports. Device buffers are torch CUDA tensors, so no pycuda or
 cuda-python is needed beside TensorRT.
@@ -6,7 +11,7 @@ cuda-python is needed beside TensorRT.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,7 @@ import numpy as np
 from edgekd.errors import UnsupportedTargetError
 
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+SUPPORTED_MAJORS = (10, 11)
 
 
 def cuda_ready() -> tuple[bool, str | None]:
@@ -27,20 +33,40 @@ def cuda_ready() -> tuple[bool, str | None]:
     return True, None
 
 
-def _logger(trt: Any) -> Any:
-    return trt.Logger(trt.Logger.WARNING)
+@dataclass(frozen=True)
+class TrtApi:
+    """The one place where TensorRT 10.x and 11.x differ for edgekd."""
+
+    trt: Any
+    major: int
+
+    @classmethod
+    def load(cls) -> TrtApi:
+        import tensorrt as trt
+
+        major = int(str(trt.__version__).split(".")[0])
+        if major not in SUPPORTED_MAJORS:
+            raise UnsupportedTargetError(
+                f"TensorRT {trt.__version__} is installed; edgekd builds and runs strongly typed engines with "
+                f"TensorRT {' or '.join(map(str, SUPPORTED_MAJORS))}.x: install one of those."
+            )
+        return cls(trt, major)
+
+    def network_flags(self) -> int:
+        # 10.x: strong typing is opt-in (NetworkDefinitionCreationFlag.STRONGLY_TYPED).
+        # 11.x: always on; the flag is deprecated and ignored, so none is passed.
+        if self.major == 10:
+            return 1 << int(self.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        return 0
 
 
-def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any) -> Any:
-    flags = 0
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:  # explicit batch is the only mode from TensorRT 10 on
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+def _parse(api: TrtApi, builder: Any, onnx_path: Path, logger: Any) -> tuple[Any, Any]:
+    trt = api.trt
+    network = builder.create_network(api.network_flags())
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        ops = sorted({str(e.node_operator()) for e in errors if hasattr(e, "node_operator") and e.node_operator()})
+        ops = sorted({str(e.node_operator()) for e in errors if e.node_operator()})
         detail = "; ".join(str(e.desc()) for e in errors)[:600]
         what = f"operator(s) {', '.join(ops)}" if ops else "the ONNX graph"
         err = UnsupportedTargetError(
@@ -52,66 +78,20 @@ def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any) -> Any:
     return network, parser
 
 
-def _calibrator(trt: Any, batches: list[dict[str, np.ndarray]], cache: Path) -> Any:
-    import torch
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        """Feeds the given samples batch by batch; the cache lets a rebuild skip calibration."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._batches: Iterator[dict[str, np.ndarray]] = iter(batches)
-            self._keep: list[Any] = []
-
-        def get_batch_size(self) -> int:
-            return int(next(iter(batches[0].values())).shape[0])
-
-        def get_batch(self, names_: list[str]) -> list[int] | None:
-            batch = next(self._batches, None)
-            if batch is None:
-                return None
-            self._keep = [torch.from_numpy(np.ascontiguousarray(batch[n])).cuda() for n in names_]
-            return [t.data_ptr() for t in self._keep]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache.read_bytes() if cache.is_file() else None
-
-        def write_calibration_cache(self, data: Any) -> None:
-            cache.write_bytes(bytes(data))
-
-    return EntropyCalibrator()
-
-
-def build_engine(onnx_path: Path, engine_path: Path, shapes: Shapes, precision: str, workspace_mb: int,
-                 calibration: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
-    """Build and serialise an engine with one optimisation profile over ``shapes`` (min, opt, max)."""
-    import tensorrt as trt
-
-    logger = _logger(trt)
+def build_engine(onnx_path: Path, engine_path: Path, shapes: Shapes, workspace_mb: int) -> dict[str, Any]:
+    """Build and serialise a strongly typed engine from ``onnx_path`` (whose tensor types set the
+    precision) with one optimisation profile over ``shapes`` (min, opt, max)."""
+    api = TrtApi.load()
+    trt = api.trt
+    logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, onnx_path, logger)
+    network, _parser = _parse(api, builder, onnx_path, logger)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if precision in ("fp16", "int8"):
-        if not builder.platform_has_fast_fp16:
-            raise UnsupportedTargetError(f"This GPU has no fast fp16, so a '{precision}' engine would be slow: "
-                                         "set export.options.tensorrt.precision: fp32.")
-        config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = engine_path.with_name("calibration.cache")
-    if precision == "int8":
-        if not calibration:
-            raise UnsupportedTargetError("An int8 TensorRT engine needs calibration samples: pass example inputs.")
-        config.set_flag(trt.BuilderFlag.INT8)
-        # Calibration runs at one shape: the samples' own.
-        calib_profile = builder.create_optimization_profile()
-        for name, arr in calibration[0].items():
-            calib_profile.set_shape(name, arr.shape, arr.shape, arr.shape)
-        config.set_calibration_profile(calib_profile)
-        config.int8_calibrator = _calibrator(trt, calibration, cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UnsupportedTargetError(
@@ -119,21 +99,25 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: Shapes, precision: 
             "precision fp32, a larger workspace_mb, or smaller max_batch/max_sequence."
         )
     engine_path.write_bytes(bytes(serialized))
-    notes = {"tensorrt": trt.__version__, "layers": network.num_layers}
-    if precision == "int8":
-        notes["calibration_cache"] = cache.name
-    return notes
+    return {"tensorrt": str(trt.__version__), "layers": int(network.num_layers), "strongly_typed": True,
+            "built_from": Path(onnx_path).name}
+
+
+def _np_dtypes(trt: Any) -> dict[Any, Any]:
+    return {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT8: np.int8,
+            trt.DataType.INT32: np.int32, trt.DataType.INT64: np.int64, trt.DataType.BOOL: np.bool_}
 
 
 class TensorRTRunner:
-    """A serialised engine, run with the TensorRT 10 tensor API on torch CUDA buffers."""
+    """A serialised engine, run with the TensorRT tensor API (10.x and 11.x) on torch CUDA buffers."""
 
     def __init__(self, path: Path):
-        import tensorrt as trt
         import torch
 
+        api = TrtApi.load()
+        trt = api.trt
         self._torch, self._trt = torch, trt
-        runtime = trt.Runtime(_logger(trt))
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise UnsupportedTargetError(
@@ -149,13 +133,17 @@ class TensorRTRunner:
         self.providers = [f"TensorRT {trt.__version__}"]
         self.stream = torch.cuda.Stream()
         self.max_batch = None
+        self._dtypes = _np_dtypes(trt)
         profile = {n: self.engine.get_tensor_profile_shape(n, 0) for n in self.input_names}
         self._profile = {n: (tuple(v[0]), tuple(v[2])) for n, v in profile.items()}
         if profile:
             self.max_batch = int(min(v[2][0] for v in profile.values()))
 
     def _dtype(self, name: str) -> Any:
-        return np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
+        dt = self.engine.get_tensor_dtype(name)
+        if dt not in self._dtypes:
+            raise UnsupportedTargetError(f"Engine tensor '{name}' has type {dt}, which edgekd cannot feed or read.")
+        return np.dtype(self._dtypes[dt])
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -181,4 +169,5 @@ class TensorRTRunner:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
         self.stream.synchronize()
-        return {k: v.cpu().numpy() for k, v in outs.items()}
+        return {k: v.cpu().numpy().astype(np.float32) if v.dtype == torch.float16 else v.cpu().numpy()
+                for k, v in outs.items()}

@@ -7,6 +7,11 @@ it is exported at a fixed shape (batch 1, ``max_sequence`` tokens) and the runne
 that shape and runs row by row; ``notes`` says which happened.
 
 The program carries its own io (a constant method ``edgekd_io``), so it loads without artifact.json.
+
+After lowering, the program's planned batch is read back with the ExecuTorch runtime: XNNPACK
+may keep a subgraph at the traced batch, and such a program runs that batch only. When the check
+cannot run (no runtime here, a program without inputs), ``notes["planned_batch_check"]`` says why
+instead of passing silently.
 """
 
 from __future__ import annotations
@@ -85,7 +90,9 @@ class ExecuTorchExporter(Exporter):
         buffer = None
         if program is not None:
             buffer = self._lower(program, io, notes)
-            planned = _planned_batch(buffer)
+            planned, why_not = _planned_batch(buffer)
+            notes["planned_batch_check"] = ({"checked": True, "planned_batch": planned} if why_not is None
+                                            else {"checked": False, "reason": why_not})
             if planned is not None and "batch" in bounds and planned < bounds["batch"][1]:
                 # XNNPACK kept some subgraphs at the traced batch: such a program runs that batch only.
                 notes["dynamic_failed"] = (f"the lowered program was planned for batch {planned} only, not up to "
@@ -129,7 +136,10 @@ class ExecuTorchExporter(Exporter):
         unknown = sorted(set(runtime_opts) - {"threads"})
         if unknown:
             raise UnsupportedTargetError(f"The ExecuTorch runner does not accept option(s) {', '.join(unknown)}.")
-        return ExecuTorchRunner(Path(path))
+        threads = runtime_opts.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise UnsupportedTargetError(f"The ExecuTorch runner's threads must be a whole number >= 1, got {threads!r}.")
+        return ExecuTorchRunner(Path(path), threads)
 
 
 def _raise_if_bound_too_large(exc: Exception, bounds: dict[str, tuple[int, int]]) -> None:
@@ -146,16 +156,25 @@ def _raise_if_bound_too_large(exc: Exception, bounds: dict[str, tuple[int, int]]
         raise RecipeError(problems) from exc
 
 
-def _planned_batch(buffer: bytes) -> int | None:
-    """The batch the program's memory is planned for (its first input's leading size), or None
-    when the runtime cannot tell here."""
+def _planned_batch(buffer: bytes) -> tuple[int | None, str | None]:
+    """(the batch the program's memory is planned for, i.e. its first input's leading size, None)
+    or (None, why it could not be read here). Only the expected failures are caught and reported;
+    anything else is a bug and raises."""
     try:
         from executorch.runtime import Runtime
-
+    except ImportError as e:
+        return None, f"the ExecuTorch runtime does not import here ({e}); the program's planned batch is unchecked"
+    try:
         method = Runtime.get().load_program(buffer).load_method("forward")
-        return int(method.metadata.input_tensor_meta(0).sizes()[0])
-    except Exception:  # no runtime here, or a program without inputs: nothing to check
-        return None
+    except RuntimeError as e:  # the runtime refused the program (e.g. a kernel not linked into it)
+        return None, f"the ExecuTorch runtime could not load the program ({str(e).strip()[:300]})"
+    meta = method.metadata
+    if meta.num_inputs() == 0:
+        return None, "the program's forward method has no inputs"
+    sizes = tuple(meta.input_tensor_meta(0).sizes())
+    if not sizes:
+        return None, "the program's first input is a scalar: it has no batch axis"
+    return int(sizes[0]), None
 
 
 def _fixed_examples(examples: dict[str, np.ndarray], io: ModelIO, bounds: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -187,24 +206,49 @@ def _delegation(edge: Any) -> dict[str, int]:
             "portable_nodes": int(info.num_non_delegated_nodes)}
 
 
-class ExecuTorchRunner:
-    """The ExecuTorch runtime's Python bindings (torch tensors in, torch tensors out). The bindings
-    do not expose XNNPACK's thread pool size, so a ``threads`` option is accepted but not applied."""
+def set_threads(threads: int) -> int:
+    """Resize the ExecuTorch runtime's thread pool (the one XNNPACK kernels run on) and return the
+    size it reports afterwards. The pool is process-wide: the last runner loaded with ``threads``
+    sets it for every ExecuTorch program in the process."""
+    try:
+        from executorch.extension.pybindings.portable_lib import (
+            _threadpool_get_thread_count,
+            _unsafe_reset_threadpool,
+        )
+    except ImportError as e:  # a runtime build without these (experimental) bindings
+        raise UnsupportedTargetError(
+            f"This ExecuTorch runtime cannot set its thread count from Python ({e}): remove the threads "
+            "option (serve.threads / bench.threads) for the 'executorch' target."
+        ) from None
+    _unsafe_reset_threadpool(int(threads))
+    got = int(_threadpool_get_thread_count())
+    if got != threads:
+        raise UnsupportedTargetError(
+            f"The ExecuTorch runtime was asked for {threads} threads but runs {got}: set threads to at most "
+            "the number of CPU cores."
+        )
+    return got
 
-    def __init__(self, path: Path):
+
+class ExecuTorchRunner:
+    """The ExecuTorch runtime's Python bindings (torch tensors in, torch tensors out). ``threads``
+    resizes the runtime's (process-wide) thread pool; None leaves it as the runtime chose."""
+
+    def __init__(self, path: Path, threads: int | None = None):
         import torch
         from executorch.runtime import Runtime
 
         if not path.is_file():
             raise UnsupportedTargetError(f"{path} does not exist: export the 'executorch' target first.")
         self._torch = torch
+        self.threads = set_threads(threads) if threads is not None else None
         program = Runtime.get().load_program(str(path))
         if IO_METHOD not in program.method_names:
             raise UnsupportedTargetError(f"{path} was not written by edgekd (no '{IO_METHOD}' method): re-export it.")
         io = ModelIO.from_dict(json.loads(program.load_method(IO_METHOD).execute([])[0]))
         self.method = program.load_method("forward")
         self.input_names, self.output_names = list(io.input_names), list(io.output_names)
-        self.io, self.threads, self.device = io, None, "cpu"
+        self.io, self.device = io, "cpu"
         self._dtypes = dict(io.dtypes)
         meta = self.method.metadata
         # Planned sizes: upper bounds of dynamic axes, exact sizes of a fixed-shape program.

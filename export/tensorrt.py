@@ -1,24 +1,35 @@
-"""TensorRT: a serialised engine (``model.plan``) built from the ONNX target's graph.
+"""TensorRT: a serialised engine (``model.plan``) built from an ONNX graph, strongly typed.
 
-The ONNX target is called explicitly (plain graph, no ONNX Runtime fusions, opset 18 by default,
-which TensorRT 8.6 and 10 both parse). Beside it go ``trtexec.sh`` and ``trtexec.txt`` with the exact
-``trtexec`` command (min/opt/max shapes of the optimisation profile, precision), so the engine can
-be built on the device that will run it: an engine is tied to its GPU model and TensorRT version.
-Where ``tensorrt`` imports and a CUDA GPU is visible, the engine is built here with the TensorRT
-Python API (fp16; int8 calibrated on the example inputs, with a reusable calibration cache).
+The ONNX target is called explicitly (plain graph, no ONNX Runtime fusions, opset 18 by default).
+Precision is carried by the graph, as TensorRT 10 (strongly typed networks) and 11 (where weak
+typing, precision builder flags and the int8 calibrator are gone) expect:
+
+* ``fp32``: the plain graph, ``model.onnx``.
+* ``fp16`` (default): ``model_fp16.onnx``, the graph converted to fp16 with float inputs/outputs
+  kept (NVIDIA ModelOpt AutoCast when installed, TensorRT 11's documented route; else ONNX
+  Runtime's float16 converter, the one the quantize stage's ``fp16`` method uses).
+* ``int8``: explicit quantization from a Q/DQ graph, ``model_int8.onnx``: the quantize stage's
+  static int8 model (``quantize.method: static``, symmetric int8), passed as the ``qdq_onnx`` option
+  (``export.options.tensorrt.qdq_onnx``); int8 is never calibrated here.
+
+Beside it go ``trtexec.sh`` and ``trtexec.txt`` with the exact ``trtexec`` command (min/opt/max
+shapes of the optimisation profile), so the engine can be built on the device that will run it: an
+engine is tied to its GPU model and TensorRT version. Where ``tensorrt`` imports and a CUDA GPU is
+visible, the engine is built here with the TensorRT Python API (``_tensorrt_engine``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import shlex
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekd.errors import MissingBackendError, UnsupportedTargetError
+from edgekd.errors import MissingBackendError, RecipeError, UnsupportedTargetError
 from edgekd.export._common import (
     BATCH_AXIS,
     DEFAULT_MAX_BATCH,
@@ -34,6 +45,7 @@ from edgekd.export.onnx import OnnxExporter
 ENGINE = "model.plan"
 TRT_ONNX_OPSET = 18
 PRECISIONS = ("fp16", "fp32", "int8")
+GRAPH = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
 
 
 @register
@@ -45,27 +57,34 @@ class TensorRTExporter(Exporter):
     extra = "onnx"
     needs_gpu = True
     options = {
-        "precision": "fp16 (default), fp32, or int8 (calibrated on the example inputs).",
+        "precision": "fp16 (default: the graph converted to fp16), fp32, or int8 (from qdq_onnx).",
+        "qdq_onnx": "int8: the Q/DQ ONNX model to build from (the quantize stage passes its static int8 model).",
         "opset": f"ONNX opset of the graph TensorRT parses (default {TRT_ONNX_OPSET}).",
         "max_batch": f"Largest batch of the optimisation profile (default {DEFAULT_MAX_BATCH}).",
         "opt_batch": "Batch TensorRT tunes kernels for (default min(8, max_batch)).",
         "max_sequence": "Longest sequence of the profile (default: the examples' length, i.e. max_length).",
         "opt_sequence": "Sequence length TensorRT tunes kernels for (default max_sequence).",
         "workspace_mb": "Builder workspace limit in MiB (default 4096).",
-        "calibration_examples": "Examples used for int8 calibration (default 256).",
     }
 
     def export(self, module: Any, example_inputs: dict[str, np.ndarray], io: ModelIO, out_dir: Path,
                **opts: Any) -> ExportResult:
         self.check_options(opts)
         precision = option(self.name, opts, "precision", str, "fp16", choices=PRECISIONS)
+        qdq = option(self.name, opts, "qdq_onnx", (str, Path), None)
         opset = option(self.name, opts, "opset", int, TRT_ONNX_OPSET, minimum=18)
         max_batch = option(self.name, opts, "max_batch", int, DEFAULT_MAX_BATCH, minimum=1)
         opt_batch = option(self.name, opts, "opt_batch", int, min(8, max_batch), minimum=1)
         max_seq = option(self.name, opts, "max_sequence", int, None, minimum=1)
         opt_seq = option(self.name, opts, "opt_sequence", int, None, minimum=1)
         workspace_mb = option(self.name, opts, "workspace_mb", int, 4096, minimum=64)
-        n_calib = option(self.name, opts, "calibration_examples", int, 256, minimum=1)
+        if precision == "int8" and qdq is None:
+            raise RecipeError([
+                "export.options.tensorrt.precision: int8 engines are built from a Q/DQ model (explicit quantization; "
+                "TensorRT 11 has no calibrator): run the quantize stage with quantize.method: static (symmetric "
+                "int8), then set export.options.tensorrt.qdq_onnx to its export/onnx-int8-static/model.onnx"])
+        if qdq is not None and precision != "int8":
+            raise RecipeError([f"export.options.tensorrt.qdq_onnx is for precision int8, not {precision}"])
         check_inputs(example_inputs, io, self.name)
         out_dir = Path(out_dir)
 
@@ -76,22 +95,24 @@ class TensorRTExporter(Exporter):
             err.target, err.operator = self.name, getattr(e, "operator", None)  # type: ignore[attr-defined]
             raise err from e
         shapes = profile_shapes(io, example_inputs, max_batch, opt_batch, max_seq, opt_seq)
-        calib = _calibration_batches(example_inputs, io, n_calib, opt_batch) if precision == "int8" else None
-        command = trtexec_command(onnx_result.path.name, shapes, precision)
+        graph = out_dir / GRAPH[precision]
+        notes: dict[str, Any] = {"onnx": onnx_result.path.name, "onnx_notes": onnx_result.notes}
         with staged(out_dir) as tmp:
+            if precision == "fp16":
+                notes["fp16_converter"] = to_fp16(onnx_result.path, tmp / graph.name)
+            elif precision == "int8":
+                notes["qdq"] = check_qdq(Path(qdq))
+                shutil.copyfile(qdq, tmp / graph.name)
+            command = trtexec_command(graph.name, shapes)
             script = tmp / "trtexec.sh"
-            script.write_text(_script(command, precision))
+            script.write_text(_script(command))
             script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
             (tmp / "trtexec.txt").write_text(_explain(command, shapes, precision))
-            if calib:
-                np.savez(tmp / "calibration.npz", **{k: np.concatenate([b[k] for b in calib]) for k in calib[0]})
         files = list(onnx_result.files) + [out_dir / "trtexec.sh", out_dir / "trtexec.txt"]
-        if calib:
-            files.append(out_dir / "calibration.npz")
-        notes: dict[str, Any] = {
-            "onnx": onnx_result.path.name, "onnx_notes": onnx_result.notes, "command": command,
-            "profile": {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()},
-        }
+        if graph != onnx_result.path:
+            files.append(graph)
+        notes.update(command=command, built_from=graph.name,
+                     profile={n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()})
         engine = out_dir / ENGINE
         ready, why = engine_buildable()
         if not ready:
@@ -100,7 +121,7 @@ class TensorRTExporter(Exporter):
         from edgekd.export._tensorrt_engine import build_engine
 
         with staged(out_dir) as tmp:
-            notes.update(build_engine(onnx_result.path, tmp / ENGINE, shapes, precision, workspace_mb, calib))
+            notes.update(build_engine(graph, tmp / ENGINE, shapes, workspace_mb))
             built_files = sorted(p.name for p in tmp.iterdir())
         files += [out_dir / f for f in built_files]
         return ExportResult(self.name, engine, files, notes=notes, precision=precision)
@@ -156,44 +177,83 @@ def profile_shapes(io: ModelIO, examples: dict[str, np.ndarray], max_batch: int,
     return shapes
 
 
-def trtexec_command(onnx_file: str, shapes: dict[str, tuple[tuple[int, ...], ...]], precision: str) -> list[str]:
+def to_fp16(src: Path, dst: Path) -> str:
+    """Write ``src`` converted to fp16 (float inputs and outputs kept) to ``dst``; return the converter.
+    Strongly typed TensorRT runs each layer in the type its tensors have, so this is what makes fp16."""
+    import onnx
+
+    if importlib.util.find_spec("modelopt") is not None:
+        # TensorRT 11's migration guide: modelopt.onnx.autocast.convert_to_mixed_precision.
+        from modelopt.onnx import autocast
+
+        half = autocast.convert_to_mixed_precision(onnx_path=str(src), low_precision_type="fp16", keep_io_types=True)
+        converter = "modelopt.onnx.autocast"
+    else:
+        try:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+        except ImportError as e:
+            raise MissingBackendError("The fp16 TensorRT graph", "onnxruntime", "onnx", str(e)) from None
+        half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        converter = "onnxruntime.transformers.float16"
+    onnx.save(half, str(dst))
+    return converter
+
+
+def check_qdq(path: Path) -> dict[str, Any]:
+    """A Q/DQ model TensorRT can build: QuantizeLinear/DequantizeLinear pairs with int8 zero points of 0
+    (TensorRT quantizes symmetrically). Returns counts for the notes; anything else is a clear error."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not path.is_file():
+        raise UnsupportedTargetError(f"{path} does not exist: run the quantize stage (quantize.method: static) first.")
+    model = onnx.load(str(path))
+    nodes = list(model.graph.node)
+    q = [n for n in nodes if n.op_type == "QuantizeLinear"]
+    dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    if not q or not dq:
+        raise UnsupportedTargetError(
+            f"{path} has no QuantizeLinear/DequantizeLinear nodes: a TensorRT int8 engine needs a Q/DQ model "
+            "(quantize.method: static); dynamic int8 (MatMulInteger) does not build in TensorRT."
+        )
+    inits = {t.name: t for t in model.graph.initializer}
+    bad = []
+    for n in q + dq:
+        zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is None:
+            continue
+        arr = numpy_helper.to_array(zp)
+        if arr.dtype != np.int8 or arr.any():
+            bad.append(f"{n.name or n.output[0]} ({arr.dtype}, zero point {arr.ravel()[:1].tolist()})")
+    if bad:
+        raise UnsupportedTargetError(
+            f"{path}: TensorRT quantizes symmetrically (int8, zero point 0), but {len(bad)} Q/DQ node(s) are not, "
+            f"e.g. {bad[0]}. Quantize with quantize.activation_type: qint8 and symmetric activations."
+        )
+    return {"quantize_nodes": len(q), "dequantize_nodes": len(dq)}
+
+
+def trtexec_command(onnx_file: str, shapes: dict[str, tuple[tuple[int, ...], ...]]) -> list[str]:
+    """No precision flags: the graph's types decide (TensorRT 11 removed the precision and calibration flags)."""
     def spec(i: int) -> str:
         return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shapes.items())
 
-    cmd = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={ENGINE}",
-           f"--minShapes={spec(0)}", f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}"]
-    if precision in ("fp16", "int8"):
-        cmd.append("--fp16")
-    if precision == "int8":
-        cmd.append("--int8")
-    return cmd
+    return ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={ENGINE}",
+            f"--minShapes={spec(0)}", f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}"]
 
 
-def _script(command: list[str], precision: str) -> str:
+def _script(command: list[str]) -> str:
     line = " ".join(shlex.quote(c) for c in command)
-    calib = ""
-    if precision == "int8":
-        calib = ('# A calibration cache (written when edgekd builds the engine with TensorRT) gives real int8\n'
-                 '# scales; without one trtexec uses placeholder scales, fit for timing only.\n'
-                 'CALIB=""\n[ -f calibration.cache ] && CALIB="--calib=calibration.cache"\n')
-        line += " $CALIB"
+    # TensorRT 10's trtexec types networks strongly only when asked; 11's always does.
+    strong = ('STRONG=""\n# TensorRT 10 (trtexec prints e.g. "TensorRT v100300") needs --stronglyTyped; 11 always is.\n'
+              'trtexec --help 2>&1 | grep -q "TensorRT v10" && STRONG="--stronglyTyped"\n')
     return ("#!/bin/sh\n# Build the TensorRT engine for this folder's ONNX model, on the GPU that will run it.\n"
-            f'set -e\ncd "$(dirname "$0")"\n{calib}{line} "$@"\n')
+            f'set -e\ncd "$(dirname "$0")"\n{strong}{line} $STRONG "$@"\n')
 
 
 def _explain(command: list[str], shapes: dict[str, tuple[tuple[int, ...], ...]], precision: str) -> str:
     rows = "\n".join(f"  {n}: min {list(s[0])}, opt {list(s[1])}, max {list(s[2])}" for n, s in shapes.items())
-    int8 = ("\nint8: run edgekd's tensorrt export where TensorRT is installed to calibrate on calibration.npz "
-            "(the examples saved here) and write calibration.cache; trtexec without it measures speed only.\n"
-            if precision == "int8" else "")
-    return (f"TensorRT engine build for model.onnx ({precision}).\n\n{' '.join(shlex.quote(c) for c in command)}\n\n"
+    return (f"TensorRT engine build ({precision}, strongly typed: {command[1][7:]} carries the precision)."
+            f"\n\n{' '.join(shlex.quote(c) for c in command)}\n\n"
             f"Optimisation profile:\n{rows}\n\nThe engine ({ENGINE}) runs only on the GPU model and TensorRT "
-            f"version that built it; edgekd loads {ENGINE} from this folder once it exists.\n{int8}")
-
-
-def _calibration_batches(examples: dict[str, np.ndarray], io: ModelIO, n: int, batch: int) -> list[dict[str, np.ndarray]]:
-    rows = min(n, len(np.asarray(examples[io.input_names[0]])))
-    batch = min(batch, rows)
-    arrays = {k: np.asarray(examples[k][: rows - rows % batch]).astype(io.dtypes.get(k, examples[k].dtype))
-              for k in io.input_names}
-    return [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, rows - rows % batch, batch)]
+            f"version that built it; edgekd loads {ENGINE} from this folder once it exists.\n")

@@ -62,6 +62,7 @@ def create_app(settings: ServeSettings | None = None, loader: Loader | None = No
             model.runner, model.codec, workers=settings.inference_workers, batching=settings.batching,
             max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue, on_batch=metrics.observe_batch, arrivals=metrics.in_flight,
+            precision=model.meta.get("precision"),
         )
         await engine.start()
         app.state.serving = Serving(settings=settings, model=model, engine=engine, metrics=metrics)

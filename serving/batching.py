@@ -14,6 +14,12 @@ progress, with no runner call under way, and whose call is measured to be short 
 per input row times its rows, at most ``INLINE_MAX_S``) runs on the event loop itself. The loop has
 nothing else to do meanwhile, and the hand-off to a thread and back costs about as much as a small
 model's call (a tenth of a millisecond or more, more still on a loaded machine).
+
+Rows must not change each other's answers. A dynamic-int8 artifact (``precision: int8-dynamic``)
+computes its activation scales per call over the whole input tensor, padding included, so a row's
+answer would depend on the rows (and padding) that share its call. For such an artifact batching
+is refused with an error that recommends the static int8 artifact, and every runner call holds
+one row: a request of several texts gets the answers each text gets alone.
 """
 
 from __future__ import annotations
@@ -40,6 +46,26 @@ from edgekd.serving.errors import OverloadedError, ShuttingDownError
 INLINE_MAX_S = 0.002
 
 BatchObserver = Callable[[int, float], None]
+
+# Precisions (artifact.json ``precision``) whose outputs for one row depend on the other rows of a
+# call: ONNX Runtime's dynamic quantization (DynamicQuantizeLinear takes one scale per tensor).
+ROW_DEPENDENT_PRECISIONS = {"int8-dynamic": "activation scales are computed per call over the whole batch"}
+
+
+def check_batching(precision: str | None, batching: bool) -> int | None:
+    """Rows per runner call an artifact of ``precision`` allows: None (any), or 1 when its rows
+    depend on each other. Batching such an artifact is an error that says what to serve instead."""
+    why = ROW_DEPENDENT_PRECISIONS.get(str(precision))
+    if why is None:
+        return None
+    if batching:
+        raise StageError(
+            f"serve.batching is on, but this artifact is {precision} ({why}): a request's answer would "
+            "depend on which other requests shared its batch. Serve the static int8 artifact instead "
+            "(quantize.method: static writes export/onnx-int8-static, whose scales are fixed), or set "
+            "serve.batching: false (EDGEKD_SERVE_BATCHING=false)."
+        )
+    return 1
 Outputs = dict[str, np.ndarray]  # runner outputs by name, one row per input
 
 
@@ -205,7 +231,12 @@ class InferenceEngine:
         max_queue: int = 4096,
         on_batch: BatchObserver | None = None,
         arrivals: Callable[[], int] | None = None,
+        precision: str | None = None,
     ):
+        """``precision``: the artifact's (artifact.json); a row-dependent one refuses ``batching``
+        and runs one row per call (see ``check_batching``)."""
+        rows_per_call = check_batching(precision, batching)
+        self.one_row_per_call = rows_per_call == 1
         self.runner = runner
         self.codec = codec
         # The outputs the codec reads: only these are kept, sliced per request and checked for rows.
@@ -216,6 +247,8 @@ class InferenceEngine:
         # Artifacts that plan memory ahead (ExecuTorch, Core ML, TensorRT profiles) take at most
         # ``runner.max_batch`` rows per call; larger requests are run in slices of that size.
         self.runner_max_batch: int | None = getattr(runner, "max_batch", None)
+        if rows_per_call is not None:
+            self.runner_max_batch = min(self.runner_max_batch or rows_per_call, rows_per_call)
         if self.runner_max_batch:
             max_batch_size = min(max_batch_size, self.runner_max_batch)
         self.max_batch_size = max_batch_size
@@ -252,6 +285,10 @@ class InferenceEngine:
 
     # --- blocking calls, run in the pool -----------------------------------------------------------
     def run_items(self, items: list[Any]) -> Outputs:
+        if self.one_row_per_call and len(items) > 1:
+            # Each item padded on its own too: padding of a row-dependent artifact changes answers.
+            parts = [self.run_arrays_blocking(self.codec.pad([item])) for item in items]
+            return {name: np.concatenate([p[name] for p in parts]) for name in self.outputs}
         out = self.run_arrays_blocking(self.codec.pad(items))
         return {name: out[name] for name in self.outputs}
 

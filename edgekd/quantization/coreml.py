@@ -100,3 +100,58 @@ def quantize_coreml(mlpackage: Path, out_path: Path, cfg: QuantizeConfig) -> dic
                    "weight_error above is the check that runs everywhere"
     }
     return report
+
+
+def quantize_coreml_folder(src: Path, out: Path, cfg: QuantizeConfig, test_inputs: dict[str, np.ndarray] | None = None,
+                           batch_size: int = 16) -> dict[str, Any]:
+    """The quantize stage's Core ML path: compress ``src`` (the coreml export folder) into ``out``, an
+    export folder like any other (tokenizer, artifact.json), so bench and serve take it as they are.
+
+    Parity (compressed package against the float one on ``test_inputs``) runs where Core ML predicts,
+    i.e. on macOS; elsewhere artifact.json says it did not run and why, next to the weight error."""
+    import sys
+
+    from edgekd.export.base import read_artifact_meta, write_artifact_meta
+    from edgekd.export.stage import artifact_digest
+
+    src, out = Path(src), Path(out)
+    meta = read_artifact_meta(src)
+    package = src / meta["file"]
+    with atomic_dir(out) as tmp:
+        for item in src.iterdir():
+            if item.name in (meta["file"], "artifact.json") or item.name.startswith("."):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        report = quantize_coreml(package, tmp / package.name, cfg)
+        if not report["constexpr_ops"] or not report["weight_error"]["max_relative_error"]:
+            # A folder labelled int8/palettized whose weights are the float ones would be silently wrong.
+            raise StageError(
+                f"Core ML compression (quantize.coreml_mode: {cfg.coreml_mode}) left every weight of {package} "
+                f"unchanged (no constexpr op, weight error {report['weight_error']}): no {out.name} was written. "
+                "Compress with coremltools yourself, or drop coreml from export.targets for the quantize stage."
+            )
+        parity: dict[str, Any]
+        if sys.platform == "darwin" and test_inputs is not None:
+            from edgekd.export.coreml import CoreMLRunner
+            from edgekd.export.parity import run_batched
+
+            want = run_batched(CoreMLRunner(package).run, test_inputs, batch_size)
+            got = run_batched(CoreMLRunner(tmp / package.name).run, test_inputs, batch_size)
+            name = next(iter(want))
+            parity = {"ran": True, "reference": "float Core ML package",
+                      "max_abs_diff": float(np.max(np.abs(got[name] - want[name]))),
+                      "top1_agreement": float(np.mean(got[name].argmax(-1) == want[name].argmax(-1)))}
+        else:
+            parity = {"ran": False, "reason": "Core ML predicts only on macOS; the weight error is checked instead",
+                      "weight_error": report["weight_error"]}
+        report["parity"] = parity
+        new = dict(meta)
+        new.update(precision=report["precision"], sha256=artifact_digest(tmp / package.name),
+                   size_bytes=_size(tmp / package.name), parity=parity,
+                   files={n: artifact_digest(tmp / n) for n in (meta.get("files") or {package.name: None})
+                          if (tmp / n).exists()},
+                   source={"folder": str(src), "sha256": meta.get("sha256"), "precision": meta.get("precision")},
+                   quantization={"method": f"coreml-{cfg.coreml_mode}", **{k: report[k] for k in
+                                 ("mode", "precision", "size_bytes_before", "size_bytes_after", "weight_error")}})
+        write_artifact_meta(tmp, new)
+    return report

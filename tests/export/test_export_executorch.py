@@ -26,6 +26,7 @@ def test_dynamic_program_matches_source(et_export, text_module, text_data):
     assert result.notes["dynamic"] is True and result.io is None
     assert result.notes["bounds"] == {"batch": [1, 8], "sequence": [1, MAX_LENGTH]}
     assert result.notes["delegation"]["delegated_nodes"] > 0  # XNNPACK took the linear layers
+    assert result.notes["planned_batch_check"] == {"checked": True, "planned_batch": 8}
     runner = get_exporter("executorch").load(result.path)
     assert runner.max_batch == 8
     report = check_parity(runner, text_module, inputs, labels, classification_metrics, batch_size=32)
@@ -70,3 +71,35 @@ def test_unsupported_operator_is_named(tmp_path):
         get_exporter("executorch").export(eigh_module(), eigh_inputs(), eigh_io(), tmp_path)
     assert "'executorch'" in str(info.value)
     assert info.value.operator == "aten._linalg_eigh.default"
+
+
+def test_threads_resize_the_runtime_thread_pool(et_export):
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+    ex = get_exporter("executorch")
+    before = _threadpool_get_thread_count()
+    try:
+        for n in (1, 3):
+            runner = ex.load(et_export.path, threads=n)
+            assert runner.threads == n and _threadpool_get_thread_count() == n
+        assert ex.load(et_export.path).threads is None
+        with pytest.raises(UnsupportedTargetError, match="threads must be a whole number >= 1"):
+            ex.load(et_export.path, threads=0)
+    finally:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(before)
+
+
+def test_planned_batch_check_reports_what_it_could_not_check(monkeypatch):
+    import sys
+
+    from edgekd.export import executorch as et
+
+    # A program the runtime cannot load is reported, not passed as checked.
+    planned, why = et._planned_batch(b"not a program")
+    assert planned is None and "could not load the program" in why
+    # Without the runtime, the note says the check did not run.
+    monkeypatch.setitem(sys.modules, "executorch.runtime", None)
+    planned, why = et._planned_batch(b"")
+    assert planned is None and "does not import here" in why

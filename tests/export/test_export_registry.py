@@ -61,7 +61,7 @@ def test_recipe_validates_targets_and_options_at_load_time():
         parse_recipe({"export": {"targets": ["onnx", "tflite"], "options": {"coreml": {"precision": "fp16"}}}})
     msg = str(info.value)
     assert "unknown export target(s) ['tflite']" in msg
-    assert "coreml does not accept precision (allowed: compute_precision, deployment_target, max_batch, max_sequence)" in msg
+    assert "coreml does not accept precision (allowed: batch_sizes, compute_precision, deployment_target, max_batch, max_sequence)" in msg
     cfg = parse_recipe({"export": {"targets": ["onnx"], "options": {"onnx": {"optimize": True}}}}).export
     assert cfg.targets == ["onnx"] and cfg.options == {"onnx": {"optimize": True}}
 

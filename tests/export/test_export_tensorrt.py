@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from export_helpers import MAX_LENGTH, TOLERANCE, eigh_inputs, eigh_io, eigh_module
 
-from edgekd.errors import UnsupportedTargetError
+from edgekd.errors import RecipeError, UnsupportedTargetError
 from edgekd.export import get_exporter
 from edgekd.export.parity import check_parity
 from edgekd.export.tensorrt import engine_buildable, profile_shapes, trtexec_command
@@ -32,17 +32,28 @@ def test_without_tensorrt_writes_onnx_and_command(trt_export):
     assert result.built is False
     assert result.reason == "not built: TensorRT not installed"
     assert result.path == out / "model.plan" and not result.path.exists()
-    assert sorted(p.name for p in result.files) == ["model.onnx", "trtexec.sh", "trtexec.txt"]
+    assert sorted(p.name for p in result.files) == ["model.onnx", "model_fp16.onnx", "trtexec.sh", "trtexec.txt"]
     script = (out / "trtexec.sh").read_text()
     expected = (
-        "trtexec --onnx=model.onnx --saveEngine=model.plan "
+        "trtexec --onnx=model_fp16.onnx --saveEngine=model.plan "
         f"--minShapes=input_ids:1x1,attention_mask:1x1 --optShapes=input_ids:8x{MAX_LENGTH},attention_mask:8x{MAX_LENGTH} "
-        f"--maxShapes=input_ids:16x{MAX_LENGTH},attention_mask:16x{MAX_LENGTH} --fp16"
+        f"--maxShapes=input_ids:16x{MAX_LENGTH},attention_mask:16x{MAX_LENGTH} $STRONG"
     )
     assert expected in script
     assert os.access(out / "trtexec.sh", os.X_OK)
-    assert expected in (out / "trtexec.txt").read_text()
-    assert result.precision == "fp16"
+    assert expected.replace(" $STRONG", "") in (out / "trtexec.txt").read_text()
+    assert result.precision == "fp16" and result.notes["built_from"] == "model_fp16.onnx"
+
+
+def test_fp16_graph_is_converted_with_float_io(trt_export):
+    import onnx
+
+    out, result = trt_export
+    model = onnx.load(str(out / "model_fp16.onnx"))
+    types = {onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}
+    assert "FLOAT16" in types and "FLOAT" not in types  # every weight fp16: strong typing runs fp16
+    assert [onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type) for o in model.graph.output] == ["FLOAT"]
+    assert result.notes["fp16_converter"] in ("modelopt.onnx.autocast", "onnxruntime.transformers.float16")
 
 
 def test_tensorrt_onnx_is_plain_opset_18_and_matches_source(trt_export, text_module, text_data):
@@ -61,21 +72,14 @@ def test_profile_shapes_follow_options():
     examples = {"input_ids": np.zeros((4, 64), np.int64), "attention_mask": np.zeros((4, 64), np.int64)}
     shapes = profile_shapes(TEXT_IO, examples, max_batch=64, opt_batch=8, max_sequence=128, opt_sequence=32)
     assert shapes["input_ids"] == ((1, 1), (8, 32), (64, 128))
-    cmd = trtexec_command("model.onnx", shapes, "int8")
-    assert "--int8" in cmd and "--fp16" in cmd
+    cmd = trtexec_command("model_int8.onnx", shapes)
     assert "--maxShapes=input_ids:64x128,attention_mask:64x128" in cmd
+    assert not any(c in ("--fp16", "--int8", "--best") or c.startswith("--calib") for c in cmd)  # gone in 11
 
 
-@pytest.mark.skipif(HAS_TENSORRT, reason="checks the fallback taken where TensorRT is not installed")
-@pytest.mark.slow
-def test_int8_saves_calibration_samples(text_module, text_data, tmp_path):
-    inputs, _ = text_data
-    result = get_exporter("tensorrt").export(text_module, inputs, TEXT_IO, tmp_path, precision="int8", opt_batch=4)
-    assert result.precision == "int8" and not result.built
-    with np.load(tmp_path / "calibration.npz") as z:
-        assert z["input_ids"].shape == (len(inputs["input_ids"]), MAX_LENGTH)  # every example, in whole batches of 4
-    script = (tmp_path / "trtexec.sh").read_text()
-    assert "--int8" in script and "calibration.cache" in script
+def test_int8_without_the_quantize_stage_model_is_a_recipe_error(text_module, text_data, tmp_path):
+    with pytest.raises(RecipeError, match="quantize.method: static .*export.options.tensorrt.qdq_onnx"):
+        get_exporter("tensorrt").export(text_module, text_data[0], TEXT_IO, tmp_path, precision="int8")
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the fallback taken where TensorRT is not installed")
