@@ -82,6 +82,12 @@ def check_texts(texts: Sequence[object], settings: ServeSettings, field: str = "
         if len(t) > settings.max_text_chars:
             raise RequestError(f"{where} has {len(t)} characters; this server takes at most "
                                f"{settings.max_text_chars}: shorten it.", 422)
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" alone decodes to a str no tokenizer takes
+                raise RequestError(f"{where} holds a lone surrogate (U+{ord(t[e.start]):04X}) at character "
+                                   f"{e.start}: send valid Unicode (surrogates only in pairs).", 422) from None
         out.append(t)
     return out
 
@@ -165,7 +171,7 @@ async def fast_predict(scope: Scope, body: bytes) -> bytes | None:
         return None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # the route answers them (400)
         return None
     # Exactly PredictRequest's valid shapes: {"text": str} or {"texts": [str, ...]}.
     if type(data) is not dict or len(data) != 1:

@@ -132,10 +132,18 @@ async def require_json(request: Request) -> None:
 
 async def read_json(request: Request) -> Any:
     """The body parsed as JSON (400 when it is not), for routes that parse their body themselves."""
+    return parse_json(await request.body())
+
+
+def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
+    """``raw`` parsed as JSON; 400 when it is not JSON or nests deeper than the parser's recursion limit
+    (a body like ``[[[[...]]]]`` must be a client error, not a RecursionError)."""
     try:
-        return json.loads(await request.body())
+        return json.loads(raw)
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
-        raise RequestError(f"the request body is not valid JSON ({e}): send a JSON object.", 400) from None
+        raise RequestError(f"{what} is not valid JSON ({e}): send a JSON object.", 400) from None
+    except RecursionError:
+        raise RequestError(f"{what} nests arrays or objects too deeply: send flat lists of values.", 400) from None
 
 
 def validate_body(model: type[M], data: Any, loc: str = "body") -> M:
