@@ -211,6 +211,24 @@ class InferenceService:
         )
 
 
+class Undecodable:
+    """What the deserializer hands on for bytes that are not the message, so that the client gets
+    INVALID_ARGUMENT (grpc's own answer to a failing deserializer is INTERNAL)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _deserializer(cls: type) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError, or a RecursionError on deep nesting
+            return Undecodable(f"{type(e).__name__}: {e}")
+
+    return parse
+
+
 def _handler(service: InferenceService, name: str, needs_key: bool, api_key: Any) -> Callable[..., Awaitable[Any]]:
     import grpc
 
@@ -219,6 +237,8 @@ def _handler(service: InferenceService, name: str, needs_key: bool, api_key: Any
     async def call(request: Any, context: Any) -> Any:
         serving = service.get_serving()
         try:
+            if isinstance(request, Undecodable):
+                raise RequestError(f"the request is not a valid {name} message ({request.reason}).")
             if needs_key:
                 md = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
                 error = api_key_error(api_key, md.get("x-api-key"), md.get("authorization", ""))
@@ -252,7 +272,7 @@ async def start_server(get_serving: Callable[[], Serving | None], settings: Any)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             _handler(service, name, needs_key, settings.api_key),
-            request_deserializer=service.m[req].FromString, response_serializer=service.m[resp].SerializeToString)
+            request_deserializer=_deserializer(service.m[req]), response_serializer=service.m[resp].SerializeToString)
         for name, (req, resp, needs_key) in RPCS.items()
     }
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),

@@ -242,8 +242,11 @@ def _image_array(tensors: dict[str, Tensor], codec: DetectionCodec, settings: Se
                            "request (max_images).")
     if not isinstance(t.data, np.ndarray) and not all(type(v) in (int, float) for v in t.data):
         raise RequestError(f"input '{name}' holds non-numeric values: send numbers (RGB in 0..1).")
-    with np.errstate(over="ignore"):  # a JSON number beyond float32 becomes inf, refused just below
-        arr = np.asarray(t.data, dtype=np.float32).reshape(t.shape)
+    try:
+        with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused just below
+            arr = np.asarray(t.data, dtype=np.float32).reshape(t.shape)
+    except OverflowError:  # a JSON integer beyond any float (10**400)
+        raise RequestError(f"input '{name}' holds a number too large for FP32: send RGB values in 0..1.") from None
     if not np.isfinite(arr).all():
         raise RequestError(f"input '{name}' holds NaN or infinite values: send RGB values in 0..1.")
     return arr

@@ -131,3 +131,16 @@ def test_grpc_messages_match_tritons(live_server):
         for field in mine.fields:
             other = theirs.fields_by_name[field.name]
             assert (other.number, other.type, other.is_repeated) == (field.number, field.type, field.is_repeated), (name, field.name)
+
+
+def test_grpc_undecodable_request_is_invalid_argument(live_server):
+    import grpc
+
+    port = free_port()
+    live_server(grpc_port=port)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"\xff\xff\xff", timeout=10)  # not a ModelInferRequest
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid ModelInfer message" in err.value.details()
