@@ -33,7 +33,7 @@ def test_deeply_nested_json_is_400(make_client, path):
 
 
 def test_nesting_under_the_limit_is_still_answered(make_client):
-    client = make_client()  # 500 levels parse; the shape check then refuses the data, as a 4xx
+    client = make_client()  # 500 levels parse, and nested data is flattened row-major: one text
     r = client.post(INFER, content=json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
                                                            "data": json.loads(_nested(500))}]}).encode())
     assert r.status_code == 200, r.text
