@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekd.serving.context import Serving, within_deadline
 from edgekd.serving.errors import RequestError
-from edgekd.serving.http import MULTIPART, is_json, media_type, read_json, validate_body
+from edgekd.serving.http import MULTIPART, foreign_field, is_json, media_type, read_json, validate_body
 from edgekd.serving.schemas import DetectionOut, DetectOptions, DetectRequest, DetectResponse, ImageDetections
 from edgekd.serving.settings import ServeSettings
 from edgekd.serving.vision import DetectionCodec
@@ -88,6 +88,8 @@ def _from_json(data: Any, settings: ServeSettings) -> tuple[list[tuple[str, str]
     """(where, base64 text) per image, and the options; decoded only once the options are valid."""
     if isinstance(data, dict) and {"text", "texts"} & data.keys():
         raise RequestError(TEXTS_HERE, 422)
+    if isinstance(data, dict) and (other := foreign_field(data, "image", "images")):
+        raise RequestError(other, 422)
     body = validate_body(DetectRequest, data)
     texts = body.items()
     _check_count(len(texts), settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from edgekd.serving.api_predict import ERRORS
 from edgekd.serving.context import Serving, get_serving
 from edgekd.serving.errors import NotReadyError
 from edgekd.serving.http import require_api_key
@@ -12,7 +13,8 @@ from edgekd.serving.schemas import HealthResponse, MetadataResponse
 router = APIRouter(tags=["service"])
 
 
-@router.get("/health", response_model=HealthResponse, summary="Liveness and readiness in one")
+@router.get("/health", response_model=HealthResponse, responses={503: ERRORS[503]},
+            summary="Liveness and readiness in one")
 async def health(request: Request, serving: Serving = Depends(get_serving)) -> HealthResponse:
     if not request.app.state.ready:
         raise NotReadyError("the server is shutting down.")
@@ -20,6 +22,7 @@ async def health(request: Request, serving: Serving = Depends(get_serving)) -> H
 
 
 @router.get("/metadata", response_model=MetadataResponse, dependencies=[Depends(require_api_key)],
+            responses={401: ERRORS[401], 503: ERRORS[503]},
             summary="What is served: model, task, target, runtime, labels, accuracy and parity figures")
 async def metadata(serving: Serving = Depends(get_serving)) -> MetadataResponse:
     model, engine = serving.model, serving.engine

@@ -26,6 +26,7 @@ from edgekd.serving.errors import RequestError
 from edgekd.serving.http import (
     MULTIPART,
     api_key_error,
+    foreign_field,
     is_json,
     media_type,
     parse_media_type,
@@ -39,6 +40,7 @@ from edgekd.serving.schemas import (
     DetectRequest,
     DetectResponse,
     ErrorBody,
+    InferenceRequest,
     PredictionOut,
     PredictRequest,
     PredictResponse,
@@ -82,6 +84,12 @@ def check_texts(texts: Sequence[object], settings: ServeSettings, field: str = "
         if len(t) > settings.max_text_chars:
             raise RequestError(f"{where} has {len(t)} characters; this server takes at most "
                                f"{settings.max_text_chars}: shorten it.", 422)
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" alone decodes to a str no tokenizer takes
+                raise RequestError(f"{where} holds a lone surrogate (U+{ord(t[e.start]):04X}) at character "
+                                   f"{e.start}: send valid Unicode (surrogates only in pairs).", 422) from None
         out.append(t)
     return out
 
@@ -113,6 +121,8 @@ async def predict_texts(request: Request, serving: Serving) -> PredictResponse:
     data = await read_json(request)
     if isinstance(data, dict) and {"image", "images"} & data.keys():
         raise RequestError(IMAGES_HERE, 422)
+    if isinstance(data, dict) and (other := foreign_field(data, "text", "texts")):
+        raise RequestError(other, 422)
     given = sorted(set(request.query_params) & set(OPTIONS))
     if given:
         raise RequestError(f"{', '.join(given)} applies to detection models; this model classifies texts: "
@@ -165,7 +175,7 @@ async def fast_predict(scope: Scope, body: bytes) -> bytes | None:
         return None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # the route answers them (400)
         return None
     # Exactly PredictRequest's valid shapes: {"text": str} or {"texts": [str, ...]}.
     if type(data) is not dict or len(data) != 1:
@@ -218,9 +228,21 @@ _OPENAPI = {
 }
 
 
+def openapi_for(accepts: str) -> dict[str, Any]:
+    """/predict's request body and parameters for a model that takes ``accepts`` (texts or images)."""
+    if accepts == TextCodec.accepts:
+        return {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}, "parameters": []}
+    content = _OPENAPI["requestBody"]["content"]
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/DetectRequest"}}, MULTIPART: content[MULTIPART]}},
+        "parameters": _OPENAPI["parameters"]}
+
+
 def openapi_components() -> dict[str, Any]:
     """JSON schemas of the bodies /predict reads itself, for the OpenAPI document's components."""
-    _, top = models_json_schema([(PredictRequest, "validation"), (DetectRequest, "validation")],
+    _, top = models_json_schema([(PredictRequest, "validation"), (DetectRequest, "validation"),
+                                 (InferenceRequest, "validation")],
                                 ref_template="#/components/schemas/{model}")
     return top.get("$defs", {})
 

@@ -22,7 +22,7 @@ from edgekd.export.base import read_artifact_meta
 from edgekd.serving import api_ops, api_predict, api_v2
 from edgekd.serving.batching import InferenceEngine
 from edgekd.serving.context import Serving
-from edgekd.serving.http import ServingMiddleware, install_error_handlers
+from edgekd.serving.http import ServingMiddleware, guarded_protocol, install_error_handlers
 from edgekd.serving.metrics import Metrics
 from edgekd.serving.model import Loader, load_served_model, resolve_export_dir, verify_artifact
 from edgekd.serving.settings import ServeSettings
@@ -35,7 +35,8 @@ TensorRT, ExecuTorch, PyTorch): whichever task the served artifact was exported 
 * `POST /predict` — text models: `{"text": "..."}` or `{"texts": [...]}`. Detection models: image
   files as multipart/form-data (`file`, or several `files`) or JSON `{"image": "<base64>"}` /
   `{"images": [...]}`; options `conf_threshold`, `iou_threshold`, `max_det`.
-* `POST /v2/models/{name}/infer` — the Open Inference Protocol (KServe v2 / Triton).
+* `POST /v2/models/{name}/infer` — the Open Inference Protocol (KServe v2 / Triton), JSON or with
+  Triton's binary tensor data extension; also over gRPC when the server has a `grpc_port`.
 * `GET /health`, `GET /metadata`, `GET /metrics` (Prometheus).
 
 Errors are JSON objects `{"error": "..."}` saying what to fix.
@@ -66,6 +67,16 @@ def create_app(settings: ServeSettings | None = None, loader: Loader | None = No
         )
         await engine.start()
         app.state.serving = Serving(settings=settings, model=model, engine=engine, metrics=metrics)
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from edgekd.serving.grpc_v2 import start_server
+
+            try:
+                grpc_server = await start_server(lambda: app.state.serving if app.state.ready else None, settings)
+            except Exception as e:
+                await engine.stop()
+                app.state.startup_error = e
+                raise
         app.state.ready = True
         log.info("serving %s (%s) from %s, batching %s", model.name, model.target, model.folder,
                  "on" if settings.batching else "off")
@@ -73,6 +84,8 @@ def create_app(settings: ServeSettings | None = None, loader: Loader | None = No
             yield
         finally:
             app.state.ready = False
+            if grpc_server is not None:  # in-flight RPCs finish, as HTTP's do
+                await grpc_server.stop(settings.graceful_timeout_s)
             await engine.stop()
             log.info("stopped serving %s: in-flight work finished", model.name)
 
@@ -85,25 +98,55 @@ def create_app(settings: ServeSettings | None = None, loader: Loader | None = No
     app.state.startup_error = None
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes,
-                       fast={("POST", "/predict"): api_predict.fast_predict})
+                       fast={("POST", "/predict"): api_predict.fast_predict}, body_timeout_s=settings.body_timeout_s)
     app.include_router(api_predict.router)
     app.include_router(api_v2.health)
     app.include_router(api_v2.router)
     app.include_router(api_ops.router)
-    _document_predict_bodies(app)
+    _document(app, settings)
     return app
 
 
-def _document_predict_bodies(app: FastAPI) -> None:
-    """Add the schemas of the bodies /predict parses itself to the OpenAPI document's components."""
+def _document(app: FastAPI, settings: ServeSettings) -> None:
+    """Make the OpenAPI document say what this server does: the schemas of the bodies the routes parse
+    themselves, /predict's request shape for the served task (once the model is loaded), and the API
+    key as optional when the server has none."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:  # build() caches the document it returns in app.openapi_schema
-            build().setdefault("components", {}).setdefault("schemas", {}).update(api_predict.openapi_components())
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()  # build() caches the document it returns in app.openapi_schema
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(api_predict.openapi_components())
+        serving: Serving | None = app.state.serving
+        if serving is None:  # not loaded yet: both tasks' shapes, and not cached
+            app.openapi_schema = None
+        else:
+            doc["paths"]["/predict"]["post"].update(api_predict.openapi_for(serving.model.codec.accepts))
+        if settings.api_key is None:
+            for ops in doc["paths"].values():
+                for op in ops.values():
+                    if "security" in op:
+                        op["security"] = [{}, *op["security"]]
+        return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def uvicorn_config(app: FastAPI, settings: ServeSettings, **overrides: Any) -> Any:
+    """uvicorn's configuration for ``app``: keep-alive and header timeouts from ``settings``."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level,
+        "timeout_graceful_shutdown": max(1, round(settings.graceful_timeout_s)), "lifespan": "on",
+        "access_log": settings.access_log, "server_header": False,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "http": guarded_protocol(AutoHTTPProtocol, settings.header_timeout_s),
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
 
 
 def serve(run_dir: str | Path, target: str | None = None, settings: ServeSettings | None = None,
@@ -121,13 +164,8 @@ def serve(run_dir: str | Path, target: str | None = None, settings: ServeSetting
     verify_artifact(folder, read_artifact_meta(folder))
     settings = (settings or ServeSettings()).model_copy(update={"export_dir": folder})
     app = create_app(settings, loader)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, round(settings.graceful_timeout_s)), lifespan="on",
-        access_log=settings.access_log, server_header=False,
-    )
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(uvicorn_config(app, settings)).run()
     except SystemExit:  # uvicorn exits with status 3 when the lifespan startup fails
         if app.state.startup_error is None:
             raise

@@ -7,6 +7,7 @@ Protocol's error shape), so clients of every route parse failures the same way.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -14,9 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -87,7 +89,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 # --- dependencies ------------------------------------------------------------------------------------
-async def require_api_key(request: Request) -> None:
+# Declared so that the OpenAPI document has the security schemes; the key itself is checked below
+# (either header may carry it), and the document marks it optional when the server has no key.
+_BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="`Authorization: Bearer KEY`.")
+_X_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey", description="`X-API-Key: KEY`.")
+
+
+async def require_api_key(request: Request, _bearer: Any = Security(_BEARER), _key: Any = Security(_X_API_KEY)) -> None:
     """Accept ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` when the server has a key."""
     error = api_key_error(request.app.state.settings.api_key, request.headers.get("x-api-key"),
                           request.headers.get("authorization", ""))
@@ -132,10 +140,18 @@ async def require_json(request: Request) -> None:
 
 async def read_json(request: Request) -> Any:
     """The body parsed as JSON (400 when it is not), for routes that parse their body themselves."""
+    return parse_json(await request.body())
+
+
+def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
+    """``raw`` parsed as JSON; 400 when it is not JSON or nests deeper than the parser's recursion limit
+    (a body like ``[[[[...]]]]`` must be a client error, not a RecursionError)."""
     try:
-        return json.loads(await request.body())
+        return json.loads(raw)
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
-        raise RequestError(f"the request body is not valid JSON ({e}): send a JSON object.", 400) from None
+        raise RequestError(f"{what} is not valid JSON ({e}): send a JSON object.", 400) from None
+    except RecursionError:
+        raise RequestError(f"{what} nests arrays or objects too deeply: send flat lists of values.", 400) from None
 
 
 def validate_body(model: type[M], data: Any, loc: str = "body") -> M:
@@ -145,6 +161,19 @@ def validate_body(model: type[M], data: Any, loc: str = "body") -> M:
     except ValidationError as e:
         errors = [{**err, "loc": (loc, *err["loc"])} for err in e.errors(include_url=False)]
         raise RequestValidationError(errors) from None
+
+
+# Fields other serving APIs read, and what to send here instead.
+FOREIGN = {"inputs": "Hugging Face Inference Endpoints", "instances": "KServe v1 / TensorFlow Serving"}
+
+
+def foreign_field(data: dict[str, Any], one: str, many: str) -> str | None:
+    """A helpful refusal of a body written for another serving API ({"inputs": ...}, {"instances": ...})."""
+    for key, api in FOREIGN.items():
+        if key in data and one not in data and many not in data:
+            return (f"'{key}' is the request field of {api}; this server reads '{one}' (one) or '{many}' (a list): "
+                    f"send {{\"{many}\": [...]}}, or use the Open Inference Protocol at /v2/models/<name>/infer.")
+    return None
 
 
 # --- ASGI middleware ---------------------------------------------------------------------------------
@@ -163,8 +192,9 @@ class ServingMiddleware:
     ``fast`` maps (method, path) to a ``FastHandler`` tried before the app."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
-                 fast: dict[tuple[str, str], FastHandler] | None = None):
+                 fast: dict[tuple[str, str], FastHandler] | None = None, body_timeout_s: float = 30):
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.fast = dict(fast or {})
@@ -189,7 +219,12 @@ class ServingMiddleware:
             self.metrics.request_started()
         try:
             if counted:
-                body = await self._read_body(scope, receive)
+                try:
+                    body = await self._read_body(scope, receive)
+                except RequestError as exc:
+                    self.metrics.errors.labels(exc.kind).inc()
+                    await error_response(exc.status, str(exc), exc.headers)(scope, receive, send_wrapper)
+                    return
                 if body is None:
                     self.metrics.errors.labels("too_large").inc()
                     response = error_response(
@@ -227,6 +262,14 @@ class ServingMiddleware:
             self.metrics.observe_request(template, method, status, time.perf_counter() - start)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._read_body_now(scope, receive)
+        except TimeoutError:
+            raise RequestError(f"the request body did not all arrive within {self.body_timeout_s:g} s "
+                               "(body_timeout_s): send it at once.", 408, "timeout", {"Connection": "close"}) from None
+
+    async def _read_body_now(self, scope: Scope, receive: Receive) -> bytes | None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -261,3 +304,46 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()  # later calls wait for the disconnect, as Starlette expects
 
     return replay
+
+
+# --- connection timeouts ---------------------------------------------------------------------------------
+def guarded_protocol(base: type, header_timeout_s: float) -> type:
+    """``base`` (a uvicorn HTTP protocol class) that closes a connection whose request headers are not
+    complete ``header_timeout_s`` after it opened, or after the first byte of a later request. uvicorn
+    times out idle keep-alive connections, but not one that never sends (or trickles) its headers."""
+
+    class HeaderTimeoutProtocol(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._header_timer: asyncio.TimerHandle | None = None
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._between_requests():
+                if self._header_timer is None:
+                    self._arm()
+            elif self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            # Both uvicorn protocols start a new cycle once a request's headers are complete.
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._header_cycle = self.cycle
+            self._header_timer = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _expire(self) -> None:
+            self._header_timer = None
+            if self.cycle is self._header_cycle and self._between_requests() and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol

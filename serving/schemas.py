@@ -160,6 +160,14 @@ class MetadataTensor(BaseModel):
     shape: list[int] = Field(description="-1 marks a variable-size dimension.")
 
 
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+
+
 class ServerMetadataResponse(BaseModel):
     name: str
     version: str
@@ -181,7 +189,10 @@ class RequestInput(BaseModel):
     shape: list[NonNegativeInt]
     datatype: str
     parameters: Parameters | None = None
-    data: list[Any] = Field(description="Row-major contents, nested or flat.")
+    data: list[Any] | None = Field(
+        None, description="Row-major contents, nested or flat; left out when the tensor's bytes follow the JSON "
+        "(binary tensor data extension: parameters.binary_data_size)."
+    )
 
 
 class RequestOutput(BaseModel):
@@ -225,7 +236,7 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: Parameters | None = None
-    data: list[Any]
+    data: list[Any] | None = Field(None, description="Left out for a binary output (parameters.binary_data_size).")
 
 
 class InferenceResponse(BaseModel):
@@ -246,6 +257,7 @@ class InferenceResponse(BaseModel):
         }
     )
     model_name: str
+    model_version: str | None = None
     id: str | None = None
     parameters: Parameters | None = None
     outputs: list[ResponseOutput]

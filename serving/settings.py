@@ -41,6 +41,20 @@ class ServeSettings(BaseSettings):
     graceful_timeout_s: float = Field(
         30, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    header_timeout_s: float = Field(
+        10, gt=0, description="A connection whose request headers have not all arrived this long after it opened "
+        "(or after its first byte, between requests) is closed: slow or silent clients do not hold connections."
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, description="A request whose body has not all arrived this long after its headers gets 408."
+    )
+    keep_alive_timeout_s: float = Field(
+        5, gt=0, description="An idle keep-alive connection (no new request) is closed after this long."
+    )
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="Also serve the Open Inference Protocol v2 over gRPC on this port (KServe's "
+        "grpc_predict_v2, for tritonclient.grpc and KServe clients; needs edgekd[grpc]). Unset: HTTP only."
+    )
 
     # --- batching --------------------------------------------------------------------------------
     batching: bool = Field(

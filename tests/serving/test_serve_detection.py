@@ -285,6 +285,39 @@ def test_v2_metadata_and_raw_infer(client, det_dir):
         assert r.status_code == 400 and fragment in r.json()["error"], r.text
 
 
+def test_v2_binary_images_and_bounded_values(client, det_dir):
+    x = _letterboxed(WHITE)
+    header = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    r = client.post("/v2/models/shapes/infer", content=header + x.tobytes(),
+                    headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    answer, raw = json.loads(r.content[:n]), r.content[n:]
+    ref = ort_loader(det_dir)[0].run({"images": x})
+    offset = 0
+    for out in answer["outputs"]:
+        size = out["parameters"]["binary_data_size"]
+        got = np.frombuffer(raw[offset:offset + size], dtype="<f4").reshape(out["shape"])
+        np.testing.assert_allclose(got, ref[out["name"]], atol=1e-6)
+        offset += size
+    assert offset == len(raw)
+    huge = {"name": "images", "shape": [1, 3, SIZE, SIZE], "datatype": "FP32", "data": [10**400] + [0] * (3 * SIZE * SIZE - 1)}
+    r = client.post("/v2/models/shapes/infer", json={"inputs": [huge]})
+    assert r.status_code == 400 and "too large for FP32" in r.json()["error"]
+
+
+def test_detection_openapi_and_other_apis_bodies(client):
+    predict = client.get("/openapi.json").json()["paths"]["/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert predict["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/DetectRequest")
+    assert {p["name"] for p in predict["parameters"]} == {"conf_threshold", "iou_threshold", "max_det"}
+    r = client.post("/predict", json={"instances": [{"b64": "..."}]})
+    assert r.status_code == 422 and "'instances' is the request field of KServe v1" in r.json()["error"]
+    assert '{"images": [...]}' in r.json()["error"]
+
+
 def test_nms_in_graph_variant_and_load_errors(tmp_path):
     from fastapi.testclient import TestClient
 

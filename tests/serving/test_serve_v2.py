@@ -11,22 +11,26 @@ from edgekd.serving.codec import softmax
 INFER = f"/v2/models/{RUN_NAME}/infer"
 
 
-def test_health_routes_have_empty_bodies(make_client):
+def test_health_routes_answer_json(make_client):
     client = make_client()
-    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{RUN_NAME}/ready"):
+    for path, body in (("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True}),
+                       (f"/v2/models/{RUN_NAME}/ready", {"ready": True}),
+                       (f"/v2/models/{RUN_NAME}/versions/1/ready", {"ready": True})):
         r = client.get(path)
-        assert r.status_code == 200 and r.content == b"", path
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", path
+        assert r.json() == body, path
 
 
 def test_server_and_model_metadata(make_client):
     client = make_client()
-    assert client.get("/v2").json() == {"name": "edgekd", "version": "0.1.0", "extensions": []}
+    assert client.get("/v2").json() == {"name": "edgekd", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
     meta = client.get(f"/v2/models/{RUN_NAME}").json()
     assert meta["name"] == RUN_NAME and meta["platform"] == "onnxruntime_onnx"
     assert {"name": "text", "datatype": "BYTES", "shape": [-1]} in meta["inputs"]
     assert {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]} in meta["inputs"]
     assert {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]} in meta["outputs"]
-    assert "versions" not in meta  # the protocol's optional field, omitted when unsupported
+    assert meta["versions"] == ["1"]
+    assert client.get(f"/v2/models/{RUN_NAME}/versions/1").json() == meta
     assert meta["parameters"]["labels"] == "negative,positive"
 
 
@@ -38,7 +42,7 @@ def test_infer_bytes_returns_probabilities(make_client, reference):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_name"] == RUN_NAME and body["id"] == "42"
-    assert "model_version" not in body
+    assert body["model_version"] == "1"
     out = {o["name"]: o for o in body["outputs"]}
     assert set(out) == {"probabilities", "logits", "label", "truncated"}
     probs = out["probabilities"]
@@ -94,6 +98,7 @@ def _tokens(ids, mask=None, shape=None, dtype="INT64"):
     ("body", "fragment"),
     [
         ({"inputs": []}, "inputs: List should have at least 1 item"),
+        ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES"}]}, "input 'text' has no data"),
         ({"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, "must have datatype BYTES"),
         ({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["fine"]}]},
          "has shape [2] (2 elements) but its data holds 1"),
