@@ -154,3 +154,15 @@ def test_taylor_scores_run_for_the_family(family):
     heads, neurons = taylor_scores(Encoder(model), [batch()])
     assert [len(h) for h in heads] == Encoder(model).heads()
     assert all(float(n.sum()) > 0 for n in neurons)
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v3", "mpnet", "modernbert"])
+def test_attention_matching_puts_back_the_attention_the_model_had(family):
+    """Families without SDPA (DeBERTa-v2, MPNet) must not be switched to it after attention matching."""
+    from edgekd.distill import _use_attention
+
+    model = classifier(family, layers=1)
+    before = model.config._attn_implementation
+    assert _use_attention(model, "eager") == before and model.config._attn_implementation == "eager"
+    _use_attention(model, before)
+    assert model.config._attn_implementation == before
