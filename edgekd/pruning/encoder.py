@@ -1,11 +1,14 @@
-"""Where the heads and FFN neurons of a BERT-family encoder live, and how to remove them for real.
+"""The heads and FFN neurons of an encoder (where they live: edgekd.encoders), and removing them for real.
 
-Heads go through Hugging Face's own ``model.prune_heads``, which slices query/key/value rows and
-the output projection's columns and records the original head ids in ``config.pruned_heads``, so
-``from_pretrained`` prunes a fresh model the same way before loading the weights.
+Heads go through Hugging Face's own ``model.prune_heads`` where the family has one (BERT, RoBERTa,
+XLM-R, ELECTRA, DistilBERT, ALBERT): it slices query/key/value rows and the output projection's
+columns and records the original head ids in ``config.pruned_heads``, so ``from_pretrained``
+prunes a fresh model the same way before loading the weights. Families without it (DeBERTa-v2/v3,
+ModernBERT's fused Wqkv) are sliced here and recorded in ``config.edgekd_pruned_heads``; such a
+folder reloads with :func:`load_pruned_model` (plain ``from_pretrained`` refuses it: size mismatch).
 
 FFN neurons are sliced with ``transformers.pytorch_utils.prune_linear_layer`` (rows of the first
-FFN linear, columns of the second). The config holds one global FFN width, so:
+FFN linear, both halves of a gated one, columns of the second). The config holds one global FFN width, so:
 
 * equal widths in every layer (``scope: per_layer``): the width is written to the config
   (``intermediate_size`` for BERT) and the folder reloads with plain ``from_pretrained``;
@@ -16,131 +19,106 @@ FFN linear, columns of the second). The config holds one global FFN width, so:
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from edgekd.encoders import SLICED_HEADS_KEY, EncoderFamily, blocks, family_of, head_projections
+from edgekd.encoders import get as _get
+from edgekd.encoders import has as _has
+from edgekd.encoders import put as _set
 from edgekd.errors import StageError
 
 FFN_SIZES_KEY = "ffn_sizes_per_layer"
 
 
-@dataclass(frozen=True)
-class EncoderLayout:
-    """Attribute paths, relative to one transformer block, of the parts pruning touches."""
-
-    family: str
-    blocks: str  # from model.base_model to the list of blocks
-    attention: str  # the module whose prune_heads slices q/k/v/out
-    query: str
-    key: str
-    value: str
-    attn_out: str
-    ffn_in: str
-    ffn_out: str
-    heads_attr: str  # on the attention-holding module (see heads_owner), the current head count
-    heads_owner: str
-    ffn_config_key: str
-    heads_config_key: str
+def find_layout(model: nn.Module) -> EncoderFamily:
+    """The model's encoder-family description (see edgekd.encoders); an unknown family is an error."""
+    return family_of(model)
 
 
-BERT_LIKE = EncoderLayout(
-    family="bert", blocks="encoder.layer", attention="attention",
-    query="attention.self.query", key="attention.self.key", value="attention.self.value",
-    attn_out="attention.output.dense", ffn_in="intermediate.dense", ffn_out="output.dense",
-    heads_attr="num_attention_heads", heads_owner="attention.self",
-    ffn_config_key="intermediate_size", heads_config_key="num_attention_heads",
-)
-DISTILBERT = EncoderLayout(
-    family="distilbert", blocks="transformer.layer", attention="attention",
-    query="attention.q_lin", key="attention.k_lin", value="attention.v_lin",
-    attn_out="attention.out_lin", ffn_in="ffn.lin1", ffn_out="ffn.lin2",
-    heads_attr="n_heads", heads_owner="attention",
-    ffn_config_key="hidden_dim", heads_config_key="n_heads",
-)
-LAYOUTS = (BERT_LIKE, DISTILBERT)
-
-
-def _get(obj: Any, path: str) -> Any:
-    return functools.reduce(getattr, path.split("."), obj)
-
-
-def _has(obj: Any, path: str) -> bool:
-    try:
-        _get(obj, path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _set(obj: Any, path: str, value: Any) -> None:
-    *parents, last = path.split(".")
-    setattr(_get(obj, ".".join(parents)) if parents else obj, last, value)
-
-
-def find_layout(model: nn.Module) -> EncoderLayout:
-    base = getattr(model, "base_model", None)
-    if base is not None:
-        for layout in LAYOUTS:
-            if _has(base, layout.blocks):
-                blocks = _get(base, layout.blocks)
-                if len(blocks) and all(_has(blocks[0], p) for p in (layout.query, layout.attn_out, layout.ffn_in)):
-                    return layout
-    raise StageError(
-        f"heads-ffn pruning supports BERT-family encoders (BERT, RoBERTa, ELECTRA, DistilBERT and "
-        f"relatives); {type(model).__name__} is not one. Use prune.method 'channels' or 'unstructured'."
-    )
+def _rows(groups: int, units: int, size: int, keep: list[int]) -> torch.Tensor:
+    """Row indices of the kept units in a projection laid out [groups, units, size]."""
+    return torch.tensor([g * units * size + u * size + j for g in range(groups) for u in keep for j in range(size)])
 
 
 class Encoder:
-    """One model seen through its layout: per-layer heads, neurons and the units' parameter costs."""
+    """One model seen through its family description: per-layer heads, neurons and the units' costs."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.layout = find_layout(model)
-        self.blocks = list(_get(model.base_model, self.layout.blocks))
+        self.layout = family_of(model)
+        self.blocks = blocks(model, self.layout)
 
     # --- structure --------------------------------------------------------------------------
     def heads(self) -> list[int]:
-        return [int(getattr(_get(b, self.layout.heads_owner), self.layout.heads_attr)) for b in self.blocks]
+        return [int(getattr(_get(b, self.layout.heads_owner), self.layout.heads_attrs[0])) for b in self.blocks]
 
     def neurons(self) -> list[int]:
-        return [int(_get(b, self.layout.ffn_in).out_features) for b in self.blocks]
+        return [int(_get(b, self.layout.ffn_in).out_features) // self.layout.ffn_groups for b in self.blocks]
 
     def head_size(self, layer: int) -> int:
         heads = self.heads()[layer]
-        return _get(self.blocks[layer], self.layout.query).out_features // heads if heads else 0
+        return _get(self.blocks[layer], self.layout.attn_out).in_features // heads if heads else 0
 
     def head_cost(self, layer: int) -> int:
-        """Parameters one head of ``layer`` holds: q/k/v rows and biases, output-projection columns."""
-        b, d = self.blocks[layer], self.head_size(layer)
-        q = _get(b, self.layout.query)
-        out = _get(b, self.layout.attn_out)
-        qkv = 3 * d * (q.in_features + (1 if q.bias is not None else 0))
-        return qkv + d * out.out_features
+        """Parameters one head of ``layer`` holds: q/k/v rows (fused or not) and biases, output columns."""
+        b, d, lay = self.blocks[layer], self.head_size(layer), self.layout
+        cost = d * _get(b, lay.attn_out).out_features
+        for n, p in enumerate(head_projections(b, lay)):
+            groups = lay.qkv_groups if n < len(lay.head_projections) else 1
+            cost += groups * d * (p.in_features + (1 if p.bias is not None else 0))
+        return cost
 
     def neuron_cost(self, layer: int) -> int:
         b = self.blocks[layer]
         fin, fout = _get(b, self.layout.ffn_in), _get(b, self.layout.ffn_out)
-        return fin.in_features + (1 if fin.bias is not None else 0) + fout.out_features
+        return self.layout.ffn_groups * (fin.in_features + (1 if fin.bias is not None else 0)) + fout.out_features
 
     def layer_params(self) -> int:
         return sum(p.numel() for b in self.blocks for p in b.parameters())
 
+    def _pruned_record(self) -> dict[int, list[int]]:
+        cfg = self.model.config
+        rec = getattr(cfg, SLICED_HEADS_KEY, None) if self.layout.head_removal == "slice" else cfg.pruned_heads
+        return {int(k): list(v) for k, v in (rec or {}).items()}
+
     def original_head_ids(self, layer: int) -> list[int]:
         """Original ids (as in ``config.pruned_heads``) of the heads ``layer`` still has, in order."""
-        total = int(getattr(self.model.config, self.layout.heads_config_key))
-        gone = set(self.model.config.pruned_heads.get(layer, []))
+        total = int(getattr(self.model.config, self.layout.heads_key))
+        gone = set(self._pruned_record().get(layer, []))
         return [h for h in range(total) if h not in gone]
+
+    @torch.no_grad()
+    def magnitude_scores(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer: L2 norm of the weights of each head (q/k/v rows, fused or not, and output-projection
+        columns) and of each FFN neuron (both halves of a gated first linear, the second one's column)."""
+        lay = self.layout
+        head_scores, neuron_scores = [], []
+        for i, b in enumerate(self.blocks):
+            h, d = self.heads()[i], self.head_size(i)
+            sq = _get(b, lay.attn_out).weight.pow(2).sum(0).view(h, d).sum(1)
+            for n, p in enumerate(head_projections(b, lay)):
+                groups = lay.qkv_groups if n < len(lay.head_projections) else 1
+                sq = sq + p.weight.pow(2).sum(1).view(groups, h, d).sum((0, 2))
+                if p.bias is not None:
+                    sq = sq + p.bias.pow(2).view(groups, h, d).sum((0, 2))
+            head_scores.append(sq.sqrt())
+            fin, fout = _get(b, lay.ffn_in), _get(b, lay.ffn_out)
+            units = fin.out_features // lay.ffn_groups
+            nsq = fin.weight.pow(2).sum(1).view(lay.ffn_groups, units).sum(0) + fout.weight.pow(2).sum(0)
+            if fin.bias is not None:
+                nsq = nsq + fin.bias.pow(2).view(lay.ffn_groups, units).sum(0)
+            neuron_scores.append(nsq.sqrt())
+        return head_scores, neuron_scores
 
     # --- removal ----------------------------------------------------------------------------
     def remove_heads(self, remove: dict[int, list[int]]) -> dict[int, list[int]]:
         """Remove heads given by their current index per layer; returns the original ids removed."""
         by_original: dict[int, list[int]] = {}
+        current_by_layer: dict[int, list[int]] = {}
         for layer, current in remove.items():
             if not current:
                 continue
@@ -148,31 +126,38 @@ class Encoder:
             if len(set(current)) >= len(ids):
                 raise StageError(f"refusing to remove every attention head of layer {layer}")
             by_original[layer] = sorted(ids[i] for i in current)
-        if by_original:
+            current_by_layer[layer] = sorted(set(current))
+        if not by_original:
+            return by_original
+        lay = self.layout
+        if lay.head_removal == "none":
+            raise StageError(f"{lay.name}: attention heads cannot be removed. {lay.no_head_removal_why}")
+        if lay.head_removal == "hf":
             self.model.prune_heads(by_original)
+            return by_original
+        record = self._pruned_record()
+        for layer, current in current_by_layer.items():
+            slice_heads(self.blocks[layer], lay, current)
+            record[layer] = sorted(set(record.get(layer, [])) | set(by_original[layer]))
+        setattr(self.model.config, SLICED_HEADS_KEY, {str(k): v for k, v in sorted(record.items())})
         return by_original
 
     def remove_neurons(self, remove: dict[int, list[int]]) -> None:
-        from transformers.pytorch_utils import prune_linear_layer
-
         for layer, current in remove.items():
             if not current:
                 continue
-            b = self.blocks[layer]
-            fin = _get(b, self.layout.ffn_in)
+            n = self.neurons()[layer]
             drop = set(current)
-            if len(drop) >= fin.out_features:
+            if len(drop) >= n:
                 raise StageError(f"refusing to remove every FFN neuron of layer {layer}")
-            keep = torch.tensor([i for i in range(fin.out_features) if i not in drop], device=fin.weight.device)
-            _set(b, self.layout.ffn_in, prune_linear_layer(fin, keep, dim=0))
-            _set(b, self.layout.ffn_out, prune_linear_layer(_get(b, self.layout.ffn_out), keep, dim=1))
+            slice_neurons(self.blocks[layer], self.layout, [i for i in range(n) if i not in drop])
         self.sync_config()
 
     def sync_config(self) -> None:
         """Write the FFN widths into the config so that the saved folder reloads (see module doc)."""
         sizes = self.neurons()
         cfg = self.model.config
-        setattr(cfg, self.layout.ffn_config_key, max(sizes))
+        setattr(cfg, self.layout.ffn_key, max(sizes))
         if len(set(sizes)) == 1:
             if hasattr(cfg, FFN_SIZES_KEY):
                 delattr(cfg, FFN_SIZES_KEY)
@@ -180,32 +165,66 @@ class Encoder:
             setattr(cfg, FFN_SIZES_KEY, sizes)
 
 
-def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) -> nn.Module:
-    """Load a model saved after pruning, including one whose layers have different FFN widths.
+def slice_heads(block: nn.Module, lay: EncoderFamily, drop: list[int]) -> None:
+    """Remove heads (current indices) from one block by slicing its projections (fused rows included)."""
+    from transformers.pytorch_utils import prune_linear_layer
 
-    ``model_cls`` defaults to ``AutoModelForSequenceClassification``. Pruned heads are restored by
-    Hugging Face from ``config.pruned_heads``; FFN widths from ``config.ffn_sizes_per_layer``.
+    owner = _get(block, lay.heads_owner)
+    h = int(getattr(owner, lay.heads_attrs[0]))
+    out = _get(block, lay.attn_out)
+    d = out.in_features // h
+    keep = [i for i in range(h) if i not in set(drop)]
+    for n, path in enumerate(lay.head_projections + lay.optional_head_projections):
+        if _has(block, path):
+            groups = lay.qkv_groups if n < len(lay.head_projections) else 1
+            lin = _get(block, path)
+            _set(block, path, prune_linear_layer(lin, _rows(groups, h, d, keep).to(lin.weight.device), dim=0))
+    _set(block, lay.attn_out, prune_linear_layer(out, _rows(1, h, d, keep).to(out.weight.device), dim=1))
+    setattr(owner, lay.heads_attrs[0], len(keep))
+    setattr(owner, lay.heads_attrs[1], len(keep) * d)
+
+
+def slice_neurons(block: nn.Module, lay: EncoderFamily, keep: list[int]) -> None:
+    """Keep FFN neurons ``keep`` (current indices) of one block; both halves of a gated first linear."""
+    from transformers.pytorch_utils import prune_linear_layer
+
+    fin = _get(block, lay.ffn_in)
+    n = fin.out_features // lay.ffn_groups
+    _set(block, lay.ffn_in, prune_linear_layer(fin, _rows(lay.ffn_groups, n, 1, keep).to(fin.weight.device), dim=0))
+    cols = torch.tensor(keep, device=fin.weight.device)
+    _set(block, lay.ffn_out, prune_linear_layer(_get(block, lay.ffn_out), cols, dim=1))
+
+
+def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) -> nn.Module:
+    """Load a model saved after pruning: per-layer FFN widths, and heads that edgekd sliced itself.
+
+    ``model_cls`` defaults to ``AutoModelForSequenceClassification``. Heads removed through Hugging
+    Face are restored by it from ``config.pruned_heads``; heads edgekd sliced (families without
+    ``prune_heads``: DeBERTa-v2/v3, ModernBERT) from ``config.edgekd_pruned_heads``; FFN widths from
+    ``config.ffn_sizes_per_layer``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     cls = model_cls or AutoModelForSequenceClassification
     config = AutoConfig.from_pretrained(path)
     sizes = getattr(config, FFN_SIZES_KEY, None)
-    if not sizes:
+    sliced = getattr(config, SLICED_HEADS_KEY, None)
+    if not sizes and not sliced:
         return cls.from_pretrained(path, config=config, **kwargs)
 
-    from transformers.pytorch_utils import prune_linear_layer
-
-    model = cls.from_config(config)  # built with the widest FFN and heads already pruned
+    model = cls.from_config(config)  # widest FFN; heads pruned through Hugging Face already gone
     enc = Encoder(model)
-    if len(sizes) != len(enc.blocks):
-        raise StageError(
-            f"{path}: config.{FFN_SIZES_KEY} lists {len(sizes)} layers but the model has {len(enc.blocks)}"
-        )
-    for block, size in zip(enc.blocks, sizes, strict=True):
-        keep = torch.arange(int(size))
-        _set(block, enc.layout.ffn_in, prune_linear_layer(_get(block, enc.layout.ffn_in), keep, dim=0))
-        _set(block, enc.layout.ffn_out, prune_linear_layer(_get(block, enc.layout.ffn_out), keep, dim=1))
+    if sliced:
+        for layer, ids in sliced.items():
+            # original ids == current ids on a freshly built block
+            slice_heads(enc.blocks[int(layer)], enc.layout, list(ids))
+    if sizes:
+        if len(sizes) != len(enc.blocks):
+            raise StageError(
+                f"{path}: config.{FFN_SIZES_KEY} lists {len(sizes)} layers but the model has {len(enc.blocks)}"
+            )
+        for block, size in zip(enc.blocks, sizes, strict=True):
+            slice_neurons(block, enc.layout, list(range(int(size))))
     _load_weights(model, Path(path))
     return model.eval()
 

@@ -1,4 +1,4 @@
-"""Method ``heads-ffn``: remove attention heads and FFN neurons of a BERT-family encoder."""
+"""Method ``heads-ffn``: remove attention heads and FFN neurons of an encoder (families: edgekd.encoders)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgekd.errors import RecipeError
 from edgekd.pruning import selection
 from edgekd.pruning.base import PruneContext, StepGoal, register, taylor_batches
 from edgekd.pruning.encoder import Encoder
@@ -19,6 +20,8 @@ from edgekd.recipe import PruneConfig
 class HeadsFFN:
     def __init__(self, model: nn.Module, cfg: PruneConfig, ctx: PruneContext):
         enc = Encoder(model)
+        if cfg.prune_heads and enc.layout.head_removal == "none":
+            raise RecipeError([f"prune.prune_heads: {enc.layout.no_head_removal_why}"])
         self.cfg, self.ctx = cfg, ctx
         self.head_floor = [min(cfg.min_heads_per_layer, h) for h in enc.heads()]
         self.neuron_floor = [min(n, max(1, math.ceil(cfg.min_neurons_fraction * n))) for n in enc.neurons()]

@@ -99,27 +99,10 @@ def taylor_scores(
     return head_scores, neuron_scores
 
 
-@torch.no_grad()
 def magnitude_scores(enc: Encoder) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: L2 norm of the weights of each head and of each FFN neuron."""
-    lay = enc.layout
-    head_scores, neuron_scores = [], []
-    for i, block in enumerate(enc.blocks):
-        n_heads, d = enc.heads()[i], enc.head_size(i)
-        sq = torch.zeros(n_heads, device=_get(block, lay.query).weight.device)
-        for path in (lay.query, lay.key, lay.value):
-            lin = _get(block, path)
-            sq += lin.weight.pow(2).sum(1).view(n_heads, d).sum(1)
-            if lin.bias is not None:
-                sq += lin.bias.pow(2).view(n_heads, d).sum(1)
-        sq += _get(block, lay.attn_out).weight.pow(2).sum(0).view(n_heads, d).sum(1)
-        head_scores.append(sq.sqrt())
-        fin, fout = _get(block, lay.ffn_in), _get(block, lay.ffn_out)
-        nsq = fin.weight.pow(2).sum(1) + fout.weight.pow(2).sum(0)
-        if fin.bias is not None:
-            nsq += fin.bias.pow(2)
-        neuron_scores.append(nsq.sqrt())
-    return head_scores, neuron_scores
+    """Per layer: L2 norm of the weights of each head and of each FFN neuron (fused QKV and gated FFN
+    layouts are the encoder description's business: see Encoder.magnitude_scores)."""
+    return enc.magnitude_scores()
 
 
 def normalise_per_layer(scores: list[torch.Tensor]) -> list[torch.Tensor]:

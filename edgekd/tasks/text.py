@@ -1,4 +1,4 @@
-"""Text classification: BERT-family teachers and DistilBERT-style students."""
+"""Text classification: encoder teachers (families in edgekd.encoders) and DistilBERT-style students."""
 
 from __future__ import annotations
 
@@ -106,13 +106,6 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -
 # Models
 
 
-def _layer_index_re():
-    import re
-
-    # encoder.layer.N (BERT, RoBERTa, ELECTRA), transformer.layer.N (DistilBERT)
-    return re.compile(r"^(.*?\b(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
-
-
 class TextClassificationTask:
     """Text classification with Hugging Face sequence-classification models."""
 
@@ -166,30 +159,11 @@ class TextClassificationTask:
         return AutoTokenizer.from_pretrained(self.resolve(source))
 
     def build_student(self, teacher: nn.Module, layers: list[int]) -> nn.Module:
-        """DistilBERT-style student: same width, the teacher's ``layers`` only, every weight copied."""
-        import copy
+        """DistilBERT-style student: same width, the teacher's ``layers`` only, every weight copied, then
+        checked block by block against the teacher (edgekd.encoders: where each family keeps its blocks)."""
+        from edgekd.encoders import build_student
 
-        n_teacher = teacher.config.num_hidden_layers
-        bad = [i for i in layers if not 0 <= i < n_teacher]
-        if bad or not layers or len(set(layers)) != len(layers):
-            from edgekd.errors import RecipeError
-
-            raise RecipeError(
-                [f"student.layers: {layers} must be distinct layer indices in 0..{n_teacher - 1} "
-                 f"(the teacher has {n_teacher} layers)"]
-            )
-        cfg = copy.deepcopy(teacher.config)
-        cfg.num_hidden_layers = len(layers)
-        student = type(teacher)(cfg)
-        pattern = _layer_index_re()
-        src = teacher.state_dict()
-        new_sd = {}
-        for key in student.state_dict():
-            m = pattern.match(key)
-            src_key = f"{m.group(1)}{layers[int(m.group(2))]}{m.group(3)}" if m else key
-            new_sd[key] = src[src_key].clone()
-        student.load_state_dict(new_sd)
-        return student
+        return build_student(teacher, layers)
 
     @staticmethod
     def default_layers(n_teacher: int) -> list[int]:
