@@ -373,6 +373,22 @@ class PruneConfig(Section):
         return self
 
 
+class QuantizeCandidate(Section):
+    """One quantization setup the guard tries; unset keys take the quantize section's value."""
+
+    method: Literal["dynamic", "static", "fp16"] | None = Field(None, description="As quantize.method.")
+    fuse: bool | None = Field(None, description="As quantize.fuse.")
+    per_channel: bool | None = Field(None, description="As quantize.per_channel.")
+    reduce_range: bool | None = Field(None, description="As quantize.reduce_range.")
+    weight_type: Literal["qint8", "quint8"] | None = Field(None, description="As quantize.weight_type.")
+    activation_type: Literal["quint8", "qint8"] | None = Field(None, description="As quantize.activation_type.")
+    op_types: list[str] | None = Field(None, description="As quantize.op_types.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] | None = Field(
+        None, description="As quantize.calibration_method."
+    )
+    percentile: float | None = Field(None, gt=90, le=100, description="As quantize.percentile.")
+
+
 class QuantizeConfig(Section):
     """Post-training quantization of the exported model, guarded by accuracy and speed checks.
 
@@ -401,7 +417,22 @@ class QuantizeConfig(Section):
     preprocess: bool = Field(
         True, description="Run onnxruntime.quantization.quant_pre_process (shape inference, graph cleanup) first."
     )
-    calibration_samples: int = Field(128, ge=1, description="static: validation examples used to calibrate activation ranges.")
+    calibration_samples: int = Field(128, ge=1, description="static: examples used to calibrate activation ranges.")
+    calibration_split: Literal["train", "validation"] = Field(
+        "train", description="static: the split the calibration examples come from (never test), each fed at its "
+        "real length."
+    )
+    fuse: bool = Field(
+        False, description="Apply ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu) "
+        "to the float model before quantizing; the artifact then runs on ONNX Runtime only."
+    )
+    candidates: list[QuantizeCandidate] = Field(
+        default_factory=list,
+        description="Setups to try besides the section's own (e.g. [{method: static, per_channel: true}]): each "
+        "goes through the accuracy guard, all are timed side by side at batch 1 on validation texts at their "
+        "real lengths, and the fastest one within max_accuracy_drop is written (ties within 5% go to the "
+        "higher validation metric); the report says why each was or was not chosen.",
+    )
     calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
         "minmax", description="static: how activation ranges are chosen from the calibration samples."
     )

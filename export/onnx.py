@@ -148,6 +148,21 @@ def _fuse_for_ort(program: Any) -> dict[str, int]:
     return {k: int(v) for k, v in counts.items() if v}
 
 
+def fuse_file(src: Path, dst: Path, external: bool = False) -> dict[str, Any]:
+    """The ``optimize`` fusions applied to an exported ONNX file (the quantize stage fuses the float
+    model before quantizing it). Returns the fusion counts of both passes."""
+    import onnx_ir as ir
+
+    model = ir.load(str(src))
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    _, counts = optimize_for_ort(model)
+    ir.save(model, str(dst), external_data=(dst.name + ".data") if external else None)
+    notes: dict[str, Any] = {"fusions": {k: int(v) for k, v in counts.items() if v}}
+    notes["ort_optimizer"] = _ort_optimize(dst, external)
+    return notes
+
+
 def _ort_optimize(path: Path, external: bool) -> dict[str, int]:
     from onnxruntime.transformers import optimizer
 
