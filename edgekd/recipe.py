@@ -377,7 +377,7 @@ class QuantizeCandidate(Section):
     """One quantization setup the guard tries; unset keys take the quantize section's value."""
 
     method: Literal["dynamic", "static", "fp16"] | None = Field(None, description="As quantize.method.")
-    fuse: bool | None = Field(None, description="As quantize.fuse.")
+    fuse: Literal["none", "attention", "multihead"] | None = Field(None, description="As quantize.fuse.")
     per_channel: bool | None = Field(None, description="As quantize.per_channel.")
     reduce_range: bool | None = Field(None, description="As quantize.reduce_range.")
     weight_type: Literal["qint8", "quint8"] | None = Field(None, description="As quantize.weight_type.")
@@ -422,9 +422,11 @@ class QuantizeConfig(Section):
         "train", description="static: the split the calibration examples come from (never test), each fed at its "
         "real length."
     )
-    fuse: bool = Field(
-        False, description="Apply ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu) "
-        "to the float model before quantizing; the artifact then runs on ONNX Runtime only."
+    fuse: Literal["none", "attention", "multihead"] = Field(
+        "none", description="ONNX Runtime's transformer fusions applied to the float model before quantizing "
+        "(SkipLayerNormalization, BiasGelu and attention; the artifact then runs on ONNX Runtime only): attention "
+        "packs Q/K/V into one Attention operator (int8 methods leave its projection in float), multihead keeps "
+        "the three projection MatMuls (quantized) around a MultiHeadAttention."
     )
     candidates: list[QuantizeCandidate] = Field(
         default_factory=list,

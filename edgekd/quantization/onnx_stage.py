@@ -139,8 +139,8 @@ def candidate_name(c: QuantizeConfig) -> str:
             parts.append(f"a-{c.activation_type}")
         if c.op_types:
             parts.append("+".join(c.op_types))
-    if c.fuse:
-        parts.append("fused")
+    if c.fuse != "none":
+        parts.append(f"fused-{c.fuse}")
     return "/".join(parts)
 
 
@@ -177,7 +177,7 @@ def quantize_onnx(
         base = ev.score(src)  # first: a wrong guard_metric or input fails before any work
         ev.reference = base["outputs"]
         names, dtypes = _graph_inputs(src)
-        floats: dict[bool, tuple[Path, dict[str, Any]]] = {}  # fuse -> (prepared float model, notes)
+        floats: dict[str, tuple[Path, dict[str, Any]]] = {}  # fuse -> (prepared float model, notes)
         results = []
         for i, (name, c) in enumerate(setups):
             if c.fuse not in floats:
@@ -192,8 +192,9 @@ def quantize_onnx(
 
         rows = real_length_rows(val_inputs, cfg.speed_runs)
         timed = {"float": src}
-        if True in floats:
-            timed["float/fused"] = work / "fused.onnx"  # what the fusions alone give
+        for fuse in floats:  # what the fusions alone give
+            if fuse != "none":
+                timed[f"float/fused-{fuse}"] = work / f"fused-{fuse}.onnx"
         timed.update({r["name"]: r["model"] for r in results})
         speed = time_side_by_side(timed, rows, cfg.speed_runs, cfg.threads)
         table = [{"name": r["name"], "passed": r["guard"]["passed"], "drop": r["guard"]["drop"],
@@ -233,25 +234,24 @@ def quantize_onnx(
 
 def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,
                    ev: Evaluator) -> tuple[Path, dict[str, Any]]:
-    """The float model a candidate quantizes: fused first when ``c.fuse`` (checked against the
+    """The float model a candidate quantizes: fused first unless ``c.fuse`` is none (checked against the
     source model's validation outputs), then pre-processed and with every node named."""
-    tag = "fused" if c.fuse else "plain"
     notes: dict[str, Any] = {}
     staged = src
-    if c.fuse:
+    if c.fuse != "none":
         from edgekd.export.onnx import fuse_file
 
-        staged = work / "fused.onnx"
-        notes["fusion"] = fuse_file(src, staged, external)
+        staged = work / f"fused-{c.fuse}.onnx"
+        notes["fusion"] = fuse_file(src, staged, external, attention=c.fuse)
         check = ev.score(staged)
         notes["fusion"].update(parity={"max_abs_diff": check["max_abs_diff"],
                                        "top1_agreement": check["top1_agreement"]})
         if check["top1_agreement"] < 0.999:
             raise StageError(
                 f"the fused float model agrees with the exported one on only {check['top1_agreement']:.2%} of "
-                f"the validation examples (max abs diff {check['max_abs_diff']:.3g}): set quantize.fuse: false"
+                f"the validation examples (max abs diff {check['max_abs_diff']:.3g}): set quantize.fuse: none"
             )
-    prepared = work / tag / "float.onnx"
+    prepared = work / f"float-{c.fuse}" / "float.onnx"
     prepared.parent.mkdir()
     notes.update(prepare(staged, prepared, c.preprocess, external))
     return prepared, notes
