@@ -446,7 +446,10 @@ class QuantizeConfig(Section):
     max_attempts: int = Field(4, ge=1, description="Quantization attempts, each keeping more sensitive operators in float.")
     max_float_nodes: int = Field(16, ge=0, description="Most operators the guard may keep in float.")
     sensitivity_examples: int = Field(128, ge=1, description="Validation examples used to rank operator sensitivity.")
-    speed_runs: int = Field(50, ge=5, description="Timed runs (batch 1) of each model in the speed comparison.")
+    speed_runs: int = Field(
+        50, ge=5, description="Timed runs (batch 1) of each model in the speed comparison, run i on validation "
+        "example i (cycling) at its real length."
+    )
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads for evaluation and timing.")
     torch_method: Literal["int8-dynamic", "int8-weight-only", "pt2e-xnnpack"] = Field(
         "int8-dynamic",
