@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibration-samples", type=int, default=128)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="float ONNX file to quantize (default: RUN/export/onnx/model.onnx); the run gives the data")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
     from edgekd.recipe import QuantizeConfig
 
     ctx = RunContext.create(load_recipe_or_run(str(args.run), None))
-    src = args.run / "export" / "onnx" / "model.onnx"
+    src = args.model or args.run / "export" / "onnx" / "model.onnx"
     val_x, val_y = ctx.validation_data()
     test_x, test_y = ctx.parity_data()
     calib = ctx.calibration_data("train", args.calibration_samples)
