@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None,
                     help="float ONNX file to quantize (default: RUN/export/onnx/model.onnx); the run gives the data")
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    ap.add_argument("--timed", type=int, default=None, help="time on the first N test texts (default: all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -114,9 +115,12 @@ def main() -> None:
     val_ev = Evaluator(val_x, val_y, metric, "accuracy", 1, args.threads)
     test_ev = Evaluator(test_x, test_y, metric, "accuracy", 1, args.threads)
     test_ev.reference = test_ev.score(src)["outputs"]
-    rows = real_length_rows(test_x)
+    rows = real_length_rows(test_x, args.timed)
     speed = time_side_by_side(paths, rows, len(rows), args.threads)
     lengths = [r["input_ids"].shape[1] for r in rows]
+    for name in paths:  # printed first: the accuracies below take longest
+        print(f"timed {name}: p50 {speed[name]['p50_ms']:.3f} ms, cpu p50 {speed[name]['cpu_p50_ms']:.3f} ms",
+              flush=True)
     table = []
     for name, path in paths.items():
         t = test_ev.score(path)
@@ -128,6 +132,8 @@ def main() -> None:
             "size_mb": round(path.stat().st_size / 1e6, 2), "file_ops": dict(ops.most_common()),
             "kernels": kernels(path, args.threads),
         })
+        print(f"scored {name}: validation {table[-1]['val_accuracy']:.4f}, test {table[-1]['test_accuracy']:.4f}, "
+              f"kernels {table[-1]['kernels']}", flush=True)
     base = next(r["p50_ms"] for r in table if r["variant"] == "float")
     print(f"\n{len(rows)} test texts one at a time at their real lengths ({min(lengths)}-{max(lengths)} tokens, "
           f"median {int(np.median(lengths))}), batch 1, {args.threads} threads, models alternating; "
