@@ -125,6 +125,7 @@ QUANT_SUFFIX = {"dynamic": "int8", "static": "int8-static", "fp16": "fp16"}
 
 def run_quantize(ctx: RunContext) -> dict[str, Any]:
     from edgekd.quantization import quantize_onnx
+    from edgekd.quantization.onnx_stage import candidate_configs
 
     task, cfg = ctx.task, ctx.recipe.quantize
     t0 = time.perf_counter()
@@ -139,7 +140,8 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
         raise StageError("quantize needs the ONNX (or Core ML) export: add onnx to export.targets and run "
                          "`edgekd export` first.")
     val_inputs, val_labels = ctx.validation_data()
-    calib = {k: v[: cfg.calibration_samples] for k, v in val_inputs.items()}
+    static = any(c.method == "static" for _, c in candidate_configs(cfg))
+    calib = ctx.calibration_data(cfg.calibration_split, cfg.calibration_samples) if static else None
     out_dir = ctx.run.stage_dir("export") / f"onnx-{QUANT_SUFFIX[cfg.method]}"
     report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val_labels, task.metrics)
     # The metric of the quantized artifact on the test split, next to the float one (same runner as serving).

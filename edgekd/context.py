@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.errors import StageError
 from edgekd.progress import console
 from edgekd.recipe import Recipe
 from edgekd.runfolder import RunFolder, fingerprint
@@ -85,6 +86,15 @@ class RunContext:
         val = self.tokenized("validation")
         batch = val.collate(np.arange(len(val)))
         return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
+
+    def calibration_data(self, split: str, n: int) -> dict[str, np.ndarray]:
+        """The first ``n`` examples of the train or validation split as model inputs (quantization
+        calibration; the test split is never read for it)."""
+        if split not in ("train", "validation"):
+            raise StageError(f"calibration reads the train or validation split, not {split!r}")
+        part = self.tokenized(split)
+        batch = part.collate(np.arange(min(n, len(part))))
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}
 
     def input_desc(self) -> str | None:
         """How the bench table names the timed input shape (None: sequence length)."""

@@ -373,6 +373,22 @@ class PruneConfig(Section):
         return self
 
 
+class QuantizeCandidate(Section):
+    """One quantization setup the guard tries; unset keys take the quantize section's value."""
+
+    method: Literal["dynamic", "static", "fp16"] | None = Field(None, description="As quantize.method.")
+    fuse: Literal["none", "attention", "multihead"] | None = Field(None, description="As quantize.fuse.")
+    per_channel: bool | None = Field(None, description="As quantize.per_channel.")
+    reduce_range: bool | None = Field(None, description="As quantize.reduce_range.")
+    weight_type: Literal["qint8", "quint8"] | None = Field(None, description="As quantize.weight_type.")
+    activation_type: Literal["quint8", "qint8"] | None = Field(None, description="As quantize.activation_type.")
+    op_types: list[str] | None = Field(None, description="As quantize.op_types.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] | None = Field(
+        None, description="As quantize.calibration_method."
+    )
+    percentile: float | None = Field(None, gt=90, le=100, description="As quantize.percentile.")
+
+
 class QuantizeConfig(Section):
     """Post-training quantization of the exported model, guarded by accuracy and speed checks.
 
@@ -401,7 +417,24 @@ class QuantizeConfig(Section):
     preprocess: bool = Field(
         True, description="Run onnxruntime.quantization.quant_pre_process (shape inference, graph cleanup) first."
     )
-    calibration_samples: int = Field(128, ge=1, description="static: validation examples used to calibrate activation ranges.")
+    calibration_samples: int = Field(128, ge=1, description="static: examples used to calibrate activation ranges.")
+    calibration_split: Literal["train", "validation"] = Field(
+        "train", description="static: the split the calibration examples come from (never test), each fed at its "
+        "real length."
+    )
+    fuse: Literal["none", "attention", "multihead"] = Field(
+        "none", description="ONNX Runtime's transformer fusions applied to the float model before quantizing "
+        "(SkipLayerNormalization, BiasGelu and attention; the artifact then runs on ONNX Runtime only): attention "
+        "packs Q/K/V into one Attention operator (int8 methods leave its projection in float), multihead keeps "
+        "the three projection MatMuls (quantized) around a MultiHeadAttention."
+    )
+    candidates: list[QuantizeCandidate] = Field(
+        default_factory=list,
+        description="Setups to try besides the section's own (e.g. [{method: static, per_channel: true}]): each "
+        "goes through the accuracy guard, all are timed side by side at batch 1 on validation texts at their "
+        "real lengths, and the fastest one within max_accuracy_drop is written (ties within 5% go to the "
+        "higher validation metric); the report says why each was or was not chosen.",
+    )
     calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
         "minmax", description="static: how activation ranges are chosen from the calibration samples."
     )
@@ -413,7 +446,10 @@ class QuantizeConfig(Section):
     max_attempts: int = Field(4, ge=1, description="Quantization attempts, each keeping more sensitive operators in float.")
     max_float_nodes: int = Field(16, ge=0, description="Most operators the guard may keep in float.")
     sensitivity_examples: int = Field(128, ge=1, description="Validation examples used to rank operator sensitivity.")
-    speed_runs: int = Field(50, ge=5, description="Timed runs (batch 1) of each model in the speed comparison.")
+    speed_runs: int = Field(
+        50, ge=5, description="Timed runs (batch 1) of each model in the speed comparison, run i on validation "
+        "example i (cycling) at its real length."
+    )
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads for evaluation and timing.")
     torch_method: Literal["int8-dynamic", "int8-weight-only", "pt2e-xnnpack"] = Field(
         "int8-dynamic",

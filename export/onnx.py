@@ -148,6 +148,40 @@ def _fuse_for_ort(program: Any) -> dict[str, int]:
     return {k: int(v) for k, v in counts.items() if v}
 
 
+FUSE_ATTENTION = ("attention", "multihead")
+
+
+def fuse_file(src: Path, dst: Path, external: bool = False, attention: str = "attention") -> dict[str, Any]:
+    """The ``optimize`` fusions applied to an exported ONNX file (the quantize stage fuses the float
+    model before quantizing it). Returns the fusion counts of both passes.
+
+    ``attention``: "attention" packs Q, K and V into ORT's ``Attention`` (one QKV weight; the graph
+    ``optimize`` gives). "multihead" stops at ``MultiHeadAttention`` fed by the three projection
+    MatMuls: int8 methods cannot quantize the packed form as written here (ONNX Runtime's
+    quantizer skips an Attention with ``qkv_hidden_sizes``, and QAttention has no attention-bias
+    input for the mask), but they do quantize those MatMuls.
+    """
+    if attention not in FUSE_ATTENTION:
+        raise UnsupportedTargetError(f"attention fusion must be one of {FUSE_ATTENTION}, not {attention!r}")
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
+
+    model = ir.load(str(src))
+    if attention == "multihead":
+        from unittest import mock
+
+        # onnxscript has no switch for the last step (MultiHeadAttention + projections -> Attention);
+        # replaced for this one call only, the module is restored on return.
+        with mock.patch.object(_core, "fuse_attention", lambda *a, **k: 0):
+            _, counts = optimize_for_ort(model)
+    else:
+        _, counts = optimize_for_ort(model)
+    ir.save(model, str(dst), external_data=(dst.name + ".data") if external else None)
+    notes: dict[str, Any] = {"fusions": {k: int(v) for k, v in counts.items() if v}}
+    notes["ort_optimizer"] = _ort_optimize(dst, external)
+    return notes
+
+
 def _ort_optimize(path: Path, external: bool) -> dict[str, int]:
     from onnxruntime.transformers import optimizer
 

@@ -33,9 +33,31 @@ def cast_to(inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype]) ->
     return {k: np.asarray(v).astype(dtypes[k], copy=False) if k in dtypes else np.asarray(v) for k, v in inputs.items()}
 
 
+def real_length_rows(inputs: Mapping[str, np.ndarray], n: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The first ``n`` examples one by one, each cut to its real length.
+
+    Examples padded to one shape (right padding, ``attention_mask`` 0 on padding) are cut back to
+    the tokens they hold, so calibration and timing see the lengths real requests have; inputs
+    without an ``attention_mask`` are returned row by row unchanged.
+    """
+    total = n_rows(inputs)
+    count = total if n is None else min(n, total)
+    mask = inputs.get("attention_mask")
+    rows = []
+    for i in range(count):
+        row = {k: np.asarray(v[i:i + 1]) for k, v in inputs.items()}
+        if mask is not None and np.ndim(mask) == 2:
+            width = np.shape(mask)[1]
+            keep = max(int(np.asarray(mask[i]).sum()), 1)
+            row = {k: (a[:, :keep] if a.ndim >= 2 and a.shape[1] == width else a) for k, a in row.items()}
+        rows.append({k: np.ascontiguousarray(a) for k, a in row.items()})
+    return rows
+
+
 def make_reader(inputs: Mapping[str, np.ndarray], samples: int, input_names: list[str],
                 dtypes: Mapping[str, np.dtype] | None = None):
-    """A ``CalibrationDataReader`` yielding the first ``samples`` examples one at a time.
+    """A ``CalibrationDataReader`` yielding the first ``samples`` examples one at a time, each at
+    its real length (``real_length_rows``).
 
     ``served`` counts the examples handed to the calibrator (what the report records).
     """
@@ -50,7 +72,8 @@ def make_reader(inputs: Mapping[str, np.ndarray], samples: int, input_names: lis
             f"quantize.calibration_samples={samples} but only {total} calibration examples were given; "
             "lower calibration_samples or pass more examples"
         )
-    data = cast_to({n: inputs[n][:samples] for n in input_names}, dtypes or {})
+    rows = [cast_to({n: row[n] for n in input_names}, dtypes or {})
+            for row in real_length_rows(inputs, samples)]
 
     class ArrayReader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -63,7 +86,7 @@ def make_reader(inputs: Mapping[str, np.ndarray], samples: int, input_names: lis
             i = self._next
             self._next += 1
             self.served += 1
-            return {n: data[n][i:i + 1] for n in input_names}
+            return rows[i]
 
         def rewind(self) -> None:
             self._next = 0

@@ -89,9 +89,16 @@ class Evaluator:
         return result
 
 
-def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray], runs: int,
-                      threads: int | None, warmup: int = 5) -> dict[str, dict[str, float]]:
-    """Median latency of each model on the same inputs, runs alternating between the models."""
+def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray] | list[Mapping[str, np.ndarray]],
+                      runs: int, threads: int | None, warmup: int = 5) -> dict[str, dict[str, float]]:
+    """Median latency of each model on the same inputs, runs alternating between the models.
+
+    ``inputs`` is one feed or a list of feeds (e.g. single examples at their real lengths); run
+    ``i`` of every model uses feed ``i mod len``, so all models see exactly the same inputs.
+    """
+    feeds_in = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+    if not feeds_in:
+        raise DataError("no inputs to time the models on")
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -107,15 +114,17 @@ def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), so, providers=select_providers())
         declared = {i.name: _np_type(i.type) for i in sess.get_inputs()}
-        feed = cast_to({k: inputs[k] for k in declared}, {k: v for k, v in declared.items() if v is not None})
-        sessions[name] = (sess, feed)
-    for sess, feed in sessions.values():
-        for _ in range(warmup):
-            sess.run(None, feed)
+        dtypes = {k: v for k, v in declared.items() if v is not None}
+        feeds = [cast_to({k: f[k] for k in declared}, dtypes) for f in feeds_in]
+        sessions[name] = (sess, feeds)
+    for sess, feeds in sessions.values():
+        for i in range(warmup):
+            sess.run(None, feeds[i % len(feeds)])
     times: dict[str, list[float]] = {name: [] for name in sessions}
     cpu: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, (sess, feed) in sessions.items():
+    for i in range(runs):
+        for name, (sess, feeds) in sessions.items():
+            feed = feeds[i % len(feeds)]
             c0, t0 = time.process_time(), time.perf_counter()
             sess.run(None, feed)
             times[name].append((time.perf_counter() - t0) * 1e3)
@@ -132,3 +141,42 @@ def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray
 def _np_type(ort_type: str) -> Any:
     return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
             "tensor(float16)": np.float16, "tensor(bool)": np.bool_}.get(ort_type)
+
+
+# Candidates whose median latencies differ by less than this are as fast as each other: the timing
+# noise of a shared CPU is of this order, so among them the higher validation metric wins.
+TIE_TOLERANCE = 0.05
+
+
+def choose_fastest(candidates: list[dict[str, Any]], budget: float,
+                   tie: float = TIE_TOLERANCE) -> tuple[int | None, list[str]]:
+    """The index of the fastest candidate within the accuracy budget, and why each was or was not chosen.
+
+    Each candidate holds ``name``, ``passed`` (its drop is within ``budget``), ``drop``, ``metric``
+    (validation) and ``p50_ms`` (batch 1, timed side by side). Candidates within ``tie`` of the
+    fastest passing one count as equally fast; among them the higher validation metric wins, then
+    the lower latency. None when no candidate is within the budget.
+    """
+    why = [""] * len(candidates)
+    passing = [i for i, c in enumerate(candidates) if c["passed"]]
+    for i, c in enumerate(candidates):
+        if not c["passed"]:
+            why[i] = f"over the accuracy budget: validation drop {c['drop']:.4f} > {budget}"
+    if not passing:
+        return None, why
+    fastest = min(candidates[i]["p50_ms"] for i in passing)
+    group = [i for i in passing if candidates[i]["p50_ms"] <= fastest * (1 + tie)]
+    best = max(group, key=lambda i: (candidates[i]["metric"], -candidates[i]["p50_ms"]))
+    win = candidates[best]
+    for i in passing:
+        c = candidates[i]
+        if i == best:
+            why[i] = (f"chosen: fastest within the budget ({c['p50_ms']:.3f} ms p50)" if c["p50_ms"] == fastest else
+                      f"chosen: within {tie:.0%} of the fastest ({c['p50_ms']:.3f} vs {fastest:.3f} ms p50) "
+                      f"with the highest validation metric ({c['metric']:.4f})")
+        elif i in group:
+            why[i] = (f"as fast (within {tie:.0%}) as {win['name']} but validation metric {c['metric']:.4f} "
+                      f"<= {win['metric']:.4f}")
+        else:
+            why[i] = f"slower: {c['p50_ms']:.3f} ms p50 against {win['name']}'s {win['p50_ms']:.3f} ms"
+    return best, why

@@ -23,8 +23,8 @@ import numpy as np
 
 from edgekd.errors import StageError
 from edgekd.export.base import ARTIFACT_META, read_artifact_meta, write_artifact_meta
-from edgekd.quantization.calibration import n_rows, take
-from edgekd.quantization.guard import Evaluator, MetricFn, time_side_by_side
+from edgekd.quantization.calibration import n_rows, real_length_rows
+from edgekd.quantization.guard import Evaluator, MetricFn, choose_fastest, time_side_by_side
 from edgekd.quantization.onnx_methods import make_method
 from edgekd.recipe import QuantizeConfig
 from edgekd.runfolder import atomic_dir, sha256_file
@@ -111,6 +111,39 @@ def _attempt_record(exclude: list[str], score: dict[str, Any], float_metric: flo
             "relative_error": score.get("relative_error"), "passed": drop <= budget + 1e-12}
 
 
+def candidate_configs(cfg: QuantizeConfig) -> list[tuple[str, QuantizeConfig]]:
+    """The section's own setup, then each of ``cfg.candidates`` (unset keys inherited), named and
+    without duplicates."""
+    out: list[tuple[str, QuantizeConfig]] = []
+    seen: list[QuantizeConfig] = []
+    for cand in [None, *cfg.candidates]:
+        update = {} if cand is None else cand.model_dump(exclude_none=True)
+        c = cfg.model_copy(update={**update, "candidates": []})
+        c = QuantizeConfig.model_validate(c.model_dump())  # re-validated: candidate values are checked too
+        if c in seen:
+            continue
+        seen.append(c)
+        out.append((candidate_name(c), c))
+    return out
+
+
+def candidate_name(c: QuantizeConfig) -> str:
+    parts = [c.method]
+    if c.method == "static":
+        parts.append(c.calibration_method + (f"{c.percentile:g}" if c.calibration_method == "percentile" else ""))
+    if c.method != "fp16":
+        parts += [p for p, on in (("per-channel", c.per_channel), ("reduce-range", c.reduce_range)) if on]
+        if c.weight_type != "qint8":
+            parts.append(f"w-{c.weight_type}")
+        if c.method == "static" and c.activation_type != "quint8":
+            parts.append(f"a-{c.activation_type}")
+        if c.op_types:
+            parts.append("+".join(c.op_types))
+    if c.fuse != "none":
+        parts.append(f"fused-{c.fuse}")
+    return "/".join(parts)
+
+
 def quantize_onnx(
     fp32_dir: Path,
     out_dir: Path,
@@ -122,8 +155,11 @@ def quantize_onnx(
 ) -> dict[str, Any]:
     """Quantize the ONNX export in ``fp32_dir`` into the export folder ``out_dir``.
 
-    Returns the metrics and the guard report: float and quantized metrics, every attempt, the
-    operators kept in float and why, the side-by-side latency, and which model is recommended.
+    Every candidate setup (``candidate_configs``) goes through the accuracy guard; all are timed
+    side by side with the float model at batch 1 on validation examples at their real lengths, and
+    the fastest within the budget is written (``choose_fastest``). Returns the metrics and the
+    guard report: float and quantized metrics, every attempt, the operators kept in float and why,
+    the latencies, why each candidate was or was not chosen, and which model is recommended.
     """
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
     meta = read_artifact_meta(fp32_dir)
@@ -133,35 +169,92 @@ def quantize_onnx(
     if n_rows(val_inputs) != len(val_labels):
         raise StageError(f"{n_rows(val_inputs)} validation examples but {len(val_labels)} labels")
     external = any(p.name.startswith(src.name) and p != src for p in fp32_dir.iterdir())
+    setups = candidate_configs(cfg)
 
     with tempfile.TemporaryDirectory(prefix="edgekd-quant-") as work_str:
         work = Path(work_str)
         ev = Evaluator(val_inputs, val_labels, metric_fn, cfg.guard_metric, cfg.sensitivity_examples, cfg.threads)
         base = ev.score(src)  # first: a wrong guard_metric or input fails before any work
         ev.reference = base["outputs"]
-        prepared = work / "float.onnx"
-        report: dict[str, Any] = {"method": cfg.method, **prepare(src, prepared, cfg.preprocess, external)}
         names, dtypes = _graph_inputs(src)
-        method = make_method(cfg, calib_inputs, names, dtypes, work, external)
-        report["precision"] = method.precision
+        floats: dict[str, tuple[Path, dict[str, Any]]] = {}  # fuse -> (prepared float model, notes)
+        results = []
+        for i, (name, c) in enumerate(setups):
+            if c.fuse not in floats:
+                floats[c.fuse] = _prepare_float(src, work, c, external, ev)
+            prepared, notes = floats[c.fuse]
+            cwork = work / f"candidate{i}"  # own calibration cache: ranges depend on graph and method
+            cwork.mkdir()
+            method = make_method(c, calib_inputs, names, dtypes, cwork, external)
+            guard, model, final = _accuracy_guard(method, prepared, cwork, ev, base, c)
+            results.append({"name": name, "cfg": c, "method": method, "notes": notes, "guard": guard,
+                            "model": model, "final": final})
 
-        guard, model, final = _accuracy_guard(method, prepared, work, ev, base, cfg)
-        report["settings"] = method.settings()
-        report["accuracy_guard"] = guard
-        report["speed_guard"] = _speed_guard(src, model, val_inputs, cfg, method.precision)
+        rows = real_length_rows(val_inputs, cfg.speed_runs)
+        timed = {"float": src}
+        for fuse in floats:  # what the fusions alone give
+            if fuse != "none":
+                timed[f"float/fused-{fuse}"] = work / f"fused-{fuse}.onnx"
+        timed.update({r["name"]: r["model"] for r in results})
+        speed = time_side_by_side(timed, rows, cfg.speed_runs, cfg.threads)
+        table = [{"name": r["name"], "passed": r["guard"]["passed"], "drop": r["guard"]["drop"],
+                  "metric": r["guard"]["quantized_metric"], "p50_ms": speed[r["name"]]["p50_ms"]}
+                 for r in results]
+        best, why = choose_fastest(table, cfg.max_accuracy_drop)
+        chosen = best if best is not None else min(
+            range(len(results)), key=lambda i: (results[i]["guard"]["drop"], table[i]["p50_ms"]))
+        win = results[chosen]
+        report: dict[str, Any] = {"method": win["cfg"].method, "candidate": win["name"], **win["notes"]}
+        report["precision"] = win["method"].precision
+        report["settings"] = {**win["method"].settings(), "fuse": win["cfg"].fuse}
+        report["accuracy_guard"] = win["guard"]
+        report["speed_guard"] = _speed_guard(speed, win["name"], rows, cfg, win["method"].precision)
+        report["candidates"] = [
+            {**t, "settings": {**r["method"].settings(), "fuse": r["cfg"].fuse},
+             "float_nodes": r["guard"]["attempts"][-1]["float_nodes"] if not r["guard"]["passed"] else
+             [n["node"] for n in r["guard"]["float_nodes"]],
+             "size_bytes": _model_bytes(r["model"]), "chosen": i == best, "why": why[i]}
+            for i, (t, r) in enumerate(zip(table, results, strict=True))
+        ]
         report["float"] = {"metrics": base["metrics"], "size_bytes": _model_bytes(src), "sha256": meta.get("sha256")}
-        report["quantized"] = {"metrics": final["metrics"], "size_bytes": _model_bytes(model),
+        final = win["final"]
+        report["quantized"] = {"metrics": final["metrics"], "size_bytes": _model_bytes(win["model"]),
                                "max_abs_diff": final["max_abs_diff"], "top1_agreement": final["top1_agreement"]}
-        use_quantized = guard["passed"] and report["speed_guard"]["quantized_faster"]
+        use_quantized = win["guard"]["passed"] and report["speed_guard"]["quantized_faster"]
         reasons = [] if use_quantized else [
-            n for n in (guard.get("note"), report["speed_guard"].get("note")) if n
+            n for n in (win["guard"].get("note"), report["speed_guard"].get("note")) if n
         ]
         report.update(recommended="quantized" if use_quantized else "float",
                       recommended_dir=str(out_dir if use_quantized else fp32_dir), reasons=reasons)
-        _write_folder(fp32_dir, out_dir, src, model, meta, report, method.precision, external)
+        _write_folder(fp32_dir, out_dir, src, win["model"], meta, report, win["method"].precision, external)
     report["quantized"]["sha256"] = sha256_file(out_dir / src.name)
     report["out_dir"] = str(out_dir)
     return report
+
+
+def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,
+                   ev: Evaluator) -> tuple[Path, dict[str, Any]]:
+    """The float model a candidate quantizes: fused first unless ``c.fuse`` is none (checked against the
+    source model's validation outputs), then pre-processed and with every node named."""
+    notes: dict[str, Any] = {}
+    staged = src
+    if c.fuse != "none":
+        from edgekd.export.onnx import fuse_file
+
+        staged = work / f"fused-{c.fuse}.onnx"
+        notes["fusion"] = fuse_file(src, staged, external, attention=c.fuse)
+        check = ev.score(staged)
+        notes["fusion"].update(parity={"max_abs_diff": check["max_abs_diff"],
+                                       "top1_agreement": check["top1_agreement"]})
+        if check["top1_agreement"] < 0.999:
+            raise StageError(
+                f"the fused float model agrees with the exported one on only {check['top1_agreement']:.2%} of "
+                f"the validation examples (max abs diff {check['max_abs_diff']:.3g}): set quantize.fuse: none"
+            )
+    prepared = work / f"float-{c.fuse}" / "float.onnx"
+    prepared.parent.mkdir()
+    notes.update(prepare(staged, prepared, c.preprocess, external))
+    return prepared, notes
 
 
 def _model_bytes(path: Path) -> int:
@@ -219,15 +312,17 @@ def _accuracy_guard(method: Any, prepared: Path, work: Path, ev: Evaluator, base
     return guard, paths[best], scores[best]
 
 
-def _speed_guard(src: Path, model: Path, val_inputs: Mapping[str, np.ndarray], cfg: QuantizeConfig,
-                 precision: str) -> dict[str, Any]:
-    speed = time_side_by_side({"float": src, "quantized": model}, take(val_inputs, 1), cfg.speed_runs, cfg.threads)
-    faster = speed["quantized"]["p50_ms"] < speed["float"]["p50_ms"]
-    report = {"batch": 1, "threads": cfg.threads, "thread_spinning": False, **speed,
-              "speedup": round(speed["float"]["p50_ms"] / speed["quantized"]["p50_ms"], 3),
-              "quantized_faster": faster}
+def _speed_guard(speed: dict[str, dict[str, float]], name: str, rows: list[dict[str, np.ndarray]],
+                 cfg: QuantizeConfig, precision: str) -> dict[str, Any]:
+    lengths = [max(a.shape[1] if a.ndim >= 2 else 1 for a in r.values()) for r in rows]
+    report = {"batch": 1, "threads": cfg.threads, "thread_spinning": False,
+              "inputs": f"{len(rows)} validation examples, one at a time at their real lengths "
+                        f"({min(lengths)}-{max(lengths)}, median {int(np.median(lengths))})",
+              "all": speed, "float": speed["float"], "quantized": speed[name]}
+    faster = report["quantized"]["p50_ms"] < report["float"]["p50_ms"]
+    report.update(speedup=round(report["float"]["p50_ms"] / report["quantized"]["p50_ms"], 3), quantized_faster=faster)
     if not faster:
-        report["note"] = (f"{precision} is not faster than float here ({speed['quantized']['p50_ms']:.3f} ms "
+        report["note"] = (f"{precision} is not faster than float here ({report['quantized']['p50_ms']:.3f} ms "
                           f"vs {speed['float']['p50_ms']:.3f} ms p50 at batch 1)")
     return report
 

@@ -121,6 +121,12 @@ class DetectionRunContext(RunContext):
         val = self.split("validation")
         return {"images": val.collate(np.arange(len(val)))["images"]}, val.ground_truth()
 
+    def calibration_data(self, split: str, n: int) -> dict[str, np.ndarray]:
+        if split not in ("train", "validation"):
+            raise StageError(f"calibration reads the train or validation split, not {split!r}")
+        part = self.split(split)
+        return {"images": part.collate(np.arange(min(n, len(part))))["images"]}
+
     def input_desc(self) -> str | None:
         s = self.recipe.detection.image_size
         return f"image {s}x{s}"
