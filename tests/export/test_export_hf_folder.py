@@ -89,3 +89,37 @@ def test_every_file_the_folder_serves_is_checksummed(hf_folders):
     assert others and set(meta["extra_sha256"]) == others
     assert {"tokenizer.json", "vocab.txt", "config.json"} <= others
     assert set(read_artifact_meta(hf_folders / "onnx-int8")["extra_sha256"]) == others
+
+
+@pytest.mark.slow
+def test_a_mounted_copy_is_read_by_another_user_and_served(hf_folders):
+    """As `docker run -v folder:/model:ro` shows the folder to the image's non-root user: the modes travel
+    with the files. Another user (nobody) reads every file; then the server loads the copy (torch-free path).
+    Docker cannot run here, so the other user is a plain process under uid 65534."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from edgekd.serving.model import load_served_model
+    from edgekd.serving.settings import ServeSettings
+
+    if os.geteuid() != 0:
+        pytest.skip("reading as another user needs root to switch users")
+    mount = tempfile.mkdtemp(prefix="edgekd-mount-", dir="/tmp")
+    try:
+        os.chmod(mount, 0o755)  # the mount point itself, as docker creates it
+        model = shutil.copytree(hf_folders / "onnx-int8", os.path.join(mount, "model"))  # copy2 keeps the modes
+
+        def read_as_nobody() -> subprocess.CompletedProcess:
+            script = 'cd "$1" && for f in $(find . -type f); do cat "$f" > /dev/null || exit 1; done'
+            return subprocess.run(["sh", "-c", script, "sh", model], user=65534, group=65534, capture_output=True,
+                                  text=True)
+
+        assert read_as_nobody().returncode == 0
+        served = load_served_model(ServeSettings(export_dir=model))
+        assert served.target == "onnx-int8" and served.codec.labels == LABELS
+        os.chmod(os.path.join(model, "tokenizer.json"), 0o600)  # what the folders were before: unreadable
+        denied = read_as_nobody()
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    finally:
+        shutil.rmtree(mount)
