@@ -6,7 +6,6 @@ load (routes, batcher, metrics) works through the codec and asks no more what th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
