@@ -213,12 +213,12 @@ def read_json_file(path: Path, remedy: str) -> Any:
 
 def hf_model_config(source: Path | None, labels: list[str] | None) -> dict[str, Any] | None:
     """The source model's Hugging Face ``config.json`` with ``id2label``/``label2id`` set from ``labels``
-    (the names the export serves), or None when the source has no config.json (not a transformers model)."""
+    (the names the export serves), or None when the source is not a transformers model."""
     if source is None or not (Path(source) / HF_CONFIG).is_file():
         return None
     config = read_json_file(Path(source) / HF_CONFIG, "the source model folder is damaged: train it again")
-    if not isinstance(config, dict):
-        return None
+    if not isinstance(config, dict) or "model_type" not in config:
+        return None  # not a transformers config (e.g. an edgekd detector's own config.json)
     if labels:
         config["id2label"] = {str(i): str(n) for i, n in enumerate(labels)}
         config["label2id"] = {str(n): i for i, n in enumerate(labels)}
