@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import platform
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -41,6 +42,23 @@ class LocalConnection(_Strict):
     kind: Literal["local"] = "local"
 
 
+# A host name, an IPv4 or IPv6 address (brackets and a %zone allowed) or an ssh_config alias of the same
+# characters. Nothing option-shaped (a leading '-': ssh would read "-oProxyCommand=..." as an option), no
+# whitespace, no control characters, no '@' (the user is its own key).
+SSH_HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]][A-Za-z0-9_.:%\[\]-]*$")
+SSH_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+
+
+def check_ssh_host(host: str, user: str | None = None) -> None:
+    """Raise ValueError unless ``host`` (and ``user``) can only be read by ssh as a destination."""
+    if not SSH_HOST.match(host or ""):
+        raise ValueError(f"host {host!r} is not a host name or address: use letters, digits and . _ - : % [ ] "
+                         "only, not starting with '-' (no spaces, control characters or '@'; the user is 'user')")
+    if user is not None and not SSH_USER.match(user):
+        raise ValueError(f"user {user!r} is not a login name: use letters, digits and . _ - only, not starting "
+                         "with '-'")
+
+
 class SSHConnection(_Strict):
     """Benchmark on a machine reached with the system ``ssh``/``scp`` (key auth only, no prompts)."""
 
@@ -58,6 +76,18 @@ class SSHConnection(_Strict):
     connect_timeout_s: int = Field(10, ge=1, description="ssh ConnectTimeout.")
     command_timeout_s: int = Field(1800, ge=1, description="Upper bound of one remote command, in seconds.")
     transfer: Literal["scp", "rsync"] = Field("scp", description="How files are copied (rsync must exist on both ends).")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        check_ssh_host("localhost", value)
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        check_ssh_host(value)
+        return value
 
 
 class ManualConnection(_Strict):

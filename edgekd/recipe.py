@@ -50,6 +50,16 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(
         None, ge=1, description="Use only the first N training examples (quick trials)."
     )
+    normalize_labels: bool = Field(
+        False, description="Labels spelled several ways (Positive/positive, 1/1.0) are an error that lists them; "
+        "true merges each group into its most frequent spelling, with a warning. Numbers mixed with names "
+        "(0, 1, pos) are always an error."
+    )
+    drop_duplicates: bool = Field(
+        True, description="Drop texts that repeat an earlier one (whitespace-normalised; a text seen with two "
+        "labels is dropped entirely) before the split, so no text lands in both train and test. The counts go "
+        "into the data summary. false keeps them (counted). Datasets with their own splits are kept as given."
+    )
 
 
 class TrainConfig(Section):

@@ -167,6 +167,26 @@ def runner_inputs(inputs: dict[str, np.ndarray], names: list[str], dtypes: dict[
     return out
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(folder: Path) -> None:
+    """Give ``folder`` and everything under it the modes of ordinary files (0644 / 0755 under the usual
+    umask 022). Temporary folders and files are created 0700/0600, and copies keep their source's mode,
+    so without this an export folder mounted into a container is unreadable by its (non-owner) user."""
+    mask = current_umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def staged(out_dir: Path) -> Iterator[Path]:
     """A hidden staging folder inside ``out_dir``; on success every entry moves into ``out_dir`` by
@@ -176,6 +196,7 @@ def staged(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
     try:
         yield tmp
+        publish_modes(tmp)
         for entry in sorted(tmp.iterdir()):
             dest = out_dir / entry.name
             if dest.is_dir() and not dest.is_symlink():

@@ -6,6 +6,7 @@ what is measured is what is served. Targets register themselves by name with ``@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from abc import ABC, abstractmethod
@@ -156,20 +157,69 @@ def get_exporter(name: str) -> Exporter:
     return _REGISTRY[name]()
 
 
+# artifact.json's digest of its own content (every other key, as canonical JSON): labels, io and max_length
+# live in artifact.json, so a changed label or io is refused like a changed model file.
+META_DIGEST = "meta_sha256"
+# Every file beside the artifact that serving it reads (tokenizer files, config.json) -> sha256.
+EXTRA_DIGESTS = "extra_sha256"
+# A Hugging Face config beside the artifact: Optimum / transformers load the folder as is.
+HF_CONFIG = "config.json"
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def write_artifact_meta(out_dir: Path, meta: dict[str, Any]) -> Path:
-    """Write ``artifact.json`` beside an artifact (atomically): target, precision, io, labels, sha256."""
+    """Write ``artifact.json`` beside an artifact (atomically): target, precision, io, labels, sha256,
+    sealed with the digest of its own content (``meta_sha256``)."""
     from edgekd.runfolder import atomic_write_text
 
     path = Path(out_dir) / ARTIFACT_META
-    atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True, default=str))
+    # Round-trip first so the digest is taken over exactly what a reader will load (default=str, tuples).
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != META_DIGEST}, default=str))
+    body[META_DIGEST] = meta_digest(body)
+    atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True))
     return path
 
 
 def read_artifact_meta(out_dir: Path) -> dict[str, Any]:
+    """artifact.json as a dict; a file that is not a JSON object is an error naming it."""
     path = Path(out_dir) / ARTIFACT_META
     if not path.is_file():
         raise UnsupportedTargetError(
             f"{out_dir} holds no {ARTIFACT_META}: it is not an edgekd export folder. "
             "Run `edgekd export RUN_DIR --to TARGET` first."
         )
-    return json.loads(path.read_text())
+    meta = read_json_file(path, f"re-export this target (`edgekd export RUN_DIR --to {Path(out_dir).name}`)")
+    if not isinstance(meta, dict):
+        raise UnsupportedTargetError(f"{path} holds {type(meta).__name__}, not a JSON object: re-export this target.")
+    return meta
+
+
+def read_json_file(path: Path, remedy: str) -> Any:
+    """JSON from ``path``; unreadable or invalid JSON is one clear error naming the file and the remedy."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnsupportedTargetError(f"cannot read {path} ({e}): {remedy}.") from None
+    except json.JSONDecodeError as e:
+        raise UnsupportedTargetError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; "
+                                     f"truncated or edited?): {remedy}.") from None
+
+
+def hf_model_config(source: Path | None, labels: list[str] | None) -> dict[str, Any] | None:
+    """The source model's Hugging Face ``config.json`` with ``id2label``/``label2id`` set from ``labels``
+    (the names the export serves), or None when the source is not a transformers model."""
+    if source is None or not (Path(source) / HF_CONFIG).is_file():
+        return None
+    config = read_json_file(Path(source) / HF_CONFIG, "the source model folder is damaged: train it again")
+    if not isinstance(config, dict) or "model_type" not in config:
+        return None  # not a transformers config (e.g. an edgekd detector's own config.json)
+    if labels:
+        config["id2label"] = {str(i): str(n) for i, n in enumerate(labels)}
+        config["label2id"] = {str(n): i for i, n in enumerate(labels)}
+    return config

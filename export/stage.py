@@ -38,7 +38,17 @@ from edgekd.errors import (
     UnsupportedTargetError,
 )
 from edgekd.export import get_exporter
-from edgekd.export.base import Exporter, ExportResult, ModelIO, read_artifact_meta, write_artifact_meta
+from edgekd.export._common import publish_modes
+from edgekd.export.base import (
+    EXTRA_DIGESTS,
+    HF_CONFIG,
+    Exporter,
+    ExportResult,
+    ModelIO,
+    hf_model_config,
+    read_artifact_meta,
+    write_artifact_meta,
+)
 from edgekd.export.parity import check_parity
 from edgekd.runfolder import atomic_dir, sha256_file, sha256_tree
 
@@ -49,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgekd.export")
 
 # Keys artifact.json sets itself; the caller's ``meta`` may not override them.
-RESERVED = ("target", "exporter", "file", "files", "sha256", "size_bytes", "precision", "io", "built",
+RESERVED = ("target", "exporter", "file", "files", EXTRA_DIGESTS, "sha256", "size_bytes", "precision", "io", "built",
             "reason", "notes", "created", "versions", "parity")
 _VERSIONED = ("edgekd", "torch", "onnx", "onnxruntime", "onnxscript", "coremltools", "executorch", "tensorrt",
               "transformers")
@@ -98,6 +108,17 @@ def _copy_extra(files: list[Path], folder: Path, taken: set[str]) -> list[str]:
             shutil.copy2(src, dest)
         copied.append(src.name)
     return copied
+
+
+def _write_hf_config(folder: Path, meta: dict[str, Any], taken: set[str]) -> list[str]:
+    """``config.json`` of the source model with the served labels, so Hugging Face tools (Optimum's
+    ORTModelFor*) load the folder as is; none when the source is not a transformers model."""
+    source = meta.get("source_model")
+    config = hf_model_config(Path(source) if source else None, meta.get("labels"))
+    if config is None or HF_CONFIG in taken:
+        return []
+    (folder / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return [HF_CONFIG]
 
 
 def _artifact_meta(name: str, result: ExportResult, io: ModelIO, meta: dict[str, Any],
@@ -162,9 +183,14 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
     try:
         with atomic_dir(folder) as tmp:
             result = exporter.export(module, examples, io, tmp, **opts)
-            extra = _copy_extra(extra_files, tmp, {f.name for f in result.files})
+            own = {f.name for f in result.files}
+            extra = _copy_extra(extra_files, tmp, own)
+            extra += _write_hf_config(tmp, meta, own | set(extra))
             art = _artifact_meta(name, result, io, meta, extra)
+            # Serving reads these too (the tokenizer, its vocabulary): each is checked like the model file.
+            art[EXTRA_DIGESTS] = {n: artifact_digest(tmp / n) for n in extra}
             write_artifact_meta(tmp, art)
+            publish_modes(tmp)
     except RecipeError:
         raise
     except (UnsupportedTargetError, MissingBackendError, ParityError) as e:

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="export target folder inside RUN_DIR/export/ (e.g. onnx-int8)")
     args = parser.parse_args(argv)
     try:
-        settings = ServeSettings()
+        settings = ServeSettings.from_env()
         path = args.path or settings.export_dir
         if path is None:
             parser.error("give a run or export folder, or set EDGEKD_SERVE_EXPORT_DIR")

@@ -6,7 +6,6 @@ load (routes, batcher, metrics) works through the codec and asks no more what th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import ChecksumError, StageError
-from edgekd.export.base import ARTIFACT_META, Runner, read_artifact_meta
+from edgekd.export.base import (
+    ARTIFACT_META,
+    EXTRA_DIGESTS,
+    HF_CONFIG,
+    META_DIGEST,
+    Runner,
+    meta_digest,
+    read_artifact_meta,
+    read_json_file,
+)
 from edgekd.export.stage import artifact_digest, load_artifact
 from edgekd.runfolder import MANIFEST, sha256_file
 from edgekd.serving.codec import TextCodec
@@ -49,11 +57,14 @@ VERSIONED_PACKAGES = ("edgekd", "onnxruntime", "tensorrt", "executorch", "coreml
                       "fastapi", "uvicorn")
 
 
-def resolve_export_dir(path: str | Path, target: str | None = None) -> Path:
-    """``RUN_DIR/export/<target>/``, or ``path`` itself when it already is an export folder."""
+def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, str | None]:
+    """The export folder to serve and, when edgekd chose it rather than the caller, why.
+
+    ``path`` is an export folder, or a run folder: then ``RUN_DIR/export/<target>/``; without a target,
+    the only export, else the one the quantize stage recommends (recorded in the run's manifest)."""
     path = Path(path)
     if (path / ARTIFACT_META).is_file():
-        return path
+        return path, None
     if not path.is_dir():
         raise StageError(f"{path} does not exist: give a run folder (runs/<name>) or an export folder.")
     export_root = path / "export"
@@ -63,13 +74,37 @@ def resolve_export_dir(path: str | Path, target: str | None = None) -> Path:
             f"{path} holds no exported artifact (no {export_root}/<target>/{ARTIFACT_META}): "
             "run `edgekd export RUN_DIR --to TARGET` first, or give an export folder."
         )
-    if target is None:
-        if len(targets) == 1:
-            return export_root / targets[0]
-        raise StageError(f"{path} has several exports ({', '.join(targets)}): choose one with --target.")
-    if target not in targets:
-        raise StageError(f"{path} has no export '{target}'; exports there: {', '.join(targets)}.")
-    return export_root / target
+    if target is not None:
+        if target not in targets:
+            raise StageError(f"{path} has no export '{target}'; exports there: {', '.join(targets)}.")
+        return export_root / target, None
+    if len(targets) == 1:
+        return export_root / targets[0], f"the run's only export, {targets[0]}"
+    recommended = _recommended(path)
+    if recommended in targets:
+        return export_root / recommended, f"{recommended}, the quantize stage's recommended artifact"
+    raise StageError(f"{path} has several exports ({', '.join(targets)}): choose one with --target (its manifest "
+                     "records no quantize stage recommendation to serve by default).")
+
+
+def _recommended(run: Path) -> str | None:
+    """The export folder name the quantize stage recommends (float or quantized), if it ran."""
+    if not (run / MANIFEST).is_file():
+        return None
+    rec = (read_manifest(run).get("stages") or {}).get("quantize")
+    metrics = rec.get("metrics") if isinstance(rec, dict) else None
+    if not isinstance(metrics, dict) or not metrics.get("recommended_dir"):
+        return None
+    # By name: the run folder may have moved since the path was recorded.
+    return Path(str(metrics["recommended_dir"])).name
+
+
+def resolve_export_dir(path: str | Path, target: str | None = None) -> Path:
+    """``RUN_DIR/export/<target>/``, or ``path`` itself when it already is an export folder (see ``choose_export``)."""
+    folder, why = choose_export(path, target)
+    if why:
+        log.info("serving %s: %s", folder, why)
+    return folder
 
 
 def run_root(folder: Path) -> Path | None:
@@ -81,51 +116,94 @@ def run_root(folder: Path) -> Path | None:
     return None
 
 
+# Files beside the artifact that the server (or a fallback tokenizer) may read: when present, each must be
+# covered by a sha256 (artifact.json's or the run manifest's), or the folder is refused.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
+                   "vocab.json", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model", HF_CONFIG)
+REEXPORT = "re-export this target (`edgekd export RUN_DIR`), or restore the file"
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    manifest = read_json_file(root / MANIFEST, f"restore it, or serve the export folder from a copy outside {root}")
+    if not isinstance(manifest, dict):
+        raise StageError(f"{root / MANIFEST} holds {type(manifest).__name__}, not a JSON object: restore it.")
+    return manifest
+
+
+def _recorded(manifest: dict[str, Any]) -> dict[str, str]:
+    """Every file the manifest records (each stage records its outputs file by file), by run-relative path."""
+    recorded: dict[str, str] = {}
+    for rec in (manifest.get("stages") or {}).values():
+        if isinstance(rec, dict) and isinstance(rec.get("artifacts"), dict):
+            recorded.update(rec["artifacts"])
+    return recorded
+
+
 def verify_artifact(folder: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """Check the artifact against the sha256 recorded in artifact.json (the artifact and, when listed
-    under ``files``, every file it consists of, such as external ONNX weights) and, inside a run
-    folder, in the run's manifest. Returns the artifact path and the manifest ({} outside a run)."""
+    """Check every file serving the artifact reads before anything loads it: the artifact (and every file it
+    consists of, such as external ONNX weights), the tokenizer and its vocabulary and config files, and
+    artifact.json itself (labels, io), against the sha256 recorded in artifact.json and, inside a run folder,
+    in the run's manifest. A changed byte anywhere is a ChecksumError naming the file. Returns the artifact
+    path and the manifest ({} outside a run)."""
     folder = Path(folder)
     name = meta.get("file")
     if not name:
-        raise StageError(f"{folder / ARTIFACT_META} names no artifact 'file': re-export this target.")
+        raise StageError(f"{folder / ARTIFACT_META} names no artifact 'file': {REEXPORT}.")
     artifact = folder / name
     if not artifact.exists():
-        raise StageError(f"{artifact} is missing (named by {folder / ARTIFACT_META}): re-export this target.")
+        raise StageError(f"{artifact} is missing (named by {folder / ARTIFACT_META}): {REEXPORT}.")
     if not meta.get("sha256"):
         raise ChecksumError(f"{folder / ARTIFACT_META} records no sha256 for {name}, so the artifact cannot be "
-                            "verified: re-export this target.")
-    expected = {name: meta["sha256"], **{k: v for k, v in (meta.get("files") or {}).items() if v}}
+                            f"verified: {REEXPORT}.")
+    extra = meta.get(EXTRA_DIGESTS) or {}
+    if not isinstance(extra, dict):
+        raise ChecksumError(f"{folder / ARTIFACT_META}: '{EXTRA_DIGESTS}' is not a mapping of file -> sha256: {REEXPORT}.")
+    expected = {name: meta["sha256"], **{k: v for k, v in (meta.get("files") or {}).items() if v}, **extra}
     for fname, want in expected.items():
         path = folder / fname
         actual = artifact_digest(path) if path.exists() else "missing"
         if actual != want:
             raise ChecksumError(
                 f"refusing to serve {path}: its sha256 is {actual} but {ARTIFACT_META} records {want}. "
-                "The file was changed or corrupted after export: re-export this target."
+                f"The file was changed or corrupted after export: {REEXPORT}."
             )
+    sealed = META_DIGEST in meta
+    if sealed and meta[META_DIGEST] != meta_digest(meta):
+        raise ChecksumError(
+            f"refusing to serve {folder}: {folder / ARTIFACT_META} was edited after export (its content no longer "
+            f"matches its {META_DIGEST}; labels, io or digests changed): {REEXPORT}."
+        )
 
     root = run_root(folder)
-    if root is None:
-        return artifact, {}
-    manifest = json.loads((root / MANIFEST).read_text())
-    # The manifest records every file of a stage's outputs (a folder artifact file by file).
-    recorded: dict[str, str] = {}
-    for rec in manifest.get("stages", {}).values():
-        if isinstance(rec, dict):
-            recorded.update(rec.get("artifacts") or {})
-    files = [artifact] if artifact.is_file() else sorted(p for p in artifact.rglob("*") if p.is_file())
-    checked = 0
-    for f in files:
-        rel = str(f.resolve().relative_to(root))
-        if rel in recorded:
-            checked += 1
-            if sha256_file(f) != recorded[rel]:
-                raise ChecksumError(
-                    f"refusing to serve {artifact}: {rel} does not match the sha256 that {root / MANIFEST} "
-                    "records. The artifact does not belong to this run: re-export this target."
-                )
-    if not checked:
+    manifest = read_manifest(root) if root is not None else {}
+    recorded = _recorded(manifest)
+    covered = set(expected)
+    in_manifest = False
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = str(f.resolve().relative_to(root)) if root is not None else None
+        if rel is None or rel not in recorded or (sealed and f.name == ARTIFACT_META and f.parent == folder):
+            continue  # a sealed artifact.json was checked above; rewriting it (with its seal) is allowed
+        in_manifest = True
+        if sha256_file(f) != recorded[rel]:
+            raise ChecksumError(
+                f"refusing to serve {folder}: {f} does not match the sha256 that {root / MANIFEST} records. "
+                f"The file was changed after the run wrote it, or does not belong to this run: {REEXPORT}."
+            )
+        covered.add(str(f.relative_to(folder)))
+    if not sealed and ARTIFACT_META not in covered:
+        raise ChecksumError(f"{folder / ARTIFACT_META} records no {META_DIGEST} (it predates per-file checksums), "
+                            f"so its labels and io cannot be verified: {REEXPORT}.")
+    needed = [str(n) for n in (meta.get("extra_files") or [])] + [n for n in COMPANION_FILES if (folder / n).exists()]
+    unchecked = sorted({n for n in needed if n not in covered and (folder / n).exists()})
+    if unchecked:
+        raise ChecksumError(
+            f"refusing to serve {folder}: no sha256 covers {', '.join(unchecked)} (read when serving; "
+            f"{ARTIFACT_META} predates per-file checksums): {REEXPORT}."
+        )
+    missing = sorted(n for n in needed if not (folder / n).exists())
+    if missing:
+        raise StageError(f"{folder} lacks {', '.join(missing)} (listed in {ARTIFACT_META}): {REEXPORT}.")
+    if root is not None and not in_manifest:
         log.warning("%s is not recorded in %s; verified against %s only", artifact, root / MANIFEST, ARTIFACT_META)
     return artifact, manifest
 
@@ -215,9 +293,10 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
 
     codec = make_codec(folder, meta, runner, settings)
 
-    target = str(meta.get("target") or folder.name)
     resolved = folder.resolve()
     in_run = resolved.parent.name == "export"
+    # Inside a run the folder's name is the target's (onnx-int8); a folder served alone says it in artifact.json.
+    target = folder.resolve().name if run_root(folder) is not None else str(meta.get("target") or folder.name)
     name = settings.model_name or (resolved.parent.parent.name if in_run else resolved.name)
     return ServedModel(
         name=name, target=target, folder=folder, artifact=artifact, meta=meta, runner=runner, codec=codec,

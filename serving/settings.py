@@ -1,12 +1,24 @@
-"""Server settings: one pydantic settings class, read from arguments or ``EDGEKD_SERVE_*`` variables."""
+"""Server settings: one pydantic settings class, read from arguments or ``EDGEKD_SERVE_*`` variables.
+
+Precedence, highest first: command-line flags, ``EDGEKD_SERVE_*`` environment variables, the recipe's
+``serve`` section, the defaults below.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from edgekd.errors import EdgeKDError
+
+ENV_PREFIX = "EDGEKD_SERVE_"
+
+
+class SettingsError(EdgeKDError):
+    """A server setting is invalid; the message names where it came from (flag, variable, recipe key)."""
 
 
 class ServeSettings(BaseSettings):
@@ -16,7 +28,7 @@ class ServeSettings(BaseSettings):
     ``EDGEKD_SERVE_API_KEY=...`` (the key is never logged nor echoed back).
     """
 
-    model_config = SettingsConfigDict(env_prefix="EDGEKD_SERVE_", extra="forbid", validate_assignment=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_assignment=True)
 
     # --- what to serve --------------------------------------------------------------------------
     export_dir: Path | None = Field(
@@ -101,8 +113,42 @@ class ServeSettings(BaseSettings):
         return self
 
     @classmethod
+    def from_env(cls, **overrides: Any) -> ServeSettings:
+        """Settings from ``EDGEKD_SERVE_*`` variables, under ``overrides`` (e.g. command-line flags)."""
+        return cls.from_config(None, **overrides)
+
+    @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> ServeSettings:
-        """Settings from a recipe's ``serve`` section (``edgekd.recipe.ServeConfig``) plus overrides."""
-        data = config.model_dump(exclude={"target"}, exclude_none=True)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        """Settings from a recipe's ``serve`` section (``edgekd.recipe.ServeConfig``, or None), under the
+        ``EDGEKD_SERVE_*`` environment, under ``overrides`` (command-line flags; None means not given).
+        An invalid value is a ``SettingsError`` naming the flag, variable or recipe key it came from."""
+        data = config.model_dump(exclude={"target"}, exclude_none=True) if config is not None else {}
+        env = EnvSettingsSource(cls)()
+        for key in env:  # a variable overrides the recipe: leave the field for pydantic-settings to read
+            data.pop(key, None)
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        data.update(flags)
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise SettingsError(_describe(e, flags, env, data)) from None
+
+
+def _describe(error: ValidationError, flags: dict[str, Any], env: dict[str, Any], recipe: dict[str, Any]) -> str:
+    """One line per problem, naming where the bad value came from."""
+    lines = []
+    for err in error.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not field:  # a whole-model check: its message names the field
+            field = next((f for f in ServeSettings.model_fields if msg.startswith(f)), "")
+        if field in flags:
+            where = f"--{field.replace('_', '-')}={flags[field]!r}"
+        elif field in env:
+            where = f"{ENV_PREFIX}{field.upper()}" + ("" if field == "api_key" else f"={env[field]!r}")
+        elif field in recipe:
+            where = f"serve.{field}={recipe[field]!r} (recipe)"
+        else:
+            where = field or "server settings"
+        lines.append(f"{where}: {msg}")
+    return "invalid server setting: " + "; ".join(lines)

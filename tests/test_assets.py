@@ -358,3 +358,63 @@ def test_real_rotten_tomatoes_mirror(cache):
     ex = parse_rotten_tomatoes(resolved.path)
     assert len(ex) == 12752 and ex.class_counts() == {"negative": 5384, "positive": 7368}
     assert ex.cleaning["dropped_plot_rows"] == 1097 and ex.cleaning["dropped_duplicate_texts"] == 56
+
+
+# --- damaged caches: every cached file, named with the remedy ----------------------------------
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("config.json", lambda p: p.write_bytes(p.read_bytes()[:5])),  # truncated JSON
+    ("vocab.txt", lambda p: p.write_text("[UNK]\n[PAD]\n")),  # swapped ids: parses fine, means otherwise
+])
+def test_a_damaged_cached_file_is_named_with_the_remedy(fake, cache, name, damage):
+    fake()
+    resolved = assets.fetch("fake-model", "mirror")
+    damage(resolved.path / name)
+    with pytest.raises(ChecksumError) as err:
+        assets.fetch("fake-model", "mirror")
+    msg = str(err.value)
+    folder = assets.mirror_dir(assets.ASSETS["fake-model"])
+    assert f"the cached file {resolved.path / name} of asset 'fake-model' is damaged" in msg
+    assert f"delete the folder {folder}" in msg and "\n" not in msg
+    assets.remove_cached("fake-model")
+    assert assets.fetch("fake-model", "mirror").key_sha256 == sha(WEIGHTS)  # the advice works
+
+
+def test_a_cache_without_a_record_is_checked_then_recorded(fake, cache):
+    """A cache extracted before per-file records: JSON that does not parse is named; a sound one gets its record."""
+    fake()
+    resolved = assets.fetch("fake-model", "mirror")
+    folder = assets.mirror_dir(assets.ASSETS["fake-model"])
+    (folder / assets.FILES_RECORD).unlink()
+    (resolved.path / "config.json").write_text('{"model_type": ')
+    with pytest.raises(AssetError, match=r"config.json of the cached asset 'fake-model' is damaged .*delete the folder"):
+        assets.fetch("fake-model", "mirror")
+    (resolved.path / "config.json").write_bytes(MODEL_FILES["fakepkg/model/config.json"])
+    assets.fetch("fake-model", "mirror")
+    assert (folder / assets.FILES_RECORD).is_file()
+    (resolved.path / "vocab.txt").write_text("changed")
+    with pytest.raises(ChecksumError, match="vocab.txt"):
+        assets.fetch("fake-model", "mirror")
+
+
+def test_a_damaged_cache_record_is_named(fake, cache):
+    fake()
+    assets.fetch("fake-model", "mirror")
+    record = assets.mirror_dir(assets.ASSETS["fake-model"]) / assets.FILES_RECORD
+    record.write_text("{")
+    with pytest.raises(AssetError, match=rf"cache record {record} of asset 'fake-model' is damaged"):
+        assets.fetch("fake-model", "mirror")
+
+
+def test_a_damaged_hub_snapshot_falls_back_to_the_mirror_in_auto(fake, monkeypatch, tmp_path):
+    fake()
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    (snap / "tokenizer.json").write_text('{"model": {"vocab": ')
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snap))
+    with pytest.raises(AssetError, match=r"tokenizer.json of asset 'fake-model' from the hub is damaged .*delete-cache"):
+        assets.fetch_hub(assets.ASSETS["fake-model"], "abc")
+    monkeypatch.setattr(assets, "hub_revision", lambda *a, **k: ("abc", ""))
+    assert assets.fetch("fake-model", "auto").source == "mirror"

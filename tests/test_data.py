@@ -161,10 +161,60 @@ def test_other_columns_and_integer_labels(tmp_path):
     assert ex.label_names == ["0", "1", "2"] and list(ex.labels[:3]) == [0, 1, 2]
 
 
-def test_duplicates_in_user_files_are_kept_and_counted(tmp_path):
+def test_duplicates_in_user_files_are_dropped_before_the_split(tmp_path, caplog):
+    extra = [{"text": " review  number 0", "label": "neg"},  # the same text, spaced differently
+             {"text": "review number 1", "label": "neg"}, {"text": "review number 1", "label": "neg"}]
+    path = write_csv(tmp_path / "d.csv", ROWS + extra)
+    with caplog.at_level("WARNING", logger="edgekd.data"):
+        ex = load_examples(DataConfig(dataset=str(path)))
+    # "review number 1" appears with two labels (pos in ROWS, neg here): every copy goes.
+    assert len(ex) == len(ROWS) - 1
+    assert ex.cleaning == {"dropped_duplicate_texts": 3, "dropped_texts_with_both_labels": 1}
+    assert len({" ".join(t.split()) for t in ex.texts}) == len(ex)
+    assert "dropped 3 repeated texts (1 seen with two labels)" in caplog.text
+    splits = split_examples(ex, SplitConfig(seed=0))
+    assert splits.summary()["cleaning"] == ex.cleaning  # the count reaches the data summary
+
+
+def test_duplicates_kept_when_the_recipe_says_so(tmp_path):
     path = write_csv(tmp_path / "d.csv", ROWS + [{"text": " review  number 0", "label": "neg"}])
-    ex = load_file(path)
-    assert len(ex) == 13 and ex.cleaning == {"duplicate_texts_kept": 1}
+    ex = load_examples(DataConfig(dataset=str(path), drop_duplicates=False))
+    assert len(ex) == len(ROWS) + 1 and ex.cleaning == {"duplicate_texts_kept": 1}
+
+
+@pytest.mark.parametrize(("labels", "listed"), [
+    (["Positive", "positive", "negative", "positive"], "'positive' = 'Positive'"),
+    (["0", "1", "1.0", "0"], "'1' = '1.0'"),
+    (["very good", "very  good", "bad", "bad"], "'very good' = 'very  good'"),
+])
+def test_one_label_spelled_several_ways_is_an_error_listing_them(tmp_path, labels, listed):
+    rows = [{"text": f"text {i}", "label": lab} for i, lab in enumerate(labels * 3)]
+    path = write_csv(tmp_path / "d.csv", rows)
+    with pytest.raises(DataError, match="one label is spelled several ways") as e:
+        load_examples(DataConfig(dataset=str(path)))
+    assert listed in str(e.value) and "data.normalize_labels" in str(e.value)
+
+
+def test_numbers_mixed_with_names_are_an_error_even_when_normalising(tmp_path):
+    rows = [{"text": f"text {i}", "label": lab} for i, lab in enumerate(["0", "1", "1.0", "pos"] * 3)]
+    path = write_csv(tmp_path / "d.csv", rows)
+    for normalize in (False, True):
+        with pytest.raises(DataError, match=r"labels mix numbers \(0, 1, 1.0\) and names \(pos\)"):
+            load_examples(DataConfig(dataset=str(path), normalize_labels=normalize))
+
+
+def test_normalize_labels_merges_into_the_most_frequent_spelling(tmp_path, caplog):
+    labels = ["positive", "positive", "Positive", "negative", "negative"]
+    rows = [{"text": f"text {i}", "label": lab} for i, lab in enumerate(labels)]
+    path = write_csv(tmp_path / "d.csv", rows)
+    with caplog.at_level("WARNING", logger="edgekd.data"):
+        ex = load_examples(DataConfig(dataset=str(path), normalize_labels=True))
+    assert ex.label_names == ["negative", "positive"] and list(ex.labels) == [1, 1, 1, 0, 0]
+    assert ex.cleaning["merged_label_spellings"] == 1
+    assert "merged label spellings" in caplog.text and "'positive' = 'Positive'" in caplog.text
+    rows = [{"text": f"t{i}", "label": lab} for i, lab in enumerate(["1", "1.0", "1.0", "0"])]
+    ex = load_file(write_csv(tmp_path / "n.csv", rows), normalize_labels=True)
+    assert ex.label_names == ["0", "1"] and list(ex.labels) == [1, 1, 1, 0]
 
 
 def test_missing_file_says_what_is_accepted(tmp_path):

@@ -55,7 +55,8 @@ def bert_export(tmp_path_factory) -> Path:
                                 TEXT_IO, out)
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, out / name)
-    write_meta(out, io={"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]})
+    write_meta(out, io={"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]},
+               extra_sha256={n: sha256_file(out / n) for n in TOKENIZER_FILES})  # as the export stage records
     return out
 
 

@@ -366,7 +366,7 @@ def _write_folder(fp32_dir: Path, out_dir: Path, src: Path, model: Path, meta: d
         # Every file the artifact consists of gets the quantized copy's digest (the server checks them all).
         listed = [n for n in (meta.get("files") or {}) if (tmp / n).exists()] or [src.name]
         new.update(
-            exporter="onnx", file=src.name, precision=precision,
+            target=out_dir.name, exporter="onnx", file=src.name, precision=precision,
             files={n: artifact_digest(tmp / n) for n in listed},
             sha256=sha256_file(tmp / src.name), size_bytes=(tmp / src.name).stat().st_size,
             source={"folder": str(fp32_dir), "sha256": meta.get("sha256"), "precision": meta.get("precision")},

@@ -95,7 +95,8 @@ def export_tiny_onnx(model_dir: Path, out_dir: Path) -> Path:
         Logits(model), (ids, torch.ones_like(ids)), str(onnx_path), input_names=["input_ids", "attention_mask"],
         output_names=["logits"], opset_version=17, dynamo=False, dynamic_axes=dynamic_axes,
     )
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+    for name in tokenizer_files:
         shutil.copy(model_dir / name, out_dir / name)
     write_artifact_meta(out_dir, {
         "target": "onnx", "exporter": "onnx", "file": "model.onnx", "sha256": sha256_file(onnx_path),
@@ -103,6 +104,7 @@ def export_tiny_onnx(model_dir: Path, out_dir: Path) -> Path:
         "io": {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"],
                "dynamic_axes": dynamic_axes, "dtypes": {"input_ids": "int64", "attention_mask": "int64"}},
         "labels": LABELS, "max_length": MAX_LENGTH, "task": "text-classification",
+        "extra_sha256": {n: sha256_file(out_dir / n) for n in tokenizer_files},
         "source_model": str(model_dir), "parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0},
     })
     return out_dir
