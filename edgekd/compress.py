@@ -130,7 +130,12 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         task.save_model(model, out_tok, out_dir)
         metrics["size_bytes"] = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
         ctx.run.record("prune", fp, metrics, [out_dir], seconds=time.perf_counter() - t0)
-    ctx.__dict__.pop("_pruned_tokenizer", None)  # a tokenizer loaded before this run is stale now
+    # Later stages of this process use the tokenizer just saved. One loaded before is stale but kept
+    # referenced: tokenized splits are cached by id(tokenizer), which a freed object could hand on.
+    if cfg.trim_vocab:
+        cache = ctx.__dict__.setdefault("_pruned_tokenizer", {})
+        cache.setdefault("stale", []).append(cache.get("tok"))
+        cache["tok"] = out_tok
     ctx.sync()
     return metrics
 

@@ -138,3 +138,37 @@ def test_detection_channels_search_with_a_latency_target():
                                              target_latency_ms=target, latency_step=0.2),
                             PruneContext(example_inputs=x, latency_fn=latency))
     assert m["target_reached"] and len(m["steps"]) > 1 and pruned(x).shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_detection_latency_target_runs_on_the_shipped_form_and_says_when_it_is_not_met(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.recipe import load_recipe
+
+    recipe = load_recipe("detect-default").model_dump(mode="json")
+    recipe.update(name="tiny-det", output_dir=str(tmp_path / "runs"))
+    recipe["detection"].update(image_size=64, synthetic={"train": 32, "validation": 8, "test": 8, "max_objects": 2,
+                                                         "seed": 1})
+    recipe["teacher"]["finetune"].update(epochs=1, batch_size=16)
+    recipe["distill"]["train"].update(epochs=1, batch_size=16)
+    recipe["runtime"]["precision"] = "fp32"
+    recipe["baseline"]["enabled"] = False
+    recipe["prune"] = {**recipe["prune"], "enabled": True, "keep_params": None, "target_latency_ms": 1e-6,
+                       "latency_step": 0.3, "steps": 2, "recover_epochs": 0}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    runner = CliRunner()
+    for stage in ("teacher", "distill"):
+        res = runner.invoke(app, [stage, str(path)])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["prune", str(path)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "runs" / "tiny-det" / "manifest.json").read_text())["stages"]["prune"]["metrics"]
+    assert len(m["steps"]) == 2 and all(s["latency_ms"] > 0 for s in m["steps"]) and m["latency_ms_before"] > 0
+    assert m["steps"][-1]["params"] < m["params_before"] and not m["target_reached"]
+    assert "was NOT met" in " ".join(res.output.split()) and "rounds ran out" in m["stopped"]
