@@ -25,9 +25,24 @@ from edgekd.tasks.text import to_torch
 from edgekd.train import predict, train
 
 
+def prune_settings(cfg) -> dict[str, Any]:
+    """The prune section as fingerprinted: keys added later are left out at their defaults (and an
+    unset ``steps`` of a fixed target is its 1), so runs recorded before they existed stay valid."""
+    from edgekd.recipe import PruneConfig
+
+    d = cfg.model_dump(mode="json")
+    for key in ("max_accuracy_drop", "recover_hidden_weight", "final_recover_epochs", "trim_vocab",
+                "vocab_min_count", "vocab_keep_chars"):
+        if d[key] == PruneConfig.model_fields[key].default:
+            del d[key]
+    if d["steps"] is None and cfg.target_latency_ms is None and cfg.max_accuracy_drop is None:
+        d["steps"] = 1
+    return d
+
+
 def prune_fingerprint(ctx: RunContext) -> str:
     r = ctx.recipe
-    return fingerprint({"prune": r.prune.model_dump(mode="json"), "distill": stage_fingerprint(ctx, "distill"),
+    return fingerprint({"prune": prune_settings(r.prune), "distill": stage_fingerprint(ctx, "distill"),
                         "seed": r.seed})
 
 

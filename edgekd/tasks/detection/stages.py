@@ -24,6 +24,7 @@ import torch
 
 from edgekd.compress import (
     LATENCY_EXAMPLES,
+    prune_settings,
     quantize_fingerprint,
     run_quantize,
     say_search,
@@ -242,7 +243,7 @@ def run_eval(ctx) -> dict[str, Any]:
 
 def prune_fingerprint(ctx) -> str:
     r = ctx.recipe
-    return fingerprint({"prune": r.prune.model_dump(mode="json"), "distill": student_fingerprint(ctx, "distill"),
+    return fingerprint({"prune": prune_settings(r.prune), "distill": student_fingerprint(ctx, "distill"),
                         "seed": r.seed})
 
 
