@@ -126,6 +126,15 @@ def test_search_recipe_checks():
     PruneConfig(enabled=True, target_latency_ms=2.0, max_accuracy_drop=0.01, final_recover_epochs=1)
 
 
+def test_the_fingerprinted_settings_of_an_old_recipe_do_not_change():
+    from edgekd.compress import prune_settings
+
+    d = prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_epochs=2))
+    assert d["steps"] == 1 and not {"trim_vocab", "max_accuracy_drop", "recover_hidden_weight"} & set(d)
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, trim_vocab=True))["trim_vocab"] is True
+    assert prune_settings(PruneConfig(enabled=True, target_latency_ms=2.0))["steps"] is None
+
+
 def test_detection_channels_search_with_a_latency_target():
     pytest.importorskip("torch_pruning")
     torch.manual_seed(0)
