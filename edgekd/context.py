@@ -74,16 +74,28 @@ class RunContext:
             cache[key] = TokenizedSplit(self.task.tokenize(tok, texts), labels, tok.pad_token_id or 0)
         return cache[key]
 
-    def parity_data(self, n: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Real test examples, padded to one shape, for export parity and artifact accuracy."""
-        test = self.tokenized("test")
+    @property
+    def shipped_tokenizer(self):
+        """The tokenizer of the model that ships: the pruned student's own when ``prune.trim_vocab``
+        rewrote its vocabulary (export, quantize and bench feed its ids), else the teacher's."""
+        p = self.recipe.prune
+        if p.enabled and p.trim_vocab:
+            from edgekd.compress import load_pruned_tokenizer
+
+            return load_pruned_tokenizer(self)
+        return self.tokenizer
+
+    def parity_data(self, n: int | None = None, tokenizer=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Real test examples, padded to one shape, for export parity and artifact accuracy
+        (tokenized for the shipped model unless ``tokenizer`` is given)."""
+        test = self.tokenized("test", tokenizer or self.shipped_tokenizer)
         idx = np.arange(len(test) if n is None else min(n, len(test)))
         batch = test.collate(idx)
         return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
 
     def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The validation split as model inputs and labels (quantization calibration and guard)."""
-        val = self.tokenized("validation")
+        val = self.tokenized("validation", self.shipped_tokenizer)
         batch = val.collate(np.arange(len(val)))
         return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
 

@@ -90,6 +90,13 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
             torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
+        if r.prune.enabled and r.prune.trim_vocab:
+            # The inputs are the shipped (trimmed) tokenizer's ids; the unpruned models read the original ones.
+            from edgekd.pruning.vocab import FromTrimmedIds, original_ids
+
+            table = original_ids(ctx.shipped_tokenizer, ctx.tokenizer)
+            torch_models = {k: ((FromTrimmedIds(m, table), io) if k != "student-pruned" else (m, io))
+                            for k, (m, io) in torch_models.items()}
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
                        torch_models, metric=task.primary_metric, input_desc=ctx.input_desc())
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)

@@ -289,7 +289,8 @@ class PruneConfig(Section):
     """Structured or unstructured pruning, in ``steps`` rounds each followed by recovery training.
 
     Give exactly one target: ``keep_params``, ``remove_heads``/``remove_neurons``,
-    ``target_latency_ms`` or ``sparsity`` (the last for method ``unstructured`` only).
+    ``target_latency_ms`` and/or ``max_accuracy_drop`` (a search), or ``sparsity`` (the last for
+    method ``unstructured`` only); with ``trim_vocab`` alone the stage only trims the vocabulary.
     """
 
     enabled: bool = Field(False, description="Run the prune stage.")
@@ -328,13 +329,53 @@ class PruneConfig(Section):
     sparsity: float | None = Field(
         None, gt=0, lt=1, description="Target (unstructured): fraction of weights set to zero, e.g. 0.5."
     )
-    steps: int = Field(
-        1, ge=1, le=100,
+    max_accuracy_drop: float | None = Field(
+        None, gt=0, lt=1,
+        description="Target (search): keep removing latency_step of the remaining heads/neurons/channels, "
+        "recovering after each round, while the validation metric stays within this drop of the unpruned "
+        "model's (absolute, e.g. 0.005 = half a point); the last round in budget is kept. Every round is "
+        "timed on the shipped form (ONNX, quantized as the quantize section says, batch 1, real lengths). "
+        "With target_latency_ms as well: stop as soon as the latency is met, fail the target if the "
+        "budget runs out first.",
+    )
+    steps: int | None = Field(
+        None, ge=1, le=100,
         description="Pruning rounds; each removes its share and is followed by recovery (distillation "
-        "from the teacher when the pipeline provides it). With target_latency_ms: the most rounds tried.",
+        "from the teacher when the pipeline provides it). Default 1 for keep_params/remove_*/sparsity. "
+        "With target_latency_ms or max_accuracy_drop: the most rounds tried (default: no cap, rounds "
+        "go on until the target is met or the floors leave nothing to remove).",
     )
     latency_step: float = Field(
-        0.1, gt=0, lt=1, description="With target_latency_ms: share of the remaining heads/neurons/channels removed per round."
+        0.1, gt=0, lt=1,
+        description="With target_latency_ms or max_accuracy_drop: share of the remaining heads/neurons/channels "
+        "removed per round.",
+    )
+    recover_hidden_weight: float = Field(
+        0.0, ge=0,
+        description="Recovery: weight of a hidden-state loss (distill.hidden_loss) between every layer of the "
+        "pruned model and the same layer of the unpruned model, added to the teacher's soft-target loss "
+        "(heads-ffn: the hidden width does not change, so no projection is needed). 0 = logits only.",
+    )
+    final_recover_epochs: float = Field(
+        0.0, ge=0,
+        description="With max_accuracy_drop or target_latency_ms: extra epochs of recovery after the search "
+        "on the model it kept (short per-round recovery keeps the search cheap; this one makes up for it).",
+    )
+    trim_vocab: bool = Field(
+        False,
+        description="Text: after pruning, keep only the tokens the training texts use (never test; plus every "
+        "special token), shrink the embedding table to them and rewrite the tokenizer files (tokenizer.json, "
+        "vocab.txt, special-token ids, config vocab_size) so every export folder is self-consistent. A word "
+        "that needed a removed piece is split into kept pieces where WordPiece can, else becomes [UNK]. "
+        "WordPiece tokenizers only.",
+    )
+    vocab_min_count: int = Field(
+        1, ge=1, description="trim_vocab: times a token must occur in the training texts to be kept."
+    )
+    vocab_keep_chars: bool = Field(
+        False,
+        description="trim_vocab: also keep every single-character piece (a, ##a, ...), so an unseen word falls "
+        "back to smaller pieces instead of [UNK].",
     )
     score_batches: int = Field(8, ge=1, description="Labelled batches used to score importance (taylor).")
     recover_epochs: float = Field(
@@ -356,16 +397,32 @@ class PruneConfig(Section):
         given = [name for name, on in (
             ("keep_params", self.keep_params is not None),
             ("remove_heads/remove_neurons", counts),
-            ("target_latency_ms", self.target_latency_ms is not None),
+            ("target_latency_ms/max_accuracy_drop",
+             self.target_latency_ms is not None or self.max_accuracy_drop is not None),
             ("sparsity", self.sparsity is not None),
         ) if on]
         if len(given) > 1:
             problems.append(f"give one pruning target, not {' and '.join(given)}")
-        if self.enabled and not given:
+        search = self.target_latency_ms is not None or self.max_accuracy_drop is not None
+        if self.final_recover_epochs > 0 and not search:
+            problems.append("prune.final_recover_epochs follows a search: set prune.target_latency_ms or "
+                            "prune.max_accuracy_drop, or raise prune.recover_epochs instead")
+        if self.recover_hidden_weight > 0 and self.method != "heads-ffn":
+            problems.append("prune.recover_hidden_weight matches hidden states, which only method 'heads-ffn' "
+                            "leaves the same width")
+        if self.trim_vocab and not self.enabled:
+            problems.append("prune.trim_vocab is set but prune.enabled is false (trimming is part of the prune stage)")
+        if self.enabled and not given and not self.trim_vocab:
             problems.append(
                 "prune.enabled is true but no target is set: set one of prune.keep_params, "
-                "prune.remove_heads/prune.remove_neurons, prune.target_latency_ms, prune.sparsity"
+                "prune.remove_heads/prune.remove_neurons, prune.target_latency_ms, prune.max_accuracy_drop, "
+                "prune.sparsity"
             )
+        if self.method == "unstructured" and self.max_accuracy_drop is not None:
+            problems.append("prune.max_accuracy_drop searches structured pruning (heads-ffn, channels), "
+                            "not 'unstructured'")
+        if self.trim_vocab and self.method == "channels":
+            problems.append("prune.trim_vocab shrinks a text encoder's vocabulary; method 'channels' prunes CNNs")
         if self.method == "unstructured" and given and self.sparsity is None:
             problems.append("method 'unstructured' takes the target prune.sparsity (a fraction of zero weights)")
         if self.method != "unstructured" and self.sparsity is not None:

@@ -24,7 +24,10 @@ class PruneContext:
     score_batches: labelled batches (dicts of tensors with ``labels``) for taylor importance.
     evaluate: model -> metrics, called before pruning and after every step.
     recover: (model, step) -> model, called after every step (e.g. distillation from the teacher).
-    latency_fn: model -> milliseconds; required by ``target_latency_ms``, else measured before/after.
+    recover_final: model -> model, called once after a search (``prune.final_recover_epochs``).
+    latency_fn: model -> milliseconds; required by ``target_latency_ms``, else measured before/after
+        (and after every search round).
+    metric: the key of ``evaluate``'s result that ``max_accuracy_drop`` budgets.
     loss_fn: (model, batch) -> scalar loss for taylor scores; default: the model's own loss.
     example_inputs: channels: what torch-pruning traces the dependency graph with.
     ignored_layers: channels: modules whose output width must not change (default: the last Linear).
@@ -34,6 +37,8 @@ class PruneContext:
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     recover: Callable[[nn.Module, int], nn.Module] | None = None
     latency_fn: Callable[[nn.Module], float] | None = None
+    recover_final: Callable[[nn.Module], nn.Module] | None = None
+    metric: str = "accuracy"
     loss_fn: Callable[[nn.Module, Mapping[str, Any]], Any] | None = None
     example_inputs: Any = None
     ignored_layers: list[nn.Module] | None = None

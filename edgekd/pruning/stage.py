@@ -6,6 +6,7 @@ pipeline passes distillation from the teacher), so this module does not import t
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -15,6 +16,8 @@ from edgekd.errors import StageError
 from edgekd.pruning.base import PruneContext, StepGoal, count_params, get_method
 from edgekd.recipe import PruneConfig
 
+MAX_SEARCH_ROUNDS = 100  # the floors stop a search long before; a guard against a method that never does
+
 
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -22,7 +25,7 @@ def _split(total: int, parts: int) -> list[int]:
 
 def _fixed_goals(cfg: PruneConfig, prunable0: int) -> list[StepGoal]:
     """One goal per step for the targets known in advance (not latency)."""
-    n = cfg.steps
+    n = cfg.steps or 1
     if cfg.keep_params is not None:
         # Linear in parameters: step i ends at 1 - (1 - keep) * i / n of the original.
         return [StepGoal(param_budget=round(prunable0 * (1 - (1 - cfg.keep_params) * (i + 1) / n))) for i in range(n)]
@@ -44,12 +47,18 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
     layer, channels, or sparsity and gzip size), the metric and parameters after every step,
     latency before/after when ``ctx.latency_fn`` is given, and whether the target was reached.
     """
-    targets = [cfg.keep_params, cfg.remove_heads, cfg.remove_neurons, cfg.target_latency_ms, cfg.sparsity]
-    if all(t is None for t in targets):
+    targets = [cfg.keep_params, cfg.remove_heads, cfg.remove_neurons, cfg.target_latency_ms, cfg.max_accuracy_drop,
+               cfg.sparsity]
+    if all(t is None for t in targets) and not cfg.trim_vocab:
         raise StageError(
             "no pruning target: set one of prune.keep_params, prune.remove_heads/remove_neurons, "
-            "prune.target_latency_ms, prune.sparsity"
+            "prune.target_latency_ms, prune.max_accuracy_drop, prune.sparsity"
         )
+    if cfg.trim_vocab and all(t is None for t in targets):
+        before = _evaluate(ctx, model)
+        return model, {"method": "none (prune.trim_vocab only)", "params_before": count_params(model),
+                       "params_after": count_params(model), "steps": [], "metric_before": before,
+                       "metric_after": before, "target": None, "target_reached": True}
     if cfg.target_latency_ms is not None and ctx.latency_fn is None:
         raise StageError("prune.target_latency_ms needs a latency function (PruneContext.latency_fn)")
     method = get_method(cfg.method)(model, cfg, ctx)
@@ -68,33 +77,24 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
         "before": method.describe(model), "steps": [],
     }
     metrics["metric_before"] = _evaluate(ctx, model)
-    latency = ctx.latency_fn(model) if ctx.latency_fn is not None else None
-    metrics["latency_ms_before"] = latency
+    metrics["latency_ms_before"] = ctx.latency_fn(model) if ctx.latency_fn is not None else None
 
-    if cfg.target_latency_ms is not None:
-        goals: list[StepGoal] = [StepGoal(fraction=cfg.latency_step)] * cfg.steps
+    if cfg.target_latency_ms is not None or cfg.max_accuracy_drop is not None:
+        model = _search(model, method, cfg, ctx, metrics)
+        latency = metrics["latency_ms_searched"]
     else:
-        goals = _fixed_goals(cfg, prunable0)
-    reached = cfg.target_latency_ms is not None and latency is not None and latency <= cfg.target_latency_ms
-    for i, goal in enumerate(goals, start=1):
-        if reached:
-            break
-        t0 = time.perf_counter()
-        model, info = method.step(model, goal)
-        record = {"step": i, **info, "params": count_params(model),
-                  "prunable_params": method.prunable_params(model)}
-        if ctx.recover is not None:
-            model = ctx.recover(model, i)
-            record["recovered"] = True
-        record["metric"] = _evaluate(ctx, model)
-        if cfg.target_latency_ms is not None:
-            latency = ctx.latency_fn(model)
-            record["latency_ms"] = latency
-            reached = latency <= cfg.target_latency_ms
-        record["seconds"] = round(time.perf_counter() - t0, 3)
-        metrics["steps"].append(record)
-        if info.get("removed", 0) == 0 and cfg.target_latency_ms is not None:
-            break  # nothing left to remove within the floors
+        latency = None
+        for i, goal in enumerate(_fixed_goals(cfg, prunable0), start=1):
+            t0 = time.perf_counter()
+            model, info = method.step(model, goal)
+            record = {"step": i, **info, "params": count_params(model),
+                      "prunable_params": method.prunable_params(model)}
+            if ctx.recover is not None:
+                model = ctx.recover(model, i)
+                record["recovered"] = True
+            record["metric"] = _evaluate(ctx, model)
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            metrics["steps"].append(record)
 
     model = method.finish(model)
     prunable = method.prunable_params(model)
@@ -106,17 +106,93 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
     # Share of the prunable weights gone: zeros for unstructured, removed parameters otherwise.
     metrics["sparsity"] = (metrics["after"]["sparsity"] if "sparsity" in metrics["after"]
                            else round(1 - prunable / prunable0, 6) if prunable0 else 0.0)
-    if cfg.target_latency_ms is None and ctx.latency_fn is not None:
-        latency = ctx.latency_fn(model)
+    if latency is None or (cfg.target_latency_ms is None and cfg.max_accuracy_drop is None):
+        latency = ctx.latency_fn(model) if ctx.latency_fn is not None else None
     metrics["latency_ms_after"] = latency
-    metrics["metric_after"] = metrics["steps"][-1]["metric"] if metrics["steps"] else metrics["metric_before"]
+    if "metric_after" not in metrics:
+        metrics["metric_after"] = metrics["steps"][-1]["metric"] if metrics["steps"] else metrics["metric_before"]
     metrics["target"], metrics["target_reached"] = _target_report(cfg, metrics, latency)
     return model, metrics
 
 
+def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, metrics: dict[str, Any]) -> nn.Module:
+    """Rounds of ``latency_step``, each recovered, evaluated and timed, until the latency target is
+    met, the accuracy budget would be exceeded (that round is undone: the last round in budget is
+    kept), the floors leave nothing to remove, or ``steps`` rounds ran. Records why it stopped."""
+    budget, target = cfg.max_accuracy_drop, cfg.target_latency_ms
+    base = None
+    if budget is not None:
+        base = _metric_value(metrics["metric_before"], ctx.metric)
+    latency = metrics["latency_ms_before"]
+    metrics["latency_ms_searched"] = latency
+    if target is not None and latency is not None and latency <= target:
+        metrics["stopped"] = "the unpruned model already meets prune.target_latency_ms"
+        return model
+    rounds = cfg.steps or MAX_SEARCH_ROUNDS
+    kept_metric = metrics["metric_before"]
+    metrics["stopped"] = f"prune.steps={rounds} rounds ran out" if cfg.steps else f"{MAX_SEARCH_ROUNDS} rounds ran out"
+    for i in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        # Undoing a round needs the model as it was; copied before the step changes it in place.
+        snapshot = copy.deepcopy(model) if budget is not None else None
+        model, info = method.step(model, StepGoal(fraction=cfg.latency_step))
+        record = {"step": i, **info, "params": count_params(model), "prunable_params": method.prunable_params(model)}
+        if info.get("removed", 0) == 0:
+            metrics["stopped"] = "nothing left to remove within the floors (prune.min_heads_per_layer, " \
+                                 "prune.min_neurons_fraction, prune.max_channel_ratio)"
+            break
+        if ctx.recover is not None:
+            model = ctx.recover(model, i)
+            record["recovered"] = True
+        record["metric"] = _evaluate(ctx, model)
+        if ctx.latency_fn is not None:
+            record["latency_ms"] = ctx.latency_fn(model)
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        metrics["steps"].append(record)
+        if budget is not None:
+            drop = base - _metric_value(record["metric"], ctx.metric)
+            record["metric_drop"] = round(drop, 6)
+            record["in_budget"] = drop <= budget
+            if drop > budget:
+                model = snapshot
+                metrics["stopped"] = (f"round {i} dropped validation {ctx.metric} by {drop:.4f} > "
+                                      f"prune.max_accuracy_drop={budget}: undone, round {i - 1} kept")
+                break
+        kept_metric, latency = record["metric"], record.get("latency_ms", latency)
+        metrics["kept_step"] = i
+        if target is not None and latency is not None and latency <= target:
+            metrics["stopped"] = f"latency {latency:.3f} ms <= prune.target_latency_ms={target}"
+            break
+    metrics.setdefault("kept_step", 0)
+    metrics["latency_ms_searched"] = latency
+    metrics["metric_after"] = kept_metric
+    if cfg.final_recover_epochs > 0 and metrics["kept_step"] > 0:
+        if ctx.recover_final is None:
+            raise StageError("prune.final_recover_epochs needs a final recovery function (PruneContext.recover_final)")
+        t0 = time.perf_counter()
+        model = ctx.recover_final(model)
+        metrics["final_recovery"] = {"metric": _evaluate(ctx, model), "seconds": round(time.perf_counter() - t0, 3)}
+        metrics["metric_after"] = metrics["final_recovery"]["metric"]
+    return model
+
+
+def _metric_value(m: dict[str, float] | None, key: str) -> float:
+    if m is None:
+        raise StageError("prune.max_accuracy_drop needs an evaluation function (PruneContext.evaluate)")
+    if key not in m:
+        raise StageError(f"prune.max_accuracy_drop: the evaluation gave no '{key}' (it gave {sorted(m)})")
+    return float(m[key])
+
+
 def _target_report(cfg: PruneConfig, m: dict[str, Any], latency: float | None) -> tuple[dict[str, Any], bool]:
     if cfg.target_latency_ms is not None:
-        return {"latency_ms": cfg.target_latency_ms}, latency is not None and latency <= cfg.target_latency_ms
+        target = {"latency_ms": cfg.target_latency_ms}
+        if cfg.max_accuracy_drop is not None:
+            target["max_accuracy_drop"] = cfg.max_accuracy_drop
+        return target, latency is not None and latency <= cfg.target_latency_ms
+    if cfg.max_accuracy_drop is not None:
+        # The search always ends in budget (an over-budget round is undone); reached = at least one round kept.
+        return {"max_accuracy_drop": cfg.max_accuracy_drop}, m.get("kept_step", 0) > 0
     if cfg.keep_params is not None:
         # Heads and neurons come in whole units: within one unit's worth of the budget counts as met.
         return {"keep_params": cfg.keep_params}, m["kept_prunable_fraction"] <= cfg.keep_params + 0.01

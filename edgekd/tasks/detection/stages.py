@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgekd.compress import quantize_fingerprint, run_quantize
+from edgekd.compress import (
+    LATENCY_EXAMPLES,
+    prune_settings,
+    quantize_fingerprint,
+    run_quantize,
+    say_search,
+    shipped_latency_fn,
+)
 from edgekd.deploy import bench_fingerprint, export_fingerprint, run_bench, run_export
 from edgekd.errors import StageError
 from edgekd.progress import progress_bar
@@ -236,7 +243,7 @@ def run_eval(ctx) -> dict[str, Any]:
 
 def prune_fingerprint(ctx) -> str:
     r = ctx.recipe
-    return fingerprint({"prune": r.prune.model_dump(mode="json"), "distill": student_fingerprint(ctx, "distill"),
+    return fingerprint({"prune": prune_settings(r.prune), "distill": student_fingerprint(ctx, "distill"),
                         "seed": r.seed})
 
 
@@ -267,18 +274,32 @@ def run_prune(ctx) -> dict[str, Any]:
     def loss_fn(m, batch):
         return criterion(m(batch["images"]), _core(m), batch)[0]
 
-    def recover(m, step: int):
-        tc = TrainConfig(**{**r.distill.train.model_dump(), "epochs": cfg.recover_epochs})
-        ckpt = ctx.checkpoint_dir("prune", f"{fp}-step{step}")
-        train_student(ctx, m, teacher, tc, ckpt, f"prune: recover step {step}", r.seed + step)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        return m.eval()
+    def recover_for(epochs: float, step: int, label: str):
+        def run(m):
+            tc = TrainConfig(**{**r.distill.train.model_dump(), "epochs": epochs})
+            ckpt = ctx.checkpoint_dir("prune", f"{fp}-{label}")
+            train_student(ctx, m, teacher, tc, ckpt, f"prune: recover {label}", r.seed + step)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            return m.eval()
+        return run
 
+    def recover(m, step: int):
+        return recover_for(cfg.recover_epochs, step, f"step{step}")(m)
+
+    latency_fn = None
+    if cfg.target_latency_ms is not None or cfg.max_accuracy_drop is not None:
+        # Timed on validation images (the search selects on it; test stays for the report).
+        val = ctx.split("validation")
+        images = val.collate(np.arange(min(len(val), LATENCY_EXAMPLES)))["images"]
+        latency_fn = shipped_latency_fn(ctx, {"images": images})
     size = r.detection.image_size
     pctx = PruneContext(score_batches=batches, evaluate=lambda m: validation_metrics(ctx, m),
                         recover=recover if cfg.recover_epochs > 0 else None, loss_fn=loss_fn,
-                        example_inputs=torch.zeros(1, 3, size, size), ignored_layers=head_output_convs(model))
+                        example_inputs=torch.zeros(1, 3, size, size), ignored_layers=head_output_convs(model),
+                        latency_fn=latency_fn, recover_final=recover_for(cfg.final_recover_epochs, 1000, "final"),
+                        metric=task.primary_metric)
     model, metrics = prune_model(model.train(), cfg, pctx)
+    say_search(ctx, cfg, metrics)
     task.save_model(model.eval(), ctx.model_dir("prune"))
     metrics["feat_channels"] = model.feat_channels
     ctx.run.record("prune", fp, metrics, [ctx.model_dir("prune")], seconds=time.perf_counter() - t0)

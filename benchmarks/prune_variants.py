@@ -1,0 +1,150 @@
+"""Prune-stage variants on a finished run folder: validation/test accuracy, parameters and the
+shipped (int8 ONNX) size side by side, chosen on validation, reported on test.
+
+    python benchmarks/prune_variants.py default vocab-stats                    # kept tokens and coverage per setting
+    python benchmarks/prune_variants.py runs/default trim                      # vocabulary trimming of the run's pruned student
+    python benchmarks/prune_variants.py runs/default hidden="prune.recover_hidden_weight=1.0"
+
+``trim[:MIN_COUNT[:chars]][@STAGE]`` trims the run's pruned (or STAGE's, e.g. distill) student as it
+is (no retraining). Any other
+``NAME="key=value;key=value"`` reruns `edgekd prune`, `edgekd export --to onnx` and `edgekd quantize`
+with those overrides in a hard-linked copy of the run folder (<run>-NAME; stages write to new
+folders and rename, so the copy never changes the original).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.onnx"))
+
+
+def trim_variant(run: Path, spec: str) -> dict:
+    import numpy as np
+
+    from edgekd.cli import load_recipe_or_run
+    from edgekd.compress import _trim_vocab
+    from edgekd.context import RunContext
+    from edgekd.export import get_exporter
+    from edgekd.export.parity import run_batched
+    from edgekd.quantization.onnx_methods import make_method
+
+    spec, _, stage = spec.partition("@")
+    parts = spec.split(":")
+    min_count = int(parts[1]) if len(parts) > 1 else 1
+    chars = len(parts) > 2 and parts[2] == "chars"
+    recipe = load_recipe_or_run(str(run), [f"prune.vocab_min_count={min_count}", f"prune.vocab_keep_chars={chars}"])
+    ctx = RunContext.create(recipe)
+    model = ctx.load_stage_model(stage or "prune").eval()
+    t0 = time.perf_counter()
+    model, tok, info = _trim_vocab(ctx, model, ctx.tokenized("train", ctx.tokenizer))
+    seconds = time.perf_counter() - t0
+    out = {"variant": f"{spec} of the {stage or 'prune'} stage's model", "val": info["after"]["validation"]["accuracy"], "test": info["after"]["test"]["accuracy"],
+           "val_untrimmed": info["before"]["validation"]["accuracy"], "test_untrimmed": info["before"]["test"]["accuracy"],
+           "params": info["params_after"], "params_untrimmed": info["params_before"], "vocab": info["vocab_after"],
+           "trim_s": round(seconds, 1)}
+    # The shipped form: ONNX, dynamic int8 (no guard), test accuracy with the trimmed tokenizer's ids.
+    test = ctx.tokenized("test", tok)
+    batch = test.collate(np.arange(len(test)))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ex = get_exporter("onnx")
+        res = ex.export(ctx.task.export_module(model), {k: v[:8] for k, v in inputs.items()}, ctx.task.model_io(),
+                        Path(tmp) / "fp32")
+        import onnx
+
+        g = onnx.load(str(res.path), load_external_data=False).graph
+        names = [i.name for i in g.input]
+        dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in g.input}
+        q = make_method(recipe.quantize, None, names, dtypes, Path(tmp), False)
+        dst = Path(tmp) / "int8.onnx"
+        q.quantize(Path(res.path), dst, [])
+        runner = ex.load(dst, threads=recipe.runtime.threads)
+        acc = ctx.task.metrics(run_batched(runner.run, inputs, 64), batch["labels"])["accuracy"]
+        out.update({"int8_test": acc, "int8_onnx_bytes": dst.stat().st_size})
+    return out
+
+
+def vocab_stats(run_or_recipe: str) -> None:
+    """Kept tokens per setting and the share of validation/test token ids they cover (no model needed)."""
+    import numpy as np
+
+    from edgekd.cli import load_recipe_or_run
+    from edgekd.context import RunContext
+    from edgekd.pruning.vocab import domain_token_ids
+
+    ctx = RunContext.create(load_recipe_or_run(run_or_recipe, None))
+    tok = ctx.tokenizer
+    train = ctx.tokenized("train", tok)
+    from transformers import AutoConfig
+
+    width = AutoConfig.from_pretrained(ctx.task.resolve(ctx.recipe.teacher.model)).hidden_size
+    print("| vocab_min_count | vocab_keep_chars | kept tokens | embedding params | validation ids kept | test ids kept |")
+    print("|--:|---|--:|--:|--:|--:|")
+    for mc in (1, 2, 3, 5):
+        for chars in (False, True):
+            keep = set(domain_token_ids(train.input_ids, tok, mc, chars))
+            cov = []
+            for split in ("validation", "test"):
+                ids = [i for seq in ctx.tokenized(split, tok).input_ids for i in seq]
+                cov.append(float(np.mean([i in keep for i in ids])))
+            print(f"| {mc} | {chars} | {len(keep)} of {len(tok)} | {len(keep) * width / 1e6:.2f}M | "
+                  f"{cov[0]:.2%} | {cov[1]:.2%} |")
+
+
+def rerun_variant(run: Path, name: str, overrides: str) -> dict:
+    dst = run.parent / f"{run.name}-{name}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    subprocess.run(["cp", "-al", str(run), str(dst)], check=True)
+    sets = [x for o in overrides.split(";") if o.strip() for x in ("--set", o.strip())]
+    times = {}
+    for cmd in (["prune"], ["export", "--to", "onnx"], ["quantize"]):
+        t0 = time.perf_counter()
+        res = subprocess.run(["edgekd", *cmd, str(dst), *sets, "--force"] if cmd[0] == "prune" else
+                             ["edgekd", *cmd, str(dst), *sets], capture_output=True, text=True)
+        times[cmd[0]] = round(time.perf_counter() - t0, 1)
+        sys.stdout.write(res.stdout[-3000:])
+        if res.returncode:
+            sys.stderr.write(res.stderr[-3000:])
+            raise SystemExit(f"{name}: edgekd {cmd[0]} failed")
+    st = json.loads((dst / "manifest.json").read_text())["stages"]
+    pm, qm = st["prune"]["metrics"], st["quantize"]["metrics"]
+    vocab = pm.get("vocab", {})
+    return {"variant": f"{name}: {overrides}", "val": pm["metric_after"]["accuracy"],
+            "test": qm["test"]["float"]["accuracy"], "int8_test": qm["test"]["quantized"]["accuracy"],
+            "params": pm["params_after"], "vocab": vocab.get("vocab_after"), "steps": len(pm["steps"]),
+            "kept_step": pm.get("kept_step"), "stopped": pm.get("stopped"),
+            "int8_onnx_bytes": _size(dst / "export" / "onnx-int8"), "prune_s": st["prune"].get("seconds"),
+            "times": times}
+
+
+def main(argv: list[str]) -> None:
+    if argv[1:] == ["vocab-stats"]:
+        return vocab_stats(argv[0])
+    run = Path(argv[0])
+    rows = []
+    for spec in argv[1:]:
+        if spec.startswith("trim"):
+            rows.append(trim_variant(run, spec))
+        else:
+            name, _, overrides = spec.partition("=")
+            rows.append(rerun_variant(run, name, overrides))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| variant | val acc | test acc (fp32) | test acc (int8 ONNX) | params | vocab | int8 ONNX MB |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['val']:.2%} | {r['test']:.2%} | {r.get('int8_test', float('nan')):.2%} | "
+              f"{r['params'] / 1e6:.2f}M | {r.get('vocab') or '-'} | {r['int8_onnx_bytes'] / 1e6:.2f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

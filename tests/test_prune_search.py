@@ -1,0 +1,183 @@
+"""The pruning searches: accuracy-budgeted (prune.max_accuracy_drop) and latency (target_latency_ms
+looping until met by default), the final recovery, and the recipe checks around them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgekd.errors import StageError
+from edgekd.pruning import Encoder, PruneContext, count_params, prune_model
+from edgekd.recipe import PruneConfig
+
+
+@pytest.fixture
+def model(tiny_classifier_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()
+
+
+def cfg(**kw) -> PruneConfig:
+    return PruneConfig(enabled=True, importance="magnitude", **kw)
+
+
+def scripted_accuracy(params0: int, per_share: float):
+    """Validation accuracy that falls by ``per_share`` for each 1% of the parameters removed."""
+    return lambda m: {"accuracy": 0.9 - per_share * 100 * (1 - count_params(m) / params0)}
+
+
+def test_accuracy_budget_keeps_the_last_round_in_budget_and_undoes_the_first_over_it(model):
+    params0 = count_params(model)
+    ev = scripted_accuracy(params0, 0.001)
+    shapes = []
+
+    def recover(m, step):
+        shapes.append((Encoder(m).heads(), Encoder(m).neurons(), count_params(m)))
+        return m
+
+    pruned, m = prune_model(model, cfg(max_accuracy_drop=0.03, latency_step=0.2),
+                            PruneContext(evaluate=ev, recover=recover, latency_fn=lambda mm: count_params(mm) / 1e4))
+    steps = m["steps"]
+    assert len(steps) >= 2 and steps[-1]["in_budget"] is False and all(s["in_budget"] for s in steps[:-1])
+    assert m["kept_step"] == len(steps) - 1 and "undone" in m["stopped"]
+    # The model returned is the one after the last in-budget round, not the over-budget one.
+    heads, neurons, params = shapes[m["kept_step"] - 1]
+    assert Encoder(pruned).heads() == heads and Encoder(pruned).neurons() == neurons
+    assert count_params(pruned) == params == steps[m["kept_step"] - 1]["params"]
+    assert 0.9 - ev(pruned)["accuracy"] <= 0.03 < 0.9 - steps[-1]["metric"]["accuracy"]
+    assert m["metric_after"] == steps[m["kept_step"] - 1]["metric"] and m["target_reached"]
+    assert all("latency_ms" in s for s in steps) and m["latency_ms_after"] == steps[m["kept_step"] - 1]["latency_ms"]
+
+
+def test_accuracy_budget_exceeded_by_the_first_round_keeps_the_model_unchanged(model):
+    params0 = count_params(model)
+    before = copy.deepcopy(model.state_dict())
+    pruned, m = prune_model(model, cfg(max_accuracy_drop=0.001, latency_step=0.3),
+                            PruneContext(evaluate=scripted_accuracy(params0, 0.01)))
+    assert m["kept_step"] == 0 and not m["target_reached"] and count_params(pruned) == params0
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in before.items())
+
+
+def test_accuracy_budget_needs_an_evaluation_with_the_metric(model):
+    with pytest.raises(StageError, match="evaluation"):
+        prune_model(model, cfg(max_accuracy_drop=0.01), PruneContext())
+    with pytest.raises(StageError, match="no 'accuracy'"):
+        prune_model(model, cfg(max_accuracy_drop=0.01), PruneContext(evaluate=lambda m: {"f1": 1.0}))
+
+
+def test_latency_target_loops_until_met_without_a_step_count(model):
+    latency = lambda m: count_params(m) / 10_000  # noqa: E731
+    target = latency(model) * 0.9  # several 10% rounds away
+    pruned, m = prune_model(model, cfg(target_latency_ms=target), PruneContext(latency_fn=latency))
+    assert m["target_reached"] and m["latency_ms_after"] <= target and len(m["steps"]) > 1
+    assert "<= prune.target_latency_ms" in m["stopped"]
+
+
+def test_latency_target_out_of_reach_stops_at_the_floors_and_says_so(model):
+    pruned, m = prune_model(model, cfg(target_latency_ms=1e-6, latency_step=0.5),
+                            PruneContext(latency_fn=lambda m: 5.0))
+    assert not m["target_reached"] and "floors" in m["stopped"]
+    enc = Encoder(pruned)
+    assert enc.heads() == [1] * len(enc.heads())  # prune.min_heads_per_layer
+
+
+def test_latency_and_budget_together_stop_at_the_budget_and_fail_the_latency_target(model):
+    params0 = count_params(model)
+    pruned, m = prune_model(model, cfg(target_latency_ms=1e-6, max_accuracy_drop=0.05, latency_step=0.2),
+                            PruneContext(evaluate=scripted_accuracy(params0, 0.003), latency_fn=lambda mm: 5.0))
+    assert "max_accuracy_drop" in m["stopped"] and not m["target_reached"]
+    assert m["target"] == {"latency_ms": 1e-6, "max_accuracy_drop": 0.05}
+
+
+def test_final_recovery_runs_once_on_the_kept_model(model):
+    params0 = count_params(model)
+    calls = []
+
+    def final(m: nn.Module) -> nn.Module:
+        calls.append(count_params(m))
+        return m
+
+    pruned, m = prune_model(model, cfg(max_accuracy_drop=0.03, latency_step=0.2, final_recover_epochs=1.0),
+                            PruneContext(evaluate=scripted_accuracy(params0, 0.001), recover_final=final))
+    assert calls == [count_params(pruned)] and m["final_recovery"]["metric"] == m["metric_after"]
+    with pytest.raises(StageError, match="recover_final"):
+        prune_model(copy.deepcopy(pruned), cfg(max_accuracy_drop=0.5, latency_step=0.1, final_recover_epochs=1.0),
+                    PruneContext(evaluate=scripted_accuracy(params0, 0.0)))
+
+
+def test_fixed_targets_still_take_one_step_by_default(model):
+    _, m = prune_model(model, cfg(keep_params=0.7), PruneContext())
+    assert len(m["steps"]) == 1 and "stopped" not in m
+
+
+def test_search_recipe_checks():
+    with pytest.raises(ValueError, match="give one pruning target"):
+        PruneConfig(enabled=True, keep_params=0.5, max_accuracy_drop=0.01)
+    with pytest.raises(ValueError, match="final_recover_epochs follows a search"):
+        PruneConfig(enabled=True, keep_params=0.5, final_recover_epochs=1)
+    with pytest.raises(ValueError, match="recover_hidden_weight"):
+        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_hidden_weight=1.0)
+    with pytest.raises(ValueError, match="not 'unstructured'"):
+        PruneConfig(enabled=True, method="unstructured", max_accuracy_drop=0.01)
+    PruneConfig(enabled=True, target_latency_ms=2.0, max_accuracy_drop=0.01, final_recover_epochs=1)
+
+
+def test_the_fingerprinted_settings_of_an_old_recipe_do_not_change():
+    from edgekd.compress import prune_settings
+
+    d = prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_epochs=2))
+    assert d["steps"] == 1 and not {"trim_vocab", "max_accuracy_drop", "recover_hidden_weight"} & set(d)
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, trim_vocab=True))["trim_vocab"] is True
+    assert prune_settings(PruneConfig(enabled=True, target_latency_ms=2.0))["steps"] is None
+
+
+def test_detection_channels_search_with_a_latency_target():
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    x = torch.randn(1, 3, 16, 16)
+    latency = lambda m: count_params(m) / 1000  # noqa: E731
+    target = latency(net) * 0.6
+    pruned, m = prune_model(net, PruneConfig(enabled=True, method="channels", importance="magnitude",
+                                             target_latency_ms=target, latency_step=0.2),
+                            PruneContext(example_inputs=x, latency_fn=latency))
+    assert m["target_reached"] and len(m["steps"]) > 1 and pruned(x).shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_detection_latency_target_runs_on_the_shipped_form_and_says_when_it_is_not_met(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.recipe import load_recipe
+
+    recipe = load_recipe("detect-default").model_dump(mode="json")
+    recipe.update(name="tiny-det", output_dir=str(tmp_path / "runs"))
+    recipe["detection"].update(image_size=64, synthetic={"train": 32, "validation": 8, "test": 8, "max_objects": 2,
+                                                         "seed": 1})
+    recipe["teacher"]["finetune"].update(epochs=1, batch_size=16)
+    recipe["distill"]["train"].update(epochs=1, batch_size=16)
+    recipe["runtime"]["precision"] = "fp32"
+    recipe["baseline"]["enabled"] = False
+    recipe["prune"] = {**recipe["prune"], "enabled": True, "keep_params": None, "target_latency_ms": 1e-6,
+                       "latency_step": 0.3, "steps": 2, "recover_epochs": 0}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    runner = CliRunner()
+    for stage in ("teacher", "distill"):
+        res = runner.invoke(app, [stage, str(path)])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["prune", str(path)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "runs" / "tiny-det" / "manifest.json").read_text())["stages"]["prune"]["metrics"]
+    assert len(m["steps"]) == 2 and all(s["latency_ms"] > 0 for s in m["steps"]) and m["latency_ms_before"] > 0
+    assert m["steps"][-1]["params"] < m["params_before"] and not m["target_reached"]
+    assert "was NOT met" in " ".join(res.output.split()) and "rounds ran out" in m["stopped"]

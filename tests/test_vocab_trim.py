@@ -1,0 +1,197 @@
+"""Vocabulary trimming: kept-token logits unchanged, removed tokens to [UNK], files consistent,
+the folder reloads with standard tools; and a tiny pipeline run that trims, exports and benches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgekd.errors import StageError
+from edgekd.pruning.vocab import FromTrimmedIds, domain_token_ids, original_ids, trim_vocabulary
+
+TRAIN_TEXTS = ["the movie is good", "the plot was dull", "a fine film but not very warm", "good good fun"]
+
+
+@pytest.fixture
+def classifier(tiny_classifier_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return (AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval(),
+            AutoTokenizer.from_pretrained(tiny_classifier_dir))
+
+
+def _keep(tok, texts=TRAIN_TEXTS, **kw):
+    return domain_token_ids(tok(texts)["input_ids"], tok, **kw)
+
+
+def test_kept_ids_are_the_training_tokens_and_every_special_token(classifier):
+    _, tok = classifier
+    keep = _keep(tok)
+    words = {w for t in TRAIN_TEXTS for w in t.split()}
+    assert set(tok.convert_ids_to_tokens(keep)) == words | set(tok.all_special_tokens)
+    # min_count: "good" occurs 3 times, "the" twice, "movie" once.
+    kept2 = set(tok.convert_ids_to_tokens(_keep(tok, min_count=2)))
+    assert {"good", "the"} <= kept2 and "movie" not in kept2 and "[MASK]" in kept2
+
+
+def test_logits_of_kept_token_texts_equal_the_untrimmed_model(tiny_classifier_dir, classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    model, tok = classifier
+    trimmed, new_tok = trim_vocabulary(AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval(),
+                                       tok, _keep(tok))
+    assert trimmed.get_input_embeddings().num_embeddings == len(new_tok) == trimmed.config.vocab_size
+    texts = ["the good film", "not very warm but fun", "the plot was good good"]  # kept tokens only
+    a, b = tok(texts, padding=True, return_tensors="pt"), new_tok(texts, padding=True, return_tensors="pt")
+    assert not torch.equal(a["input_ids"], b["input_ids"])  # the ids really were renumbered
+    with torch.no_grad():
+        want = model(input_ids=a["input_ids"], attention_mask=a["attention_mask"]).logits
+        got = trimmed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # The original-id wrapper (bench rows of unpruned models) agrees too.
+    from edgekd.tasks.text import SequenceClassifierExport
+
+    table = original_ids(new_tok, tok)
+    assert torch.equal(table[b["input_ids"]], a["input_ids"])
+    with torch.no_grad():
+        (wrapped,) = FromTrimmedIds(SequenceClassifierExport(model), table)(b["input_ids"], b["attention_mask"])
+    torch.testing.assert_close(wrapped, want, rtol=0, atol=0)
+
+
+def test_removed_tokens_become_unk_and_special_ids_follow(classifier, tiny_classifier_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    _, tok = classifier
+    _, new_tok = trim_vocabulary(AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir), tok,
+                                 _keep(tok))
+    enc = new_tok("the awful boring movie")
+    assert new_tok.convert_ids_to_tokens(enc["input_ids"]) == ["[CLS]", "the", "[UNK]", "[UNK]", "movie", "[SEP]"]
+    for name in ("pad", "unk", "cls", "sep", "mask"):
+        t = getattr(new_tok, f"{name}_token")
+        assert getattr(new_tok, f"{name}_token_id") == new_tok.convert_tokens_to_ids(t) < len(new_tok)
+    assert new_tok.pad_token_id == 0  # [PAD] stays first: the order of the kept tokens is the original one
+
+
+def test_saved_folder_is_self_consistent_and_reloads_with_standard_tools(tmp_path, tiny_classifier_dir, classifier):
+    from tokenizers import Tokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer
+
+    _, tok = classifier
+    model, new_tok = trim_vocabulary(AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval(),
+                                     tok, _keep(tok))
+    model.save_pretrained(tmp_path)
+    new_tok.save_pretrained(tmp_path)
+    vocab_txt = (tmp_path / "vocab.txt").read_text().split("\n")[:-1]
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert tj["model"]["vocab"] == {t: i for i, t in enumerate(vocab_txt)}
+    assert {a["content"]: a["id"] for a in tj["added_tokens"]} == {t: vocab_txt.index(t) for t in tok.all_special_tokens}
+    assert tj["post_processor"]["special_tokens"]["[CLS]"]["ids"] == [vocab_txt.index("[CLS]")]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["vocab_size"] == len(vocab_txt) and cfg["pad_token_id"] == vocab_txt.index("[PAD]")
+
+    text = "the good movie is awful"
+    fast = AutoTokenizer.from_pretrained(tmp_path)
+    ids = fast(text)["input_ids"]
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids == ids
+    assert BertTokenizer(str(tmp_path / "vocab.txt"))(text)["input_ids"] == ids  # the slow one from vocab.txt
+    base = AutoModel.from_pretrained(tmp_path)
+    assert base.get_input_embeddings().num_embeddings == len(vocab_txt)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_a_tied_output_embedding_is_trimmed_with_the_input_one(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from edgekd.testing import tiny_bert
+
+    d = tiny_bert(tmp_path / "t")
+    tok = AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, intermediate_size=64)).eval()
+    ref = BertForMaskedLM(mlm.config).eval()
+    ref.load_state_dict(mlm.state_dict())
+    keep = _keep(tok)
+    trimmed, new_tok = trim_vocabulary(mlm, tok, keep)
+    assert trimmed.get_output_embeddings().weight is trimmed.get_input_embeddings().weight
+    a, b = tok("the good film", return_tensors="pt"), new_tok("the good film", return_tensors="pt")
+    with torch.no_grad():
+        want = ref(input_ids=a["input_ids"]).logits[..., keep]
+        got = trimmed(input_ids=b["input_ids"]).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_keep_chars_and_unsupported_tokenizers(classifier, tiny_classifier_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    _, tok = classifier
+    # The tiny vocabulary has the one-letter word "a": kept with keep_chars even if no text uses it.
+    assert "a" in tok.convert_ids_to_tokens(_keep(tok, texts=["good"], keep_chars=True))
+    assert "a" not in tok.convert_ids_to_tokens(_keep(tok, texts=["good"]))
+    with pytest.raises(StageError, match="outside the tokenizer"):
+        domain_token_ids([[0, 10_000]], tok)
+
+    bpe = Tokenizer(models.BPE(vocab={"[UNK]": 0, "a": 1, "b": 2, "ab": 3}, merges=[("a", "b")], unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
+    with pytest.raises(StageError, match="WordPiece"):
+        trim_vocabulary(model, fast, [0, 1])
+
+
+def test_recipe_keys_are_checked():
+    from edgekd.recipe import PruneConfig
+
+    with pytest.raises(ValueError, match="prune.enabled is false"):
+        PruneConfig(trim_vocab=True)
+    with pytest.raises(ValueError, match="trim_vocab shrinks"):
+        PruneConfig(enabled=True, method="channels", keep_params=0.5, trim_vocab=True)
+    assert PruneConfig(enabled=True, trim_vocab=True).keep_params is None  # trimming alone is a valid stage
+
+
+@pytest.mark.slow
+def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, tiny_teacher_dir, tiny_csv):
+    import yaml
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.export.stage import load_artifact
+    from edgekd.testing import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, baseline={"enabled": False},
+                         prune={"enabled": True, "max_accuracy_drop": 0.5, "steps": 2, "latency_step": 0.25,
+                                "recover_epochs": 0.5, "recover_hidden_weight": 1.0, "final_recover_epochs": 0.5,
+                                "trim_vocab": True, "vocab_min_count": 40},
+                         export={"targets": ["onnx"], "parity_examples": 32},
+                         quantize={"enabled": True, "method": "dynamic", "max_accuracy_drop": 0.5, "speed_runs": 5},
+                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": True})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "tiny"
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    pm = stages["prune"]["metrics"]
+    assert pm["vocab"]["vocab_after"] < pm["vocab"]["vocab_before"]
+    assert set(pm["vocab"]["after"]) == {"validation", "test"}
+    assert 1 <= len(pm["steps"]) <= 2 and "stopped" in pm and "final_recovery" in pm
+    assert all("latency_ms" in s and "hidden" not in s for s in pm["steps"])
+    assert "search kept round" in res.output
+    n_vocab = pm["vocab"]["vocab_after"]
+    for folder in (run / "prune" / "model", run / "export" / "onnx", run / "export" / "onnx-int8"):
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert len(tok) == n_vocab, folder
+    runner, _ = load_artifact(run / "export" / "onnx")
+    tok = AutoTokenizer.from_pretrained(run / "export" / "onnx")
+    enc = tok(["the movie was awful and boring"], return_tensors="np")
+    assert int(enc["input_ids"].max()) < n_vocab
+    assert runner.run({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    assert stages["export"]["metrics"]["targets"]["onnx"]["parity"]["top1_agreement"] == 1.0
+    assert "bench" in stages
