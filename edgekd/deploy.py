@@ -70,6 +70,8 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
 def bench_fingerprint(ctx: RunContext) -> str:
     parts = {"bench": ctx.recipe.bench.model_dump(mode="json"), "export": export_fingerprint(ctx),
              "eval": ctx.stage_fp("eval")}
+    if getattr(ctx.recipe, "eval", None) is not None and ctx.recipe.eval.ood_dataset:
+        parts["ood"] = [ctx.recipe.eval.ood_dataset, ctx.recipe.eval.ood_min_abs_score]
     if ctx.recipe.quantize.enabled:
         parts["quantize"] = ctx.stage_fp("quantize")
     return fingerprint(parts)
@@ -90,7 +92,13 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
             torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
+    ood = None
+    if getattr(r, "eval", None) is not None and r.eval.ood_dataset and task.name == "text-classification":
+        from edgekd.ood import ood_inputs
+
+        found = ood_inputs(ctx)
+        ood = (found[0].name, found[1], found[2]) if found else None
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
-                       torch_models, metric=task.primary_metric, input_desc=ctx.input_desc())
+                       torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood)
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)
     return result

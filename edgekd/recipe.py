@@ -266,6 +266,14 @@ class BaselineConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = Field(128, ge=1)
+    ood_dataset: str | None = Field(
+        None, description="Out-of-domain dataset asset scored beside the test split by eval, bench and "
+        "compare_tools (amazon-snippets: product reviews; binary sentiment runs only); null: none."
+    )
+    ood_min_abs_score: float = Field(
+        0.5, ge=0, description="Drop out-of-domain sentences whose mean human rating is closer to neutral "
+        "than this (ratings run -4..+4; the label is the rating's sign)."
+    )
 
 
 class RuntimeConfig(Section):
