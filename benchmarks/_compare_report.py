@@ -264,15 +264,15 @@ def _pp(v: float | None) -> str:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    rows, bs = data["rows"], data["settings"]["batch_sizes"]
-    env, s = data["environment"], data["settings"]
-    vt, vo = data["ratios"]["vs_teacher"], data["ratios"]["vs_optimum_int8"]
-    cpu = env.get("cpu") or {}
     from edgekd.devices.tables import check_same_inputs
 
+    rows, bs = data["rows"], data["settings"]["batch_sizes"]
     for b in bs:  # refuse to print rows timed on different inputs side by side
         check_same_inputs([{"name": r["name"], **((r.get("cases") or {}).get(str(b)) or {})} for r in rows],
                           f"the compare_tools table at batch {b}")
+    env, s = data["environment"], data["settings"]
+    vt, vo = data["ratios"]["vs_teacher"], data["ratios"]["vs_optimum_int8"]
+    cpu = env.get("cpu") or {}
     ood = data.get("ood") or {}
     ood_txt = (f"{ood['dataset']} ({ood.get('examples')} product-review sentences, label = sign of the mean human "
                f"rating, |rating| >= {ood.get('min_abs_score')}; {ood.get('how')})" if ood.get("dataset")

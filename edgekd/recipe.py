@@ -492,7 +492,8 @@ class BenchConfig(Section):
     profile: str = Field("local", description="Device profile: a shipped name (see `edgekd devices`) or a YAML path.")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     seq_lengths: list[int] | None = Field(
-        None, min_length=1, description="Sequence lengths timed (default: the artifact's max_length)."
+        None, min_length=1, description="Sequence lengths every model is padded or truncated to (default: real "
+        "lengths, each test text at its own length; batches padded to their longest text)."
     )
     warmup: int = Field(10, ge=0, description="Untimed runs before each (batch, sequence) case.")
     runs: int = Field(50, ge=1, description="Timed runs per case (the cap when time_budget_s is set).")
