@@ -13,7 +13,7 @@ from typing import Any
 
 TEACHER, OPTIMUM_INT8 = "teacher-fp32", "optimum-onnx-int8"
 # The usual paths on the distilled student that edgekd's shipped artifact must beat (issue: done when).
-USUAL_PATHS = ("optimum-onnx-int8", "openvino-nncf-int8", "torchao-int8-compiled")
+USUAL_PATHS = ("optimum-onnx-int8", "openvino-nncf-int8", "torchao-int8-compiled", "torchao-int8")
 GROUP_MARKERS = {"teacher": "s", "student": "o", "optimum": "^", "openvino": "v", "torchao": "D", "edgekd": "P"}
 
 
@@ -352,8 +352,10 @@ def markdown(data: dict[str, Any]) -> str:
             err = f": {str(ov.get('error')).splitlines()[0][:200]}" if ov.get("error") else ""
             lines.append(f"- {who}: OpenVINO `{ov.get('api')}` ({ov.get('status')}, {_fmt(ov.get('seconds'), '.1f')} s)"
                          f"{err}")
-    lines.append("- torchao: `quantize_(model, Int8DynamicActivationInt8WeightConfig())`, then "
-                 "`torch.compile(dynamic=True)`; compilation happens in the untimed warm-up calls.")
+    compiled = any(r.get("compile") for r in rows)
+    lines.append("- torchao: `quantize_(model, Int8DynamicActivationInt8WeightConfig())`" + (
+        ", then `torch.compile(dynamic=True)`; compilation happens in the untimed warm-up calls." if compiled
+        else ", eager (`--torchao eager`)."))
     lines.append("- Both ONNX paths run in the same ONNX Runtime session settings (edgekd's OnnxRunner, CPU provider): "
                  "the difference between them is the graph.")
     return "\n".join(lines) + "\n"

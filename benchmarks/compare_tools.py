@@ -125,7 +125,7 @@ PREFIX = {"student": ("", "student"), "pruned": ("pruned-", "pruned student")}
 
 
 def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
-           paths: dict[str, dict[str, Any]]) -> tuple[list, list]:
+           paths: dict[str, dict[str, Any]], torchao_compile: bool = True) -> tuple[list, list]:
     """(specs to measure, rows that cannot be measured here), in table order. ``paths`` holds, per
     student, the records of its Optimum export/quantize and OpenVINO quantize steps."""
     teacher = run / "teacher" / "model"
@@ -152,10 +152,16 @@ def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
                 specs.append(row)
             else:
                 skipped.append({**row, "status": r.get("status") or "error", "error": r.get("error")})
-        specs.append({"name": f"{pre}torchao-int8-compiled", "label": f"{what} · torchao int8 + torch.compile",
-                      "group": "torchao", "student": who, "kind": "torchao", "compile": True, "path": str(folder),
-                      "runtime": "PyTorch compiled (torchao)", "precision": "int8", "size_bytes": None,
-                      "notes": ["quantized and compiled at load; compilation happens in the warm-up calls"]})
+        if torchao_compile:
+            specs.append({"name": f"{pre}torchao-int8-compiled", "label": f"{what} · torchao int8 + torch.compile",
+                          "group": "torchao", "student": who, "kind": "torchao", "compile": True, "path": str(folder),
+                          "runtime": "PyTorch compiled (torchao)", "precision": "int8", "size_bytes": None,
+                          "notes": ["quantized and compiled at load; compilation happens in the warm-up calls"]})
+        else:
+            specs.append({"name": f"{pre}torchao-int8", "label": f"{what} · torchao int8 eager", "group": "torchao",
+                          "student": who, "kind": "torchao", "path": str(folder), "runtime": "PyTorch eager (torchao)",
+                          "precision": "int8", "size_bytes": None,
+                          "notes": ["eager (--torchao eager): torchao's docs say to compile for speed"]})
     for e in entries:
         target = e.get("target", e["name"])
         row = {"name": f"edgekd-{e['name']}", "label": f"edgekd · export/{e['name']}", "group": "edgekd",
@@ -281,7 +287,8 @@ def _ood(recipe: Any, ctx: Any, tokenizer: Any, name: str | None) -> tuple[Any, 
 def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 200, warmup: int = 20,
             threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
             eval_limit: int | None = None, target_speedup: float = 1.5, timeout_s: float = 3600,
-            seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True) -> dict[str, Any]:
+            seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
+            torchao: str = "compile") -> dict[str, Any]:
     """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data."""
     from edgekd.context import RunContext
     from edgekd.devices.measure import concat_padded
@@ -352,7 +359,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
                 rec["openvino"] = openvino.quantize(Path(rec["export"]["path"]), work / f"{who}-openvino",
                                                     work / "calib.npz", min(calibration, len(train)), timeout_s)
             paths[who] = rec
-        specs, skipped = _specs(run, students, entries, paths)
+        specs, skipped = _specs(run, students, entries, paths, torchao_compile=torchao == "compile")
 
         job = {"models": specs, "threads": threads, "warmup": warmup, "runs": runs, "batch_sizes": list(batch_sizes),
                "inputs": "inputs.npz", "eval_batch_size": 32}
@@ -432,6 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "else amazon-snippets for negative/positive runs; 'none': skip)")
     p.add_argument("--calibration", type=int, default=300, help="training texts NNCF calibrates on (300)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-model memory processes (faster)")
+    p.add_argument("--torchao", choices=("compile", "eager"), default="compile",
+                   help="run torchao under torch.compile (default, as its docs advise) or eager (no compile time)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each child process (3600)")
     p.add_argument("--check", action="store_true", help="exit with status 1 when the speed-up target is not met")
     return p.parse_args(argv)
@@ -443,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         data = compare(args.run_dir, args.out, runs=args.runs, warmup=args.warmup, threads=args.threads,
                        batch_sizes=tuple(args.batch_sizes), artifact=args.artifact, eval_limit=args.eval_limit,
                        target_speedup=args.target_speedup, timeout_s=args.timeout, ood=args.ood,
-                       calibration=args.calibration, memory=not args.no_memory)
+                       calibration=args.calibration, memory=not args.no_memory, torchao=args.torchao)
     except EdgeKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
