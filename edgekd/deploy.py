@@ -93,7 +93,10 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
     ood = None
-    if getattr(r, "eval", None) is not None and r.eval.ood_dataset and task.name == "text-classification":
+    if getattr(r, "eval", None) is not None and r.eval.ood_dataset:
+        if task.name != "text-classification":
+            raise StageError(f"eval.ood_dataset ({r.eval.ood_dataset}) is a text set; task '{task.name}' cannot be "
+                             "scored on it. Set eval.ood_dataset to null in the recipe.")
         from edgekd.ood import ood_inputs
 
         found = ood_inputs(ctx)
