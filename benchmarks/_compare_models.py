@@ -7,7 +7,10 @@ A model is described by a JSON-able spec (so a child process can load it):
 * ``hf``: a Hugging Face sequence classifier folder, run in eager PyTorch (fp32). Pruned folders
   with per-layer FFN widths load too (``edgekd.pruning.load_pruned_model``).
 * ``torchao``: the same folder, then torchao's ``quantize_`` with
-  ``Int8DynamicActivationInt8WeightConfig`` (int8 weights, int8 dynamic activations), eager.
+  ``Int8DynamicActivationInt8WeightConfig`` (int8 weights, int8 dynamic activations), under
+  ``torch.compile(dynamic=True)`` when the spec says ``compile`` (torchao's docs: eager is slow);
+  the first calls compile, and are warm-up, not timed.
+* ``openvino``: an OpenVINO IR (``model.xml``), compiled for the CPU (``_openvino_path``).
 * ``onnx``: a plain ONNX file (the Optimum exports), run by edgekd's ``OnnxRunner`` so its ONNX
   Runtime session is configured exactly like the one of an edgekd ONNX artifact.
 * ``artifact``: an edgekd export folder, through ``load_artifact`` (the server's runner).
@@ -29,6 +32,7 @@ RUNTIME_MODULES = {
     "hf": ("torch", "transformers", "edgekd.pruning", "edgekd.devices.torch_runner"),
     "torchao": ("torch", "transformers", "torchao.quantization", "edgekd.pruning", "edgekd.devices.torch_runner"),
     "onnx": ("onnxruntime", "edgekd.export.onnx"),
+    "openvino": ("openvino",),
 }
 ARTIFACT_RUNTIME = {".onnx": ("onnxruntime",), ".pte": ("torch", "executorch.runtime"), ".ptl": ("torch",)}
 
@@ -73,7 +77,7 @@ def _preload_torch_model_code(path: str) -> list[str]:
     return ["transformers.AutoModelForSequenceClassification", *([name] if name else []), "torch thread pool"]
 
 
-def _torch_model(path: str, quantize: bool) -> tuple[Any, dict[str, Any]]:
+def _torch_model(path: str, quantize: bool, compile_: bool = False) -> tuple[Any, dict[str, Any]]:
     from edgekd.devices.torch_runner import TorchRunner
     from edgekd.pruning import load_pruned_model
     from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport
@@ -90,7 +94,14 @@ def _torch_model(path: str, quantize: bool) -> tuple[Any, dict[str, Any]]:
             1 for m in model.modules()
             if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ not in ("Parameter", "Tensor")
         )
-    return TorchRunner(SequenceClassifierExport(model), TEXT_IO), info
+    module = SequenceClassifierExport(model).eval()
+    if compile_:
+        import torch
+
+        # dynamic=True: one graph for every text length, not a recompile per length.
+        module = torch.compile(module, dynamic=True)
+        info["torch_compile"] = "torch.compile(dynamic=True), inductor"
+    return TorchRunner(module, TEXT_IO), info
 
 
 def load(spec: dict[str, Any], threads: int | None) -> tuple[Any, dict[str, Any]]:
@@ -98,7 +109,11 @@ def load(spec: dict[str, Any], threads: int | None) -> tuple[Any, dict[str, Any]
     process's own (a measuring child sets them once); ONNX Runtime gets them per session."""
     kind = spec["kind"]
     if kind in ("hf", "torchao"):
-        return _torch_model(spec["path"], quantize=kind == "torchao")
+        return _torch_model(spec["path"], quantize=kind == "torchao", compile_=bool(spec.get("compile")))
+    if kind == "openvino":
+        from _openvino_path import OpenVinoRunner
+
+        return OpenVinoRunner(Path(spec["path"]), threads=threads), {}
     if kind == "onnx":
         from edgekd.export.onnx import OnnxRunner
 

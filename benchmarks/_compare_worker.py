@@ -85,6 +85,10 @@ def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.nda
         except Exception as e:  # e.g. a batch size the artifact was not built for
             case["error"] = f"{type(e).__name__}: {e}"
             prepared.pop(name, None)
+    for name, xs in prepared.items():
+        # What this model was fed in its timed calls (token types a graph adds are zeros, not data).
+        fed = [{k: v for k, v in x.items() if k in ("input_ids", "attention_mask")} for x in xs[warmup:warmup + runs]]
+        models[name]["cases"][-1]["inputs_sha256"] = remote_runner.inputs_sha256(fed)
     wall: dict[str, list[float]] = {n: [] for n in prepared}
     cpu: dict[str, list[float]] = {n: [] for n in prepared}
     names = list(prepared)

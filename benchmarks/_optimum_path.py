@@ -73,9 +73,22 @@ def _run(cmd: list[str], timeout_s: float, cwd: Path) -> tuple[int | None, str, 
     return proc.returncode, proc.stderr + proc.stdout, time.perf_counter() - t0
 
 
+def needs_python_export(model_dir: Path) -> bool:
+    """A pruned student whose layers have different FFN widths (``config.ffn_sizes_per_layer``):
+    ``from_pretrained``, and so ``optimum-cli``, cannot build it from its config."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(config.get("ffn_sizes_per_layer"))
+
+
 def export_onnx(model_dir: Path, out_dir: Path, timeout_s: float = 1800) -> dict[str, Any]:
-    """``optimum-cli export onnx --model MODEL_DIR --task text-classification OUT_DIR``."""
-    cmd = [*optimum_cli(), "export", "onnx", "--model", str(model_dir), "--task", "text-classification", str(out_dir)]
+    """``optimum-cli export onnx --model MODEL_DIR --task text-classification OUT_DIR``; for a pruned
+    student with per-layer FFN widths, the exporter the CLI calls (``onnx_export_from_model``) on the
+    model loaded by ``edgekd.pruning.load_pruned_model``, in a child process."""
+    if needs_python_export(model_dir):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "export", str(model_dir), str(out_dir)]
+    else:
+        cmd = [*optimum_cli(), "export", "onnx", "--model", str(model_dir), "--task", "text-classification",
+               str(out_dir)]
     code, log, seconds = _run(cmd, timeout_s, out_dir.parent)
     model = out_dir / "model.onnx"
     rec: dict[str, Any] = {"command": " ".join(cmd), "seconds": round(seconds, 2), "path": str(model)}
@@ -119,8 +132,20 @@ def _quantize_main(onnx_dir: str, out_dir: str, isa: str) -> int:
     return 0
 
 
+def _export_main(model_dir: str, out_dir: str) -> int:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from edgekd.pruning import load_pruned_model
+
+    onnx_export_from_model(load_pruned_model(model_dir).eval(), out_dir, task="text-classification")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "export":
+        sys.exit(_export_main(*sys.argv[2:]))
     if len(sys.argv) != 5 or sys.argv[1] != "quantize":
-        print("usage: _optimum_path.py quantize ONNX_DIR OUT_DIR ISA", file=sys.stderr)
+        print("usage: _optimum_path.py quantize ONNX_DIR OUT_DIR ISA | _optimum_path.py export MODEL_DIR OUT_DIR",
+              file=sys.stderr)
         sys.exit(2)
     sys.exit(_quantize_main(*sys.argv[2:]))

@@ -88,20 +88,29 @@ def _torch_entries(torch_models: dict[str, tuple[Any, Any]] | None, workdir: Pat
     return entries
 
 
+def common_length(entries: list[dict[str, Any]], inputs: measure.Inputs) -> int | None:
+    """The one sequence length every model is timed at when not at real lengths: the evaluation
+    inputs' width, else the max_length the artifacts share (None when they disagree: then
+    bench.seq_lengths must say)."""
+    if inputs.width():
+        return inputs.width()
+    lens = {(e.get("meta") or {}).get("max_length") for e in entries if e.get("meta")} - {None}
+    return lens.pop() if len(lens) == 1 else None
+
+
 def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConfig, inputs: measure.Inputs,
                    workdir: Path) -> None:
     files = inputs.write(workdir)
     threads = cfg.threads or prof.bench_threads()
-    default_len = inputs.width()
+    # One case list for every model: the same lengths, padding and batches for each row of the table.
+    case_list = measure.cases(cfg, common_length(entries, inputs), inputs.fixed_shape(), real=inputs.plan is not None)
     for e in entries:
         if e.get("status"):
             continue
         if e["kind"] == "artifact" and not prof.runs_target(e["target"]):
             e.update(status="skipped", reason=f"profile '{prof.name}' does not run target '{e['target']}'")
             continue
-        max_len = (e.get("meta") or {}).get("max_length") or default_len
-        job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
-                               measure.cases(cfg, max_len, inputs.fixed_shape()))
+        job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files, case_list)
         if e["kind"] == "torch":
             job.update(kind="torch", module_file=e["module_file"], io=e["io"], preload=e.pop("preload"),
                        device=e["device"])
@@ -123,6 +132,7 @@ def bench_run(
     reference: dict[str, float] | None = None,
     metric: str = "accuracy",
     input_desc: str | None = None,
+    ood: tuple[str, dict[str, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Measure every export folder of ``run_dir`` (and the eager ``torch_models``, name -> (export
     module, ModelIO)) on ``profile`` (a shipped name or a YAML path; default ``cfg.profile``, i.e.
@@ -131,12 +141,13 @@ def bench_run(
     ``eval_inputs``/``eval_labels``/``metric_fn`` give each model's accuracy on the test split;
     ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures;
     ``metric`` is the key of ``metric_fn``'s result that fills the accuracy column (map50_95 for
-    detectors).
+    detectors). ``ood`` (name, inputs, labels) adds each model's accuracy on an out-of-domain set.
     """
     cfg = cfg or BenchConfig()
     run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
     prof = load_profile(profile or cfg.profile)
-    inputs = measure.Inputs.from_config(cfg, eval_inputs)
+    ood_name, ood_inputs, ood_labels = ood or (None, None, None)
+    inputs = measure.Inputs.from_config(cfg, eval_inputs, ood_inputs, ood_name)
     entries = discover(run_dir, cfg.targets)
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
         workdir = Path(tmp)
@@ -168,9 +179,13 @@ def bench_run(
             env = None
     ref = measure.reference_accuracies(run_dir, reference, metric)
     for e in entries:
-        metrics = measure.score(e.pop("_outputs", None), eval_labels, metric_fn)
+        test_out, ood_out = inputs.split_outputs(e.pop("_outputs", None))
+        metrics = measure.score(test_out, eval_labels, metric_fn)
         e["metrics"] = metrics
         e["accuracy"] = metrics.get(metric) if metrics else None
+        if inputs.ood_name:
+            ood_metrics = measure.score(ood_out, ood_labels, metric_fn)
+            e["ood_accuracy"] = ood_metrics.get(metric) if ood_metrics else None
         e.update(measure.deltas(e["accuracy"], ref))
         e["max_length"] = (e.pop("meta", None) or {}).get("max_length")
     data = {
@@ -179,7 +194,9 @@ def bench_run(
         "run": run_dir.name,
         "profile": prof.model_dump(mode="json"),
         "config": cfg.model_dump(mode="json"),
-        "headline": tables.headline_case(cfg),
+        "headline": tables.headline_case(cfg, real=inputs.plan is not None),
+        "inputs": tables.inputs_record(cfg, inputs, cfg.threads or prof.bench_threads()),
+        "ood": {"dataset": ood_name, "examples": len(ood_labels)} if ood_name else None,
         "metric": metric,
         "input": input_desc,  # e.g. "image 128x128" where inputs have no sequence axis
         "reference": ref,
@@ -197,12 +214,14 @@ def summary(data: dict[str, Any], out: Path) -> dict[str, Any]:
     for e in data["results"]:
         row = tables.headline_row(e, data["headline"])
         per_model[e["name"]] = {k: row.get(k) for k in ("status", "p50_ms", "p99_ms", "throughput", "accuracy",
-                                                         "delta_vs_teacher", "size_bytes")}
+                                                         "ood_accuracy", "delta_vs_teacher", "size_bytes",
+                                                         "inputs_sha256")}
     return {
         "profile": data["profile"]["name"],
         "dir": str(out),
         "files": sorted(str(p) for p in out.iterdir() if p.is_file()),
         "headline": data["headline"],
+        "inputs": data["inputs"],
         "reference": data["reference"],
         "models": per_model,
     }

@@ -28,25 +28,43 @@ MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, float]]
 
 @dataclass
 class Inputs:
-    """What every model in one bench is fed: real examples for timing (or None: synthetic ids)
-    and the evaluation inputs whose outputs give accuracy."""
+    """What every model in one bench is fed: real examples for timing (or None: synthetic ids),
+    the evaluation inputs whose outputs give accuracy (the test rows, then the out-of-domain rows
+    when given), and the timing plan: which example rows each timed call of each batch size uses.
+
+    Every model of a bench gets the same plan, so every row of the table is timed on the same
+    texts, lengths and padding; each case records the sha256 of the arrays it was fed."""
 
     examples: dict[str, np.ndarray] | None = None
     eval_inputs: dict[str, np.ndarray] | None = None
+    plan: dict[str, np.ndarray] | None = None
+    n_test: int | None = None
+    ood_name: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: BenchConfig, eval_inputs: dict[str, np.ndarray] | None) -> Inputs:
-        if eval_inputs is not None:
-            lengths = {len(v) for v in eval_inputs.values()}
-            if len(lengths) != 1 or 0 in lengths:
-                raise DataError(f"eval_inputs must hold equally long, non-empty arrays; got lengths {sorted(lengths)}")
-            if cfg.eval_examples:
-                eval_inputs = {k: v[: cfg.eval_examples] for k, v in eval_inputs.items()}
-        examples = None
+    def from_config(cls, cfg: BenchConfig, eval_inputs: dict[str, np.ndarray] | None,
+                    ood_inputs: dict[str, np.ndarray] | None = None, ood_name: str | None = None) -> Inputs:
+        for what, data in (("eval_inputs", eval_inputs), ("ood_inputs", ood_inputs)):
+            if data is not None:
+                lengths = {len(v) for v in data.values()}
+                if len(lengths) != 1 or 0 in lengths:
+                    raise DataError(f"{what} must hold equally long, non-empty arrays; got lengths {sorted(lengths)}")
+        if eval_inputs is not None and cfg.eval_examples:
+            eval_inputs = {k: v[: cfg.eval_examples] for k, v in eval_inputs.items()}
+        examples = plan = None
+        n_test = len(next(iter(eval_inputs.values()))) if eval_inputs is not None else None
         if cfg.inputs == "real" and eval_inputs is not None:
-            rows = max(cfg.batch_sizes)
-            examples = {k: v[:rows] for k, v in eval_inputs.items()}
-        return cls(examples, eval_inputs)
+            if real_lengths(cfg, eval_inputs):
+                examples = eval_inputs  # every test text, each fed at its own length
+                plan = {f"b{b}": timing_rows(n_test, b, cfg.warmup + cfg.runs) for b in cfg.batch_sizes}
+            else:
+                rows = max(cfg.batch_sizes)
+                examples = {k: v[:rows] for k, v in eval_inputs.items()}
+        if ood_inputs is not None and eval_inputs is not None:
+            if set(ood_inputs) != set(eval_inputs):
+                raise DataError(f"ood_inputs have inputs {sorted(ood_inputs)}, the test inputs {sorted(eval_inputs)}")
+            eval_inputs = concat_padded(eval_inputs, ood_inputs)
+        return cls(examples, eval_inputs, plan, n_test, ood_name if ood_inputs is not None else None)
 
     def width(self) -> int | None:
         """The sequence length of token inputs ([batch, seq]); None for images and other fixed shapes."""
@@ -63,7 +81,7 @@ class Inputs:
 
     def write(self, workdir: Path) -> dict[str, str | None]:
         """Save as .npz beside the jobs; returns the file names a job refers to."""
-        names: dict[str, str | None] = {"examples": None, "eval_inputs": None}
+        names: dict[str, str | None] = {"examples": None, "eval_inputs": None, "plan": None}
         for key in names:
             data = getattr(self, key)
             if data is not None:
@@ -71,11 +89,57 @@ class Inputs:
                 names[key] = f"{key}.npz"
         return names
 
+    def split_outputs(self, outputs: dict[str, np.ndarray] | None) -> tuple[dict | None, dict | None]:
+        """(test outputs, out-of-domain outputs) of one model's outputs on ``eval_inputs``."""
+        if outputs is None or self.n_test is None:
+            return outputs, None
+        test = {k: v[: self.n_test] for k, v in outputs.items()}
+        ood = {k: v[self.n_test:] for k, v in outputs.items()} if self.ood_name else None
+        return test, ood
 
-def cases(cfg: BenchConfig, max_length: int | None, fixed_shape: bool = False) -> list[list[int | None]]:
-    """(batch, sequence) pairs to time; sequence None for fixed-shape inputs such as images."""
+
+def real_lengths(cfg: BenchConfig, eval_inputs: dict[str, np.ndarray] | None) -> bool:
+    """Whether the bench times each text at its own length: the default for token inputs with real
+    examples (bench.inputs: real, no bench.seq_lengths)."""
+    if cfg.seq_lengths or cfg.inputs != "real" or eval_inputs is None:
+        return False
+    a = next(iter(eval_inputs.values()))
+    return a.ndim == 2 and "attention_mask" in eval_inputs
+
+
+def timing_rows(n: int, batch: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` calls of ``batch`` example rows each ([count, batch]), every row used once before
+    any repeats, in a seeded order: the same plan for every model of a bench."""
+    rng = np.random.default_rng(seed + batch)
+    need = count * batch
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+    return order.reshape(count, batch).astype(np.int64)
+
+
+def concat_padded(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of ``a`` then rows of ``b``, token arrays right-padded with zeros to the wider of the two
+    (zero ids under a zero attention mask change no output)."""
+    out = {}
+    for k, x in a.items():
+        y = b[k]
+        if x.ndim == 2 and y.ndim == 2 and x.shape[1] != y.shape[1]:
+            w = max(x.shape[1], y.shape[1])
+            x = np.pad(x, ((0, 0), (0, w - x.shape[1])))
+            y = np.pad(y, ((0, 0), (0, w - y.shape[1])))
+        out[k] = np.concatenate([x, y.astype(x.dtype, copy=False)], axis=0)
+    return out
+
+
+def cases(cfg: BenchConfig, max_length: int | None, fixed_shape: bool = False,
+          real: bool | None = None) -> list[list[int | str | None]]:
+    """(batch, sequence) pairs to time; sequence "real" for each text at its own length (the
+    default with real examples), None for fixed-shape inputs such as images."""
     if fixed_shape:
         return [[b, None] for b in cfg.batch_sizes]
+    if real is None:
+        real = cfg.inputs == "real" and not cfg.seq_lengths
+    if real and not cfg.seq_lengths:
+        return [[b, "real"] for b in cfg.batch_sizes]
     seqs = cfg.seq_lengths or ([max_length] if max_length else None)
     if not seqs:
         raise StageError(
@@ -151,7 +215,7 @@ def read_result(result_path: Path) -> tuple[dict, dict | None]:
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
     """The parts of a runner's result that go into a bench entry."""
     keep = ("status", "error", "load_s", "first_inference_s", "first_inference_case", "cases", "memory",
-            "runtime", "environment", "eval_seconds", "eval_examples")
+            "runtime", "environment", "eval_seconds", "eval_examples", "threads")
     return {k: result[k] for k in keep if k in result}
 
 

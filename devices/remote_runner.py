@@ -15,6 +15,7 @@ warm-up and timed runs or a time budget, threads, ONNX Runtime providers, and op
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -271,6 +272,41 @@ def case_inputs(io: dict, batch: int, seq: int, examples: dict | None = None,
     return out
 
 
+def real_length_calls(io: dict, examples: dict, rows: np.ndarray) -> list[dict]:
+    """One input dict per call: the example rows of ``rows[i]``, each batch cut to the longest real
+    length among its rows (from the right-padded attention mask), as a server pads a batch."""
+    if "attention_mask" not in examples:
+        raise ValueError("timing at real lengths needs an attention_mask among the examples")
+    names, dtypes = io["input_names"], io.get("dtypes", {})
+    lengths = np.asarray(examples["attention_mask"]).sum(axis=1)
+    calls = []
+    for r in np.asarray(rows, dtype=np.int64):
+        width = max(1, int(lengths[r].max()))
+        call = {}
+        for name in names:
+            if name in examples:
+                a = np.asarray(examples[name])[r, :width]
+            elif "type" in name:  # a single-text classifier's token types are all zeros
+                a = np.zeros((len(r), width), dtype=np.int64)
+            else:
+                raise ValueError(f"input '{name}' is not among the examples ({', '.join(sorted(examples))})")
+            call[name] = np.ascontiguousarray(a.astype(dtypes.get(name, a.dtype), copy=False))
+        calls.append(call)
+    return calls
+
+
+def inputs_sha256(calls: list[dict]) -> str:
+    """sha256 of the arrays fed, call by call (names, dtypes, shapes and bytes): two rows of a table
+    with the same value were timed on exactly the same inputs."""
+    h = hashlib.sha256()
+    for call in calls:
+        for name in sorted(call):
+            a = np.ascontiguousarray(call[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def static_shape_reason(meta: dict, batch: int, seq: int) -> str | None:
     """Why an artifact with static axes cannot run [batch, seq] (None when it can)."""
     io = meta["io"]
@@ -452,11 +488,25 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
     if meta.get("preload"):
         res["runtime"].update(meta["preload"])  # imported before the clock started, timed apart
 
+    plan = load_npz(job.get("plan"), base)
+    warmup = job.get("warmup", 10)
     cases = []
     first = True
     for batch, seq in job["cases"]:
         case = {"batch": batch, "seq": seq, "input": "real" if examples else "synthetic"}
-        why = static_shape_reason(meta, batch, seq)
+        calls = None
+        if seq == "real":
+            if not examples or not plan or f"b{batch}" not in plan:
+                case["error"] = "timing at real lengths needs real examples and a timing plan for this batch size"
+                cases.append(case)
+                continue
+            calls = real_length_calls(io, examples, plan[f"b{batch}"])
+            widths = sorted({next(iter(c.values())).shape[1] for c in calls})
+            why = next((w for w in (static_shape_reason(meta, batch, n) for n in widths) if w), None)
+            if why:
+                why += "; real lengths need a dynamic sequence axis (or set bench.seq_lengths to time every model at one length)"
+        else:
+            why = static_shape_reason(meta, batch, seq)
         cap = getattr(runner, "max_batch", None)
         if not why and cap and batch > cap:
             why = f"batch {batch} is over the program's planned maximum batch {cap}"
@@ -465,15 +515,26 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
             cases.append(case)
             continue
         try:
-            inputs = case_inputs(io, batch, seq, examples, job.get("synthetic_vocab_size", 100), job.get("seed", 0))
+            if calls is None:
+                calls = [case_inputs(io, batch, seq, examples, job.get("synthetic_vocab_size", 100), job.get("seed", 0))]
+            timed = calls[warmup:] if len(calls) > warmup else calls
+            case["inputs_sha256"] = inputs_sha256(timed)
+            case["padding"] = "each batch padded to its longest text" if seq == "real" else f"every row at length {seq}"
+            if seq == "real":
+                tokens = [int(np.asarray(c["attention_mask"]).sum()) for c in timed]
+                case.update(distinct_calls=len(timed), mean_tokens_per_item=float(np.mean(tokens)) / batch,
+                            mean_width=float(np.mean([next(iter(c.values())).shape[1] for c in timed])))
             if first:
                 t1 = time.perf_counter()
-                runner.run(inputs)
+                runner.run(calls[0])
                 res["first_inference_s"] = time.perf_counter() - t1
                 res["first_inference_case"] = [batch, seq]
                 first = False
-            times = time_calls(lambda inputs=inputs: runner.run(inputs), job.get("warmup", 10),
-                               job.get("runs", 50), job.get("time_budget_s"), job.get("min_runs", 5))
+            # The plan holds warm-up calls, then the timed ones: call i uses calls[i], so every model
+            # times the same texts in the same order.
+            counter = iter(range(10**9))
+            times = time_calls(lambda calls=calls, counter=counter: runner.run(calls[next(counter) % len(calls)]),
+                               warmup, job.get("runs", 50), job.get("time_budget_s"), job.get("min_runs", 5))
             case.update(summarize(times, batch))
         except Exception as e:  # one shape failing (e.g. longer than the model's positions) is recorded
             case["error"] = f"{type(e).__name__}: {e}"

@@ -20,25 +20,59 @@ METRIC_LABELS = {"accuracy": "accuracy", "map50_95": "mAP@0.5:0.95", "map50": "m
 CSV_FIELDS = (
     "name", "kind", "target", "precision", "status", "batch", "seq", "input", "runs", "p50_ms", "p90_ms",
     "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput", "size_bytes", "load_s",
-    "first_inference_s", "load_delta_mb", "peak_delta_mb", "accuracy", "delta_vs_teacher", "delta_vs_student",
-    "note",
+    "first_inference_s", "load_delta_mb", "peak_delta_mb", "accuracy", "ood_accuracy", "delta_vs_teacher",
+    "delta_vs_student", "padding", "inputs_sha256", "note",
 )
 
 
-def headline_case(cfg: Any) -> dict[str, Any]:
-    """The case the table shows: the first batch size at the first sequence length (None: each
-    model's own default length, its artifact's max_length)."""
-    return {"batch": cfg.batch_sizes[0], "seq": cfg.seq_lengths[0] if cfg.seq_lengths else None}
+def headline_case(cfg: Any, real: bool = False) -> dict[str, Any]:
+    """The case the table shows: the first batch size at the first sequence length ("real": each
+    text at its own length; None: fixed-shape inputs, or the one length every model shares)."""
+    seq = cfg.seq_lengths[0] if cfg.seq_lengths else ("real" if real else None)
+    return {"batch": cfg.batch_sizes[0], "seq": seq}
+
+
+def inputs_record(cfg: Any, inputs: Any, threads: int | None) -> dict[str, Any]:
+    """What every model of the bench was fed, for the table's header and results.json."""
+    if inputs.plan is not None:
+        how = ("real lengths: each test text at its own length at batch 1; larger batches padded to their "
+               "longest text")
+    elif inputs.fixed_shape():
+        how = "fixed-shape inputs"
+    elif cfg.seq_lengths:
+        how = f"every row padded or truncated to {', '.join(map(str, cfg.seq_lengths))} tokens"
+    else:
+        how = "one shared length for every model"
+    return {"mode": "real" if inputs.plan is not None else ("fixed" if cfg.seq_lengths else "shared"),
+            "description": how, "source": "real" if inputs.examples is not None else "synthetic",
+            "timed_calls": cfg.runs, "warmup_calls": cfg.warmup, "threads": threads}
 
 
 def pick_case(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any] | None:
     cases = entry.get("cases") or []
     for case in cases:
-        if case.get("batch") == headline["batch"] and headline.get("seq") in (None, case.get("seq")):
+        if case.get("batch") == headline["batch"] and (headline.get("seq") is None or case.get("seq") is None
+                                                       or headline["seq"] == case.get("seq")):
             return case
     if entry.get("imported_from") and len(cases) == 1:
         return cases[0]  # a phone tool measures one shape; the case table shows which
     return None
+
+
+def check_same_inputs(rows: list[dict[str, Any]], what: str = "this table") -> str | None:
+    """Refuse rows timed on different inputs: every timed row that records an inputs fingerprint must
+    record the same one. Returns the shared fingerprint (None when no row has one)."""
+    prints: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("p50_ms") is not None and r.get("inputs_sha256"):
+            prints.setdefault(r["inputs_sha256"], []).append(str(r.get("name")))
+    if len(prints) > 1:
+        detail = "; ".join(f"{fp[:12]}…: {', '.join(names)}" for fp, names in prints.items())
+        raise StageError(
+            f"{what} would put rows timed on different inputs side by side ({detail}). Every model must be "
+            "timed on the same texts, lengths, padding and batches: re-run `edgekd bench` so they are."
+        )
+    return next(iter(prints), None)
 
 
 def note(entry: dict[str, Any], case: dict[str, Any] | None = None) -> str:
@@ -54,8 +88,10 @@ def headline_row(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, A
     mem = entry.get("memory") or {}
     return {
         **{k: entry.get(k) for k in ("name", "kind", "target", "precision", "status", "size_bytes", "load_s",
-                                      "first_inference_s", "accuracy", "delta_vs_teacher", "delta_vs_student")},
-        **{k: case.get(k) for k in ("batch", "seq", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput")},
+                                      "first_inference_s", "accuracy", "ood_accuracy", "delta_vs_teacher",
+                                      "delta_vs_student")},
+        **{k: case.get(k) for k in ("batch", "seq", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
+                                    "inputs_sha256")},
         "peak_delta_mb": mem.get("peak_delta_mb"),
         "note": note(entry, case),
     }
@@ -78,11 +114,16 @@ def _pp(v: float | None) -> str:
 def markdown(data: dict[str, Any]) -> str:
     prof, head = data["profile"], data["headline"]
     rows = sorted((headline_row(e, head) for e in data["results"]), key=_sort_key)
-    seq = head["seq"] if head.get("seq") is not None else "max_length"
+    fp = check_same_inputs(rows, f"the bench table of {data.get('run')}")
+    seq = {None: "one shared length", "real": "real lengths"}.get(head.get("seq"), f"sequence {head.get('seq')}")
     env = data.get("environment") or {}
     cpu = (env.get("cpu") or {}).get("model") or prof.get("processor")
     ref = data.get("reference") or {}
     metric = METRIC_LABELS.get(data.get("metric", "accuracy"), data.get("metric", "accuracy"))
+    inp = data.get("inputs") or {}
+    ood = data.get("ood") or {}
+    ood_txt = (f"{ood['dataset']} ({ood.get('examples')} texts, not movie reviews)" if ood.get("dataset")
+               else "no out-of-domain set (eval.ood_dataset)")
     lines = [
         f"# Bench: {data.get('run')} on {prof['name']}",
         "",
@@ -90,11 +131,15 @@ def markdown(data: dict[str, Any]) -> str:
         f"CPU: {cpu}; threads: {(env.get('threads') or {}).get('requested', prof.get('threads'))}; "
         f"batch {head['batch']}, {data.get('input') or f'sequence {seq}'}; created {data.get('created')}.  ",
         f"Reference {metric}: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
-        f" ({ref.get('source') or 'not available'}).",
+        f" ({ref.get('source') or 'not available'}).  ",
+        f"Inputs (the same for every row): {inp.get('description', 'not recorded')}; {inp.get('source', '?')} "
+        f"test examples, {inp.get('timed_calls', '?')} timed calls after {inp.get('warmup_calls', '?')} warm-up "
+        f"calls per case; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  ",
+        f"Out-of-domain {metric}: {ood_txt}.",
         "",
-        f"| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | {metric} | Δ vs teacher "
-        "| Δ vs student | load ms | peak MB | note |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | {metric} | OOD {metric} "
+        "| Δ vs teacher | Δ vs student | load ms | peak MB | note |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         size = r["size_bytes"] / 2**20 if r.get("size_bytes") is not None else None
@@ -102,20 +147,31 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {r['target']} | {r['precision']} | {_num(size, '.2f')} | {_num(r['p50_ms'], '.3f')} "
             f"| {_num(r['p99_ms'], '.3f')} | {_num(r['mean_ms'], '.3f')} | {_num(r['throughput'], '.1f')} "
-            f"| {_num(r['accuracy'], '.4f')} "
+            f"| {_num(r['accuracy'], '.4f')} | {_num(r.get('ood_accuracy'), '.4f')} "
             f"| {_pp(r['delta_vs_teacher'])} | {_pp(r['delta_vs_student'])} | {_num(load, '.1f')} "
             f"| {_num(r['peak_delta_mb'], '.1f')} | {r['note']} |"
         )
     all_cases = [(e, c) for e in data["results"] for c in e.get("cases") or []]
     if all_cases:
-        lines += ["", "## Every case", "", "| model | batch | seq | runs | p50 ms | p90 ms | p99 ms | items/s |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for (b, q), group in _by_case(all_cases).items():
+            check_same_inputs([{"name": e["name"], **c} for e, c in group], f"the case batch {b}, seq {q}")
+        lines += ["", "## Every case", "",
+                  "| model | batch | seq | runs | p50 ms | p90 ms | p99 ms | items/s | mean tokens | inputs sha256 |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
         for e, c in all_cases:
             lines.append(
                 f"| {e['name']} | {c.get('batch')} | {c.get('seq')} | {c.get('runs', '—')} | {_num(c.get('p50_ms'), '.3f')} "
-                f"| {_num(c.get('p90_ms'), '.3f')} | {_num(c.get('p99_ms'), '.3f')} | {_num(c.get('throughput'), '.1f')} |"
+                f"| {_num(c.get('p90_ms'), '.3f')} | {_num(c.get('p99_ms'), '.3f')} | {_num(c.get('throughput'), '.1f')} "
+                f"| {_num(c.get('mean_tokens_per_item'), '.1f')} | {(c.get('inputs_sha256') or '—')[:12]} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _by_case(pairs: list[tuple[dict, dict]]) -> dict[tuple, list[tuple[dict, dict]]]:
+    out: dict[tuple, list[tuple[dict, dict]]] = {}
+    for e, c in pairs:
+        out.setdefault((c.get("batch"), c.get("seq")), []).append((e, c))
+    return out
 
 
 def csv_text(data: dict[str, Any]) -> str:
@@ -250,6 +306,8 @@ def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile
     labels = [s["_label"] for s in sides]
     labels = [lab if labels.count(lab) == 1 else f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
     rows_by_side = [{e["name"]: headline_row(e, s["headline"]) for e in s["results"]} for s in sides]
+    check_same_inputs([{**r, "name": f"{lab}:{r['name']}"} for lab, rows in zip(labels, rows_by_side, strict=True)
+                       for r in rows.values()], "the comparison")
     names = sorted({n for rows in rows_by_side for n in rows},
                    key=lambda n: _sort_key(next(r[n] for r in rows_by_side if n in r)))
     head = "| model | " + " | ".join(f"{lab} p50 ms | {lab} acc" for lab in labels)

