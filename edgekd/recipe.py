@@ -526,11 +526,6 @@ class QuantizeConfig(Section):
         "example i (cycling) at its real length."
     )
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads for evaluation and timing.")
-    torch_method: Literal["int8-dynamic", "int8-weight-only", "pt2e-xnnpack"] = Field(
-        "int8-dynamic",
-        description="PyTorch/ExecuTorch targets: torchao int8 dynamic activations + int8 weights, torchao "
-        "int8 weight-only, or the pt2e XNNPACK quantizer (static int8, for ExecuTorch).",
-    )
     coreml_mode: Literal["linear8", "palettize"] = Field(
         "linear8", description="Core ML: 8-bit linear weight quantization, or k-means palettization."
     )

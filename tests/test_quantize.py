@@ -321,7 +321,7 @@ def test_torchao_int8_dynamic():
 
     model = keyword_mlp()
     x = {"x": torch.randn(8, 64)}
-    q, report = quantize_torch(model, qcfg(torch_method="int8-dynamic"), x,
+    q, report = quantize_torch(model, qcfg(), x, method="int8-dynamic",
                                evaluate=lambda m: {"accuracy": 1.0})
     assert report["quantized_linears"] == 2
     assert type(model.net[0].weight).__name__ == "Parameter"  # the float model is left alone
@@ -341,7 +341,7 @@ def test_pt2e_xnnpack_calibrates_on_the_recipe_sample_count():
     model = keyword_mlp()
     x = {"x": torch.randn(2, 64)}
     batches = [{"x": torch.randn(4, 64)} for _ in range(10)]
-    q, report = quantize_torch(model, qcfg(torch_method="pt2e-xnnpack", calibration_samples=12), x, batches)
+    q, report = quantize_torch(model, qcfg(calibration_samples=12), x, batches, method="pt2e-xnnpack")
     assert report["calibration_samples"] == 12 and report["quantize_nodes"] > 0
     assert _snr_db(model(**x), q(**x)) > 15
     assert "skipped" in report["speed_guard"]

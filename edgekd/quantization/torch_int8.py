@@ -86,28 +86,37 @@ def _pt2e(model: nn.Module, example_inputs: Inputs, calib_batches: Iterable[Inpu
     return convert_pt2e(prepared), seen
 
 
+TORCH_METHODS = ("int8-dynamic", "int8-weight-only", "pt2e-xnnpack")
+
+
 def quantize_torch(
     model: nn.Module,
     cfg: QuantizeConfig,
     example_inputs: Inputs,
     calib_batches: Iterable[Inputs] | None = None,
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    method: str = "int8-dynamic",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize a copy of ``model`` with ``cfg.torch_method``; ``model`` itself is left as it was.
+    """Quantize a copy of ``model`` with ``method`` (one of ``TORCH_METHODS``: torchao int8 dynamic
+    activations + int8 weights, torchao int8 weight-only, or the pt2e XNNPACK quantizer, static int8
+    for ExecuTorch); ``model`` itself is left as it was. A library function: the quantize stage does
+    not call it (its export folders are ONNX Runtime's), so no recipe key selects it.
 
     ``example_inputs``: keyword tensors of one batch (timing, and graph capture for pt2e).
     ``calib_batches``: keyword-tensor batches for pt2e calibration (batches are taken until
     ``cfg.calibration_samples`` examples have been seen).
     """
+    if method not in TORCH_METHODS:
+        raise StageError(f"torch quantization method '{method}' is unknown; choose one of {', '.join(TORCH_METHODS)}")
     model = model.eval()
-    report: dict[str, Any] = {"method": cfg.torch_method}
-    if cfg.torch_method == "pt2e-xnnpack":
+    report: dict[str, Any] = {"method": method}
+    if method == "pt2e-xnnpack":
         quantized, seen = _pt2e(model, example_inputs, calib_batches or [], cfg.calibration_samples, cfg.per_channel)
         report["calibration_samples"] = seen
         report["quantize_nodes"] = sum(1 for n in quantized.graph.nodes if "quantize_per" in str(n.target))
     else:
         tq = _torchao("torchao int8 quantization")
-        config = (tq.Int8DynamicActivationInt8WeightConfig() if cfg.torch_method == "int8-dynamic"
+        config = (tq.Int8DynamicActivationInt8WeightConfig() if method == "int8-dynamic"
                   else tq.Int8WeightOnlyConfig())
         quantized = copy.deepcopy(model)
         tq.quantize_(quantized, config)
@@ -125,7 +134,7 @@ def quantize_torch(
         report["accuracy_guard"] = {"metric": key, "budget": cfg.max_accuracy_drop, "float": before,
                                     "quantized": after, "drop": round(drop, 6),
                                     "passed": drop <= cfg.max_accuracy_drop + 1e-12}
-    if cfg.torch_method == "pt2e-xnnpack":
+    if method == "pt2e-xnnpack":
         # The converted graph simulates int8 with float quantize/dequantize ops; its speed exists
         # only once ExecuTorch lowers it to XNNPACK kernels, which the bench stage measures.
         report["speed_guard"] = {"skipped": "pt2e graphs run int8 only after ExecuTorch lowering; "
@@ -138,7 +147,7 @@ def quantize_torch(
                              "speedup": round(speed["float"] / speed["quantized"], 3), "quantized_faster": faster}
     if not faster:
         report["speed_guard"]["note"] = (
-            f"{cfg.torch_method} is not faster than float in eager PyTorch here "
+            f"{method} is not faster than float in eager PyTorch here "
             f"({speed['quantized']:.3f} ms vs {speed['float']:.3f} ms)"
         )
     passed = report.get("accuracy_guard", {}).get("passed", True)
