@@ -21,6 +21,9 @@ import numpy as np
 from edgekd import assets
 from edgekd.errors import DataError
 
+# Half a rating step: closer to neutral than this, the raters themselves do not agree on a side.
+DEFAULT_MIN_ABS_SCORE = 0.5
+
 # The OOD sets' own label names; a run's labels are matched to them by name.
 OOD_LABELS = ("negative", "positive")
 
@@ -81,7 +84,7 @@ def label_map(run_labels: list[str]) -> np.ndarray | None:
     return np.asarray([lower.index(n) for n in OOD_LABELS], dtype=np.int64)
 
 
-def load_ood(name: str, run_labels: list[str], min_abs_score: float = 0.5, *,
+def load_ood(name: str, run_labels: list[str], min_abs_score: float = DEFAULT_MIN_ABS_SCORE, *,
              path: str | Path | None = None, wheel: str | Path | None = None) -> OodSet:
     """The out-of-domain set ``name`` (a dataset asset, verified against its pinned sha256), with
     labels as indices into ``run_labels``. ``path`` reads a ground-truth file directly instead."""

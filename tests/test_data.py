@@ -419,3 +419,12 @@ def test_load_splits_applies_the_recipe(tmp_path):
                      split=SplitConfig(seed=7))
     s = data.load_splits(cfg)
     assert len(s.train) == 30 and len(s.test) == 10 and s.seed == 7
+
+
+def test_amazon_snippets_parser_reads_like_the_out_of_domain_check(tmp_path):
+    path = tmp_path / "amazon.txt"
+    path.write_text("id\tsentiment\ttext\n1\t2.0\tWorks great\n2\t-1.2\tBroke in a week\n3\t0.2\tIt is a box\n"
+                    "4\t1.1\tWorks great\n")
+    ex = data.parse_amazon_snippets(path)
+    assert ex.texts == ["Works great", "Broke in a week"] and list(ex.labels) == [1, 0]
+    assert ex.cleaning["dropped_near_neutral"] == 1

@@ -87,7 +87,7 @@ def test_tensorrt_without_tensorrt_is_recorded_not_built(stage_run):
     assert rec["parity"]["ran"] is False and "trtexec.sh" in rec["parity"]["reason"]
     meta = json.loads((out / "tensorrt" / "artifact.json").read_text())
     assert meta["file"] == "model.plan" and meta["sha256"] is None
-    assert set(meta["files"]) == {"model.onnx", "trtexec.sh", "trtexec.txt"}
+    assert set(meta["files"]) == {"model.onnx", "model_fp16.onnx", "trtexec.sh", "trtexec.txt"}  # fp16: strongly typed from an fp16 graph
     # TensorRT's profile goes up to the task's max_length, which the stage passes as max_sequence.
     assert meta["notes"]["profile"]["input_ids"]["max"] == [32, MAX_LENGTH]
 
