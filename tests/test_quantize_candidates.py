@@ -162,7 +162,8 @@ def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, mon
 
     for split in ("train", "validation"):
         recipe = types.SimpleNamespace(quantize=qcfg(method="static", calibration_samples=10,
-                                                     calibration_split=split, max_accuracy_drop=1.0))
+                                                     calibration_split=split, max_accuracy_drop=1.0),
+                                         export=types.SimpleNamespace(targets=["onnx"]))
         ctx = types.SimpleNamespace(
             recipe=recipe, task=types.SimpleNamespace(metrics=accuracy),
             tokenized=lambda s: (read.append(s), splits[s])[1],
