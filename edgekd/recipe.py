@@ -7,6 +7,7 @@ problem is reported at once. Field docstrings (``description``) are the recipe r
 from __future__ import annotations
 
 import difflib
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -763,6 +764,34 @@ def builtin_recipe_text(name: str = "default") -> str:
     return resources.files("edgekd").joinpath("recipes", f"{name}.yaml").read_text()
 
 
+# Keys a release removed: (section, key) -> (the default every resolved recipe saved in a run folder
+# carries, why it went). A saved recipe holding the old default still loads (the key is dropped with a
+# warning), so older run folders stay usable; any other value is an error, since it asked for something
+# that no longer happens.
+REMOVED_KEYS: dict[tuple[str, str], tuple[object, str]] = {
+    ("quantize", "torch_method"): (
+        "int8-dynamic",
+        "the quantize stage writes ONNX Runtime (and Core ML) folders only, so the key selected nothing; "
+        "torch int8 is edgekd.quantization.quantize_torch(model, cfg, inputs, method=...)",
+    ),
+}
+
+
+def _drop_removed_keys(data: dict, where: str) -> list[str]:
+    problems = []
+    for (section, key), (old_default, why) in REMOVED_KEYS.items():
+        node = data.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        if value == old_default:
+            warnings.warn(f"{where}: {section}.{key} was removed ({why}); its saved default is ignored, "
+                          "delete the line to silence this", UserWarning, stacklevel=3)
+        else:
+            problems.append(f"{section}.{key}: removed ({why}); delete it from the recipe")
+    return problems
+
+
 def load_recipe(source: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe from a YAML file or a built-in name (None = the default), then apply
     ``key.path=value`` overrides (values parsed as YAML)."""
@@ -781,7 +810,7 @@ def load_recipe(source: str | Path | None = None, overrides: list[str] | None = 
     except yaml.YAMLError as e:
         raise RecipeError([f"not valid YAML: {e}"], where) from None
     data = data or {}
-    problems = []
+    problems = _drop_removed_keys(data, where) if isinstance(data, dict) else []
     for item in overrides or []:
         if "=" not in item:
             problems.append(f"override '{item}' must look like key.path=value (e.g. distill.temperature=4)")
