@@ -179,7 +179,7 @@ def parse_amazon_snippets(path: str | Path) -> Examples:
 
     texts, labels, dropped = read_scored_snippets(Path(path), DEFAULT_MIN_ABS_SCORE)
     cleaning = {"dropped_near_neutral": dropped}
-    texts, labels = dedupe(list(zip(texts, labels.tolist())), cleaning)
+    texts, labels = dedupe(list(zip(texts, labels.tolist(), strict=True)), cleaning)
     return Examples(texts, np.array(labels), ["negative", "positive"], source=str(path), cleaning=cleaning)
 
 
