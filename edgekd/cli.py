@@ -332,13 +332,21 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/default.")],
     compare: Annotated[Optional[list[str]], typer.Option(help="Another run folder, bench folder or device profile to put side by side (repeatable).")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option("--device", "--profile", help="Device profile of the bench table.")] = None,  # noqa: UP045
+    html: Annotated[bool, typer.Option("--html", help="Write the whole run as one HTML file instead (no network needed to view it).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Where --html writes (default: RUN/report.html); implies --html.")] = None,  # noqa: UP045
 ) -> None:
-    """Print a run's summary and, when it was benchmarked, its bench table (side by side with --compare)."""
+    """Print a run's summary and, when it was benchmarked, its bench table (side by side with --compare).
+    With --html, write a single-file HTML report instead and print its path."""
     from edgekd.report import print_summary
     from edgekd.runfolder import RunFolder
 
     if not (run_dir / "manifest.json").is_file():
         raise EdgeKDError(f"{run_dir} has no manifest.json: it is not a run folder (runs/<name>/).")
+    if html or out is not None:
+        from edgekd.report_html import write_html
+
+        sys.stdout.write(f"{write_html(RunFolder(run_dir), out)}\n")
+        return
     print_summary(RunFolder(run_dir))
     if (run_dir / "bench").is_dir():
         from edgekd.devices.tables import report as bench_report

@@ -64,6 +64,7 @@ def prepare_run(ctx: RunContext) -> None:
         name=ctx.recipe.name,
         edgekd_version=__version__,
         task=ctx.recipe.task,
+        primary_metric=ctx.task.primary_metric,
         environment=environment(),
         data=ctx.data_summary,
         labels=ctx.task.label_names,
