@@ -40,6 +40,17 @@ def stage_table(task: str) -> dict[str, tuple[StageFn, Callable[[RunContext], st
     return STAGES
 
 
+def create_context(recipe: Recipe) -> RunContext:
+    """The run context of ``recipe``'s task family (built once per command)."""
+    return RunContext.create(recipe)
+
+
+def fingerprint_of(ctx: RunContext, name: str) -> str:
+    """The settings fingerprint of stage ``name`` for the context's recipe: what the run folder
+    compares to decide whether the stage's recorded result is still valid."""
+    return stage_table(ctx.recipe.task)[name][1](ctx)
+
+
 def planned_stages(recipe: Recipe) -> list[str]:
     stages = ["teacher", "distill"]
     if recipe.baseline.enabled:
@@ -80,7 +91,7 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     stage succeeded. A failed command leaves it as it was, except that a run folder that has none
     yet gets one as soon as a stage finished, so the folder always names its recipe.
     """
-    ctx = RunContext.create(recipe)
+    ctx = create_context(recipe)
     table = stage_table(recipe.task)
     if ctx.is_main:
         prepare_run(ctx)
