@@ -44,7 +44,7 @@ def bert_export(tmp_path_factory) -> Path:
 
     from edgekd.export import get_exporter
     from edgekd.export import onnx as _onnx  # noqa: F401  (registers the target)
-    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport
+    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport
     from edgekd.testing import tiny_bert
 
     src = tiny_bert(tmp_path_factory.mktemp("q-bert"), num_layers=2, num_labels=2)

@@ -51,6 +51,13 @@ _METHODS: dict[str, Callable[..., OnnxMethod]] = {}
 
 
 def register(name: str):
+    """Register an ONNX quantization method under ``name``, which edgekd.registry.QUANTIZE_METHODS
+    must list (the recipe validates quantize.method against that table)."""
+    from edgekd.registry import QUANTIZE_METHODS
+
+    if name not in QUANTIZE_METHODS:
+        raise ValueError(f"quantization method '{name}' is not in edgekd.registry.QUANTIZE_METHODS: add it there")
+
     def deco(cls):
         _METHODS[name] = cls
         return cls
