@@ -101,6 +101,13 @@ def registered_methods() -> dict[str, type]:
 
 
 def get_method(name: str) -> type:
+    """The method registered as ``name``; its module (edgekd.registry.PRUNE_METHODS) is imported first."""
+    import importlib
+
+    from edgekd.registry import PRUNE_METHODS
+
+    if name in PRUNE_METHODS:
+        importlib.import_module(PRUNE_METHODS[name])
     if name not in _METHODS:
         raise RecipeError([f"prune.method: unknown method '{name}'; known: {', '.join(sorted(_METHODS))}"])
     return _METHODS[name]
