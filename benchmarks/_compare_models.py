@@ -80,7 +80,7 @@ def _preload_torch_model_code(path: str) -> list[str]:
 def _torch_model(path: str, quantize: bool, compile_: bool = False) -> tuple[Any, dict[str, Any]]:
     from edgekd.devices.torch_runner import TorchRunner
     from edgekd.pruning import load_pruned_model
-    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport
+    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport
 
     model = load_pruned_model(path).eval()
     info: dict[str, Any] = {}

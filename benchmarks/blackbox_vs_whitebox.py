@@ -388,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"teacher served at {served.url} ({folder})", flush=True)
         aug_path = None
         if any(n == "blackbox-augmented" for n, _ in specs):
-            from edgekd.context import RunContext
+            from edgekd.pipeline import create_context
 
-            aug_path = augmented_file(RunContext.create(recipe).splits.texts("train"), args.augment_copies, out)
+            aug_path = augmented_file(create_context(recipe).splits.texts("train"), args.augment_copies, out)
         for seed in seeds:
             for name, epochs in specs:
                 label = label_of(name, epochs)

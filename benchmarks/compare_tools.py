@@ -180,7 +180,7 @@ def _assemble(specs: list, skipped: list, timing: dict[str, Any], outputs: dict 
 def _ood(recipe: Any, ctx: Any, tokenizer: Any, name: str | None) -> tuple[Any, Any, str]:
     """(OodSet, TokenizedSplit, how chosen) of the out-of-domain set, or (None, None, why none)."""
     from edgekd.ood import OOD_LABELS, label_map, load_ood
-    from edgekd.tasks.text import TokenizedSplit
+    from edgekd.tasks.text.task import TokenizedSplit
 
     if name is None:
         name = recipe.eval.ood_dataset
@@ -201,8 +201,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
             seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
             torchao: str = "compile") -> dict[str, Any]:
     """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data."""
-    from edgekd.context import RunContext
     from edgekd.devices.measure import concat_padded
+    from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
     from edgekd.runfolder import atomic_write_bytes, atomic_write_text
 
@@ -219,7 +219,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     student = students["student"]
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
 
-    ctx = RunContext.create(recipe)
+    ctx = create_context(recipe)
     tok = ctx.task.load_tokenizer(student)
     test = ctx.tokenized("test", tok)
     n = len(test)

@@ -31,19 +31,20 @@ def trim_variant(run: Path, spec: str) -> dict:
     import numpy as np
 
     from edgekd.cli import load_recipe_or_run
-    from edgekd.compress import _trim_vocab
-    from edgekd.context import RunContext
     from edgekd.export import get_exporter
     from edgekd.export.parity import run_batched
+    from edgekd.pipeline import create_context
     from edgekd.quantization.onnx_methods import make_method
+    from edgekd.stages.base import load_stage_model
+    from edgekd.tasks.text.prune import _trim_vocab
 
     spec, _, stage = spec.partition("@")
     parts = spec.split(":")
     min_count = int(parts[1]) if len(parts) > 1 else 1
     chars = len(parts) > 2 and parts[2] == "chars"
     recipe = load_recipe_or_run(str(run), [f"prune.vocab_min_count={min_count}", f"prune.vocab_keep_chars={chars}"])
-    ctx = RunContext.create(recipe)
-    model = ctx.load_stage_model(stage or "prune").eval()
+    ctx = create_context(recipe)
+    model = load_stage_model(ctx, stage or "prune").eval()
     t0 = time.perf_counter()
     model, tok, info = _trim_vocab(ctx, model, ctx.tokenized("train", ctx.tokenizer))
     seconds = time.perf_counter() - t0
@@ -78,10 +79,10 @@ def vocab_stats(run_or_recipe: str) -> None:
     import numpy as np
 
     from edgekd.cli import load_recipe_or_run
-    from edgekd.context import RunContext
+    from edgekd.pipeline import create_context
     from edgekd.pruning.vocab import domain_token_ids
 
-    ctx = RunContext.create(load_recipe_or_run(run_or_recipe, None))
+    ctx = create_context(load_recipe_or_run(run_or_recipe, None))
     tok = ctx.tokenizer
     train = ctx.tokenized("train", tok)
     from transformers import AutoConfig

@@ -69,15 +69,15 @@ def main() -> None:
     import onnx
 
     from edgekd.cli import load_recipe_or_run
-    from edgekd.context import RunContext
     from edgekd.export.onnx import fuse_file
+    from edgekd.pipeline import create_context
     from edgekd.quantization.calibration import real_length_rows
     from edgekd.quantization.guard import Evaluator, time_side_by_side
     from edgekd.quantization.onnx_methods import make_method
     from edgekd.quantization.onnx_stage import _graph_inputs, prepare
     from edgekd.recipe import QuantizeConfig
 
-    ctx = RunContext.create(load_recipe_or_run(str(args.run), None))
+    ctx = create_context(load_recipe_or_run(str(args.run), None))
     src = args.model or args.run / "export" / "onnx" / "model.onnx"
     val_x, val_y = ctx.validation_data()
     test_x, test_y = ctx.parity_data()

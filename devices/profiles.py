@@ -21,10 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgekd.devices import remote_runner
 from edgekd.errors import EdgeKDError
+from edgekd.export import registered
 
-# The export targets and runtimes a profile may name; kept here, not read from the exporter
-# registry, so a profile validates even where an exporter's dependency is not installed.
-TARGETS = ("onnx", "tensorrt", "coreml", "executorch", "torchscript-lite")
+# The export targets a profile may name are the exporter registry's (importing it imports no
+# backend, so a profile validates where an exporter's dependency is not installed); the runtimes
+# are listed here.
+TARGETS = tuple(registered())
 RUNTIMES = ("onnxruntime", "tensorrt", "executorch", "coreml", "pytorch")
 
 

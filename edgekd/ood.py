@@ -109,7 +109,7 @@ def ood_split(ctx, tokenizer=None):
     cfg = ctx.recipe.eval
     if not cfg.ood_dataset:
         return None
-    from edgekd.tasks.text import TokenizedSplit
+    from edgekd.tasks.text.task import TokenizedSplit
 
     tok = tokenizer or ctx.tokenizer
     ood = load_ood(cfg.ood_dataset, ctx.task.label_names, cfg.ood_min_abs_score)

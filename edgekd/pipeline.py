@@ -3,57 +3,59 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
 
 from edgekd import __version__
-from edgekd.compress import prune_fingerprint, quantize_fingerprint, run_prune, run_quantize
 from edgekd.context import RunContext
-from edgekd.deploy import bench_fingerprint, export_fingerprint, run_bench, run_export
-from edgekd.distill import run_student_stage, stage_fingerprint
-from edgekd.evaluate import eval_fingerprint, run_eval
+from edgekd.errors import StageError
 from edgekd.recipe import Recipe
 from edgekd.runfolder import atomic_write_text, environment
-from edgekd.teacher import run_teacher, teacher_fingerprint
+from edgekd.stages.base import Stage
+from edgekd.stages.bench import bench_fingerprint, run_bench
+from edgekd.stages.export import export_fingerprint, run_export
+from edgekd.stages.quantize import quantize_fingerprint, run_quantize
+from edgekd.tasks import get_family
 
-StageFn = Callable[[RunContext], dict[str, Any]]
-
-# name -> (run, fingerprint). A fingerprint covers the stage's settings and its inputs' fingerprints.
-STAGES: dict[str, tuple[StageFn, Callable[[RunContext], str]]] = {
-    "teacher": (run_teacher, teacher_fingerprint),
-    "distill": (lambda c: run_student_stage(c, "distill"), lambda c: stage_fingerprint(c, "distill")),
-    "baseline": (lambda c: run_student_stage(c, "baseline"), lambda c: stage_fingerprint(c, "baseline")),
-    "eval": (run_eval, eval_fingerprint),
-    "prune": (run_prune, prune_fingerprint),
-    "export": (run_export, export_fingerprint),
-    "quantize": (run_quantize, quantize_fingerprint),
-    "bench": (run_bench, bench_fingerprint),
+# The stage table: every stage by name, in the one order they run. A task family supplies the
+# stages of TASK_STAGES (edgekd/tasks/<family>/family.py); the shared ones are SHARED_STAGES.
+TASK_STAGES = ("teacher", "distill", "baseline", "eval", "prune")
+SHARED_STAGES = {
+    "export": Stage("export", run_export, export_fingerprint, enabled=lambda r: bool(r.export.targets)),
+    "quantize": Stage("quantize", run_quantize, quantize_fingerprint, enabled=lambda r: r.quantize.enabled),
+    "bench": Stage("bench", run_bench, bench_fingerprint, enabled=lambda r: r.bench.enabled),
 }
+STAGE_ORDER = (*TASK_STAGES, *SHARED_STAGES)
 
 
-def stage_table(task: str) -> dict[str, tuple[StageFn, Callable[[RunContext], str]]]:
-    """The stage functions of a task family: the same names, in the same order, for every task."""
-    if task == "detection":
-        from edgekd.tasks.detection.stages import STAGES as DETECTION_STAGES
+def stage_table(task: str) -> dict[str, Stage]:
+    """The stages of a task family in run order: its own, then the shared ones. A family must give
+    every stage of TASK_STAGES or name it in its ``skipped`` (with the reason), and nothing else."""
+    family = get_family(task)
+    own = family.stages()
+    missing = [n for n in TASK_STAGES if n not in own and n not in family.skipped]
+    unknown = [n for n in own if n not in TASK_STAGES]
+    if missing or unknown:
+        raise StageError(f"task family '{task}' " + "; ".join(
+            ([f"lacks stage(s) {', '.join(missing)} (give them, or name them in its skipped)"] if missing else [])
+            + ([f"gives stage(s) {', '.join(unknown)} that edgekd.pipeline.TASK_STAGES does not list"]
+               if unknown else [])))
+    table = {**own, **SHARED_STAGES}
+    return {name: table[name] for name in STAGE_ORDER if name in table}
 
-        return DETECTION_STAGES
-    return STAGES
+
+def create_context(recipe: Recipe) -> RunContext:
+    """The run context of ``recipe``'s task family (built once per command)."""
+    return get_family(recipe.task).create_context(recipe)
+
+
+def fingerprint_of(ctx: RunContext, name: str) -> str:
+    """The settings fingerprint of stage ``name`` for the context's recipe: what the run folder
+    compares to decide whether the stage's recorded result is still valid."""
+    return stage_table(ctx.recipe.task)[name].fingerprint(ctx)
 
 
 def planned_stages(recipe: Recipe) -> list[str]:
-    stages = ["teacher", "distill"]
-    if recipe.baseline.enabled:
-        stages.append("baseline")
-    stages.append("eval")
-    if recipe.prune.enabled:
-        stages.append("prune")
-    if recipe.export.targets:
-        stages.append("export")
-    if recipe.quantize.enabled:
-        stages.append("quantize")
-    if recipe.bench.enabled:
-        stages.append("bench")
-    return [s for s in stages if s in stage_table(recipe.task)]
+    """What ``edgekd run`` runs for ``recipe``: every stage of its table the recipe enables, in order."""
+    return [name for name, stage in stage_table(recipe.task).items() if stage.enabled(recipe)]
 
 
 def prepare_run(ctx: RunContext) -> None:
@@ -80,22 +82,25 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     stage succeeded. A failed command leaves it as it was, except that a run folder that has none
     yet gets one as soon as a stage finished, so the folder always names its recipe.
     """
-    ctx = RunContext.create(recipe)
+    ctx = create_context(recipe)
     table = stage_table(recipe.task)
     if ctx.is_main:
         prepare_run(ctx)
     ctx.sync()
     todo = stages or planned_stages(recipe)
+    unknown = [name for name in todo if name not in table]
+    if unknown:
+        raise StageError(f"task '{recipe.task}' has no stage(s) {', '.join(unknown)}; its stages: {', '.join(table)}.")
     t0 = time.perf_counter()
     finished = False
     try:
         for name in todo:
-            fn, fp_fn = table[name]
-            if not force and ctx.run.is_done(name, fp_fn(ctx)):
+            stage = table[name]
+            if not force and ctx.run.is_done(name, stage.fingerprint(ctx)):
                 ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
                 continue
             s0 = time.perf_counter()
-            fn(ctx)
+            stage.run(ctx)
             finished = True
             ctx.say(f"[green]{name}[/]: done in {time.perf_counter() - s0:.1f} s")
         if ctx.is_main and save_recipe is not None:

@@ -10,14 +10,21 @@ import difflib
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekd.errors import RecipeError
+from edgekd.registry import PRUNE_METHODS, QUANTIZE_METHODS, TASKS, check_name
 
 BUILTIN_RECIPES = ("default", "detect-default", "base")
+
+
+# Names of pluggable parts, checked against their registries (edgekd.registry) when a recipe loads.
+TaskName = Annotated[str, AfterValidator(lambda v: check_name("task", v, TASKS))]
+PruneMethodName = Annotated[str, AfterValidator(lambda v: check_name("pruning method", v, PRUNE_METHODS))]
+QuantizeMethodName = Annotated[str, AfterValidator(lambda v: check_name("quantization method", v, QUANTIZE_METHODS))]
 
 
 class Section(BaseModel):
@@ -303,7 +310,7 @@ class PruneConfig(Section):
     """
 
     enabled: bool = Field(False, description="Run the prune stage.")
-    method: Literal["heads-ffn", "channels", "unstructured"] = Field(
+    method: PruneMethodName = Field(
         "heads-ffn",
         description="heads-ffn: remove attention heads and FFN neurons of a transformer encoder (physically "
         "smaller and faster); channels: remove conv/linear channels of a CNN through torch-pruning's "
@@ -452,7 +459,7 @@ class PruneConfig(Section):
 class QuantizeCandidate(Section):
     """One quantization setup the guard tries; unset keys take the quantize section's value."""
 
-    method: Literal["dynamic", "static", "fp16"] | None = Field(None, description="As quantize.method.")
+    method: QuantizeMethodName | None = Field(None, description="As quantize.method.")
     fuse: Literal["none", "attention", "multihead"] | None = Field(None, description="As quantize.fuse.")
     per_channel: bool | None = Field(None, description="As quantize.per_channel.")
     reduce_range: bool | None = Field(None, description="As quantize.reduce_range.")
@@ -474,7 +481,7 @@ class QuantizeConfig(Section):
     """
 
     enabled: bool = Field(False, description="Run the quantize stage.")
-    method: Literal["dynamic", "static", "fp16"] = Field(
+    method: QuantizeMethodName = Field(
         "dynamic",
         description="ONNX: dynamic (int8 weights, activations quantized at run time; no calibration), "
         "static (int8 QDQ weights and activations, calibrated on real samples), fp16 (half-precision "
@@ -690,7 +697,7 @@ class DetectionConfig(Section):
 
 class Recipe(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/.")
-    task: Literal["text-classification", "detection"] = Field(
+    task: TaskName = Field(
         "text-classification",
         description="text-classification (BERT-family teachers) or detection (YOLO-style detectors; see the "
         "detection section).",

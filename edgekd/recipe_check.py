@@ -1,81 +1,15 @@
 """What a recipe names outside itself, checked before any stage runs.
 
 ``load_recipe`` checks the recipe's own shape (keys, types, ranges). This checks what it points at:
-local data files exist, hold the named text and label columns and readable labels; the device
-profile resolves (a shipped name or a YAML file); a local teacher export exists. Every problem is
-reported at once, each naming its recipe key, so a typo fails in a second instead of after training.
+the task family's inputs (data files and their columns, local teacher exports; see each family's
+``check_inputs``) and the device profile (a shipped name or a YAML file). Every problem is reported
+at once, each naming its recipe key, so a typo fails in a second instead of after training.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from edgekd.errors import EdgeKDError
 from edgekd.recipe import Recipe
-
-
-def _columns(path: Path) -> list[str]:
-    """Column names of a local table (header row or object keys), read the way the loader reads them."""
-    from edgekd.data import FILE_FORMATS, _read_json, _read_table
-
-    fmt = FILE_FORMATS[path.suffix.lower()]
-    if fmt in ("csv", "tsv"):
-        return _read_table(path, "," if fmt == "csv" else "\t")[0]
-    return _read_json(path, jsonl=fmt == "jsonl")[0]
-
-
-def _check_text_data(recipe: Recipe) -> list[str]:
-    from edgekd import assets
-    from edgekd.data import FILE_FORMATS, _looks_like_path, load_file
-
-    d = recipe.data
-    if assets.is_named_asset(d.dataset):
-        return []
-    path = Path(d.dataset).expanduser()
-    if path.is_dir():
-        return [f"data.dataset: {path} is a folder; give a {', '.join(FILE_FORMATS)} file, a named dataset or a hub id"]
-    if not path.is_file():
-        # A name that does not look like a path is a Hugging Face id: checked when it is downloaded.
-        return [f"data.dataset: the file {path} does not exist"] if _looks_like_path(d.dataset) else []
-    if path.suffix.lower() not in FILE_FORMATS:
-        return [f"data.dataset: {path} has an unsupported type '{path.suffix}' (supported: {', '.join(FILE_FORMATS)})"]
-    try:
-        columns = _columns(path)
-    except (EdgeKDError, UnicodeDecodeError, ValueError) as e:
-        return [f"data.dataset: {path} cannot be read: {e}"]
-    problems = [
-        f"{key}: {path} has no column '{col}' (columns: {', '.join(map(str, columns)) or 'none'})"
-        for key, col in (("data.text_column", d.text_column), ("data.label_column", d.label_column))
-        if col not in columns
-    ]
-    if problems:
-        return problems
-    try:  # the loader's own validation: empty texts, unreadable or missing labels, too few classes
-        load_file(path, d.text_column, d.label_column)
-    except EdgeKDError as e:
-        return [f"data.dataset / data.label_column: {e}"]
-    return []
-
-
-def _check_unlabelled(recipe: Recipe) -> list[str]:
-    from edgekd import assets
-    from edgekd.data import FILE_FORMATS
-
-    u = recipe.teacher.unlabelled
-    if not u.dataset or assets.is_named_asset(u.dataset):
-        return []
-    path = Path(u.dataset).expanduser()
-    if not path.is_file():
-        return [f"teacher.unlabelled.dataset: the file {path} does not exist"]
-    if path.suffix.lower() in FILE_FORMATS:
-        try:
-            columns = _columns(path)
-        except (EdgeKDError, UnicodeDecodeError, ValueError) as e:
-            return [f"teacher.unlabelled.dataset: {path} cannot be read: {e}"]
-        if u.text_column not in columns:
-            return [f"teacher.unlabelled.text_column: {path} has no column '{u.text_column}' "
-                    f"(columns: {', '.join(map(str, columns)) or 'none'})"]
-    return []
+from edgekd.tasks import get_family
 
 
 def _check_profile(recipe: Recipe) -> list[str]:
@@ -88,21 +22,6 @@ def _check_profile(recipe: Recipe) -> list[str]:
     return []
 
 
-def _check_teacher_paths(recipe: Recipe) -> list[str]:
-    named = [("teacher.path", recipe.teacher)]
-    named += [(f"teacher.ensemble[{i}].path", m) for i, m in enumerate(recipe.teacher.ensemble)]
-    return [f"{key}: {m.path} does not exist" for key, m in named
-            if m.kind == "onnx" and m.path and not Path(m.path).expanduser().exists()]
-
-
 def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with what ``recipe`` points at, each starting with its recipe key; [] when none."""
-    problems: list[str] = []
-    if recipe.task != "detection":  # detection data is a YOLO data.yaml or the generated set
-        problems += _check_text_data(recipe)
-        problems += _check_unlabelled(recipe)
-        problems += _check_teacher_paths(recipe)
-    elif recipe.data.dataset.endswith((".yaml", ".yml")) and not Path(recipe.data.dataset).expanduser().is_file():
-        problems.append(f"data.dataset: the file {recipe.data.dataset} does not exist")
-    problems += _check_profile(recipe)
-    return problems
+    return get_family(recipe.task).check_inputs(recipe) + _check_profile(recipe)

@@ -24,7 +24,13 @@ from torch import nn
 from edgekd.progress import progress_bar
 from edgekd.recipe import TrainConfig
 from edgekd.runfolder import atomic_write_text
-from edgekd.tasks.text import TokenizedSplit, to_torch
+from edgekd.tasks.base import Split
+
+
+def to_torch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A numpy batch (a split's ``collate``) as tensors on ``device``."""
+    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -147,7 +153,7 @@ def _latest_checkpoint(ckpt_root: Path) -> tuple[int, Path] | None:
 
 def train(
     model: nn.Module,
-    data: TokenizedSplit,
+    data: Split,
     cfg: TrainConfig,
     loss_fn: LossFn,
     *,
@@ -271,7 +277,7 @@ def _save_checkpoint(accelerator, root: Path, epoch: int, history: list[dict[str
 @torch.inference_mode()
 def predict(
     model: nn.Module,
-    data: TokenizedSplit,
+    data: Split,
     batch_size: int,
     description: str,
     precision: str = "fp32",

@@ -93,6 +93,9 @@ class Exporter(ABC):
     needs_gpu: ClassVar[bool] = False
     # Options this target accepts in the recipe's export section (name -> description).
     options: ClassVar[dict[str, str]] = {}
+    # Compressed variants the quantize stage writes beside the artifact: quantize method or mode ->
+    # the suffix of its folder (export/<name>-<suffix>), a str.format template over the quantize section.
+    quantized: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def available(cls) -> tuple[bool, str | None]:
@@ -148,6 +151,16 @@ def register(cls: type[Exporter]) -> type[Exporter]:
 
 def registered() -> dict[str, type[Exporter]]:
     return dict(_REGISTRY)
+
+
+def quantized_folder(target: str, method: str, **settings: Any) -> str:
+    """The export folder name of ``target`` compressed by ``method`` (e.g. onnx + static ->
+    onnx-int8-static; coreml + palettize, palette_bits=4 -> coreml-palettize4)."""
+    cls = _REGISTRY.get(target)
+    if cls is None or method not in cls.quantized:
+        known = ", ".join(f"{t}: {', '.join(c.quantized)}" for t, c in sorted(_REGISTRY.items()) if c.quantized)
+        raise UnsupportedTargetError(f"export target '{target}' has no quantized variant '{method}' (known: {known}).")
+    return f"{target}-{cls.quantized[method].format(**settings)}"
 
 
 def get_exporter(name: str) -> Exporter:

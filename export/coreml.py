@@ -70,6 +70,7 @@ def _forget_stale_symbols() -> None:
 class CoreMLExporter(Exporter):
     name = "coreml"
     suffix = ".mlpackage"
+    quantized = {"linear8": "linear8", "palettize": "palettize{palette_bits}"}  # quantize.coreml_mode
     requires = ("torch", "coremltools")
     extra = "coreml"
     options = {

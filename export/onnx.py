@@ -57,6 +57,7 @@ _ADVICE = (
 class OnnxExporter(Exporter):
     name = "onnx"
     suffix = ".onnx"
+    quantized = {"dynamic": "int8", "static": "int8-static", "fp16": "fp16"}  # quantize.method
     requires = ("torch", "onnx", "onnxscript", "onnxruntime")
     extra = "onnx"
     options = {

@@ -341,7 +341,7 @@ def test_pipeline_with_an_edgekd_server_as_the_teacher(tmp_path, edgekd_server, 
     from typer.testing import CliRunner
 
     from edgekd.cli import app
-    from edgekd.context import RunContext
+    from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
     from edgekd.testing import sentiment_rows
 
@@ -358,7 +358,7 @@ def test_pipeline_with_an_edgekd_server_as_the_teacher(tmp_path, edgekd_server, 
     run = tmp_path / "runs" / "bb"
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert set(stages) == {"teacher", "distill", "baseline", "eval"}
-    ctx = RunContext.create(load_recipe(path))
+    ctx = create_context(load_recipe(path))
     t = stages["teacher"]["metrics"]
     member = t["teachers"][0]
     n_rows = len(ctx.splits.train) + t["unlabelled"]["texts"]

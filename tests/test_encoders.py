@@ -159,7 +159,7 @@ def test_taylor_scores_run_for_the_family(family):
 @pytest.mark.parametrize("family", ["bert", "deberta-v3", "modernbert"])
 def test_attention_matching_puts_back_the_attention_the_model_had(family):
     """After attention matching each model runs the attention it had (never one forced on it)."""
-    from edgekd.distill import _use_attention
+    from edgekd.tasks.text.distill import _use_attention
 
     model = classifier(family, layers=1)
     before = model.config._attn_implementation

@@ -52,7 +52,7 @@ def text_inputs(tmp_path, n=24, length=16):
 def test_pruned_family_exports_with_parity_and_serves(family, tmp_path):
     from edgekd.export.stage import export_all, load_artifact
     from edgekd.recipe import ExportConfig
-    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport, classification_metrics
+    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport, classification_metrics
 
     module = SequenceClassifierExport(pruned_student(family, tmp_path))
     inputs, labels, tok_files = text_inputs(tmp_path)

@@ -85,7 +85,7 @@ def test_ood_inputs_tokenised_like_the_test_split(tmp_path, monkeypatch):
     from transformers import BertTokenizerFast
 
     from edgekd.recipe import EvalConfig
-    from edgekd.tasks.text import TextClassificationTask
+    from edgekd.tasks.text.task import TextClassificationTask
     from edgekd.testing import tiny_bert
 
     monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))

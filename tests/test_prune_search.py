@@ -127,7 +127,7 @@ def test_search_recipe_checks():
 
 
 def test_the_fingerprinted_settings_of_an_old_recipe_do_not_change():
-    from edgekd.compress import prune_settings
+    from edgekd.stages.prune_common import prune_settings
 
     d = prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_epochs=2))
     assert d["steps"] == 1 and not {"trim_vocab", "max_accuracy_drop", "recover_hidden_weight"} & set(d)

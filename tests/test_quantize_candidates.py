@@ -140,9 +140,9 @@ class _Split:
 def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, monkeypatch):
     """run_quantize through a context whose splits hold different token ids: the calibrator gets
     train rows (recipe default), validation when asked, and test never."""
-    from edgekd import compress
-    from edgekd.context import RunContext
     from edgekd.quantization import onnx_methods
+    from edgekd.stages import quantize
+    from edgekd.tasks.text.context import TextRunContext
 
     fed: list[np.ndarray] = []
     real = onnx_methods.make_reader
@@ -152,7 +152,7 @@ def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, mon
         return real(inputs, samples, names, dtypes)
 
     monkeypatch.setattr(onnx_methods, "make_reader", spy)
-    monkeypatch.setattr(compress, "quantize_fingerprint", lambda ctx: "fp")
+    monkeypatch.setattr(quantize, "quantize_fingerprint", lambda ctx: "fp")
     splits = {"train": _Split(5), "validation": _Split(20), "test": _Split(35)}
     read: list[str] = []
     export_root = bert_export.parent
@@ -173,13 +173,13 @@ def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, mon
                                   if k != "labels"}, np.zeros(8, np.int64)),
             run=types.SimpleNamespace(stage_dir=stage_dir, record=lambda *a, **k: None),
         )
-        ctx.calibration_data = types.MethodType(RunContext.calibration_data, ctx)
-        compress.run_quantize(ctx)
+        ctx.calibration_data = types.MethodType(TextRunContext.calibration_data, ctx)
+        quantize.run_quantize(ctx)
         assert read == [split] and fed[-1].shape == (10, 12)
         assert np.array_equal(fed[-1], splits[split].collate(np.arange(10))["input_ids"])
         read.clear()
     with pytest.raises(StageError, match="not 'test'"):
-        RunContext.calibration_data(ctx, "test", 4)
+        TextRunContext.calibration_data(ctx, "test", 4)
 
 
 # --- fused graphs ------------------------------------------------------------------------------

@@ -141,9 +141,9 @@ def test_the_documented_recipe_examples_are_valid():
 def test_default_recipe_fingerprints_do_not_change_with_the_new_keys(tmp_path):
     """Runs recorded before black-box teachers existed stay valid: the teacher and distill fingerprints of
     a recipe that uses none of the new keys are computed from the same settings as before."""
-    from edgekd.distill import stage_fingerprint
     from edgekd.runfolder import fingerprint
-    from edgekd.teacher import teacher_fingerprint
+    from edgekd.tasks.text.distill import stage_fingerprint
+    from edgekd.tasks.text.teacher import teacher_fingerprint
 
     class Ctx:
         recipe = parse_recipe({"output_dir": str(tmp_path)})

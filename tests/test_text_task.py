@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edgekd.errors import RecipeError
-from edgekd.tasks.text import TextClassificationTask, TokenizedSplit
+from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit
 
 
 def test_fresh_head_for_a_bare_model_and_kept_head_for_a_classifier(tiny_teacher_dir, tiny_classifier_dir):

@@ -9,7 +9,7 @@ import torch
 
 from edgekd.losses import soft_hard_loss
 from edgekd.recipe import TrainConfig
-from edgekd.tasks.text import TextClassificationTask, TokenizedSplit
+from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit
 from edgekd.testing import sentiment_rows
 from edgekd.train import predict, train
 

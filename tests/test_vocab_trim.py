@@ -51,7 +51,7 @@ def test_logits_of_kept_token_texts_equal_the_untrimmed_model(tiny_classifier_di
         got = trimmed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     # The original-id wrapper (bench rows of unpruned models) agrees too.
-    from edgekd.tasks.text import SequenceClassifierExport
+    from edgekd.tasks.text.task import SequenceClassifierExport
 
     table = original_ids(new_tok, tok)
     assert torch.equal(table[b["input_ids"]], a["input_ids"])

@@ -81,6 +81,13 @@ _METHODS: dict[str, type] = {}
 
 
 def register(name: str) -> Callable[[type], type]:
+    """Register a pruning method under ``name``, which edgekd.registry.PRUNE_METHODS must list (the
+    recipe validates prune.method against that table)."""
+    from edgekd.registry import PRUNE_METHODS
+
+    if name not in PRUNE_METHODS:
+        raise ValueError(f"pruning method '{name}' is not in edgekd.registry.PRUNE_METHODS: add it there")
+
     def deco(cls: type) -> type:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"pruning method '{name}' registered twice")
@@ -94,6 +101,13 @@ def registered_methods() -> dict[str, type]:
 
 
 def get_method(name: str) -> type:
+    """The method registered as ``name``; its module (edgekd.registry.PRUNE_METHODS) is imported first."""
+    import importlib
+
+    from edgekd.registry import PRUNE_METHODS
+
+    if name in PRUNE_METHODS:
+        importlib.import_module(PRUNE_METHODS[name])
     if name not in _METHODS:
         raise RecipeError([f"prune.method: unknown method '{name}'; known: {', '.join(sorted(_METHODS))}"])
     return _METHODS[name]

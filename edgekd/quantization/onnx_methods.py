@@ -51,6 +51,13 @@ _METHODS: dict[str, Callable[..., OnnxMethod]] = {}
 
 
 def register(name: str):
+    """Register an ONNX quantization method under ``name``, which edgekd.registry.QUANTIZE_METHODS
+    must list (the recipe validates quantize.method against that table)."""
+    from edgekd.registry import QUANTIZE_METHODS
+
+    if name not in QUANTIZE_METHODS:
+        raise ValueError(f"quantization method '{name}' is not in edgekd.registry.QUANTIZE_METHODS: add it there")
+
     def deco(cls):
         _METHODS[name] = cls
         return cls
@@ -63,6 +70,13 @@ def registered_methods() -> dict[str, Callable[..., OnnxMethod]]:
 
 def make_method(cfg: QuantizeConfig, calib_inputs: Mapping[str, np.ndarray] | None, input_names: list[str],
                 dtypes: Mapping[str, np.dtype], workdir: Path, external_data: bool) -> OnnxMethod:
+    """The method ``cfg.method`` set up for one model; its module (edgekd.registry.QUANTIZE_METHODS)
+    is imported first."""
+    import importlib
+
+    from edgekd.registry import QUANTIZE_METHODS
+
+    importlib.import_module(QUANTIZE_METHODS[cfg.method])
     return _METHODS[cfg.method](cfg, calib_inputs, input_names, dtypes, workdir, external_data)
 
 

@@ -23,7 +23,7 @@ def export_classifier(model_dir: str | Path, out_root: str | Path, texts: list[s
 
     from edgekd.export.stage import export_all
     from edgekd.recipe import ExportConfig
-    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport, classification_metrics
+    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport, classification_metrics
 
     model_dir = Path(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
@@ -60,8 +60,8 @@ def export_run_teacher(recipe: Any, out_root: str | Path | None = None, examples
     """Export the fine-tuned teacher of ``recipe``'s run (``runs/<name>/teacher/model``) to
     ``out_root/onnx/`` (default ``runs/<name>/served-teacher/onnx``), its parity checked on the first
     ``examples`` texts of the test split. Returns the export record (``folder``, ``parity``)."""
-    from edgekd.context import RunContext
-    from edgekd.teacher import STAGE, teacher_fingerprint
+    from edgekd.pipeline import create_context
+    from edgekd.tasks.text.teacher import STAGE, teacher_fingerprint
 
     if recipe.task != "text-classification":
         raise StageError(f"export-teacher exports text classifiers; run '{recipe.name}' is a {recipe.task} run: "
@@ -69,7 +69,7 @@ def export_run_teacher(recipe: Any, out_root: str | Path | None = None, examples
     if recipe.teacher.kind != "model":
         raise StageError(f"run '{recipe.name}' has a black-box teacher (teacher.kind: {recipe.teacher.kind}): "
                          "there are no weights here to export; serve or call the endpoint the recipe names.")
-    ctx = RunContext.create(recipe)
+    ctx = create_context(recipe)
     model_dir = ctx.model_dir(STAGE)
     if not ctx.run.is_done(STAGE, teacher_fingerprint(ctx)) or not (model_dir / "config.json").is_file():
         raise StageError(f"run '{recipe.name}' has no finished teacher stage matching its recipe in {ctx.run.root}: "

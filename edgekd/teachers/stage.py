@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from edgekd.context import RunContext
-    from edgekd.tasks.text import TokenizedSplit
+    from edgekd.tasks.text.task import TokenizedSplit
 
 STAGE = "teacher"
 SPLIT_FILES = {"train": "train_logits.npy", "validation": "validation_logits.npy", "test": "test_logits.npy"}
@@ -69,7 +69,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _local_outputs(model: nn.Module, tokenizer, texts: dict[str, list[str]], ctx: RunContext,
                    where: str) -> np.ndarray:
     """Logits of a local model for every part, in PARTS order."""
-    from edgekd.tasks.text import TokenizedSplit
+    from edgekd.tasks.text.task import TokenizedSplit
     from edgekd.train import predict
 
     r = ctx.recipe
@@ -208,7 +208,7 @@ def load_targets(ctx: RunContext, logits: np.ndarray) -> TeacherTargets:
 
 def training_split(ctx: RunContext, tokenizer, targets: TeacherTargets) -> TokenizedSplit:
     """The training split plus the unlabelled texts (labelled with the teacher's top label)."""
-    from edgekd.tasks.text import TokenizedSplit
+    from edgekd.tasks.text.task import TokenizedSplit
 
     train = ctx.tokenized("train", tokenizer)
     if not targets.unlabelled_texts:

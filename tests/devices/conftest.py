@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     from edgekd.export.stage import export_all
     from edgekd.recipe import ExportConfig
     from edgekd.runfolder import sha256_file
-    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport, classification_metrics
+    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport, classification_metrics
     from edgekd.testing import sentiment_rows, tiny_bert
 
     root = tmp_path_factory.mktemp("devices")

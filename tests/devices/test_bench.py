@@ -15,7 +15,7 @@ from edgekd.devices.measure import reference_accuracies
 from edgekd.devices.tables import load_results, pareto_front, report
 from edgekd.errors import DataError, StageError
 from edgekd.recipe import BenchConfig
-from edgekd.tasks.text import classification_metrics
+from edgekd.tasks.text.task import classification_metrics
 
 FAST = dict(warmup=1, runs=5, batch_sizes=[1, 4])
 OOD_ROWS = 20

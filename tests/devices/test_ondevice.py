@@ -22,7 +22,7 @@ from edgekd.devices.ondevice import (
 )
 from edgekd.errors import StageError
 from edgekd.recipe import BenchConfig, ExportConfig
-from edgekd.tasks.text import classification_metrics
+from edgekd.tasks.text.task import classification_metrics
 
 RUNNER_LOG = """I 00:00:00.001 executor_runner.cpp:150] Model file model.pte is loaded.
 I 00:00:00.012 executor_runner.cpp:300] Model loaded in 11.500000 ms.
@@ -86,7 +86,7 @@ def test_parse_xcode_template():
 def phone_run(tiny_run, tmp_path_factory):
     """The tiny run plus ExecuTorch (and, where it converts, Core ML) folders from the export stage."""
     from edgekd.export.stage import export_all
-    from edgekd.tasks.text import TEXT_IO
+    from edgekd.tasks.text.task import TEXT_IO
 
     run = tmp_path_factory.mktemp("phone") / "phone-run"
     shutil.copytree(tiny_run.run_dir, run)

@@ -23,7 +23,7 @@ from edgekd.devices.bench import bench_run
 from edgekd.devices.profiles import load_profile
 from edgekd.devices.remote import SSH, RemoteError
 from edgekd.recipe import BenchConfig
-from edgekd.tasks.text import classification_metrics
+from edgekd.tasks.text.task import classification_metrics
 
 SSHD = "/usr/sbin/sshd"
 

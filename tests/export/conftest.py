@@ -11,7 +11,7 @@ from export_helpers import MAX_LENGTH, N_EXAMPLES
 def text_module(tiny_classifier_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from edgekd.tasks.text import SequenceClassifierExport
+    from edgekd.tasks.text.task import SequenceClassifierExport
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
     return SequenceClassifierExport(model).eval()

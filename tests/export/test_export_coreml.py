@@ -13,7 +13,7 @@ from edgekd.errors import ParityError, RecipeError, UnsupportedTargetError
 from edgekd.export import get_exporter
 from edgekd.export.coreml import fit_to_shapes, verify_spec
 from edgekd.export.parity import check_parity
-from edgekd.tasks.text import TEXT_IO, classification_metrics
+from edgekd.tasks.text.task import TEXT_IO, classification_metrics
 
 pytestmark = pytest.mark.slow
 

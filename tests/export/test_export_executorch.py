@@ -9,7 +9,7 @@ from export_helpers import MAX_LENGTH, TOLERANCE, eigh_inputs, eigh_io, eigh_mod
 from edgekd.errors import RecipeError, UnsupportedTargetError
 from edgekd.export import get_exporter
 from edgekd.export.parity import check_parity
-from edgekd.tasks.text import TEXT_IO, classification_metrics
+from edgekd.tasks.text.task import TEXT_IO, classification_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from export_helpers import MAX_LENGTH
 from edgekd.export.base import read_artifact_meta
 from edgekd.export.stage import export_all
 from edgekd.recipe import ExportConfig, QuantizeConfig
-from edgekd.tasks.text import TEXT_IO, classification_metrics
+from edgekd.tasks.text.task import TEXT_IO, classification_metrics
 
 LABELS = ["negative", "positive"]
 

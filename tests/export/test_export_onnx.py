@@ -9,7 +9,7 @@ from export_helpers import TOLERANCE, eigh_inputs, eigh_io, eigh_module, shorter
 from edgekd.errors import RecipeError, UnsupportedTargetError
 from edgekd.export import get_exporter
 from edgekd.export.parity import check_parity
-from edgekd.tasks.text import TEXT_IO, classification_metrics
+from edgekd.tasks.text.task import TEXT_IO, classification_metrics
 
 
 @pytest.fixture(scope="module")

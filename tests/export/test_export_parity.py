@@ -9,7 +9,7 @@ from export_helpers import TOLERANCE
 from edgekd.errors import ParityError
 from edgekd.export import get_exporter
 from edgekd.export.parity import check_parity
-from edgekd.tasks.text import TEXT_IO, classification_metrics
+from edgekd.tasks.text.task import TEXT_IO, classification_metrics
 
 
 class SourceRunner:

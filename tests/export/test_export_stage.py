@@ -22,7 +22,7 @@ from edgekd.errors import (
 from edgekd.export.stage import artifact_digest, export_all, load_artifact
 from edgekd.export.torchscript_lite import TorchScriptLiteExporter
 from edgekd.recipe import ExportConfig
-from edgekd.tasks.text import TEXT_IO, classification_metrics
+from edgekd.tasks.text.task import TEXT_IO, classification_metrics
 
 META = {"labels": ["negative", "positive"], "max_length": MAX_LENGTH, "source_model": "tiny-bert", "task": "text-classification"}
 FAST_TARGETS = ["onnx", "torchscript-lite", "tensorrt"]

@@ -14,7 +14,7 @@ from edgekd.errors import RecipeError, UnsupportedTargetError
 from edgekd.export import get_exporter
 from edgekd.export.parity import check_parity
 from edgekd.export.tensorrt import engine_buildable, profile_shapes, trtexec_command
-from edgekd.tasks.text import TEXT_IO
+from edgekd.tasks.text.task import TEXT_IO
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -15,7 +15,7 @@ from trt_standins import tensorrt_10, tensorrt_11
 
 from edgekd.errors import UnsupportedTargetError
 from edgekd.export import get_exporter
-from edgekd.tasks.text import TEXT_IO
+from edgekd.tasks.text.task import TEXT_IO
 
 VERSIONS = {"10": tensorrt_10, "11": tensorrt_11}
 

@@ -10,7 +10,7 @@ from edgekd.errors import UnsupportedTargetError
 from edgekd.export import get_exporter
 from edgekd.export.parity import check_parity
 from edgekd.export.torchscript_lite import read_io
-from edgekd.tasks.text import TEXT_IO, classification_metrics
+from edgekd.tasks.text.task import TEXT_IO, classification_metrics
 
 
 @pytest.fixture(scope="module")

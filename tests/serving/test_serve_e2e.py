@@ -20,7 +20,7 @@ def staged_run(tmp_path_factory, tiny_classifier_dir):
 
     from edgekd.export.stage import export_all
     from edgekd.recipe import ExportConfig
-    from edgekd.tasks.text import TEXT_IO, SequenceClassifierExport
+    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport
 
     root = tmp_path_factory.mktemp("staged") / "sentiment"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()

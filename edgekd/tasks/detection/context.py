@@ -107,10 +107,6 @@ class DetectionRunContext(RunContext):
     def task(self) -> DetectionTask:
         return DetectionTask(self.split("train").names, self.recipe.detection.image_size)
 
-    @property
-    def tokenizer(self):  # the text stages' tokenizer has no meaning here
-        raise StageError("a detection run has no tokenizer")
-
     def parity_data(self, n: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Real test images (letterboxed, 0..1) and their ground truth boxes."""
         test = self.split("test")
@@ -131,16 +127,7 @@ class DetectionRunContext(RunContext):
         s = self.recipe.detection.image_size
         return f"image {s}x{s}"
 
-    # --- stages ---------------------------------------------------------------------------------
-    def load_stage_model(self, stage: str):
-        if not self.run.is_done(stage, self.stage_fp(stage)):
-            raise StageError(f"The {stage} stage of run '{self.recipe.name}' is missing or out of date with the "
-                             f"recipe. Run `edgekd {stage}` (or `edgekd run`) first.")
-        return self.task.load_model(self.model_dir(stage)).eval()
-
-    def teacher_model(self):
-        return self.load_stage_model("teacher")
-
+    # --- export ---------------------------------------------------------------------------------
     def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
         """``detection.nms_in_graph``: ONNX whose graph ends in NMS (Cluster-NMS, fixed-size
         ``detections`` output) in export/onnx-nms, with the same parity checks. Its score threshold

@@ -10,7 +10,7 @@ baseline  the same student, same seed and schedule, without the teacher
 eval      COCO mAP@0.5:0.95 and mAP@0.5 (pycocotools) of teacher, student and baseline on the test split
 prune     channel pruning with torch-pruning's dependency graph (the head's output convs keep their
           widths), then KD recovery from the teacher
-export, quantize and bench are the text stages' own functions, fed by the task and the context.
+export, quantize and bench are the shared stages of edgekd.stages, fed by the task and the context.
 """
 
 from __future__ import annotations
@@ -22,21 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgekd.compress import (
-    LATENCY_EXAMPLES,
-    prune_settings,
-    quantize_fingerprint,
-    run_quantize,
-    say_search,
-    shipped_latency_fn,
-)
-from edgekd.deploy import bench_fingerprint, export_fingerprint, run_bench, run_export
 from edgekd.errors import StageError
 from edgekd.progress import progress_bar
 from edgekd.recipe import TrainConfig
 from edgekd.runfolder import fingerprint
-from edgekd.tasks.text import to_torch
-from edgekd.train import resolve_precision, train
+from edgekd.stages.base import load_stage_model
+from edgekd.stages.prune_common import LATENCY_EXAMPLES, prune_settings, say_search, shipped_latency_fn
+from edgekd.train import resolve_precision, to_torch, train
 
 
 def _autocast(precision: str):
@@ -187,7 +179,7 @@ def run_student_stage(ctx, stage: str) -> dict[str, Any]:
         raise StageError("detection needs student.model: a preset (edgekd-det-s) or a saved detector folder.")
     fp = student_fingerprint(ctx, stage)
     t0 = time.perf_counter()
-    teacher = ctx.teacher_model() if stage == "distill" else None
+    teacher = load_stage_model(ctx, "teacher") if stage == "distill" else None
     set_seed(r.seed)  # the distilled and the baseline student start from the same weights
     student = task.load_model(r.student.model)
     ckpt = ctx.checkpoint_dir(stage, fp)
@@ -216,9 +208,9 @@ def eval_fingerprint(ctx) -> str:
 def run_eval(ctx) -> dict[str, Any]:
     r = ctx.recipe
     t0 = time.perf_counter()
-    models = {"teacher": ctx.teacher_model(), "student": ctx.load_stage_model("distill")}
+    models = {"teacher": load_stage_model(ctx, "teacher"), "student": load_stage_model(ctx, "distill")}
     if r.baseline.enabled:
-        models["baseline"] = ctx.load_stage_model("baseline")
+        models["baseline"] = load_stage_model(ctx, "baseline")
     results: dict[str, Any] = {}
     for name, model in models.items():
         m = validation_metrics(ctx, model, "test")
@@ -264,8 +256,8 @@ def run_prune(ctx) -> dict[str, Any]:
                          "prune.method: channels.")
     t0 = time.perf_counter()
     fp = prune_fingerprint(ctx)
-    model = ctx.load_stage_model("distill")
-    teacher = ctx.teacher_model()
+    model = load_stage_model(ctx, "distill")
+    teacher = load_stage_model(ctx, "teacher")
     train_split = ctx.split("train")
     batches = [to_torch(train_split.collate(idx))
                for idx in train_split.train_batches(r.distill.train.batch_size, seed=r.seed)[: cfg.score_batches]]
@@ -304,15 +296,3 @@ def run_prune(ctx) -> dict[str, Any]:
     metrics["feat_channels"] = model.feat_channels
     ctx.run.record("prune", fp, metrics, [ctx.model_dir("prune")], seconds=time.perf_counter() - t0)
     return metrics
-
-
-STAGES = {
-    "teacher": (run_teacher, teacher_fingerprint),
-    "distill": (lambda c: run_student_stage(c, "distill"), lambda c: student_fingerprint(c, "distill")),
-    "baseline": (lambda c: run_student_stage(c, "baseline"), lambda c: student_fingerprint(c, "baseline")),
-    "eval": (run_eval, eval_fingerprint),
-    "prune": (run_prune, prune_fingerprint),
-    "export": (run_export, export_fingerprint),
-    "quantize": (run_quantize, quantize_fingerprint),  # the text stage's own: nothing task-specific
-    "bench": (run_bench, bench_fingerprint),
-}

@@ -98,10 +98,6 @@ class TokenizedSplit:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def to_torch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 

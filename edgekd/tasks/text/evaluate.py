@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from edgekd.context import RunContext
-from edgekd.distill import load_student, stage_fingerprint
 from edgekd.runfolder import fingerprint
-from edgekd.teacher import teacher_fingerprint
+from edgekd.stages.base import load_stage_model
+from edgekd.tasks.text.distill import stage_fingerprint
+from edgekd.tasks.text.teacher import teacher_fingerprint
 from edgekd.train import predict
 
 
@@ -36,7 +37,7 @@ def eval_fingerprint(ctx: RunContext) -> str:
 def run_eval(ctx: RunContext) -> dict[str, Any]:
     r, task = ctx.recipe, ctx.task
     t0 = time.perf_counter()
-    from edgekd.teacher import load_teacher_outputs
+    from edgekd.tasks.text.teacher import load_teacher_outputs
     from edgekd.teachers.stage import cached_split_logits
 
     teacher, _ = load_teacher_outputs(ctx)
@@ -51,9 +52,9 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
         results["teacher"] = {**task.metrics({"logits": teacher_test}, test.labels), "agreement_with_teacher": 1.0,
                               "params": None, "size_bytes": None, "layers": None}
         models = {}
-    models["student"] = (load_student(ctx, "distill"), ctx.model_dir("distill"))
+    models["student"] = (load_stage_model(ctx, "distill"), ctx.model_dir("distill"))
     if r.baseline.enabled:
-        models["baseline"] = (load_student(ctx, "baseline"), ctx.model_dir("baseline"))
+        models["baseline"] = (load_stage_model(ctx, "baseline"), ctx.model_dir("baseline"))
     from edgekd.ood import ood_split
 
     ood = ood_split(ctx)

@@ -25,7 +25,7 @@ from edgekd.context import RunContext
 from edgekd.errors import RecipeError
 from edgekd.losses import attention_loss, hidden_state_loss, soft_hard_loss
 from edgekd.runfolder import fingerprint
-from edgekd.teacher import load_teacher_outputs, teacher_fingerprint
+from edgekd.tasks.text.teacher import load_teacher_outputs, teacher_fingerprint
 from edgekd.train import predict, train
 
 
@@ -237,14 +237,3 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
         ctx.run.record(stage, fp, metrics, [out_dir], seconds=time.perf_counter() - t0)
     ctx.sync()
     return metrics
-
-
-def load_student(ctx: RunContext, stage: str = "distill"):
-    from edgekd.errors import StageError
-
-    if not ctx.run.is_done(stage, stage_fingerprint(ctx, stage)):
-        raise StageError(
-            f"The {stage} stage of run '{ctx.recipe.name}' is missing or out of date with the recipe. "
-            f"Run `edgekd {stage}` (or `edgekd run`) first."
-        )
-    return ctx.task.load_model(ctx.model_dir(stage)).eval()

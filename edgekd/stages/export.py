@@ -1,0 +1,68 @@
+"""The export stage (and its parity checks), the same for every task family.
+
+A thin adapter from the run context to ``edgekd.export.stage.export_all``: which model is the
+source, which examples are real, which figures go into the manifest; the task supplies the export
+module, its inputs and outputs, the metric and the parity agreement.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgekd.context import RunContext
+from edgekd.errors import StageError
+from edgekd.runfolder import fingerprint
+from edgekd.stages.base import load_stage_model, stage_fingerprint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def source_stage(ctx: RunContext) -> str:
+    """The model that ships: the pruned student when the recipe prunes, else the distilled one."""
+    return "prune" if ctx.recipe.prune.enabled else "distill"
+
+
+def _source_fingerprint(ctx: RunContext) -> str:
+    return stage_fingerprint(ctx, source_stage(ctx))
+
+
+def load_source(ctx: RunContext):
+    return load_stage_model(ctx, source_stage(ctx))
+
+
+def export_fingerprint(ctx: RunContext) -> str:
+    return fingerprint({"export": ctx.recipe.export.model_dump(mode="json"), "source": _source_fingerprint(ctx),
+                        "data": ctx.data_fingerprint})
+
+
+def run_export(ctx: RunContext) -> dict[str, Any]:
+    from edgekd.export.stage import export_all
+
+    r, task = ctx.recipe, ctx.task
+    if not r.export.targets:
+        raise StageError("export.targets is empty: name at least one target (e.g. --set 'export.targets=[onnx]').")
+    t0 = time.perf_counter()
+    src = source_stage(ctx)
+    model = load_source(ctx)
+    model_dir = ctx.model_dir(src)
+    inputs, labels = ctx.parity_data(r.export.parity_examples)
+    meta = {
+        "task": task.name,
+        "labels": task.label_names,
+        **task.export_meta(),
+        "source_model": str(model_dir),
+        "source_stage": src,
+        "run": r.name,
+    }
+    extra = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    records = export_all(task.export_module(model), task.model_io(), r.export.targets,
+                         ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
+                         task.agreement)
+    records.update(ctx.extra_exports(model, inputs, labels, meta))
+    folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
+    ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,
+                   seconds=time.perf_counter() - t0)
+    return records

@@ -1,0 +1,111 @@
+"""What every task family's prune stage shares: the prune section as fingerprinted, the p50 latency
+of a model in the form that ships (for ``prune.target_latency_ms`` and the search), and how a
+search's end is told."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from edgekd.context import RunContext
+
+LATENCY_EXAMPLES = 32  # validation texts timed per search round (never test: the search selects on it)
+
+
+def prune_settings(cfg) -> dict[str, Any]:
+    """The prune section as fingerprinted: keys added later are left out at their defaults (and an
+    unset ``steps`` of a fixed target is its 1), so runs recorded before they existed stay valid."""
+    from edgekd.recipe import PruneConfig
+
+    d = cfg.model_dump(mode="json")
+    for key in ("max_accuracy_drop", "recover_hidden_weight", "final_recover_epochs", "trim_vocab",
+                "vocab_min_count", "vocab_keep_chars"):
+        if d[key] == PruneConfig.model_fields[key].default:
+            del d[key]
+    if d["steps"] is None and cfg.target_latency_ms is None and cfg.max_accuracy_drop is None:
+        d["steps"] = 1
+    return d
+
+
+def say_search(ctx: RunContext, cfg, metrics: dict[str, Any]) -> None:
+    """Say plainly how a search ended, above all when its latency target was not met."""
+    if "stopped" not in metrics:
+        return
+    steps = metrics["steps"]
+    secs = sum(s.get("seconds", 0) for s in steps) + metrics.get("final_recovery", {}).get("seconds", 0)
+    line = (f"prune: search kept round {metrics.get('kept_step', 0)} of {len(steps)} tried in {secs:.0f} s; "
+            f"stopped: {metrics['stopped']}")
+    if cfg.target_latency_ms is not None and not metrics["target_reached"]:
+        lat = metrics.get("latency_ms_after")
+        line += (f". [bold red]prune.target_latency_ms={cfg.target_latency_ms} was NOT met[/] (shipped form: "
+                 f"{lat if lat is None else round(lat, 3)} ms); raise the target, lower the floors or "
+                 "prune.max_accuracy_drop's strictness, or use a smaller student")
+    ctx.say(line)
+
+
+def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
+    """p50 latency (ms) of a model in the form that ships: exported to ONNX with the recipe's export
+    options, quantized as the quantize section says (when it is enabled; without the accuracy
+    guard, which may later keep a few operators in float), run with ONNX Runtime at batch 1 on
+    ``inputs`` one row at a time at each row's real length (padding cut off by its attention mask)."""
+    import tempfile
+    from pathlib import Path
+
+    from edgekd.export import get_exporter
+
+    r = ctx.recipe
+    io = ctx.task.model_io()
+    threads = r.bench.threads or r.quantize.threads or r.runtime.threads
+    n = len(next(iter(inputs.values())))
+    rows = []
+    for i in range(n):
+        row = {k: v[i : i + 1] for k, v in inputs.items()}
+        if "attention_mask" in row:
+            length = max(1, int(row["attention_mask"].sum()))
+            row = {k: v[:, :length] if v.ndim == 2 else v for k, v in row.items()}
+        rows.append(row)
+
+    def latency(model) -> float:
+        exporter = get_exporter("onnx")
+        opts = dict(r.export.options.get("onnx", {}))
+        with tempfile.TemporaryDirectory(prefix="edgekd-prune-latency-") as tmp:
+            res = exporter.export(ctx.task.export_module(model), inputs, io, Path(tmp) / "fp32", **opts)
+            path = Path(res.path)
+            if r.quantize.enabled:
+                path = _quantize_for_timing(r.quantize, path, Path(tmp) / "q", inputs)
+            runner = exporter.load(path, threads=threads)
+            for row in rows[:5]:
+                runner.run(row)
+            times = []
+            for _ in range(3):
+                for row in rows:
+                    s = time.perf_counter()
+                    runner.run(row)
+                    times.append(time.perf_counter() - s)
+            return float(np.median(times) * 1000)
+
+    return latency
+
+
+def _quantize_for_timing(qcfg, src, work, calib: dict[str, np.ndarray]):
+    """``src`` quantized with the quantize section's method (what the quantize stage starts from)."""
+    import onnx
+
+    from edgekd.quantization.onnx_methods import make_method
+
+    work.mkdir(parents=True, exist_ok=True)
+    graph = onnx.load(str(src), load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in init]
+    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+              for i in graph.input if i.name in names}
+    # Calibration ranges change accuracy, not speed: the few timing inputs calibrate, however many
+    # quantize.calibration_samples asks for the shipped model.
+    n = len(next(iter(calib.values())))
+    method = make_method(qcfg.model_copy(update={"calibration_samples": min(qcfg.calibration_samples, n)}),
+                         calib, names, dtypes, work, False)
+    dst = work / "model.onnx"
+    method.quantize(src, dst, [])
+    return dst

@@ -1,0 +1,72 @@
+"""The quantize stage: post-training quantization of the ONNX export (and Core ML weight
+compression beside it), under the accuracy and speed guards of ``edgekd.quantization``. Nothing in
+it is task-specific: the context supplies the calibration, validation and test examples and the
+task the metric."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from edgekd.context import RunContext
+from edgekd.errors import StageError
+from edgekd.export.base import quantized_folder
+from edgekd.runfolder import fingerprint
+from edgekd.stages.export import export_fingerprint
+
+
+def quantize_fingerprint(ctx: RunContext) -> str:
+    return fingerprint({"quantize": ctx.recipe.quantize.model_dump(mode="json"), "export": export_fingerprint(ctx)})
+
+
+def run_quantize(ctx: RunContext) -> dict[str, Any]:
+    from edgekd.quantization import quantize_onnx
+    from edgekd.quantization.onnx_stage import candidate_configs
+
+    task, cfg = ctx.task, ctx.recipe.quantize
+    t0 = time.perf_counter()
+    src = ctx.run.stage_dir("export") / "onnx"
+    others = _quantize_other_targets(ctx)  # Core ML (quantize.coreml_mode) beside the ONNX path
+    if not (src / "artifact.json").is_file():
+        if others:
+            ctx.run.record("quantize", quantize_fingerprint(ctx), {"targets": others}, [
+                ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
+                seconds=time.perf_counter() - t0)
+            return {"targets": others}
+        raise StageError("quantize needs the ONNX (or Core ML) export: add onnx to export.targets and run "
+                         "`edgekd export` first.")
+    val_inputs, val_labels = ctx.validation_data()
+    static = any(c.method == "static" for _, c in candidate_configs(cfg))
+    calib = ctx.calibration_data(cfg.calibration_split, cfg.calibration_samples) if static else None
+    out_dir = ctx.run.stage_dir("export") / quantized_folder("onnx", cfg.method)
+    report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val_labels, task.metrics)
+    # The metric of the quantized artifact on the test split, next to the float one (same runner as serving).
+    from edgekd.export.parity import run_batched
+    from edgekd.export.stage import load_artifact
+
+    test_inputs, test_labels = ctx.parity_data()
+    for name, folder in (("float", src), ("quantized", out_dir)):
+        runner, _ = load_artifact(folder)
+        report.setdefault("test", {})[name] = task.metrics(run_batched(runner.run, test_inputs, 64), test_labels)
+    if others:
+        report["targets"] = others
+    ctx.run.record("quantize", quantize_fingerprint(ctx), report,
+                   [out_dir] + [ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
+                   seconds=time.perf_counter() - t0)
+    return report
+
+
+def _quantize_other_targets(ctx: RunContext) -> dict[str, Any]:
+    """Core ML weight compression of export/coreml into export/coreml-<mode>, when that export exists."""
+    from edgekd.quantization.coreml import quantize_coreml_folder
+
+    cfg, export = ctx.recipe.quantize, ctx.run.stage_dir("export")
+    done: dict[str, Any] = {}
+    if "coreml" in ctx.recipe.export.targets and (export / "coreml" / "artifact.json").is_file():
+        name = quantized_folder("coreml", cfg.coreml_mode, palette_bits=cfg.palette_bits)
+        test_inputs, _ = ctx.parity_data()
+        try:
+            done[name] = quantize_coreml_folder(export / "coreml", export / name, cfg, test_inputs)
+        except StageError as e:  # recorded in the stage's report, not fatal to the ONNX path
+            done[name] = {"written": False, "reason": str(e)}
+    return done

@@ -1,0 +1,52 @@
+"""Object detection as a task family: its run context, its own stages and its recipe checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgekd.recipe import Recipe
+from edgekd.runfolder import RunFolder
+from edgekd.stages.base import Stage
+from edgekd.tasks.detection.context import DetectionRunContext
+from edgekd.tasks.detection.stages import (
+    eval_fingerprint,
+    prune_fingerprint,
+    run_eval,
+    run_prune,
+    run_student_stage,
+    run_teacher,
+    student_fingerprint,
+    teacher_fingerprint,
+)
+
+STAGES = {
+    "teacher": Stage("teacher", run_teacher, teacher_fingerprint, produces_model=True),
+    "distill": Stage("distill", lambda c: run_student_stage(c, "distill"), lambda c: student_fingerprint(c, "distill"),
+                     produces_model=True),
+    "baseline": Stage("baseline", lambda c: run_student_stage(c, "baseline"),
+                      lambda c: student_fingerprint(c, "baseline"), enabled=lambda r: r.baseline.enabled,
+                      produces_model=True),
+    "eval": Stage("eval", run_eval, eval_fingerprint),
+    "prune": Stage("prune", run_prune, prune_fingerprint, enabled=lambda r: r.prune.enabled, produces_model=True),
+}
+
+
+class Detection:
+    name = "detection"
+    skipped: dict[str, str] = {}
+
+    def create_context(self, recipe: Recipe) -> DetectionRunContext:
+        return DetectionRunContext(recipe=recipe, run=RunFolder(recipe.run_dir()), family=self)
+
+    def stages(self) -> dict[str, Stage]:
+        return dict(STAGES)
+
+    def check_inputs(self, recipe: Recipe) -> list[str]:
+        """A YOLO data.yaml must exist (the generated set and COCO files are checked when loaded)."""
+        d = recipe.data.dataset
+        if d.endswith((".yaml", ".yml")) and not Path(d).expanduser().is_file():
+            return [f"data.dataset: the file {d} does not exist"]
+        return []
+
+
+FAMILY = Detection()

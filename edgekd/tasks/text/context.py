@@ -1,0 +1,90 @@
+"""The run context of a text-classification recipe: examples loaded, split and tokenised once."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from edgekd.context import RunContext
+from edgekd.errors import StageError
+from edgekd.runfolder import fingerprint
+from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit
+
+
+class TextRunContext(RunContext):
+    # --- data ---------------------------------------------------------------------------------
+    @cached_property
+    def examples(self):
+        from edgekd.data import load_examples
+
+        return load_examples(self.recipe.data)
+
+    @cached_property
+    def splits(self):
+        from edgekd.data import split_examples
+
+        return split_examples(self.examples, self.recipe.data.split, self.recipe.data.max_train_examples)
+
+    @cached_property
+    def data_summary(self) -> dict[str, Any]:
+        return self.splits.summary()
+
+    @cached_property
+    def data_fingerprint(self) -> str:
+        return fingerprint({"data": self.recipe.data.model_dump(mode="json"), "split": self.data_summary})
+
+    @cached_property
+    def task(self) -> TextClassificationTask:
+        return TextClassificationTask(self.examples.label_names, self.recipe.data.max_length)
+
+    @cached_property
+    def tokenizer(self):
+        """The teacher's tokenizer (the student shares it unless it is loaded from its own id)."""
+        return self.task.load_tokenizer(self.recipe.teacher.model)
+
+    def tokenized(self, split: str, tokenizer=None) -> TokenizedSplit:
+        tok = tokenizer or self.tokenizer
+        key = (split, id(tok))
+        cache = self.__dict__.setdefault("_tokenized", {})
+        if key not in cache:
+            idx = getattr(self.splits, split)
+            texts = [self.examples.texts[i] for i in idx]
+            labels = self.examples.labels[idx]
+            cache[key] = TokenizedSplit(self.task.tokenize(tok, texts), labels, tok.pad_token_id or 0)
+        return cache[key]
+
+    @property
+    def shipped_tokenizer(self):
+        """The tokenizer of the model that ships: the pruned student's own when ``prune.trim_vocab``
+        rewrote its vocabulary (export, quantize and bench feed its ids), else the teacher's."""
+        p = self.recipe.prune
+        if p.enabled and p.trim_vocab:
+            from edgekd.tasks.text.prune import load_pruned_tokenizer
+
+            return load_pruned_tokenizer(self)
+        return self.tokenizer
+
+    def parity_data(self, n: int | None = None, tokenizer=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Real test examples, padded to one shape, for export parity and artifact accuracy
+        (tokenized for the shipped model unless ``tokenizer`` is given)."""
+        test = self.tokenized("test", tokenizer or self.shipped_tokenizer)
+        idx = np.arange(len(test) if n is None else min(n, len(test)))
+        batch = test.collate(idx)
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
+
+    def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The validation split as model inputs and labels (quantization calibration and guard)."""
+        val = self.tokenized("validation", self.shipped_tokenizer)
+        batch = val.collate(np.arange(len(val)))
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
+
+    def calibration_data(self, split: str, n: int) -> dict[str, np.ndarray]:
+        """The first ``n`` examples of the train or validation split as model inputs (quantization
+        calibration; the test split is never read for it)."""
+        if split not in ("train", "validation"):
+            raise StageError(f"calibration reads the train or validation split, not {split!r}")
+        part = self.tokenized(split)
+        batch = part.collate(np.arange(min(n, len(part))))
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}

@@ -1,0 +1,43 @@
+"""Text classification as a task family: its run context, its own stages and its recipe checks."""
+
+from __future__ import annotations
+
+from edgekd.recipe import Recipe
+from edgekd.runfolder import RunFolder
+from edgekd.stages.base import Stage
+from edgekd.tasks.text import checks
+from edgekd.tasks.text.context import TextRunContext
+from edgekd.tasks.text.distill import run_student_stage, stage_fingerprint
+from edgekd.tasks.text.evaluate import eval_fingerprint, run_eval
+from edgekd.tasks.text.prune import load_pruned, prune_fingerprint, run_prune
+from edgekd.tasks.text.teacher import load_teacher_outputs, run_teacher, teacher_fingerprint
+
+STAGES = {
+    "teacher": Stage("teacher", run_teacher, teacher_fingerprint, produces_model=True,
+                     load=lambda c: load_teacher_outputs(c)[0]),  # None for a black-box teacher
+    "distill": Stage("distill", lambda c: run_student_stage(c, "distill"), lambda c: stage_fingerprint(c, "distill"),
+                     produces_model=True),
+    "baseline": Stage("baseline", lambda c: run_student_stage(c, "baseline"),
+                      lambda c: stage_fingerprint(c, "baseline"), enabled=lambda r: r.baseline.enabled,
+                      produces_model=True),
+    "eval": Stage("eval", run_eval, eval_fingerprint),
+    "prune": Stage("prune", run_prune, prune_fingerprint, enabled=lambda r: r.prune.enabled, produces_model=True,
+                   load=load_pruned),
+}
+
+
+class TextClassification:
+    name = "text-classification"
+    skipped: dict[str, str] = {}
+
+    def create_context(self, recipe: Recipe) -> TextRunContext:
+        return TextRunContext(recipe=recipe, run=RunFolder(recipe.run_dir()), family=self)
+
+    def stages(self) -> dict[str, Stage]:
+        return dict(STAGES)
+
+    def check_inputs(self, recipe: Recipe) -> list[str]:
+        return checks.check_inputs(recipe)
+
+
+FAMILY = TextClassification()

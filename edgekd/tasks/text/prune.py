@@ -1,0 +1,174 @@
+"""The prune stage of text classification (with distillation from the teacher to recover).
+
+An adapter from the run context to ``edgekd.pruning.prune_model``: which model, which batches
+score importance, how recovery trains, the optional vocabulary trim, and what goes into the
+manifest. What every family's prune stage shares is in ``edgekd.stages.prune_common``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgekd.context import RunContext
+from edgekd.errors import StageError
+from edgekd.losses import hidden_state_loss, soft_hard_loss
+from edgekd.recipe import TrainConfig
+from edgekd.runfolder import fingerprint
+from edgekd.stages.base import load_stage_model
+from edgekd.stages.prune_common import LATENCY_EXAMPLES, prune_settings, say_search, shipped_latency_fn
+from edgekd.tasks.text.distill import stage_fingerprint
+from edgekd.train import predict, to_torch, train
+
+
+def prune_fingerprint(ctx: RunContext) -> str:
+    r = ctx.recipe
+    return fingerprint({"prune": prune_settings(r.prune), "distill": stage_fingerprint(ctx, "distill"),
+                        "seed": r.seed})
+
+
+def load_pruned(ctx: RunContext):
+    """The pruned student (its own architecture: heads and FFN widths per layer), once the stage is
+    known to be current (see ``edgekd.stages.base.load_stage_model``)."""
+    from edgekd.pruning import load_pruned_model
+
+    return load_pruned_model(ctx.model_dir("prune"))
+
+
+def _check_pruned(ctx: RunContext) -> None:
+    if not ctx.run.is_done("prune", prune_fingerprint(ctx)):
+        raise StageError(f"The prune stage of run '{ctx.recipe.name}' is missing or out of date with the recipe. "
+                         "Run `edgekd prune` (or `edgekd run`) first.")
+
+
+def load_pruned_tokenizer(ctx: RunContext):
+    """The tokenizer saved with the pruned student (rewritten by ``prune.trim_vocab``); one object
+    per context, so the tokenized splits it keys are cached once."""
+    cache = ctx.__dict__.setdefault("_pruned_tokenizer", {})
+    if "tok" not in cache:
+        _check_pruned(ctx)
+        cache["tok"] = ctx.task.load_tokenizer(ctx.model_dir("prune"))
+    return cache["tok"]
+
+
+def run_prune(ctx: RunContext) -> dict[str, Any]:
+    from edgekd.pruning import PruneContext, prune_model
+    from edgekd.tasks.text.teacher import load_teacher_outputs
+
+    r, task, cfg = ctx.recipe, ctx.task, ctx.recipe.prune
+    t0 = time.perf_counter()
+    fp = prune_fingerprint(ctx)
+    model = load_stage_model(ctx, "distill")
+    _, cached_logits = load_teacher_outputs(ctx)
+    teacher_logits = torch.from_numpy(cached_logits)
+    # Before trimming, the student reads the teacher's token ids: every split is tokenized with it here.
+    tok = ctx.tokenizer
+    train_data, val_data = ctx.tokenized("train", tok), ctx.tokenized("validation", tok)
+    batches = train_data.train_batches(r.distill.train.batch_size, seed=r.seed)[: cfg.score_batches]
+    score_batches = [
+        {k: v for k, v in to_torch(train_data.collate(idx)).items() if k != "index"} for idx in batches
+    ]
+    # Hidden-state targets: the unpruned student, frozen (same width and depth as the pruned one).
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.recover_hidden_weight > 0 else None
+
+    def evaluate(m) -> dict[str, float]:
+        return task.metrics({"logits": predict(m, val_data, r.eval.batch_size, "prune: validation")},
+                            val_data.labels)
+
+    def recover_for(epochs: float, step: int, label: str):
+        d = r.distill
+
+        def loss_fn(mm, batch):
+            want = reference is not None
+            out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want)
+            t = teacher_logits[batch["index"].cpu()].to(out.logits.device)
+            loss, logs = soft_hard_loss(out.logits, t, batch["labels"], d.alpha, d.temperature, d.kl)
+            if want:
+                ref = reference.to(out.logits.device)
+                with torch.no_grad():
+                    ref_out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  output_hidden_states=True)
+                # Every layer's output (index 0 is the shared embedding output, left out).
+                pairs = list(zip(out.hidden_states[1:], ref_out.hidden_states[1:], strict=True))
+                hl = sum(hidden_state_loss(s, h, batch["attention_mask"], d.hidden_loss) for s, h in pairs) / len(pairs)
+                loss = loss + cfg.recover_hidden_weight * hl
+                logs["hidden"] = float(hl.detach())
+            return loss, logs
+
+        def run(m):
+            tc = TrainConfig(**{**d.train.model_dump(), "epochs": epochs})
+            ckpt = ctx.checkpoint_dir("prune", f"{fp}-{label}")
+            train(m, train_data, tc, loss_fn, seed=r.seed + step, precision=r.runtime.precision,
+                  ckpt_root=ckpt, description=f"prune: recover {label}")
+            shutil.rmtree(ckpt, ignore_errors=True)
+            return m
+
+        return run
+
+    def recover(m, step: int):
+        return recover_for(cfg.recover_epochs, step, f"step{step}")(m)
+
+    search = cfg.target_latency_ms is not None or cfg.max_accuracy_drop is not None
+    latency_fn = None
+    if search:
+        val_inputs = val_data.collate(np.arange(min(len(val_data), LATENCY_EXAMPLES)))
+        latency_fn = shipped_latency_fn(ctx, {k: val_inputs[k] for k in ("input_ids", "attention_mask")})
+    pctx = PruneContext(score_batches=score_batches, evaluate=evaluate,
+                        recover=recover if cfg.recover_epochs > 0 else None, latency_fn=latency_fn,
+                        recover_final=recover_for(cfg.final_recover_epochs, 1000, "final"),
+                        metric=task.primary_metric)
+    model, metrics = prune_model(model, cfg, pctx)
+    say_search(ctx, cfg, metrics)
+    out_tok = tok
+    if cfg.trim_vocab:
+        model, out_tok, metrics["vocab"] = _trim_vocab(ctx, model, train_data)
+    out_dir = ctx.model_dir("prune")
+    if ctx.is_main:
+        task.save_model(model, out_tok, out_dir)
+        metrics["size_bytes"] = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+        ctx.run.record("prune", fp, metrics, [out_dir], seconds=time.perf_counter() - t0)
+    # Later stages of this process use the tokenizer just saved. One loaded before is stale but kept
+    # referenced: tokenized splits are cached by id(tokenizer), which a freed object could hand on.
+    if cfg.trim_vocab:
+        cache = ctx.__dict__.setdefault("_pruned_tokenizer", {})
+        cache.setdefault("stale", []).append(cache.get("tok"))
+        cache["tok"] = out_tok
+    ctx.sync()
+    return metrics
+
+
+def _trim_vocab(ctx: RunContext, model, train_data) -> tuple[Any, Any, dict[str, Any]]:
+    """Keep the tokens the training texts use; measure validation and test before and after."""
+    from edgekd.pruning.vocab import domain_token_ids, trim_vocabulary
+
+    r, task, cfg = ctx.recipe, ctx.task, ctx.recipe.prune
+    tok = ctx.tokenizer
+
+    def scores(m, tk) -> dict[str, dict[str, float]]:
+        out = {}
+        for split in ("validation", "test"):
+            data = ctx.tokenized(split, tk)
+            out[split] = task.metrics({"logits": predict(m, data, r.eval.batch_size, f"prune: vocab {split}")},
+                                      data.labels)
+        return out
+
+    before = scores(model, tok)
+    vocab0 = model.get_input_embeddings().num_embeddings
+    params0 = sum(p.numel() for p in model.parameters())
+    keep = domain_token_ids(train_data.input_ids, tok, cfg.vocab_min_count, cfg.vocab_keep_chars)
+    model, new_tok = trim_vocabulary(model, tok, keep)
+    after = scores(model, new_tok)
+    info = {"vocab_before": vocab0, "vocab_after": len(keep), "params_before": params0,
+            "params_after": sum(p.numel() for p in model.parameters()), "min_count": cfg.vocab_min_count,
+            "keep_chars": cfg.vocab_keep_chars, "before": before, "after": after}
+    ctx.say(f"prune: vocabulary {vocab0} -> {len(keep)} tokens, parameters {params0} -> {info['params_after']}; "
+            f"validation {task.primary_metric} {before['validation'][task.primary_metric]:.4f} -> "
+            f"{after['validation'][task.primary_metric]:.4f}")
+    return model, new_tok, info
+
+

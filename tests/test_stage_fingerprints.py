@@ -1,0 +1,67 @@
+"""Stage fingerprints are what decide whether a run folder's finished stages are still valid: the
+values below were recorded once; a change to any of them makes every existing run redo that stage
+(and the ones after it). Moving code around must leave them, and the stage names, exactly as they are.
+
+The recipes and data are written by the test with relative paths (the working folder is the test's
+own), so the figures do not depend on where the test runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from edgekd.pipeline import create_context, fingerprint_of, planned_stages, stage_table
+from edgekd.recipe import load_recipe, parse_recipe
+from edgekd.testing import tiny_recipe, write_sentiment_csv
+
+STAGE_NAMES = ["teacher", "distill", "baseline", "eval", "prune", "export", "quantize", "bench"]
+
+TEXT = {"teacher": "f8b26d0aa99d653e", "distill": "b2c8a22cb5e2359a", "baseline": "0fff180bab4396e2",
+        "eval": "5463fe2d6fddd735", "prune": "711de1ae982f4e95", "export": "0b05b278ee626163",
+        "quantize": "e5c27271f7f9aef7", "bench": "2d49c36bf35f9e31"}
+
+DETECTION = {"teacher": "39e0afe8e94ae6d6", "distill": "28c0af041e4a4070", "baseline": "e6183b6f7f2d5b9a",
+             "eval": "301a93846c2b5054", "prune": "b37cf286b2766f53", "export": "89fd49bb7054d734",
+             "quantize": "39136c62e0cd472c", "bench": "600a8c9808236a36"}
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGEKD_CACHE", "cache")  # relative: the synthetic set's path is in the data summary
+    return tmp_path
+
+
+def _text_recipe():
+    write_sentiment_csv("reviews.csv", n=60, seed=1)
+    data = tiny_recipe(".", "teacher-model", "reviews.csv", prune={"enabled": True, "keep_params": 0.7},
+                       quantize={"enabled": True, "method": "static"},
+                       export={"targets": ["onnx", "torchscript-lite"]}, bench={"enabled": True})
+    data["output_dir"] = "runs"
+    return parse_recipe(data)
+
+
+def _detection_recipe():
+    data = load_recipe("detect-default").model_dump(mode="json")
+    data.update(name="tiny-det", output_dir="runs")
+    data["detection"].update(image_size=32, synthetic={"train": 6, "validation": 3, "test": 3, "max_objects": 2,
+                                                       "seed": 1})
+    data["prune"].update(enabled=True, keep_params=0.7)
+    data["quantize"].update(enabled=True)
+    data["export"].update(targets=["onnx"])
+    data["bench"].update(enabled=True)
+    return parse_recipe(data)
+
+
+@pytest.mark.parametrize("make,want", [(_text_recipe, TEXT), (_detection_recipe, DETECTION)],
+                         ids=["text-classification", "detection"])
+def test_stage_fingerprints_are_the_recorded_ones(here, make, want):
+    recipe = make()
+    ctx = create_context(recipe)
+    if recipe.task == "text-classification":
+        # The data summary names the CSV by its absolute path: pin it to the relative one.
+        ctx.__dict__["data_summary"] = {**ctx.data_summary, "source": "file:reviews.csv"}
+    assert list(stage_table(recipe.task)) == STAGE_NAMES  # the names manifest.json records
+    assert planned_stages(recipe) == STAGE_NAMES
+    got = {name: fingerprint_of(ctx, name) for name in STAGE_NAMES}
+    assert got == want
