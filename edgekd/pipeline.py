@@ -12,9 +12,11 @@ from edgekd.context import RunContext
 from edgekd.deploy import bench_fingerprint, export_fingerprint, run_bench, run_export
 from edgekd.distill import run_student_stage, stage_fingerprint
 from edgekd.evaluate import eval_fingerprint, run_eval
+from edgekd.progress import activity
 from edgekd.recipe import Recipe
 from edgekd.runfolder import atomic_write_text, environment
 from edgekd.teacher import run_teacher, teacher_fingerprint
+from edgekd.warnings_log import route_library_logs
 
 StageFn = Callable[[RunContext], dict[str, Any]]
 
@@ -88,6 +90,7 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     todo = stages or planned_stages(recipe)
     t0 = time.perf_counter()
     finished = False
+    ran: list[str] = []  # the stages this command ran (the others were unchanged): the summary says which
     try:
         for name in todo:
             fn, fp_fn = table[name]
@@ -95,8 +98,11 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
                 ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
                 continue
             s0 = time.perf_counter()
-            fn(ctx)
+            route_library_logs()  # libraries imported by the stages before this one add their own handlers
+            with activity(name):
+                fn(ctx)
             finished = True
+            ran.append(name)
             ctx.say(f"[green]{name}[/]: done in {time.perf_counter() - s0:.1f} s")
         if ctx.is_main and save_recipe is not None:
             atomic_write_text(ctx.run.recipe_path, save_recipe.to_yaml())
@@ -110,7 +116,7 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     if ctx.is_main:
         from accelerate import PartialState
 
-        ctx.run.update_top(last_invocation={"stages": todo, "seconds": round(time.perf_counter() - t0, 2),
+        ctx.run.update_top(last_invocation={"stages": todo, "ran": ran, "seconds": round(time.perf_counter() - t0, 2),
                                             "processes": PartialState().num_processes})
     return ctx
 
