@@ -290,6 +290,7 @@ def serve(
 
     Settings, highest first: these flags, EDGEKD_SERVE_* variables, the run's recipe (serve section), defaults.
     Without --target, a run with several exports serves the quantize stage's recommended one."""
+    warnings_log.uninstall()  # a server's warnings and logs stay where its operator looks for them
     from edgekd.recipe import ServeConfig
     from edgekd.serving import ServeSettings
     from edgekd.serving import serve as start
@@ -401,9 +402,9 @@ def devices() -> None:
         p = load_profile(name, detect=False)
         conn = p.connection
         if conn.kind == "ssh":
-            reach = f"ssh {conn.user + '@' if conn.user else ''}{conn.host}:{conn.port}"
+            reach = f"ssh {conn.user + '@' if conn.user else ''}{conn.host}" + (f":{conn.port}" if conn.port != 22 else "")
         elif conn.kind == "manual":
-            reach = f"on the device with {conn.tool} (edgekd writes the steps)"
+            reach = f"by hand with {conn.tool} (edgekd writes the steps)"
         else:
             reach = "this machine"
         processor = "this machine's CPU (detected when benchmarking)" if p.auto_detect else p.processor

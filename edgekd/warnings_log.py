@@ -71,9 +71,14 @@ class WarningsLog:
             if self._root is None or not self._root.is_dir() or not self._waiting:
                 return
             path = self._root / LOG_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:  # a log: appended, not swapped atomically
-                f.writelines(self._waiting)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:  # a log: appended, not swapped atomically
+                    f.writelines(self._waiting)
+            except OSError as e:  # a read-only run folder: the warnings are shown rather than lost
+                self._root = None
+                sys.stderr.write(f"edgekd: cannot write {path} ({e}); library warnings follow here\n")
+                sys.stderr.writelines(self._waiting)
             self._waiting.clear()
 
 
@@ -155,6 +160,20 @@ def route_library_logs() -> None:
             if (isinstance(h, logging.StreamHandler) and id(getattr(h, "stream", None)) in streams
                     and _divert not in h.filters):
                 h.addFilter(_divert)
+
+
+def uninstall() -> None:
+    """Give warnings and logging back to Python's defaults (`edgekd serve`: a server's log is its own)."""
+    global _installed
+    _installed = False
+    warnings.showwarning = _original_showwarning
+    logging.getLogger().removeHandler(_root_handler)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for h in getattr(logger, "handlers", []):
+            h.removeFilter(_divert)
+
+
+_original_showwarning = warnings.showwarning
 
 
 def install() -> None:
