@@ -203,3 +203,53 @@ def test_devices_lists_every_shipped_profile_and_the_reference_points_to_it():
         assert name in res.output
     assert "this machine" in res.output and "ssh" in res.output and "adb" in res.output
     assert "`edgekd devices`" in reference_markdown()
+
+
+def test_an_unwritable_log_shows_the_warnings_instead(tmp_path, capsys):
+    sink = warnings_log.WarningsLog()
+    (tmp_path / "logs").write_text("a file where the logs folder goes")
+    sink.attach(tmp_path)
+    sink.add("FutureWarning: something deprecated")
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "something deprecated" in err
+
+
+def test_serve_gives_warnings_back_to_python():
+    root = logging.getLogger()
+    with warnings.catch_warnings():
+        warnings_log.install()
+        assert warnings.showwarning is warnings_log.showwarning and warnings_log._root_handler in root.handlers
+        warnings_log.uninstall()
+        assert warnings.showwarning is warnings_log._original_showwarning
+        assert warnings_log._root_handler not in root.handlers and not warnings_log._installed
+
+
+@pytest.mark.slow
+def test_a_command_whose_output_is_not_a_terminal_speaks_at_least_every_heartbeat(tmp_path, tiny_teacher_dir,
+                                                                                   tiny_csv, monkeypatch):
+    """`edgekd teacher` with stdout a pipe: from its first line to its last, no silence longer than the
+    heartbeat (3 × 0.5 s here, 30 s by default), and no library warning on either stream."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from edgekd.testing import tiny_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv,
+                                               teacher={"finetune": {"epochs": 2, "batch_size": 32}})))
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGEKD_QUIET", "EDGEKD_SHOW_WARNINGS")}
+    env["EDGEKD_PROGRESS_INTERVAL"] = "0.5"
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "teacher", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines = [(time.monotonic(), line.rstrip("\n")) for line in proc.stdout]
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    texts = [t for _, t in lines]
+    assert any(re.match(r"teacher fine-tune: \d+/\d+ \(\d+%\) (elapsed|done in)", t) for t in texts), texts
+    assert any(t.startswith("│ teacher ") for t in texts)  # the summary names the stage
+    gaps = [b[0] - a[0] for a, b in zip(lines, lines[1:], strict=False)]
+    assert max(gaps) < 1.5 + 1.5, list(zip(gaps, texts[1:], strict=True))
+    for noise in ("Warning:", "FutureWarning", "UserWarning", "torchvision"):
+        assert noise not in err and not any(noise in t for t in texts), noise
