@@ -92,8 +92,11 @@ STAGE_ORDER = ("teacher", "distill", "baseline", "eval", "prune", "export", "qua
 
 
 def primary_metric(manifest: dict[str, Any]) -> tuple[str, str]:
-    """(key, name) of the metric the run is judged by."""
-    return ("map50_95", "mAP@0.5:0.95") if manifest.get("task") == "detection" else ("accuracy", "accuracy")
+    """(key, name) of the metric the run is judged by (recorded in the manifest; older runs: by task)."""
+    from edgekd.devices.tables import METRIC_LABELS
+
+    key = manifest.get("primary_metric") or ("map50_95" if manifest.get("task") == "detection" else "accuracy")
+    return key, METRIC_LABELS.get(key, key)
 
 
 def _m(metrics: dict | None, key: str) -> str:
