@@ -21,6 +21,7 @@ import numpy as np
 from edgekd.devices import measure, remote_runner, tables
 from edgekd.devices.profiles import DeviceProfile, load_profile
 from edgekd.errors import StageError
+from edgekd.progress import track
 from edgekd.recipe import BenchConfig
 
 RESULTS_SCHEMA = 1
@@ -104,7 +105,7 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
     threads = cfg.threads or prof.bench_threads()
     # One case list for every model: the same lengths, padding and batches for each row of the table.
     case_list = measure.cases(cfg, common_length(entries, inputs), inputs.fixed_shape(), real=inputs.plan is not None)
-    for e in entries:
+    for e in track(entries, "bench", label=lambda e: e["name"]):
         if e.get("status"):
             continue
         if e["kind"] == "artifact" and not prof.runs_target(e["target"]):

@@ -197,25 +197,25 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def pareto_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
-    """(png bytes, None), or (None, why no plot). Uses a bare Figure: no pyplot global state."""
+def pareto_figure(data: dict[str, Any]) -> tuple[Any, list[Any]] | tuple[None, str]:
+    """(figure, its point labels), or (None, why no plot). A bare Figure: no pyplot global state."""
     rows = [headline_row(e, data["headline"]) for e in data["results"]]
     rows = [r for r in rows if r.get("p50_ms") is not None and r.get("accuracy") is not None]
     if not rows:
         return None, "no model has both a p50 latency and an accuracy (pass eval inputs, labels and metric_fn)"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     pts = [(r["p50_ms"], r["accuracy"]) for r in rows]
     metric = METRIC_LABELS.get(data.get("metric", "accuracy"), data.get("metric", "accuracy"))
     front = pareto_front(pts)
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(8, 5), dpi=120)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:gray", label="measured")
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:gray", label="measured", zorder=3)
     fx = [pts[i][0] for i in front]
     fy = [pts[i][1] for i in front]
-    ax.plot(fx, fy, "o-", color="tab:red", drawstyle="steps-post", label="Pareto front")
-    for r, (x, y) in zip(rows, pts, strict=True):
-        ax.annotate(f"{r['name']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot(fx, fy, "o-", color="tab:red", drawstyle="steps-post", label="Pareto front", zorder=3)
     ref = data.get("reference") or {}
     if ref.get("teacher") is not None:
         ax.axhline(ref["teacher"], color="tab:blue", linestyle="--", linewidth=1, label=f"teacher {metric}")
@@ -223,8 +223,76 @@ def pareto_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
     ax.set_ylabel(metric)
     ax.set_title(f"{data.get('run')} on {data['profile']['name']}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.margins(x=0.15, y=0.2)  # room for the labels around the outermost points
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    labels = place_labels(fig, ax, pts, [str(r["name"]) for r in rows])
+    return fig, labels
+
+
+# Where a label may go, in points from its point: the nearest ring first, eight directions per ring.
+_RINGS = (6, 14, 24, 36, 50, 66, 84, 104, 126)
+_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def text_box(label: Any, renderer: Any) -> Any:
+    """The display box of a label's text alone (an annotation's own extent includes its leader line)."""
+    from matplotlib.text import Text
+
+    label.update_positions(renderer)
+    return Text.get_window_extent(label, renderer)
+
+
+def place_labels(fig: Any, ax: Any, pts: list[tuple[float, float]], names: list[str]) -> list[Any]:
+    """Name every point where its label overlaps no other label, no point and the legend: the
+    nearest free spot around it, joined to it by a thin line when it sits away from the point.
+    Crowded points (a float and an int8 model a few microseconds apart) stay readable."""
+    renderer = fig.canvas.get_renderer()
+    area = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    taken = [legend.get_window_extent(renderer)] if legend is not None else []
+    marks = [ax.transData.transform(p) for p in pts]
+    pad = 5.0  # pixels around a marker no label may cover
+
+    def free(box) -> bool:
+        if box.x0 < area.x0 or box.x1 > area.x1 or box.y0 < area.y0 or box.y1 > area.y1:
+            return False
+        if any(box.overlaps(t) for t in taken):
+            return False
+        return not any(box.x0 - pad < mx < box.x1 + pad and box.y0 - pad < my < box.y1 + pad for mx, my in marks)
+
+    labels = []
+    order = sorted(range(len(pts)), key=lambda i: (pts[i][0], -pts[i][1]))
+    for i in order:
+        chosen = None
+        for ring in _RINGS:
+            for dx, dy in _DIRECTIONS:
+                text = ax.annotate(
+                    names[i], pts[i], textcoords="offset points", xytext=(dx * ring, dy * ring), fontsize=8,
+                    ha={1: "left", -1: "right", 0: "center"}[dx], va={1: "bottom", -1: "top", 0: "center"}[dy],
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6} if ring > _RINGS[0] else None,
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+                )
+                box = text_box(text, renderer)
+                if free(box):
+                    chosen = (text, box)
+                    break
+                text.remove()
+            if chosen:
+                break
+        if chosen is None:  # no free spot anywhere near: beside the point, as before
+            text = ax.annotate(names[i], pts[i], textcoords="offset points", xytext=(4, 4), fontsize=8)
+            chosen = (text, text_box(text, renderer))
+        taken.append(chosen[1])
+        labels.append(chosen[0])
+    return labels
+
+
+def pareto_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """(png bytes, None), or (None, why no plot)."""
+    fig, labels = pareto_figure(data)
+    if fig is None:
+        return None, labels
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue(), None

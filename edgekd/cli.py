@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgekd import __version__, warnings_log
 from edgekd.errors import EdgeKDError
-from edgekd.progress import console
+from edgekd.progress import console, error_console
 
 app = typer.Typer(
     name="edgekd",
@@ -35,6 +36,20 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set distill.temperature=4 (repeatable)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run stages again even when unchanged.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"edgekd {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print edgekd's version and exit.")] = False,
+) -> None:
+    """Take a big accurate model and ship a small fast one to the edge."""
 
 
 def _setup_runtime(recipe) -> None:
@@ -111,7 +126,9 @@ def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] 
         recipe = load_recipe_or_run(recipe_src, overrides + one_off)
         run_folder = RunFolder(recipe.run_dir())
         had_recipe = run_folder.recipe_path.is_file()
+        warnings_log.sink.attach(run_folder.root)  # the libraries' warnings go to RUN/logs/warnings.log
         _setup_runtime(recipe)
+        warnings_log.route_library_logs()  # torch and transformers, imported just now, log on their own
         if not from_folder:
             saved = load_recipe_or_run(recipe_src, overrides) if one_off else recipe
         else:
@@ -124,6 +141,7 @@ def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] 
         record["recipe_saved"] = saved is not None
         ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
         print_summary(ctx.run)
+        _say_warnings_kept()
         status, code = "ok", 0
         return recipe, ctx
     except KeyboardInterrupt:
@@ -133,12 +151,20 @@ def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] 
         error, code = f"{type(e).__name__}: {e}", 2 if isinstance(e, EdgeKDError) else 1
         raise
     finally:
+        warnings_log.sink.flush()
         if run_folder is not None and run_folder.root.is_dir() and _is_main_process():
             record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           seconds=round(time.perf_counter() - t0, 2), status=status, exit_code=code, error=error)
             if status != "ok":  # run_stages saves a first recipe once a stage has finished, even on failure
                 record["recipe_saved"] = not had_recipe and run_folder.recipe_path.is_file()
             run_folder.append_invocation(record)
+
+
+def _say_warnings_kept() -> None:
+    sink = warnings_log.sink
+    sink.flush()
+    if sink.count and sink.path is not None and sink.path.is_file():
+        console.print(f"[dim]{sink.count} library warning(s) kept out of the console: {sink.path}[/]")
 
 
 def _is_main_process() -> bool:
@@ -248,7 +274,7 @@ def bench(
     # Results live under bench/<the profile's own name>, which for a YAML path is not the path.
     rec = ctx.run.stage_record("bench") or {}
     profile = (rec.get("metrics") or {}).get("profile") or used.bench.profile
-    sys.stdout.write(bench_report(used.run_dir(), profile=profile) + "\n")
+    print_markdown(bench_report(used.run_dir(), profile=profile))
 
 
 @app.command()
@@ -264,6 +290,7 @@ def serve(
 
     Settings, highest first: these flags, EDGEKD_SERVE_* variables, the run's recipe (serve section), defaults.
     Without --target, a run with several exports serves the quantize stage's recommended one."""
+    warnings_log.uninstall()  # a server's warnings and logs stay where its operator looks for them
     from edgekd.recipe import ServeConfig
     from edgekd.serving import ServeSettings
     from edgekd.serving import serve as start
@@ -351,31 +378,54 @@ def report(
     if (run_dir / "bench").is_dir():
         from edgekd.devices.tables import report as bench_report
 
-        sys.stdout.write(bench_report(run_dir, compare=compare, profile=device) + "\n")
+        print_markdown(bench_report(run_dir, compare=compare, profile=device))
 
 
-def _quiet_third_party_logs() -> None:
-    """The command owns its process, so it may quiet import-time chatter of libraries it does not control
-    (torchao's optional CUDA kernels, torch's pytree deprecation notices). Library code never does this."""
-    import logging
+def print_markdown(text: str) -> None:
+    """A markdown report (the bench table) rendered to fit the console: wide tables wrap in their cells."""
+    from rich.markdown import Markdown
 
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    console.print(Markdown(text))
+
+
+@app.command()
+def devices() -> None:
+    """List the shipped device profiles (for `edgekd bench --device NAME` and `bench.profile`)."""
+    from rich.table import Table
+
+    from edgekd.devices.profiles import list_profiles, load_profile
+
+    table = Table(title="device profiles (or pass the path of your own profile YAML)", title_justify="left")
+    for col in ("name", "processor", "targets", "runtimes", "reach"):
+        table.add_column(col, overflow="fold", no_wrap=col == "name")
+    for name in list_profiles():
+        p = load_profile(name, detect=False)
+        conn = p.connection
+        if conn.kind == "ssh":
+            reach = f"ssh {conn.user + '@' if conn.user else ''}{conn.host}" + (f":{conn.port}" if conn.port != 22 else "")
+        elif conn.kind == "manual":
+            reach = f"by hand with {conn.tool} (edgekd writes the steps)"
+        else:
+            reach = "this machine"
+        processor = "this machine's CPU (detected when benchmarking)" if p.auto_detect else p.processor
+        table.add_row(name, processor, ", ".join(p.targets), ", ".join(p.runtimes), reach)
+    console.print(table)
 
 
 def main() -> None:
     global _ARGV
     _ARGV = sys.argv[1:]
-    _quiet_third_party_logs()
+    warnings_log.install()  # the command owns its process: libraries' warnings go to the run's log
     try:
         app()
     except EdgeKDError as e:
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] {escape(str(e))}")  # messages hold brackets: 'edgekd[yolo]'
+        error_console.print(f"[bold red]error:[/] {escape(str(e))}")  # messages hold brackets: 'edgekd[yolo]'
 
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished epochs are checkpointed; run the same command to resume.")
+        error_console.print("[yellow]interrupted[/]: finished epochs are checkpointed; run the same command to "
+                            "resume.")
         sys.exit(130)
 

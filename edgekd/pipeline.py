@@ -7,6 +7,7 @@ import time
 from edgekd import __version__
 from edgekd.context import RunContext
 from edgekd.errors import StageError
+from edgekd.progress import activity
 from edgekd.recipe import Recipe
 from edgekd.runfolder import atomic_write_text, environment
 from edgekd.stages.base import Stage
@@ -14,6 +15,7 @@ from edgekd.stages.bench import bench_fingerprint, run_bench
 from edgekd.stages.export import export_fingerprint, run_export
 from edgekd.stages.quantize import quantize_fingerprint, run_quantize
 from edgekd.tasks import get_family
+from edgekd.warnings_log import route_library_logs
 
 # The stage table: every stage by name, in the one order they run. A task family supplies the
 # stages of TASK_STAGES (edgekd/tasks/<family>/family.py); the shared ones are SHARED_STAGES.
@@ -93,6 +95,7 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
         raise StageError(f"task '{recipe.task}' has no stage(s) {', '.join(unknown)}; its stages: {', '.join(table)}.")
     t0 = time.perf_counter()
     finished = False
+    ran: list[str] = []  # the stages this command ran (the others were unchanged): the summary says which
     try:
         for name in todo:
             stage = table[name]
@@ -100,8 +103,11 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
                 ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
                 continue
             s0 = time.perf_counter()
-            stage.run(ctx)
+            route_library_logs()  # libraries imported by the stages before this one add their own handlers
+            with activity(name):
+                stage.run(ctx)
             finished = True
+            ran.append(name)
             ctx.say(f"[green]{name}[/]: done in {time.perf_counter() - s0:.1f} s")
         if ctx.is_main and save_recipe is not None:
             atomic_write_text(ctx.run.recipe_path, save_recipe.to_yaml())
@@ -115,7 +121,7 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     if ctx.is_main:
         from accelerate import PartialState
 
-        ctx.run.update_top(last_invocation={"stages": todo, "seconds": round(time.perf_counter() - t0, 2),
+        ctx.run.update_top(last_invocation={"stages": todo, "ran": ran, "seconds": round(time.perf_counter() - t0, 2),
                                             "processes": PartialState().num_processes})
     return ctx
 

@@ -1,7 +1,17 @@
-"""The summary table printed at the end of a run (and by `edgekd report`)."""
+"""The summary printed at the end of a command and by `edgekd report`, built from the manifest alone.
+
+One table of every stage the run folder holds (what the last command did with it, its time and its
+headline: accuracy, what pruning removed, export parity, the quantize guard's decisions, the fastest
+benchmarked model), the accuracy table of the eval stage, then the artifact to ship and the command
+that serves it. The end of `edgekd run` and `edgekd report RUN` print the same thing.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
 from rich.table import Table
 
 from edgekd.progress import console
@@ -22,7 +32,7 @@ def detection_table(run: RunFolder) -> Table | None:
         return None
     table = Table(title=f"edgekd run '{run.root.name}': test split ({ev['summary']['test_images']} images)")
     for col in ("model", "params", "size MB", "mAP@0.5:0.95 %", "mAP@0.5 %", "train s"):
-        table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")
     for name in ("teacher", "student", "baseline"):
         m = ev.get(name)
         if not m:
@@ -61,7 +71,7 @@ def summary_table(run: RunFolder) -> Table | None:
     table = Table(title=f"edgekd run '{run.root.name}': test split ({ev['summary']['test_examples']} examples)")
     for col in ("model", "layers", "params", "size MB", "accuracy %", "macro-F1 %", "agrees w/ teacher %",
                 "train s"):
-        table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")
     for name in ("teacher", "student", "baseline"):
         m = ev.get(name)
         if not m:
@@ -76,14 +86,271 @@ def summary_table(run: RunFolder) -> Table | None:
     return table
 
 
+# --- every stage ----------------------------------------------------------------------------------
+
+STAGE_ORDER = ("teacher", "distill", "baseline", "eval", "prune", "export", "quantize", "bench")
+
+
+def primary_metric(manifest: dict[str, Any]) -> tuple[str, str]:
+    """(key, name) of the metric the run is judged by (recorded in the manifest; older runs: by task)."""
+    from edgekd.devices.tables import METRIC_LABELS
+
+    key = manifest.get("primary_metric") or ("map50_95" if manifest.get("task") == "detection" else "accuracy")
+    return key, METRIC_LABELS.get(key, key)
+
+
+def _m(metrics: dict | None, key: str) -> str:
+    v = (metrics or {}).get(key)
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s:.1f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def _train_line(met: dict, key: str, name: str, what: str) -> str:
+    parts = [what] if what else []
+    if met.get("params") is not None:
+        parts.append(f"{_params(met['params'])} params")
+    if met.get("validation"):
+        parts.append(f"validation {name} {_m(met['validation'], key)}")
+    return "; ".join(parts)
+
+
+def _teacher(met: dict, key: str, name: str) -> str:
+    what = "fine-tuned" if met.get("finetuned") else "used as given (has its task head)"
+    return _train_line(met, key, name, what)
+
+
+def _student(stage: str):
+    def line(met: dict, key: str, name: str) -> str:
+        layers = met.get("layers_from_teacher")
+        what = "distilled from the teacher" if stage == "distill" else "hard labels only (no teacher)"
+        if layers:
+            what += f", teacher layers {layers}"
+        return _train_line(met, key, name, what)
+
+    return line
+
+
+def _eval(met: dict, key: str, name: str) -> str:
+    s = met.get("summary") or {}
+    n = s.get("test_examples") or s.get("test_images")
+    who = [f"{w} {_m(met.get(w), key)}" for w in ("teacher", "student", "baseline") if met.get(w)]
+    return f"test {name}: " + ", ".join(who) + (f" ({n} {'images' if 'test_images' in s else 'examples'})" if n else "")
+
+
+STRUCTURES = {"heads_per_layer": "attention heads", "neurons_per_layer": "FFN neurons"}
+
+
+def _structure(before: dict, after: dict) -> list[str]:
+    """What pruning removed, per structure it counts (heads, FFN neurons, channels...)."""
+    out = []
+    for k, b in before.items():
+        a = after.get(k)
+        what = STRUCTURES.get(k, k.removesuffix("_per_layer").replace("_", " "))
+        if isinstance(b, list) and isinstance(a, list) and all(isinstance(x, (int, float)) for x in b + a):
+            if sum(b) != sum(a):
+                out.append(f"{what} {sum(b):g} → {sum(a):g}")
+        elif isinstance(b, (int, float)) and isinstance(a, (int, float)) and b != a and k != "encoder_params":
+            out.append(f"{what} {b:g} → {a:g}")
+    return out
+
+
+def _prune(met: dict, key: str, name: str) -> str:
+    lines = []
+    b, a = met.get("params_before"), met.get("params_after")
+    head = f"{met.get('method', 'prune')}: params {_params(b)} → {_params(a)}"
+    if b and a is not None:
+        head += f" ({100 * (1 - a / b):.0f}% removed)"
+    pb, pa = met.get("prunable_params_before"), met.get("prunable_params_after")
+    if pb and pa is not None:
+        head += f"; prunable part (encoder) {_params(pb)} → {_params(pa)} ({100 * (1 - pa / pb):.0f}% removed)"
+    lines.append(head)
+    removed = _structure(met.get("before") or {}, met.get("after") or {})
+    if removed:
+        lines.append("; ".join(removed))
+    v = met.get("vocab")
+    if v:
+        lines.append(f"vocabulary {v.get('vocab_before')} → {v.get('vocab_after')} tokens")
+    if met.get("metric_before") or met.get("metric_after"):
+        lines.append(f"validation {name} {_m(met.get('metric_before'), key)} → {_m(met.get('metric_after'), key)}")
+    if met.get("target_reached") is False:
+        lines.append(f"target NOT reached ({met.get('stopped') or met.get('target')})")
+    return "\n".join(lines)
+
+
+def _parity(p: dict | None) -> str:
+    if not p:
+        return "no parity check"
+    if not p.get("ran"):
+        return f"parity not run: {p.get('reason')}"
+    bits = []
+    if p.get("top1_agreement") is not None:
+        bits.append(f"top-1 {100 * p['top1_agreement']:.1f}%")
+    if p.get("box_agreement") is not None:
+        bits.append(f"boxes {100 * p['box_agreement']:.1f}%")
+    if p.get("max_abs_diff") is not None:
+        bits.append(f"max diff {p['max_abs_diff']:.1e}")
+    return f"parity {'ok' if p.get('passed', True) else 'FAILED'} ({', '.join(bits)})"
+
+
+def _export(met: dict, key: str, name: str) -> str:
+    lines = []
+    for target, rec in (met.get("targets") or {}).items():
+        status = rec.get("status")
+        if status == "ok":
+            lines.append(f"{target}: {rec.get('precision', '')} {_parity(rec.get('parity'))}".replace("  ", " "))
+        else:
+            lines.append(f"{target}: {status}: {(rec.get('reason') or '').splitlines()[0] if rec.get('reason') else ''}")
+    src = met.get("source_stage")
+    if src:
+        lines.append(f"source: the {'pruned' if src == 'prune' else 'distilled'} student")
+    return "\n".join(lines)
+
+
+def _quantize(met: dict, key: str, name: str) -> str:
+    lines = []
+    guard = met.get("accuracy_guard")
+    if guard:
+        g_name = guard.get("metric", key)
+        drop, budget = guard.get("drop"), guard.get("budget")
+        verdict = "passed" if guard.get("passed") else "FAILED"
+        tries = len(guard.get("attempts") or [])
+        line = (f"{met.get('precision') or met.get('method')} ({met.get('candidate')}): accuracy guard {verdict}"
+                f" after {tries} attempt{'s' if tries != 1 else ''}")
+        if drop is not None and budget is not None:
+            line += f", {g_name} drop {100 * drop:.2f} pts (budget {100 * budget:.2f})"
+        lines.append(line)
+        kept = [n if isinstance(n, str) else f"{n.get('node')} ({n.get('op_type') or n.get('op') or '?'})"
+                for n in guard.get("float_nodes") or []]
+        lines.append(f"kept in float: {', '.join(kept)}" if kept else "kept in float: none")
+    for c in met.get("candidates") or []:
+        if not c.get("chosen") and c.get("name") != met.get("candidate"):
+            lines.append(f"rejected {c.get('name')}: {c.get('why')}")
+    speed = met.get("speed_guard") or {}
+    if speed.get("speedup") is not None:
+        lines.append(f"speed: ×{speed['speedup']:.2f} vs float at batch {speed.get('batch', 1)}")
+    test = met.get("test") or {}
+    if test.get("float") and test.get("quantized"):
+        lines.append(f"test {name}: float {_m(test['float'], key)}, quantized {_m(test['quantized'], key)}")
+    if met.get("recommended"):
+        rec = f"recommended: {met['recommended']} ({Path(str(met.get('recommended_dir', ''))).name})"
+        if met.get("reasons"):
+            rec += ": " + "; ".join(met["reasons"])
+        lines.append(rec)
+    for target, r in (met.get("targets") or {}).items():
+        lines.append(f"{target}: " + ("written" if r.get("written", True) else f"not written: {r.get('reason')}"))
+    return "\n".join(lines)
+
+
+def _bench(met: dict, key: str, name: str) -> str:
+    models = met.get("models") or {}
+    timed = {n: r for n, r in models.items() if r.get("p50_ms") is not None}
+    head = met.get("headline") or {}
+    where = f"{met.get('profile')}, batch {head.get('batch')}"
+    if head.get("seq") is not None:
+        where += f", {'real lengths' if head['seq'] == 'real' else 'sequence ' + str(head['seq'])}"
+    lines = [f"{where}: {len(timed)} of {len(models)} models timed"]
+    if timed:
+        fast = min(timed, key=lambda n: timed[n]["p50_ms"])
+        r = timed[fast]
+        lines.append(f"fastest: {fast}, {r['p50_ms']:.3f} ms p50, {name} {_m({key: r.get('accuracy')}, key)}")
+    skipped = [n for n, r in models.items() if r.get("status") not in (None, "ok")]
+    if skipped:
+        lines.append(f"not timed: {', '.join(skipped)} (see the bench table's notes)")
+    return "\n".join(lines)
+
+
+HEADLINES = {"teacher": _teacher, "distill": _student("distill"), "baseline": _student("baseline"), "eval": _eval,
+             "prune": _prune, "export": _export, "quantize": _quantize, "bench": _bench}
+
+
+def stages_table(run: RunFolder) -> Table | None:
+    """Every stage the run folder holds: what the last command did with it, its time, its headline."""
+    manifest = run.manifest()
+    stages = manifest.get("stages") or {}
+    if not stages:
+        return None
+    key, name = primary_metric(manifest)
+    last = manifest.get("last_invocation") or {}
+    ran, planned = set(last.get("ran") or []), set(last.get("stages") or [])
+    table = Table(title=f"edgekd run '{run.root.name}': stages", title_justify="left")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("last command", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("result", overflow="fold")
+    order = [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
+    for stage in order:
+        rec = stages[stage]
+        if stage in ran:
+            now = "ran"
+        elif stage in planned:
+            now = "unchanged" if "ran" in last else "ran or unchanged"
+        else:
+            now = "earlier"
+        fn = HEADLINES.get(stage)
+        try:
+            text = fn(rec.get("metrics") or {}, key, name) if fn else ""
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # an older manifest's shape
+            text = f"(summary unavailable: {type(e).__name__}: {e}; see manifest.json)"
+        table.add_row(stage, now, _seconds(rec.get("seconds")), escape(text))
+    return table
+
+
+def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:
+    """(export folder name, why) of what to ship, by the rule `edgekd serve` follows without --target:
+    the quantize stage's recommendation, else the run's only export."""
+    stages = run.manifest().get("stages") or {}
+    q = (stages.get("quantize") or {}).get("metrics") or {}
+    if q.get("recommended_dir"):
+        why = f"the quantize stage's recommendation ({q.get('recommended')})"
+        if q.get("reasons"):
+            why += ": " + "; ".join(q["reasons"])
+        return Path(str(q["recommended_dir"])).name, why
+    targets = ((stages.get("export") or {}).get("metrics") or {}).get("targets") or {}
+    ok = [t for t, r in targets.items() if r.get("status") == "ok"]
+    if len(ok) == 1:
+        return ok[0], "the run's only export"
+    if ok:
+        return None, f"several exports ({', '.join(ok)}) and no quantize recommendation: choose one"
+    return None, "no export yet (run `edgekd export`)"
+
+
 def print_summary(run: RunFolder) -> None:
-    detection = run.manifest().get("task") == "detection"
-    table = detection_table(run) if detection else summary_table(run)
-    if table is None:
-        console.print(f"{run.root}: no evaluation yet (run `edgekd eval`).")
+    """The stages, the accuracy table, and what to ship and how to serve it."""
+    manifest = run.manifest()
+    stages = stages_table(run)
+    if stages is None:
+        console.print(f"{run.root}: no stage has finished yet (run `edgekd run`).")
         return
-    console.print(table)
-    s = run.manifest()["stages"]["eval"]["metrics"]["summary"]
-    for line in _detection_lines(s) if detection else _text_lines(s):
-        console.print(line)
-    console.print(f"run folder: {run.root}  (manifest: {run.manifest_path})")
+    console.print(stages)
+    detection = manifest.get("task") == "detection"
+    table = detection_table(run) if detection else summary_table(run)
+    if table is not None:
+        console.print(table)
+        s = manifest["stages"]["eval"]["metrics"]["summary"]
+        for line in _detection_lines(s) if detection else _text_lines(s):
+            console.print(line)
+    else:
+        console.print("no evaluation yet (run `edgekd eval`).")
+    if "export" in (manifest.get("stages") or {}):
+        target, why = shipped_artifact(run)
+        if target:
+            console.print(f"ship: [bold]{escape(str(run.root / 'export' / target))}[/] ({escape(why)})")
+            console.print(f"serve it: [bold]edgekd serve {escape(str(run.root))} --target {escape(target)}[/]")
+        else:
+            console.print(f"ship: {escape(why)}")
+    bench = ((manifest.get("stages") or {}).get("bench") or {}).get("metrics") or {}
+    if bench.get("dir"):
+        console.print(f"bench table: {escape(str(Path(bench['dir']) / 'table.md'))}")
+    console.print(f"run folder: {escape(str(run.root))}  (manifest: {escape(str(run.manifest_path))})",
+                  soft_wrap=True)

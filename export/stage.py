@@ -50,6 +50,7 @@ from edgekd.export.base import (
     write_artifact_meta,
 )
 from edgekd.export.parity import check_parity
+from edgekd.progress import track
 from edgekd.runfolder import atomic_dir, sha256_file, sha256_tree
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ def export_all(
 
     records: dict[str, dict[str, Any]] = {}
     misses = []
-    for ex in exporters:
+    for ex in track(exporters, "export", label=lambda e: e.name):
         rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files,
                           agreement_fn)
         if "parity_misses" in rec:

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgekd.errors import StageError
 from edgekd.export.base import ARTIFACT_META, read_artifact_meta, write_artifact_meta
+from edgekd.progress import progress_bar, track
 from edgekd.quantization.calibration import n_rows, real_length_rows
 from edgekd.quantization.guard import Evaluator, MetricFn, choose_fastest, time_side_by_side
 from edgekd.quantization.onnx_methods import make_method
@@ -179,7 +180,7 @@ def quantize_onnx(
         names, dtypes = _graph_inputs(src)
         floats: dict[str, tuple[Path, dict[str, Any]]] = {}  # fuse -> (prepared float model, notes)
         results = []
-        for i, (name, c) in enumerate(setups):
+        for i, (name, c) in enumerate(track(setups, "quantize: candidates", label=lambda s: s[0])):
             if c.fuse not in floats:
                 floats[c.fuse] = _prepare_float(src, work, c, external, ev)
             prepared, notes = floats[c.fuse]
@@ -196,7 +197,9 @@ def quantize_onnx(
             if fuse != "none":
                 timed[f"float/fused-{fuse}"] = work / f"fused-{fuse}.onnx"
         timed.update({r["name"]: r["model"] for r in results})
-        speed = time_side_by_side(timed, rows, cfg.speed_runs, cfg.threads)
+        with progress_bar("quantize: timing float and quantized side by side", total=1) as bar:
+            speed = time_side_by_side(timed, rows, cfg.speed_runs, cfg.threads)
+            bar.advance()
         table = [{"name": r["name"], "passed": r["guard"]["passed"], "drop": r["guard"]["drop"],
                   "metric": r["guard"]["quantized_metric"], "p50_ms": speed[r["name"]]["p50_ms"]}
                  for r in results]
@@ -334,7 +337,7 @@ def _sensitivity(method: Any, prepared: Path, work: Path, ev: Evaluator) -> list
     method.quantize(prepared, full, [])
     everything = ev.score(full, subset=True)
     ranking = []
-    for node, op in _nodes(prepared, method.candidate_ops):
+    for node, op in track(_nodes(prepared, method.candidate_ops), "quantize: sensitivity", label=lambda n: n[0]):
         path = work / "sens-one.onnx"
         method.quantize(prepared, path, [node])
         s = ev.score(path, subset=True)

@@ -43,6 +43,13 @@ def test_detection_run_writes_every_stage_with_map(tmp_path):
     assert list(manifest["stages"]) == ["teacher", "distill", "baseline", "eval", "prune", "export", "quantize",
                                         "bench"]
     assert manifest["task"] == "detection" and manifest["labels"] == ["circle", "square", "triangle", "cross"]
+    # The summary at the end names every stage that ran, judged by mAP, and says how to serve the result.
+    summary = res.output[res.output.index("edgekd run 'tiny-det': stages"):]
+    for stage in manifest["stages"]:
+        assert f"│ {stage} " in summary and f"│ {stage} " in summary.split("test split")[0], stage
+    assert "validation mAP@0.5:0.95" in summary and "test mAP@0.5:0.95: teacher" in summary
+    assert "onnx-nms:" in summary and "accuracy guard" in summary and "fastest:" in summary
+    assert f"serve it: edgekd serve {run} --target" in " ".join(summary.split())
     assert manifest["data"]["train"]["images"] == 48 and manifest["data"]["image_size"] == 64
 
     ev = manifest["stages"]["eval"]["metrics"]

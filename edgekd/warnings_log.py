@@ -1,0 +1,187 @@
+"""Libraries' warnings kept out of the console, in the run folder's ``logs/warnings.log``.
+
+The command line owns its process, so it decides where the libraries' notices go (torch's ONNX
+exporter, FutureWarnings, transformers' config messages): into ``RUN/logs/warnings.log``, not
+between the progress lines. edgekd's own warnings and log warnings stay on the console.
+``EDGEKD_SHOW_WARNINGS=1`` shows every warning on the console as well. Library code never calls
+:func:`install`; only ``edgekd.cli.main`` does.
+
+A warning is edgekd's when the code that called ``warnings.warn`` is an ``edgekd`` module (wherever
+``stacklevel`` points it); a log record is edgekd's when its logger is ``edgekd`` or below it.
+What arrives before the run folder exists (imports, recipe loading) waits in memory and is written
+once the folder is there; a command without a run folder drops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from edgekd.progress import console
+
+LOG_FILE = Path("logs") / "warnings.log"
+MAX_WAITING = 5000  # lines held before a run folder exists; older ones are dropped beyond this
+
+
+def is_own(module: str | None) -> bool:
+    return module is not None and (module == "edgekd" or module.startswith("edgekd."))
+
+
+def show_everything() -> bool:
+    return os.environ.get("EDGEKD_SHOW_WARNINGS", "") not in ("", "0")
+
+
+class WarningsLog:
+    """Lines for ``RUN/logs/warnings.log``: appended as they come once a run folder is attached."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._root: Path | None = None
+        self._waiting: list[str] = []
+        self.count = 0  # lines added since the last attach
+
+    @property
+    def path(self) -> Path | None:
+        return None if self._root is None else self._root / LOG_FILE
+
+    def attach(self, run_root: str | Path) -> None:
+        """Write to ``run_root/logs/warnings.log`` from now on (once ``run_root`` exists)."""
+        with self._lock:
+            self._root, self.count = Path(run_root), len(self._waiting)
+        self.flush()
+
+    def add(self, text: str) -> None:
+        stamp = datetime.now().isoformat(timespec="seconds")
+        with self._lock:
+            self.count += 1
+            self._waiting.append(f"{stamp} {text.rstrip()}\n")
+            del self._waiting[:-MAX_WAITING]
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._root is None or not self._root.is_dir() or not self._waiting:
+                return
+            path = self._root / LOG_FILE
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:  # a log: appended, not swapped atomically
+                    f.writelines(self._waiting)
+            except OSError as e:  # a read-only run folder: the warnings are shown rather than lost
+                self._root = None
+                sys.stderr.write(f"edgekd: cannot write {path} ({e}); library warnings follow here\n")
+                sys.stderr.writelines(self._waiting)
+            self._waiting.clear()
+
+
+sink = WarningsLog()
+
+
+def _caller_module() -> str | None:
+    """The module whose code called ``warnings.warn`` (skipping the warnings machinery and this module)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") in ("warnings", __name__):
+        frame = frame.f_back
+    return None if frame is None else frame.f_globals.get("__name__")
+
+
+def _say(text: str) -> None:
+    console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
+
+
+def showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for the command: edgekd's on the console, the libraries' in the log."""
+    own = is_own(_caller_module())
+    if own or show_everything():
+        _say(str(message) if own else f"{category.__name__}: {message} ({filename}:{lineno})")
+    if not own:
+        sink.add(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+class _ToConsoleOrLog(logging.Handler):
+    """The root logger's handler: edgekd's warnings to the console, the libraries' to the log
+    (their errors to the console too: those are news, not noise)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if is_own(record.name):
+                _say(record.getMessage())
+                return
+            sink.add(self.format(record))
+            if record.levelno >= logging.ERROR or show_everything():
+                _say(f"{record.name}: {record.getMessage()}")
+        except Exception:
+            self.handleError(record)
+
+
+class _DivertWarnings(logging.Filter):
+    """On a library's own console handler: its WARNING records go to the log instead."""
+
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if is_own(record.name) or not logging.WARNING <= record.levelno < logging.ERROR or show_everything():
+            return True
+        sink.add(self.formatter.format(record))
+        return False
+
+
+_divert = _DivertWarnings()
+_root_handler = _ToConsoleOrLog()
+
+
+_installed = False
+
+
+def route_library_logs() -> None:
+    """Put the diversion on every library logger's console handler that exists now (torch and
+    transformers add their own when imported: call again after importing them). Does nothing
+    unless :func:`install` ran (a library caller keeps its own logging as it is)."""
+    if not _installed:
+        return
+    streams = {id(s) for s in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__) if s is not None}
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger) or is_own(logger.name):
+            continue
+        for h in logger.handlers:
+            if (isinstance(h, logging.StreamHandler) and id(getattr(h, "stream", None)) in streams
+                    and _divert not in h.filters):
+                h.addFilter(_divert)
+
+
+def uninstall() -> None:
+    """Give warnings and logging back to Python's defaults (`edgekd serve`: a server's log is its own)."""
+    global _installed
+    _installed = False
+    warnings.showwarning = _original_showwarning
+    logging.getLogger().removeHandler(_root_handler)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for h in getattr(logger, "handlers", []):
+            h.removeFilter(_divert)
+
+
+_original_showwarning = warnings.showwarning
+
+
+def install() -> None:
+    """Route warnings and log records as above, for the rest of the process."""
+    global _installed
+    _installed = True
+    warnings.showwarning = showwarning
+    root = logging.getLogger()
+    if _root_handler not in root.handlers:
+        root.addHandler(_root_handler)
+    route_library_logs()

@@ -1,0 +1,111 @@
+"""The summary at the end of a command and from `edgekd report`: every stage the run folder holds,
+with its headline, built from the manifest alone."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+from edgekd import report
+from edgekd.cli import app
+from edgekd.runfolder import RunFolder
+from edgekd.testing import tiny_recipe
+
+STAGES = ("teacher", "distill", "baseline", "eval", "prune", "export", "quantize", "bench")
+
+
+def _summary_text(run: RunFolder, monkeypatch) -> str:
+    out = io.StringIO()
+    monkeypatch.setattr(report, "console", Console(file=out, width=160))
+    report.print_summary(run)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_teacher_dir):
+    """A tiny text run through every stage (prune, ONNX export, guarded int8, bench) and its output."""
+    from edgekd.testing import write_sentiment_csv
+
+    tmp = tmp_path_factory.mktemp("full-run")
+    csv = write_sentiment_csv(tmp / "reviews.csv", n=240, seed=1)
+    recipe = tiny_recipe(tmp, tiny_teacher_dir, csv,
+                         teacher={"finetune": {"epochs": 2, "batch_size": 32, "lr": 3e-3}},
+                         distill={"train": {"epochs": 1, "batch_size": 32, "lr": 2e-3}},
+                         prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5},
+                         export={"targets": ["onnx"]}, quantize={"enabled": True, "speed_runs": 5},
+                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False})
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    return tmp / "runs" / "tiny", res.output
+
+
+@pytest.mark.slow
+def test_the_end_of_a_run_names_every_stage_with_its_headline(full_run):
+    run, output = full_run
+    table = output[output.index("edgekd run 'tiny': stages"):output.index("test split")]
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip()}
+    assert set(rows) == set(STAGES)
+    assert all(rows[s].split("│")[2].strip() == "ran" for s in STAGES)  # the first command ran them all
+    assert "heads-ffn: params" in table and "removed" in table and "attention heads" in table
+    assert "onnx: fp32 parity ok" in table and "source: the pruned student" in table
+    assert "accuracy guard" in table and "kept in float:" in table and "recommended:" in table
+    assert "fastest: onnx" in table
+    assert f"serve it: edgekd serve {run} --target onnx" in output.replace("\n", " ") or \
+        f"serve it: edgekd serve {run} --target onnx-int8" in output.replace("\n", " ")
+
+
+@pytest.mark.slow
+def test_report_prints_the_same_summary_and_a_rerun_says_unchanged(full_run):
+    run, output = full_run
+    summary = output[output.index("edgekd run 'tiny': stages"):]
+    res = CliRunner().invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(summary)
+    assert "Bench: tiny on local" in res.output  # the bench table, rendered on the same stream
+    again = CliRunner().invoke(app, ["run", str(run)])
+    assert again.exit_code == 0, again.output
+    stages = again.output[again.output.index("edgekd run 'tiny': stages"):again.output.index("test split")]
+    rows = [line.split("│") for line in stages.splitlines() if line.startswith("│ ")]
+    assert {r[1].strip(): r[2].strip() for r in rows if r[1].strip() in STAGES} == dict.fromkeys(STAGES, "unchanged")
+
+
+def test_guard_decisions_and_a_rejected_candidate_are_in_the_summary(tmp_path, monkeypatch):
+    """The guard kept two MatMuls in float and rejected the static candidate: the summary says so."""
+    run = RunFolder(tmp_path / "r")
+    run.root.mkdir()
+    run.record("export", "fp", {"source_stage": "distill", "targets": {
+        "onnx": {"status": "ok", "precision": "fp32", "parity": {"ran": True, "passed": True, "top1_agreement": 1.0,
+                                                                  "max_abs_diff": 2e-6}},
+        "coreml": {"status": "unavailable", "reason": "coremltools is not installed\nmore"}}}, seconds=3.0)
+    guard = {"metric": "accuracy", "budget": 0.01, "passed": True, "drop": 0.004,
+             "attempts": [{"float_nodes": []}, {"float_nodes": ["mm_a"]}, {"float_nodes": ["mm_a", "mm_b"]}],
+             "float_nodes": [{"node": "/layer.0/MatMul", "op_type": "MatMul"},
+                             {"node": "/layer.1/MatMul", "op_type": "MatMul"}]}
+    run.record("quantize", "fp", {
+        "method": "dynamic", "candidate": "dynamic", "precision": "int8-dynamic", "accuracy_guard": guard,
+        "speed_guard": {"batch": 1, "speedup": 1.8},
+        "candidates": [{"name": "dynamic", "chosen": True, "why": "chosen: fastest within the budget"},
+                       {"name": "static/per-channel", "chosen": False,
+                        "why": "rejected: accuracy drop 0.031 above the budget 0.01"}],
+        "test": {"float": {"accuracy": 0.9}, "quantized": {"accuracy": 0.895}},
+        "recommended": "quantized", "recommended_dir": str(run.root / "export" / "onnx-int8"), "reasons": []},
+        seconds=12.0)
+    text = _summary_text(run, monkeypatch)
+    assert "accuracy guard passed after 3 attempts, accuracy drop 0.40 pts (budget 1.00)" in text
+    assert "kept in float: /layer.0/MatMul (MatMul), /layer.1/MatMul (MatMul)" in text
+    assert "rejected static/per-channel: rejected: accuracy drop 0.031 above the budget 0.01" in text
+    assert "coreml: unavailable: coremltools is not installed" in text and "more" not in text
+    assert "recommended: quantized (onnx-int8)" in text
+    assert f"serve it: edgekd serve {run.root} --target onnx-int8" in text
+    assert "no evaluation yet" in text
+
+
+def test_a_folder_without_stages_says_what_to_run(tmp_path, monkeypatch):
+    assert "no stage has finished yet (run `edgekd run`)" in _summary_text(RunFolder(tmp_path), monkeypatch)
