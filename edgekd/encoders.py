@@ -10,6 +10,11 @@ others from one block. Read off the installed transformers 4.57 modeling files.
 Fused and gated projections: a projection's output rows are laid out ``[groups, heads, head_dim]``
 (``qkv_groups``: 1 for separate q/k/v, 3 for a fused Wqkv) or ``[groups, neurons]`` for the FFN
 (``ffn_groups``: 2 for a gated FFN whose first linear holds input and gate halves, ModernBERT's Wi).
+
+Head removal (``head_removal``): "hf" through the model's own ``prune_heads``; "slice" sliced by edgekd,
+layer by layer; "uniform" sliced by edgekd with the same heads in every layer, because a table outside
+the blocks holds one column per head for all of them (``shared_head_tables``, MPNet's relative-position
+bias), which is sliced along; "none" refused (``no_head_removal_why``).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from torch import nn
 from edgekd.errors import RecipeError, StageError
 
 # Head removal: "hf" = the model's own prune_heads (config.pruned_heads, reloads with from_pretrained);
-# "slice" = edgekd slices the projections (config key below, reloads with load_pruned_model).
+# "slice" and "uniform" = edgekd slices the projections (config key below, reloads with load_pruned_model).
 SLICED_HEADS_KEY = "edgekd_pruned_heads"
+HeadRemoval = Literal["hf", "slice", "uniform", "none"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,12 @@ class EncoderFamily:
     ffn_groups: int = 1
     optional_head_projections: tuple[str, ...] = ()  # present with some configs only (DeBERTa pos_*_proj)
     inner: str | None = None  # ALBERT: each group -> its list of layers
-    head_removal: Literal["hf", "slice", "none"] = "hf"
+    head_removal: HeadRemoval = "hf"
     no_head_removal_why: str = ""
+    # head_removal "uniform": tables (paths from model.base_model, nn.Embedding) with one column per head
+    # shared by every layer, and why heads must therefore go from every layer alike
+    shared_head_tables: tuple[str, ...] = ()
+    uniform_heads_why: str = ""
     no_layer_copy_why: str = ""  # set: a student cannot be built by copying teacher layers
     attention_maps: bool = True  # output_attentions gives per-layer maps (eager attention)
     notes: str = ""
@@ -61,6 +71,16 @@ class EncoderFamily:
     @property
     def ffn_gated(self) -> bool:
         return self.ffn_groups > 1
+
+    @property
+    def heads_sliced(self) -> bool:
+        """edgekd slices the heads itself and records them in ``config.edgekd_pruned_heads``."""
+        return self.head_removal in ("slice", "uniform")
+
+    @property
+    def heads_uniform(self) -> bool:
+        """Heads can only be removed from every layer alike (the same original head ids)."""
+        return self.head_removal == "uniform"
 
 
 _BERT = dict(
@@ -115,13 +135,15 @@ FAMILIES: tuple[EncoderFamily, ...] = (
         attn_out="attention.attn.o", ffn_in="intermediate.dense", ffn_out="output.dense",
         heads_owner="attention.attn", heads_attrs=("num_attention_heads", "all_head_size"),
         layers_key="num_hidden_layers", heads_key="num_attention_heads", ffn_key="intermediate_size",
-        head_removal="none",
-        no_head_removal_why=(
+        head_removal="uniform", shared_head_tables=("encoder.relative_attention_bias",),
+        uniform_heads_why=(
             "MPNet adds one relative-position bias per head from a single table shared by all layers "
-            "(mpnet.encoder.relative_attention_bias, one column per head); removing heads in a layer would "
-            "misalign that bias (transformers' own prune_heads leaves it full-size and the forward fails). "
-            "Set prune.prune_heads: false to prune FFN neurons only."
+            "(mpnet.encoder.relative_attention_bias, one column per head), so a head can only go from every "
+            "layer at once, together with its column (transformers' own prune_heads leaves the table "
+            "full-size and the forward fails)"
         ),
+        notes="heads are removed uniformly: the same heads from every layer and their columns of the shared "
+        "relative-position bias table (heads-ffn ranks heads by their importance summed over layers)",
     ),
     EncoderFamily(
         "modernbert", ("modernbert",), blocks="layers",
@@ -282,6 +304,8 @@ def describe_families() -> list[dict[str, str]]:
             "family": f.name, "model_type": ", ".join(f.model_types), "blocks": f.blocks,
             "qkv": "fused" if f.qkv_fused else "separate", "ffn": "gated" if f.ffn_gated else "plain",
             "student by layer copy": "no" if f.no_layer_copy_why else "yes",
-            "head pruning": {"hf": "yes", "slice": "yes (edgekd slicing)", "none": "no"}[f.head_removal],
+            "head pruning": {"hf": "yes", "slice": "yes (edgekd slicing)",
+                             "uniform": "yes, the same heads in every layer (edgekd slicing)",
+                             "none": "no"}[f.head_removal],
         })
     return rows

@@ -10,6 +10,7 @@ from encoder_families import FAMILIES, batch, classifier
 from edgekd.encoders import blocks, build_student, family_of, verify_student
 from edgekd.errors import RecipeError, StageError
 from edgekd.pruning.encoder import Encoder, load_pruned_model
+from edgekd.recipe import PruneConfig
 
 COPYABLE = [f for f in FAMILIES if f != "albert"]
 
@@ -98,9 +99,9 @@ def test_heads_and_ffn_pruning_shrinks_the_model_and_it_reloads(family, tmp_path
     assert [len(s) for s in h_scores] == heads0 and [len(s) for s in n_scores] == neurons0
     enc.remove_neurons({i: list(range(0, n, 2)) for i, n in enumerate(neurons0)})
     assert enc.neurons() == [n // 2 for n in neurons0]
-    if family == "mpnet":
-        with pytest.raises(StageError, match="relative-position bias"):
-            enc.remove_heads({0: [1]})
+    if family == "mpnet":  # heads go uniformly (shared relative-position bias): see the MPNet tests below
+        enc.remove_heads({i: [1] for i in range(len(heads0))})
+        assert enc.heads() == [h - 1 for h in heads0]
     else:
         last = len(heads0) - 1  # ALBERT: one shared block, so 0
         enc.remove_heads({0: [1], last: [0, 2]} if last else {0: [1]})
@@ -144,6 +145,118 @@ def test_pruning_a_head_removes_what_its_mask_removes(family):
     handle.remove()
     enc.remove_heads({0: [1]})
     torch.testing.assert_close(logits(model, b), masked, atol=1e-5, rtol=1e-4)
+
+
+# --- MPNet: heads removed uniformly (one relative-position bias table, one column per head, for all layers)
+
+def masked_logits(model, b, head_mask):
+    with torch.no_grad():
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], head_mask=head_mask).logits
+
+
+def test_mpnet_uniform_head_pruning_equals_the_head_mask_and_reloads(tmp_path):
+    """Removing heads from every layer (and their bias columns) gives what MPNet's own head_mask gives."""
+    model = classifier("mpnet", seed=5)
+    enc = Encoder(model)
+    b = batch()
+    mask = torch.ones(4, 4)
+    mask[:, [1, 3]] = 0
+    want = masked_logits(model, b, mask)
+    assert not torch.allclose(want, logits(model, b), atol=1e-6, rtol=0)  # the masked heads matter
+    assert enc.remove_heads({i: [1, 3] for i in range(4)}) == {i: [1, 3] for i in range(4)}
+    assert enc.heads() == [2, 2, 2, 2] and model.mpnet.encoder.relative_attention_bias.weight.shape == (32, 2)
+    torch.testing.assert_close(logits(model, b), want, atol=1e-6, rtol=1e-5)
+    # a second step by current index: current 0 is original head 0
+    mask[:, 0] = 0
+    assert enc.remove_heads({i: [0] for i in range(4)}) == {i: [0] for i in range(4)}
+    assert enc.original_head_ids(3) == [2] and model.config.edgekd_pruned_heads == {str(i): [0, 1, 3] for i in range(4)}
+    out = logits(model, b)
+    model.save_pretrained(tmp_path)
+    reloaded = load_pruned_model(tmp_path)
+    assert reloaded.mpnet.encoder.relative_attention_bias.weight.shape == (32, 1)
+    torch.testing.assert_close(logits(reloaded, b), out)
+    torch.testing.assert_close(out, masked_logits(classifier("mpnet", seed=5), b, mask), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remove", [{0: [1]}, {0: [1], 1: [1], 2: [1], 3: [2]}, {0: [1, 2], 1: [1], 2: [1], 3: [1]}])
+def test_mpnet_heads_that_differ_between_layers_are_refused(remove):
+    model = classifier("mpnet")
+    enc = Encoder(model)
+    b = batch()
+    before = logits(model, b)
+    with pytest.raises(StageError, match=r"the same heads in every layer \(MPNet adds one relative-position bias") as e:
+        enc.remove_heads(remove)
+    assert "prune.prune_heads: false" in str(e.value) and "layer 0: [1" in str(e.value)
+    assert enc.heads() == [4, 4, 4, 4] and model.mpnet.encoder.relative_attention_bias.weight.shape == (32, 4)
+    torch.testing.assert_close(logits(model, b), before)  # refused before anything changed
+
+
+def test_mpnet_folder_with_heads_that_differ_between_layers_does_not_load(tmp_path):
+    import json
+
+    model = classifier("mpnet")
+    Encoder(model).remove_heads({i: [1] for i in range(4)})
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["edgekd_pruned_heads"]["3"] = [2]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StageError, match="does not describe a model edgekd pruned.*layer 3: \\[2\\]"):
+        load_pruned_model(tmp_path)
+
+
+def scale_head(enc, layer, head, factor):
+    from edgekd.encoders import get, head_projections
+
+    d = enc.head_size(layer)
+    block = enc.blocks[layer]
+    with torch.no_grad():
+        for p in head_projections(block, enc.layout):
+            p.weight[head * d:(head + 1) * d] *= factor
+            p.bias[head * d:(head + 1) * d] *= factor
+        get(block, enc.layout.attn_out).weight[:, head * d:(head + 1) * d] *= factor
+
+
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_heads_ffn_removes_the_same_mpnet_heads_everywhere_by_summed_importance(scope, tmp_path):
+    """Head 2 is weak in three layers, head 0 the weakest of all but in layer 3 only: summed over
+    layers head 2 goes (a per-layer choice would have taken head 0 from layer 3)."""
+    from edgekd.pruning import PruneContext, prune_model
+
+    model = classifier("mpnet", seed=6)
+    enc = Encoder(model)
+    for layer in range(3):
+        scale_head(enc, layer, 2, 0.5)
+    scale_head(enc, 3, 0, 0.05)
+    cfg = PruneConfig(enabled=True, method="heads-ffn", importance="magnitude", scope=scope, remove_heads=4,
+                      prune_neurons=False)
+    pruned, m = prune_model(model, cfg, PruneContext())
+    assert m["steps"][0]["removed_head_ids"] == {str(i): [2] for i in range(4)}
+    assert Encoder(pruned).heads() == [3, 3, 3, 3] and m["target_reached"]
+    # a count rounds up to whole head indices: 5 heads asked of 4 layers -> 2 per layer
+    pruned, m = prune_model(classifier("mpnet", seed=6), cfg.model_copy(update={"remove_heads": 5}), PruneContext())
+    assert Encoder(pruned).heads() == [2, 2, 2, 2] and m["target_reached"]
+    pruned.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(load_pruned_model(tmp_path), batch()), logits(pruned, batch()))
+
+
+def test_heads_ffn_prunes_mpnet_heads_and_neurons_with_taylor_scores():
+    from edgekd.pruning import PruneContext, prune_model
+
+    cfg = PruneConfig(enabled=True, method="heads-ffn", importance="taylor", keep_params=0.6, score_batches=1,
+                      min_heads_per_layer=2)
+    pruned, m = prune_model(classifier("mpnet", seed=7), cfg, PruneContext(score_batches=[batch()]))
+    heads = Encoder(pruned).heads()
+    assert len(set(heads)) == 1 and heads[0] < 4 and m["prunable_params_after"] < m["prunable_params_before"]
+    ids = m["steps"][0]["removed_head_ids"]
+    assert len(ids) == 4 and len({tuple(v) for v in ids.values()}) == 1
+    assert torch.isfinite(logits(pruned, batch())).all()
+
+
+def test_family_table_says_mpnet_heads_go_uniformly():
+    from edgekd.encoders import describe_families
+
+    row = {r["family"]: r for r in describe_families()}["mpnet"]
+    assert row["head pruning"] == "yes, the same heads in every layer (edgekd slicing)"
 
 
 @pytest.mark.parametrize("family", ["modernbert", "deberta-v3", "mpnet", "albert"])

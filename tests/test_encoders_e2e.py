@@ -1,5 +1,6 @@
-"""Every encoder family through export (ONNX, ExecuTorch, TorchScript lite) with parity after pruning,
-and `edgekd run` end to end on a ModernBERT and a DeBERTa-v3 folder. All slow."""
+"""Every encoder family through export (ONNX, ExecuTorch, TorchScript lite) with parity after pruning and
+the ONNX folder served over HTTP by the real app, and `edgekd run` end to end on a ModernBERT and a
+DeBERTa-v3 folder. All slow."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def pruned_student(family, tmp_path):
     model = classifier(family, layers=2, seed=4)
     enc = Encoder(model)
     enc.remove_neurons({i: list(range(n // 4)) for i, n in enumerate(enc.neurons())})
-    if enc.layout.head_removal != "none":
+    if enc.layout.heads_uniform:  # MPNet: the same head from every layer (shared relative-position bias)
+        enc.remove_heads({i: [1] for i in range(len(enc.blocks))})
+    elif enc.layout.head_removal != "none":
         enc.remove_heads({0: [1]})
     model.save_pretrained(tmp_path / "pruned")
     return load_pruned_model(tmp_path / "pruned")
@@ -74,6 +77,41 @@ def test_pruned_family_exports_with_parity_and_serves(family, tmp_path):
         want = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})[0].numpy()
     np.testing.assert_allclose(runner.run(inputs)["logits"], want, atol=1e-4)
     assert art_meta["labels"] == ["negative", "positive"]
+    served_predictions_match_the_runner(tmp_path / "export" / "onnx", runner, art_meta)
+
+
+def served_predictions_match_the_runner(folder, runner, meta):
+    """POST /predict on the real FastAPI app serving ``folder``: labels and probabilities of two texts
+    equal the runner's own output on the same batch (padded to its longest text with [PAD], mask 0),
+    and, within float noise of the padding, on each text alone."""
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer
+
+    from edgekd.serving import ServeSettings, create_app
+    from edgekd.serving.codec import softmax
+
+    texts = ["a wonderful and moving film", "dull plot"]
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(meta["max_length"])
+    with TestClient(create_app(ServeSettings(export_dir=folder))) as client:
+        r = client.post("/predict", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    got = np.array([[pred["probabilities"][name] for name in meta["labels"]] for pred in preds])
+    encoded = [tok.encode(t).ids for t in texts]
+    assert len(encoded[0]) > len(encoded[1])  # the batch really pads
+    ids = np.full((2, len(encoded[0])), tok.token_to_id("[PAD]"), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, :len(e)], mask[row, :len(e)] = e, 1
+    want = softmax(runner.run({"input_ids": ids, "attention_mask": mask})["logits"])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert [p["label"] for p in preds] == [meta["labels"][int(k)] for k in want.argmax(-1)]
+    for e, g in zip(encoded, got, strict=True):
+        alone = np.asarray([e], dtype=np.int64)
+        np.testing.assert_allclose(
+            g, softmax(runner.run({"input_ids": alone, "attention_mask": np.ones_like(alone)})["logits"])[0], atol=1e-5)
 
 
 @pytest.mark.slow

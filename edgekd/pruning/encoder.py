@@ -6,6 +6,9 @@ columns and records the original head ids in ``config.pruned_heads``, so ``from_
 prunes a fresh model the same way before loading the weights. Families without it (DeBERTa-v2/v3,
 ModernBERT's fused Wqkv) are sliced here and recorded in ``config.edgekd_pruned_heads``; such a
 folder reloads with :func:`load_pruned_model` (plain ``from_pretrained`` refuses it: size mismatch).
+MPNet (``head_removal: uniform``) is sliced here too, but only with the same heads in every layer:
+its relative-position bias table, shared by all layers, has one column per head and loses the
+removed heads' columns as well. Heads that differ between layers are refused before anything changes.
 
 FFN neurons are sliced with ``transformers.pytorch_utils.prune_linear_layer`` (rows of the first
 FFN linear, both halves of a gated one, columns of the second). The config holds one global FFN width, so:
@@ -82,7 +85,7 @@ class Encoder:
 
     def _pruned_record(self) -> dict[int, list[int]]:
         cfg = self.model.config
-        rec = getattr(cfg, SLICED_HEADS_KEY, None) if self.layout.head_removal == "slice" else cfg.pruned_heads
+        rec = getattr(cfg, SLICED_HEADS_KEY, None) if self.layout.heads_sliced else cfg.pruned_heads
         return {int(k): list(v) for k, v in (rec or {}).items()}
 
     def original_head_ids(self, layer: int) -> list[int]:
@@ -135,6 +138,9 @@ class Encoder:
         if lay.head_removal == "hf":
             self.model.prune_heads(by_original)
             return by_original
+        if lay.heads_uniform:
+            check_uniform(lay, by_original, len(self.blocks))
+            slice_shared_head_tables(self.model, lay, current_by_layer[0])
         record = self._pruned_record()
         for layer, current in current_by_layer.items():
             slice_heads(self.blocks[layer], lay, current)
@@ -163,6 +169,36 @@ class Encoder:
                 delattr(cfg, FFN_SIZES_KEY)
         else:
             setattr(cfg, FFN_SIZES_KEY, sizes)
+
+
+def check_uniform(lay: EncoderFamily, by_original: dict[int, list[int]], n_layers: int) -> None:
+    """Refuse head removal (original ids per layer) that is not the same in every one of ``n_layers``."""
+    sets = {tuple(sorted(by_original.get(i, []))) for i in range(n_layers)}
+    if len(sets) == 1:
+        return
+    asked = "; ".join(f"layer {i}: {sorted(by_original.get(i, []))}" for i in range(n_layers))
+    raise StageError(
+        f"{lay.name}: attention heads must be removed uniformly, the same heads in every layer "
+        f"({lay.uniform_heads_why}). Asked (original head ids): {asked}. Remove the same head ids from all "
+        f"{n_layers} layers (prune.method heads-ffn chooses them so for this family), or set "
+        "prune.prune_heads: false to prune FFN neurons only."
+    )
+
+
+def slice_shared_head_tables(model: nn.Module, lay: EncoderFamily, drop: list[int]) -> None:
+    """Remove the columns of heads ``drop`` (current indices) from the family's shared per-head tables."""
+    for path in lay.shared_head_tables:
+        table = _get(model.base_model, path)
+        if not isinstance(table, nn.Embedding):
+            raise StageError(f"{lay.name}: {path} is a {type(table).__name__}, not the nn.Embedding (one column "
+                             "per head) the family description says: the description does not fit this model")
+        keep = [i for i in range(table.embedding_dim) if i not in set(drop)]
+        sliced = nn.Embedding(table.num_embeddings, len(keep), padding_idx=table.padding_idx,
+                              device=table.weight.device, dtype=table.weight.dtype)
+        with torch.no_grad():
+            sliced.weight.copy_(table.weight[:, keep])
+        sliced.weight.requires_grad_(table.weight.requires_grad)
+        _set(model.base_model, path, sliced)
 
 
 def slice_heads(block: nn.Module, lay: EncoderFamily, drop: list[int]) -> None:
@@ -200,8 +236,8 @@ def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) ->
 
     ``model_cls`` defaults to ``AutoModelForSequenceClassification``. Heads removed through Hugging
     Face are restored by it from ``config.pruned_heads``; heads edgekd sliced (families without
-    ``prune_heads``: DeBERTa-v2/v3, ModernBERT) from ``config.edgekd_pruned_heads``; FFN widths from
-    ``config.ffn_sizes_per_layer``.
+    ``prune_heads``: DeBERTa-v2/v3, ModernBERT; MPNet, with its shared per-head table) from
+    ``config.edgekd_pruned_heads``; FFN widths from ``config.ffn_sizes_per_layer``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -215,6 +251,13 @@ def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) ->
     model = cls.from_config(config)  # widest FFN; heads pruned through Hugging Face already gone
     enc = Encoder(model)
     if sliced:
+        if enc.layout.heads_uniform:
+            by_layer = {int(k): list(v) for k, v in sliced.items()}
+            try:
+                check_uniform(enc.layout, by_layer, len(enc.blocks))
+            except StageError as e:
+                raise StageError(f"{path}: config.{SLICED_HEADS_KEY} does not describe a model edgekd pruned: {e}") from e
+            slice_shared_head_tables(model, enc.layout, by_layer[0])
         for layer, ids in sliced.items():
             # original ids == current ids on a freshly built block
             slice_heads(enc.blocks[int(layer)], enc.layout, list(ids))

@@ -1,4 +1,10 @@
-"""Method ``heads-ffn``: remove attention heads and FFN neurons of an encoder (families: edgekd.encoders)."""
+"""Method ``heads-ffn``: remove attention heads and FFN neurons of an encoder (families: edgekd.encoders).
+
+Heads of a family whose description says ``head_removal: uniform`` (MPNet) are chosen the same in
+every layer whatever ``prune.scope``: each head index is ranked by its importance normalised per
+layer and summed over the layers, and a count of heads (``remove_heads``) is rounded up to whole
+head indices (a multiple of the layer count). FFN neurons follow ``prune.scope`` as usual.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgekd.errors import RecipeError
+from edgekd.errors import RecipeError, StageError
 from edgekd.pruning import selection
 from edgekd.pruning.base import PruneContext, StepGoal, register, taylor_batches
 from edgekd.pruning.encoder import Encoder
@@ -23,6 +29,7 @@ class HeadsFFN:
         if cfg.prune_heads and enc.layout.head_removal == "none":
             raise RecipeError([f"prune.prune_heads: {enc.layout.no_head_removal_why}"])
         self.cfg, self.ctx = cfg, ctx
+        self.uniform_heads = enc.layout.heads_uniform
         self.head_floor = [min(cfg.min_heads_per_layer, h) for h in enc.heads()]
         self.neuron_floor = [min(n, max(1, math.ceil(cfg.min_neurons_fraction * n))) for n in enc.neurons()]
         self.batches = taylor_batches(cfg, ctx)
@@ -74,6 +81,16 @@ class HeadsFFN:
             counts = selection.counts_for_fraction(fraction or 0.0, sizes, capacity)
         return selection.lowest_per_layer(scores, counts)
 
+    def _choose_uniform(self, scores: list[torch.Tensor], sizes: list[int], floor: list[int],
+                        count: int | None, fraction: float | None) -> dict[int, list[int]]:
+        """The same head indices in every layer (see the module doc)."""
+        if len(set(sizes)) != 1:
+            raise StageError(f"heads per layer {sizes} differ, but this family's heads can only be removed "
+                             "uniformly: the model was not pruned by edgekd, or its config was edited")
+        per_layer = min(max(0, n - f) for n, f in zip(sizes, floor, strict=True))
+        k = math.ceil(count / len(sizes)) if count is not None else round((fraction or 0.0) * sizes[0])
+        return selection.lowest_uniform(normalise_per_layer(scores), min(k, per_layer))
+
     def step(self, model: nn.Module, goal: StepGoal) -> tuple[nn.Module, dict[str, Any]]:
         enc = Encoder(model)
         heads, neurons = enc.heads(), enc.neurons()
@@ -84,7 +101,8 @@ class HeadsFFN:
         drop_heads: dict[int, list[int]] = {}
         drop_neurons: dict[int, list[int]] = {}
         if self.cfg.prune_heads and (goal.heads or fraction):
-            drop_heads = self._choose(head_scores, heads, self.head_floor, goal.heads, fraction)
+            choose = self._choose_uniform if self.uniform_heads else self._choose
+            drop_heads = choose(head_scores, heads, self.head_floor, goal.heads, fraction)
         if self.cfg.prune_neurons and (goal.neurons or fraction):
             drop_neurons = self._choose(neuron_scores, neurons, self.neuron_floor, goal.neurons, fraction)
         # Neurons first: removing heads rebuilds the attention linears but leaves the FFN alone,

@@ -1,4 +1,5 @@
-"""Which units to remove, given their scores: the lowest per layer, or the lowest across layers.
+"""Which units to remove, given their scores: the lowest per layer, the lowest across layers, or
+the same lowest-ranked unit indices in every layer (``lowest_uniform``).
 
 Every layer keeps at least its floor (``capacity`` = how many it may still lose).
 """
@@ -57,3 +58,19 @@ def lowest_global(scores: list[torch.Tensor], total: int, capacity: list[int]) -
 def counts_for_fraction(fraction: float, sizes: list[int], capacity: list[int]) -> list[int]:
     """Per layer: ``fraction`` of its current units, rounded, within its capacity."""
     return [min(round(fraction * n), c) for n, c in zip(sizes, capacity, strict=True)]
+
+
+def lowest_uniform(scores: list[torch.Tensor], count: int) -> dict[int, list[int]]:
+    """The ``count`` unit indices with the lowest score summed over layers, the same in every layer.
+
+    For families whose units exist in every layer alike (MPNet's heads, see edgekd.encoders); the
+    layers must have the same number of units, and ``scores`` must already compare across layers
+    (see ``normalise_per_layer``) so that no layer outweighs the others."""
+    sizes = {len(s) for s in scores}
+    if len(sizes) != 1:
+        raise ValueError(f"uniform selection needs the same number of units in every layer, got {[len(s) for s in scores]}")
+    if count <= 0:
+        return {}
+    total = torch.stack([s.float().cpu() for s in scores]).sum(0)
+    chosen = sorted(torch.argsort(total, stable=True)[:count].tolist())
+    return {i: list(chosen) for i in range(len(scores))}
