@@ -56,6 +56,8 @@ def discover(run_dir: Path, only: list[str] | None = None) -> list[dict[str, Any
             meta = json.loads(meta_path.read_text())
             entry.update(
                 meta=meta, target=meta.get("target", folder.name), precision=meta.get("precision", "fp32"),
+                # the runtime that runs it: a quantized folder (onnx-int8) is run by its exporter's (onnx)
+                exporter=meta.get("exporter") or meta.get("target", folder.name),
                 file=meta.get("file"), sha256=meta.get("sha256"), size_bytes=artifact_size(folder, meta),
             )
             if meta.get("built") is False:
@@ -108,7 +110,7 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
     for e in track(entries, "bench", label=lambda e: e["name"]):
         if e.get("status"):
             continue
-        if e["kind"] == "artifact" and not prof.runs_target(e["target"]):
+        if e["kind"] == "artifact" and not prof.runs_target(e["exporter"]):
             e.update(status="skipped", reason=f"profile '{prof.name}' does not run target '{e['target']}'")
             continue
         job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files, case_list)

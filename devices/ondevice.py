@@ -127,7 +127,8 @@ def prepare_on_device(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: B
     for e in entries:
         if e.get("status"):
             continue
-        if not prof.runs_target(e["target"]) or e["target"] != TOOL_TARGET[conn.tool]:
+        runtime = e.get("exporter", e["target"])
+        if not prof.runs_target(runtime) or runtime != TOOL_TARGET[conn.tool]:
             e.update(status="skipped", reason=f"profile '{prof.name}' ({conn.tool}) does not run target '{e['target']}'")
             continue
         e.update(status="pending", reason="run it on the device: see ON_DEVICE.md, then `edgekd bench-import`")

@@ -139,7 +139,7 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
     for e in entries:
         if e.get("status"):
             continue
-        if not prof.runs_target(e["target"]):
+        if not prof.runs_target(e.get("exporter", e["target"])):
             e.update(status="skipped", reason=f"profile '{prof.name}' does not run target '{e['target']}'")
             continue
         todo.append(e)

@@ -58,7 +58,9 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     int8.mkdir()
     quantize_dynamic(str(fp32 / "model.onnx"), str(int8 / "model.onnx"), weight_type=QuantType.QInt8)
     meta = json.loads((fp32 / "artifact.json").read_text())
-    meta.update(precision="int8", sha256=sha256_file(int8 / "model.onnx"), size_bytes=(int8 / "model.onnx").stat().st_size,
+    # As the quantize stage writes it: the folder's own target name, the exporter that runs it.
+    assert meta["exporter"] == "onnx"
+    meta.update(target="onnx-int8", precision="int8", sha256=sha256_file(int8 / "model.onnx"), size_bytes=(int8 / "model.onnx").stat().st_size,
                 files={}, parity=None)
     write_artifact_meta(int8, meta)
     (run_dir / "manifest.json").write_text(json.dumps(
