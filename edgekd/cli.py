@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from edgekd import __version__, warnings_log
+from edgekd import __version__, api, warnings_log
 from edgekd.errors import EdgeKDError
 from edgekd.progress import console, error_console
 
@@ -52,135 +50,22 @@ def _options(
     """Take a big accurate model and ship a small fast one to the edge."""
 
 
-def _setup_runtime(recipe) -> None:
-    """Process-level runtime settings belong to the command, not to library code."""
-    import importlib.util
-
-    from edgekd.errors import MissingBackendError
-
-    for module in ("torch", "transformers", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise MissingBackendError("The pipeline's stages", module, "train")
-    import torch
-
-    from edgekd.train import init_process_state
-
-    if recipe.runtime.threads:
-        torch.set_num_threads(recipe.runtime.threads)
-    init_process_state()  # before the first question to Accelerate (which process writes the run folder)
-
-
-def load_recipe_or_run(source: str | None, overrides: list[str] | None):
-    """A recipe file, a built-in name, or a run folder (its saved recipe.yaml, pointed at that folder)."""
-    from edgekd.recipe import load_recipe
-
-    if source and Path(source).is_dir():
-        run_dir = Path(source)
-        if not (run_dir / "recipe.yaml").is_file():
-            raise EdgeKDError(f"{run_dir} is a folder without recipe.yaml: give a recipe file or a run folder (runs/<name>).")
-        extra = [f"output_dir={run_dir.resolve().parent}", f"name={run_dir.name}"]
-        return load_recipe(run_dir / "recipe.yaml", extra + list(overrides or []))
-    return load_recipe(source, overrides)
-
-
+# The command line and edgekd.run share one way to load a recipe and run it (edgekd/api.py).
+load_recipe_or_run = api.load_recipe_or_run
 _ARGV: list[str] | None = None  # the real command line, set by main() (None under a test runner)
 
 
-def _is_run_folder(source: str | None) -> bool:
-    return bool(source) and Path(source).is_dir()
-
-
-def _invocation_record(stages: list[str] | None, source: str | None, overrides: list[str],
-                       one_off: list[str]) -> dict:
+def _argv(source: str | None) -> list[str]:
     import click
 
     ctx = click.get_current_context(silent=True)
-    return {
-        "argv": _ARGV if _ARGV is not None else [*(ctx.command_path.split()[1:] if ctx else []), *(
-            [source] if source else [])],
-        "source": source,
-        "overrides": overrides,
-        "one_off": one_off,
-        "stages": stages,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return _ARGV if _ARGV is not None else [*(ctx.command_path.split()[1:] if ctx else []), *([source] if source else [])]
 
 
 def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] | None, force: bool,
          one_off: list[str] | None = None):
-    """Run ``stages`` and record the invocation in ``runs/<name>/invocations.jsonl``.
-
-    ``overrides`` (--set) on a recipe file define the run and are saved with it; on a run folder,
-    like ``one_off`` (--device, --to), they apply to this command only and never touch its
-    recipe.yaml. Returns the recipe used and the run context."""
-    from edgekd.runfolder import RunFolder
-
-    overrides, one_off = list(overrides or []), list(one_off or [])
-    from_folder = _is_run_folder(recipe_src)
-    record = _invocation_record(stages, recipe_src, overrides, one_off if not from_folder else overrides + one_off)
-    run_folder = RunFolder(Path(recipe_src)) if from_folder else None
-    had_recipe = from_folder  # a run folder always has one (load_recipe_or_run insists)
-    t0 = time.perf_counter()
-    status, error, code = "error", None, 1
-    try:
-        recipe = load_recipe_or_run(recipe_src, overrides + one_off)
-        run_folder = RunFolder(recipe.run_dir())
-        had_recipe = run_folder.recipe_path.is_file()
-        warnings_log.sink.attach(run_folder.root)  # the libraries' warnings go to RUN/logs/warnings.log
-        _setup_runtime(recipe)
-        warnings_log.route_library_logs()  # torch and transformers, imported just now, log on their own
-        if not from_folder:
-            saved = load_recipe_or_run(recipe_src, overrides) if one_off else recipe
-        else:
-            saved = None  # everything given on a run folder is one-off
-        _check_up_front(recipe)
-        from edgekd.pipeline import planned_stages, run_stages
-        from edgekd.report import print_summary
-
-        record["stages"] = stages or planned_stages(recipe)
-        record["recipe_saved"] = saved is not None
-        ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
-        print_summary(ctx.run)
-        _say_warnings_kept()
-        status, code = "ok", 0
-        return recipe, ctx
-    except KeyboardInterrupt:
-        status, code = "interrupted", 130
-        raise
-    except Exception as e:
-        error, code = f"{type(e).__name__}: {e}", 2 if isinstance(e, EdgeKDError) else 1
-        raise
-    finally:
-        warnings_log.sink.flush()
-        if run_folder is not None and run_folder.root.is_dir() and _is_main_process():
-            record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          seconds=round(time.perf_counter() - t0, 2), status=status, exit_code=code, error=error)
-            if status != "ok":  # run_stages saves a first recipe once a stage has finished, even on failure
-                record["recipe_saved"] = not had_recipe and run_folder.recipe_path.is_file()
-            run_folder.append_invocation(record)
-
-
-def _say_warnings_kept() -> None:
-    sink = warnings_log.sink
-    sink.flush()
-    if sink.count and sink.path is not None and sink.path.is_file():
-        console.print(f"[dim]{sink.count} library warning(s) kept out of the console: {sink.path}[/]")
-
-
-def _is_main_process() -> bool:
-    from edgekd.train import init_process_state
-
-    return init_process_state().is_main_process
-
-
-def _check_up_front(recipe) -> None:
-    """What the recipe points at (data files, columns, labels, device profile), before any stage runs."""
-    from edgekd.errors import RecipeError
-    from edgekd.recipe_check import check_inputs
-
-    problems = check_inputs(recipe)
-    if problems:
-        raise RecipeError(problems)
+    """Run ``stages`` as ``api.run_recipe`` does, recording this command line. Returns (recipe, context)."""
+    return api.run_recipe(recipe_src, overrides, stages, force, one_off, argv=_argv(recipe_src))
 
 
 @app.command()
@@ -328,7 +213,7 @@ def recipe_check(path: Annotated[Path, typer.Argument(help="Recipe YAML file to 
     from edgekd.recipe import load_recipe
 
     r = load_recipe(path)  # the recipe's own shape: every problem at once
-    _check_up_front(r)  # what it points at: data files, columns, labels, device profile
+    api.check_up_front(r)  # what it points at: data files, columns, labels, device profile
     console.print(f"[green]ok[/]: {path} is a valid recipe (run folder {r.run_dir()})")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from transformers import set_seed
 from edgekd.context import RunContext
 from edgekd.errors import RecipeError
 from edgekd.losses import attention_loss, hidden_state_loss, soft_hard_loss
+from edgekd.recipe import DistillConfig
 from edgekd.runfolder import fingerprint
 from edgekd.tasks.text.teacher import load_teacher_outputs, teacher_fingerprint
 from edgekd.train import predict, train
@@ -71,6 +73,98 @@ def _use_attention(model: nn.Module, impl: str) -> str:
     return before
 
 
+class DistillLoss:
+    """The loss of one student learning from a teacher, for ``edgekd.train.train``:
+
+    α·T²·KL(soft targets ‖ student at T) + (1−α)·CE(labels), or with a labels-only teacher
+    α·CE(teacher's labels) + (1−α)·CE(labels); plus ``hidden_weight`` × hidden-state loss of each
+    student layer against the teacher layer ``mapping`` names (a learned projection when the widths
+    differ) and ``attention_weight`` × attention-map loss. ``soft_logits`` / ``hard_labels`` hold one
+    row per training example, found by the batch's ``index``; ``distilling=False`` trains on the
+    data's labels only (the hard-label baseline). Used by the distill stage and by ``edgekd.distill``.
+    """
+
+    def __init__(self, student: nn.Module, settings: DistillConfig, *, soft_logits: torch.Tensor | None = None,
+                 hard_labels: torch.Tensor | None = None, teacher: nn.Module | None = None,
+                 mapping: list[int] | None = None, distilling: bool = True):
+        d = self.settings = settings
+        self.soft_logits, self.hard_labels, self.teacher = soft_logits, hard_labels, teacher
+        self.distilling = distilling
+        self.use_hidden = distilling and d.hidden_weight > 0
+        self.use_att = distilling and d.attention_weight > 0
+        if (self.use_hidden or self.use_att) and teacher is None:
+            raise RecipeError([
+                "distill.hidden_weight / distill.attention_weight: a black-box teacher has no hidden states or "
+                "attention maps to match; set them to 0, or use a local teacher (teacher.kind: model)"
+            ])
+        if distilling and soft_logits is None and hard_labels is None:
+            raise ValueError("distilling needs the teacher's soft_logits or hard_labels, one row per training example")
+        self.mapping = list(mapping or [])
+        self.projections = nn.ModuleList()
+        if self.use_hidden and student.config.hidden_size != teacher.config.hidden_size:
+            self.projections = nn.ModuleList(
+                nn.Linear(student.config.hidden_size, teacher.config.hidden_size) for _ in self.mapping
+            )
+        self._teacher_dev: nn.Module | None = None
+
+    def extra_params(self) -> list[nn.Parameter] | None:
+        """Parameters trained alongside the student (the hidden-state projections), if any."""
+        return list(self.projections.parameters()) or None
+
+    @contextmanager
+    def attention_maps(self, student: nn.Module):
+        """Eager attention on student and teacher while attention maps are matched; the models get
+        their own kernels back afterwards (export and serving use them)."""
+        before = {}
+        if self.use_att:
+            before = {id(m): (m, _use_attention(m, "eager")) for m in (student, self.teacher)}
+        try:
+            yield
+        finally:
+            for m, impl in before.values():
+                _use_attention(m, impl)
+
+    def __call__(self, m: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        d = self.settings
+        use_hidden, use_att = self.use_hidden, self.use_att
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=use_hidden, output_attentions=use_att)
+        idx = batch["index"].cpu()
+        if self.distilling and self.hard_labels is not None:
+            # A labels-only teacher: alpha weights cross-entropy on its labels, 1-alpha on the data's.
+            t_ce, _ = soft_hard_loss(out.logits, None, self.hard_labels[idx].to(out.logits.device), 0.0, 1.0)
+            ce, logs = soft_hard_loss(out.logits, None, batch["labels"], 0.0, 1.0)
+            loss = d.alpha * t_ce + (1 - d.alpha) * ce
+            logs["teacher_ce"] = float(t_ce.detach())
+        else:
+            t_logits = self.soft_logits[idx].to(out.logits.device) if self.distilling else None
+            loss, logs = soft_hard_loss(out.logits, t_logits, batch["labels"], d.alpha if self.distilling else 0.0,
+                                        d.temperature, d.kl)
+        if use_hidden or use_att:
+            if self._teacher_dev is None:
+                self._teacher_dev = self.teacher.to(out.logits.device)
+            with torch.no_grad():
+                t_out = self._teacher_dev(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          output_hidden_states=use_hidden, output_attentions=use_att)
+            mask = batch["attention_mask"]
+            if use_hidden:
+                hl = 0.0
+                for i, tl in enumerate(self.mapping):
+                    s_h = out.hidden_states[i + 1]
+                    if len(self.projections):
+                        s_h = self.projections[i].to(s_h.device)(s_h)
+                    hl = hl + hidden_state_loss(s_h, t_out.hidden_states[tl + 1], mask, d.hidden_loss)
+                hl = hl / len(self.mapping)
+                loss = loss + d.hidden_weight * hl
+                logs["hidden"] = float(hl.detach())
+            if use_att:
+                al = sum(attention_loss(out.attentions[i], t_out.attentions[tl], mask)
+                         for i, tl in enumerate(self.mapping)) / len(self.mapping)
+                loss = loss + d.attention_weight * al
+                logs["attention"] = float(al.detach())
+        return loss, logs
+
+
 @dataclass
 class Teaching:
     """What one round learns from: targets per training row, and the model whose states are matched."""
@@ -88,84 +182,29 @@ def _train_student(ctx: RunContext, stage: str, init: nn.Module, teach: Teaching
     student, copied = build_student(ctx, init)
     distilling = stage == "distill"
     teacher = teach.model
-    use_hidden = distilling and d.hidden_weight > 0
-    use_att = distilling and d.attention_weight > 0
-    if (use_hidden or use_att) and teacher is None:
-        raise RecipeError([
-            "distill.hidden_weight / distill.attention_weight: a black-box teacher has no hidden states or "
-            "attention maps to match; set them to 0, or use a local teacher (teacher.kind: model)"
-        ])
-    if (use_hidden or use_att) and student_tok.get_vocab() != ctx.tokenizer.get_vocab():
+    if distilling and (d.hidden_weight > 0 or d.attention_weight > 0) and teacher is not None \
+            and student_tok.get_vocab() != ctx.tokenizer.get_vocab():
         raise RecipeError([
             "distill.hidden_weight / distill.attention_weight: hidden-state and attention matching need the "
             "student to share the teacher's tokenizer; set them to 0 or use a student with the same vocabulary"
         ])
     n_teacher = (teacher or init).config.num_hidden_layers
     mapping = layer_map(student.config.num_hidden_layers, n_teacher, copied if teach.student_copied_from_it else None)
-    projections = nn.ModuleList()
-    if use_hidden and student.config.hidden_size != teacher.config.hidden_size:
-        projections = nn.ModuleList(
-            nn.Linear(student.config.hidden_size, teacher.config.hidden_size) for _ in mapping
-        )
-    attn_before = {}
-    if use_att:
-        attn_before = {id(m): (m, _use_attention(m, "eager")) for m in (student, teacher)}
-    teacher_dev = None
-
-    def loss_fn(m, batch):
-        nonlocal teacher_dev
-        want_states = use_hidden or use_att
-        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=use_hidden, output_attentions=use_att)
-        idx = batch["index"].cpu()
-        if distilling and teach.hard_labels is not None:
-            # A labels-only teacher: alpha weights cross-entropy on its labels, 1-alpha on the data's.
-            t_ce, _ = soft_hard_loss(out.logits, None, teach.hard_labels[idx].to(out.logits.device), 0.0, 1.0)
-            ce, logs = soft_hard_loss(out.logits, None, batch["labels"], 0.0, 1.0)
-            loss = d.alpha * t_ce + (1 - d.alpha) * ce
-            logs["teacher_ce"] = float(t_ce.detach())
-        else:
-            t_logits = teach.logits[idx].to(out.logits.device) if distilling else None
-            loss, logs = soft_hard_loss(out.logits, t_logits, batch["labels"], d.alpha if distilling else 0.0,
-                                        d.temperature, d.kl)
-        if want_states:
-            if teacher_dev is None:
-                teacher_dev = teacher.to(out.logits.device)
-            with torch.no_grad():
-                t_out = teacher_dev(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    output_hidden_states=use_hidden, output_attentions=use_att)
-            mask = batch["attention_mask"]
-            if use_hidden:
-                hl = 0.0
-                for i, tl in enumerate(mapping):
-                    s_h = out.hidden_states[i + 1]
-                    if len(projections):
-                        s_h = projections[i].to(s_h.device)(s_h)
-                    hl = hl + hidden_state_loss(s_h, t_out.hidden_states[tl + 1], mask, d.hidden_loss)
-                hl = hl / len(mapping)
-                loss = loss + d.hidden_weight * hl
-                logs["hidden"] = float(hl.detach())
-            if use_att:
-                al = sum(attention_loss(out.attentions[i], t_out.attentions[tl], mask)
-                         for i, tl in enumerate(mapping)) / len(mapping)
-                loss = loss + d.attention_weight * al
-                logs["attention"] = float(al.detach())
-        return loss, logs
+    loss_fn = DistillLoss(student, d, soft_logits=teach.logits, hard_labels=teach.hard_labels, teacher=teacher,
+                          mapping=mapping, distilling=distilling)
 
     ctx.say(f"[bold]{stage}[/]: {student.config.num_hidden_layers}-layer student"
             + (f" from teacher layers {copied}" if copied else f" from {r.student.model}"))
-    res = train(student, train_data, d.train, loss_fn, seed=r.seed, precision=r.runtime.precision,
-                ckpt_root=ckpt, description=label, extra_params=list(projections.parameters()) or None)
-    # Export and serving use the attention kernels the models had again.
-    for m, impl in attn_before.values():
-        _use_attention(m, impl)
+    with loss_fn.attention_maps(student):
+        res = train(student, train_data, d.train, loss_fn, seed=r.seed, precision=r.runtime.precision,
+                    ckpt_root=ckpt, description=label, extra_params=loss_fn.extra_params())
     val_data = ctx.tokenized("validation", student_tok)
     val_logits = predict(student, val_data, r.eval.batch_size, f"{stage} validation")
     facts = {
         "validation": task.metrics({"logits": val_logits}, val_data.labels),
         "layers_from_teacher": copied,
         "layer_map": mapping,
-        "teacher_forward_per_step": bool(use_hidden or use_att),
+        "teacher_forward_per_step": bool(loss_fn.use_hidden or loss_fn.use_att),
     }
     return student, res, facts
 

@@ -1,0 +1,486 @@
+"""The Python API: ``edgekd.run``, ``edgekd.distill`` and ``edgekd.load`` (re-exported by ``edgekd``).
+
+``run`` is ``edgekd run`` from Python (same recipe loading, same run folder, same invocation record;
+the command line calls :func:`run_recipe` too). ``distill`` teaches a student without a run folder.
+``load`` opens an export folder (or a run folder) with the server's own loader and codec, so that
+``predict`` gives exactly what ``POST /predict`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgekd import warnings_log
+from edgekd.errors import DataError, EdgeKDError, RecipeError, StageError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from edgekd.recipe import Recipe
+    from edgekd.serving.model import ServedModel
+
+
+# --- running a recipe ------------------------------------------------------------------------------
+
+
+def load_recipe_or_run(source: str | Path | None, overrides: list[str] | None) -> Recipe:
+    """A recipe file, a built-in name, or a run folder (its saved recipe.yaml, pointed at that folder)."""
+    from edgekd.recipe import load_recipe
+
+    if source and Path(source).is_dir():
+        run_dir = Path(source)
+        if not (run_dir / "recipe.yaml").is_file():
+            raise EdgeKDError(f"{run_dir} is a folder without recipe.yaml: give a recipe file or a run folder (runs/<name>).")
+        extra = [f"output_dir={run_dir.resolve().parent}", f"name={run_dir.name}"]
+        return load_recipe(run_dir / "recipe.yaml", extra + list(overrides or []))
+    return load_recipe(source, overrides)
+
+
+def setup_runtime(recipe: Recipe) -> None:
+    """Process-level runtime settings (threads, Accelerate's process state) for a pipeline command."""
+    import importlib.util
+
+    from edgekd.errors import MissingBackendError
+
+    for module in ("torch", "transformers", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingBackendError("The pipeline's stages", module, "train")
+    import torch
+
+    from edgekd.train import init_process_state
+
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+    init_process_state()  # before the first question to Accelerate (which process writes the run folder)
+
+
+def check_up_front(recipe: Recipe) -> None:
+    """What the recipe points at (data files, columns, labels, device profile), before any stage runs."""
+    from edgekd.recipe_check import check_inputs
+
+    problems = check_inputs(recipe)
+    if problems:
+        raise RecipeError(problems)
+
+
+def _is_main_process() -> bool:
+    from edgekd.train import init_process_state
+
+    return init_process_state().is_main_process
+
+
+def _say_warnings_kept() -> None:
+    from edgekd.progress import console
+
+    sink = warnings_log.sink
+    sink.flush()
+    if sink.count and sink.path is not None and sink.path.is_file():
+        console.print(f"[dim]{sink.count} library warning(s) kept out of the console: {sink.path}[/]")
+
+
+def run_recipe(source: str | Path | None, overrides: list[str] | None = None, stages: list[str] | None = None,
+               force: bool = False, one_off: list[str] | None = None, *, argv: list[str] | None = None):
+    """Run ``stages`` (all planned ones when None) and record the invocation in ``runs/<name>/invocations.jsonl``.
+
+    ``overrides`` (``key.path=value``) on a recipe file define the run and are saved with it; on a run
+    folder, like ``one_off`` (``--device``, ``--to``), they apply to this call only and never touch its
+    recipe.yaml. ``argv`` is what the invocation record shows as the command. Returns the recipe used
+    and the run context."""
+    from edgekd.runfolder import RunFolder
+
+    overrides, one_off = list(overrides or []), list(one_off or [])
+    from_folder = bool(source) and Path(source).is_dir()
+    record = {"argv": argv, "source": None if source is None else str(source), "overrides": overrides,
+              "one_off": one_off if not from_folder else overrides + one_off, "stages": stages,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    run_folder = RunFolder(Path(source)) if from_folder else None
+    had_recipe = from_folder  # a run folder always has one (load_recipe_or_run insists)
+    t0 = time.perf_counter()
+    status, error, code = "error", None, 1
+    try:
+        recipe = load_recipe_or_run(source, overrides + one_off)
+        run_folder = RunFolder(recipe.run_dir())
+        had_recipe = run_folder.recipe_path.is_file()
+        warnings_log.sink.attach(run_folder.root)  # the libraries' warnings go to RUN/logs/warnings.log
+        setup_runtime(recipe)
+        warnings_log.route_library_logs()  # torch and transformers, imported just now, log on their own
+        if not from_folder:
+            saved = load_recipe_or_run(source, overrides) if one_off else recipe
+        else:
+            saved = None  # everything given on a run folder is one-off
+        check_up_front(recipe)
+        from edgekd.pipeline import planned_stages, run_stages
+        from edgekd.report import print_summary
+
+        record["stages"] = stages or planned_stages(recipe)
+        record["recipe_saved"] = saved is not None
+        ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
+        print_summary(ctx.run)
+        _say_warnings_kept()
+        status, code = "ok", 0
+        return recipe, ctx
+    except KeyboardInterrupt:
+        status, code = "interrupted", 130
+        raise
+    except Exception as e:
+        error, code = f"{type(e).__name__}: {e}", 2 if isinstance(e, EdgeKDError) else 1
+        raise
+    finally:
+        warnings_log.sink.flush()
+        if run_folder is not None and run_folder.root.is_dir() and _is_main_process():
+            record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          seconds=round(time.perf_counter() - t0, 2), status=status, exit_code=code, error=error)
+            if status != "ok":  # run_stages saves a first recipe once a stage has finished, even on failure
+                record["recipe_saved"] = not had_recipe and run_folder.recipe_path.is_file()
+            run_folder.append_invocation(record)
+
+
+def override_strings(overrides: Mapping[str, Any]) -> list[str]:
+    """Keyword overrides as ``key.path=value`` strings: nested mappings become dotted keys
+    (``prune={"keep_params": 0.5}`` -> ``prune.keep_params=0.5``), a key may already be dotted, and
+    each value is written as JSON (a subset of the YAML the recipe loader parses it with)."""
+    out: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if not value:
+                raise RecipeError([f"{prefix}: an empty mapping overrides nothing; give the keys to set"])
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+            return
+        if isinstance(value, Path):
+            value = str(value)
+        try:
+            text = json.dumps(value)
+        except TypeError:
+            raise RecipeError([f"{prefix}: {type(value).__name__} is not a recipe value "
+                               "(give numbers, strings, booleans, None, lists or mappings)"]) from None
+        out.append(f"{prefix}={text}")
+
+    for key, value in overrides.items():
+        walk(key, value)
+    return out
+
+
+@dataclass
+class Run:
+    """A finished ``edgekd.run``: its folder, the recipe it ran, what its manifest records."""
+
+    folder: Path
+    recipe: Recipe
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The run's manifest.json, read now (every stage's status, fingerprint, metrics)."""
+        from edgekd.runfolder import RunFolder
+
+        return RunFolder(self.folder).manifest()
+
+    def metrics(self, stage: str) -> dict[str, Any]:
+        """The metrics a stage recorded (e.g. ``run.metrics("eval")["student"]["accuracy"]``)."""
+        rec = (self.manifest.get("stages") or {}).get(stage)
+        if not rec:
+            raise StageError(f"{self.folder} has no '{stage}' stage record; stages there: "
+                             f"{', '.join(self.manifest.get('stages') or {}) or 'none'}.")
+        return rec.get("metrics") or {}
+
+    def load(self, target: str | None = None, **options: Any) -> Model:
+        """An export of this run, ready to predict: ``target`` (e.g. "onnx-int8"), else the only
+        export or the one the quantize stage recommends."""
+        return load(self.folder, target, **options)
+
+
+def run(recipe: str | Path = "default", *, stages: Sequence[str] | None = None, force: bool = False,
+        **overrides: Any) -> Run:
+    """Run a recipe's pipeline, as ``edgekd run RECIPE --set key=value ...`` does.
+
+    ``recipe``: a built-in name, a YAML file or a run folder. ``overrides`` set recipe keys, nested
+    (``prune={"keep_params": 0.5}``) or dotted (``**{"prune.keep_params": 0.5}``); on a recipe they
+    are saved with the run, on a run folder they apply to this call only. ``stages`` runs only those
+    (e.g. ``["export", "bench"]``); ``force`` runs them even when unchanged. Prints the same progress
+    and summary as the command; returns the :class:`Run`."""
+    if stages is not None and (isinstance(stages, str) or not all(isinstance(s, str) for s in stages)):
+        raise RecipeError([f"stages: give a list of stage names, e.g. ['distill', 'eval'], not {stages!r}"])
+    argv = ["edgekd.run", str(recipe), *(f"--set={o}" for o in override_strings(overrides))]
+    used, ctx = run_recipe(recipe, override_strings(overrides), list(stages) if stages else None, force,
+                           argv=argv)
+    return Run(folder=ctx.run.root, recipe=used)
+
+
+# --- distillation without a run folder ------------------------------------------------------------
+
+
+def _label_ids(labels: Sequence[Any], label2id: Mapping[str, int], num_labels: int) -> list[int]:
+    out = []
+    for i, y in enumerate(labels):
+        if isinstance(y, str):
+            if y not in label2id:
+                raise DataError(f"label {i} is '{y}', which the teacher does not know; its labels: "
+                                f"{', '.join(label2id)}.")
+            y = label2id[y]
+        if isinstance(y, bool) or not isinstance(y, int) and not hasattr(y, "__index__"):
+            raise DataError(f"label {i} is {y!r}: give label ids (0..{num_labels - 1}) or the teacher's label names.")
+        y = int(y)
+        if not 0 <= y < num_labels:
+            raise DataError(f"label {i} is {y}, outside the teacher's {num_labels} labels (0..{num_labels - 1}).")
+        out.append(y)
+    return out
+
+
+def texts_and_labels(data: Any, label2id: Mapping[str, int], num_labels: int) -> tuple[list[str], list[int]]:
+    """``data`` as texts and label ids: (texts, labels), a list of (text, label) pairs, or a mapping /
+    data frame / datasets.Dataset with ``text`` and ``label`` columns."""
+    if data is None:
+        raise DataError("no training data: give data=(texts, labels), [(text, label), ...] or a table with "
+                        "'text' and 'label' columns.")
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], str):
+        texts, labels = list(data[0]), list(data[1])
+    elif hasattr(data, "__getitem__") and hasattr(data, "keys") or hasattr(data, "column_names"):
+        cols = list(getattr(data, "column_names", None) or data.keys())
+        missing = [c for c in ("text", "label") if c not in cols]
+        if missing:
+            raise DataError(f"the data has no {' or '.join(repr(c) for c in missing)} column; its columns: "
+                            f"{', '.join(map(str, cols))}.")
+        texts, labels = list(data["text"]), list(data["label"])
+    else:
+        rows = list(data)
+        if not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in rows):
+            raise DataError("data: give (texts, labels), a list of (text, label) pairs, or a table with 'text' "
+                            "and 'label' columns.")
+        texts, labels = [r[0] for r in rows], [r[1] for r in rows]
+    if len(texts) != len(labels):
+        raise DataError(f"data: {len(texts)} texts but {len(labels)} labels; give one label per text.")
+    if not texts:
+        raise DataError("data: no examples; give at least one (text, label) pair.")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"text {i} is {type(t).__name__}, not a string.")
+        if not t.strip():
+            raise DataError(f"text {i} is empty: every example needs text to learn from.")
+    return texts, _label_ids(labels, label2id, num_labels)
+
+
+def _classifier(source: str | Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from edgekd.assets import resolve_model
+
+    path = resolve_model(str(source))
+    archs = AutoConfig.from_pretrained(path).architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise StageError(f"{source} has no sequence-classification head (architectures: {archs or 'none'}): "
+                         "distil from a fine-tuned classifier, e.g. a run's teacher/model, or fine-tune it "
+                         "first (`edgekd run` does, with teacher.finetune).")
+    return AutoModelForSequenceClassification.from_pretrained(path)
+
+
+def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | None = None, data: Any = None, *,
+            tokenizer: Any = None, layers: Sequence[int] | None = None, max_length: int = 128, seed: int = 42,
+            precision: str = "fp32", batch_size: int = 64, out_dir: str | Path | None = None,
+            **settings: Any) -> nn.Module:
+    """Distil ``teacher`` (a fine-tuned sequence classifier, or its folder / asset name) into
+    ``student`` on ``data``, with no run folder; returns the trained student.
+
+    ``student``: a model (or folder) sharing the teacher's tokenizer and labels; None builds the
+    DistilBERT-style student from the teacher's ``layers`` (default: every other layer), checked block
+    by block. ``data``: (texts, labels), [(text, label), ...] or a table with ``text`` and ``label``
+    columns; labels are ids or the teacher's label names. ``settings`` are the recipe's ``distill``
+    keys (alpha, temperature, kl, hidden_weight, hidden_loss, attention_weight, train={...}),
+    validated the same way. The teacher's soft targets are computed once; the loss is the distill
+    stage's. ``out_dir`` also saves the student with the tokenizer (written whole or not at all).
+    """
+    import torch
+    from pydantic import ValidationError
+
+    from edgekd.encoders import build_student
+    from edgekd.recipe import DistillConfig, _describe
+    from edgekd.tasks.text.distill import DistillLoss, layer_map
+    from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit
+    from edgekd.train import init_process_state, predict, train
+
+    try:
+        cfg = DistillConfig.model_validate(settings)
+    except ValidationError as e:
+        raise RecipeError([_describe({**err, "loc": ("distill", *err["loc"])}) for err in e.errors()]) from None
+    if cfg.rounds != 1:
+        raise RecipeError(["distill.rounds: edgekd.distill trains one round; call it again with the student as "
+                           "teacher, or run the pipeline (edgekd.run) for born-again rounds"])
+    if isinstance(teacher, (str, Path)):
+        tokenizer = tokenizer or _tokenizer_of(teacher)
+        teacher = _classifier(teacher)
+    elif tokenizer is None:
+        tokenizer = _tokenizer_of(getattr(teacher, "name_or_path", None) or "")
+    if getattr(teacher.config, "problem_type", None) not in (None, "single_label_classification"):
+        raise StageError(f"the teacher's problem_type is {teacher.config.problem_type}: edgekd.distill teaches "
+                         "single-label classifiers.")
+    n_labels = int(teacher.config.num_labels)
+    label2id = dict(getattr(teacher.config, "label2id", None) or {})
+    texts, labels = texts_and_labels(data, label2id, n_labels)
+
+    copied: list[int] | None = None
+    if student is None:
+        copied = list(layers) if layers is not None else TextClassificationTask.default_layers(
+            teacher.config.num_hidden_layers)
+        student = build_student(teacher, copied)
+    elif layers is not None:
+        raise RecipeError(["layers: picks the teacher layers of a student built from the teacher; "
+                           "leave it out when you give a student"])
+    elif isinstance(student, (str, Path)):
+        student = _classifier(student)
+    if int(student.config.num_labels) != n_labels:
+        raise StageError(f"the student has {student.config.num_labels} labels, the teacher {n_labels}: give a "
+                         "student with the teacher's labels (or none, to build one from the teacher).")
+    if student.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise StageError(f"the student's vocabulary ({student.get_input_embeddings().num_embeddings} ids) is "
+                         f"smaller than the teacher's tokenizer ({len(tokenizer)}): edgekd.distill feeds both "
+                         "the same tokens, so the student must share the teacher's tokenizer.")
+
+    init_process_state()
+    task = TextClassificationTask([str(k) for k in range(n_labels)], max_length)
+    split = TokenizedSplit(task.tokenize(tokenizer, texts), labels, tokenizer.pad_token_id or 0)
+    soft = torch.from_numpy(predict(teacher, split, batch_size, "teacher outputs", precision=precision))
+    mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied)
+    loss_fn = DistillLoss(student, cfg, soft_logits=soft, teacher=teacher, mapping=mapping)
+    with tempfile.TemporaryDirectory(prefix="edgekd-distill-") as ckpt, loss_fn.attention_maps(student):
+        train(student, split, cfg.train, loss_fn, seed=seed, precision=precision, ckpt_root=Path(ckpt),
+              description="distill", extra_params=loss_fn.extra_params())
+    student.eval()
+    if out_dir is not None:
+        TextClassificationTask.save_model(student, tokenizer, Path(out_dir))
+    return student
+
+
+def _tokenizer_of(source: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from edgekd.assets import resolve_model
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(str(source)))
+    except (OSError, ValueError) as e:
+        raise StageError(f"no tokenizer found for the teacher ({source or 'a model object without a folder'}): "
+                         f"pass tokenizer=... ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+# --- predicting with an export ---------------------------------------------------------------------
+
+
+class Model:
+    """An export loaded for prediction, by the server's loader: ``predict`` answers as ``POST /predict`` does."""
+
+    def __init__(self, served: ServedModel, chose: str | None = None):
+        from edgekd.serving.batching import InferenceEngine
+
+        self.served = served
+        self.why = chose  # how the export was chosen from a run folder, when it was
+        self._engine = InferenceEngine(served.runner, served.codec, precision=served.meta.get("precision"))
+
+    name = property(lambda self: self.served.name)
+    target = property(lambda self: self.served.target)
+    folder = property(lambda self: self.served.folder)
+    task = property(lambda self: self.served.codec.task)
+    labels = property(lambda self: list(self.served.codec.labels))
+
+    def __repr__(self) -> str:
+        return f"edgekd.Model({self.name!r}, target={self.target!r}, task={self.task!r}, folder='{self.folder}')"
+
+    def predict(self, inputs: Any, *, batch_size: int = 32, **options: Any) -> list:
+        """Text models: a text or a list of texts -> one :class:`Prediction` (label, score,
+        probabilities) each. Detection models: an image or a list of images (file paths, bytes,
+        PIL images or HxWx3 RGB uint8 arrays) -> one list of :class:`Detection` each
+        (``conf_threshold``, ``iou_threshold``, ``max_det`` as the server takes them)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size is {batch_size}: give at least 1.")
+        if self.served.codec.accepts == "texts":
+            if options:
+                raise TypeError(f"{', '.join(sorted(options))}: text models take no options (detection models do).")
+            return self._predict_texts(inputs, batch_size)
+        return self._predict_images(inputs, batch_size, **options)
+
+    def _predict_texts(self, texts: Any, batch_size: int) -> list:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise DataError("no texts to classify: give a text or a list of texts.")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"text {i} is {type(t).__name__}: give strings.")
+            if not t.strip():
+                raise DataError(f"text {i} is empty: give text to classify.")
+        codec = self.served.codec
+        out = []
+        for start in range(0, len(texts), batch_size):
+            items = codec.encode(texts[start:start + batch_size])
+            logits = self._engine.run_items(items)[self._engine.output_name]
+            out += codec.predictions(logits)
+        return out
+
+    def _predict_images(self, images: Any, batch_size: int, conf_threshold: float | None = None,
+                        iou_threshold: float | None = None, max_det: int | None = None) -> list:
+        from edgekd.serving.schemas import DetectOptions
+
+        single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode") \
+            or getattr(images, "ndim", None) == 3
+        images = [images] if single else list(images)
+        if not images:
+            raise DataError("no images to run: give an image or a list of images.")
+        given = {k: v for k, v in {"conf_threshold": conf_threshold, "iou_threshold": iou_threshold,
+                                   "max_det": max_det}.items() if v is not None}
+        opts = DetectOptions(**given)
+        codec = self.served.codec
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            blobs = [(f"image {start + i}", _image_bytes(im, start + i), None) for i, im in enumerate(chunk)]
+            items = codec.encode(blobs)
+            outputs = self._engine.run_items(items)
+            out += codec.detections(outputs, items, conf_threshold=opts.conf_threshold,
+                                    iou_threshold=opts.iou_threshold, max_det=opts.max_det)
+        return out
+
+
+def _image_bytes(image: Any, i: int) -> bytes:
+    """An image as encoded bytes for the codec (which decodes, checks and letterboxes it)."""
+    import io
+
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"image {i}: {path} does not exist.")
+        return path.read_bytes()
+    from PIL import Image
+
+    if getattr(image, "ndim", None) == 3:
+        import numpy as np
+
+        arr = np.asarray(image)
+        if arr.shape[2] != 3 or arr.dtype != np.uint8:
+            raise DataError(f"image {i} is an array of shape {list(arr.shape)} and dtype {arr.dtype}: give "
+                            "H x W x 3 RGB uint8.")
+        image = Image.fromarray(arr, "RGB")
+    if not isinstance(image, Image.Image):
+        raise DataError(f"image {i} is {type(image).__name__}: give a file path, bytes, a PIL image or an "
+                        "H x W x 3 RGB uint8 array.")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load(path: str | Path, target: str | None = None, *, threads: int | None = None,
+         max_length: int | None = None) -> Model:
+    """Open an export folder (``runs/x/export/onnx-int8``), or a run folder (then ``target``, the only
+    export, or the one the quantize stage recommends), verified and loaded as ``edgekd serve`` does."""
+    from edgekd.serving.model import choose_export, load_served_model
+    from edgekd.serving.settings import ServeSettings
+
+    folder, why = choose_export(path, target)
+    settings = ServeSettings(export_dir=folder, threads=threads, max_length=max_length)
+    return Model(load_served_model(settings), why)

@@ -1,0 +1,222 @@
+"""The Python API: the README's example runs as written (on a tiny recipe), edgekd.distill teaches
+the student it was asked for with the stage's loss, edgekd.load answers as POST /predict does, and
+bad input is refused with what to change."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import edgekd
+from edgekd.api import override_strings, texts_and_labels
+from edgekd.errors import DataError, RecipeError, StageError
+from edgekd.testing import sentiment_rows, tiny_bert, tiny_recipe, write_sentiment_csv
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    marker = text.index("<!-- api-example:")
+    return re.search(r"```python\n(.*?)```", text[marker:], re.S).group(1)
+
+
+def test_the_package_exports_the_api_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgekd; assert 'torch' not in sys.modules and 'edgekd.api' not in sys.modules; "
+            "print(edgekd.run.__module__, edgekd.distill.__module__, edgekd.load.__module__, edgekd.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:3] == ["edgekd.api"] * 3
+    assert set(edgekd.__all__) >= {"run", "distill", "load"}
+    with pytest.raises(AttributeError, match="no attribute 'rnu'"):
+        edgekd.rnu  # noqa: B018
+
+
+def test_overrides_become_the_set_strings_of_the_command_line():
+    assert override_strings({"prune": {"keep_params": 0.4, "steps": 2}, "export.targets": ["onnx"],
+                             "output_dir": Path("/tmp/x"), "name": "a b", "eval": {"ood_dataset": None}}) == [
+        "prune.keep_params=0.4", "prune.steps=2", 'export.targets=["onnx"]', 'output_dir="/tmp/x"', 'name="a b"',
+        "eval.ood_dataset=null"]
+    with pytest.raises(RecipeError, match="prune: an empty mapping"):
+        override_strings({"prune": {}})
+    with pytest.raises(RecipeError, match="seed: object is not a recipe value"):
+        override_strings({"seed": object()})
+
+
+def test_run_refuses_a_wrong_key_before_anything_runs(tmp_path, tiny_teacher_dir):
+    csv = write_sentiment_csv(tmp_path / "r.csv", n=40)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, tiny_teacher_dir, csv)))
+    with pytest.raises(RecipeError, match=r"distill\.temprature: unknown key\. Did you mean 'temperature'"):
+        edgekd.run(path, distill={"temprature": 4})
+    with pytest.raises(RecipeError, match="stages: give a list"):
+        edgekd.run(path, stages="distill")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow  # a tiny pipeline run (teacher, distill, prune, ONNX export, int8), then distill alone
+def test_the_readme_example_runs(tmp_path, tiny_teacher_dir, monkeypatch):
+    csv = write_sentiment_csv(tmp_path / "reviews.csv", n=200, seed=1)
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, csv,
+                         teacher={"finetune": {"epochs": 2, "batch_size": 32, "lr": 3e-3}},
+                         distill={"train": {"epochs": 1, "batch_size": 32, "lr": 2e-3}},
+                         baseline={"enabled": False},
+                         prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5},
+                         export={"targets": ["onnx"]}, quantize={"enabled": True, "speed_runs": 5},
+                         bench={"enabled": False})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code = readme_example()
+    # The one change: the built-in default (a 12-minute benchmark) becomes the tiny recipe.
+    assert code.count('edgekd.run("default"') == 1
+    code = code.replace('edgekd.run("default"', f'edgekd.run({str(path)!r}')
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    scope: dict = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), scope)
+
+    run, model, student = scope["run"], scope["model"], scope["student"]
+    assert run.folder == tmp_path / "runs" / "tiny"
+    saved = yaml.safe_load((run.folder / "recipe.yaml").read_text())
+    assert saved["prune"]["keep_params"] == 0.4  # the override defined the run, as --set does
+    record = json.loads((run.folder / "invocations.jsonl").read_text().splitlines()[-1])
+    assert record["status"] == "ok" and record["overrides"] == ["prune.keep_params=0.4"]
+    assert record["argv"][0] == "edgekd.run"
+    assert run.manifest["stages"]["prune"]["metrics"]["target"] == {"keep_params": 0.4}
+
+    # run.load() is what `edgekd serve RUN` would serve: the quantize stage's recommendation
+    recommended = Path(run.metrics("quantize")["recommended_dir"]).name
+    assert model.target == recommended and model.labels == ["negative", "positive"]
+    lines = out.getvalue().splitlines()
+    assert any(line.split()[0] in ("negative", "positive") for line in lines if line.strip())
+
+    # edgekd.distill built the student it was asked for and saved it whole
+    assert student.config.num_hidden_layers == 2
+    assert (tmp_path / "my-student" / "config.json").is_file() and (tmp_path / "my-student" / "vocab.txt").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    # load().predict gives what POST /predict gives for the same texts
+    from fastapi.testclient import TestClient
+
+    from edgekd.serving import ServeSettings, create_app
+
+    texts = ["a warm, funny film", "dull", "no spoilers: just go and see it"]
+    mine = edgekd.load(run.folder, "onnx").predict(texts)
+    with TestClient(create_app(ServeSettings(export_dir=run.folder / "export" / "onnx"))) as client:
+        served = client.post("/predict", json={"texts": texts}).json()["predictions"]
+    assert [p.label for p in mine] == [p["label"] for p in served]
+    np.testing.assert_allclose([p.score for p in mine], [p["score"] for p in served], rtol=1e-6)
+    assert repr(edgekd.load(run.folder / "export" / "onnx")).startswith("edgekd.Model('tiny', target='onnx', task='text-classification'")
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A tiny 4-layer BERT classifier (two labels named negative/positive) and its folder; its head is
+    scaled up so that its answers are far from uniform (a random head's are nearly so)."""
+    import torch
+
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tiny_bert(tmp_path_factory.mktemp("api-teacher"), num_layers=4, num_labels=2, seed=5)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    model.config.id2label, model.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    with torch.no_grad():
+        model.classifier.weight.mul_(100.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _kl_to_teacher(teacher, student, tok, texts, temperature):
+    import torch
+
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(**enc).logits / temperature, -1)
+        s = torch.log_softmax(student(**enc).logits / temperature, -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+@pytest.mark.slow  # two short trainings of a tiny BERT
+def test_distill_copies_the_asked_layers_and_moves_the_student_toward_the_teacher(classifier):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgekd.encoders import build_student
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(classifier)
+    tok = AutoTokenizer.from_pretrained(classifier)
+    rows = sentiment_rows(96, seed=2)
+    texts = [t for t, _ in rows]
+    before = build_student(teacher, [1, 3])
+    # The teacher's layers 1 and 3, block for block, before training moves them.
+    for i, t in enumerate([1, 3]):
+        for (name, p), (_, q) in zip(before.bert.encoder.layer[i].state_dict().items(),
+                                     teacher.bert.encoder.layer[t].state_dict().items(), strict=True):
+            assert torch.equal(p, q), name
+    kl_before = _kl_to_teacher(teacher, before, tok, texts, 1.0)
+
+    student = edgekd.distill(teacher, data=rows, tokenizer=tok, layers=[1, 3], alpha=1.0, temperature=1.0,
+                             hidden_weight=1.0, train={"epochs": 4, "batch_size": 16, "lr": 3e-3}, seed=1)
+    assert student.config.num_hidden_layers == 2 and not student.training
+    kl_after = _kl_to_teacher(teacher, student, tok, texts, 1.0)
+    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)
+    # The same call gives the same student (seeded), and label names work like ids.
+    again = edgekd.distill(str(classifier), data={"text": texts, "label": [["negative", "positive"][y] for _, y in rows]},
+                           layers=[1, 3], alpha=1.0, temperature=1.0, hidden_weight=1.0,
+                           train={"epochs": 4, "batch_size": 16, "lr": 3e-3}, seed=1)
+    for (n, p), (_, q) in zip(student.state_dict().items(), again.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_distill_refuses_bad_input_with_what_to_change(classifier, tiny_teacher_dir):
+    rows = [("good", 1), ("bad", 0)]
+    with pytest.raises(RecipeError, match=r"distill\.temprature: unknown key\. Did you mean 'temperature'"):
+        edgekd.distill(classifier, data=rows, temprature=4)
+    with pytest.raises(RecipeError, match=r"distill\.train\.epochs: Input should be greater than 0"):
+        edgekd.distill(classifier, data=rows, train={"epochs": 0})
+    with pytest.raises(RecipeError, match="rounds"):
+        edgekd.distill(classifier, data=rows, rounds=2)
+    with pytest.raises(StageError, match="no sequence-classification head"):
+        edgekd.distill(tiny_teacher_dir, data=rows)
+    with pytest.raises(DataError, match="text 1 is empty"):
+        edgekd.distill(classifier, data=[("good", 1), ("  ", 0)])
+    with pytest.raises(DataError, match="label 0 is 'great', which the teacher does not know"):
+        edgekd.distill(classifier, data=[("good", "great")])
+    with pytest.raises(DataError, match="label 1 is 2, outside the teacher's 2 labels"):
+        edgekd.distill(classifier, data=[("good", 1), ("bad", 2)])
+    with pytest.raises(DataError, match="no training data"):
+        edgekd.distill(classifier)
+    with pytest.raises(RecipeError, match="leave it out when you give a student"):
+        edgekd.distill(classifier, classifier, data=rows, layers=[0])
+
+
+def test_data_forms_give_the_same_examples():
+    want = (["a", "b"], [1, 0])
+    label2id = {"negative": 0, "positive": 1}
+    assert texts_and_labels((["a", "b"], [1, 0]), label2id, 2) == want
+    assert texts_and_labels([("a", 1), ("b", 0)], label2id, 2) == want
+    assert texts_and_labels({"text": ["a", "b"], "label": ["positive", "negative"]}, label2id, 2) == want
+    assert texts_and_labels({"text": ["a", "b"], "label": np.array([1, 0])}, label2id, 2) == want
+    with pytest.raises(DataError, match="no 'label' column; its columns: text, y"):
+        texts_and_labels({"text": ["a"], "y": [1]}, label2id, 2)
+    with pytest.raises(DataError, match="2 texts but 1 labels"):
+        texts_and_labels((["a", "b"], [1]), label2id, 2)
+    with pytest.raises(DataError, match="label 0 is True"):
+        texts_and_labels([("a", True)], label2id, 2)
+
+
+def test_load_refuses_what_it_cannot_use(tmp_path):
+    with pytest.raises(StageError, match="does not exist"):
+        edgekd.load(tmp_path / "nowhere")
+    with pytest.raises(StageError, match="holds no exported artifact"):
+        edgekd.load(tmp_path)
