@@ -326,7 +326,9 @@ class PruneConfig(Section):
         "per_layer",
         description="per_layer: every layer loses the same share (equal FFN widths, so the saved model "
         "reloads with plain from_pretrained); global: rank across layers (scores normalised per layer), "
-        "so layers end up with different widths (reload with edgekd.pruning.load_pruned_model).",
+        "so layers end up with different widths (reload with edgekd.pruning.load_pruned_model). Families "
+        "whose layers share per-head weights (MPNet's relative-position bias) lose the same heads in every "
+        "layer, ranked by importance summed over layers, whichever scope.",
     )
     prune_heads: bool = Field(True, description="heads-ffn: remove attention heads.")
     prune_neurons: bool = Field(True, description="heads-ffn: remove FFN neurons.")
