@@ -119,7 +119,7 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
 
     table = (out / "table.md").read_text()
     trt_reason = json.loads((tiny_run.run_dir / "export" / "tensorrt" / "artifact.json").read_text())["reason"]
-    assert "| onnx-int8 | onnx | int8 |" in table and trt_reason in table
+    assert "| onnx-int8 | onnx-int8 | int8 |" in table and trt_reason in table
     assert "real lengths: each test text at its own length" in table and "OOD accuracy" in table
     assert f"{ood_expected:.4f}" in table
     assert f"{(expected - 0.75) * 100:+.1f} pp" in table
