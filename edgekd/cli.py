@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgekd import __version__, api, warnings_log
+from edgekd import __version__, api, pipeline, warnings_log
 from edgekd.errors import EdgeKDError
 from edgekd.progress import console, error_console
 
@@ -82,12 +82,11 @@ def _stage_command(stage: str, doc: str) -> None:
     app.command(name=stage)(command)
 
 
-_stage_command("teacher", "Fine-tune the teacher if it has no task head; cache its outputs on the training split.")
-_stage_command("distill", "Distill the teacher into the student (needs the teacher stage).")
-_stage_command("baseline", "Train the same student on hard labels only, to measure what distillation adds.")
-_stage_command("eval", "Evaluate teacher, student and baseline on the held-out test split.")
-_stage_command("prune", "Prune the distilled student (heads, FFN neurons, channels or weights), recovering by distillation.")
-_stage_command("quantize", "Quantize the ONNX export (dynamic/static int8, fp16) under an accuracy and a speed guard.")
+# Every stage of the pipeline's table is a command; these have their own options, defined below.
+OWN_COMMANDS = ("export", "bench")
+for _name in pipeline.STAGE_ORDER:
+    if _name not in OWN_COMMANDS:
+        _stage_command(_name, pipeline.STAGE_HELP[_name])
 
 
 @app.command()
@@ -97,11 +96,13 @@ def export(
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Export the shipped student to each target and check it against the source model."""
     one_off = []
     if to:
         one_off.append("export.targets=[" + ",".join(t.strip() for t in to.split(",") if t.strip()) + "]")
     _run(recipe, set_, ["export"], force, one_off)
+
+
+export.__doc__ = pipeline.STAGE_HELP["export"]
 
 
 @app.command("export-teacher")
@@ -151,7 +152,6 @@ def bench(
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Measure every exported artifact of a run (latency, memory, accuracy) on a device profile."""
     one_off = [f"bench.profile={device}"] if device else []
     used, ctx = _run(recipe, set_, ["bench"], force, one_off)
     from edgekd.devices.tables import report as bench_report
@@ -160,6 +160,9 @@ def bench(
     rec = ctx.run.stage_record("bench") or {}
     profile = (rec.get("metrics") or {}).get("profile") or used.bench.profile
     print_markdown(bench_report(used.run_dir(), profile=profile))
+
+
+bench.__doc__ = pipeline.STAGE_HELP["bench"]
 
 
 @app.command()

@@ -26,6 +26,17 @@ SHARED_STAGES = {
     "bench": Stage("bench", run_bench, bench_fingerprint, enabled=lambda r: r.bench.enabled),
 }
 STAGE_ORDER = (*TASK_STAGES, *SHARED_STAGES)
+# What `edgekd <stage>` says it does: every stage of the table is also a command of its own.
+STAGE_HELP = {
+    "teacher": "Fine-tune the teacher if it has no task head; cache its outputs on the training split.",
+    "distill": "Distill the teacher into the student (needs the teacher stage).",
+    "baseline": "Train the same student on hard labels only, to measure what distillation adds.",
+    "eval": "Evaluate teacher, student and baseline on the held-out test split.",
+    "prune": "Prune the distilled student (heads, FFN neurons, channels or weights), recovering by distillation.",
+    "export": "Export the shipped student to each target and check it against the source model.",
+    "quantize": "Quantize the ONNX export (dynamic/static int8, fp16) under an accuracy and a speed guard.",
+    "bench": "Measure every exported artifact of a run (latency, memory, accuracy) on a device profile.",
+}
 
 
 def stage_table(task: str) -> dict[str, Stage]:

@@ -276,3 +276,17 @@ def test_recipe_names_outside_the_registries_are_refused_with_the_valid_ones(key
     with pytest.raises(RecipeError) as err:
         parse_recipe(data)
     assert key in str(err.value) and f"registered: {valid}" in str(err.value)
+
+
+def test_every_stage_of_the_table_is_a_command_with_the_tables_help():
+    """Adding a stage to the table gives it `edgekd <stage>`: the commands come from the table."""
+    import typer
+
+    from edgekd import pipeline
+    from edgekd.cli import app
+
+    commands = typer.main.get_command(app).commands
+    assert set(pipeline.STAGE_HELP) == set(pipeline.STAGE_ORDER)
+    for name in pipeline.STAGE_ORDER:
+        assert name in commands, name
+        assert commands[name].help == pipeline.STAGE_HELP[name]
