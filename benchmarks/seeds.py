@@ -1,0 +1,193 @@
+"""The whole pipeline over several seeds, each run measured by compare_tools, reported as mean ± sd.
+
+    python benchmarks/seeds.py [RECIPE] [--seeds 42 43 44] [--set key=value ...] [--runs N]
+                               [--threads T] [--out DIR] [--no-run]
+
+For each seed: ``edgekd run RECIPE --set seed=S --set name=<name>-seed<S>`` (a stage unchanged since
+an earlier run of that seed is skipped; ``--no-run`` measures existing run folders only), then
+``compare_tools`` on that run folder (every model timed in one process on the same inputs). The
+figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
+the range, and for each bar of the compression issue how many seeds meet it:
+
+- the shipped artifact (compare_tools' best, chosen on validation) at least 1.5x faster at p50,
+  batch 1, than every usual path on the distilled student (Optimum int8, OpenVINO NNCF int8, torchao
+  compiled) and at least as accurate as each (test);
+- within 0.5 points of the fp32 distilled student; at least 15x faster than the fp32 teacher in
+  PyTorch; at most 8 MB; out of domain at least 97% of the student's accuracy; the pipeline's
+  recorded stage time at most 20 minutes.
+
+Writes ``seeds.md`` and ``seeds.json`` to ``--out`` (default ``runs/<name>-seeds/``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import _compare_report as report
+
+from edgekd.errors import EdgeKDError
+
+# (key, what it is, format, the bar: (comparison, value) or None)
+FIGURES: list[tuple[str, str, str, tuple[str, float] | None]] = [
+    ("student_accuracy", "fp32 distilled student, test accuracy %", ".2f", None),
+    ("shipped_accuracy", "shipped artifact, test accuracy %", ".2f", None),
+    ("vs_student_pp", "shipped minus fp32 student, points", "+.2f", (">=", -0.5)),
+    ("shipped_p50_ms", "shipped artifact, p50 ms (batch 1)", ".3f", None),
+    ("vs_teacher", "speed-up vs fp32 teacher in PyTorch (batch 1)", ".1f", (">=", 15.0)),
+    ("shipped_mb", "shipped artifact, MB", ".2f", ("<=", 8.0)),
+    ("ood_kept_pct", "out of domain, % of the student's accuracy", ".1f", (">=", 97.0)),
+    ("pipeline_min", "pipeline stage time, minutes", ".1f", ("<=", 20.0)),
+]
+USUAL_LABELS = {"optimum-onnx-int8": "Optimum int8", "openvino-nncf-int8": "OpenVINO NNCF int8",
+                "torchao-int8-compiled": "torchao compiled", "torchao-int8": "torchao eager"}
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
+def seed_figures(data: dict[str, Any], batch: int = 1) -> dict[str, float | None]:
+    """One seed's figures from its compare.json: the shipped artifact against the student, the
+    teacher and each usual path, all timed in that one compare run."""
+    rows = {r["name"]: r for r in data.get("rows") or []}
+    best = next((r for r in rows.values() if r.get("best")), None) or {}
+    student, teacher = rows.get("student-fp32") or {}, rows.get(report.TEACHER) or {}
+    acc_b, acc_s = best.get("accuracy"), student.get("accuracy")
+    p_b = report.p50(best, batch)
+    out: dict[str, float | None] = {
+        "student_accuracy": _pct(acc_s),
+        "shipped_accuracy": _pct(acc_b),
+        "vs_student_pp": None if acc_b is None or acc_s is None else 100.0 * (acc_b - acc_s),
+        "shipped_p50_ms": p_b,
+        "vs_teacher": report._div(report.p50(teacher, batch), p_b),
+        "shipped_mb": None if best.get("size_bytes") is None else best["size_bytes"] / 1e6,
+        "ood_kept_pct": (None if best.get("ood_accuracy") is None or not student.get("ood_accuracy")
+                         else 100.0 * best["ood_accuracy"] / student["ood_accuracy"]),
+        "pipeline_min": (None if (data.get("pipeline") or {}).get("total_seconds") is None
+                         else data["pipeline"]["total_seconds"] / 60.0),
+    }
+    for name in USUAL_LABELS:
+        ref = rows.get(name)
+        if ref is None or ref.get("status") != "ok":
+            continue
+        out[f"speedup:{name}"] = report._div(report.p50(ref, batch), p_b)
+        out[f"margin:{name}"] = (None if acc_b is None or ref.get("accuracy") is None
+                                 else 100.0 * (acc_b - ref["accuracy"]))
+    return out
+
+
+def _stats(values: list[float | None]) -> dict[str, Any]:
+    got = [v for v in values if v is not None and math.isfinite(v)]
+    if not got:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+    mean = sum(got) / len(got)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in got) / (len(got) - 1)) if len(got) > 1 else None
+    return {"n": len(got), "mean": mean, "sd": sd, "min": min(got), "max": max(got)}
+
+
+def _meets(value: float | None, bar: tuple[str, float]) -> bool | None:
+    if value is None:
+        return None
+    op, limit = bar
+    return value >= limit if op == ">=" else value <= limit
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) -> dict[str, Any]:
+    """Mean ± sd of every figure over the seeds, and per bar how many seeds meet it. A seed whose
+    figure is missing counts as not meeting the bar (it was not shown)."""
+    figs = {s: seed_figures(d) for s, d in per_seed.items()}
+    seeds = sorted(figs)
+    rows = []
+    bars = list(FIGURES)
+    keys = sorted({k for f in figs.values() for k in f if ":" in k})
+    for k in keys:
+        kind, name = k.split(":", 1)
+        label = USUAL_LABELS[name]
+        bars.append((k, f"speed-up vs {label} (batch 1)" if kind == "speedup" else
+                     f"accuracy minus {label}'s, points", ".2f" if kind == "speedup" else "+.2f",
+                     (">=", target_speedup) if kind == "speedup" else (">=", 0.0)))
+    for key, what, fmt, bar in bars:
+        values = [figs[s].get(key) for s in seeds]
+        row = {"key": key, "what": what, "format": fmt, "values": dict(zip(seeds, values, strict=True)),
+               **_stats(values)}
+        if bar is not None:
+            met = [_meets(v, bar) for v in values]
+            row.update(bar=f"{bar[0]} {bar[1]:g}", seeds_meeting=sum(bool(m) for m in met), all_met=all(met))
+        rows.append(row)
+    barred = [r for r in rows if "bar" in r]
+    return {"seeds": seeds, "rows": rows, "all_met": bool(barred) and all(r["all_met"] for r in barred),
+            "verdicts": {s: (per_seed[s].get("verdict") or {}).get("summary") for s in seeds}}
+
+
+def markdown(agg: dict[str, Any], title: str) -> str:
+    seeds = agg["seeds"]
+
+    def f(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    lines = [f"# {title}", "", f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean ± sample sd.", "",
+             "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | bar | seeds meeting it |",
+             "|---|" + "--:|" * len(seeds) + "--:|---|--:|"]
+    for r in agg["rows"]:
+        fmt = r["format"]
+        ms = f"{f(r['mean'], fmt)} ± {f(r['sd'], fmt.lstrip('+'))}" if r["n"] else "—"
+        lines.append(f"| {r['what']} | " + " | ".join(f(r["values"][s], fmt) for s in seeds)
+                     + f" | {ms} | {r.get('bar', '')} | "
+                     + (f"{r['seeds_meeting']} of {len(seeds)}" if "bar" in r else "") + " |")
+    lines += ["", "**All bars met in every seed.**" if agg["all_met"] else
+              "**Not every bar is met in every seed** (see the last column).", ""]
+    lines += [f"- seed {s}: {v}" for s, v in agg["verdicts"].items() if v]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", default="default", help="built-in recipe or YAML file (default: default)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds (default 42 43 44)")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="recipe override key=value (repeatable)")
+    p.add_argument("--runs", type=int, default=200, help="compare_tools: timed runs per model and batch (200)")
+    p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
+    p.add_argument("--out", default=None, help="output folder (default runs/<name>-seeds)")
+    p.add_argument("--no-run", action="store_true", help="measure existing run folders only (no edgekd run)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import compare_tools
+
+    from edgekd import api
+    from edgekd.runfolder import atomic_write_text
+
+    try:
+        base = api.load_recipe_or_run(args.recipe, args.sets)
+        per_seed: dict[int, dict[str, Any]] = {}
+        for s in args.seeds:
+            sets = [*args.sets, f"seed={s}", f"name={base.name}-seed{s}"]
+            recipe = api.load_recipe_or_run(args.recipe, sets)
+            if not args.no_run:
+                api.run_recipe(args.recipe, sets, argv=["benchmarks/seeds.py", args.recipe, *(f"--set={x}" for x in sets)])
+            elif not recipe.run_dir().is_dir():
+                raise EdgeKDError(f"--no-run: {recipe.run_dir()} does not exist; run it first (drop --no-run).")
+            per_seed[s] = compare_tools.compare(recipe.run_dir(), runs=args.runs, threads=args.threads)
+    except EdgeKDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    agg = aggregate(per_seed)
+    text = markdown(agg, f"edgekd '{base.name}' over {len(args.seeds)} seeds")
+    out = Path(args.out) if args.out else Path(base.output_dir) / f"{base.name}-seeds"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "seeds.md", text)
+    atomic_write_text(out / "seeds.json", json.dumps(agg, indent=2, default=str))
+    print(text)
+    print(f"Written to {out}: seeds.md, seeds.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""benchmarks/seeds.py: each seed's figures read from its compare_tools result, mean ± sample sd over
+the seeds, and for each bar of the compression issue how many seeds meet it (a missing figure never
+counts as met)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seeds
+
+    return seeds
+
+
+def _row(name, acc, p50, size=None, ood=None, best=False, status="ok"):
+    return {"name": name, "status": status, "accuracy": acc, "ood_accuracy": ood, "size_bytes": size, "best": best,
+            "cases": {"1": {"p50_ms": p50}, "8": {"p50_ms": 8 * p50}}}
+
+
+def _compare(ship_acc, ship_p50, ship_mb, ood=0.78, optimum_p50=2.0, total_s=900, with_openvino=True):
+    rows = [_row("teacher-fp32", 0.85, 30.0), _row("student-fp32", 0.84, 9.0, ood=0.80),
+            _row("optimum-onnx-int8", 0.83, optimum_p50), _row("torchao-int8-compiled", 0.835, 3.0),
+            _row("edgekd-onnx-int8", ship_acc, ship_p50, size=ship_mb * 1e6, ood=ood, best=True)]
+    if with_openvino:
+        rows.append(_row("openvino-nncf-int8", 0.836, 2.4))
+    return {"rows": rows, "pipeline": {"total_seconds": total_s}, "verdict": {"summary": "NOT MET. stand-in"}}
+
+
+def test_one_seed_figures_come_from_the_rows_timed_together(seeds):
+    f = seeds.seed_figures(_compare(0.838, 1.0, 7.5))
+    assert f["student_accuracy"] == pytest.approx(84.0) and f["shipped_accuracy"] == pytest.approx(83.8)
+    assert f["vs_student_pp"] == pytest.approx(-0.2)
+    assert f["vs_teacher"] == pytest.approx(30.0) and f["shipped_p50_ms"] == 1.0
+    assert f["shipped_mb"] == pytest.approx(7.5) and f["ood_kept_pct"] == pytest.approx(97.5)
+    assert f["pipeline_min"] == pytest.approx(15.0)
+    assert f["speedup:optimum-onnx-int8"] == pytest.approx(2.0) and f["speedup:openvino-nncf-int8"] == pytest.approx(2.4)
+    assert f["margin:torchao-int8-compiled"] == pytest.approx(0.3)
+    assert "speedup:torchao-int8" not in f  # a path that did not run gives no figure
+
+
+def test_mean_sd_and_the_seeds_meeting_each_bar(seeds):
+    per_seed = {42: _compare(0.838, 1.0, 7.5), 43: _compare(0.836, 1.2, 7.5), 44: _compare(0.830, 1.5, 9.0)}
+    agg = seeds.aggregate(per_seed)
+    rows = {r["key"]: r for r in agg["rows"]}
+    acc = rows["shipped_accuracy"]
+    assert acc["mean"] == pytest.approx((83.8 + 83.6 + 83.0) / 3)
+    m = acc["mean"]
+    assert acc["sd"] == pytest.approx(math.sqrt(((83.8 - m) ** 2 + (83.6 - m) ** 2 + (83.0 - m) ** 2) / 2))
+    assert (acc["min"], acc["max"]) == (pytest.approx(83.0), pytest.approx(83.8))
+    # 8 MB: seeds 42 and 43 meet it, 44 does not; within 0.5 pp of the student: 42, 43 (44 is -1.0)
+    assert rows["shipped_mb"]["seeds_meeting"] == 2 and not rows["shipped_mb"]["all_met"]
+    assert rows["vs_student_pp"]["seeds_meeting"] == 2
+    # 1.5x vs Optimum: 2.0, 1.67, 1.33 -> two seeds; as accurate as torchao (83.5): only 42 and 43
+    assert rows["speedup:optimum-onnx-int8"]["seeds_meeting"] == 2
+    assert rows["margin:torchao-int8-compiled"]["seeds_meeting"] == 2
+    assert not agg["all_met"]
+    text = seeds.markdown(agg, "t")
+    assert "| shipped artifact, MB | 7.50 | 7.50 | 9.00 | 8.00 ± 0.87 | <= 8 | 2 of 3 |" in text
+    assert "Not every bar is met in every seed" in text and "seed 44: NOT MET. stand-in" in text
+
+
+def test_a_missing_figure_is_not_met_and_a_path_missing_in_one_seed_shows(seeds):
+    per_seed = {1: _compare(0.84, 0.5, 5.0), 2: _compare(0.84, 0.5, 5.0, ood=None, with_openvino=False)}
+    rows = {r["key"]: r for r in seeds.aggregate(per_seed)["rows"]}
+    assert rows["ood_kept_pct"]["n"] == 1 and rows["ood_kept_pct"]["seeds_meeting"] == 1
+    assert not rows["ood_kept_pct"]["all_met"]
+    ov = rows["speedup:openvino-nncf-int8"]
+    assert ov["values"] == {1: pytest.approx(4.8), 2: None} and ov["seeds_meeting"] == 1 and not ov["all_met"]
+
+
+def test_all_bars_met(seeds):
+    agg = seeds.aggregate({7: _compare(0.84, 0.5, 5.0, optimum_p50=2.0)})
+    assert agg["all_met"], [r for r in agg["rows"] if "bar" in r and not r["all_met"]]
+    assert "All bars met in every seed" in seeds.markdown(agg, "t")
+
+
+def test_no_run_on_a_missing_run_folder_says_what_to_do(seeds, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
+    assert seeds.main([str(recipe), "--seeds", "1", "--no-run"]) == 2
+    assert "tiny-seed1 does not exist; run it first (drop --no-run)" in capsys.readouterr().err
