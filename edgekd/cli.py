@@ -132,7 +132,7 @@ def distill_yolo(
     feature_weight: Annotated[float, typer.Option(help="Weight of neck-feature imitation (0 = off).")] = 0.0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
-    """Distill an Ultralytics YOLO teacher into a YOLO student and export it to ONNX (pip install 'edgekd[yolo]')."""
+    """Distill an Ultralytics YOLO teacher into a YOLO student and export it to ONNX (pip install 'edgekd\\[yolo]')."""
     import json
 
     from edgekd.tasks.detection.yolo import distill_yolo as run_distill

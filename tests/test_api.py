@@ -124,7 +124,6 @@ def classifier(tmp_path_factory):
     """A tiny 4-layer BERT classifier (two labels named negative/positive) and its folder; its head is
     scaled up so that its answers are far from uniform (a random head's are nearly so)."""
     import torch
-
     from transformers import AutoModelForSequenceClassification
 
     folder = tiny_bert(tmp_path_factory.mktemp("api-teacher"), num_layers=4, num_labels=2, seed=5)
