@@ -259,12 +259,17 @@ def texts_and_labels(data: Any, label2id: Mapping[str, int], num_labels: int) ->
         raise DataError(f"data: {len(texts)} texts but {len(labels)} labels; give one label per text.")
     if not texts:
         raise DataError("data: no examples; give at least one (text, label) pair.")
+    check_texts(texts, "every example needs text to learn from")
+    return texts, _label_ids(labels, label2id, num_labels)
+
+
+def check_texts(texts: Sequence[Any], empty_why: str) -> None:
+    """Every item a string with something in it; else which one is not, and why it must be."""
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise DataError(f"text {i} is {type(t).__name__}, not a string.")
+            raise DataError(f"text {i} is {type(t).__name__}: give strings.")
         if not t.strip():
-            raise DataError(f"text {i} is empty: every example needs text to learn from.")
-    return texts, _label_ids(labels, label2id, num_labels)
+            raise DataError(f"text {i} is empty: {empty_why}.")
 
 
 def _classifier(source: str | Path) -> nn.Module:
@@ -408,11 +413,7 @@ class Model:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise DataError("no texts to classify: give a text or a list of texts.")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise DataError(f"text {i} is {type(t).__name__}: give strings.")
-            if not t.strip():
-                raise DataError(f"text {i} is empty: give text to classify.")
+        check_texts(texts, "give text to classify")
         codec = self.served.codec
         out = []
         for start in range(0, len(texts), batch_size):

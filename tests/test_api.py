@@ -116,6 +116,12 @@ def test_the_readme_example_runs(tmp_path, tiny_teacher_dir, monkeypatch):
         served = client.post("/predict", json={"texts": texts}).json()["predictions"]
     assert [p.label for p in mine] == [p["label"] for p in served]
     np.testing.assert_allclose([p.score for p in mine], [p["score"] for p in served], rtol=1e-6)
+    with pytest.raises(DataError, match="text 1 is empty: give text to classify"):
+        model.predict(["fine", "  "])
+    with pytest.raises(DataError, match="no texts to classify"):
+        model.predict([])
+    with pytest.raises(TypeError, match="conf_threshold: text models take no options"):
+        model.predict(["fine"], conf_threshold=0.5)
     assert repr(edgekd.load(run.folder / "export" / "onnx")).startswith("edgekd.Model('tiny', target='onnx', task='text-classification'")
 
 
