@@ -404,3 +404,30 @@ def test_detection_serving_imports_no_torch(det_dir):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": 200, "torch": False}
+
+
+def test_the_python_api_detects_as_the_route_does(det_dir, client, tmp_path):
+    """edgekd.load(folder).predict takes bytes, PIL images, RGB arrays and paths, and gives the
+    boxes POST /predict gives for the same image; options and bad input as the server takes them."""
+    import edgekd
+    from edgekd.errors import DataError
+
+    model = edgekd.load(det_dir)
+    assert model.task == "detection" and model.labels == LABELS
+    path = tmp_path / "white.png"
+    path.write_bytes(WHITE)
+    array = np.asarray(Image.open(io.BytesIO(WHITE)).convert("RGB"))
+    got = model.predict([WHITE, Image.open(io.BytesIO(BLACK)), array, path])
+    white = client.post("/predict", files={"file": ("w.png", WHITE, "image/png")}).json()["predictions"][0]
+    black = client.post("/predict", files={"file": ("b.png", BLACK, "image/png")}).json()["predictions"][0]
+    for dets, want in zip(got, [white, black, white, white], strict=True):
+        assert [(d.label, list(d.box)) for d in dets] == _boxes(want)
+        assert [d.score for d in dets] == pytest.approx([d["score"] for d in want["detections"]], abs=1e-6)
+    assert len(model.predict(WHITE)) == 1  # one image in, one list of detections out
+    assert [d.label for d in model.predict(WHITE, conf_threshold=0.95)[0]] == []  # 0.9 and 0.66 < 0.95
+    with pytest.raises(DataError, match="no images"):
+        model.predict([])
+    with pytest.raises(DataError, match="does not exist"):
+        model.predict(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match=r"H x W x 3 RGB uint8"):
+        model.predict(np.zeros((4, 4, 3), np.float32))
