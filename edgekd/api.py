@@ -185,10 +185,11 @@ class Run:
 
     def metrics(self, stage: str) -> dict[str, Any]:
         """The metrics a stage recorded (e.g. ``run.metrics("eval")["student"]["accuracy"]``)."""
-        rec = (self.manifest.get("stages") or {}).get(stage)
+        stages = self.manifest.get("stages") or {}  # one read of manifest.json
+        rec = stages.get(stage)
         if not rec:
             raise StageError(f"{self.folder} has no '{stage}' stage record; stages there: "
-                             f"{', '.join(self.manifest.get('stages') or {}) or 'none'}.")
+                             f"{', '.join(stages) or 'none'}.")
         return rec.get("metrics") or {}
 
     def load(self, target: str | None = None, **options: Any) -> Model:
@@ -208,9 +209,9 @@ def run(recipe: str | Path = "default", *, stages: Sequence[str] | None = None, 
     and summary as the command; returns the :class:`Run`."""
     if stages is not None and (isinstance(stages, str) or not all(isinstance(s, str) for s in stages)):
         raise RecipeError([f"stages: give a list of stage names, e.g. ['distill', 'eval'], not {stages!r}"])
-    argv = ["edgekd.run", str(recipe), *(f"--set={o}" for o in override_strings(overrides))]
-    used, ctx = run_recipe(recipe, override_strings(overrides), list(stages) if stages else None, force,
-                           argv=argv)
+    sets = override_strings(overrides)
+    used, ctx = run_recipe(recipe, sets, list(stages) if stages else None, force,
+                           argv=["edgekd.run", str(recipe), *(f"--set={o}" for o in sets)])
     return Run(folder=ctx.run.root, recipe=used)
 
 
@@ -242,7 +243,7 @@ def texts_and_labels(data: Any, label2id: Mapping[str, int], num_labels: int) ->
                         "'text' and 'label' columns.")
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], str):
         texts, labels = list(data[0]), list(data[1])
-    elif hasattr(data, "__getitem__") and hasattr(data, "keys") or hasattr(data, "column_names"):
+    elif (hasattr(data, "__getitem__") and hasattr(data, "keys")) or hasattr(data, "column_names"):
         cols = list(getattr(data, "column_names", None) or data.keys())
         missing = [c for c in ("text", "label") if c not in cols]
         if missing:
