@@ -119,7 +119,8 @@ class RawRunner:
     """The artifact's runner in this process, fed the same texts as the server, without HTTP."""
 
     def __init__(self, folder: Path, threads: int | None, loader_name: str):
-        from edgekd.serving.codec import TextCodec, label_names
+        from edgekd.serving.codec import label_names
+        from edgekd.tasks.text.codec import TextCodec
 
         self.runner, meta = _load(folder, threads, loader_name)
         self.codec = TextCodec.from_folder(

@@ -260,17 +260,10 @@ def texts_and_labels(data: Any, label2id: Mapping[str, int], num_labels: int) ->
         raise DataError(f"data: {len(texts)} texts but {len(labels)} labels; give one label per text.")
     if not texts:
         raise DataError("data: no examples; give at least one (text, label) pair.")
-    check_texts(texts, "every example needs text to learn from")
+    from edgekd.tasks.text.checks import require_texts
+
+    require_texts(texts, "every example needs text to learn from")
     return texts, _label_ids(labels, label2id, num_labels)
-
-
-def check_texts(texts: Sequence[Any], empty_why: str) -> None:
-    """Every item a string with something in it; else which one is not, and why it must be."""
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise DataError(f"text {i} is {type(t).__name__}: give strings.")
-        if not t.strip():
-            raise DataError(f"text {i} is empty: {empty_why}.")
 
 
 def _classifier(source: str | Path) -> nn.Module:
@@ -401,79 +394,11 @@ class Model:
         """Text models: a text or a list of texts -> one :class:`Prediction` (label, score,
         probabilities) each. Detection models: an image or a list of images (file paths, bytes,
         PIL images or HxWx3 RGB uint8 arrays) -> one list of :class:`Detection` each
-        (``conf_threshold``, ``iou_threshold``, ``max_det`` as the server takes them)."""
+        (``conf_threshold``, ``iou_threshold``, ``max_det`` as the server takes them). The answers
+        are the task family's (``local_predict`` in its ``serve.py``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}: give at least 1.")
-        if self.served.codec.accepts == "texts":
-            if options:
-                raise TypeError(f"{', '.join(sorted(options))}: text models take no options (detection models do).")
-            return self._predict_texts(inputs, batch_size)
-        return self._predict_images(inputs, batch_size, **options)
-
-    def _predict_texts(self, texts: Any, batch_size: int) -> list:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise DataError("no texts to classify: give a text or a list of texts.")
-        check_texts(texts, "give text to classify")
-        codec = self.served.codec
-        out = []
-        for start in range(0, len(texts), batch_size):
-            items = codec.encode(texts[start:start + batch_size])
-            logits = self._engine.run_items(items)[self._engine.output_name]
-            out += codec.predictions(logits)
-        return out
-
-    def _predict_images(self, images: Any, batch_size: int, conf_threshold: float | None = None,
-                        iou_threshold: float | None = None, max_det: int | None = None) -> list:
-        from edgekd.serving.schemas import DetectOptions
-
-        single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode") \
-            or getattr(images, "ndim", None) == 3
-        images = [images] if single else list(images)
-        if not images:
-            raise DataError("no images to run: give an image or a list of images.")
-        given = {k: v for k, v in {"conf_threshold": conf_threshold, "iou_threshold": iou_threshold,
-                                   "max_det": max_det}.items() if v is not None}
-        opts = DetectOptions(**given)
-        codec = self.served.codec
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            blobs = [(f"image {start + i}", _image_bytes(im, start + i), None) for i, im in enumerate(chunk)]
-            items = codec.encode(blobs)
-            outputs = self._engine.run_items(items)
-            out += codec.detections(outputs, items, conf_threshold=opts.conf_threshold,
-                                    iou_threshold=opts.iou_threshold, max_det=opts.max_det)
-        return out
-
-
-def _image_bytes(image: Any, i: int) -> bytes:
-    """An image as encoded bytes for the codec (which decodes, checks and letterboxes it)."""
-    import io
-
-    if isinstance(image, bytes):
-        return image
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise DataError(f"image {i}: {path} does not exist.")
-        return path.read_bytes()
-    from PIL import Image
-
-    if getattr(image, "ndim", None) == 3:
-        import numpy as np
-
-        arr = np.asarray(image)
-        if arr.shape[2] != 3 or arr.dtype != np.uint8:
-            raise DataError(f"image {i} is an array of shape {list(arr.shape)} and dtype {arr.dtype}: give "
-                            "H x W x 3 RGB uint8.")
-        image = Image.fromarray(arr, "RGB")
-    if not isinstance(image, Image.Image):
-        raise DataError(f"image {i} is {type(image).__name__}: give a file path, bytes, a PIL image or an "
-                        "H x W x 3 RGB uint8 array.")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+        return self.served.family.local_predict(self.served.codec, self._engine, inputs, batch_size, options)
 
 
 def load(path: str | Path, target: str | None = None, *, threads: int | None = None,

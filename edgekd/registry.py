@@ -10,10 +10,13 @@ one is its module plus its line here. Export targets have their own registry
 
 from __future__ import annotations
 
-# name -> the package whose FAMILY (a edgekd.tasks.base.TaskFamily) runs it
+# name -> the family's package. It holds ``family.py`` (FAMILY, an edgekd.tasks.base.TaskFamily: its
+# context and stages), ``serve.py`` (SERVING, an edgekd.serving.family.ServeFamily: codec, routes,
+# v2 tensors; no torch), ``summary.py`` (SUMMARY: the console summary's table and lines) and, when
+# the family has recipe settings of its own, ``settings.py`` (SECTION and Settings: its recipe section).
 TASKS = {
-    "text-classification": "edgekd.tasks.text.family",
-    "detection": "edgekd.tasks.detection.family",
+    "text-classification": "edgekd.tasks.text",
+    "detection": "edgekd.tasks.detection",
 }
 
 # prune.method -> the module that registers it (edgekd.pruning.base.register)

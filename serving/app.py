@@ -119,10 +119,10 @@ def _document(app: FastAPI, settings: ServeSettings) -> None:
         doc = build()  # build() caches the document it returns in app.openapi_schema
         doc.setdefault("components", {}).setdefault("schemas", {}).update(api_predict.openapi_components())
         serving: Serving | None = app.state.serving
-        if serving is None:  # not loaded yet: both tasks' shapes, and not cached
+        if serving is None:  # not loaded yet: every family's shapes, and not cached
             app.openapi_schema = None
         else:
-            doc["paths"]["/predict"]["post"].update(api_predict.openapi_for(serving.model.codec.accepts))
+            doc["paths"]["/predict"]["post"].update(api_predict.openapi_for(serving.model.family))
         if settings.api_key is None:
             for ops in doc["paths"].values():
                 for op in ops.values():

@@ -1,7 +1,8 @@
 """Find, verify and load the served artifact: export folder -> runner + codec + facts for /metadata.
 
-The codec is picked once, here, from artifact.json's ``task`` (``CODECS``); everything after the
-load (routes, batcher, metrics) works through the codec and asks no more what the task is.
+The task family is picked once, here, from artifact.json's ``task`` (``edgekd.serving.family``); everything
+after the load (routes, batcher, metrics) works through its codec and handlers and asks no more what
+the task is.
 """
 
 from __future__ import annotations
@@ -26,23 +27,13 @@ from edgekd.export.base import (
 )
 from edgekd.export.stage import artifact_digest, load_artifact
 from edgekd.runfolder import MANIFEST, sha256_file
-from edgekd.serving.codec import TextCodec
+from edgekd.serving.codec import Codec
+from edgekd.serving.family import DEFAULT_TASK, ServeFamily, serve_family
 from edgekd.serving.settings import ServeSettings
-from edgekd.serving.vision import DetectionCodec
 
 log = logging.getLogger("edgekd.serving")
 
 Loader = Callable[..., tuple[Runner, dict[str, Any]]]
-AnyCodec = TextCodec | DetectionCodec
-CodecFactory = Callable[[Path, dict[str, Any], Runner, ServeSettings], AnyCodec]
-
-# artifact.json's ``task`` -> the codec that serves it. Exports written before tasks were recorded
-# are text classifiers.
-DEFAULT_TASK = TextCodec.task
-CODECS: dict[str, CodecFactory] = {
-    TextCodec.task: TextCodec.for_artifact,
-    DetectionCodec.task: DetectionCodec.for_artifact,
-}
 
 # Platform names of the Open Inference Protocol ("<project>_<format>"), by export target family.
 PLATFORMS = {
@@ -241,7 +232,8 @@ class ServedModel:
     artifact: Path
     meta: dict[str, Any]
     runner: Runner
-    codec: AnyCodec
+    codec: Any  # the family's codec (edgekd.serving.codec.Codec)
+    family: ServeFamily
     manifest_figures: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -267,13 +259,13 @@ def default_loader(folder: Path, **runtime_opts: Any) -> tuple[Runner, dict[str,
     return load_artifact(folder, **runtime_opts)
 
 
-def codec_factory(folder: Path, meta: dict[str, Any]) -> CodecFactory:
-    """The codec for artifact.json's ``task``; refused before the (possibly slow) runner load."""
+def family_of(folder: Path, meta: dict[str, Any]) -> ServeFamily:
+    """The task family that serves artifact.json's ``task``; refused before the (possibly slow) runner load."""
     task = meta.get("task") or DEFAULT_TASK
-    if task not in CODECS:
-        raise StageError(f"{folder / ARTIFACT_META} records task '{task}', which this server cannot serve; "
-                         f"it serves {', '.join(CODECS)}.")
-    return CODECS[task]
+    try:
+        return serve_family(task)
+    except StageError as e:
+        raise StageError(f"{folder / ARTIFACT_META} records task '{task}': {e}") from None
 
 
 def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> ServedModel:
@@ -282,7 +274,7 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
         raise StageError("no export folder to serve: set export_dir (e.g. runs/<name>/export/onnx).")
     folder = resolve_export_dir(settings.export_dir)
     meta = read_artifact_meta(folder)
-    make_codec = codec_factory(folder, meta)
+    family = family_of(folder, meta)
     artifact, manifest = verify_artifact(folder, meta)
 
     opts = dict(settings.runtime_options)
@@ -291,7 +283,7 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
     runner, loaded_meta = (loader or default_loader)(folder, **opts)
     meta = {**meta, **(loaded_meta or {})}
 
-    codec = make_codec(folder, meta, runner, settings)
+    codec: Codec = family.codec(folder, meta, runner, settings)
 
     resolved = folder.resolve()
     in_run = resolved.parent.name == "export"
@@ -299,7 +291,7 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
     target = folder.resolve().name if run_root(folder) is not None else str(meta.get("target") or folder.name)
     name = settings.model_name or (resolved.parent.parent.name if in_run else resolved.name)
     return ServedModel(
-        name=name, target=target, folder=folder, artifact=artifact, meta=meta, runner=runner, codec=codec,
+        name=name, target=target, folder=folder, artifact=artifact, meta=meta, runner=runner, codec=codec, family=family,
         manifest_figures=_manifest_figures(manifest, target), versions=_versions(),
     )
 

@@ -5,31 +5,26 @@ decode their requests into ``Tensor``s and encode the same ``Output``s, so the t
 Every value is checked (datatype, shape, element count, integer range, UTF-8) before it reaches
 numpy, the tokenizer or the model: a bad tensor is a 400 that names it, never a 500.
 
-Text models: texts go in as a BYTES tensor named ``text``; probabilities come out as FP32. Clients
-that tokenise themselves send the model's own INT64 tensors (``input_ids``, ``attention_mask``).
-Detection models: the raw FP32 ``images`` tensor [B,3,S,S] (RGB in 0..1, letterboxed) goes in and
-the raw outputs come out (``boxes`` and ``scores``, or ``detections``), as Triton serves them.
+Which tensors a model takes and gives is its task family's (``ServeFamily.v2_spec`` and
+``v2_infer``, in the family's ``serve.py``): text models take texts as a BYTES tensor ``text`` (or
+their own INT64 token tensors) and give probabilities; detection models take the letterboxed FP32
+``images`` tensor and give the raw outputs, as Triton serves them.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edgekd.serving.api_predict import check_texts, classify
-from edgekd.serving.codec import TextCodec
-from edgekd.serving.context import Serving, within_deadline
+from edgekd.serving.context import Serving
 from edgekd.serving.errors import RequestError
 from edgekd.serving.model import ServedModel
 from edgekd.serving.settings import ServeSettings
-from edgekd.serving.vision import PAD_VALUE, DetectionCodec
 
-TEXT_INPUT = "text"
 MODEL_VERSION = "1"  # one artifact per server: its only version
 # Fixed-size datatypes of the protocol and their little-endian numpy types (BYTES is length-prefixed).
 NUMPY_TYPES = {
@@ -131,24 +126,7 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
     return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype))
 
 
-# --- text models ----------------------------------------------------------------------------------------
-def _texts(tensor: Tensor, settings: ServeSettings) -> list[str]:
-    if tensor.datatype != "BYTES":
-        raise RequestError(f"input '{TEXT_INPUT}' must have datatype BYTES (got {tensor.datatype}).")
-    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
-        raise RequestError(f"input '{TEXT_INPUT}' must have shape [batch] or [batch, 1] (got {tensor.shape}).")
-    texts: list[Any] = []
-    for i, t in enumerate(tensor.data):
-        if isinstance(t, bytes):
-            try:
-                t = t.decode("utf-8")
-            except UnicodeDecodeError:
-                raise RequestError(f"texts[{i}] is not valid UTF-8: send texts as UTF-8.") from None
-        texts.append(t)
-    return check_texts(texts, settings, TEXT_INPUT + "s")
-
-
-def _integers(t: Tensor) -> np.ndarray:
+def integers(t: Tensor) -> np.ndarray:
     """The tensor's values as int64, refusing anything that is not a whole number within int64."""
     if isinstance(t.data, np.ndarray):
         if t.data.dtype.kind not in "iu":
@@ -163,103 +141,6 @@ def _integers(t: Tensor) -> np.ndarray:
     return np.asarray(t.data, dtype=np.int64).reshape(t.shape)
 
 
-def _token_arrays(tensors: dict[str, Tensor], model: ServedModel, settings: ServeSettings) -> dict[str, np.ndarray]:
-    codec = model.codec
-    required = [n for n in codec.input_names if n != "token_type_ids"]
-    missing = [n for n in required if n not in tensors]
-    unknown = sorted(set(tensors) - set(codec.input_names))
-    if missing or unknown:
-        raise RequestError(f"send either '{TEXT_INPUT}' (BYTES) or the tensors {', '.join(codec.input_names)} "
-                           f"(INT64); missing: {missing or 'none'}, unknown: {unknown or 'none'}.")
-    arrays: dict[str, np.ndarray] = {}
-    shape = tensors[required[0]].shape
-    for name, t in tensors.items():
-        if t.datatype not in INT_TYPES:
-            raise RequestError(f"input '{name}' must be an integer tensor (INT64), got {t.datatype}.")
-        if len(t.shape) != 2 or 0 in t.shape:
-            raise RequestError(f"input '{name}' must have shape [batch, sequence] with both > 0 (got {t.shape}).")
-        if t.shape != shape:
-            raise RequestError(f"input '{name}' has shape {t.shape} but '{required[0]}' has {shape}: they must match.")
-        arrays[name] = _integers(t)
-    batch, seq = shape
-    if batch > settings.max_items:
-        raise RequestError(f"batch of {batch}; this server takes at most {settings.max_items} rows per request.")
-    if seq > codec.max_length:
-        raise RequestError(f"sequence length {seq} is over this model's max_length {codec.max_length}: truncate the tokens.")
-    ids = arrays.get("input_ids")
-    if ids is not None and (ids.min() < 0 or ids.max() >= codec.vocab_size):
-        raise RequestError(f"input_ids must lie in [0, {codec.vocab_size}) (the tokenizer's vocabulary).")
-    for name in ("attention_mask", "token_type_ids"):
-        if name in arrays and not np.isin(arrays[name], (0, 1)).all():
-            raise RequestError(f"{name} must hold only 0 and 1.")
-    if "attention_mask" in arrays and not arrays["attention_mask"].any(axis=1).all():
-        raise RequestError("every row of attention_mask needs at least one 1 (a row of padding only has no text).")
-    if "token_type_ids" in codec.input_names and "token_type_ids" not in arrays:
-        arrays["token_type_ids"] = np.zeros((batch, seq), dtype=np.int64)
-    return {n: arrays[n] for n in codec.input_names}
-
-
-async def _infer_texts(tensors: dict[str, Tensor], serving: Serving) -> dict[str, Output]:
-    model, settings = serving.model, serving.settings
-    codec = model.codec
-    assert isinstance(codec, TextCodec)
-    truncated: list[bool] | None = None
-    if TEXT_INPUT in tensors:
-        if len(tensors) > 1:
-            raise RequestError(f"send either '{TEXT_INPUT}' alone or the token tensors, not both.")
-        items, logits = await classify(_texts(tensors[TEXT_INPUT], settings), serving)
-        truncated = [it.truncated for it in items]
-    else:
-        arrays = _token_arrays(tensors, model, settings)
-        logits = (await within_deadline(serving.engine.run_arrays(arrays), settings))[serving.engine.output_name]
-    logits = np.asarray(logits, dtype=np.float32)
-    probs = codec.probabilities(logits).astype(np.float32)
-    labels = np.asarray([codec.labels[k] for k in probs.argmax(axis=1)], dtype=object)
-    outputs = {
-        "probabilities": Output("probabilities", "FP32", probs),
-        "logits": Output("logits", "FP32", logits),
-        "label": Output("label", "BYTES", labels),
-    }
-    if truncated is not None:
-        outputs["truncated"] = Output("truncated", "BOOL", np.asarray(truncated, dtype=bool))
-    return outputs
-
-
-# --- detection models -----------------------------------------------------------------------------------
-def _image_array(tensors: dict[str, Tensor], codec: DetectionCodec, settings: ServeSettings) -> np.ndarray:
-    name, s = codec.input_name, codec.image_size
-    if set(tensors) != {name}:
-        raise RequestError(f"this model detects objects: send one input '{name}' (FP32 [batch, 3, {s}, {s}], RGB in "
-                           f"0..1, letterboxed), got {sorted(tensors)}; or POST image files to /predict.")
-    t = tensors[name]
-    if t.datatype not in FLOAT_TYPES:
-        raise RequestError(f"input '{name}' must be a float tensor (FP32), got {t.datatype}.")
-    if len(t.shape) != 4 or t.shape[1:] != [3, s, s] or t.shape[0] == 0:
-        raise RequestError(f"input '{name}' must have shape [batch, 3, {s}, {s}] with batch > 0 (got {t.shape}): "
-                           f"letterbox images to {s}x{s}, channels first.")
-    if t.shape[0] > settings.max_images:
-        raise RequestError(f"batch of {t.shape[0]}; this server takes at most {settings.max_images} images per "
-                           "request (max_images).")
-    if not isinstance(t.data, np.ndarray) and not all(type(v) in (int, float) for v in t.data):
-        raise RequestError(f"input '{name}' holds non-numeric values: send numbers (RGB in 0..1).")
-    try:
-        with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused just below
-            arr = np.asarray(t.data, dtype=np.float32).reshape(t.shape)
-    except OverflowError:  # a JSON integer beyond any float (10**400)
-        raise RequestError(f"input '{name}' holds a number too large for FP32: send RGB values in 0..1.") from None
-    if not np.isfinite(arr).all():
-        raise RequestError(f"input '{name}' holds NaN or infinite values: send RGB values in 0..1.")
-    return arr
-
-
-async def _infer_images(tensors: dict[str, Tensor], serving: Serving) -> dict[str, Output]:
-    codec = serving.model.codec
-    assert isinstance(codec, DetectionCodec)
-    arr = _image_array(tensors, codec, serving.settings)
-    out = await within_deadline(serving.engine.run_arrays({codec.input_name: arr}), serving.settings)
-    serving.metrics.images.inc(len(arr))
-    return {name: Output(name, "FP32", np.asarray(out[name], dtype=np.float32)) for name in codec.outputs}
-
 
 # --- metadata -------------------------------------------------------------------------------------------
 TensorSpec = tuple[str, str, list[int]]  # name, datatype, shape (-1: variable)
@@ -272,33 +153,8 @@ class ModelSpec:
     parameters: dict[str, Any]
 
 
-def _text_spec(codec: TextCodec) -> ModelSpec:
-    n = len(codec.labels)
-    inputs = [(TEXT_INPUT, "BYTES", [-1])] + [(name, "INT64", [-1, -1]) for name in codec.input_names]
-    outputs = [("probabilities", "FP32", [-1, n]), ("logits", "FP32", [-1, n]), ("label", "BYTES", [-1]),
-               ("truncated", "BOOL", [-1])]
-    return ModelSpec(inputs, outputs, {
-        "max_length": codec.max_length,
-        "inputs": f"either '{TEXT_INPUT}' (BYTES [batch]) or the INT64 token tensors "
-                  f"({', '.join(codec.input_names)}) [batch, sequence]",
-    })
-
-
-def _image_spec(codec: DetectionCodec) -> ModelSpec:
-    s = codec.image_size
-    outputs = [(n, "FP32", [-1, *codec.output_shapes[n]]) for n in codec.outputs]
-    return ModelSpec([(codec.input_name, "FP32", [-1, 3, s, s])], outputs, {
-        "task": codec.task,
-        "image_size": s,
-        "nms_in_graph": codec.nms_in_graph,
-        "inputs": f"'{codec.input_name}' FP32 [batch, 3, {s}, {s}]: RGB in 0..1, letterboxed (aspect kept, padded "
-                  f"with {PAD_VALUE}/255); outputs are raw (xyxy in input pixels): for boxes in image pixels "
-                  "after NMS, POST the image files to /predict",
-    })
-
-
 def model_spec(model: ServedModel) -> ModelSpec:
-    spec = SPECS[model.codec.accepts](model.codec)
+    spec = model.family.v2_spec(model.codec)
     spec.parameters = {"target": model.target, "labels": ",".join(model.codec.labels), **spec.parameters}
     return spec
 
@@ -307,7 +163,7 @@ def model_config(model: ServedModel, settings: ServeSettings) -> dict[str, Any]:
     """The model's configuration in Triton's JSON shape (``/v2/models/{name}/config``): the batch
     dimension is implied by ``max_batch_size``, so ``dims`` leave it out."""
     spec = model_spec(model)
-    batch = settings.max_images if model.codec.accepts == "images" else settings.max_items
+    batch = model.family.max_batch(settings)
 
     def triton(t: TensorSpec) -> dict[str, Any]:
         name, datatype, shape = t
@@ -336,7 +192,7 @@ async def infer(inputs: list[Tensor], requested: list[str] | None, serving: Serv
         raise RequestError("the request has no inputs: send at least one.")
     if len(tensors) != len(inputs):
         raise RequestError("an input name appears more than once: send each input once.")
-    outputs = await INFER[serving.model.codec.accepts](tensors, serving)
+    outputs = await serving.model.family.v2_infer(tensors, serving)
     if not requested:
         return list(outputs.values())
     unknown = [n for n in requested if n not in outputs]
@@ -344,9 +200,3 @@ async def infer(inputs: list[Tensor], requested: list[str] | None, serving: Serv
         raise RequestError(f"unknown output(s) {unknown}; this model gives {', '.join(outputs)}.")
     return [outputs[n] for n in requested]
 
-
-# What each codec accepts -> its metadata and inference: the one place v2 depends on the task.
-SPECS: dict[str, Callable[[Any], ModelSpec]] = {TextCodec.accepts: _text_spec, DetectionCodec.accepts: _image_spec}
-INFER: dict[str, Callable[[dict[str, Tensor], Serving], Awaitable[dict[str, Output]]]] = {
-    TextCodec.accepts: _infer_texts, DetectionCodec.accepts: _infer_images,
-}

@@ -18,4 +18,4 @@ def get_family(name: str) -> TaskFamily:
 
     if name not in TASKS:
         raise RecipeError([f"task: unknown task '{name}'; registered: {', '.join(TASKS)}"])
-    return importlib.import_module(TASKS[name]).FAMILY
+    return importlib.import_module(f"{TASKS[name]}.family").FAMILY

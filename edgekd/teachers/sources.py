@@ -66,7 +66,8 @@ class OnnxTeacher:
     def __init__(self, endpoint: TeacherEndpoint, data_labels: list[str], where: str, threads: int | None = None):
         from edgekd.export.base import ARTIFACT_META
         from edgekd.export.stage import load_artifact
-        from edgekd.serving.codec import TextCodec, label_names
+        from edgekd.serving.codec import label_names
+        from edgekd.tasks.text.codec import TextCodec
 
         path = Path(str(endpoint.path)).expanduser()
         folder = path.parent if path.is_file() else path

@@ -1,13 +1,25 @@
 """What a text-classification recipe names outside itself, checked before any stage runs (see
 ``edgekd.recipe_check``): local data files exist, hold the named text and label columns and
-readable labels; unlabelled texts exist; a local teacher export exists."""
+readable labels; unlabelled texts exist; a local teacher export exists. And the texts a caller hands
+the Python API (``require_texts``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import DataError, EdgeKDError
 from edgekd.recipe import Recipe
+
+
+def require_texts(texts: Sequence[Any], empty_why: str) -> None:
+    """Every item a string with something in it; else which one is not, and why it must be."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"text {i} is {type(t).__name__}: give strings.")
+        if not t.strip():
+            raise DataError(f"text {i} is empty: {empty_why}.")
 
 
 def _columns(path: Path) -> list[str]:
