@@ -7,16 +7,18 @@ problem is reported at once. Field docstrings (``description``) are the recipe r
 from __future__ import annotations
 
 import difflib
+import importlib
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
 
 from edgekd.errors import RecipeError
 from edgekd.registry import PRUNE_METHODS, QUANTIZE_METHODS, TASKS, check_name
+from edgekd.sections import Section
 
 BUILTIN_RECIPES = ("default", "detect-default", "base")
 
@@ -27,8 +29,20 @@ PruneMethodName = Annotated[str, AfterValidator(lambda v: check_name("pruning me
 QuantizeMethodName = Annotated[str, AfterValidator(lambda v: check_name("quantization method", v, QUANTIZE_METHODS))]
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _family_sections() -> list[type[Section]]:
+    """Each task family's own recipe section: ``RECIPE`` in its package's ``settings.py`` (a Section
+    whose one field is the family's section, e.g. ``detection``), when the family has one."""
+    found = []
+    for package in TASKS.values():
+        name = f"{package}.settings"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        found.append(module.RECIPE)
+    return found
 
 
 class SplitConfig(Section):
@@ -662,42 +676,9 @@ class ServeConfig(Section):
     request_timeout_s: float = Field(30, gt=0, description="A request waiting longer for the model gets 504.")
 
 
-class SyntheticConfig(Section):
-    """The built-in synthetic detection set (data.dataset: synthetic-shapes): seeded shapes of several
-    classes, sizes and overlaps on textured backgrounds, written once in YOLO format and reused."""
+class RecipeFields(Section):
+    """The sections every task family shares."""
 
-    train: int = Field(1600, ge=1, description="Training images.")
-    validation: int = Field(200, ge=1, description="Validation images.")
-    test: int = Field(300, ge=1, description="Test images.")
-    max_objects: int = Field(6, ge=1, le=50, description="Most objects in one image.")
-    seed: int = Field(0, description="Seed of the generator; the same seed gives byte-identical images.")
-
-
-class DetectionConfig(Section):
-    """Object detection (task: detection): image size, the synthetic set, and the weights of the
-    detector distillation terms (the student's own detection loss always has weight 1)."""
-
-    image_size: int = Field(128, ge=32, le=2048, multiple_of=32,
-                            description="Square input size (images are letterboxed to it); a multiple of 32.")
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    cls_weight: float = Field(1.0, ge=0, description="Class-score KD per location (temperature distill.temperature).")
-    box_weight: float = Field(1.0, ge=0, description="KD on the box distributions (DFL bins), per location.")
-    feature_weight: float = Field(1.0, ge=0, description="Feature imitation on the neck outputs (0 = off).")
-    feature_method: Literal["cwd", "mgd", "mse"] = Field(
-        "cwd",
-        description="cwd: channel-wise distillation (spatial softmax per channel, KL); mgd: masked generative "
-        "distillation (a generator rebuilds the teacher's feature from the masked student's); mse: plain MSE. "
-        "Each through a learned 1x1 projector.",
-    )
-    conf_threshold: float = Field(0.25, gt=0, lt=1, description="Score below which a box is dropped (serving, parity).")
-    iou_threshold: float = Field(0.6, gt=0, lt=1, description="NMS IoU threshold.")
-    max_det: int = Field(100, ge=1, description="Most boxes kept per image.")
-    nms_in_graph: bool = Field(
-        False, description="Also export ONNX with NMS inside the graph (fixed-size detections output)."
-    )
-
-
-class Recipe(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/.")
     task: TaskName = Field(
         "text-classification",
@@ -718,13 +699,16 @@ class Recipe(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-    detection: DetectionConfig = Field(default_factory=DetectionConfig)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class Recipe(*_family_sections(), RecipeFields):
+    """A whole recipe: the shared sections, then each registered task family's own (``detection``)."""
 
 
 # ---------------------------------------------------------------------------------------------

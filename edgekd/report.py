@@ -8,6 +8,9 @@ that serves it. The end of `edgekd run` and `edgekd report RUN` print the same t
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,72 +21,30 @@ from edgekd.progress import console
 from edgekd.runfolder import RunFolder
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
 
 TRAIN_STAGE = {"teacher": "teacher", "student": "distill", "baseline": "baseline"}
 
 
-def detection_table(run: RunFolder) -> Table | None:
-    stages = run.manifest().get("stages", {})
-    ev = stages.get("eval", {}).get("metrics")
-    if not ev:
-        return None
-    table = Table(title=f"edgekd run '{run.root.name}': test split ({ev['summary']['test_images']} images)")
-    for col in ("model", "params", "size MB", "mAP@0.5:0.95 %", "mAP@0.5 %", "train s"):
-        table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")
-    for name in ("teacher", "student", "baseline"):
-        m = ev.get(name)
-        if not m:
-            continue
-        secs = stages.get(TRAIN_STAGE[name], {}).get("metrics", {}).get("train_seconds")
-        label = {"student": "student (distilled)", "baseline": "student (no teacher)"}.get(name, name)
-        table.add_row(label, f"{m['params'] / 1e6:.2f}M", f"{m['size_bytes'] / 1e6:.1f}", _pct(m["map50_95"]),
-                      _pct(m["map50"]), "—" if secs is None else f"{secs:.0f}")
-    return table
+@dataclass(frozen=True)
+class FamilySummary:
+    """What a task family adds to the summary: ``SUMMARY`` in its package's ``summary.py``."""
+
+    primary_metric: str  # the eval metric runs of this family are judged by (manifests that do not record it)
+    eval_columns: tuple[tuple[str, str], ...]  # (eval metric key, column title) of the accuracy tables
+    table: Callable[[RunFolder], Table | None]  # the eval stage's table of teacher and students
+    lines: Callable[[dict[str, Any]], list[str]]  # headline lines from the eval stage's summary
 
 
-def _detection_lines(s: dict) -> list[str]:
-    lines = [f"student keeps [bold]{_pct(s['student_keeps_teacher_map'])}%[/] of the teacher's mAP@0.5:0.95 "
-             f"with {_pct(s['student_params_ratio'])}% of its parameters"]
-    if "distill_gain_over_baseline_map50_95" in s:
-        lines.append(f"distillation vs no teacher: [bold]{100 * s['distill_gain_over_baseline_map50_95']:+.2f}[/] "
-                     f"mAP@0.5:0.95 points, {100 * s['distill_gain_over_baseline_map50']:+.2f} mAP@0.5 points "
-                     "(same student, same data, same seed)")
-    return lines
+def family_summary(task: str | None) -> FamilySummary | None:
+    """The summary side of the family registered as ``task`` (runs written before tasks were
+    recorded are text classifiers); None for a task this installation does not know."""
+    from edgekd.registry import TASKS
 
-
-def _text_lines(s: dict) -> list[str]:
-    lines = [f"student keeps [bold]{_pct(s['student_keeps_teacher_accuracy'])}%[/] of the teacher's accuracy "
-             f"with {_pct(s['student_params_ratio'])}% of its parameters"]
-    if "distill_gain_over_baseline" in s:
-        lines.append(f"distillation vs hard labels: [bold]{100 * s['distill_gain_over_baseline']:+.2f}[/] accuracy "
-                     "points (same student, same data)")
-    return lines
-
-
-def summary_table(run: RunFolder) -> Table | None:
-    stages = run.manifest().get("stages", {})
-    ev = stages.get("eval", {}).get("metrics")
-    if not ev:
-        return None
-    table = Table(title=f"edgekd run '{run.root.name}': test split ({ev['summary']['test_examples']} examples)")
-    for col in ("model", "layers", "params", "size MB", "accuracy %", "macro-F1 %", "agrees w/ teacher %",
-                "train s"):
-        table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")
-    for name in ("teacher", "student", "baseline"):
-        m = ev.get(name)
-        if not m:
-            continue
-        secs = stages.get(TRAIN_STAGE[name], {}).get("metrics", {}).get("train_seconds")
-        label = {"student": "student (distilled)", "baseline": "student (hard labels)"}.get(name, name)
-        unknown = m["params"] is None  # a black-box or combined teacher: no weights here
-        table.add_row(label, "—" if unknown else str(m["layers"]), "—" if unknown else f"{m['params'] / 1e6:.1f}M",
-                      "—" if unknown else f"{m['size_bytes'] / 1e6:.1f}",
-                      _pct(m["accuracy"]), _pct(m["macro_f1"]), _pct(m["agreement_with_teacher"]),
-                      "—" if secs is None else f"{secs:.0f}")
-    return table
+    package = TASKS.get(task or "text-classification")
+    return None if package is None else importlib.import_module(f"{package}.summary").SUMMARY
 
 
 # --- every stage ----------------------------------------------------------------------------------
@@ -95,7 +56,8 @@ def primary_metric(manifest: dict[str, Any]) -> tuple[str, str]:
     """(key, name) of the metric the run is judged by (recorded in the manifest; older runs: by task)."""
     from edgekd.devices.tables import METRIC_LABELS
 
-    key = manifest.get("primary_metric") or ("map50_95" if manifest.get("task") == "detection" else "accuracy")
+    family = family_summary(manifest.get("task"))
+    key = manifest.get("primary_metric") or (family.primary_metric if family else "accuracy")
     return key, METRIC_LABELS.get(key, key)
 
 
@@ -333,12 +295,11 @@ def print_summary(run: RunFolder) -> None:
         console.print(f"{run.root}: no stage has finished yet (run `edgekd run`).")
         return
     console.print(stages)
-    detection = manifest.get("task") == "detection"
-    table = detection_table(run) if detection else summary_table(run)
-    if table is not None:
+    family = family_summary(manifest.get("task"))
+    table = family.table(run) if family else None
+    if table is not None and family is not None:
         console.print(table)
-        s = manifest["stages"]["eval"]["metrics"]["summary"]
-        for line in _detection_lines(s) if detection else _text_lines(s):
+        for line in family.lines(manifest["stages"]["eval"]["metrics"]["summary"]):
             console.print(line)
     else:
         console.print("no evaluation yet (run `edgekd eval`).")

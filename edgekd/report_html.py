@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from edgekd.devices.tables import METRIC_LABELS, headline_row, pareto_front
+from edgekd.report import family_summary
 from edgekd.runfolder import RunFolder, atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -31,11 +32,6 @@ SWITCHES = {"baseline": ("baseline", "enabled"), "prune": ("prune", "enabled"), 
             "quantize": ("quantize", "enabled"), "bench": ("bench", "enabled")}
 TRAIN_STAGE = {"teacher": "teacher", "student": "distill", "baseline": "baseline"}
 
-# Eval metric columns, in display order; a column appears when any model has it.
-EVAL_COLUMNS = (
-    ("accuracy", "accuracy %"), ("macro_f1", "macro-F1 %"), ("agreement_with_teacher", "agrees w/ teacher %"),
-    ("ood_accuracy", "OOD accuracy %"), ("map50_95", "mAP@0.5:0.95 %"), ("map50", "mAP@0.5 %"),
-)
 
 
 # --- formatting ------------------------------------------------------------------------------------------
@@ -123,7 +119,8 @@ def primary_metric(manifest: dict[str, Any], bench: list[dict[str, Any]]) -> str
     for data in bench:
         if data.get("metric"):
             return str(data["metric"])
-    return "map50_95" if manifest.get("task") == "detection" else "accuracy"
+    family = family_summary(manifest.get("task"))
+    return family.primary_metric if family else "accuracy"
 
 
 def _metric_label(metric: str) -> str:
@@ -215,7 +212,10 @@ def accuracy_section(manifest: dict[str, Any], metric: str) -> str:
     if not ev:
         return _section("accuracy", "Accuracy", _none("No evaluation yet: run `edgekd eval` on this run."))
     models = [(n, ev[n]) for n in ("teacher", "student", "baseline") if isinstance(ev.get(n), dict)]
-    cols = [(k, label) for k, label in EVAL_COLUMNS if any(m.get(k) is not None for _, m in models)]
+    family = family_summary(manifest.get("task"))
+    # The family's eval metric columns, in its order; a column appears when any model has it.
+    columns = family.eval_columns if family else ((metric, _metric_label(metric)),)
+    cols = [(k, label) for k, label in columns if any(m.get(k) is not None for _, m in models)]
     cols.sort(key=lambda c: c[0] != metric)  # the primary metric first
     layers = any(m.get("layers") is not None for _, m in models)
     headers = ["model"] + (["layers"] if layers else []) + ["params", "size MB"] + [lab for _, lab in cols]

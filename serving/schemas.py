@@ -271,10 +271,14 @@ class HealthResponse(BaseModel):
 
 
 class MetadataResponse(BaseModel):
+    """What is served. Facts of the task family's codec beyond the fields below pass through as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
     model: str
     target: str
-    task: str = Field(description="text-classification or detection.")
-    inputs: str = Field(description="What POST /predict takes: 'texts' or 'images'.")
+    task: str = Field(description="The task family (artifact.json's task): text-classification, detection, ...")
+    inputs: str = Field(description="What POST /predict takes: 'texts', 'images', ... (the task family's).")
     platform: str
     runtime: dict[str, Any] = Field(description="Runner class and its runtime facts (providers, threads).")
     labels: list[str]
