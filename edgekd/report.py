@@ -34,7 +34,7 @@ class FamilySummary:
 
     primary_metric: str  # the eval metric runs of this family are judged by (manifests that do not record it)
     eval_columns: tuple[tuple[str, str], ...]  # (eval metric key, column title) of the accuracy tables
-    table: Callable[[RunFolder], Table | None]  # the eval stage's table of teacher and students
+    table: Callable[[RunFolder], Table | None]  # the accuracy table of the run's models (None: no figures yet)
     lines: Callable[[dict[str, Any]], list[str]]  # headline lines from the eval stage's summary
 
 
@@ -299,7 +299,8 @@ def print_summary(run: RunFolder) -> None:
     table = family.table(run) if family else None
     if table is not None and family is not None:
         console.print(table)
-        for line in family.lines(manifest["stages"]["eval"]["metrics"]["summary"]):
+        ev = ((manifest.get("stages") or {}).get("eval") or {}).get("metrics") or {}
+        for line in family.lines(ev["summary"]) if ev.get("summary") else []:
             console.print(line)
     else:
         console.print("no evaluation yet (run `edgekd eval`).")
