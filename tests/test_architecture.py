@@ -167,6 +167,22 @@ def test_every_registered_family_is_a_task_family(families):
             assert _signature_fits(getattr(fam, meth), getattr(TaskFamily, meth)), f"{name}.{meth}"
 
 
+def test_every_registered_family_serves_and_reports_itself():
+    """Each family's serving side (serve.py) and summary side (summary.py) are found through its one
+    registry line and say the task they are registered under; a family without one is a clear error."""
+    from edgekd.errors import StageError
+    from edgekd.registry import TASKS
+    from edgekd.report import FamilySummary, family_summary
+    from edgekd.serving.family import ServeFamily, serve_family
+
+    for name in TASKS:
+        served = serve_family(name)
+        assert isinstance(served, ServeFamily) and served.task == name
+        assert isinstance(family_summary(name), FamilySummary)
+    with pytest.raises(StageError, match="not a registered task family"):
+        serve_family("segmentation")
+
+
 def test_both_tasks_and_their_splits_satisfy_the_protocols():
     """The classes the families build: their Task (what export, quantize and bench call) and their
     Split (what edgekd.train reads), checked attribute by attribute and signature by signature."""
