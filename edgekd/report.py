@@ -38,6 +38,22 @@ class FamilySummary:
     lines: Callable[[dict[str, Any]], list[str]]  # headline lines from the eval stage's summary
 
 
+def eval_rows(run: RunFolder, baseline: str) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any], str]]] | None:
+    """The eval stage's metrics and, in table order, each model it scored as (row label, its metrics,
+    its training time); ``baseline`` names the no-teacher student. None before the eval stage ran."""
+    stages = run.manifest().get("stages", {})
+    ev = stages.get("eval", {}).get("metrics")
+    if not ev:
+        return None
+    rows = []
+    for name in ("teacher", "student", "baseline"):
+        if m := ev.get(name):
+            secs = stages.get(TRAIN_STAGE[name], {}).get("metrics", {}).get("train_seconds")
+            label = {"student": "student (distilled)", "baseline": baseline}.get(name, name)
+            rows.append((label, m, "—" if secs is None else f"{secs:.0f}"))
+    return ev, rows
+
+
 def family_summary(task: str | None) -> FamilySummary | None:
     """The summary side of the family registered as ``task`` (runs written before tasks were
     recorded are text classifiers); None for a task this installation does not know."""

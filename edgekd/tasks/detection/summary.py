@@ -7,26 +7,21 @@ from typing import Any
 
 from rich.table import Table
 
-from edgekd.report import TRAIN_STAGE, FamilySummary, pct
+from edgekd.report import FamilySummary, eval_rows, pct
 from edgekd.runfolder import RunFolder
 
 
 def eval_table(run: RunFolder) -> Table | None:
-    stages = run.manifest().get("stages", {})
-    ev = stages.get("eval", {}).get("metrics")
-    if not ev:
+    found = eval_rows(run, "student (no teacher)")
+    if found is None:
         return None
+    ev, rows = found
     table = Table(title=f"edgekd run '{run.root.name}': test split ({ev['summary']['test_images']} images)")
     for col in ("model", "params", "size MB", "mAP@0.5:0.95 %", "mAP@0.5 %", "train s"):
         table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")
-    for name in ("teacher", "student", "baseline"):
-        m = ev.get(name)
-        if not m:
-            continue
-        secs = stages.get(TRAIN_STAGE[name], {}).get("metrics", {}).get("train_seconds")
-        label = {"student": "student (distilled)", "baseline": "student (no teacher)"}.get(name, name)
+    for label, m, secs in rows:
         table.add_row(label, f"{m['params'] / 1e6:.2f}M", f"{m['size_bytes'] / 1e6:.1f}", pct(m["map50_95"]),
-                      pct(m["map50"]), "—" if secs is None else f"{secs:.0f}")
+                      pct(m["map50"]), secs)
     return table
 
 

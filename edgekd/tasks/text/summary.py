@@ -7,30 +7,24 @@ from typing import Any
 
 from rich.table import Table
 
-from edgekd.report import TRAIN_STAGE, FamilySummary, pct
+from edgekd.report import FamilySummary, eval_rows, pct
 from edgekd.runfolder import RunFolder
 
 
 def eval_table(run: RunFolder) -> Table | None:
-    stages = run.manifest().get("stages", {})
-    ev = stages.get("eval", {}).get("metrics")
-    if not ev:
+    found = eval_rows(run, "student (hard labels)")
+    if found is None:
         return None
+    ev, rows = found
     table = Table(title=f"edgekd run '{run.root.name}': test split ({ev['summary']['test_examples']} examples)")
     for col in ("model", "layers", "params", "size MB", "accuracy %", "macro-F1 %", "agrees w/ teacher %",
                 "train s"):
         table.add_column(col, justify="right" if col != "model" else "left", overflow="fold")
-    for name in ("teacher", "student", "baseline"):
-        m = ev.get(name)
-        if not m:
-            continue
-        secs = stages.get(TRAIN_STAGE[name], {}).get("metrics", {}).get("train_seconds")
-        label = {"student": "student (distilled)", "baseline": "student (hard labels)"}.get(name, name)
+    for label, m, secs in rows:
         unknown = m["params"] is None  # a black-box or combined teacher: no weights here
         table.add_row(label, "—" if unknown else str(m["layers"]), "—" if unknown else f"{m['params'] / 1e6:.1f}M",
                       "—" if unknown else f"{m['size_bytes'] / 1e6:.1f}",
-                      pct(m["accuracy"]), pct(m["macro_f1"]), pct(m["agreement_with_teacher"]),
-                      "—" if secs is None else f"{secs:.0f}")
+                      pct(m["accuracy"]), pct(m["macro_f1"]), pct(m["agreement_with_teacher"]), secs)
     return table
 
 
