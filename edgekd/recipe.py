@@ -388,6 +388,13 @@ class PruneConfig(Section):
         "pruned model and the same layer of the unpruned model, added to the teacher's soft-target loss "
         "(heads-ffn: the hidden width does not change, so no projection is needed). 0 = logits only.",
     )
+    quant_aware: bool = Field(
+        False,
+        description="Text: recover with quantization-aware distillation: every recovery trains the pruned "
+        "student with the rounding of the int8 export (quantize.method dynamic, with quantize.per_channel, "
+        "weight_type and reduce_range), so the int8 artifact loses less accuracy. Needs recover_epochs > 0 "
+        "(or final_recover_epochs after a search).",
+    )
     final_recover_epochs: float = Field(
         0.0, ge=0,
         description="With max_accuracy_drop or target_latency_ms: extra epochs of recovery after the search "
@@ -699,6 +706,22 @@ class RecipeFields(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _quant_aware_matches_quantize(self) -> RecipeFields:
+        p, q = self.prune, self.quantize
+        if p.quant_aware:
+            problems = []
+            if not p.enabled:
+                problems.append("it recovers the pruned student, and prune.enabled is false")
+            if p.recover_epochs <= 0 and p.final_recover_epochs <= 0:
+                problems.append("no recovery trains (set prune.recover_epochs > 0)")
+            if not q.enabled or q.method != "dynamic":
+                problems.append("it trains for ONNX Runtime's dynamic int8 (set quantize.enabled: true and "
+                                "quantize.method: dynamic)")
+            if problems:
+                raise ValueError("prune.quant_aware: " + "; ".join(problems) + ", or turn it off")
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

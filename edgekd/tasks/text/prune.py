@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from edgekd.context import RunContext
 from edgekd.errors import StageError
 from edgekd.losses import hidden_state_loss, soft_hard_loss
+from edgekd.quantization.fake_quant import dynamic_int8_training
 from edgekd.recipe import TrainConfig
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model
@@ -28,8 +30,15 @@ from edgekd.train import predict, to_torch, train
 
 def prune_fingerprint(ctx: RunContext) -> str:
     r = ctx.recipe
-    return fingerprint({"prune": prune_settings(r.prune), "distill": stage_fingerprint(ctx, "distill"),
-                        "seed": r.seed})
+    settings = {"prune": prune_settings(r.prune), "distill": stage_fingerprint(ctx, "distill"), "seed": r.seed}
+    if r.prune.quant_aware:  # the rounding it trains with
+        settings["int8"] = _int8_rounding(r)
+    return fingerprint(settings)
+
+
+def _int8_rounding(r) -> dict[str, Any]:
+    q = r.quantize
+    return {"per_channel": q.per_channel, "weight_type": q.weight_type, "reduce_range": q.reduce_range}
 
 
 def load_pruned(ctx: RunContext):
@@ -103,8 +112,11 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         def run(m):
             tc = TrainConfig(**{**d.train.model_dump(), "epochs": epochs})
             ckpt = ctx.checkpoint_dir("prune", f"{fp}-{label}")
-            train(m, train_data, tc, loss_fn, seed=r.seed + step, precision=r.runtime.precision,
-                  ckpt_root=ckpt, description=f"prune: recover {label}")
+            rounding = dynamic_int8_training(m, **_int8_rounding(r)) if cfg.quant_aware else nullcontext()
+            with rounding:
+                train(m, train_data, tc, loss_fn, seed=r.seed + step, precision=r.runtime.precision,
+                      ckpt_root=ckpt, description=f"prune: recover {label}" + (" (int8-aware)" if cfg.quant_aware
+                                                                                 else ""))
             shutil.rmtree(ckpt, ignore_errors=True)
             return m
 
@@ -123,6 +135,8 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
                         recover_final=recover_for(cfg.final_recover_epochs, 1000, "final"),
                         metric=task.primary_metric)
     model, metrics = prune_model(model, cfg, pctx)
+    if cfg.quant_aware:
+        metrics["quant_aware"] = {"int8": "dynamic", **_int8_rounding(r)}
     say_search(ctx, cfg, metrics)
     out_tok = tok
     if cfg.trim_vocab:
