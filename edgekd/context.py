@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.errors import StageError
 from edgekd.progress import console
 from edgekd.recipe import Recipe
 from edgekd.runfolder import RunFolder
@@ -60,6 +61,19 @@ class RunContext:
     def input_desc(self) -> str | None:
         """How the bench table names the timed input shape (None: sequence length)."""
         return None
+
+    def ood_data(self) -> tuple[str, dict[str, np.ndarray], np.ndarray] | None:
+        """The out-of-domain set (``eval.ood_dataset``) as the shipped artifacts' inputs, with labels:
+        (its name, inputs, labels); None without one. A family that cannot score one refuses it."""
+        name = self.recipe.eval.ood_dataset
+        if name:
+            raise StageError(f"eval.ood_dataset ({name}): task '{self.recipe.task}' cannot be scored on an "
+                             "out-of-domain set. Set eval.ood_dataset to null in the recipe.")
+        return None
+
+    def bench_torch_models(self, models: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+        """The PyTorch models bench times, made to read the shipped artifacts' inputs (default: as they are)."""
+        return models
 
     def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
         """Task-specific artifacts beside export.targets (detection: ONNX with NMS in the graph)."""

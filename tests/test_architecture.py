@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edgekd.errors import StageError
+
 ROOT = Path(__file__).parents[1]
 # The source folders and the package each installs as (pyproject's package-dir).
 PACKAGES = {"edgekd": "edgekd", "export": "edgekd.export", "serving": "edgekd.serving", "devices": "edgekd.devices"}
@@ -306,3 +308,25 @@ def test_every_stage_of_the_table_is_a_command_with_the_tables_help():
     for name in pipeline.STAGE_ORDER:
         assert name in commands, name
         assert commands[name].help == pipeline.STAGE_HELP[name]
+
+
+def test_shared_stages_name_no_task_family():
+    """Export, quantize and bench reach family-specific inputs through the context's hooks
+    (ood_data, bench_torch_models, parity/validation/calibration data), never by task name."""
+    root = Path(__file__).resolve().parents[1] / "edgekd" / "stages"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        for word in ("text-classification", '"detection"', "tasks.text", "tasks.detection", "FromTrimmedIds"):
+            assert word not in text, f"{path.name} names {word}"
+
+
+def test_a_family_without_an_ood_set_refuses_one(tmp_path):
+    from edgekd.recipe import parse_recipe
+    from edgekd.tasks import get_family
+
+    recipe = parse_recipe({"task": "detection", "output_dir": str(tmp_path),
+                           "eval": {"ood_dataset": "amazon-snippets"}})
+    with pytest.raises(StageError, match=r"eval.ood_dataset \(amazon-snippets\): task 'detection' cannot be scored"):
+        get_family("detection").create_context(recipe).ood_data()
+    assert get_family("detection").create_context(parse_recipe(
+        {"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None}})).ood_data() is None

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from edgekd.context import RunContext
-from edgekd.errors import StageError
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model, stage_fingerprint
 from edgekd.stages.export import export_fingerprint, load_source, source_stage
@@ -39,22 +38,8 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
             torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
-        if r.prune.enabled and r.prune.trim_vocab:
-            # The inputs are the shipped (trimmed) tokenizer's ids; the unpruned models read the original ones.
-            from edgekd.pruning.vocab import FromTrimmedIds, original_ids
-
-            table = original_ids(ctx.shipped_tokenizer, ctx.tokenizer)
-            torch_models = {k: ((FromTrimmedIds(m, table), io) if k != "student-pruned" else (m, io))
-                            for k, (m, io) in torch_models.items()}
-    ood = None
-    if getattr(r, "eval", None) is not None and r.eval.ood_dataset:
-        if task.name != "text-classification":
-            raise StageError(f"eval.ood_dataset ({r.eval.ood_dataset}) is a text set; task '{task.name}' cannot be "
-                             "scored on it. Set eval.ood_dataset to null in the recipe.")
-        from edgekd.ood import ood_inputs
-
-        found = ood_inputs(ctx, ctx.shipped_tokenizer)  # the ids the shipped artifacts read
-        ood = (found[0].name, found[1], found[2]) if found else None
+        torch_models = ctx.bench_torch_models(torch_models)
+    ood = ctx.ood_data()
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
                        torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood)
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)

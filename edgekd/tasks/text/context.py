@@ -74,6 +74,24 @@ class TextRunContext(RunContext):
         batch = test.collate(idx)
         return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
 
+    def ood_data(self) -> tuple[str, dict[str, np.ndarray], np.ndarray] | None:
+        """The OOD set tokenized as the shipped artifacts read it (the trimmed vocabulary's ids)."""
+        from edgekd.ood import ood_inputs
+
+        found = ood_inputs(self, self.shipped_tokenizer)
+        return (found[0].name, found[1], found[2]) if found else None
+
+    def bench_torch_models(self, models: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+        """With a trimmed vocabulary the timed inputs are the shipped tokenizer's ids; the unpruned
+        models read the original ones, so they get the id table in front."""
+        p = self.recipe.prune
+        if not (p.enabled and p.trim_vocab):
+            return models
+        from edgekd.pruning.vocab import FromTrimmedIds, original_ids
+
+        table = original_ids(self.shipped_tokenizer, self.tokenizer)
+        return {k: ((FromTrimmedIds(m, table), io) if k != "student-pruned" else (m, io)) for k, (m, io) in models.items()}
+
     def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The validation split as model inputs and labels (quantization calibration and guard)."""
         val = self.tokenized("validation", self.shipped_tokenizer)
