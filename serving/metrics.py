@@ -40,6 +40,7 @@ class Metrics:
             "timeout, overloaded, internal).", ["kind"], registry=self.registry,
         )
         self._in_flight = 0
+        self._family_counters: dict[str, Counter] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         Gauge("edgekd_http_inference_requests_in_flight", "POST requests being read, run or answered.",
               registry=self.registry).set_function(self.in_flight)
@@ -50,6 +51,16 @@ class Metrics:
         self.truncated = Counter(
             "edgekd_texts_truncated", "Texts cut to max_length tokens.", registry=self.registry
         )
+
+    def counter(self, name: str, documentation: str) -> Counter:
+        """A counter of a task family's own (e.g. ``edgekd_rows``: what its routes served), registered in
+        this app's registry on first use and the same object after; the built-in ones above are kept."""
+        if not name.startswith("edgekd_"):
+            raise ValueError(f"metric name {name!r}: start it with 'edgekd_', as every metric of the server.")
+        found = self._family_counters.get(name)
+        if found is None:
+            found = self._family_counters[name] = Counter(name, documentation, registry=self.registry)
+        return found
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one finished request and its duration (label lookups cached: once per route/status)."""

@@ -65,6 +65,7 @@ SCRIPT = textwrap.dedent('''
         r = client.post("/predict", json={"rows": [[1.5, 1.0, 0.5, 1.0], [-1.0, -2.0, -0.5, -1.0]]})
         facts["http"] = [r.status_code, r.json()]
         facts["http_bad"] = client.post("/predict", json={"rows": [[1.0]]}).json()
+        facts["metrics"] = client.get("/metrics").text
         facts["metadata"] = client.get("/metadata").json()
         doc = client.get("/openapi.json").json()
         facts["openapi"] = doc["paths"]["/predict"]["post"]["requestBody"]
@@ -122,6 +123,7 @@ def test_a_family_added_by_its_folder_and_one_line_runs_serves_and_reports(tmp_p
     status, body = f["http"]
     assert status == 200 and [p["label"] for p in body["predictions"]] == ["high", "low"]
     assert "rows of 4 numbers" in f["http_bad"]["error"]
+    assert "edgekd_rows_total 2.0" in f["metrics"]  # its own counter, in the server's registry
     assert f["metadata"]["task"] == "rows" and f["metadata"]["inputs"] == "rows" and f["metadata"]["features"] == 4
     assert f["openapi"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/RowsRequest"}
     assert f["openapi_has_schema"]

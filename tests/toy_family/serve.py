@@ -71,6 +71,7 @@ async def predict(request: Request, serving: Serving) -> RowsResponse:
     body = validate_body(RowsRequest, await read_json(request))
     codec = serving.model.codec
     logits = await within_deadline(serving.engine.logits(list(codec.check(body.rows))), serving.settings)
+    serving.metrics.counter("edgekd_rows", "Rows classified.").inc(len(logits))
     return RowsResponse(model=serving.model.name, target=serving.model.target,
                         predictions=[RowAnswer(**a) for a in codec.answers(logits)])
 
