@@ -16,6 +16,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tests' models are tiny: a second intra-op thread gains them nothing, and on a busy machine
+    OpenMP's spinning threads make them many times slower (a tiny teacher fine-tune: 7 s on one
+    thread, over 3 minutes on two while another process holds a core). Tests and the stages they run
+    that ask for a thread count still set it; the child processes of isolated measurements pin theirs."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A tiny 4-layer BERT without a task head (like the default teacher before fine-tuning)."""
