@@ -171,7 +171,9 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
                                 "trim_vocab": True, "vocab_min_count": 40},
                          export={"targets": ["onnx"], "parity_examples": 32},
                          quantize={"enabled": True, "method": "dynamic", "max_accuracy_drop": 0.5, "speed_runs": 5},
-                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": True})
+                         # In this process: the bench's child processes are tested in tests/devices/test_bench.py.
+                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": True,
+                                "isolate": False})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     res = CliRunner().invoke(app, ["run", str(path)])
@@ -194,4 +196,8 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     assert int(enc["input_ids"].max()) < n_vocab
     assert runner.run({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     assert stages["export"]["metrics"]["targets"]["onnx"]["parity"]["top1_agreement"] == 1.0
-    assert "bench" in stages
+    # Every model is measured and scored on the trimmed tokenizer's ids (the unpruned ones through the
+    # original-id table).
+    models = stages["bench"]["metrics"]["models"]
+    assert set(models) == {"onnx", "onnx-int8", "pytorch-teacher", "pytorch-student", "pytorch-student-pruned"}
+    assert all(m["status"] == "ok" and 0.0 <= m["accuracy"] <= 1.0 for m in models.values()), models
