@@ -81,8 +81,9 @@ def test_tiny_end_to_end_run_writes_a_complete_run_folder(tmp_path, tiny_teacher
     assert meta["parity"]["top1_agreement"] == 1.0 and meta["parity"]["max_abs_diff"] < 1e-4
     assert meta["sha256"] == sha256_file(served / "model.onnx") and (served / "tokenizer.json").is_file()
     assert f"serve it: edgekd serve {served.resolve()}" in res.output
+    # In this process: the bench's child processes are tested in tests/devices/test_bench.py.
     res = runner.invoke(app, ["bench", str(run), "--set", "bench.runs=3", "--set", "bench.warmup=1",
-                              "--set", "bench.batch_sizes=[1]"])
+                              "--set", "bench.batch_sizes=[1]", "--set", "bench.isolate=false"])
     assert res.exit_code == 0, res.output
     bench_dir = run / "bench" / "local"
     for name in ("results.json", "results.csv", "table.md", "pareto.png"):
@@ -139,7 +140,8 @@ def _quick_run_recipe(tmp_path, tiny_teacher_dir, tiny_csv):
                        teacher={"finetune": {"epochs": 1, "batch_size": 32, "lr": 3e-3}},
                        distill={"train": {"epochs": 1, "batch_size": 32, "lr": 2e-3}},
                        baseline={"enabled": False}, export={"targets": ["onnx"]},
-                       bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False})
+                       bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False,
+                              "isolate": False})
 
 
 @pytest.mark.slow

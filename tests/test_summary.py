@@ -37,7 +37,8 @@ def full_run(tmp_path_factory, tiny_teacher_dir):
                          distill={"train": {"epochs": 1, "batch_size": 32, "lr": 2e-3}},
                          prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5},
                          export={"targets": ["onnx"]}, quantize={"enabled": True, "speed_runs": 5},
-                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False})
+                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False,
+                                "isolate": False})
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     res = CliRunner().invoke(app, ["run", str(path)])
