@@ -17,7 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
 
 from edgekd.errors import RecipeError
-from edgekd.registry import PRUNE_METHODS, QUANTIZE_METHODS, TASKS, check_name
+from edgekd.registry import DEFAULT_TASK, PRUNE_METHODS, QUANTIZE_METHODS, TASKS, check_name
 from edgekd.sections import Section
 
 BUILTIN_RECIPES = ("default", "detect-default", "base")
@@ -688,7 +688,7 @@ class RecipeFields(Section):
 
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/.")
     task: TaskName = Field(
-        "text-classification",
+        DEFAULT_TASK,
         description="text-classification (BERT-family teachers) or detection (YOLO-style detectors; see the "
         "detection section).",
     )

@@ -14,6 +14,9 @@ from __future__ import annotations
 # context and stages), ``serve.py`` (SERVING, an edgekd.serving.family.ServeFamily: codec, routes,
 # v2 tensors; no torch), ``summary.py`` (SUMMARY: the console summary's table and lines) and, when
 # the family has recipe settings of its own, ``settings.py`` (SECTION and Settings: its recipe section).
+# The task of run folders and exports written before the task was recorded.
+DEFAULT_TASK = "text-classification"
+
 TASKS = {
     "text-classification": "edgekd.tasks.text",
     "detection": "edgekd.tasks.detection",

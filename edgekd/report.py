@@ -57,9 +57,9 @@ def eval_rows(run: RunFolder, baseline: str) -> tuple[dict[str, Any], list[tuple
 def family_summary(task: str | None) -> FamilySummary | None:
     """The summary side of the family registered as ``task`` (runs written before tasks were
     recorded are text classifiers); None for a task this installation does not know."""
-    from edgekd.registry import TASKS
+    from edgekd.registry import DEFAULT_TASK, TASKS
 
-    package = TASKS.get(task or "text-classification")
+    package = TASKS.get(task or DEFAULT_TASK)
     return None if package is None else importlib.import_module(f"{package}.summary").SUMMARY
 
 

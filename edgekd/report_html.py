@@ -33,7 +33,6 @@ SWITCHES = {"baseline": ("baseline", "enabled"), "prune": ("prune", "enabled"), 
 TRAIN_STAGE = {"teacher": "teacher", "student": "distill", "baseline": "baseline"}
 
 
-
 # --- formatting ------------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 The route reads its body itself (a detection model also takes multipart forms, which FastAPI cannot
 declare beside a JSON body) and hands the request to the served family's handler
 (``ServeFamily.predict``, from the family's ``serve.py``). The OpenAPI document describes the bodies
-of every registered family until a model is loaded, then the served one's (``openapi_for``).
+of every registered family until a model is loaded, then the served one's (``ServeFamily.openapi``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import Scope
 
 from edgekd.serving.context import Serving, get_serving
-from edgekd.serving.family import ServeFamily, serve_families
+from edgekd.serving.family import serve_families
 from edgekd.serving.http import require_api_key
 from edgekd.serving.schemas import ErrorBody, InferenceRequest
 
-__all__ = ["ERRORS", "fast_predict", "openapi_components", "openapi_for", "router"]
+__all__ = ["ERRORS", "fast_predict", "openapi_components", "router"]
 
 ERRORS = {
     400: {"model": ErrorBody, "description": "The body is not valid JSON (or not a readable multipart form)."},
@@ -51,11 +51,6 @@ def _every_family() -> dict[str, Any]:
 
 _OPENAPI = _every_family()
 _RESPONSES = tuple(f.response_model for f in serve_families())
-
-
-def openapi_for(family: ServeFamily) -> dict[str, Any]:
-    """/predict's request body and parameters for the served model's family."""
-    return family.openapi()
 
 
 async def fast_predict(scope: Scope, body: bytes) -> bytes | None:

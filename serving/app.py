@@ -122,7 +122,7 @@ def _document(app: FastAPI, settings: ServeSettings) -> None:
         if serving is None:  # not loaded yet: every family's shapes, and not cached
             app.openapi_schema = None
         else:
-            doc["paths"]["/predict"]["post"].update(api_predict.openapi_for(serving.model.family))
+            doc["paths"]["/predict"]["post"].update(serving.model.family.openapi())
         if settings.api_key is None:
             for ops in doc["paths"].values():
                 for op in ops.values():

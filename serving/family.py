@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 # ``ModelSpec`` are named in comments only: both modules look families up here.
 Serving = Any
 
-# Exports written before artifact.json recorded a task are text classifiers.
-DEFAULT_TASK = "text-classification"
-
 
 @dataclass(frozen=True)
 class ServeFamily:

@@ -26,9 +26,10 @@ from edgekd.export.base import (
     read_json_file,
 )
 from edgekd.export.stage import artifact_digest, load_artifact
+from edgekd.registry import DEFAULT_TASK
 from edgekd.runfolder import MANIFEST, sha256_file
 from edgekd.serving.codec import Codec
-from edgekd.serving.family import DEFAULT_TASK, ServeFamily, serve_family
+from edgekd.serving.family import ServeFamily, serve_family
 from edgekd.serving.settings import ServeSettings
 
 log = logging.getLogger("edgekd.serving")

@@ -90,6 +90,18 @@ def test_recipe_refuses_quant_aware_it_cannot_honour(tmp_path):
         parse_recipe({**ok, "prune": {**ok["prune"], "recover_epochs": 0}})
 
 
+def test_a_family_that_cannot_train_int8_aware_refuses_it(tmp_path):
+    from edgekd.tasks import get_family
+
+    recipe = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                           "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
+                                     "recover_epochs": 1, "quant_aware": True},
+                           "quantize": {"enabled": True, "method": "dynamic"}})
+    problems = get_family("detection").check_inputs(recipe)
+    assert problems == ["prune.quant_aware: the detection prune stage does not train int8-aware (text "
+                        "classification does); set it to false"]
+
+
 @pytest.mark.slow
 def test_prune_stage_recovers_int8_aware(tmp_path, tiny_teacher_dir, tiny_csv, monkeypatch):
     """The prune stage trains inside the rounding (every recovery round), records it, and the setting

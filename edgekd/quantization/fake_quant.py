@@ -8,7 +8,9 @@ The rounding is ONNX Runtime's ``quantize_dynamic`` (``onnxruntime.quantization.
   ``per_channel``, per output feature; uint8 weights asymmetric over ``[min(w, 0), max(w, 0)]`` in
   0..255 (``reduce_range``: 0..127);
 - activations: ``DynamicQuantizeLinear``, uint8 asymmetric per tensor, the range taken from each
-  input with 0 included, scale ``(max - min) / 255``.
+  input with 0 included, scale ``(max - min) / 255``. (A training batch shares one range, padding
+  included, where a batch-1 server takes each text's own: the weights' rounding is exact, the
+  activations' a close stand-in.)
 
 ONNX Runtime computes exactly this (``tests/test_fake_quant.py``), except with full-range int8
 weights (``reduce_range`` off) on x86 CPUs without VNNI, whose u8s8 kernel can saturate its int16 pair

@@ -42,11 +42,16 @@ class Detection:
         return dict(STAGES)
 
     def check_inputs(self, recipe: Recipe) -> list[str]:
-        """A YOLO data.yaml must exist (the generated set and COCO files are checked when loaded)."""
+        """A YOLO data.yaml must exist (the generated set and COCO files are checked when loaded); settings
+        only the text family honours are refused."""
+        problems = []
         d = recipe.data.dataset
         if d.endswith((".yaml", ".yml")) and not Path(d).expanduser().is_file():
-            return [f"data.dataset: the file {d} does not exist"]
-        return []
+            problems.append(f"data.dataset: the file {d} does not exist")
+        if recipe.prune.quant_aware:
+            problems.append("prune.quant_aware: the detection prune stage does not train int8-aware (text "
+                            "classification does); set it to false")
+        return problems
 
 
 FAMILY = Detection()
