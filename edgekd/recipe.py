@@ -320,7 +320,7 @@ class PruneConfig(Section):
 
     Give exactly one target: ``keep_params``, ``remove_heads``/``remove_neurons``,
     ``target_latency_ms`` and/or ``max_accuracy_drop`` (a search), or ``sparsity`` (the last for
-    method ``unstructured`` only); with ``trim_vocab`` alone the stage only trims the vocabulary.
+    method ``unstructured`` only); with ``trim_vocab`` alone the stage trims the vocabulary and recovers.
     """
 
     enabled: bool = Field(False, description="Run the prune stage.")
@@ -402,11 +402,12 @@ class PruneConfig(Section):
     )
     trim_vocab: bool = Field(
         False,
-        description="Text: after pruning, keep only the tokens the training texts use (never test; plus every "
+        description="Text: before pruning, keep only the tokens the training texts use (never test; plus every "
         "special token), shrink the embedding table to them and rewrite the tokenizer files (tokenizer.json, "
         "vocab.txt, special-token ids, config vocab_size) so every export folder is self-consistent. A word "
         "that needed a removed piece is split into kept pieces where WordPiece can, else becomes [UNK]. "
-        "WordPiece tokenizers only.",
+        "Pruning and every recovery then train on the trimmed tokenizer's ids (with trim_vocab alone, "
+        "recover_epochs of recovery follow the trim). WordPiece tokenizers only.",
     )
     vocab_min_count: int = Field(
         1, ge=1, description="trim_vocab: times a token must occur in the training texts to be kept."

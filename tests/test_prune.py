@@ -224,6 +224,21 @@ def test_steps_call_recover_and_evaluate(model):
     assert m["metric_before"] == {"accuracy": 0.5} and m["target_reached"]
 
 
+def test_trim_vocab_alone_recovers_once_and_removes_nothing(model):
+    scores = iter([{"accuracy": 0.6}, {"accuracy": 0.7}])
+    steps = []
+    params = count_params(model)
+    pruned, m = prune_model(model, cfg(trim_vocab=True),
+                            PruneContext(recover=lambda mm, step: steps.append(step) or mm,
+                                         evaluate=lambda mm: next(scores)))
+    assert steps == [1] and count_params(pruned) == params
+    assert m["metric_before"] == {"accuracy": 0.6} and m["metric_after"] == {"accuracy": 0.7}
+    assert m["steps"][0]["trim_vocab"] and m["steps"][0]["recovered"]
+    # Without a recovery the model comes back untouched and unscored twice.
+    _, m = prune_model(model, cfg(trim_vocab=True), PruneContext(evaluate=lambda mm: {"accuracy": 0.5}))
+    assert m["steps"] == [] and m["metric_after"] == m["metric_before"]
+
+
 def test_recover_may_return_a_new_model(model):
     import copy
 

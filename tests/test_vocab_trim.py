@@ -156,12 +156,24 @@ def test_recipe_keys_are_checked():
 
 
 @pytest.mark.slow
-def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, tiny_teacher_dir, tiny_csv):
+def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, tiny_teacher_dir, tiny_csv,
+                                                                       monkeypatch):
     import yaml
     from transformers import AutoTokenizer
     from typer.testing import CliRunner
 
+    import edgekd.tasks.text.prune as text_prune
     from edgekd.cli import app
+
+    # Every recovery trains the trimmed model on the trimmed tokenizer's ids.
+    seen = []
+    real_train = text_prune.train
+
+    def spy(model, data, *a, **kw):
+        seen.append((model.get_input_embeddings().num_embeddings, max(int(max(s)) for s in data.input_ids)))
+        return real_train(model, data, *a, **kw)
+
+    monkeypatch.setattr(text_prune, "train", spy)
     from edgekd.export.stage import load_artifact
     from edgekd.testing import tiny_recipe
 
@@ -187,6 +199,8 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     assert all("latency_ms" in s and "hidden" not in s for s in pm["steps"])
     assert "search kept round" in res.output
     n_vocab = pm["vocab"]["vocab_after"]
+    assert len(seen) == len(pm["steps"]) + 1  # each round's recovery and the final one
+    assert all(rows == n_vocab and top < n_vocab for rows, top in seen), (seen, n_vocab)
     for folder in (run / "prune" / "model", run / "export" / "onnx", run / "export" / "onnx-int8"):
         tok = AutoTokenizer.from_pretrained(folder)
         assert len(tok) == n_vocab, folder
@@ -196,6 +210,15 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     assert int(enc["input_ids"].max()) < n_vocab
     assert runner.run({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     assert stages["export"]["metrics"]["targets"]["onnx"]["parity"]["top1_agreement"] == 1.0
+    # Calibration, validation, test and OOD inputs are all the trimmed tokenizer's ids.
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+
+    ctx = create_context(load_recipe(path))
+    for split in ("train", "validation"):
+        assert int(ctx.calibration_data(split, 64)["input_ids"].max()) < n_vocab
+    assert int(ctx.validation_data()[0]["input_ids"].max()) < n_vocab
+    assert int(ctx.parity_data()[0]["input_ids"].max()) < n_vocab
     # Every model is measured and scored on the trimmed tokenizer's ids (the unpruned ones through the
     # original-id table).
     models = stages["bench"]["metrics"]["models"]

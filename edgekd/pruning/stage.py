@@ -55,10 +55,18 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
             "prune.target_latency_ms, prune.max_accuracy_drop, prune.sparsity"
         )
     if cfg.trim_vocab and all(t is None for t in targets):
+        # The caller trimmed the vocabulary before this call; recover from that alone.
         before = _evaluate(ctx, model)
+        steps = []
+        if ctx.recover is not None:
+            t0 = time.perf_counter()
+            model = ctx.recover(model, 1)
+            steps.append({"step": 1, "trim_vocab": True, "recovered": True, "metric": _evaluate(ctx, model),
+                          "seconds": round(time.perf_counter() - t0, 3)})
         return model, {"method": "none (prune.trim_vocab only)", "params_before": count_params(model),
-                       "params_after": count_params(model), "steps": [], "metric_before": before,
-                       "metric_after": before, "target": None, "target_reached": True}
+                       "params_after": count_params(model), "steps": steps, "metric_before": before,
+                       "metric_after": steps[-1]["metric"] if steps else before, "target": None,
+                       "target_reached": True}
     if cfg.target_latency_ms is not None and ctx.latency_fn is None:
         raise StageError("prune.target_latency_ms needs a latency function (PruneContext.latency_fn)")
     method = get_method(cfg.method)(model, cfg, ctx)

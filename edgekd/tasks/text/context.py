@@ -100,9 +100,9 @@ class TextRunContext(RunContext):
 
     def calibration_data(self, split: str, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` examples of the train or validation split as model inputs (quantization
-        calibration; the test split is never read for it)."""
+        calibration; the test split is never read for it), tokenized as the shipped model reads them."""
         if split not in ("train", "validation"):
             raise StageError(f"calibration reads the train or validation split, not {split!r}")
-        part = self.tokenized(split)
+        part = self.tokenized(split, self.shipped_tokenizer)
         batch = part.collate(np.arange(min(n, len(part))))
         return {k: batch[k] for k in ("input_ids", "attention_mask")}

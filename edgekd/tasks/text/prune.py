@@ -33,6 +33,8 @@ def prune_fingerprint(ctx: RunContext) -> str:
     settings = {"prune": prune_settings(r.prune), "distill": stage_fingerprint(ctx, "distill"), "seed": r.seed}
     if r.prune.quant_aware:  # the rounding it trains with
         settings["int8"] = _int8_rounding(r)
+    if r.prune.trim_vocab:  # trimmed before pruning and recovery (it used to follow them)
+        settings["vocab_order"] = "trim-then-recover"
     return fingerprint(settings)
 
 
@@ -75,9 +77,16 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     model = load_stage_model(ctx, "distill")
     _, cached_logits = load_teacher_outputs(ctx)
     teacher_logits = torch.from_numpy(cached_logits)
-    # Before trimming, the student reads the teacher's token ids: every split is tokenized with it here.
+    # The distilled student reads the teacher's token ids.
     tok = ctx.tokenizer
-    train_data, val_data = ctx.tokenized("train", tok), ctx.tokenized("validation", tok)
+    train_data = ctx.tokenized("train", tok)
+    vocab_info = None
+    if cfg.trim_vocab:
+        # Trim first: scoring, every recovery and the search then see the trimmed model on the trimmed
+        # tokenizer's ids, so recovery also wins back what trimming cost.
+        model, tok, vocab_info = _trim_vocab(ctx, model, train_data)
+        train_data = ctx.tokenized("train", tok)
+    val_data = ctx.tokenized("validation", tok)
     batches = train_data.train_batches(r.distill.train.batch_size, seed=r.seed)[: cfg.score_batches]
     score_batches = [
         {k: v for k, v in to_torch(train_data.collate(idx)).items() if k != "index"} for idx in batches
@@ -139,8 +148,8 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         metrics["quant_aware"] = {"int8": "dynamic", **_int8_rounding(r)}
     say_search(ctx, cfg, metrics)
     out_tok = tok
-    if cfg.trim_vocab:
-        model, out_tok, metrics["vocab"] = _trim_vocab(ctx, model, train_data)
+    if vocab_info is not None:
+        metrics["vocab"] = vocab_info
     out_dir = ctx.model_dir("prune")
     if ctx.is_main:
         task.save_model(model, out_tok, out_dir)
@@ -157,7 +166,8 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
 
 
 def _trim_vocab(ctx: RunContext, model, train_data) -> tuple[Any, Any, dict[str, Any]]:
-    """Keep the tokens the training texts use; measure validation and test before and after."""
+    """Keep the tokens the training texts use; measure validation and test just before and just after
+    (no retraining in between: what trimming alone costs; the recoveries that follow win it back)."""
     from edgekd.pruning.vocab import domain_token_ids, trim_vocabulary
 
     r, task, cfg = ctx.recipe, ctx.task, ctx.recipe.prune
