@@ -490,6 +490,7 @@ class QuantizeCandidate(Section):
     weight_type: Literal["qint8", "quint8"] | None = Field(None, description="As quantize.weight_type.")
     activation_type: Literal["quint8", "qint8"] | None = Field(None, description="As quantize.activation_type.")
     op_types: list[str] | None = Field(None, description="As quantize.op_types.")
+    embedding_bits: Literal[8, 4] | None = Field(None, description="As quantize.embedding_bits.")
     calibration_method: Literal["minmax", "percentile", "entropy"] | None = Field(
         None, description="As quantize.calibration_method."
     )
@@ -520,6 +521,15 @@ class QuantizeConfig(Section):
     op_types: list[str] | None = Field(
         None, description="Operator types to quantize (e.g. [MatMul, Gemm]). Default: dynamic, ONNX "
         "Runtime's own list (MatMul, Conv, Attention, Gather for embeddings, ...); static, MatMul, Gemm, Conv."
+    )
+    embedding_bits: Literal[8, 4] = Field(
+        8, description="int8 methods: bits of the embedding tables (every Gather over a weight). 8: int8 with the "
+        "rest (dynamic) or float (static, which quantizes MatMul/Gemm/Conv by default); 4: ONNX Runtime's "
+        "blockwise 4-bit GatherBlockQuantized (asymmetric, embedding_block_size values per scale), about half "
+        "the size of an int8 table, for models whose embeddings are most of their weights."
+    )
+    embedding_block_size: int = Field(
+        32, ge=16, description="embedding_bits 4: values of an embedding row that share one scale (a power of 2)."
     )
     preprocess: bool = Field(
         True, description="Run onnxruntime.quantization.quant_pre_process (shape inference, graph cleanup) first."
@@ -562,6 +572,19 @@ class QuantizeConfig(Section):
         "linear8", description="Core ML: 8-bit linear weight quantization, or k-means palettization."
     )
     palette_bits: int = Field(6, ge=1, le=8, description="Core ML palettization: bits per weight (2^bits clusters).")
+
+    @model_validator(mode="after")
+    def _embedding_bits(self) -> QuantizeConfig:
+        problems = []
+        if self.embedding_block_size & (self.embedding_block_size - 1):
+            problems.append(f"quantize.embedding_block_size must be a power of 2 (16, 32, 64, ...), not "
+                            f"{self.embedding_block_size}")
+        if self.embedding_bits == 4 and self.method == "fp16":
+            problems.append("quantize.embedding_bits: 4 quantizes the embeddings of an int8 method (dynamic or "
+                            "static); fp16 halves every weight instead: drop embedding_bits or pick an int8 method")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ExportConfig(Section):

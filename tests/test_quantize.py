@@ -171,6 +171,57 @@ def test_static_calibrates_on_the_recipe_sample_count(bert_export, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+def _embedding_gathers(path: Path) -> tuple[int, int]:
+    """(Gathers whose table is a 2-D weight, GatherBlockQuantized nodes) in an ONNX file."""
+    model = onnx.load(str(path))
+    weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
+    plain = sum(n.op_type == "Gather" and n.input[0] in weights for n in model.graph.node)
+    return plain, sum(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+
+
+@pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_four_bit_embeddings_shrink_the_file_and_keep_the_answers(bert_export, tmp_path, method):
+    import onnxruntime as ort
+
+    val = text_inputs(32)
+    labels = np.zeros(32, dtype=np.int64)
+    calib = text_inputs(20, seed=2)
+    runs = {}
+    for bits in (8, 4):
+        out = tmp_path / f"{method}-{bits}"
+        report = quantize_onnx(bert_export, out, qcfg(method=method, embedding_bits=bits, calibration_samples=20,
+                                                    max_accuracy_drop=1.0),
+                               calib, val, labels, accuracy)
+        runs[bits] = (out / "model.onnx", report)
+    plain8, g4_8 = _embedding_gathers(runs[8][0])
+    plain4, g4_4 = _embedding_gathers(runs[4][0])
+    # Every embedding table (word, position, token type) is 4-bit; none is left as a float or int8 Gather.
+    assert g4_8 == 0 and g4_4 >= 3 and plain4 == 0
+    assert runs[4][1]["settings"]["embeddings"] == "4-bit GatherBlockQuantized, block 32"
+    assert "embeddings" not in runs[8][1]["settings"]
+    assert runs[4][0].stat().st_size < runs[8][0].stat().st_size
+    # The 4-bit tables answer as the 8-bit ones do, up to rounding.
+    outs = {b: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, val)[0]
+            for b, (p, _) in runs.items()}
+    assert np.abs(outs[4] - outs[8]).max() < 0.1
+
+
+def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_path):
+    from edgekd.errors import RecipeError, StageError
+    from edgekd.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="embedding_bits: 4 quantizes the embeddings of an int8 method"):
+        parse_recipe({"name": "x", "quantize": {"enabled": True, "method": "fp16", "embedding_bits": 4}})
+    with pytest.raises(RecipeError, match="embedding_block_size must be a power of 2"):
+        parse_recipe({"name": "x", "quantize": {"enabled": True, "embedding_block_size": 48}})
+    folder, inputs, labels = fragile  # MatMuls only: no embedding table to shrink
+    with pytest.raises(StageError, match="found no Gather over a float weight"):
+        quantize_onnx(folder, tmp_path / "onnx-int8", qcfg(embedding_bits=4, max_accuracy_drop=1.0), None,
+                      inputs, labels, accuracy)
+    assert not (tmp_path / "onnx-int8").exists()  # nothing half-written
+
+
 def test_calibration_reader_counts_and_checks_samples():
     reader = make_reader(text_inputs(10), 4, ["input_ids", "attention_mask"], {"input_ids": np.int64})
     rows = list(reader)

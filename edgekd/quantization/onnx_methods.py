@@ -3,7 +3,8 @@
 Each method turns a float ONNX file into a quantized one and accepts ``exclude``: node names
 kept in float (the accuracy guard's lever). All use ONNX Runtime's own tools:
 ``quantize_dynamic``, ``quantize_static`` (QDQ, calibrated; ranges cached so retries do not
-calibrate again) and ``onnxruntime.transformers.float16``.
+calibrate again), ``onnxruntime.transformers.float16``, and ``MatMulNBitsQuantizer`` for 4-bit
+embedding tables (``quantize.embedding_bits``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,40 @@ def make_method(cfg: QuantizeConfig, calib_inputs: Mapping[str, np.ndarray] | No
     return _METHODS[cfg.method](cfg, calib_inputs, input_names, dtypes, workdir, external_data)
 
 
+def quantize_embeddings_4bit(path: Path, block_size: int, exclude: list[str], external_data: bool) -> int:
+    """Rewrite every Gather over a 2-D weight (the embedding tables) in the ONNX file ``path`` as ONNX
+    Runtime's blockwise 4-bit ``GatherBlockQuantized`` (asymmetric, ``block_size`` values of a row per
+    scale), in place. Nodes named in ``exclude`` stay as they are. Returns how many were rewritten;
+    none is an error (the graph has no embedding Gather left to shrink, e.g. it was fused into
+    EmbedLayerNormalization or already quantized)."""
+    import onnx
+
+    from edgekd.errors import StageError
+
+    q = _ort_quant()
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(path))
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4,
+                                       quant_format=q.QuantFormat.QOperator, op_types_to_quantize=("Gather",),
+                                       quant_axes=(("Gather", 1),))
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=cfg)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (e.g. the padding row) has scale 0
+        quantizer.process()
+    n = sum(node.op_type == "GatherBlockQuantized" for node in quantizer.model.model.graph.node)
+    if n == 0:
+        raise StageError(f"quantize.embedding_bits: 4 found no Gather over a float weight in {path.name} (the "
+                         "embeddings were fused into another operator, quantized already, or kept in float by "
+                         "the guard): set quantize.embedding_bits: 8")
+    tmp = path.with_name(path.stem + ".g4" + path.suffix)
+    quantizer.model.save_model_to_file(str(tmp), external_data)
+    tmp.replace(path)
+    return n
+
+
 def _qtype(name: str):
     q = _ort_quant()
     return {"qint8": q.QuantType.QInt8, "quint8": q.QuantType.QUInt8}[name]
@@ -96,6 +131,8 @@ class Dynamic:
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
         self.op_types = list(cfg.op_types or IntegerOpsRegistry.keys())
+        if cfg.embedding_bits == 4:  # the embeddings get 4 bits after the int8 pass, not 8 in it
+            self.op_types = [op for op in self.op_types if op != "Gather"]
         self.candidate_ops = frozenset(self.op_types) & INT8_CANDIDATES
         self._q = q
 
@@ -105,11 +142,19 @@ class Dynamic:
             reduce_range=self.cfg.reduce_range, weight_type=_qtype(self.cfg.weight_type),
             nodes_to_exclude=list(exclude), use_external_data_format=self.external,
         )
+        if self.cfg.embedding_bits == 4:
+            quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external)
 
     def settings(self) -> dict[str, Any]:
         return {"weight_type": self.cfg.weight_type, "activation_type": "quint8 (dynamic)",
                 "per_channel": self.cfg.per_channel, "reduce_range": self.cfg.reduce_range,
-                "op_types": self.op_types}
+                "op_types": self.op_types, **_embedding_settings(self.cfg)}
+
+
+def _embedding_settings(cfg: QuantizeConfig) -> dict[str, Any]:
+    if cfg.embedding_bits == 4:
+        return {"embeddings": f"4-bit GatherBlockQuantized, block {cfg.embedding_block_size}"}
+    return {}
 
 
 @register("static")
@@ -125,6 +170,8 @@ class Static:
         self.cfg, self.external = cfg, external_data
         self._q = _ort_quant()
         self.op_types = list(cfg.op_types or STATIC_DEFAULT_OPS)
+        if cfg.embedding_bits == 4:  # 4-bit after the QDQ pass, not int8 QDQ in it
+            self.op_types = [op for op in self.op_types if op != "Gather"]
         self.candidate_ops = frozenset(self.op_types) & INT8_CANDIDATES
         self.reader = make_reader(calib_inputs, cfg.calibration_samples, input_names, dtypes)
         self.cache = Path(workdir) / "calibration.json"  # ranges computed once, reused by every retry
@@ -142,13 +189,15 @@ class Static:
             use_external_data_format=self.external, calibrate_method=method, extra_options=extra,
             calibration_cache_path=self.cache,
         )
+        if self.cfg.embedding_bits == 4:
+            quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external)
 
     def settings(self) -> dict[str, Any]:
         return {"weight_type": self.cfg.weight_type, "activation_type": self.cfg.activation_type,
                 "per_channel": self.cfg.per_channel, "reduce_range": self.cfg.reduce_range,
                 "op_types": self.op_types, "format": "QDQ",
                 "calibration_method": self.cfg.calibration_method,
-                "calibration_samples": self.reader.served}
+                "calibration_samples": self.reader.served, **_embedding_settings(self.cfg)}
 
 
 @register("fp16")

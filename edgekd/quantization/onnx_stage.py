@@ -140,6 +140,8 @@ def candidate_name(c: QuantizeConfig) -> str:
             parts.append(f"a-{c.activation_type}")
         if c.op_types:
             parts.append("+".join(c.op_types))
+        if c.embedding_bits == 4:
+            parts.append(f"emb4-b{c.embedding_block_size}")
     if c.fuse != "none":
         parts.append(f"fused-{c.fuse}")
     return "/".join(parts)
