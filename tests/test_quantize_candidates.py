@@ -160,13 +160,16 @@ def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, mon
     def stage_dir(name):
         return export_root
 
+    shipped = object()
     for split in ("train", "validation"):
         recipe = types.SimpleNamespace(quantize=qcfg(method="static", calibration_samples=10,
                                                      calibration_split=split, max_accuracy_drop=1.0),
                                          export=types.SimpleNamespace(targets=["onnx"]))
         ctx = types.SimpleNamespace(
             recipe=recipe, task=types.SimpleNamespace(metrics=accuracy),
-            tokenized=lambda s: (read.append(s), splits[s])[1],
+            # The calibration texts are tokenized as the shipped model reads them (a trimmed vocabulary's ids).
+            shipped_tokenizer=shipped,
+            tokenized=lambda s, tok=None: (read.append(s), splits[s])[1] if tok is shipped else None,
             validation_data=lambda: ({k: v for k, v in splits["validation"].collate(np.arange(16)).items()
                                       if k != "labels"}, np.zeros(16, np.int64)),
             parity_data=lambda: ({k: v for k, v in splits["test"].collate(np.arange(8)).items()
