@@ -8,6 +8,9 @@ import pytest
 
 # Progress bars are noise in test logs; the cache never points at the user's real cache.
 os.environ.setdefault("EDGEKD_QUIET", "1")
+# Console output is read back by the tests at one width whatever runs them: pytest-xdist's workers
+# inherit COLUMNS=80, which would wrap and truncate tables that a plain run prints at 120.
+os.environ["COLUMNS"] = "120"
 
 
 @pytest.fixture(autouse=True)
