@@ -2,7 +2,7 @@
 shipped (int8 ONNX) size side by side, chosen on validation, reported on test.
 
     python benchmarks/prune_variants.py default vocab-stats                    # kept tokens and coverage per setting
-    python benchmarks/prune_variants.py runs/default trim                      # vocabulary trimming of the run's pruned student
+    python benchmarks/prune_variants.py runs/default trim@distill              # vocabulary trimming of the run's distilled student
     python benchmarks/prune_variants.py runs/default hidden="prune.recover_hidden_weight=1.0"
 
 ``trim[:MIN_COUNT[:chars]][@STAGE]`` trims the run's pruned (or STAGE's, e.g. distill) student as it

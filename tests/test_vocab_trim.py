@@ -224,3 +224,18 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     models = stages["bench"]["metrics"]["models"]
     assert set(models) == {"onnx", "onnx-int8", "pytorch-teacher", "pytorch-student", "pytorch-student-pruned"}
     assert all(m["status"] == "ok" and 0.0 <= m["accuracy"] <= 1.0 for m in models.values()), models
+
+
+def test_a_model_trimmed_already_is_not_trimmed_again_with_the_teacher_ids(classifier, tiny_classifier_dir):
+    import types
+
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekd.tasks.text.prune import _trim_vocab
+
+    _, tok = classifier
+    trimmed, _ = trim_vocabulary(AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir), tok,
+                                 _keep(tok))
+    ctx = types.SimpleNamespace(recipe=types.SimpleNamespace(prune=None), task=None, tokenizer=tok)
+    with pytest.raises(StageError, match=r"trimmed already\?"):
+        _trim_vocab(ctx, trimmed, None)

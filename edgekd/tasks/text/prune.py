@@ -181,8 +181,12 @@ def _trim_vocab(ctx: RunContext, model, train_data) -> tuple[Any, Any, dict[str,
                                       data.labels)
         return out
 
-    before = scores(model, tok)
     vocab0 = model.get_input_embeddings().num_embeddings
+    if vocab0 < len(tok):
+        raise StageError(f"vocabulary trimming: the model has {vocab0} token embeddings but the teacher's tokenizer "
+                         f"has {len(tok)} tokens, so its ids do not address this model (trimmed already?); trim "
+                         "the distilled student (e.g. prune_variants.py RUN trim@distill)")
+    before = scores(model, tok)
     params0 = sum(p.numel() for p in model.parameters())
     keep = domain_token_ids(train_data.input_ids, tok, cfg.vocab_min_count, cfg.vocab_keep_chars)
     model, new_tok = trim_vocabulary(model, tok, keep)
