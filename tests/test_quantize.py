@@ -289,6 +289,44 @@ def test_speed_guard_reports_side_by_side_timings(fragile, tmp_path):
     assert report["recommended"] == ("quantized" if speed["quantized_faster"] else "float")
 
 
+def test_side_by_side_timing_feeds_every_model_the_same_inputs_in_rotating_blocks_as_its_runner_would(
+        monkeypatch, tmp_path):
+    import types
+
+    import onnxruntime as ort
+
+    from edgekd.quantization.guard import time_side_by_side
+
+    calls, options = [], {}
+
+    class Session:
+        def __init__(self, path, so, providers):
+            self.path = Path(path).name
+            options[self.path] = so
+
+        def get_inputs(self):
+            return [types.SimpleNamespace(name="x", type="tensor(float)")]
+
+        def run(self, _, feed):
+            calls.append((self.path, int(feed["x"][0, 0])))
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    feeds = [{"x": np.full((1, 2), i, dtype=np.float32)} for i in range(3)]
+    out = time_side_by_side({"float": tmp_path / "a.onnx", "quantized": tmp_path / "b.onnx"}, feeds, runs=25,
+                            threads=2, warmup=0, block=10)
+    assert out["float"]["runs"] == out["quantized"]["runs"] == 25
+    order = [p for p, _ in calls]
+    assert order == ["a.onnx"] * 10 + ["b.onnx"] * 10 + ["a.onnx"] * 10 + ["b.onnx"] * 10 + ["a.onnx"] * 5 + \
+        ["b.onnx"] * 5
+    assert [f for p, f in calls if p == "a.onnx"] == [f for p, f in calls if p == "b.onnx"] == [i % 3 for i in range(25)]
+    # The runner's own session settings: the thread count, ONNX Runtime's spinning left as it is.
+    assert set(options) == {"a.onnx", "b.onnx"}
+    for so in options.values():
+        assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
+        with pytest.raises(Exception):  # noqa: B017 (an unset entry raises in ONNX Runtime)
+            so.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_slower_int8_is_reported_and_float_recommended(fragile, tmp_path, monkeypatch):
     folder, inputs, labels = fragile
 

@@ -89,12 +89,19 @@ class Evaluator:
         return result
 
 
+TIMING_BLOCK = 10  # consecutive runs of one model before the next model's turn
+
+
 def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray] | list[Mapping[str, np.ndarray]],
-                      runs: int, threads: int | None, warmup: int = 5) -> dict[str, dict[str, float]]:
-    """Median latency of each model on the same inputs, runs alternating between the models.
+                      runs: int, threads: int | None, warmup: int = 5,
+                      block: int = TIMING_BLOCK) -> dict[str, dict[str, float]]:
+    """Median latency of each model on the same inputs, in rotating blocks of ``block`` runs.
 
     ``inputs`` is one feed or a list of feeds (e.g. single examples at their real lengths); run
-    ``i`` of every model uses feed ``i mod len``, so all models see exactly the same inputs.
+    ``i`` of every model uses feed ``i mod len``, so all models see exactly the same inputs. Each
+    session has the options the artifact's runner gives it (``edgekd.export.onnx``: ONNX Runtime's
+    thread spinning left on), so what is timed is how it will run; blocks keep one session's
+    spinning threads from competing with the next session's run except at a block's first call.
     """
     feeds_in = [inputs] if isinstance(inputs, Mapping) else list(inputs)
     if not feeds_in:
@@ -107,11 +114,10 @@ def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray
 
     sessions = {}
     for name, path in paths.items():
-        so = ort.SessionOptions()
+        so = ort.SessionOptions()  # as OnnxRunner makes it
         if threads:
             so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.inter_op_num_threads = 1
         sess = ort.InferenceSession(str(path), so, providers=select_providers())
         declared = {i.name: _np_type(i.type) for i in sess.get_inputs()}
         dtypes = {k: v for k, v in declared.items() if v is not None}
@@ -122,13 +128,15 @@ def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray
             sess.run(None, feeds[i % len(feeds)])
     times: dict[str, list[float]] = {name: [] for name in sessions}
     cpu: dict[str, list[float]] = {name: [] for name in sessions}
-    for i in range(runs):
+    block = max(1, int(block))
+    for start in range(0, runs, block):
         for name, (sess, feeds) in sessions.items():
-            feed = feeds[i % len(feeds)]
-            c0, t0 = time.process_time(), time.perf_counter()
-            sess.run(None, feed)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-            cpu[name].append((time.process_time() - c0) * 1e3)
+            for i in range(start, min(start + block, runs)):
+                feed = feeds[i % len(feeds)]
+                c0, t0 = time.process_time(), time.perf_counter()
+                sess.run(None, feed)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
     # cpu_p50_ms (CPU time of the whole process per run) is the steadier figure on a shared
     # machine, where wall time includes waiting for a core; decisions use wall time.
     return {

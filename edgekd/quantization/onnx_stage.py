@@ -25,7 +25,7 @@ from edgekd.errors import StageError
 from edgekd.export.base import ARTIFACT_META, read_artifact_meta, write_artifact_meta
 from edgekd.progress import progress_bar, track
 from edgekd.quantization.calibration import n_rows, real_length_rows
-from edgekd.quantization.guard import Evaluator, MetricFn, choose_fastest, time_side_by_side
+from edgekd.quantization.guard import TIMING_BLOCK, Evaluator, MetricFn, choose_fastest, time_side_by_side
 from edgekd.quantization.onnx_methods import make_method
 from edgekd.recipe import QuantizeConfig
 from edgekd.runfolder import atomic_dir, sha256_file
@@ -320,7 +320,7 @@ def _accuracy_guard(method: Any, prepared: Path, work: Path, ev: Evaluator, base
 def _speed_guard(speed: dict[str, dict[str, float]], name: str, rows: list[dict[str, np.ndarray]],
                  cfg: QuantizeConfig, precision: str) -> dict[str, Any]:
     lengths = [max(a.shape[1] if a.ndim >= 2 else 1 for a in r.values()) for r in rows]
-    report = {"batch": 1, "threads": cfg.threads, "thread_spinning": False,
+    report = {"batch": 1, "threads": cfg.threads, "thread_spinning": True, "block": TIMING_BLOCK,
               "inputs": f"{len(rows)} validation examples, one at a time at their real lengths "
                         f"({min(lengths)}-{max(lengths)}, median {int(np.median(lengths))})",
               "all": speed, "float": speed["float"], "quantized": speed[name]}
