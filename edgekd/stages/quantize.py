@@ -16,7 +16,24 @@ from edgekd.stages.export import export_fingerprint
 
 
 def quantize_fingerprint(ctx: RunContext) -> str:
-    return fingerprint({"quantize": ctx.recipe.quantize.model_dump(mode="json"), "export": export_fingerprint(ctx)})
+    return fingerprint({"quantize": quantize_settings(ctx.recipe.quantize), "export": export_fingerprint(ctx)})
+
+
+def quantize_settings(cfg) -> dict[str, Any]:
+    """The quantize section as fingerprinted: the embedding keys (added later) are left out while both
+    are at their defaults, and a candidate's unset ``embedding_bits`` too, so runs recorded before
+    they existed stay valid."""
+    from edgekd.recipe import QuantizeConfig
+
+    d = cfg.model_dump(mode="json")
+    keys = ("embedding_bits", "embedding_block_size")
+    if all(d[k] == QuantizeConfig.model_fields[k].default for k in keys):
+        for k in keys:
+            del d[k]
+    for cand in d["candidates"]:
+        if cand.get("embedding_bits") is None:
+            cand.pop("embedding_bits", None)
+    return d
 
 
 def run_quantize(ctx: RunContext) -> dict[str, Any]:
