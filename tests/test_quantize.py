@@ -215,6 +215,12 @@ def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_pa
         parse_recipe({"name": "x", "quantize": {"enabled": True, "method": "fp16", "embedding_bits": 4}})
     with pytest.raises(RecipeError, match="embedding_block_size must be a power of 2"):
         parse_recipe({"name": "x", "quantize": {"enabled": True, "embedding_block_size": 48}})
+    from edgekd.tasks import get_family
+
+    detector = parse_recipe({"task": "detection", "eval": {"ood_dataset": None},
+                             "quantize": {"enabled": True, "embedding_bits": 4}})
+    assert get_family("detection").check_inputs(detector) == [
+        "quantize.embedding_bits: 4 shrinks the embedding tables of a text encoder; a detector has none: set it to 8"]
     folder, inputs, labels = fragile  # MatMuls only: no embedding table to shrink
     with pytest.raises(StageError, match="found no Gather over a float weight"):
         quantize_onnx(folder, tmp_path / "onnx-int8", qcfg(embedding_bits=4, max_accuracy_drop=1.0), None,

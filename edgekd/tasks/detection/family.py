@@ -51,6 +51,9 @@ class Detection:
         if recipe.prune.quant_aware:
             problems.append("prune.quant_aware: the detection prune stage does not train int8-aware (text "
                             "classification does); set it to false")
+        if recipe.quantize.embedding_bits == 4:
+            problems.append("quantize.embedding_bits: 4 shrinks the embedding tables of a text encoder; a "
+                            "detector has none: set it to 8")
         return problems
 
 
