@@ -328,6 +328,11 @@ def test_errors_name_what_to_do(tools, tmp_path, capsys):
     assert "--artifact tensorrt" in err and "present: onnx-int8" in err
     assert compare_tools.main([str(run), "--runs", "0"]) == 2
     assert "--runs" in capsys.readouterr().err
+    # A run whose vocabulary was trimmed is refused up front, not fed the teacher's ids.
+    (run / "recipe.yaml").write_text(Recipe(name="bare", prune={"enabled": True, "keep_params": 0.5,
+                                                                "trim_vocab": True}).to_yaml())
+    assert compare_tools.main([str(run), "--out", str(tmp_path / "o")]) == 2
+    assert "trimmed its vocabulary (prune.trim_vocab)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
