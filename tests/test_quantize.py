@@ -313,10 +313,18 @@ def test_side_by_side_timing_feeds_every_model_the_same_inputs_in_rotating_block
         def get_inputs(self):
             return [types.SimpleNamespace(name="x", type="tensor(float)")]
 
+        def get_outputs(self):
+            return [types.SimpleNamespace(name="y", type="tensor(float)")]
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
         def run(self, _, feed):
             calls.append((self.path, int(feed["x"][0, 0])))
 
     monkeypatch.setattr(ort, "InferenceSession", Session)
+    for name in ("a.onnx", "b.onnx"):
+        (tmp_path / name).write_bytes(b"")  # the runner checks the file is there
     feeds = [{"x": np.full((1, 2), i, dtype=np.float32)} for i in range(3)]
     out = time_side_by_side({"float": tmp_path / "a.onnx", "quantized": tmp_path / "b.onnx"}, feeds, runs=25,
                             threads=2, warmup=0, block=10)

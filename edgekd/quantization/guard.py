@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import DataError, MissingBackendError
+from edgekd.errors import DataError
 from edgekd.quantization.calibration import batches, cast_to, take
 
 MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], Mapping[str, float]]
@@ -99,26 +99,18 @@ def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray
 
     ``inputs`` is one feed or a list of feeds (e.g. single examples at their real lengths); run
     ``i`` of every model uses feed ``i mod len``, so all models see exactly the same inputs. Each
-    session has the options the artifact's runner gives it (``edgekd.export.onnx``: ONNX Runtime's
-    thread spinning left on), so what is timed is how it will run; blocks keep one session's
-    spinning threads from competing with the next session's run except at a block's first call.
+    session is the one the artifact's own runner opens (``load_runner``: ONNX Runtime's thread
+    spinning left on, as serve and bench run it), so what is timed is how it will run; blocks keep
+    one session's spinning threads from competing with the next session's run except at a block's
+    first call.
     """
     feeds_in = [inputs] if isinstance(inputs, Mapping) else list(inputs)
     if not feeds_in:
         raise DataError("no inputs to time the models on")
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise MissingBackendError("Timing ONNX models", "onnxruntime", "onnx") from e
-    from edgekd.export.onnx import select_providers
 
     sessions = {}
     for name, path in paths.items():
-        so = ort.SessionOptions()  # as OnnxRunner makes it
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), so, providers=select_providers())
+        sess = load_runner(path, threads).session
         declared = {i.name: _np_type(i.type) for i in sess.get_inputs()}
         dtypes = {k: v for k, v in declared.items() if v is not None}
         feeds = [cast_to({k: f[k] for k in declared}, dtypes) for f in feeds_in]

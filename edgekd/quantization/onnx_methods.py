@@ -130,9 +130,7 @@ class Dynamic:
         q = _ort_quant()
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        self.op_types = list(cfg.op_types or IntegerOpsRegistry.keys())
-        if cfg.embedding_bits == 4:  # the embeddings get 4 bits after the int8 pass, not 8 in it
-            self.op_types = [op for op in self.op_types if op != "Gather"]
+        self.op_types = _int8_op_types(cfg, IntegerOpsRegistry.keys())
         self.candidate_ops = frozenset(self.op_types) & INT8_CANDIDATES
         self._q = q
 
@@ -149,6 +147,13 @@ class Dynamic:
         return {"weight_type": self.cfg.weight_type, "activation_type": "quint8 (dynamic)",
                 "per_channel": self.cfg.per_channel, "reduce_range": self.cfg.reduce_range,
                 "op_types": self.op_types, **_embedding_settings(self.cfg)}
+
+
+def _int8_op_types(cfg: QuantizeConfig, default: Any) -> list[str]:
+    """The operator types the int8 pass quantizes; with ``embedding_bits: 4`` the embedding Gathers get
+    their 4 bits after it (``quantize_embeddings_4bit``), not 8 in it."""
+    ops = list(cfg.op_types or default)
+    return [op for op in ops if op != "Gather"] if cfg.embedding_bits == 4 else ops
 
 
 def _embedding_settings(cfg: QuantizeConfig) -> dict[str, Any]:
@@ -169,9 +174,7 @@ class Static:
             raise DataError("quantize.method 'static' calibrates on real examples: pass calibration inputs")
         self.cfg, self.external = cfg, external_data
         self._q = _ort_quant()
-        self.op_types = list(cfg.op_types or STATIC_DEFAULT_OPS)
-        if cfg.embedding_bits == 4:  # 4-bit after the QDQ pass, not int8 QDQ in it
-            self.op_types = [op for op in self.op_types if op != "Gather"]
+        self.op_types = _int8_op_types(cfg, STATIC_DEFAULT_OPS)
         self.candidate_ops = frozenset(self.op_types) & INT8_CANDIDATES
         self.reader = make_reader(calib_inputs, cfg.calibration_samples, input_names, dtypes)
         self.cache = Path(workdir) / "calibration.json"  # ranges computed once, reused by every retry
