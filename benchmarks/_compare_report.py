@@ -154,12 +154,17 @@ def verdict_all(best: dict[str, Any] | None, refs: list[dict[str, Any]], student
 # after it, both timed in the same process on the same inputs. Rows whose models were not measured
 # (a step the run did not take, an artifact that does not exist yet) are left out, so a new step
 # gets its row as soon as its artifact exists.
-def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int) -> list[dict[str, Any]]:
+def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int,
+             trimmed: bool = False) -> list[dict[str, Any]]:
+    """``trimmed``: the prune stage also trimmed the vocabulary (its row says so, and the manifest's
+    record of trimming alone gets a row of its own)."""
     by = {r["name"]: r for r in rows if r.get("status") == "ok"}
     stages = manifest.get("stages") or {}
+    prune_step = ("prune + vocabulary trim + recovery", "distilled -> vocabulary trimmed, pruned and recovered "
+                  "(PyTorch fp32)") if trimmed else ("prune + recovery", "distilled -> pruned and recovered (PyTorch fp32)")
     steps: list[tuple[str, str, str, str]] = [
-        ("distill", "teacher-fp32", "student-fp32", "6-layer teacher -> distilled student (PyTorch fp32)"),
-        ("prune + recovery", "student-fp32", "pruned-student-fp32", "distilled -> pruned and recovered (PyTorch fp32)"),
+        ("distill", "teacher-fp32", "student-fp32", "teacher -> distilled student (PyTorch fp32)"),
+        (prune_step[0], "student-fp32", "pruned-student-fp32", prune_step[1]),
     ]
     edge = [r for r in rows if r.get("group") == "edgekd" and r["name"] in by]
     fp32 = {(r.get("meta") or {}).get("target", r["name"].removeprefix("edgekd-")): r for r in edge
@@ -190,8 +195,17 @@ def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int) -
                     "speedup": _div(pa, pb), "accuracy_delta": _delta(b, a, "accuracy"),
                     "val_accuracy_delta": _delta(b, a, "val_accuracy"), "ood_accuracy_delta": _delta(b, a, "ood_accuracy"),
                     "size_ratio": _div(b.get("size_bytes"), a.get("size_bytes"))})
-    # Steps recorded in the manifest without an artifact of their own (e.g. recovery inside prune):
-    # their recorded validation figures, not a timed row.
+    # Steps recorded in the manifest without an artifact of their own (vocabulary trimming and recovery
+    # inside prune): their recorded validation figures, not a timed row.
+    vocab = ((stages.get("prune") or {}).get("metrics") or {}).get("vocab")
+    if isinstance(vocab, dict) and isinstance(vocab.get("before"), dict) and isinstance(vocab.get("after"), dict):
+        acc = {split: vocab["after"][split].get("accuracy", 0) - vocab["before"][split].get("accuracy", 0)
+               for split in ("validation", "test") if split in vocab["before"] and split in vocab["after"]}
+        out.append({"step": "vocabulary trimming (before recovery)", "from": "manifest", "to": "manifest",
+                    "what": f"prune stage's record: {vocab.get('vocab_before')} -> {vocab.get('vocab_after')} tokens, "
+                            "validation and test accuracy just before and after trimming, no retraining between",
+                    "val_accuracy_delta": acc.get("validation"), "accuracy_delta": acc.get("test"),
+                    "size_ratio": _div(vocab.get("params_after"), vocab.get("params_before"))})
     for rec in (stages.get("prune") or {}).get("metrics", {}).get("steps") or []:
         before = next((rec[k] for k in rec if "before_recover" in k), None)
         if isinstance(before, dict) and isinstance(rec.get("metric"), dict):
@@ -293,6 +307,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{s['eval_examples']} test examples (the best artifact is chosen on {s.get('validation_examples', '?')} "
         f"validation examples); Optimum config `{s['optimum_isa']}`; the comparison took "
         f"{_fmt(data.get('compare_seconds'), '.0f')} s.  ",
+        f"Vocabulary: {s.get('vocabulary', 'one vocabulary for every model')}.  ",
         f"Out of domain: {ood_txt}.",
         "",
         "## Size, memory, accuracy",

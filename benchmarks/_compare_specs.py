@@ -40,14 +40,17 @@ PREFIX = {"student": ("", "student"), "pruned": ("pruned-", "pruned student")}
 
 
 def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
-           paths: dict[str, dict[str, Any]], torchao_compile: bool = True) -> tuple[list, list]:
+           paths: dict[str, dict[str, Any]], torchao_compile: bool = True, trimmed: bool = False) -> tuple[list, list]:
     """(specs to measure, rows that cannot be measured here), in table order. ``paths`` holds, per
-    student, the records of its Optimum export/quantize and OpenVINO quantize steps."""
+    student, the records of its Optimum export/quantize and OpenVINO quantize steps. ``trimmed``: the
+    run trimmed its vocabulary, so the models that read the original one (the teacher, the distilled
+    student and every usual path on it) are marked ``vocab: original`` (the timing child maps the
+    shipped ids through the run's id table for them)."""
     teacher = run / "teacher" / "model"
     specs = [{"name": "teacher-fp32", "label": "teacher · PyTorch fp32", "group": "teacher", "kind": "hf",
               "path": str(teacher), "runtime": "PyTorch eager", "precision": "fp32",
               "size_bytes": _folder_bytes(teacher)}]
-    skipped = []
+    skipped: list[dict[str, Any]] = []
     for who, folder in students.items():
         pre, what = PREFIX[who]
         specs.append({"name": f"{pre}student-fp32", "label": f"{what} · PyTorch fp32", "group": "student",
@@ -77,6 +80,10 @@ def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
                           "student": who, "kind": "torchao", "path": str(folder), "runtime": "PyTorch eager (torchao)",
                           "precision": "int8", "size_bytes": None,
                           "notes": ["eager (--torchao eager): torchao's docs say to compile for speed"]})
+    if trimmed:
+        for spec in [*specs, *skipped]:
+            if spec["group"] == "teacher" or spec.get("student") == "student":
+                spec["vocab"] = "original"
     for e in entries:
         target = e.get("target", e["name"])
         row = {"name": f"edgekd-{e['name']}", "label": f"edgekd · export/{e['name']}", "group": "edgekd",

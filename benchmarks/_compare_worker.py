@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _compare_models import Batches, feed, load, preload, timed_call
+from _compare_models import Batches, OriginalIds, feed, load, preload, timed_call
 
 from edgekd.devices import remote_runner
 
@@ -53,7 +53,11 @@ def blocks(runs: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
-def _load_all(specs: list[dict[str, Any]], threads: int | None) -> dict[str, dict[str, Any]]:
+def _load_all(specs: list[dict[str, Any]], threads: int | None,
+              table: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Every model loaded; with an id ``table`` (a trimmed run) the models that read the original
+    vocabulary are timed through ``OriginalIds`` and keep their own runner (``eval_runner``) for
+    scoring on their own tokenizer's ids."""
     models = {}
     for spec in specs:
         rec: dict[str, Any] = {"status": "ok", "error": None}
@@ -61,7 +65,11 @@ def _load_all(specs: list[dict[str, Any]], threads: int | None) -> dict[str, dic
             preload(spec)
             t0 = time.perf_counter()
             runner, info = load(spec, threads)
-            rec.update(load_s=time.perf_counter() - t0, runtime=remote_runner.runtime_info(runner), info=info, runner=runner)
+            rec.update(load_s=time.perf_counter() - t0, runtime=remote_runner.runtime_info(runner), info=info,
+                       runner=runner, eval_runner=runner)
+            if spec.get("vocab") == "original" and table is not None:
+                rec["runner"] = OriginalIds(runner, table)
+                info["fed"] = "the shipped (trimmed) ids, mapped to this model's vocabulary inside each timed call"
         except Exception as e:  # one model failing to load is a row with its reason, not a failed run
             rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
         models[spec["name"]] = rec
@@ -135,7 +143,11 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
     with np.load(base / job["inputs"]) as z:
         data = {k: z[k] for k in z.files}
     batches = Batches.from_npz(data)
-    models = _load_all(job["models"], threads)
+    table = data.get("id_table")
+    # Scoring: a model that reads the original vocabulary gets its own tokenizer's ids of the same texts.
+    own = Batches(data["orig_ids"], data["orig_mask"], data["orig_lengths"]) if table is not None else batches
+    models = _load_all(job["models"], threads, table)
+    vocab = {s["name"]: s.get("vocab") for s in job["models"]}
     t0 = time.perf_counter()
     for b in job["batch_sizes"]:
         _time_case(models, batches, data[f"rows_b{b}"], b, job["warmup"], job["runs"])
@@ -146,12 +158,13 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
             continue
         e0 = time.perf_counter()
         try:
-            outputs[name] = _evaluate(m["runner"], batches, data["eval_rows"], job["eval_batch_size"])
+            ids = own if vocab.get(name) == "original" else batches
+            outputs[name] = _evaluate(m["eval_runner"], ids, data["eval_rows"], job["eval_batch_size"])
             m["eval_seconds"] = time.perf_counter() - e0
         except Exception as e:
             m["eval_error"] = f"{type(e).__name__}: {e}"
     result = {
-        "models": {n: {k: v for k, v in m.items() if k != "runner"} for n, m in models.items()},
+        "models": {n: {k: v for k, v in m.items() if k not in ("runner", "eval_runner")} for n, m in models.items()},
         "timing_seconds": timing_s,
         "blocks": blocks(job["runs"]),
         "switch_warmup": SWITCH_WARMUP,
@@ -182,6 +195,8 @@ def memory(job: dict[str, Any], base: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     runner, _ = load(spec, threads)
     load_s = time.perf_counter() - t0
+    if spec.get("vocab") == "original" and "id_table" in data:
+        runner = OriginalIds(runner, data["id_table"])
     gc.collect()
     rss_loaded = remote_runner.rss_bytes()
     calls = 0

@@ -177,10 +177,9 @@ def _assemble(specs: list, skipped: list, timing: dict[str, Any], outputs: dict 
     return sorted(rows, key=lambda r: order.get(r["group"], 9))
 
 
-def _ood(recipe: Any, ctx: Any, tokenizer: Any, name: str | None) -> tuple[Any, Any, str]:
-    """(OodSet, TokenizedSplit, how chosen) of the out-of-domain set, or (None, None, why none)."""
+def _ood(recipe: Any, ctx: Any, name: str | None) -> tuple[Any, str]:
+    """(OodSet, how chosen) of the out-of-domain set, or (None, why none)."""
     from edgekd.ood import OOD_LABELS, label_map, load_ood
-    from edgekd.tasks.text.task import TokenizedSplit
 
     if name is None:
         name = recipe.eval.ood_dataset
@@ -190,58 +189,53 @@ def _ood(recipe: Any, ctx: Any, tokenizer: Any, name: str | None) -> tuple[Any, 
     else:
         how = "--ood"
     if not name or name == "none":
-        return None, None, "no out-of-domain set (--ood NAME, or eval.ood_dataset in the recipe)"
-    s = load_ood(name, ctx.task.label_names, recipe.eval.ood_min_abs_score)
-    return s, TokenizedSplit(ctx.task.tokenize(tokenizer, s.texts), s.labels, tokenizer.pad_token_id or 0), how
+        return None, "no out-of-domain set (--ood NAME, or eval.ood_dataset in the recipe)"
+    return load_ood(name, ctx.task.label_names, recipe.eval.ood_min_abs_score), how
 
 
-def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 200, warmup: int = 20,
-            threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
-            eval_limit: int | None = None, target_speedup: float = 1.5, timeout_s: float = 3600,
-            seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
-            torchao: str = "compile") -> dict[str, Any]:
-    """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data."""
+class _Tokens:
+    """The tokenizers of a comparison. ``shipped`` tokenizes every timed input; with a trimmed
+    vocabulary (``prune.trim_vocab``) it is the pruned student's own, ``original`` the distilled
+    student's, and ``table`` maps each shipped id to the original id of the same token."""
+
+    def __init__(self, shipped: Any, original: Any, table: np.ndarray | None):
+        self.shipped, self.original, self.table = shipped, original, table
+
+    def describe(self) -> str:
+        if self.table is None:
+            return f"one vocabulary ({len(self.shipped)} tokens) for every model"
+        return (f"trimmed: every model is timed on the pruned student's ids ({len(self.shipped)} tokens); the "
+                f"untrimmed models (teacher, distilled student, the usual paths on it; {len(self.original)} tokens) "
+                "read them through an id table to their vocabulary, and are scored on their own tokenizer's ids")
+
+
+def _tokenizers(ctx: Any, recipe: Any, students: dict[str, Path]) -> _Tokens:
+    original = ctx.task.load_tokenizer(students["student"])
+    if not (recipe.prune.enabled and recipe.prune.trim_vocab):
+        return _Tokens(original, original, None)
+    if "pruned" not in students:
+        raise StageError("the run trimmed its vocabulary (prune.trim_vocab) but holds no pruned student "
+                         "(prune/model): run the prune stage first.")
+    from edgekd.pruning.vocab import original_ids
+
+    shipped = ctx.task.load_tokenizer(students["pruned"])
+    return _Tokens(shipped, original, original_ids(shipped, original).numpy())
+
+
+def _eval_arrays(ctx: Any, tok: Any, n_eval: int, ood_set: Any,
+                 prefix: str) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int, np.ndarray]]]:
+    """The evaluation rows tokenized by ``tok``: the test split (first: the timing rows index it), the
+    validation split (the best artifact is chosen there), the out-of-domain set. Returns the arrays
+    (keys ``{prefix}ids``, ``{prefix}mask``, ``{prefix}lengths``) and each segment's (start, stop, labels)."""
     from edgekd.devices.measure import concat_padded
-    from edgekd.pipeline import create_context
-    from edgekd.recipe import load_recipe
-    from edgekd.runfolder import atomic_write_bytes, atomic_write_text
 
-    started = time.perf_counter()
-    run = Path(run_dir).resolve()  # the measuring children run in other directories
-    _check_run(run)
-    if runs < 1 or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes or min(batch_sizes) < 1:
-        raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")
-    threads = threads or default_threads()
-    out = Path(out_dir) if out_dir else run / "compare"
-    recipe = load_recipe(run / "recipe.yaml")
-    if recipe.prune.enabled and recipe.prune.trim_vocab:
-        # Every row reads one set of token ids; the untrimmed models (teacher, student, the usual paths on
-        # the student) would need the trimmed ids mapped back, which the timing child does not do yet.
-        raise EdgeKDError(
-            f"{run} trimmed its vocabulary (prune.trim_vocab), so its pruned student and artifacts read other token "
-            "ids than the teacher and the distilled student; this script times every model on one set of ids "
-            "and cannot compare them yet. Compare a run made without trimming, e.g. `edgekd run default --set "
-            "name=default-untrimmed --set prune.trim_vocab=false --set quantize.embedding_bits=8`, then "
-            "runs/default-untrimmed; `edgekd bench` does measure trimmed runs (it maps the ids back for the "
-            "untrimmed models).")
-    entries = _export_entries(run, artifact)
-    students = _students(run)
-    student = students["student"]
-    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
-
-    ctx = create_context(recipe)
-    tok = ctx.task.load_tokenizer(student)
-    test = ctx.tokenized("test", tok)
-    n = len(test)
-    if n == 0:
-        raise StageError(f"the test split of {run} is empty: nothing to measure on.")
+    parts = [("test", ctx.tokenized("test", tok), n_eval)]
     val = ctx.tokenized("validation", tok)
-    ood_set, ood_split, ood_how = _ood(recipe, ctx, tok, ood)
-    # Evaluation rows: the test split (first: the timing rows index it), the validation split (the best
-    # artifact is chosen there), the out-of-domain set.
-    n_eval = min(n, eval_limit) if eval_limit else n
-    parts = [("test", test, n_eval), ("validation", val, len(val))]
-    if ood_split is not None:
+    parts.append(("validation", val, len(val)))
+    if ood_set is not None:
+        from edgekd.tasks.text.task import TokenizedSplit
+
+        ood_split = TokenizedSplit(ctx.task.tokenize(tok, ood_set.texts), ood_set.labels, tok.pad_token_id or 0)
         parts.append(("ood", ood_split, len(ood_split)))
     arrays_parts, lengths, segments, start = [], [], {}, 0
     for seg, split, count in parts:
@@ -255,32 +249,80 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     full = arrays_parts[0]
     for extra in arrays_parts[1:]:
         full = concat_padded(full, extra)
-    eval_rows = np.arange(start)
+    return ({f"{prefix}ids": full["input_ids"], f"{prefix}mask": full["attention_mask"],
+             f"{prefix}lengths": np.concatenate(lengths)}, segments)
+
+
+def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 200, warmup: int = 20,
+            threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
+            eval_limit: int | None = None, target_speedup: float = 1.5, timeout_s: float = 3600,
+            seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
+            torchao: str = "compile") -> dict[str, Any]:
+    """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data."""
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+    from edgekd.runfolder import atomic_write_bytes, atomic_write_text
+
+    started = time.perf_counter()
+    run = Path(run_dir).resolve()  # the measuring children run in other directories
+    _check_run(run)
+    if runs < 1 or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes or min(batch_sizes) < 1:
+        raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")
+    threads = threads or default_threads()
+    out = Path(out_dir) if out_dir else run / "compare"
+    recipe = load_recipe(run / "recipe.yaml")
+    entries = _export_entries(run, artifact)
+    students = _students(run)
+    student = students["student"]
+    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
+
+    ctx = create_context(recipe)
+    tokens = _tokenizers(ctx, recipe, students)
+    tok = tokens.shipped
+    test = ctx.tokenized("test", tok)
+    n = len(test)
+    if n == 0:
+        raise StageError(f"the test split of {run} is empty: nothing to measure on.")
+    n_eval = min(n, eval_limit) if eval_limit else n
+    val = ctx.tokenized("validation", tok)
+    ood_set, ood_how = _ood(recipe, ctx, ood)
+    arrays, segments = _eval_arrays(ctx, tok, n_eval, ood_set, "")
+    if tokens.table is not None:
+        # The untrimmed models are timed on the shipped ids through the table, and scored on their own
+        # tokenizer's ids (the accuracy a user of the usual tools gets); same texts, same order.
+        orig, orig_segments = _eval_arrays(ctx, tokens.original, n_eval, ood_set, "orig_")
+        if {k: v[:2] for k, v in orig_segments.items()} != {k: v[:2] for k, v in segments.items()}:
+            raise StageError("the original and the trimmed tokenizer gave different evaluation rows")
+        arrays.update(orig, id_table=tokens.table)
+    start = max(b for _, b, _ in segments.values())
+    arrays["eval_rows"] = np.arange(start)
     env = _environment(threads)
     isa, isa_why = optimum.choose_isa(env["cpu_flags"])
 
     with tempfile.TemporaryDirectory(prefix="edgekd-compare-") as tmp:
         work = Path(tmp)
-        arrays = {"ids": full["input_ids"], "mask": full["attention_mask"], "lengths": np.concatenate(lengths),
-                  "eval_rows": eval_rows}
         for b in batch_sizes:
             arrays[f"rows_b{b}"] = _timing_rows(n_eval, b, warmup + runs, seed + b)
         np.savez(work / "inputs.npz", **arrays)
-        train = ctx.tokenized("train", tok)
-        pick = np.random.default_rng(seed).permutation(len(train))[:calibration]
-        c = train.collate(pick)
-        np.savez(work / "calib.npz", ids=c["input_ids"], mask=c["attention_mask"], lengths=train.lengths[pick])
-
         paths: dict[str, dict[str, Any]] = {}
+        n_calib = 0
         for who, folder in students.items():
+            # Each student calibrates on the ids it reads: the pruned one's are the trimmed tokenizer's.
+            train = ctx.tokenized("train", tokens.original if who == "student" else tok)
+            pick = np.random.default_rng(seed).permutation(len(train))[:calibration]
+            c = train.collate(pick)
+            calib = work / f"calib-{who}.npz"
+            np.savez(calib, ids=c["input_ids"], mask=c["attention_mask"], lengths=train.lengths[pick])
+            n_calib = len(pick)
             rec: dict[str, Any] = {"export": optimum.export_onnx(folder, work / f"{who}-optimum-onnx", timeout_s)}
             if rec["export"]["status"] == "ok":
                 rec["quantize"] = optimum.quantize_onnx(work / f"{who}-optimum-onnx", work / f"{who}-optimum-int8",
                                                         isa, timeout_s)
                 rec["openvino"] = openvino.quantize(Path(rec["export"]["path"]), work / f"{who}-openvino",
-                                                    work / "calib.npz", min(calibration, len(train)), timeout_s)
+                                                    calib, n_calib, timeout_s)
             paths[who] = rec
-        specs, skipped = _specs(run, students, entries, paths, torchao_compile=torchao == "compile")
+        specs, skipped = _specs(run, students, entries, paths, torchao_compile=torchao == "compile",
+                                trimmed=tokens.table is not None)
 
         job = {"models": specs, "threads": threads, "warmup": warmup, "runs": runs, "batch_sizes": list(batch_sizes),
                "inputs": "inputs.npz", "eval_batch_size": 32}
@@ -313,8 +355,9 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
         "settings": {"runs": runs, "warmup": warmup, "threads": threads, "batch_sizes": list(batch_sizes),
                      "test_examples": n, "eval_examples": n_eval, "validation_examples": len(val),
                      "accuracy_budget": budget, "target_speedup": target_speedup, "artifact": artifact,
-                     "optimum_isa": isa, "seed": seed, "calibration_texts": min(calibration, len(train)),
-                     "inputs": "real lengths: each test text at its own length; batches padded to their longest text"},
+                     "optimum_isa": isa, "seed": seed, "calibration_texts": n_calib,
+                     "inputs": "real lengths: each test text at its own length; batches padded to their longest text",
+                     "vocabulary": tokens.describe()},
         "ood": {**(ood_set.record() if ood_set else {}), "how": ood_how} if ood_set else {"how": ood_how},
         "environment": {**env, "timing_process": (timing or {}).get("environment")},
         "timing": {k: (timing or {}).get(k) for k in ("timing_seconds", "blocks", "switch_warmup", "error")},
@@ -326,7 +369,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
                  "budget": budget},
         "verdict": report.verdict_all(by_name.get(best_name) if best_name else None, refs, student_row,
                                       list(batch_sizes), target_speedup),
-        "ablation": report.ablation(rows, manifest, batch_sizes[0]),
+        "ablation": report.ablation(rows, manifest, batch_sizes[0], trimmed=tokens.table is not None),
         "pipeline": report.pipeline_time(manifest),
     }
     png, no_plot = report.plot_png(data)

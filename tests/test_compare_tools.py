@@ -180,11 +180,12 @@ def tiny_run(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("optimum.onnxruntime")
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from edgekd.export.base import write_artifact_meta
     from edgekd.export.stage import export_all
     from edgekd.pipeline import create_context
+    from edgekd.pruning.vocab import domain_token_ids, trim_vocabulary
     from edgekd.recipe import ExportConfig, parse_recipe
     from edgekd.runfolder import sha256_file
     from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport, classification_metrics
@@ -194,22 +195,32 @@ def tiny_run(tmp_path_factory):
     csv = write_sentiment_csv(root / "reviews.csv", n=240, seed=1)
     run = root / "runs" / "tiny"
     tiny_bert(run / "teacher" / "model", num_layers=2, num_labels=2, seed=0)
-    student_dir = tiny_bert(run / "distill" / "model", num_layers=1, num_labels=2, seed=1)
+    tiny_bert(run / "distill" / "model", num_layers=1, num_labels=2, seed=1)
     # A pruned student as the prune stage saves it: per-layer FFN widths in the config, which
-    # optimum-cli cannot build (the Optimum rows export it through Optimum's Python exporter).
+    # optimum-cli cannot build (the Optimum rows export it through Optimum's Python exporter), and a
+    # trimmed vocabulary (prune.trim_vocab): the tokens of a few texts only, so other words are split
+    # differently or read as [UNK], and it reads other ids than the teacher and the distilled student.
     pruned = tiny_bert(run / "prune" / "model", num_layers=1, intermediate=48, num_labels=2, seed=2)
+    tok = AutoTokenizer.from_pretrained(pruned)
+    texts = [line.rsplit(",", 1)[0].strip('"') for line in csv.read_text().splitlines()[1:40]]
+    keep = domain_token_ids(tok(texts)["input_ids"], tok, min_count=2)
+    model, trimmed_tok = trim_vocabulary(AutoModelForSequenceClassification.from_pretrained(pruned), tok, keep)
+    assert len(trimmed_tok) < len(tok)
+    model.save_pretrained(pruned)
+    trimmed_tok.save_pretrained(pruned)
     config = json.loads((pruned / "config.json").read_text())
     (pruned / "config.json").write_text(json.dumps({**config, "ffn_sizes_per_layer": [48]}))
     recipe = parse_recipe({"name": "tiny", "output_dir": str(root / "runs"),
                            "data": {"dataset": str(csv), "max_length": MAX_LEN},
-                           "teacher": {"model": str(run / "teacher" / "model")}})
+                           "teacher": {"model": str(run / "teacher" / "model")},
+                           "prune": {"enabled": True, "keep_params": 0.5, "trim_vocab": True}})
     (run / "recipe.yaml").write_text(recipe.to_yaml())
-    inputs, labels = create_context(recipe).parity_data()
-    module = SequenceClassifierExport(AutoModelForSequenceClassification.from_pretrained(student_dir)).eval()
-    tok_files = [student_dir / f for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                                           "special_tokens_map.json")]
+    inputs, labels = create_context(recipe).parity_data(tokenizer=trimmed_tok)
+    module = SequenceClassifierExport(model.eval()).eval()
+    tok_files = [pruned / f for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                      "special_tokens_map.json")]
     records = export_all(module, TEXT_IO, ["onnx"], run / "export", ExportConfig(), inputs, labels,
-                         classification_metrics, {"max_length": MAX_LEN, "source_stage": "distill"}, tok_files)
+                         classification_metrics, {"max_length": MAX_LEN, "source_stage": "prune"}, tok_files)
     assert records["onnx"]["built"], records
     fp32, int8 = run / "export" / "onnx", run / "export" / "onnx-int8"
     int8.mkdir()
@@ -266,10 +277,16 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     assert rows["pruned-torchao-int8"]["info"]["quantized_linears"] > 0
     # Same model, different tools: the pruned student's exports score like the pruned student.
     for n in ("pruned-optimum-onnx-fp32", "edgekd-onnx"):
-        ref = "pruned-student-fp32" if n.startswith("pruned") else "student-fp32"
-        assert abs(rows[n]["accuracy"] - rows[ref]["accuracy"]) <= 1 / len(labels) + 1e-9
-    # The two exports of the same student score (almost) alike; the int8 ones are smaller.
-    assert abs(rows["edgekd-onnx"]["accuracy"] - rows["student-fp32"]["accuracy"]) <= 1 / len(labels) + 1e-9
+        assert abs(rows[n]["accuracy"] - rows["pruned-student-fp32"]["accuracy"]) <= 1 / len(labels) + 1e-9
+    # The trimmed vocabulary: every row was timed on the pruned student's ids (one sha256 above); the
+    # untrimmed models read them through the id table, and were scored on their own tokenizer's ids.
+    assert "trimmed" in data["settings"]["vocabulary"] and "Vocabulary: trimmed" in printed
+    untrimmed = {"teacher-fp32", *USUAL}
+    for name, r in rows.items():
+        assert ("fed" in (r["info"] or {})) == (name in untrimmed), name
+    assert rows["student-fp32"]["accuracy"] == pytest.approx(_own_ids_accuracy(run, "distill", len(labels)))
+    assert rows["pruned-student-fp32"]["accuracy"] == pytest.approx(_own_ids_accuracy(run, "prune", len(labels)))
+    assert abs(rows["optimum-onnx-fp32"]["accuracy"] - rows["student-fp32"]["accuracy"]) <= 1 / len(labels) + 1e-9
     assert rows["optimum-onnx-int8"]["size_bytes"] < rows["optimum-onnx-fp32"]["size_bytes"]
     assert data["environment"]["threads"]["requested"] == 1 and data["environment"]["cpu_flags"]
     assert data["environment"]["timing_process"]["threads"]["torch"] == 1
@@ -297,7 +314,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
             assert c["met"] == (speed >= 1.5 and rows[best]["accuracy"] >= rows[ref]["accuracy"])
     assert v["summary"].startswith("MET" if v["met"] else "NOT MET")
     steps = {a["step"] for a in data["ablation"]}
-    assert {"distill", "prune + recovery", "quantize (int8)"} <= steps
+    assert {"distill", "prune + vocabulary trim + recovery", "quantize (int8)"} <= steps
     assert data["pipeline"]["teacher_forward_per_step"] is False and data["pipeline"]["total_seconds"] == 24.0
 
     md = (out / "compare.md").read_text()
@@ -307,8 +324,27 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     assert "## Ablation" in md and "same for every row, checked by sha256" in md
 
 
+def _own_ids_accuracy(run: Path, stage: str, n: int) -> float:
+    """Test accuracy of a run's stage model on its own tokenizer's ids, scored here directly."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgekd.pipeline import create_context
+    from edgekd.pruning import load_pruned_model
+    from edgekd.recipe import load_recipe
+
+    ctx = create_context(load_recipe(run / "recipe.yaml"))
+    test = ctx.tokenized("test", AutoTokenizer.from_pretrained(run / stage / "model"))
+    batch = test.collate(np.arange(n))
+    with torch.inference_mode():
+        logits = load_pruned_model(run / stage / "model").eval()(
+            input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"])).logits
+    return float((logits.argmax(-1).numpy() == batch["labels"]).mean())
+
+
 def test_errors_name_what_to_do(tools, tmp_path, capsys):
     from edgekd.recipe import Recipe
+    from edgekd.testing import tiny_bert, write_sentiment_csv
 
     compare_tools, _, _ = tools
     assert compare_tools.main([str(tmp_path / "nowhere")]) == 2
@@ -328,11 +364,14 @@ def test_errors_name_what_to_do(tools, tmp_path, capsys):
     assert "--artifact tensorrt" in err and "present: onnx-int8" in err
     assert compare_tools.main([str(run), "--runs", "0"]) == 2
     assert "--runs" in capsys.readouterr().err
-    # A run whose vocabulary was trimmed is refused up front, not fed the teacher's ids.
-    (run / "recipe.yaml").write_text(Recipe(name="bare", prune={"enabled": True, "keep_params": 0.5,
-                                                                "trim_vocab": True}).to_yaml())
+    # A run that trimmed its vocabulary but has no pruned student has no trimmed tokenizer to feed.
+    (run / "distill" / "model").mkdir(parents=True)
+    tiny_bert(run / "distill" / "model", num_layers=1, num_labels=2)
+    csv = write_sentiment_csv(tmp_path / "r.csv", n=40)
+    (run / "recipe.yaml").write_text(Recipe(name="bare", data={"dataset": str(csv)},
+                                            prune={"enabled": True, "keep_params": 0.5, "trim_vocab": True}).to_yaml())
     assert compare_tools.main([str(run), "--out", str(tmp_path / "o")]) == 2
-    assert "trimmed its vocabulary (prune.trim_vocab)" in capsys.readouterr().err
+    assert "holds no pruned student" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -409,3 +448,60 @@ def test_timing_rows_use_every_example_before_repeating(tools):
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     assert np.array_equal(rows, compare_tools._timing_rows(10, 4, 5, seed=0))
 
+
+
+def test_trimmed_run_times_one_set_of_ids_and_scores_each_model_on_its_own(tools, tmp_path):
+    """A trimmed run: the timing child feeds every model the shipped (trimmed) ids, a model marked
+    ``vocab: original`` reads them through the id table inside its timed calls, and is scored on its
+    own tokenizer's ids; the others are scored on the shipped ids."""
+    import _compare_models as models
+    import _compare_worker as worker
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekd.testing import tiny_bert
+
+    folder = tiny_bert(tmp_path / "m", num_layers=1, num_labels=2)
+    vocab = AutoModelForSequenceClassification.from_pretrained(folder).config.vocab_size
+    rng = np.random.default_rng(0)
+    table = rng.permutation(vocab)  # shipped id -> original id: no id maps to itself by chance only
+    ids = rng.integers(5, vocab, (6, 8))
+    own = rng.integers(5, vocab, (6, 8))  # the original tokenizer's ids of the same texts
+    mask, lengths = np.ones((6, 8), np.int64), np.full(6, 8)
+    np.savez(tmp_path / "inputs.npz", ids=ids, mask=mask, lengths=lengths, orig_ids=own, orig_mask=mask,
+             orig_lengths=lengths, id_table=table, eval_rows=np.arange(6), rows_b1=np.arange(6).reshape(6, 1))
+    specs = [{"name": "untrimmed", "kind": "hf", "path": str(folder), "vocab": "original"},
+             {"name": "trimmed", "kind": "hf", "path": str(folder)}]
+    job = {"models": specs, "threads": 1, "warmup": 2, "runs": 4, "batch_sizes": [1], "inputs": "inputs.npz",
+           "eval_batch_size": 4}
+    result, outputs = worker.timing(job, tmp_path)
+
+    m = result["models"]
+    assert m["untrimmed"]["status"] == m["trimmed"]["status"] == "ok"
+    assert m["untrimmed"]["cases"][0]["inputs_sha256"] == m["trimmed"]["cases"][0]["inputs_sha256"]
+    assert "mapped" in m["untrimmed"]["info"]["fed"] and "fed" not in m["trimmed"]["info"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        def logits(x):
+            return model(input_ids=torch.from_numpy(x), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+        np.testing.assert_allclose(outputs["untrimmed"], logits(own), atol=1e-5)
+        np.testing.assert_allclose(outputs["trimmed"], logits(ids), atol=1e-5)
+        assert not np.allclose(logits(own), logits(table[ids]), atol=1e-3)
+
+    # Inside a timed call the wrapped runner gets the table's ids, nothing else changed.
+    seen = []
+
+    class Recorder:
+        input_names = ["input_ids", "attention_mask"]
+
+        def run(self, x):
+            seen.append(x)
+            return {"logits": np.zeros((1, 2))}
+
+    mapped = models.OriginalIds(Recorder(), table)
+    assert mapped.input_names == ["input_ids", "attention_mask"]
+    x = {"input_ids": ids[:1], "attention_mask": mask[:1]}
+    mapped.run(x)
+    assert np.array_equal(seen[0]["input_ids"], table[ids[:1]]) and seen[0]["attention_mask"] is x["attention_mask"]
+    assert np.array_equal(x["input_ids"], ids[:1])  # the caller's arrays are left as they were
