@@ -21,7 +21,7 @@ import numpy as np
 from edgekd.devices import measure, remote_runner, tables
 from edgekd.devices.profiles import DeviceProfile, load_profile
 from edgekd.errors import StageError
-from edgekd.progress import track
+from edgekd.progress import progress_bar
 from edgekd.recipe import BenchConfig
 
 RESULTS_SCHEMA = 1
@@ -107,21 +107,36 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
     threads = cfg.threads or prof.bench_threads()
     # One case list for every model: the same lengths, padding and batches for each row of the table.
     case_list = measure.cases(cfg, common_length(entries, inputs), inputs.fixed_shape(), real=inputs.plan is not None)
-    for e in track(entries, "bench", label=lambda e: e["name"]):
+    todo = []
+    for e in entries:
         if e.get("status"):
             continue
         if e["kind"] == "artifact" and not prof.runs_target(e["exporter"]):
             e.update(status="skipped", reason=f"profile '{prof.name}' does not run target '{e['target']}'")
             continue
+        todo.append(e)
+    spans = measure.round_spans(cfg.runs, cfg.rounds)
+
+    def measure_one(e: dict[str, Any], offset: int, runs: int, evaluate: bool) -> tuple[dict, dict | None]:
         job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files, case_list)
+        job.update(runs=runs, call_offset=offset, time_budget_s=cfg.time_budget_s and cfg.time_budget_s / len(spans))
+        if not evaluate:
+            job.pop("eval_inputs", None)
         if e["kind"] == "torch":
-            job.update(kind="torch", module_file=e["module_file"], io=e["io"], preload=e.pop("preload"),
+            job.update(kind="torch", module_file=e["module_file"], io=e["io"], preload=e["preload"],
                        device=e["device"])
         else:
             job.update(kind="artifact", folder=e["folder"])
-        result, outputs = measure.run_job(job, workdir, cfg.isolate, cfg.timeout_s)
-        e.update(measure.result_fields(result))
-        e["_outputs"] = outputs
+        bar.note(e["name"] if len(spans) == 1 else f"{e['name']}, round {spans.index((offset, runs)) + 1}/{len(spans)}")
+        try:
+            return measure.run_job(job, workdir, cfg.isolate, cfg.timeout_s)
+        finally:
+            bar.advance()
+
+    with progress_bar("bench", total=len(todo) * len(spans)) as bar:
+        measure.in_rounds(todo, cfg.runs, cfg.rounds, measure_one)
+    for e in todo:
+        e.pop("preload", None)
 
 
 def bench_run(

@@ -212,6 +212,71 @@ def read_result(result_path: Path) -> tuple[dict, dict | None]:
     return result, outputs
 
 
+TIMING_KEYS = ("runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput")
+
+
+def round_spans(runs: int, rounds: int) -> list[tuple[int, int]]:
+    """(offset, runs) of each round: ``runs`` timed calls split into consecutive slices of the timing
+    plan, one per round (fewer rounds than asked when there are fewer runs than rounds)."""
+    rounds = max(1, min(rounds, runs))
+    edges = [round(i * runs / rounds) for i in range(rounds + 1)]
+    return [(edges[i], edges[i + 1] - edges[i]) for i in range(rounds)]
+
+
+def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
+              measure_one: Callable[[dict[str, Any], int, int, bool], tuple[dict, dict | None]]) -> None:
+    """Measure every entry of ``todo`` in ``rounds`` rounds, each round running every model once in a
+    rotated order (each in its own process where the bench isolates), so drift on a shared machine
+    touches every row alike and no runtime shares a process with another. ``measure_one(entry,
+    offset, runs, evaluate)`` runs one job: the timed calls of that slice of the plan, and the
+    evaluation inputs in the first round only. Fills each entry in place, its cases' timed calls
+    pooled over the rounds."""
+    spans = round_spans(runs, rounds)
+    results: dict[str, list[dict]] = {e["name"]: [] for e in todo}
+    outputs: dict[str, dict | None] = {}
+    for r, (offset, n) in enumerate(spans):
+        k = r % len(todo) if todo else 0
+        for e in todo[k:] + todo[:k]:
+            done = results[e["name"]]
+            if done and done[0].get("status", "ok") != "ok":
+                continue  # it failed in the first round: its error stands
+            result, out = measure_one(e, offset, n, r == 0)
+            done.append(result)
+            if r == 0:
+                outputs[e["name"]] = out
+    for e in todo:
+        e.update(result_fields(merge_rounds(results[e["name"]])))
+        e["_outputs"] = outputs.get(e["name"])
+
+
+def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from one model's rounds: each case's timed calls pooled and summarised again, the
+    rest (load, memory, evaluation, environment) from the first round, which also ran the evaluation."""
+    first = dict(results[0])
+    if len(results) == 1 or first.get("status", "ok") != "ok":
+        first["cases"] = [{k: v for k, v in c.items() if k != "times_ms"} for c in first.get("cases") or []]
+        return first
+    cases = []
+    for i, case in enumerate(first.get("cases") or []):
+        merged = {k: v for k, v in case.items() if k != "times_ms"}
+        parts = [(r.get("cases") or [{}] * (i + 1))[i] for r in results]
+        errors = [p.get("error") for p in parts if p.get("error")] + [
+            f"round {n + 1}: {r.get('error')}" for n, r in enumerate(results) if r.get("status", "ok") != "ok"]
+        if "times_ms" in case and not errors and all("times_ms" in p for p in parts):
+            times = [t / 1000.0 for p in parts for t in p["times_ms"]]
+            merged.update(remote_runner.summarize(times, int(case["batch"])), rounds=len(parts))
+        elif errors and "skipped" not in case:
+            # A figure from some rounds only would not be timed like the other rows: none at all.
+            merged = {k: v for k, v in merged.items() if k not in TIMING_KEYS}
+            merged["error"] = errors[0]
+        cases.append(merged)
+    first["cases"] = cases
+    failed = [f"round {n + 1}: {r.get('error')}" for n, r in enumerate(results) if r.get("status", "ok") != "ok"]
+    if failed:
+        first.update(status="error", error=failed[0])
+    return first
+
+
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
     """The parts of a runner's result that go into a bench entry."""
     keep = ("status", "error", "load_s", "first_inference_s", "first_inference_case", "cases", "memory",

@@ -153,12 +153,18 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
     shutil.copy(remote_runner.__file__, stage / "remote_runner.py")
     threads = cfg.threads or prof.bench_threads()
     default_len = inputs.width()
+    spans = measure.round_spans(cfg.runs, cfg.rounds)
     for e in todo:
         max_len = (e.get("meta") or {}).get("max_length") or default_len
         job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
                                measure.cases(cfg, max_len, inputs.fixed_shape()))
         job["folder"] = f"export/{e['name']}"
-        (stage / f"job-{e['name']}.json").write_text(json.dumps(job, indent=2))
+        for r, (offset, runs) in enumerate(spans):  # one job per round: its slice of the timed calls
+            rjob = {**job, "runs": runs, "call_offset": offset,
+                    "time_budget_s": cfg.time_budget_s and cfg.time_budget_s / len(spans)}
+            if r:
+                rjob.pop("eval_inputs", None)  # the first round evaluates
+            (stage / f"job-{e['name']}-r{r}.json").write_text(json.dumps(rjob, indent=2))
     q = shlex.quote
     ssh.run(f"mkdir -p {q(rdir)}/export", what="creating the work folder")
     try:
@@ -168,25 +174,28 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
                                  what="reading the environment"))
         back = workdir / "from-device"
         pin = " ".join(f"{v}={threads}" for v in remote_runner.THREAD_ENV)
-        for e in todo:
-            name = e["name"]
+        rounds = {offset: r for r, (offset, _) in enumerate(spans)}
+
+        def measure_one(e: dict[str, Any], offset: int, runs: int, evaluate: bool) -> tuple[dict, dict | None]:
+            name, r = e["name"], rounds[offset]
+            job, res = f"job-{name}-r{r}.json", f"result-{name}-r{r}"
             cmd = (f"cd {q(rdir)} && env {pin} {q(conn.python)} remote_runner.py "
-                   f"{q(f'job-{name}.json')} {q(f'result-{name}.json')} 2>&1; echo exit=$?")
+                   f"{q(job)} {q(res + '.json')} 2>&1; echo exit=$?")
             try:
                 log = ssh.run(cmd, timeout=min(cfg.timeout_s, conn.command_timeout_s), what=f"benchmarking {name}")
                 listing = ssh.run(f"cd {q(rdir)} && ls", what="listing results").split()
-                if f"result-{name}.json" not in listing:
+                if f"{res}.json" not in listing:
                     tail = "\n".join(log.strip().splitlines()[-15:])
                     raise RemoteError(f"the runner on {ssh.destination()} wrote no result for {name}:\n{tail}")
-                wanted = [f"{rdir}/result-{name}.json"]
-                if f"result-{name}.outputs.npz" in listing:
-                    wanted.append(f"{rdir}/result-{name}.outputs.npz")
+                wanted = [f"{rdir}/{res}.json"]
+                if f"{res}.outputs.npz" in listing:
+                    wanted.append(f"{rdir}/{res}.outputs.npz")
                 ssh.get(wanted, back)
-                result, outputs = measure.read_result(back / f"result-{name}.json")
+                return measure.read_result(back / f"{res}.json")
             except (RemoteError, json.JSONDecodeError) as err:
-                result, outputs = {"status": "error", "error": str(err)}, None
-            e.update(measure.result_fields(result))
-            e["_outputs"] = outputs
+                return {"status": "error", "error": str(err)}, None
+
+        measure.in_rounds(todo, cfg.runs, cfg.rounds, measure_one)
     finally:
         try:
             ssh.run(f"rm -rf {q(rdir)}", timeout=120, what="removing the work folder")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -531,11 +532,14 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
                 res["first_inference_case"] = [batch, seq]
                 first = False
             # The plan holds warm-up calls, then the timed ones: call i uses calls[i], so every model
-            # times the same texts in the same order.
-            counter = iter(range(10**9))
+            # times the same texts in the same order. A bench in rounds times one slice of the plan per
+            # round: its timed calls start ``call_offset`` calls after the warm-up.
+            offset = int(job.get("call_offset", 0))
+            counter = itertools.chain(range(warmup), itertools.count(warmup + offset))
             times = time_calls(lambda calls=calls, counter=counter: runner.run(calls[next(counter) % len(calls)]),
                                warmup, job.get("runs", 50), job.get("time_budget_s"), job.get("min_runs", 5))
             case.update(summarize(times, batch))
+            case["times_ms"] = [round(t * 1000.0, 6) for t in times]  # pooled over rounds by the parent
         except Exception as e:  # one shape failing (e.g. longer than the model's positions) is recorded
             case["error"] = f"{type(e).__name__}: {e}"
         cases.append(case)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from edgekd.devices import remote_runner as rr
 from edgekd.devices.bench import bench_run, discover
 from edgekd.devices.measure import reference_accuracies
 from edgekd.devices.tables import load_results, pareto_front, report
@@ -72,6 +73,8 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
         assert e["status"] == "ok", e.get("error")
         # Real lengths by default: each text at its own length, not padded to the artifact's max_length.
         assert [(c["batch"], c["seq"], c["runs"]) for c in e["cases"]] == [(1, "real", 5), (4, "real", 5)]
+        # In rounds (bench.rounds, 3 by default), each in its own process: the 5 timed calls pooled.
+        assert all(c["rounds"] == 3 and "times_ms" not in c for c in e["cases"])
         assert e["cases"][0]["mean_width"] < 16
         for c in e["cases"]:
             assert 0 < c["min_ms"] <= c["p50_ms"] <= c["p90_ms"] <= c["p99_ms"] <= c["max_ms"]
@@ -222,3 +225,40 @@ def test_bad_eval_inputs_are_rejected(tmp_path):
     bad = {"input_ids": np.zeros((3, 16), np.int64), "attention_mask": np.zeros((2, 16), np.int64)}
     with pytest.raises(DataError, match="equally long"):
         bench_run(tmp_path, "local", BenchConfig(), bad)
+
+
+def test_rounds_rotate_the_models_and_pool_their_timed_calls():
+    """Every model runs once per round in a rotated order; only the first round evaluates; each
+    case's figures are those of every round's timed calls together; a model that fails in a later
+    round gets no figure at all (it would not be timed like the others)."""
+    from edgekd.devices import measure
+
+    assert measure.round_spans(50, 3) == [(0, 17), (17, 16), (33, 17)]
+    assert measure.round_spans(2, 5) == [(0, 1), (1, 1)]  # never a round without a timed call
+    assert measure.round_spans(7, 1) == [(0, 7)]
+
+    calls = []
+    times = {"a": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "b": [10.0] * 6, "c": [7.0] * 6}
+
+    def measure_one(e, offset, runs, evaluate):
+        name = e["name"]
+        calls.append((name, offset, runs, evaluate))
+        if name == "c" and offset > 0:
+            return {"status": "error", "error": "out of memory"}, None
+        t = times[name][offset:offset + runs]
+        case = {"batch": 1, "seq": "real", "inputs_sha256": "same", "times_ms": t,
+                **rr.summarize([x / 1000 for x in t], 1)}
+        return {"status": "ok", "cases": [case], "load_s": 0.1 + offset}, ({"logits": np.zeros(2)} if evaluate else None)
+
+    todo = [{"name": n} for n in ("a", "b", "c")]
+    measure.in_rounds(todo, 6, 3, measure_one)
+    assert [c[0] for c in calls] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {c[1:] for c in calls if c[0] == "a"} == {(0, 2, True), (2, 2, False), (4, 2, False)}
+    a, b, c = todo
+    ca = a["cases"][0]
+    assert ca["runs"] == 6 and ca["rounds"] == 3 and ca["p50_ms"] == pytest.approx(3.5)
+    assert ca["max_ms"] == 6.0 and "times_ms" not in ca and ca["inputs_sha256"] == "same"
+    assert a["load_s"] == pytest.approx(0.1) and a["_outputs"] is not None  # the first round's
+    assert b["cases"][0]["p50_ms"] == pytest.approx(10.0)
+    assert c["status"] == "error" and c["error"].startswith("round 2: out of memory")
+    assert "p50_ms" not in c["cases"][0] and "out of memory" in c["cases"][0]["error"]

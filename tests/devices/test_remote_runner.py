@@ -172,3 +172,29 @@ def test_runtimes_that_plan_memory_get_batches_they_accept(tmp_path):
     result, _ = rr.measure(Planned, job, tmp_path, meta)
     cases = {c["batch"]: c for c in result["cases"]}
     assert "p50_ms" in cases[1] and "planned maximum batch 2" in cases[8]["skipped"]
+
+
+def test_a_round_times_its_own_slice_of_the_plan(tmp_path):
+    """With ``call_offset`` the warm-up calls are the plan's first ones and the timed calls start that
+    many calls after them: the rounds of a bench time consecutive slices, not the same texts again."""
+    seen = []
+
+    class Recorder:
+        input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
+
+        def run(self, inputs):
+            seen.append(int(inputs["input_ids"][0, 0]))
+            return {"logits": np.zeros((1, 2), np.float32)}
+
+    ids = np.arange(20, dtype=np.int64).reshape(20, 1) + 100
+    np.savez(tmp_path / "examples.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    np.savez(tmp_path / "plan.npz", b1=np.arange(20).reshape(20, 1))
+    meta = {"io": {**IO, "dynamic_axes": {"input_ids": {"0": "batch", "1": "sequence"}}}}
+    job = {"name": "r", "cases": [[1, "real"]], "warmup": 2, "runs": 3, "call_offset": 5, "in_process": True,
+           "examples": "examples.npz", "plan": "plan.npz"}
+    result, _ = rr.measure(Recorder, job, tmp_path, meta)
+    case = result["cases"][0]
+    # The first-inference probe (call 0), two warm-up calls, then calls 2+5 .. 2+5+3 of the plan.
+    assert seen == [100, 100, 101, 107, 108, 109]
+    assert case["runs"] == 3 and len(case["times_ms"]) == 3
+    assert case["p50_ms"] == pytest.approx(float(np.median(case["times_ms"])), abs=1e-5)
