@@ -1,6 +1,8 @@
 """Stage fingerprints are what decide whether a run folder's finished stages are still valid: the
 values below were recorded once; a change to any of them makes every existing run redo that stage
 (and the ones after it). Moving code around must leave them, and the stage names, exactly as they are.
+A change meant to redo a stage updates its value here and says why (2026-12-03: bench, timed in rounds
+since `bench.rounds`).
 
 The recipes and data are written by the test with relative paths (the working folder is the test's
 own), so the figures do not depend on where the test runs.
@@ -18,11 +20,11 @@ STAGE_NAMES = ["teacher", "distill", "baseline", "eval", "prune", "export", "qua
 
 TEXT = {"teacher": "f8b26d0aa99d653e", "distill": "b2c8a22cb5e2359a", "baseline": "0fff180bab4396e2",
         "eval": "5463fe2d6fddd735", "prune": "711de1ae982f4e95", "export": "0b05b278ee626163",
-        "quantize": "e5c27271f7f9aef7", "bench": "2d49c36bf35f9e31"}
+        "quantize": "e5c27271f7f9aef7", "bench": "dcacec4967799fae"}
 
 DETECTION = {"teacher": "39e0afe8e94ae6d6", "distill": "28c0af041e4a4070", "baseline": "e6183b6f7f2d5b9a",
              "eval": "301a93846c2b5054", "prune": "b37cf286b2766f53", "export": "89fd49bb7054d734",
-             "quantize": "39136c62e0cd472c", "bench": "600a8c9808236a36"}
+             "quantize": "39136c62e0cd472c", "bench": "25fd5841e3129fef"}
 
 
 @pytest.fixture

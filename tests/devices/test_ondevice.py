@@ -173,3 +173,17 @@ def test_iphone_guide_and_xcode_import(phone_run, tmp_path):
     import_result(run, "iphone-coreml", filled)
     e = next(e for e in load(out)["results"] if e["name"] == "coreml")
     assert e["status"] == "ok" and e["cases"][0]["p50_ms"] == 1.2 and e["runtime"]["compute_units"] == "All"
+
+
+def test_rounds_given_to_an_on_device_profile_are_refused(tmp_path):
+    """The device's own tool times each model once: bench.rounds set above 1 is an error there, not a
+    setting silently dropped; left at its default, the on-device bench goes on."""
+    from edgekd.devices.measure import Inputs
+    from edgekd.devices.ondevice import prepare_on_device
+    from edgekd.devices.profiles import load_profile
+
+    prof = load_profile("android-executorch")
+    inputs = Inputs(None, None, None, None, None)
+    with pytest.raises(StageError, match=r"bench.rounds is 2.*rounds apply to local and ssh profiles"):
+        prepare_on_device([], prof, BenchConfig(rounds=2), inputs, tmp_path)
+    assert prepare_on_device([], prof, BenchConfig(), inputs, tmp_path) is not None
