@@ -213,7 +213,8 @@ def bench_run(
         "profile": prof.model_dump(mode="json"),
         "config": cfg.model_dump(mode="json"),
         "headline": tables.headline_case(cfg, real=inputs.plan is not None),
-        "inputs": tables.inputs_record(cfg, inputs, cfg.threads or prof.bench_threads()),
+        "inputs": tables.inputs_record(cfg, inputs, cfg.threads or prof.bench_threads(),
+                                       len(measure.round_spans(cfg.runs, cfg.rounds)) if kind in ("local", "ssh") else 1),
         "ood": {"dataset": ood_name, "examples": len(ood_labels)} if ood_name else None,
         "metric": metric,
         "input": input_desc,  # e.g. "image 128x128" where inputs have no sequence axis

@@ -32,8 +32,9 @@ def headline_case(cfg: Any, real: bool = False) -> dict[str, Any]:
     return {"batch": cfg.batch_sizes[0], "seq": seq}
 
 
-def inputs_record(cfg: Any, inputs: Any, threads: int | None) -> dict[str, Any]:
-    """What every model of the bench was fed, for the table's header and results.json."""
+def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1) -> dict[str, Any]:
+    """What every model of the bench was fed, for the table's header and results.json (``rounds``: how
+    many rounds the timed calls were split over)."""
     if inputs.plan is not None:
         how = ("real lengths: each test text at its own length at batch 1; larger batches padded to their "
                "longest text")
@@ -45,7 +46,15 @@ def inputs_record(cfg: Any, inputs: Any, threads: int | None) -> dict[str, Any]:
         how = "one shared length for every model"
     return {"mode": "real" if inputs.plan is not None else ("fixed" if cfg.seq_lengths else "shared"),
             "description": how, "source": "real" if inputs.examples is not None else "synthetic",
-            "timed_calls": cfg.runs, "warmup_calls": cfg.warmup, "threads": threads}
+            "timed_calls": cfg.runs, "warmup_calls": cfg.warmup, "threads": threads,
+            "rounds": rounds}
+
+
+def _rounds_text(rounds: int | None) -> str:
+    if not rounds or rounds == 1:
+        return ""
+    return (f", in {rounds} rounds (every model once per round, each in its own process, in a rotated order; "
+            "the timed calls of every round pooled)")
 
 
 def pick_case(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any] | None:
@@ -134,7 +143,7 @@ def markdown(data: dict[str, Any]) -> str:
         f" ({ref.get('source') or 'not available'}).  ",
         f"Inputs (the same for every row): {inp.get('description', 'not recorded')}; {inp.get('source', '?')} "
         f"test examples, {inp.get('timed_calls', '?')} timed calls after {inp.get('warmup_calls', '?')} warm-up "
-        f"calls per case; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  ",
+        f"calls per case{_rounds_text(inp.get('rounds'))}; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  ",
         f"Out-of-domain {metric}: {ood_txt}.",
         "",
         f"| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | {metric} | OOD {metric} "

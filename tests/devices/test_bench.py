@@ -124,6 +124,8 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
     trt_reason = json.loads((tiny_run.run_dir / "export" / "tensorrt" / "artifact.json").read_text())["reason"]
     assert "| onnx-int8 | onnx-int8 | int8 |" in table and trt_reason in table
     assert "real lengths: each test text at its own length" in table and "OOD accuracy" in table
+    assert "in 3 rounds (every model once per round, each in its own process" in table
+    assert data["inputs"]["rounds"] == 3
     assert f"{ood_expected:.4f}" in table
     assert f"{(expected - 0.75) * 100:+.1f} pp" in table
 
