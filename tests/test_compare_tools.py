@@ -299,7 +299,8 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
             got = data["ratios"][key][name]
             for b in ("1", "8"):
                 assert got["p50_speedup"][b] == pytest.approx(rows[ref]["cases"][b]["p50_ms"] / r["cases"][b]["p50_ms"])
-            assert got["size_ratio"] == pytest.approx(r["size_bytes"] / rows[ref]["size_bytes"])
+            size = r["size_bytes"] / rows[ref]["size_bytes"] if r["size_bytes"] is not None else None
+            assert got["size_ratio"] == pytest.approx(size)
             assert got["accuracy_delta"] == pytest.approx(r["accuracy"] - rows[ref]["accuracy"])
 
     best = data["best"]["name"]
@@ -509,11 +510,10 @@ def test_trimmed_run_times_one_set_of_ids_and_scores_each_model_on_its_own(tools
 
 
 def test_memory_child_measures_each_kind(tools, tiny_run, tmp_path):
-    """The memory child (one model per fresh process in a real comparison; called in this process
-    here): RSS after load and at the peak, and torchao's checkpoint size; a model that reads the
-    original vocabulary is fed the shipped ids through the id table."""
-    import _compare_worker as worker
-
+    """The memory child, one fresh process per model as in a real comparison: RSS after load and at
+    the peak, and torchao's checkpoint size (the id-table path of an untrimmed model in a trimmed run
+    runs too)."""
+    compare_tools, _, _ = tools
     run, _ = tiny_run
     ids = np.array([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0]], np.int64)
     np.savez(tmp_path / "inputs.npz", ids=ids, mask=(ids > 0).astype(np.int64), lengths=np.array([5, 3]),
@@ -523,9 +523,9 @@ def test_memory_child_measures_each_kind(tools, tiny_run, tmp_path):
              {"name": "edgekd", "kind": "artifact", "path": str(run / "export" / "onnx-int8"),
               "file": "model.onnx"}]
     for spec in specs:
-        res = worker.memory({"spec": spec, "threads": 1, "inputs": "inputs.npz", "batch_sizes": [1], "rounds": 2},
-                            tmp_path)
-        assert res["status"] == "ok" and res["calls"] == 2, spec["name"]
+        job = {"spec": spec, "threads": 1, "inputs": "inputs.npz", "batch_sizes": [1], "rounds": 2}
+        res, _ = compare_tools._child("memory", job, tmp_path, spec["name"], 1, 600)
+        assert res["status"] == "ok" and res["calls"] == 2, (spec["name"], res)
         assert res["load_delta_mb"] is not None and res["peak_rss_mb"] > 0, spec["name"]
         assert ("size_bytes" in res) == (spec["kind"] == "torchao"), spec["name"]
     assert res["preloaded"] == ["onnxruntime", "edgekd.export.stage"]
