@@ -165,9 +165,11 @@ def _record(name: str, status: str, reason: str | None = None, **fields: Any) ->
 def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cfg: ExportConfig,
                 examples: dict[str, np.ndarray], labels: np.ndarray | None, metric_fn: Callable | None,
                 meta: dict[str, Any], extra_files: list[Path],
-                agreement_fn: Callable | None = None) -> dict[str, Any]:
+                agreement_fn: Callable | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     name = exporter.name
-    opts = dict(cfg.options.get(name, {}))
+    given = cfg.options.get(name, {})
+    applied = {k: v for k, v in (defaults or {}).items() if k not in given}
+    opts = {**applied, **given}
     exporter.check_options(opts)
     if "max_sequence" in exporter.options and "max_sequence" not in opts and meta.get("max_length"):
         opts["max_sequence"] = int(meta["max_length"])  # the longest input the task will send
@@ -207,6 +209,8 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
         folder=str(folder), path=str(folder / art["file"]), size_bytes=art["size_bytes"], sha256=art["sha256"],
         precision=art["precision"], export_seconds=round(export_s, 2),
     )
+    if applied:
+        rec["task_defaults"] = applied  # the task's own option defaults, the recipe left them unset
     t1 = time.perf_counter()
     try:
         runner, _ = load_artifact(folder)
@@ -238,13 +242,16 @@ def export_all(
     meta: dict[str, Any],
     extra_files: list[Path],
     agreement_fn: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], float] | None = None,
+    defaults: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Export ``module`` to every target in ``targets``; return one manifest record per target.
 
     ``parity_inputs`` are real preprocessed examples (the first ``cfg.parity_examples`` are used for
     parity, and as example/calibration inputs); ``meta`` (labels, max_length, source model, task)
     goes into every artifact.json; ``extra_files`` (the tokenizer files) are copied beside each
-    artifact; ``agreement_fn(got, want)`` replaces top-1 agreement in parity (detection: boxes)."""
+    artifact; ``agreement_fn(got, want)`` replaces top-1 agreement in parity (detection: boxes).
+    ``defaults`` (target -> options) are the task's own option defaults; ``export.options`` of the
+    recipe overrides them, and each record says which were applied (``task_defaults``)."""
     clash = sorted(set(meta) & set(RESERVED))
     if clash:
         raise EdgeKDError(f"artifact meta keys {clash} are reserved for artifact.json's own fields.")
@@ -252,9 +259,10 @@ def export_all(
         raise RecipeError([f"export.targets lists a target twice: {targets}"])
     exporters = [get_exporter(t) for t in targets]  # unknown names fail before anything is written
     problems = []
+    defaults = defaults or {}
     for ex in exporters:
         try:
-            ex.check_options(dict(cfg.options.get(ex.name, {})))
+            ex.check_options({**defaults.get(ex.name, {}), **cfg.options.get(ex.name, {})})
         except UnsupportedTargetError as e:
             problems.append(str(e))
     if problems:
@@ -270,7 +278,7 @@ def export_all(
     misses = []
     for ex in track(exporters, "export", label=lambda e: e.name):
         rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files,
-                          agreement_fn)
+                          agreement_fn, defaults.get(ex.name))
         if "parity_misses" in rec:
             misses.append(rec.pop("parity_misses"))
         records[ex.name] = rec

@@ -42,7 +42,10 @@ def test_every_exporter_runs_on_the_tiny_detector(tmp_path, images):
     cfg = ExportConfig(targets=TARGETS, parity_examples=6, parity_batch_size=2)
     meta = {"task": task.name, "labels": task.label_names, **task.export_meta()}
     records = export_all(task.export_module(model), task.model_io(), TARGETS, tmp_path, cfg, {"images": inputs},
-                         labels, task.metrics, meta, [], task.agreement)
+                         labels, task.metrics, meta, [], task.agreement, task.export_defaults)
+    # The task's own default: ExecuTorch at fixed shapes (XNNPACK plans a detector's convolutions for
+    # the traced batch only), recorded as the task's, not lowered dynamically first.
+    assert records["executorch"]["task_defaults"] == {"dynamic": False}
 
     for target in ("onnx", "executorch", "torchscript-lite"):
         rec = records[target]
@@ -53,8 +56,8 @@ def test_every_exporter_runs_on_the_tiny_detector(tmp_path, images):
         assert abs(parity["artifact_metric"]["map50_95"] - parity["source_metric"]["map50_95"]) < 0.02
         meta = json.loads((tmp_path / target / "artifact.json").read_text())
         assert meta["task"] == "detection" and meta["image_size"] == 64 and meta["labels"] == list(CLASS_NAMES)
-    # Every artifact answers any batch size (ExecuTorch: a program whose XNNPACK subgraphs kept the traced
-    # batch is re-exported with fixed shapes, and its runner feeds it row by row).
+    # Every artifact answers any batch size (ExecuTorch: a fixed-shape program whose runner feeds it row
+    # by row).
     from edgekd.export.stage import load_artifact
 
     for target in ("onnx", "executorch", "torchscript-lite"):

@@ -103,3 +103,27 @@ def test_planned_batch_check_reports_what_it_could_not_check(monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch.runtime", None)
     planned, why = et._planned_batch(b"")
     assert planned is None and "does not import here" in why
+
+
+def test_a_program_planned_for_the_traced_batch_only_is_exported_again_at_fixed_shapes(
+        text_module, text_data, tmp_path, monkeypatch):
+    """XNNPACK may keep subgraphs at the traced batch (a detector's convolutions do): the dynamic
+    program then runs that batch only, so the exporter lowers it again at fixed shapes and says why.
+    Here the lowering is recorded, not run (it takes minutes for a detector; a real fixed-shape
+    program is checked by test_fixed_shape_program_pads_inputs), and the check reports batch 1."""
+    import edgekd.export.executorch as et
+
+    lowered = []
+
+    def fake_lower(program, artifact_io, notes):
+        lowered.append(({n: list(v.shape) for n, v in zip(artifact_io.input_names, program.example_inputs[1].values(),
+                                                            strict=True)}, artifact_io.dynamic_axes))
+        return f"program {len(lowered)}".encode()
+
+    monkeypatch.setattr(et.ExecuTorchExporter, "_lower", staticmethod(fake_lower))
+    monkeypatch.setattr(et, "_planned_batch", lambda buffer: (1, None) if buffer == b"program 1" else (None, "?"))
+    result = get_exporter("executorch").export(text_module, text_data[0], TEXT_IO, tmp_path)
+    assert len(lowered) == 2 and lowered[0][1] == TEXT_IO.dynamic_axes  # dynamic first ...
+    assert lowered[1] == ({"input_ids": [1, MAX_LENGTH], "attention_mask": [1, MAX_LENGTH]}, {})  # ... then fixed
+    assert result.notes["dynamic"] is False and "planned for batch 1 only" in result.notes["dynamic_failed"]
+    assert result.path.read_bytes() == b"program 2" and result.io is not None and result.io.dynamic_axes == {}

@@ -10,7 +10,7 @@ graph for the ``nms_in_graph`` ONNX variant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -123,6 +123,12 @@ class DetectionTask:
 
     def export_meta(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "input": "image"}
+
+    # Export option defaults of this task (the recipe's export.options override them): XNNPACK plans a
+    # detector's convolution subgraphs for the traced batch only, so a dynamic ExecuTorch program was
+    # lowered (about a minute for the tiny detector), found planned for that batch, and lowered again
+    # at fixed shapes; export it at fixed shapes at once (its runner feeds any batch row by row).
+    export_defaults: ClassVar[dict[str, dict[str, Any]]] = {"executorch": {"dynamic": False}}
 
 
 def load_detector_any(path: Path):

@@ -106,6 +106,8 @@ class TextClassificationTask:
     """Text classification with Hugging Face sequence-classification models."""
 
     name = "text-classification"
+    # Export option defaults of this task (target -> options; the recipe's export.options override).
+    export_defaults: dict[str, dict] = {}  # noqa: RUF012 (read only)
 
     def __init__(self, label_names: list[str], max_length: int = 64):
         self.label_names = list(label_names)
