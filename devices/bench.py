@@ -134,7 +134,7 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
             bar.advance()
 
     with progress_bar("bench", total=len(todo) * len(spans)) as bar:
-        measure.in_rounds(todo, cfg.runs, cfg.rounds, measure_one)
+        measure.in_rounds(todo, cfg.runs, cfg.rounds, measure_one, on_skip=bar.advance)
     for e in todo:
         e.pop("preload", None)
 

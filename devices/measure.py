@@ -224,13 +224,14 @@ def round_spans(runs: int, rounds: int) -> list[tuple[int, int]]:
 
 
 def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
-              measure_one: Callable[[dict[str, Any], int, int, bool], tuple[dict, dict | None]]) -> None:
+              measure_one: Callable[[dict[str, Any], int, int, bool], tuple[dict, dict | None]],
+              on_skip: Callable[[], Any] | None = None) -> None:
     """Measure every entry of ``todo`` in ``rounds`` rounds, each round running every model once in a
     rotated order (each in its own process where the bench isolates), so drift on a shared machine
     touches every row alike and no runtime shares a process with another. ``measure_one(entry,
     offset, runs, evaluate)`` runs one job: the timed calls of that slice of the plan, and the
     evaluation inputs in the first round only. Fills each entry in place, its cases' timed calls
-    pooled over the rounds."""
+    pooled over the rounds. ``on_skip()`` is called for each job not run (a progress bar's step)."""
     spans = round_spans(runs, rounds)
     results: dict[str, list[dict]] = {e["name"]: [] for e in todo}
     outputs: dict[str, dict | None] = {}
@@ -239,6 +240,8 @@ def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
         for e in todo[k:] + todo[:k]:
             done = results[e["name"]]
             if done and done[0].get("status", "ok") != "ok":
+                if on_skip is not None:
+                    on_skip()
                 continue  # it failed in the first round: its error stands
             result, out = measure_one(e, offset, n, r == 0)
             done.append(result)
