@@ -25,8 +25,9 @@ def tiny_detection_recipe(tmp_path, **changes) -> dict:
     recipe["export"].update(targets=["onnx", "tensorrt"], parity_examples=12, min_top1_agreement=None,
                             max_abs_diff=1e-3)
     recipe["quantize"].update(calibration_samples=8, sensitivity_examples=12, speed_runs=5)
-    # Each model still in its own process (threads pinned to one: the models are tiny).
-    recipe["bench"].update(batch_sizes=[1], runs=3, warmup=1, torch_models=True, threads=1)
+    # Each model still in its own process (threads pinned to one: the models are tiny), in one round
+    # (bench.rounds is tested in tests/devices; three rounds here start three times the processes).
+    recipe["bench"].update(batch_sizes=[1], runs=3, warmup=1, torch_models=True, threads=1, rounds=1)
     for key, value in changes.items():
         recipe[key] = {**recipe[key], **value}
     return recipe
