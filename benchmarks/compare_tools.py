@@ -209,13 +209,19 @@ class _Tokens:
                 "read them through an id table to their vocabulary, and are scored on their own tokenizer's ids")
 
 
-def _tokenizers(ctx: Any, recipe: Any, students: dict[str, Path]) -> _Tokens:
+def _tokenizers(ctx: Any, recipe: Any, students: dict[str, Path], teacher: Path) -> _Tokens:
     original = ctx.task.load_tokenizer(students["student"])
-    if not (recipe.prune.enabled and recipe.prune.trim_vocab):
-        return _Tokens(original, original, None)
-    if "pruned" not in students:
+    trimmed = recipe.prune.enabled and recipe.prune.trim_vocab
+    if trimmed and "pruned" not in students:
         raise StageError("the run trimmed its vocabulary (prune.trim_vocab) but holds no pruned student "
                          "(prune/model): run the prune stage first.")
+    if ctx.task.load_tokenizer(teacher).get_vocab() != original.get_vocab():
+        # Every untrimmed row, the teacher's too, reads the distilled student's token ids.
+        raise StageError(f"the teacher ({teacher}) and the distilled student ({students['student']}) have different "
+                         "vocabularies, and this script feeds every model the same token ids; compare a run whose "
+                         "student was built from the teacher (or shares its tokenizer).")
+    if not trimmed:
+        return _Tokens(original, original, None)
     from edgekd.pruning.vocab import original_ids
 
     shipped = ctx.task.load_tokenizer(students["pruned"])
@@ -277,7 +283,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
 
     ctx = create_context(recipe)
-    tokens = _tokenizers(ctx, recipe, students)
+    tokens = _tokenizers(ctx, recipe, students, run / "teacher" / "model")
     tok = tokens.shipped
     test = ctx.tokenized("test", tok)
     n = len(test)

@@ -117,17 +117,15 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
         todo.append(e)
     spans = measure.round_spans(cfg.runs, cfg.rounds)
 
-    def measure_one(e: dict[str, Any], offset: int, runs: int, evaluate: bool) -> tuple[dict, dict | None]:
-        job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files, case_list)
-        job.update(runs=runs, call_offset=offset, time_budget_s=cfg.time_budget_s and cfg.time_budget_s / len(spans))
-        if not evaluate:
-            job.pop("eval_inputs", None)
+    def measure_one(e: dict[str, Any], r: int, offset: int, runs: int) -> tuple[dict, dict | None]:
+        job = measure.round_job(measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
+                                                 case_list), cfg, r, len(spans), offset, runs)
         if e["kind"] == "torch":
             job.update(kind="torch", module_file=e["module_file"], io=e["io"], preload=e["preload"],
                        device=e["device"])
         else:
             job.update(kind="artifact", folder=e["folder"])
-        bar.note(e["name"] if len(spans) == 1 else f"{e['name']}, round {spans.index((offset, runs)) + 1}/{len(spans)}")
+        bar.note(e["name"] if len(spans) == 1 else f"{e['name']}, round {r + 1}/{len(spans)}")
         try:
             return measure.run_job(job, workdir, cfg.isolate, cfg.timeout_s)
         finally:

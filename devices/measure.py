@@ -223,14 +223,24 @@ def round_spans(runs: int, rounds: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1] - edges[i]) for i in range(rounds)]
 
 
+def round_job(job: dict[str, Any], cfg: BenchConfig, r: int, rounds: int, offset: int, runs: int) -> dict[str, Any]:
+    """Round ``r`` (of ``rounds``) of one model's ``job``: its slice of the timed calls and of a time
+    budget; the evaluation inputs in the first round only."""
+    out = {**job, "runs": runs, "call_offset": offset,
+           "time_budget_s": cfg.time_budget_s and cfg.time_budget_s / rounds}
+    if r:
+        out.pop("eval_inputs", None)
+    return out
+
+
 def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
-              measure_one: Callable[[dict[str, Any], int, int, bool], tuple[dict, dict | None]],
+              measure_one: Callable[[dict[str, Any], int, int, int], tuple[dict, dict | None]],
               on_skip: Callable[[], Any] | None = None) -> None:
     """Measure every entry of ``todo`` in ``rounds`` rounds, each round running every model once in a
     rotated order (each in its own process where the bench isolates), so drift on a shared machine
     touches every row alike and no runtime shares a process with another. ``measure_one(entry,
-    offset, runs, evaluate)`` runs one job: the timed calls of that slice of the plan, and the
-    evaluation inputs in the first round only. Fills each entry in place, its cases' timed calls
+    round, offset, runs)`` runs one job (``round_job``): the timed calls of that slice of the plan,
+    and the evaluation inputs in round 0 only. Fills each entry in place, its cases' timed calls
     pooled over the rounds. ``on_skip()`` is called for each job not run (a progress bar's step)."""
     spans = round_spans(runs, rounds)
     results: dict[str, list[dict]] = {e["name"]: [] for e in todo}
@@ -243,7 +253,7 @@ def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
                 if on_skip is not None:
                     on_skip()
                 continue  # it failed in the first round: its error stands
-            result, out = measure_one(e, offset, n, r == 0)
+            result, out = measure_one(e, r, offset, n)
             done.append(result)
             if r == 0:
                 outputs[e["name"]] = out
@@ -259,12 +269,12 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     if len(results) == 1 or first.get("status", "ok") != "ok":
         first["cases"] = [{k: v for k, v in c.items() if k != "times_ms"} for c in first.get("cases") or []]
         return first
+    failed = [f"round {n + 1}: {r.get('error')}" for n, r in enumerate(results) if r.get("status", "ok") != "ok"]
     cases = []
     for i, case in enumerate(first.get("cases") or []):
         merged = {k: v for k, v in case.items() if k != "times_ms"}
         parts = [(r.get("cases") or [{}] * (i + 1))[i] for r in results]
-        errors = [p.get("error") for p in parts if p.get("error")] + [
-            f"round {n + 1}: {r.get('error')}" for n, r in enumerate(results) if r.get("status", "ok") != "ok"]
+        errors = [p.get("error") for p in parts if p.get("error")] + failed
         if "times_ms" in case and not errors and all("times_ms" in p for p in parts):
             times = [t / 1000.0 for p in parts for t in p["times_ms"]]
             merged.update(remote_runner.summarize(times, int(case["batch"])), rounds=len(parts))
@@ -274,7 +284,6 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
             merged["error"] = errors[0]
         cases.append(merged)
     first["cases"] = cases
-    failed = [f"round {n + 1}: {r.get('error')}" for n, r in enumerate(results) if r.get("status", "ok") != "ok"]
     if failed:
         first.update(status="error", error=failed[0])
     return first

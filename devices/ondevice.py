@@ -122,10 +122,6 @@ def prepare_on_device(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: B
     conn = prof.connection
     if not isinstance(conn, ManualConnection):
         raise StageError(f"profile '{prof.name}' is not benchmarked on the device by hand")
-    if "rounds" in cfg.model_fields_set and cfg.rounds > 1:
-        raise StageError(f"bench.rounds is {cfg.rounds}, but profile '{prof.name}' times each model once with the "
-                         f"device's own tool ({conn.tool}); rounds apply to local and ssh profiles. Set bench.rounds "
-                         "to 1 for this profile, and run the tool's commands again to see the spread.")
     files: dict[str, bytes] = {}
     sections = []
     for e in entries:

@@ -160,10 +160,7 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
                                measure.cases(cfg, max_len, inputs.fixed_shape()))
         job["folder"] = f"export/{e['name']}"
         for r, (offset, runs) in enumerate(spans):  # one job per round: its slice of the timed calls
-            rjob = {**job, "runs": runs, "call_offset": offset,
-                    "time_budget_s": cfg.time_budget_s and cfg.time_budget_s / len(spans)}
-            if r:
-                rjob.pop("eval_inputs", None)  # the first round evaluates
+            rjob = measure.round_job(job, cfg, r, len(spans), offset, runs)
             (stage / f"job-{e['name']}-r{r}.json").write_text(json.dumps(rjob, indent=2))
     q = shlex.quote
     ssh.run(f"mkdir -p {q(rdir)}/export", what="creating the work folder")
@@ -174,10 +171,8 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
                                  what="reading the environment"))
         back = workdir / "from-device"
         pin = " ".join(f"{v}={threads}" for v in remote_runner.THREAD_ENV)
-        rounds = {offset: r for r, (offset, _) in enumerate(spans)}
-
-        def measure_one(e: dict[str, Any], offset: int, runs: int, evaluate: bool) -> tuple[dict, dict | None]:
-            name, r = e["name"], rounds[offset]
+        def measure_one(e: dict[str, Any], r: int, offset: int, runs: int) -> tuple[dict, dict | None]:
+            name = e["name"]
             job, res = f"job-{name}-r{r}.json", f"result-{name}-r{r}"
             cmd = (f"cd {q(rdir)} && env {pin} {q(conn.python)} remote_runner.py "
                    f"{q(job)} {q(res + '.json')} 2>&1; echo exit=$?")

@@ -34,7 +34,8 @@ def headline_case(cfg: Any, real: bool = False) -> dict[str, Any]:
 
 def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1) -> dict[str, Any]:
     """What every model of the bench was fed, for the table's header and results.json (``rounds``: how
-    many rounds the timed calls were split over)."""
+    many rounds the timed calls were split over; fewer than ``bench.rounds`` asked only where the
+    device's own tool times each model once, which the record then says)."""
     if inputs.plan is not None:
         how = ("real lengths: each test text at its own length at batch 1; larger batches padded to their "
                "longest text")
@@ -47,10 +48,15 @@ def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1) -
     return {"mode": "real" if inputs.plan is not None else ("fixed" if cfg.seq_lengths else "shared"),
             "description": how, "source": "real" if inputs.examples is not None else "synthetic",
             "timed_calls": cfg.runs, "warmup_calls": cfg.warmup, "threads": threads,
-            "rounds": rounds}
+            "rounds": rounds,
+            **({"rounds_note": f"bench.rounds {cfg.rounds} does not apply here: the device's own benchmark tool "
+                               "times each model once"} if rounds == 1 and cfg.rounds > 1 and cfg.runs > 1 else {})}
 
 
-def _rounds_text(rounds: int | None) -> str:
+def _rounds_text(inp: dict[str, Any]) -> str:
+    rounds = inp.get("rounds")
+    if inp.get("rounds_note"):
+        return f" ({inp['rounds_note']})"
     if not rounds or rounds == 1:
         return ""
     return (f", in {rounds} rounds (every model once per round, each in its own process, in a rotated order; "
@@ -143,7 +149,7 @@ def markdown(data: dict[str, Any]) -> str:
         f" ({ref.get('source') or 'not available'}).  ",
         f"Inputs (the same for every row): {inp.get('description', 'not recorded')}; {inp.get('source', '?')} "
         f"test examples, {inp.get('timed_calls', '?')} timed calls after {inp.get('warmup_calls', '?')} warm-up "
-        f"calls per case{_rounds_text(inp.get('rounds'))}; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  ",
+        f"calls per case{_rounds_text(inp)}; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  ",
         f"Out-of-domain {metric}: {ood_txt}.",
         "",
         f"| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | {metric} | OOD {metric} "

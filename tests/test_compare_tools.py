@@ -529,3 +529,22 @@ def test_memory_child_measures_each_kind(tools, tiny_run, tmp_path):
         assert res["load_delta_mb"] is not None and res["peak_rss_mb"] > 0, spec["name"]
         assert ("size_bytes" in res) == (spec["kind"] == "torchao"), spec["name"]
     assert res["preloaded"] == ["onnxruntime", "edgekd.export.stage"]
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tools, tmp_path):
+    """Every untrimmed row, the teacher's too, is fed the distilled student's token ids: a teacher whose
+    vocabulary differs would read them as other tokens, so the comparison stops and says why."""
+    import types
+
+    from edgekd.errors import StageError
+
+    compare_tools, _, _ = tools
+    vocabs = {"teacher": {"[PAD]": 0, "film": 1}, "student": {"[PAD]": 0, "movie": 1}}
+    task = types.SimpleNamespace(load_tokenizer=lambda p: types.SimpleNamespace(get_vocab=lambda: vocabs[Path(p).name]))
+    ctx = types.SimpleNamespace(task=task)
+    recipe = types.SimpleNamespace(prune=types.SimpleNamespace(enabled=False, trim_vocab=False))
+    with pytest.raises(StageError, match="different vocabularies"):
+        compare_tools._tokenizers(ctx, recipe, {"student": tmp_path / "student"}, tmp_path / "teacher")
+    vocabs["teacher"] = vocabs["student"]
+    tokens = compare_tools._tokenizers(ctx, recipe, {"student": tmp_path / "student"}, tmp_path / "teacher")
+    assert tokens.table is None and tokens.shipped is tokens.original

@@ -242,8 +242,8 @@ def test_rounds_rotate_the_models_and_pool_their_timed_calls():
     calls = []
     times = {"a": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "b": [10.0] * 6, "c": [7.0] * 6}
 
-    def measure_one(e, offset, runs, evaluate):
-        name = e["name"]
+    def measure_one(e, r, offset, runs):
+        name, evaluate = e["name"], r == 0
         calls.append((name, offset, runs, evaluate))
         if name == "c" and offset > 0:
             return {"status": "error", "error": "out of memory"}, None

@@ -175,15 +175,15 @@ def test_iphone_guide_and_xcode_import(phone_run, tmp_path):
     assert e["status"] == "ok" and e["cases"][0]["p50_ms"] == 1.2 and e["runtime"]["compute_units"] == "All"
 
 
-def test_rounds_given_to_an_on_device_profile_are_refused(tmp_path):
-    """The device's own tool times each model once: bench.rounds set above 1 is an error there, not a
-    setting silently dropped; left at its default, the on-device bench goes on."""
+def test_an_on_device_bench_records_that_rounds_do_not_apply():
+    """The device's own tool times each model once: the record and the table say bench.rounds did not
+    apply there (a saved recipe carries every key, so refusing it would refuse every run folder)."""
+    from edgekd.devices import tables
     from edgekd.devices.measure import Inputs
-    from edgekd.devices.ondevice import prepare_on_device
-    from edgekd.devices.profiles import load_profile
 
-    prof = load_profile("android-executorch")
     inputs = Inputs(None, None, None, None, None)
-    with pytest.raises(StageError, match=r"bench.rounds is 2.*rounds apply to local and ssh profiles"):
-        prepare_on_device([], prof, BenchConfig(rounds=2), inputs, tmp_path)
-    assert prepare_on_device([], prof, BenchConfig(), inputs, tmp_path) is not None
+    rec = tables.inputs_record(BenchConfig(rounds=3), inputs, 1, rounds=1)
+    assert rec["rounds"] == 1 and "bench.rounds 3 does not apply here" in rec["rounds_note"]
+    assert "does not apply here" in tables._rounds_text(rec)
+    assert "rounds_note" not in tables.inputs_record(BenchConfig(rounds=3), inputs, 1, rounds=3)
+    assert tables._rounds_text(tables.inputs_record(BenchConfig(rounds=1), inputs, 1, rounds=1)) == ""
