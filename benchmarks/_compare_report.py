@@ -277,6 +277,15 @@ def _pp(v: float | None) -> str:
     return "—" if v is None else f"{v * 100:+.2f} pp"
 
 
+def _processes(timing: dict[str, Any]) -> str:
+    """How the models shared processes while timed, in words."""
+    rounds = timing.get("rounds") or 1
+    if timing.get("process") in (None, "one for every model"):  # None: a comparison from before rounds
+        return "every model in one process in rotating blocks"
+    return (f"every model in its own process, in {rounds} round{'s' if rounds != 1 else ''} (each round every model "
+            "once, in a rotated order, on the next slice of the same calls)")
+
+
 def markdown(data: dict[str, Any]) -> str:
     from edgekd.devices.tables import check_same_inputs
 
@@ -302,7 +311,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; ISA {', '.join(env.get('isa') or [])}); "
         f"threads {s['threads']} for every runtime; {s['runs']} timed runs per batch size after {s['warmup']} "
-        f"warm-up runs, every model in one process in rotating blocks; inputs (the same for every row, checked by "
+        f"warm-up runs, {_processes(data.get('timing') or {})}; inputs (the same for every row, checked by "
         f"sha256): {s.get('inputs', 'real test examples, batches padded to their longest member')}; accuracy on "
         f"{s['eval_examples']} test examples (the best artifact is chosen on {s.get('validation_examples', '?')} "
         f"validation examples); Optimum config `{s['optimum_isa']}`; the comparison took "

@@ -3,10 +3,12 @@
     python benchmarks/_compare_worker.py timing JOB.json RESULT.json
     python benchmarks/_compare_worker.py memory JOB.json RESULT.json
 
-``timing`` loads every model into this one process, pins torch's and ONNX Runtime's threads to the
+``timing`` loads the job's models into this process, pins torch's and ONNX Runtime's threads to the
 same count, and times them on the same real test examples, in blocks that rotate through the
 models so that drift on a shared machine touches all of them alike; then it scores every model on
-the evaluation rows. ``memory`` loads one model in a fresh process and reports how much its RSS
+the evaluation rows (unless the job says ``evaluate: false``). The parent sends one model per
+process, in rounds (``call_offset``: this round's slice of the timed calls), or every model at once
+(``--one-process``). ``memory`` loads one model in a fresh process and reports how much its RSS
 grew (after load, and at the peak of load plus inference).
 
 Thread counts come from the parent through the environment (OMP/MKL) and ``threads`` in the job;
@@ -77,8 +79,10 @@ def _load_all(specs: list[dict[str, Any]], threads: int | None,
 
 
 def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.ndarray, batch: int,
-               warmup: int, runs: int) -> None:
-    """Time every loaded model at one batch size; results go into each model's ``cases``."""
+               warmup: int, runs: int, offset: int = 0) -> None:
+    """Time every loaded model at one batch size; results go into each model's ``cases``. The timed
+    calls are ``rows[warmup + offset:][:runs]``: a round's slice of the plan, whose sha256 (of every
+    timed call of the plan, as ``edgekd bench`` records it) is the same in every round."""
     base = [batches.batch(r) for r in rows]
     prepared: dict[str, list[dict[str, np.ndarray]]] = {}
     for name, m in models.items():
@@ -94,8 +98,8 @@ def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.nda
             case["error"] = f"{type(e).__name__}: {e}"
             prepared.pop(name, None)
     for name, xs in prepared.items():
-        # What this model was fed in its timed calls (token types a graph adds are zeros, not data).
-        fed = [{k: v for k, v in x.items() if k in ("input_ids", "attention_mask")} for x in xs[warmup:warmup + runs]]
+        # What this model is fed in the plan's timed calls (token types a graph adds are zeros, not data).
+        fed = [{k: v for k, v in x.items() if k in ("input_ids", "attention_mask")} for x in xs[warmup:]]
         models[name]["cases"][-1]["inputs_sha256"] = remote_runner.inputs_sha256(fed)
     wall: dict[str, list[float]] = {n: [] for n in prepared}
     cpu: dict[str, list[float]] = {n: [] for n in prepared}
@@ -110,7 +114,7 @@ def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.nda
                 for j in range(SWITCH_WARMUP):
                     runner.run(xs[j % max(warmup, 1)])
                 for i in range(start, stop):
-                    w, c = timed_call(runner, xs[warmup + i])
+                    w, c = timed_call(runner, xs[warmup + offset + i])
                     wall[name].append(w)
                     cpu[name].append(c)
             except Exception as e:
@@ -121,6 +125,9 @@ def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.nda
         if name in prepared and wall[name]:
             case.update(remote_runner.summarize(wall[name], batch))
             case["cpu_p50_ms"] = float(np.percentile(np.asarray(cpu[name]) * 1000.0, 50))
+            # Pooled with the other rounds' by the parent (edgekd.devices.measure.merge_rounds).
+            case["times_ms"] = [round(t * 1000.0, 6) for t in wall[name]]
+            case["cpu_times_ms"] = [round(t * 1000.0, 6) for t in cpu[name]]
 
 
 def _evaluate(runner: Any, batches: Batches, eval_rows: np.ndarray, batch_size: int) -> np.ndarray:
@@ -149,12 +156,17 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
     models = _load_all(job["models"], threads, table)
     vocab = {s["name"]: s.get("vocab") for s in job["models"]}
     t0 = time.perf_counter()
+    offset = int(job.get("call_offset", 0))
     for b in job["batch_sizes"]:
-        _time_case(models, batches, data[f"rows_b{b}"], b, job["warmup"], job["runs"])
+        rows = data[f"rows_b{b}"]
+        if job["warmup"] + offset + job["runs"] > len(rows):
+            raise ValueError(f"the plan holds {len(rows)} calls at batch {b}: no room for {job['warmup']} warm-up "
+                             f"calls and timed calls {offset}..{offset + job['runs'] - 1}")
+        _time_case(models, batches, rows, b, job["warmup"], job["runs"], offset)
     timing_s = time.perf_counter() - t0
     outputs = {}
     for name, m in models.items():
-        if m["status"] != "ok":
+        if m["status"] != "ok" or not job.get("evaluate", True):
             continue
         e0 = time.perf_counter()
         try:

@@ -17,9 +17,13 @@ Measures side by side, on the run's own data, at batch 1 and batch 8:
     run's budget (``quantize.max_accuracy_drop``) of the fp32 student's, or ``--artifact NAME``;
     test accuracy is reported, never used to choose.
 
-Every model is timed in one child process, with the same thread count, in rotating blocks, on the
-same real inputs (each test text at its own length; batches padded to their longest text); each
-row records the sha256 of the arrays it was fed and the table refuses rows that differ. Each model
+Every model is timed in its own child process, in ``--rounds`` rounds (3): each round runs every
+model once, in a rotated order, on the next slice of one plan of calls, as ``edgekd bench`` does,
+so no runtime shares a process with another (a second ONNX Runtime session in the process cost
+about 10-30% here) and drift on a shared machine touches every row alike; ``--one-process`` times
+every model in one process in rotating blocks instead (faster: torchao compiles once). Same thread
+count, same real inputs (each test text at its own length; batches padded to their longest text);
+each row records the sha256 of the arrays it was fed and the table refuses rows that differ. Each model
 is scored on the test split, the validation split and an out-of-domain set (product reviews,
 ``amazon-snippets``). An ablation table gives what each edgekd step adds on its own (distill,
 prune + recovery, export/graph optimisation, each quantize method, and any later step whose
@@ -113,6 +117,56 @@ def _child(mode: str, job: dict[str, Any], workdir: Path, tag: str, threads: int
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-12:])
         return {"status": "error", "error": f"the {mode} process exited with {proc.returncode}: {tail}"}, None
     return read_result(result_path)
+
+
+def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path, threads: int, timeout_s: float,
+                    rounds: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every model in its own timing process, ``rounds`` times, in a rotated order, each round on its
+    slice of the timed calls (``edgekd.devices.measure.in_rounds``); scored in the first round.
+    Returns what one timing process over every model returns: ``({"models": ...}, outputs)``."""
+    from edgekd.devices import measure
+
+    cpu: dict[tuple[str, int], list[float]] = {}
+    envs: list[Any] = []
+    t0 = time.perf_counter()
+
+    def measure_one(entry: dict[str, Any], r: int, offset: int, n: int) -> tuple[dict, Any]:
+        spec = entry["spec"]
+        res, outs = _child("timing", {**job, "models": [spec], "runs": n, "call_offset": offset, "evaluate": r == 0},
+                           work, f"{spec['name']}-r{r}", threads, timeout_s)
+        m = (res.get("models") or {}).get(spec["name"]) or {"status": "error", "error": res.get("error")}
+        envs.append(res.get("environment"))
+        for case in m.get("cases") or []:
+            cpu.setdefault((spec["name"], case["batch"]), []).extend(case.pop("cpu_times_ms", []))
+        return m, (outs or {}).get(spec["name"])
+
+    todo = [{"name": s["name"], "spec": s} for s in specs]
+    spans = measure.round_spans(job["runs"], rounds)
+    measure.in_rounds(todo, job["runs"], rounds, measure_one, pick=lambda merged: merged)
+    models, outputs = {}, {}
+    for e in todo:
+        m = {k: v for k, v in e.items() if k not in ("name", "spec", "_outputs")}
+        for case in m.get("cases") or []:
+            times = cpu.get((e["name"], case["batch"]))
+            if "p50_ms" in case and times:
+                case["cpu_p50_ms"] = float(np.percentile(times, 50))
+        models[e["name"]] = m
+        if e["_outputs"] is not None:
+            outputs[e["name"]] = e["_outputs"]
+    return ({"models": models, "timing_seconds": time.perf_counter() - t0, "rounds": len(spans),
+             "process": "one per model and round", "environment": next((x for x in envs if x), None)}, outputs)
+
+
+def _time_in_one_process(job: dict[str, Any], work: Path, threads: int,
+                         timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Every model loaded in one timing process, timed in rotating blocks (``--one-process``)."""
+    timing, outputs = _child("timing", job, work, "all", threads, timeout_s)
+    for m in (timing.get("models") or {}).values():
+        for case in m.get("cases") or []:
+            case.pop("times_ms", None)
+            case.pop("cpu_times_ms", None)
+    timing.update(rounds=1, process="one for every model")
+    return timing, outputs
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -263,7 +317,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
             threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
             eval_limit: int | None = None, target_speedup: float = 1.5, timeout_s: float = 3600,
             seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
-            torchao: str = "compile") -> dict[str, Any]:
+            torchao: str = "compile", rounds: int = 3, one_process: bool = False) -> dict[str, Any]:
     """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data."""
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
@@ -274,6 +328,11 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     _check_run(run)
     if runs < 1 or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes or min(batch_sizes) < 1:
         raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")
+    if rounds < 1:
+        raise EdgeKDError(f"--rounds {rounds}: at least 1 (each round times every model once, in its own process).")
+    if one_process and rounds != 1:
+        raise EdgeKDError(f"--one-process times every model in one process, once: it takes no --rounds ({rounds}); "
+                          "drop one of the two.")
     threads = threads or default_threads()
     out = Path(out_dir) if out_dir else run / "compare"
     recipe = load_recipe(run / "recipe.yaml")
@@ -332,7 +391,10 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
 
         job = {"models": specs, "threads": threads, "warmup": warmup, "runs": runs, "batch_sizes": list(batch_sizes),
                "inputs": "inputs.npz", "eval_batch_size": 32}
-        timing, outputs = _child("timing", job, work, "all", threads, timeout_s)
+        if one_process:
+            timing, outputs = _time_in_one_process(job, work, threads, timeout_s)
+        else:
+            timing, outputs = _time_in_rounds(specs, job, work, threads, timeout_s, rounds)
         mem: dict[str, Any] = {}
         for spec in specs if memory else []:
             if ((timing.get("models") or {}).get(spec["name"]) or {}).get("status") != "ok":
@@ -366,7 +428,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
                      "vocabulary": tokens.describe()},
         "ood": {**(ood_set.record() if ood_set else {}), "how": ood_how} if ood_set else {"how": ood_how},
         "environment": {**env, "timing_process": (timing or {}).get("environment")},
-        "timing": {k: (timing or {}).get(k) for k in ("timing_seconds", "blocks", "switch_warmup", "error")},
+        "timing": {k: (timing or {}).get(k) for k in ("timing_seconds", "rounds", "process", "blocks", "switch_warmup",
+                                                      "error")},
         "optimum": {"isa": isa, "isa_why": isa_why, **{who: rec for who, rec in paths.items()}},
         "rows": rows,
         "ratios": {"vs_teacher": report.ratios(rows, report.TEACHER, list(batch_sizes)),
@@ -411,6 +474,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the per-model memory processes (faster)")
     p.add_argument("--torchao", choices=("compile", "eager"), default="compile",
                    help="run torchao under torch.compile (default, as its docs advise) or eager (no compile time)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds, each timing every model once in its own process on the next slice of the calls (3)")
+    p.add_argument("--one-process", action="store_true",
+                   help="time every model in one process in rotating blocks (faster; runtimes share the process)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each child process (3600)")
     p.add_argument("--check", action="store_true", help="exit with status 1 when the speed-up target is not met")
     return p.parse_args(argv)
@@ -422,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         data = compare(args.run_dir, args.out, runs=args.runs, warmup=args.warmup, threads=args.threads,
                        batch_sizes=tuple(args.batch_sizes), artifact=args.artifact, eval_limit=args.eval_limit,
                        target_speedup=args.target_speedup, timeout_s=args.timeout, ood=args.ood,
-                       calibration=args.calibration, memory=not args.no_memory, torchao=args.torchao)
+                       calibration=args.calibration, memory=not args.no_memory, torchao=args.torchao,
+                       rounds=args.rounds if args.rounds is not None else (1 if args.one_process else 3),
+                       one_process=args.one_process)
     except EdgeKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

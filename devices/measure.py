@@ -235,13 +235,15 @@ def round_job(job: dict[str, Any], cfg: BenchConfig, r: int, rounds: int, offset
 
 def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
               measure_one: Callable[[dict[str, Any], int, int, int], tuple[dict, dict | None]],
-              on_skip: Callable[[], Any] | None = None) -> None:
+              on_skip: Callable[[], Any] | None = None,
+              pick: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Measure every entry of ``todo`` in ``rounds`` rounds, each round running every model once in a
     rotated order (each in its own process where the bench isolates), so drift on a shared machine
     touches every row alike and no runtime shares a process with another. ``measure_one(entry,
     round, offset, runs)`` runs one job (``round_job``): the timed calls of that slice of the plan,
     and the evaluation inputs in round 0 only. Fills each entry in place, its cases' timed calls
-    pooled over the rounds. ``on_skip()`` is called for each job not run (a progress bar's step)."""
+    pooled over the rounds. ``on_skip()`` is called for each job not run (a progress bar's step);
+    ``pick(merged)`` chooses what of the merged result goes into the entry (``result_fields``)."""
     spans = round_spans(runs, rounds)
     results: dict[str, list[dict]] = {e["name"]: [] for e in todo}
     outputs: dict[str, dict | None] = {}
@@ -258,7 +260,7 @@ def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
             if r == 0:
                 outputs[e["name"]] = out
     for e in todo:
-        e.update(result_fields(merge_rounds(results[e["name"]])))
+        e.update((pick or result_fields)(merge_rounds(results[e["name"]])))
         e["_outputs"] = outputs.get(e["name"])
 
 

@@ -245,8 +245,10 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     out = tmp_path / "compare"
     # --no-memory: a memory process per row (13 here) is the slowest part; the memory child is tested
     # on its own below.
+    # --one-process: a process per row and round (the default, tested below) would start 13 here.
     code = compare_tools.main([str(run), "--runs", "6", "--warmup", "3", "--threads", "1", "--out", str(out),
-                               "--ood", "none", "--calibration", "20", "--torchao", "eager", "--no-memory"])
+                               "--ood", "none", "--calibration", "20", "--torchao", "eager", "--no-memory",
+                               "--one-process"])
     printed = capsys.readouterr().out
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png"}
@@ -548,3 +550,75 @@ def test_a_teacher_with_another_vocabulary_is_refused(tools, tmp_path):
     vocabs["teacher"] = vocabs["student"]
     tokens = compare_tools._tokenizers(ctx, recipe, {"student": tmp_path / "student"}, tmp_path / "teacher")
     assert tokens.table is None and tokens.shipped is tokens.original
+
+
+def test_worker_times_its_rounds_slice_and_evaluates_when_asked(tools, tmp_path, monkeypatch):
+    """A timing child in a round: its warm-up calls, then exactly the timed calls of its slice of the
+    plan (``call_offset``); the sha256 of the whole plan's timed calls, the same in every round; no
+    scoring unless the job asks for it."""
+    import _compare_worker as worker
+
+    seen = []
+
+    class Recorder:
+        input_names = ["input_ids", "attention_mask"]
+
+        def run(self, x):
+            seen.append(int(x["input_ids"][0, 0]))
+            return {"logits": np.zeros((len(x["input_ids"]), 2), np.float32)}
+
+    monkeypatch.setattr(worker, "preload", lambda spec: [])
+    monkeypatch.setattr(worker, "load", lambda spec, threads: (Recorder(), {}))
+    n = 12
+    ids = np.arange(100, 100 + n).reshape(n, 1)  # row i starts with token 100 + i: the call is readable
+    np.savez(tmp_path / "inputs.npz", ids=ids, mask=np.ones_like(ids), lengths=np.ones(n, np.int64),
+             eval_rows=np.arange(4), rows_b1=np.arange(n).reshape(n, 1))
+    job = {"models": [{"name": "m", "kind": "artifact", "path": "x", "file": "model.onnx"}], "threads": 1, "warmup": 2, "runs": 3,
+           "batch_sizes": [1], "inputs": "inputs.npz", "eval_batch_size": 4}
+    shas = []
+    for offset in (0, 3, 6):
+        seen.clear()
+        result, outputs = worker.timing({**job, "call_offset": offset, "evaluate": offset == 0}, tmp_path)
+        case = result["models"]["m"]["cases"][0]
+        timed = [s for s in seen if s not in (100, 101)]  # warm-up and switch warm-up use the first calls
+        assert timed[:3] == [100 + 2 + offset + i for i in range(3)], (offset, seen)
+        assert case["runs"] == 3 and len(case["times_ms"]) == len(case["cpu_times_ms"]) == 3
+        assert ("m" in outputs) == (offset == 0)
+        shas.append(case["inputs_sha256"])
+    assert len(set(shas)) == 1
+    with pytest.raises(ValueError, match="no room"):
+        worker.timing({**job, "call_offset": 8}, tmp_path)
+
+
+@pytest.mark.slow  # four measuring processes
+def test_rounds_time_each_model_alone_on_its_slice(tools, tiny_run, tmp_path):
+    """The default timing: every model in its own process per round, each round on the next slice of
+    the calls; the timed calls pooled, scored once (in the first round), one sha256 for every row."""
+    compare_tools, _, _ = tools
+    run, _ = tiny_run
+    ids = np.array([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0]], np.int64)
+    rows = compare_tools._timing_rows(3, 1, 2 + 4, seed=0)
+    np.savez(tmp_path / "inputs.npz", ids=ids, mask=(ids > 0).astype(np.int64), lengths=np.array([5, 3, 4]),
+             eval_rows=np.arange(3), rows_b1=rows)
+    specs = [{"name": "student", "kind": "hf", "path": str(run / "distill" / "model")},
+             {"name": "edgekd", "kind": "artifact", "path": str(run / "export" / "onnx"), "file": "model.onnx"}]
+    job = {"models": specs, "threads": 1, "warmup": 2, "runs": 4, "batch_sizes": [1], "inputs": "inputs.npz",
+           "eval_batch_size": 2}
+    timing, outputs = compare_tools._time_in_rounds(specs, job, tmp_path, 1, 600, rounds=2)
+    assert timing["rounds"] == 2 and timing["process"] == "one per model and round"
+    for name in ("student", "edgekd"):
+        m = timing["models"][name]
+        assert m["status"] == "ok", m
+        c = m["cases"][0]
+        assert c["runs"] == 4 and c["rounds"] == 2 and "times_ms" not in c and c["cpu_p50_ms"] > 0
+        assert outputs[name].shape == (3, 2)
+        for r, offset in ((0, 0), (1, 2)):
+            sent = json.loads((tmp_path / f"timing-{name}-r{r}.json").read_text())
+            assert [s["name"] for s in sent["models"]] == [name]  # alone in its process
+            assert (sent["call_offset"], sent["runs"], sent["evaluate"]) == (offset, 2, r == 0)
+            got = json.loads((tmp_path / f"timing-{name}-r{r}.result.json").read_text())
+            assert list(got["models"]) == [name] and len(got["models"][name]["cases"][0]["times_ms"]) == 2
+    assert (timing["models"]["student"]["cases"][0]["inputs_sha256"]
+            == timing["models"]["edgekd"]["cases"][0]["inputs_sha256"])
+    with pytest.raises(compare_tools.EdgeKDError, match="one-process"):
+        compare_tools.compare(run, tmp_path / "x", one_process=True, rounds=3)
