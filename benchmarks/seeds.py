@@ -5,8 +5,8 @@
 
 For each seed: ``edgekd run RECIPE --set seed=S --set name=<name>-seed<S>`` (a stage unchanged since
 an earlier run of that seed is skipped; ``--no-run`` measures existing run folders only), then
-``compare_tools`` on that run folder (every model timed in one process on the same inputs). The
-figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
+``compare_tools`` on that run folder (every model timed on the same inputs, each in its own process,
+in rounds). The figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
 the range, and for each bar of the compression issue how many seeds meet it:
 
 - the shipped artifact (compare_tools' best, chosen on validation) at least 1.5x faster at p50,
