@@ -622,3 +622,10 @@ def test_rounds_time_each_model_alone_on_its_slice(tools, tiny_run, tmp_path):
             == timing["models"]["edgekd"]["cases"][0]["inputs_sha256"])
     with pytest.raises(compare_tools.EdgeKDError, match="one-process"):
         compare_tools.compare(run, tmp_path / "x", one_process=True, rounds=3)
+
+
+def test_markdown_says_how_the_models_shared_processes(tools):
+    _, rep, _ = tools
+    assert "its own process, in 3 rounds" in rep._processes({"rounds": 3, "process": "one per model and round"})
+    assert rep._processes({"rounds": 1, "process": "one for every model"}).startswith("every model in one process")
+    assert rep._processes({}).startswith("every model in one process")  # a compare.json from before rounds
