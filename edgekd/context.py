@@ -75,6 +75,13 @@ class RunContext:
         """The PyTorch models bench times, made to read the shipped artifacts' inputs (default: as they are)."""
         return models
 
+    def bench_own_outputs(self, models: dict[str, tuple[Any, Any]],
+                          n: int | None) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
+        """Outputs (test split's first ``n``, out-of-domain set) to score a PyTorch model of the bench on
+        where the inputs it is timed on are not the ones it reads (default: none; every model is scored
+        on the timed inputs)."""
+        return {}
+
     def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
         """Task-specific artifacts beside export.targets (detection: ONNX with NMS in the graph)."""
         return {}

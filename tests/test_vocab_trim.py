@@ -224,6 +224,15 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     models = stages["bench"]["metrics"]["models"]
     assert set(models) == {"onnx", "onnx-int8", "pytorch-teacher", "pytorch-student", "pytorch-student-pruned"}
     assert all(m["status"] == "ok" and 0.0 <= m["accuracy"] <= 1.0 for m in models.values()), models
+    # ...but the unpruned ones are scored on their own tokenizer's ids: the accuracy the eval stage gave
+    # them on the same test texts, not that of [UNK]-ridden inputs through the table.
+    ev = stages["eval"]["metrics"]
+    for who in ("teacher", "student"):
+        want = ev.get(f"{who}.accuracy", (ev.get(who) or {}).get("accuracy"))
+        assert models[f"pytorch-{who}"]["accuracy"] == pytest.approx(want, abs=1e-9), (who, models, ev)
+    results = json.loads((run / "bench" / "local" / "results.json").read_text())["results"]
+    notes = {e["name"]: e.get("note") for e in results}
+    assert "own tokenizer" in notes["pytorch-teacher"] and not notes.get("pytorch-student-pruned")
 
 
 def test_a_model_trimmed_already_is_not_trimmed_again_with_the_teacher_ids(classifier, tiny_classifier_dir):

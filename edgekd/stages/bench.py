@@ -20,6 +20,11 @@ def bench_fingerprint(ctx: RunContext) -> str:
         parts["ood"] = [ctx.recipe.eval.ood_dataset, ctx.recipe.eval.ood_min_abs_score]
     if ctx.recipe.quantize.enabled:
         parts["quantize"] = quantize_fingerprint(ctx)
+    p = ctx.recipe.prune
+    if p.enabled and getattr(p, "trim_vocab", False):
+        # Since 2026-12-03 the unpruned models of a trimmed run are scored on their own tokenizer's ids:
+        # a trimmed run benched before re-benches (other runs keep their fingerprints).
+        parts["unpruned_models_scored_on"] = "their own tokenizer's ids"
     return fingerprint(parts)
 
 
@@ -29,7 +34,7 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
     r, task = ctx.recipe, ctx.task
     t0 = time.perf_counter()
     inputs, labels = ctx.parity_data(r.bench.eval_examples)
-    torch_models = None
+    torch_models, own = None, {}
     if r.bench.torch_models:
         teacher = load_stage_model(ctx, "teacher")
         # the fp32 distilled student is the reference the compressed artifacts are judged against
@@ -38,9 +43,11 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
             torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
+        own = {f"pytorch-{k}": v for k, v in ctx.bench_own_outputs(torch_models, r.bench.eval_examples).items()}
         torch_models = ctx.bench_torch_models(torch_models)
     ood = ctx.ood_data()
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
-                       torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood)
+                       torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood,
+                       own_outputs=own)
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)
     return result

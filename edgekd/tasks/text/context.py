@@ -92,6 +92,33 @@ class TextRunContext(RunContext):
         table = original_ids(self.shipped_tokenizer, self.tokenizer)
         return {k: ((FromTrimmedIds(m, table), io) if k != "student-pruned" else (m, io)) for k, (m, io) in models.items()}
 
+    def bench_own_outputs(self, models: dict[str, tuple[Any, Any]],
+                          n: int | None) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
+        """With a trimmed vocabulary, each unpruned model's logits on its own tokenizer's ids of the same
+        texts (the test split's first ``n``, the out-of-domain set): the accuracy it gives its users.
+        The bench times it on the shipped ids through the id table (``bench_torch_models``), where words
+        outside the trimmed vocabulary reach it as [UNK] or split otherwise, and scores it on these."""
+        p = self.recipe.prune
+        if not (p.enabled and p.trim_vocab):
+            return {}
+        import torch
+
+        from edgekd.ood import ood_inputs
+
+        test, _ = self.parity_data(n, tokenizer=self.tokenizer)
+        found = ood_inputs(self, self.tokenizer)
+
+        def logits(module: Any, arrays: dict[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
+            parts = []
+            with torch.inference_mode():
+                for i in range(0, len(arrays["input_ids"]), batch):
+                    x = {k: torch.from_numpy(v[i:i + batch]) for k, v in arrays.items()}
+                    parts.append(module(**x)[0].float().numpy())
+            return {"logits": np.concatenate(parts)}
+
+        return {name: (logits(module, test), logits(module, found[1]) if found else None)
+                for name, (module, _) in models.items() if name != "student-pruned"}
+
     def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The validation split as model inputs and labels (quantization calibration and guard)."""
         val = self.tokenized("validation", self.shipped_tokenizer)
