@@ -406,8 +406,11 @@ def plot_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
         return None, "no model has both an accuracy and a p50 latency"
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    fig = Figure(figsize=(5.5 * len(bs), 5.5), dpi=120)
+    # One column of legend entries per panel at least: with a single panel 3 columns of long labels
+    # were wider than the figure and cut off at both sides.
+    fig = Figure(figsize=(max(7.5, 5.5 * len(bs)), 7.0), dpi=120)
     FigureCanvasAgg(fig)
     teacher = next((r for r in rows if r["name"] == TEACHER), None)
     colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(rows)}
@@ -425,14 +428,18 @@ def plot_png(data: dict[str, Any]) -> tuple[bytes | None, str | None]:
         if teacher and teacher.get("accuracy") is not None:
             ax.axhline(teacher["accuracy"], color="tab:blue", linestyle="--", linewidth=1)
         ax.set_xscale("log")
+        # Plain milliseconds at 1-2-5 steps, no crowded scientific labels on the minor ticks.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"p50 latency, ms (batch {b}, log scale)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"batch {b}")
         ax.grid(True, alpha=0.3)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"run {data['run']}: latency vs accuracy (star: best edgekd artifact; dashed: teacher accuracy)",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.tight_layout(rect=(0, 0.27, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue(), None
