@@ -317,8 +317,9 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
             threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
             eval_limit: int | None = None, target_speedup: float = 1.5, timeout_s: float = 3600,
             seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
-            torchao: str = "compile", rounds: int = 3, one_process: bool = False) -> dict[str, Any]:
-    """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data."""
+            torchao: str = "compile", rounds: int | None = None, one_process: bool = False) -> dict[str, Any]:
+    """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data.
+    ``rounds`` (default 3; 1 with ``one_process``) as ``--rounds``."""
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
     from edgekd.runfolder import atomic_write_bytes, atomic_write_text
@@ -328,6 +329,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     _check_run(run)
     if runs < 1 or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes or min(batch_sizes) < 1:
         raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")
+    rounds = rounds if rounds is not None else (1 if one_process else 3)
     if rounds < 1:
         raise EdgeKDError(f"--rounds {rounds}: at least 1 (each round times every model once, in its own process).")
     if one_process and rounds != 1:
@@ -490,8 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                        batch_sizes=tuple(args.batch_sizes), artifact=args.artifact, eval_limit=args.eval_limit,
                        target_speedup=args.target_speedup, timeout_s=args.timeout, ood=args.ood,
                        calibration=args.calibration, memory=not args.no_memory, torchao=args.torchao,
-                       rounds=args.rounds if args.rounds is not None else (1 if args.one_process else 3),
-                       one_process=args.one_process)
+                       rounds=args.rounds, one_process=args.one_process)
     except EdgeKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
