@@ -43,7 +43,10 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
             torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
-        own = {f"pytorch-{k}": v for k, v in ctx.bench_own_outputs(torch_models, r.bench.eval_examples).items()}
+        from edgekd.devices.profiles import load_profile
+
+        if load_profile(profile or r.bench.profile).connection.kind == "local":  # elsewhere they are not timed
+            own = {f"pytorch-{k}": v for k, v in ctx.bench_own_outputs(torch_models, r.bench.eval_examples).items()}
         torch_models = ctx.bench_torch_models(torch_models)
     ood = ctx.ood_data()
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
