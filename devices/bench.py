@@ -149,7 +149,7 @@ def bench_run(
     metric: str = "accuracy",
     input_desc: str | None = None,
     ood: tuple[str, dict[str, np.ndarray], np.ndarray] | None = None,
-    own_outputs: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]] | None = None,
+    own_outputs: Callable[[], dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]] | None = None,
 ) -> dict[str, Any]:
     """Measure every export folder of ``run_dir`` (and the eager ``torch_models``, name -> (export
     module, ModelIO)) on ``profile`` (a shipped name or a YAML path; default ``cfg.profile``, i.e.
@@ -159,9 +159,9 @@ def bench_run(
     ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures;
     ``metric`` is the key of ``metric_fn``'s result that fills the accuracy column (map50_95 for
     detectors). ``ood`` (name, inputs, labels) adds each model's accuracy on an out-of-domain set.
-    ``own_outputs`` (entry name -> (test outputs, OOD outputs)) scores a model that was timed on inputs
-    it does not read as they are (an unpruned model behind a trimmed vocabulary's id table) on the
-    outputs given instead, and says so in its note.
+    ``own_outputs()`` (entry name -> (test outputs, OOD outputs); called only once a PyTorch model was
+    measured) scores a model that was timed on inputs it does not read as they are (an unpruned model
+    behind a trimmed vocabulary's id table) on the outputs given instead, and says so in its note.
     """
     cfg = cfg or BenchConfig()
     run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
@@ -198,10 +198,12 @@ def bench_run(
             extra_files = prepare_on_device(entries, prof, cfg, inputs, run_dir)
             env = None
     ref = measure.reference_accuracies(run_dir, reference, metric)
+    measured_torch = any(e["kind"] == "torch" and e.get("_outputs") is not None for e in entries)
+    own = own_outputs() if own_outputs is not None and measured_torch else {}
     for e in entries:
         test_out, ood_out = inputs.split_outputs(e.pop("_outputs", None))
-        if e["name"] in (own_outputs or {}) and test_out is not None:  # measured: scored on its own inputs
-            test_out, ood_out = own_outputs[e["name"]]
+        if e["name"] in own and test_out is not None:  # measured: scored on its own inputs
+            test_out, ood_out = own[e["name"]]
             e["note"] = ("timed on the shipped tokenizer's ids through the id table; accuracy on its own "
                          "tokenizer's ids")
         metrics = measure.score(test_out, eval_labels, metric_fn)

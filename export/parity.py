@@ -80,7 +80,8 @@ def _rows(inputs: dict[str, np.ndarray]) -> int:
     return sizes.pop()
 
 
-def _source_outputs(module: Any, batch: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+def source_outputs(module: Any, batch: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """A torch module's outputs on one batch of numpy inputs, named ``names``, as float32 arrays."""
     import torch
 
     with torch.inference_mode():
@@ -129,7 +130,7 @@ def check_parity(
     feed = {k: inputs[k] for k in runner.input_names}
     t0 = time.perf_counter()
     got = run_batched(runner.run, feed, bs)
-    want = run_batched(lambda b: _source_outputs(source_module, b, names), feed, bs)
+    want = run_batched(lambda b: source_outputs(source_module, b, names), feed, bs)
     seconds = time.perf_counter() - t0
 
     diffs = []

@@ -20,7 +20,7 @@ TARGETS = ["onnx", "executorch", "torchscript-lite"]
 # MPNet's relative-position bias); the other families share BERT's graph and are checked by ONNX and
 # TorchScript lite here (and by ExecuTorch in the README's support table, measured once).
 EXECUTORCH_FAMILIES = {"bert", "deberta-v3", "modernbert", "mpnet"}
-# Bounded dynamic shapes (the text task's default) cost about four times the lowering of a fixed-shape
+# Bounded dynamic shapes (the text task's default) cost about three times the lowering of a fixed-shape
 # program (the symbolic shapes split XNNPACK's graph into many more partitions): BERT's graph is lowered
 # dynamic here, the other designs at fixed shapes (``export.options.executorch.dynamic: false``, what the
 # exporter falls back to when a dynamic program cannot be built).

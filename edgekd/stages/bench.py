@@ -34,7 +34,7 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
     r, task = ctx.recipe, ctx.task
     t0 = time.perf_counter()
     inputs, labels = ctx.parity_data(r.bench.eval_examples)
-    torch_models, own = None, {}
+    torch_models, own = None, None
     if r.bench.torch_models:
         teacher = load_stage_model(ctx, "teacher")
         # the fp32 distilled student is the reference the compressed artifacts are judged against
@@ -43,10 +43,11 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
             torch_models["student-pruned"] = (task.export_module(load_source(ctx)), task.model_io())
         if teacher is not None:  # a black-box teacher has no weights here to time
             torch_models = {"teacher": (task.export_module(teacher), task.model_io()), **torch_models}
-        from edgekd.devices.profiles import load_profile
+        unwrapped = torch_models
 
-        if load_profile(profile or r.bench.profile).connection.kind == "local":  # elsewhere they are not timed
-            own = {f"pytorch-{k}": v for k, v in ctx.bench_own_outputs(torch_models, r.bench.eval_examples).items()}
+        def own() -> dict[str, Any]:  # called by the bench only when it measured a PyTorch model
+            return {f"pytorch-{k}": v for k, v in ctx.bench_own_outputs(unwrapped, r.bench.eval_examples).items()}
+
         torch_models = ctx.bench_torch_models(torch_models)
     ood = ctx.ood_data()
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,

@@ -101,23 +101,17 @@ class TextRunContext(RunContext):
         p = self.recipe.prune
         if not (p.enabled and p.trim_vocab):
             return {}
-        import torch
-
+        from edgekd.export.parity import run_batched, source_outputs
         from edgekd.ood import ood_inputs
 
         test, _ = self.parity_data(n, tokenizer=self.tokenizer)
         found = ood_inputs(self, self.tokenizer)
 
-        def logits(module: Any, arrays: dict[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
-            parts = []
-            with torch.inference_mode():
-                for i in range(0, len(arrays["input_ids"]), batch):
-                    x = {k: torch.from_numpy(v[i:i + batch]) for k, v in arrays.items()}
-                    parts.append(module(**x)[0].float().numpy())
-            return {"logits": np.concatenate(parts)}
+        def outputs(module: Any, io: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return run_batched(lambda b: source_outputs(module, b, io.output_names), arrays, 64)
 
-        return {name: (logits(module, test), logits(module, found[1]) if found else None)
-                for name, (module, _) in models.items() if name != "student-pruned"}
+        return {name: (outputs(module, io, test), outputs(module, io, found[1]) if found else None)
+                for name, (module, io) in models.items() if name != "student-pruned"}
 
     def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The validation split as model inputs and labels (quantization calibration and guard)."""
