@@ -5,7 +5,7 @@ shipped (int8 ONNX) size side by side, chosen on validation, reported on test.
     python benchmarks/prune_variants.py runs/default trim@distill              # vocabulary trimming of the run's distilled student
     python benchmarks/prune_variants.py runs/default hidden="prune.recover_hidden_weight=1.0"
 
-``trim[:MIN_COUNT[:chars]][@STAGE]`` trims the run's pruned (or STAGE's, e.g. distill) student as it
+``trim[:MIN_COUNT][:chars][:first=N][@STAGE]`` (e.g. ``trim:1:first=10000@distill``) trims the run's pruned (or STAGE's, e.g. distill) student as it
 is (no retraining). Any other
 ``NAME="key=value;key=value"`` reruns `edgekd prune`, `edgekd export --to onnx` and `edgekd quantize`
 with those overrides in a hard-linked copy of the run folder (<run>-NAME; stages write to new
@@ -39,10 +39,19 @@ def trim_variant(run: Path, spec: str) -> dict:
     from edgekd.tasks.text.prune import _trim_vocab
 
     spec, _, stage = spec.partition("@")
-    parts = spec.split(":")
-    min_count = int(parts[1]) if len(parts) > 1 else 1
-    chars = len(parts) > 2 and parts[2] == "chars"
-    recipe = load_recipe_or_run(str(run), [f"prune.vocab_min_count={min_count}", f"prune.vocab_keep_chars={chars}"])
+    min_count, chars, first = 1, False, 0
+    for part in spec.split(":")[1:]:
+        if part == "chars":
+            chars = True
+        elif part.startswith("first="):
+            first = int(part.removeprefix("first="))
+        elif part.isdigit():
+            min_count = int(part)
+        else:
+            raise SystemExit(f"{spec}: unknown part '{part}' (MIN_COUNT, chars or first=N)")
+    recipe = load_recipe_or_run(str(run), ["prune.enabled=true", "prune.trim_vocab=true",
+                                           f"prune.vocab_min_count={min_count}", f"prune.vocab_keep_chars={chars}",
+                                           f"prune.vocab_keep_first={first}"])
     ctx = create_context(recipe)
     model = load_stage_model(ctx, stage or "prune").eval()
     t0 = time.perf_counter()
@@ -88,17 +97,18 @@ def vocab_stats(run_or_recipe: str) -> None:
     from transformers import AutoConfig
 
     width = AutoConfig.from_pretrained(ctx.task.resolve(ctx.recipe.teacher.model)).hidden_size
-    print("| vocab_min_count | vocab_keep_chars | kept tokens | embedding params | validation ids kept | test ids kept |")
-    print("|--:|---|--:|--:|--:|--:|")
-    for mc in (1, 2, 3, 5):
-        for chars in (False, True):
-            keep = set(domain_token_ids(train.input_ids, tok, mc, chars))
-            cov = []
-            for split in ("validation", "test"):
-                ids = [i for seq in ctx.tokenized(split, tok).input_ids for i in seq]
-                cov.append(float(np.mean([i in keep for i in ids])))
-            print(f"| {mc} | {chars} | {len(keep)} of {len(tok)} | {len(keep) * width / 1e6:.2f}M | "
-                  f"{cov[0]:.2%} | {cov[1]:.2%} |")
+    print("| vocab_min_count | vocab_keep_chars | vocab_keep_first | kept tokens | embedding params | validation ids "
+          "kept | test ids kept |")
+    print("|--:|---|--:|--:|--:|--:|--:|")
+    for mc, chars, first in [(mc, chars, 0) for mc in (1, 2, 3, 5) for chars in (False, True)] + [
+            (1, False, first) for first in (5000, 10000, 20000)]:
+        keep = set(domain_token_ids(train.input_ids, tok, mc, chars, first))
+        cov = []
+        for split in ("validation", "test"):
+            ids = [i for seq in ctx.tokenized(split, tok).input_ids for i in seq]
+            cov.append(float(np.mean([i in keep for i in ids])))
+        print(f"| {mc} | {chars} | {first} | {len(keep)} of {len(tok)} | {len(keep) * width / 1e6:.2f}M | "
+              f"{cov[0]:.2%} | {cov[1]:.2%} |")
 
 
 def rerun_variant(run: Path, name: str, overrides: str) -> dict:

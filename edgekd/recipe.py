@@ -417,6 +417,13 @@ class PruneConfig(Section):
         description="trim_vocab: also keep every single-character piece (a, ##a, ...), so an unseen word falls "
         "back to smaller pieces instead of [UNK].",
     )
+    vocab_keep_first: int = Field(
+        0, ge=0,
+        description="trim_vocab: also keep the vocabulary's first N ids (its unused placeholders excepted). "
+        "WordPiece vocabularies list word pieces by corpus frequency, so these are the language's common "
+        "tokens: a word of new texts that the training texts never used keeps its own embedding instead "
+        "of being split into pieces. 0: the training texts' tokens only.",
+    )
     score_batches: int = Field(8, ge=1, description="Labelled batches used to score importance (taylor).")
     recover_epochs: float = Field(
         1.0, ge=0, description="Epochs of distillation from the teacher after each pruning round (0 = none); "
@@ -450,6 +457,12 @@ class PruneConfig(Section):
         if self.recover_hidden_weight > 0 and self.method != "heads-ffn":
             problems.append("prune.recover_hidden_weight matches hidden states, which only method 'heads-ffn' "
                             "leaves the same width")
+        vocab_keys = [k for k in ("vocab_min_count", "vocab_keep_chars", "vocab_keep_first")
+                      if getattr(self, k) != type(self).model_fields[k].default]
+        if vocab_keys and not self.trim_vocab:
+            problems.append(f"{', '.join('prune.' + k for k in vocab_keys)} shape(s) the vocabulary trim, but "
+                            "prune.trim_vocab is false, so nothing would read them: set prune.trim_vocab: true "
+                            "or drop them")
         if self.trim_vocab and not self.enabled:
             problems.append("prune.trim_vocab is set but prune.enabled is false (trimming is part of the prune stage)")
         if self.enabled and not given and not self.trim_vocab:

@@ -36,6 +36,31 @@ def test_kept_ids_are_the_training_tokens_and_every_special_token(classifier):
     assert {"good", "the"} <= kept2 and "movie" not in kept2 and "[MASK]" in kept2
 
 
+def test_keep_first_keeps_the_vocabularys_first_ids_but_not_its_placeholders(tmp_path):
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "of",
+             "film", "good", "dull", "plot", "warm"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    texts = ["good film", "dull plot"]
+    only_train = set(tok.convert_ids_to_tokens(_keep(tok, texts=texts)))
+    assert only_train == {"good", "film", "dull", "plot"} | set(tok.all_special_tokens)
+    first = set(tok.convert_ids_to_tokens(_keep(tok, texts=texts, keep_first=10)))
+    # ids 0-9 minus the two placeholders: "the", "a", "of" are kept although no training text has them.
+    assert first == only_train | {"the", "a", "of"}
+    assert "warm" not in first and not {"[unused0]", "[unused1]"} & first
+    # A text word kept this way keeps its own token after trimming (not [UNK]).
+    model_vocab = _keep(tok, texts=texts, keep_first=10)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32)).eval()
+    _, new_tok = trim_vocabulary(model, tok, model_vocab)
+    assert new_tok.convert_ids_to_tokens(new_tok("the warm film")["input_ids"]) == [
+        "[CLS]", "the", "[UNK]", "film", "[SEP]"]
+
+
 def test_logits_of_kept_token_texts_equal_the_untrimmed_model(tiny_classifier_dir, classifier):
     from transformers import AutoModelForSequenceClassification
 
@@ -153,6 +178,11 @@ def test_recipe_keys_are_checked():
     with pytest.raises(ValueError, match="trim_vocab shrinks"):
         PruneConfig(enabled=True, method="channels", keep_params=0.5, trim_vocab=True)
     assert PruneConfig(enabled=True, trim_vocab=True).keep_params is None  # trimming alone is a valid stage
+    # A key that shapes the trim is refused when nothing trims, never accepted and ignored.
+    for key, value in (("vocab_keep_first", 10_000), ("vocab_min_count", 2), ("vocab_keep_chars", True)):
+        with pytest.raises(ValueError, match=f"prune.{key} shape"):
+            PruneConfig(enabled=True, keep_params=0.5, **{key: value})
+        assert getattr(PruneConfig(enabled=True, keep_params=0.5, trim_vocab=True, **{key: value}), key) == value
 
 
 @pytest.mark.slow

@@ -12,11 +12,19 @@ match over a subset of the vocabulary is unchanged when it is in the subset); a 
 removed piece is segmented into kept pieces where WordPiece can do so, else it becomes ``[UNK]``.
 With ``keep_chars`` every single-character piece is kept, so words fall back to smaller pieces
 instead of ``[UNK]``.
+
+A word of the test texts that the training texts never used keeps its own token only if that token
+is kept: otherwise it is split into smaller pieces the model read in other contexts, which costs
+accuracy on unseen texts. ``keep_first`` keeps the language's common tokens as well: WordPiece
+vocabularies (BERT's and the models built on it) list their word pieces by frequency in the corpus
+they were built on, after the placeholders and single characters, so the first N ids are the most
+frequent pieces of the language, not of the training texts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
@@ -28,12 +36,15 @@ from torch import nn
 
 from edgekd.errors import StageError
 
+_PLACEHOLDER = re.compile(r"\[unused\d+\]|<unused\d+>")
+
 
 def domain_token_ids(sequences: Iterable[Iterable[int]], tokenizer, min_count: int = 1,
-                     keep_chars: bool = False) -> list[int]:
+                     keep_chars: bool = False, keep_first: int = 0) -> list[int]:
     """Ids to keep (ascending): those seen at least ``min_count`` times in ``sequences`` (token ids
-    of the training texts), every special and added token, and with ``keep_chars`` every
-    single-character piece (``a``, ``##a``)."""
+    of the training texts), every special and added token, with ``keep_chars`` every
+    single-character piece (``a``, ``##a``), and with ``keep_first`` every id below it except the
+    vocabulary's unused placeholders (``[unused12]``), which no text produces."""
     counts: Counter[int] = Counter()
     for seq in sequences:
         counts.update(int(i) for i in seq)
@@ -44,6 +55,10 @@ def domain_token_ids(sequences: Iterable[Iterable[int]], tokenizer, min_count: i
         for tok, i in tokenizer.get_vocab().items():
             if len(tok.removeprefix("##")) == 1:
                 keep.add(i)
+    if keep_first:
+        id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
+        keep |= {i for i in range(min(keep_first, len(tokenizer)))
+                 if not _PLACEHOLDER.fullmatch(id_to_token.get(i, ""))}
     size = len(tokenizer)
     bad = [i for i in keep if not 0 <= i < size]
     if bad:

@@ -188,12 +188,13 @@ def _trim_vocab(ctx: RunContext, model, train_data) -> tuple[Any, Any, dict[str,
                          "the distilled student (e.g. prune_variants.py RUN trim@distill)")
     before = scores(model, tok)
     params0 = sum(p.numel() for p in model.parameters())
-    keep = domain_token_ids(train_data.input_ids, tok, cfg.vocab_min_count, cfg.vocab_keep_chars)
+    keep = domain_token_ids(train_data.input_ids, tok, cfg.vocab_min_count, cfg.vocab_keep_chars,
+                            cfg.vocab_keep_first)
     model, new_tok = trim_vocabulary(model, tok, keep)
     after = scores(model, new_tok)
     info = {"vocab_before": vocab0, "vocab_after": len(keep), "params_before": params0,
             "params_after": sum(p.numel() for p in model.parameters()), "min_count": cfg.vocab_min_count,
-            "keep_chars": cfg.vocab_keep_chars, "before": before, "after": after}
+            "keep_chars": cfg.vocab_keep_chars, "keep_first": cfg.vocab_keep_first, "before": before, "after": after}
     ctx.say(f"prune: vocabulary {vocab0} -> {len(keep)} tokens, parameters {params0} -> {info['params_after']}; "
             f"validation {task.primary_metric} {before['validation'][task.primary_metric]:.4f} -> "
             f"{after['validation'][task.primary_metric]:.4f}")
