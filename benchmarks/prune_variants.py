@@ -83,6 +83,36 @@ def trim_variant(run: Path, spec: str) -> dict:
     return out
 
 
+def one_at_a_time(run: Path, folder: Path) -> dict[str, float]:
+    """Accuracy of an ONNX export folder as it is used: every text alone at its own length (batch 1),
+    on the validation and test splits and the recipe's out-of-domain set, with the folder's tokenizer."""
+    import numpy as np
+
+    from edgekd.export import get_exporter
+    from edgekd.ood import load_ood
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+    from edgekd.tasks.text.task import TokenizedSplit
+
+    recipe = load_recipe(run / "recipe.yaml")
+    ctx = create_context(recipe)
+    tok = ctx.task.load_tokenizer(folder)
+    splits = {"val": ctx.tokenized("validation", tok), "test": ctx.tokenized("test", tok)}
+    if recipe.eval.ood_dataset:
+        ood = load_ood(recipe.eval.ood_dataset, ctx.task.label_names, recipe.eval.ood_min_abs_score)
+        splits["ood"] = TokenizedSplit(ctx.task.tokenize(tok, ood.texts), ood.labels, tok.pad_token_id or 0)
+    runner = get_exporter("onnx").load(next(folder.glob("*.onnx")), threads=recipe.runtime.threads)
+    out = {}
+    for name, split in splits.items():
+        preds = []
+        for i in range(len(split)):
+            batch = split.collate([i])
+            logits = runner.run({k: batch[k] for k in ("input_ids", "attention_mask")})[runner.output_names[0]]
+            preds.append(int(np.argmax(logits[0])))
+        out[name] = float(np.mean(np.asarray(preds) == split.labels))
+    return out
+
+
 def vocab_stats(run_or_recipe: str) -> None:
     """Kept tokens per setting and the share of validation/test token ids they cover (no model needed)."""
     import numpy as np
@@ -130,7 +160,9 @@ def rerun_variant(run: Path, name: str, overrides: str) -> dict:
     st = json.loads((dst / "manifest.json").read_text())["stages"]
     pm, qm = st["prune"]["metrics"], st["quantize"]["metrics"]
     vocab = pm.get("vocab", {})
+    batch1 = one_at_a_time(dst, dst / "export" / "onnx-int8")
     return {"variant": f"{name}: {overrides}", "val": pm["metric_after"]["accuracy"],
+            **{f"int8_{k}_batch1": v for k, v in batch1.items()},
             "test": qm["test"]["float"]["accuracy"], "int8_test": qm["test"]["quantized"]["accuracy"],
             "params": pm["params_after"], "vocab": vocab.get("vocab_after"), "steps": len(pm["steps"]),
             "kept_step": pm.get("kept_step"), "stopped": pm.get("stopped"),
@@ -150,10 +182,13 @@ def main(argv: list[str]) -> None:
             name, _, overrides = spec.partition("=")
             rows.append(rerun_variant(run, name, overrides))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| variant | val acc | test acc (fp32) | test acc (int8 ONNX) | params | vocab | int8 ONNX MB |")
-    print("|---|--:|--:|--:|--:|--:|--:|")
+    nan = float("nan")
+    print("\n| variant | val acc | test acc (fp32) | test acc (int8 ONNX) | int8, one text at a time: val / test / "
+          "OOD | params | vocab | int8 ONNX MB |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['val']:.2%} | {r['test']:.2%} | {r.get('int8_test', float('nan')):.2%} | "
+        alone = " / ".join(f"{r.get(f'int8_{k}_batch1', nan):.2%}" for k in ("val", "test", "ood"))
+        print(f"| {r['variant']} | {r['val']:.2%} | {r['test']:.2%} | {r.get('int8_test', nan):.2%} | {alone} | "
               f"{r['params'] / 1e6:.2f}M | {r.get('vocab') or '-'} | {r['int8_onnx_bytes'] / 1e6:.2f} |")
 
 
