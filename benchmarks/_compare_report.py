@@ -313,7 +313,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"threads {s['threads']} for every runtime; {s['runs']} timed runs per batch size after {s['warmup']} "
         f"warm-up runs, {_processes(data.get('timing') or {})}; inputs (the same for every row, checked by "
         f"sha256): {s.get('inputs', 'real test examples, batches padded to their longest member')}; accuracy on "
-        f"{s['eval_examples']} test examples (the best artifact is chosen on {s.get('validation_examples', '?')} "
+        f"{s['eval_examples']} test examples ({s.get('scoring', 'in batches of 32')}; the best artifact is chosen on {s.get('validation_examples', '?')} "
         f"validation examples); Optimum config `{s['optimum_isa']}`; the comparison took "
         f"{_fmt(data.get('compare_seconds'), '.0f')} s.  ",
         f"Vocabulary: {s.get('vocabulary', 'one vocabulary for every model')}.  ",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
 from edgekd.errors import StageError
 
 RUNTIMES = {"onnx": "ONNX Runtime", "executorch": "ExecuTorch", "torchscript-lite": "TorchScript lite",
@@ -66,6 +67,8 @@ def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
             row = {"name": f"{pre}{name}", "label": f"{what} · {label}", "group": group, "student": who,
                    "kind": kind, "path": r.get("path"), "runtime": runtime, "precision": precision,
                    "size_bytes": r.get("size_bytes")}
+            if name == "optimum-onnx-int8":  # ORTQuantizer's dynamic int8: one activation scale per call
+                row["rows_alone"] = True
             if r.get("status") == "ok":
                 specs.append(row)
             else:
@@ -89,7 +92,8 @@ def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
         row = {"name": f"edgekd-{e['name']}", "label": f"edgekd · export/{e['name']}", "group": "edgekd",
                "kind": "artifact", "path": e["folder"], "file": e.get("file"),
                "runtime": RUNTIMES.get(str(target), str(target)), "precision": e.get("precision", "fp32"),
-               "size_bytes": e.get("size_bytes"), "meta": _meta_facts(e.get("meta") or {})}
+               "size_bytes": e.get("size_bytes"), "meta": _meta_facts(e.get("meta") or {}),
+               "rows_alone": str(e.get("precision")) in ROW_DEPENDENT_PRECISIONS}
         if target == "executorch":
             row["notes"] = ["ExecuTorch's Python bindings do not expose XNNPACK's thread count: it runs with its "
                             "own default"]

@@ -155,6 +155,9 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
     own = Batches(data["orig_ids"], data["orig_mask"], data["orig_lengths"]) if table is not None else batches
     models = _load_all(job["models"], threads, table)
     vocab = {s["name"]: s.get("vocab") for s in job["models"]}
+    # Dynamic int8 (rows depend on each other through the call's activation scale) is scored one text
+    # per call at its own length, as it is served; every other model in length-sorted batches.
+    alone = {s["name"] for s in job["models"] if s.get("rows_alone")}
     t0 = time.perf_counter()
     offset = int(job.get("call_offset", 0))
     for b in job["batch_sizes"]:
@@ -171,7 +174,8 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
         e0 = time.perf_counter()
         try:
             ids = own if vocab.get(name) == "original" else batches
-            outputs[name] = _evaluate(m["eval_runner"], ids, data["eval_rows"], job["eval_batch_size"])
+            outputs[name] = _evaluate(m["eval_runner"], ids, data["eval_rows"],
+                                      1 if name in alone else job["eval_batch_size"])
             m["eval_seconds"] = time.perf_counter() - e0
         except Exception as e:
             m["eval_error"] = f"{type(e).__name__}: {e}"

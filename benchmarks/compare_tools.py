@@ -25,7 +25,9 @@ every model in one process in rotating blocks instead (faster: torchao compiles 
 count, same real inputs (each test text at its own length; batches padded to their longest text);
 each row records the sha256 of the arrays it was fed and the table refuses rows that differ. Each model
 is scored on the test split, the validation split and an out-of-domain set (product reviews,
-``amazon-snippets``). An ablation table gives what each edgekd step adds on its own (distill,
+``amazon-snippets``): dynamic int8 (edgekd's and Optimum's, whose answer for a text depends on the
+other texts of the call) one text per call at its own length, as it is served, every other model in
+length-sorted batches of 32. An ablation table gives what each edgekd step adds on its own (distill,
 prune + recovery, export/graph optimisation, each quantize method, and any later step whose
 export folder says what it derives from). The environment (CPU flags, versions, threads) is
 recorded.
@@ -427,6 +429,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
                      "accuracy_budget": budget, "target_speedup": target_speedup, "artifact": artifact,
                      "optimum_isa": isa, "seed": seed, "calibration_texts": n_calib,
                      "inputs": "real lengths: each test text at its own length; batches padded to their longest text",
+                     "scoring": "dynamic int8 one text per call at its own length, as it is served; the other "
+                                "models in length-sorted batches of 32",
                      "vocabulary": tokens.describe()},
         "ood": {**(ood_set.record() if ood_set else {}), "how": ood_how} if ood_set else {"how": ood_how},
         "environment": {**env, "timing_process": (timing or {}).get("environment")},

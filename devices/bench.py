@@ -206,6 +206,8 @@ def bench_run(
             test_out, ood_out = own[e["name"]]
             e["note"] = ("timed on the shipped tokenizer's ids through the id table; accuracy on its own "
                          "tokenizer's ids")
+        elif e.get("eval_rows_per_call") and test_out is not None:
+            e["note"] = f"accuracy: {e['eval_rows_per_call']}"
         metrics = measure.score(test_out, eval_labels, metric_fn)
         e["metrics"] = metrics
         e["accuracy"] = metrics.get(metric) if metrics else None

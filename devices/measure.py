@@ -294,7 +294,7 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
     """The parts of a runner's result that go into a bench entry."""
     keep = ("status", "error", "load_s", "first_inference_s", "first_inference_case", "cases", "memory",
-            "runtime", "environment", "eval_seconds", "eval_examples", "threads")
+            "runtime", "environment", "eval_seconds", "eval_examples", "eval_rows_per_call", "threads")
     return {k: result[k] for k in keep if k in result}
 
 

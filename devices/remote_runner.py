@@ -332,9 +332,37 @@ def slice_rows(inputs: dict, start: int, stop: int) -> dict:
     return {k: np.ascontiguousarray(v[start:stop]) for k, v in inputs.items()}
 
 
-def run_dataset(runner, inputs: dict, batch_size: int) -> dict:
-    """Outputs of ``runner`` over every row of ``inputs``, batch by batch, concatenated."""
+# Precisions (artifact.json ``precision``) whose outputs for one row depend on the other rows of a
+# call: ONNX Runtime's dynamic quantization takes one activation scale per tensor, padding included.
+# edgekd serves them one request per call, so they are scored that way too (``run_dataset``).
+ROW_DEPENDENT_PRECISIONS = {"int8-dynamic": "activation scales are computed per call over the whole batch"}
+
+
+def own_length_row(inputs: dict, i: int) -> dict:
+    """Row ``i`` alone, as a server gets it: right-padded token inputs (every 2-D array as wide as
+    ``attention_mask``) are cut to the width its mask marks; other inputs (images) are left whole."""
+    row = slice_rows(inputs, i, i + 1)
+    mask = inputs.get("attention_mask")
+    if mask is None or np.ndim(mask) != 2:
+        return row
+    width = mask.shape[1]
+    marked = np.flatnonzero(np.asarray(mask[i]))
+    keep = int(marked[-1]) + 1 if marked.size else width
+    return {k: (np.ascontiguousarray(v[:, :keep]) if np.ndim(v) == 2 and v.shape[1] == width else v)
+            for k, v in row.items()}
+
+
+def concat_rows(outputs: list[dict]) -> dict:
+    """One output dict from the outputs of one-row calls, in their order."""
+    return {k: np.concatenate([np.asarray(o[k]) for o in outputs], axis=0) for k in (outputs[0] if outputs else {})}
+
+
+def run_dataset(runner, inputs: dict, batch_size: int, one_row_each: bool = False) -> dict:
+    """Outputs of ``runner`` over every row of ``inputs``, batch by batch, concatenated. With
+    ``one_row_each`` every row runs alone at its own length (``own_length_row``), as it is served."""
     n = len(next(iter(inputs.values())))
+    if one_row_each:
+        return concat_rows([runner.run(own_length_row(inputs, i)) for i in range(n)])
     cap = getattr(runner, "max_batch", None)  # runtimes that plan memory ahead take no bigger batch
     batch_size = min(batch_size, cap) if cap else batch_size
     parts: dict[str, list] = {}
@@ -552,7 +580,11 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
     if evals:
         t2 = time.perf_counter()
         fixed_batch = static_shape_reason(meta, 2, meta.get("max_length") or 0) is not None
-        outputs = run_dataset(runner, evals, 1 if fixed_batch else job.get("eval_batch_size", 32))
+        alone = str(meta.get("precision")) in ROW_DEPENDENT_PRECISIONS
+        outputs = run_dataset(runner, evals, 1 if fixed_batch else job.get("eval_batch_size", 32), one_row_each=alone)
+        if alone:
+            res["eval_rows_per_call"] = (f"one text per call at its own length, as it is served ({meta['precision']}: "
+                                         f"{ROW_DEPENDENT_PRECISIONS[str(meta['precision'])]})")
         res["eval_seconds"] = time.perf_counter() - t2
         res["eval_examples"] = len(next(iter(evals.values())))
     peak = peak_rss_bytes() if own_process else None

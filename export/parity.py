@@ -92,6 +92,17 @@ def source_outputs(module: Any, batch: dict[str, np.ndarray], names: list[str]) 
     return {n: o.detach().float().cpu().numpy() for n, o in zip(names, out, strict=True)}
 
 
+def run_as_served(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: dict[str, np.ndarray],
+                  batch_size: int, precision: str | None) -> dict[str, np.ndarray]:
+    """``run_batched``, except for an artifact whose rows depend on each other (dynamic int8: one
+    activation scale per call): it runs one row per call at the row's own length, as it is served."""
+    from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS, concat_rows, own_length_row
+
+    if str(precision) not in ROW_DEPENDENT_PRECISIONS:
+        return run_batched(fn, inputs, batch_size)
+    return concat_rows([fn(own_length_row(inputs, i)) for i in range(_rows(inputs))])
+
+
 def run_batched(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: dict[str, np.ndarray],
                 batch_size: int) -> dict[str, np.ndarray]:
     n = _rows(inputs)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
 from edgekd.errors import StageError
 from edgekd.export.base import Runner
 from edgekd.serving.codec import Codec
@@ -46,10 +47,6 @@ from edgekd.serving.errors import OverloadedError, ShuttingDownError
 INLINE_MAX_S = 0.002
 
 BatchObserver = Callable[[int, float], None]
-
-# Precisions (artifact.json ``precision``) whose outputs for one row depend on the other rows of a
-# call: ONNX Runtime's dynamic quantization (DynamicQuantizeLinear takes one scale per tensor).
-ROW_DEPENDENT_PRECISIONS = {"int8-dynamic": "activation scales are computed per call over the whole batch"}
 
 
 def check_batching(precision: str | None, batching: bool) -> int | None:

@@ -406,6 +406,13 @@ def test_student_and_optimum_rows(tools, tmp_path):
     assert [s["name"] for s in specs] == [
         "teacher-fp32", "student-fp32", "torchao-int8-compiled", "pruned-student-fp32", "pruned-optimum-onnx-fp32",
         "pruned-optimum-onnx-int8", "pruned-torchao-int8-compiled", "edgekd-onnx"]
+    # Dynamic int8 (Optimum's, and edgekd's int8-dynamic artifacts) is scored one text per call.
+    assert {s["name"] for s in specs if s.get("rows_alone")} == {"pruned-optimum-onnx-int8"}
+    int8 = [{"name": "onnx-int8", "folder": "f", "target": "onnx", "precision": "int8-dynamic"},
+            {"name": "onnx-int8-static", "folder": "g", "target": "onnx", "precision": "int8-static"}]
+    specs8, _ = compare_tools._specs(run, students, int8, failed)
+    assert {s["name"]: s["rows_alone"] for s in specs8 if s["group"] == "edgekd"} == {
+        "edgekd-onnx-int8": True, "edgekd-onnx-int8-static": False}
     specs, _ = compare_tools._specs(run, students, exports, failed, torchao_compile=False)
     assert "torchao-int8" in {s["name"] for s in specs}
     assert {s["name"]: s["error"] for s in skipped} == {
@@ -588,6 +595,52 @@ def test_worker_times_its_rounds_slice_and_evaluates_when_asked(tools, tmp_path,
     assert len(set(shas)) == 1
     with pytest.raises(ValueError, match="no room"):
         worker.timing({**job, "call_offset": 8}, tmp_path)
+
+
+def test_worker_scores_dynamic_int8_one_text_per_call_at_its_own_length(tools, tmp_path, monkeypatch):
+    """A dynamic-int8 model's answer for a text depends on the other texts of the call (one activation
+    scale per call), and it is served one text per call: it is scored so, every other model in batches."""
+    import _compare_worker as worker
+
+    calls: dict[str, list[tuple[int, int]]] = {"alone": [], "batched": []}
+
+    class Recorder:
+        input_names = ["input_ids", "attention_mask"]
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, x):
+            if scoring:
+                calls[self.name].append(x["input_ids"].shape)
+            return {"logits": np.zeros((len(x["input_ids"]), 2), np.float32)}
+
+    scoring = []  # non-empty while the worker scores (its timed calls are not recorded)
+    evaluate = worker._evaluate
+
+    def scored(*args):
+        scoring.append(True)
+        try:
+            return evaluate(*args)
+        finally:
+            scoring.clear()
+
+    monkeypatch.setattr(worker, "_evaluate", scored)
+    monkeypatch.setattr(worker, "preload", lambda spec: [])
+    monkeypatch.setattr(worker, "load", lambda spec, threads: (Recorder(spec["name"]), {}))
+    lengths = np.array([3, 1, 4, 2, 5, 2])
+    n = len(lengths)
+    ids = np.zeros((n, 5), np.int64)
+    mask = (np.arange(5)[None, :] < lengths[:, None]).astype(np.int64)
+    np.savez(tmp_path / "inputs.npz", ids=ids, mask=mask, lengths=lengths, eval_rows=np.arange(n),
+             rows_b1=np.arange(n).reshape(n, 1))
+    models = [{"name": "alone", "kind": "artifact", "path": "x", "file": "m.onnx", "rows_alone": True},
+              {"name": "batched", "kind": "artifact", "path": "y", "file": "m.onnx"}]
+    job = {"models": models, "threads": 1, "warmup": 1, "runs": 2, "batch_sizes": [1], "inputs": "inputs.npz",
+           "eval_batch_size": 4}
+    worker.timing(job, tmp_path)
+    assert sorted(calls["alone"]) == sorted((1, int(w)) for w in lengths)
+    assert [b for b, _ in calls["batched"]] == [4, 2]
 
 
 @pytest.mark.slow  # four measuring processes

@@ -159,6 +159,32 @@ def test_dynamic_int8_writes_a_servable_export_folder(bert_export, tmp_path):
 
 
 @pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
+def test_dynamic_int8_is_judged_one_text_per_call_at_its_own_length(bert_export, tmp_path):
+    """Dynamic int8 takes one activation scale per call, padding included, and is served one text per
+    call: the guard judges it so (its recorded outputs are those of each text alone, unpadded)."""
+    import onnxruntime as ort
+
+    val = text_inputs(24, seed=5)
+    lengths = np.random.default_rng(6).integers(3, 13, size=24)
+    val["attention_mask"] = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int64)
+    val["input_ids"] = np.where(val["attention_mask"] == 1, val["input_ids"], 0)
+    labels = np.zeros(24, dtype=np.int64)
+    out = tmp_path / "onnx-int8"
+    report = quantize_onnx(bert_export, out, qcfg(max_accuracy_drop=1.0), None, val, labels, accuracy)
+
+    def session(folder):
+        return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    ref = session(bert_export).run(["logits"], val)[0]  # float: rows do not depend on each other
+    q = session(out)
+    alone = np.concatenate([q.run(["logits"], {k: v[i:i + 1, :n] for k, v in val.items()})[0]
+                            for i, n in enumerate(lengths)])
+    batched = q.run(["logits"], val)[0]
+    assert not np.allclose(alone, batched, atol=1e-6)  # the batch really changes the answers
+    assert report["quantized"]["max_abs_diff"] == pytest.approx(float(np.abs(alone - ref).max()), abs=1e-6)
+
+
+@pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
 def test_static_calibrates_on_the_recipe_sample_count(bert_export, tmp_path):
     calib = text_inputs(50, seed=2)
     val = text_inputs(16)

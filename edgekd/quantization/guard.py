@@ -30,7 +30,16 @@ def load_runner(path: Path, threads: int | None = None) -> Any:
     return get_exporter("onnx").load(Path(path), threads=threads)
 
 
-def run_all(runner: Any, inputs: Mapping[str, np.ndarray], batch: int = EVAL_BATCH) -> dict[str, np.ndarray]:
+def run_all(runner: Any, inputs: Mapping[str, np.ndarray], batch: int = EVAL_BATCH,
+            precision: str | None = None) -> dict[str, np.ndarray]:
+    """Outputs over every row; an artifact of a row-dependent ``precision`` (dynamic int8) runs one row
+    per call at its own length, as it is served (``edgekd.export.parity.run_as_served``)."""
+    from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
+
+    if str(precision) in ROW_DEPENDENT_PRECISIONS:
+        from edgekd.export.parity import run_as_served
+
+        return run_as_served(runner.run, dict(inputs), batch, precision)
     parts: dict[str, list[np.ndarray]] = {}
     for chunk in batches(inputs, batch):
         for name, arr in runner.run(chunk).items():
@@ -76,10 +85,12 @@ class Evaluator:
         self.sens_n = min(sensitivity_examples, n)
         self.reference: dict[str, np.ndarray] | None = None
 
-    def score(self, path: Path, subset: bool = False) -> dict[str, Any]:
+    def score(self, path: Path, subset: bool = False, precision: str | None = None) -> dict[str, Any]:
+        """The model's metric and outputs; ``precision``: the artifact's, so that a dynamic-int8 model
+        is scored one row per call at its own length, as it is served."""
         runner = load_runner(path, self.threads)
         n = self.sens_n if subset else len(self.labels)
-        outputs = run_all(runner, take(self.inputs, n))
+        outputs = run_all(runner, take(self.inputs, n), precision=precision)
         metrics = {k: float(v) for k, v in self.metric_fn(outputs, self.labels[:n]).items()}
         result = {"metrics": metrics, "metric": metric_of(metrics, self.key), "outputs": outputs}
         if self.reference is not None:

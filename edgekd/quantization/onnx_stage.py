@@ -278,7 +278,7 @@ def _accuracy_guard(method: Any, prepared: Path, work: Path, ev: Evaluator, base
     def attempt(exclude: list[str]) -> None:
         path = work / f"attempt{len(paths) + 1}.onnx"
         method.quantize(prepared, path, exclude)
-        scores.append(ev.score(path))
+        scores.append(ev.score(path, precision=method.precision))
         attempts.append(_attempt_record(exclude, scores[-1], base["metric"], cfg.max_accuracy_drop))
         paths.append(path)
 
@@ -337,12 +337,12 @@ def _sensitivity(method: Any, prepared: Path, work: Path, ev: Evaluator) -> list
     (and metric) that removes, on the sensitivity subset. Sorted, most sensitive first."""
     full = work / "sens-all.onnx"
     method.quantize(prepared, full, [])
-    everything = ev.score(full, subset=True)
+    everything = ev.score(full, subset=True, precision=method.precision)
     ranking = []
     for node, op in track(_nodes(prepared, method.candidate_ops), "quantize: sensitivity", label=lambda n: n[0]):
         path = work / "sens-one.onnx"
         method.quantize(prepared, path, [node])
-        s = ev.score(path, subset=True)
+        s = ev.score(path, subset=True, precision=method.precision)
         ranking.append({
             "node": node, "op_type": op,
             "error_removed": round(everything["relative_error"] - s["relative_error"], 9),

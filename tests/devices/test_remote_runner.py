@@ -174,6 +174,39 @@ def test_runtimes_that_plan_memory_get_batches_they_accept(tmp_path):
     assert "p50_ms" in cases[1] and "planned maximum batch 2" in cases[8]["skipped"]
 
 
+def test_dynamic_int8_is_scored_one_text_per_call_at_its_own_length(tmp_path):
+    """Dynamic int8 answers a text differently beside other texts (one activation scale per call), and
+    is served one text per call: bench scores it so, each text cut to its own length; other
+    precisions keep their batches."""
+
+    class Recorder:
+        input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
+
+        def __init__(self):
+            self.seen = []
+
+        def run(self, inputs):
+            self.seen.append(inputs["input_ids"].shape)
+            # The answer depends on the whole call, as dynamic int8's does.
+            return {"logits": np.full((len(inputs["input_ids"]), 2), float(inputs["input_ids"].shape[1]))}
+
+    lengths = np.array([2, 5, 3, 1])
+    mask = (np.arange(5)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, 7, 0)
+    assert {k: v.tolist() for k, v in rr.own_length_row({"input_ids": ids, "attention_mask": mask}, 2).items()} == {
+        "input_ids": [[7, 7, 7]], "attention_mask": [[1, 1, 1]]}
+    np.savez(tmp_path / "evals.npz", input_ids=ids, attention_mask=mask)
+    meta = {"io": {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"],
+                   "dynamic_axes": {"input_ids": {"0": "b", "1": "s"}, "attention_mask": {"0": "b", "1": "s"}}}}
+    job = {"name": "m", "cases": [], "in_process": True, "eval_inputs": "evals.npz", "eval_batch_size": 32}
+    for precision, calls, widths in (("int8-dynamic", [(1, 2), (1, 5), (1, 3), (1, 1)], [2, 5, 3, 1]),
+                                     ("int8-static", [(4, 5)], [5, 5, 5, 5])):
+        runner = Recorder()
+        result, outputs = rr.measure(lambda runner=runner: runner, job, tmp_path, {**meta, "precision": precision})
+        assert runner.seen == calls and outputs["logits"][:, 0].tolist() == widths
+        assert ("eval_rows_per_call" in result) == (precision == "int8-dynamic")
+
+
 def test_a_round_times_its_own_slice_of_the_plan(tmp_path):
     """With ``call_offset`` the warm-up calls are the plan's first ones and the timed calls start that
     many calls after them: the rounds of a bench time consecutive slices, not the same texts again."""
