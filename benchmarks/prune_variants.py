@@ -84,11 +84,13 @@ def trim_variant(run: Path, spec: str) -> dict:
 
 
 def one_at_a_time(run: Path, folder: Path) -> dict[str, float]:
-    """Accuracy of an ONNX export folder as it is used: every text alone at its own length (batch 1),
-    on the validation and test splits and the recipe's out-of-domain set, with the folder's tokenizer."""
+    """Accuracy of an export folder as it is served (a dynamic-int8 file one text per call at its own
+    length: ``edgekd.export.parity.run_as_served``) on the validation and test splits and the recipe's
+    out-of-domain set, with the folder's tokenizer."""
     import numpy as np
 
-    from edgekd.export import get_exporter
+    from edgekd.export.parity import run_as_served
+    from edgekd.export.stage import load_artifact
     from edgekd.ood import load_ood
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
@@ -101,15 +103,13 @@ def one_at_a_time(run: Path, folder: Path) -> dict[str, float]:
     if recipe.eval.ood_dataset:
         ood = load_ood(recipe.eval.ood_dataset, ctx.task.label_names, recipe.eval.ood_min_abs_score)
         splits["ood"] = TokenizedSplit(ctx.task.tokenize(tok, ood.texts), ood.labels, tok.pad_token_id or 0)
-    runner = get_exporter("onnx").load(next(folder.glob("*.onnx")), threads=recipe.runtime.threads)
+    runner, meta = load_artifact(folder, threads=recipe.runtime.threads)
     out = {}
     for name, split in splits.items():
-        preds = []
-        for i in range(len(split)):
-            batch = split.collate([i])
-            logits = runner.run({k: batch[k] for k in ("input_ids", "attention_mask")})[runner.output_names[0]]
-            preds.append(int(np.argmax(logits[0])))
-        out[name] = float(np.mean(np.asarray(preds) == split.labels))
+        batch = split.collate(np.arange(len(split)))
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        outputs = run_as_served(runner.run, inputs, 64, meta.get("precision"))
+        out[name] = float(ctx.task.metrics(outputs, split.labels)["accuracy"])
     return out
 
 

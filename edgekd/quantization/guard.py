@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import DataError
-from edgekd.quantization.calibration import batches, cast_to, take
+from edgekd.quantization.calibration import cast_to, take
 
 MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], Mapping[str, float]]
 EVAL_BATCH = 64
@@ -32,19 +32,11 @@ def load_runner(path: Path, threads: int | None = None) -> Any:
 
 def run_all(runner: Any, inputs: Mapping[str, np.ndarray], batch: int = EVAL_BATCH,
             precision: str | None = None) -> dict[str, np.ndarray]:
-    """Outputs over every row; an artifact of a row-dependent ``precision`` (dynamic int8) runs one row
-    per call at its own length, as it is served (``edgekd.export.parity.run_as_served``)."""
-    from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
+    """Outputs over every row, in batches of ``batch``; an artifact of a row-dependent ``precision``
+    (dynamic int8) runs one row per call at its own length, as it is served."""
+    from edgekd.export.parity import run_as_served
 
-    if str(precision) in ROW_DEPENDENT_PRECISIONS:
-        from edgekd.export.parity import run_as_served
-
-        return run_as_served(runner.run, dict(inputs), batch, precision)
-    parts: dict[str, list[np.ndarray]] = {}
-    for chunk in batches(inputs, batch):
-        for name, arr in runner.run(chunk).items():
-            parts.setdefault(name, []).append(np.asarray(arr))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return run_as_served(runner.run, dict(inputs), batch, precision)
 
 
 def metric_of(metrics: Mapping[str, float], key: str) -> float:
