@@ -124,6 +124,7 @@ class LiveServer:
 
         from edgekd.serving.app import uvicorn_config
 
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # The server's own configuration (timeouts included), on a free loopback port.
@@ -139,6 +140,14 @@ class LiveServer:
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.01)
         return self
+
+    def wait_in_flight(self, n: int, timeout: float = 30) -> None:
+        """Wait until the server is handling ``n`` POST requests at once (all of them received)."""
+        deadline = time.monotonic() + timeout
+        while self.app.state.metrics.in_flight() < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {self.app.state.metrics.in_flight()} of {n} requests reached the server")
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self.server.should_exit = True

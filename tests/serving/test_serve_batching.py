@@ -113,6 +113,9 @@ def test_graceful_shutdown_finishes_in_flight_requests(live_server, batching):
 
     client = threading.Thread(target=fire)
     client.start()
+    # All eight requests received (a connection not yet accepted when the server stops is refused,
+    # which is not what this test is about) and the first runner call under way.
+    srv.wait_in_flight(8)
     deadline = time.monotonic() + 10
     while len(box[0].calls) < 2 and time.monotonic() < deadline:  # warm-up + at least one request call
         time.sleep(0.01)
@@ -169,7 +172,12 @@ def test_sigterm_finishes_in_flight_requests_then_exits(export_dir):
         client = threading.Thread(target=lambda: results.extend(
             asyncio.run(_post_all(url, [{"text": t} for t in TEXTS[:6]]))))
         client.start()
-        time.sleep(0.15)  # the requests are in (the runner sleeps 0.3 s per call)
+        # All six requests received before the signal (the runner sleeps 0.3 s per call): one still
+        # connecting when the server stops listening is refused, which this test is not about.
+        deadline = time.monotonic() + 30
+        while "edgekd_http_inference_requests_in_flight 6.0" not in httpx.get(f"{url}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "the six requests did not all reach the server"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         client.join(timeout=30)
         # uvicorn drains, runs the lifespan shutdown, then re-raises the signal it caught, so the
