@@ -87,3 +87,57 @@ def test_no_run_on_a_missing_run_folder_says_what_to_do(seeds, tmp_path, capsys)
     recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
     assert seeds.main([str(recipe), "--seeds", "1", "--no-run"]) == 2
     assert "tiny-seed1 does not exist; run it first (drop --no-run)" in capsys.readouterr().err
+
+
+def _pipeline_run(root: Path, student=0.84, shipped=0.836, bench=True, teacher_ms=15.0) -> Path:
+    import json
+
+    root.mkdir(parents=True)
+    stages = {
+        "teacher": {"seconds": 400.0, "metrics": {}},
+        "eval": {"seconds": 50.0, "metrics": {"teacher": {"accuracy": 0.85, "ood_accuracy": 0.86},
+                                              "student": {"accuracy": student, "ood_accuracy": 0.80}}},
+        "quantize": {"seconds": 30.0, "metrics": {"test": {"float": {"accuracy": 0.83},
+                                                           "quantized": {"accuracy": 0.831}}}},
+    }
+    (root / "manifest.json").write_text(json.dumps({"stages": stages}))
+    (root / "export" / "onnx-int8").mkdir(parents=True)
+    (root / "export" / "onnx-int8" / "artifact.json").write_text(json.dumps({"size_bytes": 7_000_000}))
+    if bench:
+        def row(name, p50, acc=None, ood=None):
+            return {"name": name, "accuracy": acc, "ood_accuracy": ood, "size_bytes": 7_100_000,
+                    "cases": [{"batch": 1, "seq": "real", "p50_ms": p50}, {"batch": 8, "seq": "real", "p50_ms": 9 * p50}]}
+        results = [row("pytorch-teacher", teacher_ms, 0.5), row("pytorch-student", 9.0, 0.5),
+                   row("onnx", 2.0, 0.83, 0.79), row("onnx-int8", 1.5, shipped, 0.78)]
+        (root / "bench" / "local").mkdir(parents=True)
+        (root / "bench" / "local" / "results.json").write_text(json.dumps({"results": results}))
+    return root
+
+
+def test_pipeline_only_reads_the_runs_own_eval_and_bench(seeds, tmp_path):
+    rec = seeds.pipeline_record(_pipeline_run(tmp_path / "a"), "onnx-int8")
+    f = seeds.seed_figures(rec)
+    # The fp32 student's accuracy is the eval stage's, not the bench's PyTorch row (0.5 there).
+    assert f["student_accuracy"] == pytest.approx(84.0) and f["shipped_accuracy"] == pytest.approx(83.6)
+    assert f["vs_student_pp"] == pytest.approx(-0.4) and f["shipped_p50_ms"] == 1.5
+    assert f["vs_teacher"] == pytest.approx(10.0) and f["shipped_mb"] == pytest.approx(7.1)
+    assert f["ood_kept_pct"] == pytest.approx(97.5) and f["pipeline_min"] == pytest.approx(8.0)
+    assert not [k for k in f if ":" in k]  # no usual path was built
+    # Without a bench: the quantize stage's test figure and the folder's recorded size; nothing timed.
+    f = seeds.seed_figures(seeds.pipeline_record(_pipeline_run(tmp_path / "b", bench=False), "onnx-int8"))
+    assert f["shipped_accuracy"] == pytest.approx(83.1) and f["shipped_mb"] == pytest.approx(7.0)
+    assert f["vs_teacher"] is None and f["ood_kept_pct"] is None
+
+
+def test_pipeline_only_never_claims_the_bars(seeds, tmp_path):
+    # Every figure shown meets its bar (20x the teacher, 7.1 MB, -0.4 points, 97.5% OOD, 8 minutes) ...
+    per_seed = {s: seeds.pipeline_record(_pipeline_run(tmp_path / str(s), teacher_ms=30.0), "onnx-int8")
+                for s in (1, 2)}
+    agg = seeds.aggregate(per_seed)
+    assert all(r["all_met"] for r in agg["rows"] if "bar" in r)
+    # ... yet the usual paths were not built, so the whole is not called met.
+    assert agg["pipeline_only"] and not agg["all_met"]
+    text = seeds.markdown(agg, "t")
+    assert "Pipeline figures only" in text and "All bars met" not in text
+    with pytest.raises(Exception, match="no manifest.json"):
+        seeds.pipeline_record(tmp_path / "missing", "onnx-int8")
