@@ -21,6 +21,7 @@ import numpy as np
 from edgekd.devices import measure, remote_runner, tables
 from edgekd.devices.profiles import DeviceProfile, load_profile
 from edgekd.errors import StageError
+from edgekd.export import registered
 from edgekd.progress import progress_bar
 from edgekd.recipe import BenchConfig
 
@@ -114,12 +115,19 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
         if e["kind"] == "artifact" and not prof.runs_target(e["exporter"]):
             e.update(status="skipped", reason=f"profile '{prof.name}' does not run target '{e['target']}'")
             continue
+        cls = registered().get(e.get("exporter", "")) if e["kind"] == "artifact" else None
+        why = cls.runs_here() if cls is not None else None
+        if why:  # this machine cannot run it: said here, without a process started to find out
+            e.update(status="skipped", reason=f"not run here: {why}")
+            continue
         todo.append(e)
     spans = measure.round_spans(cfg.runs, cfg.rounds)
 
     def measure_one(e: dict[str, Any], r: int, offset: int, runs: int) -> tuple[dict, dict | None]:
         job = measure.round_job(measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
                                                  case_list), cfg, r, len(spans), offset, runs)
+        if e.get("scored_elsewhere"):  # its accuracy comes from bench_run's own_outputs: timed only
+            job.pop("eval_inputs", None)
         if e["kind"] == "torch":
             job.update(kind="torch", module_file=e["module_file"], io=e["io"], preload=e["preload"],
                        device=e["device"])
@@ -159,9 +167,10 @@ def bench_run(
     ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures;
     ``metric`` is the key of ``metric_fn``'s result that fills the accuracy column (map50_95 for
     detectors). ``ood`` (name, inputs, labels) adds each model's accuracy on an out-of-domain set.
-    ``own_outputs()`` (entry name -> (test outputs, OOD outputs); called only once a PyTorch model was
-    measured) scores a model that was timed on inputs it does not read as they are (an unpruned model
-    behind a trimmed vocabulary's id table) on the outputs given instead, and says so in its note.
+    ``own_outputs()`` (entry name -> (test outputs, OOD outputs); called only where PyTorch models are
+    measured, before they are) scores a model that is timed on inputs it does not read as they are (an
+    unpruned model behind a trimmed vocabulary's id table) on the outputs given instead, and says so in
+    its note; such a model is then only timed, not scored a second time on inputs it does not read.
     """
     cfg = cfg or BenchConfig()
     run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
@@ -185,6 +194,13 @@ def bench_run(
                 "eager models given. Run `edgekd export` first."
             )
         extra_files: dict[str, bytes] = {}
+        own: dict[str, Any] = {}
+        if kind == "local" and own_outputs is not None and any(e["kind"] == "torch" and not e.get("status")
+                                                               for e in entries):
+            own = own_outputs()
+            for e in entries:
+                if e["name"] in own and e["kind"] == "torch":
+                    e["scored_elsewhere"] = True
         if kind == "local":
             _measure_local(entries, prof, cfg, inputs, workdir)
             env = remote_runner.environment(cfg.threads or prof.bench_threads())
@@ -198,11 +214,9 @@ def bench_run(
             extra_files = prepare_on_device(entries, prof, cfg, inputs, run_dir)
             env = None
     ref = measure.reference_accuracies(run_dir, reference, metric)
-    measured_torch = any(e["kind"] == "torch" and e.get("_outputs") is not None for e in entries)
-    own = own_outputs() if own_outputs is not None and measured_torch else {}
     for e in entries:
         test_out, ood_out = inputs.split_outputs(e.pop("_outputs", None))
-        if e["name"] in own and test_out is not None:  # measured: scored on its own inputs
+        if e.pop("scored_elsewhere", False) and e.get("status", "ok") == "ok":  # timed; scored on its own inputs
             test_out, ood_out = own[e["name"]]
             e["note"] = ("timed on the shipped tokenizer's ids through the id table; accuracy on its own "
                          "tokenizer's ids")

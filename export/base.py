@@ -107,6 +107,12 @@ class Exporter(ABC):
         return True, None
 
     @classmethod
+    def runs_here(cls) -> str | None:
+        """Why an artifact of this target cannot run on this machine (None when it can): a bench skips
+        it before starting a process to find out."""
+        return None
+
+    @classmethod
     def require(cls) -> None:
         ok, why = cls.available()
         if not ok:

@@ -50,6 +50,7 @@ MULTI_ENUMERATED = ("iOS18", "macOS15")
 DEFAULT_BATCH_SIZES = (1, 8)  # bench.batch_sizes' default
 _ANE_SOURCE = ("Core ML runs range-flexible inputs on the Neural Engine only at their default shape; each "
                "enumerated shape can run there (developer.apple.com/forums/thread/724930)")
+_NOT_MACOS = "Core ML predicts only on macOS (this is {platform})"
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 _OP_PATTERNS = (r"convert function for op '([^']+)' not implemented", r"[Uu]nsupported op(?:erator)? '?([\w.:]+)")
 _ADVICE = "Replace the operator in the model, register a coremltools op converter for it, or export to another target."
@@ -146,17 +147,20 @@ class CoreMLExporter(Exporter):
                  "predicts_on": "macOS only (Core ML); the spec is checked on every platform"}
         return ExportResult(self.name, path, [path], notes=notes, precision=precision)
 
+    @classmethod
+    def runs_here(cls) -> str | None:
+        return None if sys.platform == "darwin" else _NOT_MACOS.format(platform=sys.platform)
+
     def load(self, path: Path, **runtime_opts: Any) -> CoreMLRunner:
         unknown = sorted(set(runtime_opts) - {"compute_units", "threads"})
         if unknown:
             raise UnsupportedTargetError(
                 f"The Core ML runner does not accept option(s) {', '.join(unknown)}; allowed: compute_units."
             )
-        if sys.platform != "darwin":
-            raise UnsupportedTargetError(
-                f"Core ML predicts only on macOS (this is {sys.platform}): copy {Path(path).parent} to a Mac to "
-                "run it; here its spec is checked with edgekd.export.coreml.verify_spec."
-            )
+        why = self.runs_here()
+        if why:
+            raise UnsupportedTargetError(f"{why}: copy {Path(path).parent} to a Mac to run it; here its spec is "
+                                         "checked with edgekd.export.coreml.verify_spec.")
         return CoreMLRunner(Path(path), runtime_opts.get("compute_units", "ALL"))
 
 

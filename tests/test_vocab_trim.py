@@ -263,6 +263,9 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     results = json.loads((run / "bench" / "local" / "results.json").read_text())["results"]
     notes = {e["name"]: e.get("note") for e in results}
     assert "own tokenizer" in notes["pytorch-teacher"] and not notes.get("pytorch-student-pruned")
+    # Those are only timed through the table, not also scored there (their outputs would be dropped).
+    scored = {e["name"] for e in results if e.get("eval_examples")}
+    assert scored == {"onnx", "onnx-int8", "pytorch-student-pruned"}, scored
 
 
 def test_a_model_trimmed_already_is_not_trimmed_again_with_the_teacher_ids(classifier, tiny_classifier_dir):

@@ -147,6 +147,34 @@ def test_in_process_bench_and_caller_reference(tiny_run, tmp_path):
 
 
 @pytest.mark.slow  # the shared tiny run takes ~10 s to export
+def test_a_target_this_machine_cannot_run_is_skipped_without_a_process(tiny_run, tmp_path, monkeypatch):
+    from edgekd.devices import measure
+    from edgekd.export import registered
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir / "export" / "onnx", run / "export" / "onnx")
+    monkeypatch.setattr(registered()["onnx"], "runs_here", classmethod(lambda cls: "no such runtime on this OS"))
+
+    def no_job(*a, **k):
+        raise AssertionError("a measuring process was started for a target this machine cannot run")
+
+    monkeypatch.setattr(measure, "run_job", no_job)
+    bench_run(run, "local", BenchConfig(**FAST), tiny_run.eval_inputs, tiny_run.labels, classification_metrics)
+    (e,) = load_results(run)["results"]
+    assert e["status"] == "skipped" and e["reason"] == "not run here: no such runtime on this OS"
+
+
+def test_core_ml_says_where_it_runs():
+    import sys
+
+    from edgekd.export import registered
+
+    why = registered()["coreml"].runs_here()
+    assert why is None if sys.platform == "darwin" else why == f"Core ML predicts only on macOS (this is {sys.platform})"
+    assert registered()["onnx"].runs_here() is None
+
+
+@pytest.mark.slow  # the shared tiny run takes ~10 s to export
 def test_bench_without_accuracy_says_why_no_plot(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir / "export" / "onnx", run / "export" / "onnx")
