@@ -27,6 +27,8 @@ VARIANTS: list[tuple[str, dict]] = [
     ("dynamic", {"method": "dynamic"}),
     ("dynamic/fused-attention", {"method": "dynamic", "fuse": "attention"}),
     ("dynamic/fused-multihead", {"method": "dynamic", "fuse": "multihead"}),
+    ("dynamic/emb4", {"method": "dynamic", "embedding_bits": 4}),
+    ("dynamic/emb4/fused-multihead", {"method": "dynamic", "fuse": "multihead", "embedding_bits": 4}),
     ("dynamic/per-channel/fused-multihead", {"method": "dynamic", "fuse": "multihead", "per_channel": True}),
     ("dynamic/reduce-range/fused-multihead", {"method": "dynamic", "fuse": "multihead", "reduce_range": True}),
     ("static/minmax", {"method": "static"}),

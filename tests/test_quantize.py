@@ -233,6 +233,44 @@ def test_four_bit_embeddings_shrink_the_file_and_keep_the_answers(bert_export, t
     assert np.abs(outs[4] - outs[8]).max() < 0.1
 
 
+def test_four_bit_tables_are_stored_packed_in_uint8_with_the_same_answers(tmp_path, monkeypatch):
+    """The 4-bit tables go to ONNX Runtime as uint8 (two values per byte), the layout its kernel gathers
+    fastest, and answer exactly as the UINT4 tensors the quantizer writes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekd.quantization import onnx_methods
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["out"], axis=0)], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    packed, plain = tmp_path / "packed.onnx", tmp_path / "uint4.onnx"
+    onnx.save(model, str(packed))
+    onnx.save(model, str(plain))
+    assert onnx_methods.quantize_embeddings_4bit(packed, 32, [], False) == 1
+    with monkeypatch.context() as m:
+        m.setattr(onnx_methods, "_pack_uint4_as_uint8", lambda model: 0)
+        onnx_methods.quantize_embeddings_4bit(plain, 32, [], False)
+    dtypes = {}
+    for path in (packed, plain):
+        inits = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+        (node,) = onnx.load(str(path)).graph.node
+        dtypes[path.stem] = [(TensorProto.DataType.Name(inits[n].data_type), list(inits[n].dims))
+                             for n in (node.input[0], node.input[3])]
+    assert dtypes == {"packed": [("UINT8", [50, 32]), ("UINT8", [50, 1])],
+                      "uint4": [("UINT4", [50, 64]), ("UINT4", [50, 2])]}
+    ids = {"ids": np.array([[0, 7, 49, 7, 3]], dtype=np.int64)}
+    got = ort.InferenceSession(str(packed), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    want = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    np.testing.assert_array_equal(got, want)
+    # and both are the table up to 4-bit rounding (16 levels per block of 32 values)
+    assert np.abs(got[0] - table[ids["ids"][0]]).max() < (table.max() - table.min()) / 15
+
+
 def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_path):
     from edgekd.errors import RecipeError, StageError
     from edgekd.recipe import parse_recipe

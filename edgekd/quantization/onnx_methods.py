@@ -105,6 +105,7 @@ def quantize_embeddings_4bit(path: Path, block_size: int, exclude: list[str], ex
     with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (e.g. the padding row) has scale 0
         quantizer.process()
     n = sum(node.op_type == "GatherBlockQuantized" for node in quantizer.model.model.graph.node)
+    _pack_uint4_as_uint8(quantizer.model.model)
     if n == 0:
         raise StageError(f"quantize.embedding_bits: 4 found no Gather over a float weight in {path.name} (the "
                          "embeddings were fused into another operator, quantized already, or kept in float by "
@@ -113,6 +114,34 @@ def quantize_embeddings_4bit(path: Path, block_size: int, exclude: list[str], ex
     quantizer.model.save_model_to_file(str(tmp), external_data)
     tmp.replace(path)
     return n
+
+
+def _pack_uint4_as_uint8(model: Any) -> int:
+    """Store each GatherBlockQuantized table (and its zero points) as uint8, two 4-bit values per byte,
+    instead of ONNX's UINT4 type: the same bytes, low nibble first in both, so the same answers to the
+    bit, but ONNX Runtime's kernel gathers uint8-packed rows about 5x faster (measured on the default
+    run's 16,545 x 384 table: 20 against 106 us for 26 tokens, once per embedding table and call).
+    A tensor whose last axis is odd is left as it is (its rows do not start on a byte). Returns how many
+    nodes were rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "GatherBlockQuantized":
+            continue
+        names = [node.input[0]] + ([node.input[3]] if len(node.input) > 3 and node.input[3] else [])
+        tensors = [inits.get(n) for n in names]
+        if any(t is None or t.data_type != onnx.TensorProto.UINT4 or t.dims[-1] % 2 or not t.raw_data
+               for t in tensors):
+            continue
+        for t in tensors:
+            dims = [*t.dims[:-1], t.dims[-1] // 2]
+            packed = np.frombuffer(t.raw_data, dtype=np.uint8).reshape(dims)
+            t.CopyFrom(numpy_helper.from_array(packed.copy(), t.name))
+        done += 1
+    return done
 
 
 def _qtype(name: str):

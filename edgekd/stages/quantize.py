@@ -23,6 +23,10 @@ def quantize_fingerprint(ctx: RunContext) -> str:
         # served (guard, test figures, bench): a run that has one quantizes and benches again; other
         # runs keep their fingerprints.
         parts["int8_dynamic_scored"] = "one row per call at its own length"
+    if 4 in {q.embedding_bits, *(c.embedding_bits for c in q.candidates)}:
+        # Since 2026-12-04 the 4-bit tables are stored uint8-packed (same answers, faster gathers): a run
+        # with 4-bit embeddings quantizes and benches again.
+        parts["embedding_4bit_storage"] = "uint8, two values per byte"
     return fingerprint(parts)
 
 
