@@ -172,8 +172,12 @@ def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int,
     onnx_fp32 = fp32.get("onnx")
     if onnx_fp32 is not None:
         src = "pruned-" if (onnx_fp32.get("meta") or {}).get("source_stage") == "prune" else ""
-        steps.append(("export + graph optimisation", f"{src}optimum-onnx-fp32", onnx_fp32["name"],
-                      "the same model: Optimum's ONNX export -> edgekd's ONNX export (fp32, same ONNX Runtime)"))
+        first = ((onnx_fp32.get("meta") or {}).get("first_token_last_layer") or {}).get("applied")
+        step = "export (last block on the first position only)" if first else "export + graph optimisation"
+        steps.append((step, f"{src}optimum-onnx-fp32", onnx_fp32["name"],
+                      "the same model: Optimum's ONNX export -> edgekd's ONNX export (fp32, same ONNX Runtime)"
+                      + ("; edgekd's computes the last block for the [CLS] row alone, the logits unchanged"
+                         if first else "")))
     qmethod = ((stages.get("quantize") or {}).get("metrics") or {}).get("method")
     for r in edge:
         meta = r.get("meta") or {}

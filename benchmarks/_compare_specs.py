@@ -108,5 +108,5 @@ def _meta_facts(meta: dict[str, Any]) -> dict[str, Any]:
     """What the ablation table reads from an export folder's artifact.json: the stage it came from
     and any step record the quantize/export stages leave there."""
     keep = ("source_stage", "precision", "target", "quantization", "method", "derived_from", "step", "fusions",
-            "graph_optimization", "vocab", "vocabulary")
+            "graph_optimization", "vocab", "vocabulary", "first_token_last_layer")
     return {k: meta[k] for k in keep if k in meta}

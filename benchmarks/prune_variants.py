@@ -67,7 +67,8 @@ def trim_variant(run: Path, spec: str) -> dict:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with tempfile.TemporaryDirectory() as tmp:
         ex = get_exporter("onnx")
-        res = ex.export(ctx.task.export_module(model), {k: v[:8] for k, v in inputs.items()}, ctx.task.model_io(),
+        module, _ = ctx.task.shipped_module(model, recipe.export, inputs)
+        res = ex.export(module, {k: v[:8] for k, v in inputs.items()}, ctx.task.model_io(),
                         Path(tmp) / "fp32")
         import onnx
 

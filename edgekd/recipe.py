@@ -615,6 +615,14 @@ class ExportConfig(Section):
     max_abs_diff: float | None = Field(
         None, gt=0, description="Fail the stage (ParityError) when an artifact's outputs differ from its source's by more."
     )
+    first_token_last_layer: bool | None = Field(
+        None,
+        description="Text classifiers: compute the last encoder block for the first position only (the one "
+        "the BERT/RoBERTa/ELECTRA/DistilBERT heads read), so every target runs less of the block; the logits "
+        "are the same (checked against the model's own forward, and parity compares with it). None: where the "
+        "model's family allows it (artifact.json says why not elsewhere); true: required, an error where it "
+        "cannot; false: the full last block.",
+    )
     strict: bool = Field(
         False,
         description="Raise when a target cannot be exported here (missing dependency, unconvertible operator) "

@@ -165,7 +165,8 @@ def _record(name: str, status: str, reason: str | None = None, **fields: Any) ->
 def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cfg: ExportConfig,
                 examples: dict[str, np.ndarray], labels: np.ndarray | None, metric_fn: Callable | None,
                 meta: dict[str, Any], extra_files: list[Path],
-                agreement_fn: Callable | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+                agreement_fn: Callable | None = None, defaults: dict[str, Any] | None = None,
+                reference: Any = None) -> dict[str, Any]:
     name = exporter.name
     given = cfg.options.get(name, {})
     applied = {k: v for k, v in (defaults or {}).items() if k not in given}
@@ -217,7 +218,7 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
     except (UnsupportedTargetError, MissingBackendError) as e:
         rec["parity"] = {"ran": False, "reason": str(e)}
     else:
-        report = check_parity(runner, module, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
+        report = check_parity(runner, module if reference is None else reference, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
                               agreement_fn=agreement_fn)
         misses = report.failures(cfg.min_top1_agreement, cfg.max_abs_diff)
         rec["parity"] = {"ran": True, **report.to_dict(), "passed": not misses}
@@ -243,6 +244,7 @@ def export_all(
     extra_files: list[Path],
     agreement_fn: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], float] | None = None,
     defaults: dict[str, dict[str, Any]] | None = None,
+    reference: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Export ``module`` to every target in ``targets``; return one manifest record per target.
 
@@ -251,7 +253,8 @@ def export_all(
     goes into every artifact.json; ``extra_files`` (the tokenizer files) are copied beside each
     artifact; ``agreement_fn(got, want)`` replaces top-1 agreement in parity (detection: boxes).
     ``defaults`` (target -> options) are the task's own option defaults; ``export.options`` of the
-    recipe overrides them, and each record says which were applied (``task_defaults``)."""
+    recipe overrides them, and each record says which were applied (``task_defaults``). ``reference``:
+    the module parity compares with when ``module`` is a rewritten form of it (default: ``module``)."""
     clash = sorted(set(meta) & set(RESERVED))
     if clash:
         raise EdgeKDError(f"artifact meta keys {clash} are reserved for artifact.json's own fields.")
@@ -278,7 +281,7 @@ def export_all(
     misses = []
     for ex in track(exporters, "export", label=lambda e: e.name):
         rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files,
-                          agreement_fn, defaults.get(ex.name))
+                          agreement_fn, defaults.get(ex.name), reference)
         if "parity_misses" in rec:
             misses.append(rec.pop("parity_misses"))
         records[ex.name] = rec

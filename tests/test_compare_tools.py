@@ -109,6 +109,11 @@ def test_ablation_rows_follow_what_exists(tools):
     assert table["quantize (dynamic)"]["speedup"] == pytest.approx(2.0)
     assert table["vocabulary trimming"]["size_ratio"] == pytest.approx(0.5)
     assert "not timed" in table["vocab_trim"]["what"]
+    # An export that computes the last block for the first position only says so in its step.
+    rows[4]["meta"]["first_token_last_layer"] = {"applied": True}
+    first = {a["step"]: a for a in rep.ablation(rows, manifest, 1)}
+    assert "export + graph optimisation" not in first
+    assert first["export (last block on the first position only)"]["speedup"] == pytest.approx(1.25)
     # A step whose model was not measured has no row.
     rows = [r for r in rows if r["name"] != "pruned-student-fp32"]
     assert "prune + recovery" not in {a["step"] for a in rep.ablation(rows, {}, 1)}

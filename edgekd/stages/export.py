@@ -58,9 +58,12 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
         "run": r.name,
     }
     extra = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
-    records = export_all(task.export_module(model), task.model_io(), r.export.targets,
+    # Every target captures the shipped module; parity compares each artifact with the model's own forward.
+    shipped, graph = task.shipped_module(model, r.export, inputs)
+    meta.update(graph)
+    records = export_all(shipped, task.model_io(), r.export.targets,
                          ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
-                         task.agreement, getattr(task, "export_defaults", None))
+                         task.agreement, getattr(task, "export_defaults", None), reference=task.export_module(model))
     records.update(ctx.extra_exports(model, inputs, labels, meta))
     folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
     ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,

@@ -71,7 +71,8 @@ def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
         exporter = get_exporter("onnx")
         opts = dict(r.export.options.get("onnx", {}))
         with tempfile.TemporaryDirectory(prefix="edgekd-prune-latency-") as tmp:
-            res = exporter.export(ctx.task.export_module(model), inputs, io, Path(tmp) / "fp32", **opts)
+            module, _ = ctx.task.shipped_module(model, r.export, inputs)  # the form the export stage writes
+            res = exporter.export(module, inputs, io, Path(tmp) / "fp32", **opts)
             path = Path(res.path)
             if r.quantize.enabled:
                 path = _quantize_for_timing(r.quantize, path, Path(tmp) / "q", inputs)

@@ -62,6 +62,11 @@ class Task(Protocol):
         """A torch.nn.Module taking ``model_io().input_names`` as tensors and returning a tuple
         of tensors in the order of ``model_io().output_names`` (no dict outputs)."""
 
+    def shipped_module(self, model: Any, cfg: Any, inputs: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+        """The module every export target captures (``export_module``'s outputs, possibly computed with
+        less work; ``cfg`` is the recipe's export section, ``inputs`` real examples to check it on) and
+        what artifact.json records about it. Parity and the PyTorch bench rows use ``export_module``."""
+
     def metrics(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
         """The task metric(s) from raw model outputs (e.g. accuracy, macro_f1 from logits)."""
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgekd.errors import StageError
+from edgekd.errors import RecipeError, StageError
 from edgekd.export.base import ModelIO
 
 DETECTION_IO = ModelIO(
@@ -108,6 +108,13 @@ class DetectionTask:
         from edgekd.tasks.detection.models import DetectionExport
 
         return DetectionExport(model.eval())
+
+    def shipped_module(self, model, cfg, inputs: dict[str, np.ndarray]):
+        """Detection exports ``export_module`` as it is."""
+        if cfg.first_token_last_layer:
+            raise RecipeError(["export.first_token_last_layer: applies to text classifiers only; leave it out "
+                               "of a detection recipe"])
+        return self.export_module(model), {}
 
     def metrics(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
         """COCO mAP@0.5:0.95 and mAP@0.5 (pycocotools) from raw outputs."""

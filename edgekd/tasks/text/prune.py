@@ -35,6 +35,9 @@ def prune_fingerprint(ctx: RunContext) -> str:
         settings["int8"] = _int8_rounding(r)
     if r.prune.trim_vocab:  # trimmed before pruning and recovery (it used to follow them)
         settings["vocab_order"] = "trim-then-recover"
+    if r.prune.target_latency_ms is not None or r.prune.max_accuracy_drop is not None:
+        # the search times the shipped form, which this key changes
+        settings["first_token_last_layer"] = r.export.first_token_last_layer
     return fingerprint(settings)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,6 +187,14 @@ class TextClassificationTask:
 
     def export_module(self, model: nn.Module) -> nn.Module:
         return SequenceClassifierExport(model)
+
+    def shipped_module(self, model: nn.Module, cfg: Any, inputs: dict[str, np.ndarray]) -> tuple[nn.Module, dict]:
+        """The classifier with its last block over the first position only, where the family allows it
+        (edgekd.tasks.text.first_token; ``export.first_token_last_layer``), else ``export_module``."""
+        from edgekd.tasks.text.first_token import shipped_text_module
+
+        module, notes = shipped_text_module(model, cfg.first_token_last_layer, self.export_module(model), inputs)
+        return module, {"first_token_last_layer": notes}
 
     def metrics(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
         return classification_metrics(outputs, labels)
