@@ -618,7 +618,7 @@ class ExportConfig(Section):
     first_token_last_layer: bool | None = Field(
         None,
         description="Text classifiers: compute the last encoder block for the first position only (the one "
-        "the BERT/RoBERTa/ELECTRA/DistilBERT heads read), so every target runs less of the block; the logits "
+        "the BERT/RoBERTa/ELECTRA/DistilBERT/MPNet heads read), so every target runs less of the block; the logits "
         "are the same (checked against the model's own forward, and parity compares with it). None: where the "
         "model's family allows it (artifact.json says why not elsewhere); true: required, an error where it "
         "cannot; false: the full last block.",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from encoder_families import FAMILIES, classifier
 
 from edgekd.errors import RecipeError, StageError
 from edgekd.tasks.text.first_token import (
@@ -15,9 +16,8 @@ from edgekd.tasks.text.first_token import (
     shipped_text_module,
 )
 from edgekd.tasks.text.task import SequenceClassifierExport
-from tests.encoder_families import FAMILIES, classifier
 
-SUPPORTED = ("bert", "minilm", "roberta", "xlm-roberta", "electra", "distilbert")
+SUPPORTED = ("bert", "minilm", "roberta", "xlm-roberta", "electra", "distilbert", "mpnet")
 
 
 def _padded_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -55,6 +55,20 @@ def test_pruned_heads_and_one_layer_models_are_handled():
     model = classifier("bert", layers=1)
     model.prune_heads({0: [1, 3]})
     batch = _padded_batch(model.config.vocab_size, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(FirstTokenClassifierExport(model)(**batch)[0],
+                                   SequenceClassifierExport(model)(**batch)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mpnet_with_heads_removed_uniformly_keeps_its_logits():
+    """edgekd removes MPNet's heads from every layer and its relative-position bias columns alike; the
+    first-position block adds the first row of that (sliced) bias."""
+    from edgekd.pruning.encoder import Encoder
+
+    model = classifier("mpnet", layers=3, seed=5)
+    Encoder(model).remove_heads({i: [1, 3] for i in range(3)})
+    assert model.mpnet.encoder.relative_attention_bias.weight.shape[1] == 2
+    batch = _padded_batch(model.config.vocab_size, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(FirstTokenClassifierExport(model)(**batch)[0],
                                    SequenceClassifierExport(model)(**batch)[0], atol=1e-5, rtol=1e-5)

@@ -1,7 +1,7 @@
 """The exported classifier with its last encoder block computed for the first position only.
 
-A sequence classifier of the BERT and DistilBERT kinds reads one position of the last block's
-output: the first ([CLS], ``<s>``), through BERT's pooler or the RoBERTa/ELECTRA/DistilBERT heads.
+A sequence classifier of the BERT, DistilBERT and MPNet kinds reads one position of the last block's
+output: the first ([CLS], ``<s>``), through BERT's pooler or the RoBERTa/ELECTRA/DistilBERT/MPNet heads.
 Every other row of that block is computed and thrown away. In the last block only the keys and
 values need every position; the query, the attention output, both FFN linears and both layer norms
 need the first row alone, which is most of the block's multiply-adds (for the default 3-layer
@@ -9,7 +9,8 @@ student, about a quarter of the encoder's). The logits are the same: the rows dr
 
 ``first_token_support(model)`` says whether a model qualifies (None) or why not (a sentence), and
 ``FirstTokenClassifierExport`` is the module the export targets capture in its place. The block
-arithmetic is the one of transformers' BertLayer / TransformerBlock in eval mode, written with the
+arithmetic is the one of transformers' BertLayer / TransformerBlock / MPNetLayer in eval mode (MPNet's
+relative-position bias computed by its encoder, the first row of it in the last block), written with the
 model's own linears and layer norms; ``check_same_logits`` compares it with the model's own forward.
 """
 
@@ -32,7 +33,8 @@ _BERT_STYLE = {
     "ElectraForSequenceClassification": "head",
 }
 _DISTILBERT = "DistilBertForSequenceClassification"
-SUPPORTED = (*_BERT_STYLE, _DISTILBERT)
+_MPNET = "MPNetForSequenceClassification"  # relative-position bias, one row of it for the first position
+SUPPORTED = (*_BERT_STYLE, _DISTILBERT, _MPNET)
 
 
 def first_token_support(model: nn.Module) -> str | None:
@@ -42,7 +44,7 @@ def first_token_support(model: nn.Module) -> str | None:
         return (f"{name}: its head is not one known to read the first position only "
                 f"(known: {', '.join(SUPPORTED)})")
     cfg = model.config
-    if name == _DISTILBERT:
+    if name in (_DISTILBERT, _MPNET):
         return None
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         return (f"{name} with position_embedding_type {cfg.position_embedding_type!r}: its attention adds "
@@ -78,6 +80,13 @@ def _bert_block(layer: nn.Module, hq: torch.Tensor, h: torch.Tensor, bias: torch
     return layer.output(layer.intermediate(a), a)
 
 
+def _mpnet_block(layer: nn.Module, hq: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    sa = layer.attention.attn
+    ctx = _attend(sa.q, sa.k, sa.v, sa.num_attention_heads, sa.attention_head_size, hq, h, bias)
+    a = layer.attention.LayerNorm(sa.o(ctx) + hq)
+    return layer.output(layer.intermediate(a), a)
+
+
 def _distilbert_block(layer: nn.Module, hq: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     sa = layer.attention
     ctx = _attend(sa.q_lin, sa.k_lin, sa.v_lin, sa.n_heads, sa.dim // sa.n_heads, hq, h, bias)
@@ -103,6 +112,9 @@ class FirstTokenClassifierExport(nn.Module):
         if self.kind == _DISTILBERT:
             h = base.embeddings(input_ids)
             blocks, block = base.transformer.layer, _distilbert_block
+        elif self.kind == _MPNET:
+            h = base.embeddings(input_ids=input_ids)
+            blocks, block = base.encoder.layer, _mpnet_block
         else:
             h = base.embeddings(input_ids=input_ids)
             if hasattr(base, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
@@ -110,15 +122,20 @@ class FirstTokenClassifierExport(nn.Module):
             blocks, block = base.encoder.layer, _bert_block
         # Additive key mask, [batch, 1, 1, keys]: padded keys get the dtype's lowest value.
         bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        if self.kind == _MPNET:  # the relative-position bias every block adds, [batch, heads, rows, keys]
+            position = base.encoder.compute_position_bias(h)
+            bias, last_bias = position + bias, position[:, :, :1, :] + bias
+        else:
+            last_bias = bias
         for layer in blocks[:-1]:
             h = block(layer, h, h, bias)
-        h = block(blocks[-1], h[:, :1], h, bias)  # [batch, 1, hidden]
+        h = block(blocks[-1], h[:, :1], h, last_bias)  # [batch, 1, hidden]
         if self.kind == _DISTILBERT:
             x = nn.functional.relu(m.pre_classifier(h[:, 0]))
             return (m.classifier(m.dropout(x)),)
-        if _BERT_STYLE[self.kind] == "pooler":
+        if _BERT_STYLE.get(self.kind) == "pooler":
             return (m.classifier(m.dropout(base.pooler(h))),)
-        return (m.classifier(h),)  # the RoBERTa/ELECTRA heads read h[:, 0, :] themselves
+        return (m.classifier(h),)  # the RoBERTa/ELECTRA/MPNet heads read h[:, 0, :] themselves
 
 
 def check_same_logits(module: nn.Module, reference: nn.Module, inputs: dict[str, np.ndarray],
