@@ -2,7 +2,8 @@
 values below were recorded once; a change to any of them makes every existing run redo that stage
 (and the ones after it). Moving code around must leave them, and the stage names, exactly as they are.
 A change meant to redo a stage updates its value here and says why (2026-12-03: bench, timed in rounds
-since `bench.rounds`).
+since `bench.rounds`; 2026-12-04: text export and what follows it, since the exported graph computes the
+last block for the first position only, `export.first_token_last_layer`; detection's is unchanged).
 
 The recipes and data are written by the test with relative paths (the working folder is the test's
 own), so the figures do not depend on where the test runs.
@@ -19,8 +20,8 @@ from edgekd.testing import tiny_recipe, write_sentiment_csv
 STAGE_NAMES = ["teacher", "distill", "baseline", "eval", "prune", "export", "quantize", "bench"]
 
 TEXT = {"teacher": "f8b26d0aa99d653e", "distill": "b2c8a22cb5e2359a", "baseline": "0fff180bab4396e2",
-        "eval": "5463fe2d6fddd735", "prune": "711de1ae982f4e95", "export": "0b05b278ee626163",
-        "quantize": "e5c27271f7f9aef7", "bench": "dcacec4967799fae"}
+        "eval": "5463fe2d6fddd735", "prune": "711de1ae982f4e95", "export": "751676cc7dd9a948",
+        "quantize": "dd21bf6f05fbb4d0", "bench": "3a478fedd2c00a89"}
 
 DETECTION = {"teacher": "39e0afe8e94ae6d6", "distill": "28c0af041e4a4070", "baseline": "e6183b6f7f2d5b9a",
              "eval": "301a93846c2b5054", "prune": "b37cf286b2766f53", "export": "89fd49bb7054d734",

@@ -33,9 +33,18 @@ def load_source(ctx: RunContext):
     return load_stage_model(ctx, source_stage(ctx))
 
 
+# Export keys that only a task's shipped_module reads. A task that does not read one (its
+# ``shipped_settings`` leaves it out) keeps its fingerprint while the key is unset.
+SHIPPED_KEYS = ("first_token_last_layer",)
+
+
 def export_fingerprint(ctx: RunContext) -> str:
-    return fingerprint({"export": ctx.recipe.export.model_dump(mode="json"), "source": _source_fingerprint(ctx),
-                        "data": ctx.data_fingerprint})
+    export = ctx.recipe.export.model_dump(mode="json")
+    read = getattr(ctx.task, "shipped_settings", ())
+    for key in SHIPPED_KEYS:
+        if key not in read and export[key] is None:
+            del export[key]
+    return fingerprint({"export": export, "source": _source_fingerprint(ctx), "data": ctx.data_fingerprint})
 
 
 def run_export(ctx: RunContext) -> dict[str, Any]:

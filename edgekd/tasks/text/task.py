@@ -109,6 +109,8 @@ class TextClassificationTask:
     name = "text-classification"
     # Export option defaults of this task (target -> options; the recipe's export.options override).
     export_defaults: dict[str, dict] = {}  # noqa: RUF012 (read only)
+    # Export keys shipped_module reads (they are part of the export fingerprint even when unset).
+    shipped_settings = ("first_token_last_layer",)
 
     def __init__(self, label_names: list[str], max_length: int = 64):
         self.label_names = list(label_names)
