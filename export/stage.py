@@ -218,7 +218,8 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
     except (UnsupportedTargetError, MissingBackendError) as e:
         rec["parity"] = {"ran": False, "reason": str(e)}
     else:
-        report = check_parity(runner, module if reference is None else reference, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
+        want = module if reference is None else reference  # parity's source: the model's own forward
+        report = check_parity(runner, want, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
                               agreement_fn=agreement_fn)
         misses = report.failures(cfg.min_top1_agreement, cfg.max_abs_diff)
         rec["parity"] = {"ran": True, **report.to_dict(), "passed": not misses}

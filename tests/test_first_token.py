@@ -40,7 +40,7 @@ def test_first_position_block_gives_the_models_own_logits(family):
     with torch.no_grad():
         want = SequenceClassifierExport(model)(**batch)[0]
         got = FirstTokenClassifierExport(model)(**batch)[0]
-        # and the rows it drops are really dropped: the last block sees a [batch, 1, hidden] query
+        # the module computes every block itself: the last layer's own full-width forward never runs
         seen = []
         blocks = model.base_model.transformer.layer if family == "distilbert" else model.base_model.encoder.layer
         hook = blocks[-1].register_forward_hook(lambda *a: seen.append(1))
@@ -48,7 +48,7 @@ def test_first_position_block_gives_the_models_own_logits(family):
         hook.remove()
     assert want.shape == got.shape == (5, 2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert not seen  # the module computes the last block itself, never through the full-width layer
+    assert not seen
 
 
 def test_pruned_heads_and_one_layer_models_are_handled():
