@@ -692,7 +692,9 @@ class BenchConfig(Section):
     eval_examples: int | None = Field(
         None, ge=1, description="Test examples scored per artifact (default: the whole test split)."
     )
-    eval_batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(32, ge=1, description=(
+        "Texts per scoring call: batches of similar lengths, each cut to its longest text (dynamic int8: "
+        "one text per call)."))
     targets: list[str] | None = Field(None, description="Export folders to measure (default: all under export/).")
     torch_models: bool = Field(True, description="Also measure the fp32 teacher and student in eager PyTorch.")
     timeout_s: float = Field(1800, gt=0, description="Give up on one artifact after this many seconds.")

@@ -207,6 +207,79 @@ def test_dynamic_int8_is_scored_one_text_per_call_at_its_own_length(tmp_path):
         assert ("eval_rows_per_call" in result) == (precision == "int8-dynamic")
 
 
+def _padded(lengths, width):
+    mask = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, np.arange(1, width + 1)[None, :] * 10 + np.arange(len(lengths))[:, None], 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class _Shapes:
+    """Records each call's shape; answers per row from the marked tokens only (as a masked model does),
+    plus a per-token output when asked."""
+
+    def __init__(self, per_token=False):
+        self.seen, self.per_token = [], per_token
+
+    def run(self, inputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        self.seen.append(ids.shape)
+        out = {"logits": np.stack([(ids * mask).sum(1), mask.sum(1)], axis=1).astype(np.float32)}
+        if self.per_token:
+            out["tokens"] = (ids * mask).astype(np.float32)
+        return out
+
+
+def test_scoring_runs_length_sorted_batches_cut_to_their_longest_text():
+    """Bench scores token inputs in batches of similar lengths, each cut to its longest text: the
+    outputs are the padded run's, row for row, from narrower calls."""
+    lengths = [3, 9, 1, 9, 2, 5, 4]
+    inputs = _padded(lengths, 10)
+    plain = _Shapes()
+    want = rr.run_dataset(plain, inputs, 3)
+    assert plain.seen == [(3, 10), (3, 10), (1, 10)]
+    trimmed = _Shapes()
+    got = rr.run_dataset(trimmed, inputs, 3, trim_ok=lambda b, w: True)
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+    assert got["logits"][:, 1].tolist() == lengths  # each row back in its place
+    assert trimmed.seen == [(3, 3), (3, 9), (1, 9)]  # sorted 1,2,3 | 4,5,9 | 9
+
+
+def test_scoring_keeps_the_full_width_where_the_runtime_needs_it():
+    """A batch the artifact cannot take at its width (static sequence, bounds) runs at the full width;
+    outputs with a sequence axis are not trimmed at all."""
+    inputs = _padded([3, 9, 1, 9, 2, 5, 4], 10)
+    refusing = _Shapes()
+    got = rr.run_dataset(refusing, inputs, 3, trim_ok=lambda b, w: w >= 9)
+    assert refusing.seen == [(3, 10), (3, 9), (1, 9)]
+    assert got["logits"][:, 1].tolist() == [3, 9, 1, 9, 2, 5, 4]
+
+    want = rr.run_dataset(_Shapes(per_token=True), inputs, 3)
+    got = rr.run_dataset(_Shapes(per_token=True), inputs, 3, trim_ok=lambda b, w: True)
+    assert got["tokens"].shape == (7, 10)
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+
+
+
+def test_the_worker_cuts_batches_only_where_the_artifact_takes_the_width(tmp_path):
+    """measure() scores a dynamic-sequence artifact in cut batches and one with a static sequence axis
+    at its exported width, with the same answers."""
+    lengths = [3, 9, 1, 9, 2, 5, 4]
+    np.savez(tmp_path / "evals.npz", **_padded(lengths, 10))
+    job = {"name": "m", "cases": [], "in_process": True, "eval_inputs": "evals.npz", "eval_batch_size": 3}
+    io = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
+    dynamic = {"io": {**io, "dynamic_axes": {n: {"0": "b", "1": "s"} for n in io["input_names"]}}}
+    static = {"io": {**io, "dynamic_axes": {n: {"0": "b"} for n in io["input_names"]}}, "max_length": 10}
+    seen = {}
+    for name, meta in (("dynamic", dynamic), ("static", static)):
+        runner = _Shapes()
+        _, outputs = rr.measure(lambda runner=runner: runner, job, tmp_path, {**meta, "precision": "fp32"})
+        seen[name] = (runner.seen, outputs["logits"])
+    assert seen["dynamic"][0] == [(3, 3), (3, 9), (1, 9)] and {s[1] for s in seen["static"][0]} == {10}
+    np.testing.assert_array_equal(seen["dynamic"][1], seen["static"][1])
+    assert seen["dynamic"][1][:, 1].tolist() == lengths
+
+
 def test_a_round_times_its_own_slice_of_the_plan(tmp_path):
     """With ``call_offset`` the warm-up calls are the plan's first ones and the timed calls start that
     many calls after them: the rounds of a bench time consecutive slices, not the same texts again."""

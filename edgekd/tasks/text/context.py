@@ -101,14 +101,19 @@ class TextRunContext(RunContext):
         p = self.recipe.prune
         if not (p.enabled and p.trim_vocab):
             return {}
-        from edgekd.export.parity import run_batched, source_outputs
+        from types import SimpleNamespace
+
+        from edgekd.devices.remote_runner import run_dataset
+        from edgekd.export.parity import source_outputs
         from edgekd.ood import ood_inputs
 
         test, _ = self.parity_data(n, tokenizer=self.tokenizer)
         found = ood_inputs(self, self.tokenizer)
 
         def outputs(module: Any, io: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return run_batched(lambda b: source_outputs(module, b, io.output_names), arrays, 64)
+            # batches of similar lengths, each cut to its longest text (an eager model takes any width)
+            runner = SimpleNamespace(run=lambda b: source_outputs(module, b, io.output_names))
+            return run_dataset(runner, arrays, 64, trim_ok=lambda b, w: True)
 
         return {name: (outputs(module, io, test), outputs(module, io, found[1]) if found else None)
                 for name, (module, io) in models.items() if name != "student-pruned"}
