@@ -339,20 +339,6 @@ def slice_rows(inputs: dict, start: int, stop: int) -> dict:
 ROW_DEPENDENT_PRECISIONS = {"int8-dynamic": "activation scales are computed per call over the whole batch"}
 
 
-def own_length_row(inputs: dict, i: int) -> dict:
-    """Row ``i`` alone, as a server gets it: right-padded token inputs (every 2-D array as wide as
-    ``attention_mask``) are cut to the width its mask marks; other inputs (images) are left whole."""
-    row = slice_rows(inputs, i, i + 1)
-    mask = inputs.get("attention_mask")
-    if mask is None or np.ndim(mask) != 2:
-        return row
-    width = mask.shape[1]
-    marked = np.flatnonzero(np.asarray(mask[i]))
-    keep = int(marked[-1]) + 1 if marked.size else width
-    return {k: (np.ascontiguousarray(v[:, :keep]) if np.ndim(v) == 2 and v.shape[1] == width else v)
-            for k, v in row.items()}
-
-
 def concat_rows(outputs: list[dict]) -> dict:
     """One output dict from the outputs of one-row calls, in their order."""
     return {k: np.concatenate([np.asarray(o[k]) for o in outputs], axis=0) for k in (outputs[0] if outputs else {})}
@@ -375,6 +361,14 @@ def trimmed_rows(inputs: dict, idx: np.ndarray, width: int) -> dict:
     full = np.asarray(inputs["attention_mask"]).shape[1]
     return {k: np.ascontiguousarray(np.asarray(v)[idx][:, :width] if np.ndim(v) == 2 and np.shape(v)[1] == full
                                     else np.asarray(v)[idx]) for k, v in inputs.items()}
+
+
+def own_length_row(inputs: dict, i: int) -> dict:
+    """Row ``i`` alone, as a server gets it: right-padded token inputs (every 2-D array as wide as
+    ``attention_mask``) are cut to the width its mask marks; other inputs (images) are left whole."""
+    row = slice_rows(inputs, i, i + 1)
+    lengths = marked_lengths(row)
+    return row if lengths is None else trimmed_rows(row, np.zeros(1, dtype=np.int64), int(lengths[0]))
 
 
 def run_dataset(runner, inputs: dict, batch_size: int, one_row_each: bool = False,
