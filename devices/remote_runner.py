@@ -421,17 +421,22 @@ def load_npz(path: str | None, base: Path) -> dict | None:
 
 
 class OrtRunner:
-    def __init__(self, path: Path, io: dict, threads: int | None, providers: list[str] | None):
+    """``disabled_optimizers``: the folder's own ``runtime_options`` (artifact.json), as edgekd's runner applies them."""
+
+    def __init__(self, path: Path, io: dict, threads: int | None, providers: list[str] | None,
+                 disabled_optimizers: list[str] | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), so, providers=providers or None)
+        self.session = ort.InferenceSession(str(path), so, providers=providers or None,
+                                            disabled_optimizers=disabled_optimizers or None)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.runtime = {"runtime": "onnxruntime", "providers": self.session.get_providers()}
+        self.runtime = {"runtime": "onnxruntime", "providers": self.session.get_providers(),
+                        "disabled_optimizers": list(disabled_optimizers or [])}
 
     def run(self, inputs: dict) -> dict:
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
@@ -509,7 +514,16 @@ def load_standalone(folder: Path, meta: dict, threads: int | None, providers: li
     io = meta["io"]
     suffix = path.suffix
     if suffix == ".onnx":
-        return OrtRunner(path, io, threads, providers)
+        options = meta.get("runtime_options") or {}
+        unknown = sorted(set(options) - {"disabled_optimizers"})
+        if unknown:
+            raise ValueError(f"artifact.json runtime_options {unknown} are not ONNX Runtime options this runner "
+                             "knows (disabled_optimizers): re-export the folder with this edgekd version")
+        disabled = list(options.get("disabled_optimizers") or [])
+        if any(name != "SkipLayerNormFusion" for name in disabled):  # edgekd.export.onnx.TUNABLE_OPTIMIZERS
+            raise ValueError(f"artifact.json disables optimisers {disabled}; only SkipLayerNormFusion is one edgekd "
+                             "measures (ONNX Runtime would ignore an unknown name silently)")
+        return OrtRunner(path, io, threads, providers, disabled)
     if suffix == ".pte":
         return ExecuTorchRunner(path, io, threads)
     if suffix in (".pt", ".ptl"):

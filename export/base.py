@@ -181,6 +181,9 @@ def get_exporter(name: str) -> Exporter:
 META_DIGEST = "meta_sha256"
 # Every file beside the artifact that serving it reads (tokenizer files, config.json) -> sha256.
 EXTRA_DIGESTS = "extra_sha256"
+# Runtime options the artifact's own runner opens it with (keyword options of its exporter's ``load``,
+# e.g. an ONNX folder's ``disabled_optimizers``), recorded with the measurement that chose them.
+RUNTIME_OPTIONS = "runtime_options"
 # A Hugging Face config beside the artifact: Optimum / transformers load the folder as is.
 HF_CONFIG = "config.json"
 

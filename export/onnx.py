@@ -36,6 +36,11 @@ PROTOBUF_LIMIT = 2**31
 # Most capable first; a provider that fails to initialise makes ONNX Runtime fall back to the next.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 MIN_DYNAMO_OPSET = 18
+# ONNX Runtime graph optimisers an export folder may switch off for its own sessions
+# (artifact.json ``runtime_options.disabled_optimizers``, chosen by ``edgekd.quantization.guard.tune_session``
+# where it measures faster). ONNX Runtime accepts any name there and ignores the unknown ones, so the
+# runner refuses names outside this list instead of passing them on.
+TUNABLE_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 _ORT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
@@ -104,10 +109,11 @@ class OnnxExporter(Exporter):
         return ExportResult(self.name, out_dir / "model.onnx", [out_dir / f for f in files], notes=notes)
 
     def load(self, path: Path, **runtime_opts: Any) -> OnnxRunner:
-        unknown = sorted(set(runtime_opts) - {"threads", "providers"})
+        unknown = sorted(set(runtime_opts) - {"threads", "providers", "disabled_optimizers"})
         if unknown:
             raise UnsupportedTargetError(
-                f"The ONNX runner does not accept option(s) {', '.join(unknown)}; allowed: providers, threads."
+                f"The ONNX runner does not accept option(s) {', '.join(unknown)}; allowed: disabled_optimizers, "
+                "providers, threads."
             )
         return OnnxRunner(Path(path), **runtime_opts)
 
@@ -215,22 +221,38 @@ def select_providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PREFERRED_PROVIDERS if p in available]
 
 
-class OnnxRunner:
-    """An ONNX Runtime session; inputs are cast to the dtypes the graph declares."""
+def check_disabled_optimizers(names: Any) -> list[str]:
+    """``names`` as a list, every one of them in ``TUNABLE_OPTIMIZERS`` (an error says which are not)."""
+    names = list(names or [])
+    unknown = [n for n in names if n not in TUNABLE_OPTIMIZERS]
+    if unknown:
+        raise UnsupportedTargetError(
+            f"disabled_optimizers {unknown} are not ones edgekd switches off (allowed: {list(TUNABLE_OPTIMIZERS)}); "
+            "ONNX Runtime would ignore an unknown name silently. Fix runtime_options in artifact.json or re-export."
+        )
+    return names
 
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
+
+class OnnxRunner:
+    """An ONNX Runtime session; inputs are cast to the dtypes the graph declares. ``disabled_optimizers``:
+    ONNX Runtime graph optimisers left out of this session (``TUNABLE_OPTIMIZERS`` only)."""
+
+    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
+                 disabled_optimizers: list[str] | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise MissingBackendError("Running an ONNX artifact", "onnxruntime", "serve") from e
         if not Path(path).is_file():
             raise UnsupportedTargetError(f"{path} does not exist: export the 'onnx' target first.")
+        self.disabled_optimizers = check_disabled_optimizers(disabled_optimizers)
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         self.threads = threads
-        self.session = ort.InferenceSession(str(path), so, providers=select_providers(providers))
+        self.session = ort.InferenceSession(str(path), so, providers=select_providers(providers),
+                                            disabled_optimizers=self.disabled_optimizers or None)
         self.providers = self.session.get_providers()
         self.device = "cuda" if any(p in self.providers for p in PREFERRED_PROVIDERS[:2]) else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]

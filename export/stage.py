@@ -42,6 +42,7 @@ from edgekd.export._common import publish_modes
 from edgekd.export.base import (
     EXTRA_DIGESTS,
     HF_CONFIG,
+    RUNTIME_OPTIONS,
     Exporter,
     ExportResult,
     ModelIO,
@@ -166,7 +167,7 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
                 examples: dict[str, np.ndarray], labels: np.ndarray | None, metric_fn: Callable | None,
                 meta: dict[str, Any], extra_files: list[Path],
                 agreement_fn: Callable | None = None, defaults: dict[str, Any] | None = None,
-                reference: Any = None) -> dict[str, Any]:
+                reference: Any = None, timing_rows: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     name = exporter.name
     given = cfg.options.get(name, {})
     applied = {k: v for k, v in (defaults or {}).items() if k not in given}
@@ -191,6 +192,12 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
             extra = _copy_extra(extra_files, tmp, own)
             extra += _write_hf_config(tmp, meta, own | set(extra))
             art = _artifact_meta(name, result, io, meta, extra)
+            if timing_rows and name == "onnx" and result.built and result.path.exists():
+                from edgekd.export.timing import TUNING_RUNS, tune_session
+
+                # Measured before parity, so parity checks the session the folder will be opened with.
+                tuned = tune_session(result.path, timing_rows, TUNING_RUNS, None)
+                art[RUNTIME_OPTIONS], art["session_tuning"] = tuned["runtime_options"], tuned["tuning"]
             # Serving reads these too (the tokenizer, its vocabulary): each is checked like the model file.
             art[EXTRA_DIGESTS] = {n: artifact_digest(tmp / n) for n in extra}
             write_artifact_meta(tmp, art)
@@ -246,6 +253,7 @@ def export_all(
     agreement_fn: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], float] | None = None,
     defaults: dict[str, dict[str, Any]] | None = None,
     reference: Any = None,
+    timing_inputs: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Export ``module`` to every target in ``targets``; return one manifest record per target.
 
@@ -255,7 +263,10 @@ def export_all(
     artifact; ``agreement_fn(got, want)`` replaces top-1 agreement in parity (detection: boxes).
     ``defaults`` (target -> options) are the task's own option defaults; ``export.options`` of the
     recipe overrides them, and each record says which were applied (``task_defaults``). ``reference``:
-    the module parity compares with when ``module`` is a rewritten form of it (default: ``module``)."""
+    the module parity compares with when ``module`` is a rewritten form of it (default: ``module``).
+    ``timing_inputs`` (validation examples, padded to one shape): the ONNX target times its model on
+    them one by one at their real lengths with and without ONNX Runtime's SkipLayerNormFusion and
+    records the faster session in artifact.json (``runtime_options``, ``session_tuning``)."""
     clash = sorted(set(meta) & set(RESERVED))
     if clash:
         raise EdgeKDError(f"artifact meta keys {clash} are reserved for artifact.json's own fields.")
@@ -278,11 +289,17 @@ def export_all(
     examples = _slice(parity_inputs, n)
     labels = None if parity_labels is None else np.asarray(parity_labels)[:n]
 
+    timing_rows = None
+    if timing_inputs is not None:
+        from edgekd.export.timing import TUNING_RUNS
+        from edgekd.quantization.calibration import real_length_rows
+
+        timing_rows = real_length_rows(timing_inputs, TUNING_RUNS)
     records: dict[str, dict[str, Any]] = {}
     misses = []
     for ex in track(exporters, "export", label=lambda e: e.name):
         rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files,
-                          agreement_fn, defaults.get(ex.name), reference)
+                          agreement_fn, defaults.get(ex.name), reference, timing_rows)
         if "parity_misses" in rec:
             misses.append(rec.pop("parity_misses"))
         records[ex.name] = rec
@@ -296,8 +313,9 @@ def export_all(
 
 
 def load_artifact(folder: Path, *, verify: bool = True, **runtime_opts: Any) -> tuple[Runner, dict[str, Any]]:
-    """The Runner for the export folder ``folder`` (its artifact.json names target and file) and the
-    folder's metadata. With ``verify``, the artifact's sha256 must match artifact.json.
+    """The Runner for the export folder ``folder`` (its artifact.json names target and file, and
+    ``runtime_options`` the session options it was measured with) and the folder's metadata. With
+    ``verify``, the artifact's sha256 must match artifact.json.
 
     Imports only what the artifact's runtime needs (an ONNX artifact loads without torch)."""
     folder = Path(folder)
@@ -311,4 +329,6 @@ def load_artifact(folder: Path, *, verify: bool = True, **runtime_opts: Any) -> 
         raise ChecksumError(
             f"{path} does not match the sha256 in {folder}/artifact.json: it changed after export. Re-export it."
         )
-    return exporter.load(path, **runtime_opts), meta
+    # Session options the folder records for itself (an ONNX folder's tuned optimisers) come first;
+    # the caller's own options override them.
+    return exporter.load(path, **{**meta.get(RUNTIME_OPTIONS, {}), **runtime_opts}), meta

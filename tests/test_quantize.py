@@ -370,9 +370,10 @@ def test_side_by_side_timing_feeds_every_model_the_same_inputs_in_rotating_block
     calls, options = [], {}
 
     class Session:
-        def __init__(self, path, so, providers):
+        def __init__(self, path, so, providers, disabled_optimizers=None):
             self.path = Path(path).name
             options[self.path] = so
+            assert disabled_optimizers is None  # no runtime_options given: ONNX Runtime's own optimisers
 
         def get_inputs(self):
             return [types.SimpleNamespace(name="x", type="tensor(float)")]
@@ -417,6 +418,55 @@ def test_slower_int8_is_reported_and_float_recommended(fragile, tmp_path, monkey
     assert not report["speed_guard"]["quantized_faster"]
     assert "int8-dynamic is not faster than float" in report["speed_guard"]["note"]
     assert report["recommended"] == "float" and report["reasons"] == [report["speed_guard"]["note"]]
+
+
+OFF = {"disabled_optimizers": ["SkipLayerNormFusion"]}
+
+
+def test_the_quantized_folder_records_its_own_session_choice_not_the_float_folders(fragile, tmp_path):
+    folder, inputs, labels = fragile
+    meta = read_artifact_meta(folder)
+    write_artifact_meta(folder, {**meta, "runtime_options": OFF, "session_tuning": {"timed": True}})
+    report = quantize_onnx(folder, tmp_path / "q", qcfg(max_accuracy_drop=1.0), None, inputs, labels, accuracy)
+    out = read_artifact_meta(tmp_path / "q")
+    # The int8 graph has no Add -> LayerNormalization pair: nothing timed, ONNX Runtime's defaults kept.
+    assert out["runtime_options"] == {} == report["session"]["runtime_options"]
+    assert out["session_tuning"] == {"timed": False, "reason": "no Add -> LayerNormalization pair to fuse"}
+
+
+@pytest.mark.parametrize("tuned_metric_ok", [True, False])
+def test_a_faster_session_is_kept_only_within_the_accuracy_budget(fragile, tmp_path, monkeypatch, tuned_metric_ok):
+    from edgekd.quantization.guard import Evaluator
+
+    folder, inputs, labels = fragile
+    seen = []
+
+    def tune(path, rows, runs, threads):
+        seen.append((Path(path), len(rows), runs))
+        return {"runtime_options": dict(OFF), "tuning": {"timed": True, "chosen": "SkipLayerNormFusion off"}}
+
+    real_score = Evaluator.score
+
+    def score(self, path, subset=False, precision=None, options=None):
+        result = real_score(self, path, subset, precision, options)
+        if options == OFF and not tuned_metric_ok:
+            result = {**result, "metric": result["metric"] - 0.5}
+        return result
+
+    monkeypatch.setattr(onnx_stage, "tune_session", tune)
+    monkeypatch.setattr(Evaluator, "score", score)
+    report = quantize_onnx(folder, tmp_path / "q", qcfg(max_accuracy_drop=0.2, max_attempts=4), None,
+                           inputs, labels, accuracy)
+    assert report["accuracy_guard"]["passed"] and len(seen) == 1 and seen[0][2] >= 200
+    out = read_artifact_meta(tmp_path / "q")
+    tuning = report["session"]["tuning"]
+    assert "validation_metric" in tuning
+    if tuned_metric_ok:
+        assert out["runtime_options"] == OFF and "note" not in tuning
+        assert report["quantized"]["metrics"]["accuracy"] == pytest.approx(tuning["validation_metric"])
+    else:
+        assert out["runtime_options"] == {} and "outside the budget" in tuning["note"]
+        assert report["quantized"]["metrics"]["accuracy"] == pytest.approx(report["accuracy_guard"]["quantized_metric"])
 
 
 @pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module

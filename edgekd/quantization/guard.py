@@ -8,8 +8,6 @@ alternate, which on a small machine makes the second model look several times sl
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,17 +15,18 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import DataError
-from edgekd.quantization.calibration import cast_to, take
+from edgekd.export.timing import TIMING_BLOCK, time_side_by_side  # noqa: F401  (re-exported)
+from edgekd.quantization.calibration import take
 
 MetricFn = Callable[[dict[str, np.ndarray], np.ndarray], Mapping[str, float]]
 EVAL_BATCH = 64
 
 
-def load_runner(path: Path, threads: int | None = None) -> Any:
+def load_runner(path: Path, threads: int | None = None, **options: Any) -> Any:
     from edgekd.export import get_exporter
     from edgekd.export import onnx as _onnx  # noqa: F401  (registers the target)
 
-    return get_exporter("onnx").load(Path(path), threads=threads)
+    return get_exporter("onnx").load(Path(path), threads=threads, **options)
 
 
 def run_all(runner: Any, inputs: Mapping[str, np.ndarray], batch: int = EVAL_BATCH,
@@ -77,10 +76,12 @@ class Evaluator:
         self.sens_n = min(sensitivity_examples, n)
         self.reference: dict[str, np.ndarray] | None = None
 
-    def score(self, path: Path, subset: bool = False, precision: str | None = None) -> dict[str, Any]:
+    def score(self, path: Path, subset: bool = False, precision: str | None = None,
+              options: dict[str, Any] | None = None) -> dict[str, Any]:
         """The model's metric and outputs; ``precision``: the artifact's, so that a dynamic-int8 model
-        is scored one row per call at its own length, as it is served."""
-        runner = load_runner(path, self.threads)
+        is scored one row per call at its own length, as it is served; ``options``: runner options
+        (the session the folder will be opened with)."""
+        runner = load_runner(path, self.threads, **(options or {}))
         n = self.sens_n if subset else len(self.labels)
         outputs = run_all(runner, take(self.inputs, n), precision=precision)
         metrics = {k: float(v) for k, v in self.metric_fn(outputs, self.labels[:n]).items()}
@@ -90,60 +91,6 @@ class Evaluator:
             result["relative_error"] = relative_error(ref, outputs)
             result.update(agreement(ref, outputs))
         return result
-
-
-TIMING_BLOCK = 10  # consecutive runs of one model before the next model's turn
-
-
-def time_side_by_side(paths: Mapping[str, Path], inputs: Mapping[str, np.ndarray] | list[Mapping[str, np.ndarray]],
-                      runs: int, threads: int | None, warmup: int = 5,
-                      block: int = TIMING_BLOCK) -> dict[str, dict[str, float]]:
-    """Median latency of each model on the same inputs, in rotating blocks of ``block`` runs.
-
-    ``inputs`` is one feed or a list of feeds (e.g. single examples at their real lengths); run
-    ``i`` of every model uses feed ``i mod len``, so all models see exactly the same inputs. Each
-    session is the one the artifact's own runner opens (``load_runner``: ONNX Runtime's thread
-    spinning left on, as serve and bench run it), so what is timed is how it will run; blocks keep
-    one session's spinning threads from competing with the next session's run except at a block's
-    first call.
-    """
-    feeds_in = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-    if not feeds_in:
-        raise DataError("no inputs to time the models on")
-
-    sessions = {}
-    for name, path in paths.items():
-        sess = load_runner(path, threads).session
-        declared = {i.name: _np_type(i.type) for i in sess.get_inputs()}
-        dtypes = {k: v for k, v in declared.items() if v is not None}
-        feeds = [cast_to({k: f[k] for k in declared}, dtypes) for f in feeds_in]
-        sessions[name] = (sess, feeds)
-    for sess, feeds in sessions.values():
-        for i in range(warmup):
-            sess.run(None, feeds[i % len(feeds)])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    cpu: dict[str, list[float]] = {name: [] for name in sessions}
-    block = max(1, int(block))
-    for start in range(0, runs, block):
-        for name, (sess, feeds) in sessions.items():
-            for i in range(start, min(start + block, runs)):
-                feed = feeds[i % len(feeds)]
-                c0, t0 = time.process_time(), time.perf_counter()
-                sess.run(None, feed)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-                cpu[name].append((time.process_time() - c0) * 1e3)
-    # cpu_p50_ms (CPU time of the whole process per run) is the steadier figure on a shared
-    # machine, where wall time includes waiting for a core; decisions use wall time.
-    return {
-        name: {"p50_ms": round(statistics.median(t), 4), "p90_ms": round(float(np.percentile(t, 90)), 4),
-               "cpu_p50_ms": round(statistics.median(cpu[name]), 4), "runs": len(t)}
-        for name, t in times.items()
-    }
-
-
-def _np_type(ort_type: str) -> Any:
-    return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-            "tensor(float16)": np.float16, "tensor(bool)": np.bool_}.get(ort_type)
 
 
 # Candidates whose median latencies differ by less than this are as fast as each other: the timing

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import StageError
-from edgekd.export.base import ARTIFACT_META, read_artifact_meta, write_artifact_meta
+from edgekd.export.base import ARTIFACT_META, RUNTIME_OPTIONS, read_artifact_meta, write_artifact_meta
+from edgekd.export.timing import TUNING_RUNS, tune_session
 from edgekd.progress import progress_bar, track
 from edgekd.quantization.calibration import n_rows, real_length_rows
 from edgekd.quantization.guard import TIMING_BLOCK, Evaluator, MetricFn, choose_fastest, time_side_by_side
@@ -209,6 +210,7 @@ def quantize_onnx(
         chosen = best if best is not None else min(
             range(len(results)), key=lambda i: (results[i]["guard"]["drop"], table[i]["p50_ms"]))
         win = results[chosen]
+        session, final = _tune_session(win, ev, base, val_inputs, cfg)
         report: dict[str, Any] = {"method": win["cfg"].method, "candidate": win["name"], **win["notes"]}
         report["precision"] = win["method"].precision
         report["settings"] = {**win["method"].settings(), "fuse": win["cfg"].fuse}
@@ -222,7 +224,7 @@ def quantize_onnx(
             for i, (t, r) in enumerate(zip(table, results, strict=True))
         ]
         report["float"] = {"metrics": base["metrics"], "size_bytes": _model_bytes(src), "sha256": meta.get("sha256")}
-        final = win["final"]
+        report["session"] = session
         report["quantized"] = {"metrics": final["metrics"], "size_bytes": _model_bytes(win["model"]),
                                "max_abs_diff": final["max_abs_diff"], "top1_agreement": final["top1_agreement"]}
         use_quantized = win["guard"]["passed"] and report["speed_guard"]["quantized_faster"]
@@ -235,6 +237,24 @@ def quantize_onnx(
     report["quantized"]["sha256"] = sha256_file(out_dir / src.name)
     report["out_dir"] = str(out_dir)
     return report
+
+
+def _tune_session(win: dict[str, Any], ev: Evaluator, base: dict[str, Any], val_inputs: Mapping[str, np.ndarray],
+                  cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The session options the written folder keeps (``tune_session`` on validation rows) and the
+    chosen model's score under them: a faster session that would leave the accuracy budget is not kept."""
+    rows = real_length_rows(val_inputs, TUNING_RUNS)
+    session = tune_session(win["model"], rows, max(cfg.speed_runs, TUNING_RUNS), cfg.threads)
+    if not session["runtime_options"]:
+        return session, win["final"]
+    tuned = ev.score(win["model"], precision=win["method"].precision, options=session["runtime_options"])
+    session["tuning"]["validation_metric"] = tuned["metric"]
+    if win["guard"]["passed"] and base["metric"] - tuned["metric"] > cfg.max_accuracy_drop:
+        session["tuning"]["note"] = (f"kept the default session: without the fusion the validation {cfg.guard_metric} "
+                                     f"is {tuned['metric']:.4f}, outside the budget")
+        session["runtime_options"] = {}
+        return session, win["final"]
+    return session, tuned
 
 
 def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,
@@ -384,4 +404,6 @@ def _write_folder(fp32_dir: Path, out_dir: Path, src: Path, model: Path, meta: d
                 "speedup_batch1": report["speed_guard"]["speedup"], "recommended": report["recommended"],
             },
         )
+        # This folder's own session choice, never the float folder's (copied in with ``meta``).
+        new[RUNTIME_OPTIONS], new["session_tuning"] = report["session"]["runtime_options"], report["session"]["tuning"]
         write_artifact_meta(tmp, new)

@@ -70,9 +70,12 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     # Every target captures the shipped module; parity compares each artifact with the model's own forward.
     shipped, graph = task.shipped_module(model, r.export, inputs)
     meta.update(graph)
+    # The ONNX folder's session options are chosen by timing on validation examples (never test).
+    timing = ctx.validation_data()[0] if "onnx" in r.export.targets else None
     records = export_all(shipped, task.model_io(), r.export.targets,
                          ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
-                         task.agreement, getattr(task, "export_defaults", None), reference=task.export_module(model))
+                         task.agreement, getattr(task, "export_defaults", None), reference=task.export_module(model),
+                         timing_inputs=timing)
     records.update(ctx.extra_exports(model, inputs, labels, meta))
     folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
     ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,

@@ -1,0 +1,121 @@
+"""Timing ONNX models side by side, and the session options an ONNX export folder keeps.
+
+``time_side_by_side`` times several models (or one model under several session options) on the
+same inputs in rotating blocks; the quantize stage's speed guard and ``tune_session`` use it.
+``tune_session`` decides an export folder's ``runtime_options`` (artifact.json): today whether its
+sessions leave out ONNX Runtime's SkipLayerNormFusion, which is measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import DataError
+
+
+def _runner(path: Path, threads: int | None, options: dict[str, Any]) -> Any:
+    from edgekd.export.onnx import OnnxRunner
+
+    return OnnxRunner(Path(path), threads=threads, **options)
+
+
+TIMING_BLOCK = 10  # consecutive runs of one model before the next model's turn
+
+
+def time_side_by_side(paths: Mapping[str, Path | tuple[Path, dict[str, Any]]],
+                      inputs: Mapping[str, np.ndarray] | list[Mapping[str, np.ndarray]],
+                      runs: int, threads: int | None, warmup: int = 5,
+                      block: int = TIMING_BLOCK) -> dict[str, dict[str, float]]:
+    """Median latency of each model on the same inputs, in rotating blocks of ``block`` runs.
+
+    ``paths`` maps a name to a model file, or to ``(file, runner options)`` (e.g. one file with and
+    without an optimiser). ``inputs`` is one feed or a list of feeds (e.g. single examples at their
+    real lengths); run ``i`` of every model uses feed ``i mod len``, so all models see exactly the
+    same inputs. Each session is the one the artifact's own runner opens (``OnnxRunner``: ONNX
+    Runtime's thread spinning left on, as serve and bench run it), so what is timed is how it will
+    run; blocks keep one session's spinning threads from competing with the next session's run
+    except at a block's first call.
+    """
+    # Imported here: importing edgekd.quantization imports this module (through its guard).
+    from edgekd.quantization.calibration import cast_to
+
+    feeds_in = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+    if not feeds_in:
+        raise DataError("no inputs to time the models on")
+
+    sessions = {}
+    for name, spec in paths.items():
+        path, options = spec if isinstance(spec, tuple) else (spec, {})
+        sess = _runner(path, threads, options).session
+        declared = {i.name: _np_type(i.type) for i in sess.get_inputs()}
+        dtypes = {k: v for k, v in declared.items() if v is not None}
+        feeds = [cast_to({k: f[k] for k in declared}, dtypes) for f in feeds_in]
+        sessions[name] = (sess, feeds)
+    for sess, feeds in sessions.values():
+        for i in range(warmup):
+            sess.run(None, feeds[i % len(feeds)])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu: dict[str, list[float]] = {name: [] for name in sessions}
+    block = max(1, int(block))
+    for start in range(0, runs, block):
+        for name, (sess, feeds) in sessions.items():
+            for i in range(start, min(start + block, runs)):
+                feed = feeds[i % len(feeds)]
+                c0, t0 = time.process_time(), time.perf_counter()
+                sess.run(None, feed)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    # cpu_p50_ms (CPU time of the whole process per run) is the steadier figure on a shared
+    # machine, where wall time includes waiting for a core; decisions use wall time.
+    return {
+        name: {"p50_ms": round(statistics.median(t), 4), "p90_ms": round(float(np.percentile(t, 90)), 4),
+               "cpu_p50_ms": round(statistics.median(cpu[name]), 4), "runs": len(t)}
+        for name, t in times.items()
+    }
+
+
+# ONNX Runtime fuses each Add -> LayerNormalization pair into SkipLayerNormalization when a session
+# opens. On some CPUs its kernel is several times slower than the two operators it replaces (on the
+# 2-core Xeon with AVX-512 and AMX the README names, 53 against 17 microseconds for one 26 x 384 call),
+# so an export folder measures its model with and without that fusion and keeps the faster.
+SESSION_TUNING_MARGIN = 0.03  # the unfused session must be this much faster: a smaller gap is timing noise
+TUNING_RUNS = 200  # timed runs of each session (batch 1, cycling through the rows)
+
+
+def has_skip_layernorm_pattern(path: Path) -> bool:
+    """Whether the graph in ``path`` has an Add feeding a LayerNormalization (what SkipLayerNormFusion fuses)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    adds = {o for n in graph.node if n.op_type == "Add" for o in n.output}
+    return any(n.op_type == "LayerNormalization" and n.input and n.input[0] in adds for n in graph.node)
+
+
+def tune_session(path: Path, rows: list[Mapping[str, np.ndarray]], runs: int,
+                 threads: int | None) -> dict[str, Any]:
+    """Time ``path`` at batch 1 on ``rows`` with ONNX Runtime's default optimisers and without
+    SkipLayerNormFusion, side by side; return the runner options to keep (``runtime_options``) and
+    the measurement (``tuning``). A graph without an Add -> LayerNormalization pair is not timed."""
+    if not has_skip_layernorm_pattern(path):
+        return {"runtime_options": {}, "tuning": {"timed": False,
+                                                  "reason": "no Add -> LayerNormalization pair to fuse"}}
+    off = {"disabled_optimizers": ["SkipLayerNormFusion"]}
+    speed = time_side_by_side({"default": path, "SkipLayerNormFusion off": (path, off)}, rows, runs, threads)
+    default, unfused = speed["default"]["p50_ms"], speed["SkipLayerNormFusion off"]["p50_ms"]
+    keep = unfused < default * (1 - SESSION_TUNING_MARGIN)
+    return {"runtime_options": off if keep else {},
+            "tuning": {"timed": True, "batch": 1, "threads": threads, "rows": len(rows), "runs": runs,
+                       "p50_ms": {"default": default, "SkipLayerNormFusion off": unfused},
+                       "speedup": round(default / unfused, 3), "margin": SESSION_TUNING_MARGIN,
+                       "chosen": "SkipLayerNormFusion off" if keep else "default"}}
+
+
+def _np_type(ort_type: str) -> Any:
+    return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+            "tensor(float16)": np.float16, "tensor(bool)": np.bool_}.get(ort_type)
