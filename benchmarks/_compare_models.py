@@ -121,7 +121,8 @@ def load(spec: dict[str, Any], threads: int | None) -> tuple[Any, dict[str, Any]
     if kind == "artifact":
         from edgekd.export.stage import load_artifact
 
-        runner, meta = load_artifact(Path(spec["path"]), threads=threads)
+        # runtime_options: a row that overrides the folder's own session options (its ONNX Runtime defaults row).
+        runner, meta = load_artifact(Path(spec["path"]), threads=threads, **(spec.get("runtime_options") or {}))
         return runner, {"target": meta.get("target"), "precision": meta.get("precision")}
     raise ValueError(f"unknown model kind '{kind}' (hf, torchao, onnx, artifact)")
 

@@ -68,7 +68,9 @@ def select_best(rows: list[dict[str, Any]], student_accuracy: float | None, budg
         name = f"edgekd-{forced}"
         return (name, f"chosen with --artifact {forced}") if any(r["name"] == name for r in edge) else (
             None, f"--artifact {forced} did not run")
-    usable = [r for r in edge if r["within_budget"] and p50(r, batch) is not None]
+    # A folder opened with ONNX Runtime's defaults instead of its own session options is not something edgekd ships.
+    usable = [r for r in edge if r["within_budget"] and p50(r, batch) is not None
+              and not (r.get("meta") or {}).get("session_baseline_of")]
     if not usable:
         return None, (f"no edgekd export folder ran with a {split} accuracy within {budget * 100:.1f} points of the "
                       f"fp32 student's ({_fmt(student_accuracy, '.4f')})")
@@ -166,7 +168,12 @@ def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int,
         ("distill", "teacher-fp32", "student-fp32", "teacher -> distilled student (PyTorch fp32)"),
         (prune_step[0], "student-fp32", "pruned-student-fp32", prune_step[1]),
     ]
-    edge = [r for r in rows if r.get("group") == "edgekd" and r["name"] in by]
+    # A folder's twin opened with ONNX Runtime's defaults (session_baseline_of) is not a step of its own:
+    # it is where the folder's session step starts.
+    defaults = {(r.get("meta") or {}).get("session_baseline_of"): r["name"] for r in rows
+                if r["name"] in by and (r.get("meta") or {}).get("session_baseline_of")}
+    edge = [r for r in rows if r.get("group") == "edgekd" and r["name"] in by
+            and not (r.get("meta") or {}).get("session_baseline_of")]
     fp32 = {(r.get("meta") or {}).get("target", r["name"].removeprefix("edgekd-")): r for r in edge
             if r.get("precision") == "fp32"}
     onnx_fp32 = fp32.get("onnx")
@@ -174,7 +181,7 @@ def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int,
         src = "pruned-" if (onnx_fp32.get("meta") or {}).get("source_stage") == "prune" else ""
         first = ((onnx_fp32.get("meta") or {}).get("first_token_last_layer") or {}).get("applied")
         step = "export (last block on the first position only)" if first else "export + graph optimisation"
-        steps.append((step, f"{src}optimum-onnx-fp32", onnx_fp32["name"],
+        steps.append((step, f"{src}optimum-onnx-fp32", defaults.get(onnx_fp32["name"], onnx_fp32["name"]),
                       "the same model: Optimum's ONNX export -> edgekd's ONNX export (fp32, same ONNX Runtime)"
                       + ("; edgekd's computes the last block for the [CLS] row alone, the logits unchanged"
                          if first else "")))
@@ -189,6 +196,11 @@ def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int,
             method = (q.get("method") if isinstance(q, dict) else None) or meta.get("method") or qmethod
             steps.append((f"quantize ({method or r.get('precision')})", onnx_fp32["name"], r["name"],
                           f"{onnx_fp32['label']} -> {r['label']}"))
+    for r in edge:
+        if r["name"] in defaults:
+            steps.append(("ONNX Runtime session: SkipLayerNormFusion off", defaults[r["name"]], r["name"],
+                          f"{r['label']}: ONNX Runtime's default optimisers -> the session the folder chose by timing "
+                          "on validation texts (artifact.json runtime_options)"))
     out = []
     for step, before, after, what in steps:
         a, b = by.get(before), by.get(after)

@@ -10,6 +10,9 @@ from typing import Any
 from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
 from edgekd.errors import StageError
 
+# Suffix of the row that opens an edgekd ONNX folder with ONNX Runtime's default optimisers instead of
+# the session options the folder chose (artifact.json runtime_options).
+ORT_DEFAULTS = "-ort-defaults"
 RUNTIMES = {"onnx": "ONNX Runtime", "executorch": "ExecuTorch", "torchscript-lite": "TorchScript lite",
             "coreml": "Core ML", "tensorrt": "TensorRT"}
 
@@ -99,8 +102,14 @@ def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
                             "own default"]
         if e.get("status") == "skipped":
             skipped.append({**row, "status": "skipped", "error": e.get("reason")})
-        else:
-            specs.append(row)
+            continue
+        specs.append(row)
+        if ((e.get("meta") or {}).get("runtime_options") or {}).get("disabled_optimizers"):
+            # The same file opened with ONNX Runtime's default optimisers: what the folder's own
+            # session choice adds (the ablation's session step).
+            specs.append({**row, "name": f"{row['name']}{ORT_DEFAULTS}", "label": f"{row['label']} · ONNX Runtime defaults",
+                          "runtime_options": {"disabled_optimizers": []},
+                          "meta": {**row["meta"], "session_baseline_of": row["name"]}})
     return specs, skipped
 
 
@@ -108,5 +117,5 @@ def _meta_facts(meta: dict[str, Any]) -> dict[str, Any]:
     """What the ablation table reads from an export folder's artifact.json: the stage it came from
     and any step record the quantize/export stages leave there."""
     keep = ("source_stage", "precision", "target", "quantization", "method", "derived_from", "step", "fusions",
-            "graph_optimization", "vocab", "vocabulary", "first_token_last_layer")
+            "graph_optimization", "vocab", "vocabulary", "first_token_last_layer", "runtime_options", "session_tuning")
     return {k: meta[k] for k in keep if k in meta}

@@ -114,6 +114,22 @@ def test_ablation_rows_follow_what_exists(tools):
     first = {a["step"]: a for a in rep.ablation(rows, manifest, 1)}
     assert "export + graph optimisation" not in first
     assert first["export (last block on the first position only)"]["speedup"] == pytest.approx(1.25)
+    # A folder that leaves out SkipLayerNormFusion has a twin opened with ONNX Runtime's defaults: the export step
+    # starts from the twin, the session step goes from the twin to the folder, and the twin is never "best".
+    rows[4]["meta"]["first_token_last_layer"] = None
+    twin = {**_row("edgekd-onnx-ort-defaults", acc=0.83, p50s={1: 1.8}), "precision": "fp32",
+            "meta": {"target": "onnx", "source_stage": "prune", "session_baseline_of": "edgekd-onnx"}}
+    tuned = {a["step"]: a for a in rep.ablation([*rows, twin], manifest, 1)}
+    assert tuned["export + graph optimisation"]["to"] == "edgekd-onnx-ort-defaults"
+    assert tuned["export + graph optimisation"]["speedup"] == pytest.approx(2.0 / 1.8)
+    session = tuned["ONNX Runtime session: SkipLayerNormFusion off"]
+    assert (session["from"], session["to"]) == ("edgekd-onnx-ort-defaults", "edgekd-onnx")
+    assert session["speedup"] == pytest.approx(1.8 / 1.6)
+    assert tuned["quantize (dynamic)"]["from"] == "edgekd-onnx"  # the twin makes no quantize step of its own
+    fast_twin = {**twin, "cases": _row("x", p50s={1: 0.1})["cases"], "val_accuracy": 0.9}
+    cands = [{**r, "val_accuracy": 0.9} if r["name"] == "edgekd-onnx-int8" else r for r in rows]
+    picked, _ = rep.select_best([*cands, fast_twin], 0.9, 0.01, 1, key="val_accuracy")
+    assert picked == "edgekd-onnx-int8"  # the twin is faster here, and still not chosen
     # A step whose model was not measured has no row.
     rows = [r for r in rows if r["name"] != "pruned-student-fp32"]
     assert "prune + recovery" not in {a["step"] for a in rep.ablation(rows, {}, 1)}
@@ -418,6 +434,14 @@ def test_student_and_optimum_rows(tools, tmp_path):
     specs8, _ = compare_tools._specs(run, students, int8, failed)
     assert {s["name"]: s["rows_alone"] for s in specs8 if s["group"] == "edgekd"} == {
         "edgekd-onnx-int8": True, "edgekd-onnx-int8-static": False}
+    # A folder that chose its ONNX Runtime session gets a twin row opened with the runtime's defaults.
+    tuned = [{"name": "onnx-int8", "folder": "f", "target": "onnx", "precision": "int8-dynamic",
+              "meta": {"runtime_options": {"disabled_optimizers": ["SkipLayerNormFusion"]}}}]
+    twins = {s["name"]: s for s in compare_tools._specs(run, students, tuned, failed)[0] if s["group"] == "edgekd"}
+    assert set(twins) == {"edgekd-onnx-int8", "edgekd-onnx-int8-ort-defaults"}
+    assert twins["edgekd-onnx-int8-ort-defaults"]["runtime_options"] == {"disabled_optimizers": []}
+    assert twins["edgekd-onnx-int8-ort-defaults"]["meta"]["session_baseline_of"] == "edgekd-onnx-int8"
+    assert "runtime_options" not in twins["edgekd-onnx-int8"] and twins["edgekd-onnx-int8-ort-defaults"]["rows_alone"]
     specs, _ = compare_tools._specs(run, students, exports, failed, torchao_compile=False)
     assert "torchao-int8" in {s["name"] for s in specs}
     assert {s["name"]: s["error"] for s in skipped} == {
