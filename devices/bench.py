@@ -229,6 +229,10 @@ def bench_run(
             ood_metrics = measure.score(ood_out, ood_labels, metric_fn)
             e["ood_accuracy"] = ood_metrics.get(metric) if ood_metrics else None
         e.update(measure.deltas(e["accuracy"], ref))
+        disabled = (((e.get("meta") or {}).get("runtime_options") or {}).get("disabled_optimizers") or [])
+        if disabled and e.get("status", "ok") == "ok":  # the session the folder chose, said beside its figures
+            session = f"ONNX Runtime session without {', '.join(disabled)} (artifact.json runtime_options)"
+            e["note"] = f"{e['note']}; {session}" if e.get("note") else session
         e["max_length"] = (e.pop("meta", None) or {}).get("max_length")
     data = {
         "schema": RESULTS_SCHEMA,

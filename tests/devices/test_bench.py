@@ -146,6 +146,25 @@ def test_in_process_bench_and_caller_reference(tiny_run, tmp_path):
     assert summary["models"]["onnx"]["delta_vs_teacher"] == pytest.approx(e["accuracy"] - 0.9)
 
 
+def test_a_folder_that_chose_its_onnx_runtime_session_is_benched_that_way_and_says_so(tiny_run, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from edgekd.export.base import read_artifact_meta, write_artifact_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir / "export", run / "export")
+    meta = read_artifact_meta(run / "export" / "onnx")
+    write_artifact_meta(run / "export" / "onnx", {**meta, "runtime_options": {"disabled_optimizers": ["SkipLayerNormFusion"]}})
+    opened, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: opened.append(k.get("disabled_optimizers")) or real(*a, **k))
+    cfg = BenchConfig(**FAST, isolate=False, targets=["onnx", "onnx-int8"])
+    bench_run(run, "local", cfg, tiny_run.eval_inputs, tiny_run.labels, classification_metrics)
+    notes = {e["name"]: e.get("note") or "" for e in load_results(run)["results"]}
+    assert "ONNX Runtime session without SkipLayerNormFusion" in notes["onnx"]
+    assert "SkipLayerNormFusion" not in notes["onnx-int8"]
+    assert ["SkipLayerNormFusion"] in opened and None in opened  # each folder opened its own way
+
+
 @pytest.mark.slow  # the shared tiny run takes ~10 s to export
 def test_a_target_this_machine_cannot_run_is_skipped_without_a_process(tiny_run, tmp_path, monkeypatch):
     from edgekd.devices import measure
