@@ -162,6 +162,20 @@ def test_cluster_nms_settles_a_chain():
     assert torch.equal(select_detections(boxes, scores, iou_threshold=0.5, max_det=8, iterations=8), want)
 
 
+def _ties_in_one_order(det: torch.Tensor) -> torch.Tensor:
+    """``det`` [B, N, 6] with the rows of exactly equal scores put in one order (by class, then box):
+    sorting tells tied detections apart by no rule, and two sorts may order them differently."""
+    out = det.clone()
+    for b in range(det.shape[0]):
+        rows = det[b]
+        order = torch.arange(rows.shape[0])
+        for col in (3, 2, 1, 0, 5):  # least significant first; each sort is stable
+            order = order[torch.sort(rows[order, col], stable=True).indices]
+        order = order[torch.sort(rows[order, 4], descending=True, stable=True).indices]
+        out[b] = rows[order]
+    return out
+
+
 def test_nms_wrapper_on_model_outputs():
     model = _tiny()
     x = torch.rand(2, 3, 64, 64)
@@ -169,7 +183,10 @@ def test_nms_wrapper_on_model_outputs():
         (det,) = DetectionExportNMS(model, max_det=120, score_threshold=0.01)(x)  # 84 locations < max_det
         boxes, scores = DetectionExport(model)(x)
     assert det.shape == (2, 120, 6)
-    assert torch.equal(det, reference_detections(boxes, scores, max_det=120, score_threshold=0.01))
+    want = reference_detections(boxes, scores, max_det=120, score_threshold=0.01)
+    # On some CPUs (one thread, AVX-512) two cells score exactly alike: the same detections, in either order.
+    assert torch.equal(_ties_in_one_order(det), _ties_in_one_order(want))
+    assert torch.equal(det[..., 4], want[..., 4])  # scores in the same descending order
     assert (det[:, 84:] == 0).all()
 
 
