@@ -37,7 +37,7 @@ PROTOBUF_LIMIT = 2**31
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 MIN_DYNAMO_OPSET = 18
 # ONNX Runtime graph optimisers an export folder may switch off for its own sessions
-# (artifact.json ``runtime_options.disabled_optimizers``, chosen by ``edgekd.quantization.guard.tune_session``
+# (artifact.json ``runtime_options.disabled_optimizers``, chosen by ``edgekd.export.timing.tune_session``
 # where it measures faster). ONNX Runtime accepts any name there and ignores the unknown ones, so the
 # runner refuses names outside this list instead of passing them on.
 TUNABLE_OPTIMIZERS = ("SkipLayerNormFusion",)
