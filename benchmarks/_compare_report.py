@@ -396,8 +396,14 @@ def markdown(data: dict[str, Any]) -> str:
     lines.append("- torchao: `quantize_(model, Int8DynamicActivationInt8WeightConfig())`" + (
         ", then `torch.compile(dynamic=True)`; compilation happens in the untimed warm-up calls." if compiled
         else ", eager (`--torchao eager`)."))
-    lines.append("- Both ONNX paths run in the same ONNX Runtime session settings (edgekd's OnnxRunner, CPU provider): "
-                 "the difference between them is the graph.")
+    if any((r.get("meta") or {}).get("session_baseline_of") for r in rows):
+        lines.append("- Every ONNX file runs through edgekd's OnnxRunner on the CPU provider: the usual paths with ONNX "
+                     "Runtime's default optimisers, edgekd's folders with the session each chose at export "
+                     "(artifact.json runtime_options); the '· ONNX Runtime defaults' rows are the same files with "
+                     "the defaults.")
+    else:
+        lines.append("- Both ONNX paths run in the same ONNX Runtime session settings (edgekd's OnnxRunner, CPU "
+                     "provider): the difference between them is the graph.")
     return "\n".join(lines) + "\n"
 
 
