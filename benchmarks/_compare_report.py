@@ -198,7 +198,8 @@ def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int,
                           f"{onnx_fp32['label']} -> {r['label']}"))
     for r in edge:
         if r["name"] in defaults:
-            steps.append(("ONNX Runtime session: SkipLayerNormFusion off", defaults[r["name"]], r["name"],
+            off = ((r.get("meta") or {}).get("runtime_options") or {}).get("disabled_optimizers") or []
+            steps.append((f"ONNX Runtime session: {', '.join(off) or 'its own options'} off", defaults[r["name"]], r["name"],
                           f"{r['label']}: ONNX Runtime's default optimisers -> the session the folder chose by timing "
                           "on validation texts (artifact.json runtime_options)"))
     out = []

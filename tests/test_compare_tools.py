@@ -117,6 +117,7 @@ def test_ablation_rows_follow_what_exists(tools):
     # A folder that leaves out SkipLayerNormFusion has a twin opened with ONNX Runtime's defaults: the export step
     # starts from the twin, the session step goes from the twin to the folder, and the twin is never "best".
     rows[4]["meta"]["first_token_last_layer"] = None
+    rows[4]["meta"]["runtime_options"] = {"disabled_optimizers": ["SkipLayerNormFusion"]}
     twin = {**_row("edgekd-onnx-ort-defaults", acc=0.83, p50s={1: 1.8}), "precision": "fp32",
             "meta": {"target": "onnx", "source_stage": "prune", "session_baseline_of": "edgekd-onnx"}}
     tuned = {a["step"]: a for a in rep.ablation([*rows, twin], manifest, 1)}

@@ -341,6 +341,7 @@ def _speed_guard(speed: dict[str, dict[str, float]], name: str, rows: list[dict[
                  cfg: QuantizeConfig, precision: str) -> dict[str, Any]:
     lengths = [max(a.shape[1] if a.ndim >= 2 else 1 for a in r.values()) for r in rows]
     report = {"batch": 1, "threads": cfg.threads, "thread_spinning": True, "block": TIMING_BLOCK,
+              "session": "ONNX Runtime's default optimisers for every model (the written folder's own: report session)",
               "inputs": f"{len(rows)} validation examples, one at a time at their real lengths "
                         f"({min(lengths)}-{max(lengths)}, median {int(np.median(lengths))})",
               "all": speed, "float": speed["float"], "quantized": speed[name]}
