@@ -208,6 +208,39 @@ class UnlabelledConfig(Section):
     max_examples: int | None = Field(None, ge=1, description="Keep only the first N texts (after de-duplication).")
 
 
+class AugmentConfig(Section):
+    """Perturbed copies of the training texts the teacher labels to enlarge the distillation set
+    (task-specific data augmentation; see edgekd.teachers.augment)."""
+
+    copies: int = Field(
+        0, ge=0, le=20,
+        description="Perturbed copies of each training text (0: none). The teacher labels every copy once, in "
+        "the teacher stage; distillation trains on the training split plus the copies.",
+    )
+    ops: list[Literal["crop", "delete"]] = Field(
+        default_factory=lambda: ["crop", "delete"],
+        description="Perturbations, one chosen at random per copy. crop: a contiguous span of the words; "
+        "delete: each word dropped with probability delete_prob.",
+    )
+    crop: tuple[float, float] = Field(
+        (0.4, 0.85), description="Fraction of the words a crop keeps, drawn uniformly from [low, high]."
+    )
+    delete_prob: float = Field(0.2, gt=0, lt=1, description="Probability that delete drops a word.")
+    min_words: int = Field(
+        4, ge=4, description="Texts with fewer words (split on white space) get no copies; a copy keeps at least 3 "
+        "words and drops at least one.",
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> AugmentConfig:
+        lo, hi = self.crop
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop {list(self.crop)}: give [low, high] with 0 < low <= high <= 1")
+        if not self.ops:
+            raise ValueError("ops: name at least one of crop, delete")
+        return self
+
+
 class TeacherConfig(TeacherEndpoint):
     model: str = Field(
         "minilm-l6",
@@ -231,6 +264,7 @@ class TeacherConfig(TeacherEndpoint):
     )
     client: TeacherClientConfig = Field(default_factory=TeacherClientConfig)
     unlabelled: UnlabelledConfig = Field(default_factory=UnlabelledConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
     def _kind_keys(self) -> TeacherConfig:
@@ -251,7 +285,8 @@ class TeacherConfig(TeacherEndpoint):
 
     def is_plain(self) -> bool:
         """One local teacher giving soft targets on the training split only (the original pipeline)."""
-        return self.kind == "model" and self.targets != "labels" and not self.ensemble and not self.unlabelled.dataset
+        return (self.kind == "model" and self.targets != "labels" and not self.ensemble
+                and not self.unlabelled.dataset and not self.augment.copies)
 
     def members(self) -> list[TeacherEndpoint]:
         return [self, *self.ensemble]

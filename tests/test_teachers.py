@@ -11,7 +11,8 @@ import pytest
 
 from edgekd import testing
 from edgekd.errors import DataError, RecipeError
-from edgekd.recipe import UnlabelledConfig, parse_recipe
+from edgekd.recipe import AugmentConfig, UnlabelledConfig, parse_recipe
+from edgekd.teachers.augment import augment_texts
 from edgekd.teachers.cache import AnswerCache
 from edgekd.teachers.client import RateLimiter
 from edgekd.teachers.combine import PROB_FLOOR, as_probabilities, combine, log_targets, softmax
@@ -193,6 +194,54 @@ def test_unlabelled_texts_drop_labelled_and_repeated_ones(tmp_path):
         "something else"]
 
 
+# --- perturbed copies of the training texts --------------------------------------------------------------------
+def _is_subsequence(part: list[str], whole: list[str]) -> bool:
+    it = iter(whole)
+    return all(w in it for w in part)
+
+
+def test_augmented_copies_are_crops_and_deletions_of_their_source_seeded():
+    texts = [f"w{i}a w{i}b w{i}c w{i}d w{i}e w{i}f w{i}g w{i}h w{i}i w{i}j" for i in range(40)] + ["too short"]
+    cfg = AugmentConfig(copies=2)
+    got = augment_texts(texts, cfg, seed=3, labelled=texts)
+    assert got.counts["source_texts"] == 41 and got.counts["too_short"] == 1
+    assert got.counts["made"] == 80 and len(got.texts) == 80 - got.counts["dropped_duplicates"]
+    assert got.counts["kept_crop"] > 10 and got.counts["kept_delete"] > 10
+    assert got.texts == augment_texts(texts, cfg, seed=3, labelled=texts).texts  # same seed, same copies
+    assert got.texts != augment_texts(texts, cfg, seed=4, labelled=texts).texts
+    for copy in got.texts:
+        words = copy.split()
+        source = next(t.split() for t in texts if t.startswith(words[0][:-1]))  # each source's words share a prefix
+        assert 3 <= len(words) < len(source) and _is_subsequence(words, source)
+    crops = augment_texts(texts[:40], AugmentConfig(copies=1, ops=["crop"], crop=(0.5, 0.5)), 0, []).texts
+    for copy in crops:  # a crop is one contiguous span of half the words
+        assert len(copy.split()) == 5 and copy in next(t for t in texts if t.startswith(copy.split()[0][:-1]))
+    deletions = augment_texts(texts[:40], AugmentConfig(copies=1, ops=["delete"], delete_prob=0.5), 0, []).texts
+    kept = sum(len(c.split()) for c in deletions) / (40 * 10)
+    assert 0.35 < kept < 0.65  # about half the words survive (at least 3 per copy)
+
+
+def test_augmented_copies_never_repeat_a_labelled_or_taken_text():
+    texts = ["a b c d", "e f g h i"]
+    cfg = AugmentConfig(copies=6, ops=["crop"], crop=(0.75, 0.75))  # "a b c d" crops to 3 of its 4 words
+    labelled = texts + ["A  B, C!"]  # a held-out text, spelled differently from the crop "a b c"
+    got = augment_texts(texts, cfg, seed=0, labelled=labelled, taken=["f g h i"])
+    assert "a b c" not in got.texts and "f g h i" not in got.texts
+    assert set(got.texts) <= {"b c d", "e f g h"} and len(got.texts) == len(set(got.texts))
+    assert got.counts["dropped_in_labelled_data"] >= 1 and got.counts["dropped_duplicates"] >= 1
+    with pytest.raises(DataError, match="no copies left"):
+        augment_texts(["one two"], AugmentConfig(copies=1), 0, [])
+
+
+def test_augment_recipe_keys_are_checked():
+    with pytest.raises(RecipeError, match="crop"):
+        parse_recipe({"teacher": {"augment": {"copies": 1, "crop": [0.9, 0.5]}}})
+    with pytest.raises(RecipeError, match="ops"):
+        parse_recipe({"teacher": {"augment": {"copies": 1, "ops": ["shuffle"]}}})
+    assert parse_recipe({}).teacher.is_plain()
+    assert not parse_recipe({"teacher": {"augment": {"copies": 1}}}).teacher.is_plain()
+
+
 # --- pipelines on tiny models -----------------------------------------------------------------------------------
 def tiny_recipe(tmp_path, teacher_dir, csv_path, **sections) -> dict:
     """The shared tiny recipe, shorter and without the baseline."""
@@ -262,6 +311,36 @@ def test_two_local_teachers_averaged_with_weights(tmp_path, tiny_classifier_dir,
     want_acc = float((np.load(ctx.run.stage_dir("teacher") / "test_logits.npy").argmax(1)
                       == ctx.splits.labels("test")).mean())
     assert ev["teacher"]["accuracy"] == pytest.approx(want_acc)
+
+
+@pytest.mark.slow
+def test_augmented_copies_are_labelled_by_the_teacher_and_distilled_on(tmp_path, tiny_classifier_dir, tiny_csv):
+    """teacher.augment: the teacher stage labels the perturbed copies after the training split's rows, the
+    student trains on both, and eval still scores the teacher model itself."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgekd.pipeline import run_stages
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={"augment": {"copies": 1}}))
+    ctx = run_stages(recipe, ["teacher", "distill", "eval"])
+    out = ctx.run.stage_dir("teacher")
+    copies = json.loads((out / "unlabelled.json").read_text())
+    n_train = len(ctx.splits.train)
+    made = ctx.run.stage_record("teacher")["metrics"]["augmented"]
+    assert copies["summary"]["augmented"]["texts"] == made["texts"] == len(copies["texts"]) > n_train // 2
+    assert copies["summary"]["unlabelled"] is None
+    logits = np.load(out / "train_logits.npy")
+    assert len(logits) == n_train + len(copies["texts"])
+    tok = AutoTokenizer.from_pretrained(tiny_classifier_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()
+    with torch.no_grad():
+        enc = tok(copies["texts"][:8], return_tensors="pt", truncation=True, max_length=16, padding=True)
+        want = torch.log_softmax(model(**enc).logits, -1).numpy()
+    np.testing.assert_allclose(logits[n_train:n_train + 8], want, atol=1e-4)  # the teacher's own answers
+    assert ctx.run.stage_record("distill")["metrics"]["train_examples"] == len(logits)
+    ev = ctx.run.stage_record("eval")["metrics"]
+    assert ev["teacher"]["params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_an_ensemble_member_without_a_task_head_is_refused(tmp_path, tiny_classifier_dir, tiny_teacher_dir, tiny_csv):

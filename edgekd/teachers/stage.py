@@ -1,13 +1,14 @@
-"""The teacher stage beyond one local model: black boxes, ensembles and unlabelled texts.
+"""The teacher stage beyond one local model: black boxes, ensembles, unlabelled texts and perturbed copies.
 
 Every teacher answers for the training split, the extra unlabelled texts, the validation and the
 test split; the answers become one soft target per text (``combine``), stored as log-probabilities
 in the run folder beside what the distill and eval stages read:
 
-- ``train_logits.npy``: the training split's rows, then one row per unlabelled text;
+- ``train_logits.npy``: the training split's rows, then one row per unlabelled text, then one per
+  perturbed copy of a training text (``teacher.augment``);
 - ``validation_logits.npy``, ``test_logits.npy``: the combined teacher on the held-out splits;
 - ``targets.json``: whether the targets are hard (every teacher gave labels only), the row counts;
-- ``unlabelled.json``: the unlabelled texts, in row order;
+- ``unlabelled.json``: the unlabelled texts and the perturbed copies, in row order;
 - ``requests/``: the answer cache of each black box (never asked twice for the same text).
 """
 
@@ -106,11 +107,20 @@ def label_with_teachers(ctx: RunContext, primary: nn.Module | None) -> tuple[dic
     out_dir = ctx.run.stage_dir(STAGE)
     labels = list(ctx.examples.label_names)
     texts = {part: ctx.splits.texts(part) for part in ("train", "validation", "test")}
-    unlabelled = None
+    unlabelled = augmented = None
     if cfg.unlabelled.dataset:
         unlabelled = load_unlabelled(cfg.unlabelled, ctx.examples.texts, r.data.source)
         ctx.say(f"[bold]teacher[/]: {len(unlabelled.texts)} unlabelled texts from {unlabelled.source}")
-    texts["unlabelled"] = unlabelled.texts if unlabelled else []
+    if cfg.augment.copies:
+        from edgekd.teachers.augment import augment_texts
+
+        augmented = augment_texts(texts["train"], cfg.augment, r.seed, ctx.examples.texts,
+                                  unlabelled.texts if unlabelled else ())
+        ctx.say(f"[bold]teacher[/]: {len(augmented.texts)} perturbed copies of the training texts "
+                f"({', '.join(cfg.augment.ops)})")
+    # The extra rows: the unlabelled texts first, then the perturbed copies.
+    extra = [u for u in (unlabelled, augmented) if u]
+    texts["unlabelled"] = [t for u in extra for t in u.texts]
     everything = [t for part in PARTS for t in texts[part]]
     bounds = np.cumsum([0] + [len(texts[p]) for p in PARTS])
     rows = {p: slice(int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(PARTS)}
@@ -156,9 +166,11 @@ def label_with_teachers(ctx: RunContext, primary: nn.Module | None) -> tuple[dic
             "unlabelled_rows": len(texts["unlabelled"]), "label_names": labels}
     atomic_write_text(out_dir / TARGETS, json.dumps(meta, indent=2))
     files.append(out_dir / TARGETS)
-    if unlabelled:
-        atomic_write_text(out_dir / UNLABELLED, json.dumps({"summary": unlabelled.summary(),
-                                                            "texts": unlabelled.texts}, ensure_ascii=False))
+    if extra:
+        summary = {"unlabelled": unlabelled.summary() if unlabelled else None,
+                   "augmented": augmented.summary() if augmented else None}
+        atomic_write_text(out_dir / UNLABELLED, json.dumps({"summary": summary, "texts": texts["unlabelled"]},
+                                                           ensure_ascii=False))
         files.append(out_dir / UNLABELLED)
     metrics: dict[str, Any] = {
         "teachers": members,
@@ -170,10 +182,13 @@ def label_with_teachers(ctx: RunContext, primary: nn.Module | None) -> tuple[dic
     if cfg.combine == "most_confident":
         share = np.bincount(chosen, minlength=len(probs)) / max(1, len(chosen))
         metrics["chosen_share"] = {member_name(i): float(s) for i, s in enumerate(share)}
-    if unlabelled:
-        metrics["unlabelled"] = unlabelled.summary()
-        metrics["unlabelled"]["teacher_label_counts"] = np.bincount(
-            combined[rows["unlabelled"]].argmax(axis=1), minlength=len(labels)).tolist()
+    start = rows["unlabelled"].start
+    for key, u in (("unlabelled", unlabelled), ("augmented", augmented)):
+        if u:
+            metrics[key] = u.summary()
+            metrics[key]["teacher_label_counts"] = np.bincount(
+                combined[start:start + len(u.texts)].argmax(axis=1), minlength=len(labels)).tolist()
+            start += len(u.texts)
     return metrics, files
 
 
@@ -219,7 +234,10 @@ def training_split(ctx: RunContext, tokenizer, targets: TeacherTargets) -> Token
 
 
 def cached_split_logits(ctx: RunContext, split: str) -> np.ndarray | None:
-    """The combined teacher's logits on ``split`` when the teacher is not one local model, else None."""
-    if ctx.recipe.teacher.is_plain():
+    """The combined teacher's logits on ``split`` when the teacher is not one local model, else None
+    (one local model is scored itself, whatever extra texts it labelled: its size and out-of-domain
+    accuracy are then measured too)."""
+    t = ctx.recipe.teacher
+    if t.kind == "model" and not t.ensemble:
         return None
     return np.load(ctx.run.stage_dir(STAGE) / SPLIT_FILES[split])

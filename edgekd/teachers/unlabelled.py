@@ -31,7 +31,7 @@ class Unlabelled:
         return {"source": self.source, "sha256": self.sha256, "texts": len(self.texts), **self.counts}
 
 
-def _normal(text: str) -> str:
+def normal_text(text: str) -> str:
     """Case, spacing and punctuation do not make a text new: the same review quoted ''so'' and "so"
     (two corpora built from the same reviews) is one text."""
     return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
@@ -80,12 +80,12 @@ def load_unlabelled(cfg: UnlabelledConfig, labelled_texts: list[str], data_sourc
     else:
         path = Path(name).expanduser()
         raw, source, digest = _read_file(path, cfg.text_column), f"file:{path.resolve()}", sha256_file(path)
-    labelled = {_normal(t) for t in labelled_texts}
+    labelled = {normal_text(t) for t in labelled_texts}
     kept: set[str] = set()
     counts = {"read": len(raw), "dropped_in_labelled_data": 0, "dropped_duplicates": 0, "dropped_empty": 0}
     texts: list[str] = []
     for t in raw:
-        key = _normal(t)
+        key = normal_text(t)
         if not key:
             counts["dropped_empty"] += 1
         elif key in labelled:
