@@ -18,9 +18,9 @@ settings, once per seed (``--seeds``) and variant (``--variants``):
   texts (``teacher.unlabelled``; their own labels are never read). The loader drops every snippet
   already in the labelled data (any split, the test split included): most of them are;
 - ``blackbox-augmented``: the same, and the teacher also labels perturbed copies of the training
-  texts (word dropout, one adjacent swap, or a contiguous n-gram window; ``--augment-copies`` per
-  text, a fixed augmentation seed so every training seed shares the teacher's answers), written to a
-  .jsonl file given as ``teacher.unlabelled.dataset``. Only training texts are perturbed;
+  texts (``teacher.augment``: a crop or a word deletion, ``--augment-copies`` per text, a fixed
+  augmentation seed so every training seed shares the teacher's answers). Only training texts are
+  perturbed;
 - ``greybox``: the probabilities over HTTP, but the student built from the fine-tuned teacher's
   layers like the white-box student: it isolates the route of the soft targets (HTTP, ONNX Runtime,
   JSON) from the initialisation.
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import socket
 import statistics
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import StageError
+from edgekd.recipe import AugmentConfig
 
 VARIANTS = ("whitebox", "blackbox", "blackbox-unlabelled", "blackbox-augmented", "greybox")
 SCHEMA = 2
@@ -170,46 +170,6 @@ def cache_size(folder: Path) -> int:
     return sum(sum(1 for line in f.open("rb") if line.strip()) for f in folder.glob("*.jsonl")) if folder.is_dir() else 0
 
 
-# --- augmented training texts ------------------------------------------------------------------------------
-def augment(text: str, rng: random.Random) -> str:
-    """One perturbed copy of ``text``: a contiguous n-gram window (1 in 4), else word dropout (p 0.15)
-    and, half the time, one swap of adjacent words. Only the words change; no new vocabulary."""
-    words = text.split()
-    n = len(words)
-    if n < 4:
-        return text
-    if rng.random() < 0.25:
-        k = rng.randint((n + 1) // 2, n - 1)
-        i = rng.randint(0, n - k)
-        return " ".join(words[i:i + k])
-    kept = [w for w in words if rng.random() >= 0.15]
-    if len(kept) < 3:
-        kept = words[:]
-        del kept[rng.randrange(n)]
-    if len(kept) >= 2 and rng.random() < 0.5:
-        j = rng.randrange(len(kept) - 1)
-        kept[j], kept[j + 1] = kept[j + 1], kept[j]
-    return " ".join(kept)
-
-
-def augmented_file(texts: list[str], copies: int, out: Path) -> Path:
-    """``copies`` perturbed copies of each training text (fixed seed) in a .jsonl file, written once."""
-    path = out / f"augmented-train-x{copies}-seed{AUGMENT_SEED}.jsonl"
-    if path.is_file():
-        return path
-    rng = random.Random(AUGMENT_SEED)
-    rows = []
-    for t in texts:
-        for _ in range(copies):
-            a = augment(t, rng)
-            if a != t:
-                rows.append(json.dumps({"text": a}, ensure_ascii=False))
-    from edgekd.runfolder import atomic_write_text
-
-    atomic_write_text(path, "\n".join(rows) + "\n")
-    return path
-
-
 # --- recipes -------------------------------------------------------------------------------------------------
 def parse_variant(spec: str) -> tuple[str, float | None]:
     name, _, epochs = spec.partition("@")
@@ -221,7 +181,7 @@ def label_of(name: str, epochs: float | None) -> str:
 
 
 def variant_recipe(recipe, name: str, epochs: float | None, seed: int, run_dir: Path, url: str | None,
-                   unlabelled: str | None):
+                   unlabelled: str | None, augment_copies: int = 1):
     from edgekd.recipe import parse_recipe
 
     data = recipe.model_dump(mode="json")
@@ -237,6 +197,9 @@ def variant_recipe(recipe, name: str, epochs: float | None, seed: int, run_dir: 
         data["teacher"] = {"kind": "edgekd", "url": url, "model": init, "client": {"batch_size": 32}}
         if unlabelled:
             data["teacher"]["unlabelled"] = {"dataset": unlabelled}
+        if name == "blackbox-augmented":
+            # one augmentation seed for every training seed: the teacher is asked about each copy once
+            data["teacher"]["augment"] = {"copies": augment_copies, "seed": AUGMENT_SEED}
     if epochs is not None:
         data["distill"]["train"]["epochs"] = epochs
     data["baseline"] = {"enabled": False}
@@ -366,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_test_accuracy": (wb.get("baseline") or {}).get("accuracy")}
     report["settings"] = {"student_layers": recipe.student.layers, "distill": recipe.distill.model_dump(mode="json"),
                           "base_model": recipe.teacher.model, "data": recipe.data.dataset,
-                          "augment": {"seed": AUGMENT_SEED, "copies": args.augment_copies,
-                                      "method": "1 in 4: a contiguous window of >= half the words; else word "
-                                                "dropout p=0.15 and, half the time, one adjacent swap"}}
+                          "augment": AugmentConfig(copies=args.augment_copies, seed=AUGMENT_SEED).model_dump(mode="json")}
 
     shared_cache = out / "teacher-answers"
     served = None
@@ -386,20 +347,15 @@ def main(argv: list[str] | None = None) -> int:
             served = Served(folder, port, out / "serve.log")
             report["served_teacher_url"] = served.url
             print(f"teacher served at {served.url} ({folder})", flush=True)
-        aug_path = None
-        if any(n == "blackbox-augmented" for n, _ in specs):
-            from edgekd.pipeline import create_context
-
-            aug_path = augmented_file(create_context(recipe).splits.texts("train"), args.augment_copies, out)
         for seed in seeds:
             for name, epochs in specs:
                 label = label_of(name, epochs)
                 if not args.force and str(seed) in report["runs"].get(label, {}):
                     print(f"{label} seed {seed}: in the report already (--force to redo)", flush=True)
                     continue
-                unl = UNLABELLED_ASSET if name == "blackbox-unlabelled" else (
-                    str(aug_path.resolve()) if name == "blackbox-augmented" and aug_path else None)
-                r = variant_recipe(recipe, name, epochs, seed, args.run_dir, served.url if served else None, unl)
+                unl = UNLABELLED_ASSET if name == "blackbox-unlabelled" else None
+                r = variant_recipe(recipe, name, epochs, seed, args.run_dir, served.url if served else None, unl,
+                                   args.augment_copies)
                 cache = r.run_dir() / "teacher" / "requests"
                 if name != "whitebox":
                     merge_cache(shared_cache, cache)  # same teacher, same URL: its answers are not asked again

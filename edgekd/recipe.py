@@ -226,6 +226,10 @@ class AugmentConfig(Section):
         (0.4, 0.85), description="Fraction of the words a crop keeps, drawn uniformly from [low, high]."
     )
     delete_prob: float = Field(0.2, gt=0, lt=1, description="Probability that delete drops a word.")
+    seed: int | None = Field(
+        None, description="Seed of the perturbations (null: the run's seed). Fix it to give runs of several "
+        "seeds the same copies (a black-box teacher is then asked about them once).",
+    )
     min_words: int = Field(
         4, ge=4, description="Texts with fewer words (split on white space) get no copies; a copy keeps at least 3 "
         "words and drops at least one.",

@@ -437,15 +437,16 @@ def test_benchmark_shares_one_answer_cache_between_run_folders(bvw, tmp_path):
     assert AnswerCache(shared, identity).get("z") == [0.5, 0.5]
 
 
-def test_benchmark_augmentation_only_drops_or_reorders_words(bvw):
-    import random
+def test_benchmark_augmented_variant_uses_teacher_augment_with_one_seed_for_every_run(bvw, tmp_path):
+    from edgekd.recipe import Recipe
 
-    text = "a charming , witty and often hilarious romp through the seventies"
-    rng1, rng2 = random.Random(0), random.Random(0)
-    copies = [bvw.augment(text, rng1) for _ in range(50)]
-    assert copies == [bvw.augment(text, rng2) for _ in range(50)]  # deterministic for a seed
-    assert all(set(c.split()) <= set(text.split()) and 3 <= len(c.split()) < len(text.split()) + 1 for c in copies)
-    assert len(set(copies)) > 10 and bvw.augment("too short", rng1) == "too short"
+    recipe = Recipe()
+    made = [bvw.variant_recipe(recipe, "blackbox-augmented", None, seed, tmp_path, "http://127.0.0.1:1", None, 2)
+            for seed in (42, 43)]
+    assert [r.seed for r in made] == [42, 43]
+    assert {(r.teacher.augment.copies, r.teacher.augment.seed) for r in made} == {(2, bvw.AUGMENT_SEED)}
+    plain = bvw.variant_recipe(recipe, "blackbox", None, 42, tmp_path, "http://127.0.0.1:1", None, 2)
+    assert plain.teacher.augment.copies == 0 and plain.teacher.kind == "edgekd"
 
 
 def test_benchmark_summary_pairs_the_differences_by_seed(bvw):

@@ -322,10 +322,16 @@ def test_augmented_copies_are_labelled_by_the_teacher_and_distilled_on(tmp_path,
 
     from edgekd.pipeline import run_stages
 
-    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={"augment": {"copies": 1}}))
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                      teacher={"augment": {"copies": 1, "seed": 5}}))
     ctx = run_stages(recipe, ["teacher", "distill", "eval"])
     out = ctx.run.stage_dir("teacher")
     copies = json.loads((out / "unlabelled.json").read_text())
+    # the copies come from teacher.augment.seed, not the run's seed
+    assert copies["texts"] == augment_texts(ctx.splits.texts("train"), recipe.teacher.augment, 5,
+                                            ctx.examples.texts).texts
+    assert copies["texts"] != augment_texts(ctx.splits.texts("train"), recipe.teacher.augment, recipe.seed,
+                                            ctx.examples.texts).texts
     n_train = len(ctx.splits.train)
     made = ctx.run.stage_record("teacher")["metrics"]["augmented"]
     assert copies["summary"]["augmented"]["texts"] == made["texts"] == len(copies["texts"]) > n_train // 2

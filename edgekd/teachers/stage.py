@@ -114,7 +114,8 @@ def label_with_teachers(ctx: RunContext, primary: nn.Module | None) -> tuple[dic
     if cfg.augment.copies:
         from edgekd.teachers.augment import augment_texts
 
-        augmented = augment_texts(texts["train"], cfg.augment, r.seed, ctx.examples.texts,
+        augmented = augment_texts(texts["train"], cfg.augment,
+                                  r.seed if cfg.augment.seed is None else cfg.augment.seed, ctx.examples.texts,
                                   unlabelled.texts if unlabelled else ())
         ctx.say(f"[bold]teacher[/]: {len(augmented.texts)} perturbed copies of the training texts "
                 f"({', '.join(cfg.augment.ops)})")
