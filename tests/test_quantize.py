@@ -590,3 +590,41 @@ def test_coreml_weight_compression(tmp_path, mode):
     assert err["weights_compared"] >= 1 and err["max_relative_error"] < (0.02 if mode == "linear8" else 0.3)
     assert "skipped" in report["accuracy_guard"]
     assert json.loads((out / "Manifest.json").read_text())
+
+
+def test_weights_lose_their_duplicate_shape_records_before_quantizing(tmp_path):
+    """torch.export graphs record every weight's shape in value_info. ONNX Runtime 1.30's quantizer turns
+    a Gemm (transB) into a MatMul by transposing the weight, leaves that record as it was, and its own
+    shape inference then fails; ``prepare`` drops the records of initializers (they carry their shape)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekd.quantization.onnx_stage import prepare
+
+    w = np.random.default_rng(0).normal(size=(2, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Gemm", ["h", "w"], ["logits"], transB=1)],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(w, "w")],
+        value_info=[helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 16]),
+                    helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 16])],
+    )
+    src = tmp_path / "src.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    dst = tmp_path / "prepared.onnx"
+    notes = prepare(src, dst, preprocess=False)
+    assert notes["dropped_weight_shape_records"] == 1
+    prepared = onnx.load(str(dst))
+    assert [vi.name for vi in prepared.graph.value_info] == ["h"]  # the activation's record stays
+    assert [n.name for n in prepared.graph.node] == ["Relu_0", "Gemm_1"]
+
+    def as_matmul(model):  # what ONNX Runtime 1.30's replace_gemm_with_matmul does to the graph
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w.T.copy(), "w"))
+        model.graph.node[1].CopyFrom(helper.make_node("MatMul", ["h", "w"], ["logits"], name="Gemm_1"))
+        return model
+
+    onnx.shape_inference.infer_shapes(as_matmul(prepared), strict_mode=True)  # passes without the record
+    with pytest.raises(onnx.shape_inference.InferenceError, match="differ"):
+        onnx.shape_inference.infer_shapes(as_matmul(onnx.load(str(src))), strict_mode=True)

@@ -55,6 +55,16 @@ def prepare(src: Path, dst: Path, preprocess: bool, external: bool = False) -> d
                 name += "_"
             node.name = name
             used.add(name)
+    # torch.export graphs record the shape of every weight in value_info too. ONNX Runtime 1.30's
+    # quantizer transposes a Gemm's weight into a MatMul's without updating that record, and its own
+    # shape inference then fails ("Inferred shape and existing shape differ"). An initializer carries
+    # its shape itself: drop the duplicate records.
+    weights = {t.name for t in model.graph.initializer}
+    kept = [vi for vi in model.graph.value_info if vi.name not in weights]
+    if len(kept) < len(model.graph.value_info):
+        notes["dropped_weight_shape_records"] = len(model.graph.value_info) - len(kept)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
     onnx.save(model, str(dst), save_as_external_data=external)
     return notes
 
