@@ -316,15 +316,16 @@ def test_two_local_teachers_averaged_with_weights(tmp_path, tiny_classifier_dir,
 @pytest.mark.slow
 def test_augmented_copies_are_labelled_by_the_teacher_and_distilled_on(tmp_path, tiny_classifier_dir, tiny_csv):
     """teacher.augment: the teacher stage labels the perturbed copies after the training split's rows, the
-    student trains on both, and eval still scores the teacher model itself."""
+    student and the pruning recoveries train on both, and eval still scores the teacher model itself."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from edgekd.pipeline import run_stages
 
     recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
-                                      teacher={"augment": {"copies": 1, "seed": 5}}))
-    ctx = run_stages(recipe, ["teacher", "distill", "eval"])
+                                      teacher={"augment": {"copies": 1, "seed": 5}},
+                                      prune={"enabled": True, "keep_params": 0.7, "recover_epochs": 1}))
+    ctx = run_stages(recipe, ["teacher", "distill", "eval", "prune"])
     out = ctx.run.stage_dir("teacher")
     copies = json.loads((out / "unlabelled.json").read_text())
     # the copies come from teacher.augment.seed, not the run's seed
@@ -345,6 +346,7 @@ def test_augmented_copies_are_labelled_by_the_teacher_and_distilled_on(tmp_path,
         want = torch.log_softmax(model(**enc).logits, -1).numpy()
     np.testing.assert_allclose(logits[n_train:n_train + 8], want, atol=1e-4)  # the teacher's own answers
     assert ctx.run.stage_record("distill")["metrics"]["train_examples"] == len(logits)
+    assert ctx.run.stage_record("prune")["metrics"]["recover_examples"] == len(logits)  # recovery distils on them too
     ev = ctx.run.stage_record("eval")["metrics"]
     assert ev["teacher"]["params"] == sum(p.numel() for p in model.parameters())
 

@@ -35,6 +35,9 @@ def prune_fingerprint(ctx: RunContext) -> str:
         settings["int8"] = _int8_rounding(r)
     if r.prune.trim_vocab:  # trimmed before pruning and recovery (it used to follow them)
         settings["vocab_order"] = "trim-then-recover"
+    if r.teacher.unlabelled.dataset or r.teacher.augment.copies:
+        # the recoveries train on the distillation set: the training split and the teacher-labelled extra texts
+        settings["recover_on"] = "train+extra"
     if r.prune.target_latency_ms is not None or r.prune.max_accuracy_drop is not None:
         # the search times the shipped form, which this key changes
         settings["first_token_last_layer"] = r.export.first_token_last_layer
@@ -73,22 +76,27 @@ def load_pruned_tokenizer(ctx: RunContext):
 def run_prune(ctx: RunContext) -> dict[str, Any]:
     from edgekd.pruning import PruneContext, prune_model
     from edgekd.tasks.text.teacher import load_teacher_outputs
+    from edgekd.teachers.stage import load_targets, training_split
 
     r, task, cfg = ctx.recipe, ctx.task, ctx.recipe.prune
     t0 = time.perf_counter()
     fp = prune_fingerprint(ctx)
     model = load_stage_model(ctx, "distill")
     _, cached_logits = load_teacher_outputs(ctx)
-    teacher_logits = torch.from_numpy(cached_logits)
+    # Recovery is distillation: it trains on what the distill stage trained on, the training split and
+    # any texts the teacher labelled beside it (teacher.unlabelled, teacher.augment), one target row each.
+    targets = load_targets(ctx, cached_logits)
+    teacher_logits = torch.from_numpy(targets.logits)
     # The distilled student reads the teacher's token ids.
     tok = ctx.tokenizer
-    train_data = ctx.tokenized("train", tok)
+    train_data = training_split(ctx, tok, targets)
     vocab_info = None
     if cfg.trim_vocab:
         # Trim first: scoring, every recovery and the search then see the trimmed model on the trimmed
-        # tokenizer's ids, so recovery also wins back what trimming cost.
-        model, tok, vocab_info = _trim_vocab(ctx, model, train_data)
-        train_data = ctx.tokenized("train", tok)
+        # tokenizer's ids, so recovery also wins back what trimming cost. The tokens kept are those of
+        # the training split's texts.
+        model, tok, vocab_info = _trim_vocab(ctx, model, ctx.tokenized("train", tok))
+        train_data = training_split(ctx, tok, targets)
     val_data = ctx.tokenized("validation", tok)
     batches = train_data.train_batches(r.distill.train.batch_size, seed=r.seed)[: cfg.score_batches]
     score_batches = [
@@ -149,6 +157,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     model, metrics = prune_model(model, cfg, pctx)
     if cfg.quant_aware:
         metrics["quant_aware"] = {"int8": "dynamic", **_int8_rounding(r)}
+    metrics["recover_examples"] = len(train_data)
     say_search(ctx, cfg, metrics)
     out_tok = tok
     if vocab_info is not None:
