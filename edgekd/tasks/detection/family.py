@@ -51,6 +51,12 @@ class Detection:
         if recipe.prune.quant_aware:
             problems.append("prune.quant_aware: the detection prune stage does not train int8-aware (text "
                             "classification does); set it to false")
+        if recipe.teacher.unlabelled.dataset:
+            problems.append("teacher.unlabelled.dataset: extra unlabelled texts are for text classification; a "
+                            "detector's teacher labels the training images only: remove the key")
+        if recipe.teacher.augment.copies:
+            problems.append("teacher.augment.copies: perturbed copies of training texts are for text "
+                            "classification; a detector trains on its own image augmentation: set it to 0")
         if recipe.quantize.embedding_bits == 4:
             problems.append("quantize.embedding_bits: 4 shrinks the embedding tables of a text encoder; a "
                             "detector has none: set it to 8")
