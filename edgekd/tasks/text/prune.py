@@ -89,14 +89,13 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     teacher_logits = torch.from_numpy(targets.logits)
     # The distilled student reads the teacher's token ids.
     tok = ctx.tokenizer
-    train_data = training_split(ctx, tok, targets)
     vocab_info = None
     if cfg.trim_vocab:
         # Trim first: scoring, every recovery and the search then see the trimmed model on the trimmed
         # tokenizer's ids, so recovery also wins back what trimming cost. The tokens kept are those of
         # the training split's texts.
         model, tok, vocab_info = _trim_vocab(ctx, model, ctx.tokenized("train", tok))
-        train_data = training_split(ctx, tok, targets)
+    train_data = training_split(ctx, tok, targets)
     val_data = ctx.tokenized("validation", tok)
     batches = train_data.train_batches(r.distill.train.batch_size, seed=r.seed)[: cfg.score_batches]
     score_batches = [
