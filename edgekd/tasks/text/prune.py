@@ -101,8 +101,11 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     score_batches = [
         {k: v for k, v in to_torch(train_data.collate(idx)).items() if k != "index"} for idx in batches
     ]
-    # Hidden-state targets: the unpruned student, frozen (same width and depth as the pruned one).
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.recover_hidden_weight > 0 else None
+    # The unpruned student, frozen (same width and depth as the pruned one): the hidden-state targets,
+    # and with recover_soft_targets 'unpruned' the soft targets too.
+    from_unpruned = cfg.recover_soft_targets == "unpruned"
+    hidden = cfg.recover_hidden_weight > 0
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if hidden or from_unpruned else None
 
     def evaluate(m) -> dict[str, float]:
         return task.metrics({"logits": predict(m, val_data, r.eval.batch_size, "prune: validation")},
@@ -112,15 +115,19 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         d = r.distill
 
         def loss_fn(mm, batch):
-            want = reference is not None
-            out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want)
-            t = teacher_logits[batch["index"].cpu()].to(out.logits.device)
-            loss, logs = soft_hard_loss(out.logits, t, batch["labels"], d.alpha, d.temperature, d.kl)
-            if want:
+            out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+            ref_out = None
+            if reference is not None:
                 ref = reference.to(out.logits.device)
                 with torch.no_grad():
                     ref_out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  output_hidden_states=True)
+                                  output_hidden_states=hidden)
+            if from_unpruned:
+                t = ref_out.logits.float()
+            else:
+                t = teacher_logits[batch["index"].cpu()].to(out.logits.device)
+            loss, logs = soft_hard_loss(out.logits, t, batch["labels"], d.alpha, d.temperature, d.kl)
+            if hidden:
                 # Every layer's output (index 0 is the shared embedding output, left out).
                 pairs = list(zip(out.hidden_states[1:], ref_out.hidden_states[1:], strict=True))
                 hl = sum(hidden_state_loss(s, h, batch["attention_mask"], d.hidden_loss) for s, h in pairs) / len(pairs)
@@ -154,6 +161,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
                         recover_final=recover_for(cfg.final_recover_epochs, 1000, "final"),
                         metric=task.primary_metric)
     model, metrics = prune_model(model, cfg, pctx)
+    metrics["recover_soft_targets"] = cfg.recover_soft_targets
     if cfg.quant_aware:
         metrics["quant_aware"] = {"int8": "dynamic", **_int8_rounding(r)}
     metrics["recover_examples"] = len(train_data)

@@ -1,0 +1,74 @@
+"""The text prune stage's recovery: whose soft targets it matches (prune.recover_soft_targets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.recipe import PruneConfig, parse_recipe
+from edgekd.testing import tiny_recipe
+
+
+def _spy_recovery(monkeypatch):
+    """Record every recovery batch and the soft targets its loss was given, in order."""
+    import edgekd.tasks.text.prune as text_prune
+
+    seen: list[tuple[dict, torch.Tensor]] = []
+    real_train, real_loss = text_prune.train, text_prune.soft_hard_loss
+    current: dict = {}
+
+    def train(model, data, tc, loss_fn, *a, **kw):
+        def wrapped(m, batch):
+            current["batch"] = {k: v.detach().clone() for k, v in batch.items()}
+            return loss_fn(m, batch)
+
+        return real_train(model, data, tc, wrapped, *a, **kw)
+
+    def loss(student_logits, targets, labels, *a, **kw):
+        seen.append((current["batch"], targets.detach().float().clone()))
+        return real_loss(student_logits, targets, labels, *a, **kw)
+
+    monkeypatch.setattr(text_prune, "train", train)
+    monkeypatch.setattr(text_prune, "soft_hard_loss", loss)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["teacher", "unpruned"])
+def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_classifier_dir, tiny_csv, monkeypatch,
+                                                             source):
+    from edgekd.pipeline import run_stages
+    from edgekd.stages.base import load_stage_model
+
+    seen = _spy_recovery(monkeypatch)
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                      prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5,
+                                             "recover_soft_targets": source}))
+    ctx = run_stages(recipe, ["teacher", "distill", "prune"])
+    assert seen, "the recovery never computed its loss"
+    teacher_rows = torch.from_numpy(np.load(ctx.run.stage_dir("teacher") / "train_logits.npy")).float()
+    unpruned = load_stage_model(ctx, "distill").eval()
+    for batch, targets in seen[:3]:
+        from_teacher = teacher_rows[batch["index"]]
+        with torch.no_grad():
+            from_unpruned = unpruned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want, other = (from_teacher, from_unpruned) if source == "teacher" else (from_unpruned, from_teacher)
+        torch.testing.assert_close(targets, want.float(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(targets, other.float(), atol=1e-3)  # the two sources differ: the key was read
+    assert ctx.run.stage_record("prune")["metrics"]["recover_soft_targets"] == source
+
+
+def test_unpruned_soft_targets_are_refused_where_nothing_reads_them():
+    with pytest.raises(ValueError, match="recover_soft_targets"):
+        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="unpruned")
+    with pytest.raises(ValueError, match="recover_soft_targets"):
+        PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="student")  # not a choice
+
+
+def test_the_default_leaves_the_fingerprint_of_earlier_runs_alone():
+    from edgekd.stages.prune_common import prune_settings
+
+    assert "recover_soft_targets" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="unpruned"))[
+        "recover_soft_targets"] == "unpruned"
