@@ -1,7 +1,7 @@
 """The whole pipeline over several seeds, each run measured by compare_tools, reported as mean ± sd.
 
     python benchmarks/seeds.py [RECIPE] [--seeds 42 43 44] [--set key=value ...] [--runs N]
-                               [--threads T] [--out DIR] [--no-run]
+                               [--threads T] [--batch-sizes 1 8] [--no-memory] [--out DIR] [--no-run]
 
 For each seed: ``edgekd run RECIPE --set seed=S --set name=<name>-seed<S>`` (a stage unchanged since
 an earlier run of that seed is skipped; ``--no-run`` measures existing run folders only), then
@@ -208,11 +208,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="sets", action="append", default=[], help="recipe override key=value (repeatable)")
     p.add_argument("--runs", type=int, default=200, help="compare_tools: timed runs per model and batch (200)")
     p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
+                   help="compare_tools: batch sizes timed (default 1 8; the bars read batch 1)")
+    p.add_argument("--no-memory", action="store_true", help="compare_tools: skip the memory measurements")
     p.add_argument("--out", default=None, help="output folder (default runs/<name>-seeds)")
     p.add_argument("--no-run", action="store_true", help="measure existing run folders only (no edgekd run)")
     p.add_argument("--pipeline-only", action="store_true",
                    help="no compare_tools: each seed's figures from its own eval, quantize and bench records")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if 1 not in args.batch_sizes:
+        p.error("--batch-sizes: include 1 (every bar is read at batch 1)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 shipped = quantized_folder("onnx", recipe.quantize.method)
                 per_seed[s] = pipeline_record(recipe.run_dir(), shipped)
             else:
-                per_seed[s] = compare_tools.compare(recipe.run_dir(), runs=args.runs, threads=args.threads)
+                per_seed[s] = compare_tools.compare(recipe.run_dir(), runs=args.runs, threads=args.threads,
+                                                    batch_sizes=tuple(args.batch_sizes), memory=not args.no_memory)
     except EdgeKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

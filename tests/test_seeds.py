@@ -141,3 +141,26 @@ def test_pipeline_only_never_claims_the_bars(seeds, tmp_path):
     assert "Pipeline figures only" in text and "All bars met" not in text
     with pytest.raises(Exception, match="no manifest.json"):
         seeds.pipeline_record(tmp_path / "missing", "onnx-int8")
+
+
+def test_compare_options_reach_compare_tools(seeds, tmp_path, monkeypatch, capsys):
+    import compare_tools
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
+    (tmp_path / "runs" / "tiny-seed1").mkdir(parents=True)
+    seen = {}
+
+    def compare(run_dir, **kw):
+        seen.update(kw, run_dir=Path(run_dir))
+        return _compare(0.836, 0.5, 7.0)
+
+    monkeypatch.setattr(compare_tools, "compare", compare)
+    assert seeds.main([str(recipe), "--seeds", "1", "--no-run", "--runs", "50", "--batch-sizes", "1",
+                       "--no-memory", "--out", str(tmp_path / "out")]) == 0
+    assert seen == {"run_dir": tmp_path / "runs" / "tiny-seed1", "runs": 50, "threads": None,
+                    "batch_sizes": (1,), "memory": False}
+    assert (tmp_path / "out" / "seeds.md").is_file()
+    with pytest.raises(SystemExit):
+        seeds.parse_args(["--batch-sizes", "8"])
+    assert "include 1" in capsys.readouterr().err
