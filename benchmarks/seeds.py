@@ -1,12 +1,16 @@
 """The whole pipeline over several seeds, each run measured by compare_tools, reported as mean ± sd.
 
     python benchmarks/seeds.py [RECIPE] [--seeds 42 43 44] [--set key=value ...] [--runs N]
-                               [--threads T] [--batch-sizes 1 8] [--no-memory] [--out DIR] [--no-run]
+                               [--threads T] [--batch-sizes 1 8] [--no-memory] [--out DIR]
+                               [--no-run [--reuse]] [--pipeline-only]
 
 For each seed: ``edgekd run RECIPE --set seed=S --set name=<name>-seed<S>`` (a stage unchanged since
 an earlier run of that seed is skipped; ``--no-run`` measures existing run folders only), then
 ``compare_tools`` on that run folder (every model timed on the same inputs, each in its own process,
-in rounds). The figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
+in rounds), with ``--artifact`` set to the folder the run ships (the quantize stage's recommendation,
+as the run's summary and ``edgekd serve`` name it), so the figures and the verdict are the shipped
+artifact's, never a folder compare_tools would pick by its own rule. ``--no-run --reuse`` reads each
+run's ``compare/compare.json`` instead of measuring again (the shipped folder's row in it). The figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
 the range, and for each bar of the compression issue how many seeds meet it:
 
 - the shipped artifact (compare_tools' best, chosen on validation) at least 1.5x faster at p50,
@@ -57,11 +61,20 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else 100.0 * x
 
 
+def shipped_row(data: dict[str, Any]) -> dict[str, Any]:
+    """The row of the export folder the run ships (``data["shipped"]``, recorded by :func:`main`), else
+    the row compare_tools chose (``best``)."""
+    rows = data.get("rows") or []
+    if data.get("shipped"):
+        return next((r for r in rows if r["name"] == f"edgekd-{data['shipped']}"), None) or {}
+    return next((r for r in rows if r.get("best")), None) or {}
+
+
 def seed_figures(data: dict[str, Any], batch: int = 1) -> dict[str, float | None]:
     """One seed's figures from its compare.json: the shipped artifact against the student, the
     teacher and each usual path, all timed in that one compare run."""
     rows = {r["name"]: r for r in data.get("rows") or []}
-    best = next((r for r in rows.values() if r.get("best")), None) or {}
+    best = shipped_row(data)
     student, teacher = rows.get("student-fp32") or {}, rows.get(report.TEACHER) or {}
     acc_b, acc_s = best.get("accuracy"), student.get("accuracy")
     p_b = report.p50(best, batch)
@@ -85,6 +98,29 @@ def seed_figures(data: dict[str, Any], batch: int = 1) -> dict[str, float | None
         out[f"margin:{name}"] = (None if acc_b is None or ref.get("accuracy") is None
                                  else 100.0 * (acc_b - ref["accuracy"]))
     return out
+
+
+def shipped_folder(run_dir: Path) -> str:
+    """The export folder the run ships, by the rule of the run's summary and `edgekd serve` (the quantize
+    stage's recommendation, else the only export)."""
+    from edgekd.report import shipped_artifact
+    from edgekd.runfolder import RunFolder
+
+    name, why = shipped_artifact(RunFolder(Path(run_dir)))
+    if name is None:
+        raise EdgeKDError(f"{run_dir}: no shipped artifact to compare: {why}")
+    return name
+
+
+def reuse_compare(run_dir: Path) -> dict[str, Any]:
+    """``compare/compare.json`` of a run, refused when missing or older than the run's manifest."""
+    found, manifest = Path(run_dir) / "compare" / "compare.json", Path(run_dir) / "manifest.json"
+    if not found.is_file():
+        raise EdgeKDError(f"--reuse: {found} does not exist: measure it (drop --reuse).")
+    if manifest.is_file() and manifest.stat().st_mtime > found.stat().st_mtime:
+        raise EdgeKDError(f"--reuse: {found} was written before the run last changed ({manifest}): measure "
+                          "again (drop --reuse).")
+    return json.loads(found.read_text())
 
 
 def _bench_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +209,18 @@ def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) 
     pipeline_only = any(d.get("pipeline_only") for d in per_seed.values())
     return {"seeds": seeds, "rows": rows, "pipeline_only": pipeline_only,
             "all_met": bool(barred) and all(r["all_met"] for r in barred) and not pipeline_only,
-            "verdicts": {s: (per_seed[s].get("verdict") or {}).get("summary") for s in seeds}}
+            "verdicts": {s: _verdict(per_seed[s]) for s in seeds}}
+
+
+def _verdict(data: dict[str, Any]) -> str | None:
+    """compare_tools' verdict, which concerns the row it chose: said so when that is not the shipped one."""
+    summary = (data.get("verdict") or {}).get("summary")
+    chosen = next((r["name"] for r in data.get("rows") or [] if r.get("best")), None)
+    if data.get("shipped") and chosen != f"edgekd-{data['shipped']}":
+        return (f"the figures above are the shipped {data['shipped']}'s; compare_tools' own pick was "
+                f"{chosen or 'none'} ({(data.get('best') or {}).get('why', 'its rule')}), and its verdict, on "
+                f"that pick: {summary}")
+    return summary
 
 
 def markdown(agg: dict[str, Any], title: str) -> str:
@@ -213,11 +260,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="compare_tools: skip the memory measurements")
     p.add_argument("--out", default=None, help="output folder (default runs/<name>-seeds)")
     p.add_argument("--no-run", action="store_true", help="measure existing run folders only (no edgekd run)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --no-run: read each run's compare/compare.json instead of measuring again (refused "
+                        "when the run changed after it)")
     p.add_argument("--pipeline-only", action="store_true",
                    help="no compare_tools: each seed's figures from its own eval, quantize and bench records")
     args = p.parse_args(argv)
     if 1 not in args.batch_sizes:
         p.error("--batch-sizes: include 1 (every bar is read at batch 1)")
+    if args.reuse and (not args.no_run or args.pipeline_only):
+        p.error("--reuse reads the compare_tools results of runs left as they are: give --no-run, without "
+                "--pipeline-only")
     return args
 
 
@@ -226,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     import compare_tools
 
     from edgekd import api
-    from edgekd.export.base import quantized_folder
     from edgekd.runfolder import atomic_write_text
 
     try:
@@ -239,12 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                 api.run_recipe(args.recipe, sets, argv=["benchmarks/seeds.py", args.recipe, *(f"--set={x}" for x in sets)])
             elif not recipe.run_dir().is_dir():
                 raise EdgeKDError(f"--no-run: {recipe.run_dir()} does not exist; run it first (drop --no-run).")
+            shipped = shipped_folder(recipe.run_dir())
             if args.pipeline_only:
-                shipped = quantized_folder("onnx", recipe.quantize.method)
                 per_seed[s] = pipeline_record(recipe.run_dir(), shipped)
-            else:
-                per_seed[s] = compare_tools.compare(recipe.run_dir(), runs=args.runs, threads=args.threads,
-                                                    batch_sizes=tuple(args.batch_sizes), memory=not args.no_memory)
+            elif args.reuse:
+                per_seed[s] = {**reuse_compare(recipe.run_dir()), "shipped": shipped}
+            else:  # compare_tools' verdict then concerns the shipped folder, not a folder of its own choosing
+                per_seed[s] = {**compare_tools.compare(recipe.run_dir(), runs=args.runs, threads=args.threads,
+                                                       batch_sizes=tuple(args.batch_sizes),
+                                                       memory=not args.no_memory, artifact=shipped),
+                               "shipped": shipped}
     except EdgeKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -148,7 +148,7 @@ def test_compare_options_reach_compare_tools(seeds, tmp_path, monkeypatch, capsy
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
-    (tmp_path / "runs" / "tiny-seed1").mkdir(parents=True)
+    _shipping_run(tmp_path / "runs" / "tiny-seed1", "onnx-int8")
     seen = {}
 
     def compare(run_dir, **kw):
@@ -158,9 +158,59 @@ def test_compare_options_reach_compare_tools(seeds, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(compare_tools, "compare", compare)
     assert seeds.main([str(recipe), "--seeds", "1", "--no-run", "--runs", "50", "--batch-sizes", "1",
                        "--no-memory", "--out", str(tmp_path / "out")]) == 0
+    # compare_tools measures the folder the run ships, not one of its own choosing
     assert seen == {"run_dir": tmp_path / "runs" / "tiny-seed1", "runs": 50, "threads": None,
-                    "batch_sizes": (1,), "memory": False}
+                    "batch_sizes": (1,), "memory": False, "artifact": "onnx-int8"}
     assert (tmp_path / "out" / "seeds.md").is_file()
     with pytest.raises(SystemExit):
         seeds.parse_args(["--batch-sizes", "8"])
     assert "include 1" in capsys.readouterr().err
+
+
+def _shipping_run(root: Path, recommended: str) -> Path:
+    import json
+
+    root.mkdir(parents=True)
+    q = {"metrics": {"recommended": recommended, "recommended_dir": str(root / "export" / recommended)}}
+    (root / "manifest.json").write_text(json.dumps({"stages": {"quantize": q}}))
+    return root
+
+
+def test_the_figures_are_the_shipped_folders_even_where_compare_picked_another(seeds):
+    data = _compare(0.836, 0.5, 7.0)
+    data["rows"] = [{**r, "best": False} for r in data["rows"]] + [
+        _row("edgekd-onnx", 0.84, 0.9, size=37e6, ood=0.80, best=True)]
+    data["best"] = {"why": "the fastest within 1.0 points of the student's validation accuracy"}
+    assert seeds.seed_figures(data)["shipped_mb"] == pytest.approx(37.0)  # no shipped folder recorded: compare's pick
+    data["shipped"] = "onnx-int8"
+    f = seeds.seed_figures(data)
+    assert f["shipped_accuracy"] == pytest.approx(83.6) and f["shipped_mb"] == pytest.approx(7.0)
+    assert f["shipped_p50_ms"] == 0.5 and f["speedup:optimum-onnx-int8"] == pytest.approx(4.0)
+    line = seeds.aggregate({1: data})["verdicts"][1]
+    assert line.startswith("the figures above are the shipped onnx-int8's; compare_tools' own pick was edgekd-onnx")
+
+
+def test_reuse_reads_the_runs_compare_unless_the_run_changed_after_it(seeds, tmp_path, monkeypatch, capsys):
+    import json
+    import os
+
+    import compare_tools
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
+    run = _shipping_run(tmp_path / "runs" / "tiny-seed1", "onnx-int8")
+    monkeypatch.setattr(compare_tools, "compare", lambda *a, **k: pytest.fail("--reuse measured again"))
+    argv = [str(recipe), "--seeds", "1", "--no-run", "--reuse", "--out", str(tmp_path / "out")]
+    assert seeds.main(argv) == 2
+    assert "compare.json does not exist: measure it (drop --reuse)" in capsys.readouterr().err
+    (run / "compare").mkdir()
+    (run / "compare" / "compare.json").write_text(json.dumps(_compare(0.836, 0.5, 7.0)))
+    os.utime(run / "manifest.json", (1, 1))
+    assert seeds.main(argv) == 0
+    got = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert next(r for r in got["rows"] if r["key"] == "shipped_p50_ms")["values"] == {"1": 0.5}
+    os.utime(run / "compare" / "compare.json", (0, 0))  # the run changed after the comparison
+    assert seeds.main(argv) == 2
+    assert "was written before the run last changed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        seeds.parse_args([str(recipe), "--reuse"])
