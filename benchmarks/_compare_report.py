@@ -52,6 +52,15 @@ def ratios(rows: list[dict[str, Any]], ref_name: str, batch_sizes: list[int]) ->
     return out
 
 
+def _shipped_note(data: dict[str, Any]) -> str:
+    """A sentence when the row compared is not the folder the run ships."""
+    shipped, best = data["best"].get("shipped"), data["best"]["name"]
+    if not shipped or best == f"edgekd-{shipped}":
+        return ""
+    return (f" The run ships `{shipped}` (the quantize stage's recommendation), not this pick: run with "
+            f"`--artifact {shipped}` for its verdict (`benchmarks/seeds.py` does).")
+
+
 def select_best(rows: list[dict[str, Any]], student_accuracy: float | None, budget: float, batch: int,
                 forced: str | None = None, key: str = "val_accuracy") -> tuple[str | None, str]:
     """The edgekd artifact to compare: ``forced`` when given, else the fastest at p50 (``batch``)
@@ -324,7 +333,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in data["verdict"]["lines"]],
         "",
-        f"Best edgekd artifact: `{data['best']['name'] or 'none'}` ({data['best']['why']}).",
+        f"Best edgekd artifact: `{data['best']['name'] or 'none'}` ({data['best']['why']}).{_shipped_note(data)}",
         "",
         f"CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; ISA {', '.join(env.get('isa') or [])}); "
         f"threads {s['threads']} for every runtime; {s['runs']} timed runs per batch size after {s['warmup']} "

@@ -324,7 +324,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     ``rounds`` (default 3; 1 with ``one_process``) as ``--rounds``."""
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
-    from edgekd.runfolder import atomic_write_bytes, atomic_write_text
+    from edgekd.report import shipped_artifact
+    from edgekd.runfolder import RunFolder, atomic_write_bytes, atomic_write_text
 
     started = time.perf_counter()
     run = Path(run_dir).resolve()  # the measuring children run in other directories
@@ -441,7 +442,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
         "ratios": {"vs_teacher": report.ratios(rows, report.TEACHER, list(batch_sizes)),
                    "vs_optimum_int8": report.ratios(rows, report.OPTIMUM_INT8, list(batch_sizes))},
         "best": {"name": best_name, "why": why, "student_val_accuracy": student_row.get("val_accuracy"),
-                 "budget": budget},
+                 "budget": budget, "shipped": shipped_artifact(RunFolder(run))[0]},
         "verdict": report.verdict_all(by_name.get(best_name) if best_name else None, refs, student_row,
                                       list(batch_sizes), target_speedup),
         "ablation": report.ablation(rows, manifest, batch_sizes[0], trimmed=tokens.table is not None),

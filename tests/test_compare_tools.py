@@ -136,6 +136,16 @@ def test_ablation_rows_follow_what_exists(tools):
     assert "prune + recovery" not in {a["step"] for a in rep.ablation(rows, {}, 1)}
 
 
+def test_a_pick_that_is_not_the_shipped_folder_is_said(tools):
+    _, rep, _ = tools
+    data = {"best": {"name": "edgekd-onnx", "why": "w", "shipped": "onnx-int8"}}
+    assert "The run ships `onnx-int8`" in rep._shipped_note(data) and "--artifact onnx-int8" in rep._shipped_note(data)
+    data["best"]["name"] = "edgekd-onnx-int8"
+    assert rep._shipped_note(data) == ""
+    data["best"].pop("shipped")  # an older compare.json
+    assert rep._shipped_note(data) == ""
+
+
 def test_markdown_refuses_rows_timed_on_different_inputs(tools):
     from edgekd.errors import StageError
 
@@ -330,6 +340,10 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     best = data["best"]["name"]
     assert best in ("edgekd-onnx", "edgekd-onnx-int8") and rows[best]["best"]
     assert "chosen on validation" in data["best"]["why"]
+    from edgekd.report import shipped_artifact
+    from edgekd.runfolder import RunFolder
+
+    assert data["best"]["shipped"] == shipped_artifact(RunFolder(run))[0] is not None  # the folder the run ships
     v = data["verdict"]
     usual = ("optimum-onnx-int8", "openvino-nncf-int8", "torchao-int8")
     assert [p["checks"][0]["optimum_p50_ms"] for p in v["parts"]] == [rows[n]["cases"]["1"]["p50_ms"] for n in usual]
