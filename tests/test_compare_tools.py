@@ -266,6 +266,9 @@ def tiny_run(tmp_path_factory):
                     "metrics": {"train_seconds": 10.0, "cache_seconds": 1.5, "cached_examples": 192}},
         "distill": {"status": "done", "seconds": 8.0, "metrics": {"teacher_forward_per_step": False}},
         "export": {"status": "done", "seconds": 4.0},
+        # what the run ships (report.shipped_artifact): the int8 folder
+        "quantize": {"status": "done", "seconds": 2.0,
+                     "metrics": {"recommended": "quantized", "recommended_dir": str(int8)}},
     }}))
     return run, labels
 
@@ -343,7 +346,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     from edgekd.report import shipped_artifact
     from edgekd.runfolder import RunFolder
 
-    assert data["best"]["shipped"] == shipped_artifact(RunFolder(run))[0] is not None  # the folder the run ships
+    assert data["best"]["shipped"] == shipped_artifact(RunFolder(run))[0] == "onnx-int8"  # the folder the run ships
     v = data["verdict"]
     usual = ("optimum-onnx-int8", "openvino-nncf-int8", "torchao-int8")
     assert [p["checks"][0]["optimum_p50_ms"] for p in v["parts"]] == [rows[n]["cases"]["1"]["p50_ms"] for n in usual]
@@ -355,7 +358,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     assert v["summary"].startswith("MET" if v["met"] else "NOT MET")
     steps = {a["step"] for a in data["ablation"]}
     assert {"distill", "prune + vocabulary trim + recovery", "quantize (int8)"} <= steps
-    assert data["pipeline"]["teacher_forward_per_step"] is False and data["pipeline"]["total_seconds"] == 24.0
+    assert data["pipeline"]["teacher_forward_per_step"] is False and data["pipeline"]["total_seconds"] == 26.0
 
     md = (out / "compare.md").read_text()
     assert v["summary"] in md and v["summary"] in printed
