@@ -10,10 +10,11 @@ an earlier run of that seed is skipped; ``--no-run`` measures existing run folde
 in rounds), with ``--artifact`` set to the folder the run ships (the quantize stage's recommendation,
 as the run's summary and ``edgekd serve`` name it), so the figures and the verdict are the shipped
 artifact's, never a folder compare_tools would pick by its own rule. ``--no-run --reuse`` reads each
-run's ``compare/compare.json`` instead of measuring again (the shipped folder's row in it). The figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
+run's ``compare/compare.json`` instead of measuring again (the shipped folder's row in it). The
+figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
 the range, and for each bar of the compression issue how many seeds meet it:
 
-- the shipped artifact (compare_tools' best, chosen on validation) at least 1.5x faster at p50,
+- the shipped artifact at least 1.5x faster at p50,
   batch 1, than every usual path on the distilled student (Optimum int8, OpenVINO NNCF int8, torchao
   compiled) and at least as accurate as each (test);
 - within 0.5 points of the fp32 distilled student; at least 15x faster than the fp32 teacher in
