@@ -254,9 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("recipe", nargs="?", default="default", help="built-in recipe or YAML file (default: default)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds (default 42 43 44)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="recipe override key=value (repeatable)")
-    p.add_argument("--runs", type=int, default=200, help="compare_tools: timed runs per model and batch (200)")
+    p.add_argument("--runs", type=int, default=None, help="compare_tools: timed runs per model and batch (200)")
     p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="compare_tools: batch sizes timed (default 1 8; the bars read batch 1)")
     p.add_argument("--no-memory", action="store_true", help="compare_tools: skip the memory measurements")
     p.add_argument("--out", default=None, help="output folder (default runs/<name>-seeds)")
@@ -267,11 +267,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pipeline-only", action="store_true",
                    help="no compare_tools: each seed's figures from its own eval, quantize and bench records")
     args = p.parse_args(argv)
-    if 1 not in args.batch_sizes:
-        p.error("--batch-sizes: include 1 (every bar is read at batch 1)")
     if args.reuse and (not args.no_run or args.pipeline_only):
         p.error("--reuse reads the compare_tools results of runs left as they are: give --no-run, without "
                 "--pipeline-only")
+    # Options of a measurement that will not happen are refused, not ignored.
+    given = [flag for flag, value in (("--runs", args.runs), ("--threads", args.threads),
+                                      ("--batch-sizes", args.batch_sizes), ("--no-memory", args.no_memory or None))
+             if value is not None]
+    if given and (args.reuse or args.pipeline_only):
+        p.error(f"{', '.join(given)}: compare_tools does not run with {'--reuse' if args.reuse else '--pipeline-only'}, "
+                "so nothing would read them: drop them")
+    args.runs = 200 if args.runs is None else args.runs
+    args.batch_sizes = [1, 8] if args.batch_sizes is None else args.batch_sizes
+    if 1 not in args.batch_sizes:
+        p.error("--batch-sizes: include 1 (every bar is read at batch 1)")
     return args
 
 

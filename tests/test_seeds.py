@@ -214,3 +214,9 @@ def test_reuse_reads_the_runs_compare_unless_the_run_changed_after_it(seeds, tmp
     assert "was written before the run last changed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         seeds.parse_args([str(recipe), "--reuse"])
+    # What only a measurement reads is refused where none happens, not ignored.
+    for extra in (["--no-run", "--reuse", "--runs", "50"], ["--pipeline-only", "--no-memory"]):
+        with pytest.raises(SystemExit):
+            seeds.parse_args([str(recipe), *extra])
+        assert "so nothing would read them" in capsys.readouterr().err
+    assert seeds.parse_args([str(recipe)]).runs == 200 and seeds.parse_args([str(recipe)]).batch_sizes == [1, 8]
