@@ -24,11 +24,13 @@ VARIANTS: list[tuple[str, dict]] = [
     ("float", {}),
     ("float/fused-attention", {"fuse": "attention"}),
     ("float/fused-multihead", {"fuse": "multihead"}),
+    ("float/fused-packed", {"fuse": "packed"}),
     ("dynamic", {"method": "dynamic"}),
     ("dynamic/fused-attention", {"method": "dynamic", "fuse": "attention"}),
     ("dynamic/fused-multihead", {"method": "dynamic", "fuse": "multihead"}),
     ("dynamic/emb4", {"method": "dynamic", "embedding_bits": 4}),
     ("dynamic/emb4/fused-multihead", {"method": "dynamic", "fuse": "multihead", "embedding_bits": 4}),
+    ("dynamic/emb4/fused-packed", {"method": "dynamic", "fuse": "packed", "embedding_bits": 4}),
     ("dynamic/per-channel/fused-multihead", {"method": "dynamic", "fuse": "multihead", "per_channel": True}),
     ("dynamic/reduce-range/fused-multihead", {"method": "dynamic", "fuse": "multihead", "reduce_range": True}),
     ("static/minmax", {"method": "static"}),
@@ -90,7 +92,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="edgekd-variants-"))
     floats, notes = {"none": src}, {}
-    for fuse in ("attention", "multihead"):
+    for fuse in ("attention", "multihead", "packed"):
         floats[fuse] = work / f"fused-{fuse}.onnx"
         notes[fuse] = fuse_file(src, floats[fuse], attention=fuse)
     prepared = {}

@@ -546,7 +546,7 @@ class QuantizeCandidate(Section):
     """One quantization setup the guard tries; unset keys take the quantize section's value."""
 
     method: QuantizeMethodName | None = Field(None, description="As quantize.method.")
-    fuse: Literal["none", "attention", "multihead"] | None = Field(None, description="As quantize.fuse.")
+    fuse: Literal["none", "attention", "multihead", "packed"] | None = Field(None, description="As quantize.fuse.")
     per_channel: bool | None = Field(None, description="As quantize.per_channel.")
     reduce_range: bool | None = Field(None, description="As quantize.reduce_range.")
     weight_type: Literal["qint8", "quint8"] | None = Field(None, description="As quantize.weight_type.")
@@ -601,11 +601,13 @@ class QuantizeConfig(Section):
         "train", description="static: the split the calibration examples come from (never test), each fed at its "
         "real length."
     )
-    fuse: Literal["none", "attention", "multihead"] = Field(
+    fuse: Literal["none", "attention", "multihead", "packed"] = Field(
         "none", description="ONNX Runtime's transformer fusions applied to the float model before quantizing "
         "(SkipLayerNormalization, BiasGelu and attention; the artifact then runs on ONNX Runtime only): attention "
         "packs Q/K/V into one Attention operator (int8 methods leave its projection in float), multihead keeps "
-        "the three projection MatMuls (quantized) around a MultiHeadAttention."
+        "the three projection MatMuls (quantized) around a MultiHeadAttention; packed rewrites only the "
+        "attention blocks, into an Attention that takes attention_mask as its mask, which int8 methods turn "
+        "into QAttention (Q/K/V in one int8 MatMul)."
     )
     candidates: list[QuantizeCandidate] = Field(
         default_factory=list,

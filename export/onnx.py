@@ -155,7 +155,7 @@ def _fuse_for_ort(program: Any) -> dict[str, int]:
     return {k: int(v) for k, v in counts.items() if v}
 
 
-FUSE_ATTENTION = ("attention", "multihead")
+FUSE_ATTENTION = ("attention", "multihead", "packed")
 
 
 def fuse_file(src: Path, dst: Path, external: bool = False, attention: str = "attention") -> dict[str, Any]:
@@ -166,10 +166,16 @@ def fuse_file(src: Path, dst: Path, external: bool = False, attention: str = "at
     ``optimize`` gives). "multihead" stops at ``MultiHeadAttention`` fed by the three projection
     MatMuls: int8 methods cannot quantize the packed form as written here (ONNX Runtime's
     quantizer skips an Attention with ``qkv_hidden_sizes``, and QAttention has no attention-bias
-    input for the mask), but they do quantize those MatMuls.
+    input for the mask), but they do quantize those MatMuls. "packed" is edgekd's own rewrite
+    (``edgekd.export.attention``): only the attention blocks, packed into an ``Attention`` whose
+    mask is the ``attention_mask`` input, which int8 methods turn into ``QAttention``.
     """
     if attention not in FUSE_ATTENTION:
         raise UnsupportedTargetError(f"attention fusion must be one of {FUSE_ATTENTION}, not {attention!r}")
+    if attention == "packed":
+        from edgekd.export.attention import pack_attention
+
+        return pack_attention(src, dst, external)
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
 

@@ -11,6 +11,7 @@ budget cannot be met, the report says so and recommends the float model.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import StageError
+from edgekd.errors import StageError, UnsupportedTargetError
 from edgekd.export.base import ARTIFACT_META, RUNTIME_OPTIONS, read_artifact_meta, write_artifact_meta
 from edgekd.export.timing import TUNING_RUNS, tune_session
 from edgekd.progress import progress_bar, track
@@ -30,6 +31,8 @@ from edgekd.quantization.guard import TIMING_BLOCK, Evaluator, MetricFn, choose_
 from edgekd.quantization.onnx_methods import make_method
 from edgekd.recipe import QuantizeConfig
 from edgekd.runfolder import atomic_dir, sha256_file
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "model.onnx"
 
@@ -193,9 +196,19 @@ def quantize_onnx(
         names, dtypes = _graph_inputs(src)
         floats: dict[str, tuple[Path, dict[str, Any]]] = {}  # fuse -> (prepared float model, notes)
         results = []
+        not_built: list[dict[str, str]] = []  # extra candidates whose fusion cannot apply to this graph
         for i, (name, c) in enumerate(track(setups, "quantize: candidates", label=lambda s: s[0])):
             if c.fuse not in floats:
-                floats[c.fuse] = _prepare_float(src, work, c, external, ev)
+                try:
+                    floats[c.fuse] = _prepare_float(src, work, c, external, ev)
+                except (UnsupportedTargetError, StageError) as e:
+                    if i == 0:  # the section's own setup: the recipe asked for it, so it is an error
+                        raise
+                    # a setup from quantize.candidates: the others still compete; the report and the
+                    # console say this one was not built and why
+                    not_built.append({"name": name, "why": f"not built: {e}"})
+                    log.warning("quantize: candidate %s not built: %s", name, e)
+                    continue
             prepared, notes = floats[c.fuse]
             cwork = work / f"candidate{i}"  # own calibration cache: ranges depend on graph and method
             cwork.mkdir()
@@ -233,6 +246,8 @@ def quantize_onnx(
              "size_bytes": _model_bytes(r["model"]), "chosen": i == best, "why": why[i]}
             for i, (t, r) in enumerate(zip(table, results, strict=True))
         ]
+        if not_built:
+            report["candidates_not_built"] = not_built
         report["float"] = {"metrics": base["metrics"], "size_bytes": _model_bytes(src), "sha256": meta.get("sha256")}
         report["session"] = session
         report["quantized"] = {"metrics": final["metrics"], "size_bytes": _model_bytes(win["model"]),

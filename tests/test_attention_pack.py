@@ -1,0 +1,160 @@
+"""``quantize.fuse: packed``: the attention blocks of the shipped text graph (the first-token export of
+a BERT, as the default run writes it) become ONNX Runtime's ``Attention`` (Q/K/V in one weight,
+``attention_mask`` as the mask) with the export's own answers on padded texts, the scale read from
+the graph, the first-token last block left as it is, and dynamic int8 turning each packed block into
+``QAttention``; graphs it cannot pack are refused with why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_quantize import TOKENIZER_FILES, accuracy, bert_export, qcfg, write_meta  # noqa: F401  (fixtures)
+
+from edgekd.errors import UnsupportedTargetError
+from edgekd.export.attention import pack_attention
+from edgekd.quantization import quantize_onnx
+from edgekd.runfolder import sha256_file
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def shipped_export(tmp_path_factory) -> Path:
+    """A 3-layer tiny BERT classifier exported as the text family ships it (last block over the first
+    position only), with tokenizer and artifact.json."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekd.export import get_exporter
+    from edgekd.tasks.text.first_token import FirstTokenClassifierExport
+    from edgekd.tasks.text.task import TEXT_IO
+    from edgekd.testing import tiny_bert
+
+    torch.manual_seed(0)
+    src = tiny_bert(tmp_path_factory.mktemp("pack-bert"), num_layers=3, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(src).eval()
+    out = tmp_path_factory.mktemp("pack-export") / "onnx"
+    ids = np.random.default_rng(0).integers(5, 40, size=(2, 12))
+    get_exporter("onnx").export(FirstTokenClassifierExport(model), {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                                TEXT_IO, out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, out / name)
+    write_meta(out, io={"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]},
+               extra_sha256={n: sha256_file(out / n) for n in TOKENIZER_FILES})
+    return out
+
+
+def padded(n: int = 12, width: int = 12, seed: int = 3) -> dict[str, np.ndarray]:
+    """Texts of lengths 2..width, right-padded: most rows have masked keys."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 40, size=(n, width)).astype(np.int64)
+    mask = np.zeros_like(ids)
+    for i in range(n):
+        keep = 2 + i % (width - 1)
+        mask[i, :keep] = 1
+        ids[i, keep:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, feed)[0]
+
+
+def ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_packed_blocks_give_the_exports_answers_on_padded_texts(shipped_export, tmp_path):
+    src, dst = shipped_export / "model.onnx", tmp_path / "packed.onnx"
+    notes = pack_attention(src, dst)
+    # the first two blocks; the last one's queries are the first position only, so it stays as it is
+    assert notes["fusions"] == {"Attention": 2}
+    assert list(notes["left_as_is"].values()) == [1] and "different inputs" in next(iter(notes["left_as_is"]))
+    got, before = ops(dst), ops(src)
+    assert got.count("Attention") == 2 and got.count("Softmax") == 1 and before.count("Softmax") == 3
+    assert got.count("Transpose") == before.count("Transpose") // 3  # only the last block's remain
+    feed = padded()
+    np.testing.assert_allclose(run(dst, feed), run(src, feed), atol=1e-5, rtol=1e-5)
+    # the mask is honoured: changing the tokens under padding changes nothing
+    noisy = {k: v.copy() for k, v in feed.items()}
+    noisy["input_ids"][noisy["attention_mask"] == 0] = 7
+    np.testing.assert_allclose(run(dst, noisy), run(dst, feed), atol=1e-5, rtol=1e-5)
+
+
+def test_the_graphs_own_scale_is_kept(shipped_export, tmp_path):
+    """A scale other than 1/sqrt(head size) (here 1000 times larger in the export) is the one each
+    Attention gets, with the same answers as the changed export."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(shipped_export / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    scales = set()
+    for node in model.graph.node:  # Softmax(Add(Mul(scores, scale), mask))
+        if node.op_type == "Softmax":
+            add = made_by[node.input[0]]
+            scales |= {made_by[i].input[1] for i in add.input if i in made_by and made_by[i].op_type == "Mul"
+                       and made_by[made_by[i].input[0]].op_type == "MatMul"}
+    assert scales and all(0 < numpy_helper.to_array(inits[n]) < 1 for n in scales)
+    for name in scales:
+        inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * 1000, name))
+    src, dst = tmp_path / "scaled.onnx", tmp_path / "packed.onnx"
+    onnx.save(model, str(src))
+    pack_attention(src, dst)
+    feed = padded(seed=4)
+    np.testing.assert_allclose(run(dst, feed), run(src, feed), atol=1e-5, rtol=1e-5)
+    assert np.isfinite(run(dst, feed)).all()
+    want = [float(numpy_helper.to_array(inits[n])) for n in scales]
+    got = [a.f for n in onnx.load(str(dst)).graph.node if n.op_type == "Attention" for a in n.attribute
+           if a.name == "scale"]
+    assert len(got) == 2 and all(g == pytest.approx(want[0], rel=1e-6) for g in got) and len(set(want)) == 1
+
+
+def test_a_graph_without_packable_attention_is_refused_with_why(bert_export, tmp_path):  # noqa: F811
+    """The full-model export (scaled_dot_product_attention, its mask built with Where) is not the form
+    this rewrite knows: refused, with the reason and the setting to change, and nothing written."""
+    with pytest.raises(UnsupportedTargetError, match="found no self-attention block.*mask is not built from the "
+                       "attention_mask input.*fuse: none"):
+        pack_attention(bert_export / "model.onnx", tmp_path / "out.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # quantizes with the guard and times the float and int8 models
+def test_dynamic_int8_turns_packed_blocks_into_qattention(shipped_export, tmp_path):
+    val = padded(32, seed=6)
+    labels = np.zeros(32, dtype=np.int64)
+    out = tmp_path / "q"
+    report = quantize_onnx(shipped_export, out, qcfg(method="dynamic", fuse="packed", max_accuracy_drop=1.0),
+                           val, val, labels, accuracy)
+    assert report["fusion"]["fusions"] == {"Attention": 2}
+    assert report["fusion"]["parity"]["top1_agreement"] == 1.0 and report["fusion"]["parity"]["max_abs_diff"] < 1e-4
+    got = ops(out / "model.onnx")
+    assert got.count("QAttention") == 2 and "Attention" not in got and got.count("Softmax") == 1
+    assert report["settings"]["fuse"] == "packed" and report["quantized"]["top1_agreement"] >= 0.9
+    assert set(report["speed_guard"]["all"]) == {"float", "float/fused-packed", report["candidate"]}
+
+
+def test_a_candidate_that_cannot_be_packed_is_reported_and_the_others_compete(bert_export, tmp_path):  # noqa: F811
+    """``quantize.candidates: [{fuse: packed}]`` on a graph it cannot pack: the section's own setup is
+    written, the report names the candidate that was not built and why. Asked for as the section's
+    own ``fuse``, the same graph is an error."""
+    from edgekd.recipe import QuantizeCandidate
+
+    val = padded(16, seed=7)
+    labels = np.zeros(16, dtype=np.int64)
+    report = quantize_onnx(bert_export, tmp_path / "q", qcfg(method="dynamic", candidates=[QuantizeCandidate(fuse="packed")],
+                                                             max_accuracy_drop=1.0), val, val, labels, accuracy)
+    assert report["candidate"] == "dynamic" and [c["name"] for c in report["candidates"]] == ["dynamic"]
+    (skipped,) = report["candidates_not_built"]
+    assert skipped["name"] == "dynamic/fused-packed" and "not built" in skipped["why"]
+    assert "attention_mask input" in skipped["why"]
+    with pytest.raises(UnsupportedTargetError, match="fuse: none"):
+        quantize_onnx(bert_export, tmp_path / "q2", qcfg(method="dynamic", fuse="packed", max_accuracy_drop=1.0),
+                      val, val, labels, accuracy)
+    assert not (tmp_path / "q2").exists()
