@@ -38,6 +38,11 @@ def shipped_export(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     src = tiny_bert(tmp_path_factory.mktemp("pack-bert"), num_layers=3, num_labels=2)
     model = AutoModelForSequenceClassification.from_pretrained(src).eval()
+    with torch.no_grad():  # projections of unlike ranges, as trained ones have: one int8 scale cannot fit all
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(0.25)
+            layer.attention.self.value.weight.mul_(8.0)
+        model.classifier.weight.mul_(50.0)  # logits far from 0, so a changed rounding shows in them
     out = tmp_path_factory.mktemp("pack-export") / "onnx"
     ids = np.random.default_rng(0).integers(5, 40, size=(2, 12))
     get_exporter("onnx").export(FirstTokenClassifierExport(model), {"input_ids": ids, "attention_mask": np.ones_like(ids)},
@@ -158,3 +163,29 @@ def test_a_candidate_that_cannot_be_packed_is_reported_and_the_others_compete(be
         quantize_onnx(bert_export, tmp_path / "q2", qcfg(method="dynamic", fuse="packed", max_accuracy_drop=1.0),
                       val, val, labels, accuracy)
     assert not (tmp_path / "q2").exists()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_packed_int8_computes_what_the_unpacked_int8_model_does(shipped_export, tmp_path, per_channel):
+    """Dynamic int8 of the packed graph (QAttention, its weights given one scale per Q, K and V, or per
+    column) answers each text at its own length as the int8 unpacked graph does: same rounding, so
+    packing changes the operators, not the model quantization-aware recovery trained."""
+    from edgekd.quantization.onnx_methods import make_method
+
+    src = shipped_export / "model.onnx"
+    packed = tmp_path / "packed.onnx"
+    pack_attention(src, packed)
+    out = {}
+    for name, path, fuse in (("plain", src, "none"), ("packed", packed, "packed")):
+        cfg = qcfg(method="dynamic", per_channel=per_channel, fuse=fuse)
+        method = make_method(cfg, None, ["input_ids", "attention_mask"], {}, tmp_path, False)
+        out[name] = tmp_path / f"{name}-int8.onnx"
+        method.quantize(path, out[name], [])
+    assert ops(out["packed"]).count("QAttention") == 2
+    feed = padded(seed=8)
+    for i in range(len(feed["input_ids"])):
+        n = int(feed["attention_mask"][i].sum())
+        one = {k: v[i:i + 1, :n] for k, v in feed.items()}
+        want = run(out["plain"], one)
+        assert np.abs(want).max() > 0.05
+        np.testing.assert_allclose(run(out["packed"], one), want, atol=1e-6, rtol=0)

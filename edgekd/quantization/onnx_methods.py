@@ -169,13 +169,69 @@ class Dynamic:
             reduce_range=self.cfg.reduce_range, weight_type=_qtype(self.cfg.weight_type),
             nodes_to_exclude=list(exclude), use_external_data_format=self.external,
         )
+        if self.cfg.weight_type == "qint8":
+            requantize_qattention(Path(src), Path(dst), per_channel=self.cfg.per_channel,
+                                  reduce_range=self.cfg.reduce_range, external_data=self.external)
         if self.cfg.embedding_bits == 4:
             quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external)
 
     def settings(self) -> dict[str, Any]:
+        extra = {}
+        if self.cfg.fuse == "packed":
+            extra["qattention_weights"] = (
+                "per column, as the unpacked Q/K/V MatMuls" if self.cfg.per_channel else
+                "one scale per Q, K and V projection, as the unpacked MatMuls" if self.cfg.weight_type == "qint8" else
+                "ONNX Runtime's (one scale for Q, K and V together)")
         return {"weight_type": self.cfg.weight_type, "activation_type": "quint8 (dynamic)",
                 "per_channel": self.cfg.per_channel, "reduce_range": self.cfg.reduce_range,
-                "op_types": self.op_types, **_embedding_settings(self.cfg)}
+                "op_types": self.op_types, **_embedding_settings(self.cfg), **extra}
+
+
+def requantize_qattention(src: Path, dst: Path, *, per_channel: bool, reduce_range: bool,
+                          external_data: bool) -> int:
+    """Give each ``QAttention`` in ``dst`` the int8 weights its Q, K and V projections would get as
+    three MatMuls, from the packed float weight in ``src``; returns how many were rewritten.
+
+    ONNX Runtime's quantizer gives a QAttention one scale for the whole packed Q/K/V matrix (7-bit);
+    the MatMuls of the unpacked graph each get their own (symmetric int8, ``max|w| / 127``, or
+    ``/ 64`` with ``reduce_range``; per output column with ``per_channel``), which is also the
+    rounding quantization-aware recovery trains with. QAttention takes a scale per column, so each
+    projection's columns get its scale: the int8 file then computes what the unpacked one does
+    (``tests/test_attention_pack.py``), only with fewer operators."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(dst))
+    inits = {t.name: t for t in model.graph.initializer}
+    floats = None
+    qmax = 64 if reduce_range else 127
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "QAttention" or not node.input[1].endswith("_quantized"):
+            continue
+        if floats is None:
+            floats = {t.name: t for t in onnx.load(str(src)).graph.initializer}
+        w_name, s_name, z_name = node.input[1], node.input[4], node.input[7]
+        base = floats.get(w_name[: -len("_quantized")])
+        if base is None or s_name not in inits or z_name not in inits or w_name not in inits:
+            continue
+        w = numpy_helper.to_array(base).astype(np.float32)
+        if w.ndim != 2 or w.shape[1] % 3:
+            continue
+        absmax = np.abs(w).max(axis=0) if per_channel else np.repeat(
+            [np.abs(part).max() for part in np.split(w, 3, axis=1)], w.shape[1] // 3)
+        scale = (np.maximum(absmax, np.finfo(np.float32).tiny) / qmax).astype(np.float32)
+        q = np.clip(np.round(w / scale[None, :]), -qmax, qmax).astype(np.int8)
+        inits[w_name].CopyFrom(numpy_helper.from_array(q, w_name))
+        inits[s_name].CopyFrom(numpy_helper.from_array(scale, s_name))
+        inits[z_name].CopyFrom(numpy_helper.from_array(np.zeros(w.shape[1], np.int8), z_name))
+        done += 1
+    if done:
+        tmp = Path(dst).with_name(Path(dst).stem + ".qattn" + Path(dst).suffix)
+        onnx.save(model, str(tmp), save_as_external_data=external_data,
+                  location=(Path(dst).name + ".data") if external_data else None)
+        tmp.replace(dst)
+    return done
 
 
 def _int8_op_types(cfg: QuantizeConfig, default: Any) -> list[str]:
