@@ -106,11 +106,6 @@ class FirstTokenClassifierExport(nn.Module):
             raise StageError(f"the last block cannot be computed for the first position alone: {why}")
         self.model = model.eval()
         self.kind = type(model).__name__
-        # BERT-style embeddings without token types: the position and token-type-0 rows added once here,
-        # so the graph reads word rows (one Gather) plus the first L rows of this table (one Slice),
-        # instead of slicing id buffers, expanding, gathering and adding two tables on every call.
-        table = _position_type0_table(model.base_model.embeddings) if self.kind in _BERT_STYLE else None
-        self.register_buffer("position_rows", table, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
         m, base = self.model, self.model.base_model
@@ -121,11 +116,7 @@ class FirstTokenClassifierExport(nn.Module):
             h = base.embeddings(input_ids=input_ids)
             blocks, block = base.encoder.layer, _mpnet_block
         else:
-            if self.position_rows is not None:
-                emb = base.embeddings
-                h = emb.LayerNorm(emb.word_embeddings(input_ids) + self.position_rows[: input_ids.shape[1]])
-            else:
-                h = base.embeddings(input_ids=input_ids)
+            h = base.embeddings(input_ids=input_ids)
             if hasattr(base, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
                 h = base.embeddings_project(h)
             blocks, block = base.encoder.layer, _bert_block
@@ -145,25 +136,6 @@ class FirstTokenClassifierExport(nn.Module):
         if _BERT_STYLE.get(self.kind) == "pooler":
             return (m.classifier(m.dropout(base.pooler(h))),)
         return (m.classifier(h),)  # the RoBERTa/ELECTRA/MPNet heads read h[:, 0, :] themselves
-
-
-def _position_type0_table(emb: nn.Module) -> torch.Tensor | None:
-    """``position_embeddings + token_type_embeddings[0]`` of transformers' BertEmbeddings or
-    ElectraEmbeddings when a call without ``token_type_ids`` reads exactly those rows (absolute
-    positions 0..L-1 from its buffer, token type 0 from its all-zero buffer); None otherwise, and the
-    module's own embeddings run."""
-    if type(emb).__name__ not in ("BertEmbeddings", "ElectraEmbeddings"):
-        return None
-    if getattr(emb, "position_embedding_type", "absolute") != "absolute":
-        return None
-    pos, types, table = getattr(emb, "position_ids", None), getattr(emb, "token_type_ids", None), None
-    if pos is None or types is None or bool(types.any()):
-        return None
-    if not torch.equal(pos.reshape(-1), torch.arange(pos.numel(), device=pos.device)):
-        return None
-    with torch.no_grad():
-        table = (emb.position_embeddings.weight + emb.token_type_embeddings.weight[0]).detach().clone()
-    return table
 
 
 def check_same_logits(module: nn.Module, reference: nn.Module, inputs: dict[str, np.ndarray],
