@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_quantize import TOKENIZER_FILES, accuracy, bert_export, qcfg, write_meta  # noqa: F401  (fixtures)
+from test_quantize import accuracy, bert_export, export_folder, qcfg  # noqa: F401  (fixtures)
 
 from edgekd.errors import UnsupportedTargetError
 from edgekd.export.attention import pack_attention
 from edgekd.quantization import quantize_onnx
-from edgekd.runfolder import sha256_file
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -25,14 +24,10 @@ ort = pytest.importorskip("onnxruntime")
 def shipped_export(tmp_path_factory) -> Path:
     """A 3-layer tiny BERT classifier exported as the text family ships it (last block over the first
     position only), with tokenizer and artifact.json."""
-    import shutil
-
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from edgekd.export import get_exporter
     from edgekd.tasks.text.first_token import FirstTokenClassifierExport
-    from edgekd.tasks.text.task import TEXT_IO
     from edgekd.testing import tiny_bert
 
     torch.manual_seed(0)
@@ -43,15 +38,7 @@ def shipped_export(tmp_path_factory) -> Path:
             layer.attention.self.query.weight.mul_(0.25)
             layer.attention.self.value.weight.mul_(8.0)
         model.classifier.weight.mul_(50.0)  # logits far from 0, so a changed rounding shows in them
-    out = tmp_path_factory.mktemp("pack-export") / "onnx"
-    ids = np.random.default_rng(0).integers(5, 40, size=(2, 12))
-    get_exporter("onnx").export(FirstTokenClassifierExport(model), {"input_ids": ids, "attention_mask": np.ones_like(ids)},
-                                TEXT_IO, out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, out / name)
-    write_meta(out, io={"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]},
-               extra_sha256={n: sha256_file(out / n) for n in TOKENIZER_FILES})
-    return out
+    return export_folder(FirstTokenClassifierExport(model), src, tmp_path_factory.mktemp("pack-export") / "onnx")
 
 
 def padded(n: int = 12, width: int = 12, seed: int = 3) -> dict[str, np.ndarray]:

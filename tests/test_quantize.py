@@ -41,19 +41,25 @@ def bert_export(tmp_path_factory) -> Path:
     """A tiny BERT classifier exported by the project's ONNX target, with tokenizer and artifact.json."""
     from transformers import AutoModelForSequenceClassification
 
-    from edgekd.export import get_exporter
-    from edgekd.export import onnx as _onnx  # noqa: F401  (registers the target)
-    from edgekd.tasks.text.task import TEXT_IO, SequenceClassifierExport
+    from edgekd.tasks.text.task import SequenceClassifierExport
     from edgekd.testing import tiny_bert
 
     src = tiny_bert(tmp_path_factory.mktemp("q-bert"), num_layers=2, num_labels=2)
     model = AutoModelForSequenceClassification.from_pretrained(src).eval()
-    out = tmp_path_factory.mktemp("export") / "onnx"
+    return export_folder(SequenceClassifierExport(model), src, tmp_path_factory.mktemp("export") / "onnx")
+
+
+def export_folder(module, tokenizer_dir: Path, out: Path) -> Path:
+    """``module`` exported by the project's ONNX target into ``out`` with the tokenizer files of
+    ``tokenizer_dir`` and artifact.json, as the export stage writes a text folder."""
+    from edgekd.export import get_exporter
+    from edgekd.export import onnx as _onnx  # noqa: F401  (registers the target)
+    from edgekd.tasks.text.task import TEXT_IO
+
     ids = np.random.default_rng(0).integers(5, 40, size=(2, 12))
-    get_exporter("onnx").export(SequenceClassifierExport(model), {"input_ids": ids, "attention_mask": np.ones_like(ids)},
-                                TEXT_IO, out)
+    get_exporter("onnx").export(module, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, TEXT_IO, out)
     for name in TOKENIZER_FILES:
-        shutil.copy(src / name, out / name)
+        shutil.copy(tokenizer_dir / name, out / name)
     write_meta(out, io={"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]},
                extra_sha256={n: sha256_file(out / n) for n in TOKENIZER_FILES})  # as the export stage records
     return out
