@@ -2,7 +2,8 @@
 a BERT, as the default run writes it) become ONNX Runtime's ``Attention`` (Q/K/V in one weight,
 ``attention_mask`` as the mask) with the export's own answers on padded texts, the scale read from
 the graph, the first-token last block left as it is, and dynamic int8 turning each packed block into
-``QAttention``; graphs it cannot pack are refused with why."""
+``QAttention`` that computes what the unpacked int8 file does; graphs it cannot pack are refused with
+why, and as a quantize candidate reported as not built."""
 
 from __future__ import annotations
 
