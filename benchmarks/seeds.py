@@ -64,10 +64,15 @@ def _pct(x: float | None) -> float | None:
 
 def shipped_row(data: dict[str, Any]) -> dict[str, Any]:
     """The row of the export folder the run ships (``data["shipped"]``, recorded by :func:`main`), else
-    the row compare_tools chose (``best``)."""
+    the row compare_tools chose (``best``). A shipped folder without a row in the comparison is an
+    error, never a seed of empty figures."""
     rows = data.get("rows") or []
     if data.get("shipped"):
-        return next((r for r in rows if r["name"] == f"edgekd-{data['shipped']}"), None) or {}
+        row = next((r for r in rows if r["name"] == f"edgekd-{data['shipped']}"), None)
+        if row is None:
+            raise EdgeKDError(f"the run ships {data['shipped']}, but its compare_tools results have no "
+                              f"edgekd-{data['shipped']} row: measure it again (without --reuse).")
+        return row
     return next((r for r in rows if r.get("best")), None) or {}
 
 
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        batch_sizes=tuple(args.batch_sizes),
                                                        memory=not args.no_memory, artifact=shipped),
                                "shipped": shipped}
+            shipped_row(per_seed[s])  # a missing shipped row is refused before any table is written
     except EdgeKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

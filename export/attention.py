@@ -38,7 +38,7 @@ class _Graph:
     def __init__(self, model: Any):
         from onnx import numpy_helper
 
-        self.model, self.graph = model, model.graph
+        self.graph = model.graph
         self.producer = {o: n for n in self.graph.node for o in n.output}
         self.consumers: dict[str, list[Any]] = {}
         for n in self.graph.node:

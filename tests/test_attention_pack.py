@@ -130,6 +130,8 @@ def test_dynamic_int8_turns_packed_blocks_into_qattention(shipped_export, tmp_pa
     got = ops(out / "model.onnx")
     assert got.count("QAttention") == 2 and "Attention" not in got and got.count("Softmax") == 1
     assert report["settings"]["fuse"] == "packed" and report["quantized"]["top1_agreement"] >= 0.9
+    assert report["settings"]["qattention_weights"] == {"rewritten": 2, "left_with_one_scale": [],
+                                                        "scales": "one per Q, K and V projection"}
     assert set(report["speed_guard"]["all"]) == {"float", "float/fused-packed", report["candidate"]}
 
 

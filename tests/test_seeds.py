@@ -220,3 +220,11 @@ def test_reuse_reads_the_runs_compare_unless_the_run_changed_after_it(seeds, tmp
             seeds.parse_args([str(recipe), *extra])
         assert "so nothing would read them" in capsys.readouterr().err
     assert seeds.parse_args([str(recipe)]).runs == 200 and seeds.parse_args([str(recipe)]).batch_sizes == [1, 8]
+
+
+def test_a_shipped_folder_missing_from_the_comparison_is_an_error(seeds):
+    from edgekd.errors import EdgeKDError
+
+    data = {**_compare(0.836, 0.5, 7.0), "shipped": "onnx-fp16"}
+    with pytest.raises(EdgeKDError, match="no edgekd-onnx-fp16 row: measure it again"):
+        seeds.seed_figures(data)

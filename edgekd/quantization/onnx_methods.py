@@ -9,6 +9,7 @@ embedding tables (``quantize.embedding_bits``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,8 @@ FP16_CANDIDATES = frozenset({
     "ReduceMean", "Pow", "Exp", "Erf",
 })
 STATIC_DEFAULT_OPS = ("MatMul", "Gemm", "Conv")
+
+log = logging.getLogger(__name__)
 
 
 def _ort_quant():
@@ -170,27 +173,33 @@ class Dynamic:
             nodes_to_exclude=list(exclude), use_external_data_format=self.external,
         )
         if self.cfg.weight_type == "qint8":
-            requantize_qattention(Path(src), Path(dst), per_channel=self.cfg.per_channel,
-                                  reduce_range=self.cfg.reduce_range, external_data=self.external)
+            done, left = requantize_qattention(Path(src), Path(dst), per_channel=self.cfg.per_channel,
+                                               reduce_range=self.cfg.reduce_range, external_data=self.external)
+            self._qattention = {"rewritten": done, "left_with_one_scale": left}
+            if left:
+                log.warning("quantize: QAttention %s keep ONNX Runtime's one scale for Q, K and V (no packed "
+                            "float weight to re-quantize from)", ", ".join(left))
         if self.cfg.embedding_bits == 4:
             quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external)
 
     def settings(self) -> dict[str, Any]:
-        extra = {}
-        if self.cfg.fuse == "packed":
-            extra["qattention_weights"] = (
-                "per column, as the unpacked Q/K/V MatMuls" if self.cfg.per_channel else
-                "one scale per Q, K and V projection, as the unpacked MatMuls" if self.cfg.weight_type == "qint8" else
-                "ONNX Runtime's (one scale for Q, K and V together)")
+        extra: dict[str, Any] = {}
+        qattention = getattr(self, "_qattention", None)  # what the last quantize() did to QAttention weights
+        if qattention and (qattention["rewritten"] or qattention["left_with_one_scale"]):
+            extra["qattention_weights"] = {
+                **qattention, "scales": "per column" if self.cfg.per_channel else "one per Q, K and V projection"}
+        elif self.cfg.fuse == "packed" and self.cfg.weight_type != "qint8":
+            extra["qattention_weights"] = "ONNX Runtime's (one scale for Q, K and V together)"
         return {"weight_type": self.cfg.weight_type, "activation_type": "quint8 (dynamic)",
                 "per_channel": self.cfg.per_channel, "reduce_range": self.cfg.reduce_range,
                 "op_types": self.op_types, **_embedding_settings(self.cfg), **extra}
 
 
 def requantize_qattention(src: Path, dst: Path, *, per_channel: bool, reduce_range: bool,
-                          external_data: bool) -> int:
+                          external_data: bool) -> tuple[int, list[str]]:
     """Give each ``QAttention`` in ``dst`` the int8 weights its Q, K and V projections would get as
-    three MatMuls, from the packed float weight in ``src``; returns how many were rewritten.
+    three MatMuls, from the packed float weight in ``src``; returns how many were rewritten and the
+    names of those left as ONNX Runtime quantized them (no float Q|K|V weight found for them).
 
     ONNX Runtime's quantizer gives a QAttention one scale for the whole packed Q/K/V matrix (7-bit);
     the MatMuls of the unpacked graph each get their own (symmetric int8, ``max|w| / 127``, or
@@ -205,18 +214,17 @@ def requantize_qattention(src: Path, dst: Path, *, per_channel: bool, reduce_ran
     inits = {t.name: t for t in model.graph.initializer}
     floats = None
     qmax = 64 if reduce_range else 127
-    done = 0
+    done, left = 0, []
     for node in model.graph.node:
-        if node.op_type != "QAttention" or not node.input[1].endswith("_quantized"):
+        if node.op_type != "QAttention":
             continue
         if floats is None:
             floats = {t.name: t for t in onnx.load(str(src)).graph.initializer}
         w_name, s_name, z_name = node.input[1], node.input[4], node.input[7]
-        base = floats.get(w_name[: -len("_quantized")])
-        if base is None or s_name not in inits or z_name not in inits or w_name not in inits:
-            continue
-        w = numpy_helper.to_array(base).astype(np.float32)
-        if w.ndim != 2 or w.shape[1] % 3:
+        base = floats.get(w_name.removesuffix("_quantized")) if w_name.endswith("_quantized") else None
+        w = None if base is None else numpy_helper.to_array(base).astype(np.float32)
+        if w is None or w.ndim != 2 or w.shape[1] % 3 or not {w_name, s_name, z_name} <= inits.keys():
+            left.append(node.name or w_name)
             continue
         absmax = np.abs(w).max(axis=0) if per_channel else np.repeat(
             [np.abs(part).max() for part in np.split(w, 3, axis=1)], w.shape[1] // 3)
@@ -231,7 +239,7 @@ def requantize_qattention(src: Path, dst: Path, *, per_channel: bool, reduce_ran
         onnx.save(model, str(tmp), save_as_external_data=external_data,
                   location=(Path(dst).name + ".data") if external_data else None)
         tmp.replace(dst)
-    return done
+    return done, left
 
 
 def _int8_op_types(cfg: QuantizeConfig, default: Any) -> list[str]:
