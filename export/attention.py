@@ -14,8 +14,12 @@ counted): ``Softmax(Mul(MatMul(Q, K^T), c) + mask)`` (or ``Div`` by c), Q, K and
 ``Transpose(Reshape(MatMul(x, W) + b))`` of the *same* input x, the mask
 ``(1 - Cast(Unsqueeze(attention_mask))) * m`` with m at most -10,000 (what transformers builds),
 the context ``Reshape(Transpose(MatMul(P, V)))``. The scale c is kept as the operator's ``scale``.
-A block whose queries come from other positions than its keys (the first-token last layer,
-``export.first_token_last_layer``) is left in MatMuls.
+
+A block whose queries come from other positions than its keys and values (the first-token last
+layer, ``export.first_token_last_layer``: one query row, every key) keeps its three projections
+(MatMul + bias, which int8 methods quantize) and the rest, heads, scores, mask, softmax and context,
+becomes one ``MultiHeadAttention`` (query ``[batch, 1, hidden]``, keys and values ``[batch, length,
+hidden]``, ``attention_mask`` as its key padding mask): about 15 fewer operators a call.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def _projection(g: _Graph, name: str, perm: list[int]) -> dict[str, Any] | str:
         return "a projection's weight is not a float32 matrix with a matching bias"
     if tail is None or tail[0] <= 0 or tail[1] <= 0 or tail[0] * tail[1] != weight.shape[1]:
         return "the heads cannot be read from the projection's Reshape"
-    return {"x": mm.input[0], "w": weight, "b": bias, "heads": tail[0]}
+    return {"x": mm.input[0], "w": weight, "b": bias, "heads": tail[0], "y": add.output[0]}
 
 
 def _mask_is_attention_mask(g: _Graph, name: str) -> bool:
@@ -157,22 +161,26 @@ def _match(g: _Graph, softmax: Any) -> dict[str, Any] | str:
     for part in (q, k, v):
         if isinstance(part, str):
             return part
-    if not (q["x"] == k["x"] == v["x"]):
-        return "queries, keys and values come from different inputs (e.g. the first-token last layer)"
+    if k["x"] != v["x"]:
+        return "keys and values come from different inputs"
     if not (q["w"].shape == k["w"].shape == v["w"].shape and q["heads"] == k["heads"] == v["heads"]):
         return "Q, K and V differ in shape or heads"
     tr = g.only_consumer(av.output[0], "Transpose")
     out = tr is not None and g.perm(tr) == [0, 2, 1, 3] and g.only_consumer(tr.output[0], "Reshape")
     if not out:
         return "the context is not Reshape(Transpose(...)) back to the hidden size"
-    return {"x": q["x"], "w": np.concatenate([q["w"], k["w"], v["w"]], axis=1),
+    if q["x"] != k["x"]:  # queries from fewer positions (the first-token last layer): projections stay
+        return {"kind": "MultiHeadAttention", "q": q["y"], "k": k["y"], "v": v["y"], "heads": q["heads"],
+                "scale": scale, "out": out.output[0]}
+    return {"kind": "Attention", "x": q["x"], "w": np.concatenate([q["w"], k["w"], v["w"]], axis=1),
             "b": np.concatenate([q["b"], k["b"], v["b"]]), "heads": q["heads"], "scale": scale,
             "out": out.output[0]}
 
 
 def pack_attention(src: Path, dst: Path, external: bool = False) -> dict[str, Any]:
-    """Rewrite the self-attention blocks of the ONNX file ``src`` as ``Attention`` operators (module
-    docstring) and write the result to ``dst``. Returns ``{"fusions": {"Attention": n}}`` and, per
+    """Rewrite the self-attention blocks of the ONNX file ``src`` as ``Attention`` operators, and the
+    first-token ones as ``MultiHeadAttention`` (module docstring), and write the result to ``dst``.
+    Returns ``{"fusions": {"Attention": n, "MultiHeadAttention": m}}`` (the kinds written) and, per
     reason, the Softmax blocks left as they were. Packing nothing is an error that says why."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -200,6 +208,11 @@ def pack_attention(src: Path, dst: Path, external: bool = False) -> dict[str, An
     outs = {m["out"] for m in found}
     kept = [n for n in g.graph.node if not (set(n.output) & outs)]  # the context Reshapes, replaced
     for i, m in enumerate(found):
+        if m["kind"] == "MultiHeadAttention":
+            new_nodes.append(helper.make_node("MultiHeadAttention", [m["q"], m["k"], m["v"], "", mask], [m["out"]],
+                                              domain=MS_DOMAIN, name=f"edgekd_attention{i}", num_heads=m["heads"],
+                                              scale=m["scale"]))
+            continue
         w, b = f"edgekd_attention{i}_qkv_weight", f"edgekd_attention{i}_qkv_bias"
         new_inits += [numpy_helper.from_array(m["w"], w), numpy_helper.from_array(m["b"], b)]
         new_nodes.append(helper.make_node("Attention", [m["x"], w, b, mask], [m["out"]], domain=MS_DOMAIN,
@@ -212,7 +225,7 @@ def pack_attention(src: Path, dst: Path, external: bool = False) -> dict[str, An
     onnx.save(model, str(tmp), save_as_external_data=external,
               location=(Path(dst).name + ".data") if external else None)
     tmp.replace(dst)
-    return {"fusions": {"Attention": len(found)}, "left_as_is": dict(left)}
+    return {"fusions": dict(Counter(m["kind"] for m in found)), "left_as_is": dict(left)}
 
 
 def _replace_nodes(graph: Any, nodes: list[Any]) -> None:

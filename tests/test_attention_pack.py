@@ -1,9 +1,10 @@
 """``quantize.fuse: packed``: the attention blocks of the shipped text graph (the first-token export of
 a BERT, as the default run writes it) become ONNX Runtime's ``Attention`` (Q/K/V in one weight,
 ``attention_mask`` as the mask) with the export's own answers on padded texts, the scale read from
-the graph, the first-token last block left as it is, and dynamic int8 turning each packed block into
-``QAttention`` that computes what the unpacked int8 file does; graphs it cannot pack are refused with
-why, and as a quantize candidate reported as not built."""
+the graph, the first-token last block's heads, scores and softmax as one ``MultiHeadAttention``, and
+dynamic int8 turning each packed block into ``QAttention``, the whole file computing what the unpacked
+int8 file does; graphs it cannot pack are refused with why, and as a quantize candidate reported as
+not built."""
 
 from __future__ import annotations
 
@@ -66,12 +67,13 @@ def ops(path: Path) -> list[str]:
 def test_packed_blocks_give_the_exports_answers_on_padded_texts(shipped_export, tmp_path):
     src, dst = shipped_export / "model.onnx", tmp_path / "packed.onnx"
     notes = pack_attention(src, dst)
-    # the first two blocks; the last one's queries are the first position only, so it stays as it is
-    assert notes["fusions"] == {"Attention": 2}
-    assert list(notes["left_as_is"].values()) == [1] and "different inputs" in next(iter(notes["left_as_is"]))
+    # the first two blocks packed; the last one's queries are the first position only, so its
+    # projections stay and the heads, scores, mask and softmax become one MultiHeadAttention
+    assert notes["fusions"] == {"Attention": 2, "MultiHeadAttention": 1} and notes["left_as_is"] == {}
     got, before = ops(dst), ops(src)
-    assert got.count("Attention") == 2 and got.count("Softmax") == 1 and before.count("Softmax") == 3
-    assert got.count("Transpose") == before.count("Transpose") // 3  # only the last block's remain
+    assert got.count("Attention") == 2 and got.count("MultiHeadAttention") == 1 and before.count("Softmax") == 3
+    assert "Softmax" not in got and "Transpose" not in got
+    assert got.count("MatMul") == before.count("MatMul") - 2 * 5 - 2  # per full block 5, last block Q.K and P.V
     feed = padded()
     np.testing.assert_allclose(run(dst, feed), run(src, feed), atol=1e-5, rtol=1e-5)
     # the mask is honoured: changing the tokens under padding changes nothing
@@ -104,9 +106,10 @@ def test_the_graphs_own_scale_is_kept(shipped_export, tmp_path):
     np.testing.assert_allclose(run(dst, feed), run(src, feed), atol=1e-5, rtol=1e-5)
     assert np.isfinite(run(dst, feed)).all()
     want = [float(numpy_helper.to_array(inits[n])) for n in scales]
-    got = [a.f for n in onnx.load(str(dst)).graph.node if n.op_type == "Attention" for a in n.attribute
+    got = [a.f for n in onnx.load(str(dst)).graph.node if n.op_type in ("Attention", "MultiHeadAttention")
+           for a in n.attribute
            if a.name == "scale"]
-    assert len(got) == 2 and all(g == pytest.approx(want[0], rel=1e-6) for g in got) and len(set(want)) == 1
+    assert len(got) == 3 and all(g == pytest.approx(want[0], rel=1e-6) for g in got) and len(set(want)) == 1
 
 
 def test_a_graph_without_packable_attention_is_refused_with_why(bert_export, tmp_path):  # noqa: F811
@@ -125,10 +128,11 @@ def test_dynamic_int8_turns_packed_blocks_into_qattention(shipped_export, tmp_pa
     out = tmp_path / "q"
     report = quantize_onnx(shipped_export, out, qcfg(method="dynamic", fuse="packed", max_accuracy_drop=1.0),
                            val, val, labels, accuracy)
-    assert report["fusion"]["fusions"] == {"Attention": 2}
+    assert report["fusion"]["fusions"] == {"Attention": 2, "MultiHeadAttention": 1}
     assert report["fusion"]["parity"]["top1_agreement"] == 1.0 and report["fusion"]["parity"]["max_abs_diff"] < 1e-4
     got = ops(out / "model.onnx")
-    assert got.count("QAttention") == 2 and "Attention" not in got and got.count("Softmax") == 1
+    assert got.count("QAttention") == 2 and "Attention" not in got and "Softmax" not in got
+    assert got.count("MultiHeadAttention") == 1  # float: its projections before it are int8 MatMuls
     assert report["settings"]["fuse"] == "packed" and report["quantized"]["top1_agreement"] >= 0.9
     assert report["settings"]["qattention_weights"] == {"rewritten": 2, "left_with_one_scale": [],
                                                         "scales": "one per Q, K and V projection"}
@@ -171,7 +175,7 @@ def test_packed_int8_computes_what_the_unpacked_int8_model_does(shipped_export, 
         method = make_method(cfg, None, ["input_ids", "attention_mask"], {}, tmp_path, False)
         out[name] = tmp_path / f"{name}-int8.onnx"
         method.quantize(path, out[name], [])
-    assert ops(out["packed"]).count("QAttention") == 2
+    assert ops(out["packed"]).count("QAttention") == 2 and ops(out["packed"]).count("MultiHeadAttention") == 1
     feed = padded(seed=8)
     for i in range(len(feed["input_ids"])):
         n = int(feed["attention_mask"][i].sum())

@@ -27,6 +27,9 @@ def quantize_fingerprint(ctx: RunContext) -> str:
         # Since 2026-12-04 the 4-bit tables are stored uint8-packed (same answers, faster gathers): a run
         # with 4-bit embeddings quantizes and benches again.
         parts["embedding_4bit_storage"] = "uint8, two values per byte"
+    if "packed" in {q.fuse, *(c.fuse for c in q.candidates)}:
+        # Since 2026-12-04 packing also turns the first-token last block into a MultiHeadAttention.
+        parts["packed_attention"] = "Attention per full block, MultiHeadAttention per first-token block"
     return fingerprint(parts)
 
 
