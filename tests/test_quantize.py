@@ -222,7 +222,8 @@ def test_four_bit_embeddings_shrink_the_file_and_keep_the_answers(bert_export, t
     runs = {}
     for bits in (8, 4):
         out = tmp_path / f"{method}-{bits}"
-        report = quantize_onnx(bert_export, out, qcfg(method=method, embedding_bits=bits, calibration_samples=20,
+        four = {"embedding_bits": 4, "embedding_float_rows": 0} if bits == 4 else {}  # every table 4-bit
+        report = quantize_onnx(bert_export, out, qcfg(method=method, **four, calibration_samples=20,
                                                     max_accuracy_drop=1.0),
                                calib, val, labels, accuracy)
         runs[bits] = (out / "model.onnx", report)
@@ -277,6 +278,44 @@ def test_four_bit_tables_are_stored_packed_in_uint8_with_the_same_answers(tmp_pa
     assert np.abs(got[0] - table[ids["ids"][0]]).max() < (table.max() - table.min()) / 15
 
 
+def test_small_four_bit_tables_are_stored_decoded_with_the_same_answers(tmp_path):
+    """``embedding_float_rows``: a table of at most that many rows (here 64, a position table) becomes a
+    plain Gather over its 4-bit values decoded to float, a larger one (2,000 rows, a vocabulary) stays
+    4-bit; the file answers exactly as the all-4-bit one, and 0 keeps every table 4-bit."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekd.quantization import onnx_methods
+
+    rng = np.random.default_rng(1)
+    words, positions = rng.normal(size=(2000, 64)).astype(np.float32), rng.normal(size=(64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["words", "ids"], ["w"], axis=0, name="word_gather"),
+         helper.make_node("Gather", ["positions", "pos"], ["p"], axis=0, name="position_gather"),
+         helper.make_node("Add", ["w", "p"], ["out"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None]),
+         helper.make_tensor_value_info("pos", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(words, "words"), numpy_helper.from_array(positions, "positions")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    paths = {rows: tmp_path / f"float{rows}.onnx" for rows in (0, 64, 63)}
+    for rows, path in paths.items():
+        onnx.save(model, str(path))
+        assert onnx_methods.quantize_embeddings_4bit(path, 32, [], False, float_rows=rows) == 2
+    kinds = {rows: {n.name: n.op_type for n in onnx.load(str(p)).graph.node if "gather" in n.name}
+             for rows, p in paths.items()}
+    assert kinds[0] == kinds[63] == {"word_gather_Q4": "GatherBlockQuantized", "position_gather_Q4": "GatherBlockQuantized"}
+    assert kinds[64] == {"word_gather_Q4": "GatherBlockQuantized", "position_gather_Q4": "Gather"}
+    inits = {t.name: t for t in onnx.load(str(paths[64])).graph.initializer}
+    assert "positions" not in inits and inits["positions_Q4_decoded"].data_type == TensorProto.FLOAT
+    assert list(inits["positions_Q4_decoded"].dims) == [64, 64]
+    feed = {"ids": np.array([[5, 1999, 0, 5]], dtype=np.int64), "pos": np.array([[0, 1, 2, 63]], dtype=np.int64)}
+    out = {rows: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+           for rows, p in paths.items()}
+    np.testing.assert_array_equal(out[64], out[0])  # the 4-bit values, only stored decoded
+    assert np.abs(out[0] - (words[feed["ids"][0]] + positions[feed["pos"][0]])).max() > 1e-3  # they are 4-bit
+
+
 def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_path):
     from edgekd.errors import RecipeError, StageError
     from edgekd.recipe import parse_recipe
@@ -285,6 +324,8 @@ def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_pa
         parse_recipe({"name": "x", "quantize": {"enabled": True, "method": "fp16", "embedding_bits": 4}})
     with pytest.raises(RecipeError, match="embedding_block_size must be a power of 2"):
         parse_recipe({"name": "x", "quantize": {"enabled": True, "embedding_block_size": 48}})
+    with pytest.raises(RecipeError, match="embedding_float_rows .* needs quantize.embedding_bits: 4"):
+        parse_recipe({"name": "x", "quantize": {"enabled": True, "embedding_float_rows": 0}})
     from edgekd.tasks import get_family
 
     detector = parse_recipe({"task": "detection", "eval": {"ood_dataset": None},

@@ -156,6 +156,8 @@ def candidate_name(c: QuantizeConfig) -> str:
             parts.append("+".join(c.op_types))
         if c.embedding_bits == 4:
             parts.append(f"emb4-b{c.embedding_block_size}")
+            if c.embedding_float_rows != QuantizeConfig.model_fields["embedding_float_rows"].default:
+                parts[-1] += f"-float{c.embedding_float_rows}"
     if c.fuse != "none":
         parts.append(f"fused-{c.fuse}")
     return "/".join(parts)

@@ -26,6 +26,8 @@ def quantize_fingerprint(ctx: RunContext) -> str:
     if 4 in {q.embedding_bits, *(c.embedding_bits for c in q.candidates)}:
         # Since 2026-12-04 the 4-bit tables are stored uint8-packed (same answers, faster gathers): a run
         # with 4-bit embeddings quantizes and benches again.
+        # Since 2026-12-04 tables of at most quantize.embedding_float_rows rows are stored decoded (the
+        # key's value is in the quantize settings above).
         parts["embedding_4bit_storage"] = "uint8, two values per byte"
     if "packed" in {q.fuse, *(c.fuse for c in q.candidates)}:
         # Since 2026-12-04 packing also turns the first-token last block into a MultiHeadAttention.
@@ -40,13 +42,14 @@ def quantize_settings(cfg) -> dict[str, Any]:
     from edgekd.recipe import QuantizeConfig
 
     d = cfg.model_dump(mode="json")
-    keys = ("embedding_bits", "embedding_block_size")
+    keys = ("embedding_bits", "embedding_block_size", "embedding_float_rows")
     if all(d[k] == QuantizeConfig.model_fields[k].default for k in keys):
         for k in keys:
             del d[k]
     for cand in d["candidates"]:
-        if cand.get("embedding_bits") is None:
-            cand.pop("embedding_bits", None)
+        for k in ("embedding_bits", "embedding_float_rows"):
+            if cand.get(k) is None:
+                cand.pop(k, None)
     return d
 
 
