@@ -598,7 +598,7 @@ class QuantizeConfig(Section):
         1024, ge=0, description="embedding_bits 4: a table of at most this many rows (the position and token-type "
         "tables, not a vocabulary) keeps its 4-bit values but stores them decoded to float, read by a plain "
         "Gather: the same answers, and ONNX Runtime's GatherBlockQuantized costs more per call than such a table "
-        "saves (about 6% of the default student's batch-1 call, for 0.7 MB). 0: every table stays 4-bit."
+        "saves (about 4% of the default student's batch-1 call, for 0.66 MB). 0: every table stays 4-bit."
     )
     preprocess: bool = Field(
         True, description="Run onnxruntime.quantization.quant_pre_process (shape inference, graph cleanup) first."

@@ -128,7 +128,7 @@ def _decode_small_tables(model: Any, float_rows: int) -> int:
     tables, not a vocabulary) becomes a plain ``Gather`` over the same 4-bit values decoded to float32,
     decoded by ONNX Runtime's own kernel: the file answers exactly as before. Per call, ONNX Runtime's
     GatherBlockQuantized costs more than the plain Gather (on the default student's 512-row position
-    and 2-row token-type tables, about 6% of a batch-1 call at 2 threads, for 0.7 MB more file).
+    and 2-row token-type tables, about 4% of a batch-1 call at 2 threads, for 0.66 MB more file).
     Returns how many tables were decoded."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
