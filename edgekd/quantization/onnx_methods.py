@@ -116,7 +116,9 @@ def quantize_embeddings_4bit(path: Path, block_size: int, exclude: list[str], ex
                          "embeddings were fused into another operator, quantized already, or kept in float by "
                          "the guard): set quantize.embedding_bits: 8")
     if float_rows:
-        _decode_small_tables(quantizer.model.model, float_rows)
+        decoded = _decode_small_tables(quantizer.model.model, float_rows)
+        log.info("quantize: %d of %d 4-bit embedding tables have at most %d rows and are stored decoded",
+                 decoded, n, float_rows)
     tmp = path.with_name(path.stem + ".g4" + path.suffix)
     quantizer.model.save_model_to_file(str(tmp), external_data)
     tmp.replace(path)
