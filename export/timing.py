@@ -116,6 +116,30 @@ def tune_session(path: Path, rows: list[Mapping[str, np.ndarray]], runs: int,
                        "chosen": "SkipLayerNormFusion off" if keep else "default"}}
 
 
+def write_residual_adds_as_sum(path: Path, external: bool = False) -> int:
+    """Rewrite, in place, each Add that feeds a LayerNormalization in the ONNX file ``path`` as the
+    two-input ``Sum``: the same sums to the bit, but no pair ONNX Runtime's SkipLayerNormFusion
+    matches (it looks for Add), so every session runs the two operators unfused, a client that
+    never reads artifact.json (Triton, plain onnxruntime) included. Written after ``tune_session``
+    found the unfused session faster. Returns how many were rewritten."""
+    import onnx
+
+    model = onnx.load(str(path))
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    done = 0
+    for node in model.graph.node:
+        add = made_by.get(node.input[0]) if node.op_type == "LayerNormalization" and node.input else None
+        if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
+            add.op_type = "Sum"
+            done += 1
+    if done:
+        tmp = path.with_name(path.stem + ".sum" + path.suffix)
+        onnx.save(model, str(tmp), save_as_external_data=external,
+                  location=(path.name + ".data") if external else None)
+        tmp.replace(path)
+    return done
+
+
 def _np_type(ort_type: str) -> Any:
     return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
             "tensor(float16)": np.float16, "tensor(bool)": np.bool_}.get(ort_type)

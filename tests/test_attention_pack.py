@@ -183,3 +183,47 @@ def test_packed_int8_computes_what_the_unpacked_int8_model_does(shipped_export, 
         want = run(out["plain"], one)
         assert np.abs(want).max() > 0.05
         np.testing.assert_allclose(run(out["packed"], one), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("answers_change", [False, True])
+def test_a_kept_unfused_session_is_written_into_the_file(shipped_export, tmp_path, monkeypatch, answers_change):
+    """When the quantize stage keeps the session without SkipLayerNormFusion, the written int8 file
+    has its residual Adds as Sum, so ONNX Runtime's default session runs it unfused too, with the
+    tuned session's answers on every validation example (checked in the stage); a rewrite that would
+    change an answer is undone and the report says so."""
+    from edgekd.export import timing
+    from edgekd.quantization import onnx_stage
+
+    off = {"disabled_optimizers": ["SkipLayerNormFusion"]}
+    monkeypatch.setattr(onnx_stage, "tune_session", lambda *a, **k: {
+        "runtime_options": dict(off), "tuning": {"timed": True, "chosen": "SkipLayerNormFusion off"}})
+    if answers_change:  # a rewrite that also moves every LayerNorm's epsilon: answers differ
+        real = timing.write_residual_adds_as_sum
+
+        def skewed(path, external=False):
+            n = real(path, external)
+            model = onnx.load(str(path))
+            for node in model.graph.node:
+                for a in node.attribute:
+                    if node.op_type == "LayerNormalization" and a.name == "epsilon":
+                        a.f = 0.5
+            onnx.save(model, str(path))
+            return n
+
+        monkeypatch.setattr(timing, "write_residual_adds_as_sum", skewed)
+    val = padded(24, seed=9)
+    report = quantize_onnx(shipped_export, tmp_path / "q", qcfg(method="dynamic", max_accuracy_drop=1.0),
+                           val, val, np.zeros(24, dtype=np.int64), accuracy)
+    written = tmp_path / "q" / "model.onnx"
+    rewritten = report["session"]["tuning"]["residual_adds_as_sum"]
+    if answers_change:
+        assert rewritten == "not rewritten: ONNX Runtime's default session did not answer as the tuned one"
+        assert "Sum" not in ops(written) and timing.has_skip_layernorm_pattern(written)
+        return
+    # the embeddings' LayerNorm and two per block, the first-token block's included
+    assert rewritten == 7 and ops(written).count("Sum") == 7 and not timing.has_skip_layernorm_pattern(written)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(written), so, providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert report["session"]["runtime_options"] == off

@@ -235,7 +235,7 @@ def quantize_onnx(
         chosen = best if best is not None else min(
             range(len(results)), key=lambda i: (results[i]["guard"]["drop"], table[i]["p50_ms"]))
         win = results[chosen]
-        session, final = _tune_session(win, ev, base, val_inputs, cfg)
+        session, final = _tune_session(win, ev, base, val_inputs, cfg, external)
         report: dict[str, Any] = {"method": win["cfg"].method, "candidate": win["name"], **win["notes"]}
         report["precision"] = win["method"].precision
         report["settings"] = {**win["method"].settings(), "fuse": win["cfg"].fuse}
@@ -267,9 +267,11 @@ def quantize_onnx(
 
 
 def _tune_session(win: dict[str, Any], ev: Evaluator, base: dict[str, Any], val_inputs: Mapping[str, np.ndarray],
-                  cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+                  cfg: QuantizeConfig, external: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """The session options the written folder keeps (``tune_session`` on validation rows) and the
-    chosen model's score under them: a faster session that would leave the accuracy budget is not kept."""
+    chosen model's score under them: a faster session that would leave the accuracy budget is not kept.
+    When the unfused session is kept, the model's residual Adds are also written as Sum
+    (``_unfuse_in_file``), so a session that does not read artifact.json runs it unfused too."""
     rows = real_length_rows(val_inputs, TUNING_RUNS)
     session = tune_session(win["model"], rows, max(cfg.speed_runs, TUNING_RUNS), cfg.threads)
     if not session["runtime_options"]:
@@ -281,7 +283,31 @@ def _tune_session(win: dict[str, Any], ev: Evaluator, base: dict[str, Any], val_
                                      f"is {tuned['metric']:.4f}, outside the budget")
         session["runtime_options"] = {}
         return session, win["final"]
+    session["tuning"]["residual_adds_as_sum"] = _unfuse_in_file(win, ev, tuned, external)
     return session, tuned
+
+
+def _unfuse_in_file(win: dict[str, Any], ev: Evaluator, tuned: dict[str, Any], external: bool) -> int | str:
+    """Write the chosen model's Add -> LayerNormalization pairs as Sum -> LayerNormalization
+    (``write_residual_adds_as_sum``), kept only when ONNX Runtime's default session then answers
+    every validation example exactly as the tuned session did; returns how many were rewritten, or
+    why the file was left as it was."""
+    from edgekd.export.timing import write_residual_adds_as_sum
+
+    if external:
+        return "not rewritten: the model keeps its weights in an external data file"
+    path = Path(win["model"])
+    backup = path.with_name(path.stem + ".adds" + path.suffix)
+    shutil.copyfile(path, backup)
+    n = write_residual_adds_as_sum(path, external)
+    if not n:
+        return 0
+    plain = ev.score(path, precision=win["method"].precision)
+    got, want = plain["outputs"], tuned["outputs"]  # output name -> every validation row's values
+    if got.keys() != want.keys() or not all(np.array_equal(got[k], want[k]) for k in want):
+        backup.replace(path)
+        return "not rewritten: ONNX Runtime's default session did not answer as the tuned one"
+    return n
 
 
 def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,

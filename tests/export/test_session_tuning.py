@@ -186,3 +186,23 @@ def test_the_export_stage_tunes_the_onnx_folder_on_the_timing_inputs_before_pari
     # Parity opened the folder the way it will be served: without the fusion.
     assert records["onnx"]["parity"]["passed"]
     assert RecordingSession.opened and all(o["disabled_optimizers"] == ["SkipLayerNormFusion"] for o in RecordingSession.opened)
+
+
+def test_residual_adds_written_as_sum_run_unfused_in_any_session_with_the_same_answers(tmp_path):
+    """``write_residual_adds_as_sum``: the Add feeding a LayerNormalization becomes Sum, so ONNX
+    Runtime's default session (no artifact.json read) has no SkipLayerNormalization to fuse, and
+    answers to the bit as the original file under the folder's options; nothing else is touched."""
+    original = residual_layernorm(tmp_path / "a")
+    rewritten = residual_layernorm(tmp_path / "b")
+    assert "SkipLayerNormalization" in optimized_ops(original, tmp_path)
+    assert timing.write_residual_adds_as_sum(rewritten) == 1
+    assert [n.op_type for n in onnx.load(str(rewritten)).graph.node] == ["Sum", "LayerNormalization"]
+    assert not timing.has_skip_layernorm_pattern(rewritten)
+    assert "SkipLayerNormalization" not in optimized_ops(rewritten, tmp_path)
+    for feed in rows():
+        want = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"], **OFF).run(None, feed)[0]
+        got = ort.InferenceSession(str(rewritten), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        np.testing.assert_array_equal(got, want)
+    relu = residual_layernorm(tmp_path / "c", with_layernorm=False)
+    before = relu.read_bytes()
+    assert timing.write_residual_adds_as_sum(relu) == 0 and relu.read_bytes() == before
