@@ -116,15 +116,18 @@ def tune_session(path: Path, rows: list[Mapping[str, np.ndarray]], runs: int,
                        "chosen": "SkipLayerNormFusion off" if keep else "default"}}
 
 
-def write_residual_adds_as_sum(path: Path, external: bool = False) -> int:
+def write_residual_adds_as_sum(path: Path) -> int:
     """Rewrite, in place, each Add that feeds a LayerNormalization in the ONNX file ``path`` as the
     two-input ``Sum``: the same sums to the bit, but no pair ONNX Runtime's SkipLayerNormFusion
     matches (it looks for Add), so every session runs the two operators unfused, a client that
     never reads artifact.json (Triton, plain onnxruntime) included. Written after ``tune_session``
-    found the unfused session faster. Returns how many were rewritten."""
+    found the unfused session faster. Returns how many were rewritten. A model whose weights are in
+    external data files is refused (the quantize stage leaves those as they are)."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise ValueError(f"{path.name} keeps its weights in external data files: not rewritten")
     made_by = {o: n for n in model.graph.node for o in n.output}
     done = 0
     for node in model.graph.node:
@@ -134,8 +137,7 @@ def write_residual_adds_as_sum(path: Path, external: bool = False) -> int:
             done += 1
     if done:
         tmp = path.with_name(path.stem + ".sum" + path.suffix)
-        onnx.save(model, str(tmp), save_as_external_data=external,
-                  location=(path.name + ".data") if external else None)
+        onnx.save(model, str(tmp))
         tmp.replace(path)
     return done
 

@@ -299,7 +299,7 @@ def _unfuse_in_file(win: dict[str, Any], ev: Evaluator, tuned: dict[str, Any], e
     path = Path(win["model"])
     backup = path.with_name(path.stem + ".adds" + path.suffix)
     shutil.copyfile(path, backup)
-    n = write_residual_adds_as_sum(path, external)
+    n = write_residual_adds_as_sum(path)
     if not n:
         return 0
     plain = ev.score(path, precision=win["method"].precision)

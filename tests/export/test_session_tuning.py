@@ -206,3 +206,14 @@ def test_residual_adds_written_as_sum_run_unfused_in_any_session_with_the_same_a
     relu = residual_layernorm(tmp_path / "c", with_layernorm=False)
     before = relu.read_bytes()
     assert timing.write_residual_adds_as_sum(relu) == 0 and relu.read_bytes() == before
+
+
+def test_a_model_with_external_weights_is_not_rewritten_as_sum(tmp_path):
+    path = residual_layernorm(tmp_path / "ext")
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="external data files: not rewritten"):
+        timing.write_residual_adds_as_sum(path)
+    assert path.read_bytes() == before
