@@ -116,14 +116,17 @@ def tune_session(path: Path, rows: list[Mapping[str, np.ndarray]], runs: int,
                        "chosen": "SkipLayerNormFusion off" if keep else "default"}}
 
 
-def write_residual_adds_as_sum(path: Path) -> int:
-    """Rewrite, in place, each Add that feeds a LayerNormalization in the ONNX file ``path`` as the
+def write_residual_adds_as_sum(path: Path, dst: Path | None = None) -> int:
+    """Rewrite each Add that feeds a LayerNormalization in the ONNX file ``path`` (in place, or into
+    ``dst``; nothing is written when there is none) as the
     two-input ``Sum``: the same sums to the bit, but no pair ONNX Runtime's SkipLayerNormFusion
     matches (it looks for Add), so every session runs the two operators unfused, a client that
     never reads artifact.json (Triton, plain onnxruntime) included. Written after ``tune_session``
     found the unfused session faster. Returns how many were rewritten. A model whose weights are in
     external data files is refused (the quantize stage leaves those as they are)."""
     import onnx
+
+    from edgekd.runfolder import atomic_write_bytes
 
     model = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
@@ -136,9 +139,7 @@ def write_residual_adds_as_sum(path: Path) -> int:
             add.op_type = "Sum"
             done += 1
     if done:
-        tmp = path.with_name(path.stem + ".sum" + path.suffix)
-        onnx.save(model, str(tmp))
-        tmp.replace(path)
+        atomic_write_bytes(dst or path, model.SerializeToString())
     return done
 
 

@@ -297,16 +297,16 @@ def _unfuse_in_file(win: dict[str, Any], ev: Evaluator, tuned: dict[str, Any], e
     if external:
         return "not rewritten: the model keeps its weights in an external data file"
     path = Path(win["model"])
-    backup = path.with_name(path.stem + ".adds" + path.suffix)
-    shutil.copyfile(path, backup)
-    n = write_residual_adds_as_sum(path)
+    summed = path.with_name(path.stem + ".sum" + path.suffix)
+    n = write_residual_adds_as_sum(path, summed)
     if not n:
         return 0
-    plain = ev.score(path, precision=win["method"].precision)
+    plain = ev.score(summed, precision=win["method"].precision)
     got, want = plain["outputs"], tuned["outputs"]  # output name -> every validation row's values
     if got.keys() != want.keys() or not all(np.array_equal(got[k], want[k]) for k in want):
-        backup.replace(path)
+        summed.unlink()
         return "not rewritten: ONNX Runtime's default session did not answer as the tuned one"
+    summed.replace(path)
     return n
 
 
