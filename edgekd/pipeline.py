@@ -10,7 +10,7 @@ from edgekd.errors import StageError
 from edgekd.progress import activity
 from edgekd.recipe import Recipe
 from edgekd.runfolder import atomic_write_text, environment
-from edgekd.stages.base import Stage
+from edgekd.stages.base import Stage, source_stage_of
 from edgekd.stages.bench import bench_fingerprint, run_bench
 from edgekd.stages.export import export_fingerprint, run_export
 from edgekd.stages.quantize import quantize_fingerprint, run_quantize
@@ -21,9 +21,14 @@ from edgekd.warnings_log import route_library_logs
 # stages of TASK_STAGES (edgekd/tasks/<family>/family.py); the shared ones are SHARED_STAGES.
 TASK_STAGES = ("teacher", "distill", "baseline", "eval", "prune")
 SHARED_STAGES = {
-    "export": Stage("export", run_export, export_fingerprint, enabled=lambda r: bool(r.export.targets)),
-    "quantize": Stage("quantize", run_quantize, quantize_fingerprint, enabled=lambda r: r.quantize.enabled),
-    "bench": Stage("bench", run_bench, bench_fingerprint, enabled=lambda r: r.bench.enabled),
+    "export": Stage("export", run_export, export_fingerprint, enabled=lambda r: bool(r.export.targets),
+                    inputs=lambda r: (source_stage_of(r),)),
+    "quantize": Stage("quantize", run_quantize, quantize_fingerprint, enabled=lambda r: r.quantize.enabled,
+                      inputs=lambda r: ("export",)),
+    # the exported files, the quantized ones beside them, and the PyTorch models it times for reference
+    "bench": Stage("bench", run_bench, bench_fingerprint, enabled=lambda r: r.bench.enabled,
+                   inputs=lambda r: tuple(dict.fromkeys(("teacher", "distill", source_stage_of(r), "export",
+                                                         *(("quantize",) if r.quantize.enabled else ()))))),
 }
 STAGE_ORDER = (*TASK_STAGES, *SHARED_STAGES)
 # What `edgekd <stage>` says it does: every stage of the table is also a command of its own.
@@ -110,9 +115,14 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     try:
         for name in todo:
             stage = table[name]
-            if not force and ctx.run.is_done(name, stage.fingerprint(ctx)):
+            why = ctx.run.stale_reason(name, stage.fingerprint(ctx))
+            if not force and why is None:
                 ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")
                 continue
+            if not force and ctx.run.stage_record(name):
+                ctx.say(f"[dim]{name}: runs again: {why}[/]")
+            _refuse_stale_inputs(ctx, table, name)
+            ctx.run.will_read(name, stage.inputs(recipe))
             s0 = time.perf_counter()
             route_library_logs()  # libraries imported by the stages before this one add their own handlers
             with activity(name):
@@ -135,6 +145,18 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
         ctx.run.update_top(last_invocation={"stages": todo, "ran": ran, "seconds": round(time.perf_counter() - t0, 2),
                                             "processes": PartialState().num_processes})
     return ctx
+
+
+def _refuse_stale_inputs(ctx: RunContext, table: dict[str, Stage], name: str) -> None:
+    """A stage never reads a result that is out of date: one of its inputs recorded here but stale
+    (its settings changed, its files changed, or what it was made from ran again) is an error saying
+    what to run. (Inputs never run here are left to the stage, which says what it needs.)"""
+    for dep in table[name].inputs(ctx.recipe):
+        if dep in table and ctx.run.stage_record(dep):
+            why = ctx.run.stale_reason(dep, table[dep].fingerprint(ctx))
+            if why:
+                raise StageError(f"the {name} stage reads the {dep} stage's result, which is out of date ({why}): "
+                                 f"run `edgekd {dep}` first, or `edgekd run` for every stage in order.")
 
 
 def _drop_empty_checkpoints(ctx: RunContext) -> None:

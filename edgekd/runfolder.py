@@ -1,7 +1,10 @@
 """The run folder: the only state shared between stages.
 
-``runs/<name>/manifest.json`` records, per stage, its settings fingerprint, metrics, timings and
-the sha256 of every artifact it wrote. Every write is atomic (temporary path, then rename), so an
+``runs/<name>/manifest.json`` records, per stage, its settings fingerprint, metrics, timings, the
+sha256 of every artifact it wrote, an id of its own, and the ids of the records of the stages it read
+(``inputs``). A stage is current when its settings, its files and the records it read are all
+unchanged: a stage run again (``--force``) makes every stage that read its old result out of date,
+however equal the settings. Every write is atomic (temporary path, then rename), so an
 interrupted run never leaves a half-written file behind.
 """
 
@@ -15,6 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,6 +137,7 @@ class RunFolder:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._reading: dict[str, dict[str, str]] = {}  # stage about to run -> the records it reads
 
     # --- paths -----------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -159,15 +164,51 @@ class RunFolder:
         return self.manifest().get("stages", {}).get(stage)
 
     def is_done(self, stage: str, fp: str) -> bool:
-        """True when ``stage`` finished with the same settings fingerprint and its artifacts are intact."""
+        """True when ``stage`` finished with the same settings fingerprint, its artifacts are intact and
+        every stage it read still holds the record it read (see :meth:`stale_reason`)."""
+        return self.stale_reason(stage, fp) is None
+
+    def stale_reason(self, stage: str, fp: str) -> str | None:
+        """Why the recorded ``stage`` cannot be reused with settings fingerprint ``fp``; None when it can."""
         rec = self.stage_record(stage)
-        if not rec or rec.get("status") != "done" or rec.get("fingerprint") != fp:
-            return False
+        if not rec or rec.get("status") != "done":
+            return "it has not finished in this run folder"
+        if rec.get("fingerprint") != fp:
+            return "the recipe's settings for it changed"
         for rel, digest in rec.get("artifacts", {}).items():
             p = self.root / rel
             if not p.is_file() or sha256_file(p) != digest:
-                return False
-        return True
+                return f"its file {rel} is missing or changed"
+        return self._inputs_changed(stage, rec, set())
+
+    def _inputs_changed(self, stage: str, rec: dict[str, Any], seen: set[str]) -> str | None:
+        """Which stage ``stage``'s record read has been run again or removed since, down the whole chain
+        (export read prune, prune read distill: distill run again makes export stale too)."""
+        seen.add(stage)
+        for name, read in rec.get("inputs", {}).items():
+            now = self.stage_record(name)
+            if not now or now.get("status") != "done" or self.record_id(name, now) != read:
+                return f"the {name} stage it was made from was run again or removed since"
+            if name not in seen:
+                why = self._inputs_changed(name, now, seen)
+                if why:
+                    return why
+        return None
+
+    @staticmethod
+    def record_id(stage: str, rec: dict[str, Any]) -> str:
+        """The id of a stage's record (records written before ids existed: their fingerprint and time)."""
+        return rec.get("id") or f"{rec.get('fingerprint')}@{rec.get('finished')}"
+
+    def will_read(self, stage: str, inputs: list[str] | tuple[str, ...]) -> None:
+        """Note the records of ``inputs`` that ``stage`` is about to read; its :meth:`record` keeps their
+        ids. Stages not finished here are left out (a stage's own checks refuse a missing input)."""
+        ids = {}
+        for name in inputs:
+            rec = self.stage_record(name)
+            if rec and rec.get("status") == "done":
+                ids[name] = self.record_id(name, rec)
+        self._reading[stage] = ids
 
     def record(
         self,
@@ -178,7 +219,8 @@ class RunFolder:
         seconds: float | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Record a finished stage: fingerprint, metrics, timing and sha256 of every artifact file."""
+        """Record a finished stage: fingerprint, metrics, timing, sha256 of every artifact file, a new id,
+        and the ids of the records it read (:meth:`will_read`)."""
         hashes: dict[str, str] = {}
         for a in artifacts or []:
             a = Path(a)
@@ -187,12 +229,15 @@ class RunFolder:
                 hashes[str(f.relative_to(self.root))] = sha256_file(f)
         rec = {
             "status": "done",
+            "id": uuid.uuid4().hex,
             "fingerprint": fp,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 2) if seconds is not None else None,
             "metrics": metrics,
             "artifacts": hashes,
         }
+        if self._reading.get(stage):
+            rec["inputs"] = self._reading[stage]
         if extra:
             rec.update(extra)
         data = self.manifest()

@@ -24,6 +24,10 @@ def _always(recipe: Recipe) -> bool:
     return True
 
 
+def _nothing(recipe: Recipe) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline.
@@ -36,6 +40,8 @@ class Stage:
     produces_model: it saves a model under ``<run>/<name>/model`` that later stages load.
     load: ctx -> that model, once the stage is known to be finished and current (default: the
         task's ``load_model`` on the folder, in eval mode); may return None (a black-box teacher).
+    inputs: recipe -> the stages whose results it reads. Its record keeps the ids of theirs, and it is
+        out of date once one of them is run again (``RunFolder.stale_reason``).
     """
 
     name: str
@@ -44,6 +50,17 @@ class Stage:
     enabled: Callable[[Recipe], bool] = _always
     produces_model: bool = False
     load: Callable[[RunContext], Any] | None = None
+    inputs: Callable[[Recipe], tuple[str, ...]] = _nothing
+
+
+def source_stage_of(recipe: Recipe) -> str:
+    """The model that ships: the pruned student when the recipe prunes, else the distilled one."""
+    return "prune" if recipe.prune.enabled else "distill"
+
+
+def eval_inputs(recipe: Recipe) -> tuple[str, ...]:
+    """What an eval stage reads: the teacher, the distilled student and the baseline when it trains."""
+    return ("teacher", "distill", "baseline") if recipe.baseline.enabled else ("teacher", "distill")
 
 
 def task_stage(ctx: RunContext, name: str) -> Stage:
@@ -65,9 +82,10 @@ def load_stage_model(ctx: RunContext, name: str):
     stage = task_stage(ctx, name)
     if not stage.produces_model:
         raise StageError(f"the {name} stage saves no model to load.")
-    if not ctx.run.is_done(name, stage.fingerprint(ctx)):
-        raise StageError(f"The {name} stage of run '{ctx.recipe.name}' is missing or out of date with the "
-                         f"recipe. Run `edgekd {name}` (or `edgekd run`) first.")
+    why = ctx.run.stale_reason(name, stage.fingerprint(ctx))
+    if why:
+        raise StageError(f"The {name} stage of run '{ctx.recipe.name}' is missing or out of date ({why}). "
+                         f"Run `edgekd {name}` (or `edgekd run`) first.")
     if stage.load is not None:
         return stage.load(ctx)
     return ctx.task.load_model(ctx.model_dir(name)).eval()

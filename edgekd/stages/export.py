@@ -14,7 +14,7 @@ from typing import Any
 from edgekd.context import RunContext
 from edgekd.errors import StageError
 from edgekd.runfolder import fingerprint
-from edgekd.stages.base import load_stage_model, stage_fingerprint
+from edgekd.stages.base import load_stage_model, source_stage_of, stage_fingerprint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
@@ -22,7 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 
 def source_stage(ctx: RunContext) -> str:
     """The model that ships: the pruned student when the recipe prunes, else the distilled one."""
-    return "prune" if ctx.recipe.prune.enabled else "distill"
+    return source_stage_of(ctx.recipe)
 
 
 def _source_fingerprint(ctx: RunContext) -> str:

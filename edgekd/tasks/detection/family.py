@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edgekd.recipe import Recipe
 from edgekd.runfolder import RunFolder
-from edgekd.stages.base import Stage
+from edgekd.stages.base import Stage, eval_inputs
 from edgekd.tasks.detection.context import DetectionRunContext
 from edgekd.tasks.detection.stages import (
     eval_fingerprint,
@@ -22,12 +22,13 @@ from edgekd.tasks.detection.stages import (
 STAGES = {
     "teacher": Stage("teacher", run_teacher, teacher_fingerprint, produces_model=True),
     "distill": Stage("distill", lambda c: run_student_stage(c, "distill"), lambda c: student_fingerprint(c, "distill"),
-                     produces_model=True),
+                     produces_model=True, inputs=lambda r: ("teacher",)),
     "baseline": Stage("baseline", lambda c: run_student_stage(c, "baseline"),
                       lambda c: student_fingerprint(c, "baseline"), enabled=lambda r: r.baseline.enabled,
-                      produces_model=True),
-    "eval": Stage("eval", run_eval, eval_fingerprint),
-    "prune": Stage("prune", run_prune, prune_fingerprint, enabled=lambda r: r.prune.enabled, produces_model=True),
+                      produces_model=True, inputs=lambda r: ("teacher",)),
+    "eval": Stage("eval", run_eval, eval_fingerprint, inputs=eval_inputs),
+    "prune": Stage("prune", run_prune, prune_fingerprint, enabled=lambda r: r.prune.enabled, produces_model=True,
+                   inputs=lambda r: ("teacher", "distill")),
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgekd.recipe import Recipe
 from edgekd.runfolder import RunFolder
-from edgekd.stages.base import Stage
+from edgekd.stages.base import Stage, eval_inputs
 from edgekd.tasks.text import checks
 from edgekd.tasks.text.context import TextRunContext
 from edgekd.tasks.text.distill import run_student_stage, stage_fingerprint
@@ -16,13 +16,15 @@ STAGES = {
     "teacher": Stage("teacher", run_teacher, teacher_fingerprint, produces_model=True,
                      load=lambda c: load_teacher_outputs(c)[0]),  # None for a black-box teacher
     "distill": Stage("distill", lambda c: run_student_stage(c, "distill"), lambda c: stage_fingerprint(c, "distill"),
-                     produces_model=True),
+                     produces_model=True, inputs=lambda r: ("teacher",)),
+    # the student starts from the teacher's layers
     "baseline": Stage("baseline", lambda c: run_student_stage(c, "baseline"),
                       lambda c: stage_fingerprint(c, "baseline"), enabled=lambda r: r.baseline.enabled,
-                      produces_model=True),
-    "eval": Stage("eval", run_eval, eval_fingerprint),
+                      produces_model=True, inputs=lambda r: ("teacher",)),
+    "eval": Stage("eval", run_eval, eval_fingerprint, inputs=eval_inputs),
+    # recovery distils from the teacher's cached outputs
     "prune": Stage("prune", run_prune, prune_fingerprint, enabled=lambda r: r.prune.enabled, produces_model=True,
-                   load=load_pruned),
+                   load=load_pruned, inputs=lambda r: ("teacher", "distill")),
 }
 
 

@@ -58,8 +58,9 @@ def load_pruned(ctx: RunContext):
 
 
 def _check_pruned(ctx: RunContext) -> None:
-    if not ctx.run.is_done("prune", prune_fingerprint(ctx)):
-        raise StageError(f"The prune stage of run '{ctx.recipe.name}' is missing or out of date with the recipe. "
+    why = ctx.run.stale_reason("prune", prune_fingerprint(ctx))
+    if why:
+        raise StageError(f"The prune stage of run '{ctx.recipe.name}' is missing or out of date ({why}). "
                          "Run `edgekd prune` (or `edgekd run`) first.")
 
 

@@ -122,11 +122,10 @@ def load_teacher_outputs(ctx: RunContext) -> tuple[Any, np.ndarray]:
     from edgekd.errors import StageError
 
     fp = teacher_fingerprint(ctx)
-    if not ctx.run.is_done(STAGE, fp):
-        raise StageError(
-            f"The teacher stage of run '{ctx.recipe.name}' is missing or out of date with the recipe. "
-            "Run `edgekd teacher` (or `edgekd run`) first."
-        )
+    why = ctx.run.stale_reason(STAGE, fp)
+    if why:
+        raise StageError(f"The teacher stage of run '{ctx.recipe.name}' is missing or out of date ({why}). "
+                         "Run `edgekd teacher` (or `edgekd run`) first.")
     model = ctx.task.load_model(ctx.model_dir(STAGE)).eval() if ctx.recipe.teacher.kind == "model" else None
     logits = np.load(ctx.run.stage_dir(STAGE) / LOGITS)
     return model, logits
