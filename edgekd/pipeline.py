@@ -148,12 +148,14 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
 
 
 def _refuse_stale_inputs(ctx: RunContext, table: dict[str, Stage], name: str) -> None:
-    """A stage never reads a result that is out of date: one of its inputs recorded here but stale
-    (its settings changed, its files changed, or what it was made from ran again) is an error saying
-    what to run. (Inputs never run here are left to the stage, which says what it needs.)"""
+    """A stage never builds on a broken result: an input recorded here whose files changed, or whose own
+    inputs ran again since it was made (a quantized file of an export that was redone), is an error
+    saying what to run. An input made with other settings than the recipe's now (``edgekd export --to``
+    for a one-off set of targets) is left to the stage: a stage that loads a model refuses it
+    (``load_stage_model``), one that reads files uses them as recorded."""
     for dep in table[name].inputs(ctx.recipe):
         if dep in table and ctx.run.stage_record(dep):
-            why = ctx.run.stale_reason(dep, table[dep].fingerprint(ctx))
+            why = ctx.run.stale_reason(dep, None)
             if why:
                 raise StageError(f"the {name} stage reads the {dep} stage's result, which is out of date ({why}): "
                                  f"run `edgekd {dep}` first, or `edgekd run` for every stage in order.")

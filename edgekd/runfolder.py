@@ -168,12 +168,14 @@ class RunFolder:
         every stage it read still holds the record it read (see :meth:`stale_reason`)."""
         return self.stale_reason(stage, fp) is None
 
-    def stale_reason(self, stage: str, fp: str) -> str | None:
-        """Why the recorded ``stage`` cannot be reused with settings fingerprint ``fp``; None when it can."""
+    def stale_reason(self, stage: str, fp: str | None) -> str | None:
+        """Why the recorded ``stage`` cannot be reused with settings fingerprint ``fp``; None when it can.
+        ``fp`` None leaves the settings out: whether the record is still whole (its files, and the records
+        it was made from)."""
         rec = self.stage_record(stage)
         if not rec or rec.get("status") != "done":
             return "it has not finished in this run folder"
-        if rec.get("fingerprint") != fp:
+        if fp is not None and rec.get("fingerprint") != fp:
             return "the recipe's settings for it changed"
         for rel, digest in rec.get("artifacts", {}).items():
             p = self.root / rel

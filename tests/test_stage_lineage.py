@@ -28,11 +28,15 @@ def test_a_record_is_current_only_while_the_records_it_read_are(tmp_path):
     rec = run.stage_record("distill")
     assert rec["inputs"] == {"teacher": run.stage_record("teacher")["id"]}  # a stage not run is left out
     assert run.is_done("distill", "d1") and run.is_done("export", "e1")
+    assert run.stale_reason("export", None) is None  # None: whole, whatever the settings
 
     run.record("teacher", "t1", {})  # the same settings, run again
     assert run.stale_reason("distill", "d1") == "the teacher stage it was made from was run again or removed since"
     # down the whole chain: export read distill, which read the old teacher
     assert run.stale_reason("export", "e1") == "the teacher stage it was made from was run again or removed since"
+    assert run.stale_reason("export", None) == "the teacher stage it was made from was run again or removed since"
+    run.will_read("export", ["distill"])
+    run.record("export", "e1", {})  # remade from the distill record it reads: whole again, but not distill
     assert run.stale_reason("export", "e2") == "the recipe's settings for it changed"
     assert run.stale_reason("bench", "b1") == "it has not finished in this run folder"
 
