@@ -329,6 +329,8 @@ def print_summary(run: RunFolder) -> None:
             console.print(f"ship: {escape(why)}")
     bench = ((manifest.get("stages") or {}).get("bench") or {}).get("metrics") or {}
     if bench.get("dir"):
-        console.print(f"bench table: {escape(str(Path(bench['dir']) / 'table.md'))}")
+        # this folder's own table (bench/<profile>/): the recorded absolute path names the folder the
+        # bench ran in, another one once the run folder is copied or moved
+        console.print(f"bench table: {escape(str(run.root / 'bench' / Path(bench['dir']).name / 'table.md'))}")
     console.print(f"run folder: {escape(str(run.root))}  (manifest: {escape(str(run.manifest_path))})",
                   soft_wrap=True)

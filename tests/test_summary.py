@@ -110,3 +110,13 @@ def test_guard_decisions_and_a_rejected_candidate_are_in_the_summary(tmp_path, m
 
 def test_a_folder_without_stages_says_what_to_run(tmp_path, monkeypatch):
     assert "no stage has finished yet (run `edgekd run`)" in _summary_text(RunFolder(tmp_path), monkeypatch)
+
+
+def test_a_copied_run_folder_names_its_own_bench_table(tmp_path, monkeypatch):
+    """The bench records the absolute folder it wrote; a copy (cp -a runs/a runs/b) names its own table."""
+    run = RunFolder(tmp_path / "copy")
+    run.root.mkdir()
+    run.record("bench", "fp", {"profile": "local", "dir": str(tmp_path / "original" / "bench" / "local")})
+    text = _summary_text(run, monkeypatch)
+    assert f"bench table: {run.root / 'bench' / 'local' / 'table.md'}" in text
+    assert "original" not in text
