@@ -191,12 +191,18 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
             own = {f.name for f in result.files}
             extra = _copy_extra(extra_files, tmp, own)
             extra += _write_hf_config(tmp, meta, own | set(extra))
-            art = _artifact_meta(name, result, io, meta, extra)
+            tuned = None
             if timing_rows and name == "onnx" and result.built and result.path.exists():
-                from edgekd.export.timing import TUNING_RUNS, tune_session
+                from edgekd.export.timing import TUNING_RUNS, tune_session, unfuse_in_file
 
-                # Measured before parity, so parity checks the session the folder will be opened with.
+                # Measured before parity, so parity checks the session the folder will be opened with;
+                # the choice is also written into the graph, for clients that never read artifact.json.
                 tuned = tune_session(result.path, timing_rows, TUNING_RUNS, None)
+                if tuned["runtime_options"]:
+                    tuned["tuning"]["residual_adds_as_sum"] = unfuse_in_file(result.path, timing_rows,
+                                                                             tuned["runtime_options"])
+            art = _artifact_meta(name, result, io, meta, extra)
+            if tuned is not None:
                 art[RUNTIME_OPTIONS], art["session_tuning"] = tuned["runtime_options"], tuned["tuning"]
             # Serving reads these too (the tokenizer, its vocabulary): each is checked like the model file.
             art[EXTRA_DIGESTS] = {n: artifact_digest(tmp / n) for n in extra}

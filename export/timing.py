@@ -123,7 +123,18 @@ def write_residual_adds_as_sum(path: Path, dst: Path | None = None) -> int:
     matches (it looks for Add), so every session runs the two operators unfused, a client that
     never reads artifact.json (Triton, plain onnxruntime) included. Written after ``tune_session``
     found the unfused session faster. Returns how many were rewritten. A model whose weights are in
-    external data files is refused (the quantize stage leaves those as they are)."""
+    external data files is refused (the export and quantize stages leave those as they are)."""
+    return _residual_op(path, dst, "Add", "Sum")
+
+
+def write_residual_sums_as_adds(path: Path, dst: Path) -> int:
+    """The inverse of ``write_residual_adds_as_sum``, into ``dst``: each two-input Sum that feeds a
+    LayerNormalization becomes an Add again, so a later step (the quantize stage's fusions and its own
+    session timing) sees the graph as exported. Returns how many; nothing is written when none."""
+    return _residual_op(path, dst, "Sum", "Add")
+
+
+def _residual_op(path: Path, dst: Path | None, old: str, new: str) -> int:
     import onnx
 
     from edgekd.runfolder import atomic_write_bytes
@@ -134,13 +145,42 @@ def write_residual_adds_as_sum(path: Path, dst: Path | None = None) -> int:
     made_by = {o: n for n in model.graph.node for o in n.output}
     done = 0
     for node in model.graph.node:
-        add = made_by.get(node.input[0]) if node.op_type == "LayerNormalization" and node.input else None
-        if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
-            add.op_type = "Sum"
+        src = made_by.get(node.input[0]) if node.op_type == "LayerNormalization" and node.input else None
+        if src is not None and src.op_type == old and src.domain in ("", "ai.onnx") and len(src.input) == 2:
+            src.op_type = new
             done += 1
     if done:
         atomic_write_bytes(dst or path, model.SerializeToString())
     return done
+
+
+def unfuse_in_file(path: Path, rows: list[Mapping[str, np.ndarray]], options: dict[str, Any]) -> int | str:
+    """When ``options`` (``tune_session``'s choice) leave out SkipLayerNormFusion, write the file's
+    residual Adds as Sum (``write_residual_adds_as_sum``), kept only when ONNX Runtime's default session
+    on the rewritten file answers every row of ``rows`` exactly as the tuned session on the original:
+    then any client runs the graph the folder was timed with. Returns how many were rewritten, or why
+    the file was left as it was."""
+    import onnx
+
+    if "SkipLayerNormFusion" not in options.get("disabled_optimizers", ()):
+        return "not rewritten: the folder keeps ONNX Runtime's default session"
+    path = Path(path)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL
+           for t in onnx.load(str(path), load_external_data=False).graph.initializer):
+        return "not rewritten: the model keeps its weights in an external data file"
+    summed = path.with_name(path.stem + ".sum" + path.suffix)
+    n = write_residual_adds_as_sum(path, summed)
+    if not n:
+        return 0
+    tuned, plain = _runner(path, None, options), _runner(summed, None, {})
+    for row in rows:
+        want, got = tuned.run(dict(row)), plain.run(dict(row))
+        if want.keys() != got.keys() or not all(np.array_equal(want[k], got[k]) for k in want):
+            summed.unlink()
+            return "not rewritten: ONNX Runtime's default session did not answer as the tuned one"
+    del tuned, plain
+    summed.replace(path)
+    return n
 
 
 def _np_type(ort_type: str) -> Any:

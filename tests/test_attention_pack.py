@@ -228,3 +228,34 @@ def test_a_kept_unfused_session_is_written_into_the_file(shipped_export, tmp_pat
     ort.InferenceSession(str(written), so, providers=["CPUExecutionProvider"])
     assert "SkipLayerNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert report["session"]["runtime_options"] == off
+
+
+def test_the_quantize_stage_starts_from_the_exported_adds_when_the_export_wrote_sums(shipped_export, tmp_path,
+                                                                                     monkeypatch):
+    """An export folder whose residual Adds were written as Sum (its session was faster unfused) is
+    quantized from the graph as exported: the fusions and this stage's own session choice see Adds,
+    and the int8 file is the one the Add folder gives."""
+    import shutil
+
+    from edgekd.export import timing
+    from edgekd.export.base import read_artifact_meta, write_artifact_meta
+    from edgekd.export.stage import artifact_digest
+    from edgekd.quantization import onnx_stage
+
+    monkeypatch.setattr(onnx_stage, "tune_session", lambda *a, **k: {
+        "runtime_options": {}, "tuning": {"timed": True, "chosen": "default"}})
+    summed = tmp_path / "summed"
+    shutil.copytree(shipped_export, summed)
+    assert timing.write_residual_adds_as_sum(summed / "model.onnx") == 7
+    write_artifact_meta(summed, {**read_artifact_meta(summed), "sha256": artifact_digest(summed / "model.onnx")})
+    val = padded(24, seed=9)
+    reports = {}
+    for name, folder in (("adds", shipped_export), ("sums", summed)):
+        reports[name] = quantize_onnx(folder, tmp_path / f"q-{name}", qcfg(method="dynamic", fuse="packed",
+                                                                          max_accuracy_drop=1.0),
+                                      val, val, np.zeros(24, dtype=np.int64), accuracy)
+    assert reports["sums"]["residual_sums_as_adds"] is True and "residual_sums_as_adds" not in reports["adds"]
+    a, b = tmp_path / "q-adds" / "model.onnx", tmp_path / "q-sums" / "model.onnx"
+    assert ops(a) == ops(b) and "Sum" not in ops(b) and ops(b).count("QAttention") == 2
+    feed = padded(seed=8)
+    np.testing.assert_array_equal(run(b, feed), run(a, feed))

@@ -73,9 +73,11 @@ class RecordingSession:
     """ONNX Runtime's session, recording the keyword options each was opened with."""
 
     opened: list[dict] = []
+    paths: list[str] = []
 
     def __new__(cls, path, so=None, providers=None, **kwargs):
         cls.opened.append(kwargs)
+        cls.paths.append(Path(path).name)
         return _REAL_SESSION(path, so, providers=providers, **kwargs)
 
 
@@ -172,7 +174,7 @@ def test_the_export_stage_tunes_the_onnx_folder_on_the_timing_inputs_before_pari
         return {"runtime_options": dict(OFF), "tuning": {"timed": True, "chosen": "SkipLayerNormFusion off"}}
 
     monkeypatch.setattr(timing, "tune_session", tune)
-    RecordingSession.opened = []
+    RecordingSession.opened, RecordingSession.paths = [], []
     monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
     records = export_all(text_module, TEXT_IO, ["onnx", "torchscript-lite"], tmp_path, ExportConfig(targets=["onnx", "torchscript-lite"]),
                          inputs, labels, classification_metrics, {"labels": ["negative", "positive"]}, tokenizer_files,
@@ -183,9 +185,19 @@ def test_the_export_stage_tunes_the_onnx_folder_on_the_timing_inputs_before_pari
     meta = read_artifact_meta(tmp_path / "onnx")
     assert meta["runtime_options"] == OFF and meta["session_tuning"]["chosen"] == "SkipLayerNormFusion off"
     assert "runtime_options" not in read_artifact_meta(tmp_path / "torchscript-lite")
+    # The choice is in the graph too: its residual Adds are Sum, so a plain session runs it unfused; the
+    # rewritten file answered the timing rows in a default session (the one session opened without the
+    # option, on the rewritten copy) exactly as the tuned session on the original.
+    written = tmp_path / "onnx" / "model.onnx"
+    assert not timing.has_skip_layernorm_pattern(written) and meta["sha256"] == artifact_digest(written)
+    n = meta["session_tuning"]["residual_adds_as_sum"]
+    assert n > 0 and [n.op_type for n in onnx.load(str(written)).graph.node].count("Sum") == n
+    plain = [p for p, o in zip(RecordingSession.paths, RecordingSession.opened, strict=True)
+             if o["disabled_optimizers"] is None]
+    assert plain == ["model.sum.onnx"]
     # Parity opened the folder the way it will be served: without the fusion.
     assert records["onnx"]["parity"]["passed"]
-    assert RecordingSession.opened and all(o["disabled_optimizers"] == ["SkipLayerNormFusion"] for o in RecordingSession.opened)
+    assert RecordingSession.opened.count({"disabled_optimizers": ["SkipLayerNormFusion"]}) >= 2
 
 
 def test_residual_adds_written_as_sum_run_unfused_in_any_session_with_the_same_answers(tmp_path):
@@ -217,3 +229,35 @@ def test_a_model_with_external_weights_is_not_rewritten_as_sum(tmp_path):
     with pytest.raises(ValueError, match="external data files: not rewritten"):
         timing.write_residual_adds_as_sum(path)
     assert path.read_bytes() == before
+
+
+def test_the_unfused_rewrite_is_kept_only_with_the_tuned_sessions_answers(tmp_path, monkeypatch):
+    """``unfuse_in_file``: nothing to do for a folder on the default session; a rewrite whose default
+    session answers otherwise than the tuned one is undone and says so; the inverse
+    (``write_residual_sums_as_adds``) gives back the graph as exported."""
+    path = residual_layernorm(tmp_path / "m")
+    original = path.read_bytes()
+    assert timing.unfuse_in_file(path, rows(), {}) == "not rewritten: the folder keeps ONNX Runtime's default session"
+    real = timing.write_residual_adds_as_sum
+
+    def skewed(p, dst=None):  # the rewrite also moves the LayerNorm's epsilon: answers differ
+        n = real(p, dst)
+        model = onnx.load(str(dst or p))
+        for node in model.graph.node:
+            for a in node.attribute:
+                if a.name == "epsilon":
+                    a.f = 0.5
+        onnx.save(model, str(dst or p))
+        return n
+
+    monkeypatch.setattr(timing, "write_residual_adds_as_sum", skewed)
+    assert timing.unfuse_in_file(path, rows(), OFF) == ("not rewritten: ONNX Runtime's default session did not "
+                                                        "answer as the tuned one")
+    assert path.read_bytes() == original and sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    monkeypatch.setattr(timing, "write_residual_adds_as_sum", real)
+    assert timing.unfuse_in_file(path, rows(), OFF) == 1 and not timing.has_skip_layernorm_pattern(path)
+    restored = tmp_path / "restored.onnx"
+    assert timing.write_residual_sums_as_adds(path, restored) == 1
+    assert onnx.load(str(restored)) == onnx.load_from_string(original)
+    assert timing.write_residual_sums_as_adds(restored, tmp_path / "again.onnx") == 0
+    assert not (tmp_path / "again.onnx").exists()
