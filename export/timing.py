@@ -172,15 +172,17 @@ def unfuse_in_file(path: Path, rows: list[Mapping[str, np.ndarray]], options: di
     n = write_residual_adds_as_sum(path, summed)
     if not n:
         return 0
-    tuned, plain = _runner(path, None, options), _runner(summed, None, {})
-    for row in rows:
-        want, got = tuned.run(dict(row)), plain.run(dict(row))
-        if want.keys() != got.keys() or not all(np.array_equal(want[k], got[k]) for k in want):
-            summed.unlink()
-            return "not rewritten: ONNX Runtime's default session did not answer as the tuned one"
-    del tuned, plain
-    summed.replace(path)
-    return n
+    try:
+        tuned, plain = _runner(path, None, options), _runner(summed, None, {})
+        for row in rows:
+            want, got = tuned.run(dict(row)), plain.run(dict(row))
+            if want.keys() != got.keys() or not all(np.array_equal(want[k], got[k]) for k in want):
+                return "not rewritten: ONNX Runtime's default session did not answer as the tuned one"
+        del tuned, plain
+        summed.replace(path)
+        return n
+    finally:  # a rewrite not kept (or a run that failed) leaves nothing beside the model
+        summed.unlink(missing_ok=True)
 
 
 def _np_type(ort_type: str) -> Any:
