@@ -116,6 +116,10 @@ def tune_session(path: Path, rows: list[Mapping[str, np.ndarray]], runs: int,
                        "chosen": "SkipLayerNormFusion off" if keep else "default"}}
 
 
+class ExternalDataError(ValueError):
+    """A graph rewrite refused: the model keeps its weights in external data files."""
+
+
 def write_residual_adds_as_sum(path: Path, dst: Path | None = None) -> int:
     """Rewrite each Add that feeds a LayerNormalization in the ONNX file ``path`` (in place, or into
     ``dst``; nothing is written when there is none) as the
@@ -141,7 +145,7 @@ def _residual_op(path: Path, dst: Path | None, old: str, new: str) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise ValueError(f"{path.name} keeps its weights in external data files: not rewritten")
+        raise ExternalDataError(f"{path.name} keeps its weights in external data files: not rewritten")
     made_by = {o: n for n in model.graph.node for o in n.output}
     done = 0
     for node in model.graph.node:
@@ -160,16 +164,14 @@ def unfuse_in_file(path: Path, rows: list[Mapping[str, np.ndarray]], options: di
     on the rewritten file answers every row of ``rows`` exactly as the tuned session on the original:
     then any client runs the graph the folder was timed with. Returns how many were rewritten, or why
     the file was left as it was."""
-    import onnx
-
     if "SkipLayerNormFusion" not in options.get("disabled_optimizers", ()):
         return "not rewritten: the folder keeps ONNX Runtime's default session"
     path = Path(path)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL
-           for t in onnx.load(str(path), load_external_data=False).graph.initializer):
-        return "not rewritten: the model keeps its weights in an external data file"
     summed = path.with_name(path.stem + ".sum" + path.suffix)
-    n = write_residual_adds_as_sum(path, summed)
+    try:
+        n = write_residual_adds_as_sum(path, summed)
+    except ExternalDataError:
+        return "not rewritten: the model keeps its weights in an external data file"
     if not n:
         return 0
     try:

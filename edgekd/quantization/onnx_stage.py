@@ -24,7 +24,7 @@ import numpy as np
 
 from edgekd.errors import StageError, UnsupportedTargetError
 from edgekd.export.base import ARTIFACT_META, RUNTIME_OPTIONS, read_artifact_meta, write_artifact_meta
-from edgekd.export.timing import TUNING_RUNS, tune_session
+from edgekd.export.timing import TUNING_RUNS, tune_session, unfuse_in_file
 from edgekd.progress import progress_bar, track
 from edgekd.quantization.calibration import n_rows, real_length_rows
 from edgekd.quantization.guard import TIMING_BLOCK, Evaluator, MetricFn, choose_fastest, time_side_by_side
@@ -196,13 +196,21 @@ def quantize_onnx(
         base = ev.score(src)  # first: a wrong guard_metric or input fails before any work
         ev.reference = base["outputs"]
         names, dtypes = _graph_inputs(src)
+        exported = src
+        if not external:
+            from edgekd.export.timing import write_residual_sums_as_adds
+
+            # The export wrote its residual Adds as Sum when its session was faster unfused: the candidates
+            # start from the graph as exported (the fusions look for Add), and this stage times its own file.
+            if write_residual_sums_as_adds(src, work / "exported-adds.onnx"):
+                exported = work / "exported-adds.onnx"
         floats: dict[str, tuple[Path, dict[str, Any]]] = {}  # fuse -> (prepared float model, notes)
         results = []
         not_built: list[dict[str, str]] = []  # extra candidates whose fusion cannot apply to this graph
         for i, (name, c) in enumerate(track(setups, "quantize: candidates", label=lambda s: s[0])):
             if c.fuse not in floats:
                 try:
-                    floats[c.fuse] = _prepare_float(src, work, c, external, ev)
+                    floats[c.fuse] = _prepare_float(exported, work, c, external, ev)
                 except (UnsupportedTargetError, StageError) as e:
                     if i == 0:  # the section's own setup: the recipe asked for it, so it is an error
                         raise
@@ -235,8 +243,10 @@ def quantize_onnx(
         chosen = best if best is not None else min(
             range(len(results)), key=lambda i: (results[i]["guard"]["drop"], table[i]["p50_ms"]))
         win = results[chosen]
-        session, final = _tune_session(win, ev, base, val_inputs, cfg, external)
+        session, final = _tune_session(win, ev, base, val_inputs, cfg)
         report: dict[str, Any] = {"method": win["cfg"].method, "candidate": win["name"], **win["notes"]}
+        if exported != src:
+            report["residual_sums_as_adds"] = True
         report["precision"] = win["method"].precision
         report["settings"] = {**win["method"].settings(), "fuse": win["cfg"].fuse}
         report["accuracy_guard"] = win["guard"]
@@ -267,11 +277,11 @@ def quantize_onnx(
 
 
 def _tune_session(win: dict[str, Any], ev: Evaluator, base: dict[str, Any], val_inputs: Mapping[str, np.ndarray],
-                  cfg: QuantizeConfig, external: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                  cfg: QuantizeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The session options the written folder keeps (``tune_session`` on validation rows) and the
     chosen model's score under them: a faster session that would leave the accuracy budget is not kept.
     When the unfused session is kept, the model's residual Adds are also written as Sum
-    (``_unfuse_in_file``), so a session that does not read artifact.json runs it unfused too."""
+    (``unfuse_in_file``), so a session that does not read artifact.json runs it unfused too."""
     rows = real_length_rows(val_inputs, TUNING_RUNS)
     session = tune_session(win["model"], rows, max(cfg.speed_runs, TUNING_RUNS), cfg.threads)
     if not session["runtime_options"]:
@@ -283,21 +293,11 @@ def _tune_session(win: dict[str, Any], ev: Evaluator, base: dict[str, Any], val_
                                      f"is {tuned['metric']:.4f}, outside the budget")
         session["runtime_options"] = {}
         return session, win["final"]
-    session["tuning"]["residual_adds_as_sum"] = _unfuse_in_file(win, val_inputs, session["runtime_options"], external)
+    # kept only when ONNX Runtime's default session answers every validation example, one at a time at its
+    # own length, exactly as the tuned session did
+    session["tuning"]["residual_adds_as_sum"] = unfuse_in_file(Path(win["model"]), real_length_rows(val_inputs),
+                                                               session["runtime_options"])
     return session, tuned
-
-
-def _unfuse_in_file(win: dict[str, Any], val_inputs: Mapping[str, np.ndarray], options: dict[str, Any],
-                    external: bool) -> int | str:
-    """Write the chosen model's Add -> LayerNormalization pairs as Sum -> LayerNormalization
-    (``unfuse_in_file``), kept only when ONNX Runtime's default session then answers every validation
-    example, one at a time at its own length, exactly as the tuned session did; returns how many were
-    rewritten, or why the file was left as it was."""
-    from edgekd.export.timing import unfuse_in_file
-
-    if external:
-        return "not rewritten: the model keeps its weights in an external data file"
-    return unfuse_in_file(Path(win["model"]), real_length_rows(val_inputs), options)
 
 
 def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,
@@ -306,15 +306,6 @@ def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,
     source model's validation outputs), then pre-processed and with every node named."""
     notes: dict[str, Any] = {}
     staged = src
-    if not external:
-        from edgekd.export.timing import write_residual_sums_as_adds
-
-        # The export wrote its residual Adds as Sum when its session was faster unfused: the candidates
-        # start from the graph as exported (the fusions look for Add), and this stage times its own file.
-        restored = work / f"float-adds-{c.fuse}.onnx"
-        if write_residual_sums_as_adds(src, restored):
-            staged = restored
-            notes["residual_sums_as_adds"] = True
     if c.fuse != "none":
         from edgekd.export.onnx import fuse_file
 

@@ -76,9 +76,9 @@ def _read_source(name: str, cfg: UnlabelledConfig, data_source: str) -> tuple[li
         from edgekd.data import UNLABELLED_READERS, load_examples
 
         if name in UNLABELLED_READERS:  # read whole, every text of the pinned file
-            resolved = assets.fetch(name, "mirror")
+            resolved = assets.fetch(name, data_source)  # data.source, as for every named dataset
             return (UNLABELLED_READERS[name](resolved.path),
-                    f"{name} (mirror {resolved.origin}: {assets.get_asset(name).mirror.member})", resolved.key_sha256)
+                    f"{name} ({resolved.source} {resolved.origin}: {assets.get_asset(name).mirror.member})", resolved.key_sha256)
         ex = load_examples(DataConfig(dataset=name, source=data_source))
         return list(ex.texts), ex.source, ex.sha256
     path = Path(name).expanduser()
