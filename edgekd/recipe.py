@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from edgekd.errors import RecipeError
 from edgekd.registry import DEFAULT_TASK, PRUNE_METHODS, QUANTIZE_METHODS, TASKS, check_name
@@ -94,6 +102,22 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_grad_norm: float = Field(1.0, gt=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="Keep an exponential moving average of the weights (torch.optim.swa_utils, updated after "
+        "every optimizer update with this decay, e.g. 0.998: about the last 1/(1 - decay) updates) and "
+        "end training with it instead of the last update's weights. Saved with each epoch's checkpoint, so "
+        "a resumed run averages as an uninterrupted one. None: the last weights.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _unset_ema_left_out(self, handler):
+        # Stage fingerprints hash this section: left out while unset, runs recorded before the key
+        # existed stay valid.
+        d = handler(self)
+        if self.ema_decay is None:
+            d.pop("ema_decay", None)
+        return d
 
 
 class TeacherEndpoint(Section):
@@ -491,6 +515,11 @@ class PruneConfig(Section):
     recover_epochs: float = Field(
         1.0, ge=0, description="Epochs of distillation from the teacher after each pruning round (0 = none); "
         "uses the distill section's loss settings and learning rate.",
+    )
+    recover_ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="Text (heads-ffn): every recovery ends with a moving average of its weights (see "
+        "distill.train.ema_decay) at this decay. None: as distill.train.ema_decay.",
     )
     min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps at least.")
     min_neurons_fraction: float = Field(

@@ -101,6 +101,7 @@ class TrainResult:
     seconds: float = 0.0
     optimizer_steps: int = 0  # optimizer updates made in this call (one per grad_accum batches per process)
     lrs: list[float] = field(default_factory=list)  # the learning rate of each of those updates
+    ema_updates: int = 0  # updates the moving average of the weights (cfg.ema_decay) took in, resumed ones included
 
 
 class EpochBatches:
@@ -170,7 +171,8 @@ def train(
     projections) are optimised alongside. ``stop_after_epochs`` ends early after that many epochs
     (used by tests to simulate an interruption). ``cfg.batch_size`` is per process and per
     backward pass; one update sees ``batch_size x grad_accum x processes`` examples, and the
-    learning-rate schedule is counted in those updates.
+    learning-rate schedule is counted in those updates. With ``cfg.ema_decay`` the model ends with
+    the exponential moving average of its weights over every update instead of the last ones.
     """
     import time
 
@@ -203,6 +205,15 @@ def train(
                         collate_fn=lambda idx: to_torch(data.collate(np.asarray(idx, dtype=np.int64))))
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
 
+    ema = None
+    if cfg.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # A copy of the weights, averaged after every update; checkpointed with the rest, so it must be
+        # registered before a resume loads the state.
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        accelerator.register_for_checkpointing(ema)
+
     ckpt_root = Path(ckpt_root)
     start_epoch, resumed = 0, None
     latest = _latest_checkpoint(ckpt_root)
@@ -233,6 +244,8 @@ def train(
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema is not None and accelerator.sync_gradients:
+                        ema.update_parameters(accelerator.unwrap_model(model))
                 seen += 1
                 logs = {"loss": float(loss.detach()), **logs}
                 for k, v in logs.items():
@@ -246,6 +259,11 @@ def train(
                 break
     result.steps = done_batches
     result.seconds = time.perf_counter() - t0
+    if ema is not None and int(ema.n_averaged) > 0:
+        with torch.no_grad():
+            for p, avg in zip(accelerator.unwrap_model(model).parameters(), ema.module.parameters(), strict=True):
+                p.copy_(avg)
+        result.ema_updates = int(ema.n_averaged)
     # Drop the mixed-precision forward wrapper, so the trained model behaves like a loaded one.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     # Hand the loader back: Accelerate keeps a reference to every prepared loader otherwise.

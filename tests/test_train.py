@@ -53,6 +53,54 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_teacher_dir, tmp_
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_ema_decay_ends_with_the_moving_average_of_every_update(tiny_teacher_dir, tmp_path):
+    task, data = _data(tiny_teacher_dir, n=64)
+    decay = 0.6
+    # The same run twice (same seed, so the same updates): once plain, recording the weights each
+    # update leaves behind, once with the moving average.
+    seen = []
+
+    def recording_loss(m, batch):
+        seen.append({k: v.detach().clone() for k, v in m.named_parameters()})
+        return _loss(m, batch)
+
+    plain = _model(task, tiny_teacher_dir)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-3)
+    res = train(plain, data, cfg, recording_loss, seed=3, precision="fp32", ckpt_root=tmp_path / "a", description="t")
+    after_update = [*seen[1:], dict(plain.named_parameters())]  # the weights after updates 1..n
+    assert res.optimizer_steps == len(after_update) == 8 and res.ema_updates == 0
+    expected = {k: v.detach().clone() for k, v in after_update[0].items()}
+    for w in after_update[1:]:
+        for k in expected:
+            expected[k] = decay * expected[k] + (1 - decay) * w[k].detach()
+
+    averaged = _model(task, tiny_teacher_dir)
+    res = train(averaged, data, cfg.model_copy(update={"ema_decay": decay}), _loss, seed=3, precision="fp32",
+                ckpt_root=tmp_path / "b", description="t")
+    assert res.ema_updates == 8
+    got = dict(averaged.named_parameters())
+    for k, v in expected.items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+    # ...which is not the last update's weights.
+    moved = [k for k in expected if not torch.allclose(got[k], after_update[-1][k], atol=1e-6)]
+    assert moved
+
+
+def test_ema_decay_resumes_to_the_same_average(tiny_teacher_dir, tmp_path):
+    task, data = _data(tiny_teacher_dir, n=64)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-3, ema_decay=0.7)
+    full = _model(task, tiny_teacher_dir)
+    train(full, data, cfg, _loss, seed=5, precision="fp32", ckpt_root=tmp_path / "a", description="t")
+    part = _model(task, tiny_teacher_dir)
+    train(part, data, cfg, _loss, seed=5, precision="fp32", ckpt_root=tmp_path / "b", description="t",
+          stop_after_epochs=1)
+    resumed = _model(task, tiny_teacher_dir)
+    r2 = train(resumed, data, cfg, _loss, seed=5, precision="fp32", ckpt_root=tmp_path / "b", description="t")
+    assert r2.resumed_from_epoch == 1 and r2.ema_updates == 8  # the first epoch's four came from the checkpoint
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_training_reduces_loss_and_predict_keeps_order(tiny_teacher_dir, tmp_path):
     task, data = _data(tiny_teacher_dir, n=128)
     model = _model(task, tiny_teacher_dir)
@@ -190,3 +238,20 @@ def test_accelerate_launch_two_cpu_processes_finishes_and_matches_one_process(tm
     # steps differ by at most ~3.2e-3; training itself moves weights several times that.
     assert worst < 3.2e-3, worst
     assert moved > 3 * worst, (moved, worst)
+
+
+def test_recovery_reads_prune_recover_ema_decay_before_the_distill_sections():
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.prune_common import prune_settings, recovery_train_config
+
+    plain = load_recipe("default")
+    assert recovery_train_config(plain, 2).ema_decay is None
+    # Unset, the key is left out of what stage fingerprints hash: runs recorded before it stay valid.
+    assert "ema_decay" not in plain.distill.train.model_dump() and "recover_ema_decay" not in prune_settings(plain.prune)
+    inherited = load_recipe("default", ["distill.train.ema_decay=0.99"])
+    assert recovery_train_config(inherited, 2).ema_decay == 0.99
+    own = load_recipe("default", ["distill.train.ema_decay=0.99", "prune.recover_ema_decay=0.998"])
+    tc = recovery_train_config(own, 1.5)
+    assert (tc.ema_decay, tc.epochs, tc.lr) == (0.998, 1.5, own.distill.train.lr)
+    assert prune_settings(own.prune)["recover_ema_decay"] == 0.998
+    assert own.distill.train.model_dump()["ema_decay"] == 0.99

@@ -22,12 +22,21 @@ def prune_settings(cfg) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
     for key in ("max_accuracy_drop", "recover_hidden_weight", "final_recover_epochs", "trim_vocab",
                 "vocab_min_count", "vocab_keep_chars", "vocab_keep_first", "quant_aware",
-                "recover_soft_targets"):
+                "recover_soft_targets", "recover_ema_decay"):
         if d[key] == PruneConfig.model_fields[key].default:
             del d[key]
     if d["steps"] is None and cfg.target_latency_ms is None and cfg.max_accuracy_drop is None:
         d["steps"] = 1
     return d
+
+
+def recovery_train_config(r, epochs: float):
+    """The training settings of one recovery: the distill section's, for ``epochs`` epochs, with
+    ``prune.recover_ema_decay`` where it is set."""
+    from edgekd.recipe import TrainConfig
+
+    ema = r.prune.recover_ema_decay if r.prune.recover_ema_decay is not None else r.distill.train.ema_decay
+    return TrainConfig(**{**r.distill.train.model_dump(), "epochs": epochs, "ema_decay": ema})
 
 
 def say_search(ctx: RunContext, cfg, metrics: dict[str, Any]) -> None:

@@ -27,7 +27,13 @@ from edgekd.progress import progress_bar
 from edgekd.recipe import TrainConfig
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model
-from edgekd.stages.prune_common import LATENCY_EXAMPLES, prune_settings, say_search, shipped_latency_fn
+from edgekd.stages.prune_common import (
+    LATENCY_EXAMPLES,
+    prune_settings,
+    recovery_train_config,
+    say_search,
+    shipped_latency_fn,
+)
 from edgekd.train import resolve_precision, to_torch, train
 
 
@@ -268,7 +274,7 @@ def run_prune(ctx) -> dict[str, Any]:
 
     def recover_for(epochs: float, step: int, label: str):
         def run(m):
-            tc = TrainConfig(**{**r.distill.train.model_dump(), "epochs": epochs})
+            tc = recovery_train_config(r, epochs)
             ckpt = ctx.checkpoint_dir("prune", f"{fp}-{label}")
             train_student(ctx, m, teacher, tc, ckpt, f"prune: recover {label}", r.seed + step)
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -20,10 +20,15 @@ from edgekd.context import RunContext
 from edgekd.errors import StageError
 from edgekd.losses import hidden_state_loss, soft_hard_loss
 from edgekd.quantization.fake_quant import dynamic_int8_training
-from edgekd.recipe import TrainConfig
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model
-from edgekd.stages.prune_common import LATENCY_EXAMPLES, prune_settings, say_search, shipped_latency_fn
+from edgekd.stages.prune_common import (
+    LATENCY_EXAMPLES,
+    prune_settings,
+    recovery_train_config,
+    say_search,
+    shipped_latency_fn,
+)
 from edgekd.tasks.text.distill import stage_fingerprint
 from edgekd.train import predict, to_torch, train
 
@@ -137,7 +142,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
             return loss, logs
 
         def run(m):
-            tc = TrainConfig(**{**d.train.model_dump(), "epochs": epochs})
+            tc = recovery_train_config(r, epochs)
             ckpt = ctx.checkpoint_dir("prune", f"{fp}-{label}")
             rounding = dynamic_int8_training(m, **_int8_rounding(r)) if cfg.quant_aware else nullcontext()
             with rounding:
