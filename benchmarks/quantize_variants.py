@@ -31,6 +31,9 @@ VARIANTS: list[tuple[str, dict]] = [
     ("dynamic/emb4", {"method": "dynamic", "embedding_bits": 4}),
     ("dynamic/emb4/fused-multihead", {"method": "dynamic", "fuse": "multihead", "embedding_bits": 4}),
     ("dynamic/emb4/fused-packed", {"method": "dynamic", "fuse": "packed", "embedding_bits": 4}),
+    # Every table 4-bit, the small ones too (the row above stores those decoded: embedding_float_rows).
+    ("dynamic/emb4/fused-packed/small-tables-4bit", {"method": "dynamic", "fuse": "packed", "embedding_bits": 4,
+                                                     "embedding_float_rows": 0}),
     ("dynamic/per-channel/fused-multihead", {"method": "dynamic", "fuse": "multihead", "per_channel": True}),
     ("dynamic/reduce-range/fused-multihead", {"method": "dynamic", "fuse": "multihead", "reduce_range": True}),
     ("static/minmax", {"method": "static"}),
