@@ -77,6 +77,7 @@ def main() -> None:
 
     from edgekd.cli import load_recipe_or_run
     from edgekd.export.onnx import fuse_file
+    from edgekd.export.timing import write_residual_sums_as_adds
     from edgekd.pipeline import create_context
     from edgekd.quantization.calibration import real_length_rows
     from edgekd.quantization.guard import Evaluator, time_side_by_side
@@ -94,6 +95,10 @@ def main() -> None:
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
 
     work = Path(tempfile.mkdtemp(prefix="edgekd-variants-"))
+    # As the quantize stage does: an export that kept its session choice wrote its residual Adds as
+    # Sum, and the fusions look for Add.
+    if write_residual_sums_as_adds(src, work / "exported-adds.onnx"):
+        src = work / "exported-adds.onnx"
     floats, notes = {"none": src}, {}
     for fuse in ("attention", "multihead", "packed"):
         floats[fuse] = work / f"fused-{fuse}.onnx"
