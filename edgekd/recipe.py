@@ -518,8 +518,8 @@ class PruneConfig(Section):
     )
     recover_ema_decay: float | None = Field(
         None, gt=0, lt=1,
-        description="Text (heads-ffn): every recovery ends with a moving average of its weights (see "
-        "distill.train.ema_decay) at this decay. None: as distill.train.ema_decay.",
+        description="Every recovery (text and detection, every method) ends with a moving average of its "
+        "weights (see distill.train.ema_decay) at this decay. None: as distill.train.ema_decay.",
     )
     min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps at least.")
     min_neurons_fraction: float = Field(
