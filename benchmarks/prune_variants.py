@@ -4,6 +4,7 @@ shipped (int8 ONNX) size side by side, chosen on validation, reported on test.
     python benchmarks/prune_variants.py default vocab-stats                    # kept tokens and coverage per setting
     python benchmarks/prune_variants.py runs/default trim@distill              # vocabulary trimming of the run's distilled student
     python benchmarks/prune_variants.py runs/default hidden="prune.recover_hidden_weight=1.0"
+    python benchmarks/prune_variants.py ood-sets runs/default runs/default-hidden   # shipped vs student, 3 OOD sets
 
 ``trim[:MIN_COUNT][:chars][:first=N][@STAGE]`` (e.g. ``trim:1:first=10000@distill``) trims the run's pruned (or STAGE's, e.g. distill) student as it
 is (no retraining). Any other
@@ -21,6 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Scored by `ood-sets`: the default's eval.ood_dataset and two sets no recipe choice reads.
+OOD_SETS = ["amazon-snippets", "tweet-snippets", "nyt-snippets"]
 
 
 def _size(path: Path) -> int:
@@ -84,26 +88,27 @@ def trim_variant(run: Path, spec: str) -> dict:
     return out
 
 
-def one_at_a_time(run: Path, folder: Path) -> dict[str, float]:
+def one_at_a_time(run: Path, folder: Path, ood_sets: list[str] | None = None) -> dict[str, float]:
     """Accuracy of an export folder as it is served (a dynamic-int8 file one text per call at its own
     length: ``edgekd.export.parity.run_as_served``) on the validation and test splits and the recipe's
-    out-of-domain set, with the folder's tokenizer."""
+    out-of-domain set, with the folder's tokenizer; with ``ood_sets``, on those named out-of-domain
+    sets instead of the splits (keyed by name)."""
     import numpy as np
 
     from edgekd.export.parity import run_as_served
     from edgekd.export.stage import load_artifact
-    from edgekd.ood import load_ood
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
-    from edgekd.tasks.text.task import TokenizedSplit
 
     recipe = load_recipe(run / "recipe.yaml")
     ctx = create_context(recipe)
     tok = ctx.task.load_tokenizer(folder)
-    splits = {"val": ctx.tokenized("validation", tok), "test": ctx.tokenized("test", tok)}
-    if recipe.eval.ood_dataset:
-        ood = load_ood(recipe.eval.ood_dataset, ctx.task.label_names, recipe.eval.ood_min_abs_score)
-        splits["ood"] = TokenizedSplit(ctx.task.tokenize(tok, ood.texts), ood.labels, tok.pad_token_id or 0)
+    if ood_sets:
+        splits = {name: _ood_split(ctx, name, tok) for name in ood_sets}
+    else:
+        splits = {"val": ctx.tokenized("validation", tok), "test": ctx.tokenized("test", tok)}
+        if recipe.eval.ood_dataset:
+            splits["ood"] = _ood_split(ctx, recipe.eval.ood_dataset, tok)
     runner, meta = load_artifact(folder, threads=recipe.runtime.threads)
     out = {}
     for name, split in splits.items():
@@ -112,6 +117,37 @@ def one_at_a_time(run: Path, folder: Path) -> dict[str, float]:
         outputs = run_as_served(runner.run, inputs, 64, meta.get("precision"))
         out[name] = float(ctx.task.metrics(outputs, split.labels)["accuracy"])
     return out
+
+
+def _ood_split(ctx, name: str, tok):
+    from edgekd.ood import load_ood
+    from edgekd.tasks.text.task import TokenizedSplit
+
+    ood = load_ood(name, ctx.task.label_names, ctx.recipe.eval.ood_min_abs_score)
+    return TokenizedSplit(ctx.task.tokenize(tok, ood.texts), ood.labels, tok.pad_token_id or 0)
+
+
+def ood_sets(runs: list[Path], names: list[str]) -> None:
+    """The shipped int8 file of each run (one text at a time) and its fp32 distilled student (PyTorch)
+    on the named out-of-domain sets: how much of the student's accuracy the shipped file keeps there."""
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.base import load_stage_model
+    from edgekd.train import predict
+
+    print("| run | " + " | ".join(f"{n}: shipped / student" for n in names) + " |")
+    print("|---|" + "--:|" * len(names))
+    for run in runs:
+        shipped = one_at_a_time(run, run / "export" / "onnx-int8", names)
+        ctx = create_context(load_recipe(run / "recipe.yaml"))
+        student = load_stage_model(ctx, "distill").eval()
+        cells = []
+        for name in names:
+            split = _ood_split(ctx, name, ctx.tokenizer)
+            logits = predict(student, split, ctx.recipe.eval.batch_size, f"student: {name}")
+            acc = float(ctx.task.metrics({"logits": logits}, split.labels)["accuracy"])
+            cells.append(f"{shipped[name]:.2%} / {acc:.2%} ({shipped[name] / acc:.1%})")
+        print(f"| {run.name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def vocab_stats(run_or_recipe: str) -> None:
@@ -174,6 +210,8 @@ def rerun_variant(run: Path, name: str, overrides: str) -> dict:
 def main(argv: list[str]) -> None:
     if argv[1:] == ["vocab-stats"]:
         return vocab_stats(argv[0])
+    if argv[0] == "ood-sets":
+        return ood_sets([Path(a) for a in argv[1:]], OOD_SETS)
     run = Path(argv[0])
     rows = []
     for spec in argv[1:]:
