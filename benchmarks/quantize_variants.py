@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="variant names to run, float always with them (default: all)")
     ap.add_argument("--timed", type=int, default=None, help="time on the first N test texts (default: all)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                    help="recipe override the run was made with (e.g. a prune_variants copy's keys), repeatable")
     args = ap.parse_args()
 
     import onnx
@@ -85,7 +87,7 @@ def main() -> None:
     from edgekd.quantization.onnx_stage import _graph_inputs, prepare
     from edgekd.recipe import QuantizeConfig
 
-    ctx = create_context(load_recipe_or_run(str(args.run), None))
+    ctx = create_context(load_recipe_or_run(str(args.run), args.set))
     src = args.model or args.run / "export" / "onnx" / "model.onnx"
     val_x, val_y = ctx.validation_data()
     test_x, test_y = ctx.parity_data()

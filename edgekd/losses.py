@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +30,17 @@ def kd_kl(
     else:
         raise ValueError(f"kind must be 'forward' or 'reverse', got {kind!r}")
     return kl * (t * t)
+
+
+def ensemble_logits(logits: list[Tensor], temperature: float) -> Tensor:
+    """Logits whose temperature-``temperature`` softmax is the mean of the given models' softmaxes at
+    that temperature (``T · log mean_i softmax(z_i / T)``): an ensemble's soft targets, usable wherever
+    one teacher's logits are (``kd_kl``, ``soft_hard_loss``)."""
+    if not logits:
+        raise ValueError("ensemble_logits needs at least one model's logits")
+    t = float(temperature)
+    log_p = torch.stack([F.log_softmax(z.float() / t, dim=-1) for z in logits])
+    return t * (torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(len(logits)))))
 
 
 def soft_hard_loss(

@@ -467,13 +467,14 @@ class PruneConfig(Section):
         "pruned model and the same layer of the unpruned model, added to the teacher's soft-target loss "
         "(heads-ffn: the hidden width does not change, so no projection is needed). 0 = logits only.",
     )
-    recover_soft_targets: Literal["teacher", "unpruned"] = Field(
+    recover_soft_targets: Literal["teacher", "unpruned", "teacher+unpruned"] = Field(
         "teacher",
         description="Text (heads-ffn): whose logits the recovery's soft-target loss matches (distill.alpha, "
         "temperature and kl as in the distill stage). teacher: the teacher's answers the distill stage "
         "used; unpruned: the model as it was before this prune stage removed anything (after any "
         "vocabulary trim), frozen, run on every batch: the pruned model learns to answer as the student "
-        "it replaces.",
+        "it replaces; teacher+unpruned: the two as an ensemble, the mean of their distributions at "
+        "distill.temperature.",
     )
     quant_aware: bool = Field(
         False,
@@ -547,7 +548,8 @@ class PruneConfig(Section):
             problems.append("prune.final_recover_epochs follows a search: set prune.target_latency_ms or "
                             "prune.max_accuracy_drop, or raise prune.recover_epochs instead")
         if self.recover_soft_targets != "teacher" and self.method != "heads-ffn":
-            problems.append("prune.recover_soft_targets: 'unpruned' is read by method 'heads-ffn' only")
+            problems.append(f"prune.recover_soft_targets: '{self.recover_soft_targets}' is read by method "
+                            "'heads-ffn' only")
         if self.recover_hidden_weight > 0 and self.method != "heads-ffn":
             problems.append("prune.recover_hidden_weight matches hidden states, which only method 'heads-ffn' "
                             "leaves the same width")

@@ -35,7 +35,7 @@ def _spy_recovery(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["teacher", "unpruned"])
+@pytest.mark.parametrize("source", ["teacher", "unpruned", "teacher+unpruned"])
 def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_classifier_dir, tiny_csv, monkeypatch,
                                                              source):
     from edgekd.pipeline import run_stages
@@ -53,17 +53,40 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
         from_teacher = teacher_rows[batch["index"]]
         with torch.no_grad():
             from_unpruned = unpruned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        want, other = (from_teacher, from_unpruned) if source == "teacher" else (from_unpruned, from_teacher)
-        torch.testing.assert_close(targets, want.float(), atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(targets, other.float(), atol=1e-3)  # the two sources differ: the key was read
+        # the ensemble by hand: the mean of the two softmaxes at the distillation temperature
+        t = recipe.distill.temperature
+        mean = (torch.softmax(from_teacher.float() / t, -1) + torch.softmax(from_unpruned.float() / t, -1)) / 2
+        candidates = {"teacher": from_teacher.float(), "unpruned": from_unpruned.float(),
+                      "teacher+unpruned": t * torch.log(mean)}
+        torch.testing.assert_close(torch.softmax(targets / t, -1), torch.softmax(candidates[source] / t, -1),
+                                   atol=1e-5, rtol=1e-5)
+        for name, other in candidates.items():  # the sources differ: the key was read
+            if name != source:
+                assert not torch.allclose(torch.softmax(targets / t, -1), torch.softmax(other / t, -1), atol=1e-3)
     assert ctx.run.stage_record("prune")["metrics"]["recover_soft_targets"] == source
 
 
 def test_unpruned_soft_targets_are_refused_where_nothing_reads_them():
     with pytest.raises(ValueError, match="recover_soft_targets"):
         PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="unpruned")
+    with pytest.raises(ValueError, match="'teacher\\+unpruned' is read by method 'heads-ffn' only"):
+        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="teacher+unpruned")
     with pytest.raises(ValueError, match="recover_soft_targets"):
         PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="student")  # not a choice
+
+
+def test_ensemble_logits_soften_to_the_mean_of_the_models_distributions():
+    from edgekd.losses import ensemble_logits, kd_kl
+
+    a, b = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([[-0.5, 3.0, 0.0]])
+    for t in (1.0, 2.0, 4.0):
+        want = (torch.softmax(a / t, -1) + torch.softmax(b / t, -1)) / 2
+        torch.testing.assert_close(torch.softmax(ensemble_logits([a, b], t) / t, -1), want)
+    # one model is its own ensemble (up to a constant the softmax ignores)
+    torch.testing.assert_close(torch.softmax(ensemble_logits([a], 2.0) / 2.0, -1), torch.softmax(a / 2.0, -1))
+    assert float(kd_kl(a, ensemble_logits([a, a], 2.0), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        ensemble_logits([], 2.0)
 
 
 def test_the_default_leaves_the_fingerprint_of_earlier_runs_alone():

@@ -18,7 +18,7 @@ import torch
 
 from edgekd.context import RunContext
 from edgekd.errors import StageError
-from edgekd.losses import hidden_state_loss, soft_hard_loss
+from edgekd.losses import ensemble_logits, hidden_state_loss, soft_hard_loss
 from edgekd.quantization.fake_quant import dynamic_int8_training
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model
@@ -108,8 +108,8 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         {k: v for k, v in to_torch(train_data.collate(idx)).items() if k != "index"} for idx in batches
     ]
     # The unpruned student, frozen (same width and depth as the pruned one): the hidden-state targets,
-    # and with recover_soft_targets 'unpruned' the soft targets too.
-    from_unpruned = cfg.recover_soft_targets == "unpruned"
+    # and with recover_soft_targets 'unpruned' the soft targets too ('teacher+unpruned': half of them).
+    from_unpruned = cfg.recover_soft_targets in ("unpruned", "teacher+unpruned")
     hidden = cfg.recover_hidden_weight > 0
     reference = copy.deepcopy(model).eval().requires_grad_(False) if hidden or from_unpruned else None
 
@@ -128,10 +128,13 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
                 with torch.no_grad():
                     ref_out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   output_hidden_states=hidden)
-            if from_unpruned:
+            from_teacher = teacher_logits[batch["index"].cpu()].to(out.logits.device)
+            if cfg.recover_soft_targets == "teacher+unpruned":
+                t = ensemble_logits([from_teacher, ref_out.logits.float()], d.temperature)
+            elif from_unpruned:
                 t = ref_out.logits.float()
             else:
-                t = teacher_logits[batch["index"].cpu()].to(out.logits.device)
+                t = from_teacher
             loss, logs = soft_hard_loss(out.logits, t, batch["labels"], d.alpha, d.temperature, d.kl)
             if hidden:
                 # Every layer's output (index 0 is the shared embedding output, left out).
