@@ -5,6 +5,7 @@ shipped (int8 ONNX) size side by side, chosen on validation, reported on test.
     python benchmarks/prune_variants.py runs/default trim@distill              # vocabulary trimming of the run's distilled student
     python benchmarks/prune_variants.py runs/default hidden="prune.recover_hidden_weight=1.0"
     python benchmarks/prune_variants.py ood-sets runs/default runs/default-hidden   # shipped vs student, 3 OOD sets
+    python benchmarks/prune_variants.py ensembles runs/default      # teacher, student and the two averaged
 
 ``trim[:MIN_COUNT][:chars][:first=N][@STAGE]`` (e.g. ``trim:1:first=10000@distill``) trims the run's pruned (or STAGE's, e.g. distill) student as it
 is (no retraining). Any other
@@ -178,6 +179,34 @@ def vocab_stats(run_or_recipe: str) -> None:
               f"{cov[0]:.2%} | {cov[1]:.2%} |")
 
 
+def ensembles(runs: list[Path]) -> None:
+    """The teacher, the distilled student and the two averaged (the mean of their softmaxes, as
+    ``prune.recover_soft_targets: teacher+unpruned`` trains against at the distillation temperature,
+    here at 1) on validation and test: how much an ensemble of the two knows beyond either."""
+    import numpy as np
+    import torch
+
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.base import load_stage_model
+    from edgekd.train import predict
+
+    print("| run | validation: teacher / student / both | test: teacher / student / both |")
+    print("|---|--:|--:|")
+    for run in runs:
+        ctx = create_context(load_recipe(run / "recipe.yaml"))
+        student = load_stage_model(ctx, "distill").eval()
+        cells = []
+        for split in ("validation", "test"):
+            data = ctx.tokenized(split, ctx.tokenizer)
+            labels = np.asarray(data.labels)
+            t = torch.softmax(torch.from_numpy(np.load(run / "teacher" / f"{split}_logits.npy")).float(), -1)
+            s = torch.softmax(torch.as_tensor(predict(student, data, ctx.recipe.eval.batch_size, split)).float(), -1)
+            accs = [float((p.argmax(-1).numpy() == labels).mean()) for p in (t, s, (t + s) / 2)]
+            cells.append(" / ".join(f"{a:.2%}" for a in accs))
+        print(f"| {run.name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def rerun_variant(run: Path, name: str, overrides: str) -> dict:
     dst = run.parent / f"{run.name}-{name}"
     if dst.exists():
@@ -212,6 +241,8 @@ def main(argv: list[str]) -> None:
         return vocab_stats(argv[0])
     if argv[0] == "ood-sets":
         return ood_sets([Path(a) for a in argv[1:]], OOD_SETS)
+    if argv[0] == "ensembles":
+        return ensembles([Path(a) for a in argv[1:]])
     run = Path(argv[0])
     rows = []
     for spec in argv[1:]:
