@@ -161,6 +161,40 @@ def verdict_all(best: dict[str, Any] | None, refs: list[dict[str, Any]], student
     return {"met": met, "target_speedup": target, "parts": parts, "summary": summary, "lines": lines}
 
 
+def paired(a: list[int] | None, b: list[int] | None, labels: Any) -> dict[str, Any] | None:
+    """Two models' answers to the same test texts, compared text by text: how many only ``a`` got right
+    and how many only ``b``; ``a``'s accuracy minus ``b``'s in points with its 95% interval (normal
+    approximation to the mean of the per-text differences, each -1, 0 or +1); and McNemar's exact
+    two-sided p (the texts they disagree on split as by a fair coin if neither is better). None when
+    either model's answers are missing or the counts differ."""
+    if a is None or b is None or labels is None or not (len(a) == len(b) == len(labels)) or not len(labels):
+        return None
+    n = len(labels)
+    right_a = [int(x) == int(y) for x, y in zip(a, labels, strict=True)]
+    right_b = [int(x) == int(y) for x, y in zip(b, labels, strict=True)]
+    only_a = sum(ra and not rb for ra, rb in zip(right_a, right_b, strict=True))
+    only_b = sum(rb and not ra for ra, rb in zip(right_a, right_b, strict=True))
+    mean = (only_a - only_b) / n
+    se = math.sqrt(max((only_a + only_b) / n - mean * mean, 0.0) / n)
+    k, m = min(only_a, only_b), only_a + only_b
+    p_value = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"n": n, "only_a_right": only_a, "only_b_right": only_b, "diff_pp": 100 * mean,
+            "ci95_pp": [100 * (mean - 1.96 * se), 100 * (mean + 1.96 * se)], "mcnemar_p": p_value}
+
+
+def paired_all(best: dict[str, Any] | None, refs: list[dict[str, Any]], labels: Any) -> dict[str, Any]:
+    """:func:`paired` of the best artifact against each of ``refs`` (the usual paths and the student),
+    keyed by the reference's name; references without answers are left out."""
+    if not best or labels is None:
+        return {}
+    out = {}
+    for ref in refs:
+        got = paired(best.get("test_predictions"), ref.get("test_predictions"), labels) if ref else None
+        if got is not None:
+            out[ref["name"]] = got
+    return out
+
+
 # The ablation: one row per edgekd step, each the change from the model before the step to the model
 # after it, both timed in the same process on the same inputs. Rows whose models were not measured
 # (a step the run did not take, an artifact that does not exist yet) are left out, so a new step
@@ -382,6 +416,19 @@ def markdown(data: dict[str, Any]) -> str:
                          f"| {_fmt(a.get('p50_after_ms'), '.3f')} | {_x(a.get('speedup'))} "
                          f"| {_pp(a.get('accuracy_delta'))} | {_pp(a.get('val_accuracy_delta'))} "
                          f"| {_pp(a.get('ood_accuracy_delta'))} | {_x(a.get('size_ratio'))} |")
+    pairs = data.get("paired") or {}
+    if pairs:
+        labels = {r["name"]: r["label"] for r in rows}
+        lines += ["", f"## The best artifact against each path, text by text ({next(iter(pairs.values()))['n']} "
+                  "test texts)", "",
+                  "Differences of a few texts are within what the choice of test texts alone moves: the 95% "
+                  "interval and McNemar's exact p say how far.", "",
+                  "| against | only the best right | only it right | difference, points | 95% interval | "
+                  "McNemar p |", "|---|--:|--:|--:|---|--:|"]
+        for name, pr in pairs.items():
+            lo, hi = pr["ci95_pp"]
+            lines.append(f"| {labels.get(name, name)} | {pr['only_a_right']} | {pr['only_b_right']} "
+                         f"| {pr['diff_pp']:+.2f} | {lo:+.2f} to {hi:+.2f} | {pr['mcnemar_p']:.2f} |")
     p = data["pipeline"]
     lines += ["", "## Pipeline time", "", *[f"- {line}" for line in p["lines"]], "",
               "| stage | seconds |", "|---|--:|",

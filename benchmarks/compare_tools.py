@@ -215,6 +215,9 @@ def _assemble(specs: list, skipped: list, timing: dict[str, Any], outputs: dict 
             m_seg = metric_fn({"logits": logits[a:b]}, labels) if logits is not None else None
             key = {"test": "metrics", "validation": "val_metrics", "ood": "ood_metrics"}[seg]
             row[key] = m_seg
+            if seg == "test" and logits is not None and np.ndim(logits) == 2:
+                # each test text's answer, for the paired comparison on the same texts (report.paired)
+                row["test_predictions"] = np.asarray(logits[a:b]).argmax(-1).tolist()
         row["accuracy"] = (row.get("metrics") or {}).get("accuracy")
         row["val_accuracy"] = (row.get("val_metrics") or {}).get("accuracy")
         row["ood_accuracy"] = (row.get("ood_metrics") or {}).get("accuracy")
@@ -446,6 +449,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
         "verdict": report.verdict_all(by_name.get(best_name) if best_name else None, refs, student_row,
                                       list(batch_sizes), target_speedup),
         "ablation": report.ablation(rows, manifest, batch_sizes[0], trimmed=tokens.table is not None),
+        "paired": report.paired_all(by_name.get(best_name) if best_name else None, [*refs, student_row],
+                                    segments["test"][2]),
         "pipeline": report.pipeline_time(manifest),
     }
     png, no_plot = report.plot_png(data)

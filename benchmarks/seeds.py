@@ -213,9 +213,21 @@ def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) 
         rows.append(row)
     barred = [r for r in rows if "bar" in r]
     pipeline_only = any(d.get("pipeline_only") for d in per_seed.values())
-    return {"seeds": seeds, "rows": rows, "pipeline_only": pipeline_only,
+    # compare_tools' text-by-text comparison of the shipped artifact with each path (when it recorded one)
+    paired: dict[str, dict[int, Any]] = {}
+    for s in seeds:
+        for name, pr in ((per_seed[s].get("paired") or {}).items() if _verdict_is_shipped(per_seed[s]) else ()):
+            paired.setdefault(name, {})[s] = pr
+    return {"seeds": seeds, "rows": rows, "pipeline_only": pipeline_only, "paired": paired,
             "all_met": bool(barred) and all(r["all_met"] for r in barred) and not pipeline_only,
             "verdicts": {s: _verdict(per_seed[s]) for s in seeds}}
+
+
+def _verdict_is_shipped(data: dict[str, Any]) -> bool:
+    """compare_tools' own figures (verdict, paired comparison) concern the row it chose: is that the
+    shipped folder's?"""
+    chosen = next((r["name"] for r in data.get("rows") or [] if r.get("best")), None)
+    return not data.get("shipped") or chosen == f"edgekd-{data['shipped']}"
 
 
 def _verdict(data: dict[str, Any]) -> str | None:
@@ -251,6 +263,19 @@ def markdown(agg: dict[str, Any], title: str) -> str:
         lines += ["", "**All bars met in every seed.**" if agg["all_met"] else
                   "**Not every bar is met in every seed** (see the last column).", ""]
     lines += [f"- seed {s}: {v}" for s, v in agg["verdicts"].items() if v]
+    if agg.get("paired"):
+        labels = {**USUAL_LABELS, "student-fp32": "fp32 distilled student"}
+        lines += ["", "## The shipped artifact against each path, text by text", "",
+                  "Shipped minus the path on the same test texts, in points: the difference, its 95% interval "
+                  "and McNemar's exact p (compare_tools' paired comparison).", "",
+                  "| against | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        for name, by_seed in agg["paired"].items():
+            cells = []
+            for s in seeds:
+                pr = by_seed.get(s)
+                cells.append("—" if pr is None else f"{pr['diff_pp']:+.2f} ({pr['ci95_pp'][0]:+.2f} to "
+                             f"{pr['ci95_pp'][1]:+.2f}), p {pr['mcnemar_p']:.2f}")
+            lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

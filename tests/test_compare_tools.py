@@ -360,7 +360,17 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     assert {"distill", "prune + vocabulary trim + recovery", "quantize (int8)"} <= steps
     assert data["pipeline"]["teacher_forward_per_step"] is False and data["pipeline"]["total_seconds"] == 26.0
 
+    # Text by text: each row's answers score its own accuracy, and the paired figures are theirs.
+    for name, r in rows.items():
+        assert len(r["test_predictions"]) == len(labels), name
+        assert np.mean(np.asarray(r["test_predictions"]) == labels) == pytest.approx(r["accuracy"]), name
+    assert set(data["paired"]) == {*usual, "student-fp32"}
+    for name, pr in data["paired"].items():
+        assert pr == rep.paired(rows[best]["test_predictions"], rows[name]["test_predictions"], labels.tolist())
+        assert pr["diff_pp"] == pytest.approx(100 * (rows[best]["accuracy"] - rows[name]["accuracy"]))
+
     md = (out / "compare.md").read_text()
+    assert "text by text" in md
     assert v["summary"] in md and v["summary"] in printed
     for r in rows.values():
         assert md.count(f"| {r['label']}") >= 3, r["label"]  # size table + one latency row per batch size
@@ -383,6 +393,25 @@ def _own_ids_accuracy(run: Path, stage: str, n: int) -> float:
         logits = load_pruned_model(run / stage / "model").eval()(
             input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"])).logits
     return float((logits.argmax(-1).numpy() == batch["labels"]).mean())
+
+
+def test_paired_counts_the_texts_each_model_alone_gets_right(tools):
+    _, rep, _ = tools
+    labels = [0, 1, 1, 0, 1, 0, 1, 1, 0, 0]
+    a = [0, 1, 1, 0, 1, 0, 1, 0, 1, 1]  # right on 7: texts 0-6
+    b = [0, 1, 0, 1, 0, 0, 1, 1, 0, 1]  # right on 6: 0, 1, 5, 6, 7, 8
+    pr = rep.paired(a, b, labels)
+    assert (pr["n"], pr["only_a_right"], pr["only_b_right"]) == (10, 3, 2)  # a alone: 2, 3, 4; b alone: 7, 8
+    assert pr["diff_pp"] == pytest.approx(10.0)
+    d = np.array([1 if i in (2, 3, 4) else -1 if i in (7, 8) else 0 for i in range(10)], float)
+    half = 1.96 * np.sqrt(np.mean(d ** 2) - np.mean(d) ** 2) / np.sqrt(10)
+    assert pr["ci95_pp"] == pytest.approx([100 * (d.mean() - half), 100 * (d.mean() + half)])
+    # McNemar exact: 5 discordant texts, 2 the smaller side: 2 * P(X <= 2), X ~ Binomial(5, 1/2) = 2 * 16/32
+    assert pr["mcnemar_p"] == pytest.approx(1.0)
+    lopsided = rep.paired([1] * 10, [0] * 10, [1] * 10)
+    assert lopsided["mcnemar_p"] == pytest.approx(2 / 2 ** 10) and lopsided["diff_pp"] == pytest.approx(100.0)
+    assert rep.paired(a, a, labels)["mcnemar_p"] == 1.0 and rep.paired(a, a, labels)["diff_pp"] == 0.0
+    assert rep.paired(a, None, labels) is None and rep.paired(a, b[:5], labels) is None
 
 
 def test_errors_name_what_to_do(tools, tmp_path, capsys):

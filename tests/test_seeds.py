@@ -228,3 +228,15 @@ def test_a_shipped_folder_missing_from_the_comparison_is_an_error(seeds):
     data = {**_compare(0.836, 0.5, 7.0), "shipped": "onnx-fp16"}
     with pytest.raises(EdgeKDError, match="no edgekd-onnx-fp16 row: measure it again"):
         seeds.seed_figures(data)
+
+
+def test_the_text_by_text_comparison_is_shown_for_the_shipped_folder_only(seeds):
+    pr = {"n": 100, "only_a_right": 5, "only_b_right": 3, "diff_pp": 2.0, "ci95_pp": [-1.5, 5.5], "mcnemar_p": 0.73}
+    shipped = {**_compare(0.838, 1.0, 7.5), "shipped": "onnx-int8", "paired": {"openvino-nncf-int8": pr}}
+    other = _compare(0.836, 1.2, 7.5)
+    other["rows"] = [{**r, "best": False} for r in other["rows"]] + [_row("edgekd-onnx", 0.84, 0.9, best=True)]
+    other.update(shipped="onnx-int8", paired={"openvino-nncf-int8": {**pr, "diff_pp": 9.9}})  # compare's own pick
+    agg = seeds.aggregate({42: shipped, 43: other})
+    assert agg["paired"] == {"openvino-nncf-int8": {42: pr}}
+    assert "| OpenVINO NNCF int8 | +2.00 (-1.50 to +5.50), p 0.73 | — |" in seeds.markdown(agg, "t")
+    assert "text by text" not in seeds.markdown(seeds.aggregate({43: other}), "t")
