@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # Scored by `ood-sets`: the default's eval.ood_dataset and two sets no recipe choice reads.
 OOD_SETS = ["amazon-snippets", "tweet-snippets", "nyt-snippets"]
@@ -120,6 +121,31 @@ def one_at_a_time(run: Path, folder: Path, ood_sets: list[str] | None = None) ->
     return out
 
 
+def _shipped_int8(run: Path) -> Path:
+    """The run's int8 export folder, once it is the folder the run ships (the rule of `edgekd serve`,
+    ``edgekd.report.shipped_artifact``); a run that ships another is refused, never read as if it did."""
+    from edgekd.report import shipped_artifact
+    from edgekd.runfolder import RunFolder
+
+    name, why = shipped_artifact(RunFolder(run))
+    if name != "onnx-int8":
+        raise SystemExit(f"{run}: ships {name or 'nothing'} ({why}), not the int8 file these tables score")
+    return run / "export" / name
+
+
+def _student_accuracy(ctx, split, what: str) -> tuple[float, Any]:
+    """(accuracy, logits) of the run's fp32 distilled student (PyTorch) on ``split``, tokenized with
+    the teacher's tokenizer as the distill stage reads it."""
+    from edgekd.stages.base import load_stage_model
+    from edgekd.train import predict
+
+    cache = ctx.__dict__.setdefault("_variants_student", {})
+    if "model" not in cache:
+        cache["model"] = load_stage_model(ctx, "distill").eval()
+    logits = predict(cache["model"], split, ctx.recipe.eval.batch_size, what)
+    return float(ctx.task.metrics({"logits": logits}, split.labels)["accuracy"]), logits
+
+
 def _ood_split(ctx, name: str, tok):
     from edgekd.ood import load_ood
     from edgekd.tasks.text.task import TokenizedSplit
@@ -133,20 +159,15 @@ def ood_sets(runs: list[Path], names: list[str]) -> None:
     on the named out-of-domain sets: how much of the student's accuracy the shipped file keeps there."""
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
-    from edgekd.stages.base import load_stage_model
-    from edgekd.train import predict
 
     print("| run | " + " | ".join(f"{n}: shipped / student" for n in names) + " |")
     print("|---|" + "--:|" * len(names))
     for run in runs:
-        shipped = one_at_a_time(run, run / "export" / "onnx-int8", names)
+        shipped = one_at_a_time(run, _shipped_int8(run), names)
         ctx = create_context(load_recipe(run / "recipe.yaml"))
-        student = load_stage_model(ctx, "distill").eval()
         cells = []
         for name in names:
-            split = _ood_split(ctx, name, ctx.tokenizer)
-            logits = predict(student, split, ctx.recipe.eval.batch_size, f"student: {name}")
-            acc = float(ctx.task.metrics({"logits": logits}, split.labels)["accuracy"])
+            acc, _ = _student_accuracy(ctx, _ood_split(ctx, name, ctx.tokenizer), f"student: {name}")
             cells.append(f"{shipped[name]:.2%} / {acc:.2%} ({shipped[name] / acc:.1%})")
         print(f"| {run.name} | " + " | ".join(cells) + " |", flush=True)
 
@@ -188,22 +209,19 @@ def ensembles(runs: list[Path]) -> None:
 
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
-    from edgekd.stages.base import load_stage_model
-    from edgekd.train import predict
 
     print("| run | validation: teacher / student / both | test: teacher / student / both |")
     print("|---|--:|--:|")
     for run in runs:
         ctx = create_context(load_recipe(run / "recipe.yaml"))
-        student = load_stage_model(ctx, "distill").eval()
         cells = []
         for split in ("validation", "test"):
             data = ctx.tokenized(split, ctx.tokenizer)
-            labels = np.asarray(data.labels)
+            acc_s, logits = _student_accuracy(ctx, data, split)
             t = torch.softmax(torch.from_numpy(np.load(run / "teacher" / f"{split}_logits.npy")).float(), -1)
-            s = torch.softmax(torch.as_tensor(predict(student, data, ctx.recipe.eval.batch_size, split)).float(), -1)
-            accs = [float((p.argmax(-1).numpy() == labels).mean()) for p in (t, s, (t + s) / 2)]
-            cells.append(" / ".join(f"{a:.2%}" for a in accs))
+            both = (t + torch.softmax(torch.as_tensor(logits).float(), -1)) / 2
+            accs = [float(ctx.task.metrics({"logits": p.numpy()}, data.labels)["accuracy"]) for p in (t, both)]
+            cells.append(f"{accs[0]:.2%} / {acc_s:.2%} / {accs[1]:.2%}")
         print(f"| {run.name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -226,7 +244,7 @@ def rerun_variant(run: Path, name: str, overrides: str) -> dict:
     st = json.loads((dst / "manifest.json").read_text())["stages"]
     pm, qm = st["prune"]["metrics"], st["quantize"]["metrics"]
     vocab = pm.get("vocab", {})
-    batch1 = one_at_a_time(dst, dst / "export" / "onnx-int8")
+    batch1 = one_at_a_time(dst, _shipped_int8(dst))
     return {"variant": f"{name}: {overrides}", "val": pm["metric_after"]["accuracy"],
             **{f"int8_{k}_batch1": v for k, v in batch1.items()},
             "test": qm["test"]["float"]["accuracy"], "int8_test": qm["test"]["quantized"]["accuracy"],

@@ -233,8 +233,8 @@ def _verdict_is_shipped(data: dict[str, Any]) -> bool:
 def _verdict(data: dict[str, Any]) -> str | None:
     """compare_tools' verdict, which concerns the row it chose: said so when that is not the shipped one."""
     summary = (data.get("verdict") or {}).get("summary")
-    chosen = next((r["name"] for r in data.get("rows") or [] if r.get("best")), None)
-    if data.get("shipped") and chosen != f"edgekd-{data['shipped']}":
+    if not _verdict_is_shipped(data):
+        chosen = next((r["name"] for r in data.get("rows") or [] if r.get("best")), None)
         return (f"the figures above are the shipped {data['shipped']}'s; compare_tools' own pick was "
                 f"{chosen or 'none'} ({(data.get('best') or {}).get('why', 'its rule')}), and its verdict, on "
                 f"that pick: {summary}")

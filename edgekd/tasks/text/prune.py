@@ -128,13 +128,12 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
                 with torch.no_grad():
                     ref_out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   output_hidden_states=hidden)
-            from_teacher = teacher_logits[batch["index"].cpu()].to(out.logits.device)
-            if cfg.recover_soft_targets == "teacher+unpruned":
-                t = ensemble_logits([from_teacher, ref_out.logits.float()], d.temperature)
-            elif from_unpruned:
-                t = ref_out.logits.float()
-            else:
-                t = from_teacher
+            sources = []
+            if cfg.recover_soft_targets != "unpruned":
+                sources.append(teacher_logits[batch["index"].cpu()].to(out.logits.device))
+            if from_unpruned:
+                sources.append(ref_out.logits.float())
+            t = sources[0] if len(sources) == 1 else ensemble_logits(sources, d.temperature)
             loss, logs = soft_hard_loss(out.logits, t, batch["labels"], d.alpha, d.temperature, d.kl)
             if hidden:
                 # Every layer's output (index 0 is the shared embedding output, left out).
