@@ -182,6 +182,24 @@ def paired(a: list[int] | None, b: list[int] | None, labels: Any) -> dict[str, A
             "ci95_pp": [100 * (mean - 1.96 * se), 100 * (mean + 1.96 * se)], "mcnemar_p": p_value}
 
 
+def seed_averaged(pairs: list[tuple[list[int], list[int]]], labels: Any) -> dict[str, Any] | None:
+    """Two models' answers over several seeds of the pipeline, all on the same test texts: ``a``'s
+    accuracy minus ``b``'s averaged over the seeds, in points, with its 95% interval taking the *text*
+    as the unit (each text's difference averaged over the seeds first, so that a text hard for every
+    seed counts once, not once per seed). ``pairs``: per seed, (a's answers, b's answers). None when
+    there is nothing to compare or a seed's answers do not cover the texts."""
+    labels = [int(y) for y in labels] if labels is not None else []
+    n = len(labels)
+    if not pairs or not n or any(len(a) != n or len(b) != n for a, b in pairs):
+        return None
+    per_text = [sum((int(a[i]) == labels[i]) - (int(b[i]) == labels[i]) for a, b in pairs) / len(pairs)
+                for i in range(n)]
+    mean = sum(per_text) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in per_text) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n)
+    return {"n": n, "seeds": len(pairs), "diff_pp": 100 * mean, "ci95_pp": [100 * (mean - half), 100 * (mean + half)]}
+
+
 def paired_all(best: dict[str, Any] | None, refs: list[dict[str, Any]], labels: Any) -> dict[str, Any]:
     """:func:`paired` of the best artifact against each of ``refs`` (the usual paths and the student),
     keyed by the reference's name; references without answers are left out."""

@@ -451,6 +451,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
         "ablation": report.ablation(rows, manifest, batch_sizes[0], trimmed=tokens.table is not None),
         "paired": report.paired_all(by_name.get(best_name) if best_name else None, [*refs, student_row],
                                     segments["test"][2]),
+        # the answers' key: each row's test_predictions are scored against these (seeds.py pools seeds with them)
+        "test_labels": [int(y) for y in segments["test"][2]],
         "pipeline": report.pipeline_time(manifest),
     }
     png, no_plot = report.plot_png(data)

@@ -219,8 +219,40 @@ def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) 
         for name, pr in ((per_seed[s].get("paired") or {}).items() if _verdict_is_shipped(per_seed[s]) else ()):
             paired.setdefault(name, {})[s] = pr
     return {"seeds": seeds, "rows": rows, "pipeline_only": pipeline_only, "paired": paired,
+            "averaged": _seed_averaged(per_seed, seeds, list(paired)),
             "all_met": bool(barred) and all(r["all_met"] for r in barred) and not pipeline_only,
             "verdicts": {s: _verdict(per_seed[s]) for s in seeds}}
+
+
+def _seed_averaged(per_seed: dict[int, dict[str, Any]], seeds: list[int], names: list[str]) -> dict[str, Any]:
+    """The shipped artifact against each path averaged over the seeds, text by text (the text the
+    unit: report.seed_averaged), when every seed shipped the row compare_tools compared and recorded
+    its answers on the same test texts; else the reason it is not shown."""
+    if len(seeds) < 2:
+        return {}
+    labels = [per_seed[s].get("test_labels") for s in seeds]
+    if not all(_verdict_is_shipped(per_seed[s]) for s in seeds):
+        return {"why": "a seed's comparison chose another folder than the one it ships"}
+    if any(lab is None for lab in labels):
+        return {"why": "a seed's compare.json has no test_labels (written by compare_tools since 2026-12-05): "
+                       "measure it again"}
+    if any(lab != labels[0] for lab in labels[1:]):
+        return {"why": "the seeds' test splits differ (data.split.seed set per seed?), so their texts do not pair"}
+    out: dict[str, Any] = {}
+    for name in names:
+        pairs = []
+        for s in seeds:
+            rows = {r["name"]: r for r in per_seed[s].get("rows") or []}
+            best = next((r for r in rows.values() if r.get("best")), None)
+            a, b = (best or {}).get("test_predictions"), (rows.get(name) or {}).get("test_predictions")
+            if a is None or b is None:
+                break
+            pairs.append((a, b))
+        else:
+            got = report.seed_averaged(pairs, labels[0])
+            if got is not None:
+                out[name] = got
+    return out
 
 
 def _verdict_is_shipped(data: dict[str, Any]) -> bool:
@@ -267,15 +299,24 @@ def markdown(agg: dict[str, Any], title: str) -> str:
         labels = {**USUAL_LABELS, "student-fp32": "fp32 distilled student"}
         lines += ["", "## The shipped artifact against each path, text by text", "",
                   "Shipped minus the path on the same test texts, in points: the difference, its 95% interval "
-                  "and McNemar's exact p (compare_tools' paired comparison).", "",
-                  "| against | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+                  "and McNemar's exact p (compare_tools' paired comparison). The last column averages each "
+                  "text's difference over the seeds first and takes the text as the unit of its 95% interval "
+                  "(the seeds share their test texts, so a text hard for every seed counts once).", "",
+                  "| against | " + " | ".join(f"seed {s}" for s in seeds) + " | mean of the seeds |",
+                  "|---|" + "---|" * (len(seeds) + 1)]
+        averaged = agg.get("averaged") or {}
         for name, by_seed in agg["paired"].items():
             cells = []
             for s in seeds:
                 pr = by_seed.get(s)
                 cells.append("—" if pr is None else f"{pr['diff_pp']:+.2f} ({pr['ci95_pp'][0]:+.2f} to "
                              f"{pr['ci95_pp'][1]:+.2f}), p {pr['mcnemar_p']:.2f}")
+            av = averaged.get(name)
+            cells.append("—" if av is None else
+                         f"{av['diff_pp']:+.2f} ({av['ci95_pp'][0]:+.2f} to {av['ci95_pp'][1]:+.2f})")
             lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
+        if averaged.get("why"):
+            lines += ["", f"Mean of the seeds not shown: {averaged['why']}."]
     return "\n".join(lines) + "\n"
 
 

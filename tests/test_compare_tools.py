@@ -364,6 +364,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     for name, r in rows.items():
         assert len(r["test_predictions"]) == len(labels), name
         assert np.mean(np.asarray(r["test_predictions"]) == labels) == pytest.approx(r["accuracy"]), name
+    assert data["test_labels"] == labels.tolist()  # the key seeds.py scores every seed's answers with
     assert set(data["paired"]) == {*usual, "student-fp32"}
     for name, pr in data["paired"].items():
         assert pr == rep.paired(rows[best]["test_predictions"], rows[name]["test_predictions"], labels.tolist())

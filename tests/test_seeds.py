@@ -240,3 +240,44 @@ def test_the_text_by_text_comparison_is_shown_for_the_shipped_folder_only(seeds)
     assert agg["paired"] == {"openvino-nncf-int8": {42: pr}}
     assert "| OpenVINO NNCF int8 | +2.00 (-1.50 to +5.50), p 0.73 | — |" in seeds.markdown(agg, "t")
     assert "text by text" not in seeds.markdown(seeds.aggregate({43: other}), "t")
+
+
+def test_seed_averaged_difference_takes_the_text_as_the_unit(seeds):
+    import _compare_report as report
+
+    labels = [1, 0, 1, 1]
+    s1 = ([1, 0, 0, 1], [1, 1, 1, 1])  # a right on 3, b right on 3: per text 0, +1, -1, 0
+    s2 = ([1, 0, 1, 1], [0, 0, 1, 1])  # a right on 4, b right on 3: per text +1, 0, 0, 0
+    got = report.seed_averaged([s1, s2], labels)
+    # by hand: per-text means 0.5, 0.5, -0.5, 0; mean 0.125; sample sd 0.4787; half-width 1.96 * sd / 2
+    assert got["diff_pp"] == pytest.approx(12.5)
+    assert got["ci95_pp"] == pytest.approx([12.5 - 46.91, 12.5 + 46.91], abs=0.01)
+    assert got["n"] == 4 and got["seeds"] == 2
+    # the same seed twice is one seed's evidence, not twice the texts: the interval does not narrow
+    once = report.seed_averaged([s1], labels)
+    assert report.seed_averaged([s1, s1], labels)["ci95_pp"] == pytest.approx(once["ci95_pp"])
+    assert report.seed_averaged([([1, 0], [1, 0])], labels) is None  # answers that do not cover the texts
+
+
+def test_the_mean_of_the_seeds_pairs_each_seeds_shipped_answers_with_the_paths(seeds):
+    labels = [1, 0, 1, 1]
+    pr = {"n": 4, "only_a_right": 1, "only_b_right": 1, "diff_pp": 0.0, "ci95_pp": [-1.0, 1.0], "mcnemar_p": 1.0}
+
+    def seed(ship, ov):
+        d = {**_compare(0.838, 1.0, 7.5), "shipped": "onnx-int8", "paired": {"openvino-nncf-int8": pr},
+             "test_labels": labels}
+        for r in d["rows"]:
+            r["test_predictions"] = {"edgekd-onnx-int8": ship, "openvino-nncf-int8": ov}.get(r["name"], [0, 0, 0, 0])
+        return d
+
+    agg = seeds.aggregate({42: seed([1, 0, 0, 1], [1, 1, 1, 1]), 43: seed([1, 0, 1, 1], [0, 0, 1, 1])})
+    assert agg["averaged"]["openvino-nncf-int8"]["diff_pp"] == pytest.approx(12.5)
+    assert "| +12.50 (-34.41 to +59.41) |" in seeds.markdown(agg, "t")
+    old = seed([1, 0, 0, 1], [1, 1, 1, 1])
+    del old["test_labels"]
+    agg = seeds.aggregate({42: old, 43: seed([1, 0, 1, 1], [0, 0, 1, 1])})
+    assert "openvino-nncf-int8" not in agg["averaged"] and "no test_labels" in agg["averaged"]["why"]
+    assert "Mean of the seeds not shown: a seed's compare.json has no test_labels" in seeds.markdown(agg, "t")
+    other = seed([1, 0, 1, 1], [0, 0, 1, 1])
+    other["test_labels"] = [0, 0, 1, 1]
+    assert "test splits differ" in seeds.aggregate({42: seed([1, 0, 0, 1], [1, 1, 1, 1]), 43: other})["averaged"]["why"]
