@@ -28,6 +28,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("dynamic", {"method": "dynamic"}),
     ("dynamic/fused-attention", {"method": "dynamic", "fuse": "attention"}),
     ("dynamic/fused-multihead", {"method": "dynamic", "fuse": "multihead"}),
+    ("dynamic/fused-packed", {"method": "dynamic", "fuse": "packed"}),
     ("dynamic/emb4", {"method": "dynamic", "embedding_bits": 4}),
     ("dynamic/emb4/fused-multihead", {"method": "dynamic", "fuse": "multihead", "embedding_bits": 4}),
     ("dynamic/emb4/fused-packed", {"method": "dynamic", "fuse": "packed", "embedding_bits": 4}),

@@ -522,6 +522,12 @@ class PruneConfig(Section):
         description="Every recovery (text and detection, every method) ends with a moving average of its "
         "weights (see distill.train.ema_decay) at this decay. None: as distill.train.ema_decay.",
     )
+    recover_soup: int = Field(
+        1, ge=1,
+        description="Text (heads-ffn): every recovery trains this many copies of the pruned model from the same "
+        "weights, each on its own batch order (seed + 7919 x copy), and ends on the mean of their weights "
+        "(a uniform model soup). Costs that many times the recovery's training; 1: one copy.",
+    )
     min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps at least.")
     min_neurons_fraction: float = Field(
         0.1, gt=0, le=1, description="Share of its original FFN neurons every layer keeps at least."
@@ -550,6 +556,8 @@ class PruneConfig(Section):
         if self.recover_soft_targets != "teacher" and self.method != "heads-ffn":
             problems.append(f"prune.recover_soft_targets: '{self.recover_soft_targets}' is read by method "
                             "'heads-ffn' only")
+        if self.recover_soup > 1 and self.method != "heads-ffn":
+            problems.append(f"prune.recover_soup: {self.recover_soup} is read by method 'heads-ffn' only")
         if self.recover_hidden_weight > 0 and self.method != "heads-ffn":
             problems.append("prune.recover_hidden_weight matches hidden states, which only method 'heads-ffn' "
                             "leaves the same width")
@@ -643,9 +651,10 @@ class QuantizeConfig(Section):
     )
     embedding_float_rows: int = Field(
         1024, ge=0, description="embedding_bits 4: a table of at most this many rows (the position and token-type "
-        "tables, not a vocabulary) keeps its 4-bit values but stores them decoded to float, read by a plain "
-        "Gather: the same answers, and ONNX Runtime's GatherBlockQuantized costs more per call than such a table "
-        "saves (about 4% of the default student's batch-1 call, for 0.66 MB). 0: every table stays 4-bit."
+        "tables, not a vocabulary) is not made 4-bit: it keeps its float32 values, read by a plain Gather. Such "
+        "a table is in every token's input, so its rounding moves many answers; and ONNX Runtime's "
+        "GatherBlockQuantized costs more per call than it saves (about 4% of the default student's batch-1 call, "
+        "for 0.66 MB). 0: every table 4-bit."
     )
     preprocess: bool = Field(
         True, description="Run onnxruntime.quantization.quant_pre_process (shape inference, graph cleanup) first."
@@ -699,7 +708,7 @@ class QuantizeConfig(Section):
                             f"{self.embedding_block_size}")
         float_rows_default = type(self).model_fields["embedding_float_rows"].default
         if self.embedding_bits != 4 and self.embedding_float_rows != float_rows_default:
-            problems.append("quantize.embedding_float_rows chooses which 4-bit embedding tables are stored decoded; "
+            problems.append("quantize.embedding_float_rows chooses which embedding tables stay float beside 4-bit ones; "
                             "it needs quantize.embedding_bits: 4")
         if self.embedding_bits == 4 and self.method == "fp16":
             problems.append("quantize.embedding_bits: 4 quantizes the embeddings of an int8 method (dynamic or "

@@ -95,3 +95,69 @@ def test_the_default_leaves_the_fingerprint_of_earlier_runs_alone():
     assert "recover_soft_targets" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="unpruned"))[
         "recover_soft_targets"] == "unpruned"
+
+
+@pytest.mark.slow
+def test_recovery_soup_ends_on_the_mean_of_copies_trained_from_the_same_weights(tmp_path, tiny_classifier_dir,
+                                                                                tiny_csv, monkeypatch):
+    import edgekd.tasks.text.prune as text_prune
+    from edgekd.pipeline import run_stages
+    from edgekd.stages.base import load_stage_model
+
+    calls: list[dict] = []
+    real_train = text_prune.train
+
+    def train(model, data, tc, loss_fn, *a, seed, **kw):
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        orders = []
+
+        def wrapped(m, batch):
+            orders.append(batch["index"].tolist())
+            return loss_fn(m, batch)
+
+        out = real_train(model, data, tc, wrapped, *a, seed=seed, **kw)
+        calls.append({"seed": seed, "start": start, "orders": orders,
+                      "end": {k: v.detach().clone() for k, v in model.state_dict().items()}})
+        return out
+
+    monkeypatch.setattr(text_prune, "train", train)
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                      prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5,
+                                             "recover_soup": 3}))
+    ctx = run_stages(recipe, ["teacher", "distill", "prune"])
+    assert len(calls) == 3, "one training per copy"
+    # every copy starts from the pruned weights, not from the previous copy's result
+    for c in calls[1:]:
+        for k, v in calls[0]["start"].items():
+            torch.testing.assert_close(c["start"][k], v, rtol=0, atol=0)
+    assert len({c["seed"] for c in calls}) == 3
+    assert len({str(c["orders"]) for c in calls}) == 3, "each copy reads its own batch order"
+    saved = load_stage_model(ctx, "prune").state_dict()
+    moved = 0
+    for k, v in saved.items():
+        if not v.is_floating_point():
+            continue
+        ends = [c["end"][k].float() for c in calls]
+        torch.testing.assert_close(v.float(), torch.stack(ends).mean(0), rtol=1e-5, atol=1e-6)
+        moved += not torch.allclose(ends[0], ends[1])
+    assert moved, "the copies trained apart, so the mean is not any one of them"
+
+
+def test_soup_averages_floats_keeps_agreeing_integers_and_refuses_others():
+    from edgekd.errors import StageError
+    from edgekd.tasks.text.prune import soup
+
+    a = {"w": torch.tensor([1.0, 3.0]), "ids": torch.tensor([0, 1])}
+    b = {"w": torch.tensor([3.0, 5.0]), "ids": torch.tensor([0, 1])}
+    out = soup([a, b])
+    torch.testing.assert_close(out["w"], torch.tensor([2.0, 4.0]))
+    assert torch.equal(out["ids"], a["ids"])
+    with pytest.raises(StageError, match="disagree on integer tensor 'ids'"):
+        soup([a, {"w": b["w"], "ids": torch.tensor([1, 0])}])
+    with pytest.raises(ValueError, match="recover_soup: 2 is read by method 'heads-ffn' only"):
+        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soup=2)
+    from edgekd.stages.prune_common import prune_settings
+
+    assert "recover_soup" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))  # earlier runs stay valid
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_soup=2))["recover_soup"] == 2
+

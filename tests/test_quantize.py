@@ -278,42 +278,58 @@ def test_four_bit_tables_are_stored_packed_in_uint8_with_the_same_answers(tmp_pa
     assert np.abs(got[0] - table[ids["ids"][0]]).max() < (table.max() - table.min()) / 15
 
 
-def test_small_four_bit_tables_are_stored_decoded_with_the_same_answers(tmp_path):
-    """``embedding_float_rows``: a table of at most that many rows (here 64, a position table) becomes a
-    plain Gather over its 4-bit values decoded to float, a larger one (2,000 rows, a vocabulary) stays
-    4-bit; the file answers exactly as the all-4-bit one, and 0 keeps every table 4-bit."""
+def test_small_tables_keep_their_float_values_beside_four_bit_vocabularies(tmp_path):
+    """``embedding_float_rows``: a table of at most that many rows (here 64, a position table) stays a
+    plain Gather over its own float32 values, bit for bit; a larger one (2,000 rows, a vocabulary)
+    becomes 4-bit; 0 makes every table 4-bit. An unnamed small Gather is named first, so that the
+    quantizer's exclusion by name cannot reach the unnamed vocabulary Gather too."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from edgekd.errors import StageError
     from edgekd.quantization import onnx_methods
 
     rng = np.random.default_rng(1)
     words, positions = rng.normal(size=(2000, 64)).astype(np.float32), rng.normal(size=(64, 64)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["words", "ids"], ["w"], axis=0, name="word_gather"),
-         helper.make_node("Gather", ["positions", "pos"], ["p"], axis=0, name="position_gather"),
-         helper.make_node("Add", ["w", "p"], ["out"])], "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None]),
-         helper.make_tensor_value_info("pos", TensorProto.INT64, [1, None])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(words, "words"), numpy_helper.from_array(positions, "positions")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def model(word_name, position_name):
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["words", "ids"], ["w"], axis=0, name=word_name),
+             helper.make_node("Gather", ["positions", "pos"], ["p"], axis=0, name=position_name),
+             helper.make_node("Add", ["w", "p"], ["out"])], "g",
+            [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None]),
+             helper.make_tensor_value_info("pos", TensorProto.INT64, [1, None])],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "w", "p")],
+            [numpy_helper.from_array(words, "words"), numpy_helper.from_array(positions, "positions")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
     paths = {rows: tmp_path / f"float{rows}.onnx" for rows in (0, 64, 63)}
     for rows, path in paths.items():
-        onnx.save(model, str(path))
-        assert onnx_methods.quantize_embeddings_4bit(path, 32, [], False, float_rows=rows) == 2
+        onnx.save(model("word_gather", "position_gather"), str(path))
+        assert onnx_methods.quantize_embeddings_4bit(path, 32, [], False, float_rows=rows) == (1 if rows == 64 else 2)
     kinds = {rows: {n.name: n.op_type for n in onnx.load(str(p)).graph.node if "gather" in n.name}
              for rows, p in paths.items()}
     assert kinds[0] == kinds[63] == {"word_gather_Q4": "GatherBlockQuantized", "position_gather_Q4": "GatherBlockQuantized"}
-    assert kinds[64] == {"word_gather_Q4": "GatherBlockQuantized", "position_gather_Q4": "Gather"}
+    assert kinds[64] == {"word_gather_Q4": "GatherBlockQuantized", "position_gather": "Gather"}
     inits = {t.name: t for t in onnx.load(str(paths[64])).graph.initializer}
-    assert "positions" not in inits and inits["positions_Q4_decoded"].data_type == TensorProto.FLOAT
-    assert list(inits["positions_Q4_decoded"].dims) == [64, 64]
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["positions"]), positions)  # its own values
     feed = {"ids": np.array([[5, 1999, 0, 5]], dtype=np.int64), "pos": np.array([[0, 1, 2, 63]], dtype=np.int64)}
-    out = {rows: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-           for rows, p in paths.items()}
-    np.testing.assert_array_equal(out[64], out[0])  # the 4-bit values, only stored decoded
-    assert np.abs(out[0] - (words[feed["ids"][0]] + positions[feed["pos"][0]])).max() > 1e-3  # they are 4-bit
+    out = {rows: dict(zip(("w", "p"), ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+        ["w", "p"], feed), strict=True)) for rows, p in paths.items()}
+    np.testing.assert_array_equal(out[64]["p"][0], positions[feed["pos"][0]])  # the table's own rows, exactly
+    np.testing.assert_array_equal(out[64]["w"], out[0]["w"])  # the vocabulary: the same 4-bit values
+    assert np.abs(out[0]["w"][0] - words[feed["ids"][0]]).max() > 1e-3  # which are 4-bit
+    assert np.abs(out[0]["p"][0] - positions[feed["pos"][0]]).max() > 1e-3  # and so is the position table at 0
+
+    unnamed = tmp_path / "unnamed.onnx"
+    onnx.save(model("", ""), str(unnamed))
+    assert onnx_methods.quantize_embeddings_4bit(unnamed, 32, [], False, float_rows=64) == 1
+    ops = sorted(n.op_type for n in onnx.load(str(unnamed)).graph.node)
+    assert ops == ["Add", "Gather", "GatherBlockQuantized"]
+    only_small = tmp_path / "small.onnx"
+    onnx.save(model("word_gather", "position_gather"), str(only_small))
+    with pytest.raises(StageError, match="2 embedding table\\(s\\) have at most quantize.embedding_float_rows=2000"):
+        onnx_methods.quantize_embeddings_4bit(only_small, 32, [], False, float_rows=2000)
 
 
 def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_path):

@@ -88,10 +88,10 @@ def quantize_embeddings_4bit(path: Path, block_size: int, exclude: list[str], ex
                              float_rows: int = 0) -> int:
     """Rewrite every Gather over a 2-D weight (the embedding tables) in the ONNX file ``path`` as ONNX
     Runtime's blockwise 4-bit ``GatherBlockQuantized`` (asymmetric, ``block_size`` values of a row per
-    scale), in place. Nodes named in ``exclude`` stay as they are. A table of at most ``float_rows``
-    rows is then stored decoded (``_decode_small_tables``). Returns how many tables got 4-bit values;
-    none is an error (the graph has no embedding Gather left to shrink, e.g. it was fused into
-    EmbedLayerNormalization or already quantized)."""
+    scale), in place. Nodes named in ``exclude`` stay as they are, and so does a table of at most
+    ``float_rows`` rows (``small_tables``: its float32 values, read by its plain Gather). Returns how
+    many tables got 4-bit values; none is an error (the graph has no embedding Gather left to shrink,
+    e.g. it was fused into EmbedLayerNormalization or already quantized)."""
     import onnx
 
     from edgekd.errors import StageError
@@ -103,72 +103,53 @@ def quantize_embeddings_4bit(path: Path, block_size: int, exclude: list[str], ex
     )
 
     model = onnx.load(str(path))
+    small = small_tables(model, float_rows) if float_rows else []
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4,
                                        quant_format=q.QuantFormat.QOperator, op_types_to_quantize=("Gather",),
                                        quant_axes=(("Gather", 1),))
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=cfg)
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=[*exclude, *small], algo_config=cfg)
     with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (e.g. the padding row) has scale 0
         quantizer.process()
     n = sum(node.op_type == "GatherBlockQuantized" for node in quantizer.model.model.graph.node)
     _pack_uint4_as_uint8(quantizer.model.model)
     if n == 0:
-        raise StageError(f"quantize.embedding_bits: 4 found no Gather over a float weight in {path.name} (the "
-                         "embeddings were fused into another operator, quantized already, or kept in float by "
-                         "the guard): set quantize.embedding_bits: 8")
-    if float_rows:
-        decoded = _decode_small_tables(quantizer.model.model, float_rows)
-        log.info("quantize: %d of %d 4-bit embedding tables have at most %d rows and are stored decoded",
-                 decoded, n, float_rows)
+        why = (f" (its {len(small)} embedding table(s) have at most quantize.embedding_float_rows={float_rows} "
+               "rows, so they stay float)" if small else "")
+        raise StageError(f"quantize.embedding_bits: 4 found no Gather over a float weight to make 4-bit in "
+                         f"{path.name}{why}; the embeddings may also have been fused into another operator, "
+                         "quantized already, or kept in float by the guard: set quantize.embedding_bits: 8")
+    if small:
+        log.info("quantize: %d of %d embedding tables have at most %d rows and stay float32", len(small),
+                 n + len(small), float_rows)
     tmp = path.with_name(path.stem + ".g4" + path.suffix)
     quantizer.model.save_model_to_file(str(tmp), external_data)
     tmp.replace(path)
     return n
 
 
-def _decode_small_tables(model: Any, float_rows: int) -> int:
-    """Each GatherBlockQuantized whose table has at most ``float_rows`` rows (position and token-type
-    tables, not a vocabulary) becomes a plain ``Gather`` over the same 4-bit values decoded to float32,
-    decoded by ONNX Runtime's own kernel: the file answers exactly as before. Per call, ONNX Runtime's
-    GatherBlockQuantized costs more than the plain Gather (on the default student's 512-row position
-    and 2-row token-type tables, about 4% of a batch-1 call at 2 threads, for 0.66 MB more file).
-    Returns how many tables were decoded."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+def small_tables(model: Any, float_rows: int) -> list[str]:
+    """The names of the Gather nodes (row lookups, axis 0) over a 2-D float initializer of at most
+    ``float_rows`` rows (an unnamed one is named, in ``model``): position and token-type tables,
+    never a vocabulary. They stay float32 with 4-bit embeddings:
+    the file then pays for them what it paid when they held 4-bit values decoded to float (per call,
+    ONNX Runtime's GatherBlockQuantized costs more than such a table saves: about 4% of the default
+    student's batch-1 call at 2 threads, for 0.66 MB), and their values are the model's own, not
+    rounded: a 4-bit position table moves every token's input, which flipped two to three times the
+    test answers of the fp32 model that the int8 layers alone flip on the default's seed 42 and 44."""
+    from onnx import TensorProto, helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    decoded = 0
+    out = []
     for node in model.graph.node:
-        if node.op_type != "GatherBlockQuantized" or node.input[0] not in inits:
+        t = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if t is None or len(t.dims) != 2 or t.data_type != TensorProto.FLOAT:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        rows = int(inits[node.input[0]].dims[0])
-        if attrs.get("gather_axis", 0) != 0 or rows > float_rows:
-            continue
-        consts = [inits.get(i) for i in node.input[2:] if i]
-        if any(c is None for c in consts):
-            continue
-        probe = helper.make_node("GatherBlockQuantized", [node.input[0], "rows", *node.input[2:]], ["table"],
-                                 domain="com.microsoft", **attrs)
-        graph = helper.make_graph([probe], "decode", [helper.make_tensor_value_info("rows", TensorProto.INT64, [rows])],
-                                  [helper.make_tensor_value_info("table", TensorProto.FLOAT, None)],
-                                  [inits[node.input[0]], *consts])
-        probe_model = helper.make_model(graph, opset_imports=list(model.opset_import))
-        session = ort.InferenceSession(probe_model.SerializeToString(), providers=["CPUExecutionProvider"])
-        table = session.run(None, {"rows": np.arange(rows, dtype=np.int64)})[0].astype(np.float32)
-        name = node.input[0] + "_decoded"
-        model.graph.initializer.append(numpy_helper.from_array(table, name))
-        indices = node.input[1]
-        node.op_type, node.domain = "Gather", ""
-        del node.input[:]
-        node.input.extend([name, indices])
-        del node.attribute[:]
-        decoded += 1
-    if decoded:
-        used = {i for n in model.graph.node for i in n.input}
-        kept = [t for t in model.graph.initializer if t.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-    return decoded
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if axis == 0 and int(t.dims[0]) <= float_rows:
+            if not node.name:  # the quantizer excludes by name, and an empty one would match every unnamed node
+                node.name = f"edgekd_small_table_gather_{len(out)}_{t.name}"
+            out.append(node.name)
+    return out
 
 
 def _pack_uint4_as_uint8(model: Any) -> int:
@@ -306,8 +287,8 @@ def _embedding_settings(cfg: QuantizeConfig) -> dict[str, Any]:
     if cfg.embedding_bits == 4:
         out = {"embeddings": f"4-bit GatherBlockQuantized, block {cfg.embedding_block_size}"}
         if cfg.embedding_float_rows:
-            out["embeddings"] += (f"; tables of at most {cfg.embedding_float_rows} rows stored decoded to float, "
-                                  "read by a plain Gather")
+            out["embeddings"] += (f"; tables of at most {cfg.embedding_float_rows} rows keep their float32 "
+                                  "values, read by a plain Gather")
         return out
     return {}
 

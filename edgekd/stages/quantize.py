@@ -26,9 +26,15 @@ def quantize_fingerprint(ctx: RunContext) -> str:
     if 4 in {q.embedding_bits, *(c.embedding_bits for c in q.candidates)}:
         # Since 2026-12-04 the 4-bit tables are stored uint8-packed (same answers, faster gathers): a run
         # with 4-bit embeddings quantizes and benches again.
-        # Since 2026-12-04 tables of at most quantize.embedding_float_rows rows are stored decoded (the
-        # key's value is in the quantize settings above).
         parts["embedding_4bit_storage"] = "uint8, two values per byte"
+        rows = {c.embedding_float_rows if c.embedding_float_rows is not None else q.embedding_float_rows
+                for c in q.candidates if (c.embedding_bits or q.embedding_bits) == 4}
+        if q.embedding_bits == 4:
+            rows.add(q.embedding_float_rows)
+        if any(rows):
+            # Since 2026-12-05 those small tables keep their own float values instead of their 4-bit
+            # values decoded: a run with them quantizes and benches again.
+            parts["embedding_small_tables"] = "float32, the model's own values"
     if "packed" in {q.fuse, *(c.fuse for c in q.candidates)}:
         # Since 2026-12-04 packing also turns the first-token last block into a MultiHeadAttention.
         parts["packed_attention"] = "Attention per full block, MultiHeadAttention per first-token block"

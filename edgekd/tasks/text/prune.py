@@ -32,6 +32,22 @@ from edgekd.stages.prune_common import (
 from edgekd.tasks.text.distill import stage_fingerprint
 from edgekd.train import predict, to_torch, train
 
+SOUP_SEED_STRIDE = 7919  # prune.recover_soup: copy i trains with seed + stride * i
+
+
+def soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform mean of several state dicts of one architecture (floating tensors averaged in
+    float32; integer buffers, e.g. position ids, must agree and are kept)."""
+    out = {}
+    for k, first in states[0].items():
+        if first.is_floating_point():
+            out[k] = (torch.stack([s[k].float() for s in states]).mean(0)).to(first.dtype)
+        else:
+            if any(not torch.equal(s[k], first) for s in states[1:]):
+                raise StageError(f"prune.recover_soup: the copies disagree on integer tensor {k!r}")
+            out[k] = first
+    return out
+
 
 def prune_fingerprint(ctx: RunContext) -> str:
     r = ctx.recipe
@@ -147,10 +163,22 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
             tc = recovery_train_config(r, epochs)
             ckpt = ctx.checkpoint_dir("prune", f"{fp}-{label}")
             rounding = dynamic_int8_training(m, **_int8_rounding(r)) if cfg.quant_aware else nullcontext()
+            n = cfg.recover_soup
+            start = {k: v.detach().clone() for k, v in m.state_dict().items()} if n > 1 else None
+            states = []
             with rounding:
-                train(m, train_data, tc, loss_fn, seed=r.seed + step, precision=r.runtime.precision,
-                      ckpt_root=ckpt, description=f"prune: recover {label}" + (" (int8-aware)" if cfg.quant_aware
-                                                                                 else ""))
+                for i in range(n):
+                    if i:
+                        m.load_state_dict(start)
+                    copy_label = f" (copy {i + 1} of {n})" if n > 1 else ""
+                    train(m, train_data, tc, loss_fn, seed=r.seed + step + SOUP_SEED_STRIDE * i,
+                          precision=r.runtime.precision, ckpt_root=ckpt / f"copy{i}" if n > 1 else ckpt,
+                          description=f"prune: recover {label}{copy_label}"
+                          + (" (int8-aware)" if cfg.quant_aware else ""))
+                    if n > 1:
+                        states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+            if n > 1:
+                m.load_state_dict(soup(states))
             shutil.rmtree(ckpt, ignore_errors=True)
             return m
 
