@@ -32,7 +32,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("dynamic/emb4", {"method": "dynamic", "embedding_bits": 4}),
     ("dynamic/emb4/fused-multihead", {"method": "dynamic", "fuse": "multihead", "embedding_bits": 4}),
     ("dynamic/emb4/fused-packed", {"method": "dynamic", "fuse": "packed", "embedding_bits": 4}),
-    # Every table 4-bit, the small ones too (the row above stores those decoded: embedding_float_rows).
+    # Every table 4-bit, the small ones too (the row above keeps those in float: embedding_float_rows).
     ("dynamic/emb4/fused-packed/small-tables-4bit", {"method": "dynamic", "fuse": "packed", "embedding_bits": 4,
                                                      "embedding_float_rows": 0}),
     # Blocks of 16 values per scale instead of 32: finer 4-bit steps, scales twice the bytes.

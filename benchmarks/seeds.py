@@ -238,17 +238,13 @@ def _seed_averaged(per_seed: dict[int, dict[str, Any]], seeds: list[int], names:
                        "measure it again"}
     if any(lab != labels[0] for lab in labels[1:]):
         return {"why": "the seeds' test splits differ (data.split.seed set per seed?), so their texts do not pair"}
+    answers = [{r["name"]: r.get("test_predictions") for r in per_seed[s].get("rows") or []} for s in seeds]
+    shipped = [next((r.get("test_predictions") for r in per_seed[s].get("rows") or [] if r.get("best")), None)
+               for s in seeds]
     out: dict[str, Any] = {}
     for name in names:
-        pairs = []
-        for s in seeds:
-            rows = {r["name"]: r for r in per_seed[s].get("rows") or []}
-            best = next((r for r in rows.values() if r.get("best")), None)
-            a, b = (best or {}).get("test_predictions"), (rows.get(name) or {}).get("test_predictions")
-            if a is None or b is None:
-                break
-            pairs.append((a, b))
-        else:
+        pairs = [(a, by_name.get(name)) for a, by_name in zip(shipped, answers, strict=True)]
+        if all(a is not None and b is not None for a, b in pairs):
             got = report.seed_averaged(pairs, labels[0])
             if got is not None:
                 out[name] = got
