@@ -483,6 +483,12 @@ class PruneConfig(Section):
         "weight_type and reduce_range), so the int8 artifact loses less accuracy. Needs recover_epochs > 0 "
         "(or final_recover_epochs after a search).",
     )
+    quant_aware_ranges: Literal["text", "batch"] = Field(
+        "batch",
+        description="With quant_aware: the activation ranges the training rounding takes. text: each text "
+        "of a batch on the range of its own tokens (padding left out), as ONNX Runtime rounds a text served "
+        "alone; batch: one range for the whole padded batch.",
+    )
     final_recover_epochs: float = Field(
         0.0, ge=0,
         description="With max_accuracy_drop or target_latency_ms: extra epochs of recovery after the search "
@@ -567,6 +573,10 @@ class PruneConfig(Section):
             problems.append(f"{', '.join('prune.' + k for k in vocab_keys)} shape(s) the vocabulary trim, but "
                             "prune.trim_vocab is false, so nothing would read them: set prune.trim_vocab: true "
                             "or drop them")
+        if self.quant_aware_ranges != type(self).model_fields["quant_aware_ranges"].default and not self.quant_aware:
+            problems.append(f"prune.quant_aware_ranges: '{self.quant_aware_ranges}' shapes the int8-aware "
+                            "recovery, but prune.quant_aware is false, so nothing would read it: set "
+                            "prune.quant_aware: true or drop it")
         if self.trim_vocab and not self.enabled:
             problems.append("prune.trim_vocab is set but prune.enabled is false (trimming is part of the prune stage)")
         if self.enabled and not given and not self.trim_vocab:

@@ -62,6 +62,44 @@ def test_training_rounding_is_onnx_runtime_dynamic_int8(tmp_path, opts):
     assert np.abs(aware - int8).max() < 1e-4 < gap / 10  # and the training forward rounds the same way
 
 
+class _Tokens(nn.Module):
+    """The MLP over each position of [texts, positions, 24], called as the prune stage calls a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _mlp()
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def test_text_ranges_round_each_padded_text_as_onnx_runtime_rounds_it_alone(tmp_path):
+    """ranges='text': in a padded batch, each text's real positions come out as ONNX Runtime's int8
+    gives them for that text alone, whatever the padding holds; ranges='batch' lets the padding and
+    the other texts set the range."""
+    model = _Tokens().eval()
+    opts = {"per_channel": False, "weight_type": "qint8", "reduce_range": True}
+    rng = np.random.default_rng(0)
+    lengths = [3, 7, 5]
+    texts = [rng.normal(scale=1.0 + i, size=(1, n, 24)).astype(np.float32) for i, n in enumerate(lengths)]
+    alone = [_ort_int8(model.mlp, x, tmp_path, **opts)[0] for x in texts]
+    batch = np.full((len(texts), max(lengths), 24), 40.0, np.float32)  # padding far outside every text's range
+    mask = np.zeros(batch.shape[:2], np.int64)
+    for i, (x, n) in enumerate(zip(texts, lengths, strict=True)):
+        batch[i, :n], mask[i, :n] = x[0], 1
+    with torch.no_grad():
+        with dynamic_int8_training(model, ranges="text", **opts):
+            per_text = model(torch.from_numpy(batch), attention_mask=torch.from_numpy(mask)).numpy()
+        with dynamic_int8_training(model, ranges="batch", **opts):
+            shared = model(torch.from_numpy(batch), attention_mask=torch.from_numpy(mask)).numpy()
+    for i, n in enumerate(lengths):
+        assert np.abs(per_text[i, :n] - alone[i]).max() < 1e-4
+        assert np.abs(shared[i, :n] - alone[i]).max() > 1e-2
+    assert not model._forward_pre_hooks  # the mask hook goes with the block
+    with pytest.raises(ValueError, match="text, batch"), dynamic_int8_training(model, ranges="row"):
+        pass
+
+
 def test_gradients_pass_and_the_model_comes_back(tmp_path):
     model = _mlp()
     x = torch.randn(4, 24)
@@ -88,6 +126,8 @@ def test_recipe_refuses_quant_aware_it_cannot_honour(tmp_path):
         parse_recipe(bad)
     with pytest.raises(RecipeError, match="no recovery trains"):
         parse_recipe({**ok, "prune": {**ok["prune"], "recover_epochs": 0}})
+    with pytest.raises(RecipeError, match="quant_aware_ranges: 'text' .* prune.quant_aware is false"):
+        parse_recipe({**ok, "prune": {**ok["prune"], "quant_aware": False, "quant_aware_ranges": "text"}})
 
 
 def test_a_family_that_cannot_train_int8_aware_refuses_it(tmp_path):
@@ -124,12 +164,13 @@ def test_prune_stage_recovers_int8_aware(tmp_path, tiny_teacher_dir, tiny_csv, m
                        quantize={"enabled": True, "method": "dynamic", "per_channel": True})
     recipe = parse_recipe(data)
     ctx = run_stages(recipe, ["teacher", "distill", "prune"])
-    assert entered == [{"per_channel": True, "weight_type": "qint8", "reduce_range": False}] * 2
+    assert entered == [{"per_channel": True, "weight_type": "qint8", "reduce_range": False, "ranges": "batch"}] * 2
     rec = ctx.run.manifest()["stages"]["prune"]["metrics"]
     assert rec["quant_aware"] == {"int8": "dynamic", "per_channel": True, "weight_type": "qint8",
-                                  "reduce_range": False}
+                                  "reduce_range": False, "ranges": "batch"}
     off = parse_recipe({**data, "prune": {**data["prune"], "quant_aware": False}})
     other = parse_recipe({**data, "quantize": {**data["quantize"], "per_channel": False}})
+    text = parse_recipe({**data, "prune": {**data["prune"], "quant_aware_ranges": "text"}})
     fps = {fingerprint_of(ctx, "prune")} | {fingerprint_of(type(ctx)(recipe=r, run=ctx.run, family=ctx.family), "prune")
-                                           for r in (off, other)}
-    assert len(fps) == 3
+                                           for r in (off, other, text)}
+    assert len(fps) == 4

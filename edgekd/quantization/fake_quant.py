@@ -8,9 +8,10 @@ The rounding is ONNX Runtime's ``quantize_dynamic`` (``onnxruntime.quantization.
   ``per_channel``, per output feature; uint8 weights asymmetric over ``[min(w, 0), max(w, 0)]`` in
   0..255 (``reduce_range``: 0..127);
 - activations: ``DynamicQuantizeLinear``, uint8 asymmetric per tensor, the range taken from each
-  input with 0 included, scale ``(max - min) / 255``. (A training batch shares one range, padding
-  included, where a batch-1 server takes each text's own: the weights' rounding is exact, the
-  activations' a close stand-in.)
+  input with 0 included, scale ``(max - min) / 255``. A batch-1 server quantizes each text on its own
+  range, over its own tokens; so does training with ``ranges="text"``: each row of the batch gets the
+  range of its own positions, the padding the attention mask marks left out. ``ranges="batch"``
+  gives the whole padded batch one range (a looser stand-in for the server's rounding).
 
 ONNX Runtime computes exactly this (``tests/test_fake_quant.py``), except with full-range int8
 weights (``reduce_range`` off) on x86 CPUs without VNNI, whose u8s8 kernel can saturate its int16 pair
@@ -60,32 +61,65 @@ def fake_quant_weight(w: torch.Tensor, *, per_channel: bool, weight_type: str = 
     return torch.fake_quantize_per_tensor_affine(w, scale.float(), zero, qmin, qmax)
 
 
-def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
-    """``x`` through DynamicQuantizeLinear and back: uint8, its own range with 0 included."""
+def fake_quant_activation(x: torch.Tensor, mask: torch.Tensor | None = None, *,
+                          per_row: bool = False) -> torch.Tensor:
+    """``x`` through DynamicQuantizeLinear and back: uint8, its own range with 0 included. With
+    ``per_row``, each row of ``x`` (dim 0, one text of a batch) on its own range, taken over the
+    positions ``mask`` (``[rows, positions]``, 1 for a real token) marks when it matches ``x``'s first
+    two dimensions: the rounding each text gets when it is quantized alone."""
     d = x.detach()
+    if per_row:
+        flat = d.reshape(d.shape[0], -1)
+        if mask is not None and d.dim() == 3 and tuple(mask.shape) == tuple(d.shape[:2]):
+            keep = mask.to(torch.bool)[:, :, None].expand_as(d).reshape(d.shape[0], -1)
+            lo = torch.where(keep, flat, torch.full_like(flat, float("inf"))).amin(dim=1)
+            hi = torch.where(keep, flat, torch.full_like(flat, float("-inf"))).amax(dim=1)
+        else:
+            lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
+        scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+        zero = torch.round(-lo / scale).clamp(0, 255).to(torch.int32)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero, 0, 0, 255)
     lo, hi = d.min().clamp(max=0), d.max().clamp(min=0)
     scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).tiny).float().reshape(1)
     zero = torch.round(-lo / scale).clamp(0, 255).to(torch.int32).reshape(1)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
 
 
+RANGES = ("text", "batch")
+
+
 @contextmanager
 def dynamic_int8_training(model: nn.Module, *, per_channel: bool = False, weight_type: str = "qint8",
-                          reduce_range: bool = False) -> Iterator[int]:
+                          reduce_range: bool = False, ranges: str = "batch") -> Iterator[int]:
     """Within the block every ``nn.Linear`` of ``model`` runs with dynamic-int8 rounding; yields how many.
-    The modules' own forward comes back when the block ends, whatever happens inside it."""
+    ``ranges``: ``text``, each text of a batch rounded on the range of its own tokens (the attention
+    mask passed to ``model`` marks them), as a batch-1 server rounds it; ``batch``, one range for the
+    whole padded batch. The modules' own forward comes back when the block ends, whatever happens
+    inside it."""
     _weight_range(weight_type, reduce_range)  # refuse an unknown type before touching the model
+    if ranges not in RANGES:
+        raise ValueError(f"ranges '{ranges}': give one of {', '.join(RANGES)}.")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    per_row = ranges == "text"
+    seen: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def remember_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        seen["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         w = fake_quant_weight(self.weight, per_channel=per_channel, weight_type=weight_type,
                               reduce_range=reduce_range)
-        return F.linear(fake_quant_activation(x), w, self.bias)
+        return F.linear(fake_quant_activation(x, seen["mask"], per_row=per_row), w, self.bias)
 
+    hook = model.register_forward_pre_hook(remember_mask, with_kwargs=True) if per_row else None
     for m in linears:
         m.forward = types.MethodType(forward, m)  # an instance attribute, shadowing the class's
     try:
         yield len(linears)
     finally:
+        if hook is not None:
+            hook.remove()
         for m in linears:
             del m.forward

@@ -53,7 +53,7 @@ def prune_fingerprint(ctx: RunContext) -> str:
     r = ctx.recipe
     settings = {"prune": prune_settings(r.prune), "distill": stage_fingerprint(ctx, "distill"), "seed": r.seed}
     if r.prune.quant_aware:  # the rounding it trains with
-        settings["int8"] = _int8_rounding(r)
+        settings["int8"] = {k: v for k, v in _int8_rounding(r).items() if k != "ranges"}  # ranges: the prune section's
     if r.prune.trim_vocab:  # trimmed before pruning and recovery (it used to follow them)
         settings["vocab_order"] = "trim-then-recover"
     if r.teacher.unlabelled.dataset or r.teacher.augment.copies:
@@ -67,7 +67,8 @@ def prune_fingerprint(ctx: RunContext) -> str:
 
 def _int8_rounding(r) -> dict[str, Any]:
     q = r.quantize
-    return {"per_channel": q.per_channel, "weight_type": q.weight_type, "reduce_range": q.reduce_range}
+    return {"per_channel": q.per_channel, "weight_type": q.weight_type, "reduce_range": q.reduce_range,
+            "ranges": r.prune.quant_aware_ranges}
 
 
 def load_pruned(ctx: RunContext):
