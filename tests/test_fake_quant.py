@@ -171,6 +171,7 @@ def test_prune_stage_recovers_int8_aware(tmp_path, tiny_teacher_dir, tiny_csv, m
     off = parse_recipe({**data, "prune": {**data["prune"], "quant_aware": False}})
     other = parse_recipe({**data, "quantize": {**data["quantize"], "per_channel": False}})
     text = parse_recipe({**data, "prune": {**data["prune"], "quant_aware_ranges": "text"}})
+    assert prune_mod._int8_rounding(text)["ranges"] == "text"  # what the recovery's rounding is given
     fps = {fingerprint_of(ctx, "prune")} | {fingerprint_of(type(ctx)(recipe=r, run=ctx.run, family=ctx.family), "prune")
                                            for r in (off, other, text)}
     assert len(fps) == 4
