@@ -96,6 +96,11 @@ def test_text_ranges_round_each_padded_text_as_onnx_runtime_rounds_it_alone(tmp_
         assert np.abs(per_text[i, :n] - alone[i]).max() < 1e-4
         assert np.abs(shared[i, :n] - alone[i]).max() > 1e-2
     assert not model._forward_pre_hooks  # the mask hook goes with the block
+    with torch.no_grad(), dynamic_int8_training(model, ranges="text", **opts):  # no mask: refused, not guessed
+        with pytest.raises(ValueError, match="needs the attention mask .* called with no attention mask"):
+            model(torch.from_numpy(batch))
+        with pytest.raises(ValueError, match=r"attention mask of shape \(3, 2\)"):
+            model(torch.from_numpy(batch), attention_mask=torch.from_numpy(mask[:, :2]))
     with pytest.raises(ValueError, match="text, batch"), dynamic_int8_training(model, ranges="row"):
         pass
 

@@ -64,16 +64,22 @@ def fake_quant_weight(w: torch.Tensor, *, per_channel: bool, weight_type: str = 
 def fake_quant_activation(x: torch.Tensor, mask: torch.Tensor | None = None, *,
                           per_row: bool = False) -> torch.Tensor:
     """``x`` through DynamicQuantizeLinear and back: uint8, its own range with 0 included. With
-    ``per_row``, each row of ``x`` (dim 0, one text of a batch) on its own range, taken over the
-    positions ``mask`` (``[rows, positions]``, 1 for a real token) marks when it matches ``x``'s first
-    two dimensions: the rounding each text gets when it is quantized alone."""
+    ``per_row``, each row of ``x`` (dim 0, one text of a batch) on its own range: for a
+    ``[rows, positions, features]`` input, over the positions ``mask`` (``[rows, positions]``, 1 for a
+    real token) marks, which must then be given and match; the rounding each text gets when it is
+    quantized alone."""
     d = x.detach()
     if per_row:
         flat = d.reshape(d.shape[0], -1)
-        if mask is not None and d.dim() == 3 and tuple(mask.shape) == tuple(d.shape[:2]):
-            keep = mask.to(torch.bool)[:, :, None].expand_as(d).reshape(d.shape[0], -1)
-            lo = torch.where(keep, flat, torch.full_like(flat, float("inf"))).amin(dim=1)
-            hi = torch.where(keep, flat, torch.full_like(flat, float("-inf"))).amax(dim=1)
+        if d.dim() == 3:
+            if mask is None or tuple(mask.shape) != tuple(d.shape[:2]):
+                got = "no attention mask" if mask is None else f"an attention mask of shape {tuple(mask.shape)}"
+                raise ValueError(f"per-text int8 rounding of a {tuple(d.shape)} input needs the attention mask "
+                                 f"of its texts ({tuple(d.shape[:2])}), and the model was called with {got}: "
+                                 "pass attention_mask= as a keyword, or round with ranges='batch'")
+            drop = ~mask.to(torch.bool)[:, :, None].expand_as(d).reshape(d.shape[0], -1)
+            lo = flat.masked_fill(drop, float("inf")).amin(dim=1)
+            hi = flat.masked_fill(drop, float("-inf")).amax(dim=1)
         else:
             lo, hi = flat.amin(dim=1), flat.amax(dim=1)
         lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
@@ -94,7 +100,8 @@ def dynamic_int8_training(model: nn.Module, *, per_channel: bool = False, weight
                           reduce_range: bool = False, ranges: str = "batch") -> Iterator[int]:
     """Within the block every ``nn.Linear`` of ``model`` runs with dynamic-int8 rounding; yields how many.
     ``ranges``: ``text``, each text of a batch rounded on the range of its own tokens (the attention
-    mask passed to ``model`` marks them), as a batch-1 server rounds it; ``batch``, one range for the
+    mask passed to ``model`` as a keyword marks them; a per-position input without it is an error),
+    as a batch-1 server rounds it; ``batch``, one range for the
     whole padded batch. The modules' own forward comes back when the block ends, whatever happens
     inside it."""
     _weight_range(weight_type, reduce_range)  # refuse an unknown type before touching the model
