@@ -623,6 +623,7 @@ class QuantizeCandidate(Section):
         None, description="As quantize.calibration_method."
     )
     percentile: float | None = Field(None, gt=90, le=100, description="As quantize.percentile.")
+    smooth_alpha: float | None = Field(None, gt=0, le=1, description="As quantize.smooth_alpha.")
 
 
 class QuantizeConfig(Section):
@@ -669,9 +670,18 @@ class QuantizeConfig(Section):
     preprocess: bool = Field(
         True, description="Run onnxruntime.quantization.quant_pre_process (shape inference, graph cleanup) first."
     )
-    calibration_samples: int = Field(128, ge=1, description="static: examples used to calibrate activation ranges.")
+    smooth_alpha: float | None = Field(
+        None, gt=0, le=1, description="int8 methods: before quantizing, divide each MatMul's input channels by "
+        "s = max|x|^alpha / max|w|^(1 - alpha) and multiply the weight's rows by s (SmoothQuant; the same "
+        "product in float, calibrated on calibration_samples examples of calibration_split, each at its real "
+        "length): part of the activations' range moves into the weights, so one large channel no longer sets "
+        "every channel's int8 step. Costs one Mul per smoothed input. Quantization-aware recovery "
+        "(prune.quant_aware) does not train with it. None: off."
+    )
+    calibration_samples: int = Field(128, ge=1, description="static, and smooth_alpha: examples used to calibrate "
+                                     "activation ranges.")
     calibration_split: Literal["train", "validation"] = Field(
-        "train", description="static: the split the calibration examples come from (never test), each fed at its "
+        "train", description="static, and smooth_alpha: the split the calibration examples come from (never test), each fed at its "
         "real length."
     )
     fuse: Literal["none", "attention", "multihead", "packed"] = Field(
@@ -723,6 +733,9 @@ class QuantizeConfig(Section):
         if self.embedding_bits == 4 and self.method == "fp16":
             problems.append("quantize.embedding_bits: 4 quantizes the embeddings of an int8 method (dynamic or "
                             "static); fp16 halves every weight instead: drop embedding_bits or pick an int8 method")
+        if self.smooth_alpha is not None and self.method == "fp16":
+            problems.append("quantize.smooth_alpha narrows the activation ranges of int8 rounding; fp16 has none to "
+                            "narrow: drop smooth_alpha or pick an int8 method (dynamic or static)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -160,6 +160,8 @@ def candidate_name(c: QuantizeConfig) -> str:
                 parts[-1] += f"-float{c.embedding_float_rows}"
     if c.fuse != "none":
         parts.append(f"fused-{c.fuse}")
+    if c.smooth_alpha is not None and c.method != "fp16":
+        parts.append(f"smooth{c.smooth_alpha:g}")
     return "/".join(parts)
 
 
@@ -204,13 +206,15 @@ def quantize_onnx(
             # start from the graph as exported (the fusions look for Add), and this stage times its own file.
             if write_residual_sums_as_adds(src, work / "exported-adds.onnx"):
                 exported = work / "exported-adds.onnx"
-        floats: dict[str, tuple[Path, dict[str, Any]]] = {}  # fuse -> (prepared float model, notes)
+        floats: dict[tuple[str, float | None], tuple[Path, dict[str, Any]]] = {}  # (fuse, smoothing) -> (model, notes)
+        calib_rows = real_length_rows(calib_inputs, cfg.calibration_samples) if calib_inputs is not None else []
         results = []
         not_built: list[dict[str, str]] = []  # extra candidates whose fusion cannot apply to this graph
         for i, (name, c) in enumerate(track(setups, "quantize: candidates", label=lambda s: s[0])):
-            if c.fuse not in floats:
+            key = (c.fuse, c.smooth_alpha)
+            if key not in floats:
                 try:
-                    floats[c.fuse] = _prepare_float(exported, work, c, external, ev)
+                    floats[key] = _prepare_float(exported, work, c, external, ev, calib_rows)
                 except (UnsupportedTargetError, StageError) as e:
                     if i == 0:  # the section's own setup: the recipe asked for it, so it is an error
                         raise
@@ -219,7 +223,7 @@ def quantize_onnx(
                     not_built.append({"name": name, "why": f"not built: {e}"})
                     log.warning("quantize: candidate %s not built: %s", name, e)
                     continue
-            prepared, notes = floats[c.fuse]
+            prepared, notes = floats[key]
             cwork = work / f"candidate{i}"  # own calibration cache: ranges depend on graph and method
             cwork.mkdir()
             method = make_method(c, calib_inputs, names, dtypes, cwork, external)
@@ -229,7 +233,7 @@ def quantize_onnx(
 
         rows = real_length_rows(val_inputs, cfg.speed_runs)
         timed = {"float": src}
-        for fuse in floats:  # what the fusions alone give
+        for fuse in dict.fromkeys(f for f, _ in floats):  # what the fusions alone give
             if fuse != "none":
                 timed[f"float/fused-{fuse}"] = work / f"fused-{fuse}.onnx"
         timed.update({r["name"]: r["model"] for r in results})
@@ -300,16 +304,21 @@ def _tune_session(win: dict[str, Any], ev: Evaluator, base: dict[str, Any], val_
     return session, tuned
 
 
-def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,
-                   ev: Evaluator) -> tuple[Path, dict[str, Any]]:
+def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool, ev: Evaluator,
+                   calib_rows: list[dict[str, np.ndarray]]) -> tuple[Path, dict[str, Any]]:
     """The float model a candidate quantizes: fused first unless ``c.fuse`` is none (checked against the
-    source model's validation outputs), then pre-processed and with every node named."""
+    source model's validation outputs), then pre-processed and with every node named, then smoothed
+    with ``c.smooth_alpha`` (``edgekd.quantization.smooth``, calibrated on ``calib_rows``; checked the
+    same way)."""
     notes: dict[str, Any] = {}
     staged = src
-    if c.fuse != "none":
+    fused = work / f"fused-{c.fuse}.onnx"
+    if c.fuse != "none" and fused.is_file():  # another candidate fused it already (smoothed or not)
+        staged = fused
+        notes["fusion"] = {"reused": fused.name}
+    elif c.fuse != "none":
         from edgekd.export.onnx import fuse_file
 
-        fused = work / f"fused-{c.fuse}.onnx"
         notes["fusion"] = fuse_file(staged, fused, external, attention=c.fuse)
         staged = fused
         check = ev.score(staged)
@@ -320,9 +329,24 @@ def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool,
                 f"the fused float model agrees with the exported one on only {check['top1_agreement']:.2%} of "
                 f"the validation examples (max abs diff {check['max_abs_diff']:.3g}): set quantize.fuse: none"
             )
-    prepared = work / f"float-{c.fuse}" / "float.onnx"
+    smoothing = c.smooth_alpha is not None and c.method != "fp16"
+    prepared = work / (f"float-{c.fuse}" + (f"-smooth{c.smooth_alpha:g}" if smoothing else "")) / "float.onnx"
     prepared.parent.mkdir()
     notes.update(prepare(staged, prepared, c.preprocess, external))
+    if smoothing:
+        from edgekd.quantization.smooth import smooth_file
+
+        if not calib_rows:
+            raise StageError("quantize.smooth_alpha calibrates the channel ranges on real examples: none were given")
+        notes["smoothing"] = smooth_file(prepared, prepared, calib_rows, c.smooth_alpha, c.threads, external)
+        check = ev.score(prepared)
+        notes["smoothing"]["parity"] = {"max_abs_diff": check["max_abs_diff"],
+                                        "top1_agreement": check["top1_agreement"]}
+        if check["top1_agreement"] < 0.999:
+            raise StageError(
+                f"the smoothed float model agrees with the exported one on only {check['top1_agreement']:.2%} of "
+                f"the validation examples (max abs diff {check['max_abs_diff']:.3g}): drop quantize.smooth_alpha"
+            )
     return prepared, notes
 
 

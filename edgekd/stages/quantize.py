@@ -52,8 +52,10 @@ def quantize_settings(cfg) -> dict[str, Any]:
     if all(d[k] == QuantizeConfig.model_fields[k].default for k in keys):
         for k in keys:
             del d[k]
+    if d["smooth_alpha"] is None:  # added 2026-12-05: runs recorded before it stay valid
+        del d["smooth_alpha"]
     for cand in d["candidates"]:
-        for k in ("embedding_bits", "embedding_float_rows"):
+        for k in ("embedding_bits", "embedding_float_rows", "smooth_alpha"):
             if cand.get(k) is None:
                 cand.pop(k, None)
     return d
@@ -76,8 +78,8 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
         raise StageError("quantize needs the ONNX (or Core ML) export: add onnx to export.targets and run "
                          "`edgekd export` first.")
     val_inputs, val_labels = ctx.validation_data()
-    static = any(c.method == "static" for _, c in candidate_configs(cfg))
-    calib = ctx.calibration_data(cfg.calibration_split, cfg.calibration_samples) if static else None
+    calibrated = any(c.method == "static" or c.smooth_alpha is not None for _, c in candidate_configs(cfg))
+    calib = ctx.calibration_data(cfg.calibration_split, cfg.calibration_samples) if calibrated else None
     out_dir = ctx.run.stage_dir("export") / quantized_folder("onnx", cfg.method)
     report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val_labels, task.metrics)
     # The metric of the quantized artifact on the test split, next to the float one (same runner as serving).
