@@ -141,3 +141,17 @@ def test_smooth_alpha_in_the_recipe():
     cfg = QuantizeConfig(candidates=[QuantizeCandidate(smooth_alpha=0.75)])
     assert [n for n, _ in candidate_configs(cfg)] == ["dynamic", "dynamic/smooth0.75"]
     assert "smooth_alpha" not in quantize_settings(QuantizeConfig(candidates=[{"fuse": "packed"}]))["candidates"][0]
+
+
+def test_the_prune_search_times_the_smoothed_form(fragile, tmp_path):  # noqa: F811
+    """The search's latency is taken on the model the quantize section writes: smoothing included."""
+    from edgekd.stages.prune_common import _quantize_for_timing
+
+    folder, inputs, _ = fragile
+    plain = _quantize_for_timing(qcfg(), folder / "model.onnx", tmp_path / "plain", inputs)
+    smoothed = _quantize_for_timing(qcfg(smooth_alpha=0.5), folder / "model.onnx", tmp_path / "smooth", inputs)
+
+    def smooth_muls(path):
+        return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Mul" and "smooth" in n.name]
+
+    assert smooth_muls(plain) == [] and len(smooth_muls(smoothed)) == 2

@@ -11,6 +11,7 @@ budget cannot be met, the report says so and recommends the float model.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -160,7 +161,7 @@ def candidate_name(c: QuantizeConfig) -> str:
                 parts[-1] += f"-float{c.embedding_float_rows}"
     if c.fuse != "none":
         parts.append(f"fused-{c.fuse}")
-    if c.smooth_alpha is not None and c.method != "fp16":
+    if c.smooth_alpha is not None:
         parts.append(f"smooth{c.smooth_alpha:g}")
     return "/".join(parts)
 
@@ -304,50 +305,57 @@ def _tune_session(win: dict[str, Any], ev: Evaluator, base: dict[str, Any], val_
     return session, tuned
 
 
-def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool, ev: Evaluator,
+def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool, ev: Evaluator | None,
                    calib_rows: list[dict[str, np.ndarray]]) -> tuple[Path, dict[str, Any]]:
-    """The float model a candidate quantizes: fused first unless ``c.fuse`` is none (checked against the
-    source model's validation outputs), then pre-processed and with every node named, then smoothed
-    with ``c.smooth_alpha`` (``edgekd.quantization.smooth``, calibrated on ``calib_rows``; checked the
-    same way)."""
+    """The float model a candidate quantizes: fused first unless ``c.fuse`` is none, then pre-processed
+    and with every node named, then smoothed with ``c.smooth_alpha`` (``edgekd.quantization.smooth``,
+    calibrated on ``calib_rows``). With ``ev``, the fused and the smoothed models are each checked
+    against the source model's validation outputs (the stage); without, they are not (timing only).
+    A fusion another candidate made in ``work`` is reused, with its notes."""
     notes: dict[str, Any] = {}
     staged = src
-    fused = work / f"fused-{c.fuse}.onnx"
-    if c.fuse != "none" and fused.is_file():  # another candidate fused it already (smoothed or not)
-        staged = fused
-        notes["fusion"] = {"reused": fused.name}
-    elif c.fuse != "none":
-        from edgekd.export.onnx import fuse_file
+    if c.fuse != "none":
+        fused = work / f"fused-{c.fuse}.onnx"
+        record = fused.with_suffix(".json")
+        if fused.is_file() and record.is_file():
+            notes["fusion"] = json.loads(record.read_text())
+        else:
+            from edgekd.export.onnx import fuse_file
 
-        notes["fusion"] = fuse_file(staged, fused, external, attention=c.fuse)
+            notes["fusion"] = fuse_file(staged, fused, external, attention=c.fuse)
+            if ev is not None:
+                notes["fusion"]["parity"] = _checked(ev, fused, "fused", "set quantize.fuse: none")
+            record.write_text(json.dumps(notes["fusion"], default=str))
         staged = fused
-        check = ev.score(staged)
-        notes["fusion"].update(parity={"max_abs_diff": check["max_abs_diff"],
-                                       "top1_agreement": check["top1_agreement"]})
-        if check["top1_agreement"] < 0.999:
-            raise StageError(
-                f"the fused float model agrees with the exported one on only {check['top1_agreement']:.2%} of "
-                f"the validation examples (max abs diff {check['max_abs_diff']:.3g}): set quantize.fuse: none"
-            )
-    smoothing = c.smooth_alpha is not None and c.method != "fp16"
-    prepared = work / (f"float-{c.fuse}" + (f"-smooth{c.smooth_alpha:g}" if smoothing else "")) / "float.onnx"
+    prepared = work / (f"float-{c.fuse}" + (f"-smooth{c.smooth_alpha:g}" if c.smooth_alpha else "")) / "float.onnx"
     prepared.parent.mkdir()
     notes.update(prepare(staged, prepared, c.preprocess, external))
-    if smoothing:
+    if c.smooth_alpha is not None:
         from edgekd.quantization.smooth import smooth_file
 
         if not calib_rows:
             raise StageError("quantize.smooth_alpha calibrates the channel ranges on real examples: none were given")
         notes["smoothing"] = smooth_file(prepared, prepared, calib_rows, c.smooth_alpha, c.threads, external)
-        check = ev.score(prepared)
-        notes["smoothing"]["parity"] = {"max_abs_diff": check["max_abs_diff"],
-                                        "top1_agreement": check["top1_agreement"]}
-        if check["top1_agreement"] < 0.999:
-            raise StageError(
-                f"the smoothed float model agrees with the exported one on only {check['top1_agreement']:.2%} of "
-                f"the validation examples (max abs diff {check['max_abs_diff']:.3g}): drop quantize.smooth_alpha"
-            )
+        if ev is not None:
+            notes["smoothing"]["parity"] = _checked(ev, prepared, "smoothed", "drop quantize.smooth_alpha")
     return prepared, notes
+
+
+def _checked(ev: Evaluator, path: Path, what: str, remedy: str) -> dict[str, float]:
+    """``path`` scored against the source model on validation; a rewrite that changes answers is an error."""
+    check = ev.score(path)
+    if check["top1_agreement"] < 0.999:
+        raise StageError(f"the {what} float model agrees with the exported one on only {check['top1_agreement']:.2%} "
+                         f"of the validation examples (max abs diff {check['max_abs_diff']:.3g}): {remedy}")
+    return {"max_abs_diff": check["max_abs_diff"], "top1_agreement": check["top1_agreement"]}
+
+
+def prepare_for_timing(src: Path, work: Path, c: QuantizeConfig,
+                       calib_rows: list[dict[str, np.ndarray]]) -> Path:
+    """The float model ``c`` quantizes, as the stage prepares it (fused, pre-processed, smoothed), for a
+    caller that times the quantized form (the prune search); no parity check."""
+    work.mkdir(parents=True, exist_ok=True)
+    return _prepare_float(src, work, c, False, None, calib_rows)[0]
 
 
 def _model_bytes(path: Path) -> int:

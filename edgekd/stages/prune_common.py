@@ -101,12 +101,17 @@ def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
 
 
 def _quantize_for_timing(qcfg, src, work, calib: dict[str, np.ndarray]):
-    """``src`` quantized with the quantize section's method (what the quantize stage starts from)."""
+    """``src`` quantized as the quantize section says: fused, smoothed and quantized with its method
+    (what the quantize stage starts from; its candidates and guard come later)."""
     import onnx
 
+    from edgekd.quantization.calibration import real_length_rows
     from edgekd.quantization.onnx_methods import make_method
+    from edgekd.quantization.onnx_stage import candidate_configs, prepare_for_timing
 
     work.mkdir(parents=True, exist_ok=True)
+    section = candidate_configs(qcfg)[0][1]
+    src = prepare_for_timing(src, work / "float", section, real_length_rows(calib) if section.smooth_alpha else [])
     graph = onnx.load(str(src), load_external_data=False).graph
     init = {i.name for i in graph.initializer}
     names = [i.name for i in graph.input if i.name not in init]
