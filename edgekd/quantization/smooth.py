@@ -104,7 +104,7 @@ def smooth_file(src: Path, dst: Path, rows: Sequence[dict[str, np.ndarray]], alp
     order = {id(n): i for i, n in enumerate(model.graph.node)}
     inserts: list[tuple[int, Any]] = []
     report = []
-    for x, nodes in groups.items():
+    for k, (x, nodes) in enumerate(groups.items()):
         weights = {n.input[1]: numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes}
         if any(w.shape[0] != amax[x].shape[0] for w in weights.values()):
             continue  # the weight's rows are not the input's channels (e.g. a batched right operand)
@@ -116,7 +116,7 @@ def smooth_file(src: Path, dst: Path, rows: Sequence[dict[str, np.ndarray]], alp
         s = s.astype(np.float32)
         for name, w in weights.items():
             inits[name].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), name))
-        tag = x.replace("/", "_").replace(":", "_")
+        tag = f"{k}_" + "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in x)  # unique, and a plain name
         inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"edgekd_smooth_{tag}_inv")
         model.graph.initializer.append(inv)
         out = f"edgekd_smooth_{tag}_out"
