@@ -528,6 +528,11 @@ class PruneConfig(Section):
         description="Every recovery (text and detection, every method) ends with a moving average of its "
         "weights (see distill.train.ema_decay) at this decay. None: as distill.train.ema_decay.",
     )
+    recover_lr: float | None = Field(
+        None, gt=0,
+        description="Every recovery's peak learning rate (text and detection). None: distill.train.lr, the rate "
+        "the student was distilled at.",
+    )
     recover_soup: int = Field(
         1, ge=1,
         description="Text (heads-ffn): every recovery trains this many copies of the pruned model from the same "

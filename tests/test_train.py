@@ -255,3 +255,14 @@ def test_recovery_reads_prune_recover_ema_decay_before_the_distill_sections():
     assert (tc.ema_decay, tc.epochs, tc.lr) == (0.998, 1.5, own.distill.train.lr)
     assert prune_settings(own.prune)["recover_ema_decay"] == 0.998
     assert own.distill.train.model_dump()["ema_decay"] == 0.99
+
+
+def test_recovery_reads_prune_recover_lr_before_the_distill_sections():
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.prune_common import prune_settings, recovery_train_config
+
+    plain = load_recipe("default")
+    assert recovery_train_config(plain, 2).lr == plain.distill.train.lr and "recover_lr" not in prune_settings(plain.prune)
+    own = load_recipe("default", ["prune.recover_lr=5e-5"])
+    assert recovery_train_config(own, 2).lr == 5e-5 and own.distill.train.lr == plain.distill.train.lr
+    assert prune_settings(own.prune)["recover_lr"] == 5e-5

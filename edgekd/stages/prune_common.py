@@ -22,7 +22,7 @@ def prune_settings(cfg) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
     for key in ("max_accuracy_drop", "recover_hidden_weight", "final_recover_epochs", "trim_vocab",
                 "vocab_min_count", "vocab_keep_chars", "vocab_keep_first", "quant_aware", "quant_aware_ranges",
-                "recover_soft_targets", "recover_ema_decay", "recover_soup"):
+                "recover_soft_targets", "recover_ema_decay", "recover_lr", "recover_soup"):
         if d[key] == PruneConfig.model_fields[key].default:
             del d[key]
     if d["steps"] is None and cfg.target_latency_ms is None and cfg.max_accuracy_drop is None:
@@ -32,11 +32,12 @@ def prune_settings(cfg) -> dict[str, Any]:
 
 def recovery_train_config(r, epochs: float):
     """The training settings of one recovery: the distill section's, for ``epochs`` epochs, with
-    ``prune.recover_ema_decay`` where it is set."""
+    ``prune.recover_ema_decay`` and ``prune.recover_lr`` where they are set."""
     from edgekd.recipe import TrainConfig
 
     ema = r.prune.recover_ema_decay if r.prune.recover_ema_decay is not None else r.distill.train.ema_decay
-    return TrainConfig(**{**r.distill.train.model_dump(), "epochs": epochs, "ema_decay": ema})
+    lr = r.prune.recover_lr if r.prune.recover_lr is not None else r.distill.train.lr
+    return TrainConfig(**{**r.distill.train.model_dump(), "epochs": epochs, "ema_decay": ema, "lr": lr})
 
 
 def say_search(ctx: RunContext, cfg, metrics: dict[str, Any]) -> None:
