@@ -101,7 +101,7 @@ def smooth_file(src: Path, dst: Path, rows: Sequence[dict[str, np.ndarray]], alp
         raise ValueError(f"{Path(src).name} has no MatMul or Attention over a float weight to smooth")
     amax = channel_absmax(src, list(groups), rows, threads)
     inits = {t.name: t for t in model.graph.initializer}
-    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    order = {n.output[0]: i for i, n in enumerate(model.graph.node) if n.output}  # a node's place, by its output
     inserts: list[tuple[int, Any]] = []
     report = []
     for k, (x, nodes) in enumerate(groups.items()):
@@ -120,13 +120,16 @@ def smooth_file(src: Path, dst: Path, rows: Sequence[dict[str, np.ndarray]], alp
         inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"edgekd_smooth_{tag}_inv")
         model.graph.initializer.append(inv)
         out = f"edgekd_smooth_{tag}_out"
-        inserts.append((min(order[id(n)] for n in nodes),
+        inserts.append((min(order[n.output[0]] for n in nodes),
                         helper.make_node("Mul", [x, inv.name], [out], name=f"edgekd_smooth_{tag}")))
         for n in nodes:
             n.input[0] = out
         report.append({"input": x, "nodes": [n.name for n in nodes],
                        "input_range": round(float(xmax.max()), 4),
                        "scale_max": round(float(s.max()), 4), "scale_min": round(float(s.min()), 4)})
+    if not report:
+        raise ValueError(f"{Path(src).name}: no MatMul or Attention weight has one row per channel of its input; "
+                         "nothing to smooth")
     for index, node in sorted(inserts, key=lambda t: -t[0]):  # back to front: earlier indices stay valid
         model.graph.node.insert(index, node)
     tmp = Path(dst).with_name(Path(dst).stem + ".smooth" + Path(dst).suffix)
