@@ -155,3 +155,20 @@ def test_the_prune_search_times_the_smoothed_form(fragile, tmp_path):  # noqa: F
         return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Mul" and "smooth" in n.name]
 
     assert smooth_muls(plain) == [] and len(smooth_muls(smoothed)) == 2
+
+
+def test_a_search_redoes_the_prune_stage_when_its_timed_form_changes():
+    """A prune search's latencies come from the quantize section's form (smoothing included), so that
+    section's shape is in the prune fingerprint; without a search it is not (recorded runs stay valid)."""
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.prune_common import search_timing_settings
+
+    plain = load_recipe("default")
+    assert search_timing_settings(plain) == {}
+    assert search_timing_settings(load_recipe("default", ["quantize.smooth_alpha=0.5"])) == {}
+    search = load_recipe("default", ["prune.keep_params=null", "prune.max_accuracy_drop=0.005"])
+    smoothed = load_recipe("default", ["prune.keep_params=null", "prune.max_accuracy_drop=0.005", "quantize.smooth_alpha=0.5"])
+    assert search_timing_settings(search)["timed_as"]["smooth_alpha"] is None
+    assert search_timing_settings(smoothed)["timed_as"]["smooth_alpha"] == 0.5
+    guard_only = load_recipe("default", ["prune.keep_params=null", "prune.max_accuracy_drop=0.005", "quantize.max_accuracy_drop=0.02"])
+    assert search_timing_settings(guard_only) == search_timing_settings(search)  # the guard does not shape it

@@ -327,7 +327,7 @@ def _prepare_float(src: Path, work: Path, c: QuantizeConfig, external: bool, ev:
                 notes["fusion"]["parity"] = _checked(ev, fused, "fused", "set quantize.fuse: none")
             record.write_text(json.dumps(notes["fusion"], default=str))
         staged = fused
-    prepared = work / (f"float-{c.fuse}" + (f"-smooth{c.smooth_alpha:g}" if c.smooth_alpha else "")) / "float.onnx"
+    prepared = work / (f"float-{c.fuse}" + (f"-smooth{c.smooth_alpha:g}" if c.smooth_alpha is not None else "")) / "float.onnx"
     prepared.parent.mkdir()
     notes.update(prepare(staged, prepared, c.preprocess, external))
     if c.smooth_alpha is not None:

@@ -54,15 +54,16 @@ def _targets(model: Any) -> dict[str, list[Any]]:
     return groups
 
 
-def channel_absmax(path: Path, names: Sequence[str], rows: Sequence[dict[str, np.ndarray]],
+def channel_absmax(source: Any, names: Sequence[str], rows: Sequence[dict[str, np.ndarray]],
                    threads: int | None = None) -> dict[str, np.ndarray]:
-    """The largest |value| of each channel (last axis) of the tensors ``names`` of the ONNX file
-    ``path``, over the inputs ``rows`` (one call each)."""
+    """The largest |value| of each channel (last axis) of the tensors ``names`` of the ONNX model
+    ``source`` (left as it is), over the inputs ``rows`` (one call each)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
 
-    model = onnx.load(str(path))
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
     have = {o.name for o in model.graph.output}
     for name in names:
         if name not in have:
@@ -99,7 +100,7 @@ def smooth_file(src: Path, dst: Path, rows: Sequence[dict[str, np.ndarray]], alp
     groups = _targets(model)
     if not groups:
         raise ValueError(f"{Path(src).name} has no MatMul or Attention over a float weight to smooth")
-    amax = channel_absmax(src, list(groups), rows, threads)
+    amax = channel_absmax(model, list(groups), rows, threads)
     inits = {t.name: t for t in model.graph.initializer}
     order = {n.output[0]: i for i, n in enumerate(model.graph.node) if n.output}  # a node's place, by its output
     inserts: list[tuple[int, Any]] = []

@@ -30,6 +30,21 @@ def prune_settings(cfg) -> dict[str, Any]:
     return d
 
 
+# The quantize section's keys that shape the form a search times (``_quantize_for_timing``).
+TIMED_FORM_KEYS = ("enabled", "method", "fuse", "smooth_alpha", "per_channel", "reduce_range", "weight_type",
+                   "activation_type", "op_types", "embedding_bits", "embedding_block_size", "embedding_float_rows",
+                   "preprocess")
+
+
+def search_timing_settings(r) -> dict[str, Any]:
+    """What a prune search's latencies depend on beyond the prune section (for the stage fingerprint): the
+    quantize section's shape of the timed form. Empty without a search, so other runs keep their fingerprints."""
+    if r.prune.target_latency_ms is None and r.prune.max_accuracy_drop is None:
+        return {}
+    q = r.quantize.model_dump(mode="json")
+    return {"timed_as": {k: q[k] for k in TIMED_FORM_KEYS}}
+
+
 def recovery_train_config(r, epochs: float):
     """The training settings of one recovery: the distill section's, for ``epochs`` epochs, with
     ``prune.recover_ema_decay`` and ``prune.recover_lr`` where they are set."""

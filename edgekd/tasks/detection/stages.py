@@ -32,6 +32,7 @@ from edgekd.stages.prune_common import (
     prune_settings,
     recovery_train_config,
     say_search,
+    search_timing_settings,
     shipped_latency_fn,
 )
 from edgekd.train import resolve_precision, to_torch, train
@@ -242,7 +243,7 @@ def run_eval(ctx) -> dict[str, Any]:
 def prune_fingerprint(ctx) -> str:
     r = ctx.recipe
     return fingerprint({"prune": prune_settings(r.prune), "distill": student_fingerprint(ctx, "distill"),
-                        "seed": r.seed})
+                        "seed": r.seed, **search_timing_settings(r)})
 
 
 def head_output_convs(model) -> list:

@@ -27,6 +27,7 @@ from edgekd.stages.prune_common import (
     prune_settings,
     recovery_train_config,
     say_search,
+    search_timing_settings,
     shipped_latency_fn,
 )
 from edgekd.tasks.text.distill import stage_fingerprint
@@ -62,7 +63,7 @@ def prune_fingerprint(ctx: RunContext) -> str:
     if r.prune.target_latency_ms is not None or r.prune.max_accuracy_drop is not None:
         # the search times the shipped form, which this key changes
         settings["first_token_last_layer"] = r.export.first_token_last_layer
-    return fingerprint(settings)
+    return fingerprint({**settings, **search_timing_settings(r)})
 
 
 def _int8_rounding(r) -> dict[str, Any]:
