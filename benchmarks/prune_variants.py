@@ -6,6 +6,7 @@ shipped (int8 ONNX) size side by side, chosen on validation, reported on test.
     python benchmarks/prune_variants.py runs/default hidden="prune.recover_hidden_weight=1.0"
     python benchmarks/prune_variants.py ood-sets runs/default runs/default-hidden   # shipped vs student, 3 OOD sets
     python benchmarks/prune_variants.py ensembles runs/default      # teacher, student and the two averaged
+    python benchmarks/prune_variants.py chain runs/default-seed42 runs/default-seed43   # student -> shipped, step by step
 
 ``trim[:MIN_COUNT][:chars][:first=N][@STAGE]`` (e.g. ``trim:1:first=10000@distill``) trims the run's pruned (or STAGE's, e.g. distill) student as it
 is (no retraining). Any other
@@ -95,6 +96,11 @@ def one_at_a_time(run: Path, folder: Path, ood_sets: list[str] | None = None) ->
     length: ``edgekd.export.parity.run_as_served``) on the validation and test splits and the recipe's
     out-of-domain set, with the folder's tokenizer; with ``ood_sets``, on those named out-of-domain
     sets instead of the splits (keyed by name)."""
+    return {name: acc for name, (acc, _) in served_outputs(run, folder, ood_sets).items()}
+
+
+def served_outputs(run: Path, folder: Path, ood_sets: list[str] | None = None) -> dict[str, tuple[float, Any]]:
+    """:func:`one_at_a_time`'s (accuracy, logits) per split."""
     import numpy as np
 
     from edgekd.export.parity import run_as_served
@@ -117,7 +123,7 @@ def one_at_a_time(run: Path, folder: Path, ood_sets: list[str] | None = None) ->
         batch = split.collate(np.arange(len(split)))
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         outputs = run_as_served(runner.run, inputs, 64, meta.get("precision"))
-        out[name] = float(ctx.task.metrics(outputs, split.labels)["accuracy"])
+        out[name] = (float(ctx.task.metrics(outputs, split.labels)["accuracy"]), outputs["logits"])
     return out
 
 
@@ -200,6 +206,64 @@ def vocab_stats(run_or_recipe: str) -> None:
               f"{cov[0]:.2%} | {cov[1]:.2%} |")
 
 
+def chain(runs: list[Path]) -> None:
+    """Where the shipped file's accuracy goes, step by step, on validation, test and the two pooled
+    (2,550 texts): the fp32 distilled student (PyTorch), the same student with its vocabulary trimmed
+    (the prune stage's own record), the pruned fp32 student (its ONNX export) and the shipped int8 file
+    (one text at a time). The splits are the same texts for every seed (``data.split.seed``), so the
+    last two lines average the pruned and the shipped file minus the student over the runs text by text,
+    the text as the unit (``_compare_report.seed_averaged``): the expected gap, which one split of 1,275
+    texts says little about."""
+    import json
+
+    import numpy as np
+    from _compare_report import seed_averaged
+
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+
+    splits = ("val", "test")
+    print("| run | student: val / test / pooled | vocabulary trimmed: val / test | pruned fp32: val / test / pooled "
+          "| shipped int8: val / test / pooled |")
+    print("|---|--:|--:|--:|--:|")
+    pairs: dict[str, list] = {"fp32": [], "shipped": []}
+    labels, means = None, []
+    for run in runs:
+        ctx = create_context(load_recipe(run / "recipe.yaml"))
+        shipped = served_outputs(run, _shipped_int8(run))
+        fp32 = served_outputs(run, run / "export" / "onnx")
+        vocab = json.loads((run / "manifest.json").read_text())["stages"]["prune"]["metrics"].get("vocab", {})
+        answers: dict[str, list[int]] = {"student": [], "fp32": [], "shipped": []}
+        run_labels: list[int] = []
+        for split, full in zip(splits, ("validation", "test"), strict=True):
+            data = ctx.tokenized(full, ctx.tokenizer)
+            answers["student"] += np.asarray(_student_accuracy(ctx, data, f"student: {full}")[1]).argmax(-1).tolist()
+            answers["fp32"] += np.asarray(fp32[split][1]).argmax(-1).tolist()
+            answers["shipped"] += np.asarray(shipped[split][1]).argmax(-1).tolist()
+            run_labels += [int(y) for y in data.labels]
+        if labels is not None and labels != run_labels:
+            raise SystemExit(f"{run}: its validation and test texts are not the other runs' (data.split differs)")
+        labels = run_labels
+        y, n_val = np.asarray(labels), len(labels) - len(ctx.tokenized("test", ctx.tokenizer).labels)
+        acc = {k: [float(np.mean(np.asarray(v)[sl] == y[sl])) for sl in (slice(0, n_val), slice(n_val, None),
+                                                                         slice(None))] for k, v in answers.items()}
+        acc["trimmed"] = [vocab["after"][s]["accuracy"] if vocab.get("after") else float("nan")
+                          for s in ("validation", "test")]
+        means.append(acc)
+        print(f"| {run.name} | " + " | ".join(" / ".join(f"{a:.2%}" for a in acc[k])
+                                            for k in ("student", "trimmed", "fp32", "shipped")) + " |", flush=True)
+        for key in pairs:
+            pairs[key].append((answers[key], answers["student"]))
+    order = ("student", "trimmed", "fp32", "shipped")
+    mean = {k: np.mean([m[k] for m in means], axis=0) for k in order}
+    print("| mean | " + " | ".join(" / ".join(f"{a:.2%}" for a in mean[k]) for k in order) + " |\n")
+    for key, name in (("fp32", "pruned fp32"), ("shipped", "shipped int8")):
+        got = seed_averaged(pairs[key], labels)
+        lo, hi = got["ci95_pp"]
+        print(f"{name} minus student, validation and test pooled ({got['n']} texts), averaged over {got['seeds']} "
+              f"runs text by text: {got['diff_pp']:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f})")
+
+
 def ensembles(runs: list[Path]) -> None:
     """The teacher, the distilled student and the two averaged (the mean of their softmaxes, as
     ``prune.recover_soft_targets: teacher+unpruned`` trains against at the distillation temperature,
@@ -261,6 +325,8 @@ def main(argv: list[str]) -> None:
         return ood_sets([Path(a) for a in argv[1:]], OOD_SETS)
     if argv[0] == "ensembles":
         return ensembles([Path(a) for a in argv[1:]])
+    if argv[0] == "chain":
+        return chain([Path(a) for a in argv[1:]])
     run = Path(argv[0])
     rows = []
     for spec in argv[1:]:
