@@ -27,7 +27,8 @@ bench scored and timed it, beside the bench's PyTorch teacher and student; no us
 speed-up or margin against one is shown and the table says so. It is the cheap way to see how the
 accuracy figures move between seeds; the bars against the usual paths need the full form.
 
-Writes ``seeds.md`` and ``seeds.json`` to ``--out`` (default ``runs/<name>-seeds/``) and prints the table.
+Writes ``seeds.md`` and ``seeds.json`` to ``--out`` (default ``runs/<name>-seeds/``; over other seeds than
+42 43 44, ``runs/<name>-seeds-45-46/`` and so on) and prints the table.
 """
 
 from __future__ import annotations
@@ -316,17 +317,28 @@ def markdown(agg: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+DEFAULT_SEEDS = (42, 43, 44)
+
+
+def default_out_name(name: str, seeds: list[int]) -> str:
+    """The summary folder's name without --out: ``<name>-seeds`` for the default seeds, and with the
+    seeds in the name for any others, so a run over a few other seeds never overwrites the summary of
+    the three."""
+    return f"{name}-seeds" if tuple(seeds) == DEFAULT_SEEDS else f"{name}-seeds-" + "-".join(map(str, seeds))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", default="default", help="built-in recipe or YAML file (default: default)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds (default 42 43 44)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="seeds (default 42 43 44)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="recipe override key=value (repeatable)")
     p.add_argument("--runs", type=int, default=None, help="compare_tools: timed runs per model and batch (200)")
     p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="compare_tools: batch sizes timed (default 1 8; the bars read batch 1)")
     p.add_argument("--no-memory", action="store_true", help="compare_tools: skip the memory measurements")
-    p.add_argument("--out", default=None, help="output folder (default runs/<name>-seeds)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/<name>-seeds; with other seeds, runs/<name>-seeds-<seeds>)")
     p.add_argument("--no-run", action="store_true", help="measure existing run folders only (no edgekd run)")
     p.add_argument("--reuse", action="store_true",
                    help="with --no-run: read each run's compare/compare.json instead of measuring again (refused "
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     agg = aggregate(per_seed)
     text = markdown(agg, f"edgekd '{base.name}' over {len(args.seeds)} seeds")
-    out = Path(args.out) if args.out else Path(base.output_dir) / f"{base.name}-seeds"
+    out = Path(args.out) if args.out else Path(base.output_dir) / default_out_name(base.name, args.seeds)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "seeds.md", text)
     atomic_write_text(out / "seeds.json", json.dumps(agg, indent=2, default=str))

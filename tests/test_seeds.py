@@ -162,6 +162,11 @@ def test_compare_options_reach_compare_tools(seeds, tmp_path, monkeypatch, capsy
     assert seen == {"run_dir": tmp_path / "runs" / "tiny-seed1", "runs": 50, "threads": None,
                     "batch_sizes": (1,), "memory": False, "artifact": "onnx-int8"}
     assert (tmp_path / "out" / "seeds.md").is_file()
+    # Without --out, a run over other seeds than the default three keeps its own summary folder.
+    assert seeds.main([str(recipe), "--seeds", "1", "--no-run", "--no-memory"]) == 0
+    assert (tmp_path / "runs" / "tiny-seeds-1" / "seeds.md").is_file()
+    assert not (tmp_path / "runs" / "tiny-seeds").exists()
+    assert seeds.default_out_name("tiny", [42, 43, 44]) == "tiny-seeds"
     with pytest.raises(SystemExit):
         seeds.parse_args(["--batch-sizes", "8"])
     assert "include 1" in capsys.readouterr().err
