@@ -210,7 +210,8 @@ def chain(runs: list[Path]) -> None:
     """Where the shipped file's accuracy goes, step by step, on validation, test and the two pooled
     (2,550 texts): the fp32 distilled student (PyTorch), the same student with its vocabulary trimmed
     (the prune stage's own record), the pruned fp32 student (its ONNX export) and the shipped int8 file
-    (one text at a time). The splits are the same texts for every seed (``data.split.seed``), so the
+    (one text at a time). The splits are the same texts for every seed (``data.split.seed``; runs whose
+    labels differ are refused), so the
     last two lines average the pruned and the shipped file minus the student over the runs text by text,
     the text as the unit (``_compare_report.seed_averaged``): the expected gap, which one split of 1,275
     texts says little about."""
@@ -235,33 +236,40 @@ def chain(runs: list[Path]) -> None:
         vocab = json.loads((run / "manifest.json").read_text())["stages"]["prune"]["metrics"].get("vocab", {})
         answers: dict[str, list[int]] = {"student": [], "fp32": [], "shipped": []}
         run_labels: list[int] = []
+        n_val = 0
         for split, full in zip(splits, ("validation", "test"), strict=True):
             data = ctx.tokenized(full, ctx.tokenizer)
+            n_val = n_val or len(data.labels)
             answers["student"] += np.asarray(_student_accuracy(ctx, data, f"student: {full}")[1]).argmax(-1).tolist()
             answers["fp32"] += np.asarray(fp32[split][1]).argmax(-1).tolist()
             answers["shipped"] += np.asarray(shipped[split][1]).argmax(-1).tolist()
             run_labels += [int(y) for y in data.labels]
         if labels is not None and labels != run_labels:
-            raise SystemExit(f"{run}: its validation and test texts are not the other runs' (data.split differs)")
+            raise SystemExit(f"{run}: its validation and test labels are not the other runs' (another data.split?): "
+                             "the text-by-text average needs the same texts in every run")
         labels = run_labels
-        y, n_val = np.asarray(labels), len(labels) - len(ctx.tokenized("test", ctx.tokenizer).labels)
+        y = np.asarray(labels)
         acc = {k: [float(np.mean(np.asarray(v)[sl] == y[sl])) for sl in (slice(0, n_val), slice(n_val, None),
                                                                          slice(None))] for k, v in answers.items()}
         acc["trimmed"] = [vocab["after"][s]["accuracy"] if vocab.get("after") else float("nan")
                           for s in ("validation", "test")]
         means.append(acc)
-        print(f"| {run.name} | " + " | ".join(" / ".join(f"{a:.2%}" for a in acc[k])
-                                            for k in ("student", "trimmed", "fp32", "shipped")) + " |", flush=True)
+        print(f"| {run.name} | " + " | ".join(_pcts(acc[k]) for k in ("student", "trimmed", "fp32", "shipped")) + " |",
+              flush=True)
         for key in pairs:
             pairs[key].append((answers[key], answers["student"]))
     order = ("student", "trimmed", "fp32", "shipped")
     mean = {k: np.mean([m[k] for m in means], axis=0) for k in order}
-    print("| mean | " + " | ".join(" / ".join(f"{a:.2%}" for a in mean[k]) for k in order) + " |\n")
+    print("| mean | " + " | ".join(_pcts(mean[k]) for k in order) + " |\n")
     for key, name in (("fp32", "pruned fp32"), ("shipped", "shipped int8")):
         got = seed_averaged(pairs[key], labels)
         lo, hi = got["ci95_pp"]
         print(f"{name} minus student, validation and test pooled ({got['n']} texts), averaged over {got['seeds']} "
               f"runs text by text: {got['diff_pp']:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f})")
+
+
+def _pcts(values) -> str:
+    return " / ".join("-" if v != v else f"{v:.2%}" for v in values)  # NaN: a run without a vocabulary trim
 
 
 def ensembles(runs: list[Path]) -> None:
