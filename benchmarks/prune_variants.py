@@ -211,10 +211,9 @@ def chain(runs: list[Path]) -> None:
     (2,550 texts): the fp32 distilled student (PyTorch), the same student with its vocabulary trimmed
     (the prune stage's own record), the pruned fp32 student (its ONNX export) and the shipped int8 file
     (one text at a time). The splits are the same texts for every seed (``data.split.seed``; runs whose
-    labels differ are refused), so the
-    last two lines average the pruned and the shipped file minus the student over the runs text by text,
-    the text as the unit (``_compare_report.seed_averaged``): the expected gap, which one split of 1,275
-    texts says little about."""
+    labels differ are refused), so the last two lines average the pruned and the shipped file minus the
+    student over the runs text by text, the text as the unit (``_compare_report.seed_averaged``): the
+    expected gap, which one split of 1,275 texts says little about."""
     import json
 
     import numpy as np
@@ -223,6 +222,8 @@ def chain(runs: list[Path]) -> None:
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
 
+    if not runs:
+        raise SystemExit("chain: give one or more run folders (e.g. runs/default-seed42 runs/default-seed43)")
     splits = ("val", "test")
     print("| run | student: val / test / pooled | vocabulary trimmed: val / test | pruned fp32: val / test / pooled "
           "| shipped int8: val / test / pooled |")
