@@ -99,8 +99,10 @@ def one_at_a_time(run: Path, folder: Path, ood_sets: list[str] | None = None) ->
     return {name: acc for name, (acc, _) in served_outputs(run, folder, ood_sets).items()}
 
 
-def served_outputs(run: Path, folder: Path, ood_sets: list[str] | None = None) -> dict[str, tuple[float, Any]]:
-    """:func:`one_at_a_time`'s (accuracy, logits) per split."""
+def served_outputs(run: Path, folder: Path, ood_sets: list[str] | None = None,
+                   ood: bool = True) -> dict[str, tuple[float, Any]]:
+    """:func:`one_at_a_time`'s (accuracy, logits) per split; ``ood=False`` leaves out the recipe's
+    out-of-domain set (validation and test only)."""
     import numpy as np
 
     from edgekd.export.parity import run_as_served
@@ -115,7 +117,7 @@ def served_outputs(run: Path, folder: Path, ood_sets: list[str] | None = None) -
         splits = {name: _ood_split(ctx, name, tok) for name in ood_sets}
     else:
         splits = {"val": ctx.tokenized("validation", tok), "test": ctx.tokenized("test", tok)}
-        if recipe.eval.ood_dataset:
+        if ood and recipe.eval.ood_dataset:
             splits["ood"] = _ood_split(ctx, recipe.eval.ood_dataset, tok)
     runner, meta = load_artifact(folder, threads=recipe.runtime.threads)
     out = {}
@@ -232,8 +234,8 @@ def chain(runs: list[Path]) -> None:
     labels, means = None, []
     for run in runs:
         ctx = create_context(load_recipe(run / "recipe.yaml"))
-        shipped = served_outputs(run, _shipped_int8(run))
-        fp32 = served_outputs(run, run / "export" / "onnx")
+        shipped = served_outputs(run, _shipped_int8(run), ood=False)
+        fp32 = served_outputs(run, run / "export" / "onnx", ood=False)
         vocab = json.loads((run / "manifest.json").read_text())["stages"]["prune"]["metrics"].get("vocab", {})
         answers: dict[str, list[int]] = {"student": [], "fp32": [], "shipped": []}
         run_labels: list[int] = []
