@@ -410,10 +410,13 @@ class PruneConfig(Section):
         "dependency graph; unstructured: zero the smallest weights globally (a smaller compressed file, "
         "not a faster dense model).",
     )
-    importance: Literal["taylor", "magnitude"] = Field(
+    importance: Literal["taylor", "fisher", "magnitude"] = Field(
         "taylor",
         description="taylor: |activation x gradient| through head/neuron masks over a few labelled batches "
-        "(Michel et al. 2019); magnitude: L2 norm of the weights that belong to each head/neuron/channel.",
+        "(Michel et al. 2019); fisher (heads-ffn): the same masks' gradient taken for each text alone, "
+        "squared and summed over the texts (the empirical Fisher, Kwon et al. 2022), so texts that pull a "
+        "unit opposite ways do not cancel; magnitude: L2 norm of the weights that belong to each "
+        "head/neuron/channel.",
     )
     scope: Literal["per_layer", "global"] = Field(
         "per_layer",
@@ -518,7 +521,7 @@ class PruneConfig(Section):
         "tokens: a word of new texts that the training texts never used keeps its own embedding instead "
         "of being split into pieces. 0: the training texts' tokens only.",
     )
-    score_batches: int = Field(8, ge=1, description="Labelled batches used to score importance (taylor).")
+    score_batches: int = Field(8, ge=1, description="Labelled batches used to score importance (taylor, fisher).")
     recover_epochs: float = Field(
         1.0, ge=0, description="Epochs of distillation from the teacher after each pruning round (0 = none); "
         "uses the distill section's loss settings and learning rate.",
@@ -599,6 +602,9 @@ class PruneConfig(Section):
             problems.append("method 'unstructured' takes the target prune.sparsity (a fraction of zero weights)")
         if self.method != "unstructured" and self.sparsity is not None:
             problems.append(f"prune.sparsity is the target of method 'unstructured', not '{self.method}'")
+        if self.importance == "fisher" and self.method != "heads-ffn":
+            problems.append(f"prune.importance 'fisher' scores the heads and neurons of method 'heads-ffn', not "
+                            f"'{self.method}': use 'taylor' or 'magnitude'")
         if self.method != "heads-ffn" and counts:
             problems.append("prune.remove_heads/remove_neurons need method 'heads-ffn'")
         if self.method == "heads-ffn" and not (self.prune_heads or self.prune_neurons):

@@ -259,12 +259,13 @@ def test_family_table_says_mpnet_heads_go_uniformly():
     assert row["head pruning"] == "yes, the same heads in every layer (edgekd slicing)"
 
 
+@pytest.mark.parametrize("per_example", [False, True], ids=["taylor", "fisher"])
 @pytest.mark.parametrize("family", ["modernbert", "deberta-v3", "mpnet", "albert"])
-def test_taylor_scores_run_for_the_family(family):
+def test_taylor_scores_run_for_the_family(family, per_example):
     from edgekd.pruning.scoring import taylor_scores
 
     model = classifier(family)
-    heads, neurons = taylor_scores(Encoder(model), [batch()])
+    heads, neurons = taylor_scores(Encoder(model), [batch()], per_example=per_example)
     assert [len(h) for h in heads] == Encoder(model).heads()
     assert all(float(n.sum()) > 0 for n in neurons)
 

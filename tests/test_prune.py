@@ -194,6 +194,36 @@ def test_taylor_scores_equal_the_head_mask_gradient(model):
     assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradients behind
 
 
+def test_fisher_scores_sum_each_texts_own_squared_mask_gradient(model):
+    """fisher: every text's gradient taken as if it ran alone (Hugging Face's head_mask, one text at
+    a time), squared and summed; not the square of the batch's summed gradient."""
+    batch = make_batches(1)[0]
+    heads, neurons = taylor_scores(Encoder(model), [batch], per_example=True)
+    model.config._attn_implementation = "eager"
+    expected = torch.zeros(LAYERS, HEADS)
+    for i in range(batch["labels"].shape[0]):
+        mask = torch.ones(LAYERS, HEADS, requires_grad=True)
+        loss = model(**{k: v[i:i + 1] for k, v in batch.items()}, head_mask=mask).loss
+        (grad,) = torch.autograd.grad(loss, mask)
+        expected += grad.square()
+    torch.testing.assert_close(torch.stack(heads), expected, rtol=1e-4, atol=1e-9)
+    taylor, _ = taylor_scores(Encoder(model), [batch])
+    assert not torch.allclose(torch.stack(taylor).square() * batch["labels"].shape[0] ** 2, expected, rtol=0.05)
+    assert all(n.shape == (FFN,) and (n > 0).any() for n in neurons)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_prunes_heads_and_neurons_and_is_refused_for_other_methods(model):
+    pruned, m = prune_model(model, cfg(remove_heads=LAYERS, remove_neurons=LAYERS * 16, importance="fisher"),
+                            PruneContext(score_batches=make_batches()))
+    assert m["after"]["heads_per_layer"] == [HEADS - 1] * LAYERS
+    assert m["after"]["neurons_per_layer"] == [FFN - 16] * LAYERS
+    with pytest.raises(ValueError, match="importance 'fisher' scores the heads and neurons of method 'heads-ffn'"):
+        cfg(method="channels", keep_params=0.5, importance="fisher")
+    with pytest.raises(StageError, match="prune.importance 'fisher' needs labelled batches"):
+        prune_model(model, cfg(keep_params=0.5, importance="fisher"), PruneContext())
+
+
 def test_magnitude_scores_are_weight_norms(model):
     heads, neurons = magnitude_scores(Encoder(model))
     block = Encoder(model).blocks[0]

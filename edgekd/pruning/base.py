@@ -118,14 +118,14 @@ def count_params(model: nn.Module) -> int:
 
 
 def taylor_batches(cfg: PruneConfig, ctx: PruneContext) -> list[Mapping[str, Any]] | None:
-    """The labelled batches Taylor importance scores on (None for magnitude importance).
+    """The labelled batches Taylor or Fisher importance scores on (None for magnitude importance).
 
     Kept as a list: a generator would be spent after the first pruning step."""
-    if cfg.importance != "taylor":
+    if cfg.importance not in ("taylor", "fisher"):
         return None
     if ctx.score_batches is None:
         raise StageError(
-            "prune.importance 'taylor' needs labelled batches (PruneContext.score_batches); "
+            f"prune.importance '{cfg.importance}' needs labelled batches (PruneContext.score_batches); "
             "give them or set prune.importance: magnitude"
         )
     return list(itertools.islice(ctx.score_batches, cfg.score_batches))

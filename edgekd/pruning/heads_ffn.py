@@ -55,8 +55,9 @@ class HeadsFFN:
 
     # --- one step -----------------------------------------------------------------------------
     def _scores(self, enc: Encoder) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if self.cfg.importance == "taylor":
-            return taylor_scores(enc, self.batches or [], self.ctx.loss_fn)
+        if self.cfg.importance in ("taylor", "fisher"):
+            return taylor_scores(enc, self.batches or [], self.ctx.loss_fn,
+                                 per_example=self.cfg.importance == "fisher")
         return magnitude_scores(enc)
 
     def _fraction_for_budget(self, enc: Encoder, budget: int) -> float:

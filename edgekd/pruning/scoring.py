@@ -7,6 +7,14 @@ of the loss change when that unit is removed (Michel et al., "Are Sixteen Heads 
 than One?", 2019); its absolute value is accumulated over a few labelled batches. Gradients are
 taken with ``torch.autograd.grad`` on the masks only, so the model's ``.grad`` fields are untouched.
 
+fisher: the same masks, one row per text of the batch, so one backward pass gives every text's own
+gradient; the squares are summed over the texts (the diagonal of the empirical Fisher information
+of the masks: Kwon et al., "A Fast Post-Training Pruning Framework for Transformers", 2022; the
+squared per-example Taylor criterion of Molchanov et al., 2019). Taylor's absolute value of a
+batch's summed gradient lets texts that pull a unit opposite ways cancel; the squares do not. The
+loss is taken to be the mean of per-text terms (cross-entropy, distillation): each text's gradient
+is scaled back by the batch size.
+
 magnitude: the L2 norm of every weight that belongs to the unit (q/k/v rows and output-projection
 columns of a head; the first FFN linear's row and the second one's column of a neuron).
 """
@@ -49,33 +57,56 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise StageError("fisher importance needs batches holding tensors (one row per example)")
+
+
 def taylor_scores(
-    enc: Encoder, batches: Iterable[Mapping[str, Any]], loss_fn: LossFn | None = None,
+    enc: Encoder, batches: Iterable[Mapping[str, Any]], loss_fn: LossFn | None = None, per_example: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: |dL/d mask| of each head and of each FFN neuron, summed over ``batches``."""
+    """Per layer: |dL/d mask| of each head and of each FFN neuron, summed over ``batches``; with
+    ``per_example``, (dL_i/d mask)^2 summed over every example i instead (fisher, see the module doc)."""
     model, lay = enc.model, enc.layout
     device = next(model.parameters()).device
     heads, neurons = enc.heads(), enc.neurons()
-    head_masks = [torch.ones(h, device=device, requires_grad=True) for h in heads]
-    neuron_masks = [torch.ones(n, device=device, requires_grad=True) for n in neurons]
+    # The masks the hooks read: one row (taylor) or one row per example of the current batch (fisher).
+    masks: dict[str, list[torch.Tensor]] = {}
 
-    def head_hook(mask: torch.Tensor, n_heads: int) -> Callable:
+    def new_masks(rows: int | None) -> None:
+        shape = (lambda n: (rows, n)) if rows else (lambda n: (n,))
+        masks["heads"] = [torch.ones(shape(h), device=device, requires_grad=True) for h in heads]
+        masks["neurons"] = [torch.ones(shape(n), device=device, requires_grad=True) for n in neurons]
+
+    def per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # (n,) applies to every position; (batch, n) to every position of its own example.
+        if mask.dim() == 1:
+            return mask
+        if mask.shape[0] != x.shape[0]:
+            raise StageError(f"fisher importance: a batch of {mask.shape[0]} examples reached a layer as "
+                             f"{x.shape[0]} rows; the model must keep the batch as its first dimension")
+        return mask.reshape(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+
+    def head_hook(i: int, n_heads: int) -> Callable:
         def hook(_mod: nn.Module, args: tuple) -> tuple:
             x = args[0]
             shape = x.shape
-            x = (x.reshape(*shape[:-1], n_heads, shape[-1] // n_heads) * mask[:, None]).reshape(shape)
+            m = per_row(masks["heads"][i], x)
+            x = (x.reshape(*shape[:-1], n_heads, shape[-1] // n_heads) * m[..., None]).reshape(shape)
             return (x, *args[1:])
         return hook
 
-    def neuron_hook(mask: torch.Tensor) -> Callable:
+    def neuron_hook(i: int) -> Callable:
         def hook(_mod: nn.Module, args: tuple) -> tuple:
-            return (args[0] * mask, *args[1:])
+            return (args[0] * per_row(masks["neurons"][i], args[0]), *args[1:])
         return hook
 
     handles = []
     for i, block in enumerate(enc.blocks):
-        handles.append(_get(block, lay.attn_out).register_forward_pre_hook(head_hook(head_masks[i], heads[i])))
-        handles.append(_get(block, lay.ffn_out).register_forward_pre_hook(neuron_hook(neuron_masks[i])))
+        handles.append(_get(block, lay.attn_out).register_forward_pre_hook(head_hook(i, heads[i])))
+        handles.append(_get(block, lay.ffn_out).register_forward_pre_hook(neuron_hook(i)))
     head_scores = [torch.zeros(h, device=device) for h in heads]
     neuron_scores = [torch.zeros(n, device=device) for n in neurons]
     loss_fn = loss_fn or default_loss
@@ -85,10 +116,13 @@ def taylor_scores(
     try:
         with torch.enable_grad():
             for batch in batches:
+                rows = _batch_size(batch) if per_example else None
+                new_masks(rows)
                 loss = loss_fn(model, _to(batch, device))
-                grads = torch.autograd.grad(loss, head_masks + neuron_masks)
+                grads = torch.autograd.grad(loss, masks["heads"] + masks["neurons"])
                 for acc, g in zip(head_scores + neuron_scores, grads, strict=True):
-                    acc += g.detach().abs()
+                    g = g.detach()
+                    acc += (g * rows).square().sum(0) if per_example else g.abs()
                 seen += 1
     finally:
         for h in handles:
