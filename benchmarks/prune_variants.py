@@ -7,6 +7,7 @@ shipped (int8 ONNX) size side by side, chosen on validation, reported on test.
     python benchmarks/prune_variants.py ood-sets runs/default runs/default-hidden   # shipped vs student, 3 OOD sets
     python benchmarks/prune_variants.py ensembles runs/default      # teacher, student and the two averaged
     python benchmarks/prune_variants.py chain runs/default-seed42 runs/default-seed43   # student -> shipped, step by step
+    python benchmarks/prune_variants.py versus hidden runs/default-seed42 runs/default-seed43  # <run>-hidden against <run>
 
 ``trim[:MIN_COUNT][:chars][:first=N][@STAGE]`` (e.g. ``trim:1:first=10000@distill``) trims the run's pruned (or STAGE's, e.g. distill) student as it
 is (no retraining). Any other
@@ -271,6 +272,66 @@ def chain(runs: list[Path]) -> None:
               f"runs text by text: {got['diff_pp']:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f})")
 
 
+def versus(name: str, runs: list[Path]) -> None:
+    """Each run's shipped int8 file against its variant's (``<run>-NAME``, made by ``RUN NAME=...``),
+    both one text at a time: per run and on average, validation / test / pooled / out of domain, then
+    the variant minus the run averaged over the runs text by text (``_compare_report.seed_averaged``) on
+    validation, test and the two pooled. A variant folder whose stages before prune are not its run's
+    (another teacher or student, e.g. the run was made again after the copy) is refused: the
+    difference would not be the prune settings' alone."""
+    import numpy as np
+    from _compare_report import seed_averaged
+
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+
+    if not runs:
+        raise SystemExit(f"versus {name}: give the run folders whose '-{name}' copies to compare "
+                         f"(e.g. runs/default-seed42 runs/default-seed43)")
+    print(f"| run | shipped: val / test / pooled / OOD | {name}: val / test / pooled / OOD |")
+    print("|---|--:|--:|")
+    labels = None
+    pairs: dict[str, list] = {"val": [], "test": [], "pooled": []}
+    table = []
+    for run in runs:
+        var = run.parent / f"{run.name}-{name}"
+        if not (var / "manifest.json").exists():
+            raise SystemExit(f"{var}: no such variant run (make it with: python benchmarks/prune_variants.py "
+                             f"{run} {name}=\"key=value;...\")")
+        stages = [json.loads((r / "manifest.json").read_text())["stages"] for r in (run, var)]
+        for stage in ("teacher", "distill"):
+            if stages[0][stage]["fingerprint"] != stages[1][stage]["fingerprint"]:
+                raise SystemExit(f"{var}: its {stage} stage is not {run}'s (made again since the copy?); "
+                                 "make the variant again from the run as it is")
+        ctx = create_context(load_recipe(run / "recipe.yaml"))
+        run_labels = [int(y) for split in ("validation", "test") for y in ctx.tokenized(split, ctx.tokenizer).labels]
+        if labels is not None and labels != run_labels:
+            raise SystemExit(f"{run}: its validation and test labels are not the other runs' (another data.split?): "
+                             "the text-by-text average needs the same texts in every run")
+        labels = run_labels
+        row, answers = [], []
+        for r in (run, var):
+            out = served_outputs(r, _shipped_int8(r))
+            ans = {k: np.asarray(out[k][1]).argmax(-1).tolist() for k in ("val", "test")}
+            acc = [out["val"][0], out["test"][0], (out["val"][0] + out["test"][0]) / 2, out["ood"][0]]
+            row.append(acc)
+            answers.append(ans)
+        table.append(row)
+        print(f"| {run.name} | " + " | ".join(_pcts(a) for a in row) + " |", flush=True)
+        base, variant = answers
+        for key in pairs:
+            pick = (lambda x: x["val"] + x["test"]) if key == "pooled" else (lambda x, k=key: x[k])
+            pairs[key].append((pick(variant), pick(base)))  # seed_averaged: the first minus the second
+    mean = np.mean(np.asarray(table), axis=0)
+    print("| mean | " + " | ".join(_pcts(m) for m in mean) + " |\n")
+    n_val = len(pairs["val"][0][0])
+    for key, ys in (("val", labels[:n_val]), ("test", labels[n_val:]), ("pooled", labels)):
+        got = seed_averaged(pairs[key], ys)
+        lo, hi = got["ci95_pp"]
+        print(f"{name} minus the run's shipped file, {key} ({got['n']} texts), averaged over {got['seeds']} runs "
+              f"text by text: {got['diff_pp']:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f})")
+
+
 def _pcts(values) -> str:
     return " / ".join("-" if v != v else f"{v:.2%}" for v in values)  # NaN: a run without a vocabulary trim
 
@@ -338,6 +399,10 @@ def main(argv: list[str]) -> None:
         return ensembles([Path(a) for a in argv[1:]])
     if argv[0] == "chain":
         return chain([Path(a) for a in argv[1:]])
+    if argv[0] == "versus":
+        if len(argv) < 2:
+            raise SystemExit("versus: give the variant's name, then run folders (versus NAME RUN...)")
+        return versus(argv[1], [Path(a) for a in argv[2:]])
     run = Path(argv[0])
     rows = []
     for spec in argv[1:]:
