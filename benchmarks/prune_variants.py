@@ -313,7 +313,8 @@ def versus(name: str, runs: list[Path]) -> None:
         for r in (run, var):
             out = served_outputs(r, _shipped_int8(r))
             ans = {k: np.asarray(out[k][1]).argmax(-1).tolist() for k in ("val", "test")}
-            acc = [out["val"][0], out["test"][0], (out["val"][0] + out["test"][0]) / 2, out["ood"][0]]
+            ood = out["ood"][0] if "ood" in out else float("nan")  # a recipe without eval.ood_dataset: '-'
+            acc = [out["val"][0], out["test"][0], (out["val"][0] + out["test"][0]) / 2, ood]
             row.append(acc)
             answers.append(ans)
         table.append(row)
