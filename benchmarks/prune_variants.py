@@ -217,8 +217,6 @@ def chain(runs: list[Path]) -> None:
     labels differ are refused), so the last two lines average the pruned and the shipped file minus the
     student over the runs text by text, the text as the unit (``_compare_report.seed_averaged``): the
     expected gap, which one split of 1,275 texts says little about."""
-    import json
-
     import numpy as np
     from _compare_report import seed_averaged
 
@@ -248,10 +246,7 @@ def chain(runs: list[Path]) -> None:
             answers["fp32"] += np.asarray(fp32[split][1]).argmax(-1).tolist()
             answers["shipped"] += np.asarray(shipped[split][1]).argmax(-1).tolist()
             run_labels += [int(y) for y in data.labels]
-        if labels is not None and labels != run_labels:
-            raise SystemExit(f"{run}: its validation and test labels are not the other runs' (another data.split?): "
-                             "the text-by-text average needs the same texts in every run")
-        labels = run_labels
+        labels = _same_texts(run, labels, run_labels)
         y = np.asarray(labels)
         acc = {k: [float(np.mean(np.asarray(v)[sl] == y[sl])) for sl in (slice(0, n_val), slice(n_val, None),
                                                                          slice(None))] for k, v in answers.items()}
@@ -270,6 +265,15 @@ def chain(runs: list[Path]) -> None:
         lo, hi = got["ci95_pp"]
         print(f"{name} minus student, validation and test pooled ({got['n']} texts), averaged over {got['seeds']} "
               f"runs text by text: {got['diff_pp']:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f})")
+
+
+def _same_texts(run: Path, labels: list[int] | None, run_labels: list[int]) -> list[int]:
+    """``run_labels`` once they are the earlier runs' (``labels``; None for the first run): averaging
+    text by text over runs needs the same validation and test texts in every one."""
+    if labels is not None and labels != run_labels:
+        raise SystemExit(f"{run}: its validation and test labels are not the other runs' (another data.split?): "
+                         "the text-by-text average needs the same texts in every run")
+    return run_labels
 
 
 def versus(name: str, runs: list[Path]) -> None:
@@ -305,10 +309,7 @@ def versus(name: str, runs: list[Path]) -> None:
                                  "make the variant again from the run as it is")
         ctx = create_context(load_recipe(run / "recipe.yaml"))
         run_labels = [int(y) for split in ("validation", "test") for y in ctx.tokenized(split, ctx.tokenizer).labels]
-        if labels is not None and labels != run_labels:
-            raise SystemExit(f"{run}: its validation and test labels are not the other runs' (another data.split?): "
-                             "the text-by-text average needs the same texts in every run")
-        labels = run_labels
+        labels = _same_texts(run, labels, run_labels)
         row, answers = [], []
         for r in (run, var):
             out = served_outputs(r, _shipped_int8(r))
