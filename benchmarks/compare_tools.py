@@ -22,7 +22,8 @@ model once, in a rotated order, on the next slice of one plan of calls, as ``edg
 so no runtime shares a process with another (a second ONNX Runtime session in the process cost
 about 10-30% here) and drift on a shared machine touches every row alike; ``--one-process`` times
 every model in one process in rotating blocks instead (faster: torchao compiles once). Same thread
-count, same real inputs (each test text at its own length; batches padded to their longest text);
+count, same real inputs (each test text at its own length; batches padded to their longest text; by
+default one timed call per test text, so at batch 1 every test text is timed once);
 each row records the sha256 of the arrays it was fed and the table refuses rows that differ. Each model
 is scored on the test split, the validation split and an out-of-domain set (product reviews,
 ``amazon-snippets``): dynamic int8 (edgekd's and Optimum's, whose answer for a text depends on the
@@ -95,12 +96,15 @@ def _export_entries(run: Path, artifact: str | None) -> list[dict[str, Any]]:
     return entries
 
 
-def _timing_rows(n: int, batch: int, count: int, seed: int) -> np.ndarray:
-    """``count`` batches of ``batch`` test rows, each example used once before any repeats."""
+def _timing_rows(n: int, batch: int, warmup: int, runs: int, seed: int) -> np.ndarray:
+    """``warmup`` untimed batches, then ``runs`` timed batches of ``batch`` test rows. The timed rows
+    use every example once before any repeats (so at batch 1 with ``runs`` = n, each test text is timed
+    exactly once); the warm-up rows are drawn apart from them."""
     rng = np.random.default_rng(seed)
-    need = count * batch
-    seq = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
-    return seq.reshape(count, batch)
+    warm = np.resize(rng.permutation(n), warmup * batch)
+    need = runs * batch
+    timed = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])[:need]
+    return np.concatenate([warm, timed]).reshape(warmup + runs, batch)
 
 
 def _child(mode: str, job: dict[str, Any], workdir: Path, tag: str, threads: int,
@@ -318,13 +322,14 @@ def _eval_arrays(ctx: Any, tok: Any, n_eval: int, ood_set: Any,
              f"{prefix}lengths": np.concatenate(lengths)}, segments)
 
 
-def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 200, warmup: int = 20,
+def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | None = None, warmup: int = 20,
             threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
             eval_limit: int | None = None, target_speedup: float = 1.5, timeout_s: float = 3600,
             seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
             torchao: str = "compile", rounds: int | None = None, one_process: bool = False) -> dict[str, Any]:
     """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data.
-    ``rounds`` (default 3; 1 with ``one_process``) as ``--rounds``."""
+    ``runs`` (default: one per test example scored) and ``rounds`` (default 3; 1 with ``one_process``)
+    as ``--runs`` and ``--rounds``."""
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
     from edgekd.report import shipped_artifact
@@ -333,7 +338,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     started = time.perf_counter()
     run = Path(run_dir).resolve()  # the measuring children run in other directories
     _check_run(run)
-    if runs < 1 or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes or min(batch_sizes) < 1:
+    if (runs is not None and runs < 1) or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes \
+            or min(batch_sizes) < 1:
         raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")
     rounds = rounds if rounds is not None else (1 if one_process else 3)
     if rounds < 1:
@@ -357,6 +363,9 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     if n == 0:
         raise StageError(f"the test split of {run} is empty: nothing to measure on.")
     n_eval = min(n, eval_limit) if eval_limit else n
+    # By default every test text is timed once at batch 1: a sample of 100-200 calls gave the same
+    # file two p50s 8% apart in one comparison, the whole split 1% (the rows' windows are longer).
+    runs = n_eval if runs is None else runs
     val = ctx.tokenized("validation", tok)
     ood_set, ood_how = _ood(recipe, ctx, ood)
     arrays, segments = _eval_arrays(ctx, tok, n_eval, ood_set, "")
@@ -375,7 +384,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int = 
     with tempfile.TemporaryDirectory(prefix="edgekd-compare-") as tmp:
         work = Path(tmp)
         for b in batch_sizes:
-            arrays[f"rows_b{b}"] = _timing_rows(n_eval, b, warmup + runs, seed + b)
+            arrays[f"rows_b{b}"] = _timing_rows(n_eval, b, warmup, runs, seed + b)
         np.savez(work / "inputs.npz", **arrays)
         paths: dict[str, dict[str, Any]] = {}
         n_calib = 0
@@ -473,7 +482,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a finished run folder, e.g. runs/default")
-    p.add_argument("--runs", type=int, default=200, help="timed runs per model and batch size (default 200)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="timed runs per model and batch size (default: one per test example, so at batch 1 "
+                        "every test text is timed once)")
     p.add_argument("--warmup", type=int, default=20, help="untimed runs per model and batch size first (default 20)")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: this process's CPUs)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compare)")

@@ -332,7 +332,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("recipe", nargs="?", default="default", help="built-in recipe or YAML file (default: default)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="seeds (default 42 43 44)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="recipe override key=value (repeatable)")
-    p.add_argument("--runs", type=int, default=None, help="compare_tools: timed runs per model and batch (200)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="compare_tools: timed runs per model and batch (default: one per test example)")
     p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="compare_tools: batch sizes timed (default 1 8; the bars read batch 1)")
@@ -356,7 +357,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if given and (args.reuse or args.pipeline_only):
         p.error(f"{', '.join(given)}: compare_tools does not run with {'--reuse' if args.reuse else '--pipeline-only'}, "
                 "so nothing would read them: drop them")
-    args.runs = 200 if args.runs is None else args.runs
     args.batch_sizes = [1, 8] if args.batch_sizes is None else args.batch_sizes
     if 1 not in args.batch_sizes:
         p.error("--batch-sizes: include 1 (every bar is read at batch 1)")

@@ -281,7 +281,8 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     # --no-memory: a memory process per row (13 here) is the slowest part; the memory child is tested
     # on its own below.
     # --one-process: a process per row and round (the default, tested below) would start 13 here.
-    code = compare_tools.main([str(run), "--runs", "6", "--warmup", "3", "--threads", "1", "--out", str(out),
+    # No --runs: every test text is timed once at batch 1 (one call per test text at batch 8).
+    code = compare_tools.main([str(run), "--warmup", "3", "--threads", "1", "--out", str(out),
                                "--ood", "none", "--calibration", "20", "--torchao", "eager", "--no-memory",
                                "--one-process"])
     printed = capsys.readouterr().out
@@ -297,6 +298,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
             assert data["optimum"][who][step]["status"] == "ok", (who, step, data["optimum"][who][step])
     assert "export" in data["optimum"]["pruned"]["export"]["command"]  # the Python exporter, not the CLI
     assert data["settings"]["eval_examples"] == data["settings"]["test_examples"] == len(labels)
+    assert data["settings"]["runs"] == len(labels)
     for name, r in rows.items():
         assert r["status"] == "ok", (name, r.get("error"))
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0, name
@@ -306,7 +308,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
         assert r["memory"] == {}, name  # --no-memory: not measured, not made up
         for b in ("1", "8"):
             c = r["cases"][b]
-            assert c["runs"] == 6 and 0 < c["min_ms"] <= c["p50_ms"] <= c["p99_ms"] <= c["max_ms"], (name, c)
+            assert c["runs"] == len(labels) and 0 < c["min_ms"] <= c["p50_ms"] <= c["p99_ms"] <= c["max_ms"], (name, c)
             assert c["throughput"] == pytest.approx(int(b) * 1000 / c["mean_ms"])
     # Every row was fed exactly the same arrays at each batch size.
     for b in ("1", "8"):
@@ -530,11 +532,16 @@ def test_worker_blocks_and_load_failures(tools, tmp_path):
 
 def test_timing_rows_use_every_example_before_repeating(tools):
     compare_tools, _, _ = tools
-    rows = compare_tools._timing_rows(10, 4, 5, seed=0)
-    assert rows.shape == (5, 4)
-    flat = rows.ravel()
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert np.array_equal(rows, compare_tools._timing_rows(10, 4, 5, seed=0))
+    rows = compare_tools._timing_rows(10, 4, 2, 5, seed=0)
+    assert rows.shape == (2 + 5, 4)
+    timed = rows[2:].ravel()  # the warm-up batches come first and are drawn apart
+    assert sorted(timed[:10]) == list(range(10)) and sorted(timed[10:20]) == list(range(10))
+    assert np.array_equal(rows, compare_tools._timing_rows(10, 4, 2, 5, seed=0))
+    # At batch 1 with one run per example (the default), each example is timed exactly once, however
+    # many warm-up calls come first.
+    for warmup in (0, 3, 25):
+        once = compare_tools._timing_rows(10, 1, warmup, 10, seed=1)
+        assert once.shape == (warmup + 10, 1) and sorted(once[warmup:, 0]) == list(range(10))
 
 
 
@@ -727,7 +734,7 @@ def test_rounds_time_each_model_alone_on_its_slice(tools, tiny_run, tmp_path):
     compare_tools, _, _ = tools
     run, _ = tiny_run
     ids = np.array([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0]], np.int64)
-    rows = compare_tools._timing_rows(3, 1, 2 + 4, seed=0)
+    rows = compare_tools._timing_rows(3, 1, 2, 4, seed=0)
     np.savez(tmp_path / "inputs.npz", ids=ids, mask=(ids > 0).astype(np.int64), lengths=np.array([5, 3, 4]),
              eval_rows=np.arange(3), rows_b1=rows)
     specs = [{"name": "student", "kind": "hf", "path": str(run / "distill" / "model")},

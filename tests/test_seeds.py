@@ -164,6 +164,7 @@ def test_compare_options_reach_compare_tools(seeds, tmp_path, monkeypatch, capsy
     assert (tmp_path / "out" / "seeds.md").is_file()
     # Without --out, a run over other seeds than the default three keeps its own summary folder.
     assert seeds.main([str(recipe), "--seeds", "1", "--no-run", "--no-memory"]) == 0
+    assert seen["runs"] is None  # no --runs: compare_tools times one call per test text
     assert (tmp_path / "runs" / "tiny-seeds-1" / "seeds.md").is_file()
     assert not (tmp_path / "runs" / "tiny-seeds").exists()
     assert seeds.default_out_name("tiny", [42, 43, 44]) == "tiny-seeds"
@@ -224,7 +225,8 @@ def test_reuse_reads_the_runs_compare_unless_the_run_changed_after_it(seeds, tmp
         with pytest.raises(SystemExit):
             seeds.parse_args([str(recipe), *extra])
         assert "so nothing would read them" in capsys.readouterr().err
-    assert seeds.parse_args([str(recipe)]).runs == 200 and seeds.parse_args([str(recipe)]).batch_sizes == [1, 8]
+    # No --runs: compare_tools' own default (one timed call per test text) is what it gets.
+    assert seeds.parse_args([str(recipe)]).runs is None and seeds.parse_args([str(recipe)]).batch_sizes == [1, 8]
 
 
 def test_a_shipped_folder_missing_from_the_comparison_is_an_error(seeds):
