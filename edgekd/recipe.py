@@ -522,6 +522,13 @@ class PruneConfig(Section):
         "of being split into pieces. 0: the training texts' tokens only.",
     )
     score_batches: int = Field(8, ge=1, description="Labelled batches used to score importance (taylor, fisher).")
+    score_loss: Literal["labels", "recovery"] = Field(
+        "labels",
+        description="Text (heads-ffn; taylor, fisher): the loss whose gradients score the heads and neurons. "
+        "labels: the model's own cross-entropy on the hard labels; recovery: the loss the recovery trains "
+        "with (soft targets from prune.recover_soft_targets at distill.temperature and hard labels, weighed "
+        "by distill.alpha), so a unit counts by how much the answers the recovery matches depend on it.",
+    )
     recover_epochs: float = Field(
         1.0, ge=0, description="Epochs of distillation from the teacher after each pruning round (0 = none); "
         "uses the distill section's loss settings and learning rate.",
@@ -570,6 +577,9 @@ class PruneConfig(Section):
         if self.recover_soft_targets != "teacher" and self.method != "heads-ffn":
             problems.append(f"prune.recover_soft_targets: '{self.recover_soft_targets}' is read by method "
                             "'heads-ffn' only")
+        if self.score_loss != "labels" and (self.method != "heads-ffn" or self.importance == "magnitude"):
+            problems.append(f"prune.score_loss: '{self.score_loss}' is read by method 'heads-ffn' with importance "
+                            "taylor or fisher only (magnitude takes no loss)")
         if self.recover_soup > 1 and self.method != "heads-ffn":
             problems.append(f"prune.recover_soup: {self.recover_soup} is read by method 'heads-ffn' only")
         if self.recover_hidden_weight > 0 and self.method != "heads-ffn":

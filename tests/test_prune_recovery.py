@@ -161,3 +161,56 @@ def test_soup_averages_floats_keeps_agreeing_integers_and_refuses_others():
     assert "recover_soup" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))  # earlier runs stay valid
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_soup=2))["recover_soup"] == 2
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("score_loss", ["labels", "recovery"])
+def test_heads_and_neurons_are_scored_on_the_loss_the_recipe_names(tmp_path, tiny_classifier_dir, tiny_csv,
+                                                                   monkeypatch, score_loss):
+    import edgekd.pruning.heads_ffn as heads_ffn
+    from edgekd.losses import soft_hard_loss
+    from edgekd.pipeline import run_stages
+    from edgekd.pruning.scoring import default_loss
+    from edgekd.stages.base import load_stage_model
+
+    seen: list[tuple] = []
+    real = heads_ffn.taylor_scores
+
+    def spy(enc, batches, loss_fn=None, per_example=False):
+        seen.append((loss_fn, list(batches)))
+        return real(enc, batches, loss_fn, per_example)
+
+    monkeypatch.setattr(heads_ffn, "taylor_scores", spy)
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                      prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5,
+                                             "score_loss": score_loss}))
+    ctx = run_stages(recipe, ["teacher", "distill", "prune"])
+    assert len(seen) == 1, "one pruning step scores once"
+    loss_fn, batches = seen[0]
+    if score_loss == "labels":  # the model's own loss, on batches of model inputs and labels
+        assert loss_fn is None and all("index" not in b for b in batches)
+        return
+    model = load_stage_model(ctx, "distill").eval()  # the model as it was scored (the tiny run trims no vocabulary)
+    teacher_rows = torch.from_numpy(np.load(ctx.run.stage_dir("teacher") / "train_logits.npy")).float()
+    d = recipe.distill
+    with torch.no_grad():
+        for batch in batches[:2]:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            want, _ = soft_hard_loss(logits, teacher_rows[batch["index"]], batch["labels"], d.alpha, d.temperature,
+                                     d.kl)
+            got = loss_fn(model, batch)
+            torch.testing.assert_close(got, want)
+            labels_only = default_loss(model, {k: v for k, v in batch.items() if k != "index"})
+            assert abs(float(got) - float(labels_only)) > 1e-4, "the recovery's loss, not the labels' alone"
+
+
+def test_score_loss_is_refused_where_nothing_reads_it():
+    from edgekd.stages.prune_common import prune_settings
+
+    with pytest.raises(ValueError, match="score_loss: 'recovery' is read by method 'heads-ffn'"):
+        PruneConfig(enabled=True, method="channels", keep_params=0.5, score_loss="recovery")
+    with pytest.raises(ValueError, match="magnitude takes no loss"):
+        PruneConfig(enabled=True, keep_params=0.5, importance="magnitude", score_loss="recovery")
+    PruneConfig(enabled=True, keep_params=0.5, importance="fisher", score_loss="recovery")
+    assert "score_loss" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))  # earlier runs stay valid
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, score_loss="recovery"))["score_loss"] == "recovery"

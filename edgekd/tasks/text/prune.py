@@ -122,45 +122,49 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     train_data = training_split(ctx, tok, targets)
     val_data = ctx.tokenized("validation", tok)
     batches = train_data.train_batches(r.distill.train.batch_size, seed=r.seed)[: cfg.score_batches]
+    # The recovery's loss finds each batch's soft targets by its rows' "index"; the labels loss (the
+    # model's own) takes only model inputs and labels.
+    keep_index = cfg.score_loss == "recovery"
     score_batches = [
-        {k: v for k, v in to_torch(train_data.collate(idx)).items() if k != "index"} for idx in batches
+        {k: v for k, v in to_torch(train_data.collate(idx)).items() if keep_index or k != "index"} for idx in batches
     ]
     # The unpruned student, frozen (same width and depth as the pruned one): the hidden-state targets,
     # and with recover_soft_targets 'unpruned' the soft targets too ('teacher+unpruned': half of them).
     from_unpruned = cfg.recover_soft_targets in ("unpruned", "teacher+unpruned")
     hidden = cfg.recover_hidden_weight > 0
     reference = copy.deepcopy(model).eval().requires_grad_(False) if hidden or from_unpruned else None
+    d = r.distill
 
     def evaluate(m) -> dict[str, float]:
         return task.metrics({"logits": predict(m, val_data, r.eval.batch_size, "prune: validation")},
                             val_data.labels)
 
+    def recovery_loss(mm, batch):
+        """The recovery's loss (and its logs): soft targets and hard labels, plus hidden-state matching
+        against the unpruned student when prune.recover_hidden_weight asks for it."""
+        out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        ref_out = None
+        if reference is not None:
+            ref = reference.to(out.logits.device)
+            with torch.no_grad():
+                ref_out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=hidden)
+        sources = []
+        if cfg.recover_soft_targets != "unpruned":
+            sources.append(teacher_logits[batch["index"].cpu()].to(out.logits.device))
+        if from_unpruned:
+            sources.append(ref_out.logits.float())
+        t = sources[0] if len(sources) == 1 else ensemble_logits(sources, d.temperature)
+        loss, logs = soft_hard_loss(out.logits, t, batch["labels"], d.alpha, d.temperature, d.kl)
+        if hidden:
+            # Every layer's output (index 0 is the shared embedding output, left out).
+            pairs = list(zip(out.hidden_states[1:], ref_out.hidden_states[1:], strict=True))
+            hl = sum(hidden_state_loss(s, h, batch["attention_mask"], d.hidden_loss) for s, h in pairs) / len(pairs)
+            loss = loss + cfg.recover_hidden_weight * hl
+            logs["hidden"] = float(hl.detach())
+        return loss, logs
+
     def recover_for(epochs: float, step: int, label: str):
-        d = r.distill
-
-        def loss_fn(mm, batch):
-            out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
-            ref_out = None
-            if reference is not None:
-                ref = reference.to(out.logits.device)
-                with torch.no_grad():
-                    ref_out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  output_hidden_states=hidden)
-            sources = []
-            if cfg.recover_soft_targets != "unpruned":
-                sources.append(teacher_logits[batch["index"].cpu()].to(out.logits.device))
-            if from_unpruned:
-                sources.append(ref_out.logits.float())
-            t = sources[0] if len(sources) == 1 else ensemble_logits(sources, d.temperature)
-            loss, logs = soft_hard_loss(out.logits, t, batch["labels"], d.alpha, d.temperature, d.kl)
-            if hidden:
-                # Every layer's output (index 0 is the shared embedding output, left out).
-                pairs = list(zip(out.hidden_states[1:], ref_out.hidden_states[1:], strict=True))
-                hl = sum(hidden_state_loss(s, h, batch["attention_mask"], d.hidden_loss) for s, h in pairs) / len(pairs)
-                loss = loss + cfg.recover_hidden_weight * hl
-                logs["hidden"] = float(hl.detach())
-            return loss, logs
-
         def run(m):
             tc = recovery_train_config(r, epochs)
             ckpt = ctx.checkpoint_dir("prune", f"{fp}-{label}")
@@ -173,7 +177,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
                     if i:
                         m.load_state_dict(start)
                     copy_label = f" (copy {i + 1} of {n})" if n > 1 else ""
-                    train(m, train_data, tc, loss_fn, seed=r.seed + step + SOUP_SEED_STRIDE * i,
+                    train(m, train_data, tc, recovery_loss, seed=r.seed + step + SOUP_SEED_STRIDE * i,
                           precision=r.runtime.precision, ckpt_root=ckpt / f"copy{i}" if n > 1 else ckpt,
                           description=f"prune: recover {label}{copy_label}"
                           + (" (int8-aware)" if cfg.quant_aware else ""))
@@ -195,6 +199,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         val_inputs = val_data.collate(np.arange(min(len(val_data), LATENCY_EXAMPLES)))
         latency_fn = shipped_latency_fn(ctx, {k: val_inputs[k] for k in ("input_ids", "attention_mask")})
     pctx = PruneContext(score_batches=score_batches, evaluate=evaluate,
+                        loss_fn=(lambda m, batch: recovery_loss(m, batch)[0]) if keep_index else None,
                         recover=recover if cfg.recover_epochs > 0 else None, latency_fn=latency_fn,
                         recover_final=recover_for(cfg.final_recover_epochs, 1000, "final"),
                         metric=task.primary_metric)
