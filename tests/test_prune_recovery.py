@@ -162,7 +162,6 @@ def test_soup_averages_floats_keeps_agreeing_integers_and_refuses_others():
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_soup=2))["recover_soup"] == 2
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("score_loss", ["labels", "recovery"])
 def test_heads_and_neurons_are_scored_on_the_loss_the_recipe_names(tmp_path, tiny_classifier_dir, tiny_csv,
