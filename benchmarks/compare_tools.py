@@ -14,8 +14,9 @@ Measures side by side, on the run's own data, at batch 1 and batch 8:
       on training texts (``pip install 'edgekd[intel]'``);
       torchao: ``quantize_`` with ``Int8DynamicActivationInt8WeightConfig`` under ``torch.compile``;
   - edgekd's export folders, the best being the fastest whose *validation* accuracy is within the
-    run's budget (``quantize.max_accuracy_drop``) of the fp32 student's, or ``--artifact NAME``;
-    test accuracy is reported, never used to choose.
+    run's budget (``quantize.max_accuracy_drop``) of the fp32 student's, or ``--artifact NAME``
+    (then only that folder and the folders its ablation steps start from, e.g. ``onnx`` for
+    ``onnx-int8``, are measured); test accuracy is reported, never used to choose.
 
 Every model is timed in its own child process, in ``--rounds`` rounds (3): each round runs every
 model once, in a rotated order, on the next slice of one plan of calls, as ``edgekd bench`` does,
@@ -80,6 +81,26 @@ def _check_run(run: Path) -> None:
                          "Run `edgekd run RECIPE` first, then compare its run folder.")
 
 
+def _ablation_sources(entries: list[dict[str, Any]], artifact: str) -> set[str]:
+    """``artifact`` and the export folders its ablation steps start from: the folder its artifact.json
+    names as ``derived_from``, and for a quantized folder the fp32 folder its runtime runs (onnx-int8:
+    onnx), each in turn with its own. They are measured for the ablation's rows only; the comparison's
+    artifact stays ``artifact``."""
+    by = {e["name"]: e for e in entries}
+    keep, todo = {artifact}, [artifact]
+    while todo:
+        entry = by[todo.pop()]
+        sources = [(entry.get("meta") or {}).get("derived_from")]
+        if entry.get("precision", "fp32") != "fp32":
+            sources += [n for n, e in by.items()
+                        if e.get("precision", "fp32") == "fp32" and e.get("target") == entry.get("exporter")]
+        for name in sources:
+            if name in by and name not in keep:
+                keep.add(name)
+                todo.append(name)
+    return keep
+
+
 def _export_entries(run: Path, artifact: str | None) -> list[dict[str, Any]]:
     from edgekd.devices.bench import discover
 
@@ -89,7 +110,8 @@ def _export_entries(run: Path, artifact: str | None) -> list[dict[str, Any]]:
         if artifact not in names:
             raise StageError(f"--artifact {artifact}: no export folder {run / 'export' / artifact}; "
                              f"present: {', '.join(names) or 'none'}.")
-        entries = [e for e in entries if e["name"] == artifact]
+        keep = _ablation_sources(entries, artifact)
+        entries = [e for e in entries if e["name"] in keep]
     if not entries:
         raise StageError(f"{run / 'export'} holds no export folders: add export targets to the recipe "
                          "(e.g. --set 'export.targets=[onnx]' and quantize.enabled=true) and run the pipeline first.")
@@ -488,7 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20, help="untimed runs per model and batch size first (default 20)")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: this process's CPUs)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compare)")
-    p.add_argument("--artifact", default=None, help="compare this export folder instead of the best one (e.g. onnx-int8)")
+    p.add_argument("--artifact", default=None, help="compare this export folder instead of the best one (e.g. onnx-int8); "
+                   "of the other folders, only those its ablation steps start from are measured (onnx for onnx-int8)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes timed (default 1 8)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test examples (default: all)")
     p.add_argument("--target-speedup", type=float, default=1.5,

@@ -221,8 +221,55 @@ def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) 
             paired.setdefault(name, {})[s] = pr
     return {"seeds": seeds, "rows": rows, "pipeline_only": pipeline_only, "paired": paired,
             "averaged": _seed_averaged(per_seed, seeds, list(paired)),
+            "ablation": ablation_over_seeds(per_seed),
             "all_met": bool(barred) and all(r["all_met"] for r in barred) and not pipeline_only,
             "verdicts": {s: _verdict(per_seed[s]) for s in seeds}}
+
+
+ABLATION_FIGURES = ("p50_before_ms", "p50_after_ms", "speedup", "accuracy_delta", "val_accuracy_delta",
+                    "ood_accuracy_delta", "size_ratio")
+
+
+def ablation_over_seeds(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """compare_tools' ablation rows (what each edgekd step adds on its own) over the seeds: per step, in
+    the order the steps first appear, each figure's value per seed and its mean ± sd (a step a seed's
+    comparison has no row for is missing from that seed, and its ``n`` says over how many seeds)."""
+    steps: dict[str, dict[str, Any]] = {}
+    for s in sorted(per_seed):
+        for a in per_seed[s].get("ablation") or []:
+            step = steps.setdefault(a["step"], {"step": a["step"], "what": a.get("what", ""), "seeds": {}})
+            step["seeds"][s] = {k: a.get(k) for k in ABLATION_FIGURES}
+    out = []
+    for step in steps.values():
+        step["stats"] = {k: _stats([v[k] for v in step["seeds"].values()]) for k in ABLATION_FIGURES}
+        out.append(step)
+    return out
+
+
+def _ablation_markdown(ablation: list[dict[str, Any]], n_seeds: int) -> list[str]:
+    def mean(step: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
+        st = step["stats"][key]
+        if not st["n"]:
+            return "—"
+        sd = "" if st["sd"] is None else f" ± {st['sd'] * scale:{fmt.lstrip('+')}}"
+        return f"{st['mean'] * scale:{fmt}}{sd}"
+
+    lines = ["", "## What each edgekd step adds on its own, over the seeds", "",
+             "compare_tools' ablation (batch 1, both models of a step timed in the same comparison on the same "
+             "inputs), mean ± sd over the seeds that have the step; accuracy changes in points; rows from a stage's "
+             "record (no timed model) have no latency.", "",
+             "| step | from → to | p50 ms before → after | speed-up | Δ test | Δ val | Δ OOD | × size | seeds |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for step in ablation:
+        st = step["stats"]
+        p50 = (f"{st['p50_before_ms']['mean']:.3f} → {st['p50_after_ms']['mean']:.3f}"
+               if st["p50_before_ms"]["n"] and st["p50_after_ms"]["n"] else "—")
+        speed = mean(step, "speedup", ".2f")
+        lines.append(f"| {step['step']} | {step['what']} | {p50} | {speed if speed == '—' else speed + '×'} | "
+                     f"{mean(step, 'accuracy_delta', '+.2f', 100)} | {mean(step, 'val_accuracy_delta', '+.2f', 100)} | "
+                     f"{mean(step, 'ood_accuracy_delta', '+.2f', 100)} | {mean(step, 'size_ratio', '.2f')} | "
+                     f"{len(step['seeds'])} of {n_seeds} |")
+    return lines
 
 
 def _seed_averaged(per_seed: dict[int, dict[str, Any]], seeds: list[int], names: list[str]) -> dict[str, Any]:
@@ -314,6 +361,8 @@ def markdown(agg: dict[str, Any], title: str) -> str:
             lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
         if averaged.get("why"):
             lines += ["", f"Mean of the seeds not shown: {averaged['why']}."]
+    if agg.get("ablation"):
+        lines += _ablation_markdown(agg["ablation"], len(seeds))
     return "\n".join(lines) + "\n"
 
 

@@ -136,6 +136,28 @@ def test_ablation_rows_follow_what_exists(tools):
     assert "prune + recovery" not in {a["step"] for a in rep.ablation(rows, {}, 1)}
 
 
+def test_artifact_keeps_the_folders_its_ablation_starts_from(tools, tmp_path):
+    """--artifact onnx-int8 measures onnx-int8 and the fp32 onnx folder its quantize step starts from
+    (so the ablation has that row), and no other folder; a folder that names derived_from brings it."""
+    compare_tools = tools[0]
+    export = tmp_path / "run" / "export"
+    metas = {"onnx": {"target": "onnx", "exporter": "onnx"},
+             "onnx-int8": {"target": "onnx-int8", "exporter": "onnx", "precision": "int8-dynamic"},
+             "executorch": {"target": "executorch"},
+             "onnx-fp16": {"target": "onnx-fp16", "exporter": "onnx", "precision": "fp16"},
+             "onnx-int8-small": {"target": "onnx", "exporter": "onnx", "precision": "int8-dynamic",
+                                 "derived_from": "onnx-int8", "step": "shrink"}}
+    for name, meta in metas.items():
+        (export / name).mkdir(parents=True)
+        (export / name / "artifact.json").write_text(json.dumps({**meta, "file": "model.onnx"}))
+    names = lambda artifact: {e["name"] for e in compare_tools._export_entries(tmp_path / "run", artifact)}  # noqa: E731
+    assert names("onnx-int8") == {"onnx-int8", "onnx"}
+    assert names("onnx") == {"onnx"}
+    assert names("executorch") == {"executorch"}
+    assert names("onnx-int8-small") == {"onnx-int8-small", "onnx-int8", "onnx"}
+    assert names(None) == set(metas)
+
+
 def test_a_pick_that_is_not_the_shipped_folder_is_said(tools):
     _, rep, _ = tools
     data = {"best": {"name": "edgekd-onnx", "why": "w", "shipped": "onnx-int8"}}

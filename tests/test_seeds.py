@@ -288,3 +288,30 @@ def test_the_mean_of_the_seeds_pairs_each_seeds_shipped_answers_with_the_paths(s
     other = seed([1, 0, 1, 1], [0, 0, 1, 1])
     other["test_labels"] = [0, 0, 1, 1]
     assert "test splits differ" in seeds.aggregate({42: seed([1, 0, 0, 1], [1, 1, 1, 1]), 43: other})["averaged"]["why"]
+
+
+def test_the_ablation_is_averaged_step_by_step_over_the_seeds(seeds):
+    """Each step's figures come from that seed's own ablation row; a step one seed lacks is averaged over
+    the seeds that have it, and the table says over how many."""
+    def abl(q_speed, q_test, with_quantize=True):
+        rows = [{"step": "distill", "what": "teacher -> student", "p50_before_ms": 6.0, "p50_after_ms": 3.0,
+                 "speedup": 2.0, "accuracy_delta": 0.001, "val_accuracy_delta": 0.0, "ood_accuracy_delta": -0.03,
+                 "size_ratio": 0.77},
+                {"step": "vocabulary trimming (before recovery)", "what": "record", "accuracy_delta": 0.002,
+                 "val_accuracy_delta": 0.004, "size_ratio": 0.69}]
+        if with_quantize:
+            rows.append({"step": "quantize (dynamic)", "what": "onnx -> onnx-int8", "p50_before_ms": 0.9,
+                         "p50_after_ms": 0.9 / q_speed, "speedup": q_speed, "accuracy_delta": q_test,
+                         "val_accuracy_delta": 0.0, "ood_accuracy_delta": 0.0, "size_ratio": 0.2})
+        return {**_compare(0.838, 1.0, 7.5), "ablation": rows}
+
+    agg = seeds.aggregate({42: abl(2.0, -0.004), 43: abl(1.5, 0.002), 44: abl(9.0, 0.0, with_quantize=False)})
+    by = {a["step"]: a for a in agg["ablation"]}
+    assert list(by) == ["distill", "vocabulary trimming (before recovery)", "quantize (dynamic)"]
+    q = by["quantize (dynamic)"]
+    assert set(q["seeds"]) == {42, 43} and q["stats"]["speedup"]["mean"] == pytest.approx(1.75)
+    assert q["stats"]["accuracy_delta"]["mean"] == pytest.approx(-0.001)
+    text = seeds.markdown(agg, "t")
+    assert "| quantize (dynamic) | onnx -> onnx-int8 | 0.900 → 0.525 | 1.75 ± 0.35× | -0.10 ± 0.42 |" in text
+    assert "| 2 of 3 |" in text.split("quantize (dynamic)")[1].splitlines()[0]
+    assert "| vocabulary trimming (before recovery) | record | — | — | +0.20 ± 0.00 | +0.40 ± 0.00 | — |" in text
