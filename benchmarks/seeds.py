@@ -231,13 +231,15 @@ ABLATION_FIGURES = ("p50_before_ms", "p50_after_ms", "speedup", "accuracy_delta"
 
 
 def ablation_over_seeds(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """compare_tools' ablation rows (what each edgekd step adds on its own) over the seeds: per step, in
-    the order the steps first appear, each figure's value per seed and its mean ± sd (a step a seed's
-    comparison has no row for is missing from that seed, and its ``n`` says over how many seeds)."""
-    steps: dict[str, dict[str, Any]] = {}
+    """compare_tools' ablation rows (what each edgekd step adds on its own) over the seeds: per step (its
+    name and what it changes: the same step can apply to two folders), in the order the steps first
+    appear, each figure's value per seed and its mean ± sd (a step a seed's comparison has no row for is
+    missing from that seed, and its ``n`` says over how many seeds)."""
+    steps: dict[tuple[str, str], dict[str, Any]] = {}
     for s in sorted(per_seed):
         for a in per_seed[s].get("ablation") or []:
-            step = steps.setdefault(a["step"], {"step": a["step"], "what": a.get("what", ""), "seeds": {}})
+            key = (a["step"], a.get("what", ""))
+            step = steps.setdefault(key, {"step": a["step"], "what": a.get("what", ""), "seeds": {}})
             step["seeds"][s] = {k: a.get(k) for k in ABLATION_FIGURES}
     out = []
     for step in steps.values():

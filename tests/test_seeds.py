@@ -299,6 +299,9 @@ def test_the_ablation_is_averaged_step_by_step_over_the_seeds(seeds):
                  "size_ratio": 0.77},
                 {"step": "vocabulary trimming (before recovery)", "what": "record", "accuracy_delta": 0.002,
                  "val_accuracy_delta": 0.004, "size_ratio": 0.69}]
+        for folder, before in (("onnx", 0.8), ("onnx-int8", 0.5)):  # one step name, two folders
+            rows.append({"step": "session", "what": f"{folder}: defaults -> its own", "p50_before_ms": before,
+                         "p50_after_ms": before, "speedup": 1.0})
         if with_quantize:
             rows.append({"step": "quantize (dynamic)", "what": "onnx -> onnx-int8", "p50_before_ms": 0.9,
                          "p50_after_ms": 0.9 / q_speed, "speedup": q_speed, "accuracy_delta": q_test,
@@ -306,8 +309,12 @@ def test_the_ablation_is_averaged_step_by_step_over_the_seeds(seeds):
         return {**_compare(0.838, 1.0, 7.5), "ablation": rows}
 
     agg = seeds.aggregate({42: abl(2.0, -0.004), 43: abl(1.5, 0.002), 44: abl(9.0, 0.0, with_quantize=False)})
+    by = {(a["step"], a["what"]): a for a in agg["ablation"]}
+    assert [a["step"] for a in agg["ablation"]] == ["distill", "vocabulary trimming (before recovery)", "session",
+                                                    "session", "quantize (dynamic)"]
+    assert by["session", "onnx: defaults -> its own"]["stats"]["p50_before_ms"]["mean"] == pytest.approx(0.8)
+    assert by["session", "onnx-int8: defaults -> its own"]["stats"]["p50_before_ms"]["mean"] == pytest.approx(0.5)
     by = {a["step"]: a for a in agg["ablation"]}
-    assert list(by) == ["distill", "vocabulary trimming (before recovery)", "quantize (dynamic)"]
     q = by["quantize (dynamic)"]
     assert set(q["seeds"]) == {42, 43} and q["stats"]["speedup"]["mean"] == pytest.approx(1.75)
     assert q["stats"]["accuracy_delta"]["mean"] == pytest.approx(-0.001)
