@@ -361,7 +361,7 @@ def _processes(timing: dict[str, Any]) -> str:
     if timing.get("process") in (None, "one for every model"):  # None: a comparison from before rounds
         return "every model in one process in rotating blocks"
     return (f"every model in its own process, in {rounds} round{'s' if rounds != 1 else ''} (each round every model "
-            "once, in a rotated order, on the next slice of the same calls)")
+            "once, in a rotated order reversed every other round, on the next slice of the same calls)")
 
 
 def markdown(data: dict[str, Any]) -> str:

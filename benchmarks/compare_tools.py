@@ -19,8 +19,8 @@ Measures side by side, on the run's own data, at batch 1 and batch 8:
     ``onnx-int8``, are measured); test accuracy is reported, never used to choose.
 
 Every model is timed in its own child process, in ``--rounds`` rounds (3): each round runs every
-model once, in a rotated order, on the next slice of one plan of calls, as ``edgekd bench`` does,
-so no runtime shares a process with another (a second ONNX Runtime session in the process cost
+model once, in a rotated order (reversed every other round), on the next slice of one plan of calls,
+as ``edgekd bench`` does, so no runtime shares a process with another (a second ONNX Runtime session in the process cost
 about 10-30% here) and drift on a shared machine touches every row alike; ``--one-process`` times
 every model in one process in rotating blocks instead (faster: torchao compiles once). Same thread
 count, same real inputs (each test text at its own length; batches padded to their longest text; by
@@ -149,8 +149,9 @@ def _child(mode: str, job: dict[str, Any], workdir: Path, tag: str, threads: int
 
 def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path, threads: int, timeout_s: float,
                     rounds: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every model in its own timing process, ``rounds`` times, in a rotated order, each round on its
-    slice of the timed calls (``edgekd.devices.measure.in_rounds``); scored in the first round.
+    """Every model in its own timing process, ``rounds`` times, in a rotated order (reversed every other
+    round), each round on its slice of the timed calls (``edgekd.devices.measure.in_rounds``); scored
+    in the first round.
     Returns what one timing process over every model returns: ``({"models": ...}, outputs)``."""
     from edgekd.devices import measure
 

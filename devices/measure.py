@@ -233,13 +233,24 @@ def round_job(job: dict[str, Any], cfg: BenchConfig, r: int, rounds: int, offset
     return out
 
 
+def round_order(todo: list[Any], r: int) -> list[Any]:
+    """Round ``r``'s order: ``todo`` rotated by ``r``, reversed when ``r`` is odd, so each model takes
+    another place in every round and the model timed right before it changes (with a rotation alone,
+    neighbours stay neighbours in the same order)."""
+    k = r % len(todo) if todo else 0
+    order = todo[k:] + todo[:k]
+    return order[::-1] if r % 2 else order
+
+
 def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
               measure_one: Callable[[dict[str, Any], int, int, int], tuple[dict, dict | None]],
               on_skip: Callable[[], Any] | None = None,
               pick: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Measure every entry of ``todo`` in ``rounds`` rounds, each round running every model once in a
-    rotated order (each in its own process where the bench isolates), so drift on a shared machine
-    touches every row alike and no runtime shares a process with another. ``measure_one(entry,
+    rotated order, reversed every other round (each in its own process where the bench isolates), so
+    drift on a shared machine touches every row alike, no runtime shares a process with another, and
+    no model always runs right after the same one (two processes of the same graph timed back to back
+    in every round differed by about 5%: ``round_order``). ``measure_one(entry,
     round, offset, runs)`` runs one job (``round_job``): the timed calls of that slice of the plan,
     and the evaluation inputs in round 0 only. Fills each entry in place, its cases' timed calls
     pooled over the rounds. ``on_skip()`` is called for each job not run (a progress bar's step);
@@ -248,8 +259,7 @@ def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
     results: dict[str, list[dict]] = {e["name"]: [] for e in todo}
     outputs: dict[str, dict | None] = {}
     for r, (offset, n) in enumerate(spans):
-        k = r % len(todo) if todo else 0
-        for e in todo[k:] + todo[:k]:
+        for e in round_order(todo, r):
             done = results[e["name"]]
             if done and done[0].get("status", "ok") != "ok":
                 if on_skip is not None:

@@ -277,9 +277,9 @@ def test_bad_eval_inputs_are_rejected(tmp_path):
 
 
 def test_rounds_rotate_the_models_and_pool_their_timed_calls():
-    """Every model runs once per round in a rotated order; only the first round evaluates; each
-    case's figures are those of every round's timed calls together; a model that fails in a later
-    round gets no figure at all (it would not be timed like the others)."""
+    """Every model runs once per round in a rotated order, reversed every other round; only the first
+    round evaluates; each case's figures are those of every round's timed calls together; a model that
+    fails in a later round gets no figure at all (it would not be timed like the others)."""
     from edgekd.devices import measure
 
     assert measure.round_spans(50, 3) == [(0, 17), (17, 16), (33, 17)]
@@ -301,7 +301,10 @@ def test_rounds_rotate_the_models_and_pool_their_timed_calls():
 
     todo = [{"name": n} for n in ("a", "b", "c")]
     measure.in_rounds(todo, 6, 3, measure_one)
-    assert [c[0] for c in calls] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    # rotated by the round, reversed every other round: a is followed by b in rounds 0 and 2, by c in round 1
+    assert [c[0] for c in calls] == ["a", "b", "c", "a", "c", "b", "c", "a", "b"]
+    assert [measure.round_order(list("abcd"), r) for r in range(4)] == [
+        list("abcd"), list("adcb"), list("cdab"), list("cbad")]
     assert {c[1:] for c in calls if c[0] == "a"} == {(0, 2, True), (2, 2, False), (4, 2, False)}
     a, b, c = todo
     ca = a["cases"][0]
