@@ -20,8 +20,9 @@ Measures side by side, on the run's own data, at batch 1 and batch 8:
 
 Every model is timed in its own child process, in ``--rounds`` rounds (3): each round runs every
 model once, in a rotated order (reversed every other round), on the next slice of one plan of calls,
-as ``edgekd bench`` does, so no runtime shares a process with another (a second ONNX Runtime session in the process cost
-about 10-30% here) and drift on a shared machine touches every row alike; ``--one-process`` times
+as ``edgekd bench`` does, so no runtime shares a process with another (a second ONNX Runtime session
+in the process cost about 10-30% here) and drift on a shared machine touches every row alike; no
+model is always timed right after the same one; ``--one-process`` times
 every model in one process in rotating blocks instead (faster: torchao compiles once). Same thread
 count, same real inputs (each test text at its own length; batches padded to their longest text; by
 default one timed call per test text, so at batch 1 every test text is timed once);

@@ -59,8 +59,8 @@ def _rounds_text(inp: dict[str, Any]) -> str:
         return f" ({inp['rounds_note']})"
     if not rounds or rounds == 1:
         return ""
-    return (f", in {rounds} rounds (every model once per round, each in its own process, in a rotated order, reversed every other round; "
-            "the timed calls of every round pooled)")
+    return (f", in {rounds} rounds (every model once per round, each in its own process, in a rotated order, "
+            "reversed every other round; the timed calls of every round pooled)")
 
 
 def pick_case(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any] | None:
