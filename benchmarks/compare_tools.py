@@ -512,8 +512,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20, help="untimed runs per model and batch size first (default 20)")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: this process's CPUs)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compare)")
-    p.add_argument("--artifact", default=None, help="compare this export folder instead of the best one (e.g. onnx-int8); "
-                   "of the other folders, only those its ablation steps start from are measured (onnx for onnx-int8)")
+    p.add_argument("--artifact", default=None,
+                   help="compare this export folder instead of the best one (e.g. onnx-int8); of the other "
+                        "folders, only those its ablation steps start from are measured (onnx for onnx-int8)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes timed (default 1 8)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N test examples (default: all)")
     p.add_argument("--target-speedup", type=float, default=1.5,

@@ -840,8 +840,8 @@ class BenchConfig(Section):
     rounds: int = Field(
         3, ge=1, description="Time every model in this many rounds, each running every model once in a rotated "
         "order (reversed every other round), in its own process, on the next slice of the timed calls (runs and "
-        "time_budget_s are split over them); the figures pool every round. Drift on a shared machine then touches every row alike. Local and "
-        "ssh profiles; on-device tools run each model once."
+        "time_budget_s are split over them); the figures pool every round. Drift on a shared machine then "
+        "touches every row alike. Local and ssh profiles; on-device tools run each model once."
     )
     threads: int | None = Field(None, ge=1, description="Threads (default: the profile's, else all cores).")
     isolate: bool = Field(
