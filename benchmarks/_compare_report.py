@@ -355,6 +355,17 @@ def _pp(v: float | None) -> str:
     return "—" if v is None else f"{v * 100:+.2f} pp"
 
 
+def _calls(settings: dict[str, Any]) -> str:
+    """The timed calls of each batch size, in words."""
+    runs = settings["runs"]
+    if not isinstance(runs, dict):  # a comparison from before per-batch-size counts
+        return f"{runs} timed calls per batch size"
+    each = ", ".join(f"{n:,} at batch {b}" for b, n in runs.items())
+    if settings.get("runs_given"):
+        return f"timed calls: {each} (--runs)"
+    return f"timed calls: {each} (every test text once at each batch size)"
+
+
 def _processes(timing: dict[str, Any]) -> str:
     """How the models shared processes while timed, in words."""
     rounds = timing.get("rounds") or 1
@@ -388,8 +399,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"Best edgekd artifact: `{data['best']['name'] or 'none'}` ({data['best']['why']}).{_shipped_note(data)}",
         "",
         f"CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; ISA {', '.join(env.get('isa') or [])}); "
-        f"threads {s['threads']} for every runtime; {s['runs']} timed runs per batch size after {s['warmup']} "
-        f"warm-up runs, {_processes(data.get('timing') or {})}; inputs (the same for every row, checked by "
+        f"threads {s['threads']} for every runtime; {_calls(s)} after {s['warmup']} "
+        f"warm-up calls, {_processes(data.get('timing') or {})}; inputs (the same for every row, checked by "
         f"sha256): {s.get('inputs', 'real test examples, batches padded to their longest member')}; accuracy on "
         f"{s['eval_examples']} test examples ({s.get('scoring', 'in batches of 32')}; the best artifact is chosen on {s.get('validation_examples', '?')} "
         f"validation examples); Optimum config `{s['optimum_isa']}`; the comparison took "

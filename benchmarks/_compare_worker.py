@@ -55,6 +55,16 @@ def blocks(runs: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
+def _span(job: dict[str, Any], batch: int) -> tuple[int, int]:
+    """(first timed call, timed calls) of this job at ``batch``: ``call_offset`` and ``runs`` are one
+    number for every batch size or one per batch size (keyed by the batch size as text)."""
+
+    def at(value: Any) -> int:
+        return int(value[str(batch)] if isinstance(value, dict) else value)
+
+    return at(job.get("call_offset", 0)), at(job["runs"])
+
+
 def _load_all(specs: list[dict[str, Any]], threads: int | None,
               table: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
     """Every model loaded; with an id ``table`` (a trimmed run) the models that read the original
@@ -159,13 +169,13 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
     # per call at its own length, as it is served; every other model in length-sorted batches.
     alone = {s["name"] for s in job["models"] if s.get("rows_alone")}
     t0 = time.perf_counter()
-    offset = int(job.get("call_offset", 0))
     for b in job["batch_sizes"]:
         rows = data[f"rows_b{b}"]
-        if job["warmup"] + offset + job["runs"] > len(rows):
+        offset, runs = _span(job, b)
+        if job["warmup"] + offset + runs > len(rows):
             raise ValueError(f"the plan holds {len(rows)} calls at batch {b}: no room for {job['warmup']} warm-up "
-                             f"calls and timed calls {offset}..{offset + job['runs'] - 1}")
-        _time_case(models, batches, rows, b, job["warmup"], job["runs"], offset)
+                             f"calls and timed calls {offset}..{offset + runs - 1}")
+        _time_case(models, batches, rows, b, job["warmup"], runs, offset)
     timing_s = time.perf_counter() - t0
     outputs = {}
     for name, m in models.items():
@@ -182,7 +192,7 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
     result = {
         "models": {n: {k: v for k, v in m.items() if k not in ("runner", "eval_runner")} for n, m in models.items()},
         "timing_seconds": timing_s,
-        "blocks": blocks(job["runs"]),
+        "blocks": {str(b): blocks(_span(job, b)[1]) for b in job["batch_sizes"]},
         "switch_warmup": SWITCH_WARMUP,
         "environment": remote_runner.environment(threads),
     }

@@ -25,7 +25,7 @@ in the process cost about 10-30% here) and drift on a shared machine touches eve
 model is always timed right after the same one; ``--one-process`` times
 every model in one process in rotating blocks instead (faster: torchao compiles once). Same thread
 count, same real inputs (each test text at its own length; batches padded to their longest text; by
-default one timed call per test text, so at batch 1 every test text is timed once);
+default every test text timed once at each batch size: ceil(n / b) calls of b texts);
 each row records the sha256 of the arrays it was fed and the table refuses rows that differ. Each model
 is scored on the test split, the validation split and an out-of-domain set (product reviews,
 ``amazon-snippets``): dynamic int8 (edgekd's and Optimum's, whose answer for a text depends on the
@@ -121,8 +121,8 @@ def _export_entries(run: Path, artifact: str | None) -> list[dict[str, Any]]:
 
 def _timing_rows(n: int, batch: int, warmup: int, runs: int, seed: int) -> np.ndarray:
     """``warmup`` untimed batches, then ``runs`` timed batches of ``batch`` test rows. The timed rows
-    use every example once before any repeats (so at batch 1 with ``runs`` = n, each test text is timed
-    exactly once); the warm-up rows are drawn apart from them."""
+    use every example once before any repeats (so with ``runs`` = ceil(n / batch), each test text is timed
+    once, the last batch topped up from a second pass); the warm-up rows are drawn apart from them."""
     rng = np.random.default_rng(seed)
     warm = np.resize(rng.permutation(n), warmup * batch)
     need = runs * batch
@@ -159,10 +159,17 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
     cpu: dict[tuple[str, int], list[float]] = {}
     envs: list[Any] = []
     t0 = time.perf_counter()
+    calls = {int(b): int(n) for b, n in job["runs"].items()}
+    fewest = min(calls.values())
+    spans = measure.round_spans(fewest, rounds)
+    # Each batch size's own calls split into as many slices as the batch size with the fewest has rounds.
+    by_batch = {b: measure.round_spans(n, len(spans)) for b, n in calls.items()}
 
-    def measure_one(entry: dict[str, Any], r: int, offset: int, n: int) -> tuple[dict, Any]:
+    def measure_one(entry: dict[str, Any], r: int, _offset: int, _n: int) -> tuple[dict, Any]:
         spec = entry["spec"]
-        res, outs = _child("timing", {**job, "models": [spec], "runs": n, "call_offset": offset, "evaluate": r == 0},
+        span = {"runs": {str(b): s[r][1] for b, s in by_batch.items()},
+                "call_offset": {str(b): s[r][0] for b, s in by_batch.items()}}
+        res, outs = _child("timing", {**job, "models": [spec], **span, "evaluate": r == 0},
                            work, f"{spec['name']}-r{r}", threads, timeout_s)
         m = (res.get("models") or {}).get(spec["name"]) or {"status": "error", "error": res.get("error")}
         envs.append(res.get("environment"))
@@ -171,8 +178,7 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
         return m, (outs or {}).get(spec["name"])
 
     todo = [{"name": s["name"], "spec": s} for s in specs]
-    spans = measure.round_spans(job["runs"], rounds)
-    measure.in_rounds(todo, job["runs"], rounds, measure_one, pick=lambda merged: merged)
+    measure.in_rounds(todo, fewest, rounds, measure_one, pick=lambda merged: merged)
     models, outputs = {}, {}
     for e in todo:
         m = {k: v for k, v in e.items() if k not in ("name", "spec", "_outputs")}
@@ -352,7 +358,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
             seed: int = 0, ood: str | None = None, calibration: int = 300, memory: bool = True,
             torchao: str = "compile", rounds: int | None = None, one_process: bool = False) -> dict[str, Any]:
     """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data.
-    ``runs`` (default: one per test example scored) and ``rounds`` (default 3; 1 with ``one_process``)
+    ``runs`` (timed calls per batch size; default: ceil(n / b) at batch b, so every test example scored
+    is timed once at each batch size) and ``rounds`` (default 3; 1 with ``one_process``)
     as ``--runs`` and ``--rounds``."""
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
@@ -387,9 +394,9 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
     if n == 0:
         raise StageError(f"the test split of {run} is empty: nothing to measure on.")
     n_eval = min(n, eval_limit) if eval_limit else n
-    # By default every test text is timed once at batch 1, so each p50 is over the split's own lengths
-    # (as the issue's table was measured), not over a sample of them.
-    runs = n_eval if runs is None else runs
+    # By default every test text is timed once at every batch size (ceil(n / b) calls of b texts), so each
+    # p50 is over the split's own lengths (as the issue's table was measured), not over a sample of them.
+    calls = {b: math.ceil(n_eval / b) if runs is None else runs for b in batch_sizes}
     val = ctx.tokenized("validation", tok)
     ood_set, ood_how = _ood(recipe, ctx, ood)
     arrays, segments = _eval_arrays(ctx, tok, n_eval, ood_set, "")
@@ -408,7 +415,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
     with tempfile.TemporaryDirectory(prefix="edgekd-compare-") as tmp:
         work = Path(tmp)
         for b in batch_sizes:
-            arrays[f"rows_b{b}"] = _timing_rows(n_eval, b, warmup, runs, seed + b)
+            arrays[f"rows_b{b}"] = _timing_rows(n_eval, b, warmup, calls[b], seed + b)
         np.savez(work / "inputs.npz", **arrays)
         paths: dict[str, dict[str, Any]] = {}
         n_calib = 0
@@ -430,8 +437,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
         specs, skipped = _specs(run, students, entries, paths, torchao_compile=torchao == "compile",
                                 trimmed=tokens.table is not None)
 
-        job = {"models": specs, "threads": threads, "warmup": warmup, "runs": runs, "batch_sizes": list(batch_sizes),
-               "inputs": "inputs.npz", "eval_batch_size": 32}
+        job = {"models": specs, "threads": threads, "warmup": warmup, "runs": {str(b): n for b, n in calls.items()},
+               "batch_sizes": list(batch_sizes), "inputs": "inputs.npz", "eval_batch_size": 32}
         if one_process:
             timing, outputs = _time_in_one_process(job, work, threads, timeout_s)
         else:
@@ -444,7 +451,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
                 mem[spec["name"]] = {"note": "not measured: a fresh process would compile the model again"}
                 continue
             mjob = {"spec": spec, "threads": threads, "inputs": "inputs.npz", "batch_sizes": list(batch_sizes),
-                    "rounds": min(MEMORY_ROUNDS, warmup + runs)}
+                    "rounds": min(MEMORY_ROUNDS, warmup + min(calls.values()))}
             mem[spec["name"]], _ = _child("memory", mjob, work, spec["name"], threads, timeout_s)
     rows = _assemble(specs, skipped, timing, outputs, mem, segments, ctx.task.metrics)
 
@@ -461,7 +468,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
         "run": run.name,
         "run_dir": str(run),
         "student": {"stage": "distill", "folder": str(student), "pruned": str(students.get("pruned") or "")},
-        "settings": {"runs": runs, "warmup": warmup, "threads": threads, "batch_sizes": list(batch_sizes),
+        "settings": {"runs": {str(b): n for b, n in calls.items()}, "runs_given": runs is not None, "warmup": warmup, "threads": threads, "batch_sizes": list(batch_sizes),
                      "test_examples": n, "eval_examples": n_eval, "validation_examples": len(val),
                      "accuracy_budget": budget, "target_speedup": target_speedup, "artifact": artifact,
                      "optimum_isa": isa, "seed": seed, "calibration_texts": n_calib,
@@ -507,8 +514,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a finished run folder, e.g. runs/default")
     p.add_argument("--runs", type=int, default=None,
-                   help="timed runs per model and batch size (default: one per test example, so at batch 1 "
-                        "every test text is timed once)")
+                   help="timed calls per model and batch size (default: every test text timed once at each "
+                        "batch size, ceil(n / b) calls of b texts)")
     p.add_argument("--warmup", type=int, default=20, help="untimed runs per model and batch size first (default 20)")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: this process's CPUs)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/compare)")

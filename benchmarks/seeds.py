@@ -384,7 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="seeds (default 42 43 44)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="recipe override key=value (repeatable)")
     p.add_argument("--runs", type=int, default=None,
-                   help="compare_tools: timed runs per model and batch (default: one per test example)")
+                   help="compare_tools: timed calls per model and batch size (default: every test text once at each)")
     p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="compare_tools: batch sizes timed (default 1 8; the bars read batch 1)")

@@ -4,6 +4,7 @@ made offline from the local student, ratios and the verdict computed from the fi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +304,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     # --no-memory: a memory process per row (13 here) is the slowest part; the memory child is tested
     # on its own below.
     # --one-process: a process per row and round (the default, tested below) would start 13 here.
-    # No --runs: every test text is timed once at batch 1 (one call per test text at batch 8).
+    # No --runs: every test text is timed once at each batch size (ceil(n / 8) calls at batch 8).
     code = compare_tools.main([str(run), "--warmup", "3", "--threads", "1", "--out", str(out),
                                "--ood", "none", "--calibration", "20", "--torchao", "eager", "--no-memory",
                                "--one-process"])
@@ -320,7 +321,9 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
             assert data["optimum"][who][step]["status"] == "ok", (who, step, data["optimum"][who][step])
     assert "export" in data["optimum"]["pruned"]["export"]["command"]  # the Python exporter, not the CLI
     assert data["settings"]["eval_examples"] == data["settings"]["test_examples"] == len(labels)
-    assert data["settings"]["runs"] == len(labels)
+    calls = {"1": len(labels), "8": math.ceil(len(labels) / 8)}
+    assert data["settings"]["runs"] == calls and not data["settings"]["runs_given"]
+    assert f"{calls['8']} at batch 8 (every test text once at each batch size)" in printed
     for name, r in rows.items():
         assert r["status"] == "ok", (name, r.get("error"))
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0, name
@@ -330,7 +333,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
         assert r["memory"] == {}, name  # --no-memory: not measured, not made up
         for b in ("1", "8"):
             c = r["cases"][b]
-            assert c["runs"] == len(labels) and 0 < c["min_ms"] <= c["p50_ms"] <= c["p99_ms"] <= c["max_ms"], (name, c)
+            assert c["runs"] == calls[b] and 0 < c["min_ms"] <= c["p50_ms"] <= c["p99_ms"] <= c["max_ms"], (name, c)
             assert c["throughput"] == pytest.approx(int(b) * 1000 / c["mean_ms"])
     # Every row was fed exactly the same arrays at each batch size.
     for b in ("1", "8"):
@@ -564,6 +567,10 @@ def test_timing_rows_use_every_example_before_repeating(tools):
     for warmup in (0, 3, 25):
         once = compare_tools._timing_rows(10, 1, warmup, 10, seed=1)
         assert once.shape == (warmup + 10, 1) and sorted(once[warmup:, 0]) == list(range(10))
+    # At batch 4, ceil(10 / 4) = 3 calls (the default there) time every example, the last call topped up
+    # with two from the next pass.
+    three = compare_tools._timing_rows(10, 4, 2, 3, seed=1)[2:].ravel()
+    assert sorted(three[:10]) == list(range(10)) and len(three) == 12
 
 
 
@@ -701,6 +708,14 @@ def test_worker_times_its_rounds_slice_and_evaluates_when_asked(tools, tmp_path,
     assert len(set(shas)) == 1
     with pytest.raises(ValueError, match="no room"):
         worker.timing({**job, "call_offset": 8}, tmp_path)
+    # Per batch size: each batch size's own slice (batch 2 plans 6 calls of two rows).
+    np.savez(tmp_path / "inputs.npz", ids=ids, mask=np.ones_like(ids), lengths=np.ones(n, np.int64),
+             eval_rows=np.arange(4), rows_b1=np.arange(n).reshape(n, 1), rows_b2=np.arange(n).reshape(6, 2))
+    seen.clear()
+    result, _ = worker.timing({**job, "batch_sizes": [1, 2], "runs": {"1": 3, "2": 1},
+                               "call_offset": {"1": 6, "2": 3}, "evaluate": False}, tmp_path)
+    assert [c["runs"] for c in result["models"]["m"]["cases"]] == [3, 1]
+    assert [s for s in seen if s not in (100, 101, 102)] == [108, 109, 110, 110], seen
 
 
 def test_worker_scores_dynamic_int8_one_text_per_call_at_its_own_length(tools, tmp_path, monkeypatch):
@@ -756,29 +771,33 @@ def test_rounds_time_each_model_alone_on_its_slice(tools, tiny_run, tmp_path):
     compare_tools, _, _ = tools
     run, _ = tiny_run
     ids = np.array([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0]], np.int64)
-    rows = compare_tools._timing_rows(3, 1, 2, 4, seed=0)
+    # Batch 1: 4 timed calls; batch 2: 2 (each text once at each batch size, as compare() plans them).
     np.savez(tmp_path / "inputs.npz", ids=ids, mask=(ids > 0).astype(np.int64), lengths=np.array([5, 3, 4]),
-             eval_rows=np.arange(3), rows_b1=rows)
+             eval_rows=np.arange(3), rows_b1=compare_tools._timing_rows(3, 1, 2, 4, seed=0),
+             rows_b2=compare_tools._timing_rows(3, 2, 2, 2, seed=0))
     specs = [{"name": "student", "kind": "hf", "path": str(run / "distill" / "model")},
              {"name": "edgekd", "kind": "artifact", "path": str(run / "export" / "onnx"), "file": "model.onnx"}]
-    job = {"models": specs, "threads": 1, "warmup": 2, "runs": 4, "batch_sizes": [1], "inputs": "inputs.npz",
-           "eval_batch_size": 2}
+    job = {"models": specs, "threads": 1, "warmup": 2, "runs": {"1": 4, "2": 2}, "batch_sizes": [1, 2],
+           "inputs": "inputs.npz", "eval_batch_size": 2}
     timing, outputs = compare_tools._time_in_rounds(specs, job, tmp_path, 1, 600, rounds=2)
     assert timing["rounds"] == 2 and timing["process"] == "one per model and round"
     for name in ("student", "edgekd"):
         m = timing["models"][name]
         assert m["status"] == "ok", m
-        c = m["cases"][0]
-        assert c["runs"] == 4 and c["rounds"] == 2 and "times_ms" not in c and c["cpu_p50_ms"] > 0
+        for c, runs in zip(m["cases"], (4, 2), strict=True):
+            assert c["runs"] == runs and c["rounds"] == 2 and "times_ms" not in c and c["cpu_p50_ms"] > 0
         assert outputs[name].shape == (3, 2)
-        for r, offset in ((0, 0), (1, 2)):
+        for r, (offset_b1, offset_b2) in enumerate(((0, 0), (2, 1))):
             sent = json.loads((tmp_path / f"timing-{name}-r{r}.json").read_text())
             assert [s["name"] for s in sent["models"]] == [name]  # alone in its process
-            assert (sent["call_offset"], sent["runs"], sent["evaluate"]) == (offset, 2, r == 0)
+            assert sent["call_offset"] == {"1": offset_b1, "2": offset_b2}
+            assert (sent["runs"], sent["evaluate"]) == ({"1": 2, "2": 1}, r == 0)
             got = json.loads((tmp_path / f"timing-{name}-r{r}.result.json").read_text())
-            assert list(got["models"]) == [name] and len(got["models"][name]["cases"][0]["times_ms"]) == 2
-    assert (timing["models"]["student"]["cases"][0]["inputs_sha256"]
-            == timing["models"]["edgekd"]["cases"][0]["inputs_sha256"])
+            cases = got["models"][name]["cases"]
+            assert list(got["models"]) == [name] and [len(c["times_ms"]) for c in cases] == [2, 1]
+    for i in range(2):
+        assert (timing["models"]["student"]["cases"][i]["inputs_sha256"]
+                == timing["models"]["edgekd"]["cases"][i]["inputs_sha256"])
     with pytest.raises(compare_tools.EdgeKDError, match="one-process"):
         compare_tools.compare(run, tmp_path / "x", one_process=True, rounds=3)
 
