@@ -18,7 +18,7 @@ Measures side by side, on the run's own data, at batch 1 and batch 8:
     (then only that folder and the folders its ablation steps start from, e.g. ``onnx`` for
     ``onnx-int8``, are measured); test accuracy is reported, never used to choose.
 
-Every model is timed in its own child process, in ``--rounds`` rounds (3): each round runs every
+Every model is timed in its own child process, in ``--rounds`` rounds (9): each round runs every
 model once, in a rotated order (reversed every other round), on the next slice of one plan of calls,
 as ``edgekd bench`` does, so no runtime shares a process with another (a second ONNX Runtime session
 in the process cost about 10-30% here) and drift on a shared machine touches every row alike; no
@@ -66,6 +66,10 @@ from edgekd.errors import EdgeKDError, StageError
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_compare_worker.py"
+# Rounds by default. Each round starts every model in a fresh process, and a process's own state moves its
+# p50 (the int8 file against its same-graph twin, 8 repeats of 1,275 calls on seed 42: sd 0.070 of the
+# ratio with 3 rounds, 0.030 with 9); 9 rounds take about twice as long as 3 (15 against 7 minutes here).
+ROUNDS = 9
 VERSIONED = ("edgekd", "torch", "torchao", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
              "onnxscript", "executorch", "numpy", "matplotlib")
 MEMORY_ROUNDS = 5
@@ -359,7 +363,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
             torchao: str = "compile", rounds: int | None = None, one_process: bool = False) -> dict[str, Any]:
     """Measure everything, write compare.md/png/json into ``out_dir`` and return the JSON data.
     ``runs`` (timed calls per batch size; default: ceil(n / b) at batch b, so every test example scored
-    is timed once at each batch size) and ``rounds`` (default 3; 1 with ``one_process``)
+    is timed once at each batch size) and ``rounds`` (default ROUNDS; 1 with ``one_process``)
     as ``--runs`` and ``--rounds``."""
     from edgekd.pipeline import create_context
     from edgekd.recipe import load_recipe
@@ -372,7 +376,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
     if (runs is not None and runs < 1) or warmup < 0 or (threads is not None and threads < 1) or not batch_sizes \
             or min(batch_sizes) < 1:
         raise EdgeKDError("--runs and --threads must be at least 1, --warmup at least 0, batch sizes at least 1.")
-    rounds = rounds if rounds is not None else (1 if one_process else 3)
+    rounds = rounds if rounds is not None else (1 if one_process else ROUNDS)
     if rounds < 1:
         raise EdgeKDError(f"--rounds {rounds}: at least 1 (each round times every model once, in its own process).")
     if one_process and rounds != 1:
@@ -533,7 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torchao", choices=("compile", "eager"), default="compile",
                    help="run torchao under torch.compile (default, as its docs advise) or eager (no compile time)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="rounds, each timing every model once in its own process on the next slice of the calls (3)")
+                   help="rounds, each timing every model once in its own process on the next slice of the calls "
+                        f"({ROUNDS})")
     p.add_argument("--one-process", action="store_true",
                    help="time every model in one process in rotating blocks (faster; runtimes share the process)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each child process (3600)")

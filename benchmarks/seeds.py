@@ -386,6 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None,
                    help="compare_tools: timed calls per model and batch size (default: every test text once at each)")
     p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
+    p.add_argument("--rounds", type=int, default=None, help="compare_tools: timing rounds (default: its own, 9)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="compare_tools: batch sizes timed (default 1 8; the bars read batch 1)")
     p.add_argument("--no-memory", action="store_true", help="compare_tools: skip the memory measurements")
@@ -402,7 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--reuse reads the compare_tools results of runs left as they are: give --no-run, without "
                 "--pipeline-only")
     # Options of a measurement that will not happen are refused, not ignored.
-    given = [flag for flag, value in (("--runs", args.runs), ("--threads", args.threads),
+    given = [flag for flag, value in (("--runs", args.runs), ("--threads", args.threads), ("--rounds", args.rounds),
                                       ("--batch-sizes", args.batch_sizes), ("--no-memory", args.no_memory or None))
              if value is not None]
     if given and (args.reuse or args.pipeline_only):
@@ -438,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_seed[s] = {**reuse_compare(recipe.run_dir()), "shipped": shipped}
             else:  # compare_tools' verdict then concerns the shipped folder, not a folder of its own choosing
                 per_seed[s] = {**compare_tools.compare(recipe.run_dir(), runs=args.runs, threads=args.threads,
+                                                       rounds=args.rounds,
                                                        batch_sizes=tuple(args.batch_sizes),
                                                        memory=not args.no_memory, artifact=shipped),
                                "shipped": shipped}

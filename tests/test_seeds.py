@@ -157,14 +157,14 @@ def test_compare_options_reach_compare_tools(seeds, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(compare_tools, "compare", compare)
     assert seeds.main([str(recipe), "--seeds", "1", "--no-run", "--runs", "50", "--batch-sizes", "1",
-                       "--no-memory", "--out", str(tmp_path / "out")]) == 0
+                       "--no-memory", "--rounds", "4", "--out", str(tmp_path / "out")]) == 0
     # compare_tools measures the folder the run ships, not one of its own choosing
-    assert seen == {"run_dir": tmp_path / "runs" / "tiny-seed1", "runs": 50, "threads": None,
+    assert seen == {"run_dir": tmp_path / "runs" / "tiny-seed1", "runs": 50, "threads": None, "rounds": 4,
                     "batch_sizes": (1,), "memory": False, "artifact": "onnx-int8"}
     assert (tmp_path / "out" / "seeds.md").is_file()
     # Without --out, a run over other seeds than the default three keeps its own summary folder.
     assert seeds.main([str(recipe), "--seeds", "1", "--no-run", "--no-memory"]) == 0
-    assert seen["runs"] is None  # no --runs: compare_tools times one call per test text
+    assert seen["runs"] is None and seen["rounds"] is None  # compare_tools' own defaults
     assert (tmp_path / "runs" / "tiny-seeds-1" / "seeds.md").is_file()
     assert not (tmp_path / "runs" / "tiny-seeds").exists()
     assert seeds.default_out_name("tiny", [42, 43, 44]) == "tiny-seeds"
@@ -221,11 +221,12 @@ def test_reuse_reads_the_runs_compare_unless_the_run_changed_after_it(seeds, tmp
     with pytest.raises(SystemExit):
         seeds.parse_args([str(recipe), "--reuse"])
     # What only a measurement reads is refused where none happens, not ignored.
-    for extra in (["--no-run", "--reuse", "--runs", "50"], ["--pipeline-only", "--no-memory"]):
+    for extra in (["--no-run", "--reuse", "--runs", "50"], ["--pipeline-only", "--no-memory"],
+                  ["--no-run", "--reuse", "--rounds", "9"]):
         with pytest.raises(SystemExit):
             seeds.parse_args([str(recipe), *extra])
         assert "so nothing would read them" in capsys.readouterr().err
-    # No --runs: compare_tools' own default (one timed call per test text) is what it gets.
+    # No --runs: compare_tools' own default (every test text once at each batch size) is what it gets.
     assert seeds.parse_args([str(recipe)]).runs is None and seeds.parse_args([str(recipe)]).batch_sizes == [1, 8]
 
 
