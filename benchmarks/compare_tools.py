@@ -156,7 +156,8 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
                     rounds: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every model in its own timing process, ``rounds`` times, in a rotated order (reversed every other
     round), each round on its slice of the timed calls (``edgekd.devices.measure.in_rounds``); scored
-    in the first round.
+    in the first round. ``job["runs"]`` holds the timed calls of each batch size (keyed by the batch size
+    as text), each split into as many slices as there are rounds.
     Returns what one timing process over every model returns: ``({"models": ...}, outputs)``."""
     from edgekd.devices import measure
 
