@@ -386,7 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None,
                    help="compare_tools: timed calls per model and batch size (default: every test text once at each)")
     p.add_argument("--threads", type=int, default=None, help="compare_tools: threads for every runtime")
-    p.add_argument("--rounds", type=int, default=None, help="compare_tools: timing rounds (default: its own, 9)")
+    p.add_argument("--rounds", type=int, default=None, help="compare_tools: timing rounds (default: compare_tools' own)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="compare_tools: batch sizes timed (default 1 8; the bars read batch 1)")
     p.add_argument("--no-memory", action="store_true", help="compare_tools: skip the memory measurements")
