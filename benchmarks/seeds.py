@@ -12,7 +12,9 @@ as the run's summary and ``edgekd serve`` name it), so the figures and the verdi
 artifact's, never a folder compare_tools would pick by its own rule. ``--no-run --reuse`` reads each
 run's ``compare/compare.json`` instead of measuring again (the shipped folder's row in it). The
 figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
-the range, and for each bar of the compression issue how many seeds meet it:
+the range, and for each bar of the compression issue how many seeds meet it. The table says how each seed's
+comparison was timed (rounds, threads, calls per batch size) and notes seeds timed in different numbers of
+rounds; seeds timed on different threads, batch sizes or inputs are refused, never averaged. The bars:
 
 - the shipped artifact at least 1.5x faster at p50,
   batch 1, than every usual path on the distilled student (Optimum int8, OpenVINO NNCF int8, torchao
@@ -174,6 +176,45 @@ def pipeline_record(run_dir: Path, shipped: str) -> dict[str, Any]:
                                    "paths were not built"}}
 
 
+def timing_of(data: dict[str, Any]) -> dict[str, Any] | None:
+    """How one seed's comparison was timed (compare_tools' ``settings`` and ``timing``), or None for a
+    record that timed nothing of its own (``--pipeline-only``, or one without those fields)."""
+    if data.get("pipeline_only") or "settings" not in data:
+        return None
+    settings, timing = data.get("settings") or {}, data.get("timing") or {}
+    return {"rounds": timing.get("rounds"), "threads": settings.get("threads"), "calls": settings.get("runs"),
+            "batch_sizes": settings.get("batch_sizes"), "inputs": settings.get("inputs"),
+            "created": data.get("created")}
+
+
+# What must be the same in every seed's comparison before their speed-ups are averaged: a mean over seeds
+# timed on other threads, other batch sizes or other inputs would pool different quantities.
+ALIKE = ("threads", "batch_sizes", "inputs")
+
+
+def timing_over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Each seed's timing (:func:`timing_of`) and, when their round counts differ, a note saying so: each
+    seed's rows were timed alike within its own comparison, but fewer rounds give a wider spread. Seeds
+    timed on different threads, batch sizes or inputs are refused (``EdgeKDError``), never averaged."""
+    timing = {s: timing_of(d) for s, d in sorted(per_seed.items())}
+    timed = {s: t for s, t in timing.items() if t is not None}
+    for key in ALIKE:
+        values = {json.dumps(t[key], sort_keys=True) for t in timed.values()}
+        if len(values) > 1:
+            each = ", ".join(f"seed {s}: {t[key]}" for s, t in timed.items())
+            raise EdgeKDError(f"the seeds' comparisons were not timed alike ({key.replace('_', ' ')}: {each}); a "
+                              "mean over them would pool different measurements: measure them again with the same "
+                              "options (without --reuse)")
+    rounds = {s: t["rounds"] for s, t in timed.items()}
+    note = None
+    if len(set(rounds.values())) > 1:
+        note = ("the seeds' comparisons took different numbers of timing rounds ("
+                + ", ".join(f"seed {s}: {'not recorded' if r is None else r}" for s, r in rounds.items())
+                + "): within each seed every row was timed alike, but a seed timed in fewer rounds carries a "
+                "wider spread from the processes it ran in")
+    return {"per_seed": timing, "note": note}
+
+
 def _stats(values: list[float | None]) -> dict[str, Any]:
     got = [v for v in values if v is not None and math.isfinite(v)]
     if not got:
@@ -221,7 +262,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) 
             paired.setdefault(name, {})[s] = pr
     return {"seeds": seeds, "rows": rows, "pipeline_only": pipeline_only, "paired": paired,
             "averaged": _seed_averaged(per_seed, seeds, list(paired)),
-            "ablation": ablation_over_seeds(per_seed),
+            "ablation": ablation_over_seeds(per_seed), "timing": timing_over_seeds(per_seed),
             "all_met": bool(barred) and all(r["all_met"] for r in barred) and not pipeline_only,
             "verdicts": {s: _verdict(per_seed[s]) for s in seeds}}
 
@@ -319,6 +360,21 @@ def _verdict(data: dict[str, Any]) -> str | None:
     return summary
 
 
+def _timing_lines(timing: dict[str, Any]) -> list[str]:
+    """How each seed's comparison was timed, one line per seed, and the note when their rounds differ."""
+    lines = []
+    for s, t in (timing.get("per_seed") or {}).items():
+        if t is None:
+            continue
+        calls = t["calls"] if isinstance(t["calls"], dict) else {b: t["calls"] for b in t["batch_sizes"] or []}
+        lines.append(f"- seed {s}: compare_tools result written {t['created'] or 'at an unrecorded time'}, "
+                     f"{'unrecorded' if t['rounds'] is None else t['rounds']} round(s), {t['threads']} thread(s), "
+                     + ", ".join(f"{n} call(s) at batch {b}" for b, n in calls.items()))
+    if timing.get("note"):
+        lines += ["", f"**Note:** {timing['note']}."]
+    return [*lines, ""] if lines else []
+
+
 def markdown(agg: dict[str, Any], title: str) -> str:
     seeds = agg["seeds"]
 
@@ -326,6 +382,7 @@ def markdown(agg: dict[str, Any], title: str) -> str:
         return "—" if v is None else format(v, fmt)
 
     lines = [f"# {title}", "", f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean ± sample sd.", "",
+             *_timing_lines(agg.get("timing") or {}),
              "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | bar | seeds meeting it |",
              "|---|" + "--:|" * len(seeds) + "--:|---|--:|"]
     for r in agg["rows"]:
@@ -444,10 +501,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        memory=not args.no_memory, artifact=shipped),
                                "shipped": shipped}
             shipped_row(per_seed[s])  # a missing shipped row is refused before any table is written
+        agg = aggregate(per_seed)  # seeds timed unlike each other are refused here, before any table
     except EdgeKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    agg = aggregate(per_seed)
     text = markdown(agg, f"edgekd '{base.name}' over {len(args.seeds)} seeds")
     out = Path(args.out) if args.out else Path(base.output_dir) / default_out_name(base.name, args.seeds)
     out.mkdir(parents=True, exist_ok=True)

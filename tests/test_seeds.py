@@ -323,3 +323,49 @@ def test_the_ablation_is_averaged_step_by_step_over_the_seeds(seeds):
     assert "| quantize (dynamic) | onnx -> onnx-int8 | 0.900 → 0.525 | 1.75 ± 0.35× | -0.10 ± 0.42 |" in text
     assert "| 2 of 3 |" in text.split("quantize (dynamic)")[1].splitlines()[0]
     assert "| vocabulary trimming (before recovery) | record | — | — | +0.20 ± 0.00 | +0.40 ± 0.00 | — |" in text
+
+
+def _timed(data, rounds, threads=2, batch_sizes=(1,), created="2026-12-06T03:44:00+00:00"):
+    return {**data, "created": created, "timing": {"rounds": rounds},
+            "settings": {"threads": threads, "batch_sizes": list(batch_sizes),
+                         "runs": {str(b): 1275 // b for b in batch_sizes}, "inputs": "real lengths"}}
+
+
+def test_the_table_says_how_each_seed_was_timed_and_notes_unlike_rounds(seeds):
+    alike = {42: _timed(_compare(0.838, 1.0, 7.5), 9), 43: _timed(_compare(0.836, 1.2, 7.5), 9)}
+    agg = seeds.aggregate(alike)
+    assert agg["timing"]["note"] is None
+    text = seeds.markdown(agg, "t")
+    assert "- seed 42: compare_tools result written 2026-12-06T03:44:00+00:00, 9 round(s), 2 thread(s), " \
+           "1275 call(s) at batch 1" in text and "**Note:**" not in text
+    mixed = {**alike, 45: _timed(_compare(0.836, 1.2, 7.5), 3)}
+    agg = seeds.aggregate(mixed)
+    assert "seed 42: 9, seed 43: 9, seed 45: 3" in agg["timing"]["note"]
+    assert "**Note:** the seeds' comparisons took different numbers of timing rounds" in seeds.markdown(agg, "t")
+    # a comparison written before compare_tools recorded its rounds says so instead of passing as alike
+    agg = seeds.aggregate({**alike, 46: _timed(_compare(0.836, 1.2, 7.5), None)})
+    assert "seed 46: not recorded" in agg["timing"]["note"]
+
+
+@pytest.mark.parametrize("unlike", [{"threads": 4}, {"batch_sizes": (1, 8)}])
+def test_seeds_timed_on_other_threads_or_batches_are_refused_not_averaged(seeds, unlike):
+    per_seed = {42: _timed(_compare(0.838, 1.0, 7.5), 9), 43: _timed(_compare(0.836, 1.2, 7.5), 9, **unlike)}
+    with pytest.raises(seeds.EdgeKDError, match="not timed alike .*seed 42: .*seed 43: .*measure them again"):
+        seeds.aggregate(per_seed)
+
+
+def test_reuse_refuses_unlike_seeds_before_writing_a_table(seeds, tmp_path, capsys):
+    import json
+    import os
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
+    for s, threads in ((1, 2), (2, 4)):
+        run = _shipping_run(tmp_path / "runs" / f"tiny-seed{s}", "onnx-int8")
+        (run / "compare").mkdir()
+        (run / "compare" / "compare.json").write_text(json.dumps(_timed(_compare(0.836, 0.5, 7.0), 9, threads)))
+        os.utime(run / "manifest.json", (1, 1))
+    out = tmp_path / "out"
+    assert seeds.main([str(recipe), "--seeds", "1", "2", "--no-run", "--reuse", "--out", str(out)]) == 2
+    assert "not timed alike (threads: seed 1: 2, seed 2: 4)" in capsys.readouterr().err
+    assert not out.exists()
