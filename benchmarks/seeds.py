@@ -14,7 +14,7 @@ run's ``compare/compare.json`` instead of measuring again (the shipped folder's 
 figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
 the range, and for each bar of the compression issue how many seeds meet it. The table says how each seed's
 comparison was timed (rounds, threads, calls per batch size) and notes seeds timed in different numbers of
-rounds; seeds timed on different threads, batch sizes or inputs are refused, never averaged. The bars:
+rounds or calls; seeds timed on different threads or inputs are refused, never averaged. The bars:
 
 - the shipped artifact at least 1.5x faster at p50,
   batch 1, than every usual path on the distilled student (Optimum int8, OpenVINO NNCF int8, torchao
@@ -188,14 +188,22 @@ def timing_of(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # What must be the same in every seed's comparison before their speed-ups are averaged: a mean over seeds
-# timed on other threads, other batch sizes or other inputs would pool different quantities.
-ALIKE = ("threads", "batch_sizes", "inputs")
+# timed on other threads or other inputs would pool different quantities. (Other batch sizes timed beside
+# batch 1 change no figure the table reads; fewer rounds or calls change a figure's precision, not what it
+# measures, and get a note.)
+ALIKE = ("threads", "inputs")
+
+
+def _batch1_calls(t: dict[str, Any]) -> Any:
+    calls = t.get("calls")
+    return calls.get("1") if isinstance(calls, dict) else calls
 
 
 def timing_over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Each seed's timing (:func:`timing_of`) and, when their round counts differ, a note saying so: each
-    seed's rows were timed alike within its own comparison, but fewer rounds give a wider spread. Seeds
-    timed on different threads, batch sizes or inputs are refused (``EdgeKDError``), never averaged."""
+    """Each seed's timing (:func:`timing_of`) and, when their round counts or their timed calls at batch 1
+    differ, a note saying so: each seed's rows were timed alike within its own comparison, but fewer rounds
+    or calls give a wider spread. Seeds timed on different threads or inputs are refused (``EdgeKDError``),
+    never averaged."""
     timing = {s: timing_of(d) for s, d in sorted(per_seed.items())}
     timed = {s: t for s, t in timing.items() if t is not None}
     for key in ALIKE:
@@ -205,13 +213,17 @@ def timing_over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             raise EdgeKDError(f"the seeds' comparisons were not timed alike ({key.replace('_', ' ')}: {each}); a "
                               "mean over them would pool different measurements: measure them again with the same "
                               "options (without --reuse)")
-    rounds = {s: t["rounds"] for s, t in timed.items()}
+    unlike = []
+    for what, of in (("timing rounds", lambda t: t["rounds"]), ("timed calls at batch 1", _batch1_calls)):
+        values = {s: of(t) for s, t in timed.items()}
+        if len(set(map(str, values.values()))) > 1:
+            unlike.append(f"{what} (" + ", ".join(f"seed {s}: {'not recorded' if v is None else v}"
+                                                   for s, v in values.items()) + ")")
     note = None
-    if len(set(rounds.values())) > 1:
-        note = ("the seeds' comparisons took different numbers of timing rounds ("
-                + ", ".join(f"seed {s}: {'not recorded' if r is None else r}" for s, r in rounds.items())
-                + "): within each seed every row was timed alike, but a seed timed in fewer rounds carries a "
-                "wider spread from the processes it ran in")
+    if unlike:
+        note = ("the seeds' comparisons took different numbers of " + " and ".join(unlike)
+                + ": within each seed every row was timed alike, but a seed timed in fewer rounds or calls "
+                "carries a wider spread")
     return {"per_seed": timing, "note": note}
 
 
@@ -369,7 +381,7 @@ def _timing_lines(timing: dict[str, Any]) -> list[str]:
         calls = t["calls"] if isinstance(t["calls"], dict) else {b: t["calls"] for b in t["batch_sizes"] or []}
         lines.append(f"- seed {s}: compare_tools result written {t['created'] or 'at an unrecorded time'}, "
                      f"{'unrecorded' if t['rounds'] is None else t['rounds']} round(s), {t['threads']} thread(s), "
-                     + ", ".join(f"{n} call(s) at batch {b}" for b, n in calls.items()))
+                     + (", ".join(f"{n} call(s) at batch {b}" for b, n in calls.items()) or "calls not recorded"))
     if timing.get("note"):
         lines += ["", f"**Note:** {timing['note']}."]
     return [*lines, ""] if lines else []

@@ -340,17 +340,27 @@ def test_the_table_says_how_each_seed_was_timed_and_notes_unlike_rounds(seeds):
            "1275 call(s) at batch 1" in text and "**Note:**" not in text
     mixed = {**alike, 45: _timed(_compare(0.836, 1.2, 7.5), 3)}
     agg = seeds.aggregate(mixed)
-    assert "seed 42: 9, seed 43: 9, seed 45: 3" in agg["timing"]["note"]
+    assert "timing rounds (seed 42: 9, seed 43: 9, seed 45: 3)" in agg["timing"]["note"]
+    assert "timed calls" not in agg["timing"]["note"]
     assert "**Note:** the seeds' comparisons took different numbers of timing rounds" in seeds.markdown(agg, "t")
+    # fewer calls (--runs) change the precision too, and say so; batch 8 timed beside batch 1 changes no figure
+    fewer = _timed(_compare(0.836, 1.2, 7.5), 9, batch_sizes=(1, 8))
+    fewer["settings"]["runs"]["1"] = 100
+    agg = seeds.aggregate({**alike, 44: fewer})
+    assert agg["timing"]["note"].startswith("the seeds' comparisons took different numbers of timed calls at "
+                                            "batch 1 (seed 42: 1275, seed 43: 1275, seed 44: 100)")
+    assert "100 call(s) at batch 1, 159 call(s) at batch 8" in seeds.markdown(agg, "t")
     # a comparison written before compare_tools recorded its rounds says so instead of passing as alike
     agg = seeds.aggregate({**alike, 46: _timed(_compare(0.836, 1.2, 7.5), None)})
     assert "seed 46: not recorded" in agg["timing"]["note"]
 
 
-@pytest.mark.parametrize("unlike", [{"threads": 4}, {"batch_sizes": (1, 8)}])
-def test_seeds_timed_on_other_threads_or_batches_are_refused_not_averaged(seeds, unlike):
-    per_seed = {42: _timed(_compare(0.838, 1.0, 7.5), 9), 43: _timed(_compare(0.836, 1.2, 7.5), 9, **unlike)}
-    with pytest.raises(seeds.EdgeKDError, match="not timed alike .*seed 42: .*seed 43: .*measure them again"):
+@pytest.mark.parametrize("key, value", [("threads", 4), ("inputs", "padded to max_length")])
+def test_seeds_timed_on_other_threads_or_inputs_are_refused_not_averaged(seeds, key, value):
+    other = _timed(_compare(0.836, 1.2, 7.5), 9)
+    other["settings"][key] = value
+    per_seed = {42: _timed(_compare(0.838, 1.0, 7.5), 9), 43: other}
+    with pytest.raises(seeds.EdgeKDError, match=rf"not timed alike \({key}: seed 42: .*seed 43: {value}\).*measure"):
         seeds.aggregate(per_seed)
 
 
