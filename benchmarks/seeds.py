@@ -210,7 +210,7 @@ def timing_over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         values = {json.dumps(t[key], sort_keys=True) for t in timed.values()}
         if len(values) > 1:
             each = ", ".join(f"seed {s}: {t[key]}" for s, t in timed.items())
-            raise EdgeKDError(f"the seeds' comparisons were not timed alike ({key.replace('_', ' ')}: {each}); a "
+            raise EdgeKDError(f"the seeds' comparisons were not timed alike ({key}: {each}); a "
                               "mean over them would pool different measurements: measure them again with the same "
                               "options (without --reuse)")
     unlike = []
@@ -245,7 +245,8 @@ def _meets(value: float | None, bar: tuple[str, float]) -> bool | None:
 
 def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) -> dict[str, Any]:
     """Mean ± sd of every figure over the seeds, and per bar how many seeds meet it. A seed whose
-    figure is missing counts as not meeting the bar (it was not shown)."""
+    figure is missing counts as not meeting the bar (it was not shown). Seeds whose comparisons were timed
+    on different threads or inputs raise ``EdgeKDError`` (:func:`timing_over_seeds`)."""
     figs = {s: seed_figures(d) for s, d in per_seed.items()}
     seeds = sorted(figs)
     rows = []
@@ -373,7 +374,8 @@ def _verdict(data: dict[str, Any]) -> str | None:
 
 
 def _timing_lines(timing: dict[str, Any]) -> list[str]:
-    """How each seed's comparison was timed, one line per seed, and the note when their rounds differ."""
+    """How each seed's comparison was timed, one line per seed, and the note when their rounds or calls
+    differ (:func:`timing_over_seeds`)."""
     lines = []
     for s, t in (timing.get("per_seed") or {}).items():
         if t is None:
