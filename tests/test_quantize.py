@@ -165,6 +165,28 @@ def test_dynamic_int8_writes_a_servable_export_folder(bert_export, tmp_path):
 
 
 @pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
+def test_the_quantized_folder_describes_its_own_graph_not_the_float_exports(bert_export, tmp_path):
+    """artifact.json's notes (node count, opset, weight bytes) and creation time are the int8 file's,
+    not copied from the float folder's meta; the float export's notes are kept under source_notes."""
+    src = tmp_path / "onnx"
+    shutil.copytree(bert_export, src)
+    float_notes = {"exporter": "torch.onnx.export(dynamo=True)", "nodes": 1, "opset": 1, "weight_bytes": 1,
+                   "created_by_test": True}
+    write_artifact_meta(src, {**read_artifact_meta(src), "notes": float_notes, "created": "2000-01-01T00:00:00+00:00"})
+    out = tmp_path / "onnx-int8"
+    quantize_onnx(src, out, qcfg(max_accuracy_drop=1.0), None, text_inputs(16), np.zeros(16, dtype=np.int64),
+                  accuracy)
+    meta = read_artifact_meta(out)
+    proto = onnx.load(str(out / "model.onnx"))
+    from onnx import numpy_helper
+
+    assert meta["notes"]["nodes"] == len(proto.graph.node)
+    assert meta["notes"]["opset"] == next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    assert meta["notes"]["weight_bytes"] == sum(numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+    assert meta["notes"]["external_data"] is False and meta["notes"]["source_notes"] == float_notes
+    assert meta["created"] > "2000-01-01T00:00:00+00:00"
+
+
 def test_dynamic_int8_is_judged_one_text_per_call_at_its_own_length(bert_export, tmp_path):
     """Dynamic int8 takes one activation scale per call, padding included, and is served one text per
     call: the guard judges it so (its recorded outputs are those of each text alone, unpadded)."""

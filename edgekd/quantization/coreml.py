@@ -110,8 +110,10 @@ def quantize_coreml_folder(src: Path, out: Path, cfg: QuantizeConfig, test_input
     Parity (compressed package against the float one on ``test_inputs``) runs where Core ML predicts,
     i.e. on macOS; elsewhere artifact.json says it did not run and why, next to the weight error."""
     import sys
+    from datetime import datetime, timezone
 
     from edgekd.export.base import read_artifact_meta, write_artifact_meta
+    from edgekd.export.coreml import verify_spec
     from edgekd.export.stage import artifact_digest
 
     src, out = Path(src), Path(out)
@@ -151,6 +153,9 @@ def quantize_coreml_folder(src: Path, out: Path, cfg: QuantizeConfig, test_input
                    files={n: artifact_digest(tmp / n) for n in (meta.get("files") or {package.name: None})
                           if (tmp / n).exists()},
                    source={"folder": str(src), "sha256": meta.get("sha256"), "precision": meta.get("precision")},
+                   # The compressed package's own spec (its constexpr ops), never the float package's.
+                   notes={**(meta.get("notes") or {}), "spec": verify_spec(tmp / package.name)},
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    quantization={"method": f"coreml-{cfg.coreml_mode}", **{k: report[k] for k in
                                  ("mode", "precision", "size_bytes_before", "size_bytes_after", "weight_error")}})
         write_artifact_meta(tmp, new)

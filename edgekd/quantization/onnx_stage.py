@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,32 @@ def _copy_model(model: Path, dst: Path, external: bool) -> None:
     # Re-save so the weights file is named after the destination, as the float folder's was.
     onnx.save(onnx.load(str(model)), str(dst), save_as_external_data=True, location=dst.name + ".data",
               size_threshold=0)
+
+
+def _graph_notes(model: Path, source_notes: Mapping[str, Any] | None, external: bool) -> dict[str, Any]:
+    """What artifact.json's ``notes`` says about the quantized graph itself (its opset, node count and
+    weight bytes), never the float folder's figures; the float export's own facts stay under ``source``."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(model), load_external_data=False)
+    four_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    weight_bytes = 0
+    for init in proto.graph.initializer:
+        count = int(np.prod(init.dims)) if init.dims else 1
+        weight_bytes += (count + 1) // 2 if init.data_type in four_bit else \
+            count * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    notes = {
+        "exporter": "edgekd quantize (ONNX Runtime), from the float folder's export",
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "nodes": len(proto.graph.node),
+        "external_data": external,
+        "weight_bytes": weight_bytes,
+        "source_notes": dict(source_notes or {}),
+    }
+    if "bounds" in (source_notes or {}):  # the input shapes it accepts are the float graph's (devices read them)
+        notes["bounds"] = source_notes["bounds"]
+    return notes
 
 
 def _attempt_record(exclude: list[str], score: dict[str, Any], float_metric: float, budget: float) -> dict[str, Any]:
@@ -472,6 +499,8 @@ def _write_folder(fp32_dir: Path, out_dir: Path, src: Path, model: Path, meta: d
             files={n: artifact_digest(tmp / n) for n in listed},
             sha256=sha256_file(tmp / src.name), size_bytes=(tmp / src.name).stat().st_size,
             source={"folder": str(fp32_dir), "sha256": meta.get("sha256"), "precision": meta.get("precision")},
+            notes=_graph_notes(tmp / src.name, meta.get("notes"), external),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             parity={"reference": "float ONNX model", "max_abs_diff": report["quantized"]["max_abs_diff"],
                     "top1_agreement": report["quantized"]["top1_agreement"]},
             quantization={

@@ -140,3 +140,34 @@ def test_quantize_stage_core_ml_path_refuses_a_compression_that_changed_nothing(
     with pytest.raises(StageError, match="left every weight of .* unchanged"):
         quantize_coreml_folder(src, tmp_path / "coreml-palettize4", cfg, text_data[0])
     assert not (tmp_path / "coreml-palettize4").exists()
+
+
+def test_quantize_stage_core_ml_folder_records_the_compressed_packages_own_spec(coreml_export, text_data, tmp_path,
+                                                                                 monkeypatch):
+    import shutil
+
+    from edgekd.quantization import coreml as coreml_quant
+
+    # The tiny model's weights are all under the size coremltools compresses from; every weight is here.
+    monkeypatch.setattr(coreml_quant, "WEIGHT_THRESHOLD", 1)
+
+    from edgekd.export.base import read_artifact_meta, write_artifact_meta
+    from edgekd.export.stage import artifact_digest
+    from edgekd.quantization.coreml import quantize_coreml_folder
+    from edgekd.recipe import QuantizeConfig
+
+    src = tmp_path / "coreml"
+    shutil.copytree(coreml_export.path, src / "model.mlpackage")
+    (src / "tokenizer.json").write_text("{}")
+    write_artifact_meta(src, {"target": "coreml", "exporter": "coreml", "file": "model.mlpackage", "precision": "fp16",
+                              "sha256": artifact_digest(src / "model.mlpackage"), "io": TEXT_IO.to_dict(),
+                              "notes": coreml_export.notes, "created": "2000-01-01T00:00:00+00:00"})
+    quantize_coreml_folder(src, tmp_path / "coreml-linear8", QuantizeConfig(coreml_mode="linear8"), text_data[0])
+    meta = read_artifact_meta(tmp_path / "coreml-linear8")
+    spec = meta["notes"]["spec"]
+    assert spec == verify_spec(tmp_path / "coreml-linear8" / "model.mlpackage")
+    # The compressed weights' dequantizing ops, which the float package's spec has none of.
+    assert [k for k in spec["op_types"] if k.startswith("constexpr")]
+    assert not [k for k in coreml_export.notes["spec"]["op_types"] if k.startswith("constexpr")]
+    assert meta["notes"]["neural_engine"] == coreml_export.notes["neural_engine"]  # what compression keeps
+    assert meta["created"] > "2000-01-01T00:00:00+00:00"
