@@ -225,9 +225,12 @@ def bench_run(
         metrics = measure.score(test_out, eval_labels, metric_fn)
         e["metrics"] = metrics
         e["accuracy"] = metrics.get(metric) if metrics else None
+        e["scored_examples"] = len(next(iter(test_out.values()))) if metrics and test_out else None
         if inputs.ood_name:
             ood_metrics = measure.score(ood_out, ood_labels, metric_fn)
             e["ood_accuracy"] = ood_metrics.get(metric) if ood_metrics else None
+    ref = measure.same_examples_reference(ref, entries, len(eval_labels) if eval_labels is not None else None)
+    for e in entries:
         e.update(measure.deltas(e["accuracy"], ref))
         disabled = (((e.get("meta") or {}).get("runtime_options") or {}).get("disabled_optimizers") or [])
         if disabled and e.get("status", "ok") == "ok":  # the session the folder chose, said beside its figures

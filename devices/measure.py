@@ -8,11 +8,13 @@ protocol itself is ``remote_runner.measure``, shared with remote devices.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,12 +197,27 @@ def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float)
     else:
         from edgekd.devices import worker
 
-        # In this process, threads and CPU affinity are not pinned: that would change the caller.
-        job = {**job, "cpus": None, "in_process": True,
-               "threads": job.get("threads") if job.get("kind") != "torch" else None}
+        # In this process CPU affinity is not pinned (that would change the caller); torch's thread
+        # count is set to the bench's for the measurement, as every other row's is, and put back after.
+        job = {**job, "cpus": None, "in_process": True}
         job_path.write_text(json.dumps(job, indent=2))
-        remote_runner.run_job(job_path, result_path, load_factory=worker.load_factory)
+        with torch_threads_restored():
+            remote_runner.run_job(job_path, result_path, load_factory=worker.load_factory)
     return read_result(result_path)
+
+
+@contextlib.contextmanager
+def torch_threads_restored() -> Iterator[None]:
+    """torch's intra-op thread count as it was before the block (a measurement in the caller's process
+    pins it to the bench's threads), when torch is loaded."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and before is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def read_result(result_path: Path) -> tuple[dict, dict | None]:
@@ -212,6 +229,8 @@ def read_result(result_path: Path) -> tuple[dict, dict | None]:
     return result, outputs
 
 
+# A round's own per-call records, pooled or read by the parent and not kept in the results.
+ROUND_ONLY = ("times_ms", "timed_prefix_sha256")
 TIMING_KEYS = ("runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "throughput")
 
 
@@ -269,9 +288,33 @@ def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
             done.append(result)
             if r == 0:
                 outputs[e["name"]] = out
+    equalize_timed_calls(results)
     for e in todo:
         e.update((pick or result_fields)(merge_rounds(results[e["name"]])))
         e["_outputs"] = outputs.get(e["name"])
+
+
+def equalize_timed_calls(results: dict[str, list[dict[str, Any]]]) -> None:
+    """With a time budget (``bench.time_budget_s``) each model stops after its own number of calls. Every
+    model times the same plan in the same order, so in each round and case every model keeps its first
+    k timed calls, k the fewest any model timed there; the case's figures are summarised again on those,
+    and its fingerprint is that of those k calls (``timed_prefix_sha256``, written by the measuring
+    process when a budget is set). Without a budget nothing changes."""
+    by_case: dict[tuple[int, Any, Any], list[dict[str, Any]]] = {}
+    for rounds in results.values():
+        for r, result in enumerate(rounds):
+            if result.get("status", "ok") != "ok":
+                continue
+            for case in result.get("cases") or []:
+                if case.get("timed_prefix_sha256") and case.get("times_ms"):
+                    by_case.setdefault((r, case.get("batch"), case.get("seq")), []).append(case)
+    for cases in by_case.values():
+        k = min(len(c["times_ms"]) for c in cases)
+        for c in cases:
+            c["times_ms"] = c["times_ms"][:k]
+            c.update(remote_runner.summarize([t / 1000.0 for t in c["times_ms"]], int(c["batch"])))
+            c["inputs_sha256"] = c.pop("timed_prefix_sha256")[k - 1]
+            c["budget_kept_calls"] = k
 
 
 def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -279,17 +322,22 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     rest (load, memory, evaluation, environment) from the first round, which also ran the evaluation."""
     first = dict(results[0])
     if len(results) == 1 or first.get("status", "ok") != "ok":
-        first["cases"] = [{k: v for k, v in c.items() if k != "times_ms"} for c in first.get("cases") or []]
+        first["cases"] = [{k: v for k, v in c.items() if k not in ROUND_ONLY} for c in first.get("cases") or []]
         return first
     failed = [f"round {n + 1}: {r.get('error')}" for n, r in enumerate(results) if r.get("status", "ok") != "ok"]
     cases = []
     for i, case in enumerate(first.get("cases") or []):
-        merged = {k: v for k, v in case.items() if k != "times_ms"}
+        merged = {k: v for k, v in case.items() if k not in ROUND_ONLY}
         parts = [(r.get("cases") or [{}] * (i + 1))[i] for r in results]
         errors = [p.get("error") for p in parts if p.get("error")] + failed
         if "times_ms" in case and not errors and all("times_ms" in p for p in parts):
             times = [t / 1000.0 for p in parts for t in p["times_ms"]]
             merged.update(remote_runner.summarize(times, int(case["batch"])), rounds=len(parts))
+            if any("budget_kept_calls" in p for p in parts):
+                # Each round kept its own first calls (equalize_timed_calls): the fingerprint is of them all.
+                merged["inputs_sha256"] = hashlib.sha256(
+                    "|".join(str(p.get("inputs_sha256")) for p in parts).encode()).hexdigest()
+                merged["budget_kept_calls"] = sum(int(p.get("budget_kept_calls") or 0) for p in parts)
         elif errors and "skipped" not in case:
             # A figure from some rounds only would not be timed like the other rows: none at all.
             merged = {k: v for k, v in merged.items() if k not in TIMING_KEYS}
@@ -337,6 +385,29 @@ def reference_accuracies(run_dir: Path, given: dict[str, float] | None = None,
     teacher, student = pick("teacher"), pick("student")
     source = "manifest:stages.eval.metrics" if teacher is not None or student is not None else None
     return {"teacher": teacher, "student": student, "source": source}
+
+
+def same_examples_reference(ref: dict[str, Any], entries: list[dict[str, Any]], total: int | None) -> dict[str, Any]:
+    """The reference the Δ columns read, on the examples the rows were scored on. The eval stage's
+    teacher and student figures (``ref`` from the manifest) cover every test example; a bench that
+    scored a subset (``bench.eval_examples``) reads its own ``pytorch-teacher``/``pytorch-student`` rows
+    scored on that subset instead, and compares nothing where it has none."""
+    if not str(ref.get("source") or "").startswith("manifest") or not total:
+        return ref
+    scored = {e.get("scored_examples") for e in entries if e.get("scored_examples")}
+    if not scored or scored == {total}:
+        return ref
+    n = min(scored)
+    own = {who: next((e["accuracy"] for e in entries if e.get("name") == f"pytorch-{who}"
+                      and e.get("scored_examples") == n and e.get("accuracy") is not None), None)
+           for who in ("teacher", "student")}
+    if len(scored) == 1 and any(v is not None for v in own.values()):
+        return {**own, "source": f"this bench's pytorch rows, scored on the same {n} of the {total} test examples "
+                                 "(bench.eval_examples)"}
+    return {"teacher": None, "student": None,
+            "source": f"not compared: the rows were scored on {', '.join(map(str, sorted(scored)))} of the {total} "
+                      "test examples (bench.eval_examples) and the eval stage's teacher and student on all of them; "
+                      "bench the PyTorch teacher and student too, or drop bench.eval_examples"}
 
 
 def deltas(accuracy: float | None, ref: dict[str, Any]) -> dict[str, float | None]:

@@ -302,11 +302,25 @@ def inputs_sha256(calls: list[dict]) -> str:
     with the same value were timed on exactly the same inputs."""
     h = hashlib.sha256()
     for call in calls:
-        for name in sorted(call):
-            a = np.ascontiguousarray(call[name])
-            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-            h.update(a.tobytes())
+        _hash_call(h, call)
     return h.hexdigest()
+
+
+def _hash_call(h, call: dict) -> None:
+    for name in sorted(call):
+        a = np.ascontiguousarray(call[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+
+
+def prefix_sha256(calls: list[dict]) -> list[str]:
+    """``inputs_sha256`` of the first 1, 2, ... calls: with a time budget each model stops after its own
+    number of calls, and the parent keeps the first k of every model and needs the fingerprint of those."""
+    h, out = hashlib.sha256(), []
+    for call in calls:
+        _hash_call(h, call)
+        out.append(h.copy().hexdigest())
+    return out
 
 
 def static_shape_reason(meta: dict, batch: int, seq: int) -> str | None:
@@ -620,6 +634,11 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
                                warmup, job.get("runs", 50), job.get("time_budget_s"), job.get("min_runs", 5))
             case.update(summarize(times, batch))
             case["times_ms"] = [round(t * 1000.0, 6) for t in times]  # pooled over rounds by the parent
+            if job.get("time_budget_s") is not None:
+                # The calls this job timed, in order: the parent keeps as many of every model's as the
+                # fewest any model timed, and fingerprints those (measure.equalize_timed_calls).
+                case["timed_prefix_sha256"] = prefix_sha256(
+                    [calls[(warmup + offset + i) % len(calls)] for i in range(len(times))])
         except Exception as e:  # one shape failing (e.g. longer than the model's positions) is recorded
             case["error"] = f"{type(e).__name__}: {e}"
         cases.append(case)
