@@ -90,6 +90,41 @@ def check_same_inputs(rows: list[dict[str, Any]], what: str = "this table") -> s
     return next(iter(prints), None)
 
 
+def unrecorded_inputs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries with a timed case (a p50) that records no inputs fingerprint: rows imported from a
+    device's own benchmark tool (``edgekd bench-import``), which does not say what it was fed. Their
+    latencies can be listed, never compared with rows timed on known inputs."""
+    return [e for e in entries
+            if any(c.get("p50_ms") is not None and not c.get("inputs_sha256") for c in e.get("cases") or [])]
+
+
+def timed_by(entry: dict[str, Any]) -> str:
+    """A row's name and the tool that timed it, for the notes on rows whose inputs are not recorded."""
+    if entry.get("imported_from"):
+        return f"{entry['name']} (imported from {entry['imported_from']})"
+    return f"{entry['name']} (timed by a tool that is not recorded)"
+
+
+def bench_threads(data: dict[str, Any]) -> int | None:
+    """The thread count a bench was timed at: its inputs record's, else the environment's request."""
+    threads = (data.get("inputs") or {}).get("threads")
+    if threads is None:
+        threads = ((data.get("environment") or {}).get("threads") or {}).get("requested")
+    return threads
+
+
+def calls_text(data: dict[str, Any]) -> str:
+    """How many calls each case timed: the fixed count, or the cap and the time budget that cut it."""
+    inp = data.get("inputs") or {}
+    runs, warmup = inp.get("timed_calls", "?"), inp.get("warmup_calls", "?")
+    budget = (data.get("config") or {}).get("time_budget_s")
+    if budget:
+        return (f"each case timed up to {runs} calls within a time budget of {budget:g} s after {warmup} "
+                "warm-up calls, every row keeping the same first calls (as many as the fewest any row timed; "
+                "the case table's runs column shows how many)")
+    return f"{runs} timed calls after {warmup} warm-up calls per case"
+
+
 def note(entry: dict[str, Any], case: dict[str, Any] | None = None) -> str:
     for source in (case or {}, entry):
         for key in ("skipped", "reason", "error", "note"):
@@ -135,7 +170,6 @@ def markdown(data: dict[str, Any]) -> str:
     cpu = (env.get("cpu") or {}).get("model") or prof.get("processor")
     ref = data.get("reference") or {}
     metric = METRIC_LABELS.get(data.get("metric", "accuracy"), data.get("metric", "accuracy"))
-    inp = data.get("inputs") or {}
     ood = data.get("ood") or {}
     ood_txt = (f"{ood['dataset']} ({ood.get('examples')} texts, not movie reviews)" if ood.get("dataset")
                else "no out-of-domain set (eval.ood_dataset)")
@@ -143,13 +177,12 @@ def markdown(data: dict[str, Any]) -> str:
         f"# Bench: {data.get('run')} on {prof['name']}",
         "",
         f"{prof.get('description', '')}  ",
-        f"CPU: {cpu}; threads: {(env.get('threads') or {}).get('requested', prof.get('threads'))}; "
+        f"CPU: {cpu}; threads: {_first_known(bench_threads(data), prof.get('threads'))}; "
         f"batch {head['batch']}, {data.get('input') or f'sequence {seq}'}; created {data.get('created')}.  ",
         f"Reference {metric}: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
         f" ({ref.get('source') or 'not available'}).  ",
-        f"Inputs (the same for every row): {inp.get('description', 'not recorded')}; {inp.get('source', '?')} "
-        f"test examples, {inp.get('timed_calls', '?')} timed calls after {inp.get('warmup_calls', '?')} warm-up "
-        f"calls per case{_rounds_text(inp)}; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  ",
+        *_inputs_lines(data, fp),
+        *([f"Pareto plot: {data['pareto_note']}  "] if data.get("pareto_note") else []),
         f"Out-of-domain {metric}: {ood_txt}.",
         "",
         f"| model | target | precision | size MB | p50 ms | p99 ms | mean ms | items/s | {metric} | OOD {metric} "
@@ -180,6 +213,28 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {_num(c.get('mean_tokens_per_item'), '.1f')} | {(c.get('inputs_sha256') or '—')[:12]} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _inputs_lines(data: dict[str, Any], fp: str | None) -> list[str]:
+    """The header's word on inputs. Only rows with an inputs fingerprint are said to share the bench's
+    inputs; rows timed by a device's own tool on inputs it does not record are named apart, listed but
+    not compared, and when no timed row has a fingerprint the plan's description is not claimed at all."""
+    inp = data.get("inputs") or {}
+    blind = unrecorded_inputs(data["results"])
+    who = "; ".join(timed_by(e) for e in blind)
+    calls = f"{calls_text(data)}{_rounds_text(inp)}"
+    if blind and fp is None:
+        return [f"Inputs: not recorded. Timed by a device's own benchmark tool on inputs it does not record, at "
+                f"the shapes in the case table: {who}. Their latencies are listed as the tool reported them, not "
+                "compared with rows timed on known inputs.  "]
+    same = "the same for every row" if not blind else "the same for every row with an inputs sha256"
+    lines = [f"Inputs ({same}): {inp.get('description', 'not recorded')}; {inp.get('source', '?')} test examples, "
+             f"{calls}; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  "]
+    if blind:
+        lines.append(f"Not compared: timed by a device's own benchmark tool on inputs it does not record, at the "
+                     f"shapes in the case table: {who}. Their latencies are listed, not compared with the rows "
+                     "timed on the inputs above.  ")
+    return lines
 
 
 def _by_case(pairs: list[tuple[dict, dict]]) -> dict[tuple, list[tuple[dict, dict]]]:
@@ -213,9 +268,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def pareto_figure(data: dict[str, Any]) -> tuple[Any, list[Any]] | tuple[None, str]:
-    """(figure, its point labels), or (None, why no plot). A bare Figure: no pyplot global state."""
+    """(figure, its point labels), or (None, why no plot). A bare Figure: no pyplot global state.
+
+    When some points record an inputs fingerprint, the points that record none (rows imported from a
+    device's own benchmark tool) are left out: their latencies were not timed on the same inputs.
+    ``data["pareto_note"]`` then names them (results.json and the table carry it); otherwise it is removed."""
     rows = [headline_row(e, data["headline"]) for e in data["results"]]
     rows = [r for r in rows if r.get("p50_ms") is not None and r.get("accuracy") is not None]
+    data.pop("pareto_note", None)
+    left_out = [r["name"] for r in rows if not r.get("inputs_sha256")]
+    if left_out and len(left_out) < len(rows):
+        by_name = {e.get("name"): e for e in data["results"]}
+        who = "; ".join(timed_by(by_name.get(n) or {"name": n}) for n in left_out)
+        data["pareto_note"] = (f"left out {who}: timed on inputs that are not recorded, so not comparable with "
+                               "the plotted rows.")
+        rows = [r for r in rows if r.get("inputs_sha256")]
     if not rows:
         return None, "no model has both a p50 latency and an accuracy (pass eval inputs, labels and metric_fn)"
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -388,6 +455,7 @@ def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile
             sides.append(load_results(run_dir, str(other)))
     labels = [s["_label"] for s in sides]
     labels = [lab if labels.count(lab) == 1 else f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
+    check_same_threads(sides, labels)
     rows_by_side = [{e["name"]: headline_row(e, s["headline"]) for e in s["results"]} for s in sides]
     check_same_inputs([{**r, "name": f"{lab}:{r['name']}"} for lab, rows in zip(labels, rows_by_side, strict=True)
                        for r in rows.values()], "the comparison")
@@ -396,13 +464,69 @@ def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile
     head = "| model | " + " | ".join(f"{lab} p50 ms | {lab} acc" for lab in labels)
     head += " | " + " | ".join(f"p50 × vs {labels[0]} ({lab})" for lab in labels[1:]) + " |"
     sep = "|---|" + "--:|--:|" * len(labels) + "--:|" * (len(labels) - 1)
-    lines = [f"# Bench comparison: {' vs '.join(labels)}", "", head, sep]
+    lines = [f"# Bench comparison: {' vs '.join(labels)}", ""]
+    lines += [_side_line(lab, s, rows) for lab, s, rows in zip(labels, sides, rows_by_side, strict=True)]
+    profiles = [s["profile"]["name"] for s in sides]
+    if len(set(profiles)) > 1:
+        threads = ", ".join(f"{p} at {_threads_text(bench_threads(s))}" for p, s in zip(profiles, sides, strict=True))
+        lines += ["", f"The p50 ratios compare devices, each timed at its own profile's threads ({threads})."]
+    lines += ["", head, sep]
+    entries = [{e["name"]: e for e in s["results"]} for s in sides]
+    unrecorded: list[str] = []
     for n in names:
-        cells, p50s = [], []
+        cells, p50s, prints = [], [], []
         for rows in rows_by_side:
             r = rows.get(n, {})
             p50s.append(r.get("p50_ms"))
+            prints.append(r.get("inputs_sha256"))
             cells += [_num(r.get("p50_ms"), ".3f"), _num(r.get("accuracy"), ".4f")]
-        ratios = [_num(p / p50s[0], ".2f") + "×" if p and p50s[0] else "—" for p in p50s[1:]]
+        ratios = []
+        for i, p in enumerate(p50s[1:], 1):
+            if p and p50s[0] and not (prints[i] and prints[0]):
+                ratios.append("—")
+                blind = [f"{timed_by(entries[j][n])} on {labels[j]}" for j in (0, i) if not prints[j]]
+                unrecorded += [b for b in blind if b not in unrecorded]
+            else:
+                ratios.append(_num(p / p50s[0], ".2f") + "×" if p and p50s[0] else "—")
         lines.append(f"| {n} | " + " | ".join(cells + ratios) + " |")
+    if unrecorded:
+        lines += ["", f"No p50 ratio (—) where a side was timed on inputs that are not recorded: "
+                      f"{'; '.join(unrecorded)}. Those latencies are listed, not compared."]
     return "\n".join(lines) + "\n"
+
+
+def _first_known(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _threads_text(threads: int | None) -> str:
+    return "threads not recorded" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
+
+
+def _side_line(label: str, data: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+    """One side of a comparison: its profile, CPU, threads and inputs, so a reader sees what each
+    column was timed on."""
+    env = data.get("environment") or {}
+    cpu = (env.get("cpu") or {}).get("model") or data["profile"].get("processor") or "not recorded"
+    fp = check_same_inputs(list(rows.values()), f"the bench of {label}")
+    inp = data.get("inputs") or {}
+    return (f"- {label}: profile {data['profile']['name']}; CPU {cpu}; {_threads_text(bench_threads(data))}; "
+            f"inputs sha256 {fp[:16] + '…' if fp else 'not recorded'} "
+            f"({inp.get('description') or 'inputs not described'}).")
+
+
+def check_same_threads(sides: list[dict[str, Any]], labels: list[str]) -> None:
+    """Refuse to compare benches of one profile (one device) timed at different thread counts: the
+    ratio would measure the threads, not the models or the runs. Sides of different profiles may
+    differ: there the ratio compares devices, each at its own profile's threads."""
+    by_profile: dict[str, list[tuple[str, int | None]]] = {}
+    for lab, side in zip(labels, sides, strict=True):
+        by_profile.setdefault(side["profile"]["name"], []).append((lab, bench_threads(side)))
+    for prof, group in by_profile.items():
+        if len({t for _, t in group if t is not None}) > 1:
+            detail = ", ".join(f"{lab} at {_threads_text(t)}" for lab, t in group)
+            raise StageError(
+                f"The comparison would put benches of profile '{prof}' timed at different thread counts side by "
+                f"side ({detail}). On one device the p50 ratio would measure the threads, not the models: re-run "
+                f"`edgekd bench <run folder> --profile {prof} --set bench.threads=N` so every side uses the same N."
+            )
