@@ -71,7 +71,7 @@ def test_accuracy_budget_needs_an_evaluation_with_the_metric(model):
 
 def test_latency_target_loops_until_met_without_a_step_count(model):
     latency = lambda m: count_params(m) / 10_000  # noqa: E731
-    target = latency(model) * 0.9  # several 10% rounds away
+    target = latency(model) * 0.8  # several 10% rounds away (each also takes a head a layer: about 12%)
     pruned, m = prune_model(model, cfg(target_latency_ms=target), PruneContext(latency_fn=latency))
     assert m["target_reached"] and m["latency_ms_after"] <= target and len(m["steps"]) > 1
     assert "<= prune.target_latency_ms" in m["stopped"]

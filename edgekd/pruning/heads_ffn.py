@@ -71,25 +71,31 @@ class HeadsFFN:
         return min(1.0, excess / pool) if pool else 0.0
 
     def _choose(self, scores: list[torch.Tensor], sizes: list[int], floor: list[int],
-                count: int | None, fraction: float | None) -> dict[int, list[int]]:
+                count: int | None, fraction: float | None, search: bool = False) -> dict[int, list[int]]:
+        """``search``: a round of the latency or accuracy search, which removes at least one unit where
+        there is room (``selection.counts_for_fraction``)."""
         capacity = [max(0, n - f) for n, f in zip(sizes, floor, strict=True)]
         if self.cfg.scope == "global":
             total = count if count is not None else round((fraction or 0.0) * sum(sizes))
+            if search and fraction and sum(capacity):
+                total = max(total, 1)
             return selection.lowest_global(normalise_per_layer(scores), total, capacity)
         if count is not None:
             counts = selection.spread(count, capacity)
         else:
-            counts = selection.counts_for_fraction(fraction or 0.0, sizes, capacity)
+            counts = selection.counts_for_fraction(fraction or 0.0, sizes, capacity, at_least_one=search)
         return selection.lowest_per_layer(scores, counts)
 
     def _choose_uniform(self, scores: list[torch.Tensor], sizes: list[int], floor: list[int],
-                        count: int | None, fraction: float | None) -> dict[int, list[int]]:
+                        count: int | None, fraction: float | None, search: bool = False) -> dict[int, list[int]]:
         """The same head indices in every layer (see the module doc)."""
         if len(set(sizes)) != 1:
             raise StageError(f"heads per layer {sizes} differ, but this family's heads can only be removed "
                              "uniformly: the model was not pruned by edgekd, or its config was edited")
         per_layer = min(max(0, n - f) for n, f in zip(sizes, floor, strict=True))
         k = math.ceil(count / len(sizes)) if count is not None else round((fraction or 0.0) * sizes[0])
+        if search and fraction:
+            k = max(k, 1)
         return selection.lowest_uniform(normalise_per_layer(scores), min(k, per_layer))
 
     def step(self, model: nn.Module, goal: StepGoal) -> tuple[nn.Module, dict[str, Any]]:
@@ -101,11 +107,12 @@ class HeadsFFN:
         head_scores, neuron_scores = self._scores(enc)
         drop_heads: dict[int, list[int]] = {}
         drop_neurons: dict[int, list[int]] = {}
+        search = goal.fraction is not None  # a search round (prune.latency_step), not a parameter budget
         if self.cfg.prune_heads and (goal.heads or fraction):
             choose = self._choose_uniform if self.uniform_heads else self._choose
-            drop_heads = choose(head_scores, heads, self.head_floor, goal.heads, fraction)
+            drop_heads = choose(head_scores, heads, self.head_floor, goal.heads, fraction, search)
         if self.cfg.prune_neurons and (goal.neurons or fraction):
-            drop_neurons = self._choose(neuron_scores, neurons, self.neuron_floor, goal.neurons, fraction)
+            drop_neurons = self._choose(neuron_scores, neurons, self.neuron_floor, goal.neurons, fraction, search)
         # Neurons first: removing heads rebuilds the attention linears but leaves the FFN alone,
         # and the indices of both were computed on the model as it is now.
         enc.remove_neurons(drop_neurons)

@@ -55,9 +55,14 @@ def lowest_global(scores: list[torch.Tensor], total: int, capacity: list[int]) -
     return {k: sorted(v) for k, v in chosen.items()}
 
 
-def counts_for_fraction(fraction: float, sizes: list[int], capacity: list[int]) -> list[int]:
-    """Per layer: ``fraction`` of its current units, rounded, within its capacity."""
-    return [min(round(fraction * n), c) for n, c in zip(sizes, capacity, strict=True)]
+def counts_for_fraction(fraction: float, sizes: list[int], capacity: list[int],
+                        at_least_one: bool = False) -> list[int]:
+    """Per layer: ``fraction`` of its current units, rounded, within its capacity. With ``at_least_one``
+    (a search round, ``prune.latency_step``) a layer with room above its floor gives up at least one
+    unit when the fraction is positive: 10% of 4 heads rounds to none, and a round that removes
+    nothing would end the search as if the floors had been reached."""
+    return [min(max(round(fraction * n), 1 if at_least_one and fraction > 0 else 0), c)
+            for n, c in zip(sizes, capacity, strict=True)]
 
 
 def lowest_uniform(scores: list[torch.Tensor], count: int) -> dict[int, list[int]]:

@@ -1,0 +1,39 @@
+"""A search round (prune.latency_step) removes at least one unit where a layer has room above its
+floor: a fraction of a few heads that rounds to none would stop the search as if the floors had
+been reached."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgekd.pruning import Encoder, PruneContext, count_params, prune_model
+from edgekd.pruning.selection import counts_for_fraction
+from edgekd.recipe import PruneConfig
+
+LAYERS, HEADS, HIDDEN, FFN = 2, 4, 32, 64
+
+
+def test_a_search_round_takes_at_least_one_unit_where_there_is_room():
+    assert counts_for_fraction(0.1, [4, 4], [3, 3]) == [0, 0]  # a parameter budget rounds as before
+    assert counts_for_fraction(0.1, [4, 4], [3, 3], at_least_one=True) == [1, 1]
+    assert counts_for_fraction(0.1, [4, 4], [3, 0], at_least_one=True) == [1, 0]  # a layer at its floor keeps all
+    assert counts_for_fraction(0.0, [4, 4], [3, 3], at_least_one=True) == [0, 0]
+    assert counts_for_fraction(0.5, [12, 12], [11, 11], at_least_one=True) == [6, 6]
+
+
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_a_latency_search_on_four_heads_removes_heads_until_the_floor(tmp_path, scope):
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekd.testing import tiny_bert
+
+    src = tiny_bert(tmp_path / "bert", num_layers=LAYERS, hidden=HIDDEN, heads=HEADS, intermediate=FFN, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(src).eval()
+    latency = lambda m: count_params(m) / 10_000  # noqa: E731  (proportional to size)
+    cfg = PruneConfig(enabled=True, target_latency_ms=1e-9, steps=None, latency_step=0.1, importance="magnitude",
+                      min_heads_per_layer=1, scope=scope)
+    pruned, m = prune_model(model, cfg, PruneContext(latency_fn=latency))
+    heads = Encoder(pruned).heads()
+    # 10% of 4 heads rounds to none; every round still removes heads until one is left in each layer.
+    assert heads == [1] * LAYERS, (heads, m.get("stopped"))
+    assert not m["target_reached"]
