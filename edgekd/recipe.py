@@ -595,6 +595,7 @@ class PruneConfig(Section):
             problems.append(f"prune.quant_aware_ranges: '{self.quant_aware_ranges}' shapes the int8-aware "
                             "recovery, but prune.quant_aware is false, so nothing would read it: set "
                             "prune.quant_aware: true or drop it")
+        problems += self._unread_keys(search)
         if self.trim_vocab and not self.enabled:
             problems.append("prune.trim_vocab is set but prune.enabled is false (trimming is part of the prune stage)")
         if self.enabled and not given and not self.trim_vocab:
@@ -626,6 +627,29 @@ class PruneConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+    def _unread_keys(self, search: bool) -> list[str]:
+        """Keys set away from their default where this section's method, importance or target never
+        reads them: an error, not a setting accepted and ignored."""
+        fields = type(self).model_fields
+        changed = {k for k in ("latency_step", "max_channel_ratio", "min_heads_per_layer", "min_neurons_fraction",
+                               "prune_heads", "prune_neurons", "score_batches") if getattr(self, k) != fields[k].default}
+        problems = []
+        if "latency_step" in changed and not search:
+            problems.append("prune.latency_step is the share a search round removes, but no search is set: set "
+                            "prune.target_latency_ms or prune.max_accuracy_drop, or drop it")
+        if "max_channel_ratio" in changed and self.method != "channels":
+            problems.append(f"prune.max_channel_ratio caps method 'channels', not '{self.method}': drop it")
+        heads_ffn_only = sorted(changed & {"min_heads_per_layer", "min_neurons_fraction", "prune_heads",
+                                           "prune_neurons"})
+        if heads_ffn_only and self.method != "heads-ffn":
+            problems.append(f"{', '.join('prune.' + k for k in heads_ffn_only)} shape(s) method 'heads-ffn', not "
+                            f"'{self.method}', which would not read them: drop them")
+        if "score_batches" in changed and (self.importance == "magnitude" or self.method == "unstructured"):
+            problems.append("prune.score_batches sets how many batches score importance by gradients (taylor, "
+                            "fisher); magnitude importance and method 'unstructured' read none: drop it")
+        return problems
 
 
 class QuantizeCandidate(Section):
