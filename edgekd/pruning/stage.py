@@ -7,6 +7,7 @@ pipeline passes distillation from the teacher), so this module does not import t
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from typing import Any
 
@@ -15,6 +16,8 @@ from torch import nn
 from edgekd.errors import StageError
 from edgekd.pruning.base import PruneContext, StepGoal, count_params, get_method
 from edgekd.recipe import PruneConfig
+
+log = logging.getLogger(__name__)
 
 MAX_SEARCH_ROUNDS = 100  # the floors stop a search long before; a guard against a method that never does
 
@@ -126,7 +129,11 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
 def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, metrics: dict[str, Any]) -> nn.Module:
     """Rounds of ``latency_step``, each recovered, evaluated and timed, until the latency target is
     met, the accuracy budget would be exceeded (that round is undone: the last round in budget is
-    kept), the floors leave nothing to remove, or ``steps`` rounds ran. Records why it stopped."""
+    kept), the floors leave nothing to remove, or ``steps`` rounds ran. Records why it stopped.
+
+    With a budget, the final recovery (``prune.final_recover_epochs``) is checked too: when it lowers
+    validation, the model from before it ships and ``final_recovery`` says so (``within_budget``,
+    ``shipped``, ``note``); ``metrics["within_budget"]`` is what ships against the budget."""
     budget, target = cfg.max_accuracy_drop, cfg.target_latency_ms
     base = None
     if budget is not None:
@@ -146,8 +153,10 @@ def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, 
         model, info = method.step(model, StepGoal(fraction=cfg.latency_step))
         record = {"step": i, **info, "params": count_params(model), "prunable_params": method.prunable_params(model)}
         if info.get("removed", 0) == 0:
-            metrics["stopped"] = "nothing left to remove within the floors (prune.min_heads_per_layer, " \
-                                 "prune.min_neurons_fraction, prune.max_channel_ratio)"
+            # A method may say which limit stopped it (channels: prune.max_channel_ratio).
+            metrics["stopped"] = info.get("nothing_left") or (
+                "nothing left to remove within the floors (prune.min_heads_per_layer, "
+                "prune.min_neurons_fraction, prune.max_channel_ratio)")
             break
         if ctx.recover is not None:
             model = ctx.recover(model, i)
@@ -177,11 +186,44 @@ def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, 
     if cfg.final_recover_epochs > 0 and metrics["kept_step"] > 0:
         if ctx.recover_final is None:
             raise StageError("prune.final_recover_epochs needs a final recovery function (PruneContext.recover_final)")
+        # The kept model is in budget; kept aside so a final recovery that makes it worse is not shipped.
+        before_final = copy.deepcopy(model) if budget is not None else None
         t0 = time.perf_counter()
         model = ctx.recover_final(model)
-        metrics["final_recovery"] = {"metric": _evaluate(ctx, model), "seconds": round(time.perf_counter() - t0, 3)}
-        metrics["metric_after"] = metrics["final_recovery"]["metric"]
+        final = {"metric": _evaluate(ctx, model), "seconds": round(time.perf_counter() - t0, 3)}
+        metrics["final_recovery"] = final
+        metrics["metric_after"] = final["metric"]
+        if budget is not None:
+            model = _check_final_recovery(model, before_final, cfg, ctx, metrics, base)
+    if budget is not None:
+        # What ships, final recovery included, against the budget (the report's target_reached reads it).
+        metrics["within_budget"] = base - _metric_value(metrics["metric_after"], ctx.metric) <= budget
     return model
+
+
+def _check_final_recovery(model: nn.Module, before_final: nn.Module, cfg: PruneConfig, ctx: PruneContext,
+                          metrics: dict[str, Any], base: float) -> nn.Module:
+    """Compare the finally recovered model with the unpruned one and the budget; when the final recovery
+    lowered validation, ship the model from before it (in budget: the search kept it) and say so."""
+    final, budget, key = metrics["final_recovery"], cfg.max_accuracy_drop, ctx.metric
+    after = _metric_value(final["metric"], key)
+    kept = _metric_value(metrics["steps"][metrics["kept_step"] - 1]["metric"], key)
+    drop = base - after
+    final["metric_drop"] = round(drop, 6)
+    final["within_budget"] = drop <= budget
+    final["shipped"] = after >= kept
+    if final["shipped"]:
+        return model
+    metrics["metric_after"] = metrics["steps"][metrics["kept_step"] - 1]["metric"]
+    verdict = (f"{drop:.4f} below the unpruned {base:.4f}, over prune.max_accuracy_drop={budget}"
+               if drop > budget else f"below the {kept:.4f} it started from")
+    final["note"] = (
+        f"the final recovery (prune.final_recover_epochs={cfg.final_recover_epochs}) left validation {key} at "
+        f"{after:.4f}, {verdict}: the model from before it (search round {metrics['kept_step']}, {key} "
+        f"{kept:.4f}) ships instead. Shorten the final recovery or lower its rate (prune.final_recover_epochs, "
+        "prune.recover_lr), or set prune.final_recover_epochs: 0")
+    log.warning("prune: %s", final["note"])
+    return before_final
 
 
 def _metric_value(m: dict[str, float] | None, key: str) -> float:
@@ -193,14 +235,17 @@ def _metric_value(m: dict[str, float] | None, key: str) -> float:
 
 
 def _target_report(cfg: PruneConfig, m: dict[str, Any], latency: float | None) -> tuple[dict[str, Any], bool]:
+    # With a budget, what ships (after any final recovery) must be in it: m["within_budget"].
+    in_budget = m.get("within_budget", True) is not False
     if cfg.target_latency_ms is not None:
         target = {"latency_ms": cfg.target_latency_ms}
         if cfg.max_accuracy_drop is not None:
             target["max_accuracy_drop"] = cfg.max_accuracy_drop
-        return target, latency is not None and latency <= cfg.target_latency_ms
+        return target, latency is not None and latency <= cfg.target_latency_ms and in_budget
     if cfg.max_accuracy_drop is not None:
-        # The search always ends in budget (an over-budget round is undone); reached = at least one round kept.
-        return {"max_accuracy_drop": cfg.max_accuracy_drop}, m.get("kept_step", 0) > 0
+        # Every kept round is in budget (an over-budget one is undone) and so is what ships, final recovery
+        # included; reached = at least one round kept.
+        return {"max_accuracy_drop": cfg.max_accuracy_drop}, m.get("kept_step", 0) > 0 and in_budget
     if cfg.keep_params is not None:
         # Heads and neurons come in whole units: within one unit's worth of the budget counts as met.
         return {"keep_params": cfg.keep_params}, m["kept_prunable_fraction"] <= cfg.keep_params + 0.01
