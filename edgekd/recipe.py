@@ -456,8 +456,8 @@ class PruneConfig(Section):
         None, ge=1, le=100,
         description="Pruning rounds; each removes its share and is followed by recovery (distillation "
         "from the teacher when the pipeline provides it). Default 1 for keep_params/remove_*/sparsity. "
-        "With target_latency_ms or max_accuracy_drop: the most rounds tried (default: no cap, rounds "
-        "go on until the target is met or the floors leave nothing to remove).",
+        "With target_latency_ms or max_accuracy_drop: the most rounds tried (default: 100, the "
+        "search's own limit; rounds go on until the target is met or the floors leave nothing to remove).",
     )
     latency_step: float = Field(
         0.1, gt=0, lt=1,
@@ -554,7 +554,9 @@ class PruneConfig(Section):
         0.1, gt=0, le=1, description="Share of its original FFN neurons every layer keeps at least."
     )
     max_channel_ratio: float = Field(
-        0.9, gt=0, lt=1, description="channels: the largest share of a layer's channels that may be removed."
+        0.9, gt=0, lt=1,
+        description="channels: the largest share of a layer's original channels that pruning may remove, over "
+        "every round and step together."
     )
 
     @model_validator(mode="after")
@@ -858,7 +860,8 @@ class BenchConfig(Section):
     warmup: int = Field(10, ge=0, description="Untimed runs before each (batch, sequence) case.")
     runs: int = Field(50, ge=1, description="Timed runs per case (the cap when time_budget_s is set).")
     time_budget_s: float | None = Field(
-        None, gt=0, description="Time each case for this many seconds instead (at least min_runs runs)."
+        None, gt=0, description="Time each case for this many seconds instead (at least min_runs runs); every "
+        "model then keeps as many of the same first calls as the fewest any model timed."
     )
     min_runs: int = Field(5, ge=1, description="Fewest timed runs a time budget may stop at.")
     rounds: int = Field(
@@ -869,7 +872,10 @@ class BenchConfig(Section):
     )
     threads: int | None = Field(None, ge=1, description="Threads (default: the profile's, else all cores).")
     isolate: bool = Field(
-        True, description="Measure each artifact in a fresh child process (clean memory figures, pinned threads)."
+        True,
+        description="Measure each artifact in a fresh child process (clean memory figures, pinned threads and "
+        "CPUs). false: in this process, every runtime on the bench's threads (torch's count put back after), "
+        "no memory figures.",
     )
     inputs: Literal["real", "synthetic"] = Field(
         "real", description="Time real preprocessed test examples, or synthetic int64 ids."
