@@ -375,6 +375,14 @@ def _processes(timing: dict[str, Any]) -> str:
             "once, in a rotated order reversed every other round, on the next slice of the same calls)")
 
 
+def _choice(data: dict[str, Any]) -> str:
+    """How the edgekd artifact of the verdict was picked: named with --artifact, or chosen on validation."""
+    n = (data.get("settings") or {}).get("validation_examples", "?")
+    if str((data.get("best") or {}).get("why", "")).startswith("chosen with --artifact"):
+        return f"the edgekd artifact is the one named with --artifact, not chosen here; validation on {n} examples"
+    return f"the best artifact is chosen on {n} validation examples"
+
+
 def markdown(data: dict[str, Any]) -> str:
     from edgekd.devices.tables import check_same_inputs
 
@@ -402,8 +410,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"threads {s['threads']} for every runtime; {_calls(s)} after {s['warmup']} "
         f"warm-up calls, {_processes(data.get('timing') or {})}; inputs (the same for every row, checked by "
         f"sha256): {s.get('inputs', 'real test examples, batches padded to their longest member')}; accuracy on "
-        f"{s['eval_examples']} test examples ({s.get('scoring', 'in batches of 32')}; the best artifact is chosen on {s.get('validation_examples', '?')} "
-        f"validation examples); Optimum config `{s['optimum_isa']}`; the comparison took "
+        f"{s['eval_examples']} test examples ({s.get('scoring', 'in batches of 32')}; {_choice(data)}); Optimum config `{s['optimum_isa']}`; the comparison took "
         f"{_fmt(data.get('compare_seconds'), '.0f')} s.  ",
         f"Vocabulary: {s.get('vocabulary', 'one vocabulary for every model')}.  ",
         f"Out of domain: {ood_txt}.",

@@ -807,3 +807,11 @@ def test_markdown_says_how_the_models_shared_processes(tools):
     assert "its own process, in 3 rounds" in rep._processes({"rounds": 3, "process": "one per model and round"})
     assert rep._processes({"rounds": 1, "process": "one for every model"}).startswith("every model in one process")
     assert rep._processes({}).startswith("every model in one process")  # a compare.json from before rounds
+
+
+def test_markdown_says_whether_the_artifact_was_named_or_chosen(tools):
+    _, rep, _ = tools
+    named = {"settings": {"validation_examples": 1275}, "best": {"why": "chosen with --artifact onnx-int8"}}
+    assert rep._choice(named).startswith("the edgekd artifact is the one named with --artifact, not chosen here")
+    chosen = {"settings": {"validation_examples": 1275}, "best": {"why": "the fastest at p50 within budget"}}
+    assert rep._choice(chosen) == "the best artifact is chosen on 1275 validation examples"
