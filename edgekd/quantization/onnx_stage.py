@@ -124,7 +124,8 @@ def _copy_model(model: Path, dst: Path, external: bool) -> None:
 
 def _graph_notes(model: Path, source_notes: Mapping[str, Any] | None, external: bool) -> dict[str, Any]:
     """What artifact.json's ``notes`` says about the quantized graph itself (its opset, node count and
-    weight bytes), never the float folder's figures; the float export's own facts stay under ``source``."""
+    weight bytes), never the float folder's figures; the float export's own notes are kept under
+    ``source_notes`` (and its input ``bounds``, which the quantized graph keeps, at the top)."""
     import onnx
     from onnx import helper
 
