@@ -375,6 +375,20 @@ def _processes(timing: dict[str, Any]) -> str:
             "once, in a rotated order reversed every other round, on the next slice of the same calls)")
 
 
+def check_same_threads(rows: list[dict[str, Any]], threads: int | None) -> None:
+    """Refuse a table whose rows say they ran on other thread counts than the comparison's (a row that
+    records none, e.g. ExecuTorch's XNNPACK, is not checked: its note says why)."""
+    odd = {r["name"]: (r.get("runtime_info") or {}).get("threads") for r in rows}
+    odd = {n: t for n, t in odd.items() if t is not None and threads is not None and t != threads}
+    if odd:
+        from edgekd.errors import StageError
+
+        raise StageError(
+            f"the compare_tools table would put rows timed on other thread counts than its {threads} side by side "
+            f"({', '.join(f'{n}: {t}' for n, t in odd.items())}): run compare_tools again so every runtime gets "
+            "the same --threads")
+
+
 def _choice(data: dict[str, Any]) -> str:
     """How the edgekd artifact of the verdict was picked: named with --artifact, or chosen on validation."""
     n = (data.get("settings") or {}).get("validation_examples", "?")
@@ -391,6 +405,7 @@ def markdown(data: dict[str, Any]) -> str:
         check_same_inputs([{"name": r["name"], **((r.get("cases") or {}).get(str(b)) or {})} for r in rows],
                           f"the compare_tools table at batch {b}")
     env, s = data["environment"], data["settings"]
+    check_same_threads(rows, s.get("threads"))
     vt, vo = data["ratios"]["vs_teacher"], data["ratios"]["vs_optimum_int8"]
     cpu = env.get("cpu") or {}
     ood = data.get("ood") or {}

@@ -27,6 +27,12 @@ class TorchRunner:
         self.dtypes = dict(io.dtypes)
         self.runtime = {"runtime": "pytorch", "torch": torch.__version__, "device": str(self.device)}
 
+    @property
+    def threads(self) -> int:
+        """torch's intra-op thread count in this process as it is now (the caller sets it): each row of a
+        comparison records the threads it ran on, PyTorch rows as well as ONNX Runtime ones."""
+        return int(self.torch.get_num_threads())
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:

@@ -815,3 +815,32 @@ def test_markdown_says_whether_the_artifact_was_named_or_chosen(tools):
     assert rep._choice(named).startswith("the edgekd artifact is the one named with --artifact, not chosen here")
     chosen = {"settings": {"validation_examples": 1275}, "best": {"why": "the fastest at p50 within budget"}}
     assert rep._choice(chosen) == "the best artifact is chosen on 1275 validation examples"
+
+
+def test_markdown_refuses_rows_that_ran_on_other_thread_counts(tools):
+    from edgekd.errors import StageError
+
+    _, rep, _ = tools
+    rows = [_row("teacher-fp32", "hf", p50s={1: 8.0}), _row("edgekd-onnx-int8", p50s={1: 0.5})]
+    rows[0]["runtime_info"], rows[1]["runtime_info"] = {"threads": 1}, {"threads": 2}
+    with pytest.raises(StageError, match="teacher-fp32: 1"):
+        rep.check_same_threads(rows, 2)
+    rows[0]["runtime_info"] = {"threads": 2}
+    rep.check_same_threads(rows, 2)
+    rows[0]["runtime_info"] = {}  # a runtime that does not say (ExecuTorch's XNNPACK)
+    rep.check_same_threads(rows, 2)
+
+
+def test_pytorch_rows_record_the_threads_torch_runs_on():
+    torch = pytest.importorskip("torch")
+    from edgekd.devices import remote_runner
+    from edgekd.devices.torch_runner import TorchRunner
+    from edgekd.export.base import ModelIO
+
+    runner = TorchRunner(torch.nn.Identity(), ModelIO.from_dict({"input_names": ["x"], "output_names": ["y"]}))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert remote_runner.runtime_info(runner)["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
