@@ -37,3 +37,33 @@ def test_a_latency_search_on_four_heads_removes_heads_until_the_floor(tmp_path, 
     # 10% of 4 heads rounds to none; every round still removes heads until one is left in each layer.
     assert heads == [1] * LAYERS, (heads, m.get("stopped"))
     assert not m["target_reached"]
+
+
+def test_the_search_times_on_the_bench_profiles_threads_and_says_where():
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.prune_common import timing_place
+
+    threads, where = timing_place(load_recipe("default", ["bench.profile=x86-edge-box"]))
+    assert threads == 4  # the profile's own threads, as `edgekd bench` would time with
+    assert "another device (ssh)" in where and "x86-edge-box" in where
+    threads, where = timing_place(load_recipe("default", ["bench.profile=x86-edge-box", "bench.threads=1"]))
+    assert threads == 1 and "1 thread(s)" in where
+    threads, where = timing_place(load_recipe("default"))
+    assert threads >= 1 and where.startswith("this machine (bench profile 'local')")
+
+
+def test_the_manifest_records_where_the_search_timed(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from edgekd.testing import tiny_bert
+
+    src = tiny_bert(tmp_path / "bert", num_layers=LAYERS, hidden=HIDDEN, heads=HEADS, intermediate=FFN, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(src).eval()
+
+    def latency(m):
+        return count_params(m) / 10_000
+
+    latency.where = "this machine, ONNX Runtime on 3 thread(s)"
+    cfg = PruneConfig(enabled=True, target_latency_ms=1e-9, steps=1, importance="magnitude")
+    _, m = prune_model(model, cfg, PruneContext(latency_fn=latency))
+    assert m["latency_timed_on"] == "this machine, ONNX Runtime on 3 thread(s)"

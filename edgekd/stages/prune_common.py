@@ -71,6 +71,22 @@ def say_search(ctx: RunContext, cfg, metrics: dict[str, Any]) -> None:
     ctx.say(line)
 
 
+def timing_place(r) -> tuple[int | None, str]:
+    """(threads, where) for the search's latency: the bench profile's threads (``bench.threads``, else the
+    profile's own, as ``edgekd bench`` times with), on this machine. A profile that is another device
+    (ssh, or a phone's own tool) is not reached from a prune round: the search then times here at that
+    profile's threads, and ``where`` says so."""
+    from edgekd.devices.profiles import load_profile
+
+    prof = load_profile(r.bench.profile)
+    threads = r.bench.threads or r.quantize.threads or r.runtime.threads or prof.bench_threads()
+    if prof.connection.kind == "local":
+        return threads, f"this machine (bench profile '{prof.name}'), ONNX Runtime on {threads} thread(s)"
+    return threads, (f"this machine, ONNX Runtime on {threads} thread(s): the bench profile '{prof.name}' is "
+                     f"another device ({prof.connection.kind}), which a prune round does not reach; "
+                     "`edgekd bench` gives its own figures")
+
+
 def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
     """p50 latency (ms) of a model in the form that ships: exported to ONNX with the recipe's export
     options, quantized as the quantize section says (when it is enabled; without the accuracy
@@ -83,7 +99,7 @@ def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
 
     r = ctx.recipe
     io = ctx.task.model_io()
-    threads = r.bench.threads or r.quantize.threads or r.runtime.threads
+    threads, where = timing_place(r)
     n = len(next(iter(inputs.values())))
     rows = []
     for i in range(n):
@@ -112,6 +128,8 @@ def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
                     runner.run(row)
                     times.append(time.perf_counter() - s)
             return float(np.median(times) * 1000)
+
+    latency.where = where  # the prune stage records it beside the search's latencies
 
     return latency
 
