@@ -150,8 +150,9 @@ def _prune(met: dict, key: str, name: str) -> str:
     if b and a is not None:
         head += f" ({100 * (1 - a / b):.0f}% removed)"
     pb, pa = met.get("prunable_params_before"), met.get("prunable_params_after")
-    if pb and pa is not None:
-        head += f"; prunable part (encoder) {_params(pb)} → {_params(pa)} ({100 * (1 - pa / pb):.0f}% removed)"
+    if pb and pa is not None and pb != b:  # channels prunes the whole network: the figure above says it
+        part = "encoder layers" if met.get("method") == "heads-ffn" else "prunable weights"
+        head += f"; prunable part ({part}) {_params(pb)} → {_params(pa)} ({100 * (1 - pa / pb):.0f}% removed)"
     lines.append(head)
     removed = _structure(met.get("before") or {}, met.get("after") or {})
     if removed:

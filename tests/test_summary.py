@@ -120,3 +120,13 @@ def test_a_copied_run_folder_names_its_own_bench_table(tmp_path, monkeypatch):
     text = _summary_text(run, monkeypatch)
     assert f"bench table: {run.root / 'bench' / 'local' / 'table.md'}" in text
     assert "original" not in text
+
+
+def test_the_prune_line_names_the_prunable_part_by_method():
+    heads = report._prune({"method": "heads-ffn", "params_before": 100_000, "params_after": 60_000,
+                           "prunable_params_before": 50_000, "prunable_params_after": 10_000}, "prune", "prune")
+    assert "prunable part (encoder layers)" in heads
+    # Channel pruning's prunable part is the whole detector: no second, mislabelled figure.
+    channels = report._prune({"method": "channels", "params_before": 730_000, "params_after": 6_500,
+                              "prunable_params_before": 730_000, "prunable_params_after": 6_500}, "prune", "prune")
+    assert "prunable part" not in channels and "encoder" not in channels
