@@ -46,6 +46,18 @@ def test_near_ties_go_to_the_higher_validation_metric():
     assert choose_fastest(cands, 0.01, tie=0.0)[0] == 0  # without the tolerance the fastest wins
 
 
+def test_a_near_tie_never_goes_to_a_candidate_no_faster_than_the_float_model():
+    # dynamic is faster than float (1.00 ms); fp16 is within 5% of dynamic and more accurate, but slower
+    # than float: choosing it would ship the float model although dynamic passed and is faster.
+    cands = [cand("dynamic", 0.97, 0.005, metric=0.895), cand("fp16", 1.015, 0.0, metric=0.9)]
+    assert choose_fastest(cands, 0.01)[0] == 1  # without the float model's time, the tie rule picks fp16
+    best, why = choose_fastest(cands, 0.01, ceiling=1.0)
+    assert best == 0 and why[0].startswith("chosen: fastest within the budget")
+    assert "not faster than the float model (1.015 against 1.000 ms p50), which dynamic is" in why[1]
+    # When nothing passing beats float, the rule is as before (the stage then recommends float and says why).
+    assert choose_fastest(cands, 0.01, ceiling=0.5)[0] == 1
+
+
 def test_nothing_in_budget_chooses_nothing():
     best, why = choose_fastest([cand("a", 1.0, 0.05), cand("b", 0.5, 0.02)], 0.01)
     assert best is None and all(w.startswith("over the accuracy budget") for w in why)
@@ -61,6 +73,25 @@ def test_candidates_inherit_the_section_and_duplicates_are_dropped():
     assert all(c.candidates == [] for _, c in setups)
     with pytest.raises(ValueError, match="extra"):
         QuantizeConfig(candidates=[{"methd": "static"}])
+
+
+def test_setups_whose_names_match_are_kept_apart():
+    # fp16 does not read per_channel: the two setups differ only in a key their name leaves out.
+    cfg = qcfg(method="fp16", candidates=[QuantizeCandidate(per_channel=True)])
+    names = [n for n, _ in onnx_stage.candidate_configs(cfg)]
+    assert names == ["fp16", "fp16 (2)"]
+
+
+def test_a_candidate_that_cannot_be_built_is_reported_and_the_others_compete(fragile, tmp_path, monkeypatch):
+    folder, inputs, labels = fragile
+    monkeypatch.setattr(onnx_stage, "time_side_by_side", lambda paths, rows, runs, threads: {
+        n: {"p50_ms": 2.0 if n == "float" else 1.0, "p90_ms": 1.0, "cpu_p50_ms": 1.0, "runs": runs} for n in paths})
+    # The fragile graph has no Gather: 4-bit embeddings cannot apply, which this candidate asks for.
+    cfg = qcfg(max_accuracy_drop=1.0, candidates=[QuantizeCandidate(embedding_bits=4)])
+    report = quantize_onnx(folder, tmp_path / "q", cfg, inputs, inputs, labels, accuracy)
+    assert report["candidate"] == "dynamic" and report["recommended"] == "quantized"
+    (skipped,) = report["candidates_not_built"]
+    assert skipped["name"].startswith("dynamic/emb4") and "embedding_bits" in skipped["why"]
 
 
 def test_stage_writes_the_fastest_candidate_in_budget(fragile, tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
 """Measuring a quantized ONNX model against its float source: accuracy, output error, speed.
 
 Accuracy is measured through the ONNX export target's own runner, so what is evaluated is what
-is served. Timing opens its own sessions, both with the same threads and with thread-pool
-spinning off: two spinning pools in one process steal each other's cores when their runs
-alternate, which on a small machine makes the second model look several times slower.
+is served. Timing (``edgekd.export.timing.time_side_by_side``) opens each model's session as its
+runner does, every one on the same threads with ONNX Runtime's thread spinning left on, as serve and
+bench run it, and times the models in alternating blocks on the same inputs, so one session's
+spinning threads compete with the next one's run only at a block's first call.
 """
 
 from __future__ import annotations
@@ -98,14 +99,16 @@ class Evaluator:
 TIE_TOLERANCE = 0.05
 
 
-def choose_fastest(candidates: list[dict[str, Any]], budget: float,
-                   tie: float = TIE_TOLERANCE) -> tuple[int | None, list[str]]:
+def choose_fastest(candidates: list[dict[str, Any]], budget: float, tie: float = TIE_TOLERANCE,
+                   ceiling: float | None = None) -> tuple[int | None, list[str]]:
     """The index of the fastest candidate within the accuracy budget, and why each was or was not chosen.
 
     Each candidate holds ``name``, ``passed`` (its drop is within ``budget``), ``drop``, ``metric``
     (validation) and ``p50_ms`` (batch 1, timed side by side). Candidates within ``tie`` of the
     fastest passing one count as equally fast; among them the higher validation metric wins, then
-    the lower latency. None when no candidate is within the budget.
+    the lower latency. ``ceiling``: the float model's p50 in the same timing; when a passing candidate
+    is faster than the float model, a near tie never goes to one that is not (it would ship float).
+    None when no candidate is within the budget.
     """
     why = [""] * len(candidates)
     passing = [i for i, c in enumerate(candidates) if c["passed"]]
@@ -116,6 +119,10 @@ def choose_fastest(candidates: list[dict[str, Any]], budget: float,
         return None, why
     fastest = min(candidates[i]["p50_ms"] for i in passing)
     group = [i for i in passing if candidates[i]["p50_ms"] <= fastest * (1 + tie)]
+    not_faster: list[int] = []
+    if ceiling is not None and fastest < ceiling:
+        not_faster = [i for i in group if candidates[i]["p50_ms"] >= ceiling]
+        group = [i for i in group if i not in not_faster]
     best = max(group, key=lambda i: (candidates[i]["metric"], -candidates[i]["p50_ms"]))
     win = candidates[best]
     for i in passing:
@@ -124,6 +131,9 @@ def choose_fastest(candidates: list[dict[str, Any]], budget: float,
             why[i] = (f"chosen: fastest within the budget ({c['p50_ms']:.3f} ms p50)" if c["p50_ms"] == fastest else
                       f"chosen: within {tie:.0%} of the fastest ({c['p50_ms']:.3f} vs {fastest:.3f} ms p50) "
                       f"with the highest validation metric ({c['metric']:.4f})")
+        elif i in not_faster:
+            why[i] = (f"within {tie:.0%} of the fastest but not faster than the float model ({c['p50_ms']:.3f} "
+                      f"against {ceiling:.3f} ms p50), which {win['name']} is")
         elif i in group:
             why[i] = (f"as fast (within {tie:.0%}) as {win['name']} but validation metric {c['metric']:.4f} "
                       f"<= {win['metric']:.4f}")
