@@ -798,10 +798,14 @@ class ExportConfig(Section):
     min_top1_agreement: float | None = Field(
         None, ge=0, le=1,
         description="Fail the stage (ParityError) when an artifact's top-1 agrees with its source on a smaller "
-        "fraction of the parity examples.",
+        "fraction of the parity examples. The folder stays for inspection; serve, bench and edgekd.load refuse it "
+        "(load_artifact(..., allow_failed_parity=True) opens it).",
     )
     max_abs_diff: float | None = Field(
-        None, gt=0, description="Fail the stage (ParityError) when an artifact's outputs differ from its source's by more."
+        None, gt=0,
+        description="Fail the stage (ParityError) when an artifact's outputs differ from its source's by more. The "
+        "folder stays for inspection; serve, bench and edgekd.load refuse it (load_artifact(..., "
+        "allow_failed_parity=True) opens it).",
     )
     first_token_last_layer: bool | None = Field(
         None,

@@ -318,14 +318,29 @@ def export_all(
     return records
 
 
-def load_artifact(folder: Path, *, verify: bool = True, **runtime_opts: Any) -> tuple[Runner, dict[str, Any]]:
+def load_artifact(folder: Path, *, verify: bool = True, allow_failed_parity: bool = False,
+                  **runtime_opts: Any) -> tuple[Runner, dict[str, Any]]:
     """The Runner for the export folder ``folder`` (its artifact.json names target and file, and
     ``runtime_options`` the session options it was measured with) and the folder's metadata. With
     ``verify``, the artifact's sha256 must match artifact.json.
 
+    A folder whose parity check failed when it was exported (``parity.passed: false``) is refused:
+    the export stage stops on the miss, but the folder stays for inspection, and serve, bench and
+    ``edgekd.load`` must not answer with it. ``allow_failed_parity`` opens it anyway (inspection).
+
     Imports only what the artifact's runtime needs (an ONNX artifact loads without torch)."""
     folder = Path(folder)
     meta = read_artifact_meta(folder)
+    parity = meta.get("parity") or {}
+    if parity.get("passed") is False and not allow_failed_parity:
+        figures = ", ".join(f"{k} {parity[k]:.4g}" for k in ("top1_agreement", "max_abs_diff")
+                            if isinstance(parity.get(k), (int, float)))
+        raise ParityError(
+            f"{folder} failed its parity check against the source model when it was exported "
+            f"({figures or 'see parity in its artifact.json'}): it does not answer as the model it was exported "
+            "from. Re-export it (edgekd export) after fixing what failed; load_artifact(..., "
+            "allow_failed_parity=True) opens it for inspection only."
+        )
     name = meta.get("exporter") or meta.get("target")
     if not name or not meta.get("file"):
         raise UnsupportedTargetError(f"{folder}/artifact.json names no exporter or file: re-export this target.")

@@ -168,6 +168,12 @@ def test_threshold_miss_raises_after_writing_the_figures(text_module, text_data,
     assert records["torchscript-lite"]["parity"]["passed"] is True  # bit-exact, so even 1e-30 holds
     meta = json.loads((tmp_path / "onnx" / "artifact.json").read_text())
     assert meta["parity"]["passed"] is False
+    # The folder stays for inspection, but what serves, benches and edgekd.load refuse to answer with it.
+    with pytest.raises(ParityError, match="failed its parity check .* max_abs_diff"):
+        load_artifact(tmp_path / "onnx")
+    runner, _ = load_artifact(tmp_path / "onnx", allow_failed_parity=True)
+    assert runner.run({k: v[:2] for k, v in text_data[0].items()})
+    load_artifact(tmp_path / "torchscript-lite")  # the target that passed opens as before
 
 
 def test_bad_requests_fail_before_anything_is_written(text_module, text_data, tokenizer_files, tmp_path):
