@@ -793,7 +793,10 @@ class ExportConfig(Section):
         default_factory=list,
         description="Export targets: onnx, tensorrt, coreml, executorch, torchscript-lite.",
     )
-    parity_examples: int = Field(256, ge=1, description="Test examples compared against the source model.")
+    parity_examples: int = Field(
+        256, ge=1, description="Test examples compared against the source model, at most: a smaller test split is "
+        "compared whole (the record and the log say how many)."
+    )
     parity_batch_size: int = Field(32, ge=1, description="Batch size of the parity runs (capped by an artifact's max_batch).")
     min_top1_agreement: float | None = Field(
         None, ge=0, le=1,

@@ -291,7 +291,11 @@ def export_all(
     missing = [n for n in io.input_names if n not in parity_inputs]
     if missing:
         raise EdgeKDError(f"parity inputs lack {missing}; the task's parity_data() must give {io.input_names}.")
-    n = min(cfg.parity_examples, len(np.asarray(parity_inputs[io.input_names[0]])))
+    available = len(np.asarray(parity_inputs[io.input_names[0]]))
+    n = min(cfg.parity_examples, available)
+    if n < cfg.parity_examples:
+        log.info("export.parity_examples %d: the test split has %d, so parity runs on all %d", cfg.parity_examples,
+                 available, n)
     examples = _slice(parity_inputs, n)
     labels = None if parity_labels is None else np.asarray(parity_labels)[:n]
 
