@@ -173,6 +173,40 @@ def check_parity(
     return report
 
 
+REAL_LENGTH_EXAMPLES = 64
+
+
+def check_real_lengths(runner: Runner, source_module: Any, inputs: dict[str, np.ndarray], *,
+                       target: str = "artifact", examples: int = REAL_LENGTH_EXAMPLES) -> ParityReport | None:
+    """Parity the way a server calls the artifact: the first ``examples`` rows, each alone (batch 1) at
+    its own length (padding cut off by its attention mask), against the source model on the same row.
+    ``check_parity`` runs padded batches; a traced graph or a runtime can answer those right and a
+    shorter row wrong. None for inputs without an attention mask (images): their one shape is the
+    batched check's."""
+    from edgekd.devices.remote_runner import concat_rows, own_length_row
+
+    if "attention_mask" not in inputs:
+        return None
+    n = min(examples, _rows(inputs))
+    if n == 0:
+        raise DataError("parity needs at least one example")
+    names = list(runner.output_names)
+    feed = {k: inputs[k] for k in runner.input_names}
+    t0 = time.perf_counter()
+    rows = [own_length_row(feed, i) for i in range(n)]
+    got = concat_rows([runner.run(r) for r in rows])
+    want = concat_rows([source_outputs(source_module, r, names) for r in rows])
+    seconds = time.perf_counter() - t0
+    diff = np.concatenate([np.abs(np.asarray(got[k], np.float64) - np.asarray(want[k], np.float64)).ravel()
+                           for k in names])
+    first = names[0]
+    top1 = (float(np.mean(np.argmax(got[first], axis=-1) == np.argmax(want[first], axis=-1)))
+            if np.asarray(want[first]).ndim >= 2 else None)
+    return ParityReport(target=target, examples=n, max_abs_diff=float(diff.max()) if diff.size else 0.0,
+                        mean_abs_diff=float(diff.mean()) if diff.size else 0.0, top1_agreement=top1,
+                        artifact_metric=None, source_metric=None, batch_size=1, seconds=round(seconds, 3))
+
+
 def enforce(report: ParityReport, min_top1_agreement: float | None, max_abs_diff: float | None) -> None:
     misses = report.failures(min_top1_agreement, max_abs_diff)
     if misses:

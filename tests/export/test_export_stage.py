@@ -71,6 +71,9 @@ def test_built_targets_record_sha256_size_and_parity(stage_run, text_data):
         assert parity["ran"] and parity["passed"] and parity["examples"] == len(text_data[1])
         assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < TOLERANCE
         assert parity["artifact_metric"]["accuracy"] == pytest.approx(parity["source_metric"]["accuracy"])
+        real = parity["real_lengths"]  # and as a server calls it: each text alone at its own length
+        assert real["batch_size"] == 1 and real["examples"] == min(64, len(text_data[1]))
+        assert real["top1_agreement"] == 1.0 and real["max_abs_diff"] < TOLERANCE
         assert rec["export_seconds"] > 0 and rec["seconds"] >= rec["export_seconds"]
 
 
