@@ -826,7 +826,8 @@ class ExportConfig(Section):
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-target options, e.g. {onnx: {optimize: true}, tensorrt: {precision: int8}}; "
-        "each target lists the options it accepts.",
+        "each target lists the options it accepts. Options for a target not in targets are refused (onnx's "
+        "excepted: the prune search exports ONNX with them).",
     )
 
     @model_validator(mode="after")
@@ -844,6 +845,10 @@ class ExportConfig(Section):
         for target, opts in self.options.items():
             if target not in known:
                 problems.append(f"options: '{target}' is not an export target (known: {names})")
+                continue
+            if target != "onnx" and target not in self.targets:  # onnx's are read by the prune search too
+                problems.append(f"options.{target}: '{target}' is not in export.targets, so nothing would read "
+                                f"these options: add it to export.targets or drop them")
                 continue
             bad = sorted(set(opts or {}) - set(known[target].options))
             if bad:

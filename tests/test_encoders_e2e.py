@@ -67,7 +67,7 @@ def test_pruned_family_exports_with_parity_and_serves(family, tmp_path):
     meta = {"labels": ["negative", "positive"], "max_length": 16, "source_model": family,
             "task": "text-classification"}
     targets = [t for t in TARGETS if t != "executorch" or family in EXECUTORCH_FAMILIES]
-    options = {} if family in DYNAMIC_EXECUTORCH else {"executorch": {"dynamic": False}}
+    options = {} if family in DYNAMIC_EXECUTORCH or "executorch" not in targets else {"executorch": {"dynamic": False}}
     records = export_all(module, TEXT_IO, targets, tmp_path / "export", ExportConfig(targets=targets, options=options),
                          inputs, labels, classification_metrics, meta, tok_files)
     if "executorch" in targets:
