@@ -344,8 +344,11 @@ def load_artifact(folder: Path, *, verify: bool = True, allow_failed_parity: boo
     meta = read_artifact_meta(folder)
     parity = meta.get("parity") or {}
     if parity.get("passed") is False and not allow_failed_parity:
-        figures = ", ".join(f"{k} {parity[k]:.4g}" for k in ("top1_agreement", "max_abs_diff")
-                            if isinstance(parity.get(k), (int, float)))
+        real = parity.get("real_lengths") or {}
+        figures = ", ".join([*(f"{k} {parity[k]:.4g}" for k in ("top1_agreement", "max_abs_diff")
+                               if isinstance(parity.get(k), (int, float))),
+                             *(f"{k} {real[k]:.4g} at batch 1 and real lengths" for k in ("top1_agreement", "max_abs_diff")
+                               if isinstance(real.get(k), (int, float)))])
         raise ParityError(
             f"{folder} failed its parity check against the source model when it was exported "
             f"({figures or 'see parity in its artifact.json'}): it does not answer as the model it was exported "
