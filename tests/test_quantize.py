@@ -554,6 +554,28 @@ def test_a_faster_session_is_kept_only_within_the_accuracy_budget(fragile, tmp_p
         assert report["quantized"]["metrics"]["accuracy"] == pytest.approx(report["accuracy_guard"]["quantized_metric"])
 
 
+def test_the_verdict_against_float_times_each_model_in_the_session_it_ships_with(fragile, tmp_path, monkeypatch):
+    """Ranked in the default session the int8 model looks slower than float; in the tuned session it
+    ships with it is faster. The recommendation reads the second timing, taken side by side."""
+    folder, inputs, labels = fragile
+    calls = []
+
+    def timing(paths, rows, runs, threads):
+        calls.append({n: (spec[1] if isinstance(spec, tuple) else {}) for n, spec in paths.items()})
+        tuned = len(calls) > 1
+        return {n: {"p50_ms": 1.0 if n == "float" else (0.8 if tuned else 1.2), "p90_ms": 1.0, "cpu_p50_ms": 1.0,
+                    "runs": runs} for n in paths}
+
+    monkeypatch.setattr(onnx_stage, "time_side_by_side", timing)
+    monkeypatch.setattr(onnx_stage, "tune_session", lambda path, rows, runs, threads: {
+        "runtime_options": dict(OFF), "tuning": {"timed": True, "chosen": "SkipLayerNormFusion off"}})
+    report = quantize_onnx(folder, tmp_path / "q", qcfg(max_accuracy_drop=1.0), None, inputs, labels, accuracy)
+    assert len(calls) == 2 and calls[1] == {"float": {}, "dynamic": OFF}  # each in the session it ships with
+    guard = report["speed_guard"]
+    assert guard["quantized_faster"] and guard["speedup"] == 1.25 and report["recommended"] == "quantized"
+    assert guard["ranking"]["speedup"] == pytest.approx(1 / 1.2, abs=1e-3) and "timed again" in guard["session"]
+
+
 @pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
 def test_fp16_keeps_float_io(bert_export, tmp_path):
     val = text_inputs(8)
