@@ -67,3 +67,15 @@ def test_the_manifest_records_where_the_search_timed(tmp_path):
     cfg = PruneConfig(enabled=True, target_latency_ms=1e-9, steps=1, importance="magnitude")
     _, m = prune_model(model, cfg, PruneContext(latency_fn=latency))
     assert m["latency_timed_on"] == "this machine, ONNX Runtime on 3 thread(s)"
+
+
+def test_a_searched_prune_stage_is_redone_when_where_it_is_timed_changes():
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.prune_common import search_timing_settings
+
+    search = ["prune.keep_params=null", "prune.steps=null", "prune.target_latency_ms=1.0"]
+    here = search_timing_settings(load_recipe("default", search))
+    assert here["timed_at"]["profile"] == "local"
+    edge = search_timing_settings(load_recipe("default", [*search, "bench.profile=x86-edge-box"]))
+    assert edge["timed_at"] == {"profile": "x86-edge-box", "threads": 4} and edge != here
+    assert search_timing_settings(load_recipe("default", ["bench.profile=x86-edge-box"])) == {}  # no search

@@ -38,11 +38,13 @@ TIMED_FORM_KEYS = ("enabled", "method", "fuse", "smooth_alpha", "per_channel", "
 
 def search_timing_settings(r) -> dict[str, Any]:
     """What a prune search's latencies depend on beyond the prune section (for the stage fingerprint): the
-    quantize section's shape of the timed form. Empty without a search, so other runs keep their fingerprints."""
+    quantize section's shape of the timed form, and the bench profile and thread count it is timed at
+    (``timing_place``). Empty without a search, so other runs keep their fingerprints."""
     if r.prune.target_latency_ms is None and r.prune.max_accuracy_drop is None:
         return {}
     q = r.quantize.model_dump(mode="json")
-    return {"timed_as": {k: q[k] for k in TIMED_FORM_KEYS}}
+    return {"timed_as": {k: q[k] for k in TIMED_FORM_KEYS},
+            "timed_at": {"profile": r.bench.profile, "threads": timing_place(r)[0]}}
 
 
 def recovery_train_config(r, epochs: float):
