@@ -435,6 +435,14 @@ class PruneConfig(Section):
     )
     remove_heads: int | None = Field(None, ge=1, description="Target (heads-ffn): attention heads to remove in all.")
     remove_neurons: int | None = Field(None, ge=1, description="Target (heads-ffn): FFN neurons to remove in all.")
+    hidden_size: int | None = Field(
+        None, ge=1,
+        description="heads-ffn, with keep_params or remove_heads/remove_neurons in one step: also narrow the "
+        "residual stream (embeddings, every LayerNorm, every projection's input or output) to this many "
+        "dimensions, the least important ones removed (prune.importance), after the heads and neurons and "
+        "before the recovery. A whole number of attention heads wide (BERT-layout families: BERT, MiniLM, "
+        "RoBERTa, XLM-R, ELECTRA); every layer's kept heads must fit in it. None: the width stays.",
+    )
     target_latency_ms: float | None = Field(
         None, gt=0,
         description="Target: prune step by step until the measured latency (the caller's latency "
@@ -584,6 +592,19 @@ class PruneConfig(Section):
                             "taylor or fisher only (magnitude takes no loss)")
         if self.recover_soup > 1 and self.method != "heads-ffn":
             problems.append(f"prune.recover_soup: {self.recover_soup} is read by method 'heads-ffn' only")
+        if self.hidden_size is not None:
+            if self.method != "heads-ffn":
+                problems.append(f"prune.hidden_size narrows a transformer encoder's residual stream (method "
+                                f"'heads-ffn'), not '{self.method}'")
+            if search or self.sparsity is not None or not (self.keep_params is not None or counts):
+                problems.append("prune.hidden_size goes with a fixed target (prune.keep_params or "
+                                "remove_heads/remove_neurons), not a search or none")
+            if (self.steps or 1) > 1:
+                problems.append(f"prune.hidden_size narrows the stream once, in a single pruning step; "
+                                f"prune.steps is {self.steps}: set steps: 1")
+            if self.recover_hidden_weight > 0:
+                problems.append("prune.recover_hidden_weight matches the pruned model's hidden states with the "
+                                "unpruned model's, which prune.hidden_size makes narrower: use one or the other")
         if self.recover_hidden_weight > 0 and self.method != "heads-ffn":
             problems.append("prune.recover_hidden_weight matches hidden states, which only method 'heads-ffn' "
                             "leaves the same width")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import RecipeError, StageError
-from edgekd.pruning import selection
+from edgekd.pruning import hidden, selection
 from edgekd.pruning.base import PruneContext, StepGoal, register, taylor_batches
 from edgekd.pruning.encoder import Encoder
 from edgekd.pruning.scoring import magnitude_scores, normalise_per_layer, taylor_scores
@@ -33,6 +33,13 @@ class HeadsFFN:
         self.head_floor = [min(cfg.min_heads_per_layer, h) for h in enc.heads()]
         self.neuron_floor = [min(n, max(1, math.ceil(cfg.min_neurons_fraction * n))) for n in enc.neurons()]
         self.batches = taylor_batches(cfg, ctx)
+        if cfg.hidden_size is not None:
+            why = hidden.why_not(model)
+            if why:
+                raise RecipeError([why])
+            if cfg.hidden_size >= hidden.width(model):
+                raise RecipeError([f"prune.hidden_size {cfg.hidden_size}: the residual stream is "
+                                   f"{hidden.width(model)} wide already; give a smaller width or leave it unset"])
 
     # --- figures ------------------------------------------------------------------------------
     def prunable_params(self, model: nn.Module) -> int:
@@ -50,8 +57,11 @@ class HeadsFFN:
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         enc = Encoder(model)
-        return {"heads_per_layer": enc.heads(), "neurons_per_layer": enc.neurons(),
-                "encoder_params": enc.layer_params()}
+        out = {"heads_per_layer": enc.heads(), "neurons_per_layer": enc.neurons(),
+               "encoder_params": enc.layer_params()}
+        if self.cfg.hidden_size is not None:
+            out["hidden_size"] = hidden.width(model)
+        return out
 
     # --- one step -----------------------------------------------------------------------------
     def _scores(self, enc: Encoder) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -119,13 +129,34 @@ class HeadsFFN:
         removed_heads = enc.remove_heads(drop_heads)
         n_heads = sum(len(v) for v in drop_heads.values())
         n_neurons = sum(len(v) for v in drop_neurons.values())
+        narrowed = self._narrow(model)
         return model, {
+            **narrowed,
             "removed": n_heads + n_neurons,
             "removed_heads": n_heads,
             "removed_neurons": n_neurons,
             "removed_head_ids": {str(k): v for k, v in removed_heads.items()},
             "removed_neurons_per_layer": [len(drop_neurons.get(i, [])) for i in range(len(neurons))],
         }
+
+    def _narrow(self, model: nn.Module) -> dict[str, Any]:
+        """prune.hidden_size: remove the least important residual dimensions (edgekd.pruning.hidden)."""
+        target = self.cfg.hidden_size
+        if target is None or hidden.width(model) <= target:
+            return {}
+        hidden.check_width(model, target)
+        if self.cfg.importance in ("taylor", "fisher"):
+            from edgekd.pruning.scoring import default_loss
+
+            scores = hidden.taylor_scores(model, self.batches or [], self.ctx.loss_fn or default_loss,
+                                          per_example=self.cfg.importance == "fisher")
+        else:
+            scores = hidden.magnitude_scores(model)
+        before = hidden.width(model)
+        keep = sorted(torch.topk(scores, target).indices.tolist())
+        hidden.remove_hidden(model, keep)
+        return {"hidden_size": {"before": before, "after": target,
+                                "removed_dims": [i for i in range(before) if i not in set(keep)]}}
 
     def finish(self, model: nn.Module) -> nn.Module:
         return model

@@ -1,0 +1,190 @@
+"""``prune.hidden_size``: the residual stream of a BERT-layout encoder narrowed for real. Every weight keeps
+exactly the kept dimensions, the folder reloads with plain ``from_pretrained`` to the same answers, the
+least important dimensions are the ones removed, the narrowed model exports and packs into ONNX Runtime's
+attention kernels with its own answers, and what cannot be narrowed is refused with why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.errors import RecipeError, StageError
+from edgekd.pruning import PruneContext, prune_model
+from edgekd.pruning import hidden as hid
+from edgekd.recipe import PruneConfig
+
+LAYERS, HEADS, HIDDEN, FFN = 3, 4, 32, 64
+HEAD = HIDDEN // HEADS
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    from edgekd.testing import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("hidden-bert"), num_layers=LAYERS, hidden=HIDDEN, heads=HEADS,
+                     intermediate=FFN, num_labels=2)
+
+
+@pytest.fixture
+def model(classifier_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    with torch.no_grad():  # LayerNorms that are not all ones and zeros, so a wrong slice shows
+        for n in hid.residual_norms(m):
+            n.weight.uniform_(0.5, 1.5)
+            n.bias.uniform_(-0.2, 0.2)
+    return m
+
+
+def batch(seed: int = 0, rows: int = 6, width: int = 10) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (rows, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (rows,), generator=g)}
+
+
+def logits(m, b) -> torch.Tensor:
+    with torch.no_grad():
+        return m.eval()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+KEEP = [0, 1, 3, 4, 6, 9, 10, 11, 13, 14, 17, 18, 20, 21, 22, 23, 24, 26, 27, 28, 29, 30, 31, 2]
+
+
+def test_every_weight_keeps_exactly_the_kept_dimensions(model):
+    import copy
+
+    model.prune_heads({0: [1, 3], 1: [0], 2: [2]})  # 2, 3, 3 heads: 3 fit in 24 = 3 heads of 8
+    before = copy.deepcopy(model)
+    keep = sorted(KEEP)
+    hid.remove_hidden(model, keep)
+    k = torch.tensor(keep)
+    eb, ea = before.bert.embeddings, model.bert.embeddings
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        assert torch.equal(getattr(ea, name).weight, getattr(eb, name).weight[:, k])
+    assert torch.equal(ea.LayerNorm.weight, eb.LayerNorm.weight[k]) and torch.equal(ea.LayerNorm.bias, eb.LayerNorm.bias[k])
+    for la, lb in zip(model.bert.encoder.layer, before.bert.encoder.layer, strict=True):
+        for p in ("query", "key", "value"):  # input columns only: the heads stay whole
+            a, b = getattr(la.attention.self, p), getattr(lb.attention.self, p)
+            assert torch.equal(a.weight, b.weight[:, k]) and torch.equal(a.bias, b.bias)
+        assert torch.equal(la.intermediate.dense.weight, lb.intermediate.dense.weight[:, k])
+        for a, b in ((la.attention.output, lb.attention.output), (la.output, lb.output)):
+            assert torch.equal(a.dense.weight, b.dense.weight[k]) and torch.equal(a.dense.bias, b.dense.bias[k])
+            assert torch.equal(a.LayerNorm.weight, b.LayerNorm.weight[k])
+            assert torch.equal(a.LayerNorm.bias, b.LayerNorm.bias[k])
+    assert torch.equal(model.bert.pooler.dense.weight, before.bert.pooler.dense.weight[k][:, k])
+    assert torch.equal(model.bert.pooler.dense.bias, before.bert.pooler.dense.bias[k])
+    assert torch.equal(model.classifier.weight, before.classifier.weight[:, k])
+    assert torch.equal(model.classifier.bias, before.classifier.bias)
+    # the heads kept their own weights and count
+    assert [la.attention.self.num_attention_heads for la in model.bert.encoder.layer] == [2, 3, 3]
+    assert model.config.hidden_size == 24 and model.config.num_attention_heads == 3
+    assert logits(model, batch()).shape == (6, 2)
+
+
+def test_the_narrowed_folder_reloads_with_from_pretrained_to_the_same_answers(model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model.prune_heads({0: [0, 2], 1: [1, 2], 2: [3]})
+    hid.remove_hidden(model, sorted(KEEP))
+    model.save_pretrained(tmp_path)
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    b = batch(1)
+    assert torch.allclose(logits(again, b), logits(model, b), atol=1e-6)
+    assert [la.attention.self.num_attention_heads for la in again.bert.encoder.layer] == [2, 2, 3]
+    # heads can still be removed afterwards, on the live model and the reloaded one alike
+    for m in (model, again):
+        m.prune_heads({2: [0]})
+        assert m.bert.encoder.layer[2].attention.self.num_attention_heads == 2
+        assert logits(m, b).shape == (6, 2)
+
+
+def test_heads_ffn_removes_the_least_important_dimensions(model):
+    drop = [3, 7, 12, 19, 25, 30, 1, 16]
+    with torch.no_grad():  # those dimensions carry almost nothing anywhere
+        for n in hid.residual_norms(model):
+            n.weight[drop] = 1e-4
+            n.bias[drop] = 0.0
+        for e in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            getattr(model.bert.embeddings, e).weight[:, drop] = 0.0
+    pruned, metrics = prune_model(model, PruneConfig(enabled=True, keep_params=0.5, hidden_size=24,
+                                                     importance="magnitude"), PruneContext())
+    step = metrics["steps"][0]["hidden_size"]
+    assert step["before"] == 32 and step["after"] == 24 and sorted(step["removed_dims"]) == sorted(drop)
+    assert metrics["after"]["hidden_size"] == 24 and hid.width(pruned) == 24
+    assert logits(pruned, batch()).shape == (6, 2)
+
+
+def test_taylor_scores_a_dimension_that_carries_nothing_at_zero(model):
+    dead = [5, 11, 27]
+    with torch.no_grad():
+        for n in hid.residual_norms(model):
+            n.weight[dead] = 0.0
+            n.bias[dead] = 0.0
+    from edgekd.pruning.scoring import default_loss
+
+    scores = hid.taylor_scores(model, [batch(2), batch(3)], default_loss)
+    assert scores.shape == (HIDDEN,)
+    assert torch.all(scores[dead] == 0)
+    alive = [i for i in range(HIDDEN) if i not in dead]
+    assert torch.all(scores[alive] > 0)
+    per_text = hid.taylor_scores(model, [batch(2)], default_loss, per_example=True)
+    assert torch.all(per_text[dead] == 0) and torch.all(per_text[alive] > 0)
+
+
+def test_a_narrowed_student_exports_and_packs_with_its_own_answers(model, classifier_dir, tmp_path):
+    from test_attention_pack import padded, run
+    from test_quantize import accuracy, export_folder, qcfg
+
+    from edgekd.quantization import quantize_onnx
+    from edgekd.tasks.text.first_token import FirstTokenClassifierExport
+
+    model.prune_heads({0: [1], 1: [0], 2: [2]})
+    hid.remove_hidden(model, sorted(KEEP))
+    folder = export_folder(FirstTokenClassifierExport(model), classifier_dir, tmp_path / "onnx")
+    feed = padded(12)
+    want = logits(model, {k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+    assert np.abs(run(folder / "model.onnx", feed) - want).max() < 1e-4
+    labels = want.argmax(-1)
+    report = quantize_onnx(folder, tmp_path / "q", qcfg(method="dynamic", fuse="packed", max_accuracy_drop=1.0),
+                           feed, feed, labels, accuracy)
+    assert report["fusion"]["fusions"] == {"Attention": 2, "MultiHeadAttention": 1}
+    assert report["fusion"]["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_widths_that_cannot_be_built_are_refused_with_why(model):
+    with pytest.raises(StageError, match="not a multiple of the attention head size 8"):
+        hid.check_width(model, 20)
+    with pytest.raises(StageError, match="room for 3 heads of 8.*keeps 4"):
+        hid.check_width(model, 24)  # no head removed yet: 4 heads do not fit in 24
+    with pytest.raises(StageError, match="32 wide"):
+        hid.check_width(model, 32)
+    with pytest.raises(RecipeError, match="32 wide already"):
+        prune_model(model, PruneConfig(enabled=True, keep_params=0.5, hidden_size=40, importance="magnitude"),
+                    PruneContext())
+
+
+def test_other_families_are_refused_before_anything_changes(tmp_path):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    m = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=32, n_heads=4, n_layers=2,
+                                                             hidden_dim=64, max_position_embeddings=32))
+    with pytest.raises(RecipeError, match="BERT-layout encoders .*'distilbert'"):
+        prune_model(m, PruneConfig(enabled=True, keep_params=0.5, hidden_size=24, importance="magnitude"),
+                    PruneContext())
+    assert m.config.dim == 32
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"method": "channels", "keep_params": 0.5}, "not 'channels'"),
+    ({"keep_params": 0.5, "steps": 2}, "set steps: 1"),
+    ({"max_accuracy_drop": 0.01}, "not a search"),
+    ({"keep_params": 0.5, "recover_hidden_weight": 1.0}, "one or the other"),
+])
+def test_recipe_refuses_hidden_size_where_it_would_not_be_read(extra, says):
+    with pytest.raises(ValueError, match=says):
+        PruneConfig(enabled=True, hidden_size=24, **extra)
