@@ -188,3 +188,10 @@ def test_other_families_are_refused_before_anything_changes(tmp_path):
 def test_recipe_refuses_hidden_size_where_it_would_not_be_read(extra, says):
     with pytest.raises(ValueError, match=says):
         PruneConfig(enabled=True, hidden_size=24, **extra)
+
+
+def test_the_prune_fingerprint_reads_hidden_size_and_leaves_earlier_runs_valid():
+    from edgekd.stages.prune_common import prune_settings
+
+    assert "hidden_size" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))  # earlier runs stay valid
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, hidden_size=24))["hidden_size"] == 24

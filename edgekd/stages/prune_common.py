@@ -22,7 +22,8 @@ def prune_settings(cfg) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
     for key in ("max_accuracy_drop", "recover_hidden_weight", "final_recover_epochs", "trim_vocab",
                 "vocab_min_count", "vocab_keep_chars", "vocab_keep_first", "quant_aware", "quant_aware_ranges",
-                "recover_soft_targets", "recover_ema_decay", "recover_lr", "recover_soup", "score_loss"):
+                "recover_soft_targets", "recover_ema_decay", "recover_lr", "recover_soup", "score_loss",
+                "hidden_size"):
         if d[key] == PruneConfig.model_fields[key].default:
             del d[key]
     if d["steps"] is None and cfg.target_latency_ms is None and cfg.max_accuracy_drop is None:
