@@ -159,7 +159,7 @@ def test_a_narrowed_student_exports_and_packs_with_its_own_answers(model, classi
 def test_widths_that_cannot_be_built_are_refused_with_why(model):
     with pytest.raises(StageError, match="not a multiple of the attention head size 8"):
         hid.check_width(model, 20)
-    with pytest.raises(StageError, match="room for 3 heads of 8.*keeps 4"):
+    with pytest.raises(StageError, match="room for 3 heads of 8.*would keep 4"):
         hid.check_width(model, 24)  # no head removed yet: 4 heads do not fit in 24
     with pytest.raises(StageError, match="32 wide"):
         hid.check_width(model, 32)
@@ -195,3 +195,77 @@ def test_the_prune_fingerprint_reads_hidden_size_and_leaves_earlier_runs_valid()
 
     assert "hidden_size" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))  # earlier runs stay valid
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, hidden_size=24))["hidden_size"] == 24
+
+
+def test_an_electra_with_embeddings_as_wide_as_the_stream_reloads_narrowed(tmp_path):
+    from transformers import (
+        AutoModelForSequenceClassification,
+        ElectraConfig,
+        ElectraForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    m = ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=50, embedding_size=32, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+        intermediate_size=64, max_position_embeddings=40)).eval()
+    m.prune_heads({0: [0], 1: [0]})
+    hid.remove_hidden(m, sorted(KEEP))
+    assert m.config.embedding_size == 24
+    m.save_pretrained(tmp_path)
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert not hasattr(again.electra, "embeddings_project")
+    b = batch(4)
+    assert torch.allclose(logits(again, b), logits(m, b), atol=1e-6)
+
+
+def test_a_bare_encoder_is_narrowed_like_a_classifier(classifier_dir, tmp_path):
+    from transformers import AutoModel
+
+    m = AutoModel.from_pretrained(classifier_dir).eval()
+    m.prune_heads({0: [0], 1: [1], 2: [2]})
+    assert hid.why_not(m) is None
+    hid.remove_hidden(m, sorted(KEEP))
+    m.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    b = batch(5)
+    with torch.no_grad():
+        want = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).pooler_output
+        got = again(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).pooler_output
+    assert want.shape == (6, 24) and torch.allclose(got, want, atol=1e-6)
+
+
+def _weights(m) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"remove_neurons": 10, "hidden_size": 16}, "room for 2 heads of 8.*would keep 4"),  # no head may go
+    ({"keep_params": 0.5, "prune_heads": False, "hidden_size": 16}, "room for 2 heads of 8"),
+    ({"keep_params": 0.5, "hidden_size": 20}, "not a multiple of the attention head size 8"),
+    ({"keep_params": 0.5, "hidden_size": 4}, "from one head"),
+])
+def test_a_width_no_head_removal_can_fit_is_refused_before_anything_changes(model, kw, says):
+    before = _weights(model)
+    with pytest.raises(RecipeError, match=says):
+        prune_model(model, PruneConfig(enabled=True, importance="magnitude", **kw), PruneContext())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_heads_a_step_leaves_over_the_width_are_refused_before_the_step_removes_anything(model):
+    before = _weights(model)  # keep 80%: 3 heads of 4 stay in some layer, and 16 holds 2
+    with pytest.raises(StageError, match="room for 2 heads of 8.*would keep 3"):
+        prune_model(model, PruneConfig(enabled=True, importance="magnitude", keep_params=0.8, hidden_size=16),
+                    PruneContext())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_target_names_the_width_and_is_reached_only_at_it(model):
+    _, metrics = prune_model(model, PruneConfig(enabled=True, importance="magnitude", keep_params=0.5,
+                                                hidden_size=24), PruneContext())
+    assert metrics["target"] == {"keep_params": 0.5, "hidden_size": 24} and metrics["target_reached"] is True
+    from edgekd.pruning.stage import _target_report
+
+    off = {**metrics, "after": {**metrics["after"], "hidden_size": 32}}
+    assert _target_report(PruneConfig(enabled=True, keep_params=0.5, hidden_size=24), off, None)[1] is False

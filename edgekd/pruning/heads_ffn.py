@@ -40,6 +40,11 @@ class HeadsFFN:
             if cfg.hidden_size >= hidden.width(model):
                 raise RecipeError([f"prune.hidden_size {cfg.hidden_size}: the residual stream is "
                                    f"{hidden.width(model)} wide already; give a smaller width or leave it unset"])
+            heads_may_go = cfg.prune_heads and (cfg.keep_params is not None or cfg.remove_heads is not None)
+            try:  # what no head removal can mend is refused before anything changes
+                hidden.check_width(model, cfg.hidden_size, self.head_floor if heads_may_go else None)
+            except StageError as e:
+                raise RecipeError([str(e)]) from e
 
     # --- figures ------------------------------------------------------------------------------
     def prunable_params(self, model: nn.Module) -> int:
@@ -123,6 +128,10 @@ class HeadsFFN:
             drop_heads = choose(head_scores, heads, self.head_floor, goal.heads, fraction, search)
         if self.cfg.prune_neurons and (goal.neurons or fraction):
             drop_neurons = self._choose(neuron_scores, neurons, self.neuron_floor, goal.neurons, fraction, search)
+        if self.cfg.hidden_size is not None and hidden.width(model) > self.cfg.hidden_size:
+            # the heads this step leaves must fit the narrowed width: checked before anything is removed
+            hidden.check_width(model, self.cfg.hidden_size,
+                               [h - len(drop_heads.get(i, [])) for i, h in enumerate(heads)])
         # Neurons first: removing heads rebuilds the attention linears but leaves the FFN alone,
         # and the indices of both were computed on the model as it is now.
         enc.remove_neurons(drop_neurons)

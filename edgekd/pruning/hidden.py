@@ -69,6 +69,10 @@ def why_not(model: nn.Module) -> str | None:
 
 
 def _base_prefix(model: nn.Module) -> str:
+    """The name prefix of the encoder's modules: "" for a bare encoder (``BertModel``), whose every module is
+    the encoder's; "\0" (matches nothing) when the model has no base model under its prefix."""
+    if model.base_model is model:
+        return ""
     prefix = getattr(model, "base_model_prefix", "")
     return prefix if prefix and hasattr(model, prefix) else "\0"
 
@@ -140,8 +144,9 @@ def magnitude_scores(model: nn.Module) -> torch.Tensor:
     return sq.sqrt()
 
 
-def check_width(model: nn.Module, new: int) -> None:
-    """Refuse a width the model cannot take (see the module doc for why heads bound it)."""
+def check_width(model: nn.Module, new: int, heads: list[int] | None = None) -> None:
+    """Refuse a width the model cannot take (see the module doc for why heads bound it); ``heads``: the heads
+    per layer the model will have when it is narrowed (default: what it has now)."""
     why = why_not(model)
     if why:
         raise StageError(why)
@@ -154,12 +159,12 @@ def check_width(model: nn.Module, new: int) -> None:
         raise StageError(f"prune.hidden_size {new} is not a multiple of the attention head size {head}: Hugging "
                          f"Face builds {cfg.model_type} heads as hidden_size / num_attention_heads wide, so the "
                          f"width must be a whole number of heads (e.g. {new // head * head} or {(new // head + 1) * head})")
-    heads = _heads(model)
+    heads = heads if heads is not None else _heads(model)
     if max(heads) > new // head:
         raise StageError(f"prune.hidden_size {new} leaves room for {new // head} heads of {head} in the config "
-                         f"(hidden_size / num_attention_heads), but a layer keeps {max(heads)} (heads per layer: "
-                         f"{heads}): remove heads too (prune.keep_params or remove_heads) or keep hidden_size at "
-                         f"least {max(heads) * head}")
+                         f"(hidden_size / num_attention_heads), but a layer would keep {max(heads)} (heads per "
+                         f"layer: {heads}): remove more heads (prune.keep_params or remove_heads, with "
+                         f"prune.prune_heads) or keep hidden_size at least {max(heads) * head}")
 
 
 def _heads(model: nn.Module) -> list[int]:
@@ -243,6 +248,8 @@ def _slice_norm(owner: nn.Module, path: str, idx: torch.Tensor) -> None:
     with torch.no_grad():
         new.weight.copy_(n.weight[idx])
         new.bias.copy_(n.bias[idx])
+    new.weight.requires_grad_(n.weight.requires_grad)
+    new.bias.requires_grad_(n.bias.requires_grad)
     _set_path(owner, path, new)
 
 
@@ -253,6 +260,8 @@ def _write_config(model: nn.Module, old: int, new: int) -> None:
     slots = new // head
     heads = _heads(model)
     cfg.hidden_size = new
+    if getattr(cfg, "embedding_size", None) == old:  # ELECTRA: embeddings as wide as the stream, no projection
+        cfg.embedding_size = new
     cfg.num_attention_heads = slots
     cfg.pruned_heads = {i: list(range(h, slots)) for i, h in enumerate(heads) if h < slots}
     lay = family_of(model)

@@ -237,6 +237,14 @@ def _metric_value(m: dict[str, float] | None, key: str) -> float:
 
 
 def _target_report(cfg: PruneConfig, m: dict[str, Any], latency: float | None) -> tuple[dict[str, Any], bool]:
+    target, reached = _main_target(cfg, m, latency)
+    if cfg.hidden_size is not None:  # on top of the target: the residual width the model must end at
+        target["hidden_size"] = cfg.hidden_size
+        reached = reached and (m.get("after") or {}).get("hidden_size") == cfg.hidden_size
+    return target, reached
+
+
+def _main_target(cfg: PruneConfig, m: dict[str, Any], latency: float | None) -> tuple[dict[str, Any], bool]:
     # With a budget, what ships (after any final recovery) must be in it: m["within_budget"].
     in_budget = m.get("within_budget", True) is not False
     if cfg.target_latency_ms is not None:
