@@ -269,3 +269,37 @@ def test_the_target_names_the_width_and_is_reached_only_at_it(model):
 
     off = {**metrics, "after": {**metrics["after"], "hidden_size": 32}}
     assert _target_report(PruneConfig(enabled=True, keep_params=0.5, hidden_size=24), off, None)[1] is False
+
+
+@pytest.mark.parametrize("prune, says", [
+    ({"keep_params": 0.5, "hidden_size": 20}, "prune.hidden_size 20 is not a multiple of the attention head size 8"),
+    ({"keep_params": 0.5, "hidden_size": 32}, "prune.hidden_size 32: the residual stream is 32 wide"),
+    ({"remove_neurons": 10, "hidden_size": 16}, "prune.hidden_size 16 leaves room for 2 heads of 8, but no head"),
+    ({"keep_params": 0.5, "hidden_size": 16}, None),
+])
+def test_recipe_check_reads_hidden_size_against_the_students_config(tmp_path, tiny_teacher_dir, tiny_csv, prune,
+                                                                    says):
+    from edgekd.recipe import parse_recipe
+    from edgekd.recipe_check import check_inputs
+    from edgekd.testing import tiny_recipe
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, prune={"enabled": True, **prune}))
+    problems = [p for p in check_inputs(recipe) if p.startswith("prune.")]
+    if says is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and says in problems[0], problems
+
+
+def test_recipe_check_refuses_hidden_size_for_another_family(tmp_path, tiny_csv):
+    from transformers import DistilBertConfig
+
+    from edgekd.recipe import parse_recipe
+    from edgekd.recipe_check import check_inputs
+    from edgekd.testing import tiny_recipe
+
+    DistilBertConfig(vocab_size=50, dim=32, n_heads=4, n_layers=2, hidden_dim=64).save_pretrained(tmp_path / "db")
+    recipe = parse_recipe(tiny_recipe(tmp_path, tmp_path / "db", tiny_csv,
+                                      prune={"enabled": True, "keep_params": 0.5, "hidden_size": 16}))
+    assert any(p.startswith("prune.hidden_size slices BERT-layout encoders") and "'distilbert'" in p
+               for p in check_inputs(recipe))

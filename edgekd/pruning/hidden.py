@@ -150,21 +150,53 @@ def check_width(model: nn.Module, new: int, heads: list[int] | None = None) -> N
     why = why_not(model)
     if why:
         raise StageError(why)
-    cfg, old = model.config, width(model)
     head = _head_size(model)
-    if not head <= new < old:
-        raise StageError(f"prune.hidden_size {new}: the residual stream is {old} wide; give a width from one head "
-                         f"({head}) up to below {old}")
-    if new % head:
-        raise StageError(f"prune.hidden_size {new} is not a multiple of the attention head size {head}: Hugging "
-                         f"Face builds {cfg.model_type} heads as hidden_size / num_attention_heads wide, so the "
-                         f"width must be a whole number of heads (e.g. {new // head * head} or {(new // head + 1) * head})")
+    problem = _width_problem(new, width(model), head, model.config.model_type)
+    if problem:
+        raise StageError(problem)
     heads = heads if heads is not None else _heads(model)
     if max(heads) > new // head:
         raise StageError(f"prune.hidden_size {new} leaves room for {new // head} heads of {head} in the config "
                          f"(hidden_size / num_attention_heads), but a layer would keep {max(heads)} (heads per "
                          f"layer: {heads}): remove more heads (prune.keep_params or remove_heads, with "
                          f"prune.prune_heads) or keep hidden_size at least {max(heads) * head}")
+
+
+def _width_problem(new: int, old: int, head: int, model_type: str) -> str | None:
+    if not head <= new < old:
+        return (f"prune.hidden_size {new}: the residual stream is {old} wide; give a width from one head ({head}) "
+                f"up to below {old}")
+    if new % head:
+        return (f"prune.hidden_size {new} is not a multiple of the attention head size {head}: Hugging Face builds "
+                f"{model_type} heads as hidden_size / num_attention_heads wide, so the width must be a whole number "
+                f"of heads (e.g. {new // head * head} or {(new // head + 1) * head})")
+    return None
+
+
+def config_problem(config: Any, new: int, heads_may_go: bool) -> str | None:
+    """What ``new`` cannot be for a model of ``config`` (the checks a recipe can get before any training:
+    the family, an ELECTRA embedding projection, the width against the head size, heads that may not go)."""
+    try:
+        lay = family_of(config)
+    except Exception as e:
+        return str(e)
+    if lay.name not in HIDDEN_FAMILIES:
+        return (f"prune.hidden_size slices BERT-layout encoders ({', '.join(HIDDEN_FAMILIES)}); this model is "
+                f"'{lay.name}', whose residual width is not sliced by edgekd: leave prune.hidden_size unset")
+    old, n_heads = int(config.hidden_size), int(config.num_attention_heads)
+    if getattr(config, "embedding_size", old) != old:
+        return ("prune.hidden_size: this ELECTRA projects its embeddings (embedding_size != hidden_size); only "
+                "encoders whose embeddings are as wide as the residual stream are sliced")
+    head = old // n_heads
+    problem = _width_problem(new, old, head, config.model_type)
+    if problem:
+        return problem
+    left = n_heads - min((len(v) for v in (getattr(config, "pruned_heads", None) or {}).values()), default=0)
+    if not heads_may_go and left > new // head:
+        return (f"prune.hidden_size {new} leaves room for {new // head} heads of {head}, but no head is removed "
+                f"(prune.prune_heads is false or the target removes none) and a layer keeps {left}: set "
+                f"prune.keep_params or remove_heads with prune.prune_heads, or leave hidden_size unset")
+    return None
 
 
 def _heads(model: nn.Module) -> list[int]:

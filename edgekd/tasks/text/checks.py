@@ -96,7 +96,30 @@ def _check_teacher_paths(recipe: Recipe) -> list[str]:
             if m.kind == "onnx" and m.path and not Path(m.path).expanduser().exists()]
 
 
+def _check_hidden_size(recipe: Recipe) -> list[str]:
+    """prune.hidden_size against the student's config, when that config can be read here without a
+    download (the student's own model, else the teacher's it is built from); the stage checks it again."""
+    p = recipe.prune
+    if not (p.enabled and p.hidden_size is not None):
+        return []
+    source = recipe.student.model or recipe.teacher.model  # a black-box teacher's model still gives the layers
+    try:
+        from transformers import AutoConfig
+
+        from edgekd.assets import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(source), local_files_only=True)
+    except Exception:  # a hub id not in the local cache, or no config: the prune stage checks the model itself
+        return []
+    from edgekd.pruning.hidden import config_problem
+
+    heads_may_go = p.prune_heads and (p.keep_params is not None or p.remove_heads is not None)
+    problem = config_problem(config, p.hidden_size, heads_may_go)
+    return [problem if problem.startswith("prune.hidden_size") else f"prune.hidden_size: {problem}"] if problem else []
+
+
 def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with the data files, unlabelled texts and local teacher exports ``recipe``
     names, each starting with its recipe key; [] when none."""
-    return _check_text_data(recipe) + _check_unlabelled(recipe) + _check_teacher_paths(recipe)
+    return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_teacher_paths(recipe)
+            + _check_hidden_size(recipe))
