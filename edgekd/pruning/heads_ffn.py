@@ -18,7 +18,7 @@ from edgekd.errors import RecipeError, StageError
 from edgekd.pruning import hidden, selection
 from edgekd.pruning.base import PruneContext, StepGoal, register, taylor_batches
 from edgekd.pruning.encoder import Encoder
-from edgekd.pruning.scoring import magnitude_scores, normalise_per_layer, taylor_scores
+from edgekd.pruning.scoring import default_loss, magnitude_scores, normalise_per_layer, taylor_scores
 from edgekd.recipe import PruneConfig
 
 
@@ -155,8 +155,6 @@ class HeadsFFN:
             return {}
         hidden.check_width(model, target)
         if self.cfg.importance in ("taylor", "fisher"):
-            from edgekd.pruning.scoring import default_loss
-
             scores = hidden.taylor_scores(model, self.batches or [], self.ctx.loss_fn or default_loss,
                                           per_example=self.cfg.importance == "fisher")
         else:

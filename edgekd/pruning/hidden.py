@@ -37,6 +37,7 @@ from torch import nn
 from edgekd.encoders import blocks, family_of
 from edgekd.encoders import get as _get
 from edgekd.errors import StageError
+from edgekd.pruning.scoring import mask_scores, per_row
 
 HIDDEN_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra")
 _BLOCK_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
@@ -95,42 +96,13 @@ def taylor_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]],
                   per_example: bool = False) -> torch.Tensor:
     """|dL/d mask| of each hidden dimension summed over ``batches`` (see the module doc); with
     ``per_example``, each text's gradient squared and summed instead."""
-    from edgekd.pruning.scoring import _batch_size, _to
+    def install(current: dict) -> list[Any]:
+        def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
+            return out * per_row(current["masks"][0], out)
+        return [n.register_forward_hook(hook) for n in residual_norms(model)]
 
-    device = next(model.parameters()).device
-    d = width(model)
-    state: dict[str, torch.Tensor] = {}
-
-    def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
-        mask = state["mask"]
-        if mask.dim() == 2:
-            if mask.shape[0] != out.shape[0]:
-                raise StageError(f"fisher importance: a batch of {mask.shape[0]} examples reached a LayerNorm as "
-                                 f"{out.shape[0]} rows; the model must keep the batch as its first dimension")
-            mask = mask.reshape(mask.shape[0], *([1] * (out.dim() - 2)), d)
-        return out * mask
-
-    handles = [n.register_forward_hook(hook) for n in residual_norms(model)]
-    scores = torch.zeros(d, device=device)
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        with torch.enable_grad():
-            for batch in batches:
-                rows = _batch_size(batch) if per_example else None
-                state["mask"] = torch.ones((rows, d) if rows else (d,), device=device, requires_grad=True)
-                (g,) = torch.autograd.grad(loss_fn(model, _to(batch, device)), [state["mask"]])
-                scores += (g.detach() * rows).square().sum(0) if per_example else g.detach().abs()
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if not seen:
-        raise StageError("taylor importance of the hidden width got no batches: pass PruneContext.score_batches "
-                         "or use importance 'magnitude'")
-    return scores
+    return mask_scores(model, batches, loss_fn, [width(model)], install, per_example,
+                       what="taylor importance of the hidden width")[0]
 
 
 @torch.no_grad()

@@ -64,63 +64,39 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
     raise StageError("fisher importance needs batches holding tensors (one row per example)")
 
 
-def taylor_scores(
-    enc: Encoder, batches: Iterable[Mapping[str, Any]], loss_fn: LossFn | None = None, per_example: bool = False,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: |dL/d mask| of each head and of each FFN neuron, summed over ``batches``; with
-    ``per_example``, (dL_i/d mask)^2 summed over every example i instead (fisher, see the module doc)."""
-    model, lay = enc.model, enc.layout
+def per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``mask`` shaped to multiply ``x`` (last dimension the units): (n,) applies to every position;
+    (batch, n) to every position of its own example (fisher)."""
+    if mask.dim() == 1:
+        return mask
+    if mask.shape[0] != x.shape[0]:
+        raise StageError(f"fisher importance: a batch of {mask.shape[0]} examples reached a layer as "
+                         f"{x.shape[0]} rows; the model must keep the batch as its first dimension")
+    return mask.reshape(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+
+
+def mask_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: LossFn, sizes: list[int],
+                install: Callable[[dict[str, list[torch.Tensor]]], list[Any]], per_example: bool = False,
+                what: str = "taylor importance") -> list[torch.Tensor]:
+    """|dL/d mask| of masks of ones of ``sizes``, summed over ``batches`` (``per_example``: each example's
+    gradient squared and summed). ``install(current)`` registers the hooks that multiply the masks in
+    (they read ``current["masks"]``, a list in the order of ``sizes``) and returns their handles. Gradients
+    are taken on the masks only, with the model in eval mode (dropout off: the scores measure the model)."""
     device = next(model.parameters()).device
-    heads, neurons = enc.heads(), enc.neurons()
-    # The masks the hooks read: one row (taylor) or one row per example of the current batch (fisher).
-    masks: dict[str, list[torch.Tensor]] = {}
-
-    def new_masks(rows: int | None) -> None:
-        shape = (lambda n: (rows, n)) if rows else (lambda n: (n,))
-        masks["heads"] = [torch.ones(shape(h), device=device, requires_grad=True) for h in heads]
-        masks["neurons"] = [torch.ones(shape(n), device=device, requires_grad=True) for n in neurons]
-
-    def per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # (n,) applies to every position; (batch, n) to every position of its own example.
-        if mask.dim() == 1:
-            return mask
-        if mask.shape[0] != x.shape[0]:
-            raise StageError(f"fisher importance: a batch of {mask.shape[0]} examples reached a layer as "
-                             f"{x.shape[0]} rows; the model must keep the batch as its first dimension")
-        return mask.reshape(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-
-    def head_hook(i: int, n_heads: int) -> Callable:
-        def hook(_mod: nn.Module, args: tuple) -> tuple:
-            x = args[0]
-            shape = x.shape
-            m = per_row(masks["heads"][i], x)
-            x = (x.reshape(*shape[:-1], n_heads, shape[-1] // n_heads) * m[..., None]).reshape(shape)
-            return (x, *args[1:])
-        return hook
-
-    def neuron_hook(i: int) -> Callable:
-        def hook(_mod: nn.Module, args: tuple) -> tuple:
-            return (args[0] * per_row(masks["neurons"][i], args[0]), *args[1:])
-        return hook
-
-    handles = []
-    for i, block in enumerate(enc.blocks):
-        handles.append(_get(block, lay.attn_out).register_forward_pre_hook(head_hook(i, heads[i])))
-        handles.append(_get(block, lay.ffn_out).register_forward_pre_hook(neuron_hook(i)))
-    head_scores = [torch.zeros(h, device=device) for h in heads]
-    neuron_scores = [torch.zeros(n, device=device) for n in neurons]
-    loss_fn = loss_fn or default_loss
+    current: dict[str, list[torch.Tensor]] = {}
+    handles = install(current)
+    scores = [torch.zeros(n, device=device) for n in sizes]
     was_training = model.training
-    model.eval()  # dropout off: the scores measure the model, not the noise
+    model.eval()
     seen = 0
     try:
         with torch.enable_grad():
             for batch in batches:
                 rows = _batch_size(batch) if per_example else None
-                new_masks(rows)
-                loss = loss_fn(model, _to(batch, device))
-                grads = torch.autograd.grad(loss, masks["heads"] + masks["neurons"])
-                for acc, g in zip(head_scores + neuron_scores, grads, strict=True):
+                current["masks"] = [torch.ones((rows, n) if rows else (n,), device=device, requires_grad=True)
+                                    for n in sizes]
+                grads = torch.autograd.grad(loss_fn(model, _to(batch, device)), current["masks"])
+                for acc, g in zip(scores, grads, strict=True):
                     g = g.detach()
                     acc += (g * rows).square().sum(0) if per_example else g.abs()
                 seen += 1
@@ -129,8 +105,41 @@ def taylor_scores(
             h.remove()
         model.train(was_training)
     if not seen:
-        raise StageError("taylor importance got no batches: pass PruneContext.score_batches or use importance 'magnitude'")
-    return head_scores, neuron_scores
+        raise StageError(f"{what} got no batches: pass PruneContext.score_batches or use importance 'magnitude'")
+    return scores
+
+
+def taylor_scores(
+    enc: Encoder, batches: Iterable[Mapping[str, Any]], loss_fn: LossFn | None = None, per_example: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: |dL/d mask| of each head and of each FFN neuron, summed over ``batches``; with
+    ``per_example``, (dL_i/d mask)^2 summed over every example i instead (fisher, see the module doc)."""
+    lay = enc.layout
+    heads, neurons = enc.heads(), enc.neurons()
+
+    def head_hook(current: dict, i: int, n_heads: int) -> Callable:
+        def hook(_mod: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            shape = x.shape
+            m = per_row(current["masks"][i], x)
+            x = (x.reshape(*shape[:-1], n_heads, shape[-1] // n_heads) * m[..., None]).reshape(shape)
+            return (x, *args[1:])
+        return hook
+
+    def neuron_hook(current: dict, i: int) -> Callable:
+        def hook(_mod: nn.Module, args: tuple) -> tuple:
+            return (args[0] * per_row(current["masks"][len(heads) + i], args[0]), *args[1:])
+        return hook
+
+    def install(current: dict) -> list[Any]:
+        handles = []
+        for i, block in enumerate(enc.blocks):
+            handles.append(_get(block, lay.attn_out).register_forward_pre_hook(head_hook(current, i, heads[i])))
+            handles.append(_get(block, lay.ffn_out).register_forward_pre_hook(neuron_hook(current, i)))
+        return handles
+
+    scores = mask_scores(enc.model, batches, loss_fn or default_loss, heads + neurons, install, per_example)
+    return scores[:len(heads)], scores[len(heads):]
 
 
 def magnitude_scores(enc: Encoder) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
