@@ -71,7 +71,7 @@ def why_not(model: nn.Module) -> str | None:
 
 def _base_prefix(model: nn.Module) -> str:
     """The name prefix of the encoder's modules: "" for a bare encoder (``BertModel``), whose every module is
-    the encoder's; "\0" (matches nothing) when the model has no base model under its prefix."""
+    the encoder's; a prefix no module name has when the model has no base model under its prefix."""
     if model.base_model is model:
         return ""
     prefix = getattr(model, "base_model_prefix", "")
