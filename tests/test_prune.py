@@ -419,3 +419,14 @@ def test_recipe_needs_a_target_when_enabled():
     with pytest.raises(RecipeError, match="no target"):
         parse_recipe({"prune": {"enabled": True}})
     assert parse_recipe({"prune": {"enabled": True, "method": "unstructured", "sparsity": 0.5}}).prune.sparsity == 0.5
+
+
+@pytest.mark.parametrize("importance", ["taylor", "fisher", "magnitude"])
+def test_a_bf16_model_stays_bf16_and_runs_after_pruning(model, importance):
+    """transformers' prune_linear_layer builds float32 layers; the pruned model keeps its own precision."""
+    model = model.to(torch.bfloat16)
+    ctx = PruneContext(score_batches=make_batches()) if importance != "magnitude" else PruneContext()
+    pruned, _ = prune_model(model, cfg(keep_params=0.5, importance=importance), ctx)
+    assert {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
+    out = logits(pruned, make_batches(1)[0])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

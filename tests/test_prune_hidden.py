@@ -303,3 +303,11 @@ def test_recipe_check_refuses_hidden_size_for_another_family(tmp_path, tiny_csv)
                                       prune={"enabled": True, "keep_params": 0.5, "hidden_size": 16}))
     assert any(p.startswith("prune.hidden_size slices BERT-layout encoders") and "'distilbert'" in p
                for p in check_inputs(recipe))
+
+
+def test_a_bf16_model_is_narrowed_and_stays_bf16(model):
+    model = model.to(torch.bfloat16)
+    pruned, _ = prune_model(model, PruneConfig(enabled=True, keep_params=0.5, hidden_size=24),
+                            PruneContext(score_batches=[batch(6), batch(7)]))
+    assert hid.width(pruned) == 24 and {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(logits(pruned, batch()).float()).all()

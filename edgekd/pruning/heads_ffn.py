@@ -115,6 +115,7 @@ class HeadsFFN:
 
     def step(self, model: nn.Module, goal: StepGoal) -> tuple[nn.Module, dict[str, Any]]:
         enc = Encoder(model)
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         heads, neurons = enc.heads(), enc.neurons()
         fraction = goal.fraction
         if goal.param_budget is not None:
@@ -136,9 +137,11 @@ class HeadsFFN:
         # and the indices of both were computed on the model as it is now.
         enc.remove_neurons(drop_neurons)
         removed_heads = enc.remove_heads(drop_heads)
+        _keep_precision(model, dtypes)
         n_heads = sum(len(v) for v in drop_heads.values())
         n_neurons = sum(len(v) for v in drop_neurons.values())
         narrowed = self._narrow(model)
+        _keep_precision(model, dtypes)
         return model, {
             **narrowed,
             "removed": n_heads + n_neurons,
@@ -167,3 +170,12 @@ class HeadsFFN:
 
     def finish(self, model: nn.Module) -> nn.Module:
         return model
+
+
+def _keep_precision(model: nn.Module, dtypes: set[torch.dtype]) -> None:
+    """transformers' ``prune_linear_layer`` builds float32 layers: a model that was all one floating
+    precision (bf16, fp16) is put back in it, so it runs and is scored as it came."""
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+            model.to(dtype)

@@ -83,6 +83,8 @@ def mask_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn:
     (they read ``current["masks"]``, a list in the order of ``sizes``) and returns their handles. Gradients
     are taken on the masks only, with the model in eval mode (dropout off: the scores measure the model)."""
     device = next(model.parameters()).device
+    # masks in the model's own precision (a bf16 model multiplies bf16 activations); scores summed in float32
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     current: dict[str, list[torch.Tensor]] = {}
     handles = install(current)
     scores = [torch.zeros(n, device=device) for n in sizes]
@@ -93,11 +95,11 @@ def mask_scores(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn:
         with torch.enable_grad():
             for batch in batches:
                 rows = _batch_size(batch) if per_example else None
-                current["masks"] = [torch.ones((rows, n) if rows else (n,), device=device, requires_grad=True)
-                                    for n in sizes]
+                current["masks"] = [torch.ones((rows, n) if rows else (n,), device=device, dtype=dtype,
+                                               requires_grad=True) for n in sizes]
                 grads = torch.autograd.grad(loss_fn(model, _to(batch, device)), current["masks"])
                 for acc, g in zip(scores, grads, strict=True):
-                    g = g.detach()
+                    g = g.detach().float()
                     acc += (g * rows).square().sum(0) if per_example else g.abs()
                 seen += 1
     finally:
