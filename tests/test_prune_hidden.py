@@ -311,3 +311,12 @@ def test_a_bf16_model_is_narrowed_and_stays_bf16(model):
                             PruneContext(score_batches=[batch(6), batch(7)]))
     assert hid.width(pruned) == 24 and {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
     assert torch.isfinite(logits(pruned, batch()).float()).all()
+
+
+def test_the_config_check_counts_the_fullest_layers_heads():
+    from transformers import BertConfig
+
+    some = BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=3, pruned_heads={0: [0, 1, 2]})
+    assert "a layer keeps 4" in hid.config_problem(some, 16, heads_may_go=False)  # layers 1 and 2 keep all 4
+    every = BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, pruned_heads={0: [0, 1], 1: [2, 3]})
+    assert hid.config_problem(every, 16, heads_may_go=False) is None  # 2 heads of 8 fit in 16

@@ -163,7 +163,9 @@ def config_problem(config: Any, new: int, heads_may_go: bool) -> str | None:
     problem = _width_problem(new, old, head, config.model_type)
     if problem:
         return problem
-    left = n_heads - min((len(v) for v in (getattr(config, "pruned_heads", None) or {}).values()), default=0)
+    pruned = {int(k): v for k, v in (getattr(config, "pruned_heads", None) or {}).items()}
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    left = n_heads - min((len(pruned.get(i, [])) for i in range(layers)), default=0)  # the fullest layer's heads
     if not heads_may_go and left > new // head:
         return (f"prune.hidden_size {new} leaves room for {new // head} heads of {head}, but no head is removed "
                 f"(prune.prune_heads is false or the target removes none) and a layer keeps {left}: set "
