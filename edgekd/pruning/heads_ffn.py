@@ -156,7 +156,6 @@ class HeadsFFN:
         target = self.cfg.hidden_size
         if target is None or hidden.width(model) <= target:
             return {}
-        hidden.check_width(model, target)
         if self.cfg.importance in ("taylor", "fisher"):
             scores = hidden.taylor_scores(model, self.batches or [], self.ctx.loss_fn or default_loss,
                                           per_example=self.cfg.importance == "fisher")
@@ -164,9 +163,10 @@ class HeadsFFN:
             scores = hidden.magnitude_scores(model)
         before = hidden.width(model)
         keep = sorted(torch.topk(scores, target).indices.tolist())
-        hidden.remove_hidden(model, keep)
+        hidden.remove_hidden(model, keep)  # checks the width first
+        kept = set(keep)
         return {"hidden_size": {"before": before, "after": target,
-                                "removed_dims": [i for i in range(before) if i not in set(keep)]}}
+                                "removed_dims": [i for i in range(before) if i not in kept]}}
 
     def finish(self, model: nn.Module) -> nn.Module:
         return model

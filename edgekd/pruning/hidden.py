@@ -48,19 +48,27 @@ _EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings"
 _HEADS = {"classifier": (True, False), "classifier.dense": (True, True), "classifier.out_proj": (True, False)}
 
 
-def why_not(model: nn.Module) -> str | None:
-    """Why the residual width of ``model`` cannot be pruned here, or None when it can."""
+def _family_problem(model_or_config: Any, projects_embeddings: bool) -> str | None:
+    """The family checks shared by a model and a config: a BERT-layout family, embeddings as wide as the stream."""
     try:
-        lay = family_of(model)
+        lay = family_of(model_or_config)
     except Exception as e:  # an unknown family: its own message says what is missing
         return str(e)
     if lay.name not in HIDDEN_FAMILIES:
         return (f"prune.hidden_size slices BERT-layout encoders ({', '.join(HIDDEN_FAMILIES)}); this model is "
                 f"'{lay.name}', whose residual width is not sliced by edgekd: leave prune.hidden_size unset")
-    base = model.base_model
-    if hasattr(base, "embeddings_project"):
+    if projects_embeddings:
         return ("prune.hidden_size: this ELECTRA projects its embeddings (embedding_size != hidden_size); only "
                 "encoders whose embeddings are as wide as the residual stream are sliced")
+    return None
+
+
+def why_not(model: nn.Module) -> str | None:
+    """Why the residual width of ``model`` cannot be pruned here, or None when it can."""
+    base = getattr(model, "base_model", None)
+    problem = _family_problem(model, getattr(base, "embeddings_project", None) is not None)
+    if problem:
+        return problem
     outer = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding))
              and not n.startswith(_base_prefix(model)) and n not in _HEADS]
     if outer:
@@ -148,17 +156,11 @@ def _width_problem(new: int, old: int, head: int, model_type: str) -> str | None
 def config_problem(config: Any, new: int, heads_may_go: bool) -> str | None:
     """What ``new`` cannot be for a model of ``config`` (the checks a recipe can get before any training:
     the family, an ELECTRA embedding projection, the width against the head size, heads that may not go)."""
-    try:
-        lay = family_of(config)
-    except Exception as e:
-        return str(e)
-    if lay.name not in HIDDEN_FAMILIES:
-        return (f"prune.hidden_size slices BERT-layout encoders ({', '.join(HIDDEN_FAMILIES)}); this model is "
-                f"'{lay.name}', whose residual width is not sliced by edgekd: leave prune.hidden_size unset")
+    projects = getattr(config, "embedding_size", None) not in (None, getattr(config, "hidden_size", None))
+    problem = _family_problem(config, projects)
+    if problem:
+        return problem
     old, n_heads = int(config.hidden_size), int(config.num_attention_heads)
-    if getattr(config, "embedding_size", old) != old:
-        return ("prune.hidden_size: this ELECTRA projects its embeddings (embedding_size != hidden_size); only "
-                "encoders whose embeddings are as wide as the residual stream are sliced")
     head = old // n_heads
     problem = _width_problem(new, old, head, config.model_type)
     if problem:
