@@ -682,6 +682,7 @@ class QuantizeCandidate(Section):
     fuse: Literal["none", "attention", "multihead", "packed"] | None = Field(None, description="As quantize.fuse.")
     per_channel: bool | None = Field(None, description="As quantize.per_channel.")
     reduce_range: bool | None = Field(None, description="As quantize.reduce_range.")
+    unsigned_weights: bool | Literal["auto"] | None = Field(None, description="As quantize.unsigned_weights.")
     weight_type: Literal["qint8", "quint8"] | None = Field(None, description="As quantize.weight_type.")
     activation_type: Literal["quint8", "qint8"] | None = Field(None, description="As quantize.activation_type.")
     op_types: list[str] | None = Field(None, description="As quantize.op_types.")
@@ -715,6 +716,17 @@ class QuantizeConfig(Section):
     )
     per_channel: bool = Field(False, description="One scale per output channel of each weight (more accurate, sometimes slower).")
     reduce_range: bool = Field(False, description="7-bit weights, for x86 CPUs without VNNI (avoids saturation).")
+    unsigned_weights: bool | Literal["auto"] = Field(
+        "auto", description="int8 methods: store the int8 weights as uint8 (each value + 128, zero point + 128): the "
+        "same numbers, multiplied by ONNX Runtime's u8u8 kernels. On an x86 CPU without VNNI (AVX2, AVX-512 without "
+        "VNNI) its u8s8 kernel adds pairs of products in int16 and can saturate, a wrong answer and no error; u8u8 "
+        "does not, but is slower (about 10% on the default run's file on an AVX2 CPU). auto, for the device the run "
+        "is for (bench.profile: its arch and isa; the local profile is this machine): signed where nothing can "
+        "saturate (VNNI, ARM, weight_type quint8, reduce_range, static qint8 activations); on an x86 CPU without "
+        "VNNI that is this machine, each setup is built both ways, scored and timed, and the faster within "
+        "max_accuracy_drop ships (the unsigned twin is named .../w-stored-u8); for another such device, unsigned "
+        "(its saturation cannot be measured from here). The report says what was chosen and why."
+    )
     op_types: list[str] | None = Field(
         None, description="Operator types to quantize (e.g. [MatMul, Gemm]). Default: dynamic, ONNX "
         "Runtime's own list (MatMul, Conv, Attention, Gather for embeddings, ...); static, MatMul, Gemm, Conv."
@@ -801,6 +813,16 @@ class QuantizeConfig(Section):
         if self.embedding_bits == 4 and self.method == "fp16":
             problems.append("quantize.embedding_bits: 4 quantizes the embeddings of an int8 method (dynamic or "
                             "static); fp16 halves every weight instead: drop embedding_bits or pick an int8 method")
+        if self.unsigned_weights is True and self.method == "fp16":
+            problems.append("quantize.unsigned_weights stores int8 weights as uint8; fp16 has no int8 weights: drop it "
+                            "or pick an int8 method (dynamic or static)")
+        elif self.unsigned_weights is True and self.weight_type != "qint8":
+            problems.append(f"quantize.unsigned_weights rewrites signed int8 weights; weight_type {self.weight_type} "
+                            "is unsigned already: drop one of them")
+        elif self.unsigned_weights is True and self.method == "static" and self.activation_type != "quint8":
+            problems.append("quantize.unsigned_weights pairs uint8 weights with uint8 activations (u8u8); with "
+                            "activation_type qint8 the static model's products are not u8s8 and cannot saturate "
+                            "that way: drop unsigned_weights or use activation_type quint8")
         if self.smooth_alpha is not None and self.method == "fp16":
             problems.append("quantize.smooth_alpha narrows the activation ranges of int8 rounding; fp16 has none to "
                             "narrow: drop smooth_alpha or pick an int8 method (dynamic or static)")

@@ -20,6 +20,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _a_cpu_with_vnni(monkeypatch):
+    """Tests quantize as for a CPU with VNNI, whose int8 weights stay signed, whatever CPU runs them: on an
+    x86 CPU without VNNI ``quantize.unsigned_weights: auto`` builds every setup twice. The tests of that
+    choice (``test_weight_encoding.py``) set the CPU they need."""
+    from edgekd.quantization import weight_encoding
+
+    monkeypatch.setattr(weight_encoding, "this_machine", lambda: ("x86_64", ["avx2", "avx512f", "avx512_vnni"]))
+
+
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     """The tests' models are tiny: a second intra-op thread gains them nothing, and on a busy machine
     OpenMP's spinning threads make them many times slower (a tiny teacher fine-tune: 7 s on one

@@ -32,6 +32,7 @@ DETECTION = {"teacher": "39e0afe8e94ae6d6", "distill": "28c0af041e4a4070", "base
 def here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EDGEKD_CACHE", "cache")  # relative: the synthetic set's path is in the data summary
+    # The values are for a CPU with VNNI (conftest's), whose int8 weights stay signed (quantize.unsigned_weights).
     return tmp_path
 
 
@@ -68,3 +69,22 @@ def test_stage_fingerprints_are_the_recorded_ones(here, make, want):
     assert planned_stages(recipe) == STAGE_NAMES
     got = {name: fingerprint_of(ctx, name) for name in STAGE_NAMES}
     assert got == want
+
+
+@pytest.mark.parametrize("make,want", [(_text_recipe, TEXT), (_detection_recipe, DETECTION)],
+                         ids=["text-classification", "detection"])
+def test_a_device_without_vnni_redoes_the_quantize_stage_only(here, make, want, monkeypatch):
+    """On an x86 CPU without VNNI the int8 weights are stored unsigned (``quantize.unsigned_weights:
+    auto``): the quantize stage's fingerprint changes there, so a run made elsewhere quantizes again for
+    it; the stages before it keep theirs."""
+    from edgekd.quantization import weight_encoding
+
+    monkeypatch.setattr(weight_encoding, "this_machine", lambda: ("x86_64", ["avx2", "fma"]))
+    recipe = make()
+    ctx = create_context(recipe)
+    if recipe.task == "text-classification":
+        ctx.__dict__["data_summary"] = {**ctx.data_summary, "source": "file:reviews.csv"}
+    got = {name: fingerprint_of(ctx, name) for name in STAGE_NAMES}
+    before = STAGE_NAMES[:STAGE_NAMES.index("quantize")]
+    assert {n: got[n] for n in before} == {n: want[n] for n in before}
+    assert got["quantize"] != want["quantize"]

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgekd.errors import MissingBackendError
 from edgekd.quantization.calibration import make_reader
+from edgekd.quantization.weight_encoding import encode_unsigned, settle
 from edgekd.recipe import QuantizeConfig
 
 # Operators whose error can be traced to one node (they hold weights or do the heavy arithmetic):
@@ -193,6 +194,8 @@ class Dynamic:
     def __init__(self, cfg: QuantizeConfig, calib_inputs: Any, input_names: list[str], dtypes: Any,
                  workdir: Path, external_data: bool):
         self.cfg, self.external = cfg, external_data
+        if cfg.unsigned_weights == "auto":  # not settled by the stage for its device: this machine's CPU
+            self.cfg, _ = settle(cfg)
         q = _ort_quant()
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
@@ -213,6 +216,8 @@ class Dynamic:
             if left:
                 log.warning("quantize: QAttention %s keep ONNX Runtime's one scale for Q, K and V (no packed "
                             "float weight to re-quantize from)", ", ".join(left))
+        if self.cfg.unsigned_weights is True:
+            self._unsigned = encode_unsigned(Path(dst), self.external)
         if self.cfg.embedding_bits == 4:
             quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external,
                                      self.cfg.embedding_float_rows)
@@ -227,6 +232,7 @@ class Dynamic:
             extra["qattention_weights"] = "ONNX Runtime's (one scale for Q, K and V together)"
         return {"weight_type": self.cfg.weight_type, "activation_type": "quint8 (dynamic)",
                 "per_channel": self.cfg.per_channel, "reduce_range": self.cfg.reduce_range,
+                **_encoding_settings(self.cfg, getattr(self, "_unsigned", None)),
                 "op_types": self.op_types, **_embedding_settings(self.cfg), **extra}
 
 
@@ -277,6 +283,12 @@ def requantize_qattention(src: Path, dst: Path, *, per_channel: bool, reduce_ran
     return done, left
 
 
+def _encoding_settings(cfg: QuantizeConfig, rewritten: int | None) -> dict[str, Any]:
+    if cfg.unsigned_weights is not True:
+        return {"unsigned_weights": False}
+    return {"unsigned_weights": True, "weights_stored": f"uint8, value + 128 ({rewritten or 0} weight tensors)"}
+
+
 def _int8_op_types(cfg: QuantizeConfig, default: Any) -> list[str]:
     """The operator types the int8 pass quantizes; with ``embedding_bits: 4`` the embedding Gathers get
     their 4 bits after it (``quantize_embeddings_4bit``), not 8 in it."""
@@ -305,6 +317,8 @@ class Static:
         if calib_inputs is None:
             raise DataError("quantize.method 'static' calibrates on real examples: pass calibration inputs")
         self.cfg, self.external = cfg, external_data
+        if cfg.unsigned_weights == "auto":  # not settled by the stage for its device: this machine's CPU
+            self.cfg, _ = settle(cfg)
         self._q = _ort_quant()
         self.op_types = _int8_op_types(cfg, STATIC_DEFAULT_OPS)
         self.candidate_ops = frozenset(self.op_types) & INT8_CANDIDATES
@@ -324,6 +338,8 @@ class Static:
             use_external_data_format=self.external, calibrate_method=method, extra_options=extra,
             calibration_cache_path=self.cache,
         )
+        if self.cfg.unsigned_weights is True:
+            self._unsigned = encode_unsigned(Path(dst), self.external)
         if self.cfg.embedding_bits == 4:
             quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external,
                                      self.cfg.embedding_float_rows)
@@ -331,6 +347,7 @@ class Static:
     def settings(self) -> dict[str, Any]:
         return {"weight_type": self.cfg.weight_type, "activation_type": self.cfg.activation_type,
                 "per_channel": self.cfg.per_channel, "reduce_range": self.cfg.reduce_range,
+                **_encoding_settings(self.cfg, getattr(self, "_unsigned", None)),
                 "op_types": self.op_types, "format": "QDQ",
                 "calibration_method": self.cfg.calibration_method,
                 "calibration_samples": self.reader.served, **_embedding_settings(self.cfg)}

@@ -31,6 +31,7 @@ from edgekd.progress import progress_bar, track
 from edgekd.quantization.calibration import n_rows, real_length_rows
 from edgekd.quantization.guard import TIMING_BLOCK, Evaluator, MetricFn, choose_fastest, time_side_by_side
 from edgekd.quantization.onnx_methods import make_method
+from edgekd.quantization.weight_encoding import Device, encodings
 from edgekd.recipe import QuantizeConfig
 from edgekd.runfolder import atomic_dir, sha256_file
 
@@ -175,6 +176,20 @@ def candidate_configs(cfg: QuantizeConfig) -> list[tuple[str, QuantizeConfig]]:
     return out
 
 
+def device_setups(setups: list[tuple[str, QuantizeConfig]], device: Device | None
+                  ) -> list[tuple[str, QuantizeConfig, str]]:
+    """``(name, setup, why)`` for each way ``setups`` store their int8 weights for ``device``
+    (``weight_encoding.encodings``): a setup built both ways has an unsigned twin named ``.../w-stored-u8``."""
+    out = []
+    for name, c in setups:
+        choices, why = encodings(c, device)
+        for unsigned in choices:
+            twin = unsigned and len(choices) > 1
+            out.append((f"{name}/w-stored-u8" if twin else name, c.model_copy(update={"unsigned_weights": unsigned}),
+                        why))
+    return out
+
+
 def candidate_name(c: QuantizeConfig) -> str:
     parts = [c.method]
     if c.method == "static":
@@ -183,6 +198,8 @@ def candidate_name(c: QuantizeConfig) -> str:
         parts += [p for p, on in (("per-channel", c.per_channel), ("reduce-range", c.reduce_range)) if on]
         if c.weight_type != "qint8":
             parts.append(f"w-{c.weight_type}")
+        if c.unsigned_weights is not None and c.unsigned_weights != "auto":  # auto: settled per device later
+            parts.append("w-stored-u8" if c.unsigned_weights else "w-stored-s8")
         if c.method == "static" and c.activation_type != "quint8":
             parts.append(f"a-{c.activation_type}")
         if c.op_types:
@@ -206,8 +223,11 @@ def quantize_onnx(
     val_inputs: Mapping[str, np.ndarray],
     val_labels: np.ndarray,
     metric_fn: MetricFn,
+    device: Device | None = None,
 ) -> dict[str, Any]:
-    """Quantize the ONNX export in ``fp32_dir`` into the export folder ``out_dir``.
+    """Quantize the ONNX export in ``fp32_dir`` into the export folder ``out_dir``; ``device``
+    (``weight_encoding.device_of``; None: this machine) decides how ``unsigned_weights: auto`` stores the
+    int8 weights (``device_setups``).
 
     Every candidate setup (``candidate_configs``) goes through the accuracy guard; all are timed
     side by side with the float model at batch 1 on validation examples at their real lengths, and
@@ -223,7 +243,7 @@ def quantize_onnx(
     if n_rows(val_inputs) != len(val_labels):
         raise StageError(f"{n_rows(val_inputs)} validation examples but {len(val_labels)} labels")
     external = any(p.name.startswith(src.name) and p != src for p in fp32_dir.iterdir())
-    setups = candidate_configs(cfg)
+    setups = device_setups(candidate_configs(cfg), device)
 
     with tempfile.TemporaryDirectory(prefix="edgekd-quant-") as work_str:
         work = Path(work_str)
@@ -243,7 +263,7 @@ def quantize_onnx(
         calib_rows = real_length_rows(calib_inputs, cfg.calibration_samples) if calib_inputs is not None else []
         results = []
         not_built: list[dict[str, str]] = []  # extra candidates whose fusion cannot apply to this graph
-        for i, (name, c) in enumerate(track(setups, "quantize: candidates", label=lambda s: s[0])):
+        for i, (name, c, encoding) in enumerate(track(setups, "quantize: candidates", label=lambda s: s[0])):
             key = (c.fuse, c.smooth_alpha)
             if key not in floats:
                 try:
@@ -269,7 +289,7 @@ def quantize_onnx(
                 log.warning("quantize: candidate %s not built: %s", name, e)
                 continue
             results.append({"name": name, "cfg": c, "method": method, "notes": notes, "guard": guard,
-                            "model": model, "final": final})
+                            "model": model, "final": final, "encoding": encoding})
 
         rows = real_length_rows(val_inputs, cfg.speed_runs)
         float_opts = dict(meta.get(RUNTIME_OPTIONS) or {})  # the float folder's own session, as it ships
@@ -294,6 +314,8 @@ def quantize_onnx(
             report["residual_sums_as_adds"] = True
         report["precision"] = win["method"].precision
         report["settings"] = {**win["method"].settings(), "fuse": win["cfg"].fuse}
+        if win["cfg"].method != "fp16":
+            report["settings"]["unsigned_weights_why"] = win["encoding"]
         report["accuracy_guard"] = win["guard"]
         report["speed_guard"] = _speed_guard(speed, win["name"], rows, cfg, win["method"].precision)
         if session["runtime_options"]:

@@ -44,7 +44,10 @@ def search_timing_settings(r) -> dict[str, Any]:
     if r.prune.target_latency_ms is None and r.prune.max_accuracy_drop is None:
         return {}
     q = r.quantize.model_dump(mode="json")
-    return {"timed_as": {k: q[k] for k in TIMED_FORM_KEYS},
+    timed_as = {k: q[k] for k in TIMED_FORM_KEYS}
+    if q["unsigned_weights"] != "auto":  # added 2026-12-06: searches recorded before it keep their fingerprints
+        timed_as["unsigned_weights"] = q["unsigned_weights"]
+    return {"timed_as": timed_as,
             "timed_at": {"profile": r.bench.profile, "threads": timing_place(r)[0]}}
 
 
@@ -120,7 +123,7 @@ def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
             res = exporter.export(module, inputs, io, Path(tmp) / "fp32", **opts)
             path = Path(res.path)
             if r.quantize.enabled:
-                path = _quantize_for_timing(r.quantize, path, Path(tmp) / "q", inputs)
+                path = _quantize_for_timing(r.quantize, path, Path(tmp) / "q", inputs, r.bench.profile)
             runner = exporter.load(path, threads=threads)
             for row in rows[:5]:
                 runner.run(row)
@@ -137,14 +140,16 @@ def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
     return latency
 
 
-def _quantize_for_timing(qcfg, src, work, calib: dict[str, np.ndarray]):
-    """``src`` quantized as the quantize section says: fused, smoothed and quantized with its method
-    (what the quantize stage starts from; its candidates and guard come later)."""
+def _quantize_for_timing(qcfg, src, work, calib: dict[str, np.ndarray], profile: str = "local"):
+    """``src`` quantized as the quantize section says: fused, smoothed and quantized with its method, its
+    weights stored as they ship for the bench ``profile``'s device (what the quantize stage starts from;
+    its candidates and guard come later)."""
     import onnx
 
     from edgekd.quantization.calibration import real_length_rows
     from edgekd.quantization.onnx_methods import make_method
     from edgekd.quantization.onnx_stage import candidate_configs, prepare_for_timing
+    from edgekd.quantization.weight_encoding import device_of, settle
 
     work.mkdir(parents=True, exist_ok=True)
     section = candidate_configs(qcfg)[0][1]
@@ -157,7 +162,9 @@ def _quantize_for_timing(qcfg, src, work, calib: dict[str, np.ndarray]):
     # Calibration ranges change accuracy, not speed: the few timing inputs calibrate, however many
     # quantize.calibration_samples asks for the shipped model.
     n = len(next(iter(calib.values())))
-    method = make_method(qcfg.model_copy(update={"calibration_samples": min(qcfg.calibration_samples, n)}),
+    # The weights stored as they ship for the run's device (quantize.unsigned_weights), timed here.
+    settled, _ = settle(section, device_of(profile))
+    method = make_method(settled.model_copy(update={"calibration_samples": min(qcfg.calibration_samples, n)}),
                          calib, names, dtypes, work, False)
     dst = work / "model.onnx"
     method.quantize(src, dst, [])

@@ -35,10 +35,28 @@ def quantize_fingerprint(ctx: RunContext) -> str:
             # Since 2026-12-05 those small tables keep their own float values instead of their 4-bit
             # values decoded: a run with them quantizes and benches again.
             parts["embedding_small_tables"] = "float32, the model's own values"
+    stored = unsigned_setups(ctx)
+    if stored:
+        # Since 2026-12-06 int8 weights may be stored unsigned for an x86 device without VNNI (same numbers,
+        # no saturating u8s8 kernel): a run for such a device quantizes and benches again; others keep theirs.
+        parts["int8_weights_unsigned"] = stored
     if "packed" in {q.fuse, *(c.fuse for c in q.candidates)}:
         # Since 2026-12-04 packing also turns the first-token last block into a MultiHeadAttention.
         parts["packed_attention"] = "Attention per full block, MultiHeadAttention per first-token block"
     return fingerprint(parts)
+
+
+def unsigned_setups(ctx: RunContext) -> list[str]:
+    """The quantize setups (``device_setups`` names) that store their int8 weights unsigned for the run's
+    device (``quantize.unsigned_weights``, decided for ``bench.profile``)."""
+    from edgekd.quantization.onnx_stage import candidate_configs, device_setups
+    from edgekd.quantization.weight_encoding import device_of
+
+    q = ctx.recipe.quantize
+    if not q.enabled:
+        return []
+    return [name for name, c, _ in device_setups(candidate_configs(q), device_of(ctx.recipe.bench.profile))
+            if c.unsigned_weights]
 
 
 def quantize_settings(cfg) -> dict[str, Any]:
@@ -54,8 +72,10 @@ def quantize_settings(cfg) -> dict[str, Any]:
             del d[k]
     if d["smooth_alpha"] is None:  # added 2026-12-05: runs recorded before it stay valid
         del d["smooth_alpha"]
+    if d["unsigned_weights"] == "auto":  # added 2026-12-06; what auto settles to is fingerprinted apart
+        del d["unsigned_weights"]
     for cand in d["candidates"]:
-        for k in ("embedding_bits", "embedding_float_rows", "smooth_alpha"):
+        for k in ("embedding_bits", "embedding_float_rows", "smooth_alpha", "unsigned_weights"):
             if cand.get(k) is None:
                 cand.pop(k, None)
     return d
@@ -64,6 +84,7 @@ def quantize_settings(cfg) -> dict[str, Any]:
 def run_quantize(ctx: RunContext) -> dict[str, Any]:
     from edgekd.quantization import quantize_onnx
     from edgekd.quantization.onnx_stage import candidate_configs
+    from edgekd.quantization.weight_encoding import device_of
 
     task, cfg = ctx.task, ctx.recipe.quantize
     t0 = time.perf_counter()
@@ -81,7 +102,8 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
     calibrated = any(c.method == "static" or c.smooth_alpha is not None for _, c in candidate_configs(cfg))
     calib = ctx.calibration_data(cfg.calibration_split, cfg.calibration_samples) if calibrated else None
     out_dir = ctx.run.stage_dir("export") / quantized_folder("onnx", cfg.method)
-    report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val_labels, task.metrics)
+    report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val_labels, task.metrics,
+                           device=device_of(ctx.recipe.bench.profile))
     # The metric of the quantized artifact on the test split, next to the float one (same runner as serving).
     from edgekd.export.parity import run_as_served
     from edgekd.export.stage import load_artifact
