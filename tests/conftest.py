@@ -19,14 +19,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def _a_cpu_with_vnni(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _a_cpu_with_vnni():
     """Tests quantize as for a CPU with VNNI, whose int8 weights stay signed, whatever CPU runs them: on an
-    x86 CPU without VNNI ``quantize.unsigned_weights: auto`` builds every setup twice. The tests of that
-    choice (``test_weight_encoding.py``) set the CPU they need."""
+    x86 CPU without VNNI ``quantize.unsigned_weights: auto`` builds every setup twice. Session-wide, so the
+    module-scoped runs that tests re-run see the same CPU; the tests of that choice
+    (``test_weight_encoding.py``) set the CPU they need."""
     from edgekd.quantization import weight_encoding
 
-    monkeypatch.setattr(weight_encoding, "this_machine", lambda: ("x86_64", ["avx2", "avx512f", "avx512_vnni"]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weight_encoding, "this_machine", lambda: ("x86_64", ["avx2", "avx512f", "avx512_vnni"]))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -195,7 +195,8 @@ def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, mon
     for split in ("train", "validation"):
         recipe = types.SimpleNamespace(quantize=qcfg(method="static", calibration_samples=10,
                                                      calibration_split=split, max_accuracy_drop=1.0),
-                                         export=types.SimpleNamespace(targets=["onnx"]))
+                                         export=types.SimpleNamespace(targets=["onnx"]),
+                                         bench=types.SimpleNamespace(profile="local"))
         ctx = types.SimpleNamespace(
             recipe=recipe, task=types.SimpleNamespace(metrics=accuracy),
             # The calibration texts are tokenized as the shipped model reads them (a trimmed vocabulary's ids).

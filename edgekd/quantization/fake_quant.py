@@ -15,7 +15,9 @@ The rounding is ONNX Runtime's ``quantize_dynamic`` (``onnxruntime.quantization.
 
 ONNX Runtime computes exactly this (``tests/test_fake_quant.py``), except with full-range int8
 weights (``reduce_range`` off) on x86 CPUs without VNNI, whose u8s8 kernel can saturate its int16 pair
-sums: there ``quantize.reduce_range: true`` is both the accurate export and the one trained for.
+sums: there ``quantize.reduce_range: true`` is both the accurate export and the one trained for, and
+``quantize.unsigned_weights`` stores the same full-range integers as uint8, which ONNX Runtime's u8u8
+kernels compute exactly (``edgekd/quantization/weight_encoding.py``).
 
 Training with it (distillation against the teacher's soft targets, in the prune stage's recovery)
 lets the weights settle where int8 rounding costs little; the model stays a float model, exported
