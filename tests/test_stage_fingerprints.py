@@ -74,9 +74,9 @@ def test_stage_fingerprints_are_the_recorded_ones(here, make, want):
 @pytest.mark.parametrize("make,want", [(_text_recipe, TEXT), (_detection_recipe, DETECTION)],
                          ids=["text-classification", "detection"])
 def test_a_device_without_vnni_redoes_the_quantize_stage_only(here, make, want, monkeypatch):
-    """On an x86 CPU without VNNI the int8 weights are stored unsigned (``quantize.unsigned_weights:
-    auto``): the quantize stage's fingerprint changes there, so a run made elsewhere quantizes again for
-    it; the stages before it keep theirs."""
+    """On an x86 CPU without VNNI each quantize setup is also built with its int8 weights stored unsigned
+    (``quantize.unsigned_weights: auto``): the quantize stage's fingerprint changes there, so a run made
+    elsewhere quantizes again for it; the stages before it keep theirs."""
     from edgekd.quantization import weight_encoding
 
     monkeypatch.setattr(weight_encoding, "this_machine", lambda: ("x86_64", ["avx2", "fma"]))
