@@ -226,3 +226,26 @@ def test_the_quantize_stage_stores_the_weights_for_the_device_and_says_why(shipp
     assert here["settings"]["unsigned_weights"] is (chosen["name"] == "dynamic/w-stored-u8")
     assert "both were scored and timed" in here["settings"]["unsigned_weights_why"]
     assert (we.signed_weights(tmp_path / "here" / "model.onnx") == 0) is here["settings"]["unsigned_weights"]
+
+
+def test_a_weight_two_nodes_read_stays_signed_and_the_report_says_so(tmp_path):
+    """Rewriting a shared weight would change it under the other reader: it is left signed, and the
+    method's settings count it rather than claim every weight unsigned."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekd.quantization.onnx_methods import _encoding_settings, _store_unsigned
+
+    w = np.arange(-32, 32).reshape(8, 8).astype(np.int8)
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s"], [y], domain="com.microsoft")
+             for y in ("y1", "y2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 8]) for y in ("y1", "y2")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.1, np.float32), "s")])
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(path))
+    stored = _store_unsigned(path, False)
+    assert stored == (0, 1) and we.signed_weights(path) == 1
+    settings = _encoding_settings(QuantizeConfig(enabled=True, unsigned_weights=True), stored)
+    assert settings["weights_stored"].endswith("(0 weight tensors)") and settings["weights_left_signed"].startswith("1")

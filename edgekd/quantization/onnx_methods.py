@@ -18,7 +18,7 @@ import numpy as np
 
 from edgekd.errors import MissingBackendError
 from edgekd.quantization.calibration import make_reader
-from edgekd.quantization.weight_encoding import encode_unsigned, settle
+from edgekd.quantization.weight_encoding import encode_unsigned, settle, signed_weights
 from edgekd.recipe import QuantizeConfig
 
 # Operators whose error can be traced to one node (they hold weights or do the heavy arithmetic):
@@ -217,7 +217,7 @@ class Dynamic:
                 log.warning("quantize: QAttention %s keep ONNX Runtime's one scale for Q, K and V (no packed "
                             "float weight to re-quantize from)", ", ".join(left))
         if self.cfg.unsigned_weights is True:
-            self._unsigned = encode_unsigned(Path(dst), self.external)
+            self._unsigned = _store_unsigned(Path(dst), self.external)
         if self.cfg.embedding_bits == 4:
             quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external,
                                      self.cfg.embedding_float_rows)
@@ -283,10 +283,25 @@ def requantize_qattention(src: Path, dst: Path, *, per_channel: bool, reduce_ran
     return done, left
 
 
-def _encoding_settings(cfg: QuantizeConfig, rewritten: int | None) -> dict[str, Any]:
+def _store_unsigned(path: Path, external: bool) -> tuple[int, int]:
+    """(weights rewritten unsigned, weights left signed): one another node also reads stays signed, and
+    the log and the report say so."""
+    done = encode_unsigned(path, external)
+    left = signed_weights(path)
+    if left:
+        log.warning("quantize: %d int8 weight(s) of %s are read by more than one node and stay signed "
+                    "(quantize.unsigned_weights)", left, path.name)
+    return done, left
+
+
+def _encoding_settings(cfg: QuantizeConfig, stored: tuple[int, int] | None) -> dict[str, Any]:
     if cfg.unsigned_weights is not True:
         return {"unsigned_weights": False}
-    return {"unsigned_weights": True, "weights_stored": f"uint8, value + 128 ({rewritten or 0} weight tensors)"}
+    done, left = stored or (0, 0)
+    out = {"unsigned_weights": True, "weights_stored": f"uint8, value + 128 ({done} weight tensors)"}
+    if left:
+        out["weights_left_signed"] = f"{left} (each read by more than one node)"
+    return out
 
 
 def _int8_op_types(cfg: QuantizeConfig, default: Any) -> list[str]:
@@ -339,7 +354,7 @@ class Static:
             calibration_cache_path=self.cache,
         )
         if self.cfg.unsigned_weights is True:
-            self._unsigned = encode_unsigned(Path(dst), self.external)
+            self._unsigned = _store_unsigned(Path(dst), self.external)
         if self.cfg.embedding_bits == 4:
             quantize_embeddings_4bit(Path(dst), self.cfg.embedding_block_size, exclude, self.external,
                                      self.cfg.embedding_float_rows)

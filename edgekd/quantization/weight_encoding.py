@@ -132,12 +132,10 @@ def encode_unsigned(path: Path, external_data: bool = False) -> int:
 
     done = 0
     for node in model.graph.node:
-        if node.op_type in WEIGHT_SLOTS:
-            w_at, z_at = WEIGHT_SLOTS[node.op_type]
-        elif node.op_type == "DequantizeLinear":
-            w_at, z_at = 0, 2
-        else:
+        slots = _weight_slots(node)
+        if slots is None:
             continue
+        w_at, z_at = slots
         w = node.input[w_at] if len(node.input) > w_at else ""
         if w not in inits or inits[w].data_type != onnx.TensorProto.INT8:
             continue
@@ -171,9 +169,16 @@ def signed_weights(path: Path) -> int:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
-    n = 0
+    found = set()
     for node in graph.node:
-        at = WEIGHT_SLOTS.get(node.op_type, (0, 2) if node.op_type == "DequantizeLinear" else None)
+        at = _weight_slots(node)
         if at and len(node.input) > at[0] and node.input[at[0]] in int8:
-            n += 1
-    return n
+            found.add(node.input[at[0]])
+    return len(found)
+
+
+def _weight_slots(node) -> tuple[int, int] | None:
+    """(weight input, zero point input) of a node that multiplies or dequantizes a weight; None otherwise."""
+    if node.op_type == "DequantizeLinear":  # static QDQ: the weight is read through it
+        return 0, 2
+    return WEIGHT_SLOTS.get(node.op_type)
