@@ -11,8 +11,9 @@ the wrong one. For the shipped folder (the quantize stage's recommendation, or `
 its own runtime options, each split (validation, test, the recipe's out-of-domain set) is run one text at a
 time at its own length, as it is served, through both files: how far the logits move, how many answers
 change, each file's accuracy and its mean logit error against the float folder it was quantized from. On a
-CPU that cannot saturate (VNNI, AMX, ARM) the two must agree to the last bit, and the script fails if they
-do not. The same test texts then time the two side by side (rotating blocks, same threads).
+CPU that cannot saturate (VNNI, AMX, ARM) the two compute the same integers, so the script fails if any
+logit differs by more than float rounding (``EXACT_ATOL``). The same test texts then time the two side by
+side (rotating blocks, same threads).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError
+
+# Where nothing saturates, the two files' logits differ by the rescaling's float rounding at most (the
+# tolerance tests/test_weight_encoding.py holds the packed text model to).
+EXACT_ATOL = 1e-5
 
 
 def compare_outputs(signed: dict[str, np.ndarray], unsigned: dict[str, np.ndarray], labels: np.ndarray,
@@ -102,10 +107,10 @@ def measure(folder: Path, splits: dict[str, tuple[dict[str, np.ndarray], np.ndar
 
 def check(result: dict[str, Any]) -> str | None:
     """Why the figures are impossible, if they are: a CPU that cannot saturate must give both files the
-    same outputs (the twin stores the same integers)."""
+    same outputs, to float rounding (the twin stores the same integers)."""
     if result["cpu"]["can_saturate"]:
         return None
-    moved = {s: r["max_logit_diff"] for s, r in result["splits"].items() if r["max_logit_diff"] > 0}
+    moved = {s: r["max_logit_diff"] for s, r in result["splits"].items() if r["max_logit_diff"] > EXACT_ATOL}
     if moved:
         return (f"this CPU ({result['cpu']['arch']}, {', '.join(result['cpu']['isa'])}) multiplies int8 weights "
                 f"exactly, yet the two files differ ({moved}): the unsigned rewrite changed the model.")
