@@ -36,19 +36,19 @@ EXACT_ATOL = 1e-5
 
 
 def compare_outputs(signed: dict[str, np.ndarray], unsigned: dict[str, np.ndarray], labels: np.ndarray,
-                    reference: dict[str, np.ndarray] | None) -> dict[str, Any]:
-    """Figures of one split from the two files' outputs (their first output: the logits)."""
+                    reference: dict[str, np.ndarray] | None, metric_fn: Any) -> dict[str, Any]:
+    """Figures of one split from the two files' outputs (their first output: the logits); accuracy by
+    the task's own ``metric_fn(outputs, labels)``."""
     name = next(iter(signed))
     s, u = np.asarray(signed[name], np.float64), np.asarray(unsigned[name], np.float64)
     diff = np.abs(s - u).reshape(len(s), -1).max(axis=1) if s.size else np.zeros(0)
-    labels = np.asarray(labels)
     row = {
         "texts": len(s),
         "max_logit_diff": float(diff.max()) if diff.size else 0.0,
         "texts_differing": int((diff > 0).sum()),
         "answers_changed": int((s.argmax(-1) != u.argmax(-1)).sum()),
-        "signed_accuracy": float((s.argmax(-1) == labels).mean()),
-        "unsigned_accuracy": float((u.argmax(-1) == labels).mean()),
+        "signed_accuracy": float(metric_fn(signed, labels)["accuracy"]),
+        "unsigned_accuracy": float(metric_fn(unsigned, labels)["accuracy"]),
     }
     if reference is not None:
         r = np.asarray(reference[next(iter(reference))], np.float64)
@@ -57,8 +57,8 @@ def compare_outputs(signed: dict[str, np.ndarray], unsigned: dict[str, np.ndarra
     return row
 
 
-def measure(folder: Path, splits: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], threads: int,
-            timed: int | None, work: Path, reference: Path | None = None) -> dict[str, Any]:
+def measure(folder: Path, splits: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], metric_fn: Any,
+            threads: int, timed: int | None, work: Path, reference: Path | None = None) -> dict[str, Any]:
     """Every figure for the artifact ``folder`` (its ``artifact.json`` names the file, the precision and the
     runtime options); ``splits``: name -> (inputs padded to one shape, labels); the timing reads the
     ``test`` split (else the first)."""
@@ -89,7 +89,7 @@ def measure(folder: Path, splits: dict[str, tuple[dict[str, np.ndarray], np.ndar
     for split, (inputs, labels) in splits.items():
         out = {k: run_all(r, inputs, precision=precision) for k, r in runners.items()}
         ref = run_all(ref_runner, inputs) if ref_runner else None
-        rows[split] = compare_outputs(out["signed"], out["unsigned"], labels, ref)
+        rows[split] = compare_outputs(out["signed"], out["unsigned"], labels, ref, metric_fn)
         print(f"{split}: {json.dumps(rows[split])}", flush=True)
 
     inputs = (splits.get("test") or next(iter(splits.values())))[0]
@@ -169,12 +169,15 @@ def main(argv: list[str] | None = None) -> None:
         reference = (float_folder / json.loads(float_meta.read_text()).get("file", "model.onnx")
                      if float_meta.is_file() else None)
         ctx = create_context(load_recipe_or_run(str(args.run), None))
+        if ctx.recipe.task != "text-classification":
+            raise EdgeKDError(f"task '{ctx.recipe.task}': this script compares a classifier's logits and answers; "
+                              "give a text-classification run.")
         splits = {"validation": ctx.validation_data(), "test": ctx.parity_data()}
         ood = ctx.ood_data()
         if ood:
             splits[f"out of domain ({ood[0]})"] = (ood[1], ood[2])
         with tempfile.TemporaryDirectory(prefix="edgekd-saturation-") as work:
-            result = measure(folder, splits, args.threads, args.timed, Path(work), reference)
+            result = measure(folder, splits, ctx.task.metrics, args.threads, args.timed, Path(work), reference)
     except EdgeKDError as e:
         sys.exit(f"saturation: {e}")
     print("\n" + table(result))

@@ -13,12 +13,18 @@ from test_weight_encoding import REAL_CPU, _exact, _matmul_model
 
 from edgekd.errors import EdgeKDError
 from edgekd.quantization import weight_encoding as we
+from edgekd.tasks.text.task import classification_metrics
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCALE = 0.01
+
+
+def _metrics(outputs, labels):
+    """The text task's metrics, read from the toy model's output ``y``."""
+    return classification_metrics({"logits": outputs["y"]}, labels)
 
 
 @pytest.fixture
@@ -62,7 +68,7 @@ def test_the_figures_are_the_two_files_outputs_and_the_cpu_decides_which_is_wron
     folder = _folder(tmp_path / "onnx-int8", w)
     reference = _float_reference(tmp_path / "float.onnx", w)
 
-    result = saturation.measure(folder, {"test": ({"x": x}, labels)}, 1, None, tmp_path, reference)
+    result = saturation.measure(folder, {"test": ({"x": x}, labels)}, _metrics, 1, None, tmp_path, reference)
 
     assert result["weights_rewritten"] == 1 and result["weights_left_signed"] == 0
     signed = np.concatenate([run(folder / "model.onnx", {"x": x[i:i + 1]}) for i in range(len(x))])
@@ -112,11 +118,26 @@ def test_a_folder_without_int8_weights_is_refused(saturation, tmp_path):
     del model.graph.node[0].input[2:]
     onnx.save(model, str(folder / "model.onnx"))
     with pytest.raises(EdgeKDError, match="no int8 weight an integer operator multiplies .*--artifact"):
-        saturation.measure(folder, {"test": ({"x": np.ones((1, 4), np.float32)}, np.zeros(1))}, 1, None, tmp_path)
+        saturation.measure(folder, {"test": ({"x": np.ones((1, 4), np.float32)}, np.zeros(1))}, _metrics, 1, None,
+                           tmp_path)
 
 
 def test_the_command_refuses_a_folder_that_is_not_an_export(saturation, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(SystemExit, match="has no artifact.json: give an export folder"):
+        saturation.main([str(run_dir), "--artifact", "onnx-int8"])
+
+
+def test_the_command_refuses_a_run_that_is_not_a_classifier(saturation, tmp_path):
+    """Logits and answers are a classifier's figures: a detection run is refused, not scored by argmax."""
+    import shutil
+
+    import edgekd
+
+    run_dir = tmp_path / "det"
+    (run_dir / "export").mkdir(parents=True)
+    _folder(run_dir / "export" / "onnx-int8", np.ones((4, 2)))
+    shutil.copyfile(Path(edgekd.__file__).parent / "recipes" / "detect-default.yaml", run_dir / "recipe.yaml")
+    with pytest.raises(SystemExit, match="task 'detection'.*give a text-classification run"):
         saturation.main([str(run_dir), "--artifact", "onnx-int8"])
