@@ -487,6 +487,14 @@ class PruneConfig(Section):
         "it replaces; teacher+unpruned: the two as an ensemble, the mean of their distributions at "
         "distill.temperature.",
     )
+    recover_fresh_copies: int = Field(
+        0, ge=0, le=20,
+        description="Text, with one local teacher: perturbed copies of each training text made for the "
+        "recoveries alone (teacher.augment's perturbations at another seed; none equal to a labelled text or "
+        "to a text the teacher stage labelled), labelled by the teacher in this stage. Every recovery trains "
+        "on them beside the distillation set, with the soft targets prune.recover_soft_targets names, so "
+        "it also learns on texts the distilled student never saw. 0: none.",
+    )
     quant_aware: bool = Field(
         False,
         description="Text: recover with quantization-aware distillation: every recovery trains the pruned "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +215,94 @@ def test_score_loss_is_refused_where_nothing_reads_it():
     PruneConfig(enabled=True, keep_params=0.5, importance="fisher", score_loss="recovery")
     assert "score_loss" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))  # earlier runs stay valid
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, score_loss="recovery"))["score_loss"] == "recovery"
+
+
+@pytest.mark.slow
+def test_fresh_copies_are_new_texts_with_the_teachers_targets(tmp_path, tiny_classifier_dir, tiny_csv, monkeypatch):
+    """prune.recover_fresh_copies: the recovery also reads perturbed copies that nothing labelled before,
+    each with the teacher's own soft targets and its top label."""
+    import edgekd.tasks.text.prune as text_prune
+    from edgekd.pipeline import run_stages
+    from edgekd.stages.base import load_stage_model
+    from edgekd.teachers.unlabelled import normal_text
+
+    seen = _spy_recovery(monkeypatch)
+    datasets: list = []
+    real_train = text_prune.train
+
+    def train(model, data, *a, **kw):
+        datasets.append(data)
+        return real_train(model, data, *a, **kw)
+
+    monkeypatch.setattr(text_prune, "train", train)
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                      teacher={"augment": {"copies": 1}},
+                                      prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 1,
+                                             "recover_fresh_copies": 1}))
+    ctx = run_stages(recipe, ["teacher", "distill", "prune"])
+    m = ctx.run.stage_record("prune")["metrics"]
+    n_train = len(ctx.splits.train)
+    first_copies = json.loads((ctx.run.stage_dir("teacher") / "unlabelled.json").read_text())["texts"]
+    n_fresh = m["recover_fresh_copies"]["texts"]
+    assert n_fresh > 0 and m["recover_examples"] == n_train + len(first_copies) + n_fresh
+    assert len(datasets[0]) == m["recover_examples"]
+    # the fresh copies are none of the labelled texts and none of the teacher stage's copies
+    from edgekd.tasks.text.prune import fresh_copies
+    from edgekd.tasks.text.teacher import load_teacher_outputs
+    from edgekd.teachers.stage import load_targets
+
+    teacher, cached = load_teacher_outputs(ctx)
+    targets, info = fresh_copies(ctx, teacher, load_targets(ctx, cached))
+    fresh = targets.unlabelled_texts[len(first_copies):]
+    assert len(fresh) == n_fresh and info == m["recover_fresh_copies"]
+    known = {normal_text(t) for t in [*ctx.examples.texts, *first_copies]}
+    assert not known & {normal_text(t) for t in fresh}
+    # each fresh row's soft targets are the teacher's on that text, and its label the teacher's top one
+    enc = ctx.tokenizer(fresh, truncation=True, max_length=recipe.data.max_length, padding=True,
+                        return_tensors="pt")
+    with torch.no_grad():
+        want = torch.log_softmax(teacher(**enc).logits.float(), -1)
+    rows = torch.from_numpy(targets.logits[-n_fresh:]).float()
+    torch.testing.assert_close(rows, want, atol=1e-4, rtol=1e-4)
+    checked = 0
+    for batch, got in seen:
+        for j, i in enumerate(batch["index"].tolist()):
+            if i >= n_train + len(first_copies):
+                torch.testing.assert_close(got[j], want[i - n_train - len(first_copies)], atol=1e-4, rtol=1e-4)
+                assert int(batch["labels"][j]) == int(want[i - n_train - len(first_copies)].argmax())
+                checked += 1
+    assert checked, "no recovery batch held a fresh copy"
+    assert load_stage_model(ctx, "prune") is not None
+
+
+def test_fresh_copies_are_refused_where_no_one_teacher_can_label_them(tmp_path, tiny_classifier_dir, tiny_csv):
+    from edgekd.stages.prune_common import prune_settings
+    from edgekd.tasks.text.checks import check_inputs
+
+    def problems(teacher: dict, prune: dict) -> list[str]:
+        raw = tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher=teacher,
+                          prune={"enabled": True, "keep_params": 0.6, "recover_fresh_copies": 1, **prune})
+        return [p for p in check_inputs(parse_recipe(raw)) if p.startswith("prune.recover_fresh_copies")]
+
+    assert problems({}, {}) == []
+    assert "a teacher giving labels only" in problems({"targets": "labels"}, {})[0]
+    assert "an ensemble of teachers" in problems({"ensemble": [{"model": str(tiny_classifier_dir)}]}, {})[0]
+    assert "no recovery trains on the copies" in problems({}, {"recover_epochs": 0})[0]
+    assert "recover_fresh_copies" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_fresh_copies=2))[
+        "recover_fresh_copies"] == 2
+
+
+def test_a_black_box_teacher_or_a_detector_cannot_have_fresh_copies(tmp_path, tiny_classifier_dir, tiny_csv):
+    from edgekd.tasks import get_family
+
+    raw = tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={"kind": "onnx", "path": str(tmp_path)},
+                      prune={"enabled": True, "keep_params": 0.6, "recover_fresh_copies": 1})
+    problems = get_family("text-classification").check_inputs(parse_recipe(raw))
+    assert any(p.startswith("prune.recover_fresh_copies") and "a black-box teacher" in p for p in problems)
+    detection = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                              "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
+                                        "recover_epochs": 1, "recover_fresh_copies": 1}})
+    assert get_family("detection").check_inputs(detection) == [
+        "prune.recover_fresh_copies: perturbed copies of training texts are for text classification; a detector "
+        "recovers on its own training images: set it to 0"]

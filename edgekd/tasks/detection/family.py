@@ -58,6 +58,9 @@ class Detection:
         if recipe.teacher.augment.copies:
             problems.append("teacher.augment.copies: perturbed copies of training texts are for text "
                             "classification; a detector trains on its own image augmentation: set it to 0")
+        if recipe.prune.recover_fresh_copies:
+            problems.append("prune.recover_fresh_copies: perturbed copies of training texts are for text "
+                            "classification; a detector recovers on its own training images: set it to 0")
         if recipe.quantize.embedding_bits == 4:
             problems.append("quantize.embedding_bits: 4 shrinks the embedding tables of a text encoder; a "
                             "detector has none: set it to 8")

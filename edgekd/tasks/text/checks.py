@@ -118,8 +118,26 @@ def _check_hidden_size(recipe: Recipe) -> list[str]:
     return [problem if problem.startswith("prune.hidden_size") else f"prune.hidden_size: {problem}"] if problem else []
 
 
+def _check_fresh_copies(recipe: Recipe) -> list[str]:
+    """prune.recover_fresh_copies: the prune stage labels its copies with the one local teacher, and they
+    are trained on only by a recovery."""
+    p, t = recipe.prune, recipe.teacher
+    if not (p.enabled and p.recover_fresh_copies):
+        return []
+    problems = []
+    if t.kind != "model" or t.ensemble or t.targets == "labels":
+        what = ("a black-box teacher" if t.kind != "model" else "an ensemble of teachers" if t.ensemble
+                else "a teacher giving labels only")
+        problems.append(f"prune.recover_fresh_copies: the prune stage labels its copies with one local teacher's "
+                        f"soft targets, and this recipe has {what}: set it to 0, or teach with one local model")
+    if p.recover_epochs == 0 and p.final_recover_epochs == 0:
+        problems.append("prune.recover_fresh_copies: no recovery trains on the copies (prune.recover_epochs and "
+                        "final_recover_epochs are 0): set it to 0, or give the recovery epochs")
+    return problems
+
+
 def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with the data files, unlabelled texts and local teacher exports ``recipe``
     names, each starting with its recipe key; [] when none."""
     return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_teacher_paths(recipe)
-            + _check_hidden_size(recipe))
+            + _check_hidden_size(recipe) + _check_fresh_copies(recipe))

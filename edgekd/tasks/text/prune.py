@@ -34,6 +34,7 @@ from edgekd.tasks.text.distill import stage_fingerprint
 from edgekd.train import predict, to_torch, train
 
 SOUP_SEED_STRIDE = 7919  # prune.recover_soup: copy i trains with seed + stride * i
+FRESH_SEED_OFFSET = 104729  # prune.recover_fresh_copies: their perturbations' seed is teacher.augment's + this
 
 
 def soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -72,6 +73,34 @@ def _int8_rounding(r) -> dict[str, Any]:
             "ranges": r.prune.quant_aware_ranges}
 
 
+def fresh_copies(ctx: RunContext, teacher, targets):
+    """``targets`` with prune.recover_fresh_copies more rows: perturbed copies of the training texts that
+    the teacher stage did not label (teacher.augment's perturbations, its seed + FRESH_SEED_OFFSET), with
+    the teacher's log-probabilities, as the teacher stage stores its targets. Returns them and a summary."""
+    from edgekd.errors import RecipeError
+    from edgekd.tasks.text.task import TokenizedSplit
+    from edgekd.teachers.augment import augment_texts
+    from edgekd.teachers.stage import TeacherTargets
+
+    r = ctx.recipe
+    if teacher is None or targets.hard:
+        raise RecipeError(["prune.recover_fresh_copies: the copies are labelled by one local teacher's soft "
+                           "targets, and this run's teacher gives none: set it to 0"])
+    aug = r.teacher.augment.model_copy(update={"copies": r.prune.recover_fresh_copies})
+    seed = (r.seed if aug.seed is None else aug.seed) + FRESH_SEED_OFFSET
+    made = augment_texts(ctx.splits.texts("train"), aug, seed, ctx.examples.texts, targets.unlabelled_texts)
+    tok = ctx.tokenizer
+    ids = ctx.task.tokenize(tok, made.texts)
+    data = TokenizedSplit(ids, np.zeros(len(ids), dtype=np.int64), tok.pad_token_id or 0)
+    logits = predict(teacher, data, r.eval.batch_size, "prune: the teacher on fresh copies",
+                     precision=r.runtime.precision)
+    logp = torch.log_softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
+    ctx.say(f"[bold]prune[/]: {len(made.texts)} fresh perturbed copies of the training texts for the recovery")
+    out = TeacherTargets(np.concatenate([targets.logits, logp.astype(targets.logits.dtype)]), False,
+                         targets.train_rows, [*targets.unlabelled_texts, *made.texts])
+    return out, {**made.summary(), "seed": seed}
+
+
 def load_pruned(ctx: RunContext):
     """The pruned student (its own architecture: heads and FFN widths per layer), once the stage is
     known to be current (see ``edgekd.stages.base.load_stage_model``)."""
@@ -106,10 +135,14 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     fp = prune_fingerprint(ctx)
     model = load_stage_model(ctx, "distill")
-    _, cached_logits = load_teacher_outputs(ctx)
+    teacher, cached_logits = load_teacher_outputs(ctx)
     # Recovery is distillation: it trains on what the distill stage trained on, the training split and
     # any texts the teacher labelled beside it (teacher.unlabelled, teacher.augment), one target row each.
     targets = load_targets(ctx, cached_logits)
+    fresh = None
+    if cfg.recover_fresh_copies:
+        targets, fresh = fresh_copies(ctx, teacher, targets)
+    del teacher
     teacher_logits = torch.from_numpy(targets.logits)
     # The distilled student reads the teacher's token ids.
     tok = ctx.tokenizer
@@ -208,6 +241,8 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     if cfg.quant_aware:
         metrics["quant_aware"] = {"int8": "dynamic", **_int8_rounding(r)}
     metrics["recover_examples"] = len(train_data)
+    if fresh is not None:
+        metrics["recover_fresh_copies"] = fresh
     say_search(ctx, cfg, metrics)
     out_tok = tok
     if vocab_info is not None:
