@@ -80,6 +80,7 @@ def fresh_copies(ctx: RunContext, teacher, targets):
     from edgekd.errors import RecipeError
     from edgekd.tasks.text.task import TokenizedSplit
     from edgekd.teachers.augment import augment_texts
+    from edgekd.teachers.combine import as_probabilities, log_targets
     from edgekd.teachers.stage import TeacherTargets
 
     r = ctx.recipe
@@ -94,9 +95,10 @@ def fresh_copies(ctx: RunContext, teacher, targets):
     data = TokenizedSplit(ids, np.zeros(len(ids), dtype=np.int64), tok.pad_token_id or 0)
     logits = predict(teacher, data, r.eval.batch_size, "prune: the teacher on fresh copies",
                      precision=r.runtime.precision)
-    logp = torch.log_softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
+    # The form the teacher stage caches its targets in (float32 log-probabilities, floored).
+    logp = log_targets(as_probabilities(logits, "logits", logits.shape[1]))
     ctx.say(f"[bold]prune[/]: {len(made.texts)} fresh perturbed copies of the training texts for the recovery")
-    out = TeacherTargets(np.concatenate([targets.logits, logp.astype(targets.logits.dtype)]), False,
+    out = TeacherTargets(np.concatenate([targets.logits, logp]), False,
                          targets.train_rows, [*targets.unlabelled_texts, *made.texts])
     return out, {**made.summary(), "seed": seed}
 
