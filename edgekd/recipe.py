@@ -480,12 +480,18 @@ class PruneConfig(Section):
     )
     recover_soft_targets: Literal["teacher", "unpruned", "teacher+unpruned"] = Field(
         "teacher",
-        description="Text (heads-ffn): whose logits the recovery's soft-target loss matches (distill.alpha, "
-        "temperature and kl as in the distill stage). teacher: the teacher's answers the distill stage "
+        description="Text (heads-ffn): whose logits the recovery's soft-target loss matches (weighed by "
+        "prune.recover_alpha; temperature and kl as in the distill stage). teacher: the teacher's answers the distill stage "
         "used; unpruned: the model as it was before this prune stage removed anything (after any "
         "vocabulary trim), frozen, run on every batch: the pruned model learns to answer as the student "
         "it replaces; teacher+unpruned: the two as an ensemble, the mean of their distributions at "
         "distill.temperature.",
+    )
+    recover_alpha: float | None = Field(
+        None, ge=0, le=1,
+        description="Text (heads-ffn): the weight of every recovery's soft-target loss, 1 - it going to the hard "
+        "labels (and so of the loss prune.score_loss: recovery scores on). None: distill.alpha, the weight "
+        "the student was distilled with.",
     )
     recover_fresh_copies: int = Field(
         0, ge=0, le=20,
@@ -543,11 +549,11 @@ class PruneConfig(Section):
         description="Text (heads-ffn; taylor, fisher): the loss whose gradients score the heads and neurons. "
         "labels: the model's own cross-entropy on the hard labels; recovery: the loss the recovery trains "
         "with (soft targets from prune.recover_soft_targets at distill.temperature and hard labels, weighed "
-        "by distill.alpha), so a unit counts by how much the answers the recovery matches depend on it.",
+        "by prune.recover_alpha), so a unit counts by how much the answers the recovery matches depend on it.",
     )
     recover_epochs: float = Field(
         1.0, ge=0, description="Epochs of distillation from the teacher after each pruning round (0 = none); "
-        "uses the distill section's loss settings and learning rate.",
+        "uses the distill section's loss settings and learning rate (see recover_alpha and recover_lr).",
     )
     recover_ema_decay: float | None = Field(
         None, gt=0, lt=1,
@@ -595,6 +601,9 @@ class PruneConfig(Section):
         if self.recover_soft_targets != "teacher" and self.method != "heads-ffn":
             problems.append(f"prune.recover_soft_targets: '{self.recover_soft_targets}' is read by method "
                             "'heads-ffn' only")
+        if self.recover_alpha is not None and self.method != "heads-ffn":
+            problems.append(f"prune.recover_alpha: {self.recover_alpha} weighs the text recovery's soft targets, "
+                            "read by method 'heads-ffn' only: remove the key")
         if self.score_loss != "labels" and (self.method != "heads-ffn" or self.importance == "magnitude"):
             problems.append(f"prune.score_loss: '{self.score_loss}' is read by method 'heads-ffn' with importance "
                             "taylor or fisher only (magnitude takes no loss)")

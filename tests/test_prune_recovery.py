@@ -1,4 +1,5 @@
-"""The text prune stage's recovery: whose soft targets it matches (prune.recover_soft_targets)."""
+"""The text prune stage's recovery: whose soft targets it matches (prune.recover_soft_targets) and how
+much they weigh against the hard labels (prune.recover_alpha)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from edgekd.testing import tiny_recipe
 
 
 def _spy_recovery(monkeypatch):
-    """Record every recovery batch and the soft targets its loss was given, in order."""
+    """Record every recovery batch, the soft targets its loss was given and their weight, in order."""
     import edgekd.tasks.text.prune as text_prune
 
-    seen: list[tuple[dict, torch.Tensor]] = []
+    seen: list[tuple[dict, torch.Tensor, float]] = []
     real_train, real_loss = text_prune.train, text_prune.soft_hard_loss
     current: dict = {}
 
@@ -27,9 +28,9 @@ def _spy_recovery(monkeypatch):
 
         return real_train(model, data, tc, wrapped, *a, **kw)
 
-    def loss(student_logits, targets, labels, *a, **kw):
-        seen.append((current["batch"], targets.detach().float().clone()))
-        return real_loss(student_logits, targets, labels, *a, **kw)
+    def loss(student_logits, targets, labels, alpha, *a, **kw):
+        seen.append((current["batch"], targets.detach().float().clone(), alpha))
+        return real_loss(student_logits, targets, labels, alpha, *a, **kw)
 
     monkeypatch.setattr(text_prune, "train", train)
     monkeypatch.setattr(text_prune, "soft_hard_loss", loss)
@@ -37,21 +38,26 @@ def _spy_recovery(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["teacher", "unpruned", "teacher+unpruned"])
+@pytest.mark.parametrize(("source", "alpha"), [("teacher", None), ("unpruned", 0.8), ("teacher+unpruned", None)])
 def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_classifier_dir, tiny_csv, monkeypatch,
-                                                             source):
+                                                             source, alpha):
     from edgekd.pipeline import run_stages
     from edgekd.stages.base import load_stage_model
 
     seen = _spy_recovery(monkeypatch)
     recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
                                       prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5,
-                                             "recover_soft_targets": source}))
+                                             "recover_soft_targets": source, "recover_alpha": alpha}))
     ctx = run_stages(recipe, ["teacher", "distill", "prune"])
     assert seen, "the recovery never computed its loss"
+    # prune.recover_alpha weighs every recovery loss; unset, the distill stage's weight does
+    want_alpha = alpha if alpha is not None else recipe.distill.alpha
+    assert recipe.distill.alpha != 0.8  # the key's value and its default differ, so this reads the key
+    assert {a for _, _, a in seen} == {want_alpha}
+    assert ctx.run.stage_record("prune")["metrics"]["recover_alpha"] == want_alpha
     teacher_rows = torch.from_numpy(np.load(ctx.run.stage_dir("teacher") / "train_logits.npy")).float()
     unpruned = load_stage_model(ctx, "distill").eval()
-    for batch, targets in seen[:3]:
+    for batch, targets, _ in seen[:3]:
         from_teacher = teacher_rows[batch["index"]]
         with torch.no_grad():
             from_unpruned = unpruned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -69,6 +75,10 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
 
 
 def test_unpruned_soft_targets_are_refused_where_nothing_reads_them():
+    with pytest.raises(ValueError, match="prune.recover_alpha: 0.8 weighs the text recovery"):
+        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_alpha=0.8)
+    with pytest.raises(ValueError, match="recover_alpha"):
+        PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)
     with pytest.raises(ValueError, match="recover_soft_targets"):
         PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="unpruned")
     with pytest.raises(ValueError, match="'teacher\\+unpruned' is read by method 'heads-ffn' only"):
@@ -95,6 +105,8 @@ def test_the_default_leaves_the_fingerprint_of_earlier_runs_alone():
     from edgekd.stages.prune_common import prune_settings
 
     assert "recover_soft_targets" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
+    assert "recover_alpha" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_alpha=0.9))["recover_alpha"] == 0.9
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="unpruned"))[
         "recover_soft_targets"] == "unpruned"
 
@@ -265,7 +277,7 @@ def test_fresh_copies_are_new_texts_with_the_teachers_targets(tmp_path, tiny_cla
     rows = torch.from_numpy(targets.logits[-n_fresh:]).float()
     torch.testing.assert_close(rows, want, atol=1e-4, rtol=1e-4)
     checked = 0
-    for batch, got in seen:
+    for batch, got, _ in seen:
         for j, i in enumerate(batch["index"].tolist()):
             if i >= n_train + len(first_copies):
                 torch.testing.assert_close(got[j], want[i - n_train - len(first_copies)], atol=1e-4, rtol=1e-4)
