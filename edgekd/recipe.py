@@ -489,7 +489,7 @@ class PruneConfig(Section):
     )
     recover_alpha: float | None = Field(
         None, ge=0, le=1,
-        description="Text (heads-ffn): the weight of every recovery's soft-target loss, 1 - it going to the hard "
+        description="Text (every method): the weight of every recovery's soft-target loss, 1 - it going to the hard "
         "labels (and so of the loss prune.score_loss: recovery scores on). None: distill.alpha, the weight "
         "the student was distilled with.",
     )
@@ -601,9 +601,6 @@ class PruneConfig(Section):
         if self.recover_soft_targets != "teacher" and self.method != "heads-ffn":
             problems.append(f"prune.recover_soft_targets: '{self.recover_soft_targets}' is read by method "
                             "'heads-ffn' only")
-        if self.recover_alpha is not None and self.method != "heads-ffn":
-            problems.append(f"prune.recover_alpha: {self.recover_alpha} weighs the text recovery's soft targets, "
-                            "read by method 'heads-ffn' only: remove the key")
         if self.score_loss != "labels" and (self.method != "heads-ffn" or self.importance == "magnitude"):
             problems.append(f"prune.score_loss: '{self.score_loss}' is read by method 'heads-ffn' with importance "
                             "taylor or fisher only (magnitude takes no loss)")

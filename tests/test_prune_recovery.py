@@ -75,10 +75,8 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
 
 
 def test_unpruned_soft_targets_are_refused_where_nothing_reads_them():
-    with pytest.raises(ValueError, match="prune.recover_alpha: 0.8 weighs the text recovery"):
-        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_alpha=0.8)
     with pytest.raises(ValueError, match="recover_alpha"):
-        PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)
+        PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)  # a weight in [0, 1]
     with pytest.raises(ValueError, match="recover_soft_targets"):
         PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="unpruned")
     with pytest.raises(ValueError, match="'teacher\\+unpruned' is read by method 'heads-ffn' only"):
@@ -318,3 +316,12 @@ def test_a_black_box_teacher_or_a_detector_cannot_have_fresh_copies(tmp_path, ti
     assert get_family("detection").check_inputs(detection) == [
         "prune.recover_fresh_copies: perturbed copies of training texts are for text classification; a detector "
         "recovers on its own training images: set it to 0"]
+    # prune.recover_alpha: every text recovery reads it (unstructured too); a detector's does not
+    assert get_family("detection").check_inputs(detection.model_copy(update={"prune": detection.prune.model_copy(
+        update={"recover_fresh_copies": 0, "recover_alpha": 0.8})})) == [
+        "prune.recover_alpha: weighs a text recovery's soft targets against its labels; a detector recovers "
+        "with its own detection and distillation losses: remove the key"]
+    text = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                    prune={"enabled": True, "method": "unstructured", "sparsity": 0.5,
+                                           "recover_alpha": 0.8}))
+    assert not [p for p in get_family("text-classification").check_inputs(text) if "recover_alpha" in p]
