@@ -75,8 +75,6 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
 
 
 def test_unpruned_soft_targets_are_refused_where_nothing_reads_them():
-    with pytest.raises(ValueError, match="recover_alpha"):
-        PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)  # a weight in [0, 1]
     with pytest.raises(ValueError, match="recover_soft_targets"):
         PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="unpruned")
     with pytest.raises(ValueError, match="'teacher\\+unpruned' is read by method 'heads-ffn' only"):
@@ -316,9 +314,18 @@ def test_a_black_box_teacher_or_a_detector_cannot_have_fresh_copies(tmp_path, ti
     assert get_family("detection").check_inputs(detection) == [
         "prune.recover_fresh_copies: perturbed copies of training texts are for text classification; a detector "
         "recovers on its own training images: set it to 0"]
-    # prune.recover_alpha: every text recovery reads it (unstructured too); a detector's does not
-    assert get_family("detection").check_inputs(detection.model_copy(update={"prune": detection.prune.model_copy(
-        update={"recover_fresh_copies": 0, "recover_alpha": 0.8})})) == [
+
+
+def test_recover_alpha_is_a_weight_refused_only_where_no_recovery_reads_it(tmp_path, tiny_classifier_dir, tiny_csv):
+    from edgekd.tasks import get_family
+
+    with pytest.raises(ValueError, match="recover_alpha"):
+        PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)  # a weight in [0, 1]
+    # every text recovery reads it (unstructured too); a detector's does not
+    detection = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                              "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
+                                        "recover_epochs": 1, "recover_alpha": 0.8}})
+    assert get_family("detection").check_inputs(detection) == [
         "prune.recover_alpha: weighs a text recovery's soft targets against its labels; a detector recovers "
         "with its own detection and distillation losses: remove the key"]
     text = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
