@@ -301,6 +301,13 @@ def test_fresh_copies_are_refused_where_no_one_teacher_can_label_them(tmp_path, 
         "recover_fresh_copies"] == 2
 
 
+def _detector_recipe(tmp_path, **prune):
+    """A detection recipe pruning channels with one recovery epoch, plus ``prune``'s keys."""
+    return parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                         "prune": {"enabled": True, "method": "channels", "keep_params": 0.5, "recover_epochs": 1,
+                                   **prune}})
+
+
 def test_a_black_box_teacher_or_a_detector_cannot_have_fresh_copies(tmp_path, tiny_classifier_dir, tiny_csv):
     from edgekd.tasks import get_family
 
@@ -308,9 +315,7 @@ def test_a_black_box_teacher_or_a_detector_cannot_have_fresh_copies(tmp_path, ti
                       prune={"enabled": True, "keep_params": 0.6, "recover_fresh_copies": 1})
     problems = get_family("text-classification").check_inputs(parse_recipe(raw))
     assert any(p.startswith("prune.recover_fresh_copies") and "a black-box teacher" in p for p in problems)
-    detection = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
-                              "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
-                                        "recover_epochs": 1, "recover_fresh_copies": 1}})
+    detection = _detector_recipe(tmp_path, recover_fresh_copies=1)
     assert get_family("detection").check_inputs(detection) == [
         "prune.recover_fresh_copies: perturbed copies of training texts are for text classification; a detector "
         "recovers on its own training images: set it to 0"]
@@ -322,9 +327,7 @@ def test_recover_alpha_is_a_weight_refused_only_where_no_recovery_reads_it(tmp_p
     with pytest.raises(ValueError, match="recover_alpha"):
         PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)  # a weight in [0, 1]
     # every text recovery reads it (unstructured too); a detector's does not
-    detection = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
-                              "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
-                                        "recover_epochs": 1, "recover_alpha": 0.8}})
+    detection = _detector_recipe(tmp_path, recover_alpha=0.8)
     assert get_family("detection").check_inputs(detection) == [
         "prune.recover_alpha: weighs a text recovery's soft targets against its labels; a detector recovers "
         "with its own detection and distillation losses: remove the key"]
