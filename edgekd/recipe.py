@@ -474,13 +474,13 @@ class PruneConfig(Section):
     )
     recover_hidden_weight: float = Field(
         0.0, ge=0,
-        description="Recovery: weight of a hidden-state loss (distill.hidden_loss) between every layer of the "
-        "pruned model and the same layer of the unpruned model, added to the teacher's soft-target loss "
-        "(heads-ffn: the hidden width does not change, so no projection is needed). 0 = logits only.",
+        description="Text recovery: weight of a hidden-state loss (distill.hidden_loss) between every layer of "
+        "the pruned model and the same layer of the unpruned model, added to the soft-target loss (methods "
+        "heads-ffn and unstructured keep the hidden width, so no projection is needed). 0 = logits only.",
     )
     recover_soft_targets: Literal["teacher", "unpruned", "teacher+unpruned"] = Field(
         "teacher",
-        description="Text (heads-ffn): whose logits the recovery's soft-target loss matches (weighed by "
+        description="Text (every method): whose logits the recovery's soft-target loss matches (weighed by "
         "prune.recover_alpha; temperature and kl as in the distill stage). teacher: the teacher's answers the distill stage "
         "used; unpruned: the model as it was before this prune stage removed anything (after any "
         "vocabulary trim), frozen, run on every batch: the pruned model learns to answer as the student "
@@ -598,9 +598,6 @@ class PruneConfig(Section):
         if self.final_recover_epochs > 0 and not search:
             problems.append("prune.final_recover_epochs follows a search: set prune.target_latency_ms or "
                             "prune.max_accuracy_drop, or raise prune.recover_epochs instead")
-        if self.recover_soft_targets != "teacher" and self.method != "heads-ffn":
-            problems.append(f"prune.recover_soft_targets: '{self.recover_soft_targets}' is read by method "
-                            "'heads-ffn' only")
         if self.score_loss != "labels" and (self.method != "heads-ffn" or self.importance == "magnitude"):
             problems.append(f"prune.score_loss: '{self.score_loss}' is read by method 'heads-ffn' with importance "
                             "taylor or fisher only (magnitude takes no loss)")
@@ -619,9 +616,10 @@ class PruneConfig(Section):
             if self.recover_hidden_weight > 0:
                 problems.append("prune.recover_hidden_weight matches the pruned model's hidden states with the "
                                 "unpruned model's, which prune.hidden_size makes narrower: use one or the other")
-        if self.recover_hidden_weight > 0 and self.method != "heads-ffn":
-            problems.append("prune.recover_hidden_weight matches hidden states, which only method 'heads-ffn' "
-                            "leaves the same width")
+        if self.recover_hidden_weight > 0 and self.method == "channels":
+            problems.append("prune.recover_hidden_weight matches each layer's hidden states with the unpruned "
+                            "model's, whose width method 'channels' changes: drop it, or prune with 'heads-ffn' "
+                            "or 'unstructured', which keep the width")
         vocab_keys = [k for k in ("vocab_min_count", "vocab_keep_chars", "vocab_keep_first")
                       if getattr(self, k) != type(self).model_fields[k].default]
         if vocab_keys and not self.trim_vocab:

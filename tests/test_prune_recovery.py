@@ -38,18 +38,37 @@ def _spy_recovery(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("source", "alpha"), [("teacher", None), ("unpruned", 0.8), ("teacher+unpruned", None)])
+@pytest.mark.parametrize(("source", "alpha", "method"), [
+    ("teacher", None, "heads-ffn"), ("unpruned", 0.8, "heads-ffn"), ("teacher+unpruned", None, "heads-ffn"),
+    ("unpruned", None, "unstructured"),  # with hidden-state matching: every text recovery reads both keys
+])
 def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_classifier_dir, tiny_csv, monkeypatch,
-                                                             source, alpha):
+                                                             source, alpha, method):
+    import edgekd.tasks.text.prune as text_prune
     from edgekd.pipeline import run_stages
     from edgekd.stages.base import load_stage_model
 
     seen = _spy_recovery(monkeypatch)
+    hidden_calls = []
+    real_hidden = text_prune.hidden_state_loss
+
+    def hidden_loss(student, target, *a, **kw):
+        hidden_calls.append((student.shape, target.shape))
+        return real_hidden(student, target, *a, **kw)
+
+    monkeypatch.setattr(text_prune, "hidden_state_loss", hidden_loss)
+    target = {"sparsity": 0.5, "recover_hidden_weight": 1.0} if method == "unstructured" else {"keep_params": 0.6}
     recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
-                                      prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5,
+                                      prune={"enabled": True, "method": method, **target, "recover_epochs": 0.5,
                                              "recover_soft_targets": source, "recover_alpha": alpha}))
     ctx = run_stages(recipe, ["teacher", "distill", "prune"])
     assert seen, "the recovery never computed its loss"
+    # every layer of the student matched against the unpruned model's, on every recovery batch
+    layers = load_stage_model(ctx, "distill").config.num_hidden_layers
+    assert len(hidden_calls) == (layers * len(seen) if method == "unstructured" else 0)
+    assert all(s == t for s, t in hidden_calls)
+    if method == "unstructured":
+        assert ctx.run.stage_record("prune")["metrics"]["sparsity"] >= 0.5 - 1e-3
     # prune.recover_alpha weighs every recovery loss; unset, the distill stage's weight does
     want_alpha = alpha if alpha is not None else recipe.distill.alpha
     assert recipe.distill.alpha != 0.8  # the key's value and its default differ, so this reads the key
@@ -74,13 +93,37 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
     assert ctx.run.stage_record("prune")["metrics"]["recover_soft_targets"] == source
 
 
-def test_unpruned_soft_targets_are_refused_where_nothing_reads_them():
-    with pytest.raises(ValueError, match="recover_soft_targets"):
-        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="unpruned")
-    with pytest.raises(ValueError, match="'teacher\\+unpruned' is read by method 'heads-ffn' only"):
-        PruneConfig(enabled=True, method="channels", keep_params=0.5, recover_soft_targets="teacher+unpruned")
+def test_unpruned_soft_targets_are_refused_where_nothing_reads_them(tmp_path, tiny_classifier_dir, tiny_csv):
+    from edgekd.tasks import get_family
+
     with pytest.raises(ValueError, match="recover_soft_targets"):
         PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="student")  # not a choice
+    # every text recovery reads them, unstructured too (the test above); a detector's does not
+    for source in ("unpruned", "teacher+unpruned"):
+        assert get_family("detection").check_inputs(_detector_recipe(tmp_path, recover_soft_targets=source)) == [
+            f"prune.recover_soft_targets: '{source}' chooses a text recovery's soft targets; a detector recovers "
+            "against its teacher: remove the key"]
+        text = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                        prune={"enabled": True, "method": "unstructured", "sparsity": 0.5,
+                                               "recover_soft_targets": source, "recover_hidden_weight": 1.0}))
+        assert get_family("text-classification").check_inputs(text) == []
+
+
+def test_each_family_refuses_the_pruning_method_of_the_other(tmp_path, tiny_classifier_dir, tiny_csv):
+    """Before any stage trains: the prune stage would otherwise fail after the teacher and the student."""
+    from edgekd.tasks import get_family
+
+    text = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
+                                    prune={"enabled": True, "method": "channels", "keep_params": 0.5}))
+    assert get_family("text-classification").check_inputs(text) == [
+        "prune.method: 'channels' removes a CNN's conv channels; a text encoder is pruned with 'heads-ffn' "
+        "(attention heads and FFN neurons) or 'unstructured' (the smallest weights)"]
+    for method, target in (("heads-ffn", {"keep_params": 0.5}), ("unstructured", {"sparsity": 0.5})):
+        detection = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                                  "prune": {"enabled": True, "method": method, **target}})
+        assert get_family("detection").check_inputs(detection) == [
+            f"prune.method: '{method}' prunes a transformer encoder; a detector is pruned with 'channels'"]
+    assert get_family("detection").check_inputs(_detector_recipe(tmp_path)) == []
 
 
 def test_ensemble_logits_soften_to_the_mean_of_the_models_distributions():

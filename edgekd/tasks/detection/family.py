@@ -61,6 +61,12 @@ class Detection:
         if recipe.prune.recover_fresh_copies:
             problems.append("prune.recover_fresh_copies: perturbed copies of training texts are for text "
                             "classification; a detector recovers on its own training images: set it to 0")
+        if recipe.prune.enabled and recipe.prune.method != "channels":
+            problems.append(f"prune.method: '{recipe.prune.method}' prunes a transformer encoder; a detector is "
+                            "pruned with 'channels'")
+        if recipe.prune.recover_soft_targets != "teacher":
+            problems.append(f"prune.recover_soft_targets: '{recipe.prune.recover_soft_targets}' chooses a text "
+                            "recovery's soft targets; a detector recovers against its teacher: remove the key")
         if recipe.prune.recover_alpha is not None:
             problems.append("prune.recover_alpha: weighs a text recovery's soft targets against its labels; a "
                             "detector recovers with its own detection and distillation losses: remove the key")

@@ -136,8 +136,17 @@ def _check_fresh_copies(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _check_prune_method(recipe: Recipe) -> list[str]:
+    """Method 'channels' traces a CNN; a text encoder's prune stage would fail on it after training."""
+    p = recipe.prune
+    if p.enabled and p.method == "channels":
+        return ["prune.method: 'channels' removes a CNN's conv channels; a text encoder is pruned with "
+                "'heads-ffn' (attention heads and FFN neurons) or 'unstructured' (the smallest weights)"]
+    return []
+
+
 def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with the data files, unlabelled texts and local teacher exports ``recipe``
-    names, each starting with its recipe key; [] when none."""
+    names, and with settings a text encoder cannot take, each starting with its recipe key; [] when none."""
     return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_teacher_paths(recipe)
-            + _check_hidden_size(recipe) + _check_fresh_copies(recipe))
+            + _check_prune_method(recipe) + _check_hidden_size(recipe) + _check_fresh_copies(recipe))
