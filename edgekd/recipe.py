@@ -481,17 +481,22 @@ class PruneConfig(Section):
     recover_soft_targets: Literal["teacher", "unpruned", "teacher+unpruned"] = Field(
         "teacher",
         description="Text (every method): whose logits the recovery's soft-target loss matches (weighed by "
-        "prune.recover_alpha; temperature and kl as in the distill stage). teacher: the teacher's answers the distill stage "
+        "prune.recover_alpha, at prune.recover_temperature; kl as in the distill stage). teacher: the teacher's answers the distill stage "
         "used; unpruned: the model as it was before this prune stage removed anything (after any "
         "vocabulary trim), frozen, run on every batch: the pruned model learns to answer as the student "
         "it replaces; teacher+unpruned: the two as an ensemble, the mean of their distributions at "
-        "distill.temperature.",
+        "that temperature.",
     )
     recover_alpha: float | None = Field(
         None, ge=0, le=1,
         description="Text (every method): the weight of every recovery's soft-target loss, 1 - it going to the hard "
         "labels (and so of the loss prune.score_loss: recovery scores on). None: distill.alpha, the weight "
         "the student was distilled with.",
+    )
+    recover_temperature: float | None = Field(
+        None, gt=0,
+        description="Text (every method): the temperature of every recovery's soft-target loss (and of the "
+        "teacher+unpruned ensemble). None: distill.temperature, the one the student was distilled at.",
     )
     recover_fresh_copies: int = Field(
         0, ge=0, le=20,
@@ -548,7 +553,7 @@ class PruneConfig(Section):
         "labels",
         description="Text (heads-ffn; taylor, fisher): the loss whose gradients score the heads and neurons. "
         "labels: the model's own cross-entropy on the hard labels; recovery: the loss the recovery trains "
-        "with (soft targets from prune.recover_soft_targets at distill.temperature and hard labels, weighed "
+        "with (soft targets from prune.recover_soft_targets at prune.recover_temperature and hard labels, weighed "
         "by prune.recover_alpha), so a unit counts by how much the answers the recovery matches depend on it.",
     )
     recover_epochs: float = Field(

@@ -1,5 +1,6 @@
-"""The text prune stage's recovery: whose soft targets it matches (prune.recover_soft_targets) and how
-much they weigh against the hard labels (prune.recover_alpha)."""
+"""The text prune stage's recovery: whose soft targets it matches (prune.recover_soft_targets), how
+much they weigh against the hard labels (prune.recover_alpha) and at what temperature
+(prune.recover_temperature)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from edgekd.testing import tiny_recipe
 
 
 def _spy_recovery(monkeypatch):
-    """Record every recovery batch, the soft targets its loss was given and their weight, in order."""
+    """Record every recovery batch, the soft targets its loss was given, their weight and temperature, in order."""
     import edgekd.tasks.text.prune as text_prune
 
-    seen: list[tuple[dict, torch.Tensor, float]] = []
+    seen: list[tuple[dict, torch.Tensor, float, float]] = []
     real_train, real_loss = text_prune.train, text_prune.soft_hard_loss
     current: dict = {}
 
@@ -28,9 +29,9 @@ def _spy_recovery(monkeypatch):
 
         return real_train(model, data, tc, wrapped, *a, **kw)
 
-    def loss(student_logits, targets, labels, alpha, *a, **kw):
-        seen.append((current["batch"], targets.detach().float().clone(), alpha))
-        return real_loss(student_logits, targets, labels, alpha, *a, **kw)
+    def loss(student_logits, targets, labels, alpha, temperature, *a, **kw):
+        seen.append((current["batch"], targets.detach().float().clone(), alpha, temperature))
+        return real_loss(student_logits, targets, labels, alpha, temperature, *a, **kw)
 
     monkeypatch.setattr(text_prune, "train", train)
     monkeypatch.setattr(text_prune, "soft_hard_loss", loss)
@@ -38,12 +39,13 @@ def _spy_recovery(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("source", "alpha", "method"), [
-    ("teacher", None, "heads-ffn"), ("unpruned", 0.8, "heads-ffn"), ("teacher+unpruned", None, "heads-ffn"),
-    ("unpruned", None, "unstructured"),  # with hidden-state matching: every text recovery reads both keys
+@pytest.mark.parametrize(("source", "alpha", "temperature", "method"), [
+    ("teacher", None, None, "heads-ffn"), ("unpruned", 0.8, None, "heads-ffn"),
+    ("teacher+unpruned", None, 4.0, "heads-ffn"),  # the ensemble too is taken at the recovery's temperature
+    ("unpruned", None, 1.0, "unstructured"),  # with hidden-state matching: every text recovery reads the keys
 ])
 def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_classifier_dir, tiny_csv, monkeypatch,
-                                                             source, alpha, method):
+                                                             source, alpha, temperature, method):
     import edgekd.tasks.text.prune as text_prune
     from edgekd.pipeline import run_stages
     from edgekd.stages.base import load_stage_model
@@ -57,10 +59,19 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
         return real_hidden(student, target, *a, **kw)
 
     monkeypatch.setattr(text_prune, "hidden_state_loss", hidden_loss)
+    ensemble_temperatures = []
+    real_ensemble = text_prune.ensemble_logits
+
+    def ensemble(sources, t):
+        ensemble_temperatures.append(t)
+        return real_ensemble(sources, t)
+
+    monkeypatch.setattr(text_prune, "ensemble_logits", ensemble)
     target = {"sparsity": 0.5, "recover_hidden_weight": 1.0} if method == "unstructured" else {"keep_params": 0.6}
     recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
                                       prune={"enabled": True, "method": method, **target, "recover_epochs": 0.5,
-                                             "recover_soft_targets": source, "recover_alpha": alpha}))
+                                             "recover_soft_targets": source, "recover_alpha": alpha,
+                                             "recover_temperature": temperature}))
     ctx = run_stages(recipe, ["teacher", "distill", "prune"])
     assert seen, "the recovery never computed its loss"
     # every layer of the student matched against the unpruned model's, on every recovery batch
@@ -72,16 +83,22 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
     # prune.recover_alpha weighs every recovery loss; unset, the distill stage's weight does
     want_alpha = alpha if alpha is not None else recipe.distill.alpha
     assert recipe.distill.alpha != 0.8  # the key's value and its default differ, so this reads the key
-    assert {a for _, _, a in seen} == {want_alpha}
+    assert {a for _, _, a, _ in seen} == {want_alpha}
     assert ctx.run.stage_record("prune")["metrics"]["recover_alpha"] == want_alpha
+    # and prune.recover_temperature softens them; unset, the distill stage's temperature does
+    want_t = temperature if temperature is not None else recipe.distill.temperature
+    assert recipe.distill.temperature not in (1.0, 4.0)
+    assert {t for _, _, _, t in seen} == {want_t}
+    assert set(ensemble_temperatures) == ({want_t} if source == "teacher+unpruned" else set())
+    assert ctx.run.stage_record("prune")["metrics"]["recover_temperature"] == want_t
     teacher_rows = torch.from_numpy(np.load(ctx.run.stage_dir("teacher") / "train_logits.npy")).float()
     unpruned = load_stage_model(ctx, "distill").eval()
-    for batch, targets, _ in seen[:3]:
+    for batch, targets, _, _ in seen[:3]:
         from_teacher = teacher_rows[batch["index"]]
         with torch.no_grad():
             from_unpruned = unpruned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # the ensemble by hand: the mean of the two softmaxes at the distillation temperature
-        t = recipe.distill.temperature
+        # the ensemble by hand: the mean of the two softmaxes at the recovery's temperature
+        t = want_t
         mean = (torch.softmax(from_teacher.float() / t, -1) + torch.softmax(from_unpruned.float() / t, -1)) / 2
         candidates = {"teacher": from_teacher.float(), "unpruned": from_unpruned.float(),
                       "teacher+unpruned": t * torch.log(mean)}
@@ -89,7 +106,7 @@ def test_recovery_matches_the_soft_targets_the_recipe_names(tmp_path, tiny_class
                                    atol=1e-5, rtol=1e-5)
         for name, other in candidates.items():  # the sources differ: the key was read
             if name != source:
-                assert not torch.allclose(torch.softmax(targets / t, -1), torch.softmax(other / t, -1), atol=1e-3)
+                assert not torch.allclose(torch.log_softmax(targets, -1), torch.log_softmax(other, -1), atol=1e-3)
     assert ctx.run.stage_record("prune")["metrics"]["recover_soft_targets"] == source
 
 
@@ -145,6 +162,9 @@ def test_the_default_leaves_the_fingerprint_of_earlier_runs_alone():
 
     assert "recover_soft_targets" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
     assert "recover_alpha" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
+    assert "recover_temperature" not in prune_settings(PruneConfig(enabled=True, keep_params=0.5))
+    assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_temperature=4.0))[
+        "recover_temperature"] == 4.0
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_alpha=0.9))["recover_alpha"] == 0.9
     assert prune_settings(PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="unpruned"))[
         "recover_soft_targets"] == "unpruned"
@@ -316,7 +336,7 @@ def test_fresh_copies_are_new_texts_with_the_teachers_targets(tmp_path, tiny_cla
     rows = torch.from_numpy(targets.logits[-n_fresh:]).float()
     torch.testing.assert_close(rows, want, atol=1e-4, rtol=1e-4)
     checked = 0
-    for batch, got, _ in seen:
+    for batch, got, _, _ in seen:
         for j, i in enumerate(batch["index"].tolist()):
             if i >= n_train + len(first_copies):
                 torch.testing.assert_close(got[j], want[i - n_train - len(first_copies)], atol=1e-4, rtol=1e-4)
@@ -369,6 +389,11 @@ def test_recover_alpha_is_a_weight_refused_only_where_no_recovery_reads_it(tmp_p
 
     with pytest.raises(ValueError, match="recover_alpha"):
         PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)  # a weight in [0, 1]
+    with pytest.raises(ValueError, match="recover_temperature"):
+        PruneConfig(enabled=True, keep_params=0.5, recover_temperature=0)  # a temperature above 0
+    assert get_family("detection").check_inputs(_detector_recipe(tmp_path, recover_temperature=4.0)) == [
+        "prune.recover_temperature: softens a text recovery's soft targets; a detector recovers with its own "
+        "detection and distillation losses (at distill.temperature): remove the key"]
     # every text recovery reads it (unstructured too); a detector's does not
     detection = _detector_recipe(tmp_path, recover_alpha=0.8)
     assert get_family("detection").check_inputs(detection) == [

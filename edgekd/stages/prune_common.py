@@ -23,7 +23,7 @@ def prune_settings(cfg) -> dict[str, Any]:
     for key in ("max_accuracy_drop", "recover_hidden_weight", "final_recover_epochs", "trim_vocab",
                 "vocab_min_count", "vocab_keep_chars", "vocab_keep_first", "quant_aware", "quant_aware_ranges",
                 "recover_soft_targets", "recover_ema_decay", "recover_lr", "recover_soup", "score_loss",
-                "hidden_size", "recover_fresh_copies", "recover_alpha"):
+                "hidden_size", "recover_fresh_copies", "recover_alpha", "recover_temperature"):
         if d[key] == PruneConfig.model_fields[key].default:
             del d[key]
     if d["steps"] is None and cfg.target_latency_ms is None and cfg.max_accuracy_drop is None:

@@ -70,6 +70,9 @@ class Detection:
         if recipe.prune.recover_alpha is not None:
             problems.append("prune.recover_alpha: weighs a text recovery's soft targets against its labels; a "
                             "detector recovers with its own detection and distillation losses: remove the key")
+        if recipe.prune.recover_temperature is not None:
+            problems.append("prune.recover_temperature: softens a text recovery's soft targets; a detector recovers "
+                            "with its own detection and distillation losses (at distill.temperature): remove the key")
         if recipe.quantize.embedding_bits == 4:
             problems.append("quantize.embedding_bits: 4 shrinks the embedding tables of a text encoder; a "
                             "detector has none: set it to 8")

@@ -170,6 +170,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     reference = copy.deepcopy(model).eval().requires_grad_(False) if hidden or from_unpruned else None
     d = r.distill
     alpha = cfg.recover_alpha if cfg.recover_alpha is not None else d.alpha
+    temperature = cfg.recover_temperature if cfg.recover_temperature is not None else d.temperature
 
     def evaluate(m) -> dict[str, float]:
         return task.metrics({"logits": predict(m, val_data, r.eval.batch_size, "prune: validation")},
@@ -190,8 +191,8 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
             sources.append(teacher_logits[batch["index"].cpu()].to(out.logits.device))
         if from_unpruned:
             sources.append(ref_out.logits.float())
-        t = sources[0] if len(sources) == 1 else ensemble_logits(sources, d.temperature)
-        loss, logs = soft_hard_loss(out.logits, t, batch["labels"], alpha, d.temperature, d.kl)
+        t = sources[0] if len(sources) == 1 else ensemble_logits(sources, temperature)
+        loss, logs = soft_hard_loss(out.logits, t, batch["labels"], alpha, temperature, d.kl)
         if hidden:
             # Every layer's output (index 0 is the shared embedding output, left out).
             pairs = list(zip(out.hidden_states[1:], ref_out.hidden_states[1:], strict=True))
@@ -242,6 +243,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     model, metrics = prune_model(model, cfg, pctx)
     metrics["recover_soft_targets"] = cfg.recover_soft_targets
     metrics["recover_alpha"] = alpha
+    metrics["recover_temperature"] = temperature
     if cfg.quant_aware:
         metrics["quant_aware"] = {"int8": "dynamic", **_int8_rounding(r)}
     metrics["recover_examples"] = len(train_data)
