@@ -407,8 +407,8 @@ class PruneConfig(Section):
         "heads-ffn",
         description="heads-ffn: remove attention heads and FFN neurons of a transformer encoder (physically "
         "smaller and faster); channels: remove conv/linear channels of a CNN through torch-pruning's "
-        "dependency graph; unstructured: zero the smallest weights globally (a smaller compressed file, "
-        "not a faster dense model).",
+        "dependency graph; unstructured: zero the smallest weights by magnitude, per layer or across "
+        "layers as prune.scope says (a smaller compressed file, not a faster dense model).",
     )
     importance: Literal["taylor", "fisher", "magnitude"] = Field(
         "taylor",
@@ -416,7 +416,7 @@ class PruneConfig(Section):
         "(Michel et al. 2019); fisher (heads-ffn): the same masks' gradient taken for each text alone, "
         "squared and summed over the texts (the empirical Fisher, Kwon et al. 2022), so texts that pull a "
         "unit opposite ways do not cancel; magnitude: L2 norm of the weights that belong to each "
-        "head/neuron/channel.",
+        "head/neuron/channel. Method unstructured ranks single weights by their magnitude whatever this says.",
     )
     scope: Literal["per_layer", "global"] = Field(
         "per_layer",
@@ -424,7 +424,8 @@ class PruneConfig(Section):
         "reloads with plain from_pretrained); global: rank across layers (scores normalised per layer), "
         "so layers end up with different widths (reload with edgekd.pruning.load_pruned_model). Families "
         "whose layers share per-head weights (MPNet's relative-position bias) lose the same heads in every "
-        "layer, ranked by importance summed over layers, whichever scope.",
+        "layer, ranked by importance summed over layers, whichever scope. Method unstructured: per_layer "
+        "zeroes the same share of every layer's weights, global ranks all of them together.",
     )
     prune_heads: bool = Field(True, description="heads-ffn: remove attention heads.")
     prune_neurons: bool = Field(True, description="heads-ffn: remove FFN neurons.")

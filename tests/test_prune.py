@@ -347,6 +347,39 @@ def test_unstructured_reaches_sparsity_and_shrinks_the_compressed_file(model):
     assert [s["sparsity"] for s in m["steps"]][0] == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_unstructured_zeroes_the_smallest_weights_in_the_scope_asked_for(model, scope):
+    from edgekd.pruning.unstructured import _targets
+
+    first, name = _targets(model)[0]
+    with torch.no_grad():
+        getattr(first, name).mul_(10)  # one layer of large weights: only a per-layer share reaches into it
+    before = {id(m): getattr(m, n).detach().abs().clone() for m, n in _targets(model)}
+    pruned, m = prune_model(model, cfg(method="unstructured", sparsity=0.5, scope=scope, steps=2), PruneContext())
+    assert (m["importance"], m["scope"]) == ("magnitude", scope)  # what ranked the weights, recorded truly
+    layers = [(before[id(mod)], getattr(mod, n).detach()) for mod, n in _targets(pruned)]
+    shares = [float((w == 0).float().mean()) for _, w in layers]
+    if scope == "per_layer":  # every layer loses its own half, its smallest weights
+        assert all(s == pytest.approx(0.5, abs=0.02) for s in shares)
+        for w0, w in layers:
+            assert float(w0[w == 0].max()) <= float(w0[w != 0].min())
+    else:  # one ranking over all layers: no zeroed weight was larger than a kept one anywhere
+        assert shares[0] < 0.1
+        zeroed = torch.cat([w0[w == 0] for w0, w in layers])
+        kept = torch.cat([w0[w != 0] for w0, w in layers])
+        assert float(zeroed.max()) <= float(kept.min())
+    assert weight_sparsity(pruned) >= 0.5
+
+
+def test_an_unstructured_folder_pruned_before_the_scope_was_read_is_pruned_again():
+    """Its fingerprint changes with the method's reading of prune.scope; heads-ffn's stays as it was."""
+    from edgekd.stages.prune_common import prune_settings
+
+    d = prune_settings(cfg(method="unstructured", sparsity=0.5))
+    assert d["unstructured_reads_scope"] is True and d["scope"] == "per_layer"
+    assert "unstructured_reads_scope" not in prune_settings(cfg(keep_params=0.5))
+
+
 def test_unstructured_zeros_survive_recovery_training(model):
     batch = make_batches(1)[0]
 

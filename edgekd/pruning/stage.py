@@ -83,7 +83,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
                 f"the prunable parameters. Raise keep_params or lower the floors."
             )
     metrics: dict[str, Any] = {
-        "method": cfg.method, "importance": cfg.importance, "scope": cfg.scope,
+        "method": cfg.method, "importance": getattr(method, "importance", cfg.importance), "scope": cfg.scope,
         "params_before": count_params(model), "prunable_params_before": prunable0,
         "before": method.describe(model), "steps": [],
     }

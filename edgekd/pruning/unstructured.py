@@ -1,4 +1,7 @@
-"""Method ``unstructured``: zero the smallest weights across every Linear/Conv layer at once.
+"""Method ``unstructured``: zero the smallest weights (L1 magnitude) of every Linear/Conv layer.
+
+``prune.scope`` per_layer (the default) takes the same share of every layer's weights; global ranks
+every layer's weights together, so layers end with different sparsities.
 
 Weight shapes do not change, so a dense runtime (ONNX Runtime, PyTorch) runs exactly as fast as
 before; what shrinks is the compressed file, which the metrics measure with gzip. Masks stay in
@@ -28,6 +31,12 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
 
 
+def _masked(m: nn.Module, name: str) -> int:
+    """Weights of ``m.name`` already masked by an earlier step."""
+    mask = getattr(m, name + "_mask", None)
+    return int((mask == 0).sum()) if mask is not None else 0
+
+
 def weight_sparsity(model: nn.Module) -> float:
     """Share of exactly-zero entries over every Linear/Conv weight (masks applied)."""
     zeros = total = 0
@@ -54,6 +63,8 @@ def gzip_bytes(model: nn.Module) -> int:
 
 @register("unstructured")
 class Unstructured:
+    importance = "magnitude"  # what ranks the weights, whatever prune.importance says (recorded in the metrics)
+
     def __init__(self, model: nn.Module, cfg: PruneConfig, ctx: PruneContext):
         if not _targets(model):
             raise StageError(f"{type(model).__name__} has no Linear or Conv layer to prune")
@@ -72,12 +83,21 @@ class Unstructured:
         if goal.sparsity is None:
             raise StageError("unstructured pruning steps towards prune.sparsity")
         targets = _targets(model)
-        total = sum(getattr(m, n).numel() for m, n in targets)
-        masked = sum(int((getattr(m, n + "_mask") == 0).sum()) for m, n in targets if hasattr(m, n + "_mask"))
         # An integer amount counts weights among those not yet masked, as PruningContainer applies it.
-        amount = max(0, math.ceil(goal.sparsity * total) - masked)
-        if amount:
-            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+        if self.cfg.scope == "global":
+            # one ranking over every layer's weights: layers end with different sparsities
+            amount = max(0, math.ceil(goal.sparsity * sum(getattr(m, n).numel() for m, n in targets))
+                         - sum(_masked(m, n) for m, n in targets))
+            if amount:
+                prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+        else:
+            # per_layer: each layer loses the same share of its own weights, its smallest first
+            amount = 0
+            for m, n in targets:
+                k = max(0, math.ceil(goal.sparsity * getattr(m, n).numel()) - _masked(m, n))
+                if k:
+                    prune.l1_unstructured(m, n, amount=k)
+                    amount += k
         return model, {"removed": amount, "sparsity": round(weight_sparsity(model), 6)}
 
     def finish(self, model: nn.Module) -> nn.Module:

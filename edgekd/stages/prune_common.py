@@ -28,6 +28,10 @@ def prune_settings(cfg) -> dict[str, Any]:
             del d[key]
     if d["steps"] is None and cfg.target_latency_ms is None and cfg.max_accuracy_drop is None:
         d["steps"] = 1
+    if d["method"] == "unstructured":
+        # Method unstructured ranked every layer together whatever prune.scope said until it read the
+        # key; a folder pruned then is not the pruning its recorded scope now asks for.
+        d["unstructured_reads_scope"] = True
     return d
 
 
