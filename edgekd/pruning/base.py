@@ -57,7 +57,8 @@ class StepGoal:
 
 class PruneMethod(Protocol):
     """One pruning method. Constructed once per ``prune_model`` call, on the unpruned model, so it
-    can remember floors (what every layer must keep)."""
+    can remember floors (what every layer must keep). A method that ranks by one measure whatever
+    ``prune.importance`` says names it in a class attribute ``importance``, which the metrics record."""
 
     def __init__(self, model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> None: ...
 
