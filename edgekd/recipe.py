@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -713,6 +714,12 @@ class QuantizeCandidate(Section):
     smooth_alpha: float | None = Field(None, gt=0, le=1, description="As quantize.smooth_alpha.")
 
 
+# Validation context of one setup derived from a quantize section (the section with one candidate
+# applied): it inherits the section's keys, read or not by its own method, so only the section is
+# checked for keys that no setup reads.
+SETUP_OF_SECTION = "quantize_setup_of_section"
+
+
 class QuantizeConfig(Section):
     """Post-training quantization of the exported model, guarded by accuracy and speed checks.
 
@@ -819,7 +826,7 @@ class QuantizeConfig(Section):
     palette_bits: int = Field(6, ge=1, le=8, description="Core ML palettization: bits per weight (2^bits clusters).")
 
     @model_validator(mode="after")
-    def _embedding_bits(self) -> QuantizeConfig:
+    def _embedding_bits(self, info: ValidationInfo) -> QuantizeConfig:
         problems = []
         if self.embedding_block_size & (self.embedding_block_size - 1):
             problems.append(f"quantize.embedding_block_size must be a power of 2 (16, 32, 64, ...), not "
@@ -844,9 +851,48 @@ class QuantizeConfig(Section):
         if self.smooth_alpha is not None and self.method == "fp16":
             problems.append("quantize.smooth_alpha narrows the activation ranges of int8 rounding; fp16 has none to "
                             "narrow: drop smooth_alpha or pick an int8 method (dynamic or static)")
+        if not (info.context or {}).get(SETUP_OF_SECTION):
+            problems += self._unread_keys()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _unread_keys(self) -> list[str]:
+        """Keys set away from their defaults that no setup would read (the section's own, and each
+        candidate, which takes the section's value for what it leaves unset): an error, not a setting
+        accepted and ignored."""
+        setups = [self, *(self.model_copy(update=c.model_dump(exclude_none=True)) for c in self.candidates)]
+        fields = type(self).model_fields
+
+        def unread(keys: tuple[str, ...], reads) -> list[str]:
+            return [f"quantize.{k}" for k in keys
+                    if getattr(self, k) != fields[k].default and not any(reads(s, k) for s in setups)]
+
+        problems = []
+        # (per_channel and calibration_samples are left out: edgekd.quantization.quantize_torch reads them
+        # whatever the section's method)
+        int8 = unread(("reduce_range", "weight_type", "op_types"), lambda s, k: s.method != "fp16")
+        if int8:
+            problems.append(f"{', '.join(int8)} shape(s) int8 rounding, and every setup here is fp16 "
+                            "(quantize.method and each candidate's): drop them or add an int8 setup")
+        static = unread(("activation_type", "calibration_method", "percentile"),
+                        lambda s, k: s.method == "static" and (k != "percentile" or s.calibration_method == "percentile"))
+        if static:
+            problems.append(f"{', '.join(static)} shape(s) static int8's calibrated activations (percentile with "
+                            "calibration_method: percentile), and no setup here reads them: drop them, or set "
+                            "method: static (in the section or a candidate)")
+        if self.calibration_split != fields["calibration_split"].default and not any(
+                s.method == "static" or s.smooth_alpha is not None for s in setups):
+            problems.append("quantize.calibration_split chooses the calibration texts, which only static int8 and "
+                            "smooth_alpha read, and no setup here has either: drop it")
+        blocks = unread(("embedding_block_size",), lambda s, k: s.embedding_bits == 4 and s.method != "fp16")
+        if blocks:
+            problems.append("quantize.embedding_block_size sizes the blocks of 4-bit embeddings, and no int8 setup "
+                            "here has embedding_bits: 4: drop it or set embedding_bits: 4")
+        if self.palette_bits != fields["palette_bits"].default and self.coreml_mode != "palettize":
+            problems.append(f"quantize.palette_bits sets Core ML palettization, and quantize.coreml_mode is "
+                            f"{self.coreml_mode}: set coreml_mode: palettize or drop palette_bits")
+        return problems
 
 
 class ExportConfig(Section):

@@ -4,6 +4,7 @@ calibration read from train/validation only, and fused transformer graphs quanti
 
 from __future__ import annotations
 
+import re
 import types
 
 import numpy as np
@@ -73,6 +74,36 @@ def test_candidates_inherit_the_section_and_duplicates_are_dropped():
     assert all(c.candidates == [] for _, c in setups)
     with pytest.raises(ValueError, match="extra"):
         QuantizeConfig(candidates=[{"methd": "static"}])
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"method": "fp16", "reduce_range": True}, "quantize.reduce_range shape(s) int8 rounding, and every setup here "
+                                              "is fp16"),
+    ({"method": "fp16", "op_types": ["MatMul"], "weight_type": "quint8"}, "quantize.weight_type, quantize.op_types"),
+    ({"calibration_method": "entropy"}, "quantize.calibration_method shape(s) static int8's calibrated activations"),
+    ({"method": "static", "percentile": 99.9}, "quantize.percentile shape(s)"),  # calibration_method is minmax
+    ({"calibration_split": "validation"}, "quantize.calibration_split chooses the calibration texts"),
+    ({"embedding_block_size": 64}, "quantize.embedding_block_size sizes the blocks of 4-bit embeddings"),
+    ({"palette_bits": 4}, "quantize.palette_bits sets Core ML palettization, and quantize.coreml_mode is linear8"),
+])
+def test_keys_that_no_setup_reads_are_refused(keys, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        QuantizeConfig(enabled=True, **keys)
+
+
+def test_keys_that_a_candidate_reads_are_accepted_and_each_setup_inherits_them():
+    for keys, candidate in (({"method": "fp16", "reduce_range": True}, {"method": "dynamic"}),
+                            ({"calibration_method": "percentile", "percentile": 99.9}, {"method": "static"}),
+                            ({"calibration_split": "validation"}, {"smooth_alpha": 0.5}),
+                            ({"embedding_block_size": 64}, {"embedding_bits": 4})):
+        cfg = QuantizeConfig(enabled=True, **keys, candidates=[QuantizeCandidate(**candidate)])
+        setups = [c for _, c in onnx_stage.candidate_configs(cfg)]
+        # the section's own setup does not read the key, yet is built (its candidate does read it)
+        assert len(setups) == 2
+        assert all(getattr(c, k) == v for c in setups for k, v in keys.items() if k not in candidate)
+    QuantizeConfig(enabled=True, palette_bits=4, coreml_mode="palettize")
+    # read by edgekd.quantization.quantize_torch whatever the section's method: never refused
+    QuantizeConfig(enabled=True, method="fp16", per_channel=True, calibration_samples=12)
 
 
 def test_setups_whose_names_match_are_kept_apart():

@@ -32,7 +32,7 @@ from edgekd.quantization.calibration import n_rows, real_length_rows
 from edgekd.quantization.guard import TIMING_BLOCK, Evaluator, MetricFn, choose_fastest, time_side_by_side
 from edgekd.quantization.onnx_methods import make_method
 from edgekd.quantization.weight_encoding import Device, encodings
-from edgekd.recipe import QuantizeConfig
+from edgekd.recipe import SETUP_OF_SECTION, QuantizeConfig
 from edgekd.runfolder import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ def candidate_configs(cfg: QuantizeConfig) -> list[tuple[str, QuantizeConfig]]:
     for cand in [None, *cfg.candidates]:
         update = {} if cand is None else cand.model_dump(exclude_none=True)
         c = cfg.model_copy(update={**update, "candidates": []})
-        c = QuantizeConfig.model_validate(c.model_dump())  # re-validated: candidate values are checked too
+        # re-validated: candidate values are checked too (keys the section gave are checked there)
+        c = QuantizeConfig.model_validate(c.model_dump(), context={SETUP_OF_SECTION: True})
         if c in seen:
             continue
         seen.append(c)
