@@ -688,7 +688,8 @@ def test_coreml_weight_compression(tmp_path, mode):
     src = tmp_path / "model.mlpackage"
     ml.save(str(src))
     out = tmp_path / "q" / "model.mlpackage"
-    report = quantize_coreml(src, out, qcfg(coreml_mode=mode, palette_bits=4))
+    palette = {"palette_bits": 4} if mode == "palettize" else {}  # linear8 reads no palette (refused there)
+    report = quantize_coreml(src, out, qcfg(coreml_mode=mode, **palette))
     assert (out / "Manifest.json").is_file()
     assert report["size_bytes_after"] < report["size_bytes_before"] / 2
     expected = "constexpr_affine_dequantize" if mode == "linear8" else "constexpr_lut_to_dense"
