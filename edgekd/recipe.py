@@ -881,8 +881,7 @@ class QuantizeConfig(Section):
             problems.append(f"{', '.join(static)} shape(s) static int8's calibrated activations (percentile with "
                             "calibration_method: percentile), and no setup here reads them: drop them, or set "
                             "method: static (in the section or a candidate)")
-        if self.calibration_split != fields["calibration_split"].default and not any(
-                s.method == "static" or s.smooth_alpha is not None for s in setups):
+        if unread(("calibration_split",), lambda s, k: s.method == "static" or s.smooth_alpha is not None):
             problems.append("quantize.calibration_split chooses the calibration texts, which only static int8 and "
                             "smooth_alpha read, and no setup here has either: drop it")
         blocks = unread(("embedding_block_size",), lambda s, k: s.embedding_bits == 4 and s.method != "fp16")

@@ -136,8 +136,7 @@ def test_each_family_refuses_the_pruning_method_of_the_other(tmp_path, tiny_clas
         "prune.method: 'channels' removes a CNN's conv channels; a text encoder is pruned with 'heads-ffn' "
         "(attention heads and FFN neurons) or 'unstructured' (the smallest weights)"]
     for method, target in (("heads-ffn", {"keep_params": 0.5}), ("unstructured", {"sparsity": 0.5})):
-        detection = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
-                                  "prune": {"enabled": True, "method": method, **target}})
+        detection = _detector_recipe(tmp_path, **{"method": method, "keep_params": None, **target})
         assert get_family("detection").check_inputs(detection) == [
             f"prune.method: '{method}' prunes a transformer encoder; a detector is pruned with 'channels'"]
     assert get_family("detection").check_inputs(_detector_recipe(tmp_path)) == []
@@ -384,17 +383,18 @@ def test_a_black_box_teacher_or_a_detector_cannot_have_fresh_copies(tmp_path, ti
         "recovers on its own training images: set it to 0"]
 
 
-def test_recover_alpha_is_a_weight_refused_only_where_no_recovery_reads_it(tmp_path, tiny_classifier_dir, tiny_csv):
+def test_recover_alpha_and_temperature_are_refused_only_where_no_recovery_reads_them(tmp_path, tiny_classifier_dir,
+                                                                                    tiny_csv):
     from edgekd.tasks import get_family
 
     with pytest.raises(ValueError, match="recover_alpha"):
         PruneConfig(enabled=True, keep_params=0.5, recover_alpha=1.5)  # a weight in [0, 1]
     with pytest.raises(ValueError, match="recover_temperature"):
         PruneConfig(enabled=True, keep_params=0.5, recover_temperature=0)  # a temperature above 0
+    # every text recovery reads them (unstructured too); a detector's does not
     assert get_family("detection").check_inputs(_detector_recipe(tmp_path, recover_temperature=4.0)) == [
         "prune.recover_temperature: softens a text recovery's soft targets; a detector recovers with its own "
         "detection and distillation losses (at distill.temperature): remove the key"]
-    # every text recovery reads it (unstructured too); a detector's does not
     detection = _detector_recipe(tmp_path, recover_alpha=0.8)
     assert get_family("detection").check_inputs(detection) == [
         "prune.recover_alpha: weighs a text recovery's soft targets against its labels; a detector recovers "
