@@ -299,7 +299,7 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     from pydantic import ValidationError
 
     from edgekd.encoders import build_student
-    from edgekd.recipe import DistillConfig, _describe
+    from edgekd.recipe import DistillConfig, _describe, hidden_loss_unread
     from edgekd.tasks.text.distill import DistillLoss, layer_map
     from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit
     from edgekd.train import init_process_state, predict, train
@@ -311,6 +311,8 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     if cfg.rounds != 1:
         raise RecipeError(["distill.rounds: edgekd.distill trains one round; call it again with the student as "
                            "teacher, or run the pipeline (edgekd.run) for born-again rounds"])
+    if hidden_loss_unread(cfg, 0.0):
+        raise RecipeError(hidden_loss_unread(cfg, 0.0))
     if isinstance(teacher, (str, Path)):
         tokenizer = tokenizer or _tokenizer_of(teacher)
         teacher = _classifier(teacher)

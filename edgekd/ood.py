@@ -26,6 +26,8 @@ DEFAULT_MIN_ABS_SCORE = 0.5
 
 # The OOD sets' own label names; a run's labels are matched to them by name.
 OOD_LABELS = ("negative", "positive")
+# The dataset assets load_ood reads: Hutto & Gilbert's human-scored sentences, each a different domain.
+OOD_SETS = ("amazon-snippets", "tweet-snippets", "nyt-snippets", "movie-snippets")
 
 
 @dataclass

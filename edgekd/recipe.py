@@ -27,7 +27,7 @@ from pydantic import (
 
 from edgekd.errors import RecipeError
 from edgekd.registry import DEFAULT_TASK, PRUNE_METHODS, QUANTIZE_METHODS, TASKS, check_name
-from edgekd.sections import Section
+from edgekd.sections import Section, changed_keys, it_or_them
 
 BUILTIN_RECIPES = ("default", "detect-default", "base")
 
@@ -184,6 +184,12 @@ class TeacherEndpoint(Section):
         if self.targets == "logits" and self.kind == "edgekd":
             problems.append("targets: an edgekd server's /predict gives probs or labels; use kind 'v2' "
                             "(its v2 route also returns logits) for logits")
+        if self.targets == "logits" and self.kind == "model":
+            problems.append("targets: a local model (kind 'model') gives its logits either way, so probs and logits "
+                            "are the same targets: drop it (or set labels for hard targets)")
+        if self.api_key_header != type(self).model_fields["api_key_header"].default and self.api_key_env is None:
+            problems.append("api_key_header: names the header that carries the key of api_key_env, and no "
+                            "api_key_env is set: set it (kind edgekd or v2) or drop api_key_header")
         return problems
 
 
@@ -241,6 +247,14 @@ class UnlabelledConfig(Section):
         if isinstance(v, str) and not v.strip():
             raise ValueError("give a dataset name or file (null for none)")
         return v
+
+    @model_validator(mode="after")
+    def _read_with_a_dataset(self) -> UnlabelledConfig:
+        unread = changed_keys(self, keys=("text_column", "max_examples")) if self.dataset is None else []
+        if unread:
+            raise ValueError(f"{', '.join(unread)}: read the unlabelled texts of dataset, and no dataset is named: "
+                             f"drop {it_or_them(unread)} or name one")
+        return self
 
     def sources(self) -> list[str]:
         """The datasets named, in order (none: empty)."""
@@ -321,6 +335,21 @@ class TeacherConfig(TeacherEndpoint):
             if any(m.targets == "labels" for m in members):
                 problems.append("combine 'most_confident' needs probabilities from every teacher, and a "
                                 "labels-only teacher has none: use combine 'average' (a vote)")
+        if not self.ensemble:
+            if self.combine != type(self).model_fields["combine"].default:
+                problems.append("combine: chooses how the targets of several teachers become one, and "
+                                "teacher.ensemble is empty: drop it or add teachers")
+            if self.weight != type(self).model_fields["weight"].default:
+                problems.append("weight: weighs this teacher against those of teacher.ensemble, which is empty (one "
+                                "teacher's targets are its own whatever its weight): drop it or add teachers")
+        asked = changed_keys(self.client, prefix="client.")
+        http = [k for k in asked if k != "client.batch_size"]
+        if asked and all(m.kind == "model" for m in members):
+            problems.append(f"{', '.join(asked)}: how black-box teachers are asked, and every teacher here is a local "
+                            f"model (kind 'model'): drop {it_or_them(asked)}")
+        elif http and not any(m.kind in ("edgekd", "v2") for m in members):
+            problems.append(f"{', '.join(http)}: how a server is asked over HTTP, and no teacher here is one (kind "
+                            f"edgekd or v2; kind onnx reads client.batch_size alone): drop {it_or_them(http)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -370,6 +399,15 @@ class DistillConfig(Section):
     )
 
 
+def hidden_loss_unread(d: DistillConfig, recover_hidden_weight: float) -> list[str]:
+    """distill.hidden_loss set while no hidden-state matching reads it (distill.hidden_weight, or the
+    prune recoveries' recover_hidden_weight)."""
+    if changed_keys(d, keys=("hidden_loss",)) and not d.hidden_weight and not recover_hidden_weight:
+        return ["distill.hidden_loss: the loss of hidden-state matching, and none is on (distill.hidden_weight is 0, "
+                "and so is prune.recover_hidden_weight): drop it or give one of them a weight"]
+    return []
+
+
 class BaselineConfig(Section):
     enabled: bool = Field(
         True, description="Also train the same student on hard labels only, to measure the gain from distillation."
@@ -380,12 +418,20 @@ class EvalConfig(Section):
     batch_size: int = Field(128, ge=1)
     ood_dataset: str | None = Field(
         None, description="Out-of-domain dataset asset scored beside the test split by eval, bench and "
-        "compare_tools (amazon-snippets: product reviews; binary sentiment runs only); null: none."
+        "compare_tools (amazon-snippets: product reviews; also tweet-snippets, nyt-snippets, movie-snippets; binary "
+        "sentiment runs only); null: none."
     )
     ood_min_abs_score: float = Field(
         0.5, ge=0, description="Drop out-of-domain sentences whose mean human rating is closer to neutral "
         "than this (ratings run -4..+4; the label is the rating's sign)."
     )
+
+    @model_validator(mode="after")
+    def _score_needs_a_set(self) -> EvalConfig:
+        if self.ood_dataset is None and changed_keys(self, keys=("ood_min_abs_score",)):
+            raise ValueError("ood_min_abs_score: filters the out-of-domain set, and eval.ood_dataset is null: drop it "
+                             "or name a set")
+        return self
 
 
 class RuntimeConfig(Section):
@@ -859,39 +905,65 @@ class QuantizeConfig(Section):
 
     def _unread_keys(self) -> list[str]:
         """Keys set away from their defaults that no setup would read (the section's own, and each
-        candidate, which takes the section's value for what it leaves unset): an error, not a setting
-        accepted and ignored."""
+        candidate, which takes the section's value for what it leaves unset), and keys a candidate sets that
+        its own setup does not read: an error, not a setting accepted and ignored."""
         setups = [self, *(self.model_copy(update=c.model_dump(exclude_none=True)) for c in self.candidates)]
         fields = type(self).model_fields
 
-        def unread(keys: tuple[str, ...], reads) -> list[str]:
+        def unread(keys: tuple[str, ...]) -> list[str]:
             return [f"quantize.{k}" for k in keys
-                    if getattr(self, k) != fields[k].default and not any(reads(s, k) for s in setups)]
+                    if getattr(self, k) != fields[k].default and not any(_SETUP_READS[k](s) for s in setups)]
 
         problems = []
         # (per_channel and calibration_samples are left out: edgekd.quantization.quantize_torch reads them
         # whatever the section's method)
-        int8 = unread(("reduce_range", "weight_type", "op_types"), lambda s, k: s.method != "fp16")
+        int8 = unread(("reduce_range", "weight_type", "op_types"))
         if int8:
             problems.append(f"{', '.join(int8)} shape(s) int8 rounding, and every setup here is fp16 "
                             "(quantize.method and each candidate's): drop them or add an int8 setup")
-        static = unread(("activation_type", "calibration_method", "percentile"),
-                        lambda s, k: s.method == "static" and (k != "percentile" or s.calibration_method == "percentile"))
+        static = unread(("activation_type", "calibration_method", "percentile"))
         if static:
             problems.append(f"{', '.join(static)} shape(s) static int8's calibrated activations (percentile with "
                             "calibration_method: percentile), and no setup here reads them: drop them, or set "
                             "method: static (in the section or a candidate)")
-        if unread(("calibration_split",), lambda s, k: s.method == "static" or s.smooth_alpha is not None):
+        if unread(("calibration_split",)):
             problems.append("quantize.calibration_split chooses the calibration texts, which only static int8 and "
                             "smooth_alpha read, and no setup here has either: drop it")
-        blocks = unread(("embedding_block_size",), lambda s, k: s.embedding_bits == 4 and s.method != "fp16")
-        if blocks:
+        if unread(("embedding_block_size",)):
             problems.append("quantize.embedding_block_size sizes the blocks of 4-bit embeddings, and no int8 setup "
                             "here has embedding_bits: 4: drop it or set embedding_bits: 4")
         if self.palette_bits != fields["palette_bits"].default and self.coreml_mode != "palettize":
             problems.append(f"quantize.palette_bits sets Core ML palettization, and quantize.coreml_mode is "
                             f"{self.coreml_mode}: set coreml_mode: palettize or drop palette_bits")
+        for i, (c, s) in enumerate(zip(self.candidates, setups[1:], strict=True)):
+            own = [k for k in c.model_dump(exclude_none=True)
+                   if k in _CANDIDATE_READS and not _CANDIDATE_READS[k](s)]
+            if own:
+                problems.append(f"quantize.candidates[{i}]: {', '.join(own)}: not read by the candidate's own setup "
+                                f"(method {s.method}{', calibration_method ' + s.calibration_method if _static(s) else ''}"
+                                f"): drop {it_or_them(own)} from the candidate")
         return problems
+
+
+def _int8(s: QuantizeConfig) -> bool:
+    return s.method != "fp16"
+
+
+def _static(s: QuantizeConfig) -> bool:
+    return s.method == "static"
+
+
+# What makes one setup (the quantize section with a candidate applied) read a key.
+_SETUP_READS = {
+    "reduce_range": _int8, "weight_type": _int8, "op_types": _int8,
+    "activation_type": _static, "calibration_method": _static,
+    "percentile": lambda s: _static(s) and s.calibration_method == "percentile",
+    "calibration_split": lambda s: _static(s) or s.smooth_alpha is not None,
+    "embedding_block_size": lambda s: _int8(s) and s.embedding_bits == 4,
+}
+# A candidate's own keys: those above, and per_channel, which only the section's own setup may leave to
+# edgekd.quantization.quantize_torch (a candidate is an ONNX setup alone).
+_CANDIDATE_READS = {**_SETUP_READS, "per_channel": _int8}
 
 
 class ExportConfig(Section):
@@ -1014,6 +1086,9 @@ class BenchConfig(Section):
         bad = [b for b in self.batch_sizes if b < 1] + [s for s in self.seq_lengths or [] if s < 1]
         if bad:
             raise ValueError(f"batch_sizes and seq_lengths must be >= 1, got {bad}")
+        if self.time_budget_s is None and changed_keys(self, keys=("min_runs",)):
+            raise ValueError("min_runs: the fewest runs a time budget may stop at, and bench.time_budget_s is unset "
+                             "(every case runs bench.runs times): drop it or set time_budget_s")
         return self
 
 
@@ -1084,6 +1159,22 @@ class RecipeFields(Section):
                                 "quantize.method: dynamic)")
             if problems:
                 raise ValueError("prune.quant_aware: " + "; ".join(problems) + ", or turn it off")
+        return self
+
+    @model_validator(mode="after")
+    def _read_across_sections(self) -> RecipeFields:
+        """Keys of one section that only another section's setting makes anything read."""
+        t, d, p = self.teacher, self.distill, self.prune
+        problems = []
+        shaped = changed_keys(t.augment, prefix="teacher.augment.", keys=("ops", "crop", "delete_prob", "seed",
+                                                                            "min_words"))
+        if shaped and not t.augment.copies and not (p.enabled and p.recover_fresh_copies):
+            problems.append(f"{', '.join(shaped)}: shape perturbed copies of the training texts, and none are made "
+                            f"(teacher.augment.copies is 0, and so is prune.recover_fresh_copies): drop {it_or_them(shaped)} or "
+                            "set teacher.augment.copies")
+        problems += hidden_loss_unread(d, p.recover_hidden_weight if p.enabled else 0.0)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def run_dir(self) -> Path:
@@ -1207,6 +1298,23 @@ def load_recipe(source: str | Path | None = None, overrides: list[str] | None = 
     if problems:
         raise RecipeError(problems, where)
     return parse_recipe(data, where)
+
+
+def keys_set(recipe: BaseModel, table: dict[str, str]) -> list[str]:
+    """``keys: why`` for each entry of ``table`` (a dotted key, or a whole section, -> why nothing reads
+    it) that ``recipe`` sets away from its default, keys sharing a reason named together."""
+    by_why: dict[str, list[str]] = {}
+    for path, why in table.items():
+        *parents, last = path.split(".")
+        node, default = recipe, None
+        for part in parents:
+            default = (type(node).model_fields[part].get_default(call_default_factory=True) if default is None
+                       else getattr(default, part))
+            node = getattr(node, part)
+        by_why.setdefault(why, []).extend(
+            changed_keys(node, default, "".join(f"{p}." for p in parents), keys=(last,)))
+    return [f"{', '.join(keys)}: {why}: remove {it_or_them(keys)}"
+            for why, keys in by_why.items() if keys]
 
 
 def reference_markdown() -> str:

@@ -2,13 +2,14 @@
 
 ``load_recipe`` checks the recipe's own shape (keys, types, ranges). This checks what it points at:
 the task family's inputs (data files and their columns, local teacher exports; see each family's
-``check_inputs``) and the device profile (a shipped name or a YAML file). Every problem is reported
+``check_inputs``), the keys its task family never reads (``unread_keys``) and the device profile (a
+shipped name or a YAML file). Every problem is reported
 at once, each naming its recipe key, so a typo fails in a second instead of after training.
 """
 
 from __future__ import annotations
 
-from edgekd.recipe import Recipe
+from edgekd.recipe import Recipe, keys_set
 from edgekd.tasks import get_family
 
 
@@ -22,6 +23,18 @@ def _check_profile(recipe: Recipe) -> list[str]:
     return []
 
 
+def _check_family_keys(recipe: Recipe) -> list[str]:
+    """Keys the task family never reads, set anyway; a guard metric its task does not compute."""
+    family = get_family(recipe.task)
+    problems = keys_set(recipe, family.unread_keys)
+    q = recipe.quantize
+    if q.enabled and q.guard_metric not in family.metric_names:
+        problems.append(f"quantize.guard_metric: '{q.guard_metric}' is not a metric of {family.name} (its metrics: "
+                        f"{', '.join(family.metric_names)}): set one of them")
+    return problems
+
+
 def check_inputs(recipe: Recipe) -> list[str]:
-    """Every problem with what ``recipe`` points at, each starting with its recipe key; [] when none."""
-    return get_family(recipe.task).check_inputs(recipe) + _check_profile(recipe)
+    """Every problem with what ``recipe`` points at, and every key its task family does not read, each
+    starting with its recipe key; [] when none."""
+    return _check_family_keys(recipe) + get_family(recipe.task).check_inputs(recipe) + _check_profile(recipe)

@@ -191,6 +191,8 @@ def test_distill_refuses_bad_input_with_what_to_change(classifier, tiny_teacher_
         edgekd.distill(classifier, data=rows, train={"epochs": 0})
     with pytest.raises(RecipeError, match="rounds"):
         edgekd.distill(classifier, data=rows, rounds=2)
+    with pytest.raises(RecipeError, match=r"distill\.hidden_loss: the loss of hidden-state matching, and none is on"):
+        edgekd.distill(classifier, data=rows, hidden_loss="mse")
     with pytest.raises(StageError, match="no sequence-classification head"):
         edgekd.distill(tiny_teacher_dir, data=rows)
     with pytest.raises(DataError, match="text 1 is empty"):

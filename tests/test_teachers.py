@@ -161,9 +161,14 @@ def test_default_recipe_fingerprints_do_not_change_with_the_new_keys(tmp_path):
                                   "teacher": legacy_teacher, "seed": r.seed, "precision": r.runtime.precision,
                                   "stage": "distill"})
     assert stage_fingerprint(Ctx, "distill") == legacy_distill
-    # the client's retry and rate settings do not change the targets, so they do not rerun the stage
-    Ctx.recipe = parse_recipe({"output_dir": str(tmp_path), "teacher": {"client": {"max_attempts": 9}}})
-    assert teacher_fingerprint(Ctx) == legacy_teacher
+    # the client's retry and rate settings do not change the targets, so they do not rerun the stage (they
+    # are read by a black-box teacher: a local one alone refuses them)
+    remote = {"kind": "v2", "url": "http://teacher:8000", "model_name": "m"}
+    Ctx.recipe = parse_recipe({"output_dir": str(tmp_path), "teacher": {"ensemble": [remote]}})
+    asked_once = teacher_fingerprint(Ctx)
+    Ctx.recipe = parse_recipe({"output_dir": str(tmp_path), "teacher": {"ensemble": [remote],
+                                                                         "client": {"max_attempts": 9}}})
+    assert teacher_fingerprint(Ctx) == asked_once
     Ctx.recipe = parse_recipe({"output_dir": str(tmp_path), "distill": {"rounds": 2}})
     assert stage_fingerprint(Ctx, "distill") != legacy_distill
 

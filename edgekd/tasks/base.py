@@ -29,6 +29,11 @@ class TaskFamily(Protocol):
 
     name: str
     skipped: dict[str, str]
+    # Recipe keys (dotted; a whole section too) the family never reads -> why: a recipe that sets one
+    # away from its default is refused before any stage runs (edgekd.recipe_check).
+    unread_keys: dict[str, str]
+    # The keys of its task's metrics (quantize.guard_metric must name one).
+    metric_names: tuple[str, ...]
 
     def create_context(self, recipe: Recipe) -> RunContext:
         """The run context every stage of one command shares (its data loaded once)."""

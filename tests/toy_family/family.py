@@ -123,6 +123,8 @@ class Rows:
     name = "rows"
     skipped = {stage: "a linear model needs no teacher, baseline, eval or pruning"
                for stage in ("teacher", "baseline", "eval", "prune")}
+    unread_keys: dict[str, str] = {}
+    metric_names = ("accuracy",)
 
     def create_context(self, recipe: Recipe) -> RowsRunContext:
         return RowsRunContext(recipe=recipe, run=RunFolder(recipe.run_dir()), family=self)

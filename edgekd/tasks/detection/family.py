@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edgekd.recipe import Recipe
 from edgekd.runfolder import RunFolder
+from edgekd.sections import changed_keys, it_or_them
 from edgekd.stages.base import Stage, eval_inputs
 from edgekd.tasks.detection.context import DetectionRunContext
 from edgekd.tasks.detection.stages import (
@@ -32,9 +33,35 @@ STAGES = {
 }
 
 
+_TEXT_DATA = "only a text dataset is read with it; a detector reads the images of data.dataset (sized by detection.*)"
+_TEXT_DISTILL = ("only a text student's distillation reads it; a detector distils with detection.cls_weight, "
+                 "box_weight and feature_weight (at distill.temperature)")
+_TEXT_SERVE = ("only a text server reads it; a detection server's limits are serve.max_images and "
+               "max_image_pixels")
+_TEACHER = ("a detector distils from one local teacher detector (teacher.kind: model); black-box teachers, "
+            "ensembles and their targets are for text classification")
+
+# Recipe keys a detection run never reads (edgekd.recipe_check refuses them when set).
+UNREAD_KEYS = {
+    **dict.fromkeys(("data.source", "data.hub_config", "data.text_column", "data.label_column", "data.max_length",
+                     "data.max_train_examples", "data.normalize_labels", "data.drop_duplicates"), _TEXT_DATA),
+    **dict.fromkeys(("distill.alpha", "distill.kl", "distill.hidden_weight", "distill.hidden_loss",
+                     "distill.attention_weight"), _TEXT_DISTILL),
+    "distill.rounds": "born-again rounds of distillation are for text classification; a detector distils once",
+    **dict.fromkeys(("eval.ood_dataset", "eval.ood_min_abs_score"), "only text classification scores an "
+                    "out-of-domain set; a detector is scored on its own test images"),
+    **dict.fromkeys(("teacher.kind", "teacher.ensemble", "teacher.targets"), _TEACHER),
+    "export.first_token_last_layer": "only a text classifier's last block can run on the first position "
+                                     "alone; a detector has no such block",
+    **dict.fromkeys(("serve.max_items", "serve.max_length", "serve.overflow"), _TEXT_SERVE),
+}
+
+
 class Detection:
     name = "detection"
     skipped: dict[str, str] = {}
+    unread_keys = UNREAD_KEYS
+    metric_names = ("map50_95", "map50")
 
     def create_context(self, recipe: Recipe) -> DetectionRunContext:
         return DetectionRunContext(recipe=recipe, run=RunFolder(recipe.run_dir()), family=self)
@@ -49,6 +76,11 @@ class Detection:
         d = recipe.data.dataset
         if d.endswith((".yaml", ".yml")) and not Path(d).expanduser().is_file():
             problems.append(f"data.dataset: the file {d} does not exist")
+        split = [] if d.lower().endswith(".json") else changed_keys(recipe.data, keys=("split",), prefix="data.")
+        if split:
+            problems.append(f"{', '.join(split)}: only a COCO annotations file (.json) is cut by data.split; {d} "
+                            "brings its own splits (detection.synthetic sizes the generated set): "
+                            f"remove {it_or_them(split)}")
         if recipe.prune.quant_aware:
             problems.append("prune.quant_aware: the detection prune stage does not train int8-aware (text "
                             "classification does); set it to false")

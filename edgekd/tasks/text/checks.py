@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import DataError, EdgeKDError
-from edgekd.recipe import Recipe
+from edgekd.recipe import DataConfig, Recipe
+from edgekd.sections import changed_keys, it_or_them
 
 
 def require_texts(texts: Sequence[Any], empty_why: str) -> None:
@@ -34,12 +35,29 @@ def _columns(path: Path) -> list[str]:
 
 def _check_text_data(recipe: Recipe) -> list[str]:
     from edgekd import assets
-    from edgekd.data import FILE_FORMATS, _looks_like_path, load_file
 
     d = recipe.data
     if assets.is_named_asset(d.dataset):
-        return []
+        unread = changed_keys(d, prefix="data.", keys=("hub_config", "text_column", "label_column",
+                                                      "normalize_labels", "drop_duplicates"))
+        return [f"{', '.join(unread)}: only a local file or a Hugging Face id is read with it, and '{d.dataset}' is "
+                "a named dataset, read as pinned (its own columns and labels, repeated texts dropped): remove "
+                f"{it_or_them(unread)}"] if unread else []
     path = Path(d.dataset).expanduser()
+    problems = []
+    if d.source != type(d).model_fields["source"].default:
+        named = sorted(n for n, a in assets.ASSETS.items() if a.kind == "dataset")
+        problems.append(f"data.source: chooses where a named dataset comes from, and '{d.dataset}' is not one "
+                        f"(named: {', '.join(named)}): remove it")
+    if path.is_file() and d.hub_config is not None:
+        problems.append(f"data.hub_config: names a Hugging Face dataset's configuration, and {path} is a local "
+                        "file: remove it")
+    return problems + _check_local_data(d, path)
+
+
+def _check_local_data(d: DataConfig, path: Path) -> list[str]:
+    from edgekd.data import FILE_FORMATS, _looks_like_path, load_file
+
     if path.is_dir():
         return [f"data.dataset: {path} is a folder; give a {', '.join(FILE_FORMATS)} file, a named dataset or a hub id"]
     if not path.is_file():
@@ -87,6 +105,24 @@ def _check_unlabelled(recipe: Recipe) -> list[str]:
                 problems.append(f"teacher.unlabelled.text_column: {path} has no column '{u.text_column}' "
                                 f"(columns: {', '.join(map(str, columns)) or 'none'})")
     return problems
+
+
+def _check_ood(recipe: Recipe) -> list[str]:
+    """eval.ood_dataset names a set load_ood reads, and a named training set's labels are the set's two."""
+    from edgekd import assets
+    from edgekd.ood import OOD_LABELS, OOD_SETS, label_map
+
+    name = recipe.eval.ood_dataset
+    if not name:
+        return []
+    if name not in OOD_SETS:
+        return [f"eval.ood_dataset: '{name}' is not an out-of-domain set (the sets: {', '.join(OOD_SETS)}): name one, "
+                "or null for none"]
+    data = assets.ASSETS.get(recipe.data.dataset)
+    if data is not None and data.label_names and label_map(list(data.label_names)) is None:
+        return [f"eval.ood_dataset: '{name}' is binary sentiment ({'/'.join(OOD_LABELS)}), and {data.name}'s labels "
+                f"are {list(data.label_names)}: set it to null"]
+    return []
 
 
 def _check_teacher_paths(recipe: Recipe) -> list[str]:
@@ -148,5 +184,5 @@ def _check_prune_method(recipe: Recipe) -> list[str]:
 def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with the data files, unlabelled texts and local teacher exports ``recipe``
     names, and with settings a text encoder cannot take, each starting with its recipe key; [] when none."""
-    return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_teacher_paths(recipe)
+    return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_ood(recipe) + _check_teacher_paths(recipe)
             + _check_prune_method(recipe) + _check_hidden_size(recipe) + _check_fresh_copies(recipe))

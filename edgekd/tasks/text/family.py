@@ -28,9 +28,19 @@ STAGES = {
 }
 
 
+# Recipe keys a text-classification run never reads (edgekd.recipe_check refuses them when set).
+UNREAD_KEYS = {
+    "detection": "only task: detection reads the detection section",
+    **dict.fromkeys(("serve.max_images", "serve.max_image_pixels"), "only a detection server reads it; a text "
+                    "server's limits are serve.max_items and max_length"),
+}
+
+
 class TextClassification:
     name = "text-classification"
     skipped: dict[str, str] = {}
+    unread_keys = UNREAD_KEYS
+    metric_names = ("accuracy", "macro_f1")
 
     def create_context(self, recipe: Recipe) -> TextRunContext:
         return TextRunContext(recipe=recipe, run=RunFolder(recipe.run_dir()), family=self)

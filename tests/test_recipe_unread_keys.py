@@ -1,0 +1,181 @@
+"""A recipe key set where nothing reads it is refused, naming the key and what would read it.
+
+tests/test_recipe_keys_read.py proves every key is read somewhere; these prove the conditions: a key
+that only another setting, another task family or another kind of dataset makes anything read is an
+error when that setting, family or dataset is absent, and accepted when it is there.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from edgekd.errors import RecipeError
+from edgekd.recipe import QuantizeCandidate, QuantizeConfig, Recipe, keys_set, load_recipe
+from edgekd.recipe_check import check_inputs
+from edgekd.sections import changed_keys
+from edgekd.tasks import get_family
+
+
+def _refused(base: str, overrides: list[str]) -> str:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(base, overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["teacher.combine=most_confident"], "combine: chooses how the targets of several teachers become one, and "
+                                         "teacher.ensemble is empty"),
+    (["teacher.weight=2"], "weight: weighs this teacher against those of teacher.ensemble, which is empty"),
+    (["teacher.client.timeout_s=3", "teacher.client.batch_size=8"],
+     "client.batch_size, client.timeout_s: how black-box teachers are asked, and every teacher here is a local model"),
+    (["teacher.api_key_header=X-API-Key"], "api_key_header: names the header that carries the key of api_key_env"),
+    (["teacher.targets=logits"], "targets: a local model (kind 'model') gives its logits either way"),
+    (["teacher.unlabelled.max_examples=10"], "max_examples: read the unlabelled texts of dataset, and no dataset"),
+    (["teacher.augment.copies=0", "teacher.augment.delete_prob=0.3", "teacher.augment.min_words=6"],
+     "teacher.augment.delete_prob, teacher.augment.min_words: shape perturbed copies of the training texts, and none "
+     "are made"),
+    (["distill.hidden_loss=mse"], "distill.hidden_loss: the loss of hidden-state matching, and none is on"),
+    (["eval.ood_dataset=null", "eval.ood_min_abs_score=1.0"], "ood_min_abs_score: filters the out-of-domain set, "
+                                                              "and eval.ood_dataset is null"),
+    (["bench.min_runs=3"], "min_runs: the fewest runs a time budget may stop at, and bench.time_budget_s is unset"),
+])
+def test_a_key_that_only_another_setting_makes_read_is_refused_without_it(overrides, message):
+    assert message in _refused("default", overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    # the setting that reads each key above
+    ["teacher.ensemble=[{kind: onnx, path: /tmp/t}]", "teacher.combine=most_confident"],
+    ["teacher.ensemble=[{kind: onnx, path: /tmp/t}]", "teacher.weight=2"],
+    ["teacher.ensemble=[{kind: onnx, path: /tmp/t}]", "teacher.client.batch_size=8"],  # onnx reads the batch size
+    ["teacher.ensemble=[{kind: v2, url: 'http://h:1', model_name: m}]", "teacher.client.timeout_s=3"],
+    ["teacher.ensemble=[{kind: v2, url: 'http://h:1', model_name: m, api_key_env: K, api_key_header: X-API-Key}]"],
+    ["teacher.unlabelled.dataset=tweet-snippets", "teacher.unlabelled.max_examples=10"],
+    ["teacher.augment.copies=0", "teacher.augment.delete_prob=0.3", "prune.recover_fresh_copies=1"],
+    ["distill.hidden_loss=mse", "prune.recover_hidden_weight=1.0"],
+    ["distill.hidden_loss=mse", "distill.hidden_weight=1.0"],
+    ["eval.ood_min_abs_score=1.0"],  # the default names amazon-snippets
+    ["bench.min_runs=3", "bench.time_budget_s=2"],
+])
+def test_the_same_key_is_accepted_where_something_reads_it(overrides):
+    load_recipe("default", overrides)
+
+
+def test_client_keys_of_http_alone_are_refused_for_an_onnx_teacher():
+    message = _refused("default", ["teacher.ensemble=[{kind: onnx, path: /tmp/t}]", "teacher.client.timeout_s=3",
+                                   "teacher.client.batch_size=8"])
+    # the batch size, which an onnx teacher reads, is not among the keys refused
+    assert "Value error, client.timeout_s: how a server is asked over HTTP, and no teacher here is one (kind edgekd " \
+           "or v2; kind onnx reads client.batch_size alone): drop it" in message
+
+
+def test_a_candidates_own_key_must_be_read_by_its_own_setup():
+    with pytest.raises(ValueError, match=re.escape(
+            "quantize.candidates[0]: calibration_method: not read by the candidate's own setup (method dynamic): "
+            "drop it from the candidate")):
+        QuantizeConfig(enabled=True, method="static", candidates=[{"method": "dynamic", "calibration_method": "entropy"}])
+    with pytest.raises(ValueError, match=re.escape(
+            "quantize.candidates[1]: per_channel, reduce_range: not read by the candidate's own setup (method fp16)")):
+        QuantizeConfig(enabled=True, candidates=[{"fuse": "packed"},
+                                                 {"method": "fp16", "per_channel": True, "reduce_range": True}])
+    with pytest.raises(ValueError, match=re.escape("percentile: not read by the candidate's own setup (method static, "
+                                                   "calibration_method minmax)")):
+        QuantizeConfig(enabled=True, candidates=[{"method": "static", "percentile": 99.9}])
+    # read by the candidate's own setup: accepted, the section's value inherited where the candidate is silent
+    cfg = QuantizeConfig(enabled=True, calibration_method="entropy",
+                         candidates=[QuantizeCandidate(method="static", per_channel=True, activation_type="qint8")])
+    assert cfg.candidates[0].per_channel
+
+
+def test_changed_keys_compare_with_the_default_of_the_enclosing_section():
+    # distill.train's default is the section's own (lr 1e-4), not TrainConfig's (5e-5)
+    r = Recipe.model_validate({"distill": {"train": {"lr": 1e-4, "epochs": 4}}})
+    assert changed_keys(r.distill, prefix="distill.") == ["distill.train.epochs"]
+    assert keys_set(r, {"distill.train": "why"}) == ["distill.train.epochs: why: remove it"]
+    assert keys_set(r, {"distill.train.lr": "why", "distill.alpha": "why"}) == []
+    r = Recipe.model_validate({"detection": {"max_det": 5, "synthetic": {"seed": 2}}, "serve": {"max_images": 3}})
+    assert keys_set(r, {"detection": "A", "serve.max_images": "B", "serve.max_items": "B"}) == [
+        "detection.synthetic.seed, detection.max_det: A: remove them", "serve.max_images: B: remove it"]
+
+
+# One value away from the default for every key a family never reads; the table must cover them all.
+DETECTION_UNREAD = {
+    "data.source": "mirror", "data.hub_config": "plain", "data.text_column": "sentence", "data.label_column": "y",
+    "data.max_length": 32, "data.max_train_examples": 100, "data.normalize_labels": True,
+    "data.drop_duplicates": False, "distill.alpha": 0.3, "distill.kl": "reverse", "distill.hidden_weight": 1.0,
+    "distill.hidden_loss": ("mse", "distill.hidden_weight=1.0"),  # (alone refused on loading: no matching is on)
+    "distill.attention_weight": 1.0, "distill.rounds": 2,
+    "eval.ood_dataset": "amazon-snippets",
+    # (alone it is refused on loading: no out-of-domain set is named)
+    "eval.ood_min_abs_score": ("1.0", "eval.ood_dataset=amazon-snippets"),
+    "teacher.kind": ("onnx", "teacher.path=/tmp/t"), "teacher.ensemble": ("[{kind: onnx, path: /tmp/t}]",),
+    "teacher.targets": ("labels",), "export.first_token_last_layer": False, "serve.max_items": 4,
+    "serve.max_length": 16, "serve.overflow": "reject",
+}
+TEXT_UNREAD = {"detection": ("{max_det: 5}",), "serve.max_images": 2, "serve.max_image_pixels": 1000}
+
+
+@pytest.mark.parametrize(("family", "base", "values"), [
+    ("detection", "detect-default", DETECTION_UNREAD), ("text-classification", "default", TEXT_UNREAD)])
+def test_each_key_a_family_never_reads_is_refused_before_any_stage(family, base, values):
+    assert set(values) == set(get_family(family).unread_keys)
+    assert check_inputs(load_recipe(base)) == []
+    for key, value in values.items():
+        raw, *more = value if isinstance(value, tuple) else (str(value).lower() if isinstance(value, bool) else value,)
+        problems = check_inputs(load_recipe(base, [f"{key}={raw}", *more]))
+        named = problems[0].split(": ")[0].split(", ") if len(problems) == 1 else []
+        assert any(k == key or k.startswith(f"{key}.") for k in named), (key, problems)
+        assert problems[0].endswith(("remove it", "remove them")), problems
+
+
+def test_detection_refuses_the_text_keys_of_one_run_in_one_message_each_and_its_splits_unless_coco(tmp_path):
+    problems = check_inputs(load_recipe("detect-default", ["distill.alpha=0.3", "distill.kl=reverse",
+                                                           "data.split.seed=3", "data.split.test=0.2"]))
+    assert problems == [
+        "distill.alpha, distill.kl: only a text student's distillation reads it; a detector distils with "
+        "detection.cls_weight, box_weight and feature_weight (at distill.temperature): remove them",
+        "data.split.test, data.split.seed: only a COCO annotations file (.json) is cut by data.split; synthetic-shapes "
+        "brings its own splits (detection.synthetic sizes the generated set): remove them"]
+    coco = tmp_path / "annotations.json"
+    coco.write_text("{}")
+    assert check_inputs(load_recipe("detect-default", [f"data.dataset={coco}", "data.split.seed=3"])) == []
+
+
+def test_the_guard_metric_must_be_one_the_task_computes():
+    assert check_inputs(load_recipe("default", ["quantize.guard_metric=map50"])) == [
+        "quantize.guard_metric: 'map50' is not a metric of text-classification (its metrics: accuracy, macro_f1): set "
+        "one of them"]
+    assert check_inputs(load_recipe("default", ["quantize.guard_metric=macro_f1"])) == []
+    # a detection recipe that leaves the text default would fail in the quantize stage, after training
+    assert check_inputs(load_recipe("detect-default", ["quantize.guard_metric=accuracy"])) == [
+        "quantize.guard_metric: 'accuracy' is not a metric of detection (its metrics: map50_95, map50): set one of them"]
+    assert check_inputs(load_recipe("detect-default", ["quantize.enabled=false", "quantize.guard_metric=accuracy"])) \
+        == []
+
+
+def test_text_data_keys_that_a_named_dataset_or_a_local_file_does_not_read(tmp_path, tiny_csv):
+    assert check_inputs(load_recipe("default", ["data.text_column=sentence", "data.drop_duplicates=false"])) == [
+        "data.text_column, data.drop_duplicates: only a local file or a Hugging Face id is read with it, and "
+        "'rotten-tomatoes' is a named dataset, read as pinned (its own columns and labels, repeated texts dropped): "
+        "remove them"]
+    problems = check_inputs(load_recipe("default", [f"data.dataset={tiny_csv}", "data.source=mirror",
+                                                    "data.hub_config=plain"]))
+    assert problems[0].startswith("data.source: chooses where a named dataset comes from, and ")
+    assert problems[1] == f"data.hub_config: names a Hugging Face dataset's configuration, and {tiny_csv} is a local " \
+                          "file: remove it"
+    # a hub id reads both its columns and its configuration
+    assert check_inputs(load_recipe("default", ["data.dataset=owner/name", "data.hub_config=plain",
+                                                "data.text_column=sentence"])) == []
+
+
+def test_the_out_of_domain_set_is_one_load_ood_reads():
+    from edgekd import assets
+    from edgekd.ood import OOD_SETS
+
+    assert all(assets.get_asset(name, "dataset") for name in OOD_SETS)
+    assert check_inputs(load_recipe("default", ["eval.ood_dataset=rotten-tomatoes"])) == [
+        "eval.ood_dataset: 'rotten-tomatoes' is not an out-of-domain set (the sets: amazon-snippets, tweet-snippets, "
+        "nyt-snippets, movie-snippets): name one, or null for none"]
+    assert check_inputs(load_recipe("default", ["eval.ood_dataset=tweet-snippets"])) == []
