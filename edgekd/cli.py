@@ -11,6 +11,7 @@ import typer
 from edgekd import __version__, api, pipeline, warnings_log
 from edgekd.errors import EdgeKDError
 from edgekd.progress import console, error_console
+from edgekd.sections import it_or_them
 
 app = typer.Typer(
     name="edgekd",
@@ -257,6 +258,13 @@ def report(
 
     if not (run_dir / "manifest.json").is_file():
         raise EdgeKDError(f"{run_dir} has no manifest.json: it is not a run folder (runs/<name>/).")
+    table_flags = [flag for flag, given in (("--compare", compare), ("--device", device)) if given]
+    if table_flags and (html or out is not None):
+        raise EdgeKDError(f"{', '.join(table_flags)}: shape(s) the console's bench table, and --html writes the whole "
+                          f"run without it: drop {it_or_them(table_flags)}, or the --html/--out")
+    if table_flags and not (run_dir / "bench").is_dir():
+        raise EdgeKDError(f"{', '.join(table_flags)}: shape(s) the bench table, and {run_dir} has no bench/ (run "
+                          f"`edgekd bench` first): drop {it_or_them(table_flags)}")
     if html or out is not None:
         from edgekd.report_html import write_html
 

@@ -56,6 +56,9 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
     the only export, else the one the quantize stage recommends (recorded in the run's manifest)."""
     path = Path(path)
     if (path / ARTIFACT_META).is_file():
+        if target is not None and target != path.name:
+            raise StageError(f"{path} is an export folder itself, so target '{target}' (which picks an export of a run "
+                             f"folder) would choose nothing: drop it, or give the run folder")
         return path, None
     if not path.is_dir():
         raise StageError(f"{path} does not exist: give a run folder (runs/<name>) or an export folder.")

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from edgekd.errors import EdgeKDError
+from edgekd.sections import changed_keys, it_or_them
 
 ENV_PREFIX = "EDGEKD_SERVE_"
 
@@ -132,6 +133,15 @@ class ServeSettings(BaseSettings):
             return cls(**data)
         except ValidationError as e:
             raise SettingsError(_describe(e, flags, env, data)) from None
+
+
+def refuse_unread(settings: ServeSettings, keys: tuple[str, ...], why: str) -> None:
+    """A ``SettingsError`` naming the settings among ``keys`` set away from their defaults (by a flag, an
+    ``EDGEKD_SERVE_*`` variable or the recipe's ``serve`` section) that the export being served never reads."""
+    unread = changed_keys(settings, keys=keys)
+    if unread:
+        raise SettingsError(f"{', '.join(unread)}: {why}: unset {it_or_them(unread)} (the flag, the "
+                            f"{ENV_PREFIX}<KEY> variable or the serve.<key> recipe key)")
 
 
 def _describe(error: ValidationError, flags: dict[str, Any], env: dict[str, Any], recipe: dict[str, Any]) -> str:

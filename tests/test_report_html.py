@@ -174,3 +174,18 @@ def test_a_run_with_nothing_past_eval_says_so_and_escapes_what_it_shows(tmp_path
     assert "not run yet" in html  # teacher, distill, baseline: never recorded here
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in html
     assert "<script>alert" not in html and html.count("<script>") == 1  # only the page's own tooltip script
+
+
+def test_report_flags_for_the_bench_table_are_refused_where_no_table_is_printed(tmp_path):
+    from edgekd.errors import EdgeKDError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text("{}")
+    res = CliRunner().invoke(app, ["report", str(run), "--html", "--compare", "raspberry-pi-5", "--device", "local"])
+    assert isinstance(res.exception, EdgeKDError)
+    assert str(res.exception) == ("--compare, --device: shape(s) the console's bench table, and --html writes the "
+                                  "whole run without it: drop them, or the --html/--out")
+    res = CliRunner().invoke(app, ["report", str(run), "--compare", "raspberry-pi-5"])
+    assert str(res.exception) == (f"--compare: shape(s) the bench table, and {run} has no bench/ (run `edgekd bench` "
+                                  "first): drop it")

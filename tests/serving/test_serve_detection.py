@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -240,6 +241,29 @@ def test_images_to_a_text_model_are_refused(make_client):
               text.post("/predict", json={"image": base64.b64encode(WHITE).decode()})):
         assert r.status_code == 422
         assert "this model classifies texts and takes no images" in r.json()["error"]
+
+
+def test_a_setting_the_served_export_never_reads_is_refused_at_load(det_dir, make_client, tmp_path, monkeypatch):
+    """A text limit on a detection server (or an image limit on a text one) would be accepted and ignored."""
+    from fastapi.testclient import TestClient
+
+    import edgekd
+    from edgekd.serving import ServeSettings, create_app
+    from edgekd.serving.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=re.escape(
+            f"max_length: only a text export reads it, and {det_dir} is a detection export: unset it")):
+        edgekd.load(det_dir, max_length=16)
+    monkeypatch.setenv("EDGEKD_SERVE_OVERFLOW", "reject")
+    with pytest.raises(SettingsError, match=re.escape("max_items, overflow: only a text export reads it")):
+        with TestClient(create_app(ServeSettings.from_env(export_dir=det_dir, max_items=8), loader=ort_loader)):
+            pass
+    monkeypatch.delenv("EDGEKD_SERVE_OVERFLOW")
+    with pytest.raises(SettingsError, match=re.escape("max_image_pixels: only a detection export reads it")):
+        make_client(max_image_pixels=1000)
+    # the same settings where they are read
+    make_client(max_items=8, overflow="reject")
+    assert edgekd.load(det_dir).task == "detection"
 
 
 def test_metadata_metrics_and_openapi(client):

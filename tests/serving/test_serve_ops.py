@@ -65,6 +65,10 @@ def test_resolve_export_dir(run_dir, export_dir, tmp_path):
     assert resolve_export_dir(run_dir, "onnx") == run_dir / "export" / "onnx"
     assert resolve_export_dir(run_dir) == run_dir / "export" / "onnx"  # the only export
     assert resolve_export_dir(export_dir) == export_dir
+    assert resolve_export_dir(export_dir, "onnx") == export_dir  # its own name: the same folder
+    with pytest.raises(StageError, match=r"is an export folder itself, so target 'onnx-int8' \(which picks an export "
+                                         r"of a run folder\) would choose nothing"):
+        resolve_export_dir(export_dir, "onnx-int8")  # the onnx folder would be served
     with pytest.raises(StageError, match="has no export 'onnx-int8'; exports there: onnx"):
         resolve_export_dir(run_dir, "onnx-int8")
     with pytest.raises(StageError, match="holds no exported artifact"):

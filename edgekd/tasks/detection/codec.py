@@ -140,6 +140,10 @@ class DetectionCodec:
     @classmethod
     def for_artifact(cls, folder: Path, meta: dict[str, Any], runner: Runner,
                      settings: ServeSettings) -> DetectionCodec:
+        from edgekd.serving.settings import refuse_unread
+
+        refuse_unread(settings, ("max_items", "max_text_chars", "max_length", "overflow"),
+                      f"only a text export reads it, and {folder} is a detection export")
         size = meta.get("image_size")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise StageError(f"{folder / ARTIFACT_META} records no valid image_size (got {size!r}); a detection "

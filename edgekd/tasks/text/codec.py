@@ -154,6 +154,10 @@ class TextCodec:
     def for_artifact(cls, folder: Path, meta: dict[str, Any], runner: Runner, settings: ServeSettings) -> TextCodec:
         """The codec of a served text export: max_length from the settings, bounded by the artifact's;
         one text is run through the runner so that outputs not fitting the metadata fail at load."""
+        from edgekd.serving.settings import refuse_unread
+
+        refuse_unread(settings, ("max_images", "max_image_pixels"),
+                      f"only a detection export reads it, and {folder} is a text export")
         artifact_max = meta.get("max_length")
         max_length = settings.max_length or artifact_max
         if max_length is None:
