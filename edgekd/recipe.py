@@ -309,7 +309,8 @@ class TeacherConfig(TeacherEndpoint):
     )
     finetune: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2, lr=5e-5, batch_size=32),
-        description="Used when the teacher has no task head yet (it is fine-tuned first).",
+        description="Used when the teacher has no task head yet (it is fine-tuned first); set away from its "
+        "defaults for a teacher that has its head, the teacher stage stops with an error (nothing would read it).",
     )
     ensemble: list[TeacherSourceConfig] = Field(
         default_factory=list,
@@ -364,6 +365,16 @@ class TeacherConfig(TeacherEndpoint):
 
     def members(self) -> list[TeacherEndpoint]:
         return [self, *self.ensemble]
+
+
+def finetune_unread(teacher: TeacherConfig) -> list[str]:
+    """teacher.finetune keys set away from their defaults, for a teacher that has its task head already
+    (so the teacher stage trains nothing and would ignore them)."""
+    default = type(teacher).model_fields["finetune"].get_default(call_default_factory=True)
+    keys = changed_keys(teacher.finetune, default, "teacher.finetune.")
+    return [f"{', '.join(keys)}: train(s) a teacher that has no task head yet, and {teacher.model} has one, so the "
+            f"teacher stage trains nothing (edgekd does not train a finished teacher further): remove "
+            f"{it_or_them(keys)}"] if keys else []
 
 
 class StudentConfig(Section):

@@ -7,6 +7,7 @@ random (seeded).
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -89,15 +90,23 @@ def write_sentiment_csv(path: str | Path, n: int = 200, seed: int = 0, sep: str 
     return path
 
 
+def _has_classification_head(folder: str | Path) -> bool:
+    config = Path(folder) / "config.json"
+    archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def tiny_recipe(tmp_path: str | Path, teacher_dir: str | Path, csv_path: str | Path, **sections: dict) -> dict:
     """A quick recipe over a tiny teacher and a small CSV (fp32, short epochs); ``sections`` update
-    the recipe's sections key by key, e.g. ``distill={"temperature": 4}``."""
+    the recipe's sections key by key, e.g. ``distill={"temperature": 4}``. A teacher that is already a
+    classifier gets no fine-tuning keys (nothing would read them)."""
+    finetune = {"epochs": 6, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0}
     recipe = {
         "name": "tiny",
         "seed": 3,
         "output_dir": str(Path(tmp_path) / "runs"),
         "data": {"dataset": str(csv_path), "max_length": 16, "split": {"validation": 0.15, "test": 0.15, "seed": 1}},
-        "teacher": {"model": str(teacher_dir), "finetune": {"epochs": 6, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0}},
+        "teacher": {"model": str(teacher_dir), **({} if _has_classification_head(teacher_dir) else {"finetune": finetune})},
         "distill": {"alpha": 0.7, "temperature": 2.0, "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3}},
         "runtime": {"precision": "fp32"},
     }

@@ -179,3 +179,21 @@ def test_the_out_of_domain_set_is_one_load_ood_reads():
         "eval.ood_dataset: 'rotten-tomatoes' is not an out-of-domain set (the sets: amazon-snippets, tweet-snippets, "
         "nyt-snippets, movie-snippets): name one, or null for none"]
     assert check_inputs(load_recipe("default", ["eval.ood_dataset=tweet-snippets"])) == []
+
+
+def test_fine_tuning_keys_for_a_teacher_that_has_its_head_stop_the_teacher_stage(tmp_path, tiny_classifier_dir,
+                                                                                  tiny_teacher_dir, tiny_csv):
+    """The stage fine-tunes only a teacher without a task head; for one with a head the keys would do nothing."""
+    from edgekd.pipeline import run_stages
+    from edgekd.recipe import parse_recipe
+    from edgekd.testing import tiny_recipe
+
+    raw = tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={"finetune": {"epochs": 3, "lr": 1e-3}})
+    with pytest.raises(RecipeError, match=re.escape(
+            f"teacher.finetune.epochs, teacher.finetune.lr: train(s) a teacher that has no task head yet, and "
+            f"{tiny_classifier_dir} has one, so the teacher stage trains nothing")):
+        run_stages(parse_recipe(raw), ["teacher"])
+    assert not (tmp_path / "runs" / "tiny" / "teacher" / "model").exists()
+    # a teacher without its head reads them: tiny_recipe gives it fine-tuning keys, and the classifier none
+    assert "finetune" in tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv)["teacher"]
+    assert "finetune" not in tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv)["teacher"]

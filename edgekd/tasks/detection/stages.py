@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgekd.errors import StageError
+from edgekd.errors import RecipeError, StageError
 from edgekd.progress import progress_bar
-from edgekd.recipe import TrainConfig
+from edgekd.recipe import TrainConfig, finetune_unread
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model
 from edgekd.stages.prune_common import (
@@ -106,6 +106,8 @@ def run_teacher(ctx) -> dict[str, Any]:
     set_seed(r.seed)
     model = task.load_model(r.teacher.model)
     trained = not task.has_task_head(r.teacher.model)
+    if not trained and finetune_unread(r.teacher):
+        raise RecipeError(finetune_unread(r.teacher))
     history: list[dict[str, float]] = []
     seconds = 0.0
     if trained:

@@ -15,7 +15,9 @@ import numpy as np
 from transformers import set_seed
 
 from edgekd.context import RunContext
+from edgekd.errors import RecipeError
 from edgekd.losses import soft_hard_loss
+from edgekd.recipe import finetune_unread
 from edgekd.runfolder import atomic_write_bytes, fingerprint
 from edgekd.train import predict, train
 
@@ -56,6 +58,8 @@ def _fit_local_teacher(ctx: RunContext, fp: str) -> tuple[Any, dict[str, Any]]:
     set_seed(r.seed)  # a fresh task head is initialised randomly: seed it like the rest of the run
     model = task.load_model(r.teacher.model)
     finetuned = not task.has_task_head(r.teacher.model)
+    if not finetuned and finetune_unread(r.teacher):
+        raise RecipeError(finetune_unread(r.teacher))
     history: list[dict[str, float]] = []
     train_seconds = 0.0
     if finetuned:
