@@ -197,3 +197,14 @@ def test_fine_tuning_keys_for_a_teacher_that_has_its_head_stop_the_teacher_stage
     # a teacher without its head reads them: tiny_recipe gives it fine-tuning keys, and the classifier none
     assert "finetune" in tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv)["teacher"]
     assert "finetune" not in tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv)["teacher"]
+
+
+def test_matching_a_black_box_teachers_hidden_states_is_refused_before_it_is_asked():
+    black_box = ["teacher.kind=v2", "teacher.url=http://teacher:8000", "teacher.model_name=m",
+                 "teacher.augment.copies=0"]
+    for key in ("distill.hidden_weight", "distill.attention_weight"):
+        assert check_inputs(load_recipe("default", [*black_box, f"{key}=0.5"])) == [
+            "distill.hidden_weight / distill.attention_weight: a black-box teacher has no hidden states or attention "
+            "maps to match; set them to 0, or use a local teacher (teacher.kind: model)"]
+    assert check_inputs(load_recipe("default", black_box)) == []
+    assert check_inputs(load_recipe("default", ["distill.hidden_weight=0.5"])) == []  # the local teacher has them

@@ -125,6 +125,17 @@ def _check_ood(recipe: Recipe) -> list[str]:
     return []
 
 
+# The distill stage raises the same when it meets a black-box teacher (tasks.text.distill.DistillLoss).
+BLACK_BOX_MATCHING = ("distill.hidden_weight / distill.attention_weight: a black-box teacher has no hidden states or "
+                      "attention maps to match; set them to 0, or use a local teacher (teacher.kind: model)")
+
+
+def _check_black_box_matching(recipe: Recipe) -> list[str]:
+    """Matching a black box's hidden states would fail in the distill stage, after it was asked about every text."""
+    d = recipe.distill
+    return [BLACK_BOX_MATCHING] if recipe.teacher.is_black_box() and (d.hidden_weight or d.attention_weight) else []
+
+
 def _check_teacher_paths(recipe: Recipe) -> list[str]:
     named = [("teacher.path", recipe.teacher)]
     named += [(f"teacher.ensemble[{i}].path", m) for i, m in enumerate(recipe.teacher.ensemble)]
@@ -185,4 +196,5 @@ def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with the data files, unlabelled texts and local teacher exports ``recipe``
     names, and with settings a text encoder cannot take, each starting with its recipe key; [] when none."""
     return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_ood(recipe) + _check_teacher_paths(recipe)
+            + _check_black_box_matching(recipe)
             + _check_prune_method(recipe) + _check_hidden_size(recipe) + _check_fresh_copies(recipe))

@@ -27,6 +27,7 @@ from edgekd.errors import RecipeError
 from edgekd.losses import attention_loss, hidden_state_loss, soft_hard_loss
 from edgekd.recipe import DistillConfig
 from edgekd.runfolder import fingerprint
+from edgekd.tasks.text.checks import BLACK_BOX_MATCHING
 from edgekd.tasks.text.teacher import load_teacher_outputs, teacher_fingerprint
 from edgekd.train import predict, train
 
@@ -93,10 +94,7 @@ class DistillLoss:
         self.use_hidden = distilling and d.hidden_weight > 0
         self.use_att = distilling and d.attention_weight > 0
         if (self.use_hidden or self.use_att) and teacher is None:
-            raise RecipeError([
-                "distill.hidden_weight / distill.attention_weight: a black-box teacher has no hidden states or "
-                "attention maps to match; set them to 0, or use a local teacher (teacher.kind: model)"
-            ])
+            raise RecipeError([BLACK_BOX_MATCHING])
         if distilling and soft_logits is None and hard_labels is None:
             raise ValueError("distilling needs the teacher's soft_logits or hard_labels, one row per training example")
         self.mapping = list(mapping or [])
