@@ -200,6 +200,10 @@ def test_student_exports_to_onnx_and_runs(distilled, data_yaml, tmp_path):
     expected = [1, 4 + NUM_CLASSES, r["locations"]]
     assert info["output_shape"] == expected
     assert info["max_abs_diff"] < 1e-3, info
+    # checked in a temporary folder, then published in one rename: only the file itself is left here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]
+    run = Path(r["weights"]).parent  # and the distillation wrote its checkpoint and record the same way
+    assert {"student.pt", "distill.json"} <= {p.name for p in run.iterdir()} and not list(run.glob(".*.tmp"))
     image = sorted((data_yaml.parent / "images" / "val").glob("*.png"))[0]
     x = np.asarray(Image.open(image).convert("RGB").resize((IMGSZ, IMGSZ)), dtype=np.float32) / 255.0
     sess = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekd.errors import AssetError, EdgeKDError, MissingBackendError
+from edgekd.runfolder import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -272,7 +274,9 @@ def save_yolo_checkpoint(model: nn.Module, path: str | Path, extra: dict[str, An
         ul_version = None
     ckpt = {"model": m, "ema": None, "epoch": -1, "train_args": args, "version": ul_version,
             "date": datetime.now(timezone.utc).isoformat(), "edgekd": dict(extra or {})}
-    torch.save(ckpt, path)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())  # a crash mid-save leaves no half-written checkpoint behind
     return path
 
 
@@ -526,7 +530,7 @@ def distill_yolo(
         "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - t0, 3),
         "weights": str(weights),
     }
-    (out / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "distill.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -581,6 +585,7 @@ def export_yolo_onnx(model_or_path: nn.Module | str | Path, out_path: str | Path
         else:
             src = save_yolo_checkpoint(model_or_path, Path(tmp) / "model.pt")
         ckpt_copy = Path(tmp) / "export.pt"  # the exporter writes next to its input; keep that in tmp
+        staged = Path(tmp) / "staged.onnx"  # checked, then published at out_path in one rename
         if ckpt_copy != src:
             shutil.copyfile(src, ckpt_copy)
         reference = _load_checkpoint(ckpt_copy).float().eval()
@@ -592,22 +597,23 @@ def export_yolo_onnx(model_or_path: nn.Module | str | Path, out_path: str | Path
             produced = YOLO(str(ckpt_copy), task="detect").export(
                 format="onnx", imgsz=imgsz, simplify=False, dynamic=False, device="cpu",
                 **({"opset": opset} if opset else {}))
-            shutil.move(str(produced), out_path)
+            shutil.move(str(produced), staged)
         except Exception as e:  # exporter API drift: the plain torch export of the same graph
             exporter, error = "torch.onnx", f"{type(e).__name__}: {_first_line(e)}"
-            _torch_onnx_export(reference, out_path, imgsz, opset or 17)
+            _torch_onnx_export(reference, staged, imgsz, opset or 17)
 
         import onnxruntime as ort
 
         x = torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
-        sess = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0]
         got = sess.run(None, {inp.name: x.numpy()})[0]
         with torch.no_grad():
             ref = reference(x)
         ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
-    if got.shape != ref.shape:
-        raise EdgeKDError(f"ONNX output {got.shape} does not match the torch model's {ref.shape}.")
+        if got.shape != ref.shape:  # nothing is written at out_path
+            raise EdgeKDError(f"ONNX output {got.shape} does not match the torch model's {ref.shape}.")
+        atomic_write_bytes(out_path, staged.read_bytes())
     result = {"path": str(out_path), "exporter": exporter, "input_name": inp.name,
               "input_shape": [1, 3, imgsz, imgsz], "output_shape": list(got.shape), "num_classes": nc,
               "max_abs_diff": float(np.abs(got - ref).max())}
