@@ -112,7 +112,8 @@ DETECTION_UNREAD = {
     "eval.ood_min_abs_score": ("1.0", "eval.ood_dataset=amazon-snippets"),
     "teacher.kind": ("onnx", "teacher.path=/tmp/t"), "teacher.ensemble": ("[{kind: onnx, path: /tmp/t}]",),
     "teacher.targets": ("labels",), "export.first_token_last_layer": False, "serve.max_items": 4,
-    "serve.max_length": 16, "serve.overflow": "reject",
+    "serve.max_length": 16, "serve.overflow": "reject", "bench.seq_lengths": ("[32]",), "bench.inputs": "synthetic",
+    "bench.synthetic_vocab_size": 50,
 }
 TEXT_UNREAD = {"detection": ("{max_det: 5}",), "serve.max_images": 2, "serve.max_image_pixels": 1000}
 

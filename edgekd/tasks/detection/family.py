@@ -54,6 +54,9 @@ UNREAD_KEYS = {
     "export.first_token_last_layer": "only a text classifier's last block can run on the first position "
                                      "alone; a detector has no such block",
     **dict.fromkeys(("serve.max_items", "serve.max_length", "serve.overflow"), _TEXT_SERVE),
+    **dict.fromkeys(("bench.seq_lengths", "bench.inputs", "bench.synthetic_vocab_size"), "only a text model is timed "
+                    "at set sequence lengths or on synthetic token ids; a detector is timed on its test images at "
+                    "detection.image_size"),
 }
 
 
