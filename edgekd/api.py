@@ -311,8 +311,9 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     if cfg.rounds != 1:
         raise RecipeError(["distill.rounds: edgekd.distill trains one round; call it again with the student as "
                            "teacher, or run the pipeline (edgekd.run) for born-again rounds"])
-    if hidden_loss_unread(cfg, 0.0):
-        raise RecipeError(hidden_loss_unread(cfg, 0.0))
+    unread = hidden_loss_unread(cfg, 0.0)
+    if unread:
+        raise RecipeError(unread)
     if isinstance(teacher, (str, Path)):
         tokenizer = tokenizer or _tokenizer_of(teacher)
         teacher = _classifier(teacher)

@@ -187,7 +187,7 @@ class TeacherEndpoint(Section):
         if self.targets == "logits" and self.kind == "model":
             problems.append("targets: a local model (kind 'model') gives its logits either way, so probs and logits "
                             "are the same targets: drop it (or set labels for hard targets)")
-        if self.api_key_header != type(self).model_fields["api_key_header"].default and self.api_key_env is None:
+        if changed_keys(self, keys=("api_key_header",)) and self.api_key_env is None:
             problems.append("api_key_header: names the header that carries the key of api_key_env, and no "
                             "api_key_env is set: set it (kind edgekd or v2) or drop api_key_header")
         return problems
@@ -336,13 +336,13 @@ class TeacherConfig(TeacherEndpoint):
             if any(m.targets == "labels" for m in members):
                 problems.append("combine 'most_confident' needs probabilities from every teacher, and a "
                                 "labels-only teacher has none: use combine 'average' (a vote)")
-        if not self.ensemble:
-            if self.combine != type(self).model_fields["combine"].default:
-                problems.append("combine: chooses how the targets of several teachers become one, and "
-                                "teacher.ensemble is empty: drop it or add teachers")
-            if self.weight != type(self).model_fields["weight"].default:
-                problems.append("weight: weighs this teacher against those of teacher.ensemble, which is empty (one "
-                                "teacher's targets are its own whatever its weight): drop it or add teachers")
+        alone = changed_keys(self, keys=("combine", "weight")) if not self.ensemble else []
+        if "combine" in alone:
+            problems.append("combine: chooses how the targets of several teachers become one, and "
+                            "teacher.ensemble is empty: drop it or add teachers")
+        if "weight" in alone:
+            problems.append("weight: weighs this teacher against those of teacher.ensemble, which is empty (one "
+                            "teacher's targets are its own whatever its weight): drop it or add teachers")
         asked = changed_keys(self.client, prefix="client.")
         http = [k for k in asked if k != "client.batch_size"]
         if asked and all(m.kind == "model" for m in members):

@@ -106,8 +106,9 @@ def run_teacher(ctx) -> dict[str, Any]:
     set_seed(r.seed)
     model = task.load_model(r.teacher.model)
     trained = not task.has_task_head(r.teacher.model)
-    if not trained and finetune_unread(r.teacher):
-        raise RecipeError(finetune_unread(r.teacher))
+    unread = [] if trained else finetune_unread(r.teacher)
+    if unread:
+        raise RecipeError(unread)
     history: list[dict[str, float]] = []
     seconds = 0.0
     if trained:

@@ -45,7 +45,7 @@ def _check_text_data(recipe: Recipe) -> list[str]:
                 f"{it_or_them(unread)}"] if unread else []
     path = Path(d.dataset).expanduser()
     problems = []
-    if d.source != type(d).model_fields["source"].default:
+    if changed_keys(d, keys=("source",)):
         named = sorted(n for n, a in assets.ASSETS.items() if a.kind == "dataset")
         problems.append(f"data.source: chooses where a named dataset comes from, and '{d.dataset}' is not one "
                         f"(named: {', '.join(named)}): remove it")

@@ -58,8 +58,9 @@ def _fit_local_teacher(ctx: RunContext, fp: str) -> tuple[Any, dict[str, Any]]:
     set_seed(r.seed)  # a fresh task head is initialised randomly: seed it like the rest of the run
     model = task.load_model(r.teacher.model)
     finetuned = not task.has_task_head(r.teacher.model)
-    if not finetuned and finetune_unread(r.teacher):
-        raise RecipeError(finetune_unread(r.teacher))
+    unread = [] if finetuned else finetune_unread(r.teacher)
+    if unread:
+        raise RecipeError(unread)
     history: list[dict[str, float]] = []
     train_seconds = 0.0
     if finetuned:
