@@ -136,15 +136,14 @@ def test_recipe_refuses_quant_aware_it_cannot_honour(tmp_path):
 
 
 def test_a_family_that_cannot_train_int8_aware_refuses_it(tmp_path):
-    from edgekd.tasks import get_family
+    from edgekd.recipe_check import check_inputs
 
     recipe = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
                            "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
                                      "recover_epochs": 1, "quant_aware": True},
-                           "quantize": {"enabled": True, "method": "dynamic"}})
-    problems = get_family("detection").check_inputs(recipe)
-    assert problems == ["prune.quant_aware: the detection prune stage does not train int8-aware (text "
-                        "classification does); set it to false"]
+                           "quantize": {"enabled": True, "method": "dynamic", "guard_metric": "map50"}})
+    assert check_inputs(recipe) == ["prune.quant_aware: the detection prune stage does not train int8-aware (text "
+                                    "classification does): remove it"]
 
 
 @pytest.mark.slow

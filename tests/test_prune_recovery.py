@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from edgekd.recipe import PruneConfig, parse_recipe
+from edgekd.recipe_check import check_inputs
 from edgekd.testing import tiny_recipe
 
 
@@ -117,9 +118,9 @@ def test_unpruned_soft_targets_are_refused_where_nothing_reads_them(tmp_path, ti
         PruneConfig(enabled=True, keep_params=0.5, recover_soft_targets="student")  # not a choice
     # every text recovery reads them, unstructured too (the test above); a detector's does not
     for source in ("unpruned", "teacher+unpruned"):
-        assert get_family("detection").check_inputs(_detector_recipe(tmp_path, recover_soft_targets=source)) == [
-            f"prune.recover_soft_targets: '{source}' chooses a text recovery's soft targets; a detector recovers "
-            "against its teacher: remove the key"]
+        assert check_inputs(_detector_recipe(tmp_path, recover_soft_targets=source)) == [
+            "prune.recover_soft_targets: it chooses a text recovery's soft targets; a detector recovers against its "
+            "teacher: remove it"]
         text = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
                                         prune={"enabled": True, "method": "unstructured", "sparsity": 0.5,
                                                "recover_soft_targets": source, "recover_hidden_weight": 1.0}))
@@ -378,9 +379,9 @@ def test_a_black_box_teacher_or_a_detector_cannot_have_fresh_copies(tmp_path, ti
     problems = get_family("text-classification").check_inputs(parse_recipe(raw))
     assert any(p.startswith("prune.recover_fresh_copies") and "a black-box teacher" in p for p in problems)
     detection = _detector_recipe(tmp_path, recover_fresh_copies=1)
-    assert get_family("detection").check_inputs(detection) == [
+    assert check_inputs(detection) == [
         "prune.recover_fresh_copies: perturbed copies of training texts are for text classification; a detector "
-        "recovers on its own training images: set it to 0"]
+        "recovers on its own training images: remove it"]
 
 
 def test_recover_alpha_and_temperature_are_refused_only_where_no_recovery_reads_them(tmp_path, tiny_classifier_dir,
@@ -392,13 +393,13 @@ def test_recover_alpha_and_temperature_are_refused_only_where_no_recovery_reads_
     with pytest.raises(ValueError, match="recover_temperature"):
         PruneConfig(enabled=True, keep_params=0.5, recover_temperature=0)  # a temperature above 0
     # every text recovery reads them (unstructured too); a detector's does not
-    assert get_family("detection").check_inputs(_detector_recipe(tmp_path, recover_temperature=4.0)) == [
-        "prune.recover_temperature: softens a text recovery's soft targets; a detector recovers with its own "
-        "detection and distillation losses (at distill.temperature): remove the key"]
+    assert check_inputs(_detector_recipe(tmp_path, recover_temperature=4.0)) == [
+        "prune.recover_temperature: it softens a text recovery's soft targets; a detector recovers with its own "
+        "detection and distillation losses (at distill.temperature): remove it"]
     detection = _detector_recipe(tmp_path, recover_alpha=0.8)
-    assert get_family("detection").check_inputs(detection) == [
-        "prune.recover_alpha: weighs a text recovery's soft targets against its labels; a detector recovers "
-        "with its own detection and distillation losses: remove the key"]
+    assert check_inputs(detection) == [
+        "prune.recover_alpha: it weighs a text recovery's soft targets against its labels; a detector recovers "
+        "with its own detection and distillation losses: remove it"]
     text = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv,
                                     prune={"enabled": True, "method": "unstructured", "sparsity": 0.5,
                                            "recover_alpha": 0.8}))

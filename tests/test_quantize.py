@@ -364,12 +364,14 @@ def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_pa
         parse_recipe({"name": "x", "quantize": {"enabled": True, "embedding_block_size": 48}})
     with pytest.raises(RecipeError, match="embedding_float_rows .* needs quantize.embedding_bits: 4"):
         parse_recipe({"name": "x", "quantize": {"enabled": True, "embedding_float_rows": 0}})
-    from edgekd.tasks import get_family
+    from edgekd.recipe_check import check_inputs
 
     detector = parse_recipe({"task": "detection", "eval": {"ood_dataset": None},
-                             "quantize": {"enabled": True, "embedding_bits": 4}})
-    assert get_family("detection").check_inputs(detector) == [
-        "quantize.embedding_bits: 4 shrinks the embedding tables of a text encoder; a detector has none: set it to 8"]
+                             "quantize": {"enabled": True, "embedding_bits": 4, "guard_metric": "map50",
+                                          "candidates": [{"method": "static"}, {"embedding_bits": 4}]}})
+    why = "it shrinks the embedding tables of a text encoder; a detector has none"
+    assert check_inputs(detector) == [f"quantize.embedding_bits: {why}: remove it",
+                                      f"quantize.candidates[1].embedding_bits: {why}: remove it"]
     folder, inputs, labels = fragile  # MatMuls only: no embedding table to shrink
     with pytest.raises(StageError, match="found no Gather over a float weight"):
         quantize_onnx(folder, tmp_path / "onnx-int8", qcfg(embedding_bits=4, max_accuracy_drop=1.0), None,

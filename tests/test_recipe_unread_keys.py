@@ -113,7 +113,10 @@ DETECTION_UNREAD = {
     "teacher.kind": ("onnx", "teacher.path=/tmp/t"), "teacher.ensemble": ("[{kind: onnx, path: /tmp/t}]",),
     "teacher.targets": ("labels",), "export.first_token_last_layer": False, "serve.max_items": 4,
     "serve.max_length": 16, "serve.overflow": "reject", "bench.seq_lengths": ("[32]",), "bench.inputs": "synthetic",
-    "bench.synthetic_vocab_size": 50,
+    "bench.synthetic_vocab_size": 50, "prune.quant_aware": ("true", "quantize.method=dynamic"),
+    "teacher.unlabelled.dataset": "movie-snippets", "teacher.augment.copies": 1, "prune.recover_fresh_copies": 1,
+    "prune.recover_soft_targets": "unpruned", "prune.recover_alpha": 0.8, "prune.recover_temperature": 4.0,
+    "quantize.embedding_bits": 4,
 }
 TEXT_UNREAD = {"detection": ("{max_det: 5}",), "serve.max_images": 2, "serve.max_image_pixels": 1000}
 

@@ -296,14 +296,15 @@ def test_augmented_copies_never_repeat_a_labelled_or_taken_text():
 
 
 def test_detection_refuses_the_text_only_teacher_keys(tmp_path):
-    from edgekd.tasks import get_family
+    from edgekd.recipe_check import check_inputs
 
     recipe = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
                            "teacher": {"augment": {"copies": 1}, "unlabelled": {"dataset": "movie-snippets"}}})
-    problems = get_family("detection").check_inputs(recipe)
+    problems = check_inputs(recipe)
     assert [p.split(":")[0] for p in problems] == ["teacher.unlabelled.dataset", "teacher.augment.copies"]
-    assert get_family("detection").check_inputs(parse_recipe({"task": "detection", "output_dir": str(tmp_path),
-                                                              "eval": {"ood_dataset": None}})) == []
+    assert all(p.endswith(": remove it") for p in problems)
+    assert check_inputs(parse_recipe({"task": "detection", "output_dir": str(tmp_path),
+                                      "eval": {"ood_dataset": None}})) == []
 
 
 def test_augment_recipe_keys_are_checked():

@@ -54,6 +54,19 @@ UNREAD_KEYS = {
     "export.first_token_last_layer": "only a text classifier's last block can run on the first position "
                                      "alone; a detector has no such block",
     **dict.fromkeys(("serve.max_items", "serve.max_length", "serve.overflow"), _TEXT_SERVE),
+    "prune.quant_aware": "the detection prune stage does not train int8-aware (text classification does)",
+    "teacher.unlabelled.dataset": "extra unlabelled texts are for text classification; a detector's teacher labels "
+                                  "the training images only",
+    "teacher.augment.copies": "perturbed copies of training texts are for text classification; a detector trains "
+                              "on its own image augmentation",
+    "prune.recover_fresh_copies": "perturbed copies of training texts are for text classification; a detector "
+                                  "recovers on its own training images",
+    "prune.recover_soft_targets": "it chooses a text recovery's soft targets; a detector recovers against its teacher",
+    "prune.recover_alpha": "it weighs a text recovery's soft targets against its labels; a detector recovers with "
+                           "its own detection and distillation losses",
+    "prune.recover_temperature": "it softens a text recovery's soft targets; a detector recovers with its own "
+                                 "detection and distillation losses (at distill.temperature)",
+    "quantize.embedding_bits": "it shrinks the embedding tables of a text encoder; a detector has none",
     **dict.fromkeys(("bench.seq_lengths", "bench.inputs", "bench.synthetic_vocab_size"), "only a text model is timed "
                     "at set sequence lengths or on synthetic token ids; a detector is timed on its test images at "
                     "detection.image_size"),
@@ -73,8 +86,8 @@ class Detection:
         return dict(STAGES)
 
     def check_inputs(self, recipe: Recipe) -> list[str]:
-        """A YOLO data.yaml must exist (the generated set and COCO files are checked when loaded); settings
-        only the text family honours are refused."""
+        """A YOLO data.yaml must exist (the generated set and COCO files are checked when loaded); data.split
+        only for a COCO file; a pruning method for a transformer refused (keys it never reads: UNREAD_KEYS)."""
         problems = []
         d = recipe.data.dataset
         if d.endswith((".yaml", ".yml")) and not Path(d).expanduser().is_file():
@@ -84,33 +97,13 @@ class Detection:
             problems.append(f"{', '.join(split)}: only a COCO annotations file (.json) is cut by data.split; {d} "
                             "brings its own splits (detection.synthetic sizes the generated set): "
                             f"remove {it_or_them(split)}")
-        if recipe.prune.quant_aware:
-            problems.append("prune.quant_aware: the detection prune stage does not train int8-aware (text "
-                            "classification does); set it to false")
-        if recipe.teacher.unlabelled.dataset:
-            problems.append("teacher.unlabelled.dataset: extra unlabelled texts are for text classification; a "
-                            "detector's teacher labels the training images only: remove the key")
-        if recipe.teacher.augment.copies:
-            problems.append("teacher.augment.copies: perturbed copies of training texts are for text "
-                            "classification; a detector trains on its own image augmentation: set it to 0")
-        if recipe.prune.recover_fresh_copies:
-            problems.append("prune.recover_fresh_copies: perturbed copies of training texts are for text "
-                            "classification; a detector recovers on its own training images: set it to 0")
         if recipe.prune.enabled and recipe.prune.method != "channels":
             problems.append(f"prune.method: '{recipe.prune.method}' prunes a transformer encoder; a detector is "
                             "pruned with 'channels'")
-        if recipe.prune.recover_soft_targets != "teacher":
-            problems.append(f"prune.recover_soft_targets: '{recipe.prune.recover_soft_targets}' chooses a text "
-                            "recovery's soft targets; a detector recovers against its teacher: remove the key")
-        if recipe.prune.recover_alpha is not None:
-            problems.append("prune.recover_alpha: weighs a text recovery's soft targets against its labels; a "
-                            "detector recovers with its own detection and distillation losses: remove the key")
-        if recipe.prune.recover_temperature is not None:
-            problems.append("prune.recover_temperature: softens a text recovery's soft targets; a detector recovers "
-                            "with its own detection and distillation losses (at distill.temperature): remove the key")
-        if recipe.quantize.embedding_bits == 4:
-            problems.append("quantize.embedding_bits: 4 shrinks the embedding tables of a text encoder; a "
-                            "detector has none: set it to 8")
+        four = [f"quantize.candidates[{i}].embedding_bits" for i, c in enumerate(recipe.quantize.candidates)
+                if c.embedding_bits is not None]
+        if four:
+            problems.append(f"{', '.join(four)}: {UNREAD_KEYS['quantize.embedding_bits']}: remove {it_or_them(four)}")
         return problems
 
 
