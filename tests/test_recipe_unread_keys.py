@@ -185,6 +185,14 @@ def test_the_out_of_domain_set_is_one_load_ood_reads():
     assert check_inputs(load_recipe("default", ["eval.ood_dataset=tweet-snippets"])) == []
 
 
+def test_the_synthetic_vocabulary_is_refused_where_a_run_times_its_real_texts():
+    # a run's bench always has the test texts (edgekd.stages.bench passes them): with inputs real, no id is drawn
+    assert check_inputs(load_recipe("default", ["bench.synthetic_vocab_size=50"])) == [
+        "bench.synthetic_vocab_size: synthetic ids are drawn only with bench.inputs: synthetic, and this run's bench "
+        "times its real test texts: remove it, or set bench.inputs: synthetic"]
+    assert check_inputs(load_recipe("default", ["bench.synthetic_vocab_size=50", "bench.inputs=synthetic"])) == []
+
+
 def test_fine_tuning_keys_for_a_teacher_that_has_its_head_stop_the_teacher_stage(tmp_path, tiny_classifier_dir,
                                                                                   tiny_teacher_dir, tiny_csv):
     """The stage fine-tunes only a teacher without a task head; for one with a head the keys would do nothing."""

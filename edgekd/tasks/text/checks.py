@@ -192,9 +192,20 @@ def _check_prune_method(recipe: Recipe) -> list[str]:
     return []
 
 
+def _check_bench_inputs(recipe: Recipe) -> list[str]:
+    """bench.synthetic_vocab_size: a run's bench always has the test texts, so with bench.inputs: real it
+    times them and never draws a synthetic id."""
+    b = recipe.bench
+    if b.inputs == "real" and changed_keys(b, keys=("synthetic_vocab_size",)):
+        return ["bench.synthetic_vocab_size: synthetic ids are drawn only with bench.inputs: synthetic, and this "
+                "run's bench times its real test texts: remove it, or set bench.inputs: synthetic"]
+    return []
+
+
 def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with the data files, unlabelled texts and local teacher exports ``recipe``
     names, and with settings a text encoder cannot take, each starting with its recipe key; [] when none."""
     return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_ood(recipe) + _check_teacher_paths(recipe)
             + _check_black_box_matching(recipe)
-            + _check_prune_method(recipe) + _check_hidden_size(recipe) + _check_fresh_copies(recipe))
+            + _check_prune_method(recipe) + _check_hidden_size(recipe) + _check_fresh_copies(recipe)
+            + _check_bench_inputs(recipe))
