@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +13,6 @@ from typer.testing import CliRunner
 from edgekd.cli import app
 from edgekd.report_html import render
 from edgekd.runfolder import RunFolder
-from edgekd.testing import tiny_recipe, write_sentiment_csv
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -37,34 +35,15 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_teacher_dir) -> Path:
-    """A tiny text run through every stage: prune, ONNX export, quantize with two candidates, bench."""
-    root = tmp_path_factory.mktemp("html-report")
-    csv = write_sentiment_csv(root / "reviews.csv", n=200, seed=1)
-    recipe = tiny_recipe(root, tiny_teacher_dir, csv,
-                         prune={"enabled": True, "keep_params": 0.8, "recover_epochs": 1},
-                         export={"targets": ["onnx"]},
-                         quantize={"enabled": True, "speed_runs": 5, "sensitivity_examples": 12,
-                                   "calibration_samples": 8, "candidates": [{"method": "static"}]},
-                         bench={"enabled": True, "batch_sizes": [1], "runs": 3, "warmup": 1, "isolate": False})
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGEKD_CACHE", str(root / "cache"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        res = CliRunner().invoke(app, ["run", str(root / "recipe.yaml")])
-    assert res.exit_code == 0, res.output
-    return root / "runs" / "tiny"
-
-
 def _rows(driver, section: str) -> list[str]:
     from selenium.webdriver.common.by import By
 
     return [tr.text for tr in driver.find_elements(By.CSS_SELECTOR, f"#{section} table tbody tr")]
 
 
-@pytest.mark.slow  # the tiny run through every stage takes ~40 s
+@pytest.mark.slow  # the shared tiny run through every stage (tests/conftest.py) takes ~30 s
 def test_html_report_of_a_full_run_in_chromium(browser, full_run, tmp_path):
+    full_run = full_run[0]  # a copy of the shared tiny run, which this test writes its page into
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

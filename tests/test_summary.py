@@ -6,14 +6,12 @@ from __future__ import annotations
 import io
 
 import pytest
-import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
 from edgekd import report
 from edgekd.cli import app
 from edgekd.runfolder import RunFolder
-from edgekd.testing import tiny_recipe
 
 STAGES = ("teacher", "distill", "baseline", "eval", "prune", "export", "quantize", "bench")
 
@@ -25,30 +23,9 @@ def _summary_text(run: RunFolder, monkeypatch) -> str:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_teacher_dir):
-    """A tiny text run through every stage (prune, ONNX export, guarded int8, bench) and its output."""
-    from edgekd.testing import write_sentiment_csv
-
-    tmp = tmp_path_factory.mktemp("full-run")
-    csv = write_sentiment_csv(tmp / "reviews.csv", n=240, seed=1)
-    recipe = tiny_recipe(tmp, tiny_teacher_dir, csv,
-                         teacher={"finetune": {"epochs": 2, "batch_size": 32, "lr": 3e-3}},
-                         distill={"train": {"epochs": 1, "batch_size": 32, "lr": 2e-3}},
-                         prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5},
-                         export={"targets": ["onnx"]}, quantize={"enabled": True, "speed_runs": 5},
-                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False,
-                                "isolate": False})
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    res = CliRunner().invoke(app, ["run", str(path)])
-    assert res.exit_code == 0, res.output
-    return tmp / "runs" / "tiny", res.output
-
-
 @pytest.mark.slow
 def test_the_end_of_a_run_names_every_stage_with_its_headline(full_run):
-    run, output = full_run
+    _, run, output = full_run
     table = output[output.index("edgekd run 'tiny': stages"):output.index("test split")]
     rows = {line.split("│")[1].strip(): line for line in table.splitlines()
             if line.startswith("│") and line.split("│")[1].strip()}
@@ -64,13 +41,13 @@ def test_the_end_of_a_run_names_every_stage_with_its_headline(full_run):
 
 @pytest.mark.slow
 def test_report_prints_the_same_summary_and_a_rerun_says_unchanged(full_run):
-    run, output = full_run
+    copy, run, output = full_run
     summary = output[output.index("edgekd run 'tiny': stages"):]
-    res = CliRunner().invoke(app, ["report", str(run)])
+    res = CliRunner().invoke(app, ["report", str(run)])  # the folder the output names (report writes nothing)
     assert res.exit_code == 0, res.output
     assert res.output.startswith(summary)
     assert "Bench: tiny on local" in res.output  # the bench table, rendered on the same stream
-    again = CliRunner().invoke(app, ["run", str(run)])
+    again = CliRunner().invoke(app, ["run", str(copy)])
     assert again.exit_code == 0, again.output
     stages = again.output[again.output.index("edgekd run 'tiny': stages"):again.output.index("test split")]
     rows = [line.split("│") for line in stages.splitlines() if line.startswith("│ ")]

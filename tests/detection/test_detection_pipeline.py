@@ -34,7 +34,7 @@ def tiny_detection_recipe(tmp_path, **changes) -> dict:
 
 
 @pytest.mark.slow
-def test_detection_run_writes_every_stage_with_map(tmp_path):
+def test_detection_run_writes_every_stage_with_map_and_its_exports_serve_boxes(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tiny_detection_recipe(tmp_path)))
     runner = CliRunner()
@@ -84,6 +84,7 @@ def test_detection_run_writes_every_stage_with_map(tmp_path):
     assert "mAP@0.5:0.95" in table and "image 64x64" in table
     models = manifest["stages"]["bench"]["metrics"]["models"]
     assert {"pytorch-teacher", "pytorch-student", "pytorch-student-pruned", "onnx"} <= set(models)
+    served_export_answers_with_boxes(run)  # (in this test: a second tiny run would cost about 45 s)
 
     # Nothing changed: every stage is skipped; a KD weight changed: distill and what follows rerun.
     before = {s: r["finished"] for s, r in manifest["stages"].items()}
@@ -98,9 +99,9 @@ def test_detection_run_writes_every_stage_with_map(tmp_path):
     assert again["distill"]["finished"] != before["distill"]
 
 
-def test_served_detection_export_answers_with_boxes(tmp_path):
-    """The exported detector behind POST /predict: an image in, boxes in its own pixels out (host NMS and
-    NMS in the graph)."""
+def served_export_answers_with_boxes(run):
+    """The run's exported detector behind POST /predict: an image in, boxes in its own pixels out (host NMS
+    and NMS in the graph)."""
     import io
 
     from fastapi.testclient import TestClient
@@ -108,21 +109,10 @@ def test_served_detection_export_answers_with_boxes(tmp_path):
 
     from edgekd.serving import ServeSettings, create_app
 
-    recipe = tiny_detection_recipe(tmp_path)
-    recipe["detection"]["nms_in_graph"] = True
-    recipe["export"]["targets"] = ["onnx"]
-    for stage in ("prune", "quantize", "bench"):
-        recipe[stage]["enabled"] = False
-    recipe["baseline"]["enabled"] = False
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    res = CliRunner().invoke(app, ["run", str(path)])
-    assert res.exit_code == 0, res.output
     buf = io.BytesIO()
     Image.new("RGB", (160, 90), (200, 30, 30)).save(buf, format="PNG")
     for target in ("onnx", "onnx-nms"):
-        folder = tmp_path / "runs" / "tiny-det" / "export" / target
-        with TestClient(create_app(ServeSettings(export_dir=folder))) as client:
+        with TestClient(create_app(ServeSettings(export_dir=run / "export" / target))) as client:
             r = client.post("/predict?conf_threshold=0.001", files={"file": ("x.png", buf.getvalue(), "image/png")})
             assert r.status_code == 200, r.text
             pred = r.json()["predictions"][0]
