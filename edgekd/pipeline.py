@@ -24,7 +24,7 @@ SHARED_STAGES = {
     "export": Stage("export", run_export, export_fingerprint, enabled=lambda r: bool(r.export.targets),
                     inputs=lambda r: (source_stage_of(r),)),
     "quantize": Stage("quantize", run_quantize, quantize_fingerprint, enabled=lambda r: r.quantize.enabled,
-                      inputs=lambda r: ("export",)),
+                      inputs=lambda r: ("export",), read_only_when_on=True),
     # the exported files, the quantized ones beside them, and the PyTorch models it times for reference
     "bench": Stage("bench", run_bench, bench_fingerprint, enabled=lambda r: r.bench.enabled,
                    inputs=lambda r: tuple(dict.fromkeys(("teacher", "distill", source_stage_of(r), "export",
@@ -100,15 +100,20 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     stage succeeded. A failed command leaves it as it was, except that a run folder that has none
     yet gets one as soon as a stage finished, so the folder always names its recipe.
     """
-    ctx = create_context(recipe)
     table = stage_table(recipe.task)
-    if ctx.is_main:
-        prepare_run(ctx)
-    ctx.sync()
     todo = stages or planned_stages(recipe)
     unknown = [name for name in todo if name not in table]
     if unknown:
         raise StageError(f"task '{recipe.task}' has no stage(s) {', '.join(unknown)}; its stages: {', '.join(table)}.")
+    off = [name for name in stages or () if table[name].read_only_when_on and not table[name].enabled(recipe)]
+    if off:
+        raise StageError("; ".join(
+            f"{name}.enabled is false in this recipe, so no later stage would read what the {name} stage made: turn "
+            f"it on ({name}.enabled: true in the recipe, or --set {name}.enabled=true on a recipe file)" for name in off))
+    ctx = create_context(recipe)
+    if ctx.is_main:
+        prepare_run(ctx)
+    ctx.sync()
     t0 = time.perf_counter()
     finished = False
     ran: list[str] = []  # the stages this command ran (the others were unchanged): the summary says which

@@ -246,3 +246,26 @@ def test_a_stage_command_checks_inputs_before_any_stage_runs(tmp_path, tiny_teac
     res = CliRunner().invoke(app, ["run", str(path)])
     assert res.exit_code != 0 and "bench.profile" in str(res.exception)
     assert not (tmp_path / "runs" / "tiny" / "teacher").exists()  # nothing trained before the error
+
+
+@pytest.mark.parametrize("stage", ["baseline", "prune", "quantize"])
+def test_a_stage_the_recipe_turns_off_is_refused_by_its_command_before_anything_is_written(stage, tmp_path,
+                                                                                          tiny_teacher_dir, tiny_csv):
+    """Later stages read a baseline, a pruned student or a quantized file only while the recipe turns that
+    stage on: made by its own command while it is off, nothing would use it (export would ship the distilled
+    student). The bench, which nothing reads, runs by its command either way."""
+    raw = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, baseline={"enabled": False},
+                      prune={"keep_params": 0.5}, quantize={"method": "dynamic"})
+    path = write_recipe(tmp_path, raw)
+    res = CliRunner().invoke(app, [stage, str(path)])
+    assert res.exit_code != 0
+    message = str(res.exception)  # the command line (main) prints it as "error: ..."
+    assert (f"{stage}.enabled is false in this recipe, so no later stage would read what the {stage} stage made: "
+            f"turn it on ({stage}.enabled: true in the recipe, or --set {stage}.enabled=true on a recipe file)"
+            ) == message, message
+    assert not (tmp_path / "runs" / "tiny" / stage).exists() and not (tmp_path / "runs" / "tiny" / "manifest.json").exists()
+    from edgekd.pipeline import stage_table
+
+    table = stage_table("text-classification")
+    assert [n for n, s in table.items() if s.read_only_when_on] == ["baseline", "prune", "quantize"]
+    assert not table["bench"].read_only_when_on

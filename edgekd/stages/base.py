@@ -42,6 +42,8 @@ class Stage:
         task's ``load_model`` on the folder, in eval mode); may return None (a black-box teacher).
     inputs: recipe -> the stages whose results it reads. Its record keeps the ids of theirs, and it is
         out of date once one of them is run again (``RunFolder.stale_reason``).
+    read_only_when_on: later stages read its result only while the recipe turns it on (``<name>.enabled``):
+        a command that names it while it is off is refused, since nothing would use what it made.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Stage:
     produces_model: bool = False
     load: Callable[[RunContext], Any] | None = None
     inputs: Callable[[Recipe], tuple[str, ...]] = _nothing
+    read_only_when_on: bool = False
 
 
 def source_stage_of(recipe: Recipe) -> str:

@@ -26,9 +26,11 @@ STAGES = {
                      produces_model=True, inputs=lambda r: ("teacher",)),
     "baseline": Stage("baseline", lambda c: run_student_stage(c, "baseline"),
                       lambda c: student_fingerprint(c, "baseline"), enabled=lambda r: r.baseline.enabled,
+                      read_only_when_on=True,
                       produces_model=True, inputs=lambda r: ("teacher",)),
     "eval": Stage("eval", run_eval, eval_fingerprint, inputs=eval_inputs),
     "prune": Stage("prune", run_prune, prune_fingerprint, enabled=lambda r: r.prune.enabled, produces_model=True,
+                   read_only_when_on=True,
                    inputs=lambda r: ("teacher", "distill")),
 }
 

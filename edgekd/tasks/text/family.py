@@ -20,10 +20,12 @@ STAGES = {
     # the student starts from the teacher's layers
     "baseline": Stage("baseline", lambda c: run_student_stage(c, "baseline"),
                       lambda c: stage_fingerprint(c, "baseline"), enabled=lambda r: r.baseline.enabled,
+                      read_only_when_on=True,
                       produces_model=True, inputs=lambda r: ("teacher",)),
     "eval": Stage("eval", run_eval, eval_fingerprint, inputs=eval_inputs),
     # recovery distils from the teacher's cached outputs
     "prune": Stage("prune", run_prune, prune_fingerprint, enabled=lambda r: r.prune.enabled, produces_model=True,
+                   read_only_when_on=True,
                    load=load_pruned, inputs=lambda r: ("teacher", "distill")),
 }
 
