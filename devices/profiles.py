@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekd.devices import remote_runner
 from edgekd.errors import EdgeKDError
@@ -138,6 +138,18 @@ class DeviceProfile(_Strict):
         if bad:
             raise ValueError(f"unknown runtime(s) {bad}; known: {', '.join(RUNTIMES)}")
         return v
+
+    @model_validator(mode="after")
+    def _read_for_its_connection(self) -> DeviceProfile:
+        """Keys that only a bench on this machine (auto_detect) or one edgekd starts itself (cpus) reads."""
+        kind = self.connection.kind
+        if self.auto_detect and kind != "local":
+            raise ValueError(f"auto_detect: fills processor, arch, cores and isa from the machine edgekd runs on, and "
+                             f"this profile's device is reached by {kind}: write them in the profile and drop it")
+        if self.cpus is not None and kind == "manual":
+            raise ValueError("cpus: pins a benchmark process edgekd starts (connection local or ssh), and this "
+                             "profile's device is measured by hand (connection manual): drop it")
+        return self
 
     def runs_target(self, target: str) -> bool:
         return target in self.targets

@@ -99,3 +99,28 @@ def test_local_profile_is_detected():
 def test_model_round_trips():
     prof = load_profile("raspberry-pi-5")
     assert DeviceProfile.model_validate(prof.model_dump(mode="json")) == prof
+
+
+def test_keys_that_the_profiles_connection_never_reads_are_refused(tmp_path):
+    """auto_detect describes the machine edgekd runs on, so a remote device would take this one's cores
+    and ISA (and the quantize stage its weight encoding); cpus pins a process edgekd starts, which a device
+    measured by hand is not."""
+    pi = yaml.safe_load((resources.files("edgekd.devices") / "profiles" / "raspberry-pi-5.yaml").read_text())
+    phone = yaml.safe_load((resources.files("edgekd.devices") / "profiles" / "android-executorch.yaml").read_text())
+    for data, key, message in (
+            ({**pi, "auto_detect": True}, "auto_detect", "auto_detect: fills processor, arch, cores and isa from the "
+             "machine edgekd runs on, and this profile's device is reached by ssh: write them in the profile and "
+             "drop it"),
+            ({**phone, "auto_detect": True}, "auto_detect", "is reached by manual"),
+            ({**phone, "cpus": [0, 1]}, "cpus", "cpus: pins a benchmark process edgekd starts (connection local or "
+             "ssh), and this profile's device is measured by hand (connection manual): drop it")):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ProfileError) as e:
+            load_profile(path)
+        assert message in str(e.value)
+    # where they are read: the local machine detects itself; an ssh device's bench process is pinned
+    assert load_profile("local", detect=False).auto_detect
+    path = tmp_path / "pinned.yaml"
+    path.write_text(yaml.safe_dump({**pi, "cpus": [0, 1]}))
+    assert load_profile(path).cpus == [0, 1]
