@@ -141,11 +141,15 @@ class DeviceProfile(_Strict):
 
     @model_validator(mode="after")
     def _read_for_its_connection(self) -> DeviceProfile:
-        """Keys that only a bench on this machine (auto_detect) or one edgekd starts itself (cpus) reads."""
+        """Keys that only a bench on this machine (auto_detect), of ONNX files (onnx_providers) or one edgekd
+        starts itself (cpus) reads."""
         kind = self.connection.kind
         if self.auto_detect and kind != "local":
             raise ValueError(f"auto_detect: fills processor, arch, cores and isa from the machine edgekd runs on, and "
                              f"this profile's device is reached by {kind}: write them in the profile and drop it")
+        if self.onnx_providers and "onnx" not in self.targets:
+            raise ValueError("onnx_providers: ONNX Runtime's execution providers run the onnx target's folders, and "
+                             f"this profile's targets are {', '.join(self.targets)}: drop it, or add onnx to targets")
         if self.cpus is not None and kind == "manual":
             raise ValueError("cpus: pins a benchmark process edgekd starts (connection local or ssh), and this "
                              "profile's device is measured by hand (connection manual): drop it")

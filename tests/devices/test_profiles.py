@@ -103,8 +103,8 @@ def test_model_round_trips():
 
 def test_keys_that_the_profiles_connection_never_reads_are_refused(tmp_path):
     """auto_detect describes the machine edgekd runs on, so a remote device would take this one's cores
-    and ISA (and the quantize stage its weight encoding); cpus pins a process edgekd starts, which a device
-    measured by hand is not."""
+    and ISA (and the quantize stage its weight encoding); onnx_providers load ONNX files only; cpus pins a
+    process edgekd starts, which a device measured by hand is not."""
     pi = yaml.safe_load((resources.files("edgekd.devices") / "profiles" / "raspberry-pi-5.yaml").read_text())
     phone = yaml.safe_load((resources.files("edgekd.devices") / "profiles" / "android-executorch.yaml").read_text())
     for data, key, message in (
@@ -112,6 +112,9 @@ def test_keys_that_the_profiles_connection_never_reads_are_refused(tmp_path):
              "machine edgekd runs on, and this profile's device is reached by ssh: write them in the profile and "
              "drop it"),
             ({**phone, "auto_detect": True}, "auto_detect", "is reached by manual"),
+            ({**phone, "onnx_providers": ["XnnpackExecutionProvider"]}, "providers", "onnx_providers: ONNX "
+             "Runtime's execution providers run the onnx target's folders, and this profile's targets are executorch: "
+             "drop it, or add onnx to targets"),
             ({**phone, "cpus": [0, 1]}, "cpus", "cpus: pins a benchmark process edgekd starts (connection local or "
              "ssh), and this profile's device is measured by hand (connection manual): drop it")):
         path = tmp_path / f"{key}.yaml"
