@@ -537,8 +537,9 @@ def run_one(folder: Path, args: argparse.Namespace, client_kind: str) -> dict[st
         client = Client(client_kind, Path(tmp))
         try:
             for mode, batching in (("unbatched", False), ("batched", True)):
-                settings = {"batching": batching, "max_batch_size": args.max_batch_size,
-                            "max_wait_ms": args.max_wait_ms, "max_queue": 100_000}
+                settings = {"batching": batching, "max_queue": 100_000,
+                            **({"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}
+                               if batching else {})}  # (the server refuses them without batching)
                 if args.threads:
                     settings["threads"] = args.threads
                 servers[mode] = ServerProcess(folder, settings, args.loader)

@@ -111,6 +111,11 @@ class ServeSettings(BaseSettings):
     def _check(self) -> ServeSettings:
         if self.api_key is not None and not self.api_key.get_secret_value():
             raise ValueError("api_key is empty: leave it unset to disable authentication, or give a key")
+        unread = [] if self.batching else changed_keys(self, keys=("max_batch_size", "max_wait_ms"))
+        if unread:
+            raise ValueError(f"{', '.join(unread)}: shape{'s' if len(unread) == 1 else ''} the micro-batches of "
+                             f"concurrent requests, and batching is off: turn batching on, or unset "
+                             f"{it_or_them(unread)}")
         return self
 
     @classmethod

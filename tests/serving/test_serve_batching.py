@@ -105,7 +105,8 @@ def test_overload_gets_503_not_a_crash(live_server):
 @pytest.mark.parametrize("batching", [True, False])
 def test_graceful_shutdown_finishes_in_flight_requests(live_server, batching):
     box: list = []
-    srv = live_server(loader=slow_loader(0.2, box), batching=batching, max_batch_size=4, max_wait_ms=5)
+    grouping = {"max_batch_size": 4, "max_wait_ms": 5} if batching else {}  # (read only when batching)
+    srv = live_server(loader=slow_loader(0.2, box), batching=batching, **grouping)
     results: list[httpx.Response] = []
 
     def fire():

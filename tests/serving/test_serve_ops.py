@@ -135,6 +135,22 @@ def test_settings_from_the_recipe_section():
     assert (s.port, s.batching, s.max_batch_size, s.overflow, s.threads) == (9000, True, 16, "reject", 2)
 
 
+def test_batch_settings_without_batching_are_refused_naming_where_they_came_from(monkeypatch):
+    from edgekd.recipe import ServeConfig
+    from edgekd.serving.settings import SettingsError
+
+    why = "shape the micro-batches of concurrent requests, and batching is off: turn batching on, or unset them"
+    with pytest.raises(SettingsError) as e:
+        ServeSettings.from_config(ServeConfig(max_batch_size=8, max_wait_ms=5))
+    assert str(e.value) == f"invalid server setting: serve.max_batch_size=8 (recipe): max_batch_size, max_wait_ms: {why}"
+    monkeypatch.setenv("EDGEKD_SERVE_MAX_WAIT_MS", "5")
+    with pytest.raises(SettingsError, match="EDGEKD_SERVE_MAX_WAIT_MS=.*max_wait_ms: shapes the micro-batches"):
+        ServeSettings.from_config(ServeConfig(), batching=False)
+    # read once batching is on, from a flag over the recipe
+    s = ServeSettings.from_config(ServeConfig(max_batch_size=8), batching=True)
+    assert (s.batching, s.max_batch_size, s.max_wait_ms) == (True, 8, 5)
+
+
 def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("EDGEKD_SERVE_BATCHING", "true")
     monkeypatch.setenv("EDGEKD_SERVE_MAX_WAIT_MS", "5")
