@@ -178,6 +178,13 @@ def bench_run(
     ood_name, ood_inputs, ood_labels = ood or (None, None, None)
     inputs = measure.Inputs.from_config(cfg, eval_inputs, ood_inputs, ood_name)
     entries = discover(run_dir, cfg.targets)
+    if (run_dir / "manifest.json").is_file():  # a folder made from a result redone since is not measured as current
+        from edgekd.runfolder import RunFolder
+
+        out_of_date = RunFolder(run_dir).out_of_date_exports()
+        for e in entries:
+            if e["name"] in out_of_date and not e.get("status"):
+                e.update(status="skipped", reason=out_of_date[e["name"]])
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
         workdir = Path(tmp)
         kind = prof.connection.kind

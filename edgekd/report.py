@@ -274,8 +274,8 @@ def stages_table(run: RunFolder) -> Table | None:
             now = "ran"
         elif stage in planned:
             now = "unchanged" if "ran" in last else "ran or unchanged"
-        else:
-            now = "earlier"
+        else:  # not part of the last command: say when what it made was made from a result redone since
+            now = "earlier, out of date" if run.stale_reason(stage, None) else "earlier"
         fn = HEADLINES.get(stage)
         try:
             text = fn(rec.get("metrics") or {}, key, name) if fn else ""
@@ -291,10 +291,15 @@ def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:
     stages = run.manifest().get("stages") or {}
     q = (stages.get("quantize") or {}).get("metrics") or {}
     if q.get("recommended_dir"):
+        name = Path(str(q["recommended_dir"])).name
+        stale = run.stale_reason("quantize", None)
+        if stale:  # as `edgekd serve` refuses it: made from an export redone since
+            return None, (f"the quantize stage's recommendation ({name}) is out of date ({stale}): run "
+                          "`edgekd quantize` again, or choose an export")
         why = f"the quantize stage's recommendation ({q.get('recommended')})"
         if q.get("reasons"):
             why += ": " + "; ".join(q["reasons"])
-        return Path(str(q["recommended_dir"])).name, why
+        return name, why
     targets = ((stages.get("export") or {}).get("metrics") or {}).get("targets") or {}
     ok = [t for t, r in targets.items() if r.get("status") == "ok"]
     if len(ok) == 1:

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from edgekd import report
 from edgekd.cli import app
+from edgekd.errors import StageError
 from edgekd.runfolder import RunFolder
 
 STAGES = ("teacher", "distill", "baseline", "eval", "prune", "export", "quantize", "bench")
@@ -107,3 +108,36 @@ def test_the_prune_line_names_the_prunable_part_by_method():
     channels = report._prune({"method": "channels", "params_before": 730_000, "params_after": 6_500,
                               "prunable_params_before": 730_000, "prunable_params_after": 6_500}, "prune", "prune")
     assert "prunable part" not in channels and "encoder" not in channels
+
+
+@pytest.mark.slow  # one export and one bench of the shared tiny run (about 20 s)
+def test_a_quantized_folder_made_from_an_export_redone_since_is_neither_benched_nor_shipped(full_run):
+    """With the quantize stage turned off and the export redone, export/onnx-int8* still holds files quantized
+    from the old export: the bench says so instead of timing them as current, the summary ships none of
+    them, and `edgekd serve` without --target refuses the stale recommendation."""
+    import json
+
+    from edgekd.serving.model import choose_export
+
+    run = full_run[0]
+    quantized = sorted(p.name for p in (run / "export").iterdir() if p.name.startswith("onnx-"))
+    assert quantized  # the shared run quantized its export
+    res = CliRunner().invoke(app, ["run", str(run), "--set", "quantize.enabled=false",
+                                   "--set", "export.parity_examples=20"])
+    assert res.exit_code == 0, res.output
+    stages = res.output[res.output.index("edgekd run 'tiny': stages"):res.output.index("test split")]
+    rows = {r[1].strip(): r[2].strip() for r in (line.split("│") for line in stages.splitlines())
+            if len(r) > 2 and r[1].strip()}
+    assert rows["export"] == "ran" and rows["bench"] == "ran" and rows["quantize"] == "earlier, out of date"
+    results = json.loads((run / "bench" / "local" / "results.json").read_text())["results"]
+    by_name = {e["name"]: e for e in results}
+    for name in quantized:
+        assert by_name[name]["status"] == "skipped", by_name[name]
+        assert by_name[name]["reason"].startswith("made by the quantize stage, whose record is out of date (the "
+                                                  "export stage it was made from was run again"), by_name[name]
+    assert by_name["onnx"]["status"] == "ok"
+    assert "ship: the quantize stage's recommendation" in " ".join(res.output.split())
+    assert "is out of date" in " ".join(res.output.split()).split("ship: ")[1]
+    with pytest.raises(StageError, match=r"the quantize stage's recommendation \(.*\) is out of date"):
+        choose_export(run)
+    assert choose_export(run, "onnx")[0] == run / "export" / "onnx"  # an export named by the caller still serves
