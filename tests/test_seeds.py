@@ -177,7 +177,7 @@ def _shipping_run(root: Path, recommended: str) -> Path:
     import json
 
     root.mkdir(parents=True)
-    q = {"metrics": {"recommended": recommended, "recommended_dir": str(root / "export" / recommended)}}
+    q = {"status": "done", "metrics": {"recommended": recommended, "recommended_dir": str(root / "export" / recommended)}}
     (root / "manifest.json").write_text(json.dumps({"stages": {"quantize": q}}))
     return root
 
