@@ -22,6 +22,7 @@ from edgekd.devices import measure, remote_runner, tables
 from edgekd.devices.profiles import DeviceProfile, load_profile
 from edgekd.errors import StageError
 from edgekd.export import registered
+from edgekd.export.base import made_from_an_earlier_export
 from edgekd.progress import progress_bar
 from edgekd.recipe import BenchConfig
 
@@ -178,13 +179,10 @@ def bench_run(
     ood_name, ood_inputs, ood_labels = ood or (None, None, None)
     inputs = measure.Inputs.from_config(cfg, eval_inputs, ood_inputs, ood_name)
     entries = discover(run_dir, cfg.targets)
-    if (run_dir / "manifest.json").is_file():  # a folder made from a result redone since is not measured as current
-        from edgekd.runfolder import RunFolder
-
-        out_of_date = RunFolder(run_dir).out_of_date_exports()
-        for e in entries:
-            if e["name"] in out_of_date and not e.get("status"):
-                e.update(status="skipped", reason=out_of_date[e["name"]])
+    for e in entries:  # a quantized folder made from an export redone since is not measured as current
+        why = None if e.get("status") else made_from_an_earlier_export(Path(e["folder"]))
+        if why:
+            e.update(status="skipped", reason=why)
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
         workdir = Path(tmp)
         kind = prof.connection.kind

@@ -274,8 +274,8 @@ def stages_table(run: RunFolder) -> Table | None:
             now = "ran"
         elif stage in planned:
             now = "unchanged" if "ran" in last else "ran or unchanged"
-        else:  # not part of the last command: say when what it made was made from a result redone since
-            now = "earlier, out of date" if run.stale_reason(stage, None) else "earlier"
+        else:
+            now = "earlier"
         fn = HEADLINES.get(stage)
         try:
             text = fn(rec.get("metrics") or {}, key, name) if fn else ""
@@ -291,11 +291,12 @@ def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:
     stages = run.manifest().get("stages") or {}
     q = (stages.get("quantize") or {}).get("metrics") or {}
     if q.get("recommended_dir"):
+        from edgekd.export.base import made_from_an_earlier_export
+
         name = Path(str(q["recommended_dir"])).name
-        stale = run.stale_reason("quantize", None)
-        if stale:  # as `edgekd serve` refuses it: made from an export redone since
-            return None, (f"the quantize stage's recommendation ({name}) is out of date ({stale}): run "
-                          "`edgekd quantize` again, or choose an export")
+        stale = made_from_an_earlier_export(run.root / "export" / name)
+        if stale:  # as `edgekd serve` refuses it
+            return None, f"the quantize stage's recommendation ({name}) is out of date: {stale}, or choose an export"
         why = f"the quantize stage's recommendation ({q.get('recommended')})"
         if q.get("reasons"):
             why += ": " + "; ".join(q["reasons"])

@@ -183,19 +183,6 @@ class RunFolder:
                 return f"its file {rel} is missing or changed"
         return self._inputs_changed(stage, rec, set())
 
-    def out_of_date_exports(self) -> dict[str, str]:
-        """Export folders (names under ``export/``) that a stage made and whose record is out of date -> why:
-        a quantized folder whose export was redone since, say, while the quantize stage is off."""
-        found: dict[str, str] = {}
-        for stage, rec in (self.manifest().get("stages") or {}).items():
-            folders = {parts[1] for parts in (Path(rel).parts for rel in rec.get("artifacts", {}))
-                       if len(parts) > 2 and parts[0] == "export"}
-            why = self.stale_reason(stage, None) if folders else None
-            for folder in sorted(folders) if why else ():
-                found.setdefault(folder, f"made by the {stage} stage, whose record is out of date ({why}): run "
-                                         f"`edgekd {stage}` again")
-        return found
-
     def _inputs_changed(self, stage: str, rec: dict[str, Any], seen: set[str]) -> str | None:
         """Which stage ``stage``'s record read has been run again or removed since, down the whole chain
         (export read prune, prune read distill: distill run again makes export stale too)."""

@@ -220,6 +220,25 @@ def read_artifact_meta(out_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def made_from_an_earlier_export(folder: Path) -> str | None:
+    """Why the quantized export ``folder`` no longer matches the export it was made from (its artifact.json's
+    ``source``: the folder, by name beside it, and that folder's sha256 then); None when it does, or when it
+    records no source (an export of its own)."""
+    folder = Path(folder)
+    path = folder / ARTIFACT_META
+    meta = json.loads(path.read_text()) if path.is_file() else None
+    source = meta.get("source") if isinstance(meta, dict) else None
+    if not isinstance(source, dict) or not source.get("folder") or not source.get("sha256"):
+        return None
+    src = folder.parent / Path(str(source["folder"])).name  # by name: the run folder may have moved
+    src_meta = src / ARTIFACT_META
+    now = json.loads(src_meta.read_text()).get("sha256") if src_meta.is_file() else None
+    if now == source["sha256"]:
+        return None
+    what = "is gone" if now is None else "was exported again since"
+    return f"made from the {src.name} export, which {what}: run `edgekd quantize` again"
+
+
 def read_json_file(path: Path, remedy: str) -> Any:
     """JSON from ``path``; unreadable or invalid JSON is one clear error naming the file and the remedy."""
     path = Path(path)

@@ -21,6 +21,7 @@ from edgekd.export.base import (
     HF_CONFIG,
     META_DIGEST,
     Runner,
+    made_from_an_earlier_export,
     meta_digest,
     read_artifact_meta,
     read_json_file,
@@ -77,12 +78,10 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
         return export_root / targets[0], f"the run's only export, {targets[0]}"
     recommended = _recommended(path)
     if recommended in targets:
-        from edgekd.runfolder import RunFolder
-
-        why = RunFolder(path).stale_reason("quantize", None)
+        why = made_from_an_earlier_export(export_root / recommended)
         if why:
-            raise StageError(f"{path}: the quantize stage's recommendation ({recommended}) is out of date ({why}): "
-                             "run `edgekd quantize` again, or choose an export with --target")
+            raise StageError(f"{path}: the quantize stage's recommendation ({recommended}) is out of date: {why}, "
+                             "or choose an export with --target")
         return export_root / recommended, f"{recommended}, the quantize stage's recommended artifact"
     raise StageError(f"{path} has several exports ({', '.join(targets)}): choose one with --target (its manifest "
                      "records no quantize stage recommendation to serve by default).")

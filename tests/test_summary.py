@@ -112,8 +112,8 @@ def test_the_prune_line_names_the_prunable_part_by_method():
 
 @pytest.mark.slow  # one export and one bench of the shared tiny run (about 20 s)
 def test_a_quantized_folder_made_from_an_export_redone_since_is_neither_benched_nor_shipped(full_run):
-    """With the quantize stage turned off and the export redone, export/onnx-int8* still holds files quantized
-    from the old export: the bench says so instead of timing them as current, the summary ships none of
+    """With the quantize stage turned off and the ONNX file exported again (fused), export/onnx-int8* still holds
+    files quantized from the old one: the bench says so instead of timing them as current, the summary ships none of
     them, and `edgekd serve` without --target refuses the stale recommendation."""
     import json
 
@@ -122,22 +122,47 @@ def test_a_quantized_folder_made_from_an_export_redone_since_is_neither_benched_
     run = full_run[0]
     quantized = sorted(p.name for p in (run / "export").iterdir() if p.name.startswith("onnx-"))
     assert quantized  # the shared run quantized its export
+    # (an export whose file comes out the same, at other parity settings, would leave them current)
     res = CliRunner().invoke(app, ["run", str(run), "--set", "quantize.enabled=false",
-                                   "--set", "export.parity_examples=20"])
+                                   "--set", "export.options={onnx: {optimize: true}}"])
     assert res.exit_code == 0, res.output
     stages = res.output[res.output.index("edgekd run 'tiny': stages"):res.output.index("test split")]
     rows = {r[1].strip(): r[2].strip() for r in (line.split("│") for line in stages.splitlines())
             if len(r) > 2 and r[1].strip()}
-    assert rows["export"] == "ran" and rows["bench"] == "ran" and rows["quantize"] == "earlier, out of date"
+    assert rows["export"] == "ran" and rows["bench"] == "ran" and rows["quantize"] == "earlier"
     results = json.loads((run / "bench" / "local" / "results.json").read_text())["results"]
     by_name = {e["name"]: e for e in results}
     for name in quantized:
         assert by_name[name]["status"] == "skipped", by_name[name]
-        assert by_name[name]["reason"].startswith("made by the quantize stage, whose record is out of date (the "
-                                                  "export stage it was made from was run again"), by_name[name]
+        assert by_name[name]["reason"] == ("made from the onnx export, which was exported again since: run "
+                                           "`edgekd quantize` again"), by_name[name]
     assert by_name["onnx"]["status"] == "ok"
     assert "ship: the quantize stage's recommendation" in " ".join(res.output.split())
     assert "is out of date" in " ".join(res.output.split()).split("ship: ")[1]
-    with pytest.raises(StageError, match=r"the quantize stage's recommendation \(.*\) is out of date"):
+    with pytest.raises(StageError, match=r"the quantize stage's recommendation \(.*\) is out of date: made from"):
         choose_export(run)
     assert choose_export(run, "onnx")[0] == run / "export" / "onnx"  # an export named by the caller still serves
+
+
+def test_a_quantized_folder_is_judged_by_the_file_it_was_made_from(tmp_path):
+    """Only the source folder's file counts: an export of another target since (a one-off `edgekd export RUN
+    --to executorch`) leaves the quantized folder current; a new file in its source, or none, does not."""
+    import json
+
+    from edgekd.export.base import made_from_an_earlier_export
+
+    export = tmp_path / "moved" / "export"
+    for name, meta in (("onnx", {"sha256": "aaa"}), ("executorch", {"sha256": "ccc"}),
+                       ("onnx-int8", {"sha256": "bbb", "source": {"folder": "/old/place/export/onnx", "sha256": "aaa"}})):
+        (export / name).mkdir(parents=True)
+        (export / name / "artifact.json").write_text(json.dumps(meta))
+    assert made_from_an_earlier_export(export / "onnx-int8") is None  # found by name, where the run is now
+    assert made_from_an_earlier_export(export / "onnx") is None  # an export of its own
+    (export / "executorch" / "artifact.json").write_text(json.dumps({"sha256": "ddd"}))
+    assert made_from_an_earlier_export(export / "onnx-int8") is None
+    (export / "onnx" / "artifact.json").write_text(json.dumps({"sha256": "eee"}))
+    assert made_from_an_earlier_export(export / "onnx-int8") == (
+        "made from the onnx export, which was exported again since: run `edgekd quantize` again")
+    (export / "onnx" / "artifact.json").unlink()
+    assert made_from_an_earlier_export(export / "onnx-int8") == (
+        "made from the onnx export, which is gone: run `edgekd quantize` again")
