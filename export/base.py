@@ -224,18 +224,23 @@ def made_from_an_earlier_export(folder: Path) -> str | None:
     """Why the quantized export ``folder`` no longer matches the export it was made from (its artifact.json's
     ``source``: the folder, by name beside it, and that folder's sha256 then); None when it does, or when it
     records no source (an export of its own)."""
+    def read(path: Path) -> dict[str, Any] | None:  # an unreadable file is for its folder's loader to report
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
     folder = Path(folder)
-    path = folder / ARTIFACT_META
-    meta = json.loads(path.read_text()) if path.is_file() else None
-    source = meta.get("source") if isinstance(meta, dict) else None
+    source = (read(folder / ARTIFACT_META) or {}).get("source")
     if not isinstance(source, dict) or not source.get("folder") or not source.get("sha256"):
         return None
     src = folder.parent / Path(str(source["folder"])).name  # by name: the run folder may have moved
-    src_meta = src / ARTIFACT_META
-    now = json.loads(src_meta.read_text()).get("sha256") if src_meta.is_file() else None
+    now = (read(src / ARTIFACT_META) or {}).get("sha256")
     if now == source["sha256"]:
         return None
-    what = "is gone" if now is None else "was exported again since"
+    what = ("was exported again since" if now is not None else "is gone" if not (src / ARTIFACT_META).is_file()
+            else "has an unreadable artifact.json")
     return f"made from the {src.name} export, which {what}: run `edgekd quantize` again"
 
 

@@ -163,6 +163,13 @@ def test_a_quantized_folder_is_judged_by_the_file_it_was_made_from(tmp_path):
     (export / "onnx" / "artifact.json").write_text(json.dumps({"sha256": "eee"}))
     assert made_from_an_earlier_export(export / "onnx-int8") == (
         "made from the onnx export, which was exported again since: run `edgekd quantize` again")
+    (export / "onnx" / "artifact.json").write_text("{not json")
+    assert made_from_an_earlier_export(export / "onnx-int8").startswith("made from the onnx export, which has an "
+                                                                        "unreadable artifact.json")
+    (export / "onnx-int8" / "artifact.json").write_text("[1, 2]")  # its own unreadable meta: its loader says so
+    assert made_from_an_earlier_export(export / "onnx-int8") is None
+    (export / "onnx-int8" / "artifact.json").write_text(json.dumps(
+        {"sha256": "bbb", "source": {"folder": "/old/place/export/onnx", "sha256": "aaa"}}))
     (export / "onnx" / "artifact.json").unlink()
     assert made_from_an_earlier_export(export / "onnx-int8") == (
         "made from the onnx export, which is gone: run `edgekd quantize` again")
