@@ -4,6 +4,7 @@ with its headline, built from the manifest alone."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -137,10 +138,17 @@ def test_a_quantized_folder_made_from_an_export_redone_since_is_neither_benched_
         assert by_name[name]["reason"] == ("made from the onnx export, which was exported again since: run "
                                            "`edgekd quantize` again"), by_name[name]
     assert by_name["onnx"]["status"] == "ok"
-    assert "ship: the quantize stage's recommendation" in " ".join(res.output.split())
-    assert "is out of date" in " ".join(res.output.split()).split("ship: ")[1]
-    with pytest.raises(StageError, match=r"the quantize stage's recommendation \(.*\) is out of date: made from"):
-        choose_export(run)
+    # What ships: the guard's recommendation, unless it is one of those folders (the guard may have kept the
+    # float file of a model this small; the next test pins the refusal on a folder it builds).
+    recommended = json.loads((run / "manifest.json").read_text())["stages"]["quantize"]["metrics"]["recommended_dir"]
+    ship = " ".join(res.output.split()).split("ship: ")[1]
+    if Path(recommended).name in quantized:
+        assert ship.startswith(f"the quantize stage's recommendation ({Path(recommended).name}) is out of date")
+        with pytest.raises(StageError, match=r"the quantize stage's recommendation \(.*\) is out of date: made from"):
+            choose_export(run)
+    else:
+        assert ship.startswith(f"{run / 'export' / 'onnx'} (the quantize stage's recommendation (float)")
+        assert choose_export(run)[0] == run / "export" / "onnx"
     assert choose_export(run, "onnx")[0] == run / "export" / "onnx"  # an export named by the caller still serves
 
 
@@ -173,3 +181,31 @@ def test_a_quantized_folder_is_judged_by_the_file_it_was_made_from(tmp_path):
     (export / "onnx" / "artifact.json").unlink()
     assert made_from_an_earlier_export(export / "onnx-int8") == (
         "made from the onnx export, which is gone: run `edgekd quantize` again")
+
+
+def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_served(tmp_path):
+    import json
+
+    from edgekd.report import shipped_artifact
+    from edgekd.serving.model import choose_export
+
+    run = tmp_path / "runs" / "tiny"
+    for name, meta in (("onnx", {"sha256": "new"}),
+                       ("onnx-int8", {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "old"}})):
+        (run / "export" / name).mkdir(parents=True)
+        (run / "export" / name / "artifact.json").write_text(json.dumps(meta))
+    quantize = {"status": "done", "metrics": {"recommended": "quantized",
+                                              "recommended_dir": "/elsewhere/export/onnx-int8"}}
+    (run / "manifest.json").write_text(json.dumps({"stages": {"quantize": quantize}}))
+    why = "made from the onnx export, which was exported again since: run `edgekd quantize` again"
+    assert shipped_artifact(RunFolder(run)) == (
+        None, f"the quantize stage's recommendation (onnx-int8) is out of date: {why}, or choose an export")
+    with pytest.raises(StageError) as e:
+        choose_export(run)
+    assert str(e.value) == (f"{run}: the quantize stage's recommendation (onnx-int8) is out of date: {why}, or choose "
+                            "an export with --target")
+    assert choose_export(run, "onnx-int8")[0] == run / "export" / "onnx-int8"  # named by the caller: served
+    (run / "export" / "onnx-int8" / "artifact.json").write_text(json.dumps(
+        {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "new"}}))
+    assert shipped_artifact(RunFolder(run))[0] == "onnx-int8"
+    assert choose_export(run) == (run / "export" / "onnx-int8", "onnx-int8, the quantize stage's recommended artifact")
