@@ -1111,7 +1111,10 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=1, le=65535)
     model_name: str | None = Field(None, description="Name in responses and on the v2 routes (default: run name).")
-    threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime (default: its own).")
+    threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of the runtime (ONNX Runtime, ExecuTorch; default: its own). "
+        "Refused for Core ML, TensorRT and TorchScript lite, whose runtimes choose their own."
+    )
     batching: bool = Field(False, description="Group concurrent requests into one runner call.")
     max_batch_size: int = Field(32, ge=1, description="Most texts in one runner call when batching.")
     max_wait_ms: float = Field(

@@ -31,7 +31,7 @@ from edgekd.registry import DEFAULT_TASK
 from edgekd.runfolder import MANIFEST, sha256_file
 from edgekd.serving.codec import Codec
 from edgekd.serving.family import ServeFamily, serve_family
-from edgekd.serving.settings import ServeSettings
+from edgekd.serving.settings import ServeSettings, refuse_unread
 
 log = logging.getLogger("edgekd.serving")
 
@@ -299,6 +299,11 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
     # Inside a run the folder's name is the target's (onnx-int8); a folder served alone says it in artifact.json.
     target = folder.resolve().name if run_root(folder) is not None else str(meta.get("target") or folder.name)
     name = settings.model_name or (resolved.parent.parent.name if in_run else resolved.name)
+    if settings.threads is not None and getattr(runner, "threads", None) != settings.threads:
+        # A runner reports the intra-op threads it applied; Core ML, TensorRT and the TorchScript lite
+        # interpreter (torch's process-wide pool) choose their own, so the setting would do nothing.
+        refuse_unread(settings, ("threads",), f"the '{target}' export's {type(runner).__name__} does not apply "
+                                              "intra-op threads (its runtime chooses them)")
     return ServedModel(
         name=name, target=target, folder=folder, artifact=artifact, meta=meta, runner=runner, codec=codec, family=family,
         manifest_figures=_manifest_figures(manifest, target), versions=_versions(),

@@ -38,7 +38,10 @@ class ServeSettings(BaseSettings):
     model_name: str | None = Field(
         None, description="Name on the v2 routes and in responses. Default: the run folder's name."
     )
-    threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime (default: its own).")
+    threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of the runtime (ONNX Runtime, ExecuTorch; default: its own). "
+        "Refused for Core ML, TensorRT and TorchScript lite, whose runtimes choose their own."
+    )
     runtime_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra options for the runner loader (e.g. providers for ONNX Runtime)."
     )

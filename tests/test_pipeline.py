@@ -9,9 +9,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import edgekd
 from edgekd.cli import app
 from edgekd.recipe import load_recipe
 from edgekd.runfolder import sha256_file
+from edgekd.serving.settings import SettingsError
 from edgekd.testing import tiny_recipe
 
 
@@ -73,6 +75,13 @@ def test_tiny_end_to_end_run_writes_a_complete_run_folder(tmp_path, tiny_teacher
         assert rec["parity"]["top1_agreement"] == 1.0 and rec["parity"]["max_abs_diff"] < 1e-4
         assert (run / "export" / target / "artifact.json").is_file()
         assert (run / "export" / target / "tokenizer.json").is_file()
+    # Served threads reach a runner that applies them; the lite interpreter (torch's process-wide pool)
+    # does not, so asking it for threads is refused rather than ignored.
+    assert edgekd.load(run, target="onnx", threads=1).served.runtime["threads"] == 1
+    assert edgekd.load(run, target="torchscript-lite").predict(["fine"])
+    with pytest.raises(SettingsError, match=r"^threads: the 'torchscript-lite' export's TorchScriptLiteRunner does "
+                                            r"not apply intra-op threads"):
+        edgekd.load(run, target="torchscript-lite", threads=1)
     # The fine-tuned teacher, exported for `edgekd serve` from the run folder alone.
     res = runner.invoke(app, ["export-teacher", str(run)])
     assert res.exit_code == 0, res.output
