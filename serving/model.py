@@ -60,7 +60,7 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
         if target is not None and target != path.name:
             raise StageError(f"{path} is an export folder itself, so target '{target}' (which picks an export of a run "
                              f"folder) would choose nothing: drop it, or give the run folder")
-        return path, None
+        return _named(path), None
     if not path.is_dir():
         raise StageError(f"{path} does not exist: give a run folder (runs/<name>) or an export folder.")
     export_root = path / "export"
@@ -73,7 +73,7 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
     if target is not None:
         if target not in targets:
             raise StageError(f"{path} has no export '{target}'; exports there: {', '.join(targets)}.")
-        return export_root / target, None
+        return _named(export_root / target), None
     if len(targets) == 1:
         return export_root / targets[0], f"the run's only export, {targets[0]}"
     recommended = _recommended(path)
@@ -85,6 +85,14 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
         return export_root / recommended, f"{recommended}, the quantize stage's recommended artifact"
     raise StageError(f"{path} has several exports ({', '.join(targets)}): choose one with --target (its manifest "
                      "records no quantize stage recommendation to serve by default).")
+
+
+def _named(folder: Path) -> Path:
+    """An export the caller named is served as asked; one quantized from an export redone since is said to be."""
+    why = made_from_an_earlier_export(folder)
+    if why:
+        log.warning("serving %s as asked, though it is out of date: %s", folder, why)
+    return folder
 
 
 def _recommended(run: Path) -> str | None:

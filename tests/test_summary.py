@@ -183,8 +183,9 @@ def test_a_quantized_folder_is_judged_by_the_file_it_was_made_from(tmp_path):
         "made from the onnx export, which is gone: run `edgekd quantize` again")
 
 
-def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_served(tmp_path):
+def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_served(tmp_path, caplog):
     import json
+    import logging
 
     from edgekd.report import shipped_artifact
     from edgekd.serving.model import choose_export
@@ -204,7 +205,12 @@ def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_ser
         choose_export(run)
     assert str(e.value) == (f"{run}: the quantize stage's recommendation (onnx-int8) is out of date: {why}, or choose "
                             "an export with --target")
-    assert choose_export(run, "onnx-int8")[0] == run / "export" / "onnx-int8"  # named by the caller: served
+    with caplog.at_level(logging.WARNING, logger="edgekd.serving"):  # named by the caller: served, and said
+        assert choose_export(run, "onnx-int8")[0] == run / "export" / "onnx-int8"
+        assert choose_export(run / "export" / "onnx-int8")[0] == run / "export" / "onnx-int8"
+        assert choose_export(run, "onnx")[0] == run / "export" / "onnx"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"serving {run / 'export' / 'onnx-int8'} as asked, though it is out of date: {why}"] * 2
     (run / "export" / "onnx-int8" / "artifact.json").write_text(json.dumps(
         {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "new"}}))
     assert shipped_artifact(RunFolder(run))[0] == "onnx-int8"
