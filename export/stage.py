@@ -147,10 +147,11 @@ def _artifact_meta(name: str, result: ExportResult, io: ModelIO, meta: dict[str,
     return {**meta, **own}
 
 
-def _drop_stale(folder: Path) -> None:
-    """An earlier run's export of a target this run could not export must not be served as if current."""
+def _drop_stale(folder: Path, why: str = "it holds an earlier export that this run did not reproduce") -> None:
+    """An earlier run's export of a target this run could not export must not be served as if current,
+    nor a folder whose parity check could not run."""
     if folder.exists():
-        log.warning("removing %s: it holds an earlier export that this run did not reproduce", folder)
+        log.warning("removing %s: %s", folder, why)
         shutil.rmtree(folder)
 
 
@@ -232,11 +233,23 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
         rec["parity"] = {"ran": False, "reason": str(e)}
     else:
         want = module if reference is None else reference  # parity's source: the model's own forward
-        report = check_parity(runner, want, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
-                              agreement_fn=agreement_fn)
+        # The folder is published already, with no parity figure yet: a check that cannot finish (outputs
+        # of another shape, an input longer than a fixed-shape program takes) must not leave it loadable.
+        try:
+            report = check_parity(runner, want, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
+                                  agreement_fn=agreement_fn)
+            # And as a server calls it: each text alone at its own length (the batched check pads them all).
+            real = check_real_lengths(runner, want, examples, target=name)
+        except (UnsupportedTargetError, MissingBackendError, ParityError) as e:
+            _drop_stale(folder, "its parity check could not run")
+            if cfg.strict:
+                raise
+            log.warning("export target '%s' failed its parity check: %s", name, e)
+            return _record(name, "failed", f"parity check: {e}", seconds=round(time.perf_counter() - t0, 2))
+        except BaseException:
+            _drop_stale(folder, "its parity check could not run")
+            raise
         misses = report.failures(cfg.min_top1_agreement, cfg.max_abs_diff)
-        # And as a server calls it: each text alone at its own length (the batched check pads them all).
-        real = check_real_lengths(runner, want, examples, target=name)
         rec["parity"] = {"ran": True, **report.to_dict()}
         if real is not None:
             rec["parity"]["real_lengths"] = real.to_dict()

@@ -161,6 +161,32 @@ def test_failed_conversion_is_recorded_unless_strict(tmp_path):
         stage(strict=True)
 
 
+def test_a_parity_check_that_cannot_run_leaves_no_loadable_folder(text_module, text_data, tokenizer_files, tmp_path):
+    """The folder is published before parity runs; a check that stops (here the source gives one more output
+    column than the artifact) must not leave it behind with no parity figure, which load_artifact would accept."""
+    import torch
+
+    class Wider(torch.nn.Module):
+        def forward(self, **kw):
+            logits = text_module(**kw)[0]
+            return (torch.cat([logits, logits[:, :1]], dim=-1),)
+
+    inputs, labels = text_data
+
+    def stage(strict):
+        cfg = ExportConfig(targets=["torchscript-lite"], strict=strict)
+        return export_all(text_module, TEXT_IO, ["torchscript-lite"], tmp_path, cfg, inputs, labels,
+                          classification_metrics, META, tokenizer_files, reference=Wider())
+
+    rec = stage(strict=False)["torchscript-lite"]
+    assert rec["status"] == "failed" and rec["built"] is False and rec["folder"] is None
+    assert rec["reason"].startswith("parity check: Export target 'torchscript-lite': output 'logits' has shape")
+    assert not (tmp_path / "torchscript-lite").exists()
+    with pytest.raises(ParityError, match="output 'logits' has shape"):
+        stage(strict=True)
+    assert not (tmp_path / "torchscript-lite").exists()
+
+
 @pytest.mark.slow
 def test_threshold_miss_raises_after_writing_the_figures(text_module, text_data, tokenizer_files, tmp_path):
     with pytest.raises(ParityError, match="'onnx': max abs diff .* > allowed 1e-30") as info:
