@@ -46,6 +46,7 @@ ENGINE = "model.plan"
 TRT_ONNX_OPSET = 18
 PRECISIONS = ("fp16", "fp32", "int8")
 GRAPH = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+DEFAULT_WORKSPACE_MB = 4096
 
 
 @register
@@ -64,7 +65,7 @@ class TensorRTExporter(Exporter):
         "opt_batch": "Batch TensorRT tunes kernels for (default min(8, max_batch)).",
         "max_sequence": "Longest sequence of the profile (default: the examples' length, i.e. max_length).",
         "opt_sequence": "Sequence length TensorRT tunes kernels for (default max_sequence).",
-        "workspace_mb": "Builder workspace limit in MiB (default 4096).",
+        "workspace_mb": "Builder workspace limit in MiB (default 4096), here and in trtexec.sh's command.",
     }
 
     def export(self, module: Any, example_inputs: dict[str, np.ndarray], io: ModelIO, out_dir: Path,
@@ -77,7 +78,7 @@ class TensorRTExporter(Exporter):
         opt_batch = option(self.name, opts, "opt_batch", int, min(8, max_batch), minimum=1)
         max_seq = option(self.name, opts, "max_sequence", int, None, minimum=1)
         opt_seq = option(self.name, opts, "opt_sequence", int, None, minimum=1)
-        workspace_mb = option(self.name, opts, "workspace_mb", int, 4096, minimum=64)
+        workspace_mb = option(self.name, opts, "workspace_mb", int, DEFAULT_WORKSPACE_MB, minimum=64)
         if precision == "int8" and qdq is None:
             raise RecipeError([
                 "export.options.tensorrt.precision: int8 engines are built from a Q/DQ model (explicit quantization; "
@@ -103,7 +104,7 @@ class TensorRTExporter(Exporter):
             elif precision == "int8":
                 notes["qdq"] = check_qdq(Path(qdq))
                 shutil.copyfile(qdq, tmp / graph.name)
-            command = trtexec_command(graph.name, shapes)
+            command = trtexec_command(graph.name, shapes, workspace_mb)
             script = tmp / "trtexec.sh"
             script.write_text(_script(command))
             script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -111,7 +112,7 @@ class TensorRTExporter(Exporter):
         files = list(onnx_result.files) + [out_dir / "trtexec.sh", out_dir / "trtexec.txt"]
         if graph != onnx_result.path:
             files.append(graph)
-        notes.update(command=command, built_from=graph.name,
+        notes.update(command=command, built_from=graph.name, workspace_mb=workspace_mb,
                      profile={n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()})
         engine = out_dir / ENGINE
         ready, why = engine_buildable()
@@ -233,13 +234,41 @@ def check_qdq(path: Path) -> dict[str, Any]:
     return {"quantize_nodes": len(q), "dequantize_nodes": len(dq)}
 
 
-def trtexec_command(onnx_file: str, shapes: dict[str, tuple[tuple[int, ...], ...]]) -> list[str]:
-    """No precision flags: the graph's types decide (TensorRT 11 removed the precision and calibration flags)."""
+def trtexec_command(onnx_file: str, shapes: dict[str, tuple[tuple[int, ...], ...]],
+                    workspace_mb: int = DEFAULT_WORKSPACE_MB) -> list[str]:
+    """No precision flags: the graph's types decide (TensorRT 11 removed the precision and calibration flags).
+    The builder's workspace limit is the one the Python API build sets (``workspace_mb``, MiB)."""
     def spec(i: int) -> str:
         return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shapes.items())
 
     return ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={ENGINE}",
-            f"--minShapes={spec(0)}", f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}"]
+            f"--minShapes={spec(0)}", f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}",
+            f"--memPoolSize=workspace:{workspace_mb}M"]
+
+
+# Run by trtexec.sh once the engine is built on the device: records the engine in artifact.json (its
+# sha256, size, built) and seals it again the way edgekd.export.base.write_artifact_meta does, so
+# `edgekd serve`, `edgekd bench` and edgekd.load verify and load it. Python's standard library only.
+_RECORD_ENGINE = '''import hashlib, json, os, sys
+engine, meta_file = sys.argv[1], "artifact.json"
+with open(meta_file) as f:
+    meta = json.load(f)
+h = hashlib.sha256()
+with open(engine, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+meta.pop("meta_sha256", None)
+meta.update(sha256=h.hexdigest(), size_bytes=os.path.getsize(engine), built=True, reason=None)
+meta.setdefault("files", {})[engine] = meta["sha256"]
+meta.setdefault("notes", {})["built_by"] = "trtexec.sh, on the device"
+meta["parity"] = {"ran": False, "reason": "built on the device by trtexec.sh from this folder's graph, "
+                  "after the export; edgekd bench measures its accuracy there"}
+meta["meta_sha256"] = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+with open(meta_file + ".tmp", "w") as f:
+    f.write(json.dumps(meta, indent=2, sort_keys=True))
+os.replace(meta_file + ".tmp", meta_file)
+print("trtexec.sh: recorded " + engine + " (sha256 " + meta["sha256"][:12] + ") in " + meta_file)
+'''
 
 
 def _script(command: list[str]) -> str:
@@ -247,8 +276,13 @@ def _script(command: list[str]) -> str:
     # TensorRT 10's trtexec types networks strongly only when asked; 11's always does.
     strong = ('STRONG=""\n# TensorRT 10 (trtexec prints e.g. "TensorRT v100300") needs --stronglyTyped; 11 always is.\n'
               'trtexec --help 2>&1 | grep -q "TensorRT v10" && STRONG="--stronglyTyped"\n')
+    record = ("# Record the engine in artifact.json (sha256, size), so edgekd verifies and loads it.\n"
+              "command -v python3 >/dev/null 2>&1 || { echo \"trtexec.sh: built $ENGINE, but recording it in "
+              "artifact.json needs python3; without it edgekd cannot verify the engine\" >&2; exit 1; }\n"
+              f"python3 - \"$ENGINE\" <<'EDGEKD_PY'\n{_RECORD_ENGINE}EDGEKD_PY\n")
     return ("#!/bin/sh\n# Build the TensorRT engine for this folder's ONNX model, on the GPU that will run it.\n"
-            f'set -e\ncd "$(dirname "$0")"\n{strong}{line} $STRONG "$@"\n')
+            f'set -e\ncd "$(dirname "$0")"\nENGINE={ENGINE}\nrm -f "$ENGINE"\n{strong}{line} $STRONG "$@"\n'
+            '[ -s "$ENGINE" ] || { echo "trtexec.sh: trtexec wrote no $ENGINE" >&2; exit 1; }\n' + record)
 
 
 def _explain(command: list[str], shapes: dict[str, tuple[tuple[int, ...], ...]], precision: str) -> str:
@@ -256,4 +290,5 @@ def _explain(command: list[str], shapes: dict[str, tuple[tuple[int, ...], ...]],
     return (f"TensorRT engine build ({precision}, strongly typed: {command[1][7:]} carries the precision)."
             f"\n\n{' '.join(shlex.quote(c) for c in command)}\n\n"
             f"Optimisation profile:\n{rows}\n\nThe engine ({ENGINE}) runs only on the GPU model and TensorRT "
-            f"version that built it; edgekd loads {ENGINE} from this folder once it exists.\n")
+            f"version that built it. trtexec.sh records it in artifact.json (sha256, size), so edgekd serve, "
+            f"edgekd bench and edgekd.load verify and load {ENGINE} from this folder once it is built.\n")

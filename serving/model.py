@@ -158,6 +158,11 @@ def verify_artifact(folder: Path, meta: dict[str, Any]) -> tuple[Path, dict[str,
     if not name:
         raise StageError(f"{folder / ARTIFACT_META} names no artifact 'file': {REEXPORT}.")
     artifact = folder / name
+    if meta.get("built") is False:
+        how = (f"run {folder / 'trtexec.sh'} on the device (it builds {name} and records it in {ARTIFACT_META})"
+               if (folder / "trtexec.sh").is_file() else "export it where its runtime is installed")
+        raise StageError(f"{folder} holds an export that was not built ({meta.get('reason') or 'no reason recorded'}): "
+                         f"{how}, then serve it.")
     if not artifact.exists():
         raise StageError(f"{artifact} is missing (named by {folder / ARTIFACT_META}): {REEXPORT}.")
     if not meta.get("sha256"):

@@ -17,6 +17,7 @@ from edgekd.errors import (
     MissingBackendError,
     ParityError,
     RecipeError,
+    StageError,
     UnsupportedTargetError,
 )
 from edgekd.export.stage import artifact_digest, export_all, load_artifact
@@ -93,6 +94,50 @@ def test_tensorrt_without_tensorrt_is_recorded_not_built(stage_run):
     assert set(meta["files"]) == {"model.onnx", "model_fp16.onnx", "trtexec.sh", "trtexec.txt"}  # fp16: strongly typed from an fp16 graph
     # TensorRT's profile goes up to the task's max_length, which the stage passes as max_sequence.
     assert meta["notes"]["profile"]["input_ids"]["max"] == [32, MAX_LENGTH]
+
+
+def test_trtexec_sh_records_the_engine_it_builds_so_edgekd_verifies_and_benches_it(stage_run, tmp_path):
+    """On the device: trtexec.sh builds model.plan (a stand-in trtexec here) with the recipe's workspace limit,
+    then records it in artifact.json, sealed again, so serve's checksum check and the bench take the folder."""
+    import importlib.util
+    import os
+    import shutil
+
+    from edgekd.devices.bench import discover
+    from edgekd.export.base import meta_digest
+    from edgekd.runfolder import sha256_file
+    from edgekd.serving.model import verify_artifact
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    out, _ = stage_run
+    folder = tmp_path / "run" / "export" / "tensorrt"
+    shutil.copytree(out / "tensorrt", folder)
+    before = (folder / "artifact.json").read_text()
+    with pytest.raises(StageError, match=r"holds an export that was not built \(not built: TensorRT not installed\): "
+                                         r"run .*trtexec.sh on the device \(it builds model.plan and records it"):
+        verify_artifact(folder, json.loads(before))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "trtexec"
+    fake.write_text('#!/bin/sh\n[ "$1" = --help ] && { echo "TensorRT v100300"; exit 0; }\n[ -n "$FAIL" ] && exit 3\n'
+                    'echo "$@" > trtexec.args\nfor a in "$@"; do case "$a" in --saveEngine=*) '
+                    'printf engine-bytes > "${a#--saveEngine=}";; esac; done\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    failed = subprocess.run(["sh", str(folder / "trtexec.sh")], env={**env, "FAIL": "1"}, capture_output=True, text=True)
+    assert failed.returncode == 3 and (folder / "artifact.json").read_text() == before  # nothing recorded
+    built = subprocess.run(["sh", str(folder / "trtexec.sh")], env=env, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    args = (folder / "trtexec.args").read_text().split()
+    assert "--memPoolSize=workspace:4096M" in args and args[-1] == "--stronglyTyped"
+    meta = json.loads((folder / "artifact.json").read_text())
+    assert meta["sha256"] == sha256_file(folder / "model.plan") and meta["built"] is True and meta["reason"] is None
+    assert meta["size_bytes"] == len(b"engine-bytes") and meta["meta_sha256"] == meta_digest(meta)
+    assert meta["parity"]["ran"] is False and "trtexec.sh" in meta["parity"]["reason"]
+    assert verify_artifact(folder, meta)[0] == folder / "model.plan"
+    (entry,) = discover(tmp_path / "run")
+    assert entry["name"] == "tensorrt" and "status" not in entry and entry["sha256"] == meta["sha256"]
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def test_without_tensorrt_writes_onnx_and_command(trt_export):
     expected = (
         "trtexec --onnx=model_fp16.onnx --saveEngine=model.plan "
         f"--minShapes=input_ids:1x1,attention_mask:1x1 --optShapes=input_ids:8x{MAX_LENGTH},attention_mask:8x{MAX_LENGTH} "
-        f"--maxShapes=input_ids:16x{MAX_LENGTH},attention_mask:16x{MAX_LENGTH} $STRONG"
+        f"--maxShapes=input_ids:16x{MAX_LENGTH},attention_mask:16x{MAX_LENGTH} --memPoolSize=workspace:4096M $STRONG"
     )
     assert expected in script
     assert os.access(out / "trtexec.sh", os.X_OK)
@@ -72,8 +72,9 @@ def test_profile_shapes_follow_options():
     examples = {"input_ids": np.zeros((4, 64), np.int64), "attention_mask": np.zeros((4, 64), np.int64)}
     shapes = profile_shapes(TEXT_IO, examples, max_batch=64, opt_batch=8, max_sequence=128, opt_sequence=32)
     assert shapes["input_ids"] == ((1, 1), (8, 32), (64, 128))
-    cmd = trtexec_command("model_int8.onnx", shapes)
+    cmd = trtexec_command("model_int8.onnx", shapes, workspace_mb=512)
     assert "--maxShapes=input_ids:64x128,attention_mask:64x128" in cmd
+    assert cmd[-1] == "--memPoolSize=workspace:512M"  # the Python API build's limit, for trtexec too
     assert not any(c in ("--fp16", "--int8", "--best") or c.startswith("--calib") for c in cmd)  # gone in 11
 
 
