@@ -97,9 +97,6 @@ def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
                "runtime": RUNTIMES.get(str(target), str(target)), "precision": e.get("precision", "fp32"),
                "size_bytes": e.get("size_bytes"), "meta": _meta_facts(e.get("meta") or {}),
                "rows_alone": str(e.get("precision")) in ROW_DEPENDENT_PRECISIONS}
-        if target == "executorch":
-            row["notes"] = ["ExecuTorch's Python bindings do not expose XNNPACK's thread count: it runs with its "
-                            "own default"]
         if e.get("status") == "skipped":
             skipped.append({**row, "status": "skipped", "error": e.get("reason")})
             continue

@@ -249,7 +249,7 @@ def memory(job: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _mb(b: int | None) -> float | None:
-    return None if b is None else round(b / 2**20, 2)
+    return None if b is None else round(b / 1e6, 2)  # MB = 10^6 bytes, as every size in the tables
 
 
 def main(argv: list[str]) -> int:

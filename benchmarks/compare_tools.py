@@ -357,6 +357,13 @@ def _eval_arrays(ctx: Any, tok: Any, n_eval: int, ood_set: Any,
              f"{prefix}lengths": np.concatenate(lengths)}, segments)
 
 
+def ablation_batch_of(batch_sizes: tuple[int, ...] | list[int]) -> int:
+    """The batch size the ablation reads: batch 1 whenever it was timed, in whatever order --batch-sizes
+    names it (seeds.py pools the ablation as batch 1's and checks the ``ablation_batch`` compare.json
+    records); else the first one timed, which compare.md's heading then names."""
+    return 1 if 1 in batch_sizes else batch_sizes[0]
+
+
 def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | None = None, warmup: int = 20,
             threads: int | None = None, batch_sizes: tuple[int, ...] = (1, 8), artifact: str | None = None,
             eval_limit: int | None = None, target_speedup: float = 1.5, timeout_s: float = 3600,
@@ -467,6 +474,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
     for r in rows:
         r["best"] = r["name"] == best_name
     refs = [by_name[n] for n in report.USUAL_PATHS if n in by_name]
+    ablation_batch = ablation_batch_of(batch_sizes)
     data: dict[str, Any] = {
         "schema": 2,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -475,7 +483,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
         "student": {"stage": "distill", "folder": str(student), "pruned": str(students.get("pruned") or "")},
         "settings": {"runs": {str(b): n for b, n in calls.items()}, "runs_given": runs is not None,
                      "warmup": warmup, "threads": threads, "batch_sizes": list(batch_sizes),
-                     "test_examples": n, "eval_examples": n_eval, "validation_examples": len(val),
+                     "ablation_batch": ablation_batch, "test_examples": n, "eval_examples": n_eval, "validation_examples": len(val),
                      "accuracy_budget": budget, "target_speedup": target_speedup, "artifact": artifact,
                      "optimum_isa": isa, "seed": seed, "calibration_texts": n_calib,
                      "inputs": "real lengths: each test text at its own length; batches padded to their longest text",
@@ -494,7 +502,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
                  "budget": budget, "shipped": shipped_artifact(RunFolder(run))[0]},
         "verdict": report.verdict_all(by_name.get(best_name) if best_name else None, refs, student_row,
                                       list(batch_sizes), target_speedup),
-        "ablation": report.ablation(rows, manifest, batch_sizes[0], trimmed=tokens.table is not None),
+        "ablation": report.ablation(rows, manifest, ablation_batch, trimmed=tokens.table is not None),
         "paired": report.paired_all(by_name.get(best_name) if best_name else None, [*refs, student_row],
                                     segments["test"][2]),
         # the answers' key: each row's test_predictions are scored against these (seeds.py pools seeds with them)

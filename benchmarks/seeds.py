@@ -14,7 +14,10 @@ run's ``compare/compare.json`` instead of measuring again (the shipped folder's 
 figures of the seeds are then put side by side: for each, the mean, the sample standard deviation,
 the range, and for each bar of the compression issue how many seeds meet it. The table says how each seed's
 comparison was timed (rounds, threads, calls per batch size) and notes seeds timed in different numbers of
-rounds or calls; seeds timed on different threads or inputs are refused, never averaged. The bars:
+rounds or calls; seeds timed on different threads or inputs (or any other setting that changes what was timed
+or scored: warm-up, examples, out-of-domain set, ...; the ablation is batch 1's) are refused, never averaged.
+With ``--no-run`` nothing runs, so each ``--set`` must match the run's saved recipe.yaml, else it is refused.
+The bars:
 
 - the shipped artifact at least 1.5x faster at p50,
   batch 1, than every usual path on the distilled student (Optimum int8, OpenVINO NNCF int8, torchao
@@ -53,7 +56,7 @@ FIGURES: list[tuple[str, str, str, tuple[str, float] | None]] = [
     ("vs_student_pp", "shipped minus fp32 student, points", "+.2f", (">=", -0.5)),
     ("shipped_p50_ms", "shipped artifact, p50 ms (batch 1)", ".3f", None),
     ("vs_teacher", "speed-up vs fp32 teacher in PyTorch (batch 1)", ".1f", (">=", 15.0)),
-    ("shipped_mb", "shipped artifact, MB", ".2f", ("<=", 8.0)),
+    ("shipped_mb", "shipped artifact, MB (10^6 bytes)", ".2f", ("<=", 8.0)),
     ("ood_kept_pct", "out of domain, % of the student's accuracy", ".1f", (">=", 97.0)),
     ("pipeline_min", "pipeline stage time, minutes", ".1f", ("<=", 20.0)),
 ]
@@ -109,6 +112,43 @@ def seed_figures(data: dict[str, Any], batch: int = 1) -> dict[str, float | None
     return out
 
 
+def _dotted(tree: Any, key: str) -> tuple[bool, Any]:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+# --set keys that choose which run folder is read (its existence is checked), not how the run was made
+_LOCATING = ("name", "output_dir")
+
+
+def check_saved_recipe(run_dir: Path, recipe: Any, sets: list[str]) -> None:
+    """With ``--no-run`` nothing is run, so each ``--set key=value`` must be what the run folder's saved
+    ``recipe.yaml`` holds: a run made with other values is refused (naming the run, the key and both
+    values), never measured as if it had them."""
+    from edgekd.recipe import load_recipe
+
+    keys = [item.split("=", 1)[0].strip() for item in sets if item.split("=", 1)[0].strip() not in _LOCATING]
+    if not keys:
+        return
+    saved_file = Path(run_dir) / "recipe.yaml"
+    if not saved_file.is_file():
+        raise EdgeKDError(f"--no-run with --set {', '.join(keys)}: {run_dir} has no recipe.yaml to check them "
+                          "against: run it (drop --no-run) or drop --set.")
+    wanted, saved = recipe.model_dump(mode="json"), load_recipe(saved_file).model_dump(mode="json")
+    for key in keys:
+        found, want = _dotted(wanted, key)
+        if not found:
+            raise EdgeKDError(f"--set {key}: not a recipe setting seeds.py can check against {saved_file}: drop it.")
+        _, got = _dotted(saved, key)
+        if got != want:
+            raise EdgeKDError(f"--no-run: {run_dir} was made with {key}={json.dumps(got)} (its recipe.yaml), not "
+                              f"the {json.dumps(want)} of --set {key}: run it with that value (drop --no-run) or "
+                              "drop the --set.")
+
+
 def shipped_folder(run_dir: Path) -> str:
     """The export folder the run ships, by the rule of the run's summary and `edgekd serve` (the quantize
     stage's recommendation, else the only export)."""
@@ -140,11 +180,27 @@ def _bench_row(row: dict[str, Any]) -> dict[str, Any]:
             "ood_accuracy": row.get("ood_accuracy"), "size_bytes": row.get("size_bytes"), "cases": cases}
 
 
+def _bench_results(run_dir: Path, stages: dict[str, Any]) -> Path | None:
+    """The bench's ``results.json``: in ``bench/<profile>/``, the profile the run's bench stage recorded;
+    without that record, the one profile folder there is (several: refused, the run does not say which)."""
+    profile = ((stages.get("bench") or {}).get("metrics") or {}).get("profile")
+    if profile:
+        found = run_dir / "bench" / str(profile) / "results.json"
+        return found if found.is_file() else None
+    found = sorted((run_dir / "bench").glob("*/results.json"))
+    if len(found) > 1:
+        raise EdgeKDError(f"{run_dir}: the manifest records no bench profile and bench/ holds several "
+                          f"({', '.join(f.parent.name for f in found)}): run the bench stage again so the run says "
+                          "which one it timed.")
+    return found[0] if found else None
+
+
 def pipeline_record(run_dir: Path, shipped: str) -> dict[str, Any]:
     """One seed's figures from the pipeline's own records (``--pipeline-only``), shaped like compare_tools'
     result so that :func:`seed_figures` reads them alike: the teacher's and the fp32 student's test and
     out-of-domain accuracy from the eval stage, their p50 from the bench's PyTorch rows; the shipped
-    artifact (export folder ``shipped``) as the bench scored and timed it, else the quantize stage's test
+    artifact (export folder ``shipped``) as the bench scored and timed it (``bench/<profile>/results.json``, with
+    how it timed them, for :func:`timing_over_seeds`), else the quantize stage's test
     figure; the recorded stage time. Rows the run did not measure stay absent."""
     manifest_file = run_dir / "manifest.json"
     if not manifest_file.is_file():
@@ -155,9 +211,9 @@ def pipeline_record(run_dir: Path, shipped: str) -> dict[str, Any]:
     if "student" not in ev:
         raise EdgeKDError(f"{run_dir}: no eval stage recorded, so there is no fp32 student to compare with; "
                           "run the pipeline with its eval stage.")
-    bench_file = run_dir / "bench" / "local" / "results.json"
-    bench = ({r["name"]: r for r in json.loads(bench_file.read_text()).get("results") or []}
-             if bench_file.is_file() else {})
+    bench_file = _bench_results(run_dir, stages)
+    bench_data = json.loads(bench_file.read_text()) if bench_file is not None else {}
+    bench = {r["name"]: r for r in bench_data.get("results") or []}
     rows = []
     for name, key in ((report.TEACHER, "teacher"), ("student-fp32", "student")):
         timed = _bench_row(bench[f"pytorch-{key}"]) if f"pytorch-{key}" in bench else {"cases": {}}
@@ -171,27 +227,73 @@ def pipeline_record(run_dir: Path, shipped: str) -> dict[str, Any]:
         size = json.loads(meta_file.read_text()).get("size_bytes") if meta_file.is_file() else None
         rows.append({"name": f"edgekd-{shipped}", "status": "ok", "best": True, "accuracy": quantized.get("accuracy"),
                      "ood_accuracy": None, "size_bytes": size, "cases": {}})
-    return {"rows": rows, "pipeline": report.pipeline_time(manifest), "pipeline_only": True,
+    # how the bench timed and scored them, which timing_over_seeds requires alike in every seed
+    timed = ({"profile": bench_file.parent.name, "created": bench_data.get("created"),
+              **{k: bench_data.get(k) for k in ("inputs", "config", "ood")}} if bench_file is not None else None)
+    return {"rows": rows, "pipeline": report.pipeline_time(manifest), "pipeline_only": True, "bench": timed,
             "verdict": {"summary": f"pipeline only: {shipped} against the run's own eval and bench; the usual "
                                    "paths were not built"}}
 
 
+def _ood_set(ood: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Which out-of-domain set was scored (not how it was chosen): None where none was."""
+    ood = ood or {}
+    return {k: ood.get(k) for k in ("dataset", "examples", "sha256") if k in ood} if ood.get("dataset") else None
+
+
+def ablation_batch(data: dict[str, Any]) -> int | None:
+    """The batch size compare_tools' ablation p50s were read at: recorded since compare_tools read them at
+    batch 1 whenever batch 1 was timed; before, the first of ``--batch-sizes``. None without an ablation."""
+    if not data.get("ablation"):
+        return None
+    settings = data.get("settings") or {}
+    if settings.get("ablation_batch") is not None:
+        return settings["ablation_batch"]
+    return (settings.get("batch_sizes") or [None])[0]
+
+
 def timing_of(data: dict[str, Any]) -> dict[str, Any] | None:
-    """How one seed's comparison was timed (compare_tools' ``settings`` and ``timing``), or None for a
-    record that timed nothing of its own (``--pipeline-only``, or one without those fields)."""
-    if data.get("pipeline_only") or "settings" not in data:
+    """How one seed's comparison was timed and scored: compare_tools' ``settings`` and ``timing``, or for
+    ``--pipeline-only`` the bench's inputs record (``bench``); None for a record that timed nothing of its
+    own. ``alike`` holds every setting that changes what was timed or scored, which :func:`timing_over_seeds`
+    requires to be the same in every seed."""
+    if data.get("pipeline_only"):
+        bench = data.get("bench")
+        if not bench:
+            return None
+        inputs, config = bench.get("inputs") or {}, bench.get("config") or {}
+        return {"rounds": inputs.get("rounds"), "threads": inputs.get("threads"), "calls": inputs.get("timed_calls"),
+                "batch_sizes": config.get("batch_sizes"), "inputs": inputs.get("description"),
+                "created": bench.get("created"), "source": f"bench/{bench.get('profile')}",
+                "alike": {"threads": inputs.get("threads"), "inputs": inputs.get("description"),
+                          "input source": inputs.get("source"), "warm-up calls": inputs.get("warmup_calls"),
+                          "sequence lengths": config.get("seq_lengths"),
+                          "test examples scored": config.get("eval_examples"),
+                          "out-of-domain set": _ood_set(bench.get("ood"))}}
+    if "settings" not in data:
         return None
     settings, timing = data.get("settings") or {}, data.get("timing") or {}
     return {"rounds": timing.get("rounds"), "threads": settings.get("threads"), "calls": settings.get("runs"),
             "batch_sizes": settings.get("batch_sizes"), "inputs": settings.get("inputs"),
-            "created": data.get("created")}
+            "created": data.get("created"),
+            "alike": {"threads": settings.get("threads"), "inputs": settings.get("inputs"),
+                      "scoring": settings.get("scoring"), "warm-up calls": settings.get("warmup"),
+                      "test examples scored (--eval-limit)": settings.get("eval_examples"),
+                      "test examples": settings.get("test_examples"),
+                      "validation examples": settings.get("validation_examples"),
+                      "seed of the timing order": settings.get("seed"),
+                      "NNCF calibration texts": settings.get("calibration_texts"),
+                      "Optimum config": settings.get("optimum_isa"),
+                      "out-of-domain set (--ood)": _ood_set(data.get("ood")),
+                      "timing processes (--one-process)": timing.get("process"),
+                      "ablation batch size": ablation_batch(data)}}
 
 
-# What must be the same in every seed's comparison before their speed-ups are averaged: a mean over seeds
-# timed on other threads or other inputs would pool different quantities. (Other batch sizes timed beside
-# batch 1 change no figure the table reads; fewer rounds or calls change a figure's precision, not what it
-# measures, and get a note.)
-ALIKE = ("threads", "inputs")
+# Every setting in a timing record's ``alike`` must be the same in every seed's comparison before their figures
+# are averaged: a mean over seeds timed on other threads, inputs, warm-up, test or out-of-domain examples (...)
+# would pool different quantities. (Other batch sizes timed beside batch 1 change no figure the table reads: it
+# reads batch 1, the ablation included; fewer rounds or calls change a figure's precision, not what it measures,
+# and get a note.)
 
 
 def _batch1_calls(t: dict[str, Any]) -> Any:
@@ -199,20 +301,35 @@ def _batch1_calls(t: dict[str, Any]) -> Any:
     return calls.get("1") if isinstance(calls, dict) else calls
 
 
+def _shown(v: Any) -> str:
+    return "not recorded" if v is None else json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else str(v)
+
+
 def timing_over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Each seed's timing (:func:`timing_of`) and, when their round counts or their timed calls at batch 1
     differ, a note saying so: each seed's rows were timed alike within its own comparison, but fewer rounds
-    or calls give a wider spread. Seeds timed on different threads or inputs are refused (``EdgeKDError``),
-    never averaged."""
+    or calls give a wider spread. Seeds whose comparisons differ in any setting of ``alike`` (threads,
+    inputs, warm-up, examples, out-of-domain set, ...), a comparison without batch 1 and an ablation read at
+    another batch size than 1 are refused (``EdgeKDError``), never averaged."""
     timing = {s: timing_of(d) for s, d in sorted(per_seed.items())}
     timed = {s: t for s, t in timing.items() if t is not None}
-    for key in ALIKE:
-        values = {json.dumps(t[key], sort_keys=True) for t in timed.values()}
-        if len(values) > 1:
-            each = ", ".join(f"seed {s}: {t[key]}" for s, t in timed.items())
+    again = ("measure them again with the same options" + ("" if any(t.get("source") for t in timed.values())
+                                                           else " (without --reuse)"))
+    for s, t in timed.items():
+        if t["batch_sizes"] is not None and 1 not in t["batch_sizes"]:
+            raise EdgeKDError(f"seed {s}'s comparison timed batch sizes {t['batch_sizes']} without batch 1, which "
+                              f"every figure of the table reads: {again}, batch 1 included")
+        got = t["alike"].get("ablation batch size")
+        if got is not None and got != 1:
+            raise EdgeKDError(f"seed {s}'s compare_tools ablation was read at batch {got} (the first of its "
+                              f"--batch-sizes {t['batch_sizes']}), but the table's ablation is batch 1: {again}")
+    keys = list(dict.fromkeys(k for t in timed.values() for k in t["alike"]))
+    for key in keys:
+        values = {s: t["alike"].get(key) for s, t in timed.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            each = ", ".join(f"seed {s}: {_shown(v)}" for s, v in values.items())
             raise EdgeKDError(f"the seeds' comparisons were not timed alike ({key}: {each}); a "
-                              "mean over them would pool different measurements: measure them again with the same "
-                              "options (without --reuse)")
+                              f"mean over them would pool different measurements: {again}")
     unlike = []
     for what, of in (("timing rounds", lambda t: t["rounds"]), ("timed calls at batch 1", _batch1_calls)):
         values = {s: of(t) for s, t in timed.items()}
@@ -381,7 +498,8 @@ def _timing_lines(timing: dict[str, Any]) -> list[str]:
         if t is None:
             continue
         calls = t["calls"] if isinstance(t["calls"], dict) else {b: t["calls"] for b in t["batch_sizes"] or []}
-        lines.append(f"- seed {s}: compare_tools result written {t['created'] or 'at an unrecorded time'}, "
+        what = f"{t['source']} results" if t.get("source") else "compare_tools result"
+        lines.append(f"- seed {s}: {what} written {t['created'] or 'at an unrecorded time'}, "
                      f"{'unrecorded' if t['rounds'] is None else t['rounds']} round(s), {t['threads']} thread(s), "
                      + (", ".join(f"{n} call(s) at batch {b}" for b, n in calls.items()) or "calls not recorded"))
     if timing.get("note"):
@@ -480,6 +598,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if given and (args.reuse or args.pipeline_only):
         p.error(f"{', '.join(given)}: compare_tools does not run with {'--reuse' if args.reuse else '--pipeline-only'}, "
                 "so nothing would read them: drop them")
+    if any(item.split("=", 1)[0].strip() == "seed" for item in args.sets):
+        p.error("--set seed=...: each run's seed is one of --seeds; give the seeds there")
     args.batch_sizes = [1, 8] if args.batch_sizes is None else args.batch_sizes
     if 1 not in args.batch_sizes:
         p.error("--batch-sizes: include 1 (every bar is read at batch 1)")
@@ -503,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
                 api.run_recipe(args.recipe, sets, argv=["benchmarks/seeds.py", args.recipe, *(f"--set={x}" for x in sets)])
             elif not recipe.run_dir().is_dir():
                 raise EdgeKDError(f"--no-run: {recipe.run_dir()} does not exist; run it first (drop --no-run).")
+            else:  # nothing runs: the --set values must be the ones the run was made with, not ignored
+                check_saved_recipe(recipe.run_dir(), recipe, args.sets)
             shipped = shipped_folder(recipe.run_dir())
             if args.pipeline_only:
                 per_seed[s] = pipeline_record(recipe.run_dir(), shipped)

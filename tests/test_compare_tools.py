@@ -827,7 +827,7 @@ def test_markdown_refuses_rows_that_ran_on_other_thread_counts(tools):
         rep.check_same_threads(rows, 2)
     rows[0]["runtime_info"] = {"threads": 2}
     rep.check_same_threads(rows, 2)
-    rows[0]["runtime_info"] = {}  # a runtime that does not say (ExecuTorch's XNNPACK)
+    rows[0]["runtime_info"] = {}  # a runtime that does not say its threads
     rep.check_same_threads(rows, 2)
 
 
@@ -844,3 +844,55 @@ def test_pytorch_rows_record_the_threads_torch_runs_on():
         assert remote_runner.runtime_info(runner)["threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _markdown_data(rep, rows, batch_sizes=(1,), ablation_batch=None):
+    settings = {"threads": 2, "warmup": 20, "runs": {str(b): 10 for b in batch_sizes}, "eval_examples": 10,
+                "validation_examples": 10, "optimum_isa": "avx2", "batch_sizes": list(batch_sizes)}
+    if ablation_batch is not None:
+        settings["ablation_batch"] = ablation_batch
+    rows = [{"runtime": "rt", "precision": "fp32", **r} for r in rows]
+    return {"run": "r", "rows": rows, "settings": settings, "environment": {}, "timing": {},
+            "ratios": {"vs_teacher": rep.ratios(rows, "teacher-fp32", list(batch_sizes)),
+                       "vs_optimum_int8": rep.ratios(rows, "optimum-onnx-int8", list(batch_sizes))},
+            "verdict": {"summary": "s", "lines": []}, "best": {"name": None, "why": "w"},
+            "pipeline": {"lines": [], "stage_seconds": {}}, "optimum": {},
+            "ablation": [{"step": "quantize (dynamic)", "what": "onnx -> onnx-int8", "p50_before_ms": 2.0,
+                          "p50_after_ms": 1.0, "speedup": 2.0}]}
+
+
+def test_markdown_sizes_are_in_millions_of_bytes_as_the_bars(tools):
+    _, rep, _ = tools
+    rows = [_row("teacher-fp32", "teacher", size=8_000_000, p50s={1: 8.0}),
+            _row("edgekd-onnx-int8", size=7_240_000, p50s={1: 1.0})]
+    text = rep.markdown(_markdown_data(rep, rows))
+    assert "| size MB (10^6 B) |" in text
+    # 7,240,000 bytes is 7.24 MB, the unit of the <= 8 MB bar and of seeds.md (6.90 if read as MiB)
+    assert "| edgekd-onnx-int8 | " in text and " | 7.24 | " in text.split("| edgekd-onnx-int8 | ")[1].splitlines()[0]
+
+
+def test_a_row_that_never_ran_is_not_measured_not_outside_the_budget(tools):
+    _, rep, _ = tools
+    ran = {**_row("edgekd-onnx"), "val_accuracy": 0.70}
+    never = {**_row("edgekd-coreml", acc=None, status="skipped"), "val_accuracy": None}
+    rep.select_best([ran, never], 0.84, 0.01, 1)
+    assert rep.note(ran) == "outside the accuracy budget"
+    assert rep.note(never) == "not measured"
+
+
+def test_executorch_rows_carry_no_false_thread_note(tools, tmp_path):
+    compare_tools, _, _ = tools
+    entries = [{"name": "executorch", "folder": str(tmp_path), "target": "executorch", "size_bytes": 1}]
+    specs, _ = compare_tools._specs(tmp_path, {}, entries, {})
+    row = next(s for s in specs if s["name"] == "edgekd-executorch")
+    # the ExecuTorch runner applies compare_tools' threads (export/executorch.py set_threads), and says so
+    assert not any("thread" in n for n in row.get("notes") or [])
+
+
+def test_the_ablation_reads_batch_1_whatever_the_order_of_the_batch_sizes(tools):
+    compare_tools, rep, _ = tools
+    assert compare_tools.ablation_batch_of((8, 1)) == 1 and compare_tools.ablation_batch_of([1, 8]) == 1
+    assert compare_tools.ablation_batch_of((8, 4)) == 8  # no batch 1 timed: the first, and the heading says so
+    rows = [_row("teacher-fp32", "teacher", p50s={1: 8.0, 8: 30.0}), _row("edgekd-onnx-int8", p50s={1: 1.0, 8: 6.0})]
+    assert "(batch 1, same inputs)" in rep.markdown(_markdown_data(rep, rows, (8, 1), ablation_batch=1))
+    assert "(batch 8, same inputs)" in rep.markdown(_markdown_data(rep, rows, (8, 4), ablation_batch=8))

@@ -5,6 +5,7 @@ counts as met)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_mean_sd_and_the_seeds_meeting_each_bar(seeds):
     assert rows["margin:torchao-int8-compiled"]["seeds_meeting"] == 2
     assert not agg["all_met"]
     text = seeds.markdown(agg, "t")
-    assert "| shipped artifact, MB | 7.50 | 7.50 | 9.00 | 8.00 ± 0.87 | <= 8 | 2 of 3 |" in text
+    assert "| shipped artifact, MB (10^6 bytes) | 7.50 | 7.50 | 9.00 | 8.00 ± 0.87 | <= 8 | 2 of 3 |" in text
     assert "Not every bar is met in every seed" in text and "seed 44: NOT MET. stand-in" in text
 
 
@@ -379,3 +380,95 @@ def test_reuse_refuses_unlike_seeds_before_writing_a_table(seeds, tmp_path, caps
     assert seeds.main([str(recipe), "--seeds", "1", "2", "--no-run", "--reuse", "--out", str(out)]) == 2
     assert "not timed alike (threads: seed 1: 2, seed 2: 4)" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where, key, value, named", [
+    ("settings", "warmup", 5, "warm-up calls"),
+    ("settings", "eval_examples", 200, "test examples scored (--eval-limit)"),
+    ("settings", "seed", 1, "seed of the timing order"),
+    ("settings", "calibration_texts", 100, "NNCF calibration texts"),
+    ("ood", "sha256", "other", "out-of-domain set (--ood)"),
+    ("timing", "process", "one for every model", "timing processes (--one-process)"),
+])
+def test_seeds_scored_or_timed_on_other_settings_are_refused(seeds, where, key, value, named):
+    def full(data):
+        data = _timed(data, 9)
+        data["settings"].update(warmup=20, eval_examples=1275, test_examples=1275, validation_examples=1275, seed=0,
+                                calibration_texts=300, optimum_isa="avx2", scoring="one text per call")
+        data["timing"]["process"] = "one per model and round"
+        data["ood"] = {"dataset": "amazon-snippets", "examples": 2985, "sha256": "55", "how": "the recipe's"}
+        return data
+
+    base, other = full(_compare(0.838, 1.0, 7.5)), full(_compare(0.836, 1.2, 7.5))
+    other["ood"]["how"] = "--ood amazon-snippets"  # how the set was chosen is not what was scored: still alike
+    assert seeds.aggregate({42: base, 43: other})["timing"]["note"] is None
+    other[where][key] = value
+    with pytest.raises(seeds.EdgeKDError, match=rf"not timed alike \({re.escape(named)}: seed 42: .*, seed 43: "
+                                                rf".*{value}.*\).*measure them again"):
+        seeds.aggregate({42: base, 43: other})
+
+
+def test_the_ablation_pooled_is_batch_1s(seeds):
+    ablation = [{"step": "quantize (dynamic)", "what": "onnx -> onnx-int8", "p50_before_ms": 0.9, "p50_after_ms": 0.5}]
+    one = {**_timed(_compare(0.838, 1.0, 7.5), 9, batch_sizes=(1, 8)), "ablation": ablation}
+    # an older comparison with --batch-sizes 8 1 read its ablation at batch 8, its first batch size
+    eight = {**_timed(_compare(0.836, 1.2, 7.5), 9, batch_sizes=(8, 1)), "ablation": ablation}
+    with pytest.raises(seeds.EdgeKDError, match=r"seed 43's compare_tools ablation was read at batch 8 .*batch 1"):
+        seeds.aggregate({42: one, 43: eight})
+    eight["settings"]["ablation_batch"] = 1  # compare_tools now reads it at batch 1 and records so
+    assert seeds.aggregate({42: one, 43: eight})["ablation"][0]["stats"]["p50_after_ms"]["n"] == 2
+    no_batch1 = _timed(_compare(0.836, 1.2, 7.5), 9, batch_sizes=(8,))
+    with pytest.raises(seeds.EdgeKDError, match=r"seed 43's comparison timed batch sizes \[8\] without batch 1"):
+        seeds.aggregate({42: one, 43: no_batch1})
+
+
+def test_no_run_refuses_a_set_the_saved_recipe_does_not_hold(seeds, tmp_path, capsys):
+    import json
+    import os
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
+    run = _shipping_run(tmp_path / "runs" / "tiny-seed1", "onnx-int8")
+    (run / "recipe.yaml").write_text(f"name: tiny-seed1\nseed: 1\noutput_dir: {tmp_path / 'runs'}\n"
+                                     "prune:\n  keep_params: 0.4\n")
+    (run / "compare").mkdir()
+    (run / "compare" / "compare.json").write_text(json.dumps(_compare(0.836, 0.5, 7.0)))
+    os.utime(run / "manifest.json", (1, 1))
+    argv = [str(recipe), "--seeds", "1", "--no-run", "--reuse", "--out", str(tmp_path / "out")]
+    assert seeds.main([*argv, "--set", "prune.keep_params=0.35"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} was made with prune.keep_params=0.4 (its recipe.yaml), not the 0.35 of --set" in err
+    assert not (tmp_path / "out").exists()
+    assert seeds.main([*argv, "--set", "prune.keep_params=0.4"]) == 0  # the run's own value: measured
+    with pytest.raises(SystemExit):
+        seeds.parse_args([str(recipe), "--set", "seed=3"])
+    assert "give the seeds there" in capsys.readouterr().err
+
+
+def test_pipeline_only_reads_the_bench_profile_the_run_recorded_and_refuses_unlike_benches(seeds, tmp_path):
+    import json
+
+    def moved(root, profile, threads):
+        run = _pipeline_run(root)
+        (run / "bench" / "local").rename(run / "bench" / profile)
+        bench = run / "bench" / profile / "results.json"
+        data = json.loads(bench.read_text())
+        data.update(inputs={"description": "real lengths", "threads": threads, "timed_calls": 50, "warmup_calls": 10,
+                            "rounds": 3, "source": "real"}, config={"batch_sizes": [1, 8], "eval_examples": None},
+                    ood={"dataset": "amazon-snippets", "examples": 2985}, created="2026-12-04T10:00:00+00:00")
+        bench.write_text(json.dumps(data))
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["stages"]["bench"] = {"metrics": {"profile": profile}}
+        (run / "bench" / "local").mkdir()  # a stale folder of another profile is not read
+        (run / "bench" / "local" / "results.json").write_text(json.dumps({"results": []}))
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        return run
+
+    rec = seeds.pipeline_record(moved(tmp_path / "a", "pi5", 2), "onnx-int8")
+    assert seeds.seed_figures(rec)["shipped_p50_ms"] == 1.5  # from bench/pi5, not the stale bench/local
+    other = seeds.pipeline_record(moved(tmp_path / "b", "pi5", 4), "onnx-int8")
+    with pytest.raises(seeds.EdgeKDError, match=r"not timed alike \(threads: seed 1: 2, seed 2: 4\)"):
+        seeds.aggregate({1: rec, 2: other})
+    agg = seeds.aggregate({1: rec, 2: seeds.pipeline_record(moved(tmp_path / "c", "pi5", 2), "onnx-int8")})
+    assert "- seed 1: bench/pi5 results written 2026-12-04T10:00:00+00:00, 3 round(s), 2 thread(s)" in \
+        seeds.markdown(agg, "t")
