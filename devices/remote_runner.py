@@ -684,7 +684,7 @@ def runtime_info(runner) -> dict:
 
 
 def _mb(b: int | None) -> float | None:
-    return None if b is None else round(b / 2**20, 2)
+    return None if b is None else round(b / 1e6, 2)  # MB = 10^6 bytes, as every size in the tables
 
 
 def write_result(path: Path, result: dict, outputs: dict | None, outputs_path: Path | None) -> None:

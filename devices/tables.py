@@ -190,7 +190,7 @@ def markdown(data: dict[str, Any]) -> str:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
-        size = r["size_bytes"] / 2**20 if r.get("size_bytes") is not None else None
+        size = r["size_bytes"] / 1e6 if r.get("size_bytes") is not None else None
         load = r["load_s"] * 1000 if r.get("load_s") is not None else None
         lines.append(
             f"| {r['name']} | {r['target']} | {r['precision']} | {_num(size, '.2f')} | {_num(r['p50_ms'], '.3f')} "

@@ -53,7 +53,7 @@ def _pct(v: Any) -> str:
 
 
 def _mb(size_bytes: Any) -> str:
-    return f"{size_bytes / 2**20:.2f}" if _finite(size_bytes) else "—"
+    return f"{size_bytes / 1e6:.2f}" if _finite(size_bytes) else "—"  # MB = 10^6 bytes, as the summary and the size bar
 
 
 def _pp(v: Any) -> str:

@@ -119,7 +119,7 @@ def test_html_report_of_a_full_run_in_chromium(browser, full_run, tmp_path):
         assert top == shown
     e = next(e for e in results if e["name"] == shown)
     assert tip.text.splitlines() == [shown, f"p50 latency: {e['cases'][0]['p50_ms']:.3f} ms",
-                                     f"accuracy: {e['accuracy']:.4f}", f"size: {e['size_bytes'] / 2**20:.2f} MB"]
+                                     f"accuracy: {e['accuracy']:.4f}", f"size: {e['size_bytes'] / 1e6:.2f} MB"]
     teacher = next(p for p in points if p.get_attribute("data-name") == "pytorch-teacher")
     ActionChains(browser).move_to_element(teacher).perform()
     WebDriverWait(browser, 5).until(lambda d: tip.text.startswith("pytorch-teacher\n"))
