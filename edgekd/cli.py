@@ -183,13 +183,17 @@ def serve(
     from edgekd.recipe import ServeConfig
     from edgekd.serving import ServeSettings
     from edgekd.serving import serve as start
-    from edgekd.serving.model import choose_export
+    from edgekd.serving.model import choose_export, run_root
 
+    # An export folder inside a run is served with that run's recipe too (its serve section).
+    in_run = run_root(run_dir) if (run_dir / "artifact.json").is_file() else None
+    recipe_dir = in_run or run_dir
     cfg = ServeConfig()
-    if (run_dir / "recipe.yaml").is_file():
-        cfg = load_recipe_or_run(str(run_dir), None).serve
+    if (recipe_dir / "recipe.yaml").is_file():
+        cfg = load_recipe_or_run(str(recipe_dir), None).serve
     settings = ServeSettings.from_config(cfg, host=host, port=port, batching=batching, threads=threads)
-    folder, why = choose_export(run_dir, target or cfg.target)
+    # serve.target picks an export of a run folder; a folder given itself is already chosen.
+    folder, why = choose_export(run_dir, target or (None if in_run else cfg.target))
     if why:
         console.print(f"serving {folder} ({why}); choose another with --target")
     start(folder, None, settings)

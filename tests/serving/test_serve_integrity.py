@@ -180,6 +180,14 @@ def test_cli_uses_environment_over_recipe(monkeypatch, capsys, run_copy):
     assert started[0][1].port == 8300
 
 
+def test_cli_serving_an_export_folder_of_a_run_reads_the_runs_recipe(monkeypatch, capsys, run_copy):
+    (run_copy / "recipe.yaml").write_text("name: tiny\nserve:\n  target: onnx\n  max_items: 10\n  overflow: reject\n")
+    code, out, started = _cli(monkeypatch, capsys, run_copy / "export" / "onnx")
+    assert code == 0, out
+    folder, settings = started[0]
+    assert folder == run_copy / "export" / "onnx" and (settings.max_items, settings.overflow) == (10, "reject")
+
+
 def _with_int8(run):
     """A run with export/onnx and export/onnx-int8 whose quantize stage recommends ``recommended``."""
     src = run / "export" / "onnx"
