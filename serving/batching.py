@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
+from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS, own_length_row
 from edgekd.errors import StageError
 from edgekd.export.base import Runner
 from edgekd.serving.codec import Codec
@@ -249,6 +249,9 @@ class InferenceEngine:
         if self.runner_max_batch:
             max_batch_size = min(max_batch_size, self.runner_max_batch)
         self.max_batch_size = max_batch_size
+        # Rows per runner call: the artifact's limit and, when batching, max_batch_size, which a single
+        # request with more inputs than it must not exceed either (the batcher takes a first job whole).
+        self.call_rows: int | None = max_batch_size if batching else self.runner_max_batch
         self.max_wait_ms = max_wait_ms
         self.max_queue = max_queue
         self._on_batch = on_batch
@@ -291,8 +294,13 @@ class InferenceEngine:
 
     def run_arrays_blocking(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = len(next(iter(inputs.values())))
-        step = self.runner_max_batch or rows
-        parts = [self._call({k: v[i:i + step] for k, v in inputs.items()}) for i in range(0, rows, step)]
+        if self.one_row_per_call:
+            # Tensors a client padded (v2 token inputs, alone or together): each row alone at the width its
+            # attention mask marks, as a text is served, so its answer does not depend on its neighbours.
+            parts = [self._call(own_length_row(inputs, i)) for i in range(rows)]
+        else:
+            step = self.call_rows or rows
+            parts = [self._call({k: v[i:i + step] for k, v in inputs.items()}) for i in range(0, rows, step)]
         if len(parts) == 1:
             return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from serve_helpers import LABELS, _run_slim, ort_loader
+from serve_helpers import LABELS, _run_slim, ort_loader, slow_loader
 
 from edgekd.errors import StageError
 from edgekd.serving.codec import softmax
@@ -45,6 +45,15 @@ def test_runner_max_batch_is_respected(make_client, reference):
     assert box[0].calls[1:] == [2, 2, 1]  # after the warm-up call
     got = np.array([[p["probabilities"][k] for k in LABELS] for p in r.json()["predictions"]])
     np.testing.assert_allclose(got, softmax(np.stack([reference(t) for t in texts])), atol=1e-5)
+
+
+def test_batching_splits_one_request_larger_than_max_batch_size(make_client):
+    """max_batch_size bounds every runner call when batching, a single request with more texts included."""
+    box: list = []
+    client = make_client(loader=slow_loader(0.0, box), batching=True, max_batch_size=2)
+    r = client.post("/predict", json={"texts": ["good", "the plot was dull and boring", "fine", "a warm story", "bland"]})
+    assert r.status_code == 200, r.text
+    assert box[0].calls[1:] == [2, 2, 1]  # after the warm-up call
 
 
 def test_runner_that_drops_rows_is_a_clear_error(make_client, caplog):

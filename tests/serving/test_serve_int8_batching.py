@@ -124,6 +124,20 @@ def test_dynamic_int8_unbatched_answers_do_not_depend_on_the_request(make_client
     assert together == alone  # identical labels and probabilities, every text of the split
 
 
+def test_dynamic_int8_token_tensors_padded_together_answer_as_each_text_alone(make_client, dynamic_dir):
+    """v2 token tensors a client padded to its longest row: each row runs alone at its own length, so its
+    answer is its /predict answer, whatever its neighbours."""
+    client = make_client(export_dir=dynamic_dir)
+    batch = _padded(_tokenised(dynamic_dir))
+    r = client.post("/v2/models/onnx-int8/infer", json={"inputs": [  # the folder served alone: its name
+        {"name": k, "shape": list(v.shape), "datatype": "INT64", "data": v.ravel().tolist()} for k, v in batch.items()]})
+    assert r.status_code == 200, r.text
+    out = next(o for o in r.json()["outputs"] if o["name"] == "probabilities")
+    together = np.asarray(out["data"]).reshape(out["shape"])
+    alone = np.asarray([p for _, p in _answers([client.post("/predict", json={"text": t}) for t in TEST_SPLIT])])
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-7)
+
+
 def test_static_int8_batched_answers_equal_unbatched(live_server, static_dir):
     box: list = []
     plain = live_server(export_dir=static_dir)
