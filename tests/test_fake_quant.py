@@ -139,6 +139,7 @@ def test_a_family_that_cannot_train_int8_aware_refuses_it(tmp_path):
     from edgekd.recipe_check import check_inputs
 
     recipe = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                           "student": {"model": "edgekd-det-s"},
                            "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
                                      "recover_epochs": 1, "quant_aware": True},
                            "quantize": {"enabled": True, "method": "dynamic", "guard_metric": "map50"}})

@@ -367,6 +367,7 @@ def test_fresh_copies_are_refused_where_no_one_teacher_can_label_them(tmp_path, 
 def _detector_recipe(tmp_path, **prune):
     """A detection recipe pruning channels with one recovery epoch, plus ``prune``'s keys."""
     return parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                         "student": {"model": "edgekd-det-s"},
                          "prune": {"enabled": True, "method": "channels", "keep_params": 0.5, "recover_epochs": 1,
                                    **prune}})
 

@@ -366,7 +366,7 @@ def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_pa
         parse_recipe({"name": "x", "quantize": {"enabled": True, "embedding_float_rows": 0}})
     from edgekd.recipe_check import check_inputs
 
-    detector = parse_recipe({"task": "detection", "eval": {"ood_dataset": None},
+    detector = parse_recipe({"task": "detection", "eval": {"ood_dataset": None}, "student": {"model": "edgekd-det-s"},
                              "quantize": {"enabled": True, "embedding_bits": 4, "guard_metric": "map50",
                                           "candidates": [{"method": "static"}, {"embedding_bits": 4}]}})
     why = "it shrinks the embedding tables of a text encoder; a detector has none"

@@ -116,9 +116,15 @@ DETECTION_UNREAD = {
     "bench.synthetic_vocab_size": 50, "prune.quant_aware": ("true", "quantize.method=dynamic"),
     "teacher.unlabelled.dataset": "movie-snippets", "teacher.augment.copies": 1, "prune.recover_fresh_copies": 1,
     "prune.recover_soft_targets": "unpruned", "prune.recover_alpha": 0.8, "prune.recover_temperature": 4.0,
-    "quantize.embedding_bits": 4,
+    "quantize.embedding_bits": 4, "quantize.fuse": "attention", "quantize.smooth_alpha": 0.5,
+    # (student.model with it is refused on loading: the detector is then unset, refused too, see below)
+    "student.layers": ("[0, 2]", "student.model=null"),
 }
 TEXT_UNREAD = {"detection": ("{max_det: 5}",), "serve.max_images": 2, "serve.max_image_pixels": 1000}
+DETECTORS = ("a preset (edgekd-det-l, edgekd-det-s) or the folder of a detector saved by edgekd (config.json + "
+             "model.safetensors)")
+NO_STUDENT = ("student.model: a detector student is the one student.model names, and it is unset: set it to "
+              f"{DETECTORS}")
 
 
 @pytest.mark.parametrize(("family", "base", "values"), [
@@ -129,6 +135,9 @@ def test_each_key_a_family_never_reads_is_refused_before_any_stage(family, base,
     for key, value in values.items():
         raw, *more = value if isinstance(value, tuple) else (str(value).lower() if isinstance(value, bool) else value,)
         problems = check_inputs(load_recipe(base, [f"{key}={raw}", *more]))
+        if key == "student.layers":
+            assert problems[1:] == [NO_STUDENT], problems
+            problems = problems[:1]
         named = problems[0].split(": ")[0].split(", ") if len(problems) == 1 else []
         assert any(k == key or k.startswith(f"{key}.") for k in named), (key, problems)
         assert problems[0].endswith(("remove it", "remove them")), problems
@@ -145,6 +154,88 @@ def test_detection_refuses_the_text_keys_of_one_run_in_one_message_each_and_its_
     coco = tmp_path / "annotations.json"
     coco.write_text("{}")
     assert check_inputs(load_recipe("detect-default", [f"data.dataset={coco}", "data.split.seed=3"])) == []
+
+
+def test_the_synthetic_sets_sizes_and_seed_are_refused_with_a_dataset_of_its_own(tmp_path):
+    sized = ["detection.synthetic.train=64", "detection.synthetic.seed=3"]
+    coco = tmp_path / "annotations.json"
+    coco.write_text("{}")
+    yolo = tmp_path / "data.yaml"
+    yolo.write_text("train: images/train\nval: images/val\nnames: [a]\n")
+    for dataset in (coco, yolo):
+        assert check_inputs(load_recipe("detect-default", [f"data.dataset={dataset}", *sized])) == [
+            "detection.synthetic.train, detection.synthetic.seed: only the generated set (data.dataset: "
+            f"synthetic-shapes) is sized and seeded by detection.synthetic; {dataset} brings its own images: "
+            "remove them"]
+        # detect-default spells out the defaults, which are accepted with any dataset
+        assert check_inputs(load_recipe("detect-default", [f"data.dataset={dataset}"])) == []
+    assert check_inputs(load_recipe("detect-default", sized)) == []  # the generated set reads them
+
+
+def test_detection_refuses_augmented_copies_without_claiming_an_image_augmentation():
+    # no detection stage augments its images (DetectionSplit.collate's flip_seed is passed by none)
+    assert check_inputs(load_recipe("detect-default", ["teacher.augment.copies=1"])) == [
+        "teacher.augment.copies: perturbed copies of training texts are for text classification; a detector trains "
+        "on its training images as they are loaded (no augmented copies): remove it"]
+
+
+def test_a_detection_student_must_be_a_detector_the_stages_build(tmp_path):
+    """The distill stage builds student.model (a preset or a saved detector folder): anything else failed
+    only there, after the teacher had trained."""
+    from edgekd.tasks.detection.models import build_detector, save_detector
+    from edgekd.testing import tiny_detector_config
+
+    assert check_inputs(load_recipe("detect-default", ["student.model=null"])) == [NO_STUDENT]
+    for bad in ("edgekd-det-m", "minilm-l6", str(tmp_path)):  # a typo, a text model, a folder without a detector
+        assert check_inputs(load_recipe("detect-default", [f"student.model={bad}"])) == [
+            f"student.model: '{bad}' is no detector the detection stages build: set it to {DETECTORS}"]
+    save_detector(build_detector(tiny_detector_config(), 4, 32), tmp_path / "det")
+    for good in ("edgekd-det-l", str(tmp_path / "det")):
+        assert check_inputs(load_recipe("detect-default", [f"student.model={good}"])) == []
+
+
+def test_kd_settings_are_refused_where_no_detection_kd_term_reads_them():
+    def problems(*overrides):
+        return check_inputs(load_recipe("detect-default", list(overrides)))
+
+    off = ["detection.cls_weight=0", "detection.box_weight=0"]
+    assert problems("detection.feature_weight=0", "detection.feature_method=mgd") == [
+        "detection.feature_method: chooses how the neck features are imitated, and detection.feature_weight is 0 "
+        "(no feature imitation): give feature_weight a weight, or remove it"]
+    assert problems("detection.feature_method=mgd") == []
+    assert problems(*off, "detection.feature_weight=0", "distill.temperature=4") == [
+        "distill.temperature: softens the class-score and box KD terms (and cwd feature imitation), and none is on "
+        "(detection.cls_weight and box_weight are 0, feature_weight is 0): give cls_weight or box_weight a weight, "
+        "or remove it"]
+    assert problems(*off, "detection.feature_method=mse", "distill.temperature=4") == [
+        "distill.temperature: softens the class-score and box KD terms (and cwd feature imitation), and none is on "
+        "(detection.cls_weight and box_weight are 0, feature_method is mse): give cls_weight or box_weight a "
+        "weight, or remove it"]
+    # each term that reads the temperature: class scores, box distributions, cwd feature imitation (the default)
+    for reads in ("detection.cls_weight=0.5", "detection.box_weight=0.5", "detection.feature_method=cwd"):
+        assert problems(*off, reads, "distill.temperature=4") == [], reads
+    assert problems(*off, "detection.feature_weight=0") == []  # left at its default: nothing to refuse
+
+
+def test_transformer_only_quantize_settings_are_refused_for_a_detector_section_and_candidates():
+    """On a detector's graph fuse finds nothing (packed fails in the quantize stage: no self-attention
+    block) and smooth_alpha no MatMul over a float weight: refused before the teacher trains."""
+    unread = get_family("detection").unread_keys
+    candidates = ("[{fuse: packed}, {method: dynamic, smooth_alpha: 0.5, embedding_float_rows: 8}, "
+                  "{method: dynamic, fuse: multihead}, {method: dynamic, fuse: none}]")
+    assert check_inputs(load_recipe("detect-default", ["quantize.fuse=packed", "quantize.smooth_alpha=0.5",
+                                                       f"quantize.candidates={candidates}"])) == [
+        f"quantize.fuse: {unread['quantize.fuse']}: remove it",
+        f"quantize.smooth_alpha: {unread['quantize.smooth_alpha']}: remove it",
+        f"quantize.candidates[0].fuse, quantize.candidates[2].fuse: {unread['quantize.fuse']}: remove them",
+        f"quantize.candidates[1].embedding_float_rows: {unread['quantize.embedding_bits']}: remove it",
+        f"quantize.candidates[1].smooth_alpha: {unread['quantize.smooth_alpha']}: remove it"]
+    # fuse: none fuses nothing, and the other keys of a candidate apply to a detector's convolutions
+    assert check_inputs(load_recipe("detect-default", [
+        "quantize.candidates=[{method: dynamic, fuse: none, per_channel: true}]"])) == []
+    # the text family reads them
+    assert check_inputs(load_recipe("default", ["quantize.fuse=packed", "quantize.smooth_alpha=0.5",
+                                                "quantize.candidates=[{method: dynamic, fuse: multihead}]"])) == []
 
 
 def test_the_guard_metric_must_be_one_the_task_computes():

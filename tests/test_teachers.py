@@ -299,12 +299,13 @@ def test_detection_refuses_the_text_only_teacher_keys(tmp_path):
     from edgekd.recipe_check import check_inputs
 
     recipe = parse_recipe({"task": "detection", "output_dir": str(tmp_path), "eval": {"ood_dataset": None},
+                           "student": {"model": "edgekd-det-s"},
                            "teacher": {"augment": {"copies": 1}, "unlabelled": {"dataset": "movie-snippets"}}})
     problems = check_inputs(recipe)
     assert [p.split(":")[0] for p in problems] == ["teacher.unlabelled.dataset", "teacher.augment.copies"]
     assert all(p.endswith(": remove it") for p in problems)
     assert check_inputs(parse_recipe({"task": "detection", "output_dir": str(tmp_path),
-                                      "eval": {"ood_dataset": None}})) == []
+                                      "eval": {"ood_dataset": None}, "student": {"model": "edgekd-det-s"}})) == []
 
 
 def test_augment_recipe_keys_are_checked():

@@ -64,7 +64,8 @@ class DetectionSplit:
         ``images`` float32 [B,3,S,S] in 0..1; ``gt_boxes`` float32 [B,M,4], ``gt_classes`` int64
         [B,M] and ``gt_mask`` float32 [B,M] (1 = real box), M = most boxes in the batch (at least 1,
         so the shapes stay valid for a batch of empty images). With ``flip_seed``, each image is
-        mirrored left-right with probability 1/2 (seeded, so an epoch can be replayed).
+        mirrored left-right with probability 1/2 (seeded, so an epoch can be replayed); the pipeline's
+        stages pass none, so every detection run trains on the images as they were loaded.
         """
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         size = self.image_size

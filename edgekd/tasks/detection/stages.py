@@ -35,7 +35,7 @@ from edgekd.stages.prune_common import (
     search_timing_settings,
     shipped_latency_fn,
 )
-from edgekd.train import resolve_precision, to_torch, train
+from edgekd.train import init_process_state, resolve_precision, to_torch, train
 
 
 def _autocast(precision: str):
@@ -136,14 +136,20 @@ def run_teacher(ctx) -> dict[str, Any]:
 
 
 def student_fingerprint(ctx, stage: str) -> str:
+    """The distilled student's settings with its teacher's fingerprint; the baseline's with the data's
+    alone (it starts from a fresh preset or student.model, never from the teacher, and trains without it).
+    The KD keys are the recipe's even where no term reads them: check_inputs refuses them away from their
+    defaults there, so they stay at those."""
     r = ctx.recipe
     settings: dict[str, Any] = {"student": r.student.model, "train": r.distill.train.model_dump(mode="json")}
     if stage == "distill":
         settings["kd"] = {"temperature": r.distill.temperature,
                           **r.detection.model_dump(mode="json", include={"cls_weight", "box_weight",
                                                                          "feature_weight", "feature_method"})}
-    return fingerprint({**settings, "teacher": teacher_fingerprint(ctx), "seed": r.seed,
-                        "precision": r.runtime.precision, "stage": stage})
+        settings["teacher"] = teacher_fingerprint(ctx)
+    else:
+        settings["data"] = ctx.data_fingerprint
+    return fingerprint({**settings, "seed": r.seed, "precision": r.runtime.precision, "stage": stage})
 
 
 def _kd_module(ctx, student, teacher):
@@ -163,7 +169,11 @@ def train_student(ctx, student, teacher, cfg: TrainConfig, ckpt, description: st
     criterion = DetectionLoss()
     kd = _kd_module(ctx, student, teacher) if teacher is not None else None
     if teacher is not None:
-        teacher.eval().requires_grad_(False)
+        # The teacher (loaded on the CPU) and the KD projectors run beside the student, which the
+        # accelerator moves to its device; the projectors before the optimizer is built over them.
+        device = init_process_state().device
+        teacher.to(device).eval().requires_grad_(False)
+        kd.to(device)
 
     def loss_fn(m, batch):
         out = m(batch["images"])
