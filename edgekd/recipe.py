@@ -950,8 +950,10 @@ class QuantizeConfig(Section):
             own = [k for k in c.model_dump(exclude_none=True)
                    if k in _CANDIDATE_READS and not _CANDIDATE_READS[k](s)]
             if own:
+                embeddings = any(k.startswith("embedding_") for k in own) and _int8(s)
                 problems.append(f"quantize.candidates[{i}]: {', '.join(own)}: not read by the candidate's own setup "
                                 f"(method {s.method}{', calibration_method ' + s.calibration_method if _static(s) else ''}"
+                                f"{f', embedding_bits {s.embedding_bits}' if embeddings else ''}"
                                 f"): drop {it_or_them(own)} from the candidate")
         return problems
 
@@ -971,10 +973,11 @@ _SETUP_READS = {
     "percentile": lambda s: _static(s) and s.calibration_method == "percentile",
     "calibration_split": lambda s: _static(s) or s.smooth_alpha is not None,
     "embedding_block_size": lambda s: _int8(s) and s.embedding_bits == 4,
+    "embedding_float_rows": lambda s: _int8(s) and s.embedding_bits == 4,
 }
 # A candidate's own keys: those above, and per_channel, which only the section's own setup may leave to
 # edgekd.quantization.quantize_torch (a candidate is an ONNX setup alone).
-_CANDIDATE_READS = {**_SETUP_READS, "per_channel": _int8}
+_CANDIDATE_READS = {**_SETUP_READS, "per_channel": _int8, "embedding_bits": _int8}
 
 
 class ExportConfig(Section):

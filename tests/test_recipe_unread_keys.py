@@ -83,6 +83,14 @@ def test_a_candidates_own_key_must_be_read_by_its_own_setup():
     with pytest.raises(ValueError, match=re.escape("percentile: not read by the candidate's own setup (method static, "
                                                    "calibration_method minmax)")):
         QuantizeConfig(enabled=True, candidates=[{"method": "static", "percentile": 99.9}])
+    # the embedding keys: float rows are read beside 4-bit tables only, embedding_bits by int8 setups only
+    with pytest.raises(ValueError, match=re.escape("quantize.candidates[0]: embedding_float_rows: not read by the "
+                                                   "candidate's own setup (method dynamic, embedding_bits 8)")):
+        QuantizeConfig(enabled=True, embedding_bits=4, candidates=[{"embedding_bits": 8, "embedding_float_rows": 100}])
+    with pytest.raises(ValueError, match=re.escape("quantize.candidates[0]: embedding_bits: not read by the "
+                                                   "candidate's own setup (method fp16)")):
+        QuantizeConfig(enabled=True, candidates=[{"method": "fp16", "embedding_bits": 4}])
+    assert QuantizeConfig(enabled=True, candidates=[{"embedding_bits": 4, "embedding_float_rows": 100}]).candidates
     # read by the candidate's own setup: accepted, the section's value inherited where the candidate is silent
     cfg = QuantizeConfig(enabled=True, calibration_method="entropy",
                          candidates=[QuantizeCandidate(method="static", per_channel=True, activation_type="qint8")])
@@ -221,14 +229,15 @@ def test_transformer_only_quantize_settings_are_refused_for_a_detector_section_a
     """On a detector's graph fuse finds nothing (packed fails in the quantize stage: no self-attention
     block) and smooth_alpha no MatMul over a float weight: refused before the teacher trains."""
     unread = get_family("detection").unread_keys
-    candidates = ("[{fuse: packed}, {method: dynamic, smooth_alpha: 0.5, embedding_float_rows: 8}, "
+    candidates = ("[{fuse: packed}, {method: dynamic, smooth_alpha: 0.5, embedding_bits: 4, embedding_float_rows: 8}, "
                   "{method: dynamic, fuse: multihead}, {method: dynamic, fuse: none}]")
     assert check_inputs(load_recipe("detect-default", ["quantize.fuse=packed", "quantize.smooth_alpha=0.5",
                                                        f"quantize.candidates={candidates}"])) == [
         f"quantize.fuse: {unread['quantize.fuse']}: remove it",
         f"quantize.smooth_alpha: {unread['quantize.smooth_alpha']}: remove it",
         f"quantize.candidates[0].fuse, quantize.candidates[2].fuse: {unread['quantize.fuse']}: remove them",
-        f"quantize.candidates[1].embedding_float_rows: {unread['quantize.embedding_bits']}: remove it",
+        f"quantize.candidates[1].embedding_bits, quantize.candidates[1].embedding_float_rows: "
+        f"{unread['quantize.embedding_bits']}: remove them",
         f"quantize.candidates[1].smooth_alpha: {unread['quantize.smooth_alpha']}: remove it"]
     # fuse: none fuses nothing, and the other keys of a candidate apply to a detector's convolutions
     assert check_inputs(load_recipe("detect-default", [
