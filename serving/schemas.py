@@ -76,14 +76,24 @@ class PredictResponse(BaseModel):
 
 # --- /predict for detection models -------------------------------------------------------------------
 class DetectOptions(BaseModel):
-    """Post-processing options of a detection request (query parameters, form fields or JSON keys)."""
+    """Post-processing options of a detection request (query parameters, form fields or JSON keys).
+    One the request leaves out is the served export's own (its artifact.json's ``postprocess``, from the
+    recipe's ``detection.*``); these defaults stand for an export that records none."""
 
     model_config = ConfigDict(extra="forbid")
-    conf_threshold: float = Field(0.25, ge=0, le=1, description="Keep boxes whose class score is above this.")
-    iou_threshold: float = Field(
-        0.6, ge=0, le=1, description="NMS: drop a box overlapping a better one of its class by more than this IoU."
+    conf_threshold: float = Field(
+        0.25, ge=0, le=1, description="Keep boxes whose class score is above this. Default: the export's "
+        "detection.conf_threshold (artifact.json postprocess), 0.25 for an export that records none."
     )
-    max_det: int = Field(100, ge=1, le=MAX_DET_LIMIT, description="Most detections returned per image.")
+    iou_threshold: float = Field(
+        0.6, ge=0, le=1, description="NMS: drop a box overlapping a better one of its class by more than this IoU "
+        "(an onnx-nms export applies its own, in the graph). Default: the export's detection.iou_threshold "
+        "(artifact.json postprocess), 0.6 for an export that records none."
+    )
+    max_det: int = Field(
+        100, ge=1, le=MAX_DET_LIMIT, description="Most detections returned per image. Default: the export's "
+        "detection.max_det (artifact.json postprocess), 100 for an export that records none."
+    )
 
 
 class DetectRequest(BaseModel):
@@ -101,9 +111,11 @@ class DetectRequest(BaseModel):
     )
     image: StrictStr | None = Field(None, description="An image file, base64 (optionally a data: URL).")
     images: list[StrictStr] | None = Field(None, description="Several image files, base64, detected in one call.")
-    conf_threshold: float | None = Field(None, ge=0, le=1, description="Default 0.25.")
-    iou_threshold: float | None = Field(None, ge=0, le=1, description="Default 0.6.")
-    max_det: int | None = Field(None, ge=1, le=MAX_DET_LIMIT, description="Default 100.")
+    conf_threshold: float | None = Field(None, ge=0, le=1,
+                                         description=DetectOptions.model_fields["conf_threshold"].description)
+    iou_threshold: float | None = Field(None, ge=0, le=1,
+                                        description=DetectOptions.model_fields["iou_threshold"].description)
+    max_det: int | None = Field(None, ge=1, le=MAX_DET_LIMIT, description=DetectOptions.model_fields["max_det"].description)
 
     @model_validator(mode="after")
     def _one_of(self) -> DetectRequest:

@@ -44,7 +44,14 @@ def export_fingerprint(ctx: RunContext) -> str:
     for key in SHIPPED_KEYS:
         if key not in read and export[key] is None:
             del export[key]
-    return fingerprint({"export": export, "source": _source_fingerprint(ctx), "data": ctx.data_fingerprint})
+    parts = {"export": export, "source": _source_fingerprint(ctx), "data": ctx.data_fingerprint}
+    # Keys of the family's own section that its exports read (a detection context's ``export_settings``:
+    # detection.nms_in_graph, conf_threshold, iou_threshold, max_det). A family without any (text) keeps
+    # the fingerprint it had before they were hashed.
+    own = getattr(ctx, "export_settings", None)
+    if own:
+        parts["family"] = own
+    return fingerprint(parts)
 
 
 def run_export(ctx: RunContext) -> dict[str, Any]:
@@ -72,12 +79,39 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     meta.update(graph)
     # The ONNX folder's session options are chosen by timing on validation examples (never test).
     timing = ctx.validation_data()[0] if "onnx" in r.export.targets else None
-    records = export_all(shipped, task.model_io(), r.export.targets,
-                         ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
-                         task.agreement, getattr(task, "export_defaults", None), reference=task.export_module(model),
-                         timing_inputs=timing)
+    try:
+        records = export_all(shipped, task.model_io(), r.export.targets,
+                             ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
+                             task.agreement, getattr(task, "export_defaults", None),
+                             reference=task.export_module(model), timing_inputs=timing)
+    except Exception as failed:
+        # A target failed (a parity threshold miss, or export.strict): the family's extra exports of this
+        # model are made all the same, so no folder of an earlier model stays beside this run's (each
+        # removes its own earlier folder when it fails too); then the error is raised, with every record.
+        raise _with_extra_exports(ctx, failed, model, inputs, labels, meta) from None
     records.update(ctx.extra_exports(model, inputs, labels, meta))
     folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
     ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,
                    seconds=time.perf_counter() - t0)
     return records
+
+
+def _with_extra_exports(ctx: RunContext, failed: Exception, model: Any, inputs: Any, labels: Any,
+                        meta: dict[str, Any]) -> Exception:
+    """``failed`` (export_all's error) after the extra exports ran: their records join a parity miss's
+    ``records``, and their own parity miss joins its message."""
+    from edgekd.errors import ParityError
+
+    try:
+        extra = ctx.extra_exports(model, inputs, labels, meta)
+    except ParityError as miss:  # the extra export's own threshold miss: its folder stays, marked failed
+        extra = getattr(miss, "records", None) or {}
+        if isinstance(failed, ParityError):
+            combined = ParityError(f"{failed} | {miss}")
+            combined.records = {**(getattr(failed, "records", None) or {}), **extra}  # type: ignore[attr-defined]
+            return combined
+    except Exception:  # noqa: BLE001 (it removed its earlier folder; the first error is the one to report)
+        extra = {}
+    if getattr(failed, "records", None) is not None:
+        failed.records.update(extra)  # type: ignore[attr-defined]
+    return failed

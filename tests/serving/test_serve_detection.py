@@ -455,3 +455,52 @@ def test_the_python_api_detects_as_the_route_does(det_dir, client, tmp_path):
         model.predict(tmp_path / "nowhere.png")
     with pytest.raises(DataError, match=r"H x W x 3 RGB uint8"):
         model.predict(np.zeros((4, 4, 3), np.float32))
+
+
+def test_options_a_request_leaves_out_are_the_exports_recorded_postprocess(tmp_path, client):
+    """artifact.json's postprocess (the recipe's detection.conf_threshold, iou_threshold, max_det) is what a
+    request without options gets, from POST /predict and from edgekd.load(...).predict; a request's own value
+    wins. (An export that records none keeps 0.25 / 0.6 / 100: the module's ``client``.)"""
+    from fastapi.testclient import TestClient
+
+    import edgekd
+    from edgekd.serving import ServeSettings, create_app
+
+    recorded = {"conf_threshold": 0.85, "iou_threshold": 0.9, "max_det": 2}
+    folder = export_tiny_detector(tmp_path / "pp" / "export" / "onnx", postprocess=recorded)
+    legacy = lambda query: client.post(f"/predict?{query}", files={"file": ("x.png", WHITE)}).json()  # noqa: E731
+    with TestClient(create_app(ServeSettings(export_dir=folder), loader=ort_loader)) as c:
+        post = lambda query="": c.post(f"/predict?{query}", files={"file": ("x.png", WHITE)}).json()  # noqa: E731
+        # As with conf_threshold=0.85 (only anchor 0's 0.9 passes), not the 0.25 of an export without postprocess.
+        assert post()["predictions"] == legacy("conf_threshold=0.85&iou_threshold=0.9&max_det=2")["predictions"]
+        assert _boxes(post()["predictions"][0]) == [("square", BOX0)]
+        # A request's own threshold wins; the recorded IoU 0.9 keeps anchor 1 and max_det 2 cuts anchor 2.
+        assert [d["score"] for d in post("conf_threshold=0.25")["predictions"][0]["detections"]] == pytest.approx(
+            [0.9, 0.8])
+        assert post("conf_threshold=0.25&iou_threshold=0.6&max_det=100")["predictions"] == legacy("")["predictions"]
+        r = c.post("/predict", json={"image": base64.b64encode(WHITE).decode(), "max_det": 3, "conf_threshold": 0.5})
+        assert len(r.json()["predictions"][0]["detections"]) == 3
+        assert c.get("/metadata").json()["artifact"]["postprocess"] == recorded
+    model = edgekd.load(folder)
+    [dets] = model.predict(WHITE)
+    assert [(d.label, list(d.box)) for d in dets] == [("square", BOX0)]
+    assert [d.score for d in model.predict(WHITE, conf_threshold=0.25)[0]] == pytest.approx([0.9, 0.8])
+    assert [d.score for d in model.predict(WHITE, conf_threshold=None)[0]] == pytest.approx([0.9])
+    assert len(model.predict(WHITE, conf_threshold=0.25, max_det=10)[0]) == 3
+
+
+@pytest.mark.parametrize(("recorded", "fragment"), [
+    ({"conf_threshold": 1.5}, "conf_threshold: Input should be less than or equal to 1"),
+    ({"conf_threshold": 0.3, "nms": True}, "nms: Extra inputs are not permitted"),
+    ([0.25, 0.6, 100], "postprocess: Input should be a valid dictionary"),
+])
+def test_a_recorded_postprocess_no_request_could_give_is_refused_at_load(tmp_path, recorded, fragment):
+    from fastapi.testclient import TestClient
+
+    from edgekd.errors import StageError
+    from edgekd.serving import ServeSettings, create_app
+
+    folder = export_tiny_detector(tmp_path / "bad" / "export" / "onnx", postprocess=recorded)
+    with pytest.raises(StageError, match=re.escape(fragment)):
+        with TestClient(create_app(ServeSettings(export_dir=folder), loader=ort_loader)):
+            pass

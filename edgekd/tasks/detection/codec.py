@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import ValidationError
 
 from edgekd.errors import StageError
 from edgekd.export.base import ARTIFACT_META
 from edgekd.serving.codec import label_names
 from edgekd.serving.errors import RequestError
+from edgekd.serving.schemas import DetectOptions
 from edgekd.tasks.detection.boxes_np import letterbox, postprocess, unletterbox_boxes
 
 if TYPE_CHECKING:
@@ -112,6 +114,20 @@ def _check_pixels(size: tuple[int, int], where: str, max_pixels: int) -> None:
                            "(max_image_pixels): downscale the image before sending it.", 413, "too_large")
 
 
+def _recorded_postprocess(folder: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """artifact.json's ``postprocess`` (None when the export records none), checked as a request's
+    options are: a value no request could give is refused at load, not at every request."""
+    recorded = meta.get("postprocess")
+    if recorded is None:
+        return None
+    try:
+        return DetectOptions.model_validate(recorded).model_dump()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'postprocess'}: {err['msg']}" for err in e.errors())
+        raise StageError(f"{folder / ARTIFACT_META} records postprocess {recorded!r}, which is not valid "
+                         f"({problems}); it gives conf_threshold, iou_threshold and max_det: re-export it.") from None
+
+
 def _px(v: float) -> float:
     """A coordinate for JSON: a thousandth of a pixel is below any use, and float32 noise is not."""
     return round(float(v), 3)
@@ -124,8 +140,12 @@ class DetectionCodec:
     accepts: ClassVar[str] = "images"
 
     def __init__(self, *, image_size: int, labels: Sequence[str], input_name: str, output_names: Sequence[str],
-                 max_image_pixels: int):
+                 max_image_pixels: int, default_options: dict[str, Any] | None = None):
         self.image_size = int(image_size)
+        # The options a request leaves out: the export's recorded post-processing (artifact.json's
+        # ``postprocess``: the recipe's detection.conf_threshold, iou_threshold, max_det), else
+        # DetectOptions' own defaults (an export written before it was recorded).
+        self.default_options: dict[str, Any] = DetectOptions(**(default_options or {})).model_dump()
         self.labels = list(labels)
         self.input_name = input_name
         self.input_names = (input_name,)
@@ -152,7 +172,8 @@ class DetectionCodec:
             raise StageError(f"the artifact takes inputs {list(runner.input_names)}; a detection model takes one "
                              "'images' tensor [B,3,S,S]: re-export it.")
         codec = cls(image_size=size, labels=label_names(meta), input_name=runner.input_names[0],
-                    output_names=list(runner.output_names), max_image_pixels=settings.max_image_pixels)
+                    output_names=list(runner.output_names), max_image_pixels=settings.max_image_pixels,
+                    default_options=_recorded_postprocess(folder, meta))
         codec.warm_up(runner)
         return codec
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from edgekd.context import RunContext
-from edgekd.errors import DataError, StageError
+from edgekd.errors import DataError, ParityError, StageError
 from edgekd.runfolder import fingerprint
-from edgekd.tasks.detection.task import DetectionTask
+from edgekd.tasks.detection.task import LEGACY_POSTPROCESS, DetectionTask
 
 SYNTHETIC = "synthetic-shapes"
 YOLO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
@@ -105,7 +105,20 @@ class DetectionRunContext(RunContext):
 
     @cached_property
     def task(self) -> DetectionTask:
-        return DetectionTask(self.split("train").names, self.recipe.detection.image_size)
+        det = self.recipe.detection
+        return DetectionTask(self.split("train").names, det.image_size, conf_threshold=det.conf_threshold,
+                             iou_threshold=det.iou_threshold, max_det=det.max_det)
+
+    @property
+    def export_settings(self) -> dict[str, Any]:
+        """The ``detection.*`` keys the export stage reads (``edgekd.stages.export.export_fingerprint``
+        hashes them beside ``export.*``): the post-processing every export records and parity uses, and
+        the onnx-nms export. A key at the value every export made before the fingerprint covered them
+        behaves by (no onnx-nms, post-processing 0.25/0.6/100) is left out, so those run folders keep
+        their export; any other value changes the fingerprint."""
+        det = self.recipe.detection
+        legacy = {**LEGACY_POSTPROCESS, "nms_in_graph": False}
+        return {k: getattr(det, k) for k, v in legacy.items() if getattr(det, k) != v}
 
     def parity_data(self, n: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Real test images (letterboxed, 0..1) and their ground truth boxes."""
@@ -130,8 +143,15 @@ class DetectionRunContext(RunContext):
     # --- export ---------------------------------------------------------------------------------
     def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
         """``detection.nms_in_graph``: ONNX whose graph ends in NMS (Cluster-NMS, fixed-size
-        ``detections`` output) in export/onnx-nms, with the same parity checks. Its score threshold
-        is mAP's (0.001): servers and apps filter by their own confidence."""
+        ``detections`` output of ``detection.max_det`` rows, ``detection.iou_threshold``) in
+        export/onnx-nms, with the same parity checks. Its score threshold is mAP's (0.001): the server
+        filters by the export's recorded ``conf_threshold`` (``postprocess`` in its artifact.json).
+
+        As for export.targets (``edgekd.export.stage``): a failure recorded (export.strict: false) or
+        raised removes an earlier run's export/onnx-nms, which must not be served or benched as if
+        current; a parity threshold miss leaves this run's folder there for inspection, with
+        ``parity.passed: false`` (which serve, bench and edgekd.load refuse), and raises ParityError
+        with the record on it (``.records``)."""
         det, r = self.recipe.detection, self.recipe
         if not det.nms_in_graph:
             return {}
@@ -141,7 +161,7 @@ class DetectionRunContext(RunContext):
         import shutil
         import tempfile
 
-        from edgekd.export.stage import export_all
+        from edgekd.export.stage import _drop_stale, export_all
         from edgekd.tasks.detection.models import DetectionExportNMS
         from edgekd.tasks.detection.task import NMS_IO
 
@@ -149,14 +169,33 @@ class DetectionRunContext(RunContext):
                                     score_threshold=0.001)
         root = self.run.stage_dir("export")
         final = root / "onnx-nms"
+        root.mkdir(parents=True, exist_ok=True)
+        miss: ParityError | None = None
         with tempfile.TemporaryDirectory(dir=root, prefix=".onnx-nms-") as tmp:
-            rec = export_all(module, NMS_IO, ["onnx"], Path(tmp), r.export, inputs, labels, self.task.metrics,
-                             {**meta, "nms_in_graph": True}, [], self.task.agreement)["onnx"]
+            try:
+                records = export_all(module, NMS_IO, ["onnx"], Path(tmp), r.export, inputs, labels,
+                                     self.task.metrics, {**meta, "nms_in_graph": True}, [], self.task.agreement)
+            except ParityError as e:
+                if getattr(e, "records", None) is None:  # not a threshold miss: nothing was exported
+                    _drop_stale(final)
+                    raise
+                records, miss = e.records, e  # a threshold miss: the folder is written, its figures in it
+            except BaseException:
+                _drop_stale(final)
+                raise
+            rec = records["onnx"]
             if rec.get("folder"):
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(Path(tmp) / "onnx", final)
                 rec.update(folder=str(final), path=str(final / Path(rec["path"]).name))
-        return {"onnx-nms": {**rec, "target": "onnx-nms"}}
+            else:
+                _drop_stale(final)
+        rec = {**rec, "target": "onnx-nms"}
+        if miss is not None:
+            err = ParityError(str(miss).replace("'onnx':", "'onnx-nms':"))
+            err.records = {"onnx-nms": rec}  # type: ignore[attr-defined]
+            raise err
+        return {"onnx-nms": rec}
 
 
 def _subset(split, idx: np.ndarray):

@@ -123,6 +123,7 @@ def box_agreement(
     iou_threshold: float = 0.6,
     match_iou: float = 0.9,
     score_tolerance: float = 0.1,
+    max_det: int = 100,
 ) -> float:
     """How far two models' outputs on the same images give the same detections (export parity).
 
@@ -132,8 +133,9 @@ def box_agreement(
     >= ``match_iou``. Comparing before NMS keeps the figure stable: a score a hair either side of the
     threshold, or two near-equal boxes that NMS keeps in a different order, are not disagreements.
     An NMS-in-graph ``detections`` output is compared after NMS: detections matched one to one (same
-    class, IoU >= ``match_iou``), 2 * matched / (detections of both). 1.0 when neither side detects
-    anything."""
+    class, IoU >= ``match_iou``), at most ``max_det`` per image, 2 * matched / (detections of both).
+    1.0 when neither side detects anything. The export stage passes the recipe's
+    ``detection.conf_threshold``, ``iou_threshold`` and ``max_det`` (``DetectionTask.agreement``)."""
     if "detections" not in got and "detections" not in want:
         gb, gs = _raw(got, "got")
         wb, ws = _raw(want, "want")
@@ -150,8 +152,8 @@ def box_agreement(
         same = ((gs.argmax(-1) == ws.argmax(-1)) & (np.abs(g_best - w_best) <= score_tolerance)
                 & (iou >= match_iou))
         return float(same[live].mean())
-    a, _ = detections_of(got, "got", conf_threshold, iou_threshold)
-    b, _ = detections_of(want, "want", conf_threshold, iou_threshold)
+    a, _ = detections_of(got, "got", conf_threshold, iou_threshold, max_det)
+    b, _ = detections_of(want, "want", conf_threshold, iou_threshold, max_det)
     if len(a) != len(b):
         raise DataError(f"box_agreement got outputs for {len(a)} and {len(b)} images.")
     total = sum(len(x) for x in a) + sum(len(x) for x in b)

@@ -6,7 +6,8 @@ gives the raw outputs; ``edgekd.load(...).predict(images)`` answers as ``POST /p
 Images come as multipart/form-data parts ``file`` / ``files`` (what ``curl -F file=@x.jpg`` and
 browsers send, no base64 overhead) or as JSON ``{"image": b64}`` / ``{"images": [b64, ...]}``.
 Options (``conf_threshold``, ``iou_threshold``, ``max_det``) are query parameters, form fields or
-JSON keys. Decoding runs in a worker thread: a large JPEG takes tens of milliseconds to decode.
+JSON keys; one a request leaves out is the export's own (artifact.json's ``postprocess``, the recipe's
+``detection.*`` values; 0.25, 0.6 and 100 for an export that records none). Decoding runs in a worker thread: a large JPEG takes tens of milliseconds to decode.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ async def predict_images(request: Request, serving: Serving) -> DetectResponse:
     twice = sorted(set(query) & set(given))
     if twice:
         raise RequestError(f"{', '.join(twice)} given both as a query parameter and in the body: give each once.", 422)
-    options = validate_body(DetectOptions, {**query, **given}, loc="options")
+    options = validate_body(DetectOptions, {**codec.default_options, **query, **given}, loc="options")
     blobs += [(where, _b64(text, where), None) for where, text in encoded]
     items = await asyncio.to_thread(codec.encode, blobs)
     outputs = await within_deadline(serving.engine.infer(items), settings)
@@ -207,10 +208,11 @@ def v2_spec(codec: DetectionCodec) -> ModelSpec:
 def predict_local(codec: DetectionCodec, engine: InferenceEngine, images: Any, batch_size: int,
                   options: dict[str, Any]) -> list[list[Detection]]:
     """An image or a list of images (file paths, bytes, PIL images or HxWx3 RGB uint8 arrays) -> one
-    list of Detections each; ``options`` are POST /predict's (conf_threshold, iou_threshold, max_det)."""
+    list of Detections each; ``options`` are POST /predict's (conf_threshold, iou_threshold, max_det), and
+    one left out (or None) is the export's own, as for POST /predict."""
     if unknown := sorted(set(options) - set(OPTIONS)):
         raise TypeError(f"{', '.join(unknown)}: detection models take the options {', '.join(OPTIONS)}.")
-    opts = DetectOptions(**{k: v for k, v in options.items() if v is not None})
+    opts = DetectOptions(**{**codec.default_options, **{k: v for k, v in options.items() if v is not None}})
     single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode") \
         or getattr(images, "ndim", None) == 3
     images = [images] if single else list(images)
@@ -272,7 +274,7 @@ SERVING = ServeFamily(
                      MULTIPART: {"schema": _FORM_SCHEMA}},
     openapi_parameters=[
         {"name": name, "in": "query", "required": False,
-         "description": f"Detection models only. {f.description} Default {f.default}.",
+         "description": f"Detection models only. {f.description}",
          "schema": {"type": "integer" if f.annotation is int else "number"}}
         for name, f in DetectOptions.model_fields.items()
     ],

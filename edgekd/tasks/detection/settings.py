@@ -37,11 +37,31 @@ class DetectionConfig(Section):
         "distillation (a generator rebuilds the teacher's feature from the masked student's); mse: plain MSE. "
         "Each through a learned 1x1 projector.",
     )
-    conf_threshold: float = Field(0.25, gt=0, lt=1, description="Score below which a box is dropped (serving, parity).")
-    iou_threshold: float = Field(0.6, gt=0, lt=1, description="NMS IoU threshold.")
-    max_det: int = Field(100, ge=1, description="Most boxes kept per image.")
+    # The exports' post-processing: each detection export records the three in its artifact.json
+    # (``postprocess``), where the server and edgekd.load(...).predict read their defaults.
+    conf_threshold: float = Field(
+        0.25, gt=0, lt=1,
+        description="Score below which a box is dropped: recorded in every detection export's artifact.json "
+        "(postprocess) as the default conf_threshold of POST /predict and edgekd.load(...).predict (a request's "
+        "own value wins), and export parity's box agreement compares the boxes scoring at least this. mAP is "
+        "always measured at 0.001 (COCO).",
+    )
+    iou_threshold: float = Field(
+        0.6, gt=0, lt=1,
+        description="NMS IoU threshold: recorded in every detection export's artifact.json (postprocess) as the "
+        "default iou_threshold of POST /predict and edgekd.load(...).predict (a request's own value wins), and "
+        "built into the onnx-nms graph (nms_in_graph). mAP is measured after NMS at 0.6 (the onnx-nms export's: "
+        "its graph's).",
+    )
+    max_det: int = Field(
+        100, ge=1, le=1000,  # serving's MAX_DET_LIMIT: the most a request may ask for
+        description="Most boxes kept per image: recorded in every detection export's artifact.json (postprocess) "
+        "as the default max_det of POST /predict and edgekd.load(...).predict (a request's own value wins), and "
+        "the size of the onnx-nms graph's detections output (nms_in_graph). mAP is always scored on at most 100.",
+    )
     nms_in_graph: bool = Field(
-        False, description="Also export ONNX with NMS inside the graph (fixed-size detections output)."
+        False, description="Also export ONNX with NMS inside the graph (fixed-size detections output) to "
+        "export/onnx-nms; its score threshold is mAP's (0.001), the server filters by conf_threshold."
     )
 
 

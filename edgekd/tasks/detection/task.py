@@ -4,7 +4,9 @@ Models are the built-in YOLO-style detectors (``edgekd-det-l``, ``edgekd-det-s``
 folder saved by edgekd (also after channel pruning, when its layers are narrower than the preset).
 Export modules take ``images`` float32 [B,3,S,S] in 0..1 and return ``boxes`` [B,N,4] (xyxy, input
 pixels) and ``scores`` [B,N,C] (class probabilities); NMS runs on the host (``boxes_np``), or in the
-graph for the ``nms_in_graph`` ONNX variant.
+graph for the ``nms_in_graph`` ONNX variant. Every export records the recipe's post-processing
+(``detection.conf_threshold``, ``iou_threshold``, ``max_det``) in its artifact.json as ``postprocess``:
+the server and ``edgekd.load(...).predict`` answer a request that leaves an option out with it.
 """
 
 from __future__ import annotations
@@ -54,13 +56,22 @@ def _resize_to_state(model, state: dict[str, Any]) -> None:
         setattr(parent, name.rsplit(".", 1)[-1], new)
 
 
+# What a detection export without a ``postprocess`` entry (written before it was recorded) is served
+# with: the recipe's defaults then, and the server's own defaults (serving.schemas.DetectOptions).
+LEGACY_POSTPROCESS: dict[str, float | int] = {"conf_threshold": 0.25, "iou_threshold": 0.6, "max_det": 100}
+
+
 class DetectionTask:
     name = "detection"
     primary_metric = "map50_95"
 
-    def __init__(self, label_names: list[str], image_size: int = 128):
+    def __init__(self, label_names: list[str], image_size: int = 128, *, conf_threshold: float = 0.25,
+                 iou_threshold: float = 0.6, max_det: int = 100):
         self.label_names = list(label_names)
         self.image_size = int(image_size)
+        # The recipe's detection.conf_threshold, iou_threshold, max_det: the exports' post-processing.
+        self.postprocess: dict[str, float | int] = {"conf_threshold": float(conf_threshold),
+                                                    "iou_threshold": float(iou_threshold), "max_det": int(max_det)}
 
     # --- models -------------------------------------------------------------------------------
     @staticmethod
@@ -123,13 +134,16 @@ class DetectionTask:
         return detection_metrics(outputs, labels)
 
     def agreement(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-        """Parity: the share of live locations where both give the same class, score and box (IoU >= 0.9)."""
+        """Parity: the share of live locations (scoring at least ``conf_threshold``) where both give the
+        same class, score and box (IoU >= 0.9); after NMS for an NMS-in-graph export."""
         from edgekd.tasks.detection.metrics import box_agreement
 
-        return box_agreement(got, want)
+        return box_agreement(got, want, **self.postprocess)
 
     def export_meta(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "input": "image"}
+        """What every detection export's artifact.json records beside its own fields: the input size and
+        the post-processing the server applies when a request leaves an option out."""
+        return {"image_size": self.image_size, "input": "image", "postprocess": dict(self.postprocess)}
 
     # Export option defaults of this task (the recipe's export.options override them): XNNPACK plans a
     # detector's convolution subgraphs for the traced batch only, so a dynamic ExecuTorch program was
