@@ -51,7 +51,37 @@ def export_fingerprint(ctx: RunContext) -> str:
     own = getattr(ctx, "export_settings", None)
     if own:
         parts["family"] = own
+    coreml = coreml_bench_batch_sizes(ctx.recipe)
+    if coreml is not None:  # the bench's batch sizes, when they are not the package's own default
+        parts["coreml_batch_sizes"] = coreml
     return fingerprint(parts)
+
+
+def coreml_bench_batch_sizes(recipe: Any) -> list[int] | None:
+    """The batch sizes a Core ML package enumerates for the bench (``bench.batch_sizes`` up to its
+    ``max_batch``), so that each size the bench times is a shape planned for the Neural Engine rather than a
+    smaller batch padded up to the next one; None where export.options.coreml.batch_sizes chooses them, or
+    where they are the exporter's own default (runs exported before the bench's were passed keep theirs)."""
+    from edgekd.export._common import DEFAULT_MAX_BATCH
+    from edgekd.export.coreml import DEFAULT_BATCH_SIZES
+
+    given = recipe.export.options.get("coreml") or {}
+    if "coreml" not in recipe.export.targets or "batch_sizes" in given:
+        return None
+    max_batch = given.get("max_batch", DEFAULT_MAX_BATCH)
+    max_batch = max_batch if isinstance(max_batch, int) and not isinstance(max_batch, bool) else DEFAULT_MAX_BATCH
+    sizes = sorted({b for b in recipe.bench.batch_sizes if b <= max_batch})
+    return None if sizes == sorted(b for b in DEFAULT_BATCH_SIZES if b <= max_batch) else sizes
+
+
+def export_defaults(ctx: RunContext) -> dict[str, dict[str, Any]]:
+    """Option defaults by target that the recipe's export.options override: the task's own, and a Core ML
+    package's batch sizes from the bench (``coreml_bench_batch_sizes``)."""
+    defaults = {k: dict(v) for k, v in (getattr(ctx.task, "export_defaults", None) or {}).items()}
+    sizes = coreml_bench_batch_sizes(ctx.recipe)
+    if sizes is not None:
+        defaults.setdefault("coreml", {})["batch_sizes"] = sizes
+    return defaults
 
 
 def run_export(ctx: RunContext) -> dict[str, Any]:
@@ -82,8 +112,8 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     try:
         records = export_all(shipped, task.model_io(), r.export.targets,
                              ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
-                             task.agreement, getattr(task, "export_defaults", None),
-                             reference=task.export_module(model), timing_inputs=timing)
+                             task.agreement, export_defaults(ctx), reference=task.export_module(model),
+                             timing_inputs=timing)
     except Exception as failed:
         # A target failed (a parity threshold miss, or export.strict): the family's extra exports of this
         # model are made all the same, so no folder of an earlier model stays beside this run's (each

@@ -262,3 +262,31 @@ def test_bad_requests_fail_before_anything_is_written(text_module, text_data, to
     with pytest.raises(RecipeError, match="does not accept option\\(s\\) fuse"):
         export_all(text_module, TEXT_IO, ["onnx"], tmp_path, bad, inputs, labels, None, META, [])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_coreml_package_enumerates_the_batch_sizes_the_bench_times(tmp_path, monkeypatch):
+    """bench.batch_sizes reach the Core ML exporter's enumerated shapes (a size it does not plan would be
+    padded up to the next one and timed under the smaller label) and the export fingerprint; the
+    exporter's own default, or export.options.coreml.batch_sizes, leaves both as they were."""
+    from edgekd.pipeline import create_context, fingerprint_of
+    from edgekd.recipe import parse_recipe
+    from edgekd.stages.export import export_defaults
+    from edgekd.testing import tiny_recipe, write_sentiment_csv
+
+    monkeypatch.chdir(tmp_path)
+    write_sentiment_csv("reviews.csv", n=60, seed=1)
+
+    def ctx(bench_sizes, coreml=None, targets=("onnx", "coreml")):
+        data = tiny_recipe(".", "teacher-model", "reviews.csv",
+                           export={"targets": list(targets), "options": {"coreml": coreml} if coreml else {}})
+        data.update(output_dir="runs", bench={"batch_sizes": bench_sizes})
+        return create_context(parse_recipe(data))
+
+    assert "coreml" not in export_defaults(ctx([1, 8]))  # the exporter's own default: (1, 8)
+    assert export_defaults(ctx([1, 4, 16, 64]))["coreml"] == {"batch_sizes": [1, 4, 16]}  # up to max_batch 32
+    assert export_defaults(ctx([1, 64], {"max_batch": 64}))["coreml"] == {"batch_sizes": [1, 64]}
+    assert "coreml" not in export_defaults(ctx([1, 4], {"batch_sizes": [2]}))  # the recipe's own choice
+    assert "coreml" not in export_defaults(ctx([1, 4], targets=("onnx",)))
+    assert fingerprint_of(ctx([1, 4]), "export") != fingerprint_of(ctx([1, 8]), "export")
+    assert fingerprint_of(ctx([1, 4], targets=("onnx",)), "export") == fingerprint_of(ctx([1, 8], targets=("onnx",)),
+                                                                                      "export")
