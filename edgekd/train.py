@@ -196,8 +196,9 @@ def train(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if extra_params:
-        groups.append({"params": list(extra_params), "weight_decay": cfg.weight_decay})
+    extra = list(extra_params or [])
+    if extra:
+        groups.append({"params": extra, "weight_decay": cfg.weight_decay})
     optimizer = _adamw(groups, cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     # The data set is just the example indices: the sampler picks them, data.collate builds the batch.
@@ -213,6 +214,12 @@ def train(
         # registered before a resume loads the state.
         ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
         accelerator.register_for_checkpointing(ema)
+
+    if extra:
+        # Not part of the prepared model: their values are checkpointed beside it (a resumed run goes on
+        # from them, not from fresh ones beside a restored optimizer state), and under several processes
+        # their gradients are averaged as the model's are (below).
+        accelerator.register_for_checkpointing(nn.ParameterList(extra))
 
     ckpt_root = Path(ckpt_root)
     start_epoch, resumed = 0, None
@@ -236,6 +243,8 @@ def train(
                 with accelerator.accumulate(model):
                     loss, logs = loss_fn(model, batch)
                     accelerator.backward(loss)  # divides by grad_accum itself
+                    if extra and accelerator.sync_gradients and accelerator.num_processes > 1:
+                        _average_gradients(accelerator, extra)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                         result.optimizer_steps += 1
@@ -269,6 +278,14 @@ def train(
     # Hand the loader back: Accelerate keeps a reference to every prepared loader otherwise.
     accelerator.free_memory()
     return result
+
+
+def _average_gradients(accelerator, params: list[nn.Parameter]) -> None:
+    """The mean over processes of each parameter's gradient, as DDP gives the prepared model's (every
+    process calls this for every parameter, a missing gradient counting as zeros, so none waits alone)."""
+    for p in params:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        p.grad = accelerator.reduce(grad, reduction="mean")
 
 
 def _save_checkpoint(accelerator, root: Path, epoch: int, history: list[dict[str, float]]) -> None:

@@ -53,6 +53,32 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_teacher_dir, tmp_
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_extra_parameters_resume_from_their_checkpointed_values(tiny_teacher_dir, tmp_path):
+    """Parameters trained beside the model (hidden-state projections, a detector's KD projectors) are
+    checkpointed with it: a resumed run goes on from their values, not from fresh ones."""
+    task, data = _data(tiny_teacher_dir, n=64)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-2)
+
+    def run(root, **kw):
+        model, scale = _model(task, tiny_teacher_dir), torch.nn.Parameter(torch.ones(2))
+
+        def loss(m, batch):
+            out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return soft_hard_loss(out.logits * scale, None, batch["labels"], 0.0, 1.0)
+
+        train(model, data, cfg, loss, seed=7, precision="fp32", ckpt_root=root, description="t",
+              extra_params=[scale], **kw)
+        return model, scale
+
+    full_model, full_scale = run(tmp_path / "a")
+    assert not torch.allclose(full_scale, torch.ones(2))  # it trained
+    run(tmp_path / "b", stop_after_epochs=1)
+    model, scale = run(tmp_path / "b")  # resumed from epoch 1 with a fresh parameter object
+    assert torch.allclose(scale, full_scale, atol=1e-6), (scale, full_scale)
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_ema_decay_ends_with_the_moving_average_of_every_update(tiny_teacher_dir, tmp_path):
     task, data = _data(tiny_teacher_dir, n=64)
     decay = 0.6
@@ -266,3 +292,58 @@ def test_recovery_reads_prune_recover_lr_before_the_distill_sections():
     own = load_recipe("default", ["prune.recover_lr=5e-5"])
     assert recovery_train_config(own, 2).lr == 5e-5 and own.distill.train.lr == plain.distill.train.lr
     assert prune_settings(own.prune)["recover_lr"] == 5e-5
+
+
+_EXTRA_PARAMS_SCRIPT = """
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekd.losses import soft_hard_loss
+from edgekd.recipe import TrainConfig
+from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit
+from edgekd.testing import sentiment_rows
+from edgekd.train import init_process_state, train
+
+model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+rank = init_process_state().process_index
+task = TextClassificationTask(["negative", "positive"], max_length=16)
+tok = task.load_tokenizer(model_dir)
+rows = sentiment_rows(64, seed=3)
+data = TokenizedSplit(task.tokenize(tok, [r[0] for r in rows]), np.array([r[1] for r in rows]), 0)
+torch.manual_seed(0)
+model = task.load_model(model_dir)
+scale = torch.nn.Parameter(torch.ones(2))
+
+
+def loss(m, batch):
+    logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return soft_hard_loss(logits * scale, None, batch["labels"], 0.0, 1.0)
+
+
+train(model, data, TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0), loss, seed=7, precision="fp32",
+      ckpt_root=out / "ckpt", description="t", extra_params=[scale])
+torch.save(scale.detach(), out / f"scale-{rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_extra_parameters_are_averaged_over_processes_like_the_model(tiny_teacher_dir, tmp_path):
+    """Under `accelerate launch`, each process sees its own batches: the parameters trained beside the model
+    get the mean gradient as the model's do, so every process ends with the same values."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "extra.py"
+    script.write_text(_EXTRA_PARAMS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(script), str(tiny_teacher_dir), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = torch.load(tmp_path / "scale-0.pt"), torch.load(tmp_path / "scale-1.pt")
+    assert not torch.allclose(a, torch.ones(2))  # it trained
+    assert torch.allclose(a, b, atol=1e-6), (a, b)
