@@ -20,11 +20,12 @@ import numpy as np
 
 from edgekd.devices import measure, remote_runner, tables
 from edgekd.devices.profiles import DeviceProfile, load_profile
-from edgekd.errors import StageError
+from edgekd.errors import RecipeError, StageError
 from edgekd.export import registered
 from edgekd.export.base import made_from_an_earlier_export
 from edgekd.progress import progress_bar
 from edgekd.recipe import BenchConfig
+from edgekd.sections import changed_keys
 
 RESULTS_SCHEMA = 1
 
@@ -93,14 +94,28 @@ def _torch_entries(torch_models: dict[str, tuple[Any, Any]] | None, workdir: Pat
     return entries
 
 
-def common_length(entries: list[dict[str, Any]], inputs: measure.Inputs) -> int | None:
-    """The one sequence length every model is timed at when not at real lengths: the evaluation
-    inputs' width, else the max_length the artifacts share (None when they disagree: then
-    bench.seq_lengths must say)."""
-    if inputs.width():
-        return inputs.width()
-    lens = {(e.get("meta") or {}).get("max_length") for e in entries if e.get("meta")} - {None}
-    return lens.pop() if len(lens) == 1 else None
+def config_problems(cfg: BenchConfig, prof: DeviceProfile) -> list[str]:
+    """What of ``cfg`` the bench on ``prof`` would accept and not apply, each naming its recipe key; []
+    when none. ``bench.isolate: false`` measures in this process, so nothing can stop a runtime call that
+    hangs (``bench.timeout_s`` stops a child process) and pinning CPUs (the profile's ``cpus``) would pin
+    the caller: both are refused there rather than dropped."""
+    if prof.connection.kind != "local":
+        # a remote or phone bench runs each model in a process of its own on the device, whatever isolate says
+        return [] if cfg.isolate else [
+            f"bench.isolate: false measures in this process, and the profile '{prof.name}' measures on its device "
+            f"({prof.connection.kind}), each model in a process of its own there: drop bench.isolate"]
+    if cfg.isolate:
+        return []
+    problems = []
+    if changed_keys(cfg, keys=("timeout_s",)):
+        problems.append(f"bench.timeout_s: {cfg.timeout_s:g} s stops a measuring child process, and bench.isolate "
+                        "is false (every model runs in this process, where a runtime call cannot be stopped): "
+                        "drop bench.timeout_s, or set bench.isolate: true")
+    if prof.cpus is not None:
+        problems.append(f"bench.isolate: false runs every model in this process, which the profile '{prof.name}' "
+                        f"cpus {prof.cpus} cannot pin without pinning the caller: set bench.isolate: true, or "
+                        "use a profile without cpus")
+    return problems
 
 
 def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConfig, inputs: measure.Inputs,
@@ -108,7 +123,7 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
     files = inputs.write(workdir)
     threads = cfg.threads or prof.bench_threads()
     # One case list for every model: the same lengths, padding and batches for each row of the table.
-    case_list = measure.cases(cfg, common_length(entries, inputs), inputs.fixed_shape(), real=inputs.plan is not None)
+    case_list = measure.bench_cases(cfg, entries, inputs)
     todo = []
     for e in entries:
         if e.get("status"):
@@ -176,6 +191,9 @@ def bench_run(
     cfg = cfg or BenchConfig()
     run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
     prof = load_profile(profile or cfg.profile)
+    problems = config_problems(cfg, prof)
+    if problems:  # before anything is measured
+        raise RecipeError(problems)
     ood_name, ood_inputs, ood_labels = ood or (None, None, None)
     inputs = measure.Inputs.from_config(cfg, eval_inputs, ood_inputs, ood_name)
     entries = discover(run_dir, cfg.targets)
@@ -237,10 +255,7 @@ def bench_run(
     ref = measure.same_examples_reference(ref, entries, len(eval_labels) if eval_labels is not None else None)
     for e in entries:
         e.update(measure.deltas(e["accuracy"], ref))
-        disabled = (((e.get("meta") or {}).get("runtime_options") or {}).get("disabled_optimizers") or [])
-        if disabled and e.get("status", "ok") == "ok":  # the session the folder chose, said beside its figures
-            session = f"ONNX Runtime session without {', '.join(disabled)} (artifact.json runtime_options)"
-            e["note"] = f"{e['note']}; {session}" if e.get("note") else session
+        add_runtime_notes(e)
         e["max_length"] = (e.pop("meta", None) or {}).get("max_length")
     data = {
         "schema": RESULTS_SCHEMA,
@@ -261,6 +276,21 @@ def bench_run(
     out = run_dir / "bench" / prof.name
     tables.write_bench_dir(out, data, extra_files)
     return summary(data, out)
+
+
+def add_runtime_notes(e: dict[str, Any]) -> None:
+    """Say in a measured row's note how its runtime ran where the table's header does not: the ONNX
+    Runtime session its folder chose, and threads the runtime could not be given (the header's thread
+    count is then not this row's)."""
+    if e.get("status", "ok") != "ok":
+        return
+    disabled = (((e.get("meta") or {}).get("runtime_options") or {}).get("disabled_optimizers") or [])
+    if disabled:  # the session the folder chose, said beside its figures
+        session = f"ONNX Runtime session without {', '.join(disabled)} (artifact.json runtime_options)"
+        e["note"] = f"{e['note']}; {session}" if e.get("note") else session
+    not_applied = (e.get("runtime") or {}).get("threads_not_applied")
+    if not_applied:  # first, so the table's note column (its first line) shows it
+        e["note"] = f"{not_applied}; {e['note']}" if e.get("note") else not_applied
 
 
 def summary(data: dict[str, Any], out: Path) -> dict[str, Any]:

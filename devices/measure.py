@@ -151,6 +151,23 @@ def cases(cfg: BenchConfig, max_length: int | None, fixed_shape: bool = False,
     return [[b, s] for s in seqs for b in cfg.batch_sizes]
 
 
+def common_length(entries: list[dict[str, Any]], inputs: Inputs) -> int | None:
+    """The one sequence length every model is timed at when not at real lengths: the evaluation
+    inputs' width, else the max_length the artifacts share (None when they disagree: then
+    bench.seq_lengths must say)."""
+    if inputs.width():
+        return inputs.width()
+    lens = {(e.get("meta") or {}).get("max_length") for e in entries if e.get("meta")} - {None}
+    return lens.pop() if len(lens) == 1 else None
+
+
+def bench_cases(cfg: BenchConfig, entries: list[dict[str, Any]], inputs: Inputs) -> list[list[int | str | None]]:
+    """The one case list of a bench, locally and over ssh alike: the same lengths, padding and batches
+    for every row of the table (real lengths only where the inputs carry a timing plan; else the
+    common length of ``entries``, or bench.seq_lengths)."""
+    return cases(cfg, common_length(entries, inputs), inputs.fixed_shape(), real=inputs.plan is not None)
+
+
 def base_job(cfg: BenchConfig, name: str, threads: int, providers: list[str], cpus: list[int] | None,
              files: dict[str, str | None], case_list: list[list[int]]) -> dict[str, Any]:
     return {

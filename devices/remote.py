@@ -145,6 +145,7 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
         todo.append(e)
     if not todo:
         return None
+    case_list = measure.bench_cases(cfg, entries, inputs)  # the same cases as a local bench of these entries
     _preflight(ssh, conn.python)
     rdir = _remote_dir(conn, run_dir.name)
     stage = workdir / "to-device"
@@ -152,12 +153,9 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
     files = inputs.write(stage)
     shutil.copy(remote_runner.__file__, stage / "remote_runner.py")
     threads = cfg.threads or prof.bench_threads()
-    default_len = inputs.width()
     spans = measure.round_spans(cfg.runs, cfg.rounds)
     for e in todo:
-        max_len = (e.get("meta") or {}).get("max_length") or default_len
-        job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
-                               measure.cases(cfg, max_len, inputs.fixed_shape()))
+        job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files, case_list)
         job["folder"] = f"export/{e['name']}"
         for r, (offset, runs) in enumerate(spans):  # one job per round: its slice of the timed calls
             rjob = measure.round_job(job, cfg, r, len(spans), offset, runs)

@@ -164,6 +164,9 @@ def environment(threads: int | None = None) -> dict:
 
 # --- memory -----------------------------------------------------------------------------------
 
+# What a result's peak memory figure covers (``memory.peak_covers``): the same work in every row.
+PEAK_COVERS = "load and timing"
+
 
 def rss_bytes() -> int | None:
     for line in (_read("/proc/self/status") or "").splitlines():
@@ -468,15 +471,50 @@ class _TorchInputs:
         return {n: o.detach().cpu().numpy() for n, o in zip(self.output_names, out, strict=True)}
 
 
+def set_executorch_threads(threads: int) -> tuple[int | None, str | None]:
+    """Resize the ExecuTorch runtime's (process-wide) thread pool, as edgekd.export.executorch.set_threads
+    does: (the size it reports afterwards, None), or (None, why not) where this runtime build has no
+    Python binding for it. ExecuTorch sizes its own pool and reads no OMP_NUM_THREADS, so without the
+    binding the bench's threads are not applied, and the row says so."""
+    try:
+        from executorch.extension.pybindings.portable_lib import (
+            _threadpool_get_thread_count,
+            _unsafe_reset_threadpool,
+        )
+    except ImportError as e:  # a runtime build without these (experimental) bindings
+        return None, f"this ExecuTorch runtime cannot set its thread count from Python ({e})"
+    _unsafe_reset_threadpool(int(threads))
+    got = int(_threadpool_get_thread_count())
+    if got != threads:
+        raise ValueError(f"The ExecuTorch runtime was asked for {threads} threads but runs {got}: set bench.threads "
+                         "(or the profile's threads) to at most the number of the device's CPU cores.")
+    return got, None
+
+
 class ExecuTorchRunner(_TorchInputs):
+    """``threads`` resizes the runtime's thread pool where the runtime allows it (else ``runtime`` records
+    ``threads_not_applied``); ``max_batch`` is the batch the program's memory is planned for (None for a
+    fixed-shape program), as edgekd's own ExecuTorch runner reads it, so scoring never asks for more."""
+
     def __init__(self, path: Path, io: dict, threads: int | None):
         import torch
         from executorch.runtime import Runtime
 
         self.torch = torch
+        self.runtime = {"runtime": "executorch"}
+        self.threads = None
+        if threads:
+            self.threads, why_not = set_executorch_threads(threads)
+            if why_not:
+                self.runtime["threads_not_applied"] = (f"{threads} thread(s) not applied: {why_not}; the runtime "
+                                                       "ran on a pool of its own size")
         self.method = Runtime.get().load_program(path).load_method("forward")
         self.input_names, self.output_names = list(io["input_names"]), list(io["output_names"])
-        self.runtime = {"runtime": "executorch"}
+        meta = self.method.metadata
+        planned = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(len(self.input_names))]
+        dynamic = io.get("dynamic_axes") or {}
+        static = not any(dynamic.get(n) for n in self.input_names)
+        self.max_batch = None if static or not planned else min(s[0] for s in planned)
 
     def run(self, inputs: dict) -> dict:
         return self._outputs(self.method.execute(self._tensors(inputs)))
@@ -646,6 +684,10 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
     failed = [c["error"] for c in cases if "error" in c]
     if failed and not any("p50_ms" in c for c in cases):
         res.update(status="error", error=f"every case failed; the first: {failed[0]}")
+    # The peak is read here, before any scoring: every row loads its model and times the same calls, but
+    # scoring differs between rows (batches of eval_batch_size, one text per call for dynamic int8, none
+    # for a model scored elsewhere), so a peak read after it would compare different work.
+    peak = peak_rss_bytes() if own_process else None
 
     outputs = None
     if evals:
@@ -659,12 +701,12 @@ def measure(load, job: dict, base: Path, meta: dict) -> tuple[dict, dict | None]
                                          f"{ROW_DEPENDENT_PRECISIONS[str(meta['precision'])]})")
         res["eval_seconds"] = time.perf_counter() - t2
         res["eval_examples"] = len(next(iter(evals.values())))
-    peak = peak_rss_bytes() if own_process else None
     res["memory"] = {
         "rss_before_load_mb": _mb(rss0),
         "load_delta_mb": _mb(rss_loaded - rss0) if rss0 is not None and rss_loaded is not None else None,
         "peak_delta_mb": _mb(peak - rss0) if rss0 is not None and peak is not None else None,
         "peak_rss_mb": _mb(peak),
+        "peak_covers": PEAK_COVERS,
     }
     if not own_process:
         res["memory"]["note"] = "not measured: the model ran inside the caller's process"

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgekd.devices.remote_runner import PEAK_COVERS
 from edgekd.errors import StageError
 from edgekd.runfolder import atomic_dir
 
@@ -182,6 +183,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Reference {metric}: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
         f" ({ref.get('source') or 'not available'}).  ",
         *_inputs_lines(data, fp),
+        *_memory_lines(data),
         *([f"Pareto plot: {data['pareto_note']}  "] if data.get("pareto_note") else []),
         f"Out-of-domain {metric}: {ood_txt}.",
         "",
@@ -235,6 +237,23 @@ def _inputs_lines(data: dict[str, Any], fp: str | None) -> list[str]:
                      f"shapes in the case table: {who}. Their latencies are listed, not compared with the rows "
                      "timed on the inputs above.  ")
     return lines
+
+
+def _memory_lines(data: dict[str, Any]) -> list[str]:
+    """What the peak MB column covers: loading and timing, the same work in every row, read before any
+    scoring; rows of results written before that (peak read after scoring, which differs between rows)
+    are named as not comparable."""
+    rows = [e for e in data["results"] if (e.get("memory") or {}).get("peak_delta_mb") is not None]
+    if not rows:
+        return []
+    older = [str(e.get("name")) for e in rows if (e.get("memory") or {}).get("peak_covers") != PEAK_COVERS]
+    if older:
+        return [f"Peak MB of {', '.join(older)}: read after scoring, which differs between rows (batches of "
+                "bench.eval_batch_size, one text per call, or none), so not comparable between rows: re-run "
+                "`edgekd bench` for figures over the same work.  "]
+    return ["Peak MB: each measuring process's peak resident memory above its level before loading, over "
+            "loading and timing (the first round's warm-up and timed calls, the same in every row), read before "
+            "any scoring (which differs between rows).  "]
 
 
 def _by_case(pairs: list[tuple[dict, dict]]) -> dict[tuple, list[tuple[dict, dict]]]:

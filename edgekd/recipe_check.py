@@ -14,13 +14,14 @@ from edgekd.tasks import get_family
 
 
 def _check_profile(recipe: Recipe) -> list[str]:
+    from edgekd.devices.bench import config_problems
     from edgekd.devices.profiles import ProfileError, load_profile
 
     try:
-        load_profile(recipe.bench.profile, detect=False)
+        profile = load_profile(recipe.bench.profile, detect=False)
     except ProfileError as e:
         return [f"bench.profile: {e}"]
-    return []
+    return config_problems(recipe.bench, profile)
 
 
 def _check_family_keys(recipe: Recipe) -> list[str]:
