@@ -9,12 +9,16 @@ wire contract); ``tests/serving/test_serve_grpc.py`` checks it against tritoncli
 
 Needs the ``grpc`` extra (``pip install 'edgekd[grpc]'``); the server starts it when ``grpc_port``
 is set. Errors are gRPC status codes with the HTTP routes' messages (INVALID_ARGUMENT for a bad
-request, NOT_FOUND for an unknown model, UNAUTHENTICATED without the API key...).
+request, NOT_FOUND for an unknown model, UNAUTHENTICATED without the API key...). Every call is counted
+in /metrics beside the HTTP requests: route ``/inference.GRPCInferenceService/<RPC>``, method ``GRPC``,
+status the gRPC status code's name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -233,9 +237,12 @@ def _handler(service: InferenceService, name: str, needs_key: bool, api_key: Any
     import grpc
 
     method = getattr(service, name)
+    route = f"/{SERVICE}/{name}"  # the RPC's path, as the route label of /metrics
 
     async def call(request: Any, context: Any) -> Any:
         serving = service.get_serving()
+        start = time.perf_counter()
+        code = "UNKNOWN"  # the status name it is counted under, as HTTP requests are by status code
         try:
             if isinstance(request, Undecodable):
                 raise RequestError(f"the request is not a valid {name} message ({request.reason}).")
@@ -244,19 +251,29 @@ def _handler(service: InferenceService, name: str, needs_key: bool, api_key: Any
                 error = api_key_error(api_key, md.get("x-api-key"), md.get("authorization", ""))
                 if error is not None:
                     raise error
-            return await method(request)
+            response = await method(request)
+            code = "OK"
+            return response
         except ServingError as e:
             if serving is not None:
                 serving.metrics.errors.labels(e.kind).inc()
-            await context.abort(getattr(grpc.StatusCode, _CODES.get(e.status, "INVALID_ARGUMENT")), str(e))
+            code = _CODES.get(e.status, "INVALID_ARGUMENT")
+            await context.abort(getattr(grpc.StatusCode, code), str(e))
+        except asyncio.CancelledError:  # the client went away (or the server stopped) mid-call
+            code = "CANCELLED"
+            raise
         except Exception as e:  # a bug or a runtime failure: logged in full, the client told little
             if isinstance(e, grpc.aio.AbortError):
                 raise
             log.exception("internal error in gRPC %s", name)
             if serving is not None:
                 serving.metrics.errors.labels("internal").inc()
+            code = "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server log "
                                 "has the details.")
+        finally:
+            if serving is not None:  # one not yet ready has no metrics to feed
+                serving.metrics.observe_request(route, "GRPC", code, time.perf_counter() - start)
 
     return call
 

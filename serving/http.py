@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgekd.serving.errors import RequestError, ServingError
@@ -198,6 +200,7 @@ class ServingMiddleware:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.fast = dict(fast or {})
+        self._routes: list[tuple[re.Pattern[str], str, set[str] | None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -223,10 +226,12 @@ class ServingMiddleware:
                     body = await self._read_body(scope, receive)
                 except RequestError as exc:
                     self.metrics.errors.labels(exc.kind).inc()
+                    template = self._template(scope)
                     await error_response(exc.status, str(exc), exc.headers)(scope, receive, send_wrapper)
                     return
                 if body is None:
                     self.metrics.errors.labels("too_large").inc()
+                    template = self._template(scope)
                     response = error_response(
                         413, f"the request body is over the {self.max_body_bytes}-byte limit (max_body_bytes): send "
                         "fewer or shorter texts, or fewer or smaller images.",
@@ -261,6 +266,22 @@ class ServingMiddleware:
                 template = getattr(route, "path", None) or "unmatched"
             self.metrics.observe_request(template, method, status, time.perf_counter() - start)
 
+    def _template(self, scope: Scope) -> str:
+        """The template of the app's route for this request's path, as the router picks it (a route of
+        another method too: the app answers it 405), for a request refused before the app ran (its
+        body too large or too slow). An unknown path is "unmatched", as the app counts it, so that the
+        route label of /metrics takes no more values than the app has routes."""
+        if self._routes is None:
+            self._routes = _route_table(scope.get("app"))
+        path, method = scope["path"], scope["method"]
+        partial = None
+        for regex, template, methods in self._routes:
+            if regex.match(path):
+                if not methods or method in methods:
+                    return template
+                partial = partial or template
+        return partial or "unmatched"
+
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         try:
             async with asyncio.timeout(self.body_timeout_s):
@@ -291,6 +312,20 @@ class ServingMiddleware:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _route_table(app: Any) -> list[tuple[re.Pattern[str], str, set[str] | None]]:
+    """(path regex, template, methods) of each of the app's routes, in the router's order. Recent FastAPI
+    keeps included routers as branches of ``app.routes`` (``iter_route_contexts`` walks them); older
+    releases list the routes themselves there."""
+    import fastapi.routing
+
+    routes = list(getattr(app, "routes", ()))
+    walk = getattr(fastapi.routing, "iter_route_contexts", None)
+    found = [(c.path, c.methods) for c in walk(routes)] if walk else \
+        [(getattr(r, "path", None), getattr(r, "methods", None)) for r in routes]
+    return [(compile_path(path)[0], path, set(methods) if methods else None) for path, methods in found
+            if isinstance(path, str)]
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

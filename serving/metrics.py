@@ -20,11 +20,13 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "edgekd_http_requests", "HTTP requests by route template, method and status code.",
+            "edgekd_http_requests", "Requests by route, method and status: HTTP's by route template, method and "
+            "status code; gRPC's by RPC path (/inference.GRPCInferenceService/ModelInfer...), method GRPC and "
+            "status code name (OK, INVALID_ARGUMENT...).",
             ["route", "method", "status"], registry=self.registry,
         )
         self.latency = Histogram(
-            "edgekd_http_request_duration_seconds", "Time from request start to response end, by route.",
+            "edgekd_http_request_duration_seconds", "Time from request start to response end, by route (HTTP and gRPC).",
             ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
@@ -41,10 +43,11 @@ class Metrics:
         )
         self._in_flight = 0
         self._family_counters: dict[str, Counter] = {}
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, int | str], tuple[Any, Any]] = {}
         Gauge("edgekd_http_inference_requests_in_flight", "POST requests being read, run or answered.",
               registry=self.registry).set_function(self.in_flight)
-        self.texts = Counter("edgekd_texts", "Texts classified.", registry=self.registry)
+        self.texts = Counter("edgekd_texts", "Texts classified (a row of v2 INT64 token tensors is one text).",
+                             registry=self.registry)
         self.images = Counter("edgekd_images", "Images run through a detection model.", registry=self.registry)
         self.detections = Counter("edgekd_detections", "Detections returned (after NMS and thresholds).",
                                   registry=self.registry)
@@ -62,8 +65,9 @@ class Metrics:
             found = self._family_counters[name] = Counter(name, documentation, registry=self.registry)
         return found
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one finished request and its duration (label lookups cached: once per route/status)."""
+    def observe_request(self, route: str, method: str, status: int | str, seconds: float) -> None:
+        """Count one finished request and its duration (label lookups cached: once per route/status);
+        ``status`` is an HTTP status code, or a gRPC status code's name."""
         key = (route, method, status)
         children = self._request_children.get(key)
         if children is None:

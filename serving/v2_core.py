@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -151,6 +151,13 @@ class ModelSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     parameters: dict[str, Any]
+    # An output given only when the request sends a certain input -> that input (a text model's
+    # ``truncated`` comes with ``text``, not with token tensors); every other output is always given.
+    given_with: dict[str, str] = field(default_factory=dict)
+
+    def outputs_for(self, inputs: Any) -> list[str]:
+        """The names of the outputs a request sending ``inputs`` (names) gets, in the spec's order."""
+        return [n for n, _, _ in self.outputs if n not in self.given_with or self.given_with[n] in inputs]
 
 
 def model_spec(model: ServedModel) -> ModelSpec:
@@ -192,11 +199,28 @@ async def infer(inputs: list[Tensor], requested: list[str] | None, serving: Serv
         raise RequestError("the request has no inputs: send at least one.")
     if len(tensors) != len(inputs):
         raise RequestError("an input name appears more than once: send each input once.")
+    if requested:  # checked before the model runs: a refused request costs no inference
+        check_requested(requested, tensors, model_spec(serving.model))
     outputs = await serving.model.family.v2_infer(tensors, serving)
     if not requested:
         return list(outputs.values())
-    unknown = [n for n in requested if n not in outputs]
-    if unknown:
-        raise RequestError(f"unknown output(s) {unknown}; this model gives {', '.join(outputs)}.")
+    missing = [n for n in requested if n not in outputs]
+    if missing:  # the family's v2_spec said these inputs give them: the server's fault, not the client's
+        raise RuntimeError(f"the model gave no output(s) {missing} for inputs {list(tensors)}, although its "
+                           f"v2_spec lists them ({', '.join(outputs)} given).")
     return [outputs[n] for n in requested]
+
+
+def check_requested(requested: list[str], inputs: dict[str, Tensor], spec: ModelSpec) -> None:
+    """400 unless every requested output is one the model gives for these inputs."""
+    given = spec.outputs_for(inputs)
+    if all(n in given for n in requested):
+        return
+    known = {n for n, _, _ in spec.outputs}
+    if unknown := [n for n in requested if n not in known]:
+        raise RequestError(f"unknown output(s) {unknown}; this model gives {', '.join(given)}.")
+    absent = [n for n in requested if n not in given]
+    needs = ", ".join(f"'{n}' only with input '{spec.given_with[n]}'" for n in absent)
+    raise RequestError(f"output(s) {absent} are not given for these inputs ({needs}); they give "
+                       f"{', '.join(given)}.")
 

@@ -100,6 +100,30 @@ def test_tritonclient_grpc(live_server, reference):
         client.close()
 
 
+def test_grpc_calls_are_counted_in_metrics(live_server):
+    """/metrics counts gRPC calls and their latency, as it does HTTP requests, by RPC and status."""
+    import httpx
+
+    port = free_port()
+    srv = live_server(grpc_port=port)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        assert client.is_server_live()
+        assert client.infer(RUN_NAME, [_text_input(grpcclient, TEXTS)]).as_numpy("label").shape == (3,)
+        with pytest.raises(grpcclient.InferenceServerException, match="unknown model 'bert'"):
+            client.infer("bert", [_text_input(grpcclient, TEXTS)])
+    finally:
+        client.close()
+    text = httpx.get(f"{srv.url}/metrics").text
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+    assert 'edgekd_http_requests_total{method="GRPC",route="/inference.GRPCInferenceService/ServerLive",' \
+           'status="OK"} 1.0' in text
+    assert f'edgekd_http_requests_total{{method="GRPC",route="{infer}",status="OK"}} 1.0' in text
+    assert f'edgekd_http_requests_total{{method="GRPC",route="{infer}",status="NOT_FOUND"}} 1.0' in text
+    assert f'edgekd_http_request_duration_seconds_count{{route="{infer}"}} 2.0' in text
+    assert 'edgekd_errors_total{kind="not_found"} 1.0' in text and "edgekd_texts_total 3.0" in text
+
+
 def test_grpc_needs_the_api_key(live_server):
     port = free_port()
     live_server(grpc_port=port, api_key="s3cret")

@@ -53,6 +53,30 @@ def test_metrics_count_routes_statuses_batches_and_errors(make_client):
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
 
 
+def test_bodies_over_the_limit_are_counted_under_the_route_requested(make_client):
+    client = make_client(max_body_bytes=100)
+    big = {"text": "good " * 50}
+    for path in ("/predict", f"/v2/models/{RUN_NAME}/infer", f"/v2/models/{RUN_NAME}/versions/1/infer", "/nope"):
+        assert client.post(path, json=big).status_code == 413, path
+    assert client.put("/predict", json=big).status_code == 413  # the route the app would answer 405
+    text = client.get("/metrics").text
+    assert 'edgekd_http_requests_total{method="POST",route="/predict",status="413"} 1.0' in text
+    assert 'edgekd_http_requests_total{method="PUT",route="/predict",status="413"} 1.0' in text
+    assert 'edgekd_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="413"} 1.0' in text
+    assert ('edgekd_http_requests_total{method="POST",route="/v2/models/{name}/versions/{version}/infer",'
+            'status="413"} 1.0') in text
+    # An unknown path keeps the one label value, so a client cannot grow the label set.
+    assert 'edgekd_http_requests_total{method="POST",route="unmatched",status="413"} 1.0' in text
+    assert 'edgekd_errors_total{kind="too_large"} 5.0' in text
+    # Within the limit, the app counts the same routes as the refusals are counted under.
+    client.put("/predict", json={"text": "fine"})
+    client.post(f"/v2/models/{RUN_NAME}/versions/1/infer", json={})
+    text = client.get("/metrics").text
+    assert 'edgekd_http_requests_total{method="PUT",route="/predict",status="405"} 1.0' in text
+    assert ('edgekd_http_requests_total{method="POST",route="/v2/models/{name}/versions/{version}/infer",'
+            'status="422"} 1.0') in text
+
+
 def test_two_apps_share_no_metrics(make_client):
     a, b = make_client(), make_client()
     a.post("/predict", json={"text": "fine"})

@@ -229,3 +229,17 @@ def test_slow_body_gets_408(live_server):
         while chunk := sock.recv(4096):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in answer
+
+
+def test_slow_body_is_counted_under_the_route_requested(live_server):
+    import httpx
+
+    srv = live_server(body_timeout_s=0.3)
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 100\r\n\r\n{".encode())
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+    text = httpx.get(f"{srv.url}/metrics").text
+    assert 'edgekd_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="408"} 1.0' in text
+    assert 'edgekd_errors_total{kind="timeout"} 1.0' in text

@@ -150,3 +150,32 @@ def test_model_name_setting(make_client):
     client = make_client(model_name="sentiment")
     assert client.get("/v2/models/sentiment").status_code == 200
     assert client.post("/predict", json={"text": "fine"}).json()["model"] == "sentiment"
+
+
+def test_refused_outputs_are_refused_before_the_model_runs(make_client):
+    """An output the model does not give for the inputs sent is a 400 with no inference run: the
+    batch-size histogram and the texts counter do not move."""
+    client = make_client()
+    text = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["fine"]}]}
+
+    def ran() -> bool:
+        metrics = client.get("/metrics").text
+        return not ("edgekd_inference_batch_size_count 0.0" in metrics and "edgekd_texts_total 0.0" in metrics)
+
+    r = client.post(INFER, json={**text, "outputs": [{"name": "label"}, {"name": "scores"}]})
+    assert r.status_code == 400 and "unknown output(s) ['scores']" in r.json()["error"], r.text
+    assert not ran()
+    r = client.post(INFER, json={**_tokens([2, 5, 3], [1, 1, 1]), "outputs": [{"name": "truncated"}]})
+    assert r.status_code == 400, r.text
+    assert not ran()
+    assert "['truncated'] are not given for these inputs ('truncated' only with input 'text')" in r.json()["error"]
+    # With the input it comes with, 'truncated' is given.
+    r = client.post(INFER, json={**text, "outputs": [{"name": "truncated"}]})
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [False], r.text
+
+
+def test_token_tensor_rows_are_counted_as_texts(make_client):
+    client = make_client()
+    r = client.post(INFER, json=_tokens([2, 5, 3, 2, 7, 3], [1, 1, 1, 1, 1, 1], shape=[2, 3]))
+    assert r.status_code == 200, r.text
+    assert "edgekd_texts_total 2.0" in client.get("/metrics").text

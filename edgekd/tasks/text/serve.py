@@ -238,6 +238,7 @@ async def v2_infer(tensors: dict[str, Tensor], serving: Serving) -> dict[str, Ou
     else:
         arrays = _token_arrays(tensors, model, settings)
         logits = (await within_deadline(serving.engine.run_arrays(arrays), settings))[serving.engine.output_name]
+        serving.metrics.texts.inc(len(logits))  # a row of token tensors is one text, tokenised by the client
     logits = np.asarray(logits, dtype=np.float32)
     probs = codec.probabilities(logits).astype(np.float32)
     labels = np.asarray([codec.labels[k] for k in probs.argmax(axis=1)], dtype=object)
@@ -260,7 +261,7 @@ def v2_spec(codec: TextCodec) -> ModelSpec:
         "max_length": codec.max_length,
         "inputs": f"either '{TEXT_INPUT}' (BYTES [batch]) or the INT64 token tensors "
                   f"({', '.join(codec.input_names)}) [batch, sequence]",
-    })
+    }, given_with={"truncated": TEXT_INPUT})  # token tensors come tokenised: nothing was cut here
 
 
 # --- edgekd.load(...).predict -------------------------------------------------------------------------
