@@ -5,7 +5,7 @@ The messages are built here from a descriptor table, not from protoc output: no 
 generated code tied to one protobuf release, and a private descriptor pool, so the server loads
 beside a client library (tritonclient) that registers its own ``inference.*`` messages in the
 default pool. The table follows grpc_predict_v2.proto field for field (names and numbers are the
-wire contract); ``tests/serving/test_serve_grpc.py`` checks it against tritonclient's own messages.
+wire contract); ``tests/serving/test_serve_clients.py`` checks it against tritonclient's own messages.
 
 Needs the ``grpc`` extra (``pip install 'edgekd[grpc]'``); the server starts it when ``grpc_port``
 is set. Errors are gRPC status codes with the HTTP routes' messages (INVALID_ARGUMENT for a bad
