@@ -123,6 +123,33 @@ def test_a_final_recovery_that_helps_ships():
     assert m["within_budget"] and m["target_reached"]
 
 
+def test_a_final_recovery_after_a_latency_search_alone_that_lowers_validation_is_not_shipped(caplog):
+    """Without max_accuracy_drop too: the model the latency search kept ships when the final recovery makes
+    it worse on validation, and the record and the log say so."""
+    pytest.importorskip("torch_pruning")
+    model = net()
+    p0 = count_params(model)
+
+    def recover_final(mm):
+        with torch.no_grad():
+            mm[0].weight.fill_(7.0)
+        return mm
+
+    def evaluate(mm):
+        return {"accuracy": 0.5 if bool((mm[0].weight == 7.0).all()) else 0.9 - 0.05 * (1 - count_params(mm) / p0)}
+
+    with caplog.at_level(logging.WARNING, logger="edgekd.pruning.stage"):
+        pruned, m = prune_model(model, PruneConfig(enabled=True, method="channels", importance="magnitude",
+                                                   target_latency_ms=3.0, latency_step=0.2, final_recover_epochs=1.0),
+                                PruneContext(example_inputs=X, evaluate=evaluate, recover_final=recover_final,
+                                             latency_fn=lambda mm: 10.0 * count_params(mm) / p0))
+    final = m["final_recovery"]
+    assert m["kept_step"] > 0 and final["metric"] == {"accuracy": 0.5} and final["shipped"] is False
+    assert "within_budget" not in final and "below the" in final["note"]
+    assert not bool((pruned[0].weight == 7.0).all()) and m["metric_after"] == evaluate(pruned)
+    assert "final_recover_epochs" in caplog.text
+
+
 @pytest.mark.parametrize("latency", [None, 1.0])
 def test_what_ships_out_of_budget_is_never_reported_as_reached(latency):
     cfg = PruneConfig(enabled=True, max_accuracy_drop=0.02, target_latency_ms=2.0 if latency else None)

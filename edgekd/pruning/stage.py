@@ -133,9 +133,10 @@ def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, 
     met, the accuracy budget would be exceeded (that round is undone: the last round in budget is
     kept), the floors leave nothing to remove, or ``steps`` rounds ran. Records why it stopped.
 
-    With a budget, the final recovery (``prune.final_recover_epochs``) is checked too: when it lowers
-    validation, the model from before it ships and ``final_recovery`` says so (``within_budget``,
-    ``shipped``, ``note``); ``metrics["within_budget"]`` is what ships against the budget."""
+    The final recovery (``prune.final_recover_epochs``) is checked too, with a budget or a latency target
+    alone: when it lowers validation, the model from before it ships and ``final_recovery`` says so
+    (``shipped``, ``note``; with a budget ``within_budget``); ``metrics["within_budget"]`` is what ships
+    against the budget."""
     budget, target = cfg.max_accuracy_drop, cfg.target_latency_ms
     base = None
     if budget is not None:
@@ -188,14 +189,15 @@ def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, 
     if cfg.final_recover_epochs > 0 and metrics["kept_step"] > 0:
         if ctx.recover_final is None:
             raise StageError("prune.final_recover_epochs needs a final recovery function (PruneContext.recover_final)")
-        # The kept model is in budget; kept aside so a final recovery that makes it worse is not shipped.
-        before_final = copy.deepcopy(model) if budget is not None else None
+        # The kept model (in budget, with one) is kept aside, so a final recovery that makes it worse is not
+        # shipped: with a budget or a latency target alone, wherever the stage evaluates.
+        before_final = copy.deepcopy(model) if ctx.evaluate is not None else None
         t0 = time.perf_counter()
         model = ctx.recover_final(model)
         final = {"metric": _evaluate(ctx, model), "seconds": round(time.perf_counter() - t0, 3)}
         metrics["final_recovery"] = final
         metrics["metric_after"] = final["metric"]
-        if budget is not None:
+        if before_final is not None:
             model = _check_final_recovery(model, before_final, cfg, ctx, metrics, base)
     if budget is not None:
         # What ships, final recovery included, against the budget (the report's target_reached reads it).
@@ -204,21 +206,23 @@ def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, 
 
 
 def _check_final_recovery(model: nn.Module, before_final: nn.Module, cfg: PruneConfig, ctx: PruneContext,
-                          metrics: dict[str, Any], base: float) -> nn.Module:
-    """Compare the finally recovered model with the unpruned one and the budget; when the final recovery
-    lowered validation, ship the model from before it (in budget: the search kept it) and say so."""
+                          metrics: dict[str, Any], base: float | None) -> nn.Module:
+    """Compare the finally recovered model with the one the search kept (and, with a budget, with the
+    unpruned one, ``base``); when the final recovery lowered validation, ship the model from before it (in
+    budget: the search kept it) and say so."""
     final, budget, key = metrics["final_recovery"], cfg.max_accuracy_drop, ctx.metric
     after = _metric_value(final["metric"], key)
     kept = _metric_value(metrics["steps"][metrics["kept_step"] - 1]["metric"], key)
-    drop = base - after
-    final["metric_drop"] = round(drop, 6)
-    final["within_budget"] = drop <= budget
+    drop = None if base is None or budget is None else base - after
+    if drop is not None:
+        final["metric_drop"] = round(drop, 6)
+        final["within_budget"] = drop <= budget
     final["shipped"] = after >= kept
     if final["shipped"]:
         return model
     metrics["metric_after"] = metrics["steps"][metrics["kept_step"] - 1]["metric"]
     verdict = (f"{drop:.4f} below the unpruned {base:.4f}, over prune.max_accuracy_drop={budget}"
-               if drop > budget else f"below the {kept:.4f} it started from")
+               if drop is not None and drop > budget else f"below the {kept:.4f} it started from")
     final["note"] = (
         f"the final recovery (prune.final_recover_epochs={cfg.final_recover_epochs}) left validation {key} at "
         f"{after:.4f}, {verdict}: the model from before it (search round {metrics['kept_step']}, {key} "
