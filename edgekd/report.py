@@ -291,10 +291,10 @@ def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:
     stages = run.manifest().get("stages") or {}
     q = (stages.get("quantize") or {}).get("metrics") or {}
     if q.get("recommended_dir"):
-        from edgekd.export.base import made_from_an_earlier_export
+        from edgekd.export.base import recommendation_out_of_date
 
         name = Path(str(q["recommended_dir"])).name
-        stale = made_from_an_earlier_export(run.root / "export" / name)
+        stale = recommendation_out_of_date(run.root / "export" / name, q)
         if stale:  # as `edgekd serve` refuses it
             return None, f"the quantize stage's recommendation ({name}) is out of date: {stale}, or choose an export"
         why = f"the quantize stage's recommendation ({q.get('recommended')})"

@@ -244,6 +244,25 @@ def made_from_an_earlier_export(folder: Path) -> str | None:
     return f"made from the {src.name} export, which {what}: run `edgekd quantize` again"
 
 
+def recommendation_out_of_date(folder: Path, quantize: dict[str, Any]) -> str | None:
+    """Why the export folder the quantize stage recommends (``quantize``: its record's metrics) is no longer
+    the one it measured: a quantized folder made from an export redone since (``made_from_an_earlier_export``),
+    or, when it recommended the float folder, that folder holding another file than the sha256 the stage
+    recorded for it. None when it is current (or the record predates that sha256)."""
+    why = made_from_an_earlier_export(folder)
+    if why or quantize.get("recommended") != "float":
+        return why
+    measured = (quantize.get("float") or {}).get("sha256")
+    try:
+        now = json.loads((Path(folder) / ARTIFACT_META).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable artifact.json: the folder's own loader reports it
+    if measured and now != measured:
+        return (f"the {Path(folder).name} export was exported again after the quantize stage measured and chose it: "
+                "run `edgekd quantize` again")
+    return None
+
+
 def read_json_file(path: Path, remedy: str) -> Any:
     """JSON from ``path``; unreadable or invalid JSON is one clear error naming the file and the remedy."""
     path = Path(path)

@@ -25,6 +25,7 @@ from edgekd.export.base import (
     meta_digest,
     read_artifact_meta,
     read_json_file,
+    recommendation_out_of_date,
 )
 from edgekd.export.stage import artifact_digest, load_artifact
 from edgekd.registry import DEFAULT_TASK
@@ -76,9 +77,9 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
         return _named(export_root / target), None
     if len(targets) == 1:
         return export_root / targets[0], f"the run's only export, {targets[0]}"
-    recommended = _recommended(path)
+    recommended, quantize = _recommended(path)
     if recommended in targets:
-        why = made_from_an_earlier_export(export_root / recommended)
+        why = recommendation_out_of_date(export_root / recommended, quantize)
         if why:
             raise StageError(f"{path}: the quantize stage's recommendation ({recommended}) is out of date: {why}, "
                              "or choose an export with --target")
@@ -95,16 +96,17 @@ def _named(folder: Path) -> Path:
     return folder
 
 
-def _recommended(run: Path) -> str | None:
-    """The export folder name the quantize stage recommends (float or quantized), if it ran."""
+def _recommended(run: Path) -> tuple[str | None, dict[str, Any]]:
+    """The export folder name the quantize stage recommends (float or quantized), if it ran, and the
+    stage's record (its metrics)."""
     if not (run / MANIFEST).is_file():
-        return None
+        return None, {}
     rec = (read_manifest(run).get("stages") or {}).get("quantize")
     metrics = rec.get("metrics") if isinstance(rec, dict) else None
     if not isinstance(metrics, dict) or not metrics.get("recommended_dir"):
-        return None
+        return None, {}
     # By name: the run folder may have moved since the path was recorded.
-    return Path(str(metrics["recommended_dir"])).name
+    return Path(str(metrics["recommended_dir"])).name, metrics
 
 
 def resolve_export_dir(path: str | Path, target: str | None = None) -> Path:

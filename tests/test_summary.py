@@ -4,6 +4,7 @@ with its headline, built from the manifest alone."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,34 @@ def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_ser
         {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "new"}}))
     assert shipped_artifact(RunFolder(run))[0] == "onnx-int8"
     assert choose_export(run) == (run / "export" / "onnx-int8", "onnx-int8, the quantize stage's recommended artifact")
+
+
+def test_a_float_recommendation_exported_again_since_is_neither_shipped_nor_served(tmp_path):
+    """The quantize stage chose the float folder by the file it measured (its record's float sha256): a file
+    exported since is not what it chose, so the summary and `edgekd serve` without a target refuse it too."""
+    import json
+
+    from edgekd.report import shipped_artifact
+    from edgekd.serving.model import choose_export
+
+    run = tmp_path / "runs" / "tiny"
+    for name, meta in (("onnx", {"sha256": "new"}),
+                       ("onnx-int8", {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "new"}})):
+        (run / "export" / name).mkdir(parents=True)
+        (run / "export" / name / "artifact.json").write_text(json.dumps(meta))
+
+    def record(measured):
+        quantize = {"status": "done", "metrics": {"recommended": "float", "recommended_dir": "/elsewhere/export/onnx",
+                                                  "float": {"sha256": measured}}}
+        (run / "manifest.json").write_text(json.dumps({"stages": {"quantize": quantize}}))
+
+    record("old")
+    why = "the onnx export was exported again after the quantize stage measured and chose it: run `edgekd quantize` again"
+    assert shipped_artifact(RunFolder(run)) == (
+        None, f"the quantize stage's recommendation (onnx) is out of date: {why}, or choose an export")
+    with pytest.raises(StageError, match=re.escape(f"recommendation (onnx) is out of date: {why}")):
+        choose_export(run)
+    assert choose_export(run, "onnx")[0] == run / "export" / "onnx"  # named by the caller: served
+    record("new")
+    assert shipped_artifact(RunFolder(run))[0] == "onnx"
+    assert choose_export(run) == (run / "export" / "onnx", "onnx, the quantize stage's recommended artifact")
