@@ -50,6 +50,9 @@ def test_the_search_times_on_the_bench_profiles_threads_and_says_where():
     assert threads == 1 and "1 thread(s)" in where
     threads, where = timing_place(load_recipe("default"))
     assert threads >= 1 and where.startswith("this machine (bench profile 'local')")
+    # quantize.threads and runtime.threads are not the bench's: the target is met at the threads it times at
+    others = load_recipe("default", ["bench.profile=x86-edge-box", "quantize.threads=1", "runtime.threads=1"])
+    assert timing_place(others)[0] == 4
 
 
 def test_the_manifest_records_where_the_search_timed(tmp_path):
