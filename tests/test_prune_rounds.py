@@ -82,3 +82,15 @@ def test_a_searched_prune_stage_is_redone_when_where_it_is_timed_changes():
     edge = search_timing_settings(load_recipe("default", [*search, "bench.profile=x86-edge-box"]))
     assert edge["timed_at"] == {"profile": "x86-edge-box", "threads": 4} and edge != here
     assert search_timing_settings(load_recipe("default", ["bench.profile=x86-edge-box"])) == {}  # no search
+
+
+def test_a_searched_prune_stage_follows_the_onnx_export_options_its_rounds_are_timed_with():
+    from edgekd.recipe import load_recipe
+    from edgekd.stages.prune_common import search_timing_settings
+
+    search = ["prune.keep_params=null", "prune.max_accuracy_drop=0.01"]
+    plain = search_timing_settings(load_recipe("default", search))
+    fused = search_timing_settings(load_recipe("default", [*search, "export.options={onnx: {optimize: true}}"]))
+    assert fused["timed_as"]["export_options_onnx"] == {"optimize": True} and fused != plain
+    assert "export_options_onnx" not in plain["timed_as"]  # unset: the fingerprints recorded before stay
+    assert search_timing_settings(load_recipe("default", ["export.options={onnx: {optimize: true}}"])) == {}

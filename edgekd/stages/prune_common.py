@@ -43,7 +43,8 @@ TIMED_FORM_KEYS = ("enabled", "method", "fuse", "smooth_alpha", "per_channel", "
 
 def search_timing_settings(r) -> dict[str, Any]:
     """What a prune search's latencies depend on beyond the prune section (for the stage fingerprint): the
-    quantize section's shape of the timed form, and the bench profile and thread count it is timed at
+    quantize section's shape of the timed form, the ONNX export's options, and the bench profile and thread
+    count it is timed at
     (``timing_place``). Empty without a search, so other runs keep their fingerprints."""
     if r.prune.target_latency_ms is None and r.prune.max_accuracy_drop is None:
         return {}
@@ -51,6 +52,9 @@ def search_timing_settings(r) -> dict[str, Any]:
     timed_as = {k: q[k] for k in TIMED_FORM_KEYS}
     if q["unsigned_weights"] != "auto":  # added 2026-12-06: searches recorded before it keep their fingerprints
         timed_as["unsigned_weights"] = q["unsigned_weights"]
+    onnx = r.export.options.get("onnx") or {}
+    if onnx:  # the timed file is exported with them (optimize, opset...); added 2026-12-07, empty left out
+        timed_as["export_options_onnx"] = onnx
     return {"timed_as": timed_as,
             "timed_at": {"profile": r.bench.profile, "threads": timing_place(r)[0]}}
 
