@@ -695,6 +695,16 @@ class PruneConfig(Section):
                             "recovery, but prune.quant_aware is false, so nothing would read it: set "
                             "prune.quant_aware: true or drop it")
         problems += self._unread_keys(search)
+        if self.enabled and self.trim_vocab and not given:
+            # The vocabulary trim alone: one recovery, no head or neuron pruned (edgekd.pruning.prune_model).
+            shaping = [f"prune.{k}" for k in ("method", "importance", "scope", "steps", "score_batches", "score_loss",
+                                              "prune_heads", "prune_neurons", "min_heads_per_layer",
+                                              "min_neurons_fraction", "max_channel_ratio", "recover_soup")
+                       if getattr(self, k) != type(self).model_fields[k].default]
+            if shaping:
+                problems.append(f"{', '.join(shaping)}: choose how heads and neurons are pruned, and no pruning "
+                                "target is set (prune.trim_vocab alone trims the vocabulary and recovers once): set a "
+                                f"target (prune.keep_params, ...) or drop {it_or_them(shaping)}")
         if self.trim_vocab and not self.enabled:
             problems.append("prune.trim_vocab is set but prune.enabled is false (trimming is part of the prune stage)")
         if self.enabled and not given and not self.trim_vocab:

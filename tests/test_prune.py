@@ -3,6 +3,8 @@ floors, schedules and targets, unstructured sparsity, CNN channels through torch
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -267,6 +269,15 @@ def test_trim_vocab_alone_recovers_once_and_removes_nothing(model):
     # Without a recovery the model comes back untouched and unscored twice.
     _, m = prune_model(model, cfg(trim_vocab=True), PruneContext(evaluate=lambda mm: {"accuracy": 0.5}))
     assert m["steps"] == [] and m["metric_after"] == m["metric_before"]
+
+
+def test_trim_vocab_alone_refuses_the_keys_that_choose_how_heads_and_neurons_are_pruned():
+    with pytest.raises(ValueError, match=re.escape(
+            "prune.importance, prune.steps, prune.score_batches: choose how heads and neurons are pruned, and no "
+            "pruning target is set (prune.trim_vocab alone trims the vocabulary and recovers once): set a target "
+            "(prune.keep_params, ...) or drop them")):
+        cfg(trim_vocab=True, importance="fisher", steps=3, score_batches=32)
+    assert cfg(trim_vocab=True, keep_params=0.5, importance="fisher", steps=3, score_batches=32).steps == 3
 
 
 def test_recover_may_return_a_new_model(model):
