@@ -285,6 +285,18 @@ def stages_table(run: RunFolder) -> Table | None:
     return table
 
 
+def training_data(s: dict[str, Any]) -> str:
+    """What the distilled and the baseline student trained on, as the gain's line says it: the same texts,
+    or the distilled one also on the texts the teacher labelled (so the gain is not distillation's alone)."""
+    d, b = s.get("distill_train_examples"), s.get("baseline_train_examples")
+    if d is None or b is None:
+        return "same student"
+    if d == b:
+        return f"same student, same {b:,} training texts"
+    return (f"same student; distillation trained on {d:,} texts, the {b:,} labelled ones and copies or extra texts "
+            f"the teacher labelled, the baseline on the {b:,} alone, so the gain is not distillation's alone")
+
+
 def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:
     """(export folder name, why) of what to ship, by the rule `edgekd serve` follows without --target:
     the quantize stage's recommendation, else the run's only export."""

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from edgekd.devices.tables import METRIC_LABELS, headline_row, pareto_front
-from edgekd.report import family_summary
+from edgekd.report import family_summary, training_data
 from edgekd.runfolder import RunFolder, atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -240,7 +240,7 @@ def accuracy_section(manifest: dict[str, Any], metric: str) -> str:
     gain = s.get("distill_gain_over_baseline", s.get("distill_gain_over_baseline_map50_95"))
     if _finite(gain):
         lines.append(f"Distillation against the same student trained without a teacher: {100 * gain:+.2f} "
-                     f"{_metric_label(metric)} points.")
+                     f"{_metric_label(metric)} points ({training_data(s)}).")
     elif "baseline" not in ev:
         lines.append("No baseline student in this run (baseline.enabled is false): the gain from distillation "
                      "is not measured.")

@@ -46,6 +46,10 @@ def test_tiny_end_to_end_run_writes_a_complete_run_folder(tmp_path, tiny_teacher
     assert ev["student"]["layers"] == 2 and ev["teacher"]["layers"] == 4
     assert ev["teacher"]["accuracy"] > 0.6  # learnable synthetic data: the fine-tune really trained
     assert "distill_gain_over_baseline" in ev["summary"]
+    # what each student trained on, as the stages recorded it (the summary's gain line says it)
+    stages = manifest["stages"]
+    assert ev["summary"]["distill_train_examples"] == stages["distill"]["metrics"]["train_examples"]
+    assert ev["summary"]["baseline_train_examples"] == stages["baseline"]["metrics"]["train_examples"]
     assert manifest["data"]["seed"] == 1 and manifest["environment"]["packages"]["torch"]
     assert not (run / "checkpoints").exists()  # each stage removed its checkpoints, then the folder went
     assert "student keeps" in res.output

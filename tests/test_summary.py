@@ -246,3 +246,18 @@ def test_a_float_recommendation_exported_again_since_is_neither_shipped_nor_serv
     record("new")
     assert shipped_artifact(RunFolder(run))[0] == "onnx"
     assert choose_export(run) == (run / "export" / "onnx", "onnx, the quantize stage's recommended artifact")
+
+
+def test_the_distillation_gain_says_when_the_distilled_student_trained_on_more_texts():
+    """The default recipe's teacher labels a perturbed copy of each training text, which distillation trains
+    on and the baseline does not: the gain line must not call that the same data."""
+    from edgekd.report import training_data
+    from edgekd.tasks.text.summary import summary_lines
+
+    more = {"distill_gain_over_baseline": 0.012, "distill_train_examples": 20166, "baseline_train_examples": 10083,
+            "student_keeps_teacher_accuracy": 0.99, "student_params_ratio": 0.7}
+    line = summary_lines(more)[-1]
+    assert "+1.20" in line and "distillation trained on 20,166 texts, the 10,083 labelled ones" in line
+    assert "so the gain is not distillation's alone" in line and "same data" not in line
+    assert training_data({**more, "distill_train_examples": 10083}) == "same student, same 10,083 training texts"
+    assert training_data({"distill_gain_over_baseline": 0.01}) == "same student"  # a record from before

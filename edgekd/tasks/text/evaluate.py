@@ -85,6 +85,12 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
         summary["student_keeps_teacher_ood_accuracy"] = s_ood / t_ood if t_ood else None
     if "baseline" in results:
         summary["distill_gain_over_baseline"] = s_acc - results["baseline"]["accuracy"]
+        # What each trained on: distillation also on the texts the teacher labelled (teacher.augment copies,
+        # teacher.unlabelled), the baseline on the labelled training split alone; the summary says so.
+        for stage in ("distill", "baseline"):
+            n = ((ctx.run.stage_record(stage) or {}).get("metrics") or {}).get("train_examples")
+            if n is not None:
+                summary[f"{stage}_train_examples"] = n
     metrics = {**results, "summary": summary}
     if ctx.is_main:
         ctx.run.record("eval", eval_fingerprint(ctx), metrics, seconds=time.perf_counter() - t0)

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from edgekd.report import FamilySummary, eval_rows, pct
+from edgekd.report import FamilySummary, eval_rows, pct, training_data
 from edgekd.runfolder import RunFolder
 
 
@@ -33,8 +33,9 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
              f"with {pct(s['student_params_ratio'])}% of its parameters"]
     if "distill_gain_over_baseline" in s:
         lines.append(f"distillation vs hard labels: [bold]{100 * s['distill_gain_over_baseline']:+.2f}[/] accuracy "
-                     "points (same student, same data)")
+                     f"points ({training_data(s)})")
     return lines
+
 
 
 SUMMARY = FamilySummary(
