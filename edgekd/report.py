@@ -301,7 +301,8 @@ def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:
     """(export folder name, why) of what to ship, by the rule `edgekd serve` follows without --target:
     the quantize stage's recommendation, else the run's only export."""
     stages = run.manifest().get("stages") or {}
-    q = (stages.get("quantize") or {}).get("metrics") or {}
+    # A quantize stage the recipe now turns off is not read (its folders stay, as earlier results).
+    q = {} if run.recipe_turns_off("quantize") else (stages.get("quantize") or {}).get("metrics") or {}
     if q.get("recommended_dir"):
         from edgekd.export.base import recommendation_out_of_date
 

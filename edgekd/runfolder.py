@@ -160,6 +160,19 @@ class RunFolder:
     def _write_manifest(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(data, indent=2, sort_keys=False, default=str))
 
+    def recipe_turns_off(self, stage: str) -> bool:
+        """Whether the run's saved recipe.yaml turns ``stage`` off (``<stage>.enabled: false``): what such a
+        stage recorded earlier is no longer part of the run (its recommendation is not what ships). False
+        without a readable recipe.yaml."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(self.recipe_path.read_text())
+        except (OSError, yaml.YAMLError):
+            return False
+        section = data.get(stage) if isinstance(data, dict) else None
+        return isinstance(section, dict) and section.get("enabled") is False
+
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         return self.manifest().get("stages", {}).get(stage)
 

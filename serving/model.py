@@ -29,7 +29,7 @@ from edgekd.export.base import (
 )
 from edgekd.export.stage import artifact_digest, load_artifact
 from edgekd.registry import DEFAULT_TASK
-from edgekd.runfolder import MANIFEST, sha256_file
+from edgekd.runfolder import MANIFEST, RunFolder, sha256_file
 from edgekd.serving.codec import Codec
 from edgekd.serving.family import ServeFamily, serve_family
 from edgekd.serving.settings import ServeSettings, refuse_unread
@@ -84,8 +84,10 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
             raise StageError(f"{path}: the quantize stage's recommendation ({recommended}) is out of date: {why}, "
                              "or choose an export with --target")
         return export_root / recommended, f"{recommended}, the quantize stage's recommended artifact"
-    raise StageError(f"{path} has several exports ({', '.join(targets)}): choose one with --target (its manifest "
-                     "records no quantize stage recommendation to serve by default).")
+    off = RunFolder(path).recipe_turns_off("quantize")
+    raise StageError(f"{path} has several exports ({', '.join(targets)}): choose one with --target "
+                     + ("(its recipe turns the quantize stage off, so its earlier recommendation is not served)."
+                        if off else "(its manifest records no quantize stage recommendation to serve by default)."))
 
 
 def _named(folder: Path) -> Path:
@@ -99,8 +101,8 @@ def _named(folder: Path) -> Path:
 def _recommended(run: Path) -> tuple[str | None, dict[str, Any]]:
     """The export folder name the quantize stage recommends (float or quantized), if it ran, and the
     stage's record (its metrics)."""
-    if not (run / MANIFEST).is_file():
-        return None, {}
+    if not (run / MANIFEST).is_file() or RunFolder(run).recipe_turns_off("quantize"):
+        return None, {}  # no quantize stage, or one the recipe now turns off: its choice is not read
     rec = (read_manifest(run).get("stages") or {}).get("quantize")
     metrics = rec.get("metrics") if isinstance(rec, dict) else None
     if not isinstance(metrics, dict) or not metrics.get("recommended_dir"):

@@ -261,3 +261,29 @@ def test_the_distillation_gain_says_when_the_distilled_student_trained_on_more_t
     assert "so the gain is not distillation's alone" in line and "same data" not in line
     assert training_data({**more, "distill_train_examples": 10083}) == "same student, same 10,083 training texts"
     assert training_data({"distill_gain_over_baseline": 0.01}) == "same student"  # a record from before
+
+
+def test_a_recommendation_of_a_quantize_stage_the_recipe_turns_off_is_not_shipped(tmp_path):
+    """Turned off (quantize.enabled: false), the stage's earlier choice is no longer read: the summary and
+    `edgekd serve` without a target do not ship its folder, which stays on disk as an earlier result."""
+    import json
+
+    from edgekd.report import shipped_artifact
+    from edgekd.serving.model import choose_export
+
+    run = tmp_path / "runs" / "tiny"
+    for name, meta in (("onnx", {"sha256": "aaa"}),
+                       ("onnx-int8", {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "aaa"}})):
+        (run / "export" / name).mkdir(parents=True)
+        (run / "export" / name / "artifact.json").write_text(json.dumps(meta))
+    quantize = {"status": "done", "metrics": {"recommended": "quantized",
+                                              "recommended_dir": "/elsewhere/export/onnx-int8"}}
+    export = {"status": "done", "metrics": {"targets": {"onnx": {"status": "ok"}}}}
+    (run / "manifest.json").write_text(json.dumps({"stages": {"quantize": quantize, "export": export}}))
+    (run / "recipe.yaml").write_text("name: tiny\nquantize:\n  enabled: true\n")
+    assert shipped_artifact(RunFolder(run))[0] == "onnx-int8" and choose_export(run)[0] == run / "export" / "onnx-int8"
+    (run / "recipe.yaml").write_text("name: tiny\nquantize:\n  enabled: false\n")
+    assert shipped_artifact(RunFolder(run)) == ("onnx", "the run's only export")
+    with pytest.raises(StageError, match=r"its recipe turns the quantize stage off"):
+        choose_export(run)
+    assert choose_export(run, "onnx-int8")[0] == run / "export" / "onnx-int8"  # named: served as asked
