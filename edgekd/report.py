@@ -281,6 +281,10 @@ def stages_table(run: RunFolder) -> Table | None:
             text = fn(rec.get("metrics") or {}, key, name) if fn else ""
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # an older manifest's shape
             text = f"(summary unavailable: {type(e).__name__}: {e}; see manifest.json)"
+        stale = run.superseded(stage)
+        if stale:  # its figures are from before: said, not shown as the run's result
+            now = f"{now}, out of date"
+            text = f"out of date ({stale}; run `edgekd run` to redo it): {text}"
         table.add_row(stage, now, _seconds(rec.get("seconds")), escape(text))
     return table
 
@@ -335,6 +339,10 @@ def print_summary(run: RunFolder) -> None:
     table = family.table(run) if family else None
     if table is not None and family is not None:
         console.print(table)
+        stale = run.superseded("eval")
+        if stale:
+            console.print(f"[bold]out of date[/]: the table above is the eval stage's record, and {escape(stale)}: "
+                          "run `edgekd run` (or `edgekd eval`) to measure the current models.")
         ev = ((manifest.get("stages") or {}).get("eval") or {}).get("metrics") or {}
         for line in family.lines(ev["summary"]) if ev.get("summary") else []:
             console.print(line)

@@ -196,6 +196,12 @@ class RunFolder:
                 return f"its file {rel} is missing or changed"
         return self._inputs_changed(stage, rec, set())
 
+    def superseded(self, stage: str) -> str | None:
+        """Why the recorded ``stage`` no longer follows from the records it was made from (one of them run
+        again or removed since, down the chain), without hashing its files; None when it still does."""
+        rec = self.stage_record(stage)
+        return self._inputs_changed(stage, rec, set()) if rec and rec.get("status") == "done" else None
+
     def _inputs_changed(self, stage: str, rec: dict[str, Any], seen: set[str]) -> str | None:
         """Which stage ``stage``'s record read has been run again or removed since, down the whole chain
         (export read prune, prune read distill: distill run again makes export stale too)."""

@@ -131,7 +131,7 @@ def test_a_quantized_folder_made_from_an_export_redone_since_is_neither_benched_
     stages = res.output[res.output.index("edgekd run 'tiny': stages"):res.output.index("test split")]
     rows = {r[1].strip(): r[2].strip() for r in (line.split("│") for line in stages.splitlines())
             if len(r) > 2 and r[1].strip()}
-    assert rows["export"] == "ran" and rows["bench"] == "ran" and rows["quantize"] == "earlier"
+    assert rows["export"] == "ran" and rows["bench"] == "ran" and rows["quantize"] == "earlier, out of date"  # made from the export redone here
     results = json.loads((run / "bench" / "local" / "results.json").read_text())["results"]
     by_name = {e["name"]: e for e in results}
     for name in quantized:
@@ -287,3 +287,32 @@ def test_a_recommendation_of_a_quantize_stage_the_recipe_turns_off_is_not_shippe
     with pytest.raises(StageError, match=r"its recipe turns the quantize stage off"):
         choose_export(run)
     assert choose_export(run, "onnx-int8")[0] == run / "export" / "onnx-int8"  # named: served as asked
+
+
+def test_a_record_made_from_a_stage_run_again_since_is_marked_out_of_date(monkeypatch):
+    """`edgekd distill --force` (or a one-off --set on the run folder) leaves eval's record made from the
+    old student: the summary marks it and says the accuracy table is not the current models'."""
+    import tempfile
+
+    run = RunFolder(Path(tempfile.mkdtemp()) / "r")
+    run.root.mkdir(parents=True)
+
+    def m(acc, params):
+        return {"accuracy": acc, "macro_f1": acc, "agreement_with_teacher": 1.0, "params": params,
+                "size_bytes": params * 4, "layers": 3}
+
+    run.record("teacher", "t", {"finetuned": True, "train_seconds": 100.0, "params": 22_000_000})
+    run.will_read("distill", ["teacher"])
+    run.record("distill", "d1", {"train_seconds": 50.0, "params": 11_000_000, "validation": {"accuracy": 0.80}})
+    run.will_read("eval", ["teacher", "distill"])
+    run.record("eval", "e", {"teacher": m(0.85, 22_000_000), "student": m(0.80, 11_000_000),
+                             "summary": {"test_examples": 100, "student_keeps_teacher_accuracy": 0.94,
+                                         "student_params_ratio": 0.5}})
+    run.update_top(task="text-classification", primary_metric="accuracy")
+    assert run.superseded("eval") is None and "out of date" not in _summary_text(run, monkeypatch)
+    run.will_read("distill", ["teacher"])
+    run.record("distill", "d2", {"train_seconds": 999.0, "params": 11_000_000, "validation": {"accuracy": 0.60}})
+    assert run.superseded("eval") == "the distill stage it was made from was run again or removed since"
+    text = " ".join(_summary_text(run, monkeypatch).split())
+    assert "earlier, out of date" in text and "out of date: the table above is the eval stage's record" in text
+
