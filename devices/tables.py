@@ -286,6 +286,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def pareto_rows(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """The headline ``rows`` a Pareto plot may put side by side (a p50 and an accuracy each), and a note
+    naming those left out: when some rows record an inputs fingerprint, the rows that record none (imported
+    from a device's own tool) were not timed on the same inputs. ``pareto.png`` and the HTML page's chart
+    both plot these."""
+    rows = [r for r in rows if r.get("p50_ms") is not None and r.get("accuracy") is not None]
+    left_out = [r["name"] for r in rows if not r.get("inputs_sha256")]
+    if not left_out or len(left_out) == len(rows):
+        return rows, None
+    by_name = {e.get("name"): e for e in results}
+    who = "; ".join(timed_by(by_name.get(n) or {"name": n}) for n in left_out)
+    return ([r for r in rows if r.get("inputs_sha256")],
+            f"left out {who}: timed on inputs that are not recorded, so not comparable with the plotted rows.")
+
+
 def pareto_figure(data: dict[str, Any]) -> tuple[Any, list[Any]] | tuple[None, str]:
     """(figure, its point labels), or (None, why no plot). A bare Figure: no pyplot global state.
 
@@ -293,15 +308,10 @@ def pareto_figure(data: dict[str, Any]) -> tuple[Any, list[Any]] | tuple[None, s
     device's own benchmark tool) are left out: their latencies were not timed on the same inputs.
     ``data["pareto_note"]`` then names them (results.json and the table carry it); otherwise it is removed."""
     rows = [headline_row(e, data["headline"]) for e in data["results"]]
-    rows = [r for r in rows if r.get("p50_ms") is not None and r.get("accuracy") is not None]
     data.pop("pareto_note", None)
-    left_out = [r["name"] for r in rows if not r.get("inputs_sha256")]
-    if left_out and len(left_out) < len(rows):
-        by_name = {e.get("name"): e for e in data["results"]}
-        who = "; ".join(timed_by(by_name.get(n) or {"name": n}) for n in left_out)
-        data["pareto_note"] = (f"left out {who}: timed on inputs that are not recorded, so not comparable with "
-                               "the plotted rows.")
-        rows = [r for r in rows if r.get("inputs_sha256")]
+    rows, note = pareto_rows(rows, data["results"])
+    if note:
+        data["pareto_note"] = note
     if not rows:
         return None, "no model has both a p50 latency and an accuracy (pass eval inputs, labels and metric_fn)"
     from matplotlib.backends.backend_agg import FigureCanvasAgg

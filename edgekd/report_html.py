@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from edgekd.devices.tables import METRIC_LABELS, headline_row, pareto_front
+from edgekd.devices.tables import METRIC_LABELS, headline_row, pareto_front, pareto_rows
 from edgekd.report import family_summary, training_data
 from edgekd.runfolder import RunFolder, atomic_write_text
 
@@ -486,7 +486,11 @@ def bench_section(run: RunFolder, results: list[dict[str, Any]], metric: str) ->
               (r.get("status") or "—", "pass" if r.get("status") == "ok" else "muted"), r.get("note") or ""]
              for r in rows], "bench")
         title = f"{data.get('run') or run.root.name} on {prof.get('name', data['_folder'])}: {label} vs p50 latency"
-        chart = chart_svg(rows, m, ref.get("teacher"), title)
+        # The chart puts only rows timed on the same recorded inputs side by side, as pareto.png does.
+        plotted, left_out = pareto_rows(rows, data.get("results") or [])
+        chart = chart_svg(plotted, m, ref.get("teacher"), title)
+        if left_out:
+            chart += f'<p class="meta">Chart: {_e(left_out)}</p>'
         parts.append(f'<div class="profile" id="bench-{_e(data["_folder"])}">'
                      f"<h3>Profile {_e(prof.get('name', data['_folder']))}</h3>{facts}{table}{chart}</div>")
     return _section("bench", "Bench", "\n".join(parts))

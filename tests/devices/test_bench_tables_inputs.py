@@ -164,3 +164,16 @@ def test_a_time_budget_is_said_in_the_header():
             "keeping the same first calls (as many as the fewest any row timed; the case table's runs column "
             "shows how many)") in text
     assert "| onnx | 1 | real | 17 |" in text  # the runs column the header points to
+
+
+def test_the_html_reports_chart_leaves_out_rows_without_an_inputs_fingerprint_too(tmp_path):
+    """edgekd report --html draws its own chart: the same rows as pareto.png, and it says which it left out."""
+    from edgekd.report_html import bench_section
+    from edgekd.runfolder import RunFolder
+
+    data = _data([_entry("onnx", 1.0), _entry("onnx-int8", 0.5, accuracy=0.78),
+                  _entry("executorch", 2.5, fp=None, imported_from=LOG, target="executorch")])
+    html = bench_section(RunFolder(tmp_path), [{**data, "_folder": "local"}], "accuracy")
+    assert 'data-name="onnx"' in html and 'data-name="onnx-int8"' in html
+    assert 'data-name="executorch"' not in html  # in the table, not on the chart
+    assert f"Chart: left out executorch (imported from {LOG})" in html and ">executorch<" in html
