@@ -268,7 +268,8 @@ def tiny_run(tmp_path_factory):
     recipe = parse_recipe({"name": "tiny", "output_dir": str(root / "runs"),
                            "data": {"dataset": str(csv), "max_length": MAX_LEN},
                            "teacher": {"model": str(run / "teacher" / "model")},
-                           "prune": {"enabled": True, "keep_params": 0.5, "trim_vocab": True}})
+                           "prune": {"enabled": True, "keep_params": 0.5, "trim_vocab": True},
+                           "quantize": {"enabled": True}})  # its manifest's quantize stage recommends onnx-int8
     (run / "recipe.yaml").write_text(recipe.to_yaml())
     inputs, labels = create_context(recipe).parity_data(tokenizer=trimmed_tok)
     module = SequenceClassifierExport(model.eval()).eval()
