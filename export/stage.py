@@ -147,7 +147,7 @@ def _artifact_meta(name: str, result: ExportResult, io: ModelIO, meta: dict[str,
     return {**meta, **own}
 
 
-def _drop_stale(folder: Path, why: str = "it holds an earlier export that this run did not reproduce") -> None:
+def drop_stale(folder: Path, why: str = "it holds an earlier export that this run did not reproduce") -> None:
     """An earlier run's export of a target this run could not export must not be served as if current,
     nor a folder whose parity check could not run."""
     if folder.exists():
@@ -182,7 +182,7 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
         if cfg.strict:
             exporter.require()
         log.warning("export target '%s' skipped: %s", name, why)
-        _drop_stale(folder)
+        drop_stale(folder)
         return _record(name, "unavailable", why)
 
     t0 = time.perf_counter()
@@ -215,7 +215,7 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
         if cfg.strict:
             raise
         log.warning("export target '%s' failed: %s", name, e)
-        _drop_stale(folder)
+        drop_stale(folder)
         return _record(name, "failed", str(e), seconds=round(time.perf_counter() - t0, 2))
     export_s = time.perf_counter() - t0
 
@@ -241,13 +241,13 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
             # And as a server calls it: each text alone at its own length (the batched check pads them all).
             real = check_real_lengths(runner, want, examples, target=name)
         except (UnsupportedTargetError, MissingBackendError, ParityError) as e:
-            _drop_stale(folder, "its parity check could not run")
+            drop_stale(folder, "its parity check could not run")
             if cfg.strict:
                 raise
             log.warning("export target '%s' failed its parity check: %s", name, e)
             return _record(name, "failed", f"parity check: {e}", seconds=round(time.perf_counter() - t0, 2))
         except BaseException:
-            _drop_stale(folder, "its parity check could not run")
+            drop_stale(folder, "its parity check could not run")
             raise
         misses = report.failures(cfg.min_top1_agreement, cfg.max_abs_diff)
         rec["parity"] = {"ran": True, **report.to_dict()}

@@ -183,6 +183,20 @@ def test_a_quantized_folder_is_judged_by_the_file_it_was_made_from(tmp_path):
         "made from the onnx export, which is gone: run `edgekd quantize` again")
 
 
+def _run_with_int8(tmp_path, onnx_sha256: str, int8_made_from: str) -> Path:
+    """runs/tiny with export/onnx (its artifact.json's sha256) and export/onnx-int8 quantized from the onnx file
+    whose sha256 was ``int8_made_from``: only the artifact.json files the staleness rules read."""
+    import json
+
+    run = tmp_path / "runs" / "tiny"
+    for name, meta in (("onnx", {"sha256": onnx_sha256}),
+                       ("onnx-int8", {"sha256": "bbb",
+                                      "source": {"folder": "/elsewhere/export/onnx", "sha256": int8_made_from}})):
+        (run / "export" / name).mkdir(parents=True)
+        (run / "export" / name / "artifact.json").write_text(json.dumps(meta))
+    return run
+
+
 def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_served(tmp_path, caplog):
     import json
     import logging
@@ -190,11 +204,7 @@ def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_ser
     from edgekd.report import shipped_artifact
     from edgekd.serving.model import choose_export
 
-    run = tmp_path / "runs" / "tiny"
-    for name, meta in (("onnx", {"sha256": "new"}),
-                       ("onnx-int8", {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "old"}})):
-        (run / "export" / name).mkdir(parents=True)
-        (run / "export" / name / "artifact.json").write_text(json.dumps(meta))
+    run = _run_with_int8(tmp_path, onnx_sha256="new", int8_made_from="old")
     quantize = {"status": "done", "metrics": {"recommended": "quantized",
                                               "recommended_dir": "/elsewhere/export/onnx-int8"}}
     (run / "manifest.json").write_text(json.dumps({"stages": {"quantize": quantize}}))
@@ -225,11 +235,7 @@ def test_a_float_recommendation_exported_again_since_is_neither_shipped_nor_serv
     from edgekd.report import shipped_artifact
     from edgekd.serving.model import choose_export
 
-    run = tmp_path / "runs" / "tiny"
-    for name, meta in (("onnx", {"sha256": "new"}),
-                       ("onnx-int8", {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "new"}})):
-        (run / "export" / name).mkdir(parents=True)
-        (run / "export" / name / "artifact.json").write_text(json.dumps(meta))
+    run = _run_with_int8(tmp_path, onnx_sha256="new", int8_made_from="new")
 
     def record(measured):
         quantize = {"status": "done", "metrics": {"recommended": "float", "recommended_dir": "/elsewhere/export/onnx",
@@ -271,11 +277,7 @@ def test_a_recommendation_of_a_quantize_stage_the_recipe_turns_off_is_not_shippe
     from edgekd.report import shipped_artifact
     from edgekd.serving.model import choose_export
 
-    run = tmp_path / "runs" / "tiny"
-    for name, meta in (("onnx", {"sha256": "aaa"}),
-                       ("onnx-int8", {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "aaa"}})):
-        (run / "export" / name).mkdir(parents=True)
-        (run / "export" / name / "artifact.json").write_text(json.dumps(meta))
+    run = _run_with_int8(tmp_path, onnx_sha256="aaa", int8_made_from="aaa")
     quantize = {"status": "done", "metrics": {"recommended": "quantized",
                                               "recommended_dir": "/elsewhere/export/onnx-int8"}}
     export = {"status": "done", "metrics": {"targets": {"onnx": {"status": "ok"}}}}

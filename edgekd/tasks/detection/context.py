@@ -161,7 +161,7 @@ class DetectionRunContext(RunContext):
         import shutil
         import tempfile
 
-        from edgekd.export.stage import _drop_stale, export_all
+        from edgekd.export.stage import drop_stale, export_all
         from edgekd.tasks.detection.models import DetectionExportNMS
         from edgekd.tasks.detection.task import NMS_IO
 
@@ -177,11 +177,11 @@ class DetectionRunContext(RunContext):
                                      self.task.metrics, {**meta, "nms_in_graph": True}, [], self.task.agreement)
             except ParityError as e:
                 if getattr(e, "records", None) is None:  # not a threshold miss: nothing was exported
-                    _drop_stale(final)
+                    drop_stale(final)
                     raise
                 records, miss = e.records, e  # a threshold miss: the folder is written, its figures in it
             except BaseException:
-                _drop_stale(final)
+                drop_stale(final)
                 raise
             rec = records["onnx"]
             if rec.get("folder"):
@@ -189,7 +189,7 @@ class DetectionRunContext(RunContext):
                 os.replace(Path(tmp) / "onnx", final)
                 rec.update(folder=str(final), path=str(final / Path(rec["path"]).name))
             else:
-                _drop_stale(final)
+                drop_stale(final)
         rec = {**rec, "target": "onnx-nms"}
         if miss is not None:
             err = ParityError(str(miss).replace("'onnx':", "'onnx-nms':"))
