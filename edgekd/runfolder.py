@@ -37,6 +37,35 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_FOLDER_DIGESTS: dict[tuple, str] = {}
+
+
+def folder_digest(path: str | Path) -> str:
+    """One sha256 over every file under the folder ``path``: each file's name relative to it and its
+    contents. Names starting with "." at any depth are left out (a .git or .cache beside a model's
+    files). Cached in the process on each file's size and modification time, so a fingerprint that is
+    computed many times per command reads a large model folder once."""
+    root = Path(path).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    stats = tuple((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    key = (str(root), stats)
+    if key not in _FOLDER_DIGESTS:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
+        _FOLDER_DIGESTS[key] = h.hexdigest()
+    return _FOLDER_DIGESTS[key]
+
+
+def local_model_digest(name_or_path: str | None) -> str | None:
+    """:func:`folder_digest` of a model given as a local folder (what ``from_pretrained`` and the task
+    families load when the folder exists); None for a named asset or a hub id, whose name pins it."""
+    if not name_or_path or not Path(name_or_path).expanduser().is_dir():
+        return None
+    return folder_digest(name_or_path)
+
+
 def sha256_tree(path: Path) -> dict[str, str]:
     """sha256 of each file under ``path`` (a file or a folder), keyed by path relative to ``path``'s parent."""
     path = Path(path)

@@ -90,3 +90,41 @@ def test_a_device_without_vnni_redoes_the_quantize_stage_only(here, make, want, 
     before = STAGE_NAMES[:STAGE_NAMES.index("quantize")]
     assert {n: got[n] for n in before} == {n: want[n] for n in before}
     assert got["quantize"] != want["quantize"]
+
+
+def test_a_local_model_folder_changed_in_place_redoes_the_stages_that_read_it(here):
+    """teacher.model, a kind-model ensemble member and student.model given as local folders are
+    fingerprinted by their files, not only their names: a folder retrained or replaced in place redoes the
+    stages that read it. Saving the same files again (new modification times) changes nothing."""
+    import shutil
+
+    from edgekd.testing import tiny_bert
+
+    write_sentiment_csv("reviews.csv", n=60, seed=1)
+    tiny_bert("teacher-model", num_labels=2, seed=0)
+    tiny_bert("member-model", num_labels=2, seed=1)
+    tiny_bert("student-model", num_labels=2, num_layers=1, seed=2)
+
+    def fingerprints(**sections):
+        data = tiny_recipe(".", "teacher-model", "reviews.csv", **sections)
+        ctx = create_context(parse_recipe(data))
+        return {name: fingerprint_of(ctx, name) for name in ("teacher", "distill", "baseline", "eval")}
+
+    with_student = {"student": {"model": "student-model"}}
+    with_member = {"teacher": {"model": "teacher-model",
+                               "ensemble": [{"kind": "model", "model": "member-model"}]}}
+    base, base_student, base_member = fingerprints(), fingerprints(**with_student), fingerprints(**with_member)
+
+    shutil.rmtree("teacher-model")
+    tiny_bert("teacher-model", num_labels=2, seed=0)  # the same files again
+    assert fingerprints() == base
+    tiny_bert("teacher-model", num_labels=2, seed=5)  # retrained in place: same names, other weights
+    retrained = fingerprints()
+    assert all(retrained[n] != base[n] for n in base), (retrained, base)
+
+    tiny_bert("student-model", num_labels=2, num_layers=1, seed=6)
+    now = fingerprints(**with_student)
+    assert now["distill"] != base_student["distill"] and now["baseline"] != base_student["baseline"]
+
+    tiny_bert("member-model", num_labels=2, seed=7)
+    assert fingerprints(**with_member)["teacher"] not in (base_member["teacher"], retrained["teacher"])

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgekd.errors import RecipeError
 from edgekd.recipe import TeacherConfig, TeacherEndpoint
-from edgekd.runfolder import atomic_write_bytes, atomic_write_text, sha256_file
+from edgekd.runfolder import atomic_write_bytes, atomic_write_text, local_model_digest, sha256_file
 from edgekd.teachers.combine import as_probabilities, combine, log_targets
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ def input_digests(cfg: TeacherConfig) -> dict[str, Any]:
             path = Path(str(m.path)).expanduser()
             meta = (path.parent if path.is_file() else path) / "artifact.json"
             out[member_name(i)] = sha256_file(meta) if meta.is_file() else None
+        elif m.kind == "model" and i > 0 and local_model_digest(m.model):  # the teacher's own: teacher_fingerprint
+            out[member_name(i)] = local_model_digest(m.model)
     files = [Path(src).expanduser() for src in cfg.unlabelled.sources()]
     files = [f for f in files if f.is_file()]
     if files:  # one file: its digest, as before lists existed; a list: each file's

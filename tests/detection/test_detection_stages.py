@@ -91,6 +91,29 @@ def test_the_baseline_trains_again_when_its_data_or_student_change_not_when_the_
     assert fingerprints(_recipe(tmp_path, teacher, teacher))["baseline"] != base["baseline"]
 
 
+def test_a_saved_detector_replaced_in_place_redoes_the_stages_that_read_it(tmp_path):
+    """teacher.model and student.model as saved detector folders are fingerprinted by their files: one
+    retrained in place (same path) redoes what reads it; a preset name stays a name."""
+    for name, seed in (("t", 1), ("s", 3)):
+        save_detector(_tiny(seed), tmp_path / name)
+    teacher, student = str(tmp_path / "t"), str(tmp_path / "s")
+
+    def fingerprints():
+        ctx = create_context(_recipe(tmp_path, teacher, student))
+        return {name: fingerprint_of(ctx, name) for name in ("teacher", "distill", "baseline")}
+
+    base = fingerprints()
+    save_detector(_tiny(1), tmp_path / "t")  # the same weights saved again
+    assert fingerprints() == base
+    save_detector(_tiny(2), tmp_path / "t")
+    new_teacher = fingerprints()
+    assert new_teacher["teacher"] != base["teacher"] and new_teacher["distill"] != base["distill"]
+    assert new_teacher["baseline"] == base["baseline"]  # it never reads the teacher
+    save_detector(_tiny(4), tmp_path / "s")
+    new_student = fingerprints()
+    assert new_student["distill"] != new_teacher["distill"] and new_student["baseline"] != base["baseline"]
+
+
 @pytest.mark.slow
 def test_a_new_teacher_leaves_the_baselines_record_current_in_the_run_folder(tmp_path):
     for name, seed in (("t1", 1), ("t2", 2), ("s", 3)):

@@ -25,7 +25,7 @@ import torch
 from edgekd.errors import RecipeError, StageError
 from edgekd.progress import progress_bar
 from edgekd.recipe import TrainConfig, finetune_unread
-from edgekd.runfolder import fingerprint
+from edgekd.runfolder import fingerprint, local_model_digest
 from edgekd.stages.base import load_stage_model
 from edgekd.stages.prune_common import (
     LATENCY_EXAMPLES,
@@ -83,9 +83,12 @@ def _params(model) -> int:
 
 def teacher_fingerprint(ctx) -> str:
     r = ctx.recipe
-    return fingerprint({"teacher": r.teacher.model, "train": r.teacher.finetune.model_dump(mode="json"),
-                        "data": ctx.data_fingerprint, "seed": r.seed, "precision": r.runtime.precision,
-                        "task": "detection"})
+    settings = {"teacher": r.teacher.model, "train": r.teacher.finetune.model_dump(mode="json"),
+                "data": ctx.data_fingerprint, "seed": r.seed, "precision": r.runtime.precision, "task": "detection"}
+    files = local_model_digest(r.teacher.model)
+    if files:  # a saved detector folder: its files, so one retrained or replaced in place is read again
+        settings["model_files"] = files
+    return fingerprint(settings)
 
 
 def _check_local_teacher(ctx) -> None:
@@ -142,6 +145,9 @@ def student_fingerprint(ctx, stage: str) -> str:
     defaults there, so they stay at those."""
     r = ctx.recipe
     settings: dict[str, Any] = {"student": r.student.model, "train": r.distill.train.model_dump(mode="json")}
+    files = local_model_digest(r.student.model)
+    if files:  # a saved detector folder, not a preset: its files
+        settings["student_files"] = files
     if stage == "distill":
         settings["kd"] = {"temperature": r.distill.temperature,
                           **r.detection.model_dump(mode="json", include={"cls_weight", "box_weight",

@@ -26,7 +26,7 @@ from edgekd.context import RunContext
 from edgekd.errors import RecipeError
 from edgekd.losses import attention_loss, hidden_state_loss, soft_hard_loss
 from edgekd.recipe import DistillConfig
-from edgekd.runfolder import fingerprint
+from edgekd.runfolder import fingerprint, local_model_digest
 from edgekd.tasks.text.checks import BLACK_BOX_MATCHING
 from edgekd.tasks.text.teacher import load_teacher_outputs, teacher_fingerprint
 from edgekd.train import predict, train
@@ -47,6 +47,9 @@ def layer_map(n_student: int, n_teacher: int, layers: list[int] | None) -> list[
 def stage_fingerprint(ctx: RunContext, stage: str) -> str:
     r = ctx.recipe
     settings = {"student": r.student.model_dump(mode="json"), "train": r.distill.train.model_dump(mode="json")}
+    files = local_model_digest(r.student.model)
+    if files:  # student.model as a local folder: its files, so one replaced in place is read again
+        settings["student_files"] = files
     if stage == "distill":
         # rounds is left out at its default, so runs recorded before it existed stay valid
         settings["distill"] = r.distill.model_dump(mode="json", exclude={"rounds"} if r.distill.rounds == 1 else None)

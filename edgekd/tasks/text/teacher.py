@@ -18,7 +18,7 @@ from edgekd.context import RunContext
 from edgekd.errors import RecipeError
 from edgekd.losses import soft_hard_loss
 from edgekd.recipe import finetune_unread
-from edgekd.runfolder import atomic_write_bytes, fingerprint
+from edgekd.runfolder import atomic_write_bytes, fingerprint, local_model_digest
 from edgekd.train import predict, train
 
 STAGE = "teacher"
@@ -36,6 +36,9 @@ def teacher_fingerprint(ctx: RunContext) -> str:
         from edgekd.teachers.stage import input_digests
 
         settings["inputs"] = input_digests(t)
+    files = local_model_digest(t.model)
+    if files:  # a local folder: its files, so one retrained or replaced in place is read again
+        settings["model_files"] = files
     return fingerprint({
         "teacher": settings,
         "data": ctx.data_fingerprint,
