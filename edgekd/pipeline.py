@@ -6,7 +6,7 @@ import time
 
 from edgekd import __version__
 from edgekd.context import RunContext
-from edgekd.errors import StageError
+from edgekd.errors import RecipeError, StageError
 from edgekd.progress import activity
 from edgekd.recipe import Recipe
 from edgekd.runfolder import atomic_write_text, environment
@@ -111,6 +111,7 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
             f"{name}.enabled is false in this recipe, so no later stage would read what the {name} stage made: turn "
             f"it on ({name}.enabled: true in the recipe, or --set {name}.enabled=true on a recipe file)" for name in off))
     ctx = create_context(recipe)
+    _refuse_changed_upstream(ctx, table, todo)
     if ctx.is_main:
         prepare_run(ctx)
     ctx.sync()
@@ -164,6 +165,54 @@ def _refuse_stale_inputs(ctx: RunContext, table: dict[str, Stage], name: str) ->
             if why:
                 raise StageError(f"the {name} stage reads the {dep} stage's result, which is out of date ({why}): "
                                  f"run `edgekd {dep}` first, or `edgekd run` for every stage in order.")
+
+
+def _refuse_changed_upstream(ctx: RunContext, table: dict[str, Stage], todo: list[str]) -> None:
+    """A command that runs later stages only must not build on a stage whose settings its recipe changes
+    (``edgekd quantize my.yaml`` after editing ``prune.keep_params``, or with ``--set`` on it): the stage
+    run would read the old result, record the new settings, and the run folder would claim a model that
+    no stage made. Each finished stage read (directly or down the chain) that the command does not run
+    is compared with the run folder's saved recipe: made with the saved settings, and changed by the
+    recipe given now, it is an error naming the keys and what to run. A result made with other settings
+    than the saved ones (``edgekd export --to`` for once) is left to the stage, as before."""
+    from edgekd.recipe import load_recipe
+    from edgekd.sections import changed_keys
+
+    upstream, todo_set = [], set(todo)
+    frontier = [dep for name in todo for dep in table[name].inputs(ctx.recipe)]
+    while frontier:
+        dep = frontier.pop()
+        if dep in table and dep not in todo_set and dep not in upstream:
+            upstream.append(dep)
+            frontier += table[dep].inputs(ctx.recipe)
+    path = ctx.run.recipe_path
+    if not upstream or not path.is_file():
+        return
+    try:
+        saved = load_recipe(path, [f"output_dir={ctx.run.root.parent}", f"name={ctx.run.root.name}"])
+    except RecipeError as e:  # written by an older edgekd with keys this one no longer takes
+        ctx.say(f"[yellow]the run's saved recipe.yaml does not load ({e}): the stages this command reads are "
+                "not compared with it[/]")
+        return
+    keys = [k for k in changed_keys(ctx.recipe, saved) if k not in ("output_dir", "name")]
+    if not keys:
+        return
+    saved_ctx, changed = None, []
+    for dep in (name for name in table if name in upstream):  # in run order
+        rec = ctx.run.stage_record(dep)
+        if not rec or rec.get("status") != "done" or rec.get("fingerprint") == table[dep].fingerprint(ctx):
+            continue
+        saved_ctx = saved_ctx or create_context(saved)
+        if rec.get("fingerprint") == table[dep].fingerprint(saved_ctx):
+            changed.append(dep)
+    if changed:
+        plural, runs = len(changed) > 1, ", ".join(todo)
+        raise StageError(
+            f"this recipe changes {', '.join(keys)} from the run's saved recipe.yaml, and with "
+            f"{'them' if len(keys) > 1 else 'it'} the {' and '.join(changed)} stage{'s' if plural else ''} that "
+            f"{runs} read{'s' if len(todo) == 1 else ''}; this command does not run {'them' if plural else 'it'}, "
+            f"so {runs} would build on the result made with the old settings. Run `edgekd run` with this recipe "
+            f"(every stage in order), or `edgekd {changed[0]}` with it first.")
 
 
 def _drop_empty_checkpoints(ctx: RunContext) -> None:

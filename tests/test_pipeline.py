@@ -282,3 +282,36 @@ def test_a_stage_the_recipe_turns_off_is_refused_by_its_command_before_anything_
     for family in ("text-classification", "detection"):
         table = stage_table(family)
         assert [n for n, s in table.items() if s.read_only_when_on] == ["baseline", "prune", "quantize"], family
+
+
+@pytest.mark.slow
+def test_a_later_stage_alone_is_refused_when_the_recipe_changes_a_stage_it_reads(tmp_path, tiny_teacher_dir,
+                                                                                  tiny_csv):
+    """`edgekd quantize my.yaml --set distill.temperature=4` (or the same edit in the file) after a run
+    quantized the file exported from the student distilled at the old temperature and saved a recipe
+    claiming the new one (a stage that loads a model refused already; one that reads files did not):
+    refused before anything runs, naming the key and what to run; recipe.yaml and the records stay as
+    they were. A change to what the command itself runs goes through."""
+    data = _quick_run_recipe(tmp_path, tiny_teacher_dir, tiny_csv)
+    data["quantize"] = {"enabled": True}
+    data["bench"] = {"enabled": False}
+    path = write_recipe(tmp_path, data)
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "tiny"
+    saved = (run / "recipe.yaml").read_bytes()
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+
+    for source in (path, run):  # a recipe file (saved with the run), a run folder (one-off)
+        res = runner.invoke(app, ["quantize", str(source), "--set", "distill.temperature=4"])
+        assert res.exit_code != 0
+        msg = str(res.exception)
+        assert "distill.temperature" in msg and "the distill and export stages" in msg, msg
+        assert "`edgekd distill` with it first" in msg
+        assert (run / "recipe.yaml").read_bytes() == saved
+        assert json.loads((run / "manifest.json").read_text())["stages"] == stages
+
+    res = runner.invoke(app, ["quantize", str(path), "--set", "quantize.max_accuracy_drop=0.5"])
+    assert res.exit_code == 0, res.output
+    assert load_recipe(run / "recipe.yaml").quantize.max_accuracy_drop == 0.5
