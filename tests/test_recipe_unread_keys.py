@@ -202,6 +202,35 @@ def test_a_detection_student_must_be_a_detector_the_stages_build(tmp_path):
         assert check_inputs(load_recipe("detect-default", [f"student.model={good}"])) == []
 
 
+def test_a_saved_detector_for_other_classes_is_refused_before_anything_trains(tmp_path):
+    """A saved teacher or student detector must detect the dataset's classes: the student's count was
+    checked only when the distill stage loaded it, after the teacher stage had run. Read without images
+    from the generated set, a data.yaml's names and a COCO file's categories."""
+    import json
+
+    from edgekd.tasks.detection.models import build_detector, save_detector
+    from edgekd.testing import tiny_detector_config
+
+    save_detector(build_detector(tiny_detector_config(), 4, 32), tmp_path / "four")
+    save_detector(build_detector(tiny_detector_config(), 2, 32), tmp_path / "two")
+    four, two = str(tmp_path / "four"), str(tmp_path / "two")
+    shapes = "circle, square, triangle, cross"
+    assert check_inputs(load_recipe("detect-default", [f"student.model={four}", f"teacher.model={four}"])) == []
+    assert check_inputs(load_recipe("detect-default", [f"student.model={two}", f"teacher.model={two}"])) == [
+        f"{key}: {two} detects 2 classes, the dataset has 4 ({shapes}): use a detector trained on this dataset, "
+        "or a preset name to train one" for key in ("teacher.model", "student.model")]
+    yolo = tmp_path / "data.yaml"
+    yolo.write_text("train: images/train\nval: images/val\nnames: {0: cat, 1: dog}\n")
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 3, "name": "dog"},
+                                                                                {"id": 1, "name": "cat"}]}))
+    for dataset in (yolo, coco):
+        assert check_inputs(load_recipe("detect-default", [f"data.dataset={dataset}", f"student.model={two}"])) == []
+        assert check_inputs(load_recipe("detect-default", [f"data.dataset={dataset}", f"student.model={four}"])) == [
+            f"student.model: {four} detects 4 classes, the dataset has 2 (cat, dog): use a detector trained on this "
+            "dataset, or a preset name to train one"]
+
+
 def test_kd_settings_are_refused_where_no_detection_kd_term_reads_them():
     def problems(*overrides):
         return check_inputs(load_recipe("detect-default", list(overrides)))

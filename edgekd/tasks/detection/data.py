@@ -137,6 +137,28 @@ def load_detection_split(dataset: str | Path, split: str, image_size: int) -> De
 # YOLO (Ultralytics) layout
 
 
+def class_names(dataset: str) -> list[str] | None:
+    """The class names of ``data.dataset`` read without its images (the generated set's, a data.yaml's
+    ``names``, a COCO file's categories in id order), for checks made before any stage runs; None when
+    the file cannot be read so (the stage that loads it says why)."""
+    from edgekd.tasks.detection.synthetic import CLASS_NAMES
+
+    if dataset == "synthetic-shapes":
+        return list(CLASS_NAMES)
+    path = Path(dataset)
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            spec = yaml.safe_load(path.read_text())
+            return _yolo_names(spec, path) if isinstance(spec, dict) else None
+        if path.suffix.lower() == ".json":
+            cats = json.loads(path.read_text())["categories"]
+            by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
+            return [by_id[i] for i in sorted(by_id)] or None
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, DataError):
+        return None
+    return None
+
+
 def load_yolo(data_yaml: Path, split: str, image_size: int) -> DetectionSplit:
     """One split of an Ultralytics dataset: ``data.yaml`` with ``path``, ``train``/``val``/``test``
     (folders, list files, or lists of them) and ``names`` (list, or dict id -> name).

@@ -113,6 +113,7 @@ class Detection:
                             f"and seeded by detection.synthetic; {d} brings its own images: "
                             f"remove {it_or_them(synthetic)}")
         problems += _student_problems(recipe.student.model)
+        problems += _class_problems(recipe)
         problems += _kd_problems(recipe)
         if recipe.prune.enabled and recipe.prune.method != "channels":
             problems.append(f"prune.method: '{recipe.prune.method}' prunes a transformer encoder; a detector is "
@@ -136,7 +137,7 @@ _TRANSFORMER_CANDIDATE_KEYS = {"embedding_bits": "quantize.embedding_bits",
 
 def _student_problems(source: str | None) -> list[str]:
     """student.model must name what the distill stage builds (``DetectionTask.load_model``): a preset or a
-    detector folder saved by edgekd. (Its classes are checked against the data's when it is loaded.)"""
+    detector folder saved by edgekd (its classes: _class_problems)."""
     from edgekd.tasks.detection.models import PRESETS, is_detector_dir
 
     accepts = (f"a preset ({', '.join(PRESETS)}) or the folder of a detector saved by edgekd (config.json + "
@@ -147,6 +148,27 @@ def _student_problems(source: str | None) -> list[str]:
     if source in PRESETS or is_detector_dir(Path(source)):
         return []
     return [f"student.model: '{source}' is no detector the detection stages build: set it to {accepts}"]
+
+
+def _class_problems(recipe: Recipe) -> list[str]:
+    """A saved detector given as teacher.model or student.model must detect the dataset's classes (the stage
+    that loads it refuses it too, but the student is loaded only after the teacher stage has run)."""
+    import json
+
+    from edgekd.tasks.detection.data import class_names
+    from edgekd.tasks.detection.models import CONFIG_FILE, is_detector_dir
+
+    names = class_names(recipe.data.dataset)
+    problems = []
+    for key, source in (("teacher.model", recipe.teacher.model), ("student.model", recipe.student.model)):
+        if names is None or not source or not is_detector_dir(Path(source)):
+            continue
+        n = json.loads((Path(source) / CONFIG_FILE).read_text())["config"].get("num_classes")
+        if n != len(names):
+            problems.append(f"{key}: {source} detects {n} classes, the dataset has {len(names)} "
+                            f"({', '.join(names)}): use a detector trained on this dataset, or a preset name to "
+                            "train one")
+    return problems
 
 
 def _kd_problems(recipe: Recipe) -> list[str]:
