@@ -514,7 +514,8 @@ class PruneConfig(Section):
         None, gt=0, lt=1,
         description="Target (search): keep removing latency_step of the remaining heads/neurons/channels, "
         "recovering after each round, while the validation metric stays within this drop of the unpruned "
-        "model's (absolute, e.g. 0.005 = half a point); the last round in budget is kept. Every round is "
+        "model's (absolute, e.g. 0.005 = half a point; with trim_vocab, the distilled student's before the "
+        "trim, so the trim's cost comes out of the same budget); the last round in budget is kept. Every round is "
         "timed on the shipped form (ONNX, quantized as the quantize section says, batch 1, real lengths). "
         "With target_latency_ms as well: stop as soon as the latency is met, fail the target if the "
         "budget runs out first.",

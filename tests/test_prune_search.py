@@ -181,3 +181,76 @@ def test_detection_latency_target_runs_on_the_shipped_form_and_says_when_it_is_n
     assert len(m["steps"]) == 2 and all(s["latency_ms"] > 0 for s in m["steps"]) and m["latency_ms_before"] > 0
     assert m["steps"][-1]["params"] < m["params_before"] and not m["target_reached"]
     assert "was NOT met" in " ".join(res.output.split()) and "rounds ran out" in m["stopped"]
+
+
+def test_a_budget_baseline_the_caller_gives_is_what_the_budget_counts_from(model):
+    """PruneContext.budget_baseline (the text stage: the distilled student before its vocabulary trim): every
+    round's drop, what ships and the record count from it, and a start already over budget is said."""
+    params0 = count_params(model)
+    ev = scripted_accuracy(params0, 0.001)  # the model given scores 0.9
+    _, m = prune_model(copy.deepcopy(model), cfg(max_accuracy_drop=0.03, latency_step=0.2),
+                       PruneContext(evaluate=ev, budget_baseline={"accuracy": 0.91}, budget_baseline_of="the original"))
+    assert m["budget_baseline"] == {"counts_from": "the original", "metric": "accuracy", "baseline": 0.91,
+                                    "search_start": 0.9, "search_start_drop": 0.01,
+                                    "search_start_within_budget": True}
+    steps = m["steps"]
+    assert all(s["metric_drop"] == pytest.approx(0.91 - s["metric"]["accuracy"], abs=1e-6) for s in steps)
+    assert steps[-1]["in_budget"] is False and 0.91 - m["metric_after"]["accuracy"] <= 0.03 and m["target_reached"]
+    # Without one: the model given, as before.
+    _, m = prune_model(copy.deepcopy(model), cfg(max_accuracy_drop=0.03, latency_step=0.2), PruneContext(evaluate=ev))
+    assert m["budget_baseline"]["counts_from"] == "the unpruned model" and m["budget_baseline"]["baseline"] == 0.9
+    # A start already over budget: the first round is undone, the start ships out of budget, and both say so.
+    _, m = prune_model(copy.deepcopy(model), cfg(max_accuracy_drop=0.03, latency_step=0.2),
+                       PruneContext(evaluate=ev, budget_baseline={"accuracy": 0.95}, budget_baseline_of="the original"))
+    assert m["budget_baseline"]["search_start_within_budget"] is False and "the original" in m["budget_baseline"]["note"]
+    assert m["kept_step"] == 0 and m["within_budget"] is False and not m["target_reached"]
+    assert "what ships is the model the search started from, 0.0500 below the original" in m["stopped"]
+
+
+@pytest.mark.slow
+def test_the_text_budget_counts_from_the_distilled_student_before_the_vocabulary_trim(tmp_path, tiny_teacher_dir,
+                                                                                      tiny_csv, monkeypatch):
+    """prune.max_accuracy_drop with prune.trim_vocab: the budget counts from the distilled student before the
+    trim (the recipe reference's 'the unpruned model'), so what the trim costs is spent out of it; the record
+    gives both figures, and the console says plainly when the trim alone spent more than the budget."""
+    import edgekd.pruning.vocab as vocab
+    import edgekd.tasks.text.prune as text_prune
+    from edgekd.context import RunContext
+    from edgekd.pipeline import run_stages
+    from edgekd.recipe import parse_recipe
+    from edgekd.testing import tiny_recipe
+
+    real_trim = vocab.trim_vocabulary
+
+    def costly_trim(model, tok, keep):  # a trim that costs: the trimmed student answers the other label
+        model, new_tok = real_trim(model, tok, keep)
+        with torch.no_grad():
+            model.classifier.weight.neg_()
+            model.classifier.bias.neg_()
+        return model, new_tok
+
+    monkeypatch.setattr(vocab, "trim_vocabulary", costly_trim)
+    said: list[str] = []
+    monkeypatch.setattr(RunContext, "say", lambda self, msg: said.append(msg))
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, baseline={"enabled": False},
+                                      prune={"enabled": True, "max_accuracy_drop": 0.1, "steps": 2,
+                                             "latency_step": 0.25, "recover_epochs": 0.5, "trim_vocab": True}))
+    run_stages(recipe, ["teacher", "distill"])
+    monkeypatch.setattr(text_prune, "train", lambda *a, **kw: None)  # no recovery wins the trim's cost back
+    ctx = run_stages(recipe, ["prune"])
+    m = ctx.run.stage_record("prune")["metrics"]
+    untrimmed = m["vocab"]["before"]["validation"]["accuracy"]
+    trimmed = m["vocab"]["after"]["validation"]["accuracy"]
+    assert untrimmed - trimmed > 0.1, (untrimmed, trimmed)  # the trim alone costs more than the budget
+    assert m["metric_before"]["accuracy"] == trimmed and m["steps"]
+    # Every round's drop is counted from the untrimmed student, not from the trimmed model the search starts from.
+    for s in m["steps"]:
+        assert s["metric_drop"] == pytest.approx(untrimmed - s["metric"]["accuracy"], abs=1e-6), (s, untrimmed)
+    assert m["within_budget"] is (untrimmed - m["metric_after"]["accuracy"] <= 0.1) is False
+    assert not m["target_reached"]
+    b = m["budget_baseline"]
+    assert b["counts_from"] == "the distilled student before prune.trim_vocab" and b["metric"] == "accuracy"
+    assert b["baseline"] == untrimmed and b["search_start"] == trimmed and b["search_start_within_budget"] is False
+    # Round 1 of the reversed student is far below the untrimmed one: undone; the trimmed start ships, out of budget.
+    assert m["kept_step"] == 0 and "over the budget" in m["stopped"]
+    assert any("vocabulary trim alone" in s and "max_accuracy_drop=0.1" in s for s in said), said

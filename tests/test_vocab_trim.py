@@ -207,8 +207,10 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     from edgekd.export.stage import load_artifact
     from edgekd.testing import tiny_recipe
 
+    # The budget counts from the student before the trim, and keeping only tokens seen 40 times costs this tiny run
+    # nearly half of its validation accuracy: a budget wide enough that a round is kept and the final recovery runs.
     recipe = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, baseline={"enabled": False},
-                         prune={"enabled": True, "max_accuracy_drop": 0.5, "steps": 2, "latency_step": 0.25,
+                         prune={"enabled": True, "max_accuracy_drop": 0.9, "steps": 2, "latency_step": 0.25,
                                 "recover_epochs": 0.5, "recover_hidden_weight": 1.0, "final_recover_epochs": 0.5,
                                 "trim_vocab": True, "vocab_min_count": 40},
                          export={"targets": ["onnx"], "parity_examples": 32},

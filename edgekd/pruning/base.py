@@ -28,6 +28,10 @@ class PruneContext:
     latency_fn: model -> milliseconds; required by ``target_latency_ms``, else measured before/after
         (and after every search round).
     metric: the key of ``evaluate``'s result that ``max_accuracy_drop`` budgets.
+    budget_baseline: the metrics (``evaluate``'s form) that ``max_accuracy_drop`` counts from, when that is
+        not the model given (the text stage: the distilled student before ``prune.trim_vocab``, so the trim's
+        cost is spent out of the same budget); None: the model given, as evaluated before pruning.
+    budget_baseline_of: what ``budget_baseline`` is, in words, for the record and its messages.
     loss_fn: (model, batch) -> scalar loss for taylor scores; default: the model's own loss.
     example_inputs: channels: what torch-pruning traces the dependency graph with.
     ignored_layers: channels: modules whose output width must not change (default: the last Linear).
@@ -39,6 +43,8 @@ class PruneContext:
     latency_fn: Callable[[nn.Module], float] | None = None
     recover_final: Callable[[nn.Module], nn.Module] | None = None
     metric: str = "accuracy"
+    budget_baseline: dict[str, float] | None = None
+    budget_baseline_of: str = "the unpruned model"
     loss_fn: Callable[[nn.Module, Mapping[str, Any]], Any] | None = None
     example_inputs: Any = None
     ignored_layers: list[nn.Module] | None = None

@@ -136,15 +136,19 @@ def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, 
     The final recovery (``prune.final_recover_epochs``) is checked too, with a budget or a latency target
     alone: when it lowers validation, the model from before it ships and ``final_recovery`` says so
     (``shipped``, ``note``; with a budget ``within_budget``); ``metrics["within_budget"]`` is what ships
-    against the budget."""
+    against the budget, which counts from ``ctx.budget_baseline`` where the caller gives one (else from the
+    model given); ``metrics["budget_baseline"]`` says which, beside the figure the search starts from."""
     budget, target = cfg.max_accuracy_drop, cfg.target_latency_ms
     base = None
     if budget is not None:
-        base = _metric_value(metrics["metric_before"], ctx.metric)
+        base = _budget_baseline(ctx, metrics, budget)
     latency = metrics["latency_ms_before"]
     metrics["latency_ms_searched"] = latency
     if target is not None and latency is not None and latency <= target:
         metrics["stopped"] = "the unpruned model already meets prune.target_latency_ms"
+        if budget is not None:
+            metrics["within_budget"] = metrics["budget_baseline"]["search_start_within_budget"]
+            _say_start_over_budget(metrics)
         return model
     rounds = cfg.steps or MAX_SEARCH_ROUNDS
     kept_metric = metrics["metric_before"]
@@ -202,7 +206,39 @@ def _search(model: nn.Module, method: Any, cfg: PruneConfig, ctx: PruneContext, 
     if budget is not None:
         # What ships, final recovery included, against the budget (the report's target_reached reads it).
         metrics["within_budget"] = base - _metric_value(metrics["metric_after"], ctx.metric) <= budget
+        if metrics["kept_step"] == 0:  # what ships is the model the search started from
+            _say_start_over_budget(metrics)
     return model
+
+
+def _budget_baseline(ctx: PruneContext, metrics: dict[str, Any], budget: float) -> float:
+    """The figure ``prune.max_accuracy_drop`` counts from: ``ctx.budget_baseline`` where given (the text stage:
+    the distilled student before its vocabulary trim), else the model given. Recorded in
+    ``metrics["budget_baseline"]`` with the figure the search starts from and whether that one is in budget
+    already (a ``note`` when it is not: only recovery can win it back; the caller says it, as it knows why)."""
+    key = ctx.metric
+    start = _metric_value(metrics["metric_before"], key)
+    given = ctx.budget_baseline is not None
+    base = _metric_value(ctx.budget_baseline, key) if given else start
+    drop = base - start
+    record = {"counts_from": ctx.budget_baseline_of if given else "the unpruned model", "metric": key,
+              "baseline": base, "search_start": start, "search_start_drop": round(drop, 6),
+              "search_start_within_budget": drop <= budget}
+    if drop > budget:
+        record["note"] = (
+            f"the model the search starts from is already {drop:.4f} below {record['counts_from']} on validation "
+            f"{key} ({start:.4f} against {base:.4f}), over prune.max_accuracy_drop={budget}: only the rounds' "
+            "recovery can bring it back in budget, and if no round is kept what ships is out of budget")
+    metrics["budget_baseline"] = record
+    return base
+
+
+def _say_start_over_budget(metrics: dict[str, Any]) -> None:
+    """When the model the search started from ships and is itself over the budget, ``stopped`` says so."""
+    rec = metrics["budget_baseline"]
+    if not rec["search_start_within_budget"]:
+        metrics["stopped"] += (f"; what ships is the model the search started from, {rec['search_start_drop']:.4f} "
+                               f"below {rec['counts_from']}: over the budget")
 
 
 def _check_final_recovery(model: nn.Module, before_final: nn.Module, cfg: PruneConfig, ctx: PruneContext,
@@ -221,7 +257,8 @@ def _check_final_recovery(model: nn.Module, before_final: nn.Module, cfg: PruneC
     if final["shipped"]:
         return model
     metrics["metric_after"] = metrics["steps"][metrics["kept_step"] - 1]["metric"]
-    verdict = (f"{drop:.4f} below the unpruned {base:.4f}, over prune.max_accuracy_drop={budget}"
+    counts_from = (metrics.get("budget_baseline") or {}).get("counts_from", "the unpruned model")
+    verdict = (f"{drop:.4f} below {counts_from}'s {base:.4f}, over prune.max_accuracy_drop={budget}"
                if drop is not None and drop > budget else f"below the {kept:.4f} it started from")
     final["note"] = (
         f"the final recovery (prune.final_recover_epochs={cfg.final_recover_epochs}) left validation {key} at "

@@ -58,6 +58,8 @@ def prune_fingerprint(ctx: RunContext) -> str:
         settings["int8"] = {k: v for k, v in _int8_rounding(r).items() if k != "ranges"}  # ranges: the prune section's
     if r.prune.trim_vocab:  # trimmed before pruning and recovery (it used to follow them)
         settings["vocab_order"] = "trim-then-recover"
+        if r.prune.max_accuracy_drop is not None:  # the budget counts from before the trim (it counted from after)
+            settings["budget_from"] = "before-trim"
     if r.teacher.unlabelled.dataset or r.teacher.augment.copies:
         # the recoveries train on the distillation set: the training split and the teacher-labelled extra texts
         settings["recover_on"] = "train+extra"
@@ -154,6 +156,7 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         # tokenizer's ids, so recovery also wins back what trimming cost. The tokens kept are those of
         # the training split's texts.
         model, tok, vocab_info = _trim_vocab(ctx, model, ctx.tokenized("train", tok))
+        _say_trim_against_budget(ctx, vocab_info)
     train_data = training_split(ctx, tok, targets)
     val_data = ctx.tokenized("validation", tok)
     batches = train_data.train_batches(r.distill.train.batch_size, seed=r.seed)[: cfg.score_batches]
@@ -239,7 +242,11 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
                         loss_fn=(lambda m, batch: recovery_loss(m, batch)[0]) if keep_index else None,
                         recover=recover if cfg.recover_epochs > 0 else None, latency_fn=latency_fn,
                         recover_final=recover_for(cfg.final_recover_epochs, 1000, "final"),
-                        metric=task.primary_metric)
+                        metric=task.primary_metric,
+                        # prune.max_accuracy_drop counts from the distilled student as it came, before any
+                        # vocabulary trim: the trim's cost is spent out of the same budget.
+                        budget_baseline=vocab_info["before"]["validation"] if vocab_info else None,
+                        budget_baseline_of=TRIM_BASELINE)
     model, metrics = prune_model(model, cfg, pctx)
     metrics["recover_soft_targets"] = cfg.recover_soft_targets
     metrics["recover_alpha"] = alpha
@@ -266,6 +273,24 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
         cache["tok"] = out_tok
     ctx.sync()
     return metrics
+
+
+TRIM_BASELINE = "the distilled student before prune.trim_vocab"
+
+
+def _say_trim_against_budget(ctx: RunContext, info: dict[str, Any]) -> None:
+    """With prune.max_accuracy_drop, say plainly when the vocabulary trim alone already spent more than the
+    budget, which counts from the distilled student before the trim (the record: ``budget_baseline``)."""
+    budget, key = ctx.recipe.prune.max_accuracy_drop, ctx.task.primary_metric
+    if budget is None:
+        return
+    before, after = info["before"]["validation"][key], info["after"]["validation"][key]
+    if before - after > budget:
+        ctx.say(f"[bold red]prune: the vocabulary trim alone lowered validation {key} by {before - after:.4f} "
+                f"({before:.4f} -> {after:.4f}), more than prune.max_accuracy_drop={budget}[/], which counts from "
+                "the distilled student before the trim: only the search's recoveries can win it back, and if no "
+                "round is kept what ships is out of budget (target not reached). Keep more tokens "
+                "(prune.vocab_min_count, vocab_keep_chars, vocab_keep_first), raise the budget or drop the trim")
 
 
 def _trim_vocab(ctx: RunContext, model, train_data) -> tuple[Any, Any, dict[str, Any]]:
