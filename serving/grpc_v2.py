@@ -11,7 +11,9 @@ Needs the ``grpc`` extra (``pip install 'edgekd[grpc]'``); the server starts it 
 is set. Errors are gRPC status codes with the HTTP routes' messages (INVALID_ARGUMENT for a bad
 request, NOT_FOUND for an unknown model, UNAUTHENTICATED without the API key...). Every call is counted
 in /metrics beside the HTTP requests: route ``/inference.GRPCInferenceService/<RPC>``, method ``GRPC``,
-status the gRPC status code's name.
+status the gRPC status code's name. A ModelInfer call in progress counts in the in-flight gauge
+(``edgekd_http_inference_requests_in_flight``) as an HTTP POST does, so the dynamic batcher sees gRPC
+arrivals too.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ RPCS = {  # name -> (request, response, needs the API key)
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse", True),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse", True),
 }
+# The inference RPCs: in progress, each counts in the in-flight gauge as an HTTP POST does, which the
+# engine reads (its ``arrivals``) to know whether more requests are coming for a batch.
+IN_FLIGHT_RPCS = frozenset({"ModelInfer"})
 # Which InferTensorContents field carries each datatype when a client sends typed contents.
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -238,11 +243,15 @@ def _handler(service: InferenceService, name: str, needs_key: bool, api_key: Any
 
     method = getattr(service, name)
     route = f"/{SERVICE}/{name}"  # the RPC's path, as the route label of /metrics
+    in_flight = name in IN_FLIGHT_RPCS
 
     async def call(request: Any, context: Any) -> Any:
         serving = service.get_serving()
         start = time.perf_counter()
         code = "UNKNOWN"  # the status name it is counted under, as HTTP requests are by status code
+        counted = in_flight and serving is not None  # one not yet ready has no metrics (and no engine) to feed
+        if counted:
+            serving.metrics.request_started()
         try:
             if isinstance(request, Undecodable):
                 raise RequestError(f"the request is not a valid {name} message ({request.reason}).")
@@ -272,6 +281,8 @@ def _handler(service: InferenceService, name: str, needs_key: bool, api_key: Any
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server log "
                                 "has the details.")
         finally:
+            if counted:
+                serving.metrics.request_finished()
             if serving is not None:  # one not yet ready has no metrics to feed
                 serving.metrics.observe_request(route, "GRPC", code, time.perf_counter() - start)
 

@@ -44,7 +44,8 @@ class Metrics:
         self._in_flight = 0
         self._family_counters: dict[str, Counter] = {}
         self._request_children: dict[tuple[str, str, int | str], tuple[Any, Any]] = {}
-        Gauge("edgekd_http_inference_requests_in_flight", "POST requests being read, run or answered.",
+        Gauge("edgekd_http_inference_requests_in_flight", "Inference requests being read, run or answered: HTTP "
+              "POSTs and gRPC ModelInfer calls.",
               registry=self.registry).set_function(self.in_flight)
         self.texts = Counter("edgekd_texts", "Texts classified (a row of v2 INT64 token tensors is one text).",
                              registry=self.registry)
@@ -83,7 +84,8 @@ class Metrics:
         self._in_flight -= 1
 
     def in_flight(self) -> int:
-        """Inference requests (POSTs) in progress, from the first byte read to the last byte sent."""
+        """Inference requests in progress: HTTP POSTs from the first byte read to the last byte sent, gRPC
+        ModelInfer calls from the decoded request to the answer (the batcher's ``arrivals``)."""
         return self._in_flight
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serve_helpers import LABELS, RUN_NAME, free_port
+from serve_helpers import LABELS, RUN_NAME, free_port, slow_loader
 
 from edgekd.serving.codec import softmax
 
@@ -122,6 +122,35 @@ def test_grpc_calls_are_counted_in_metrics(live_server):
     assert f'edgekd_http_requests_total{{method="GRPC",route="{infer}",status="NOT_FOUND"}} 1.0' in text
     assert f'edgekd_http_request_duration_seconds_count{{route="{infer}"}} 2.0' in text
     assert 'edgekd_errors_total{kind="not_found"} 1.0' in text and "edgekd_texts_total 3.0" in text
+
+
+def test_grpc_calls_count_in_flight_as_http_posts_do(live_server):
+    """A ModelInfer call in progress counts in the in-flight gauge that the engine's batcher reads (its
+    arrivals), as an HTTP POST does, and leaves it when it ends, answered or refused."""
+    import threading
+
+    import httpx
+
+    port = free_port()
+    srv = live_server(loader=slow_loader(1.0), grpc_port=port)  # each runner call takes a second
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    answers = []
+    try:
+        call = threading.Thread(target=lambda: answers.append(client.infer(RUN_NAME, [_text_input(grpcclient, TEXTS)])))
+        call.start()
+        srv.wait_in_flight(1, timeout=15)
+        assert srv.app.state.serving.engine._arrivals() == 1  # what the batcher counts
+        assert "edgekd_http_inference_requests_in_flight 1.0" in httpx.get(f"{srv.url}/metrics").text
+        call.join(timeout=30)
+        assert answers and answers[0].as_numpy("label").shape == (3,)
+        assert srv.app.state.metrics.in_flight() == 0
+        with pytest.raises(grpcclient.InferenceServerException, match="unknown model 'bert'"):
+            client.infer("bert", [_text_input(grpcclient, TEXTS)])
+        assert client.is_server_live()  # health calls are not inference: never counted
+    finally:
+        client.close()
+    assert srv.app.state.metrics.in_flight() == 0
+    assert "edgekd_http_inference_requests_in_flight 0.0" in httpx.get(f"{srv.url}/metrics").text
 
 
 def test_grpc_needs_the_api_key(live_server):
