@@ -13,10 +13,11 @@ Measures side by side, on the run's own data, at batch 1 and batch 8:
       Intel: OpenVINO + NNCF int8 post-training quantization (``ModelType.TRANSFORMER``) calibrated
       on training texts (``pip install 'edgekd[intel]'``);
       torchao: ``quantize_`` with ``Int8DynamicActivationInt8WeightConfig`` under ``torch.compile``;
-  - edgekd's export folders, the best being the fastest whose *validation* accuracy is within the
-    run's budget (``quantize.max_accuracy_drop``) of the fp32 student's, or ``--artifact NAME``
-    (then only that folder and the folders its ablation steps start from, e.g. ``onnx`` for
-    ``onnx-int8``, are measured); test accuracy is reported, never used to choose.
+  - edgekd's export folders, the best being the fastest at p50 *on validation texts* (the candidates
+    are timed there too, on one plan of calls, at the first batch size) of those whose *validation*
+    accuracy is within the run's budget (``quantize.max_accuracy_drop``) of the fp32 student's, or
+    ``--artifact NAME`` (then only that folder and the folders its ablation steps start from, e.g.
+    ``onnx`` for ``onnx-int8``, are measured); test accuracy and latency are reported, never used to choose.
 
 Every model is timed in its own child process, in ``--rounds`` rounds (9): each round runs every
 model once, in a rotated order (reversed every other round), on the next slice of one plan of calls,
@@ -153,11 +154,12 @@ def _child(mode: str, job: dict[str, Any], workdir: Path, tag: str, threads: int
 
 
 def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path, threads: int, timeout_s: float,
-                    rounds: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                    rounds: int, evaluate: bool = True, tag: str = "") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every model in its own timing process, ``rounds`` times, in a rotated order (reversed every other
     round), each round on its slice of the timed calls (``edgekd.devices.measure.in_rounds``); scored
     in the first round. ``job["runs"]`` holds the timed calls of each batch size (keyed by the batch size
-    as text), each split into as many slices as there are rounds.
+    as text), each split into as many slices as there are rounds. ``evaluate``: score in the first round;
+    ``tag`` starts the name of each child's job file.
     Returns what one timing process over every model returns: ``({"models": ...}, outputs)``."""
     from edgekd.devices import measure
 
@@ -174,8 +176,8 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
         spec = entry["spec"]
         span = {"runs": {str(b): s[r][1] for b, s in by_batch.items()},
                 "call_offset": {str(b): s[r][0] for b, s in by_batch.items()}}
-        res, outs = _child("timing", {**job, "models": [spec], **span, "evaluate": r == 0},
-                           work, f"{spec['name']}-r{r}", threads, timeout_s)
+        res, outs = _child("timing", {**job, "models": [spec], **span, "evaluate": evaluate and r == 0},
+                           work, f"{tag}{spec['name']}-r{r}", threads, timeout_s)
         m = (res.get("models") or {}).get(spec["name"]) or {"status": "error", "error": res.get("error")}
         envs.append(res.get("environment"))
         for case in m.get("cases") or []:
@@ -198,16 +200,46 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
              "process": "one per model and round", "environment": next((x for x in envs if x), None)}, outputs)
 
 
-def _time_in_one_process(job: dict[str, Any], work: Path, threads: int,
-                         timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+def _time_in_one_process(job: dict[str, Any], work: Path, threads: int, timeout_s: float,
+                         tag: str = "all") -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """Every model loaded in one timing process, timed in rotating blocks (``--one-process``)."""
-    timing, outputs = _child("timing", job, work, "all", threads, timeout_s)
+    timing, outputs = _child("timing", job, work, tag, threads, timeout_s)
     for m in (timing.get("models") or {}).values():
         for case in m.get("cases") or []:
             case.pop("times_ms", None)
             case.pop("cpu_times_ms", None)
     timing.update(rounds=1, process="one for every model")
     return timing, outputs
+
+
+def _time_on_validation(specs: list[dict[str, Any]], job: dict[str, Any], arrays: dict[str, np.ndarray],
+                        segments: dict[str, tuple[int, int, np.ndarray]], batch: int, calls: int, seed: int,
+                        work: Path, threads: int, timeout_s: float, rounds: int,
+                        one_process: bool) -> dict[str, Any] | None:
+    """The candidates of the best artifact (``specs``) timed on validation texts, so that the choice reads
+    no test figure: as the test timing (same warm-up, processes and rounds, ``job``'s threads), at
+    ``batch`` only, on one plan of calls for every candidate: each validation text once (ceil(n / batch)
+    calls), at most ``calls`` (the test timing's at that batch size, so the choice costs no more per
+    candidate than its test row). Nothing is scored. None when there is nothing to time."""
+    if not specs or "validation" not in segments:  # an empty validation split has no segment
+        return None
+    v0, v1, _ = segments["validation"]
+    n_val = v1 - v0
+    runs = max(1, min(calls, math.ceil(n_val / batch)))
+    plan = _timing_rows(n_val, batch, job["warmup"], runs, seed + batch) + v0  # rows of the evaluation arrays
+    np.savez(work / "inputs-validation.npz", **{**arrays, f"rows_b{batch}": plan})
+    vjob = {**job, "models": specs, "runs": {str(batch): runs}, "batch_sizes": [batch],
+            "inputs": "inputs-validation.npz"}
+    if one_process:
+        timing, _ = _time_in_one_process({**vjob, "evaluate": False}, work, threads, timeout_s, tag="validation")
+    else:
+        timing, _ = _time_in_rounds(specs, vjob, work, threads, timeout_s, rounds, evaluate=False, tag="validation-")
+    models = timing.get("models") or {}
+    return {"batch": batch, "calls": runs, "warmup": job["warmup"], "examples": n_val,
+            "models": [s["name"] for s in specs], "rounds": timing.get("rounds"), "process": timing.get("process"),
+            "timing_seconds": timing.get("timing_seconds"), "error": timing.get("error"),
+            "cases": {name: {str(c["batch"]): {k: v for k, v in c.items() if k != "batch"}
+                             for c in (models.get(name) or {}).get("cases") or []} for name in models}}
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -465,11 +497,22 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
             mjob = {"spec": spec, "threads": threads, "inputs": "inputs.npz", "batch_sizes": list(batch_sizes),
                     "rounds": min(MEMORY_ROUNDS, warmup + min(calls.values()))}
             mem[spec["name"]], _ = _child("memory", mjob, work, spec["name"], threads, timeout_s)
-    rows = _assemble(specs, skipped, timing, outputs, mem, segments, ctx.task.metrics)
-
-    by_name = {r["name"]: r for r in rows}
-    student_row = by_name.get("student-fp32") or {}
-    budget = recipe.quantize.max_accuracy_drop
+        rows = _assemble(specs, skipped, timing, outputs, mem, segments, ctx.task.metrics)
+        by_name = {r["name"]: r for r in rows}
+        student_row = by_name.get("student-fp32") or {}
+        budget = recipe.quantize.max_accuracy_drop
+        selection = None
+        if artifact is None:
+            # The choice reads validation figures only: validation accuracy picks the candidates, and
+            # their p50 on validation texts (timed here, as the test rows were) picks among them.
+            names = {r["name"] for r in report.candidates(rows, student_row.get("val_accuracy"), budget,
+                                                          batch_sizes[0])}
+            selection = _time_on_validation([s for s in specs if s["name"] in names], job, arrays, segments,
+                                            batch_sizes[0], calls[batch_sizes[0]], seed, work, threads, timeout_s,
+                                            rounds, one_process)
+    for r in rows:
+        if selection and r["name"] in selection["cases"]:
+            r["val_cases"] = selection["cases"][r["name"]]
     best_name, why = report.select_best(rows, student_row.get("val_accuracy"), budget, batch_sizes[0], artifact)
     for r in rows:
         r["best"] = r["name"] == best_name
@@ -499,7 +542,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
         "ratios": {"vs_teacher": report.ratios(rows, report.TEACHER, list(batch_sizes)),
                    "vs_optimum_int8": report.ratios(rows, report.OPTIMUM_INT8, list(batch_sizes))},
         "best": {"name": best_name, "why": why, "student_val_accuracy": student_row.get("val_accuracy"),
-                 "budget": budget, "shipped": shipped_artifact(RunFolder(run))[0]},
+                 "budget": budget, "shipped": shipped_artifact(RunFolder(run))[0],
+                 "chosen_on": _chosen_on(artifact, selection, len(val))},
         "verdict": report.verdict_all(by_name.get(best_name) if best_name else None, refs, student_row,
                                       list(batch_sizes), target_speedup),
         "ablation": report.ablation(rows, manifest, ablation_batch, trimmed=tokens.table is not None),
@@ -521,6 +565,18 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
     data["markdown"] = text
     data["out_dir"] = str(out)
     return data
+
+
+def _chosen_on(artifact: str | None, selection: dict[str, Any] | None, n_val: int) -> dict[str, Any]:
+    """What the best artifact was chosen on, for compare.json: the split and its figures."""
+    if artifact is not None:
+        return {"split": None, "how": f"named with --artifact {artifact}: not chosen"}
+    latency = {k: v for k, v in (selection or {}).items() if k != "cases"} or None
+    return {"split": "validation", "accuracy": f"validation accuracy ({n_val} examples) within the budget of the "
+            "fp32 student's", "latency": latency,
+            "how": "the fastest p50 timed on validation texts (one plan of calls for every candidate) among the "
+                   "export folders within the accuracy budget; no test figure is compared (a candidate needs only to have been "
+                   "timed on test at that batch size, as the verdict reports that figure)"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,12 +30,17 @@ def tools(monkeypatch):
     return compare_tools, _compare_report, _optimum_path
 
 
-def _row(name, group="edgekd", acc=0.8, size=100, peak=10.0, p50s=None, tputs=None, label=None, status="ok"):
+def _row(name, group="edgekd", acc=0.8, size=100, peak=10.0, p50s=None, tputs=None, label=None, status="ok",
+         val_p50s=None):
+    """A row of compare.json; ``val_p50s``: its p50s timed on validation texts (a candidate of the best artifact)."""
     p50s = p50s or {1: 2.0, 8: 8.0}
     tputs = tputs or {b: b * 1000 / v for b, v in p50s.items()}
-    return {"name": name, "label": label or name, "group": group, "status": status, "accuracy": acc,
-            "size_bytes": size, "memory": {"peak_delta_mb": peak},
-            "cases": {str(b): {"p50_ms": p50s[b], "throughput": tputs[b]} for b in p50s}}
+    row = {"name": name, "label": label or name, "group": group, "status": status, "accuracy": acc,
+           "size_bytes": size, "memory": {"peak_delta_mb": peak},
+           "cases": {str(b): {"p50_ms": p50s[b], "throughput": tputs[b]} for b in p50s}}
+    if val_p50s is not None:
+        row["val_cases"] = {str(b): {"p50_ms": v, "inputs_sha256": "v" * 64} for b, v in val_p50s.items()}
+    return row
 
 
 def test_ratios_against_a_reference(tools):
@@ -59,9 +64,9 @@ def test_ratios_against_a_reference(tools):
 def test_best_artifact_is_the_fastest_within_budget_on_validation(tools):
     _, rep, _ = tools
     rows = [_row("student-fp32", "student", acc=0.80),
-            _row("edgekd-onnx", acc=0.80, p50s={1: 3.0}),
-            _row("edgekd-onnx-int8", acc=0.795, p50s={1: 2.0}),
-            _row("edgekd-executorch", acc=0.70, p50s={1: 1.0})]  # fastest, but 10 points worse
+            _row("edgekd-onnx", acc=0.80, p50s={1: 3.0}, val_p50s={1: 3.0}),
+            _row("edgekd-onnx-int8", acc=0.795, p50s={1: 2.0}, val_p50s={1: 2.0}),
+            _row("edgekd-executorch", acc=0.70, p50s={1: 1.0}, val_p50s={1: 1.0})]  # fastest, but 10 points worse
     for r in rows:  # validation decides; the test figures below would pick differently
         r["val_accuracy"] = r["accuracy"]
     rows[3]["accuracy"] = 0.99
@@ -71,7 +76,72 @@ def test_best_artifact_is_the_fastest_within_budget_on_validation(tools):
     assert rep.select_best(rows, 0.80, 0.001, 1)[0] == "edgekd-onnx"
     assert rep.select_best(rows, 0.80, 0.01, 1, forced="executorch")[0] == "edgekd-executorch"
     assert rep.select_best(rows, 0.99, 0.01, 1)[0] is None
-    assert rep.select_best(rows, 0.80, 0.01, 1, key="accuracy")[0] == "edgekd-executorch"  # what test would pick
+    # what test would pick
+    assert rep.select_best(rows, 0.80, 0.01, 1, key="accuracy", timing="cases")[0] == "edgekd-executorch"
+
+
+def test_best_artifact_is_the_fastest_on_validation_texts_not_on_test(tools):
+    """The latency that picks the best artifact is timed on validation texts: test's p50 only reports.
+    Here the two splits order the candidates differently, and the pick follows validation."""
+    _, rep, _ = tools
+    rows = [{**_row("student-fp32", "student"), "val_accuracy": 0.80},
+            {**_row("edgekd-onnx", p50s={1: 1.0, 8: 4.0}, val_p50s={1: 3.0}), "val_accuracy": 0.80},
+            {**_row("edgekd-onnx-int8", p50s={1: 2.0, 8: 6.0}, val_p50s={1: 1.5}), "val_accuracy": 0.80}]
+    name, why = rep.select_best(rows, 0.80, 0.01, 1)
+    assert name == "edgekd-onnx-int8"  # the faster on validation, the slower on test
+    assert "on validation texts" in why and "chosen on validation (accuracy and latency)" in why
+    assert rep.select_best(rows, 0.80, 0.01, 1, timing="cases")[0] == "edgekd-onnx"  # what test would pick
+    # A candidate not timed on validation texts is not chosen, however fast it is on test.
+    rows.append({**_row("edgekd-executorch", p50s={1: 0.1, 8: 0.5}), "val_accuracy": 0.80})
+    assert rep.select_best(rows, 0.80, 0.01, 1)[0] == "edgekd-onnx-int8"
+    for r in rows:
+        r.pop("val_cases", None)
+    name, why = rep.select_best(rows, 0.80, 0.01, 1)
+    assert name is None and "timed on validation texts at batch 1" in why
+    # The candidates are those within the budget on validation and timed at the batch on test; not a twin
+    # opened with ONNX Runtime's defaults.
+    rows[1]["val_accuracy"] = 0.70
+    rows[2]["meta"] = {"session_baseline_of": "edgekd-onnx"}
+    rows[3]["cases"] = {}
+    assert rep.candidates(rows, 0.80, 0.01, 1) == []
+    assert [r["name"] for r in rep.candidates(rows, 0.80, 0.2, 1)] == ["edgekd-onnx"]
+
+
+def test_candidates_are_timed_on_one_plan_of_validation_texts(tools, tmp_path, monkeypatch):
+    """The validation timing: the candidates only, at the first batch size, each validation text once (at
+    most the test timing's calls), the same calls for every candidate, in the test timing's processes and
+    rounds, nothing scored."""
+    compare_tools, _, _ = tools
+    sent = []
+
+    def rounds(specs, job, work, threads, timeout_s, n_rounds, evaluate=True, tag=""):
+        with np.load(work / job["inputs"]) as z:
+            sent.append((specs, job, evaluate, tag, n_rounds, z[f"rows_b{job['batch_sizes'][0]}"]))
+        return {"models": {s["name"]: {"status": "ok", "cases": [{"batch": 1, "p50_ms": 1.0}]} for s in specs},
+                "rounds": n_rounds, "process": "one per model and round", "timing_seconds": 0.5}, {}
+
+    monkeypatch.setattr(compare_tools, "_time_in_rounds", rounds)
+    n_test, n_val = 10, 7
+    arrays = {"ids": np.zeros((n_test + n_val, 4), np.int64), "rows_b1": np.zeros((30, 1), np.int64)}
+    segments = {"test": (0, n_test, None), "validation": (n_test, n_test + n_val, None)}
+    specs = [{"name": "edgekd-onnx"}, {"name": "edgekd-onnx-int8"}]
+    job = {"models": [*specs, {"name": "teacher-fp32"}], "warmup": 3, "threads": 1, "runs": {"1": 10},
+           "batch_sizes": [1, 8], "inputs": "inputs.npz"}
+    got = compare_tools._time_on_validation(specs, job, arrays, segments, 1, 10, 0, tmp_path, 1, 60, 9, False)
+    (s, vjob, evaluate, tag, n_rounds, plan), = sent
+    assert s == specs and vjob["models"] == specs and vjob["batch_sizes"] == [1] and vjob["runs"] == {"1": n_val}
+    assert not evaluate and tag == "validation-" and n_rounds == 9 and vjob["warmup"] == 3
+    timed = plan[3:].ravel()
+    assert sorted(timed.tolist()) == list(range(n_test, n_test + n_val))  # each validation text once, no test text
+    assert plan.min() >= n_test
+    assert got["calls"] == n_val and got["batch"] == 1 and got["examples"] == n_val
+    assert set(got["cases"]) == {"edgekd-onnx", "edgekd-onnx-int8"} and got["cases"]["edgekd-onnx"]["1"]["p50_ms"] == 1.0
+    # Never more calls than the test timing makes at that batch size; nothing to time without candidates.
+    sent.clear()
+    assert compare_tools._time_on_validation(specs, job, arrays, segments, 1, 4, 0, tmp_path, 1, 60, 9, False)["calls"] == 4
+    assert compare_tools._time_on_validation([], job, arrays, segments, 1, 4, 0, tmp_path, 1, 60, 9, False) is None
+    assert compare_tools._time_on_validation(specs, job, arrays, {"test": (0, 10, None)}, 1, 4, 0, tmp_path, 1, 60, 9,
+                                             False) is None
 
 
 def test_verdict_all_needs_every_usual_path_and_the_accuracy_bars(tools):
@@ -128,8 +198,10 @@ def test_ablation_rows_follow_what_exists(tools):
     assert (session["from"], session["to"]) == ("edgekd-onnx-ort-defaults", "edgekd-onnx")
     assert session["speedup"] == pytest.approx(1.8 / 1.6)
     assert tuned["quantize (dynamic)"]["from"] == "edgekd-onnx"  # the twin makes no quantize step of its own
-    fast_twin = {**twin, "cases": _row("x", p50s={1: 0.1})["cases"], "val_accuracy": 0.9}
-    cands = [{**r, "val_accuracy": 0.9} if r["name"] == "edgekd-onnx-int8" else r for r in rows]
+    fast = _row("x", p50s={1: 0.1}, val_p50s={1: 0.1})
+    fast_twin = {**twin, "cases": fast["cases"], "val_cases": fast["val_cases"], "val_accuracy": 0.9}
+    cands = [{**r, "val_accuracy": 0.9, "val_cases": r["cases"]} if r["name"] == "edgekd-onnx-int8" else r
+             for r in rows]
     picked, _ = rep.select_best([*cands, fast_twin], 0.9, 0.01, 1, key="val_accuracy")
     assert picked == "edgekd-onnx-int8"  # the twin is faster here, and still not chosen
     # A step whose model was not measured has no row.
@@ -370,7 +442,20 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
 
     best = data["best"]["name"]
     assert best in ("edgekd-onnx", "edgekd-onnx-int8") and rows[best]["best"]
-    assert "chosen on validation" in data["best"]["why"]
+    assert "chosen on validation (accuracy and latency)" in data["best"]["why"]
+    # The choice read validation figures only: the candidates were timed on validation texts, on one plan
+    # of calls (one sha256, not the test timing's), and the pick is the fastest there.
+    on = data["best"]["chosen_on"]
+    assert on["split"] == "validation" and on["latency"]["batch"] == 1
+    n_val = data["settings"]["validation_examples"]
+    assert on["latency"]["calls"] == min(n_val, calls["1"]) and on["latency"]["examples"] == n_val
+    cands = [rows[n] for n in on["latency"]["models"]]
+    assert best in on["latency"]["models"] and all(r["within_budget"] for r in cands)
+    assert {n for n, r in rows.items() if "val_cases" in r} == set(on["latency"]["models"])
+    assert len({r["val_cases"]["1"]["inputs_sha256"] for r in cands}) == 1
+    assert cands[0]["val_cases"]["1"]["inputs_sha256"] != cands[0]["cases"]["1"]["inputs_sha256"]
+    assert all(r["val_cases"]["1"]["runs"] == on["latency"]["calls"] for r in cands)
+    assert rows[best]["val_cases"]["1"]["p50_ms"] == min(r["val_cases"]["1"]["p50_ms"] for r in cands)
     from edgekd.report import shipped_artifact
     from edgekd.runfolder import RunFolder
 
@@ -401,6 +486,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     md = (out / "compare.md").read_text()
     assert "text by text" in md
     assert v["summary"] in md and v["summary"] in printed
+    assert "chosen on the validation split alone" in md
     for r in rows.values():
         assert md.count(f"| {r['label']}") >= 3, r["label"]  # size table + one latency row per batch size
     assert "## Ablation" in md and "same for every row, checked by sha256" in md
@@ -815,7 +901,23 @@ def test_markdown_says_whether_the_artifact_was_named_or_chosen(tools):
     named = {"settings": {"validation_examples": 1275}, "best": {"why": "chosen with --artifact onnx-int8"}}
     assert rep._choice(named).startswith("the edgekd artifact is the one named with --artifact, not chosen here")
     chosen = {"settings": {"validation_examples": 1275}, "best": {"why": "the fastest at p50 within budget"}}
-    assert rep._choice(chosen) == "the best artifact is chosen on 1275 validation examples"
+    assert rep._choice(chosen) == "the best artifact is chosen on 1275 validation examples"  # an older compare.json
+    chosen["best"]["chosen_on"] = {"split": "validation", "latency": {"batch": 1, "calls": 1275}}
+    assert rep._choice(chosen) == ("the best artifact is chosen on the validation split alone: accuracy on 1275 "
+                                   "validation examples, p50 at batch 1 over 1,275 timed calls on validation texts; "
+                                   "the test figures only report")
+
+
+def test_markdown_refuses_candidates_timed_on_different_validation_inputs(tools):
+    from edgekd.errors import StageError
+
+    _, rep, _ = tools
+    rows = [_row("teacher-fp32", "teacher", p50s={1: 8.0}), _row("edgekd-onnx", p50s={1: 2.0}, val_p50s={1: 2.0}),
+            _row("edgekd-onnx-int8", p50s={1: 1.0}, val_p50s={1: 1.0})]
+    rep.markdown(_markdown_data(rep, rows))
+    rows[2]["val_cases"]["1"]["inputs_sha256"] = "w" * 64
+    with pytest.raises(StageError, match="validation timing the best artifact is chosen on"):
+        rep.markdown(_markdown_data(rep, rows))
 
 
 def test_markdown_refuses_rows_that_ran_on_other_thread_counts(tools):
