@@ -60,6 +60,15 @@ def soft_hard_loss(
     return loss, {"ce": float(ce.detach()), "kd": float(kd.detach())}
 
 
+def teacher_labels_loss(student_logits: Tensor, teacher_labels: Tensor, labels: Tensor,
+                        alpha: float) -> tuple[Tensor, dict[str, float]]:
+    """A labels-only teacher: α·CE(the teacher's labels) + (1−α)·CE(the data's labels). No temperature
+    and no KL: a one-hot target softened by T is still one-hot, and T² would only rescale the term."""
+    t_ce = F.cross_entropy(student_logits.float(), teacher_labels)
+    ce = F.cross_entropy(student_logits.float(), labels)
+    return alpha * t_ce + (1 - alpha) * ce, {"ce": float(ce.detach()), "teacher_ce": float(t_ce.detach())}
+
+
 def hidden_state_loss(
     student_hidden: Tensor,
     teacher_hidden: Tensor,

@@ -1201,6 +1201,7 @@ class RecipeFields(Section):
                             f"(teacher.augment.copies is 0, and so is prune.recover_fresh_copies): drop {it_or_them(shaped)} or "
                             "set teacher.augment.copies")
         problems += hidden_loss_unread(d, p.recover_hidden_weight if p.enabled else 0.0)
+        problems += _labels_only_unread(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1210,6 +1211,29 @@ class RecipeFields(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _labels_only_unread(r: RecipeFields) -> list[str]:
+    """Soft-target keys set where every teacher gives labels only: the student learns those with cross-entropy
+    (distill and the prune recoveries), so the temperature and the KL direction are read only by born-again
+    rounds (a student's soft targets) and by a recovery whose soft targets include the unpruned student."""
+    t, d, p = r.teacher, r.distill, r.prune
+    if not all(m.targets == "labels" for m in t.members()):
+        return []
+    soft_recovery = p.enabled and p.recover_soft_targets != "teacher"
+    keys = []
+    if d.rounds == 1 and not (soft_recovery and p.recover_temperature is None):
+        keys += changed_keys(d, keys=("temperature",), prefix="distill.")
+    if d.rounds == 1 and not soft_recovery:
+        keys += changed_keys(d, keys=("kl",), prefix="distill.")
+    if p.enabled and not soft_recovery:
+        keys += changed_keys(p, keys=("recover_temperature",), prefix="prune.")
+    if not keys:
+        return []
+    return [f"{', '.join(keys)}: every teacher gives labels only (targets: labels), which the student learns with "
+            "cross-entropy, so nothing reads " + it_or_them(keys) + f": remove {it_or_them(keys)} (soft targets, and "
+            "with them the temperature and the KL direction, come in with born-again rounds, distill.rounds > 1, "
+            "or a prune recovery on the unpruned student's answers, prune.recover_soft_targets)"]
 
 
 class Recipe(*_family_sections(), RecipeFields):

@@ -405,3 +405,56 @@ def test_recover_alpha_and_temperature_are_refused_only_where_no_recovery_reads_
                                     prune={"enabled": True, "method": "unstructured", "sparsity": 0.5,
                                            "recover_alpha": 0.8}))
     assert not [p for p in get_family("text-classification").check_inputs(text) if "recover_alpha" in p]
+
+
+@pytest.mark.slow
+def test_a_labels_only_teachers_recovery_learns_its_labels_with_cross_entropy(tmp_path, tiny_classifier_dir, tiny_csv,
+                                                                              monkeypatch):
+    """Every teacher gives labels only: the distill stage learns them with α·CE(teacher's labels) + (1−α)·CE;
+    the recovery took the stored one-hot rows as soft targets at T²·KL (about T times the distill stage's term).
+    Now it learns them as the distill stage did: no temperature, no KL."""
+    import torch.nn.functional as F
+
+    import edgekd.tasks.text.prune as text_prune
+    from edgekd.pipeline import run_stages
+
+    seen = _spy_recovery(monkeypatch)  # soft_hard_loss: must not be what the recovery calls
+    calls = []
+    from edgekd.losses import teacher_labels_loss as real
+
+    def spy(logits, teacher_labels, labels, alpha):
+        loss, logs = real(logits, teacher_labels, labels, alpha)
+        want = alpha * F.cross_entropy(logits.float(), teacher_labels) + (1 - alpha) * F.cross_entropy(logits.float(),
+                                                                                                       labels)
+        torch.testing.assert_close(loss, want)
+        calls.append((teacher_labels.clone(), alpha))
+        return loss, logs
+
+    monkeypatch.setattr(text_prune, "teacher_labels_loss", spy, raising=False)
+    data = tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={"targets": "labels"},
+                       prune={"enabled": True, "keep_params": 0.6, "recover_epochs": 0.5})
+    recipe = parse_recipe(data)
+    ctx = run_stages(recipe, ["teacher", "distill", "prune"])
+    assert calls and not seen
+    rows = np.load(ctx.run.stage_dir("teacher") / "train_logits.npy")
+    assert {a for _, a in calls} == {recipe.distill.alpha}
+    assert all(set(lab.tolist()) <= set(rows.argmax(1).tolist()) for lab, _ in calls)
+
+
+def test_soft_target_keys_are_refused_where_a_labels_only_teacher_leaves_nothing_reading_them(tmp_path,
+                                                                                            tiny_classifier_dir,
+                                                                                            tiny_csv):
+    from edgekd.errors import RecipeError
+
+    def parse(distill: dict, prune: dict | None = None):
+        raw = tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={"targets": "labels"}, distill=distill,
+                          prune=prune or {})
+        return parse_recipe(raw)
+
+    with pytest.raises(RecipeError, match=r"distill.temperature, distill.kl: every teacher gives labels only"):
+        parse({"temperature": 4.0, "kl": "reverse"})
+    with pytest.raises(RecipeError, match=r"prune.recover_temperature: every teacher gives labels only"):
+        parse({}, {"enabled": True, "keep_params": 0.6, "recover_temperature": 3.0})
+    parse({"temperature": 4.0, "kl": "reverse", "rounds": 2})  # born-again rounds learn a student's soft targets
+    parse({"temperature": 4.0, "kl": "reverse"}, {"enabled": True, "keep_params": 0.6,
+                                                   "recover_soft_targets": "unpruned"})

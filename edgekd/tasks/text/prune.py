@@ -18,7 +18,7 @@ import torch
 
 from edgekd.context import RunContext
 from edgekd.errors import StageError
-from edgekd.losses import ensemble_logits, hidden_state_loss, soft_hard_loss
+from edgekd.losses import ensemble_logits, hidden_state_loss, soft_hard_loss, teacher_labels_loss
 from edgekd.quantization.fake_quant import dynamic_int8_training
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model
@@ -60,6 +60,8 @@ def prune_fingerprint(ctx: RunContext) -> str:
         settings["vocab_order"] = "trim-then-recover"
         if r.prune.max_accuracy_drop is not None:  # the budget counts from before the trim (it counted from after)
             settings["budget_from"] = "before-trim"
+    if r.prune.recover_soft_targets == "teacher" and all(m.targets == "labels" for m in r.teacher.members()):
+        settings["labels_only_recovery"] = "cross-entropy"  # the recovery learns the labels as distill did
     if r.teacher.unlabelled.dataset or r.teacher.augment.copies:
         # the recoveries train on the distillation set: the training split and the teacher-labelled extra texts
         settings["recover_on"] = "train+extra"
@@ -174,6 +176,9 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
     d = r.distill
     alpha = cfg.recover_alpha if cfg.recover_alpha is not None else d.alpha
     temperature = cfg.recover_temperature if cfg.recover_temperature is not None else d.temperature
+    # Every teacher gave labels only: its rows are one-hot, so the recovery learns them with cross-entropy as
+    # the distill stage did (a T-softened one-hot is still one-hot; T²·KL only scaled the term by about T).
+    hard_teacher = targets.hard and cfg.recover_soft_targets == "teacher"
 
     def evaluate(m) -> dict[str, float]:
         return task.metrics({"logits": predict(m, val_data, r.eval.batch_size, "prune: validation")},
@@ -194,8 +199,11 @@ def run_prune(ctx: RunContext) -> dict[str, Any]:
             sources.append(teacher_logits[batch["index"].cpu()].to(out.logits.device))
         if from_unpruned:
             sources.append(ref_out.logits.float())
-        t = sources[0] if len(sources) == 1 else ensemble_logits(sources, temperature)
-        loss, logs = soft_hard_loss(out.logits, t, batch["labels"], alpha, temperature, d.kl)
+        if hard_teacher:  # the teacher's labels, as the distill stage learnt them (DistillLoss)
+            loss, logs = teacher_labels_loss(out.logits, sources[0].argmax(-1), batch["labels"], alpha)
+        else:
+            t = sources[0] if len(sources) == 1 else ensemble_logits(sources, temperature)
+            loss, logs = soft_hard_loss(out.logits, t, batch["labels"], alpha, temperature, d.kl)
         if hidden:
             # Every layer's output (index 0 is the shared embedding output, left out).
             pairs = list(zip(out.hidden_states[1:], ref_out.hidden_states[1:], strict=True))
