@@ -309,7 +309,7 @@ def _assemble(specs: list, skipped: list, timing: dict[str, Any], outputs: dict 
 
 def _ood(recipe: Any, ctx: Any, name: str | None) -> tuple[Any, str]:
     """(OodSet, how chosen) of the out-of-domain set, or (None, why none)."""
-    from edgekd.ood import OOD_LABELS, label_map, load_ood
+    from edgekd.ood import OOD_LABELS, label_map, load_ood, run_texts
 
     if name is None:
         name = recipe.eval.ood_dataset
@@ -320,7 +320,8 @@ def _ood(recipe: Any, ctx: Any, name: str | None) -> tuple[Any, str]:
         how = "--ood"
     if not name or name == "none":
         return None, "no out-of-domain set (--ood NAME, or eval.ood_dataset in the recipe)"
-    return load_ood(name, ctx.task.label_names, recipe.eval.ood_min_abs_score), how
+    # less the run's own texts, as the eval stage scores it
+    return load_ood(name, ctx.task.label_names, recipe.eval.ood_min_abs_score, exclude=run_texts(ctx)), how
 
 
 class _Tokens:

@@ -158,10 +158,10 @@ def _student_accuracy(ctx, split, what: str) -> tuple[float, Any]:
 
 
 def _ood_split(ctx, name: str, tok):
-    from edgekd.ood import load_ood
+    from edgekd.ood import load_ood, run_texts
     from edgekd.tasks.text.task import TokenizedSplit
 
-    ood = load_ood(name, ctx.task.label_names, ctx.recipe.eval.ood_min_abs_score)
+    ood = load_ood(name, ctx.task.label_names, ctx.recipe.eval.ood_min_abs_score, exclude=run_texts(ctx))
     return TokenizedSplit(ctx.task.tokenize(tok, ood.texts), ood.labels, tok.pad_token_id or 0)
 
 

@@ -186,7 +186,7 @@ ASSETS: dict[str, Asset] = {
         _hutto("movie-snippets", "movieReviewSnippets_GroundTruth.txt",
                "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
                "Movie-review snippets with human sentiment scores (Hutto & Gilbert 2014); label is the sign "
-               "of the score. Out-of-domain check for rotten-tomatoes models."),
+               "of the score. Most of its sentences are rotten-tomatoes reviews: out of domain only for other data."),
         _hutto("tweet-snippets", "tweets_GroundTruth.txt",
                "2bb3bf277dd78696a629305932b898b23ff2f6a18ab79d1b0ea85986842c2d6c",
                "Tweets with human sentiment scores (Hutto & Gilbert 2014); label is the sign of the score. "

@@ -25,6 +25,7 @@ from edgekd.examples import (
     check_classes,
     dedupe,
     drop_repeated_texts,
+    duplicate_count,
     encode_labels,
     reconcile_labels,
     rows_message,
@@ -48,10 +49,61 @@ _SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "valida
 # --- local files -----------------------------------------------------------------------------
 
 def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """Columns and ``(row, values)`` of a CSV/TSV file (rows count from 1, header excluded). A row with more
+    fields than the header (a text holding an unquoted comma), and a short row that runs over several lines
+    (a stray opening quote that swallowed the lines after it), are errors naming their lines."""
+    consumed: list[tuple[int, bool]] = []  # (line number, blank) of each line the reader took since the last row
+
+    def lines(f):
+        for lineno, line in enumerate(f, start=1):
+            consumed.append((lineno, not line.strip("\r\n")))
+            yield line
+
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        rows = [(i, row) for i, row in enumerate(reader, start=1)]
-        return list(reader.fieldnames or []), rows
+        reader = csv.DictReader(lines(f), delimiter=delimiter)
+        columns = list(reader.fieldnames or [])
+        consumed.clear()
+        rows: list[tuple[int, dict[str, Any]]] = []
+        extra: list[tuple[int, int]] = []  # (row, line)
+        swallowed: tuple[int, int, int, list[str]] | None = None  # (row, first line, last line, columns missing)
+        try:
+            for i, row in enumerate(reader, start=1):
+                taken = [n for n, blank in consumed if not blank] or [n for n, _ in consumed]
+                first, last = taken[0], consumed[-1][0]
+                consumed.clear()
+                if any(str(v).strip() for v in row.get(None) or ()):
+                    extra.append((i, first))
+                missing = [k for k, v in row.items() if k is not None and v is None]
+                if missing and last > first and swallowed is None:
+                    swallowed = (i, first, last, missing)
+                rows.append((i, row))
+        except csv.Error as e:
+            if "field larger than field limit" not in str(e) or not consumed:
+                raise
+            first = next((n for n, blank in consumed if not blank), consumed[0][0])
+            raise DataError(f"{path}: the row starting on line {first} runs on over {len(consumed)} lines ({e}): most "
+                            f"likely an unbalanced quote (\") at or before line {first} made the lines after it one "
+                            "quoted text. Close the quote, or quote the whole text and double each quote inside it "
+                            "(\"\").") from e
+    sep = "comma" if delimiter == "," else "tab"
+    if extra:
+        where = ", ".join(f"line {line} (row {i})" for i, line in extra[:5])
+        more = f" (first 5 of {len(extra)})" if len(extra) > 5 else ""
+        example = ('funny, warm and smart,positive', '"funny, warm and smart",positive') if sep == "comma" else (
+            'funny<TAB>warm<TAB>positive', '"funny<TAB>warm"<TAB>positive')
+        raise DataError(f"{path}: more fields than the header's {len(columns)} ({', '.join(map(str, columns))}) on "
+                        f"{where}{more}: a text holding an unquoted {sep}, such as {example[0]}, is cut into several "
+                        "columns, its pieces read as the next columns' values (the label among them). Quote such "
+                        f"texts ({example[1]}), doubling any quote inside them.")
+    if swallowed is not None:
+        i, first, last, missing = swallowed
+        end = "the end of the file" if i == len(rows) else f"line {last}"
+        raise DataError(f"{path}: row {i} (lines {first}-{last}) has no value for column(s) "
+                        f"{', '.join(map(repr, missing))} and runs over {last - first + 1} lines: most likely an "
+                        f"unbalanced quote (\") at or before line {first} made the lines after it, up to {end}, one "
+                        "quoted text. Close the quote, or quote the whole text and double each quote inside it "
+                        "(\"\"); a quote that only appears inside a text can also be removed.")
+    return columns, rows
 
 
 def _read_json(path: Path, jsonl: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -250,10 +302,66 @@ def _asset_from_hub(asset: assets.Asset, source: str) -> Examples | None:
 
 # --- hub datasets ----------------------------------------------------------------------------
 
+# A text in two of a dataset's own splits stays in the first of these: an evaluation split keeps its
+# texts, and train (and what is carved out of it) loses them.
+_KEEP_IN = ("test", "validation", "train")
+
+
+def _drop_repeated_across_splits(texts: list[str], labels: np.ndarray, split_rows: dict[str, list[int]],
+                                 drop: bool, cleaning: dict[str, int],
+                                 where: str) -> tuple[list[str], np.ndarray, dict[str, list[int]]]:
+    """A dataset with its own splits, less its repeated texts (whitespace-normalised): each text keeps one
+    copy, in test before validation before train (before rows of no split), and a text seen with two labels
+    goes entirely, so neither the dataset's splits nor one carved out of its train split share a text. The
+    texts found in two of its splits are counted too. Without ``drop`` both are counted and kept."""
+    split_of = {row: name for name, rows in split_rows.items() for row in rows}
+    keys = [" ".join(t.split()) for t in texts]
+    splits_of: dict[str, set[str]] = {}
+    for row, name in split_of.items():
+        splits_of.setdefault(keys[row], set()).add(name)
+    shared = sum(1 for names in splits_of.values() if len(names) > 1)
+    if not drop:
+        cleaning["duplicate_texts_kept"] = duplicate_count(texts)
+        cleaning["texts_in_two_splits_kept"] = shared
+        if shared:
+            log.warning("%s: %d texts are in two of the dataset's own splits and are kept (data.drop_duplicates: "
+                        "false)", where, shared)
+        return texts, labels, split_rows
+    rank = {name: k for k, name in enumerate(_KEEP_IN)}
+    order = sorted(range(len(texts)), key=lambda i: (rank.get(split_of.get(i, ""), len(rank)), i))
+    first: dict[str, int] = {}  # text -> the row that keeps it
+    conflicting: set[str] = set()
+    dropped = 0
+    for i in order:
+        if keys[i] not in first:
+            first[keys[i]] = i
+            continue
+        dropped += 1
+        if labels[first[keys[i]]] != labels[i]:
+            conflicting.add(keys[i])
+    kept = sorted(i for key, i in first.items() if key not in conflicting)
+    new_row = {old: new for new, old in enumerate(kept)}
+    rows_kept = {name: [new_row[r] for r in rows if r in new_row] for name, rows in split_rows.items()}
+    cleaning.update(dropped_duplicate_texts=dropped, dropped_texts_with_both_labels=len(conflicting),
+                    dropped_texts_in_two_splits=shared)
+    if dropped:
+        log.warning("%s: dropped %d repeated texts (%d seen with two labels, %d in two of the dataset's own splits: "
+                    "each stays in test, else validation, else train) before the split (data.drop_duplicates)",
+                    where, dropped, len(conflicting), shared)
+    if not rows_kept.get("train"):
+        raise DataError(f"{where}: no text of the train split is left after dropping the repeated ones (each is also "
+                        "in the dataset's validation or test split); set data.drop_duplicates: false.")
+    return ([texts[i] for i in kept], labels[kept],
+            {name: rows for name, rows in rows_kept.items() if rows})
+
 def load_hub(dataset_id: str, hub_config: str | None = None, text_column: str = "text",
              label_column: str = "label", revision: str | None = None, *, normalize_labels: bool = False,
              drop_duplicates: bool = True) -> Examples:
-    """Load a Hugging Face dataset; its train/validation/test splits become ``predefined_splits``."""
+    """Load a Hugging Face dataset; its train/validation/test splits become ``predefined_splits``.
+
+    Repeated texts are dropped (or kept and counted, without ``drop_duplicates``) before anything is
+    carved out of the train split, and a text in two of the dataset's own splits stays in one only
+    (``_drop_repeated_across_splits``)."""
     try:
         import datasets
     except ImportError:
@@ -283,16 +391,23 @@ def load_hub(dataset_id: str, hub_config: str | None = None, text_column: str = 
                 raise DataError(f"{where} split '{split_name}': no column '{col}'. "
                                 f"Columns found: {', '.join(ds.column_names)}. Set {key} to one of them.")
         feature = ds.features[label_column]
-        if isinstance(feature, datasets.ClassLabel):
+        is_class_label = isinstance(feature, datasets.ClassLabel)
+        if is_class_label:
             class_names = list(feature.names)
+
+        def no_label(v: Any, is_class_label: bool = is_class_label) -> bool:
+            # A ClassLabel marks a missing label with -1 (GLUE's test splits); in a plain integer
+            # column -1 is a class like any other.
+            return v is None or (is_class_label and isinstance(v, int) and v < 0)
+
         split_texts, split_labels = ds[text_column], ds[label_column]
-        unlabelled = sum(1 for v in split_labels if v is None or (isinstance(v, int) and v < 0))
-        if unlabelled:  # e.g. GLUE test splits carry label -1
+        unlabelled = sum(1 for v in split_labels if no_label(v))
+        if unlabelled:
             cleaning[f"dropped_unlabelled_{split_name}"] = unlabelled
         canonical = _SPLIT_ALIASES.get(split_name.lower())
         rows = []
         for row, (text, label) in enumerate(zip(split_texts, split_labels, strict=True), start=1):
-            if label is None or (isinstance(label, int) and label < 0):
+            if no_label(label):
                 continue
             if not isinstance(text, str) or not text.strip():
                 raise DataError(rows_message(f"empty or non-text '{text_column}' values", [f"{split_name}:{row}"],
@@ -309,8 +424,14 @@ def load_hub(dataset_id: str, hub_config: str | None = None, text_column: str = 
                                                        normalize_labels, cleaning))
     if not texts:
         raise DataError(f"{where}: no labelled rows.")
-    predefined = {k: np.array(v, dtype=np.int64) for k, v in split_rows.items()} if "train" in split_rows else None
-    if predefined is None:  # edgekd splits it: a repeated text must not land in two splits
+    # A repeated text must not land in two splits: edgekd's own, or the dataset's own, or a split
+    # carved out of the dataset's train split.
+    predefined = None
+    if "train" in split_rows:
+        texts, labels, split_rows = _drop_repeated_across_splits(texts, labels, split_rows, drop_duplicates,
+                                                                 cleaning, where)
+        predefined = {k: np.array(v, dtype=np.int64) for k, v in split_rows.items()}
+    else:
         texts, labels = drop_repeated_texts(texts, labels, drop_duplicates, cleaning, where)
     check_classes(labels, names, where)
     config = f"/{hub_config}" if hub_config else ""

@@ -89,7 +89,8 @@ class DataConfig(Section):
     drop_duplicates: bool = Field(
         True, description="Drop texts that repeat an earlier one (whitespace-normalised; a text seen with two "
         "labels is dropped entirely) before the split, so no text lands in both train and test. The counts go "
-        "into the data summary. false keeps them (counted). Datasets with their own splits are kept as given."
+        "into the data summary. false keeps them (counted). Datasets with their own splits keep them, less the "
+        "repeated texts (a text in two of them stays in test, else validation)."
     )
 
 
@@ -429,8 +430,9 @@ class EvalConfig(Section):
     batch_size: int = Field(128, ge=1)
     ood_dataset: str | None = Field(
         None, description="Out-of-domain dataset asset scored beside the test split by eval, bench and "
-        "compare_tools (amazon-snippets: product reviews; also tweet-snippets, nyt-snippets, movie-snippets; binary "
-        "sentiment runs only); null: none."
+        "compare_tools (amazon-snippets: product reviews; also tweet-snippets, nyt-snippets, movie-snippets (not "
+        "beside rotten-tomatoes, whose reviews most of it is); binary sentiment runs only); sentences that are also "
+        "texts of the run are dropped; null: none."
     )
     ood_min_abs_score: float = Field(
         0.5, ge=0, description="Drop out-of-domain sentences whose mean human rating is closer to neutral "

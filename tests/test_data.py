@@ -377,7 +377,9 @@ def test_hub_dataset_keeps_its_splits_and_class_names(fake_hub):
     ex = load_examples(DataConfig(dataset="someone/reviews", hub_config="plain"))
     assert fake_hub == [(("someone/reviews", "plain"), {"revision": "rev1"})]
     assert len(ex) == 24 and ex.label_names == ["neg", "pos"]
-    assert ex.cleaning == {"dropped_unlabelled_test": 6, "dropped_unlabelled_unsupervised": 3}
+    assert ex.cleaning == {"dropped_unlabelled_test": 6, "dropped_unlabelled_unsupervised": 3,
+                           "dropped_duplicate_texts": 0, "dropped_texts_with_both_labels": 0,
+                           "dropped_texts_in_two_splits": 0}
     assert set(ex.predefined_splits) == {"train", "validation"}
     s = split_examples(ex, SplitConfig(test=0.1, seed=0))
     assert list(s.validation) == list(range(20, 24)) and len(s.test) == 2 and "test carved from train" in s.method
@@ -428,3 +430,128 @@ def test_amazon_snippets_parser_reads_like_the_out_of_domain_check(tmp_path):
     ex = data.parse_amazon_snippets(path)
     assert ex.texts == ["Works great", "Broke in a week"] and list(ex.labels) == [1, 0]
     assert ex.cleaning["dropped_near_neutral"] == 1
+
+
+# --- repeated texts in a hub dataset's own splits ---------------------------------------------
+
+def patch_hub(monkeypatch, parts: dict, features=None):
+    """datasets.load_dataset answers a DatasetDict of ``parts`` (split -> (texts, labels))."""
+    datasets = pytest.importorskip("datasets")
+    features = features or datasets.Features({"text": datasets.Value("string"),
+                                              "label": datasets.ClassLabel(names=["neg", "pos"])})
+    loaded = datasets.DatasetDict({name: datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+                                   for name, (texts, labels) in parts.items()})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: loaded)
+    monkeypatch.setattr(assets, "hub_revision", lambda repo, kind, timeout=3.0: ("rev1", ""))
+    monkeypatch.setattr(assets, "hub_offline", lambda kind=None: False)
+    return datasets
+
+
+def test_a_hub_train_split_loses_its_repeated_texts_before_test_is_carved_out_of_it(monkeypatch):
+    """A dataset that brings only a train split, each text 4 times: the test split carved out of it shared
+    every text with train (16 of 16). The repeats go first; data.drop_duplicates: false keeps and counts them."""
+    texts = [f"review {i}" for i in range(40)]
+    patch_hub(monkeypatch, {"train": (texts * 4, [i % 2 for i in range(40)] * 4)})
+    ex = load_examples(DataConfig(dataset="someone/reviews"))
+    assert len(ex) == 40 and ex.cleaning == {"dropped_duplicate_texts": 120, "dropped_texts_with_both_labels": 0,
+                                             "dropped_texts_in_two_splits": 0}
+    s = split_examples(ex, SplitConfig(validation=0.2, test=0.2, seed=0))
+    assert "test and validation carved from train" in s.method and len(s.test) == 8
+    assert not set(s.texts("test")) & set(s.texts("train"))
+    assert not set(s.texts("validation")) & set(s.texts("train"))
+
+    kept = load_examples(DataConfig(dataset="someone/reviews", drop_duplicates=False))
+    assert len(kept) == 160 and kept.cleaning == {"duplicate_texts_kept": 120, "texts_in_two_splits_kept": 0}
+
+
+def test_a_text_in_two_of_the_datasets_own_splits_stays_in_the_evaluation_one(monkeypatch, caplog):
+    train = [f"train {i}" for i in range(20)] + ["shared a", "shared b", "  shared   c", "both labels"]
+    test = ["shared a", "shared b", "shared c", "both labels"] + [f"test {i}" for i in range(6)]
+    patch_hub(monkeypatch, {"train": (train, [i % 2 for i in range(20)] + [1, 0, 1, 1]),
+                            "test": (test, [1, 0, 1, 0] + [i % 2 for i in range(6)]),
+                            "validation": (["shared b", "val 0", "val 1"], [0, 0, 1])})
+    with caplog.at_level("WARNING", logger="edgekd.data"):
+        ex = load_examples(DataConfig(dataset="someone/reviews"))
+    assert ex.cleaning == {"dropped_duplicate_texts": 5, "dropped_texts_with_both_labels": 1,
+                           "dropped_texts_in_two_splits": 4}
+    assert "4 in two of the dataset's own splits" in caplog.text
+    s = split_examples(ex)
+    assert s.texts("test") == ["shared a", "shared b", "shared c"] + [f"test {i}" for i in range(6)]
+    assert s.texts("validation") == ["val 0", "val 1"]  # "shared b" stays in test
+    assert s.texts("train") == [f"train {i}" for i in range(20)]
+    assert "both labels" not in ex.texts and s.method == "predefined"
+
+    kept = load_examples(DataConfig(dataset="someone/reviews", drop_duplicates=False))
+    assert kept.cleaning == {"duplicate_texts_kept": 5, "texts_in_two_splits_kept": 4} and len(kept) == 37
+
+
+# --- malformed tables ------------------------------------------------------------------------
+
+def test_an_unquoted_comma_in_a_csv_text_is_an_error_naming_its_lines(tmp_path):
+    """DictReader put the extra field under the key None and read a piece of the text as the label: a new class."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"review {i},{'ab'[i % 2]}\n" for i in range(6))
+                    + "funny, warm and smart,b\nfine,a\nslow, long, dull,a\n")
+    with pytest.raises(DataError, match=r"more fields than the header's 2 \(text, label\) on line 8 \(row 7\), "
+                                        r"line 10 \(row 9\).*unquoted comma.*Quote such texts") as e:
+        load_file(path)
+    assert '"funny, warm and smart",positive' in str(e.value)
+    from edgekd.recipe import load_recipe
+    from edgekd.tasks.text.checks import check_inputs
+
+    problems = check_inputs(load_recipe("default", [f"data.dataset={path}"]))  # refused before any stage
+    assert len(problems) == 1 and problems[0].startswith(f"data.dataset: {path} cannot be read: {path}: more fields")
+    path.write_text('text,label\n"funny, warm and smart",b\nfine,a\ngood,b,\n')  # quoted; an empty trailing field
+    assert load_file(path).texts == ["funny, warm and smart", "fine", "good"]
+
+
+def test_a_stray_quote_that_swallows_the_rest_of_a_tsv_is_named_as_the_cause(tmp_path):
+    path = tmp_path / "d.tsv"
+    rows = [f"review {i}\t{'ab'[i % 2]}" for i in range(40)]
+    rows[30] = '"Great movie\tb'  # opens a quote that nothing closes
+    path.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"row 31 \(lines 32-41\) has no value for column\(s\) 'label'.*unbalanced "
+                                        r"quote \(\"\) at or before line 32.*up to the end of the file"):
+        load_file(path)
+    # in a larger file the quoted text outgrows the csv module's field limit first
+    path.write_text("text\tlabel\n" + "\n".join(rows[:30] + ['"Great movie\tb'] + rows[31:] * 2000) + "\n")
+    with pytest.raises(DataError, match=r"row starting on line 32 runs on.*field larger than field limit.*unbalanced "
+                                        r"quote \(\"\) at or before line 32"):
+        load_file(path)
+    # a quoted text over several lines, closed, is a text like any other
+    path.write_text('text\tlabel\n"two\nlines"\ta\nother\tb\n')
+    assert load_file(path).texts == ["two\nlines", "other"]
+
+
+# --- hub labels -----------------------------------------------------------------------------
+
+def test_minus_one_is_no_label_only_for_a_class_label_feature(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    plain = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
+    texts = [f"t{i}" for i in range(12)]
+    patch_hub(monkeypatch, {"train": (texts, [-1, 0, 1] * 4)}, plain)
+    ex = load_examples(DataConfig(dataset="someone/scores"))
+    assert len(ex) == 12 and ex.label_names == ["-1", "0", "1"] and not any("unlabelled" in k for k in ex.cleaning)
+    patch_hub(monkeypatch, {"train": (texts, [-1, 0, 1] * 4)})  # a ClassLabel: -1 is a missing label
+    ex = load_examples(DataConfig(dataset="someone/scores"))
+    assert len(ex) == 8 and ex.cleaning["dropped_unlabelled_train"] == 4
+
+
+# --- the up-front check reads the file as the run does ---------------------------------------
+
+def test_the_up_front_check_reads_a_file_with_the_recipes_label_and_duplicate_settings(tmp_path):
+    from edgekd.recipe import load_recipe
+    from edgekd.tasks.text.checks import check_inputs
+
+    rows = [{"text": f"review {i}", "label": lab} for i, lab in enumerate(["positive", "Positive", "negative"] * 4)]
+    path = write_csv(tmp_path / "d.csv", rows)
+    refused = check_inputs(load_recipe("default", [f"data.dataset={path}"]))
+    assert len(refused) == 1 and "spelled several ways" in refused[0]
+    # the run merges the spellings (load_examples): so does the check
+    assert check_inputs(load_recipe("default", [f"data.dataset={path}", "data.normalize_labels=true"])) == []
+
+    same = write_csv(tmp_path / "same.csv", [{"text": "one review", "label": ["negative", "positive"][i % 2]}
+                                             for i in range(6)])
+    refused = check_inputs(load_recipe("default", [f"data.dataset={same}"]))
+    assert len(refused) == 1 and "no texts left after dropping repeated ones" in refused[0]
+    assert check_inputs(load_recipe("default", [f"data.dataset={same}", "data.drop_duplicates=false"])) == []

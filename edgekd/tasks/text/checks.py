@@ -5,6 +5,7 @@ the Python API (``require_texts``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def _check_text_data(recipe: Recipe) -> list[str]:
 
 
 def _check_local_data(d: DataConfig, path: Path) -> list[str]:
-    from edgekd.data import FILE_FORMATS, _looks_like_path, load_file
+    from edgekd.data import FILE_FORMATS, _looks_like_path
 
     if path.is_dir():
         return [f"data.dataset: {path} is a folder; give a {', '.join(FILE_FORMATS)} file, a named dataset or a hub id"]
@@ -77,10 +78,34 @@ def _check_local_data(d: DataConfig, path: Path) -> list[str]:
     if problems:
         return problems
     try:  # the loader's own validation: empty texts, unreadable or missing labels, too few classes
-        load_file(path, d.text_column, d.label_column)
+        _load_local(d, path)
     except EdgeKDError as e:
         return [f"data.dataset / data.label_column: {e}"]
     return []
+
+
+def _load_local(d: DataConfig, path: Path):
+    """The local file read as the run reads it (``edgekd.data.load_examples``: the same columns, label
+    spellings and repeated texts), once per check of an unchanged file."""
+    stat = path.stat()
+    found = _load_local_cached(path, (str(path.resolve()), stat.st_mtime_ns, stat.st_size), d.text_column,
+                               d.label_column, d.normalize_labels, d.drop_duplicates)
+    if isinstance(found, EdgeKDError):
+        raise found
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _load_local_cached(path: Path, file_state: tuple, text_column: str, label_column: str, normalize_labels: bool,
+                       drop_duplicates: bool):
+    """The examples, or the error loading them gave (kept too, so a bad file is read and warned about once)."""
+    from edgekd.data import load_file
+
+    try:
+        return load_file(path, text_column, label_column, normalize_labels=normalize_labels,
+                         drop_duplicates=drop_duplicates)
+    except EdgeKDError as e:
+        return e
 
 
 def _check_unlabelled(recipe: Recipe) -> list[str]:
@@ -108,7 +133,8 @@ def _check_unlabelled(recipe: Recipe) -> list[str]:
 
 
 def _check_ood(recipe: Recipe) -> list[str]:
-    """eval.ood_dataset names a set load_ood reads, and a named training set's labels are the set's two."""
+    """eval.ood_dataset names a set load_ood reads, which is neither the run's own dataset nor a source of its
+    unlabelled texts, and the training data's labels (a named set's or a local file's) are the set's two."""
     from edgekd import assets
     from edgekd.ood import OOD_LABELS, OOD_SETS, label_map
 
@@ -118,11 +144,42 @@ def _check_ood(recipe: Recipe) -> list[str]:
     if name not in OOD_SETS:
         return [f"eval.ood_dataset: '{name}' is not an out-of-domain set (the sets: {', '.join(OOD_SETS)}): name one, "
                 "or null for none"]
+    problems = []
+    if name == recipe.data.dataset:
+        problems.append(f"eval.ood_dataset: '{name}' is this run's own dataset (data.dataset): its texts are trained, "
+                        "validated and tested on, so they are not out of domain; name another set, or null for none")
+    if name == "movie-snippets" and recipe.data.dataset == "rotten-tomatoes":
+        problems.append("eval.ood_dataset: 'movie-snippets' is movie-review text, and 9,778 of its 10,072 sentences "
+                        "(at eval.ood_min_abs_score 0.5) are rotten-tomatoes reviews, the run's own dataset: it is not "
+                        "out of domain for it; name amazon-snippets, tweet-snippets or nyt-snippets, or null for none")
+    if name in recipe.teacher.unlabelled.sources():
+        problems.append(f"eval.ood_dataset: '{name}' is also read by teacher.unlabelled.dataset: the teacher labels its "
+                        "texts and the student trains on them, so they are not out of domain; name another set, or "
+                        "null for none")
     data = assets.ASSETS.get(recipe.data.dataset)
-    if data is not None and data.label_names and label_map(list(data.label_names)) is None:
-        return [f"eval.ood_dataset: '{name}' is binary sentiment ({'/'.join(OOD_LABELS)}), and {data.name}'s labels "
-                f"are {list(data.label_names)}: set it to null"]
-    return []
+    if data is not None:
+        labels, whose = (list(data.label_names) if data.label_names else None), data.name
+    else:
+        labels, whose = _local_label_names(recipe.data), recipe.data.dataset
+    # A Hugging Face id's labels are known only once it is downloaded (the eval stage checks them then).
+    if labels is not None and label_map(labels) is None:
+        problems.append(f"eval.ood_dataset: '{name}' is binary sentiment ({'/'.join(OOD_LABELS)}), and {whose}'s "
+                        f"labels are {labels}: set it to null")
+    return problems
+
+
+def _local_label_names(d: DataConfig) -> list[str] | None:
+    """The label names of a readable local data file, as the run reads them; None for anything else (a file
+    that cannot be read is reported by the data check)."""
+    from edgekd.data import FILE_FORMATS
+
+    path = Path(d.dataset).expanduser()
+    if not path.is_file() or path.suffix.lower() not in FILE_FORMATS:
+        return None
+    try:
+        return list(_load_local(d, path).label_names)
+    except (EdgeKDError, UnicodeDecodeError, ValueError, OSError):
+        return None
 
 
 # The distill stage raises the same when it meets a black-box teacher (tasks.text.distill.DistillLoss).

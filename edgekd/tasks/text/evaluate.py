@@ -30,7 +30,9 @@ def eval_fingerprint(ctx: RunContext) -> str:
     if r.baseline.enabled:
         parts["baseline"] = stage_fingerprint(ctx, "baseline")
     if r.eval.ood_dataset:
-        parts["ood"] = {"dataset": r.eval.ood_dataset, "min_abs_score": r.eval.ood_min_abs_score}
+        # less the run's own texts since 2026-12-07 (one sentence of the default set): scored again once
+        parts["ood"] = {"dataset": r.eval.ood_dataset, "min_abs_score": r.eval.ood_min_abs_score,
+                        "less_run_texts": True}
     return fingerprint(parts)
 
 
