@@ -246,9 +246,9 @@ def build_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
     if wrong:
         raise RecipeError([f"student.layers: {layers} cannot be copied into a {fam.name} student: "
                            + "; ".join(wrong) + ". Pick teacher layers whose kind matches their new position."])
-    cfg = copy.deepcopy(teacher.config)
-    setattr(cfg, fam.layers_key, len(layers))
-    student = type(teacher)(cfg)
+    cfg = student_config(teacher.config, fam, layers)
+    student = type(teacher)(cfg)  # heads pruned through Hugging Face (config.pruned_heads) are gone already
+    _shape_like_teacher_blocks(student, cfg, fam)
     prefix = block_prefix(teacher, fam)
     src = teacher.state_dict()
     new_sd = {}
@@ -263,6 +263,54 @@ def build_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
     student.load_state_dict(new_sd)
     verify_student(teacher, student, layers)
     return student
+
+
+def _by_teacher_layer(record: Any) -> dict[int, list[int]]:
+    return {int(k): list(v) for k, v in (record or {}).items()}
+
+
+def student_config(config: Any, fam: EncoderFamily, layers: list[int]) -> Any:
+    """The teacher's config for a student of teacher ``layers``: the layer count, and what a pruned teacher
+    records per layer (heads removed through Hugging Face in ``pruned_heads``, heads edgekd sliced in
+    ``edgekd_pruned_heads``, unequal FFN widths in ``ffn_sizes_per_layer``) keyed by student layer: student
+    layer i gets teacher layer ``layers[i]``'s entry."""
+    from edgekd.pruning.encoder import FFN_SIZES_KEY
+
+    cfg = copy.deepcopy(config)
+    setattr(cfg, fam.layers_key, len(layers))
+    pruned = _by_teacher_layer(getattr(cfg, "pruned_heads", None))
+    cfg.pruned_heads = {i: pruned[t] for i, t in enumerate(layers) if pruned.get(t)}
+    sliced = getattr(cfg, SLICED_HEADS_KEY, None)
+    if sliced:
+        by_layer = _by_teacher_layer(sliced)
+        setattr(cfg, SLICED_HEADS_KEY, {str(i): by_layer[t] for i, t in enumerate(layers) if by_layer.get(t)})
+    sizes = getattr(cfg, FFN_SIZES_KEY, None)
+    if sizes:
+        kept = [int(sizes[t]) for t in layers]
+        setattr(cfg, fam.ffn_key, max(kept))
+        if len(set(kept)) == 1:
+            delattr(cfg, FFN_SIZES_KEY)
+        else:
+            setattr(cfg, FFN_SIZES_KEY, kept)
+    return cfg
+
+
+def _shape_like_teacher_blocks(student: nn.Module, cfg: Any, fam: EncoderFamily) -> None:
+    """Slice a freshly built student as its config records (heads edgekd sliced, unequal FFN widths), the
+    way ``edgekd.pruning.load_pruned_model`` rebuilds a pruned folder, so the teacher's tensors fit."""
+    from edgekd.pruning.encoder import FFN_SIZES_KEY, slice_heads, slice_neurons, slice_shared_head_tables
+
+    sliced = _by_teacher_layer(getattr(cfg, SLICED_HEADS_KEY, None))
+    sizes = getattr(cfg, FFN_SIZES_KEY, None)
+    if not sliced and not sizes:
+        return
+    student_blocks = blocks(student, fam)
+    if sliced and fam.heads_uniform:
+        slice_shared_head_tables(student, fam, sliced[min(sliced)])
+    for layer, ids in sliced.items():
+        slice_heads(student_blocks[layer], fam, ids)  # original ids == current ids on a fresh block
+    for block, size in zip(student_blocks, sizes or [], strict=False):
+        slice_neurons(block, fam, list(range(int(size))))
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
