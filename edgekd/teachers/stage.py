@@ -94,10 +94,17 @@ def _local_outputs(model: nn.Module, tokenizer, texts: dict[str, list[str]], ctx
 def _load_member_model(m: TeacherEndpoint, ctx: RunContext, where: str):
     task = ctx.task
     source = str(getattr(m, "model", None))
-    if not task.has_task_head(source):
+    match = task.head_match(source)
+    if match.kind == "none":
         raise RecipeError([f"{where}.model: {source} has no {task.name} head; an ensemble member must already be "
                            "fine-tuned (e.g. the teacher/model folder of another run)"])
-    return task.load_model(source).eval(), task.load_tokenizer(source)
+    if not match.usable:  # a head for other labels: an ensemble member is never fine-tuned
+        raise RecipeError([f"{where}.model: {source}: {match.mismatch(task.label_names)}. An ensemble member must "
+                           "already be fine-tuned for this run's labels (e.g. the teacher/model folder of another "
+                           "run on this data); if its outputs are these labels under other names, set id2label in "
+                           "its config.json to the data's names in the order of its outputs"])
+    # Rows of a head for the run's labels in another order are put in the run's order, as for the teacher.
+    return task.load_model(source, where=f"{where}.model").eval(), task.load_tokenizer(source)
 
 
 def label_with_teachers(ctx: RunContext, primary: nn.Module | None) -> tuple[dict[str, Any], list[Path]]:

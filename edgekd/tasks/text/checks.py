@@ -264,5 +264,42 @@ def check_inputs(recipe: Recipe) -> list[str]:
     names, and with settings a text encoder cannot take, each starting with its recipe key; [] when none."""
     return (_check_text_data(recipe) + _check_unlabelled(recipe) + _check_ood(recipe) + _check_teacher_paths(recipe)
             + _check_black_box_matching(recipe)
+            + _check_local_models(recipe)
             + _check_prune_method(recipe) + _check_hidden_size(recipe) + _check_fresh_copies(recipe)
             + _check_bench_inputs(recipe))
+
+
+def _check_local_models(recipe: Recipe) -> list[str]:
+    """What the models' own files allow, read where they are on this machine (a local folder, a named asset
+    already fetched, a hub id in the local cache; never a download: the stage that loads the model checks it
+    again): data.max_length against the positions of every model that reads the texts (RoBERTa-style ids
+    start after the padding id; rotary or relative-only positions have no such bound), and a student.model
+    whose tokenizer gives other ids than the teacher's."""
+    from edgekd.tasks.text.task import (
+        local_config,
+        local_tokenizer,
+        max_length_problem,
+        student_tokenizer_problem,
+        tokenizer_difference,
+    )
+
+    t, s = recipe.teacher, recipe.student
+    named = [("teacher.model", t.model)]
+    named += [(f"teacher.ensemble[{i}].model", m.model) for i, m in enumerate(t.ensemble) if m.kind == "model"]
+    named += [("student.model", s.model)]
+    problems, seen = [], set()
+    for key, source in named:
+        if not source or source in seen:
+            continue
+        seen.add(source)
+        config = local_config(source)
+        problem = max_length_problem(config, recipe.data.max_length, key, source) if config is not None else None
+        if problem:
+            problems.append(problem)
+    if s.model and t.model and s.model != t.model:
+        teacher_tok, student_tok = local_tokenizer(t.model), local_tokenizer(s.model)
+        if teacher_tok is not None and student_tok is not None:
+            why = tokenizer_difference(teacher_tok, student_tok, recipe.data.max_length)
+            if why:
+                problems.append(student_tokenizer_problem(s.model, t.model, why))
+    return problems

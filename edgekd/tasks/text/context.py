@@ -41,7 +41,9 @@ class TextRunContext(RunContext):
 
     @cached_property
     def tokenizer(self):
-        """The teacher's tokenizer (the student shares it unless it is loaded from its own id)."""
+        """The teacher's tokenizer, which every student-side stage reads too: a ``student.model`` trains on
+        its own tokenizer's ids, and one whose ids differ from these is refused (the recipe check, else the
+        distill stage), so they are the student's ids as well."""
         return self.task.load_tokenizer(self.recipe.teacher.model)
 
     def tokenized(self, split: str, tokenizer=None) -> TokenizedSplit:

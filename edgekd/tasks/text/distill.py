@@ -219,6 +219,15 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
     d = r.distill
     fp = stage_fingerprint(ctx, stage)
     t0 = time.perf_counter()
+    student_tok = ctx.tokenizer if not r.student.model else task.load_tokenizer(r.student.model)
+    if r.student.model:
+        # Only the training here reads the student's own tokenizer: refuse one that gives other ids (the
+        # recipe check does it up front when both tokenizers are on this machine).
+        from edgekd.tasks.text.task import student_tokenizer_problem, tokenizer_difference
+
+        why = tokenizer_difference(ctx.tokenizer, student_tok, task.max_length, ctx.splits.texts("train")[:512])
+        if why:
+            raise RecipeError([student_tokenizer_problem(r.student.model, r.teacher.model, why)])
     teacher, cached_logits = load_teacher_outputs(ctx)
     if teacher is not None:
         init = teacher
@@ -227,7 +236,6 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
         # (its fresh task head seeded like the rest of the run).
         set_seed(r.seed)
         init = task.load_model(r.teacher.model)
-    student_tok = ctx.tokenizer if not r.student.model else task.load_tokenizer(r.student.model)
     distilling = stage == "distill"
     if distilling:
         targets = load_targets(ctx, cached_logits)
