@@ -349,7 +349,7 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     split = TokenizedSplit(task.tokenize(tokenizer, texts), labels, tokenizer.pad_token_id or 0)
     soft = torch.from_numpy(predict(teacher, split, batch_size, "teacher outputs", precision=precision))
     mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied)
-    loss_fn = DistillLoss(student, cfg, soft_logits=soft, teacher=teacher, mapping=mapping)
+    loss_fn = DistillLoss(student, cfg, soft_logits=soft, teacher=teacher, mapping=mapping, seed=seed)
     with tempfile.TemporaryDirectory(prefix="edgekd-distill-") as ckpt, loss_fn.attention_maps(student):
         train(student, split, cfg.train, loss_fn, seed=seed, precision=precision, ckpt_root=Path(ckpt),
               description="distill", extra_params=loss_fn.extra_params())

@@ -61,3 +61,43 @@ def test_attention_loss_zero_on_match_positive_otherwise():
     assert attention_loss(other, att, mask).item() > 0
     # different head counts are compared head-averaged
     assert attention_loss(other[:, :2], att, mask).item() >= 0
+
+
+def test_layer_map_pairs_every_student_layer_with_a_teacher_layer():
+    """A student deeper than its teacher paired its first layer with -1: the embedding output for the
+    hidden-state loss (hidden_states[0]) but the teacher's last layer for the attention loss."""
+    from edgekd.tasks.text.distill import layer_map
+
+    for n_student, n_teacher in ((3, 6), (4, 6), (6, 6), (12, 6), (7, 2), (1, 12)):
+        got = layer_map(n_student, n_teacher, None)
+        assert len(got) == n_student and all(0 <= t < n_teacher for t in got), (n_student, n_teacher, got)
+        assert got == sorted(got) and got[-1] == n_teacher - 1
+    assert layer_map(3, 6, None) == [1, 3, 5] and layer_map(3, 12, [0, 2, 4]) == [0, 2, 4]
+
+
+def test_hidden_state_projections_start_from_the_seed_alone():
+    """The projections of a student narrower than its teacher were drawn from whatever the process had drawn
+    before (a whole `edgekd run` and `edgekd distill` alone started them differently); now from the seed,
+    and the global generator is left as it was."""
+    from transformers import BertConfig, BertModel
+
+    from edgekd.recipe import DistillConfig
+    from edgekd.tasks.text.distill import DistillLoss
+
+    def bert(hidden):
+        return BertModel(BertConfig(vocab_size=30, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=16))
+
+    student, teacher = bert(8), bert(16)
+    d = DistillConfig(hidden_weight=1.0)
+
+    def projections(draws: int):
+        torch.manual_seed(123)
+        torch.rand(draws)  # what earlier stages of the process drew
+        before = torch.random.get_rng_state()
+        loss = DistillLoss(student, d, soft_logits=torch.zeros(4, 2), teacher=teacher, mapping=[0, 1], seed=7)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return [p.detach().clone() for p in loss.extra_params()]
+
+    a, b = projections(1), projections(1000)
+    assert len(a) == 4 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -24,7 +24,7 @@ from transformers import set_seed
 
 from edgekd.context import RunContext
 from edgekd.errors import RecipeError
-from edgekd.losses import attention_loss, hidden_state_loss, soft_hard_loss
+from edgekd.losses import attention_loss, hidden_state_loss, soft_hard_loss, teacher_labels_loss
 from edgekd.recipe import DistillConfig
 from edgekd.runfolder import fingerprint, local_model_digest
 from edgekd.tasks.text.checks import BLACK_BOX_MATCHING
@@ -41,7 +41,9 @@ def layer_map(n_student: int, n_teacher: int, layers: list[int] | None) -> list[
     """Teacher layer matched by each student layer: the layer it was copied from, else spread evenly."""
     if layers:
         return list(layers)
-    return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
+    # at least layer 0: a student deeper than its teacher would pair its first layer with index -1, which the
+    # hidden-state loss reads as the embedding output and the attention loss as the last layer
+    return [max(0, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
 
 
 def stage_fingerprint(ctx: RunContext, stage: str) -> str:
@@ -90,7 +92,7 @@ class DistillLoss:
 
     def __init__(self, student: nn.Module, settings: DistillConfig, *, soft_logits: torch.Tensor | None = None,
                  hard_labels: torch.Tensor | None = None, teacher: nn.Module | None = None,
-                 mapping: list[int] | None = None, distilling: bool = True):
+                 mapping: list[int] | None = None, distilling: bool = True, seed: int | None = None):
         d = self.settings = settings
         self.soft_logits, self.hard_labels, self.teacher = soft_logits, hard_labels, teacher
         self.distilling = distilling
@@ -103,9 +105,14 @@ class DistillLoss:
         self.mapping = list(mapping or [])
         self.projections = nn.ModuleList()
         if self.use_hidden and student.config.hidden_size != teacher.config.hidden_size:
-            self.projections = nn.ModuleList(
-                nn.Linear(student.config.hidden_size, teacher.config.hidden_size) for _ in self.mapping
-            )
+            # Initialised from ``seed`` alone, not from whatever the process drew before (a whole `edgekd run`
+            # and `edgekd distill` on its own start them alike), leaving the global generator as it was.
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                self.projections = nn.ModuleList(
+                    nn.Linear(student.config.hidden_size, teacher.config.hidden_size) for _ in self.mapping
+                )
         self._teacher_dev: nn.Module | None = None
 
     def extra_params(self) -> list[nn.Parameter] | None:
@@ -133,10 +140,8 @@ class DistillLoss:
         idx = batch["index"].cpu()
         if self.distilling and self.hard_labels is not None:
             # A labels-only teacher: alpha weights cross-entropy on its labels, 1-alpha on the data's.
-            t_ce, _ = soft_hard_loss(out.logits, None, self.hard_labels[idx].to(out.logits.device), 0.0, 1.0)
-            ce, logs = soft_hard_loss(out.logits, None, batch["labels"], 0.0, 1.0)
-            loss = d.alpha * t_ce + (1 - d.alpha) * ce
-            logs["teacher_ce"] = float(t_ce.detach())
+            loss, logs = teacher_labels_loss(out.logits, self.hard_labels[idx].to(out.logits.device),
+                                             batch["labels"], d.alpha)
         else:
             t_logits = self.soft_logits[idx].to(out.logits.device) if self.distilling else None
             loss, logs = soft_hard_loss(out.logits, t_logits, batch["labels"], d.alpha if self.distilling else 0.0,
@@ -192,7 +197,7 @@ def _train_student(ctx: RunContext, stage: str, init: nn.Module, teach: Teaching
     n_teacher = (teacher or init).config.num_hidden_layers
     mapping = layer_map(student.config.num_hidden_layers, n_teacher, copied if teach.student_copied_from_it else None)
     loss_fn = DistillLoss(student, d, soft_logits=teach.logits, hard_labels=teach.hard_labels, teacher=teacher,
-                          mapping=mapping, distilling=distilling)
+                          mapping=mapping, distilling=distilling, seed=r.seed)
 
     ctx.say(f"[bold]{stage}[/]: {student.config.num_hidden_layers}-layer student"
             + (f" from teacher layers {copied}" if copied else f" from {r.student.model}"))
