@@ -9,12 +9,16 @@ the command line calls :func:`run_recipe` too). ``distill`` teaches a student wi
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from edgekd import warnings_log
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
     from edgekd.recipe import Recipe
     from edgekd.serving.model import ServedModel
+    from edgekd.tasks.text.task import HeadMatch
 
 
 # --- running a recipe ------------------------------------------------------------------------------
@@ -87,7 +92,8 @@ def _say_warnings_kept() -> None:
 
 def run_recipe(source: str | Path | None, overrides: list[str] | None = None, stages: list[str] | None = None,
                force: bool = False, one_off: list[str] | None = None, *, argv: list[str] | None = None):
-    """Run ``stages`` (all planned ones when None) and record the invocation in ``runs/<name>/invocations.jsonl``.
+    """Run ``stages`` (all planned ones when None; an empty list is refused) and record the invocation in
+    ``runs/<name>/invocations.jsonl``.
 
     ``overrides`` (``key.path=value``) on a recipe file define the run and are saved with it; on a run
     folder, like ``one_off`` (``--device``, ``--to``), they apply to this call only and never touch its
@@ -95,6 +101,9 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
     and the run context."""
     from edgekd.runfolder import RunFolder
 
+    if stages is not None and not stages:
+        raise RecipeError(["stages: an empty list runs nothing; name the stages to run (e.g. ['distill', 'eval']), "
+                           "or leave stages out (None) to run the whole pipeline"])
     overrides, one_off = list(overrides or []), list(one_off or [])
     from_folder = bool(source) and Path(source).is_dir()
     record = {"argv": argv, "source": None if source is None else str(source), "overrides": overrides,
@@ -145,28 +154,64 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
 def override_strings(overrides: Mapping[str, Any]) -> list[str]:
     """Keyword overrides as ``key.path=value`` strings: nested mappings become dotted keys
     (``prune={"keep_params": 0.5}`` -> ``prune.keep_params=0.5``), a key may already be dotted, and
-    each value is written as JSON (a subset of the YAML the recipe loader parses it with)."""
+    each value is written in JSON's flow syntax, which the recipe loader's YAML reads back as the same
+    value (``pathlib.Path`` values, in lists and mappings too, as their strings). An empty mapping sets
+    a key to ``{}`` (``export={"options": {}}`` -> ``export.options={}``, as ``--set`` does); for a
+    recipe section it would set nothing, and is refused."""
+    from edgekd.recipe import _model_at
+
     out: list[str] = []
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, Mapping):
-            if not value:
-                raise RecipeError([f"{prefix}: an empty mapping overrides nothing; give the keys to set"])
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-            return
-        if isinstance(value, Path):
-            value = str(value)
-        try:
-            text = json.dumps(value)
-        except TypeError:
-            raise RecipeError([f"{prefix}: {type(value).__name__} is not a recipe value "
-                               "(give numbers, strings, booleans, None, lists or mappings)"]) from None
-        out.append(f"{prefix}={text}")
+            if value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}", v)
+                return
+            if _model_at(tuple(prefix.split("."))) is not None:
+                raise RecipeError([f"{prefix}: an empty mapping sets none of a recipe section's keys; give the "
+                                   "keys to set"])
+        out.append(f"{prefix}={_yaml_value(prefix, value)}")
 
     for key, value in overrides.items():
         walk(key, value)
     return out
+
+
+# Characters the recipe loader's YAML reader refuses in its input (non-printable, lone surrogates) or reads
+# as line breaks inside a quoted string (NEL, LINE/PARAGRAPH SEPARATOR): written as \uXXXX escapes instead.
+_YAML_UNSAFE = re.compile("[^\t\n\r\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]|[\x85\u2028\u2029]")
+
+
+def _yaml_value(key: str, value: Any) -> str:
+    """``value`` in JSON's syntax (YAML's flow subset) such that ``yaml.safe_load`` gives it back: strings
+    unescaped where YAML reads them as they are (JSON's \\ud83d\\ude00 pairs would come back as two lone
+    surrogates), floats with the dot YAML needs (1.0e-05), NaN and infinities as YAML's ``.nan``/``.inf``,
+    paths as strings."""
+
+    def emit(v: Any) -> str:
+        if v is None or isinstance(v, (bool, str)):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, PurePath):
+            return emit(str(v))
+        if isinstance(v, numbers.Integral):
+            return str(int(v))
+        if isinstance(v, numbers.Real):
+            f = float(v)
+            if math.isnan(f):
+                return ".nan"
+            if not math.isfinite(f):
+                return ".inf" if f > 0 else "-.inf"
+            mantissa, e, exponent = repr(f).partition("e")  # YAML 1.1 reads 1e-05 as a string, 1.0e-05 as a float
+            return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else repr(f)
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{emit(str(k))}: {emit(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(emit(x) for x in v) + "]"
+        raise RecipeError([f"{key}: {type(v).__name__} is not a recipe value (give numbers, strings, paths, "
+                           "booleans, None, lists or mappings)"])
+
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", emit(value))
 
 
 @dataclass
@@ -205,12 +250,18 @@ def run(recipe: str | Path = "default", *, stages: Sequence[str] | None = None, 
     ``recipe``: a built-in name, a YAML file or a run folder. ``overrides`` set recipe keys, nested
     (``prune={"keep_params": 0.5}``) or dotted (``**{"prune.keep_params": 0.5}``); on a recipe they
     are saved with the run, on a run folder they apply to this call only. ``stages`` runs only those
-    (e.g. ``["export", "bench"]``); ``force`` runs them even when unchanged. Prints the same progress
-    and summary as the command; returns the :class:`Run`."""
-    if stages is not None and (isinstance(stages, str) or not all(isinstance(s, str) for s in stages)):
-        raise RecipeError([f"stages: give a list of stage names, e.g. ['distill', 'eval'], not {stages!r}"])
+    (e.g. ``["export", "bench"]``; None, the default, runs the whole pipeline; an empty list is refused);
+    ``force`` runs them even when unchanged. Prints the same progress and summary as the command; returns
+    the :class:`Run`."""
+    if stages is not None:
+        given = stages
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
+            raise RecipeError([f"stages: give a list of stage names, e.g. ['distill', 'eval'], not {given!r}"])
+        stages = list(stages)  # once: a generator is read here, not again when checked
+        if not all(isinstance(s, str) for s in stages):
+            raise RecipeError([f"stages: give a list of stage names, e.g. ['distill', 'eval'], not {given!r}"])
     sets = override_strings(overrides)
-    used, ctx = run_recipe(recipe, sets, list(stages) if stages else None, force,
+    used, ctx = run_recipe(recipe, sets, stages, force,
                            argv=["edgekd.run", str(recipe), *(f"--set={o}" for o in sets)])
     return Run(folder=ctx.run.root, recipe=used)
 
@@ -289,8 +340,13 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
 
     ``student``: a model (or folder) sharing the teacher's tokenizer and labels; None builds the
     DistilBERT-style student from the teacher's ``layers`` (default: every other layer), checked block
-    by block. ``data``: (texts, labels), [(text, label), ...] or a table with ``text`` and ``label``
-    columns; labels are ids or the teacher's label names. ``settings`` are the recipe's ``distill``
+    by block. A student's head is matched to the teacher's labels by ``id2label`` name, as the pipeline
+    matches a saved head: the same labels in another order get their output rows put in the teacher's
+    order, numbered-only names (LABEL_0, ...) are read by position (both with a warning), other labels
+    are refused; the student then carries the teacher's label names. ``precision``: a
+    ``runtime.precision`` value (auto, fp32, bf16, fp16). ``data``: (texts, labels),
+    [(text, label), ...] or a table with ``text`` and ``label`` columns; labels are ids or the
+    teacher's label names. ``settings`` are the recipe's ``distill``
     keys (alpha, temperature, kl, hidden_weight, hidden_loss, attention_weight, train={...}),
     validated the same way. The teacher's soft targets are computed once; the loss is the distill
     stage's. ``out_dir`` also saves the student with the tokenizer (written whole or not at all).
@@ -301,9 +357,10 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     from edgekd.encoders import build_student
     from edgekd.recipe import DistillConfig, _describe, hidden_loss_unread
     from edgekd.tasks.text.distill import DistillLoss, layer_map
-    from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit
+    from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit, align_head
     from edgekd.train import init_process_state, predict, train
 
+    _check_precision(precision)
     try:
         cfg = DistillConfig.model_validate(settings)
     except ValidationError as e:
@@ -323,6 +380,8 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
         raise StageError(f"the teacher's problem_type is {teacher.config.problem_type}: edgekd.distill teaches "
                          "single-label classifiers.")
     n_labels = int(teacher.config.num_labels)
+    id2label = {int(k): str(v) for k, v in (getattr(teacher.config, "id2label", None) or {}).items()}
+    teacher_labels = [id2label.get(i, f"LABEL_{i}") for i in range(n_labels)]
     label2id = dict(getattr(teacher.config, "label2id", None) or {})
     texts, labels = texts_and_labels(data, label2id, n_labels)
 
@@ -336,16 +395,17 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
                            "leave it out when you give a student"])
     elif isinstance(student, (str, Path)):
         student = _classifier(student)
-    if int(student.config.num_labels) != n_labels:
-        raise StageError(f"the student has {student.config.num_labels} labels, the teacher {n_labels}: give a "
-                         "student with the teacher's labels (or none, to build one from the teacher).")
+    head = _student_head(student, teacher_labels)
     if student.get_input_embeddings().num_embeddings < len(tokenizer):
         raise StageError(f"the student's vocabulary ({student.get_input_embeddings().num_embeddings} ids) is "
                          f"smaller than the teacher's tokenizer ({len(tokenizer)}): edgekd.distill feeds both "
                          "the same tokens, so the student must share the teacher's tokenizer.")
+    note = align_head(student, head, teacher_labels)  # the teacher's label order and names
+    if note:
+        warnings.warn(f"the student: {note}", UserWarning, stacklevel=2)
 
     init_process_state()
-    task = TextClassificationTask([str(k) for k in range(n_labels)], max_length)
+    task = TextClassificationTask(teacher_labels, max_length)
     split = TokenizedSplit(task.tokenize(tokenizer, texts), labels, tokenizer.pad_token_id or 0)
     soft = torch.from_numpy(predict(teacher, split, batch_size, "teacher outputs", precision=precision))
     mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied)
@@ -357,6 +417,57 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     if out_dir is not None:
         TextClassificationTask.save_model(student, tokenizer, Path(out_dir))
     return student
+
+
+def _check_precision(precision: Any) -> None:
+    """``precision`` is one of the recipe's ``runtime.precision`` values (anything else would train as auto)."""
+    import typing
+
+    from edgekd.recipe import RuntimeConfig
+
+    allowed = typing.get_args(RuntimeConfig.model_fields["precision"].annotation)
+    if precision in allowed:
+        return
+    aliases = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+    guess = str(precision).strip().lower() if isinstance(precision, str) else None
+    guess = aliases.get(guess, guess)
+    hint = f" (did you mean '{guess}'?)" if guess in allowed else ""
+    raise RecipeError([f"precision: {precision!r} is not a training precision{hint}; give one of "
+                       f"{', '.join(map(repr, allowed))}, as runtime.precision takes"])
+
+
+def _student_head(student: nn.Module, teacher_labels: list[str]) -> HeadMatch:
+    """How the student's classification head lines up with the teacher's labels, by name as the pipeline
+    matches a saved head (``match_head``): the same labels in another order are reordered, numbered-only
+    names are read by position, other labels are refused."""
+    from types import SimpleNamespace
+
+    from edgekd.tasks.text.task import match_head
+
+    config = student.config
+    # The model's class says whether it has the head (a model built in memory has no architectures in its
+    # config, and a base model taken out of a classifier keeps the classifier's); one of another library, its
+    # config's architectures too.
+    archs = [type(student).__name__]
+    if not type(student).__module__.startswith("transformers."):
+        archs += list(getattr(config, "architectures", None) or [])
+    head = match_head(SimpleNamespace(architectures=archs, num_labels=config.num_labels,
+                                      id2label=getattr(config, "id2label", None)), teacher_labels)
+    if head.kind == "none":
+        raise StageError(f"the student is a {type(student).__name__}, not a sequence classifier: give a "
+                         "...ForSequenceClassification model sharing the teacher's tokenizer (or none, to build "
+                         "one from the teacher).")
+    if head.kind == "other_count":
+        raise StageError(f"the student has {len(head.head_labels)} labels {list(head.head_labels)}, the teacher "
+                         f"{len(teacher_labels)} {teacher_labels}: give a student with the teacher's labels (or "
+                         "none, to build one from the teacher).")
+    if head.kind == "other_names":
+        raise StageError(f"the student's labels {list(head.head_labels)} are not the teacher's {teacher_labels}: "
+                         "no name matches up, so which output is which label is unknown. Give a student for the "
+                         "teacher's labels; or, if its outputs are these labels under other names, set its "
+                         "config.id2label to the teacher's names in the order of its outputs; or give none, to "
+                         "build one from the teacher.")
+    return head
 
 
 def _tokenizer_of(source: str | Path) -> Any:

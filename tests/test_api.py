@@ -227,3 +227,141 @@ def test_load_refuses_what_it_cannot_use(tmp_path):
         edgekd.load(tmp_path / "nowhere")
     with pytest.raises(StageError, match="holds no exported artifact"):
         edgekd.load(tmp_path)
+
+
+# --- inputs refused or carried through as given ------------------------------------------------------
+
+
+def test_keyword_overrides_read_back_as_the_values_given():
+    from edgekd.recipe import load_recipe
+
+    given = {"a": [Path("/tmp/x"), ("y", Path("z"))], "b": {"nested": [{"p": Path("q")}]},
+             "c": "emoji 😀 and 東京", "d": "\u2028 \x85 \x7f \ud83d", "e": 1e-05, "f": float("inf"), "g": 3}
+    sets = override_strings(given)
+    # Paths anywhere become their strings; characters stay as they are, not as surrogate escapes.
+    assert sets[0] == 'a=["/tmp/x", ["y", "z"]]' and sets[2] == 'c="emoji 😀 and 東京"'
+    back = {s.split("=", 1)[0]: yaml.safe_load(s.split("=", 1)[1]) for s in sets}
+    assert back == {"a": ["/tmp/x", ["y", "z"]], "b.nested": [{"p": "q"}], "c": "emoji 😀 and 東京",
+                    "d": "\u2028 \x85 \x7f \ud83d", "e": 1e-05, "f": float("inf"), "g": 3}
+    assert isinstance(back["e"], float)  # YAML 1.1 reads 1e-05 as a string
+    # An empty mapping is a value (as --set export.options={} is); for a section it would set nothing.
+    assert override_strings({"export": {"options": {}}}) == ["export.options={}"]
+    assert load_recipe("default", override_strings({"export": {"options": {}}})).export.options == {}
+    with pytest.raises(RecipeError, match=r"distill\.train: an empty mapping sets none of a recipe section's keys"):
+        override_strings({"distill": {"train": {}}})
+    with pytest.raises(RecipeError, match="a: object is not a recipe value"):
+        override_strings({"a": [1, object()]})
+
+
+def test_run_refuses_an_empty_stage_list_and_reads_a_generator_once(tmp_path, tiny_teacher_dir, monkeypatch):
+    import edgekd.pipeline
+
+    class Ran(Exception):
+        pass
+
+    def run_stages(recipe, stages, **kw):
+        raise Ran(stages)
+
+    monkeypatch.setattr(edgekd.pipeline, "run_stages", run_stages)  # what would run, without running it
+    csv = write_sentiment_csv(tmp_path / "r.csv", n=40)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, tiny_teacher_dir, csv)))
+    with pytest.raises(RecipeError, match="stages: an empty list runs nothing"):
+        edgekd.run(path, stages=[])
+    with pytest.raises(RecipeError, match="stages: an empty list runs nothing"):
+        edgekd.api.run_recipe(str(path), stages=[])
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(Ran) as ran:
+        edgekd.run(path, stages=(s for s in ["distill"]))
+    assert ran.value.args[0] == ["distill"]
+
+
+def test_distill_refuses_a_precision_the_recipe_does_not_take(classifier):
+    rows = [("good", 1), ("bad", 0)]
+    with pytest.raises(RecipeError, match=r"precision: 'FP32' is not a training precision \(did you mean 'fp32'\?\); "
+                                          r"give one of 'auto', 'fp32', 'bf16', 'fp16'"):
+        edgekd.distill(classifier, data=rows, precision="FP32")
+    with pytest.raises(RecipeError, match=r"'float32' is not a training precision \(did you mean 'fp32'\?\)"):
+        edgekd.distill(classifier, data=rows, precision="float32")
+    with pytest.raises(RecipeError, match=r"precision: 'int8' is not a training precision; give one of"):
+        edgekd.distill(classifier, data=rows, precision="int8")
+
+
+def _student(teacher, id2label, swap=False):
+    """A student built from the teacher, its head's rows swapped (``swap``) and named ``id2label``."""
+    import torch
+
+    from edgekd.encoders import build_student
+
+    student = build_student(teacher, [1, 3])
+    if swap:
+        with torch.no_grad():
+            student.classifier.weight.copy_(student.classifier.weight.flip(0))
+            student.classifier.bias.copy_(student.classifier.bias.flip(0))
+    student.config.id2label = dict(enumerate(id2label))
+    student.config.label2id = {v: k for k, v in student.config.id2label.items()}
+    return student
+
+
+@pytest.mark.slow  # three short trainings of a tiny BERT
+def test_distill_lines_a_students_labels_up_with_the_teachers_by_name(classifier, tmp_path):
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(classifier)
+    tok = AutoTokenizer.from_pretrained(classifier)
+    rows = sentiment_rows(32, seed=3)
+    kw = {"data": rows, "tokenizer": tok, "seed": 1, "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the teacher's labels in its order: nothing to say
+        plain = edgekd.distill(teacher, _student(teacher, ["negative", "positive"]), **kw)
+    # The teacher's labels in another order: the rows are put in the teacher's order, by name, so the
+    # student trains (and is saved) exactly as the one above.
+    with pytest.warns(UserWarning, match=r"the student: its classification head lists the run's labels in another "
+                                         r"order \['positive', 'negative'\]"):
+        swapped = edgekd.distill(teacher, _student(teacher, ["positive", "negative"], swap=True),
+                                 out_dir=tmp_path / "swapped", **kw)
+    assert swapped.config.id2label == {0: "negative", 1: "positive"}
+    assert AutoConfig.from_pretrained(tmp_path / "swapped").id2label == {0: "negative", 1: "positive"}
+    for (n, p), (_, q) in zip(plain.state_dict().items(), swapped.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    # Numbered names only: read by position, said, and saved with the teacher's names.
+    with pytest.warns(UserWarning, match="told apart by position only"):
+        edgekd.distill(teacher, _student(teacher, ["LABEL_0", "LABEL_1"]), out_dir=tmp_path / "numbered", **kw)
+    assert AutoConfig.from_pretrained(tmp_path / "numbered").id2label == {0: "negative", 1: "positive"}
+
+
+def test_distill_refuses_a_student_for_other_labels(classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(classifier)
+    rows = [("good", 1), ("bad", 0)]
+    student = _student(teacher, ["cat", "dog"])
+    with pytest.raises(StageError, match=r"the student's labels \['cat', 'dog'\] are not the teacher's "
+                                         r"\['negative', 'positive'\]: no name matches up"):
+        edgekd.distill(teacher, student, data=rows, train={"epochs": 1})
+    assert student.config.id2label == {0: "cat", 1: "dog"}  # refused before anything changed
+    with pytest.raises(StageError, match=r"the student is a BertModel, not a sequence classifier"):
+        edgekd.distill(teacher, student.bert, data=rows, train={"epochs": 1})
+
+
+def test_predict_refuses_what_is_not_a_text_or_an_image_saying_what_to_give():
+    from types import SimpleNamespace
+
+    import edgekd.serving  # noqa: F401 (first: the families' serve modules import it)
+    from edgekd.tasks.detection.serve import predict_local as detect
+    from edgekd.tasks.text.serve import predict_local as classify
+
+    for given, name in [(None, "NoneType"), (42, "int"), ({"text": "a"}, "dict")]:
+        with pytest.raises(DataError, match=rf"predict takes a text \(a string\) or a list of texts \(strings\), "
+                                            rf"not {name}\."):
+            classify(None, None, given, 8, {})
+        with pytest.raises(DataError, match=rf"predict takes an image \(a file path, bytes, a PIL image or an H x W x 3 "
+                                            rf"RGB uint8 array\) or a list of images, not {name}\."):
+            detect(SimpleNamespace(default_options={}), None, given, 8, {})
+    with pytest.raises(DataError, match=r"not bytes: decode bytes to a string first"):
+        classify(None, None, b"great film", 8, {})
+    with pytest.raises(DataError, match=r"image 0 is an array of shape \[4, 4\] and dtype uint8: give H x W x 3"):
+        detect(SimpleNamespace(default_options={}), None, np.zeros((4, 4), np.uint8), 8, {})

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import io
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +214,7 @@ def predict_local(codec: DetectionCodec, engine: InferenceEngine, images: Any, b
     if unknown := sorted(set(options) - set(OPTIONS)):
         raise TypeError(f"{', '.join(unknown)}: detection models take the options {', '.join(OPTIONS)}.")
     opts = DetectOptions(**{**codec.default_options, **{k: v for k, v in options.items() if v is not None}})
-    single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode") \
-        or getattr(images, "ndim", None) == 3
-    images = [images] if single else list(images)
+    images = _image_list(images)
     if not images:
         raise DataError("no images to run: give an image or a list of images.")
     out: list[list[Detection]] = []
@@ -229,6 +228,21 @@ def predict_local(codec: DetectionCodec, engine: InferenceEngine, images: Any, b
     return out
 
 
+def _image_list(images: Any) -> list[Any]:
+    """What ``predict`` was given, as a list of images; a type that is neither an image nor a list of them is
+    refused, saying what to pass (not Python's "not iterable", nor a mapping's keys taken for file paths)."""
+    if isinstance(images, (bytearray, memoryview)):
+        images = bytes(images)
+    single = isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and hasattr(images, "mode") \
+        or getattr(images, "ndim", None) in (2, 3)
+    if single:
+        return [images]
+    if isinstance(images, Mapping) or not isinstance(images, Iterable):
+        raise DataError("predict takes an image (a file path, bytes, a PIL image or an H x W x 3 RGB uint8 array) "
+                        f"or a list of images, not {type(images).__name__}.")
+    return [bytes(im) if isinstance(im, (bytearray, memoryview)) else im for im in images]
+
+
 def _image_bytes(image: Any, i: int) -> bytes:
     """An image as encoded bytes for the codec (which decodes, checks and letterboxes it)."""
     if isinstance(image, bytes):
@@ -238,9 +252,9 @@ def _image_bytes(image: Any, i: int) -> bytes:
         if not path.is_file():
             raise DataError(f"image {i}: {path} does not exist.")
         return path.read_bytes()
-    if getattr(image, "ndim", None) == 3:
+    if getattr(image, "ndim", None) in (2, 3):
         arr = np.asarray(image)
-        if arr.shape[2] != 3 or arr.dtype != np.uint8:
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
             raise DataError(f"image {i} is an array of shape {list(arr.shape)} and dtype {arr.dtype}: give "
                             "H x W x 3 RGB uint8.")
         image = Image.fromarray(arr, "RGB")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -270,7 +270,7 @@ def predict_local(codec: TextCodec, engine: InferenceEngine, texts: Any, batch_s
     """A text or a list of texts -> one Prediction (label, score, probabilities) each."""
     if options:
         raise TypeError(f"{', '.join(sorted(options))}: text models take no options (detection models do).")
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = _text_list(texts)
     if not texts:
         raise DataError("no texts to classify: give a text or a list of texts.")
     require_texts(texts, "give text to classify")
@@ -280,6 +280,19 @@ def predict_local(codec: TextCodec, engine: InferenceEngine, texts: Any, batch_s
         logits = engine.run_items(items)[engine.output_name]
         out += codec.predictions(logits)
     return out
+
+
+def _text_list(texts: Any) -> list[Any]:
+    """What ``predict`` was given, as a list of texts; a type that is neither a text nor a list of them is
+    refused, saying what to pass (not the items of bytes, a mapping's keys or Python's "not iterable")."""
+    if isinstance(texts, str):
+        return [texts]
+    what = f"predict takes a text (a string) or a list of texts (strings), not {type(texts).__name__}"
+    if isinstance(texts, (bytes, bytearray, memoryview)):
+        raise DataError(f"{what}: decode bytes to a string first (e.g. data.decode('utf-8')).")
+    if isinstance(texts, Mapping) or not isinstance(texts, Iterable):
+        raise DataError(f"{what}.")
+    return list(texts)
 
 
 SERVING = ServeFamily(
