@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -122,6 +123,15 @@ class TrainConfig(Section):
         return d
 
 
+def _names_logits(output_name: str) -> bool:
+    """Whether a v2 output's name clearly says it holds logits: one of its words (split at anything but
+    letters and digits) is logit or logits and none says probabilities (prob..., softmax): ``logits``,
+    ``output_logits``, ``logits:0``; not ``probs_from_logits`` nor ``scores``."""
+    words = [w for w in re.split(r"[^a-z0-9]+", output_name.lower()) if w]
+    return any(w in ("logit", "logits") for w in words) and not any(
+        w.startswith("prob") or w == "softmax" for w in words)
+
+
 class TeacherEndpoint(Section):
     """Where one teacher's answers come from; shared by ``teacher`` and each ``teacher.ensemble`` entry."""
 
@@ -188,6 +198,13 @@ class TeacherEndpoint(Section):
         if self.targets == "logits" and self.kind == "model":
             problems.append("targets: a local model (kind 'model') gives its logits either way, so probs and logits "
                             "are the same targets: drop it (or set labels for hard targets)")
+        if self.kind == "v2" and self.targets == "probs" and self.output_name and _names_logits(self.output_name):
+            problems.append(f"output_name: '{self.output_name}' names logits, and targets is probs, so they would be "
+                            "read as probabilities: set targets: logits (or name the endpoint's probability output)")
+        if self.kind == "v2" and self.targets == "labels" and self.labels is not None:
+            problems.append("labels: gives the order of a v2 endpoint's probability or logit outputs, and with targets: "
+                            "labels it answers label names, matched to the data's by name, so nothing reads it: "
+                            "drop it")
         if changed_keys(self, keys=("api_key_header",)) and self.api_key_env is None:
             problems.append("api_key_header: names the header that carries the key of api_key_env, and no "
                             "api_key_env is set: set it (kind edgekd or v2) or drop api_key_header")

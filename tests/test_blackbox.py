@@ -212,6 +212,31 @@ def test_edgekd_v2_and_onnx_teachers_agree_with_the_model(edgekd_server, exporte
     assert labels_box.ask(texts) == want.argmax(axis=1).tolist()
 
 
+@pytest.mark.slow  # the ONNX export of the tiny teacher takes ~10 s (shared with the tests above)
+def test_a_dynamic_int8_onnx_teacher_answers_each_text_as_it_is_served(exported_teacher, tmp_path):
+    """ONNX Runtime's dynamic int8 takes one activation scale per call, padding included: a whole batch in one
+    call gave each text an answer that depended on its neighbours. Each text now runs alone at its own length."""
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgekd.runfolder import sha256_file
+
+    folder = tmp_path / "onnx-int8"
+    shutil.copytree(exported_teacher, folder)
+    meta = json.loads((folder / "artifact.json").read_text())
+    quantize_dynamic(str(exported_teacher / meta["file"]), str(folder / meta["file"]), weight_type=QuantType.QInt8)
+    meta.update(precision="int8-dynamic", sha256=sha256_file(folder / meta["file"]))
+    (folder / "artifact.json").write_text(json.dumps(meta))
+    box = open_black_box(TeacherEndpoint(kind="onnx", path=str(folder), targets="logits"), LABELS, "teacher", FAST)
+    texts = ["good", "the plot was dull and the film far too long for anyone", "fine film", "bland"]
+    alone = np.array([box.ask([t])[0] for t in texts])
+    np.testing.assert_array_equal(np.array(box.ask(texts)), alone)
+    # what one call over the padded batch gives instead
+    together = box.runner.run(box.codec.pad(box.codec.encode(texts)))[box.output]
+    assert np.abs(together - alone).max() > 1e-6
+
+
 @pytest.mark.slow  # the ONNX export of the served model takes ~10 s
 def test_refusals_fail_at_once_with_the_servers_reason(edgekd_server):
     box = open_black_box(TeacherEndpoint(kind="v2", url=edgekd_server.url, model_name="nope"), LABELS, "teacher", FAST)

@@ -5,12 +5,13 @@ test_blackbox.py for the servers)."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from edgekd import testing
-from edgekd.errors import DataError, RecipeError
+from edgekd.errors import DataError, RecipeError, StageError
 from edgekd.recipe import AugmentConfig, UnlabelledConfig, parse_recipe
 from edgekd.teachers.augment import augment_texts
 from edgekd.teachers.cache import AnswerCache
@@ -55,6 +56,50 @@ def test_outputs_become_probabilities_labels_one_hot_and_zeros_stay_finite():
     np.testing.assert_allclose(vote, [[0.5, 0.5]])
     with pytest.raises(ValueError, match="shape"):
         as_probabilities(np.zeros((2, 3)), "probs", 2)
+
+
+@pytest.mark.parametrize("row, why", [
+    ([-1.5, 0.7], r"outside \[0, 1\]"),  # logits under targets: probs (clipping made it [0, 1])
+    ([-1.0, -2.0], r"outside \[0, 1\]"),  # all negative (failed late, 'sums to 0')
+    ([np.nan, 0.5], "not a finite number"),  # NaN went into the targets
+    ([0.3, 0.4], "sum to 0.7, not 1"),  # scores in [0, 1] that are not a distribution (renormalised)
+    ([1.2, 0.0], r"outside \[0, 1\]"),
+])
+def test_answers_under_targets_probs_must_be_probabilities(row, why):
+    outputs = np.array([[0.2, 0.8], row])
+    with pytest.raises(ValueError, match=f"text 1, got .*{why}.*set teacher.targets to logits") as e:
+        as_probabilities(outputs, "probs", 2)
+    assert isinstance(e.value, StageError)  # an edgekd error: the CLI prints it without a traceback
+    with pytest.raises(ValueError, match=r"set teacher\.ensemble\[0\]\.targets to logits"):  # the stage names it
+        as_probabilities(outputs, "probs", 2, "teacher.ensemble[0]")
+    # rounding is not refused: a value a hair outside [0, 1] is clipped, a row a hair off 1 renormalised
+    p = as_probabilities(np.array([[1.0004, 0.0], [0.5, 0.49]]), "probs", 2)
+    np.testing.assert_allclose(p, [[1.0, 0.0], [0.5 / 0.99, 0.49 / 0.99]])
+
+
+def test_a_v2_teacher_answering_logits_under_targets_probs_is_refused_before_anything_is_cached(tmp_path):
+    """The check runs on every batch as it arrives, so a wrong targets stops the stage at the first request
+    instead of after every text was asked, and no answer of the wrong kind lands in the cache."""
+    from edgekd.recipe import TeacherClientConfig, TeacherEndpoint
+    from edgekd.teachers.sources import ask_all, open_black_box
+
+    box = open_black_box(TeacherEndpoint(kind="v2", url="http://teacher:8000", model_name="m", output_name="scores",
+                                         labels=["negative", "positive"]), ["negative", "positive"], "teacher",
+                         TeacherClientConfig())
+
+    class Answers:  # the endpoint, without HTTP: scores of any sign
+        def request(self, method, path, json=None):
+            n = len(json["inputs"][0]["data"])
+            return {"outputs": [{"name": "scores", "data": [x for _ in range(n) for x in (-1.5, 0.7)]}]}
+
+        def close(self):
+            return None
+
+    box.client = Answers()
+    cache = AnswerCache(tmp_path, box.identity)
+    with pytest.raises(StageError, match="not probabilities .* set teacher.targets to logits"):
+        ask_all(box, ["a", "b", "c"], cache, batch_size=2)
+    assert len(cache) == 0 and not cache.path.exists()
 
 
 # --- the answer cache -------------------------------------------------------------------------------------------
@@ -124,6 +169,28 @@ def test_black_box_recipe_keys_are_checked_per_kind():
     with pytest.raises(RecipeError, match="model: kind 'model' needs it"):
         parse_recipe({"teacher": {"ensemble": [{"kind": "model"}]}})
 
+def test_a_v2_output_named_logits_under_targets_probs_and_unread_v2_labels_are_refused():
+    v2 = {"kind": "v2", "url": "http://h:8000", "model_name": "m"}
+    for name in ("logits", "output_logits", "Logits:0"):
+        with pytest.raises(RecipeError, match=f"output_name: '{name}' names logits, and targets is probs.*targets: logits"):
+            parse_recipe({"teacher": {**v2, "output_name": name}})
+        with pytest.raises(RecipeError, match="names logits"):  # an ensemble member too
+            parse_recipe({"teacher": {"ensemble": [{**v2, "output_name": name, "targets": "probs"}]}})
+        assert parse_recipe({"teacher": {**v2, "output_name": name, "targets": "logits"}}).teacher.output_name == name
+    for name in ("probabilities", "scores", "probs_from_logits", "logit_softmax", "output"):
+        assert parse_recipe({"teacher": {**v2, "output_name": name}}).teacher.output_name == name
+    # with targets: labels a v2 endpoint answers label names, matched by name: teacher.labels is never read
+    with pytest.raises(RecipeError, match="labels: gives the order of a v2 endpoint's .* so nothing reads it: drop it"):
+        parse_recipe({"teacher": {**v2, "targets": "labels", "labels": ["negative", "positive"]}})
+    with pytest.raises(RecipeError, match="nothing reads it"):
+        parse_recipe({"teacher": {"ensemble": [{**v2, "targets": "labels", "labels": ["negative", "positive"]}]}})
+    # where it is read: the order of a v2 endpoint's vectors, an ONNX export's logits (then argmax for labels)
+    assert parse_recipe({"teacher": {**v2, "labels": ["negative", "positive"]}}).teacher.labels
+    assert parse_recipe({"teacher": {"kind": "onnx", "path": "x", "targets": "labels",
+                                     "labels": ["negative", "positive"]}}).teacher.labels
+    assert parse_recipe({"teacher": {**v2, "targets": "labels"}}).teacher.targets == "labels"
+
+
 
 def test_the_documented_recipe_examples_are_valid():
     import textwrap
@@ -171,6 +238,66 @@ def test_default_recipe_fingerprints_do_not_change_with_the_new_keys(tmp_path):
     assert teacher_fingerprint(Ctx) == asked_once
     Ctx.recipe = parse_recipe({"output_dir": str(tmp_path), "distill": {"rounds": 2}})
     assert stage_fingerprint(Ctx, "distill") != legacy_distill
+
+
+# --- black-box sources ------------------------------------------------------------------------------------------
+class ScalePerCall:
+    """An ONNX runner stand-in that computes like dynamic int8: one scale per call over the whole input,
+    padding included, so a row's answer depends on the rows and the width it is run with."""
+
+    input_names = ["input_ids", "attention_mask"]
+    output_names = ["logits"]
+
+    def __init__(self):
+        self.calls: list[tuple[int, ...]] = []
+
+    def run(self, inputs):
+        ids = inputs["input_ids"].astype(np.float64)
+        self.calls.append(ids.shape)
+        x = ids.sum(axis=1) / np.abs(ids).max() / ids.shape[1]
+        return {"logits": np.stack([x, -x], axis=1).astype(np.float32)}
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "fp32"])
+def test_an_onnx_teacher_of_a_row_dependent_precision_answers_each_text_alone(tmp_path, monkeypatch, precision):
+    """As the server and the parity check run such an artifact: one row per call at its own length, so a text's
+    cached answer does not depend on the texts asked beside it; other artifacts still run a batch per call."""
+    from transformers import BertTokenizerFast
+
+    from edgekd.recipe import TeacherClientConfig, TeacherEndpoint
+    from edgekd.teachers.sources import open_black_box
+    from edgekd.teachers.stage import input_digests
+    from edgekd.testing import write_vocab
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    BertTokenizerFast(vocab_file=str(write_vocab(folder / "vocab.txt")), do_lower_case=True).save_pretrained(folder)
+    meta = {"file": "model.onnx", "precision": precision, "max_length": 16, "labels": ["negative", "positive"],
+            "sha256": "0" * 64}
+    (folder / "artifact.json").write_text(json.dumps(meta))
+    runner = ScalePerCall()
+    # Modules that bind load_artifact when first imported (serving.model) are imported before it is replaced.
+    import edgekd.export.parity
+    import edgekd.serving.codec
+    import edgekd.tasks.text.codec  # noqa: F401
+
+    monkeypatch.setattr("edgekd.export.stage.load_artifact", lambda f, **kw: (runner, meta))
+    box = open_black_box(TeacherEndpoint(kind="onnx", path=str(folder), targets="logits"), ["negative", "positive"],
+                         "teacher", TeacherClientConfig())
+    texts = ["good", "the plot was dull and the film far too long", "fine film"]
+    batch = box.ask(texts)
+    lengths = [len(ids) for ids, _ in box.codec.tokenizer.encode(texts)]
+    if precision == "int8-dynamic":
+        assert runner.calls == [(1, n) for n in lengths]  # one row per call, each at its own length
+        assert box.identity["rows_per_call"] == 1  # not the answers of whole batches cached before
+    else:
+        assert runner.calls == [(3, max(lengths))] and "rows_per_call" not in box.identity
+    alone = [box.ask([t])[0] for t in texts]
+    assert (np.allclose(batch, alone)) == (precision == "int8-dynamic")
+    # a finished teacher stage of such an export is redone (its targets came from whole batches)
+    cfg = parse_recipe({"teacher": {"kind": "onnx", "path": str(folder)}}).teacher
+    digest = input_digests(cfg)["teacher"]
+    assert isinstance(digest, dict) == (precision == "int8-dynamic")
 
 
 # --- unlabelled texts -------------------------------------------------------------------------------------------
@@ -221,6 +348,69 @@ def test_several_unlabelled_sources_are_read_in_order_as_one_set(tmp_path):
     assert [p for p in check_inputs(r) if p.startswith("teacher.unlabelled")] == [
         f"teacher.unlabelled.dataset: the file {tmp_path / 'no.txt'} does not exist",
         f"teacher.unlabelled.dataset: the file {tmp_path / 'none.csv'} does not exist"]
+
+def test_unlabelled_tables_are_read_by_the_labelled_data_reader(tmp_path):
+    """Quoted line breaks stay inside their text, U+2028 and U+0085 do not end a line, a row with an unquoted
+    comma and a quote never closed are errors (they were read line by line with str.splitlines)."""
+    from edgekd.recipe_check import check_inputs
+
+    def texts(name: str, content: str, **cfg) -> list[str]:
+        path = tmp_path / name
+        path.write_bytes(content.encode())
+        return load_unlabelled(UnlabelledConfig(dataset=str(path), **cfg), []).texts
+
+    assert texts("quoted.csv", 'text\n"line one\nline two"\n"a, b"\nplain\n') == [
+        "line one\nline two", "a, b", "plain"]  # was 'line oneline two'
+    assert texts("crlf.tsv", 'id\ttext\r\n1\t"first\r\nsecond"\r\n2\tthird\r\n') == ["first\r\nsecond", "third"]
+    odd = "one\u2028two\x85three"  # a line separator and a NEL inside one text
+    assert texts("odd.csv", f"text\n{odd}\nnext\n") == [odd, "next"]
+    assert texts("odd.txt", f"{odd}\nnext\r\nlast\n") == [odd, "next", "last"]
+    assert texts("odd.jsonl", json.dumps({"text": odd}, ensure_ascii=False) + "\n") == [odd]
+    for name, content, why in [
+        ("stray.csv", 'text\nfine\n"stray opening\nnext text\nlast text\n', "row 2 .*runs on to the end of the file"),
+        ("stray-last.csv", 'id,text\n1,fine\n2,"stray\n3,next\n', "row 2 .*runs on to the end of the file"),
+        ("stray-first.csv", 'text,id\nfine,1\n"stray,2\nnext,3\n', "no value for column.*'id'"),
+        ("comma.csv", "id,text\n1,funny, warm and smart\n", "more fields than the header"),
+    ]:
+        with pytest.raises(DataError, match=f"teacher.unlabelled.dataset: .*{name}.*{why}"):
+            texts(name, content)
+        # refused before any stage runs, as the teacher stage reads it
+        r = parse_recipe({"name": "x", "data": {"dataset": "rotten-tomatoes"},
+                          "teacher": {"unlabelled": {"dataset": str(tmp_path / name)}}})
+        problems = [p for p in check_inputs(r) if p.startswith("teacher.unlabelled")]
+        assert len(problems) == 1 and "cannot be read" in problems[0] and re.search(why, problems[0]), problems
+    # a quoted multi-line last text that is closed is not a stray quote, trailing spaces or not
+    assert texts("closed.csv", 'text\nfine\n"two\nlines"  \n\n') == ["fine", "two\nlines"]
+
+
+def test_unlabelled_files_the_teacher_stage_cannot_read_and_an_unread_text_column_are_refused_up_front(tmp_path):
+    """An unsupported type failed in the teacher stage, after the teacher was fine-tuned; text_column was
+    accepted where no file with columns is named."""
+    from edgekd.recipe_check import check_inputs
+
+    def problems(dataset, **keys) -> list[str]:
+        r = parse_recipe({"name": "x", "data": {"dataset": "rotten-tomatoes"},
+                          "teacher": {"unlabelled": {"dataset": dataset, **keys}}})
+        return [p for p in check_inputs(r) if p.startswith("teacher.unlabelled")]
+
+    sheet, txt, table = tmp_path / "more.xlsx", tmp_path / "more.txt", tmp_path / "more.csv"
+    sheet.write_bytes(b"PK\x03\x04")
+    txt.write_text("one\ntwo\n")
+    table.write_text("review\nthree\n")
+    assert problems(str(sheet)) == [f"teacher.unlabelled.dataset: {sheet} has an unsupported type '.xlsx' "
+                                    "(supported: .csv, .tsv, .jsonl, .json, .txt)"]
+    assert problems(str(tmp_path / "missing.parquet"))[0].endswith("unsupported type '.parquet' (supported: .csv, "
+                                                                   ".tsv, .jsonl, .json, .txt)")
+    with pytest.raises(DataError, match="unsupported type '.xlsx'"):  # what the teacher stage would have said
+        load_unlabelled(UnlabelledConfig(dataset=str(sheet)), [])
+    unread = ("teacher.unlabelled.text_column: names the text column of a .csv/.tsv/.jsonl/.json file, and "
+              "teacher.unlabelled.dataset names none")
+    for dataset in (str(txt), "tweet-snippets", ["tweet-snippets", str(txt)]):
+        assert [p[:len(unread)] for p in problems(dataset, text_column="review")] == [unread]
+        assert problems(dataset) == []
+    assert problems([str(txt), str(table)], text_column="review") == []  # the .csv reads it
+    assert problems(str(table)) == [f"teacher.unlabelled.text_column: {table} has no column 'text' (columns: review)"]
+
 
 
 def test_the_general_domain_sets_are_read_whole_from_their_pinned_files(tmp_path, monkeypatch):

@@ -11,10 +11,21 @@ from typing import Literal
 
 import numpy as np
 
+from edgekd.errors import StageError
+
 # Smallest probability kept before the log: a zero would become -inf and the KL term NaN.
 PROB_FLOOR = 1e-12
+# How far a teacher's probabilities may stray from [0, 1] and their rows' sums from 1 (JSON rounding of
+# each value, float16 outputs) before they are not taken for probabilities: logits, log-probabilities or
+# scores answered under targets: probs would otherwise be clipped into made-up targets.
+PROB_VALUE_TOL = 1e-3
+PROB_SUM_TOL = 0.02
 
 Targets = Literal["probs", "logits", "labels"]
+
+
+class NotProbabilitiesError(StageError, ValueError):
+    """A teacher under ``targets: probs`` answered values that are not probabilities."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -24,8 +35,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def as_probabilities(outputs: np.ndarray, targets: Targets, num_labels: int) -> np.ndarray:
-    """One teacher's answers as an (n, num_labels) probability matrix (labels become one-hot rows)."""
+def check_probabilities(rows: np.ndarray, where: str = "teacher") -> None:
+    """Refuse (n, K) rows that are not probabilities: a value not finite or outside [0, 1], or a row whose sum
+    is not 1, beyond the small tolerances above. Such rows are logits or scores (targets: logits)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    finite = np.isfinite(rows).all(axis=1)
+    in_range = ((rows >= -PROB_VALUE_TOL) & (rows <= 1 + PROB_VALUE_TOL)).all(axis=1)
+    sums = np.where(np.isfinite(rows), rows, 0.0).sum(axis=1)
+    summed = np.abs(sums - 1.0) <= PROB_SUM_TOL
+    bad = np.flatnonzero(~(finite & in_range & summed))
+    if not len(bad):
+        return
+    i = int(bad[0])
+    why = ("a value that is not a finite number" if not finite[i] else
+           "a value outside [0, 1]" if not in_range[i] else f"values that sum to {sums[i]:.4g}, not 1")
+    row = ", ".join(f"{v:.4g}" for v in rows[i][:8]) + (", ..." if rows.shape[1] > 8 else "")
+    raise NotProbabilitiesError(
+        f"{where} (targets: probs) answered values that are not probabilities for {len(bad)} of {len(rows)} "
+        f"texts: the first, text {i}, got [{row}], {why}. If the teacher's output holds logits (scores of any "
+        f"sign that need a softmax), set {where}.targets to logits; otherwise read its probability output "
+        "(kind v2: output_name).")
+
+
+def as_probabilities(outputs: np.ndarray, targets: Targets, num_labels: int, where: str = "teacher") -> np.ndarray:
+    """One teacher's answers as an (n, num_labels) probability matrix (labels become one-hot rows).
+
+    Under ``probs`` the answers must be probabilities (``check_probabilities``); rows a hair off 1 (JSON
+    rounding) are renormalised."""
     out = np.asarray(outputs)
     if targets == "labels":
         labels = out.astype(np.int64).reshape(-1)
@@ -36,11 +72,9 @@ def as_probabilities(outputs: np.ndarray, targets: Targets, num_labels: int) -> 
         raise ValueError(f"expected teacher outputs of shape (n, {num_labels}), got {list(out.shape)}")
     if targets == "logits":
         return softmax(out)
-    probs = np.clip(out.astype(np.float64), 0.0, None)
-    total = probs.sum(axis=1, keepdims=True)
-    if (total <= 0).any():
-        raise ValueError("a teacher returned a probability row that sums to 0")
-    return probs / total  # JSON rounding leaves rows a hair off 1
+    check_probabilities(out, where)
+    probs = np.clip(out.astype(np.float64), 0.0, 1.0)
+    return probs / probs.sum(axis=1, keepdims=True)  # JSON rounding leaves rows a hair off 1
 
 
 def combine(

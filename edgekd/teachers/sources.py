@@ -20,6 +20,7 @@ from edgekd.recipe import TeacherClientConfig, TeacherEndpoint
 from edgekd.runfolder import sha256_file
 from edgekd.teachers.cache import AnswerCache
 from edgekd.teachers.client import TeacherClient, TeacherRequestError, api_key_headers
+from edgekd.teachers.combine import check_probabilities, softmax
 
 Answer = Any  # list[float] (probs/logits, data label order) or int (label index)
 
@@ -61,9 +62,14 @@ def _identity(endpoint: TeacherEndpoint, data_labels: list[str], **extra: Any) -
 
 
 class OnnxTeacher:
-    """An exported folder, run here with the project's ONNX runner and the server's tokenizer code."""
+    """An exported folder, run here with the project's ONNX runner and the server's tokenizer code.
+
+    A batch of texts runs as one call, except for an artifact whose rows depend on each other (dynamic
+    int8: activation scales per call, padding included): each text then runs alone at its own length, as
+    the server runs it, so a text's cached answer does not depend on the texts asked beside it."""
 
     def __init__(self, endpoint: TeacherEndpoint, data_labels: list[str], where: str, threads: int | None = None):
+        from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
         from edgekd.export.base import ARTIFACT_META
         from edgekd.export.stage import load_artifact
         from edgekd.serving.codec import label_names
@@ -75,26 +81,31 @@ class OnnxTeacher:
             raise RecipeError([f"{where}.path: {path} is not an export folder (no {ARTIFACT_META}); export the "
                                "teacher with `edgekd export` or edgekd.teachers.export_classifier first"])
         self.runner, meta = load_artifact(folder, threads=threads)
+        self.precision = meta.get("precision")
         self.where, self.targets, self.data_labels = where, endpoint.targets, data_labels
         self.labels = list(endpoint.labels or label_names(meta))
         self.codec = TextCodec.from_folder(folder, max_length=int(meta["max_length"]), overflow="truncate",
                                            input_names=self.runner.input_names, labels=self.labels)
         outputs = self.runner.output_names
         self.output = "logits" if "logits" in outputs else outputs[0]
+        # One text per call gives other answers than the whole batches cached before: a cache of its own.
+        alone = {"rows_per_call": 1} if str(self.precision) in ROW_DEPENDENT_PRECISIONS else {}
         self.identity = _identity(endpoint, data_labels, artifact_sha256=meta.get("sha256") or
-                                  sha256_file(folder / meta["file"]))
+                                  sha256_file(folder / meta["file"]), **alone)
         self.seconds = 0.0
 
     def ask(self, texts: list[str]) -> list[Answer]:
+        from edgekd.export.parity import run_as_served
+
         t0 = time.perf_counter()
-        logits = np.asarray(self.runner.run(self.codec.pad(self.codec.encode(texts)))[self.output], dtype=np.float64)
+        inputs = self.codec.pad(self.codec.encode(texts))
+        outputs = run_as_served(self.runner.run, inputs, len(texts), self.precision)
+        logits = np.asarray(outputs[self.output], dtype=np.float64)
         self.seconds += time.perf_counter() - t0
         logits = reorder(logits, self.labels, self.data_labels, self.where)
         if self.targets == "labels":
             return [int(k) for k in logits.argmax(axis=1)]
         if self.targets == "probs":
-            from edgekd.teachers.combine import softmax
-
             return softmax(logits).tolist()
         return logits.tolist()
 
@@ -130,6 +141,7 @@ class EdgeKDTeacher:
         rows = np.asarray([[row.get(n, np.nan) for n in names] for row in probs], dtype=np.float64)
         if np.isnan(rows).any():
             raise TeacherRequestError(f"{self.where}: /predict gave probabilities for different labels per text.")
+        check_probabilities(rows, self.where)  # before the answers are cached
         return reorder(rows, names, self.data_labels, self.where).tolist()
 
     def stats(self) -> dict[str, Any]:
@@ -187,7 +199,10 @@ class V2Teacher:
         if vectors.size != len(texts) * len(labels):
             raise TeacherRequestError(f"{self.where}: output '{self.output}' has {vectors.size} values for "
                                       f"{len(texts)} texts x {len(labels)} labels.")
-        return reorder(vectors.reshape(len(texts), len(labels)), labels, self.data_labels, self.where).tolist()
+        vectors = reorder(vectors.reshape(len(texts), len(labels)), labels, self.data_labels, self.where)
+        if self.targets == "probs":  # refused at the first batch, before any answer is cached
+            check_probabilities(vectors, self.where)
+        return vectors.tolist()
 
     def stats(self) -> dict[str, Any]:
         return self.client.stats.as_dict()

@@ -53,6 +53,9 @@ def input_digests(cfg: TeacherConfig) -> dict[str, Any]:
             path = Path(str(m.path)).expanduser()
             meta = (path.parent if path.is_file() else path) / "artifact.json"
             out[member_name(i)] = sha256_file(meta) if meta.is_file() else None
+            if out[member_name(i)] and _rows_depend_on_each_other(meta):
+                # asked one text per call (whole batches before): a stage recorded earlier redoes its targets
+                out[member_name(i)] = {"artifact.json": out[member_name(i)], "rows_per_call": 1}
         elif m.kind == "model" and i > 0 and local_model_digest(m.model):  # the teacher's own: teacher_fingerprint
             out[member_name(i)] = local_model_digest(m.model)
     files = [Path(src).expanduser() for src in cfg.unlabelled.sources()]
@@ -61,6 +64,17 @@ def input_digests(cfg: TeacherConfig) -> dict[str, Any]:
         digests = [sha256_file(f) for f in files]
         out["unlabelled"] = digests[0] if isinstance(cfg.unlabelled.dataset, str) else digests
     return out
+
+
+def _rows_depend_on_each_other(artifact_json: Path) -> bool:
+    """Whether the export's precision makes a row's output depend on the rows beside it (dynamic int8)."""
+    from edgekd.devices.remote_runner import ROW_DEPENDENT_PRECISIONS
+
+    try:
+        meta = json.loads(artifact_json.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("precision")) in ROW_DEPENDENT_PRECISIONS
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -160,7 +174,7 @@ def label_with_teachers(ctx: RunContext, primary: nn.Module | None) -> tuple[dic
             info.update(asked=asked.asked, from_cache=asked.from_cache, cache_file=str(cache.path.name),
                         **box.stats())
             kind, answers = m.targets, asked.outputs
-        p = as_probabilities(answers, kind, len(labels))  # type: ignore[arg-type]
+        p = as_probabilities(answers, kind, len(labels), where)  # type: ignore[arg-type]
         info["validation"] = ctx.task.metrics({"logits": p[rows["validation"]]}, ctx.splits.labels("validation"))
         info["seconds"] = round(time.perf_counter() - t0, 2)
         probs.append(p)

@@ -19,6 +19,8 @@ from edgekd.recipe import DataConfig, UnlabelledConfig
 from edgekd.runfolder import sha256_file
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".txt")
+COLUMN_FORMATS = (".csv", ".tsv", ".jsonl", ".json")  # read with text_column; a .txt file is one text per line
+TABLES = {".csv": ",", ".tsv": "\t"}
 
 
 @dataclass
@@ -38,6 +40,47 @@ def normal_text(text: str) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
 
 
+def read_rows(path: Path) -> tuple[list[str], list[Any]]:
+    """Columns and rows of a .csv/.tsv/.jsonl/.json file as the unlabelled texts are read: a table by the
+    labelled data's reader (``edgekd.data._read_table``: quoted line breaks kept, rows with extra fields and
+    unbalanced quotes refused), JSON as a list of objects or one object per line. A file that cannot be
+    read so is a DataError naming it."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TABLES:
+            return _read_table_file(path)
+        text = path.read_text(encoding="utf-8-sig")  # universal newlines: every line break is \n
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}).") from e
+    try:  # lines end at \n only: U+2028 or U+0085 inside a text do not end it
+        rows = json.loads(text) if suffix == ".json" and text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.split("\n") if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}).") from e
+    return sorted({k for r in rows if isinstance(r, dict) for k in r}), rows
+
+
+def _read_table_file(path: Path) -> tuple[list[str], list[Any]]:
+    from edgekd.data import _read_table
+
+    try:
+        columns, numbered = _read_table(path, TABLES[path.suffix.lower()])
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed {path.suffix.lower()[1:].upper()} ({e}).") from e
+    rows = [row for _, row in numbered]
+    # A quote opened in the last column and never closed runs to the end of the file as one text, with no
+    # column left without a value for _read_table to notice: such a text holds a line break (only a quoted
+    # field can) and the file does not end with the quote that would close it.
+    last = [v for v in rows[-1].values() if isinstance(v, str)] if rows else []
+    if last and ("\n" in last[-1] or "\r" in last[-1]) and not path.read_bytes().rstrip().endswith(b'"'):
+        start = " ".join(last[-1].split())[:40]
+        raise DataError(f"{path}: row {len(rows)} (starting {start!r}) runs on to the end of the file inside a "
+                        "quoted text: most likely an unbalanced quote (\") at its start made every line after it one "
+                        "text. Close the quote, or quote the whole text and double each quote inside it (\"\"); a "
+                        "quote that only appears inside a text can also be removed.")
+    return columns, rows
+
+
 def _read_file(path: Path, column: str) -> list[str]:
     where = "teacher.unlabelled"
     suffix = path.suffix.lower()
@@ -46,22 +89,13 @@ def _read_file(path: Path, column: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"{where}.dataset: the file {path} does not exist.")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        if suffix == ".txt":  # universal newlines; lines end at \n only: U+2028 or U+0085 do not split a text
+            return [line for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
+        columns, rows = read_rows(path)
     except UnicodeDecodeError as e:
         raise DataError(f"{where}.dataset: {path} is not UTF-8 text ({e}).") from e
-    if suffix == ".txt":
-        return [line for line in text.splitlines() if line.strip()]
-    if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="," if suffix == ".csv" else "\t")
-        rows: list[Any] = list(reader)
-        columns = list(reader.fieldnames or [])
-    else:
-        try:
-            rows = json.loads(text) if suffix == ".json" and text.lstrip().startswith("[") else [
-                json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}.dataset: {path} is not valid JSON ({e}).") from e
-        columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
+    except DataError as e:
+        raise DataError(f"{where}.dataset: {e}") from e
     if column not in columns:
         raise DataError(f"{where}.dataset: {path} has no column '{column}' (columns: {', '.join(columns) or 'none'}); "
                         f"set {where}.text_column.")

@@ -109,26 +109,38 @@ def _load_local_cached(path: Path, file_state: tuple, text_column: str, label_co
 
 
 def _check_unlabelled(recipe: Recipe) -> list[str]:
+    """Each unlabelled file is of a type the teacher stage reads and read as it reads it (so a bad file stops the
+    run before the teacher is fine-tuned); text_column is set only where a file with columns is named."""
     from edgekd import assets
-    from edgekd.data import FILE_FORMATS
+    from edgekd.teachers.unlabelled import COLUMN_FORMATS, FORMATS, read_rows
 
     u = recipe.teacher.unlabelled
     problems = []
+    with_columns = False
     for name in u.sources():
         if assets.is_named_asset(name):
             continue
         path = Path(name).expanduser()
-        if not path.is_file():
+        suffix = path.suffix.lower()
+        with_columns |= suffix in COLUMN_FORMATS
+        if suffix not in FORMATS and (path.is_file() or suffix):
+            problems.append(f"teacher.unlabelled.dataset: {path} has an unsupported type '{path.suffix}' "
+                            f"(supported: {', '.join(FORMATS)})")
+        elif not path.is_file():
             problems.append(f"teacher.unlabelled.dataset: the file {path} does not exist")
-        elif path.suffix.lower() in FILE_FORMATS:
+        elif suffix in COLUMN_FORMATS:
             try:
-                columns = _columns(path)
+                columns = read_rows(path)[0]
             except (EdgeKDError, UnicodeDecodeError, ValueError) as e:
                 problems.append(f"teacher.unlabelled.dataset: {path} cannot be read: {e}")
                 continue
             if u.text_column not in columns:
                 problems.append(f"teacher.unlabelled.text_column: {path} has no column '{u.text_column}' "
                                 f"(columns: {', '.join(map(str, columns)) or 'none'})")
+    if u.dataset is not None and not with_columns and changed_keys(u, keys=("text_column",)):
+        problems.append(f"teacher.unlabelled.text_column: names the text column of a {'/'.join(COLUMN_FORMATS)} "
+                        "file, and teacher.unlabelled.dataset names none (a .txt file is one text per line, a named "
+                        "dataset is read with its own columns), so nothing reads it: remove it")
     return problems
 
 
