@@ -115,7 +115,9 @@ def _read_json(path: Path, jsonl: bool) -> tuple[list[str], list[tuple[int, dict
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e}). Give a list of objects or one object per line.") from e
     else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # Lines end at \n alone: str.splitlines also breaks at U+2028, U+0085 ..., which JSON writes unescaped
+        # inside strings (json.dumps(..., ensure_ascii=False)).
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -153,6 +153,15 @@ def test_csv_tsv_jsonl_and_json_load_alike(tmp_path):
         assert ex.sha256 and ex.source.startswith("file:") and ex.predefined_splits is None
 
 
+def test_a_jsonl_text_holding_a_line_separator_stays_one_row(tmp_path):
+    """JSON writes U+2028 and U+0085 unescaped with ensure_ascii=False; str.splitlines broke the row there."""
+    rows = [{"text": f"review {i}\u2028second line\x85third", "label": ["neg", "pos"][i % 2]} for i in range(12)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    ex = load_examples(DataConfig(dataset=str(path)))
+    assert ex.texts == [r["text"] for r in rows]
+
+
 def test_other_columns_and_integer_labels(tmp_path):
     rows = [{"sentence": f"s{i}", "y": i % 3} for i in range(9)]
     path = tmp_path / "d.jsonl"
