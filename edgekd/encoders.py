@@ -248,7 +248,7 @@ def build_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
                            + "; ".join(wrong) + ". Pick teacher layers whose kind matches their new position."])
     cfg = student_config(teacher.config, fam, layers)
     student = type(teacher)(cfg)  # heads pruned through Hugging Face (config.pruned_heads) are gone already
-    _shape_like_teacher_blocks(student, cfg, fam)
+    shape_like_teacher_blocks(student, cfg, fam)
     prefix = block_prefix(teacher, fam)
     src = teacher.state_dict()
     new_sd = {}
@@ -295,7 +295,7 @@ def student_config(config: Any, fam: EncoderFamily, layers: list[int]) -> Any:
     return cfg
 
 
-def _shape_like_teacher_blocks(student: nn.Module, cfg: Any, fam: EncoderFamily) -> None:
+def shape_like_teacher_blocks(student: nn.Module, cfg: Any, fam: EncoderFamily) -> None:
     """Slice a freshly built student as its config records (heads edgekd sliced, unequal FFN widths), the
     way ``edgekd.pruning.load_pruned_model`` rebuilds a pruned folder, so the teacher's tensors fit."""
     from edgekd.pruning.encoder import FFN_SIZES_KEY, slice_heads, slice_neurons, slice_shared_head_tables

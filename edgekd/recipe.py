@@ -497,9 +497,11 @@ class PruneConfig(Section):
     )
     scope: Literal["per_layer", "global"] = Field(
         "per_layer",
-        description="per_layer: every layer loses the same share (equal FFN widths, so the saved model "
-        "reloads with plain from_pretrained); global: rank across layers (scores normalised per layer), "
-        "so layers end up with different widths (reload with edgekd.pruning.load_pruned_model). Families "
+        description="per_layer: every layer loses the same share (keep_params, a search), or an even split of "
+        "remove_heads/remove_neurons whose remainder goes one each to some layers (remove_neurons 10 over 3 "
+        "layers of 64: 60, 61, 61); global: rank across layers (scores normalised per layer), so layers end up "
+        "with different widths. Equal FFN widths reload with plain from_pretrained, unequal ones (written as "
+        "ffn_sizes_per_layer) with edgekd.pruning.load_pruned_model. Families "
         "whose layers share per-head weights (MPNet's relative-position bias) lose the same heads in every "
         "layer, ranked by importance summed over layers, whichever scope. Method unstructured: per_layer "
         "zeroes the same share of every layer's weights, global ranks all of them together.",
@@ -519,7 +521,10 @@ class PruneConfig(Section):
         "residual stream (embeddings, every LayerNorm, every projection's input or output) to this many "
         "dimensions, the least important ones removed (prune.importance), after the heads and neurons and "
         "before the recovery. A whole number of attention heads wide (BERT-layout families: BERT, MiniLM, "
-        "RoBERTa, XLM-R, ELECTRA); every layer's kept heads must fit in it. None: the width stays.",
+        "RoBERTa, XLM-R, ELECTRA); every layer's kept heads must fit in it, counted from the target before "
+        "any training (scope global: importance picks the layers that lose heads, so up front only a width no "
+        "choice fits is refused; the stage checks its choice before it removes anything). None: the width "
+        "stays.",
     )
     target_latency_ms: float | None = Field(
         None, gt=0,
@@ -637,7 +642,9 @@ class PruneConfig(Section):
     )
     recover_epochs: float = Field(
         1.0, ge=0, description="Epochs of distillation from the teacher after each pruning round (0 = none); "
-        "uses the distill section's loss settings and learning rate (see recover_alpha and recover_lr).",
+        "uses the distill section's loss settings and learning rate (see recover_alpha and recover_lr). With 0 "
+        "and no search's final_recover_epochs no recovery trains, and the recover_* keys are refused (those of "
+        "its loss not with score_loss: recovery, which scores with that loss).",
     )
     recover_ema_decay: float | None = Field(
         None, gt=0, lt=1,
@@ -655,9 +662,10 @@ class PruneConfig(Section):
         "weights, each on its own batch order (seed + 7919 x copy), and ends on the mean of their weights "
         "(a uniform model soup). Costs that many times the recovery's training; 1: one copy.",
     )
-    min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps at least.")
+    min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps at least (with prune_heads).")
     min_neurons_fraction: float = Field(
-        0.1, gt=0, le=1, description="Share of its original FFN neurons every layer keeps at least."
+        0.1, gt=0, le=1, description="Share of its original FFN neurons every layer keeps at least (with "
+        "prune_neurons)."
     )
     max_channel_ratio: float = Field(
         0.9, gt=0, lt=1,
@@ -778,6 +786,28 @@ class PruneConfig(Section):
         if "score_batches" in changed and (self.importance == "magnitude" or self.method == "unstructured"):
             problems.append("prune.score_batches sets how many batches score importance by gradients (taylor, "
                             "fisher); magnitude importance and method 'unstructured' read none: drop it")
+        if self.method == "heads-ffn":
+            for key, units, off in (("min_heads_per_layer", "heads", "prune_heads"),
+                                    ("min_neurons_fraction", "FFN neurons", "prune_neurons")):
+                if key in changed and not getattr(self, off):
+                    problems.append(f"prune.{key} is the floor of every layer's {units} when they are removed, and "
+                                    f"prune.{off} is false, so none are: drop it or set prune.{off}: true")
+        if self.recover_epochs == 0 and self.final_recover_epochs == 0:
+            none_trains = ("no recovery trains (prune.recover_epochs is 0, and no search sets "
+                           "prune.final_recover_epochs)")
+            trains = changed_keys(self, keys=("recover_lr", "recover_ema_decay", "recover_soup"), prefix="prune.")
+            if trains:
+                problems.append(f"{', '.join(trains)} shape(s) how every recovery trains, and {none_trains}: drop "
+                                f"{it_or_them(trains)} or set prune.recover_epochs above 0")
+            # prune.score_loss: recovery scores the heads and neurons with the recovery's loss, recovery or not
+            loss = [] if self.score_loss == "recovery" else changed_keys(
+                self, keys=("recover_soft_targets", "recover_alpha", "recover_temperature", "recover_hidden_weight"),
+                prefix="prune.")
+            if loss:
+                problems.append(f"{', '.join(loss)} shape(s) the recovery's loss, and nothing uses that loss: "
+                                f"{none_trains}, and prune.score_loss is labels (importance is scored on the hard "
+                                f"labels): drop {it_or_them(loss)}, set prune.recover_epochs above 0, or score with "
+                                "it (prune.score_loss: recovery, method heads-ffn, importance taylor or fisher)")
         return problems
 
 

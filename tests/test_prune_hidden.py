@@ -239,8 +239,15 @@ def _weights(m) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kw, says", [
-    ({"remove_neurons": 10, "hidden_size": 16}, "room for 2 heads of 8.*would keep 4"),  # no head may go
+    ({"remove_neurons": 10, "hidden_size": 16}, "room for 2 heads of 8, but no head is removed"),  # no head may go
     ({"keep_params": 0.5, "prune_heads": False, "hidden_size": 16}, "room for 2 heads of 8"),
+    # heads go, but not enough: what the target's step leaves is counted before anything changes
+    ({"keep_params": 0.9, "hidden_size": 16}, "but no head is removed .* a layer keeps 4"),  # 0.9 rounds to none
+    ({"keep_params": 0.8, "hidden_size": 16}, r"would keep 3 after the target's step \(heads per layer: "
+                                             r"\[4, 4, 4\] -> \[3, 3, 3\]\)"),
+    ({"remove_heads": 3, "hidden_size": 16}, "would keep 3 after the target's step"),
+    ({"keep_params": 0.5, "min_heads_per_layer": 3, "hidden_size": 16}, "would keep 3 after the target's step"),
+    ({"remove_heads": 5, "scope": "global", "hidden_size": 16}, r"would keep 3 at least: with prune.scope global"),
     ({"keep_params": 0.5, "hidden_size": 20}, "not a multiple of the attention head size 8"),
     ({"keep_params": 0.5, "hidden_size": 4}, "from one head"),
 ])
@@ -253,10 +260,13 @@ def test_a_width_no_head_removal_can_fit_is_refused_before_anything_changes(mode
 
 
 def test_heads_a_step_leaves_over_the_width_are_refused_before_the_step_removes_anything(model):
-    before = _weights(model)  # keep 80%: 3 heads of 4 stay in some layer, and 16 holds 2
+    # scope global: importance chose the layers (3, 1 and 2 heads), and 16 holds 2; up front, the 6 heads the
+    # target removes could fit (2 from every layer), so only the step, once it has scored, can tell
+    cfg = PruneConfig(enabled=True, importance="magnitude", keep_params=0.5, scope="global", hidden_size=16)
+    assert hid.config_problem(model.config, cfg) is None
+    before = _weights(model)
     with pytest.raises(StageError, match="room for 2 heads of 8.*would keep 3"):
-        prune_model(model, PruneConfig(enabled=True, importance="magnitude", keep_params=0.8, hidden_size=16),
-                    PruneContext())
+        prune_model(model, cfg, PruneContext())
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -276,6 +286,12 @@ def test_the_target_names_the_width_and_is_reached_only_at_it(model):
     ({"keep_params": 0.5, "hidden_size": 32}, "prune.hidden_size 32: the residual stream is 32 wide"),
     ({"remove_neurons": 10, "hidden_size": 16}, "prune.hidden_size 16 leaves room for 2 heads of 8, but no head"),
     ({"keep_params": 0.5, "hidden_size": 16}, None),
+    # the student (teacher layers 0 and 2) and the heads the target leaves in each of its layers
+    ({"keep_params": 0.9, "hidden_size": 16}, "prune.hidden_size 16 leaves room for 2 heads of 8, but no head"),
+    ({"keep_params": 0.8, "hidden_size": 16}, "would keep 3 after the target's step (heads per layer: [4, 4] -> "
+                                              "[3, 3])"),
+    ({"remove_heads": 3, "hidden_size": 16}, "[4, 4] -> [2, 3]"),  # 3 over the student's 2 layers
+    ({"remove_heads": 4, "hidden_size": 16}, None),  # 2 from each of them (over the teacher's 4: 1 each)
 ])
 def test_recipe_check_reads_hidden_size_against_the_students_config(tmp_path, tiny_teacher_dir, tiny_csv, prune,
                                                                     says):
@@ -316,7 +332,68 @@ def test_a_bf16_model_is_narrowed_and_stays_bf16(model):
 def test_the_config_check_counts_the_fullest_layers_heads():
     from transformers import BertConfig
 
+    no_head_goes = PruneConfig(enabled=True, remove_neurons=10, hidden_size=16)
     some = BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=3, pruned_heads={0: [0, 1, 2]})
-    assert "a layer keeps 4" in hid.config_problem(some, 16, heads_may_go=False)  # layers 1 and 2 keep all 4
+    assert "a layer keeps 4" in hid.config_problem(some, no_head_goes)  # layers 1 and 2 keep all 4
     every = BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, pruned_heads={0: [0, 1], 1: [2, 3]})
-    assert hid.config_problem(every, 16, heads_may_go=False) is None  # 2 heads of 8 fit in 16
+    assert hid.config_problem(every, no_head_goes) is None  # 2 heads of 8 fit in 16
+    # remove_heads 2 goes to the fullest layers, those with room: [1, 4, 4] -> [1, 3, 3], over 2
+    assert "[1, 4, 4] -> [1, 3, 3]" in hid.config_problem(some, PruneConfig(enabled=True, remove_heads=2,
+                                                                          hidden_size=16))
+    assert hid.config_problem(some, PruneConfig(enabled=True, remove_heads=4, hidden_size=16)) is None
+
+
+@pytest.mark.parametrize("kw", [
+    {"keep_params": 0.9}, {"keep_params": 0.8}, {"keep_params": 0.5}, {"keep_params": 0.3}, {"remove_heads": 3},
+    {"remove_heads": 6}, {"remove_heads": 7, "remove_neurons": 20}, {"keep_params": 0.5, "min_heads_per_layer": 3},
+    {"keep_params": 0.7, "prune_neurons": False}, {"keep_params": 0.5, "prune_heads": False},
+    {"keep_params": 0.5, "scope": "global"}, {"remove_heads": 5, "scope": "global"},
+    {"remove_heads": 6, "scope": "global"}, {"remove_heads": 8, "scope": "global"},
+])
+@pytest.mark.parametrize("width", [16, 24])
+def test_the_up_front_check_agrees_with_what_the_step_does(model, kw, width):
+    """What the config check says before any training is what the stage does: refused up front exactly
+    when the step would leave a layer more heads than the width holds (scope per_layer); with scope
+    global, never refused up front where some choice of layers fits (the step checks its own)."""
+    cfg = PruneConfig(enabled=True, importance="magnitude", hidden_size=width, **kw)
+    up_front = hid.config_problem(model.config, cfg)
+    try:
+        pruned, _ = prune_model(model, cfg, PruneContext())
+        outcome = None
+    except RecipeError as e:
+        outcome = "refused before anything"
+        assert up_front is not None and up_front in str(e)
+    except StageError as e:  # the step's own check, on the layers importance chose
+        assert kw.get("scope") == "global" and "would keep" in str(e), e
+        outcome = "refused by the step"
+    if outcome is None:
+        assert up_front is None and hid.width(pruned) == width
+    elif outcome == "refused by the step":
+        assert up_front is None
+
+
+def test_a_target_that_leaves_too_many_heads_is_refused_before_any_training(tmp_path, tiny_teacher_dir, tiny_csv):
+    """The repro: 4 heads of 8 in a width of 32, keep_params 0.9 removes no head (a layer keeps 4, 16 holds 2).
+    `edgekd recipe check` and every stage command refuse it; prune_model refuses it before it evaluates."""
+    from transformers import AutoConfig
+
+    from edgekd.recipe import parse_recipe
+    from edgekd.recipe_check import check_inputs
+    from edgekd.testing import tiny_recipe
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv,
+                                      prune={"enabled": True, "keep_params": 0.9, "hidden_size": 16}))
+    assert [p for p in check_inputs(recipe) if p.startswith("prune.")] == [
+        "prune.hidden_size 16 leaves room for 2 heads of 8, but no head is removed (prune.prune_heads is false, or "
+        "the target or prune.min_heads_per_layer lets none go) and a layer keeps 4: set prune.keep_params or "
+        "remove_heads with prune.prune_heads, or leave hidden_size unset"]
+
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = PruneConfig(enabled=True, keep_params=0.9, hidden_size=16, importance="magnitude")
+    m = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir, num_labels=2)
+    evaluated = []
+    with pytest.raises(RecipeError, match="a layer keeps 4"):
+        prune_model(m, cfg, PruneContext(evaluate=lambda _m: evaluated.append(1) or {"accuracy": 0.5}))
+    assert evaluated == []  # refused before the stage evaluated, let alone trained
+    assert "a layer keeps 4" in hid.config_problem(AutoConfig.from_pretrained(tiny_teacher_dir), cfg)

@@ -13,11 +13,13 @@ removed heads' columns as well. Heads that differ between layers are refused bef
 FFN neurons are sliced with ``transformers.pytorch_utils.prune_linear_layer`` (rows of the first
 FFN linear, both halves of a gated one, columns of the second). The config holds one global FFN width, so:
 
-* equal widths in every layer (``scope: per_layer``): the width is written to the config
-  (``intermediate_size`` for BERT) and the folder reloads with plain ``from_pretrained``;
-* unequal widths (``scope: global``): the config also carries ``ffn_sizes_per_layer`` and
-  the folder reloads with :func:`load_pruned_model`. Plain ``from_pretrained`` refuses it with a
-  size-mismatch error rather than loading wrong weights.
+* equal widths in every layer (``scope: per_layer`` with a share, ``keep_params`` or a search, of layers
+  that were equal; or a ``remove_neurons`` that splits evenly over them): the width is written to the
+  config (``intermediate_size`` for BERT) and the folder reloads with plain ``from_pretrained``;
+* unequal widths (``scope: global``; ``per_layer`` with a ``remove_neurons`` whose remainder goes one each
+  to some layers, ``selection.spread``: 10 over 3 layers of 64 leaves 60, 61, 61): the config also carries
+  ``ffn_sizes_per_layer`` and the folder reloads with :func:`load_pruned_model`. Plain
+  ``from_pretrained`` refuses it with a size-mismatch error rather than loading wrong weights.
 """
 
 from __future__ import annotations
@@ -231,6 +233,10 @@ def slice_neurons(block: nn.Module, lay: EncoderFamily, keep: list[int]) -> None
     _set(block, lay.ffn_out, prune_linear_layer(_get(block, lay.ffn_out), cols, dim=1))
 
 
+# What ``load_pruned_model`` honours for a folder it builds from its config (a plain one takes any kwarg).
+PRUNED_LOAD_KWARGS = ("dtype", "torch_dtype", "attn_implementation")
+
+
 def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) -> nn.Module:
     """Load a model saved after pruning: per-layer FFN widths, and heads that edgekd sliced itself.
 
@@ -238,6 +244,11 @@ def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) ->
     Face are restored by it from ``config.pruned_heads``; heads edgekd sliced (families without
     ``prune_heads``: DeBERTa-v2/v3, ModernBERT; MPNet, with its shared per-head table) from
     ``config.edgekd_pruned_heads``; FFN widths from ``config.ffn_sizes_per_layer``.
+
+    ``kwargs`` go to ``from_pretrained`` for a folder it reloads by itself. A folder with either key above is
+    built from its config instead, which honours ``dtype`` (or ``torch_dtype``: a torch dtype, its name, or
+    ``"auto"``, the config's) and ``attn_implementation`` as ``from_pretrained`` would, the default dtype
+    being torch's (float32) as there; any other kwarg is refused (TypeError) rather than dropped.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -248,7 +259,18 @@ def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) ->
     if not sizes and not sliced:
         return cls.from_pretrained(path, config=config, **kwargs)
 
-    model = cls.from_config(config)  # widest FFN; heads pruned through Hugging Face already gone
+    unread = sorted(set(kwargs) - set(PRUNED_LOAD_KWARGS))
+    if unread:
+        raise TypeError(f"load_pruned_model: {path} is built from its config (it has {FFN_SIZES_KEY} or "
+                        f"{SLICED_HEADS_KEY}), which honours {', '.join(PRUNED_LOAD_KWARGS)} only, not "
+                        f"{', '.join(unread)}: drop {'it' if len(unread) == 1 else 'them'} (or apply "
+                        f"{'it' if len(unread) == 1 else 'them'} to the model returned)")
+    # The dtype the model is built in, as from_pretrained chooses it; from_config reads it from the config.
+    dtype = _load_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")), config)
+    setattr(config, "dtype" if "dtype" in vars(config) else "torch_dtype", dtype)
+    attn = {"attn_implementation": kwargs["attn_implementation"]} if "attn_implementation" in kwargs else {}
+    model = cls.from_config(config, **attn)  # widest FFN; heads pruned through Hugging Face already gone
+    built_in = {name: p.dtype for name, p in model.named_parameters()}
     enc = Encoder(model)
     if sliced:
         if enc.layout.heads_uniform:
@@ -268,8 +290,25 @@ def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) ->
             )
         for block, size in zip(enc.blocks, sizes, strict=True):
             slice_neurons(block, enc.layout, list(range(int(size))))
+    with torch.no_grad():  # the sliced layers are built in float32: back to the dtype the model was built in
+        for name, p in model.named_parameters():
+            if built_in.get(name, p.dtype) != p.dtype:
+                p.data = p.data.to(built_in[name])
     _load_weights(model, Path(path))
     return model.eval()
+
+
+def _load_dtype(dtype: Any, config: Any) -> torch.dtype:
+    """The dtype ``from_pretrained`` loads in for ``dtype``: torch's default for None, the config's for "auto"."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if dtype == "auto":
+        saved = vars(config).get("dtype", vars(config).get("torch_dtype"))
+        return _load_dtype(saved, config) if saved not in (None, "auto") else torch.get_default_dtype()
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if isinstance(found, torch.dtype) and found.is_floating_point:
+        return found
+    raise TypeError(f"load_pruned_model: dtype {dtype!r} is not a floating torch dtype, its name or 'auto'")
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:

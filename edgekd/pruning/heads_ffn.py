@@ -30,8 +30,7 @@ class HeadsFFN:
             raise RecipeError([f"prune.prune_heads: {enc.layout.no_head_removal_why}"])
         self.cfg, self.ctx = cfg, ctx
         self.uniform_heads = enc.layout.heads_uniform
-        self.head_floor = [min(cfg.min_heads_per_layer, h) for h in enc.heads()]
-        self.neuron_floor = [min(n, max(1, math.ceil(cfg.min_neurons_fraction * n))) for n in enc.neurons()]
+        self.head_floor, self.neuron_floor = floors(enc, cfg)
         self.batches = taylor_batches(cfg, ctx)
         if cfg.hidden_size is not None:
             why = hidden.why_not(model)
@@ -40,11 +39,10 @@ class HeadsFFN:
             if cfg.hidden_size >= hidden.width(model):
                 raise RecipeError([f"prune.hidden_size {cfg.hidden_size}: the residual stream is "
                                    f"{hidden.width(model)} wide already; give a smaller width or leave it unset"])
-            heads_may_go = cfg.prune_heads and (cfg.keep_params is not None or cfg.remove_heads is not None)
-            try:  # what no head removal can mend is refused before anything changes
-                hidden.check_width(model, cfg.hidden_size, self.head_floor if heads_may_go else None)
-            except StageError as e:
-                raise RecipeError([str(e)]) from e
+            # a width, or heads the target's step would leave over it, refused before anything changes
+            problem = hidden.config_problem(model.config, cfg, enc)
+            if problem:
+                raise RecipeError([problem])
 
     # --- figures ------------------------------------------------------------------------------
     def prunable_params(self, model: nn.Module) -> int:
@@ -75,62 +73,38 @@ class HeadsFFN:
                                  per_example=self.cfg.importance == "fisher")
         return magnitude_scores(enc)
 
-    def _fraction_for_budget(self, enc: Encoder, budget: int) -> float:
-        excess = enc.layer_params() - budget
-        if excess <= 0:
-            return 0.0
-        pool = 0
-        for i, (h, n) in enumerate(zip(enc.heads(), enc.neurons(), strict=True)):
-            pool += h * enc.head_cost(i) if self.cfg.prune_heads else 0
-            pool += n * enc.neuron_cost(i) if self.cfg.prune_neurons else 0
-        return min(1.0, excess / pool) if pool else 0.0
-
     def _choose(self, scores: list[torch.Tensor], sizes: list[int], floor: list[int],
                 count: int | None, fraction: float | None, search: bool = False) -> dict[int, list[int]]:
         """``search``: a round of the latency or accuracy search, which removes at least one unit where
         there is room (``selection.counts_for_fraction``)."""
-        capacity = [max(0, n - f) for n, f in zip(sizes, floor, strict=True)]
         if self.cfg.scope == "global":
-            total = count if count is not None else round((fraction or 0.0) * sum(sizes))
-            if search and fraction and sum(capacity):
-                total = max(total, 1)
-            return selection.lowest_global(normalise_per_layer(scores), total, capacity)
-        if count is not None:
-            counts = selection.spread(count, capacity)
-        else:
-            counts = selection.counts_for_fraction(fraction or 0.0, sizes, capacity, at_least_one=search)
-        return selection.lowest_per_layer(scores, counts)
+            total = global_total(sizes, floor, count, fraction, search)
+            return selection.lowest_global(normalise_per_layer(scores), total, _capacity(sizes, floor))
+        return selection.lowest_per_layer(scores, per_layer_counts(sizes, floor, count, fraction, search))
 
     def _choose_uniform(self, scores: list[torch.Tensor], sizes: list[int], floor: list[int],
                         count: int | None, fraction: float | None, search: bool = False) -> dict[int, list[int]]:
         """The same head indices in every layer (see the module doc)."""
-        if len(set(sizes)) != 1:
-            raise StageError(f"heads per layer {sizes} differ, but this family's heads can only be removed "
-                             "uniformly: the model was not pruned by edgekd, or its config was edited")
-        per_layer = min(max(0, n - f) for n, f in zip(sizes, floor, strict=True))
-        k = math.ceil(count / len(sizes)) if count is not None else round((fraction or 0.0) * sizes[0])
-        if search and fraction:
-            k = max(k, 1)
-        return selection.lowest_uniform(normalise_per_layer(scores), min(k, per_layer))
+        return selection.lowest_uniform(normalise_per_layer(scores),
+                                        uniform_count(sizes, floor, count, fraction, search))
 
     def step(self, model: nn.Module, goal: StepGoal) -> tuple[nn.Module, dict[str, Any]]:
         enc = Encoder(model)
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         heads, neurons = enc.heads(), enc.neurons()
-        fraction = goal.fraction
-        if goal.param_budget is not None:
-            fraction = self._fraction_for_budget(enc, goal.param_budget)
+        fraction = step_fraction(enc, self.cfg, goal)
         head_scores, neuron_scores = self._scores(enc)
         drop_heads: dict[int, list[int]] = {}
         drop_neurons: dict[int, list[int]] = {}
         search = goal.fraction is not None  # a search round (prune.latency_step), not a parameter budget
-        if self.cfg.prune_heads and (goal.heads or fraction):
+        if heads_go(self.cfg, goal, fraction):
             choose = self._choose_uniform if self.uniform_heads else self._choose
             drop_heads = choose(head_scores, heads, self.head_floor, goal.heads, fraction, search)
         if self.cfg.prune_neurons and (goal.neurons or fraction):
             drop_neurons = self._choose(neuron_scores, neurons, self.neuron_floor, goal.neurons, fraction, search)
         if self.cfg.hidden_size is not None and hidden.width(model) > self.cfg.hidden_size:
-            # the heads this step leaves must fit the narrowed width: checked before anything is removed
+            # the heads this step leaves must fit the narrowed width: checked before anything is removed (the
+            # constructor checked what the target leaves; with scope global, importance picks the layers)
             hidden.check_width(model, self.cfg.hidden_size,
                                [h - len(drop_heads.get(i, [])) for i, h in enumerate(heads)])
         # Neurons first: removing heads rebuilds the attention linears but leaves the FFN alone,
@@ -179,3 +153,101 @@ def _keep_precision(model: nn.Module, dtypes: set[torch.dtype]) -> None:
         (dtype,) = dtypes
         if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
             model.to(dtype)
+
+
+# --- what a step removes, before any scoring --------------------------------------------------------
+# The step and the up-front check of prune.hidden_size (``heads_left``; edgekd.pruning.hidden.plan_problem)
+# count with these same functions.
+
+def floors(enc: Encoder, cfg: PruneConfig) -> tuple[list[int], list[int]]:
+    """What every layer keeps at least: heads (prune.min_heads_per_layer) and FFN neurons
+    (prune.min_neurons_fraction of the layer's neurons now, at least one)."""
+    heads = [min(cfg.min_heads_per_layer, h) for h in enc.heads()]
+    neurons = [min(n, max(1, math.ceil(cfg.min_neurons_fraction * n))) for n in enc.neurons()]
+    return heads, neurons
+
+
+def fraction_for_budget(enc: Encoder, budget: int, prune_heads: bool, prune_neurons: bool) -> float:
+    """The share of the removable heads and neurons whose removal brings the layers to ``budget`` parameters."""
+    excess = enc.layer_params() - budget
+    if excess <= 0:
+        return 0.0
+    pool = 0
+    for i, (h, n) in enumerate(zip(enc.heads(), enc.neurons(), strict=True)):
+        pool += h * enc.head_cost(i) if prune_heads else 0
+        pool += n * enc.neuron_cost(i) if prune_neurons else 0
+    return min(1.0, excess / pool) if pool else 0.0
+
+
+def step_fraction(enc: Encoder, cfg: PruneConfig, goal: StepGoal) -> float | None:
+    """The share a step towards ``goal`` removes: a search round's, or the one a parameter budget asks for."""
+    if goal.param_budget is not None:
+        return fraction_for_budget(enc, goal.param_budget, cfg.prune_heads, cfg.prune_neurons)
+    return goal.fraction
+
+
+def heads_go(cfg: PruneConfig, goal: StepGoal, fraction: float | None) -> bool:
+    """Whether a step towards ``goal`` (at ``fraction``, see ``step_fraction``) removes heads at all."""
+    return bool(cfg.prune_heads and (goal.heads or fraction))
+
+
+def _capacity(sizes: list[int], floor: list[int]) -> list[int]:
+    return [max(0, n - f) for n, f in zip(sizes, floor, strict=True)]
+
+
+def per_layer_counts(sizes: list[int], floor: list[int], count: int | None, fraction: float | None,
+                     search: bool = False) -> list[int]:
+    """scope per_layer: the units each layer loses (a count spread evenly, or a share of each layer)."""
+    capacity = _capacity(sizes, floor)
+    if count is not None:
+        return selection.spread(count, capacity)
+    return selection.counts_for_fraction(fraction or 0.0, sizes, capacity, at_least_one=search)
+
+
+def global_total(sizes: list[int], floor: list[int], count: int | None, fraction: float | None,
+                 search: bool = False) -> int:
+    """scope global: the units removed across the layers (which layers lose them, importance decides)."""
+    total = count if count is not None else round((fraction or 0.0) * sum(sizes))
+    if search and fraction and sum(_capacity(sizes, floor)):
+        total = max(total, 1)
+    return total
+
+
+def uniform_count(sizes: list[int], floor: list[int], count: int | None, fraction: float | None,
+                  search: bool = False) -> int:
+    """Heads removed uniformly (see the module doc): how many head indices every layer loses."""
+    if len(set(sizes)) != 1:
+        raise StageError(f"heads per layer {sizes} differ, but this family's heads can only be removed "
+                         "uniformly: the model was not pruned by edgekd, or its config was edited")
+    per_layer = min(_capacity(sizes, floor))
+    k = math.ceil(count / len(sizes)) if count is not None else round((fraction or 0.0) * sizes[0])
+    if search and fraction:
+        k = max(k, 1)
+    return min(k, per_layer)
+
+
+def heads_left(enc: Encoder, cfg: PruneConfig, goal: StepGoal) -> tuple[list[int], bool]:
+    """The heads per layer a step towards ``goal`` leaves, counted as the step counts before it scores
+    anything, and whether that is exact. scope per_layer and uniform head removal: exact. scope global:
+    importance chooses the layers, so this is the fewest the fullest layer can keep (the step's total taken
+    from the fullest layers first, within the floors): no choice leaves fewer, the one made may leave more."""
+    heads = enc.heads()
+    fraction = step_fraction(enc, cfg, goal)
+    if not heads_go(cfg, goal, fraction):
+        return heads, True
+    floor = floors(enc, cfg)[0]
+    search = goal.fraction is not None
+    if enc.layout.heads_uniform:
+        k = uniform_count(heads, floor, goal.heads, fraction, search)
+        return [h - k for h in heads], True
+    if cfg.scope == "global":
+        left = list(heads)
+        for _ in range(global_total(heads, floor, goal.heads, fraction, search)):
+            open_layers = [i for i in range(len(left)) if left[i] > floor[i]]
+            if not open_layers:
+                break
+            fullest = max(open_layers, key=lambda i: (left[i], -i))
+            left[fullest] -= 1
+        return left, False
+    return [h - c for h, c in zip(heads, per_layer_counts(heads, floor, goal.heads, fraction, search),
+                                  strict=True)], True

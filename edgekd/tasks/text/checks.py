@@ -214,7 +214,8 @@ def _check_teacher_paths(recipe: Recipe) -> list[str]:
 
 def _check_hidden_size(recipe: Recipe) -> list[str]:
     """prune.hidden_size against the student's config, when that config can be read here without a
-    download (the student's own model, else the teacher's it is built from); the stage checks it again."""
+    download (the student's own model, else the teacher's with the layers the student copies), and the heads
+    per layer the target's step leaves in it (edgekd.pruning.hidden.config_problem); the stage checks it again."""
     p = recipe.prune
     if not (p.enabled and p.hidden_size is not None):
         return []
@@ -229,9 +230,29 @@ def _check_hidden_size(recipe: Recipe) -> list[str]:
         return []
     from edgekd.pruning.hidden import config_problem
 
-    heads_may_go = p.prune_heads and (p.keep_params is not None or p.remove_heads is not None)
-    problem = config_problem(config, p.hidden_size, heads_may_go)
+    if not recipe.student.model:
+        config = _student_config(config, recipe.student.layers)
+        if config is None:  # the student cannot be built this way: the distill stage says why
+            return []
+    problem = config_problem(config, p)
     return [problem if problem.startswith("prune.hidden_size") else f"prune.hidden_size: {problem}"] if problem else []
+
+
+def _student_config(teacher_config: Any, layers: list[int] | None) -> Any:
+    """The config of the student the distill stage builds from the teacher's ``layers`` (default: every other
+    layer), each layer with its teacher layer's heads and FFN width; None when the layers do not fit."""
+    from edgekd.encoders import family_of, student_config
+    from edgekd.tasks.text.task import TextClassificationTask
+
+    try:
+        fam = family_of(teacher_config)
+        n = int(getattr(teacher_config, fam.layers_key))
+    except Exception:  # not an encoder family edgekd knows: config_problem names the family
+        return teacher_config
+    layers = list(layers) if layers else TextClassificationTask.default_layers(n)
+    if not layers or any(not 0 <= i < n for i in layers):
+        return None
+    return student_config(teacher_config, fam, layers)
 
 
 def _check_fresh_copies(recipe: Recipe) -> list[str]:
