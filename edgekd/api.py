@@ -354,8 +354,8 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     import torch
     from pydantic import ValidationError
 
-    from edgekd.encoders import build_student
     from edgekd.recipe import DistillConfig, _describe, hidden_loss_unread
+    from edgekd.students import build_student
     from edgekd.tasks.text.distill import DistillLoss, layer_map
     from edgekd.tasks.text.task import TextClassificationTask, TokenizedSplit, align_head
     from edgekd.train import init_process_state, predict, train

@@ -226,11 +226,46 @@ def parse_movie_snippets(path: str | Path) -> Examples:
     return Examples(texts, np.array(labels), ["negative", "positive"], source=str(path), cleaning=cleaning)
 
 
+# Half a rating step: closer to neutral than this, Hutto & Gilbert's raters themselves do not agree on a side
+# (the out-of-domain check's default, edgekd.ood).
+DEFAULT_MIN_ABS_SCORE = 0.5
+
+
+def read_scored_snippets(path: Path, min_abs_score: float) -> tuple[list[str], np.ndarray, int]:
+    """(texts, labels 0=negative/1=positive, rows dropped as near-neutral) of a Hutto & Gilbert
+    ``*_GroundTruth.txt`` file: a header ``id<TAB>sentiment<TAB>text``, then one sentence a line."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")  # the set's files mix in Windows punctuation
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or lines[0].split("\t")[:2] != ["id", "sentiment"]:
+        raise DataError(f"{path}: expected a header 'id<TAB>sentiment<TAB>text' (a Hutto & Gilbert ground-truth file)")
+    texts, labels, dropped, bad = [], [], 0, []
+    for lineno, line in enumerate(lines[1:], start=2):
+        parts = line.split("\t", 2)
+        try:
+            score = float(parts[1])
+            sentence = parts[2].strip()
+        except (IndexError, ValueError):
+            bad.append(lineno)
+            continue
+        if abs(score) < min_abs_score or not sentence:
+            dropped += 1
+            continue
+        texts.append(sentence)
+        labels.append(1 if score > 0 else 0)
+    if bad:
+        raise DataError(f"{path}: {len(bad)} line(s) are not 'id<TAB>score<TAB>text' (first: line {bad[0]})")
+    if not texts:
+        raise DataError(f"{path}: no sentence has |score| >= {min_abs_score}; lower eval.ood_min_abs_score")
+    return texts, np.asarray(labels, dtype=np.int64), dropped
+
+
 def parse_amazon_snippets(path: str | Path) -> Examples:
     """Hutto & Gilbert's product-review sentences, read as the out-of-domain check reads them (sign of
     the mean rating, near-neutral sentences dropped), so the set can also be trained or tested on."""
-    from edgekd.ood import DEFAULT_MIN_ABS_SCORE, read_scored_snippets
-
     texts, labels, dropped = read_scored_snippets(Path(path), DEFAULT_MIN_ABS_SCORE)
     cleaning = {"dropped_near_neutral": dropped}
     texts, labels = dedupe(list(zip(texts, labels.tolist(), strict=True)), cleaning)

@@ -25,12 +25,10 @@ from typing import Any
 import numpy as np
 
 from edgekd import assets
+from edgekd.data import DEFAULT_MIN_ABS_SCORE, read_scored_snippets
 from edgekd.errors import DataError
 
 log = logging.getLogger(__name__)
-
-# Half a rating step: closer to neutral than this, the raters themselves do not agree on a side.
-DEFAULT_MIN_ABS_SCORE = 0.5
 
 # The OOD sets' own label names; a run's labels are matched to them by name.
 OOD_LABELS = ("negative", "positive")
@@ -55,38 +53,6 @@ class OodSet:
         return {"dataset": self.name, "examples": len(self.texts), "label_counts": counts,
                 "dropped_near_neutral": self.dropped_near_neutral, "dropped_in_run_data": self.dropped_in_run_data,
                 "min_abs_score": self.min_abs_score, **self.source}
-
-
-def read_scored_snippets(path: Path, min_abs_score: float) -> tuple[list[str], np.ndarray, int]:
-    """(texts, labels 0=negative/1=positive, rows dropped as near-neutral) of a Hutto & Gilbert
-    ``*_GroundTruth.txt`` file: a header ``id<TAB>sentiment<TAB>text``, then one sentence a line."""
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")  # the set's files mix in Windows punctuation
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines or lines[0].split("\t")[:2] != ["id", "sentiment"]:
-        raise DataError(f"{path}: expected a header 'id<TAB>sentiment<TAB>text' (a Hutto & Gilbert ground-truth file)")
-    texts, labels, dropped, bad = [], [], 0, []
-    for lineno, line in enumerate(lines[1:], start=2):
-        parts = line.split("\t", 2)
-        try:
-            score = float(parts[1])
-            sentence = parts[2].strip()
-        except (IndexError, ValueError):
-            bad.append(lineno)
-            continue
-        if abs(score) < min_abs_score or not sentence:
-            dropped += 1
-            continue
-        texts.append(sentence)
-        labels.append(1 if score > 0 else 0)
-    if bad:
-        raise DataError(f"{path}: {len(bad)} line(s) are not 'id<TAB>score<TAB>text' (first: line {bad[0]})")
-    if not texts:
-        raise DataError(f"{path}: no sentence has |score| >= {min_abs_score}; lower eval.ood_min_abs_score")
-    return texts, np.asarray(labels, dtype=np.int64), dropped
 
 
 def label_map(run_labels: list[str]) -> np.ndarray | None:

@@ -156,7 +156,7 @@ def test_distill_copies_the_asked_layers_and_moves_the_student_toward_the_teache
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from edgekd.encoders import build_student
+    from edgekd.students import build_student
 
     teacher = AutoModelForSequenceClassification.from_pretrained(classifier)
     tok = AutoTokenizer.from_pretrained(classifier)
@@ -291,7 +291,7 @@ def _student(teacher, id2label, swap=False):
     """A student built from the teacher, its head's rows swapped (``swap``) and named ``id2label``."""
     import torch
 
-    from edgekd.encoders import build_student
+    from edgekd.students import build_student
 
     student = build_student(teacher, [1, 3])
     if swap:

@@ -7,10 +7,11 @@ import pytest
 import torch
 from encoder_families import FAMILIES, batch, classifier
 
-from edgekd.encoders import blocks, build_student, family_of, verify_student
+from edgekd.encoders import blocks, family_of, verify_student
 from edgekd.errors import RecipeError, StageError
 from edgekd.pruning.encoder import Encoder, load_pruned_model
 from edgekd.recipe import PruneConfig
+from edgekd.students import build_student
 
 COPYABLE = [f for f in FAMILIES if f != "albert"]
 

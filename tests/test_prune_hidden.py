@@ -12,6 +12,7 @@ import torch
 from edgekd.errors import RecipeError, StageError
 from edgekd.pruning import PruneContext, prune_model
 from edgekd.pruning import hidden as hid
+from edgekd.pruning.heads_ffn import config_problem
 from edgekd.recipe import PruneConfig
 
 LAYERS, HEADS, HIDDEN, FFN = 3, 4, 32, 64
@@ -263,7 +264,7 @@ def test_heads_a_step_leaves_over_the_width_are_refused_before_the_step_removes_
     # scope global: importance chose the layers (3, 1 and 2 heads), and 16 holds 2; up front, the 6 heads the
     # target removes could fit (2 from every layer), so only the step, once it has scored, can tell
     cfg = PruneConfig(enabled=True, importance="magnitude", keep_params=0.5, scope="global", hidden_size=16)
-    assert hid.config_problem(model.config, cfg) is None
+    assert config_problem(model.config, cfg) is None
     before = _weights(model)
     with pytest.raises(StageError, match="room for 2 heads of 8.*would keep 3"):
         prune_model(model, cfg, PruneContext())
@@ -334,13 +335,13 @@ def test_the_config_check_counts_the_fullest_layers_heads():
 
     no_head_goes = PruneConfig(enabled=True, remove_neurons=10, hidden_size=16)
     some = BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=3, pruned_heads={0: [0, 1, 2]})
-    assert "a layer keeps 4" in hid.config_problem(some, no_head_goes)  # layers 1 and 2 keep all 4
+    assert "a layer keeps 4" in config_problem(some, no_head_goes)  # layers 1 and 2 keep all 4
     every = BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, pruned_heads={0: [0, 1], 1: [2, 3]})
-    assert hid.config_problem(every, no_head_goes) is None  # 2 heads of 8 fit in 16
+    assert config_problem(every, no_head_goes) is None  # 2 heads of 8 fit in 16
     # remove_heads 2 goes to the fullest layers, those with room: [1, 4, 4] -> [1, 3, 3], over 2
-    assert "[1, 4, 4] -> [1, 3, 3]" in hid.config_problem(some, PruneConfig(enabled=True, remove_heads=2,
+    assert "[1, 4, 4] -> [1, 3, 3]" in config_problem(some, PruneConfig(enabled=True, remove_heads=2,
                                                                           hidden_size=16))
-    assert hid.config_problem(some, PruneConfig(enabled=True, remove_heads=4, hidden_size=16)) is None
+    assert config_problem(some, PruneConfig(enabled=True, remove_heads=4, hidden_size=16)) is None
 
 
 @pytest.mark.parametrize("kw", [
@@ -356,7 +357,7 @@ def test_the_up_front_check_agrees_with_what_the_step_does(model, kw, width):
     when the step would leave a layer more heads than the width holds (scope per_layer); with scope
     global, never refused up front where some choice of layers fits (the step checks its own)."""
     cfg = PruneConfig(enabled=True, importance="magnitude", hidden_size=width, **kw)
-    up_front = hid.config_problem(model.config, cfg)
+    up_front = config_problem(model.config, cfg)
     try:
         pruned, _ = prune_model(model, cfg, PruneContext())
         outcome = None
@@ -396,4 +397,4 @@ def test_a_target_that_leaves_too_many_heads_is_refused_before_any_training(tmp_
     with pytest.raises(RecipeError, match="a layer keeps 4"):
         prune_model(m, cfg, PruneContext(evaluate=lambda _m: evaluated.append(1) or {"accuracy": 0.5}))
     assert evaluated == []  # refused before the stage evaluated, let alone trained
-    assert "a layer keeps 4" in hid.config_problem(AutoConfig.from_pretrained(tiny_teacher_dir), cfg)
+    assert "a layer keeps 4" in config_problem(AutoConfig.from_pretrained(tiny_teacher_dir), cfg)

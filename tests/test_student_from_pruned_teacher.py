@@ -9,8 +9,9 @@ import pytest
 import torch
 from encoder_families import FAMILIES, batch, classifier
 
-from edgekd.encoders import SLICED_HEADS_KEY, blocks, build_student, family_of
+from edgekd.encoders import SLICED_HEADS_KEY, blocks, family_of
 from edgekd.pruning.encoder import FFN_SIZES_KEY, Encoder, load_pruned_model
+from edgekd.students import build_student
 
 COPYABLE = [f for f in FAMILIES if f != "albert"]
 

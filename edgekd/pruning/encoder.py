@@ -237,6 +237,37 @@ def slice_neurons(block: nn.Module, lay: EncoderFamily, keep: list[int]) -> None
 PRUNED_LOAD_KWARGS = ("dtype", "torch_dtype", "attn_implementation")
 
 
+def shape_from_config(model: nn.Module, config: Any, where: str) -> None:
+    """Slice a freshly built ``model`` (every block at the config's widest) as ``config`` records what
+    edgekd pruned: heads it sliced itself (``edgekd_pruned_heads``; a family with a shared per-head table
+    loses the same heads there) and per-layer FFN widths (``ffn_sizes_per_layer``). Used to rebuild a
+    pruned folder (:func:`load_pruned_model`) and a student copied from a pruned teacher's layers
+    (:func:`edgekd.students.build_student`); ``where`` names the model in errors."""
+    sizes = getattr(config, FFN_SIZES_KEY, None)
+    sliced = getattr(config, SLICED_HEADS_KEY, None)
+    if not sizes and not sliced:
+        return
+    enc = Encoder(model)
+    if sliced:
+        if enc.layout.heads_uniform:
+            by_layer = {int(k): list(v) for k, v in sliced.items()}
+            try:
+                check_uniform(enc.layout, by_layer, len(enc.blocks))
+            except StageError as e:
+                raise StageError(f"{where}: config.{SLICED_HEADS_KEY} does not describe a model edgekd pruned: {e}") from e
+            slice_shared_head_tables(model, enc.layout, by_layer[min(by_layer)])
+        for layer, ids in sliced.items():
+            # original ids == current ids on a freshly built block
+            slice_heads(enc.blocks[int(layer)], enc.layout, list(ids))
+    if sizes:
+        if len(sizes) != len(enc.blocks):
+            raise StageError(
+                f"{where}: config.{FFN_SIZES_KEY} lists {len(sizes)} layers but the model has {len(enc.blocks)}"
+            )
+        for block, size in zip(enc.blocks, sizes, strict=True):
+            slice_neurons(block, enc.layout, list(range(int(size))))
+
+
 def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) -> nn.Module:
     """Load a model saved after pruning: per-layer FFN widths, and heads that edgekd sliced itself.
 
@@ -271,25 +302,7 @@ def load_pruned_model(path: str | Path, model_cls: Any = None, **kwargs: Any) ->
     attn = {"attn_implementation": kwargs["attn_implementation"]} if "attn_implementation" in kwargs else {}
     model = cls.from_config(config, **attn)  # widest FFN; heads pruned through Hugging Face already gone
     built_in = {name: p.dtype for name, p in model.named_parameters()}
-    enc = Encoder(model)
-    if sliced:
-        if enc.layout.heads_uniform:
-            by_layer = {int(k): list(v) for k, v in sliced.items()}
-            try:
-                check_uniform(enc.layout, by_layer, len(enc.blocks))
-            except StageError as e:
-                raise StageError(f"{path}: config.{SLICED_HEADS_KEY} does not describe a model edgekd pruned: {e}") from e
-            slice_shared_head_tables(model, enc.layout, by_layer[0])
-        for layer, ids in sliced.items():
-            # original ids == current ids on a freshly built block
-            slice_heads(enc.blocks[int(layer)], enc.layout, list(ids))
-    if sizes:
-        if len(sizes) != len(enc.blocks):
-            raise StageError(
-                f"{path}: config.{FFN_SIZES_KEY} lists {len(sizes)} layers but the model has {len(enc.blocks)}"
-            )
-        for block, size in zip(enc.blocks, sizes, strict=True):
-            slice_neurons(block, enc.layout, list(range(int(size))))
+    shape_from_config(model, config, str(path))
     with torch.no_grad():  # the sliced layers are built in float32: back to the dtype the model was built in
         for name, p in model.named_parameters():
             if built_in.get(name, p.dtype) != p.dtype:

@@ -40,7 +40,7 @@ class HeadsFFN:
                 raise RecipeError([f"prune.hidden_size {cfg.hidden_size}: the residual stream is "
                                    f"{hidden.width(model)} wide already; give a smaller width or leave it unset"])
             # a width, or heads the target's step would leave over it, refused before anything changes
-            problem = hidden.config_problem(model.config, cfg, enc)
+            problem = config_problem(model.config, cfg, enc)
             if problem:
                 raise RecipeError([problem])
 
@@ -156,7 +156,7 @@ def _keep_precision(model: nn.Module, dtypes: set[torch.dtype]) -> None:
 
 
 # --- what a step removes, before any scoring --------------------------------------------------------
-# The step and the up-front check of prune.hidden_size (``heads_left``; edgekd.pruning.hidden.plan_problem)
+# The step and the up-front check of prune.hidden_size (``heads_left``; plan_problem below)
 # count with these same functions.
 
 def floors(enc: Encoder, cfg: PruneConfig) -> tuple[list[int], list[int]]:
@@ -251,3 +251,72 @@ def heads_left(enc: Encoder, cfg: PruneConfig, goal: StepGoal) -> tuple[list[int
         return left, False
     return [h - c for h, c in zip(heads, per_layer_counts(heads, floor, goal.heads, fraction, search),
                                   strict=True)], True
+
+
+# --- prune.hidden_size against the heads the step leaves, before any training ----------------------
+
+def config_problem(config: Any, cfg: PruneConfig, enc: Any = None) -> str | None:
+    """What ``cfg.hidden_size`` cannot be for a model of ``config`` (the checks a recipe can get before any
+    training: the family, an ELECTRA embedding projection, the width against the head size, and the heads the
+    target's step leaves, see ``plan_problem``, on ``enc`` where the model is at hand)."""
+    new = cfg.hidden_size
+    projects = getattr(config, "embedding_size", None) not in (None, getattr(config, "hidden_size", None))
+    problem = hidden.family_problem(config, projects)
+    if problem:
+        return problem
+    old, n_heads = int(config.hidden_size), int(config.num_attention_heads)
+    head = old // n_heads
+    problem = hidden.width_problem(new, old, head, config.model_type)
+    if problem:
+        return problem
+    return plan_problem(config, cfg, enc)
+
+
+def plan_problem(config: Any, cfg: PruneConfig, enc: Any = None) -> str | None:
+    """Whether the heads that the step towards ``cfg``'s fixed target leaves fit in ``cfg.hidden_size``, counted
+    as the step counts them (:func:`heads_left`) on ``enc`` (an Encoder; default: the
+    structure ``config`` describes, built without weights), before any training. scope per_layer: the heads
+    each layer keeps are known from the target. scope global: importance chooses the layers, known only
+    once the stage scores the model; here a width no choice can fit is refused, and the stage checks the
+    layers it chose before it removes anything."""
+    from edgekd.pruning.stage import _fixed_goals
+
+    new = cfg.hidden_size
+    enc = enc if enc is not None else Encoder(skeleton(config))
+    head = int(config.hidden_size) // int(config.num_attention_heads)
+    now = enc.heads()
+    left, exact = heads_left(enc, cfg, _fixed_goals(cfg, enc.layer_params())[0])
+    room = f"prune.hidden_size {new} leaves room for {new // head} heads of {head}"
+    if max(left) <= new // head:
+        return None
+    if left == now:
+        return (f"{room}, but no head is removed (prune.prune_heads is false, or the target or "
+                f"prune.min_heads_per_layer lets none go) and a layer keeps {max(now)}: set prune.keep_params or "
+                f"remove_heads with prune.prune_heads, or leave hidden_size unset")
+    fix = (f"remove more heads (a lower prune.keep_params or a larger prune.remove_heads, with prune.prune_heads and "
+           f"a prune.min_heads_per_layer that lets them go) or keep hidden_size at least {max(left) * head}")
+    if exact:
+        return (f"{room} (hidden_size / num_attention_heads), but a layer would keep {max(left)} after the "
+                f"target's step (heads per layer: {now} -> {left}): {fix}")
+    gone = sum(now) - sum(left)
+    return (f"{room} (hidden_size / num_attention_heads), but a layer would keep {max(left)} at least: with "
+            f"prune.scope global, importance chooses which layers lose the {gone} head{'s' * (gone != 1)} the target "
+            f"removes, and even taken from the fullest layers first they leave {left} (heads per layer now: {now}): "
+            f"{fix}")
+
+
+def skeleton(config: Any) -> nn.Module:
+    """The encoder ``config`` describes, its parameters on the meta device (no memory, no initialisation): the
+    layers' heads (removed through Hugging Face, ``pruned_heads``) and FFN widths (``ffn_sizes_per_layer``)
+    as the stage will find them."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModel
+
+    from edgekd.pruning.encoder import shape_from_config
+
+    with init_empty_weights():
+        model = AutoModel.from_config(copy.deepcopy(config))
+        shape_from_config(model, model.config, "the model the config describes")
+    return model

@@ -38,7 +38,6 @@ from edgekd.encoders import blocks, family_of
 from edgekd.encoders import get as _get
 from edgekd.errors import StageError
 from edgekd.pruning.scoring import mask_scores, per_row
-from edgekd.recipe import PruneConfig
 
 HIDDEN_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra")
 _BLOCK_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
@@ -49,7 +48,7 @@ _EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings"
 _HEADS = {"classifier": (True, False), "classifier.dense": (True, True), "classifier.out_proj": (True, False)}
 
 
-def _family_problem(model_or_config: Any, projects_embeddings: bool) -> str | None:
+def family_problem(model_or_config: Any, projects_embeddings: bool) -> str | None:
     """The family checks shared by a model and a config: a BERT-layout family, embeddings as wide as the stream."""
     try:
         lay = family_of(model_or_config)
@@ -67,7 +66,7 @@ def _family_problem(model_or_config: Any, projects_embeddings: bool) -> str | No
 def why_not(model: nn.Module) -> str | None:
     """Why the residual width of ``model`` cannot be pruned here, or None when it can."""
     base = getattr(model, "base_model", None)
-    problem = _family_problem(model, getattr(base, "embeddings_project", None) is not None)
+    problem = family_problem(model, getattr(base, "embeddings_project", None) is not None)
     if problem:
         return problem
     outer = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding))
@@ -132,7 +131,7 @@ def check_width(model: nn.Module, new: int, heads: list[int] | None = None) -> N
     if why:
         raise StageError(why)
     head = _head_size(model)
-    problem = _width_problem(new, width(model), head, model.config.model_type)
+    problem = width_problem(new, width(model), head, model.config.model_type)
     if problem:
         raise StageError(problem)
     heads = heads if heads is not None else _heads(model)
@@ -143,7 +142,7 @@ def check_width(model: nn.Module, new: int, heads: list[int] | None = None) -> N
                          f"prune.prune_heads) or keep hidden_size at least {max(heads) * head}")
 
 
-def _width_problem(new: int, old: int, head: int, model_type: str) -> str | None:
+def width_problem(new: int, old: int, head: int, model_type: str) -> str | None:
     if not head <= new < old:
         return (f"prune.hidden_size {new}: the residual stream is {old} wide; give a width from one head ({head}) "
                 f"up to below {old}")
@@ -152,75 +151,6 @@ def _width_problem(new: int, old: int, head: int, model_type: str) -> str | None
                 f"{model_type} heads as hidden_size / num_attention_heads wide, so the width must be a whole number "
                 f"of heads (e.g. {new // head * head} or {(new // head + 1) * head})")
     return None
-
-
-def config_problem(config: Any, cfg: PruneConfig, enc: Any = None) -> str | None:
-    """What ``cfg.hidden_size`` cannot be for a model of ``config`` (the checks a recipe can get before any
-    training: the family, an ELECTRA embedding projection, the width against the head size, and the heads the
-    target's step leaves, see ``plan_problem``, on ``enc`` where the model is at hand)."""
-    new = cfg.hidden_size
-    projects = getattr(config, "embedding_size", None) not in (None, getattr(config, "hidden_size", None))
-    problem = _family_problem(config, projects)
-    if problem:
-        return problem
-    old, n_heads = int(config.hidden_size), int(config.num_attention_heads)
-    head = old // n_heads
-    problem = _width_problem(new, old, head, config.model_type)
-    if problem:
-        return problem
-    return plan_problem(config, cfg, enc)
-
-
-def plan_problem(config: Any, cfg: PruneConfig, enc: Any = None) -> str | None:
-    """Whether the heads that the step towards ``cfg``'s fixed target leaves fit in ``cfg.hidden_size``, counted
-    as the step counts them (``edgekd.pruning.heads_ffn.heads_left``) on ``enc`` (an Encoder; default: the
-    structure ``config`` describes, built without weights), before any training. scope per_layer: the heads
-    each layer keeps are known from the target. scope global: importance chooses the layers, known only
-    once the stage scores the model; here a width no choice can fit is refused, and the stage checks the
-    layers it chose before it removes anything."""
-    from edgekd.pruning.encoder import Encoder
-    from edgekd.pruning.heads_ffn import heads_left
-    from edgekd.pruning.stage import _fixed_goals
-
-    new = cfg.hidden_size
-    enc = enc if enc is not None else Encoder(skeleton(config))
-    head = int(config.hidden_size) // int(config.num_attention_heads)
-    now = enc.heads()
-    left, exact = heads_left(enc, cfg, _fixed_goals(cfg, enc.layer_params())[0])
-    room = f"prune.hidden_size {new} leaves room for {new // head} heads of {head}"
-    if max(left) <= new // head:
-        return None
-    if left == now:
-        return (f"{room}, but no head is removed (prune.prune_heads is false, or the target or "
-                f"prune.min_heads_per_layer lets none go) and a layer keeps {max(now)}: set prune.keep_params or "
-                f"remove_heads with prune.prune_heads, or leave hidden_size unset")
-    fix = (f"remove more heads (a lower prune.keep_params or a larger prune.remove_heads, with prune.prune_heads and "
-           f"a prune.min_heads_per_layer that lets them go) or keep hidden_size at least {max(left) * head}")
-    if exact:
-        return (f"{room} (hidden_size / num_attention_heads), but a layer would keep {max(left)} after the "
-                f"target's step (heads per layer: {now} -> {left}): {fix}")
-    gone = sum(now) - sum(left)
-    return (f"{room} (hidden_size / num_attention_heads), but a layer would keep {max(left)} at least: with "
-            f"prune.scope global, importance chooses which layers lose the {gone} head{'s' * (gone != 1)} the target "
-            f"removes, and even taken from the fullest layers first they leave {left} (heads per layer now: {now}): "
-            f"{fix}")
-
-
-def skeleton(config: Any) -> nn.Module:
-    """The encoder ``config`` describes, its parameters on the meta device (no memory, no initialisation): the
-    layers' heads (removed through Hugging Face, ``pruned_heads``) and FFN widths (``ffn_sizes_per_layer``)
-    as the stage will find them."""
-    import copy
-
-    from accelerate import init_empty_weights
-    from transformers import AutoModel
-
-    from edgekd.encoders import shape_like_teacher_blocks
-
-    with init_empty_weights():
-        model = AutoModel.from_config(copy.deepcopy(config))
-        shape_like_teacher_blocks(model, model.config, family_of(model))
-    return model
 
 
 def _heads(model: nn.Module) -> list[int]:

@@ -215,7 +215,7 @@ def _check_teacher_paths(recipe: Recipe) -> list[str]:
 def _check_hidden_size(recipe: Recipe) -> list[str]:
     """prune.hidden_size against the student's config, when that config can be read here without a
     download (the student's own model, else the teacher's with the layers the student copies), and the heads
-    per layer the target's step leaves in it (edgekd.pruning.hidden.config_problem); the stage checks it again."""
+    per layer the target's step leaves in it (edgekd.pruning.heads_ffn.config_problem); the stage checks it again."""
     p = recipe.prune
     if not (p.enabled and p.hidden_size is not None):
         return []
@@ -228,7 +228,7 @@ def _check_hidden_size(recipe: Recipe) -> list[str]:
         config = AutoConfig.from_pretrained(resolve_model(source), local_files_only=True)
     except Exception:  # a hub id not in the local cache, or no config: the prune stage checks the model itself
         return []
-    from edgekd.pruning.hidden import config_problem
+    from edgekd.pruning.heads_ffn import config_problem
 
     if not recipe.student.model:
         config = _student_config(config, recipe.student.layers)
@@ -241,7 +241,8 @@ def _check_hidden_size(recipe: Recipe) -> list[str]:
 def _student_config(teacher_config: Any, layers: list[int] | None) -> Any:
     """The config of the student the distill stage builds from the teacher's ``layers`` (default: every other
     layer), each layer with its teacher layer's heads and FFN width; None when the layers do not fit."""
-    from edgekd.encoders import family_of, student_config
+    from edgekd.encoders import family_of
+    from edgekd.students import student_config
     from edgekd.tasks.text.task import TextClassificationTask
 
     try:

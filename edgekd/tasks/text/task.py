@@ -459,7 +459,7 @@ class TextClassificationTask:
     def build_student(self, teacher: nn.Module, layers: list[int]) -> nn.Module:
         """DistilBERT-style student: same width, the teacher's ``layers`` only, every weight copied, then
         checked block by block against the teacher (edgekd.encoders: where each family keeps its blocks)."""
-        from edgekd.encoders import build_student
+        from edgekd.students import build_student
 
         return build_student(teacher, layers)
 
