@@ -126,11 +126,9 @@ def _swap_labels_in_config(folder):
 def test_teacher_stage_and_ensemble_member_put_swapped_heads_in_the_data_order(tmp_path, tiny_csv):
     """A local teacher and a kind-model ensemble member whose heads list [positive, negative]: the cached targets
     are their outputs in the data's order [negative, positive], and the saved teacher names the data's labels."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from edgekd.pipeline import run_stages
     from edgekd.recipe import parse_recipe
-    from edgekd.teachers.combine import softmax
+    from edgekd.testing import classifier_probs as probs
     from edgekd.testing import tiny_bert, tiny_recipe
 
     teacher = _swap_labels_in_config(tiny_bert(tmp_path / "teacher", num_layers=2, num_labels=2, seed=1))
@@ -139,13 +137,6 @@ def test_teacher_stage_and_ensemble_member_put_swapped_heads_in_the_data_order(t
                                       teacher={"ensemble": [{"kind": "model", "model": str(member)}]}))
     ctx = run_stages(recipe, ["teacher"])
     assert ctx.examples.label_names == RUN
-
-    def probs(folder, texts):
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-        with torch.no_grad():
-            enc = tok(texts, return_tensors="pt", truncation=True, max_length=16, padding=True)
-            return softmax(model(**enc).logits.numpy())
 
     texts = ctx.splits.texts("train")
     want = np.log((probs(teacher, texts) + probs(member, texts)) / 2)[:, [1, 0]]
@@ -166,3 +157,31 @@ def test_an_ensemble_member_for_other_labels_is_refused(tmp_path, tiny_classifie
     with pytest.raises(RecipeError, match=r"teacher.ensemble\[0\].model: .*its classification head is for 3 labels "
                                           r"\['label_0', 'label_1', 'label_2'\].*must already be fine-tuned"):
         run_stages(recipe, ["teacher"])
+
+
+def test_stages_made_before_heads_were_reordered_are_redone(tmp_path, tiny_csv, monkeypatch):
+    """A teacher, ensemble member or student.model whose head lists the run's labels in another order was used
+    as it was before 2026-12-07: the teacher and distill fingerprints mark such a model, so a record made then
+    is redone; a model whose head is in the run's order keeps its fingerprints."""
+    import edgekd.tasks.text.task as text_task
+    from edgekd.pipeline import create_context, fingerprint_of
+    from edgekd.recipe import parse_recipe
+    from edgekd.testing import tiny_bert, tiny_recipe
+
+    swapped = _swap_labels_in_config(tiny_bert(tmp_path / "swapped", num_layers=2, num_labels=2, seed=1))
+    plain = tiny_bert(tmp_path / "plain", num_layers=2, num_labels=2, seed=2)
+
+    def fingerprints(model, **sections):
+        ctx = create_context(parse_recipe(tiny_recipe(tmp_path, model, tiny_csv, **sections)))
+        return {name: fingerprint_of(ctx, name) for name in ("teacher", "distill")}
+
+    cases = [(swapped, {}), (plain, {"teacher": {"ensemble": [{"kind": "model", "model": str(swapped)}]}}),
+             (plain, {"student": {"model": str(swapped)}})]
+    marked = [fingerprints(t, **s) for t, s in cases]
+    untouched = fingerprints(plain)
+    monkeypatch.setattr(text_task, "head_reordered", lambda *a: False)  # as the code before the change saw them
+    unmarked = [fingerprints(t, **s) for t, s in cases]
+    assert fingerprints(plain) == untouched
+    assert marked[0]["teacher"] != unmarked[0]["teacher"] and marked[0]["distill"] != unmarked[0]["distill"]
+    assert marked[1]["teacher"] != unmarked[1]["teacher"]
+    assert marked[2]["teacher"] == unmarked[2]["teacher"] and marked[2]["distill"] != unmarked[2]["distill"]

@@ -47,11 +47,15 @@ def layer_map(n_student: int, n_teacher: int, layers: list[int] | None) -> list[
 
 
 def stage_fingerprint(ctx: RunContext, stage: str) -> str:
+    from edgekd.tasks.text.task import head_reordered
+
     r = ctx.recipe
     settings = {"student": r.student.model_dump(mode="json"), "train": r.distill.train.model_dump(mode="json")}
     files = local_model_digest(r.student.model)
     if files:  # student.model as a local folder: its files, so one replaced in place is read again
         settings["student_files"] = files
+    if head_reordered(r.student.model, lambda: ctx.task.label_names):
+        settings["student_head_order"] = "by-name"  # rows put in the run's label order (they were used as they were)
     if stage == "distill":
         # rounds is left out at its default, so runs recorded before it existed stay valid
         settings["distill"] = r.distill.model_dump(mode="json", exclude={"rounds"} if r.distill.rounds == 1 else None)
@@ -62,7 +66,7 @@ def stage_fingerprint(ctx: RunContext, stage: str) -> str:
 def build_student(ctx: RunContext, teacher: nn.Module) -> tuple[nn.Module, list[int] | None]:
     r = ctx.recipe
     if r.student.model:
-        return ctx.task.load_model(r.student.model), None
+        return ctx.task.load_model(r.student.model, where="student.model"), None
     layers = student_layers(ctx, teacher)
     return ctx.task.build_student(teacher, layers), layers
 
@@ -240,7 +244,7 @@ def run_student_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
         # A black-box teacher has no weights: the student is built from the local model in teacher.model
         # (its fresh task head seeded like the rest of the run).
         set_seed(r.seed)
-        init = task.load_model(r.teacher.model)
+        init = task.load_model(r.teacher.model, where="teacher.model")
     distilling = stage == "distill"
     if distilling:
         targets = load_targets(ctx, cached_logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -304,30 +305,38 @@ def local_source(source: str) -> str | None:
     return source
 
 
-def local_config(source: str) -> Any | None:
-    """The config of ``source`` when it is on this machine (see :func:`local_source`), else None."""
+def _from_local(source: str, auto_class: str) -> Any | None:
+    """``transformers.<auto_class>.from_pretrained`` of ``source`` when it is on this machine (see
+    :func:`local_source`), else None: never a download."""
     where = local_source(source)
     if where is None:
         return None
     try:
-        from transformers import AutoConfig
+        import transformers
 
-        return AutoConfig.from_pretrained(where, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached, or no config: the stage that loads it downloads and checks
+        return getattr(transformers, auto_class).from_pretrained(where, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, or no such file: the stage that loads it downloads and checks
         return None
+
+
+def local_config(source: str) -> Any | None:
+    """The config of ``source`` when it is on this machine (see :func:`local_source`), else None."""
+    return _from_local(source, "AutoConfig")
 
 
 def local_tokenizer(source: str) -> Any | None:
     """The tokenizer of ``source`` when it is on this machine (see :func:`local_source`), else None."""
-    where = local_source(source)
-    if where is None:
-        return None
-    try:
-        from transformers import AutoTokenizer
+    return _from_local(source, "AutoTokenizer")
 
-        return AutoTokenizer.from_pretrained(where, local_files_only=True)
-    except Exception:  # noqa: BLE001 - see local_config
-        return None
+
+def head_reordered(source: str | None, run_labels: Callable[[], list[str]]) -> bool:
+    """Whether the model ``source`` (read without a download) has a head for the run's labels (``run_labels()``,
+    asked only for a classifier) in another order, which :meth:`TextClassificationTask.load_model` puts in the
+    run's order: the stage fingerprints mark it, since such a model was used as it was before 2026-12-07."""
+    config = local_config(source) if source else None
+    if config is None or not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return False
+    return match_head(config, run_labels()).kind == "reordered"
 
 
 # Texts whose ids show the usual ways two tokenizers part: case, accents, punctuation, digits, scripts, emoji,

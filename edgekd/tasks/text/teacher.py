@@ -39,6 +39,10 @@ def teacher_fingerprint(ctx: RunContext) -> str:
     files = local_model_digest(t.model)
     if files:  # a local folder: its files, so one retrained or replaced in place is read again
         settings["model_files"] = files
+    from edgekd.tasks.text.task import head_reordered
+
+    if any(m.kind == "model" and head_reordered(m.model, lambda: ctx.task.label_names) for m in t.members()):
+        settings["head_order"] = "by-name"  # rows put in the run's label order (they were used as they were)
     return fingerprint({
         "teacher": settings,
         "data": ctx.data_fingerprint,
@@ -59,7 +63,7 @@ def _fit_local_teacher(ctx: RunContext, fp: str) -> tuple[Any, dict[str, Any]]:
     """Load the local teacher, fine-tune it when it has no task head, save it to teacher/model."""
     r, task = ctx.recipe, ctx.task
     set_seed(r.seed)  # a fresh task head is initialised randomly: seed it like the rest of the run
-    model = task.load_model(r.teacher.model)
+    model = task.load_model(r.teacher.model, where="teacher.model")
     finetuned = not task.has_task_head(r.teacher.model)
     unread = [] if finetuned else finetune_unread(r.teacher)
     if unread:
