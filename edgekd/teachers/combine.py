@@ -35,7 +35,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def check_probabilities(rows: np.ndarray, where: str = "teacher") -> None:
+def check_probabilities(rows: np.ndarray, where: str = "teacher", kind: str | None = None) -> None:
     """Refuse (n, K) rows that are not probabilities: a value not finite or outside [0, 1], or a row whose sum
     is not 1, beyond the small tolerances above. Such rows are logits or scores (targets: logits)."""
     rows = np.asarray(rows, dtype=np.float64)
@@ -52,9 +52,12 @@ def check_probabilities(rows: np.ndarray, where: str = "teacher") -> None:
     row = ", ".join(f"{v:.4g}" for v in rows[i][:8]) + (", ..." if rows.shape[1] > 8 else "")
     raise NotProbabilitiesError(
         f"{where} (targets: probs) answered values that are not probabilities for {len(bad)} of {len(rows)} "
-        f"texts: the first, text {i}, got [{row}], {why}. If the teacher's output holds logits (scores of any "
-        f"sign that need a softmax), set {where}.targets to logits; otherwise read its probability output "
-        "(kind v2: output_name).")
+        f"texts: the first, text {i}, got [{row}], {why}. " + (
+            "An edgekd server's /predict answers probabilities: this one does not, so check the server (or ask "
+            "its model through the v2 protocol: kind v2, targets: logits, output_name its logits)."
+            if kind == "edgekd" else
+            f"If the teacher's output holds logits (scores of any sign that need a softmax), set {where}.targets "
+            "to logits; otherwise read its probability output (kind v2: output_name)."))
 
 
 def as_probabilities(outputs: np.ndarray, targets: Targets, num_labels: int, where: str = "teacher") -> np.ndarray:

@@ -141,7 +141,7 @@ class EdgeKDTeacher:
         rows = np.asarray([[row.get(n, np.nan) for n in names] for row in probs], dtype=np.float64)
         if np.isnan(rows).any():
             raise TeacherRequestError(f"{self.where}: /predict gave probabilities for different labels per text.")
-        check_probabilities(rows, self.where)  # before the answers are cached
+        check_probabilities(rows, self.where, kind="edgekd")  # before the answers are cached
         return reorder(rows, names, self.data_labels, self.where).tolist()
 
     def stats(self) -> dict[str, Any]:
