@@ -158,7 +158,7 @@ def override_strings(overrides: Mapping[str, Any]) -> list[str]:
     value (``pathlib.Path`` values, in lists and mappings too, as their strings). An empty mapping sets
     a key to ``{}`` (``export={"options": {}}`` -> ``export.options={}``, as ``--set`` does); for a
     recipe section it would set nothing, and is refused."""
-    from edgekd.recipe import _model_at
+    from edgekd.recipe import model_at
 
     out: list[str] = []
 
@@ -168,7 +168,7 @@ def override_strings(overrides: Mapping[str, Any]) -> list[str]:
                 for k, v in value.items():
                     walk(f"{prefix}.{k}", v)
                 return
-            if _model_at(tuple(prefix.split("."))) is not None:
+            if model_at(tuple(prefix.split("."))) is not None:
                 raise RecipeError([f"{prefix}: an empty mapping sets none of a recipe section's keys; give the "
                                    "keys to set"])
         out.append(f"{prefix}={_yaml_value(prefix, value)}")

@@ -48,7 +48,7 @@ _SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "valida
 
 # --- local files -----------------------------------------------------------------------------
 
-def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def read_table(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     """Columns and ``(row, values)`` of a CSV/TSV file (rows count from 1, header excluded). A row with more
     fields than the header (a text holding an unquoted comma), and a short row that runs over several lines
     (a stray opening quote that swallowed the lines after it), are errors naming their lines."""
@@ -106,7 +106,7 @@ def _read_table(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, 
     return columns, rows
 
 
-def _read_json(path: Path, jsonl: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def read_json(path: Path, jsonl: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     text = path.read_text(encoding="utf-8-sig")
     items: list[tuple[int, Any]] = []
     if not jsonl and text.lstrip().startswith("["):
@@ -150,9 +150,9 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
         raise DataError(f"{path} does not exist.")
     try:
         if fmt in ("csv", "tsv"):
-            columns, rows = _read_table(path, "," if fmt == "csv" else "\t")
+            columns, rows = read_table(path, "," if fmt == "csv" else "\t")
         else:
-            columns, rows = _read_json(path, jsonl=fmt == "jsonl")
+            columns, rows = read_json(path, jsonl=fmt == "jsonl")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}). Save the file as UTF-8.") from e
     except csv.Error as e:
@@ -483,7 +483,7 @@ def _accepted_forms() -> str:
             f"a Hugging Face dataset id (owner/name), or a local {', '.join(FILE_FORMATS)} file")
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
             or Path(name).suffix.lower() in _PATH_SUFFIXES)
 
@@ -502,7 +502,7 @@ def load_examples(cfg: DataConfig) -> Examples:
                          drop_duplicates=cfg.drop_duplicates)
     if path.is_dir():
         raise DataError(f"data.dataset '{name}' is a folder. Accepted forms: {_accepted_forms()}.")
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise DataError(f"data.dataset: the file {path} does not exist. Accepted forms: {_accepted_forms()} "
                         f"with columns '{cfg.text_column}' and '{cfg.label_column}'.")
     return load_hub(name, cfg.hub_config, cfg.text_column, cfg.label_column,

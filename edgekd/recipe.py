@@ -1293,7 +1293,7 @@ class Recipe(*_family_sections(), RecipeFields):
 # Loading with errors a person can act on
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] | None = Recipe
     for part in loc:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
@@ -1307,7 +1307,7 @@ def _describe(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = model_at(loc[:-1])
         allowed = sorted(parent.model_fields) if parent else []
         guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f" Did you mean '{guess[0]}'?" if guess else ""

@@ -62,6 +62,21 @@ def tiny_bert(out_dir: str | Path, num_layers: int = 2, hidden: int = 32, heads:
     return out
 
 
+def classifier_probs(folder: str | Path, texts: list[str], max_length: int = 16):
+    """Softmax outputs of the sequence classifier saved in ``folder`` on ``texts``, computed with plain
+    transformers (its own tokenizer, padded together): what a test compares edgekd's cached targets with."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgekd.teachers.combine import softmax
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        enc = tok(texts, return_tensors="pt", truncation=True, max_length=max_length, padding=True)
+        return softmax(model(**enc).logits.numpy())
+
+
 def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
     """Short synthetic reviews whose label follows their sentiment words (learnable, not trivial)."""
     rng = random.Random(seed)

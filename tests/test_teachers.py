@@ -547,23 +547,14 @@ def test_born_again_rounds_record_each_round(tmp_path, tiny_teacher_dir, tiny_cs
 def test_two_local_teachers_averaged_with_weights(tmp_path, tiny_classifier_dir, tiny_csv):
     """A local fine-tuned classifier plus a second one, weighted 1:3: the cached targets are the log of the
     weighted mean of their softmax outputs, on the training split and the held-out splits."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from edgekd.pipeline import run_stages
+    from edgekd.testing import classifier_probs as probs
     from edgekd.testing import tiny_bert
 
     second = tiny_bert(tmp_path / "second", num_layers=2, num_labels=2, seed=7)
     recipe = parse_recipe(tiny_recipe(tmp_path, tiny_classifier_dir, tiny_csv, teacher={
         "ensemble": [{"kind": "model", "model": str(second), "weight": 3.0}]}))
     ctx = run_stages(recipe, ["teacher", "distill", "eval"])
-
-    def probs(folder, texts):
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-        with torch.no_grad():
-            enc = tok(texts, return_tensors="pt", truncation=True, max_length=16, padding=True)
-            return softmax(model(**enc).logits.numpy())
 
     for split, file in (("train", "train_logits.npy"), ("test", "test_logits.npy")):
         texts = ctx.splits.texts(split)

@@ -279,13 +279,13 @@ def plan_problem(config: Any, cfg: PruneConfig, enc: Any = None) -> str | None:
     each layer keeps are known from the target. scope global: importance chooses the layers, known only
     once the stage scores the model; here a width no choice can fit is refused, and the stage checks the
     layers it chose before it removes anything."""
-    from edgekd.pruning.stage import _fixed_goals
+    from edgekd.pruning.stage import fixed_goals
 
     new = cfg.hidden_size
     enc = enc if enc is not None else Encoder(skeleton(config))
     head = int(config.hidden_size) // int(config.num_attention_heads)
     now = enc.heads()
-    left, exact = heads_left(enc, cfg, _fixed_goals(cfg, enc.layer_params())[0])
+    left, exact = heads_left(enc, cfg, fixed_goals(cfg, enc.layer_params())[0])
     room = f"prune.hidden_size {new} leaves room for {new // head} heads of {head}"
     if max(left) <= new // head:
         return None

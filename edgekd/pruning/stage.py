@@ -26,7 +26,7 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _fixed_goals(cfg: PruneConfig, prunable0: int) -> list[StepGoal]:
+def fixed_goals(cfg: PruneConfig, prunable0: int) -> list[StepGoal]:
     """One goal per step for the targets known in advance (not latency)."""
     n = cfg.steps or 1
     if cfg.keep_params is not None:
@@ -97,7 +97,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
         latency = metrics["latency_ms_searched"]
     else:
         latency = None
-        for i, goal in enumerate(_fixed_goals(cfg, prunable0), start=1):
+        for i, goal in enumerate(fixed_goals(cfg, prunable0), start=1):
             t0 = time.perf_counter()
             model, info = method.step(model, goal)
             record = {"step": i, **info, "params": count_params(model),

@@ -42,7 +42,7 @@ def normal_text(text: str) -> str:
 
 def read_rows(path: Path) -> tuple[list[str], list[Any]]:
     """Columns and rows of a .csv/.tsv/.jsonl/.json file as the unlabelled texts are read: a table by the
-    labelled data's reader (``edgekd.data._read_table``: quoted line breaks kept, rows with extra fields and
+    labelled data's reader (``edgekd.data.read_table``: quoted line breaks kept, rows with extra fields and
     unbalanced quotes refused), JSON as a list of objects or one object per line. A file that cannot be
     read so is a DataError naming it."""
     suffix = path.suffix.lower()
@@ -61,15 +61,15 @@ def read_rows(path: Path) -> tuple[list[str], list[Any]]:
 
 
 def _read_table_file(path: Path) -> tuple[list[str], list[Any]]:
-    from edgekd.data import _read_table
+    from edgekd.data import read_table
 
     try:
-        columns, numbered = _read_table(path, TABLES[path.suffix.lower()])
+        columns, numbered = read_table(path, TABLES[path.suffix.lower()])
     except csv.Error as e:
         raise DataError(f"{path}: malformed {path.suffix.lower()[1:].upper()} ({e}).") from e
     rows = [row for _, row in numbered]
     # A quote opened in the last column and never closed runs to the end of the file as one text, with no
-    # column left without a value for _read_table to notice: such a text holds a line break (only a quoted
+    # column left without a value for read_table to notice: such a text holds a line break (only a quoted
     # field can) and the file does not end with the quote that would close it.
     last = [v for v in rows[-1].values() if isinstance(v, str)] if rows else []
     if last and ("\n" in last[-1] or "\r" in last[-1]) and not path.read_bytes().rstrip().endswith(b'"'):

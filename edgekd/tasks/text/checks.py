@@ -26,12 +26,12 @@ def require_texts(texts: Sequence[Any], empty_why: str) -> None:
 
 def _columns(path: Path) -> list[str]:
     """Column names of a local table (header row or object keys), read the way the loader reads them."""
-    from edgekd.data import FILE_FORMATS, _read_json, _read_table
+    from edgekd.data import FILE_FORMATS, read_json, read_table
 
     fmt = FILE_FORMATS[path.suffix.lower()]
     if fmt in ("csv", "tsv"):
-        return _read_table(path, "," if fmt == "csv" else "\t")[0]
-    return _read_json(path, jsonl=fmt == "jsonl")[0]
+        return read_table(path, "," if fmt == "csv" else "\t")[0]
+    return read_json(path, jsonl=fmt == "jsonl")[0]
 
 
 def _check_text_data(recipe: Recipe) -> list[str]:
@@ -57,13 +57,13 @@ def _check_text_data(recipe: Recipe) -> list[str]:
 
 
 def _check_local_data(d: DataConfig, path: Path) -> list[str]:
-    from edgekd.data import FILE_FORMATS, _looks_like_path
+    from edgekd.data import FILE_FORMATS, looks_like_path
 
     if path.is_dir():
         return [f"data.dataset: {path} is a folder; give a {', '.join(FILE_FORMATS)} file, a named dataset or a hub id"]
     if not path.is_file():
         # A name that does not look like a path is a Hugging Face id: checked when it is downloaded.
-        return [f"data.dataset: the file {path} does not exist"] if _looks_like_path(d.dataset) else []
+        return [f"data.dataset: the file {path} does not exist"] if looks_like_path(d.dataset) else []
     if path.suffix.lower() not in FILE_FORMATS:
         return [f"data.dataset: {path} has an unsupported type '{path.suffix}' (supported: {', '.join(FILE_FORMATS)})"]
     try:
