@@ -173,3 +173,23 @@ def test_detection_refuses_the_text_only_setting():
     task = DetectionTask.__new__(DetectionTask)
     with pytest.raises(RecipeError, match="text classifiers only"):
         task.shipped_module(None, ExportConfig(first_token_last_layer=True), {})
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
+def test_the_padding_mask_survives_an_fp16_core_ml_conversion(family):
+    """Core ML's fp16 conversion (the default recipe's coreml precision) turns float32 constants beyond fp16's
+    range into infinities: the mask's -3.4e38 became -inf, and a real key's 0 * -inf is NaN in every logit
+    (on a Mac; Core ML predicts nowhere else, so parity could not see it). The converted program must hold
+    no infinite constant."""
+    ct = pytest.importorskip("coremltools")
+    model = classifier(family, layers=2)
+    batch = _padded_batch(model.config.vocab_size)
+    with torch.no_grad():
+        traced = torch.jit.trace(FirstTokenClassifierExport(model).eval(),
+                                 (batch["input_ids"], batch["attention_mask"]), strict=False)
+    inputs = [ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.int32) for k, v in batch.items()]
+    converted = ct.convert(traced, inputs=inputs, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                           minimum_deployment_target=ct.target.iOS16)
+    program = str(converted._mil_program)
+    assert "cast_fp16" in program  # the program did go to fp16
+    assert not [line for line in program.splitlines() if "inf" in line.replace("info", "")], "an infinite constant"

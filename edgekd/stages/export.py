@@ -54,6 +54,11 @@ def export_fingerprint(ctx: RunContext) -> str:
     coreml = coreml_bench_batch_sizes(ctx.recipe)
     if coreml is not None:  # the bench's batch sizes, when they are not the package's own default
         parts["coreml_batch_sizes"] = coreml
+    e = ctx.recipe.export
+    if "coreml" in e.targets and e.first_token_last_layer is not False and ctx.recipe.task == "text-classification":
+        # Since 2026-12-07 the first-position module masks padded keys with -1e4, not float32's lowest value,
+        # which Core ML's fp16 conversion made -inf (NaN logits): a run exporting Core ML exports again.
+        parts["first_token_mask"] = "-1e4"
     return fingerprint(parts)
 
 

@@ -94,6 +94,11 @@ def _distilbert_block(layer: nn.Module, hq: torch.Tensor, h: torch.Tensor, bias:
     return layer.output_layer_norm(layer.ffn(a) + a)
 
 
+
+# What a padded key adds to the attention scores: far below any score, and representable in fp16 (whose
+# lowest is -65504), as the exported graph may be converted to it.
+MASK_VALUE = -1e4
+
 class FirstTokenClassifierExport(nn.Module):
     """(input_ids, attention_mask) -> (logits,), as ``SequenceClassifierExport``, with every block but the
     last over all positions and the last over the first position only. Raises StageError for a model
@@ -120,8 +125,10 @@ class FirstTokenClassifierExport(nn.Module):
             if hasattr(base, "embeddings_project"):  # ELECTRA with embedding_size != hidden_size
                 h = base.embeddings_project(h)
             blocks, block = base.encoder.layer, _bert_block
-        # Additive key mask, [batch, 1, 1, keys]: padded keys get the dtype's lowest value.
-        bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        # Additive key mask, [batch, 1, 1, keys]: padded keys get MASK_VALUE, which every real key then beats
+        # by e^10000 (nothing in float32). Not the dtype's lowest value: an fp16 conversion of the traced graph
+        # (Core ML's) makes float32's -3.4e38 -inf, and the real keys' 0 * -inf is NaN.
+        bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * MASK_VALUE
         if self.kind == _MPNET:  # the relative-position bias every block adds, [batch, heads, rows, keys]
             position = base.encoder.compute_position_bias(h)
             bias, last_bias = position + bias, position[:, :, :1, :] + bias
