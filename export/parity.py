@@ -9,6 +9,7 @@ matched one-to-one after NMS), and the task metric of both. Thresholds turn a mi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -45,14 +46,18 @@ class ParityReport:
         return asdict(self)
 
     def failures(self, min_top1_agreement: float | None, max_abs_diff: float | None) -> list[str]:
-        """What misses the thresholds (NaN always misses)."""
+        """What misses the thresholds; outputs that are not finite numbers (a difference that is NaN or
+        infinite) miss whatever the thresholds, set or not (argmax reads a NaN row as class 0, so top-1
+        agreement alone can pass it)."""
         out = []
+        if not math.isfinite(self.max_abs_diff):
+            out.append(f"outputs that are not finite numbers (max abs diff {_fmt(self.max_abs_diff)})")
         if min_top1_agreement is not None and not (
             self.agreement is not None and self.agreement >= min_top1_agreement
         ):
             what = "top-1" if self.box_agreement is None else "box"
             out.append(f"{what} agreement {_fmt(self.agreement)} < required {min_top1_agreement}")
-        if max_abs_diff is not None and not self.max_abs_diff <= max_abs_diff:
+        if max_abs_diff is not None and math.isfinite(self.max_abs_diff) and not self.max_abs_diff <= max_abs_diff:
             out.append(f"max abs diff {_fmt(self.max_abs_diff)} > allowed {max_abs_diff}")
         return out
 

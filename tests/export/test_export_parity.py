@@ -63,10 +63,14 @@ def test_offset_outputs_fail_the_abs_diff_threshold(text_module, text_data):
     assert info.value.report.examples == len(labels)
 
 
-def test_nan_output_fails_any_abs_diff_threshold(text_module, text_data):
+def test_nan_output_fails_parity_whatever_the_thresholds(text_module, text_data):
+    """A NaN fails with a max_abs_diff threshold, with a top-1 threshold alone (argmax reads a NaN row as class
+    0, so agreement could pass it), and with none set (the schema's default)."""
     inputs, labels = text_data
-    with pytest.raises(ParityError, match="max abs diff nan"):
-        check_parity(SourceRunner(text_module, nan=True), text_module, inputs, labels, None, 16, max_abs_diff=1.0)
+    for thresholds in ({"max_abs_diff": 1.0}, {"min_top1_agreement": 0.5}, {}):
+        with pytest.raises(ParityError, match="outputs that are not finite numbers") as info:
+            check_parity(SourceRunner(text_module, nan=True), text_module, inputs, labels, None, 16, **thresholds)
+        assert "max abs diff nan > allowed" not in str(info.value)  # said once
 
 
 @pytest.mark.slow
