@@ -174,8 +174,12 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
     applied = {k: v for k, v in (defaults or {}).items() if k not in given}
     opts = {**applied, **given}
     exporter.check_options(opts)
-    if "max_sequence" in exporter.options and "max_sequence" not in opts and meta.get("max_length"):
-        opts["max_sequence"] = int(meta["max_length"])  # the longest input the task will send
+    if "max_sequence" in exporter.options and meta.get("max_length"):
+        if "max_sequence" not in opts:
+            opts["max_sequence"] = int(meta["max_length"])  # the longest input the task will send
+        elif int(opts["max_sequence"]) < int(meta["max_length"]):  # the recipe check refuses it up front too
+            raise RecipeError([f"export.options.{name}.max_sequence: {opts['max_sequence']} tokens, shorter than the "
+                               f"max_length {meta['max_length']} the artifact is served at: set it to at least that"])
     folder = Path(out_root) / name
     ok, why = exporter.available()
     if not ok:

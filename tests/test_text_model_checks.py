@@ -146,3 +146,17 @@ def test_the_distill_stage_refuses_it_before_training(tmp_path, tiny_classifier_
         run_stages(recipe, ["teacher", "distill"])
     ctx_dir = tmp_path / "runs" / "tiny"
     assert not (ctx_dir / "distill" / "model").exists()
+
+
+def test_a_targets_max_sequence_below_max_length_is_refused_up_front():
+    """artifact.json records data.max_length, which the server and the bench tokenize to; a target exported for
+    fewer tokens refused every longer text at request time (or failed its whole export at parity)."""
+    from edgekd.recipe import load_recipe
+    from edgekd.recipe_check import check_inputs
+
+    short = load_recipe("default", ["export.options.executorch.max_sequence=32"])
+    assert ("export.options.executorch.max_sequence: 32 tokens, shorter than data.max_length 64, which the server "
+            "and the bench tokenize texts to: set it to 64 or more, or leave it out (it defaults to "
+            "data.max_length)") in check_inputs(short)
+    for fine in (["export.options.executorch.max_sequence=64"], ["export.options.coreml.max_sequence=128"], []):
+        assert not [p for p in check_inputs(load_recipe("default", fine)) if "max_sequence" in p], fine

@@ -300,7 +300,7 @@ def check_inputs(recipe: Recipe) -> list[str]:
             + _check_black_box_matching(recipe)
             + _check_local_models(recipe)
             + _check_prune_method(recipe) + _check_hidden_size(recipe) + _check_fresh_copies(recipe)
-            + _check_bench_inputs(recipe))
+            + _check_bench_inputs(recipe) + _check_export_sequence(recipe))
 
 
 def _check_local_models(recipe: Recipe) -> list[str]:
@@ -337,3 +337,14 @@ def _check_local_models(recipe: Recipe) -> list[str]:
             if why:
                 problems.append(student_tokenizer_problem(s.model, t.model, why))
     return problems
+
+
+def _check_export_sequence(recipe: Recipe) -> list[str]:
+    """A target's max_sequence below data.max_length: its artifact.json would still say max_length (what the
+    server and bench tokenize to), and the target refuses every longer text at request time."""
+    n = recipe.data.max_length
+    return [f"export.options.{target}.max_sequence: {opts['max_sequence']} tokens, shorter than data.max_length "
+            f"{n}, which the server and the bench tokenize texts to: set it to {n} or more, or leave it out (it "
+            "defaults to data.max_length)"
+            for target, opts in recipe.export.options.items()
+            if isinstance(opts, dict) and isinstance(opts.get("max_sequence"), int) and opts["max_sequence"] < n]
