@@ -102,7 +102,7 @@ class TensorRTExporter(Exporter):
             if precision == "fp16":
                 notes["fp16_converter"] = to_fp16(onnx_result.path, tmp / graph.name)
             elif precision == "int8":
-                notes["qdq"] = check_qdq(Path(qdq))
+                notes["qdq"] = check_qdq(Path(qdq), io)
                 shutil.copyfile(qdq, tmp / graph.name)
             command = trtexec_command(graph.name, shapes, workspace_mb)
             script = tmp / "trtexec.sh"
@@ -200,15 +200,27 @@ def to_fp16(src: Path, dst: Path) -> str:
     return converter
 
 
-def check_qdq(path: Path) -> dict[str, Any]:
-    """A Q/DQ model TensorRT can build: QuantizeLinear/DequantizeLinear pairs with int8 zero points of 0
-    (TensorRT quantizes symmetrically). Returns counts for the notes; anything else is a clear error."""
+def check_qdq(path: Path, io: ModelIO | None = None) -> dict[str, Any]:
+    """A Q/DQ model TensorRT can build for this model: the inputs and outputs ``io`` names (a model of
+    another task or layout is refused: its engine would be recorded for this one), QuantizeLinear/
+    DequantizeLinear pairs with int8 zero points of 0 (TensorRT quantizes symmetrically). Returns counts and
+    the file's sha256 for the notes; anything else is a clear error."""
     import onnx
     from onnx import numpy_helper
+
+    from edgekd.runfolder import sha256_file
 
     if not path.is_file():
         raise UnsupportedTargetError(f"{path} does not exist: run the quantize stage (quantize.method: static) first.")
     model = onnx.load(str(path))
+    if io is not None:
+        init_names = {t.name for t in model.graph.initializer}
+        got = ([i.name for i in model.graph.input if i.name not in init_names], [o.name for o in model.graph.output])
+        if sorted(got[0]) != sorted(io.input_names) or sorted(got[1]) != sorted(io.output_names):
+            raise UnsupportedTargetError(
+                f"{path} takes {got[0]} and gives {got[1]}, and this model takes {list(io.input_names)} and gives "
+                f"{list(io.output_names)}: export.options.tensorrt.qdq_onnx must be the static int8 model of this "
+                "run's own export (export/onnx-int8-static/model.onnx after `edgekd quantize`).")
     nodes = list(model.graph.node)
     q = [n for n in nodes if n.op_type == "QuantizeLinear"]
     dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
@@ -231,7 +243,7 @@ def check_qdq(path: Path) -> dict[str, Any]:
             f"{path}: TensorRT quantizes symmetrically (int8, zero point 0), but {len(bad)} Q/DQ node(s) are not, "
             f"e.g. {bad[0]}. Quantize with quantize.activation_type: qint8 and symmetric activations."
         )
-    return {"quantize_nodes": len(q), "dequantize_nodes": len(dq)}
+    return {"quantize_nodes": len(q), "dequantize_nodes": len(dq), "file": str(path), "sha256": sha256_file(path)}
 
 
 def trtexec_command(onnx_file: str, shapes: dict[str, tuple[tuple[int, ...], ...]],

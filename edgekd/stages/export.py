@@ -13,7 +13,7 @@ from typing import Any
 
 from edgekd.context import RunContext
 from edgekd.errors import StageError
-from edgekd.runfolder import fingerprint
+from edgekd.runfolder import fingerprint, sha256_file
 from edgekd.stages.base import load_stage_model, source_stage_of, stage_fingerprint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
@@ -55,6 +55,9 @@ def export_fingerprint(ctx: RunContext) -> str:
     if coreml is not None:  # the bench's batch sizes, when they are not the package's own default
         parts["coreml_batch_sizes"] = coreml
     e = ctx.recipe.export
+    qdq = (e.options.get("tensorrt") or {}).get("qdq_onnx") if "tensorrt" in e.targets else None
+    if qdq and Path(qdq).is_file():  # the Q/DQ model's contents, not only its path: one quantized again re-exports
+        parts["tensorrt_qdq_sha256"] = sha256_file(qdq)
     if "coreml" in e.targets and e.first_token_last_layer is not False and ctx.recipe.task == "text-classification":
         # Since 2026-12-07 the first-position module masks padded keys with -1e4, not float32's lowest value,
         # which Core ML's fp16 conversion made -inf (NaN logits): a run exporting Core ML exports again.

@@ -176,3 +176,30 @@ def test_the_scan_catches_a_removed_name(tmp_path):
     assert "platform_has_fast_fp16" in names & REMOVED_NAMES
     assert any(t.string == "FP16" and toks[i - 2].string == "BuilderFlag" for i, t in enumerate(toks))
     assert any(f in t.string for t in toks if t.type == tokenize.STRING for f in REMOVED_TRTEXEC)
+
+
+def test_a_qdq_model_of_another_graph_is_refused_and_the_used_one_is_recorded(text_module, text_data, tmp_path):
+    """Any file with Q/DQ nodes was copied in as model_int8.onnx and built: a stale or unrelated graph (another
+    task's inputs) was recorded as this model's engine, parity not run. Its inputs and outputs must be the
+    model's; the one used is recorded by sha256."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = text_data[0]
+    ex = get_exporter("tensorrt")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    other = tmp_path / "other.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits)), str(other))
+    with pytest.raises(UnsupportedTargetError, match=r"takes \['x'\] and gives \['y'\], and this model takes"):
+        ex.export(text_module, inputs, TEXT_IO, tmp_path / "int8", precision="int8", qdq_onnx=str(other))
+
+    ex.export(text_module, inputs, TEXT_IO, tmp_path / "fp32", precision="fp32")
+    qdq = _qdq(tmp_path / "fp32" / "model.onnx", tmp_path / "qdq.onnx", inputs, symmetric=True)
+    result = ex.export(text_module, inputs, TEXT_IO, tmp_path / "int8", precision="int8", qdq_onnx=str(qdq))
+    from edgekd.runfolder import sha256_file
+
+    assert result.notes["qdq"]["sha256"] == sha256_file(qdq)
