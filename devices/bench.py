@@ -9,7 +9,6 @@ measured on one device profile, written to ``runs/<name>/bench/<profile>/``.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -20,9 +19,9 @@ import numpy as np
 
 from edgekd.devices import measure, remote_runner, tables
 from edgekd.devices.profiles import DeviceProfile, load_profile
-from edgekd.errors import RecipeError, StageError
+from edgekd.errors import EdgeKDError, RecipeError, StageError
 from edgekd.export import registered
-from edgekd.export.base import made_from_an_earlier_export
+from edgekd.export.base import made_from_an_earlier_export, read_artifact_meta
 from edgekd.progress import progress_bar
 from edgekd.recipe import BenchConfig
 from edgekd.sections import changed_keys
@@ -43,7 +42,9 @@ def artifact_size(folder: Path, meta: dict[str, Any]) -> int | None:
 
 
 def discover(run_dir: Path, only: list[str] | None = None) -> list[dict[str, Any]]:
-    """One entry per folder under ``run_dir/export/``: its artifact.json, or why it cannot be measured."""
+    """One entry per folder under ``run_dir/export/``: its artifact.json, or why it cannot be measured
+    (no or an unreadable artifact.json, not built, or its parity check failed when it was exported: such a
+    folder is skipped on every connection, as edgekd's loader and the device's runner refuse it)."""
     export_dir = Path(run_dir) / "export"
     if not export_dir.is_dir():
         return []
@@ -55,17 +56,25 @@ def discover(run_dir: Path, only: list[str] | None = None) -> list[dict[str, Any
         meta_path = folder / "artifact.json"
         if not meta_path.is_file():
             entry.update(status="skipped", reason="no artifact.json: not a finished export folder")
+            found.append(entry)
+            continue
+        try:
+            meta = read_artifact_meta(folder)
+        except EdgeKDError as e:  # truncated or not an object: named, with its remedy, and the others measured
+            entry.update(status="skipped", reason=str(e))
         else:
-            meta = json.loads(meta_path.read_text())
             entry.update(
                 meta=meta, target=meta.get("target", folder.name), precision=meta.get("precision", "fp32"),
                 # the runtime that runs it: a quantized folder (onnx-int8) is run by its exporter's (onnx)
                 exporter=meta.get("exporter") or meta.get("target", folder.name),
                 file=meta.get("file"), sha256=meta.get("sha256"), size_bytes=artifact_size(folder, meta),
             )
+            failed_parity = remote_runner.parity_refusal(meta)
             if meta.get("built") is False:
                 why = meta.get("reason") or "no reason recorded"
                 entry.update(status="skipped", reason=why if why.startswith("not built") else f"not built here: {why}")
+            elif failed_parity:  # refused on every connection: timing a model that answers wrongly ranks nothing
+                entry.update(status="skipped", reason=failed_parity)
         found.append(entry)
     if only:
         missing = sorted(set(only) - {e["name"] for e in found})
@@ -100,8 +109,14 @@ def config_problems(cfg: BenchConfig, prof: DeviceProfile) -> list[str]:
     hangs (``bench.timeout_s`` stops a child process) and pinning CPUs (the profile's ``cpus``) would pin
     the caller: both are refused there rather than dropped."""
     if prof.connection.kind != "local":
+        problems = []
+        if (prof.connection.kind == "manual" and prof.connection.tool == "adb" and not cfg.threads
+                and not (prof.threads or prof.cores)):
+            problems.append(f"bench.threads: the profile '{prof.name}' sets neither threads nor cores, and the "
+                            "phone's core count cannot be read from here for executor_runner's --cpu_threads: set "
+                            "threads (or cores) in the profile, or bench.threads")
         # a remote or phone bench runs each model in a process of its own on the device, whatever isolate says
-        return [] if cfg.isolate else [
+        return problems if cfg.isolate else [*problems,
             f"bench.isolate: false measures in this process, and the profile '{prof.name}' measures on its device "
             f"({prof.connection.kind}), each model in a process of its own there: drop bench.isolate"]
     if cfg.isolate:
@@ -205,10 +220,13 @@ def bench_run(
         workdir = Path(tmp)
         kind = prof.connection.kind
         if torch_models and cfg.torch_models:
-            if kind == "local":
+            if kind == "local" and prof.runs_pytorch():
                 entries += _torch_entries(torch_models, workdir)
             else:
-                reason = f"eager PyTorch models are measured on the local profile only, not over '{kind}'"
+                reason = (f"eager PyTorch models are measured on the local profile only, not over '{kind}'"
+                          if kind != "local" else
+                          f"profile '{prof.name}' does not list the pytorch runtime (runtimes: "
+                          f"{', '.join(prof.runtimes)}): eager PyTorch models are not measured on it")
                 entries += [{"name": f"pytorch-{n}", "kind": "torch", "target": "pytorch", "precision": "fp32",
                              "status": "skipped", "reason": reason} for n in torch_models]
         if not entries:
@@ -236,6 +254,7 @@ def bench_run(
 
             extra_files = prepare_on_device(entries, prof, cfg, inputs, run_dir)
             env = None
+        threads, threads_from = threads_used(cfg, prof, env, entries)
     ref = measure.reference_accuracies(run_dir, reference, metric)
     for e in entries:
         test_out, ood_out = inputs.split_outputs(e.pop("_outputs", None))
@@ -264,8 +283,9 @@ def bench_run(
         "profile": prof.model_dump(mode="json"),
         "config": cfg.model_dump(mode="json"),
         "headline": tables.headline_case(cfg, real=inputs.plan is not None),
-        "inputs": tables.inputs_record(cfg, inputs, cfg.threads or prof.bench_threads(),
-                                       len(measure.round_spans(cfg.runs, cfg.rounds)) if kind in ("local", "ssh") else 1),
+        "inputs": tables.inputs_record(cfg, inputs, threads,
+                                       len(measure.round_spans(cfg.runs, cfg.rounds)) if kind in ("local", "ssh") else 1,
+                                       threads_from=threads_from),
         "ood": {"dataset": ood_name, "examples": len(ood_labels)} if ood_name else None,
         "metric": metric,
         "input": input_desc,  # e.g. "image 128x128" where inputs have no sequence axis
@@ -276,6 +296,34 @@ def bench_run(
     out = run_dir / "bench" / prof.name
     tables.write_bench_dir(out, data, extra_files)
     return summary(data, out)
+
+
+def threads_used(cfg: BenchConfig, prof: DeviceProfile, env: dict[str, Any] | None,
+                 entries: list[dict[str, Any]]) -> tuple[int | None, str]:
+    """(the thread count the bench's models ran with, where it came from), for its record and table
+    header: ``bench.threads``, else the profile's ``threads`` or ``cores``, else all the device's logical
+    cores (this machine's locally; over ssh the count the device reported, recorded in ``env``). A phone's
+    thread count is the one ON_DEVICE.md passes executor_runner; Xcode's Core ML report takes none."""
+    kind = prof.connection.kind
+    if kind == "manual" and prof.connection.tool == "xcode":
+        return None, "not set: Xcode's Core ML performance report chooses its own"
+    if kind == "ssh" and env is not None:
+        threads = (env.get("threads") or {}).get("requested")
+    elif kind == "manual" and not any(e.get("status") == "pending" for e in entries):
+        threads = cfg.threads or prof.threads or prof.cores  # nothing to run on the phone: what it would use
+    elif kind == "ssh":
+        threads = cfg.threads or prof.threads or prof.cores  # nothing ran on the device, which was not asked
+    else:
+        threads = cfg.threads or prof.bench_threads()
+    if threads is None:
+        return None, "not known: nothing ran on the device"
+    if cfg.threads:
+        return threads, "bench.threads"
+    if prof.threads:
+        return threads, "the profile's threads"
+    if prof.cores and not prof.auto_detect:
+        return threads, "the profile's cores"
+    return threads, "all of this machine's logical cores" if kind == "local" else "all the device's logical cores"
 
 
 def add_runtime_notes(e: dict[str, Any]) -> None:

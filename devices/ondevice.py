@@ -80,7 +80,8 @@ Inputs: {shape}.
 edgekd bench-import {run_dir} --profile {prof.name} --name {name} --file {log}
 ```
 
-The first {cfg.warmup} iterations are dropped as warm-up; the other {cfg.runs} are summarised.
+The first {cfg.warmup} iterations are dropped as warm-up; the other {cfg.runs} are summarised (`edgekd bench-import`
+refuses a log with fewer than {n} iterations: warm-up runs are never timed).
 With ExecuTorch's benchmark app (extension/benchmark/android/benchmark) instead:
 
 ```sh
@@ -148,7 +149,10 @@ def prepare_on_device(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: B
 # --- reading results back ---------------------------------------------------------------------------
 
 
-def parse_executor_runner_log(text: str, warmup: int) -> dict[str, Any]:
+def parse_executor_runner_log(text: str, warmup: int, runs: int | None = None) -> dict[str, Any]:
+    """An executor_runner log's load time and per-iteration latencies: the first ``warmup`` iterations
+    dropped, the rest summarised. A log with fewer than ``warmup + runs`` iterations (``runs`` None: one)
+    is refused, saying how many executions to run, as ON_DEVICE.md does: warm-up is never timed."""
     load = re.search(r"Model loaded in ([\d.]+) ms", text)
     iters = [float(m) for m in re.findall(r"Iteration \d+ of \d+: ([\d.]+) ms", text)]
     total = re.search(r"Model executed successfully (\d+) time\(s\) in ([\d.]+) ms", text)
@@ -158,9 +162,17 @@ def parse_executor_runner_log(text: str, warmup: int) -> dict[str, Any]:
     res: dict[str, Any] = {"status": "ok", "load_s": float(load.group(1)) / 1000 if load else None}
     case: dict[str, Any] = {"batch": 1, "seq": None}
     if iters:
+        need = warmup + (runs or 1)
+        if len(iters) < need:
+            asked = f"{warmup} warm-up (bench.warmup) and {runs} timed (bench.runs)" if runs else \
+                f"{warmup} warm-up (bench.warmup) and at least one timed"
+            raise StageError(
+                f"the executor_runner log has {len(iters)} iteration(s), and this bench takes {asked}: warm-up "
+                f"runs are not timed. Run executor_runner with --num_executions {need} (the command in "
+                "ON_DEVICE.md), then import its log.")
         res["first_inference_s"] = iters[0] / 1000
-        timed = iters[warmup:] if len(iters) > warmup + 1 else iters[1:] or iters
-        case.update(remote_runner.summarize([t / 1000 for t in timed], 1), warmup_dropped=len(iters) - len(timed))
+        timed = iters[warmup:]
+        case.update(remote_runner.summarize([t / 1000 for t in timed], 1), warmup_dropped=warmup)
     else:
         runs, ms = int(total.group(1)), float(total.group(2))
         case.update(runs=runs, mean_ms=ms / runs, throughput=1000 * runs / ms,
@@ -208,8 +220,9 @@ def parse_xcode_template(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_result_file(path: Path, name: str | None, warmup: int) -> dict[str, dict[str, Any]]:
-    """{model name: result} from any accepted result file."""
+def parse_result_file(path: Path, name: str | None, warmup: int, runs: int | None = None) -> dict[str, dict[str, Any]]:
+    """{model name: result} from any accepted result file (``warmup``/``runs``: the bench's, which an
+    executor_runner log must hold)."""
     text = Path(path).read_text()
     try:
         data = json.loads(text)
@@ -227,7 +240,7 @@ def parse_result_file(path: Path, name: str | None, warmup: int) -> dict[str, di
     if data is None:
         if not name:
             raise StageError("an executor_runner log does not name its model: pass --name (the export folder)")
-        return {name: parse_executor_runner_log(text, warmup)}
+        return {name: parse_executor_runner_log(text, warmup, runs)}
     raise StageError(f"{path} is not a result file edgekd reads (executor_runner log, benchmark_results.json, "
                      "the Core ML template, or a remote_runner result).")
 
@@ -246,7 +259,7 @@ def import_result(run_dir: str | Path, profile: str, file: str | Path, name: str
     if not Path(file).is_file():
         raise StageError(f"Result file {file} does not exist.")
     data = json.loads((out / "results.json").read_text())
-    parsed = parse_result_file(Path(file), name, data["config"].get("warmup", 0))
+    parsed = parse_result_file(Path(file), name, data["config"].get("warmup", 0), data["config"].get("runs"))
     by_name = {e["name"]: e for e in data["results"]}
     unknown = sorted(set(parsed) - set(by_name))
     if unknown:

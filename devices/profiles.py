@@ -28,6 +28,10 @@ from edgekd.export import registered
 # are listed here.
 TARGETS = tuple(registered())
 RUNTIMES = ("onnxruntime", "tensorrt", "executorch", "coreml", "pytorch")
+# The runtime each target's folders run on: a profile lists a target only with its runtime. ``pytorch``
+# also runs the bench's eager PyTorch rows (teacher and student), measured only where it is listed.
+TARGET_RUNTIME = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "executorch": "executorch", "coreml": "coreml",
+                  "torchscript-lite": "pytorch"}
 
 
 class ProfileError(EdgeKDError):
@@ -113,12 +117,16 @@ class DeviceProfile(_Strict):
     memory_gb: float | None = Field(None, gt=0)
     accelerators: list[str] = Field(default_factory=list, description="GPUs, NPUs, DSPs in words.")
     isa: list[str] = Field(default_factory=list, description="ISA features that matter for inference kernels.")
-    targets: list[str] = Field(description=f"Export targets it runs: {', '.join(TARGETS)}.")
-    runtimes: list[str] = Field(description=f"Runtimes it has: {', '.join(RUNTIMES)}.")
+    targets: list[str] = Field(description=f"Export targets it runs: {', '.join(TARGETS)}; each needs its runtime "
+                                           "in runtimes.")
+    runtimes: list[str] = Field(description=f"Runtimes it has: {', '.join(RUNTIMES)}. A target is run only with its "
+                                            "runtime listed (torchscript-lite: pytorch), and the eager PyTorch "
+                                            "rows are measured only where pytorch is.")
     onnx_providers: list[str] = Field(
         default_factory=list, description="ONNX Runtime execution providers, in order (empty: runtime default)."
     )
-    threads: int | None = Field(None, ge=1, description="Threads to benchmark with (default: all cores).")
+    threads: int | None = Field(None, ge=1, description="Threads to benchmark with (default: cores, else all the "
+                                                        "device's logical cores, read on it over ssh).")
     cpus: list[int] | None = Field(None, description="CPU ids the benchmark process is pinned to (Linux).")
     auto_detect: bool = Field(False, description="Fill processor, arch, cores and isa from this machine.")
     connection: Connection = Field(default_factory=LocalConnection)
@@ -150,16 +158,40 @@ class DeviceProfile(_Strict):
         if self.onnx_providers and "onnx" not in self.targets:
             raise ValueError("onnx_providers: ONNX Runtime's execution providers run the onnx target's folders, and "
                              f"this profile's targets are {', '.join(self.targets)}: drop it, or add onnx to targets")
+        missing = [f"{t} runs on {TARGET_RUNTIME[t]}" for t in self.targets
+                   if t in TARGET_RUNTIME and TARGET_RUNTIME[t] not in self.runtimes]
+        if missing:
+            raise ValueError(f"targets: {'; '.join(missing)}, which runtimes ({', '.join(self.runtimes)}) does not "
+                             "list: add the runtime the device has, or drop the target it cannot run")
         if self.cpus is not None and kind == "manual":
             raise ValueError("cpus: pins a benchmark process edgekd starts (connection local or ssh), and this "
                              "profile's device is measured by hand (connection manual): drop it")
         return self
 
     def runs_target(self, target: str) -> bool:
-        return target in self.targets
+        """Whether the device runs folders of ``target``: listed, with its runtime."""
+        runtime = TARGET_RUNTIME.get(target)
+        return target in self.targets and (runtime is None or runtime in self.runtimes)
 
-    def bench_threads(self) -> int:
-        return self.threads or self.cores or os.cpu_count() or 1
+    def runs_pytorch(self) -> bool:
+        """Whether the eager PyTorch rows (teacher, student) are measured on this profile."""
+        return "pytorch" in self.runtimes
+
+    def bench_threads(self, device_cores: int | None = None) -> int:
+        """The threads a bench on this profile times with (unless ``bench.threads`` says): ``threads``, else
+        ``cores``, else all the device's logical cores: this machine's for the local profile, ``device_cores``
+        (read on the device, as an ssh bench does) for another. A device whose cores are not known here is a
+        ProfileError: this machine's count says nothing of it."""
+        if self.threads or self.cores:
+            return self.threads or self.cores  # type: ignore[return-value]
+        if self.connection.kind == "local":
+            return os.cpu_count() or 1
+        if device_cores:
+            return int(device_cores)
+        raise ProfileError(
+            f"Device profile '{self.name}' sets neither threads nor cores, and its device ({self.connection.kind}) "
+            "cannot be asked for its core count here: set threads (or cores) in the profile, or bench.threads."
+        )
 
 
 def _profiles_dir():

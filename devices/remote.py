@@ -130,7 +130,8 @@ def _preflight(ssh: SSH, python: str) -> None:
 def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConfig, inputs: measure.Inputs,
               workdir: Path, run_dir: Path) -> dict[str, Any] | None:
     """Measure ``entries`` (artifact entries from ``bench.discover``) on the SSH device of ``prof``;
-    fills each entry in place and returns the device's environment record."""
+    fills each entry in place and returns the device's environment record, whose ``threads.requested`` is
+    the thread count every job ran with (``bench.threads``, else the profile's, else the device's cores)."""
     conn = prof.connection
     if not isinstance(conn, SSHConnection):
         raise ProfileError(f"profile '{prof.name}' has a '{conn.kind}' connection, not ssh")
@@ -152,21 +153,27 @@ def bench_ssh(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConf
     stage.mkdir()
     files = inputs.write(stage)
     shutil.copy(remote_runner.__file__, stage / "remote_runner.py")
-    threads = cfg.threads or prof.bench_threads()
     spans = measure.round_spans(cfg.runs, cfg.rounds)
-    for e in todo:
-        job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files, case_list)
-        job["folder"] = f"export/{e['name']}"
-        for r, (offset, runs) in enumerate(spans):  # one job per round: its slice of the timed calls
-            rjob = measure.round_job(job, cfg, r, len(spans), offset, runs)
-            (stage / f"job-{e['name']}-r{r}.json").write_text(json.dumps(rjob, indent=2))
     q = shlex.quote
     ssh.run(f"mkdir -p {q(rdir)}/export", what="creating the work folder")
     try:
         ssh.put(sorted(stage.iterdir()), rdir)
-        ssh.put([Path(e["folder"]) for e in todo], f"{rdir}/export")
         env = json.loads(ssh.run(f"cd {q(rdir)} && {q(conn.python)} remote_runner.py --env",
                                  what="reading the environment"))
+        # The jobs are written once the device has said what it is: a profile without threads or cores is
+        # timed on all the device's logical cores, not on this machine's.
+        threads = cfg.threads or prof.bench_threads(device_cores=(env.get("cpu") or {}).get("logical_cores"))
+        env.setdefault("threads", {})["requested"] = threads
+        jobs = workdir / "jobs"
+        jobs.mkdir()
+        for e in todo:
+            job = measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files, case_list)
+            job["folder"] = f"export/{e['name']}"
+            for r, (offset, runs) in enumerate(spans):  # one job per round: its slice of the timed calls
+                rjob = measure.round_job(job, cfg, r, len(spans), offset, runs)
+                (jobs / f"job-{e['name']}-r{r}.json").write_text(json.dumps(rjob, indent=2))
+        ssh.put(sorted(jobs.iterdir()), rdir)
+        ssh.put([Path(e["folder"]) for e in todo], f"{rdir}/export")
         back = workdir / "from-device"
         pin = " ".join(f"{v}={threads}" for v in remote_runner.THREAD_ENV)
         def measure_one(e: dict[str, Any], r: int, offset: int, runs: int) -> tuple[dict, dict | None]:

@@ -560,8 +560,81 @@ def preload(modules) -> dict:
     return {"runtime_import_s": time.perf_counter() - t0, "preloaded": list(modules)}
 
 
-def load_standalone(folder: Path, meta: dict, threads: int | None, providers: list[str] | None):
-    """A runner for the artifact in ``folder``, chosen by its file suffix."""
+# --- what edgekd.export.stage.load_artifact checks before it opens a folder ----------------------------
+# Here again because this file runs on a device without edgekd; tests/devices/test_bench_refusals.py
+# holds both to the same answers.
+
+
+def read_meta(folder: Path) -> dict:
+    """``folder``'s artifact.json as a dict; a missing or unreadable one is an error naming the file."""
+    path = Path(folder) / "artifact.json"
+    try:
+        meta = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e}): copy the whole export folder, or re-export it") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): re-export this target (edgekd export)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds {type(meta).__name__}, not a JSON object: re-export this target")
+    return meta
+
+
+def parity_refusal(meta: dict) -> str | None:
+    """Why a folder whose parity check failed when it was exported (artifact.json ``parity.passed: false``)
+    is not run, with its figures; None for any other folder. The export stage stops on the miss but leaves
+    the folder for inspection: serve, the bench and ``edgekd.load`` refuse it, here and on a device."""
+    parity = meta.get("parity")
+    if not isinstance(parity, dict) or parity.get("passed") is not False:
+        return None
+    real = parity.get("real_lengths") or {}
+    figures = ", ".join([*(f"{k} {parity[k]:.4g}" for k in ("top1_agreement", "max_abs_diff")
+                           if isinstance(parity.get(k), (int, float))),
+                         *(f"{k} {real[k]:.4g} at batch 1 and real lengths" for k in ("top1_agreement", "max_abs_diff")
+                           if isinstance(real, dict) and isinstance(real.get(k), (int, float)))])
+    return (f"failed its parity check against the source model when it was exported "
+            f"({figures or 'see parity in its artifact.json'}): it does not answer as the model it was exported "
+            "from. Re-export it (edgekd export) after fixing what failed")
+
+
+def artifact_sha256(path: Path) -> str:
+    """sha256 of an artifact as artifact.json records it (edgekd.export.stage.artifact_digest): of the file,
+    or for a folder artifact of its files' hashes keyed by path relative to the folder's parent."""
+    path = Path(path)
+
+    def file_sha(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    if path.is_file():
+        return file_sha(path)
+    tree = {str(p.relative_to(path.parent)): file_sha(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def verify_standalone(folder: Path, meta: dict) -> None:
+    """Refuse the folder as edgekd's loader does: a failed parity check, or an artifact whose sha256 is not
+    the one in its artifact.json (it changed after export, or was copied only in part)."""
+    why = parity_refusal(meta)
+    if why:
+        raise ValueError(f"{folder} {why}.")
+    path = Path(folder) / meta["file"]
+    if meta.get("sha256") and path.exists() and artifact_sha256(path) != meta["sha256"]:
+        raise ValueError(f"{path} does not match the sha256 in its artifact.json: it changed after export (or "
+                         "was copied only in part). Re-export it, or copy the export folder again.")
+
+
+def load_standalone(folder: Path, meta: dict, threads: int | None, providers: list[str] | None,
+                    verify: bool = True):
+    """A runner for the artifact in ``folder``, chosen by its file suffix. A folder that failed its parity
+    check is refused; with ``verify`` (``run_job`` verifies before the load clock starts and passes False),
+    so is an artifact that does not match its sha256."""
+    if verify:
+        verify_standalone(folder, meta)
+    elif parity_refusal(meta):
+        raise ValueError(f"{folder} {parity_refusal(meta)}.")
     path = folder / meta["file"]
     io = meta["io"]
     suffix = path.suffix
@@ -752,9 +825,12 @@ def run_job(job_path: Path, result_path: Path, load_factory=None) -> int:
     try:
         if load_factory is None:
             folder = base / job["folder"]
-            meta = json.loads((folder / "artifact.json").read_text())
+            meta = read_meta(folder)
+            # Verified here, before the clock starts: hashing is not part of loading a model on a device.
+            verify_standalone(folder, meta)
             meta["preload"] = preload(RUNTIME_MODULES.get((folder / meta["file"]).suffix, ()))
-            load = lambda: load_standalone(folder, meta, job.get("threads"), job.get("providers"))  # noqa: E731
+            load = lambda: load_standalone(folder, meta, job.get("threads"), job.get("providers"),  # noqa: E731
+                                           verify=False)
         else:
             load, meta = load_factory(job, base)
         result, outputs = measure(load, job, base, meta)

@@ -33,10 +33,12 @@ def headline_case(cfg: Any, real: bool = False) -> dict[str, Any]:
     return {"batch": cfg.batch_sizes[0], "seq": seq}
 
 
-def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1) -> dict[str, Any]:
+def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1,
+                  threads_from: str | None = None) -> dict[str, Any]:
     """What every model of the bench was fed, for the table's header and results.json (``rounds``: how
     many rounds the timed calls were split over; fewer than ``bench.rounds`` asked only where the
-    device's own tool times each model once, which the record then says)."""
+    device's own tool times each model once, which the record then says; ``threads_from``: where the
+    thread count came from, said beside it in the header)."""
     if inputs.plan is not None:
         how = ("real lengths: each test text at its own length at batch 1; larger batches padded to their "
                "longest text")
@@ -49,6 +51,7 @@ def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1) -
     return {"mode": "real" if inputs.plan is not None else ("fixed" if cfg.seq_lengths else "shared"),
             "description": how, "source": "real" if inputs.examples is not None else "synthetic",
             "timed_calls": cfg.runs, "warmup_calls": cfg.warmup, "threads": threads,
+            **({"threads_from": threads_from} if threads_from else {}),
             "rounds": rounds,
             **({"rounds_note": f"bench.rounds {cfg.rounds} does not apply here: the device's own benchmark tool "
                                "times each model once"} if rounds == 1 and cfg.rounds > 1 and cfg.runs > 1 else {})}
@@ -178,7 +181,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"# Bench: {data.get('run')} on {prof['name']}",
         "",
         f"{prof.get('description', '')}  ",
-        f"CPU: {cpu}; threads: {_first_known(bench_threads(data), prof.get('threads'))}; "
+        f"CPU: {cpu}; threads: {_threads_header(data)}; "
         f"batch {head['batch']}, {data.get('input') or f'sequence {seq}'}; created {data.get('created')}.  ",
         f"Reference {metric}: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
         f" ({ref.get('source') or 'not available'}).  ",
@@ -522,6 +525,16 @@ def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile
         lines += ["", f"No p50 ratio (—) where a side was timed on inputs that are not recorded: "
                       f"{'; '.join(unrecorded)}. Those latencies are listed, not compared."]
     return "\n".join(lines) + "\n"
+
+
+def _threads_header(data: dict[str, Any]) -> str:
+    """The thread count the rows ran with, and where it came from where the record says (the profile's
+    threads, its cores, all the device's cores, bench.threads)."""
+    threads = _first_known(bench_threads(data), data["profile"].get("threads"))
+    source = (data.get("inputs") or {}).get("threads_from")
+    if threads is None:
+        return source or "not recorded"
+    return f"{threads} ({source})" if source else str(threads)
 
 
 def _first_known(*values: Any) -> Any:

@@ -53,6 +53,12 @@ def test_the_search_times_on_the_bench_profiles_threads_and_says_where():
     # quantize.threads and runtime.threads are not the bench's: the target is met at the threads it times at
     others = load_recipe("default", ["bench.profile=x86-edge-box", "quantize.threads=1", "runtime.threads=1"])
     assert timing_place(others)[0] == 4
+    # a remote profile that sets no threads: the search times here, at this machine's cores, and says so
+    # (`edgekd bench` reads the device's own count there; a prune round cannot)
+    import os
+
+    threads, where = timing_place(load_recipe("default", ["bench.profile=nvidia-datacenter-gpu"]))
+    assert threads == (os.cpu_count() or 1) and "this machine's cores" in where and "neither threads nor cores" in where
 
 
 def test_the_manifest_records_where_the_search_timed(tmp_path):

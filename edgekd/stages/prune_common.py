@@ -4,6 +4,7 @@ search's end is told."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -95,12 +96,17 @@ def timing_place(r) -> tuple[int | None, str]:
     prof = load_profile(r.bench.profile)
     # The bench's own rule (edgekd.devices.bench): quantize.threads and runtime.threads, which time the
     # quantize stage and run torch, are not what the bench times the shipped file at.
-    threads = r.bench.threads or prof.bench_threads()
     if prof.connection.kind == "local":
+        threads = r.bench.threads or prof.bench_threads()
         return threads, f"this machine (bench profile '{prof.name}'), ONNX Runtime on {threads} thread(s)"
-    return threads, (f"this machine, ONNX Runtime on {threads} thread(s): the bench profile '{prof.name}' is "
-                     f"another device ({prof.connection.kind}), which a prune round does not reach; "
-                     "`edgekd bench` gives its own figures")
+    if r.bench.threads or prof.threads or prof.cores:
+        threads, whose = r.bench.threads or prof.bench_threads(), "at that profile's threads"
+    else:  # the device's own core count is read on the device by `edgekd bench`, never from a prune round
+        threads = os.cpu_count() or 1
+        whose = "at this machine's cores, as the profile sets neither threads nor cores"
+    return threads, (f"this machine, ONNX Runtime on {threads} thread(s) ({whose}): the bench profile "
+                     f"'{prof.name}' is another device ({prof.connection.kind}), which a prune round does not "
+                     "reach; `edgekd bench` gives its own figures")
 
 
 def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):

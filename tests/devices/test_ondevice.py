@@ -49,6 +49,21 @@ def test_parse_executor_runner_log():
         parse_executor_runner_log("E executor_runner.cpp:200] Loading of method forward failed", 0)
 
 
+def test_a_log_with_too_few_iterations_is_refused_saying_how_many_to_run():
+    """Warm-up runs are never timed: a log with no more iterations than warm-up (or fewer than the bench's
+    warm-up and runs) is refused with the --num_executions ON_DEVICE.md asks for, not summarised anyway."""
+    with pytest.raises(StageError, match=r"has 6 iteration\(s\), and this bench takes 6 warm-up \(bench.warmup\) "
+                                         r"and at least one timed.*--num_executions 7 \(the command in ON_DEVICE.md\)"):
+        parse_executor_runner_log(RUNNER_LOG, warmup=6)
+    # One run left after warm-up is that run alone, never the warm-up runs with it.
+    (case,) = parse_executor_runner_log(RUNNER_LOG, warmup=5)["cases"]
+    assert case["runs"] == 1 and case["p50_ms"] == pytest.approx(2.0) and case["warmup_dropped"] == 5
+    with pytest.raises(StageError, match=r"2 warm-up \(bench.warmup\) and 10 timed \(bench.runs\).*--num_executions 12"):
+        parse_executor_runner_log(RUNNER_LOG, warmup=2, runs=10)
+    (case,) = parse_executor_runner_log(RUNNER_LOG, warmup=2, runs=4)["cases"]
+    assert case["runs"] == 4 and case["warmup_dropped"] == 2
+
+
 APP_JSON = [
     {"benchmarkModel": {"name": "model", "backend": "", "quantization": ""}, "metric": "avg_inference_latency(ms)",
      "actualValue": 4.0, "targetValue": 0.0, "deviceInfo": {"device": "samsung", "arch": "SM-S911B", "os": "Android 14"}},
@@ -119,7 +134,11 @@ def test_android_on_device_commands_and_import(phone_run, tiny_run, tmp_path):
     assert ids.size == 32 * 16
     np.testing.assert_array_equal(ids.reshape(32, 16)[0], tiny_run.eval_inputs["input_ids"][0])
 
+    assert "refuses a log with fewer than 6 iterations" in guide
     log = tmp_path / "executor_runner-executorch.log"
+    log.write_text("".join(RUNNER_LOG.splitlines(keepends=True)[:6]))  # 4 of the 6 executions asked for
+    with pytest.raises(StageError, match="--num_executions 6"):
+        import_result(run, "android-executorch", log, name="executorch")
     log.write_text(RUNNER_LOG)
     assert import_result(run, "android-executorch", log, name="executorch")["imported"] == ["executorch"]
     data = json.loads((out / "results.json").read_text())

@@ -143,3 +143,34 @@ def test_strict_host_key_checking_yes_rejects_unknown_host(sshd, tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RemoteError, match="(?i)host key"):
         SSH(load_profile(path).connection).run("true", timeout=30)
+
+
+def test_ssh_bench_skips_a_failed_parity_folder_and_times_on_the_devices_cores(sshd, tiny_run, tmp_path):
+    """A folder the export stage left with parity.passed: false is not measured over ssh either (a local
+    bench refuses it too); a profile without threads or cores runs on the cores the device reports."""
+    import json
+
+    from edgekd.export.base import read_artifact_meta, write_artifact_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run)
+    meta = read_artifact_meta(run / "export" / "onnx-int8")
+    meta["parity"] = {"ran": True, "passed": False, "top1_agreement": 0.5, "max_abs_diff": 0.3}
+    write_artifact_meta(run / "export" / "onnx-int8", meta)
+    path = _profile(sshd, tmp_path)
+    data = yaml.safe_load(path.read_text())
+    del data["threads"]
+    path.write_text(yaml.safe_dump(data))
+    summary = bench_run(run, str(path), BenchConfig(warmup=1, runs=3, rounds=1, batch_sizes=[1]),
+                        tiny_run.eval_inputs, tiny_run.labels, classification_metrics)
+    models = summary["models"]
+    assert models["onnx"]["status"] == "ok" and models["onnx-int8"]["status"] == "skipped", models
+    results = json.loads((run / "bench" / "loopback-ssh" / "results.json").read_text())
+    int8 = next(e for e in results["results"] if e["name"] == "onnx-int8")
+    assert int8["reason"].startswith("failed its parity check against the source model")
+    cores = results["environment"]["cpu"]["logical_cores"]  # as the device reported it
+    assert results["inputs"]["threads"] == cores
+    onnx = next(e for e in results["results"] if e["name"] == "onnx")
+    assert onnx["environment"]["threads"]["env"]["OMP_NUM_THREADS"] == str(cores)
+    table = (run / "bench" / "loopback-ssh" / "table.md").read_text()
+    assert f"threads: {cores} (all the device's logical cores)" in table
