@@ -58,7 +58,7 @@ def export_fingerprint(ctx: RunContext) -> str:
     qdq = (e.options.get("tensorrt") or {}).get("qdq_onnx") if "tensorrt" in e.targets else None
     if qdq and Path(qdq).is_file():  # the Q/DQ model's contents, not only its path: one quantized again re-exports
         parts["tensorrt_qdq_sha256"] = sha256_file(qdq)
-    if "coreml" in e.targets and e.first_token_last_layer is not False and ctx.recipe.task == "text-classification":
+    if "coreml" in e.targets and e.first_token_last_layer is not False and "first_token_last_layer" in read:
         # Since 2026-12-07 the first-position module masks padded keys with -1e4, not float32's lowest value,
         # which Core ML's fp16 conversion made -inf (NaN logits): a run exporting Core ML exports again.
         parts["first_token_mask"] = "-1e4"
