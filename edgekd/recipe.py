@@ -822,13 +822,19 @@ class QuantizeCandidate(Section):
     weight_type: Literal["qint8", "quint8"] | None = Field(None, description="As quantize.weight_type.")
     activation_type: Literal["quint8", "qint8"] | None = Field(None, description="As quantize.activation_type.")
     op_types: list[str] | None = Field(None, description="As quantize.op_types.")
-    embedding_bits: Literal[8, 4] | None = Field(None, description="As quantize.embedding_bits.")
+    embedding_bits: Literal[8, 4] | None = Field(
+        None, description="As quantize.embedding_bits; 8 on an fp16 candidate leaves out the section's 4 (fp16 has no "
+        "int8 embeddings to make 4-bit)."
+    )
     embedding_float_rows: int | None = Field(None, ge=0, description="As quantize.embedding_float_rows.")
     calibration_method: Literal["minmax", "percentile", "entropy"] | None = Field(
         None, description="As quantize.calibration_method."
     )
     percentile: float | None = Field(None, gt=90, le=100, description="As quantize.percentile.")
-    smooth_alpha: float | None = Field(None, gt=0, le=1, description="As quantize.smooth_alpha.")
+    smooth_alpha: float | None = Field(
+        None, ge=0, le=1, description="As quantize.smooth_alpha; 0: this candidate is not smoothed where the section is "
+        "(an fp16 candidate beside a section's smooth_alpha needs it)."
+    )
 
 
 # Validation context of one setup derived from a quantize section (the section with one candidate
@@ -901,7 +907,9 @@ class QuantizeConfig(Section):
         "(prune.quant_aware) does not train with it. None: off."
     )
     calibration_samples: int = Field(128, ge=1, description="static, and smooth_alpha: examples used to calibrate "
-                                     "activation ranges.")
+                                     "activation ranges: a seeded sample of calibration_split (stratified by label "
+                                     "where examples have one; seed data.split.seed), recorded in the quantize report "
+                                     "(count and sha256 of the rows).")
     calibration_split: Literal["train", "validation"] = Field(
         "train", description="static, and smooth_alpha: the split the calibration examples come from (never test), each fed at its "
         "real length."
@@ -918,8 +926,12 @@ class QuantizeConfig(Section):
         default_factory=list,
         description="Setups to try besides the section's own (e.g. [{method: static, per_channel: true}]): each "
         "goes through the accuracy guard, all are timed side by side at batch 1 on validation texts at their "
-        "real lengths, and the fastest one within max_accuracy_drop is written (ties within 5% go to the "
-        "higher validation metric); the report says why each was or was not chosen.",
+        "real lengths, and the fastest one within max_accuracy_drop is written, in the folder named after its own "
+        "method (export/onnx-int8, onnx-int8-static or onnx-fp16; ties within 5% go to the higher validation "
+        "metric); the report says why each was or was not chosen. A candidate takes the section's value of each "
+        "key it leaves unset, and each setup is checked when the recipe loads: an fp16 candidate beside the "
+        "section's embedding_bits: 4, smooth_alpha or unsigned_weights: true sets embedding_bits: 8, smooth_alpha: 0 "
+        "or unsigned_weights: false to leave it out.",
     )
     calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
         "minmax", description="static: how activation ranges are chosen from the calibration samples."
@@ -948,37 +960,92 @@ class QuantizeConfig(Section):
         if self.embedding_block_size & (self.embedding_block_size - 1):
             problems.append(f"quantize.embedding_block_size must be a power of 2 (16, 32, 64, ...), not "
                             f"{self.embedding_block_size}")
+        setup = (info.context or {}).get(SETUP_OF_SECTION)
         float_rows_default = type(self).model_fields["embedding_float_rows"].default
-        if self.embedding_bits != 4 and self.embedding_float_rows != float_rows_default:
+        if not setup and self.embedding_bits != 4 and self.embedding_float_rows != float_rows_default:
+            # (a setup inherits the section's float rows, which its own embedding_bits 8 leaves unread)
             problems.append("quantize.embedding_float_rows chooses which embedding tables stay float beside 4-bit ones; "
                             "it needs quantize.embedding_bits: 4")
-        if self.embedding_bits == 4 and self.method == "fp16":
-            problems.append("quantize.embedding_bits: 4 quantizes the embeddings of an int8 method (dynamic or "
-                            "static); fp16 halves every weight instead: drop embedding_bits or pick an int8 method")
-        if self.unsigned_weights is True and self.method == "fp16":
-            problems.append("quantize.unsigned_weights stores int8 weights as uint8; fp16 has no int8 weights: drop it "
-                            "or pick an int8 method (dynamic or static)")
-        elif self.unsigned_weights is True and self.weight_type != "qint8":
-            problems.append(f"quantize.unsigned_weights rewrites signed int8 weights; weight_type {self.weight_type} "
-                            "is unsigned already: drop one of them")
-        elif self.unsigned_weights is True and self.method == "static" and self.activation_type != "quint8":
-            problems.append("quantize.unsigned_weights pairs uint8 weights with uint8 activations (u8u8); with "
-                            "activation_type qint8 the static model's products are not u8s8 and cannot saturate "
-                            "that way: drop unsigned_weights or use activation_type quint8")
-        if self.smooth_alpha is not None and self.method == "fp16":
-            problems.append("quantize.smooth_alpha narrows the activation ranges of int8 rounding; fp16 has none to "
-                            "narrow: drop smooth_alpha or pick an int8 method (dynamic or static)")
-        if not (info.context or {}).get(SETUP_OF_SECTION):
-            problems += self._unread_keys()
+        problems += [f"quantize.{what}: {remedy}" for _, what, remedy in self._conflicts()]
+        if not setup:
+            problems += self._unread_keys() + self._candidate_conflicts()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def with_candidate(self, cand: QuantizeCandidate | None) -> QuantizeConfig:
+        """The setup ``cand`` stands for (None: the section's own): the section with the candidate's keys
+        applied and its unset ones inherited, without candidates, not validated (edgekd.quantization's
+        ``candidate_configs`` validates each as a setup; this section's validator checked them all when the
+        recipe loaded). A candidate's ``smooth_alpha: 0`` turns the section's smoothing off."""
+        update = {} if cand is None else cand.model_dump(exclude_none=True)
+        if update.get("smooth_alpha") == 0:
+            update["smooth_alpha"] = None
+        return self.model_copy(update={**update, "candidates": []})
+
+    def _conflicts(self) -> list[tuple[str, str, str]]:
+        """``(key, what, remedy)`` for each pair of keys this one setup cannot build together, ``key`` the
+        one a candidate may switch off (``_CANDIDATE_OFF``): checked on the section's own setup and on every
+        candidate's (``_candidate_conflicts``), and again on each setup the stage builds."""
+        out = []
+        if self.embedding_bits == 4 and self.method == "fp16":
+            out.append(("embedding_bits", "embedding_bits: 4 quantizes the embeddings of an int8 method (dynamic or "
+                        "static); fp16 halves every weight instead", "drop embedding_bits or pick an int8 method"))
+        if self.unsigned_weights is True and self.method == "fp16":
+            out.append(("unsigned_weights", "unsigned_weights stores int8 weights as uint8; fp16 has no int8 weights",
+                        "drop it or pick an int8 method (dynamic or static)"))
+        elif self.unsigned_weights is True and self.weight_type != "qint8":
+            out.append(("unsigned_weights", f"unsigned_weights rewrites signed int8 weights; weight_type "
+                        f"{self.weight_type} is unsigned already", "drop one of them"))
+        elif self.unsigned_weights is True and self.method == "static" and self.activation_type != "quint8":
+            out.append(("unsigned_weights", "unsigned_weights pairs uint8 weights with uint8 activations (u8u8); with "
+                        "activation_type qint8 the static model's products are not u8s8 and cannot saturate that way",
+                        "drop unsigned_weights or use activation_type quint8"))
+        if self.smooth_alpha is not None and self.method == "fp16":
+            out.append(("smooth_alpha", "smooth_alpha narrows the activation ranges of int8 rounding; fp16 has none to "
+                        "narrow", "drop smooth_alpha or pick an int8 method (dynamic or static)"))
+        return out
+
+    def _candidate_conflicts(self) -> list[str]:
+        """``_conflicts`` of each candidate's setup (the section's keys inherited), named by the candidate's
+        index and the key, with what to set in the candidate; a conflict the section's own setup has is
+        reported once, for the section, and a key the candidate sets that its setup does not read, once, by
+        ``_unread_keys``."""
+        section = {(k, what) for k, what, _ in self._conflicts()}
+        problems = []
+        for i, c in enumerate(self.candidates):
+            s = self.with_candidate(c)
+            given = c.model_dump(exclude_none=True)
+            unread = set(self._candidate_unread(c, s))
+            for key, what, _ in s._conflicts():
+                if (key, what) in section or key in unread:
+                    continue
+                if key in given:
+                    where, ways = "set in the candidate", [f"drop {key} from the candidate"]
+                else:
+                    where, ways = "from the section", [f"set {key}: {_CANDIDATE_OFF[key]} in the candidate"]
+                if s.method == "fp16":
+                    ways.append("give it an int8 method (dynamic or static)")
+                problems.append(f"quantize.candidates[{i}] (method {s.method}): {what} ({key} {where}): "
+                                + ", or ".join([*ways, "drop the candidate"]))
+        return problems
+
+    def _candidate_unread(self, c: QuantizeCandidate, s: QuantizeConfig) -> list[str]:
+        """The keys candidate ``c`` sets that its own setup ``s`` does not read (an ``embedding_bits: 8`` reads
+        where it leaves out the section's 4-bit tables; a ``smooth_alpha: 0`` is ``_unread_keys``' own case)."""
+        own = []
+        for k, v in c.model_dump(exclude_none=True).items():
+            if k == "embedding_bits" and v == 8 and self.embedding_bits == 4:
+                continue  # an int8 candidate then has int8 tables; an fp16 one, none made 4-bit
+            if k in _CANDIDATE_READS and not _CANDIDATE_READS[k](s):
+                own.append(k)
+        return own
 
     def _unread_keys(self) -> list[str]:
         """Keys set away from their defaults that no setup would read (the section's own, and each
         candidate, which takes the section's value for what it leaves unset), and keys a candidate sets that
         its own setup does not read: an error, not a setting accepted and ignored."""
-        setups = [self, *(self.model_copy(update=c.model_dump(exclude_none=True)) for c in self.candidates)]
+        setups = [self, *(self.with_candidate(c) for c in self.candidates)]
         fields = type(self).model_fields
 
         def unread(keys: tuple[str, ...]) -> list[str]:
@@ -986,9 +1053,10 @@ class QuantizeConfig(Section):
                     if getattr(self, k) != fields[k].default and not any(_SETUP_READS[k](s) for s in setups)]
 
         problems = []
-        # (per_channel and calibration_samples are left out: edgekd.quantization.quantize_torch reads them
-        # whatever the section's method)
-        int8 = unread(("reduce_range", "weight_type", "op_types"))
+        # per_channel: the int8 methods read it, and prune.quant_aware (which needs quantize.method dynamic, an
+        # int8 setup); calibration_samples: static int8 and smooth_alpha (a prune search's timed form reads it
+        # only where the section is static). No stage calls edgekd.quantization.quantize_torch.
+        int8 = unread(("per_channel", "reduce_range", "weight_type", "op_types"))
         if int8:
             problems.append(f"{', '.join(int8)} shape(s) int8 rounding, and every setup here is fp16 "
                             "(quantize.method and each candidate's): drop them or add an int8 setup")
@@ -997,9 +1065,11 @@ class QuantizeConfig(Section):
             problems.append(f"{', '.join(static)} shape(s) static int8's calibrated activations (percentile with "
                             "calibration_method: percentile), and no setup here reads them: drop them, or set "
                             "method: static (in the section or a candidate)")
-        if unread(("calibration_split",)):
-            problems.append("quantize.calibration_split chooses the calibration texts, which only static int8 and "
-                            "smooth_alpha read, and no setup here has either: drop it")
+        calibration = unread(("calibration_samples", "calibration_split"))
+        if calibration:
+            problems.append(f"{', '.join(calibration)} choose{'s' if len(calibration) == 1 else ''} the calibration "
+                            "texts, which only static int8 and smooth_alpha read, and no setup here has either: drop "
+                            f"{it_or_them(calibration)}")
         if unread(("embedding_block_size",)):
             problems.append("quantize.embedding_block_size sizes the blocks of 4-bit embeddings, and no int8 setup "
                             "here has embedding_bits: 4: drop it or set embedding_bits: 4")
@@ -1007,8 +1077,10 @@ class QuantizeConfig(Section):
             problems.append(f"quantize.palette_bits sets Core ML palettization, and quantize.coreml_mode is "
                             f"{self.coreml_mode}: set coreml_mode: palettize or drop palette_bits")
         for i, (c, s) in enumerate(zip(self.candidates, setups[1:], strict=True)):
-            own = [k for k in c.model_dump(exclude_none=True)
-                   if k in _CANDIDATE_READS and not _CANDIDATE_READS[k](s)]
+            if c.smooth_alpha == 0 and self.smooth_alpha is None:
+                problems.append(f"quantize.candidates[{i}]: smooth_alpha: 0 turns the section's smoothing off for "
+                                "the candidate, and quantize.smooth_alpha is unset: drop it from the candidate")
+            own = self._candidate_unread(c, s)
             if own:
                 embeddings = any(k.startswith("embedding_") for k in own) and _int8(s)
                 problems.append(f"quantize.candidates[{i}]: {', '.join(own)}: not read by the candidate's own setup "
@@ -1032,12 +1104,16 @@ _SETUP_READS = {
     "activation_type": _static, "calibration_method": _static,
     "percentile": lambda s: _static(s) and s.calibration_method == "percentile",
     "calibration_split": lambda s: _static(s) or s.smooth_alpha is not None,
+    "calibration_samples": lambda s: _static(s) or s.smooth_alpha is not None,
+    "per_channel": _int8,
     "embedding_block_size": lambda s: _int8(s) and s.embedding_bits == 4,
     "embedding_float_rows": lambda s: _int8(s) and s.embedding_bits == 4,
 }
-# A candidate's own keys: those above, and per_channel, which only the section's own setup may leave to
-# edgekd.quantization.quantize_torch (a candidate is an ONNX setup alone).
-_CANDIDATE_READS = {**_SETUP_READS, "per_channel": _int8, "embedding_bits": _int8}
+# A candidate's own keys: those above, and embedding_bits (see QuantizeConfig._candidate_unread for the
+# values that switch a section's setting off).
+_CANDIDATE_READS = {**_SETUP_READS, "embedding_bits": _int8}
+# What a candidate sets to leave out a key it would inherit from the section (QuantizeConfig._conflicts).
+_CANDIDATE_OFF = {"embedding_bits": 8, "unsigned_weights": "false", "smooth_alpha": 0}
 
 
 class ExportConfig(Section):

@@ -58,8 +58,9 @@ def check_batching(precision: str | None, batching: bool) -> int | None:
     if batching:
         raise StageError(
             f"serve.batching is on, but this artifact is {precision} ({why}): a request's answer would "
-            "depend on which other requests shared its batch. Serve the static int8 artifact instead "
-            "(quantize.method: static writes export/onnx-int8-static, whose scales are fixed), or set "
+            "depend on which other requests shared its batch. Serve a static int8 artifact instead "
+            "(export/onnx-int8-static, whose scales are fixed: the quantize stage writes it when a static setup "
+            "ships, quantize.method: static or a static candidate chosen), or set "
             "serve.batching: false (EDGEKD_SERVE_BATCHING=false)."
         )
     return 1

@@ -83,6 +83,13 @@ def test_candidates_inherit_the_section_and_duplicates_are_dropped():
     ({"calibration_method": "entropy"}, "quantize.calibration_method shape(s) static int8's calibrated activations"),
     ({"method": "static", "percentile": 99.9}, "quantize.percentile shape(s)"),  # calibration_method is minmax
     ({"calibration_split": "validation"}, "quantize.calibration_split chooses the calibration texts"),
+    # no stage calls quantize_torch, the one reader of these whatever the section's method
+    ({"method": "fp16", "per_channel": True}, "quantize.per_channel shape(s) int8 rounding, and every setup here "
+                                              "is fp16"),
+    ({"calibration_samples": 12}, "quantize.calibration_samples chooses the calibration texts, which only static "
+                                  "int8 and smooth_alpha read"),
+    ({"method": "fp16", "calibration_samples": 12, "calibration_split": "validation"},
+     "quantize.calibration_samples, quantize.calibration_split choose the calibration texts"),
     ({"embedding_block_size": 64}, "quantize.embedding_block_size sizes the blocks of 4-bit embeddings"),
     ({"palette_bits": 4}, "quantize.palette_bits sets Core ML palettization, and quantize.coreml_mode is linear8"),
 ])
@@ -102,8 +109,11 @@ def test_keys_that_a_candidate_reads_are_accepted_and_each_setup_inherits_them()
         assert len(setups) == 2
         assert all(getattr(c, k) == v for c in setups for k, v in keys.items() if k not in candidate)
     QuantizeConfig(enabled=True, palette_bits=4, coreml_mode="palettize")
-    # read by edgekd.quantization.quantize_torch whatever the section's method: never refused
-    QuantizeConfig(enabled=True, method="fp16", per_channel=True, calibration_samples=12)
+    # per_channel is read by int8 setups, calibration_samples by static and smoothed ones (no stage calls
+    # edgekd.quantization.quantize_torch, which reads them too): accepted where one is, refused elsewhere
+    QuantizeConfig(enabled=True, method="fp16", per_channel=True, candidates=[QuantizeCandidate(method="dynamic")])
+    QuantizeConfig(enabled=True, calibration_samples=12, candidates=[QuantizeCandidate(smooth_alpha=0.5)])
+    QuantizeConfig(enabled=True, method="static", calibration_samples=12)
 
 
 def test_setups_whose_names_match_are_kept_apart():
@@ -194,6 +204,7 @@ def test_static_qdq_nodes_and_per_channel_axis(fragile, tmp_path, per_channel):
 class _Split:
     def __init__(self, base: int):
         self.base = base
+        self.labels = np.arange(30) % 2
 
     def __len__(self):
         return 30
@@ -206,8 +217,10 @@ class _Split:
 @pytest.mark.slow  # exports a BERT with torch.onnx (dynamo) once per module
 def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, monkeypatch):
     """run_quantize through a context whose splits hold different token ids: the calibrator gets
-    train rows (recipe default), validation when asked, and test never."""
+    train rows (recipe default), validation when asked, and test never: a sample seeded by data.split.seed,
+    stratified by label, not the first rows."""
     from edgekd.quantization import onnx_methods
+    from edgekd.quantization.calibration import calibration_rows
     from edgekd.stages import quantize
     from edgekd.tasks.text.context import TextRunContext
 
@@ -232,6 +245,7 @@ def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, mon
         recipe = types.SimpleNamespace(quantize=qcfg(method="static", calibration_samples=10,
                                                      calibration_split=split, max_accuracy_drop=1.0),
                                          export=types.SimpleNamespace(targets=["onnx"]),
+                                         data=types.SimpleNamespace(split=types.SimpleNamespace(seed=13)),
                                          bench=types.SimpleNamespace(profile="local"))
         ctx = types.SimpleNamespace(
             recipe=recipe, task=types.SimpleNamespace(metrics=accuracy),
@@ -247,7 +261,9 @@ def test_calibration_reads_the_train_split_never_test(bert_export, tmp_path, mon
         ctx.calibration_data = types.MethodType(TextRunContext.calibration_data, ctx)
         quantize.run_quantize(ctx)
         assert read == [split] and fed[-1].shape == (10, 12)
-        assert np.array_equal(fed[-1], splits[split].collate(np.arange(10))["input_ids"])
+        rows = calibration_rows(30, 10, 13, splits[split].labels)
+        assert not np.array_equal(rows, np.arange(10)) and np.bincount(splits[split].labels[rows]).tolist() == [5, 5]
+        assert np.array_equal(fed[-1], splits[split].collate(rows)["input_ids"])
         read.clear()
     with pytest.raises(StageError, match="not 'test'"):
         TextRunContext.calibration_data(ctx, "test", 4)
@@ -266,8 +282,9 @@ def test_fused_graph_is_quantized_with_parity(bert_export, tmp_path, method, fus
     val["attention_mask"][::3, 8:] = 0  # padded rows: the mask must survive the fusions
     labels = np.zeros(32, dtype=np.int64)
     out = tmp_path / "q"
-    report = quantize_onnx(bert_export, out, qcfg(method=method, fuse=fuse, calibration_samples=16,
-                                                  max_accuracy_drop=1.0), val, val, labels, accuracy)
+    calibrated = {"calibration_samples": 16} if method == "static" else {}  # (dynamic reads none)
+    report = quantize_onnx(bert_export, out, qcfg(method=method, fuse=fuse, **calibrated, max_accuracy_drop=1.0),
+                           val, val, labels, accuracy)
     fusion = report["fusion"]
     fused_op = {"attention": "Attention", "multihead": "MultiHeadAttention"}[fuse]
     assert fusion["ort_optimizer"][fused_op] == 2 and fusion["ort_optimizer"]["SkipLayerNormalization"] >= 2

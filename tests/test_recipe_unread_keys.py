@@ -97,6 +97,42 @@ def test_a_candidates_own_key_must_be_read_by_its_own_setup():
     assert cfg.candidates[0].per_channel
 
 
+def test_every_candidates_setup_is_checked_when_the_recipe_loads():
+    """An fp16 candidate beside the section's 4-bit embeddings, smoothing or unsigned weights is refused when the
+    recipe loads, naming the candidate and the key (it failed in the quantize stage, with pydantic's raw
+    error); it leaves them out with embedding_bits: 8, smooth_alpha: 0 or unsigned_weights: false, and every
+    setup then builds."""
+    from edgekd.quantization.onnx_stage import candidate_configs
+
+    message = _refused("default", ["quantize.candidates=[{fuse: packed}, {method: fp16}]"])
+    assert ("quantize.candidates[1] (method fp16): embedding_bits: 4 quantizes the embeddings of an int8 method "
+            "(dynamic or static); fp16 halves every weight instead (embedding_bits from the section): set "
+            "embedding_bits: 8 in the candidate, or give it an int8 method (dynamic or static), or drop the "
+            "candidate") in message
+    message = _refused("default", ["quantize.smooth_alpha=0.5", "quantize.unsigned_weights=true",
+                                   "quantize.candidates=[{method: fp16, embedding_bits: 8}]"])
+    assert ("quantize.candidates[0] (method fp16): smooth_alpha narrows the activation ranges of int8 rounding; fp16 "
+            "has none to narrow (smooth_alpha from the section): set smooth_alpha: 0 in the candidate") in message
+    assert ("quantize.candidates[0] (method fp16): unsigned_weights stores int8 weights as uint8; fp16 has no int8 "
+            "weights (unsigned_weights from the section): set unsigned_weights: false in the candidate") in message
+    assert "embedding_bits: 4 quantizes" not in message  # the candidate's embedding_bits: 8 left it out
+    recipe = load_recipe("default", ["quantize.smooth_alpha=0.5", "quantize.unsigned_weights=true",
+                                     "quantize.candidates=[{method: fp16, embedding_bits: 8, smooth_alpha: 0, "
+                                     "unsigned_weights: false}]"])
+    assert [(c.method, c.embedding_bits, c.smooth_alpha, c.unsigned_weights)
+            for _, c in candidate_configs(recipe.quantize)] == [("dynamic", 4, 0.5, True), ("fp16", 8, None, False)]
+    # a key the candidate sets itself is named as its own
+    message = _refused("default", ["quantize.candidates=[{method: fp16, embedding_bits: 8, smooth_alpha: 0.3}]"])
+    assert "(smooth_alpha set in the candidate): drop smooth_alpha from the candidate" in message
+    # nothing to switch off: refused
+    assert ("quantize.candidates[0]: smooth_alpha: 0 turns the section's smoothing off for the candidate, and "
+            "quantize.smooth_alpha is unset: drop it from the candidate") in _refused(
+        "default", ["quantize.candidates=[{smooth_alpha: 0}]"])
+    # the section's float rows beside its 4-bit tables are not a setup with int8 tables' to read
+    recipe = load_recipe("default", ["quantize.embedding_float_rows=0", "quantize.candidates=[{embedding_bits: 8}]"])
+    assert [c.embedding_bits for _, c in candidate_configs(recipe.quantize)] == [4, 8]
+
+
 def test_changed_keys_compare_with_the_default_of_the_enclosing_section():
     # distill.train's default is the section's own (lr 1e-4), not TrainConfig's (5e-5)
     r = Recipe.model_validate({"distill": {"train": {"lr": 1e-4, "epochs": 4}}})
@@ -121,7 +157,9 @@ DETECTION_UNREAD = {
     "teacher.kind": ("onnx", "teacher.path=/tmp/t"), "teacher.ensemble": ("[{kind: onnx, path: /tmp/t}]",),
     "teacher.targets": ("labels",), "export.first_token_last_layer": False, "serve.max_items": 4,
     "serve.max_length": 16, "serve.overflow": "reject", "bench.seq_lengths": ("[32]",), "bench.inputs": "synthetic",
-    "bench.synthetic_vocab_size": 50, "prune.quant_aware": ("true", "quantize.method=dynamic"),
+    "bench.synthetic_vocab_size": 50, "prune.quant_aware": ("true", "quantize.method=dynamic",
+                                                          # (dynamic reads no calibration texts)
+                                                          "quantize.calibration_samples=128"),
     "teacher.unlabelled.dataset": "movie-snippets", "teacher.augment.copies": 1, "prune.recover_fresh_copies": 1,
     "prune.recover_soft_targets": "unpruned", "prune.recover_alpha": 0.8, "prune.recover_temperature": 4.0,
     "quantize.embedding_bits": 4, "quantize.fuse": "attention", "quantize.smooth_alpha": 0.5,

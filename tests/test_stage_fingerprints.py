@@ -5,7 +5,9 @@ A change meant to redo a stage updates its value here and says why (2026-12-03: 
 since `bench.rounds`; 2026-12-04: text export and what follows it, since the exported graph computes the
 last block for the first position only, `export.first_token_last_layer`; detection's is unchanged;
 2026-12-07: detection baseline, and eval and bench, which hold its fingerprint, since a detection baseline
-is fingerprinted by the data instead of the teacher it never reads).
+is fingerprinted by the data instead of the teacher it never reads; 2026-12-07: quantize and bench of both
+recipes, whose quantize sections calibrate (static), since the calibration examples are a seeded sample of
+their split, stratified by label for text, not its first rows in file order).
 
 The recipes and data are written by the test with relative paths (the working folder is the test's
 own), so the figures do not depend on where the test runs.
@@ -23,11 +25,11 @@ STAGE_NAMES = ["teacher", "distill", "baseline", "eval", "prune", "export", "qua
 
 TEXT = {"teacher": "f8b26d0aa99d653e", "distill": "b2c8a22cb5e2359a", "baseline": "0fff180bab4396e2",
         "eval": "5463fe2d6fddd735", "prune": "711de1ae982f4e95", "export": "751676cc7dd9a948",
-        "quantize": "dd21bf6f05fbb4d0", "bench": "3a478fedd2c00a89"}
+        "quantize": "d4568f5ccff32551", "bench": "43390a740cbc5995"}
 
 DETECTION = {"teacher": "39e0afe8e94ae6d6", "distill": "28c0af041e4a4070", "baseline": "f7ffa7caafe338ec",
              "eval": "9d5a7e344070d5ef", "prune": "b37cf286b2766f53", "export": "89fd49bb7054d734",
-             "quantize": "39136c62e0cd472c", "bench": "541fdcc792d9dab0"}
+             "quantize": "c74734e4a4b7e49e", "bench": "c9bbb26b02b7700c"}
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,46 @@ def n_rows(inputs: Mapping[str, np.ndarray]) -> int:
     if len(set(sizes.values())) != 1:
         raise DataError(f"inputs disagree on the number of examples: {sizes}")
     return next(iter(sizes.values()))
+
+
+# Mixed into the seed of the calibration sample, so it is drawn apart from the data split's own draws.
+CALIBRATION_STREAM = 0xCA1B
+
+
+class CalibrationInputs(dict):
+    """Calibration inputs (name -> array, one row per example), with ``rows``: which examples of their
+    split they are (``calibration_rows``' record), for the quantize report."""
+
+    rows: dict[str, Any] | None = None
+
+
+def calibration_rows(total: int, n: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Which ``n`` of a split's ``total`` examples calibrate (sorted positions in the split): every one when
+    ``n >= total``, else a seeded sample, stratified by ``labels`` where given (each class in proportion,
+    ``edgekd.splits.allocate``). Never the first ``n`` in file order: a file sorted by label would calibrate
+    on one class."""
+    from edgekd.splits import allocate
+
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), CALIBRATION_STREAM])
+    if labels is None:
+        return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    members = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    take = allocate(n, np.array([len(m) for m in members]))
+    return np.sort(np.concatenate([m[:k] for m, k in zip(members, take, strict=True)])).astype(np.int64)
+
+
+def calibration_record(split: str, total: int, idx: np.ndarray, seed: int, stratified: bool) -> dict[str, Any]:
+    """What the quantize report says about the calibration examples: their split, how many of how many,
+    how they were drawn, and the sha256 of their positions in the split (``edgekd.splits.index_sha256``)."""
+    from edgekd.splits import index_sha256
+
+    how = ("the whole split" if len(idx) == total else
+           f"seeded sample (seed {seed}{', stratified by label' if stratified else ''})")
+    return {"split": split, "count": int(len(idx)), "of": int(total), "drawn": how, "rows_sha256": index_sha256(idx)}
 
 
 def take(inputs: Mapping[str, np.ndarray], n: int, start: int = 0) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -157,15 +157,13 @@ def _attempt_record(exclude: list[str], score: dict[str, Any], float_metric: flo
 
 
 def candidate_configs(cfg: QuantizeConfig) -> list[tuple[str, QuantizeConfig]]:
-    """The section's own setup, then each of ``cfg.candidates`` (unset keys inherited), named and
-    without duplicates."""
+    """The section's own setup, then each of ``cfg.candidates`` (unset keys inherited:
+    ``QuantizeConfig.with_candidate``), named and without duplicates."""
     out: list[tuple[str, QuantizeConfig]] = []
     seen: list[QuantizeConfig] = []
     for cand in [None, *cfg.candidates]:
-        update = {} if cand is None else cand.model_dump(exclude_none=True)
-        c = cfg.model_copy(update={**update, "candidates": []})
-        # re-validated: candidate values are checked too (keys the section gave are checked there)
-        c = QuantizeConfig.model_validate(c.model_dump(), context={SETUP_OF_SECTION: True})
+        # re-validated as one setup: the checks the section ran on every setup when the recipe loaded
+        c = QuantizeConfig.model_validate(cfg.with_candidate(cand).model_dump(), context={SETUP_OF_SECTION: True})
         if c in seen:
             continue
         seen.append(c)
@@ -218,7 +216,7 @@ def candidate_name(c: QuantizeConfig) -> str:
 
 def quantize_onnx(
     fp32_dir: Path,
-    out_dir: Path,
+    out_dir: Path | Callable[[str], Path],
     cfg: QuantizeConfig,
     calib_inputs: Mapping[str, np.ndarray] | None,
     val_inputs: Mapping[str, np.ndarray],
@@ -226,9 +224,10 @@ def quantize_onnx(
     metric_fn: MetricFn,
     device: Device | None = None,
 ) -> dict[str, Any]:
-    """Quantize the ONNX export in ``fp32_dir`` into the export folder ``out_dir``; ``device``
-    (``weight_encoding.device_of``; None: this machine) decides how ``unsigned_weights: auto`` stores the
-    int8 weights (``device_setups``).
+    """Quantize the ONNX export in ``fp32_dir`` into the export folder ``out_dir``, or, given a function of
+    a method name, into the folder it gives for the chosen setup's method (the stage: export/onnx-int8 for a
+    dynamic setup, whichever setup the section itself names); ``device`` (``weight_encoding.device_of``;
+    None: this machine) decides how ``unsigned_weights: auto`` stores the int8 weights (``device_setups``).
 
     Every candidate setup (``candidate_configs``) goes through the accuracy guard; all are timed
     side by side with the float model at batch 1 on validation examples at their real lengths, and
@@ -236,7 +235,8 @@ def quantize_onnx(
     guard report: float and quantized metrics, every attempt, the operators kept in float and why,
     the latencies, why each candidate was or was not chosen, and which model is recommended.
     """
-    fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
+    fp32_dir = Path(fp32_dir)
+    folder_for = out_dir if callable(out_dir) else (lambda method, fixed=Path(out_dir): fixed)
     meta = read_artifact_meta(fp32_dir)
     src = fp32_dir / meta.get("file", DEFAULT_FILE)
     if not src.is_file():
@@ -309,6 +309,7 @@ def quantize_onnx(
         chosen = best if best is not None else min(
             range(len(results)), key=lambda i: (results[i]["guard"]["drop"], table[i]["p50_ms"]))
         win = results[chosen]
+        out_dir = Path(folder_for(win["cfg"].method))  # named after the setup that is written, not the section
         session, final = _tune_session(win, ev, base, val_inputs, cfg)
         report: dict[str, Any] = {"method": win["cfg"].method, "candidate": win["name"], **win["notes"]}
         if exported != src:
@@ -318,20 +319,22 @@ def quantize_onnx(
         if win["cfg"].method != "fp16":
             report["settings"]["unsigned_weights_why"] = win["encoding"]
         report["accuracy_guard"] = win["guard"]
-        report["speed_guard"] = _speed_guard(speed, win["name"], rows, cfg, win["method"].precision)
+        report["speed_guard"] = _speed_guard(speed, win["name"], rows, cfg, win["method"].precision,
+                                             _ranking_session(float_opts))
         if session["runtime_options"]:
             # The candidates were ranked in ONNX Runtime's default session; the winner ships in another. The
             # verdict against float reads the two timed again side by side, each in the session it ships with.
             again = time_side_by_side({"float": (src, float_opts), win["name"]: (win["model"], session["runtime_options"])},
                                       rows, cfg.speed_runs, cfg.threads)
             guard = report["speed_guard"]  # "all" stays the ranking's timing of every model
-            verdict = _speed_guard(again, win["name"], rows, cfg, win["method"].precision)
+            shipped = ("float and the chosen model each in the session it ships with (the float folder's, "
+                       "the tuned one), timed again side by side after the session was tuned")
+            verdict = _speed_guard(again, win["name"], rows, cfg, win["method"].precision, shipped)
             guard["ranking"] = {k: guard[k] for k in ("session", "float", "quantized", "speedup")}
             guard.pop("note", None)
             guard.update({k: verdict[k] for k in ("float", "quantized", "speedup", "quantized_faster", "note")
                           if k in verdict})
-            guard["session"] = ("float and the chosen model each in the session it ships with (the float folder's, "
-                                "the tuned one), timed again side by side after the session was tuned")
+            guard["session"] = shipped
         report["candidates"] = [
             {**t, "settings": {**r["method"].settings(), "fuse": r["cfg"].fuse},
              "float_nodes": r["guard"]["attempts"][-1]["float_nodes"] if not r["guard"]["passed"] else
@@ -489,13 +492,32 @@ def _accuracy_guard(method: Any, prepared: Path, work: Path, ev: Evaluator, base
     return guard, paths[best], scores[best]
 
 
+def _ranking_session(float_opts: Mapping[str, Any]) -> str:
+    """How the candidates' ranking timed each model: the float model in its folder's own session (the
+    runtime options it ships with, when it has any), every other model in ONNX Runtime's default one."""
+    default = "ONNX Runtime's default optimisers"
+    if not float_opts:
+        return f"{default} for every model (the written folder's own: report session)"
+    return (f"the float model in the session its folder ships with (runtime_options "
+            f"{json.dumps(dict(float_opts), sort_keys=True, default=str)}), every other model with {default} "
+            "(the written folder's own: report session)")
+
+
+def _timed_inputs(rows: list[dict[str, np.ndarray]]) -> str:
+    """The timed inputs in words: their real lengths (the attention mask's, each row cut to it) where rows
+    have one; none for inputs without one (an image's second axis is its channels, not a length)."""
+    said = f"{len(rows)} validation examples, one at a time"
+    masks = [r.get("attention_mask") for r in rows]
+    if not rows or any(m is None or np.ndim(m) != 2 for m in masks):
+        return said
+    lengths = [int(np.shape(m)[1]) for m in masks]
+    return f"{said} at their real lengths ({min(lengths)}-{max(lengths)}, median {int(np.median(lengths))})"
+
+
 def _speed_guard(speed: dict[str, dict[str, float]], name: str, rows: list[dict[str, np.ndarray]],
-                 cfg: QuantizeConfig, precision: str) -> dict[str, Any]:
-    lengths = [max(a.shape[1] if a.ndim >= 2 else 1 for a in r.values()) for r in rows]
+                 cfg: QuantizeConfig, precision: str, session: str) -> dict[str, Any]:
     report = {"batch": 1, "threads": cfg.threads, "thread_spinning": True, "block": TIMING_BLOCK,
-              "session": "ONNX Runtime's default optimisers for every model (the written folder's own: report session)",
-              "inputs": f"{len(rows)} validation examples, one at a time at their real lengths "
-                        f"({min(lengths)}-{max(lengths)}, median {int(np.median(lengths))})",
+              "session": session, "inputs": _timed_inputs(rows),
               "all": speed, "float": speed["float"], "quantized": speed[name]}
     faster = report["quantized"]["p50_ms"] < report["float"]["p50_ms"]
     report.update(speedup=round(report["float"]["p50_ms"] / report["quantized"]["p50_ms"], 3), quantized_faster=faster)

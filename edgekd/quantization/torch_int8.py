@@ -96,6 +96,7 @@ def quantize_torch(
     calib_batches: Iterable[Inputs] | None = None,
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     method: str = "int8-dynamic",
+    calibration_samples: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize a copy of ``model`` with ``method`` (one of ``TORCH_METHODS``: torchao int8 dynamic
     activations + int8 weights, torchao int8 weight-only, or the pt2e XNNPACK quantizer, static int8
@@ -104,14 +105,16 @@ def quantize_torch(
 
     ``example_inputs``: keyword tensors of one batch (timing, and graph capture for pt2e).
     ``calib_batches``: keyword-tensor batches for pt2e calibration (batches are taken until
-    ``cfg.calibration_samples`` examples have been seen).
+    ``calibration_samples`` examples have been seen; default ``cfg.calibration_samples``, which a recipe's
+    quantize section refuses where none of its own setups calibrates).
     """
     if method not in TORCH_METHODS:
         raise StageError(f"torch quantization method '{method}' is unknown; choose one of {', '.join(TORCH_METHODS)}")
     model = model.eval()
     report: dict[str, Any] = {"method": method}
     if method == "pt2e-xnnpack":
-        quantized, seen = _pt2e(model, example_inputs, calib_batches or [], cfg.calibration_samples, cfg.per_channel)
+        samples = cfg.calibration_samples if calibration_samples is None else calibration_samples
+        quantized, seen = _pt2e(model, example_inputs, calib_batches or [], samples, cfg.per_channel)
         report["calibration_samples"] = seen
         report["quantize_nodes"] = sum(1 for n in quantized.graph.nodes if "quantize_per" in str(n.target))
     else:

@@ -5,7 +5,10 @@ task the metric."""
 
 from __future__ import annotations
 
+import re
+import string
 import time
+from pathlib import Path
 from typing import Any
 
 from edgekd.context import RunContext
@@ -43,7 +46,19 @@ def quantize_fingerprint(ctx: RunContext) -> str:
     if "packed" in {q.fuse, *(c.fuse for c in q.candidates)}:
         # Since 2026-12-04 packing also turns the first-token last block into a MultiHeadAttention.
         parts["packed_attention"] = "Attention per full block, MultiHeadAttention per first-token block"
+    if calibrates(q):
+        # Since 2026-12-07 the calibration examples are a seeded sample of their split (stratified by label for
+        # text), not its first rows in file order: a run that calibrates (static, smooth_alpha) quantizes and
+        # benches again; others keep their fingerprints.
+        parts["calibration_rows"] = "seeded sample, stratified by label where examples have one"
     return fingerprint(parts)
+
+
+def calibrates(cfg) -> bool:
+    """Whether a setup of the quantize section ``cfg`` reads calibration examples (static, smooth_alpha)."""
+    from edgekd.quantization.onnx_stage import candidate_configs
+
+    return any(c.method == "static" or c.smooth_alpha is not None for _, c in candidate_configs(cfg))
 
 
 def unsigned_setups(ctx: RunContext) -> list[str]:
@@ -83,27 +98,31 @@ def quantize_settings(cfg) -> dict[str, Any]:
 
 def run_quantize(ctx: RunContext) -> dict[str, Any]:
     from edgekd.quantization import quantize_onnx
-    from edgekd.quantization.onnx_stage import candidate_configs
     from edgekd.quantization.weight_encoding import device_of
 
     task, cfg = ctx.task, ctx.recipe.quantize
     t0 = time.perf_counter()
-    src = ctx.run.stage_dir("export") / "onnx"
+    export = ctx.run.stage_dir("export")
+    src = export / "onnx"
     others = _quantize_other_targets(ctx)  # Core ML (quantize.coreml_mode) beside the ONNX path
     if not (src / "artifact.json").is_file():
         if others:
-            ctx.run.record("quantize", quantize_fingerprint(ctx), {"targets": others}, [
-                ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
-                seconds=time.perf_counter() - t0)
+            written = [export / n for n, r in others.items() if r.get("written", True)]
+            drop_quantized_folders(export, keep=written)
+            ctx.run.record("quantize", quantize_fingerprint(ctx), {"targets": others}, written,
+                           seconds=time.perf_counter() - t0)
             return {"targets": others}
         raise StageError("quantize needs the ONNX (or Core ML) export: add onnx to export.targets and run "
                          "`edgekd export` first.")
     val_inputs, val_labels = ctx.validation_data()
-    calibrated = any(c.method == "static" or c.smooth_alpha is not None for _, c in candidate_configs(cfg))
-    calib = ctx.calibration_data(cfg.calibration_split, cfg.calibration_samples) if calibrated else None
-    out_dir = ctx.run.stage_dir("export") / quantized_folder("onnx", cfg.method)
-    report = quantize_onnx(src, out_dir, cfg, calib, val_inputs, val_labels, task.metrics,
-                           device=device_of(ctx.recipe.bench.profile))
+    calib = ctx.calibration_data(cfg.calibration_split, cfg.calibration_samples) if calibrates(cfg) else None
+    # Written under the name of the setup that wins (export/onnx-int8 for dynamic, onnx-int8-static, onnx-fp16),
+    # which may be a candidate's method rather than the section's.
+    report = quantize_onnx(src, lambda method: export / quantized_folder("onnx", method), cfg, calib, val_inputs,
+                           val_labels, task.metrics, device=device_of(ctx.recipe.bench.profile))
+    out_dir = Path(report["out_dir"])
+    if getattr(calib, "rows", None):
+        report["calibration"] = calib.rows  # which examples calibrated (count, how drawn, sha256 of their rows)
     # The metric of the quantized artifact on the test split, next to the float one (same runner as serving).
     from edgekd.export.parity import run_as_served
     from edgekd.export.stage import load_artifact
@@ -115,10 +134,45 @@ def run_quantize(ctx: RunContext) -> dict[str, Any]:
         report.setdefault("test", {})[name] = task.metrics(outputs, test_labels)
     if others:
         report["targets"] = others
-    ctx.run.record("quantize", quantize_fingerprint(ctx), report,
-                   [out_dir] + [ctx.run.stage_dir("export") / n for n, r in others.items() if r.get("written", True)],
-                   seconds=time.perf_counter() - t0)
+    written = [out_dir] + [export / n for n, r in others.items() if r.get("written", True)]
+    drop_quantized_folders(export, keep=written)
+    ctx.run.record("quantize", quantize_fingerprint(ctx), report, written, seconds=time.perf_counter() - t0)
     return report
+
+
+def quantized_folder_names(export: Path) -> list[Path]:
+    """The folders under ``export`` named as a quantize stage names its output (``quantized_folder``: every
+    registered target's quantized variants, e.g. onnx-int8, onnx-int8-static, onnx-fp16, coreml-linear8,
+    coreml-palettize4); never an export target's own folder (onnx, coreml, onnx-nms)."""
+    from edgekd.export import registered
+
+    patterns = []
+    for target, cls in registered().items():
+        for fmt in cls.quantized.values():
+            parts = [re.escape(text) + ("[0-9]+" if field is not None else "")
+                     for text, field, _, _ in string.Formatter().parse(fmt)]
+            patterns.append(re.compile(re.escape(f"{target}-") + "".join(parts)))
+    if not Path(export).is_dir():
+        return []
+    return sorted(p for p in Path(export).iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and any(r.fullmatch(p.name) for r in patterns))
+
+
+def drop_quantized_folders(export: Path, keep: list[Path] | tuple[Path, ...] = ()) -> list[str]:
+    """Remove the quantized folders under ``export`` (``quantized_folder_names``) other than ``keep``: those a
+    quantize run did not write this time (another method's name, a candidate's that no longer wins, a Core
+    ML mode changed, a compression that failed) hold an earlier run's model, which the bench would measure
+    and a client could serve as if current. Their files were only ever recorded by the quantize stage's
+    record, which the caller then replaces. Returns the names removed."""
+    from edgekd.export.stage import drop_stale
+
+    kept = {Path(p).name for p in keep}
+    gone = []
+    for folder in quantized_folder_names(export):
+        if folder.name not in kept:
+            drop_stale(folder, "a quantized folder this quantize run did not write (an earlier setup's)")
+            gone.append(folder.name)
+    return gone
 
 
 def _quantize_other_targets(ctx: RunContext) -> dict[str, Any]:

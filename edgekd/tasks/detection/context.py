@@ -131,10 +131,19 @@ class DetectionRunContext(RunContext):
         return {"images": val.collate(np.arange(len(val)))["images"]}, val.ground_truth()
 
     def calibration_data(self, split: str, n: int) -> dict[str, np.ndarray]:
+        """``n`` images of the train or validation split (never test), a sample seeded by the recipe's seed
+        (``calibration_rows``; the whole split when it has at most ``n``), never the first ``n`` in file
+        order (a folder sorted by class would calibrate on one). Its ``rows`` say which, for the report."""
+        from edgekd.quantization.calibration import CalibrationInputs, calibration_record, calibration_rows
+
         if split not in ("train", "validation"):
             raise StageError(f"calibration reads the train or validation split, not {split!r}")
         part = self.split(split)
-        return {"images": part.collate(np.arange(min(n, len(part))))["images"]}
+        seed = self.recipe.seed
+        idx = calibration_rows(len(part), n, seed)
+        out = CalibrationInputs({"images": part.collate(idx)["images"]})
+        out.rows = calibration_record(split, len(part), idx, seed, stratified=False)
+        return out
 
     def input_desc(self) -> str | None:
         s = self.recipe.detection.image_size

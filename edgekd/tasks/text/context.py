@@ -127,10 +127,18 @@ class TextRunContext(RunContext):
         return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"]
 
     def calibration_data(self, split: str, n: int) -> dict[str, np.ndarray]:
-        """The first ``n`` examples of the train or validation split as model inputs (quantization
-        calibration; the test split is never read for it), tokenized as the shipped model reads them."""
+        """``n`` examples of the train or validation split as model inputs (quantization calibration; the
+        test split is never read for it), tokenized as the shipped model reads them: a sample stratified by
+        label, seeded by data.split.seed (``calibration_rows``; the whole split when it has at most ``n``),
+        never the first ``n`` in file order. Its ``rows`` say which, for the quantize report."""
+        from edgekd.quantization.calibration import CalibrationInputs, calibration_record, calibration_rows
+
         if split not in ("train", "validation"):
             raise StageError(f"calibration reads the train or validation split, not {split!r}")
         part = self.tokenized(split, self.shipped_tokenizer)
-        batch = part.collate(np.arange(min(n, len(part))))
-        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+        seed = self.recipe.data.split.seed
+        idx = calibration_rows(len(part), n, seed, part.labels)
+        batch = part.collate(idx)
+        out = CalibrationInputs({k: batch[k] for k in ("input_ids", "attention_mask")})
+        out.rows = calibration_record(split, len(part), idx, seed, stratified=True)
+        return out
