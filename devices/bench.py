@@ -189,6 +189,7 @@ def bench_run(
     input_desc: str | None = None,
     ood: tuple[str, dict[str, np.ndarray], np.ndarray] | None = None,
     own_outputs: Callable[[], dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]] | None = None,
+    not_current: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Measure every export folder of ``run_dir`` (and the eager ``torch_models``, name -> (export
     module, ModelIO)) on ``profile`` (a shipped name or a YAML path; default ``cfg.profile``, i.e.
@@ -202,6 +203,8 @@ def bench_run(
     measured, before they are) scores a model that is timed on inputs it does not read as they are (an
     unpruned model behind a trimmed vocabulary's id table) on the outputs given instead, and says so in
     its note; such a model is then only timed, not scored a second time on inputs it does not read.
+    ``not_current`` (folder name -> why) lists export folders the run's recipe no longer makes (the quantized
+    ones of a quantize stage it turns off): they are listed as skipped, not measured as current.
     """
     cfg = cfg or BenchConfig()
     run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
@@ -213,7 +216,8 @@ def bench_run(
     inputs = measure.Inputs.from_config(cfg, eval_inputs, ood_inputs, ood_name)
     entries = discover(run_dir, cfg.targets)
     for e in entries:  # a quantized folder made from an export redone since is not measured as current
-        why = None if e.get("status") else made_from_an_earlier_export(Path(e["folder"]))
+        why = None if e.get("status") else (made_from_an_earlier_export(Path(e["folder"]))
+                                            or (not_current or {}).get(e["name"]))
         if why:
             e.update(status="skipped", reason=why)
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:

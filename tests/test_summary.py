@@ -152,6 +152,23 @@ def test_a_quantized_folder_made_from_an_export_redone_since_is_neither_benched_
     assert choose_export(run, "onnx")[0] == run / "export" / "onnx"  # an export named by the caller still serves
 
 
+def test_the_quantized_folders_of_a_quantize_stage_turned_off_are_not_benched_as_current(full_run):
+    """quantize.enabled: false with the export as it was: export/onnx-int8* hold an earlier quantize run's models,
+    which the bench timed and scored as current rows; it now lists them as skipped and says why."""
+    import json
+
+    run = full_run[0]
+    quantized = sorted(p.name for p in (run / "export").iterdir() if p.name.startswith("onnx-"))
+    assert quantized
+    res = CliRunner().invoke(app, ["bench", str(run), "--set", "quantize.enabled=false"])
+    assert res.exit_code == 0, res.output
+    by_name = {e["name"]: e for e in json.loads((run / "bench" / "local" / "results.json").read_text())["results"]}
+    for name in quantized:
+        assert by_name[name]["status"] == "skipped", by_name[name]
+        assert "quantize stage this recipe turns off" in by_name[name]["reason"], by_name[name]
+    assert by_name["onnx"]["status"] == "ok"
+
+
 def test_a_quantized_folder_is_judged_by_the_file_it_was_made_from(tmp_path):
     """Only the source folder's file counts: an export of another target since (a one-off `edgekd export RUN
     --to executorch`) leaves the quantized folder current; a new file in its source, or none, does not."""

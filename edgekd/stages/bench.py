@@ -50,8 +50,15 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
 
         torch_models = ctx.bench_torch_models(torch_models)
     ood = ctx.ood_data()
+    not_current = None
+    if not r.quantize.enabled:  # its folders are an earlier quantize run's, which this recipe no longer makes
+        from edgekd.stages.quantize import quantized_folder_names
+
+        not_current = {p.name: "made by a quantize stage this recipe turns off (quantize.enabled: false): an "
+                       "earlier setup's model, not measured as current" for p in
+                       quantized_folder_names(ctx.run.stage_dir("export"))}
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
                        torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood,
-                       own_outputs=own)
+                       own_outputs=own, not_current=not_current)
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)
     return result
