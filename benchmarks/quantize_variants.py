@@ -122,7 +122,9 @@ def main() -> None:
 
     paths: dict[str, Path] = {}
     for name, over in variants:
-        cfg = QuantizeConfig(enabled=True, calibration_samples=args.calibration_samples, **over)
+        calibrates = over.get("method") == "static" or over.get("smooth_alpha") is not None
+        cfg = QuantizeConfig(enabled=True, **over,  # the recipe refuses calibration_samples where nothing reads it
+                             **({"calibration_samples": args.calibration_samples} if calibrates else {}))
         if "method" not in over:
             paths[name] = floats[cfg.fuse]
             continue
