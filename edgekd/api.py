@@ -131,8 +131,9 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
         record["stages"] = stages or planned_stages(recipe)
         record["recipe_saved"] = saved is not None
         ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
-        print_summary(ctx.run)
-        _say_warnings_kept()
+        if _is_main_process():  # once, not once per process under `accelerate launch`
+            print_summary(ctx.run)
+            _say_warnings_kept()
         status, code = "ok", 0
         return recipe, ctx
     except KeyboardInterrupt:

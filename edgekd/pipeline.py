@@ -121,6 +121,11 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     try:
         for name in todo:
             stage = table[name]
+            if name in SHARED_STAGES and not ctx.is_main:
+                # Under `accelerate launch` the shared stages (export, quantize, bench) train nothing: the main
+                # process runs them alone (two would export into one folder, time each other's latencies and
+                # interleave their manifest writes); the others stop after the stages that train.
+                continue
             why = ctx.run.stale_reason(name, stage.fingerprint(ctx))
             if not force and why is None:
                 ctx.say(f"[dim]{name}: unchanged since the last run, skipped[/]")

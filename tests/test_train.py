@@ -347,3 +347,43 @@ def test_extra_parameters_are_averaged_over_processes_like_the_model(tiny_teache
     a, b = torch.load(tmp_path / "scale-0.pt"), torch.load(tmp_path / "scale-1.pt")
     assert not torch.allclose(a, torch.ones(2))  # it trained
     assert torch.allclose(a, b, atol=1e-6), (a, b)
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_the_main_process_alone_exports_and_benches(tmp_path, tiny_teacher_dir, tiny_csv):
+    """Every process ran export, quantize and bench: two processes exported into one folder, timed each other's
+    latencies and interleaved their manifest writes. The main process now runs the stages that train nothing
+    alone; the run ends with one record each, current, and one summary."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.runfolder import RunFolder
+    from edgekd.testing import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv,
+                         teacher={"finetune": {"epochs": 1, "batch_size": 32, "lr": 3e-3}},
+                         distill={"train": {"epochs": 1, "batch_size": 32, "lr": 2e-3}}, baseline={"enabled": False},
+                         export={"targets": ["onnx"]},
+                         bench={"enabled": True, "runs": 2, "warmup": 1, "batch_sizes": [1], "torch_models": False})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["teacher", str(path)])  # teacher and distill trained in one process
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["distill", str(path)])
+    assert res.exit_code == 0, res.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "edgekd", "run", str(path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = RunFolder(tmp_path / "runs" / "tiny")
+    for stage in ("export", "bench"):
+        assert run.stale_reason(stage, None) is None, stage
+    assert done.stdout.count("edgekd run 'tiny': stages") == 1  # one summary, the main process's
+    lines = [line for line in (run.root / "invocations.jsonl").read_text().splitlines() if '"run"' in line]
+    assert len(lines) == 1, lines  # one invocation record

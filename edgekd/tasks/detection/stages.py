@@ -126,11 +126,13 @@ def run_teacher(ctx) -> dict[str, Any]:
                     precision=r.runtime.precision, ckpt_root=ckpt, description="teacher training")
         history, seconds = res.history, res.seconds
         shutil.rmtree(ckpt, ignore_errors=True)
-    task.save_model(model, ctx.model_dir("teacher"))
     metrics = {"finetuned": trained, "train_history": history, "train_seconds": round(seconds, 2),
                "params": _params(model), "validation": validation_metrics(ctx, model)}
-    ctx.run.record("teacher", fp, metrics, [ctx.model_dir("teacher")], seconds=time.perf_counter() - t0,
-                   extra={"source": r.teacher.model})
+    if ctx.is_main:  # only the main process writes to the run folder under `accelerate launch`
+        task.save_model(model, ctx.model_dir("teacher"))
+        ctx.run.record("teacher", fp, metrics, [ctx.model_dir("teacher")], seconds=time.perf_counter() - t0,
+                       extra={"source": r.teacher.model})
+    ctx.sync()
     return metrics
 
 
@@ -212,11 +214,13 @@ def run_student_stage(ctx, stage: str) -> dict[str, Any]:
     res = train_student(ctx, student, teacher, r.distill.train, ckpt,
                         "distill" if teacher is not None else "baseline (no teacher)", r.seed)
     shutil.rmtree(ckpt, ignore_errors=True)
-    task.save_model(student, ctx.model_dir(stage))
     metrics = {"train_history": res.history, "train_seconds": round(res.seconds, 2),
                "resumed_from_epoch": res.resumed_from_epoch, "params": _params(student),
                "train_examples": len(ctx.split("train")), "validation": validation_metrics(ctx, student)}
-    ctx.run.record(stage, fp, metrics, [ctx.model_dir(stage)], seconds=time.perf_counter() - t0)
+    if ctx.is_main:
+        task.save_model(student, ctx.model_dir(stage))
+        ctx.run.record(stage, fp, metrics, [ctx.model_dir(stage)], seconds=time.perf_counter() - t0)
+    ctx.sync()
     return metrics
 
 
@@ -251,7 +255,9 @@ def run_eval(ctx) -> dict[str, Any]:
         summary["distill_gain_over_baseline_map50_95"] = s - results["baseline"]["map50_95"]
         summary["distill_gain_over_baseline_map50"] = results["student"]["map50"] - results["baseline"]["map50"]
     metrics = {**results, "summary": summary}
-    ctx.run.record("eval", eval_fingerprint(ctx), metrics, seconds=time.perf_counter() - t0)
+    if ctx.is_main:
+        ctx.run.record("eval", eval_fingerprint(ctx), metrics, seconds=time.perf_counter() - t0)
+    ctx.sync()
     return metrics
 
 
@@ -318,7 +324,9 @@ def run_prune(ctx) -> dict[str, Any]:
                         metric=task.primary_metric)
     model, metrics = prune_model(model.train(), cfg, pctx)
     say_search(ctx, cfg, metrics)
-    task.save_model(model.eval(), ctx.model_dir("prune"))
     metrics["feat_channels"] = model.feat_channels
-    ctx.run.record("prune", fp, metrics, [ctx.model_dir("prune")], seconds=time.perf_counter() - t0)
+    if ctx.is_main:
+        task.save_model(model.eval(), ctx.model_dir("prune"))
+        ctx.run.record("prune", fp, metrics, [ctx.model_dir("prune")], seconds=time.perf_counter() - t0)
+    ctx.sync()
     return metrics
