@@ -32,7 +32,7 @@ def coco_dir(tmp_path) -> Path:
         ],
         "annotations": [
             {"id": 1, "image_id": 7, "category_id": 90, "bbox": [20, 10, 40, 30], "iscrowd": 0},
-            {"id": 2, "image_id": 7, "category_id": 5, "bbox": [0, 0, 200, 100], "iscrowd": 1},  # crowd: left out
+            {"id": 2, "image_id": 7, "category_id": 5, "bbox": [0, 0, 200, 100], "iscrowd": 1},  # crowd: kept apart, not a box
             {"id": 3, "image_id": 7, "category_id": 5, "bbox": [100, 50, 10, 10]},
             {"id": 4, "image_id": 7, "category_id": 5, "bbox": [1, 1, 0, 5]},  # empty box: left out
         ],

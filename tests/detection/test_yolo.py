@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.errors import AssetError, MissingBackendError
+from edgekd.errors import AssetError, EdgeKDError, MissingBackendError
 from edgekd.tasks.detection.yolo import (
     INSTALL_COMMAND,
+    check_teacher_classes,
     distill_yolo,
     export_yolo_onnx,
     load_yolo_model,
@@ -66,6 +67,31 @@ def test_offline_scope_sets_and_restores_the_environment(monkeypatch, tmp_path):
     assert "YOLO_OFFLINE" not in os.environ
     assert os.environ["YOLO_AUTOINSTALL"] == "1"
     assert os.environ["YOLO_CONFIG_DIR"] == str(tmp_path / "mine")
+
+
+def test_a_teacher_whose_classes_are_not_the_datas_is_refused():
+    """A .pt teacher's class scores are the KD targets: one with another class count would get a fresh,
+    random class head (frozen, then taught to the student), one with the data's names in another order
+    would teach the wrong labels. Both are refused; the data's names, as a dict or a list, pass."""
+    data = {0: "cat", 1: "dog"}
+    check_teacher_classes({0: "cat", 1: "dog"}, 2, data, "t.pt")
+    check_teacher_classes(["cat", "dog"], 2, ["cat", "dog"], "t.pt")
+    check_teacher_classes(None, 2, data, "t.pt")  # a checkpoint without names: judged by its count
+    with pytest.raises(EdgeKDError, match=r"'t\.pt' has 3 classes but the data has 2 \(cat, dog\)"):
+        check_teacher_classes({0: "cat", 1: "dog", 2: "cow"}, 3, data, "t.pt")
+    with pytest.raises(EdgeKDError, match=r"has the classes \[dog, cat\] but the data has \[cat, dog\]"):
+        check_teacher_classes({0: "dog", 1: "cat"}, 2, data, "t.pt")
+
+
+@needs_ultralytics
+def test_distill_refuses_a_pt_teacher_trained_on_other_classes(data_yaml, tmp_path):
+    from edgekd.tasks.detection.yolo import save_yolo_checkpoint
+
+    other = load_yolo_model("yolov8n.yaml", NUM_CLASSES + 1)
+    other.names = {i: f"x{i}" for i in range(NUM_CLASSES + 1)}
+    teacher = save_yolo_checkpoint(other, tmp_path / "other.pt")
+    with pytest.raises(EdgeKDError, match="classes but the data has"):
+        distill_yolo(teacher, "yolov8n.yaml", data_yaml, out_dir=tmp_path / "out", steps=1, imgsz=IMGSZ, batch=8)
 
 
 def test_cls_kd_is_zero_on_agreement_positive_otherwise_and_has_bce_gradient():

@@ -98,10 +98,18 @@ class DetectionRunContext(RunContext):
 
     @cached_property
     def data_fingerprint(self) -> str:
-        return fingerprint({"data": self.recipe.data.model_dump(mode="json"),
-                            "detection_data": self.recipe.detection.synthetic.model_dump(mode="json")
-                            if self.recipe.data.dataset == SYNTHETIC else None,
-                            "summary": self.data_summary})
+        """The recipe's data settings, the summary and, for a YOLO or COCO set, each split's contents
+        (``DetectionSplit.digest``: pixels, boxes, classes and file names in order), so a fixed label,
+        a moved box or a replaced image redoes the stages that read them. The synthetic set is
+        generated from its settings, which are hashed already: its fingerprint is what it was."""
+        synthetic = self.recipe.data.dataset == SYNTHETIC
+        parts: dict[str, Any] = {"data": self.recipe.data.model_dump(mode="json"),
+                                 "detection_data": self.recipe.detection.synthetic.model_dump(mode="json")
+                                 if synthetic else None,
+                                 "summary": self.data_summary}
+        if not synthetic:
+            parts["contents"] = {name: self.split(name).digest() for name in ("train", "validation", "test")}
+        return fingerprint(parts)
 
     @cached_property
     def task(self) -> DetectionTask:
@@ -212,4 +220,5 @@ def _subset(split, idx: np.ndarray):
 
     return DetectionSplit(images=split.images[idx], boxes=[split.boxes[i] for i in idx],
                           classes=[split.classes[i] for i in idx], names=split.names,
-                          files=[split.files[i] for i in idx], image_size=split.image_size)
+                          files=[split.files[i] for i in idx], image_size=split.image_size,
+                          crowd=[split.crowd[i] for i in idx])

@@ -8,9 +8,10 @@ epoch free of decoding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,34 @@ class DetectionSplit:
     names: list[str]
     files: list[str]
     image_size: int
+    # COCO crowd regions (``iscrowd: 1``), float32 [c,5] (cls, x1, y1, x2, y2) per image: never trained
+    # on, scored as COCO does (a detection on one is neither a hit nor a false positive). Empty if none.
+    crowd: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.images)
-        if not (len(self.boxes) == len(self.classes) == len(self.files) == n):
+        if not self.crowd:
+            self.crowd = [np.zeros((0, 5), np.float32) for _ in range(n)]
+        if not (len(self.boxes) == len(self.classes) == len(self.files) == len(self.crowd) == n):
             raise ValueError(
                 f"DetectionSplit parts differ in length: {n} images, {len(self.boxes)} box arrays, "
-                f"{len(self.classes)} class arrays, {len(self.files)} files"
+                f"{len(self.classes)} class arrays, {len(self.files)} files, {len(self.crowd)} crowd arrays"
             )
+
+    def digest(self) -> str:
+        """sha256 of what the split holds, in order: class names, file names, the letterboxed pixels,
+        and each image's boxes, classes and crowd regions. Any edit to a label, a box or an image
+        changes it, as does reordering the images; it costs one pass over the split in memory."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"names": list(self.names), "files": list(self.files), "size": self.image_size,
+                             "shape": list(self.images.shape)}).encode())
+        h.update(np.ascontiguousarray(self.images, dtype=np.uint8).tobytes())
+        for b, c, crowd in zip(self.boxes, self.classes, self.crowd, strict=True):
+            for a, dtype in ((b, np.float32), (c, np.int64), (crowd, np.float32)):
+                a = np.ascontiguousarray(a, dtype=dtype)
+                h.update(np.int64(a.size).tobytes())
+                h.update(a.tobytes())
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -97,7 +118,9 @@ class DetectionSplit:
         }
 
     def ground_truth(self, idx: np.ndarray | list[int] | None = None) -> np.ndarray:
-        """Labels for the metrics: an object array with one float32 [k,5] (cls, x1, y1, x2, y2) per image.
+        """Labels for the metrics: an object array with one float32 [k,5] (cls, x1, y1, x2, y2) per image;
+        an image with crowd regions (COCO) gets [k+c,6] rows instead, the 6th column its iscrowd (0 or 1),
+        which ``coco_map`` passes to pycocotools as such.
 
         Built with ``np.empty(n, dtype=object)`` so that ``np.asarray(labels)[:n]`` slices images,
         whatever the box counts (numpy would otherwise try to stack equal-sized arrays).
@@ -105,9 +128,14 @@ class DetectionSplit:
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64).reshape(-1)
         out = np.empty(len(idx), dtype=object)
         for row, i in enumerate(idx):
-            out[row] = np.concatenate(
+            rows = np.concatenate(
                 [self.classes[i].astype(np.float32)[:, None], self.boxes[i].astype(np.float32)], axis=1
             ).reshape(-1, 5)
+            crowd = np.asarray(self.crowd[i], np.float32).reshape(-1, 5)
+            if len(crowd):
+                rows = np.concatenate([np.pad(rows, ((0, 0), (0, 1))),
+                                       np.pad(crowd, ((0, 0), (0, 1)), constant_values=1)]).astype(np.float32)
+            out[row] = rows
         return out
 
 
@@ -309,8 +337,9 @@ def _read_yolo_labels(path: Path, num_classes: int) -> np.ndarray:
 
 def load_coco(annotations_json: Path, images_dir: Path | None, image_size: int) -> DetectionSplit:
     """A COCO detection file: bbox ``[x, y, w, h]`` -> xyxy, category ids mapped to 0..C-1 in sorted
-    id order (names from ``categories``). Crowd annotations (``iscrowd: 1``) are left out: they mark
-    regions of many objects, which a box detector is neither trained nor scored on.
+    id order (names from ``categories``). Crowd annotations (``iscrowd: 1``) mark regions of many
+    objects: they are kept apart (``DetectionSplit.crowd``), never trained on, and passed to mAP as
+    crowd regions, as pycocotools scores them (a detection on one is neither a hit nor a false positive).
 
     ``images_dir`` defaults to the json's folder's ``images/`` if it exists, else the json's folder
     (``file_name`` relative to it).
@@ -341,9 +370,8 @@ def load_coco(annotations_json: Path, images_dir: Path | None, image_size: int) 
     cat_index = {cid: i for i, cid in enumerate(cat_ids)}
     names_by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in coco["categories"]}
     rows: dict[int, list[list[float]]] = {int(img["id"]): [] for img in coco["images"]}
+    crowd: dict[int, list[list[float]]] = {int(img["id"]): [] for img in coco["images"]}
     for ann in coco["annotations"]:
-        if ann.get("iscrowd", 0):
-            continue
         image_id, cat = int(ann["image_id"]), int(ann["category_id"])
         if image_id not in rows:
             raise DataError(f"{annotations_json}: annotation {ann.get('id')} refers to image {image_id}, not in 'images'.")
@@ -351,43 +379,57 @@ def load_coco(annotations_json: Path, images_dir: Path | None, image_size: int) 
             raise DataError(f"{annotations_json}: annotation {ann.get('id')} has category {cat}, not in 'categories'.")
         x, y, w, h = (float(v) for v in ann["bbox"])
         if w > 0 and h > 0:
-            rows[image_id].append([cat_index[cat], x, y, x + w, y + h])
-    records = []
+            (crowd if ann.get("iscrowd", 0) else rows)[image_id].append([cat_index[cat], x, y, x + w, y + h])
+    records, crowd_rows = [], []
     for img in coco["images"]:
         f = images_dir / img["file_name"]
         size = (img["width"], img["height"]) if "width" in img and "height" in img else None
         records.append((f, str(img["file_name"]), np.asarray(rows[int(img["id"])], np.float32).reshape(-1, 5), size))
+        crowd_rows.append(np.asarray(crowd[int(img["id"])], np.float32).reshape(-1, 5))
     absent = [str(r[0]) for r in records if not r[0].is_file()]
     if absent:
         raise DataError(
             f"{len(absent)} image(s) of {annotations_json} are missing (first: {absent[0]}); file_name is read "
             f"relative to {images_dir}."
         )
-    return _assemble(records, [names_by_id[c] for c in cat_ids], image_size, normalized=False, exif=False)
+    return _assemble(records, [names_by_id[c] for c in cat_ids], image_size, normalized=False, exif=False,
+                     crowd=crowd_rows)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def _assemble(
-    records: list[tuple], names: list[str], image_size: int, *, normalized: bool, exif: bool
+    records: list[tuple], names: list[str], image_size: int, *, normalized: bool, exif: bool,
+    crowd: list[np.ndarray] | None = None,
 ) -> DetectionSplit:
-    """Decode, letterbox and map boxes into letterboxed pixels; records are (path, name, rows[, (w, h)])."""
+    """Decode, letterbox and map boxes into letterboxed pixels; records are (path, name, rows[, (w, h)]);
+    ``crowd``: per record, its crowd rows (cls, x1, y1, x2, y2), mapped the same way."""
     images = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
-    boxes, classes, files = [], [], []
+    boxes, classes, files, crowds = [], [], [], []
     for n, (path, name, rows, *expected) in enumerate(records):
         pixels = _read_image(path, exif, expected[0] if expected else None)
         h, w = pixels.shape[:2]
         images[n], scale, (px, py) = letterbox(pixels, image_size)
-        xyxy = rows[:, 1:].astype(np.float64)
-        if normalized:
-            xyxy = xyxy * [w, h, w, h]
-        xyxy = (xyxy.clip(0, [w, h, w, h]) * scale + [px, py, px, py]).astype(np.float32)
-        ok = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # boxes wholly outside the image vanish
-        boxes.append(xyxy[ok].reshape(-1, 4))
-        classes.append(rows[ok, 0].astype(np.int64))
+        b, c = _place(rows, w, h, scale, px, py, normalized)
+        boxes.append(b)
+        classes.append(c)
         files.append(name)
-    return DetectionSplit(images, boxes, classes, list(names), files, image_size)
+        if crowd is not None:
+            cb, cc = _place(crowd[n], w, h, scale, px, py, normalized)
+            crowds.append(np.concatenate([cc.astype(np.float32)[:, None], cb], axis=1).reshape(-1, 5))
+    return DetectionSplit(images, boxes, classes, list(names), files, image_size, crowd=crowds)
+
+
+def _place(rows: np.ndarray, w: int, h: int, scale: float, px: float, py: float,
+           normalized: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (cls, x1, y1, x2, y2) of a w x h image -> boxes in letterboxed pixels and their classes."""
+    xyxy = rows[:, 1:].astype(np.float64)
+    if normalized:
+        xyxy = xyxy * [w, h, w, h]
+    xyxy = (xyxy.clip(0, [w, h, w, h]) * scale + [px, py, px, py]).astype(np.float32)
+    ok = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # boxes wholly outside the image vanish
+    return xyxy[ok].reshape(-1, 4), rows[ok, 0].astype(np.int64)
 
 
 def _read_image(path: Path, exif: bool, expected: tuple[int, int] | None) -> np.ndarray:

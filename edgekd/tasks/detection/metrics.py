@@ -23,7 +23,9 @@ def coco_map(
     """``map50_95`` (COCO's AP over IoU 0.50:0.95) and ``map50`` over all images, area range "all".
 
     ``predictions``: per image [k,6] rows (x1, y1, x2, y2, score, class); ``ground_truth``: per image
-    [m,5] rows (class, x1, y1, x2, y2), in the same pixels. As in COCO, a class without ground truth
+    [m,5] rows (class, x1, y1, x2, y2), in the same pixels, or [m,6] whose 6th column is COCO's iscrowd
+    (a crowd region: a detection on it is ignored, neither hit nor false positive, as pycocotools scores
+    the original json; ``DetectionSplit.ground_truth`` gives those for COCO sets). As in COCO, a class without ground truth
     is left out of the mean (its false positives cost nothing), and at most ``max_det`` detections
     per image are scored. No predictions at all score 0.0.
     """
@@ -40,13 +42,15 @@ def coco_map(
     images, annotations = [], []
     for i, gt in enumerate(ground_truth):
         images.append({"id": i + 1})
-        for cls, x1, y1, x2, y2 in np.asarray(gt, dtype=np.float64).reshape(-1, 5).tolist():
+        gt = np.asarray(gt, dtype=np.float64)
+        gt = gt.reshape(-1, 6) if gt.ndim == 2 and gt.shape[1] == 6 else np.pad(gt.reshape(-1, 5), ((0, 0), (0, 1)))
+        for cls, x1, y1, x2, y2, crowd in gt.tolist():
             w, h = x2 - x1, y2 - y1
             annotations.append(  # ids from 1: COCOeval treats a matched gt id of 0 as "unmatched"
                 {"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(cls) + 1,
-                 "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0}
+                 "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": int(crowd != 0)}
             )
-    if not annotations:
+    if not any(a["iscrowd"] == 0 for a in annotations):
         raise DataError(
             f"No ground-truth boxes in {len(images)} image(s), so mAP is undefined; check that the labels were "
             "found (YOLO: labels/ beside images/; COCO: 'annotations' in the json)."

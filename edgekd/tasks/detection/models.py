@@ -377,8 +377,10 @@ def build_detector(preset_or_config: str | DetectorConfig, num_classes: int, ima
     return Detector(replace(base, num_classes=int(num_classes), image_size=int(image_size)))
 
 
-def save_detector(model: Detector, out_dir: str | Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into ``out_dir`` in one rename (atomic)."""
+def save_detector(model: Detector, out_dir: str | Path, names: list[str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` into ``out_dir`` in one rename (atomic); ``names``
+    (the class names it was trained on, in class-id order) are recorded in config.json, so a folder is
+    refused on data whose classes differ (``saved_class_names``)."""
     from safetensors.torch import save_file
 
     from edgekd.runfolder import atomic_dir
@@ -386,10 +388,24 @@ def save_detector(model: Detector, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": model.config.to_dict(), "feat_channels": model.feat_channels}
+    if names is not None:
+        if len(names) != model.num_classes:
+            raise EdgeKDError(f"save_detector got {len(names)} class names for a detector of {model.num_classes} "
+                              "classes.")
+        meta["names"] = [str(n) for n in names]
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
+
+
+def saved_class_names(path: str | Path) -> list[str] | None:
+    """The class names a saved detector records; None for a folder saved before they were recorded."""
+    try:
+        names = json.loads((Path(path) / CONFIG_FILE).read_text()).get("names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def is_detector_dir(path: str | Path) -> bool:

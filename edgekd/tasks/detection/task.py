@@ -85,7 +85,7 @@ class DetectionTask:
         return not self.is_preset(source)
 
     def load_model(self, source: str | Path, num_labels: int | None = None):
-        from edgekd.tasks.detection.models import PRESETS, build_detector, is_detector_dir
+        from edgekd.tasks.detection.models import PRESETS, build_detector, is_detector_dir, saved_class_names
 
         if self.is_preset(source):
             return build_detector(str(source), len(self.label_names), self.image_size)
@@ -96,6 +96,11 @@ class DetectionTask:
                 raise StageError(f"{path} detects {model.num_classes} classes, the dataset has "
                                  f"{len(self.label_names)} ({', '.join(self.label_names)}): use a detector "
                                  "trained on this dataset, or a preset name to train one.")
+            names = saved_class_names(path)  # None: saved before names were recorded, judged by count
+            if names is not None and names != list(self.label_names):
+                raise StageError(f"{path} was trained on the classes [{', '.join(names)}], the dataset has "
+                                 f"[{', '.join(self.label_names)}] (names, in class-id order, must match): use "
+                                 "a detector trained on this dataset's classes, or a preset name to train one.")
             return model
         if str(source).endswith((".yaml", ".yml", ".pt")) and "edgekd-det" not in str(source):
             raise StageError(
@@ -109,7 +114,7 @@ class DetectionTask:
     def save_model(self, model, out_dir: Path) -> None:
         from edgekd.tasks.detection.models import save_detector
 
-        save_detector(model, out_dir)
+        save_detector(model, out_dir, names=list(self.label_names))
 
     # --- export / parity / serving --------------------------------------------------------------
     def model_io(self) -> ModelIO:

@@ -191,7 +191,34 @@ def _patch_ultralytics(user_dir: Path) -> list[tuple[Any, str, Any]]:
 # models
 
 
-def load_yolo_model(spec: str | Path, num_classes: int) -> nn.Module:
+def class_name_list(names: Any) -> list[str] | None:
+    """Ultralytics' class names (a dict ``{0: 'a', ...}`` or a list) as a list in class order; None if absent."""
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names, key=int)]
+    return [str(n) for n in names]
+
+
+def check_teacher_classes(teacher_names: Any, teacher_nc: int, data_names: Any, spec: str | Path) -> None:
+    """Refuse a teacher checkpoint whose classes are not the data's, in order: its class scores are the
+    KD targets, so a fresh (random) class head, or one whose class 2 is the data's class 0, would teach
+    the student noise or the wrong labels. A checkpoint without names is judged by its class count."""
+    data = class_name_list(data_names) or []
+    mine = class_name_list(teacher_names)
+    if teacher_nc != len(data):
+        raise EdgeKDError(
+            f"YOLO teacher '{spec}' has {teacher_nc} classes but the data has {len(data)} ({', '.join(data)}): "
+            "a teacher's class scores are the distillation targets, so it must be trained on these classes. "
+            "Train (or fine-tune) the teacher on this data first, e.g. leave teacher.model unset.")
+    if mine is not None and mine != data:
+        raise EdgeKDError(
+            f"YOLO teacher '{spec}' has the classes [{', '.join(mine)}] but the data has [{', '.join(data)}] "
+            "(names, in class-id order, must match): its class scores would teach the student the wrong labels. "
+            "Use a teacher trained on this data's classes, or fix the order of names in the data.yaml.")
+
+
+def load_yolo_model(spec: str | Path, num_classes: int, *, teacher_names: Any = None) -> nn.Module:
     """An Ultralytics ``DetectionModel`` with ``num_classes`` classes, in train mode, ready for
     ``model.loss(batch)`` (``model.args`` holds Ultralytics' default hyperparameters, or the
     checkpoint's).
@@ -200,6 +227,9 @@ def load_yolo_model(spec: str | Path, num_classes: int) -> nn.Module:
     local file): a freshly initialised model; or a local ``.pt`` checkpoint (Ultralytics format, as
     written by :func:`save_yolo_checkpoint` or by ``yolo train``): its weights, with a new class head
     when its class count differs. Nothing is ever downloaded.
+
+    ``teacher_names`` (the data's class names) loads a teacher: a ``.pt`` checkpoint whose classes are
+    not these, in order, is refused (:func:`check_teacher_classes`) instead of getting a new head.
     """
     require_ultralytics()
     if num_classes < 1:
@@ -223,6 +253,8 @@ def load_yolo_model(spec: str | Path, num_classes: int) -> nn.Module:
                     f"would try to fetch '{path.name}' from GitHub): put the .pt file at a path on this machine "
                     "and pass that path, or start from a config such as 'yolov8n.yaml'.")
             loaded = _load_checkpoint(path)
+            if teacher_names is not None:
+                check_teacher_classes(getattr(loaded, "names", None), int(loaded.model[-1].nc), teacher_names, text)
             if int(loaded.model[-1].nc) == num_classes:
                 model = loaded
             else:  # same architecture, fresh class head; every other matching weight is transferred
@@ -421,7 +453,7 @@ def distill_yolo(
         student = load_yolo_model(student_spec, nc).to(dev).train()
         teacher = None
         if teacher_spec is not None:
-            teacher = load_yolo_model(teacher_spec, nc).to(dev).eval()
+            teacher = load_yolo_model(teacher_spec, nc, teacher_names=data["names"]).to(dev).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
             if not torch.equal(student.stride.cpu(), teacher.stride.cpu()):
