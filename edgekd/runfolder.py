@@ -166,7 +166,7 @@ class RunFolder:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._reading: dict[str, dict[str, str]] = {}  # stage about to run -> the records it reads
+        self._reading: dict[str, dict[str, str | None]] = {}  # stage about to run -> the records it reads
 
     # --- paths -----------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -237,6 +237,10 @@ class RunFolder:
         seen.add(stage)
         for name, read in rec.get("inputs", {}).items():
             now = self.stage_record(name)
+            if read is None:  # not finished when this record was made: it is out of date once it is
+                if now and now.get("status") == "done":
+                    return f"the {name} stage, which it reads, had not finished when it was made and has since"
+                continue
             if not now or now.get("status") != "done" or self.record_id(name, now) != read:
                 return f"the {name} stage it was made from was run again or removed since"
             if name not in seen:
@@ -252,12 +256,12 @@ class RunFolder:
 
     def will_read(self, stage: str, inputs: list[str] | tuple[str, ...]) -> None:
         """Note the records of ``inputs`` that ``stage`` is about to read; its :meth:`record` keeps their
-        ids. Stages not finished here are left out (a stage's own checks refuse a missing input)."""
-        ids = {}
+        ids. A stage not finished here is kept as None (a bench run before the quantize stage it reads): the
+        record is out of date once that stage finishes (a stage's own checks refuse an input it needs)."""
+        ids: dict[str, str | None] = {}
         for name in inputs:
             rec = self.stage_record(name)
-            if rec and rec.get("status") == "done":
-                ids[name] = self.record_id(name, rec)
+            ids[name] = self.record_id(name, rec) if rec and rec.get("status") == "done" else None
         self._reading[stage] = ids
 
     def record(

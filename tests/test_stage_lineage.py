@@ -26,7 +26,7 @@ def test_a_record_is_current_only_while_the_records_it_read_are(tmp_path):
     run.will_read("export", ["distill"])
     run.record("export", "e1", {})
     rec = run.stage_record("distill")
-    assert rec["inputs"] == {"teacher": run.stage_record("teacher")["id"]}  # a stage not run is left out
+    assert rec["inputs"] == {"teacher": run.stage_record("teacher")["id"], "never-run": None}  # not finished: None
     assert run.is_done("distill", "d1") and run.is_done("export", "e1")
     assert run.stale_reason("export", None) is None  # None: whole, whatever the settings
 
@@ -39,6 +39,19 @@ def test_a_record_is_current_only_while_the_records_it_read_are(tmp_path):
     run.record("export", "e1", {})  # remade from the distill record it reads: whole again, but not distill
     assert run.stale_reason("export", "e2") == "the recipe's settings for it changed"
     assert run.stale_reason("bench", "b1") == "it has not finished in this run folder"
+
+
+def test_a_record_made_before_a_stage_it_reads_finished_is_out_of_date_once_that_stage_finishes(tmp_path):
+    """`edgekd export`, `edgekd bench`, then `edgekd run`: quantize ran, and the bench, which had read no quantize
+    record, was skipped as unchanged, so the shipped int8 file was never timed."""
+    run = RunFolder(tmp_path)
+    run.record("export", "e1", {})
+    run.will_read("bench", ["export", "quantize"])
+    run.record("bench", "b1", {})
+    assert run.stale_reason("bench", "b1") is None  # quantize has not run: still whole
+    run.record("quantize", "q1", {})
+    why = "the quantize stage, which it reads, had not finished when it was made and has since"
+    assert run.stale_reason("bench", "b1") == why and run.superseded("bench") == why
 
 
 def test_records_written_before_ids_existed_stay_valid_until_their_inputs_run_again(tmp_path):
