@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from edgekd.devices.tables import METRIC_LABELS, headline_row, pareto_front, pareto_rows
-from edgekd.report import family_summary, training_data
+from edgekd.report import family_summary, shipped_artifact, training_data
 from edgekd.runfolder import RunFolder, atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -175,14 +175,21 @@ def _stage_detail(name: str, rec: dict[str, Any]) -> str:
     return ""
 
 
-def stages_section(manifest: dict[str, Any], recipe: dict[str, Any]) -> str:
+def stages_section(manifest: dict[str, Any], recipe: dict[str, Any], stale: dict[str, str] | None = None) -> str:
+    """``stale``: stage -> why its record no longer follows from the records it was made from
+    (``RunFolder.superseded``), marked "out of date" as the console summary marks it."""
     stages = manifest.get("stages") or {}
+    stale = stale or {}
     names = [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
     rows = []
     for name in names:
         rec = stages[name]
-        rows.append([name, (rec.get("status", "—"), "pass" if rec.get("status") == "done" else "fail"),
-                     _num(rec.get("seconds"), ".2f"), rec.get("finished") or "—", _stage_detail(name, rec)])
+        status = (rec.get("status", "—"), "pass" if rec.get("status") == "done" else "fail")
+        detail = _stage_detail(name, rec)
+        if stale.get(name):
+            status = ("out of date", "fail")
+            detail = f"out of date ({stale[name]}; run `edgekd run` to redo it): {detail}"
+        rows.append([name, status, _num(rec.get("seconds"), ".2f"), rec.get("finished") or "—", detail])
     for name in STAGE_ORDER:
         if name in stages:
             continue
@@ -205,7 +212,8 @@ def stages_section(manifest: dict[str, Any], recipe: dict[str, Any]) -> str:
                     _table(["stage", "status", "seconds", "finished (UTC)", "detail"], rows, "stages") + total)
 
 
-def accuracy_section(manifest: dict[str, Any], metric: str) -> str:
+def accuracy_section(manifest: dict[str, Any], metric: str, stale: str | None = None) -> str:
+    """``stale``: why the eval record no longer follows from the models it scored, said above the table."""
     stages = manifest.get("stages") or {}
     ev = (stages.get("eval") or {}).get("metrics")
     if not ev:
@@ -245,6 +253,9 @@ def accuracy_section(manifest: dict[str, Any], metric: str) -> str:
         lines.append("No baseline student in this run (baseline.enabled is false): the gain from distillation "
                      "is not measured.")
     body = _table(headers, rows, "accuracy") + "".join(f"<p>{_e(line)}</p>" for line in lines)
+    if stale:
+        body = (f'<p class="fail"><strong>Out of date</strong>: this table is the eval stage\'s record, and '
+                f"{_e(stale)}: run <code>edgekd run</code> to score the current models.</p>" + body)
     return _section("accuracy", "Accuracy (test split)", body)
 
 
@@ -557,6 +568,8 @@ def render(run: RunFolder) -> str:
     recipe = _recipe(run)
     results = _bench_results(run)
     metric = primary_metric(manifest, results)
+    stale = {name: why for name in (manifest.get("stages") or {}) if (why := run.superseded(name))}
+    ships, ships_why = shipped_artifact(run)
     env = manifest.get("environment") or {}
     pkgs = env.get("packages") or {}
     name = manifest.get("name") or run.root.name
@@ -568,10 +581,11 @@ def render(run: RunFolder) -> str:
         ("machine", f"{env.get('cpu', '—')}, {env.get('cpu_count', '—')} CPUs; Python {env.get('python', '—')}"
                     + (f"; torch {pkgs['torch']}" if pkgs.get("torch") else "") if env else None),
         ("run folder", str(run.root.resolve())),
+        ("ships", f"export/{ships}: {ships_why}" if ships else ships_why),
     ])
     body = "\n".join([
-        stages_section(manifest, recipe),
-        accuracy_section(manifest, metric),
+        stages_section(manifest, recipe, stale),
+        accuracy_section(manifest, metric, stale.get("eval")),
         prune_section(manifest, metric),
         parity_section(manifest, metric),
         quantize_section(manifest, metric, recipe),

@@ -155,6 +155,27 @@ def test_a_run_with_nothing_past_eval_says_so_and_escapes_what_it_shows(tmp_path
     assert "<script>alert" not in html and html.count("<script>") == 1  # only the page's own tooltip script
 
 
+def test_a_record_made_from_a_stage_run_again_since_is_marked_out_of_date_and_the_page_says_what_ships(tmp_path):
+    """After `edgekd distill --force`, the eval record scored the old student: the console summary said so, the
+    HTML page showed its figures and the gain as current and had no ship line."""
+    run = RunFolder(tmp_path / "r")
+    run.update_top(name="r", task="text-classification", primary_metric="accuracy")
+    run.record("teacher", "t", {})
+    run.will_read("distill", ["teacher"])
+    run.record("distill", "d", {})
+    run.will_read("eval", ["teacher", "distill"])
+    run.record("eval", "e", {"teacher": {"accuracy": 0.9, "params": 10}, "student": {"accuracy": 0.8, "params": 5},
+                             "summary": {"test_examples": 10}})
+    run.record("export", "x", {"targets": {"onnx": {"status": "ok"}}})
+    assert "<strong>Out of date</strong>" not in render(run) and "export/onnx: the run&#x27;s only export" in render(run)
+    run.will_read("distill", ["teacher"])
+    run.record("distill", "d", {})  # run again
+    html = render(run)
+    assert "<strong>Out of date</strong>: this table is the eval stage's record, and the distill stage it was made " \
+           "from was run again or removed since" in html
+    assert html.count(">out of date<") == 1  # eval's status cell; export read nothing recorded here
+
+
 def test_report_flags_for_the_bench_table_are_refused_where_no_table_is_printed(tmp_path):
     from edgekd.errors import EdgeKDError
 
