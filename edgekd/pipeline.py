@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from edgekd import __version__
@@ -111,6 +112,17 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
             f"{name}.enabled is false in this recipe, so no later stage would read what the {name} stage made: turn "
             f"it on ({name}.enabled: true in the recipe, or --set {name}.enabled=true on a recipe file)" for name in off))
     ctx = create_context(recipe)
+    with contextlib.ExitStack() as held:
+        if ctx.is_main:  # one command at a time on a run folder; the main process speaks for `accelerate launch`
+            held.enter_context(ctx.run.exclusive(f"stages {', '.join(todo)}"))
+        _run_locked(ctx, table, todo, force, save_recipe)
+    return ctx
+
+
+def _run_locked(ctx: RunContext, table: dict[str, Stage], todo: list[str], force: bool,
+                save_recipe: Recipe | None) -> None:
+    """:func:`run_stages` with the run folder held (see ``RunFolder.exclusive``)."""
+    recipe = ctx.recipe
     _refuse_changed_upstream(ctx, table, todo)
     if ctx.is_main:
         prepare_run(ctx)
@@ -155,7 +167,6 @@ def run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
 
         ctx.run.update_top(last_invocation={"stages": todo, "ran": ran, "seconds": round(time.perf_counter() - t0, 2),
                                             "processes": PartialState().num_processes})
-    return ctx
 
 
 def _refuse_stale_inputs(ctx: RunContext, table: dict[str, Stage], name: str) -> None:

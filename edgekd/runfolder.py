@@ -5,7 +5,8 @@ sha256 of every artifact it wrote, an id of its own, and the ids of the records 
 (``inputs``). A stage is current when its settings, its files and the records it read are all
 unchanged: a stage run again (``--force``) makes every stage that read its old result out of date,
 however equal the settings. Every write is atomic (temporary path, then rename), so an
-interrupted run never leaves a half-written file behind.
+interrupted run never leaves a half-written file behind. One command runs stages on a folder at a
+time (:meth:`RunFolder.exclusive`), and every manifest write holds the folder's write lock.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -24,9 +26,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgekd.errors import StageError
+
 MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
 INVOCATIONS = "invocations.jsonl"
+COMMAND_LOCK = ".edgekd.lock"  # held by the one command that runs stages on the folder (flock: freed if it dies)
+COMMAND_OWNER = ".edgekd.lock.json"  # who holds it, for the message a second command gets
+WRITE_LOCK = ".manifest.lock"  # held for each read-modify-write of manifest.json and invocations.jsonl
+WRITE_LOCK_SECONDS = 120.0
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -189,6 +197,57 @@ class RunFolder:
     def _write_manifest(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(data, indent=2, sort_keys=False, default=str))
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the folder's write lock for one read-modify-write of the manifest or the invocations file,
+        so that two processes writing at once (a command and `edgekd` in another shell, the processes
+        of `accelerate launch`) never lose each other's lines."""
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(self.root / WRITE_LOCK, timeout=WRITE_LOCK_SECONDS):
+                yield
+        except Timeout:
+            raise StageError(f"could not write {self.manifest_path}: another process held its write lock "
+                             f"({self.root / WRITE_LOCK}) for over {WRITE_LOCK_SECONDS:.0f} s; if no edgekd "
+                             "command is running on this folder, the file system may not support locks "
+                             "(a network share): use a run folder on a local disk") from None
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        """Run one command's stages with the folder to itself: a second command on the same run folder
+        while this one runs is refused at once, naming the one that runs (two would write the same stage
+        folders and time their latencies against each other). The lock is the operating system's, so a
+        command that dies frees it; ``what`` is the message's name for this command."""
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.root / COMMAND_LOCK, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise StageError(f"another edgekd command is running on the run folder {self.root} "
+                             f"({self._lock_owner()}): wait for it to finish, or run this one on another "
+                             "run folder (--set name=<another name>)") from None
+        owner = self.root / COMMAND_OWNER
+        try:
+            atomic_write_text(owner, json.dumps({
+                "pid": os.getpid(), "command": what, "argv": sys.argv,
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                owner.unlink()
+            lock.release()
+
+    def _lock_owner(self) -> str:
+        try:
+            owner = json.loads((self.root / COMMAND_OWNER).read_text())
+        except (OSError, ValueError):
+            return "its details were not written yet"
+        return f"pid {owner.get('pid')}, {owner.get('command')}, since {owner.get('since')} UTC"
+
     def recipe_turns_off(self, stage: str) -> bool:
         """Whether the run's saved recipe.yaml turns ``stage`` off (``<stage>.enabled: false``): what such a
         stage recorded earlier is no longer part of the run (its recommendation is not what ships). False
@@ -294,10 +353,11 @@ class RunFolder:
             rec["inputs"] = self._reading[stage]
         if extra:
             rec.update(extra)
-        data = self.manifest()
-        data.setdefault("stages", {})[stage] = rec
-        data["updated"] = rec["finished"]
-        self._write_manifest(data)
+        with self._writing():
+            data = self.manifest()
+            data.setdefault("stages", {})[stage] = rec
+            data["updated"] = rec["finished"]
+            self._write_manifest(data)
         return rec
 
     @property
@@ -306,9 +366,10 @@ class RunFolder:
 
     def append_invocation(self, record: dict[str, Any]) -> None:
         """One JSON line per command run on this folder (rewritten whole, atomically: a crash never
-        leaves a torn line)."""
-        old = self.invocations_path.read_text() if self.invocations_path.is_file() else ""
-        atomic_write_text(self.invocations_path, old + json.dumps(record, default=str) + "\n")
+        leaves a torn line; under the write lock, so two commands never lose each other's line)."""
+        with self._writing():
+            old = self.invocations_path.read_text() if self.invocations_path.is_file() else ""
+            atomic_write_text(self.invocations_path, old + json.dumps(record, default=str) + "\n")
 
     def invocations(self) -> list[dict[str, Any]]:
         if not self.invocations_path.is_file():
@@ -316,9 +377,10 @@ class RunFolder:
         return [json.loads(line) for line in self.invocations_path.read_text().splitlines() if line.strip()]
 
     def update_top(self, **fields: Any) -> None:
-        data = self.manifest()
-        data.update(fields)
-        self._write_manifest(data)
+        with self._writing():
+            data = self.manifest()
+            data.update(fields)
+            self._write_manifest(data)
 
 
 class Timer:
