@@ -302,29 +302,11 @@ def training_data(s: dict[str, Any]) -> str:
 
 
 def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:
-    """(export folder name, why) of what to ship, by the rule `edgekd serve` follows without --target:
-    the quantize stage's recommendation, else the run's only export."""
-    stages = run.manifest().get("stages") or {}
-    # A quantize stage the recipe now turns off is not read (its folders stay, as earlier results).
-    q = {} if run.recipe_turns_off("quantize") else (stages.get("quantize") or {}).get("metrics") or {}
-    if q.get("recommended_dir"):
-        from edgekd.export.base import recommendation_out_of_date
+    """(export folder name, why) of what the run ships, by the one rule `edgekd serve` follows without
+    --target (``edgekd.shipping.shipped_export``); (None, why) when it ships nothing as it stands."""
+    from edgekd.shipping import shipped_export
 
-        name = Path(str(q["recommended_dir"])).name
-        stale = recommendation_out_of_date(run.root / "export" / name, q)
-        if stale:  # as `edgekd serve` refuses it
-            return None, f"the quantize stage's recommendation ({name}) is out of date: {stale}, or choose an export"
-        why = f"the quantize stage's recommendation ({q.get('recommended')})"
-        if q.get("reasons"):
-            why += ": " + "; ".join(q["reasons"])
-        return name, why
-    targets = ((stages.get("export") or {}).get("metrics") or {}).get("targets") or {}
-    ok = [t for t, r in targets.items() if r.get("status") == "ok"]
-    if len(ok) == 1:
-        return ok[0], "the run's only export"
-    if ok:
-        return None, f"several exports ({', '.join(ok)}) and no quantize recommendation: choose one"
-    return None, "no export yet (run `edgekd export`)"
+    return shipped_export(run.root)
 
 
 def print_summary(run: RunFolder) -> None:

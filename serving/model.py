@@ -24,15 +24,14 @@ from edgekd.export.base import (
     made_from_an_earlier_export,
     meta_digest,
     read_artifact_meta,
-    read_json_file,
-    recommendation_out_of_date,
 )
 from edgekd.export.stage import artifact_digest, load_artifact
 from edgekd.registry import DEFAULT_TASK
-from edgekd.runfolder import MANIFEST, RunFolder, sha256_file
+from edgekd.runfolder import MANIFEST, sha256_file
 from edgekd.serving.codec import Codec
 from edgekd.serving.family import ServeFamily, serve_family
 from edgekd.serving.settings import ServeSettings, refuse_unread
+from edgekd.shipping import export_folders, read_manifest, shipped_export
 
 log = logging.getLogger("edgekd.serving")
 
@@ -55,7 +54,8 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
     """The export folder to serve and, when edgekd chose it rather than the caller, why.
 
     ``path`` is an export folder, or a run folder: then ``RUN_DIR/export/<target>/``; without a target,
-    the only export, else the one the quantize stage recommends (recorded in the run's manifest)."""
+    what the run ships by the rule the summary follows too (``edgekd.shipping.shipped_export``: the quantize
+    stage's recommendation, else the only current export), or an error saying why nothing is chosen."""
     path = Path(path)
     if (path / ARTIFACT_META).is_file():
         if target is not None and target != path.name:
@@ -65,7 +65,7 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
     if not path.is_dir():
         raise StageError(f"{path} does not exist: give a run folder (runs/<name>) or an export folder.")
     export_root = path / "export"
-    targets = sorted(p.name for p in export_root.iterdir() if (p / ARTIFACT_META).is_file()) if export_root.is_dir() else []
+    targets = export_folders(path)
     if not targets:
         raise StageError(
             f"{path} holds no exported artifact (no {export_root}/<target>/{ARTIFACT_META}): "
@@ -75,19 +75,10 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
         if target not in targets:
             raise StageError(f"{path} has no export '{target}'; exports there: {', '.join(targets)}.")
         return _named(export_root / target), None
-    if len(targets) == 1:
-        return export_root / targets[0], f"the run's only export, {targets[0]}"
-    recommended, quantize = _recommended(path)
-    if recommended in targets:
-        why = recommendation_out_of_date(export_root / recommended, quantize)
-        if why:
-            raise StageError(f"{path}: the quantize stage's recommendation ({recommended}) is out of date: {why}, "
-                             "or choose an export with --target")
-        return export_root / recommended, f"{recommended}, the quantize stage's recommended artifact"
-    off = RunFolder(path).recipe_turns_off("quantize")
-    raise StageError(f"{path} has several exports ({', '.join(targets)}): choose one with --target "
-                     + ("(its recipe turns the quantize stage off, so its earlier recommendation is not served)."
-                        if off else "(its manifest records no quantize stage recommendation to serve by default)."))
+    name, why = shipped_export(path, choose="choose one with --target")
+    if name is None:
+        raise StageError(f"{path}: {why}.")
+    return export_root / name, f"{name}, {why}"
 
 
 def _named(folder: Path) -> Path:
@@ -96,19 +87,6 @@ def _named(folder: Path) -> Path:
     if why:
         log.warning("serving %s as asked, though it is out of date: %s", folder, why)
     return folder
-
-
-def _recommended(run: Path) -> tuple[str | None, dict[str, Any]]:
-    """The export folder name the quantize stage recommends (float or quantized), if it ran, and the
-    stage's record (its metrics)."""
-    if not (run / MANIFEST).is_file() or RunFolder(run).recipe_turns_off("quantize"):
-        return None, {}  # no quantize stage, or one the recipe now turns off: its choice is not read
-    rec = (read_manifest(run).get("stages") or {}).get("quantize")
-    metrics = rec.get("metrics") if isinstance(rec, dict) else None
-    if not isinstance(metrics, dict) or not metrics.get("recommended_dir"):
-        return None, {}
-    # By name: the run folder may have moved since the path was recorded.
-    return Path(str(metrics["recommended_dir"])).name, metrics
 
 
 def resolve_export_dir(path: str | Path, target: str | None = None) -> Path:
@@ -133,13 +111,6 @@ def run_root(folder: Path) -> Path | None:
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
                    "vocab.json", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model", HF_CONFIG)
 REEXPORT = "re-export this target (`edgekd export RUN_DIR`), or restore the file"
-
-
-def read_manifest(root: Path) -> dict[str, Any]:
-    manifest = read_json_file(root / MANIFEST, f"restore it, or serve the export folder from a copy outside {root}")
-    if not isinstance(manifest, dict):
-        raise StageError(f"{root / MANIFEST} holds {type(manifest).__name__}, not a JSON object: restore it.")
-    return manifest
 
 
 def _recorded(manifest: dict[str, Any]) -> dict[str, str]:

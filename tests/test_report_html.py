@@ -166,6 +166,8 @@ def test_a_record_made_from_a_stage_run_again_since_is_marked_out_of_date_and_th
     run.will_read("eval", ["teacher", "distill"])
     run.record("eval", "e", {"teacher": {"accuracy": 0.9, "params": 10}, "student": {"accuracy": 0.8, "params": 5},
                              "summary": {"test_examples": 10}})
+    (run.root / "export" / "onnx").mkdir(parents=True)
+    (run.root / "export" / "onnx" / "artifact.json").write_text("{}")
     run.record("export", "x", {"targets": {"onnx": {"status": "ok"}}})
     assert "<strong>Out of date</strong>" not in render(run) and "export/onnx: the run&#x27;s only export" in render(run)
     run.will_read("distill", ["teacher"])

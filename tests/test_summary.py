@@ -60,7 +60,9 @@ def test_report_prints_the_same_summary_and_a_rerun_says_unchanged(full_run):
 def test_guard_decisions_and_a_rejected_candidate_are_in_the_summary(tmp_path, monkeypatch):
     """The guard kept two MatMuls in float and rejected the static candidate: the summary says so."""
     run = RunFolder(tmp_path / "r")
-    run.root.mkdir()
+    for name in ("onnx", "onnx-int8"):
+        (run.root / "export" / name).mkdir(parents=True)
+        (run.root / "export" / name / "artifact.json").write_text("{}")
     run.record("export", "fp", {"source_stage": "distill", "targets": {
         "onnx": {"status": "ok", "precision": "fp32", "parity": {"ran": True, "passed": True, "top1_agreement": 1.0,
                                                                   "max_abs_diff": 2e-6}},
@@ -231,7 +233,7 @@ def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_ser
     with pytest.raises(StageError) as e:
         choose_export(run)
     assert str(e.value) == (f"{run}: the quantize stage's recommendation (onnx-int8) is out of date: {why}, or choose "
-                            "an export with --target")
+                            "one with --target.")
     with caplog.at_level(logging.WARNING, logger="edgekd.serving"):  # named by the caller: served, and said
         assert choose_export(run, "onnx-int8")[0] == run / "export" / "onnx-int8"
         assert choose_export(run / "export" / "onnx-int8")[0] == run / "export" / "onnx-int8"
@@ -241,7 +243,7 @@ def test_a_recommendation_made_from_an_earlier_export_is_neither_shipped_nor_ser
     (run / "export" / "onnx-int8" / "artifact.json").write_text(json.dumps(
         {"sha256": "bbb", "source": {"folder": "/elsewhere/export/onnx", "sha256": "new"}}))
     assert shipped_artifact(RunFolder(run))[0] == "onnx-int8"
-    assert choose_export(run) == (run / "export" / "onnx-int8", "onnx-int8, the quantize stage's recommended artifact")
+    assert choose_export(run) == (run / "export" / "onnx-int8", "onnx-int8, the quantize stage's recommendation (quantized)")
 
 
 def test_a_float_recommendation_exported_again_since_is_neither_shipped_nor_served(tmp_path):
@@ -268,7 +270,7 @@ def test_a_float_recommendation_exported_again_since_is_neither_shipped_nor_serv
     assert choose_export(run, "onnx")[0] == run / "export" / "onnx"  # named by the caller: served
     record("new")
     assert shipped_artifact(RunFolder(run))[0] == "onnx"
-    assert choose_export(run) == (run / "export" / "onnx", "onnx, the quantize stage's recommended artifact")
+    assert choose_export(run) == (run / "export" / "onnx", "onnx, the quantize stage's recommendation (float)")
 
 
 def test_the_distillation_gain_says_when_the_distilled_student_trained_on_more_texts():
@@ -302,9 +304,11 @@ def test_a_recommendation_of_a_quantize_stage_the_recipe_turns_off_is_not_shippe
     (run / "recipe.yaml").write_text("name: tiny\nquantize:\n  enabled: true\n")
     assert shipped_artifact(RunFolder(run))[0] == "onnx-int8" and choose_export(run)[0] == run / "export" / "onnx-int8"
     (run / "recipe.yaml").write_text("name: tiny\nquantize:\n  enabled: false\n")
-    assert shipped_artifact(RunFolder(run)) == ("onnx", "the run's only export")
-    with pytest.raises(StageError, match=r"its recipe turns the quantize stage off"):
-        choose_export(run)
+    # Turned off, its folder is an earlier result: the summary and `edgekd serve` both ship the one current export.
+    ships = ("onnx", "the run's only export (onnx-int8: made by a quantize stage this recipe turns off, kept as an "
+             "earlier result)")
+    assert shipped_artifact(RunFolder(run)) == ships
+    assert choose_export(run) == (run / "export" / "onnx", f"onnx, {ships[1]}")
     assert choose_export(run, "onnx-int8")[0] == run / "export" / "onnx-int8"  # named: served as asked
 
 
@@ -335,3 +339,48 @@ def test_a_record_made_from_a_stage_run_again_since_is_marked_out_of_date(monkey
     text = " ".join(_summary_text(run, monkeypatch).split())
     assert "earlier, out of date" in text and "out of date: the table above is the eval stage's record" in text
 
+
+
+def _ships_and_serves(run: Path) -> tuple[str | None, str | None]:
+    """(what the summary ships, what `edgekd serve RUN` serves without --target), None for none."""
+    from edgekd.report import shipped_artifact
+    from edgekd.serving.model import choose_export
+
+    ships = shipped_artifact(RunFolder(run))[0]
+    try:
+        serves = choose_export(run)[0].name
+    except StageError:
+        serves = None
+    return ships, serves
+
+
+def test_the_summary_and_serve_choose_the_same_export_in_every_case(tmp_path):
+    """They followed two rules (the summary the export record, serve the folders on disk) and named different
+    exports: a lone quantized folder made from an export redone since was served as "the run's only export"
+    while the summary shipped nothing; a recommended folder gone from disk was still the summary's ship while
+    serve served the other folder. One rule now (``edgekd.shipping``), and both refuse those two cases."""
+    import json
+    import shutil
+
+    run = _run_with_int8(tmp_path, onnx_sha256="new", int8_made_from="old")
+    (run / "manifest.json").write_text(json.dumps({"stages": {}}))
+    shutil.rmtree(run / "export" / "onnx")  # only the int8 folder, made from an onnx file since replaced
+    assert _ships_and_serves(run) == (None, None)
+
+    run = _run_with_int8(tmp_path / "b", onnx_sha256="aaa", int8_made_from="aaa")
+    quantize = {"status": "done", "metrics": {"recommended": "quantized",
+                                              "recommended_dir": "/elsewhere/export/onnx-int8"}}
+    (run / "manifest.json").write_text(json.dumps({"stages": {"quantize": quantize}}))
+    assert _ships_and_serves(run) == ("onnx-int8", "onnx-int8")
+    shutil.rmtree(run / "export" / "onnx-int8")  # the recommendation is gone: nothing else is shipped in its place
+    assert _ships_and_serves(run) == (None, None)
+    from edgekd.report import shipped_artifact
+
+    assert shipped_artifact(RunFolder(run))[1].startswith("the quantize stage's recommendation (onnx-int8) is not in ")
+
+    run = tmp_path / "c" / "runs" / "tiny"
+    run.mkdir(parents=True)
+    export = {"status": "done", "metrics": {"targets": {"onnx": {"status": "ok"}}}}
+    (run / "manifest.json").write_text(json.dumps({"stages": {"export": export}}))
+    assert shipped_artifact(RunFolder(run)) == (
+        None, f"the export stage recorded onnx, but {run / 'export'} holds no export folder: run `edgekd export` again")

@@ -207,7 +207,7 @@ def test_serve_run_without_target_serves_the_recommended_artifact(monkeypatch, c
     assert resolve_export_dir(run_copy) == chosen
     code, out, started = _cli(monkeypatch, capsys, run_copy)
     assert code == 0 and started[0][0] == chosen
-    assert f"({chosen.name}, the quantize stage's recommended artifact)" in out
+    assert f"({chosen.name}, the quantize stage's recommendation ({recommended})" in out
 
 
 def test_serve_run_without_target_or_recommendation_asks_for_one(monkeypatch, capsys, run_copy):
