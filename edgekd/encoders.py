@@ -126,7 +126,9 @@ FAMILIES: tuple[EncoderFamily, ...] = (
         layers_key="num_hidden_layers", heads_key="num_attention_heads", ffn_key="intermediate_size",
         head_dim_key="attention_head_size", head_removal="slice",
         notes="DeBERTa-v2 and v3 (model_type 'deberta-v2'); the relative-position embeddings are shared and "
-        "projected by each layer's own (sliced) key/query projections, so heads prune per layer",
+        "projected by each layer's own (sliced) key/query projections, so heads prune per layer; with the encoder's "
+        "convolution (conv_kernel_size > 0, the xlarge/xxlarge sizes), which follows block 0 only, a student by "
+        "layer copy keeps teacher layer 0 first",
     ),
     EncoderFamily(
         "mpnet", ("mpnet",), blocks="encoder.layer",
@@ -224,6 +226,9 @@ def layer_kind(config: Any, i: int) -> str:
     if config.model_type == "modernbert":
         glob = i % config.global_attn_every_n_layers == 0
         return f"{'global' if glob else 'local'} attention{', no attention norm' if i == 0 else ''}"
+    if config.model_type == "deberta-v2" and (getattr(config, "conv_kernel_size", 0) or 0) > 0:
+        # The encoder's convolution (deberta-v2-xlarge/xxlarge) runs after block 0 only, on its input and output.
+        return "followed by the encoder's convolution (encoder.conv)" if i == 0 else ""
     return ""
 
 

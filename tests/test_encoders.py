@@ -62,6 +62,24 @@ def test_modernbert_layers_keep_their_attention_kind():
         build_student(teacher, [3])
 
 
+def test_a_deberta_v2_convolution_stays_after_the_block_it_follows():
+    """deberta-v2-xlarge/xxlarge run the encoder's convolution after block 0 only: a student whose first block
+    is another teacher block ran that block, then a convolution trained to follow block 0."""
+    import transformers as T
+    from encoder_families import config
+
+    cfg = config("deberta-v2", 45)
+    cfg.conv_kernel_size, cfg.conv_act, cfg.num_labels = 3, "gelu", 2
+    torch.manual_seed(0)
+    teacher = T.AutoModelForSequenceClassification.from_config(cfg).eval()
+    assert teacher.deberta.encoder.conv is not None
+    with pytest.raises(RecipeError, match=r"student layer 0 would be followed by the encoder's convolution "
+                       r"\(encoder.conv\) but teacher layer 1 is \. "):
+        build_student(teacher, [1, 3])
+    student = build_student(teacher, [0, 2])  # block 0 keeps its place before the convolution
+    assert same_block(blocks(student)[0], blocks(teacher)[0]) and student.deberta.encoder.conv is not None
+
+
 def test_albert_layer_copy_is_refused_with_the_reason():
     with pytest.raises(RecipeError, match="shares one set of block weights"):
         build_student(classifier("albert"), [0, 2])
