@@ -239,10 +239,17 @@ def train(
             sampler.epoch = epoch
             sums: dict[str, float] = {}
             seen = 0
-            for batch in loader:
+            # Accelerate divides every loss by grad_accum and syncs at the end of the loader too, so an epoch
+            # whose batches are not a multiple of grad_accum ends on a shorter window: its losses are scaled
+            # back up, so that every update is the mean over the batches it holds (not k/grad_accum of one).
+            in_epoch = len(loader)
+            short = in_epoch % cfg.grad_accum
+            tail_from = in_epoch - short if short else in_epoch
+            for i, batch in enumerate(loader):
                 with accelerator.accumulate(model):
                     loss, logs = loss_fn(model, batch)
-                    accelerator.backward(loss)  # divides by grad_accum itself
+                    # backward divides by grad_accum itself
+                    accelerator.backward(loss * (cfg.grad_accum / short) if i >= tail_from else loss)
                     if extra and accelerator.sync_gradients and accelerator.num_processes > 1:
                         _average_gradients(accelerator, extra)
                     if accelerator.sync_gradients:
@@ -262,6 +269,10 @@ def train(
                 bar.advance(accelerator.num_processes, loss=sums["loss"] / seen)
             done_batches += len(sampler)
             result.epochs_run.append(epoch + 1)
+            if accelerator.num_processes > 1:  # the epoch's mean over every process's batches, not the main one's
+                keys = sorted(sums)
+                total = accelerator.reduce(torch.tensor([*(sums[k] for k in keys), float(seen)]), reduction="sum")
+                sums, seen = {k: float(v) for k, v in zip(keys, total[:-1], strict=True)}, int(total[-1])
             result.history.append({"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in sums.items()}})
             _save_checkpoint(accelerator, ckpt_root, epoch + 1, result.history)
             if stop_after_epochs is not None and len(result.epochs_run) >= stop_after_epochs:

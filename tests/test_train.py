@@ -185,6 +185,23 @@ def test_grad_accum_with_half_the_batch_makes_the_same_updates_as_the_full_batch
     assert worst_half > 100 * 1e-5, worst_half  # without accumulation the updates really differ
 
 
+def test_an_epoch_that_ends_on_a_short_accumulation_window_updates_with_its_mean(tiny_teacher_dir, tmp_path):
+    """48 examples in batches of 8 with grad_accum 4: windows of 4 and 2 batches. Accelerate divided the last
+    two losses by 4, so that update was half the gradient of a batch of 16 (and clipped at that scale); now
+    it is the mean over its two batches, the same update as batches of 32 then 16 without accumulation."""
+    task, data = _same_length_data(tiny_teacher_dir, n=48)
+    runs = {}
+    for name, bs, accum in (("full", 32, 1), ("accum", 8, 4)):
+        model = _no_dropout(_model(task, tiny_teacher_dir))
+        cfg = TrainConfig(epochs=1, batch_size=bs, grad_accum=accum, lr=1e-3, warmup_ratio=0.0)
+        res = train(model, data, cfg, _loss, seed=4, precision="fp32", ckpt_root=tmp_path / name, description="t")
+        runs[name] = (model.state_dict(), res)
+    (full, rf), (accum, ra) = runs["full"], runs["accum"]
+    assert rf.optimizer_steps == ra.optimizer_steps == 2
+    worst = max((a - b).abs().max().item() for a, b in zip(full.values(), accum.values(), strict=True))
+    assert worst < 1e-5, worst
+
+
 def _free_port() -> int:
     import socket
 
@@ -295,6 +312,7 @@ def test_recovery_reads_prune_recover_lr_before_the_distill_sections():
 
 
 _EXTRA_PARAMS_SCRIPT = """
+import json
 import sys
 from pathlib import Path
 
@@ -320,12 +338,14 @@ scale = torch.nn.Parameter(torch.ones(2))
 
 def loss(m, batch):
     logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return soft_hard_loss(logits * scale, None, batch["labels"], 0.0, 1.0)
+    value, logs = soft_hard_loss(logits * scale, None, batch["labels"], 0.0, 1.0)
+    return value, {**logs, "rank": float(rank)}  # each process logs its own number
 
 
-train(model, data, TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0), loss, seed=7, precision="fp32",
-      ckpt_root=out / "ckpt", description="t", extra_params=[scale])
+res = train(model, data, TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0), loss, seed=7,
+            precision="fp32", ckpt_root=out / "ckpt", description="t", extra_params=[scale])
 torch.save(scale.detach(), out / f"scale-{rank}.pt")
+(out / f"history-{rank}.json").write_text(json.dumps(res.history))
 """
 
 
@@ -347,6 +367,10 @@ def test_extra_parameters_are_averaged_over_processes_like_the_model(tiny_teache
     a, b = torch.load(tmp_path / "scale-0.pt"), torch.load(tmp_path / "scale-1.pt")
     assert not torch.allclose(a, torch.ones(2))  # it trained
     assert torch.allclose(a, b, atol=1e-6), (a, b)
+    # The history (checkpoints, the manifest) is the epoch's mean over both processes' batches, not rank 0's.
+    for rank in (0, 1):
+        (epoch,) = json.loads((tmp_path / f"history-{rank}.json").read_text())
+        assert epoch["rank"] == pytest.approx(0.5), epoch
 
 
 @pytest.mark.slow
