@@ -209,8 +209,7 @@ def _quantize(met: dict, key: str, name: str) -> str:
         if drop is not None and budget is not None:
             line += f", {g_name} drop {100 * drop:.2f} pts (budget {100 * budget:.2f})"
         lines.append(line)
-        kept = [n if isinstance(n, str) else f"{n.get('node')} ({n.get('op_type') or n.get('op') or '?'})"
-                for n in guard.get("float_nodes") or []]
+        kept = float_node_names(guard)
         lines.append(f"kept in float: {', '.join(kept)}" if kept else "kept in float: none")
     for c in met.get("candidates") or []:
         if not c.get("chosen") and c.get("name") != met.get("candidate"):
@@ -299,6 +298,12 @@ def training_data(s: dict[str, Any]) -> str:
         return f"same student, same {b:,} training texts"
     return (f"same student; distillation trained on {d:,} texts, the {b:,} labelled ones and copies or extra texts "
             f"the teacher labelled, the baseline on the {b:,} alone, so the gain is not distillation's alone")
+
+
+def float_node_names(guard: dict[str, Any]) -> list[str]:
+    """The operators the accuracy guard kept in float, each as "node (op type)" (records before op types: the name)."""
+    return [n if isinstance(n, str) else f"{n.get('node')} ({n.get('op_type') or n.get('op') or '?'})"
+            for n in guard.get("float_nodes") or []]
 
 
 def shipped_artifact(run: RunFolder) -> tuple[str | None, str]:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from edgekd.devices.tables import METRIC_LABELS, headline_row, pareto_front, pareto_rows
-from edgekd.report import family_summary, shipped_artifact, training_data
+from edgekd.report import family_summary, float_node_names, shipped_artifact, training_data
 from edgekd.runfolder import RunFolder, atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -333,7 +333,7 @@ def quantize_section(manifest: dict[str, Any], metric: str, recipe: dict[str, An
                                   f"{_num(_metric_value(quant_v, str(g.get('metric', metric))), '.4f')}"),
             ("drop / budget", f"{_num(g.get('drop'), '.4f')} / {_num(g.get('budget'), '.4f')}"),
             ("attempts", len(g["attempts"]) if isinstance(g.get("attempts"), list) else None),
-            ("operators kept in float", ", ".join(map(str, g.get("float_nodes") or [])) or "none"),
+            ("operators kept in float", ", ".join(float_node_names(g)) or "none"),
         ]))
     sg = m.get("speed_guard") or {}
     if sg:

@@ -191,3 +191,15 @@ def test_report_flags_for_the_bench_table_are_refused_where_no_table_is_printed(
     res = CliRunner().invoke(app, ["report", str(run), "--compare", "raspberry-pi-5"])
     assert str(res.exception) == (f"--compare: shape(s) the bench table, and {run} has no bench/ (run `edgekd bench` "
                                   "first): drop it")
+
+
+def test_operators_kept_in_float_read_as_the_console_says_them(tmp_path):
+    """The quantize record keeps each operator as {node, op_type, error_removed}: the page printed the dicts."""
+    run = RunFolder(tmp_path / "r")
+    run.update_top(name="r", task="text-classification", primary_metric="accuracy")
+    guard = {"metric": "accuracy", "budget": 0.01, "passed": True, "drop": 0.004, "attempts": [{}, {}],
+             "float_nodes": [{"node": "/layer.0/MatMul", "op_type": "MatMul", "error_removed": 0.3}, "/old/Gemm"]}
+    run.record("quantize", "fp", {"method": "dynamic", "accuracy_guard": guard, "recommended": "quantized",
+                                  "recommended_dir": str(run.root / "export" / "onnx-int8")})
+    html = render(run)
+    assert "/layer.0/MatMul (MatMul), /old/Gemm" in html and "error_removed" not in html
