@@ -245,6 +245,10 @@ def _bench(met: dict, key: str, name: str) -> str:
     skipped = [n for n, r in models.items() if r.get("status") not in (None, "ok")]
     if skipped:
         lines.append(f"not timed: {', '.join(skipped)} (see the bench table's notes)")
+    if met.get("target_latency"):
+        from edgekd.stages.bench import target_latency_line
+
+        lines.append(target_latency_line(met["target_latency"]))
     return "\n".join(lines)
 
 

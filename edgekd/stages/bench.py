@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich.markup import escape
+
 from edgekd.context import RunContext
 from edgekd.runfolder import fingerprint
 from edgekd.stages.base import load_stage_model, stage_fingerprint
@@ -60,5 +62,51 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
                        torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood,
                        own_outputs=own, not_current=not_current)
+    target = latency_target_check(ctx, result)
+    if target:
+        result["target_latency"] = target
+        line = escape(target_latency_line(target))
+        ctx.say(line if target["met"] else f"[bold red]{line}[/]")
     ctx.run.record("bench", bench_fingerprint(ctx), result, seconds=time.perf_counter() - t0)
     return result
+
+
+def latency_target_check(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any] | None:
+    """``prune.target_latency_ms`` against what ships, as this bench timed it. The prune stage meets the
+    target on the form its search times (the quantize section's first setup, at the bench's threads, on
+    this machine); the file that ships is the quantize stage's choice among its candidates, timed here on
+    the bench profile (another device included). None when the run sets no target; else the target, the
+    shipped export, its p50 at batch 1 and whether it is met, or why it could not be compared."""
+    from edgekd.shipping import shipped_export
+
+    p = ctx.recipe.prune
+    if not p.enabled or p.target_latency_ms is None:
+        return None
+    name, why = shipped_export(ctx.run.root)
+    check: dict[str, Any] = {"target_ms": p.target_latency_ms, "shipped": name, "profile": result.get("profile"),
+                             "p50_ms": None, "met": None}
+    head = result.get("headline") or {}
+    row = (result.get("models") or {}).get(name) if name else None
+    if name is None:
+        check["why_not"] = f"nothing ships as the run stands: {why}"
+    elif head.get("batch") != 1:
+        check["why_not"] = (f"the bench's first batch size is {head.get('batch')}, and the target is a batch-1 "
+                            "latency: put 1 first in bench.batch_sizes")
+    elif not row or row.get("p50_ms") is None:
+        check["why_not"] = f"the bench did not time {name} ({(row or {}).get('status') or 'not in the bench'})"
+    else:
+        check.update(p50_ms=row["p50_ms"], met=bool(row["p50_ms"] <= p.target_latency_ms), seq=head.get("seq"))
+    return check
+
+
+def target_latency_line(check: dict[str, Any]) -> str:
+    """The console's and the summary's line for :func:`latency_target_check`'s record (plain text)."""
+    head = f"prune.target_latency_ms={check['target_ms']:g}"
+    if check.get("met") is None:
+        return f"{head}: not checked against what ships: {check.get('why_not')}"
+    where = f"p50 {check['p50_ms']:.3f} ms at batch 1 on {check.get('profile')}"
+    if check["met"]:
+        return f"{head}: met by the shipped {check['shipped']} ({where})"
+    return (f"{head}: NOT met by the shipped {check['shipped']} ({where}; the prune search timed "
+            "its own form on this machine): lower the target in the prune section, or choose a faster quantize "
+            "candidate")
