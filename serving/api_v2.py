@@ -5,13 +5,21 @@ What standard clients send is accepted as they send it: JSON with or without a `
 ``Inference-Header-Content-Length`` header says how many leading bytes are the JSON header, the
 inputs' raw bytes following (each input's ``parameters.binary_data_size``), and binary outputs in
 the answer when asked (``parameters.binary_data_output`` for all, or an output's ``binary_data``),
-which is tritonclient's default. Every route also exists under ``/versions/{version}`` (version 1,
-the only one). The tensors themselves are decoded and run in ``v2_core``, shared with gRPC.
+which is tritonclient's default; an output's ``binary_data`` overrides ``binary_data_output`` either way.
+A body compressed with gzip or deflate (``Content-Encoding``, tritonclient's ``request_compression_algorithm``)
+is inflated, at most to the body limit; an answer is compressed when the client accepts it
+(``Accept-Encoding``, its ``response_compression_algorithm``). Triton's classification extension (an
+output's ``classification`` parameter) answers the top K classes as "<score>:<index>:<label>" strings.
+Every route also exists under ``/versions/{version}`` (version 1, the only one). The tensors themselves
+are decoded and run in ``v2_core``, shared with gRPC.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
+import zlib
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -73,7 +81,7 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("", response_model=ServerMetadataResponse, summary="Server metadata")
 async def server_metadata() -> ServerMetadataResponse:
-    return ServerMetadataResponse(name="edgekd", version=edgekd.__version__, extensions=["binary_tensor_data"])
+    return ServerMetadataResponse(name="edgekd", version=edgekd.__version__, extensions=v2_core.EXTENSIONS)
 
 
 # --- per-model routes, each also under /versions/{version} ---------------------------------------------------
@@ -133,6 +141,84 @@ async def model_version_config(serving: Serving = Depends(versioned_model)) -> d
 
 
 # --- inference ---------------------------------------------------------------------------------------------
+# Content-Encoding -> zlib's wbits: gzip, and deflate as the zlib format that HTTP's "deflate" is (RFC 9110)
+# and tritonclient sends (zlib.compress).
+DECODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Answers shorter than this go uncompressed even to a client that accepts gzip (as Starlette's GZipMiddleware):
+# compressing a few hundred bytes saves nothing.
+COMPRESS_MIN_BYTES = 500
+COMPRESS_INLINE_BYTES = 64_000  # compressed in a worker thread above this
+
+
+def _wbits(encoding: str, data: bytes) -> int:
+    """zlib's wbits for ``data``; a "deflate" body without the zlib header is raw deflate, which some
+    clients send under that name."""
+    if encoding == "deflate" and not (len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0):
+        return -zlib.MAX_WBITS
+    return DECODINGS[encoding]
+
+
+def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
+    """``raw`` decoded from ``encoding``, never more than ``limit`` bytes of it: a small body that inflates
+    past the server's body limit is a 413 before the rest is inflated, not memory spent on it."""
+    out: list[bytes] = []
+    size, rest = 0, raw
+    try:
+        while True:  # gzip bodies may hold several members, one after the other
+            d = zlib.decompressobj(_wbits(encoding, rest))
+            chunk = d.decompress(rest, limit + 1 - size)
+            size += len(chunk)
+            out.append(chunk)
+            if size > limit:
+                raise RequestError(f"the request body inflates ({encoding}) to over the {limit}-byte limit "
+                                   "(max_body_bytes): send fewer or shorter inputs.", 413, "too_large")
+            if not d.eof:
+                raise RequestError(f"the request body is not complete {encoding} data (it ends early).")
+            rest = d.unused_data
+            if not rest or encoding == "deflate":  # only gzip chains members
+                break
+    except zlib.error as e:
+        raise RequestError(f"the request body is not valid {encoding} data ({e}): compress it with {encoding}, "
+                           "or leave Content-Encoding out.") from None
+    if rest:
+        raise RequestError(f"the request body has {len(rest)} bytes after its {encoding} data.")
+    return b"".join(out)
+
+
+def _decoded_body(request: Request, raw: bytes, limit: int) -> bytes:
+    """The body with its Content-Encoding (gzip, deflate; tritonclient's request_compression_algorithm)
+    undone, last applied first; 415 for an encoding this server does not read."""
+    header = request.headers.get("content-encoding", "")
+    encodings = [e.strip().lower() for e in header.split(",") if e.strip() and e.strip().lower() != "identity"]
+    if unknown := [e for e in encodings if e not in DECODINGS]:
+        raise RequestError(f"Content-Encoding {', '.join(unknown)} is not one this server reads: send the body "
+                           "uncompressed, or compressed with gzip or deflate.", 415)
+    for encoding in reversed(encodings):
+        raw = _decompress(raw, encoding, limit)
+    return raw
+
+
+def _encoding_accepted(request: Request) -> str | None:
+    """gzip or deflate when the client accepts it (tritonclient's response_compression_algorithm sends
+    ``Accept-Encoding``), gzip first; None otherwise."""
+    accepted = {}
+    for part in request.headers.get("accept-encoding", "").split(","):
+        name, _, params = part.partition(";")
+        q = params.strip().removeprefix("q=") if params.strip().startswith("q=") else "1"
+        try:
+            accepted[name.strip().lower()] = float(q)
+        except ValueError:
+            continue
+    return next((e for e in ("gzip", "deflate") if accepted.get(e, 0) > 0), None)
+
+
+async def _compress(content: bytes, encoding: str) -> bytes:
+    """``content`` compressed (fastest level: the answer is on its way); in a worker thread when it is big
+    enough to hold up other requests."""
+    pack = (lambda b: gzip.compress(b, compresslevel=1)) if encoding == "gzip" else (lambda b: zlib.compress(b, 1))
+    return pack(content) if len(content) <= COMPRESS_INLINE_BYTES else await asyncio.to_thread(pack, content)
+
+
 def _split_body(request: Request, raw: bytes) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor data) of a request body."""
     header = request.headers.get(HEADER_LENGTH)
@@ -183,23 +269,23 @@ def _decode(body: InferenceRequest, binary: bytes) -> list[v2_core.Tensor]:
 
 
 async def _infer(request: Request, serving: Serving) -> Response:
-    json_part, binary = _split_body(request, await request.body())
+    raw = _decoded_body(request, await request.body(), serving.settings.max_body_bytes)
+    json_part, binary = _split_body(request, raw)
     body = validate_body(InferenceRequest, parse_json(json_part, "the inference request's JSON"))
-    for out in body.outputs or []:
-        if _parameter(out.parameters, "class_count"):
-            raise RequestError(f"output '{out.name}': class_count (Triton's classification extension) is not "
-                               "supported: ask for 'probabilities' and take the top classes.")
+    classes = {o.name: k for o in body.outputs or [] if (k := v2_core.class_count(o.name, o.parameters)) is not None}
     requested = [o.name for o in body.outputs] if body.outputs else None
-    outputs = await v2_core.infer(_decode(body, binary), requested, serving)
+    outputs = await v2_core.infer(_decode(body, binary), requested, serving, classes)
+    # binary_data_output says it for every output, and an output's own binary_data overrides it (both ways).
     all_binary = _parameter(body.parameters, "binary_data_output") is True
-    as_binary = {o.name: _parameter(o.parameters, "binary_data") is True or all_binary for o in body.outputs or []}
+    own = {o.name: _parameter(o.parameters, "binary_data") for o in body.outputs or []}
     listed, chunks = [], []
     for out in outputs:
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
-        if as_binary.get(out.name, all_binary):
-            raw = out.raw()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+        binary_here = own.get(out.name)
+        if binary_here is True or (binary_here is not False and all_binary):
+            raw_out = out.raw()
+            entry["parameters"] = {"binary_data_size": len(raw_out)}
+            chunks.append(raw_out)
         else:
             entry["data"] = out.as_list()
         listed.append(entry)
@@ -207,10 +293,15 @@ async def _infer(request: Request, serving: Serving) -> Response:
     if body.id is not None:
         answer["id"] = body.id
     header = json.dumps(answer, separators=(",", ":")).encode()
-    if not chunks:
-        return Response(header, media_type="application/json")
-    return Response(header + b"".join(chunks), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(header))})
+    content, headers = header + b"".join(chunks), {}
+    if chunks:  # the JSON header's length before compression, as Triton sends it
+        headers["Inference-Header-Content-Length"] = str(len(header))
+    if len(content) >= COMPRESS_MIN_BYTES and (encoding := _encoding_accepted(request)):
+        content = await _compress(content, encoding)
+        headers["Content-Encoding"] = encoding
+        headers["Vary"] = "Accept-Encoding"
+    return Response(content, media_type="application/octet-stream" if chunks else "application/json",
+                    headers=headers)
 
 
 _INFER_DOC = {

@@ -5,7 +5,10 @@ The messages are built here from a descriptor table, not from protoc output: no 
 generated code tied to one protobuf release, and a private descriptor pool, so the server loads
 beside a client library (tritonclient) that registers its own ``inference.*`` messages in the
 default pool. The table follows grpc_predict_v2.proto field for field (names and numbers are the
-wire contract); ``tests/serving/test_serve_clients.py`` checks it against tritonclient's own messages.
+wire contract), plus Triton's ModelConfig RPC with the part of model_config.proto's ``ModelConfig``
+that the HTTP ``/config`` route fills (built from that route's JSON); ``tests/serving/test_serve_clients.py``
+checks it against tritonclient's own messages. Triton's classification extension (an output's
+``classification`` parameter) is served as over HTTP.
 
 Needs the ``grpc`` extra (``pip install 'edgekd[grpc]'``); the server starts it when ``grpc_port``
 is set. Errors are gRPC status codes with the HTTP routes' messages (INVALID_ARGUMENT for a bad
@@ -38,8 +41,8 @@ log = logging.getLogger("edgekd.serving")
 PACKAGE = "inference"
 SERVICE = f"{PACKAGE}.GRPCInferenceService"
 
-# message -> [(field, number, type, repeated)]; type is a scalar name, or a message name ("map:X" for
-# map<string, X>). Nested messages are "Outer.Inner".
+# message -> [(field, number, type, repeated)]; type is a scalar name, a message name ("map:X" for
+# map<string, X>) or "enum:E" (an enum of ENUMS). Nested messages are "Outer.Inner".
 _PARAMS = ("parameters", 4, "map:InferParameter", False)
 MESSAGES: dict[str, list[tuple[str, int, str, bool]]] = {
     "ServerLiveRequest": [],
@@ -78,18 +81,35 @@ MESSAGES: dict[str, list[tuple[str, int, str, bool]]] = {
     # oneof parameter_choice
     "InferParameter": [("bool_param", 1, "bool", False), ("int64_param", 2, "int64", False),
                        ("string_param", 3, "string", False)],
+    "ModelConfigRequest": [("name", 1, "string", False), ("version", 2, "string", False)],
+    "ModelConfigResponse": [("config", 1, "ModelConfig", False)],
+    # model_config.proto's ModelConfig, the fields v2_core.model_config fills (the rest are left unset).
+    "ModelConfig": [("name", 1, "string", False), ("platform", 2, "string", False), ("backend", 17, "string", False),
+                    ("max_batch_size", 4, "int32", False), ("input", 5, "ModelInput", True),
+                    ("output", 6, "ModelOutput", True), ("parameters", 14, "map:ModelParameter", False)],
+    "ModelInput": [("name", 1, "string", False), ("data_type", 2, "enum:DataType", False), ("dims", 4, "int64", True),
+                   ("reshape", 5, "ModelTensorReshape", False), ("optional", 8, "bool", False)],
+    "ModelOutput": [("name", 1, "string", False), ("data_type", 2, "enum:DataType", False), ("dims", 3, "int64", True),
+                    ("reshape", 5, "ModelTensorReshape", False)],
+    "ModelTensorReshape": [("shape", 1, "int64", True)],
+    "ModelParameter": [("string_value", 1, "string", False)],
     "InferTensorContents": [("bool_contents", 1, "bool", True), ("int_contents", 2, "int32", True),
                             ("int64_contents", 3, "int64", True), ("uint_contents", 4, "uint32", True),
                             ("uint64_contents", 5, "uint64", True), ("fp32_contents", 6, "float", True),
                             ("fp64_contents", 7, "double", True), ("bytes_contents", 8, "bytes", True)],
 }
 ONEOFS = {"InferParameter": "parameter_choice"}
+# enum -> its values, by number (model_config.proto's DataType).
+ENUMS = {"DataType": ["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
+                      "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64",
+                      "TYPE_STRING", "TYPE_BF16"]}
 RPCS = {  # name -> (request, response, needs the API key)
     "ServerLive": ("ServerLiveRequest", "ServerLiveResponse", False),
     "ServerReady": ("ServerReadyRequest", "ServerReadyResponse", False),
     "ModelReady": ("ModelReadyRequest", "ModelReadyResponse", True),
     "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse", True),
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse", True),
+    "ModelConfig": ("ModelConfigRequest", "ModelConfigResponse", True),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse", True),
 }
 # The inference RPCs: in progress, each counts in the in-flight gauge as an HTTP POST does, which the
@@ -107,6 +127,9 @@ def _file_descriptor() -> Any:
 
     fd = descriptor_pb2.FileDescriptorProto(name="edgekd/grpc_predict_v2.proto", package=PACKAGE, syntax="proto3")
     F = descriptor_pb2.FieldDescriptorProto
+    for enum, values in ENUMS.items():
+        fd.enum_type.add(name=enum).value.extend(
+            descriptor_pb2.EnumValueDescriptorProto(name=v, number=i) for i, v in enumerate(values))
     protos: dict[str, Any] = {}
     for full in MESSAGES:  # outer messages come before their nested ones in the table
         outer, _, inner = full.partition(".")
@@ -130,6 +153,8 @@ def _file_descriptor() -> Any:
                 f.label, f.type, f.type_name = F.LABEL_REPEATED, F.TYPE_MESSAGE, f".{PACKAGE}.{full}.{entry.name}"
             elif kind in MESSAGES:
                 f.type, f.type_name = F.TYPE_MESSAGE, f".{PACKAGE}.{kind}"
+            elif kind.startswith("enum:"):
+                f.type, f.type_name = F.TYPE_ENUM, f".{PACKAGE}.{kind[5:]}"
             else:
                 f.type = getattr(F, "TYPE_" + kind.upper())
     return fd
@@ -170,8 +195,14 @@ def _request_tensors(request: Any) -> list[v2_core.Tensor]:
     return tensors
 
 
+def _parameters(params: Any) -> dict[str, Any]:
+    """A map<string, InferParameter> as plain values (bool, int or str: whichever the oneof holds)."""
+    return {k: getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
+            for k, p in params.items()}
+
+
 class InferenceService:
-    """The six RPCs over one serving context (the HTTP app's)."""
+    """The RPCs over one serving context (the HTTP app's)."""
 
     def __init__(self, get_serving: Callable[[], Serving | None], messages: dict[str, type]):
         self.get_serving = get_serving
@@ -190,11 +221,15 @@ class InferenceService:
         return self.m["ServerReadyResponse"](ready=self.get_serving() is not None)
 
     async def ModelReady(self, request: Any) -> Any:
-        v2_core.check_model(self._serving(), request.name, request.version)
+        serving = self.get_serving()
+        if serving is None:  # loading or shutting down: "not ready", as HTTP's {"ready": false}, not an error
+            return self.m["ModelReadyResponse"](ready=False)
+        v2_core.check_model(serving, request.name, request.version)
         return self.m["ModelReadyResponse"](ready=True)
 
     async def ServerMetadata(self, request: Any) -> Any:
-        return self.m["ServerMetadataResponse"](name="edgekd", version=edgekd.__version__, extensions=[])
+        return self.m["ServerMetadataResponse"](name="edgekd", version=edgekd.__version__,
+                                                extensions=v2_core.EXTENSIONS)
 
     async def ModelMetadata(self, request: Any) -> Any:
         serving = self._serving()
@@ -207,11 +242,22 @@ class InferenceService:
             outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in spec.outputs],
         )
 
+    async def ModelConfig(self, request: Any) -> Any:
+        from google.protobuf import json_format
+
+        serving = self._serving()
+        v2_core.check_model(serving, request.name, request.version)
+        config = self.m["ModelConfig"]()
+        json_format.ParseDict(v2_core.model_config(serving.model, serving.settings), config)
+        return self.m["ModelConfigResponse"](config=config)
+
     async def ModelInfer(self, request: Any) -> Any:
         serving = self._serving()
         v2_core.check_model(serving, request.model_name, request.model_version)
         requested = [o.name for o in request.outputs] or None
-        outputs = await v2_core.infer(_request_tensors(request), requested, serving)
+        classes = {o.name: k for o in request.outputs
+                   if (k := v2_core.class_count(o.name, _parameters(o.parameters))) is not None}
+        outputs = await v2_core.infer(_request_tensors(request), requested, serving, classes)
         tensor = self.m["ModelInferResponse.InferOutputTensor"]
         return self.m["ModelInferResponse"](
             model_name=serving.model.name, model_version=v2_core.MODEL_VERSION, id=request.id,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,13 @@ NUMPY_TYPES = {
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 FLOAT_TYPES = {"FP16", "FP32", "FP64"}
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The values each integer datatype holds: a value sent as JSON (or gRPC ``int_contents``, which is int32
+# for INT8 and INT16 alike) must lie in its declared datatype's range.
+INT_RANGES = {t: (int(np.iinfo(NUMPY_TYPES[t]).min), int(np.iinfo(NUMPY_TYPES[t]).max)) for t in INT_TYPES}
+# The protocol extensions this server implements, reported by server metadata over HTTP and gRPC alike.
+EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
+# The output parameter of Triton's classification extension (tritonclient's ``class_count``).
+CLASSIFICATION = "classification"
 
 
 @dataclass
@@ -127,7 +135,8 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
 
 
 def integers(t: Tensor) -> np.ndarray:
-    """The tensor's values as int64, refusing anything that is not a whole number within int64."""
+    """The tensor's values as int64, refusing anything that is not a whole number within its declared
+    datatype's range and int64's."""
     if isinstance(t.data, np.ndarray):
         if t.data.dtype.kind not in "iu":
             raise RequestError(f"input '{t.name}' must be an integer tensor (INT64), got {t.datatype}.")
@@ -136,10 +145,17 @@ def integers(t: Tensor) -> np.ndarray:
         return t.data.astype(np.int64).reshape(t.shape)
     if not all(type(v) is int for v in t.data):
         raise RequestError(f"input '{t.name}' holds non-integer values: send whole numbers.")
-    if t.data and (min(t.data) < INT64_MIN or max(t.data) > INT64_MAX):
-        raise RequestError(f"input '{t.name}' holds values outside int64's range [{INT64_MIN}, {INT64_MAX}].")
+    # Checked against the declared datatype, not only int64: an INT8 tensor holding 300 is not INT8.
+    kind = t.datatype if t.datatype in INT_RANGES else "INT64"
+    low, high = INT_RANGES[kind]
+    if t.data and (min(t.data) < low or max(t.data) > high):
+        wider = "" if kind in ("INT64", "UINT64") else ", or declare a wider datatype (INT64)"
+        its = f" (its datatype {t.datatype})" if kind == t.datatype else ""
+        raise RequestError(f"input '{t.name}' holds values outside {kind.lower()}'s range [{low}, {high}]{its}: "
+                           f"send values within it{wider}.")
+    if t.data and max(t.data) > INT64_MAX:  # UINT64 values the int64 model inputs cannot hold
+        raise RequestError(f"input '{t.name}' holds values over {INT64_MAX} (int64's range).")
     return np.asarray(t.data, dtype=np.int64).reshape(t.shape)
-
 
 
 # --- metadata -------------------------------------------------------------------------------------------
@@ -154,6 +170,12 @@ class ModelSpec:
     # An output given only when the request sends a certain input -> that input (a text model's
     # ``truncated`` comes with ``text``, not with token tensors); every other output is always given.
     given_with: dict[str, str] = field(default_factory=dict)
+    # Inputs a request may leave out (a text model takes ``text`` or its token tensors): Triton's
+    # ``optional`` in the model configuration. Every other input is required.
+    optional: frozenset[str] = frozenset()
+    # Outputs holding one score per class (the codec's labels) on their last axis: the ones Triton's
+    # classification extension may rank. A model with none (a detector) refuses the extension.
+    class_outputs: tuple[str, ...] = ()
 
     def outputs_for(self, inputs: Any) -> list[str]:
         """The names of the outputs a request sending ``inputs`` (names) gets, in the spec's order."""
@@ -167,18 +189,24 @@ def model_spec(model: ServedModel) -> ModelSpec:
 
 
 def model_config(model: ServedModel, settings: ServeSettings) -> dict[str, Any]:
-    """The model's configuration in Triton's JSON shape (``/v2/models/{name}/config``): the batch
-    dimension is implied by ``max_batch_size``, so ``dims`` leave it out."""
+    """The model's configuration in Triton's JSON shape (``/v2/models/{name}/config``, gRPC ModelConfig):
+    the batch dimension is implied by ``max_batch_size``, so ``dims`` leave it out; a tensor that is
+    only [batch] has ``dims`` [1] and ``reshape`` to [] (Triton's way of saying: [batch], not
+    [batch, 1]); an input the model can do without is ``optional``."""
     spec = model_spec(model)
     batch = model.family.max_batch(settings)
 
     def triton(t: TensorSpec) -> dict[str, Any]:
         name, datatype, shape = t
-        return {"name": name, "data_type": "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}",
-                "dims": shape[1:] or [1]}
+        entry: dict[str, Any] = {"name": name, "data_type": "TYPE_STRING" if datatype == "BYTES" else
+                                 f"TYPE_{datatype}", "dims": shape[1:] or [1]}
+        if not shape[1:]:
+            entry["reshape"] = {"shape": []}
+        return entry
 
+    inputs = [{**triton(t), **({"optional": True} if t[0] in spec.optional else {})} for t in spec.inputs]
     return {"name": model.name, "platform": model.platform, "backend": "edgekd", "max_batch_size": batch,
-            "input": [triton(t) for t in spec.inputs], "output": [triton(t) for t in spec.outputs],
+            "input": inputs, "output": [triton(t) for t in spec.outputs],
             "parameters": {k: {"string_value": str(v)} for k, v in spec.parameters.items()}}
 
 
@@ -192,15 +220,40 @@ def check_model(serving: Serving, name: str, version: str | None = None) -> None
                            f"{MODEL_VERSION} only (or leave the version out).", 404, "not_found")
 
 
-async def infer(inputs: list[Tensor], requested: list[str] | None, serving: Serving) -> list[Output]:
-    """Run one inference request: its outputs, all of them or those ``requested``, in that order."""
+def class_count(output: str, params: dict[str, Any] | None) -> int | None:
+    """The K of Triton's classification extension asked for ``output`` (its ``classification``
+    parameter), None when not asked; 400 for a K that is not a whole number >= 1."""
+    params = params or {}
+    if "class_count" in params:  # tritonclient's argument name, sent by hand as a parameter
+        raise RequestError(f"output '{output}': the classification extension's parameter is "
+                           f"'{CLASSIFICATION}' (tritonclient's InferRequestedOutput(name, class_count=K) sends it), "
+                           "not 'class_count'.")
+    k = params.get(CLASSIFICATION)
+    if k is None:
+        return None
+    if type(k) is not int or k < 1:
+        raise RequestError(f"output '{output}': {CLASSIFICATION} must be a whole number >= 1, the number of top "
+                           f"classes to return (got {k!r}).")
+    return k
+
+
+async def infer(inputs: list[Tensor], requested: list[str] | None, serving: Serving,
+                classes: dict[str, int] | None = None) -> list[Output]:
+    """Run one inference request: its outputs, all of them or those ``requested``, in that order;
+    an output named in ``classes`` comes as its top K classes (Triton's classification extension)."""
     tensors = {t.name: t for t in inputs}
     if not inputs:
         raise RequestError("the request has no inputs: send at least one.")
     if len(tensors) != len(inputs):
         raise RequestError("an input name appears more than once: send each input once.")
+    if requested and len(set(requested)) != len(requested):
+        twice = sorted(n for n, times in Counter(requested).items() if times > 1)
+        raise RequestError(f"output(s) {twice} are requested more than once: request each output once.")
+    classes = classes or {}
+    spec = model_spec(serving.model)
     if requested:  # checked before the model runs: a refused request costs no inference
-        check_requested(requested, tensors, model_spec(serving.model))
+        check_requested(requested, tensors, spec)
+    check_classes(classes, spec)
     outputs = await serving.model.family.v2_infer(tensors, serving)
     if not requested:
         return list(outputs.values())
@@ -208,7 +261,8 @@ async def infer(inputs: list[Tensor], requested: list[str] | None, serving: Serv
     if missing:  # the family's v2_spec said these inputs give them: the server's fault, not the client's
         raise RuntimeError(f"the model gave no output(s) {missing} for inputs {list(tensors)}, although its "
                            f"v2_spec lists them ({', '.join(outputs)} given).")
-    return [outputs[n] for n in requested]
+    labels = serving.model.codec.labels
+    return [top_classes(outputs[n], classes[n], labels) if n in classes else outputs[n] for n in requested]
 
 
 def check_requested(requested: list[str], inputs: dict[str, Tensor], spec: ModelSpec) -> None:
@@ -224,3 +278,27 @@ def check_requested(requested: list[str], inputs: dict[str, Tensor], spec: Model
     raise RequestError(f"output(s) {absent} are not given for these inputs ({needs}); they give "
                        f"{', '.join(given)}.")
 
+
+def check_classes(classes: dict[str, int], spec: ModelSpec) -> None:
+    """400 unless every output asked for as classification holds one score per class."""
+    refused = [n for n in classes if n not in spec.class_outputs]
+    if not refused:
+        return
+    which = (f"only {', '.join(spec.class_outputs)} (one score per class) can" if spec.class_outputs else
+             "this model has no output of one score per class to rank: ask for its outputs without it")
+    raise RequestError(f"output(s) {refused} cannot be returned as classification (Triton's classification "
+                       f"extension): {which}.")
+
+
+def top_classes(out: Output, k: int, labels: list[str]) -> Output:
+    """Triton's classification of ``out`` (one score per class on its last axis): a BYTES tensor
+    [batch, min(k, classes)] of "<score>:<index>:<label>", highest score first (ties: lower index first),
+    the score printed as Triton prints it (C's ``%f`` for floats)."""
+    lead, n = out.values.shape[:-1], out.values.shape[-1]
+    scores = out.values.reshape(-1, n)
+    k = min(k, n)
+    order = np.argsort(-scores.astype(np.float64), axis=1, kind="stable")[:, :k]
+    as_text = (lambda v: f"{float(v):f}") if scores.dtype.kind == "f" else (lambda v: str(int(v)))
+    rows = [[f"{as_text(row[i])}:{i}" + (f":{labels[i]}" if i < len(labels) else "") for i in top]
+            for row, top in zip(scores, order.tolist(), strict=True)]
+    return Output(out.name, "BYTES", np.asarray(rows, dtype=object).reshape(*lead, k))

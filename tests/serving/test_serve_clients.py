@@ -39,7 +39,8 @@ def test_tritonclient_http_binary_default(live_server, reference):
         meta = client.get_model_metadata(RUN_NAME)
         assert meta["versions"] == ["1"] and {"name": "text", "datatype": "BYTES", "shape": [-1]} in meta["inputs"]
         config = client.get_model_config(RUN_NAME, "1")
-        assert config["name"] == RUN_NAME and {"name": "text", "data_type": "TYPE_STRING", "dims": [1]} in config["input"]
+        assert config["name"] == RUN_NAME and {"name": "text", "data_type": "TYPE_STRING", "dims": [1],
+                                               "reshape": {"shape": []}, "optional": True} in config["input"]
         # Default request: binary inputs, and no outputs named, so all of them come back binary.
         result = client.infer(RUN_NAME, [_text_input(httpclient, TEXTS)], request_id="7")
         assert result.get_response()["id"] == "7"
@@ -170,15 +171,18 @@ def test_grpc_needs_the_api_key(live_server):
 
 def test_grpc_messages_match_tritons(live_server):
     """The descriptor table is the protocol: every field it declares has the same number and type in
-    the messages tritonclient itself compiled from Triton's grpc_service.proto (a superset of KServe's)."""
-    from tritonclient.grpc import service_pb2
+    the messages tritonclient itself compiled from Triton's grpc_service.proto (a superset of KServe's)
+    and model_config.proto (ModelConfig)."""
+    from tritonclient.grpc import model_config_pb2, service_pb2
 
     from edgekd.serving.grpc_v2 import MESSAGES, message_classes
 
     ours = message_classes()
     for name in MESSAGES:
         mine = ours[name].DESCRIPTOR
-        theirs = service_pb2.DESCRIPTOR.message_types_by_name[name.split(".")[0]]
+        outer = name.split(".")[0]
+        theirs = (service_pb2.DESCRIPTOR.message_types_by_name.get(outer)
+                  or model_config_pb2.DESCRIPTOR.message_types_by_name[outer])
         if "." in name:
             theirs = theirs.nested_types_by_name[name.split(".")[1]]
         for field in mine.fields:

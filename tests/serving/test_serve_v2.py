@@ -23,7 +23,8 @@ def test_health_routes_answer_json(make_client):
 
 def test_server_and_model_metadata(make_client):
     client = make_client()
-    assert client.get("/v2").json() == {"name": "edgekd", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    assert client.get("/v2").json() == {"name": "edgekd", "version": "0.1.0", "extensions": [
+        "classification", "binary_tensor_data", "model_configuration"]}
     meta = client.get(f"/v2/models/{RUN_NAME}").json()
     assert meta["name"] == RUN_NAME and meta["platform"] == "onnxruntime_onnx"
     assert {"name": "text", "datatype": "BYTES", "shape": [-1]} in meta["inputs"]

@@ -6,6 +6,7 @@ the Python API (``require_texts``)."""
 from __future__ import annotations
 
 import functools
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,22 @@ from edgekd.sections import changed_keys, it_or_them
 
 
 def require_texts(texts: Sequence[Any], empty_why: str) -> None:
-    """Every item a string with something in it; else which one is not, and why it must be."""
+    """Every item a string with something visible in it; else which one is not, and why it must be."""
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise DataError(f"text {i} is {type(t).__name__}: give strings.")
         if not t.strip():
             raise DataError(f"text {i} is empty: {empty_why}.")
+        if invisible(t):
+            raise DataError(f"text {i} has no visible characters, only control or format ones such as "
+                            f"{', '.join(sorted({f'U+{ord(c):04X}' for c in t if not c.isspace()})[:3])} (zero-width "
+                            f"space, byte-order mark, soft hyphen...), which tokenizers drop: {empty_why}.")
+
+
+def invisible(text: str) -> bool:
+    """Whether every character of ``text`` is whitespace, a control (Cc) or a format (Cf) character:
+    nothing a tokenizer keeps (BERT's normalizer drops Cc and Cf, and splits on whitespace)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 def _columns(path: Path) -> list[str]:

@@ -9,6 +9,7 @@ fast Hugging Face tokenizer saves). Only a folder without one falls back to
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +66,13 @@ class _FastTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def special_ids(self) -> set[int]:
+        """Its special tokens' ids ([CLS], [SEP], [PAD], [MASK]...), the unknown token's left out: it stands
+        for characters the vocabulary lacks, which are text."""
+        ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        unk = getattr(self._tok.model, "unk_token", None)
+        return ids - {self._tok.token_to_id(unk) if isinstance(unk, str) else None}
+
 
 class _AutoTokenizer:
     """Fallback for export folders without tokenizer.json (slow tokenizers, sentencepiece models)."""
@@ -89,6 +97,10 @@ class _AutoTokenizer:
     def token_id(self, token: str) -> int | None:
         tid = self._tok.convert_tokens_to_ids(token)
         return None if tid == self._tok.unk_token_id and token != self._tok.unk_token else tid
+
+    def special_ids(self) -> set[int]:
+        """As ``_FastTokenizer.special_ids``."""
+        return set(self._tok.all_special_ids) - {self._tok.unk_token_id}
 
 
 def _pad_id(folder: Path, tok: _FastTokenizer | _AutoTokenizer) -> int:
@@ -133,6 +145,18 @@ class TextCodec:
         self.input_names = tuple(input_names)
         self.labels = list(labels)
         self.vocab_size = tokenizer.vocab_size
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The ids no text content gives: the tokens added around every text, padding and the tokenizer's
+        other special tokens (not the unknown token: characters missing from the vocabulary are text)."""
+        return frozenset(set(self.tokenizer.encode([""])[0][0]) | {self.pad_id} | self.tokenizer.special_ids())
+
+    def without_content(self, items: Sequence[Encoded]) -> int | None:
+        """The index of the first encoded text that holds special tokens only (its characters were all
+        dropped by the normalizer: zero-width spaces, byte-order marks, control or format characters), or None."""
+        special = self.special_ids
+        return next((i for i, it in enumerate(items) if all(t in special for t in it.ids)), None)
 
     @classmethod
     def from_folder(

@@ -72,14 +72,22 @@ def check_texts(texts: Sequence[object], settings: ServeSettings, field: str = "
     return out
 
 
-async def classify(texts: list[str], serving: Serving) -> tuple[list[Encoded], np.ndarray]:
-    """Tokenise and run ``texts``; returns their encodings and logits, one row per text."""
+def no_content_message(where: str) -> str:
+    return (f"{where} has no content the tokenizer keeps: it encodes to special tokens only (zero-width, "
+            "control or format characters such as U+200B, U+FEFF or U+00AD are dropped): send text to classify.")
+
+
+async def classify(texts: list[str], serving: Serving, field: str = "texts") -> tuple[list[Encoded], np.ndarray]:
+    """Tokenise and run ``texts``; returns their encodings and logits, one row per text. A text that
+    tokenises to nothing but special tokens is refused (422, as an empty one) before the model runs."""
     codec = serving.model.codec
     assert isinstance(codec, TextCodec)
     if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
         items = codec.encode(texts)
     else:
         items = await asyncio.to_thread(codec.encode, texts)
+    if (i := codec.without_content(items)) is not None:
+        raise RequestError(no_content_message(field if field == "text" else f"{field}[{i}]"), 422)
     logits = await within_deadline(serving.engine.logits(items), serving.settings)
     serving.metrics.texts.inc(len(items))
     if n_cut := sum(it.truncated for it in items):
@@ -105,8 +113,9 @@ async def predict_texts(request: Request, serving: Serving) -> PredictResponse:
         raise RequestError(f"{', '.join(given)}: this model classifies texts and takes no query parameters "
                            "(detection models take options): leave them out.", 422)
     body = validate_body(PredictRequest, data)
-    texts = check_texts(body.items(), serving.settings, "text" if body.text is not None else "texts")
-    items, logits = await classify(texts, serving)
+    field = "text" if body.text is not None else "texts"
+    texts = check_texts(body.items(), serving.settings, field)
+    items, logits = await classify(texts, serving, field)
     codec = serving.model.codec
     assert isinstance(codec, TextCodec)
     return PredictResponse(
@@ -167,7 +176,7 @@ async def fast_predict(scope: Scope, body: bytes) -> bytes | None:
         texts = check_texts(texts, serving.settings, field)
     except RequestError:
         return None
-    items, logits = await classify(texts, serving)
+    items, logits = await classify(texts, serving, field)  # its refusal is answered as the route's
     return to_json({"model": serving.model.name, "target": serving.model.target,
                     "predictions": prediction_rows(codec, items, logits)})
 
@@ -233,7 +242,7 @@ async def v2_infer(tensors: dict[str, Tensor], serving: Serving) -> dict[str, Ou
     if TEXT_INPUT in tensors:
         if len(tensors) > 1:
             raise RequestError(f"send either '{TEXT_INPUT}' alone or the token tensors, not both.")
-        items, logits = await classify(_v2_texts(tensors[TEXT_INPUT], settings), serving)
+        items, logits = await classify(_v2_texts(tensors[TEXT_INPUT], settings), serving, TEXT_INPUT + "s")
         truncated = [it.truncated for it in items]
     else:
         arrays = _token_arrays(tensors, model, settings)
@@ -261,7 +270,9 @@ def v2_spec(codec: TextCodec) -> ModelSpec:
         "max_length": codec.max_length,
         "inputs": f"either '{TEXT_INPUT}' (BYTES [batch]) or the INT64 token tensors "
                   f"({', '.join(codec.input_names)}) [batch, sequence]",
-    }, given_with={"truncated": TEXT_INPUT})  # token tensors come tokenised: nothing was cut here
+    }, given_with={"truncated": TEXT_INPUT},  # token tensors come tokenised: nothing was cut here
+        optional=frozenset(name for name, _, _ in inputs),  # text or the token tensors: none always needed
+        class_outputs=("probabilities", "logits"))  # one score per label each
 
 
 # --- edgekd.load(...).predict -------------------------------------------------------------------------
@@ -277,6 +288,8 @@ def predict_local(codec: TextCodec, engine: InferenceEngine, texts: Any, batch_s
     out: list[Prediction] = []
     for start in range(0, len(texts), batch_size):
         items = codec.encode(texts[start:start + batch_size])
+        if (i := codec.without_content(items)) is not None:
+            raise DataError(no_content_message(f"text {start + i}"))
         logits = engine.run_items(items)[engine.output_name]
         out += codec.predictions(logits)
     return out
