@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    StrictStr,
+    model_serializer,
+    model_validator,
+)
 
 # Upper bound of ``max_det``: more boxes than this per image is a bug in the client, not a use.
 MAX_DET_LIMIT = 1000
@@ -136,6 +144,16 @@ class DetectionOut(BaseModel):
     score: float = Field(description="Class probability of the box.")
     box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the image as sent (EXIF orientation "
                                          "applied), origin top left.", min_length=4, max_length=4)
+    category_id: int | None = Field(None, description="The dataset's category id of the label (COCO "
+                                    "category_id, e.g. 1..90 with gaps), for a model trained on COCO-format data; "
+                                    "left out when its data named none (YOLO).")
+
+    @model_serializer(mode="wrap")
+    def _unknown_category_left_out(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("category_id") is None:
+            out.pop("category_id", None)
+        return out
 
 
 class ImageDetections(BaseModel):

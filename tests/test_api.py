@@ -350,7 +350,6 @@ def test_distill_refuses_a_student_for_other_labels(classifier):
 def test_predict_refuses_what_is_not_a_text_or_an_image_saying_what_to_give():
     from types import SimpleNamespace
 
-    import edgekd.serving  # noqa: F401 (first: the families' serve modules import it)
     from edgekd.tasks.detection.serve import predict_local as detect
     from edgekd.tasks.text.serve import predict_local as classify
 

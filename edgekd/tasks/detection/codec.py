@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from edgekd.errors import StageError
@@ -29,6 +29,7 @@ from edgekd.serving.codec import label_names
 from edgekd.serving.errors import RequestError
 from edgekd.serving.schemas import DetectOptions
 from edgekd.tasks.detection.boxes_np import letterbox, postprocess, unletterbox_boxes
+from edgekd.tasks.detection.images import rgb_pixels
 
 if TYPE_CHECKING:
     from edgekd.export.base import Runner
@@ -62,14 +63,9 @@ class Detection:
     class_id: int
     score: float
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original image pixels
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: convert() would clip to 255
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = Image.fromarray((arr.clip(0, top) * (255.0 / top)).round().astype(np.uint8), "L")
-    return im if im.mode == "RGB" else im.convert("RGB")
+    # The dataset's id of the class (COCO category_id, e.g. 1..90 with gaps), from the export's
+    # ``category_ids``; None when the model's data named none (YOLO: class_id is all there is).
+    category_id: int | None = None
 
 
 def decode_image(data: bytes, where: str, max_pixels: int, declared: str | None = None) -> np.ndarray:
@@ -88,9 +84,7 @@ def decode_image(data: bytes, where: str, max_pixels: int, declared: str | None 
             probe.verify()  # structure and checksums (PNG CRCs) without decoding
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             im.load()  # decodes every pixel: a truncated file fails here
-            oriented = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(oriented if oriented is not None else im)
-            return np.asarray(rgb, dtype=np.uint8)
+            return rgb_pixels(im)  # upright, 8-bit RGB: as the training data was read (detection.images)
     except RequestError:
         raise
     except Image.DecompressionBombError as e:  # over Pillow's own process-wide limit, found while opening
@@ -128,6 +122,19 @@ def _recorded_postprocess(folder: Path, meta: dict[str, Any]) -> dict[str, Any] 
                          f"({problems}); it gives conf_threshold, iou_threshold and max_det: re-export it.") from None
 
 
+def _recorded_category_ids(folder: Path, meta: dict[str, Any], labels: Sequence[str]) -> list[int] | None:
+    """artifact.json's ``category_ids`` (the dataset's id of each class, in class-id order); None when
+    the export records none. One that cannot map the classes is refused at load, not guessed around."""
+    ids = meta.get("category_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
+            or (labels and len(ids) != len(labels)):
+        raise StageError(f"{folder / ARTIFACT_META} records category_ids {ids!r}, which is not one integer per "
+                         f"label ({len(labels)} labels): re-export it.")
+    return list(ids)
+
+
 def _px(v: float) -> float:
     """A coordinate for JSON: a thousandth of a pixel is below any use, and float32 noise is not."""
     return round(float(v), 3)
@@ -140,8 +147,10 @@ class DetectionCodec:
     accepts: ClassVar[str] = "images"
 
     def __init__(self, *, image_size: int, labels: Sequence[str], input_name: str, output_names: Sequence[str],
-                 max_image_pixels: int, default_options: dict[str, Any] | None = None):
+                 max_image_pixels: int, default_options: dict[str, Any] | None = None,
+                 category_ids: Sequence[int] | None = None):
         self.image_size = int(image_size)
+        self.category_ids = None if category_ids is None else [int(i) for i in category_ids]
         # The options a request leaves out: the export's recorded post-processing (artifact.json's
         # ``postprocess``: the recipe's detection.conf_threshold, iou_threshold, max_det), else
         # DetectOptions' own defaults (an export written before it was recorded).
@@ -171,9 +180,11 @@ class DetectionCodec:
         if len(runner.input_names) != 1:
             raise StageError(f"the artifact takes inputs {list(runner.input_names)}; a detection model takes one "
                              "'images' tensor [B,3,S,S]: re-export it.")
-        codec = cls(image_size=size, labels=label_names(meta), input_name=runner.input_names[0],
+        labels = label_names(meta)
+        codec = cls(image_size=size, labels=labels, input_name=runner.input_names[0],
                     output_names=list(runner.output_names), max_image_pixels=settings.max_image_pixels,
-                    default_options=_recorded_postprocess(folder, meta))
+                    default_options=_recorded_postprocess(folder, meta),
+                    category_ids=_recorded_category_ids(folder, meta, labels))
         codec.warm_up(runner)
         return codec
 
@@ -191,6 +202,10 @@ class DetectionCodec:
         else:
             b, sc = shapes["boxes"], shapes["scores"]
             ok = len(b) == 3 and len(sc) == 3 and b[2] == 4 and b[:2] == sc[:2] == [1, b[1]]
+            if ok and self.category_ids is not None and sc[2] != len(self.category_ids):
+                raise StageError(f"the model scores {sc[2]} classes but {ARTIFACT_META} records "
+                                 f"{len(self.category_ids)} category_ids: the artifact and its metadata do not "
+                                 "match; re-export it.")
             if ok and self.labels and sc[2] != len(self.labels):
                 raise StageError(f"the model scores {sc[2]} classes but {ARTIFACT_META} lists {len(self.labels)} "
                                  "labels: the artifact and its metadata do not match; re-export it.")
@@ -205,8 +220,11 @@ class DetectionCodec:
         return self.outputs
 
     def facts(self) -> dict[str, Any]:
-        return {"task": self.task, "inputs": self.accepts, "image_size": self.image_size,
-                "nms_in_graph": self.nms_in_graph}
+        facts = {"task": self.task, "inputs": self.accepts, "image_size": self.image_size,
+                 "nms_in_graph": self.nms_in_graph}
+        if self.category_ids is not None:  # class_id -> the dataset's category id (COCO data only)
+            facts["category_ids"] = list(self.category_ids)
+        return facts
 
     # --- images -> arrays --------------------------------------------------------------------------
     def encode(self, blobs: Sequence[tuple[str, bytes, str | None]]) -> list[ImageItem]:
@@ -243,10 +261,15 @@ class DetectionCodec:
             boxes = unletterbox_boxes(det[:, :4], it.scale, it.pad, it.width, it.height)
             out.append([
                 Detection(label=self.label(int(c)), class_id=int(c), score=float(s),
-                          box=(_px(x1), _px(y1), _px(x2), _px(y2)))
+                          box=(_px(x1), _px(y1), _px(x2), _px(y2)), category_id=self.category_id(int(c)))
                 for (x1, y1, x2, y2), s, c in zip(boxes, det[:, 4], det[:, 5], strict=True)
             ])
         return out
 
     def label(self, class_id: int) -> str:
         return self.labels[class_id] if 0 <= class_id < len(self.labels) else f"class_{class_id}"
+
+    def category_id(self, class_id: int) -> int | None:
+        """The dataset's category id of class ``class_id``; None when the export records none."""
+        ids = self.category_ids
+        return ids[class_id] if ids is not None and 0 <= class_id < len(ids) else None

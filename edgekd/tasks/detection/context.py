@@ -114,8 +114,9 @@ class DetectionRunContext(RunContext):
     @cached_property
     def task(self) -> DetectionTask:
         det = self.recipe.detection
-        return DetectionTask(self.split("train").names, det.image_size, conf_threshold=det.conf_threshold,
-                             iou_threshold=det.iou_threshold, max_det=det.max_det)
+        train = self.split("train")
+        return DetectionTask(train.names, det.image_size, conf_threshold=det.conf_threshold,
+                             iou_threshold=det.iou_threshold, max_det=det.max_det, category_ids=train.category_ids)
 
     @property
     def export_settings(self) -> dict[str, Any]:
@@ -123,10 +124,15 @@ class DetectionRunContext(RunContext):
         hashes them beside ``export.*``): the post-processing every export records and parity uses, and
         the onnx-nms export. A key at the value every export made before the fingerprint covered them
         behaves by (no onnx-nms, post-processing 0.25/0.6/100) is left out, so those run folders keep
-        their export; any other value changes the fingerprint."""
+        their export; any other value changes the fingerprint. A COCO set's category ids, which every
+        export records (``DetectionTask.export_meta``), are hashed too: a renumbered category is exported
+        again, and so is a COCO run exported before they were recorded."""
         det = self.recipe.detection
         legacy = {**LEGACY_POSTPROCESS, "nms_in_graph": False}
-        return {k: getattr(det, k) for k, v in legacy.items() if getattr(det, k) != v}
+        own: dict[str, Any] = {k: getattr(det, k) for k, v in legacy.items() if getattr(det, k) != v}
+        if self.task.category_ids is not None:
+            own["category_ids"] = list(self.task.category_ids)
+        return own
 
     def parity_data(self, n: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Real test images (letterboxed, 0..1) and their ground truth boxes."""
@@ -221,4 +227,4 @@ def _subset(split, idx: np.ndarray):
     return DetectionSplit(images=split.images[idx], boxes=[split.boxes[i] for i in idx],
                           classes=[split.classes[i] for i in idx], names=split.names,
                           files=[split.files[i] for i in idx], image_size=split.image_size,
-                          crowd=[split.crowd[i] for i in idx])
+                          crowd=[split.crowd[i] for i in idx], category_ids=split.category_ids)

@@ -1,9 +1,10 @@
 """Detection datasets (YOLO or COCO layout) loaded once into memory, letterboxed, and batched.
 
-Images are letterboxed to the model's square input when loaded, so training, evaluation, export
-parity and serving all see the same pixels, and boxes are kept in those letterboxed pixels. A
-split of a few thousand small images fits in memory (2000 x 128 px = 98 MB), which keeps every
-epoch free of decoding.
+Images are read as the server reads them (``detection.images``: EXIF orientation applied, 16-bit
+greyscale rescaled to 8 bits) and letterboxed to the model's square input when loaded, so training,
+evaluation, export parity and serving all see the same pixels, and boxes are kept in those letterboxed
+pixels. A split of a few thousand small images fits in memory (2000 x 128 px = 98 MB), which keeps
+every epoch free of decoding.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from edgekd.errors import DataError
 from edgekd.tasks.detection.boxes_np import letterbox
+from edgekd.tasks.detection.images import orient_boxes, orientation, rgb_pixels, upright
 
 IMAGE_EXTENSIONS = frozenset({".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".mpo"})
 
@@ -38,6 +40,9 @@ class DetectionSplit:
     # COCO crowd regions (``iscrowd: 1``), float32 [c,5] (cls, x1, y1, x2, y2) per image: never trained
     # on, scored as COCO does (a detection on one is neither a hit nor a false positive). Empty if none.
     crowd: list[np.ndarray] = field(default_factory=list)
+    # The dataset's own id of each class (COCO ``category_id``, index = class id); None when the data
+    # names none (YOLO: its class ids are the indices). Saved detectors and exports record it.
+    category_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -48,6 +53,8 @@ class DetectionSplit:
                 f"DetectionSplit parts differ in length: {n} images, {len(self.boxes)} box arrays, "
                 f"{len(self.classes)} class arrays, {len(self.files)} files, {len(self.crowd)} crowd arrays"
             )
+        if self.category_ids is not None and len(self.category_ids) != len(self.names):
+            raise ValueError(f"DetectionSplit has {len(self.names)} class names but {len(self.category_ids)} category ids")
 
     def digest(self) -> str:
         """sha256 of what the split holds, in order: class names, file names, the letterboxed pixels,
@@ -193,7 +200,7 @@ def load_yolo(data_yaml: Path, split: str, image_size: int) -> DetectionSplit:
 
     Labels sit where Ultralytics looks for them: the image path with its last ``/images/`` replaced
     by ``/labels/`` and its extension by ``.txt``; an image without a label file has no boxes.
-    Images are EXIF-rotated as Ultralytics (OpenCV) reads them, so labels match.
+    Images are EXIF-rotated as Ultralytics reads them (and as served), so labels match.
     """
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
@@ -226,7 +233,7 @@ def load_yolo(data_yaml: Path, split: str, image_size: int) -> DetectionSplit:
         label_file = _label_path(f)
         rows = _read_yolo_labels(label_file, len(names)) if label_file.is_file() else np.zeros((0, 5), np.float32)
         records.append((f, str(f), rows))
-    return _assemble(records, names, image_size, normalized=True, exif=True)
+    return _assemble(records, names, image_size, normalized=True)
 
 
 def _yolo_names(spec: dict[str, Any], data_yaml: Path) -> list[str]:
@@ -392,33 +399,41 @@ def load_coco(annotations_json: Path, images_dir: Path | None, image_size: int) 
             f"{len(absent)} image(s) of {annotations_json} are missing (first: {absent[0]}); file_name is read "
             f"relative to {images_dir}."
         )
-    return _assemble(records, [names_by_id[c] for c in cat_ids], image_size, normalized=False, exif=False,
-                     crowd=crowd_rows)
+    return _assemble(records, [names_by_id[c] for c in cat_ids], image_size, normalized=False,
+                     crowd=crowd_rows, category_ids=cat_ids)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def _assemble(
-    records: list[tuple], names: list[str], image_size: int, *, normalized: bool, exif: bool,
-    crowd: list[np.ndarray] | None = None,
+    records: list[tuple], names: list[str], image_size: int, *, normalized: bool,
+    crowd: list[np.ndarray] | None = None, category_ids: list[int] | None = None,
 ) -> DetectionSplit:
     """Decode, letterbox and map boxes into letterboxed pixels; records are (path, name, rows[, (w, h)]);
     ``crowd``: per record, its crowd rows (cls, x1, y1, x2, y2), mapped the same way."""
     images = np.empty((len(records), image_size, image_size, 3), dtype=np.uint8)
     boxes, classes, files, crowds = [], [], [], []
     for n, (path, name, rows, *expected) in enumerate(records):
-        pixels = _read_image(path, exif, expected[0] if expected else None)
+        pixels, turn, stored = _read_image(path, expected[0] if expected else None)
         h, w = pixels.shape[:2]
         images[n], scale, (px, py) = letterbox(pixels, image_size)
-        b, c = _place(rows, w, h, scale, px, py, normalized)
+        b, c = _place(_turned(rows, turn, stored), w, h, scale, px, py, normalized)
         boxes.append(b)
         classes.append(c)
         files.append(name)
         if crowd is not None:
-            cb, cc = _place(crowd[n], w, h, scale, px, py, normalized)
+            cb, cc = _place(_turned(crowd[n], turn, stored), w, h, scale, px, py, normalized)
             crowds.append(np.concatenate([cc.astype(np.float32)[:, None], cb], axis=1).reshape(-1, 5))
-    return DetectionSplit(images, boxes, classes, list(names), files, image_size, crowd=crowds)
+    return DetectionSplit(images, boxes, classes, list(names), files, image_size, crowd=crowds,
+                          category_ids=None if category_ids is None else [int(i) for i in category_ids])
+
+
+def _turned(rows: np.ndarray, turn: int, stored: tuple[int, int]) -> np.ndarray:
+    """Rows (cls, x1, y1, x2, y2) in the stored pixels of an image moved into its upright pixels."""
+    if turn == 1 or not len(rows):
+        return rows
+    return np.concatenate([rows[:, :1], orient_boxes(rows[:, 1:], turn, *stored)], axis=1).astype(np.float32)
 
 
 def _place(rows: np.ndarray, w: int, h: int, scale: float, px: float, py: float,
@@ -432,21 +447,24 @@ def _place(rows: np.ndarray, w: int, h: int, scale: float, px: float, py: float,
     return xyxy[ok].reshape(-1, 4), rows[ok, 0].astype(np.int64)
 
 
-def _read_image(path: Path, exif: bool, expected: tuple[int, int] | None) -> np.ndarray:
-    """RGB pixels of ``path``; with ``expected`` (COCO width, height) the EXIF-rotated image is used
-    only when it is the one the annotations describe."""
+def _read_image(path: Path, expected: tuple[int, int] | None) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """Upright RGB pixels of ``path`` (``detection.images.rgb_pixels``: EXIF orientation applied, as
+    served); with the EXIF orientation its labels still need (1: none) and the stored size.
+
+    Labels describe the upright image, as Ultralytics and detectron2 read them, unless COCO's ``width``
+    and ``height`` (``expected``) are those of the pixels as stored and not of the upright image: the
+    annotation tool then ignored EXIF, and the boxes are turned with the image."""
     try:
         with Image.open(path) as im:
             im.load()
-            rotated = ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im  # 0x0112: orientation
-            if exif or (expected is not None and im.size != tuple(expected) and rotated.size == tuple(expected)):
-                im = rotated
-            if expected is not None and im.size != tuple(expected):
+            stored, shown = im.size, upright(im)
+            if expected is not None and tuple(expected) not in (shown.size, stored):
                 raise DataError(
-                    f"{path} is {im.size[0]}x{im.size[1]} but its annotations say {expected[0]}x{expected[1]}; "
+                    f"{path} is {shown.size[0]}x{shown.size[1]} but its annotations say {expected[0]}x{expected[1]}; "
                     "the boxes would be misplaced. Fix width/height in the json or use the original image."
                 )
-            return np.asarray(im.convert("RGB"))
+            on_stored = expected is not None and tuple(expected) != shown.size
+            return rgb_pixels(shown), orientation(im) if on_stored else 1, stored
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"Cannot decode image {path} ({e}); replace or remove it.") from None
 

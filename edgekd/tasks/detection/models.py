@@ -377,10 +377,13 @@ def build_detector(preset_or_config: str | DetectorConfig, num_classes: int, ima
     return Detector(replace(base, num_classes=int(num_classes), image_size=int(image_size)))
 
 
-def save_detector(model: Detector, out_dir: str | Path, names: list[str] | None = None) -> Path:
+def save_detector(model: Detector, out_dir: str | Path, names: list[str] | None = None,
+                  category_ids: list[int] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` into ``out_dir`` in one rename (atomic); ``names``
     (the class names it was trained on, in class-id order) are recorded in config.json, so a folder is
-    refused on data whose classes differ (``saved_class_names``)."""
+    refused on data whose classes differ (``saved_class_names``), and so are ``category_ids`` (the
+    dataset's id of each class, COCO's category_id, in class-id order; ``saved_category_ids``), when the
+    data named them."""
     from safetensors.torch import save_file
 
     from edgekd.runfolder import atomic_dir
@@ -393,6 +396,11 @@ def save_detector(model: Detector, out_dir: str | Path, names: list[str] | None 
             raise EdgeKDError(f"save_detector got {len(names)} class names for a detector of {model.num_classes} "
                               "classes.")
         meta["names"] = [str(n) for n in names]
+    if category_ids is not None:
+        if len(category_ids) != model.num_classes:
+            raise EdgeKDError(f"save_detector got {len(category_ids)} category ids for a detector of "
+                              f"{model.num_classes} classes.")
+        meta["category_ids"] = [int(i) for i in category_ids]
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -406,6 +414,18 @@ def saved_class_names(path: str | Path) -> list[str] | None:
     except (OSError, ValueError, AttributeError):
         return None
     return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def saved_category_ids(path: str | Path) -> list[int] | None:
+    """The dataset category id of each class a saved detector records (COCO data); None when its data
+    named none (YOLO) or it was saved before they were recorded."""
+    try:
+        ids = json.loads((Path(path) / CONFIG_FILE).read_text()).get("category_ids")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return None
+    return list(ids)
 
 
 def is_detector_dir(path: str | Path) -> bool:

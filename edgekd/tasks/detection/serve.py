@@ -37,6 +37,7 @@ from edgekd.serving.schemas import DetectionOut, DetectOptions, DetectRequest, D
 from edgekd.serving.settings import ServeSettings
 from edgekd.serving.v2_core import FLOAT_TYPES, ModelSpec, Output, Tensor
 from edgekd.tasks.detection.codec import PAD_VALUE, Detection, DetectionCodec
+from edgekd.tasks.detection.images import to_rgb, upright
 
 FILE_FIELDS = ("file", "files")
 OPTIONS = tuple(DetectOptions.model_fields)
@@ -149,11 +150,19 @@ async def predict_images(request: Request, serving: Serving) -> DetectResponse:
         target=model.target,
         predictions=[
             ImageDetections(width=it.width, height=it.height, detections=[
-                DetectionOut(label=d.label, class_id=d.class_id, score=d.score, box=list(d.box)) for d in dets
+                DetectionOut(label=d.label, class_id=d.class_id, score=d.score, box=list(d.box),
+                             **_category(d)) for d in dets
             ])
             for it, dets in zip(items, found, strict=True)
         ],
     )
+
+
+def _category(d: Detection) -> dict[str, int]:
+    """``category_id`` for the answer when the export records the dataset's ids (COCO data), else
+    nothing: an unknown id is left out, never guessed from the class index. (It reaches the JSON once
+    ``DetectionOut`` declares the field; /metadata's ``category_ids`` gives the same mapping.)"""
+    return {} if d.category_id is None else {"category_id": d.category_id}
 
 
 # --- Open Inference Protocol (v2) -------------------------------------------------------------------
@@ -261,8 +270,10 @@ def _image_bytes(image: Any, i: int) -> bytes:
     if not isinstance(image, Image.Image):
         raise DataError(f"image {i} is {type(image).__name__}: give a file path, bytes, a PIL image or an "
                         "H x W x 3 RGB uint8 array.")
+    # Made upright and 8-bit RGB here, as a file's bytes are decoded (detection.images): PNG keeps no
+    # EXIF orientation of a photo opened from a JPEG, and cannot hold every mode Pillow opens (CMYK).
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    to_rgb(upright(image)).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -66,9 +66,15 @@ class DetectionTask:
     primary_metric = "map50_95"
 
     def __init__(self, label_names: list[str], image_size: int = 128, *, conf_threshold: float = 0.25,
-                 iou_threshold: float = 0.6, max_det: int = 100):
+                 iou_threshold: float = 0.6, max_det: int = 100, category_ids: list[int] | None = None):
         self.label_names = list(label_names)
         self.image_size = int(image_size)
+        # The dataset's id of each class (COCO category_id, in class-id order); None when the data names
+        # none (YOLO), and then no saved model or export claims one.
+        if category_ids is not None and len(category_ids) != len(self.label_names):
+            raise StageError(f"{len(category_ids)} category ids for {len(self.label_names)} classes "
+                             f"({', '.join(self.label_names)}): give one id per class, in class-id order.")
+        self.category_ids = None if category_ids is None else [int(i) for i in category_ids]
         # The recipe's detection.conf_threshold, iou_threshold, max_det: the exports' post-processing.
         self.postprocess: dict[str, float | int] = {"conf_threshold": float(conf_threshold),
                                                     "iou_threshold": float(iou_threshold), "max_det": int(max_det)}
@@ -114,7 +120,7 @@ class DetectionTask:
     def save_model(self, model, out_dir: Path) -> None:
         from edgekd.tasks.detection.models import save_detector
 
-        save_detector(model, out_dir, names=list(self.label_names))
+        save_detector(model, out_dir, names=list(self.label_names), category_ids=self.category_ids)
 
     # --- export / parity / serving --------------------------------------------------------------
     def model_io(self) -> ModelIO:
@@ -146,9 +152,14 @@ class DetectionTask:
         return box_agreement(got, want, **self.postprocess)
 
     def export_meta(self) -> dict[str, Any]:
-        """What every detection export's artifact.json records beside its own fields: the input size and
-        the post-processing the server applies when a request leaves an option out."""
-        return {"image_size": self.image_size, "input": "image", "postprocess": dict(self.postprocess)}
+        """What every detection export's artifact.json records beside its own fields: the input size, the
+        post-processing the server applies when a request leaves an option out and, for data that names
+        them (COCO), the dataset's category id of each class (``category_ids``, in class-id order), which
+        predictions then carry beside the class index."""
+        meta: dict[str, Any] = {"image_size": self.image_size, "input": "image", "postprocess": dict(self.postprocess)}
+        if self.category_ids is not None:
+            meta["category_ids"] = list(self.category_ids)
+        return meta
 
     # Export option defaults of this task (the recipe's export.options override them): XNNPACK plans a
     # detector's convolution subgraphs for the traced batch only, so a dynamic ExecuTorch program was
