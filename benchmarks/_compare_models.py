@@ -159,22 +159,6 @@ class Batches:
                 "attention_mask": np.ascontiguousarray(self.mask[rows, :width])}
 
 
-class OriginalIds:
-    """A model that reads the original vocabulary's ids, fed the trimmed vocabulary's (a run with
-    ``prune.trim_vocab``): every row is timed on the same arrays, and this runner looks each id up in
-    the run's table inside the timed call, as bench's ``FromTrimmedIds`` does for PyTorch rows."""
-
-    def __init__(self, runner: Any, table: np.ndarray):
-        self.runner, self.table = runner, np.asarray(table, dtype=np.int64)
-        self.input_names = runner.input_names
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.runner.run({**inputs, "input_ids": self.table[inputs["input_ids"]]})
-
-    def __getattr__(self, name: str) -> Any:  # runtime facts (session, module) of the wrapped runner
-        return getattr(self.runner, name)
-
-
 def timed_call(runner: Any, inputs: dict[str, np.ndarray]) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one inference."""
     c0, t0 = time.process_time(), time.perf_counter()

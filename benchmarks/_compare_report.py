@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from fractions import Fraction
 from typing import Any
 
 TEACHER, OPTIMUM_INT8 = "teacher-fp32", "optimum-onnx-int8"
@@ -22,6 +23,49 @@ def p50(row: dict[str, Any] | None, batch: int, cases: str = "cases") -> float |
     the candidates of the best artifact only)."""
     case = ((row or {}).get(cases) or {}).get(str(batch)) or {}
     return case.get("p50_ms")
+
+
+# The accuracy bars, decided on counts of texts, never on rounded floats (the two scripts that read them,
+# compare_tools and seeds, once rounded differently, and 1,843 of 1,900 read as below 97%).
+STUDENT_POINTS = Fraction(1, 2)  # within 0.5 points of the fp32 student's test accuracy
+OOD_KEPT_PCT = 97  # out of domain, at least 97% of the fp32 student's accuracy
+
+
+def share(value: float | None, counts: Any = None) -> Fraction | None:
+    """An accuracy as an exact fraction of texts: ``counts`` ([right, scored], as compare_tools records
+    them) when given, else recovered from the float ``value`` (an accuracy k/n over at most 10^6 texts is
+    the float nearest k/n, and no other fraction with a denominator that small lies as near)."""
+    if counts is not None and len(counts) == 2 and int(counts[1]) > 0:
+        return Fraction(int(counts[0]), int(counts[1]))
+    if value is None or not math.isfinite(value):
+        return None
+    return Fraction(value).limit_denominator(10**6)
+
+
+def row_share(row: dict[str, Any] | None, key: str = "accuracy") -> Fraction | None:
+    """:func:`share` of a row's ``accuracy`` (test) or ``ood_accuracy``, with its counts where recorded."""
+    row = row or {}
+    split = {"accuracy": "test", "ood_accuracy": "ood", "val_accuracy": "validation"}[key]
+    return share(row.get(key), (row.get("counts") or {}).get(split))
+
+
+def within_points(best: Fraction, ref: Fraction, points: Fraction = STUDENT_POINTS) -> bool:
+    """``best`` at most ``points`` below ``ref`` (accuracies), exactly: for k_b of n_b and k_s of n_s texts
+    and half a point, 200 * (k_b * n_s - k_s * n_b) >= -n_b * n_s."""
+    return 100 * (best - ref) >= -points
+
+
+def keeps_share(best: Fraction, ref: Fraction, pct: int = OOD_KEPT_PCT) -> bool:
+    """``best`` at least ``pct``% of ``ref``, exactly: 100 * k_b * n_s >= 97 * k_s * n_b."""
+    return 100 * best >= pct * ref
+
+
+def near_format(value: float, target: float, fmt: str = ".2f") -> str:
+    """``value`` in ``fmt``, with three decimals when it lies within 0.01 of ``target``: a 1.497x speed-up
+    against a 1.5x bar reads 1.497, not a met-looking 1.50."""
+    if math.isfinite(value) and abs(value - target) < 0.01:
+        fmt = ("+" if fmt.startswith("+") else "") + ".3f"
+    return format(value, fmt)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -122,7 +166,8 @@ def verdict(best: dict[str, Any] | None, optimum: dict[str, Any] | None, batch_s
                f"than {ref_label}.")
         return {"met": False, "target_speedup": target, "checks": [], "summary": msg, "lines": [msg]}
     acc_e, acc_o = best.get("accuracy"), optimum.get("accuracy")
-    acc_ok = acc_e is not None and acc_o is not None and acc_e >= acc_o
+    share_e, share_o = row_share(best), row_share(optimum)
+    acc_ok = share_e is not None and share_o is not None and share_e >= share_o
     for b in batch_sizes:
         pe, po = p50(best, b), p50(optimum, b)
         speed = _div(po, pe)
@@ -132,11 +177,11 @@ def verdict(best: dict[str, Any] | None, optimum: dict[str, Any] | None, batch_s
         if speed is None:
             why = "a p50 is missing, so the speed-up is unknown"
         elif speed < 1:
-            why = f"edgekd is SLOWER ({speed:.2f}x, target {target:g}x)"
+            why = f"edgekd is SLOWER ({near_format(speed, target)}x, target {target:g}x)"
         elif speed < target:
-            why = f"edgekd is only {speed:.2f}x faster (target {target:g}x)"
+            why = f"edgekd is only {near_format(speed, target)}x faster (target {target:g}x)"
         else:
-            why = f"edgekd is {speed:.2f}x faster (target {target:g}x)"
+            why = f"edgekd is {near_format(speed, target)}x faster (target {target:g}x)"
         acc_txt = f"accuracy {_fmt(acc_e, '.4f')} vs {_fmt(acc_o, '.4f')}"
         if not acc_ok:
             acc_txt += " (edgekd is LESS accurate)"
@@ -153,33 +198,57 @@ def verdict(best: dict[str, Any] | None, optimum: dict[str, Any] | None, batch_s
 
 
 def verdict_all(best: dict[str, Any] | None, refs: list[dict[str, Any]], student: dict[str, Any] | None,
-                batch_sizes: list[int], target: float = 1.5) -> dict[str, Any]:
+                batch_sizes: list[int], target: float = 1.5, ood_skipped: bool = False) -> dict[str, Any]:
     """The issue's bar: edgekd's best artifact at least ``target`` times faster at p50 than *every*
     usual path on the same distilled student and at least as accurate as each (test), and within
-    0.5 points of the fp32 student; out of domain it keeps at least 97% of the student's accuracy."""
+    0.5 points of the fp32 student; out of domain it keeps at least 97% of the student's accuracy.
+    Both accuracy bars are decided on counts of texts (:func:`within_points`, :func:`keeps_share`). A
+    figure either bar needs that is missing is a NOT SHOWN line and the bar is not met; only a comparison
+    without an out-of-domain set on purpose (``ood_skipped``: ``--ood none``) leaves the out-of-domain
+    bar out, of the lines and of the summary alike."""
     parts = [verdict(best, ref, batch_sizes, target, f"{ref['label']}") for ref in refs]
     if not refs:
         parts = [verdict(best, None, batch_sizes, target, "any usual path")]
     lines = [line for p in parts for line in p["lines"]]
-    extra = []
-    acc_b, acc_s = (best or {}).get("accuracy"), (student or {}).get("accuracy")
-    if acc_b is not None and acc_s is not None:
-        ok = acc_b >= acc_s - 0.005 - 1e-12
-        extra.append(ok)
-        lines.append(f"{'MET' if ok else 'NOT MET'}: test accuracy {acc_b:.4f} vs the fp32 student's {acc_s:.4f} "
-                     f"({(acc_b - acc_s) * 100:+.2f} pp; within 0.5 pp required).")
-    ood_b, ood_s = (best or {}).get("ood_accuracy"), (student or {}).get("ood_accuracy")
-    if ood_b is not None and ood_s:
-        ok = ood_b / ood_s >= 0.97
-        extra.append(ok)
-        lines.append(f"{'MET' if ok else 'NOT MET'}: out of domain {ood_b:.4f} vs the fp32 student's {ood_s:.4f} "
-                     f"(keeps {ood_b / ood_s * 100:.1f}%; 97% required).")
-    met = bool(parts) and all(p["met"] for p in parts) and all(extra)
-    missed = [p["summary"] for p in parts if not p["met"]]
-    summary = (f"MET: {best['label']} is at least {target:g}x faster at p50 than every usual path, as accurate as "
-               "each, within 0.5 pp of the fp32 student and 97% of its out-of-domain accuracy." if met and best
-               else "NOT MET. " + " ".join(missed or ["See the accuracy lines below."]))
-    return {"met": met, "target_speedup": target, "parts": parts, "summary": summary, "lines": lines}
+    extra: list[tuple[bool, str]] = []  # (met, the line) of each accuracy bar
+
+    def missing(what: str, rows: list[tuple[str, Any]]) -> str:
+        absent = [who for who, value in rows if value is None]
+        return (f"NOT SHOWN: {' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing, so {what} is not "
+                "shown (not met).")
+
+    acc_b, acc_s = row_share(best), row_share(student)
+    if acc_b is None or acc_s is None:
+        line = missing("'within 0.5 pp of the fp32 student'",
+                       [("the best artifact's test accuracy", acc_b), ("the fp32 student's test accuracy", acc_s)])
+        extra.append((False, line))
+    else:
+        ok = within_points(acc_b, acc_s)
+        line = (f"{'MET' if ok else 'NOT MET'}: test accuracy {float(acc_b):.4f} vs the fp32 student's {float(acc_s):.4f} "
+                f"({near_format(float(100 * (acc_b - acc_s)), -0.5, '+.2f')} pp; within 0.5 pp required).")
+        extra.append((ok, line))
+    if not ood_skipped:
+        ood_b, ood_s = row_share(best, "ood_accuracy"), row_share(student, "ood_accuracy")
+        if ood_b is None or not ood_s:
+            line = missing("'97% of its out-of-domain accuracy'",
+                           [("the best artifact's out-of-domain accuracy", ood_b),
+                            ("the fp32 student's out-of-domain accuracy", ood_s or None)])
+            extra.append((False, line))
+        else:
+            ok = keeps_share(ood_b, ood_s)
+            line = (f"{'MET' if ok else 'NOT MET'}: out of domain {float(ood_b):.4f} vs the fp32 student's "
+                    f"{float(ood_s):.4f} (keeps {near_format(float(100 * ood_b / ood_s), 97.0, '.1f')}%; 97% required).")
+            extra.append((ok, line))
+    lines += [line for _, line in extra]
+    met = bool(parts) and all(p["met"] for p in parts) and all(ok for ok, _ in extra) and best is not None
+    missed = [p["summary"] for p in parts if not p["met"]] + [line for ok, line in extra if not ok]
+    clauses = f"at least {target:g}x faster at p50 than every usual path, as accurate as each"
+    summary = (f"MET: {best['label']} is {clauses}, within 0.5 pp of the fp32 student and 97% of its out-of-domain "
+               "accuracy." if not ood_skipped else
+               f"MET: {best['label']} is {clauses} and within 0.5 pp of the fp32 student (no out-of-domain set: "
+               "--ood none).") if met and best else "NOT MET. " + " ".join(missed or ["See the lines below."])
+    return {"met": met, "target_speedup": target, "parts": parts, "summary": summary, "lines": lines,
+            "ood_skipped": ood_skipped}
 
 
 def paired(a: list[int] | None, b: list[int] | None, labels: Any) -> dict[str, Any] | None:
@@ -235,7 +304,7 @@ def paired_all(best: dict[str, Any] | None, refs: list[dict[str, Any]], labels: 
 
 
 # The ablation: one row per edgekd step, each the change from the model before the step to the model
-# after it, both timed in the same process on the same inputs. Rows whose models were not measured
+# after it, both timed in the same process on the same texts. Rows whose models were not measured
 # (a step the run did not take, an artifact that does not exist yet) are left out, so a new step
 # gets its row as soon as its artifact exists.
 def ablation(rows: list[dict[str, Any]], manifest: dict[str, Any], batch: int,
@@ -424,16 +493,34 @@ def _choice(data: dict[str, Any]) -> str:
     return f"the best artifact is chosen on {n} validation examples"
 
 
+def _inputs_text(s: dict[str, Any], fps: dict[str | None, str]) -> str:
+    """What every row was fed, in words: the same texts and plan for every row, each model its own
+    tokenizer's ids (checked by sha256: one plan, one fingerprint per tokenizer), and the mean tokens per
+    text in each tokenizer."""
+    from edgekd.devices.tables import fingerprints_text, tokenizers_text
+
+    tokens = s.get("tokenizers") or {}
+    if "tokenizers" not in s:  # a compare.json from before rows were fed their own tokenizer's ids
+        return (f"inputs (the same for every row, checked by sha256): "
+                f"{s.get('inputs', 'real test examples, batches padded to their longest member')}")
+    own = tokenizers_text(tokens) or (f"mean tokens per text {tokens['shipped']['mean_tokens_per_text']:.2f} (one "
+                                      "tokenizer for every row)" if tokens.get("shipped") else "")
+    return (f"inputs: rows timed on the same texts, each with its own tokenizer ({s.get('inputs')}; one plan of texts "
+            f"for every row and one set of arrays per tokenizer, checked by sha256: {fingerprints_text(fps)}); {own}")
+
+
 def markdown(data: dict[str, Any]) -> str:
-    from edgekd.devices.tables import check_same_inputs
+    from edgekd.devices.tables import same_inputs
 
     rows, bs = data["rows"], data["settings"]["batch_sizes"]
-    for b in bs:  # refuse to print rows timed on different inputs side by side
-        check_same_inputs([{"name": r["name"], **((r.get("cases") or {}).get(str(b)) or {})} for r in rows],
+    fps: dict[str | None, str] = {}
+    for b in bs:  # refuse to print rows timed on other texts, or rows of one tokenizer fed other arrays
+        got = same_inputs([{"name": r["name"], **((r.get("cases") or {}).get(str(b)) or {})} for r in rows],
                           f"the compare_tools table at batch {b}")
+        fps = fps or got
     for b in sorted({b for r in rows for b in r.get("val_cases") or {}}):  # the candidates' validation timing
-        check_same_inputs([{"name": r["name"], **((r.get("val_cases") or {}).get(b) or {})} for r in rows],
-                          f"the validation timing the best artifact is chosen on (batch {b})")
+        same_inputs([{"name": r["name"], **((r.get("val_cases") or {}).get(b) or {})} for r in rows],
+                    f"the validation timing the best artifact is chosen on (batch {b})")
     env, s = data["environment"], data["settings"]
     check_same_threads(rows, s.get("threads"))
     vt, vo = data["ratios"]["vs_teacher"], data["ratios"]["vs_optimum_int8"]
@@ -453,8 +540,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; ISA {', '.join(env.get('isa') or [])}); "
         f"threads {s['threads']} for every runtime; {_calls(s)} after {s['warmup']} "
-        f"warm-up calls, {_processes(data.get('timing') or {})}; inputs (the same for every row, checked by "
-        f"sha256): {s.get('inputs', 'real test examples, batches padded to their longest member')}; accuracy on "
+        f"warm-up calls, {_processes(data.get('timing') or {})}; {_inputs_text(s, fps)}; accuracy on "
         f"{s['eval_examples']} test examples ({s.get('scoring', 'in batches of 32')}; {_choice(data)}); Optimum config `{s['optimum_isa']}`; the comparison took "
         f"{_fmt(data.get('compare_seconds'), '.0f')} s.  ",
         f"Vocabulary: {s.get('vocabulary', 'one vocabulary for every model')}.  ",
@@ -490,7 +576,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {_x(vt[r['name']]['p50_speedup'][str(b)])} | {_x(vo[r['name']]['p50_speedup'][str(b)])} |")
     abl = data.get("ablation") or []
     if abl:
-        lines += ["", f"## Ablation: what each edgekd step adds on its own (batch {s.get('ablation_batch', bs[0])}, same inputs)", "",
+        lines += ["", f"## Ablation: what each edgekd step adds on its own (batch {s.get('ablation_batch', bs[0])}, same texts)", "",
                   "| step | from → to | p50 ms before | p50 ms after | speed-up | Δ test acc | Δ val acc | Δ OOD acc "
                   "| × size |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
         for a in abl:

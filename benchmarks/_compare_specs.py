@@ -48,8 +48,8 @@ def _specs(run: Path, students: dict[str, Path], entries: list[dict[str, Any]],
     """(specs to measure, rows that cannot be measured here), in table order. ``paths`` holds, per
     student, the records of its Optimum export/quantize and OpenVINO quantize steps. ``trimmed``: the
     run trimmed its vocabulary, so the models that read the original one (the teacher, the distilled
-    student and every usual path on it) are marked ``vocab: original`` (the timing child maps the
-    shipped ids through the run's id table for them)."""
+    student and every usual path on it) are marked ``vocab: original``: the timing child times and scores
+    them on the original tokenizer's ids of the same texts."""
     teacher = run / "teacher" / "model"
     specs = [{"name": "teacher-fp32", "label": "teacher · PyTorch fp32", "group": "teacher", "kind": "hf",
               "path": str(teacher), "runtime": "PyTorch eager", "precision": "fp32",

@@ -4,9 +4,14 @@
     python benchmarks/_compare_worker.py memory JOB.json RESULT.json
 
 ``timing`` loads the job's models into this process, pins torch's and ONNX Runtime's threads to the
-same count, and times them on the same real test examples, in blocks that rotate through the
-models so that drift on a shared machine touches all of them alike; then it scores every model on
-the evaluation rows (unless the job says ``evaluate: false``). The parent sends one model per
+same count, and times them on the same real test texts, in the same order and batches (one plan of
+text indices), each model on its own tokenizer's ids of them (a trimmed vocabulary's model on the
+trimmed tokenizer's, every other model on the original one's: the same text is not the same length
+in both), in blocks that rotate through the models so that drift on a shared machine touches all of
+them alike; then it scores every model on the evaluation rows, again on its own tokenizer's ids
+(unless the job says ``evaluate: false``). Before the clock starts, every model runs each distinct
+input shape of its slice of the plan once, untimed: a runtime that sets up per shape (OpenVINO)
+pays that in no timed call. The parent sends one model per
 process, in rounds (``call_offset``: this round's slice of the timed calls), or every model at once
 (``--one-process``). ``memory`` loads one model in a fresh process and reports how much its RSS
 grew (after load, and at the peak of load plus inference).
@@ -19,6 +24,7 @@ caller.
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import json
 import sys
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _compare_models import Batches, OriginalIds, feed, load, preload, timed_call
+from _compare_models import Batches, feed, load, preload, timed_call
 
 from edgekd.devices import remote_runner
 
@@ -65,35 +71,72 @@ def _span(job: dict[str, Any], batch: int) -> tuple[int, int]:
     return at(job.get("call_offset", 0)), at(job["runs"])
 
 
-def _load_all(specs: list[dict[str, Any]], threads: int | None,
-              table: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
-    """Every model loaded; with an id ``table`` (a trimmed run) the models that read the original
-    vocabulary are timed through ``OriginalIds`` and keep their own runner (``eval_runner``) for
-    scoring on their own tokenizer's ids."""
+def _vocab(spec: dict[str, Any]) -> str:
+    """The tokenizer whose ids a model reads: ``original`` (a trimmed run's teacher, distilled student and
+    the usual paths on it), else ``shipped`` (the run's own tokenizer, trimmed or not)."""
+    return "original" if spec.get("vocab") == "original" else "shipped"
+
+
+def _inputs_by_vocab(data: dict[str, np.ndarray]) -> dict[str, Batches]:
+    """The evaluation texts as each tokenizer's ids, row i the same text in every one: ``shipped``
+    (``ids``/``mask``/``lengths``) and, for a trimmed run, ``original`` (``orig_*``)."""
+    out = {"shipped": Batches.from_npz(data)}
+    if "orig_ids" in data:
+        out["original"] = Batches(data["orig_ids"], data["orig_mask"], data["orig_lengths"])
+    return out
+
+
+def _own(inputs: dict[str, Batches], spec: dict[str, Any]) -> Batches:
+    vocab = _vocab(spec)
+    if vocab not in inputs:
+        raise ValueError(f"{spec['name']} reads the {vocab} tokenizer's ids, and the inputs hold none")
+    return inputs[vocab]
+
+
+def plan_sha256(rows: np.ndarray) -> str:
+    """sha256 of a plan's timed calls as text indices (which texts, in which order and batches): the same
+    for every row of a comparison, whichever tokenizer turns the texts into ids."""
+    rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64))
+    return hashlib.sha256(f"{rows.shape}|".encode() + rows.tobytes()).hexdigest()
+
+
+def _load_all(specs: list[dict[str, Any]], threads: int | None) -> dict[str, dict[str, Any]]:
+    """Every model loaded (a model failing to load is a record with its reason)."""
     models = {}
     for spec in specs:
-        rec: dict[str, Any] = {"status": "ok", "error": None}
+        rec: dict[str, Any] = {"status": "ok", "error": None, "vocab": _vocab(spec)}
         try:
             preload(spec)
             t0 = time.perf_counter()
             runner, info = load(spec, threads)
             rec.update(load_s=time.perf_counter() - t0, runtime=remote_runner.runtime_info(runner), info=info,
-                       runner=runner, eval_runner=runner)
-            if spec.get("vocab") == "original" and table is not None:
-                rec["runner"] = OriginalIds(runner, table)
-                info["fed"] = "the shipped (trimmed) ids, mapped to this model's vocabulary inside each timed call"
+                       runner=runner)
         except Exception as e:  # one model failing to load is a row with its reason, not a failed run
             rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
         models[spec["name"]] = rec
     return models
 
 
-def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.ndarray, batch: int,
+def _one_of_each_shape(calls: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The first call of each distinct input shape, in the order they first come."""
+    seen: dict[tuple, dict[str, np.ndarray]] = {}
+    for x in calls:
+        seen.setdefault(tuple((k, np.shape(v)) for k, v in sorted(x.items())), x)
+    return list(seen.values())
+
+
+def _time_case(models: dict[str, dict[str, Any]], inputs: dict[str, Batches], rows: np.ndarray, batch: int,
                warmup: int, runs: int, offset: int = 0) -> None:
     """Time every loaded model at one batch size; results go into each model's ``cases``. The timed
-    calls are ``rows[warmup + offset:][:runs]``: a round's slice of the plan, whose sha256 (of every
-    timed call of the plan, as ``edgekd bench`` records it) is the same in every round."""
-    base = [batches.batch(r) for r in rows]
+    calls are ``rows[warmup + offset:][:runs]``: a round's slice of the plan of text indices, the same
+    plan for every model, each model fed its own tokenizer's ids of those texts (each batch padded to its
+    longest text in that tokenization). Each case records the plan's sha256 (``plan_sha256``: every timed
+    call of the plan, the same in every round and row), the tokenizer, and the sha256 of the arrays the
+    model was fed (``inputs_sha256``, the same for every row of that tokenizer). Before any clock starts,
+    each model runs the warm-up calls, then one call of each distinct shape of its slice (untimed)."""
+    base = {v: [b.batch(r) for r in rows] for v, b in inputs.items()
+            if any(m["vocab"] == v and m["status"] == "ok" for m in models.values())}
+    plan = plan_sha256(rows[warmup:])
     prepared: dict[str, list[dict[str, np.ndarray]]] = {}
     for name, m in models.items():
         case = {"batch": batch}
@@ -101,16 +144,25 @@ def _time_case(models: dict[str, dict[str, Any]], batches: Batches, rows: np.nda
         if m["status"] != "ok":
             continue
         try:
-            prepared[name] = [feed(m["runner"], x) for x in base]
+            if m["vocab"] not in base:
+                raise ValueError(f"the inputs hold no {m['vocab']} tokenizer's ids for this model")
+            prepared[name] = [feed(m["runner"], x) for x in base[m["vocab"]]]
             for i in range(warmup):
                 m["runner"].run(prepared[name][i])
+            shapes = _one_of_each_shape(prepared[name][warmup + offset:warmup + offset + runs])
+            for x in shapes:
+                m["runner"].run(x)
+            case["shapes_warmed"] = len(shapes)
         except Exception as e:  # e.g. a batch size the artifact was not built for
             case["error"] = f"{type(e).__name__}: {e}"
             prepared.pop(name, None)
     for name, xs in prepared.items():
         # What this model is fed in the plan's timed calls (token types a graph adds are zeros, not data).
         fed = [{k: v for k, v in x.items() if k in ("input_ids", "attention_mask")} for x in xs[warmup:]]
-        models[name]["cases"][-1]["inputs_sha256"] = remote_runner.inputs_sha256(fed)
+        lengths = inputs[models[name]["vocab"]].lengths
+        models[name]["cases"][-1].update(
+            inputs_sha256=remote_runner.inputs_sha256(fed), plan_sha256=plan, tokenizer=models[name]["vocab"],
+            mean_tokens_per_item=float(lengths[np.asarray(rows[warmup:], dtype=np.int64)].mean()))
     wall: dict[str, list[float]] = {n: [] for n in prepared}
     cpu: dict[str, list[float]] = {n: [] for n in prepared}
     names = list(prepared)
@@ -159,12 +211,9 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
     _pin_torch_threads(threads, job["models"])
     with np.load(base / job["inputs"]) as z:
         data = {k: z[k] for k in z.files}
-    batches = Batches.from_npz(data)
-    table = data.get("id_table")
-    # Scoring: a model that reads the original vocabulary gets its own tokenizer's ids of the same texts.
-    own = Batches(data["orig_ids"], data["orig_mask"], data["orig_lengths"]) if table is not None else batches
-    models = _load_all(job["models"], threads, table)
-    vocab = {s["name"]: s.get("vocab") for s in job["models"]}
+    inputs = _inputs_by_vocab(data)
+    models = _load_all(job["models"], threads)
+    specs = {s["name"]: s for s in job["models"]}
     # Dynamic int8 (rows depend on each other through the call's activation scale) is scored one text
     # per call at its own length, as it is served; every other model in length-sorted batches.
     alone = {s["name"] for s in job["models"] if s.get("rows_alone")}
@@ -175,7 +224,7 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
         if job["warmup"] + offset + runs > len(rows):
             raise ValueError(f"the plan holds {len(rows)} calls at batch {b}: no room for {job['warmup']} warm-up "
                              f"calls and timed calls {offset}..{offset + runs - 1}")
-        _time_case(models, batches, rows, b, job["warmup"], runs, offset)
+        _time_case(models, inputs, rows, b, job["warmup"], runs, offset)
     timing_s = time.perf_counter() - t0
     outputs = {}
     for name, m in models.items():
@@ -183,14 +232,14 @@ def timing(job: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, n
             continue
         e0 = time.perf_counter()
         try:
-            ids = own if vocab.get(name) == "original" else batches
-            outputs[name] = _evaluate(m["eval_runner"], ids, data["eval_rows"],
+            # Scoring, as timing: each model on its own tokenizer's ids of the same texts.
+            outputs[name] = _evaluate(m["runner"], _own(inputs, specs[name]), data["eval_rows"],
                                       1 if name in alone else job["eval_batch_size"])
             m["eval_seconds"] = time.perf_counter() - e0
         except Exception as e:
             m["eval_error"] = f"{type(e).__name__}: {e}"
     result = {
-        "models": {n: {k: v for k, v in m.items() if k not in ("runner", "eval_runner")} for n, m in models.items()},
+        "models": {n: {k: v for k, v in m.items() if k not in ("runner", "vocab")} for n, m in models.items()},
         "timing_seconds": timing_s,
         "blocks": {str(b): blocks(_span(job, b)[1]) for b in job["batch_sizes"]},
         "switch_warmup": SWITCH_WARMUP,
@@ -213,7 +262,7 @@ def memory(job: dict[str, Any], base: Path) -> dict[str, Any]:
     _pin_torch_threads(threads, [spec])
     with np.load(base / job["inputs"]) as z:
         data = {k: z[k] for k in z.files}
-    batches = Batches.from_npz(data)
+    batches = _own(_inputs_by_vocab(data), spec)  # its own tokenizer's ids, as it is timed
     preloaded = preload(spec)
     gc.collect()
     rss0 = remote_runner.rss_bytes()
@@ -221,8 +270,6 @@ def memory(job: dict[str, Any], base: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     runner, _ = load(spec, threads)
     load_s = time.perf_counter() - t0
-    if spec.get("vocab") == "original" and "id_table" in data:
-        runner = OriginalIds(runner, data["id_table"])
     gc.collect()
     rss_loaded = remote_runner.rss_bytes()
     calls = 0

@@ -1,4 +1,4 @@
-"""Is edgekd better than what I would do with the usual tools? One run, one machine, the same inputs.
+"""Is edgekd better than what I would do with the usual tools? One run, one machine, the same texts.
 
     python benchmarks/compare_tools.py runs/default [--runs N] [--threads T] [--out DIR] [--artifact NAME]
                                        [--ood NAME|none] [--calibration N] [--no-memory]
@@ -25,9 +25,15 @@ as ``edgekd bench`` does, so no runtime shares a process with another (a second 
 in the process cost about 10-30% here) and drift on a shared machine touches every row alike; no
 model is always timed right after the same one; ``--one-process`` times
 every model in one process in rotating blocks instead (faster: torchao compiles once). Same thread
-count, same real inputs (each test text at its own length; batches padded to their longest text; by
-default every test text timed once at each batch size: ceil(n / b) calls of b texts);
-each row records the sha256 of the arrays it was fed and the table refuses rows that differ. Each model
+count, same real test texts in the same order and batches for every row (each text at its own length;
+batches padded to their longest text; by default every test text timed once at each batch size:
+ceil(n / b) calls of b texts), each model fed its own tokenizer's ids of them: with a trimmed vocabulary
+the untrimmed models (the teacher, the distilled student, the usual paths on it) read the original
+tokenizer's ids, as their users would (the trimmed tokenizer splits a word it dropped into more pieces,
+so its ids of a text are longer). Each row records the sha256 of its plan of texts, its tokenizer and the
+sha256 of the arrays it was fed; the table refuses rows timed on another plan, and rows of one tokenizer
+fed different arrays, and says how many tokens a text averages in each tokenizer. Before the clock starts,
+every model runs each distinct input shape of its slice once, untimed. Each model
 is scored on the test split, the validation split and an out-of-domain set (product reviews,
 ``amazon-snippets``): dynamic int8 (edgekd's and Optimum's, whose answer for a text depends on the
 other texts of the call) one text per call at its own length, as it is served, every other model in
@@ -74,6 +80,8 @@ ROUNDS = 9
 VERSIONED = ("edgekd", "torch", "torchao", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
              "onnxscript", "executorch", "numpy", "matplotlib")
 MEMORY_ROUNDS = 5
+INPUTS = ("the same test texts for every row, in the same order and batches (one plan of text indices); each model "
+          "fed its own tokenizer's ids of them, each text at its own length; batches padded to their longest text")
 
 
 def default_threads() -> int:
@@ -286,6 +294,10 @@ def _assemble(specs: list, skipped: list, timing: dict[str, Any], outputs: dict 
             m_seg = metric_fn({"logits": logits[a:b]}, labels) if logits is not None else None
             key = {"test": "metrics", "validation": "val_metrics", "ood": "ood_metrics"}[seg]
             row[key] = m_seg
+            if logits is not None and np.ndim(logits) == 2 and b > a:
+                # [right, scored]: the accuracy bars are decided on these counts (report.share), never on floats
+                right = int((np.asarray(logits[a:b]).argmax(-1) == np.asarray(labels)).sum())
+                row.setdefault("counts", {})[seg] = [right, int(b - a)]
             if seg == "test" and logits is not None and np.ndim(logits) == 2:
                 # each test text's answer, for the paired comparison on the same texts (report.paired)
                 row["test_predictions"] = np.asarray(logits[a:b]).argmax(-1).tolist()
@@ -325,9 +337,10 @@ def _ood(recipe: Any, ctx: Any, name: str | None) -> tuple[Any, str]:
 
 
 class _Tokens:
-    """The tokenizers of a comparison. ``shipped`` tokenizes every timed input; with a trimmed
-    vocabulary (``prune.trim_vocab``) it is the pruned student's own, ``original`` the distilled
-    student's, and ``table`` maps each shipped id to the original id of the same token."""
+    """The tokenizers of a comparison. ``shipped`` is the pruned student's own (it tokenizes every edgekd
+    row's inputs); with a trimmed vocabulary (``prune.trim_vocab``) ``original`` is the distilled student's,
+    whose ids the untrimmed models read (timed and scored on them, for the same texts), and ``table`` maps
+    each shipped id to the original id of the same token."""
 
     def __init__(self, shipped: Any, original: Any, table: np.ndarray | None):
         self.shipped, self.original, self.table = shipped, original, table
@@ -335,9 +348,22 @@ class _Tokens:
     def describe(self) -> str:
         if self.table is None:
             return f"one vocabulary ({len(self.shipped)} tokens) for every model"
-        return (f"trimmed: every model is timed on the pruned student's ids ({len(self.shipped)} tokens); the "
-                f"untrimmed models (teacher, distilled student, the usual paths on it; {len(self.original)} tokens) "
-                "read them through an id table to their vocabulary, and are scored on their own tokenizer's ids")
+        return (f"trimmed: the pruned student and edgekd's exports read the trimmed tokenizer's ids ({len(self.shipped)} "
+                f"tokens); the untrimmed models (teacher, distilled student, the usual paths on it; "
+                f"{len(self.original)} tokens) are timed and scored on their own tokenizer's ids of the same texts")
+
+    def lengths(self, arrays: dict[str, np.ndarray], n: int) -> dict[str, Any]:
+        """Mean tokens per test text (of the ``n`` timed and scored) in each tokenizer's ids, and how many
+        of those texts are of another length in the two (a trimmed vocabulary splits words it dropped into
+        more pieces)."""
+        shipped = np.asarray(arrays["lengths"][:n])
+        out: dict[str, Any] = {"texts": int(n), "shipped": {"vocabulary": len(self.shipped),
+                                                            "mean_tokens_per_text": float(shipped.mean())}}
+        if "orig_lengths" in arrays:
+            orig = np.asarray(arrays["orig_lengths"][:n])
+            out["original"] = {"vocabulary": len(self.original), "mean_tokens_per_text": float(orig.mean())}
+            out["texts_differing_in_length"] = int((orig != shipped).sum())
+        return out
 
 
 def _tokenizers(ctx: Any, recipe: Any, students: dict[str, Path], teacher: Path) -> _Tokens:
@@ -349,8 +375,8 @@ def _tokenizers(ctx: Any, recipe: Any, students: dict[str, Path], teacher: Path)
     if ctx.task.load_tokenizer(teacher).get_vocab() != original.get_vocab():
         # Every untrimmed row, the teacher's too, reads the distilled student's token ids.
         raise StageError(f"the teacher ({teacher}) and the distilled student ({students['student']}) have different "
-                         "vocabularies, and this script feeds every model the same token ids; compare a run whose "
-                         "student was built from the teacher (or shares its tokenizer).")
+                         "vocabularies, and this script feeds the teacher the distilled student's token ids; compare a "
+                         "run whose student was built from the teacher (or shares its tokenizer).")
     if not trimmed:
         return _Tokens(original, original, None)
     from edgekd.pruning.vocab import original_ids
@@ -446,12 +472,14 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
     ood_set, ood_how = _ood(recipe, ctx, ood)
     arrays, segments = _eval_arrays(ctx, tok, n_eval, ood_set, "")
     if tokens.table is not None:
-        # The untrimmed models are timed on the shipped ids through the table, and scored on their own
-        # tokenizer's ids (the accuracy a user of the usual tools gets); same texts, same order.
+        # The untrimmed models are timed and scored on their own tokenizer's ids of the same texts, in the
+        # same order: the trimmed tokenizer splits a word whose tokens it dropped into more pieces, so the
+        # shipped ids of a text are longer than the ones the usual tools (and the teacher) ever serve.
         orig, orig_segments = _eval_arrays(ctx, tokens.original, n_eval, ood_set, "orig_")
         if {k: v[:2] for k, v in orig_segments.items()} != {k: v[:2] for k, v in segments.items()}:
             raise StageError("the original and the trimmed tokenizer gave different evaluation rows")
-        arrays.update(orig, id_table=tokens.table)
+        arrays.update(orig)
+    token_counts = tokens.lengths(arrays, n_eval)
     start = max(b for _, b, _ in segments.values())
     arrays["eval_rows"] = np.arange(start)
     env = _environment(threads)
@@ -530,7 +558,8 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
                      "ablation_batch": ablation_batch, "test_examples": n, "eval_examples": n_eval, "validation_examples": len(val),
                      "accuracy_budget": budget, "target_speedup": target_speedup, "artifact": artifact,
                      "optimum_isa": isa, "seed": seed, "calibration_texts": n_calib,
-                     "inputs": "real lengths: each test text at its own length; batches padded to their longest text",
+                     "inputs": INPUTS,
+                     "tokenizers": token_counts,
                      "scoring": "dynamic int8 one text per call at its own length, as it is served; the other "
                                 "models in length-sorted batches of 32",
                      "vocabulary": tokens.describe()},
@@ -545,8 +574,9 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
         "best": {"name": best_name, "why": why, "student_val_accuracy": student_row.get("val_accuracy"),
                  "budget": budget, "shipped": shipped_artifact(RunFolder(run))[0],
                  "chosen_on": _chosen_on(artifact, selection, len(val))},
+        # Only a comparison told to score no out-of-domain set (--ood none) leaves that bar out.
         "verdict": report.verdict_all(by_name.get(best_name) if best_name else None, refs, student_row,
-                                      list(batch_sizes), target_speedup),
+                                      list(batch_sizes), target_speedup, ood_skipped=ood == "none"),
         "ablation": report.ablation(rows, manifest, ablation_batch, trimmed=tokens.table is not None),
         "paired": report.paired_all(by_name.get(best_name) if best_name else None, [*refs, student_row],
                                     segments["test"][2]),

@@ -6,8 +6,8 @@
 
 For each seed: ``edgekd run RECIPE --set seed=S --set name=<name>-seed<S>`` (a stage unchanged since
 an earlier run of that seed is skipped; ``--no-run`` measures existing run folders only), then
-``compare_tools`` on that run folder (every model timed on the same inputs, each in its own process,
-in rounds), with ``--artifact`` set to the folder the run ships (the quantize stage's recommendation,
+``compare_tools`` on that run folder (every model timed on the same texts, each on its own tokenizer's
+ids, in its own process, in rounds), with ``--artifact`` set to the folder the run ships (the quantize stage's recommendation,
 as the run's summary and ``edgekd serve`` name it), so the figures and the verdict are the shipped
 artifact's, never a folder compare_tools would pick by its own rule. ``--no-run --reuse`` reads each
 run's ``compare/compare.json`` instead of measuring again (the shipped folder's row in it). The
@@ -82,9 +82,16 @@ def shipped_row(data: dict[str, Any]) -> dict[str, Any]:
     return next((r for r in rows if r.get("best")), None) or {}
 
 
+# The usual paths whose bars every seed must show (compare_tools' default paths): a path that failed, was
+# skipped or is not installed in a seed gives that seed no figure, which counts as not met, never as absent.
+REQUIRED_PATHS = ("optimum-onnx-int8", "openvino-nncf-int8", "torchao-int8-compiled")
+
+
 def seed_figures(data: dict[str, Any], batch: int = 1) -> dict[str, float | None]:
     """One seed's figures from its compare.json: the shipped artifact against the student, the
-    teacher and each usual path, all timed in that one compare run."""
+    teacher and each usual path, all timed in that one compare run. The speed-up and margin against
+    each of :data:`REQUIRED_PATHS` are always there (None where the path did not run); another usual
+    path (torchao eager) only where it ran. A ``--pipeline-only`` record built no usual path: none."""
     rows = {r["name"]: r for r in data.get("rows") or []}
     best = shipped_row(data)
     student, teacher = rows.get("student-fp32") or {}, rows.get(report.TEACHER) or {}
@@ -104,12 +111,25 @@ def seed_figures(data: dict[str, Any], batch: int = 1) -> dict[str, float | None
     }
     for name in USUAL_LABELS:
         ref = rows.get(name)
-        if ref is None or ref.get("status") != "ok":
+        ran = ref is not None and ref.get("status") == "ok"
+        if data.get("pipeline_only") or (not ran and name not in REQUIRED_PATHS):
             continue
-        out[f"speedup:{name}"] = report._div(report.p50(ref, batch), p_b)
-        out[f"margin:{name}"] = (None if acc_b is None or ref.get("accuracy") is None
+        out[f"speedup:{name}"] = report._div(report.p50(ref, batch), p_b) if ran else None
+        out[f"margin:{name}"] = (None if not ran or acc_b is None or ref.get("accuracy") is None
                                  else 100.0 * (acc_b - ref["accuracy"]))
     return out
+
+
+def exact_bars(data: dict[str, Any]) -> dict[str, bool | None]:
+    """The accuracy bars of one seed decided on counts of texts, as compare_tools decides them
+    (``_compare_report.within_points`` and ``keeps_share``): the float figures only display. None where a
+    figure is missing."""
+    rows = {r["name"]: r for r in data.get("rows") or []}
+    best, student = shipped_row(data), rows.get("student-fp32") or {}
+    acc_b, acc_s = report.row_share(best), report.row_share(student)
+    ood_b, ood_s = report.row_share(best, "ood_accuracy"), report.row_share(student, "ood_accuracy")
+    return {"vs_student_pp": None if acc_b is None or acc_s is None else report.within_points(acc_b, acc_s),
+            "ood_kept_pct": None if ood_b is None or not ood_s else report.keeps_share(ood_b, ood_s)}
 
 
 def _dotted(tree: Any, key: str) -> tuple[bool, Any]:
@@ -360,11 +380,21 @@ def _meets(value: float | None, bar: tuple[str, float]) -> bool | None:
     return value >= limit if op == ">=" else value <= limit
 
 
+def _verdict_met(data: dict[str, Any]) -> bool:
+    """compare_tools' own verdict on this seed met, and about the shipped folder (a verdict on another
+    pick says nothing about what ships)."""
+    return bool((data.get("verdict") or {}).get("met")) and _verdict_is_shipped(data)
+
+
 def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) -> dict[str, Any]:
     """Mean ± sd of every figure over the seeds, and per bar how many seeds meet it. A seed whose
-    figure is missing counts as not meeting the bar (it was not shown). Seeds whose comparisons were timed
-    on different threads or inputs raise ``EdgeKDError`` (:func:`timing_over_seeds`)."""
+    figure is missing counts as not meeting the bar (it was not shown): the bars against each usual path
+    of :data:`REQUIRED_PATHS` are there whether or not it ran. The accuracy bars are decided on counts
+    (:func:`exact_bars`). All bars are met only when every bar is met in every seed and every seed's own
+    compare_tools verdict is met. Seeds whose comparisons were timed on different threads or inputs raise
+    ``EdgeKDError`` (:func:`timing_over_seeds`)."""
     figs = {s: seed_figures(d) for s, d in per_seed.items()}
+    exact = {s: exact_bars(d) for s, d in per_seed.items()}
     seeds = sorted(figs)
     rows = []
     bars = list(FIGURES)
@@ -380,11 +410,13 @@ def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) 
         row = {"key": key, "what": what, "format": fmt, "values": dict(zip(seeds, values, strict=True)),
                **_stats(values)}
         if bar is not None:
-            met = [_meets(v, bar) for v in values]
-            row.update(bar=f"{bar[0]} {bar[1]:g}", seeds_meeting=sum(bool(m) for m in met), all_met=all(met))
+            met = [exact[s][key] if key in exact[s] else _meets(v, bar) for s, v in zip(seeds, values, strict=True)]
+            row.update(bar=f"{bar[0]} {bar[1]:g}", limit=bar[1], seeds_meeting=sum(bool(m) for m in met),
+                       all_met=all(met))
         rows.append(row)
     barred = [r for r in rows if "bar" in r]
     pipeline_only = any(d.get("pipeline_only") for d in per_seed.values())
+    verdicts_met = {s: _verdict_met(per_seed[s]) for s in seeds}
     # compare_tools' text-by-text comparison of the shipped artifact with each path (when it recorded one)
     paired: dict[str, dict[int, Any]] = {}
     for s in seeds:
@@ -393,7 +425,9 @@ def aggregate(per_seed: dict[int, dict[str, Any]], target_speedup: float = 1.5) 
     return {"seeds": seeds, "rows": rows, "pipeline_only": pipeline_only, "paired": paired,
             "averaged": _seed_averaged(per_seed, seeds, list(paired)),
             "ablation": ablation_over_seeds(per_seed), "timing": timing_over_seeds(per_seed),
-            "all_met": bool(barred) and all(r["all_met"] for r in barred) and not pipeline_only,
+            "all_met": (bool(barred) and all(r["all_met"] for r in barred) and not pipeline_only
+                        and all(verdicts_met.values())),
+            "verdicts_met": verdicts_met,
             "verdicts": {s: _verdict(per_seed[s]) for s in seeds}}
 
 
@@ -429,7 +463,7 @@ def _ablation_markdown(ablation: list[dict[str, Any]], n_seeds: int) -> list[str
 
     lines = ["", "## What each edgekd step adds on its own, over the seeds", "",
              "compare_tools' ablation (batch 1, both models of a step timed in the same comparison on the same "
-             "inputs), mean ± sd over the seeds that have the step; accuracy changes in points; rows from a stage's "
+             "texts), mean ± sd over the seeds that have the step; accuracy changes in points; rows from a stage's "
              "record (no timed model) have no latency.", "",
              "| step | from → to | p50 ms before → after | speed-up | Δ test | Δ val | Δ OOD | × size | seeds |",
              "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
@@ -510,25 +544,31 @@ def _timing_lines(timing: dict[str, Any]) -> list[str]:
 def markdown(agg: dict[str, Any], title: str) -> str:
     seeds = agg["seeds"]
 
-    def f(v: float | None, fmt: str) -> str:
-        return "—" if v is None else format(v, fmt)
+    def f(v: float | None, fmt: str, limit: float | None = None) -> str:
+        if v is None:
+            return "—"
+        return report.near_format(v, limit, fmt) if limit is not None else format(v, fmt)
 
     lines = [f"# {title}", "", f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean ± sample sd.", "",
              *_timing_lines(agg.get("timing") or {}),
              "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | bar | seeds meeting it |",
              "|---|" + "--:|" * len(seeds) + "--:|---|--:|"]
     for r in agg["rows"]:
-        fmt = r["format"]
+        fmt, limit = r["format"], r.get("limit")
         ms = f"{f(r['mean'], fmt)} ± {f(r['sd'], fmt.lstrip('+'))}" if r["n"] else "—"
-        lines.append(f"| {r['what']} | " + " | ".join(f(r["values"][s], fmt) for s in seeds)
+        if r["n"] and r["n"] < len(seeds):  # the mean of the seeds that have the figure: say of how many
+            ms += f" ({r['n']} of {len(seeds)})"
+        lines.append(f"| {r['what']} | " + " | ".join(f(r["values"][s], fmt, limit) for s in seeds)
                      + f" | {ms} | {r.get('bar', '')} | "
                      + (f"{r['seeds_meeting']} of {len(seeds)}" if "bar" in r else "") + " |")
     if agg.get("pipeline_only"):
         lines += ["", "**Pipeline figures only** (`--pipeline-only`): the usual paths were not built, so the bars "
                   "against them are not shown and not met here; run without `--pipeline-only` for them.", ""]
     else:
+        unmet = [str(s) for s, ok in (agg.get("verdicts_met") or {}).items() if not ok]
         lines += ["", "**All bars met in every seed.**" if agg["all_met"] else
-                  "**Not every bar is met in every seed** (see the last column).", ""]
+                  "**Not every bar is met in every seed** (see the last column"
+                  + (f"; compare_tools' own verdict is not met in seed {', '.join(unmet)}" if unmet else "") + ").", ""]
     lines += [f"- seed {s}: {v}" for s, v in agg["verdicts"].items() if v]
     if agg.get("paired"):
         labels = {**USUAL_LABELS, "student-fp32": "fp32 distilled student"}

@@ -103,11 +103,92 @@ def _torch_entries(torch_models: dict[str, tuple[Any, Any]] | None, workdir: Pat
     return entries
 
 
+def _untrimmed_inputs(torch_models: dict[str, tuple[Any, Any]], cfg: BenchConfig, inputs: measure.Inputs,
+                      original: tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None] | None,
+                      workdir: Path) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
+    """A run that trimmed its vocabulary hands the bench its unpruned PyTorch models (the teacher, the
+    distilled student) behind the trimmed vocabulary's id table (``FromTrimmedIds``), so that they read the
+    shipped ids. The trimmed tokenizer splits a word it dropped into more pieces, so those ids are longer
+    than the ones these models serve: each is timed instead without the table, on ``original`` (the same
+    test texts, in the same order, and the same out-of-domain texts, as the tokenizer these models read
+    gives them: the run context's ``bench_original_inputs``), in the same plan of calls. Returns the models
+    to time and, where any was unwrapped, what they are fed: the files of their inputs (``examples``,
+    ``eval_inputs``), the unwrapped names, and the record of both tokenizers' lengths."""
+    from edgekd.pruning.vocab import FromTrimmedIds
+
+    wrapped = {n for n, (m, _) in torch_models.items() if isinstance(m, FromTrimmedIds)}
+    if not wrapped:
+        return torch_models, {}
+    models = {n: ((m.module, io) if n in wrapped else (m, io)) for n, (m, io) in torch_models.items()}
+    own: dict[str, Any] = {"names": wrapped, "files": {}}
+    if inputs.eval_inputs is None:  # synthetic ids: no texts to tokenize, every row fed the same arrays
+        return models, own
+    if original is None:
+        raise StageError(f"the PyTorch models {sorted(wrapped)} read another tokenizer's ids than the shipped files, "
+                         "and the bench was not given their ids of the same texts (original_inputs): it would time "
+                         "them on the trimmed vocabulary's longer ids")
+    theirs = measure.Inputs.from_config(cfg, original[0], original[1], inputs.ood_name)
+    if (theirs.n_test, len(next(iter(theirs.eval_inputs.values())))) != (
+            inputs.n_test, len(next(iter(inputs.eval_inputs.values())))):
+        raise StageError("the original tokenizer's inputs hold other texts than the shipped ones (counts differ): "
+                         "they must be the same test and out-of-domain texts in the same order")
+    np.savez(workdir / "eval_inputs-original.npz", **theirs.eval_inputs)
+    own["files"]["eval_inputs"] = "eval_inputs-original.npz"
+    if inputs.examples is not None and theirs.examples is not None:  # the timed texts, in the same plan
+        np.savez(workdir / "examples-original.npz", **theirs.examples)
+        own["files"]["examples"] = "examples-original.npz"
+    n_test = inputs.n_test or len(theirs.eval_inputs["input_ids"])
+    shipped = remote_runner.marked_lengths({"attention_mask": np.asarray(inputs.eval_inputs["attention_mask"])[:n_test]})
+    their = remote_runner.marked_lengths({"attention_mask": np.asarray(theirs.eval_inputs["attention_mask"])[:n_test]})
+    own["tokenizers"] = {
+        "texts": int(n_test), "shipped": {"mean_tokens_per_text": float(shipped.mean())},
+        "original": {"mean_tokens_per_text": float(their.mean()),
+                     "how": f"{', '.join(f'pytorch-{n}' for n in sorted(wrapped))}: the same texts, tokenized by "
+                            "the tokenizer these models read (the run's untrimmed one)"},
+        "texts_differing_in_length": int((shipped != their).sum()),
+    }
+    return models, own
+
+
+# The bench keys a phone's own tool reads (ON_DEVICE.md, devices/ondevice.py): executor_runner over adb takes
+# the threads, the warm-up and timed iterations and real or synthetic inputs, at batch 1 only; Xcode's Core ML
+# performance report takes none of them. The bench itself reads the rest of what applies on every profile
+# (which folders, whether the PyTorch rows are listed, the profile, isolate: checked apart).
+TOOL_READS = {"adb": ("threads", "warmup", "runs", "inputs", "batch_sizes"), "xcode": ()}
+TOOL_NAMES = {"adb": "ExecuTorch's executor_runner over adb", "xcode": "Xcode's Core ML performance report"}
+BENCH_READS = ("enabled", "profile", "targets", "torch_models", "isolate")
+
+
+def _phone_problems(cfg: BenchConfig, prof: DeviceProfile) -> list[str]:
+    """The bench keys set away from their defaults that the profile's phone tool does not read, each named
+    with the tool: the phone is timed by that tool as ON_DEVICE.md says, so such a key would be accepted
+    and silently ignored (the time budget, the rounds, the scoring keys, ...)."""
+    tool = prof.connection.tool
+    reads, name = TOOL_READS[tool], TOOL_NAMES[tool]
+    reads_text = (", ".join(f"bench.{k}" + (" (batch 1 only)" if k == "batch_sizes" else "") for k in reads)
+                  or "none of the bench section's timing keys")
+    problems = []
+    for key in changed_keys(cfg):
+        top = key.split(".", 1)[0]
+        if top in BENCH_READS:
+            continue
+        if top == "batch_sizes" and top in reads:
+            if list(cfg.batch_sizes) != [1]:
+                problems.append(f"bench.batch_sizes: {name} times batch 1 only (profile '{prof.name}'), so batch "
+                                f"sizes {cfg.batch_sizes} would not be timed: set bench.batch_sizes: [1] or drop it")
+            continue
+        if top not in reads:
+            problems.append(f"bench.{top}: the profile '{prof.name}' is timed by {name} (ON_DEVICE.md), which does not "
+                            f"read it (it reads {reads_text}): drop bench.{top}")
+    return list(dict.fromkeys(problems))
+
+
 def config_problems(cfg: BenchConfig, prof: DeviceProfile) -> list[str]:
     """What of ``cfg`` the bench on ``prof`` would accept and not apply, each naming its recipe key; []
     when none. ``bench.isolate: false`` measures in this process, so nothing can stop a runtime call that
     hangs (``bench.timeout_s`` stops a child process) and pinning CPUs (the profile's ``cpus``) would pin
-    the caller: both are refused there rather than dropped."""
+    the caller: both are refused there rather than dropped. A phone (a manual profile) is timed by its own
+    tool, which reads only some bench keys: the others, set, are refused (:func:`_phone_problems`)."""
     if prof.connection.kind != "local":
         problems = []
         if (prof.connection.kind == "manual" and prof.connection.tool == "adb" and not cfg.threads
@@ -115,6 +196,8 @@ def config_problems(cfg: BenchConfig, prof: DeviceProfile) -> list[str]:
             problems.append(f"bench.threads: the profile '{prof.name}' sets neither threads nor cores, and the "
                             "phone's core count cannot be read from here for executor_runner's --cpu_threads: set "
                             "threads (or cores) in the profile, or bench.threads")
+        if prof.connection.kind == "manual":
+            problems += _phone_problems(cfg, prof)
         # a remote or phone bench runs each model in a process of its own on the device, whatever isolate says
         return problems if cfg.isolate else [*problems,
             f"bench.isolate: false measures in this process, and the profile '{prof.name}' measures on its device "
@@ -134,7 +217,9 @@ def config_problems(cfg: BenchConfig, prof: DeviceProfile) -> list[str]:
 
 
 def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: BenchConfig, inputs: measure.Inputs,
-                   workdir: Path) -> None:
+                   workdir: Path, own_files: dict[str, str] | None = None) -> None:
+    """Measure every entry in rounds. An entry whose ``tokenizer`` is ``original`` (an unpruned model of a
+    trimmed run) is fed ``own_files`` instead (its own tokenizer's ids of the same texts), in the same plan."""
     files = inputs.write(workdir)
     threads = cfg.threads or prof.bench_threads()
     # One case list for every model: the same lengths, padding and batches for each row of the table.
@@ -157,6 +242,8 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
     def measure_one(e: dict[str, Any], r: int, offset: int, runs: int) -> tuple[dict, dict | None]:
         job = measure.round_job(measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
                                                  case_list), cfg, r, len(spans), offset, runs)
+        if e.get("tokenizer") == "original":  # the same texts and plan, in its own tokenizer's ids
+            job.update({k: v for k, v in (own_files or {}).items() if k in job and job[k] is not None})
         if e.get("scored_elsewhere"):  # its accuracy comes from bench_run's own_outputs: timed only
             job.pop("eval_inputs", None)
         if e["kind"] == "torch":
@@ -190,6 +277,7 @@ def bench_run(
     ood: tuple[str, dict[str, np.ndarray], np.ndarray] | None = None,
     own_outputs: Callable[[], dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]] | None = None,
     not_current: dict[str, str] | None = None,
+    original_inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None] | None = None,
 ) -> dict[str, Any]:
     """Measure every export folder of ``run_dir`` (and the eager ``torch_models``, name -> (export
     module, ModelIO)) on ``profile`` (a shipped name or a YAML path; default ``cfg.profile``, i.e.
@@ -205,6 +293,9 @@ def bench_run(
     its note; such a model is then only timed, not scored a second time on inputs it does not read.
     ``not_current`` (folder name -> why) lists export folders the run's recipe no longer makes (the quantized
     ones of a quantize stage it turns off): they are listed as skipped, not measured as current.
+    ``original_inputs`` (test inputs, out-of-domain inputs or None) are the same texts in the ids the
+    unpruned PyTorch models read where those differ from the shipped ones (a trimmed vocabulary): such a
+    model is timed on them, in the same plan of calls as every other row.
     """
     cfg = cfg or BenchConfig()
     run_dir = Path(run_dir).resolve()  # the measuring child runs elsewhere
@@ -223,9 +314,14 @@ def bench_run(
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
         workdir = Path(tmp)
         kind = prof.connection.kind
+        own_inputs: dict[str, Any] = {}
         if torch_models and cfg.torch_models:
             if kind == "local" and prof.runs_pytorch():
+                torch_models, own_inputs = _untrimmed_inputs(torch_models, cfg, inputs, original_inputs, workdir)
                 entries += _torch_entries(torch_models, workdir)
+                for e in entries:
+                    if e["name"].removeprefix("pytorch-") in own_inputs.get("names", ()) and e["kind"] == "torch":
+                        e["tokenizer"] = "original"
             else:
                 reason = (f"eager PyTorch models are measured on the local profile only, not over '{kind}'"
                           if kind != "local" else
@@ -247,7 +343,7 @@ def bench_run(
                 if e["name"] in own and e["kind"] == "torch":
                     e["scored_elsewhere"] = True
         if kind == "local":
-            _measure_local(entries, prof, cfg, inputs, workdir)
+            _measure_local(entries, prof, cfg, inputs, workdir, own_inputs.get("files"))
             env = remote_runner.environment(cfg.threads or prof.bench_threads())
         elif kind == "ssh":
             from edgekd.devices.remote import bench_ssh
@@ -259,13 +355,14 @@ def bench_run(
             extra_files = prepare_on_device(entries, prof, cfg, inputs, run_dir)
             env = None
         threads, threads_from = threads_used(cfg, prof, env, entries)
+    _label_inputs(entries, inputs, own_inputs)
     ref = measure.reference_accuracies(run_dir, reference, metric)
     for e in entries:
         test_out, ood_out = inputs.split_outputs(e.pop("_outputs", None))
         if e.pop("scored_elsewhere", False) and e.get("status", "ok") == "ok":  # timed; scored on its own inputs
             test_out, ood_out = own[e["name"]]
-            e["note"] = ("timed on the shipped tokenizer's ids through the id table; accuracy on its own "
-                         "tokenizer's ids")
+            e["note"] = ("timed on its own tokenizer's ids of the same texts" if e.get("tokenizer") == "original"
+                         else "timed on the shipped tokenizer's ids") + "; accuracy on its own tokenizer's ids"
         elif e.get("eval_rows_per_call") and test_out is not None:
             e["note"] = f"accuracy: {e['eval_rows_per_call']}"
         metrics = measure.score(test_out, eval_labels, metric_fn)
@@ -289,7 +386,7 @@ def bench_run(
         "headline": tables.headline_case(cfg, real=inputs.plan is not None),
         "inputs": tables.inputs_record(cfg, inputs, threads,
                                        len(measure.round_spans(cfg.runs, cfg.rounds)) if kind in ("local", "ssh") else 1,
-                                       threads_from=threads_from),
+                                       threads_from=threads_from, tokenizers=own_inputs.get("tokenizers")),
         "ood": {"dataset": ood_name, "examples": len(ood_labels)} if ood_name else None,
         "metric": metric,
         "input": input_desc,  # e.g. "image 128x128" where inputs have no sequence axis
@@ -300,6 +397,22 @@ def bench_run(
     out = run_dir / "bench" / prof.name
     tables.write_bench_dir(out, data, extra_files)
     return summary(data, out)
+
+
+def _label_inputs(entries: list[dict[str, Any]], inputs: measure.Inputs, own_inputs: dict[str, Any]) -> None:
+    """Say in each timed case what it was fed beside its arrays' sha256: the plan of texts (``plan_sha256``,
+    the plan every job of this bench was given, real lengths only), and where some rows read another
+    tokenizer's ids of those texts (a trimmed run's unpruned models), which tokenizer (``original`` or
+    ``shipped``), so the tables check the arrays per tokenizer and the plan across all rows."""
+    two = bool(own_inputs.get("files"))
+    for e in entries:
+        for c in e.get("cases") or []:
+            if not c.get("inputs_sha256"):
+                continue
+            if c.get("seq") == "real" and inputs.plan is not None and f"b{c.get('batch')}" in inputs.plan:
+                c["plan_sha256"] = measure.plan_sha256(inputs.plan[f"b{c['batch']}"])
+            if two:
+                c["tokenizer"] = e.get("tokenizer") or "shipped"
 
 
 def threads_used(cfg: BenchConfig, prof: DeviceProfile, env: dict[str, Any] | None,
@@ -352,7 +465,7 @@ def summary(data: dict[str, Any], out: Path) -> dict[str, Any]:
         row = tables.headline_row(e, data["headline"])
         per_model[e["name"]] = {k: row.get(k) for k in ("status", "p50_ms", "p99_ms", "throughput", "accuracy",
                                                          "ood_accuracy", "delta_vs_teacher", "size_bytes",
-                                                         "inputs_sha256")}
+                                                         "inputs_sha256", "plan_sha256", "tokenizer")}
     return {
         "profile": data["profile"]["name"],
         "dir": str(out),

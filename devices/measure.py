@@ -100,6 +100,13 @@ class Inputs:
         return test, ood
 
 
+def plan_sha256(rows: np.ndarray) -> str:
+    """sha256 of a timing plan as text indices ([calls, batch]: which texts, in which order and batches):
+    the same for every row of a bench, whichever tokenizer turns the texts into ids."""
+    rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64))
+    return hashlib.sha256(f"{rows.shape}|".encode() + rows.tobytes()).hexdigest()
+
+
 def real_lengths(cfg: BenchConfig, eval_inputs: dict[str, np.ndarray] | None) -> bool:
     """Whether the bench times each text at its own length: the default for token inputs with real
     examples (bench.inputs: real, no bench.seq_lengths)."""

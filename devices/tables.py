@@ -34,11 +34,12 @@ def headline_case(cfg: Any, real: bool = False) -> dict[str, Any]:
 
 
 def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1,
-                  threads_from: str | None = None) -> dict[str, Any]:
+                  threads_from: str | None = None, tokenizers: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every model of the bench was fed, for the table's header and results.json (``rounds``: how
     many rounds the timed calls were split over; fewer than ``bench.rounds`` asked only where the
     device's own tool times each model once, which the record then says; ``threads_from``: where the
-    thread count came from, said beside it in the header)."""
+    thread count came from, said beside it in the header; ``tokenizers``: where some rows read another
+    tokenizer's ids of the same texts, the mean tokens per text in each and how many texts differ in length)."""
     if inputs.plan is not None:
         how = ("real lengths: each test text at its own length at batch 1; larger batches padded to their "
                "longest text")
@@ -48,11 +49,14 @@ def inputs_record(cfg: Any, inputs: Any, threads: int | None, rounds: int = 1,
         how = f"every row padded or truncated to {', '.join(map(str, cfg.seq_lengths))} tokens"
     else:
         how = "one shared length for every model"
+    if tokenizers and "original" in tokenizers:
+        how += "; the same texts, in the same order and batches, for every row, each model fed its own tokenizer's ids"
     return {"mode": "real" if inputs.plan is not None else ("fixed" if cfg.seq_lengths else "shared"),
             "description": how, "source": "real" if inputs.examples is not None else "synthetic",
             "timed_calls": cfg.runs, "warmup_calls": cfg.warmup, "threads": threads,
             **({"threads_from": threads_from} if threads_from else {}),
             "rounds": rounds,
+            **({"tokenizers": tokenizers} if tokenizers else {}),
             **({"rounds_note": f"bench.rounds {cfg.rounds} does not apply here: the device's own benchmark tool "
                                "times each model once"} if rounds == 1 and cfg.rounds > 1 and cfg.runs > 1 else {})}
 
@@ -78,20 +82,71 @@ def pick_case(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any]
     return None
 
 
-def check_same_inputs(rows: list[dict[str, Any]], what: str = "this table") -> str | None:
-    """Refuse rows timed on different inputs: every timed row that records an inputs fingerprint must
-    record the same one. Returns the shared fingerprint (None when no row has one)."""
-    prints: dict[str, list[str]] = {}
+def same_inputs(rows: list[dict[str, Any]], what: str = "this table") -> dict[str | None, str]:
+    """Refuse rows timed on different inputs. Every timed row (a p50) is fed the same texts in the same
+    order and batches (``plan_sha256``, the plan of text indices, where recorded: one for every row), and
+    each model its own tokenizer's ids of them (``tokenizer``; None: the bench's one set of inputs): every
+    timed row of one tokenizer must record the same arrays fingerprint (``inputs_sha256``). Where rows of
+    more than one tokenizer are timed, each must record its plan, or nothing shows they read the same texts.
+    Returns each tokenizer's fingerprint ({} when no row has one)."""
+    prints: dict[str | None, dict[str, list[str]]] = {}
+    plans: dict[str, list[str]] = {}
+    unplanned: list[str] = []
     for r in rows:
-        if r.get("p50_ms") is not None and r.get("inputs_sha256"):
-            prints.setdefault(r["inputs_sha256"], []).append(str(r.get("name")))
-    if len(prints) > 1:
-        detail = "; ".join(f"{fp[:12]}…: {', '.join(names)}" for fp, names in prints.items())
+        if r.get("p50_ms") is None or not r.get("inputs_sha256"):
+            continue
+        prints.setdefault(r.get("tokenizer"), {}).setdefault(r["inputs_sha256"], []).append(str(r.get("name")))
+        if r.get("plan_sha256"):
+            plans.setdefault(r["plan_sha256"], []).append(str(r.get("name")))
+        else:
+            unplanned.append(str(r.get("name")))
+    again = "re-run `edgekd bench` (or compare_tools) so they are"
+    if len(plans) > 1 or (len(prints) > 1 and unplanned):
+        detail = "; ".join(f"{fp[:12]}…: {', '.join(names)}" for fp, names in plans.items())
+        if len(prints) > 1 and unplanned:
+            detail += f"{'; ' if detail else ''}no plan recorded: {', '.join(unplanned)}"
         raise StageError(
-            f"{what} would put rows timed on different inputs side by side ({detail}). Every model must be "
-            "timed on the same texts, lengths, padding and batches: re-run `edgekd bench` so they are."
+            f"{what} would put rows timed on different texts side by side (plans of text indices: {detail}). Every "
+            f"model must be timed on the same texts, in the same order and batches: {again}."
         )
-    return next(iter(prints), None)
+    for tok, fps in prints.items():
+        if len(fps) > 1:
+            detail = "; ".join(f"{fp[:12]}…: {', '.join(names)}" for fp, names in fps.items())
+            whose = f" of the {tok} tokenizer" if tok else ""
+            raise StageError(
+                f"{what} would put rows{whose} timed on different inputs side by side ({detail}). Every model must be "
+                f"timed on the same texts, lengths, padding and batches, each row of one tokenizer on the same arrays: "
+                f"{again}."
+            )
+    return {tok: next(iter(fps)) for tok, fps in prints.items()}
+
+
+def check_same_inputs(rows: list[dict[str, Any]], what: str = "this table") -> str | None:
+    """:func:`same_inputs`; returns the shared fingerprint where every row was fed the same arrays (one
+    tokenizer), else None."""
+    fps = same_inputs(rows, what)
+    return next(iter(fps.values())) if len(fps) == 1 else None
+
+
+def fingerprints_text(fps: dict[str | None, str]) -> str:
+    """The header's words for :func:`same_inputs`' fingerprints: one, or one per tokenizer."""
+    if not fps:
+        return "not recorded"
+    if len(fps) == 1:
+        return f"{next(iter(fps.values()))[:16]}…"
+    return ", ".join(f"{tok or 'shipped'} tokenizer {fp[:16]}…" for tok, fp in sorted(fps.items(), key=lambda kv: str(kv[0])))
+
+
+def tokenizers_text(tokenizers: dict[str, Any] | None) -> str:
+    """Mean tokens per text in each tokenizer's ids, and how many texts differ in length between them
+    (``tokenizers`` as compare_tools and the bench record it); "" with one tokenizer."""
+    if not tokenizers or "original" not in tokenizers:
+        return ""
+    each = ", ".join(f"{who} {tokenizers[who]['mean_tokens_per_text']:.2f}" for who in ("shipped", "original")
+                     if (tokenizers.get(who) or {}).get("mean_tokens_per_text") is not None)
+    n, d = tokenizers.get("texts"), tokenizers.get("texts_differing_in_length")
+    return (f"mean tokens per text: {each} (shipped: the trimmed tokenizer's ids; original: the untrimmed one's); "
+            f"{d if d is not None else '?'} of {n if n is not None else '?'} texts differ in length between the two")
 
 
 def unrecorded_inputs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -145,7 +200,7 @@ def headline_row(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, A
                                       "first_inference_s", "accuracy", "ood_accuracy", "delta_vs_teacher",
                                       "delta_vs_student")},
         **{k: case.get(k) for k in ("batch", "seq", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
-                                    "inputs_sha256")},
+                                    "inputs_sha256", "plan_sha256", "tokenizer")},
         "peak_delta_mb": mem.get("peak_delta_mb"),
         "note": note(entry, case),
     }
@@ -168,7 +223,7 @@ def _pp(v: float | None) -> str:
 def markdown(data: dict[str, Any]) -> str:
     prof, head = data["profile"], data["headline"]
     rows = sorted((headline_row(e, head) for e in data["results"]), key=_sort_key)
-    fp = check_same_inputs(rows, f"the bench table of {data.get('run')}")
+    fp = same_inputs(rows, f"the bench table of {data.get('run')}")
     seq = {None: "one shared length", "real": "real lengths"}.get(head.get("seq"), f"sequence {head.get('seq')}")
     env = data.get("environment") or {}
     cpu = (env.get("cpu") or {}).get("model") or prof.get("processor")
@@ -207,34 +262,44 @@ def markdown(data: dict[str, Any]) -> str:
     all_cases = [(e, c) for e in data["results"] for c in e.get("cases") or []]
     if all_cases:
         for (b, q), group in _by_case(all_cases).items():
-            check_same_inputs([{"name": e["name"], **c} for e, c in group], f"the case batch {b}, seq {q}")
+            same_inputs([{"name": e["name"], **c} for e, c in group], f"the case batch {b}, seq {q}")
         lines += ["", "## Every case", "",
-                  "| model | batch | seq | runs | p50 ms | p90 ms | p99 ms | items/s | mean tokens | inputs sha256 |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+                  "| model | batch | seq | runs | p50 ms | p90 ms | p99 ms | items/s | mean tokens | tokenizer | inputs sha256 |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"]
         for e, c in all_cases:
             lines.append(
                 f"| {e['name']} | {c.get('batch')} | {c.get('seq')} | {c.get('runs', '—')} | {_num(c.get('p50_ms'), '.3f')} "
                 f"| {_num(c.get('p90_ms'), '.3f')} | {_num(c.get('p99_ms'), '.3f')} | {_num(c.get('throughput'), '.1f')} "
-                f"| {_num(c.get('mean_tokens_per_item'), '.1f')} | {(c.get('inputs_sha256') or '—')[:12]} |"
+                f"| {_num(c.get('mean_tokens_per_item'), '.1f')} | {c.get('tokenizer') or 'shipped'} "
+                f"| {(c.get('inputs_sha256') or '—')[:12]} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def _inputs_lines(data: dict[str, Any], fp: str | None) -> list[str]:
+def _inputs_lines(data: dict[str, Any], fps: dict[str | None, str]) -> list[str]:
     """The header's word on inputs. Only rows with an inputs fingerprint are said to share the bench's
     inputs; rows timed by a device's own tool on inputs it does not record are named apart, listed but
-    not compared, and when no timed row has a fingerprint the plan's description is not claimed at all."""
+    not compared, and when no timed row has a fingerprint the plan's description is not claimed at all.
+    Where rows read more than one tokenizer (a trimmed vocabulary: the PyTorch teacher and student read the
+    untrimmed one's ids), the header says they were fed the same texts, each its own tokenizer's ids."""
     inp = data.get("inputs") or {}
     blind = unrecorded_inputs(data["results"])
     who = "; ".join(timed_by(e) for e in blind)
     calls = f"{calls_text(data)}{_rounds_text(inp)}"
-    if blind and fp is None:
+    if blind and not fps:
         return [f"Inputs: not recorded. Timed by a device's own benchmark tool on inputs it does not record, at "
                 f"the shapes in the case table: {who}. Their latencies are listed as the tool reported them, not "
                 "compared with rows timed on known inputs.  "]
-    same = "the same for every row" if not blind else "the same for every row with an inputs sha256"
+    if len(fps) > 1:
+        same = ("one plan of texts for every row" + (" with an inputs sha256" if blind else "")
+                + ", one set of arrays per tokenizer")
+    else:
+        same = "the same for every row" if not blind else "the same for every row with an inputs sha256"
+    tokens = tokenizers_text(inp.get("tokenizers"))
     lines = [f"Inputs ({same}): {inp.get('description', 'not recorded')}; {inp.get('source', '?')} test examples, "
-             f"{calls}; inputs sha256 {fp[:16] + '…' if fp else 'not recorded'}.  "]
+             f"{calls}; inputs sha256 {fingerprints_text(fps)}{'; ' + tokens if tokens else ''}.  "]
+    if (inp.get("tokenizers") or {}).get("original", {}).get("how"):
+        lines.append(f"Untrimmed models' inputs: {inp['tokenizers']['original']['how']}.  ")
     if blind:
         lines.append(f"Not compared: timed by a device's own benchmark tool on inputs it does not record, at the "
                      f"shapes in the case table: {who}. Their latencies are listed, not compared with the rows "
@@ -489,7 +554,7 @@ def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile
     labels = [lab if labels.count(lab) == 1 else f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
     check_same_threads(sides, labels)
     rows_by_side = [{e["name"]: headline_row(e, s["headline"]) for e in s["results"]} for s in sides]
-    check_same_inputs([{**r, "name": f"{lab}:{r['name']}"} for lab, rows in zip(labels, rows_by_side, strict=True)
+    same_inputs([{**r, "name": f"{lab}:{r['name']}"} for lab, rows in zip(labels, rows_by_side, strict=True)
                        for r in rows.values()], "the comparison")
     names = sorted({n for rows in rows_by_side for n in rows},
                    key=lambda n: _sort_key(next(r[n] for r in rows_by_side if n in r)))
@@ -550,10 +615,10 @@ def _side_line(label: str, data: dict[str, Any], rows: dict[str, dict[str, Any]]
     column was timed on."""
     env = data.get("environment") or {}
     cpu = (env.get("cpu") or {}).get("model") or data["profile"].get("processor") or "not recorded"
-    fp = check_same_inputs(list(rows.values()), f"the bench of {label}")
+    fps = same_inputs(list(rows.values()), f"the bench of {label}")
     inp = data.get("inputs") or {}
     return (f"- {label}: profile {data['profile']['name']}; CPU {cpu}; {_threads_text(bench_threads(data))}; "
-            f"inputs sha256 {fp[:16] + '…' if fp else 'not recorded'} "
+            f"inputs sha256 {fingerprints_text(fps)} "
             f"({inp.get('description') or 'inputs not described'}).")
 
 

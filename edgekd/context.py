@@ -75,6 +75,12 @@ class RunContext:
         """The PyTorch models bench times, made to read the shipped artifacts' inputs (default: as they are)."""
         return models
 
+    def bench_original_inputs(self, n: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None] | None:
+        """The test split's first ``n`` examples (and the out-of-domain set, or None) as the inputs the
+        unpruned PyTorch models read, where those are not the shipped artifacts' (default: None, they are
+        the same): the bench times those models on them, in the same plan as every other row."""
+        return None
+
     def bench_own_outputs(self, models: dict[str, tuple[Any, Any]],
                           n: int | None) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
         """Outputs (test split's first ``n``, out-of-domain set) to score a PyTorch model of the bench on

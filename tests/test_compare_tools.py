@@ -160,6 +160,57 @@ def test_verdict_all_needs_every_usual_path_and_the_accuracy_bars(tools):
     assert not v["met"] and any("keeps 85.7%" in line for line in v["lines"])
 
 
+def test_verdict_all_a_missing_accuracy_figure_is_not_shown_and_not_met(tools):
+    """A student row that failed, or an out-of-domain figure that is missing, is a NOT SHOWN line and the
+    bar is not met: the summary never claims a clause nothing checked. Only --ood none (``ood_skipped``)
+    leaves the out-of-domain bar out, and then out of the summary too."""
+    _, rep, _ = tools
+    refs = [_row(n, "x", acc=0.83, p50s={1: 2.0}, label=n)
+            for n in ("optimum-onnx-int8", "openvino-nncf-int8", "torchao-int8-compiled")]
+    best = {**_row("edgekd-onnx-int8", acc=0.84, p50s={1: 0.5}, label="edgekd"), "ood_accuracy": None}
+    failed_student = {"name": "student-fp32", "status": "error", "accuracy": None, "ood_accuracy": None}
+    v = rep.verdict_all(best, refs, failed_student, [1], 1.5)
+    assert not v["met"] and v["summary"].startswith("NOT MET")
+    shown = [line for line in v["lines"] if line.startswith("NOT SHOWN")]
+    assert len(shown) == 2 and "fp32 student's test accuracy" in shown[0] and "out-of-domain" in shown[1]
+    student = {**_row("student-fp32", "student", acc=0.84), "ood_accuracy": 0.70}
+    v = rep.verdict_all(best, refs, student, [1], 1.5)  # the OOD figure of the best artifact alone is missing
+    assert not v["met"] and "NOT SHOWN: the best artifact's out-of-domain accuracy is missing" in v["summary"]
+    # --ood none: no out-of-domain bar, in the lines or in the summary.
+    v = rep.verdict_all(best, refs, student, [1], 1.5, ood_skipped=True)
+    assert v["met"] and v["summary"].startswith("MET") and "within 0.5 pp of the fp32 student" in v["summary"]
+    assert "97%" not in v["summary"] and not any("out of domain" in line for line in v["lines"])
+    v = rep.verdict_all(best, refs, failed_student, [1], 1.5, ood_skipped=True)
+    assert not v["met"] and any(line.startswith("NOT SHOWN") for line in v["lines"])
+
+
+def test_verdict_all_decides_the_accuracy_bars_on_counts(tools):
+    """0.5 points below the student on 2,000 texts, and 1,843 of 1,900 out of domain (97% exactly), are met;
+    a row's recorded counts ([right, scored]) decide over its floats."""
+    _, rep, _ = tools
+    refs = [_row("optimum-onnx-int8", "optimum", acc=0.80, p50s={1: 2.0}, label="Optimum")]
+    best = {**_row("edgekd", acc=1670 / 2000, p50s={1: 1.0}), "ood_accuracy": 1843 / 1900}
+    student = {**_row("student-fp32", "student", acc=1680 / 2000), "ood_accuracy": 1.0}
+    v = rep.verdict_all(best, refs, student, [1], 1.5)
+    assert v["met"], v["lines"]
+    assert [line.split(":")[0] for line in v["lines"][-2:]] == ["MET", "MET"]
+    best["counts"] = {"test": [1669, 2000], "ood": [1842, 1900]}  # one text worse on each: counts decide
+    v = rep.verdict_all(best, refs, student, [1], 1.5)
+    assert [line.split(":")[0] for line in v["lines"][-2:]] == ["NOT MET", "NOT MET"] and not v["met"]
+
+
+def test_a_near_miss_prints_three_decimals(tools):
+    _, rep, _ = tools
+    opt = _row("optimum-onnx-int8", "optimum", acc=0.80, p50s={1: 1.497}, label="Optimum")
+    best = _row("edgekd-onnx-int8", acc=0.80, p50s={1: 1.0}, label="edgekd")
+    line = rep.verdict(best, opt, [1], 1.5)["lines"][0]
+    assert line.startswith("NOT MET") and "only 1.497x faster (target 1.5x)" in line
+    opt["cases"]["1"]["p50_ms"] = 1.503
+    assert "is 1.503x faster" in rep.verdict(best, opt, [1], 1.5)["lines"][0]
+    opt["cases"]["1"]["p50_ms"] = 3.0  # far from the bar: two decimals
+    assert "is 3.00x faster" in rep.verdict(best, opt, [1], 1.5)["lines"][0]
+
+
 def test_ablation_rows_follow_what_exists(tools):
     _, rep, _ = tools
     rows = [_row("teacher-fp32", "teacher", acc=0.85, p50s={1: 10.0}, size=400),
@@ -341,6 +392,7 @@ def tiny_run(tmp_path_factory):
                            "data": {"dataset": str(csv), "max_length": MAX_LEN},
                            "teacher": {"model": str(run / "teacher" / "model")},
                            "prune": {"enabled": True, "keep_params": 0.5, "trim_vocab": True},
+                           "export": {"targets": ["onnx"]},
                            "quantize": {"enabled": True}})  # its manifest's quantize stage recommends onnx-int8
     (run / "recipe.yaml").write_text(recipe.to_yaml())
     inputs, labels = create_context(recipe).parity_data(tokenizer=trimmed_tok)
@@ -408,20 +460,40 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
             c = r["cases"][b]
             assert c["runs"] == calls[b] and 0 < c["min_ms"] <= c["p50_ms"] <= c["p99_ms"] <= c["max_ms"], (name, c)
             assert c["throughput"] == pytest.approx(int(b) * 1000 / c["mean_ms"])
-    # Every row was fed exactly the same arrays at each batch size.
+    # Every row was timed on the same plan of texts at each batch size, each on its own tokenizer's ids: the
+    # untrimmed models (teacher, distilled student and the usual paths on it) on the original tokenizer's,
+    # the others on the trimmed one's; one set of arrays per tokenizer.
+    untrimmed = {"teacher-fp32", *USUAL}
     for b in ("1", "8"):
-        assert len({r["cases"][b]["inputs_sha256"] for r in rows.values()}) == 1
+        assert len({r["cases"][b]["plan_sha256"] for r in rows.values()}) == 1
+        for tok in ("original", "shipped"):
+            group = {n: r for n, r in rows.items() if (n in untrimmed) == (tok == "original")}
+            assert {r["cases"][b]["tokenizer"] for r in group.values()} == {tok}
+            assert len({r["cases"][b]["inputs_sha256"] for r in group.values()}) == 1, (b, tok)
+        assert rows["teacher-fp32"]["cases"][b]["inputs_sha256"] != rows["edgekd-onnx"]["cases"][b]["inputs_sha256"]
     assert data["ood"]["how"].startswith("no out-of-domain set")  # --ood none below
     assert rows["pruned-torchao-int8"]["info"]["quantized_linears"] > 0
     # Same model, different tools: the pruned student's exports score like the pruned student.
     for n in ("pruned-optimum-onnx-fp32", "edgekd-onnx"):
         assert abs(rows[n]["accuracy"] - rows["pruned-student-fp32"]["accuracy"]) <= 1 / len(labels) + 1e-9
-    # The trimmed vocabulary: every row was timed on the pruned student's ids (one sha256 above); the
-    # untrimmed models read them through the id table, and were scored on their own tokenizer's ids.
+    # The trimmed vocabulary: the same texts are another length in the two tokenizers' ids; the comparison
+    # says how long each is on average, and how many differ, from the very arrays it timed.
     assert "trimmed" in data["settings"]["vocabulary"] and "Vocabulary: trimmed" in printed
-    untrimmed = {"teacher-fp32", *USUAL}
-    for name, r in rows.items():
-        assert ("fed" in (r["info"] or {})) == (name in untrimmed), name
+    from transformers import AutoTokenizer
+
+    from edgekd.pipeline import create_context
+    from edgekd.recipe import load_recipe
+
+    ctx = create_context(load_recipe(run / "recipe.yaml"))
+    own = {who: ctx.tokenized("test", AutoTokenizer.from_pretrained(run / stage / "model")).lengths
+           for who, stage in (("original", "distill"), ("shipped", "prune"))}
+    tokens = data["settings"]["tokenizers"]
+    assert tokens["texts"] == len(labels)
+    for who in ("original", "shipped"):
+        assert tokens[who]["mean_tokens_per_text"] == pytest.approx(own[who].mean())
+    assert tokens["texts_differing_in_length"] == int((own["original"] != own["shipped"]).sum())
+    assert "rows timed on the same texts, each with its own tokenizer" in printed
+    assert f"mean tokens per text: shipped {own['shipped'].mean():.2f}, original {own['original'].mean():.2f}" in printed
     assert rows["student-fp32"]["accuracy"] == pytest.approx(_own_ids_accuracy(run, "distill", len(labels)))
     assert rows["pruned-student-fp32"]["accuracy"] == pytest.approx(_own_ids_accuracy(run, "prune", len(labels)))
     assert abs(rows["optimum-onnx-fp32"]["accuracy"] - rows["student-fp32"]["accuracy"]) <= 1 / len(labels) + 1e-9
@@ -489,7 +561,7 @@ def test_compare_tiny_run_end_to_end(tools, tiny_run, tmp_path, capsys):
     assert "chosen on the validation split alone" in md
     for r in rows.values():
         assert md.count(f"| {r['label']}") >= 3, r["label"]  # size table + one latency row per batch size
-    assert "## Ablation" in md and "same for every row, checked by sha256" in md
+    assert "## Ablation" in md and "one plan of texts for every row and one set of arrays per tokenizer" in md
 
 
 def _own_ids_accuracy(run: Path, stage: str, n: int) -> float:
@@ -661,72 +733,114 @@ def test_timing_rows_use_every_example_before_repeating(tools):
 
 
 
-def test_trimmed_run_times_one_set_of_ids_and_scores_each_model_on_its_own(tools, tmp_path):
-    """A trimmed run: the timing child feeds every model the shipped (trimmed) ids, a model marked
-    ``vocab: original`` reads them through the id table inside its timed calls, and is scored on its
-    own tokenizer's ids; the others are scored on the shipped ids."""
-    import _compare_models as models
+def test_trimmed_run_times_and_scores_each_model_on_its_own_tokenizers_ids(tools, tmp_path):
+    """A trimmed run: every model is timed on the same plan of texts, each on its own tokenizer's ids of
+    them (a model marked ``vocab: original`` on the untrimmed tokenizer's, which split the texts into fewer
+    tokens here), with no id mapping inside its timed calls; each row records the plan, its tokenizer and
+    the sha256 of the arrays it was fed; scoring is on its own tokenizer's ids too."""
     import _compare_worker as worker
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from edgekd.devices import remote_runner
     from edgekd.testing import tiny_bert
 
     folder = tiny_bert(tmp_path / "m", num_layers=1, num_labels=2)
     vocab = AutoModelForSequenceClassification.from_pretrained(folder).config.vocab_size
     rng = np.random.default_rng(0)
-    table = rng.permutation(vocab)  # shipped id -> original id: no id maps to itself by chance only
-    ids = rng.integers(5, vocab, (6, 8))
-    own = rng.integers(5, vocab, (6, 8))  # the original tokenizer's ids of the same texts
+    ids = rng.integers(5, vocab, (6, 8))  # the trimmed tokenizer's ids: every text 8 tokens
+    own = rng.integers(5, vocab, (6, 8))  # the original tokenizer's ids of the same texts: 5 or 6 tokens
+    own_lengths = np.array([5, 6, 5, 6, 5, 6])
+    own_mask = (np.arange(8)[None, :] < own_lengths[:, None]).astype(np.int64)
+    own = own * own_mask
     mask, lengths = np.ones((6, 8), np.int64), np.full(6, 8)
-    np.savez(tmp_path / "inputs.npz", ids=ids, mask=mask, lengths=lengths, orig_ids=own, orig_mask=mask,
-             orig_lengths=lengths, id_table=table, eval_rows=np.arange(6), rows_b1=np.arange(6).reshape(6, 1))
+    rows_b2 = np.array([[0, 1], [2, 3], [4, 5], [1, 2]])
+    np.savez(tmp_path / "inputs.npz", ids=ids, mask=mask, lengths=lengths, orig_ids=own, orig_mask=own_mask,
+             orig_lengths=own_lengths, eval_rows=np.arange(6), rows_b2=rows_b2)
     specs = [{"name": "untrimmed", "kind": "hf", "path": str(folder), "vocab": "original"},
+             {"name": "untrimmed-twin", "kind": "hf", "path": str(folder), "vocab": "original"},
              {"name": "trimmed", "kind": "hf", "path": str(folder)}]
-    job = {"models": specs, "threads": 1, "warmup": 2, "runs": 4, "batch_sizes": [1], "inputs": "inputs.npz",
+    job = {"models": specs, "threads": 1, "warmup": 1, "runs": 3, "batch_sizes": [2], "inputs": "inputs.npz",
            "eval_batch_size": 4}
     result, outputs = worker.timing(job, tmp_path)
 
     m = result["models"]
-    assert m["untrimmed"]["status"] == m["trimmed"]["status"] == "ok"
-    assert m["untrimmed"]["cases"][0]["inputs_sha256"] == m["trimmed"]["cases"][0]["inputs_sha256"]
-    assert "mapped" in m["untrimmed"]["info"]["fed"] and "fed" not in m["trimmed"]["info"]
+    cases = {name: m[name]["cases"][0] for name in m}
+    assert all(m[name]["status"] == "ok" for name in m)
+    assert len({c["plan_sha256"] for c in cases.values()}) == 1  # the same texts, order and batches for every row
+    assert [cases[n]["tokenizer"] for n in ("untrimmed", "untrimmed-twin", "trimmed")] == ["original", "original", "shipped"]
+
+    def fed(ids_, mask_, lengths_):  # the arrays of the plan's timed calls, each batch cut to its longest text
+        calls = []
+        for r in rows_b2[1:]:
+            w = int(lengths_[r].max())
+            calls.append({"input_ids": ids_[r, :w], "attention_mask": mask_[r, :w]})
+        return remote_runner.inputs_sha256(calls)
+
+    assert cases["untrimmed"]["inputs_sha256"] == cases["untrimmed-twin"]["inputs_sha256"] == fed(own, own_mask, own_lengths)
+    assert cases["trimmed"]["inputs_sha256"] == fed(ids, mask, lengths)
+    assert cases["untrimmed"]["mean_tokens_per_item"] == pytest.approx(own_lengths[rows_b2[1:]].mean())
+    assert cases["trimmed"]["mean_tokens_per_item"] == 8.0
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.inference_mode():
-        def logits(x):
-            return model(input_ids=torch.from_numpy(x), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        def logits(x, mk):
+            return model(input_ids=torch.from_numpy(x), attention_mask=torch.from_numpy(mk)).logits.numpy()
 
-        np.testing.assert_allclose(outputs["untrimmed"], logits(own), atol=1e-5)
-        np.testing.assert_allclose(outputs["trimmed"], logits(ids), atol=1e-5)
-        assert not np.allclose(logits(own), logits(table[ids]), atol=1e-3)
+        np.testing.assert_allclose(outputs["untrimmed"], logits(own, own_mask), atol=1e-5)
+        np.testing.assert_allclose(outputs["trimmed"], logits(ids, mask), atol=1e-5)
+    # A model that reads the original ids in a comparison without them is an error, not fed the shipped ids.
+    np.savez(tmp_path / "shipped-only.npz", ids=ids, mask=mask, lengths=lengths, eval_rows=np.arange(6),
+             rows_b2=rows_b2)
+    # (threads None: torch's threads were pinned by the first call, once per process)
+    result, _ = worker.timing({**job, "inputs": "shipped-only.npz", "evaluate": False, "threads": None}, tmp_path)
+    assert "inputs_sha256" not in result["models"]["untrimmed"]["cases"][0]
+    assert "no original tokenizer's ids" in result["models"]["untrimmed"]["cases"][0]["error"]
 
-    # Inside a timed call the wrapped runner gets the table's ids, nothing else changed.
-    seen = []
 
-    class Recorder:
-        input_names = ["input_ids", "attention_mask"]
+def test_markdown_refuses_rows_of_one_tokenizer_fed_other_arrays_or_another_plan(tools):
+    """Rows of two tokenizers, fed two sets of arrays for one plan of texts: shown side by side, and the header
+    says the texts are the same, each row on its own tokenizer's ids, with each tokenizer's mean tokens per
+    text. Two rows of one tokenizer fed different arrays, or any row timed on another plan, are refused."""
+    from edgekd.errors import StageError
 
-        def run(self, x):
-            seen.append(x)
-            return {"logits": np.zeros((1, 2))}
+    _, rep, _ = tools
 
-    mapped = models.OriginalIds(Recorder(), table)
-    assert mapped.input_names == ["input_ids", "attention_mask"]
-    x = {"input_ids": ids[:1], "attention_mask": mask[:1]}
-    mapped.run(x)
-    assert np.array_equal(seen[0]["input_ids"], table[ids[:1]]) and seen[0]["attention_mask"] is x["attention_mask"]
-    assert np.array_equal(x["input_ids"], ids[:1])  # the caller's arrays are left as they were
+    def rows(over=None):
+        out = [_row("teacher-fp32", "teacher", p50s={1: 8.0}), _row("optimum-onnx-int8", "optimum", p50s={1: 2.0}),
+               _row("edgekd-onnx-int8", p50s={1: 1.0})]
+        for r, tok in zip(out, ("original", "original", "shipped"), strict=True):
+            r["cases"]["1"].update(tokenizer=tok, inputs_sha256=("o" if tok == "original" else "s") * 64,
+                                   plan_sha256="p" * 64)
+        for (name, key), value in (over or {}).items():
+            next(r for r in out if r["name"] == name)["cases"]["1"][key] = value
+        return out
+
+    data = _markdown_data(rep, rows())
+    data["settings"].update(inputs="the same test texts", tokenizers={
+        "texts": 10, "shipped": {"mean_tokens_per_text": 27.5}, "original": {"mean_tokens_per_text": 26.25},
+        "texts_differing_in_length": 3})
+    text = rep.markdown(data)
+    assert "rows timed on the same texts, each with its own tokenizer" in text
+    assert "mean tokens per text: shipped 27.50, original 26.25" in text and "3 of 10 texts differ in length" in text
+    assert "original tokenizer oooo" in text and "shipped tokenizer ssss" in text
+    with pytest.raises(StageError, match="of the original tokenizer timed on different inputs"):
+        rep.markdown({**data, "rows": rows({("optimum-onnx-int8", "inputs_sha256"): "x" * 64})})
+    with pytest.raises(StageError, match="different texts"):
+        rep.markdown({**data, "rows": rows({("edgekd-onnx-int8", "plan_sha256"): "q" * 64})})
+    with pytest.raises(StageError, match="different texts"):  # two tokenizers, and a row that records no plan
+        rep.markdown({**data, "rows": rows({("teacher-fp32", "plan_sha256"): None})})
 
 
 def test_memory_child_measures_each_kind(tools, tiny_run, tmp_path):
     """The memory child, one fresh process per model as in a real comparison: RSS after load and at
-    the peak, and torchao's checkpoint size (the id-table path of an untrimmed model in a trimmed run
-    runs too)."""
+    the peak, and torchao's checkpoint size (an untrimmed model of a trimmed run runs on its own
+    tokenizer's ids too)."""
     compare_tools, _, _ = tools
     run, _ = tiny_run
     ids = np.array([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0]], np.int64)
     np.savez(tmp_path / "inputs.npz", ids=ids, mask=(ids > 0).astype(np.int64), lengths=np.array([5, 3]),
-             rows_b1=np.array([[0], [1]]), id_table=np.arange(30))
+             rows_b1=np.array([[0], [1]]), orig_ids=ids[:, :4], orig_mask=(ids[:, :4] > 0).astype(np.int64),
+             orig_lengths=np.array([4, 3]))
     specs = [{"name": "student", "kind": "hf", "path": str(run / "distill" / "model"), "vocab": "original"},
              {"name": "torchao", "kind": "torchao", "path": str(run / "prune" / "model")},
              {"name": "edgekd", "kind": "artifact", "path": str(run / "export" / "onnx-int8"),
@@ -765,7 +879,7 @@ def test_worker_times_its_rounds_slice_and_evaluates_when_asked(tools, tmp_path,
     scoring unless the job asks for it."""
     import _compare_worker as worker
 
-    seen = []
+    seen, timed = [], []
 
     class Recorder:
         input_names = ["input_ids", "attention_mask"]
@@ -774,35 +888,92 @@ def test_worker_times_its_rounds_slice_and_evaluates_when_asked(tools, tmp_path,
             seen.append(int(x["input_ids"][0, 0]))
             return {"logits": np.zeros((len(x["input_ids"]), 2), np.float32)}
 
+    def timed_call(runner, x):
+        timed.append(int(x["input_ids"][0, 0]))
+        runner.run(x)
+        return 0.001, 0.001
+
     monkeypatch.setattr(worker, "preload", lambda spec: [])
     monkeypatch.setattr(worker, "load", lambda spec, threads: (Recorder(), {}))
+    monkeypatch.setattr(worker, "timed_call", timed_call)
     n = 12
     ids = np.arange(100, 100 + n).reshape(n, 1)  # row i starts with token 100 + i: the call is readable
     np.savez(tmp_path / "inputs.npz", ids=ids, mask=np.ones_like(ids), lengths=np.ones(n, np.int64),
              eval_rows=np.arange(4), rows_b1=np.arange(n).reshape(n, 1))
     job = {"models": [{"name": "m", "kind": "artifact", "path": "x", "file": "model.onnx"}], "threads": 1, "warmup": 2, "runs": 3,
            "batch_sizes": [1], "inputs": "inputs.npz", "eval_batch_size": 4}
-    shas = []
+    shas, plans = [], []
     for offset in (0, 3, 6):
         seen.clear()
+        timed.clear()
         result, outputs = worker.timing({**job, "call_offset": offset, "evaluate": offset == 0}, tmp_path)
         case = result["models"]["m"]["cases"][0]
-        timed = [s for s in seen if s not in (100, 101)]  # warm-up and switch warm-up use the first calls
-        assert timed[:3] == [100 + 2 + offset + i for i in range(3)], (offset, seen)
+        assert seen[:2] == [100, 101]  # the warm-up calls first
+        assert timed == [100 + 2 + offset + i for i in range(3)], (offset, timed)
         assert case["runs"] == 3 and len(case["times_ms"]) == len(case["cpu_times_ms"]) == 3
         assert ("m" in outputs) == (offset == 0)
         shas.append(case["inputs_sha256"])
-    assert len(set(shas)) == 1
+        plans.append(case["plan_sha256"])
+        assert case["tokenizer"] == "shipped" and case["mean_tokens_per_item"] == 1.0
+    assert len(set(shas)) == 1 and len(set(plans)) == 1
+    assert plans[0] == worker.plan_sha256(np.arange(n).reshape(n, 1)[2:])
     with pytest.raises(ValueError, match="no room"):
         worker.timing({**job, "call_offset": 8}, tmp_path)
     # Per batch size: each batch size's own slice (batch 2 plans 6 calls of two rows).
     np.savez(tmp_path / "inputs.npz", ids=ids, mask=np.ones_like(ids), lengths=np.ones(n, np.int64),
              eval_rows=np.arange(4), rows_b1=np.arange(n).reshape(n, 1), rows_b2=np.arange(n).reshape(6, 2))
-    seen.clear()
+    timed.clear()
     result, _ = worker.timing({**job, "batch_sizes": [1, 2], "runs": {"1": 3, "2": 1},
                                "call_offset": {"1": 6, "2": 3}, "evaluate": False}, tmp_path)
     assert [c["runs"] for c in result["models"]["m"]["cases"]] == [3, 1]
-    assert [s for s in seen if s not in (100, 101, 102)] == [108, 109, 110, 110], seen
+    assert timed == [108, 109, 110, 110], timed
+
+
+def test_worker_warms_every_shape_of_its_slice_before_the_clock(tools, tmp_path, monkeypatch):
+    """A runtime that sets up per input shape (OpenVINO) pays it at the first call of each new length: each
+    model runs one call of every distinct shape of its round's slice, untimed, before its first timed call,
+    whatever shapes the warm-up calls happened to have; every model alike."""
+    import _compare_worker as worker
+
+    log: list[tuple[str, str, tuple]] = []
+
+    class Recorder:
+        input_names = ["input_ids", "attention_mask"]
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, x):
+            log.append((self.name, "run", x["input_ids"].shape))
+            return {"logits": np.zeros((len(x["input_ids"]), 2), np.float32)}
+
+    def timed_call(runner, x):
+        log.append((runner.name, "timed", x["input_ids"].shape))
+        return 0.001, 0.001
+
+    monkeypatch.setattr(worker, "preload", lambda spec: [])
+    monkeypatch.setattr(worker, "load", lambda spec, threads: (Recorder(spec["name"]), {}))
+    monkeypatch.setattr(worker, "timed_call", timed_call)
+    # Rows 0-1 (the warm-up calls) one token long; the timed rows 2..9 of lengths 2..5, never seen in warm-up.
+    lengths = np.array([1, 1, 2, 3, 4, 5, 2, 3, 4, 5])
+    n = len(lengths)
+    mask = (np.arange(5)[None, :] < lengths[:, None]).astype(np.int64)
+    np.savez(tmp_path / "inputs.npz", ids=mask * 7, mask=mask, lengths=lengths, eval_rows=np.arange(n),
+             rows_b1=np.arange(n).reshape(n, 1))
+    models = [{"name": "a", "kind": "artifact", "path": "x", "file": "m.onnx"},
+              {"name": "b", "kind": "artifact", "path": "y", "file": "m.onnx"}]
+    job = {"models": models, "threads": 1, "warmup": 2, "runs": 4, "batch_sizes": [1], "inputs": "inputs.npz",
+           "eval_batch_size": 4, "evaluate": False}
+    for offset in (0, 4):  # two rounds, each on its own slice (lengths 2-5, then 2-5 again in another order)
+        log.clear()
+        result, _ = worker.timing({**job, "call_offset": offset}, tmp_path)
+        for name in ("a", "b"):
+            calls = [(kind, shape) for who, kind, shape in log if who == name]
+            first_timed = next(i for i, (kind, _) in enumerate(calls) if kind == "timed")
+            slice_shapes = {(1, int(w)) for w in lengths[2 + offset:2 + offset + 4]}
+            assert {shape for kind, shape in calls if kind == "timed"} == slice_shapes
+            assert slice_shapes <= {shape for kind, shape in calls[:first_timed] if kind == "run"}, (name, calls)
+            assert result["models"][name]["cases"][0]["shapes_warmed"] == len(slice_shapes)
 
 
 def test_worker_scores_dynamic_int8_one_text_per_call_at_its_own_length(tools, tmp_path, monkeypatch):
@@ -997,5 +1168,5 @@ def test_the_ablation_reads_batch_1_whatever_the_order_of_the_batch_sizes(tools)
     assert compare_tools.ablation_batch_of((8, 1)) == 1 and compare_tools.ablation_batch_of([1, 8]) == 1
     assert compare_tools.ablation_batch_of((8, 4)) == 8  # no batch 1 timed: the first, and the heading says so
     rows = [_row("teacher-fp32", "teacher", p50s={1: 8.0, 8: 30.0}), _row("edgekd-onnx-int8", p50s={1: 1.0, 8: 6.0})]
-    assert "(batch 1, same inputs)" in rep.markdown(_markdown_data(rep, rows, (8, 1), ablation_batch=1))
-    assert "(batch 8, same inputs)" in rep.markdown(_markdown_data(rep, rows, (8, 4), ablation_batch=8))
+    assert "(batch 1, same texts)" in rep.markdown(_markdown_data(rep, rows, (8, 1), ablation_batch=1))
+    assert "(batch 8, same texts)" in rep.markdown(_markdown_data(rep, rows, (8, 4), ablation_batch=8))

@@ -26,13 +26,15 @@ def _row(name, acc, p50, size=None, ood=None, best=False, status="ok"):
             "cases": {"1": {"p50_ms": p50}, "8": {"p50_ms": 8 * p50}}}
 
 
-def _compare(ship_acc, ship_p50, ship_mb, ood=0.78, optimum_p50=2.0, total_s=900, with_openvino=True):
+def _compare(ship_acc, ship_p50, ship_mb, ood=0.78, optimum_p50=2.0, total_s=900, with_openvino=True,
+             verdict_met=False):
     rows = [_row("teacher-fp32", 0.85, 30.0), _row("student-fp32", 0.84, 9.0, ood=0.80),
             _row("optimum-onnx-int8", 0.83, optimum_p50), _row("torchao-int8-compiled", 0.835, 3.0),
             _row("edgekd-onnx-int8", ship_acc, ship_p50, size=ship_mb * 1e6, ood=ood, best=True)]
     if with_openvino:
         rows.append(_row("openvino-nncf-int8", 0.836, 2.4))
-    return {"rows": rows, "pipeline": {"total_seconds": total_s}, "verdict": {"summary": "NOT MET. stand-in"}}
+    return {"rows": rows, "pipeline": {"total_seconds": total_s},
+            "verdict": {"met": verdict_met, "summary": "MET. stand-in" if verdict_met else "NOT MET. stand-in"}}
 
 
 def test_one_seed_figures_come_from_the_rows_timed_together(seeds):
@@ -78,9 +80,97 @@ def test_a_missing_figure_is_not_met_and_a_path_missing_in_one_seed_shows(seeds)
 
 
 def test_all_bars_met(seeds):
-    agg = seeds.aggregate({7: _compare(0.84, 0.5, 5.0, optimum_p50=2.0)})
+    agg = seeds.aggregate({7: _compare(0.84, 0.5, 5.0, optimum_p50=2.0, verdict_met=True)})
     assert agg["all_met"], [r for r in agg["rows"] if "bar" in r and not r["all_met"]]
     assert "All bars met in every seed" in seeds.markdown(agg, "t")
+
+
+@pytest.mark.parametrize("missing", ["openvino-nncf-int8", "torchao-int8-compiled", "optimum-onnx-int8"])
+@pytest.mark.parametrize("how", ["skipped", "absent"])
+def test_a_usual_path_that_never_ran_in_any_seed_is_a_bar_not_met(seeds, missing, how):
+    """A usual path that failed, was skipped (not installed) or is absent in every seed still has its
+    speed-up and margin bars, empty and not met: the table never says every bar is met without it."""
+    def one():
+        d = _compare(0.84, 0.5, 5.0, verdict_met=True)
+        d["rows"] = [r for r in d["rows"] if r["name"] != missing]
+        if how == "skipped":
+            d["rows"].append({"name": missing, "status": "skipped", "error": "not installed", "cases": {},
+                              "accuracy": None})
+        return d
+
+    agg = seeds.aggregate({42: one(), 43: one(), 44: one()})
+    rows = {r["key"]: r for r in agg["rows"]}
+    for kind in ("speedup", "margin"):
+        r = rows[f"{kind}:{missing}"]
+        assert r["values"] == {42: None, 43: None, 44: None} and r["seeds_meeting"] == 0 and not r["all_met"]
+    assert not agg["all_met"]
+    text = seeds.markdown(agg, "t")
+    assert "All bars met" not in text and "Not every bar is met in every seed" in text
+
+
+def test_all_bars_met_needs_every_seeds_own_verdict(seeds):
+    """Every figure meets its bar, but compare_tools' own verdict on one seed is not met (a check the table has
+    no row for): the table does not say every bar is met, and names the seed."""
+    agg = seeds.aggregate({1: _compare(0.84, 0.5, 5.0, verdict_met=True), 2: _compare(0.84, 0.5, 5.0)})
+    assert all(r["all_met"] for r in agg["rows"] if "bar" in r)
+    assert not agg["all_met"] and agg["verdicts_met"] == {1: True, 2: False}
+    text = seeds.markdown(agg, "t")
+    assert "All bars met" not in text and "compare_tools' own verdict is not met in seed 2" in text
+
+
+def test_the_accuracy_bars_are_decided_on_counts_as_compare_tools_decides_them(seeds):
+    """Half a point below the student exactly, and 97% of its out-of-domain accuracy exactly (1,843 of 1,900),
+    are met, whatever the floats round to; the same figures one text worse are not. seeds.py and
+    compare_tools' verdict agree, both deciding with _compare_report's helpers."""
+    import _compare_report as rep
+
+    def seed(right_b, ood_b):
+        d = _compare(right_b / 2000, 0.5, 5.0, ood=ood_b / 2985, verdict_met=True)
+        for r in d["rows"]:
+            if r["name"] == "student-fp32":
+                r.update(accuracy=1680 / 2000, ood_accuracy=1900 / 2985)
+        return d
+
+    for right_b, ood_b, met in ((1670, 1843, True), (1669, 1843, False), (1670, 1842, False)):
+        d = seed(right_b, ood_b)
+        rows = {r["key"]: r for r in seeds.aggregate({1: d})["rows"]}
+        assert rows["vs_student_pp"]["all_met"] == (right_b == 1670), right_b
+        assert rows["ood_kept_pct"]["all_met"] == (ood_b == 1843), ood_b
+        by = {r["name"]: {**r, "label": r["name"]} for r in d["rows"]}
+        v = rep.verdict_all(by["edgekd-onnx-int8"], [], by["student-fp32"], [1])
+        assert [line.startswith("MET") for line in v["lines"][-2:]] == [right_b == 1670, ood_b == 1843]
+        assert met == (right_b == 1670 and ood_b == 1843)
+    # Recorded counts decide where a row has them (compare_tools records [right, scored]).
+    assert rep.within_points(rep.share(None, [1670, 2000]), rep.share(None, [1680, 2000]))
+    assert not rep.within_points(rep.share(None, [1669, 2000]), rep.share(None, [1680, 2000]))
+    assert rep.keeps_share(rep.share(None, [1843, 1900]), rep.share(None, [1900, 1900]))
+    assert not rep.keeps_share(rep.share(None, [1842, 1900]), rep.share(None, [1900, 1900]))
+    # Different numbers of texts: 200 * (k_b * n_s - k_s * n_b) >= -n_b * n_s, exactly.
+    assert rep.within_points(rep.share(None, [201, 400]), rep.share(None, [101, 200]))  # 50.25 vs 50.5: -0.25
+    assert rep.within_points(rep.share(None, [201, 400]), rep.share(None, [101, 200]), rep.Fraction(1, 4))
+    assert not rep.within_points(rep.share(None, [201, 400]), rep.share(None, [101, 200]), rep.Fraction(1, 5))
+    assert not rep.within_points(rep.share(None, [199, 400]), rep.share(None, [101, 200]))  # 49.75: -0.75
+
+
+def test_a_mean_over_fewer_seeds_says_over_how_many(seeds):
+    per_seed = {1: _compare(0.84, 0.5, 5.0), 2: _compare(0.84, 0.5, 5.0, ood=None), 3: _compare(0.84, 0.5, 5.0)}
+    text = seeds.markdown(seeds.aggregate(per_seed), "t")
+    ood_line = next(line for line in text.splitlines() if line.startswith("| out of domain"))
+    assert "(2 of 3)" in ood_line
+    acc_line = next(line for line in text.splitlines() if line.startswith("| shipped artifact, test accuracy"))
+    assert "of 3)" not in acc_line  # every seed has it: nothing to say
+
+
+def test_a_near_miss_reads_as_one(seeds):
+    """1.497x against a 1.5x bar prints 1.497, not a met-looking 1.50 (and not met); far from the bar, two
+    decimals."""
+    agg = seeds.aggregate({1: _compare(0.84, 1.0, 5.0, optimum_p50=1.497)})
+    row = next(r for r in agg["rows"] if r["key"] == "speedup:optimum-onnx-int8")
+    assert row["seeds_meeting"] == 0
+    line = next(ln for ln in seeds.markdown(agg, "t").splitlines() if ln.startswith("| speed-up vs Optimum"))
+    assert "| 1.497 |" in line and "1.50 |" not in line.split("|")[2]
+    torchao = next(ln for ln in seeds.markdown(agg, "t").splitlines() if ln.startswith("| speed-up vs torchao"))
+    assert "| 3.00 |" in torchao
 
 
 def test_no_run_on_a_missing_run_folder_says_what_to_do(seeds, tmp_path, capsys):
@@ -178,6 +268,10 @@ def _shipping_run(root: Path, recommended: str) -> Path:
     import json
 
     root.mkdir(parents=True)
+    # the folder the quantize stage recommends, on disk as the run left it (a recommendation of a missing
+    # folder ships nothing: edgekd.shipping.shipped_export)
+    (root / "export" / recommended).mkdir(parents=True)
+    (root / "export" / recommended / "artifact.json").write_text(json.dumps({"target": "onnx", "file": "model.onnx"}))
     q = {"status": "done", "metrics": {"recommended": recommended, "recommended_dir": str(root / "export" / recommended)}}
     (root / "manifest.json").write_text(json.dumps({"stages": {"quantize": q}}))
     return root

@@ -251,8 +251,19 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
         assert int(ctx.calibration_data(split, 64)["input_ids"].max()) < n_vocab
     assert int(ctx.validation_data()[0]["input_ids"].max()) < n_vocab
     assert int(ctx.parity_data()[0]["input_ids"].max()) < n_vocab
-    # Every model is measured and scored on the trimmed tokenizer's ids (the unpruned ones through the
-    # original-id table).
+    # Every model is measured on the same texts in the same plan: the shipped ones on the trimmed tokenizer's
+    # ids, the unpruned PyTorch ones on their own tokenizer's ids (shorter: the trim splits the words it dropped).
+    data = json.loads((run / "bench" / "local" / "results.json").read_text())
+    cases = {e["name"]: e["cases"][0] for e in data["results"] if e.get("cases")}
+    assert {n: c["tokenizer"] for n, c in cases.items()} == {
+        "onnx": "shipped", "onnx-int8": "shipped", "pytorch-student-pruned": "shipped",
+        "pytorch-teacher": "original", "pytorch-student": "original"}
+    assert len({c["plan_sha256"] for c in cases.values()}) == 1
+    assert cases["pytorch-teacher"]["inputs_sha256"] == cases["pytorch-student"]["inputs_sha256"] != \
+        cases["onnx"]["inputs_sha256"]
+    tokens = data["inputs"]["tokenizers"]  # this tiny vocabulary has no pieces to split into: [UNK], as long
+    assert tokens["original"]["mean_tokens_per_text"] <= tokens["shipped"]["mean_tokens_per_text"]
+    assert tokens["texts"] == len(ctx.tokenized("test", ctx.tokenizer))
     models = stages["bench"]["metrics"]["models"]
     assert set(models) == {"onnx", "onnx-int8", "pytorch-teacher", "pytorch-student", "pytorch-student-pruned"}
     assert all(m["status"] == "ok" and 0.0 <= m["accuracy"] <= 1.0 for m in models.values()), models

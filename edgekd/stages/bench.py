@@ -27,6 +27,8 @@ def bench_fingerprint(ctx: RunContext) -> str:
         # Since 2026-12-03 the unpruned models of a trimmed run are scored on their own tokenizer's ids:
         # a trimmed run benched before re-benches (other runs keep their fingerprints).
         parts["unpruned_models_scored_on"] = "their own tokenizer's ids"
+        # Since 2026-12-07 they are timed on them too (the trimmed ids of a text are longer): re-bench.
+        parts["unpruned_models_timed_on"] = "their own tokenizer's ids"
     return fingerprint(parts)
 
 
@@ -61,7 +63,8 @@ def run_bench(ctx: RunContext, profile: str | None = None) -> dict[str, Any]:
                        quantized_folder_names(ctx.run.stage_dir("export"))}
     result = bench_run(ctx.run.root, profile or r.bench.profile, r.bench, inputs, labels, task.metrics,
                        torch_models, metric=task.primary_metric, input_desc=ctx.input_desc(), ood=ood,
-                       own_outputs=own, not_current=not_current)
+                       own_outputs=own, not_current=not_current,
+                       original_inputs=ctx.bench_original_inputs(r.bench.eval_examples) if torch_models else None)
     target = latency_target_check(ctx, result)
     if target:
         result["target_latency"] = target

@@ -206,3 +206,31 @@ def test_an_on_device_bench_records_that_rounds_do_not_apply():
     assert "does not apply here" in tables._rounds_text(rec)
     assert "rounds_note" not in tables.inputs_record(BenchConfig(rounds=3), inputs, 1, rounds=3)
     assert tables._rounds_text(tables.inputs_record(BenchConfig(rounds=1), inputs, 1, rounds=1)) == ""
+
+
+@pytest.mark.parametrize("profile, tool, reads, ignored", [
+    ("android-executorch", "executor_runner over adb", {"threads": 4, "warmup": 3, "runs": 9, "batch_sizes": [1]},
+     {"rounds": 7, "time_budget_s": 3.0, "timeout_s": 9.0, "eval_examples": 5, "eval_batch_size": 3,
+      "seq_lengths": [32], "synthetic_vocab_size": 50}),
+    ("iphone-coreml", "Xcode's Core ML performance report", {},
+     {"threads": 2, "warmup": 99, "runs": 999, "rounds": 7, "batch_sizes": [1], "timeout_s": 9.0,
+      "inputs": "synthetic", "eval_examples": 5}),
+])
+def test_a_phone_profile_refuses_each_bench_key_its_tool_does_not_read(profile, tool, reads, ignored):
+    """A phone is timed by its own tool (ON_DEVICE.md), which reads some bench keys (adb: threads, warm-up,
+    runs, inputs, batch 1) and Xcode none: every other key set away from its default is refused, each
+    named with the tool, never accepted and ignored; the keys the tool reads pass."""
+    from edgekd.devices.bench import config_problems
+    from edgekd.devices.profiles import load_profile
+
+    prof = load_profile(profile, detect=False)
+    assert config_problems(BenchConfig(**reads), prof) == []
+    problems = config_problems(BenchConfig(**reads, **ignored), prof)
+    assert len(problems) == len(ignored), problems
+    for key in ignored:
+        line = next(p for p in problems if p.startswith(f"bench.{key}:"))
+        assert tool in line and f"drop bench.{key}" in line
+    if profile == "android-executorch":  # batch 1 only
+        assert config_problems(BenchConfig(batch_sizes=[1, 8]), prof) == []  # the default: not a key the recipe set
+        (line,) = config_problems(BenchConfig(batch_sizes=[4, 16]), prof)
+        assert line.startswith("bench.batch_sizes:") and "batch 1 only" in line

@@ -84,8 +84,9 @@ class TextRunContext(RunContext):
         return (found[0].name, found[1], found[2]) if found else None
 
     def bench_torch_models(self, models: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
-        """With a trimmed vocabulary the timed inputs are the shipped tokenizer's ids; the unpruned
-        models read the original ones, so they get the id table in front."""
+        """With a trimmed vocabulary the unpruned models read the original tokenizer's ids: they are marked
+        by the id table in front (``FromTrimmedIds``), which the bench takes off to time them on their own
+        ids of the same texts (``bench_original_inputs``)."""
         p = self.recipe.prune
         if not (p.enabled and p.trim_vocab):
             return models
@@ -94,12 +95,24 @@ class TextRunContext(RunContext):
         table = original_ids(self.shipped_tokenizer, self.tokenizer)
         return {k: ((FromTrimmedIds(m, table), io) if k != "student-pruned" else (m, io)) for k, (m, io) in models.items()}
 
+    def bench_original_inputs(self, n: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None] | None:
+        """With a trimmed vocabulary, the same test texts (and out-of-domain set) in the untrimmed tokenizer's
+        ids, which the teacher and the distilled student read: the trimmed tokenizer splits the words it
+        dropped into more pieces, so timing them on the shipped ids would time longer inputs than they serve."""
+        p = self.recipe.prune
+        if not (p.enabled and p.trim_vocab):
+            return None
+        from edgekd.ood import ood_inputs
+
+        test, _ = self.parity_data(n, tokenizer=self.tokenizer)
+        ood = ood_inputs(self, self.tokenizer)
+        return test, (ood[1] if ood else None)
+
     def bench_own_outputs(self, models: dict[str, tuple[Any, Any]],
                           n: int | None) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
         """With a trimmed vocabulary, each unpruned model's logits on its own tokenizer's ids of the same
         texts (the test split's first ``n``, the out-of-domain set): the accuracy it gives its users.
-        The bench times it on the shipped ids through the id table (``bench_torch_models``), where words
-        outside the trimmed vocabulary reach it as [UNK] or split otherwise, and scores it on these."""
+        The bench times and scores it on these ids of the same texts (``bench_original_inputs``)."""
         p = self.recipe.prune
         if not (p.enabled and p.trim_vocab):
             return {}
