@@ -58,8 +58,10 @@ def _family_sections() -> list[type[Section]]:
 class SplitConfig(Section):
     """How a dataset without its own splits is cut into train/validation/test (seeded, recorded)."""
 
-    validation: float = Field(0.1, gt=0, lt=0.5, description="Fraction held out for validation.")
-    test: float = Field(0.1, gt=0, lt=0.5, description="Fraction held out for the final test.")
+    validation: float = Field(0.1, gt=0, lt=0.5, description="Fraction held out for validation (refused for a "
+                              "dataset that brings its own validation split).")
+    test: float = Field(0.1, gt=0, lt=0.5, description="Fraction held out for the final test (refused for a dataset "
+                        "that brings its own test split).")
     seed: int = Field(13, description="Seed of the shuffle; the same seed gives the same split.")
 
 
@@ -315,6 +317,13 @@ class AugmentConfig(Section):
             raise ValueError(f"crop {list(self.crop)}: give [low, high] with 0 < low <= high <= 1")
         if not self.ops:
             raise ValueError("ops: name at least one of crop, delete")
+        # each op reads its own setting alone (edgekd.teachers.augment.perturb)
+        unread = [f"{key}: sets how op {op} perturbs a copy, and ops has no {op} ({', '.join(self.ops)}), so nothing "
+                  f"reads it: remove it or add {op} to ops"
+                  for key, op in (("crop", "crop"), ("delete_prob", "delete"))
+                  if op not in self.ops and changed_keys(self, keys=(key,))]
+        if unread:
+            raise ValueError("; ".join(unread))
         return self
 
 
@@ -369,6 +378,12 @@ class TeacherConfig(TeacherEndpoint):
         elif http and not any(m.kind in ("edgekd", "v2") for m in members):
             problems.append(f"{', '.join(http)}: how a server is asked over HTTP, and no teacher here is one (kind "
                             f"edgekd or v2; kind onnx reads client.batch_size alone): drop {it_or_them(http)}")
+        else:
+            # the waits come between tries (edgekd.teachers.client), and one try has none
+            waits = [k for k in http if k in ("client.backoff_s", "client.max_backoff_s")]
+            if waits and self.client.max_attempts == 1:
+                problems.append(f"{', '.join(waits)}: the wait(s) between tries of a request, and client.max_attempts "
+                                f"is 1 (no request is retried): drop {it_or_them(waits)} or raise client.max_attempts")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1076,6 +1091,21 @@ class QuantizeConfig(Section):
         if self.palette_bits != fields["palette_bits"].default and self.coreml_mode != "palettize":
             problems.append(f"quantize.palette_bits sets Core ML palettization, and quantize.coreml_mode is "
                             f"{self.coreml_mode}: set coreml_mode: palettize or drop palette_bits")
+        # The guard retries only with attempts to spare and operators it may keep in float (onnx_stage's
+        # _accuracy_guard); the sensitivity ranking, on sensitivity_examples, only when it retries.
+        if self.max_attempts == 1:
+            retry = ("max_float_nodes", "sensitivity_examples")
+            why = "quantize.max_attempts is 1 (the first attempt is the last)"
+        elif self.max_float_nodes == 0:
+            retry = ("max_attempts", "sensitivity_examples")
+            why = "quantize.max_float_nodes is 0 (no operator may stay in float)"
+        else:
+            retry, why = (), ""
+        retry_keys = changed_keys(self, keys=retry, prefix="quantize.")
+        if retry_keys:
+            problems.append(f"{', '.join(retry_keys)} shape(s) the accuracy guard's retries (the operators most "
+                            f"sensitive on sensitivity_examples validation examples kept in float, one more attempt "
+                            f"each), and {why}, so the guard never retries: drop {it_or_them(retry_keys)}")
         for i, (c, s) in enumerate(zip(self.candidates, setups[1:], strict=True)):
             if c.smooth_alpha == 0 and self.smooth_alpha is None:
                 problems.append(f"quantize.candidates[{i}]: smooth_alpha: 0 turns the section's smoothing off for "
@@ -1155,7 +1185,7 @@ class ExportConfig(Section):
         default_factory=dict,
         description="Per-target options, e.g. {onnx: {optimize: true}, tensorrt: {precision: int8}}; "
         "each target lists the options it accepts. Options for a target not in targets are refused (onnx's "
-        "excepted: the prune search exports ONNX with them).",
+        "excepted while a prune search, prune.target_latency_ms or max_accuracy_drop, exports ONNX with them).",
     )
 
     @model_validator(mode="after")
@@ -1174,7 +1204,8 @@ class ExportConfig(Section):
             if target not in known:
                 problems.append(f"options: '{target}' is not an export target (known: {names})")
                 continue
-            if target != "onnx" and target not in self.targets:  # onnx's are read by the prune search too
+            # onnx's may be read by a prune search, which this section cannot see (RecipeFields checks them)
+            if target != "onnx" and target not in self.targets:
                 problems.append(f"options.{target}: '{target}' is not in export.targets, so nothing would read "
                                 f"these options: add it to export.targets or drop them")
                 continue
@@ -1327,6 +1358,8 @@ class RecipeFields(Section):
                             "set teacher.augment.copies")
         problems += hidden_loss_unread(d, p.recover_hidden_weight if p.enabled else 0.0)
         problems += _labels_only_unread(self)
+        problems += _zero_alpha_unread(self, skip=set(_labels_only_keys(self)))
+        problems += _export_targets_unread(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1338,7 +1371,7 @@ class RecipeFields(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def _labels_only_unread(r: RecipeFields) -> list[str]:
+def _labels_only_keys(r: RecipeFields) -> list[str]:
     """Soft-target keys set where every teacher gives labels only: the student learns those with cross-entropy
     (distill and the prune recoveries), so the temperature and the KL direction are read only by born-again
     rounds (a student's soft targets) and by a recovery whose soft targets include the unpruned student."""
@@ -1353,12 +1386,113 @@ def _labels_only_unread(r: RecipeFields) -> list[str]:
         keys += changed_keys(d, keys=("kl",), prefix="distill.")
     if p.enabled and not soft_recovery:
         keys += changed_keys(p, keys=("recover_temperature",), prefix="prune.")
+    return keys
+
+
+def _labels_only_unread(r: RecipeFields) -> list[str]:
+    """``_labels_only_keys``, as the error that names them."""
+    keys = _labels_only_keys(r)
     if not keys:
         return []
     return [f"{', '.join(keys)}: every teacher gives labels only (targets: labels), which the student learns with "
             "cross-entropy, so nothing reads " + it_or_them(keys) + f": remove {it_or_them(keys)} (soft targets, and "
             "with them the temperature and the KL direction, come in with born-again rounds, distill.rounds > 1, "
             "or a prune recovery on the unpruned student's answers, prune.recover_soft_targets)"]
+
+
+def _zero_alpha_unread(r: RecipeFields, skip: set[str]) -> list[str]:
+    """Soft-target keys set where the text loss that would read them weighs its soft targets by 0: at alpha 0
+    ``edgekd.losses.soft_hard_loss`` (and ``teacher_labels_loss``) is plain cross-entropy on the labels, so no
+    temperature, KL direction or soft target is read. distill.alpha weighs the distill stage's (born-again
+    rounds included), prune.recover_alpha (unset: distill.alpha) every prune recovery's and the loss
+    prune.score_loss: recovery scores with. Keys in ``skip`` are refused already (``_labels_only_keys``).
+    Text classification only: a detector's KD reads distill.temperature whatever distill.alpha says (and
+    refuses distill.alpha itself)."""
+    if r.task != "text-classification":
+        return []
+    d, p = r.distill, r.prune
+    hard = all(m.targets == "labels" for m in r.teacher.members())
+    recovery_loss = p.enabled and (p.recover_epochs > 0 or p.final_recover_epochs > 0 or p.score_loss == "recovery")
+    recover_alpha = p.recover_alpha if p.recover_alpha is not None else d.alpha
+    # a recovery that reads distill.kl (and distill.temperature while prune.recover_temperature is unset)
+    soft_recovery = recovery_loss and recover_alpha > 0 and not (hard and p.recover_soft_targets == "teacher")
+    problems = []
+    if d.alpha == 0:
+        keys = []
+        if not (soft_recovery and p.recover_temperature is None):
+            keys += changed_keys(d, keys=("temperature",), prefix="distill.")
+        if not soft_recovery:
+            keys += changed_keys(d, keys=("kl",), prefix="distill.")
+        keys = [k for k in keys if k not in skip]
+        if keys:
+            problems.append(f"{', '.join(keys)}: shape(s) the soft-target term of the distillation loss, and "
+                            "distill.alpha is 0 (the student learns the labels alone, plain cross-entropy), and no "
+                            "prune recovery reads them either (see prune.recover_alpha and recover_temperature): "
+                            f"remove {it_or_them(keys)}, or give distill.alpha a weight")
+        if d.rounds > 1 and not (d.hidden_weight or d.attention_weight):
+            problems.append(f"distill.rounds: {d.rounds} born-again rounds each learn the previous round's soft "
+                            "targets, and distill.alpha is 0 (plain cross-entropy on the labels) with no hidden-state "
+                            "or attention matching (distill.hidden_weight and attention_weight are 0), so every "
+                            "round would train the same student from the same start: remove it, or give distill.alpha "
+                            "a weight")
+    if recovery_loss and recover_alpha == 0:
+        keys = [k for k in changed_keys(p, keys=("recover_temperature", "recover_soft_targets"), prefix="prune.")
+                if k not in skip]
+        weight = ("prune.recover_alpha is 0" if p.recover_alpha is not None
+                  else "prune.recover_alpha is unset and distill.alpha is 0")
+        if keys:
+            problems.append(f"{', '.join(keys)}: shape(s) the soft-target term of the recovery's loss, and its weight "
+                            f"is 0 ({weight}: the recovery learns the labels alone, plain cross-entropy): remove "
+                            f"{it_or_them(keys)}, or give prune.recover_alpha a weight")
+    return problems
+
+
+# The quantize keys only the quantize stage's ONNX path reads (its candidates, calibration split, guard and
+# speed comparison). A prune search times the section's own ONNX setup, quantized as the section says
+# (edgekd.stages.prune_common: _quantize_for_timing, TIMED_FORM_KEYS), and reads its other ONNX keys.
+# guard_metric is left to edgekd.recipe_check, which asks an enabled quantize section for one of the task's metrics.
+_ONNX_STAGE_ONLY = ("candidates", "calibration_split", "max_accuracy_drop", "max_attempts", "max_float_nodes",
+                    "sensitivity_examples", "speed_runs")
+_COREML_KEYS = ("coreml_mode", "palette_bits")
+# The keys prune.quant_aware trains with (edgekd.tasks.text.prune: _int8_rounding).
+_QUANT_AWARE_KEYS = ("per_channel", "weight_type", "reduce_range")
+
+
+def _export_targets_unread(r: RecipeFields) -> list[str]:
+    """Keys only an export target makes anything read: the quantize stage quantizes export/onnx (its ONNX
+    keys) and compresses export/coreml (coreml_mode, palette_bits), and export.options.onnx is read by the
+    ONNX target and by a prune search, which exports ONNX to time each round. A disabled quantize section
+    keeps its keys."""
+    q, e, p = r.quantize, r.export, r.prune
+    search = p.enabled and (p.target_latency_ms is not None or p.max_accuracy_drop is not None)
+    problems = []
+    if "onnx" in e.options and "onnx" not in e.targets and not search:
+        problems.append("export.options.onnx: 'onnx' is not in export.targets, and no prune search "
+                        "(prune.target_latency_ms or max_accuracy_drop) exports ONNX with them, so nothing would read "
+                        "these options: add onnx to export.targets or drop them")
+    onnx, coreml = "onnx" in e.targets, "coreml" in e.targets
+    if not q.enabled or not (onnx or coreml):
+        return problems  # (with neither target an enabled quantize stage stops with an error, reading nothing)
+    if not onnx:
+        read = set(_QUANT_AWARE_KEYS) if p.enabled and p.quant_aware else set()
+        if search:
+            read |= {k for k in type(q).model_fields if k not in _ONNX_STAGE_ONLY}
+            if q.smooth_alpha is None:
+                read.discard("threads")  # the search's timed form reads it to smooth alone
+        keys = [k for k in type(q).model_fields if k not in ("enabled", "guard_metric", *_COREML_KEYS, *read)]
+        unread = changed_keys(q, keys=tuple(keys), prefix="quantize.")
+        if unread:
+            searched = (", and the prune search's timed form, quantized as the section says, does without "
+                        f"{it_or_them(unread)}" if search else "")
+            problems.append(f"{', '.join(unread)}: shape(s) the ONNX quantization of export/onnx, and onnx is not in "
+                            "export.targets, so the quantize stage only compresses the Core ML export" + searched
+                            + f": add onnx to export.targets or remove {it_or_them(unread)}")
+    if not coreml:
+        unread = changed_keys(q, keys=_COREML_KEYS, prefix="quantize.")
+        if unread:
+            problems.append(f"{', '.join(unread)}: shape(s) the Core ML compression of export/coreml, and coreml is "
+                            f"not in export.targets: add coreml to export.targets or remove {it_or_them(unread)}")
+    return problems
 
 
 class Recipe(*_family_sections(), RecipeFields):
@@ -1498,21 +1632,23 @@ def reference_markdown() -> str:
     """The recipe reference (every key, its default and its description) as Markdown tables."""
     lines: list[str] = []
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, defaults: BaseModel) -> None:
+        # ``defaults`` is the section as its enclosing field makes it (distill.train's default_factory gives
+        # lr 1e-4, not TrainConfig's own 5e-5): each key's default is read from it.
         rows, subs = [], []
         for name, f in model.model_fields.items():
             ann = f.annotation
+            default = getattr(defaults, name)
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                subs.append((f"{prefix}{name}", ann))
+                subs.append((f"{prefix}{name}", ann, default))
                 continue
-            default = f.get_default(call_default_factory=True)
             desc = (f.description or "").replace("|", "\\|")
             rows.append(f"| `{prefix}{name}` | `{default!r}` | {desc} |")
         if rows:
             title = prefix.rstrip(".") or "top level"
             lines.extend([f"**{title}**", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
-        for sub_prefix, sub in subs:
-            walk(sub, sub_prefix + ".")
+        for sub_prefix, sub, sub_defaults in subs:
+            walk(sub, sub_prefix + ".", sub_defaults)
 
-    walk(Recipe, "")
+    walk(Recipe, "", Recipe())
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import numpy as np
 from edgekd.errors import DataError
 from edgekd.examples import Examples
 from edgekd.recipe import SplitConfig
+from edgekd.sections import changed_keys, it_or_them
 
 SPLITS = ("train", "validation", "test")
 
@@ -109,7 +110,8 @@ def split_examples(ex: Examples, cfg: SplitConfig | None = None,
     """Cut ``ex`` into train/validation/test, seeded and stratified by label.
 
     A dataset with its own splits keeps them; a missing validation or test split is carved out
-    of train (``cfg.validation``/``cfg.test`` of the train split). ``max_train_examples`` keeps a
+    of train (``cfg.validation``/``cfg.test`` of the train split), and the fraction of a split it
+    brings, set away from its default, is an error (nothing would read it). ``max_train_examples`` keeps a
     stratified sample of the training split only, so validation and test do not change.
     """
     cfg = cfg or SplitConfig()
@@ -117,6 +119,14 @@ def split_examples(ex: Examples, cfg: SplitConfig | None = None,
     labels = ex.labels
     pre = ex.predefined_splits or {}
     if "train" in pre:
+        # A split the dataset brings is kept as it is: its fraction would be accepted and ignored.
+        own = tuple(name for name in ("validation", "test") if name in pre and len(pre[name]))
+        unread = changed_keys(cfg, keys=own, prefix="data.split.")
+        if unread:
+            raise DataError(f"{', '.join(unread)}: the share(s) of a split carved out of the training rows, and "
+                            f"{ex.source or 'the dataset'} brings its own {' and '.join(own)} split(s), kept as they "
+                            f"are, so nothing reads {it_or_them(unread)}: remove {it_or_them(unread)} (a named "
+                            "dataset's pinned mirror, data.source: mirror, has no splits of its own)")
         train = np.sort(np.asarray(pre["train"], dtype=np.int64))
         parts: dict[str, np.ndarray] = {}
         carved = []

@@ -62,10 +62,11 @@ def test_recipe_validates_targets_and_options_at_load_time():
     msg = str(info.value)
     assert "unknown export target(s) ['tflite']" in msg
     assert "coreml does not accept precision (allowed: batch_sizes, compute_precision, deployment_target, max_batch, max_sequence)" in msg
-    # Options for a target the recipe does not export would be read by nothing (onnx's are: the prune search).
+    # Options for a target the recipe does not export would be read by nothing (onnx's are, by a prune search).
     with pytest.raises(RecipeError, match="'coreml' is not in export.targets, so nothing would read these options"):
         parse_recipe({"export": {"targets": ["onnx"], "options": {"coreml": {"max_batch": 4}}}})
-    parse_recipe({"export": {"targets": ["executorch"], "options": {"onnx": {"optimize": True}}}})
+    parse_recipe({"export": {"targets": ["executorch"], "options": {"onnx": {"optimize": True}}},
+                  "prune": {"enabled": True, "max_accuracy_drop": 0.01}})
     cfg = parse_recipe({"export": {"targets": ["onnx"], "options": {"onnx": {"optimize": True}}}}).export
     assert cfg.targets == ["onnx"] and cfg.options == {"onnx": {"optimize": True}}
 

@@ -45,6 +45,12 @@ def _columns(path: Path) -> list[str]:
     return read_json(path, jsonl=fmt == "jsonl")[0]
 
 
+# The splits a named dataset's hub copy brings beside train (cornell-movie-review-data/rotten_tomatoes: train,
+# validation, test); its pinned mirror brings none. Only data.source: hub is sure to read the hub copy (auto
+# falls back to the mirror), so edgekd.splits.split_examples refuses the same keys when it meets the splits.
+HUB_SPLITS = {"rotten-tomatoes": ("validation", "test")}
+
+
 def _check_text_data(recipe: Recipe) -> list[str]:
     from edgekd import assets
 
@@ -52,9 +58,9 @@ def _check_text_data(recipe: Recipe) -> list[str]:
     if assets.is_named_asset(d.dataset):
         unread = changed_keys(d, prefix="data.", keys=("hub_config", "text_column", "label_column",
                                                       "normalize_labels", "drop_duplicates"))
-        return [f"{', '.join(unread)}: only a local file or a Hugging Face id is read with it, and '{d.dataset}' is "
-                "a named dataset, read as pinned (its own columns and labels, repeated texts dropped): remove "
-                f"{it_or_them(unread)}"] if unread else []
+        return ([f"{', '.join(unread)}: only a local file or a Hugging Face id is read with it, and '{d.dataset}' is "
+                 "a named dataset, read as pinned (its own columns and labels, repeated texts dropped): remove "
+                 f"{it_or_them(unread)}"] if unread else []) + _check_hub_splits(recipe)
     path = Path(d.dataset).expanduser()
     problems = []
     if changed_keys(d, keys=("source",)):
@@ -65,6 +71,36 @@ def _check_text_data(recipe: Recipe) -> list[str]:
         problems.append(f"data.hub_config: names a Hugging Face dataset's configuration, and {path} is a local "
                         "file: remove it")
     return problems + _check_local_data(d, path)
+
+
+def _check_hub_splits(recipe: Recipe) -> list[str]:
+    """data.split keys that the hub copy of a named dataset (data.source: hub) leaves unread: the fractions of
+    the splits it brings, and the seed where it brings both and nothing else draws with it (a cut of
+    data.max_train_examples, the quantize stage's calibration sample)."""
+    d = recipe.data
+    own = HUB_SPLITS.get(d.dataset, ()) if d.source == "hub" else ()
+    if not own:
+        return []
+    keys = own
+    if set(own) == {"validation", "test"} and d.max_train_examples is None and not _calibrates(recipe):
+        keys += ("seed",)
+    unread = changed_keys(d.split, keys=keys, prefix="data.split.")
+    if not unread:
+        return []
+    return [f"{', '.join(unread)}: cut(s) splits out of the training rows, and '{d.dataset}' from the hub (data.source: "
+            f"hub) brings its own {' and '.join(own)} split(s), kept as they are"
+            + (" (and no data.max_train_examples or calibration sample draws with the seed)"
+               if "data.split.seed" in unread else "")
+            + f": remove {it_or_them(unread)}, or set data.source: mirror (the pinned copy, which has no splits)"]
+
+
+def _calibrates(recipe: Recipe) -> bool:
+    """Whether the quantize stage draws a calibration sample (seeded by data.split.seed): a static or smoothed
+    setup of the ONNX export."""
+    q = recipe.quantize
+    setups = [q, *(q.with_candidate(c) for c in q.candidates)]
+    return q.enabled and "onnx" in recipe.export.targets and any(
+        s.method == "static" or s.smooth_alpha is not None for s in setups)
 
 
 def _check_local_data(d: DataConfig, path: Path) -> list[str]:
