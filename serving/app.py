@@ -20,11 +20,11 @@ import edgekd
 from edgekd.errors import EdgeKDError
 from edgekd.export.base import read_artifact_meta
 from edgekd.serving import api_ops, api_predict, api_v2
-from edgekd.serving.batching import InferenceEngine
+from edgekd.serving.batching import InferenceEngine, check_batching
 from edgekd.serving.context import Serving
 from edgekd.serving.http import ServingMiddleware, guarded_protocol, install_error_handlers
 from edgekd.serving.metrics import Metrics
-from edgekd.serving.model import Loader, load_served_model, resolve_export_dir, verify_artifact
+from edgekd.serving.model import Loader, ServedModel, load_served_model, resolve_export_dir, verify_artifact
 from edgekd.serving.settings import ServeSettings
 
 log = logging.getLogger("edgekd.serving")
@@ -43,30 +43,32 @@ Errors are JSON objects `{"error": "..."}` saying what to fix.
 """
 
 
-def create_app(settings: ServeSettings | None = None, loader: Loader | None = None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, loader: Loader | None = None,
+               model: ServedModel | None = None) -> FastAPI:
     """A FastAPI app serving ``settings.export_dir``.
 
     ``loader(folder, **runtime_opts) -> (runner, artifact_meta)`` defaults to
-    ``edgekd.export.stage.load_artifact``; pass another to serve a runner built elsewhere.
+    ``edgekd.export.stage.load_artifact``; pass another to serve a runner built elsewhere. ``model``: one
+    loaded already (``serve`` loads it before the server starts, so that a refusal is one clear error).
     """
     settings = settings or ServeSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics: Metrics = app.state.metrics
         try:
-            model = load_served_model(settings, loader)
+            served = model if model is not None else load_served_model(settings, loader)
+            engine = InferenceEngine(
+                served.runner, served.codec, workers=settings.inference_workers, batching=settings.batching,
+                max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+                max_queue=settings.max_queue, on_batch=metrics.observe_batch, arrivals=metrics.in_flight,
+                precision=served.meta.get("precision"),
+            )
         except Exception as e:
             app.state.startup_error = e  # serve() re-raises it after uvicorn gives up
             raise
-        metrics: Metrics = app.state.metrics
-        engine = InferenceEngine(
-            model.runner, model.codec, workers=settings.inference_workers, batching=settings.batching,
-            max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue, on_batch=metrics.observe_batch, arrivals=metrics.in_flight,
-            precision=model.meta.get("precision"),
-        )
         await engine.start()
-        app.state.serving = Serving(settings=settings, model=model, engine=engine, metrics=metrics)
+        app.state.serving = Serving(settings=settings, model=served, engine=engine, metrics=metrics)
         grpc_server = None
         if settings.grpc_port is not None:
             from edgekd.serving.grpc_v2 import start_server
@@ -78,7 +80,7 @@ def create_app(settings: ServeSettings | None = None, loader: Loader | None = No
                 app.state.startup_error = e
                 raise
         app.state.ready = True
-        log.info("serving %s (%s) from %s, batching %s", model.name, model.target, model.folder,
+        log.info("serving %s (%s) from %s, batching %s", served.name, served.target, served.folder,
                  "on" if settings.batching else "off")
         try:
             yield
@@ -87,7 +89,7 @@ def create_app(settings: ServeSettings | None = None, loader: Loader | None = No
             if grpc_server is not None:  # in-flight RPCs finish, as HTTP's do
                 await grpc_server.stop(settings.graceful_timeout_s)
             await engine.stop()
-            log.info("stopped serving %s: in-flight work finished", model.name)
+            log.info("stopped serving %s: in-flight work finished", served.name)
 
     app = FastAPI(title="edgekd inference server", version=edgekd.__version__, description=DESCRIPTION,
                   lifespan=lifespan)
@@ -163,7 +165,11 @@ def serve(run_dir: str | Path, target: str | None = None, settings: ServeSetting
     # Checked here as well as at load, so that a refusal is one clear error, not a server log.
     verify_artifact(folder, read_artifact_meta(folder))
     settings = (settings or ServeSettings()).model_copy(update={"export_dir": folder})
-    app = create_app(settings, loader)
+    # Loaded before the server starts, for the same reason: a setting the export never reads, a runtime that
+    # cannot open it, batching a row-dependent artifact are each raised here, without uvicorn's startup log.
+    model = load_served_model(settings, loader)
+    check_batching(model.meta.get("precision"), settings.batching)
+    app = create_app(settings, loader, model=model)
     try:
         uvicorn.Server(uvicorn_config(app, settings)).run()
     except SystemExit:  # uvicorn exits with status 3 when the lifespan startup fails
