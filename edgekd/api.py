@@ -8,6 +8,7 @@ the command line calls :func:`run_recipe` too). ``distill`` teaches a student wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -15,7 +16,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from edgekd.recipe import Recipe
+    from edgekd.runfolder import RunFolder
     from edgekd.serving.model import ServedModel
     from edgekd.tasks.text.task import HeadMatch
 
@@ -88,6 +90,35 @@ def _say_warnings_kept() -> None:
     sink.flush()
     if sink.count and sink.path is not None and sink.path.is_file():
         console.print(f"[dim]{sink.count} library warning(s) kept out of the console: {sink.path}[/]")
+
+
+@contextlib.contextmanager
+def recorded_command(run_folder: RunFolder, what: str, argv: list[str] | None = None) -> Iterator[None]:
+    """A command on a run folder that runs no stage (``edgekd export-teacher``), held and recorded as a
+    stage command is: the libraries' warnings go to RUN/logs/warnings.log, the folder is its own while it
+    runs (``RunFolder.exclusive``), and ``invocations.jsonl`` gets its line, whether it succeeds or not."""
+    record: dict[str, Any] = {"argv": argv, "source": str(run_folder.root), "overrides": [], "one_off": [],
+                              "stages": [], "command": what, "recipe_saved": False,
+                              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    t0 = time.perf_counter()
+    status, error, code = "error", None, 1
+    warnings_log.sink.attach(run_folder.root)
+    warnings_log.route_library_logs()
+    try:
+        with run_folder.exclusive(what):
+            yield
+        status, code = "ok", 0
+    except KeyboardInterrupt:
+        status, code = "interrupted", 130
+        raise
+    except Exception as e:
+        error, code = f"{type(e).__name__}: {e}", 2 if isinstance(e, EdgeKDError) else 1
+        raise
+    finally:
+        record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      seconds=round(time.perf_counter() - t0, 2), status=status, exit_code=code, error=error)
+        run_folder.append_invocation(record)
+        _say_warnings_kept()
 
 
 def run_recipe(source: str | Path | None, overrides: list[str] | None = None, stages: list[str] | None = None,

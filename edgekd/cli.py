@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -112,9 +113,16 @@ def export_teacher(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/<name>/served-teacher); the model goes to its onnx/.")] = None,  # noqa: UP045
 ) -> None:
     """Export the run's fine-tuned teacher to ONNX (parity checked), ready for `edgekd serve`."""
+    from edgekd.api import recorded_command
+    from edgekd.runfolder import RunFolder
     from edgekd.teachers.export import export_run_teacher, parity_summary
 
-    rec = export_run_teacher(load_recipe_or_run(str(run_dir), None), out)
+    recipe = load_recipe_or_run(str(run_dir), None)
+    run = RunFolder(recipe.run_dir())
+    # A run folder that does not exist yet has no teacher to export: export_run_teacher says what to run.
+    held = recorded_command(run, "export-teacher", _argv(str(run_dir))) if run.root.is_dir() else contextlib.nullcontext()
+    with held:
+        rec = export_run_teacher(recipe, out)
     sys.stdout.write(f"teacher exported to {rec['folder']} ({parity_summary(rec)})\n"
                      f"serve it: edgekd serve {rec['folder']}\n")
 
@@ -178,7 +186,8 @@ def serve(
     """Serve an exported artifact: POST /predict, the v2 inference protocol, /health, /metadata, /metrics.
 
     Settings, highest first: these flags, EDGEKD_SERVE_* variables, the run's recipe (serve section), defaults.
-    Without --target, a run with several exports serves the quantize stage's recommended one."""
+    Without --target, a run folder serves what its summary ships: the quantize stage's recommendation, else its
+    only current export (several without a recommendation: choose one with --target)."""
     warnings_log.uninstall()  # a server's warnings and logs stay where its operator looks for them
     from edgekd.recipe import ServeConfig
     from edgekd.serving import ServeSettings

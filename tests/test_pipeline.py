@@ -94,6 +94,9 @@ def test_tiny_end_to_end_run_writes_a_complete_run_folder(tmp_path, tiny_teacher
     assert meta["parity"]["top1_agreement"] == 1.0 and meta["parity"]["max_abs_diff"] < 1e-4
     assert meta["sha256"] == sha256_file(served / "model.onnx") and (served / "tokenizer.json").is_file()
     assert f"serve it: edgekd serve {served.resolve()}" in res.output
+    # Recorded and held as a stage command is (its warnings kept in logs/warnings.log, not the console).
+    last = json.loads((run / "invocations.jsonl").read_text().splitlines()[-1])
+    assert last["command"] == "export-teacher" and last["status"] == "ok" and str(run) in last["argv"]
     # In this process: the bench's child processes are tested in tests/devices/test_bench.py.
     res = runner.invoke(app, ["bench", str(run), "--set", "bench.runs=3", "--set", "bench.warmup=1",
                               "--set", "bench.batch_sizes=[1]", "--set", "bench.isolate=false"])
