@@ -93,20 +93,14 @@ def _say_warnings_kept() -> None:
 
 
 @contextlib.contextmanager
-def recorded_command(run_folder: RunFolder, what: str, argv: list[str] | None = None) -> Iterator[None]:
-    """A command on a run folder that runs no stage (``edgekd export-teacher``), held and recorded as a
-    stage command is: the libraries' warnings go to RUN/logs/warnings.log, the folder is its own while it
-    runs (``RunFolder.exclusive``), and ``invocations.jsonl`` gets its line, whether it succeeds or not."""
-    record: dict[str, Any] = {"argv": argv, "source": str(run_folder.root), "overrides": [], "one_off": [],
-                              "stages": [], "command": what, "recipe_saved": False,
-                              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def _outcome(record: dict[str, Any]) -> Iterator[None]:
+    """Fill an invocation ``record`` with how the block ended (it re-raises): ``ended``, ``seconds``,
+    ``status`` (ok, error, interrupted), ``exit_code`` (0; 2 for edgekd's own errors, else 1; 130) and
+    ``error``."""
     t0 = time.perf_counter()
     status, error, code = "error", None, 1
-    warnings_log.sink.attach(run_folder.root)
-    warnings_log.route_library_logs()
     try:
-        with run_folder.exclusive(what):
-            yield
+        yield
         status, code = "ok", 0
     except KeyboardInterrupt:
         status, code = "interrupted", 130
@@ -117,6 +111,22 @@ def recorded_command(run_folder: RunFolder, what: str, argv: list[str] | None = 
     finally:
         record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       seconds=round(time.perf_counter() - t0, 2), status=status, exit_code=code, error=error)
+
+
+@contextlib.contextmanager
+def recorded_command(run_folder: RunFolder, what: str, argv: list[str] | None = None) -> Iterator[None]:
+    """A command on a run folder that runs no stage (``edgekd export-teacher``), held and recorded as a
+    stage command is: the libraries' warnings go to RUN/logs/warnings.log, the folder is its own while it
+    runs (``RunFolder.exclusive``), and ``invocations.jsonl`` gets its line, whether it succeeds or not."""
+    record: dict[str, Any] = {"argv": argv, "source": str(run_folder.root), "overrides": [], "one_off": [],
+                              "stages": [], "command": what, "recipe_saved": False,
+                              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    warnings_log.sink.attach(run_folder.root)
+    warnings_log.route_library_logs()
+    try:
+        with _outcome(record), run_folder.exclusive(what):
+            yield
+    finally:
         run_folder.append_invocation(record)
         _say_warnings_kept()
 
@@ -142,43 +152,33 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     run_folder = RunFolder(Path(source)) if from_folder else None
     had_recipe = from_folder  # a run folder always has one (load_recipe_or_run insists)
-    t0 = time.perf_counter()
-    status, error, code = "error", None, 1
     try:
-        recipe = load_recipe_or_run(source, overrides + one_off)
-        run_folder = RunFolder(recipe.run_dir())
-        had_recipe = run_folder.recipe_path.is_file()
-        warnings_log.sink.attach(run_folder.root)  # the libraries' warnings go to RUN/logs/warnings.log
-        setup_runtime(recipe)
-        warnings_log.route_library_logs()  # torch and transformers, imported just now, log on their own
-        if not from_folder:
-            saved = load_recipe_or_run(source, overrides) if one_off else recipe
-        else:
-            saved = None  # everything given on a run folder is one-off
-        check_up_front(recipe)
-        from edgekd.pipeline import planned_stages, run_stages
-        from edgekd.report import print_summary
+        with _outcome(record):
+            recipe = load_recipe_or_run(source, overrides + one_off)
+            run_folder = RunFolder(recipe.run_dir())
+            had_recipe = run_folder.recipe_path.is_file()
+            warnings_log.sink.attach(run_folder.root)  # the libraries' warnings go to RUN/logs/warnings.log
+            setup_runtime(recipe)
+            warnings_log.route_library_logs()  # torch and transformers, imported just now, log on their own
+            if not from_folder:
+                saved = load_recipe_or_run(source, overrides) if one_off else recipe
+            else:
+                saved = None  # everything given on a run folder is one-off
+            check_up_front(recipe)
+            from edgekd.pipeline import planned_stages, run_stages
+            from edgekd.report import print_summary
 
-        record["stages"] = stages or planned_stages(recipe)
-        record["recipe_saved"] = saved is not None
-        ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
-        if _is_main_process():  # once, not once per process under `accelerate launch`
-            print_summary(ctx.run)
-            _say_warnings_kept()
-        status, code = "ok", 0
-        return recipe, ctx
-    except KeyboardInterrupt:
-        status, code = "interrupted", 130
-        raise
-    except Exception as e:
-        error, code = f"{type(e).__name__}: {e}", 2 if isinstance(e, EdgeKDError) else 1
-        raise
+            record["stages"] = stages or planned_stages(recipe)
+            record["recipe_saved"] = saved is not None
+            ctx = run_stages(recipe, stages, force=force, save_recipe=saved)
+            if _is_main_process():  # once, not once per process under `accelerate launch`
+                print_summary(ctx.run)
+                _say_warnings_kept()
+            return recipe, ctx
     finally:
         warnings_log.sink.flush()
         if run_folder is not None and run_folder.root.is_dir() and _is_main_process():
-            record.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          seconds=round(time.perf_counter() - t0, 2), status=status, exit_code=code, error=error)
-            if status != "ok":  # run_stages saves a first recipe once a stage has finished, even on failure
+            if record["status"] != "ok":  # run_stages saves a first recipe once a stage has finished, even on failure
                 record["recipe_saved"] = not had_recipe and run_folder.recipe_path.is_file()
             run_folder.append_invocation(record)
 

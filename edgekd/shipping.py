@@ -44,13 +44,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def recommendation(root: Path) -> tuple[str | None, dict[str, Any]]:
-    """The export folder name the quantize stage recommends (float or quantized), if it ran and the recipe
-    still runs it, and the stage's record (its metrics)."""
-    root = Path(root)
-    if not (root / MANIFEST).is_file() or RunFolder(root).recipe_turns_off("quantize"):
-        return None, {}  # no quantize stage, or one the recipe now turns off: its choice is not read
-    rec = (read_manifest(root).get("stages") or {}).get("quantize")
+def _recommendation(manifest: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The export folder name the quantize stage recommends (float or quantized), if it recorded one, and
+    the stage's record (its metrics)."""
+    rec = (manifest.get("stages") or {}).get("quantize")
     metrics = rec.get("metrics") if isinstance(rec, dict) else None
     if not isinstance(metrics, dict) or not metrics.get("recommended_dir"):
         return None, {}
@@ -58,25 +55,17 @@ def recommendation(root: Path) -> tuple[str | None, dict[str, Any]]:
     return Path(str(metrics["recommended_dir"])).name, metrics
 
 
-def earlier_quantized(root: Path) -> list[str]:
-    """Quantized export folders a quantize stage made that the run's recipe now turns off: earlier results
-    kept on disk, not the run's current exports."""
-    root = Path(root)
-    if not RunFolder(root).recipe_turns_off("quantize"):
-        return []
-    from edgekd.stages.quantize import quantized_folder_names
-
-    return [p.name for p in quantized_folder_names(root / "export")]
-
-
 def shipped_export(root: str | Path, choose: str = CHOOSE) -> tuple[str | None, str]:
     """(export folder name, why) of what the run ships by the rule above; (None, why and what to do) when
     it ships nothing as it stands (``choose``: how the caller picks an export instead)."""
     root = Path(root)
     on_disk = export_folders(root)
-    name, quantize = recommendation(root)
+    manifest = read_manifest(root) if (root / MANIFEST).is_file() else {}
+    # A quantize stage the recipe now turns off: its choice is not read, its folders are earlier results.
+    off = RunFolder(root).recipe_turns_off("quantize")
+    name, quantize = (None, {}) if off else _recommendation(manifest)
     if not on_disk and name is None:
-        export = ((read_manifest(root).get("stages") or {}).get("export") or {}) if (root / MANIFEST).is_file() else {}
+        export = (manifest.get("stages") or {}).get("export") or {}
         made = [t for t, r in ((export.get("metrics") or {}).get("targets") or {}).items()
                 if isinstance(r, dict) and r.get("status") == "ok"]
         if made:
@@ -94,7 +83,12 @@ def shipped_export(root: str | Path, choose: str = CHOOSE) -> tuple[str | None, 
         if quantize.get("reasons"):
             why += ": " + "; ".join(str(r) for r in quantize["reasons"])
         return name, why
-    earlier = earlier_quantized(root)
+    if off:
+        from edgekd.stages.quantize import quantized_folder_names
+
+        earlier = [p.name for p in quantized_folder_names(root / "export")]
+    else:
+        earlier = []
     current = [t for t in on_disk if t not in earlier]
     kept = [t for t in on_disk if t in earlier]
     if len(current) == 1:
@@ -109,7 +103,6 @@ def shipped_export(root: str | Path, choose: str = CHOOSE) -> tuple[str | None, 
     if not current:
         return None, (f"only quantized exports made by a quantize stage this recipe turns off ({', '.join(kept)}): "
                       f"run `edgekd export`, or {choose}")
-    tail = ("its recipe turns the quantize stage off, so its earlier recommendation is not read"
-            if RunFolder(root).recipe_turns_off("quantize")
+    tail = ("its recipe turns the quantize stage off, so its earlier recommendation is not read" if off
             else "no quantize stage recommendation is recorded")
     return None, f"several exports ({', '.join(current)}): {choose} ({tail})"
