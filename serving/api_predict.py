@@ -2,8 +2,10 @@
 
 The route reads its body itself (a detection model also takes multipart forms, which FastAPI cannot
 declare beside a JSON body) and hands the request to the served family's handler
-(``ServeFamily.predict``, from the family's ``serve.py``). The OpenAPI document describes the bodies
-of every registered family until a model is loaded, then the served one's (``ServeFamily.openapi``).
+(``ServeFamily.predict``, from the family's ``serve.py``), its body inflated first when it comes with
+``Content-Encoding`` gzip or deflate (as the v2 infer route reads it: at most to the body limit). The
+OpenAPI document describes the bodies of every registered family until a model is loaded, then the
+served one's (``ServeFamily.openapi``).
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from starlette.types import Scope
 
 from edgekd.serving.context import Serving, get_serving
 from edgekd.serving.family import serve_families
-from edgekd.serving.http import require_api_key
+from edgekd.serving.http import decoded_request, require_api_key
 from edgekd.serving.schemas import ErrorBody, InferenceRequest
 
 __all__ = ["ERRORS", "fast_predict", "openapi_components", "router"]
 
 ERRORS = {
-    400: {"model": ErrorBody, "description": "The body is not valid JSON (or not a readable multipart form)."},
+    400: {"model": ErrorBody, "description": "The body is not valid JSON (or not a readable multipart form, or "
+                                             "not valid data of its Content-Encoding)."},
     401: {"model": ErrorBody, "description": "Missing or wrong API key."},
-    413: {"model": ErrorBody, "description": "The body is over the size limit, or an image has too many pixels."},
-    415: {"model": ErrorBody, "description": "The body is not JSON (detection models: nor a multipart form)."},
+    413: {"model": ErrorBody, "description": "The body is over the size limit (also once inflated), or an image "
+                                             "has too many pixels."},
+    415: {"model": ErrorBody, "description": "The body is not JSON (detection models: nor a multipart form), or "
+                                             "its Content-Encoding is not gzip or deflate."},
     422: {"model": ErrorBody, "description": "The inputs break a limit (empty, too many, too long, not an image), "
                                              "or are not what this model takes (texts vs images)."},
     503: {"model": ErrorBody, "description": "Overloaded, shutting down or not ready; retry."},
@@ -55,7 +60,10 @@ _RESPONSES = tuple(f.response_model for f in serve_families())
 
 async def fast_predict(scope: Scope, body: bytes) -> bytes | None:
     """POST /predict answered from the ASGI middleware by the served family's fast path, when it has
-    one and the request is its common shape; None: the route answers (every error stays the route's)."""
+    one and the request is its common shape; None: the route answers (every error stays the route's),
+    as it does every compressed body."""
+    if any(name == b"content-encoding" for name, _ in scope["headers"]):
+        return None
     serving: Serving | None = scope["app"].state.serving
     fast = serving.model.family.fast_predict if serving is not None else None
     return None if fast is None else await fast(scope, body)
@@ -76,4 +84,5 @@ async def predict(request: Request, serving: Serving = Depends(get_serving)) -> 
     """A text model takes JSON `{"text": ...}` or `{"texts": [...]}`. A detection model takes images as
     multipart/form-data parts `file`/`files`, or JSON `{"image": b64}` / `{"images": [b64, ...]}`,
     with options `conf_threshold`, `iou_threshold`, `max_det` (query, form fields or JSON keys)."""
+    request = await decoded_request(request, serving.settings.max_body_bytes)
     return await serving.model.family.predict(request, serving)

@@ -10,6 +10,7 @@ A body compressed with gzip or deflate (``Content-Encoding``, tritonclient's ``r
 is inflated, at most to the body limit; an answer is compressed when the client accepts it
 (``Accept-Encoding``, its ``response_compression_algorithm``). Triton's classification extension (an
 output's ``classification`` parameter) answers the top K classes as "<score>:<index>:<label>" strings.
+A tensor with Triton's shared-memory parameters is a 400, over gRPC too: those extensions are not implemented.
 Every route also exists under ``/versions/{version}`` (version 1, the only one). The tensors themselves
 are decoded and run in ``v2_core``, shared with gRPC.
 """
@@ -30,7 +31,7 @@ from edgekd.serving import v2_core
 from edgekd.serving.api_predict import ERRORS
 from edgekd.serving.context import Serving, get_serving
 from edgekd.serving.errors import RequestError
-from edgekd.serving.http import is_json, media_type, parse_json, require_api_key, validate_body
+from edgekd.serving.http import decoded_body, is_json, media_type, parse_json, require_api_key, validate_body
 from edgekd.serving.schemas import (
     ErrorBody,
     InferenceRequest,
@@ -141,61 +142,10 @@ async def model_version_config(serving: Serving = Depends(versioned_model)) -> d
 
 
 # --- inference ---------------------------------------------------------------------------------------------
-# Content-Encoding -> zlib's wbits: gzip, and deflate as the zlib format that HTTP's "deflate" is (RFC 9110)
-# and tritonclient sends (zlib.compress).
-DECODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 # Answers shorter than this go uncompressed even to a client that accepts gzip (as Starlette's GZipMiddleware):
 # compressing a few hundred bytes saves nothing.
 COMPRESS_MIN_BYTES = 500
 COMPRESS_INLINE_BYTES = 64_000  # compressed in a worker thread above this
-
-
-def _wbits(encoding: str, data: bytes) -> int:
-    """zlib's wbits for ``data``; a "deflate" body without the zlib header is raw deflate, which some
-    clients send under that name."""
-    if encoding == "deflate" and not (len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0):
-        return -zlib.MAX_WBITS
-    return DECODINGS[encoding]
-
-
-def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
-    """``raw`` decoded from ``encoding``, never more than ``limit`` bytes of it: a small body that inflates
-    past the server's body limit is a 413 before the rest is inflated, not memory spent on it."""
-    out: list[bytes] = []
-    size, rest = 0, raw
-    try:
-        while True:  # gzip bodies may hold several members, one after the other
-            d = zlib.decompressobj(_wbits(encoding, rest))
-            chunk = d.decompress(rest, limit + 1 - size)
-            size += len(chunk)
-            out.append(chunk)
-            if size > limit:
-                raise RequestError(f"the request body inflates ({encoding}) to over the {limit}-byte limit "
-                                   "(max_body_bytes): send fewer or shorter inputs.", 413, "too_large")
-            if not d.eof:
-                raise RequestError(f"the request body is not complete {encoding} data (it ends early).")
-            rest = d.unused_data
-            if not rest or encoding == "deflate":  # only gzip chains members
-                break
-    except zlib.error as e:
-        raise RequestError(f"the request body is not valid {encoding} data ({e}): compress it with {encoding}, "
-                           "or leave Content-Encoding out.") from None
-    if rest:
-        raise RequestError(f"the request body has {len(rest)} bytes after its {encoding} data.")
-    return b"".join(out)
-
-
-def _decoded_body(request: Request, raw: bytes, limit: int) -> bytes:
-    """The body with its Content-Encoding (gzip, deflate; tritonclient's request_compression_algorithm)
-    undone, last applied first; 415 for an encoding this server does not read."""
-    header = request.headers.get("content-encoding", "")
-    encodings = [e.strip().lower() for e in header.split(",") if e.strip() and e.strip().lower() != "identity"]
-    if unknown := [e for e in encodings if e not in DECODINGS]:
-        raise RequestError(f"Content-Encoding {', '.join(unknown)} is not one this server reads: send the body "
-                           "uncompressed, or compressed with gzip or deflate.", 415)
-    for encoding in reversed(encodings):
-        raw = _decompress(raw, encoding, limit)
-    return raw
 
 
 def _encoding_accepted(request: Request) -> str | None:
@@ -269,9 +219,11 @@ def _decode(body: InferenceRequest, binary: bytes) -> list[v2_core.Tensor]:
 
 
 async def _infer(request: Request, serving: Serving) -> Response:
-    raw = _decoded_body(request, await request.body(), serving.settings.max_body_bytes)
+    raw = decoded_body(request, await request.body(), serving.settings.max_body_bytes)
     json_part, binary = _split_body(request, raw)
     body = validate_body(InferenceRequest, parse_json(json_part, "the inference request's JSON"))
+    v2_core.refuse_shared_memory([(i.name, i.parameters) for i in body.inputs],
+                                 [(o.name, o.parameters) for o in body.outputs or []])
     classes = {o.name: k for o in body.outputs or [] if (k := v2_core.class_count(o.name, o.parameters)) is not None}
     requested = [o.name for o in body.outputs] if body.outputs else None
     outputs = await v2_core.infer(_decode(body, binary), requested, serving, classes)

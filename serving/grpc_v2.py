@@ -254,6 +254,8 @@ class InferenceService:
     async def ModelInfer(self, request: Any) -> Any:
         serving = self._serving()
         v2_core.check_model(serving, request.model_name, request.model_version)
+        v2_core.refuse_shared_memory([(i.name, _parameters(i.parameters)) for i in request.inputs],
+                                     [(o.name, _parameters(o.parameters)) for o in request.outputs])
         requested = [o.name for o in request.outputs] or None
         classes = {o.name: k for o in request.outputs
                    if (k := v2_core.class_count(o.name, _parameters(o.parameters))) is not None}

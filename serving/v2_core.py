@@ -42,6 +42,9 @@ INT_RANGES = {t: (int(np.iinfo(NUMPY_TYPES[t]).min), int(np.iinfo(NUMPY_TYPES[t]
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration"]
 # The output parameter of Triton's classification extension (tritonclient's ``class_count``).
 CLASSIFICATION = "classification"
+# The tensor parameters of Triton's shared-memory extensions (tritonclient's ``set_shared_memory`` on an
+# input or a requested output), which this server does not implement: a tensor carrying one is refused.
+SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 @dataclass
@@ -218,6 +221,23 @@ def check_model(serving: Serving, name: str, version: str | None = None) -> None
     if version not in (None, "", MODEL_VERSION):
         raise RequestError(f"model '{name}' has no version '{version}': this server serves version "
                            f"{MODEL_VERSION} only (or leave the version out).", 404, "not_found")
+
+
+def refuse_shared_memory(inputs: list[tuple[str, dict[str, Any] | None]],
+                         outputs: list[tuple[str, dict[str, Any] | None]]) -> None:
+    """400 for an input or output (name, parameters) that carries Triton's shared-memory parameters: this
+    server implements neither shared-memory extension, and an output answered in the body while the
+    client reads its region would be a silently wrong result."""
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        for name, params in tensors:
+            if found := [p for p in SHARED_MEMORY if p in (params or {})]:
+                fix = ("ask for the output in the response body instead (leave out set_shared_memory; "
+                       "binary_data for its raw bytes)" if kind == "output" else
+                       "send its data in the request instead (leave out set_shared_memory; 'data', binary_data "
+                       "or gRPC raw_input_contents)")
+                raise RequestError(f"{kind} '{name}' has parameter{'s' if len(found) > 1 else ''} {', '.join(found)}, "
+                                   "but this server does not implement Triton's shared-memory extensions (its "
+                                   f"extensions: {', '.join(EXTENSIONS)}): {fix}.")
 
 
 def class_count(output: str, params: dict[str, Any] | None) -> int | None:

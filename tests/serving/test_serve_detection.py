@@ -164,6 +164,30 @@ def test_base64_json_matches_multipart(client):
     assert preds[0] == want[0] and len(preds[1]["detections"]) == 1
 
 
+def test_compressed_multipart_and_json_bodies_match_plain_ones(client):
+    """A gzip or deflate body (Content-Encoding) is inflated before the form or JSON is read."""
+    import gzip
+    import zlib
+
+    form = httpx.Request("POST", "http://test/predict", files=[("files", ("a.png", WHITE, "image/png")),
+                                                               ("files", ("b.png", BLACK, "image/png"))],
+                         data={"max_det": "1"})
+    body, content_type = form.read(), form.headers["content-type"]
+    want = client.post("/predict", content=body, headers={"content-type": content_type})
+    assert want.status_code == 200, want.text
+    assert [len(p["detections"]) for p in want.json()["predictions"]] == [1, 1]
+    for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        r = client.post("/predict", content=packed, headers={"content-type": content_type,
+                                                             "content-encoding": encoding})
+        assert r.status_code == 200, (encoding, r.text)
+        assert r.json() == want.json(), encoding
+    as_json = json.dumps({"image": base64.b64encode(WHITE).decode()}).encode()
+    want = client.post("/predict", content=as_json, headers={"content-type": "application/json"}).json()
+    r = client.post("/predict", content=gzip.compress(as_json),
+                    headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 200 and r.json() == want, r.text
+
+
 def test_options_from_query_form_and_json(client):
     b64 = base64.b64encode(WHITE).decode()
     r = client.post("/predict?conf_threshold=0.85", files={"file": ("x.png", WHITE)})

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import zlib
+
 import numpy as np
 import pytest
 from serve_helpers import LABELS, RUN_NAME
@@ -115,6 +119,47 @@ def test_body_over_the_limit_is_413(make_client):
     assert r.status_code == 413
     assert "100-byte limit" in r.json()["error"]
     assert 'edgekd_errors_total{kind="too_large"} 1.0' in client.get("/metrics").text
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+def test_compressed_bodies_answer_as_the_plain_body(make_client):
+    """gzip and deflate bodies (Content-Encoding), read as the v2 infer route reads them."""
+    client = make_client()
+    body = json.dumps({"texts": TEXTS}).encode()
+    json_type = {"content-type": "application/json"}
+    want = client.post("/predict", content=body, headers=json_type)
+    assert want.status_code == 200, want.text
+    for encoding, packed in (("gzip", gzip.compress(body)), ("x-gzip", gzip.compress(body)),
+                             ("deflate", zlib.compress(body)), ("deflate", _raw_deflate(body)),
+                             ("gzip", gzip.compress(body[:10]) + gzip.compress(body[10:])),  # two members
+                             ("gzip, deflate", zlib.compress(gzip.compress(body))), ("identity", body)):
+        r = client.post("/predict", content=packed, headers={**json_type, "content-encoding": encoding})
+        assert r.status_code == 200, (encoding, r.text)
+        assert r.json() == want.json(), encoding
+
+
+def test_compressed_bodies_are_bounded_and_checked(make_client):
+    client = make_client(max_body_bytes=20_000)
+    json_type = {"content-type": "application/json"}
+    # A body that inflates past the body limit: 413, though its compressed size is far under it.
+    big = json.dumps({"text": "a" * 5_000_000}).encode()
+    for encoding, bomb in (("gzip", gzip.compress(big)), ("deflate", zlib.compress(big))):
+        assert len(bomb) < 20_000
+        r = client.post("/predict", content=bomb, headers={**json_type, "content-encoding": encoding})
+        assert r.status_code == 413, (encoding, r.text)
+        assert f"inflates ({encoding}) to over the 20000-byte limit" in r.json()["error"]
+    r = client.post("/predict", content=b"not gzip at all", headers={**json_type, "content-encoding": "gzip"})
+    assert r.status_code == 400 and "not valid gzip data" in r.json()["error"], r.text
+    body = json.dumps({"text": "fine"}).encode()
+    r = client.post("/predict", content=gzip.compress(body)[:-12], headers={**json_type, "content-encoding": "gzip"})
+    assert r.status_code == 400 and "ends early" in r.json()["error"], r.text
+    r = client.post("/predict", content=body, headers={**json_type, "content-encoding": "br"})
+    assert r.status_code == 415 and "Content-Encoding br is not one this server reads" in r.json()["error"], r.text
+    assert client.app.state.metrics.texts._value.get() == 0  # every one refused before the model ran
 
 
 def test_unknown_route_and_method_are_json_4xx(make_client):

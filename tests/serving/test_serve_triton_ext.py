@@ -2,7 +2,7 @@
 classification (an output's top K classes as "<score>:<index>:<label>"), the binary tensor data
 extension's per-output override, compressed bodies both ways, the model configuration (optional inputs,
 rank-1 outputs, over gRPC too), server metadata, readiness while not ready, and the refusals that make
-a request's mistakes 400s rather than silent surprises."""
+a request's mistakes 400s rather than silent surprises (shared-memory parameters among them)."""
 
 from __future__ import annotations
 
@@ -139,6 +139,64 @@ def test_server_metadata_reports_the_same_extensions_over_http_and_grpc(live_ser
         assert list(client.get_server_metadata().extensions) == over_http
     finally:
         client.close()
+
+
+# --- shared memory: not implemented, so refused ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("where", "params", "named"),
+    [
+        ("output", {"shared_memory_region": "out0", "shared_memory_byte_size": 24},
+         "output 'probabilities' has parameters shared_memory_region, shared_memory_byte_size"),
+        ("output", {"shared_memory_byte_size": 24, "shared_memory_offset": 8, "binary_data": True},
+         "output 'probabilities' has parameters shared_memory_byte_size, shared_memory_offset"),
+        ("input", {"shared_memory_region": "in0", "shared_memory_byte_size": 16},
+         "input 'text' has parameters shared_memory_region, shared_memory_byte_size"),
+    ],
+)
+def test_shared_memory_parameters_are_400_over_http(make_client, where, params, named):
+    """An output asked for in a shared-memory region and answered in the body would leave the client
+    reading whatever its region held: the server has no shared-memory extension, so it says so."""
+    client = make_client()
+    text = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["fine"]}
+    output = {"name": "probabilities"}
+    if where == "input":
+        text = {**text, "parameters": params}
+    else:
+        output = {**output, "parameters": params}
+    r = client.post(INFER, json={"inputs": [text], "outputs": [output]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert named in error and "does not implement Triton's shared-memory extensions" in error, error
+    assert ("ask for the output in the response body" if where == "output" else "send its data in the request") \
+        in error, error
+    assert client.app.state.metrics.texts._value.get() == 0  # refused before the model ran
+
+
+def test_shared_memory_is_refused_with_tritonclient_over_http_and_grpc(live_server):
+    port = free_port()
+    srv = live_server(grpc_port=port)
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{srv.port}")
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        for module, client in ((httpclient, http), (grpcclient, grpc)):
+            out = module.InferRequestedOutput("probabilities")
+            out.set_shared_memory("output_region", 3 * 2 * 4)
+            with pytest.raises(module.InferenceServerException,
+                               match=r"output 'probabilities' has parameters shared_memory_region") as err:
+                client.infer(RUN_NAME, [_text_input(module, TEXTS)], outputs=[out])
+            assert "ask for the output in the response body" in str(err.value)
+            inp = module.InferInput("text", [len(TEXTS)], "BYTES")
+            inp.set_shared_memory("input_region", 64, offset=16)
+            with pytest.raises(module.InferenceServerException,
+                               match=r"input 'text' has parameters shared_memory_region, shared_memory_byte_size, "
+                                     r"shared_memory_offset"):
+                client.infer(RUN_NAME, [inp])
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"  # the gRPC one
+        # The same outputs asked for in the body are answered.
+        assert grpc.infer(RUN_NAME, [_text_input(grpcclient, TEXTS)]).as_numpy("probabilities").shape == (3, 2)
+    finally:
+        http.close()
+        grpc.close()
 
 
 # --- 3. binary_data per output ----------------------------------------------------------------------------------
