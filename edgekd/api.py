@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 # --- running a recipe ------------------------------------------------------------------------------
 
 
-def load_recipe_or_run(source: str | Path | None, overrides: list[str] | None) -> Recipe:
-    """A recipe file, a built-in name, or a run folder (its saved recipe.yaml, pointed at that folder)."""
+def load_recipe_or_run(source: str | Path | None, overrides: list[str] | None,
+                       one_off: list[str] | None = None) -> Recipe:
+    """A recipe file, a built-in name, or a run folder (its saved recipe.yaml, pointed at that folder);
+    ``one_off`` settings apply after ``overrides``, for one command only (``load_recipe``)."""
     from edgekd.recipe import load_recipe
 
     if source and Path(source).is_dir():
@@ -46,8 +48,40 @@ def load_recipe_or_run(source: str | Path | None, overrides: list[str] | None) -
         if not (run_dir / "recipe.yaml").is_file():
             raise EdgeKDError(f"{run_dir} is a folder without recipe.yaml: give a recipe file or a run folder (runs/<name>).")
         extra = [f"output_dir={run_dir.resolve().parent}", f"name={run_dir.name}"]
-        return load_recipe(run_dir / "recipe.yaml", extra + list(overrides or []))
-    return load_recipe(source, overrides)
+        return load_recipe(run_dir / "recipe.yaml", extra + list(overrides or []), one_off)
+    return load_recipe(source, overrides, one_off)
+
+
+def _recipe_named(source: str | Path | None) -> str:
+    """How an error names the recipe ``source`` (a run folder by its recipe.yaml)."""
+    from edgekd.recipe import BUILTIN_RECIPES
+
+    if source is None:
+        return "built-in recipe 'default'"
+    if Path(source).is_dir():
+        return str(Path(source) / "recipe.yaml")
+    return f"built-in recipe '{source}'" if str(source) in BUILTIN_RECIPES and not Path(source).exists() else str(source)
+
+
+def _one_off_at_fault(err: RecipeError, source: str | Path | None, overrides: list[str], one_off: list[str],
+                      flags: Mapping[str, str], checked: bool) -> RecipeError:
+    """``err``, raised by the recipe with this command's ``one_off`` settings, as theirs (naming the flag
+    each came from, ``flags``) where the recipe with its ``overrides`` alone loads (and, ``checked``, where
+    ``check_up_front`` finds none of the problems in it); else ``err`` as it is, a problem of the recipe."""
+    if not one_off:
+        return err
+    try:
+        alone = load_recipe_or_run(source, overrides)
+        if checked:
+            from edgekd.recipe_check import check_inputs
+
+            own = set(check_inputs(alone))
+            if any(p in own for p in err.problems):
+                return err
+    except EdgeKDError:
+        return err
+    given = ", ".join(s if not flags.get(s) else flags[s] if s in flags[s] else f"{flags[s]} ({s})" for s in one_off)
+    return RecipeError(err.problems, _recipe_named(source), one_off=given)
 
 
 def setup_runtime(recipe: Recipe) -> None:
@@ -132,13 +166,16 @@ def recorded_command(run_folder: RunFolder, what: str, argv: list[str] | None = 
 
 
 def run_recipe(source: str | Path | None, overrides: list[str] | None = None, stages: list[str] | None = None,
-               force: bool = False, one_off: list[str] | None = None, *, argv: list[str] | None = None):
+               force: bool = False, one_off: list[str] | None = None, *, argv: list[str] | None = None,
+               flags: Mapping[str, str] | None = None):
     """Run ``stages`` (all planned ones when None; an empty list is refused) and record the invocation in
     ``runs/<name>/invocations.jsonl``.
 
     ``overrides`` (``key.path=value``) on a recipe file define the run and are saved with it; on a run
     folder, like ``one_off`` (``--device``, ``--to``), they apply to this call only and never touch its
-    recipe.yaml. ``argv`` is what the invocation record shows as the command. Returns the recipe used
+    recipe.yaml. ``flags`` names the command-line flag a one-off setting came from
+    (``{"bench.profile=pi": "--device pi"}``): an error that only the one-off settings cause names them,
+    not the recipe. ``argv`` is what the invocation record shows as the command. Returns the recipe used
     and the run context."""
     from edgekd.runfolder import RunFolder
 
@@ -147,14 +184,19 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
                            "or leave stages out (None) to run the whole pipeline"])
     overrides, one_off = list(overrides or []), list(one_off or [])
     from_folder = bool(source) and Path(source).is_dir()
+    # What defines the run (saved as its recipe.yaml), and what is for this command only
+    defining, once = ([], overrides + one_off) if from_folder else (overrides, one_off)
     record = {"argv": argv, "source": None if source is None else str(source), "overrides": overrides,
-              "one_off": one_off if not from_folder else overrides + one_off, "stages": stages,
+              "one_off": once, "stages": stages,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     run_folder = RunFolder(Path(source)) if from_folder else None
     had_recipe = from_folder  # a run folder always has one (load_recipe_or_run insists)
     try:
         with _outcome(record):
-            recipe = load_recipe_or_run(source, overrides + one_off)
+            try:
+                recipe = load_recipe_or_run(source, defining, once)
+            except RecipeError as e:
+                raise _one_off_at_fault(e, source, defining, once, flags or {}, checked=False) from None
             run_folder = RunFolder(recipe.run_dir())
             had_recipe = run_folder.recipe_path.is_file()
             warnings_log.sink.attach(run_folder.root)  # the libraries' warnings go to RUN/logs/warnings.log
@@ -164,7 +206,10 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
                 saved = load_recipe_or_run(source, overrides) if one_off else recipe
             else:
                 saved = None  # everything given on a run folder is one-off
-            check_up_front(recipe)
+            try:
+                check_up_front(recipe)
+            except RecipeError as e:
+                raise _one_off_at_fault(e, source, defining, once, flags or {}, checked=True) from None
             from edgekd.pipeline import planned_stages, run_stages
             from edgekd.report import print_summary
 

@@ -65,9 +65,13 @@ def _argv(source: str | None) -> list[str]:
 
 
 def _run(recipe_src: str | None, overrides: list[str] | None, stages: list[str] | None, force: bool,
-         one_off: list[str] | None = None):
-    """Run ``stages`` as ``api.run_recipe`` does, recording this command line. Returns (recipe, context)."""
-    return api.run_recipe(recipe_src, overrides, stages, force, one_off, argv=_argv(recipe_src))
+         one_off: dict[str, str] | None = None):
+    """Run ``stages`` as ``api.run_recipe`` does, recording this command line. ``one_off``: each setting for
+    this command only (``export.targets=[onnx]``) -> the flag it came from (``--to onnx``), which an error
+    that only it causes names. Returns (recipe, context)."""
+    flags = {**{o: f"--set {o}" for o in overrides or []}, **(one_off or {})}  # (--set is one-off on a run folder)
+    return api.run_recipe(recipe_src, overrides, stages, force, list(one_off or {}), argv=_argv(recipe_src),
+                          flags=flags)
 
 
 @app.command()
@@ -98,9 +102,9 @@ def export(
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    one_off = []
+    one_off = {}
     if to:
-        one_off.append("export.targets=[" + ",".join(t.strip() for t in to.split(",") if t.strip()) + "]")
+        one_off["export.targets=[" + ",".join(t.strip() for t in to.split(",") if t.strip()) + "]"] = f"--to {to}"
     _run(recipe, set_, ["export"], force, one_off)
 
 
@@ -161,7 +165,7 @@ def bench(
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    one_off = [f"bench.profile={device}"] if device else []
+    one_off = {f"bench.profile={device}": f"--device {device}"} if device else {}
     used, ctx = _run(recipe, set_, ["bench"], force, one_off)
     from edgekd.devices.tables import report as bench_report
 

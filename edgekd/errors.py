@@ -10,9 +10,15 @@ class EdgeKDError(Exception):
 class RecipeError(EdgeKDError):
     """The recipe (YAML or CLI overrides) is invalid. Lists every problem at once."""
 
-    def __init__(self, problems: list[str], source: str | None = None):
+    def __init__(self, problems: list[str], source: str | None = None, one_off: str | None = None):
+        """``one_off``: the settings given for one command only (``--to onnx (export.targets=[onnx])``) that
+        the ``problems`` come from, not from the recipe ``source``: the message blames them, not it."""
         self.problems = list(problems)
+        self.source, self.one_off = source, one_off
         where = f" in {source}" if source else ""
+        if one_off:
+            where = f" with this command's one-off {one_off}, given for this command only" + (
+                f", not from {source}" if source else "")
         body = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"Invalid recipe{where}:\n{body}")
 

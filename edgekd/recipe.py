@@ -19,6 +19,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -62,7 +63,9 @@ class SplitConfig(Section):
                               "dataset that brings its own validation split).")
     test: float = Field(0.1, gt=0, lt=0.5, description="Fraction held out for the final test (refused for a dataset "
                         "that brings its own test split).")
-    seed: int = Field(13, description="Seed of the shuffle; the same seed gives the same split.")
+    seed: int = Field(13, description="Seed of the shuffle; the same seed gives the same split. Refused for a "
+                      "dataset that brings all three splits where no data.max_train_examples cut and no calibration "
+                      "sample (the quantize stage's, seeded by it too) draws with it.")
 
 
 class DataConfig(Section):
@@ -610,7 +613,7 @@ class PruneConfig(Section):
         description="Text: recover with quantization-aware distillation: every recovery trains the pruned "
         "student with the rounding of the int8 export (quantize.method dynamic, with quantize.per_channel, "
         "weight_type and reduce_range), so the int8 artifact loses less accuracy. Needs recover_epochs > 0 "
-        "(or final_recover_epochs after a search).",
+        "(or final_recover_epochs after a search), and onnx in export.targets (the int8 file is made of it).",
     )
     quant_aware_ranges: Literal["text", "batch"] = Field(
         "batch",
@@ -866,7 +869,7 @@ class QuantizeConfig(Section):
     The quantized and float models are timed side by side and the faster one is recommended.
     """
 
-    enabled: bool = Field(False, description="Run the quantize stage.")
+    enabled: bool = Field(False, description="Run the quantize stage (it needs onnx or coreml in export.targets).")
     method: QuantizeMethodName = Field(
         "dynamic",
         description="ONNX: dynamic (int8 weights, activations quantized at run time; no calibration), "
@@ -1146,6 +1149,13 @@ _CANDIDATE_READS = {**_SETUP_READS, "embedding_bits": _int8}
 _CANDIDATE_OFF = {"embedding_bits": 8, "unsigned_weights": "false", "smooth_alpha": 0}
 
 
+# Validation context of a recipe loaded with settings for one command only (``load_recipe``'s ``one_off``):
+# the recipe's own export.targets, before them. A one-off set of targets (``edgekd export RUN --to coreml``)
+# is what that command exports, not what the run ships, so a key that only an export target makes anything read
+# is read where either exports it (``RecipeFields.exported_targets``).
+RECIPE_TARGETS = "edgekd_recipe_targets"
+
+
 class ExportConfig(Section):
     targets: list[str] = Field(
         default_factory=list,
@@ -1189,10 +1199,11 @@ class ExportConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _known_targets_and_options(self) -> ExportConfig:
+    def _known_targets_and_options(self, info: ValidationInfo) -> ExportConfig:
         from edgekd.export import registered
 
         known = registered()
+        exported = {*self.targets, *(info.context or {}).get(RECIPE_TARGETS, ())}
         names = ", ".join(sorted(known))
         problems = []
         unknown = [t for t in self.targets if t not in known]
@@ -1205,7 +1216,7 @@ class ExportConfig(Section):
                 problems.append(f"options: '{target}' is not an export target (known: {names})")
                 continue
             # onnx's may be read by a prune search, which this section cannot see (RecipeFields checks them)
-            if target != "onnx" and target not in self.targets:
+            if target != "onnx" and target not in exported:
                 problems.append(f"options.{target}: '{target}' is not in export.targets, so nothing would read "
                                 f"these options: add it to export.targets or drop them")
                 continue
@@ -1328,6 +1339,21 @@ class RecipeFields(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    # The recipe's own export.targets where one command exports others (RECIPE_TARGETS); () otherwise.
+    _recipe_targets: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _note_recipe_targets(self, info: ValidationInfo) -> RecipeFields:
+        # first of the validators below (they run in the order they are defined), which read exported_targets
+        self._recipe_targets = tuple((info.context or {}).get(RECIPE_TARGETS, ()))
+        return self
+
+    def exported_targets(self) -> list[str]:
+        """export.targets and, where this command exports others for once (``edgekd export RUN --to ...``),
+        the recipe's own: every target whose export the run's stages may read (the quantize stage's
+        export/onnx, a calibration sample for it). What decides whether a key that only an export target
+        makes anything read is read."""
+        return list(dict.fromkeys([*self.export.targets, *self._recipe_targets]))
 
     @model_validator(mode="after")
     def _quant_aware_matches_quantize(self) -> RecipeFields:
@@ -1341,6 +1367,11 @@ class RecipeFields(Section):
             if not q.enabled or q.method != "dynamic":
                 problems.append("it trains for ONNX Runtime's dynamic int8 (set quantize.enabled: true and "
                                 "quantize.method: dynamic)")
+            if "onnx" not in self.exported_targets():
+                # the quantize stage makes the int8 file from export/onnx; without it, it makes none (Core ML's
+                # compression, TensorRT's int8 from a static Q/DQ model and a prune search's timed form are not it)
+                problems.append("it trains for the int8 file the quantize stage makes of the ONNX export, and onnx "
+                                "is not in export.targets, so no such file is made (add onnx to export.targets)")
             if problems:
                 raise ValueError("prune.quant_aware: " + "; ".join(problems) + ", or turn it off")
         return self
@@ -1454,27 +1485,34 @@ def _zero_alpha_unread(r: RecipeFields, skip: set[str]) -> list[str]:
 _ONNX_STAGE_ONLY = ("candidates", "calibration_split", "max_accuracy_drop", "max_attempts", "max_float_nodes",
                     "sensitivity_examples", "speed_runs")
 _COREML_KEYS = ("coreml_mode", "palette_bits")
-# The keys prune.quant_aware trains with (edgekd.tasks.text.prune: _int8_rounding).
-_QUANT_AWARE_KEYS = ("per_channel", "weight_type", "reduce_range")
 
 
 def _export_targets_unread(r: RecipeFields) -> list[str]:
     """Keys only an export target makes anything read: the quantize stage quantizes export/onnx (its ONNX
     keys) and compresses export/coreml (coreml_mode, palette_bits), and export.options.onnx is read by the
     ONNX target and by a prune search, which exports ONNX to time each round. A disabled quantize section
-    keeps its keys."""
+    keeps its keys; an enabled one needs one of the two. The targets are ``exported_targets``: a command's
+    one-off set (``edgekd export RUN --to ...``) leaves the recipe's own in place."""
     q, e, p = r.quantize, r.export, r.prune
     search = p.enabled and (p.target_latency_ms is not None or p.max_accuracy_drop is not None)
+    targets = r.exported_targets()
     problems = []
-    if "onnx" in e.options and "onnx" not in e.targets and not search:
+    if "onnx" in e.options and "onnx" not in targets and not search:
         problems.append("export.options.onnx: 'onnx' is not in export.targets, and no prune search "
                         "(prune.target_latency_ms or max_accuracy_drop) exports ONNX with them, so nothing would read "
                         "these options: add onnx to export.targets or drop them")
-    onnx, coreml = "onnx" in e.targets, "coreml" in e.targets
-    if not q.enabled or not (onnx or coreml):
-        return problems  # (with neither target an enabled quantize stage stops with an error, reading nothing)
+    onnx, coreml = "onnx" in targets, "coreml" in targets
+    if not q.enabled:
+        return problems
+    if not (onnx or coreml):
+        # (run_quantize would stop with an error after every stage before it had run)
+        return problems + ["quantize.enabled: the quantize stage quantizes the ONNX export (export/onnx) and "
+                           "compresses the Core ML one (export/coreml), and neither onnx nor coreml is in "
+                           "export.targets, so it has nothing to quantize: add onnx (or coreml) to export.targets, "
+                           "or set quantize.enabled: false"]
     if not onnx:
-        read = set(_QUANT_AWARE_KEYS) if p.enabled and p.quant_aware else set()
+        read: set[str] = set()  # (prune.quant_aware, which trains with per_channel, weight_type and reduce_range,
+        # is refused without onnx: _quant_aware_matches_quantize)
         if search:
             read |= {k for k in type(q).model_fields if k not in _ONNX_STAGE_ONLY}
             if q.smooth_alpha is None:
@@ -1528,13 +1566,14 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {msg}"
 
 
-def parse_recipe(data: dict[str, Any] | None, source: str | None = None) -> Recipe:
+def parse_recipe(data: dict[str, Any] | None, source: str | None = None,
+                 context: dict[str, Any] | None = None) -> Recipe:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([f"the recipe must be a mapping of sections, got {type(data).__name__}"], source)
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context=context)
     except ValidationError as e:
         raise RecipeError([_describe(err) for err in e.errors()], source) from None
 
@@ -1573,9 +1612,12 @@ def _drop_removed_keys(data: dict, where: str) -> list[str]:
     return problems
 
 
-def load_recipe(source: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(source: str | Path | None = None, overrides: list[str] | None = None,
+                one_off: list[str] | None = None) -> Recipe:
     """Load a recipe from a YAML file or a built-in name (None = the default), then apply
-    ``key.path=value`` overrides (values parsed as YAML)."""
+    ``key.path=value`` overrides (values parsed as YAML), then ``one_off`` ones, given for one command only
+    (``edgekd export RUN --to ...``): those leave the recipe's own export targets in place for the keys that
+    only an export target makes anything read (``RECIPE_TARGETS``)."""
     if source is None or (str(source) in BUILTIN_RECIPES and not Path(str(source)).exists()):
         name = "default" if source is None else str(source)
         text, where = builtin_recipe_text(name), f"built-in recipe '{name}'"
@@ -1592,7 +1634,22 @@ def load_recipe(source: str | Path | None = None, overrides: list[str] | None = 
         raise RecipeError([f"not valid YAML: {e}"], where) from None
     data = data or {}
     problems = _drop_removed_keys(data, where) if isinstance(data, dict) else []
-    for item in overrides or []:
+    problems += _apply_overrides(data, overrides or [])
+    context = None
+    if one_off:
+        export = data.get("export") if isinstance(data, dict) else None
+        own = export.get("targets") if isinstance(export, dict) else None
+        context = {RECIPE_TARGETS: tuple(t for t in own if isinstance(t, str)) if isinstance(own, list) else ()}
+        problems += _apply_overrides(data, one_off)
+    if problems:
+        raise RecipeError(problems, where)
+    return parse_recipe(data, where, context)
+
+
+def _apply_overrides(data: Any, overrides: list[str]) -> list[str]:
+    """Set each ``key.path=value`` of ``overrides`` in ``data`` (values parsed as YAML); the problems."""
+    problems = []
+    for item in overrides:
         if "=" not in item:
             problems.append(f"override '{item}' must look like key.path=value (e.g. distill.temperature=4)")
             continue
@@ -1606,9 +1663,7 @@ def load_recipe(source: str | Path | None = None, overrides: list[str] | None = 
                 break
         else:
             node[parts[-1]] = yaml.safe_load(raw)
-    if problems:
-        raise RecipeError(problems, where)
-    return parse_recipe(data, where)
+    return problems
 
 
 def keys_set(recipe: BaseModel, table: dict[str, str]) -> list[str]:

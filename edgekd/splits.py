@@ -106,13 +106,18 @@ def _check_train(ex: Examples, train: np.ndarray, where: str) -> None:
 
 
 def split_examples(ex: Examples, cfg: SplitConfig | None = None,
-                   max_train_examples: int | None = None) -> Splits:
+                   max_train_examples: int | None = None, *, calibrates: bool | None = None) -> Splits:
     """Cut ``ex`` into train/validation/test, seeded and stratified by label.
 
     A dataset with its own splits keeps them; a missing validation or test split is carved out
     of train (``cfg.validation``/``cfg.test`` of the train split), and the fraction of a split it
     brings, set away from its default, is an error (nothing would read it). ``max_train_examples`` keeps a
     stratified sample of the training split only, so validation and test do not change.
+
+    ``calibrates``: whether the run also draws a calibration sample with ``cfg.seed`` (the quantize stage's,
+    ``calibration_data``). False: where the dataset brings all three splits and no ``max_train_examples``
+    cut draws with it either, nothing reads the seed, and one set away from its default is an error too.
+    None (a caller that cannot say): the seed is kept.
     """
     cfg = cfg or SplitConfig()
     rng = np.random.default_rng(cfg.seed)
@@ -121,12 +126,22 @@ def split_examples(ex: Examples, cfg: SplitConfig | None = None,
     if "train" in pre:
         # A split the dataset brings is kept as it is: its fraction would be accepted and ignored.
         own = tuple(name for name in ("validation", "test") if name in pre and len(pre[name]))
-        unread = changed_keys(cfg, keys=own, prefix="data.split.")
+        keys = own
+        if len(own) == 2 and max_train_examples is None and calibrates is False:
+            keys += ("seed",)  # nothing is carved out of train, nothing cut from it, no calibration sample drawn
+        unread = changed_keys(cfg, keys=keys, prefix="data.split.")
         if unread:
-            raise DataError(f"{', '.join(unread)}: the share(s) of a split carved out of the training rows, and "
-                            f"{ex.source or 'the dataset'} brings its own {' and '.join(own)} split(s), kept as they "
-                            f"are, so nothing reads {it_or_them(unread)}: remove {it_or_them(unread)} (a named "
-                            "dataset's pinned mirror, data.source: mirror, has no splits of its own)")
+            what = ("the share(s) of a split carved out of the training rows"
+                    if "data.split.seed" not in unread else
+                    "the seed of the shuffle that carves splits out of the training rows"
+                    if len(unread) == 1 else
+                    "the share(s) of a split carved out of the training rows and the seed of that shuffle")
+            seed = (" (and no data.max_train_examples or calibration sample draws with the seed)"
+                    if "data.split.seed" in unread else "")
+            raise DataError(f"{', '.join(unread)}: {what}, and {ex.source or 'the dataset'} brings its own "
+                            f"{' and '.join(own)} split(s), kept as they are{seed}, so nothing reads "
+                            f"{it_or_them(unread)}: remove {it_or_them(unread)} (a named dataset's pinned mirror, "
+                            "data.source: mirror, has no splits of its own)")
         train = np.sort(np.asarray(pre["train"], dtype=np.int64))
         parts: dict[str, np.ndarray] = {}
         carved = []

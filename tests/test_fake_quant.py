@@ -124,7 +124,7 @@ def test_gradients_pass_and_the_model_comes_back(tmp_path):
 def test_recipe_refuses_quant_aware_it_cannot_honour(tmp_path):
     base = tiny_recipe(tmp_path, tmp_path, tmp_path / "x.csv")
     ok = {**base, "prune": {"enabled": True, "keep_params": 0.5, "recover_epochs": 1, "quant_aware": True},
-          "quantize": {"enabled": True, "method": "dynamic"}}
+          "quantize": {"enabled": True, "method": "dynamic"}, "export": {"targets": ["onnx"]}}
     assert parse_recipe(ok).prune.quant_aware
     bad = {**ok, "quantize": {"enabled": True, "method": "static"}}
     with pytest.raises(RecipeError, match="prune.quant_aware: .*quantize.method: dynamic"):
@@ -142,7 +142,8 @@ def test_a_family_that_cannot_train_int8_aware_refuses_it(tmp_path):
                            "student": {"model": "edgekd-det-s"},
                            "prune": {"enabled": True, "method": "channels", "keep_params": 0.5,
                                      "recover_epochs": 1, "quant_aware": True},
-                           "quantize": {"enabled": True, "method": "dynamic", "guard_metric": "map50"}})
+                           "quantize": {"enabled": True, "method": "dynamic", "guard_metric": "map50"},
+                           "export": {"targets": ["onnx"]}})
     assert check_inputs(recipe) == ["prune.quant_aware: the detection prune stage does not train int8-aware (text "
                                     "classification does): remove it"]
 
@@ -166,7 +167,8 @@ def test_prune_stage_recovers_int8_aware(tmp_path, tiny_teacher_dir, tiny_csv, m
                        distill={"train": {"epochs": 1, "batch_size": 32}},
                        prune={"enabled": True, "keep_params": 0.6, "steps": 2, "recover_epochs": 0.5,
                               "quant_aware": True},
-                       quantize={"enabled": True, "method": "dynamic", "per_channel": True})
+                       quantize={"enabled": True, "method": "dynamic", "per_channel": True},
+                       export={"targets": ["onnx"]})
     recipe = parse_recipe(data)
     ctx = run_stages(recipe, ["teacher", "distill", "prune"])
     assert entered == [{"per_channel": True, "weight_type": "qint8", "reduce_range": False, "ranges": "batch"}] * 2

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import edgekd
 from edgekd.cli import app
+from edgekd.errors import RecipeError, StageError
 from edgekd.recipe import load_recipe
 from edgekd.runfolder import sha256_file
 from edgekd.serving.settings import SettingsError
@@ -203,6 +204,81 @@ def test_one_off_overrides_and_failed_commands_leave_recipe_yaml_alone(tmp_path,
     assert lines[3]["one_off"] == [f"bench.profile={my}"] and lines[4]["one_off"] == ["bench.runs=3"]
     assert all(x["started"] <= x["ended"] for x in lines)
     assert lines[0]["stages"] == ["teacher", "distill", "eval", "export", "bench"]
+
+
+def _saved_run(tmp_path, recipe: dict):
+    """A run folder holding only its recipe.yaml, as a finished command saves it (resolved, every key)."""
+    from edgekd.recipe import parse_recipe
+
+    run = tmp_path / "runs" / recipe["name"]
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(parse_recipe(recipe).to_yaml())
+    return run
+
+
+def test_a_bad_one_off_flag_is_named_as_the_source_of_the_error_not_the_runs_recipe(tmp_path, tiny_teacher_dir,
+                                                                                    tiny_csv):
+    run = _saved_run(tmp_path, tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, export={"targets": ["onnx"]}))
+    saved = (run / "recipe.yaml").read_bytes()
+    runner = CliRunner()
+    for args, given, problem in [
+        (["bench", str(run), "--device", "nosuchprofile"], "--device nosuchprofile (bench.profile=nosuchprofile)",
+         "bench.profile: Unknown device profile 'nosuchprofile'"),  # caught by the check of what the recipe names
+        (["export", str(run), "--to", "onnx,bogus"], "--to onnx,bogus (export.targets=[onnx,bogus])",
+         "targets: unknown export target(s) ['bogus']"),  # caught when the recipe loads
+        (["bench", str(run), "--set", "bench.profile=nosuch"], "--set bench.profile=nosuch",  # one-off on a run folder
+         "bench.profile: Unknown device profile 'nosuch'"),
+    ]:
+        res = runner.invoke(app, args)
+        assert res.exit_code != 0 and isinstance(res.exception, RecipeError), res.output
+        message = str(res.exception)
+        assert message.startswith(f"Invalid recipe with this command's one-off {given}, given for this command only, "
+                                  f"not from {run / 'recipe.yaml'}:\n"), message
+        assert problem in message
+    assert (run / "recipe.yaml").read_bytes() == saved
+    lines = [json.loads(x) for x in (run / "invocations.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["error"] * 3 and "--device nosuchprofile" in lines[0]["error"]
+    # On a recipe file, --device is one-off too (there, --set defines the run); a problem of the recipe itself
+    # still names the recipe.
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv))
+    res = runner.invoke(app, ["bench", str(path), "--device", "also-nope"])
+    assert str(res.exception).startswith("Invalid recipe with this command's one-off --device also-nope "
+                                         f"(bench.profile=also-nope), given for this command only, not from {path}:")
+    res = runner.invoke(app, ["bench", str(path), "--device", "local", "--set", "bench.runs=0"])
+    assert str(res.exception).startswith(f"Invalid recipe in {path}:\n  - bench.runs"), res.exception
+
+
+def test_a_one_off_export_of_other_targets_keeps_the_keys_the_runs_own_targets_read(tmp_path, tiny_teacher_dir,
+                                                                                    tiny_csv, monkeypatch):
+    """`edgekd export RUN --to X` exports X for this command only: prune.quant_aware, the quantize stage and its
+    ONNX keys are still read by the run's own ONNX export, so a narrower --to is not refused for them."""
+    import edgekd.pipeline
+
+    recipe = tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, export={"targets": ["onnx", "torchscript-lite"]},
+                         prune={"enabled": True, "keep_params": 0.5, "recover_epochs": 1, "quant_aware": True},
+                         quantize={"enabled": True, "method": "dynamic", "per_channel": True, "max_accuracy_drop": 0.5})
+    run = _saved_run(tmp_path, recipe)
+    ran = []
+
+    def stages_ran(recipe, stages, force=False, save_recipe=None):  # what run_recipe would run, without running it
+        ran.append((recipe, stages, save_recipe))
+        raise StageError("stopped before the stage")
+
+    monkeypatch.setattr(edgekd.pipeline, "run_stages", stages_ran)
+    runner = CliRunner()
+    for to in ("coreml", "torchscript-lite", "executorch,tensorrt"):
+        res = runner.invoke(app, ["export", str(run), "--to", to])
+        assert str(res.exception) == "stopped before the stage", res.exception
+        used, stages, save = ran[-1]
+        assert used.export.targets == to.split(",") and stages == ["export"] and save is None
+        assert used.prune.quant_aware and "onnx" in used.exported_targets()
+    # the same targets in the recipe are refused: nothing would make the int8 file quant_aware trains for
+    path = write_recipe(tmp_path, {**recipe, "export": {"targets": ["torchscript-lite"]}})
+    res = runner.invoke(app, ["export", str(path)])
+    assert "prune.quant_aware: it trains for the int8 file" in str(res.exception), res.exception
+    # ... and a one-off ONNX export does not make the recipe saved with the run right
+    res = runner.invoke(app, ["export", str(path), "--to", "onnx"])
+    assert str(res.exception).startswith(f"Invalid recipe in {path}:") and "prune.quant_aware" in str(res.exception)
 
 
 def test_a_failed_first_command_writes_no_recipe_and_records_the_error(tmp_path, tiny_teacher_dir, tiny_csv):

@@ -368,7 +368,8 @@ def test_four_bit_embeddings_are_refused_where_they_cannot_apply(fragile, tmp_pa
 
     detector = parse_recipe({"task": "detection", "eval": {"ood_dataset": None}, "student": {"model": "edgekd-det-s"},
                              "quantize": {"enabled": True, "embedding_bits": 4, "guard_metric": "map50",
-                                          "candidates": [{"method": "static"}, {"embedding_bits": 4}]}})
+                                          "candidates": [{"method": "static"}, {"embedding_bits": 4}]},
+                             "export": {"targets": ["onnx"]}})
     why = "it shrinks the embedding tables of a text encoder; a detector has none"
     assert check_inputs(detector) == [f"quantize.embedding_bits: {why}: remove it",
                                       f"quantize.candidates[1].embedding_bits: {why}: remove it"]

@@ -85,12 +85,12 @@ def test_a_removed_key_at_its_old_default_still_loads_and_any_other_value_is_an_
     from edgekd.recipe import load_recipe
 
     saved = tmp_path / "recipe.yaml"
-    saved.write_text("name: old\nquantize: {enabled: true, torch_method: int8-dynamic}\n")
+    saved.write_text("name: old\nexport: {targets: [onnx]}\nquantize: {enabled: true, torch_method: int8-dynamic}\n")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         recipe = load_recipe(saved)
     assert recipe.quantize.enabled and not hasattr(recipe.quantize, "torch_method")
     assert any("quantize.torch_method was removed" in str(w.message) for w in seen)
-    saved.write_text("name: old\nquantize: {enabled: true, torch_method: pt2e-xnnpack}\n")
+    saved.write_text("name: old\nexport: {targets: [onnx]}\nquantize: {enabled: true, torch_method: pt2e-xnnpack}\n")
     with pytest.raises(RecipeError, match=r"quantize.torch_method: removed .*delete it"):
         load_recipe(saved)

@@ -124,14 +124,59 @@ def test_quantize_keys_of_a_target_not_exported_are_refused(overrides, message):
     assert message in _refused("default", overrides)
 
 
+CORE_ML_ONLY = ["export.targets=[coreml]", "quantize.candidates=[]", "quantize.embedding_bits=8"]  # (the default's
+# other quantize keys shape the ONNX quantization)
+
+
+@pytest.mark.parametrize("targets", ["[coreml]", "[torchscript-lite, executorch]", "[]"])
+def test_int8_aware_recovery_is_refused_without_an_onnx_export(targets):
+    """prune.quant_aware trains for the dynamic int8 file the quantize stage makes of export/onnx; Core ML's
+    compression, TensorRT's int8 (from a static Q/DQ model) and a prune search's timed form are not it."""
+    assert ("prune.quant_aware: it trains for the int8 file the quantize stage makes of the ONNX export, and onnx is "
+            "not in export.targets, so no such file is made (add onnx to export.targets), or turn it off") in _refused(
+        "default", [*CORE_ML_ONLY, f"export.targets={targets}"])
+    assert ("prune.quant_aware" in _refused("default", [*CORE_ML_ONLY, f"export.targets={targets}", *SEARCH]))
+    load_recipe("default", [*CORE_ML_ONLY, f"export.targets={targets}", NO_QUANT_AWARE,
+                            *(["quantize.enabled=false"] if "coreml" not in targets else [])])
+    load_recipe("default", [f"export.targets=[onnx, {targets.strip('[]') or 'coreml'}]"])
+
+
+def test_an_enabled_quantize_stage_is_refused_with_neither_an_onnx_nor_a_core_ml_export():
+    """The quantize stage quantizes export/onnx and compresses export/coreml; with neither it stopped with an
+    error only when it ran, after every stage before it."""
+    for targets in ("[executorch, tensorrt]", "[]"):
+        assert ("quantize.enabled: the quantize stage quantizes the ONNX export (export/onnx) and compresses the Core "
+                "ML one (export/coreml), and neither onnx nor coreml is in export.targets, so it has nothing to "
+                "quantize: add onnx (or coreml) to export.targets, or set quantize.enabled: false") in _refused(
+            "default", [*CORE_ML_ONLY, f"export.targets={targets}", NO_QUANT_AWARE])
+        load_recipe("default", [*CORE_ML_ONLY, f"export.targets={targets}", NO_QUANT_AWARE, "quantize.enabled=false"])
+    load_recipe("default", [*CORE_ML_ONLY, NO_QUANT_AWARE])  # coreml alone: compressed
+    load_recipe("default", ["export.targets=[onnx]"])
+
+
+@pytest.mark.parametrize("targets", ["[torchscript-lite]", "[coreml]", "[executorch, tensorrt]"])
+def test_a_one_off_set_of_targets_is_checked_with_the_recipes_own(targets):
+    """`edgekd export RUN --to ...` exports other targets for one command: the run still makes its int8 file of
+    export/onnx, so quant_aware, the quantize stage and its ONNX keys stay read (the default sets all three)."""
+    recipe = load_recipe("default", [], [f"export.targets={targets}"])
+    assert recipe.export.targets == targets.strip("[]").split(", ")
+    assert "onnx" in recipe.exported_targets() and recipe.prune.quant_aware
+    assert load_recipe("default").exported_targets() == load_recipe("default").export.targets
+    # a one-off ONNX export makes the file (the recipe alone is refused: saving it, edgekd.run_recipe loads it so)
+    assert load_recipe("default", CORE_ML_ONLY, ["export.targets=[onnx]"]).exported_targets() == ["onnx", "coreml"]
+    # a one-off key is checked like any other
+    with pytest.raises(RecipeError, match=re.escape("prune.quant_aware: it trains for the int8 file")):
+        load_recipe("default", [*CORE_ML_ONLY, NO_QUANT_AWARE], ["prune.quant_aware=true"])
+    with pytest.raises(RecipeError, match=re.escape("quantize.coreml_mode: shape(s) the Core ML compression")):
+        load_recipe("default", ["export.targets=[onnx]"], ["quantize.coreml_mode=palettize"])
+
+
 @pytest.mark.parametrize("overrides", [
     ["export.targets=[coreml]", *SEARCH, "quantize.per_channel=true", "quantize.candidates=[]", NO_QUANT_AWARE],
-    # the int8-aware recovery trains with the int8 rounding keys, ONNX export or not
-    ["export.targets=[coreml]", "quantize.per_channel=true", "quantize.reduce_range=true", "quantize.candidates=[]",
-     "quantize.embedding_bits=8"],
     ["export.targets=[onnx, coreml]", "quantize.coreml_mode=palettize", "quantize.palette_bits=4",
      "quantize.speed_runs=9"],
-    ["export.targets=[coreml]", "quantize.coreml_mode=palettize", "quantize.candidates=[]", "quantize.embedding_bits=8"],
+    ["export.targets=[coreml]", "quantize.coreml_mode=palettize", "quantize.candidates=[]", "quantize.embedding_bits=8",
+     NO_QUANT_AWARE],
     # a disabled quantize section keeps its keys
     ["export.targets=[executorch]", "quantize.enabled=false", "quantize.coreml_mode=palettize", NO_QUANT_AWARE],
 ])
@@ -237,6 +282,52 @@ def test_the_share_of_a_split_the_dataset_brings_is_refused():
     assert len(s.test) == 6 and "test carved from train" in s.method
     # at their defaults, and the seed (the quantize stage's calibration sample draws with it), nothing refused
     split_examples(_examples(("train", "validation", "test")), SplitConfig(seed=5))
+
+
+def test_the_seed_is_refused_where_the_dataset_brings_every_split_and_nothing_else_draws_with_it():
+    """With train, validation and test of its own and no cut of the training split, the splitter draws nothing
+    with data.split.seed; only a calibration sample still could (``calibrates``, which the run says)."""
+    from edgekd.recipe import SplitConfig
+    from edgekd.splits import split_examples
+
+    every = ("train", "validation", "test")
+    with pytest.raises(DataError, match=re.escape(
+            "data.split.seed: the seed of the shuffle that carves splits out of the training rows, and "
+            "hf-dataset:owner/name@abc brings its own validation and test split(s), kept as they are (and no "
+            "data.max_train_examples or calibration sample draws with the seed), so nothing reads it: remove it")):
+        split_examples(_examples(every), SplitConfig(seed=5), calibrates=False)
+    with pytest.raises(DataError, match=re.escape("data.split.test, data.split.seed: the share(s) of a split carved "
+                                                  "out of the training rows and the seed of that shuffle, and ")):
+        split_examples(_examples(every), SplitConfig(test=0.3, seed=5), calibrates=False)
+    # read: by a calibration sample, by a cut of the training split, by a split carved out of train; unknown: kept
+    split_examples(_examples(every), SplitConfig(seed=5), calibrates=True)
+    split_examples(_examples(every), SplitConfig(seed=5), calibrates=None)
+    s = split_examples(_examples(every), SplitConfig(seed=5), max_train_examples=10, calibrates=False)
+    assert len(s.train) == 10
+    split_examples(_examples(("train", "validation")), SplitConfig(seed=5), calibrates=False)
+    split_examples(_examples(every), SplitConfig(), calibrates=False)  # at its default
+
+
+def test_a_run_refuses_the_seed_of_a_hub_dataset_with_every_split_unless_it_calibrates(tmp_path):
+    """The run context tells the splitter whether the quantize stage draws a calibration sample (static or
+    smooth_alpha over the ONNX export, the recipe's own targets counting where one command exports others)."""
+    from edgekd.pipeline import create_context
+
+    def splits(overrides, one_off=None):
+        recipe = load_recipe("default", [f"output_dir={tmp_path}", *overrides], one_off)
+        ctx = create_context(recipe)
+        ctx.__dict__["examples"] = _examples(("train", "validation", "test"))  # what the hub id brought
+        return ctx.splits
+
+    hub = ["data.dataset=owner/name", "data.split.seed=5"]
+    with pytest.raises(DataError, match=re.escape("data.split.seed: the seed of the shuffle")):
+        splits(hub)  # the default quantizes dynamic: no calibration sample
+    splits([*hub, "quantize.smooth_alpha=0.5"])  # its calibration sample draws with the seed
+    splits([*hub, "data.max_train_examples=10"])
+    # a one-off export of other targets leaves the run's ONNX quantization (and its calibration) in place
+    splits([*hub, "quantize.smooth_alpha=0.5"], ["export.targets=[executorch]"])
+    # a named dataset read with data.source auto may fall back to its mirror, whose split reads the seed
+    splits(["data.split.seed=5"])
 
 
 def test_the_hub_copy_of_a_named_dataset_refuses_the_split_keys_up_front():

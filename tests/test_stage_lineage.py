@@ -73,7 +73,8 @@ def test_the_stage_tables_declare_what_each_stage_reads():
         return stage_table(recipe.task)[name].inputs(recipe)
 
     for prune in (True, False):
-        r = parse_recipe({"name": "x", "prune": {"enabled": prune, "keep_params": 0.5}, "quantize": {"enabled": True}})
+        r = parse_recipe({"name": "x", "prune": {"enabled": prune, "keep_params": 0.5}, "quantize": {"enabled": True},
+                          "export": {"targets": ["onnx"]}})
         source = "prune" if prune else "distill"
         assert reads(r, "export") == (source,)
         assert reads(r, "quantize") == ("export",)
@@ -107,7 +108,8 @@ def toy_table(monkeypatch, tmp_path):
 
 
 def test_running_export_again_makes_quantize_and_bench_run_again(tmp_path, tiny_teacher_dir, tiny_csv, toy_table):
-    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, quantize={"enabled": True}))
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_teacher_dir, tiny_csv, quantize={"enabled": True},
+                                      export={"targets": ["onnx"]}))
     run_stages(recipe, ["export", "quantize", "bench"])
     run_stages(recipe, ["export", "quantize", "bench"])
     assert toy_table == {"export": 1, "quantize": 1, "bench": 1}  # nothing changed: all skipped

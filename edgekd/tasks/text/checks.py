@@ -82,7 +82,7 @@ def _check_hub_splits(recipe: Recipe) -> list[str]:
     if not own:
         return []
     keys = own
-    if set(own) == {"validation", "test"} and d.max_train_examples is None and not _calibrates(recipe):
+    if set(own) == {"validation", "test"} and d.max_train_examples is None and not calibrates(recipe):
         keys += ("seed",)
     unread = changed_keys(d.split, keys=keys, prefix="data.split.")
     if not unread:
@@ -94,12 +94,12 @@ def _check_hub_splits(recipe: Recipe) -> list[str]:
             + f": remove {it_or_them(unread)}, or set data.source: mirror (the pinned copy, which has no splits)"]
 
 
-def _calibrates(recipe: Recipe) -> bool:
+def calibrates(recipe: Recipe) -> bool:
     """Whether the quantize stage draws a calibration sample (seeded by data.split.seed): a static or smoothed
-    setup of the ONNX export."""
+    setup of the ONNX export (of the recipe's own targets too, where one command exports others for once)."""
     q = recipe.quantize
     setups = [q, *(q.with_candidate(c) for c in q.candidates)]
-    return q.enabled and "onnx" in recipe.export.targets and any(
+    return q.enabled and "onnx" in recipe.exported_targets() and any(
         s.method == "static" or s.smooth_alpha is not None for s in setups)
 
 

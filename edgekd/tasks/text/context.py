@@ -23,9 +23,16 @@ class TextRunContext(RunContext):
 
     @cached_property
     def splits(self):
+        from edgekd import assets
         from edgekd.data import split_examples
+        from edgekd.tasks.text.checks import calibrates
 
-        return split_examples(self.examples, self.recipe.data.split, self.recipe.data.max_train_examples)
+        d = self.recipe.data
+        # A named dataset read with data.source auto brings the hub copy's splits where the hub answers, and
+        # none from the mirror it falls back to, whose split reads the seed: the same recipe keeps it anywhere.
+        falls_back = assets.is_named_asset(d.dataset) and d.source == "auto"
+        return split_examples(self.examples, d.split, d.max_train_examples,
+                              calibrates=None if falls_back else calibrates(self.recipe))
 
     @cached_property
     def data_summary(self) -> dict[str, Any]:
