@@ -376,7 +376,10 @@ def bench_run(
     for e in entries:
         e.update(measure.deltas(e["accuracy"], ref))
         add_runtime_notes(e)
-        e["max_length"] = (e.pop("meta", None) or {}).get("max_length")
+        meta = e.pop("meta", None) or {}
+        e["max_length"] = meta.get("max_length")
+        if meta.get("source_stage"):  # the stage whose model it exports: the table marks the pruned student's
+            e["source_stage"] = meta["source_stage"]
     data = {
         "schema": RESULTS_SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -184,12 +184,40 @@ def calls_text(data: dict[str, Any]) -> str:
     return f"{runs} timed calls after {warmup} warm-up calls per case"
 
 
+# The note column's mark on an exported row of the pruned student (artifact.json ``source_stage: prune``),
+# so it is never read as a peer of the unpruned fp32 student its Δ vs student is measured against.
+PRUNED_MARK = "pruned student"
+
+
+def pruned(entry: dict[str, Any]) -> bool:
+    """An export folder made from the prune stage's model (results written before the bench kept
+    ``source_stage`` are not marked: they do not say)."""
+    return entry.get("kind") == "artifact" and entry.get("source_stage") == "prune"
+
+
 def note(entry: dict[str, Any], case: dict[str, Any] | None = None) -> str:
+    """The note column: the mark of a pruned export first, then the first line of the case's or entry's
+    skip reason, error or note."""
+    text = ""
     for source in (case or {}, entry):
         for key in ("skipped", "reason", "error", "note"):
             if source.get(key):
-                return str(source[key]).splitlines()[0]
-    return ""
+                text = str(source[key]).splitlines()[0]
+                break
+        if text:
+            break
+    if pruned(entry):
+        return f"{PRUNED_MARK}; {text}" if text else PRUNED_MARK
+    return text
+
+
+def _pruned_line(data: dict[str, Any], metric: str) -> list[str]:
+    """The header's word on pruned exports, where the table has any."""
+    names = [str(e.get("name")) for e in data["results"] if pruned(e)]
+    if not names:
+        return []
+    return [f"Pruned: {', '.join(names)} export the pruned student (note: {PRUNED_MARK}); their Δ vs student is "
+            f"against the unpruned fp32 student's {metric} above, not a peer's.  "]
 
 
 def headline_row(entry: dict[str, Any], headline: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +268,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"batch {head['batch']}, {data.get('input') or f'sequence {seq}'}; created {data.get('created')}.  ",
         f"Reference {metric}: teacher {_num(ref.get('teacher'), '.4f')}, fp32 student {_num(ref.get('student'), '.4f')}"
         f" ({ref.get('source') or 'not available'}).  ",
+        *_pruned_line(data, metric),
         *_inputs_lines(data, fp),
         *_memory_lines(data),
         *([f"Pareto plot: {data['pareto_note']}  "] if data.get("pareto_note") else []),
@@ -617,9 +646,11 @@ def _side_line(label: str, data: dict[str, Any], rows: dict[str, dict[str, Any]]
     cpu = (env.get("cpu") or {}).get("model") or data["profile"].get("processor") or "not recorded"
     fps = same_inputs(list(rows.values()), f"the bench of {label}")
     inp = data.get("inputs") or {}
+    marked = [str(e.get("name")) for e in data["results"] if pruned(e)]
     return (f"- {label}: profile {data['profile']['name']}; CPU {cpu}; {_threads_text(bench_threads(data))}; "
             f"inputs sha256 {fingerprints_text(fps)} "
-            f"({inp.get('description') or 'inputs not described'}).")
+            f"({inp.get('description') or 'inputs not described'})"
+            + (f"; {', '.join(marked)}: exports of the pruned student" if marked else "") + ".")
 
 
 def check_same_threads(sides: list[dict[str, Any]], labels: list[str]) -> None:

@@ -547,7 +547,8 @@ class PruneConfig(Section):
     target_latency_ms: float | None = Field(
         None, gt=0,
         description="Target: prune step by step until the measured latency (the caller's latency "
-        "function, e.g. ONNX Runtime p50 at batch 1) is at most this many milliseconds.",
+        "function, e.g. ONNX Runtime p50 at batch 1) is at most this many milliseconds. Needs onnx in "
+        "export.targets: the search times ONNX files (refused before any stage otherwise).",
     )
     sparsity: float | None = Field(
         None, gt=0, lt=1, description="Target (unstructured): fraction of weights set to zero, e.g. 0.5."
@@ -558,7 +559,8 @@ class PruneConfig(Section):
         "recovering after each round, while the validation metric stays within this drop of the unpruned "
         "model's (absolute, e.g. 0.005 = half a point; with trim_vocab, the distilled student's before the "
         "trim, so the trim's cost comes out of the same budget); the last round in budget is kept. Every round is "
-        "timed on the shipped form (ONNX, quantized as the quantize section says, batch 1, real lengths). "
+        "timed as an ONNX file (fp32, or quantized with the quantize section's own setup, which the quantize "
+        "stage may still not ship; recorded as latency_timed_form), batch 1, real lengths. "
         "With target_latency_ms as well: stop as soon as the latency is met, fail the target if the "
         "budget runs out first.",
     )

@@ -2,8 +2,8 @@
 
 ``load_recipe`` checks the recipe's own shape (keys, types, ranges). This checks what it points at:
 the task family's inputs (data files and their columns, local teacher exports; see each family's
-``check_inputs``), the keys its task family never reads (``unread_keys``) and the device profile (a
-shipped name or a YAML file). Every problem is reported
+``check_inputs``), the keys its task family never reads (``unread_keys``), a prune latency target the search
+cannot time on the shipped form, and the device profile (a shipped name or a YAML file). Every problem is reported
 at once, each naming its recipe key, so a typo fails in a second instead of after training.
 """
 
@@ -35,7 +35,16 @@ def _check_family_keys(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _check_prune_search(recipe: Recipe) -> list[str]:
+    """A prune search setting the code cannot honour, the same for every task family (the search's rounds are
+    timed by ``edgekd.stages.prune_common``, shared by both families' prune stages)."""
+    from edgekd.stages.prune_common import search_problems
+
+    return search_problems(recipe)
+
+
 def check_inputs(recipe: Recipe) -> list[str]:
     """Every problem with what ``recipe`` points at, and every key its task family does not read, each
     starting with its recipe key; [] when none."""
-    return _check_family_keys(recipe) + get_family(recipe.task).check_inputs(recipe) + _check_profile(recipe)
+    return (_check_family_keys(recipe) + get_family(recipe.task).check_inputs(recipe) + _check_prune_search(recipe)
+            + _check_profile(recipe))

@@ -26,7 +26,8 @@ class PruneContext:
     recover: (model, step) -> model, called after every step (e.g. distillation from the teacher).
     recover_final: model -> model, called once after a search (``prune.final_recover_epochs``).
     latency_fn: model -> milliseconds; required by ``target_latency_ms``, else measured before/after
-        (and after every search round).
+        (and after every search round). Its ``where`` and ``form`` attributes, when set, are recorded as
+        ``latency_timed_on`` (the machine, runtime and threads) and ``latency_timed_form`` (what was timed).
     metric: the key of ``evaluate``'s result that ``max_accuracy_drop`` budgets.
     budget_baseline: the metrics (``evaluate``'s form) that ``max_accuracy_drop`` counts from, when that is
         not the model given (the text stage: the distilled student before ``prune.trim_vocab``, so the trim's

@@ -91,6 +91,8 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: PruneContext) -> tuple[
     metrics["latency_ms_before"] = ctx.latency_fn(model) if ctx.latency_fn is not None else None
     if getattr(ctx.latency_fn, "where", None):
         metrics["latency_timed_on"] = ctx.latency_fn.where
+    if getattr(ctx.latency_fn, "form", None):  # which form it times (float, or the quantize section's setup)
+        metrics["latency_timed_form"] = ctx.latency_fn.form
 
     if cfg.target_latency_ms is not None or cfg.max_accuracy_drop is not None:
         model = _search(model, method, cfg, ctx, metrics)

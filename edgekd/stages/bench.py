@@ -87,7 +87,10 @@ def latency_target_check(ctx: RunContext, result: dict[str, Any]) -> dict[str, A
         return None
     name, why = shipped_export(ctx.run.root)
     check: dict[str, Any] = {"target_ms": p.target_latency_ms, "shipped": name, "profile": result.get("profile"),
-                             "p50_ms": None, "met": None}
+                             "p50_ms": None, "met": None,
+                             # what the advice of an unmet target reads (target_latency_line)
+                             "prune_method": p.method, "max_accuracy_drop": p.max_accuracy_drop,
+                             "quantize": ctx.recipe.quantize.enabled}
     head = result.get("headline") or {}
     row = (result.get("models") or {}).get(name) if name else None
     if name is None:
@@ -111,5 +114,25 @@ def target_latency_line(check: dict[str, Any]) -> str:
     if check["met"]:
         return f"{head}: met by the shipped {check['shipped']} ({where})"
     return (f"{head}: NOT met by the shipped {check['shipped']} ({where}; the prune search timed "
-            "its own form on this machine): lower the target in the prune section, or choose a faster quantize "
-            "candidate")
+            f"its own form on this machine): {_not_met_advice(check)}")
+
+
+# The floors that stop a search round, per prune method (the prune stage's "lower the floors").
+_FLOORS = {"channels": "prune.max_channel_ratio", "heads-ffn": "prune.min_heads_per_layer, min_neurons_fraction"}
+
+
+def _not_met_advice(check: dict[str, Any]) -> str:
+    """What to do about a target the shipped file misses, as the prune stage says it (raise the target, or
+    prune further, or a smaller student), with what the run has on: a budget that may have stopped the search,
+    and a quantize stage whose choice may not be the form the search timed. A check recorded before these were
+    recorded gets the advice without them."""
+    floors = _FLOORS.get(check.get("prune_method") or "")
+    further = "lower the floors" + (f" ({floors})" if floors else "")
+    if check.get("max_accuracy_drop") is not None:
+        further += " or prune.max_accuracy_drop's strictness"
+    advice = f"raise the target, or prune further ({further}), or use a smaller student"
+    if check.get("quantize"):
+        advice += ("; the search timed the quantize section's own setup, and the quantize stage's guards may ship "
+                   "another form (float where int8 is not faster): see its record, or give it a faster setup "
+                   "that passes its accuracy guard (quantize.candidates)")
+    return advice

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from edgekd.context import RunContext
 
@@ -80,9 +81,13 @@ def say_search(ctx: RunContext, cfg, metrics: dict[str, Any]) -> None:
             f"stopped: {metrics['stopped']}")
     if cfg.target_latency_ms is not None and not metrics["target_reached"]:
         lat = metrics.get("latency_ms_after")
-        line += (f". [bold red]prune.target_latency_ms={cfg.target_latency_ms} was NOT met[/] (shipped form: "
+        line += (f". [bold red]prune.target_latency_ms={cfg.target_latency_ms} was NOT met[/] (timed form: "
                  f"{lat if lat is None else round(lat, 3)} ms); raise the target, lower the floors or "
                  "prune.max_accuracy_drop's strictness, or use a smaller student")
+    if metrics.get("latency_timed_form"):
+        line += f". Rounds timed as {escape(metrics['latency_timed_form'])}"
+        if metrics.get("latency_timed_on"):
+            line += f", on {escape(metrics['latency_timed_on'])}"
     ctx.say(line)
 
 
@@ -109,11 +114,54 @@ def timing_place(r) -> tuple[int | None, str]:
                      "reach; `edgekd bench` gives its own figures")
 
 
+def search_problems(r) -> list[str]:
+    """The prune search's latency target where the code cannot honour it, for ``edgekd.recipe_check`` (both
+    task families, before any stage runs). The search times each round as an ONNX file in ONNX Runtime
+    (:func:`shipped_latency_fn`); where the run exports no ONNX (``exported_targets``: a command's one-off
+    ``--to`` leaves the recipe's own targets in place) that is not the file that ships, so a latency target
+    met on it says nothing about the shipped file. ``prune.max_accuracy_drop`` alone is honoured (its rounds
+    stop on validation, not on a latency); its timings then say they are not the shipped file's."""
+    p = r.prune
+    if not p.enabled or p.target_latency_ms is None:
+        return []
+    if "onnx" in r.exported_targets():
+        return []
+    # (one message whatever a one-off --to adds, so that edgekd.api lays it on the recipe, not on the flag)
+    return ["prune.target_latency_ms: the prune search times each round as an ONNX file in ONNX Runtime, and onnx "
+            "is not in export.targets, so the search would meet the target on a file that does not ship: add onnx "
+            "to export.targets, or drop prune.target_latency_ms (prune to prune.keep_params, or within "
+            "prune.max_accuracy_drop) and check the shipped file's latency with `edgekd bench`"]
+
+
+def timed_form(r) -> str:
+    """Which form a search round times, in words (recorded as ``latency_timed_form``, said on the console):
+    the float ONNX export, or the ONNX export quantized with the quantize section's own setup (as
+    ``_quantize_for_timing`` makes it), which the quantize stage's guards may still not ship; and, where the
+    run exports no ONNX, that no such file ships."""
+    if r.quantize.enabled:
+        from edgekd.quantization.onnx_stage import candidate_configs, candidate_name
+        from edgekd.quantization.weight_encoding import device_of, settle
+
+        settled, _ = settle(candidate_configs(r.quantize)[0][1], device_of(r.bench.profile))
+        form = (f"the ONNX export quantized with the quantize section's own setup ({candidate_name(settled)}), "
+                "which the quantize stage's accuracy and speed guards may still not ship (float, or a candidate, "
+                "may ship instead)")
+    else:
+        form = "the fp32 ONNX export"
+    opts = r.export.options.get("onnx") or {}
+    if opts:
+        form += f" (export.options.onnx {opts})"
+    if "onnx" not in r.exported_targets():
+        form += "; onnx is not in export.targets, so these times are not the shipped file's"
+    return form
+
+
 def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
     """p50 latency (ms) of a model in the form that ships: exported to ONNX with the recipe's export
     options, quantized as the quantize section says (when it is enabled; without the accuracy
     guard, which may later keep a few operators in float), run with ONNX Runtime at batch 1 on
-    ``inputs`` one row at a time at each row's real length (padding cut off by its attention mask)."""
+    ``inputs`` one row at a time at each row's real length (padding cut off by its attention mask). Its
+    ``where`` (:func:`timing_place`) and ``form`` (:func:`timed_form`) say where and what it times."""
     import tempfile
     from pathlib import Path
 
@@ -152,6 +200,7 @@ def shipped_latency_fn(ctx, inputs: dict[str, np.ndarray]):
             return float(np.median(times) * 1000)
 
     latency.where = where  # the prune stage records it beside the search's latencies
+    latency.form = timed_form(r)  # and which form it timed (latency_timed_form)
 
     return latency
 

@@ -96,8 +96,9 @@ class Detection:
     def check_inputs(self, recipe: Recipe) -> list[str]:
         """A YOLO data.yaml must exist (the generated set and COCO files are checked when loaded); data.split
         only for a COCO file, detection.synthetic only for the generated set; student.model a detector the
-        family builds; KD settings only where a KD term reads them; a pruning method for a transformer and a
-        candidate's transformer-only quantize settings refused (keys it never reads: UNREAD_KEYS)."""
+        family builds; KD settings only where a KD term reads them; a pruning method for a transformer, a
+        candidate's transformer-only quantize settings and the ONNX export's transformer fusions
+        (export.options.onnx.optimize) refused (keys it never reads: UNREAD_KEYS)."""
         problems = []
         d = recipe.data.dataset
         if d.endswith((".yaml", ".yml")) and not Path(d).expanduser().is_file():
@@ -125,7 +126,15 @@ class Detection:
                 if value is not None and not (key == "fuse" and value == "none"):
                     by_why.setdefault(UNREAD_KEYS[unread], []).append(f"quantize.candidates[{i}].{key}")
         problems += [f"{', '.join(keys)}: {why}: remove {it_or_them(keys)}" for why, keys in by_why.items()]
+        if (recipe.export.options.get("onnx") or {}).get("optimize"):  # optimize: false, which fuses nothing, passes
+            problems.append(f"export.options.onnx.optimize: {_OPTIMIZE}: remove it")
         return problems
+
+
+# Why export.options.onnx.optimize is refused for a detector, as quantize.fuse is (UNREAD_KEYS).
+_OPTIMIZE = ("it fuses transformer blocks (Attention, SkipLayerNorm, BiasGelu) for ONNX Runtime, which find nothing "
+             "to fuse in a detector's convolutions (its graph comes out the same, save a node or two), and the "
+             "file then runs on ONNX Runtime only")
 
 
 # A quantize candidate's keys that only a transformer's graph reads, and the section key whose reason
