@@ -12,7 +12,9 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import re
+import reprlib
 import tempfile
 import time
 import warnings
@@ -23,7 +25,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from edgekd import warnings_log
-from edgekd.errors import DataError, EdgeKDError, RecipeError, StageError
+from edgekd.errors import ArgumentError, DataError, EdgeKDError, RecipeError, StageError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -187,7 +189,7 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
     # What defines the run (saved as its recipe.yaml), and what is for this command only
     defining, once = ([], overrides + one_off) if from_folder else (overrides, one_off)
     record = {"argv": argv, "source": None if source is None else str(source), "overrides": overrides,
-              "one_off": once, "stages": stages,
+              "one_off": once, "stages": stages, "force": bool(force),
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     run_folder = RunFolder(Path(source)) if from_folder else None
     had_recipe = from_folder  # a run folder always has one (load_recipe_or_run insists)
@@ -315,8 +317,9 @@ class Run:
         return rec.get("metrics") or {}
 
     def load(self, target: str | None = None, **options: Any) -> Model:
-        """An export of this run, ready to predict: ``target`` (e.g. "onnx-int8"), else the only
-        export or the one the quantize stage recommends."""
+        """An export of this run, ready to predict, as :func:`load` opens it: ``target`` (e.g. "onnx-int8"),
+        else the recipe's ``serve.target``, else what the run ships (the quantize stage's recommendation, else
+        the only current export); ``options`` are load's (threads, max_length, overflow)."""
         return load(self.folder, target, **options)
 
 
@@ -328,7 +331,7 @@ def run(recipe: str | Path = "default", *, stages: Sequence[str] | None = None, 
     (``prune={"keep_params": 0.5}``) or dotted (``**{"prune.keep_params": 0.5}``); on a recipe they
     are saved with the run, on a run folder they apply to this call only. ``stages`` runs only those
     (e.g. ``["export", "bench"]``; None, the default, runs the whole pipeline; an empty list is refused);
-    ``force`` runs them even when unchanged. Prints the same progress and summary as the command; returns
+    ``force`` runs them even when unchanged (recorded, as ``--force`` is). Prints the same progress and summary as the command; returns
     the :class:`Run`."""
     if stages is not None:
         given = stages
@@ -339,7 +342,7 @@ def run(recipe: str | Path = "default", *, stages: Sequence[str] | None = None, 
             raise RecipeError([f"stages: give a list of stage names, e.g. ['distill', 'eval'], not {given!r}"])
     sets = override_strings(overrides)
     used, ctx = run_recipe(recipe, sets, stages, force,
-                           argv=["edgekd.run", str(recipe), *(f"--set={o}" for o in sets)])
+                           argv=["edgekd.run", str(recipe), *(f"--set={o}" for o in sets), *(["--force"] if force else [])])
     return Run(folder=ctx.run.root, recipe=used)
 
 
@@ -370,7 +373,7 @@ def texts_and_labels(data: Any, label2id: Mapping[str, int], num_labels: int) ->
         raise DataError("no training data: give data=(texts, labels), [(text, label), ...] or a table with "
                         "'text' and 'label' columns.")
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], str):
-        texts, labels = list(data[0]), list(data[1])
+        texts, labels = _columns_or_pairs(data, label2id, num_labels)
     elif (hasattr(data, "__getitem__") and hasattr(data, "keys")) or hasattr(data, "column_names"):
         cols = list(getattr(data, "column_names", None) or data.keys())
         missing = [c for c in ("text", "label") if c not in cols]
@@ -392,6 +395,38 @@ def texts_and_labels(data: Any, label2id: Mapping[str, int], num_labels: int) ->
 
     require_texts(texts, "every example needs text to learn from")
     return texts, _label_ids(labels, label2id, num_labels)
+
+
+def _is_label(y: Any, label2id: Mapping[str, int], num_labels: int) -> bool:
+    """Whether ``y`` is one of the teacher's labels: a name it knows, or an id (not a bool) in range."""
+    if isinstance(y, str):
+        return y in label2id
+    return not isinstance(y, bool) and hasattr(y, "__index__") and 0 <= int(y) < num_labels
+
+
+def _columns_or_pairs(data: tuple[Any, Any], label2id: Mapping[str, int], num_labels: int) -> tuple[list, list]:
+    """A tuple of two: (texts, labels), or two (text, label) pairs, whichever it can be (texts are strings,
+    labels the teacher's); what can be both is an error saying how to give it unambiguously."""
+    as_pairs = all(isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                   and _is_label(item[1], label2id, num_labels) for item in data)
+    first = data[0]
+    if isinstance(first, Iterable) and not isinstance(first, (str, bytes, Mapping)):
+        first = list(first)  # once: a generator is read here
+    second = data[1]
+    if isinstance(second, Iterable) and not isinstance(second, (str, bytes, Mapping)):
+        second = list(second)
+    as_columns = isinstance(first, list) and all(isinstance(t, str) for t in first) and isinstance(second, list) \
+        and all(_is_label(y, label2id, num_labels) for y in second)
+    if as_columns and as_pairs:
+        raise DataError(f"data={reprlib.repr(data)} reads two ways: as (texts, labels) and as two (text, label) pairs. "
+                        "Give pairs as a list, [(text, label), ...], or texts and labels as a table, "
+                        "{'text': [...], 'label': [...]}.")
+    if as_pairs:
+        return [data[0][0], data[1][0]], [data[0][1], data[1][1]]
+    if not isinstance(first, list) or not isinstance(second, list):
+        raise DataError(f"data={reprlib.repr(data)}: give (texts, labels), a list of (text, label) pairs, or a table "
+                        "with 'text' and 'label' columns.")
+    return first, second  # checked item by item below, each problem said
 
 
 def _classifier(source: str | Path) -> nn.Module:
@@ -417,16 +452,23 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
 
     ``student``: a model (or folder) sharing the teacher's tokenizer and labels; None builds the
     DistilBERT-style student from the teacher's ``layers`` (default: every other layer), checked block
-    by block. A student's head is matched to the teacher's labels by ``id2label`` name, as the pipeline
+    by block. A student whose own tokenizer (its folder's, or its ``name_or_path``'s when on this machine)
+    gives other token ids than the teacher's is refused, as the pipeline refuses such a ``student.model``.
+    A student's head is matched to the teacher's labels by ``id2label`` name, as the pipeline
     matches a saved head: the same labels in another order get their output rows put in the teacher's
     order, numbered-only names (LABEL_0, ...) are read by position (both with a warning), other labels
     are refused; the student then carries the teacher's label names. ``precision``: a
-    ``runtime.precision`` value (auto, fp32, bf16, fp16). ``data``: (texts, labels),
+    ``runtime.precision`` value (auto, fp32, bf16, fp16); calls at different precisions may follow each
+    other in one process (under a distributed launch, every call trains at the launch's). ``data``: (texts, labels),
     [(text, label), ...] or a table with ``text`` and ``label`` columns; labels are ids or the
-    teacher's label names. ``settings`` are the recipe's ``distill``
+    teacher's label names. ``max_length``: tokens kept per text, as ``data.max_length`` takes them (8 to
+    4096, and no more than the teacher's and the student's positions). ``settings`` are the recipe's ``distill``
     keys (alpha, temperature, kl, hidden_weight, hidden_loss, attention_weight, train={...}),
     validated the same way. The teacher's soft targets are computed once; the loss is the distill
-    stage's. ``out_dir`` also saves the student with the tokenizer (written whole or not at all).
+    stage's; a teacher given as a model is handed back in the train/eval mode it came in. ``out_dir`` also saves the
+    student with the tokenizer, written whole or not at all: a new or empty folder, or a model folder saved
+    before (one with config.json and weights), which is replaced whole; a folder holding anything else is
+    refused before training.
     """
     import torch
     from pydantic import ValidationError
@@ -438,6 +480,7 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     from edgekd.train import init_process_state, predict, train
 
     _check_precision(precision)
+    max_length, seed, batch_size = _check_distill_args(max_length=max_length, seed=seed, batch_size=batch_size)
     try:
         cfg = DistillConfig.model_validate(settings)
     except ValidationError as e:
@@ -448,7 +491,12 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     unread = hidden_loss_unread(cfg, 0.0)
     if unread:
         raise RecipeError(unread)
-    if isinstance(teacher, (str, Path)):
+    if layers is not None and student is not None:
+        raise ArgumentError(["layers: picks the teacher layers of a student built from the teacher; "
+                             "leave it out when you give a student"])
+    save_to = _check_out_dir(out_dir)
+    if isinstance(teacher, (str, PurePath)):
+        _check_model_source(teacher, "teacher")
         tokenizer = tokenizer or _tokenizer_of(teacher)
         teacher = _classifier(teacher)
     elif tokenizer is None:
@@ -461,22 +509,29 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     teacher_labels = [id2label.get(i, f"LABEL_{i}") for i in range(n_labels)]
     label2id = dict(getattr(teacher.config, "label2id", None) or {})
     texts, labels = texts_and_labels(data, label2id, n_labels)
+    _check_positions(teacher, "teacher", max_length)
 
     copied: list[int] | None = None
+    student_source: str | None = None  # where the student's own tokenizer may be read
     if student is None:
         copied = list(layers) if layers is not None else TextClassificationTask.default_layers(
             teacher.config.num_hidden_layers)
         student = build_student(teacher, copied)
-    elif layers is not None:
-        raise RecipeError(["layers: picks the teacher layers of a student built from the teacher; "
-                           "leave it out when you give a student"])
-    elif isinstance(student, (str, Path)):
-        student = _classifier(student)
+    else:
+        if isinstance(student, (str, PurePath)):
+            _check_model_source(student, "student")
+            student_source = str(student)
+            student = _classifier(student)
+        else:
+            student_source = getattr(student, "name_or_path", None) or None
+        _check_positions(student, "student", max_length)
     head = _student_head(student, teacher_labels)
     if student.get_input_embeddings().num_embeddings < len(tokenizer):
         raise StageError(f"the student's vocabulary ({student.get_input_embeddings().num_embeddings} ids) is "
                          f"smaller than the teacher's tokenizer ({len(tokenizer)}): edgekd.distill feeds both "
                          "the same tokens, so the student must share the teacher's tokenizer.")
+    if student_source is not None:
+        _check_student_tokenizer(student_source, tokenizer, max_length, texts)
     note = align_head(student, head, teacher_labels)  # the teacher's label order and names
     if note:
         warnings.warn(f"the student: {note}", UserWarning, stacklevel=2)
@@ -484,16 +539,123 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     init_process_state()
     task = TextClassificationTask(teacher_labels, max_length)
     split = TokenizedSplit(task.tokenize(tokenizer, texts), labels, tokenizer.pad_token_id or 0)
-    soft = torch.from_numpy(predict(teacher, split, batch_size, "teacher outputs", precision=precision))
-    mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied)
-    loss_fn = DistillLoss(student, cfg, soft_logits=soft, teacher=teacher, mapping=mapping, seed=seed)
-    with tempfile.TemporaryDirectory(prefix="edgekd-distill-") as ckpt, loss_fn.attention_maps(student):
-        train(student, split, cfg.train, loss_fn, seed=seed, precision=precision, ckpt_root=Path(ckpt),
-              description="distill", extra_params=loss_fn.extra_params())
+    modes = {m: m.training for m in teacher.modules()}  # handed back as they came (predict sets eval mode)
+    try:
+        soft = torch.from_numpy(predict(teacher, split, batch_size, "teacher outputs", precision=precision))
+        mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied)
+        loss_fn = DistillLoss(student, cfg, soft_logits=soft, teacher=teacher, mapping=mapping, seed=seed)
+        with tempfile.TemporaryDirectory(prefix="edgekd-distill-") as ckpt, loss_fn.attention_maps(student):
+            train(student, split, cfg.train, loss_fn, seed=seed, precision=precision, ckpt_root=Path(ckpt),
+                  description="distill", extra_params=loss_fn.extra_params())
+    finally:
+        for m, training in modes.items():
+            m.training = training
     student.eval()
-    if out_dir is not None:
-        TextClassificationTask.save_model(student, tokenizer, Path(out_dir))
+    if save_to is not None:
+        TextClassificationTask.save_model(student, tokenizer, save_to)
     return student
+
+
+def _check_distill_args(**given: Any) -> tuple[int, int, int]:
+    """``max_length``, ``seed`` and ``batch_size`` of ``edgekd.distill``, validated by pydantic: whole numbers
+    (a numpy integer is one; a string, a bool or a float is not), ``max_length`` within ``data.max_length``'s
+    bounds, ``seed`` one numpy and torch take, ``batch_size`` at least 1."""
+    from typing import Annotated
+
+    from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, create_model
+
+    from edgekd.recipe import DataConfig
+
+    def integral(v: Any) -> Any:
+        return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+    whole = Annotated[int, BeforeValidator(integral)]
+    bounds = {k: getattr(m, k) for m in DataConfig.model_fields["max_length"].metadata for k in ("ge", "le")
+              if hasattr(m, k)}  # data.max_length's
+    Args = create_model("Args", __config__=ConfigDict(strict=True), max_length=(whole, Field(**bounds)),
+                        seed=(whole, Field(ge=0, le=2**32 - 1)), batch_size=(whole, Field(ge=1)))
+    try:
+        args = Args(**given)
+    except ValidationError as e:
+        raise ArgumentError([f"{err['loc'][0]}: {err['msg']} (got {err['input']!r})" for err in e.errors()]) from None
+    return args.max_length, args.seed, args.batch_size
+
+
+def _check_out_dir(out_dir: Any) -> Path | None:
+    """Where ``edgekd.distill`` may save the student, checked before anything trains: a folder of its own name
+    (not '.', '..' or a root), new or empty, or a model folder saved before (replaced whole, as the student is
+    written whole); never a folder of other files, which the replacement would delete."""
+    if out_dir is None:
+        return None
+    if not isinstance(out_dir, (str, PurePath)) or not str(out_dir).strip():
+        raise ArgumentError([f"out_dir: {out_dir!r} is not a folder path: give the folder to save the student to, "
+                             "e.g. out_dir='my-student'"])
+    path = Path(out_dir).expanduser()
+    if path.name in ("", ".", "..") or path.resolve() == Path.cwd() or path.resolve() == Path.home():
+        raise ArgumentError([f"out_dir: '{out_dir}' is not a folder of its own (the student is saved as a whole "
+                             "folder, replacing what is there): name a new folder, e.g. out_dir='my-student'"])
+    if path.exists() and not path.is_dir():
+        raise ArgumentError([f"out_dir: {path} is a file: give a folder to save the student to"])
+    if path.is_dir() and any(path.iterdir()) and not _saved_model_folder(path):
+        raise ArgumentError([f"out_dir: {path} holds files and is not a saved model folder (no config.json with "
+                             "its weights beside it); saving would replace the whole folder and delete them. Give "
+                             "a new or empty folder, or a model folder saved before"])
+    above = path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ArgumentError([f"out_dir: {above} is a file, so {path} cannot be made: give another folder"])
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ArgumentError([f"out_dir: {above} is not writable, so {path} cannot be saved: give a folder you can "
+                             "write to"])
+    return path
+
+
+def _saved_model_folder(path: Path) -> bool:
+    """A folder ``save_pretrained`` wrote: config.json and the weights."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
+
+
+def _check_model_source(source: str | PurePath, what: str) -> None:
+    """A ``teacher`` or ``student`` given as a folder that is not there is said to be missing (not that no
+    tokenizer or config was found in it); a name that is not a path (an asset, a hub id) is left to the loader."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise StageError(f"{what}: {path} is a file, not a model folder: give the folder a model was saved to "
+                         "(save_pretrained), a model asset name or a hub id.")
+    if isinstance(source, PurePath) or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
+        raise StageError(f"{what}: the folder {path} does not exist: give the folder a model was saved to "
+                         "(save_pretrained), a model asset name or a hub id.")
+
+
+def _check_positions(model: nn.Module, what: str, max_length: int) -> None:
+    """``max_length`` against the model's positions, as the pipeline checks ``data.max_length`` up front."""
+    from edgekd.tasks.text.task import max_tokens
+
+    limit = max_tokens(model.config)
+    if limit is not None and max_length > limit[0]:
+        raise ArgumentError([f"max_length: {max_length} tokens per text, and the {what} has positions for "
+                             f"{limit[0]} ({limit[1]}): give max_length={limit[0]} or less"])
+
+
+def _check_student_tokenizer(source: str, tokenizer: Any, max_length: int, texts: list[str]) -> None:
+    """A student whose own tokenizer (read from ``source`` without a download) gives other ids than the
+    teacher's is refused, by the check the pipeline makes of ``student.model`` (``tokenizer_difference``)."""
+    from edgekd.tasks.text.task import local_tokenizer, tokenizer_difference
+
+    own = local_tokenizer(source)
+    if own is None:
+        return  # nothing to compare here: the vocabulary-size check above is what can be said
+    why = tokenizer_difference(tokenizer, own, max_length, texts[:512])
+    if why:
+        raise StageError(f"student: the tokenizer of {source} gives other token ids than the teacher's: {why}. "
+                         "edgekd.distill feeds the student the teacher's token ids, which its embeddings would read "
+                         "as other tokens: give a student that shares the teacher's tokenizer, or none (to build "
+                         "one from the teacher's layers).")
 
 
 def _check_precision(precision: Any) -> None:
@@ -509,8 +671,8 @@ def _check_precision(precision: Any) -> None:
     guess = str(precision).strip().lower() if isinstance(precision, str) else None
     guess = aliases.get(guess, guess)
     hint = f" (did you mean '{guess}'?)" if guess in allowed else ""
-    raise RecipeError([f"precision: {precision!r} is not a training precision{hint}; give one of "
-                       f"{', '.join(map(repr, allowed))}, as runtime.precision takes"])
+    raise ArgumentError([f"precision: {precision!r} is not a training precision{hint}; give one of "
+                         f"{', '.join(map(repr, allowed))}, as runtime.precision takes"])
 
 
 def _student_head(student: nn.Module, teacher_labels: list[str]) -> HeadMatch:
@@ -562,6 +724,77 @@ def _tokenizer_of(source: str | Path) -> Any:
 # --- predicting with an export ---------------------------------------------------------------------
 
 
+@dataclass
+class ServeSetup:
+    """What ``edgekd serve PATH`` and ``edgekd.load(PATH)`` serve, with which settings (:func:`serve_setup`)."""
+
+    folder: Path  # the export folder
+    settings: Any  # edgekd.serving.ServeSettings, its export_dir unset (the caller sets or passes the folder)
+    why: str | None  # how edgekd chose the folder by the shipping rule, when it did
+    differs: str | None  # a named export that is not the one the run ships: both named, to be said
+
+
+def serve_setup(path: str | Path, target: str | None = None, *, environment: bool, given: str = "flag",
+                **settings: Any) -> ServeSetup:
+    """One rule for ``edgekd serve PATH`` (``environment=True``, ``given="flag"``) and ``edgekd.load(PATH)``
+    (``environment=False``, ``given="argument"``).
+
+    Settings, highest first: ``settings`` given (flags, or load's arguments; None is not given), the
+    ``EDGEKD_SERVE_*`` variables (the server only: ``environment``), the serve section of the run's recipe (a run
+    folder's, or that of the run an export folder is in), the defaults. The export: ``target`` given, else the
+    recipe's ``serve.target`` (for a run folder), else what the run ships (``edgekd.shipping``: the quantize stage's
+    recommendation, else the only current export). A named export (by ``target``, ``serve.target`` or an export
+    folder given) that is not the one the run ships is served, and ``differs`` names both."""
+    from edgekd.export.base import ARTIFACT_META
+    from edgekd.recipe import ServeConfig
+    from edgekd.serving.model import choose_export, run_root
+    from edgekd.serving.settings import ServeSettings
+    from edgekd.shipping import shipped_export
+
+    path = Path(path)
+    export_given = (path / ARTIFACT_META).is_file()
+    root = run_root(path) if export_given else path if path.is_dir() else None
+    recipe_file = root / "recipe.yaml" if root is not None else None
+    cfg = ServeConfig()
+    if recipe_file is not None and recipe_file.is_file():
+        cfg = load_recipe_or_run(str(root), None).serve
+    flag = "--target" if given == "flag" else "target="
+    named = (f"{flag} {target}" if given == "flag" else f"target={target!r}") if target is not None else None
+    if target is None and not export_given and cfg.target is not None:
+        target, named = cfg.target, f"serve.target: {cfg.target} in {recipe_file}"
+    try:
+        folder, why = choose_export(path, target)
+    except StageError as e:
+        if named is None or named.startswith(flag):
+            raise
+        raise StageError(f"{str(e).rstrip('.')} ({named}): set serve.target to one of them, or remove it to serve "
+                         "what the run ships.") from None
+    differs = None
+    if why is None and root is not None and (root / "export").is_dir():
+        try:
+            ships, reason = shipped_export(root, choose=f"choose one with {flag}")
+        except EdgeKDError:
+            ships = None  # what ships cannot be said (an unreadable manifest): the export named is served
+        if ships is not None and ships != folder.name:
+            named = named or f"the export folder {folder} given"
+            differs = f"serving {folder.name} ({named}), not what the run ships: {ships} ({reason})"
+    return ServeSetup(folder, ServeSettings.from_config(cfg, environment=environment, given=given, **settings),
+                      why, differs)
+
+
+def _whole_number(name: str, value: Any, least: int = 1) -> int:
+    """``value`` as an int of at least ``least`` (a numpy integer is one; a bool, a float or a string is not)."""
+    from typing import Annotated
+
+    from pydantic import Field, TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(Annotated[int, Field(ge=least, strict=True)]).validate_python(
+            int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value)
+    except ValidationError as e:
+        raise ArgumentError([f"{name}: {e.errors()[0]['msg']} (got {value!r})"]) from None
+
+
 class Model:
     """An export loaded for prediction, by the server's loader: ``predict`` answers as ``POST /predict`` does."""
 
@@ -583,22 +816,30 @@ class Model:
 
     def predict(self, inputs: Any, *, batch_size: int = 32, **options: Any) -> list:
         """Text models: a text or a list of texts -> one :class:`Prediction` (label, score,
-        probabilities) each. Detection models: an image or a list of images (file paths, bytes,
-        PIL images or HxWx3 RGB uint8 arrays) -> one list of :class:`Detection` each
-        (``conf_threshold``, ``iou_threshold``, ``max_det`` as the server takes them). The answers
-        are the task family's (``local_predict`` in its ``serve.py``)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size is {batch_size}: give at least 1.")
+        probabilities, truncated) each. Detection models: an image or a list of images (file paths, bytes,
+        PIL images or HxWx3 RGB uint8 arrays) -> one :class:`Detections` each: the list of its
+        :class:`Detection` objects, with the image's ``width`` and ``height`` (``conf_threshold``,
+        ``iou_threshold``, ``max_det`` as the server takes them). The answers are the task family's
+        (``local_predict`` in its ``serve.py``), with the same names as ``POST /predict``'s."""
+        batch_size = _whole_number("batch_size", batch_size)
         return self.served.family.local_predict(self.served.codec, self._engine, inputs, batch_size, options)
 
 
 def load(path: str | Path, target: str | None = None, *, threads: int | None = None,
-         max_length: int | None = None) -> Model:
-    """Open an export folder (``runs/x/export/onnx-int8``), or a run folder (then ``target``, the only
-    export, or the one the quantize stage recommends), verified and loaded as ``edgekd serve`` does."""
-    from edgekd.serving.model import choose_export, load_served_model
-    from edgekd.serving.settings import ServeSettings
+         max_length: int | None = None, overflow: str | None = None) -> Model:
+    """Open an export folder (``runs/x/export/onnx-int8``), or a run folder, verified and loaded as
+    ``edgekd serve`` does, with the settings ``edgekd serve`` would use (:func:`serve_setup`): these
+    arguments, else the run's recipe ``serve`` section (``threads``, ``max_length``, ``overflow``,
+    ``target``...), else the defaults. No ``EDGEKD_SERVE_*`` variable is read: they configure a server. From a
+    run folder, ``target``, else ``serve.target``, else what the run ships; a named export that is not the one
+    the run ships is loaded with a warning naming both."""
+    from edgekd.serving.model import load_served_model
 
-    folder, why = choose_export(path, target)
-    settings = ServeSettings(export_dir=folder, threads=threads, max_length=max_length)
-    return Model(load_served_model(settings), why)
+    threads = None if threads is None else _whole_number("threads", threads)
+    max_length = None if max_length is None else _whole_number("max_length", max_length, least=2)
+    setup = serve_setup(path, target, environment=False, given="argument", threads=threads, max_length=max_length,
+                        overflow=overflow)
+    if setup.differs:
+        warnings.warn(setup.differs, UserWarning, stacklevel=2)
+    settings = setup.settings.model_copy(update={"export_dir": setup.folder})
+    return Model(load_served_model(settings), setup.why)

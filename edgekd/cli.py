@@ -190,26 +190,20 @@ def serve(
     """Serve an exported artifact: POST /predict, the v2 inference protocol, /health, /metadata, /metrics.
 
     Settings, highest first: these flags, EDGEKD_SERVE_* variables, the run's recipe (serve section), defaults.
-    Without --target, a run folder serves what its summary ships: the quantize stage's recommendation, else its
-    only current export (several without a recommendation: choose one with --target)."""
+    Without --target (or the recipe's serve.target), a run folder serves what its summary ships: the quantize
+    stage's recommendation, else its only current export (several without a recommendation: choose one with
+    --target); an export named that is not the one the run ships is served, and said to be."""
     warnings_log.uninstall()  # a server's warnings and logs stay where its operator looks for them
-    from edgekd.recipe import ServeConfig
-    from edgekd.serving import ServeSettings
     from edgekd.serving import serve as start
-    from edgekd.serving.model import choose_export, run_root
 
-    # An export folder inside a run is served with that run's recipe too (its serve section).
-    in_run = run_root(run_dir) if (run_dir / "artifact.json").is_file() else None
-    recipe_dir = in_run or run_dir
-    cfg = ServeConfig()
-    if (recipe_dir / "recipe.yaml").is_file():
-        cfg = load_recipe_or_run(str(recipe_dir), None).serve
-    settings = ServeSettings.from_config(cfg, host=host, port=port, batching=batching, threads=threads)
-    # serve.target picks an export of a run folder; a folder given itself is already chosen.
-    folder, why = choose_export(run_dir, target or (None if in_run else cfg.target))
-    if why:
-        console.print(f"serving {folder} ({why}); choose another with --target")
-    start(folder, None, settings)
+    # One rule with edgekd.load (api.serve_setup): an export folder inside a run is served with that run's recipe too.
+    setup = api.serve_setup(run_dir, target, environment=True, given="flag", host=host, port=port, batching=batching,
+                            threads=threads)
+    if setup.why:
+        console.print(f"serving {setup.folder} ({setup.why}); choose another with --target")
+    if setup.differs:
+        console.print(setup.differs, style="yellow", markup=False, highlight=False)
+    start(setup.folder, None, setup.settings)
 
 
 @recipe_app.command("show")

@@ -23,6 +23,17 @@ class RecipeError(EdgeKDError):
         super().__init__(f"Invalid recipe{where}:\n{body}")
 
 
+class ArgumentError(RecipeError, ValueError):
+    """An argument of the Python API (``edgekd.distill``, ``edgekd.load``, ``Model.predict``) is invalid. Each
+    problem starts with the argument's name; a ``RecipeError`` (and a ``ValueError``) too, so that code catching
+    those still catches it."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(problems)
+        body = self.problems[0] if len(self.problems) == 1 else "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        self.args = (f"Invalid argument{'s' if len(self.problems) > 1 else ''}: {body}",)
+
+
 class AssetError(EdgeKDError):
     """A model or dataset could not be found, fetched or verified."""
 

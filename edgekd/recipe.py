@@ -1290,7 +1290,8 @@ class ServeConfig(Section):
     """`edgekd serve` defaults; every key is also a server setting (EDGEKD_SERVE_<KEY> overrides it).
     The API key is deliberately not a recipe key: pass it through EDGEKD_SERVE_API_KEY."""
 
-    target: str | None = Field(None, description="Export folder to serve (e.g. onnx, onnx-int8).")
+    target: str | None = Field(None, description="Export folder to serve (e.g. onnx, onnx-int8) instead of what the run "
+                               "ships; `edgekd serve` and `edgekd.load` say so when it is another.")
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=1, le=65535)
     model_name: str | None = Field(None, description="Name in responses and on the v2 routes (default: run name).")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgekd.errors import StageError
 from edgekd.progress import progress_bar
 from edgekd.recipe import TrainConfig
 from edgekd.runfolder import atomic_write_text
@@ -79,8 +80,34 @@ def make_accelerator(precision: str, grad_accum: int = 1):
     optimizer/scheduler steps until ``grad_accum`` batches (or the end of the data loader) are in."""
     from accelerate import Accelerator
 
-    init_process_state()
-    return Accelerator(mixed_precision=resolve_precision(precision), gradient_accumulation_steps=grad_accum)
+    process = init_process_state()
+    mixed = resolve_precision(precision)
+    _accelerator_state_for(mixed, precision, process)
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum)
+
+
+def _accelerator_state_for(mixed: str, precision: str, process) -> None:
+    """Make way for an Accelerator at ``mixed`` precision where an earlier training of this process set up
+    Accelerate's state (a singleton) at another: Accelerate refuses to change it ("restart your runtime").
+
+    In one process of its own (no distributed launch), the state is reset as Accelerate's own tests do between
+    uses (``AcceleratorState._reset_state``; the process state, ``PartialState``, is kept), so that a later
+    ``edgekd.distill`` or ``edgekd.run`` at another precision just trains. Under a distributed launch the
+    processes' state is shared and is not torn down here: another precision is an error naming both."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is None or held == mixed:
+        return
+    if process.use_distributed:
+        as_recipe = {"no": "fp32"}.get(held, held)
+        raise StageError(
+            f"precision '{precision}' trains in Accelerate's mixed precision '{mixed}', but this distributed launch "
+            f"({process.num_processes} processes) has already trained in '{held}' (precision '{as_recipe}'), and "
+            "Accelerate's state cannot change within a launch: give precision "
+            f"'{as_recipe}' (runtime.precision, or distill's precision=), or train at '{precision}' in a launch "
+            "of its own")
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:

@@ -1,7 +1,8 @@
 """Server settings: one pydantic settings class, read from arguments or ``EDGEKD_SERVE_*`` variables.
 
 Precedence, highest first: command-line flags, ``EDGEKD_SERVE_*`` environment variables, the recipe's
-``serve`` section, the defaults below.
+``serve`` section, the defaults below. ``edgekd.load`` (the Python API) gives its arguments in the flags' place
+and reads no variable (``GivenSettings``); ``edgekd.api.serve_setup`` decides both.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import ArgumentError, EdgeKDError
 from edgekd.sections import changed_keys, it_or_them
 
 ENV_PREFIX = "EDGEKD_SERVE_"
@@ -127,20 +128,39 @@ class ServeSettings(BaseSettings):
         return cls.from_config(None, **overrides)
 
     @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> ServeSettings:
+    def from_config(cls, config: Any, *, environment: bool = True, given: Literal["flag", "argument"] = "flag",
+                    **overrides: Any) -> ServeSettings:
         """Settings from a recipe's ``serve`` section (``edgekd.recipe.ServeConfig``, or None), under the
-        ``EDGEKD_SERVE_*`` environment, under ``overrides`` (command-line flags; None means not given).
-        An invalid value is a ``SettingsError`` naming the flag, variable or recipe key it came from."""
+        ``EDGEKD_SERVE_*`` environment (``environment``; without it, no variable is read), under ``overrides``
+        (command-line flags, or the Python API's arguments: ``given``; None means not given). An invalid value is
+        a ``SettingsError`` naming the flag, argument, variable or recipe key it came from; an invalid argument
+        alone, an ``ArgumentError`` naming it."""
         data = config.model_dump(exclude={"target"}, exclude_none=True) if config is not None else {}
-        env = EnvSettingsSource(cls)()
+        env = EnvSettingsSource(cls)() if environment else {}
         for key in env:  # a variable overrides the recipe: leave the field for pydantic-settings to read
             data.pop(key, None)
         flags = {k: v for k, v in overrides.items() if v is not None}
+        build = cls if environment else GivenSettings
+        if given == "argument":
+            try:
+                build(**flags)
+            except ValidationError as e:
+                raise ArgumentError([_where(err, flags, {}, {}, given) for err in e.errors()]) from None
         data.update(flags)
         try:
-            return cls(**data)
+            return build(**data)
         except ValidationError as e:
-            raise SettingsError(_describe(e, flags, env, data)) from None
+            raise SettingsError(_describe(e, flags, env, data, given)) from None
+
+
+class GivenSettings(ServeSettings):
+    """``ServeSettings`` from the values given alone: no ``EDGEKD_SERVE_*`` variable is read (the Python API's
+    ``edgekd.load``: a server's environment does not change what a script's predictions are)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings,)
 
 
 def refuse_unread(settings: ServeSettings, keys: tuple[str, ...], why: str) -> None:
@@ -148,25 +168,31 @@ def refuse_unread(settings: ServeSettings, keys: tuple[str, ...], why: str) -> N
     ``EDGEKD_SERVE_*`` variable or the recipe's ``serve`` section) that the export being served never reads."""
     unread = changed_keys(settings, keys=keys)
     if unread:
-        raise SettingsError(f"{', '.join(unread)}: {why}: unset {it_or_them(unread)} (the flag, the "
-                            f"{ENV_PREFIX}<KEY> variable or the serve.<key> recipe key)")
+        raise SettingsError(f"{', '.join(unread)}: {why}: unset {it_or_them(unread)} (the flag or edgekd.load "
+                            f"argument, the {ENV_PREFIX}<KEY> variable or the serve.<key> recipe key)")
 
 
-def _describe(error: ValidationError, flags: dict[str, Any], env: dict[str, Any], recipe: dict[str, Any]) -> str:
+def _describe(error: ValidationError, flags: dict[str, Any], env: dict[str, Any], recipe: dict[str, Any],
+              given: str = "flag") -> str:
     """One line per problem, naming where the bad value came from."""
-    lines = []
-    for err in error.errors():
-        field = str(err["loc"][0]) if err["loc"] else ""
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if not field:  # a whole-model check: its message names the field
-            field = next((f for f in ServeSettings.model_fields if msg.startswith(f)), "")
-        if field in flags:
-            where = f"--{field.replace('_', '-')}={flags[field]!r}"
-        elif field in env:
-            where = f"{ENV_PREFIX}{field.upper()}" + ("" if field == "api_key" else f"={env[field]!r}")
-        elif field in recipe:
-            where = f"serve.{field}={recipe[field]!r} (recipe)"
-        else:
-            where = field or "server settings"
-        lines.append(f"{where}: {msg}")
-    return "invalid server setting: " + "; ".join(lines)
+    return "invalid server setting: " + "; ".join(_where(err, flags, env, recipe, given) for err in error.errors())
+
+
+def _where(err: Any, flags: dict[str, Any], env: dict[str, Any], recipe: dict[str, Any], given: str) -> str:
+    """One problem, naming where the bad value came from: a flag (``--port=70000``) or an argument (``threads:
+    ... (got 0)``, ``given``), a variable, a recipe key."""
+    field = str(err["loc"][0]) if err["loc"] else ""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not field:  # a whole-model check: its message names the field
+        field = next((f for f in ServeSettings.model_fields if msg.startswith(f)), "")
+    if field in flags and given == "argument":
+        return f"{field}: {msg} (got {flags[field]!r})"
+    if field in flags:
+        where = f"--{field.replace('_', '-')}={flags[field]!r}"
+    elif field in env:
+        where = f"{ENV_PREFIX}{field.upper()}" + ("" if field == "api_key" else f"={env[field]!r}")
+    elif field in recipe:
+        where = f"serve.{field}={recipe[field]!r} (recipe)"
+    else:
+        where = field or "server settings"
+    return f"{where}: {msg}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 
 import edgekd
 from edgekd.api import override_strings, texts_and_labels
-from edgekd.errors import DataError, RecipeError, StageError
+from edgekd.errors import ArgumentError, DataError, EdgeKDError, RecipeError, StageError
 from edgekd.testing import sentiment_rows, tiny_bert, tiny_recipe, write_sentiment_csv
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -364,3 +365,199 @@ def test_predict_refuses_what_is_not_a_text_or_an_image_saying_what_to_give():
         classify(None, None, b"great film", 8, {})
     with pytest.raises(DataError, match=r"image 0 is an array of shape \[4, 4\] and dtype uint8: give H x W x 3"):
         detect(SimpleNamespace(default_options={}), None, np.zeros((4, 4), np.uint8), 8, {})
+
+
+# --- audit fixes: precision, out_dir, tokenizer, max_length, argument errors, force, teacher mode ------------------
+
+FAST = {"train": {"epochs": 1, "batch_size": 8, "lr": 3e-3}}
+
+
+def _spy_training(monkeypatch) -> list:
+    """Replace the training loop by a spy (the refusals below come before it), returning its calls."""
+    import edgekd.train
+
+    calls: list = []
+    monkeypatch.setattr(edgekd.train, "train", lambda *a, **k: calls.append(k))
+    return calls
+
+
+def _precisions_trained(monkeypatch) -> list[str]:
+    """The mixed precision of every Accelerator the training loop makes, as it makes it."""
+    import edgekd.train
+
+    made: list[str] = []
+    real = edgekd.train.make_accelerator
+
+    def spy(precision, grad_accum=1):
+        accelerator = real(precision, grad_accum)
+        made.append(accelerator.mixed_precision)
+        return accelerator
+
+    monkeypatch.setattr(edgekd.train, "make_accelerator", spy)
+    return made
+
+
+@pytest.mark.slow  # two short trainings of a tiny BERT
+def test_distill_trains_at_one_precision_then_another_in_one_process(classifier, monkeypatch):
+    """Accelerate's state is a process-wide singleton that refuses another mixed precision ("restart your
+    runtime"): a bf16 call after an fp32 one (or after `edgekd.run` with precision auto on a bf16 machine)
+    crashed. In a process of its own, each call trains at its own precision."""
+    made = _precisions_trained(monkeypatch)
+    rows = sentiment_rows(16, seed=3)
+    edgekd.distill(classifier, data=rows, precision="fp32", **FAST)
+    edgekd.distill(classifier, data=rows, precision="bf16", **FAST)  # bf16 autocast runs on CPU in torch
+    edgekd.distill(classifier, data=rows, precision="fp32", **FAST)
+    assert made == ["no", "bf16", "no"]
+
+
+def test_a_distributed_launch_refuses_another_precision_naming_both(monkeypatch):
+    """Under a distributed launch the processes' Accelerate state is not torn down: another precision is an
+    error naming both, not Accelerate's "restart your runtime"."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    import edgekd.train
+
+    edgekd.train.make_accelerator("bf16")  # a first training of this process, at bf16
+    try:
+        launch = SimpleNamespace(use_distributed=True, num_processes=2)
+        monkeypatch.setattr(edgekd.train, "init_process_state", lambda: launch)
+        with pytest.raises(StageError, match=r"precision 'fp32' trains in Accelerate's mixed precision 'no', but this "
+                                             r"distributed launch \(2 processes\) has already trained in 'bf16' "
+                                             r"\(precision 'bf16'\).*give precision 'bf16'"):
+            edgekd.train.make_accelerator("fp32")
+        assert edgekd.train.make_accelerator("bf16").mixed_precision == "bf16"  # the launch's own precision trains
+    finally:
+        AcceleratorState._reset_state()
+
+
+@pytest.mark.slow  # a tiny teacher fine-tune at bf16 through edgekd.run, then edgekd.distill at its default fp32
+def test_the_readme_order_runs_with_a_bf16_pipeline_before_distill(tmp_path, tiny_teacher_dir, monkeypatch):
+    """The README's order: edgekd.run (here precision bf16, what auto picks on a bf16 machine), then
+    edgekd.distill at its default fp32, in one process."""
+    made = _precisions_trained(monkeypatch)
+    csv = write_sentiment_csv(tmp_path / "r.csv", n=60, seed=1)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, tiny_teacher_dir, csv, runtime={"precision": "bf16"},
+                                               teacher={"finetune": {"epochs": 1, "batch_size": 16, "lr": 3e-3}})))
+    run = edgekd.run(path, stages=["teacher"])
+    student = edgekd.distill(run.folder / "teacher" / "model", data=sentiment_rows(16), layers=[0, 2], **FAST)
+    assert student.config.num_hidden_layers == 2 and made == ["bf16", "no"]
+
+
+def test_distill_refuses_an_out_dir_of_other_files_before_training(classifier, tmp_path, monkeypatch):
+    """out_dir is replaced whole (written whole or not at all): a folder of the user's files would be deleted.
+    Refused before training, as are '.' (found only after training before) and a file."""
+    calls = _spy_training(monkeypatch)
+    rows = [("good", 1), ("bad", 0)]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(EdgeKDError, match=r"out_dir: .*mine holds files and is not a saved model folder \(no "
+                                          r"config\.json with its weights beside it\); saving would replace the whole "
+                                          r"folder and delete them"):
+        edgekd.distill(classifier, data=rows, out_dir=mine, **FAST)
+    monkeypatch.chdir(mine)
+    with pytest.raises(EdgeKDError, match=r"out_dir: '\.' is not a folder of its own .* name a new folder"):
+        edgekd.distill(classifier, data=rows, out_dir=".", **FAST)
+    with pytest.raises(EdgeKDError, match=r"out_dir: .*notes\.txt is a file"):
+        edgekd.distill(classifier, data=rows, out_dir=mine / "notes.txt", **FAST)
+    assert not calls and (mine / "notes.txt").read_text() == "keep me" and sorted(os.listdir(mine)) == ["notes.txt"]
+
+
+def test_distill_replaces_a_model_folder_saved_before(classifier, tmp_path):
+    rows = [("good film", 1), ("bad film", 0)]
+    out = tmp_path / "student"
+    edgekd.distill(classifier, data=rows, out_dir=out, **FAST)
+    (out / "stale.txt").write_text("from before")
+    edgekd.distill(classifier, data=rows, out_dir=out, **FAST)  # a saved model folder: replaced whole
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_distill_refuses_a_student_whose_tokenizer_gives_other_ids(classifier, tmp_path, monkeypatch):
+    """The same vocabulary size, other ids (reversed): the pipeline refuses such a student.model; so does
+    edgekd.distill, before training, with the pipeline's check."""
+    calls = _spy_training(monkeypatch)
+    student = tiny_bert(tmp_path / "student", num_layers=2, num_labels=2)
+    lines = (student / "vocab.txt").read_text().split("\n")
+    (student / "vocab.txt").write_text("\n".join(lines[:5] + lines[5:-1][::-1]) + "\n")
+    (student / "tokenizer.json").unlink(missing_ok=True)
+    with pytest.raises(StageError, match=r"student: the tokenizer of .* gives other token ids than the teacher's: "
+                                         r"their vocabularies differ"):
+        edgekd.distill(classifier, student, data=sentiment_rows(8), **FAST)
+    assert not calls
+
+
+def test_distill_checks_max_length_up_front(classifier, monkeypatch):
+    calls = _spy_training(monkeypatch)
+    rows = [("good", 1), ("bad", 0)]
+    with pytest.raises(ArgumentError, match=r"max_length: 512 tokens per text, and the teacher has positions for 128 "
+                                            r"\(max_position_embeddings 128\): give max_length=128 or less"):
+        edgekd.distill(classifier, data=rows, max_length=512, **FAST)
+    with pytest.raises(ArgumentError, match=r"max_length: Input should be greater than or equal to 8 \(got 0\)"):
+        edgekd.distill(classifier, data=rows, max_length=0, **FAST)
+    with pytest.raises(ArgumentError, match=r"max_length: Input should be a valid integer \(got '64'\)"):
+        edgekd.distill(classifier, data=rows, max_length="64", **FAST)
+    assert not calls
+
+
+def test_distill_says_what_was_wrong_with_its_arguments(classifier, tmp_path, monkeypatch):
+    calls = _spy_training(monkeypatch)
+    rows = [("good", 1), ("bad", 0)]
+    with pytest.raises(StageError, match=r"teacher: the folder .*nowhere does not exist: give the folder a model was "
+                                         r"saved to"):
+        edgekd.distill(tmp_path / "nowhere", data=rows, **FAST)
+    with pytest.raises(StageError, match=r"teacher: the folder .*nowhere does not exist"):
+        edgekd.distill(str(tmp_path / "nowhere"), data=rows, **FAST)
+    with pytest.raises(ArgumentError, match=r"batch_size: Input should be greater than or equal to 1 \(got 0\)"):
+        edgekd.distill(classifier, data=rows, batch_size=0, **FAST)
+    with pytest.raises(ArgumentError, match=r"seed: Input should be a valid integer \(got 'a'\)"):
+        edgekd.distill(classifier, data=rows, seed="a", **FAST)
+    assert not calls
+    edgekd.distill(classifier, data=rows, seed=np.int64(3), batch_size=np.int64(2), **FAST)  # whole numbers too
+    assert len(calls) == 1
+
+
+def test_a_tuple_of_two_pairs_is_read_as_pairs_and_an_ambiguous_one_is_refused():
+    label2id = {"negative": 0, "positive": 1}
+    assert texts_and_labels((("good film", 1), ("bad film", 0)), label2id, 2) == (["good film", "bad film"], [1, 0])
+    assert texts_and_labels((("good film", "positive"), ("bad film", "negative")), label2id, 2) == (
+        ["good film", "bad film"], [1, 0])
+    assert texts_and_labels((("good", "bad", "fine"), (1, 0, 1)), label2id, 2) == (["good", "bad", "fine"], [1, 0, 1])
+    assert texts_and_labels((("good", "bad"), (1, 0)), label2id, 2) == (["good", "bad"], [1, 0])  # "bad" no label
+    with pytest.raises(DataError, match=r"reads two ways: as \(texts, labels\) and as two \(text, label\) pairs"):
+        texts_and_labels((("negative", "positive"), ("positive", "negative")), label2id, 2)
+
+
+def test_run_records_force(tmp_path, tiny_teacher_dir, monkeypatch):
+    """`edgekd run --force` shows in the record's argv; edgekd.run(force=True) recorded nothing of it."""
+    import edgekd.pipeline
+
+    def run_stages(recipe, stages, **kw):
+        recipe.run_dir().mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(edgekd.pipeline, "run_stages", run_stages)
+    csv = write_sentiment_csv(tmp_path / "r.csv", n=40)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, tiny_teacher_dir, csv)))
+    for force in (True, False):
+        with pytest.raises(RuntimeError, match="stopped here"):
+            edgekd.run(path, stages=["distill"], force=force)
+        record = json.loads((tmp_path / "runs" / "tiny" / "invocations.jsonl").read_text().splitlines()[-1])
+        assert record["force"] is force and ("--force" in record["argv"]) is force
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_distill_hands_a_teacher_model_back_in_its_mode(classifier, mode):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(classifier)
+    getattr(teacher, mode)()
+    teacher.bert.embeddings.dropout.eval()  # a mixed model: each module keeps its own flag
+    before = {name: m.training for name, m in teacher.named_modules()}
+    edgekd.distill(teacher, data=[("good film", 1), ("bad film", 0)], tokenizer=AutoTokenizer.from_pretrained(classifier),
+                   **FAST)
+    assert {name: m.training for name, m in teacher.named_modules()} == before

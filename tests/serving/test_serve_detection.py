@@ -528,3 +528,24 @@ def test_a_recorded_postprocess_no_request_could_give_is_refused_at_load(tmp_pat
     with pytest.raises(StageError, match=re.escape(fragment)):
         with TestClient(create_app(ServeSettings(export_dir=folder), loader=ort_loader)):
             pass
+
+
+def test_the_python_api_gives_each_images_width_and_height_and_names_a_bad_option(det_dir, client):
+    """POST /predict answers each image's width and height beside its detections; edgekd.load(...).predict
+    gave the detections alone. An invalid option was pydantic's error about DetectOptions."""
+    import edgekd
+    from edgekd.errors import ArgumentError
+
+    model = edgekd.load(det_dir)
+    small = png(64, 48)
+    got = model.predict([WHITE, small])
+    served = client.post("/predict", files=[("files", ("a.png", WHITE, "image/png")),
+                                            ("files", ("b.png", small, "image/png"))]).json()["predictions"]
+    assert [(r.width, r.height) for r in got] == [(p["width"], p["height"]) for p in served] == [(200, 100), (64, 48)]
+    assert [[(d.label, list(d.box)) for d in r.detections] for r in got] == [_boxes(p) for p in served]
+    assert [(d.label, list(d.box)) for d in got[0]] == _boxes(served[0])  # still the list of its detections
+    for option, value, message in [("conf_threshold", 2.0, "less than or equal to 1"),
+                                   ("max_det", 0, "greater than or equal to 1")]:
+        with pytest.raises(ArgumentError, match=rf"{option}: Input should be {message} \(got {value!r}\)") as e:
+            model.predict(WHITE, **{option: value})
+        assert "DetectOptions" not in str(e.value) and "validation error" not in str(e.value)

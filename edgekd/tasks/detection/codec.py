@@ -68,6 +68,23 @@ class Detection:
     category_id: int | None = None
 
 
+class Detections(list):
+    """One image's answer to ``edgekd.load(...).predict``: the list of its :class:`Detection` objects, with the
+    image's ``width`` and ``height`` in pixels (as it is shown: EXIF orientation applied), the names of
+    ``POST /predict``'s answer for the image (``detections`` is the list itself)."""
+
+    def __init__(self, detections: Sequence[Detection], width: int, height: int):
+        super().__init__(detections)
+        self.width, self.height = int(width), int(height)
+
+    @property
+    def detections(self) -> list[Detection]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        return f"Detections({list.__repr__(self)}, width={self.width}, height={self.height})"
+
+
 def decode_image(data: bytes, where: str, max_pixels: int, declared: str | None = None) -> np.ndarray:
     """``data`` (an encoded image file) as an HWC uint8 RGB array, EXIF orientation applied.
 

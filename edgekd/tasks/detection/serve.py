@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 from PIL import Image
+from pydantic import ValidationError
 from starlette import requests as starlette_requests
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgekd.errors import DataError
+from edgekd.errors import ArgumentError, DataError
 from edgekd.serving.batching import InferenceEngine
 from edgekd.serving.context import Serving, within_deadline
 from edgekd.serving.errors import RequestError
@@ -36,7 +37,7 @@ from edgekd.serving.http import MULTIPART, foreign_field, is_json, media_type, r
 from edgekd.serving.schemas import DetectionOut, DetectOptions, DetectRequest, DetectResponse, ImageDetections
 from edgekd.serving.settings import ServeSettings
 from edgekd.serving.v2_core import FLOAT_TYPES, ModelSpec, Output, Tensor
-from edgekd.tasks.detection.codec import PAD_VALUE, Detection, DetectionCodec
+from edgekd.tasks.detection.codec import PAD_VALUE, Detection, DetectionCodec, Detections
 from edgekd.tasks.detection.images import to_rgb, upright
 
 FILE_FIELDS = ("file", "files")
@@ -216,24 +217,30 @@ def v2_spec(codec: DetectionCodec) -> ModelSpec:
 
 # --- edgekd.load(...).predict -------------------------------------------------------------------------
 def predict_local(codec: DetectionCodec, engine: InferenceEngine, images: Any, batch_size: int,
-                  options: dict[str, Any]) -> list[list[Detection]]:
+                  options: dict[str, Any]) -> list[Detections]:
     """An image or a list of images (file paths, bytes, PIL images or HxWx3 RGB uint8 arrays) -> one
-    list of Detections each; ``options`` are POST /predict's (conf_threshold, iou_threshold, max_det), and
-    one left out (or None) is the export's own, as for POST /predict."""
+    ``Detections`` each (its list of Detection, and the image's width and height, as POST /predict answers
+    them); ``options`` are POST /predict's (conf_threshold, iou_threshold, max_det), and one left out (or None)
+    is the export's own, as for POST /predict. An invalid option is an ``ArgumentError`` naming it."""
     if unknown := sorted(set(options) - set(OPTIONS)):
         raise TypeError(f"{', '.join(unknown)}: detection models take the options {', '.join(OPTIONS)}.")
-    opts = DetectOptions(**{**codec.default_options, **{k: v for k, v in options.items() if v is not None}})
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        opts = DetectOptions(**{**codec.default_options, **given})
+    except ValidationError as e:
+        raise ArgumentError([f"{err['loc'][0]}: {err['msg']} (got {err['input']!r})" for err in e.errors()]) from None
     images = _image_list(images)
     if not images:
         raise DataError("no images to run: give an image or a list of images.")
-    out: list[list[Detection]] = []
+    out: list[Detections] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         blobs = [(f"image {start + i}", _image_bytes(im, start + i), None) for i, im in enumerate(chunk)]
         items = codec.encode(blobs)
         outputs = engine.run_items(items)
-        out += codec.detections(outputs, items, conf_threshold=opts.conf_threshold,
-                                iou_threshold=opts.iou_threshold, max_det=opts.max_det)
+        found = codec.detections(outputs, items, conf_threshold=opts.conf_threshold,
+                                 iou_threshold=opts.iou_threshold, max_det=opts.max_det)
+        out += [Detections(dets, it.width, it.height) for it, dets in zip(items, found, strict=True)]
     return out
 
 

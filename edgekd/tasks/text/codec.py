@@ -40,9 +40,12 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Prediction:
+    """One text's answer, with the names of ``POST /predict``'s."""
+
     label: str
     score: float
     probabilities: dict[str, float]
+    truncated: bool  # the text had more than max_length tokens and was cut (with overflow: truncate)
 
 
 class _FastTokenizer:
@@ -249,11 +252,13 @@ class TextCodec:
             )
         return softmax(logits)
 
-    def predictions(self, logits: np.ndarray) -> list[Prediction]:
+    def predictions(self, logits: np.ndarray, items: Sequence[Encoded]) -> list[Prediction]:
+        """One Prediction per row of ``logits``, the answer to the encoded text ``items`` of that row."""
         probs = self.probabilities(logits)
         top = probs.argmax(axis=-1).tolist()
         labels = self.labels
         return [
-            Prediction(label=labels[k], score=p[k], probabilities=dict(zip(labels, p, strict=True)))
-            for p, k in zip(probs.tolist(), top, strict=True)  # Python floats, converted in one call
+            Prediction(label=labels[k], score=p[k], probabilities=dict(zip(labels, p, strict=True)),
+                       truncated=it.truncated)
+            for p, k, it in zip(probs.tolist(), top, items, strict=True)  # Python floats, converted in one call
         ]

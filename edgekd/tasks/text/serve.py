@@ -128,8 +128,8 @@ async def predict_texts(request: Request, serving: Serving) -> PredictResponse:
 def prediction_rows(codec: TextCodec, items: list[Encoded], logits: np.ndarray) -> list[dict[str, Any]]:
     """The ``predictions`` of a /predict answer, one per text, as ``PredictionOut`` fields."""
     return [
-        {"label": p.label, "score": p.score, "probabilities": p.probabilities, "truncated": it.truncated}
-        for p, it in zip(codec.predictions(logits), items, strict=True)
+        {"label": p.label, "score": p.score, "probabilities": p.probabilities, "truncated": p.truncated}
+        for p in codec.predictions(logits, items)
     ]
 
 
@@ -278,7 +278,7 @@ def v2_spec(codec: TextCodec) -> ModelSpec:
 # --- edgekd.load(...).predict -------------------------------------------------------------------------
 def predict_local(codec: TextCodec, engine: InferenceEngine, texts: Any, batch_size: int,
                   options: dict[str, Any]) -> list[Prediction]:
-    """A text or a list of texts -> one Prediction (label, score, probabilities) each."""
+    """A text or a list of texts -> one Prediction (label, score, probabilities, truncated) each."""
     if options:
         raise TypeError(f"{', '.join(sorted(options))}: text models take no options (detection models do).")
     texts = _text_list(texts)
@@ -291,7 +291,7 @@ def predict_local(codec: TextCodec, engine: InferenceEngine, texts: Any, batch_s
         if (i := codec.without_content(items)) is not None:
             raise DataError(no_content_message(f"text {start + i}"))
         logits = engine.run_items(items)[engine.output_name]
-        out += codec.predictions(logits)
+        out += codec.predictions(logits, items)
     return out
 
 
