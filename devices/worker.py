@@ -15,9 +15,18 @@ from edgekd.devices import remote_runner
 
 
 def runtime_options(job: dict, meta: dict) -> dict:
-    """Keyword options for ``load_artifact``: threads for every runner, execution providers for ONNX."""
+    """Keyword options for ``load_artifact``: threads for every runner that applies them (``Exporter.
+    applies_threads``; the others refuse the option, and this process's environment pins what threads their
+    runtime may use), execution providers for ONNX."""
+    from edgekd.errors import UnsupportedTargetError
+    from edgekd.export import get_exporter
+
     opts = dict(job.get("runtime_opts") or {})
-    if job.get("threads"):
+    try:
+        applies = get_exporter(str(meta.get("exporter") or meta.get("target"))).applies_threads
+    except UnsupportedTargetError:
+        applies = True  # load_artifact refuses the folder itself
+    if job.get("threads") and applies:
         opts.setdefault("threads", job["threads"])
     if job.get("providers") and (meta.get("exporter") or meta.get("target")) == "onnx":
         opts.setdefault("providers", job["providers"])

@@ -88,8 +88,10 @@ class RunContext:
         on the timed inputs)."""
         return {}
 
-    def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
-        """Task-specific artifacts beside export.targets (detection: ONNX with NMS in the graph)."""
+    def extra_exports(self, model, inputs, labels, meta, staging=None) -> dict[str, dict[str, Any]]:
+        """Task-specific artifacts beside export.targets (detection: ONNX with NMS in the graph). ``staging``
+        (``edgekd.export.stage.Staging`` of the export folder): stage them there, for the export stage to
+        publish with export.targets' folders; None: publish them at once."""
         return {}
 
     # --- run folder paths ---------------------------------------------------------------------

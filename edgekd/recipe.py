@@ -1170,15 +1170,18 @@ class ExportConfig(Section):
     parity_batch_size: int = Field(32, ge=1, description="Batch size of the parity runs (capped by an artifact's max_batch).")
     min_top1_agreement: float | None = Field(
         None, ge=0, le=1,
-        description="Fail the stage (ParityError) when an artifact's top-1 agrees with its source on a smaller "
-        "fraction of the parity examples. The folder stays for inspection; serve, bench and edgekd.load refuse it "
-        "(load_artifact(..., allow_failed_parity=True) opens it).",
+        description="Fail the stage (ParityError) when an artifact's top-1 (detection: box agreement) agrees with "
+        "its source on a smaller fraction of the parity examples. None: no agreement threshold; the per-precision "
+        "difference gate of max_abs_diff still applies. The folder stays for inspection; serve, bench and "
+        "edgekd.load refuse it (load_artifact(..., allow_failed_parity=True) opens it).",
     )
     max_abs_diff: float | None = Field(
         None, gt=0,
-        description="Fail the stage (ParityError) when an artifact's outputs differ from its source's by more. The "
-        "folder stays for inspection; serve, bench and edgekd.load refuse it (load_artifact(..., "
-        "allow_failed_parity=True) opens it).",
+        description="Fail the stage (ParityError) when an artifact's outputs differ from its source's by more. "
+        "None: the default for the artifact's precision, output by output |diff| <= atol + rtol x max|source| "
+        "(fp32: 1e-5 + 1e-3, fp16: 1e-2 + 2e-2; int8 artifacts are the quantize stage's to check); the parity "
+        "record says which applied (parity.tolerance). The folder stays for inspection; serve, bench and "
+        "edgekd.load refuse it (load_artifact(..., allow_failed_parity=True) opens it).",
     )
     first_token_last_layer: bool | None = Field(
         None,

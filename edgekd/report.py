@@ -171,6 +171,10 @@ def _parity(p: dict | None) -> str:
     if not p:
         return "no parity check"
     if not p.get("ran"):
+        graph = p.get("graph") or {}
+        if graph.get("ran"):
+            return (f"parity not run: {p.get('reason')}; its {graph.get('checks')}: "
+                    f"{_parity({k: v for k, v in graph.items() if k != 'checks'})}")
         return f"parity not run: {p.get('reason')}"
     bits = []
     if p.get("top1_agreement") is not None:
@@ -178,7 +182,8 @@ def _parity(p: dict | None) -> str:
     if p.get("box_agreement") is not None:
         bits.append(f"boxes {100 * p['box_agreement']:.1f}%")
     if p.get("max_abs_diff") is not None:
-        bits.append(f"max diff {p['max_abs_diff']:.1e}")
+        tol = p.get("tolerance") or {}
+        bits.append(f"max diff {p['max_abs_diff']:.1e}" + (f" ({tol['text']})" if tol.get("text") else ""))
     return f"parity {'ok' if p.get('passed', True) else 'FAILED'} ({', '.join(bits)})"
 
 

@@ -29,11 +29,12 @@ CHOOSE = "choose an export"  # what the caller may do instead; `edgekd serve` sa
 
 
 def export_folders(root: Path) -> list[str]:
-    """The names of the export folders under ``root/export`` (those holding an artifact.json), sorted."""
+    """The names of the export folders under ``root/export`` (those holding an artifact.json), sorted; hidden
+    ones (an export stage's staged folders, not published yet) are not exports."""
     export_root = Path(root) / "export"
     if not export_root.is_dir():
         return []
-    return sorted(p.name for p in export_root.iterdir() if (p / ARTIFACT_META).is_file())
+    return sorted(p.name for p in export_root.iterdir() if not p.name.startswith(".") and (p / ARTIFACT_META).is_file())
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

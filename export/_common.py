@@ -48,6 +48,16 @@ def option(target: str, opts: dict[str, Any], name: str, kind: type | tuple[type
     return value
 
 
+def refuse_threads(target: str, runtime_opts: dict[str, Any], why: str) -> None:
+    """For a runner that does not apply intra-op threads (``Exporter.applies_threads`` false): a ``threads``
+    given is refused, never accepted and ignored; ``threads=None`` (unset) is dropped."""
+    threads = runtime_opts.pop("threads", None)
+    if threads is not None:
+        raise UnsupportedTargetError(
+            f"The '{target}' runner does not take threads (got {threads!r}): {why}. Leave threads unset for "
+            f"this target (serve.threads / --threads, bench.threads, edgekd.load(threads=...)).")
+
+
 def check_inputs(example_inputs: dict[str, np.ndarray], io: ModelIO, target: str) -> None:
     missing = [n for n in io.input_names if n not in example_inputs]
     if missing:

@@ -96,6 +96,10 @@ class Exporter(ABC):
     # Compressed variants the quantize stage writes beside the artifact: quantize method or mode ->
     # the suffix of its folder (export/<name>-<suffix>), a str.format template over the quantize section.
     quantized: ClassVar[dict[str, str]] = {}
+    # Whether its runner applies ``threads`` (the runtime's intra-op threads). A runner that does not (its
+    # runtime schedules its own: Core ML, TensorRT on the GPU, the TorchScript lite interpreter on torch's
+    # process-wide pool) refuses the option at load; callers pass threads only where this is true.
+    applies_threads: ClassVar[bool] = True
 
     @classmethod
     def available(cls) -> tuple[bool, str | None]:
@@ -143,6 +147,12 @@ class Exporter(ABC):
     @abstractmethod
     def load(self, path: Path, **runtime_opts: Any) -> Runner:
         """Load an artifact written by ``export`` into a Runner."""
+
+    def stand_in(self, result: ExportResult, folder: Path) -> tuple[Runner | str, str] | None:
+        """For an artifact that cannot run here: a Runner over what it is built from, where that runs here,
+        and what that checks (or why it cannot run, and what it would check). The export stage checks its
+        parity and records it as what it is (``parity.graph``). None: nothing stands in (the default)."""
+        return None
 
 
 _REGISTRY: dict[str, type[Exporter]] = {}

@@ -36,6 +36,7 @@ from edgekd.export._common import (
     export_examples,
     option,
     prepare_module,
+    refuse_threads,
     runner_inputs,
     staged,
     unsupported,
@@ -74,6 +75,7 @@ class CoreMLExporter(Exporter):
     quantized = {"linear8": "linear8", "palettize": "palettize{palette_bits}"}  # quantize.coreml_mode
     requires = ("torch", "coremltools")
     extra = "coreml"
+    applies_threads = False
     options = {
         "compute_precision": "fp16 (default; Neural Engine/GPU friendly) or fp32.",
         "deployment_target": f"Oldest OS the package runs on: {', '.join(DEPLOYMENT_TARGETS)} (default iOS18; "
@@ -152,7 +154,9 @@ class CoreMLExporter(Exporter):
         return None if sys.platform == "darwin" else _NOT_MACOS.format(platform=sys.platform)
 
     def load(self, path: Path, **runtime_opts: Any) -> CoreMLRunner:
-        unknown = sorted(set(runtime_opts) - {"compute_units", "threads"})
+        refuse_threads(self.name, runtime_opts, "Core ML schedules its own threads; compute_units (ALL, CPU_ONLY, "
+                                                "CPU_AND_GPU, CPU_AND_NE) chooses the processors it may use")
+        unknown = sorted(set(runtime_opts) - {"compute_units"})
         if unknown:
             raise UnsupportedTargetError(
                 f"The Core ML runner does not accept option(s) {', '.join(unknown)}; allowed: compute_units."

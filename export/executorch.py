@@ -25,6 +25,7 @@ import numpy as np
 
 from edgekd.errors import RecipeError, UnsupportedTargetError
 from edgekd.export._common import (
+    BATCH_AXIS,
     DEFAULT_MAX_BATCH,
     SEQUENCE_AXIS,
     axis_bounds,
@@ -61,8 +62,21 @@ class ExecuTorchExporter(Exporter):
     options = {
         "max_batch": f"Largest batch the program accepts (default {DEFAULT_MAX_BATCH}); memory is planned for it.",
         "max_sequence": "Longest sequence it accepts (default: the examples' length, i.e. max_length).",
-        "dynamic": "Export dynamic batch/sequence axes (default true); false fixes batch 1 and max_sequence.",
+        "dynamic": "Export dynamic batch/sequence axes (default true); false fixes batch 1 and max_sequence "
+                   "(max_batch is then refused: the program runs batch 1, its runner row by row).",
     }
+
+    @classmethod
+    def check_options(cls, opts: dict[str, Any]) -> None:
+        """Besides the names: ``max_batch`` with ``dynamic: false`` is refused. A fixed-shape program runs batch 1
+        (its runner feeds a batch row by row), so the bound would be recorded and never read."""
+        super().check_options(opts)
+        if opts.get("dynamic") is False and opts.get("max_batch") is not None:
+            raise RecipeError([
+                f"export.options.executorch.max_batch: {opts['max_batch']!r} with dynamic: false (the recipe's, or "
+                "the task's default where the recipe leaves dynamic unset) does nothing: a fixed-shape program runs "
+                "batch 1 (its runner feeds a batch row by row). Drop max_batch, or set "
+                "export.options.executorch.dynamic: true to export a batch axis up to it"])
 
     def export(self, module: Any, example_inputs: dict[str, np.ndarray], io: ModelIO, out_dir: Path,
                **opts: Any) -> ExportResult:
@@ -107,6 +121,10 @@ class ExecuTorchExporter(Exporter):
             except Exception as e:
                 raise unsupported(self.name, e, _OP_PATTERNS, _ADVICE) from e
             notes["static_shapes"] = {n: list(a.shape) for n, a in fixed.items()}
+            # The bounds the program really has: batch 1, every other axis at the size it is padded to.
+            if dynamic:
+                notes["requested_bounds"] = notes["bounds"]
+            notes["bounds"] = {k: [1, 1] if k == BATCH_AXIS else [hi, hi] for k, (_, hi) in bounds.items()}
             buffer = self._lower(program, artifact_io, notes)
         notes["dynamic"] = artifact_io is io
         out_dir = Path(out_dir)

@@ -1,10 +1,16 @@
 """Parity: an exported artifact against its source model, on real examples, through the same Runner
 the server and the benchmark use.
 
-Figures: max and mean absolute difference over every output element, top-1 agreement of the first
-output (argmax over its last axis) or, when the task gives one, its own agreement (detection: boxes
-matched one-to-one after NMS), and the task metric of both. Thresholds turn a miss into a
-``ParityError`` that names the target and the figures.
+Figures: max and mean absolute difference over every output element (and, per output, its max
+difference and the largest magnitude the source gives), top-1 agreement of the first output (argmax
+over its last axis) or, when the task gives one, its own agreement (detection: boxes), and the task
+metric of both. Thresholds turn a miss into a ``ParityError`` that names the target and the figures.
+
+``ParityGate``: the thresholds an export is held to. The recipe's ``export.max_abs_diff`` and
+``export.min_top1_agreement`` when it sets them; where it leaves ``max_abs_diff`` unset, a difference gate
+by the artifact's precision (``DEFAULT_TOLERANCES``): every output must stay within
+``atol + rtol * max|source output|`` of the source's, so a graph that scales its outputs or ignores an
+input cannot pass on agreement alone. The record says which gate was applied and where it came from.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +42,10 @@ class ParityReport:
     batch_size: int
     seconds: float
     box_agreement: float | None = None
+    # Per output: {"max_abs_diff": .., "source_max_abs": ..} (the difference gate scales with the latter).
+    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The gate this report was held to (``ParityGate.record``), set by the export stage.
+    tolerance: dict[str, Any] | None = None
 
     @property
     def agreement(self) -> float | None:
@@ -68,8 +78,103 @@ class ParityReport:
                 f"{k} {_fmt(self.artifact_metric.get(k))} vs source {_fmt(v)}" for k, v in self.source_metric.items()
             )
         what = "top-1" if self.box_agreement is None else "box"
+        allowed = f" ({self.tolerance['text']})" if self.tolerance and self.tolerance.get("text") else ""
         return (f"{self.examples} examples: {what} agreement {_fmt(self.agreement)}, max abs diff "
-                f"{_fmt(self.max_abs_diff)}, mean abs diff {_fmt(self.mean_abs_diff)}{metric}")
+                f"{_fmt(self.max_abs_diff)}{allowed}, mean abs diff {_fmt(self.mean_abs_diff)}{metric}")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """|artifact - source| <= atol + rtol * max|source|, output by output."""
+
+    atol: float
+    rtol: float
+
+    def allowed(self, source_max_abs: float) -> float:
+        return self.atol + self.rtol * source_max_abs
+
+
+# The difference gate where the recipe sets no export.max_abs_diff, by the artifact's precision. Measured:
+# fp32 exports of the default run (ONNX, ExecuTorch, TorchScript lite) differ from their source by at most
+# 3e-6 on logits up to 2.4 (about 1e-6 of the largest), the tiny test models by 1e-8; the default run's fp16
+# TensorRT graph under ONNX Runtime by 4.9e-3 (2e-3 of the largest). Each bound leaves a wide margin over
+# those (fp32: 2.4e-3, 800x; fp16: 0.059, 12x) and still fails a graph that scales its outputs (x3: a
+# difference of twice the largest) or ignores the attention mask (1.5e-4 on the tiny model's 0.014 logits,
+# against its fp32 bound 2.4e-5). int8 artifacts are gated by the quantize stage (its accuracy guard), not here.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {"fp32": Tolerance(atol=1e-5, rtol=1e-3),
+                                            "fp16": Tolerance(atol=1e-2, rtol=2e-2)}
+
+
+@dataclass(frozen=True)
+class ParityGate:
+    """The thresholds one artifact's parity is held to: the recipe's (``min_top1_agreement``, ``max_abs_diff``)
+    and, where it sets no ``max_abs_diff``, the default difference gate of ``precision``. ``unordered``:
+    outputs whose rows are a set rather than positions (NMS detections, which two runtimes may list in
+    another order), left to the task's agreement instead of the element-wise default gate."""
+
+    min_top1_agreement: float | None = None
+    max_abs_diff: float | None = None
+    precision: str | None = None
+    unordered: tuple[str, ...] = ()
+
+    @property
+    def tolerance(self) -> Tolerance | None:
+        return None if self.max_abs_diff is not None else DEFAULT_TOLERANCES.get(str(self.precision))
+
+    def allowed(self, report: ParityReport) -> dict[str, float]:
+        """The largest difference allowed per output (empty when no difference gate applies)."""
+        if self.max_abs_diff is not None:
+            return {name: float(self.max_abs_diff) for name in report.outputs} or {"*": float(self.max_abs_diff)}
+        tol = self.tolerance
+        if tol is None:
+            return {}
+        return {name: tol.allowed(fig["source_max_abs"]) for name, fig in report.outputs.items()
+                if name not in self.unordered}
+
+    def failures(self, report: ParityReport) -> list[str]:
+        misses = report.failures(self.min_top1_agreement, self.max_abs_diff)
+        tol = self.tolerance
+        if tol is None:
+            return misses
+        for name, limit in self.allowed(report).items():
+            diff = report.outputs[name]["max_abs_diff"]
+            if math.isfinite(diff) and not diff <= limit:
+                misses.append(f"output '{name}': max abs diff {_fmt(diff)} > allowed {limit:.3g} (default for "
+                              f"{self.precision}: {tol.atol:g} + {tol.rtol:g} x max|source| "
+                              f"{_fmt(report.outputs[name]['source_max_abs'])})")
+        return misses
+
+    def record(self, report: ParityReport) -> dict[str, Any]:
+        """What the parity record says about the gate: which tolerance, where it came from."""
+        top1 = {"value": self.min_top1_agreement, "from": "recipe" if self.min_top1_agreement is not None else "none"}
+        allowed = {k: float(f"{v:.6g}") for k, v in self.allowed(report).items()}
+        tol = self.tolerance
+        if self.max_abs_diff is not None:
+            rec: dict[str, Any] = {"from": "recipe", "max_abs_diff": self.max_abs_diff}
+            text = f"allowed {self.max_abs_diff:g}, export.max_abs_diff"
+        elif tol is not None:
+            rec = {"from": "default", "precision": self.precision, "atol": tol.atol, "rtol": tol.rtol}
+            unordered = [n for n in self.unordered if n in report.outputs]
+            if unordered:
+                rec["not_gated"] = {n: "rows are a set (NMS): compared by the task's agreement" for n in unordered}
+            if not allowed:
+                shown = f"no element-wise gate on {', '.join(unordered) or 'any output'}"
+            elif len(allowed) > 1:
+                shown = "allowed " + ", ".join(f"{k} {v:.2g}" for k, v in allowed.items())
+            else:
+                shown = f"allowed {next(iter(allowed.values())):.2g}"
+            text = f"{shown}, default for {self.precision}: {tol.atol:g} + {tol.rtol:g} x max|source|"
+        else:
+            rec = {"from": "none", "precision": self.precision,
+                   "reason": f"no default difference gate for {self.precision} artifacts (int8: the quantize "
+                             "stage's accuracy guard); set export.max_abs_diff to gate them"}
+            text = f"no difference gate for {self.precision}"
+        return {**rec, "allowed": allowed, "min_top1_agreement": top1, "text": text}
+
+    def apply(self, report: ParityReport) -> list[str]:
+        """Record the gate on ``report`` and return its misses."""
+        report.tolerance = self.record(report)
+        return self.failures(report)
 
 
 def _fmt(x: float | None) -> str:
@@ -149,14 +254,7 @@ def check_parity(
     want = run_batched(lambda b: source_outputs(source_module, b, names), feed, bs)
     seconds = time.perf_counter() - t0
 
-    diffs = []
-    for name in names:
-        a, b = np.asarray(got[name], dtype=np.float64), np.asarray(want[name], dtype=np.float64)
-        if a.shape != b.shape:
-            raise ParityError(f"Export target '{target}': output '{name}' has shape {list(a.shape)}, "
-                              f"the source model's has {list(b.shape)}.")
-        diffs.append(np.abs(a - b).ravel())
-    diff = np.concatenate(diffs) if diffs else np.zeros(0)
+    diff, outputs = _differences(got, want, names, target)
     first = names[0]
     top1 = box = None
     if agreement_fn is not None:
@@ -172,7 +270,7 @@ def check_parity(
         max_abs_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
         top1_agreement=top1, artifact_metric=art_metric, source_metric=src_metric,
-        batch_size=bs, seconds=round(seconds, 3), box_agreement=box,
+        batch_size=bs, seconds=round(seconds, 3), box_agreement=box, outputs=outputs,
     )
     enforce(report, min_top1_agreement, max_abs_diff)
     return report
@@ -202,14 +300,31 @@ def check_real_lengths(runner: Runner, source_module: Any, inputs: dict[str, np.
     got = concat_rows([runner.run(r) for r in rows])
     want = concat_rows([source_outputs(source_module, r, names) for r in rows])
     seconds = time.perf_counter() - t0
-    diff = np.concatenate([np.abs(np.asarray(got[k], np.float64) - np.asarray(want[k], np.float64)).ravel()
-                           for k in names])
+    diff, outputs = _differences(got, want, names, target)
     first = names[0]
     top1 = (float(np.mean(np.argmax(got[first], axis=-1) == np.argmax(want[first], axis=-1)))
             if np.asarray(want[first]).ndim >= 2 else None)
     return ParityReport(target=target, examples=n, max_abs_diff=float(diff.max()) if diff.size else 0.0,
                         mean_abs_diff=float(diff.mean()) if diff.size else 0.0, top1_agreement=top1,
-                        artifact_metric=None, source_metric=None, batch_size=1, seconds=round(seconds, 3))
+                        artifact_metric=None, source_metric=None, batch_size=1, seconds=round(seconds, 3),
+                        outputs=outputs)
+
+
+def _differences(got: dict[str, np.ndarray], want: dict[str, np.ndarray], names: list[str],
+                 target: str) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+    """Every element's absolute difference, and per output its max and the source's largest magnitude."""
+    diffs, outputs = [], {}
+    for name in names:
+        a, b = np.asarray(got[name], dtype=np.float64), np.asarray(want[name], dtype=np.float64)
+        if a.shape != b.shape:
+            raise ParityError(f"Export target '{target}': output '{name}' has shape {list(a.shape)}, "
+                              f"the source model's has {list(b.shape)}.")
+        d = np.abs(a - b).ravel()
+        diffs.append(d)
+        finite = np.abs(b[np.isfinite(b)])
+        outputs[name] = {"max_abs_diff": float(d.max()) if d.size else 0.0,
+                         "source_max_abs": float(finite.max()) if finite.size else 0.0}
+    return (np.concatenate(diffs) if diffs else np.zeros(0)), outputs
 
 
 def enforce(report: ParityReport, min_top1_agreement: float | None, max_abs_diff: float | None) -> None:

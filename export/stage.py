@@ -5,13 +5,23 @@ Policy (``ExportConfig.strict``):
   cannot convert) becomes a record with ``built: false`` and the reason, and the other targets go
   on; with ``strict: true`` it raises instead. Wrong option names or values always raise.
 - A target that writes what must be built elsewhere (TensorRT without TensorRT) is recorded with
-  ``built: false`` and its reason; its folder holds everything needed to build it there.
+  ``built: false`` and its reason; its folder holds everything needed to build it there. Where the
+  graph it is built from runs here (TensorRT's ONNX graph under ONNX Runtime), that graph's parity is
+  checked and recorded (``parity.graph``) as what it is: not the engine.
 - Parity runs through ``load_artifact`` (the server's and the benchmark's path) where the artifact
-  can run here; otherwise the record says why. A threshold miss raises ``ParityError`` after every
-  target has been exported and its figures written, with the records on the error (``.records``).
+  can run here; otherwise the record says why. Each report is held to a ``ParityGate``: the recipe's
+  thresholds, or the default difference gate of the artifact's precision where it sets no
+  ``max_abs_diff``; the record says which (``parity.tolerance``). A miss raises ``ParityError`` after
+  every target has been exported and its figures written, with the records on the error (``.records``).
 
-Each folder is written atomically and is self-contained: the artifact, its ``artifact.json`` and the
-tokenizer files, ready to serve or to copy to a device.
+All or nothing: each target is written into a hidden staging folder beside its final place, checked for
+parity there and its record written into its artifact.json; only when every target is done are the
+folders published together (each replaces the earlier one by a rename; a target that failed removes its
+earlier folder). A stage that stops part-way (an error raised, the process killed) publishes nothing:
+the earlier export stays whole, the one the run's manifest records.
+
+Each folder is self-contained: the artifact, its ``artifact.json`` and the tokenizer files, ready to serve
+or to copy to a device.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -50,9 +62,9 @@ from edgekd.export.base import (
     read_artifact_meta,
     write_artifact_meta,
 )
-from edgekd.export.parity import check_parity, check_real_lengths
+from edgekd.export.parity import ParityGate, check_parity, check_real_lengths
 from edgekd.progress import track
-from edgekd.runfolder import atomic_dir, sha256_file, sha256_tree
+from edgekd.runfolder import sha256_file, sha256_tree
 
 if TYPE_CHECKING:
     from edgekd.export.base import Runner
@@ -155,6 +167,98 @@ def drop_stale(folder: Path, why: str = "it holds an earlier export that this ru
         shutil.rmtree(folder)
 
 
+STAGED_SUFFIX = ".staged"
+
+
+class Staging:
+    """Export folders written under hidden names inside ``root`` (``.<name>.<pid>-<random>.staged``) and
+    published together by ``publish``: each staged folder replaces ``root/<name>`` by a rename, and each name
+    marked ``remove`` (a target that failed) loses its earlier folder. ``discard`` drops every staged folder
+    and leaves ``root`` as it was. Staged folders left by a process that was killed are removed when the next
+    ``Staging`` of the same ``root`` opens.
+
+    ``renamed({"onnx": "onnx-nms"})`` is a view of the same staging that publishes a target under another
+    folder name (an extra export of a task, made by the same code as export.targets)."""
+
+    def __init__(self, root: Path, names: dict[str, str] | None = None,
+                 _items: dict[str, Path | None] | None = None):
+        self.root = Path(root)
+        self.names = dict(names or {})
+        self._items: dict[str, Path | None] = {} if _items is None else _items  # folder name -> staged (None: remove)
+        if _items is None:
+            _remove_orphans(self.root)
+
+    def renamed(self, names: dict[str, str]) -> Staging:
+        return Staging(self.root, {**self.names, **names}, self._items)
+
+    def final(self, name: str) -> Path:
+        """Where target ``name`` is published."""
+        return self.root / self.names.get(name, name)
+
+    def new(self, name: str) -> Path:
+        folder = self.names.get(name, name)
+        self._drop_staged(folder)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{folder}.{os.getpid()}-", suffix=STAGED_SUFFIX))
+        self._items[folder] = tmp
+        return tmp
+
+    def remove(self, name: str) -> None:
+        """On publish, remove ``root/<name>`` (an earlier export of a target this run did not export)."""
+        folder = self.names.get(name, name)
+        self._drop_staged(folder)
+        self._items[folder] = None
+
+    def _drop_staged(self, folder: str) -> None:
+        old = self._items.pop(folder, None)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def publish(self) -> None:
+        for folder, staged in list(self._items.items()):
+            final = self.root / folder
+            if staged is None:
+                drop_stale(final)
+                continue
+            publish_modes(staged)
+            if final.exists():
+                old = final.with_name(f".{folder}.old-{os.getpid()}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(staged, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staged, final)
+        self._items.clear()
+
+    def discard(self) -> None:
+        for staged in self._items.values():
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+        self._items.clear()
+
+
+def _remove_orphans(root: Path) -> None:
+    """Staged folders of a process no longer running (killed mid-export): nothing ever published them."""
+    if not root.is_dir():
+        return
+    for path in root.glob(f".*{STAGED_SUFFIX}"):
+        pid = path.name.rsplit(".", 2)[-2].split("-", 1)[0] if path.name.count(".") >= 3 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.info("removing %s: a staged export of a process that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: running
+        return True
+    return True
+
+
 def _record(name: str, status: str, reason: str | None = None, **fields: Any) -> dict[str, Any]:
     """One target's manifest record. status: ok, not_built (written, to be built elsewhere),
     unavailable (a dependency is missing here) or failed (the conversion failed)."""
@@ -164,11 +268,53 @@ def _record(name: str, status: str, reason: str | None = None, **fields: Any) ->
     return rec
 
 
-def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cfg: ExportConfig,
+def _gate(cfg: ExportConfig, precision: str | None, unordered: tuple[str, ...]) -> ParityGate:
+    return ParityGate(cfg.min_top1_agreement, cfg.max_abs_diff, precision, tuple(unordered))
+
+
+def _parity(runner: Runner, want: Any, examples: dict[str, np.ndarray], labels: np.ndarray | None,
+            metric_fn: Callable | None, cfg: ExportConfig, name: str, agreement_fn: Callable | None,
+            gate: ParityGate) -> tuple[dict[str, Any], list[str], str]:
+    """Parity of ``runner`` against ``want``: batched, then as a server calls it (each text alone at its own
+    length; the batched check pads them all). The record, the gate's misses and the batched check's summary."""
+    report = check_parity(runner, want, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
+                          agreement_fn=agreement_fn)
+    real = check_real_lengths(runner, want, examples, target=name)
+    misses = gate.apply(report)
+    record: dict[str, Any] = {"ran": True, **report.to_dict()}
+    if real is not None:
+        misses += [f"at batch 1 and real lengths, {m}" for m in gate.apply(real)]
+        record["real_lengths"] = real.to_dict()
+    record["passed"] = not misses
+    return record, misses, report.summary()
+
+
+def _graph_parity(exporter: Exporter, result: ExportResult, staged: Path, want: Any, examples: dict[str, np.ndarray],
+                  labels: np.ndarray | None, metric_fn: Callable | None, cfg: ExportConfig, name: str,
+                  agreement_fn: Callable | None,
+                  unordered: tuple[str, ...]) -> tuple[dict[str, Any], list[str], str]:
+    """Parity of the graph a target that was not built here is built from, where that graph runs here
+    (``Exporter.stand_in``: TensorRT's ONNX graph under ONNX Runtime). ({}, [], "") where it has none."""
+    stand_in = exporter.stand_in(result, staged)
+    if stand_in is None:
+        return {}, [], ""
+    runner, what = stand_in
+    if isinstance(runner, str):  # why it cannot run here
+        return {"ran": False, "reason": runner, "checks": what}, [], ""
+    record, misses, summary = _parity(runner, want, examples, labels, metric_fn, cfg, name, agreement_fn,
+                                      _gate(cfg, result.precision, unordered))
+    return {"checks": what, **record}, misses, summary
+
+
+def _export_one(exporter: Exporter, module: Any, io: ModelIO, staging: Staging, cfg: ExportConfig,
                 examples: dict[str, np.ndarray], labels: np.ndarray | None, metric_fn: Callable | None,
                 meta: dict[str, Any], extra_files: list[Path],
                 agreement_fn: Callable | None = None, defaults: dict[str, Any] | None = None,
-                reference: Any = None, timing_rows: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+                reference: Any = None, timing_rows: list[dict[str, np.ndarray]] | None = None,
+                unordered: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Export one target into a staged folder of ``staging``, check its parity there and write its record into
+    its artifact.json; ``staging.publish`` puts it in place. A target that fails marks its earlier folder
+    for removal."""
     name = exporter.name
     given = cfg.options.get(name, {})
     applied = {k: v for k, v in (defaults or {}).items() if k not in given}
@@ -180,46 +326,45 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
         elif int(opts["max_sequence"]) < int(meta["max_length"]):  # the recipe check refuses it up front too
             raise RecipeError([f"export.options.{name}.max_sequence: {opts['max_sequence']} tokens, shorter than the "
                                f"max_length {meta['max_length']} the artifact is served at: set it to at least that"])
-    folder = Path(out_root) / name
+    folder = staging.final(name)
     ok, why = exporter.available()
     if not ok:
         if cfg.strict:
             exporter.require()
         log.warning("export target '%s' skipped: %s", name, why)
-        drop_stale(folder)
+        staging.remove(name)
         return _record(name, "unavailable", why)
 
     t0 = time.perf_counter()
+    tmp = staging.new(name)
     try:
-        with atomic_dir(folder) as tmp:
-            result = exporter.export(module, examples, io, tmp, **opts)
-            own = {f.name for f in result.files}
-            extra = _copy_extra(extra_files, tmp, own)
-            extra += _write_hf_config(tmp, meta, own | set(extra))
-            tuned = None
-            if timing_rows and name == "onnx" and result.built and result.path.exists():
-                from edgekd.export.timing import TUNING_RUNS, tune_session, unfuse_in_file
+        result = exporter.export(module, examples, io, tmp, **opts)
+        own = {f.name for f in result.files}
+        extra = _copy_extra(extra_files, tmp, own)
+        extra += _write_hf_config(tmp, meta, own | set(extra))
+        tuned = None
+        if timing_rows and name == "onnx" and result.built and result.path.exists():
+            from edgekd.export.timing import TUNING_RUNS, tune_session, unfuse_in_file
 
-                # Measured before parity, so parity checks the session the folder will be opened with;
-                # the choice is also written into the graph, for clients that never read artifact.json.
-                tuned = tune_session(result.path, timing_rows, TUNING_RUNS, None)
-                if tuned["runtime_options"]:
-                    tuned["tuning"]["residual_adds_as_sum"] = unfuse_in_file(result.path, timing_rows,
-                                                                             tuned["runtime_options"])
-            art = _artifact_meta(name, result, io, meta, extra)
-            if tuned is not None:
-                art[RUNTIME_OPTIONS], art["session_tuning"] = tuned["runtime_options"], tuned["tuning"]
-            # Serving reads these too (the tokenizer, its vocabulary): each is checked like the model file.
-            art[EXTRA_DIGESTS] = {n: artifact_digest(tmp / n) for n in extra}
-            write_artifact_meta(tmp, art)
-            publish_modes(tmp)
+            # Measured before parity, so parity checks the session the folder will be opened with;
+            # the choice is also written into the graph, for clients that never read artifact.json.
+            tuned = tune_session(result.path, timing_rows, TUNING_RUNS, None)
+            if tuned["runtime_options"]:
+                tuned["tuning"]["residual_adds_as_sum"] = unfuse_in_file(result.path, timing_rows,
+                                                                         tuned["runtime_options"])
+        art = _artifact_meta(name, result, io, meta, extra)
+        if tuned is not None:
+            art[RUNTIME_OPTIONS], art["session_tuning"] = tuned["runtime_options"], tuned["tuning"]
+        # Serving reads these too (the tokenizer, its vocabulary): each is checked like the model file.
+        art[EXTRA_DIGESTS] = {n: artifact_digest(tmp / n) for n in extra}
+        write_artifact_meta(tmp, art)
     except RecipeError:
         raise
     except (UnsupportedTargetError, MissingBackendError, ParityError) as e:
         if cfg.strict:
             raise
         log.warning("export target '%s' failed: %s", name, e)
-        drop_stale(folder)
+        staging.remove(name)
         return _record(name, "failed", str(e), seconds=round(time.perf_counter() - t0, 2))
     export_s = time.perf_counter() - t0
 
@@ -231,41 +376,39 @@ def _export_one(exporter: Exporter, module: Any, io: ModelIO, out_root: Path, cf
     if applied:
         rec["task_defaults"] = applied  # the task's own option defaults, the recipe left them unset
     t1 = time.perf_counter()
+    want = module if reference is None else reference  # parity's source: the model's own forward
+    misses: list[str] = []
+    summary = ""
+    # Parity runs on the staged folder, which nothing serves yet: a check that cannot finish (outputs of
+    # another shape, an input longer than a fixed-shape program takes) drops it and publishes nothing.
     try:
-        runner, _ = load_artifact(folder)
-    except (UnsupportedTargetError, MissingBackendError) as e:
-        rec["parity"] = {"ran": False, "reason": str(e)}
-    else:
-        want = module if reference is None else reference  # parity's source: the model's own forward
-        # The folder is published already, with no parity figure yet: a check that cannot finish (outputs
-        # of another shape, an input longer than a fixed-shape program takes) must not leave it loadable.
         try:
-            report = check_parity(runner, want, examples, labels, metric_fn, cfg.parity_batch_size, target=name,
-                                  agreement_fn=agreement_fn)
-            # And as a server calls it: each text alone at its own length (the batched check pads them all).
-            real = check_real_lengths(runner, want, examples, target=name)
-        except (UnsupportedTargetError, MissingBackendError, ParityError) as e:
-            drop_stale(folder, "its parity check could not run")
-            if cfg.strict:
-                raise
-            log.warning("export target '%s' failed its parity check: %s", name, e)
-            return _record(name, "failed", f"parity check: {e}", seconds=round(time.perf_counter() - t0, 2))
-        except BaseException:
-            drop_stale(folder, "its parity check could not run")
+            runner, _ = load_artifact(tmp)
+        except (UnsupportedTargetError, MissingBackendError) as e:
+            rec["parity"] = {"ran": False, "reason": str(e).replace(str(tmp), str(folder))}
+            graph, misses, summary = _graph_parity(exporter, result, tmp, want, examples, labels, metric_fn, cfg,
+                                                   name, agreement_fn, unordered)
+            if graph:
+                rec["parity"]["graph"] = graph
+                if misses:
+                    rec["parity"]["passed"] = False
+                    misses = [f"(its {graph['checks']}) {m}" for m in misses]
+        else:
+            rec["parity"], misses, summary = _parity(runner, want, examples, labels, metric_fn, cfg, name,
+                                                     agreement_fn, _gate(cfg, art["precision"], unordered))
+            del runner  # the staged folder is renamed on publish
+    except (UnsupportedTargetError, MissingBackendError, ParityError) as e:
+        staging.remove(name)
+        if cfg.strict:
             raise
-        misses = report.failures(cfg.min_top1_agreement, cfg.max_abs_diff)
-        rec["parity"] = {"ran": True, **report.to_dict()}
-        if real is not None:
-            rec["parity"]["real_lengths"] = real.to_dict()
-            misses += [f"at batch 1 and real lengths, {m}" for m in real.failures(cfg.min_top1_agreement,
-                                                                                   cfg.max_abs_diff)]
-        rec["parity"]["passed"] = not misses
-        if misses:
-            rec["parity_misses"] = f"'{name}': {'; '.join(misses)} ({report.summary()})"
+        log.warning("export target '%s' failed its parity check: %s", name, e)
+        return _record(name, "failed", f"parity check: {e}", seconds=round(time.perf_counter() - t0, 2))
+    if misses:
+        rec["parity_misses"] = f"'{name}': {'; '.join(misses)} ({summary})"
     rec["parity_seconds"] = round(time.perf_counter() - t1, 2)
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     art["parity"] = rec["parity"]
-    write_artifact_meta(folder, art)
+    write_artifact_meta(tmp, art)
     return rec
 
 
@@ -284,6 +427,9 @@ def export_all(
     defaults: dict[str, dict[str, Any]] | None = None,
     reference: Any = None,
     timing_inputs: dict[str, np.ndarray] | None = None,
+    *,
+    staging: Staging | None = None,
+    unordered_outputs: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """Export ``module`` to every target in ``targets``; return one manifest record per target.
 
@@ -296,7 +442,13 @@ def export_all(
     the module parity compares with when ``module`` is a rewritten form of it (default: ``module``).
     ``timing_inputs`` (validation examples, padded to one shape): the ONNX target times its model on
     them one by one at their real lengths with and without ONNX Runtime's SkipLayerNormFusion and
-    records the faster session in artifact.json (``runtime_options``, ``session_tuning``)."""
+    records the faster session in artifact.json (``runtime_options``, ``session_tuning``).
+
+    Every target is staged first and the folders are published together once all are done (see the module
+    docstring), also when a parity threshold is missed (the ParityError comes after). ``staging``: a
+    ``Staging`` of ``out_root`` the caller publishes (or discards) itself, with exports of its own beside
+    these. ``unordered_outputs``: outputs whose rows are a set (NMS detections), left out of the default
+    element-wise difference gate."""
     clash = sorted(set(meta) & set(RESERVED))
     if clash:
         raise EdgeKDError(f"artifact meta keys {clash} are reserved for artifact.json's own fields.")
@@ -310,11 +462,15 @@ def export_all(
             ex.check_options({**defaults.get(ex.name, {}), **cfg.options.get(ex.name, {})})
         except UnsupportedTargetError as e:
             problems.append(str(e))
+        except RecipeError as e:
+            problems.extend(e.problems)
     if problems:
         raise RecipeError(problems)
     missing = [n for n in io.input_names if n not in parity_inputs]
     if missing:
         raise EdgeKDError(f"parity inputs lack {missing}; the task's parity_data() must give {io.input_names}.")
+    if staging is not None and staging.root != Path(out_root):
+        raise EdgeKDError(f"export_all: the staging given is of {staging.root}, not of out_root {out_root}.")
     available = len(np.asarray(parity_inputs[io.input_names[0]]))
     n = min(cfg.parity_examples, available)
     if n < cfg.parity_examples:
@@ -329,14 +485,23 @@ def export_all(
         from edgekd.quantization.calibration import real_length_rows
 
         timing_rows = real_length_rows(timing_inputs, TUNING_RUNS)
+    own = staging is None
+    stage = Staging(Path(out_root)) if staging is None else staging
     records: dict[str, dict[str, Any]] = {}
     misses = []
-    for ex in track(exporters, "export", label=lambda e: e.name):
-        rec = _export_one(ex, module, io, Path(out_root), cfg, examples, labels, metric_fn, meta, extra_files,
-                          agreement_fn, defaults.get(ex.name), reference, timing_rows)
-        if "parity_misses" in rec:
-            misses.append(rec.pop("parity_misses"))
-        records[ex.name] = rec
+    try:
+        for ex in track(exporters, "export", label=lambda e: e.name):
+            rec = _export_one(ex, module, io, stage, cfg, examples, labels, metric_fn, meta, extra_files,
+                              agreement_fn, defaults.get(ex.name), reference, timing_rows, tuple(unordered_outputs))
+            if "parity_misses" in rec:
+                misses.append(rec.pop("parity_misses"))
+            records[ex.name] = rec
+    except BaseException:
+        if own:
+            stage.discard()  # nothing of this run is published: the earlier export stays whole
+        raise
+    if own:
+        stage.publish()
     if misses:
         err = ParityError("Exported artifacts fail parity: " + " | ".join(misses)
                           + ". Check the export options (precision, opset) or relax export.min_top1_agreement"

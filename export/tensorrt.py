@@ -37,6 +37,7 @@ from edgekd.export._common import (
     axis_bounds,
     check_inputs,
     option,
+    refuse_threads,
     staged,
 )
 from edgekd.export.base import Exporter, ExportResult, ModelIO, register
@@ -57,6 +58,7 @@ class TensorRTExporter(Exporter):
     requires = ("torch", "onnx", "onnxscript")
     extra = "onnx"
     needs_gpu = True
+    applies_threads = False
     options = {
         "precision": "fp16 (default: the graph converted to fp16), fp32, or int8 (from qdq_onnx).",
         "qdq_onnx": "int8: the Q/DQ ONNX model to build from (the quantize stage passes its static int8 model).",
@@ -127,8 +129,26 @@ class TensorRTExporter(Exporter):
         files += [out_dir / f for f in built_files]
         return ExportResult(self.name, engine, files, notes=notes, precision=precision)
 
+    def stand_in(self, result: ExportResult, folder: Path) -> tuple[Any, str] | None:
+        """Where the engine was not built here: the ONNX graph it is built from (``built_from``), run by ONNX
+        Runtime, so what TensorRT gets is checked as far as this machine allows. Not the engine: its kernels,
+        fusions and fp16 accumulation are TensorRT's, measured on the device (``edgekd bench``)."""
+        graph = result.notes.get("built_from")
+        if result.built or not graph:
+            return None
+        what = (f"{result.precision} ONNX graph {graph} that TensorRT builds the engine from, run by ONNX Runtime "
+                "here: not the engine")
+        if result.precision == "int8":
+            return ("an int8 Q/DQ graph: its accuracy is the quantize stage's check (quantize.method: static), "
+                    "not this one"), what
+        try:
+            return OnnxExporter().load(Path(folder) / graph), what
+        except (MissingBackendError, UnsupportedTargetError) as e:
+            return f"it does not run here: {e}", what
+
     def load(self, path: Path, **runtime_opts: Any) -> Any:
-        unknown = sorted(set(runtime_opts) - {"threads"})  # threads: accepted, CPU threads do not apply
+        refuse_threads(self.name, runtime_opts, "a TensorRT engine runs on the GPU; CPU threads do not apply to it")
+        unknown = sorted(set(runtime_opts) - {"threads"})
         if unknown:
             raise UnsupportedTargetError(f"The TensorRT runner does not accept option(s) {', '.join(unknown)}.")
         path = Path(path)
@@ -273,8 +293,13 @@ meta.pop("meta_sha256", None)
 meta.update(sha256=h.hexdigest(), size_bytes=os.path.getsize(engine), built=True, reason=None)
 meta.setdefault("files", {})[engine] = meta["sha256"]
 meta.setdefault("notes", {})["built_by"] = "trtexec.sh, on the device"
+graph = (meta.get("parity") or {}).get("graph")
 meta["parity"] = {"ran": False, "reason": "built on the device by trtexec.sh from this folder's graph, "
                   "after the export; edgekd bench measures its accuracy there"}
+if graph:  # the export's check of the graph it was built from, under ONNX Runtime
+    meta["parity"]["graph"] = graph
+    if graph.get("passed") is False:
+        meta["parity"]["passed"] = False
 meta["meta_sha256"] = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
 with open(meta_file + ".tmp", "w") as f:
     f.write(json.dumps(meta, indent=2, sort_keys=True))

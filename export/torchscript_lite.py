@@ -21,6 +21,7 @@ from edgekd.export._common import (
     export_examples,
     option,
     prepare_module,
+    refuse_threads,
     runner_inputs,
     staged,
     unsupported,
@@ -38,6 +39,7 @@ class TorchScriptLiteExporter(Exporter):
     name = "torchscript-lite"
     suffix = ".ptl"
     requires = ("torch",)
+    applies_threads = False
     options = {
         "mobile_optimize": "Run torch.utils.mobile_optimizer.optimize_for_mobile (needs a torch built "
                            "with XNNPACK; default false).",
@@ -77,7 +79,10 @@ class TorchScriptLiteExporter(Exporter):
         return ExportResult(self.name, path, [path], notes=notes)
 
     def load(self, path: Path, **runtime_opts: Any) -> TorchScriptLiteRunner:
-        unknown = sorted(set(runtime_opts) - {"threads"})
+        refuse_threads(self.name, runtime_opts, "the lite interpreter runs on torch's process-wide thread pool, "
+                                                "which one runner must not resize for the whole process (set "
+                                                "torch.set_num_threads or OMP_NUM_THREADS for the process instead)")
+        unknown = sorted(set(runtime_opts))
         if unknown:
             raise UnsupportedTargetError(f"The TorchScript-lite runner does not accept option(s) {', '.join(unknown)}.")
         return TorchScriptLiteRunner(Path(path))
@@ -97,7 +102,7 @@ def read_io(path: Path) -> ModelIO:
 
 class TorchScriptLiteRunner:
     """The lite interpreter (``torch.jit.mobile``). It runs on torch's global thread pool, which a
-    runner must not resize for the whole process, so ``threads`` is not applied."""
+    runner must not resize for the whole process, so ``threads`` is refused at load (``refuse_threads``)."""
 
     def __init__(self, path: Path):
         import torch

@@ -14,7 +14,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import ChecksumError, StageError
+from edgekd.errors import ChecksumError, StageError, UnsupportedTargetError
+from edgekd.export import get_exporter
 from edgekd.export.base import (
     ARTIFACT_META,
     EXTRA_DIGESTS,
@@ -173,6 +174,9 @@ def verify_artifact(folder: Path, meta: dict[str, Any]) -> tuple[Path, dict[str,
             continue  # a sealed artifact.json was checked above; rewriting it (with its seal) is allowed
         in_manifest = True
         if sha256_file(f) != recorded[rel]:
+            unfinished = _unrecorded_export(folder, meta, root, recorded)
+            if unfinished:
+                raise ChecksumError(unfinished)
             raise ChecksumError(
                 f"refusing to serve {folder}: {f} does not match the sha256 that {root / MANIFEST} records. "
                 f"The file was changed after the run wrote it, or does not belong to this run: {REEXPORT}."
@@ -194,6 +198,30 @@ def verify_artifact(folder: Path, meta: dict[str, Any]) -> tuple[Path, dict[str,
     if root is not None and not in_manifest:
         log.warning("%s is not recorded in %s; verified against %s only", artifact, root / MANIFEST, ARTIFACT_META)
     return artifact, manifest
+
+
+def _unrecorded_export(folder: Path, meta: dict[str, Any], root: Path, recorded: dict[str, str]) -> str | None:
+    """Why a folder that disagrees with the run's manifest was most likely written by an export the manifest
+    never recorded, or None. Such a folder is whole (its sealed artifact.json matches every file it names, as
+    ``verify_artifact`` checked before) but its artifact.json is not the one the manifest records, and no file
+    the export wrote was recorded for it: the export stage stopped after writing it and before recording it
+    (a stage killed while publishing its folders, or an earlier version that published each target as it
+    went), or the folder was copied in from another run."""
+    meta_file = folder / ARTIFACT_META
+    rel = str(meta_file.resolve().relative_to(root))
+    if META_DIGEST not in meta or rel not in recorded or sha256_file(meta_file) == recorded[rel]:
+        return None
+    # The files this artifact.json names all match it; the manifest records others for them.
+    named = {meta.get("file"), *(meta.get("files") or {}), *(meta.get(EXTRA_DIGESTS) or {})} - {None}
+    differs = [n for n in sorted(named) if (folder / n).is_file() and
+               recorded.get(str((folder / n).resolve().relative_to(root))) not in (None, sha256_file(folder / n))]
+    if not differs:
+        return None
+    return (f"refusing to serve {folder}: it holds an export that {root / MANIFEST} does not record (its "
+            f"{ARTIFACT_META}, created {meta.get('created') or 'at an unknown time'}, and {', '.join(differs[:3])} "
+            f"are not the ones the manifest records). The export stage did not finish: it wrote this folder and "
+            f"stopped before recording it (or the folder was copied in from another run). Run the export stage "
+            f"again (`edgekd export {root}`) and serve what it records.")
 
 
 def _manifest_figures(manifest: dict[str, Any], target: str) -> dict[str, Any]:
@@ -265,6 +293,15 @@ def family_of(folder: Path, meta: dict[str, Any]) -> ServeFamily:
         raise StageError(f"{folder / ARTIFACT_META} records task '{task}': {e}") from None
 
 
+def applies_threads(meta: dict[str, Any]) -> bool:
+    """Whether the runner of the export ``meta`` describes applies intra-op threads (``Exporter.applies_threads``:
+    Core ML, TensorRT and the TorchScript lite interpreter choose their own, and refuse the option at load)."""
+    try:
+        return get_exporter(str(meta.get("exporter") or meta.get("target") or "")).applies_threads
+    except UnsupportedTargetError:
+        return True  # load_artifact says what is wrong with the folder
+
+
 def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> ServedModel:
     """Verify and load ``settings.export_dir``; run one input through it so the first request is warm."""
     if settings.export_dir is None:
@@ -275,7 +312,7 @@ def load_served_model(settings: ServeSettings, loader: Loader | None = None) -> 
     artifact, manifest = verify_artifact(folder, meta)
 
     opts = dict(settings.runtime_options)
-    if settings.threads is not None:
+    if settings.threads is not None and applies_threads(meta):  # else refused below, naming the setting's source
         opts["threads"] = settings.threads
     runner, loaded_meta = (loader or default_loader)(folder, **opts)
     meta = {**meta, **(loaded_meta or {})}

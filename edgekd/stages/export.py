@@ -93,7 +93,8 @@ def export_defaults(ctx: RunContext) -> dict[str, dict[str, Any]]:
 
 
 def run_export(ctx: RunContext) -> dict[str, Any]:
-    from edgekd.export.stage import export_all
+    from edgekd.errors import ParityError
+    from edgekd.export.stage import Staging, export_all
 
     r, task = ctx.recipe, ctx.task
     if not r.export.targets:
@@ -117,17 +118,36 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
     meta.update(graph)
     # The ONNX folder's session options are chosen by timing on validation examples (never test).
     timing = ctx.validation_data()[0] if "onnx" in r.export.targets else None
+    # Every folder of this stage (export.targets and the family's extra exports) is staged first and published
+    # together once all are made: a stage that stops part-way leaves the earlier export whole, as the
+    # manifest records it, never folders of two models side by side.
+    staging = Staging(ctx.run.stage_dir("export"))
+    error: Exception | None = None
     try:
-        records = export_all(shipped, task.model_io(), r.export.targets,
-                             ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
-                             task.agreement, export_defaults(ctx), reference=task.export_module(model),
-                             timing_inputs=timing)
-    except Exception as failed:
-        # A target failed (a parity threshold miss, or export.strict): the family's extra exports of this
-        # model are made all the same, so no folder of an earlier model stays beside this run's (each
-        # removes its own earlier folder when it fails too); then the error is raised, with every record.
-        raise _with_extra_exports(ctx, failed, model, inputs, labels, meta) from None
-    records.update(ctx.extra_exports(model, inputs, labels, meta))
+        try:
+            records = export_all(shipped, task.model_io(), r.export.targets,
+                                 ctx.run.stage_dir("export"), r.export, inputs, labels, task.metrics, meta, extra,
+                                 task.agreement, export_defaults(ctx), reference=task.export_module(model),
+                                 timing_inputs=timing, staging=staging)
+        except ParityError as failed:
+            if getattr(failed, "records", None) is None:  # not a threshold miss: nothing to publish
+                raise
+            # A threshold miss: the folders are made, marked failed for inspection; the family's extra exports of
+            # this model are made all the same, so no folder of an earlier model stays beside this run's.
+            records, error = failed.records, _with_extra_exports(ctx, failed, model, inputs, labels, meta, staging)
+        else:
+            try:
+                records.update(ctx.extra_exports(model, inputs, labels, meta, staging=staging))
+            except ParityError as miss:  # the extra export's own threshold miss: its folder stays, marked failed
+                if getattr(miss, "records", None) is None:
+                    raise
+                error = miss
+    except BaseException:
+        staging.discard()
+        raise
+    staging.publish()
+    if error is not None:
+        raise error
     folders = [Path(rec["folder"]) for rec in records.values() if rec.get("folder") and Path(rec["folder"]).exists()]
     ctx.run.record("export", export_fingerprint(ctx), {"targets": records, "source_stage": src}, folders,
                    seconds=time.perf_counter() - t0)
@@ -135,21 +155,20 @@ def run_export(ctx: RunContext) -> dict[str, Any]:
 
 
 def _with_extra_exports(ctx: RunContext, failed: Exception, model: Any, inputs: Any, labels: Any,
-                        meta: dict[str, Any]) -> Exception:
-    """``failed`` (export_all's error) after the extra exports ran: their records join a parity miss's
-    ``records``, and their own parity miss joins its message."""
+                        meta: dict[str, Any], staging: Any) -> Exception:
+    """``failed`` (export_all's threshold miss) after the extra exports ran: their records join its
+    ``records``, and their own parity miss joins its message. An extra export that cannot be made raises
+    (the stage then publishes nothing)."""
     from edgekd.errors import ParityError
 
     try:
-        extra = ctx.extra_exports(model, inputs, labels, meta)
+        extra = ctx.extra_exports(model, inputs, labels, meta, staging=staging)
     except ParityError as miss:  # the extra export's own threshold miss: its folder stays, marked failed
-        extra = getattr(miss, "records", None) or {}
-        if isinstance(failed, ParityError):
-            combined = ParityError(f"{failed} | {miss}")
-            combined.records = {**(getattr(failed, "records", None) or {}), **extra}  # type: ignore[attr-defined]
-            return combined
-    except Exception:  # noqa: BLE001 (it removed its earlier folder; the first error is the one to report)
-        extra = {}
-    if getattr(failed, "records", None) is not None:
-        failed.records.update(extra)  # type: ignore[attr-defined]
+        extra = getattr(miss, "records", None)
+        if extra is None:  # it could not be made: the stage stops, publishing nothing
+            raise
+        combined = ParityError(f"{failed} | {miss}")
+        combined.records = {**(getattr(failed, "records", None) or {}), **extra}  # type: ignore[attr-defined]
+        return combined
+    failed.records.update(extra)  # type: ignore[attr-defined]
     return failed

@@ -73,3 +73,41 @@ def test_every_exporter_runs_on_the_tiny_detector(tmp_path, images):
     assert trt["status"] in ("not_built", "ok"), trt
     if trt["status"] == "not_built":
         assert (tmp_path / "tensorrt" / "model.onnx").is_file() and "trtexec" in (tmp_path / "tensorrt" / "trtexec.sh").read_text()
+
+
+def test_a_wrong_detector_graph_fails_parity_though_nothing_scores_the_threshold(tmp_path, images):
+    """An untrained detector scores no location at detection.conf_threshold (0.25). A graph returning its boxes
+    moved by 20 px and its scores halved must still fail parity: box agreement compares the best-scoring
+    locations, and the default difference gate (no export.max_abs_diff set) checks the raw outputs."""
+    from edgekd.errors import ParityError
+
+    torch.manual_seed(0)
+    model = build_detector(TINY, len(CLASS_NAMES), 64).eval()
+    task = DetectionTask(list(CLASS_NAMES), 64)
+    source = task.export_module(model)
+
+    class Broken(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, images):
+            boxes, scores = self.module(images)
+            return boxes + 20.0, scores * 0.5
+
+    inputs, labels = images
+    with torch.no_grad():
+        assert float(source(torch.from_numpy(inputs))[1].max()) < 0.25  # nothing live at the threshold
+    meta = {"task": task.name, "labels": task.label_names, **task.export_meta()}
+
+    def stage(module, out):  # detect-default's threshold: box agreement 0.95, no max_abs_diff
+        cfg = ExportConfig(targets=["torchscript-lite"], parity_examples=6, min_top1_agreement=0.95)
+        return export_all(module, task.model_io(), ["torchscript-lite"], out, cfg, {"images": inputs}, labels,
+                          task.metrics, meta, [], task.agreement, reference=source)
+
+    with pytest.raises(ParityError, match=r"box agreement 0 < required 0.95; output 'boxes': max abs diff 20") as info:
+        stage(Broken(source), tmp_path / "broken")
+    assert info.value.records["torchscript-lite"]["parity"]["passed"] is False
+    rec = stage(source, tmp_path / "right")["torchscript-lite"]  # the right graph of the same detector passes
+    assert rec["parity"]["passed"] and rec["parity"]["box_agreement"] == 1.0
+    assert rec["parity"]["tolerance"]["from"] == "default"

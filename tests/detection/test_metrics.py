@@ -99,6 +99,31 @@ def test_box_agreement():
     assert box_agreement(a, empty) == 0.0
 
 
+def test_box_agreement_compares_the_best_locations_when_none_is_live():
+    """A detector that scores nothing at conf_threshold (an untrained one, a hard image) is still compared, on
+    the source's best-scoring locations: boxes moved by 20 px and scores halved do not agree."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 80, (2, 16, 2)).astype(np.float32)
+    want = {"boxes": np.concatenate([xy, xy + rng.uniform(8, 40, (2, 16, 2)).astype(np.float32)], -1),
+            "scores": rng.uniform(0.01, 0.2, (2, 16, 3)).astype(np.float32)}  # all under the default 0.25
+    broken = {"boxes": want["boxes"] + 20, "scores": want["scores"] * 0.5}
+    assert box_agreement(broken, want) == 0.0
+    assert box_agreement(want, want) == 1.0
+    # An image with enough live locations compares those only (the threshold decides, as before).
+    live = {k: v.copy() for k, v in want.items()}
+    live["scores"][:, :12, 0] = 0.9
+    moved = {k: v.copy() for k, v in live.items()}
+    moved["boxes"][:, 12:] += 20  # only locations under the threshold differ
+    assert box_agreement(moved, live) == 1.0
+    # After NMS the same: detections under conf_threshold are compared when the source has no other.
+    dets = np.zeros((1, 4, 6), np.float32)
+    dets[0, :2] = [(10, 10, 50, 50, 0.1, 0), (60, 60, 90, 90, 0.05, 1)]
+    shifted = dets.copy()
+    shifted[0, :2, :4] += 20
+    assert box_agreement({"detections": shifted}, {"detections": dets}) == 0.0
+    assert box_agreement({"detections": dets}, {"detections": dets}) == 1.0
+
+
 def test_box_agreement_after_nms_in_the_graph():
     def dets(rows):
         out = np.zeros((1, 4, 6), np.float32)

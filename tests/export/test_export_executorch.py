@@ -51,6 +51,9 @@ def test_fixed_shape_program_pads_inputs(text_module, text_data, tmp_path):
     result = ex.export(text_module, inputs, TEXT_IO, tmp_path, dynamic=False)
     assert result.notes["dynamic"] is False
     assert result.notes["static_shapes"] == {"input_ids": [1, MAX_LENGTH], "attention_mask": [1, MAX_LENGTH]}
+    # The bounds recorded are the program's own, not the max_batch a dynamic program would have had.
+    assert result.notes["bounds"] == {"batch": [1, 1], "sequence": [MAX_LENGTH, MAX_LENGTH]}
+    assert "requested_bounds" not in result.notes
     assert result.io is not None and result.io.dynamic_axes == {}
     runner = ex.load(result.path)
     assert runner.static

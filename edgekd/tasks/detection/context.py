@@ -164,27 +164,24 @@ class DetectionRunContext(RunContext):
         return f"image {s}x{s}"
 
     # --- export ---------------------------------------------------------------------------------
-    def extra_exports(self, model, inputs, labels, meta) -> dict[str, dict[str, Any]]:
+    def extra_exports(self, model, inputs, labels, meta, staging=None) -> dict[str, dict[str, Any]]:
         """``detection.nms_in_graph``: ONNX whose graph ends in NMS (Cluster-NMS, fixed-size
         ``detections`` output of ``detection.max_det`` rows, ``detection.iou_threshold``) in
         export/onnx-nms, with the same parity checks. Its score threshold is mAP's (0.001): the server
         filters by the export's recorded ``conf_threshold`` (``postprocess`` in its artifact.json).
 
-        As for export.targets (``edgekd.export.stage``): a failure recorded (export.strict: false) or
-        raised removes an earlier run's export/onnx-nms, which must not be served or benched as if
-        current; a parity threshold miss leaves this run's folder there for inspection, with
-        ``parity.passed: false`` (which serve, bench and edgekd.load refuse), and raises ParityError
-        with the record on it (``.records``)."""
+        ``staging`` (the export stage's ``Staging``): the folder is staged there and published with
+        export.targets' folders, all or nothing. Without it (called alone), as for export.targets
+        (``edgekd.export.stage``): a failure recorded (export.strict: false) or raised removes an earlier
+        run's export/onnx-nms, which must not be served or benched as if current; a parity threshold miss
+        leaves this run's folder there for inspection, with ``parity.passed: false`` (which serve, bench and
+        edgekd.load refuse), and raises ParityError with the record on it (``.records``)."""
         det, r = self.recipe.detection, self.recipe
         if not det.nms_in_graph:
             return {}
         if "onnx" not in r.export.targets:
             raise StageError("detection.nms_in_graph exports ONNX: add onnx to export.targets.")
-        import os
-        import shutil
-        import tempfile
-
-        from edgekd.export.stage import drop_stale, export_all
+        from edgekd.export.stage import Staging, drop_stale, export_all
         from edgekd.tasks.detection.models import DetectionExportNMS
         from edgekd.tasks.detection.task import NMS_IO
 
@@ -192,28 +189,28 @@ class DetectionRunContext(RunContext):
                                     score_threshold=0.001)
         root = self.run.stage_dir("export")
         final = root / "onnx-nms"
-        root.mkdir(parents=True, exist_ok=True)
+        own = staging is None
+        stage = Staging(root) if own else staging
         miss: ParityError | None = None
-        with tempfile.TemporaryDirectory(dir=root, prefix=".onnx-nms-") as tmp:
-            try:
-                records = export_all(module, NMS_IO, ["onnx"], Path(tmp), r.export, inputs, labels,
-                                     self.task.metrics, {**meta, "nms_in_graph": True}, [], self.task.agreement)
-            except ParityError as e:
-                if getattr(e, "records", None) is None:  # not a threshold miss: nothing was exported
+        try:
+            records = export_all(module, NMS_IO, ["onnx"], root, r.export, inputs, labels, self.task.metrics,
+                                 {**meta, "nms_in_graph": True}, [], self.task.agreement,
+                                 staging=stage.renamed({"onnx": "onnx-nms"}), unordered_outputs=("detections",))
+        except ParityError as e:
+            if getattr(e, "records", None) is None:  # not a threshold miss: nothing was exported
+                if own:
+                    stage.discard()
                     drop_stale(final)
-                    raise
-                records, miss = e.records, e  # a threshold miss: the folder is written, its figures in it
-            except BaseException:
-                drop_stale(final)
                 raise
-            rec = records["onnx"]
-            if rec.get("folder"):
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(Path(tmp) / "onnx", final)
-                rec.update(folder=str(final), path=str(final / Path(rec["path"]).name))
-            else:
+            records, miss = e.records, e  # a threshold miss: the folder is written, its figures in it
+        except BaseException:
+            if own:
+                stage.discard()
                 drop_stale(final)
-        rec = {**rec, "target": "onnx-nms"}
+            raise
+        if own:
+            stage.publish()
+        rec = {**records["onnx"], "target": "onnx-nms"}
         if miss is not None:
             err = ParityError(str(miss).replace("'onnx':", "'onnx-nms':"))
             err.records = {"onnx-nms": rec}  # type: ignore[attr-defined]

@@ -120,6 +120,12 @@ def detections_of(outputs: dict[str, np.ndarray], what: str, conf_threshold: flo
                        max_det=max_det), scores.shape[-1]
 
 
+# At least this many locations (raw outputs) or detections (NMS output) of every image are compared: where
+# fewer score conf_threshold, the source's best-scoring ones are compared as well. A detector that finds
+# nothing at the threshold (an untrained one, a hard image) is still checked on what it scores highest.
+MIN_COMPARED = 10
+
+
 def box_agreement(
     got: dict[str, np.ndarray],
     want: dict[str, np.ndarray],
@@ -128,18 +134,23 @@ def box_agreement(
     match_iou: float = 0.9,
     score_tolerance: float = 0.1,
     max_det: int = 100,
+    min_compared: int = MIN_COMPARED,
 ) -> float:
     """How far two models' outputs on the same images give the same detections (export parity).
 
     Raw outputs (``boxes``/``scores``, the same locations on both sides) are compared location by
-    location: over every location where either side scores at least ``conf_threshold``, the share
-    where both pick the same class, with best scores within ``score_tolerance`` and boxes of IoU
-    >= ``match_iou``. Comparing before NMS keeps the figure stable: a score a hair either side of the
-    threshold, or two near-equal boxes that NMS keeps in a different order, are not disagreements.
-    An NMS-in-graph ``detections`` output is compared after NMS: detections matched one to one (same
-    class, IoU >= ``match_iou``), at most ``max_det`` per image, 2 * matched / (detections of both).
-    1.0 when neither side detects anything. The export stage passes the recipe's
-    ``detection.conf_threshold``, ``iou_threshold`` and ``max_det`` (``DetectionTask.agreement``)."""
+    location: over every location where either side scores at least ``conf_threshold`` and, in an image
+    where the source (``want``) has fewer than ``min_compared`` such locations, its ``min_compared``
+    best-scoring ones (of those it scores above 0), the share where both pick the same class, with best scores within
+    ``score_tolerance`` and boxes of IoU >= ``match_iou``. Comparing before NMS keeps the figure stable: a
+    score a hair either side of the threshold, or two near-equal boxes that NMS keeps in a different order,
+    are not disagreements. An NMS-in-graph ``detections`` output is compared after NMS: detections matched
+    one to one (same class, IoU >= ``match_iou``), at most ``max_det`` per image, 2 * matched / (detections
+    of both), over those scoring above ``conf_threshold`` or, in an image where the source has fewer, above
+    the score of its ``min_compared``-th best detection. 1.0 only when there is nothing to compare at all
+    (every score 0, every NMS row padding). The export stage passes the recipe's ``detection.conf_threshold``,
+    ``iou_threshold`` and ``max_det`` (``DetectionTask.agreement``); the element-wise difference gate
+    (``edgekd.export.parity.ParityGate``) checks the raw scores and boxes beside it."""
     if "detections" not in got and "detections" not in want:
         gb, gs = _raw(got, "got")
         wb, ws = _raw(want, "want")
@@ -147,19 +158,43 @@ def box_agreement(
             raise DataError(f"box_agreement got outputs of shapes {gb.shape}/{gs.shape} and {wb.shape}/{ws.shape}.")
         g_best, w_best = gs.max(-1), ws.max(-1)
         live = (g_best >= conf_threshold) | (w_best >= conf_threshold)
+        k = min(min_compared, w_best.shape[-1])
+        if k > 0:
+            few = (w_best >= conf_threshold).sum(-1) < k  # images where the source has fewer live locations
+            top = np.argsort(-w_best, axis=-1, kind="stable")[..., :k]
+            extra = np.zeros_like(live)
+            np.put_along_axis(extra, top, True, axis=-1)
+            # A location the source scores 0 holds nothing (a sigmoid score never is 0; padding is).
+            live = live | (extra & few[..., None] & (w_best > 0))
         if not live.any():
             return 1.0
         lt, rb = np.maximum(gb[..., :2], wb[..., :2]), np.minimum(gb[..., 2:], wb[..., 2:])
         inter = np.clip(rb - lt, 0, None).prod(-1)
         area = lambda b: np.clip(b[..., 2:] - b[..., :2], 0, None).prod(-1)  # noqa: E731
         iou = inter / np.maximum(area(gb) + area(wb) - inter, 1e-9)
-        same = ((gs.argmax(-1) == ws.argmax(-1)) & (np.abs(g_best - w_best) <= score_tolerance)
-                & (iou >= match_iou))
+        iou = np.where(np.abs(gb - wb).max(-1) <= 1e-3, 1.0, iou)  # the same box, degenerate (no area) or not
+        w_cls = ws.argmax(-1)
+        # The source's class, or one the artifact scores as high to rounding (two classes tied at a location).
+        g_of_w = np.take_along_axis(gs, w_cls[..., None], axis=-1)[..., 0]
+        same_class = (gs.argmax(-1) == w_cls) | (g_best - g_of_w <= 1e-5)
+        same = same_class & (np.abs(g_best - w_best) <= score_tolerance) & (iou >= match_iou)
         return float(same[live].mean())
-    a, _ = detections_of(got, "got", conf_threshold, iou_threshold, max_det)
-    b, _ = detections_of(want, "want", conf_threshold, iou_threshold, max_det)
-    if len(a) != len(b):
-        raise DataError(f"box_agreement got outputs for {len(a)} and {len(b)} images.")
+    if "detections" not in got or "detections" not in want:
+        raise DataError("box_agreement got an NMS 'detections' output on one side only "
+                        f"(keys {sorted(got)} and {sorted(want)}).")
+    gd = np.asarray(got["detections"], dtype=np.float32)
+    wd = np.asarray(want["detections"], dtype=np.float32)
+    if len(gd) != len(wd):
+        raise DataError(f"box_agreement got outputs for {len(gd)} and {len(wd)} images.")
+    a, b = [], []
+    for g, w in zip(gd, wd, strict=True):
+        real = np.sort(w[w[:, 4] > 0, 4])[::-1]  # the source's detections (padding rows score 0)
+        floor = conf_threshold
+        if len(real) and (real > conf_threshold).sum() < min_compared:
+            floor = min(conf_threshold, float(real[min(min_compared, len(real)) - 1]) - 1e-6)
+        pick = [d[d[:, 4] > max(floor, 0.0)][:max_det] for d in (g, w)]
+        a.append(pick[0][np.argsort(-pick[0][:, 4], kind="stable")])
+        b.append(pick[1][np.argsort(-pick[1][:, 4], kind="stable")])
     total = sum(len(x) for x in a) + sum(len(x) for x in b)
     if total == 0:
         return 1.0
