@@ -14,9 +14,11 @@ once the folder is there; a command without a run folder drops it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import threading
 import warnings
 from datetime import datetime
@@ -174,6 +176,44 @@ def uninstall() -> None:
 
 
 _original_showwarning = warnings.showwarning
+
+
+@contextlib.contextmanager
+def library_output(what: str):
+    """What a library writes straight to the process's stderr while the block runs (coremltools' converter
+    progress bars, a C++ runtime's notices) goes to the log, not between the progress lines: file descriptor 2,
+    and ``sys.stderr`` with it, point at a temporary file, whose lines (a progress bar's last state per
+    line) are then added to the log, each marked with ``what``. Only for a command (:func:`install` ran) and
+    without ``EDGEKD_SHOW_WARNINGS``; elsewhere the block runs as it is. The console's own output is on stdout,
+    untouched; an exception still propagates (after stderr is back)."""
+    if not _installed or show_everything():
+        yield
+        return
+    for stream in (sys.stderr, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved, old_stderr = os.dup(2), sys.stderr
+        # (sys.stderr too, not only the descriptor: it may not be fd 2's own stream, e.g. under a test runner)
+        diverted = open(os.dup(tmp.fileno()), "w", encoding="utf-8", errors="replace")  # noqa: SIM115
+        try:
+            os.dup2(tmp.fileno(), 2)
+            sys.stderr = diverted
+            yield
+        finally:
+            sys.stderr = old_stderr
+            with contextlib.suppress(Exception):
+                diverted.close()
+            with contextlib.suppress(Exception):
+                sys.__stderr__.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            for line in text.split("\n"):  # (not splitlines: a bar redraws itself after \r on one line)
+                last = next((part.strip() for part in reversed(line.split("\r")) if part.strip()), "")
+                if last:
+                    sink.add(f"[{what}] {last}")
 
 
 def install() -> None:

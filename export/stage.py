@@ -65,6 +65,7 @@ from edgekd.export.base import (
 from edgekd.export.parity import ParityGate, check_parity, check_real_lengths
 from edgekd.progress import track
 from edgekd.runfolder import sha256_file, sha256_tree
+from edgekd.warnings_log import library_output
 
 if TYPE_CHECKING:
     from edgekd.export.base import Runner
@@ -491,8 +492,11 @@ def export_all(
     misses = []
     try:
         for ex in track(exporters, "export", label=lambda e: e.name):
-            rec = _export_one(ex, module, io, stage, cfg, examples, labels, metric_fn, meta, extra_files,
-                              agreement_fn, defaults.get(ex.name), reference, timing_rows, tuple(unordered_outputs))
+            # A converter's progress bars and a runtime's C++ notices on stderr go to the run's warnings log
+            with library_output(f"export {ex.name}"):
+                rec = _export_one(ex, module, io, stage, cfg, examples, labels, metric_fn, meta, extra_files,
+                                  agreement_fn, defaults.get(ex.name), reference, timing_rows,
+                                  tuple(unordered_outputs))
             if "parity_misses" in rec:
                 misses.append(rec.pop("parity_misses"))
             records[ex.name] = rec

@@ -253,3 +253,34 @@ def test_a_command_whose_output_is_not_a_terminal_speaks_at_least_every_heartbea
     assert max(gaps) < 1.5 + 1.5, list(zip(gaps, texts[1:], strict=True))
     for noise in ("Warning:", "FutureWarning", "UserWarning", "torchvision"):
         assert noise not in err and not any(noise in t for t in texts), noise
+
+
+def test_a_librarys_own_stderr_goes_to_the_log_not_the_console(monkeypatch, capfd):
+    """coremltools' converter progress bars and a C++ runtime's notices are written straight to stderr; inside
+    ``library_output`` a command keeps them out of the console (in the log, a bar's last state per line),
+    and stdout, the console's own, is untouched. Without install() they pass through."""
+    import os
+    import sys
+
+    sink = warnings_log.WarningsLog()
+    monkeypatch.setattr(warnings_log, "sink", sink)
+    monkeypatch.setattr(warnings_log, "_installed", True)
+    monkeypatch.delenv("EDGEKD_SHOW_WARNINGS", raising=False)
+    with warnings_log.library_output("coreml"):
+        os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\n")
+        sys.stderr.write("Converting: 0%|\rConverting: 50%|\rConverting: 100%| 336/336\n")
+        print("export: 1/1 (100%) done")
+    out, err = capfd.readouterr()
+    assert err == "" and "export: 1/1 (100%) done" in out
+    assert [line.split(" ", 1)[1].rstrip("\n") for line in sink._waiting] == [
+        "[coreml] [cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version",
+        "[coreml] Converting: 100%| 336/336"]
+    with pytest.raises(RuntimeError, match="boom"), warnings_log.library_output("coreml"):
+        raise RuntimeError("boom")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"  # stderr is back after an exception too
+
+    monkeypatch.setattr(warnings_log, "_installed", False)
+    with warnings_log.library_output("coreml"):
+        os.write(2, b"shown\n")
+    assert capfd.readouterr().err == "shown\n"

@@ -178,6 +178,7 @@ def drop_quantized_folders(export: Path, keep: list[Path] | tuple[Path, ...] = (
 def _quantize_other_targets(ctx: RunContext) -> dict[str, Any]:
     """Core ML weight compression of export/coreml into export/coreml-<mode>, when that export exists."""
     from edgekd.quantization.coreml import quantize_coreml_folder
+    from edgekd.warnings_log import library_output
 
     cfg, export = ctx.recipe.quantize, ctx.run.stage_dir("export")
     done: dict[str, Any] = {}
@@ -185,7 +186,9 @@ def _quantize_other_targets(ctx: RunContext) -> dict[str, Any]:
         name = quantized_folder("coreml", cfg.coreml_mode, palette_bits=cfg.palette_bits)
         test_inputs, _ = ctx.parity_data()
         try:
-            done[name] = quantize_coreml_folder(export / "coreml", export / name, cfg, test_inputs)
+            # coremltools' progress bars on stderr go to the run's warnings log, not between the progress lines
+            with library_output(f"quantize {name}"):
+                done[name] = quantize_coreml_folder(export / "coreml", export / name, cfg, test_inputs)
         except StageError as e:  # recorded in the stage's report, not fatal to the ONNX path
             done[name] = {"written": False, "reason": str(e)}
     return done
