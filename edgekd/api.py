@@ -195,8 +195,14 @@ def run_recipe(source: str | Path | None, overrides: list[str] | None = None, st
     had_recipe = from_folder  # a run folder always has one (load_recipe_or_run insists)
     try:
         with _outcome(record):
+            # Settings for this command only keep the recipe's own export targets in what the target-dependent
+            # keys are checked against (``load_recipe``'s one_off) only where the command runs no stage that
+            # reads those keys: ``edgekd export RUN --to X`` exports X without changing what the run ships, but
+            # a command that prunes or quantizes does so for this command's targets.
+            relaxed = stages is not None and set(stages) <= {"export", "bench"}
             try:
-                recipe = load_recipe_or_run(source, defining, once)
+                recipe = (load_recipe_or_run(source, defining, once) if relaxed
+                          else load_recipe_or_run(source, defining + once))
             except RecipeError as e:
                 raise _one_off_at_fault(e, source, defining, once, flags or {}, checked=False) from None
             run_folder = RunFolder(recipe.run_dir())
@@ -755,9 +761,7 @@ def serve_setup(path: str | Path, target: str | None = None, *, environment: boo
     export_given = (path / ARTIFACT_META).is_file()
     root = run_root(path) if export_given else path if path.is_dir() else None
     recipe_file = root / "recipe.yaml" if root is not None else None
-    cfg = ServeConfig()
-    if recipe_file is not None and recipe_file.is_file():
-        cfg = load_recipe_or_run(str(root), None).serve
+    cfg = _serve_section(recipe_file) if recipe_file is not None and recipe_file.is_file() else ServeConfig()
     flag = "--target" if given == "flag" else "target="
     named = (f"{flag} {target}" if given == "flag" else f"target={target!r}") if target is not None else None
     if target is None and not export_given and cfg.target is not None:
@@ -765,7 +769,10 @@ def serve_setup(path: str | Path, target: str | None = None, *, environment: boo
     try:
         folder, why = choose_export(path, target)
     except StageError as e:
-        if named is None or named.startswith(flag):
+        from edgekd.shipping import export_folders
+
+        # (the recipe's serve.target is blamed only where the run has exports and that one is not among them)
+        if named is None or named.startswith(flag) or not export_folders(path):
             raise
         raise StageError(f"{str(e).rstrip('.')} ({named}): set serve.target to one of them, or remove it to serve "
                          "what the run ships.") from None
@@ -780,6 +787,27 @@ def serve_setup(path: str | Path, target: str | None = None, *, environment: boo
             differs = f"serving {folder.name} ({named}), not what the run ships: {ships} ({reason})"
     return ServeSetup(folder, ServeSettings.from_config(cfg, environment=environment, given=given, **settings),
                       why, differs)
+
+
+def _serve_section(recipe_file: Path) -> Any:
+    """The ``serve`` section of a run's saved recipe, read alone: serving needs nothing else, and a run made
+    before a later edgekd refused some other key of its recipe is still served (its other sections are not
+    validated here). An invalid serve key is a ``RecipeError`` naming it."""
+    import yaml
+    from pydantic import ValidationError
+
+    from edgekd.recipe import ServeConfig
+
+    try:
+        data = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError([f"cannot be read ({e})"], str(recipe_file)) from None
+    section = data.get("serve") if isinstance(data, dict) else None
+    try:
+        return ServeConfig.model_validate(section or {})
+    except ValidationError as e:
+        raise RecipeError([f"serve.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()],
+                          str(recipe_file)) from None
 
 
 def _whole_number(name: str, value: Any, least: int = 1) -> int:

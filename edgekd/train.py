@@ -95,10 +95,13 @@ def _accelerator_state_for(mixed: str, precision: str, process) -> None:
     ``edgekd.distill`` or ``edgekd.run`` at another precision just trains. Under a distributed launch the
     processes' state is shared and is not torn down here: another precision is an error naming both."""
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
     held = AcceleratorState._shared_state.get("_mixed_precision")
     if held is None or held == mixed:
         return
+    if AcceleratorState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED:
+        return  # DeepSpeed keeps its precision in its own config (Accelerate holds "no" and checks nothing)
     if process.use_distributed:
         as_recipe = {"no": "fp32"}.get(held, held)
         raise StageError(

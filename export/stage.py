@@ -216,21 +216,29 @@ class Staging:
             shutil.rmtree(old, ignore_errors=True)
 
     def publish(self) -> None:
-        for folder, staged in list(self._items.items()):
-            final = self.root / folder
-            if staged is None:
-                drop_stale(final)
-                continue
-            publish_modes(staged)
-            if final.exists():
-                old = final.with_name(f".{folder}.old-{os.getpid()}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(staged, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staged, final)
-        self._items.clear()
+        """Put every staged folder in place. Each replaces its earlier folder in two renames (the earlier one
+        aside as ``.<name>.old-<pid>``, then the staged one in); a process killed between them leaves the
+        earlier one aside, which the next ``Staging`` of this root puts back (``_remove_orphans``). A publish
+        that raises drops the folders it had not yet put in place."""
+        try:
+            for folder, staged in list(self._items.items()):
+                final = self.root / folder
+                if staged is None:
+                    drop_stale(final)
+                else:
+                    publish_modes(staged)
+                    if final.exists():
+                        old = final.with_name(f".{folder}.old-{os.getpid()}")
+                        shutil.rmtree(old, ignore_errors=True)
+                        os.replace(final, old)
+                        os.replace(staged, final)
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        os.replace(staged, final)
+                del self._items[folder]
+        except BaseException:
+            self.discard()
+            raise
 
     def discard(self) -> None:
         for staged in self._items.values():
@@ -247,6 +255,18 @@ def _remove_orphans(root: Path) -> None:
         pid = path.name.rsplit(".", 2)[-2].split("-", 1)[0] if path.name.count(".") >= 3 else ""
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             log.info("removing %s: a staged export of a process that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+    # An earlier folder set aside by a publish that was killed before the staged one took its place: it is
+    # put back where nothing took its place, else removed. (The run folder's command lock keeps two commands
+    # from exporting into one root at once, so a dead pid's folders are nobody's.)
+    for path in root.glob(".*.old-*"):
+        name, _, pid = path.name[1:].rpartition(".old-")
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if name and not (root / name).exists():
+            log.warning("putting back %s as %s: a publish of the export stage was killed half-way", path, name)
+            os.replace(path, root / name)
+        else:
             shutil.rmtree(path, ignore_errors=True)
 
 

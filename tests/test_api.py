@@ -432,6 +432,25 @@ def test_a_distributed_launch_refuses_another_precision_naming_both(monkeypatch)
         AcceleratorState._reset_state()
 
 
+def test_a_deepspeed_launch_keeps_its_own_precision(monkeypatch):
+    """Under DeepSpeed, Accelerate holds mixed precision "no" (DeepSpeed's config has the precision) and checks
+    nothing: a second training at bf16 in the launch is not refused."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    import edgekd.train
+
+    monkeypatch.setattr(AcceleratorState, "_shared_state",
+                        {"_mixed_precision": "no", "distributed_type": DistributedType.DEEPSPEED})
+    edgekd.train._accelerator_state_for("bf16", "bf16", SimpleNamespace(use_distributed=True, num_processes=2))
+    monkeypatch.setattr(AcceleratorState, "_shared_state",
+                        {"_mixed_precision": "no", "distributed_type": DistributedType.MULTI_CPU})
+    with pytest.raises(StageError, match="has already trained in 'no'"):
+        edgekd.train._accelerator_state_for("bf16", "bf16", SimpleNamespace(use_distributed=True, num_processes=2))
+
+
 @pytest.mark.slow  # a tiny teacher fine-tune at bf16 through edgekd.run, then edgekd.distill at its default fp32
 def test_the_readme_order_runs_with_a_bf16_pipeline_before_distill(tmp_path, tiny_teacher_dir, monkeypatch):
     """The README's order: edgekd.run (here precision bf16, what auto picks on a bf16 machine), then

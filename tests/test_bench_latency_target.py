@@ -58,20 +58,19 @@ def test_what_cannot_be_compared_is_said_and_no_target_adds_nothing(tmp_path):
 
 
 def test_an_unmet_target_is_told_to_prune_further_or_raise_the_target_as_the_prune_stage_says(tmp_path):
-    """The advice matches the prune stage's own (raise the target, lower the floors or the budget's strictness,
-    a smaller student), never "lower the target"; a quantize setup is named only where quantize is on."""
+    """The advice matches the prune stage's own (raise the target, prune further: each limit in the direction that
+    removes more, max_channel_ratio raised, the heads/neurons floors lowered, the budget loosened; a smaller student), never "lower the target"; a quantize setup is named only where quantize is on."""
     def advice(**kw):
         line = target_latency_line(latency_target_check(_ctx(tmp_path / "_".join(map(str, kw.values())), **kw),
                                                         _result(1.4)))
         return line.split("on this machine): ", 1)[1]
 
     off = advice(quantize_on=False, method="channels")
-    assert off == ("raise the target, or prune further (lower the floors (prune.max_channel_ratio)), or use a "
-                   "smaller student")
+    assert off == ("raise the target, or prune further (raise prune.max_channel_ratio), or use a smaller student")
     assert "quantize" not in off and "lower the target" not in off
     on = advice(quantize_on=True, budget=0.02)
-    assert on.startswith("raise the target, or prune further (lower the floors (prune.min_heads_per_layer, "
-                         "min_neurons_fraction) or prune.max_accuracy_drop's strictness), or use a smaller student; "
+    assert on.startswith("raise the target, or prune further (lower prune.min_heads_per_layer or "
+                         "min_neurons_fraction, or raise prune.max_accuracy_drop), or use a smaller student; "
                          "the search timed the quantize section's own setup, and the quantize stage's guards may "
                          "ship another form")
     assert "quantize.candidates" in on and "lower the target" not in on

@@ -279,6 +279,11 @@ def test_a_one_off_export_of_other_targets_keeps_the_keys_the_runs_own_targets_r
     # ... and a one-off ONNX export does not make the recipe saved with the run right
     res = runner.invoke(app, ["export", str(path), "--to", "onnx"])
     assert str(res.exception).startswith(f"Invalid recipe in {path}:") and "prune.quant_aware" in str(res.exception)
+    # A command that prunes checks those keys against its own targets: on a run folder its --set is one-off,
+    # and a quant-aware prune for a run whose export this command narrows to torchscript-lite would train for
+    # an int8 file nothing makes.
+    res = runner.invoke(app, ["prune", str(run), "--set", "export.targets=[torchscript-lite]"])
+    assert "prune.quant_aware: it trains for the int8 file" in str(res.exception), res.exception
 
 
 def test_a_failed_first_command_writes_no_recipe_and_records_the_error(tmp_path, tiny_teacher_dir, tiny_csv):

@@ -117,8 +117,6 @@ def target_latency_line(check: dict[str, Any]) -> str:
             f"its own form on this machine): {_not_met_advice(check)}")
 
 
-# The floors that stop a search round, per prune method (the prune stage's "lower the floors").
-_FLOORS = {"channels": "prune.max_channel_ratio", "heads-ffn": "prune.min_heads_per_layer, min_neurons_fraction"}
 
 
 def _not_met_advice(check: dict[str, Any]) -> str:
@@ -126,11 +124,9 @@ def _not_met_advice(check: dict[str, Any]) -> str:
     prune further, or a smaller student), with what the run has on: a budget that may have stopped the search,
     and a quantize stage whose choice may not be the form the search timed. A check recorded before these were
     recorded gets the advice without them."""
-    floors = _FLOORS.get(check.get("prune_method") or "")
-    further = "lower the floors" + (f" ({floors})" if floors else "")
-    if check.get("max_accuracy_drop") is not None:
-        further += " or prune.max_accuracy_drop's strictness"
-    advice = f"raise the target, or prune further ({further}), or use a smaller student"
+    from edgekd.stages.prune_common import unmet_target_advice
+
+    advice = unmet_target_advice(check.get("prune_method"), check.get("max_accuracy_drop"))
     if check.get("quantize"):
         advice += ("; the search timed the quantize section's own setup, and the quantize stage's guards may ship "
                    "another form (float where int8 is not faster): see its record, or give it a faster setup "

@@ -71,6 +71,23 @@ def recovery_train_config(r, epochs: float):
     return TrainConfig(**{**r.distill.train.model_dump(), "epochs": epochs, "ema_decay": ema, "lr": lr})
 
 
+# How to let a search prune further, per prune method: the limits that stop its rounds, each in the direction
+# that removes more (max_channel_ratio is the largest share of a layer's channels that may go: raised; the
+# heads/neurons floors: lowered).
+_FURTHER = {"channels": "raise prune.max_channel_ratio",
+            "heads-ffn": "lower prune.min_heads_per_layer or min_neurons_fraction"}
+
+
+def unmet_target_advice(method: str | None, max_accuracy_drop: float | None) -> str:
+    """What to do about a latency target not met, the same in the prune stage's line and the bench's check:
+    raise the target, or let the search prune further (each limit of ``method`` in the direction that removes
+    more, and a budget loosened), or use a smaller student."""
+    further = _FURTHER.get(method or "", "lower the floors")
+    if max_accuracy_drop is not None:
+        further += ", or raise prune.max_accuracy_drop"
+    return f"raise the target, or prune further ({further}), or use a smaller student"
+
+
 def say_search(ctx: RunContext, cfg, metrics: dict[str, Any]) -> None:
     """Say plainly how a search ended, above all when its latency target was not met."""
     if "stopped" not in metrics:
@@ -82,8 +99,8 @@ def say_search(ctx: RunContext, cfg, metrics: dict[str, Any]) -> None:
     if cfg.target_latency_ms is not None and not metrics["target_reached"]:
         lat = metrics.get("latency_ms_after")
         line += (f". [bold red]prune.target_latency_ms={cfg.target_latency_ms} was NOT met[/] (timed form: "
-                 f"{lat if lat is None else round(lat, 3)} ms); raise the target, lower the floors or "
-                 "prune.max_accuracy_drop's strictness, or use a smaller student")
+                 f"{lat if lat is None else round(lat, 3)} ms); "
+                 f"{unmet_target_advice(cfg.method, cfg.max_accuracy_drop)}")
     if metrics.get("latency_timed_form"):
         line += f". Rounds timed as {escape(metrics['latency_timed_form'])}"
         if metrics.get("latency_timed_on"):

@@ -135,3 +135,23 @@ def test_box_agreement_after_nms_in_the_graph():
     assert box_agreement(a, a) == 1.0
     b = dets([(10, 10, 50, 49, 0.9, 0)])  # one matched of 2 + 1 detections
     assert box_agreement(a, b) == pytest.approx(2 / 3)
+
+
+def test_box_agreement_after_nms_keeps_a_detection_a_rounding_below_the_cut():
+    """The cut (conf_threshold, or just under the source's min_compared-th best score) is the source's: an
+    artifact's copy of a detection that lands a hair under it is the same detection, not a miss and an extra."""
+    def dets(rows):
+        out = np.zeros((1, 4, 6), np.float32)
+        for k, r in enumerate(rows):
+            out[0, k] = r
+        return {"detections": out}
+
+    want = dets([(10, 10, 50, 50, 0.30, 0), (60, 60, 90, 90, 0.26, 1)])
+    got = dets([(10, 10, 50, 50, 0.30, 0), (60, 60, 90, 90, 0.2499, 1)])  # under conf_threshold 0.25 by 1e-4
+    assert box_agreement(got, want, conf_threshold=0.25) == 1.0
+    low = dets([(10, 10, 50, 50, 0.10, 0), (60, 60, 90, 90, 0.05, 1)])  # nothing live: the source's best ones
+    low_got = dets([(10, 10, 50, 50, 0.10, 0), (60, 60, 90, 90, 0.049998, 1)])
+    assert box_agreement(low_got, low, conf_threshold=0.25) == 1.0
+    # An artifact detection the source does not have still counts against it, from score_tolerance above the cut.
+    extra = dets([(10, 10, 50, 50, 0.30, 0), (60, 60, 90, 90, 0.26, 1), (100, 100, 140, 140, 0.9, 0)])
+    assert box_agreement(extra, want, conf_threshold=0.25) == pytest.approx(4 / 5)

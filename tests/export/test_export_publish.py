@@ -157,3 +157,45 @@ def test_a_folder_the_stage_wrote_but_never_recorded_says_the_stage_did_not_fini
     (folder / "vocab-notes.txt").write_text("changed")
     with pytest.raises(ChecksumError, match="was changed after the run wrote it"):
         verify_artifact(folder, json.loads((folder / "artifact.json").read_text()))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_publish_killed_between_its_two_renames_is_put_back_by_the_next_stage(tmp_path):
+    """A publish sets the earlier folder aside (.<name>.old-<pid>) and then renames the staged one in; a kill
+    between the two leaves no export/<name>: the next Staging of the root puts the earlier one back, and drops
+    a set-aside folder whose place was taken."""
+    from edgekd.export.stage import Staging
+
+    pid = _dead_pid()
+    (tmp_path / f".onnx.old-{pid}").mkdir()
+    (tmp_path / f".onnx.old-{pid}" / "model.onnx").write_text("earlier")
+    (tmp_path / "executorch").mkdir()
+    (tmp_path / f".executorch.old-{pid}").mkdir()
+    Staging(tmp_path)
+    assert (tmp_path / "onnx" / "model.onnx").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["executorch", "onnx"]
+
+
+def test_a_publish_that_raises_leaves_no_staged_folder_behind(tmp_path, monkeypatch):
+    import edgekd.export.stage as stage
+
+    staging = stage.Staging(tmp_path)
+    for name in ("onnx", "executorch"):
+        (staging.new(name) / "model").write_text(name)
+    calls = []
+
+    def modes(folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(stage, "publish_modes", modes)
+    with pytest.raises(OSError, match="disk full"):
+        staging.publish()
+    assert (tmp_path / "onnx" / "model").read_text() == "onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # the unpublished staged folder is gone

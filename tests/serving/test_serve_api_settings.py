@@ -67,6 +67,21 @@ def test_load_reads_the_runs_serve_section_as_serve_does(monkeypatch, capsys, ru
     assert model.predict(LONG)[0].truncated
 
 
+def test_a_run_whose_recipe_a_later_check_refuses_is_still_served(monkeypatch, capsys, run_copy):
+    """Serving reads the serve section alone: a run made before edgekd refused another key of its recipe (here
+    prune.quant_aware with no onnx target) is still served by `edgekd serve` and edgekd.load (they validated
+    the whole recipe, and refused it); a bad serve key is still named."""
+    (run_copy / "recipe.yaml").write_text("name: tiny\nexport:\n  targets: [torchscript-lite]\nquantize:\n  enabled: "
+                                          "true\nprune:\n  quant_aware: true\nserve:\n  max_length: 8\n")
+    code, out, started = _cli(monkeypatch, capsys, run_copy)
+    assert code == 0, out
+    assert started[0][1].max_length == 8
+    assert edgekd.load(run_copy).served.codec.max_length == 8
+    (run_copy / "recipe.yaml").write_text("name: tiny\nserve:\n  max_lenght: 8\n")
+    with pytest.raises(EdgeKDError, match=r"serve\.max_lenght"):
+        edgekd.load(run_copy)
+
+
 def test_load_reads_no_serve_variables(monkeypatch, capsys, run_copy):
     """EDGEKD_SERVE_* configure a server: `edgekd serve` reads them, edgekd.load reads none (it read
     EDGEKD_SERVE_OVERFLOW and not EDGEKD_SERVE_MAX_LENGTH)."""

@@ -186,32 +186,32 @@ def box_agreement(
     wd = np.asarray(want["detections"], dtype=np.float32)
     if len(gd) != len(wd):
         raise DataError(f"box_agreement got outputs for {len(gd)} and {len(wd)} images.")
-    a, b = [], []
+    matched = total = 0
     for g, w in zip(gd, wd, strict=True):
         real = np.sort(w[w[:, 4] > 0, 4])[::-1]  # the source's detections (padding rows score 0)
         floor = conf_threshold
         if len(real) and (real > conf_threshold).sum() < min_compared:
             floor = min(conf_threshold, float(real[min(min_compared, len(real)) - 1]) - 1e-6)
-        pick = [d[d[:, 4] > max(floor, 0.0)][:max_det] for d in (g, w)]
-        a.append(pick[0][np.argsort(-pick[0][:, 4], kind="stable")])
-        b.append(pick[1][np.argsort(-pick[1][:, 4], kind="stable")])
-    total = sum(len(x) for x in a) + sum(len(x) for x in b)
-    if total == 0:
-        return 1.0
-    matched = 0
-    for da, db in zip(a, b, strict=True):
-        if not len(da) or not len(db):
-            continue
-        iou = box_iou(da[:, :4], db[:, :4])
-        iou[da[:, 5][:, None] != db[:, 5][None, :]] = 0
-        pairs = np.argwhere(iou >= match_iou)
-        used_a, used_b = set(), set()
-        for i, j in pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")].tolist():
-            if i not in used_a and j not in used_b:
-                used_a.add(i)
-                used_b.add(j)
+        # The source's detections above the cut are compared; the artifact's are matched to them down to
+        # score_tolerance below it (a score a rounding under the cut is the same detection, not a miss), and
+        # an unmatched one counts against it only from score_tolerance above the cut.
+        db = w[w[:, 4] > max(floor, 0.0)][:max_det]
+        da = g[g[:, 4] > max(floor - score_tolerance, 0.0)]
+        db, da = (d[np.argsort(-d[:, 4], kind="stable")] for d in (db, da))
+        used_a: set[int] = set()
+        if len(da) and len(db):
+            iou = box_iou(da[:, :4], db[:, :4])
+            iou[da[:, 5][:, None] != db[:, 5][None, :]] = 0
+            pairs = np.argwhere(iou >= match_iou)
+            used_b: set[int] = set()
+            for i, j in pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")].tolist():
+                if i not in used_a and j not in used_b:
+                    used_a.add(i)
+                    used_b.add(j)
+        extra = [i for i in range(len(da)) if i not in used_a and da[i, 4] > floor + score_tolerance]
         matched += len(used_a)
-    return 2 * matched / total
+        total += len(db) + len(used_a) + min(len(extra), max(max_det - len(used_a), 0))
+    return 1.0 if total == 0 else 2 * matched / total
 
 
 def _raw(outputs: dict[str, Any], what: str) -> tuple[np.ndarray, np.ndarray]:
