@@ -124,13 +124,15 @@ def test_box_agreement_compares_the_best_locations_when_none_is_live():
     assert box_agreement({"detections": dets}, {"detections": dets}) == 1.0
 
 
-def test_box_agreement_after_nms_in_the_graph():
-    def dets(rows):
-        out = np.zeros((1, 4, 6), np.float32)
-        for k, r in enumerate(rows):
-            out[0, k] = r
-        return {"detections": out}
+def dets(rows):
+    """An NMS-in-graph ``detections`` output of one image: ``rows`` of (x1, y1, x2, y2, score, class), padded."""
+    out = np.zeros((1, 4, 6), np.float32)
+    for k, r in enumerate(rows):
+        out[0, k] = r
+    return {"detections": out}
 
+
+def test_box_agreement_after_nms_in_the_graph():
     a = dets([(10, 10, 50, 50, 0.9, 0), (60, 60, 90, 90, 0.8, 1)])
     assert box_agreement(a, a) == 1.0
     b = dets([(10, 10, 50, 49, 0.9, 0)])  # one matched of 2 + 1 detections
@@ -140,12 +142,6 @@ def test_box_agreement_after_nms_in_the_graph():
 def test_box_agreement_after_nms_keeps_a_detection_a_rounding_below_the_cut():
     """The cut (conf_threshold, or just under the source's min_compared-th best score) is the source's: an
     artifact's copy of a detection that lands a hair under it is the same detection, not a miss and an extra."""
-    def dets(rows):
-        out = np.zeros((1, 4, 6), np.float32)
-        for k, r in enumerate(rows):
-            out[0, k] = r
-        return {"detections": out}
-
     want = dets([(10, 10, 50, 50, 0.30, 0), (60, 60, 90, 90, 0.26, 1)])
     got = dets([(10, 10, 50, 50, 0.30, 0), (60, 60, 90, 90, 0.2499, 1)])  # under conf_threshold 0.25 by 1e-4
     assert box_agreement(got, want, conf_threshold=0.25) == 1.0

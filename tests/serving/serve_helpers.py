@@ -196,3 +196,21 @@ def _run_slim(folder, how: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", SLIM, str(folder), how], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def serve_cli(monkeypatch, capsys, *args):
+    """Run `edgekd serve ...` in-process with the server start replaced (``monkeypatch``); return (exit code, the
+    output in one line, [(folder, settings)] it would have served)."""
+    import edgekd.serving
+    from edgekd import cli
+
+    started = []
+    monkeypatch.setattr(edgekd.serving, "serve", lambda folder, target, settings: started.append((folder, settings)))
+    monkeypatch.setattr(sys, "argv", ["edgekd", "serve", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, " ".join((out.out + out.err).split()), started

@@ -7,11 +7,10 @@ POST /predict answers (``truncated``)."""
 from __future__ import annotations
 
 import shutil
-import sys
 import warnings
 
 import pytest
-from serve_helpers import LABELS
+from serve_helpers import LABELS, serve_cli
 
 import edgekd
 from edgekd.errors import ArgumentError, EdgeKDError
@@ -21,21 +20,7 @@ from edgekd.runfolder import RunFolder
 LONG = " ".join(["good film and a fine plot"] * 20)  # far more tokens than the export's max_length
 
 
-def _cli(monkeypatch, capsys, *args):
-    """`edgekd serve ...` in-process with the server start replaced: (exit code, output, [(folder, settings)])."""
-    import edgekd.serving
-    from edgekd import cli
-
-    started = []
-    monkeypatch.setattr(edgekd.serving, "serve", lambda folder, target, settings: started.append((folder, settings)))
-    monkeypatch.setattr(sys, "argv", ["edgekd", "serve", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split()), started
+_cli = serve_cli
 
 
 def _with_int8(run, recommended="quantized"):

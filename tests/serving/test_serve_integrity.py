@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
+from serve_helpers import serve_cli
 
 from edgekd.errors import ChecksumError, EdgeKDError, UnsupportedTargetError
 from edgekd.export.base import read_artifact_meta, write_artifact_meta
@@ -142,21 +142,7 @@ def test_invalid_settings_name_their_source(monkeypatch, env, flags, expected):
 
 # --- the CLI ------------------------------------------------------------------------------------
 
-def _cli(monkeypatch, capsys, *args):
-    """Run `edgekd serve ...` in-process with the server start replaced; return (exit code, output, started)."""
-    import edgekd.serving
-    from edgekd import cli
-
-    started = []
-    monkeypatch.setattr(edgekd.serving, "serve", lambda folder, target, settings: started.append((folder, settings)))
-    monkeypatch.setattr(sys, "argv", ["edgekd", "serve", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split()), started
+_cli = serve_cli
 
 
 @pytest.mark.parametrize(("env", "args", "expected"), [
