@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -210,35 +211,26 @@ def verdict_all(best: dict[str, Any] | None, refs: list[dict[str, Any]], student
     if not refs:
         parts = [verdict(best, None, batch_sizes, target, "any usual path")]
     lines = [line for p in parts for line in p["lines"]]
-    extra: list[tuple[bool, str]] = []  # (met, the line) of each accuracy bar
+    def bar(what: str, figure: str, b: Fraction | None, s: Fraction | None,
+            decide: Callable[[Fraction, Fraction], bool], describe: Callable[[Fraction, Fraction], str]) -> tuple[bool, str]:
+        """(met, the line) of one accuracy bar: NOT SHOWN, and not met, where either figure is missing."""
+        if b is None or s is None:
+            absent = [who for who, value in ((f"the best artifact's {figure}", b), (f"the fp32 student's {figure}", s))
+                      if value is None]
+            return False, (f"NOT SHOWN: {' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing, so {what} "
+                           "is not shown (not met).")
+        ok = decide(b, s)
+        return ok, f"{'MET' if ok else 'NOT MET'}: {describe(b, s)}"
 
-    def missing(what: str, rows: list[tuple[str, Any]]) -> str:
-        absent = [who for who, value in rows if value is None]
-        return (f"NOT SHOWN: {' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing, so {what} is not "
-                "shown (not met).")
-
-    acc_b, acc_s = row_share(best), row_share(student)
-    if acc_b is None or acc_s is None:
-        line = missing("'within 0.5 pp of the fp32 student'",
-                       [("the best artifact's test accuracy", acc_b), ("the fp32 student's test accuracy", acc_s)])
-        extra.append((False, line))
-    else:
-        ok = within_points(acc_b, acc_s)
-        line = (f"{'MET' if ok else 'NOT MET'}: test accuracy {float(acc_b):.4f} vs the fp32 student's {float(acc_s):.4f} "
-                f"({near_format(float(100 * (acc_b - acc_s)), -0.5, '+.2f')} pp; within 0.5 pp required).")
-        extra.append((ok, line))
-    if not ood_skipped:
-        ood_b, ood_s = row_share(best, "ood_accuracy"), row_share(student, "ood_accuracy")
-        if ood_b is None or not ood_s:
-            line = missing("'97% of its out-of-domain accuracy'",
-                           [("the best artifact's out-of-domain accuracy", ood_b),
-                            ("the fp32 student's out-of-domain accuracy", ood_s or None)])
-            extra.append((False, line))
-        else:
-            ok = keeps_share(ood_b, ood_s)
-            line = (f"{'MET' if ok else 'NOT MET'}: out of domain {float(ood_b):.4f} vs the fp32 student's "
-                    f"{float(ood_s):.4f} (keeps {near_format(float(100 * ood_b / ood_s), 97.0, '.1f')}%; 97% required).")
-            extra.append((ok, line))
+    extra = [bar("'within 0.5 pp of the fp32 student'", "test accuracy", row_share(best), row_share(student),
+                 within_points,
+                 lambda b, s: f"test accuracy {float(b):.4f} vs the fp32 student's {float(s):.4f} "
+                              f"({near_format(float(100 * (b - s)), -0.5, '+.2f')} pp; within 0.5 pp required).")]
+    if not ood_skipped:  # (a student scoring 0 out of domain is as missing: 97% of nothing is no bar)
+        extra.append(bar("'97% of its out-of-domain accuracy'", "out-of-domain accuracy",
+                         row_share(best, "ood_accuracy"), row_share(student, "ood_accuracy") or None, keeps_share,
+                         lambda b, s: f"out of domain {float(b):.4f} vs the fp32 student's {float(s):.4f} "
+                                      f"(keeps {near_format(float(100 * b / s), 97.0, '.1f')}%; 97% required)."))
     lines += [line for _, line in extra]
     met = bool(parts) and all(p["met"] for p in parts) and all(ok for ok, _ in extra) and best is not None
     missed = [p["summary"] for p in parts if not p["met"]] + [line for ok, line in extra if not ok]
