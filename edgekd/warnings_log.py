@@ -31,6 +31,8 @@ from edgekd.progress import console
 
 LOG_FILE = Path("logs") / "warnings.log"
 MAX_WAITING = 5000  # lines held before a run folder exists; older ones are dropped beyond this
+STDERR_PREFIX = "library-stderr-"  # logs/library-stderr-<pid>.txt: library_output's file while a block runs
+STDERR_HEADER = "edgekd library_output: "
 
 
 def is_own(module: str | None) -> bool:
@@ -55,10 +57,36 @@ class WarningsLog:
         return None if self._root is None else self._root / LOG_FILE
 
     def attach(self, run_root: str | Path) -> None:
-        """Write to ``run_root/logs/warnings.log`` from now on (once ``run_root`` exists)."""
+        """Write to ``run_root/logs/warnings.log`` from now on (once ``run_root`` exists). What a process that
+        ended inside :func:`library_output` left there (its raw stderr) is added to the log first."""
         with self._lock:
             self._root, self.count = Path(run_root), len(self._waiting)
+        self._fold_orphans()
         self.flush()
+
+    def _fold_orphans(self) -> None:
+        """``logs/library-stderr-<pid>.txt`` of a process no longer running: a converter that crashed the process
+        (a C++ abort, a segfault) inside :func:`library_output` wrote its last words there, and nothing folded
+        them into the log. They are added now, marked, and said on the console; the file goes."""
+        if self._root is None:
+            return
+        for leftover in sorted((self._root / LOG_FILE.parent).glob(f"{STDERR_PREFIX}*.txt")):
+            pid = leftover.stem[len(STDERR_PREFIX):]
+            if not pid.isdigit() or int(pid) == os.getpid() or pid_running(int(pid)):
+                continue
+            try:
+                first, _, text = leftover.read_bytes().decode("utf-8", "replace").partition("\n")
+            except OSError:
+                continue
+            what = first.removeprefix(STDERR_HEADER)
+            lines = _last_states(text)
+            for line in lines:
+                self.add(f"[{what}, process {pid} ended inside it] {line}")
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+            _say(f"an earlier edgekd process ({pid}) ended while {what} ran, without returning"
+                 + (f"; its last words on stderr, now in {self._root / LOG_FILE}: {lines[-1]}" if lines else
+                    " and with nothing on stderr"))
 
     def add(self, text: str) -> None:
         stamp = datetime.now().isoformat(timespec="seconds")
@@ -85,6 +113,27 @@ class WarningsLog:
 
 
 sink = WarningsLog()
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _last_states(text: str) -> list[str]:
+    """Each line's last state (not splitlines: a progress bar redraws itself after \\r on one line)."""
+    lines = []
+    for line in text.split("\n"):
+        last = next((part.strip() for part in reversed(line.split("\r")) if part.strip()), "")
+        if last:
+            lines.append(last)
+    return lines
 
 
 def _caller_module() -> str | None:
@@ -182,17 +231,28 @@ _original_showwarning = warnings.showwarning
 def library_output(what: str):
     """What a library writes straight to the process's stderr while the block runs (coremltools' converter
     progress bars, a C++ runtime's notices) goes to the log, not between the progress lines: file descriptor 2,
-    and ``sys.stderr`` with it, point at a temporary file, whose lines (a progress bar's last state per
-    line) are then added to the log, each marked with ``what``. Only for a command (:func:`install` ran) and
-    without ``EDGEKD_SHOW_WARNINGS``; elsewhere the block runs as it is. The console's own output is on stdout,
-    untouched; an exception still propagates (after stderr is back)."""
+    and ``sys.stderr`` with it, point at a file, whose lines (a progress bar's last state per line) are then
+    added to the log, each marked with ``what``. Once a run folder is attached that file is
+    ``logs/library-stderr-<pid>.txt``, so a converter that kills the process (an abort, a segfault) leaves its
+    last words there, and the next command on the run folder adds them to the log and says so on the console;
+    before, a temporary file. Only for a command (:func:`install` ran) and without ``EDGEKD_SHOW_WARNINGS``;
+    elsewhere the block runs as it is. The console's own output is on stdout, untouched; an exception still
+    propagates (after stderr is back)."""
     if not _installed or show_everything():
         yield
         return
     for stream in (sys.stderr, sys.__stderr__):
         if stream is not None:
             stream.flush()
-    with tempfile.TemporaryFile() as tmp:
+    named = None
+    if sink.path is not None and sink.path.parent.parent.is_dir():
+        with contextlib.suppress(OSError):
+            sink.path.parent.mkdir(exist_ok=True)
+            named = sink.path.parent / f"{STDERR_PREFIX}{os.getpid()}.txt"
+            named.write_bytes(f"{STDERR_HEADER}{what}\n".encode())
+    with open(named, "r+b") if named is not None else tempfile.TemporaryFile() as tmp:  # noqa: SIM115
+        tmp.seek(0, os.SEEK_END)
+        start = tmp.tell()
         saved, old_stderr = os.dup(2), sys.stderr
         # (sys.stderr too, not only the descriptor: it may not be fd 2's own stream, e.g. under a test runner)
         diverted = open(os.dup(tmp.fileno()), "w", encoding="utf-8", errors="replace")  # noqa: SIM115
@@ -208,12 +268,13 @@ def library_output(what: str):
                 sys.__stderr__.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            tmp.seek(0)
+            tmp.seek(start)
             text = tmp.read().decode("utf-8", "replace")
-            for line in text.split("\n"):  # (not splitlines: a bar redraws itself after \r on one line)
-                last = next((part.strip() for part in reversed(line.split("\r")) if part.strip()), "")
-                if last:
-                    sink.add(f"[{what}] {last}")
+            for line in _last_states(text):
+                sink.add(f"[{what}] {line}")
+            if named is not None:  # folded: the process returned from the block
+                with contextlib.suppress(OSError):
+                    named.unlink()
 
 
 def install() -> None:

@@ -65,7 +65,7 @@ from edgekd.export.base import (
 from edgekd.export.parity import ParityGate, check_parity, check_real_lengths
 from edgekd.progress import track
 from edgekd.runfolder import sha256_file, sha256_tree
-from edgekd.warnings_log import library_output
+from edgekd.warnings_log import library_output, pid_running
 
 if TYPE_CHECKING:
     from edgekd.export.base import Runner
@@ -253,7 +253,7 @@ def _remove_orphans(root: Path) -> None:
         return
     for path in root.glob(f".*{STAGED_SUFFIX}"):
         pid = path.name.rsplit(".", 2)[-2].split("-", 1)[0] if path.name.count(".") >= 3 else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_running(int(pid)):
             log.info("removing %s: a staged export of a process that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
     # An earlier folder set aside by a publish that was killed before the staged one took its place: it is
@@ -261,23 +261,13 @@ def _remove_orphans(root: Path) -> None:
     # from exporting into one root at once, so a dead pid's folders are nobody's.)
     for path in root.glob(".*.old-*"):
         name, _, pid = path.name[1:].rpartition(".old-")
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_running(int(pid)):
             continue
         if name and not (root / name).exists():
             log.warning("putting back %s as %s: a publish of the export stage was killed half-way", path, name)
             os.replace(path, root / name)
         else:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's process: running
-        return True
-    return True
 
 
 def _record(name: str, status: str, reason: str | None = None, **fields: Any) -> dict[str, Any]:

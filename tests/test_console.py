@@ -284,3 +284,43 @@ def test_a_librarys_own_stderr_goes_to_the_log_not_the_console(monkeypatch, capf
     with warnings_log.library_output("coreml"):
         os.write(2, b"shown\n")
     assert capfd.readouterr().err == "shown\n"
+
+
+def test_a_process_killed_inside_library_output_leaves_its_stderr_to_the_next_command(tmp_path):
+    """A converter that aborts the process inside ``library_output`` took its last stderr lines with it (they
+    were in an unlinked temporary file). With a run folder they are in logs/library-stderr-<pid>.txt, and the
+    next command on the folder adds them to the log, marked, and says so; a block that returns leaves no file."""
+    import subprocess
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "logs").mkdir()
+    (run / "logs" / "library-stderr-1.txt").write_text("edgekd library_output: a live process's block\nbusy\n")
+    start = ("import os\nfrom edgekd import warnings_log\nwarnings_log.install()\n"
+             f"warnings_log.sink.attach({str(run)!r})\n")
+    crash = start + ('with warnings_log.library_output("export onnx"):\n    os.write(2, b"fine\\n")\n'
+                     'with warnings_log.library_output("export coreml"):\n'
+                     '    os.write(2, b"Converting: 10%\\rConverting: 20%\\nlibc++abi: terminating\\n")\n'
+                     '    os._exit(134)\n')
+    res = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 134 and "terminating" not in res.stderr + res.stdout, res.stderr
+    left = sorted(p.name for p in (run / "logs").glob("library-stderr-*.txt"))
+    assert left == ["library-stderr-1.txt", f"library-stderr-{_pid_of(left)}.txt"]
+    log = (run / "logs" / "warnings.log").read_text()
+    assert "[export onnx] fine" in log and "terminating" not in log
+
+    res = subprocess.run([sys.executable, "-c", start], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    pid = _pid_of(left)
+    said = " ".join(res.stdout.split())
+    assert (f"an earlier edgekd process ({pid}) ended while export coreml ran, without returning; its last words "
+            f"on stderr, now in {run / 'logs' / 'warnings.log'}: libc++abi: terminating") in said, res.stdout
+    log = (run / "logs" / "warnings.log").read_text()
+    assert f"[export coreml, process {pid} ended inside it] Converting: 20%" in log
+    assert f"[export coreml, process {pid} ended inside it] libc++abi: terminating" in log
+    # the live process's file is its own still; the dead one's is gone
+    assert sorted(p.name for p in (run / "logs").glob("library-stderr-*.txt")) == ["library-stderr-1.txt"]
+
+
+def _pid_of(names: list[str]) -> int:
+    return next(int(n[len("library-stderr-"):-4]) for n in names if n != "library-stderr-1.txt")
