@@ -767,7 +767,7 @@ def serve_setup(path: str | Path, target: str | None = None, *, environment: boo
     if target is None and not export_given and cfg.target is not None:
         target, named = cfg.target, f"serve.target: {cfg.target} in {recipe_file}"
     try:
-        folder, why = choose_export(path, target)
+        folder, why = choose_export(path, target, choose=f"choose one with {flag}")
     except StageError as e:
         from edgekd.shipping import export_folders
 

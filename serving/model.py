@@ -51,12 +51,14 @@ VERSIONED_PACKAGES = ("edgekd", "onnxruntime", "tensorrt", "executorch", "coreml
                       "fastapi", "uvicorn")
 
 
-def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, str | None]:
+def choose_export(path: str | Path, target: str | None = None, *,
+                  choose: str = "choose one with --target") -> tuple[Path, str | None]:
     """The export folder to serve and, when edgekd chose it rather than the caller, why.
 
     ``path`` is an export folder, or a run folder: then ``RUN_DIR/export/<target>/``; without a target,
     what the run ships by the rule the summary follows too (``edgekd.shipping.shipped_export``: the quantize
-    stage's recommendation, else the only current export), or an error saying why nothing is chosen."""
+    stage's recommendation, else the only current export), or an error saying why nothing is chosen, which
+    ends with ``choose`` (how the caller names an export: the CLI's ``--target``, the API's ``target=``)."""
     path = Path(path)
     if (path / ARTIFACT_META).is_file():
         if target is not None and target != path.name:
@@ -76,7 +78,7 @@ def choose_export(path: str | Path, target: str | None = None) -> tuple[Path, st
         if target not in targets:
             raise StageError(f"{path} has no export '{target}'; exports there: {', '.join(targets)}.")
         return _named(export_root / target), None
-    name, why = shipped_export(path, choose="choose one with --target")
+    name, why = shipped_export(path, choose=choose)
     if name is None:
         raise StageError(f"{path}: {why}.")
     return export_root / name, f"{name}, {why}"

@@ -130,6 +130,22 @@ def test_serve_target_in_the_recipe_is_a_named_export_said_to_differ_from_what_s
         edgekd.load(run_copy, "onnx")
 
 
+def test_several_exports_and_no_recommendation_each_caller_is_told_its_own_way_to_choose(monkeypatch, capsys,
+                                                                                         run_copy):
+    """Nothing ships on its own where a run holds two exports and no quantize recommendation: `edgekd serve`
+    says to choose with --target, edgekd.load with target= (it said --target, a flag load has not)."""
+    int8 = shutil.copytree(run_copy / "export" / "onnx", run_copy / "export" / "onnx-int8")
+    meta = read_artifact_meta(int8)
+    meta["target"] = "onnx-int8"
+    write_artifact_meta(int8, meta)
+    code, out, started = _cli(monkeypatch, capsys, run_copy)
+    assert code != 0 and not started and "choose one with --target" in " ".join(out.split())
+    with pytest.raises(EdgeKDError, match=r"choose one with target=") as e:
+        edgekd.load(run_copy)
+    assert "--target" not in str(e.value)
+    assert edgekd.load(run_copy, "onnx-int8").folder == int8
+
+
 def test_a_serve_target_the_run_lacks_names_the_recipe_key(run_copy):
     (run_copy / "recipe.yaml").write_text("name: tiny\nserve:\n  target: tflite\n")
     with pytest.raises(EdgeKDError, match=r"has no export 'tflite'; exports there: onnx \(serve\.target: tflite in "
