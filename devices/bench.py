@@ -469,6 +469,7 @@ def summary(data: dict[str, Any], out: Path) -> dict[str, Any]:
         per_model[e["name"]] = {k: row.get(k) for k in ("status", "p50_ms", "p99_ms", "throughput", "accuracy",
                                                          "ood_accuracy", "delta_vs_teacher", "size_bytes",
                                                          "inputs_sha256", "plan_sha256", "tokenizer")}
+        per_model[e["name"]]["pruned"] = tables.pruned(e)  # (the summary's fastest line says so)
     return {
         "profile": data["profile"]["name"],
         "dir": str(out),

@@ -599,13 +599,18 @@ def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile
     lines += ["", head, sep]
     entries = [{e["name"]: e for e in s["results"]} for s in sides]
     unrecorded: list[str] = []
+    mixed: list[str] = []  # rows pruned on some sides and not on others
     for n in names:
         cells, p50s, prints = [], [], []
-        for rows in rows_by_side:
+        marks = [pruned(side[n]) if n in side else None for side in entries]
+        for rows, mark in zip(rows_by_side, marks, strict=True):
             r = rows.get(n, {})
             p50s.append(r.get("p50_ms"))
             prints.append(r.get("inputs_sha256"))
-            cells += [_num(r.get("p50_ms"), ".3f"), _num(r.get("accuracy"), ".4f")]
+            cells += [_num(r.get("p50_ms"), ".3f") + (f" ({PRUNED_MARK})" if mark else ""),
+                      _num(r.get("accuracy"), ".4f")]
+        if len({m for m in marks if m is not None}) > 1:
+            mixed.append(n)
         ratios = []
         for i, p in enumerate(p50s[1:], 1):
             if p and p50s[0] and not (prints[i] and prints[0]):
@@ -618,6 +623,9 @@ def report(run_dir: str | Path, compare: list[str | Path] | None = None, profile
     if unrecorded:
         lines += ["", f"No p50 ratio (—) where a side was timed on inputs that are not recorded: "
                       f"{'; '.join(unrecorded)}. Those latencies are listed, not compared."]
+    if mixed:
+        lines += ["", f"Pruned on one side, not on another: {', '.join(mixed)}. Their ratios compare an export of "
+                      f"the pruned student with one of the unpruned student, not the same model on two sides."]
     return "\n".join(lines) + "\n"
 
 

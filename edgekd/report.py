@@ -246,7 +246,10 @@ def _bench(met: dict, key: str, name: str) -> str:
     if timed:
         fast = min(timed, key=lambda n: timed[n]["p50_ms"])
         r = timed[fast]
-        lines.append(f"fastest: {fast}, {r['p50_ms']:.3f} ms p50, {name} {_m({key: r.get('accuracy')}, key)}")
+        from edgekd.devices.tables import PRUNED_MARK
+
+        mark = f" ({PRUNED_MARK})" if r.get("pruned") else ""
+        lines.append(f"fastest: {fast}{mark}, {r['p50_ms']:.3f} ms p50, {name} {_m({key: r.get('accuracy')}, key)}")
     skipped = [n for n, r in models.items() if r.get("status") not in (None, "ok")]
     if skipped:
         lines.append(f"not timed: {', '.join(skipped)} (see the bench table's notes)")

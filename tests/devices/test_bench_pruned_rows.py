@@ -90,3 +90,25 @@ def test_a_detection_table_marks_pruned_exports_and_leaves_an_unpruned_runs_alon
     unpruned_side = next(line for line in both.splitlines() if line.startswith("- unpruned/local"))
     assert pruned_side.endswith("; onnx, onnx-int8-static: exports of the pruned student.")
     assert "pruned student" not in unpruned_side
+    # and in the cells: a row pruned on one side and not on the other says so, with what its ratio compares
+    onnx = _row(both, "onnx")
+    assert onnx[1:5] == ["0.500 (pruned student)", "0.5000", "0.500", "0.5000"], onnx
+    assert ("Pruned on one side, not on another: onnx, onnx-int8-static. Their ratios compare an export of the pruned "
+            "student with one of the unpruned student") in " ".join(both.split())
+    alike = tables.report(tmp_path / "unpruned", compare=[tmp_path / "unpruned"])
+    assert "pruned student" not in alike and "Pruned on one side" not in alike
+
+
+def test_the_summarys_fastest_line_marks_a_pruned_export(tmp_path):
+    """The run summary's bench line named the fastest model with no word that it is the pruned student's
+    export, beside the unpruned student's accuracy above it."""
+    from edgekd.devices.bench import summary
+    from edgekd.report import _bench
+
+    data = _detection_data("det", "prune")
+    data["results"] = [r for r in data["results"] if r["kind"] == "artifact"]
+    met = summary(data, tmp_path)
+    assert met["models"]["onnx"]["pruned"] is True
+    assert "fastest: onnx (pruned student), 0.500 ms p50" in _bench(met, "map50_95", "mAP")
+    plain = summary(_detection_data("det", "distill"), tmp_path)
+    assert "pruned student" not in _bench(plain, "map50_95", "mAP")
