@@ -67,23 +67,32 @@ def _recipe_named(source: str | Path | None) -> str:
 
 def _one_off_at_fault(err: RecipeError, source: str | Path | None, overrides: list[str], one_off: list[str],
                       flags: Mapping[str, str], checked: bool) -> RecipeError:
-    """``err``, raised by the recipe with this command's ``one_off`` settings, as theirs (naming the flag
-    each came from, ``flags``) where the recipe with its ``overrides`` alone loads (and, ``checked``, where
-    ``check_up_front`` finds none of the problems in it); else ``err`` as it is, a problem of the recipe."""
+    """``err``, raised by the recipe with this command's ``one_off`` settings, split between the recipe and
+    them: a problem the recipe with its ``overrides`` alone has too (when it loads, or, ``checked``, in what
+    ``check_up_front`` finds) is the recipe's, the others are the one-off settings' (naming the flag each came
+    from, ``flags``); ``err`` as it is where all are the recipe's, or where the recipe alone cannot be checked."""
     if not one_off:
         return err
     try:
         alone = load_recipe_or_run(source, overrides)
+        own: set[str] = set()
         if checked:
             from edgekd.recipe_check import check_inputs
 
             own = set(check_inputs(alone))
-            if any(p in own for p in err.problems):
-                return err
+    except RecipeError as e:
+        if checked:
+            return err  # the one-off settings mend what the recipe alone cannot load with: nothing to compare
+        own = set(e.problems)
     except EdgeKDError:
         return err
+    theirs = [p for p in err.problems if p not in own]
+    if not theirs:
+        return err
     given = ", ".join(s if not flags.get(s) else flags[s] if s in flags[s] else f"{flags[s]} ({s})" for s in one_off)
-    return RecipeError(err.problems, _recipe_named(source), one_off=given)
+    mine = [p for p in err.problems if p in own]
+    return RecipeError(mine, _recipe_named(source), one_off=given, one_off_problems=theirs) if mine else \
+        RecipeError(theirs, _recipe_named(source), one_off=given)
 
 
 def setup_runtime(recipe: Recipe) -> None:

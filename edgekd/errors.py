@@ -10,15 +10,23 @@ class EdgeKDError(Exception):
 class RecipeError(EdgeKDError):
     """The recipe (YAML or CLI overrides) is invalid. Lists every problem at once."""
 
-    def __init__(self, problems: list[str], source: str | None = None, one_off: str | None = None):
+    def __init__(self, problems: list[str], source: str | None = None, one_off: str | None = None,
+                 one_off_problems: list[str] | None = None):
         """``one_off``: the settings given for one command only (``--to onnx (export.targets=[onnx])``) that
-        the ``problems`` come from, not from the recipe ``source``: the message blames them, not it."""
-        self.problems = list(problems)
+        the ``problems`` come from, not from the recipe ``source``: the message blames them, not it. With
+        ``one_off_problems`` too, ``problems`` are the recipe's own and those the one-off settings', each
+        group under its own heading (``problems`` then holds both)."""
+        self.problems = list(problems) + list(one_off_problems or [])
         self.source, self.one_off = source, one_off
         where = f" in {source}" if source else ""
+        one_off_where = f" with this command's one-off {one_off}, given for this command only"
+        if one_off and one_off_problems:
+            own = "\n".join(f"  - {p}" for p in problems)
+            theirs = "\n".join(f"  - {p}" for p in one_off_problems)
+            super().__init__(f"Invalid recipe{where}:\n{own}\nand{one_off_where}:\n{theirs}")
+            return
         if one_off:
-            where = f" with this command's one-off {one_off}, given for this command only" + (
-                f", not from {source}" if source else "")
+            where = one_off_where + (f", not from {source}" if source else "")
         body = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"Invalid recipe{where}:\n{body}")
 

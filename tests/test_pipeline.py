@@ -246,6 +246,14 @@ def test_a_bad_one_off_flag_is_named_as_the_source_of_the_error_not_the_runs_rec
                                          f"(bench.profile=also-nope), given for this command only, not from {path}:")
     res = runner.invoke(app, ["bench", str(path), "--device", "local", "--set", "bench.runs=0"])
     assert str(res.exception).startswith(f"Invalid recipe in {path}:\n  - bench.runs"), res.exception
+    # Both at fault: each problem under its own source (the whole error was laid on the recipe).
+    res = runner.invoke(app, ["export", str(path), "--to", "onnx,bogus", "--set", "bench.runs=0"])
+    message = str(res.exception)
+    head, _, tail = message.partition("\nand with this command's one-off --to onnx,bogus (export.targets=[onnx,bogus]), "
+                                      "given for this command only:\n")
+    assert head.startswith(f"Invalid recipe in {path}:\n  - bench.runs") and "bogus" not in head, message
+    assert tail.startswith("  - ") and "unknown export target(s) ['bogus']" in tail and "bench.runs" not in tail
+    assert {"bench.runs", "bogus"} <= {w for p in res.exception.problems for w in ("bench.runs", "bogus") if w in p}
 
 
 def test_a_one_off_export_of_other_targets_keeps_the_keys_the_runs_own_targets_read(tmp_path, tiny_teacher_dir,
