@@ -509,7 +509,7 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
     if layers is not None and student is not None:
         raise ArgumentError(["layers: picks the teacher layers of a student built from the teacher; "
                              "leave it out when you give a student"])
-    save_to = _check_out_dir(out_dir)
+    save_to = _check_out_dir(out_dir, teacher=teacher, student=student)
     if isinstance(teacher, (str, PurePath)):
         _check_model_source(teacher, "teacher")
         tokenizer = tokenizer or _tokenizer_of(teacher)
@@ -545,8 +545,7 @@ def distill(teacher: nn.Module | str | Path, student: nn.Module | str | Path | N
         raise StageError(f"the student's vocabulary ({student.get_input_embeddings().num_embeddings} ids) is "
                          f"smaller than the teacher's tokenizer ({len(tokenizer)}): edgekd.distill feeds both "
                          "the same tokens, so the student must share the teacher's tokenizer.")
-    if student_source is not None:
-        _check_student_tokenizer(student_source, tokenizer, max_length, texts)
+    _check_student_tokenizer(student_source, tokenizer, max_length, texts, student)
     note = align_head(student, head, teacher_labels)  # the teacher's label order and names
     if note:
         warnings.warn(f"the student: {note}", UserWarning, stacklevel=2)
@@ -596,10 +595,12 @@ def _check_distill_args(**given: Any) -> tuple[int, int, int]:
     return args.max_length, args.seed, args.batch_size
 
 
-def _check_out_dir(out_dir: Any) -> Path | None:
+def _check_out_dir(out_dir: Any, **sources: Any) -> Path | None:
     """Where ``edgekd.distill`` may save the student, checked before anything trains: a folder of its own name
     (not '.', '..' or a root), new or empty, or a model folder saved before (replaced whole, as the student is
-    written whole); never a folder of other files, which the replacement would delete."""
+    written whole); never a folder of other files, which the replacement would delete, nor the teacher's folder
+    or one holding it (``sources``: the teacher and student as given; a model's ``name_or_path`` when it is a
+    folder here), nor a folder holding the student's (its own folder is a model folder saved before)."""
     if out_dir is None:
         return None
     if not isinstance(out_dir, (str, PurePath)) or not str(out_dir).strip():
@@ -611,6 +612,15 @@ def _check_out_dir(out_dir: Any) -> Path | None:
                              "folder, replacing what is there): name a new folder, e.g. out_dir='my-student'"])
     if path.exists() and not path.is_dir():
         raise ArgumentError([f"out_dir: {path} is a file: give a folder to save the student to"])
+    for role, source in sources.items():
+        where = source if isinstance(source, (str, PurePath)) else getattr(source, "name_or_path", None)
+        if not where or not Path(where).expanduser().is_dir():
+            continue  # an asset or hub name, or a model from nowhere on disk
+        held = Path(where).expanduser().resolve()
+        if held == path.resolve() and role == "teacher" or path.resolve() in held.parents:
+            what = "is" if held == path.resolve() else "holds"
+            raise ArgumentError([f"out_dir: {path} {what} the {role}'s folder ({where}); saving the student there "
+                                 f"would replace it: name another folder"])
     if path.is_dir() and any(path.iterdir()) and not _saved_model_folder(path):
         raise ArgumentError([f"out_dir: {path} holds files and is not a saved model folder (no config.json with "
                              "its weights beside it); saving would replace the whole folder and delete them. Give "
@@ -657,14 +667,24 @@ def _check_positions(model: nn.Module, what: str, max_length: int) -> None:
                              f"{limit[0]} ({limit[1]}): give max_length={limit[0]} or less"])
 
 
-def _check_student_tokenizer(source: str, tokenizer: Any, max_length: int, texts: list[str]) -> None:
+def _check_student_tokenizer(source: str | None, tokenizer: Any, max_length: int, texts: list[str],
+                             student: nn.Module) -> None:
     """A student whose own tokenizer (read from ``source`` without a download) gives other ids than the
-    teacher's is refused, by the check the pipeline makes of ``student.model`` (``tokenizer_difference``)."""
+    teacher's is refused, by the check the pipeline makes of ``student.model`` (``tokenizer_difference``).
+    Without a tokenizer of its own here (a model built in code), what its config says of its tokenizer is
+    compared: a padding id other than the teacher tokenizer's is refused (besides the vocabulary size)."""
     from edgekd.tasks.text.task import local_tokenizer, tokenizer_difference
 
-    own = local_tokenizer(source)
+    own = local_tokenizer(source) if source is not None else None
     if own is None:
-        return  # nothing to compare here: the vocabulary-size check above is what can be said
+        pad, theirs = getattr(student.config, "pad_token_id", None), tokenizer.pad_token_id
+        if pad is not None and theirs is not None and int(pad) != int(theirs):
+            raise StageError(f"student: its config's pad_token_id is {pad}, and the teacher's tokenizer pads with id "
+                             f"{theirs}: a sign that the student was made for another tokenizer (none of its own is "
+                             "on this machine to compare ids with). edgekd.distill feeds it the teacher's token ids: "
+                             "give a student that shares the teacher's tokenizer (or its folder), or, if it does, set "
+                             f"student.config.pad_token_id = {theirs}.")
+        return
     why = tokenizer_difference(tokenizer, own, max_length, texts[:512])
     if why:
         raise StageError(f"student: the tokenizer of {source} gives other token ids than the teacher's: {why}. "

@@ -495,6 +495,27 @@ def test_distill_replaces_a_model_folder_saved_before(classifier, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_distill_refuses_to_save_over_the_teachers_folder(classifier, tmp_path, monkeypatch):
+    """The teacher's folder is a saved model folder, so out_dir=<it> was accepted and replaced by the student:
+    the teacher was gone. Refused before training, the teacher given as its folder or as a model loaded from
+    it; so is a folder holding the teacher's or the student's (its own folder is replaced, as documented)."""
+    from transformers import AutoModelForSequenceClassification
+
+    calls = _spy_training(monkeypatch)
+    rows = [("good", 1), ("bad", 0)]
+    before = sorted(os.listdir(classifier))
+    for teacher in (classifier, AutoModelForSequenceClassification.from_pretrained(classifier)):
+        with pytest.raises(ArgumentError, match=r"out_dir: .* is the teacher's folder \(.*\); saving the student "
+                                                r"there would replace it: name another folder"):
+            edgekd.distill(teacher, data=rows, out_dir=classifier, **FAST)
+    with pytest.raises(ArgumentError, match=r"out_dir: .* holds the teacher's folder"):
+        edgekd.distill(classifier, data=rows, out_dir=classifier.parent, **FAST)
+    student = tiny_bert(tmp_path / "students" / "small", num_layers=2, num_labels=2)
+    with pytest.raises(ArgumentError, match=r"out_dir: .*students holds the student's folder"):
+        edgekd.distill(classifier, student, data=rows, out_dir=tmp_path / "students", **FAST)
+    assert not calls and sorted(os.listdir(classifier)) == before
+
+
 def test_distill_refuses_a_student_whose_tokenizer_gives_other_ids(classifier, tmp_path, monkeypatch):
     """The same vocabulary size, other ids (reversed): the pipeline refuses such a student.model; so does
     edgekd.distill, before training, with the pipeline's check."""
@@ -507,6 +528,25 @@ def test_distill_refuses_a_student_whose_tokenizer_gives_other_ids(classifier, t
                                          r"their vocabularies differ"):
         edgekd.distill(classifier, student, data=sentiment_rows(8), **FAST)
     assert not calls
+
+
+def test_distill_refuses_a_student_object_whose_config_pads_with_another_id(classifier, tmp_path, monkeypatch):
+    """A student built in code has no tokenizer here to compare ids with; only its vocabulary size was checked,
+    so a student made for a tokenizer padding with id 1 (RoBERTa's) trained on BERT ids. Its config's padding
+    id is now compared with the teacher tokenizer's; setting it as the message says lets it train."""
+    from transformers import AutoModelForSequenceClassification
+
+    calls = _spy_training(monkeypatch)
+    student = AutoModelForSequenceClassification.from_pretrained(tiny_bert(tmp_path / "s", num_layers=2, num_labels=2))
+    student.name_or_path = ""  # built in code: no folder of its own
+    student.config.pad_token_id = 1
+    with pytest.raises(StageError, match=r"student: its config's pad_token_id is 1, and the teacher's tokenizer pads "
+                                         r"with id 0: .* set student\.config\.pad_token_id = 0"):
+        edgekd.distill(classifier, student, data=sentiment_rows(8), **FAST)
+    assert not calls
+    student.config.pad_token_id = 0
+    edgekd.distill(classifier, student, data=sentiment_rows(8), **FAST)
+    assert calls
 
 
 def test_distill_checks_max_length_up_front(classifier, monkeypatch):
