@@ -484,7 +484,8 @@ class EvalConfig(Section):
 
 class RuntimeConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Training precision. auto: bf16 where the CPU/GPU has fast bf16 (AMX, Ampere+), else fp32."
+        "auto", description="Training precision. auto: bf16 where the CPU/GPU has fast bf16 (AMX, Ampere+), else fp32; "
+        "under accelerate launch, the launch's --mixed_precision (another precision here than the launch's is an error)."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
 

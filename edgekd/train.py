@@ -46,14 +46,32 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """Map the recipe's precision to Accelerate's mixed_precision ('no', 'bf16', 'fp16')."""
+    """Map the recipe's precision to Accelerate's mixed_precision ('no', 'bf16', 'fp16').
+
+    Under ``accelerate launch`` (which sets ``ACCELERATE_MIXED_PRECISION`` from ``--mixed_precision`` or its
+    config; so may a user), ``auto`` takes the launch's precision, and another precision named in the recipe
+    or the call is an error naming both: Accelerate lets the argument win silently over the launch's."""
+    import os
+
+    launch = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower() or None
+    if precision == "auto" and launch in ("no", "bf16", "fp16"):
+        return launch
     if precision == "fp32":
-        return "no"
-    if precision in ("bf16", "fp16"):
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
+        mixed = "no"
+    elif precision in ("bf16", "fp16"):
+        mixed = precision
+    elif torch.cuda.is_available():
+        mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        mixed = "bf16" if cpu_has_fast_bf16() else "no"
+    if launch is not None and launch != mixed:
+        said = {"no": "fp32"}.get(launch, launch)
+        fix = (f"give precision '{said}' (runtime.precision, or distill's precision=), or 'auto' to take the "
+               "launch's" if launch in ("no", "bf16", "fp16") else "edgekd trains in no, bf16 or fp16")
+        raise StageError(f"precision '{precision}' trains in Accelerate's mixed precision '{mixed}', but "
+                         f"ACCELERATE_MIXED_PRECISION is '{launch}' (accelerate launch --mixed_precision, or its "
+                         f"config): {fix}; or launch with --mixed_precision {mixed}")
+    return mixed
 
 
 def init_process_state():

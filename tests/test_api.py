@@ -432,6 +432,44 @@ def test_a_distributed_launch_refuses_another_precision_naming_both(monkeypatch)
         AcceleratorState._reset_state()
 
 
+def test_accelerate_launch_mixed_precision_is_taken_by_auto_and_a_clash_is_an_error(monkeypatch):
+    """`accelerate launch --mixed_precision bf16` with a recipe precision of fp32 trained in fp32: Accelerate lets
+    the Accelerator's argument win over the launch's silently. `auto` now takes the launch's; another precision
+    is an error naming both."""
+    import edgekd.train
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert edgekd.train.resolve_precision("auto") == "bf16" == edgekd.train.resolve_precision("bf16")
+    with pytest.raises(StageError, match=r"precision 'fp32' trains in Accelerate's mixed precision 'no', but "
+                                         r"ACCELERATE_MIXED_PRECISION is 'bf16' \(accelerate launch --mixed_precision, "
+                                         r"or its config\): give precision 'bf16' .*, or 'auto' to take the launch's; "
+                                         r"or launch with --mixed_precision no"):
+        edgekd.train.make_accelerator("fp32")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # a launch's default: auto trains in fp32 as launched
+    monkeypatch.setattr(edgekd.train, "cpu_has_fast_bf16", lambda: True)
+    assert edgekd.train.resolve_precision("auto") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(StageError, match=r"ACCELERATE_MIXED_PRECISION is 'fp8' .*edgekd trains in no, bf16 or fp16"):
+        edgekd.train.resolve_precision("auto")
+
+
+def test_a_real_accelerate_launch_sets_what_resolve_precision_reads(tmp_path):
+    """The variable is the one `accelerate launch --mixed_precision` sets (a one-process launch)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text("import edgekd.train\nprint('auto ->', edgekd.train.resolve_precision('auto'))\n"
+                      "try:\n    edgekd.train.resolve_precision('fp32')\nexcept Exception as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                          "--mixed_precision", "bf16", str(script)], capture_output=True, text=True, timeout=300,
+                         env={**env, "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "auto -> bf16" in res.stdout
+    assert "but ACCELERATE_MIXED_PRECISION is 'bf16'" in res.stdout, res.stdout
+
+
 def test_a_deepspeed_launch_keeps_its_own_precision(monkeypatch):
     """Under DeepSpeed, Accelerate holds mixed precision "no" (DeepSpeed's config has the precision) and checks
     nothing: a second training at bf16 in the launch is not refused."""
