@@ -246,10 +246,11 @@ def library_output(what: str):
             stream.flush()
     named = None
     if sink.path is not None and sink.path.parent.parent.is_dir():
-        with contextlib.suppress(OSError):
-            sink.path.parent.mkdir(exist_ok=True)
-            named = sink.path.parent / f"{STDERR_PREFIX}{os.getpid()}.txt"
-            named.write_bytes(f"{STDERR_HEADER}{what}\n".encode())
+        candidate = sink.path.parent / f"{STDERR_PREFIX}{os.getpid()}.txt"
+        with contextlib.suppress(OSError):  # (a run folder that cannot be written: a temporary file, as before)
+            candidate.parent.mkdir(exist_ok=True)
+            candidate.write_bytes(f"{STDERR_HEADER}{what}\n".encode())
+            named = candidate
     with open(named, "r+b") if named is not None else tempfile.TemporaryFile() as tmp:  # noqa: SIM115
         tmp.seek(0, os.SEEK_END)
         start = tmp.tell()

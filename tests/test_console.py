@@ -324,3 +324,21 @@ def test_a_process_killed_inside_library_output_leaves_its_stderr_to_the_next_co
 
 def _pid_of(names: list[str]) -> int:
     return next(int(n[len("library-stderr-"):-4]) for n in names if n != "library-stderr-1.txt")
+
+
+def test_library_output_where_its_file_cannot_be_written_still_diverts(monkeypatch, capfd, tmp_path):
+    """logs/library-stderr-<pid>.txt cannot be written (here a folder holds its name): the block's stderr goes to
+    a temporary file as before (it opened the file it had failed to write, and raised), and reaches the log."""
+    import os
+
+    run = tmp_path / "run"
+    (run / "logs" / f"library-stderr-{os.getpid()}.txt").mkdir(parents=True)
+    sink = warnings_log.WarningsLog()
+    sink.attach(run)
+    monkeypatch.setattr(warnings_log, "sink", sink)
+    monkeypatch.setattr(warnings_log, "_installed", True)
+    monkeypatch.delenv("EDGEKD_SHOW_WARNINGS", raising=False)
+    with warnings_log.library_output("coreml"):
+        os.write(2, b"converting\n")
+    assert capfd.readouterr().err == ""
+    assert "[coreml] converting" in (run / "logs" / "warnings.log").read_text()
