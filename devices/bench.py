@@ -275,7 +275,8 @@ def bench_run(
     metric: str = "accuracy",
     input_desc: str | None = None,
     ood: tuple[str, dict[str, np.ndarray], np.ndarray] | None = None,
-    own_outputs: Callable[[], dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]] | None = None,
+    own_outputs: Callable[[], dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, str | None]]]
+    | None = None,
     not_current: dict[str, str] | None = None,
     original_inputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None] | None = None,
 ) -> dict[str, Any]:
@@ -287,10 +288,11 @@ def bench_run(
     ``reference`` ({"teacher": acc, "student": acc}) overrides the run manifest's eval figures;
     ``metric`` is the key of ``metric_fn``'s result that fills the accuracy column (map50_95 for
     detectors). ``ood`` (name, inputs, labels) adds each model's accuracy on an out-of-domain set.
-    ``own_outputs()`` (entry name -> (test outputs, OOD outputs); called only where PyTorch models are
-    measured, before they are) scores a model that is timed on inputs it does not read as they are (an
-    unpruned model behind a trimmed vocabulary's id table) on the outputs given instead, and says so in
-    its note; such a model is then only timed, not scored a second time on inputs it does not read.
+    ``own_outputs()`` (entry name -> (test outputs, OOD outputs, where they came from or None); called only
+    where PyTorch models are measured, before they are) scores a model that is timed on inputs it does not
+    read as they are (an unpruned model behind a trimmed vocabulary's id table) on the outputs given instead,
+    and says so in its note (with their source); such a model is then only timed, not scored a second time
+    on inputs it does not read.
     ``not_current`` (folder name -> why) lists export folders the run's recipe no longer makes (the quantized
     ones of a quantize stage it turns off): they are listed as skipped, not measured as current.
     ``original_inputs`` (test inputs, out-of-domain inputs or None) are the same texts in the ids the
@@ -360,9 +362,10 @@ def bench_run(
     for e in entries:
         test_out, ood_out = inputs.split_outputs(e.pop("_outputs", None))
         if e.pop("scored_elsewhere", False) and e.get("status", "ok") == "ok":  # timed; scored on its own inputs
-            test_out, ood_out = own[e["name"]]
+            test_out, ood_out, source = own[e["name"]]
             e["note"] = ("timed on its own tokenizer's ids of the same texts" if e.get("tokenizer") == "original"
-                         else "timed on the shipped tokenizer's ids") + "; accuracy on its own tokenizer's ids"
+                         else "timed on the shipped tokenizer's ids") + "; accuracy on its own tokenizer's ids" + (
+                             f" ({source})" if source else "")
         elif e.get("eval_rows_per_call") and test_out is not None:
             e["note"] = f"accuracy: {e['eval_rows_per_call']}"
         metrics = measure.score(test_out, eval_labels, metric_fn)

@@ -81,11 +81,11 @@ class RunContext:
         the same): the bench times those models on them, in the same plan as every other row."""
         return None
 
-    def bench_own_outputs(self, models: dict[str, tuple[Any, Any]],
-                          n: int | None) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
-        """Outputs (test split's first ``n``, out-of-domain set) to score a PyTorch model of the bench on
-        where the inputs it is timed on are not the ones it reads (default: none; every model is scored
-        on the timed inputs)."""
+    def bench_own_outputs(self, models: dict[str, tuple[Any, Any]], n: int | None) -> dict[str, tuple[
+            dict[str, np.ndarray], dict[str, np.ndarray] | None, str | None]]:
+        """Outputs (test split's first ``n``, out-of-domain set, and where they came from when not from
+        running the model here) to score a PyTorch model of the bench on where the inputs it is timed on
+        are not the ones it reads (default: none; every model is scored on the timed inputs)."""
         return {}
 
     def extra_exports(self, model, inputs, labels, meta, staging=None) -> dict[str, dict[str, Any]]:

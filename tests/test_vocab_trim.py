@@ -279,6 +279,60 @@ def test_tiny_run_trims_the_vocabulary_and_every_export_is_consistent(tmp_path, 
     # Those are only timed through the table, not also scored there (their outputs would be dropped).
     scored = {e["name"] for e in results if e.get("eval_examples")}
     assert scored == {"onnx", "onnx-int8", "pytorch-student-pruned"}, scored
+    # Their logits are the eval stage's, which ran the same models on the same texts in the same ids: read, not
+    # computed again, and the numbers the models give.
+    assert all(notes[f"pytorch-{who}"].endswith("(the eval stage's logits)") for who in ("teacher", "student"))
+    _eval_logits_are_read_only_when_they_answer_the_same_inputs(ctx, run, monkeypatch)
+
+
+def _eval_logits_are_read_only_when_they_answer_the_same_inputs(ctx, run, monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import edgekd.ood
+    from edgekd.export.parity import source_outputs
+    from edgekd.stages.base import load_stage_model
+    from edgekd.tasks.text.evaluate import LOGITS_FILE, run_eval
+    from edgekd.tasks.text.task import TokenizedSplit
+
+    # An out-of-domain set of a few texts (this tiny recipe names none), scored by the eval stage run again.
+    texts = ["an awful boring film", "a moving and wonderful play", "dull", "great fun"]
+
+    def fake_ood(c, tokenizer=None):
+        tok = tokenizer or c.tokenizer
+        return (SimpleNamespace(name="fake-ood", record=lambda: {"name": "fake-ood"}),
+                TokenizedSplit(c.task.tokenize(tok, texts), np.array([0, 1, 0, 1]), tok.pad_token_id or 0))
+
+    monkeypatch.setattr(edgekd.ood, "ood_split", fake_ood)
+    run_eval(ctx)
+    task = ctx.task
+    models = {who: (task.export_module(load_stage_model(ctx, stage)), task.model_io())
+              for who, stage in (("teacher", "teacher"), ("student", "distill"))}
+    read = ctx.bench_own_outputs(models, None)
+    assert {n: v[2] for n, v in read.items()} == {"teacher": "the eval stage's logits",
+                                                   "student": "the eval stage's logits"}
+    test, _ = ctx.parity_data(None, tokenizer=ctx.tokenizer)
+    ood = edgekd.ood.ood_inputs(ctx, ctx.tokenizer)[1]
+    for who, (module, io) in models.items():
+        for got, inputs in ((read[who][0], test), (read[who][1], ood)):
+            want = source_outputs(module, inputs, io.output_names)["logits"]
+            np.testing.assert_allclose(got["logits"], want, rtol=1e-4, atol=1e-5)
+    # Other texts (the test split's first three), or a file changed since the eval stage recorded it: run here.
+    assert {n: v[2] for n, v in ctx.bench_own_outputs(models, 3).items()} == {"teacher": None, "student": None}
+    path = run / "eval" / LOGITS_FILE
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["teacher.test"] = arrays["teacher.test"][:, ::-1].copy()  # every answer flipped
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    again = ctx.bench_own_outputs(models, None)
+    assert {n: v[2] for n, v in again.items()} == {"teacher": None, "student": None}
+    np.testing.assert_allclose(again["teacher"][0]["logits"], read["teacher"][0]["logits"], rtol=1e-4, atol=1e-5)
+    # Another out-of-domain set than the eval stage scored: run here too.
+    run_eval(ctx)
+    texts[0] = "an awful boring play"
+    assert {n: v[2] for n, v in ctx.bench_own_outputs(models, None).items()} == {"teacher": None, "student": None}
 
 
 def test_a_model_trimmed_already_is_not_trimmed_again_with_the_teacher_ids(classifier, tiny_classifier_dir):

@@ -72,7 +72,7 @@ def test_untrimmed_models_are_timed_on_their_own_tokenizers_ids_of_the_same_text
     lengths = {k: v["attention_mask"].sum(axis=1) for k, v in (("shipped", shipped), ("own", own))}
     assert (lengths["shipped"] > lengths["own"]).sum() == 5  # the same texts, longer in the trimmed ids
     cfg = BenchConfig(warmup=1, runs=6, rounds=2, batch_sizes=[1, 2], isolate=False, eval_batch_size=4)
-    scored = {"pytorch-student": ({"logits": np.zeros((len(TEXTS), 2), np.float32)}, None)}
+    scored = {"pytorch-student": ({"logits": np.zeros((len(TEXTS), 2), np.float32)}, None, None)}
     from edgekd.errors import StageError
 
     with pytest.raises(StageError, match="was not given their ids of the same texts"):

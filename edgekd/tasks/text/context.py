@@ -115,11 +115,15 @@ class TextRunContext(RunContext):
         ood = ood_inputs(self, self.tokenizer)
         return test, (ood[1] if ood else None)
 
-    def bench_own_outputs(self, models: dict[str, tuple[Any, Any]],
-                          n: int | None) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
+    def bench_own_outputs(self, models: dict[str, tuple[Any, Any]], n: int | None) -> dict[str, tuple[
+            dict[str, np.ndarray], dict[str, np.ndarray] | None, str | None]]:
         """With a trimmed vocabulary, each unpruned model's logits on its own tokenizer's ids of the same
         texts (the test split's first ``n``, the out-of-domain set): the accuracy it gives its users.
-        The bench times and scores it on these ids of the same texts (``bench_original_inputs``)."""
+        The bench times and scores it on these ids of the same texts (``bench_original_inputs``).
+
+        The eval stage ran the same models on the same texts in these ids: its logits are read where its
+        record is current and its token ids are these, row for row (``saved_logits``; the third element then
+        says so), and the model runs here otherwise."""
         p = self.recipe.prune
         if not (p.enabled and p.trim_vocab):
             return {}
@@ -128,17 +132,26 @@ class TextRunContext(RunContext):
         from edgekd.devices.remote_runner import run_dataset
         from edgekd.export.parity import source_outputs
         from edgekd.ood import ood_inputs
+        from edgekd.tasks.text.evaluate import saved_logits
 
         test, _ = self.parity_data(n, tokenizer=self.tokenizer)
         found = ood_inputs(self, self.tokenizer)
+        ood = found[1] if found else None
+        saved, _why = saved_logits(self, test, ood)
 
         def outputs(module: Any, io: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             # batches of similar lengths, each cut to its longest text (an eager model takes any width)
             runner = SimpleNamespace(run=lambda b: source_outputs(module, b, io.output_names))
             return run_dataset(runner, arrays, 64, trim_ok=lambda b, w: True)
 
-        return {name: (outputs(module, io, test), outputs(module, io, found[1]) if found else None)
-                for name, (module, io) in models.items() if name != "student-pruned"}
+        def own(name: str, module: Any, io: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None,
+                                                          str | None]:
+            if name in saved and list(io.output_names) == ["logits"]:
+                t, o = saved[name]
+                return {"logits": t}, ({"logits": o} if o is not None else None), "the eval stage's logits"
+            return outputs(module, io, test), (outputs(module, io, ood) if ood is not None else None), None
+
+        return {name: own(name, module, io) for name, (module, io) in models.items() if name != "student-pruned"}
 
     def validation_data(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The validation split as model inputs and labels (quantization calibration and guard)."""

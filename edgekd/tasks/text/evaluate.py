@@ -6,6 +6,8 @@ accuracy the student keeps, and the measured gain of distillation over the hard-
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.context import RunContext
-from edgekd.runfolder import fingerprint
+from edgekd.runfolder import atomic_write_bytes, fingerprint
 from edgekd.stages.base import load_stage_model
 from edgekd.tasks.text.distill import stage_fingerprint
 from edgekd.tasks.text.teacher import teacher_fingerprint
@@ -34,6 +36,68 @@ def eval_fingerprint(ctx: RunContext) -> str:
         parts["ood"] = {"dataset": r.eval.ood_dataset, "min_abs_score": r.eval.ood_min_abs_score,
                         "less_run_texts": True}
     return fingerprint(parts)
+
+
+# The eval stage's logits of each model it ran, on the test split and the out-of-domain set, with a digest of the
+# token ids they answer: the bench scores the same unpruned models on the same texts in the same ids, and reads
+# these instead of running them again (``saved_logits``).
+LOGITS_FILE = "logits.npz"
+
+
+def token_rows_sha256(rows) -> str:
+    """sha256 of token-id rows in order, each with its length: equal exactly when the texts' ids are."""
+    h = hashlib.sha256()
+    for row in rows:
+        a = np.ascontiguousarray(row, dtype=np.int64)
+        h.update(np.int64(a.size).tobytes())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def marked_rows(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The token ids of each row of padded model inputs, the positions its ``attention_mask`` marks."""
+    ids, mask = np.asarray(inputs["input_ids"]), np.asarray(inputs["attention_mask"])
+    return [ids[i][mask[i] != 0] for i in range(len(ids))]
+
+
+def _save_logits(ctx: RunContext, test: Any, ood: Any, logits: dict[str, np.ndarray],
+                 ood_logits: dict[str, np.ndarray]) -> Path:
+    arrays: dict[str, np.ndarray] = {"test.ids_sha256": np.array(token_rows_sha256(test.input_ids))}
+    if ood is not None:
+        arrays["ood.ids_sha256"] = np.array(token_rows_sha256(ood.input_ids))
+    arrays.update({f"{name}.test": v for name, v in logits.items()})
+    arrays.update({f"{name}.ood": v for name, v in ood_logits.items()})
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = ctx.run.stage_dir("eval") / LOGITS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def saved_logits(ctx: RunContext, test: dict[str, np.ndarray],
+                 ood: dict[str, np.ndarray] | None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray | None]], str]:
+    """The eval stage's logits of each model it ran on exactly these inputs (padded ``input_ids`` and
+    ``attention_mask`` of the test texts, and of the out-of-domain set or None), name -> (test, OOD or None);
+    and why there are none. Only from a current eval record (its settings, the models it read and its file
+    unchanged: ``RunFolder.stale_reason``) whose token ids are these inputs' own, row for row."""
+    why = ctx.run.stale_reason("eval", eval_fingerprint(ctx))
+    path = ctx.run.stage_dir("eval") / LOGITS_FILE
+    rel = str(path.relative_to(ctx.run.root))
+    if why is None and rel not in ((ctx.run.stage_record("eval") or {}).get("artifacts") or {}):
+        why = f"its record has no {rel} (recorded before the eval stage kept its logits)"
+    if why is not None:
+        return {}, f"the eval stage's record is not current: {why}"
+    with np.load(path) as z:
+        saved = {k: z[k] for k in z.files}
+    if str(saved.get("test.ids_sha256")) != token_rows_sha256(marked_rows(test)):
+        return {}, "the eval stage scored other test texts or ids"
+    if ood is not None and str(saved.get("ood.ids_sha256")) != token_rows_sha256(marked_rows(ood)):
+        return {}, "the eval stage scored another out-of-domain set or ids"
+    names = [k[: -len(".test")] for k in saved if k.endswith(".test")]
+    out = {n: (saved[f"{n}.test"], saved.get(f"{n}.ood") if ood is not None else None) for n in names
+           if ood is None or f"{n}.ood" in saved}
+    return out, "" if out else "the eval stage ran no model here"
 
 
 def run_eval(ctx: RunContext) -> dict[str, Any]:
@@ -62,16 +126,18 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
     ood = ood_split(ctx)
     if ood is not None and "teacher" not in models:
         results["teacher"]["ood_accuracy"] = None  # a black-box teacher answered the test split only
+    ran: dict[str, np.ndarray] = {}  # logits of the models run here (not a black-box teacher's cached answers)
+    ood_logits: dict[str, np.ndarray] = {}
     for name, (model, folder) in models.items():
-        logits[name] = predict(model, test, r.eval.batch_size, f"eval {name} (test)")
+        logits[name] = ran[name] = predict(model, test, r.eval.batch_size, f"eval {name} (test)")
         m = task.metrics({"logits": logits[name]}, test.labels)
         m["agreement_with_teacher"] = float((logits[name].argmax(-1) == logits["teacher"].argmax(-1)).mean())
         m["params"] = sum(p.numel() for p in model.parameters())
         m["size_bytes"] = _size_bytes(folder)
         m["layers"] = model.config.num_hidden_layers
         if ood is not None:
-            ood_logits = predict(model, ood[1], r.eval.batch_size, f"eval {name} ({ood[0].name})")
-            m["ood_accuracy"] = task.metrics({"logits": ood_logits}, ood[1].labels)["accuracy"]
+            ood_logits[name] = predict(model, ood[1], r.eval.batch_size, f"eval {name} ({ood[0].name})")
+            m["ood_accuracy"] = task.metrics({"logits": ood_logits[name]}, ood[1].labels)["accuracy"]
         results[name] = m
     t_acc, s_acc = results["teacher"]["accuracy"], results["student"]["accuracy"]
     summary = {
@@ -95,6 +161,7 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
                 summary[f"{stage}_train_examples"] = n
     metrics = {**results, "summary": summary}
     if ctx.is_main:
-        ctx.run.record("eval", eval_fingerprint(ctx), metrics, seconds=time.perf_counter() - t0)
+        saved = _save_logits(ctx, test, ood[1] if ood is not None else None, ran, ood_logits)
+        ctx.run.record("eval", eval_fingerprint(ctx), metrics, artifacts=[saved], seconds=time.perf_counter() - t0)
     ctx.sync()
     return metrics
