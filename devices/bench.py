@@ -9,6 +9,8 @@ measured on one device profile, written to ``runs/<name>/bench/<profile>/``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -239,7 +241,7 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
         todo.append(e)
     spans = measure.round_spans(cfg.runs, cfg.rounds)
 
-    def measure_one(e: dict[str, Any], r: int, offset: int, runs: int) -> tuple[dict, dict | None]:
+    def round_job(e: dict[str, Any], r: int, offset: int, runs: int) -> dict[str, Any]:
         job = measure.round_job(measure.base_job(cfg, e["name"], threads, prof.onnx_providers, prof.cpus, files,
                                                  case_list), cfg, r, len(spans), offset, runs)
         if e.get("tokenizer") == "original":  # the same texts and plan, in its own tokenizer's ids
@@ -251,14 +253,27 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
                        device=e["device"])
         else:
             job.update(kind="artifact", folder=e["folder"])
+        return job
+
+    def measure_one(e: dict[str, Any], r: int, offset: int, runs: int) -> tuple[dict, dict | None]:
+        job = round_job(e, r, offset, runs)
         bar.note(e["name"] if len(spans) == 1 else f"{e['name']}, round {r + 1}/{len(spans)}")
         try:
+            if ahead is not None:  # a fresh process per model and round, started ahead of its turn
+                return ahead.run(job)
             return measure.run_job(job, workdir, cfg.isolate, cfg.timeout_s)
         finally:
             bar.advance()
 
-    with progress_bar("bench", total=len(todo) * len(spans)) as bar:
-        measure.in_rounds(todo, cfg.runs, cfg.rounds, measure_one, on_skip=bar.advance)
+    def plan(order: list[dict[str, Any]], r: int, offset: int, runs: int) -> None:
+        if ahead is not None:
+            ahead.plan([round_job(e, r, offset, runs) for e in order])
+
+    with progress_bar("bench", total=len(todo) * len(spans)) as bar, contextlib.ExitStack() as stack:
+        # POSIX: a process started ahead hears "go" on a pipe it inherits (pass_fds); elsewhere one starts per turn
+        ahead = (stack.enter_context(measure.Prestarted(workdir, cfg.timeout_s))
+                 if cfg.isolate and os.name == "posix" else None)
+        measure.in_rounds(todo, cfg.runs, cfg.rounds, measure_one, on_skip=bar.advance, on_round=plan)
     for e in todo:
         e.pop("preload", None)
 

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,10 +203,24 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float) -> tuple[dict, dict | None]:
-    """Run one job; returns (result, eval outputs). Failures come back as status 'error'."""
+def _job_paths(job: dict[str, Any], workdir: Path) -> tuple[Path, Path]:
+    """The job's file and its result's, the result (and its outputs) of an earlier round removed: a process
+    that dies before it writes one must not leave that round's figures to be read as its own."""
     job_path = workdir / f"job-{job['name']}.json"
     result_path = workdir / f"result-{job['name']}.json"
+    for stale in (result_path, result_path.with_name(result_path.stem + ".outputs.npz")):
+        stale.unlink(missing_ok=True)
+    return job_path, result_path
+
+
+def _exited_without_result(name: str, code: int | None, output: str) -> dict[str, Any]:
+    tail = output.strip().splitlines()[-15:]
+    return {"name": name, "status": "error", "error": f"the measuring process exited with code {code}: " + "\n".join(tail)}
+
+
+def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float) -> tuple[dict, dict | None]:
+    """Run one job; returns (result, eval outputs). Failures come back as status 'error'."""
+    job_path, result_path = _job_paths(job, workdir)
     if isolate:
         job_path.write_text(json.dumps(job, indent=2))
         cmd = [sys.executable, "-m", "edgekd.devices.worker", str(job_path), str(result_path)]
@@ -215,9 +230,7 @@ def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float)
         except subprocess.TimeoutExpired:
             return {"name": job["name"], "status": "error", "error": f"timed out after {timeout_s:.0f} s"}, None
         if not result_path.is_file():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-            return {"name": job["name"], "status": "error",
-                    "error": f"the measuring process exited with code {proc.returncode}: " + "\n".join(tail)}, None
+            return _exited_without_result(job["name"], proc.returncode, proc.stderr or proc.stdout or ""), None
     else:
         from edgekd.devices import worker
 
@@ -228,6 +241,129 @@ def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float)
         with torch_threads_restored():
             remote_runner.run_job(job_path, result_path, load_factory=worker.load_factory)
     return read_result(result_path)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class _Started:
+    """One measuring process started ahead: it imports its runtime, says so on a pipe, and waits for "go"."""
+
+    def __init__(self, job: dict[str, Any], workdir: Path):
+        self.job, self.name = job, job["name"]
+        job_path, self.result_path = _job_paths(job, workdir)
+        job_path.write_text(json.dumps(job, indent=2))
+        self.log_path = workdir / f"log-{self.name}.txt"
+        self.ready = self.timed_out = False
+        self.started_at = time.time()
+        read_fd, write_fd = os.pipe()
+        with open(self.log_path, "wb") as log:  # the child's stdout and stderr: a file, never a full pipe
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgekd.devices.worker", str(job_path), str(self.result_path),
+                 "--ready-fd", str(write_fd)], env=child_env(job.get("threads")), stdin=subprocess.PIPE,
+                stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
+        os.close(write_fd)
+        self.pipe = os.fdopen(read_fd, "rb")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until the process has imported its runtime, has exited (its error is in its result or log), or
+        ``timeout_s`` has passed (it is stopped)."""
+        import select
+
+        if select.select([self.pipe], [], [], timeout_s)[0]:
+            self.ready = self.pipe.readline().strip() == b"ready"  # b"": it exited before it was ready
+        else:
+            self.timed_out = True
+            self.close()
+
+    def go(self, timeout_s: float) -> tuple[dict, dict | None]:
+        """Let it load, time and score its model; its (result, eval outputs) as ``run_job`` gives them."""
+        if self.timed_out:
+            return {"name": self.name, "status": "error",
+                    "error": f"timed out after {timeout_s:.0f} s importing its runtime"}, None
+        try:
+            if self.ready:
+                self.proc.stdin.write(b"go\n")
+                self.proc.stdin.close()
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.close()
+            return {"name": self.name, "status": "error", "error": f"timed out after {timeout_s:.0f} s"}, None
+        except BrokenPipeError:  # it exited before reading "go": its result or its log says why
+            self.proc.wait(timeout=timeout_s)
+        finally:
+            self.pipe.close()
+        ended_at = time.time()
+        if not self.result_path.is_file():
+            return _exited_without_result(self.name, self.proc.returncode,
+                                          self.log_path.read_text(errors="replace")), None
+        result, outputs = read_result(self.result_path)
+        if isinstance(result.get("process"), dict):  # the span of its life, beside its own ready and go
+            result["process"].update(started_at=self.started_at, ended_at=ended_at)
+        return result, outputs
+
+    def close(self) -> None:
+        """Stop it, measured or not."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.pipe):
+            if stream is not None and not stream.closed:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class Prestarted:
+    """Measuring processes started a few at a time, ahead of their turn: a fresh process per model and round
+    as ``run_job`` starts one, whose imports (torch and transformers take seconds, far longer than a model's
+    timed calls) run side by side on this machine's cores while no model is timed. Each waits, idle, until
+    its turn (``run``); only then does it load, time and score its model, with every other process of the
+    round blocked on a read, so a model is timed as it would be alone.
+
+    ``plan(jobs)`` gives a round's jobs in their order; ``run(job)`` starts that job with the next ``width - 1``
+    of the plan (the CPUs this process may use, at most ``cap``: each waiting process holds its imports in
+    memory) when it has not been started yet, waits until they have all imported their runtimes, then lets it
+    go. A job whose planned copy differs from the one run is started afresh. ``close()`` stops any left."""
+
+    def __init__(self, workdir: Path, timeout_s: float, width: int | None = None, cap: int = 4):
+        self.workdir, self.timeout_s = workdir, timeout_s
+        self.width = max(1, min(width or usable_cpus(), cap))
+        self.planned: list[dict[str, Any]] = []
+        self.started: dict[str, _Started] = {}
+
+    def plan(self, jobs: list[dict[str, Any]]) -> None:
+        self.planned = list(jobs)
+
+    def run(self, job: dict[str, Any]) -> tuple[dict, dict | None]:
+        name = job["name"]
+        child = self.started.pop(name, None)
+        if child is not None and child.job != job:
+            child.close()
+            child = None
+        self.planned = [j for j in self.planned if j["name"] != name]
+        if child is None:
+            ahead = [j for j in self.planned if j["name"] not in self.started][: self.width - 1]
+            child = _Started(job, self.workdir)
+            batch = [child] + [_Started(j, self.workdir) for j in ahead]
+            self.started.update((c.name, c) for c in batch[1:])
+            for c in batch:
+                c.wait_ready(self.timeout_s)
+        return child.go(self.timeout_s)
+
+    def close(self) -> None:
+        for child in self.started.values():
+            child.close()
+        self.started.clear()
+
+    def __enter__(self) -> Prestarted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextlib.contextmanager
@@ -288,7 +424,8 @@ def round_order(todo: list[Any], r: int) -> list[Any]:
 def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
               measure_one: Callable[[dict[str, Any], int, int, int], tuple[dict, dict | None]],
               on_skip: Callable[[], Any] | None = None,
-              pick: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+              pick: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+              on_round: Callable[[list[dict[str, Any]], int, int, int], Any] | None = None) -> None:
     """Measure every entry of ``todo`` in ``rounds`` rounds, each round running every model once in a
     rotated order, reversed every other round (each in its own process where the bench isolates), so
     drift on a shared machine touches every row alike, no runtime shares a process with another, and
@@ -297,17 +434,27 @@ def in_rounds(todo: list[dict[str, Any]], runs: int, rounds: int,
     round, offset, runs)`` runs one job (``round_job``): the timed calls of that slice of the plan,
     and the evaluation inputs in round 0 only. Fills each entry in place, its cases' timed calls
     pooled over the rounds. ``on_skip()`` is called for each job not run (a progress bar's step);
-    ``pick(merged)`` chooses what of the merged result goes into the entry (``result_fields``)."""
+    ``pick(merged)`` chooses what of the merged result goes into the entry (``result_fields``).
+    ``on_round(entries, round, offset, runs)`` is told, before each round, which entries it runs and in
+    what order (``Prestarted.plan``)."""
     spans = round_spans(runs, rounds)
     results: dict[str, list[dict]] = {e["name"]: [] for e in todo}
     outputs: dict[str, dict | None] = {}
+
+    def failed(e: dict[str, Any]) -> bool:  # in the first round: its error stands
+        done = results[e["name"]]
+        return bool(done) and done[0].get("status", "ok") != "ok"
+
     for r, (offset, n) in enumerate(spans):
-        for e in round_order(todo, r):
+        order = round_order(todo, r)
+        if on_round is not None:
+            on_round([e for e in order if not failed(e)], r, offset, n)
+        for e in order:
             done = results[e["name"]]
-            if done and done[0].get("status", "ok") != "ok":
+            if failed(e):
                 if on_skip is not None:
                     on_skip()
-                continue  # it failed in the first round: its error stands
+                continue
             result, out = measure_one(e, r, offset, n)
             done.append(result)
             if r == 0:
@@ -345,6 +492,9 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from one model's rounds: each case's timed calls pooled and summarised again, the
     rest (load, memory, evaluation, environment) from the first round, which also ran the evaluation."""
     first = dict(results[0])
+    first.pop("process", None)
+    if any(r.get("process") for r in results):  # one per round: each round's process, started ahead (Prestarted)
+        first["processes"] = [r.get("process") for r in results]
     if len(results) == 1 or first.get("status", "ok") != "ok":
         first["cases"] = [{k: v for k, v in c.items() if k not in ROUND_ONLY} for c in first.get("cases") or []]
         return first
@@ -376,7 +526,7 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
     """The parts of a runner's result that go into a bench entry."""
     keep = ("status", "error", "load_s", "first_inference_s", "first_inference_case", "cases", "memory",
-            "runtime", "environment", "eval_seconds", "eval_examples", "eval_rows_per_call", "threads")
+            "runtime", "environment", "eval_seconds", "eval_examples", "eval_rows_per_call", "threads", "processes")
     return {k: result[k] for k in keep if k in result}
 
 

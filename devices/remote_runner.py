@@ -814,8 +814,12 @@ def write_result(path: Path, result: dict, outputs: dict | None, outputs_path: P
     os.replace(tmp, path)
 
 
-def run_job(job_path: Path, result_path: Path, load_factory=None) -> int:
-    """Read a job, measure, write the result; failures become a result with status 'error'."""
+def run_job(job_path: Path, result_path: Path, load_factory=None, ready=None) -> int:
+    """Read a job, measure, write the result; failures become a result with status 'error'.
+
+    ``ready()``, when given, is called once the model's runtime is imported and before anything is loaded
+    or timed: it returns when this process may go on (a process started ahead, while another is timed), or
+    False when the caller no longer wants the measurement, which then ends here with nothing written."""
     job = json.loads(job_path.read_text())
     base = job_path.parent
     if job.get("cpus") and hasattr(os, "sched_setaffinity"):
@@ -833,7 +837,15 @@ def run_job(job_path: Path, result_path: Path, load_factory=None) -> int:
                                            verify=False)
         else:
             load, meta = load_factory(job, base)
+        process = None
+        if ready is not None:
+            ready_at = time.time()
+            if not ready():
+                return 3
+            process = {"pid": os.getpid(), "ready_at": ready_at, "go_at": time.time()}
         result, outputs = measure(load, job, base, meta)
+        if process is not None:
+            result["process"] = process  # when it imported its runtime, and when it was let go
     except Exception as e:  # reported in the result file: the caller decides what a failure means
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc(limit=8)

@@ -8,6 +8,7 @@ eager PyTorch modules through :class:`TorchRunner`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -69,12 +70,27 @@ def load_factory(job: dict, base: Path):
     return (lambda: load_artifact(folder, verify=False, **opts)[0]), meta
 
 
+def ready_on(fd: int):
+    """``run_job``'s ``ready`` for a process started ahead (``edgekd.devices.measure.Prestarted``): say so on
+    the pipe ``fd``, then wait for a line on stdin ("go"); an empty read (the caller closed it) is a no."""
+
+    def ready() -> bool:
+        os.write(fd, b"ready\n")
+        os.close(fd)
+        return sys.stdin.readline().strip() == "go"
+
+    return ready
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ready = None
+    if len(argv) == 4 and argv[2] == "--ready-fd" and argv[3].isdigit():
+        ready, argv = ready_on(int(argv[3])), argv[:2]
     if len(argv) != 2:
-        print("usage: python -m edgekd.devices.worker JOB.json RESULT.json", file=sys.stderr)
+        print("usage: python -m edgekd.devices.worker JOB.json RESULT.json [--ready-fd FD]", file=sys.stderr)
         return 2
-    return remote_runner.run_job(Path(argv[0]), Path(argv[1]), load_factory=load_factory)
+    return remote_runner.run_job(Path(argv[0]), Path(argv[1]), load_factory=load_factory, ready=ready)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,17 @@ def test_local_bench_writes_every_file(local_bench, tiny_run):
         threads = e["environment"]["threads"]
         assert threads["requested"] == data["profile"]["cores"]
         assert threads["env"]["OMP_NUM_THREADS"] == str(threads["requested"])
+    # A fresh process per model and round, started ahead of its turn: none of them was still importing its
+    # runtime while another was let go and timed.
+    spans = {(n, r): p for n in ("onnx", "onnx-int8", "pytorch-student")
+             for r, p in enumerate(res[n]["processes"])}
+    assert {len(res[n]["processes"]) for n in ("onnx", "onnx-int8", "pytorch-student")} == {3}
+    assert len({p["pid"] for p in spans.values()}) == len(spans)
+    for key, p in spans.items():
+        assert p["started_at"] <= p["ready_at"] <= p["go_at"] <= p["ended_at"]
+        for other, q in spans.items():
+            if other != key:
+                assert not (q["started_at"] < p["ended_at"] and q["ready_at"] > p["go_at"]), (key, other)
     assert res["onnx"]["runtime"]["providers"] == ["CPUExecutionProvider"]
     # The ONNX rows and the PyTorch row were fed exactly the same arrays, case by case.
     for i in range(2):

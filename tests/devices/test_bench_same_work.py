@@ -201,7 +201,12 @@ def _local_cases(tmp_path, monkeypatch, cfg, inputs):
         seen.append(job["cases"])
         return {"name": job["name"], "status": "ok", "cases": []}, None
 
+    class FakeAhead(measure.Prestarted):  # isolated: the jobs go to processes started ahead
+        def run(self, job):
+            return fake_run_job(job, self.workdir, True, self.timeout_s)
+
     monkeypatch.setattr(measure, "run_job", fake_run_job)
+    monkeypatch.setattr(measure, "Prestarted", FakeAhead)
     work = tmp_path / "local-work"
     work.mkdir()
     bench._measure_local(_entries(tmp_path), load_profile("local"), cfg, inputs, work)
