@@ -62,7 +62,7 @@ from edgekd.export.base import (
     read_artifact_meta,
     write_artifact_meta,
 )
-from edgekd.export.parity import ParityGate, check_parity, check_real_lengths
+from edgekd.export.parity import ParityGate, SourceOnce, check_parity, check_real_lengths
 from edgekd.progress import track
 from edgekd.runfolder import sha256_file, sha256_tree
 from edgekd.warnings_log import library_output, pid_running
@@ -500,12 +500,13 @@ def export_all(
     stage = Staging(Path(out_root)) if staging is None else staging
     records: dict[str, dict[str, Any]] = {}
     misses = []
+    source = SourceOnce(module if reference is None else reference)  # every target's parity: one run of it
     try:
         for ex in track(exporters, "export", label=lambda e: e.name):
             # A converter's progress bars and a runtime's C++ notices on stderr go to the run's warnings log
             with library_output(f"export {ex.name}"):
                 rec = _export_one(ex, module, io, stage, cfg, examples, labels, metric_fn, meta, extra_files,
-                                  agreement_fn, defaults.get(ex.name), reference, timing_rows,
+                                  agreement_fn, defaults.get(ex.name), source, timing_rows,
                                   tuple(unordered_outputs))
             if "parity_misses" in rec:
                 misses.append(rec.pop("parity_misses"))

@@ -110,3 +110,48 @@ def test_output_shape_mismatch_is_a_parity_error(text_module, text_data):
 
     with pytest.raises(ParityError, match="output 'logits' has shape"):
         check_parity(Wrong(text_module), text_module, inputs, labels, None, 16)
+
+
+def test_the_source_runs_each_parity_batch_once_for_every_target(text_module, text_data, tokenizer_files, tmp_path,
+                                                                 monkeypatch):
+    """Several targets are compared with one run of the source model: each batch of the batched check and
+    each row of the real-length check runs through it once, and every target's parity is against those
+    outputs, the ones the model gives."""
+    import torch
+
+    import edgekd.export.stage as stage
+    from edgekd.export.parity import SourceOnce
+    from edgekd.recipe import ExportConfig
+
+    made = []
+
+    class Counted(SourceOnce):
+        def __init__(self, module):
+            super().__init__(module)
+            made.append(self)
+
+    monkeypatch.setattr(stage, "SourceOnce", Counted)
+    inputs, labels = text_data
+    targets = ["onnx", "torchscript-lite"]
+    cfg = ExportConfig(targets=targets, parity_batch_size=8, min_top1_agreement=1.0, max_abs_diff=TOLERANCE)
+    records = stage.export_all(text_module, TEXT_IO, targets, tmp_path, cfg, inputs, labels, classification_metrics,
+                               {"labels": ["negative", "positive"], "max_length": inputs["input_ids"].shape[1],
+                                "source_model": "tiny", "task": "text-classification"}, tokenizer_files)
+    n = len(labels)
+    real_rows = records["onnx"]["parity"]["real_lengths"]["examples"]
+    assert len(made) == 1 and made[0].module is text_module
+    assert made[0].calls == -(-n // 8) + real_rows  # one target's worth, not two
+    for t in targets:
+        assert records[t]["parity"]["passed"] and records[t]["parity"]["examples"] == n
+        assert records[t]["parity"]["source_metric"] == records["onnx"]["parity"]["source_metric"]
+
+    once = SourceOnce(text_module)
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v[:4])) for k, v in inputs.items()}
+    first = once(**batch)
+    assert once(**{k: v.clone() for k, v in batch.items()}) is first and once.calls == 1  # the same inputs
+    other = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    other["attention_mask"][0, 1:] = 0
+    assert once(**other) is not first and once.calls == 2  # other inputs run the model
+    with torch.inference_mode():
+        want = text_module(**other)
+    torch.testing.assert_close(once(**other)[0], want[0])
