@@ -647,10 +647,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The script owns its process as ``edgekd run`` does: the libraries' warnings and a converter's stderr go to
+    each seed's ``logs/warnings.log`` (its run, then its comparison), not between the progress lines."""
     args = parse_args(argv)
+    from edgekd import warnings_log
+
+    warnings_log.install()
+    try:
+        return _main(args)
+    finally:
+        warnings_log.uninstall()
+
+
+def _main(args: argparse.Namespace) -> int:
     import compare_tools
 
-    from edgekd import api
+    from edgekd import api, warnings_log
     from edgekd.runfolder import atomic_write_text
 
     try:
@@ -666,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             else:  # nothing runs: the --set values must be the ones the run was made with, not ignored
                 check_saved_recipe(recipe.run_dir(), recipe, args.sets)
             shipped = shipped_folder(recipe.run_dir())
+            warnings_log.sink.attach(recipe.run_dir())  # the comparison's library warnings: this seed's log
             if args.pipeline_only:
                 per_seed[s] = pipeline_record(recipe.run_dir(), shipped)
             elif args.reuse:

@@ -566,3 +566,29 @@ def test_pipeline_only_reads_the_bench_profile_the_run_recorded_and_refuses_unli
     agg = seeds.aggregate({1: rec, 2: seeds.pipeline_record(moved(tmp_path / "c", "pi5", 2), "onnx-int8")})
     assert "- seed 1: bench/pi5 results written 2026-12-04T10:00:00+00:00, 3 round(s), 2 thread(s)" in \
         seeds.markdown(agg, "t")
+
+
+def test_the_libraries_warnings_go_to_each_seeds_log_not_the_console(seeds, tmp_path, monkeypatch, capsys):
+    """As `edgekd run` does: the script owns its process, so a library's warning during a seed's comparison goes
+    to that run's logs/warnings.log; the process's warnings are Python's own again once the script returns."""
+    import warnings
+
+    import compare_tools
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\n")
+    run = _shipping_run(tmp_path / "runs" / "tiny-seed1", "onnx-int8")
+
+    def compare(run_dir, **kw):
+        warnings.warn("a converter's notice", FutureWarning, stacklevel=1)  # from a module not edgekd's
+        return _compare(0.836, 0.5, 7.0)
+
+    monkeypatch.setattr(compare_tools, "compare", compare)
+    monkeypatch.delenv("EDGEKD_SHOW_WARNINGS", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        assert seeds.main([str(recipe), "--seeds", "1", "--no-run", "--no-memory", "--out", str(tmp_path / "o")]) == 0
+        assert warnings.showwarning is before
+    assert "a converter's notice" not in capsys.readouterr().err
+    assert "a converter's notice" in (run / "logs" / "warnings.log").read_text()
