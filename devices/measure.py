@@ -347,11 +347,13 @@ class Prestarted:
         self.planned = [j for j in self.planned if j["name"] != name]
         if child is None:
             ahead = [j for j in self.planned if j["name"] not in self.started][: self.width - 1]
-            child = _Started(job, self.workdir)
-            batch = [child] + [_Started(j, self.workdir) for j in ahead]
-            self.started.update((c.name, c) for c in batch[1:])
+            batch = []
+            for j in [job, *ahead]:  # each tracked as soon as it runs, so close() stops it whatever follows
+                batch.append(_Started(j, self.workdir))
+                self.started[j["name"]] = batch[-1]
             for c in batch:
                 c.wait_ready(self.timeout_s)
+            child = self.started.pop(name)
         return child.go(self.timeout_s)
 
     def close(self) -> None:

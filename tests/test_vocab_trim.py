@@ -293,7 +293,7 @@ def _eval_logits_are_read_only_when_they_answer_the_same_inputs(ctx, run, monkey
     import edgekd.ood
     from edgekd.export.parity import source_outputs
     from edgekd.stages.base import load_stage_model
-    from edgekd.tasks.text.evaluate import LOGITS_FILE, run_eval
+    from edgekd.tasks.text.evaluate import LOGITS_FILE, run_eval, saved_logits
     from edgekd.tasks.text.task import TokenizedSplit
 
     # An out-of-domain set of a few texts (this tiny recipe names none), scored by the eval stage run again.
@@ -320,6 +320,8 @@ def _eval_logits_are_read_only_when_they_answer_the_same_inputs(ctx, run, monkey
             np.testing.assert_allclose(got["logits"], want, rtol=1e-4, atol=1e-5)
     # Other texts (the test split's first three), or a file changed since the eval stage recorded it: run here.
     assert {n: v[2] for n, v in ctx.bench_own_outputs(models, 3).items()} == {"teacher": None, "student": None}
+    assert saved_logits(ctx, ctx.parity_data(3, tokenizer=ctx.tokenizer)[0], ood) == (
+        {}, "the eval stage scored other test texts or ids")
     path = run / "eval" / LOGITS_FILE
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
@@ -328,11 +330,15 @@ def _eval_logits_are_read_only_when_they_answer_the_same_inputs(ctx, run, monkey
         np.savez(f, **arrays)
     again = ctx.bench_own_outputs(models, None)
     assert {n: v[2] for n, v in again.items()} == {"teacher": None, "student": None}
+    assert saved_logits(ctx, test, ood) == (
+        {}, "the eval stage's record is not current: its file eval/logits.npz is missing or changed")
     np.testing.assert_allclose(again["teacher"][0]["logits"], read["teacher"][0]["logits"], rtol=1e-4, atol=1e-5)
     # Another out-of-domain set than the eval stage scored: run here too.
     run_eval(ctx)
     texts[0] = "an awful boring play"
     assert {n: v[2] for n, v in ctx.bench_own_outputs(models, None).items()} == {"teacher": None, "student": None}
+    assert saved_logits(ctx, test, edgekd.ood.ood_inputs(ctx, ctx.tokenizer)[1])[1] == (
+        "the eval stage scored another out-of-domain set or ids")
 
 
 def test_a_model_trimmed_already_is_not_trimmed_again_with_the_teacher_ids(classifier, tiny_classifier_dir):

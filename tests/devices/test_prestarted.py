@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgekd.devices import measure
 
 
@@ -62,3 +64,25 @@ def test_a_process_too_slow_to_import_is_stopped(tmp_path):
     with measure.Prestarted(tmp_path, timeout_s=0.01, width=1) as ahead:
         result, _ = ahead.run(_torch_job("a"))
         assert result == {"name": "a", "status": "error", "error": "timed out after 0 s importing its runtime"}
+
+
+def test_a_start_that_fails_leaves_no_process_behind(tmp_path, monkeypatch):
+    """A process that cannot be started (too many processes, say) while others of its batch already run:
+    the ones running are tracked, and stopped with the rest."""
+    made = []
+    real = measure._Started
+
+    def start(job, workdir):
+        if made:
+            raise OSError("cannot start another process")
+        made.append(real(job, workdir))
+        return made[-1]
+
+    monkeypatch.setattr(measure, "_Started", start)
+    ahead = measure.Prestarted(tmp_path, timeout_s=120, width=2)
+    ahead.plan([_torch_job("a"), _torch_job("b")])
+    with pytest.raises(OSError, match="cannot start another process"):
+        ahead.run(_torch_job("a"))
+    assert made and made[0].proc.poll() is None  # started, and still running until the caller closes
+    ahead.close()
+    assert made[0].proc.returncode is not None

@@ -137,7 +137,7 @@ class TextRunContext(RunContext):
         test, _ = self.parity_data(n, tokenizer=self.tokenizer)
         found = ood_inputs(self, self.tokenizer)
         ood = found[1] if found else None
-        saved, _why = saved_logits(self, test, ood)
+        saved = saved_logits(self, test, ood)[0]
 
         def outputs(module: Any, io: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             # batches of similar lengths, each cut to its longest text (an eager model takes any width)
