@@ -193,11 +193,15 @@ def _rows(inputs: dict[str, np.ndarray]) -> int:
 class SourceOnce:
     """The source model for the parity of several targets: each batch of inputs runs through it once, and
     every target after the first is compared with those same outputs (the model is not changed by being
-    exported). Keyed by the inputs' names, shapes, dtypes and bytes."""
+    exported). Keyed by the inputs' names, shapes, dtypes and bytes. At most ``max_bytes`` of outputs are
+    kept (a large detector's raw outputs on hundreds of images would be gigabytes): past that, a batch runs
+    through the model again as it did before."""
 
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, max_bytes: int = 256 * 2**20):
         self.module = module
+        self.max_bytes = max_bytes
         self._seen: dict[str, Any] = {}
+        self._kept_bytes = 0
         self.calls = 0  # batches the model actually ran
 
     def __call__(self, **inputs: Any) -> Any:
@@ -209,10 +213,15 @@ class SourceOnce:
             h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
             h.update(np.ascontiguousarray(a).tobytes())
         key = h.hexdigest()
-        if key not in self._seen:
-            self._seen[key] = self.module(**inputs)
-            self.calls += 1
-        return self._seen[key]
+        if key in self._seen:
+            return self._seen[key]
+        out = self.module(**inputs)
+        self.calls += 1
+        size = sum(int(getattr(t, "nbytes", 0)) for t in (out if isinstance(out, (tuple, list)) else (out,)))
+        if self._kept_bytes + size <= self.max_bytes:
+            self._seen[key] = out
+            self._kept_bytes += size
+        return out
 
 
 def source_outputs(module: Any, batch: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

@@ -155,3 +155,7 @@ def test_the_source_runs_each_parity_batch_once_for_every_target(text_module, te
     with torch.inference_mode():
         want = text_module(**other)
     torch.testing.assert_close(once(**other)[0], want[0])
+    # Past its memory bound it keeps nothing more: the model runs again, with the same answers.
+    bounded = SourceOnce(text_module, max_bytes=0)
+    torch.testing.assert_close(bounded(**batch)[0], bounded(**batch)[0])
+    assert bounded.calls == 2
