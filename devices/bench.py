@@ -271,7 +271,8 @@ def _measure_local(entries: list[dict[str, Any]], prof: DeviceProfile, cfg: Benc
 
     with progress_bar("bench", total=len(todo) * len(spans)) as bar, contextlib.ExitStack() as stack:
         # POSIX: a process started ahead hears "go" on a pipe it inherits (pass_fds); elsewhere one starts per turn
-        ahead = (stack.enter_context(measure.Prestarted(workdir, cfg.timeout_s))
+        # (a profile's cpus pin every measuring process from its start: as many import side by side as they allow)
+        ahead = (stack.enter_context(measure.Prestarted(workdir, cfg.timeout_s, width=len(prof.cpus or []) or None))
                  if cfg.isolate and os.name == "posix" else None)
         measure.in_rounds(todo, cfg.runs, cfg.rounds, measure_one, on_skip=bar.advance, on_round=plan)
     for e in todo:

@@ -213,6 +213,11 @@ def _job_paths(job: dict[str, Any], workdir: Path) -> tuple[Path, Path]:
     return job_path, result_path
 
 
+def worker_command(job_path: Path, result_path: Path) -> list[str]:
+    """The measuring process for one job (``edgekd.devices.worker``)."""
+    return [sys.executable, "-m", "edgekd.devices.worker", str(job_path), str(result_path)]
+
+
 def _exited_without_result(name: str, code: int | None, output: str) -> dict[str, Any]:
     tail = output.strip().splitlines()[-15:]
     return {"name": name, "status": "error", "error": f"the measuring process exited with code {code}: " + "\n".join(tail)}
@@ -223,7 +228,7 @@ def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float)
     job_path, result_path = _job_paths(job, workdir)
     if isolate:
         job_path.write_text(json.dumps(job, indent=2))
-        cmd = [sys.executable, "-m", "edgekd.devices.worker", str(job_path), str(result_path)]
+        cmd = worker_command(job_path, result_path)
         try:
             proc = subprocess.run(cmd, env=child_env(job.get("threads")), capture_output=True, text=True,
                                   timeout=timeout_s)
@@ -263,9 +268,9 @@ class _Started:
         read_fd, write_fd = os.pipe()
         with open(self.log_path, "wb") as log:  # the child's stdout and stderr: a file, never a full pipe
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgekd.devices.worker", str(job_path), str(self.result_path),
-                 "--ready-fd", str(write_fd)], env=child_env(job.get("threads")), stdin=subprocess.PIPE,
-                stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,))
+                [*worker_command(job_path, self.result_path), "--ready-fd", str(write_fd)],
+                env=child_env(job.get("threads")), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,))
         os.close(write_fd)
         self.pipe = os.fdopen(read_fd, "rb")
 
@@ -296,7 +301,9 @@ class _Started:
         except BrokenPipeError:  # it exited before reading "go": its result or its log says why
             self.proc.wait(timeout=timeout_s)
         finally:
-            self.pipe.close()
+            for stream in (self.proc.stdin, self.pipe):  # (stdin is still open when it was never ready)
+                with contextlib.suppress(OSError):
+                    stream.close()
         ended_at = time.time()
         if not self.result_path.is_file():
             return _exited_without_result(self.name, self.proc.returncode,
@@ -325,8 +332,8 @@ class Prestarted:
     round blocked on a read, so a model is timed as it would be alone.
 
     ``plan(jobs)`` gives a round's jobs in their order; ``run(job)`` starts that job with the next ``width - 1``
-    of the plan (the CPUs this process may use, at most ``cap``: each waiting process holds its imports in
-    memory) when it has not been started yet, waits until they have all imported their runtimes, then lets it
+    of the plan (``width``: the CPUs the processes may use, by default this process's, at most ``cap``: each
+    waiting process holds its imports in memory) when it has not been started yet, waits until they have all imported their runtimes, then lets it
     go. A job whose planned copy differs from the one run is started afresh. ``close()`` stops any left."""
 
     def __init__(self, workdir: Path, timeout_s: float, width: int | None = None, cap: int = 4):

@@ -192,8 +192,8 @@ def _rows(inputs: dict[str, np.ndarray]) -> int:
 
 class SourceOnce:
     """The source model for the parity of several targets: each batch of inputs runs through it once, and
-    every target after the first is compared with those same outputs (the model is not changed by being
-    exported). Keyed by the inputs' names, shapes, dtypes and bytes. At most ``max_bytes`` of outputs are
+    every target after the first is compared with those same outputs: the model as it was at the first check
+    (exporting does not change it; the tests check that for ONNX and TorchScript). Keyed by the inputs' names, shapes, dtypes and bytes. At most ``max_bytes`` of outputs are
     kept (a large detector's raw outputs on hundreds of images would be gigabytes): past that, a batch runs
     through the model again as it did before."""
 

@@ -86,3 +86,36 @@ def test_a_start_that_fails_leaves_no_process_behind(tmp_path, monkeypatch):
     assert made and made[0].proc.poll() is None  # started, and still running until the caller closes
     ahead.close()
     assert made[0].proc.returncode is not None
+
+
+def test_a_profile_that_pins_cpus_starts_as_many_ahead_as_it_pins(tmp_path, monkeypatch):
+    """Every measuring process is pinned to the profile's cpus from its start: started ahead, as many import side
+    by side as those cpus hold, not as many as this machine has."""
+    from edgekd.devices import bench
+    from edgekd.devices.profiles import load_profile
+    from edgekd.recipe import BenchConfig
+
+    widths = []
+
+    class Seen(measure.Prestarted):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            widths.append(self.width)
+
+        def run(self, job):
+            return {"name": job["name"], "status": "ok", "cases": []}, None
+
+    monkeypatch.setattr(measure, "Prestarted", Seen)
+    monkeypatch.setattr(measure, "usable_cpus", lambda: 4)
+    folder = tmp_path / "run" / "export" / "onnx"
+    folder.mkdir(parents=True)
+    entries = lambda: [{"name": "onnx", "kind": "artifact", "target": "onnx", "exporter": "onnx",  # noqa: E731
+                        "folder": str(folder), "meta": {"max_length": 16}}]
+    cfg = BenchConfig(batch_sizes=[1], runs=2, warmup=1, rounds=1, inputs="synthetic")
+    inputs = measure.Inputs.from_config(cfg, None)
+    local = load_profile("local")
+    for prof in (local, local.model_copy(update={"cpus": [0]})):
+        work = tmp_path / f"work-{len(widths)}"
+        work.mkdir()
+        bench._measure_local(entries(), prof, cfg, inputs, work)
+    assert widths == [4, 1]

@@ -133,6 +133,7 @@ def test_the_source_runs_each_parity_batch_once_for_every_target(text_module, te
     monkeypatch.setattr(stage, "SourceOnce", Counted)
     inputs, labels = text_data
     targets = ["onnx", "torchscript-lite"]
+    before = {k: v.clone() for k, v in text_module.state_dict().items()}
     cfg = ExportConfig(targets=targets, parity_batch_size=8, min_top1_agreement=1.0, max_abs_diff=TOLERANCE)
     records = stage.export_all(text_module, TEXT_IO, targets, tmp_path, cfg, inputs, labels, classification_metrics,
                                {"labels": ["negative", "positive"], "max_length": inputs["input_ids"].shape[1],
@@ -140,6 +141,9 @@ def test_the_source_runs_each_parity_batch_once_for_every_target(text_module, te
     n = len(labels)
     real_rows = records["onnx"]["parity"]["real_lengths"]["examples"]
     assert len(made) == 1 and made[0].module is text_module
+    # Exporting leaves the model as it was, so the outputs of the first check stand for every target.
+    after = text_module.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert made[0].calls == -(-n // 8) + real_rows  # one target's worth, not two
     for t in targets:
         assert records[t]["parity"]["passed"] and records[t]["parity"]["examples"] == n
