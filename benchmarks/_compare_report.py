@@ -453,8 +453,18 @@ def _processes(timing: dict[str, Any]) -> str:
     rounds = timing.get("rounds") or 1
     if timing.get("process") in (None, "one for every model"):  # None: a comparison from before rounds
         return "every model in one process in rotating blocks"
-    return (f"every model in its own process, in {rounds} round{'s' if rounds != 1 else ''} (each round every model "
+    text = (f"every model in its own process, in {rounds} round{'s' if rounds != 1 else ''} (each round every model "
             "once, in a rotated order reversed every other round, on the next slice of the same calls)")
+    spans = timing.get("processes")
+    if spans:  # started ahead of their turn (edgekd.devices.measure.Prestarted)
+        from edgekd.devices.measure import imports_overlapping_timing
+
+        clash = imports_overlapping_timing(spans)
+        text += ("; each process started ahead of its turn and imported its runtime while no model was timed, "
+                 "then waited idle until let go" if not clash else
+                 f"; the processes started ahead of their turn, but {len({i for i, _ in clash})} of {len(spans)} "
+                 f"were still importing their runtime while another model was timed")
+    return text
 
 
 def check_same_threads(rows: list[dict[str, Any]], threads: int | None) -> None:

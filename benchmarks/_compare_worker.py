@@ -299,20 +299,48 @@ def _mb(b: int | None) -> float | None:
     return None if b is None else round(b / 1e6, 2)  # MB = 10^6 bytes, as every size in the tables
 
 
+def _wait_for_turn(job: dict[str, Any], ready: Any) -> dict[str, Any] | None:
+    """A timing process started ahead of its turn (``--ready-fd``, ``edgekd.devices.measure.Prestarted``):
+    import every runtime its models need, then say so and wait, idle, for "go" before anything is loaded
+    or timed. Returns its pid and when it was ready and let go (kept in the result as ``process``, so the
+    parent can check that no import overlapped a timed model), or None when the parent no longer wants
+    the measurement."""
+    import os
+
+    for spec in job["models"]:
+        preload(spec)
+    ready_at = time.time()
+    if not ready():
+        return None
+    return {"pid": os.getpid(), "ready_at": ready_at, "go_at": time.time()}
+
+
 def main(argv: list[str]) -> int:
+    ready = None
+    if len(argv) == 5 and argv[0] == "timing" and argv[3] == "--ready-fd" and argv[4].isdigit():
+        from edgekd.devices.worker import ready_on
+
+        ready, argv = ready_on(int(argv[4])), argv[:3]
     if len(argv) != 3 or argv[0] not in ("timing", "memory"):
-        print("usage: _compare_worker.py {timing|memory} JOB.json RESULT.json", file=sys.stderr)
+        print("usage: _compare_worker.py {timing JOB.json RESULT.json [--ready-fd FD] | memory JOB.json RESULT.json}",
+              file=sys.stderr)
         return 2
     mode, job_path, result_path = argv[0], Path(argv[1]), Path(argv[2])
     job = json.loads(job_path.read_text())
-    outputs = None
+    outputs, process = None, None
     try:
+        if ready is not None:
+            process = _wait_for_turn(job, ready)
+            if process is None:
+                return 3  # not wanted: nothing written
         if mode == "timing":
             result, outputs = timing(job, job_path.parent)
         else:
             result = memory(job, job_path.parent)
     except Exception as e:  # reported in the result file; the parent decides what it means
         result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+    if process is not None:
+        result["process"] = process
     out_npz = result_path.with_name(result_path.stem + ".outputs.npz")
     remote_runner.write_result(result_path, result, outputs, out_npz)
     return 0 if result.get("status", "ok") == "ok" else 1

@@ -51,6 +51,7 @@ as each, within 0.5 points of the fp32 student, 97% of its out-of-domain accurac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -143,11 +144,22 @@ def _timing_rows(n: int, batch: int, warmup: int, runs: int, seed: int) -> np.nd
     return np.concatenate([warm, timed]).reshape(warmup + runs, batch)
 
 
+def _child_paths(mode: str, tag: str, workdir: Path) -> tuple[Path, Path]:
+    return workdir / f"{mode}-{tag}.json", workdir / f"{mode}-{tag}.result.json"
+
+
+def _timing_spawn(job: dict[str, Any], workdir: Path) -> tuple[list[str], Path, Path, Path]:
+    """A timing process started ahead of its turn (``edgekd.devices.measure.Prestarted``): the job's
+    ``name`` is its tag, and it runs as ``_child`` runs it."""
+    job_path, result_path = _child_paths("timing", job["name"], workdir)
+    return [sys.executable, str(WORKER), "timing", str(job_path), str(result_path)], job_path, result_path, workdir
+
+
 def _child(mode: str, job: dict[str, Any], workdir: Path, tag: str, threads: int,
            timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     from edgekd.devices.measure import child_env, read_result
 
-    job_path, result_path = workdir / f"{mode}-{tag}.json", workdir / f"{mode}-{tag}.result.json"
+    job_path, result_path = _child_paths(mode, tag, workdir)
     job_path.write_text(json.dumps(job, indent=2, default=str))
     cmd = [sys.executable, str(WORKER), mode, str(job_path), str(result_path)]
     try:
@@ -180,20 +192,38 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
     # Each batch size's own calls split into as many slices as the batch size with the fewest has rounds.
     by_batch = {b: measure.round_spans(n, len(spans)) for b, n in calls.items()}
 
-    def measure_one(entry: dict[str, Any], r: int, _offset: int, _n: int) -> tuple[dict, Any]:
+    def round_job(entry: dict[str, Any], r: int) -> dict[str, Any]:
         spec = entry["spec"]
         span = {"runs": {str(b): s[r][1] for b, s in by_batch.items()},
                 "call_offset": {str(b): s[r][0] for b, s in by_batch.items()}}
-        res, outs = _child("timing", {**job, "models": [spec], **span, "evaluate": evaluate and r == 0},
-                           work, f"{tag}{spec['name']}-r{r}", threads, timeout_s)
+        return {**job, "name": f"{tag}{spec['name']}-r{r}", "models": [spec], **span, "evaluate": evaluate and r == 0}
+
+    def measure_one(entry: dict[str, Any], r: int, _offset: int, _n: int) -> tuple[dict, Any]:
+        spec, one = entry["spec"], round_job(entry, r)
+        if ahead is not None:
+            res, outs = ahead.run(one)
+        else:
+            res, outs = _child("timing", one, work, one["name"], threads, timeout_s)
         m = (res.get("models") or {}).get(spec["name"]) or {"status": "error", "error": res.get("error")}
         envs.append(res.get("environment"))
+        if isinstance(res.get("process"), dict):
+            processes.append({"model": spec["name"], "round": r, **res["process"]})
         for case in m.get("cases") or []:
             cpu.setdefault((spec["name"], case["batch"]), []).extend(case.pop("cpu_times_ms", []))
         return m, (outs or {}).get(spec["name"])
 
+    def plan(order: list[dict[str, Any]], r: int, _offset: int, _n: int) -> None:
+        if ahead is not None:
+            ahead.plan([round_job(e, r) for e in order])
+
     todo = [{"name": s["name"], "spec": s} for s in specs]
-    measure.in_rounds(todo, fewest, rounds, measure_one, pick=lambda merged: merged)
+    processes: list[dict[str, Any]] = []
+    # POSIX: each round's processes start ahead of their turn, as many at a time as there are CPUs, and
+    # import their runtimes while no model is timed (as edgekd bench); elsewhere one starts per turn.
+    with contextlib.ExitStack() as stack:
+        ahead = (stack.enter_context(measure.Prestarted(work, timeout_s, spawn=_timing_spawn))
+                 if os.name == "posix" else None)
+        measure.in_rounds(todo, fewest, rounds, measure_one, pick=lambda merged: merged, on_round=plan)
     models, outputs = {}, {}
     for e in todo:
         m = {k: v for k, v in e.items() if k not in ("name", "spec", "_outputs")}
@@ -205,7 +235,8 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
         if e["_outputs"] is not None:
             outputs[e["name"]] = e["_outputs"]
     return ({"models": models, "timing_seconds": time.perf_counter() - t0, "rounds": len(spans),
-             "process": "one per model and round", "environment": next((x for x in envs if x), None)}, outputs)
+             "process": "one per model and round", "environment": next((x for x in envs if x), None),
+             **({"processes": processes} if processes else {})}, outputs)
 
 
 def _time_in_one_process(job: dict[str, Any], work: Path, threads: int, timeout_s: float,

@@ -206,11 +206,14 @@ def child_env(threads: int | None) -> dict[str, str]:
 def _job_paths(job: dict[str, Any], workdir: Path) -> tuple[Path, Path]:
     """The job's file and its result's, the result (and its outputs) of an earlier round removed: a process
     that dies before it writes one must not leave that round's figures to be read as its own."""
-    job_path = workdir / f"job-{job['name']}.json"
-    result_path = workdir / f"result-{job['name']}.json"
+    return workdir / f"job-{job['name']}.json", _without_stale_result(workdir / f"result-{job['name']}.json")
+
+
+def _without_stale_result(result_path: Path) -> Path:
+    """``result_path``, with the result (and its outputs) an earlier round left there removed."""
     for stale in (result_path, result_path.with_name(result_path.stem + ".outputs.npz")):
         stale.unlink(missing_ok=True)
-    return job_path, result_path
+    return result_path
 
 
 def worker_command(job_path: Path, result_path: Path) -> list[str]:
@@ -255,20 +258,32 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+# How a process started ahead is made from its job: (command line, without the ``--ready-fd FD`` that is
+# added to it; the job's file; the result's file; the working folder or None). The command must accept
+# ``--ready-fd FD`` last and, once its runtime is imported, call ``edgekd.devices.worker.ready_on(FD)``.
+Spawn = Callable[[dict[str, Any], Path], tuple[list[str], Path, Path, Path | None]]
+
+
+def _bench_spawn(job: dict[str, Any], workdir: Path) -> tuple[list[str], Path, Path, Path | None]:
+    job_path, result_path = _job_paths(job, workdir)
+    return worker_command(job_path, result_path), job_path, result_path, None
+
+
 class _Started:
     """One measuring process started ahead: it imports its runtime, says so on a pipe, and waits for "go"."""
 
-    def __init__(self, job: dict[str, Any], workdir: Path):
+    def __init__(self, job: dict[str, Any], workdir: Path, spawn: Spawn | None = None):
         self.job, self.name = job, job["name"]
-        job_path, self.result_path = _job_paths(job, workdir)
-        job_path.write_text(json.dumps(job, indent=2))
+        cmd, job_path, result_path, cwd = (spawn or _bench_spawn)(job, workdir)
+        self.result_path = _without_stale_result(result_path)  # never an earlier round's, read as this one's
+        job_path.write_text(json.dumps(job, indent=2, default=str))
         self.log_path = workdir / f"log-{self.name}.txt"
         self.ready = self.timed_out = False
         self.started_at = time.time()
         read_fd, write_fd = os.pipe()
         with open(self.log_path, "wb") as log:  # the child's stdout and stderr: a file, never a full pipe
             self.proc = subprocess.Popen(
-                [*worker_command(job_path, self.result_path), "--ready-fd", str(write_fd)],
+                [*cmd, "--ready-fd", str(write_fd)], cwd=cwd,
                 env=child_env(job.get("threads")), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,))
         os.close(write_fd)
@@ -334,10 +349,12 @@ class Prestarted:
     ``plan(jobs)`` gives a round's jobs in their order; ``run(job)`` starts that job with the next ``width - 1``
     of the plan (``width``: the CPUs the processes may use, by default this process's, at most ``cap``: each
     waiting process holds its imports in memory) when it has not been started yet, waits until they have all imported their runtimes, then lets it
-    go. A job whose planned copy differs from the one run is started afresh. ``close()`` stops any left."""
+    go. A job whose planned copy differs from the one run is started afresh. ``close()`` stops any left.
+    ``spawn`` makes a job's process (``Spawn``; by default ``edgekd.devices.worker`` on the job's files)."""
 
-    def __init__(self, workdir: Path, timeout_s: float, width: int | None = None, cap: int = 4):
-        self.workdir, self.timeout_s = workdir, timeout_s
+    def __init__(self, workdir: Path, timeout_s: float, width: int | None = None, cap: int = 4,
+                 spawn: Spawn | None = None):
+        self.workdir, self.timeout_s, self.spawn = workdir, timeout_s, spawn
         self.width = max(1, min(width or usable_cpus(), cap))
         self.planned: list[dict[str, Any]] = []
         self.started: dict[str, _Started] = {}
@@ -356,7 +373,7 @@ class Prestarted:
             ahead = [j for j in self.planned if j["name"] not in self.started][: self.width - 1]
             batch = []
             for j in [job, *ahead]:  # each tracked as soon as it runs, so close() stops it whatever follows
-                batch.append(_Started(j, self.workdir))
+                batch.append(_Started(j, self.workdir, self.spawn))
                 self.started[j["name"]] = batch[-1]
             for c in batch:
                 c.wait_ready(self.timeout_s)
@@ -373,6 +390,14 @@ class Prestarted:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def imports_overlapping_timing(processes: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Pairs (i, j) of processes started ahead (each with started_at, ready_at, go_at, ended_at) where
+    process i was still starting or importing its runtime while process j was let go and timed: none
+    when every process waited as ``Prestarted`` means it to."""
+    return [(i, j) for i, q in enumerate(processes) for j, p in enumerate(processes)
+            if i != j and q["started_at"] < p["ended_at"] and q["ready_at"] > p["go_at"]]
 
 
 @contextlib.contextmanager

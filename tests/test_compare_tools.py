@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgekd.devices import measure
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MAX_LEN = 16
 # torchao eager here (--torchao eager): compiling costs minutes on a loaded 2-core machine; the
@@ -1056,12 +1058,50 @@ def test_rounds_time_each_model_alone_on_its_slice(tools, tiny_run, tmp_path):
     for i in range(2):
         assert (timing["models"]["student"]["cases"][i]["inputs_sha256"]
                 == timing["models"]["edgekd"]["cases"][i]["inputs_sha256"])
+    # Each process started ahead of its turn (as edgekd bench's): a fresh one per model and round, none of
+    # them still importing its runtime while another was let go and timed.
+    spans = timing["processes"]
+    assert sorted((p["model"], p["round"]) for p in spans) == [("edgekd", 0), ("edgekd", 1), ("student", 0),
+                                                                ("student", 1)]
+    assert len({p["pid"] for p in spans}) == 4
+    assert all(p["started_at"] <= p["ready_at"] <= p["go_at"] <= p["ended_at"] for p in spans)
+    assert measure.imports_overlapping_timing(spans) == []
     with pytest.raises(compare_tools.EdgeKDError, match="one-process"):
         compare_tools.compare(run, tmp_path / "x", one_process=True, rounds=3)
 
 
+def test_a_timing_process_started_ahead_imports_then_waits_for_its_turn(tools, tmp_path):
+    """compare_tools' timing processes started ahead (``measure.Prestarted`` with its spawn): each imports
+    its models' runtimes, says it is ready and loads nothing until let go; one not wanted is stopped having
+    written nothing; one let go runs the job and reports its own error."""
+    compare_tools, _, _ = tools
+
+    def job(name):
+        spec = {"name": name, "kind": "artifact", "path": str(tmp_path / "nowhere"), "file": "model.onnx"}
+        return {"name": f"{name}-r0", "models": [spec], "threads": 1, "warmup": 1, "runs": {"1": 1},
+                "batch_sizes": [1], "inputs": f"inputs-{name}.npz", "evaluate": False}
+
+    a, b = job("a"), job("b")
+    with measure.Prestarted(tmp_path, timeout_s=120, width=2, spawn=compare_tools._timing_spawn) as ahead:
+        ahead.plan([a, b])
+        result, outputs = ahead.run(a)
+        assert result["status"] == "error" and "inputs-a.npz" in result["error"] and outputs is None
+        assert result["process"]["ready_at"] <= result["process"]["go_at"]  # it waited for "go"
+        waiting = ahead.started["b-r0"]
+        assert waiting.ready and waiting.proc.poll() is None  # started with a, imported, idle
+        assert json.loads((tmp_path / "timing-b-r0.json").read_text()) == b
+    assert waiting.proc.returncode is not None and not (tmp_path / "timing-b-r0.result.json").exists()
+
+
 def test_markdown_says_how_the_models_shared_processes(tools):
     _, rep, _ = tools
+    waited = [{"started_at": 0, "ready_at": 1, "go_at": 1, "ended_at": 3},
+              {"started_at": 0, "ready_at": 1, "go_at": 3, "ended_at": 4}]
+    text = rep._processes({"rounds": 1, "process": "one per model and round", "processes": waited})
+    assert "imported its runtime while no model was timed" in text
+    late = [waited[0], {"started_at": 0, "ready_at": 2, "go_at": 3, "ended_at": 4}]  # importing until 2, the first timed 1-3
+    text = rep._processes({"rounds": 1, "process": "one per model and round", "processes": late})
+    assert "1 of 2 were still importing their runtime while another model was timed" in text
     assert "its own process, in 3 rounds" in rep._processes({"rounds": 3, "process": "one per model and round"})
     assert rep._processes({"rounds": 1, "process": "one for every model"}).startswith("every model in one process")
     assert rep._processes({}).startswith("every model in one process")  # a compare.json from before rounds

@@ -72,10 +72,10 @@ def test_a_start_that_fails_leaves_no_process_behind(tmp_path, monkeypatch):
     made = []
     real = measure._Started
 
-    def start(job, workdir):
+    def start(job, workdir, spawn=None):
         if made:
             raise OSError("cannot start another process")
-        made.append(real(job, workdir))
+        made.append(real(job, workdir, spawn))
         return made[-1]
 
     monkeypatch.setattr(measure, "_Started", start)
