@@ -239,6 +239,17 @@ def _time_in_rounds(specs: list[dict[str, Any]], job: dict[str, Any], work: Path
              **({"processes": processes} if processes else {})}, outputs)
 
 
+def _timing_record(timing: dict[str, Any] | None) -> dict[str, Any]:
+    """What compare.json keeps of how the models were timed (not the figures, which are in the rows):
+    with ``processes`` where they were started ahead of their turn, so compare.md can say whether any
+    import overlapped a timed model."""
+    keep = ("timing_seconds", "rounds", "process", "blocks", "switch_warmup", "error")
+    record = {k: (timing or {}).get(k) for k in keep}
+    if (timing or {}).get("processes"):
+        record["processes"] = timing["processes"]
+    return record
+
+
 def _time_in_one_process(job: dict[str, Any], work: Path, threads: int, timeout_s: float,
                          tag: str = "all") -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """Every model loaded in one timing process, timed in rotating blocks (``--one-process``)."""
@@ -596,8 +607,7 @@ def compare(run_dir: str | Path, out_dir: str | Path | None = None, runs: int | 
                      "vocabulary": tokens.describe()},
         "ood": {**(ood_set.record() if ood_set else {}), "how": ood_how} if ood_set else {"how": ood_how},
         "environment": {**env, "timing_process": (timing or {}).get("environment")},
-        "timing": {k: (timing or {}).get(k) for k in ("timing_seconds", "rounds", "process", "blocks", "switch_warmup",
-                                                      "error")},
+        "timing": _timing_record(timing),
         "optimum": {"isa": isa, "isa_why": isa_why, **{who: rec for who, rec in paths.items()}},
         "rows": rows,
         "ratios": {"vs_teacher": report.ratios(rows, report.TEACHER, list(batch_sizes)),

@@ -1066,6 +1066,10 @@ def test_rounds_time_each_model_alone_on_its_slice(tools, tiny_run, tmp_path):
     assert len({p["pid"] for p in spans}) == 4
     assert all(p["started_at"] <= p["ready_at"] <= p["go_at"] <= p["ended_at"] for p in spans)
     assert measure.imports_overlapping_timing(spans) == []
+    # compare.json keeps them, and compare.md says so.
+    _, rep, _ = tools
+    assert compare_tools._timing_record(timing)["processes"] == spans
+    assert "imported its runtime while no model was timed" in rep._processes(compare_tools._timing_record(timing))
     with pytest.raises(compare_tools.EdgeKDError, match="one-process"):
         compare_tools.compare(run, tmp_path / "x", one_process=True, rounds=3)
 
