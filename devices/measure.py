@@ -204,13 +204,13 @@ def child_env(threads: int | None) -> dict[str, str]:
 
 
 def _job_paths(job: dict[str, Any], workdir: Path) -> tuple[Path, Path]:
-    """The job's file and its result's, the result (and its outputs) of an earlier round removed: a process
-    that dies before it writes one must not leave that round's figures to be read as its own."""
-    return workdir / f"job-{job['name']}.json", _without_stale_result(workdir / f"result-{job['name']}.json")
+    """The job's file and its result's (whose earlier round's copy the caller removes: ``_without_stale_result``)."""
+    return workdir / f"job-{job['name']}.json", workdir / f"result-{job['name']}.json"
 
 
 def _without_stale_result(result_path: Path) -> Path:
-    """``result_path``, with the result (and its outputs) an earlier round left there removed."""
+    """``result_path``, with the result (and its outputs) an earlier round left there removed: a process that
+    dies before it writes one must not leave that round's figures to be read as its own."""
     for stale in (result_path, result_path.with_name(result_path.stem + ".outputs.npz")):
         stale.unlink(missing_ok=True)
     return result_path
@@ -229,6 +229,7 @@ def _exited_without_result(name: str, code: int | None, output: str) -> dict[str
 def run_job(job: dict[str, Any], workdir: Path, isolate: bool, timeout_s: float) -> tuple[dict, dict | None]:
     """Run one job; returns (result, eval outputs). Failures come back as status 'error'."""
     job_path, result_path = _job_paths(job, workdir)
+    _without_stale_result(result_path)
     if isolate:
         job_path.write_text(json.dumps(job, indent=2))
         cmd = worker_command(job_path, result_path)

@@ -217,11 +217,21 @@ class SourceOnce:
             return self._seen[key]
         out = self.module(**inputs)
         self.calls += 1
-        size = sum(int(getattr(t, "nbytes", 0)) for t in (out if isinstance(out, (tuple, list)) else (out,)))
+        size = _nbytes(out)
         if self._kept_bytes + size <= self.max_bytes:
             self._seen[key] = out
             self._kept_bytes += size
         return out
+
+
+def _nbytes(out: Any) -> int:
+    """Bytes of a model's outputs: a tensor or array, or tuples, lists and dicts of them at any depth (a
+    detector's raw heads), so that no nesting counts as nothing against SourceOnce's bound."""
+    if isinstance(out, dict):
+        return sum(_nbytes(v) for v in out.values())
+    if isinstance(out, (tuple, list)):
+        return sum(_nbytes(v) for v in out)
+    return int(getattr(out, "nbytes", 0))
 
 
 def source_outputs(module: Any, batch: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

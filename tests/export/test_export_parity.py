@@ -163,3 +163,8 @@ def test_the_source_runs_each_parity_batch_once_for_every_target(text_module, te
     bounded = SourceOnce(text_module, max_bytes=0)
     torch.testing.assert_close(bounded(**batch)[0], bounded(**batch)[0])
     assert bounded.calls == 2
+    # Outputs nested in dicts and lists (a detector's heads) count at their full size against the bound.
+    nested = SourceOnce(lambda **kw: {"heads": [torch.zeros(8, 4), (torch.zeros(2),)]}, max_bytes=127)
+    nested(**batch)
+    nested(**batch)
+    assert nested.calls == 2  # 136 bytes > 127: not kept
