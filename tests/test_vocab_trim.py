@@ -319,7 +319,8 @@ def _eval_logits_are_read_only_when_they_answer_the_same_inputs(ctx, run, monkey
             want = source_outputs(module, inputs, io.output_names)["logits"]
             np.testing.assert_allclose(got["logits"], want, rtol=1e-4, atol=1e-5)
     # Other texts (the test split's first three), or a file changed since the eval stage recorded it: run here.
-    assert {n: v[2] for n, v in ctx.bench_own_outputs(models, 3).items()} == {"teacher": None, "student": None}
+    other = "run here: the eval stage scored other test texts or ids"
+    assert {n: v[2] for n, v in ctx.bench_own_outputs(models, 3).items()} == {"teacher": other, "student": other}
     assert saved_logits(ctx, ctx.parity_data(3, tokenizer=ctx.tokenizer)[0], ood) == (
         {}, "the eval stage scored other test texts or ids")
     path = run / "eval" / LOGITS_FILE
@@ -329,14 +330,16 @@ def _eval_logits_are_read_only_when_they_answer_the_same_inputs(ctx, run, monkey
     with open(path, "wb") as f:
         np.savez(f, **arrays)
     again = ctx.bench_own_outputs(models, None)
-    assert {n: v[2] for n, v in again.items()} == {"teacher": None, "student": None}
+    changed = "run here: the eval stage's record is not current: its file eval/logits.npz is missing or changed"
+    assert {n: v[2] for n, v in again.items()} == {"teacher": changed, "student": changed}
     assert saved_logits(ctx, test, ood) == (
         {}, "the eval stage's record is not current: its file eval/logits.npz is missing or changed")
     np.testing.assert_allclose(again["teacher"][0]["logits"], read["teacher"][0]["logits"], rtol=1e-4, atol=1e-5)
     # Another out-of-domain set than the eval stage scored: run here too.
     run_eval(ctx)
     texts[0] = "an awful boring play"
-    assert {n: v[2] for n, v in ctx.bench_own_outputs(models, None).items()} == {"teacher": None, "student": None}
+    other = "run here: the eval stage scored another out-of-domain set or ids"
+    assert {n: v[2] for n, v in ctx.bench_own_outputs(models, None).items()} == {"teacher": other, "student": other}
     assert saved_logits(ctx, test, edgekd.ood.ood_inputs(ctx, ctx.tokenizer)[1])[1] == (
         "the eval stage scored another out-of-domain set or ids")
 

@@ -122,8 +122,9 @@ class TextRunContext(RunContext):
         The bench times and scores it on these ids of the same texts (``bench_original_inputs``).
 
         The eval stage ran the same models on the same texts in these ids: its logits are read where its
-        record is current and its token ids are these, row for row (``saved_logits``; the third element then
-        says so), and the model runs here otherwise."""
+        record is current and its token ids are these, row for row (``saved_logits``); the model runs here
+        otherwise. The third element says which, and why the eval stage's logits were not used: the bench's
+        note shows it, so a row scored again here says what kept it from the logits the eval stage saved."""
         p = self.recipe.prune
         if not (p.enabled and p.trim_vocab):
             return {}
@@ -137,7 +138,7 @@ class TextRunContext(RunContext):
         test, _ = self.parity_data(n, tokenizer=self.tokenizer)
         found = ood_inputs(self, self.tokenizer)
         ood = found[1] if found else None
-        saved = saved_logits(self, test, ood)[0]
+        saved, why_not = saved_logits(self, test, ood)
 
         def outputs(module: Any, io: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             # batches of similar lengths, each cut to its longest text (an eager model takes any width)
@@ -149,7 +150,10 @@ class TextRunContext(RunContext):
             if name in saved and list(io.output_names) == ["logits"]:
                 t, o = saved[name]
                 return {"logits": t}, ({"logits": o} if o is not None else None), "the eval stage's logits"
-            return outputs(module, io, test), (outputs(module, io, ood) if ood is not None else None), None
+            why = (why_not if not saved else f"the eval stage saved no logits of {name!r}" if name not in saved
+                   else f"its outputs are {list(io.output_names)}, the eval stage saved logits alone")
+            return (outputs(module, io, test), (outputs(module, io, ood) if ood is not None else None),
+                    f"run here: {why}")
 
         return {name: own(name, module, io) for name, (module, io) in models.items() if name != "student-pruned"}
 
