@@ -27,11 +27,12 @@ from typing import Any
 
 from rich.markup import escape
 
+from edgekd.owners import owner_gone, process_tag
 from edgekd.progress import console
 
 LOG_FILE = Path("logs") / "warnings.log"
 MAX_WAITING = 5000  # lines held before a run folder exists; older ones are dropped beyond this
-STDERR_PREFIX = "library-stderr-"  # logs/library-stderr-<pid>.txt: library_output's file while a block runs
+STDERR_PREFIX = "library-stderr-"  # logs/library-stderr-<pid>@<machine>.txt: library_output's file while a block runs
 STDERR_HEADER = "edgekd library_output: "
 
 
@@ -65,15 +66,20 @@ class WarningsLog:
         self.flush()
 
     def _fold_orphans(self) -> None:
-        """``logs/library-stderr-<pid>.txt`` of a process no longer running: a converter that crashed the process
-        (a C++ abort, a segfault) inside :func:`library_output` wrote its last words there, and nothing folded
-        them into the log. They are added now, marked, and said on the console; the file goes."""
+        """``logs/library-stderr-<pid>@<machine>.txt`` of a process no longer running (``owners.owner_gone``): a
+        converter that crashed the process (a C++ abort, a segfault) inside :func:`library_output` wrote its last
+        words there, and nothing folded them into the log. They are added now, marked, and said on the console;
+        the file goes. Another machine's file (a run folder on a shared disk) is left to that machine."""
         if self._root is None:
             return
         for leftover in sorted((self._root / LOG_FILE.parent).glob(f"{STDERR_PREFIX}*.txt")):
-            pid = leftover.stem[len(STDERR_PREFIX):]
-            if not pid.isdigit() or int(pid) == os.getpid() or pid_running(int(pid)):
+            tag = leftover.stem[len(STDERR_PREFIX):]
+            try:
+                if not owner_gone(tag, leftover.stat().st_mtime):
+                    continue
+            except OSError:
                 continue
+            pid = tag.partition("@")[0]
             try:
                 first, _, text = leftover.read_bytes().decode("utf-8", "replace").partition("\n")
             except OSError:
@@ -113,17 +119,6 @@ class WarningsLog:
 
 
 sink = WarningsLog()
-
-
-def pid_running(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: it exists
-        return True
-    return True
 
 
 def _last_states(text: str) -> list[str]:
@@ -246,7 +241,7 @@ def library_output(what: str):
             stream.flush()
     named = None
     if sink.path is not None and sink.path.parent.parent.is_dir():
-        candidate = sink.path.parent / f"{STDERR_PREFIX}{os.getpid()}.txt"
+        candidate = sink.path.parent / f"{STDERR_PREFIX}{process_tag()}.txt"
         with contextlib.suppress(OSError):  # (a run folder that cannot be written: a temporary file, as before)
             candidate.parent.mkdir(exist_ok=True)
             candidate.write_bytes(f"{STDERR_HEADER}{what}\n".encode())

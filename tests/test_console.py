@@ -288,7 +288,7 @@ def test_a_librarys_own_stderr_goes_to_the_log_not_the_console(monkeypatch, capf
 
 def test_a_process_killed_inside_library_output_leaves_its_stderr_to_the_next_command(tmp_path):
     """A converter that aborts the process inside ``library_output`` took its last stderr lines with it (they
-    were in an unlinked temporary file). With a run folder they are in logs/library-stderr-<pid>.txt, and the
+    were in an unlinked temporary file). With a run folder they are in logs/library-stderr-<pid>@<machine>.txt, and the
     next command on the folder adds them to the log, marked, and says so; a block that returns leaves no file."""
     import subprocess
 
@@ -305,7 +305,7 @@ def test_a_process_killed_inside_library_output_leaves_its_stderr_to_the_next_co
     res = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert res.returncode == 134 and "terminating" not in res.stderr + res.stdout, res.stderr
     left = sorted(p.name for p in (run / "logs").glob("library-stderr-*.txt"))
-    assert left == ["library-stderr-1.txt", f"library-stderr-{_pid_of(left)}.txt"]
+    assert len(left) == 2 and left[0] == "library-stderr-1.txt" and _pid_of(left) > 1
     log = (run / "logs" / "warnings.log").read_text()
     assert "[export onnx] fine" in log and "terminating" not in log
 
@@ -323,16 +323,23 @@ def test_a_process_killed_inside_library_output_leaves_its_stderr_to_the_next_co
 
 
 def _pid_of(names: list[str]) -> int:
-    return next(int(n[len("library-stderr-"):-4]) for n in names if n != "library-stderr-1.txt")
+    from edgekd.owners import machine_tag
+
+    tag = next(n[len("library-stderr-"):-4] for n in names if n != "library-stderr-1.txt")
+    pid, _, where = tag.partition("@")
+    assert where == machine_tag(), tag  # named with the machine as well as the pid
+    return int(pid)
 
 
 def test_library_output_where_its_file_cannot_be_written_still_diverts(monkeypatch, capfd, tmp_path):
-    """logs/library-stderr-<pid>.txt cannot be written (here a folder holds its name): the block's stderr goes to
+    """logs/library-stderr-<pid>@<machine>.txt cannot be written (here a folder holds its name): the block's stderr goes to
     a temporary file as before (it opened the file it had failed to write, and raised), and reaches the log."""
     import os
 
     run = tmp_path / "run"
-    (run / "logs" / f"library-stderr-{os.getpid()}.txt").mkdir(parents=True)
+    from edgekd.owners import process_tag
+
+    (run / "logs" / f"library-stderr-{process_tag()}.txt").mkdir(parents=True)
     sink = warnings_log.WarningsLog()
     sink.attach(run)
     monkeypatch.setattr(warnings_log, "sink", sink)

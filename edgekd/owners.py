@@ -1,0 +1,102 @@
+"""Who left a file or folder behind, and whether it is gone.
+
+A process that may be killed mid-write names what it leaves with its ``process_tag()``: its pid, and the
+machine and boot it runs on. The next process to find the leftover removes or recovers it only when
+``owner_gone`` says its writer has ended. A pid alone would say the wrong thing in three cases, each of which
+would remove a folder still being written or keep an orphan forever:
+
+- a run folder on a disk that two machines share: a pid of the other machine is not running here, whatever
+  it is doing there (the leftover is kept, and the caller says so);
+- a reboot: every pid of the earlier boot has ended, whatever runs under that number now;
+- a pid reused by a later process: a process started after the leftover was made did not make it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from functools import cache
+from pathlib import Path
+
+UNKNOWN_BOOT = "0" * 8
+CLOCK_SLACK_S = 1.0  # a process start and a file time read from different clocks (boot time + ticks, the file system)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@cache
+def machine_tag() -> str:
+    """This machine and boot as 16 hex digits: 8 of the host name's sha256, 8 of the boot's (Linux's boot_id,
+    else the boot time psutil reports, else unknown: zeros). No dots or dashes, which the leftovers' names
+    split on."""
+    boot = UNKNOWN_BOOT
+    try:
+        boot = _digest(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        try:
+            import psutil
+
+            boot = _digest(f"{psutil.boot_time():.0f}")
+        except Exception:  # noqa: BLE001 - psutil missing or unable: the boot is unknown, the pid still judged
+            pass
+    return _digest(socket.gethostname()) + boot
+
+
+def process_tag() -> str:
+    """This process as the names of its leftovers carry it: ``<pid>@<machine_tag()>``."""
+    return f"{os.getpid()}@{machine_tag()}"
+
+
+def _started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch); None where that cannot be read here."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except ImportError:
+        return None
+    except Exception:  # noqa: BLE001 - ended meanwhile, or another user's process: not known here
+        return None
+
+
+def owner_gone(tag: str, made_at: float) -> bool:
+    """Whether the process that ``tag`` names (``process_tag()``, or a bare pid: names before they carried the
+    machine) has ended, so that what it left, last modified at ``made_at`` (a file time), is nobody's.
+
+    False for this process; for a process of another machine (its pid says nothing here); for a tag that is
+    not one. True for a process of an earlier boot of this machine, for a pid that is not running, and for a
+    pid now running a process started after the leftover was last modified (a reused number)."""
+    pid, _, where = tag.partition("@")
+    if not pid.isdigit() or (where and len(where) != 16):
+        return False
+    mine = machine_tag()
+    if where and where[:8] != mine[:8]:
+        return False  # another machine's
+    if where and UNKNOWN_BOOT not in (where[8:], mine[8:]) and where[8:] != mine[8:]:
+        return True  # an earlier boot of this machine
+    if int(pid) == os.getpid() and (not where or where == mine):
+        return False
+    if not pid_running(int(pid)):
+        return True
+    started = _started(int(pid))
+    return started is not None and started > made_at + CLOCK_SLACK_S
+
+
+def on_another_machine(tag: str) -> bool:
+    """Whether ``tag`` names a process of another machine than this one (a run folder on a shared disk)."""
+    where = tag.partition("@")[2]
+    return len(where) == 16 and where[:8] != machine_tag()[:8]

@@ -1,0 +1,92 @@
+"""Leftovers of a killed process are judged by the process, the machine and the boot their names carry."""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgekd import owners
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _other_machine() -> str:
+    host = owners.machine_tag()[:8]
+    return ("1" if host[0] != "1" else "2") + host[1:]
+
+
+def test_a_tag_names_the_process_the_machine_and_the_boot_in_characters_names_do_not_split_on():
+    tag = owners.process_tag()
+    pid, _, where = tag.partition("@")
+    assert int(pid) == os.getpid() and len(where) == 16 and set(where) <= set("0123456789abcdef")
+    assert "." not in tag and "-" not in tag
+    assert not owners.owner_gone(tag, time.time()) and not owners.on_another_machine(tag)
+
+
+def test_a_process_that_ended_on_this_machine_is_gone_with_or_without_the_machine_in_its_tag():
+    pid = _dead_pid()
+    assert owners.owner_gone(str(pid), time.time())
+    assert owners.owner_gone(f"{pid}@{owners.machine_tag()}", time.time())
+    assert not owners.owner_gone("not-a-pid", time.time()) and not owners.owner_gone(f"{pid}@short", time.time())
+
+
+def test_another_machines_process_is_never_judged_here_even_when_its_pid_is_not_running():
+    tag = f"{_dead_pid()}@{_other_machine()}{owners.machine_tag()[8:]}"
+    assert owners.on_another_machine(tag) and not owners.owner_gone(tag, time.time())
+    # this process's pid, on the other machine, is not this process either way
+    assert not owners.owner_gone(f"{os.getpid()}@{_other_machine()}{owners.machine_tag()[8:]}", time.time())
+
+
+def test_an_earlier_boot_of_this_machine_has_ended_whatever_runs_under_its_pid_now():
+    mine = owners.machine_tag()
+    if mine[8:] == owners.UNKNOWN_BOOT:
+        pytest.skip("this machine's boot cannot be read (no boot_id, no psutil)")
+    earlier = mine[:8] + ("1" if mine[8] != "1" else "2") + mine[9:]
+    assert owners.owner_gone(f"{os.getpid()}@{earlier}", time.time())
+    assert owners.owner_gone(f"1@{earlier}", time.time())  # pid 1 runs, but it is this boot's
+
+
+def test_a_pid_reused_by_a_process_started_after_the_leftover_is_not_its_writer(tmp_path):
+    pytest.importorskip("psutil")
+    leftover = tmp_path / "leftover"
+    leftover.write_text("x")
+    made = leftover.stat().st_mtime
+    time.sleep(owners.CLOCK_SLACK_S + 0.5)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tag = f"{later.pid}@{owners.machine_tag()}"
+        assert owners.pid_running(later.pid)
+        assert owners.owner_gone(tag, made)  # running, but started after the leftover was last written
+        assert not owners.owner_gone(tag, time.time())  # started before: it may be the writer
+    finally:
+        later.kill()
+        later.wait()
+
+
+def test_the_export_stage_leaves_another_machines_staged_folders_and_removes_this_ones(tmp_path, caplog):
+    from edgekd.export.stage import Staging
+
+    dead, mine = _dead_pid(), owners.machine_tag()
+    other = f"{dead}@{_other_machine()}{mine[8:]}"
+    (tmp_path / f".onnx.{dead}@{mine}-abc.staged").mkdir()
+    (tmp_path / f".onnx.{other}-def.staged").mkdir()
+    (tmp_path / f".executorch.old-{other}").mkdir()
+    with caplog.at_level(logging.WARNING):
+        Staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".executorch.old-{other}", f".onnx.{other}-def.staged"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert said.count("written by a process on another machine") == 2 and "remove it by hand" in said
+    # The staging's own folders carry this process's tag, and a publish leaves nothing of them behind.
+    staging = Staging(tmp_path)
+    staged = staging.new("onnx")
+    assert staged.name.startswith(f".onnx.{owners.process_tag()}-")
+    (staged / "model.onnx").write_text("new")
+    staging.publish()
+    assert (tmp_path / "onnx" / "model.onnx").read_text() == "new"
