@@ -13,6 +13,7 @@ would remove a folder still being written or keep an orphan forever:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import socket
@@ -100,3 +101,57 @@ def on_another_machine(tag: str) -> bool:
     """Whether ``tag`` names a process of another machine than this one (a run folder on a shared disk)."""
     where = tag.partition("@")[2]
     return len(where) == 16 and where[:8] != machine_tag()[:8]
+
+
+def staged_name(name: str) -> str:
+    """The prefix of a folder staged for ``name`` by this process (``tempfile.mkdtemp(prefix=...)``), which
+    ``clear_leftovers`` reads back: ``.<name>.<pid>@<machine>-``."""
+    return f".{name}.{process_tag()}-"
+
+
+def set_aside_name(name: str) -> str:
+    """Where a publish sets the earlier ``name`` aside while the staged one takes its place."""
+    return f".{name}.old-{process_tag()}"
+
+
+def clear_leftovers(root: Path, suffix: str, name: str = "*") -> list[str]:
+    """What processes that ended left in ``root`` for ``name`` (every name by default), written under
+    ``staged_name`` (ending in ``suffix``) and ``set_aside_name``: a staged folder is removed (nothing
+    published it); an earlier folder set aside by a publish killed before the staged one took its place is
+    put back where nothing took its place, else removed. Leftovers of running processes are left alone, and
+    so are another machine's, whose paths are returned for the caller to say (their pids mean nothing here).
+    A name that is not a tag (written before names carried one) is left alone too."""
+    import logging
+    import shutil
+
+    log = logging.getLogger("edgekd.owners")
+    root, elsewhere = Path(root), []
+    if not root.is_dir():
+        return elsewhere
+
+    def ended(path: Path, tag: str) -> bool:
+        if on_another_machine(tag):
+            elsewhere.append(str(path))
+            return False
+        try:
+            return owner_gone(tag, path.stat().st_mtime)
+        except OSError:  # gone meanwhile
+            return False
+
+    pattern = name if name == "*" else glob.escape(name)
+    for path in root.glob(f".{pattern}.*{suffix}"):
+        stem = path.name[: -len(suffix)] if suffix else path.name
+        tag = stem.rsplit(".", 1)[-1].split("-", 1)[0] if stem.count(".") >= 2 else ""
+        if ".old-" not in path.name and ended(path, tag):
+            log.info("removing %s: staged by a process that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(f".{pattern}.old-*"):
+        final_name, _, tag = path.name[1:].rpartition(".old-")
+        if not final_name or not ended(path, tag):
+            continue
+        if not (root / final_name).exists():
+            log.warning("putting back %s as %s: a publish was killed between its two renames", path, final_name)
+            os.replace(path, root / final_name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return elsewhere

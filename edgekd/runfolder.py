@@ -119,15 +119,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename."""
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` (the earlier one set aside,
+    the new one renamed in, the earlier one removed). What a process killed meanwhile left for ``final`` is
+    cleared first (``owners.clear_leftovers``): its temporary folder removed, an earlier ``final`` it had set
+    aside put back where nothing took its place."""
+    from edgekd.owners import clear_leftovers, set_aside_name, staged_name
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    clear_leftovers(final.parent, ".tmp", final.name)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=staged_name(final.name), suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; others (a container's user) may read it
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(set_aside_name(final.name))
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -63,7 +63,7 @@ from edgekd.export.base import (
     write_artifact_meta,
 )
 from edgekd.export.parity import ParityGate, SourceOnce, check_parity, check_real_lengths
-from edgekd.owners import on_another_machine, owner_gone, process_tag
+from edgekd.owners import clear_leftovers, set_aside_name, staged_name
 from edgekd.progress import track
 from edgekd.runfolder import sha256_file, sha256_tree
 from edgekd.warnings_log import library_output
@@ -201,7 +201,7 @@ class Staging:
         folder = self.names.get(name, name)
         self._drop_staged(folder)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{folder}.{process_tag()}-", suffix=STAGED_SUFFIX))
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=staged_name(folder), suffix=STAGED_SUFFIX))
         self._items[folder] = tmp
         return tmp
 
@@ -229,7 +229,7 @@ class Staging:
                 else:
                     publish_modes(staged)
                     if final.exists():
-                        old = final.with_name(f".{folder}.old-{process_tag()}")
+                        old = final.with_name(set_aside_name(folder))
                         shutil.rmtree(old, ignore_errors=True)
                         os.replace(final, old)
                         os.replace(staged, final)
@@ -250,38 +250,12 @@ class Staging:
 
 def _remove_orphans(root: Path) -> None:
     """Staged folders of a process that has ended (killed mid-export, ``owners.owner_gone``): nothing ever
-    published them. Another machine's (a run folder on a shared disk) are left to it, and said."""
-    if not root.is_dir():
-        return
-    for path in root.glob(f".*{STAGED_SUFFIX}"):
-        tag = path.name.rsplit(".", 2)[-2].split("-", 1)[0] if path.name.count(".") >= 3 else ""
-        if _ended(path, tag):
-            log.info("removing %s: a staged export of a process that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)
-    # An earlier folder set aside by a publish that was killed before the staged one took its place: it is
-    # put back where nothing took its place, else removed. (The run folder's command lock keeps two commands
-    # from exporting into one root at once, so an ended process's folders are nobody's.)
-    for path in root.glob(".*.old-*"):
-        name, _, tag = path.name[1:].rpartition(".old-")
-        if not _ended(path, tag):
-            continue
-        if name and not (root / name).exists():
-            log.warning("putting back %s as %s: a publish of the export stage was killed half-way", path, name)
-            os.replace(path, root / name)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _ended(path: Path, tag: str) -> bool:
-    """Whether the process that left ``path`` (its name's ``tag``) has ended; another machine's is not judged."""
-    if on_another_machine(tag):
+    published them; and an earlier folder a killed publish set aside, put back where nothing took its place.
+    (The run folder's command lock keeps two commands from exporting into one root at once, so an ended
+    process's folders are nobody's.) Another machine's (a run folder on a shared disk) are left to it, and said."""
+    for path in clear_leftovers(root, STAGED_SUFFIX):
         log.warning("leaving %s: it was written by a process on another machine (this run folder is on a shared "
                     "disk); remove it by hand once no export runs there", path)
-        return False
-    try:
-        return owner_gone(tag, path.stat().st_mtime)
-    except OSError:  # gone meanwhile
-        return False
 
 
 def _record(name: str, status: str, reason: str | None = None, **fields: Any) -> dict[str, Any]:

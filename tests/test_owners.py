@@ -90,3 +90,34 @@ def test_the_export_stage_leaves_another_machines_staged_folders_and_removes_thi
     (staged / "model.onnx").write_text("new")
     staging.publish()
     assert (tmp_path / "onnx" / "model.onnx").read_text() == "new"
+
+
+def test_atomic_dir_clears_what_a_killed_writer_left_for_its_folder_and_nothing_a_live_one_is_writing(tmp_path):
+    from edgekd.runfolder import atomic_dir
+
+    dead, mine = _dead_pid(), owners.machine_tag()
+    final = tmp_path / "model"
+    (tmp_path / f".model.{dead}@{mine}-abc.tmp").mkdir()  # a write killed before its rename
+    (tmp_path / f".model.old-{dead}@{mine}").mkdir()  # a publish killed between its two renames
+    (tmp_path / f".model.old-{dead}@{mine}" / "weights").write_text("earlier")
+    live = tmp_path / f"{owners.staged_name('model')}xyz.tmp"  # this process's own, still being written
+    live.mkdir()
+    other = tmp_path / f".model.{dead}@{_other_machine()}{mine[8:]}-def.tmp"  # another machine's
+    other.mkdir()
+    with atomic_dir(final) as tmp:
+        assert tmp.name.startswith(owners.staged_name("model"))
+        # the set-aside folder was put back first (nothing had taken its place), the killed write removed
+        assert (final / "weights").read_text() == "earlier"
+        (tmp / "weights").write_text("new")
+    assert (final / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, live.name, "model"])
+
+
+def test_a_set_aside_folder_whose_place_was_taken_is_removed_and_a_running_writers_is_kept(tmp_path):
+    mine = owners.machine_tag()
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / f".onnx.old-{_dead_pid()}@{mine}").mkdir()
+    running = tmp_path / f".executorch.old-{os.getppid()}@{mine}"  # its writer runs and is older than it
+    running.mkdir()
+    assert owners.clear_leftovers(tmp_path, ".staged") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["onnx", running.name])
