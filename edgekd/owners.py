@@ -76,11 +76,11 @@ def _started(pid: int) -> float | None:
 
 def owner_gone(tag: str, made_at: float) -> bool:
     """Whether the process that ``tag`` names (``process_tag()``, or a bare pid: names before they carried the
-    machine) has ended, so that what it left, last modified at ``made_at`` (a file time), is nobody's.
+    machine) has ended, so that what it left, last changed at ``made_at`` (a file time), is nobody's.
 
     False for this process; for a process of another machine (its pid says nothing here); for a tag that is
     not one. True for a process of an earlier boot of this machine, for a pid that is not running, and for a
-    pid now running a process started after the leftover was last modified (a reused number)."""
+    pid now running a process started after the leftover was last changed (a reused number)."""
     pid, _, where = tag.partition("@")
     if not pid.isdigit() or (where and len(where) != 16):
         return False
@@ -95,6 +95,17 @@ def owner_gone(tag: str, made_at: float) -> bool:
         return True
     started = _started(int(pid))
     return started is not None and started > made_at + CLOCK_SLACK_S
+
+
+def writer_ended(path: Path, tag: str) -> bool:
+    """``owner_gone`` for what ``tag``'s process left at ``path``, as of its last change: the later of its
+    modification and its inode's change (a rename changes the latter only, so a folder set aside a moment ago
+    by a running process is not taken for one older than that process). False where ``path`` is gone."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return False
+    return owner_gone(tag, max(st.st_mtime, st.st_ctime))
 
 
 def on_another_machine(tag: str) -> bool:
@@ -133,10 +144,7 @@ def clear_leftovers(root: Path, suffix: str, name: str = "*") -> list[str]:
         if on_another_machine(tag):
             elsewhere.append(str(path))
             return False
-        try:
-            return owner_gone(tag, path.stat().st_mtime)
-        except OSError:  # gone meanwhile
-            return False
+        return writer_ended(path, tag)
 
     pattern = name if name == "*" else glob.escape(name)
     for path in root.glob(f".{pattern}.*{suffix}"):

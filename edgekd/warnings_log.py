@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from edgekd.owners import owner_gone, process_tag
+from edgekd.owners import process_tag, writer_ended
 from edgekd.progress import console
 
 LOG_FILE = Path("logs") / "warnings.log"
@@ -66,7 +66,7 @@ class WarningsLog:
         self.flush()
 
     def _fold_orphans(self) -> None:
-        """``logs/library-stderr-<pid>@<machine>.txt`` of a process no longer running (``owners.owner_gone``): a
+        """``logs/library-stderr-<pid>@<machine>.txt`` of a process no longer running (``owners.writer_ended``): a
         converter that crashed the process (a C++ abort, a segfault) inside :func:`library_output` wrote its last
         words there, and nothing folded them into the log. They are added now, marked, and said on the console;
         the file goes. Another machine's file (a run folder on a shared disk) is left to that machine."""
@@ -74,10 +74,7 @@ class WarningsLog:
             return
         for leftover in sorted((self._root / LOG_FILE.parent).glob(f"{STDERR_PREFIX}*.txt")):
             tag = leftover.stem[len(STDERR_PREFIX):]
-            try:
-                if not owner_gone(tag, leftover.stat().st_mtime):
-                    continue
-            except OSError:
+            if not writer_ended(leftover, tag):
                 continue
             pid = tag.partition("@")[0]
             try:

@@ -121,3 +121,26 @@ def test_a_set_aside_folder_whose_place_was_taken_is_removed_and_a_running_write
     running.mkdir()
     assert owners.clear_leftovers(tmp_path, ".staged") == []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["onnx", running.name])
+
+
+def test_a_folder_a_running_process_just_set_aside_is_not_taken_for_one_older_than_that_process(tmp_path):
+    """A publish renames the earlier folder aside: its modification time is the earlier export's (older than
+    the publishing process), and only the rename dates it. It is judged by that, and stays while its writer runs."""
+    pytest.importorskip("psutil")
+    earlier = tmp_path / "onnx"
+    earlier.mkdir()
+    hour_ago = time.time() - 3600
+    os.utime(earlier, (hour_ago, hour_ago))
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(owners.CLOCK_SLACK_S + 0.5)
+        aside = tmp_path / f".onnx.old-{writer.pid}@{owners.machine_tag()}"
+        os.replace(earlier, aside)  # as the writer's publish does, between its two renames
+        assert aside.stat().st_mtime < hour_ago + 1  # the rename kept the earlier modification time
+        assert owners.owner_gone(f"{writer.pid}@{owners.machine_tag()}", aside.stat().st_mtime)  # mtime alone: wrong
+        assert not owners.writer_ended(aside, f"{writer.pid}@{owners.machine_tag()}")
+        owners.clear_leftovers(tmp_path, ".staged")
+        assert [p.name for p in tmp_path.iterdir()] == [aside.name]  # not put back under the writer's feet
+    finally:
+        writer.kill()
+        writer.wait()
