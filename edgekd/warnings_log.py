@@ -225,8 +225,8 @@ def library_output(what: str):
     progress bars, a C++ runtime's notices) goes to the log, not between the progress lines: file descriptor 2,
     and ``sys.stderr`` with it, point at a file, whose lines (a progress bar's last state per line) are then
     added to the log, each marked with ``what``. Once a run folder is attached that file is
-    ``logs/library-stderr-<pid>.txt``, so a converter that kills the process (an abort, a segfault) leaves its
-    last words there, and the next command on the run folder adds them to the log and says so on the console;
+    ``logs/library-stderr-<pid>@<machine>.txt``, so a converter that kills the process (an abort, a segfault)
+    leaves its last words there, and the next command on the run folder adds them to the log and says so on the console;
     before, a temporary file. Only for a command (:func:`install` ran) and without ``EDGEKD_SHOW_WARNINGS``;
     elsewhere the block runs as it is. The console's own output is on stdout, untouched; an exception still
     propagates (after stderr is back)."""

@@ -166,9 +166,10 @@ def _dead_pid() -> int:
 
 
 def test_a_publish_killed_between_its_two_renames_is_put_back_by_the_next_stage(tmp_path):
-    """A publish sets the earlier folder aside (.<name>.old-<pid>) and then renames the staged one in; a kill
-    between the two leaves no export/<name>: the next Staging of the root puts the earlier one back, and drops
-    a set-aside folder whose place was taken."""
+    """A publish sets the earlier folder aside (.<name>.old-<pid>@<machine>; here a bare pid, as names were
+    before they carried the machine) and then renames the staged one in; a kill between the two leaves no
+    export/<name>: the next Staging of the root puts the earlier one back, and drops a set-aside folder whose
+    place was taken."""
     from edgekd.export.stage import Staging
 
     pid = _dead_pid()
