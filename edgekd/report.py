@@ -260,6 +260,28 @@ def _bench(met: dict, key: str, name: str) -> str:
     return "\n".join(lines)
 
 
+def _shipped_not_fastest(manifest: dict, target: str) -> str | None:
+    """Where the bench timed another export faster than the one that ships: both figures, side by side, and
+    whose choice the shipped one is, so the bench's "fastest" and the "ship" line do not disagree unexplained."""
+    stages = manifest.get("stages") or {}
+    bench = (stages.get("bench") or {}).get("metrics") or {}
+    timed = {n: r for n, r in (bench.get("models") or {}).items() if r.get("p50_ms") is not None}
+    if target not in timed:
+        return None
+    fast = min(timed, key=lambda n: timed[n]["p50_ms"])
+    if fast == target or timed[fast]["p50_ms"] >= timed[target]["p50_ms"]:
+        return None
+    batch = (bench.get("headline") or {}).get("batch")
+    line = (f"note: the bench timed {target}, which ships, at {timed[target]['p50_ms']:.3f} ms p50 and {fast} at "
+            f"{timed[fast]['p50_ms']:.3f} ms (batch {batch})")
+    quantize = (stages.get("quantize") or {}).get("metrics") or {}
+    speed = quantize.get("speed_guard") or {}
+    if quantize.get("recommended") and speed.get("speedup") is not None:
+        line += (f"; what ships is the quantize stage's choice, by its accuracy and speed guards on its own timing "
+                 f"(×{speed['speedup']:.2f} at batch {speed.get('batch')}, {speed.get('inputs') or 'its inputs'})")
+    return line
+
+
 HEADLINES = {"teacher": _teacher, "distill": _student("distill"), "baseline": _student("baseline"), "eval": _eval,
              "prune": _prune, "export": _export, "quantize": _quantize, "bench": _bench}
 
@@ -352,6 +374,9 @@ def print_summary(run: RunFolder) -> None:
         if target:
             console.print(f"ship: [bold]{escape(str(run.root / 'export' / target))}[/] ({escape(why)})")
             console.print(f"serve it: [bold]edgekd serve {escape(str(run.root))} --target {escape(target)}[/]")
+            slower = _shipped_not_fastest(manifest, target)
+            if slower:
+                console.print(escape(slower))
         else:
             console.print(f"ship: {escape(why)}")
     bench = ((manifest.get("stages") or {}).get("bench") or {}).get("metrics") or {}

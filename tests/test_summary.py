@@ -88,6 +88,35 @@ def test_guard_decisions_and_a_rejected_candidate_are_in_the_summary(tmp_path, m
     assert "recommended: quantized (onnx-int8)" in text
     assert f"serve it: edgekd serve {run.root} --target onnx-int8" in text
     assert "no evaluation yet" in text
+    assert "which ships" not in text  # no bench yet
+
+
+def test_the_summary_says_when_the_bench_timed_another_export_faster_than_what_ships(tmp_path, monkeypatch):
+    """The quantize stage ships by its own timing; a bench that timed the float file faster says both figures
+    and whose choice the shipped one is, instead of a "fastest" line and a "ship" line that disagree unexplained."""
+    run = RunFolder(tmp_path / "r")
+    for name in ("onnx", "onnx-int8"):
+        (run.root / "export" / name).mkdir(parents=True)
+        (run.root / "export" / name / "artifact.json").write_text("{}")
+    run.record("export", "fp", {"source_stage": "distill", "targets": {"onnx": {"status": "ok", "precision": "fp32"}}})
+    run.record("quantize", "fp", {
+        "method": "static", "precision": "int8-static", "recommended": "quantized",
+        "recommended_dir": str(run.root / "export" / "onnx-int8"), "reasons": [],
+        "speed_guard": {"batch": 1, "speedup": 1.17, "inputs": "50 validation examples, one at a time"}}, seconds=1.0)
+
+    def bench(int8_ms):
+        run.record("bench", "fp", {"profile": "local", "headline": {"batch": 1}, "models": {
+            "onnx": {"status": "ok", "p50_ms": 1.006, "accuracy": 0.51},
+            "onnx-int8": {"status": "ok", "p50_ms": int8_ms, "accuracy": 0.509},
+            "pytorch-teacher": {"status": "ok", "p50_ms": 15.6, "accuracy": 0.68}}}, seconds=1.0)
+        return " ".join(_summary_text(run, monkeypatch).split())
+
+    text = bench(1.164)
+    assert "fastest: onnx, 1.006 ms p50" in text
+    assert ("note: the bench timed onnx-int8, which ships, at 1.164 ms p50 and onnx at 1.006 ms (batch 1); what ships "
+            "is the quantize stage's choice, by its accuracy and speed guards on its own timing (×1.17 at batch 1, 50 "
+            "validation examples, one at a time)") in text
+    assert "which ships" not in bench(0.98)  # what ships is the fastest: nothing to explain
 
 
 def test_a_folder_without_stages_says_what_to_run(tmp_path, monkeypatch):
