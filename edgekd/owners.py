@@ -13,6 +13,7 @@ would remove a folder still being written or keep an orphan forever:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -115,8 +116,8 @@ def on_another_machine(tag: str) -> bool:
 
 
 def staged_name(name: str) -> str:
-    """The prefix of a folder staged for ``name`` by this process (``tempfile.mkdtemp(prefix=...)``), which
-    ``clear_leftovers`` reads back: ``.<name>.<pid>@<machine>-``."""
+    """The prefix of a folder or file staged for ``name`` by this process (``tempfile.mkdtemp`` or ``mkstemp``'s
+    ``prefix``), which ``clear_leftovers`` reads back: ``.<name>.<pid>@<machine>-``."""
     return f".{name}.{process_tag()}-"
 
 
@@ -152,7 +153,11 @@ def clear_leftovers(root: Path, suffix: str, name: str = "*") -> list[str]:
         tag = stem.rsplit(".", 1)[-1].split("-", 1)[0] if stem.count(".") >= 2 else ""
         if ".old-" not in path.name and ended(path, tag):
             log.info("removing %s: staged by a process that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # a file written in place of another (atomic_write_bytes)
+                with contextlib.suppress(OSError):
+                    path.unlink()
     for path in root.glob(f".{pattern}.old-*"):
         final_name, _, tag = path.name[1:].rpartition(".old-")
         if not final_name or not ended(path, tag):

@@ -97,9 +97,14 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, renamed over it. What a writer killed
+    before its rename left for ``path`` is removed first (``owners.clear_leftovers``)."""
+    from edgekd.owners import clear_leftovers, staged_name
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clear_leftovers(path.parent, ".tmp", path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=staged_name(path.name), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file is published as any other
         with os.fdopen(fd, "wb") as f:

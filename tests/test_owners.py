@@ -144,3 +144,18 @@ def test_a_folder_a_running_process_just_set_aside_is_not_taken_for_one_older_th
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_file_write_clears_the_temporary_file_a_killed_writer_left_and_keeps_a_live_ones(tmp_path):
+    from edgekd.runfolder import atomic_write_text
+
+    dead, mine = _dead_pid(), owners.machine_tag()
+    killed = tmp_path / f".manifest.json.{dead}@{mine}-abc.tmp"
+    killed.write_text('{"half": ')
+    live = tmp_path / f"{owners.staged_name('manifest.json')}xyz.tmp"
+    live.write_text("being written")
+    earlier = tmp_path / ".manifest.json.q1w2e3r4.tmp"  # named before names carried a tag: not judged
+    earlier.write_text("?")
+    atomic_write_text(tmp_path / "manifest.json", "{}")
+    assert (tmp_path / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([earlier.name, live.name, "manifest.json"])
