@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 
 UNKNOWN_BOOT = "0" * 8
-CLOCK_SLACK_S = 1.0  # a process start and a file time read from different clocks (boot time + ticks, the file system)
+CLOCK_SLACK_S = 2.0  # a process start (boot time, whole seconds, + ticks) against a file time: clocks apart by up to a second
 
 
 def pid_running(pid: int) -> bool:
