@@ -243,9 +243,9 @@ def _timing_record(timing: dict[str, Any] | None) -> dict[str, Any]:
     """What compare.json keeps of how the models were timed (not the figures, which are in the rows):
     with ``processes`` where they were started ahead of their turn, so compare.md can say whether any
     import overlapped a timed model."""
-    keep = ("timing_seconds", "rounds", "process", "blocks", "switch_warmup", "error")
-    record = {k: (timing or {}).get(k) for k in keep}
-    if (timing or {}).get("processes"):
+    timing = timing or {}
+    record = {k: timing.get(k) for k in ("timing_seconds", "rounds", "process", "blocks", "switch_warmup", "error")}
+    if timing.get("processes"):
         record["processes"] = timing["processes"]
     return record
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import logging
 import os
+import shutil
 import socket
 from functools import cache
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 UNKNOWN_BOOT = "0" * 8
 CLOCK_SLACK_S = 2.0  # a process start (boot time, whole seconds, + ticks) against a file time: clocks apart by up to a second
@@ -69,9 +73,7 @@ def _started(pid: int) -> float | None:
         import psutil
 
         return psutil.Process(pid).create_time()
-    except ImportError:
-        return None
-    except Exception:  # noqa: BLE001 - ended meanwhile, or another user's process: not known here
+    except Exception:  # noqa: BLE001 - no psutil, ended meanwhile, or another user's process: not known here
         return None
 
 
@@ -83,11 +85,9 @@ def owner_gone(tag: str, made_at: float) -> bool:
     not one. True for a process of an earlier boot of this machine, for a pid that is not running, and for a
     pid now running a process started after the leftover was last changed (a reused number)."""
     pid, _, where = tag.partition("@")
-    if not pid.isdigit() or (where and len(where) != 16):
+    if not pid.isdigit() or (where and len(where) != 16) or on_another_machine(tag):
         return False
     mine = machine_tag()
-    if where and where[:8] != mine[:8]:
-        return False  # another machine's
     if where and UNKNOWN_BOOT not in (where[8:], mine[8:]) and where[8:] != mine[8:]:
         return True  # an earlier boot of this machine
     if int(pid) == os.getpid() and (not where or where == mine):
@@ -133,10 +133,6 @@ def clear_leftovers(root: Path, suffix: str, name: str = "*") -> list[str]:
     put back where nothing took its place, else removed. Leftovers of running processes are left alone, and
     so are another machine's, whose paths are returned for the caller to say (their pids mean nothing here).
     A name that is not a tag (written before names carried one) is left alone too."""
-    import logging
-    import shutil
-
-    log = logging.getLogger("edgekd.owners")
     root, elsewhere = Path(root), []
     if not root.is_dir():
         return elsewhere

@@ -142,3 +142,14 @@ def full_run(_shared_full_run, tmp_path):
     copy = tmp_path / "runs" / "tiny"
     shutil.copytree(original, copy)
     return copy, original, output
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has ended (the owner of a leftover that a kill left behind)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -11,12 +11,6 @@ import pytest
 from edgekd import owners
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def _other_machine() -> str:
     host = owners.machine_tag()[:8]
     return ("1" if host[0] != "1" else "2") + host[1:]
@@ -30,15 +24,14 @@ def test_a_tag_names_the_process_the_machine_and_the_boot_in_characters_names_do
     assert not owners.owner_gone(tag, time.time()) and not owners.on_another_machine(tag)
 
 
-def test_a_process_that_ended_on_this_machine_is_gone_with_or_without_the_machine_in_its_tag():
-    pid = _dead_pid()
-    assert owners.owner_gone(str(pid), time.time())
-    assert owners.owner_gone(f"{pid}@{owners.machine_tag()}", time.time())
-    assert not owners.owner_gone("not-a-pid", time.time()) and not owners.owner_gone(f"{pid}@short", time.time())
+def test_a_process_that_ended_on_this_machine_is_gone_with_or_without_the_machine_in_its_tag(dead_pid):
+    assert owners.owner_gone(str(dead_pid), time.time())
+    assert owners.owner_gone(f"{dead_pid}@{owners.machine_tag()}", time.time())
+    assert not owners.owner_gone("not-a-pid", time.time()) and not owners.owner_gone(f"{dead_pid}@short", time.time())
 
 
-def test_another_machines_process_is_never_judged_here_even_when_its_pid_is_not_running():
-    tag = f"{_dead_pid()}@{_other_machine()}{owners.machine_tag()[8:]}"
+def test_another_machines_process_is_never_judged_here_even_when_its_pid_is_not_running(dead_pid):
+    tag = f"{dead_pid}@{_other_machine()}{owners.machine_tag()[8:]}"
     assert owners.on_another_machine(tag) and not owners.owner_gone(tag, time.time())
     # this process's pid, on the other machine, is not this process either way
     assert not owners.owner_gone(f"{os.getpid()}@{_other_machine()}{owners.machine_tag()[8:]}", time.time())
@@ -70,10 +63,10 @@ def test_a_pid_reused_by_a_process_started_after_the_leftover_is_not_its_writer(
         later.wait()
 
 
-def test_the_export_stage_leaves_another_machines_staged_folders_and_removes_this_ones(tmp_path, caplog):
+def test_the_export_stage_leaves_another_machines_staged_folders_and_removes_this_ones(dead_pid, tmp_path, caplog):
     from edgekd.export.stage import Staging
 
-    dead, mine = _dead_pid(), owners.machine_tag()
+    dead, mine = dead_pid, owners.machine_tag()
     other = f"{dead}@{_other_machine()}{mine[8:]}"
     (tmp_path / f".onnx.{dead}@{mine}-abc.staged").mkdir()
     (tmp_path / f".onnx.{other}-def.staged").mkdir()
@@ -92,10 +85,10 @@ def test_the_export_stage_leaves_another_machines_staged_folders_and_removes_thi
     assert (tmp_path / "onnx" / "model.onnx").read_text() == "new"
 
 
-def test_atomic_dir_clears_what_a_killed_writer_left_for_its_folder_and_nothing_a_live_one_is_writing(tmp_path):
+def test_atomic_dir_clears_what_a_killed_writer_left_for_its_folder_and_nothing_a_live_one_is_writing(dead_pid, tmp_path):
     from edgekd.runfolder import atomic_dir
 
-    dead, mine = _dead_pid(), owners.machine_tag()
+    dead, mine = dead_pid, owners.machine_tag()
     final = tmp_path / "model"
     (tmp_path / f".model.{dead}@{mine}-abc.tmp").mkdir()  # a write killed before its rename
     (tmp_path / f".model.old-{dead}@{mine}").mkdir()  # a publish killed between its two renames
@@ -113,10 +106,10 @@ def test_atomic_dir_clears_what_a_killed_writer_left_for_its_folder_and_nothing_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, live.name, "model"])
 
 
-def test_a_set_aside_folder_whose_place_was_taken_is_removed_and_a_running_writers_is_kept(tmp_path):
+def test_a_set_aside_folder_whose_place_was_taken_is_removed_and_a_running_writers_is_kept(dead_pid, tmp_path):
     mine = owners.machine_tag()
     (tmp_path / "onnx").mkdir()
-    (tmp_path / f".onnx.old-{_dead_pid()}@{mine}").mkdir()
+    (tmp_path / f".onnx.old-{dead_pid}@{mine}").mkdir()
     running = tmp_path / f".executorch.old-{os.getppid()}@{mine}"  # its writer runs and is older than it
     running.mkdir()
     assert owners.clear_leftovers(tmp_path, ".staged") == []
@@ -146,10 +139,10 @@ def test_a_folder_a_running_process_just_set_aside_is_not_taken_for_one_older_th
         writer.wait()
 
 
-def test_a_file_write_clears_the_temporary_file_a_killed_writer_left_and_keeps_a_live_ones(tmp_path):
+def test_a_file_write_clears_the_temporary_file_a_killed_writer_left_and_keeps_a_live_ones(dead_pid, tmp_path):
     from edgekd.runfolder import atomic_write_text
 
-    dead, mine = _dead_pid(), owners.machine_tag()
+    dead, mine = dead_pid, owners.machine_tag()
     killed = tmp_path / f".manifest.json.{dead}@{mine}-abc.tmp"
     killed.write_text('{"half": ')
     live = tmp_path / f"{owners.staged_name('manifest.json')}xyz.tmp"

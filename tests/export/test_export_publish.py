@@ -159,20 +159,14 @@ def test_a_folder_the_stage_wrote_but_never_recorded_says_the_stage_did_not_fini
         verify_artifact(folder, json.loads((folder / "artifact.json").read_text()))
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_a_publish_killed_between_its_two_renames_is_put_back_by_the_next_stage(tmp_path):
+def test_a_publish_killed_between_its_two_renames_is_put_back_by_the_next_stage(tmp_path, dead_pid):
     """A publish sets the earlier folder aside (.<name>.old-<pid>@<machine>; here a bare pid, as names were
     before they carried the machine) and then renames the staged one in; a kill between the two leaves no
     export/<name>: the next Staging of the root puts the earlier one back, and drops a set-aside folder whose
     place was taken."""
     from edgekd.export.stage import Staging
 
-    pid = _dead_pid()
+    pid = dead_pid
     (tmp_path / f".onnx.old-{pid}").mkdir()
     (tmp_path / f".onnx.old-{pid}" / "model.onnx").write_text("earlier")
     (tmp_path / "executorch").mkdir()
